@@ -1,0 +1,1 @@
+//! placeholder: vector-clock range stamps

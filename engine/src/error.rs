@@ -1,0 +1,46 @@
+//! The engine's one error enum. Every operating error a caller can cause is a variant here with the
+//! fields a person needs to fix it; broken invariants are panics instead.
+
+use std::ops::Range;
+
+/// Everything the engine can refuse, with enough structure for a client to act on it.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum EngineError {
+    #[error("unknown table id {table}")]
+    UnknownTable { table: u32 },
+    #[error("unknown table {name:?}")]
+    UnknownTableName { name: String },
+    #[error("table {name:?} already exists with a different definition")]
+    TableConflict { name: String },
+    #[error("key {key} is outside table {table}'s range {range:?}")]
+    KeyOutOfRange { table: u32, key: u64, range: Range<u64> },
+    #[error("key {key} is not owned by shard {shard} (it owns {owned:?}); refresh the range map")]
+    KeyNotOwned { key: u64, shard: u16, owned: Range<u64> },
+    #[error("table {table} has dim {table_dim}, the request assumed dim {request_dim}")]
+    WrongDim { table: u32, table_dim: u32, request_dim: u32 },
+    #[error("values length {values} is not keys ({keys}) x dim ({dim})")]
+    ValuesLength { keys: usize, dim: u32, values: usize },
+    #[error("gradient component {index} is not finite ({value}); this table rejects NaN/Inf")]
+    NonFinite { index: usize, value: f32 },
+    #[error("worker id {worker} is over this table's limit of {workers_max} workers")]
+    WorkerOutOfRange { worker: u32, workers_max: usize },
+    #[error("range {range:?} has split into {segments_max} clock segments, the limit (--clock-segments-max)")]
+    ClockSegmentsFull { range: Range<u64>, segments_max: usize },
+    #[error("sparse table {table} is full ({capacity} keys on this shard); raise its capacity")]
+    SparseTableFull { table: u32, capacity: usize },
+    #[error("bad updater {spec:?}: {reason}")]
+    BadUpdater { spec: String, reason: String },
+    #[error("bad table definition {name:?}: {reason}")]
+    BadTable { name: String, reason: String },
+    #[error("bad configuration: {field} = {value}: {reason}")]
+    BadConfig { field: &'static str, value: String, reason: String },
+    #[error("could not map {bytes} bytes for the shard arena: {reason}")]
+    ArenaMap { bytes: usize, reason: String },
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+/// Short alias used across the crate.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

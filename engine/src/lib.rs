@@ -1,0 +1,24 @@
+//! Tessera's storage engine.
+//!
+//! A server runs one shard per core. Each shard is a thread pinned to its core that exclusively owns
+//! its key ranges, kept in the shard's pinned [`arena`]. Pushes are aggregated on the shard by an
+//! [`updater`]; every key range carries a vector-clock stamp ([`clock`]).
+//!
+//! The modules, from the bottom up:
+//! - [`config`]: every knob and limit, with defaults, units and validation;
+//! - [`arena`]: pinned memory regions (memmap2, populated, huge pages and mlock where allowed);
+//! - [`updater`]: the server-side update functions (`sum`, `assign`, `sgd`, `adagrad`, `adam`, `ftrl`,
+//!   and user-defined ones through the [`updater::Updater`] trait);
+//! - [`clock`]: vector-clock stamps over key ranges, which split and merge;
+//! - [`table`]: dense and sparse tables, one partition per shard;
+//! - [`shard`]: the per-core state and the request handler, which knows nothing of the transport;
+//! - [`server`]: threads, pinning, the listener and the control plane.
+
+#![deny(unsafe_code)]
+
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod updater;
+
+pub use error::{EngineError, Result};
