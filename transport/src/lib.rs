@@ -1,1 +1,107 @@
-//! placeholder
+//! Tessera's transport seam, and its TCP implementation.
+//!
+//! Nothing above this crate knows which transport carries it. A server shard hands its
+//! [`ShardTransport`] a [`Service`] and polls; the transport turns arriving frames into
+//! [`Request`]s and writes what the service puts in the [`Reply`]. A client talks through a
+//! [`Link`], one per (server, shard). TCP implements both now ([`tcp`]); RDMA verbs implement the
+//! same seam next.
+//!
+//! Frames are a fixed 64-byte header and a body padded to 8 bytes ([`wire`]). Bodies are read in
+//! place from aligned buffers that are reused, so the steady state does not allocate; Snappy
+//! compression is per frame and shown by a header flag.
+//!
+//! ```no_run
+//! use tessera_transport::{tcp, wire::{Header, Op}, Link, TransportConfig, CONTROL_SHARD};
+//! # fn main() -> Result<(), tessera_transport::TransportError> {
+//! let cfg = TransportConfig::default();
+//! // Say hello to a server's control plane and ask for its catalog (JSON).
+//! let (mut link, _server_info) = tcp::TcpLink::connect("127.0.0.1:7070", CONTROL_SHARD, 0, &cfg)?;
+//! let mut header = Header::request(Op::Catalog, 1);
+//! link.send(&mut header, &[], false)?;
+//! let reply = link.recv(None)?;
+//! println!("{}", String::from_utf8_lossy(reply.body));
+//! # Ok(()) }
+//! ```
+
+#![deny(unsafe_code)]
+
+pub mod buf;
+pub mod config;
+pub mod error;
+pub mod tcp;
+pub mod wire;
+
+use std::time::Duration;
+
+pub use config::TransportConfig;
+pub use error::{Result, TransportError};
+pub use wire::{Header, Op, Status, CONTROL_SHARD};
+
+/// Identifies one connection on one endpoint for as long as it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// One request as a service sees it: the header and the (decompressed) body, read in place.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub conn: ConnId,
+    pub header: Header,
+    pub body: &'a [u8],
+}
+
+/// What a server runs on each request. It must answer every request through the [`Reply`]
+/// exactly once; a service that forgets gets an `Internal` error sent for it.
+pub trait Service {
+    /// Serves one request.
+    fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>);
+    /// The endpoint was woken from another thread: control traffic may be waiting.
+    fn wake(&mut self) {}
+    /// A connection closed; forget anything kept for it.
+    fn closed(&mut self, _conn: ConnId) {}
+}
+
+/// The server side of a transport, as one shard sees it.
+pub trait ShardTransport: Send {
+    /// Waits up to `timeout` (forever if `None`) for work, and serves all that arrived.
+    fn poll(&mut self, service: &mut dyn Service, timeout: Option<Duration>) -> Result<()>;
+    /// A handle that interrupts [`ShardTransport::poll`] from any thread.
+    fn waker(&self) -> Waker;
+    /// Connections now open.
+    fn connections(&self) -> usize;
+}
+
+/// The client side of a transport: one ordered stream of frames to one server shard.
+/// Replies come back in the order requests were sent.
+pub trait Link: Send + std::fmt::Debug {
+    /// Sends one frame; fills in the lengths, flags and checksum of `header`. Compresses the body
+    /// when `compress` is set and that saves at least a tenth. May read replies while it waits for
+    /// the socket, so that a pipelining peer never deadlocks.
+    fn send(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()>;
+    /// Receives the next frame, waiting up to `timeout` (the link's I/O timeout if `None`).
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>>;
+    /// The peer's address, for messages.
+    fn peer(&self) -> &str;
+    /// The largest frame the peer accepts.
+    fn frame_bytes_max(&self) -> usize;
+}
+
+/// One received frame, borrowed from the link until the next call.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub header: Header,
+    pub body: &'a [u8],
+}
+
+/// Interrupts a poll from another thread.
+#[derive(Debug, Clone)]
+pub struct Waker(std::sync::Arc<mio::Waker>);
+
+impl Waker {
+    /// Wakes the endpoint; its service's [`Service::wake`] runs on its own thread.
+    pub fn wake(&self) {
+        // A failed wake means the endpoint's poller is gone, and with it anyone to wake.
+        let _ = self.0.wake();
+    }
+}
+
+pub use tcp::Reply;

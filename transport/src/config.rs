@@ -1,0 +1,68 @@
+//! Every transport knob, with its default, its unit in its name, and its validation.
+
+use crate::error::{Result, TransportError};
+use crate::wire::HEADER_BYTES;
+
+/// Default largest frame a peer may send: a 4 MiB dense push plus headroom, times 16.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 << 20;
+/// The smallest frame limit that still carries a useful request.
+pub const FRAME_BYTES_MAX_MIN: usize = 4 << 10;
+/// Hard ceiling on any configured frame limit: the header's length fields are u32.
+pub const FRAME_BYTES_MAX_CEILING: usize = (u32::MAX as usize) & !7;
+const _: () = assert!(FRAME_BYTES_MAX_DEFAULT % 8 == 0, "frames are padded to 8 bytes");
+const _: () = assert!(FRAME_BYTES_MAX_MIN > HEADER_BYTES * 4);
+
+/// Knobs for one endpoint (server side) or link (client side).
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// Largest frame (header plus body, after compression) either side accepts.
+    pub frame_bytes_max: usize,
+    /// A connection stops reading new requests while this many reply bytes wait to be sent.
+    pub reply_backlog_bytes_max: usize,
+    /// Bytes read from a socket per call; the read buffer starts at this size.
+    pub read_chunk_bytes: usize,
+    /// Most frames a server connection serves before yielding to its neighbours (fairness).
+    pub frames_per_turn_max: usize,
+    /// How long a new connection may take to say hello before it is dropped.
+    pub hello_timeout_ms: u64,
+    /// Bodies smaller than this are never compressed (the header alone would dominate).
+    pub compress_bytes_min: usize,
+    /// How long a client waits for a socket or a reply before giving up.
+    pub io_timeout_ms: u64,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            reply_backlog_bytes_max: 8 << 20,
+            read_chunk_bytes: 256 << 10,
+            frames_per_turn_max: 64,
+            hello_timeout_ms: 5_000,
+            compress_bytes_min: 512,
+            io_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Checks every field; an error names the field and the accepted range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, value: usize, reason: &str| {
+            Err(TransportError::BadConfig { field, value: value.to_string(), reason: reason.to_string() })
+        };
+        if !(FRAME_BYTES_MAX_MIN..=FRAME_BYTES_MAX_CEILING).contains(&self.frame_bytes_max) {
+            return bad("frame_bytes_max", self.frame_bytes_max, "must be between 4 KiB and 4 GiB");
+        }
+        if self.reply_backlog_bytes_max < HEADER_BYTES {
+            return bad("reply_backlog_bytes_max", self.reply_backlog_bytes_max, "must hold a header");
+        }
+        if !(4096..=64 << 20).contains(&self.read_chunk_bytes) {
+            return bad("read_chunk_bytes", self.read_chunk_bytes, "must be between 4 KiB and 64 MiB");
+        }
+        if self.frames_per_turn_max == 0 {
+            return bad("frames_per_turn_max", 0, "must be at least 1");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,733 @@
+//! TCP: length-prefixed frames over non-blocking sockets, one poller per thread.
+//!
+//! A server binds one port. Its control thread accepts every connection and reads the peer's
+//! hello, which names a shard (or [`CONTROL_SHARD`]). A data connection is then handed, with
+//! whatever it already sent, to that shard's endpoint through a bounded channel, and from then on
+//! only that shard's thread touches it: no locks on the data path.
+
+use std::io::{self, IoSlice, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use zerocopy::IntoBytes;
+
+use crate::buf::{AlignedBuf, Deflater, Filled, FrameReader, Inflater};
+use crate::config::TransportConfig;
+use crate::error::{Result, TransportError};
+use crate::wire::{flags, padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
+use crate::{ConnId, Frame, Link, Request, Service, ShardTransport, Waker};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// Connections waiting in a shard's hand-off channel before new ones are refused.
+const HANDOFF_QUEUE_MAX: usize = 1024;
+/// Most parts (besides header and padding) a frame may be sent from.
+const PARTS_MAX: usize = 6;
+const PAD: [u8; 8] = [0; 8];
+
+/// Who an endpoint serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Control,
+    Shard(u16),
+}
+
+/// Replies waiting to be written: bytes `head..buf.len()`.
+#[derive(Debug, Default)]
+struct OutQueue {
+    buf: AlignedBuf,
+    head: usize,
+}
+
+impl OutQueue {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.head
+    }
+
+    /// Writes as much as the socket takes. Returns true when everything went.
+    fn flush(&mut self, stream: &mut TcpStream) -> io::Result<bool> {
+        while self.pending() > 0 {
+            match stream.write(&self.buf.bytes()[self.head..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.head += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Everything went: start over at the front, so the buffer does not creep.
+        self.buf.set_len(0);
+        self.head = 0;
+        Ok(true)
+    }
+
+    /// Reclaims sent bytes at the front when they are most of the buffer; frames keep their
+    /// alignment. Called only when the queue never drains fully (a peer that reads slowly).
+    fn reclaim(&mut self) {
+        if self.head >= 64 << 10 && self.head * 2 >= self.buf.len() {
+            self.head = self.buf.compact(self.head);
+        }
+    }
+}
+
+/// The reply to one request, written straight into the connection's outgoing buffer.
+#[derive(Debug)]
+pub struct Reply<'a> {
+    out: &'a mut OutQueue,
+    request: Header,
+    /// Where this reply's frame starts in `out`, once one was begun.
+    frame: Option<usize>,
+}
+
+impl<'a> Reply<'a> {
+    fn new(out: &'a mut OutQueue, request: Header) -> Self {
+        Self { out, request, frame: None }
+    }
+
+    /// The request this replies to.
+    pub fn request(&self) -> &Header {
+        &self.request
+    }
+
+    /// Drops a reply begun earlier, so that an error can replace it.
+    fn discard(&mut self) {
+        if let Some(start) = self.frame.take() {
+            self.out.buf.set_len(start);
+        }
+    }
+
+    fn begin(&mut self, status: Status, count: u32, body_len: usize) -> std::ops::Range<usize> {
+        self.discard();
+        let mut header = Header::reply_to(&self.request, status);
+        header.count = count;
+        header.body_len = u32::try_from(body_len).expect("reply bodies stay under the frame limit");
+        header.raw_len = header.body_len;
+        let frame = self.out.buf.append_zeroed(HEADER_BYTES + padded(body_len));
+        self.out.buf.all_mut()[frame.start..frame.start + HEADER_BYTES].copy_from_slice(header.as_bytes());
+        self.frame = Some(frame.start);
+        frame.start + HEADER_BYTES..frame.start + HEADER_BYTES + body_len
+    }
+
+    /// A success reply carrying a `stamp_len`-entry vector-clock stamp and then `values_len`
+    /// values; returns both, zeroed, for the service to fill in place.
+    pub fn ok(&mut self, stamp_len: usize, values_len: usize) -> (&mut [u64], &mut [f32]) {
+        let body = self.begin(Status::Ok, stamp_len as u32, stamp_len * 8 + values_len * 4);
+        let bytes = &mut self.out.buf.all_mut()[body];
+        let (stamp, values) = bytes.split_at_mut(stamp_len * 8);
+        (bytemuck::cast_slice_mut(stamp), bytemuck::cast_slice_mut(values))
+    }
+
+    /// A success reply with an opaque body (control replies: JSON).
+    pub fn ok_bytes(&mut self, body: &[u8]) {
+        let range = self.begin(Status::Ok, 0, body.len());
+        self.out.buf.all_mut()[range].copy_from_slice(body);
+    }
+
+    /// An error reply; replaces anything begun before. The message should say what to do.
+    pub fn error(&mut self, status: Status, message: &str) {
+        assert_ne!(status, Status::Ok, "an error reply needs an error status");
+        let range = self.begin(status, 0, message.len());
+        self.out.buf.all_mut()[range].copy_from_slice(message.as_bytes());
+    }
+
+    /// Seals the reply, compressing its body if the request asked for that and it pays.
+    fn finish(mut self, deflater: &mut Deflater, joined: &mut Vec<u8>, compress_bytes_min: usize) {
+        let Some(start) = self.frame else {
+            self.error(Status::Internal, "the server produced no reply to this request (a bug)");
+            return self.finish(deflater, joined, compress_bytes_min);
+        };
+        let hdr = start..start + HEADER_BYTES;
+        let mut header = Header::decode_unchecked(&self.out.buf.bytes()[hdr.clone()]);
+        let body = hdr.end..hdr.end + header.body_len as usize;
+        let want = self.request.flags & flags::COMPRESS_REPLY != 0 && body.len() >= compress_bytes_min;
+        if want {
+            if let Some(z) = deflater.deflate(&[&self.out.buf.bytes()[body.clone()]], joined) {
+                // The body is still in place until set_len below; z lives in the deflater.
+                self.out.buf.set_len(hdr.end);
+                let room = self.out.buf.append_zeroed(padded(z.len()));
+                self.out.buf.all_mut()[room.start..room.start + z.len()].copy_from_slice(z);
+                header.flags |= flags::COMPRESSED;
+                header.body_len = z.len() as u32;
+            }
+        }
+        header.seal();
+        self.out.buf.all_mut()[hdr].copy_from_slice(header.as_bytes());
+    }
+}
+
+/// One server-side connection and everything it owns. Moves between threads only at hand-off.
+#[derive(Debug)]
+pub struct Conn {
+    id: ConnId,
+    stream: TcpStream,
+    peer: SocketAddr,
+    reader: FrameReader,
+    inflater: Inflater,
+    deflater: Deflater,
+    joined: Vec<u8>,
+    out: OutQueue,
+    greeted: bool,
+    accepted_at: Instant,
+    /// Close once the outgoing buffer drains; no further requests are read.
+    closing: Option<String>,
+}
+
+/// What driving a connection left it as.
+enum Next {
+    Open,
+    /// More frames are buffered; come back after the neighbours had a turn.
+    Yielded,
+    Close(String),
+    HandOff(u16),
+}
+
+/// A door into a shard's endpoint: where the control thread hands connections.
+#[derive(Debug, Clone)]
+struct Door {
+    tx: Sender<Conn>,
+    waker: Waker,
+}
+
+/// A poller over TCP connections: the control plane's (with the listener) or one shard's.
+#[derive(Debug)]
+pub struct TcpEndpoint {
+    role: Role,
+    poll: Poll,
+    events: Option<Events>,
+    waker: Waker,
+    listener: Option<TcpListener>,
+    doors: Vec<Door>,
+    adopt: Option<Receiver<Conn>>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    ready: Vec<usize>,
+    cfg: TransportConfig,
+    info: Arc<[u8]>,
+    next_id: u64,
+    last_sweep: Instant,
+}
+
+/// Binds `addr` and builds the control endpoint (which owns the listener) and one endpoint per
+/// shard. `info` is the body of every hello reply (the server's self-description).
+pub fn bind(
+    addr: &str,
+    shards: u16,
+    cfg: &TransportConfig,
+    info: Arc<[u8]>,
+) -> Result<(TcpEndpoint, Vec<TcpEndpoint>, SocketAddr)> {
+    cfg.validate()?;
+    let sock = resolve(addr)?;
+    let listener = std::net::TcpListener::bind(sock).map_err(|source| TransportError::Connect {
+        addr: format!("{addr} (bind)"),
+        source,
+    })?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let mut shard_eps = Vec::with_capacity(shards as usize);
+    let mut doors = Vec::with_capacity(shards as usize);
+    for shard in 0..shards {
+        let (tx, rx) = channel::bounded(HANDOFF_QUEUE_MAX);
+        let ep = TcpEndpoint::new(Role::Shard(shard), cfg, info.clone(), None, Some(rx))?;
+        doors.push(Door { tx, waker: ep.waker.clone() });
+        shard_eps.push(ep);
+    }
+    let mut control = TcpEndpoint::new(Role::Control, cfg, info, Some(TcpListener::from_std(listener)), None)?;
+    control.doors = doors;
+    Ok((control, shard_eps, local))
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    let err = |source| TransportError::Connect { addr: addr.to_string(), source };
+    addr.to_socket_addrs()
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no address")))
+}
+
+impl TcpEndpoint {
+    fn new(
+        role: Role,
+        cfg: &TransportConfig,
+        info: Arc<[u8]>,
+        mut listener: Option<TcpListener>,
+        adopt: Option<Receiver<Conn>>,
+    ) -> Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Waker(Arc::new(mio::Waker::new(poll.registry(), WAKER)?));
+        if let Some(l) = listener.as_mut() {
+            poll.registry().register(l, LISTENER, Interest::READABLE)?;
+        }
+        Ok(Self {
+            role,
+            poll,
+            events: Some(Events::with_capacity(256)),
+            waker,
+            listener,
+            doors: Vec::new(),
+            adopt,
+            conns: Vec::new(),
+            free: Vec::new(),
+            ready: Vec::new(),
+            cfg: cfg.clone(),
+            info,
+            next_id: 0,
+            last_sweep: Instant::now(),
+        })
+    }
+
+    fn insert(&mut self, mut conn: Conn) -> io::Result<usize> {
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        self.poll.registry().register(&mut conn.stream, Token(idx + FIRST_CONN), interest)?;
+        self.conns[idx] = Some(conn);
+        Ok(idx)
+    }
+
+    fn remove(&mut self, idx: usize) -> Option<Conn> {
+        let mut conn = self.conns.get_mut(idx)?.take()?;
+        // Deregistering can only fail if the socket is already gone, which is what we want anyway.
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.free.push(idx);
+        Some(conn)
+    }
+
+    fn accept_all(&mut self) {
+        let Some(listener) = self.listener.as_ref() else { return };
+        let mut accepted = Vec::new();
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => accepted.push((stream, peer)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors and the like: keep serving, say so, try again on the next event.
+                    tracing::warn!(error = %e, "accept failed");
+                    break;
+                }
+            }
+        }
+        for (stream, peer) in accepted {
+            let _ = stream.set_nodelay(true);
+            self.next_id += 1;
+            let conn = Conn {
+                id: ConnId(self.next_id),
+                stream,
+                peer,
+                reader: FrameReader::new(self.cfg.frame_bytes_max, self.cfg.read_chunk_bytes),
+                inflater: Inflater::default(),
+                deflater: Deflater::default(),
+                joined: Vec::new(),
+                out: OutQueue::default(),
+                greeted: false,
+                accepted_at: Instant::now(),
+                closing: None,
+            };
+            tracing::debug!(%peer, conn = conn.id.0, "accepted");
+            if let Err(e) = self.insert(conn) {
+                tracing::warn!(%peer, error = %e, "cannot register connection");
+            }
+        }
+    }
+
+    fn adopt_all(&mut self, service: &mut dyn Service) {
+        let Some(rx) = self.adopt.clone() else { return };
+        while let Ok(conn) = rx.try_recv() {
+            let peer = conn.peer;
+            match self.insert(conn) {
+                Ok(idx) => self.drive(idx, service),
+                Err(e) => tracing::warn!(%peer, error = %e, "cannot adopt connection"),
+            }
+        }
+    }
+
+    /// Drops connections that never said hello in time (control plane only).
+    fn sweep(&mut self, service: &mut dyn Service) {
+        if self.role != Role::Control || self.last_sweep.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        let limit = Duration::from_millis(self.cfg.hello_timeout_ms);
+        let late: Vec<usize> = (0..self.conns.len())
+            .filter(|i| self.conns[*i].as_ref().is_some_and(|c| !c.greeted && c.accepted_at.elapsed() > limit))
+            .collect();
+        for idx in late {
+            self.close(idx, service, format!("no hello within {} ms", self.cfg.hello_timeout_ms));
+        }
+    }
+
+    fn close(&mut self, idx: usize, service: &mut dyn Service, reason: String) {
+        if let Some(conn) = self.remove(idx) {
+            if reason.is_empty() {
+                tracing::debug!(peer = %conn.peer, conn = conn.id.0, "closed by peer");
+            } else {
+                tracing::warn!(peer = %conn.peer, conn = conn.id.0, %reason, "closing connection");
+            }
+            service.closed(conn.id);
+        }
+    }
+
+    /// Runs one connection until it would block, yields, closes or moves to a shard.
+    fn drive(&mut self, idx: usize, service: &mut dyn Service) {
+        let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) else { return };
+        let next = conn.drive(service, &self.cfg, self.role, &self.info, self.doors.len());
+        match next {
+            Next::Open => {}
+            Next::Yielded => self.ready.push(idx),
+            Next::Close(reason) => self.close(idx, service, reason),
+            Next::HandOff(shard) => self.hand_off(idx, shard, service),
+        }
+    }
+
+    fn hand_off(&mut self, idx: usize, shard: u16, service: &mut dyn Service) {
+        let Some(conn) = self.remove(idx) else { return };
+        let door = &self.doors[shard as usize];
+        match door.tx.try_send(conn) {
+            Ok(()) => door.waker.wake(),
+            Err(TrySendError::Full(conn) | TrySendError::Disconnected(conn)) => {
+                tracing::warn!(peer = %conn.peer, shard, "shard is not taking connections; dropped");
+                service.closed(conn.id);
+            }
+        }
+    }
+}
+
+impl ShardTransport for TcpEndpoint {
+    fn poll(&mut self, service: &mut dyn Service, timeout: Option<Duration>) -> Result<()> {
+        let timeout = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
+        let timeout = match (self.role, timeout) {
+            (Role::Control, t) => Some(t.map_or(Duration::from_millis(100), |t| t.min(Duration::from_millis(100)))),
+            (_, t) => t,
+        };
+        let mut events = self.events.take().expect("events are put back after every poll");
+        let polled = self.poll.poll(&mut events, timeout);
+        if let Err(e) = polled {
+            self.events = Some(events);
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(e.into()) };
+        }
+        for event in events.iter() {
+            match event.token() {
+                LISTENER => self.accept_all(),
+                WAKER => {
+                    self.adopt_all(service);
+                    service.wake();
+                }
+                Token(t) => self.drive(t - FIRST_CONN, service),
+            }
+        }
+        self.events = Some(events);
+        for idx in std::mem::take(&mut self.ready) {
+            self.drive(idx, service);
+        }
+        self.sweep(service);
+        Ok(())
+    }
+
+    fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    fn connections(&self) -> usize {
+        self.conns.iter().filter(|c| c.is_some()).count()
+    }
+}
+
+impl Conn {
+    fn drive(&mut self, service: &mut dyn Service, cfg: &TransportConfig, role: Role, info: &[u8], shards: usize) -> Next {
+        let mut served = 0;
+        loop {
+            match self.out.flush(&mut self.stream) {
+                Ok(true) => {}
+                Ok(false) => self.out.reclaim(),
+                Err(e) => return Next::Close(format!("write failed: {e}")),
+            }
+            if let Some(reason) = &self.closing {
+                return if self.out.pending() == 0 { Next::Close(reason.clone()) } else { Next::Open };
+            }
+            while self.out.pending() < cfg.reply_backlog_bytes_max && served < cfg.frames_per_turn_max {
+                match self.serve_one(service, cfg, role, info, shards) {
+                    Ok(Some(next)) => return next,
+                    Ok(None) if self.closing.is_some() => break,
+                    Ok(None) => served += 1,
+                    Err(Idle) => break,
+                }
+            }
+            if self.closing.is_some() {
+                continue;
+            }
+            if served >= cfg.frames_per_turn_max {
+                return Next::Yielded;
+            }
+            if self.out.pending() >= cfg.reply_backlog_bytes_max {
+                // The peer is not reading its replies: stop reading its requests until it does.
+                // The writable event that follows a drain brings us back.
+                match self.out.flush(&mut self.stream) {
+                    Ok(true) => continue,
+                    Ok(false) => return Next::Open,
+                    Err(e) => return Next::Close(format!("write failed: {e}")),
+                }
+            }
+            match self.reader.fill(&mut self.stream) {
+                Ok(Filled::Bytes(_)) => {}
+                Ok(Filled::WouldBlock) => return Next::Open,
+                Ok(Filled::Eof) => return self.on_eof(),
+                Err(e) => return Next::Close(format!("read failed: {e}")),
+            }
+        }
+    }
+
+    fn on_eof(&mut self) -> Next {
+        match self.reader.partial() {
+            None => Next::Close(String::new()),
+            Some((header, got)) => {
+                let want = header.map_or(HEADER_BYTES, |h| h.frame_len());
+                let reason = format!("truncated frame: the peer closed after {got} of {want} bytes");
+                let request = header.unwrap_or_else(|| Header::request(Op::Hello, 0));
+                self.fail(&request, Status::Malformed, reason);
+                // The peer may have shut down only its sending side: try to deliver the error.
+                let _ = self.out.flush(&mut self.stream);
+                Next::Close(self.closing.take().unwrap_or_default())
+            }
+        }
+    }
+
+    /// Queues an error reply and marks the connection for closing once it is sent.
+    fn fail(&mut self, request: &Header, status: Status, reason: String) {
+        let mut reply = Reply::new(&mut self.out, *request);
+        reply.error(status, &reason);
+        reply.finish(&mut self.deflater, &mut self.joined, usize::MAX);
+        self.closing = Some(reason);
+    }
+
+    /// Serves the next buffered frame. `Err(Idle)` when none is whole yet.
+    fn serve_one(
+        &mut self,
+        service: &mut dyn Service,
+        cfg: &TransportConfig,
+        role: Role,
+        info: &[u8],
+        shards: usize,
+    ) -> std::result::Result<Option<Next>, Idle> {
+        let (header, body) = match self.reader.next_frame() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Err(Idle),
+            Err(e) => {
+                let request = self.reader.partial().and_then(|(h, _)| h).unwrap_or_else(|| Header::request(Op::Hello, 0));
+                let status = match e {
+                    TransportError::FrameTooLarge { .. } => Status::FrameTooLarge,
+                    _ => Status::Malformed,
+                };
+                self.fail(&request, status, e.to_string());
+                return Ok(None);
+            }
+        };
+        if header.is_reply() {
+            self.fail(&header, Status::Malformed, "a client sent a reply frame".into());
+            return Ok(None);
+        }
+        if header.op() == Some(Op::Hello) {
+            return Ok(self.hello(&header, role, info, shards));
+        }
+        if !self.greeted {
+            self.fail(&header, Status::BadRequest, "send a hello before any request".into());
+            return Ok(None);
+        }
+        let raw = self.reader.body(body);
+        let mut reply = Reply::new(&mut self.out, header);
+        match self.inflater.inflate(&header, raw) {
+            Ok(body) => service.serve(Request { conn: self.id, header, body }, &mut reply),
+            Err(e) => reply.error(Status::Malformed, &e.to_string()),
+        }
+        reply.finish(&mut self.deflater, &mut self.joined, cfg.compress_bytes_min);
+        Ok(None)
+    }
+
+    /// Answers a hello. On the control plane, a hello that names a shard moves the connection there.
+    fn hello(&mut self, header: &Header, role: Role, info: &[u8], shards: usize) -> Option<Next> {
+        if self.greeted {
+            self.fail(header, Status::BadRequest, "a second hello on one connection".into());
+            return None;
+        }
+        let shard = header.start;
+        if shard != CONTROL_SHARD && shard >= shards as u64 && role == Role::Control {
+            self.fail(header, Status::BadRequest, format!("no shard {shard}: this server has {shards}"));
+            return None;
+        }
+        self.greeted = true;
+        let mut reply = Reply::new(&mut self.out, *header);
+        reply.ok_bytes(info);
+        reply.finish(&mut self.deflater, &mut self.joined, usize::MAX);
+        match role {
+            Role::Control if shard != CONTROL_SHARD => Some(Next::HandOff(shard as u16)),
+            _ => None,
+        }
+    }
+}
+
+/// No whole frame is buffered.
+struct Idle;
+
+/// The client end of one TCP connection to a server's control plane or one of its shards.
+#[derive(Debug)]
+pub struct TcpLink {
+    stream: TcpStream,
+    poll: Poll,
+    events: Events,
+    reader: FrameReader,
+    inflater: Inflater,
+    deflater: Deflater,
+    joined: Vec<u8>,
+    peer: String,
+    frame_bytes_max: usize,
+    io_timeout: Duration,
+}
+
+impl TcpLink {
+    /// Connects to `addr`, says hello to `shard` ([`CONTROL_SHARD`] for the control plane) as
+    /// `worker`, and returns the link with the server's hello reply (its self-description).
+    pub fn connect(addr: &str, shard: u64, worker: u32, cfg: &TransportConfig) -> Result<(Self, Vec<u8>)> {
+        cfg.validate()?;
+        let sock = resolve(addr)?;
+        let timeout = Duration::from_millis(cfg.hello_timeout_ms);
+        let std_stream = std::net::TcpStream::connect_timeout(&sock, timeout)
+            .map_err(|source| TransportError::Connect { addr: addr.to_string(), source })?;
+        std_stream.set_nodelay(true)?;
+        std_stream.set_nonblocking(true)?;
+        let mut stream = TcpStream::from_std(std_stream);
+        let poll = Poll::new()?;
+        poll.registry().register(&mut stream, Token(0), Interest::READABLE | Interest::WRITABLE)?;
+        let mut link = Self {
+            stream,
+            poll,
+            events: Events::with_capacity(4),
+            reader: FrameReader::new(cfg.frame_bytes_max, cfg.read_chunk_bytes),
+            inflater: Inflater::default(),
+            deflater: Deflater::default(),
+            joined: Vec::new(),
+            peer: addr.to_string(),
+            frame_bytes_max: cfg.frame_bytes_max,
+            io_timeout: Duration::from_millis(cfg.io_timeout_ms),
+        };
+        let mut hello = Header::request(Op::Hello, 0);
+        hello.start = shard;
+        hello.worker = worker;
+        link.send(&mut hello, &[], false)?;
+        let reply = link.recv(Some(timeout))?;
+        if reply.header.status() != Status::Ok {
+            return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() });
+        }
+        let info = reply.body.to_vec();
+        Ok((link, info))
+    }
+
+    /// Waits for the socket to become ready, reading whatever replies arrive meanwhile so that
+    /// the server never stalls on us.
+    fn wait(&mut self, deadline: Instant, what: &'static str) -> Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(TransportError::Timeout { what, ms: self.io_timeout.as_millis() as u64 });
+        }
+        match self.poll.poll(&mut self.events, Some(left)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        self.drain()
+    }
+
+    /// Reads everything the socket has now.
+    fn drain(&mut self) -> Result<()> {
+        loop {
+            match self.reader.fill(&mut self.stream)? {
+                Filled::Bytes(_) => {}
+                Filled::WouldBlock => return Ok(()),
+                Filled::Eof => return Ok(()),
+            }
+        }
+    }
+
+    fn write_all(&mut self, slices: &mut [IoSlice<'_>]) -> Result<()> {
+        let deadline = Instant::now() + self.io_timeout;
+        let mut slices = slices;
+        while !slices.is_empty() {
+            match self.stream.write_vectored(slices) {
+                Ok(0) => return Err(TransportError::Closed { mid_frame: true }),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(deadline, "the socket to drain")?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe || e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(TransportError::Closed { mid_frame: true })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Link for TcpLink {
+    fn send(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()> {
+        assert!(parts.len() <= PARTS_MAX, "a frame is sent from at most {PARTS_MAX} parts");
+        let raw_len: usize = parts.iter().map(|p| p.len()).sum();
+        let limit = self.frame_bytes_max;
+        if HEADER_BYTES + padded(raw_len) > limit {
+            return Err(TransportError::FrameTooLarge { bytes: HEADER_BYTES + padded(raw_len), limit });
+        }
+        header.raw_len = raw_len as u32;
+        header.body_len = raw_len as u32;
+        header.flags &= !flags::COMPRESSED;
+        let mut joined = std::mem::take(&mut self.joined);
+        let mut deflater = std::mem::take(&mut self.deflater);
+        let packed = if compress && raw_len > 0 { deflater.deflate(parts, &mut joined) } else { None };
+        let body: &[&[u8]] = match &packed {
+            Some(z) => {
+                header.flags |= flags::COMPRESSED;
+                header.body_len = z.len() as u32;
+                std::slice::from_ref(z)
+            }
+            None => parts,
+        };
+        header.seal();
+        let pad = padded(header.body_len as usize) - header.body_len as usize;
+        let mut slices: [IoSlice<'_>; PARTS_MAX + 2] = [IoSlice::new(&[]); PARTS_MAX + 2];
+        slices[0] = IoSlice::new(header.as_bytes());
+        for (slot, part) in slices[1..].iter_mut().zip(body) {
+            *slot = IoSlice::new(part);
+        }
+        slices[body.len() + 1] = IoSlice::new(&PAD[..pad]);
+        let sent = self.write_all(&mut slices[..body.len() + 2]);
+        self.joined = joined;
+        self.deflater = deflater;
+        sent
+    }
+
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>> {
+        let deadline = Instant::now() + timeout.unwrap_or(self.io_timeout);
+        loop {
+            if let Some((header, body)) = self.reader.next_frame()? {
+                let body = self.inflater.inflate(&header, self.reader.body(body))?;
+                return Ok(Frame { header, body });
+            }
+            match self.reader.fill(&mut self.stream)? {
+                Filled::Bytes(_) => {}
+                Filled::WouldBlock => self.wait(deadline, "a reply")?,
+                Filled::Eof => return Err(TransportError::Closed { mid_frame: self.reader.buffered() > 0 }),
+            }
+        }
+    }
+
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    fn frame_bytes_max(&self) -> usize {
+        self.frame_bytes_max
+    }
+}

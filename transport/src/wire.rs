@@ -1,0 +1,327 @@
+//! The wire format: a fixed 64-byte header, then a body padded to 8 bytes.
+//!
+//! ```text
+//!  0 magic u32 "TSRA"   4 version u8   5 op u8   6 flags u16
+//!  8 body_len u32 (bytes on the wire, unpadded)  12 raw_len u32 (body bytes after decompression)
+//! 16 request_id u64     24 clock u64   32 start u64
+//! 40 table u32          44 worker u32  48 count u32   52 dim u32
+//! 56 status u16         58 reserved u16               60 header_crc u32 (crc32c of bytes 0..60)
+//! ```
+//! Bodies by op (all little-endian, keys before values so both stay aligned):
+//! - `Push`: `count` keys (u64), then `count * dim` values (f32). `clock`/`worker` stamp it.
+//! - `PushRange`: `count * dim` values for keys `start .. start + count`.
+//! - `Pull`: `count` keys. `PullRange`: empty, covers `start .. start + count`.
+//! - Replies echo `request_id`, `table` and `dim`; `count` is the stamp length. A push reply's body is
+//!   the stamp (u64 per worker); a pull reply's is the stamp then the values. An error reply has a
+//!   non-zero `status` and a UTF-8 message as its body.
+//! - Control ops (`Hello`, `Catalog`, `CreateTable`, `Status`) carry JSON bodies.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::error::{Result, TransportError};
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the wire format is little-endian and read in place; big-endian hosts need a swap layer");
+
+/// Bytes in every frame header.
+pub const HEADER_BYTES: usize = 64;
+/// Frame bodies are padded so that the next header, keys and stamps stay 8-byte aligned.
+pub const FRAME_ALIGN: usize = 8;
+/// "TSRA" read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"TSRA");
+/// Bumped on any incompatible change of the header or a body layout.
+pub const VERSION: u8 = 1;
+/// Set on `op` in every reply.
+pub const REPLY_BIT: u8 = 0x80;
+/// The `shard` a hello names to stay on the control plane.
+pub const CONTROL_SHARD: u64 = u64::MAX;
+
+const _: () = assert!(std::mem::size_of::<Header>() == HEADER_BYTES);
+const _: () = assert!(HEADER_BYTES % FRAME_ALIGN == 0);
+
+/// Header flags.
+pub mod flags {
+    /// This frame's body is Snappy-compressed; `raw_len` is its decompressed size.
+    pub const COMPRESSED: u16 = 1;
+    /// The sender would like the reply compressed when that pays.
+    pub const COMPRESS_REPLY: u16 = 2;
+    /// Every flag this version understands.
+    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY;
+}
+
+/// The fixed-size frame header, read and written in place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Header {
+    pub magic: u32,
+    pub version: u8,
+    pub op: u8,
+    pub flags: u16,
+    pub body_len: u32,
+    pub raw_len: u32,
+    pub request_id: u64,
+    pub clock: u64,
+    pub start: u64,
+    pub table: u32,
+    pub worker: u32,
+    pub count: u32,
+    pub dim: u32,
+    pub status: u16,
+    pub reserved: u16,
+    pub header_crc: u32,
+}
+
+/// Request operations. Replies carry the same value with [`REPLY_BIT`] set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    Hello = 1,
+    Catalog = 2,
+    CreateTable = 3,
+    Status = 4,
+    Push = 10,
+    PushRange = 11,
+    Pull = 12,
+    PullRange = 13,
+}
+
+impl Op {
+    /// Decodes the low seven bits of `op`.
+    pub fn from_u8(op: u8) -> Option<Op> {
+        Some(match op & !REPLY_BIT {
+            1 => Op::Hello,
+            2 => Op::Catalog,
+            3 => Op::CreateTable,
+            4 => Op::Status,
+            10 => Op::Push,
+            11 => Op::PushRange,
+            12 => Op::Pull,
+            13 => Op::PullRange,
+            _ => return None,
+        })
+    }
+
+    /// True for the ops a shard connection serves.
+    pub fn is_data(self) -> bool {
+        matches!(self, Op::Push | Op::PushRange | Op::Pull | Op::PullRange)
+    }
+}
+
+/// Why a request failed, as carried in a reply's `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Status {
+    Ok = 0,
+    Malformed = 1,
+    FrameTooLarge = 2,
+    UnknownTable = 3,
+    KeyOutOfRange = 4,
+    ValuesLength = 5,
+    NonFinite = 6,
+    WrongDim = 7,
+    NotOwned = 8,
+    Full = 9,
+    BadRequest = 10,
+    Internal = 11,
+    ShuttingDown = 12,
+    Unsupported = 13,
+}
+
+impl Status {
+    /// Decodes a status; unknown codes read as `Internal` so that newer servers stay intelligible.
+    pub fn from_u16(code: u16) -> Status {
+        use Status::*;
+        [Ok, Malformed, FrameTooLarge, UnknownTable, KeyOutOfRange, ValuesLength, NonFinite, WrongDim, NotOwned, Full]
+            .into_iter()
+            .chain([BadRequest, Internal, ShuttingDown, Unsupported])
+            .find(|s| *s as u16 == code)
+            .unwrap_or(Internal)
+    }
+}
+
+impl Header {
+    /// A request header for `op`; the caller fills the op-specific fields.
+    pub fn request(op: Op, request_id: u64) -> Header {
+        Header { magic: MAGIC, version: VERSION, op: op as u8, request_id, ..Header::default() }
+    }
+
+    /// The reply header to `request`, echoing its id, table and dim.
+    pub fn reply_to(request: &Header, status: Status) -> Header {
+        Header {
+            magic: MAGIC,
+            version: VERSION,
+            op: request.op | REPLY_BIT,
+            request_id: request.request_id,
+            table: request.table,
+            dim: request.dim,
+            status: status as u16,
+            ..Header::default()
+        }
+    }
+
+    /// The op, if known.
+    pub fn op(&self) -> Option<Op> {
+        Op::from_u8(self.op)
+    }
+
+    /// True when this header is a reply.
+    pub fn is_reply(&self) -> bool {
+        self.op & REPLY_BIT != 0
+    }
+
+    /// The reply status.
+    pub fn status(&self) -> Status {
+        Status::from_u16(self.status)
+    }
+
+    /// Bytes this frame occupies on the wire: header, body and padding.
+    pub fn frame_len(&self) -> usize {
+        HEADER_BYTES + padded(self.body_len as usize)
+    }
+
+    /// Fills in the checksum; call last, after every other field is set.
+    pub fn seal(&mut self) {
+        self.header_crc = crc32c::crc32c(&self.as_bytes()[..HEADER_BYTES - 4]);
+    }
+
+    /// Reads and checks a header from the start of `bytes` (which must hold [`HEADER_BYTES`]).
+    /// The limit applies to the whole frame, so an oversized frame is refused before its body is read.
+    pub fn decode(bytes: &[u8], frame_bytes_max: usize) -> Result<Header> {
+        let (header, _) = Header::read_from_prefix(bytes)
+            .map_err(|_| malformed(format!("short header: {} of {HEADER_BYTES} bytes", bytes.len())))?;
+        if header.magic != MAGIC {
+            return Err(malformed(format!("bad magic {:#010x} (is this a Tessera peer?)", header.magic)));
+        }
+        let crc = crc32c::crc32c(&bytes[..HEADER_BYTES - 4]);
+        if crc != header.header_crc {
+            return Err(malformed(format!("header checksum {:#010x}, computed {crc:#010x}", header.header_crc)));
+        }
+        if header.version != VERSION {
+            return Err(malformed(format!("protocol version {}, this build speaks {VERSION}", header.version)));
+        }
+        if header.op().is_none() {
+            return Err(malformed(format!("unknown op {}", header.op)));
+        }
+        if header.flags & !flags::KNOWN != 0 {
+            return Err(malformed(format!("unknown flags {:#x}", header.flags & !flags::KNOWN)));
+        }
+        if header.flags & flags::COMPRESSED == 0 && header.raw_len != header.body_len {
+            return Err(malformed(format!("raw_len {} != body_len {} in an uncompressed frame", header.raw_len, header.body_len)));
+        }
+        let raw_max = frame_bytes_max.saturating_sub(HEADER_BYTES);
+        if header.frame_len() > frame_bytes_max || header.raw_len as usize > raw_max {
+            let bytes = header.frame_len().max(HEADER_BYTES + header.raw_len as usize);
+            return Err(TransportError::FrameTooLarge { bytes, limit: frame_bytes_max });
+        }
+        Ok(header)
+    }
+}
+
+impl Header {
+    /// Reads a header this process wrote itself, without checks.
+    pub(crate) fn decode_unchecked(bytes: &[u8]) -> Header {
+        Header::read_from_bytes(bytes).expect("a whole header")
+    }
+}
+
+/// Rounds a body length up to the frame alignment.
+pub fn padded(len: usize) -> usize {
+    len.next_multiple_of(FRAME_ALIGN)
+}
+
+fn malformed(reason: String) -> TransportError {
+    TransportError::Malformed { reason }
+}
+
+/// Views `bytes` as `T`s, failing (not panicking) on a length or alignment mismatch.
+pub fn cast_slice<'a, T: bytemuck::Pod>(bytes: &'a [u8], what: &str) -> Result<&'a [T]> {
+    bytemuck::try_cast_slice(bytes).map_err(|e| malformed(format!("{what}: {e:?} ({} bytes)", bytes.len())))
+}
+
+/// Splits a body into `keys` u64 keys followed by f32 values, checked.
+pub fn keys_and_values(body: &[u8], keys: usize) -> Result<(&[u64], &[f32])> {
+    let key_bytes = keys.checked_mul(8).filter(|b| *b <= body.len()).ok_or_else(|| {
+        malformed(format!("{keys} keys need {} bytes, the body has {}", keys.saturating_mul(8), body.len()))
+    })?;
+    let (k, v) = body.split_at(key_bytes);
+    Ok((cast_slice(k, "keys")?, cast_slice(v, "values")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(op: Op) -> Header {
+        let mut h = Header::request(op, 7);
+        h.body_len = 24;
+        h.raw_len = 24;
+        h.seal();
+        h
+    }
+
+    #[test]
+    fn round_trip() {
+        let h = sealed(Op::Push);
+        let back = Header::decode(h.as_bytes(), 1 << 20).unwrap();
+        assert_eq!(h, back);
+        assert_eq!(back.frame_len(), 64 + 24);
+    }
+
+    #[test]
+    fn every_corruption_is_refused() {
+        let h = sealed(Op::Pull);
+        for byte in 0..HEADER_BYTES {
+            let mut bytes = h.as_bytes().to_vec();
+            bytes[byte] ^= 0x10;
+            assert!(Header::decode(&bytes, 1 << 20).is_err(), "flip in byte {byte} went unnoticed");
+        }
+        assert!(Header::decode(&h.as_bytes()[..40], 1 << 20).is_err());
+    }
+
+    #[test]
+    fn oversize_is_refused_before_the_body() {
+        let mut h = sealed(Op::Push);
+        h.body_len = 1 << 20;
+        h.raw_len = 1 << 20;
+        h.seal();
+        match Header::decode(h.as_bytes(), 64 << 10) {
+            Err(TransportError::FrameTooLarge { limit, .. }) => assert_eq!(limit, 64 << 10),
+            other => panic!("expected FrameTooLarge, got {other:?}"),
+        }
+        // A compressed frame whose decompressed size would exceed the limit is refused as well.
+        h.body_len = 100;
+        h.raw_len = 1 << 20;
+        h.flags = flags::COMPRESSED;
+        h.seal();
+        assert!(matches!(Header::decode(h.as_bytes(), 64 << 10), Err(TransportError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn unknown_op_flags_and_version_are_refused() {
+        for edit in [|h: &mut Header| h.op = 99, |h: &mut Header| h.flags = 0x100, |h: &mut Header| h.version = 9] {
+            let mut h = sealed(Op::Push);
+            edit(&mut h);
+            h.seal();
+            assert!(matches!(Header::decode(h.as_bytes(), 1 << 20), Err(TransportError::Malformed { .. })));
+        }
+    }
+
+    #[test]
+    fn keys_and_values_checks_lengths() {
+        let body: Vec<u64> = vec![1, 2, 0x3f80_0000_3f80_0000];
+        let bytes: &[u8] = bytemuck::cast_slice(&body);
+        let (k, v) = keys_and_values(bytes, 2).unwrap();
+        assert_eq!(k, &[1, 2]);
+        assert_eq!(v, &[1.0, 1.0]);
+        assert!(keys_and_values(bytes, 4).is_err());
+        assert!(keys_and_values(&bytes[..23], 2).is_err());
+    }
+
+    #[test]
+    fn status_codes_round_trip() {
+        for code in 0..14 {
+            assert_eq!(Status::from_u16(code) as u16, code);
+        }
+        assert_eq!(Status::from_u16(999), Status::Internal);
+    }
+}
