@@ -1,0 +1,195 @@
+//! Key-range placement: which (server, shard) owns each key of a table.
+//!
+//! A table's range is split into equal contiguous parts, first across servers and then across
+//! each server's shards. Sparse tables hold hashed keys, which are spread evenly over the key
+//! space, so equal ranges carry equal load. (Consistent hashing with chains replaces the server
+//! split when replication arrives; the shard split stays.)
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use crate::catalog::{Catalog, Part, TableSpec};
+use crate::error::{PlacementError, Result};
+
+/// Splits `range` into `n` contiguous, nearly equal, non-empty parts (fewer if it has fewer keys).
+pub fn split(range: Range<u64>, n: u64) -> Vec<Range<u64>> {
+    assert!(n > 0, "split into at least one part");
+    let len = (range.end - range.start) as u128;
+    let n = (n as u128).min(len.max(1));
+    (0..n)
+        .map(|i| {
+            let lo = range.start as u128 + len * i / n;
+            let hi = range.start as u128 + len * (i + 1) / n;
+            lo as u64..hi as u64
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// The parts of `spec` that server `server` (of `servers`) owns, one per shard.
+pub fn server_parts(spec: &TableSpec, servers: u32, server: u32, shards: u16) -> Vec<Part> {
+    assert!(server < servers && shards > 0);
+    let by_server = split(spec.start..spec.end, servers as u64);
+    let Some(mine) = by_server.get(server as usize) else { return Vec::new() };
+    split(mine.clone(), shards as u64)
+        .into_iter()
+        .enumerate()
+        .map(|(shard, r)| Part { start: r.start, end: r.end, shard: shard as u16 })
+        .collect()
+}
+
+/// Who owns one part: the server's position in the client's list, its shard, and the table's id
+/// on that server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub server: u32,
+    pub shard: u16,
+    pub table_id: u32,
+}
+
+/// One table's parts in key order.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub spec: TableSpec,
+    starts: Vec<u64>,
+    ends: Vec<u64>,
+    owners: Vec<Owner>,
+}
+
+impl Route {
+    /// The part holding `key`, or `None` when the key is outside the table.
+    pub fn locate(&self, key: u64) -> Option<usize> {
+        if key < self.spec.start || key >= self.spec.end {
+            return None;
+        }
+        Some(self.starts.partition_point(|s| *s <= key) - 1)
+    }
+
+    /// Who owns part `i`.
+    pub fn owner(&self, i: usize) -> Owner {
+        self.owners[i]
+    }
+
+    /// The keys of part `i`.
+    pub fn range(&self, i: usize) -> Range<u64> {
+        self.starts[i]..self.ends[i]
+    }
+
+    /// Number of parts.
+    pub fn parts(&self) -> usize {
+        self.starts.len()
+    }
+}
+
+/// Every table's route, merged from the catalogs of all servers.
+#[derive(Debug, Clone, Default)]
+pub struct RangeMap {
+    tables: BTreeMap<String, Route>,
+}
+
+impl RangeMap {
+    /// Merges `catalogs` (in the order the client lists the servers) and checks that each table's
+    /// parts cover its range exactly once.
+    pub fn from_catalogs(catalogs: &[Catalog]) -> Result<Self> {
+        let mut parts: BTreeMap<String, (TableSpec, Vec<(Part, Owner)>)> = BTreeMap::new();
+        for (server, catalog) in catalogs.iter().enumerate() {
+            for entry in &catalog.tables {
+                let slot = parts.entry(entry.spec.name.clone()).or_insert_with(|| (entry.spec.clone(), Vec::new()));
+                if slot.0 != entry.spec {
+                    return Err(PlacementError::Disagree { table: entry.spec.name.clone() });
+                }
+                let owner = |p: &Part| Owner { server: server as u32, shard: p.shard, table_id: entry.id };
+                slot.1.extend(entry.parts.iter().map(|p| (*p, owner(p))));
+            }
+        }
+        let mut tables = BTreeMap::new();
+        for (name, (spec, mut owned)) in parts {
+            owned.sort_by_key(|(p, _)| p.start);
+            let route = Route {
+                starts: owned.iter().map(|(p, _)| p.start).collect(),
+                ends: owned.iter().map(|(p, _)| p.end).collect(),
+                owners: owned.iter().map(|(_, o)| *o).collect(),
+                spec,
+            };
+            check_cover(&route)?;
+            tables.insert(name, route);
+        }
+        Ok(Self { tables })
+    }
+
+    /// The route of table `name`.
+    pub fn table(&self, name: &str) -> Result<&Route> {
+        self.tables.get(name).ok_or_else(|| PlacementError::UnknownTable { name: name.into() })
+    }
+
+    /// All tables, by name.
+    pub fn tables(&self) -> impl Iterator<Item = &Route> {
+        self.tables.values()
+    }
+}
+
+fn check_cover(route: &Route) -> Result<()> {
+    let table = route.spec.name.clone();
+    let mut next = route.spec.start;
+    for i in 0..route.parts() {
+        let r = route.range(i);
+        if r.start > next {
+            return Err(PlacementError::Gap { table, start: next, end: r.start });
+        }
+        if r.start < next {
+            return Err(PlacementError::Overlap { table, key: r.start });
+        }
+        next = r.end;
+    }
+    if next != route.spec.end {
+        return Err(PlacementError::Gap { table, start: next, end: route.spec.end });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{TableEntry, TableKind};
+    use proptest::prelude::*;
+
+    fn catalog(spec: &TableSpec, servers: u32, server: u32, shards: u16) -> Catalog {
+        let parts = server_parts(spec, servers, server, shards);
+        Catalog { server_index: server, tables: vec![TableEntry { id: 7 + server, spec: spec.clone(), parts }] }
+    }
+
+    #[test]
+    fn whole_key_space_splits_without_overflow() {
+        let parts = split(0..u64::MAX, 3);
+        assert_eq!(parts.first().unwrap().start, 0);
+        assert_eq!(parts.last().unwrap().end, u64::MAX);
+        assert_eq!(split(10..12, 5).len(), 2, "never more parts than keys");
+    }
+
+    #[test]
+    fn missing_server_is_a_gap() {
+        let spec = TableSpec::new("t", TableKind::Dense, 0, 1000, 1);
+        let both = [catalog(&spec, 2, 0, 2), catalog(&spec, 2, 1, 2)];
+        let map = RangeMap::from_catalogs(&both).unwrap();
+        let route = map.table("t").unwrap();
+        assert_eq!(route.parts(), 4);
+        assert_eq!(route.owner(route.locate(999).unwrap()), Owner { server: 1, shard: 1, table_id: 8 });
+        assert_eq!(route.locate(1000), None);
+        assert!(matches!(RangeMap::from_catalogs(&both[..1]), Err(PlacementError::Gap { .. })));
+        let twice = [both[0].clone(), both[0].clone()];
+        assert!(matches!(RangeMap::from_catalogs(&twice), Err(PlacementError::Overlap { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn every_key_has_exactly_one_owner(start in 0u64..1000, len in 1u64..100_000, servers in 1u32..5, shards in 1u16..9, key in any::<u64>()) {
+            let spec = TableSpec::new("t", TableKind::Dense, start, start + len, 1);
+            let cats: Vec<_> = (0..servers).map(|s| catalog(&spec, servers, s, shards)).collect();
+            let map = RangeMap::from_catalogs(&cats).unwrap();
+            let route = map.table("t").unwrap();
+            let key = start + key % len;
+            let i = route.locate(key).unwrap();
+            prop_assert!(route.range(i).contains(&key));
+        }
+    }
+}
