@@ -1,1 +1,159 @@
-//! placeholder
+//! The Tessera client that workers link in.
+//!
+//! [`Client::connect`] asks each server for its catalog, merges them into a range map, and opens
+//! one link per (server, shard). Every call routes its keys to the owning shards, sends one frame
+//! per shard, and returns a [`Ticket`] at once; [`Ticket::wait`] blocks for the replies and
+//! returns the vector-clock [`Stamp`] of the keys it touched. Many tickets may be in flight: the
+//! results are the same whether the caller waits on each one or pipelines many.
+//!
+//! ```no_run
+//! use tessera_client::{Client, ClientConfig};
+//! use tessera_replication::{TableKind, TableSpec};
+//! # fn main() -> Result<(), tessera_client::ClientError> {
+//! let client = Client::connect(&["127.0.0.1:7070"], ClientConfig::worker(0))?;
+//! let mut spec = TableSpec::new("weights", TableKind::Dense, 0, 1 << 20, 4);
+//! spec.updater = "sgd{lr=0.1}".into();
+//! let table = client.create_table(&spec)?;
+//! let grads = vec![0.5f32; 16 * 4];
+//! let pushed = client.push_range(&table, 0, &grads)?; // returns a ticket at once
+//! let mut values = vec![0f32; 16 * 4];
+//! pushed.wait()?;
+//! let stamp = client.pull_range(&table, 0, &mut values)?.wait()?;
+//! println!("clocks {:?}, first value {}", stamp.clocks(), values[0]);
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod core;
+mod error;
+mod ticket;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tessera_replication::catalog::TableEntry;
+use tessera_replication::placement::Route;
+use tessera_replication::TableSpec;
+use tessera_transport::TransportConfig;
+
+pub use crate::error::{ClientError, Result};
+pub use crate::ticket::{Stamp, Ticket};
+
+use crate::core::{Core, Kind};
+
+/// How a client connects and behaves.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// This worker's id: its entry in every vector clock. Distinct workers need distinct ids.
+    pub worker: u32,
+    pub transport: TransportConfig,
+    /// Snappy-compress request and reply bodies when that saves at least a tenth.
+    pub compress: bool,
+}
+
+impl ClientConfig {
+    /// Defaults for worker `worker`.
+    pub fn worker(worker: u32) -> Self {
+        Self { worker, transport: TransportConfig::default(), compress: false }
+    }
+}
+
+/// A table as the client routes it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Table {
+    route: Arc<Route>,
+}
+
+impl Table {
+    /// The table's definition.
+    pub fn spec(&self) -> &TableSpec {
+        &self.route.spec
+    }
+
+    /// Components per key.
+    pub fn dim(&self) -> usize {
+        self.route.spec.dim as usize
+    }
+
+    pub(crate) fn route(&self) -> &Route {
+        &self.route
+    }
+}
+
+/// A connection to every shard of every server. `Send + Sync`; calls from several threads are
+/// serialised, so give each worker thread its own client for parallelism.
+#[derive(Debug)]
+pub struct Client {
+    core: Mutex<Core>,
+}
+
+impl Client {
+    /// Connects to `servers` (the whole cluster, in any order) as the configured worker.
+    pub fn connect(servers: &[&str], cfg: ClientConfig) -> Result<Client> {
+        Ok(Client { core: Mutex::new(Core::connect(servers, cfg)?) })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock leaves links mid-frame; refuse to go on with them.
+        self.core.lock().expect("a client call panicked earlier; this client is unusable")
+    }
+
+    /// The table called `name`.
+    pub fn table(&self, name: &str) -> Result<Table> {
+        self.lock().table(name)
+    }
+
+    /// Creates `spec` on every server (or finds it, if it exists with the same definition).
+    pub fn create_table(&self, spec: &TableSpec) -> Result<Table> {
+        let mut core = self.lock();
+        core.create_table(spec)?;
+        core.table(&spec.name)
+    }
+
+    /// Every table's entry on each server, freshly fetched.
+    pub fn catalogs(&self) -> Result<Vec<Vec<TableEntry>>> {
+        self.lock().refresh()
+    }
+
+    /// This worker's clock, sent with every push.
+    pub fn clock(&self) -> u64 {
+        self.lock().clock
+    }
+
+    /// Sets this worker's clock (an iteration count; it should only grow).
+    pub fn set_clock(&self, clock: u64) {
+        self.lock().clock = clock;
+    }
+
+    /// Pushes `grads` (`keys.len() * dim` values) for `keys`; the server applies the table's updater.
+    pub fn push<'a>(&'a self, table: &Table, keys: &[u64], grads: &[f32]) -> Result<Ticket<'a>> {
+        self.lock().send_keys(self, table, Kind::Push, keys, Some(grads), None)
+    }
+
+    /// Pulls the values of `keys` into `out` (`keys.len() * dim` values) once the ticket is waited on.
+    pub fn pull<'a>(&'a self, table: &Table, keys: &[u64], out: &'a mut [f32]) -> Result<Ticket<'a>> {
+        self.lock().send_keys(self, table, Kind::Pull, keys, None, Some(out))
+    }
+
+    /// Pushes `grads` for the dense range of keys starting at `start` (`grads.len() / dim` keys).
+    pub fn push_range<'a>(&'a self, table: &Table, start: u64, grads: &[f32]) -> Result<Ticket<'a>> {
+        self.lock().send_range(self, table, Kind::Push, start, grads.len(), Some(grads), None)
+    }
+
+    /// Pulls the dense range starting at `start` into `out` (`out.len() / dim` keys).
+    pub fn pull_range<'a>(&'a self, table: &Table, start: u64, out: &'a mut [f32]) -> Result<Ticket<'a>> {
+        let len = out.len();
+        self.lock().send_range(self, table, Kind::Pull, start, len, None, Some(out))
+    }
+
+    /// Bytes this client sent and received, frames included.
+    pub fn bytes(&self) -> (u64, u64) {
+        let core = self.lock();
+        (core.bytes_sent, core.bytes_received)
+    }
+
+    /// The servers' status reports, as JSON.
+    pub fn status(&self) -> Result<Vec<serde_json::Value>> {
+        self.lock().status()
+    }
+}

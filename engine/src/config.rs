@@ -1,1 +1,76 @@
-//! placeholder: config
+//! Every engine knob, with its default, its unit in its name, and its validation. Limits derived
+//! from others are constants with compile-time checks.
+
+use crate::error::{EngineError, Result};
+
+/// Most workers whose clocks a table tracks; a push from a higher worker id is refused.
+pub const WORKERS_MAX_CEILING: u32 = 4096;
+/// Most clock entries (segments x workers) one table part preallocates: 128 MiB of u64.
+pub const CLOCK_ENTRIES_MAX: u64 = 16 << 20;
+/// Most shards one server runs.
+pub const SHARDS_MAX: u16 = 256;
+/// Sparse tables never fill past this share of their slots, so probes stay short.
+pub const SPARSE_LOAD_PERCENT_MAX: u64 = 75;
+/// Sparse tables start with at least this many slots per shard.
+pub const SPARSE_SLOTS_MIN: u64 = 1024;
+const _: () = assert!(SPARSE_SLOTS_MIN.is_power_of_two(), "slot counts are powers of two: probing masks");
+const _: () = assert!(SPARSE_LOAD_PERCENT_MAX < 100, "an open-addressing table needs an empty slot");
+
+/// Knobs for one server's engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Shards (threads, one per core). Default: the cores this process may run on.
+    pub shards: u16,
+    /// Pin each shard thread to its own core.
+    pub pin_cores: bool,
+    /// Workers each table's vector clocks track.
+    pub workers_max: u32,
+    /// Most clock segments one table part may split into.
+    pub clock_segments_max: usize,
+    /// Keys a sparse table holds across all shards when its spec does not say.
+    pub sparse_capacity_keys_default: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            shards: available_cores().clamp(1, SHARDS_MAX as usize) as u16,
+            pin_cores: true,
+            workers_max: 64,
+            clock_segments_max: 1024,
+            sparse_capacity_keys_default: 4 << 20,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks every field; an error names the field and what it accepts.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, value: String, reason: &str| {
+            Err(EngineError::BadConfig { field, value, reason: reason.into() })
+        };
+        if self.shards == 0 || self.shards > SHARDS_MAX {
+            return bad("shards", self.shards.to_string(), "must be between 1 and 256");
+        }
+        if self.workers_max == 0 || self.workers_max > WORKERS_MAX_CEILING {
+            return bad("workers_max", self.workers_max.to_string(), "must be between 1 and 4096");
+        }
+        if self.clock_segments_max < 4 {
+            return bad("clock_segments_max", self.clock_segments_max.to_string(), "must be at least 4");
+        }
+        // Each table part preallocates segments x workers clock entries; keep that under 128 MiB.
+        if (self.clock_segments_max as u64) * (self.workers_max as u64) > CLOCK_ENTRIES_MAX {
+            let value = format!("{} x workers_max {}", self.clock_segments_max, self.workers_max);
+            return bad("clock_segments_max", value, "segments x workers must stay under 16 Mi entries");
+        }
+        if self.sparse_capacity_keys_default == 0 {
+            return bad("sparse_capacity_keys_default", "0".into(), "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Cores this process may run on.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

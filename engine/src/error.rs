@@ -36,6 +36,10 @@ pub enum EngineError {
     BadConfig { field: &'static str, value: String, reason: String },
     #[error("could not map {bytes} bytes for the shard arena: {reason}")]
     ArenaMap { bytes: usize, reason: String },
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+    #[error("the reply would be {bytes} bytes, over the frame limit of {limit}; ask for fewer keys")]
+    ReplyTooLarge { bytes: usize, limit: usize },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("I/O error: {0}")]
@@ -44,3 +48,23 @@ pub enum EngineError {
 
 /// Short alias used across the crate.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+impl EngineError {
+    /// The wire status a client sees for this error.
+    pub fn status(&self) -> tessera_transport::Status {
+        use tessera_transport::Status;
+        match self {
+            EngineError::UnknownTable { .. } | EngineError::UnknownTableName { .. } => Status::UnknownTable,
+            EngineError::KeyOutOfRange { .. } => Status::KeyOutOfRange,
+            EngineError::KeyNotOwned { .. } => Status::NotOwned,
+            EngineError::WrongDim { .. } => Status::WrongDim,
+            EngineError::ValuesLength { .. } => Status::ValuesLength,
+            EngineError::NonFinite { .. } => Status::NonFinite,
+            EngineError::SparseTableFull { .. } | EngineError::ClockSegmentsFull { .. } => Status::Full,
+            EngineError::ReplyTooLarge { .. } => Status::FrameTooLarge,
+            EngineError::ShuttingDown => Status::ShuttingDown,
+            EngineError::ArenaMap { .. } | EngineError::Io(_) => Status::Internal,
+            _ => Status::BadRequest,
+        }
+    }
+}

@@ -16,9 +16,16 @@
 
 #![deny(unsafe_code)]
 
+pub mod arena;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod server;
+pub mod shard;
+pub mod table;
 pub mod updater;
 
+pub use config::EngineConfig;
 pub use error::{EngineError, Result};
+pub use server::{Server, ServerConfig};
+pub use updater::{Updater, UpdaterRegistry};

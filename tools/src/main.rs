@@ -1,1 +1,56 @@
-fn main() {}
+//! `tessera`: run a parameter server, train the demo model against it, measure it, inspect it.
+
+mod bench;
+mod common;
+mod demo;
+mod server;
+mod status;
+
+use clap::{Parser, Subcommand};
+
+/// Tessera: a parameter server for distributed machine-learning training.
+///
+/// Workers push gradients and pull parameters; servers keep them in pinned memory, one shard per
+/// core, and aggregate pushes with server-side updaters (sum, sgd, adagrad, adam, ftrl).
+///
+/// Start with `tessera demo`: it starts a server in this process and trains a logistic-regression
+/// model on a generated data set through it.
+#[derive(Debug, Parser)]
+#[command(name = "tessera", version, propagate_version = true)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or per-module directives).
+    #[arg(long, global = true, default_value = "warn", env = "TESSERA_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train sparse logistic regression by asynchronous SGD through a parameter server.
+    Demo(demo::DemoArgs),
+    /// Run a server until interrupted.
+    Server(server::ServerArgs),
+    /// Measure push and pull latency and throughput, against a raw-socket baseline.
+    Bench(bench::BenchArgs),
+    /// Show a running server's tables, parts, clocks and counters.
+    Status(status::StatusArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    common::init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Server(args) => server::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Status(args) => status::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

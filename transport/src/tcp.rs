@@ -462,6 +462,11 @@ impl Conn {
             if self.closing.is_some() {
                 continue;
             }
+            // Send what was just served before reading more: the socket is writable now, and
+            // edge-triggered polling would not say so again.
+            if let Err(e) = self.out.flush(&mut self.stream) {
+                return Next::Close(format!("write failed: {e}"));
+            }
             if served >= cfg.frames_per_turn_max {
                 return Next::Yielded;
             }

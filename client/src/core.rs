@@ -1,0 +1,363 @@
+//! The client's state behind its lock: links, the range map, and reusable routing buffers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
+use tessera_replication::placement::{Owner, RangeMap};
+use tessera_transport::tcp::TcpLink;
+use tessera_transport::{Header, Link, Op, Status, CONTROL_SHARD};
+
+use crate::error::{ClientError, Result};
+use crate::ticket::{server_error, Sub, Ticket};
+use crate::{Client, ClientConfig, Table};
+
+/// Push or pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Push,
+    Pull,
+}
+
+/// A reply that arrived while the caller waited for another one.
+#[derive(Debug)]
+struct Parked {
+    header: Header,
+    body: Vec<u8>,
+}
+
+/// One ordered stream of requests to one shard.
+#[derive(Debug)]
+struct Shard {
+    link: Box<dyn Link>,
+    next_id: u64,
+    parked: BTreeMap<u64, Parked>,
+    abandoned: BTreeSet<u64>,
+}
+
+#[derive(Debug)]
+struct ServerLinks {
+    addr: String,
+    control: TcpLink,
+    shards: Vec<Shard>,
+}
+
+/// Routing buffers, reused from call to call.
+#[derive(Debug, Default)]
+struct Scratch {
+    part_of: Vec<u32>,
+    counts: Vec<usize>,
+    keys: Vec<u64>,
+    grads: Vec<f32>,
+    orders: Vec<Vec<u32>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Core {
+    cfg: ClientConfig,
+    servers: Vec<ServerLinks>,
+    map: RangeMap,
+    control_id: u64,
+    scratch: Scratch,
+    pub clock: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl Core {
+    pub fn connect(addrs: &[&str], cfg: ClientConfig) -> Result<Core> {
+        let mut servers = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let (control, info) = TcpLink::connect(addr, CONTROL_SHARD, cfg.worker, &cfg.transport)?;
+            let info: ServerInfo = serde_json::from_slice(&info)
+                .map_err(|e| ClientError::Protocol { server: addr.to_string(), reason: format!("bad hello reply: {e}") })?;
+            let mut shards = Vec::with_capacity(info.shards as usize);
+            for shard in 0..info.shards {
+                let (link, _) = TcpLink::connect(addr, shard as u64, cfg.worker, &cfg.transport)?;
+                shards.push(Shard { link: Box::new(link), next_id: 1, parked: BTreeMap::new(), abandoned: BTreeSet::new() });
+            }
+            servers.push(ServerLinks { addr: addr.to_string(), control, shards });
+        }
+        let mut core = Core {
+            cfg,
+            servers,
+            map: RangeMap::default(),
+            control_id: 0,
+            scratch: Scratch::default(),
+            clock: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+        };
+        core.refresh()?;
+        Ok(core)
+    }
+
+    /// One request on server `server`'s control plane; returns the reply body.
+    fn control(&mut self, server: usize, op: Op, body: &[u8]) -> Result<Vec<u8>> {
+        self.control_id += 1;
+        let s = &mut self.servers[server];
+        let mut header = Header::request(op, self.control_id);
+        s.control.send(&mut header, &[body], false)?;
+        let reply = s.control.recv(None)?;
+        if reply.header.status() != Status::Ok {
+            let message = String::from_utf8_lossy(reply.body).into_owned();
+            return Err(server_error(&s.addr, &reply.header, message));
+        }
+        Ok(reply.body.to_vec())
+    }
+
+    /// Fetches every server's catalog and rebuilds the range map.
+    pub fn refresh(&mut self) -> Result<Vec<Vec<TableEntry>>> {
+        let mut catalogs = Vec::with_capacity(self.servers.len());
+        for server in 0..self.servers.len() {
+            let body = self.control(server, Op::Catalog, &[])?;
+            let catalog: Catalog = serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+                server: self.servers[server].addr.clone(),
+                reason: format!("bad catalog: {e}"),
+            })?;
+            catalogs.push(catalog);
+        }
+        self.map = RangeMap::from_catalogs(&catalogs)?;
+        Ok(catalogs.into_iter().map(|c| c.tables).collect())
+    }
+
+    pub fn create_table(&mut self, spec: &TableSpec) -> Result<()> {
+        let body = serde_json::to_vec(spec).expect("a table spec serialises");
+        for server in 0..self.servers.len() {
+            self.control(server, Op::CreateTable, &body)?;
+        }
+        self.refresh().map(|_| ())
+    }
+
+    pub fn status(&mut self) -> Result<Vec<serde_json::Value>> {
+        (0..self.servers.len())
+            .map(|server| {
+                let body = self.control(server, Op::Status, &[])?;
+                serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+                    server: self.servers[server].addr.clone(),
+                    reason: format!("bad status: {e}"),
+                })
+            })
+            .collect()
+    }
+
+    pub fn table(&self, name: &str) -> Result<Table> {
+        Ok(Table { route: Arc::new(self.map.table(name)?.clone()) })
+    }
+
+    /// Sends one frame to `owner` and returns its request id.
+    fn send(&mut self, owner: Owner, mut header: Header, parts: &[&[u8]]) -> Result<u64> {
+        let shard = &mut self.servers[owner.server as usize].shards[owner.shard as usize];
+        header.request_id = shard.next_id;
+        header.table = owner.table_id;
+        header.worker = self.cfg.worker;
+        header.clock = self.clock;
+        if self.cfg.compress {
+            header.flags |= tessera_transport::wire::flags::COMPRESS_REPLY;
+        }
+        shard.link.send(&mut header, parts, self.cfg.compress)?;
+        shard.next_id += 1;
+        self.bytes_sent += header.frame_len() as u64;
+        Ok(header.request_id)
+    }
+
+    fn check_len(table: &Table, what: &'static str, keys: usize, got: usize) -> Result<()> {
+        let want = keys * table.dim();
+        if got != want {
+            let name = table.spec().name.clone();
+            return Err(ClientError::Length { what, table: name, keys, dim: table.dim(), got, want });
+        }
+        Ok(())
+    }
+
+    /// Routes each key to its part; fills `scratch.part_of` and `scratch.counts`.
+    fn route_keys(&mut self, table: &Table, keys: &[u64]) -> Result<()> {
+        let route = table.route();
+        let s = &mut self.scratch;
+        s.part_of.clear();
+        s.counts.clear();
+        s.counts.resize(route.parts(), 0);
+        for &key in keys {
+            let spec = &route.spec;
+            let part = route.locate(key).ok_or_else(|| ClientError::KeyOutOfRange {
+                table: spec.name.clone(),
+                key,
+                start: spec.start,
+                end: spec.end,
+            })?;
+            s.part_of.push(part as u32);
+            s.counts[part] += 1;
+        }
+        Ok(())
+    }
+
+    /// A push or pull of a key list.
+    pub fn send_keys<'a>(
+        &mut self,
+        client: &'a Client,
+        table: &Table,
+        kind: Kind,
+        keys: &[u64],
+        grads: Option<&[f32]>,
+        out: Option<&'a mut [f32]>,
+    ) -> Result<Ticket<'a>> {
+        let dim = table.dim();
+        match (grads, &out) {
+            (Some(g), _) => Self::check_len(table, "the gradient", keys.len(), g.len())?,
+            (_, Some(o)) => Self::check_len(table, "the output", keys.len(), o.len())?,
+            _ => {}
+        }
+        self.route_keys(table, keys)?;
+        let mut ticket = Ticket { client, subs: Vec::new(), out, order: Vec::new(), dim };
+        let used: Vec<usize> = (0..self.scratch.counts.len()).filter(|p| self.scratch.counts[*p] > 0).collect();
+        if let [only] = used[..] {
+            // Everything goes to one shard: send straight from the caller's slices.
+            let owner = table.route().owner(only);
+            let id = self.send_one(owner, kind, dim, keys, grads)?;
+            ticket.subs.push(Sub { server: owner.server, shard: owner.shard, id, range: 0..keys.len() * dim, scatter: false });
+            return Ok(ticket);
+        }
+        self.group(keys, grads, dim, &mut ticket.order);
+        let mut at = 0;
+        for part in used {
+            let n = self.scratch.counts[part];
+            let owner = table.route().owner(part);
+            let keys = std::mem::take(&mut self.scratch.keys);
+            let group_grads = std::mem::take(&mut self.scratch.grads);
+            let g = grads.map(|_| &group_grads[at * dim..(at + n) * dim]);
+            let sent = self.send_one(owner, kind, dim, &keys[at..at + n], g);
+            self.scratch.keys = keys;
+            self.scratch.grads = group_grads;
+            ticket.subs.push(Sub { server: owner.server, shard: owner.shard, id: sent?, range: at..at + n, scatter: true });
+            at += n;
+        }
+        Ok(ticket)
+    }
+
+    fn send_one(&mut self, owner: Owner, kind: Kind, dim: usize, keys: &[u64], grads: Option<&[f32]>) -> Result<u64> {
+        let op = if kind == Kind::Push { Op::Push } else { Op::Pull };
+        let mut header = Header::request(op, 0);
+        header.count = keys.len() as u32;
+        header.dim = dim as u32;
+        let key_bytes: &[u8] = bytemuck::cast_slice(keys);
+        match grads {
+            Some(g) => self.send(owner, header, &[key_bytes, bytemuck::cast_slice(g)]),
+            None => self.send(owner, header, &[key_bytes]),
+        }
+    }
+
+    /// Groups keys (and gradients) by part, stably, into the scratch buffers; `order` maps each
+    /// grouped position back to the caller's index.
+    fn group(&mut self, keys: &[u64], grads: Option<&[f32]>, dim: usize, order: &mut Vec<u32>) {
+        let s = &mut self.scratch;
+        *order = s.orders.pop().unwrap_or_default();
+        order.clear();
+        order.resize(keys.len(), 0);
+        let mut next: Vec<usize> = Vec::with_capacity(s.counts.len());
+        let mut at = 0;
+        for c in &s.counts {
+            next.push(at);
+            at += c;
+        }
+        s.keys.resize(keys.len(), 0);
+        s.grads.resize(if grads.is_some() { keys.len() * dim } else { 0 }, 0.0);
+        for (i, (&key, &part)) in keys.iter().zip(&s.part_of).enumerate() {
+            let slot = next[part as usize];
+            next[part as usize] += 1;
+            s.keys[slot] = key;
+            order[slot] = i as u32;
+            if let Some(g) = grads {
+                s.grads[slot * dim..(slot + 1) * dim].copy_from_slice(&g[i * dim..(i + 1) * dim]);
+            }
+        }
+    }
+
+    /// A push or pull of the dense range `start .. start + len / dim`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_range<'a>(
+        &mut self,
+        client: &'a Client,
+        table: &Table,
+        kind: Kind,
+        start: u64,
+        len: usize,
+        grads: Option<&[f32]>,
+        out: Option<&'a mut [f32]>,
+    ) -> Result<Ticket<'a>> {
+        let dim = table.dim();
+        let count = len / dim;
+        Self::check_len(table, if kind == Kind::Push { "the gradient" } else { "the output" }, count, len)?;
+        let route = table.route();
+        let spec = &route.spec;
+        let end = start.checked_add(count as u64).filter(|e| *e <= spec.end && start >= spec.start);
+        let out_of_range = || ClientError::KeyOutOfRange { table: spec.name.clone(), key: start, start: spec.start, end: spec.end };
+        let end = end.ok_or_else(out_of_range)?;
+        let mut ticket = Ticket { client, subs: Vec::new(), out, order: Vec::new(), dim };
+        let mut key = start;
+        while key < end {
+            let part = route.locate(key).ok_or_else(out_of_range)?;
+            let stop = route.range(part).end.min(end);
+            let owner = route.owner(part);
+            let values = (key - start) as usize * dim..(stop - start) as usize * dim;
+            let op = if kind == Kind::Push { Op::PushRange } else { Op::PullRange };
+            let mut header = Header::request(op, 0);
+            header.start = key;
+            header.count = (stop - key) as u32;
+            header.dim = dim as u32;
+            let id = match grads {
+                Some(g) => self.send(owner, header, &[bytemuck::cast_slice(&g[values.clone()])])?,
+                None => self.send(owner, header, &[])?,
+            };
+            ticket.subs.push(Sub { server: owner.server, shard: owner.shard, id, range: values, scatter: false });
+            key = stop;
+        }
+        Ok(ticket)
+    }
+
+    /// Waits for the reply to request `id` on one shard and hands it to `take`. Replies to other
+    /// requests that arrive first are parked for their own tickets.
+    pub fn await_reply(
+        &mut self,
+        server: u32,
+        shard: u16,
+        id: u64,
+        take: impl FnOnce(&Header, &[u8]) -> std::result::Result<(), String>,
+    ) -> Result<()> {
+        let s = &mut self.servers[server as usize];
+        let addr = &s.addr;
+        let shard = &mut s.shards[shard as usize];
+        if let Some(p) = shard.parked.remove(&id) {
+            return take(&p.header, &p.body).map_err(|m| server_error(addr, &p.header, m));
+        }
+        loop {
+            let frame = shard.link.recv(None)?;
+            self.bytes_received += frame.header.frame_len() as u64;
+            let rid = frame.header.request_id;
+            if rid == id {
+                return take(&frame.header, frame.body).map_err(|m| server_error(addr, &frame.header, m));
+            }
+            if rid >= shard.next_id {
+                let reason = format!("reply to request {rid}, which was never sent");
+                return Err(ClientError::Protocol { server: addr.clone(), reason });
+            }
+            if !shard.abandoned.remove(&rid) {
+                shard.parked.insert(rid, Parked { header: frame.header, body: frame.body.to_vec() });
+            }
+        }
+    }
+
+    /// Forgets a request whose ticket was dropped.
+    pub fn abandon(&mut self, server: u32, shard: u16, id: u64) {
+        let shard = &mut self.servers[server as usize].shards[shard as usize];
+        if shard.parked.remove(&id).is_none() {
+            shard.abandoned.insert(id);
+        }
+    }
+
+    /// Returns a grouping buffer for reuse.
+    pub fn recycle(&mut self, order: Vec<u32>) {
+        if order.capacity() > 0 && self.scratch.orders.len() < 16 {
+            self.scratch.orders.push(order);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The client's one error enum.
+
+use tessera_transport::{Status, TransportError};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{server}: {message}")]
+    Server { server: String, status: Status, message: String },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Placement(#[from] tessera_replication::PlacementError),
+    #[error("key {key} is outside table {table:?}'s range [{start}, {end})")]
+    KeyOutOfRange { table: String, key: u64, start: u64, end: u64 },
+    #[error("{what} has {got} values; table {table:?} needs {want} ({keys} keys x dim {dim})")]
+    Length { what: &'static str, table: String, keys: usize, dim: usize, got: usize, want: usize },
+    #[error("protocol error from {server}: {reason}")]
+    Protocol { server: String, reason: String },
+}
+
+impl ClientError {
+    /// The server's status, when the server refused the request.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            ClientError::Server { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Short alias used across the crate.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

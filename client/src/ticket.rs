@@ -1,0 +1,152 @@
+//! Tickets: the handle a call returns at once, and the stamp waiting on it yields.
+
+use std::ops::Range;
+
+use tessera_transport::{Header, Status};
+
+use crate::error::{ClientError, Result};
+use crate::Client;
+
+/// A vector-clock stamp: for each worker, a clock every key the call touched has reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stamp {
+    clocks: Vec<u64>,
+}
+
+impl Stamp {
+    /// One clock per worker id (missing trailing workers have clock 0).
+    pub fn clocks(&self) -> &[u64] {
+        &self.clocks
+    }
+
+    /// Worker `worker`'s clock.
+    pub fn get(&self, worker: usize) -> u64 {
+        self.clocks.get(worker).copied().unwrap_or(0)
+    }
+
+    /// The smallest clock of any of the first `workers` workers.
+    pub fn min_over(&self, workers: usize) -> u64 {
+        (0..workers).map(|w| self.get(w)).min().unwrap_or(0)
+    }
+
+    /// Keeps, for each worker, the lower of the two clocks (a worker absent from one side has 0).
+    fn meet(&mut self, other: impl Iterator<Item = u64> + ExactSizeIterator, first: bool) {
+        if first {
+            self.clocks.extend(other);
+            return;
+        }
+        let n = other.len();
+        for (mine, theirs) in self.clocks.iter_mut().zip(other) {
+            *mine = (*mine).min(theirs);
+        }
+        self.clocks.truncate(n);
+    }
+}
+
+/// Where one sub-request's reply goes.
+#[derive(Debug)]
+pub(crate) struct Sub {
+    pub server: u32,
+    pub shard: u16,
+    pub id: u64,
+    /// Pulls: values land at `out[range]` (contiguous), or, when `scatter` is set, key `i` of the
+    /// reply lands at `out[order[range.start + i] * dim ..]`.
+    pub range: Range<usize>,
+    pub scatter: bool,
+}
+
+/// An operation in flight. Wait on it to learn how it ended; dropping it abandons the result.
+#[derive(Debug)]
+#[must_use = "a ticket that is not waited on hides the call's errors"]
+pub struct Ticket<'a> {
+    pub(crate) client: &'a Client,
+    pub(crate) subs: Vec<Sub>,
+    pub(crate) out: Option<&'a mut [f32]>,
+    pub(crate) order: Vec<u32>,
+    pub(crate) dim: usize,
+}
+
+impl Ticket<'_> {
+    /// Blocks until every shard answered. Pulls have written their values when this returns.
+    /// Returns the stamp of the keys touched, or the first error any shard reported.
+    pub fn wait(mut self) -> Result<Stamp> {
+        let subs = std::mem::take(&mut self.subs);
+        let mut core = self.client.lock();
+        let mut stamp = Stamp::default();
+        let mut failure = None;
+        for (i, sub) in subs.iter().enumerate() {
+            let out = &mut self.out;
+            let order = &self.order;
+            let dim = self.dim;
+            let got = core.await_reply(sub.server, sub.shard, sub.id, |header, body| {
+                absorb(sub, header, body, out.as_deref_mut(), order, dim, &mut stamp, i == 0)
+            });
+            if let Err(e) = got {
+                failure.get_or_insert(e);
+            }
+        }
+        core.recycle(std::mem::take(&mut self.order));
+        failure.map_or(Ok(stamp), Err)
+    }
+}
+
+/// Takes one reply: checks it, merges its stamp, and puts its values where they belong.
+#[allow(clippy::too_many_arguments)]
+fn absorb(
+    sub: &Sub,
+    header: &Header,
+    body: &[u8],
+    out: Option<&mut [f32]>,
+    order: &[u32],
+    dim: usize,
+    stamp: &mut Stamp,
+    first: bool,
+) -> std::result::Result<(), String> {
+    if header.status() != Status::Ok {
+        return Err(String::from_utf8_lossy(body).into_owned());
+    }
+    let stamp_bytes = header.count as usize * 8;
+    if body.len() < stamp_bytes || (body.len() - stamp_bytes) % 4 != 0 {
+        return Err(format!("reply body of {} bytes does not hold a {}-entry stamp and values", body.len(), header.count));
+    }
+    let (clocks, values) = body.split_at(stamp_bytes);
+    stamp.meet(clocks.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))), first);
+    let Some(out) = out else { return Ok(()) };
+    let want = sub.range.len() * if sub.scatter { dim } else { 1 };
+    if values.len() != want * 4 {
+        return Err(format!("reply holds {} values, expected {want}", values.len() / 4));
+    }
+    let floats = values.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")));
+    if sub.scatter {
+        let mut floats = floats;
+        for &k in &order[sub.range.clone()] {
+            let at = k as usize * dim;
+            out[at..at + dim].iter_mut().zip(floats.by_ref()).for_each(|(o, v)| *o = v);
+        }
+    } else {
+        out[sub.range.clone()].iter_mut().zip(floats).for_each(|(o, v)| *o = v);
+    }
+    Ok(())
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.subs.is_empty() {
+            return;
+        }
+        if let Ok(mut core) = self.client.core.lock() {
+            for sub in &self.subs {
+                core.abandon(sub.server, sub.shard, sub.id);
+            }
+        }
+    }
+}
+
+/// Turns a reply-level failure into the caller's error.
+pub(crate) fn server_error(server: &str, header: &Header, message: String) -> ClientError {
+    if header.status() == Status::Ok {
+        ClientError::Protocol { server: server.into(), reason: message }
+    } else {
+        ClientError::Server { server: server.into(), status: header.status(), message }
+    }
+}

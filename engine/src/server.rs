@@ -1,0 +1,294 @@
+//! A whole server: shard threads pinned to cores, and the control plane.
+//!
+//! The control thread owns the listener and the catalog. It answers hellos, catalog, table
+//! creation and status requests, and hands each data connection to the shard it names. Table
+//! creation reaches the shards through bounded channels; each shard maps its part on its own
+//! thread, so the pages are local to its core.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam::channel::{self, Sender};
+use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
+use tessera_replication::placement;
+use tessera_transport::{tcp, Op, Reply, Request, Service, ShardTransport, Status, TransportConfig, Waker};
+
+use crate::config::EngineConfig;
+use crate::error::{EngineError, Result};
+use crate::shard::{Shard, ShardControl, ShardStats};
+use crate::updater::UpdaterRegistry;
+
+/// Control messages waiting for one shard before the control plane blocks.
+const SHARD_CONTROL_QUEUE_MAX: usize = 64;
+/// How long the control plane waits for a shard to map a table or report.
+const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Everything a server is started with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on, e.g. `0.0.0.0:7070`; port 0 picks a free one.
+    pub listen: String,
+    pub engine: EngineConfig,
+    pub transport: TransportConfig,
+    /// Tables created at start-up.
+    pub tables: Vec<TableSpec>,
+    /// Servers in the cluster (this one included) and this one's position among them.
+    pub servers: u32,
+    pub server_index: u32,
+}
+
+impl ServerConfig {
+    /// A single-server configuration listening on `listen`.
+    pub fn single(listen: &str) -> Self {
+        Self {
+            listen: listen.into(),
+            engine: EngineConfig::default(),
+            transport: TransportConfig::default(),
+            tables: Vec::new(),
+            servers: 1,
+            server_index: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ShardHandle {
+    tx: Sender<ShardControl>,
+    waker: Waker,
+}
+
+/// A running server. Dropping it stops it.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    shards: Vec<ShardHandle>,
+    control_waker: Waker,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds, starts one pinned thread per shard, creates the configured tables, and serves.
+    pub fn start(cfg: ServerConfig, registry: UpdaterRegistry) -> Result<Server> {
+        cfg.engine.validate()?;
+        if cfg.server_index >= cfg.servers {
+            return Err(EngineError::BadConfig {
+                field: "server_index",
+                value: cfg.server_index.to_string(),
+                reason: format!("must be below the number of servers ({})", cfg.servers),
+            });
+        }
+        let info = ServerInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            server_index: cfg.server_index,
+            servers: cfg.servers,
+            shards: cfg.engine.shards,
+            frame_bytes_max: cfg.transport.frame_bytes_max as u64,
+            workers_max: cfg.engine.workers_max,
+        };
+        let info_bytes: Arc<[u8]> = serde_json::to_vec(&info).expect("plain data serialises").into();
+        let io = |e: tessera_transport::TransportError| EngineError::Io(e.to_string());
+        let (mut control_ep, shard_eps, addr) = tcp::bind(&cfg.listen, cfg.engine.shards, &cfg.transport, info_bytes).map_err(io)?;
+        let engine = Arc::new(cfg.engine.clone());
+        let cores = allowed_cores();
+        let mut threads = Vec::new();
+        let mut shards = Vec::new();
+        for (id, mut ep) in shard_eps.into_iter().enumerate() {
+            let (tx, rx) = channel::bounded(SHARD_CONTROL_QUEUE_MAX);
+            shards.push(ShardHandle { tx, waker: ep.waker() });
+            let shard = Shard::new(id as u16, engine.clone(), cfg.transport.frame_bytes_max, rx);
+            let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[id % cores.len()]);
+            let spawned = std::thread::Builder::new().name(format!("tessera-shard-{id}")).spawn(move || {
+                if let Some(core) = core {
+                    pin_to(core);
+                }
+                shard.run(&mut ep);
+            });
+            threads.push(spawned.map_err(|e| EngineError::Io(format!("cannot start a shard thread: {e}")))?);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut control = ControlPlane { info, catalog: Catalog { server_index: cfg.server_index, tables: Vec::new() }, registry, shards: shards.clone() };
+        let mut server = Server { addr, stop: stop.clone(), shards, control_waker: control_ep.waker(), threads };
+        for spec in cfg.tables {
+            control.create_table(spec)?;
+        }
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("tessera-control".into()).spawn(move || {
+            while !flag.load(Ordering::Acquire) {
+                if let Err(e) = control_ep.poll(&mut control, Some(Duration::from_millis(100))) {
+                    tracing::error!(error = %e, "control poll failed");
+                }
+            }
+        });
+        server.threads.push(thread.map_err(|e| EngineError::Io(format!("cannot start the control thread: {e}")))?);
+        tracing::info!(%addr, shards = server.shards.len(), "serving");
+        Ok(server)
+    }
+
+    /// The address the server listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Blocks until the server stops (it stops when dropped from another thread or on shutdown).
+    pub fn wait(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops every thread and waits for them.
+    pub fn shutdown(mut self) {
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.control_waker.wake();
+        for s in &self.shards {
+            // A full queue means the shard is busy with control work; it will still see the flag
+            // once it drains, so block briefly rather than skip.
+            let _ = s.tx.send_timeout(ShardControl::Shutdown, Duration::from_secs(5));
+            s.waker.wake();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop_threads();
+        }
+    }
+}
+
+/// The control plane's state, owned by the control thread.
+struct ControlPlane {
+    info: ServerInfo,
+    catalog: Catalog,
+    registry: UpdaterRegistry,
+    shards: Vec<ShardHandle>,
+}
+
+impl ControlPlane {
+    /// Creates `spec` on every shard, or on none: a failure drops the parts already made.
+    fn create_table(&mut self, spec: TableSpec) -> Result<TableEntry> {
+        spec.validate().map_err(|e| EngineError::BadTable { name: spec.name.clone(), reason: e.to_string() })?;
+        if let Some(existing) = self.catalog.tables.iter().find(|t| t.spec.name == spec.name) {
+            return if existing.spec == spec { Ok(existing.clone()) } else { Err(EngineError::TableConflict { name: spec.name }) };
+        }
+        let updater = self.registry.build(&spec.updater)?;
+        let id = self.catalog.tables.len() as u32;
+        let parts = placement::server_parts(&spec, self.info.servers, self.info.server_index, self.info.shards);
+        let mut waiting = Vec::new();
+        for part in &parts {
+            let (done, rx) = channel::bounded(1);
+            let msg = ShardControl::AddTable { id, spec: spec.clone(), part: *part, updater: updater.clone(), done };
+            self.send(part.shard, msg)?;
+            waiting.push((part.shard, rx));
+        }
+        let mut failure = None;
+        let mut made = Vec::new();
+        for (shard, rx) in waiting {
+            match rx.recv_timeout(SHARD_REPLY_TIMEOUT) {
+                Ok(Ok(())) => made.push(shard),
+                Ok(Err(e)) => failure = Some(e),
+                Err(_) => failure = Some(EngineError::Io(format!("shard {shard} did not answer"))),
+            }
+        }
+        if let Some(e) = failure {
+            for shard in made {
+                let _ = self.send(shard, ShardControl::DropTable { id });
+            }
+            return Err(e);
+        }
+        let entry = TableEntry { id, spec, parts };
+        tracing::info!(table = %entry.spec.name, id, parts = entry.parts.len(), "table created");
+        self.catalog.tables.push(entry.clone());
+        Ok(entry)
+    }
+
+    fn send(&self, shard: u16, msg: ShardControl) -> Result<()> {
+        let handle = &self.shards[shard as usize];
+        handle.tx.send_timeout(msg, SHARD_REPLY_TIMEOUT).map_err(|_| EngineError::ShuttingDown)?;
+        handle.waker.wake();
+        Ok(())
+    }
+
+    fn status(&self) -> Result<Vec<ShardStats>> {
+        let mut out = Vec::new();
+        for shard in 0..self.shards.len() {
+            let (done, rx) = channel::bounded(1);
+            self.send(shard as u16, ShardControl::Stats { done })?;
+            out.push(rx.recv_timeout(SHARD_REPLY_TIMEOUT).map_err(|_| EngineError::Io(format!("shard {shard} did not answer")))?);
+        }
+        Ok(out)
+    }
+
+    fn serve_control(&mut self, req: &Request<'_>, reply: &mut Reply<'_>) -> Result<()> {
+        match req.header.op() {
+            Some(Op::Catalog) => reply.ok_bytes(&json(&self.catalog)),
+            Some(Op::CreateTable) => {
+                let spec: TableSpec = serde_json::from_slice(req.body)
+                    .map_err(|e| EngineError::BadTable { name: "?".into(), reason: format!("bad table definition: {e}") })?;
+                let entry = self.create_table(spec)?;
+                reply.ok_bytes(&json(&entry));
+            }
+            Some(Op::Status) => {
+                let status = StatusReport { info: self.info.clone(), catalog: self.catalog.clone(), shards: self.status()? };
+                reply.ok_bytes(&json(&status));
+            }
+            _ => {
+                return Err(EngineError::BadRequest {
+                    reason: "data requests go to a shard connection: say hello with a shard index".into(),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `tessera status` receives.
+#[derive(Debug, serde::Serialize)]
+pub struct StatusReport {
+    pub info: ServerInfo,
+    pub catalog: Catalog,
+    pub shards: Vec<ShardStats>,
+}
+
+/// A control reply body.
+fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("control replies are plain data")
+}
+
+impl Service for ControlPlane {
+    fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
+        if let Err(e) = self.serve_control(&request, reply) {
+            let status = if e.status() == Status::Ok { Status::Internal } else { e.status() };
+            reply.error(status, &e.to_string());
+        }
+    }
+}
+
+/// The cores this process may run on.
+fn allowed_cores() -> Vec<usize> {
+    match rustix::process::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::process::CpuSet::MAX_CPU).filter(|c| set.is_set(*c)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Pins the calling thread to `core`; a refusal (containers, cgroups) is logged and ignored.
+fn pin_to(core: usize) {
+    let mut set = rustix::process::CpuSet::new();
+    set.set(core);
+    if let Err(e) = rustix::process::sched_setaffinity(None, &set) {
+        tracing::warn!(core, error = %e, "cannot pin shard thread; running unpinned");
+    }
+}

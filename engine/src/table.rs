@@ -1,0 +1,462 @@
+//! One shard's part of a table: its values, its updater's state, and its vector clocks.
+//!
+//! Dense parts keep values and each state slot as separate contiguous arrays (planar), so a range
+//! push is one call of the updater's kernel over long slices, and a range pull is one copy (and,
+//! with RDMA, one read). Sparse parts keep an open-addressing table: a key array and a record
+//! array of `[value | state 0 | state 1]` per key, so one probe finds everything a push touches.
+//!
+//! Every operation checks all of its input before it changes anything: a refused push leaves the
+//! part exactly as it was.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use tessera_replication::catalog::{Init, NonFinite, TableSpec};
+use tessera_replication::TableKind;
+
+use crate::arena::{Arena, Pinned};
+use crate::clock::RangeClocks;
+use crate::config::{EngineConfig, SPARSE_LOAD_PERCENT_MAX, SPARSE_SLOTS_MIN};
+use crate::error::{EngineError, Result};
+use crate::updater::Updater;
+
+/// Marks an empty sparse slot. No key equals it: keys are below a table's `end`, itself a u64.
+const EMPTY: u64 = u64::MAX;
+
+/// Counters a table part keeps for `tessera status`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PartStats {
+    pub pushes: u64,
+    pub pulls: u64,
+    pub keys_pushed: u64,
+    pub keys_pulled: u64,
+    pub non_finite_skipped: u64,
+    pub sparse_keys: u64,
+}
+
+/// One shard's part of one table.
+#[derive(Debug)]
+pub struct TablePart {
+    pub id: u32,
+    shard: u16,
+    pub spec: TableSpec,
+    owned: Range<u64>,
+    updater: Arc<dyn Updater>,
+    clocks: RangeClocks,
+    /// Pushes applied to this part, the updater's step.
+    step: u64,
+    store: Store,
+    stats: PartStats,
+}
+
+#[derive(Debug)]
+enum Store {
+    Dense { values: Pinned<f32>, s0: Pinned<f32>, s1: Pinned<f32> },
+    Sparse(SparseStore),
+}
+
+#[derive(Debug)]
+struct SparseStore {
+    keys: Pinned<u64>,
+    records: Pinned<f32>,
+    shift: u32,
+    /// f32s per record: the value and each state slot, `dim` each.
+    width: usize,
+    len: usize,
+    limit: usize,
+}
+
+impl TablePart {
+    /// Maps and initialises the part `owned` of `spec` (which the caller validated).
+    pub fn new(
+        id: u32,
+        shard: u16,
+        spec: TableSpec,
+        owned: Range<u64>,
+        updater: Arc<dyn Updater>,
+        cfg: &EngineConfig,
+        arena: &mut Arena,
+    ) -> Result<Self> {
+        assert!(spec.start <= owned.start && owned.end <= spec.end && !owned.is_empty());
+        let clocks = RangeClocks::new(owned.clone(), cfg.workers_max as usize, cfg.clock_segments_max);
+        let store = match spec.kind {
+            TableKind::Dense => Self::dense_store(&spec, &owned, updater.as_ref(), arena)?,
+            TableKind::Sparse => Store::Sparse(SparseStore::new(&spec, cfg, updater.as_ref(), arena)?),
+        };
+        Ok(Self { id, shard, spec, owned, updater, clocks, step: 0, store, stats: PartStats::default() })
+    }
+
+    fn dense_store(spec: &TableSpec, owned: &Range<u64>, updater: &dyn Updater, arena: &mut Arena) -> Result<Store> {
+        let dim = spec.dim as usize;
+        let n = usize::try_from(owned.end - owned.start)
+            .ok()
+            .and_then(|n| n.checked_mul(dim))
+            .ok_or_else(|| EngineError::BadTable { name: spec.name.clone(), reason: "too many keys for a dense table".into() })?;
+        let mut values = arena.alloc::<f32>(n)?;
+        if let Init::Uniform { .. } = spec.init {
+            for (i, v) in values.as_mut_slice().iter_mut().enumerate() {
+                *v = init_value(&spec.init, owned.start + (i / dim) as u64, (i % dim) as u32);
+            }
+        }
+        let slots = updater.state_slots();
+        let mut state = [arena.alloc::<f32>(if slots > 0 { n } else { 0 })?, arena.alloc::<f32>(if slots > 1 { n } else { 0 })?];
+        for (slot, s) in state.iter_mut().enumerate() {
+            let init = updater.state_init(slot);
+            if init != 0.0 {
+                s.as_mut_slice().fill(init);
+            }
+        }
+        let [s0, s1] = state;
+        Ok(Store::Dense { values, s0, s1 })
+    }
+
+    /// The keys this part owns.
+    pub fn owned(&self) -> Range<u64> {
+        self.owned.clone()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> PartStats {
+        let mut s = self.stats;
+        if let Store::Sparse(sp) = &self.store {
+            s.sparse_keys = sp.len as u64;
+        }
+        s
+    }
+
+    /// The vector clocks.
+    pub fn clocks(&self) -> &RangeClocks {
+        &self.clocks
+    }
+
+    /// Entries worth sending in a stamp.
+    pub fn stamp_len(&self) -> usize {
+        self.clocks.workers_seen()
+    }
+
+    /// Writes the stamp of `range` (which this part owns) into `out`.
+    pub fn stamp_into(&self, range: Range<u64>, out: &mut [u64]) {
+        if !out.is_empty() {
+            self.clocks.stamp_into(range, out);
+        }
+    }
+
+    fn check_key(&self, key: u64) -> Result<()> {
+        if key < self.spec.start || key >= self.spec.end {
+            return Err(EngineError::KeyOutOfRange { table: self.id, key, range: self.spec.start..self.spec.end });
+        }
+        if !self.owned.contains(&key) {
+            return Err(EngineError::KeyNotOwned { key, shard: self.shard, owned: self.owned.clone() });
+        }
+        Ok(())
+    }
+
+    /// Checks `keys` and returns the range they span.
+    fn span_of(&self, keys: &[u64]) -> Result<Range<u64>> {
+        let (mut lo, mut hi) = (u64::MAX, 0);
+        for &k in keys {
+            self.check_key(k)?;
+            lo = lo.min(k);
+            hi = hi.max(k);
+        }
+        Ok(lo..hi + 1)
+    }
+
+    /// Checks a range request `start .. start + count`.
+    fn check_range(&self, start: u64, count: usize) -> Result<Range<u64>> {
+        let end = start.checked_add(count as u64).ok_or(EngineError::KeyOutOfRange {
+            table: self.id,
+            key: u64::MAX,
+            range: self.spec.start..self.spec.end,
+        })?;
+        if count == 0 {
+            return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
+        }
+        self.check_key(start)?;
+        self.check_key(end - 1)?;
+        Ok(start..end)
+    }
+
+    fn check_values(&self, keys: usize, values: &[f32]) -> Result<bool> {
+        let dim = self.spec.dim;
+        if keys.checked_mul(dim as usize) != Some(values.len()) {
+            return Err(EngineError::ValuesLength { keys, dim, values: values.len() });
+        }
+        match values.iter().position(|v| !v.is_finite()) {
+            None => Ok(false),
+            Some(index) if self.spec.non_finite == NonFinite::Reject => {
+                Err(EngineError::NonFinite { index, value: values[index] })
+            }
+            Some(_) => Ok(true),
+        }
+    }
+
+    /// Applies a sparse push from `worker` at `clock`.
+    pub fn push(&mut self, keys: &[u64], grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
+        let has_bad = self.check_values(keys.len(), grads)?;
+        if keys.is_empty() {
+            return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
+        }
+        let span = self.span_of(keys)?;
+        if let Store::Sparse(sp) = &self.store {
+            sp.check_room(keys, self.id)?;
+        }
+        self.clocks.advance(span.clone(), worker, clock)?;
+        self.step += 1;
+        let dim = self.spec.dim as usize;
+        let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
+        let mut skipped = 0;
+        match &mut self.store {
+            Store::Dense { values, s0, s1 } => {
+                for (i, &k) in keys.iter().enumerate() {
+                    let at = (k - self.owned.start) as usize * dim..(k - self.owned.start) as usize * dim + dim;
+                    skipped += ctx.run(
+                        &mut values.as_mut_slice()[at.clone()],
+                        slot_slice(s0, at.clone()),
+                        slot_slice(s1, at),
+                        &grads[i * dim..(i + 1) * dim],
+                    );
+                }
+            }
+            Store::Sparse(sp) => {
+                for (i, &k) in keys.iter().enumerate() {
+                    let (v, s0, s1) = sp.record_mut(k, &self.spec, self.updater.as_ref());
+                    skipped += ctx.run(v, s0, s1, &grads[i * dim..(i + 1) * dim]);
+                }
+            }
+        }
+        self.count_push(keys.len(), skipped);
+        Ok(span)
+    }
+
+    /// Applies a dense push to keys `start .. start + count` from `worker` at `clock`.
+    pub fn push_range(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
+        let has_bad = self.check_values(count, grads)?;
+        let range = self.check_range(start, count)?;
+        if let Store::Sparse(_) = self.store {
+            // Ranges of a sparse table are pushed key by key; they are rare and small.
+            let keys: Vec<u64> = range.clone().collect();
+            return self.push(&keys, grads, worker, clock);
+        }
+        self.clocks.advance(range.clone(), worker, clock)?;
+        self.step += 1;
+        let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
+        let dim = self.spec.dim as usize;
+        let at = (start - self.owned.start) as usize * dim..(start - self.owned.start) as usize * dim + grads.len();
+        let Store::Dense { values, s0, s1 } = &mut self.store else { unreachable!("checked above") };
+        let skipped = ctx.run(&mut values.as_mut_slice()[at.clone()], slot_slice(s0, at.clone()), slot_slice(s1, at), grads);
+        self.count_push(count, skipped);
+        Ok(range)
+    }
+
+    fn count_push(&mut self, keys: usize, skipped: u64) {
+        self.stats.pushes += 1;
+        self.stats.keys_pushed += keys as u64;
+        self.stats.non_finite_skipped += skipped;
+    }
+
+    /// Checks a sparse pull of `keys` and returns the range they span, before any reply is built.
+    pub fn check_pull(&self, keys: &[u64]) -> Result<Range<u64>> {
+        if keys.is_empty() {
+            return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
+        }
+        self.span_of(keys)
+    }
+
+    /// Gathers the values of `keys` (checked by [`TablePart::check_pull`]) into `out`.
+    pub fn pull(&mut self, keys: &[u64], out: &mut [f32]) {
+        let dim = self.spec.dim as usize;
+        assert_eq!(out.len(), keys.len() * dim, "the reply was sized for these keys");
+        match &self.store {
+            Store::Dense { values, .. } => {
+                for (o, &k) in out.chunks_exact_mut(dim).zip(keys) {
+                    let at = (k - self.owned.start) as usize * dim;
+                    o.copy_from_slice(&values.as_slice()[at..at + dim]);
+                }
+            }
+            Store::Sparse(sp) => {
+                for (o, &k) in out.chunks_exact_mut(dim).zip(keys) {
+                    sp.read(k, &self.spec, o);
+                }
+            }
+        }
+        self.stats.pulls += 1;
+        self.stats.keys_pulled += keys.len() as u64;
+    }
+
+    /// Checks a range pull before any reply is built.
+    pub fn check_pull_range(&self, start: u64, count: usize) -> Result<Range<u64>> {
+        self.check_range(start, count)
+    }
+
+    /// Copies keys `start .. start + count` (checked) into `out`.
+    pub fn pull_range(&mut self, start: u64, count: usize, out: &mut [f32]) {
+        let dim = self.spec.dim as usize;
+        assert_eq!(out.len(), count * dim, "the reply was sized for this range");
+        match &self.store {
+            Store::Dense { values, .. } => {
+                let at = (start - self.owned.start) as usize * dim;
+                out.copy_from_slice(&values.as_slice()[at..at + out.len()]);
+            }
+            Store::Sparse(sp) => {
+                for (o, k) in out.chunks_exact_mut(dim).zip(start..) {
+                    sp.read(k, &self.spec, o);
+                }
+            }
+        }
+        self.stats.pulls += 1;
+        self.stats.keys_pulled += count as u64;
+    }
+}
+
+fn slot_slice(slot: &mut Pinned<f32>, at: Range<usize>) -> &mut [f32] {
+    let s = slot.as_mut_slice();
+    if s.is_empty() {
+        s
+    } else {
+        &mut s[at]
+    }
+}
+
+/// How one push applies its gradient.
+struct Apply<'a> {
+    updater: &'a dyn Updater,
+    step: u64,
+    /// The gradient has non-finite components and the table skips them.
+    skip: bool,
+}
+
+impl Apply<'_> {
+    /// Runs the updater over one contiguous stretch; returns the components skipped.
+    fn run(&self, v: &mut [f32], s0: &mut [f32], s1: &mut [f32], g: &[f32]) -> u64 {
+        if !self.skip {
+            self.updater.update(v, s0, s1, g, self.step);
+            return 0;
+        }
+        // Rare path: apply each run of finite components on its own, so the skipped ones keep
+        // their value and state exactly.
+        let mut skipped = 0;
+        let mut i = 0;
+        while i < g.len() {
+            if !g[i].is_finite() {
+                skipped += 1;
+                i += 1;
+                continue;
+            }
+            let end = g[i..].iter().position(|x| !x.is_finite()).map_or(g.len(), |p| i + p);
+            let part = |s: &mut [f32]| if s.is_empty() { 0..0 } else { i..end };
+            let (r0, r1) = (part(s0), part(s1));
+            self.updater.update(&mut v[i..end], &mut s0[r0], &mut s1[r1], &g[i..end], self.step);
+            i = end;
+        }
+        skipped
+    }
+}
+
+impl SparseStore {
+    fn new(spec: &TableSpec, cfg: &EngineConfig, updater: &dyn Updater, arena: &mut Arena) -> Result<Self> {
+        let wanted = if spec.capacity > 0 { spec.capacity } else { cfg.sparse_capacity_keys_default };
+        let per_shard = wanted.div_ceil(cfg.shards as u64).max(1);
+        let slots = (per_shard * 100 / SPARSE_LOAD_PERCENT_MAX + 1).next_power_of_two().max(SPARSE_SLOTS_MIN);
+        let too_big = || EngineError::BadTable { name: spec.name.clone(), reason: format!("capacity {wanted} is too large") };
+        let slots = usize::try_from(slots).map_err(|_| too_big())?;
+        let rec = spec.dim as usize * (1 + updater.state_slots());
+        let mut keys = arena.alloc::<u64>(slots)?;
+        keys.as_mut_slice().fill(EMPTY);
+        let records = arena.alloc::<f32>(slots.checked_mul(rec).ok_or_else(too_big)?)?;
+        let limit = slots * SPARSE_LOAD_PERCENT_MAX as usize / 100;
+        Ok(Self { keys, records, shift: 64 - slots.trailing_zeros(), width: rec, len: 0, limit })
+    }
+
+    fn home(&self, key: u64) -> usize {
+        // Fibonacci hashing: spreads sequential keys as well as hashed ones.
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    /// The slot holding `key`, or the empty slot where it would go.
+    fn probe(&self, key: u64) -> std::result::Result<usize, usize> {
+        let keys = self.keys.as_slice();
+        let mask = keys.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match keys[i] {
+                k if k == key => return Ok(i),
+                EMPTY => return Err(i),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// Refuses a push that could fill the table past its load limit, before anything changes.
+    fn check_room(&self, keys: &[u64], table: u32) -> Result<()> {
+        if self.len + keys.len() <= self.limit {
+            return Ok(());
+        }
+        let new = keys.iter().filter(|k| self.probe(**k).is_err()).count();
+        if self.len + new > self.limit {
+            return Err(EngineError::SparseTableFull { table, capacity: self.limit });
+        }
+        Ok(())
+    }
+
+    /// The record of `key`, inserted with its initial value if new.
+    fn record_mut(&mut self, key: u64, spec: &TableSpec, updater: &dyn Updater) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        let dim = spec.dim as usize;
+        let width = self.width;
+        let slot = match self.probe(key) {
+            Ok(slot) => slot,
+            Err(slot) => {
+                assert!(self.len < self.limit, "check_room ran before this insert");
+                self.keys.as_mut_slice()[slot] = key;
+                self.len += 1;
+                let rec = &mut self.records.as_mut_slice()[slot * width..(slot + 1) * width];
+                for (c, v) in rec[..dim].iter_mut().enumerate() {
+                    *v = init_value(&spec.init, key, c as u32);
+                }
+                for (i, s) in rec[dim..].chunks_exact_mut(dim).enumerate() {
+                    s.fill(updater.state_init(i));
+                }
+                slot
+            }
+        };
+        let rec = &mut self.records.as_mut_slice()[slot * width..(slot + 1) * width];
+        let (v, state) = rec.split_at_mut(dim);
+        let (s0, s1) = if state.len() >= 2 * dim { state.split_at_mut(dim) } else { (state, &mut [][..]) };
+        (v, s0, s1)
+    }
+
+    /// Reads `key`'s value, or its initial value if it was never pushed.
+    fn read(&self, key: u64, spec: &TableSpec, out: &mut [f32]) {
+        match self.probe(key) {
+            Ok(slot) => {
+                let width = self.width;
+                out.copy_from_slice(&self.records.as_slice()[slot * width..slot * width + out.len()]);
+            }
+            Err(_) => {
+                for (c, v) in out.iter_mut().enumerate() {
+                    *v = init_value(&spec.init, key, c as u32);
+                }
+            }
+        }
+    }
+}
+
+/// The initial value of component `c` of `key`: a pure function, so pulls of untouched keys need
+/// no storage and every server agrees.
+pub fn init_value(init: &Init, key: u64, c: u32) -> f32 {
+    match *init {
+        Init::Zero => 0.0,
+        Init::Uniform { scale, seed } => {
+            let bits = splitmix64(seed ^ splitmix64(key) ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+            let unit = (bits >> 40) as f32 / (1u64 << 24) as f32;
+            scale * (2.0 * unit - 1.0)
+        }
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}

@@ -1,0 +1,226 @@
+//! `tessera bench`: push and pull latency and throughput, beside a raw-socket echo of the same
+//! bytes measured in the same run. Absolute times on a shared machine are noise; the ratio to the
+//! baseline is the figure to read.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tessera_client::{Client, ClientConfig, Table};
+use tessera_engine::{Server, UpdaterRegistry};
+use tessera_replication::{TableKind, TableSpec};
+
+use crate::common::{addresses, EngineArgs};
+
+/// Largest message the bench table holds: 4 MiB of f32.
+const BENCH_KEYS: u64 = 1 << 20;
+
+/// Measure push and pull latency (p50/p99/p999) and throughput per message size.
+///
+/// Each size runs four operations: a dense push, a dense pull, a push then a pull (a round trip
+/// of the size's bytes each way), and, as the baseline, a length-prefixed echo of the same bytes
+/// over a plain TCP socket on the same loopback. The ratio `echo p50 / round trip p50` says how
+/// close Tessera gets to the raw socket (1.0 = as fast).
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A running server to measure; default: one started in this process.
+    #[arg(long)]
+    connect: Option<String>,
+    /// Message sizes in bytes; K and M suffixes allowed.
+    #[arg(long, value_delimiter = ',', default_value = "8,64,512,4K,32K,256K,1M,4M")]
+    sizes: Vec<String>,
+    /// Time spent measuring each size and operation.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Most iterations for each size and operation.
+    #[arg(long, default_value_t = 20_000)]
+    iters_max: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    size_bytes: usize,
+    op: &'static str,
+    iters: u64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    gb_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Ratio {
+    size_bytes: usize,
+    /// Raw echo p50 over Tessera push+pull p50: 1.0 means as fast as the raw socket.
+    echo_over_roundtrip_p50: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    transport: &'static str,
+    results: Vec<Row>,
+    ratios: Vec<Ratio>,
+}
+
+fn parse_size(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let (digits, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    let n: usize = digits.parse().with_context(|| format!("bad size {s:?}: use bytes, e.g. 512, 4K, 1M"))?;
+    let bytes = n * mult;
+    if bytes < 4 || bytes > (BENCH_KEYS as usize) * 4 {
+        bail!("size {s} is outside 4 B ..= 4 MiB");
+    }
+    Ok(bytes)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let sizes: Vec<usize> = args.sizes.iter().map(|s| parse_size(s)).collect::<Result<_>>()?;
+    let _embedded;
+    let addrs = match &args.connect {
+        Some(list) => addresses(list),
+        None => {
+            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new()), UpdaterRegistry::new())?;
+            let addr = server.local_addr().to_string();
+            _embedded = server;
+            vec![addr]
+        }
+    };
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let client = Client::connect(&refs, ClientConfig::worker(0))?;
+    let table = client.create_table(&TableSpec::new("tessera.bench", TableKind::Dense, 0, BENCH_KEYS, 1))?;
+    let echo = EchoServer::start()?;
+    let mut stream = TcpStream::connect(echo.addr).context("connecting to the echo baseline")?;
+    stream.set_nodelay(true)?;
+    let mut report = Report { transport: "tcp", results: Vec::new(), ratios: Vec::new() };
+    let budget = Duration::from_secs_f64(args.seconds);
+    for size in sizes {
+        let n = size / 4;
+        let grads = vec![1.0f32; n];
+        let mut out = vec![0.0f32; n];
+        let mut bytes = vec![7u8; 8 + size];
+        bytes[..8].copy_from_slice(&(size as u64).to_le_bytes());
+        let mut row = |op, per_iter: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            let (hist, iters, elapsed) = measure(budget, args.iters_max, f)?;
+            let p50 = hist.value_at_quantile(0.5) as f64 / 1e3;
+            report.results.push(Row {
+                size_bytes: size,
+                op,
+                iters,
+                p50_us: p50,
+                p99_us: hist.value_at_quantile(0.99) as f64 / 1e3,
+                p999_us: hist.value_at_quantile(0.999) as f64 / 1e3,
+                gb_per_s: (per_iter as f64 * iters as f64) / elapsed.as_secs_f64() / 1e9,
+            });
+            Ok(p50)
+        };
+        row("push", size, &mut || push(&client, &table, &grads))?;
+        row("pull", size, &mut || pull(&client, &table, &mut out))?;
+        let rt = row("push+pull", 2 * size, &mut || push(&client, &table, &grads).and_then(|_| pull(&client, &table, &mut out)))?;
+        let echo_p50 = row("raw echo", 2 * size, &mut || echo_once(&mut stream, &mut bytes))?;
+        report.ratios.push(Ratio { size_bytes: size, echo_over_roundtrip_p50: echo_p50 / rt });
+    }
+    print_report(&report, args.json)
+}
+
+fn push(client: &Client, table: &Table, grads: &[f32]) -> Result<()> {
+    client.push_range(table, 0, grads)?.wait()?;
+    Ok(())
+}
+
+fn pull(client: &Client, table: &Table, out: &mut [f32]) -> Result<()> {
+    client.pull_range(table, 0, out)?.wait()?;
+    Ok(())
+}
+
+/// Runs `f` for a short warm-up, then until `budget` or `iters_max`, recording each latency.
+fn measure(budget: Duration, iters_max: u64, f: &mut dyn FnMut() -> Result<()>) -> Result<(Histogram<u64>, u64, Duration)> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let warmup = Instant::now();
+    while warmup.elapsed() < budget / 10 {
+        f()?;
+    }
+    let start = Instant::now();
+    let mut iters = 0;
+    while iters < iters_max && (iters < 5 || start.elapsed() < budget) {
+        let t = Instant::now();
+        f()?;
+        hist.record(t.elapsed().as_nanos().max(1) as u64)?;
+        iters += 1;
+    }
+    Ok((hist, iters, start.elapsed()))
+}
+
+fn print_report(report: &Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!("{:>9} {:>10} {:>8} {:>10} {:>10} {:>10} {:>8}", "size", "op", "iters", "p50 us", "p99 us", "p999 us", "GB/s");
+    for r in &report.results {
+        println!(
+            "{:>9} {:>10} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>8.3}",
+            human(r.size_bytes), r.op, r.iters, r.p50_us, r.p99_us, r.p999_us, r.gb_per_s
+        );
+    }
+    println!("\nratio raw-echo p50 / tessera push+pull p50 (1.0 = as fast as a raw socket):");
+    for r in &report.ratios {
+        println!("{:>9}  {:.2}", human(r.size_bytes), r.echo_over_roundtrip_p50);
+    }
+    Ok(())
+}
+
+fn human(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+/// The baseline: a thread that reads a length-prefixed message and writes it back.
+struct EchoServer {
+    addr: std::net::SocketAddr,
+}
+
+impl EchoServer {
+    fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        std::thread::Builder::new().name("bench-echo".into()).spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let _ = s.set_nodelay(true);
+                let mut buf = Vec::new();
+                while echo_serve_one(&mut s, &mut buf).is_ok() {}
+            }
+        })?;
+        Ok(Self { addr })
+    }
+}
+
+fn echo_serve_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut len = [0u8; 8];
+    s.read_exact(&mut len)?;
+    buf.resize(u64::from_le_bytes(len) as usize, 0);
+    s.read_exact(buf)?;
+    s.write_all(buf)
+}
+
+/// One echo: `framed` is the 8-byte length and the payload, sent in one write like a Tessera frame.
+fn echo_once(s: &mut TcpStream, framed: &mut [u8]) -> Result<()> {
+    s.write_all(framed)?;
+    s.read_exact(&mut framed[8..])?;
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! What several subcommands share: logging, server options, address lists.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tessera_engine::{EngineConfig, ServerConfig};
+use tessera_replication::TableSpec;
+use tessera_transport::TransportConfig;
+
+/// Sends logs to stderr, filtered by `filter`.
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// Options for a server, embedded or standalone.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Shards (threads pinned to cores). Default: one per core.
+    #[arg(long)]
+    pub shards: Option<u16>,
+    /// Workers each table's vector clocks track; pushes from higher worker ids are refused.
+    #[arg(long, default_value_t = 64)]
+    pub workers_max: u32,
+    /// Largest frame accepted, in bytes (requests and replies).
+    #[arg(long, default_value_t = tessera_transport::config::FRAME_BYTES_MAX_DEFAULT)]
+    pub frame_bytes_max: usize,
+    /// Do not pin shard threads to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+impl EngineArgs {
+    /// A server configuration for `listen` with these options.
+    pub fn server_config(&self, listen: &str, tables: Vec<TableSpec>) -> ServerConfig {
+        let mut engine = EngineConfig::default();
+        if let Some(shards) = self.shards {
+            engine.shards = shards;
+        }
+        engine.workers_max = self.workers_max;
+        engine.pin_cores = !self.no_pin;
+        let transport = TransportConfig { frame_bytes_max: self.frame_bytes_max, ..TransportConfig::default() };
+        ServerConfig { listen: listen.into(), engine, transport, tables, servers: 1, server_index: 0 }
+    }
+}
+
+/// Splits `a,b,c` into addresses.
+pub fn addresses(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
+/// Reads a `--tables` file: TOML with one `[[table]]` per table.
+pub fn read_tables(path: &std::path::Path) -> Result<Vec<TableSpec>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        #[serde(default)]
+        table: Vec<TableSpec>,
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: File = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(file.table)
+}

@@ -1,0 +1,65 @@
+//! `tessera server`: one server of a cluster, until interrupted.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tessera_engine::{Server, UpdaterRegistry};
+
+use crate::common::{addresses, read_tables, EngineArgs};
+
+/// Run a server until interrupted.
+///
+/// Tables come from `--tables FILE` (TOML, one `[[table]]` each) and from clients that create
+/// them. In a cluster, start every server with the same `--cluster` list and `--tables`; each
+/// owns an equal share of every table's key range, and clients connect to all of them:
+///
+///   tessera server --listen 127.0.0.1:7070 --cluster 127.0.0.1:7070,127.0.0.1:7071
+///   tessera server --listen 127.0.0.1:7071 --cluster 127.0.0.1:7070,127.0.0.1:7071
+///   tessera demo --connect 127.0.0.1:7070,127.0.0.1:7071
+///
+/// A tables file:
+///
+///   [[table]]
+///   name = "embeddings"
+///   kind = "sparse"            # or "dense" (then give start and end)
+///   dim = 16
+///   updater = "adagrad{lr=0.05,eps=1e-8}"
+///   init = { uniform = { scale = 0.01, seed = 7 } }
+///   non_finite = "skip"        # or "reject" (default)
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// Tables to create at start-up (TOML).
+    #[arg(long)]
+    tables: Option<PathBuf>,
+    /// Every server of the cluster, this one included, in the same order on each server.
+    #[arg(long)]
+    cluster: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+pub fn run(args: ServerArgs) -> Result<()> {
+    let tables = match &args.tables {
+        Some(path) => read_tables(path)?,
+        None => Vec::new(),
+    };
+    let mut cfg = args.engine.server_config(&args.listen, tables);
+    if let Some(list) = &args.cluster {
+        let cluster = addresses(list);
+        let Some(index) = cluster.iter().position(|a| *a == args.listen) else {
+            bail!("--listen {} is not in --cluster {list}; list every server, this one included", args.listen);
+        };
+        cfg.servers = cluster.len() as u32;
+        cfg.server_index = index as u32;
+    }
+    let shards = cfg.engine.shards;
+    let server = Server::start(cfg, UpdaterRegistry::new()).context("starting the server")?;
+    eprintln!("tessera server listening on {} with {shards} shards", server.local_addr());
+    server.wait();
+    Ok(())
+}
