@@ -1,0 +1,1 @@
+//! Tests of table parts: written next.
