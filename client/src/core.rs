@@ -141,7 +141,12 @@ impl Core {
             .collect()
     }
 
-    pub fn table(&self, name: &str) -> Result<Table> {
+    /// The table's route; a table this client has not seen yet (created by another client) is
+    /// looked up again on the servers.
+    pub fn table(&mut self, name: &str) -> Result<Table> {
+        if self.map.table(name).is_err() {
+            self.refresh()?;
+        }
         Ok(Table { route: Arc::new(self.map.table(name)?.clone()) })
     }
 
@@ -207,31 +212,59 @@ impl Core {
             (_, Some(o)) => Self::check_len(table, "the output", keys.len(), o.len())?,
             _ => {}
         }
+        self.check_finite(table, grads)?;
         self.route_keys(table, keys)?;
-        let mut ticket = Ticket { client, subs: Vec::new(), out, order: Vec::new(), dim };
+        let mut subs = Vec::new();
+        let mut order = Vec::new();
         let used: Vec<usize> = (0..self.scratch.counts.len()).filter(|p| self.scratch.counts[*p] > 0).collect();
         if let [only] = used[..] {
             // Everything goes to one shard: send straight from the caller's slices.
             let owner = table.route().owner(only);
             let id = self.send_one(owner, kind, dim, keys, grads)?;
-            ticket.subs.push(Sub { server: owner.server, shard: owner.shard, id, range: 0..keys.len() * dim, scatter: false });
-            return Ok(ticket);
+            subs.push(Sub { server: owner.server, shard: owner.shard, id, range: 0..keys.len() * dim, scatter: false });
+        } else {
+            self.group(keys, grads, dim, &mut order);
+            let mut at = 0;
+            for part in used {
+                let n = self.scratch.counts[part];
+                let owner = table.route().owner(part);
+                let keys = std::mem::take(&mut self.scratch.keys);
+                let group_grads = std::mem::take(&mut self.scratch.grads);
+                let g = grads.map(|_| &group_grads[at * dim..(at + n) * dim]);
+                let sent = self.send_one(owner, kind, dim, &keys[at..at + n], g);
+                self.scratch.keys = keys;
+                self.scratch.grads = group_grads;
+                let id = self.sent_or_abandon(sent, &subs)?;
+                subs.push(Sub { server: owner.server, shard: owner.shard, id, range: at..at + n, scatter: true });
+                at += n;
+            }
         }
-        self.group(keys, grads, dim, &mut ticket.order);
-        let mut at = 0;
-        for part in used {
-            let n = self.scratch.counts[part];
-            let owner = table.route().owner(part);
-            let keys = std::mem::take(&mut self.scratch.keys);
-            let group_grads = std::mem::take(&mut self.scratch.grads);
-            let g = grads.map(|_| &group_grads[at * dim..(at + n) * dim]);
-            let sent = self.send_one(owner, kind, dim, &keys[at..at + n], g);
-            self.scratch.keys = keys;
-            self.scratch.grads = group_grads;
-            ticket.subs.push(Sub { server: owner.server, shard: owner.shard, id: sent?, range: at..at + n, scatter: true });
-            at += n;
+        Ok(Ticket { client, subs, out, order, dim })
+    }
+
+    /// Passes a send's result through; on failure, forgets the sub-requests already sent, so that
+    /// their replies are dropped when they come. (Building the ticket only after every send keeps
+    /// a failed call from dropping a ticket, which would lock the client again from inside.)
+    fn sent_or_abandon(&mut self, sent: Result<u64>, subs: &[Sub]) -> Result<u64> {
+        if sent.is_err() {
+            for s in subs {
+                self.abandon(s.server, s.shard, s.id);
+            }
         }
-        Ok(ticket)
+        sent
+    }
+
+    /// Refuses, before anything is sent, a gradient with NaN or Inf for a table that rejects
+    /// them: shards would refuse their parts one by one, and the others would apply theirs.
+    fn check_finite(&self, table: &Table, grads: Option<&[f32]>) -> Result<()> {
+        let Some(g) = grads else { return Ok(()) };
+        if table.spec().non_finite != tessera_replication::NonFinite::Reject {
+            return Ok(());
+        }
+        match g.iter().position(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(index) => Err(ClientError::NonFinite { table: table.spec().name.clone(), index, value: g[index] }),
+        }
     }
 
     fn send_one(&mut self, owner: Owner, kind: Kind, dim: usize, keys: &[u64], grads: Option<&[f32]>) -> Result<u64> {
@@ -289,13 +322,16 @@ impl Core {
         Self::check_len(table, if kind == Kind::Push { "the gradient" } else { "the output" }, count, len)?;
         let route = table.route();
         let spec = &route.spec;
-        let end = start.checked_add(count as u64).filter(|e| *e <= spec.end && start >= spec.start);
-        let out_of_range = || ClientError::KeyOutOfRange { table: spec.name.clone(), key: start, start: spec.start, end: spec.end };
-        let end = end.ok_or_else(out_of_range)?;
-        let mut ticket = Ticket { client, subs: Vec::new(), out, order: Vec::new(), dim };
+        let end = start.checked_add(count as u64).unwrap_or(u64::MAX);
+        let bad = if start < spec.start { Some(start) } else if end > spec.end { Some(spec.end.max(start)) } else { None };
+        if let Some(key) = bad {
+            return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end });
+        }
+        self.check_finite(table, grads)?;
+        let mut subs = Vec::new();
         let mut key = start;
         while key < end {
-            let part = route.locate(key).ok_or_else(out_of_range)?;
+            let part = route.locate(key).expect("keys inside the table have a part");
             let stop = route.range(part).end.min(end);
             let owner = route.owner(part);
             let values = (key - start) as usize * dim..(stop - start) as usize * dim;
@@ -304,14 +340,15 @@ impl Core {
             header.start = key;
             header.count = (stop - key) as u32;
             header.dim = dim as u32;
-            let id = match grads {
-                Some(g) => self.send(owner, header, &[bytemuck::cast_slice(&g[values.clone()])])?,
-                None => self.send(owner, header, &[])?,
+            let sent = match grads {
+                Some(g) => self.send(owner, header, &[bytemuck::cast_slice(&g[values.clone()])]),
+                None => self.send(owner, header, &[]),
             };
-            ticket.subs.push(Sub { server: owner.server, shard: owner.shard, id, range: values, scatter: false });
+            let id = self.sent_or_abandon(sent, &subs)?;
+            subs.push(Sub { server: owner.server, shard: owner.shard, id, range: values, scatter: false });
             key = stop;
         }
-        Ok(ticket)
+        Ok(Ticket { client, subs, out, order: Vec::new(), dim })
     }
 
     /// Waits for the reply to request `id` on one shard and hands it to `take`. Replies to other

@@ -15,6 +15,8 @@ pub enum ClientError {
     KeyOutOfRange { table: String, key: u64, start: u64, end: u64 },
     #[error("{what} has {got} values; table {table:?} needs {want} ({keys} keys x dim {dim})")]
     Length { what: &'static str, table: String, keys: usize, dim: usize, got: usize, want: usize },
+    #[error("gradient component {index} for table {table:?} is {value}; the table rejects NaN and Inf (its non_finite policy)")]
+    NonFinite { table: String, index: usize, value: f32 },
     #[error("protocol error from {server}: {reason}")]
     Protocol { server: String, reason: String },
 }

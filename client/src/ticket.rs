@@ -116,15 +116,23 @@ fn absorb(
     if values.len() != want * 4 {
         return Err(format!("reply holds {} values, expected {want}", values.len() / 4));
     }
+    if !sub.scatter {
+        // Replies read in place from the link are aligned: one copy. Parked ones may not be.
+        match bytemuck::try_cast_slice::<u8, f32>(values) {
+            Ok(v) => out[sub.range.clone()].copy_from_slice(v),
+            Err(_) => out[sub.range.clone()].iter_mut().zip(values.chunks_exact(4)).for_each(|(o, c)| {
+                *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }),
+        }
+        return Ok(());
+    }
     let floats = values.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")));
-    if sub.scatter {
+    {
         let mut floats = floats;
         for &k in &order[sub.range.clone()] {
             let at = k as usize * dim;
             out[at..at + dim].iter_mut().zip(floats.by_ref()).for_each(|(o, v)| *o = v);
         }
-    } else {
-        out[sub.range.clone()].iter_mut().zip(floats).for_each(|(o, v)| *o = v);
     }
     Ok(())
 }

@@ -392,7 +392,9 @@ impl SparseStore {
         if self.len + keys.len() <= self.limit {
             return Ok(());
         }
-        let new = keys.iter().filter(|k| self.probe(**k).is_err()).count();
+        // Near the limit only: count each new key once, however often the push repeats it.
+        let new: std::collections::HashSet<u64> = keys.iter().copied().filter(|k| self.probe(*k).is_err()).collect();
+        let new = new.len();
         if self.len + new > self.limit {
             return Err(EngineError::SparseTableFull { table, capacity: self.limit });
         }

@@ -1,1 +1,265 @@
-//! Helpers for the process-level tests: find the `tessera` binary and run servers from it.
+//! Helpers for the process-level tests: find the `tessera` binary, run servers and tools from it,
+//! and talk to servers in hand-built frames ([`raw`]).
+//!
+//! Every child process is killed when its handle drops, every wait has a deadline, and every
+//! address is on 127.0.0.1, so a failing test neither hangs nor leaks processes. A test that
+//! panics prints the logs of the servers it started.
+
+#![forbid(unsafe_code)]
+
+pub mod raw;
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to start listening before the test gives up on it.
+pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Attempts at starting a server on a freshly picked port (another process may take the port
+/// between our probe and the server's bind).
+const START_ATTEMPTS_MAX: usize = 5;
+
+/// The `tessera` binary: `$TESSERA_BIN`, or the one `cargo build -p tessera-tools` put beside
+/// this test's profile directory (`target/<profile>/deps/<test>` → `target/<profile>/tessera`).
+pub fn tessera_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("TESSERA_BIN") {
+        let path = PathBuf::from(path);
+        assert!(path.is_file(), "TESSERA_BIN={} is not a file", path.display());
+        return path;
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join(format!("tessera{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.is_file(), "no tessera binary at {}: build it first: cargo build -p tessera-tools", bin.display());
+    bin
+}
+
+/// A port on 127.0.0.1 that was free a moment ago: bound, read and released.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("a bound address").port()
+}
+
+/// A directory under the system's temp dir, removed on drop.
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// A new, empty directory whose name includes `label`.
+    pub fn new(label: &str) -> ScratchDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let name = format!("tessera-tests-{label}-{}-{}-{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let path = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        ScratchDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `text` to `name` inside the directory and returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path.join(name);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child) -> ChildGuard {
+        ChildGuard { child: Some(child) }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait on a child"))
+    }
+
+    /// Waits up to `timeout` for the child to exit; kills it and returns `None` if it did not.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
+    /// Kills the child with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `tessera server` process on 127.0.0.1, with its stderr in a log file.
+#[derive(Debug)]
+pub struct ServerProc {
+    child: ChildGuard,
+    addr: String,
+    log: PathBuf,
+    _dir: ScratchDir,
+}
+
+impl ServerProc {
+    /// Starts `tessera server --listen 127.0.0.1:<free port> <args>` and waits until it serves.
+    pub fn start(args: &[&str]) -> ServerProc {
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS_MAX {
+            let addr = format!("127.0.0.1:{}", free_port());
+            match ServerProc::spawn(&addr, args) {
+                Ok(server) => return server,
+                // Someone took the port between our probe and the bind: pick another.
+                Err(log) if log.contains("in use") => last = log,
+                Err(log) => panic!("tessera server {args:?} did not start:\n{log}"),
+            }
+        }
+        panic!("tessera server {args:?} did not start after {START_ATTEMPTS_MAX} ports:\n{last}");
+    }
+
+    /// Starts a server on a given address (for clusters, whose addresses are fixed up front).
+    pub fn start_at(addr: &str, args: &[&str]) -> ServerProc {
+        ServerProc::spawn(addr, args).unwrap_or_else(|log| panic!("tessera server on {addr} {args:?} did not start:\n{log}"))
+    }
+
+    /// Spawns the server and waits for it to listen; on failure returns its log.
+    fn spawn(addr: &str, args: &[&str]) -> Result<ServerProc, String> {
+        let dir = ScratchDir::new("server");
+        let log = dir.path().join("server.log");
+        let err = File::create(&log).expect("create the server log");
+        let child = Command::new(tessera_bin())
+            .args(["server", "--listen", addr])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", tessera_bin().display()));
+        let mut server = ServerProc { child: ChildGuard::new(child), addr: addr.to_string(), log, _dir: dir };
+        let sock: SocketAddr = addr.parse().expect("a numeric address");
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        loop {
+            if let Some(status) = server.child.try_wait() {
+                return Err(format!("exited with {status}:\n{}", server.log()));
+            }
+            // The line is printed once the tables exist and the control plane serves.
+            if server.log().contains("listening on") && TcpStream::connect_timeout(&sock, Duration::from_millis(500)).is_ok() {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not serving after {SERVER_START_TIMEOUT:?}:\n{}", server.log()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for `needle` to appear in the log.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.child.is_some() && self.child.try_wait().is_none()
+    }
+
+    /// `kill -9`: the server gets no chance to close anything cleanly.
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.child.kill();
+        if std::thread::panicking() {
+            eprintln!("---- log of tessera server {} ----\n{}---- end of log ----", self.addr, self.log());
+        }
+    }
+}
+
+/// What a finished `tessera` invocation printed.
+#[derive(Debug)]
+pub struct ToolOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `tessera <args>` to completion, killing it and panicking if it takes over `timeout`.
+pub fn run_tool(args: &[&str], timeout: Duration) -> ToolOutput {
+    let dir = ScratchDir::new("tool");
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let child = Command::new(tessera_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).expect("create stdout file"))
+        .stderr(File::create(&err_path).expect("create stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", tessera_bin().display()));
+    let mut child = ChildGuard::new(child);
+    let status = child.wait_timeout(timeout);
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let (stdout, stderr) = (read(&out_path), read(&err_path));
+    match status {
+        Some(status) => ToolOutput { status, stdout, stderr },
+        None => panic!("tessera {args:?} did not finish within {timeout:?}; killed.\nstdout:\n{stdout}\nstderr:\n{stderr}"),
+    }
+}

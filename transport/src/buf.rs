@@ -61,12 +61,19 @@ impl AlignedBuf {
         self.len = len;
     }
 
-    /// Appends `n` zeroed bytes, aligned to 8 at their start, and returns them.
+    /// Appends `n` zeroed bytes, aligned to 8 at their start, and returns their range.
     pub fn append_zeroed(&mut self, n: usize) -> Range<usize> {
+        let range = self.append_unfilled(n);
+        self.all_mut()[range.clone()].fill(0);
+        range
+    }
+
+    /// Appends `n` bytes whose contents are left from earlier use (initialised, but stale), for a
+    /// caller that overwrites all of them; saves a pass over large replies.
+    pub fn append_unfilled(&mut self, n: usize) -> Range<usize> {
         assert!(self.len % FRAME_ALIGN == 0, "appends keep frames aligned");
         let start = self.len;
         self.reserve_total(start + n);
-        self.all_mut()[start..start + n].fill(0);
         self.len = start + n;
         start..start + n
     }

@@ -66,10 +66,11 @@ impl OutQueue {
         Ok(true)
     }
 
-    /// Reclaims sent bytes at the front when they are most of the buffer; frames keep their
-    /// alignment. Called only when the queue never drains fully (a peer that reads slowly).
-    fn reclaim(&mut self) {
-        if self.head >= 64 << 10 && self.head * 2 >= self.buf.len() {
+    /// Makes room for `bytes` more without growing, when sent bytes at the front can be dropped.
+    /// Only a queue that never drains fully (a peer that reads slowly) gets here; frames keep
+    /// their alignment.
+    fn make_room(&mut self, bytes: usize) {
+        if self.head > 0 && self.buf.len() + bytes > self.buf.capacity() {
             self.head = self.buf.compact(self.head);
         }
     }
@@ -107,14 +108,18 @@ impl<'a> Reply<'a> {
         header.count = count;
         header.body_len = u32::try_from(body_len).expect("reply bodies stay under the frame limit");
         header.raw_len = header.body_len;
-        let frame = self.out.buf.append_zeroed(HEADER_BYTES + padded(body_len));
+        self.out.make_room(HEADER_BYTES + padded(body_len));
+        let frame = self.out.buf.append_unfilled(HEADER_BYTES + padded(body_len));
+        // Only the padding is cleared: the service fills the body, and stale bytes must not leak.
+        self.out.buf.all_mut()[frame.start + HEADER_BYTES + body_len..frame.end].fill(0);
         self.out.buf.all_mut()[frame.start..frame.start + HEADER_BYTES].copy_from_slice(header.as_bytes());
         self.frame = Some(frame.start);
         frame.start + HEADER_BYTES..frame.start + HEADER_BYTES + body_len
     }
 
     /// A success reply carrying a `stamp_len`-entry vector-clock stamp and then `values_len`
-    /// values; returns both, zeroed, for the service to fill in place.
+    /// values; returns both for the service to fill in place. Their contents are unspecified:
+    /// the service must write every element.
     pub fn ok(&mut self, stamp_len: usize, values_len: usize) -> (&mut [u64], &mut [f32]) {
         let body = self.begin(Status::Ok, stamp_len as u32, stamp_len * 8 + values_len * 4);
         let bytes = &mut self.out.buf.all_mut()[body];
@@ -149,8 +154,9 @@ impl<'a> Reply<'a> {
             if let Some(z) = deflater.deflate(&[&self.out.buf.bytes()[body.clone()]], joined) {
                 // The body is still in place until set_len below; z lives in the deflater.
                 self.out.buf.set_len(hdr.end);
-                let room = self.out.buf.append_zeroed(padded(z.len()));
+                let room = self.out.buf.append_unfilled(padded(z.len()));
                 self.out.buf.all_mut()[room.start..room.start + z.len()].copy_from_slice(z);
+                self.out.buf.all_mut()[room.start + z.len()..room.end].fill(0);
                 header.flags |= flags::COMPRESSED;
                 header.body_len = z.len() as u32;
             }
@@ -444,8 +450,7 @@ impl Conn {
         let mut served = 0;
         loop {
             match self.out.flush(&mut self.stream) {
-                Ok(true) => {}
-                Ok(false) => self.out.reclaim(),
+                Ok(_) => {}
                 Err(e) => return Next::Close(format!("write failed: {e}")),
             }
             if let Some(reason) = &self.closing {

@@ -1,0 +1,891 @@
+//! Broken and hostile input against a real `tessera server` process.
+//!
+//! Every case follows one pattern: a well-behaved client pushes known values and waits for them
+//! (they are acknowledged); then something hostile happens; then the same client, on the
+//! connections it already had, must still work and must pull back exactly the acknowledged sums,
+//! bit for bit (the tables use the `sum` updater and gradients that add exactly in f32).
+//! Hostile frames are built by hand ([`RawConn`]) because the client library refuses to send them;
+//! where it does refuse, that local refusal is tested too.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_client::{Client, ClientConfig, ClientError, Table};
+use tessera_replication::catalog::TableEntry;
+use tessera_tests::raw::{self, RawConn};
+use tessera_tests::{ScratchDir, ServerProc};
+use tessera_transport::tcp::TcpLink;
+use tessera_transport::wire::{flags, Header, Op, Status, CONTROL_SHARD, REPLY_BIT};
+use tessera_transport::{TransportConfig, TransportError};
+
+const DIM: usize = 4;
+const DENSE_KEYS: u64 = 1000;
+const SMALL_KEYS: u64 = 100;
+/// Sparse keys pushed every round, spread over both shards' halves of the key space.
+const SPARSE_KEYS: [u64; 5] = [3, 77, 1 << 40, (1 << 63) + 5, u64::MAX - 1];
+/// Sparse keys never pushed: they must read as their initial value, zero.
+const SPARSE_UNTOUCHED: [u64; 2] = [10, 1 << 50];
+/// Worker id of the raw connections (below the server's 64-worker limit).
+const RAW_WORKER: u32 = 7;
+
+const TABLES_TOML: &str = r#"
+[[table]]
+name = "dense"
+kind = "dense"
+start = 0
+end = 1000
+dim = 4
+
+[[table]]
+name = "sparse"
+kind = "sparse"
+dim = 4
+capacity = 10000
+
+[[table]]
+name = "skip"
+kind = "dense"
+start = 0
+end = 100
+dim = 4
+non_finite = "skip"
+
+[[table]]
+name = "reject"
+kind = "dense"
+start = 0
+end = 100
+dim = 4
+"#;
+
+/// A 64-wide table, for frames over a 64 KiB limit.
+const WIDE_TOML: &str = r#"
+[[table]]
+name = "wide"
+kind = "dense"
+start = 0
+end = 1000
+dim = 64
+"#;
+
+/// What every table must hold: the sum of every acknowledged push.
+#[derive(Debug, Clone)]
+struct Model {
+    dense: Vec<f32>,
+    sparse: BTreeMap<u64, Vec<f32>>,
+    skip: Vec<f32>,
+    reject: Vec<f32>,
+}
+
+/// A server with the four tables, a well-behaved client, and the values it acknowledged.
+struct Fixture {
+    server: ServerProc,
+    _dir: ScratchDir,
+    client: Client,
+    dense: Table,
+    sparse: Table,
+    skip: Table,
+    reject: Table,
+    entries: Vec<TableEntry>,
+    model: Model,
+    rounds: u32,
+}
+
+/// The gradient of component `i` in round `round`: quarters, which f32 adds exactly.
+fn gradient(round: u32, i: usize) -> f32 {
+    ((i % 13) as f32 - 6.0) * 0.25 + round as f32
+}
+
+fn add(values: &mut [f32], grads: &[f32]) {
+    assert_eq!(values.len(), grads.len());
+    for (v, g) in values.iter_mut().zip(grads) {
+        *v += g;
+    }
+}
+
+/// Panics, naming the first differing component, unless `got` and `want` are equal bit for bit.
+#[track_caller]
+fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: {} values, expected {}", got.len(), want.len());
+    if let Some(i) = (0..got.len()).find(|i| got[*i].to_bits() != want[*i].to_bits()) {
+        panic!("{what}: component {i} (key {}, c {}) is {}, expected {}", i / DIM, i % DIM, got[i], want[i]);
+    }
+}
+
+#[track_caller]
+fn expect_server_error<T: std::fmt::Debug>(result: Result<T, ClientError>, status: Status, needle: &str) {
+    match result {
+        Err(ClientError::Server { status: s, message, .. }) if s == status => {
+            assert!(message.contains(needle), "{status:?} message {message:?} does not mention {needle:?}")
+        }
+        other => panic!("expected a {status:?} error from the server, got {other:?}"),
+    }
+}
+
+impl Fixture {
+    fn start() -> Fixture {
+        Fixture::start_with(&[], "")
+    }
+
+    fn start_with(extra_args: &[&str], extra_tables: &str) -> Fixture {
+        let dir = ScratchDir::new("bad-input");
+        let tables = dir.write("tables.toml", &format!("{TABLES_TOML}{extra_tables}"));
+        let tables = tables.to_str().expect("a UTF-8 temp path");
+        let mut args = vec!["--tables", tables, "--shards", "2"];
+        args.extend_from_slice(extra_args);
+        let server = ServerProc::start(&args);
+        let client = Client::connect(&[server.addr()], ClientConfig::worker(0)).expect("the good client connects");
+        let table = |name: &str| client.table(name).unwrap_or_else(|e| panic!("table {name}: {e}"));
+        let (dense, sparse, skip, reject) = (table("dense"), table("sparse"), table("skip"), table("reject"));
+        let entries = client.catalogs().expect("catalog").remove(0);
+        let model = Model {
+            dense: vec![0.0; DENSE_KEYS as usize * DIM],
+            sparse: SPARSE_KEYS.iter().chain(&SPARSE_UNTOUCHED).map(|k| (*k, vec![0.0; DIM])).collect(),
+            skip: vec![0.0; SMALL_KEYS as usize * DIM],
+            reject: vec![0.0; SMALL_KEYS as usize * DIM],
+        };
+        Fixture { server, _dir: dir, client, dense, sparse, skip, reject, entries, model, rounds: 0 }
+    }
+
+    fn addr(&self) -> &str {
+        self.server.addr()
+    }
+
+    fn entry(&self, name: &str) -> &TableEntry {
+        self.entries.iter().find(|e| e.spec.name == name).unwrap_or_else(|| panic!("no table {name} in the catalog"))
+    }
+
+    /// The table's id on the server, as raw frames name it.
+    fn id(&self, name: &str) -> u32 {
+        self.entry(name).id
+    }
+
+    /// The shard that owns `key` of table `name`.
+    fn shard_of(&self, name: &str, key: u64) -> u64 {
+        let part = self.entry(name).parts.iter().find(|p| p.start <= key && key < p.end);
+        u64::from(part.unwrap_or_else(|| panic!("no part of {name} owns {key}")).shard)
+    }
+
+    /// A raw connection, greeted, to shard `shard`.
+    fn raw(&self, shard: u64) -> RawConn {
+        RawConn::hello(self.addr(), shard, RAW_WORKER).0
+    }
+
+    /// Pushes one round of known gradients to every table, pipelined, and waits for all of them.
+    fn push_round(&mut self) {
+        self.rounds += 1;
+        let round = self.rounds;
+        let grads = |n: usize| (0..n).map(|i| gradient(round, i)).collect::<Vec<f32>>();
+        let dense = grads(self.model.dense.len());
+        let sparse = grads(SPARSE_KEYS.len() * DIM);
+        let small = grads(self.model.skip.len());
+        let c = &self.client;
+        let tickets = [
+            c.push_range(&self.dense, 0, &dense).expect("push dense"),
+            c.push(&self.sparse, &SPARSE_KEYS, &sparse).expect("push sparse"),
+            c.push_range(&self.skip, 0, &small).expect("push skip"),
+            c.push_range(&self.reject, 0, &small).expect("push reject"),
+        ];
+        for (ticket, name) in tickets.into_iter().zip(["dense", "sparse", "skip", "reject"]) {
+            ticket.wait().unwrap_or_else(|e| panic!("round {round}: push to {name} failed: {e}"));
+        }
+        add(&mut self.model.dense, &dense);
+        for (key, g) in SPARSE_KEYS.iter().zip(sparse.chunks_exact(DIM)) {
+            add(self.model.sparse.get_mut(key).expect("modelled key"), g);
+        }
+        add(&mut self.model.skip, &small);
+        add(&mut self.model.reject, &small);
+    }
+
+    /// Pulls every table through the good client and compares with the model, bit for bit.
+    #[track_caller]
+    fn verify(&self) {
+        let c = &self.client;
+        let mut dense = vec![f32::NAN; self.model.dense.len()];
+        c.pull_range(&self.dense, 0, &mut dense).expect("pull dense").wait().expect("pull dense");
+        assert_bits_eq("dense", &dense, &self.model.dense);
+        let keys: Vec<u64> = self.model.sparse.keys().copied().collect();
+        let mut sparse = vec![f32::NAN; keys.len() * DIM];
+        c.pull(&self.sparse, &keys, &mut sparse).expect("pull sparse").wait().expect("pull sparse");
+        let want: Vec<f32> = self.model.sparse.values().flatten().copied().collect();
+        assert_bits_eq("sparse", &sparse, &want);
+        for (table, want, name) in [(&self.skip, &self.model.skip, "skip"), (&self.reject, &self.model.reject, "reject")] {
+            let mut got = vec![f32::NAN; want.len()];
+            c.pull_range(table, 0, &mut got).expect("pull").wait().unwrap_or_else(|e| panic!("pull {name}: {e}"));
+            assert_bits_eq(name, &got, want);
+        }
+    }
+
+    /// After the hostile part: what was acknowledged is there, and the good client goes on.
+    #[track_caller]
+    fn verify_and_continue(&mut self) {
+        self.verify();
+        self.push_round();
+        self.verify();
+    }
+
+    /// The model's values of `keys` in the dense table.
+    fn dense_values(&self, keys: std::ops::Range<usize>) -> &[f32] {
+        &self.model.dense[keys.start * DIM..keys.end * DIM]
+    }
+
+    #[track_caller]
+    fn expect_logged(&self, needle: &str) {
+        assert!(
+            self.server.wait_for_log(needle, Duration::from_secs(5)),
+            "the server log does not mention {needle:?}:\n{}",
+            self.server.log()
+        );
+    }
+}
+
+/// A header whose lengths are set and which is sealed, so that a test can corrupt it afterwards.
+fn sealed(mut header: Header, body: &[u8]) -> Header {
+    header.body_len = body.len() as u32;
+    header.raw_len = header.body_len;
+    header.seal();
+    header
+}
+
+#[test]
+fn malformed_frames_get_an_error_then_the_connection_closes() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let dense = f.id("dense");
+
+    // Not Tessera at all, before any hello: an HTTP request.
+    let mut c = RawConn::connect(f.addr());
+    c.send_bytes(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n").unwrap();
+    c.recv().expect("an error reply to garbage").expect_error(Status::Malformed, "bad magic");
+    c.expect_closed();
+
+    // A frame with the wrong magic on a shard connection.
+    let mut c = f.raw(0);
+    let (mut header, body) = raw::pull(dense, DIM as u32, &[1]);
+    header.magic = u32::from_le_bytes(*b"TSRB");
+    c.send_frame(header, &body).unwrap();
+    c.recv().expect("an error reply to a bad magic").expect_error(Status::Malformed, "bad magic");
+    c.expect_closed();
+
+    // A corrupted header: one bit of `start` flipped after sealing, on both shards and the
+    // control plane.
+    for shard in [0, 1, CONTROL_SHARD] {
+        let mut c = f.raw(shard);
+        let (header, body) = raw::pull_range(dense, DIM as u32, 0, 10);
+        let mut header = sealed(header, &body);
+        header.start ^= 1 << 3;
+        c.send_bytes(&raw::frame_bytes(&header, &body)).unwrap();
+        c.recv().expect("an error reply to a bad checksum").expect_error(Status::Malformed, "checksum");
+        c.expect_closed();
+    }
+
+    // Right checksum, wrong version; unknown op; unknown flags.
+    for (edit, needle) in [
+        ((|h: &mut Header| h.version = 9) as fn(&mut Header), "version"),
+        (|h: &mut Header| h.op = 77, "unknown op"),
+        (|h: &mut Header| h.flags = 0x40, "unknown flags"),
+    ] {
+        let mut c = f.raw(1);
+        let (mut header, body) = raw::pull(dense, DIM as u32, &[600]);
+        edit(&mut header);
+        c.send_frame(header, &body).unwrap();
+        c.recv().expect("an error reply").expect_error(Status::Malformed, needle);
+        c.expect_closed();
+    }
+
+    // A client that sends a reply frame.
+    let mut c = f.raw(0);
+    let (mut header, body) = raw::pull(dense, DIM as u32, &[1]);
+    header.op |= REPLY_BIT;
+    c.send_frame(header, &body).unwrap();
+    c.recv().expect("an error reply").expect_error(Status::Malformed, "reply frame");
+    c.expect_closed();
+
+    f.expect_logged("closing connection");
+    f.expect_logged("bad magic");
+    f.expect_logged("checksum");
+    f.verify_and_continue();
+}
+
+#[test]
+fn a_compressed_body_that_does_not_inflate_is_refused_and_the_connection_stays() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let dense = f.id("dense");
+    let mut c = f.raw(0);
+    let (mut header, _) = raw::push(dense, DIM as u32, &[1], &[1.0; DIM]);
+    header.flags = flags::COMPRESSED;
+    let junk = [0xffu8; 40];
+    header.body_len = junk.len() as u32;
+    header.raw_len = 40;
+    header.request_id = 5;
+    header.seal();
+    c.send_bytes(&raw::frame_bytes(&header, &junk)).unwrap();
+    let reply = c.recv().expect("an error reply");
+    reply.expect_error(Status::Malformed, "snappy");
+    assert_eq!(reply.header.request_id, 5);
+    // The frame itself was whole, so the stream is still in step: the connection stays usable.
+    let pulled = c.call(raw::pull(dense, DIM as u32, &[1, 2]));
+    assert_eq!(pulled.status(), Status::Ok, "{}", pulled.message());
+    assert_bits_eq("raw pull after a bad body", &pulled.values(), f.dense_values(1..3));
+    f.verify_and_continue();
+}
+
+#[test]
+fn truncated_frames_get_an_error_naming_the_truncation() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let dense = f.id("dense");
+
+    // A push whose body stops partway, on a shard connection: nothing of it may be applied.
+    let mut c = f.raw(0);
+    let (header, body) = raw::push(dense, DIM as u32, &[1, 2], &[100.0; 2 * DIM]);
+    let header = sealed(header, &body);
+    let bytes = raw::frame_bytes(&header, &body);
+    c.send_bytes(&bytes[..64 + 20]).unwrap();
+    c.shutdown_write();
+    let reply = c.recv().expect("an error reply to a truncated frame");
+    reply.expect_error(Status::Malformed, "truncated");
+    assert!(reply.message().contains("84 of 112"), "the message should say how much came: {}", reply.message());
+    c.expect_closed();
+
+    // A header cut short, before any hello.
+    let mut c = RawConn::connect(f.addr());
+    c.send_bytes(&bytes[..30]).unwrap();
+    c.shutdown_write();
+    c.recv().expect("an error reply to a truncated header").expect_error(Status::Malformed, "truncated");
+    c.expect_closed();
+
+    f.expect_logged("truncated frame");
+    f.verify_and_continue();
+}
+
+#[test]
+fn unknown_table_is_refused_and_the_connection_stays_usable() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let dense = f.id("dense");
+    let mut c = f.raw(0);
+    c.call(raw::push(99, DIM as u32, &[1], &[1.0; DIM])).expect_error(Status::UnknownTable, "99");
+    c.call(raw::pull(4, DIM as u32, &[1])).expect_error(Status::UnknownTable, "4");
+    c.call(raw::push_range(u32::MAX, DIM as u32, 0, 1, &[1.0; DIM])).expect_error(Status::UnknownTable, "unknown table");
+    // A control request on a data connection is refused too, without closing.
+    c.request(Header::request(Op::Catalog, 0), &[]).expect_error(Status::BadRequest, "control");
+    let pulled = c.call(raw::pull(dense, DIM as u32, &[1, 2]));
+    assert_eq!(pulled.status(), Status::Ok, "{}", pulled.message());
+    assert_bits_eq("raw pull after the errors", &pulled.values(), f.dense_values(1..3));
+
+    // A data request on the control plane: refused, and the control connection goes on.
+    let (mut control, _) = RawConn::hello(f.addr(), CONTROL_SHARD, RAW_WORKER);
+    control.call(raw::pull(dense, DIM as u32, &[1])).expect_error(Status::BadRequest, "shard");
+    let catalog = control.request(Header::request(Op::Catalog, 0), &[]);
+    assert_eq!(catalog.status(), Status::Ok, "{}", catalog.message());
+    assert!(catalog.message().contains("\"reject\""), "catalog: {}", catalog.message());
+    f.verify_and_continue();
+}
+
+#[test]
+fn keys_outside_the_range_are_refused_by_server_and_client() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let (dense, sparse) = (f.id("dense"), f.id("sparse"));
+    let last = f.shard_of("dense", DENSE_KEYS - 1);
+    let mut c = f.raw(last);
+    c.call(raw::push(dense, DIM as u32, &[DENSE_KEYS], &[1.0; DIM])).expect_error(Status::KeyOutOfRange, "1000");
+    // One good key and one bad: the whole push is refused, key 999 stays as it was (verify).
+    c.call(raw::push(dense, DIM as u32, &[DENSE_KEYS - 1, 5000], &[1.0; 2 * DIM])).expect_error(Status::KeyOutOfRange, "5000");
+    c.call(raw::pull(dense, DIM as u32, &[DENSE_KEYS])).expect_error(Status::KeyOutOfRange, "1000");
+    c.call(raw::push_range(dense, DIM as u32, DENSE_KEYS - 2, 5, &[1.0; 5 * DIM])).expect_error(Status::KeyOutOfRange, "range");
+    c.call(raw::pull_range(dense, DIM as u32, u64::MAX - 1, 4)).expect_error(Status::KeyOutOfRange, "range");
+    // In range, but another shard's: a different refusal.
+    c.call(raw::push(dense, DIM as u32, &[0], &[1.0; DIM])).expect_error(Status::NotOwned, "not owned");
+    // The sparse table spans [0, u64::MAX): u64::MAX itself is outside.
+    let mut s = f.raw(f.shard_of("sparse", u64::MAX - 1));
+    s.call(raw::push(sparse, DIM as u32, &[u64::MAX], &[1.0; DIM])).expect_error(Status::KeyOutOfRange, "outside");
+
+    // The client library refuses the same keys before sending anything.
+    let client = &f.client;
+    let zeros = [0.0f32; 2 * DIM];
+    let refused = |r: Result<tessera_client::Ticket<'_>, ClientError>, want_key: u64| match r {
+        Err(ClientError::KeyOutOfRange { key, start, end, .. }) => {
+            assert_eq!(key, want_key);
+            assert!(start <= end);
+        }
+        other => panic!("expected ClientError::KeyOutOfRange for key {want_key}, got {other:?}"),
+    };
+    refused(client.push(&f.dense, &[5, DENSE_KEYS], &zeros), DENSE_KEYS);
+    refused(client.push_range(&f.dense, DENSE_KEYS - 1, &zeros), DENSE_KEYS - 1);
+    refused(client.push(&f.sparse, &[u64::MAX], &zeros[..DIM]), u64::MAX);
+    let mut out = [0.0f32; DIM];
+    refused(client.pull(&f.skip, &[SMALL_KEYS], &mut out), SMALL_KEYS);
+    f.verify_and_continue();
+}
+
+#[test]
+fn values_of_the_wrong_length_are_refused_by_server_and_client() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let dense = f.id("dense");
+    let mut c = f.raw(0);
+    c.call(raw::push(dense, DIM as u32, &[1, 2], &[1.0; 2 * DIM - 1])).expect_error(Status::ValuesLength, "values length 7");
+    c.call(raw::push_range(dense, DIM as u32, 1, 3, &[1.0; 2 * DIM])).expect_error(Status::ValuesLength, "values length 8");
+    c.call(raw::push(dense, DIM as u32, &[], &[])).expect_error(Status::ValuesLength, "keys (0)");
+    c.call(raw::push_range(dense, DIM as u32, 1, 0, &[])).expect_error(Status::ValuesLength, "keys (0)");
+    // Bodies that do not even split into keys and whole values.
+    let (header, mut body) = raw::push(dense, DIM as u32, &[1], &[1.0; DIM]);
+    body.pop();
+    c.request(header, &body).expect_error(Status::BadRequest, "values");
+    let (mut header, body) = raw::push(dense, DIM as u32, &[1], &[1.0; DIM]);
+    header.count = 5;
+    c.request(header, &body).expect_error(Status::BadRequest, "5 keys");
+    let (mut header, body) = raw::pull(dense, DIM as u32, &[1, 2]);
+    header.count = 3;
+    c.request(header, &body).expect_error(Status::BadRequest, "count 3");
+
+    // The client library checks lengths before routing.
+    let length = |r: Result<tessera_client::Ticket<'_>, ClientError>, want_got: usize, want_want: usize| match r {
+        Err(ClientError::Length { got, want, .. }) => assert_eq!((got, want), (want_got, want_want)),
+        other => panic!("expected ClientError::Length {{ got: {want_got}, want: {want_want} }}, got {other:?}"),
+    };
+    length(f.client.push(&f.dense, &[1, 2], &[1.0; 2 * DIM - 1]), 7, 8);
+    length(f.client.push_range(&f.dense, 0, &[1.0; 2 * DIM + 1]), 9, 8);
+    let mut out = [0.0f32; 3 * DIM];
+    length(f.client.pull(&f.dense, &[1, 2], &mut out), 12, 8);
+    f.verify_and_continue();
+}
+
+#[test]
+fn non_finite_gradients_are_rejected_or_skipped_per_table() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let n = SMALL_KEYS as usize * DIM;
+
+    // Reject table, a push within one shard: refused, nothing applied.
+    let mut g = vec![1.0f32; 10 * DIM];
+    g[5] = f32::NAN;
+    expect_server_error(f.client.push_range(&f.reject, 0, &g).unwrap().wait(), Status::NonFinite, "not finite");
+    g[5] = f32::INFINITY;
+    expect_server_error(f.client.push(&f.reject, &[3, 4], &g[..2 * DIM]).unwrap().wait(), Status::NonFinite, "inf");
+    // The sparse table rejects by default.
+    let keys = [7u64, 8];
+    let mut sg = vec![2.0f32; 2 * DIM];
+    sg[6] = f32::NEG_INFINITY;
+    expect_server_error(f.client.push(&f.sparse, &keys, &sg).unwrap().wait(), Status::NonFinite, "component 6");
+    f.model.sparse.insert(7, vec![0.0; DIM]);
+    f.model.sparse.insert(8, vec![0.0; DIM]);
+    f.verify();
+
+    // Reject table, a push over both shards with a NaN in the first shard's half: that shard
+    // refuses its part. The other shard's part has no NaN and is applied: a push is atomic per
+    // shard, not per call.
+    let reject_split = f.shard_of("reject", 0) != f.shard_of("reject", SMALL_KEYS - 1);
+    assert!(reject_split, "two shards split the reject table");
+    let mut g: Vec<f32> = (0..n).map(|i| (i % 5) as f32).collect();
+    g[1] = f32::NAN;
+    expect_server_error(f.client.push_range(&f.reject, 0, &g).unwrap().wait(), Status::NonFinite, "component 1");
+    let first_other = f.entry("reject").parts.iter().find(|p| p.start > 0).expect("a second part").start as usize;
+    add(&mut f.model.reject[first_other * DIM..], &g[first_other * DIM..]);
+    f.verify();
+
+    // Skip table: finite components are applied, the others keep their values.
+    let mut g: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.5).collect();
+    let bad = [(5, f32::NAN), (250, f32::INFINITY), (399, f32::NEG_INFINITY)];
+    for (i, v) in bad {
+        g[i] = v;
+    }
+    f.client.push_range(&f.skip, 0, &g).unwrap().wait().expect("the skip table accepts non-finite gradients");
+    let mut g2 = vec![0.75f32; 2 * DIM];
+    g2[2] = f32::NAN;
+    f.client.push(&f.skip, &[7, 93], &g2).unwrap().wait().expect("the skip table accepts non-finite gradients");
+    for (i, v) in g.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+        f.model.skip[i] += v;
+    }
+    for (j, key) in [7usize, 93].into_iter().enumerate() {
+        for c in (0..DIM).filter(|c| g2[j * DIM + c].is_finite()) {
+            f.model.skip[key * DIM + c] += g2[j * DIM + c];
+        }
+    }
+    f.verify();
+
+    // The server counted what it skipped.
+    let skip_id = u64::from(f.id("skip"));
+    let status = f.client.status().expect("status");
+    let skipped: u64 = status[0]["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .flat_map(|s| s["tables"].as_array().expect("tables").iter())
+        .filter(|t| t["table"].as_u64() == Some(skip_id))
+        .map(|t| t["non_finite_skipped"].as_u64().expect("a counter"))
+        .sum();
+    assert_eq!(skipped, bad.len() as u64 + 1, "non_finite_skipped in {status:?}");
+    f.verify_and_continue();
+}
+
+#[test]
+fn frames_over_the_limit_are_refused_by_server_and_client() {
+    const LIMIT: usize = 65536;
+    let mut f = Fixture::start_with(&["--frame-bytes-max", "65536"], WIDE_TOML);
+    f.push_round();
+    let wide = f.id("wide");
+
+    // A header announcing a body over the limit, on a shard and on the control plane before hello.
+    // Only the header is sent: the server must refuse before reading the body.
+    let (header, _) = raw::push(wide, 64, &[1], &[]);
+    let mut big = header;
+    big.body_len = 100_000;
+    big.raw_len = 100_000;
+    big.request_id = 77;
+    big.seal();
+    for conn in [f.raw(0), RawConn::connect(f.addr())] {
+        let mut c = conn;
+        c.send_bytes(zerocopy::IntoBytes::as_bytes(&big)).unwrap();
+        let reply = c.recv().expect("an error reply");
+        reply.expect_error(Status::FrameTooLarge, "65536");
+        assert_eq!(reply.header.request_id, 77, "the error echoes the request id");
+        c.expect_closed();
+    }
+    // A compressed frame that would inflate past the limit.
+    let mut c = f.raw(1);
+    let mut zipped = header;
+    zipped.flags = flags::COMPRESSED;
+    zipped.body_len = 16;
+    zipped.raw_len = 1 << 20;
+    zipped.seal();
+    c.send_bytes(&raw::frame_bytes(&zipped, &[0; 16])).unwrap();
+    c.recv().expect("an error reply").expect_error(Status::FrameTooLarge, "limit");
+    c.expect_closed();
+    f.expect_logged("closing connection");
+
+    // A pull whose reply would not fit: refused with the same status, the connection stays.
+    let mut out = vec![f32::NAN; 1000 * 64];
+    expect_server_error(f.client.pull_range(&f.client.table("wide").unwrap(), 0, &mut out).unwrap().wait(), Status::FrameTooLarge, "fewer keys");
+    let mut small = vec![f32::NAN; 10 * 64];
+    f.client.pull_range(&f.client.table("wide").unwrap(), 0, &mut small).unwrap().wait().expect("a pull that fits");
+    assert!(small.iter().all(|v| v.to_bits() == 0), "the wide table was never pushed");
+
+    // A client configured with the server's limit refuses locally, before sending.
+    let mut cfg = ClientConfig::worker(3);
+    cfg.transport = TransportConfig { frame_bytes_max: LIMIT, ..TransportConfig::default() };
+    let limited = Client::connect(&[f.addr()], cfg).expect("connect");
+    let wide_table = limited.table("wide").unwrap();
+    let part = f.entry("wide").parts[0];
+    let keys = (part.end - part.start) as usize; // 500 keys x 64 x 4 bytes: 128 KB in one frame
+    match limited.push_range(&wide_table, part.start, &vec![1.0; keys * 64]) {
+        Err(ClientError::Transport(TransportError::FrameTooLarge { bytes, limit })) => {
+            assert_eq!(limit, LIMIT);
+            assert!(bytes > LIMIT, "{bytes} bytes");
+        }
+        other => panic!("expected a local FrameTooLarge, got {other:?}"),
+    }
+    // It sent nothing: the limited client's links are in step and the table is untouched.
+    limited.pull_range(&wide_table, 0, &mut small).unwrap().wait().expect("the limited client still works");
+    assert!(small.iter().all(|v| v.to_bits() == 0), "a refused push changed the table");
+    f.verify_and_continue();
+}
+
+#[test]
+fn wrong_dim_is_refused_and_the_connection_stays_usable() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let (dense, sparse) = (f.id("dense"), f.id("sparse"));
+    let mut c = f.raw(0);
+    c.call(raw::pull(dense, 2, &[1])).expect_error(Status::WrongDim, "dim 4");
+    c.call(raw::pull(dense, 8, &[1])).expect_error(Status::WrongDim, "dim 8");
+    c.call(raw::pull_range(dense, 1, 0, 4)).expect_error(Status::WrongDim, "dim 1");
+    c.call(raw::push(dense, 2, &[1, 2], &[1.0; 4])).expect_error(Status::WrongDim, "dim 2");
+    c.call(raw::push_range(dense, 0, 0, 1, &[])).expect_error(Status::WrongDim, "dim 0");
+    c.call(raw::pull(sparse, 1, &[3])).expect_error(Status::WrongDim, "dim 1");
+    let pulled = c.call(raw::pull(dense, DIM as u32, &[1, 2]));
+    assert_eq!(pulled.status(), Status::Ok, "{}", pulled.message());
+    assert_bits_eq("raw pull after the errors", &pulled.values(), f.dense_values(1..3));
+    f.verify_and_continue();
+}
+
+#[test]
+fn workers_over_the_limit_are_refused_without_changing_anything() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let dense = f.id("dense");
+    let mut c = RawConn::hello(f.addr(), 0, 1000).0;
+    let (mut header, body) = raw::push(dense, DIM as u32, &[1], &[5.0; DIM]);
+    header.worker = 1000;
+    c.request(header, &body).expect_error(Status::BadRequest, "1000");
+    f.verify_and_continue();
+}
+
+#[test]
+fn handshake_mistakes_are_refused() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let dense = f.id("dense");
+
+    // A data request before any hello.
+    let mut c = RawConn::connect(f.addr());
+    let (header, body) = raw::pull(dense, DIM as u32, &[1]);
+    c.send_frame(header, &body).unwrap();
+    c.recv().expect("an error reply").expect_error(Status::BadRequest, "hello");
+    c.expect_closed();
+
+    // A second hello, on the control plane and on a shard connection.
+    for shard in [CONTROL_SHARD, 0, 1] {
+        let mut c = f.raw(shard);
+        c.send_hello(1, RAW_WORKER).expect("an error reply").expect_error(Status::BadRequest, "second hello");
+        c.expect_closed();
+    }
+
+    // A hello naming a shard that does not exist.
+    for shard in [2u64, 255, 1 << 40] {
+        let mut c = RawConn::connect(f.addr());
+        c.send_hello(shard, RAW_WORKER).expect("an error reply").expect_error(Status::BadRequest, &format!("no shard {shard}"));
+        c.expect_closed();
+    }
+    // The transport's own link reports that as a refused handshake.
+    match TcpLink::connect(f.addr(), 5, RAW_WORKER, &TransportConfig::default()) {
+        Err(TransportError::Refused { reason }) => assert!(reason.contains("no shard 5"), "{reason}"),
+        other => panic!("expected a refused handshake, got {other:?}"),
+    }
+    f.verify_and_continue();
+}
+
+#[test]
+fn a_silent_connection_is_dropped_after_the_hello_timeout() {
+    // The server's hello timeout is 5 s (not configurable from the command line), so this test
+    // takes about that long.
+    let mut f = Fixture::start();
+    f.push_round();
+    let started = Instant::now();
+    let mut silent = RawConn::connect(f.addr());
+    let mut partial = RawConn::connect(f.addr());
+    partial.send_bytes(b"TSRA\x01").unwrap();
+    let (mut greeted, _) = RawConn::hello(f.addr(), CONTROL_SHARD, RAW_WORKER);
+
+    let closed = silent.closed_within(Duration::from_secs(12)).expect("the silent connection is dropped");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(4500), "dropped after {elapsed:?} ({closed:?}), before the 5 s hello timeout");
+    partial.closed_within(Duration::from_secs(3)).expect("a connection with half a hello is dropped too");
+    // A greeted connection that is just as quiet stays.
+    let catalog = greeted.request(Header::request(Op::Catalog, 0), &[]);
+    assert_eq!(catalog.status(), Status::Ok, "{}", catalog.message());
+    f.expect_logged("no hello within 5000 ms");
+    f.verify_and_continue();
+}
+
+/// One hostile connection of kind `kind`; asserts the server's answer to it. Some are kept open
+/// (`keep`) until the flood ends.
+fn hostile(addr: &str, kind: usize, ids: (u32, u32), keep: &mut Vec<RawConn>) {
+    let (dense, reject) = ids;
+    let d = DIM as u32;
+    match kind % 10 {
+        0 => {
+            let mut c = RawConn::connect(addr);
+            c.send_bytes(&[0xA5; 100]).unwrap();
+            c.recv().expect("reply").expect_error(Status::Malformed, "magic");
+            c.expect_closed();
+        }
+        1 => {
+            let mut c = RawConn::hello(addr, (kind / 10 % 2) as u64, RAW_WORKER).0;
+            let (h, b) = raw::push(dense, d, &[1], &[1e9; DIM]);
+            let mut h = sealed(h, &b);
+            h.count ^= 4;
+            c.send_bytes(&raw::frame_bytes(&h, &b)).unwrap();
+            c.recv().expect("reply").expect_error(Status::Malformed, "checksum");
+            c.expect_closed();
+        }
+        2 => {
+            let mut c = RawConn::hello(addr, 0, RAW_WORKER).0;
+            let (h, b) = raw::push(dense, d, &[1, 2], &[1e9; 2 * DIM]);
+            c.send_bytes(&raw::frame_bytes(&sealed(h, &b), &b)[..70]).unwrap();
+            c.shutdown_write();
+            c.recv().expect("reply").expect_error(Status::Malformed, "truncated");
+            c.expect_closed();
+        }
+        3 => {
+            let mut c = RawConn::hello(addr, 1, RAW_WORKER).0;
+            c.call(raw::push(dense + 100, d, &[600], &[1e9; DIM])).expect_error(Status::UnknownTable, "unknown");
+        }
+        4 => {
+            let mut c = RawConn::connect(addr);
+            let (mut h, _) = raw::push(dense, d, &[1], &[]);
+            h.body_len = 1 << 30;
+            h.raw_len = 1 << 30;
+            h.seal();
+            c.send_bytes(zerocopy::IntoBytes::as_bytes(&h)).unwrap();
+            c.recv().expect("reply").expect_error(Status::FrameTooLarge, "limit");
+            c.expect_closed();
+        }
+        5 => drop(RawConn::connect(addr)),
+        6 => {
+            let mut c = RawConn::connect(addr);
+            let (h, b) = raw::push(dense, d, &[1], &[1e9; DIM]);
+            c.send_frame(h, &b).unwrap();
+            c.recv().expect("reply").expect_error(Status::BadRequest, "hello");
+            c.expect_closed();
+        }
+        7 => {
+            let mut c = RawConn::hello(addr, 0, RAW_WORKER).0;
+            c.call(raw::push(dense, 1, &[1], &[1e9])).expect_error(Status::WrongDim, "dim");
+        }
+        8 => {
+            let mut c = RawConn::hello(addr, 0, RAW_WORKER).0;
+            let mut g = [1e9f32; DIM];
+            g[3] = f32::NAN;
+            c.call(raw::push(reject, d, &[1], &g)).expect_error(Status::NonFinite, "finite");
+        }
+        _ => {
+            // Asks for a lot and never reads the replies; kept open until the flood ends, or it
+            // just sits there without saying hello.
+            if kind % 20 == 9 {
+                let mut c = RawConn::hello(addr, 1, RAW_WORKER).0;
+                let (h, b) = raw::pull_range(dense, d, 500, 500);
+                let frame = raw::frame_bytes(&sealed(h, &b), &b);
+                for _ in 0..200 {
+                    c.send_bytes(&frame).unwrap();
+                }
+                keep.push(c);
+            } else {
+                keep.push(RawConn::connect(addr));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_flood_of_hostile_connections_leaves_good_clients_exact() {
+    const HOSTILE_THREADS: usize = 4;
+    const HOSTILE_PER_THREAD: usize = 50;
+    const HOSTILE_PACE: Duration = Duration::from_millis(40);
+    /// Bounds on each good client's loop; it normally ends when the flood does.
+    const ITERATIONS_MAX: u32 = 5000;
+    const GOOD_TIME_MAX: Duration = Duration::from_secs(30);
+    const GOOD_PACE: Duration = Duration::from_millis(2);
+
+    let mut f = Fixture::start();
+    f.push_round();
+    let base = f.model.dense.clone();
+    let parts: Vec<(usize, usize)> = f.entry("dense").parts.iter().map(|p| (p.start as usize, p.end as usize)).collect();
+    let ids = (f.id("dense"), f.id("reject"));
+    let addr = f.addr().to_string();
+    let hostile_done = Arc::new(AtomicBool::new(false));
+
+    // Worker 1 adds 1 to components 0 and 1 of every key per push, worker 2 to components 2 and 3,
+    // so a pulled value minus the acknowledged base counts each worker's applied pushes exactly.
+    let good = |worker: u32| {
+        let addr = addr.clone();
+        let done = hostile_done.clone();
+        let (base, parts) = (base.clone(), parts.clone());
+        std::thread::spawn(move || -> u32 {
+            let client = Client::connect(&[addr.as_str()], ClientConfig::worker(worker)).expect("connect");
+            let table = client.table("dense").expect("table");
+            let mine = if worker == 1 { 0..2 } else { 2..4 };
+            let grads: Vec<f32> = (0..DENSE_KEYS as usize * DIM).map(|i| if mine.contains(&(i % DIM)) { 1.0 } else { 0.0 }).collect();
+            let mut out = vec![0.0f32; grads.len()];
+            let started = Instant::now();
+            let mut acked = 0;
+            let mut outlived_the_flood = false;
+            while acked < ITERATIONS_MAX && started.elapsed() < GOOD_TIME_MAX {
+                if done.load(Ordering::Acquire) {
+                    outlived_the_flood = true;
+                    break;
+                }
+                client.push_range(&table, 0, &grads).expect("push").wait().expect("a good push during the flood");
+                acked += 1;
+                client.pull_range(&table, 0, &mut out).expect("pull").wait().expect("a good pull during the flood");
+                // Each shard applies a push whole: within a part every key shows the same counts,
+                // and this worker sees at least its own acknowledged pushes.
+                let count = |i: usize| out[i] - base[i];
+                for &(start, end) in &parts {
+                    let first = [count(start * DIM), count(start * DIM + 2)];
+                    for key in start..end {
+                        let at = key * DIM;
+                        let got = [count(at), count(at + 1), count(at + 2), count(at + 3)];
+                        assert_eq!(got, [first[0], first[0], first[1], first[1]], "key {key} disagrees with its part [{start}, {end})");
+                    }
+                    let seen = first[mine.start / 2];
+                    assert!(seen >= acked as f32, "worker {worker} acknowledged {acked} pushes but reads {seen} in [{start}, {end})");
+                }
+                std::thread::sleep(GOOD_PACE);
+            }
+            assert!(outlived_the_flood, "worker {worker} stopped after {acked} pushes in {:?}, before the flood ended", started.elapsed());
+            acked
+        })
+    };
+    let good_threads = [good(1), good(2)];
+
+    let started = Instant::now();
+    let hostile_threads: Vec<_> = (0..HOSTILE_THREADS)
+        .map(|t| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut keep = Vec::new();
+                for i in 0..HOSTILE_PER_THREAD {
+                    hostile(&addr, i * HOSTILE_THREADS + t, ids, &mut keep);
+                    std::thread::sleep(HOSTILE_PACE);
+                }
+                keep.len()
+            })
+        })
+        .collect();
+    let kept: usize = hostile_threads.into_iter().map(|h| h.join().expect("a hostile thread failed")).sum();
+    let hostile_time = started.elapsed();
+    hostile_done.store(true, Ordering::Release);
+    let [a, b] = good_threads.map(|h| h.join().expect("a good client failed"));
+    eprintln!(
+        "{} hostile connections ({kept} held open) in {hostile_time:?}; good clients pushed {a} and {b} times",
+        HOSTILE_THREADS * HOSTILE_PER_THREAD
+    );
+
+    for (i, v) in f.model.dense.iter_mut().enumerate() {
+        *v = base[i] + if i % DIM < 2 { a as f32 } else { b as f32 };
+    }
+    f.verify_and_continue();
+}
+
+/// Runs `body` on its own thread and returns its result, or panics after `timeout`: a client
+/// that deadlocks fails the test instead of hanging it (the stuck thread is left behind).
+fn within<T: Send + 'static>(timeout: Duration, what: &str, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(body());
+    });
+    rx.recv_timeout(timeout).unwrap_or_else(|_| panic!("{what} did not return within {timeout:?}"))
+}
+
+#[test]
+#[ignore = "client bug: a send that fails after an earlier part was sent drops the Ticket while the client lock is held, and Ticket::drop locks again (deadlock)"]
+fn a_split_push_refused_locally_in_its_second_part_returns_an_error() {
+    let f = Fixture::start_with(&["--frame-bytes-max", "65536"], WIDE_TOML);
+    let addr = f.addr().to_string();
+    let split = f.entry("wide").parts[1].start;
+    let result = within(Duration::from_secs(10), "a push refused in its second part", move || {
+        let mut cfg = ClientConfig::worker(3);
+        cfg.transport = TransportConfig { frame_bytes_max: 65536, ..TransportConfig::default() };
+        let client = Client::connect(&[addr.as_str()], cfg).expect("connect");
+        let table = client.table("wide").expect("table");
+        // 100 keys to the first shard (25 KB, fits), then 500 to the second (128 KB, does not).
+        let start = split - 100;
+        let pushed = client.push_range(&table, start, &vec![1.0; 600 * 64]).map(|_| ());
+        let mut out = vec![0.0f32; 64];
+        let after = client.pull_range(&table, 0, &mut out).map(|t| t.wait().map(|_| ()));
+        format!("{pushed:?} then {after:?}")
+    });
+    assert!(result.starts_with("Err(Transport(FrameTooLarge"), "{result}");
+    assert!(result.ends_with("then Ok(Ok(()))"), "the client should stay usable: {result}");
+}
+
+#[test]
+#[ignore = "client gap: the client ignores the frame_bytes_max the server announces in its hello reply, so it sends frames the server must refuse, and loses the shard connection"]
+fn the_client_adopts_the_servers_frame_limit() {
+    let f = Fixture::start_with(&["--frame-bytes-max", "65536"], WIDE_TOML);
+    let client = Client::connect(&[f.addr()], ClientConfig::worker(3)).expect("connect");
+    let table = client.table("wide").expect("table");
+    match client.push_range(&table, 0, &vec![1.0; 500 * 64]) {
+        Err(ClientError::Transport(TransportError::FrameTooLarge { limit: 65536, .. })) => {}
+        Err(e) => panic!("expected a local FrameTooLarge with the server's limit, got {e:?}"),
+        Ok(ticket) => panic!("the client sent a frame over the server's limit; waiting on it gave {:?}", ticket.wait()),
+    }
+    let mut out = vec![0.0f32; 64];
+    client.pull_range(&table, 0, &mut out).unwrap().wait().expect("the client stays usable");
+}

@@ -1,0 +1,205 @@
+//! Whole `tessera` processes: a two-server cluster trained by `tessera demo`, the embedded demo,
+//! start-up errors, and a server killed with `kill -9` under a pipelining client.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tessera_client::{Client, ClientConfig, ClientError};
+use tessera_replication::{TableKind, TableSpec};
+use tessera_tests::{free_port, run_tool, ScratchDir, ServerProc};
+
+/// The demo must come this close to the accuracy of the model that generated its data.
+const ACCURACY_SLACK: f64 = 0.03;
+/// A generous bound on one demo run (it takes seconds in a debug build on two cores).
+const DEMO_TIMEOUT: Duration = Duration::from_secs(240);
+const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Parses the demo's `--json` summary and checks what every run must show.
+#[track_caller]
+fn check_demo_summary(stdout: &str, stderr: &str) -> Value {
+    let summary: Value = serde_json::from_str(stdout)
+        .unwrap_or_else(|e| panic!("the demo's stdout is not one JSON summary ({e}):\n{stdout}\nstderr:\n{stderr}"));
+    for field in ["accuracy", "true_model_accuracy", "examples_per_s", "bytes_sent", "bytes_received", "heldout_logloss"] {
+        assert!(summary[field].is_number(), "summary field {field:?} missing or not a number: {summary}");
+    }
+    let accuracy = summary["accuracy"].as_f64().unwrap();
+    let truth = summary["true_model_accuracy"].as_f64().unwrap();
+    assert!((0.5..=1.0).contains(&truth), "true model accuracy {truth} is not plausible");
+    assert!(
+        accuracy >= truth - ACCURACY_SLACK,
+        "the demo reached accuracy {accuracy}, more than {ACCURACY_SLACK} below the true model's {truth}\n{stderr}"
+    );
+    assert!(summary["examples_per_s"].as_f64().unwrap() > 0.0, "{summary}");
+    assert!(summary["bytes_sent"].as_u64().unwrap() > 0, "{summary}");
+    let epochs = summary["epochs"].as_array().expect("per-epoch results");
+    assert!(!epochs.is_empty(), "{summary}");
+    summary
+}
+
+#[test]
+fn a_two_server_cluster_trains_the_demo_and_both_hold_parts_of_its_table() {
+    let addrs = [format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())];
+    let cluster = addrs.join(",");
+    let servers: Vec<ServerProc> =
+        addrs.iter().map(|a| ServerProc::start_at(a, &["--cluster", &cluster, "--shards", "2"])).collect();
+
+    let demo = run_tool(&["demo", "--connect", &cluster, "--features", "100000", "--examples", "20000", "--json"], DEMO_TIMEOUT);
+    assert!(demo.status.success(), "demo failed ({}):\n{}", demo.status, demo.stderr);
+    check_demo_summary(&demo.stdout, &demo.stderr);
+
+    let status = run_tool(&["status", "--connect", &cluster, "--json"], TOOL_TIMEOUT);
+    assert!(status.status.success(), "status failed ({}):\n{}", status.status, status.stderr);
+    let reports: Value = serde_json::from_str(&status.stdout).unwrap_or_else(|e| panic!("status --json ({e}):\n{}", status.stdout));
+    let reports = reports.as_array().expect("one report per server");
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let mut parts = Vec::new();
+    for (index, report) in reports.iter().enumerate() {
+        assert_eq!(report["info"]["server_index"].as_u64(), Some(index as u64), "{report}");
+        assert_eq!(report["info"]["servers"].as_u64(), Some(2), "{report}");
+        let tables = report["catalog"]["tables"].as_array().expect("tables");
+        let entry = tables.iter().find(|t| t["spec"]["name"] == "demo.lr").unwrap_or_else(|| panic!("server {index} lacks demo.lr: {report}"));
+        let id = entry["id"].as_u64().expect("a table id");
+        let mine = entry["parts"].as_array().expect("parts");
+        assert!(!mine.is_empty(), "server {index} holds no part of demo.lr: {report}");
+        parts.extend(mine.iter().map(|p| (p["start"].as_u64().unwrap(), p["end"].as_u64().unwrap(), index)));
+        // The training reached this server: its shards applied pushes and hold keys of the table.
+        let shard_parts: Vec<&Value> = report["shards"]
+            .as_array()
+            .expect("shards")
+            .iter()
+            .flat_map(|s| s["tables"].as_array().expect("tables").iter())
+            .filter(|t| t["table"].as_u64() == Some(id))
+            .collect();
+        let pushes: u64 = shard_parts.iter().map(|t| t["pushes"].as_u64().unwrap()).sum();
+        let keys: u64 = shard_parts.iter().map(|t| t["sparse_keys"].as_u64().unwrap()).sum();
+        assert!(pushes > 0 && keys > 0, "server {index} saw {pushes} pushes and holds {keys} keys of demo.lr");
+    }
+    // Together the two servers cover the table's key space once, each its own half.
+    parts.sort();
+    assert_eq!(parts.first().map(|p| p.0), Some(0), "{parts:?}");
+    assert_eq!(parts.last().map(|p| p.1), Some(u64::MAX), "{parts:?}");
+    for pair in parts.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "parts leave a gap or overlap: {parts:?}");
+        assert!(pair[0].2 <= pair[1].2, "server 0 owns the lower half: {parts:?}");
+    }
+    drop(servers);
+}
+
+#[test]
+fn the_embedded_demo_learns_the_true_model() {
+    let demo = run_tool(&["demo", "--features", "100000", "--examples", "20000", "--json"], DEMO_TIMEOUT);
+    assert!(demo.status.success(), "demo failed ({}):\n{}", demo.status, demo.stderr);
+    let summary = check_demo_summary(&demo.stdout, &demo.stderr);
+    assert_eq!(summary["workers"].as_u64(), Some(2), "{summary}");
+}
+
+#[test]
+fn a_malformed_tables_file_stops_the_server_with_a_message_naming_it() {
+    let dir = ScratchDir::new("bad-tables");
+    let cases = [
+        ("broken.toml", "[[table]\nname = \"x\"\n", "broken.toml"),
+        ("unknown-field.toml", "[[table]]\nname = \"x\"\nkind = \"dense\"\nend = 10\ndimm = 3\n", "unknown-field.toml"),
+        ("empty-range.toml", "[[table]]\nname = \"empty\"\nkind = \"dense\"\nstart = 5\nend = 5\n", "empty"),
+        ("bad-updater.toml", "[[table]]\nname = \"w\"\nkind = \"dense\"\nend = 10\nupdater = \"adamw\"\n", "adamw"),
+    ];
+    for (name, text, needle) in cases {
+        let path = dir.write(name, text);
+        let port = free_port().to_string();
+        let listen = format!("127.0.0.1:{port}");
+        let out = run_tool(&["server", "--listen", &listen, "--tables", path.to_str().unwrap()], TOOL_TIMEOUT);
+        assert!(!out.status.success(), "the server started with {name}:\n{}", out.stderr);
+        assert!(out.stderr.contains(needle), "the error for {name} does not mention {needle:?}:\n{}", out.stderr);
+    }
+    let missing = dir.path().join("missing.toml");
+    let out = run_tool(&["server", "--listen", "127.0.0.1:0", "--tables", missing.to_str().unwrap()], TOOL_TIMEOUT);
+    assert!(!out.status.success() && out.stderr.contains("missing.toml"), "{}", out.stderr);
+}
+
+#[test]
+fn a_listen_address_outside_the_cluster_is_refused() {
+    let (a, b, c) = (free_port(), free_port(), free_port());
+    let listen = format!("127.0.0.1:{a}");
+    let cluster = format!("127.0.0.1:{b},127.0.0.1:{c}");
+    let out = run_tool(&["server", "--listen", &listen, "--cluster", &cluster], TOOL_TIMEOUT);
+    assert!(!out.status.success(), "the server started outside its cluster:\n{}", out.stderr);
+    assert!(out.stderr.contains(&listen) && out.stderr.contains("is not in --cluster"), "unclear message:\n{}", out.stderr);
+}
+
+#[test]
+fn a_server_killed_mid_pipeline_fails_the_client_quickly() {
+    /// Requests kept in flight by the client.
+    const IN_FLIGHT: usize = 16;
+    /// The client must report the loss well within its 30 s I/O timeout; the socket closes at once.
+    const ERROR_WITHIN: Duration = Duration::from_secs(10);
+    /// Bounds the pushing loop if the kill somehow never shows.
+    const PUSHES_MAX: usize = 200_000;
+
+    let mut server = ServerProc::start(&["--shards", "2"]);
+    let addr = server.addr().to_string();
+    let (started_tx, started_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let client = Client::connect(&[addr.as_str()], ClientConfig::worker(0)).expect("connect");
+        let table = client.create_table(&TableSpec::new("pipeline", TableKind::Dense, 0, 10_000, 8)).expect("create");
+        let grads = vec![0.5f32; 10_000 * 8];
+        let mut tickets = std::collections::VecDeque::new();
+        let mut acked = 0usize;
+        let mut failure: Option<ClientError> = None;
+        for i in 0..PUSHES_MAX {
+            if i == IN_FLIGHT {
+                let _ = started_tx.send(());
+            }
+            // Each push spans both shards, so its sub-requests are in flight on two links.
+            match client.push_range(&table, 0, &grads) {
+                Ok(t) => tickets.push_back(t),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            if tickets.len() >= IN_FLIGHT {
+                match tickets.pop_front().expect("a ticket").wait() {
+                    Ok(_) => acked += 1,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        let failed_at = Instant::now();
+        // Whatever was still in flight must fail too, not hang.
+        let pending: Vec<_> = tickets.into_iter().map(|t| t.wait().map(|_| ()).map_err(|e| e.to_string())).collect();
+        let _ = done_tx.send((failure.map(|e| e.to_string()), failed_at, acked, pending, failed_at.elapsed()));
+    });
+    started_rx.recv_timeout(Duration::from_secs(30)).expect("the client started pushing");
+    std::thread::sleep(Duration::from_millis(200));
+    let killed_at = Instant::now();
+    server.kill();
+    let (failure, failed_at, acked, pending, drained_in) = done_rx
+        .recv_timeout(ERROR_WITHIN + Duration::from_secs(5))
+        .unwrap_or_else(|_| panic!("the client neither failed nor finished within {ERROR_WITHIN:?} of kill -9"));
+    let failure = failure.expect("the client saw no error although its server died");
+    let noticed = failed_at.saturating_duration_since(killed_at);
+    eprintln!("{acked} pushes acknowledged; kill -9 noticed after {noticed:?}: {failure}; {} pending drained in {drained_in:?}", pending.len());
+    assert!(acked >= 1, "the pipeline never got going");
+    assert!(noticed < ERROR_WITHIN, "the client took {noticed:?} to notice the dead server");
+    assert!(
+        ["closed", "reset", "Broken pipe", "refused"].iter().any(|w| failure.contains(w)),
+        "the error should say the connection is gone: {failure}"
+    );
+    // Requests in flight may have been answered before the kill (their replies were already in
+    // our socket buffer); the rest must fail as the connection's loss, and none may hang (the
+    // timeout above).
+    for e in pending.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(["closed", "reset", "Broken pipe"].iter().any(|w| e.contains(w)), "a request in flight failed oddly: {e}");
+    }
+    // A new client cannot connect, and says so at once.
+    let started = Instant::now();
+    match Client::connect(&[server.addr()], ClientConfig::worker(1)) {
+        Err(e) => assert!(e.to_string().contains(server.addr()), "{e}"),
+        Ok(_) => panic!("connected to a killed server"),
+    }
+    assert!(started.elapsed() < ERROR_WITHIN);
+}
