@@ -82,7 +82,8 @@ impl RawConn {
         let mut conn = RawConn::connect(addr);
         let reply = conn.send_hello(shard, worker).unwrap_or_else(|e| panic!("hello to {addr}: {e}"));
         assert_eq!(reply.status(), Status::Ok, "hello refused: {}", reply.message());
-        let info = serde_json::from_slice(&reply.body).unwrap_or_else(|e| panic!("hello reply is not JSON ({e}): {}", reply.message()));
+        let info = serde_json::from_slice(&reply.body)
+            .unwrap_or_else(|e| panic!("hello reply is not JSON ({e}): {}", reply.message()));
         (conn, info)
     }
 

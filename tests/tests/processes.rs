@@ -25,6 +25,7 @@ fn check_demo_summary(stdout: &str, stderr: &str) -> Value {
     }
     let accuracy = summary["accuracy"].as_f64().unwrap();
     let truth = summary["true_model_accuracy"].as_f64().unwrap();
+    eprintln!("demo accuracy {accuracy:.4}, true model {truth:.4}, gap {:.4} (slack {ACCURACY_SLACK})", truth - accuracy);
     assert!((0.5..=1.0).contains(&truth), "true model accuracy {truth} is not plausible");
     assert!(
         accuracy >= truth - ACCURACY_SLACK,
@@ -50,7 +51,8 @@ fn a_two_server_cluster_trains_the_demo_and_both_hold_parts_of_its_table() {
 
     let status = run_tool(&["status", "--connect", &cluster, "--json"], TOOL_TIMEOUT);
     assert!(status.status.success(), "status failed ({}):\n{}", status.status, status.stderr);
-    let reports: Value = serde_json::from_str(&status.stdout).unwrap_or_else(|e| panic!("status --json ({e}):\n{}", status.stdout));
+    let reports: Value =
+        serde_json::from_str(&status.stdout).unwrap_or_else(|e| panic!("status --json ({e}):\n{}", status.stdout));
     let reports = reports.as_array().expect("one report per server");
     assert_eq!(reports.len(), 2, "{reports:?}");
     let mut parts = Vec::new();
@@ -58,7 +60,8 @@ fn a_two_server_cluster_trains_the_demo_and_both_hold_parts_of_its_table() {
         assert_eq!(report["info"]["server_index"].as_u64(), Some(index as u64), "{report}");
         assert_eq!(report["info"]["servers"].as_u64(), Some(2), "{report}");
         let tables = report["catalog"]["tables"].as_array().expect("tables");
-        let entry = tables.iter().find(|t| t["spec"]["name"] == "demo.lr").unwrap_or_else(|| panic!("server {index} lacks demo.lr: {report}"));
+        let entry = tables.iter().find(|t| t["spec"]["name"] == "demo.lr");
+        let entry = entry.unwrap_or_else(|| panic!("server {index} lacks demo.lr: {report}"));
         let id = entry["id"].as_u64().expect("a table id");
         let mine = entry["parts"].as_array().expect("parts");
         assert!(!mine.is_empty(), "server {index} holds no part of demo.lr: {report}");
@@ -182,7 +185,8 @@ fn a_server_killed_mid_pipeline_fails_the_client_quickly() {
         .unwrap_or_else(|_| panic!("the client neither failed nor finished within {ERROR_WITHIN:?} of kill -9"));
     let failure = failure.expect("the client saw no error although its server died");
     let noticed = failed_at.saturating_duration_since(killed_at);
-    eprintln!("{acked} pushes acknowledged; kill -9 noticed after {noticed:?}: {failure}; {} pending drained in {drained_in:?}", pending.len());
+    let drained = pending.len();
+    eprintln!("{acked} pushes acknowledged; kill -9 noticed after {noticed:?}: {failure}; {drained} pending drained in {drained_in:?}");
     assert!(acked >= 1, "the pipeline never got going");
     assert!(noticed < ERROR_WITHIN, "the client took {noticed:?} to notice the dead server");
     assert!(
