@@ -40,6 +40,8 @@ struct ServerLinks {
     addr: String,
     control: TcpLink,
     shards: Vec<Shard>,
+    /// The longest stamp a reply can carry.
+    workers_max: u32,
 }
 
 /// Routing buffers, reused from call to call.
@@ -71,12 +73,15 @@ impl Core {
             let (control, info) = TcpLink::connect(addr, CONTROL_SHARD, cfg.worker, &cfg.transport)?;
             let info: ServerInfo = serde_json::from_slice(&info)
                 .map_err(|e| ClientError::Protocol { server: addr.to_string(), reason: format!("bad hello reply: {e}") })?;
+            let mut control = control;
+            control.limit_frames(info.frame_bytes_max as usize);
             let mut shards = Vec::with_capacity(info.shards as usize);
             for shard in 0..info.shards {
-                let (link, _) = TcpLink::connect(addr, shard as u64, cfg.worker, &cfg.transport)?;
+                let (mut link, _) = TcpLink::connect(addr, shard as u64, cfg.worker, &cfg.transport)?;
+                link.limit_frames(info.frame_bytes_max as usize);
                 shards.push(Shard { link: Box::new(link), next_id: 1, parked: BTreeMap::new(), abandoned: BTreeSet::new() });
             }
-            servers.push(ServerLinks { addr: addr.to_string(), control, shards });
+            servers.push(ServerLinks { addr: addr.to_string(), control, shards, workers_max: info.workers_max });
         }
         let mut core = Core {
             cfg,
@@ -166,6 +171,22 @@ impl Core {
         Ok(header.request_id)
     }
 
+    /// Most keys one frame to `owner` may carry, so that the request and its reply both fit the
+    /// smaller of the two sides' frame limits. Larger calls are split into several frames.
+    fn keys_per_frame(&self, owner: Owner, kind: Kind, dim: usize, with_keys: bool) -> usize {
+        let server = &self.servers[owner.server as usize];
+        let room = server.shards[owner.shard as usize].link.frame_bytes_max().saturating_sub(tessera_transport::wire::HEADER_BYTES);
+        let key_bytes = if with_keys { 8 } else { 0 };
+        let n = match kind {
+            Kind::Push => room / (key_bytes + 4 * dim),
+            Kind::Pull => {
+                let reply_room = room.saturating_sub(8 * server.workers_max as usize) / (4 * dim);
+                if with_keys { reply_room.min(room / 8) } else { reply_room }
+            }
+        };
+        n.max(1)
+    }
+
     fn check_len(table: &Table, what: &'static str, keys: usize, got: usize) -> Result<()> {
         let want = keys * table.dim();
         if got != want {
@@ -220,22 +241,41 @@ impl Core {
         if let [only] = used[..] {
             // Everything goes to one shard: send straight from the caller's slices.
             let owner = table.route().owner(only);
-            let id = self.send_one(owner, kind, dim, keys, grads)?;
-            subs.push(Sub { server: owner.server, shard: owner.shard, id, range: 0..keys.len() * dim, scatter: false });
+            let per_frame = self.keys_per_frame(owner, kind, dim, true);
+            for (c, chunk) in keys.chunks(per_frame).enumerate() {
+                let at = c * per_frame;
+                let g = grads.map(|g| &g[at * dim..(at + chunk.len()) * dim]);
+                let sent = self.send_one(owner, kind, dim, chunk, g);
+                let id = self.sent_or_abandon(sent, &subs)?;
+                let range = at * dim..(at + chunk.len()) * dim;
+                subs.push(Sub { server: owner.server, shard: owner.shard, id, range, scatter: false });
+            }
         } else {
             self.group(keys, grads, dim, &mut order);
             let mut at = 0;
             for part in used {
                 let n = self.scratch.counts[part];
                 let owner = table.route().owner(part);
+                let per_frame = self.keys_per_frame(owner, kind, dim, true);
                 let keys = std::mem::take(&mut self.scratch.keys);
                 let group_grads = std::mem::take(&mut self.scratch.grads);
-                let g = grads.map(|_| &group_grads[at * dim..(at + n) * dim]);
-                let sent = self.send_one(owner, kind, dim, &keys[at..at + n], g);
+                let mut failed = None;
+                for lo in (at..at + n).step_by(per_frame) {
+                    let hi = (lo + per_frame).min(at + n);
+                    let g = grads.map(|_| &group_grads[lo * dim..hi * dim]);
+                    match self.send_one(owner, kind, dim, &keys[lo..hi], g) {
+                        Ok(id) => subs.push(Sub { server: owner.server, shard: owner.shard, id, range: lo..hi, scatter: true }),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
                 self.scratch.keys = keys;
                 self.scratch.grads = group_grads;
-                let id = self.sent_or_abandon(sent, &subs)?;
-                subs.push(Sub { server: owner.server, shard: owner.shard, id, range: at..at + n, scatter: true });
+                if let Some(e) = failed {
+                    self.sent_or_abandon(Err(e), &subs)?;
+                }
                 at += n;
             }
         }
@@ -332,8 +372,9 @@ impl Core {
         let mut key = start;
         while key < end {
             let part = route.locate(key).expect("keys inside the table have a part");
-            let stop = route.range(part).end.min(end);
             let owner = route.owner(part);
+            let per_frame = self.keys_per_frame(owner, kind, dim, false) as u64;
+            let stop = route.range(part).end.min(end).min(key.saturating_add(per_frame));
             let values = (key - start) as usize * dim..(stop - start) as usize * dim;
             let op = if kind == Kind::Push { Op::PushRange } else { Op::PullRange };
             let mut header = Header::request(op, 0);

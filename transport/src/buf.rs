@@ -130,8 +130,11 @@ impl FrameReader {
             self.pos = self.buf.compact(self.pos);
             debug_assert_eq!(self.pos, 0);
         }
+        // Grow towards the announced frame as its bytes arrive, at most doubling per read, so a
+        // header that announces a huge body costs nothing until the body really comes.
+        let len = self.buf.len();
         let frame = self.pending_frame_len().unwrap_or(0);
-        self.buf.reserve_total(frame.max(self.buf.len() + self.read_chunk_bytes));
+        self.buf.reserve_total(frame.min(2 * len).max(len + self.read_chunk_bytes));
         let len = self.buf.len();
         match src.read(&mut self.buf.all_mut()[len..]) {
             Ok(0) => Ok(Filled::Eof),
@@ -141,8 +144,14 @@ impl FrameReader {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Filled::Bytes(0)),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(Filled::Eof),
             Err(e) => Err(e),
         }
+    }
+
+    /// Changes the largest frame accepted from now on (a connection's limit rises after hello).
+    pub fn set_frame_bytes_max(&mut self, bytes: usize) {
+        self.frame_bytes_max = bytes;
     }
 
     /// Length of the frame whose header is buffered, if it is buffered and sane.

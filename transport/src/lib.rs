@@ -81,8 +81,10 @@ pub trait Link: Send + std::fmt::Debug {
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>>;
     /// The peer's address, for messages.
     fn peer(&self) -> &str;
-    /// The largest frame the peer accepts.
+    /// The largest frame this link sends: the smaller of its own limit and the peer's.
     fn frame_bytes_max(&self) -> usize;
+    /// Adopts the peer's frame limit (from its hello reply) for what this link sends.
+    fn limit_frames(&mut self, peer_frame_bytes_max: usize);
 }
 
 /// One received frame, borrowed from the link until the next call.

@@ -26,6 +26,9 @@ const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
 /// Connections waiting in a shard's hand-off channel before new ones are refused.
 const HANDOFF_QUEUE_MAX: usize = 1024;
+/// Largest frame a connection may send before its hello: a hello has no body, so a peer that
+/// announces more is either confused or trying to make the server allocate for it.
+pub const HELLO_FRAME_BYTES_MAX: usize = 4 << 10;
 /// Most parts (besides header and padding) a frame may be sent from.
 const PARTS_MAX: usize = 6;
 const PAD: [u8; 8] = [0; 8];
@@ -327,7 +330,7 @@ impl TcpEndpoint {
                 id: ConnId(self.next_id),
                 stream,
                 peer,
-                reader: FrameReader::new(self.cfg.frame_bytes_max, self.cfg.read_chunk_bytes),
+                reader: FrameReader::new(HELLO_FRAME_BYTES_MAX, self.cfg.read_chunk_bytes),
                 inflater: Inflater::default(),
                 deflater: Deflater::default(),
                 joined: Vec::new(),
@@ -543,7 +546,7 @@ impl Conn {
             return Ok(None);
         }
         if header.op() == Some(Op::Hello) {
-            return Ok(self.hello(&header, role, info, shards));
+            return Ok(self.hello(&header, role, info, shards, cfg.frame_bytes_max));
         }
         if !self.greeted {
             self.fail(&header, Status::BadRequest, "send a hello before any request".into());
@@ -560,7 +563,7 @@ impl Conn {
     }
 
     /// Answers a hello. On the control plane, a hello that names a shard moves the connection there.
-    fn hello(&mut self, header: &Header, role: Role, info: &[u8], shards: usize) -> Option<Next> {
+    fn hello(&mut self, header: &Header, role: Role, info: &[u8], shards: usize, cfg_frame_bytes_max: usize) -> Option<Next> {
         if self.greeted {
             self.fail(header, Status::BadRequest, "a second hello on one connection".into());
             return None;
@@ -571,6 +574,7 @@ impl Conn {
             return None;
         }
         self.greeted = true;
+        self.reader.set_frame_bytes_max(cfg_frame_bytes_max);
         let mut reply = Reply::new(&mut self.out, *header);
         reply.ok_bytes(info);
         reply.finish(&mut self.deflater, &mut self.joined, usize::MAX);
@@ -595,7 +599,10 @@ pub struct TcpLink {
     deflater: Deflater,
     joined: Vec<u8>,
     peer: String,
+    /// Largest frame this side accepts.
     frame_bytes_max: usize,
+    /// Largest frame the server accepts (its hello says), never above our own.
+    send_bytes_max: usize,
     io_timeout: Duration,
 }
 
@@ -623,6 +630,7 @@ impl TcpLink {
             joined: Vec::new(),
             peer: addr.to_string(),
             frame_bytes_max: cfg.frame_bytes_max,
+            send_bytes_max: cfg.frame_bytes_max,
             io_timeout: Duration::from_millis(cfg.io_timeout_ms),
         };
         let mut hello = Header::request(Op::Hello, 0);
@@ -686,7 +694,7 @@ impl Link for TcpLink {
     fn send(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()> {
         assert!(parts.len() <= PARTS_MAX, "a frame is sent from at most {PARTS_MAX} parts");
         let raw_len: usize = parts.iter().map(|p| p.len()).sum();
-        let limit = self.frame_bytes_max;
+        let limit = self.send_bytes_max;
         if HEADER_BYTES + padded(raw_len) > limit {
             return Err(TransportError::FrameTooLarge { bytes: HEADER_BYTES + padded(raw_len), limit });
         }
@@ -738,6 +746,10 @@ impl Link for TcpLink {
     }
 
     fn frame_bytes_max(&self) -> usize {
-        self.frame_bytes_max
+        self.send_bytes_max
+    }
+
+    fn limit_frames(&mut self, peer_frame_bytes_max: usize) {
+        self.send_bytes_max = peer_frame_bytes_max.min(self.frame_bytes_max);
     }
 }

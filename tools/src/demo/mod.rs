@@ -137,7 +137,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .map(|w| Client::connect(&refs, ClientConfig { compress: args.compress, ..ClientConfig::worker(w) }))
         .collect::<Result<Vec<_>, _>>()
         .context("connecting the workers")?;
-    let mut spec = TableSpec::new("demo.lr", TableKind::Sparse, 0, u64::MAX, 1);
+    // A fresh table per run, so that a second run against the same servers trains from scratch.
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut spec = TableSpec::new(&format!("demo.lr-{stamp}"), TableKind::Sparse, 0, u64::MAX, 1);
     spec.updater = format!("adagrad{{lr={},eps=1e-8}}", args.lr);
     spec.capacity = cfg.features + cfg.features / 4 + 1024;
     let table = clients[0].create_table(&spec).context("creating the demo table")?;
