@@ -175,7 +175,7 @@ impl Core {
     /// smaller of the two sides' frame limits. Larger calls are split into several frames.
     fn keys_per_frame(&self, owner: Owner, kind: Kind, dim: usize, with_keys: bool) -> usize {
         let server = &self.servers[owner.server as usize];
-        let room = server.shards[owner.shard as usize].link.frame_bytes_max().saturating_sub(tessera_transport::wire::HEADER_BYTES);
+        let room = server.shards[owner.shard as usize].link.send_bytes_max().saturating_sub(tessera_transport::wire::HEADER_BYTES);
         let key_bytes = if with_keys { 8 } else { 0 };
         let n = match kind {
             Kind::Push => room / (key_bytes + 4 * dim),

@@ -71,7 +71,7 @@ impl AlignedBuf {
     /// Appends `n` bytes whose contents are left from earlier use (initialised, but stale), for a
     /// caller that overwrites all of them; saves a pass over large replies.
     pub fn append_unfilled(&mut self, n: usize) -> Range<usize> {
-        assert!(self.len % FRAME_ALIGN == 0, "appends keep frames aligned");
+        assert!(self.len.is_multiple_of(FRAME_ALIGN), "appends keep frames aligned");
         let start = self.len;
         self.reserve_total(start + n);
         self.len = start + n;

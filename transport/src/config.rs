@@ -9,7 +9,7 @@ pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 << 20;
 pub const FRAME_BYTES_MAX_MIN: usize = 4 << 10;
 /// Hard ceiling on any configured frame limit: the header's length fields are u32.
 pub const FRAME_BYTES_MAX_CEILING: usize = (u32::MAX as usize) & !7;
-const _: () = assert!(FRAME_BYTES_MAX_DEFAULT % 8 == 0, "frames are padded to 8 bytes");
+const _: () = assert!(FRAME_BYTES_MAX_DEFAULT.is_multiple_of(8), "frames are padded to 8 bytes");
 const _: () = assert!(FRAME_BYTES_MAX_MIN > HEADER_BYTES * 4);
 
 /// Knobs for one endpoint (server side) or link (client side).

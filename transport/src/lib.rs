@@ -82,7 +82,7 @@ pub trait Link: Send + std::fmt::Debug {
     /// The peer's address, for messages.
     fn peer(&self) -> &str;
     /// The largest frame this link sends: the smaller of its own limit and the peer's.
-    fn frame_bytes_max(&self) -> usize;
+    fn send_bytes_max(&self) -> usize;
     /// Adopts the peer's frame limit (from its hello reply) for what this link sends.
     fn limit_frames(&mut self, peer_frame_bytes_max: usize);
 }

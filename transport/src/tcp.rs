@@ -745,7 +745,7 @@ impl Link for TcpLink {
         &self.peer
     }
 
-    fn frame_bytes_max(&self) -> usize {
+    fn send_bytes_max(&self) -> usize {
         self.send_bytes_max
     }
 

@@ -37,7 +37,7 @@ pub const REPLY_BIT: u8 = 0x80;
 pub const CONTROL_SHARD: u64 = u64::MAX;
 
 const _: () = assert!(std::mem::size_of::<Header>() == HEADER_BYTES);
-const _: () = assert!(HEADER_BYTES % FRAME_ALIGN == 0);
+const _: () = assert!(HEADER_BYTES.is_multiple_of(FRAME_ALIGN));
 
 /// Header flags.
 pub mod flags {
