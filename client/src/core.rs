@@ -362,7 +362,7 @@ impl Core {
         Self::check_len(table, if kind == Kind::Push { "the gradient" } else { "the output" }, count, len)?;
         let route = table.route();
         let spec = &route.spec;
-        let end = start.checked_add(count as u64).unwrap_or(u64::MAX);
+        let end = start.saturating_add(count as u64);
         let bad = if start < spec.start { Some(start) } else if end > spec.end { Some(spec.end.max(start)) } else { None };
         if let Some(key) = bad {
             return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end });

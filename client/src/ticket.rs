@@ -30,7 +30,7 @@ impl Stamp {
     }
 
     /// Keeps, for each worker, the lower of the two clocks (a worker absent from one side has 0).
-    fn meet(&mut self, other: impl Iterator<Item = u64> + ExactSizeIterator, first: bool) {
+    fn meet(&mut self, other: impl ExactSizeIterator<Item = u64>, first: bool) {
         if first {
             self.clocks.extend(other);
             return;
@@ -106,7 +106,7 @@ fn absorb(
         return Err(String::from_utf8_lossy(body).into_owned());
     }
     let stamp_bytes = header.count as usize * 8;
-    if body.len() < stamp_bytes || (body.len() - stamp_bytes) % 4 != 0 {
+    if body.len() < stamp_bytes || !(body.len() - stamp_bytes).is_multiple_of(4) {
         return Err(format!("reply body of {} bytes does not hold a {}-entry stamp and values", body.len(), header.count));
     }
     let (clocks, values) = body.split_at(stamp_bytes);

@@ -157,6 +157,10 @@ impl FrameReader {
     /// Length of the frame whose header is buffered, if it is buffered and sane.
     fn pending_frame_len(&self) -> Option<usize> {
         let bytes = &self.buf.bytes()[self.pos..];
+        // Checked first: decoding a short header builds an error message, which allocates.
+        if bytes.len() < HEADER_BYTES {
+            return None;
+        }
         Header::decode(bytes, self.frame_bytes_max).ok().map(|h| h.frame_len())
     }
 

@@ -645,6 +645,21 @@ impl TcpLink {
         Ok((link, info))
     }
 
+    fn sock(&mut self) -> Sock<'_> {
+        Sock { stream: &mut self.stream, poll: &mut self.poll, events: &mut self.events, reader: &mut self.reader, io_timeout: self.io_timeout }
+    }
+}
+
+/// The parts of a link that move bytes, borrowed apart from its compression buffers.
+struct Sock<'a> {
+    stream: &'a mut TcpStream,
+    poll: &'a mut Poll,
+    events: &'a mut Events,
+    reader: &'a mut FrameReader,
+    io_timeout: Duration,
+}
+
+impl Sock<'_> {
     /// Waits for the socket to become ready, reading whatever replies arrive meanwhile so that
     /// the server never stalls on us.
     fn wait(&mut self, deadline: Instant, what: &'static str) -> Result<()> {
@@ -652,7 +667,7 @@ impl TcpLink {
         if left.is_zero() {
             return Err(TransportError::Timeout { what, ms: self.io_timeout.as_millis() as u64 });
         }
-        match self.poll.poll(&mut self.events, Some(left)) {
+        match self.poll.poll(self.events, Some(left)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -663,7 +678,7 @@ impl TcpLink {
     /// Reads everything the socket has now.
     fn drain(&mut self) -> Result<()> {
         loop {
-            match self.reader.fill(&mut self.stream)? {
+            match self.reader.fill(self.stream)? {
                 Filled::Bytes(_) => {}
                 Filled::WouldBlock => return Ok(()),
                 Filled::Eof => return Ok(()),
@@ -701,9 +716,9 @@ impl Link for TcpLink {
         header.raw_len = raw_len as u32;
         header.body_len = raw_len as u32;
         header.flags &= !flags::COMPRESSED;
-        let mut joined = std::mem::take(&mut self.joined);
-        let mut deflater = std::mem::take(&mut self.deflater);
-        let packed = if compress && raw_len > 0 { deflater.deflate(parts, &mut joined) } else { None };
+        // Split the borrows: the compressed body lives in the deflater while the stream writes it.
+        let Self { deflater, joined, stream, poll, events, reader, io_timeout, .. } = self;
+        let packed = if compress && raw_len > 0 { deflater.deflate(parts, joined) } else { None };
         let body: &[&[u8]] = match &packed {
             Some(z) => {
                 header.flags |= flags::COMPRESSED;
@@ -720,10 +735,8 @@ impl Link for TcpLink {
             *slot = IoSlice::new(part);
         }
         slices[body.len() + 1] = IoSlice::new(&PAD[..pad]);
-        let sent = self.write_all(&mut slices[..body.len() + 2]);
-        self.joined = joined;
-        self.deflater = deflater;
-        sent
+        let mut sock = Sock { stream, poll, events, reader, io_timeout: *io_timeout };
+        sock.write_all(&mut slices[..body.len() + 2])
     }
 
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>> {
@@ -735,7 +748,7 @@ impl Link for TcpLink {
             }
             match self.reader.fill(&mut self.stream)? {
                 Filled::Bytes(_) => {}
-                Filled::WouldBlock => self.wait(deadline, "a reply")?,
+                Filled::WouldBlock => self.sock().wait(deadline, "a reply")?,
                 Filled::Eof => return Err(TransportError::Closed { mid_frame: self.reader.buffered() > 0 }),
             }
         }

@@ -126,7 +126,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         None => {
             let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new()), UpdaterRegistry::new())
                 .context("starting the embedded server")?;
-            say(format!("embedded server on {} with {} shards, {} workers", server.local_addr(), args.engine.shards.map_or_else(|| tessera_engine::config::available_cores() as u16, |s| s), args.workers));
+            say(format!("embedded server on {} with {} shards, {} workers", server.local_addr(), args.engine.shards.unwrap_or_else(|| tessera_engine::config::available_cores() as u16), args.workers));
             let addr = server.local_addr().to_string();
             _server = server;
             vec![addr]

@@ -1,0 +1,111 @@
+//! The data path allocates nothing once warm: a counting allocator watches a server serve
+//! thousands of pushes and pulls (dense and sparse, over every shard) through raw transport links.
+//! The links themselves do not allocate per message either, so every allocation counted would be
+//! the server's.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
+use tessera_replication::catalog::Catalog;
+use tessera_replication::{TableKind, TableSpec};
+use tessera_transport::tcp::TcpLink;
+use tessera_transport::{Header, Link, Op, Status, TransportConfig, CONTROL_SHARD};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call unchanged to the system allocator; it only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed on as it is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System` with `layout`, as the caller promises.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn call(link: &mut TcpLink, header: &mut Header, parts: &[&[u8]]) {
+    link.send(header, parts, false).unwrap();
+    let reply = link.recv(None).unwrap();
+    assert_eq!(reply.header.status(), Status::Ok, "{}", String::from_utf8_lossy(reply.body));
+}
+
+#[test]
+fn serving_pushes_and_pulls_allocates_nothing_once_warm() {
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    cfg.engine.shards = 2;
+    cfg.engine.pin_cores = false;
+    let mut dense = TableSpec::new("dense", TableKind::Dense, 0, 1 << 16, 8);
+    dense.updater = "adam".into();
+    let mut sparse = TableSpec::new("sparse", TableKind::Sparse, 0, u64::MAX, 4);
+    sparse.updater = "adagrad".into();
+    sparse.capacity = 1 << 14;
+    cfg.tables = vec![dense, sparse];
+    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let addr = server.local_addr().to_string();
+    let tcfg = TransportConfig::default();
+    let (mut control, _) = TcpLink::connect(&addr, CONTROL_SHARD, 0, &tcfg).unwrap();
+    let mut h = Header::request(Op::Catalog, 1);
+    control.send(&mut h, &[], false).unwrap();
+    let catalog: Catalog = serde_json::from_slice(control.recv(None).unwrap().body).unwrap();
+    let mut links: Vec<TcpLink> = (0..2).map(|s| TcpLink::connect(&addr, s, 0, &tcfg).unwrap().0).collect();
+
+    let grads = vec![0.5f32; 256 * 8];
+    // Everything the rounds send is built here, so that the loop itself allocates nothing.
+    let plans: Vec<(u32, usize, bool, u64, usize, Vec<u64>)> = catalog
+        .tables
+        .iter()
+        .flat_map(|t| {
+            t.parts.iter().map(move |p| {
+                let keys = (0..64).map(|i| p.start + i * 97 % (p.end - p.start)).collect();
+                (t.id, t.spec.dim as usize, t.spec.kind == TableKind::Dense, p.start, p.shard as usize, keys)
+            })
+        })
+        .collect();
+    let round = |links: &mut [TcpLink], clock: u64| {
+        for (table, dim, dense, start, shard, keys) in &plans {
+            let link = &mut links[*shard];
+            let key_bytes: &[u8] = bytemuck::cast_slice(keys);
+            let values: &[u8] = bytemuck::cast_slice(&grads[..keys.len() * dim]);
+            for op in [Op::Push, Op::Pull] {
+                let mut h = Header::request(op, clock);
+                (h.table, h.dim, h.count, h.clock) = (*table, *dim as u32, keys.len() as u32, clock);
+                let with_values = [key_bytes, values];
+                call(link, &mut h, if op == Op::Push { &with_values } else { &with_values[..1] });
+            }
+            if *dense {
+                for op in [Op::PushRange, Op::PullRange] {
+                    let mut h = Header::request(op, clock);
+                    (h.table, h.dim, h.count, h.start, h.clock) = (*table, *dim as u32, 256, *start, clock);
+                    let body: &[u8] = if op == Op::PushRange { bytemuck::cast_slice(&grads) } else { &[] };
+                    call(link, &mut h, &[body]);
+                }
+            }
+        }
+    };
+    for clock in 1..=50 {
+        round(&mut links, clock);
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let rounds = 500;
+    for clock in 51..51 + rounds {
+        round(&mut links, clock);
+    }
+    let counted = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let messages = rounds * 12 * 2;
+    assert_eq!(counted, 0, "{counted} allocations while serving {messages} requests and replies once warm");
+    drop(server);
+}
