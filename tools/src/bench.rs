@@ -92,7 +92,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let addrs = match &args.connect {
         Some(list) => addresses(list),
         None => {
-            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new()), UpdaterRegistry::new())?;
+            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new(), false), UpdaterRegistry::new())?;
             let addr = server.local_addr().to_string();
             _embedded = server;
             vec![addr]

@@ -25,20 +25,25 @@ pub struct EngineArgs {
     /// Largest frame accepted, in bytes (requests and replies).
     #[arg(long, default_value_t = tessera_transport::config::FRAME_BYTES_MAX_DEFAULT)]
     pub frame_bytes_max: usize,
-    /// Do not pin shard threads to cores.
+    /// Pin each shard thread to its own core. The default for `tessera server`.
+    #[arg(long, conflicts_with = "no_pin")]
+    pub pin: bool,
+    /// Do not pin shard threads. The default for the server `demo` and `bench` embed, whose own
+    /// worker threads share the same cores (pinning them measured slower there).
     #[arg(long)]
     pub no_pin: bool,
 }
 
 impl EngineArgs {
-    /// A server configuration for `listen` with these options.
-    pub fn server_config(&self, listen: &str, tables: Vec<TableSpec>) -> ServerConfig {
+    /// A server configuration for `listen` with these options; `pin_default` applies when neither
+    /// `--pin` nor `--no-pin` was given.
+    pub fn server_config(&self, listen: &str, tables: Vec<TableSpec>, pin_default: bool) -> ServerConfig {
         let mut engine = EngineConfig::default();
         if let Some(shards) = self.shards {
             engine.shards = shards;
         }
         engine.workers_max = self.workers_max;
-        engine.pin_cores = !self.no_pin;
+        engine.pin_cores = self.pin || (pin_default && !self.no_pin);
         let transport = TransportConfig { frame_bytes_max: self.frame_bytes_max, ..TransportConfig::default() };
         ServerConfig { listen: listen.into(), engine, transport, tables, servers: 1, server_index: 0 }
     }

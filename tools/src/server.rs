@@ -48,7 +48,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
         Some(path) => read_tables(path)?,
         None => Vec::new(),
     };
-    let mut cfg = args.engine.server_config(&args.listen, tables);
+    let mut cfg = args.engine.server_config(&args.listen, tables, true);
     if let Some(list) = &args.cluster {
         let cluster = addresses(list);
         let Some(index) = cluster.iter().position(|a| *a == args.listen) else {

@@ -124,7 +124,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let addrs = match &args.connect {
         Some(list) => addresses(list),
         None => {
-            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new()), UpdaterRegistry::new())
+            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new(), false), UpdaterRegistry::new())
                 .context("starting the embedded server")?;
             say(format!("embedded server on {} with {} shards, {} workers", server.local_addr(), args.engine.shards.unwrap_or_else(|| tessera_engine::config::available_cores() as u16), args.workers));
             let addr = server.local_addr().to_string();
