@@ -86,19 +86,13 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every op, so that decoding cannot drift from the enum.
+    pub const ALL: [Op; 8] =
+        [Op::Hello, Op::Catalog, Op::CreateTable, Op::Status, Op::Push, Op::PushRange, Op::Pull, Op::PullRange];
+
     /// Decodes the low seven bits of `op`.
     pub fn from_u8(op: u8) -> Option<Op> {
-        Some(match op & !REPLY_BIT {
-            1 => Op::Hello,
-            2 => Op::Catalog,
-            3 => Op::CreateTable,
-            4 => Op::Status,
-            10 => Op::Push,
-            11 => Op::PushRange,
-            12 => Op::Pull,
-            13 => Op::PullRange,
-            _ => return None,
-        })
+        Op::ALL.into_iter().find(|o| *o as u8 == op & !REPLY_BIT)
     }
 
     /// True for the ops a shard connection serves.
@@ -315,6 +309,15 @@ mod tests {
         assert_eq!(v, &[1.0, 1.0]);
         assert!(keys_and_values(bytes, 4).is_err());
         assert!(keys_and_values(&bytes[..23], 2).is_err());
+    }
+
+    #[test]
+    fn op_codes_round_trip() {
+        for op in Op::ALL {
+            assert_eq!(Op::from_u8(op as u8), Some(op));
+            assert_eq!(Op::from_u8(op as u8 | REPLY_BIT), Some(op));
+        }
+        assert_eq!(Op::from_u8(0), None);
     }
 
     #[test]
