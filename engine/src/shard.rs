@@ -48,8 +48,11 @@ pub struct PartReport {
     pub start: u64,
     pub end: u64,
     pub clock_segments: usize,
-    /// The part's stamp: element-wise minimum clock over its keys.
+    /// The part's stamp: element-wise minimum clock over its keys (0 where a worker never
+    /// pushed to some of its keys).
     pub stamp: Vec<u64>,
+    /// Element-wise maximum clock over its keys: how far each worker has got anywhere in it.
+    pub clocks_max: Vec<u64>,
     #[serde(flatten)]
     pub stats: PartStats,
 }
@@ -123,12 +126,17 @@ impl Shard {
             let owned = t.owned();
             let mut stamp = vec![0; t.stamp_len()];
             t.stamp_into(owned.clone(), &mut stamp);
+            let mut clocks_max = vec![0; t.stamp_len()];
+            for (_, clocks) in t.clocks().segments() {
+                clocks_max.iter_mut().zip(clocks).for_each(|(m, c)| *m = (*m).max(*c));
+            }
             PartReport {
                 table: t.id,
                 start: owned.start,
                 end: owned.end,
                 clock_segments: t.clocks().segment_count(),
                 stamp,
+                clocks_max,
                 stats: t.stats(),
             }
         });

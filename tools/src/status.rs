@@ -29,17 +29,21 @@ pub fn run(args: StatusArgs) -> Result<()> {
     }
     for (addr, r) in addrs.iter().zip(&reports) {
         let info = &r["info"];
-        println!("server {addr}: index {} of {}, {} shards, version {}", info["server_index"], info["servers"], info["shards"], info["version"]);
+        let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), String::from);
+        println!("server {addr}: index {} of {}, {} shards, version {}", info["server_index"], info["servers"], info["shards"], text(&info["version"]));
         for t in r["catalog"]["tables"].as_array().into_iter().flatten() {
             let s = &t["spec"];
-            println!("  table {} (id {}): {} [{}, {}) dim {} updater {}", s["name"], t["id"], s["kind"], s["start"], s["end"], s["dim"], s["updater"]);
+            println!(
+                "  table {} (id {}): {} [{}, {}) dim {}, updater {}",
+                text(&s["name"]), t["id"], text(&s["kind"]), s["start"], s["end"], s["dim"], text(&s["updater"])
+            );
         }
         for sh in r["shards"].as_array().into_iter().flatten() {
             println!("  shard {}: {} connections, {} MiB mapped ({} MiB locked)", sh["shard"], sh["connections"], sh["bytes_mapped"].as_u64().unwrap_or(0) >> 20, sh["bytes_locked"].as_u64().unwrap_or(0) >> 20);
             for p in sh["tables"].as_array().into_iter().flatten() {
                 println!(
-                    "    table {} [{}, {}): {} pushes, {} pulls, {} clock segments, stamp {}",
-                    p["table"], p["start"], p["end"], p["pushes"], p["pulls"], p["clock_segments"], p["stamp"]
+                    "    table {} [{}, {}): {} pushes, {} pulls, {} clock segments; clocks: all keys at least {}, newest {}",
+                    p["table"], p["start"], p["end"], p["pushes"], p["pulls"], p["clock_segments"], p["stamp"], p["clocks_max"]
                 );
             }
         }
