@@ -4,7 +4,7 @@
 #   tests/softroce/setup.sh            # install whatever is missing (as root, with apt)
 #   tests/softroce/setup.sh --check    # only list what is missing; exit 1 if anything is
 #
-# tests/softroce/run.sh calls this before every boot, and the main test script calls it before
+# tests/softroce/run.sh calls this before every boot, and the main test script should call it before
 # building, so a fresh machine gets everything in one `apt-get install`. A warm machine never
 # touches the network: each package is checked with dpkg first and `apt-get update` runs at most
 # once, only when something has to be installed.
