@@ -99,7 +99,7 @@ impl Server {
         for (id, mut ep) in shard_eps.into_iter().enumerate() {
             let (tx, rx) = channel::bounded(SHARD_CONTROL_QUEUE_MAX);
             shards.push(ShardHandle { tx, waker: ep.waker() });
-            let shard = Shard::new(id as u16, engine.clone(), cfg.transport.frame_bytes_max, rx);
+            let shard = Shard::new(id as u16, engine.clone(), rx);
             let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[id % cores.len()]);
             let spawned = std::thread::Builder::new().name(format!("tessera-shard-{id}")).spawn(move || {
                 if let Some(core) = core {

@@ -62,7 +62,6 @@ pub struct PartReport {
 pub struct Shard {
     id: u16,
     cfg: Arc<EngineConfig>,
-    frame_bytes_max: usize,
     arena: Arena,
     tables: Vec<Option<TablePart>>,
     control: Receiver<ShardControl>,
@@ -72,8 +71,8 @@ pub struct Shard {
 
 impl Shard {
     /// A shard with no tables yet.
-    pub fn new(id: u16, cfg: Arc<EngineConfig>, frame_bytes_max: usize, control: Receiver<ShardControl>) -> Self {
-        Self { id, cfg, frame_bytes_max, arena: Arena::default(), tables: Vec::new(), control, connections: 0, stop: false }
+    pub fn new(id: u16, cfg: Arc<EngineConfig>, control: Receiver<ShardControl>) -> Self {
+        Self { id, cfg, arena: Arena::default(), tables: Vec::new(), control, connections: 0, stop: false }
     }
 
     /// Serves until told to shut down.
@@ -145,7 +144,8 @@ impl Shard {
 
     fn serve_data(&mut self, req: &Request<'_>, reply: &mut Reply<'_>) -> Result<()> {
         let h = req.header;
-        let limit = self.frame_bytes_max;
+        // The transport says how large a reply it can carry back (TCP frames, RDMA slots).
+        let limit = reply.frame_bytes_max();
         let bad = |e: tessera_transport::TransportError| EngineError::BadRequest { reason: e.to_string() };
         match h.op() {
             Some(Op::Push) => {

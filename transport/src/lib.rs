@@ -28,6 +28,7 @@
 pub mod buf;
 pub mod config;
 pub mod error;
+pub mod reply;
 pub mod tcp;
 pub mod wire;
 
@@ -106,4 +107,4 @@ impl Waker {
     }
 }
 
-pub use tcp::Reply;
+pub use reply::Reply;

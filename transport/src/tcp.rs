@@ -19,6 +19,7 @@ use crate::buf::{AlignedBuf, Deflater, Filled, FrameReader, Inflater};
 use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
 use crate::wire::{flags, padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
+use crate::reply::{Reply, ReplyArea};
 use crate::{ConnId, Frame, Link, Request, Service, ShardTransport, Waker};
 
 const LISTENER: Token = Token(0);
@@ -79,96 +80,6 @@ impl OutQueue {
     }
 }
 
-/// The reply to one request, written straight into the connection's outgoing buffer.
-#[derive(Debug)]
-pub struct Reply<'a> {
-    out: &'a mut OutQueue,
-    request: Header,
-    /// Where this reply's frame starts in `out`, once one was begun.
-    frame: Option<usize>,
-}
-
-impl<'a> Reply<'a> {
-    fn new(out: &'a mut OutQueue, request: Header) -> Self {
-        Self { out, request, frame: None }
-    }
-
-    /// The request this replies to.
-    pub fn request(&self) -> &Header {
-        &self.request
-    }
-
-    /// Drops a reply begun earlier, so that an error can replace it.
-    fn discard(&mut self) {
-        if let Some(start) = self.frame.take() {
-            self.out.buf.set_len(start);
-        }
-    }
-
-    fn begin(&mut self, status: Status, count: u32, body_len: usize) -> std::ops::Range<usize> {
-        self.discard();
-        let mut header = Header::reply_to(&self.request, status);
-        header.count = count;
-        header.body_len = u32::try_from(body_len).expect("reply bodies stay under the frame limit");
-        header.raw_len = header.body_len;
-        self.out.make_room(HEADER_BYTES + padded(body_len));
-        let frame = self.out.buf.append_unfilled(HEADER_BYTES + padded(body_len));
-        // Only the padding is cleared: the service fills the body, and stale bytes must not leak.
-        self.out.buf.all_mut()[frame.start + HEADER_BYTES + body_len..frame.end].fill(0);
-        self.out.buf.all_mut()[frame.start..frame.start + HEADER_BYTES].copy_from_slice(header.as_bytes());
-        self.frame = Some(frame.start);
-        frame.start + HEADER_BYTES..frame.start + HEADER_BYTES + body_len
-    }
-
-    /// A success reply carrying a `stamp_len`-entry vector-clock stamp and then `values_len`
-    /// values; returns both for the service to fill in place. Their contents are unspecified:
-    /// the service must write every element.
-    pub fn ok(&mut self, stamp_len: usize, values_len: usize) -> (&mut [u64], &mut [f32]) {
-        let body = self.begin(Status::Ok, stamp_len as u32, stamp_len * 8 + values_len * 4);
-        let bytes = &mut self.out.buf.all_mut()[body];
-        let (stamp, values) = bytes.split_at_mut(stamp_len * 8);
-        (bytemuck::cast_slice_mut(stamp), bytemuck::cast_slice_mut(values))
-    }
-
-    /// A success reply with an opaque body (control replies: JSON).
-    pub fn ok_bytes(&mut self, body: &[u8]) {
-        let range = self.begin(Status::Ok, 0, body.len());
-        self.out.buf.all_mut()[range].copy_from_slice(body);
-    }
-
-    /// An error reply; replaces anything begun before. The message should say what to do.
-    pub fn error(&mut self, status: Status, message: &str) {
-        assert_ne!(status, Status::Ok, "an error reply needs an error status");
-        let range = self.begin(status, 0, message.len());
-        self.out.buf.all_mut()[range].copy_from_slice(message.as_bytes());
-    }
-
-    /// Seals the reply, compressing its body if the request asked for that and it pays.
-    fn finish(mut self, deflater: &mut Deflater, joined: &mut Vec<u8>, compress_bytes_min: usize) {
-        let Some(start) = self.frame else {
-            self.error(Status::Internal, "the server produced no reply to this request (a bug)");
-            return self.finish(deflater, joined, compress_bytes_min);
-        };
-        let hdr = start..start + HEADER_BYTES;
-        let mut header = Header::decode_unchecked(&self.out.buf.bytes()[hdr.clone()]);
-        let body = hdr.end..hdr.end + header.body_len as usize;
-        let want = self.request.flags & flags::COMPRESS_REPLY != 0 && body.len() >= compress_bytes_min;
-        if want {
-            if let Some(z) = deflater.deflate(&[&self.out.buf.bytes()[body.clone()]], joined) {
-                // The body is still in place until set_len below; z lives in the deflater.
-                self.out.buf.set_len(hdr.end);
-                let room = self.out.buf.append_unfilled(padded(z.len()));
-                self.out.buf.all_mut()[room.start..room.start + z.len()].copy_from_slice(z);
-                self.out.buf.all_mut()[room.start + z.len()..room.end].fill(0);
-                header.flags |= flags::COMPRESSED;
-                header.body_len = z.len() as u32;
-            }
-        }
-        header.seal();
-        self.out.buf.all_mut()[hdr].copy_from_slice(header.as_bytes());
-    }
-}
-
 /// One server-side connection and everything it owns. Moves between threads only at hand-off.
 #[derive(Debug)]
 pub struct Conn {
@@ -193,6 +104,25 @@ enum Next {
     Yielded,
     Close(String),
     HandOff(u16),
+}
+
+impl ReplyArea for OutQueue {
+    fn used(&self) -> usize {
+        self.buf.len()
+    }
+    fn truncate(&mut self, len: usize) {
+        self.buf.set_len(len);
+    }
+    fn grow(&mut self, n: usize) -> Option<std::ops::Range<usize>> {
+        self.make_room(n);
+        Some(self.buf.append_unfilled(n))
+    }
+    fn bytes(&self) -> &[u8] {
+        self.buf.bytes()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.buf.all_mut()
+    }
 }
 
 /// A door into a shard's endpoint: where the control thread hands connections.
@@ -513,7 +443,7 @@ impl Conn {
 
     /// Queues an error reply and marks the connection for closing once it is sent.
     fn fail(&mut self, request: &Header, status: Status, reason: String) {
-        let mut reply = Reply::new(&mut self.out, *request);
+        let mut reply = Reply::new(&mut self.out, *request, usize::MAX);
         reply.error(status, &reason);
         reply.finish(&mut self.deflater, &mut self.joined, usize::MAX);
         self.closing = Some(reason);
@@ -553,7 +483,7 @@ impl Conn {
             return Ok(None);
         }
         let raw = self.reader.body(body);
-        let mut reply = Reply::new(&mut self.out, header);
+        let mut reply = Reply::new(&mut self.out, header, cfg.frame_bytes_max);
         match self.inflater.inflate(&header, raw) {
             Ok(body) => service.serve(Request { conn: self.id, header, body }, &mut reply),
             Err(e) => reply.error(Status::Malformed, &e.to_string()),
@@ -575,7 +505,7 @@ impl Conn {
         }
         self.greeted = true;
         self.reader.set_frame_bytes_max(cfg_frame_bytes_max);
-        let mut reply = Reply::new(&mut self.out, *header);
+        let mut reply = Reply::new(&mut self.out, *header, usize::MAX);
         reply.ok_bytes(info);
         reply.finish(&mut self.deflater, &mut self.joined, usize::MAX);
         match role {

@@ -1,0 +1,134 @@
+//! The reply to one request, written in place into whatever buffer the transport sends from: a
+//! TCP connection's outgoing queue, or an RDMA connection's registered staging slot.
+
+use std::ops::Range;
+
+use zerocopy::IntoBytes;
+
+use crate::buf::Deflater;
+use crate::wire::{flags, padded, Header, Status, HEADER_BYTES};
+
+/// Error messages are cut to this length, so an error reply always fits any transport's frames.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
+
+/// Where a transport lets replies be written: an append-only byte area whose frames start
+/// 8-byte aligned.
+pub(crate) trait ReplyArea {
+    /// Bytes in use.
+    fn used(&self) -> usize;
+    /// Drops bytes past `len`.
+    fn truncate(&mut self, len: usize);
+    /// Appends `n` bytes (contents unspecified) and returns their range; `None` when full.
+    fn grow(&mut self, n: usize) -> Option<Range<usize>>;
+    fn bytes(&self) -> &[u8];
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+/// The reply to one request, written straight into the buffer the transport sends from.
+pub struct Reply<'a> {
+    out: &'a mut dyn ReplyArea,
+    request: Header,
+    /// Where this reply's frame starts in `out`, once one was begun.
+    frame: Option<usize>,
+    /// Largest reply frame the transport can carry back.
+    frame_bytes_max: usize,
+}
+
+impl<'a> Reply<'a> {
+    pub(crate) fn new(out: &'a mut dyn ReplyArea, request: Header, frame_bytes_max: usize) -> Self {
+        Self { out, request, frame: None, frame_bytes_max }
+    }
+
+    /// Largest reply frame (header included) this transport carries back to the requester; a
+    /// service refuses requests whose reply would be larger.
+    pub fn frame_bytes_max(&self) -> usize {
+        self.frame_bytes_max
+    }
+
+    /// The request this replies to.
+    pub fn request(&self) -> &Header {
+        &self.request
+    }
+
+    /// Drops a reply begun earlier, so that an error can replace it.
+    fn discard(&mut self) {
+        if let Some(start) = self.frame.take() {
+            self.out.truncate(start);
+        }
+    }
+
+    fn begin(&mut self, status: Status, count: u32, body_len: usize) -> std::ops::Range<usize> {
+        self.discard();
+        let mut header = Header::reply_to(&self.request, status);
+        header.count = count;
+        header.body_len = u32::try_from(body_len).expect("reply bodies stay under the frame limit");
+        header.raw_len = header.body_len;
+        let frame = self.out.grow(HEADER_BYTES + padded(body_len)).expect("services size replies under frame_bytes_max");
+        // Only the padding is cleared: the service fills the body, and stale bytes must not leak.
+        let bytes = self.out.bytes_mut();
+        bytes[frame.start + HEADER_BYTES + body_len..frame.end].fill(0);
+        bytes[frame.start..frame.start + HEADER_BYTES].copy_from_slice(header.as_bytes());
+        self.frame = Some(frame.start);
+        frame.start + HEADER_BYTES..frame.start + HEADER_BYTES + body_len
+    }
+
+    /// A success reply carrying a `stamp_len`-entry vector-clock stamp and then `values_len`
+    /// values; returns both for the service to fill in place. Their contents are unspecified:
+    /// the service must write every element.
+    pub fn ok(&mut self, stamp_len: usize, values_len: usize) -> (&mut [u64], &mut [f32]) {
+        let body = self.begin(Status::Ok, stamp_len as u32, stamp_len * 8 + values_len * 4);
+        let bytes = &mut self.out.bytes_mut()[body];
+        let (stamp, values) = bytes.split_at_mut(stamp_len * 8);
+        (bytemuck::cast_slice_mut(stamp), bytemuck::cast_slice_mut(values))
+    }
+
+    /// A success reply with an opaque body (control replies: JSON).
+    pub fn ok_bytes(&mut self, body: &[u8]) {
+        let range = self.begin(Status::Ok, 0, body.len());
+        self.out.bytes_mut()[range].copy_from_slice(body);
+    }
+
+    /// An error reply; replaces anything begun before. The message should say what to do.
+    pub fn error(&mut self, status: Status, message: &str) {
+        assert_ne!(status, Status::Ok, "an error reply needs an error status");
+        let message = &message.as_bytes()[..message.len().min(ERROR_MESSAGE_BYTES_MAX)];
+        let range = self.begin(status, 0, message.len());
+        self.out.bytes_mut()[range].copy_from_slice(message);
+    }
+
+    /// Seals the reply, compressing its body if the request asked for that and it pays. Returns
+    /// the byte range of the sealed frame in the area.
+    pub(crate) fn finish(mut self, deflater: &mut Deflater, joined: &mut Vec<u8>, compress_bytes_min: usize) -> Range<usize> {
+        let Some(start) = self.frame else {
+            self.error(Status::Internal, "the server produced no reply to this request (a bug)");
+            return self.finish(deflater, joined, compress_bytes_min);
+        };
+        let hdr = start..start + HEADER_BYTES;
+        let mut header = Header::decode_unchecked(&self.out.bytes()[hdr.clone()]);
+        let body = hdr.end..hdr.end + header.body_len as usize;
+        let want = self.request.flags & flags::COMPRESS_REPLY != 0 && body.len() >= compress_bytes_min;
+        if want {
+            if let Some(z) = deflater.deflate(&[&self.out.bytes()[body.clone()]], joined) {
+                // The body is still in place until truncate below; z lives in the deflater, and it
+                // is smaller than the body, so the area has room for it.
+                self.out.truncate(hdr.end);
+                let room = self.out.grow(padded(z.len())).expect("a compressed body is smaller");
+                let bytes = self.out.bytes_mut();
+                bytes[room.start..room.start + z.len()].copy_from_slice(z);
+                bytes[room.start + z.len()..room.end].fill(0);
+                header.flags |= flags::COMPRESSED;
+                header.body_len = z.len() as u32;
+            }
+        }
+        header.seal();
+        self.out.bytes_mut()[hdr.clone()].copy_from_slice(header.as_bytes());
+        start..self.out.used()
+    }
+}
+
+
+impl std::fmt::Debug for Reply<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply").field("request", &self.request).field("frame", &self.frame).finish()
+    }
+}
