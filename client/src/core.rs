@@ -68,6 +68,7 @@ pub(crate) struct Core {
 
 impl Core {
     pub fn connect(addrs: &[&str], cfg: ClientConfig) -> Result<Core> {
+        let chosen = tessera_transport::select::choose(cfg.kind, &cfg.rdma)?;
         let mut servers = Vec::with_capacity(addrs.len());
         for addr in addrs {
             let (control, info) = TcpLink::connect(addr, CONTROL_SHARD, cfg.worker, &cfg.transport)?;
@@ -76,10 +77,22 @@ impl Core {
             let mut control = control;
             control.limit_frames(info.frame_bytes_max as usize);
             let mut shards = Vec::with_capacity(info.shards as usize);
+            if cfg.kind == tessera_transport::TransportKind::Rdma && !info.rdma {
+                let reason = format!("server {addr} serves TCP only; start it with --transport rdma");
+                return Err(ClientError::Transport(tessera_transport::TransportError::RdmaUnavailable { reason }));
+            }
             for shard in 0..info.shards {
-                let (mut link, _) = TcpLink::connect(addr, shard as u64, cfg.worker, &cfg.transport)?;
+                let (mut link, _) = tessera_transport::select::connect_link(
+                    addr,
+                    shard as u64,
+                    cfg.worker,
+                    &cfg.transport,
+                    &chosen,
+                    info.rdma,
+                    &cfg.rdma,
+                )?;
                 link.limit_frames(info.frame_bytes_max as usize);
-                shards.push(Shard { link: Box::new(link), next_id: 1, parked: BTreeMap::new(), abandoned: BTreeSet::new() });
+                shards.push(Shard { link, next_id: 1, parked: BTreeMap::new(), abandoned: BTreeSet::new() });
             }
             servers.push(ServerLinks { addr: addr.to_string(), control, shards, workers_max: info.workers_max });
         }

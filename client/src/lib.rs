@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tessera_replication::catalog::TableEntry;
 use tessera_replication::placement::Route;
 use tessera_replication::TableSpec;
-use tessera_transport::TransportConfig;
+use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
 pub use crate::error::{ClientError, Result};
 pub use crate::ticket::{Stamp, Ticket};
@@ -47,6 +47,9 @@ pub struct ClientConfig {
     /// This worker's id: its entry in every vector clock. Distinct workers need distinct ids.
     pub worker: u32,
     pub transport: TransportConfig,
+    /// TCP, RDMA, or RDMA where both this machine and the server have it (the default).
+    pub kind: TransportKind,
+    pub rdma: RdmaConfig,
     /// Snappy-compress request and reply bodies when that saves at least a tenth.
     pub compress: bool,
 }
@@ -54,7 +57,7 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// Defaults for worker `worker`.
     pub fn worker(worker: u32) -> Self {
-        Self { worker, transport: TransportConfig::default(), compress: false }
+        Self { worker, transport: TransportConfig::default(), kind: TransportKind::Auto, rdma: RdmaConfig::default(), compress: false }
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crossbeam::channel::{self, Sender};
 use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
 use tessera_replication::placement;
-use tessera_transport::{tcp, Op, Reply, Request, Service, ShardTransport, Status, TransportConfig, Waker};
+use tessera_transport::{select, Op, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
 
 use crate::config::EngineConfig;
 use crate::error::{EngineError, Result};
@@ -33,6 +33,9 @@ pub struct ServerConfig {
     pub listen: String,
     pub engine: EngineConfig,
     pub transport: TransportConfig,
+    /// TCP, RDMA, or RDMA where a device exists.
+    pub transport_kind: TransportKind,
+    pub rdma: RdmaConfig,
     /// Tables created at start-up.
     pub tables: Vec<TableSpec>,
     /// Servers in the cluster (this one included) and this one's position among them.
@@ -47,6 +50,8 @@ impl ServerConfig {
             listen: listen.into(),
             engine: EngineConfig::default(),
             transport: TransportConfig::default(),
+            transport_kind: TransportKind::Auto,
+            rdma: RdmaConfig::default(),
             tables: Vec::new(),
             servers: 1,
             server_index: 0,
@@ -81,6 +86,8 @@ impl Server {
                 reason: format!("must be below the number of servers ({})", cfg.servers),
             });
         }
+        let io = |e: tessera_transport::TransportError| EngineError::Io(e.to_string());
+        let chosen = select::choose(cfg.transport_kind, &cfg.rdma).map_err(io)?;
         let info = ServerInfo {
             version: env!("CARGO_PKG_VERSION").into(),
             server_index: cfg.server_index,
@@ -88,10 +95,11 @@ impl Server {
             shards: cfg.engine.shards,
             frame_bytes_max: cfg.transport.frame_bytes_max as u64,
             workers_max: cfg.engine.workers_max,
+            rdma: chosen.name() == "rdma",
         };
         let info_bytes: Arc<[u8]> = serde_json::to_vec(&info).expect("plain data serialises").into();
-        let io = |e: tessera_transport::TransportError| EngineError::Io(e.to_string());
-        let (mut control_ep, shard_eps, addr) = tcp::bind(&cfg.listen, cfg.engine.shards, &cfg.transport, info_bytes).map_err(io)?;
+        let bound = select::bind_server(&cfg.listen, cfg.engine.shards, &cfg.transport, info_bytes, &chosen, &cfg.rdma);
+        let select::BoundServer { control: mut control_ep, shards: shard_eps, addr } = bound.map_err(io)?;
         let engine = Arc::new(cfg.engine.clone());
         let cores = allowed_cores();
         let mut threads = Vec::new();
@@ -105,7 +113,7 @@ impl Server {
                 if let Some(core) = core {
                     pin_to(core);
                 }
-                shard.run(&mut ep);
+                shard.run(ep.as_mut());
             });
             threads.push(spawned.map_err(|e| EngineError::Io(format!("cannot start a shard thread: {e}")))?);
         }
@@ -124,7 +132,7 @@ impl Server {
             }
         });
         server.threads.push(thread.map_err(|e| EngineError::Io(format!("cannot start the control thread: {e}")))?);
-        tracing::info!(%addr, shards = server.shards.len(), "serving");
+        tracing::info!(%addr, shards = server.shards.len(), transport = chosen.name(), "serving");
         Ok(server)
     }
 

@@ -150,6 +150,9 @@ pub struct ServerInfo {
     pub shards: u16,
     pub frame_bytes_max: u64,
     pub workers_max: u32,
+    /// The server's shards serve RDMA (besides TCP, which every server serves).
+    #[serde(default)]
+    pub rdma: bool,
 }
 
 #[cfg(test)]

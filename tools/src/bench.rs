@@ -10,11 +10,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tessera_client::{Client, ClientConfig, Table};
+use tessera_client::{Client, Table};
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_replication::{TableKind, TableSpec};
 
-use crate::common::{addresses, EngineArgs};
+use crate::common::{addresses, EngineArgs, TransportArgs};
 
 /// Largest message the bench table holds: 4 MiB of f32.
 const BENCH_KEYS: u64 = 1 << 20;
@@ -44,6 +44,8 @@ pub struct BenchArgs {
     json: bool,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    net: TransportArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,14 +94,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let addrs = match &args.connect {
         Some(list) => addresses(list),
         None => {
-            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new(), false), UpdaterRegistry::new())?;
+            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new(), false, &args.net), UpdaterRegistry::new())?;
             let addr = server.local_addr().to_string();
             _embedded = server;
             vec![addr]
         }
     };
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let client = Client::connect(&refs, ClientConfig::worker(0))?;
+    let client = Client::connect(&refs, args.net.client(0))?;
     let table = client.create_table(&TableSpec::new("tessera.bench", TableKind::Dense, 0, BENCH_KEYS, 1))?;
     let echo = EchoServer::start()?;
     let mut stream = TcpStream::connect(echo.addr).context("connecting to the echo baseline")?;

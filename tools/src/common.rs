@@ -4,13 +4,61 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tessera_engine::{EngineConfig, ServerConfig};
 use tessera_replication::TableSpec;
-use tessera_transport::TransportConfig;
+use tessera_client::ClientConfig;
+use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
 /// Sends logs to stderr, filtered by `filter`.
 pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).init();
+}
+
+/// Which transport carries the traffic, for servers and workers alike.
+#[derive(Debug, Clone, Args)]
+pub struct TransportArgs {
+    /// tcp, rdma, or auto: RDMA where this build and machine have a device (and the server serves
+    /// it), TCP otherwise, said in one line. `rdma` fails instead of falling back.
+    #[arg(long, default_value = "auto")]
+    pub transport: TransportKind,
+    /// RDMA device, e.g. mlx5_0 or rxe0 (default: $RDMA_DEV, else the first device).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// RDMA GID index (RoCEv2 over IPv4: usually 1 on rxe, 3 on ConnectX; default: $RDMA_GID_INDEX, else 1).
+    #[arg(long)]
+    pub rdma_gid_index: Option<u8>,
+    /// RDMA slots per worker and shard: the most requests in flight on one link.
+    #[arg(long, default_value_t = RdmaConfig::default().slots)]
+    pub rdma_slots: u32,
+    /// Bytes per RDMA slot: the largest frame over RDMA (larger calls are split).
+    #[arg(long, default_value_t = RdmaConfig::default().slot_bytes)]
+    pub rdma_slot_bytes: usize,
+    /// Register RDMA memory in regions of at most this many bytes (default: the device's limit).
+    #[arg(long)]
+    pub rdma_mr_bytes_max: Option<u64>,
+    /// Microseconds a poller spins on its completion queue before it sleeps. Longer spins cut
+    /// latency and burn a core; perftest spins forever.
+    #[arg(long, default_value_t = RdmaConfig::default().spin_us)]
+    pub rdma_spin_us: u64,
+}
+
+impl TransportArgs {
+    /// The RDMA knobs.
+    pub fn rdma(&self) -> RdmaConfig {
+        RdmaConfig {
+            device: self.rdma_device.clone(),
+            gid_index: self.rdma_gid_index,
+            mr_bytes_max: self.rdma_mr_bytes_max,
+            slots: self.rdma_slots,
+            slot_bytes: self.rdma_slot_bytes,
+            spin_us: self.rdma_spin_us,
+        }
+    }
+
+    /// A worker's client configuration.
+    pub fn client(&self, worker: u32) -> ClientConfig {
+        ClientConfig { kind: self.transport, rdma: self.rdma(), ..ClientConfig::worker(worker) }
+    }
 }
 
 /// Options for a server, embedded or standalone.
@@ -37,7 +85,7 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// A server configuration for `listen` with these options; `pin_default` applies when neither
     /// `--pin` nor `--no-pin` was given.
-    pub fn server_config(&self, listen: &str, tables: Vec<TableSpec>, pin_default: bool) -> ServerConfig {
+    pub fn server_config(&self, listen: &str, tables: Vec<TableSpec>, pin_default: bool, net: &TransportArgs) -> ServerConfig {
         let mut engine = EngineConfig::default();
         if let Some(shards) = self.shards {
             engine.shards = shards;
@@ -45,7 +93,16 @@ impl EngineArgs {
         engine.workers_max = self.workers_max;
         engine.pin_cores = self.pin || (pin_default && !self.no_pin);
         let transport = TransportConfig { frame_bytes_max: self.frame_bytes_max, ..TransportConfig::default() };
-        ServerConfig { listen: listen.into(), engine, transport, tables, servers: 1, server_index: 0 }
+        ServerConfig {
+            listen: listen.into(),
+            engine,
+            transport,
+            transport_kind: net.transport,
+            rdma: net.rdma(),
+            tables,
+            servers: 1,
+            server_index: 0,
+        }
     }
 }
 

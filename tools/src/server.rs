@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tessera_engine::{Server, UpdaterRegistry};
 
-use crate::common::{addresses, read_tables, EngineArgs};
+use crate::common::{addresses, read_tables, EngineArgs, TransportArgs};
 
 /// Run a server until interrupted.
 ///
@@ -41,6 +41,8 @@ pub struct ServerArgs {
     cluster: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    net: TransportArgs,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -48,7 +50,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
         Some(path) => read_tables(path)?,
         None => Vec::new(),
     };
-    let mut cfg = args.engine.server_config(&args.listen, tables, true);
+    let mut cfg = args.engine.server_config(&args.listen, tables, true, &args.net);
     if let Some(list) = &args.cluster {
         let cluster = addresses(list);
         let Some(index) = cluster.iter().position(|a| *a == args.listen) else {

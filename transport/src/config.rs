@@ -66,3 +66,52 @@ impl TransportConfig {
         Ok(())
     }
 }
+
+/// Most slots an RDMA ring may have.
+pub const SLOTS_MAX: u32 = 256;
+/// Smallest RDMA slot: it must hold an error reply and a useful request.
+pub const SLOT_BYTES_MIN: usize = 8 << 10;
+const _: () = assert!(SLOT_BYTES_MIN.is_multiple_of(4096), "slots are page multiples, so registration splits stay page-aligned");
+
+/// RDMA knobs. They exist in every build; only a build with the `rdma` feature can use them.
+#[derive(Debug, Clone)]
+pub struct RdmaConfig {
+    /// Device name (e.g. `mlx5_0`, `rxe0`); default: `$RDMA_DEV`, else the first device.
+    pub device: Option<String>,
+    /// GID index (RoCEv2 over IPv4 is usually 1 on rxe, 3 on ConnectX); default: `$RDMA_GID_INDEX`, else 1.
+    pub gid_index: Option<u8>,
+    /// Register memory in regions of at most this many bytes (default: the device's `max_mr_size`).
+    pub mr_bytes_max: Option<u64>,
+    /// Request (and reply) slots per worker and shard: the most requests a worker has in flight
+    /// to one shard.
+    pub slots: u32,
+    /// Bytes per slot: the largest frame over RDMA. Larger calls are split by the client.
+    pub slot_bytes: usize,
+    /// How long a poller spins on its completion queue before it sleeps on the channel.
+    pub spin_us: u64,
+}
+
+impl Default for RdmaConfig {
+    fn default() -> Self {
+        Self { device: None, gid_index: None, mr_bytes_max: None, slots: 16, slot_bytes: 256 << 10, spin_us: 50 }
+    }
+}
+
+impl RdmaConfig {
+    /// Checks every field; an error names the field and what it accepts.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, value: String, reason: &str| {
+            Err(TransportError::BadConfig { field, value, reason: reason.into() })
+        };
+        if self.slots == 0 || self.slots > SLOTS_MAX {
+            return bad("rdma_slots", self.slots.to_string(), "must be between 1 and 256");
+        }
+        if self.slot_bytes < SLOT_BYTES_MIN || !self.slot_bytes.is_multiple_of(4096) || self.slot_bytes > 64 << 20 {
+            return bad("rdma_slot_bytes", self.slot_bytes.to_string(), "must be a multiple of 4096 from 8 KiB to 64 MiB");
+        }
+        if self.mr_bytes_max.is_some_and(|m| m < 4096) {
+            return bad("rdma_mr_bytes_max", format!("{:?}", self.mr_bytes_max), "must be at least 4096");
+        }
+        Ok(())
+    }
+}

@@ -17,6 +17,10 @@ pub enum TransportError {
     Connect { addr: String, source: std::io::Error },
     #[error("bad configuration: {field} = {value}: {reason}")]
     BadConfig { field: &'static str, value: String, reason: String },
+    #[error("RDMA: {reason}")]
+    Rdma { reason: String },
+    #[error("RDMA was asked for but is not available here: {reason}")]
+    RdmaUnavailable { reason: String },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

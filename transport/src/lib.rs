@@ -28,13 +28,17 @@
 pub mod buf;
 pub mod config;
 pub mod error;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod reply;
+pub mod select;
 pub mod tcp;
 pub mod wire;
 
 use std::time::Duration;
 
-pub use config::TransportConfig;
+pub use config::{RdmaConfig, TransportConfig};
+pub use select::{Chosen, TransportKind};
 pub use error::{Result, TransportError};
 pub use wire::{Header, Op, Status, CONTROL_SHARD};
 
@@ -62,7 +66,7 @@ pub trait Service {
 }
 
 /// The server side of a transport, as one shard sees it.
-pub trait ShardTransport: Send {
+pub trait ShardTransport: Send + std::fmt::Debug {
     /// Waits up to `timeout` (forever if `None`) for work, and serves all that arrived.
     fn poll(&mut self, service: &mut dyn Service, timeout: Option<Duration>) -> Result<()>;
     /// A handle that interrupts [`ShardTransport::poll`] from any thread.

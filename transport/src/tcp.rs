@@ -24,6 +24,8 @@ use crate::{ConnId, Frame, Link, Request, Service, ShardTransport, Waker};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
+/// A descriptor another layer sleeps on through this endpoint (an RDMA completion channel).
+const WATCHED: Token = Token(usize::MAX);
 const FIRST_CONN: usize = 2;
 /// Connections waiting in a shard's hand-off channel before new ones are refused.
 const HANDOFF_QUEUE_MAX: usize = 1024;
@@ -219,6 +221,12 @@ impl TcpEndpoint {
         })
     }
 
+    /// Makes [`ShardTransport::poll`] return when `fd` turns readable, so that a layer above (RDMA
+    /// completions) can sleep in the same poll as the sockets.
+    pub fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        self.poll.registry().register(&mut mio::unix::SourceFd(&fd), WATCHED, Interest::READABLE)
+    }
+
     fn insert(&mut self, mut conn: Conn) -> io::Result<usize> {
         let idx = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);
@@ -358,6 +366,8 @@ impl ShardTransport for TcpEndpoint {
                     self.adopt_all(service);
                     service.wake();
                 }
+                // The watcher checks its own source after every poll; waking was the point.
+                WATCHED => {}
                 Token(t) => self.drive(t - FIRST_CONN, service),
             }
         }

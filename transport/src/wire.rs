@@ -83,12 +83,23 @@ pub enum Op {
     PushRange = 11,
     Pull = 12,
     PullRange = 13,
+    /// Sets up an RDMA queue pair for a TCP data connection (see the `rdma` module).
+    RdmaConnect = 20,
 }
 
 impl Op {
     /// Every op, so that decoding cannot drift from the enum.
-    pub const ALL: [Op; 8] =
-        [Op::Hello, Op::Catalog, Op::CreateTable, Op::Status, Op::Push, Op::PushRange, Op::Pull, Op::PullRange];
+    pub const ALL: [Op; 9] = [
+        Op::Hello,
+        Op::Catalog,
+        Op::CreateTable,
+        Op::Status,
+        Op::Push,
+        Op::PushRange,
+        Op::Pull,
+        Op::PullRange,
+        Op::RdmaConnect,
+    ];
 
     /// Decodes the low seven bits of `op`.
     pub fn from_u8(op: u8) -> Option<Op> {

@@ -18,7 +18,7 @@ use tessera_client::{Client, ClientConfig, Table, Ticket};
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_replication::{TableKind, TableSpec};
 
-use crate::common::{addresses, EngineArgs};
+use crate::common::{addresses, EngineArgs, TransportArgs};
 use data::{DataConfig, Dataset};
 
 /// Keys pulled per request when evaluating.
@@ -69,6 +69,8 @@ pub struct DemoArgs {
     json: bool,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    net: TransportArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -124,7 +126,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let addrs = match &args.connect {
         Some(list) => addresses(list),
         None => {
-            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new(), false), UpdaterRegistry::new())
+            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new(), false, &args.net), UpdaterRegistry::new())
                 .context("starting the embedded server")?;
             say(format!("embedded server on {} with {} shards, {} workers", server.local_addr(), args.engine.shards.unwrap_or_else(|| tessera_engine::config::available_cores() as u16), args.workers));
             let addr = server.local_addr().to_string();
@@ -134,7 +136,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     };
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let clients = (0..args.workers)
-        .map(|w| Client::connect(&refs, ClientConfig { compress: args.compress, ..ClientConfig::worker(w) }))
+        .map(|w| Client::connect(&refs, ClientConfig { compress: args.compress, ..args.net.client(w) }))
         .collect::<Result<Vec<_>, _>>()
         .context("connecting the workers")?;
     // A fresh table per run, so that a second run against the same servers trains from scratch.

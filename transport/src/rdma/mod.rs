@@ -1,0 +1,136 @@
+//! RDMA verbs: the transport seam's second implementation.
+//!
+//! A worker's link to a shard keeps its TCP connection for set-up and liveness, and moves every
+//! request and reply over an RC queue pair:
+//!
+//! - **Push slots.** The shard registers, for this worker alone, a ring of `slots` request slots
+//!   of `slot_bytes` each. The worker RDMA-WRITEs a request frame (the same 64-byte header and
+//!   body as on TCP) into its next slot, with immediate data naming the slot. The worker can
+//!   write nowhere else: the ring's keys are the only ones it learns.
+//! - **Serving.** The shard's completion handler, polled from the shard's own loop, hands the
+//!   frame to the same [`Service`](crate::Service) as TCP: the updater aggregates it in place,
+//!   the range's vector clock is stamped, and the reply is written into a registered staging slot.
+//! - **Replies and credits.** The shard RDMA-WRITEs the reply into the worker's reply slot of the
+//!   same index, with immediate data. A reply both acknowledges the request and returns its
+//!   slot's credit: a worker never has more than `slots` requests outstanding, so it never
+//!   overwrites a slot the shard has not consumed.
+//! - **Lifetime.** When the TCP connection closes (a worker that exits or dies mid-push), the
+//!   shard destroys the queue pair and frees both rings.
+//!
+//! Set-up: after its hello, the worker sends [`Op::RdmaConnect`](crate::Op) on its TCP data
+//! connection with its queue pair's number, PSN and GID and its reply slots' addresses and keys;
+//! the shard answers with the same for its request slots.
+//!
+//! `unsafe` is allowed here and in no other module of the crate: posting a work request hands
+//! the device a buffer it reads or writes asynchronously, and every post says why that buffer
+//! outlives the completion.
+
+#![allow(unsafe_code)]
+
+mod link;
+mod shard;
+pub mod verbs;
+
+pub use crate::config::RdmaConfig;
+pub use link::RdmaLink;
+pub use shard::RdmaShard;
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::error::{Result, TransportError};
+use verbs::QpInfo;
+
+use crate::config::{SLOTS_MAX, SLOT_BYTES_MIN};
+
+impl RdmaConfig {
+    /// The device part, for the verbs layer.
+    pub fn device_config(&self) -> verbs::DeviceConfig {
+        let mut d = verbs::DeviceConfig::default();
+        if self.device.is_some() {
+            d.device.clone_from(&self.device);
+        }
+        if let Some(gid) = self.gid_index {
+            d.gid_index = gid;
+        }
+        d.mr_bytes_max = self.mr_bytes_max;
+        d
+    }
+}
+
+/// One slot as the peer addresses it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub(crate) struct SlotKey {
+    pub addr: u64,
+    pub rkey: u32,
+    pub reserved: u32,
+}
+
+/// The fixed part of the set-up message each side sends; `slots` [`SlotKey`]s follow it.
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub(crate) struct ConnectHead {
+    pub qpn: u32,
+    pub psn: u32,
+    pub gid: [u8; 16],
+    pub slots: u32,
+    pub slot_bytes: u32,
+}
+
+/// A side's half of the set-up: its queue pair and its slots.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    pub qp: QpInfo,
+    pub slot_bytes: usize,
+    pub slots: Vec<SlotKey>,
+}
+
+impl Endpoint {
+    pub fn encode(&self) -> Vec<u8> {
+        let head = ConnectHead {
+            qpn: self.qp.qpn,
+            psn: self.qp.psn,
+            gid: self.qp.gid,
+            slots: self.slots.len() as u32,
+            slot_bytes: self.slot_bytes as u32,
+        };
+        let mut out = head.as_bytes().to_vec();
+        self.slots.iter().for_each(|k| out.extend_from_slice(k.as_bytes()));
+        out
+    }
+
+    /// Parses and checks a peer's half.
+    pub fn decode(body: &[u8]) -> Result<Endpoint> {
+        let bad = |reason: String| TransportError::Malformed { reason: format!("rdma set-up: {reason}") };
+        let (head, rest) = ConnectHead::read_from_prefix(body).map_err(|_| bad(format!("{} bytes", body.len())))?;
+        if head.slots == 0 || head.slots > SLOTS_MAX || (head.slot_bytes as usize) < SLOT_BYTES_MIN {
+            return Err(bad(format!("{} slots of {} bytes", head.slots, head.slot_bytes)));
+        }
+        let key_bytes = std::mem::size_of::<SlotKey>();
+        if rest.len() != head.slots as usize * key_bytes {
+            return Err(bad(format!("{} bytes of slot keys for {} slots", rest.len(), head.slots)));
+        }
+        let slots = rest.chunks_exact(key_bytes).map(|c| SlotKey::read_from_bytes(c).expect("sized above")).collect();
+        Ok(Endpoint { qp: QpInfo { qpn: head.qpn, psn: head.psn, gid: head.gid }, slot_bytes: head.slot_bytes as usize, slots })
+    }
+}
+
+/// The slot table a peer addresses `ring` by; a slot must lie inside one memory region.
+pub(crate) fn slot_keys(ring: &verbs::Region, slots: u32, slot_bytes: usize) -> Result<Vec<SlotKey>> {
+    let chunks = ring.remote_chunks();
+    (0..slots as u64)
+        .map(|i| {
+            let addr = ring.addr() + i * slot_bytes as u64;
+            let end = addr + slot_bytes as u64;
+            let chunk = chunks.iter().find(|c| c.addr <= addr && end <= c.addr + c.len).ok_or_else(|| {
+                rdma(format!("a {slot_bytes}-byte slot straddles two memory regions; use a slot size that divides the device's MR limit"))
+            })?;
+            Ok(SlotKey { addr, rkey: chunk.rkey, reserved: 0 })
+        })
+        .collect()
+}
+
+/// An RDMA failure, as the transport's error.
+pub(crate) fn rdma(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Rdma { reason: e.to_string() }
+}

@@ -1,0 +1,381 @@
+//! The shard's side of RDMA: one completion queue, polled from the shard's own loop, and one queue
+//! pair with its two slot rings per connected worker.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::buf::{Deflater, Inflater};
+use crate::config::TransportConfig;
+use crate::error::Result;
+use crate::reply::{Reply, ReplyArea};
+use crate::tcp::TcpEndpoint;
+use crate::wire::{Header, Op, Status, HEADER_BYTES};
+use crate::{ConnId, Request, Service, ShardTransport, Waker};
+
+use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region};
+use super::{rdma, slot_keys, Endpoint, RdmaConfig, SlotKey};
+
+/// Completion-queue entries per shard; bounds the workers one shard can take over RDMA.
+const CQ_ENTRIES: u32 = 8192;
+/// Completions taken from the queue per poll call.
+const POLL_BATCH: usize = 64;
+
+/// A [`ShardTransport`] that serves workers over RDMA and, beside them, over TCP (which also
+/// carries every worker's set-up and tells the shard when a worker is gone).
+pub struct RdmaShard {
+    tcp: TcpEndpoint,
+    state: State,
+}
+
+impl std::fmt::Debug for RdmaShard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaShard").field("peers", &self.state.peers.iter().flatten().count()).finish()
+    }
+}
+
+struct State {
+    dev: Arc<Device>,
+    cfg: RdmaConfig,
+    compress_bytes_min: usize,
+    cq: Cq,
+    peers: Vec<Option<Peer>>,
+    generation: u16,
+    /// Peers with requests waiting to be served (their reply slot's last write still in flight).
+    busy: Vec<usize>,
+    completions: Vec<Completion>,
+}
+
+/// One worker connected over RDMA. Field order is drop order: the queue pair goes first, so the
+/// device stops touching the rings before they are deregistered.
+struct Peer {
+    qp: Qp,
+    /// The worker's request slots: it writes here.
+    ring: Region,
+    /// Replies are built here, then written to the worker's reply slot of the same index.
+    staging: Region,
+    remote: Vec<SlotKey>,
+    tcp: ConnId,
+    generation: u16,
+    slot_bytes: usize,
+    /// Slots whose requests arrived and wait to be served, in arrival order.
+    queued: VecDeque<u32>,
+    /// Slots whose reply write the device has not yet completed: their staging is busy.
+    writing: Vec<bool>,
+    /// The slot the worker's next request must arrive in.
+    next_arrival: u32,
+    inflater: Inflater,
+    deflater: Deflater,
+    joined: Vec<u8>,
+}
+
+/// A reply slot as the place a [`Reply`] is written.
+struct SlotArea<'a> {
+    bytes: &'a mut [u8],
+    used: usize,
+}
+
+impl ReplyArea for SlotArea<'_> {
+    fn used(&self) -> usize {
+        self.used
+    }
+    fn truncate(&mut self, len: usize) {
+        self.used = len;
+    }
+    fn grow(&mut self, n: usize) -> Option<std::ops::Range<usize>> {
+        (self.used + n <= self.bytes.len()).then(|| {
+            self.used += n;
+            self.used - n..self.used
+        })
+    }
+    fn bytes(&self) -> &[u8] {
+        self.bytes
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.bytes
+    }
+}
+
+fn wr_id(peer: usize, generation: u16, slot: u32) -> u64 {
+    ((peer as u64) << 48) | ((generation as u64) << 32) | slot as u64
+}
+
+fn split_wr_id(id: u64) -> (usize, u16, u32) {
+    ((id >> 48) as usize, (id >> 32) as u16, id as u32)
+}
+
+impl RdmaShard {
+    /// Wraps a shard's TCP endpoint; the device is opened once per server and shared.
+    pub fn new(mut tcp: TcpEndpoint, dev: Arc<Device>, cfg: &RdmaConfig, tcp_cfg: &TransportConfig) -> Result<Self> {
+        cfg.validate()?;
+        let cq = Cq::new(&dev, CQ_ENTRIES).map_err(rdma)?;
+        tcp.watch_fd(cq.fd())?;
+        let state = State {
+            dev,
+            cfg: cfg.clone(),
+            compress_bytes_min: tcp_cfg.compress_bytes_min,
+            cq,
+            peers: Vec::new(),
+            generation: 0,
+            busy: Vec::new(),
+            completions: Vec::with_capacity(POLL_BATCH),
+        };
+        Ok(Self { tcp, state })
+    }
+}
+
+impl ShardTransport for RdmaShard {
+    fn poll(&mut self, service: &mut dyn Service, timeout: Option<Duration>) -> Result<()> {
+        let state = &mut self.state;
+        let mut worked = state.drain(service) > 0;
+        if !worked && state.has_peers() {
+            // Spin briefly: a worker's next request usually follows within microseconds, and
+            // sleeping on the channel costs a wake-up.
+            let until = Instant::now() + Duration::from_micros(state.cfg.spin_us);
+            while !worked && Instant::now() < until {
+                worked = state.drain(service) > 0;
+                std::hint::spin_loop();
+            }
+            if !worked {
+                state.cq.arm().map_err(rdma)?;
+                // A completion may have landed between the last poll and the arming.
+                worked = state.drain(service) > 0;
+            }
+        }
+        let timeout = if worked || !state.busy.is_empty() { Some(Duration::ZERO) } else { timeout };
+        let mut intercept = Intercept { inner: service, state };
+        self.tcp.poll(&mut intercept, timeout)?;
+        self.state.cq.ack_events();
+        Ok(())
+    }
+
+    fn waker(&self) -> Waker {
+        self.tcp.waker()
+    }
+
+    fn connections(&self) -> usize {
+        self.tcp.connections()
+    }
+}
+
+/// Sits between the TCP endpoint and the shard's service: takes RDMA set-up requests and
+/// connection closes for itself, passes everything else on.
+struct Intercept<'a> {
+    inner: &'a mut dyn Service,
+    state: &'a mut State,
+}
+
+impl Service for Intercept<'_> {
+    fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
+        if request.header.op() != Some(Op::RdmaConnect) {
+            return self.inner.serve(request, reply);
+        }
+        match self.state.accept(request.conn, request.body) {
+            Ok(mine) => reply.ok_bytes(&mine.encode()),
+            Err(e) => reply.error(Status::Unsupported, &e.to_string()),
+        }
+    }
+
+    fn wake(&mut self) {
+        self.inner.wake();
+    }
+
+    fn closed(&mut self, conn: ConnId) {
+        self.state.forget(conn);
+        self.inner.closed(conn);
+    }
+}
+
+impl State {
+    fn has_peers(&self) -> bool {
+        self.peers.iter().any(Option::is_some)
+    }
+
+    /// Sets up a queue pair and rings for the worker on TCP connection `conn`.
+    fn accept(&mut self, conn: ConnId, body: &[u8]) -> Result<Endpoint> {
+        let theirs = Endpoint::decode(body)?;
+        let slots = theirs.slots.len() as u32;
+        let per_peer = 2 * slots;
+        let live = self.peers.iter().flatten().count() as u32;
+        if (live + 1) * per_peer > CQ_ENTRIES {
+            return Err(rdma(format!("this shard serves {live} RDMA workers, its most with {slots} slots each")));
+        }
+        if theirs.slot_bytes != self.cfg.slot_bytes {
+            let want = self.cfg.slot_bytes;
+            return Err(rdma(format!("slot size {} differs from the server's {want}; use --rdma-slot-bytes {want}", theirs.slot_bytes)));
+        }
+        self.forget(conn);
+        let bytes = slots as usize * theirs.slot_bytes;
+        let ring = Region::new(&self.dev, bytes, Access { remote_write: true, remote_read: false }).map_err(rdma)?;
+        let staging = Region::new(&self.dev, bytes, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
+        let mut qp = Qp::new(&self.dev, &self.cq, &self.cq, slots + 1, slots + 1).map_err(rdma)?;
+        let index = self.peers.iter().position(Option::is_none).unwrap_or(self.peers.len());
+        self.generation = self.generation.wrapping_add(1);
+        for slot in 0..slots {
+            qp.post_recv(wr_id(index, self.generation, slot)).map_err(rdma)?;
+        }
+        qp.connect(&theirs.qp).map_err(rdma)?;
+        let mine = Endpoint { qp: qp.info(), slot_bytes: theirs.slot_bytes, slots: slot_keys(&ring, slots, theirs.slot_bytes)? };
+        let peer = Peer {
+            qp,
+            ring,
+            staging,
+            remote: theirs.slots,
+            tcp: conn,
+            generation: self.generation,
+            slot_bytes: theirs.slot_bytes,
+            queued: VecDeque::with_capacity(slots as usize),
+            writing: vec![false; slots as usize],
+            next_arrival: 0,
+            inflater: Inflater::default(),
+            deflater: Deflater::default(),
+            joined: Vec::new(),
+        };
+        if index == self.peers.len() {
+            self.peers.push(None);
+        }
+        self.peers[index] = Some(peer);
+        tracing::debug!(conn = conn.0, slots, "rdma peer connected");
+        Ok(mine)
+    }
+
+    /// Drops the worker on `conn`: its queue pair, then its rings.
+    fn forget(&mut self, conn: ConnId) {
+        for slot in self.peers.iter_mut() {
+            if slot.as_ref().is_some_and(|p| p.tcp == conn) {
+                *slot = None;
+                tracing::debug!(conn = conn.0, "rdma peer released");
+            }
+        }
+        let peers = &self.peers;
+        self.busy.retain(|i| peers[*i].is_some());
+    }
+
+    /// Takes every completion there is and serves every request that can be served.
+    fn drain(&mut self, service: &mut dyn Service) -> usize {
+        let mut total = 0;
+        loop {
+            self.completions.clear();
+            let n = self.cq.poll(&mut self.completions, POLL_BATCH);
+            for i in 0..n {
+                let c = self.completions[i];
+                self.complete(c);
+            }
+            total += n;
+            if n < POLL_BATCH {
+                break;
+            }
+        }
+        total + self.serve_queued(service)
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let (index, generation, slot) = split_wr_id(c.wr_id);
+        let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut).filter(|p| p.generation == generation) else {
+            return; // a late completion of a worker already released
+        };
+        if !c.ok {
+            tracing::warn!(conn = peer.tcp.0, status = c.status_text, "rdma work request failed; releasing the worker");
+            let conn = peer.tcp;
+            self.forget(conn);
+            return;
+        }
+        match c.opcode {
+            Opcode::RecvRdmaWithImm => {
+                // The worker fills its slots round-robin, so each arrival names the next slot;
+                // anything else is a worker that skips or reuses slots, and cannot be trusted.
+                let imm = c.imm.unwrap_or(u32::MAX);
+                let expected = peer.next_arrival;
+                peer.next_arrival = (expected + 1) % peer.writing.len() as u32;
+                if imm != expected {
+                    tracing::warn!(conn = peer.tcp.0, imm, "rdma request names a bad slot; releasing the worker");
+                    let conn = peer.tcp;
+                    self.forget(conn);
+                    return;
+                }
+                peer.queued.push_back(imm);
+                // Receives carry no buffer: post the next one at once.
+                if let Err(e) = peer.qp.post_recv(c.wr_id) {
+                    tracing::warn!(conn = peer.tcp.0, error = %e, "cannot post a receive");
+                }
+                if !self.busy.contains(&index) {
+                    self.busy.push(index);
+                }
+            }
+            Opcode::RdmaWrite => peer.writing[slot as usize] = false,
+            _ => {}
+        }
+    }
+
+    /// Serves queued requests, each peer in order, skipping peers whose next reply slot is still
+    /// being written by the device.
+    fn serve_queued(&mut self, service: &mut dyn Service) -> usize {
+        let mut served = 0;
+        let mut i = 0;
+        while i < self.busy.len() {
+            let index = self.busy[i];
+            let compress_bytes_min = self.compress_bytes_min;
+            if let Some(peer) = self.peers[index].as_mut() {
+                while let Some(&slot) = peer.queued.front() {
+                    if peer.writing[slot as usize] {
+                        break;
+                    }
+                    peer.queued.pop_front();
+                    peer.serve(index, slot, service, compress_bytes_min);
+                    served += 1;
+                }
+            }
+            if self.peers[index].as_ref().is_none_or(|p| p.queued.is_empty()) {
+                self.busy.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        served
+    }
+}
+
+impl Peer {
+    /// Serves the request in `slot` and writes its reply to the worker's reply slot.
+    fn serve(&mut self, index: usize, slot: u32, service: &mut dyn Service, compress_bytes_min: usize) {
+        let sb = self.slot_bytes;
+        let at = slot as usize * sb;
+        let frame = &self.ring.as_slice()[at..at + sb];
+        let mut area = SlotArea { bytes: &mut self.staging.as_mut_slice()[at..at + sb], used: 0 };
+        match Header::decode(frame, sb) {
+            Ok(header) => {
+                let mut reply = Reply::new(&mut area, header, sb);
+                let raw = &frame[HEADER_BYTES..HEADER_BYTES + header.body_len as usize];
+                match self.inflater.inflate(&header, raw) {
+                    Ok(_) if !header.op().is_some_and(|o| o.is_data()) => {
+                        reply.error(Status::BadRequest, "only data requests travel over RDMA")
+                    }
+                    Ok(body) => service.serve(Request { conn: self.tcp, header, body }, &mut reply),
+                    Err(e) => reply.error(Status::Malformed, &e.to_string()),
+                }
+                reply.finish(&mut self.deflater, &mut self.joined, compress_bytes_min);
+            }
+            Err(e) => {
+                let mut reply = Reply::new(&mut area, Header::request(Op::Push, 0), sb);
+                reply.error(Status::Malformed, &e.to_string());
+                reply.finish(&mut self.deflater, &mut self.joined, usize::MAX);
+            }
+        }
+        let len = area.used;
+        let key = self.remote[slot as usize];
+        self.writing[slot as usize] = true;
+        // SAFETY: staging[at..at + len] belongs to this peer and to reply slot `slot` alone. The CPU
+        // writes it only while serving a request in this slot, and `serve_queued` serves that slot
+        // again only after this write's completion cleared `writing[slot]`, so the buffer stays
+        // valid and unchanged until the device has read it. The region outlives the queue pair
+        // (field order), so a release mid-write flushes the queue pair before deregistering.
+        let posted = unsafe {
+            self.qp.post_write_imm(wr_id(index, self.generation, slot), &self.staging, at, len, key.addr, key.rkey, slot, true)
+        };
+        if let Err(e) = posted {
+            self.writing[slot as usize] = false;
+            tracing::warn!(conn = self.tcp.0, error = %e, "cannot post a reply");
+        }
+    }
+}
+

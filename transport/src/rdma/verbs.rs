@@ -1,0 +1,988 @@
+//! The verbs layer: the device, registered memory, completion queues and RC queue pairs, over
+//! sideway 0.4.3 (libibverbs, loaded at run time by rdma-mummy-sys 0.2.6).
+//!
+//! `unsafe` lives here because this is where the hardware contract is: registering memory hands
+//! the device an address range it may read and write behind the compiler's back, posting a work
+//! request hands it a buffer it touches asynchronously until the completion is polled, and the
+//! completion-channel calls sideway does not wrap (`ibv_req_notify_cq`, `ibv_get_cq_event`,
+//! `ibv_ack_cq_events`, and an allocation-free `ibv_post_recv`) go to rdma-mummy-sys directly.
+//! The only `unsafe` its callers need is for the two posting calls, whose `# Safety` says what
+//! they owe: the buffer outlives the completion.
+//!
+//! Ported from a SoftRoCE probe of these exact versions, which found these quirks:
+//! - rxe's extended CQ iterator (`ibv_next_poll`) corrupts the CQ, so [`Cq::poll`] takes exactly
+//!   one completion per `ibv_start_poll`/`ibv_end_poll` pair.
+//! - sideway passes `imm_data` through raw: it is big-endian on the wire and in the completion,
+//!   so posting converts with `to_be` and polling with `from_be`.
+//! - `QueuePair::state()` is the state cached by the last modify, not the device's: after an
+//!   error completion it still says RTS. [`Qp::is_broken`] queries the device.
+//! - `ibv_destroy_cq` (dropping the last handle of a CQ) blocks forever while a channel event that
+//!   was read is unacknowledged, so [`Cq::ack_events`] acks every event it reads.
+//! - sideway's basic poller and its receive guard allocate on every call; the extended CQ, the
+//!   extended send guard and a direct `ibv_post_recv` do not, so the data path here does not.
+//! - Inline sends need the `Inline` flag set by hand on rxe (not used here: no inline posts).
+
+#![allow(unsafe_code)]
+
+use std::error::Error as StdError;
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr;
+use std::sync::Arc;
+
+use memmap2::{MmapMut, MmapOptions};
+use rdma_mummy_sys::{ibv_recv_wr, ibv_wc_opcode, ibv_wc_status};
+use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
+use sideway::ibverbs::completion::{
+    CompletionChannel, CompletionQueue, CreateCompletionChannelError, CreateCompletionQueueError,
+    ExtendedCompletionQueue, ExtendedWorkCompletion, GenericCompletionQueue, PollCompletionQueueError,
+};
+use sideway::ibverbs::device::{DeviceInfo, DeviceList};
+use sideway::ibverbs::device_context::{DeviceContext, Mtu, PortState};
+use sideway::ibverbs::memory_region::{MemoryRegion, RegisterMemoryRegionError, RegisterMemoryRegionErrorKind};
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::queue_pair::{
+    CreateQueuePairError, ExtendedQueuePair, ModifyQueuePairError, PostSendError, PostSendGuard, QueuePair,
+    QueuePairAttribute, QueuePairAttributeMask, QueuePairState, SetScatterGatherEntry, WorkRequestFlags,
+};
+use sideway::ibverbs::AccessFlags;
+
+/// Registration chunks and region starts are multiples of this.
+pub const PAGE_BYTES: usize = 4096;
+/// RDMA READs in flight per QP, as initiator and as responder, clamped to the device's limits.
+/// Zero would make every READ fail; 16 is what mlx5 allows and keeps a few large reads going.
+const READ_DEPTH_MAX: u8 = 16;
+/// RNR NAK delay (12 = 0.64 ms), ack timeout (14 = 67 ms x 2^0), retries: as perftest uses them.
+/// An RNR retry count of 7 retries forever, so a receiver that is slow to repost never errors.
+const MIN_RNR_TIMER: u8 = 12;
+const ACK_TIMEOUT: u8 = 14;
+const RETRY_COUNT: u8 = 7;
+const RNR_RETRY: u8 = 7;
+const HOP_LIMIT: u8 = 64;
+/// Queue pair numbers and packet sequence numbers are 24-bit.
+const QPN_PSN_MASK: u32 = 0x00ff_ffff;
+/// Bytes of [`QpInfo::to_bytes`].
+pub const QP_INFO_BYTES: usize = 24;
+const _: () = assert!(QP_INFO_BYTES == 4 + 4 + 16);
+
+/// Why RDMA cannot be used here; the caller prints it in one line and falls back to TCP.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}")]
+pub struct Unavailable {
+    pub reason: String,
+}
+
+impl Unavailable {
+    fn new(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into() }
+    }
+}
+
+/// Errors of verbs calls. Each keeps sideway's (or the OS's) error as its `source`;
+/// [`report`] renders the whole chain on one line.
+#[derive(Debug, thiserror::Error)]
+pub enum VerbsError {
+    #[error(
+        "registering {need_kib} KiB of memory for RDMA failed: the locked-memory limit \
+         (RLIMIT_MEMLOCK) is {have_kib} KiB and counts all of this process's registered memory; \
+         raise it with `ulimit -l unlimited` (systemd: LimitMEMLOCK=infinity)"
+    )]
+    MemlockTooLow { have_kib: u64, need_kib: u64 },
+    #[error("mapping {len} bytes of anonymous memory for an RDMA region failed")]
+    Map { len: usize, source: io::Error },
+    #[error(
+        "registering bytes {offset}..{end} of a {len}-byte region with the RDMA device failed \
+         (if the device is out of memory-region entries, use fewer or larger regions)"
+    )]
+    RegisterMr { offset: usize, end: usize, len: usize, source: RegisterMemoryRegionError },
+    #[error("{what} = {asked} is outside what the device allows (1..={max})")]
+    Depth { what: &'static str, asked: u32, max: u32 },
+    #[error("creating a completion channel failed")]
+    CreateChannel(#[source] CreateCompletionChannelError),
+    #[error("making the completion channel non-blocking failed")]
+    ChannelNonblocking(#[source] io::Error),
+    #[error("creating a completion queue of {entries} entries failed")]
+    CreateCq { entries: u32, source: CreateCompletionQueueError },
+    #[error("arming the completion queue (ibv_req_notify_cq) failed")]
+    Arm(#[source] io::Error),
+    #[error("creating an RC queue pair (send depth {send_depth}, receive depth {recv_depth}) failed")]
+    CreateQp { send_depth: u32, recv_depth: u32, source: CreateQueuePairError },
+    #[error("moving queue pair {qpn:#x} to {target} failed")]
+    ModifyQp { qpn: u32, target: &'static str, source: ModifyQueuePairError },
+    #[error("the peer's queue pair address is invalid: {reason}")]
+    BadPeer { reason: String },
+    #[error("posting work request {wr_id} on queue pair {qpn:#x} failed")]
+    PostSend { qpn: u32, wr_id: u64, source: PostSendError },
+    #[error("posting receive {wr_id} on queue pair {qpn:#x} failed")]
+    PostRecv { qpn: u32, wr_id: u64, source: io::Error },
+}
+
+/// Renders an error and all of its sources on one line: `outer: inner: os error`.
+pub fn report(err: &dyn StdError) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        // sideway's `#[error(transparent)]` kinds repeat their source's text; print it once.
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = inner.source();
+    }
+    line
+}
+
+/// Which device, port and GID to use. Port numbers start at 1.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// Device name (`rxe0`, `mlx5_0`); `None` takes the first device. Default: env `RDMA_DEV`.
+    pub device: Option<String>,
+    /// GID table index; on RoCE it picks the address and RoCE version (`ibv_devinfo -v` lists the
+    /// table; rxe puts the RoCEv2 GID of the IPv4 address at 1). Default: env `RDMA_GID_INDEX`, else 1.
+    pub gid_index: u8,
+    pub port: u8,
+    /// Largest memory region to register; larger regions are split into several. `None`: the
+    /// device's `max_mr_size`. Rounded down to a multiple of [`PAGE_BYTES`].
+    pub mr_bytes_max: Option<u64>,
+}
+
+impl DeviceConfig {
+    /// The defaults, with `RDMA_DEV` and `RDMA_GID_INDEX` from the environment. A malformed
+    /// `RDMA_GID_INDEX` is `Unavailable`, so the caller prints it and falls back to TCP.
+    pub fn from_env() -> Result<Self, Unavailable> {
+        let device = std::env::var("RDMA_DEV").ok().filter(|name| !name.is_empty());
+        let gid_index = match std::env::var("RDMA_GID_INDEX") {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map_err(|_| Unavailable::new(format!("RDMA_GID_INDEX={text:?} is not a GID index (0..=255)")))?,
+            Err(_) => 1,
+        };
+        Ok(Self { device, gid_index, port: 1, mr_bytes_max: None })
+    }
+}
+
+impl Default for DeviceConfig {
+    /// [`DeviceConfig::from_env`]; a malformed `RDMA_GID_INDEX` panics here, with its value.
+    fn default() -> Self {
+        Self::from_env().unwrap_or_else(|unavailable| panic!("{unavailable}"))
+    }
+}
+
+/// An opened device with its protection domain. Send + Sync, shared via Arc.
+#[derive(Debug)]
+pub struct Device {
+    // Dropped in field order: the PD before the context (sideway's Arcs enforce it as well).
+    pd: Arc<ProtectionDomain>,
+    context: Arc<DeviceContext>,
+    name: String,
+    port: u8,
+    gid_index: u8,
+    gid: [u8; 16],
+    mtu: Mtu,
+    /// Effective, a multiple of PAGE_BYTES.
+    mr_bytes_max: u64,
+    qp_wr_max: u32,
+    cqe_max: u32,
+    /// Reads this side may have outstanding (initiator) and may serve at once (responder).
+    read_depth: u8,
+    dest_read_depth: u8,
+}
+
+impl Device {
+    /// Opens the device. Every "no RDMA here" case (ENOSYS/EOPNOTSUPP from the device list, empty
+    /// list, named device missing, open failure, port down, empty GID entry) is `Err(Unavailable)`.
+    pub fn open(cfg: &DeviceConfig) -> Result<Arc<Device>, Unavailable> {
+        let list = DeviceList::new()
+            .map_err(|err| Unavailable::new(format!("RDMA device list unavailable: {}", report(&err))))?;
+        let names: Vec<String> = list.iter().map(|device| device.name()).collect();
+        let index = match &cfg.device {
+            _ if names.is_empty() => return Err(Unavailable::new("no RDMA devices present")),
+            None => 0,
+            Some(wanted) => names
+                .iter()
+                .position(|name| name == wanted)
+                .ok_or_else(|| Unavailable::new(format!("RDMA device {wanted:?} not found (present: {names:?})")))?,
+        };
+        let name = names[index].clone();
+        let device = list.get(index).expect("index came from the same list");
+        // The context does not borrow the list: opened contexts outlive ibv_free_device_list.
+        let context = device
+            .open()
+            .map_err(|err| Unavailable::new(format!("opening RDMA device {name:?} failed: {}", report(&err))))?;
+        drop(list);
+        Self::query(context, name, cfg).map(Arc::new)
+    }
+
+    fn query(context: Arc<DeviceContext>, name: String, cfg: &DeviceConfig) -> Result<Device, Unavailable> {
+        let failed = |what: &str, err: &dyn StdError| {
+            Unavailable::new(format!("RDMA device {name:?}: {what} failed: {}", report(err)))
+        };
+        let attr = context.query_device().map_err(|err| failed("query device", &err))?;
+        let port = context.query_port(cfg.port).map_err(|err| failed("query port", &err))?;
+        if port.port_state() != PortState::Active {
+            return Err(Unavailable::new(format!(
+                "RDMA device {name:?} port {} is {:?}, not Active (is its network link up? `rdma link show`)",
+                cfg.port,
+                port.port_state()
+            )));
+        }
+        let gid = context
+            .query_gid(cfg.port, cfg.gid_index.into())
+            .map_err(|err| failed("query GID (is RDMA_GID_INDEX right? `ibv_devinfo -v` lists the table)", &err))?;
+        if gid.is_zero() {
+            return Err(Unavailable::new(format!(
+                "RDMA device {name:?} port {} has no GID at index {} (`ibv_devinfo -v` lists the table; set RDMA_GID_INDEX)",
+                cfg.port, cfg.gid_index
+            )));
+        }
+        let mr_bytes_max = effective_mr_bytes_max(attr.max_mr_size(), cfg.mr_bytes_max).ok_or_else(|| {
+            Unavailable::new(format!("mr_bytes_max {:?} is below one page ({PAGE_BYTES} bytes)", cfg.mr_bytes_max))
+        })?;
+        let pd = context.alloc_pd().map_err(|err| failed("allocate protection domain", &err))?;
+        let clamp_depth = |limit: i32| limit.clamp(1, i32::from(READ_DEPTH_MAX)) as u8;
+        Ok(Device {
+            pd,
+            context,
+            port: cfg.port,
+            gid_index: cfg.gid_index,
+            gid: gid.raw,
+            mtu: port.active_mtu(),
+            mr_bytes_max,
+            qp_wr_max: attr.max_qp_wr().max(1) as u32,
+            cqe_max: attr.max_cqe().max(1) as u32,
+            read_depth: clamp_depth(attr.max_qp_init_rd_atom()),
+            dest_read_depth: clamp_depth(attr.max_qp_rd_atom()),
+            name,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The GID at the configured index: this side's address on the fabric.
+    pub fn gid(&self) -> [u8; 16] {
+        self.gid
+    }
+
+    /// The port's active MTU, used as every queue pair's path MTU.
+    pub fn mtu_bytes(&self) -> usize {
+        match self.mtu {
+            Mtu::Mtu256 => 256,
+            Mtu::Mtu512 => 512,
+            Mtu::Mtu1024 => 1024,
+            Mtu::Mtu2048 => 2048,
+            Mtu::Mtu4096 => 4096,
+        }
+    }
+
+    /// The largest memory region registered in one piece: min(device, `mr_bytes_max`), rounded
+    /// down to a multiple of [`PAGE_BYTES`].
+    pub fn max_mr_size(&self) -> u64 {
+        self.mr_bytes_max
+    }
+}
+
+/// min(device limit, configured limit) rounded down to whole pages; None if below one page.
+fn effective_mr_bytes_max(device_bytes: u64, configured: Option<u64>) -> Option<u64> {
+    let bytes = device_bytes.min(configured.unwrap_or(u64::MAX));
+    let bytes = bytes - bytes % PAGE_BYTES as u64;
+    (bytes > 0).then_some(bytes)
+}
+
+/// What peers may do to a [`Region`]. Local writes (needed as an RDMA READ target) are always on.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub remote_write: bool,
+    pub remote_read: bool,
+}
+
+impl Access {
+    fn flags(self) -> AccessFlags {
+        let mut flags = AccessFlags::LocalWrite;
+        if self.remote_write {
+            flags |= AccessFlags::RemoteWrite;
+        }
+        if self.remote_read {
+            flags |= AccessFlags::RemoteRead;
+        }
+        flags
+    }
+}
+
+/// What a peer needs to address one memory-region chunk of a [`Region`]. Nothing here is
+/// trusted: a wrong key or address makes the device fail the work request with an error
+/// completion; it cannot reach memory outside what was registered for remote access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteChunk {
+    pub addr: u64,
+    pub len: u64,
+    pub rkey: u32,
+}
+
+/// Registered memory: one anonymous mapping (populated, so registration does not fault pages in)
+/// registered as one or more memory regions of at most [`Device::max_mr_size`] bytes each, so a
+/// region larger than the device's limit works. A work request's local or remote span must lie
+/// within one chunk: [`Region::lkey`] and [`Region::remote_span`] check it.
+///
+/// The device writes into the mapping asynchronously (an incoming RDMA WRITE, a READ's data), so
+/// the bytes behind [`Region::as_slice`] may change under it in ranges the caller's protocol has
+/// handed to the device; read such a range only after the completion that ends the hand-over.
+#[derive(Debug)]
+pub struct Region {
+    // Declared before `map` so it drops first: ibv_dereg_mr runs while the pages are still
+    // mapped. The Arcs are never handed out, so no registration outlives the mapping.
+    mrs: Vec<Arc<MemoryRegion>>,
+    map: MmapMut,
+    chunk_bytes: usize,
+}
+
+impl Region {
+    /// Maps `len` zeroed bytes and registers them. Fails with [`VerbsError::MemlockTooLow`]
+    /// (naming RLIMIT_MEMLOCK and the fix) when registration runs out of locked memory.
+    /// Panics if `len` is 0.
+    pub fn new(dev: &Device, len: usize, access: Access) -> Result<Region, VerbsError> {
+        assert!(len > 0, "an RDMA region needs at least one byte");
+        let mut map =
+            MmapOptions::new().len(len).populate().map_anon().map_err(|source| VerbsError::Map { len, source })?;
+        let base = map.as_mut_ptr() as usize;
+        assert_eq!(base % PAGE_BYTES, 0, "anonymous mappings start on a page");
+        let chunk_bytes = usize::try_from(dev.mr_bytes_max).unwrap_or(usize::MAX);
+        let mut mrs = Vec::with_capacity(len.div_ceil(chunk_bytes));
+        for offset in (0..len).step_by(chunk_bytes) {
+            let end = len.min(offset + chunk_bytes);
+            // SAFETY: `base + offset .. base + end` lies inside `map`, a live, writable, private
+            // anonymous mapping this function owns. Registration pins those pages; `map` and
+            // `mrs` move into the returned Region together, and its field order (or, on an early
+            // return, the reverse declaration order of these locals) drops every MR
+            // (ibv_dereg_mr) before `map` (munmap), so the device never holds a registration of
+            // unmapped memory. Device writes become visible to the CPU only through completions,
+            // which the callers of the posting functions wait for.
+            let mr = unsafe { dev.pd.reg_mr(base + offset, end - offset, access.flags()) }
+                .map_err(|source| registration_error(len, offset, end, source, memlock_limit_bytes()))?;
+            mrs.push(mr);
+        }
+        Ok(Region { mrs, map, chunk_bytes })
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always false: a region has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Bytes per registration chunk (the last may be shorter): a multiple of [`PAGE_BYTES`].
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_bytes
+    }
+
+    /// The whole region; it starts on a 4096-byte boundary.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
+    /// The virtual address of byte 0 (what work requests and peers address it by).
+    pub fn addr(&self) -> u64 {
+        self.map.as_ptr() as u64
+    }
+
+    /// The chunks, for the peer.
+    pub fn remote_chunks(&self) -> Vec<RemoteChunk> {
+        self.mrs
+            .iter()
+            .map(|mr| RemoteChunk { addr: mr.get_ptr() as u64, len: mr.region_len() as u64, rkey: mr.rkey() })
+            .collect()
+    }
+
+    /// The address, length and rkey a peer uses for `[offset, offset + len)`; panics (broken
+    /// invariant) like [`Region::lkey`].
+    pub fn remote_span(&self, offset: usize, len: usize) -> RemoteChunk {
+        let chunk = self.chunk_of(offset, len);
+        RemoteChunk { addr: self.addr() + offset as u64, len: len as u64, rkey: self.mrs[chunk].rkey() }
+    }
+
+    /// lkey covering `[offset, offset + len)`: panics (broken invariant) if the span crosses a
+    /// chunk boundary or the region's end.
+    pub fn lkey(&self, offset: usize, len: usize) -> u32 {
+        self.mrs[self.chunk_of(offset, len)].lkey()
+    }
+
+    fn chunk_of(&self, offset: usize, len: usize) -> usize {
+        self.span_chunk(offset, len).unwrap_or_else(|broken| panic!("{broken}"))
+    }
+
+    /// The chunk holding `[offset, offset + len)`, or why there is none.
+    fn span_chunk(&self, offset: usize, len: usize) -> Result<usize, String> {
+        let end = offset.checked_add(len).ok_or("span end overflows")?;
+        if end > self.len() {
+            return Err(format!("span {offset}..{end} outside a region of {} bytes", self.len()));
+        }
+        let chunk = offset.min(self.len() - 1) / self.chunk_bytes;
+        if len > 0 && (end - 1) / self.chunk_bytes != chunk {
+            return Err(format!(
+                "span {offset}..{end} crosses a registration chunk boundary (chunks of {} bytes)",
+                self.chunk_bytes
+            ));
+        }
+        Ok(chunk)
+    }
+}
+
+/// Turns a failed `ibv_reg_mr` into MemlockTooLow when the locked-memory limit is the likely
+/// cause: the kernel answers ENOMEM (or EPERM) when pinning would exceed a finite
+/// RLIMIT_MEMLOCK (`memlock_limit_bytes`, None = unlimited).
+fn registration_error(
+    len: usize,
+    offset: usize,
+    end: usize,
+    source: RegisterMemoryRegionError,
+    memlock_limit_bytes: Option<u64>,
+) -> VerbsError {
+    let errno = match &source.0 {
+        RegisterMemoryRegionErrorKind::Ibverbs(err) => err.raw_os_error(),
+        _ => None,
+    };
+    if matches!(errno, Some(libc::ENOMEM | libc::EPERM)) {
+        if let Some(have_bytes) = memlock_limit_bytes {
+            return VerbsError::MemlockTooLow { have_kib: have_bytes / 1024, need_kib: (len as u64).div_ceil(1024) };
+        }
+    }
+    VerbsError::RegisterMr { offset, end, len, source }
+}
+
+/// The soft RLIMIT_MEMLOCK in bytes, or None if unlimited (or unreadable).
+fn memlock_limit_bytes() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a local rlimit the kernel fills before returning; nothing else is shared.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// What a work completion reports, copied out of the CQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opcode {
+    Send,
+    RdmaWrite,
+    RdmaRead,
+    Recv,
+    RecvRdmaWithImm,
+    Other(u32),
+}
+
+impl Opcode {
+    /// Reported for error completions, whose opcode verbs leave undefined.
+    pub const UNDEFINED: Opcode = Opcode::Other(u32::MAX);
+
+    fn from_raw(raw: u32) -> Self {
+        match raw {
+            ibv_wc_opcode::IBV_WC_SEND => Opcode::Send,
+            ibv_wc_opcode::IBV_WC_RDMA_WRITE => Opcode::RdmaWrite,
+            ibv_wc_opcode::IBV_WC_RDMA_READ => Opcode::RdmaRead,
+            ibv_wc_opcode::IBV_WC_RECV => Opcode::Recv,
+            ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM => Opcode::RecvRdmaWithImm,
+            other => Opcode::Other(other),
+        }
+    }
+}
+
+/// One work completion, copied before the poller moves on (the extended CQ reads its fields
+/// lazily from the current entry).
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub wr_id: u64,
+    pub ok: bool,
+    /// `ibv_wc_status`, raw.
+    pub status: u32,
+    /// What `ibv_wc_status_str` says for `status`.
+    pub status_text: &'static str,
+    /// [`Opcode::UNDEFINED`] when `!ok`.
+    pub opcode: Opcode,
+    /// Bytes placed by a receive (the write's length for RecvRdmaWithImm, the read's for
+    /// RdmaRead); 0 when `!ok`.
+    pub byte_len: u32,
+    /// The immediate data in host order, for RecvRdmaWithImm only.
+    pub imm: Option<u32>,
+}
+
+impl Completion {
+    fn copy_of(wc: &ExtendedWorkCompletion<'_>) -> Self {
+        let status = wc.status();
+        let ok = status == ibv_wc_status::IBV_WC_SUCCESS;
+        let opcode = if ok { Opcode::from_raw(wc.opcode()) } else { Opcode::UNDEFINED };
+        Completion {
+            wr_id: wc.wr_id(),
+            ok,
+            status,
+            status_text: status_text(status),
+            opcode,
+            byte_len: if ok { wc.byte_len() } else { 0 },
+            // Verbs define imm_data as __be32 and sideway hands the raw field through.
+            imm: (opcode == Opcode::RecvRdmaWithImm).then(|| u32::from_be(wc.imm_data())),
+        }
+    }
+}
+
+/// The texts of rdma-core's `ibv_wc_status_str`, without a call into the C library.
+fn status_text(status: u32) -> &'static str {
+    use ibv_wc_status::*;
+    match status {
+        IBV_WC_SUCCESS => "success",
+        IBV_WC_LOC_LEN_ERR => "local length error",
+        IBV_WC_LOC_QP_OP_ERR => "local QP operation error",
+        IBV_WC_LOC_EEC_OP_ERR => "local EE context operation error",
+        IBV_WC_LOC_PROT_ERR => "local protection error",
+        IBV_WC_WR_FLUSH_ERR => "Work Request Flushed Error",
+        IBV_WC_MW_BIND_ERR => "memory management operation error",
+        IBV_WC_BAD_RESP_ERR => "bad response error",
+        IBV_WC_LOC_ACCESS_ERR => "local access error",
+        IBV_WC_REM_INV_REQ_ERR => "remote invalid request error",
+        IBV_WC_REM_ACCESS_ERR => "remote access error",
+        IBV_WC_REM_OP_ERR => "remote operation error",
+        IBV_WC_RETRY_EXC_ERR => "transport retry counter exceeded",
+        IBV_WC_RNR_RETRY_EXC_ERR => "RNR retry counter exceeded",
+        IBV_WC_LOC_RDD_VIOL_ERR => "local RDD violation error",
+        IBV_WC_REM_INV_RD_REQ_ERR => "remote invalid RD request",
+        IBV_WC_REM_ABORT_ERR => "aborted error",
+        IBV_WC_INV_EECN_ERR => "invalid EE context number",
+        IBV_WC_INV_EEC_STATE_ERR => "invalid EE context state",
+        IBV_WC_FATAL_ERR => "fatal error",
+        IBV_WC_RESP_TIMEOUT_ERR => "response timeout error",
+        IBV_WC_GENERAL_ERR => "general error",
+        IBV_WC_TM_ERR => "TM error",
+        IBV_WC_TM_RNDV_INCOMPLETE => "TM software rendezvous",
+        _ => "unknown",
+    }
+}
+
+/// A completion queue with its own completion channel, so a shard's event loop can sleep on the
+/// channel's fd. The loop is: poll; [`Cq::arm`]; poll again (a completion that landed before
+/// arming raises no event); sleep until [`Cq::fd`] is readable; [`Cq::ack_events`]; repeat.
+#[derive(Debug)]
+pub struct Cq {
+    cq: Arc<ExtendedCompletionQueue>,
+    // The CQ holds the channel too; kept here for the fd and ibv_get_cq_event.
+    channel: Arc<CompletionChannel>,
+}
+
+impl Cq {
+    /// A CQ of `entries` completions (at least the send and receive depths of every QP using it,
+    /// or it overruns).
+    pub fn new(dev: &Device, entries: u32) -> Result<Cq, VerbsError> {
+        check_depth("cq entries", entries, dev.cqe_max)?;
+        let channel = dev.context.create_comp_channel().map_err(VerbsError::CreateChannel)?;
+        // Non-blocking, so draining events never stalls the loop; epoll/mio does the waiting.
+        channel.set_nonblocking(true).map_err(VerbsError::ChannelNonblocking)?;
+        let cq = dev
+            .context
+            .create_cq_builder()
+            .setup_cqe(entries)
+            .setup_comp_channel(&channel, 0)
+            .build_ex()
+            .map_err(|source| VerbsError::CreateCq { entries, source })?;
+        Ok(Cq { cq, channel })
+    }
+
+    /// Non-blocking: appends up to min(`max`, `out.capacity() - out.len()`) completions to `out`
+    /// and returns how many. Does not allocate.
+    ///
+    /// Takes exactly one completion per `ibv_start_poll`/`ibv_end_poll` pair and never calls
+    /// `ibv_next_poll`: rxe's next_poll publishes the consumer index and unlocks when it finds
+    /// the queue empty, and the `ibv_end_poll` that follows advances it again, after which the CQ
+    /// reports hundreds of zeroed phantom completions (seen in the probe). One entry per pair is
+    /// valid on every provider.
+    ///
+    /// Panics if the device reports a polling error other than "empty": that means the CQ
+    /// overran (it is smaller than the queues feeding it) or the device died.
+    pub fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> usize {
+        let room = max.min(out.capacity() - out.len());
+        for taken in 0..room {
+            let mut poller = match self.cq.start_poll() {
+                Ok(poller) => poller,
+                Err(PollCompletionQueueError::CompletionQueueEmpty) => return taken,
+                Err(err) => panic!("polling the completion queue failed: {}", report(&err)),
+            };
+            let wc = poller.next().expect("a successful start_poll has a current entry");
+            out.push(Completion::copy_of(&wc));
+            // Dropping the poller calls ibv_end_poll, which consumes exactly this entry.
+            drop(poller);
+        }
+        room
+    }
+
+    /// The completion channel's fd (non-blocking), to register with epoll/mio for readability.
+    pub fn fd(&self) -> RawFd {
+        self.channel.as_raw_fd()
+    }
+
+    /// Requests an event for the next completion of any kind (`ibv_req_notify_cq`). After
+    /// arming, poll once more before sleeping: a completion may have raced in.
+    pub fn arm(&mut self) -> Result<(), VerbsError> {
+        // SAFETY: `self.cq` is a live CQ owned (through its Arc) by `self` for the whole call; the
+        // extended CQ begins with the basic `ibv_cq` fields, which is what sideway's `cq()` casts
+        // to and what rdma-core's ibv_cq_ex_to_cq does. ibv_req_notify_cq reads the CQ and rings
+        // the device, keeping no pointer.
+        let rc = unsafe { rdma_mummy_sys::ibv_req_notify_cq(self.cq.cq().as_ptr(), 0) };
+        match rc {
+            0 => Ok(()),
+            errno => Err(VerbsError::Arm(io::Error::from_raw_os_error(errno))),
+        }
+    }
+
+    /// Reads and acks every pending channel event (after the fd turned readable). Never leaves
+    /// events unacked: `ibv_destroy_cq` would wait for those acks forever.
+    pub fn ack_events(&mut self) {
+        let mut events = 0u32;
+        while self.take_event() {
+            events += 1;
+        }
+        if events > 0 {
+            // SAFETY: the CQ is live (owned through `self.cq`) and received exactly `events`
+            // events from its channel in the loop above, none of them acked yet.
+            unsafe { rdma_mummy_sys::ibv_ack_cq_events(self.cq.cq().as_ptr(), events) };
+        }
+    }
+
+    /// Reads one event off the channel; false when there is none (the fd is non-blocking).
+    fn take_event(&mut self) -> bool {
+        loop {
+            let mut event_cq = ptr::null_mut();
+            let mut event_context = ptr::null_mut();
+            // SAFETY: the channel is live (owned through `self.channel`), the out-pointers point
+            // to locals, and the fd is non-blocking, so the call returns EAGAIN, not sleep.
+            let rc = unsafe {
+                rdma_mummy_sys::ibv_get_cq_event(
+                    self.channel.comp_channel().as_ptr(),
+                    &mut event_cq,
+                    &mut event_context,
+                )
+            };
+            if rc == 0 {
+                // SAFETY: only reads the CQ's handle for a comparison; `self.cq` keeps it alive.
+                let ours = unsafe { self.cq.cq().as_ptr() };
+                assert_eq!(event_cq, ours, "event for a CQ this channel was not created for");
+                return true;
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::WouldBlock => return false,
+                io::ErrorKind::Interrupted => continue,
+                _ => panic!("reading the completion channel failed: {err}"),
+            }
+        }
+    }
+}
+
+/// What a peer needs to connect its queue pair to this one, sent out of band (TCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpInfo {
+    /// Queue pair number, 24-bit.
+    pub qpn: u32,
+    /// The first packet sequence number this side sends, 24-bit.
+    pub psn: u32,
+    pub gid: [u8; 16],
+}
+
+impl QpInfo {
+    /// Little-endian `qpn`, `psn`, then the GID as is.
+    pub fn to_bytes(&self) -> [u8; QP_INFO_BYTES] {
+        let mut bytes = [0; QP_INFO_BYTES];
+        bytes[0..4].copy_from_slice(&self.qpn.to_le_bytes());
+        bytes[4..8].copy_from_slice(&self.psn.to_le_bytes());
+        bytes[8..24].copy_from_slice(&self.gid);
+        bytes
+    }
+
+    /// The inverse of [`QpInfo::to_bytes`]; [`Qp::connect`] checks the values.
+    pub fn from_bytes(bytes: [u8; QP_INFO_BYTES]) -> Self {
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let mut gid = [0; 16];
+        gid.copy_from_slice(&bytes[8..24]);
+        QpInfo { qpn: word(0), psn: word(4), gid }
+    }
+}
+
+/// A reliable-connected queue pair; send and receive completions go to the CQs it was made with.
+#[derive(Debug)]
+pub struct Qp {
+    qp: ExtendedQueuePair,
+    psn: u32,
+    gid: [u8; 16],
+    port: u8,
+    gid_index: u8,
+    mtu: Mtu,
+    read_depth: u8,
+    dest_read_depth: u8,
+}
+
+impl Qp {
+    /// Creates the QP and moves it to INIT with a random PSN. One scatter/gather entry per work
+    /// request, no inline data. `send_cq` and `recv_cq` may be the same CQ.
+    pub fn new(dev: &Device, send_cq: &Cq, recv_cq: &Cq, send_depth: u32, recv_depth: u32) -> Result<Qp, VerbsError> {
+        check_depth("send depth", send_depth, dev.qp_wr_max)?;
+        check_depth("receive depth", recv_depth, dev.qp_wr_max)?;
+        let qp = dev
+            .pd
+            .create_qp_builder()
+            .setup_max_send_wr(send_depth)
+            .setup_max_recv_wr(recv_depth)
+            .setup_max_send_sge(1)
+            .setup_max_recv_sge(1)
+            .setup_max_inline_data(0)
+            .setup_send_cq(GenericCompletionQueue::from(Arc::clone(&send_cq.cq)))
+            .setup_recv_cq(GenericCompletionQueue::from(Arc::clone(&recv_cq.cq)))
+            .build_ex()
+            .map_err(|source| VerbsError::CreateQp { send_depth, recv_depth, source })?;
+        let mut qp = Qp {
+            qp,
+            psn: random_psn(),
+            gid: dev.gid,
+            port: dev.port,
+            gid_index: dev.gid_index,
+            mtu: dev.mtu,
+            read_depth: dev.read_depth,
+            dest_read_depth: dev.dest_read_depth,
+        };
+        qp.enter_init()?;
+        Ok(qp)
+    }
+
+    pub fn info(&self) -> QpInfo {
+        QpInfo { qpn: self.qpn(), psn: self.psn, gid: self.gid }
+    }
+
+    fn qpn(&self) -> u32 {
+        self.qp.qp_number()
+    }
+
+    /// RTR then RTS towards `remote`: RoCE GRH from the device's GID index, path MTU = the
+    /// device's active MTU (both sides must agree on it), read depth as the device allows (up to
+    /// 16), retry 7, RNR retry 7 (forever). The QP must be in INIT (new, or after [`Qp::reset`]);
+    /// if a step fails it is put back in INIT with the same PSN, so the call can be retried.
+    pub fn connect(&mut self, remote: &QpInfo) -> Result<(), VerbsError> {
+        check_peer(remote)?;
+        let result = self.enter_rtr(remote).and_then(|()| self.enter_rts());
+        if result.is_err() {
+            // Best effort: the first error is the one worth reporting.
+            let _ = self.reset_to_init();
+        }
+        result
+    }
+
+    /// Back to RESET and INIT with a fresh PSN, after an error: outstanding work requests are
+    /// discarded (poll their flushed completions first if they matter). Exchange [`Qp::info`]
+    /// again, then [`Qp::connect`].
+    pub fn reset(&mut self) -> Result<(), VerbsError> {
+        self.psn = random_psn();
+        self.reset_to_init()
+    }
+
+    /// True when the QP is in the error state, or cannot be queried. Queries the device: the
+    /// state sideway caches still says RTS after an error completion.
+    pub fn is_broken(&mut self) -> bool {
+        match self.qp.query(QueuePairAttributeMask::State) {
+            Ok((attr, _)) => matches!(attr.state(), QueuePairState::Error | QueuePairState::SendQueueError),
+            Err(_) => true,
+        }
+    }
+
+    /// Posts a zero-length receive, consumed by an incoming write-with-immediate (whose data
+    /// lands by rkey). Safe: there is no buffer. Does not allocate.
+    pub fn post_recv(&mut self, wr_id: u64) -> Result<(), VerbsError> {
+        let mut wr = ibv_recv_wr { wr_id, next: ptr::null_mut(), sg_list: ptr::null_mut(), num_sge: 0 };
+        let mut bad_wr = ptr::null_mut();
+        // SAFETY: the QP is live (owned by `self.qp`); `wr` is a single, terminated work request
+        // on the stack with no scatter/gather entries, so the device is handed no memory at all;
+        // ibv_post_recv copies the request into the receive queue before returning. sideway's
+        // own receive guard would do the same call but allocate two Vecs per post.
+        let rc = unsafe { rdma_mummy_sys::ibv_post_recv(self.qp.qp().as_ptr(), &mut wr, &mut bad_wr) };
+        match rc {
+            0 => Ok(()),
+            errno => Err(VerbsError::PostRecv { qpn: self.qpn(), wr_id, source: io::Error::from_raw_os_error(errno) }),
+        }
+    }
+
+    /// RDMA WRITE WITH IMMEDIATE of `local[offset..offset + len]` to `remote_addr` (which, with
+    /// the length, must lie in the peer's chunk `rkey` names). Consumes one receive at the peer,
+    /// whose completion carries `imm` (host order) and `byte_len == len`. Unsignaled requests
+    /// free their send-queue slot only when a later signaled one completes, so signal at least
+    /// once per send depth. Panics if the local span crosses a chunk or `len` exceeds u32.
+    ///
+    /// # Safety
+    /// `local[offset..offset + len]` must stay valid (the Region alive) and unmodified until this
+    /// work request's completion is polled (or, unsignaled, that of a later signaled request on
+    /// this QP): the device reads it asynchronously.
+    #[allow(clippy::too_many_arguments)] // each is one field of the work request
+    pub unsafe fn post_write_imm(
+        &mut self,
+        wr_id: u64,
+        local: &Region,
+        offset: usize,
+        len: usize,
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
+        let (lkey, addr, len) = local_sge(local, offset, len);
+        let qpn = self.qpn();
+        let flags = if signaled { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() };
+        let mut guard = self.qp.start_post_send();
+        let wr = guard.construct_wr(wr_id, flags).setup_write_imm(rkey, remote_addr, imm.to_be());
+        // SAFETY: lkey/addr/len describe a span of `local` inside one registered chunk (checked
+        // by local_sge). The Region owns the mapping and its registrations; the caller keeps it
+        // alive and the span unmodified until the completion, as this function's contract says,
+        // and ibv_wr_complete's doorbell orders our earlier stores to it before the device reads.
+        unsafe { set_sge(wr, lkey, addr, len) };
+        guard.post().map_err(|source| VerbsError::PostSend { qpn, wr_id, source })
+    }
+
+    /// RDMA READ of `len` bytes at the peer's `remote_addr` (in the chunk `rkey` names) into
+    /// `local[offset..offset + len]`. Always signaled: the data is there once the completion
+    /// (opcode RdmaRead) is polled. Panics if the local span crosses a chunk or `len` exceeds u32.
+    ///
+    /// # Safety
+    /// `local[offset..offset + len]` must stay valid (the Region alive) and must be neither read
+    /// nor written by the CPU until this work request's completion is polled: the device writes
+    /// it asynchronously.
+    pub unsafe fn post_read(
+        &mut self,
+        wr_id: u64,
+        local: &Region,
+        offset: usize,
+        len: usize,
+        remote_addr: u64,
+        rkey: u32,
+    ) -> Result<(), VerbsError> {
+        let (lkey, addr, len) = local_sge(local, offset, len);
+        let qpn = self.qpn();
+        let mut guard = self.qp.start_post_send();
+        let wr = guard.construct_wr(wr_id, WorkRequestFlags::Signaled).setup_read(rkey, remote_addr);
+        // SAFETY: as in post_write_imm, but the device writes the span: the caller neither reads
+        // nor writes it until the completion, whose poll orders the device's writes before the
+        // CPU's later loads (ibv_start_poll reads the CQE with the barrier the provider needs).
+        unsafe { set_sge(wr, lkey, addr, len) };
+        guard.post().map_err(|source| VerbsError::PostSend { qpn, wr_id, source })
+    }
+
+    fn enter_init(&mut self) -> Result<(), VerbsError> {
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Init)
+            .setup_pkey_index(0)
+            .setup_port(self.port)
+            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead);
+        self.modify(&attr, "INIT")
+    }
+
+    fn enter_rtr(&mut self, remote: &QpInfo) -> Result<(), VerbsError> {
+        // RoCE has no LIDs: the path is the GRH (source GID index, destination GID, hop limit).
+        let mut address = AddressHandleAttribute::new();
+        address.setup_port(self.port).setup_grh(&Gid { raw: remote.gid }, 0, self.gid_index, HOP_LIMIT, 0);
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToReceive)
+            .setup_path_mtu(self.mtu)
+            .setup_dest_qp_num(remote.qpn)
+            .setup_rq_psn(remote.psn)
+            .setup_max_dest_read_atomic(self.dest_read_depth)
+            .setup_min_rnr_timer(MIN_RNR_TIMER)
+            .setup_address_vector(&address);
+        self.modify(&attr, "RTR")
+    }
+
+    fn enter_rts(&mut self) -> Result<(), VerbsError> {
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToSend)
+            .setup_sq_psn(self.psn)
+            .setup_timeout(ACK_TIMEOUT)
+            .setup_retry_cnt(RETRY_COUNT)
+            .setup_rnr_retry(RNR_RETRY)
+            .setup_max_read_atomic(self.read_depth);
+        self.modify(&attr, "RTS")
+    }
+
+    fn reset_to_init(&mut self) -> Result<(), VerbsError> {
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Reset);
+        self.modify(&attr, "RESET")?;
+        self.enter_init()
+    }
+
+    fn modify(&mut self, attr: &QueuePairAttribute, target: &'static str) -> Result<(), VerbsError> {
+        let qpn = self.qpn();
+        self.qp.modify(attr).map_err(|source| VerbsError::ModifyQp { qpn, target, source })
+    }
+}
+
+fn check_depth(what: &'static str, asked: u32, max: u32) -> Result<(), VerbsError> {
+    if asked == 0 || asked > max {
+        return Err(VerbsError::Depth { what, asked, max });
+    }
+    Ok(())
+}
+
+fn check_peer(remote: &QpInfo) -> Result<(), VerbsError> {
+    let reason = if remote.qpn & !QPN_PSN_MASK != 0 {
+        format!("queue pair number {:#x} is wider than 24 bits", remote.qpn)
+    } else if remote.psn & !QPN_PSN_MASK != 0 {
+        format!("PSN {:#x} is wider than 24 bits", remote.psn)
+    } else if remote.gid == [0; 16] {
+        "its GID is all zeros".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(VerbsError::BadPeer { reason })
+}
+
+/// A 24-bit PSN from the standard library's per-process random hash keys: unpredictable enough
+/// that a reconnected QP does not accept a stale packet of its previous life.
+fn random_psn() -> u32 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher
+        .write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.finish() as u32 & QPN_PSN_MASK
+}
+
+/// The scatter/gather entry for `region[offset..offset + len]`; panics if it is not inside one
+/// registration chunk or longer than a work request can carry.
+fn local_sge(region: &Region, offset: usize, len: usize) -> (u32, u64, u32) {
+    let lkey = region.lkey(offset, len);
+    let len = u32::try_from(len).expect("a work request carries at most u32::MAX bytes");
+    (lkey, region.addr() + offset as u64, len)
+}
+
+/// Sets the request's single SGE, or none for a zero-length request (a zero SGE length means
+/// 2 GiB on some providers).
+///
+/// # Safety
+/// The span must be registered under `lkey` and stay valid until the request completes.
+unsafe fn set_sge<H: SetScatterGatherEntry>(wr: H, lkey: u32, addr: u64, len: u32) {
+    if len == 0 {
+        // SAFETY: an empty list hands the device no memory.
+        unsafe { wr.setup_sge_list(&[]) }
+    } else {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { wr.setup_sge(lkey, addr, len) }
+    }
+}
+
+// The transport shares one Device across shard threads and moves the rest into them.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    send_sync::<Device>();
+    send_sync::<Region>();
+    send::<Cq>();
+    send::<Qp>();
+};
+
+#[cfg(test)]
+mod tests;
