@@ -83,7 +83,8 @@ pub fn choose(kind: TransportKind, rdma: &RdmaConfig) -> Result<Chosen> {
 
 #[cfg(feature = "rdma")]
 fn open(rdma: &RdmaConfig) -> std::result::Result<Chosen, String> {
-    crate::rdma::verbs::Device::open(&rdma.device_config()).map(Chosen::Rdma).map_err(|e| e.to_string())
+    let cfg = rdma.device_config().map_err(|e| e.to_string())?;
+    crate::rdma::verbs::Device::open(&cfg).map(Chosen::Rdma).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "rdma"))]

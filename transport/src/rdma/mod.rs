@@ -43,9 +43,9 @@ use verbs::QpInfo;
 use crate::config::{SLOTS_MAX, SLOT_BYTES_MIN};
 
 impl RdmaConfig {
-    /// The device part, for the verbs layer.
-    pub fn device_config(&self) -> verbs::DeviceConfig {
-        let mut d = verbs::DeviceConfig::default();
+    /// The device part, for the verbs layer: this config's choices over the environment's.
+    pub fn device_config(&self) -> std::result::Result<verbs::DeviceConfig, verbs::Unavailable> {
+        let mut d = verbs::DeviceConfig::from_env()?;
         if self.device.is_some() {
             d.device.clone_from(&self.device);
         }
@@ -53,7 +53,7 @@ impl RdmaConfig {
             d.gid_index = gid;
         }
         d.mr_bytes_max = self.mr_bytes_max;
-        d
+        Ok(d)
     }
 }
 

@@ -1,0 +1,190 @@
+//! The RDMA transport on real verbs. These tests need an RDMA device: run them in the SoftRoCE
+//! guest (`tests/softroce/run.sh`, which `tests/run.sh` does) or on a host with rxe or an HCA
+//! (`RDMA_DEV=mlx5_0 RDMA_GID_INDEX=3 cargo test -p tessera-tests --features rdma --test rdma`).
+//! Under the harness (`SOFTROCE_VM`) or with `RDMA_DEV` set, a missing device fails them; on a
+//! plain host they say they did not run.
+
+#![cfg(feature = "rdma")]
+
+use std::time::Duration;
+
+use tessera_client::{Client, ClientConfig, Table};
+use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
+use tessera_replication::{TableKind, TableSpec};
+use tessera_transport::{RdmaConfig, TransportKind};
+
+/// True when RDMA must be there; false on a plain host, where the test returns early.
+fn rdma_here(test: &str) -> bool {
+    let required = std::env::var_os("SOFTROCE_VM").is_some() || std::env::var_os("RDMA_DEV").is_some();
+    match tessera_transport::select::choose(TransportKind::Rdma, &RdmaConfig::default()) {
+        Ok(_) => true,
+        Err(e) if required => panic!("{test}: an RDMA device was required but: {e}"),
+        Err(e) => {
+            eprintln!("{test}: NOT RUN on this host ({e}); run it under tests/softroce/run.sh");
+            false
+        }
+    }
+}
+
+fn server(shards: u16, kind: TransportKind, rdma: RdmaConfig) -> Server {
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    cfg.engine.shards = shards;
+    cfg.engine.pin_cores = false;
+    cfg.transport_kind = kind;
+    cfg.rdma = rdma;
+    Server::start(cfg, UpdaterRegistry::new()).expect("server")
+}
+
+fn client(server: &Server, worker: u32, kind: TransportKind, rdma: RdmaConfig) -> Client {
+    let cfg = ClientConfig { kind, rdma, ..ClientConfig::worker(worker) };
+    Client::connect(&[&server.local_addr().to_string()], cfg).expect("client")
+}
+
+fn fast() -> RdmaConfig {
+    RdmaConfig { slots: 8, slot_bytes: 64 << 10, spin_us: 20, ..RdmaConfig::default() }
+}
+
+/// A deterministic workload: dense ranges across shard boundaries and sparse keys over the whole
+/// key space, with integer-valued gradients so that sums are exact in any order.
+fn workload(c: &Client, dense: &Table, sparse: &Table, round: u64) {
+    let dim = dense.dim();
+    let grads: Vec<f32> = (0..3000 * dim).map(|i| ((i as u64 * 7 + round) % 5) as f32).collect();
+    c.push_range(dense, 500, &grads).unwrap().wait().unwrap();
+    let keys: Vec<u64> = (0..500u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round).collect();
+    let sg: Vec<f32> = (0..keys.len() * sparse.dim()).map(|i| (i % 3) as f32 + 1.0).collect();
+    c.push(sparse, &keys, &sg).unwrap().wait().unwrap();
+}
+
+fn snapshot(c: &Client, dense: &Table, sparse: &Table, rounds: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut d = vec![0f32; 4096 * dense.dim()];
+    c.pull_range(dense, 0, &mut d).unwrap().wait().unwrap();
+    let keys: Vec<u64> = (0..rounds).flat_map(|r| (0..500u64).map(move |i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ r)).collect();
+    let mut s = vec![0f32; keys.len() * sparse.dim()];
+    c.pull(sparse, &keys, &mut s).unwrap().wait().unwrap();
+    (d, s)
+}
+
+fn tables(c: &Client, tag: &str) -> (Table, Table) {
+    let dense = c.create_table(&TableSpec::new(&format!("dense-{tag}"), TableKind::Dense, 0, 4096, 4)).unwrap();
+    let sparse = c.create_table(&TableSpec::new(&format!("sparse-{tag}"), TableKind::Sparse, 0, u64::MAX, 2)).unwrap();
+    (dense, sparse)
+}
+
+#[test]
+fn rdma_and_tcp_give_bit_identical_sums() {
+    if !rdma_here("rdma_and_tcp_give_bit_identical_sums") {
+        return;
+    }
+    let server = server(3, TransportKind::Rdma, fast());
+    let over_rdma = client(&server, 0, TransportKind::Rdma, fast());
+    let over_tcp = client(&server, 1, TransportKind::Tcp, fast());
+    let (rd, rs) = tables(&over_rdma, "r");
+    let (td, ts) = tables(&over_tcp, "t");
+    for round in 0..20 {
+        workload(&over_rdma, &rd, &rs, round);
+        workload(&over_tcp, &td, &ts, round);
+    }
+    let a = snapshot(&over_rdma, &rd, &rs, 20);
+    let b = snapshot(&over_tcp, &td, &ts, 20);
+    assert!(a.0.iter().any(|v| *v != 0.0), "the workload pushed something");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.0), bits(&b.0), "dense values differ between RDMA and TCP");
+    assert_eq!(bits(&a.1), bits(&b.1), "sparse values differ between RDMA and TCP");
+    // Pipelined over RDMA: more tickets in flight than slots, waited in reverse order.
+    let mut outs = vec![vec![0f32; 64 * 4]; 40];
+    let tickets: Vec<_> = outs.iter_mut().enumerate().map(|(i, o)| over_rdma.pull_range(&rd, (i * 64) as u64, o).unwrap()).collect();
+    for t in tickets.into_iter().rev() {
+        t.wait().unwrap();
+    }
+    let flat: Vec<f32> = outs.concat();
+    assert_eq!(bits(&flat), bits(&a.0[..flat.len()]), "pipelined pulls over RDMA see the same values");
+}
+
+#[test]
+fn many_workers_on_many_shards_at_once() {
+    if !rdma_here("many_workers_on_many_shards_at_once") {
+        return;
+    }
+    let server = server(3, TransportKind::Rdma, fast());
+    let workers: Vec<Client> = (0..4).map(|w| client(&server, w, TransportKind::Rdma, fast())).collect();
+    let table = workers[0].create_table(&TableSpec::new("shared", TableKind::Dense, 0, 3000, 8)).unwrap();
+    std::thread::scope(|s| {
+        for (w, c) in workers.iter().enumerate() {
+            let table = c.table(table.spec().name.as_str()).unwrap();
+            s.spawn(move || {
+                for round in 0..30u64 {
+                    c.set_clock(round + 1);
+                    let g = vec![(w + 1) as f32; 3000 * 8];
+                    // Keep a few pushes in flight, as a training worker does.
+                    let t = c.push_range(&table, 0, &g).unwrap();
+                    let u = c.push(&table, &[7, 1500, 2999], &[1.0; 24]).unwrap();
+                    t.wait().unwrap();
+                    u.wait().unwrap();
+                }
+            });
+        }
+    });
+    let mut out = vec![0f32; 3000 * 8];
+    let stamp = workers[0].pull_range(&table, 0, &mut out).unwrap().wait().unwrap();
+    let per_round: f32 = (1..=4).map(|w| w as f32).sum();
+    for (i, v) in out.iter().enumerate() {
+        let key = i / 8;
+        let extra = if [7, 1500, 2999].contains(&key) { 4.0 * 30.0 } else { 0.0 };
+        assert_eq!(*v, per_round * 30.0 + extra, "key {key}");
+    }
+    assert_eq!(stamp.clocks(), &[30, 30, 30, 30], "every worker's last clock reached every key");
+}
+
+#[test]
+fn a_worker_that_vanishes_mid_push_leaves_the_server_healthy() {
+    if !rdma_here("a_worker_that_vanishes_mid_push_leaves_the_server_healthy") {
+        return;
+    }
+    let server = server(2, TransportKind::Rdma, fast());
+    let steady = client(&server, 0, TransportKind::Rdma, fast());
+    let table = steady.create_table(&TableSpec::new("v", TableKind::Dense, 0, 1000, 16)).unwrap();
+    let connections = |c: &Client| -> u64 {
+        let status = c.status().unwrap();
+        status[0]["shards"].as_array().unwrap().iter().map(|s| s["connections"].as_u64().unwrap()).sum()
+    };
+    let baseline = connections(&steady);
+    for round in 0..5 {
+        let doomed = client(&server, 1, TransportKind::Rdma, fast());
+        let t = doomed.table("v").unwrap();
+        // Fill every slot with pushes and vanish without waiting for any of them.
+        for _ in 0..20 {
+            std::mem::forget(doomed.push_range(&t, 0, &vec![1.0; 1000 * 16]).unwrap());
+        }
+        drop(doomed);
+        steady.push_range(&table, 0, &vec![1.0; 1000 * 16]).unwrap().wait().unwrap();
+        let _ = round;
+    }
+    // The server released every vanished worker's queue pair and rings, and still serves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connections(&steady) > baseline && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(connections(&steady), baseline, "connections of vanished workers were reclaimed");
+    let mut out = vec![0f32; 1000 * 16];
+    steady.pull_range(&table, 0, &mut out).unwrap().wait().unwrap();
+    // Each of the steady worker's 5 pushes landed; a vanished worker's pushes may or may not have.
+    assert!(out.iter().all(|v| *v >= 5.0 && *v <= 5.0 + 100.0 && v.fract() == 0.0), "{:?}", &out[..4]);
+}
+
+#[test]
+fn memory_split_into_small_regions_still_gives_correct_results() {
+    if !rdma_here("memory_split_into_small_regions_still_gives_correct_results") {
+        return;
+    }
+    // Every region is registered in 16 KiB memory regions: each slot is its own region.
+    let small = RdmaConfig { mr_bytes_max: Some(16 << 10), slot_bytes: 16 << 10, slots: 8, ..fast() };
+    let server = server(2, TransportKind::Rdma, small.clone());
+    let c = client(&server, 0, TransportKind::Rdma, small);
+    let table = c.create_table(&TableSpec::new("split", TableKind::Dense, 0, 20_000, 2)).unwrap();
+    let grads: Vec<f32> = (0..20_000 * 2).map(|i| (i % 11) as f32).collect();
+    // 160 KB of values: split by the client into 16 KiB frames, across both shards.
+    c.push_range(&table, 0, &grads).unwrap().wait().unwrap();
+    let mut out = vec![0f32; grads.len()];
+    c.pull_range(&table, 0, &mut out).unwrap().wait().unwrap();
+    assert_eq!(out, grads);
+}
