@@ -2,11 +2,14 @@
 # Tessera's whole test suite: what CI runs, and what the README tells you to run.
 #
 #   ./tests/run.sh            # everything
-#   QUICK=1 ./tests/run.sh    # skip clippy
+#   QUICK=1 ./tests/run.sh    # skip clippy and the RDMA benchmark
 #
 # It installs the system packages it needs (as root, with apt) when they are missing, builds the
-# workspace once, and runs every test: unit and property tests, client/server integration tests,
-# and the real-process tests (servers started and killed as separate processes on loopback).
+# workspace once with every feature (RDMA included), and runs every test: unit and property
+# tests, client/server integration tests, the real-process tests (servers started and killed as
+# separate processes on loopback), and, inside a SoftRoCE guest (tests/softroce/), the RDMA tests
+# on real verbs and the RDMA benchmark against perftest. A guest whose rxe device cannot be
+# created fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +17,8 @@ log() { printf '\n==> %s\n' "$*"; }
 
 # --- system packages --------------------------------------------------------------------------
 # ensure CMD:PACKAGE ... installs each PACKAGE whose CMD is missing (apt, as root), so that a warm
-# machine never touches the network. The TCP suite needs nothing beyond the Rust toolchain; the
-# SoftRoCE, etcd and fio suites add their packages here.
+# machine never touches the network. The SoftRoCE guest and the RDMA build (cmake, libclang for
+# sideway) install theirs through tests/softroce/setup.sh; the etcd and fio suites add theirs here.
 ensure() {
   local missing=() cmd pkg
   for pair in "$@"; do
@@ -29,20 +32,36 @@ ensure() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 ensure
+log "system packages for the RDMA build and the SoftRoCE guest"
+tests/softroce/setup.sh
 
 # --- build once ---------------------------------------------------------------------------------
 log "building the workspace and its tests"
-cargo build --workspace --all-targets --locked
+cargo build --workspace --all-targets --all-features --locked
 export TESSERA_BIN="$PWD/target/debug/tessera"
 
 if [ "${QUICK:-0}" != 1 ]; then
   log "clippy (workspace lints: unsafe blocks must carry a SAFETY comment)"
-  cargo clippy --workspace --all-targets --locked -- -D warnings
+  cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+  cargo clippy --workspace --all-targets --locked -- -D warnings   # and the default build, without RDMA
 fi
 
 # --- tests ------------------------------------------------------------------------------------------
 log "unit, property, integration and real-process tests"
-cargo test --workspace --locked -- --test-threads 2
+cargo test --workspace --all-features --locked -- --test-threads 2
+
+# Each test binary below runs in its own SoftRoCE guest (about ten seconds to boot under TCG).
+log "RDMA on real verbs, in the SoftRoCE guest: verbs layer and transport tests"
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/tests/softroce/run.sh"
+cargo test -p tessera-transport --all-features --locked --lib -- rdma::
+cargo test -p tessera-tests --all-features --locked --test rdma
+unset CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER
+
+if [ "${QUICK:-0}" != 1 ]; then
+  log "RDMA benchmark in the SoftRoCE guest, against perftest on the same device"
+  cargo build --release -p tessera-tools --features rdma --locked
+  tests/softroce/run.sh tests/softroce/rdma-bench.sh
+fi
 
 log "criterion benchmarks compile and run once each (no timing: figures come from cargo bench)"
 cargo test -p tessera-benches --benches --locked

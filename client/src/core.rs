@@ -437,6 +437,11 @@ impl Core {
         }
     }
 
+    pub fn transport(&self) -> &'static str {
+        let all_rdma = self.servers.iter().flat_map(|s| &s.shards).all(|s| s.link.kind() == "rdma");
+        if all_rdma { "rdma" } else { "tcp" }
+    }
+
     /// Forgets a request whose ticket was dropped.
     pub fn abandon(&mut self, server: u32, shard: u16, id: u64) {
         let shard = &mut self.servers[server as usize].shards[shard as usize];

@@ -155,6 +155,11 @@ impl Client {
         (core.bytes_sent, core.bytes_received)
     }
 
+    /// The transport the links use: `"rdma"` when every link is RDMA, else `"tcp"`.
+    pub fn transport(&self) -> &'static str {
+        self.lock().transport()
+    }
+
     /// The servers' status reports, as JSON.
     pub fn status(&self) -> Result<Vec<serde_json::Value>> {
         self.lock().status()

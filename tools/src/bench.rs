@@ -42,6 +42,13 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// perftest results (JSON lines from tests/softroce/perftest.sh) measured on the same device
+    /// in the same run: print Tessera's ratio to them.
+    #[arg(long)]
+    perftest: Option<std::path::PathBuf>,
+    /// Pushes kept in flight when measuring pipelined push throughput.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -68,9 +75,23 @@ struct Ratio {
 
 #[derive(Debug, Serialize)]
 struct Report {
-    transport: &'static str,
+    transport: String,
     results: Vec<Row>,
     ratios: Vec<Ratio>,
+    perftest: Vec<PerftestRatio>,
+}
+
+/// Tessera against perftest on the same device, same size.
+#[derive(Debug, Serialize)]
+struct PerftestRatio {
+    size_bytes: usize,
+    /// What is compared, e.g. "push p50 / 2 vs ib_write_lat typical".
+    what: &'static str,
+    tessera: f64,
+    perftest: f64,
+    /// tessera / perftest: for latency lower is better (target <= 1.5), for bandwidth higher
+    /// (target >= 0.8).
+    ratio: f64,
 }
 
 fn parse_size(s: &str) -> Result<usize> {
@@ -106,7 +127,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let echo = EchoServer::start()?;
     let mut stream = TcpStream::connect(echo.addr).context("connecting to the echo baseline")?;
     stream.set_nodelay(true)?;
-    let mut report = Report { transport: "tcp", results: Vec::new(), ratios: Vec::new() };
+    let transport = client.transport().to_string();
+    let mut report = Report { transport, results: Vec::new(), ratios: Vec::new(), perftest: Vec::new() };
     let budget = Duration::from_secs_f64(args.seconds);
     for size in sizes {
         let n = size / 4;
@@ -131,10 +153,66 @@ pub fn run(args: BenchArgs) -> Result<()> {
         row("push", size, &mut || push(&client, &table, &grads))?;
         row("pull", size, &mut || pull(&client, &table, &mut out))?;
         let rt = row("push+pull", 2 * size, &mut || push(&client, &table, &grads).and_then(|_| pull(&client, &table, &mut out)))?;
+        if size >= 64 << 10 {
+            let window = args.window.max(1);
+            row("push pipelined", size * window, &mut || push_pipelined(&client, &table, &grads, window))?;
+        }
         let echo_p50 = row("raw echo", 2 * size, &mut || echo_once(&mut stream, &mut bytes))?;
         report.ratios.push(Ratio { size_bytes: size, echo_over_roundtrip_p50: echo_p50 / rt });
     }
+    if let Some(path) = &args.perftest {
+        report.perftest = compare_perftest(&report.results, path)?;
+    }
     print_report(&report, args.json)
+}
+
+/// `window` pushes in flight at once, as a training worker streams gradients: one call of this
+/// returns after `window` pushes, so its time per call over `window` is the time per push.
+fn push_pipelined(client: &Client, table: &Table, grads: &[f32], window: usize) -> Result<()> {
+    let tickets = (0..window).map(|_| client.push_range(table, 0, grads)).collect::<Result<Vec<_>, _>>()?;
+    for t in tickets {
+        t.wait()?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct PerftestLine {
+    test: String,
+    size: usize,
+    typical_us: Option<f64>,
+    /// perftest's "MB/s", which is MiB/s.
+    #[serde(rename = "bw_avg_MBps")]
+    bw_avg_mib_per_s: Option<f64>,
+}
+
+/// Reads perftest's JSON lines and puts Tessera's figures beside them.
+fn compare_perftest(rows: &[Row], path: &std::path::Path) -> Result<Vec<PerftestRatio>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<PerftestLine> = text.lines().filter(|l| l.trim_start().starts_with('{')).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let find = |test: &str, size: usize| lines.iter().find(|l| l.test == test && l.size == size);
+    let ours = |op: &str, size: usize| rows.iter().find(|r| r.op == op && r.size_bytes == size);
+    let mut out = Vec::new();
+    for r in rows.iter().filter(|r| r.op == "push") {
+        let size = r.size_bytes;
+        // ib_write_lat reports half a ping-pong; a push is a request and its reply: a whole one.
+        if let Some(lat) = find("ib_write_lat", size).and_then(|p| p.typical_us) {
+            let one_way = r.p50_us / 2.0;
+            out.push(PerftestRatio { size_bytes: size, what: "push p50 / 2 vs ib_write_lat typical (one way)", tessera: one_way, perftest: lat, ratio: one_way / lat });
+        }
+        if let (Some(p), Some(pull)) = (find("ib_read_lat", size), ours("pull", size)) {
+            if let Some(lat) = p.typical_us {
+                out.push(PerftestRatio { size_bytes: size, what: "pull p50 vs ib_read_lat typical", tessera: pull.p50_us, perftest: lat, ratio: pull.p50_us / lat });
+            }
+        }
+        if let (Some(p), Some(stream)) = (find("ib_write_bw", size), ours("push pipelined", size)) {
+            if let Some(mib) = p.bw_avg_mib_per_s {
+                let ours_mib = stream.gb_per_s * 1e9 / (1 << 20) as f64;
+                out.push(PerftestRatio { size_bytes: size, what: "pipelined push MiB/s vs ib_write_bw average", tessera: ours_mib, perftest: mib, ratio: ours_mib / mib });
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn push(client: &Client, table: &Table, grads: &[f32]) -> Result<()> {
@@ -177,9 +255,16 @@ fn print_report(report: &Report, json: bool) -> Result<()> {
             human(r.size_bytes), r.op, r.iters, r.p50_us, r.p99_us, r.p999_us, r.gb_per_s
         );
     }
-    println!("\nratio raw-echo p50 / tessera push+pull p50 (1.0 = as fast as a raw socket):");
+    println!("\ntransport: {}", report.transport);
+    println!("ratio raw-echo p50 / tessera push+pull p50 (1.0 = as fast as a raw socket):");
     for r in &report.ratios {
         println!("{:>9}  {:.2}", human(r.size_bytes), r.echo_over_roundtrip_p50);
+    }
+    if !report.perftest.is_empty() {
+        println!("\nagainst perftest on the same device, same run (latency: lower is better, target <= 1.5; bandwidth: higher, target >= 0.8):");
+        for p in &report.perftest {
+            println!("{:>9}  {:<48} {:>10.1} vs {:>10.1}  ratio {:.2}", human(p.size_bytes), p.what, p.tessera, p.perftest, p.ratio);
+        }
     }
     Ok(())
 }

@@ -90,6 +90,8 @@ pub trait Link: Send + std::fmt::Debug {
     fn send_bytes_max(&self) -> usize;
     /// Adopts the peer's frame limit (from its hello reply) for what this link sends.
     fn limit_frames(&mut self, peer_frame_bytes_max: usize);
+    /// `"tcp"` or `"rdma"`.
+    fn kind(&self) -> &'static str;
 }
 
 /// One received frame, borrowed from the link until the next call.

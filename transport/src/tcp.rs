@@ -702,6 +702,10 @@ impl Link for TcpLink {
         self.send_bytes_max
     }
 
+    fn kind(&self) -> &'static str {
+        "tcp"
+    }
+
     fn limit_frames(&mut self, peer_frame_bytes_max: usize) {
         self.send_bytes_max = peer_frame_bytes_max.min(self.frame_bytes_max);
     }

@@ -274,6 +274,10 @@ impl Link for RdmaLink {
         self.send_bytes_max
     }
 
+    fn kind(&self) -> &'static str {
+        "rdma"
+    }
+
     fn limit_frames(&mut self, peer_frame_bytes_max: usize) {
         self.send_bytes_max = self.send_bytes_max.min(peer_frame_bytes_max);
     }
