@@ -188,3 +188,17 @@ fn memory_split_into_small_regions_still_gives_correct_results() {
     c.pull_range(&table, 0, &mut out).unwrap().wait().unwrap();
     assert_eq!(out, grads);
 }
+
+#[test]
+fn the_demo_trains_over_rdma_as_well_as_over_tcp() {
+    if !rdma_here("the_demo_trains_over_rdma_as_well_as_over_tcp") {
+        return;
+    }
+    let args = ["demo", "--transport", "rdma", "--features", "100000", "--examples", "20000", "--json", "--rdma-spin-us", "200"];
+    let out = tessera_tests::run_tool(&args, Duration::from_secs(300));
+    assert!(out.status.success(), "demo over RDMA failed: {}", out.stderr);
+    let summary: serde_json::Value = serde_json::from_str(&out.stdout).expect("a JSON summary");
+    let (acc, truth) = (summary["accuracy"].as_f64().unwrap(), summary["true_model_accuracy"].as_f64().unwrap());
+    assert!(acc >= truth - 0.03, "over RDMA: accuracy {acc} vs the true model's {truth}");
+    assert!(!out.stderr.contains("using TCP"), "the demo fell back to TCP: {}", out.stderr);
+}
