@@ -30,7 +30,11 @@ pub fn run(args: StatusArgs) -> Result<()> {
     for (addr, r) in addrs.iter().zip(&reports) {
         let info = &r["info"];
         let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), String::from);
-        println!("server {addr}: index {} of {}, {} shards, version {}", info["server_index"], info["servers"], info["shards"], text(&info["version"]));
+        let transport = if info["rdma"].as_bool() == Some(true) { "RDMA and TCP" } else { "TCP" };
+        println!(
+            "server {addr}: index {} of {}, {} shards, serves {transport}, version {}",
+            info["server_index"], info["servers"], info["shards"], text(&info["version"])
+        );
         for t in r["catalog"]["tables"].as_array().into_iter().flatten() {
             let s = &t["spec"];
             println!(
