@@ -263,3 +263,20 @@ pub fn run_tool(args: &[&str], timeout: Duration) -> ToolOutput {
         None => panic!("tessera {args:?} did not finish within {timeout:?}; killed.\nstdout:\n{stdout}\nstderr:\n{stderr}"),
     }
 }
+
+/// True when an RDMA device is here; false on a plain host, where an RDMA test returns early after
+/// saying it did not run. Under the SoftRoCE harness (`SOFTROCE_VM`) or with `RDMA_DEV` set, a
+/// missing device fails the test instead: there it must not pass by doing nothing.
+#[cfg(feature = "rdma")]
+pub fn rdma_here(test: &str) -> bool {
+    use tessera_transport::{RdmaConfig, TransportKind};
+    let required = std::env::var_os("SOFTROCE_VM").is_some() || std::env::var_os("RDMA_DEV").is_some();
+    match tessera_transport::select::choose(TransportKind::Rdma, &RdmaConfig::default()) {
+        Ok(_) => true,
+        Err(e) if required => panic!("{test}: an RDMA device was required but: {e}"),
+        Err(e) => {
+            eprintln!("{test}: NOT RUN on this host ({e}); run it under tests/softroce/run.sh");
+            false
+        }
+    }
+}

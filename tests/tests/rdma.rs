@@ -13,19 +13,6 @@ use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
 use tessera_replication::{TableKind, TableSpec};
 use tessera_transport::{RdmaConfig, TransportKind};
 
-/// True when RDMA must be there; false on a plain host, where the test returns early.
-fn rdma_here(test: &str) -> bool {
-    let required = std::env::var_os("SOFTROCE_VM").is_some() || std::env::var_os("RDMA_DEV").is_some();
-    match tessera_transport::select::choose(TransportKind::Rdma, &RdmaConfig::default()) {
-        Ok(_) => true,
-        Err(e) if required => panic!("{test}: an RDMA device was required but: {e}"),
-        Err(e) => {
-            eprintln!("{test}: NOT RUN on this host ({e}); run it under tests/softroce/run.sh");
-            false
-        }
-    }
-}
-
 fn server(shards: u16, kind: TransportKind, rdma: RdmaConfig) -> Server {
     let mut cfg = ServerConfig::single("127.0.0.1:0");
     cfg.engine.shards = shards;
@@ -72,7 +59,7 @@ fn tables(c: &Client, tag: &str) -> (Table, Table) {
 
 #[test]
 fn rdma_and_tcp_give_bit_identical_sums() {
-    if !rdma_here("rdma_and_tcp_give_bit_identical_sums") {
+    if !tessera_tests::rdma_here("rdma_and_tcp_give_bit_identical_sums") {
         return;
     }
     let server = server(3, TransportKind::Rdma, fast());
@@ -102,7 +89,7 @@ fn rdma_and_tcp_give_bit_identical_sums() {
 
 #[test]
 fn many_workers_on_many_shards_at_once() {
-    if !rdma_here("many_workers_on_many_shards_at_once") {
+    if !tessera_tests::rdma_here("many_workers_on_many_shards_at_once") {
         return;
     }
     let server = server(3, TransportKind::Rdma, fast());
@@ -137,7 +124,7 @@ fn many_workers_on_many_shards_at_once() {
 
 #[test]
 fn a_worker_that_vanishes_mid_push_leaves_the_server_healthy() {
-    if !rdma_here("a_worker_that_vanishes_mid_push_leaves_the_server_healthy") {
+    if !tessera_tests::rdma_here("a_worker_that_vanishes_mid_push_leaves_the_server_healthy") {
         return;
     }
     let server = server(2, TransportKind::Rdma, fast());
@@ -173,7 +160,7 @@ fn a_worker_that_vanishes_mid_push_leaves_the_server_healthy() {
 
 #[test]
 fn memory_split_into_small_regions_still_gives_correct_results() {
-    if !rdma_here("memory_split_into_small_regions_still_gives_correct_results") {
+    if !tessera_tests::rdma_here("memory_split_into_small_regions_still_gives_correct_results") {
         return;
     }
     // Every region is registered in 16 KiB memory regions: each slot is its own region.
@@ -191,7 +178,7 @@ fn memory_split_into_small_regions_still_gives_correct_results() {
 
 #[test]
 fn the_demo_trains_over_rdma_as_well_as_over_tcp() {
-    if !rdma_here("the_demo_trains_over_rdma_as_well_as_over_tcp") {
+    if !tessera_tests::rdma_here("the_demo_trains_over_rdma_as_well_as_over_tcp") {
         return;
     }
     let args = ["demo", "--transport", "rdma", "--features", "100000", "--examples", "20000", "--json", "--rdma-spin-us", "200"];

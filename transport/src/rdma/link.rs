@@ -119,6 +119,22 @@ impl RdmaLink {
         Ok((link, info))
     }
 
+    /// Test hook only, for tests that play a misbehaving worker: the shard slots (address,
+    /// rkey) this link writes its requests to, in slot order.
+    #[doc(hidden)]
+    pub fn remote_slot_keys(&self) -> Vec<(u64, u32)> {
+        self.remote.iter().map(|k| (k.addr, k.rkey)).collect()
+    }
+
+    /// Test hook only, for tests that play a misbehaving worker: from now on, write requests to
+    /// these (address, rkey) slots instead of the ones the shard gave. Panics unless there is
+    /// one per slot.
+    #[doc(hidden)]
+    pub fn override_remote_slot_keys(&mut self, keys: Vec<(u64, u32)>) {
+        assert_eq!(keys.len(), self.remote.len(), "one (address, rkey) per slot");
+        self.remote = keys.into_iter().map(|(addr, rkey)| SlotKey { addr, rkey, reserved: 0 }).collect();
+    }
+
     /// Takes every completion there is; returns how many.
     fn reap(&mut self) -> Result<usize> {
         self.completions.clear();

@@ -4,9 +4,11 @@
 //! request and reply over an RC queue pair:
 //!
 //! - **Push slots.** The shard registers, for this worker alone, a ring of `slots` request slots
-//!   of `slot_bytes` each. The worker RDMA-WRITEs a request frame (the same 64-byte header and
-//!   body as on TCP) into its next slot, with immediate data naming the slot. The worker can
-//!   write nowhere else: the ring's keys are the only ones it learns.
+//!   of `slot_bytes` each, in a protection domain of the worker's own with its queue pair. The
+//!   worker RDMA-WRITEs a request frame (the same 64-byte header and body as on TCP) into its
+//!   next slot, with immediate data naming the slot. It can write nowhere else: a key of another
+//!   worker's ring, a stale key from an earlier connection, or a made-up one is refused by the
+//!   device as a remote access error, and the shard releases that worker.
 //! - **Serving.** The shard's completion handler, polled from the shard's own loop, hands the
 //!   frame to the same [`Service`](crate::Service) as TCP: the updater aggregates it in place,
 //!   the range's vector clock is stamped, and the reply is written into a registered staging slot.

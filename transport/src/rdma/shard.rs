@@ -1,5 +1,6 @@
-//! The shard's side of RDMA: one completion queue, polled from the shard's own loop, and one queue
-//! pair with its two slot rings per connected worker.
+//! The shard's side of RDMA: one completion queue, polled from the shard's own loop, and per
+//! connected worker a protection domain of its own holding that worker's queue pair and its two
+//! slot rings, so the worker's writes can reach its own request ring and nothing else.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use crate::tcp::TcpEndpoint;
 use crate::wire::{Header, Op, Status, HEADER_BYTES};
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
-use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region};
+use super::verbs::{Access, Completion, Cq, Device, Opcode, Pd, Qp, Region};
 use super::{rdma, slot_keys, Endpoint, RdmaConfig, SlotKey};
 
 /// Completion-queue entries per shard; bounds the workers one shard can take over RDMA.
@@ -47,13 +48,20 @@ struct State {
 }
 
 /// One worker connected over RDMA. Field order is drop order: the queue pair goes first, so the
-/// device stops touching the rings before they are deregistered.
+/// device stops touching the rings before they are deregistered, and the protection domain goes
+/// after both (sideway's Arcs would keep it alive for them anyway; the order says it outright).
 struct Peer {
     qp: Qp,
-    /// The worker's request slots: it writes here.
+    /// The worker's request slots: it writes here, and only here. Registered in `_pd`, which
+    /// holds only this ring, `staging` and `qp`: a key of another worker's ring, a released
+    /// ring's key or a guessed one names no region of `_pd`, so the device refuses the write.
+    /// The worker sees a remote access error; the receive it consumed here completes with the
+    /// same error, and `complete` releases this peer.
     ring: Region,
     /// Replies are built here, then written to the worker's reply slot of the same index.
     staging: Region,
+    /// This worker's protection domain; see `ring`.
+    _pd: Pd,
     remote: Vec<SlotKey>,
     tcp: ConnId,
     generation: u16,
@@ -206,9 +214,12 @@ impl State {
         }
         self.forget(conn);
         let bytes = slots as usize * theirs.slot_bytes;
-        let ring = Region::new(&self.dev, bytes, Access { remote_write: true, remote_read: false }).map_err(rdma)?;
-        let staging = Region::new(&self.dev, bytes, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
-        let mut qp = Qp::new(&self.dev, &self.cq, &self.cq, slots + 1, slots + 1).map_err(rdma)?;
+        // Declared in reverse drop order: on an early return the queue pair goes first, the
+        // domain last, as in `Peer`.
+        let pd = self.dev.alloc_pd().map_err(rdma)?;
+        let ring = Region::new_in(&pd, bytes, Access { remote_write: true, remote_read: false }).map_err(rdma)?;
+        let staging = Region::new_in(&pd, bytes, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
+        let mut qp = Qp::new_in(&pd, &self.cq, &self.cq, slots + 1, slots + 1).map_err(rdma)?;
         let index = self.peers.iter().position(Option::is_none).unwrap_or(self.peers.len());
         self.generation = self.generation.wrapping_add(1);
         for slot in 0..slots {
@@ -220,6 +231,7 @@ impl State {
             qp,
             ring,
             staging,
+            _pd: pd,
             remote: theirs.slots,
             tcp: conn,
             generation: self.generation,
@@ -239,7 +251,7 @@ impl State {
         Ok(mine)
     }
 
-    /// Drops the worker on `conn`: its queue pair, then its rings.
+    /// Drops the worker on `conn`: its queue pair, then its rings, then its protection domain.
     fn forget(&mut self, conn: ConnId) {
         for slot in self.peers.iter_mut() {
             if slot.as_ref().is_some_and(|p| p.tcp == conn) {

@@ -1,5 +1,5 @@
-//! The verbs layer: the device, registered memory, completion queues and RC queue pairs, over
-//! sideway 0.4.3 (libibverbs, loaded at run time by rdma-mummy-sys 0.2.6).
+//! The verbs layer: the device, protection domains, registered memory, completion queues and RC
+//! queue pairs, over sideway 0.4.3 (libibverbs, loaded at run time by rdma-mummy-sys 0.2.6).
 //!
 //! `unsafe` lives here because this is where the hardware contract is: registering memory hands
 //! the device an address range it may read and write behind the compiler's back, posting a work
@@ -21,6 +21,10 @@
 //! - sideway's basic poller and its receive guard allocate on every call; the extended CQ, the
 //!   extended send guard and a direct `ibv_post_recv` do not, so the data path here does not.
 //! - Inline sends need the `Inline` flag set by hand on rxe (not used here: no inline posts).
+//! - Posting a region of another protection domain completes with `IBV_WC_LOC_QP_OP_ERR` on rxe
+//!   (its lkey lookup fails with EINVAL), not the `IBV_WC_LOC_PROT_ERR` of the spec and of HCAs.
+//!   A foreign rkey is `IBV_WC_REM_ACCESS_ERR` at the writer on both, and rxe also completes the
+//!   responder's consumed receive with that error.
 
 #![allow(unsafe_code)]
 
@@ -39,7 +43,7 @@ use sideway::ibverbs::completion::{
     ExtendedCompletionQueue, ExtendedWorkCompletion, GenericCompletionQueue, PollCompletionQueueError,
 };
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
-use sideway::ibverbs::device_context::{DeviceContext, Mtu, PortState};
+use sideway::ibverbs::device_context::{AllocateProtectionDomainError, DeviceContext, Mtu, PortState};
 use sideway::ibverbs::memory_region::{MemoryRegion, RegisterMemoryRegionError, RegisterMemoryRegionErrorKind};
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
@@ -96,6 +100,11 @@ pub enum VerbsError {
          (if the device is out of memory-region entries, use fewer or larger regions)"
     )]
     RegisterMr { offset: usize, end: usize, len: usize, source: RegisterMemoryRegionError },
+    #[error(
+        "allocating a protection domain failed (if the device is out of them, serve fewer workers \
+         over RDMA: each takes one per shard)"
+    )]
+    AllocPd(#[source] AllocateProtectionDomainError),
     #[error("{what} = {asked} is outside what the device allows (1..={max})")]
     Depth { what: &'static str, asked: u32, max: u32 },
     #[error("creating a completion channel failed")]
@@ -171,13 +180,22 @@ impl Default for DeviceConfig {
     }
 }
 
-/// An opened device with its protection domain. Send + Sync, shared via Arc.
+/// An opened device with its default protection domain, in which [`Region::new`] and
+/// [`Qp::new`] create what they make. Send + Sync, shared via Arc.
 #[derive(Debug)]
 pub struct Device {
     // Dropped in field order: the PD before the context (sideway's Arcs enforce it as well).
-    pd: Arc<ProtectionDomain>,
+    pd: Pd,
     context: Arc<DeviceContext>,
     name: String,
+    port: PortParams,
+    cqe_max: u32,
+}
+
+/// What every queue pair and region takes from the device and its port, whichever protection
+/// domain it is in.
+#[derive(Debug, Clone, Copy)]
+struct PortParams {
     port: u8,
     gid_index: u8,
     gid: [u8; 16],
@@ -185,10 +203,24 @@ pub struct Device {
     /// Effective, a multiple of PAGE_BYTES.
     mr_bytes_max: u64,
     qp_wr_max: u32,
-    cqe_max: u32,
     /// Reads this side may have outstanding (initiator) and may serve at once (responder).
     read_depth: u8,
     dest_read_depth: u8,
+}
+
+/// A protection domain: memory regions and queue pairs created in it ([`Region::new_in`],
+/// [`Qp::new_in`]) are usable only together. A queue pair accepts a remote key only of a region
+/// in its own domain (anything else completes with a remote access error at the writer), and
+/// posts local buffers only of regions in its own domain (a local error completion). So a peer
+/// given a queue pair and a region in a domain of their own can reach nothing else, whatever
+/// keys it learns or guesses.
+///
+/// Send + Sync. Regions and queue pairs keep the domain's verbs object alive (sideway holds it
+/// by Arc), so dropping a `Pd` before them is safe; dropping it after them frees it at once.
+#[derive(Debug)]
+pub struct Pd {
+    pd: Arc<ProtectionDomain>,
+    port: PortParams,
 }
 
 impl Device {
@@ -241,22 +273,26 @@ impl Device {
         let mr_bytes_max = effective_mr_bytes_max(attr.max_mr_size(), cfg.mr_bytes_max).ok_or_else(|| {
             Unavailable::new(format!("mr_bytes_max {:?} is below one page ({PAGE_BYTES} bytes)", cfg.mr_bytes_max))
         })?;
-        let pd = context.alloc_pd().map_err(|err| failed("allocate protection domain", &err))?;
         let clamp_depth = |limit: i32| limit.clamp(1, i32::from(READ_DEPTH_MAX)) as u8;
-        Ok(Device {
-            pd,
-            context,
+        let params = PortParams {
             port: cfg.port,
             gid_index: cfg.gid_index,
             gid: gid.raw,
             mtu: port.active_mtu(),
             mr_bytes_max,
             qp_wr_max: attr.max_qp_wr().max(1) as u32,
-            cqe_max: attr.max_cqe().max(1) as u32,
             read_depth: clamp_depth(attr.max_qp_init_rd_atom()),
             dest_read_depth: clamp_depth(attr.max_qp_rd_atom()),
-            name,
-        })
+        };
+        let pd = context.alloc_pd().map_err(|err| failed("allocate protection domain", &err))?;
+        Ok(Device { pd: Pd { pd, port: params }, context, name, port: params, cqe_max: attr.max_cqe().max(1) as u32 })
+    }
+
+    /// A new protection domain of its own, for regions and queue pairs that must be usable only
+    /// with each other (one per peer that must reach nothing else).
+    pub fn alloc_pd(&self) -> Result<Pd, VerbsError> {
+        let pd = self.context.alloc_pd().map_err(VerbsError::AllocPd)?;
+        Ok(Pd { pd, port: self.port })
     }
 
     pub fn name(&self) -> &str {
@@ -265,12 +301,12 @@ impl Device {
 
     /// The GID at the configured index: this side's address on the fabric.
     pub fn gid(&self) -> [u8; 16] {
-        self.gid
+        self.port.gid
     }
 
     /// The port's active MTU, used as every queue pair's path MTU.
     pub fn mtu_bytes(&self) -> usize {
-        match self.mtu {
+        match self.port.mtu {
             Mtu::Mtu256 => 256,
             Mtu::Mtu512 => 512,
             Mtu::Mtu1024 => 1024,
@@ -282,7 +318,7 @@ impl Device {
     /// The largest memory region registered in one piece: min(device, `mr_bytes_max`), rounded
     /// down to a multiple of [`PAGE_BYTES`].
     pub fn max_mr_size(&self) -> u64 {
-        self.mr_bytes_max
+        self.port.mr_bytes_max
     }
 }
 
@@ -341,16 +377,22 @@ pub struct Region {
 }
 
 impl Region {
-    /// Maps `len` zeroed bytes and registers them. Fails with [`VerbsError::MemlockTooLow`]
-    /// (naming RLIMIT_MEMLOCK and the fix) when registration runs out of locked memory.
-    /// Panics if `len` is 0.
+    /// Maps `len` zeroed bytes and registers them in the device's default protection domain.
+    /// Fails with [`VerbsError::MemlockTooLow`] (naming RLIMIT_MEMLOCK and the fix) when
+    /// registration runs out of locked memory. Panics if `len` is 0.
     pub fn new(dev: &Device, len: usize, access: Access) -> Result<Region, VerbsError> {
+        Self::new_in(&dev.pd, len, access)
+    }
+
+    /// As [`Region::new`], registered in `pd`: only queue pairs of `pd` can post it locally or
+    /// reach it by its remote keys.
+    pub fn new_in(pd: &Pd, len: usize, access: Access) -> Result<Region, VerbsError> {
         assert!(len > 0, "an RDMA region needs at least one byte");
         let mut map =
             MmapOptions::new().len(len).populate().map_anon().map_err(|source| VerbsError::Map { len, source })?;
         let base = map.as_mut_ptr() as usize;
         assert_eq!(base % PAGE_BYTES, 0, "anonymous mappings start on a page");
-        let chunk_bytes = usize::try_from(dev.mr_bytes_max).unwrap_or(usize::MAX);
+        let chunk_bytes = usize::try_from(pd.port.mr_bytes_max).unwrap_or(usize::MAX);
         let mut mrs = Vec::with_capacity(len.div_ceil(chunk_bytes));
         for offset in (0..len).step_by(chunk_bytes) {
             let end = len.min(offset + chunk_bytes);
@@ -361,7 +403,7 @@ impl Region {
             // (ibv_dereg_mr) before `map` (munmap), so the device never holds a registration of
             // unmapped memory. Device writes become visible to the CPU only through completions,
             // which the callers of the posting functions wait for.
-            let mr = unsafe { dev.pd.reg_mr(base + offset, end - offset, access.flags()) }
+            let mr = unsafe { pd.pd.reg_mr(base + offset, end - offset, access.flags()) }
                 .map_err(|source| registration_error(len, offset, end, source, memlock_limit_bytes()))?;
             mrs.push(mr);
         }
@@ -725,12 +767,20 @@ pub struct Qp {
 }
 
 impl Qp {
-    /// Creates the QP and moves it to INIT with a random PSN. One scatter/gather entry per work
-    /// request, no inline data. `send_cq` and `recv_cq` may be the same CQ.
+    /// Creates the QP in the device's default protection domain and moves it to INIT with a
+    /// random PSN. One scatter/gather entry per work request, no inline data. `send_cq` and
+    /// `recv_cq` may be the same CQ.
     pub fn new(dev: &Device, send_cq: &Cq, recv_cq: &Cq, send_depth: u32, recv_depth: u32) -> Result<Qp, VerbsError> {
-        check_depth("send depth", send_depth, dev.qp_wr_max)?;
-        check_depth("receive depth", recv_depth, dev.qp_wr_max)?;
-        let qp = dev
+        Self::new_in(&dev.pd, send_cq, recv_cq, send_depth, recv_depth)
+    }
+
+    /// As [`Qp::new`], in `pd`: the QP posts only regions of `pd` and its peer reaches only
+    /// regions of `pd`. The CQs may be shared with QPs of other domains of the same device.
+    pub fn new_in(pd: &Pd, send_cq: &Cq, recv_cq: &Cq, send_depth: u32, recv_depth: u32) -> Result<Qp, VerbsError> {
+        let port = pd.port;
+        check_depth("send depth", send_depth, port.qp_wr_max)?;
+        check_depth("receive depth", recv_depth, port.qp_wr_max)?;
+        let qp = pd
             .pd
             .create_qp_builder()
             .setup_max_send_wr(send_depth)
@@ -745,12 +795,12 @@ impl Qp {
         let mut qp = Qp {
             qp,
             psn: random_psn(),
-            gid: dev.gid,
-            port: dev.port,
-            gid_index: dev.gid_index,
-            mtu: dev.mtu,
-            read_depth: dev.read_depth,
-            dest_read_depth: dev.dest_read_depth,
+            gid: port.gid,
+            port: port.port,
+            gid_index: port.gid_index,
+            mtu: port.mtu,
+            read_depth: port.read_depth,
+            dest_read_depth: port.dest_read_depth,
         };
         qp.enter_init()?;
         Ok(qp)
@@ -979,6 +1029,7 @@ const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     const fn send<T: Send>() {}
     send_sync::<Device>();
+    send_sync::<Pd>();
     send_sync::<Region>();
     send::<Cq>();
     send::<Qp>();

@@ -380,3 +380,109 @@ fn poll_respects_max_and_the_vec_capacity() {
     let ids: Vec<u64> = out.iter().chain(&rest).map(|c| c.wr_id).collect();
     assert_eq!(ids, [0, 1, 2, 3, 4], "receives complete in order");
 }
+
+/// A QP with its own CQs, in `pd`.
+fn end_in(dev: &Device, pd: &Pd) -> End {
+    let send_cq = Cq::new(dev, 64).expect("send cq");
+    let recv_cq = Cq::new(dev, 64).expect("recv cq");
+    let qp = Qp::new_in(pd, &send_cq, &recv_cq, 32, 32).expect("qp");
+    End { qp, send_cq, recv_cq }
+}
+
+fn connect_ends(a: &mut End, b: &mut End) {
+    let (info_a, info_b) = (a.qp.info(), b.qp.info());
+    a.qp.connect(&info_b).expect("connect a");
+    b.qp.connect(&info_a).expect("connect b");
+}
+
+/// Takes whatever completions arrive on `cq` within `ms` milliseconds.
+fn drain_for(cq: &mut Cq, ms: u64) -> Vec<Completion> {
+    let (mut found, deadline) = (Vec::with_capacity(64), Instant::now() + Duration::from_millis(ms));
+    while Instant::now() < deadline && found.len() < found.capacity() {
+        cq.poll(&mut found, 64);
+    }
+    found
+}
+
+#[test]
+fn a_region_of_another_pd_fails_locally_and_nothing_is_sent() {
+    let Some(dev) = device_or_fail() else { return };
+    let (mine, other) = (dev.alloc_pd().unwrap(), dev.alloc_pd().unwrap());
+    let (mut a, mut b) = (end_in(&dev, &mine), end(&dev));
+    connect_ends(&mut a, &mut b);
+    let mut foreign = Region::new_in(&other, 4096, LOCAL_ONLY).unwrap();
+    let mut own = Region::new_in(&mine, 4096, LOCAL_ONLY).unwrap();
+    foreign.as_mut_slice()[..64].copy_from_slice(&pattern(3, 64));
+    own.as_mut_slice()[..64].copy_from_slice(&pattern(4, 64));
+    let dst = Region::new(&dev, 4096, REMOTE_RW).unwrap();
+    let target = dst.remote_span(0, 64);
+
+    // The same write from a region of the QP's own domain works...
+    b.qp.post_recv(1).unwrap();
+    // SAFETY: own[0..64] is not touched until A's completion below.
+    unsafe { a.qp.post_write_imm(1, &own, 0, 64, target.addr, target.rkey, IMM, true) }.unwrap();
+    expect_ok(&wait(&mut b.recv_cq, 1), 1, Opcode::RecvRdmaWithImm);
+    expect_ok(&wait(&mut a.send_cq, 1), 1, Opcode::RdmaWrite);
+    assert!(dst.as_slice()[..64] == pattern(4, 64)[..]);
+
+    // ...and from another domain's region the post is accepted but the device refuses to read it.
+    b.qp.post_recv(2).unwrap();
+    // SAFETY: foreign[0..64] is not touched until A's completion below.
+    unsafe { a.qp.post_write_imm(2, &foreign, 0, 64, target.addr, target.rkey, IMM, true) }.unwrap();
+    let c = wait(&mut a.send_cq, 1)[0];
+    println!("region of another pd: {c:?}");
+    assert!(!c.ok && c.wr_id == 2, "{c:?}");
+    // The spec says local protection error; rxe says local QP operation error (see the module
+    // docs). Either way a local error: nothing went on the wire.
+    let local = [ibv_wc_status::IBV_WC_LOC_PROT_ERR, ibv_wc_status::IBV_WC_LOC_QP_OP_ERR];
+    assert!(local.contains(&c.status), "a local error, not {c:?}");
+    assert!(a.qp.is_broken(), "the poster's QP is in the error state");
+    let at_b = drain_for(&mut b.recv_cq, 200);
+    assert!(at_b.iter().all(|c| c.wr_id != 2 || !c.ok), "nothing arrived at the peer: {at_b:?}");
+    assert!(dst.as_slice()[..64] == pattern(4, 64)[..], "the target kept the first write's bytes");
+}
+
+#[test]
+fn a_foreign_rkey_from_another_pd_is_a_remote_access_error() {
+    let Some(dev) = device_or_fail() else { return };
+    // Two "workers" a and c, each connected to a QP of its own domain on the "shard" side.
+    let (pd_b, pd_d) = (dev.alloc_pd().unwrap(), dev.alloc_pd().unwrap());
+    let (mut a, mut b) = (end(&dev), end_in(&dev, &pd_b));
+    let (mut c, mut d) = (end(&dev), end_in(&dev, &pd_d));
+    connect_ends(&mut a, &mut b);
+    connect_ends(&mut c, &mut d);
+    let ring_b = Region::new_in(&pd_b, 64 * KIB, REMOTE_RW).unwrap();
+    let ring_d = Region::new_in(&pd_d, 64 * KIB, REMOTE_RW).unwrap();
+    let mut src = Region::new(&dev, 4096, LOCAL_ONLY).unwrap();
+    src.as_mut_slice()[..256].copy_from_slice(&pattern(5, 256));
+    let (key_b, key_d) = (ring_b.remote_span(0, 256), ring_d.remote_span(0, 256));
+
+    // a reaches b's ring through b...
+    b.qp.post_recv(1).unwrap();
+    // SAFETY: src is never written after the fill above.
+    unsafe { a.qp.post_write_imm(1, &src, 0, 256, key_b.addr, key_b.rkey, IMM, true) }.unwrap();
+    expect_ok(&wait(&mut b.recv_cq, 1), 1, Opcode::RecvRdmaWithImm);
+    expect_ok(&wait(&mut a.send_cq, 1), 1, Opcode::RdmaWrite);
+
+    // ...but d's key, valid on d's own QP, is refused on b's: it names no region of b's domain.
+    b.qp.post_recv(2).unwrap();
+    // SAFETY: as above.
+    unsafe { a.qp.post_write_imm(2, &src, 0, 256, key_d.addr, key_d.rkey, IMM, true) }.unwrap();
+    let failed = wait(&mut a.send_cq, 1)[0];
+    println!("foreign rkey at the writer: {failed:?}");
+    assert!(!failed.ok && failed.wr_id == 2, "{failed:?}");
+    assert_eq!((failed.status, failed.status_text), (ibv_wc_status::IBV_WC_REM_ACCESS_ERR, "remote access error"));
+    assert!(a.qp.is_broken(), "the writer's QP is in the error state");
+    let at_b = drain_for(&mut b.recv_cq, 200);
+    println!("foreign rkey at the responder: {at_b:?}");
+    assert!(at_b.iter().all(|c| !c.ok), "the responder saw no successful arrival: {at_b:?}");
+    assert!(ring_d.as_slice().iter().all(|&byte| byte == 0), "nothing landed in d's ring");
+
+    // The key itself is good: c writes through d's QP with it.
+    d.qp.post_recv(3).unwrap();
+    // SAFETY: as above.
+    unsafe { c.qp.post_write_imm(3, &src, 0, 256, key_d.addr, key_d.rkey, IMM, true) }.unwrap();
+    expect_ok(&wait(&mut d.recv_cq, 1), 3, Opcode::RecvRdmaWithImm);
+    expect_ok(&wait(&mut c.send_cq, 1), 3, Opcode::RdmaWrite);
+    assert!(ring_d.as_slice()[..256] == pattern(5, 256)[..]);
+}
