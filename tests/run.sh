@@ -54,7 +54,7 @@ cargo test --workspace --all-features --locked -- --test-threads 2
 log "RDMA on real verbs, in the SoftRoCE guest: verbs layer and transport tests"
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/tests/softroce/run.sh"
 cargo test -p tessera-transport --all-features --locked --lib -- rdma::
-cargo test -p tessera-tests --all-features --locked --test rdma
+cargo test -p tessera-tests --all-features --locked --test rdma --test rdma_keys --test rdma_steady_state
 unset CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER
 
 if [ "${QUICK:-0}" != 1 ]; then

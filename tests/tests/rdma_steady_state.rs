@@ -1,0 +1,108 @@
+//! Over RDMA too, the data path allocates nothing once warm (and so registers nothing): a counting
+//! allocator watches a server serve pushes and pulls from RDMA links in the same process. Runs in
+//! the SoftRoCE guest (see tests/rdma.rs for how).
+
+#![cfg(feature = "rdma")]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
+use tessera_replication::catalog::Catalog;
+use tessera_replication::{TableKind, TableSpec};
+use tessera_transport::rdma::RdmaLink;
+use tessera_transport::{Header, Link, Op, RdmaConfig, Status, TransportConfig, TransportKind, CONTROL_SHARD};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call unchanged to the system allocator; it only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed on as it is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System` with `layout`, as the caller promises.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn call(link: &mut dyn Link, header: &mut Header, parts: &[&[u8]]) {
+    link.send(header, parts, false).unwrap();
+    let reply = link.recv(None).unwrap();
+    assert_eq!(reply.header.status(), Status::Ok, "{}", String::from_utf8_lossy(reply.body));
+}
+
+#[test]
+fn serving_over_rdma_allocates_nothing_once_warm() {
+    if !tessera_tests::rdma_here("serving_over_rdma_allocates_nothing_once_warm") {
+        return;
+    }
+    let rdma = RdmaConfig { slots: 8, slot_bytes: 64 << 10, spin_us: 20, ..RdmaConfig::default() };
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    (cfg.engine.shards, cfg.engine.pin_cores, cfg.transport_kind, cfg.rdma) = (1, false, TransportKind::Rdma, rdma.clone());
+    let mut sparse = TableSpec::new("sparse", TableKind::Sparse, 0, u64::MAX, 4);
+    sparse.updater = "adagrad".into();
+    cfg.tables = vec![TableSpec::new("dense", TableKind::Dense, 0, 4096, 8), sparse];
+    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let addr = server.local_addr().to_string();
+    let tcfg = TransportConfig::default();
+    let dev = match tessera_transport::select::choose(TransportKind::Rdma, &rdma).unwrap() {
+        tessera_transport::Chosen::Rdma(dev) => dev,
+        other => panic!("expected RDMA, got {other:?}"),
+    };
+    let (mut control, _) = tessera_transport::tcp::TcpLink::connect(&addr, CONTROL_SHARD, 0, &tcfg).unwrap();
+    let mut h = Header::request(Op::Catalog, 1);
+    control.send(&mut h, &[], false).unwrap();
+    let catalog: Catalog = serde_json::from_slice(control.recv(None).unwrap().body).unwrap();
+    let (mut link, _) = RdmaLink::connect(&addr, 0, 0, &tcfg, &rdma, Arc::clone(&dev)).unwrap();
+    let keys: Vec<u64> = (0..64).map(|i| i * 61).collect();
+    let grads = vec![0.25f32; 256 * 8];
+    let key_bytes: &[u8] = bytemuck_cast(&keys);
+    let round = |link: &mut RdmaLink, clock: u64| {
+        for t in &catalog.tables {
+            let dim = t.spec.dim;
+            let values = f32_bytes(&grads[..keys.len() * dim as usize]);
+            for op in [Op::Push, Op::Pull] {
+                let mut h = Header::request(op, clock);
+                (h.table, h.dim, h.count, h.clock) = (t.id, dim, keys.len() as u32, clock);
+                let parts = [key_bytes, values];
+                call(link, &mut h, if op == Op::Push { &parts } else { &parts[..1] });
+            }
+        }
+        let mut h = Header::request(Op::PullRange, clock);
+        (h.table, h.dim, h.count, h.start) = (0, 8, 256, 0);
+        call(link, &mut h, &[]);
+    };
+    for clock in 1..=50 {
+        round(&mut link, clock);
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for clock in 51..551 {
+        round(&mut link, clock);
+    }
+    let counted = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    assert_eq!(counted, 0, "{counted} allocations while serving 2,500 RDMA requests once warm");
+    drop(link);
+    drop(server);
+}
+
+fn bytemuck_cast(keys: &[u64]) -> &[u8] {
+    zerocopy::IntoBytes::as_bytes(keys)
+}
+
+fn f32_bytes(values: &[f32]) -> &[u8] {
+    zerocopy::IntoBytes::as_bytes(values)
+}
