@@ -5,7 +5,7 @@
 //! address is on 127.0.0.1, so a failing test neither hangs nor leaks processes. A test that
 //! panics prints the logs of the servers it started.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod raw;
 
@@ -280,3 +280,6 @@ pub fn rdma_here(test: &str) -> bool {
         }
     }
 }
+
+pub mod counting;
+pub use counting::{allocations, Counting};

@@ -4,8 +4,6 @@
 
 #![cfg(feature = "rdma")]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
@@ -14,30 +12,8 @@ use tessera_replication::{TableKind, TableSpec};
 use tessera_transport::rdma::RdmaLink;
 use tessera_transport::{Header, Link, Op, RdmaConfig, Status, TransportConfig, TransportKind, CONTROL_SHARD};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards every call unchanged to the system allocator; it only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract for `alloc` is passed on as it is.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System.alloc` above with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: `ptr` came from `System` with `layout`, as the caller promises.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: tessera_tests::Counting = tessera_tests::Counting;
 
 fn call(link: &mut dyn Link, header: &mut Header, parts: &[&[u8]]) {
     link.send(header, parts, false).unwrap();
@@ -70,7 +46,7 @@ fn serving_over_rdma_allocates_nothing_once_warm() {
     let (mut link, _) = RdmaLink::connect(&addr, 0, 0, &tcfg, &rdma, Arc::clone(&dev)).unwrap();
     let keys: Vec<u64> = (0..64).map(|i| i * 61).collect();
     let grads = vec![0.25f32; 256 * 8];
-    let key_bytes: &[u8] = bytemuck_cast(&keys);
+    let key_bytes: &[u8] = zerocopy::IntoBytes::as_bytes(&keys[..]);
     let round = |link: &mut RdmaLink, clock: u64| {
         for t in &catalog.tables {
             let dim = t.spec.dim;
@@ -89,18 +65,14 @@ fn serving_over_rdma_allocates_nothing_once_warm() {
     for clock in 1..=50 {
         round(&mut link, clock);
     }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = tessera_tests::allocations();
     for clock in 51..551 {
         round(&mut link, clock);
     }
-    let counted = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let counted = tessera_tests::allocations() - before;
     assert_eq!(counted, 0, "{counted} allocations while serving 2,500 RDMA requests once warm");
     drop(link);
     drop(server);
-}
-
-fn bytemuck_cast(keys: &[u64]) -> &[u8] {
-    zerocopy::IntoBytes::as_bytes(keys)
 }
 
 fn f32_bytes(values: &[f32]) -> &[u8] {

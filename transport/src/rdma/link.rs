@@ -249,10 +249,11 @@ impl Link for RdmaLink {
         }
         staging[pos..].fill(0);
         let key = self.remote[slot];
-        // SAFETY: out[at..at + frame_len] is this link's staging for slot `slot`. The CPU writes it
+        // Why this is sound: out[at..at + frame_len] is this link's staging for slot `slot`. The CPU writes it
         // only here, and only after the write that last used this slot completed (`writes_done`
         // above), so it stays unchanged until the device has read it. The region outlives the
         // queue pair (field order), so dropping the link flushes the queue pair first.
+        // SAFETY: this slot's staging stays mapped and unchanged until its write completes.
         unsafe { self.qp.post_write_imm(seq, &self.out, at, frame_len, key.addr, key.rkey, slot as u32, true) }
             .map_err(rdma)?;
         self.sent += 1;

@@ -376,11 +376,12 @@ impl Peer {
         let len = area.used;
         let key = self.remote[slot as usize];
         self.writing[slot as usize] = true;
-        // SAFETY: staging[at..at + len] belongs to this peer and to reply slot `slot` alone. The CPU
+        // Why this is sound: staging[at..at + len] belongs to this peer and to reply slot `slot` alone. The CPU
         // writes it only while serving a request in this slot, and `serve_queued` serves that slot
         // again only after this write's completion cleared `writing[slot]`, so the buffer stays
         // valid and unchanged until the device has read it. The region outlives the queue pair
         // (field order), so a release mid-write flushes the queue pair before deregistering.
+        // SAFETY: this reply slot's staging stays mapped and unchanged until its write completes.
         let posted = unsafe {
             self.qp.post_write_imm(wr_id(index, self.generation, slot), &self.staging, at, len, key.addr, key.rkey, slot, true)
         };

@@ -396,13 +396,14 @@ impl Region {
         let mut mrs = Vec::with_capacity(len.div_ceil(chunk_bytes));
         for offset in (0..len).step_by(chunk_bytes) {
             let end = len.min(offset + chunk_bytes);
-            // SAFETY: `base + offset .. base + end` lies inside `map`, a live, writable, private
+            // Why this is sound: `base + offset .. base + end` lies inside `map`, a live, writable, private
             // anonymous mapping this function owns. Registration pins those pages; `map` and
             // `mrs` move into the returned Region together, and its field order (or, on an early
             // return, the reverse declaration order of these locals) drops every MR
             // (ibv_dereg_mr) before `map` (munmap), so the device never holds a registration of
             // unmapped memory. Device writes become visible to the CPU only through completions,
             // which the callers of the posting functions wait for.
+            // SAFETY: every MR is deregistered before the mapping it covers is unmapped.
             let mr = unsafe { pd.pd.reg_mr(base + offset, end - offset, access.flags()) }
                 .map_err(|source| registration_error(len, offset, end, source, memlock_limit_bytes()))?;
             mrs.push(mr);
@@ -669,10 +670,11 @@ impl Cq {
     /// Requests an event for the next completion of any kind (`ibv_req_notify_cq`). After
     /// arming, poll once more before sleeping: a completion may have raced in.
     pub fn arm(&mut self) -> Result<(), VerbsError> {
-        // SAFETY: `self.cq` is a live CQ owned (through its Arc) by `self` for the whole call; the
+        // Why this is sound: `self.cq` is a live CQ owned (through its Arc) by `self` for the whole call; the
         // extended CQ begins with the basic `ibv_cq` fields, which is what sideway's `cq()` casts
         // to and what rdma-core's ibv_cq_ex_to_cq does. ibv_req_notify_cq reads the CQ and rings
         // the device, keeping no pointer.
+        // SAFETY: the CQ is live for the whole call, and the call keeps no pointer.
         let rc = unsafe { rdma_mummy_sys::ibv_req_notify_cq(self.cq.cq().as_ptr(), 0) };
         match rc {
             0 => Ok(()),
@@ -850,10 +852,11 @@ impl Qp {
     pub fn post_recv(&mut self, wr_id: u64) -> Result<(), VerbsError> {
         let mut wr = ibv_recv_wr { wr_id, next: ptr::null_mut(), sg_list: ptr::null_mut(), num_sge: 0 };
         let mut bad_wr = ptr::null_mut();
-        // SAFETY: the QP is live (owned by `self.qp`); `wr` is a single, terminated work request
+        // Why this is sound: the QP is live (owned by `self.qp`); `wr` is a single, terminated work request
         // on the stack with no scatter/gather entries, so the device is handed no memory at all;
         // ibv_post_recv copies the request into the receive queue before returning. sideway's
         // own receive guard would do the same call but allocate two Vecs per post.
+        // SAFETY: the QP is live, and the request hands the device no memory.
         let rc = unsafe { rdma_mummy_sys::ibv_post_recv(self.qp.qp().as_ptr(), &mut wr, &mut bad_wr) };
         match rc {
             0 => Ok(()),

@@ -3,8 +3,6 @@
 //! The links themselves do not allocate per message either, so every allocation counted would be
 //! the server's.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
 use tessera_replication::catalog::Catalog;
@@ -12,30 +10,8 @@ use tessera_replication::{TableKind, TableSpec};
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::{Header, Link, Op, Status, TransportConfig, CONTROL_SHARD};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards every call unchanged to the system allocator; it only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract for `alloc` is passed on as it is.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System.alloc` above with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: `ptr` came from `System` with `layout`, as the caller promises.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: tessera_tests::Counting = tessera_tests::Counting;
 
 fn call(link: &mut TcpLink, header: &mut Header, parts: &[&[u8]]) {
     link.send(header, parts, false).unwrap();
@@ -78,8 +54,8 @@ fn serving_pushes_and_pulls_allocates_nothing_once_warm() {
     let round = |links: &mut [TcpLink], clock: u64| {
         for (table, dim, dense, start, shard, keys) in &plans {
             let link = &mut links[*shard];
-            let key_bytes: &[u8] = bytemuck::cast_slice(keys);
-            let values: &[u8] = bytemuck::cast_slice(&grads[..keys.len() * dim]);
+            let key_bytes: &[u8] = zerocopy::IntoBytes::as_bytes(&keys[..]);
+            let values: &[u8] = zerocopy::IntoBytes::as_bytes(&grads[..keys.len() * dim]);
             for op in [Op::Push, Op::Pull] {
                 let mut h = Header::request(op, clock);
                 (h.table, h.dim, h.count, h.clock) = (*table, *dim as u32, keys.len() as u32, clock);
@@ -90,7 +66,7 @@ fn serving_pushes_and_pulls_allocates_nothing_once_warm() {
                 for op in [Op::PushRange, Op::PullRange] {
                     let mut h = Header::request(op, clock);
                     (h.table, h.dim, h.count, h.start, h.clock) = (*table, *dim as u32, 256, *start, clock);
-                    let body: &[u8] = if op == Op::PushRange { bytemuck::cast_slice(&grads) } else { &[] };
+                    let body: &[u8] = if op == Op::PushRange { zerocopy::IntoBytes::as_bytes(&grads[..]) } else { &[] };
                     call(link, &mut h, &[body]);
                 }
             }
@@ -99,12 +75,12 @@ fn serving_pushes_and_pulls_allocates_nothing_once_warm() {
     for clock in 1..=50 {
         round(&mut links, clock);
     }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = tessera_tests::allocations();
     let rounds = 500;
     for clock in 51..51 + rounds {
         round(&mut links, clock);
     }
-    let counted = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let counted = tessera_tests::allocations() - before;
     let messages = rounds * 12 * 2;
     assert_eq!(counted, 0, "{counted} allocations while serving {messages} requests and replies once warm");
     drop(server);
