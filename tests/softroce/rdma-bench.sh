@@ -12,7 +12,13 @@ secs=${BENCH_SECONDS:-1}
 sizes=8,64,512,4K,64K,256K,1M,4M
 baseline=$(mktemp /tmp/perftest.XXXXXX.jsonl)
 echo "== perftest on ${RDMA_DEV:-rxe0}"
-"$here/perftest.sh" | tee "$baseline"
+# perftest calibrates its clock against gettimeofday, which an emulated guest sometimes upsets
+# (it prints inf); perftest.sh retries each pair, and a pair that still fails only loses its
+# ratios, said here. Tessera's own bench failing fails the run.
+if ! "$here/perftest.sh" > "$baseline"; then
+  echo "rdma-bench: WARNING: some perftest pairs failed; their ratios are missing below" >&2
+fi
+cat "$baseline"
 # One shard and a long spin: perftest busy-polls one queue pair per side, and so do these.
 echo "== tessera bench --transport rdma"
 "$bin" bench --transport rdma --shards 1 --rdma-spin-us 1000000 --sizes "$sizes" --seconds "$secs" --perftest "$baseline"
