@@ -15,7 +15,7 @@ use crate::tcp::TcpLink;
 use crate::wire::{flags, padded, Header, Op, Status, HEADER_BYTES};
 use crate::{Frame, Link};
 
-use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region};
+use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
 use super::{rdma, slot_keys, Endpoint, RdmaConfig, SlotKey};
 
 /// A link to one shard over an RC queue pair. Field order is drop order: the queue pair goes
@@ -249,13 +249,19 @@ impl Link for RdmaLink {
         }
         staging[pos..].fill(0);
         let key = self.remote[slot];
-        // Why this is sound: out[at..at + frame_len] is this link's staging for slot `slot`. The CPU writes it
-        // only here, and only after the write that last used this slot completed (`writes_done`
-        // above), so it stays unchanged until the device has read it. The region outlives the
-        // queue pair (field order), so dropping the link flushes the queue pair first.
-        // SAFETY: this slot's staging stays mapped and unchanged until its write completes.
-        unsafe { self.qp.post_write_imm(seq, &self.out, at, frame_len, key.addr, key.rkey, slot as u32, true) }
-            .map_err(rdma)?;
+        if frame_len <= INLINE_BYTES_MAX {
+            // Small frames are copied into the work request as it is posted.
+            let frame = &self.out.as_slice()[at..at + frame_len];
+            self.qp.post_write_imm_inline(seq, frame, key.addr, key.rkey, slot as u32, true).map_err(rdma)?;
+        } else {
+            // Why this is sound: out[at..at + frame_len] is this link's staging for slot `slot`. The CPU writes it
+            // only here, and only after the write that last used this slot completed (`writes_done`
+            // above), so it stays unchanged until the device has read it. The region outlives the
+            // queue pair (field order), so dropping the link flushes the queue pair first.
+            // SAFETY: this slot's staging stays mapped and unchanged until its write completes.
+            unsafe { self.qp.post_write_imm(seq, &self.out, at, frame_len, key.addr, key.rkey, slot as u32, true) }
+                .map_err(rdma)?;
+        }
         self.sent += 1;
         Ok(())
     }

@@ -14,7 +14,7 @@ use crate::tcp::TcpEndpoint;
 use crate::wire::{Header, Op, Status, HEADER_BYTES};
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
-use super::verbs::{Access, Completion, Cq, Device, Opcode, Pd, Qp, Region};
+use super::verbs::{Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
 use super::{rdma, slot_keys, Endpoint, RdmaConfig, SlotKey};
 
 /// Completion-queue entries per shard; bounds the workers one shard can take over RDMA.
@@ -376,14 +376,19 @@ impl Peer {
         let len = area.used;
         let key = self.remote[slot as usize];
         self.writing[slot as usize] = true;
-        // Why this is sound: staging[at..at + len] belongs to this peer and to reply slot `slot` alone. The CPU
-        // writes it only while serving a request in this slot, and `serve_queued` serves that slot
-        // again only after this write's completion cleared `writing[slot]`, so the buffer stays
-        // valid and unchanged until the device has read it. The region outlives the queue pair
-        // (field order), so a release mid-write flushes the queue pair before deregistering.
-        // SAFETY: this reply slot's staging stays mapped and unchanged until its write completes.
-        let posted = unsafe {
-            self.qp.post_write_imm(wr_id(index, self.generation, slot), &self.staging, at, len, key.addr, key.rkey, slot, true)
+        let id = wr_id(index, self.generation, slot);
+        let posted = if len <= INLINE_BYTES_MAX {
+            // Small replies are copied into the work request as it is posted.
+            let frame = &self.staging.as_slice()[at..at + len];
+            self.qp.post_write_imm_inline(id, frame, key.addr, key.rkey, slot, true)
+        } else {
+            // Why this is sound: staging[at..at + len] belongs to this peer and to reply slot `slot` alone. The CPU
+            // writes it only while serving a request in this slot, and `serve_queued` serves that slot
+            // again only after this write's completion cleared `writing[slot]`, so the buffer stays
+            // valid and unchanged until the device has read it. The region outlives the queue pair
+            // (field order), so a release mid-write flushes the queue pair before deregistering.
+            // SAFETY: this reply slot's staging stays mapped and unchanged until its write completes.
+            unsafe { self.qp.post_write_imm(id, &self.staging, at, len, key.addr, key.rkey, slot, true) }
         };
         if let Err(e) = posted {
             self.writing[slot as usize] = false;

@@ -20,7 +20,7 @@
 //!   was read is unacknowledged, so [`Cq::ack_events`] acks every event it reads.
 //! - sideway's basic poller and its receive guard allocate on every call; the extended CQ, the
 //!   extended send guard and a direct `ibv_post_recv` do not, so the data path here does not.
-//! - Inline sends need the `Inline` flag set by hand on rxe (not used here: no inline posts).
+//! - Inline sends need the `Inline` flag set by hand on rxe ([`Qp::post_write_imm_inline`] sets it).
 //! - Posting a region of another protection domain completes with `IBV_WC_LOC_QP_OP_ERR` on rxe
 //!   (its lkey lookup fails with EINVAL), not the `IBV_WC_LOC_PROT_ERR` of the spec and of HCAs.
 //!   A foreign rkey is `IBV_WC_REM_ACCESS_ERR` at the writer on both, and rxe also completes the
@@ -48,11 +48,13 @@ use sideway::ibverbs::memory_region::{MemoryRegion, RegisterMemoryRegionError, R
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
     CreateQueuePairError, ExtendedQueuePair, ModifyQueuePairError, PostSendError, PostSendGuard, QueuePair,
-    QueuePairAttribute, QueuePairAttributeMask, QueuePairState, SetScatterGatherEntry, WorkRequestFlags,
+    QueuePairAttribute, QueuePairAttributeMask, QueuePairState, SetInlineData, SetScatterGatherEntry, WorkRequestFlags,
 };
 use sideway::ibverbs::AccessFlags;
 
 /// Registration chunks and region starts are multiples of this.
+/// Largest write posted inline (copied into the work request): small request and reply frames.
+pub const INLINE_BYTES_MAX: usize = 256;
 pub const PAGE_BYTES: usize = 4096;
 /// RDMA READs in flight per QP, as initiator and as responder, clamped to the device's limits.
 /// Zero would make every READ fail; 16 is what mlx5 allows and keeps a few large reads going.
@@ -789,7 +791,7 @@ impl Qp {
             .setup_max_recv_wr(recv_depth)
             .setup_max_send_sge(1)
             .setup_max_recv_sge(1)
-            .setup_max_inline_data(0)
+            .setup_max_inline_data(INLINE_BYTES_MAX as u32)
             .setup_send_cq(GenericCompletionQueue::from(Arc::clone(&send_cq.cq)))
             .setup_recv_cq(GenericCompletionQueue::from(Arc::clone(&recv_cq.cq)))
             .build_ex()
@@ -896,6 +898,28 @@ impl Qp {
         // alive and the span unmodified until the completion, as this function's contract says,
         // and ibv_wr_complete's doorbell orders our earlier stores to it before the device reads.
         unsafe { set_sge(wr, lkey, addr, len) };
+        guard.post().map_err(|source| VerbsError::PostSend { qpn, wr_id, source })
+    }
+
+    /// As [`Qp::post_write_imm`] for at most [`INLINE_BYTES_MAX`] bytes, which are copied into the
+    /// work request when it is posted: the caller may reuse `data` at once, so this is safe. Small
+    /// frames skip the device's read of local memory, as perftest's latency tests do.
+    #[allow(clippy::too_many_arguments)] // each is one field of the work request
+    pub fn post_write_imm_inline(
+        &mut self,
+        wr_id: u64,
+        data: &[u8],
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
+        assert!(data.len() <= INLINE_BYTES_MAX, "inline writes carry at most {INLINE_BYTES_MAX} bytes");
+        let qpn = self.qpn();
+        let flags = if signaled { WorkRequestFlags::Signaled | WorkRequestFlags::Inline } else { WorkRequestFlags::Inline };
+        let mut guard = self.qp.start_post_send();
+        let wr = guard.construct_wr(wr_id, flags).setup_write_imm(rkey, remote_addr, imm.to_be());
+        wr.setup_inline_data(data);
         guard.post().map_err(|source| VerbsError::PostSend { qpn, wr_id, source })
     }
 
