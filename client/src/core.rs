@@ -51,7 +51,12 @@ struct Scratch {
     counts: Vec<usize>,
     keys: Vec<u64>,
     grads: Vec<f32>,
+    /// Parts a call touches, and where each part's group starts while grouping.
+    used: Vec<usize>,
+    next: Vec<usize>,
+    /// Buffers of tickets that were waited on, for the next tickets.
     orders: Vec<Vec<u32>>,
+    subs: Vec<Vec<Sub>>,
 }
 
 #[derive(Debug)]
@@ -248,9 +253,11 @@ impl Core {
         }
         self.check_finite(table, grads)?;
         self.route_keys(table, keys)?;
-        let mut subs = Vec::new();
+        let mut subs = self.scratch.subs.pop().unwrap_or_default();
         let mut order = Vec::new();
-        let used: Vec<usize> = (0..self.scratch.counts.len()).filter(|p| self.scratch.counts[*p] > 0).collect();
+        let mut used = std::mem::take(&mut self.scratch.used);
+        used.clear();
+        used.extend((0..self.scratch.counts.len()).filter(|p| self.scratch.counts[*p] > 0));
         if let [only] = used[..] {
             // Everything goes to one shard: send straight from the caller's slices.
             let owner = table.route().owner(only);
@@ -266,7 +273,7 @@ impl Core {
         } else {
             self.group(keys, grads, dim, &mut order);
             let mut at = 0;
-            for part in used {
+            for &part in &used {
                 let n = self.scratch.counts[part];
                 let owner = table.route().owner(part);
                 let per_frame = self.keys_per_frame(owner, kind, dim, true);
@@ -292,6 +299,7 @@ impl Core {
                 at += n;
             }
         }
+        self.scratch.used = used;
         Ok(Ticket { client, subs, out, order, dim })
     }
 
@@ -339,7 +347,8 @@ impl Core {
         *order = s.orders.pop().unwrap_or_default();
         order.clear();
         order.resize(keys.len(), 0);
-        let mut next: Vec<usize> = Vec::with_capacity(s.counts.len());
+        let mut next = std::mem::take(&mut s.next);
+        next.clear();
         let mut at = 0;
         for c in &s.counts {
             next.push(at);
@@ -356,6 +365,7 @@ impl Core {
                 s.grads[slot * dim..(slot + 1) * dim].copy_from_slice(&g[i * dim..(i + 1) * dim]);
             }
         }
+        s.next = next;
     }
 
     /// A push or pull of the dense range `start .. start + len / dim`.
@@ -381,7 +391,7 @@ impl Core {
             return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end });
         }
         self.check_finite(table, grads)?;
-        let mut subs = Vec::new();
+        let mut subs = self.scratch.subs.pop().unwrap_or_default();
         let mut key = start;
         while key < end {
             let part = route.locate(key).expect("keys inside the table have a part");
@@ -451,9 +461,13 @@ impl Core {
     }
 
     /// Returns a grouping buffer for reuse.
-    pub fn recycle(&mut self, order: Vec<u32>) {
+    pub fn recycle(&mut self, order: Vec<u32>, mut subs: Vec<Sub>) {
         if order.capacity() > 0 && self.scratch.orders.len() < 16 {
             self.scratch.orders.push(order);
+        }
+        if subs.capacity() > 0 && self.scratch.subs.len() < 16 {
+            subs.clear();
+            self.scratch.subs.push(subs);
         }
     }
 }

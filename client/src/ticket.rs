@@ -85,7 +85,7 @@ impl Ticket<'_> {
                 failure.get_or_insert(e);
             }
         }
-        core.recycle(std::mem::take(&mut self.order));
+        core.recycle(std::mem::take(&mut self.order), subs);
         failure.map_or(Ok(stamp), Err)
     }
 }

@@ -223,29 +223,66 @@ impl Inflater {
 #[derive(Debug)]
 pub struct Deflater {
     scratch: Vec<u8>,
+    /// A body sent from several parts, joined so that Snappy sees it whole.
+    joined: Vec<u8>,
     encoder: snap::raw::Encoder,
 }
 
 impl Default for Deflater {
     fn default() -> Self {
-        Self { scratch: Vec::new(), encoder: snap::raw::Encoder::new() }
+        Self { scratch: Vec::new(), joined: Vec::new(), encoder: snap::raw::Encoder::new() }
     }
 }
 
 impl Deflater {
     /// Compresses the concatenation of `parts`; returns the compressed bytes only when they are
     /// under 90% of the raw size.
-    pub fn deflate(&mut self, parts: &[&[u8]], joined: &mut Vec<u8>) -> Option<&[u8]> {
+    pub fn deflate(&mut self, parts: &[&[u8]]) -> Option<&[u8]> {
         let raw: &[u8] = if parts.len() == 1 {
             parts[0]
         } else {
-            joined.clear();
-            parts.iter().for_each(|p| joined.extend_from_slice(p));
-            joined
+            self.joined.clear();
+            parts.iter().for_each(|p| self.joined.extend_from_slice(p));
+            &self.joined
         };
         self.scratch.resize(snap::raw::max_compress_len(raw.len()), 0);
         let n = self.encoder.compress(raw, &mut self.scratch).ok()?;
         (n * 10 < raw.len() * 9).then(|| &self.scratch[..n])
+    }
+
+    /// The body of a frame about to be sent from `parts`: compressed when `compress` is set and
+    /// that pays, raw otherwise. Sets `header`'s lengths and compression flag to match; the
+    /// caller seals the header. Every link sends its bodies through here.
+    pub fn frame_body<'a>(&'a mut self, header: &mut Header, parts: &'a [&'a [u8]], compress: bool) -> Body<'a> {
+        let raw_len: usize = parts.iter().map(|p| p.len()).sum();
+        header.raw_len = raw_len as u32;
+        header.body_len = raw_len as u32;
+        header.flags &= !flags::COMPRESSED;
+        match if compress && raw_len > 0 { self.deflate(parts) } else { None } {
+            Some(z) => {
+                header.flags |= flags::COMPRESSED;
+                header.body_len = z.len() as u32;
+                Body::Packed([z])
+            }
+            None => Body::Raw(parts),
+        }
+    }
+}
+
+/// A frame body as it goes on the wire: the caller's parts, or their compression.
+#[derive(Debug)]
+pub enum Body<'a> {
+    Raw(&'a [&'a [u8]]),
+    Packed([&'a [u8]; 1]),
+}
+
+impl<'a> Body<'a> {
+    /// The slices to write, in order.
+    pub fn parts(&self) -> &[&'a [u8]] {
+        match self {
+            Body::Raw(parts) => parts,
+            Body::Packed(one) => one,
+        }
     }
 }
 
@@ -316,9 +353,8 @@ mod tests {
     #[test]
     fn compression_round_trips_and_skips_noise() {
         let mut d = Deflater::default();
-        let mut joined = Vec::new();
         let zeros = vec![0u8; 4096];
-        let packed = d.deflate(&[&zeros[..100], &zeros[100..]], &mut joined).unwrap().to_vec();
+        let packed = d.deflate(&[&zeros[..100], &zeros[100..]]).unwrap().to_vec();
         let mut h = Header::request(crate::wire::Op::Push, 1);
         h.flags = flags::COMPRESSED;
         h.body_len = packed.len() as u32;
@@ -336,7 +372,7 @@ mod tests {
                 (x >> 32) as u8
             })
             .collect();
-        assert!(d.deflate(&[&noise], &mut joined).is_none(), "incompressible data is sent raw");
+        assert!(d.deflate(&[&noise]).is_none(), "incompressible data is sent raw");
     }
 
     #[test]

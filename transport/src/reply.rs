@@ -98,17 +98,17 @@ impl<'a> Reply<'a> {
 
     /// Seals the reply, compressing its body if the request asked for that and it pays. Returns
     /// the byte range of the sealed frame in the area.
-    pub(crate) fn finish(mut self, deflater: &mut Deflater, joined: &mut Vec<u8>, compress_bytes_min: usize) -> Range<usize> {
+    pub(crate) fn finish(mut self, deflater: &mut Deflater, compress_bytes_min: usize) -> Range<usize> {
         let Some(start) = self.frame else {
             self.error(Status::Internal, "the server produced no reply to this request (a bug)");
-            return self.finish(deflater, joined, compress_bytes_min);
+            return self.finish(deflater, compress_bytes_min);
         };
         let hdr = start..start + HEADER_BYTES;
         let mut header = Header::decode_unchecked(&self.out.bytes()[hdr.clone()]);
         let body = hdr.end..hdr.end + header.body_len as usize;
         let want = self.request.flags & flags::COMPRESS_REPLY != 0 && body.len() >= compress_bytes_min;
         if want {
-            if let Some(z) = deflater.deflate(&[&self.out.bytes()[body.clone()]], joined) {
+            if let Some(z) = deflater.deflate(&[&self.out.bytes()[body.clone()]]) {
                 // The body is still in place until truncate below; z lives in the deflater, and it
                 // is smaller than the body, so the area has room for it.
                 self.out.truncate(hdr.end);

@@ -18,7 +18,7 @@ use zerocopy::IntoBytes;
 use crate::buf::{AlignedBuf, Deflater, Filled, FrameReader, Inflater};
 use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
-use crate::wire::{flags, padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
+use crate::wire::{padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
 use crate::reply::{Reply, ReplyArea};
 use crate::{ConnId, Frame, Link, Request, Service, ShardTransport, Waker};
 
@@ -91,7 +91,6 @@ pub struct Conn {
     reader: FrameReader,
     inflater: Inflater,
     deflater: Deflater,
-    joined: Vec<u8>,
     out: OutQueue,
     greeted: bool,
     accepted_at: Instant,
@@ -151,6 +150,8 @@ pub struct TcpEndpoint {
     info: Arc<[u8]>,
     next_id: u64,
     last_sweep: Instant,
+    /// The watched descriptor turned readable since [`TcpEndpoint::take_watched`] last looked.
+    watched_fired: bool,
 }
 
 /// Binds `addr` and builds the control endpoint (which owns the listener) and one endpoint per
@@ -218,7 +219,13 @@ impl TcpEndpoint {
             info,
             next_id: 0,
             last_sweep: Instant::now(),
+            watched_fired: false,
         })
+    }
+
+    /// True once per readiness of the descriptor given to [`TcpEndpoint::watch_fd`].
+    pub fn take_watched(&mut self) -> bool {
+        std::mem::take(&mut self.watched_fired)
     }
 
     /// Makes [`ShardTransport::poll`] return when `fd` turns readable, so that a layer above (RDMA
@@ -271,7 +278,6 @@ impl TcpEndpoint {
                 reader: FrameReader::new(HELLO_FRAME_BYTES_MAX, self.cfg.read_chunk_bytes),
                 inflater: Inflater::default(),
                 deflater: Deflater::default(),
-                joined: Vec::new(),
                 out: OutQueue::default(),
                 greeted: false,
                 accepted_at: Instant::now(),
@@ -366,8 +372,8 @@ impl ShardTransport for TcpEndpoint {
                     self.adopt_all(service);
                     service.wake();
                 }
-                // The watcher checks its own source after every poll; waking was the point.
-                WATCHED => {}
+                // The watcher checks its own source when told it fired.
+                WATCHED => self.watched_fired = true,
                 Token(t) => self.drive(t - FIRST_CONN, service),
             }
         }
@@ -455,7 +461,7 @@ impl Conn {
     fn fail(&mut self, request: &Header, status: Status, reason: String) {
         let mut reply = Reply::new(&mut self.out, *request, usize::MAX);
         reply.error(status, &reason);
-        reply.finish(&mut self.deflater, &mut self.joined, usize::MAX);
+        reply.finish(&mut self.deflater, usize::MAX);
         self.closing = Some(reason);
     }
 
@@ -498,7 +504,7 @@ impl Conn {
             Ok(body) => service.serve(Request { conn: self.id, header, body }, &mut reply),
             Err(e) => reply.error(Status::Malformed, &e.to_string()),
         }
-        reply.finish(&mut self.deflater, &mut self.joined, cfg.compress_bytes_min);
+        reply.finish(&mut self.deflater, cfg.compress_bytes_min);
         Ok(None)
     }
 
@@ -517,7 +523,7 @@ impl Conn {
         self.reader.set_frame_bytes_max(cfg_frame_bytes_max);
         let mut reply = Reply::new(&mut self.out, *header, usize::MAX);
         reply.ok_bytes(info);
-        reply.finish(&mut self.deflater, &mut self.joined, usize::MAX);
+        reply.finish(&mut self.deflater, usize::MAX);
         match role {
             Role::Control if shard != CONTROL_SHARD => Some(Next::HandOff(shard as u16)),
             _ => None,
@@ -537,7 +543,6 @@ pub struct TcpLink {
     reader: FrameReader,
     inflater: Inflater,
     deflater: Deflater,
-    joined: Vec<u8>,
     peer: String,
     /// Largest frame this side accepts.
     frame_bytes_max: usize,
@@ -567,7 +572,6 @@ impl TcpLink {
             reader: FrameReader::new(cfg.frame_bytes_max, cfg.read_chunk_bytes),
             inflater: Inflater::default(),
             deflater: Deflater::default(),
-            joined: Vec::new(),
             peer: addr.to_string(),
             frame_bytes_max: cfg.frame_bytes_max,
             send_bytes_max: cfg.frame_bytes_max,
@@ -653,20 +657,10 @@ impl Link for TcpLink {
         if HEADER_BYTES + padded(raw_len) > limit {
             return Err(TransportError::FrameTooLarge { bytes: HEADER_BYTES + padded(raw_len), limit });
         }
-        header.raw_len = raw_len as u32;
-        header.body_len = raw_len as u32;
-        header.flags &= !flags::COMPRESSED;
         // Split the borrows: the compressed body lives in the deflater while the stream writes it.
-        let Self { deflater, joined, stream, poll, events, reader, io_timeout, .. } = self;
-        let packed = if compress && raw_len > 0 { deflater.deflate(parts, joined) } else { None };
-        let body: &[&[u8]] = match &packed {
-            Some(z) => {
-                header.flags |= flags::COMPRESSED;
-                header.body_len = z.len() as u32;
-                std::slice::from_ref(z)
-            }
-            None => parts,
-        };
+        let Self { deflater, stream, poll, events, reader, io_timeout, .. } = self;
+        let packed = deflater.frame_body(header, parts, compress);
+        let body = packed.parts();
         header.seal();
         let pad = padded(header.body_len as usize) - header.body_len as usize;
         let mut slices: [IoSlice<'_>; PARTS_MAX + 2] = [IoSlice::new(&[]); PARTS_MAX + 2];

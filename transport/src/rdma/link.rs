@@ -12,7 +12,7 @@ use crate::buf::{Deflater, Inflater};
 use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
 use crate::tcp::TcpLink;
-use crate::wire::{flags, padded, Header, Op, Status, HEADER_BYTES};
+use crate::wire::{padded, Header, Op, Status, HEADER_BYTES};
 use crate::{Frame, Link};
 
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
@@ -46,7 +46,6 @@ pub struct RdmaLink {
     current: Vec<u8>,
     inflater: Inflater,
     deflater: Deflater,
-    joined: Vec<u8>,
     completions: Vec<Completion>,
     spin: Duration,
     io_timeout: Duration,
@@ -111,7 +110,6 @@ impl RdmaLink {
             current: Vec::new(),
             inflater: Inflater::default(),
             deflater: Deflater::default(),
-            joined: Vec::new(),
             completions: Vec::with_capacity(16),
             spin: Duration::from_micros(rcfg.spin_us),
             io_timeout: Duration::from_millis(cfg.io_timeout_ms),
@@ -220,19 +218,8 @@ impl Link for RdmaLink {
         while self.writes_done + self.slots <= seq {
             self.progress(deadline, "a slot to send from")?;
         }
-        let raw_len: usize = parts.iter().map(|p| p.len()).sum();
-        header.raw_len = raw_len as u32;
-        header.body_len = raw_len as u32;
-        header.flags &= !flags::COMPRESSED;
-        let packed = if compress && raw_len > 0 { self.deflater.deflate(parts, &mut self.joined) } else { None };
-        let body: &[&[u8]] = match &packed {
-            Some(z) => {
-                header.flags |= flags::COMPRESSED;
-                header.body_len = z.len() as u32;
-                std::slice::from_ref(z)
-            }
-            None => parts,
-        };
+        let packed = self.deflater.frame_body(header, parts, compress);
+        let body = packed.parts();
         let frame_len = HEADER_BYTES + padded(header.body_len as usize);
         if frame_len > self.send_bytes_max {
             return Err(TransportError::FrameTooLarge { bytes: frame_len, limit: self.send_bytes_max });

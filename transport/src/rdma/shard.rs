@@ -74,7 +74,6 @@ struct Peer {
     next_arrival: u32,
     inflater: Inflater,
     deflater: Deflater,
-    joined: Vec<u8>,
 }
 
 /// A reply slot as the place a [`Reply`] is written.
@@ -153,7 +152,10 @@ impl ShardTransport for RdmaShard {
         let timeout = if worked || !state.busy.is_empty() { Some(Duration::ZERO) } else { timeout };
         let mut intercept = Intercept { inner: service, state };
         self.tcp.poll(&mut intercept, timeout)?;
-        self.state.cq.ack_events();
+        // Reading the channel is a system call: only when it fired.
+        if self.tcp.take_watched() {
+            self.state.cq.ack_events();
+        }
         Ok(())
     }
 
@@ -241,7 +243,6 @@ impl State {
             next_arrival: 0,
             inflater: Inflater::default(),
             deflater: Deflater::default(),
-            joined: Vec::new(),
         };
         if index == self.peers.len() {
             self.peers.push(None);
@@ -365,12 +366,12 @@ impl Peer {
                     Ok(body) => service.serve(Request { conn: self.tcp, header, body }, &mut reply),
                     Err(e) => reply.error(Status::Malformed, &e.to_string()),
                 }
-                reply.finish(&mut self.deflater, &mut self.joined, compress_bytes_min);
+                reply.finish(&mut self.deflater, compress_bytes_min);
             }
             Err(e) => {
                 let mut reply = Reply::new(&mut area, Header::request(Op::Push, 0), sb);
                 reply.error(Status::Malformed, &e.to_string());
-                reply.finish(&mut self.deflater, &mut self.joined, usize::MAX);
+                reply.finish(&mut self.deflater, usize::MAX);
             }
         }
         let len = area.used;

@@ -893,10 +893,11 @@ impl Qp {
         let flags = if signaled { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() };
         let mut guard = self.qp.start_post_send();
         let wr = guard.construct_wr(wr_id, flags).setup_write_imm(rkey, remote_addr, imm.to_be());
-        // SAFETY: lkey/addr/len describe a span of `local` inside one registered chunk (checked
-        // by local_sge). The Region owns the mapping and its registrations; the caller keeps it
+        // lkey/addr/len describe a span of `local` inside one registered chunk (checked by
+        // local_sge). The Region owns the mapping and its registrations; the caller keeps it
         // alive and the span unmodified until the completion, as this function's contract says,
         // and ibv_wr_complete's doorbell orders our earlier stores to it before the device reads.
+        // SAFETY: the span is registered and, by the caller's contract, outlives the completion.
         unsafe { set_sge(wr, lkey, addr, len) };
         guard.post().map_err(|source| VerbsError::PostSend { qpn, wr_id, source })
     }
@@ -944,9 +945,10 @@ impl Qp {
         let qpn = self.qpn();
         let mut guard = self.qp.start_post_send();
         let wr = guard.construct_wr(wr_id, WorkRequestFlags::Signaled).setup_read(rkey, remote_addr);
-        // SAFETY: as in post_write_imm, but the device writes the span: the caller neither reads
-        // nor writes it until the completion, whose poll orders the device's writes before the
-        // CPU's later loads (ibv_start_poll reads the CQE with the barrier the provider needs).
+        // As in post_write_imm, but the device writes the span: the caller neither reads nor
+        // writes it until the completion, whose poll orders the device's writes before the CPU's
+        // later loads (ibv_start_poll reads the CQE with the barrier the provider needs).
+        // SAFETY: the span is registered and, by the caller's contract, untouched until the completion.
         unsafe { set_sge(wr, lkey, addr, len) };
         guard.post().map_err(|source| VerbsError::PostSend { qpn, wr_id, source })
     }
