@@ -143,7 +143,9 @@ impl Client {
         self.lock().send_range(self, table, Kind::Push, start, grads.len(), Some(grads), None)
     }
 
-    /// Pulls the dense range starting at `start` into `out` (`out.len() / dim` keys).
+    /// Pulls the dense range starting at `start` into `out` (`out.len() / dim` keys). Over RDMA
+    /// the values are read one-sided, straight from the shards' memory, once every request sent
+    /// before on the same link was served; the stamp is then the meet of the blocks' stamps.
     pub fn pull_range<'a>(&'a self, table: &Table, start: u64, out: &'a mut [f32]) -> Result<Ticket<'a>> {
         let len = out.len();
         self.lock().send_range(self, table, Kind::Pull, start, len, None, Some(out))
@@ -153,6 +155,12 @@ impl Client {
     pub fn bytes(&self) -> (u64, u64) {
         let core = self.lock();
         (core.bytes_sent, core.bytes_received)
+    }
+
+    /// Dense block copies that one-sided reads found torn (a push overlapped the copy) and read
+    /// again; always 0 over TCP.
+    pub fn torn_reads(&self) -> u64 {
+        self.lock().torn_reads()
     }
 
     /// The transport the links use: `"rdma"` when every link is RDMA, else `"tcp"`.

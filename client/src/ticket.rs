@@ -30,7 +30,7 @@ impl Stamp {
     }
 
     /// Keeps, for each worker, the lower of the two clocks (a worker absent from one side has 0).
-    fn meet(&mut self, other: impl ExactSizeIterator<Item = u64>, first: bool) {
+    pub(crate) fn meet(&mut self, other: impl ExactSizeIterator<Item = u64>, first: bool) {
         if first {
             self.clocks.extend(other);
             return;
@@ -64,6 +64,8 @@ pub struct Ticket<'a> {
     pub(crate) out: Option<&'a mut [f32]>,
     pub(crate) order: Vec<u32>,
     pub(crate) dim: usize,
+    /// The stamp of the parts already read one-sided, when the call made any such read.
+    pub(crate) stamp: Option<Stamp>,
 }
 
 impl Ticket<'_> {
@@ -72,20 +74,27 @@ impl Ticket<'_> {
     pub fn wait(mut self) -> Result<Stamp> {
         let subs = std::mem::take(&mut self.subs);
         let mut core = self.client.lock();
-        let mut stamp = Stamp::default();
+        let read = self.stamp.take();
+        let first_sub = read.is_none();
+        let mut stamp = read.unwrap_or_default();
         let mut failure = None;
         for (i, sub) in subs.iter().enumerate() {
             let out = &mut self.out;
             let order = &self.order;
             let dim = self.dim;
             let got = core.await_reply(sub.server, sub.shard, sub.id, |header, body| {
-                absorb(sub, header, body, out.as_deref_mut(), order, dim, &mut stamp, i == 0)
+                absorb(sub, header, body, out.as_deref_mut(), order, dim, &mut stamp, first_sub && i == 0)
             });
             if let Err(e) = got {
                 failure.get_or_insert(e);
             }
         }
         core.recycle(std::mem::take(&mut self.order), subs);
+        // Trailing zeros say nothing (an absent worker has clock 0): drop them, so stamps from
+        // replies and from one-sided reads, which carry different lengths, compare equal.
+        while stamp.clocks.last() == Some(&0) {
+            stamp.clocks.pop();
+        }
         failure.map_or(Ok(stamp), Err)
     }
 }

@@ -7,8 +7,10 @@
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use memmap2::{Advice, MmapMut, MmapOptions};
+use memmap2::{Advice, MmapMut, MmapOptions, MmapRaw};
+use tessera_transport::expose::StableMemory;
 
 use crate::error::{EngineError, Result};
 
@@ -51,6 +53,68 @@ impl<T: bytemuck::Pod> Pinned<T> {
     }
 }
 
+/// A pinned mapping that a transport may keep registered (and so mapped) after its owner is gone.
+#[derive(Debug)]
+struct Shared(MmapRaw);
+
+// SAFETY: an MmapRaw never moves or resizes and is unmapped only when dropped, which the Arc
+// delays until the last holder (the owning `Exposed` and any transport registration) is gone.
+#[allow(unsafe_code)]
+unsafe impl StableMemory for Shared {
+    fn span(&self) -> (u64, usize) {
+        (self.0.as_ptr() as u64, self.0.len())
+    }
+}
+
+/// Pinned u64 words that a transport may also let remote peers read (dense table blocks). The
+/// owner alone reads and writes them from the CPU; other holders of [`Exposed::memory`] only
+/// keep the mapping alive and hand its address to a device.
+#[derive(Debug)]
+pub struct Exposed {
+    map: Arc<Shared>,
+    len: usize,
+    locked: bool,
+}
+
+impl Exposed {
+    /// True when the pages are locked in memory.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    /// The words.
+    pub fn words(&self) -> &[u64] {
+        &bytemuck::cast_slice(self.bytes())[..self.len]
+    }
+
+    /// The words, mutably.
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        let len = self.len;
+        &mut bytemuck::cast_slice_mut(self.bytes_mut())[..len]
+    }
+
+    /// A handle that keeps the mapping alive, for the transport.
+    pub fn memory(&self) -> Arc<dyn StableMemory> {
+        self.map.clone()
+    }
+
+    #[allow(unsafe_code)]
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping lives as long as `self.map`; it was made from a writable, populated
+        // anonymous MmapMut, so all `len()` bytes are readable. Rust code reaches these bytes only
+        // through this owner (`Exposed` is not Clone and `Shared` gives out no access), so the
+        // shared borrow cannot overlap a `bytes_mut` borrow. Remote reads by a device do not
+        // write.
+        unsafe { std::slice::from_raw_parts(self.map.0.as_ptr(), self.map.0.len()) }
+    }
+
+    #[allow(unsafe_code)]
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` makes this the only live Rust borrow of the bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.map.0.as_mut_ptr(), self.map.0.len()) }
+    }
+}
+
 /// Maps pinned arrays and accounts for them, per shard.
 #[derive(Debug, Default)]
 pub struct Arena {
@@ -69,10 +133,15 @@ impl Arena {
         if len == 0 {
             return Ok(Pinned::empty());
         }
-        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or(EngineError::ArenaMap {
-            bytes: usize::MAX,
-            reason: "size overflows".into(),
-        })?;
+        let (map, locked) = self.map(len, std::mem::size_of::<T>())?;
+        Ok(Pinned { map: Some(map), len, locked, _t: PhantomData })
+    }
+
+    /// Maps, populates and (when the limit allows) locks `len` elements of `size` bytes.
+    fn map(&mut self, len: usize, size: usize) -> Result<(MmapMut, bool)> {
+        let bytes = len
+            .checked_mul(size)
+            .ok_or(EngineError::ArenaMap { bytes: usize::MAX, reason: "size overflows".into() })?;
         let map = MmapOptions::new()
             .len(bytes)
             .populate()
@@ -85,7 +154,14 @@ impl Arena {
         if locked {
             self.bytes_locked += bytes;
         }
-        Ok(Pinned { map: Some(map), len, locked, _t: PhantomData })
+        Ok((map, locked))
+    }
+
+    /// Maps `len` zeroed words that a transport may expose (see [`Exposed`]). Panics if `len` is 0.
+    pub fn alloc_exposed(&mut self, len: usize) -> Result<Exposed> {
+        assert!(len > 0, "an exposed array has at least one word");
+        let (map, locked) = self.map(len, 8)?;
+        Ok(Exposed { map: Arc::new(Shared(MmapRaw::from(map))), len, locked })
     }
 
     fn try_lock(&self, map: &MmapMut, bytes: usize) -> bool {
@@ -128,5 +204,20 @@ mod tests {
         assert_eq!(arena.bytes().0, 40_000);
         let e: Pinned<u64> = arena.alloc(0).unwrap();
         assert!(e.as_slice().is_empty());
+    }
+
+    #[test]
+    fn exposed_words_outlive_their_owner_for_the_transport() {
+        let mut arena = Arena::default();
+        let mut a = arena.alloc_exposed(1000).unwrap();
+        assert!(a.words().iter().all(|w| *w == 0));
+        a.words_mut()[999] = 7;
+        let keep = a.memory();
+        let (addr, len) = keep.span();
+        assert_eq!((addr % 4096, len), (0, 8000));
+        assert_eq!(a.words()[999], 7);
+        drop(a);
+        // The mapping is still there for the holder of `keep`.
+        assert_eq!(keep.span(), (addr, len));
     }
 }

@@ -7,6 +7,9 @@ use crate::error::{EngineError, Result};
 pub const WORKERS_MAX_CEILING: u32 = 4096;
 /// Most clock entries (segments x workers) one table part preallocates: 128 MiB of u64.
 pub const CLOCK_ENTRIES_MAX: u64 = 16 << 20;
+/// Smallest and largest values per dense block, in bytes.
+pub const DENSE_BLOCK_BYTES_MIN: usize = 8;
+pub const DENSE_BLOCK_BYTES_MAX: usize = 1 << 20;
 /// Most shards one server runs.
 pub const SHARDS_MAX: u16 = 256;
 /// Sparse tables never fill past this share of their slots, so probes stay short.
@@ -23,8 +26,13 @@ pub struct EngineConfig {
     pub shards: u16,
     /// Pin each shard thread to its own core.
     pub pin_cores: bool,
-    /// Workers each table's vector clocks track.
+    /// Workers each table's vector clocks track. Each dense block also carries one clock entry
+    /// per worker (8 bytes each) for one-sided reads, so keep this near the job's worker count.
     pub workers_max: u32,
+    /// Bytes of values per dense block, the unit a one-sided read checks for tearing (rounded to
+    /// whole keys, at least one). Small blocks make small reads cheap; each costs 16 bytes of
+    /// versions and `8 x workers_max` of stamp.
+    pub dense_block_bytes: usize,
     /// Most clock segments one table part may split into.
     pub clock_segments_max: usize,
     /// Keys a sparse table holds across all shards when its spec does not say.
@@ -36,7 +44,8 @@ impl Default for EngineConfig {
         Self {
             shards: available_cores().clamp(1, SHARDS_MAX as usize) as u16,
             pin_cores: true,
-            workers_max: 64,
+            workers_max: 16,
+            dense_block_bytes: 512,
             clock_segments_max: 1024,
             sparse_capacity_keys_default: 4 << 20,
         }
@@ -54,6 +63,9 @@ impl EngineConfig {
         }
         if self.workers_max == 0 || self.workers_max > WORKERS_MAX_CEILING {
             return bad("workers_max", self.workers_max.to_string(), "must be between 1 and 4096");
+        }
+        if !(DENSE_BLOCK_BYTES_MIN..=DENSE_BLOCK_BYTES_MAX).contains(&self.dense_block_bytes) {
+            return bad("dense_block_bytes", self.dense_block_bytes.to_string(), "must be between 8 and 1 MiB");
         }
         if self.clock_segments_max < 4 {
             return bad("clock_segments_max", self.clock_segments_max.to_string(), "must be at least 4");

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender};
 use tessera_replication::catalog::{Part, TableSpec};
+use tessera_transport::expose::Exposure;
 use tessera_transport::wire::{self, Header, Op, HEADER_BYTES};
 use tessera_transport::{Reply, Request, Service, ShardTransport};
 
@@ -95,7 +96,7 @@ impl Shard {
         Ok(part)
     }
 
-    fn control(&mut self, msg: ShardControl) {
+    fn control(&mut self, msg: ShardControl, expose: &mut dyn FnMut(Exposure)) {
         match msg {
             ShardControl::AddTable { id, spec, part, updater, done } => {
                 let made = TablePart::new(id, self.id, spec, part.start..part.end, updater, &self.cfg, &mut self.arena);
@@ -103,13 +104,18 @@ impl Shard {
                     if self.tables.len() <= id as usize {
                         self.tables.resize_with(id as usize + 1, || None);
                     }
+                    if let Some(view) = t.dense_view() {
+                        expose(Exposure::Add(view));
+                    }
                     self.tables[id as usize] = Some(t);
                 });
                 let _ = done.send(result);
             }
             ShardControl::DropTable { id } => {
                 if let Some(slot) = self.tables.get_mut(id as usize) {
-                    *slot = None;
+                    if slot.take().is_some() {
+                        expose(Exposure::Remove { table: id });
+                    }
                 }
             }
             ShardControl::Stats { done } => {
@@ -210,9 +216,9 @@ impl Service for Shard {
         }
     }
 
-    fn wake(&mut self) {
+    fn wake(&mut self, expose: &mut dyn FnMut(Exposure)) {
         while let Ok(msg) = self.control.try_recv() {
-            self.control(msg);
+            self.control(msg, expose);
         }
     }
 }

@@ -9,12 +9,15 @@
 //! part exactly as it was.
 
 use std::ops::Range;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
+
+use tessera_transport::expose::{DenseLayout, DenseView};
 
 use tessera_replication::catalog::{Init, NonFinite, TableSpec};
 use tessera_replication::TableKind;
 
-use crate::arena::{Arena, Pinned};
+use crate::arena::{Arena, Exposed, Pinned};
 use crate::clock::RangeClocks;
 use crate::config::{EngineConfig, SPARSE_LOAD_PERCENT_MAX, SPARSE_SLOTS_MIN};
 use crate::error::{EngineError, Result};
@@ -51,8 +54,18 @@ pub struct TablePart {
 
 #[derive(Debug)]
 enum Store {
-    Dense { values: Pinned<f32>, s0: Pinned<f32>, s1: Pinned<f32> },
+    Dense(DenseStore),
     Sparse(SparseStore),
+}
+
+/// Dense values in blocks a transport may expose for one-sided reads (layout and protocol in
+/// [`tessera_transport::expose`]); updater state stays planar, one array per slot.
+#[derive(Debug)]
+struct DenseStore {
+    blocks: Exposed,
+    layout: DenseLayout,
+    s0: Pinned<f32>,
+    s1: Pinned<f32>,
 }
 
 #[derive(Debug)]
@@ -78,28 +91,64 @@ impl TablePart {
         arena: &mut Arena,
     ) -> Result<Self> {
         assert!(spec.start <= owned.start && owned.end <= spec.end && !owned.is_empty());
-        let clocks = RangeClocks::new(owned.clone(), cfg.workers_max as usize, cfg.clock_segments_max);
+        let clocks = RangeClocks::new(
+            owned.clone(),
+            cfg.workers_max as usize,
+            cfg.clock_segments_max,
+        );
         let store = match spec.kind {
-            TableKind::Dense => Self::dense_store(&spec, &owned, updater.as_ref(), arena)?,
-            TableKind::Sparse => Store::Sparse(SparseStore::new(&spec, cfg, updater.as_ref(), arena)?),
+            TableKind::Dense => Self::dense_store(&spec, &owned, updater.as_ref(), cfg, arena)?,
+            TableKind::Sparse => {
+                Store::Sparse(SparseStore::new(&spec, cfg, updater.as_ref(), arena)?)
+            }
         };
-        Ok(Self { id, shard, spec, owned, updater, clocks, step: 0, store, stats: PartStats::default() })
+        Ok(Self {
+            id,
+            shard,
+            spec,
+            owned,
+            updater,
+            clocks,
+            step: 0,
+            store,
+            stats: PartStats::default(),
+        })
     }
 
-    fn dense_store(spec: &TableSpec, owned: &Range<u64>, updater: &dyn Updater, arena: &mut Arena) -> Result<Store> {
+    fn dense_store(
+        spec: &TableSpec,
+        owned: &Range<u64>,
+        updater: &dyn Updater,
+        cfg: &EngineConfig,
+        arena: &mut Arena,
+    ) -> Result<Store> {
         let dim = spec.dim as usize;
-        let n = usize::try_from(owned.end - owned.start)
+        let keys = owned.end - owned.start;
+        let too_many = || EngineError::BadTable {
+            name: spec.name.clone(),
+            reason: "too many keys for a dense table".into(),
+        };
+        let n = usize::try_from(keys)
             .ok()
             .and_then(|n| n.checked_mul(dim))
-            .ok_or_else(|| EngineError::BadTable { name: spec.name.clone(), reason: "too many keys for a dense table".into() })?;
-        let mut values = arena.alloc::<f32>(n)?;
-        if let Init::Uniform { .. } = spec.init {
-            for (i, v) in values.as_mut_slice().iter_mut().enumerate() {
-                *v = init_value(&spec.init, owned.start + (i / dim) as u64, (i % dim) as u32);
-            }
-        }
+            .ok_or_else(too_many)?;
+        let layout = DenseLayout::new(
+            owned.start,
+            keys,
+            spec.dim,
+            cfg.dense_block_bytes,
+            cfg.workers_max,
+        );
+        let words = usize::try_from(layout.words())
+            .ok()
+            .filter(|w| w.checked_mul(8).is_some())
+            .ok_or_else(too_many)?;
+        let blocks = arena.alloc_exposed(words)?;
         let slots = updater.state_slots();
-        let mut state = [arena.alloc::<f32>(if slots > 0 { n } else { 0 })?, arena.alloc::<f32>(if slots > 1 { n } else { 0 })?];
+        let mut state = [
+            arena.alloc::<f32>(if slots > 0 { n } else { 0 })?,
+            arena.alloc::<f32>(if slots > 1 { n } else { 0 })?,
+        ];
         for (slot, s) in state.iter_mut().enumerate() {
             let init = updater.state_init(slot);
             if init != 0.0 {
@@ -107,7 +156,33 @@ impl TablePart {
             }
         }
         let [s0, s1] = state;
-        Ok(Store::Dense { values, s0, s1 })
+        let mut store = DenseStore {
+            blocks,
+            layout,
+            s0,
+            s1,
+        };
+        if let Init::Uniform { .. } = spec.init {
+            for b in 0..layout.blocks() {
+                let first = owned.start + layout.keys_of(b).start;
+                for (i, v) in store.values_mut(b).iter_mut().enumerate() {
+                    *v = init_value(&spec.init, first + (i / dim) as u64, (i % dim) as u32);
+                }
+            }
+        }
+        Ok(Store::Dense(store))
+    }
+
+    /// What a transport needs to let workers read this part directly; `None` for sparse parts.
+    pub fn dense_view(&self) -> Option<DenseView> {
+        match &self.store {
+            Store::Dense(d) => Some(DenseView {
+                table: self.id,
+                layout: d.layout,
+                memory: d.blocks.memory(),
+            }),
+            Store::Sparse(_) => None,
+        }
     }
 
     /// The keys this part owns.
@@ -143,10 +218,18 @@ impl TablePart {
 
     fn check_key(&self, key: u64) -> Result<()> {
         if key < self.spec.start || key >= self.spec.end {
-            return Err(EngineError::KeyOutOfRange { table: self.id, key, range: self.spec.start..self.spec.end });
+            return Err(EngineError::KeyOutOfRange {
+                table: self.id,
+                key,
+                range: self.spec.start..self.spec.end,
+            });
         }
         if !self.owned.contains(&key) {
-            return Err(EngineError::KeyNotOwned { key, shard: self.shard, owned: self.owned.clone() });
+            return Err(EngineError::KeyNotOwned {
+                key,
+                shard: self.shard,
+                owned: self.owned.clone(),
+            });
         }
         Ok(())
     }
@@ -164,13 +247,19 @@ impl TablePart {
 
     /// Checks a range request `start .. start + count`.
     fn check_range(&self, start: u64, count: usize) -> Result<Range<u64>> {
-        let end = start.checked_add(count as u64).ok_or(EngineError::KeyOutOfRange {
-            table: self.id,
-            key: u64::MAX,
-            range: self.spec.start..self.spec.end,
-        })?;
+        let end = start
+            .checked_add(count as u64)
+            .ok_or(EngineError::KeyOutOfRange {
+                table: self.id,
+                key: u64::MAX,
+                range: self.spec.start..self.spec.end,
+            })?;
         if count == 0 {
-            return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
+            return Err(EngineError::ValuesLength {
+                keys: 0,
+                dim: self.spec.dim,
+                values: 0,
+            });
         }
         self.check_key(start)?;
         self.check_key(end - 1)?;
@@ -180,22 +269,39 @@ impl TablePart {
     fn check_values(&self, keys: usize, values: &[f32]) -> Result<bool> {
         let dim = self.spec.dim;
         if keys.checked_mul(dim as usize) != Some(values.len()) {
-            return Err(EngineError::ValuesLength { keys, dim, values: values.len() });
+            return Err(EngineError::ValuesLength {
+                keys,
+                dim,
+                values: values.len(),
+            });
         }
         match values.iter().position(|v| !v.is_finite()) {
             None => Ok(false),
             Some(index) if self.spec.non_finite == NonFinite::Reject => {
-                Err(EngineError::NonFinite { index, value: values[index] })
+                Err(EngineError::NonFinite {
+                    index,
+                    value: values[index],
+                })
             }
             Some(_) => Ok(true),
         }
     }
 
     /// Applies a sparse push from `worker` at `clock`.
-    pub fn push(&mut self, keys: &[u64], grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
+    pub fn push(
+        &mut self,
+        keys: &[u64],
+        grads: &[f32],
+        worker: u32,
+        clock: u64,
+    ) -> Result<Range<u64>> {
         let has_bad = self.check_values(keys.len(), grads)?;
         if keys.is_empty() {
-            return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
+            return Err(EngineError::ValuesLength {
+                keys: 0,
+                dim: self.spec.dim,
+                values: 0,
+            });
         }
         let span = self.span_of(keys)?;
         if let Store::Sparse(sp) = &self.store {
@@ -204,19 +310,27 @@ impl TablePart {
         self.clocks.advance(span.clone(), worker, clock)?;
         self.step += 1;
         let dim = self.spec.dim as usize;
-        let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
+        let ctx = Apply {
+            updater: self.updater.as_ref(),
+            step: self.step,
+            skip: has_bad,
+        };
         let mut skipped = 0;
         match &mut self.store {
-            Store::Dense { values, s0, s1 } => {
+            Store::Dense(d) => {
+                let blocks =
+                    d.blocks_of(span.start - self.owned.start..span.end - self.owned.start);
+                blocks.clone().for_each(|b| d.open(b));
+                fence(Ordering::Release);
                 for (i, &k) in keys.iter().enumerate() {
-                    let at = (k - self.owned.start) as usize * dim..(k - self.owned.start) as usize * dim + dim;
-                    skipped += ctx.run(
-                        &mut values.as_mut_slice()[at.clone()],
-                        slot_slice(s0, at.clone()),
-                        slot_slice(s1, at),
-                        &grads[i * dim..(i + 1) * dim],
-                    );
+                    let (v, s0, s1) = d.key_mut(k - self.owned.start);
+                    skipped += ctx.run(v, s0, s1, &grads[i * dim..(i + 1) * dim]);
                 }
+                blocks
+                    .clone()
+                    .for_each(|b| d.stamp(b, &self.clocks, self.owned.start));
+                fence(Ordering::Release);
+                blocks.for_each(|b| d.close(b));
             }
             Store::Sparse(sp) => {
                 for (i, &k) in keys.iter().enumerate() {
@@ -230,7 +344,14 @@ impl TablePart {
     }
 
     /// Applies a dense push to keys `start .. start + count` from `worker` at `clock`.
-    pub fn push_range(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
+    pub fn push_range(
+        &mut self,
+        start: u64,
+        count: usize,
+        grads: &[f32],
+        worker: u32,
+        clock: u64,
+    ) -> Result<Range<u64>> {
         let has_bad = self.check_values(count, grads)?;
         let range = self.check_range(start, count)?;
         if let Store::Sparse(_) = self.store {
@@ -240,11 +361,34 @@ impl TablePart {
         }
         self.clocks.advance(range.clone(), worker, clock)?;
         self.step += 1;
-        let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
+        let ctx = Apply {
+            updater: self.updater.as_ref(),
+            step: self.step,
+            skip: has_bad,
+        };
         let dim = self.spec.dim as usize;
-        let at = (start - self.owned.start) as usize * dim..(start - self.owned.start) as usize * dim + grads.len();
-        let Store::Dense { values, s0, s1 } = &mut self.store else { unreachable!("checked above") };
-        let skipped = ctx.run(&mut values.as_mut_slice()[at.clone()], slot_slice(s0, at.clone()), slot_slice(s1, at), grads);
+        let Store::Dense(d) = &mut self.store else {
+            unreachable!("checked above")
+        };
+        let keys = start - self.owned.start..start - self.owned.start + count as u64;
+        let mut skipped = 0;
+        // One block at a time, so a reader finds each block torn for as short a time as can be.
+        for b in d.blocks_of(keys.clone()) {
+            let held = d.layout.keys_of(b);
+            let (lo, hi) = (held.start.max(keys.start), held.end.min(keys.end));
+            d.open(b);
+            fence(Ordering::Release);
+            let (v, s0, s1) = d.span_mut(b, lo..hi);
+            skipped += ctx.run(
+                v,
+                s0,
+                s1,
+                &grads[(lo - keys.start) as usize * dim..(hi - keys.start) as usize * dim],
+            );
+            d.stamp(b, &self.clocks, self.owned.start);
+            fence(Ordering::Release);
+            d.close(b);
+        }
         self.count_push(count, skipped);
         Ok(range)
     }
@@ -258,7 +402,11 @@ impl TablePart {
     /// Checks a sparse pull of `keys` and returns the range they span, before any reply is built.
     pub fn check_pull(&self, keys: &[u64]) -> Result<Range<u64>> {
         if keys.is_empty() {
-            return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
+            return Err(EngineError::ValuesLength {
+                keys: 0,
+                dim: self.spec.dim,
+                values: 0,
+            });
         }
         self.span_of(keys)
     }
@@ -266,12 +414,15 @@ impl TablePart {
     /// Gathers the values of `keys` (checked by [`TablePart::check_pull`]) into `out`.
     pub fn pull(&mut self, keys: &[u64], out: &mut [f32]) {
         let dim = self.spec.dim as usize;
-        assert_eq!(out.len(), keys.len() * dim, "the reply was sized for these keys");
+        assert_eq!(
+            out.len(),
+            keys.len() * dim,
+            "the reply was sized for these keys"
+        );
         match &self.store {
-            Store::Dense { values, .. } => {
+            Store::Dense(d) => {
                 for (o, &k) in out.chunks_exact_mut(dim).zip(keys) {
-                    let at = (k - self.owned.start) as usize * dim;
-                    o.copy_from_slice(&values.as_slice()[at..at + dim]);
+                    o.copy_from_slice(d.key(k - self.owned.start));
                 }
             }
             Store::Sparse(sp) => {
@@ -294,9 +445,17 @@ impl TablePart {
         let dim = self.spec.dim as usize;
         assert_eq!(out.len(), count * dim, "the reply was sized for this range");
         match &self.store {
-            Store::Dense { values, .. } => {
-                let at = (start - self.owned.start) as usize * dim;
-                out.copy_from_slice(&values.as_slice()[at..at + out.len()]);
+            Store::Dense(d) => {
+                let keys = start - self.owned.start..start - self.owned.start + count as u64;
+                let mut at = 0;
+                for b in d.blocks_of(keys.clone()) {
+                    let held = d.layout.keys_of(b);
+                    let (lo, hi) = (held.start.max(keys.start), held.end.min(keys.end));
+                    let v = &d.values(b)
+                        [(lo - held.start) as usize * dim..(hi - held.start) as usize * dim];
+                    out[at..at + v.len()].copy_from_slice(v);
+                    at += v.len();
+                }
             }
             Store::Sparse(sp) => {
                 for (o, k) in out.chunks_exact_mut(dim).zip(start..) {
@@ -306,6 +465,84 @@ impl TablePart {
         }
         self.stats.pulls += 1;
         self.stats.keys_pulled += count as u64;
+    }
+}
+
+impl DenseStore {
+    /// The blocks holding key offsets `keys` (non-empty).
+    fn blocks_of(&self, keys: Range<u64>) -> Range<u64> {
+        self.layout.block_of(keys.start)..self.layout.block_of(keys.end - 1) + 1
+    }
+
+    fn value_words(&self, b: u64) -> Range<usize> {
+        let at = self.layout.block_at(b) + self.layout.values_at();
+        at..at + self.layout.block_words as usize - self.layout.values_at() - 1
+    }
+
+    /// The values of the keys block `b` holds.
+    fn values(&self, b: u64) -> &[f32] {
+        let n = self.layout.keys_of(b).count() * self.layout.dim as usize;
+        &bytemuck::cast_slice(&self.blocks.words()[self.value_words(b)])[..n]
+    }
+
+    fn values_mut(&mut self, b: u64) -> &mut [f32] {
+        let n = self.layout.keys_of(b).count() * self.layout.dim as usize;
+        let words = self.value_words(b);
+        &mut bytemuck::cast_slice_mut(&mut self.blocks.words_mut()[words])[..n]
+    }
+
+    /// Key offset `k`'s values.
+    fn key(&self, k: u64) -> &[f32] {
+        let b = self.layout.block_of(k);
+        let dim = self.layout.dim as usize;
+        let at = (k - self.layout.keys_of(b).start) as usize * dim;
+        &self.values(b)[at..at + dim]
+    }
+
+    /// Key offset `k`'s values and state.
+    fn key_mut(&mut self, k: u64) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        self.span_mut(self.layout.block_of(k), k..k + 1)
+    }
+
+    /// Values and state of key offsets `keys`, all inside block `b`.
+    fn span_mut(&mut self, b: u64, keys: Range<u64>) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        let dim = self.layout.dim as usize;
+        let first = self.layout.keys_of(b).start;
+        let local = (keys.start - first) as usize * dim..(keys.end - first) as usize * dim;
+        let planar = keys.start as usize * dim..keys.end as usize * dim;
+        let words = self.value_words(b);
+        let v: &mut [f32] = bytemuck::cast_slice_mut(&mut self.blocks.words_mut()[words]);
+        (
+            &mut v[local],
+            slot_slice(&mut self.s0, planar.clone()),
+            slot_slice(&mut self.s1, planar),
+        )
+    }
+
+    /// Marks block `b` as changing: its back version moves ahead of its front. The caller fences
+    /// (release) before it writes the block.
+    fn open(&mut self, b: u64) {
+        let at = self.layout.block_at(b);
+        let back = at + self.layout.block_words as usize - 1;
+        let w = self.blocks.words_mut();
+        w[back] = w[at] + 1;
+    }
+
+    /// Writes block `b`'s stamp: the clocks every key it holds has reached.
+    fn stamp(&mut self, b: u64, clocks: &RangeClocks, owned_start: u64) {
+        let held = self.layout.keys_of(b);
+        let at = self.layout.block_at(b) + 1;
+        let out = &mut self.blocks.words_mut()[at..at + self.layout.stamp_words as usize];
+        clocks.stamp_into(owned_start + held.start..owned_start + held.end, out);
+    }
+
+    /// Ends block `b`'s change: the front version catches up. The caller fences (release) after
+    /// its writes to the block and before this.
+    fn close(&mut self, b: u64) {
+        let at = self.layout.block_at(b);
+        let back = at + self.layout.block_words as usize - 1;
+        let w = self.blocks.words_mut();
+        w[at] = w[back];
     }
 }
 
@@ -343,10 +580,19 @@ impl Apply<'_> {
                 i += 1;
                 continue;
             }
-            let end = g[i..].iter().position(|x| !x.is_finite()).map_or(g.len(), |p| i + p);
+            let end = g[i..]
+                .iter()
+                .position(|x| !x.is_finite())
+                .map_or(g.len(), |p| i + p);
             let part = |s: &mut [f32]| if s.is_empty() { 0..0 } else { i..end };
             let (r0, r1) = (part(s0), part(s1));
-            self.updater.update(&mut v[i..end], &mut s0[r0], &mut s1[r1], &g[i..end], self.step);
+            self.updater.update(
+                &mut v[i..end],
+                &mut s0[r0],
+                &mut s1[r1],
+                &g[i..end],
+                self.step,
+            );
             i = end;
         }
         skipped
@@ -354,18 +600,39 @@ impl Apply<'_> {
 }
 
 impl SparseStore {
-    fn new(spec: &TableSpec, cfg: &EngineConfig, updater: &dyn Updater, arena: &mut Arena) -> Result<Self> {
-        let wanted = if spec.capacity > 0 { spec.capacity } else { cfg.sparse_capacity_keys_default };
+    fn new(
+        spec: &TableSpec,
+        cfg: &EngineConfig,
+        updater: &dyn Updater,
+        arena: &mut Arena,
+    ) -> Result<Self> {
+        let wanted = if spec.capacity > 0 {
+            spec.capacity
+        } else {
+            cfg.sparse_capacity_keys_default
+        };
         let per_shard = wanted.div_ceil(cfg.shards as u64).max(1);
-        let slots = (per_shard * 100 / SPARSE_LOAD_PERCENT_MAX + 1).next_power_of_two().max(SPARSE_SLOTS_MIN);
-        let too_big = || EngineError::BadTable { name: spec.name.clone(), reason: format!("capacity {wanted} is too large") };
+        let slots = (per_shard * 100 / SPARSE_LOAD_PERCENT_MAX + 1)
+            .next_power_of_two()
+            .max(SPARSE_SLOTS_MIN);
+        let too_big = || EngineError::BadTable {
+            name: spec.name.clone(),
+            reason: format!("capacity {wanted} is too large"),
+        };
         let slots = usize::try_from(slots).map_err(|_| too_big())?;
         let rec = spec.dim as usize * (1 + updater.state_slots());
         let mut keys = arena.alloc::<u64>(slots)?;
         keys.as_mut_slice().fill(EMPTY);
         let records = arena.alloc::<f32>(slots.checked_mul(rec).ok_or_else(too_big)?)?;
         let limit = slots * SPARSE_LOAD_PERCENT_MAX as usize / 100;
-        Ok(Self { keys, records, shift: 64 - slots.trailing_zeros(), width: rec, len: 0, limit })
+        Ok(Self {
+            keys,
+            records,
+            shift: 64 - slots.trailing_zeros(),
+            width: rec,
+            len: 0,
+            limit,
+        })
     }
 
     fn home(&self, key: u64) -> usize {
@@ -393,16 +660,28 @@ impl SparseStore {
             return Ok(());
         }
         // Near the limit only: count each new key once, however often the push repeats it.
-        let new: std::collections::HashSet<u64> = keys.iter().copied().filter(|k| self.probe(*k).is_err()).collect();
+        let new: std::collections::HashSet<u64> = keys
+            .iter()
+            .copied()
+            .filter(|k| self.probe(*k).is_err())
+            .collect();
         let new = new.len();
         if self.len + new > self.limit {
-            return Err(EngineError::SparseTableFull { table, capacity: self.limit });
+            return Err(EngineError::SparseTableFull {
+                table,
+                capacity: self.limit,
+            });
         }
         Ok(())
     }
 
     /// The record of `key`, inserted with its initial value if new.
-    fn record_mut(&mut self, key: u64, spec: &TableSpec, updater: &dyn Updater) -> (&mut [f32], &mut [f32], &mut [f32]) {
+    fn record_mut(
+        &mut self,
+        key: u64,
+        spec: &TableSpec,
+        updater: &dyn Updater,
+    ) -> (&mut [f32], &mut [f32], &mut [f32]) {
         let dim = spec.dim as usize;
         let width = self.width;
         let slot = match self.probe(key) {
@@ -423,7 +702,11 @@ impl SparseStore {
         };
         let rec = &mut self.records.as_mut_slice()[slot * width..(slot + 1) * width];
         let (v, state) = rec.split_at_mut(dim);
-        let (s0, s1) = if state.len() >= 2 * dim { state.split_at_mut(dim) } else { (state, &mut [][..]) };
+        let (s0, s1) = if state.len() >= 2 * dim {
+            state.split_at_mut(dim)
+        } else {
+            (state, &mut [][..])
+        };
         (v, s0, s1)
     }
 
@@ -432,7 +715,9 @@ impl SparseStore {
         match self.probe(key) {
             Ok(slot) => {
                 let width = self.width;
-                out.copy_from_slice(&self.records.as_slice()[slot * width..slot * width + out.len()]);
+                out.copy_from_slice(
+                    &self.records.as_slice()[slot * width..slot * width + out.len()],
+                );
             }
             Err(_) => {
                 for (c, v) in out.iter_mut().enumerate() {
@@ -449,7 +734,8 @@ pub fn init_value(init: &Init, key: u64, c: u32) -> f32 {
     match *init {
         Init::Zero => 0.0,
         Init::Uniform { scale, seed } => {
-            let bits = splitmix64(seed ^ splitmix64(key) ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+            let bits =
+                splitmix64(seed ^ splitmix64(key) ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
             let unit = (bits >> 40) as f32 / (1u64 << 24) as f32;
             scale * (2.0 * unit - 1.0)
         }

@@ -27,6 +27,23 @@ fn client(server: &Server, worker: u32, kind: TransportKind, rdma: RdmaConfig) -
     Client::connect(&[&server.local_addr().to_string()], cfg).expect("client")
 }
 
+/// Dense pulls the shards served with their own CPU (one-sided reads do not count), summed.
+fn served_pulls(c: &Client, table: &Table) -> u64 {
+    let catalogs = c.catalogs().unwrap();
+    let id = catalogs[0].iter().find(|t| t.spec.name == table.spec().name).unwrap().id;
+    let mut pulls = 0;
+    for server in c.status().unwrap() {
+        for shard in server["shards"].as_array().unwrap() {
+            for t in shard["tables"].as_array().unwrap() {
+                if t["table"].as_u64() == Some(u64::from(id)) {
+                    pulls += t["pulls"].as_u64().unwrap();
+                }
+            }
+        }
+    }
+    pulls
+}
+
 fn fast() -> RdmaConfig {
     RdmaConfig { slots: 8, slot_bytes: 64 << 10, spin_us: 20, ..RdmaConfig::default() }
 }
@@ -174,6 +191,72 @@ fn memory_split_into_small_regions_still_gives_correct_results() {
     let mut out = vec![0f32; grads.len()];
     c.pull_range(&table, 0, &mut out).unwrap().wait().unwrap();
     assert_eq!(out, grads);
+    assert_eq!(served_pulls(&c, &table), 0, "the pull was read one-sided, across 16 KiB regions");
+}
+
+#[test]
+fn torn_reads_are_caught_and_read_again_under_concurrent_pushes() {
+    if !tessera_tests::rdma_here("torn_reads_are_caught_and_read_again_under_concurrent_pushes") {
+        return;
+    }
+    // Large blocks keep each one changing for long enough that reads overlap the changes.
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    cfg.engine.shards = 1;
+    cfg.engine.pin_cores = false;
+    cfg.engine.dense_block_bytes = 64 << 10;
+    cfg.transport_kind = TransportKind::Rdma;
+    cfg.rdma = RdmaConfig { slot_bytes: 1 << 20, ..fast() };
+    let server = Server::start(cfg, UpdaterRegistry::new()).expect("server");
+    let rdma = RdmaConfig { slot_bytes: 1 << 20, ..fast() };
+    let pusher = client(&server, 0, TransportKind::Rdma, rdma.clone());
+    let reader = client(&server, 1, TransportKind::Rdma, rdma);
+    const KEYS: usize = 1 << 18;
+    let table = pusher.create_table(&TableSpec::new("torn", TableKind::Dense, 0, KEYS as u64, 1)).unwrap();
+    let rt = reader.table("torn").unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    let (reads, pushes) = std::thread::scope(|s| {
+        // However the reader ends (a failed assertion too), the pusher stops, so the scope ends.
+        let _stop_on_exit = StopOnDrop(&stop);
+        let pushing = s.spawn(|| {
+            // Every push adds 1 to every key: a whole block holds one value throughout.
+            let ones = vec![1f32; KEYS];
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                round += 1;
+                pusher.set_clock(round);
+                pusher.push_range(&table, 0, &ones).unwrap().wait().unwrap();
+            }
+            round
+        });
+        let mut out = vec![0f32; KEYS];
+        let mut before = vec![0f32; KEYS];
+        let mut reads = 0;
+        while reader.torn_reads() == 0 || reads < 20 {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "no torn read in 2 minutes of overlapping pushes and reads"
+            );
+            let stamp = reader.pull_range(&rt, 0, &mut out).unwrap().wait().unwrap();
+            reads += 1;
+            for (b, block) in out.chunks((64 << 10) / 4).enumerate() {
+                assert!(
+                    block.iter().all(|v| *v == block[0]),
+                    "read {reads}: block {b} mixes two pushes: {:?}",
+                    (block[0], block.last())
+                );
+            }
+            assert!(out.iter().zip(&before).all(|(now, then)| now >= then), "values never go back");
+            let least = out.iter().copied().fold(f32::INFINITY, f32::min);
+            assert!(least >= stamp.get(0) as f32, "the stamp {stamp:?} is a lower bound of the values (least {least})");
+            std::mem::swap(&mut out, &mut before);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (reads, pushing.join().unwrap())
+    });
+    eprintln!("{reads} reads against {pushes} pushes; {} torn block copies read again", reader.torn_reads());
+    assert!(reader.torn_reads() > 0);
+    assert_eq!(served_pulls(&reader, &rt), 0, "every pull was one-sided");
 }
 
 #[test]
@@ -188,4 +271,12 @@ fn the_demo_trains_over_rdma_as_well_as_over_tcp() {
     let (acc, truth) = (summary["accuracy"].as_f64().unwrap(), summary["true_model_accuracy"].as_f64().unwrap());
     assert!(acc >= truth - 0.03, "over RDMA: accuracy {acc} vs the true model's {truth}");
     assert!(!out.stderr.contains("using TCP"), "the demo fell back to TCP: {}", out.stderr);
+}
+
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -67,9 +67,15 @@ pub struct EngineArgs {
     /// Shards (threads pinned to cores). Default: one per core.
     #[arg(long)]
     pub shards: Option<u16>,
-    /// Workers each table's vector clocks track; pushes from higher worker ids are refused.
-    #[arg(long, default_value_t = 64)]
+    /// Workers each table's vector clocks track; pushes from higher worker ids are refused. Every
+    /// dense block carries this many clock entries for one-sided reads, so keep it near the job's
+    /// worker count.
+    #[arg(long, default_value_t = 16)]
     pub workers_max: u32,
+    /// Bytes of values per dense block: the unit one-sided RDMA reads check for tearing. Smaller
+    /// blocks make small reads cheaper and large ones dearer.
+    #[arg(long, default_value_t = 512)]
+    pub dense_block_bytes: usize,
     /// Largest frame accepted, in bytes (requests and replies).
     #[arg(long, default_value_t = tessera_transport::config::FRAME_BYTES_MAX_DEFAULT)]
     pub frame_bytes_max: usize,
@@ -91,6 +97,7 @@ impl EngineArgs {
             engine.shards = shards;
         }
         engine.workers_max = self.workers_max;
+        engine.dense_block_bytes = self.dense_block_bytes;
         engine.pin_cores = self.pin || (pin_default && !self.no_pin);
         let transport = TransportConfig { frame_bytes_max: self.frame_bytes_max, ..TransportConfig::default() };
         ServerConfig {

@@ -28,6 +28,7 @@
 pub mod buf;
 pub mod config;
 pub mod error;
+pub mod expose;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod reply;
@@ -38,8 +39,8 @@ pub mod wire;
 use std::time::Duration;
 
 pub use config::{RdmaConfig, TransportConfig};
-pub use select::{Chosen, TransportKind};
 pub use error::{Result, TransportError};
+pub use select::{Chosen, TransportKind};
 pub use wire::{Header, Op, Status, CONTROL_SHARD};
 
 /// Identifies one connection on one endpoint for as long as it is open.
@@ -59,8 +60,9 @@ pub struct Request<'a> {
 pub trait Service {
     /// Serves one request.
     fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>);
-    /// The endpoint was woken from another thread: control traffic may be waiting.
-    fn wake(&mut self) {}
+    /// The endpoint was woken from another thread: control traffic may be waiting. The service
+    /// reports through `expose` any change to the memory it lets workers read directly.
+    fn wake(&mut self, _expose: &mut dyn FnMut(expose::Exposure)) {}
     /// A connection closed; forget anything kept for it.
     fn closed(&mut self, _conn: ConnId) {}
 }
@@ -92,6 +94,24 @@ pub trait Link: Send + std::fmt::Debug {
     fn limit_frames(&mut self, peer_frame_bytes_max: usize);
     /// `"tcp"` or `"rdma"`.
     fn kind(&self) -> &'static str;
+    /// Reads `out.len() / dim` keys of dense table `table` from key `start` straight from the
+    /// shard's memory (a one-sided RDMA READ), after every request sent before it was served.
+    /// Writes the keys' stamp (a lower bound: the meet over the blocks read) into `stamp`.
+    /// Returns `Ok(false)`, touching nothing, when this link cannot: send a `PullRange` instead.
+    fn read_dense(
+        &mut self,
+        _table: u32,
+        _start: u64,
+        _dim: u32,
+        _out: &mut [f32],
+        _stamp: &mut Vec<u64>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+    /// Block copies found torn and read again since the link was made.
+    fn torn_reads(&self) -> u64 {
+        0
+    }
 }
 
 /// One received frame, borrowed from the link until the next call.

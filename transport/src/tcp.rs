@@ -254,7 +254,9 @@ impl TcpEndpoint {
     }
 
     fn accept_all(&mut self) {
-        let Some(listener) = self.listener.as_ref() else { return };
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
         let mut accepted = Vec::new();
         loop {
             match listener.accept() {
@@ -329,7 +331,9 @@ impl TcpEndpoint {
 
     /// Runs one connection until it would block, yields, closes or moves to a shard.
     fn drive(&mut self, idx: usize, service: &mut dyn Service) {
-        let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) else { return };
+        let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
         let next = conn.drive(service, &self.cfg, self.role, &self.info, self.doors.len());
         match next {
             Next::Open => {}
@@ -370,7 +374,7 @@ impl ShardTransport for TcpEndpoint {
                 LISTENER => self.accept_all(),
                 WAKER => {
                     self.adopt_all(service);
-                    service.wake();
+                    service.wake(&mut |_| {});
                 }
                 // The watcher checks its own source when told it fired.
                 WATCHED => self.watched_fired = true,

@@ -85,11 +85,14 @@ pub enum Op {
     PullRange = 13,
     /// Sets up an RDMA queue pair for a TCP data connection (see the `rdma` module).
     RdmaConnect = 20,
+    /// Asks, on the TCP connection of an RDMA link, where a dense table part lives so the worker
+    /// can read it directly; registers it for that worker (see the `rdma` module).
+    RdmaExpose = 21,
 }
 
 impl Op {
     /// Every op, so that decoding cannot drift from the enum.
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 10] = [
         Op::Hello,
         Op::Catalog,
         Op::CreateTable,
@@ -99,6 +102,7 @@ impl Op {
         Op::Pull,
         Op::PullRange,
         Op::RdmaConnect,
+        Op::RdmaExpose,
     ];
 
     /// Decodes the low seven bits of `op`.

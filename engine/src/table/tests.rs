@@ -62,8 +62,9 @@ struct Snapshot {
 
 fn snapshot(p: &TablePart) -> Snapshot {
     let (arrays, sparse_keys, sparse_len) = match &p.store {
-        Store::Dense { values, s0, s1 } => {
-            (vec![bits(values.as_slice()), bits(s0.as_slice()), bits(s1.as_slice())], Vec::new(), 0)
+        Store::Dense(d) => {
+            let blocks = bits(bytemuck::cast_slice(d.blocks.words()));
+            (vec![blocks, bits(d.s0.as_slice()), bits(d.s1.as_slice())], Vec::new(), 0)
         }
         Store::Sparse(sp) => (vec![bits(sp.records.as_slice())], sp.keys.as_slice().to_vec(), sp.len),
     };
@@ -419,8 +420,8 @@ fn dense_skip_applies_finite_components_and_leaves_the_rest_untouched() {
     let g = [2.0, f32::NAN, -3.0, f32::INFINITY, f32::NEG_INFINITY, 0.5, f32::NAN, 1.0];
     p.push_range(2, 2, &g, 0, 1).unwrap();
     assert_eq!(p.stats().non_finite_skipped, 4);
-    let Store::Dense { s0, .. } = &p.store else { unreachable!() };
-    let acc = s0.as_slice().to_vec();
+    let Store::Dense(d) = &p.store else { unreachable!() };
+    let acc = d.s0.as_slice().to_vec();
     let got = pull_range(&mut p, 0, 8);
     for i in 0..32 {
         let gi = if (8..16).contains(&i) { g[i - 8] } else { f32::NAN };
@@ -548,4 +549,47 @@ fn sparse_room_counts_a_repeated_new_key_once() {
     p.push(&[5, 5], &[1.0, 1.0], 0, 2).expect("one free slot holds one new key, named twice");
     assert_eq!(pull_keys(&mut p, &[5]), [2.0]);
     assert_eq!(p.stats().sparse_keys, 768);
+}
+
+/// The blocks a push touches get one version bump each, end whole (front == back), and carry the
+/// stamp of exactly their keys; blocks it does not touch keep version 0.
+#[test]
+fn dense_blocks_carry_versions_and_stamps() {
+    let cfg = EngineConfig { dense_block_bytes: 16, workers_max: 4, ..EngineConfig::default() };
+    let mut p = part_with(&dense(0, 40, 2, "sum"), 0..40, &cfg);
+    // 2 keys of 2 floats per block: keys 5..9 touch blocks 2, 3 and 4.
+    p.push_range(5, 4, &[1.0; 8], 1, 7).unwrap();
+    p.push(&[0], &[2.0, 2.0], 3, 9).unwrap();
+    let Store::Dense(d) = &p.store else { unreachable!() };
+    let l = d.layout;
+    assert_eq!((l.keys_per_block, l.stamp_words, l.block_words), (2, 4, 2 + 4 + 2));
+    for b in 0..l.blocks() {
+        let at = l.block_at(b);
+        let block = &d.blocks.words()[at..at + l.block_words as usize];
+        assert!(tessera_transport::expose::block_is_whole(block), "block {b} whole");
+        let want_version = u64::from((2..=4).contains(&b) || b == 0);
+        assert_eq!(block[0], want_version, "block {b} version");
+        let mut stamp = [0; 4];
+        p.stamp_into(l.keys_of(b).start..l.keys_of(b).end, &mut stamp);
+        assert_eq!(&block[1..5], &stamp, "block {b} stamp");
+    }
+    // Block 2 holds keys 4 and 5; only key 5 was pushed, so worker 1's entry there is 0.
+    assert_eq!(&d.blocks.words()[l.block_at(2) + 1..l.block_at(2) + 5], &[0, 0, 0, 0]);
+    assert_eq!(&d.blocks.words()[l.block_at(3) + 1..l.block_at(3) + 5], &[0, 7, 0, 0]);
+    assert_eq!(pull_range(&mut p, 4, 6), vec![0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+}
+
+/// A copy taken while a block is changing (between its two version writes) is seen as torn.
+#[test]
+fn a_block_copied_mid_change_is_torn() {
+    let cfg = EngineConfig { dense_block_bytes: 16, workers_max: 2, ..EngineConfig::default() };
+    let mut p = part_with(&dense(0, 8, 1, "sum"), 0..8, &cfg);
+    let Store::Dense(d) = &mut p.store else { unreachable!() };
+    let l = d.layout;
+    let words = |d: &DenseStore| d.blocks.words()[l.block_at(1)..l.block_at(2)].to_vec();
+    d.open(1);
+    assert!(!tessera_transport::expose::block_is_whole(&words(d)));
+    d.close(1);
+    assert!(tessera_transport::expose::block_is_whole(&words(d)));
+    assert_eq!(words(d)[0], 1);
 }

@@ -2,6 +2,7 @@
 //! finds replies written into its own.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,8 @@ use crate::wire::{padded, Header, Op, Status, HEADER_BYTES};
 use crate::{Frame, Link};
 
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, slot_keys, Endpoint, RdmaConfig, SlotKey};
+use super::{rdma, slot_keys, Endpoint, RdmaConfig, RemoteDense, SlotKey};
+use crate::expose::block_is_whole;
 
 /// A link to one shard over an RC queue pair. Field order is drop order: the queue pair goes
 /// before the regions it reads and writes.
@@ -26,6 +28,8 @@ pub struct RdmaLink {
     out: Region,
     /// The shard writes replies here.
     inbox: Region,
+    /// One-sided reads of dense blocks land here.
+    reads: Region,
     cq: Cq,
     sleeper: Poll,
     events: Events,
@@ -47,6 +51,11 @@ pub struct RdmaLink {
     inflater: Inflater,
     deflater: Deflater,
     completions: Vec<Completion>,
+    /// Where each dense table part of this shard lies, once asked, by table id.
+    dense: Vec<Option<RemoteDense>>,
+    /// Reads completed (only the last of a batch is signaled), and torn block copies read again.
+    reads_done: u64,
+    torn: u64,
     spin: Duration,
     io_timeout: Duration,
 }
@@ -73,8 +82,12 @@ impl RdmaLink {
         let (slots, sb) = (rcfg.slots, rcfg.slot_bytes);
         let cq = Cq::new(&dev, 2 * slots + 2).map_err(rdma)?;
         let mut qp = Qp::new(&dev, &cq, &cq, slots + 1, slots + 1).map_err(rdma)?;
-        let out = Region::new(&dev, slots as usize * sb, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
-        let inbox = Region::new(&dev, slots as usize * sb, Access { remote_write: true, remote_read: false }).map_err(rdma)?;
+        let out =
+            Region::new(&dev, slots as usize * sb, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
+        let inbox =
+            Region::new(&dev, slots as usize * sb, Access { remote_write: true, remote_read: false }).map_err(rdma)?;
+        let reads =
+            Region::new(&dev, slots as usize * sb, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
         for slot in 0..slots {
             qp.post_recv(slot as u64).map_err(rdma)?;
         }
@@ -93,6 +106,7 @@ impl RdmaLink {
             qp,
             out,
             inbox,
+            reads,
             cq,
             sleeper,
             events: Events::with_capacity(4),
@@ -111,6 +125,9 @@ impl RdmaLink {
             inflater: Inflater::default(),
             deflater: Deflater::default(),
             completions: Vec::with_capacity(16),
+            dense: Vec::new(),
+            reads_done: 0,
+            torn: 0,
             spin: Duration::from_micros(rcfg.spin_us),
             io_timeout: Duration::from_millis(cfg.io_timeout_ms),
         };
@@ -152,6 +169,7 @@ impl RdmaLink {
                     self.qp.post_recv(c.wr_id).map_err(rdma)?;
                 }
                 Opcode::RdmaWrite => self.writes_done += 1,
+                Opcode::RdmaRead => self.reads_done += 1,
                 _ => {}
             }
         }
@@ -202,6 +220,136 @@ impl RdmaLink {
         let copy = frame.to_vec();
         self.parked.push_back(copy);
         self.consumed += 1;
+        Ok(())
+    }
+}
+
+/// Times one block is read again while it keeps changing, before the read gives up.
+const TORN_RETRIES_MAX: u32 = 10_000;
+
+impl RdmaLink {
+    /// Where dense table `table` lies on the shard, asked once over TCP; `None` when the shard
+    /// exposes no dense part of it.
+    fn remote_dense(&mut self, table: u32) -> Result<Option<&RemoteDense>> {
+        let t = table as usize;
+        if self.dense.get(t).is_none_or(Option::is_none) {
+            let mut header = Header::request(Op::RdmaExpose, 0);
+            header.table = table;
+            self.tcp.send(&mut header, &[], false)?;
+            let reply = self.tcp.recv(None)?;
+            match reply.header.status() {
+                Status::Ok => {}
+                Status::UnknownTable => return Ok(None),
+                _ => {
+                    return Err(rdma(format!(
+                        "the shard refused a direct read: {}",
+                        String::from_utf8_lossy(reply.body)
+                    )))
+                }
+            }
+            let dense = RemoteDense::decode(reply.body)?;
+            if self.dense.len() <= t {
+                self.dense.resize_with(t + 1, || None);
+            }
+            self.dense[t] = Some(dense);
+        }
+        Ok(self.dense[t].as_ref())
+    }
+
+    /// Waits until every request sent so far was served (its reply arrived; the reply stays in
+    /// its slot for `recv`) and every posted write completed, so a read sees what they did and
+    /// the send queue is empty.
+    fn quiesce(&mut self, deadline: Instant) -> Result<()> {
+        while self.arrived < self.sent || self.writes_done < self.sent {
+            self.progress(deadline, "earlier requests before a read")?;
+        }
+        Ok(())
+    }
+
+    /// Reads the part's bytes `[from, to)` into `reads[into..into + to - from]`, in as many READs
+    /// as the chunks on either side need, and waits for them.
+    fn read_span(&mut self, dense_table: usize, from: u64, to: u64, into: u64, deadline: Instant) -> Result<()> {
+        let chunk_at = |link: &Self, pos: u64| {
+            let chunks = &link.dense[dense_table].as_ref().expect("looked up by the caller").chunks;
+            let base = chunks[0].addr;
+            let c = *chunks
+                .iter()
+                .find(|c| c.addr - base <= pos && pos < c.addr - base + c.len)
+                .expect("chunks tile the part");
+            (base, c)
+        };
+        let local_chunk = self.reads.chunk_bytes() as u64;
+        let batch_max = self.slots; // the send queue holds slots + 1 work requests
+        let mut pos = from;
+        let mut posted = 0;
+        while pos < to {
+            let (base, chunk) = chunk_at(self, pos);
+            let local = into + pos - from;
+            let local_room = (local / local_chunk + 1).saturating_mul(local_chunk) - local;
+            let end = to.min(chunk.addr - base + chunk.len).min(pos.saturating_add(local_room));
+            let last = end == to || posted + 1 == batch_max;
+            let len = (end - pos) as usize;
+            // Why this is sound: reads[local .. local + len] is this link's read buffer, which the CPU touches
+            // only after the signaled read that ends this batch completed (below), and no other
+            // work request targets it meanwhile. The region outlives the queue pair (field order).
+            // SAFETY: the span stays mapped and untouched by the CPU until its read completes.
+            unsafe { self.qp.post_read(u64::MAX, &self.reads, local as usize, len, base + pos, chunk.rkey, last) }
+                .map_err(rdma)?;
+            posted += 1;
+            pos = end;
+            if last {
+                let want = self.reads_done + 1;
+                while self.reads_done < want {
+                    self.progress(deadline, "a one-sided read")?;
+                }
+                posted = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads blocks `blocks` (which fit the read buffer) until each copy is whole; copies the
+    /// values of key offsets `keys` into `out` (which starts at key offset `keys.start`) and meets
+    /// the blocks' stamps into `stamp`.
+    fn read_blocks(
+        &mut self,
+        t: usize,
+        blocks: Range<u64>,
+        keys: Range<u64>,
+        out: &mut [f32],
+        stamp: &mut [u64],
+        deadline: Instant,
+    ) -> Result<()> {
+        let layout = self.dense[t].as_ref().expect("looked up by the caller").layout;
+        let bw = layout.block_words as u64 * 8;
+        let first = layout.block_at(blocks.start) as u64 * 8;
+        self.read_span(t, first, layout.block_at(blocks.end) as u64 * 8, 0, deadline)?;
+        let dim = layout.dim as usize;
+        for b in blocks {
+            let at = b * bw - first;
+            let mut tries = 0;
+            loop {
+                let words: &[u64] = bytemuck::cast_slice(&self.reads.as_slice()[at as usize..(at + bw) as usize]);
+                if block_is_whole(words) {
+                    break;
+                }
+                tries += 1;
+                self.torn += 1;
+                if tries > TORN_RETRIES_MAX {
+                    return Err(rdma(format!("dense block {b} kept changing through {TORN_RETRIES_MAX} reads")));
+                }
+                self.read_span(t, first + at, first + at + bw, at, deadline)?;
+            }
+            let words: &[u64] = bytemuck::cast_slice(&self.reads.as_slice()[at as usize..(at + bw) as usize]);
+            let held = layout.keys_of(b);
+            let (lo, hi) = (held.start.max(keys.start), held.end.min(keys.end));
+            let values: &[f32] = bytemuck::cast_slice(&words[layout.values_at()..words.len() - 1]);
+            let from = (lo - held.start) as usize * dim;
+            let into = (lo - keys.start) as usize * dim;
+            let n = (hi - lo) as usize * dim;
+            out[into..into + n].copy_from_slice(&values[from..from + n]);
+            stamp.iter_mut().zip(&words[1..1 + layout.stamp_words as usize]).for_each(|(s, w)| *s = (*s).min(*w));
+        }
         Ok(())
     }
 }
@@ -290,5 +438,41 @@ impl Link for RdmaLink {
 
     fn limit_frames(&mut self, peer_frame_bytes_max: usize) {
         self.send_bytes_max = self.send_bytes_max.min(peer_frame_bytes_max);
+    }
+
+    fn read_dense(&mut self, table: u32, start: u64, dim: u32, out: &mut [f32], stamp: &mut Vec<u64>) -> Result<bool> {
+        let deadline = Instant::now() + self.io_timeout;
+        let Some(dense) = self.remote_dense(table)? else {
+            return Ok(false);
+        };
+        let layout = dense.layout;
+        let count = (out.len() / dim.max(1) as usize) as u64;
+        let fits = start >= layout.start && start - layout.start + count <= layout.keys;
+        let block_bytes = layout.block_words as usize * 8;
+        // Anything the read cannot answer goes the usual way, where the shard explains it.
+        if layout.dim != dim || count == 0 || !fits || block_bytes > self.reads.len() {
+            return Ok(false);
+        }
+        self.quiesce(deadline)?;
+        let keys = start - layout.start..start - layout.start + count;
+        stamp.clear();
+        stamp.resize(layout.stamp_words as usize, u64::MAX);
+        let per_read = (self.reads.len() / block_bytes) as u64;
+        let all = layout.block_of(keys.start)..layout.block_of(keys.end - 1) + 1;
+        let mut b = all.start;
+        while b < all.end {
+            let blocks = b..(b + per_read).min(all.end);
+            let span =
+                keys.start.max(layout.keys_of(blocks.start).start)..keys.end.min(layout.keys_of(blocks.end - 1).end);
+            let into = (span.start - keys.start) as usize * dim as usize;
+            let n = (span.end - span.start) as usize * dim as usize;
+            self.read_blocks(table as usize, blocks.clone(), span, &mut out[into..into + n], stamp, deadline)?;
+            b = blocks.end;
+        }
+        Ok(true)
+    }
+
+    fn torn_reads(&self) -> u64 {
+        self.torn
     }
 }

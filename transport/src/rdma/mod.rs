@@ -19,6 +19,12 @@
 //! - **Lifetime.** When the TCP connection closes (a worker that exits or dies mid-push), the
 //!   shard destroys the queue pair and frees both rings.
 //!
+//! - **Dense pulls.** A shard registers each dense table part's blocks
+//!   ([`expose`](crate::expose)) read-only in a worker's protection domain the first time that
+//!   worker asks ([`Op::RdmaExpose`](crate::Op) on its TCP connection). The worker then
+//!   RDMA-READs the blocks straight from the shard's memory, with no shard CPU, checks each
+//!   block's two version words, and reads a torn block again.
+//!
 //! Set-up: after its hello, the worker sends [`Op::RdmaConnect`](crate::Op) on its TCP data
 //! connection with its queue pair's number, PSN and GID and its reply slots' addresses and keys;
 //! the shard answers with the same for its request slots.
@@ -60,7 +66,9 @@ impl RdmaConfig {
 }
 
 /// One slot as the peer addresses it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub(crate) struct SlotKey {
     pub addr: u64,
@@ -97,28 +105,115 @@ impl Endpoint {
             slot_bytes: self.slot_bytes as u32,
         };
         let mut out = head.as_bytes().to_vec();
-        self.slots.iter().for_each(|k| out.extend_from_slice(k.as_bytes()));
+        self.slots
+            .iter()
+            .for_each(|k| out.extend_from_slice(k.as_bytes()));
         out
     }
 
     /// Parses and checks a peer's half.
     pub fn decode(body: &[u8]) -> Result<Endpoint> {
-        let bad = |reason: String| TransportError::Malformed { reason: format!("rdma set-up: {reason}") };
-        let (head, rest) = ConnectHead::read_from_prefix(body).map_err(|_| bad(format!("{} bytes", body.len())))?;
-        if head.slots == 0 || head.slots > SLOTS_MAX || (head.slot_bytes as usize) < SLOT_BYTES_MIN {
-            return Err(bad(format!("{} slots of {} bytes", head.slots, head.slot_bytes)));
+        let bad = |reason: String| TransportError::Malformed {
+            reason: format!("rdma set-up: {reason}"),
+        };
+        let (head, rest) = ConnectHead::read_from_prefix(body)
+            .map_err(|_| bad(format!("{} bytes", body.len())))?;
+        if head.slots == 0 || head.slots > SLOTS_MAX || (head.slot_bytes as usize) < SLOT_BYTES_MIN
+        {
+            return Err(bad(format!(
+                "{} slots of {} bytes",
+                head.slots, head.slot_bytes
+            )));
         }
         let key_bytes = std::mem::size_of::<SlotKey>();
         if rest.len() != head.slots as usize * key_bytes {
-            return Err(bad(format!("{} bytes of slot keys for {} slots", rest.len(), head.slots)));
+            return Err(bad(format!(
+                "{} bytes of slot keys for {} slots",
+                rest.len(),
+                head.slots
+            )));
         }
-        let slots = rest.chunks_exact(key_bytes).map(|c| SlotKey::read_from_bytes(c).expect("sized above")).collect();
-        Ok(Endpoint { qp: QpInfo { qpn: head.qpn, psn: head.psn, gid: head.gid }, slot_bytes: head.slot_bytes as usize, slots })
+        let slots = rest
+            .chunks_exact(key_bytes)
+            .map(|c| SlotKey::read_from_bytes(c).expect("sized above"))
+            .collect();
+        Ok(Endpoint {
+            qp: QpInfo {
+                qpn: head.qpn,
+                psn: head.psn,
+                gid: head.gid,
+            },
+            slot_bytes: head.slot_bytes as usize,
+            slots,
+        })
+    }
+}
+
+/// Where one memory-region chunk of an exposed part lies, as the peer addresses it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub(crate) struct ChunkKey {
+    pub addr: u64,
+    pub len: u64,
+    pub rkey: u32,
+    pub reserved: u32,
+}
+
+/// A dense part as a worker reads it: its layout and its chunks, in address order.
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteDense {
+    pub layout: crate::expose::DenseLayout,
+    pub chunks: Vec<ChunkKey>,
+}
+
+impl RemoteDense {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.layout.as_bytes().to_vec();
+        self.chunks
+            .iter()
+            .for_each(|c| out.extend_from_slice(c.as_bytes()));
+        out
+    }
+
+    /// Parses and checks a shard's answer: the chunks must tile the part's words exactly.
+    pub fn decode(body: &[u8]) -> Result<RemoteDense> {
+        let bad = |reason: String| TransportError::Malformed {
+            reason: format!("rdma expose: {reason}"),
+        };
+        let (layout, rest) = crate::expose::DenseLayout::read_from_prefix(body)
+            .map_err(|_| bad(format!("{} bytes", body.len())))?;
+        layout.check()?;
+        let size = std::mem::size_of::<ChunkKey>();
+        if rest.is_empty() || rest.len() % size != 0 {
+            return Err(bad(format!("{} bytes of chunk keys", rest.len())));
+        }
+        let chunks: Vec<ChunkKey> = rest
+            .chunks_exact(size)
+            .map(|c| ChunkKey::read_from_bytes(c).expect("sized above"))
+            .collect();
+        let tiled = chunks
+            .windows(2)
+            .all(|w| w[0].addr.checked_add(w[0].len) == Some(w[1].addr));
+        let total: u64 = chunks.iter().map(|c| c.len).sum();
+        if !tiled || total < layout.words() * 8 {
+            return Err(bad(format!(
+                "{} chunks do not cover the part's {} bytes",
+                chunks.len(),
+                layout.words() * 8
+            )));
+        }
+        Ok(RemoteDense { layout, chunks })
     }
 }
 
 /// The slot table a peer addresses `ring` by; a slot must lie inside one memory region.
-pub(crate) fn slot_keys(ring: &verbs::Region, slots: u32, slot_bytes: usize) -> Result<Vec<SlotKey>> {
+pub(crate) fn slot_keys(
+    ring: &verbs::Region,
+    slots: u32,
+    slot_bytes: usize,
+) -> Result<Vec<SlotKey>> {
     let chunks = ring.remote_chunks();
     (0..slots as u64)
         .map(|i| {
@@ -134,5 +229,7 @@ pub(crate) fn slot_keys(ring: &verbs::Region, slots: u32, slot_bytes: usize) -> 
 
 /// An RDMA failure, as the transport's error.
 pub(crate) fn rdma(e: impl std::fmt::Display) -> TransportError {
-    TransportError::Rdma { reason: e.to_string() }
+    TransportError::Rdma {
+        reason: e.to_string(),
+    }
 }

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use crate::buf::{Deflater, Inflater};
 use crate::config::TransportConfig;
 use crate::error::Result;
+use crate::expose::{DenseView, Exposure};
 use crate::reply::{Reply, ReplyArea};
 use crate::tcp::TcpEndpoint;
 use crate::wire::{Header, Op, Status, HEADER_BYTES};
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
-use super::verbs::{Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, slot_keys, Endpoint, RdmaConfig, SlotKey};
+use super::verbs::{self, Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
+use super::{rdma, slot_keys, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey};
 
 /// Completion-queue entries per shard; bounds the workers one shard can take over RDMA.
 const CQ_ENTRIES: u32 = 8192;
@@ -45,6 +46,8 @@ struct State {
     /// Peers with requests waiting to be served (their reply slot's last write still in flight).
     busy: Vec<usize>,
     completions: Vec<Completion>,
+    /// Dense table parts workers may read directly, by table id.
+    exposed: Vec<Option<DenseView>>,
 }
 
 /// One worker connected over RDMA. Field order is drop order: the queue pair goes first, so the
@@ -60,8 +63,10 @@ struct Peer {
     ring: Region,
     /// Replies are built here, then written to the worker's reply slot of the same index.
     staging: Region,
+    /// Dense parts this worker asked to read, registered read-only in `pd`, by table id.
+    tables: Vec<Option<verbs::Exposed>>,
     /// This worker's protection domain; see `ring`.
-    _pd: Pd,
+    pd: Pd,
     remote: Vec<SlotKey>,
     tcp: ConnId,
     generation: u16,
@@ -126,6 +131,7 @@ impl RdmaShard {
             generation: 0,
             busy: Vec::new(),
             completions: Vec::with_capacity(POLL_BATCH),
+            exposed: Vec::new(),
         };
         Ok(Self { tcp, state })
     }
@@ -177,17 +183,22 @@ struct Intercept<'a> {
 
 impl Service for Intercept<'_> {
     fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
-        if request.header.op() != Some(Op::RdmaConnect) {
-            return self.inner.serve(request, reply);
-        }
-        match self.state.accept(request.conn, request.body) {
-            Ok(mine) => reply.ok_bytes(&mine.encode()),
-            Err(e) => reply.error(Status::Unsupported, &e.to_string()),
+        match request.header.op() {
+            Some(Op::RdmaConnect) => match self.state.accept(request.conn, request.body) {
+                Ok(mine) => reply.ok_bytes(&mine.encode()),
+                Err(e) => reply.error(Status::Unsupported, &e.to_string()),
+            },
+            Some(Op::RdmaExpose) => match self.state.expose_to(request.conn, request.header.table) {
+                Ok(dense) => reply.ok_bytes(&dense.encode()),
+                Err((status, e)) => reply.error(status, &e),
+            },
+            _ => self.inner.serve(request, reply),
         }
     }
 
-    fn wake(&mut self) {
-        self.inner.wake();
+    fn wake(&mut self, _: &mut dyn FnMut(Exposure)) {
+        let state = &mut *self.state;
+        self.inner.wake(&mut |e| state.apply(e));
     }
 
     fn closed(&mut self, conn: ConnId) {
@@ -197,6 +208,53 @@ impl Service for Intercept<'_> {
 }
 
 impl State {
+    /// Takes note of a dense part the shard created or is about to free.
+    fn apply(&mut self, change: Exposure) {
+        match change {
+            Exposure::Add(view) => {
+                let t = view.table as usize;
+                if self.exposed.len() <= t {
+                    self.exposed.resize_with(t + 1, || None);
+                }
+                self.exposed[t] = Some(view);
+            }
+            Exposure::Remove { table } => {
+                if let Some(slot) = self.exposed.get_mut(table as usize) {
+                    *slot = None;
+                }
+                // Deregister it everywhere before the engine frees it.
+                for peer in self.peers.iter_mut().flatten() {
+                    if let Some(t) = peer.tables.get_mut(table as usize) {
+                        *t = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Registers dense table `table` in the protection domain of the worker on `conn` (once) and
+    /// says where it lies.
+    fn expose_to(&mut self, conn: ConnId, table: u32) -> std::result::Result<RemoteDense, (Status, String)> {
+        let view = self.exposed.get(table as usize).and_then(Option::as_ref).ok_or_else(|| {
+            (Status::UnknownTable, format!("table {table} has no dense part on this shard to read directly"))
+        })?;
+        let peer = self.peers.iter_mut().flatten().find(|p| p.tcp == conn).ok_or_else(|| {
+            (Status::BadRequest, "this connection has no RDMA queue pair; send RdmaConnect first".to_string())
+        })?;
+        let t = table as usize;
+        if peer.tables.len() <= t {
+            peer.tables.resize_with(t + 1, || None);
+        }
+        if peer.tables[t].is_none() {
+            let registered = verbs::Exposed::register(&peer.pd, view.memory.clone());
+            peer.tables[t] = Some(registered.map_err(|e| (Status::Unsupported, rdma(e).to_string()))?);
+            tracing::debug!(conn = conn.0, table, "dense part registered for a worker");
+        }
+        let chunks = peer.tables[t].as_ref().expect("registered above").remote_chunks();
+        let chunks = chunks.iter().map(|c| ChunkKey { addr: c.addr, len: c.len, rkey: c.rkey, reserved: 0 }).collect();
+        Ok(RemoteDense { layout: view.layout, chunks })
+    }
+
     fn has_peers(&self) -> bool {
         self.peers.iter().any(Option::is_some)
     }
@@ -233,7 +291,8 @@ impl State {
             qp,
             ring,
             staging,
-            _pd: pd,
+            tables: Vec::new(),
+            pd,
             remote: theirs.slots,
             tcp: conn,
             generation: self.generation,

@@ -36,6 +36,8 @@ use std::ptr;
 use std::sync::Arc;
 
 use memmap2::{MmapMut, MmapOptions};
+
+use crate::expose::StableMemory;
 use rdma_mummy_sys::{ibv_recv_wr, ibv_wc_opcode, ibv_wc_status};
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{
@@ -395,21 +397,14 @@ impl Region {
         let base = map.as_mut_ptr() as usize;
         assert_eq!(base % PAGE_BYTES, 0, "anonymous mappings start on a page");
         let chunk_bytes = usize::try_from(pd.port.mr_bytes_max).unwrap_or(usize::MAX);
-        let mut mrs = Vec::with_capacity(len.div_ceil(chunk_bytes));
-        for offset in (0..len).step_by(chunk_bytes) {
-            let end = len.min(offset + chunk_bytes);
-            // Why this is sound: `base + offset .. base + end` lies inside `map`, a live, writable, private
-            // anonymous mapping this function owns. Registration pins those pages; `map` and
-            // `mrs` move into the returned Region together, and its field order (or, on an early
-            // return, the reverse declaration order of these locals) drops every MR
-            // (ibv_dereg_mr) before `map` (munmap), so the device never holds a registration of
-            // unmapped memory. Device writes become visible to the CPU only through completions,
-            // which the callers of the posting functions wait for.
-            // SAFETY: every MR is deregistered before the mapping it covers is unmapped.
-            let mr = unsafe { pd.pd.reg_mr(base + offset, end - offset, access.flags()) }
-                .map_err(|source| registration_error(len, offset, end, source, memlock_limit_bytes()))?;
-            mrs.push(mr);
-        }
+        // Why this is sound: `base .. base + len` is `map`, a live, writable, private anonymous mapping this
+        // function owns. `map` and `mrs` move into the returned Region together, and its field
+        // order (or, on an early return, the reverse declaration order of these locals) drops
+        // every MR (ibv_dereg_mr) before `map` (munmap), so the device never holds a registration
+        // of unmapped memory. Device writes become visible to the CPU only through completions,
+        // which the callers of the posting functions wait for.
+        // SAFETY: every MR is deregistered before the mapping it covers is unmapped.
+        let mrs = unsafe { register_chunks(pd, base, len, chunk_bytes, access) }?;
         Ok(Region { mrs, map, chunk_bytes })
     }
 
@@ -480,6 +475,63 @@ impl Region {
             ));
         }
         Ok(chunk)
+    }
+}
+
+/// Registers `base .. base + len` as MRs of at most `chunk_bytes` each.
+///
+/// # Safety
+/// The span must be mapped (writable if `access` lets a peer write) and stay mapped until every
+/// returned MR is dropped.
+unsafe fn register_chunks(
+    pd: &Pd,
+    base: usize,
+    len: usize,
+    chunk_bytes: usize,
+    access: Access,
+) -> Result<Vec<Arc<MemoryRegion>>, VerbsError> {
+    let mut mrs = Vec::with_capacity(len.div_ceil(chunk_bytes));
+    for offset in (0..len).step_by(chunk_bytes) {
+        let end = len.min(offset + chunk_bytes);
+        // SAFETY: `base + offset .. base + end` lies inside the span the caller vouches for.
+        let mr = unsafe { pd.pd.reg_mr(base + offset, end - offset, access.flags()) }
+            .map_err(|source| registration_error(len, offset, end, source, memlock_limit_bytes()))?;
+        mrs.push(mr);
+    }
+    Ok(mrs)
+}
+
+/// Memory someone else owns (an engine's dense blocks), registered for peers to read. Holds the
+/// memory alive for as long as the registration lives.
+#[derive(Debug)]
+pub struct Exposed {
+    // Declared before `_memory` so the MRs are deregistered while the memory is surely mapped.
+    mrs: Vec<Arc<MemoryRegion>>,
+    _memory: Arc<dyn StableMemory>,
+}
+
+impl Exposed {
+    /// Registers `memory` in `pd`, read-only for peers, in MRs of at most the device's limit.
+    pub fn register(pd: &Pd, memory: Arc<dyn StableMemory>) -> Result<Exposed, VerbsError> {
+        let (base, len) = memory.span();
+        assert!(len > 0 && base % PAGE_BYTES as u64 == 0, "stable memory is page-aligned and non-empty");
+        let chunk_bytes = usize::try_from(pd.port.mr_bytes_max).unwrap_or(usize::MAX);
+        let access = Access { remote_write: false, remote_read: true };
+        // Why this is sound: StableMemory's contract keeps `base .. base + len` mapped for as long as
+        // `memory` lives, and the returned value holds `memory` until after its MRs are dropped
+        // (field order). Peers may only read it (no remote write, and the local side never posts
+        // it as a target), so the device never writes memory its owner is using.
+        // SAFETY: the memory outlives every MR over it, and no device write targets it.
+        let mrs = unsafe { register_chunks(pd, base as usize, len, chunk_bytes, access) }?;
+        Ok(Exposed { mrs, _memory: memory })
+    }
+
+    /// The chunks, for the peer.
+    pub fn remote_chunks(&self) -> Vec<RemoteChunk> {
+        self.mrs
+            .iter()
+            .map(|mr| RemoteChunk { addr: mr.get_ptr() as u64, len: mr.region_len() as u64, rkey: mr.rkey() })
+            .collect()
     }
 }
 
@@ -925,13 +977,16 @@ impl Qp {
     }
 
     /// RDMA READ of `len` bytes at the peer's `remote_addr` (in the chunk `rkey` names) into
-    /// `local[offset..offset + len]`. Always signaled: the data is there once the completion
-    /// (opcode RdmaRead) is polled. Panics if the local span crosses a chunk or `len` exceeds u32.
+    /// `local[offset..offset + len]`. The data is there once the completion (opcode RdmaRead) of
+    /// this request, or of a later signaled one on this queue pair, is polled: an RC send queue
+    /// completes in order, so unsignaled reads followed by a signaled one cost one completion.
+    /// Panics if the local span crosses a chunk or `len` exceeds u32.
     ///
     /// # Safety
     /// `local[offset..offset + len]` must stay valid (the Region alive) and must be neither read
-    /// nor written by the CPU until this work request's completion is polled: the device writes
-    /// it asynchronously.
+    /// nor written by the CPU until that completion is polled: the device writes it
+    /// asynchronously.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn post_read(
         &mut self,
         wr_id: u64,
@@ -940,11 +995,13 @@ impl Qp {
         len: usize,
         remote_addr: u64,
         rkey: u32,
+        signaled: bool,
     ) -> Result<(), VerbsError> {
         let (lkey, addr, len) = local_sge(local, offset, len);
         let qpn = self.qpn();
         let mut guard = self.qp.start_post_send();
-        let wr = guard.construct_wr(wr_id, WorkRequestFlags::Signaled).setup_read(rkey, remote_addr);
+        let flags = if signaled { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() };
+        let wr = guard.construct_wr(wr_id, flags).setup_read(rkey, remote_addr);
         // As in post_write_imm, but the device writes the span: the caller neither reads nor
         // writes it until the completion, whose poll orders the device's writes before the CPU's
         // later loads (ibv_start_poll reads the CQE with the barrier the provider needs).

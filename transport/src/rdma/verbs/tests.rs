@@ -217,7 +217,7 @@ fn read_returns_the_remote_bytes() {
 
     let source = src.remote_span(16 * KIB, 8192);
     // SAFETY: dst[4096..4096 + 8192] is not touched until the completion below.
-    unsafe { a.qp.post_read(2, &dst, 4096, 8192, source.addr, source.rkey) }.unwrap();
+    unsafe { a.qp.post_read(2, &dst, 4096, 8192, source.addr, source.rkey, true) }.unwrap();
     let done = expect_ok(&wait(&mut a.send_cq, 1), 2, Opcode::RdmaRead);
     assert_eq!(done.byte_len, 8192);
     assert!(dst.as_slice()[4096..4096 + 8192] == data[..], "read bytes differ");
@@ -226,7 +226,9 @@ fn read_returns_the_remote_bytes() {
 #[test]
 fn region_split_into_chunks_serves_writes_and_reads_with_the_right_keys() {
     let cfg = DeviceConfig { mr_bytes_max: Some(64 * KIB as u64), ..DeviceConfig::default() };
-    let Some(dev) = device_or_fail_with(&cfg) else { return };
+    let Some(dev) = device_or_fail_with(&cfg) else {
+        return;
+    };
     assert_eq!(dev.max_mr_size(), 64 * KIB as u64);
     let (mut a, mut b) = connected_pair(&dev);
     let mut local = Region::new(&dev, 1024 * KIB, REMOTE_RW).unwrap();
@@ -268,7 +270,7 @@ fn region_split_into_chunks_serves_writes_and_reads_with_the_right_keys() {
     let source = remote.remote_span(11 * 64 * KIB + 8 * KIB, 32 * KIB);
     assert_eq!(source.rkey, chunks[11].rkey);
     // SAFETY: the local span is not touched until the completion below.
-    unsafe { a.qp.post_read(50, &local, 2 * 64 * KIB + 32 * KIB, 32 * KIB, source.addr, source.rkey) }.unwrap();
+    unsafe { a.qp.post_read(50, &local, 2 * 64 * KIB + 32 * KIB, 32 * KIB, source.addr, source.rkey, true) }.unwrap();
     expect_ok(&wait(&mut a.send_cq, 1), 50, Opcode::RdmaRead);
     assert!(local.as_slice()[2 * 64 * KIB + 32 * KIB..][..32 * KIB] == data[..], "read differs");
 

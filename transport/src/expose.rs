@@ -1,0 +1,174 @@
+//! Memory a shard lets workers read directly: the dense tables' value blocks.
+//!
+//! The engine lays each dense table part out as blocks ([`DenseLayout`]), each bracketed by two
+//! version words, and tells its transport about the part ([`Exposure`]). A transport that can do
+//! one-sided reads (RDMA) registers the memory for remote reading; TCP ignores it.
+//!
+//! A block is `[front][stamp: stamp_words x u64][values: keys_per_block x dim f32, padded][back]`.
+//! The shard changes a block only between two version bumps: it first sets `back` to the next
+//! version, then writes the values and the stamp, then sets `front` to the same version. A reader
+//! copies the block in increasing address order (one RDMA READ does), so it sees
+//! `front == back` only if no change overlapped its copy: a torn copy has `front != back` and is
+//! read again. The stamp inside the bracket is the vector clock of exactly those values.
+
+use std::sync::Arc;
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::error::{Result, TransportError};
+
+/// Memory that stays mapped at the same address for as long as any handle to it lives.
+///
+/// # Safety
+/// An implementor promises that `span()` returns the same address and length for its whole life,
+/// that the bytes there stay mapped (readable) until it is dropped, and that the span is
+/// page-aligned. A transport registers the span with a device on the strength of this, and keeps
+/// an `Arc` of the implementor for as long as the registration lives.
+#[allow(unsafe_code)] // a contract only: nothing here is unsafe to run
+pub unsafe trait StableMemory: Send + Sync + std::fmt::Debug {
+    /// Start address and length in bytes.
+    fn span(&self) -> (u64, usize);
+}
+
+/// How a dense table part is laid out in its exposed memory, in 8-byte words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct DenseLayout {
+    /// First key of the part.
+    pub start: u64,
+    /// Keys in the part.
+    pub keys: u64,
+    /// f32 values per key.
+    pub dim: u32,
+    /// Keys per block (the last block may hold fewer).
+    pub keys_per_block: u32,
+    /// Clock entries in each block's stamp: the engine's `workers_max`.
+    pub stamp_words: u32,
+    /// Words per block: front, stamp, values (padded to whole words), back.
+    pub block_words: u32,
+}
+
+impl DenseLayout {
+    /// The layout for `keys` keys of `dim` values from `start`, with about `block_bytes` of
+    /// values per block (at least one key) and `stamp_words` clock entries per block.
+    pub fn new(start: u64, keys: u64, dim: u32, block_bytes: usize, stamp_words: u32) -> Self {
+        let keys_per_block = (block_bytes / (4 * dim as usize).max(1)).max(1) as u32;
+        let value_words = (keys_per_block as usize * dim as usize).div_ceil(2) as u32;
+        Self { start, keys, dim, keys_per_block, stamp_words, block_words: 2 + stamp_words + value_words }
+    }
+
+    /// Blocks in the part.
+    pub fn blocks(&self) -> u64 {
+        self.keys.div_ceil(self.keys_per_block as u64)
+    }
+
+    /// Words the whole part takes.
+    pub fn words(&self) -> u64 {
+        self.blocks() * self.block_words as u64
+    }
+
+    /// The block holding key offset `k` (from `start`).
+    pub fn block_of(&self, k: u64) -> u64 {
+        k / self.keys_per_block as u64
+    }
+
+    /// Key offsets (from `start`) that block `b` holds.
+    pub fn keys_of(&self, b: u64) -> std::ops::Range<u64> {
+        let lo = b * self.keys_per_block as u64;
+        lo..(lo + self.keys_per_block as u64).min(self.keys)
+    }
+
+    /// Word index of block `b`'s front version; its back version is `block_words - 1` later.
+    pub fn block_at(&self, b: u64) -> usize {
+        (b * self.block_words as u64) as usize
+    }
+
+    /// Word offset, inside a block, of its first value.
+    pub fn values_at(&self) -> usize {
+        1 + self.stamp_words as usize
+    }
+
+    /// Checks a layout that came from a peer against itself; the reader relies on it for bounds.
+    pub fn check(&self) -> Result<()> {
+        let bad = |reason: &str| Err(TransportError::Malformed { reason: format!("dense layout {self:?}: {reason}") });
+        if self.dim == 0 || self.keys_per_block == 0 || self.keys == 0 {
+            return bad("zero dim, keys or keys per block");
+        }
+        let value_words = (self.keys_per_block as u64 * self.dim as u64).div_ceil(2);
+        if self.block_words as u64 != 2 + self.stamp_words as u64 + value_words {
+            return bad("block size does not match its parts");
+        }
+        if self.keys.checked_mul(self.dim as u64).is_none() || self.words().checked_mul(8).is_none() {
+            return bad("too large");
+        }
+        Ok(())
+    }
+}
+
+/// A dense table part's memory, as the engine hands it to its transport.
+#[derive(Debug, Clone)]
+pub struct DenseView {
+    pub table: u32,
+    pub layout: DenseLayout,
+    /// The blocks, [`DenseLayout::words`] words from the span's start.
+    pub memory: Arc<dyn StableMemory>,
+}
+
+/// A change to what a shard exposes.
+#[derive(Debug, Clone)]
+pub enum Exposure {
+    /// A dense part was created; workers may read it.
+    Add(DenseView),
+    /// The table is going away; stop exposing it before its memory is freed.
+    Remove { table: u32 },
+}
+
+/// True when a reader's copy of a block (its words, front to back) is whole: no change of the
+/// shard overlapped the copy.
+pub fn block_is_whole(block: &[u64]) -> bool {
+    match (block.first(), block.last()) {
+        (Some(front), Some(back)) => front == back,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_sizes_blocks_by_bytes_and_pads_values() {
+        let l = DenseLayout::new(100, 1000, 3, 512, 16);
+        assert_eq!(l.keys_per_block, 42);
+        assert_eq!(l.block_words, 2 + 16 + 63);
+        assert_eq!(l.blocks(), 24);
+        assert_eq!(l.keys_of(23), 966..1000);
+        assert_eq!(l.block_of(41), 0);
+        assert_eq!(l.block_of(42), 1);
+        l.check().unwrap();
+        // A key wider than a block gets a block of its own.
+        let wide = DenseLayout::new(0, 4, 1000, 512, 4);
+        assert_eq!(wide.keys_per_block, 1);
+        assert_eq!(wide.block_words, 2 + 4 + 500);
+    }
+
+    #[test]
+    fn check_refuses_inconsistent_layouts() {
+        let mut l = DenseLayout::new(0, 10, 2, 64, 4);
+        l.block_words += 1;
+        assert!(l.check().is_err());
+        let mut l = DenseLayout::new(0, 10, 2, 64, 4);
+        l.dim = 0;
+        assert!(l.check().is_err());
+        let mut l = DenseLayout::new(0, u64::MAX, 2, 64, 4);
+        l.keys = u64::MAX;
+        assert!(l.check().is_err());
+    }
+
+    #[test]
+    fn a_block_is_whole_when_its_versions_match() {
+        assert!(block_is_whole(&[7, 1, 2, 7]));
+        assert!(!block_is_whole(&[7, 1, 2, 8]));
+        assert!(!block_is_whole(&[]));
+    }
+}
