@@ -100,11 +100,12 @@ impl Exposed {
 
     #[allow(unsafe_code)]
     fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping lives as long as `self.map`; it was made from a writable, populated
+        // Why this is sound: the mapping lives as long as `self.map`; it was made from a writable, populated
         // anonymous MmapMut, so all `len()` bytes are readable. Rust code reaches these bytes only
         // through this owner (`Exposed` is not Clone and `Shared` gives out no access), so the
         // shared borrow cannot overlap a `bytes_mut` borrow. Remote reads by a device do not
         // write.
+        // SAFETY: mapped for as long as `self.map` lives, and borrowed only through this owner.
         unsafe { std::slice::from_raw_parts(self.map.0.as_ptr(), self.map.0.len()) }
     }
 
