@@ -309,7 +309,7 @@ impl Core {
     /// Passes a send's result through; on failure, forgets the sub-requests already sent, so that
     /// their replies are dropped when they come. (Building the ticket only after every send keeps
     /// a failed call from dropping a ticket, which would lock the client again from inside.)
-    fn sent_or_abandon(&mut self, sent: Result<u64>, subs: &[Sub]) -> Result<u64> {
+    fn sent_or_abandon<T>(&mut self, sent: Result<T>, subs: &[Sub]) -> Result<T> {
         if sent.is_err() {
             for s in subs {
                 self.abandon(s.server, s.shard, s.id);
@@ -402,20 +402,16 @@ impl Core {
             let part = route.locate(key).expect("keys inside the table have a part");
             let owner = route.owner(part);
             let part_end = route.range(part).end.min(end);
-            let values = (key - start) as usize * dim..(part_end - start) as usize * dim;
             if let (Kind::Pull, Some(o), TableKind::Dense) = (kind, out.as_deref_mut(), spec.kind) {
                 // Dense pulls go one-sided where the link can: straight from the shard's memory.
-                match self.read_dense(owner, dim, key, &mut o[values.clone()]) {
-                    Ok(Some(clocks)) => {
-                        let first = read_stamp.is_none();
-                        read_stamp.get_or_insert_with(Stamp::default).meet(clocks.iter().copied(), first);
-                        key = part_end;
-                        continue;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        self.sent_or_abandon(Err(e), &subs)?;
-                    }
+                let values = (key - start) as usize * dim..(part_end - start) as usize * dim;
+                let read = self.read_dense(owner, dim, key, &mut o[values]);
+                if self.sent_or_abandon(read, &subs)? {
+                    let first = read_stamp.is_none();
+                    let clocks = self.scratch.read_stamp.iter().copied();
+                    read_stamp.get_or_insert_with(Stamp::default).meet(clocks, first);
+                    key = part_end;
+                    continue;
                 }
             }
             let per_frame = self.keys_per_frame(owner, kind, dim, false) as u64;
@@ -437,17 +433,15 @@ impl Core {
         Ok(Ticket { client, subs, out, order: Vec::new(), dim, stamp: read_stamp })
     }
 
-    /// A one-sided read of `out.len() / dim` keys from `start` on `owner`'s shard, if its link can;
-    /// returns the stamp the blocks carried.
-    fn read_dense(&mut self, owner: Owner, dim: usize, start: u64, out: &mut [f32]) -> Result<Option<&[u64]>> {
-        let s = &mut self.servers[owner.server as usize];
-        let shard = &mut s.shards[owner.shard as usize];
-        let stamp = &mut self.scratch.read_stamp;
-        if !shard.link.read_dense(owner.table_id, start, dim as u32, out, stamp)? {
-            return Ok(None);
+    /// A one-sided read of `out.len() / dim` keys from `start` on `owner`'s shard, if its link can
+    /// (`false` if not); the blocks' stamp is left in `scratch.read_stamp`.
+    fn read_dense(&mut self, owner: Owner, dim: usize, start: u64, out: &mut [f32]) -> Result<bool> {
+        let link = &mut self.servers[owner.server as usize].shards[owner.shard as usize].link;
+        let read = link.read_dense(owner.table_id, start, dim as u32, out, &mut self.scratch.read_stamp)?;
+        if read {
+            self.bytes_received += (out.len() * 4) as u64;
         }
-        self.bytes_received += (out.len() * 4) as u64;
-        Ok(Some(stamp))
+        Ok(read)
     }
 
     /// Block copies the links found torn and read again.

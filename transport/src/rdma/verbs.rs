@@ -942,7 +942,7 @@ impl Qp {
     ) -> Result<(), VerbsError> {
         let (lkey, addr, len) = local_sge(local, offset, len);
         let qpn = self.qpn();
-        let flags = if signaled { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() };
+        let flags = signal_flags(signaled);
         let mut guard = self.qp.start_post_send();
         let wr = guard.construct_wr(wr_id, flags).setup_write_imm(rkey, remote_addr, imm.to_be());
         // lkey/addr/len describe a span of `local` inside one registered chunk (checked by
@@ -969,7 +969,7 @@ impl Qp {
     ) -> Result<(), VerbsError> {
         assert!(data.len() <= INLINE_BYTES_MAX, "inline writes carry at most {INLINE_BYTES_MAX} bytes");
         let qpn = self.qpn();
-        let flags = if signaled { WorkRequestFlags::Signaled | WorkRequestFlags::Inline } else { WorkRequestFlags::Inline };
+        let flags = signal_flags(signaled) | WorkRequestFlags::Inline;
         let mut guard = self.qp.start_post_send();
         let wr = guard.construct_wr(wr_id, flags).setup_write_imm(rkey, remote_addr, imm.to_be());
         wr.setup_inline_data(data);
@@ -1000,7 +1000,7 @@ impl Qp {
         let (lkey, addr, len) = local_sge(local, offset, len);
         let qpn = self.qpn();
         let mut guard = self.qp.start_post_send();
-        let flags = if signaled { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() };
+        let flags = signal_flags(signaled);
         let wr = guard.construct_wr(wr_id, flags).setup_read(rkey, remote_addr);
         // As in post_write_imm, but the device writes the span: the caller neither reads nor
         // writes it until the completion, whose poll orders the device's writes before the CPU's
@@ -1085,6 +1085,11 @@ fn random_psn() -> u32 {
     hasher
         .write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     hasher.finish() as u32 & QPN_PSN_MASK
+}
+
+/// A send work request's flags: signaled, or not.
+fn signal_flags(signaled: bool) -> WorkRequestFlags {
+    if signaled { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() }
 }
 
 /// The scatter/gather entry for `region[offset..offset + len]`; panics if it is not inside one
