@@ -123,7 +123,8 @@ impl Client {
         self.lock().clock
     }
 
-    /// Sets this worker's clock (an iteration count; it should only grow).
+    /// Sets this worker's clock (an iteration count; it should only grow). Servers refuse
+    /// pushes with a clock over 2^32 - 1.
     pub fn set_clock(&self, clock: u64) {
         self.lock().clock = clock;
     }

@@ -16,6 +16,7 @@
 use std::fmt;
 use std::ops::Range;
 
+use crate::config::CLOCK_MAX;
 use crate::error::{EngineError, Result};
 
 /// Vector clocks over the key ranges of one table partition `[start, end)` on one shard.
@@ -38,6 +39,8 @@ pub struct RangeClocks {
     clocks: Box<[u64]>,
     count: usize,
     workers_seen: usize,
+    /// Bumped by every `advance` that succeeds, so a cache of stamps knows when it is stale.
+    generation: u64,
 }
 
 /// One validated `advance`, with everything needed both to predict its outcome and to apply it.
@@ -111,7 +114,21 @@ impl RangeClocks {
             clocks: vec![0; entries].into_boxed_slice(),
             count: 1,
             workers_seen: 0,
+            generation: 0,
         }
+    }
+
+    /// Changes with every successful [`advance`](Self::advance).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The keys of the segment holding `key` (inside [`owned`](Self::owned)): every key there
+    /// has the same clock, and so the same stamp.
+    pub fn segment_keys(&self, key: u64) -> Range<u64> {
+        self.assert_inside(&(key..key + 1), "segment_keys");
+        let k = self.segment_of(key);
+        self.starts[k]..self.end_of(k)
     }
 
     /// The key range these clocks cover.
@@ -135,6 +152,7 @@ impl RangeClocks {
     ///
     /// # Errors
     /// [`EngineError::WorkerOutOfRange`] if `worker >= workers_max`;
+    /// [`EngineError::ClockTooLarge`] if `clock` is over [`CLOCK_MAX`];
     /// [`EngineError::ClockSegmentsFull`] (carrying the owned range) if the outcome would need more
     /// than `segments_max` segments.
     ///
@@ -149,6 +167,9 @@ impl RangeClocks {
                 worker,
                 workers_max: self.workers_max,
             });
+        }
+        if clock > CLOCK_MAX {
+            return Err(EngineError::ClockTooLarge { clock, max: CLOCK_MAX });
         }
         let first = self.segment_of(range.start);
         let last = self.segment_of(range.end - 1);
@@ -181,6 +202,7 @@ impl RangeClocks {
         };
 
         self.apply(&push);
+        self.generation += 1;
         if clock > 0 {
             self.workers_seen = self.workers_seen.max(worker_index + 1);
         }
@@ -615,6 +637,18 @@ mod tests {
                     workers_max: 4
                 }
             );
+            assert!(same_state(&before, &clocks));
+        }
+    }
+
+    #[test]
+    fn clock_over_the_limit_is_refused_and_changes_nothing() {
+        let mut clocks = RangeClocks::new(0..100, 2, 8);
+        clocks.advance(0..10, 0, CLOCK_MAX).unwrap();
+        let before = clocks.clone();
+        for clock in [CLOCK_MAX + 1, u64::MAX] {
+            let err = clocks.advance(0..10, 1, clock).unwrap_err();
+            assert_eq!(err, EngineError::ClockTooLarge { clock, max: CLOCK_MAX });
             assert!(same_state(&before, &clocks));
         }
     }

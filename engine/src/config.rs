@@ -5,11 +5,18 @@ use crate::error::{EngineError, Result};
 
 /// Most workers whose clocks a table tracks; a push from a higher worker id is refused.
 pub const WORKERS_MAX_CEILING: u32 = 4096;
+/// Largest clock a push may carry: dense blocks keep clocks as u32 for one-sided reads.
+pub const CLOCK_MAX: u64 = tessera_transport::expose::STAMP_CLOCK_MAX;
 /// Most clock entries (segments x workers) one table part preallocates: 128 MiB of u64.
 pub const CLOCK_ENTRIES_MAX: u64 = 16 << 20;
 /// Smallest and largest values per dense block, in bytes.
 pub const DENSE_BLOCK_BYTES_MIN: usize = 8;
 pub const DENSE_BLOCK_BYTES_MAX: usize = 1 << 20;
+/// Alignment of every disk transfer: offsets, lengths and buffers (what `O_DIRECT` needs).
+pub const IO_ALIGN_BYTES: usize = 4096;
+/// Most steps in one chain of disk requests (say, a log batch's writes and its fsync).
+pub const IO_CHAIN_OPS_MAX: usize = 8;
+const _: () = assert!(IO_CHAIN_OPS_MAX <= 256, "a completion tag keeps the step index in 8 bits");
 /// Most shards one server runs.
 pub const SHARDS_MAX: u16 = 256;
 /// Sparse tables never fill past this share of their slots, so probes stay short.
@@ -27,11 +34,11 @@ pub struct EngineConfig {
     /// Pin each shard thread to its own core.
     pub pin_cores: bool,
     /// Workers each table's vector clocks track. Each dense block also carries one clock entry
-    /// per worker (8 bytes each) for one-sided reads, so keep this near the job's worker count.
+    /// per worker (4 bytes each) for one-sided reads, so keep this near the job's worker count.
     pub workers_max: u32,
     /// Bytes of values per dense block, the unit a one-sided read checks for tearing (rounded to
     /// whole keys, at least one). Small blocks make small reads cheap; each costs 16 bytes of
-    /// versions and `8 x workers_max` of stamp.
+    /// versions and `4 x workers_max` of stamp.
     pub dense_block_bytes: usize,
     /// Most clock segments one table part may split into.
     pub clock_segments_max: usize,
@@ -45,7 +52,7 @@ impl Default for EngineConfig {
             shards: available_cores().clamp(1, SHARDS_MAX as usize) as u16,
             pin_cores: true,
             workers_max: 16,
-            dense_block_bytes: 512,
+            dense_block_bytes: 256,
             clock_segments_max: 1024,
             sparse_capacity_keys_default: 4 << 20,
         }

@@ -24,6 +24,8 @@ pub enum EngineError {
     NonFinite { index: usize, value: f32 },
     #[error("worker id {worker} is over this table's limit of {workers_max} workers")]
     WorkerOutOfRange { worker: u32, workers_max: usize },
+    #[error("clock {clock} is over the limit of {max}; clocks count iterations")]
+    ClockTooLarge { clock: u64, max: u64 },
     #[error("range {range:?} has split into {segments_max} clock segments, the limit (--clock-segments-max)")]
     ClockSegmentsFull { range: Range<u64>, segments_max: usize },
     #[error("sparse table {table} is full ({capacity} keys on this shard); raise its capacity")]
@@ -42,6 +44,14 @@ pub enum EngineError {
     ReplyTooLarge { bytes: usize, limit: usize },
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("disk {op} failed on {path}: {reason}")]
+    Disk { op: &'static str, path: String, reason: String },
+    #[error("disk full writing {path}: free space there, or the server keeps serving from memory without durability")]
+    DiskFull { path: String },
+    #[error("a log record of {bytes} bytes does not fit the {left} bytes left in this commit")]
+    LogBufferFull { bytes: usize, left: usize },
+    #[error("{what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
     #[error("I/O error: {0}")]
     Io(String),
 }
@@ -63,7 +73,9 @@ impl EngineError {
             EngineError::SparseTableFull { .. } | EngineError::ClockSegmentsFull { .. } => Status::Full,
             EngineError::ReplyTooLarge { .. } => Status::FrameTooLarge,
             EngineError::ShuttingDown => Status::ShuttingDown,
-            EngineError::ArenaMap { .. } | EngineError::Io(_) => Status::Internal,
+            EngineError::ArenaMap { .. } | EngineError::Io(_) | EngineError::Disk { .. } | EngineError::DiskFull { .. } => {
+                Status::Internal
+            }
             _ => Status::BadRequest,
         }
     }

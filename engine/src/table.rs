@@ -66,6 +66,14 @@ struct DenseStore {
     layout: DenseLayout,
     s0: Pinned<f32>,
     s1: Pinned<f32>,
+    /// One clock per worker: a block's stamp on its way into the block.
+    stamp: Box<[u64]>,
+    /// `stamp` packed as blocks hold it, exact for every block inside `packed_keys` (absolute
+    /// keys of one clock segment) while the clocks are at generation `packed_generation`. Long
+    /// pushes stamp many blocks of one segment; this computes their stamp once.
+    packed: Box<[u64]>,
+    packed_keys: Range<u64>,
+    packed_generation: u64,
 }
 
 #[derive(Debug)]
@@ -161,6 +169,10 @@ impl TablePart {
             layout,
             s0,
             s1,
+            stamp: vec![0; cfg.workers_max as usize].into_boxed_slice(),
+            packed: vec![0; layout.stamp_words()].into_boxed_slice(),
+            packed_keys: 0..0,
+            packed_generation: 0,
         };
         if let Init::Uniform { .. } = spec.init {
             for b in 0..layout.blocks() {
@@ -275,7 +287,7 @@ impl TablePart {
                 values: values.len(),
             });
         }
-        match values.iter().position(|v| !v.is_finite()) {
+        match first_non_finite(values) {
             None => Ok(false),
             Some(index) if self.spec.non_finite == NonFinite::Reject => {
                 Err(EngineError::NonFinite {
@@ -531,9 +543,19 @@ impl DenseStore {
     /// Writes block `b`'s stamp: the clocks every key it holds has reached.
     fn stamp(&mut self, b: u64, clocks: &RangeClocks, owned_start: u64) {
         let held = self.layout.keys_of(b);
+        let held = owned_start + held.start..owned_start + held.end;
+        let cached = self.packed_generation == clocks.generation()
+            && self.packed_keys.start <= held.start
+            && held.end <= self.packed_keys.end;
+        if !cached {
+            clocks.stamp_into(held.clone(), &mut self.stamp);
+            DenseLayout::put_stamp(&self.stamp, &mut self.packed);
+            let segment = clocks.segment_keys(held.start);
+            self.packed_keys = if held.end <= segment.end { segment } else { 0..0 };
+            self.packed_generation = clocks.generation();
+        }
         let at = self.layout.block_at(b) + 1;
-        let out = &mut self.blocks.words_mut()[at..at + self.layout.stamp_words as usize];
-        clocks.stamp_into(owned_start + held.start..owned_start + held.end, out);
+        self.blocks.words_mut()[at..at + self.packed.len()].copy_from_slice(&self.packed);
     }
 
     /// Ends block `b`'s change: the front version catches up. The caller fences (release) after
@@ -544,6 +566,20 @@ impl DenseStore {
         let w = self.blocks.words_mut();
         w[at] = w[back];
     }
+}
+
+/// Index of the first NaN or infinity in `values`. Scans in chunks with no early exit inside a
+/// chunk, so the test vectorises: a push pays this on every component.
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const CHUNK: usize = 64;
+    values.chunks(CHUNK).enumerate().find_map(|(c, chunk)| {
+        let bad = chunk.iter().fold(false, |bad, v| bad | !v.is_finite());
+        if bad {
+            chunk.iter().position(|v| !v.is_finite()).map(|i| c * CHUNK + i)
+        } else {
+            None
+        }
+    })
 }
 
 fn slot_slice(slot: &mut Pinned<f32>, at: Range<usize>) -> &mut [f32] {

@@ -18,6 +18,7 @@
 # and no line on stdout for it. A reader must treat a missing line as a failure.
 #
 # Environment: RDMA_DEV, RDMA_IP, RDMA_GID_INDEX (run.sh sets all three in the VM), and
+#   PERFTEST_SET        lat (the latency pairs), bw (the bandwidth pairs) or all (default)
 #   PERFTEST_LAT_ITERS  iterations per latency test (default 5000)
 #   PERFTEST_BW_BYTES   bytes moved per bandwidth test (default 64 MiB; at least 8 iterations)
 #   PERFTEST_PORT       TCP port perftest exchanges QP numbers on (default 18515)
@@ -40,6 +41,8 @@ LAT_ITERS=${PERFTEST_LAT_ITERS:-5000}
 BW_BYTES=${PERFTEST_BW_BYTES:-$((64 << 20))}
 PORT=${PERFTEST_PORT:-18515}
 ATTEMPTS=${PERFTEST_ATTEMPTS:-3}
+SET=${PERFTEST_SET:-all}
+case $SET in lat|bw|all) ;; *) echo "perftest: PERFTEST_SET must be lat, bw or all, not '$SET'" >&2; exit 2 ;; esac
 if [ "${SOFTROCE_VM:-0}" = 1 ] && [ "$(nproc)" -ge 2 ]; then
   SERVER_CPU=${PERFTEST_SERVER_CPU-1}
   CLIENT_CPU=${PERFTEST_CLIENT_CPU-0}
@@ -136,15 +139,19 @@ try_pair() {
 }
 
 log "device $DEV, GID index $GID_INDEX, $IP; active MTU $(ibv_devinfo -d "$DEV" 2>/dev/null | awk '/active_mtu/ { print $2; exit }'); perftest $(ib_write_lat --version 2>/dev/null | awk '{ print $NF; exit }'); server on CPU ${SERVER_CPU:-any}, client on CPU ${CLIENT_CPU:-any}"
-for size in 8 64 512 4096; do
-  run_pair ib_write_lat "$size" "$LAT_ITERS"
-  run_pair ib_read_lat "$size" "$LAT_ITERS"
-done
-run_pair ib_send_lat 8 "$LAT_ITERS"
-for size in 65536 262144 1048576 4194304; do
-  iters=$((BW_BYTES / size))
-  run_pair ib_write_bw "$size" $((iters < 8 ? 8 : iters))
-done
+if [ "$SET" != bw ]; then
+  for size in 8 64 512 4096; do
+    run_pair ib_write_lat "$size" "$LAT_ITERS"
+    run_pair ib_read_lat "$size" "$LAT_ITERS"
+  done
+  run_pair ib_send_lat 8 "$LAT_ITERS"
+fi
+if [ "$SET" != lat ]; then
+  for size in 65536 262144 1048576 4194304; do
+    iters=$((BW_BYTES / size))
+    run_pair ib_write_bw "$size" $((iters < 8 ? 8 : iters))
+  done
+fi
 
 if [ $failures -ne 0 ]; then
   log "$failures pair(s) failed"

@@ -3,24 +3,63 @@
 # rxe0, then `tessera bench` over RDMA and over TCP, all in the same guest, and prints Tessera's
 # ratios to perftest. SoftRoCE gives ratios, not hardware speed.
 #
-#   TESSERA_BIN   the binary (default target/release/tessera, built with --features rdma)
-#   BENCH_SECONDS time per size and operation (default 1)
+# An emulated guest's speed drifts by tens of percent over a minute (the host is shared), so the
+# comparison runs in BENCH_ROUNDS rounds, each with perftest's pairs right before Tessera's same
+# sizes (latency, then bandwidth), and the summary gives each ratio's median over the rounds
+# beside its range.
+#
+#   TESSERA_BIN_RELEASE  the binary (default target/release/tessera, built with --features rdma)
+#   BENCH_SECONDS        time per size and operation (default 1)
+#   BENCH_ROUNDS         rounds (default 3)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${TESSERA_BIN_RELEASE:-$here/../../target/release/tessera}
 secs=${BENCH_SECONDS:-1}
-sizes=8,64,512,4K,64K,256K,1M,4M
-baseline=$(mktemp /tmp/perftest.XXXXXX.jsonl)
-echo "== perftest on ${RDMA_DEV:-rxe0}"
+rounds=${BENCH_ROUNDS:-3}
+out=$(mktemp -d /tmp/rdma-bench.XXXXXX)
+# One shard and a long spin: perftest busy-polls one queue pair per side, and so do these.
+rdma=(--transport rdma --shards 1 --rdma-spin-us 1000000 --seconds "$secs")
+
 # perftest calibrates its clock against gettimeofday, which an emulated guest sometimes upsets
 # (it prints inf); perftest.sh retries each pair, and a pair that still fails only loses its
 # ratios, said here. Tessera's own bench failing fails the run.
-if ! "$here/perftest.sh" > "$baseline"; then
-  echo "rdma-bench: WARNING: some perftest pairs failed; their ratios are missing below" >&2
-fi
-cat "$baseline"
-# One shard and a long spin: perftest busy-polls one queue pair per side, and so do these.
-echo "== tessera bench --transport rdma"
-"$bin" bench --transport rdma --shards 1 --rdma-spin-us 1000000 --sizes "$sizes" --seconds "$secs" --perftest "$baseline"
+perftest() {  # perftest SET FILE
+  if ! PERFTEST_SET=$1 "$here/perftest.sh" > "$2"; then
+    echo "rdma-bench: WARNING: some perftest pairs failed; their ratios are missing below" >&2
+  fi
+  cat "$2"
+}
+
+# bench ARGS...: `tessera bench`, which a run should finish in well under BENCH_LIMIT_S (default
+# 300) seconds. One that does not is a hang: print what each of its threads is blocked in, then
+# fail the run rather than sit out the VM's whole time limit.
+limit=${BENCH_LIMIT_S:-300}
+bench() {
+  "$bin" bench "$@" &
+  local pid=$! waited=0
+  while kill -0 $pid 2>/dev/null && [ $waited -lt "$limit" ]; do sleep 1; waited=$((waited + 1)); done
+  if kill -0 $pid 2>/dev/null; then
+    echo "rdma-bench: tessera bench $* did not finish in $limit s; its threads:" >&2
+    for t in /proc/$pid/task/*; do
+      echo "  $(cat "$t/comm") state=$(awk '{print $3}' "$t/stat") wchan=$(cat "$t/wchan") syscall=$(cut -d' ' -f1 "$t/syscall")" >&2
+    done
+    kill -9 $pid
+    exit 1
+  fi
+  wait $pid
+}
+
+for r in $(seq "$rounds"); do
+  echo "== round $r/$rounds: perftest latency on ${RDMA_DEV:-rxe0}"
+  perftest lat "$out/perftest-lat-$r.jsonl"
+  echo "== round $r/$rounds: tessera bench --transport rdma, latency sizes"
+  bench "${rdma[@]}" --sizes 8,64,512,4K --perftest "$out/perftest-lat-$r.jsonl" --json-out "$out/rdma-lat-$r.json"
+  echo "== round $r/$rounds: perftest bandwidth on ${RDMA_DEV:-rxe0}"
+  perftest bw "$out/perftest-bw-$r.jsonl"
+  echo "== round $r/$rounds: tessera bench --transport rdma, bandwidth sizes"
+  bench "${rdma[@]}" --sizes 64K,256K,1M,4M --perftest "$out/perftest-bw-$r.jsonl" --json-out "$out/rdma-bw-$r.json"
+done
 echo "== tessera bench --transport tcp (same guest, for comparison)"
-"$bin" bench --transport tcp --shards 1 --sizes "$sizes" --seconds "$secs"
+bench --transport tcp --shards 1 --sizes 8,64,512,4K,64K,256K,1M,4M --seconds "$secs"
+echo "== summary"
+python3 "$here/ratios.py" "$out"/rdma-*.json

@@ -165,7 +165,7 @@ if [ "${SOFTROCE_PASS_ENV:-1}" = 1 ]; then env -0 > "$IO/env"; else : > "$IO/env
 
 # --- boot -------------------------------------------------------------------------------------------
 # Console options: quiet, no keyboard/mouse probing, one UART, power off (not reboot) on panic.
-APPEND="console=ttyS0 quiet loglevel=4 panic=-1 oops=panic mitigations=off rdinit=/init"
+APPEND="console=ttyS0 quiet loglevel=4 panic=-1 oops=panic mitigations=off tsc=reliable rdinit=/init"
 APPEND+=" i8042.noaux i8042.nokbd i8042.nopnp 8250.nr_uarts=1"
 QEMU=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
   "${ACCEL_ARGS[@]}" -smp "$CPUS" -m "$MEM" -nic none

@@ -42,6 +42,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the report as JSON to this file (the table still goes to stdout).
+    #[arg(long, value_name = "FILE")]
+    json_out: Option<std::path::PathBuf>,
     /// perftest results (JSON lines from tests/softroce/perftest.sh) measured on the same device
     /// in the same run: print Tessera's ratio to them.
     #[arg(long)]
@@ -162,6 +165,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if let Some(path) = &args.perftest {
         report.perftest = compare_perftest(&report.results, path)?;
+    }
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
     }
     print_report(&report, args.json)
 }

@@ -70,11 +70,12 @@ pub struct EngineArgs {
     /// Workers each table's vector clocks track; pushes from higher worker ids are refused. Every
     /// dense block carries this many clock entries for one-sided reads, so keep it near the job's
     /// worker count.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = EngineConfig::default().workers_max)]
     pub workers_max: u32,
     /// Bytes of values per dense block: the unit one-sided RDMA reads check for tearing. Smaller
-    /// blocks make small reads cheaper and large ones dearer.
-    #[arg(long, default_value_t = 512)]
+    /// blocks make small reads cheaper and large ones dearer (each block also carries 16 bytes of
+    /// versions and 4 bytes of clock per worker).
+    #[arg(long, default_value_t = EngineConfig::default().dense_block_bytes)]
     pub dense_block_bytes: usize,
     /// Largest frame accepted, in bytes (requests and replies).
     #[arg(long, default_value_t = tessera_transport::config::FRAME_BYTES_MAX_DEFAULT)]

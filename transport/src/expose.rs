@@ -4,7 +4,9 @@
 //! version words, and tells its transport about the part ([`Exposure`]). A transport that can do
 //! one-sided reads (RDMA) registers the memory for remote reading; TCP ignores it.
 //!
-//! A block is `[front][stamp: stamp_words x u64][values: keys_per_block x dim f32, padded][back]`.
+//! A block is `[front][stamp: clocks x u32, two to a word][values: keys_per_block x dim f32, padded][back]`,
+//! every part a whole number of 8-byte words. Stamp entries are u32 to halve what a small read
+//! fetches beside its values; the engine refuses clocks above [`STAMP_CLOCK_MAX`], so they are exact.
 //! The shard changes a block only between two version bumps: it first sets `back` to the next
 //! version, then writes the values and the stamp, then sets `front` to the same version. A reader
 //! copies the block in increasing address order (one RDMA READ does), so it sees
@@ -30,6 +32,9 @@ pub unsafe trait StableMemory: Send + Sync + std::fmt::Debug {
     fn span(&self) -> (u64, usize);
 }
 
+/// Largest clock a block's stamp holds.
+pub const STAMP_CLOCK_MAX: u64 = u32::MAX as u64;
+
 /// How a dense table part is laid out in its exposed memory, in 8-byte words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
@@ -43,18 +48,42 @@ pub struct DenseLayout {
     /// Keys per block (the last block may hold fewer).
     pub keys_per_block: u32,
     /// Clock entries in each block's stamp: the engine's `workers_max`.
-    pub stamp_words: u32,
-    /// Words per block: front, stamp, values (padded to whole words), back.
+    pub clocks: u32,
+    /// Words per block: front, stamp (padded to whole words), values (padded), back.
     pub block_words: u32,
 }
 
 impl DenseLayout {
     /// The layout for `keys` keys of `dim` values from `start`, with about `block_bytes` of
-    /// values per block (at least one key) and `stamp_words` clock entries per block.
-    pub fn new(start: u64, keys: u64, dim: u32, block_bytes: usize, stamp_words: u32) -> Self {
+    /// values per block (at least one key) and `clocks` clock entries per block.
+    pub fn new(start: u64, keys: u64, dim: u32, block_bytes: usize, clocks: u32) -> Self {
         let keys_per_block = (block_bytes / (4 * dim as usize).max(1)).max(1) as u32;
         let value_words = (keys_per_block as usize * dim as usize).div_ceil(2) as u32;
-        Self { start, keys, dim, keys_per_block, stamp_words, block_words: 2 + stamp_words + value_words }
+        Self { start, keys, dim, keys_per_block, clocks, block_words: 2 + clocks.div_ceil(2) + value_words }
+    }
+
+    /// Words a block's stamp takes.
+    pub fn stamp_words(&self) -> usize {
+        self.clocks.div_ceil(2) as usize
+    }
+
+    /// Writes `clocks` (one per worker, at most [`STAMP_CLOCK_MAX`] each) into a block's stamp
+    /// words, two to a word, low half first; a missing entry is 0.
+    pub fn put_stamp(clocks: &[u64], words: &mut [u64]) {
+        let entry = |i: usize| clocks.get(i).map_or(0, |c| (*c).min(STAMP_CLOCK_MAX));
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = entry(2 * i) | entry(2 * i + 1) << 32;
+        }
+    }
+
+    /// Lowers each of `into` to the stamp of `block` (a whole block, front to back): `into`
+    /// becomes the element-wise minimum of itself and the block's clocks.
+    pub fn meet_stamp(&self, block: &[u64], into: &mut [u64]) {
+        let words = &block[1..1 + self.stamp_words()];
+        for (i, c) in into.iter_mut().take(self.clocks as usize).enumerate() {
+            let half = (words[i / 2] >> (32 * (i % 2))) & STAMP_CLOCK_MAX;
+            *c = (*c).min(half);
+        }
     }
 
     /// Blocks in the part.
@@ -85,7 +114,7 @@ impl DenseLayout {
 
     /// Word offset, inside a block, of its first value.
     pub fn values_at(&self) -> usize {
-        1 + self.stamp_words as usize
+        1 + self.stamp_words()
     }
 
     /// Checks a layout that came from a peer against itself; the reader relies on it for bounds.
@@ -95,7 +124,7 @@ impl DenseLayout {
             return bad("zero dim, keys or keys per block");
         }
         let value_words = (self.keys_per_block as u64 * self.dim as u64).div_ceil(2);
-        if self.block_words as u64 != 2 + self.stamp_words as u64 + value_words {
+        if self.block_words as u64 != 2 + self.stamp_words() as u64 + value_words {
             return bad("block size does not match its parts");
         }
         if self.keys.checked_mul(self.dim as u64).is_none() || self.words().checked_mul(8).is_none() {
@@ -140,7 +169,7 @@ mod tests {
     fn layout_sizes_blocks_by_bytes_and_pads_values() {
         let l = DenseLayout::new(100, 1000, 3, 512, 16);
         assert_eq!(l.keys_per_block, 42);
-        assert_eq!(l.block_words, 2 + 16 + 63);
+        assert_eq!(l.block_words, 2 + 8 + 63);
         assert_eq!(l.blocks(), 24);
         assert_eq!(l.keys_of(23), 966..1000);
         assert_eq!(l.block_of(41), 0);
@@ -149,7 +178,24 @@ mod tests {
         // A key wider than a block gets a block of its own.
         let wide = DenseLayout::new(0, 4, 1000, 512, 4);
         assert_eq!(wide.keys_per_block, 1);
-        assert_eq!(wide.block_words, 2 + 4 + 500);
+        assert_eq!(wide.block_words, 2 + 2 + 500);
+        // An odd clock count rounds the stamp up to a whole word.
+        assert_eq!(DenseLayout::new(0, 4, 2, 16, 3).block_words, 2 + 2 + 2);
+    }
+
+    #[test]
+    fn stamps_pack_two_clocks_a_word_and_meet() {
+        let l = DenseLayout::new(0, 4, 2, 16, 3);
+        let mut block = vec![0u64; l.block_words as usize];
+        DenseLayout::put_stamp(&[5, STAMP_CLOCK_MAX, 7], &mut block[1..1 + l.stamp_words()]);
+        assert_eq!(block[1], 5 | STAMP_CLOCK_MAX << 32);
+        assert_eq!(block[2], 7);
+        let mut into = [u64::MAX, 9, 3];
+        l.meet_stamp(&block, &mut into);
+        assert_eq!(into, [5, 9, 3]);
+        // Larger clocks saturate (a lower bound still); missing entries are 0.
+        DenseLayout::put_stamp(&[STAMP_CLOCK_MAX + 1], &mut block[1..3]);
+        assert_eq!((block[1], block[2]), (STAMP_CLOCK_MAX, 0));
     }
 
     #[test]

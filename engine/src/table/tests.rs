@@ -562,7 +562,7 @@ fn dense_blocks_carry_versions_and_stamps() {
     p.push(&[0], &[2.0, 2.0], 3, 9).unwrap();
     let Store::Dense(d) = &p.store else { unreachable!() };
     let l = d.layout;
-    assert_eq!((l.keys_per_block, l.stamp_words, l.block_words), (2, 4, 2 + 4 + 2));
+    assert_eq!((l.keys_per_block, l.clocks, l.block_words), (2, 4, 2 + 2 + 2));
     for b in 0..l.blocks() {
         let at = l.block_at(b);
         let block = &d.blocks.words()[at..at + l.block_words as usize];
@@ -571,11 +571,14 @@ fn dense_blocks_carry_versions_and_stamps() {
         assert_eq!(block[0], want_version, "block {b} version");
         let mut stamp = [0; 4];
         p.stamp_into(l.keys_of(b).start..l.keys_of(b).end, &mut stamp);
-        assert_eq!(&block[1..5], &stamp, "block {b} stamp");
+        let mut exposed = [u64::MAX; 4];
+        l.meet_stamp(block, &mut exposed);
+        assert_eq!(exposed, stamp, "block {b} stamp");
     }
     // Block 2 holds keys 4 and 5; only key 5 was pushed, so worker 1's entry there is 0.
-    assert_eq!(&d.blocks.words()[l.block_at(2) + 1..l.block_at(2) + 5], &[0, 0, 0, 0]);
-    assert_eq!(&d.blocks.words()[l.block_at(3) + 1..l.block_at(3) + 5], &[0, 7, 0, 0]);
+    // Two u32 clocks to a word, low half first.
+    assert_eq!(&d.blocks.words()[l.block_at(2) + 1..l.block_at(2) + 3], &[0, 0]);
+    assert_eq!(&d.blocks.words()[l.block_at(3) + 1..l.block_at(3) + 3], &[7 << 32, 0]);
     assert_eq!(pull_range(&mut p, 4, 6), vec![0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
 }
 
@@ -592,4 +595,44 @@ fn a_block_copied_mid_change_is_torn() {
     d.close(1);
     assert!(tessera_transport::expose::block_is_whole(&words(d)));
     assert_eq!(words(d)[0], 1);
+}
+
+/// Every block's exposed stamp equals the clocks of exactly its keys after any mix of range and
+/// key pushes from several workers (the stamp cache must never go stale).
+#[test]
+fn block_stamps_track_the_clocks_through_random_pushes() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let push = (any::<bool>(), 0u64..60, 1usize..20, 0u32..3, 1u64..50);
+    let mut runner = TestRunner::new(Config { cases: 64, ..Config::default() });
+    runner
+        .run(&proptest::collection::vec(push, 1..30), |pushes| {
+            let cfg = EngineConfig { dense_block_bytes: 12, workers_max: 3, ..EngineConfig::default() };
+            let mut p = part_with(&dense(100, 160, 1, "sum"), 100..160, &cfg);
+            for (by_range, start, len, worker, clock) in pushes {
+                let len = len.min(60 - start as usize);
+                if by_range {
+                    p.push_range(100 + start, len, &vec![1.0; len], worker, clock).unwrap();
+                } else {
+                    let keys: Vec<u64> = (0..len as u64).map(|i| 100 + start + i * 7 % len as u64).collect();
+                    let mut keys = keys;
+                    keys.sort_unstable();
+                    keys.dedup();
+                    p.push(&keys, &vec![1.0; keys.len()], worker, clock).unwrap();
+                }
+                let Store::Dense(d) = &p.store else { unreachable!() };
+                let l = d.layout;
+                for b in 0..l.blocks() {
+                    let held = l.keys_of(b);
+                    let mut want = [0; 3];
+                    p.stamp_into(100 + held.start..100 + held.end, &mut want);
+                    let block = &d.blocks.words()[l.block_at(b)..l.block_at(b) + l.block_words as usize];
+                    let mut got = [u64::MAX; 3];
+                    l.meet_stamp(block, &mut got);
+                    prop_assert_eq!(got, want, "block {}", b);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
 }

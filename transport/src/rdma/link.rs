@@ -178,18 +178,13 @@ impl RdmaLink {
 
     /// Waits until at least one more completion was taken: spins, then sleeps on the channel.
     fn progress(&mut self, deadline: Instant, what: &'static str) -> Result<()> {
-        let spin_until = Instant::now() + self.spin;
+        if super::spin(self.spin, Some(deadline), || self.reap().map(|n| n > 0))? {
+            return Ok(());
+        }
         loop {
-            if self.reap()? > 0 {
-                return Ok(());
-            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(TransportError::Timeout { what, ms: self.io_timeout.as_millis() as u64 });
-            }
-            if now < spin_until {
-                std::hint::spin_loop();
-                continue;
             }
             self.cq.arm().map_err(rdma)?;
             if self.reap()? > 0 {
@@ -199,6 +194,9 @@ impl RdmaLink {
                 Ok(()) => self.cq.ack_events(),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
+            }
+            if self.reap()? > 0 {
+                return Ok(());
             }
         }
     }
@@ -348,7 +346,7 @@ impl RdmaLink {
             let into = (lo - keys.start) as usize * dim;
             let n = (hi - lo) as usize * dim;
             out[into..into + n].copy_from_slice(&values[from..from + n]);
-            stamp.iter_mut().zip(&words[1..1 + layout.stamp_words as usize]).for_each(|(s, w)| *s = (*s).min(*w));
+            layout.meet_stamp(words, stamp);
         }
         Ok(())
     }
@@ -456,7 +454,7 @@ impl Link for RdmaLink {
         self.quiesce(deadline)?;
         let keys = start - layout.start..start - layout.start + count;
         stamp.clear();
-        stamp.resize(layout.stamp_words as usize, u64::MAX);
+        stamp.resize(layout.clocks as usize, u64::MAX);
         let per_read = (self.reads.len() / block_bytes) as u64;
         let all = layout.block_of(keys.start)..layout.block_of(keys.end - 1) + 1;
         let mut b = all.start;

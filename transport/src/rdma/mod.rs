@@ -43,12 +43,42 @@ pub use crate::config::RdmaConfig;
 pub use link::RdmaLink;
 pub use shard::RdmaShard;
 
+use std::time::{Duration, Instant};
+
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::error::{Result, TransportError};
 use verbs::QpInfo;
 
 use crate::config::{SLOTS_MAX, SLOT_BYTES_MIN};
+
+/// Empty polls between two clock reads while a poller spins. Polling a completion queue reads
+/// memory; reading the clock is a system call where the kernel has no stable TSC (an emulated
+/// guest falls back to HPET, about 1 us a read), so a spinner looks at the time only this often.
+const POLLS_PER_CLOCK_READ: u32 = 64;
+
+/// Calls `poll` until it finds work (`Ok(true)`), for at most `spin` and never past `deadline`.
+/// Returns `Ok(false)` when the time ran out first.
+fn spin<E>(
+    spin: Duration,
+    deadline: Option<Instant>,
+    mut poll: impl FnMut() -> std::result::Result<bool, E>,
+) -> std::result::Result<bool, E> {
+    let mut end = None;
+    loop {
+        for _ in 0..POLLS_PER_CLOCK_READ {
+            if poll()? {
+                return Ok(true);
+            }
+            std::hint::spin_loop();
+        }
+        let now = Instant::now();
+        let end = *end.get_or_insert_with(|| deadline.map_or(now + spin, |d| d.min(now + spin)));
+        if now >= end {
+            return Ok(false);
+        }
+    }
+}
 
 impl RdmaConfig {
     /// The device part, for the verbs layer: this config's choices over the environment's.

@@ -4,11 +4,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::buf::{Deflater, Inflater};
 use crate::config::TransportConfig;
-use crate::error::Result;
+use crate::error::{Result, TransportError};
 use crate::expose::{DenseView, Exposure};
 use crate::reply::{Reply, ReplyArea};
 use crate::tcp::TcpEndpoint;
@@ -144,11 +144,8 @@ impl ShardTransport for RdmaShard {
         if !worked && state.has_peers() {
             // Spin briefly: a worker's next request usually follows within microseconds, and
             // sleeping on the channel costs a wake-up.
-            let until = Instant::now() + Duration::from_micros(state.cfg.spin_us);
-            while !worked && Instant::now() < until {
-                worked = state.drain(service) > 0;
-                std::hint::spin_loop();
-            }
+            let spin = Duration::from_micros(state.cfg.spin_us);
+            worked = super::spin(spin, None, || Ok::<_, TransportError>(state.drain(service) > 0))?;
             if !worked {
                 state.cq.arm().map_err(rdma)?;
                 // A completion may have landed between the last poll and the arming.

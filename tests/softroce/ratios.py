@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Summarises `tessera bench --json-out` reports taken in rounds against perftest.
+
+    ratios.py REPORT.json...
+
+For every (size, comparison) the reports share, prints the median ratio over the reports, the
+lowest and highest, and whether the median meets the target (latency <= 1.5x perftest,
+bandwidth >= 0.8x). Exit code 0 either way: the figures are for reading, not a gate.
+"""
+import json
+import statistics
+import sys
+
+LATENCY_MAX = 1.5
+BANDWIDTH_MIN = 0.8
+
+
+def human(n):
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def main(paths):
+    seen = {}
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        for p in report["perftest"]:
+            seen.setdefault((p["size_bytes"], p["what"]), []).append(p["ratio"])
+    if not seen:
+        print("ratios.py: no perftest comparisons in", " ".join(paths))
+        return 1
+    print(f"{'size':>9}  {'comparison':<48} {'rounds':>6} {'median':>7} {'range':>13}  target")
+    for (size, what), ratios in sorted(seen.items()):
+        med = statistics.median(ratios)
+        bandwidth = "MiB/s" in what
+        met = med >= BANDWIDTH_MIN if bandwidth else med <= LATENCY_MAX
+        goal = f">= {BANDWIDTH_MIN}" if bandwidth else f"<= {LATENCY_MAX}"
+        span = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(f"{human(size):>9}  {what:<48} {len(ratios):>6} {med:>7.2f} {span:>13}  {goal}: {'met' if met else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
