@@ -7,6 +7,9 @@
 //! The modules, from the bottom up:
 //! - [`config`]: every knob and limit, with defaults, units and validation;
 //! - [`arena`]: pinned memory regions (memmap2, populated, huge pages and mlock where allowed);
+//! - [`disk`]: O_DIRECT file I/O on the shard's own io_uring ring (pwrite/fsync where there is none);
+//! - [`checkpoint`]: the checkpoint's chunk format and the manifest that names the chunks;
+//! - [`wal`]: the write-ahead log's record format, its commit batches and its replaying reader;
 //! - [`updater`]: the server-side update functions (`sum`, `assign`, `sgd`, `adagrad`, `adam`, `ftrl`,
 //!   and user-defined ones through the [`updater::Updater`] trait);
 //! - [`clock`]: vector-clock stamps over key ranges, which split and merge;
@@ -17,13 +20,16 @@
 #![deny(unsafe_code)]
 
 pub mod arena;
+pub mod checkpoint;
 pub mod clock;
 pub mod config;
+pub mod disk;
 pub mod error;
 pub mod server;
 pub mod shard;
 pub mod table;
 pub mod updater;
+pub mod wal;
 
 pub use config::EngineConfig;
 pub use error::{EngineError, Result};

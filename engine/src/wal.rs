@@ -1,0 +1,319 @@
+//! The write-ahead log's format: what one shard appends for every applied push, and the reader
+//! that replays it after a crash.
+//!
+//! A record holds the **raw push** as the shard applied it (table, worker, clock, keys or range
+//! start, and the gradient), not the change it made. Replaying raw pushes through the same
+//! updaters in the same order redoes the same floating-point operations, so a recovered `sum`
+//! table is bit-identical to the one that crashed, and optimiser state (Adam's moments, FTRL's
+//! accumulators) is rebuilt exactly as well.
+//!
+//! ```text
+//! record = header (48 bytes) + body (body_len bytes, zero-padded to 8)
+//!  0 magic u32 "TWAL"   4 crc32c u32 (of bytes 8.. of the header and the padded body)
+//!  8 lsn u64 (the shard's record number; each record's is the previous one's + 1)
+//! 16 kind u8  17 reserved [u8; 3]  20 table u32  24 worker u32  28 dim u32
+//! 32 clock u64  40 count u32 (keys)  44 body_len u32
+//! body: Push      count keys (u64) then count x dim values (f32)
+//!       PushRange start key (u64) then count x dim values (f32)
+//! ```
+//!
+//! The log is written in **commits**: a commit's records are contiguous from a page boundary, and
+//! the rest of its last page is zeros, so no write ever touches a page an earlier commit made
+//! durable (a torn rewrite could otherwise lose records already acknowledged). The reader walks
+//! records; at a zero magic it skips to the next page, and it stops at the first record that is
+//! torn, fails its checksum, or breaks the LSN sequence. Nothing after that point was
+//! acknowledged: a push is acknowledged only after an fsync that covers its record and every
+//! record before it.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::config::IO_ALIGN_BYTES;
+use crate::error::{EngineError, Result};
+
+/// "TWAL" read as a little-endian u32.
+pub const WAL_MAGIC: u32 = u32::from_le_bytes(*b"TWAL");
+/// Bytes of a record header.
+pub const RECORD_HEADER_BYTES: usize = 48;
+const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
+const _: () = assert!(IO_ALIGN_BYTES.is_multiple_of(8), "records stay 8-byte aligned across pages");
+
+/// What a record replays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// A push of `count` listed keys.
+    Push = 1,
+    /// A push of the `count` keys from `start`.
+    PushRange = 2,
+}
+
+/// A record header, read and written in place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RecordHeader {
+    pub magic: u32,
+    pub crc: u32,
+    pub lsn: u64,
+    pub kind: u8,
+    pub reserved: [u8; 3],
+    pub table: u32,
+    pub worker: u32,
+    pub dim: u32,
+    pub clock: u64,
+    pub count: u32,
+    pub body_len: u32,
+}
+
+/// One push, as appended and as replayed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Record<'a> {
+    pub lsn: u64,
+    pub table: u32,
+    pub worker: u32,
+    pub clock: u64,
+    pub dim: u32,
+    pub target: Target<'a>,
+    pub values: &'a [f32],
+}
+
+/// Which keys a record's values belong to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target<'a> {
+    Keys(&'a [u64]),
+    Range { start: u64 },
+}
+
+impl Record<'_> {
+    /// Keys the record covers.
+    pub fn count(&self) -> usize {
+        match self.target {
+            Target::Keys(keys) => keys.len(),
+            Target::Range { .. } => self.values.len() / (self.dim as usize).max(1),
+        }
+    }
+
+    fn body_len(&self) -> usize {
+        let head = match self.target {
+            Target::Keys(keys) => keys.len() * 8,
+            Target::Range { .. } => 8,
+        };
+        head + self.values.len() * 4
+    }
+
+    /// Bytes the record takes in the log, padding included.
+    pub fn encoded_len(&self) -> usize {
+        RECORD_HEADER_BYTES + self.body_len().next_multiple_of(8)
+    }
+
+    /// Writes the record at the start of `out` (which must hold [`encoded_len`](Self::encoded_len)
+    /// bytes) and returns its length.
+    pub fn encode(&self, out: &mut [u8]) -> usize {
+        let len = self.encoded_len();
+        let body_len = self.body_len();
+        let (kind, count) = match self.target {
+            Target::Keys(keys) => (RecordKind::Push, keys.len()),
+            Target::Range { .. } => (RecordKind::PushRange, self.count()),
+        };
+        let header = RecordHeader {
+            magic: WAL_MAGIC,
+            crc: 0,
+            lsn: self.lsn,
+            kind: kind as u8,
+            reserved: [0; 3],
+            table: self.table,
+            worker: self.worker,
+            dim: self.dim,
+            clock: self.clock,
+            count: count as u32,
+            body_len: body_len as u32,
+        };
+        let (head, rest) = out[..len].split_at_mut(RECORD_HEADER_BYTES);
+        head.copy_from_slice(header.as_bytes());
+        let keys_bytes = match self.target {
+            Target::Keys(keys) => keys.as_bytes(),
+            Target::Range { start } => &start.to_le_bytes()[..],
+        };
+        let (k, v) = rest.split_at_mut(keys_bytes.len());
+        k.copy_from_slice(keys_bytes);
+        v[..self.values.len() * 4].copy_from_slice(self.values.as_bytes());
+        v[self.values.len() * 4..].fill(0);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[8..RECORD_HEADER_BYTES]), &out[RECORD_HEADER_BYTES..len]);
+        out[4..8].copy_from_slice(&crc.to_le_bytes());
+        len
+    }
+}
+
+/// Why a replay stopped before the end of the log bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The log ended cleanly: only zeros (or nothing) after the last record.
+    End,
+    /// A record at `offset` is cut off, fails its checksum or is malformed: a write the crash
+    /// interrupted (or damage). Nothing from there on is replayed.
+    Torn { offset: u64, reason: String },
+    /// The record at `offset` has LSN `found` where `expected` was due.
+    Gap { offset: u64, expected: u64, found: u64 },
+}
+
+/// Walks the records in `log` (a whole log file's bytes), starting at LSN `first_lsn`.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    log: &'a [u8],
+    at: usize,
+    next_lsn: u64,
+    stop: Option<Stop>,
+}
+
+impl<'a> Reader<'a> {
+    /// # Panics
+    /// If `log` is not 8-byte aligned (records are read in place).
+    pub fn new(log: &'a [u8], first_lsn: u64) -> Self {
+        assert!(log.as_ptr().align_offset(8) == 0, "a log is read in place from 8-byte aligned memory");
+        Self { log, at: 0, next_lsn: first_lsn, stop: None }
+    }
+
+    /// Why the walk ended; `None` while records remain.
+    pub fn stop(&self) -> Option<&Stop> {
+        self.stop.as_ref()
+    }
+
+    /// LSN the next record would have.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    /// Byte offset just past the last good record's commit page: where appending may resume.
+    pub fn resume_offset(&self) -> u64 {
+        self.at.next_multiple_of(IO_ALIGN_BYTES) as u64
+    }
+
+    fn torn(&mut self, reason: String) -> Option<Record<'a>> {
+        self.stop = Some(Stop::Torn { offset: self.at as u64, reason });
+        None
+    }
+
+    fn next_record(&mut self) -> Option<Record<'a>> {
+        loop {
+            let rest = &self.log[self.at.min(self.log.len())..];
+            if rest.len() < RECORD_HEADER_BYTES {
+                if rest.iter().any(|b| *b != 0) {
+                    return self.torn(format!("{} stray bytes at the end", rest.len()));
+                }
+                self.stop = Some(Stop::End);
+                return None;
+            }
+            let header = RecordHeader::read_from_bytes(&rest[..RECORD_HEADER_BYTES]).expect("sized above");
+            if header.magic == 0 {
+                // The end of a commit: the rest of its page is zeros. Go to the next page.
+                let page_end = (self.at + 1).next_multiple_of(IO_ALIGN_BYTES);
+                if rest[..(page_end - self.at).min(rest.len())].iter().any(|b| *b != 0) {
+                    return self.torn("non-zero bytes in a commit's padding".into());
+                }
+                if page_end >= self.log.len() {
+                    self.stop = Some(Stop::End);
+                    return None;
+                }
+                self.at = page_end;
+                continue;
+            }
+            return self.decode(rest, header);
+        }
+    }
+
+    fn decode(&mut self, rest: &'a [u8], h: RecordHeader) -> Option<Record<'a>> {
+        if h.magic != WAL_MAGIC {
+            return self.torn(format!("bad magic {:#010x}", h.magic));
+        }
+        let len = RECORD_HEADER_BYTES + (h.body_len as usize).next_multiple_of(8);
+        if rest.len() < len {
+            return self.torn(format!("record of {len} bytes cut off at {}", rest.len()));
+        }
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&rest[8..RECORD_HEADER_BYTES]), &rest[RECORD_HEADER_BYTES..len]);
+        if crc != h.crc {
+            return self.torn(format!("checksum {:#010x}, computed {crc:#010x}", h.crc));
+        }
+        if h.lsn != self.next_lsn {
+            self.stop = Some(Stop::Gap { offset: self.at as u64, expected: self.next_lsn, found: h.lsn });
+            return None;
+        }
+        let body = &rest[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + h.body_len as usize];
+        let count = h.count as usize;
+        let n_values = count.checked_mul(h.dim as usize);
+        let (head_bytes, target_kind) = match h.kind {
+            k if k == RecordKind::Push as u8 => (count.checked_mul(8), RecordKind::Push),
+            k if k == RecordKind::PushRange as u8 => (Some(8), RecordKind::PushRange),
+            k => return self.torn(format!("unknown record kind {k}")),
+        };
+        let body_bytes = |(hb, nv): (usize, usize)| nv.checked_mul(4).and_then(|vb| vb.checked_add(hb));
+        let fits = head_bytes.zip(n_values).and_then(body_bytes) == Some(body.len());
+        if !fits || h.dim == 0 {
+            return self.torn(format!("body of {} bytes does not match {count} keys of dim {}", body.len(), h.dim));
+        }
+        let (head, values) = body.split_at(head_bytes.expect("checked"));
+        let values = <[f32]>::ref_from_bytes(values).expect("aligned: the log is, and records are padded to 8");
+        let target = match target_kind {
+            RecordKind::Push => Target::Keys(<[u64]>::ref_from_bytes(head).expect("aligned and sized above")),
+            RecordKind::PushRange => Target::Range { start: u64::from_le_bytes(head.try_into().expect("8 bytes")) },
+        };
+        self.at += len;
+        self.next_lsn += 1;
+        Some(Record { lsn: h.lsn, table: h.table, worker: h.worker, clock: h.clock, dim: h.dim, target, values })
+    }
+}
+
+impl<'a> Iterator for Reader<'a> {
+    type Item = Record<'a>;
+
+    fn next(&mut self) -> Option<Record<'a>> {
+        if self.stop.is_some() {
+            return None;
+        }
+        self.next_record()
+    }
+}
+
+/// Appends records into a page-aligned buffer; [`seal`](Self::seal) pads the commit to whole
+/// pages. The buffer is the caller's (a [`Disk`](crate::disk::Disk) buffer in the server).
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Bytes used.
+    len: usize,
+    records: u64,
+}
+
+impl Batch {
+    /// Appends `record` to `buf[len..]`; `Err` if it does not fit (the caller commits first).
+    pub fn append(&mut self, buf: &mut [u8], record: &Record<'_>) -> Result<()> {
+        let need = record.encoded_len();
+        if self.len + need > buf.len() {
+            return Err(EngineError::LogBufferFull { bytes: need, left: buf.len() - self.len });
+        }
+        record.encode(&mut buf[self.len..]);
+        self.len += need;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Zeroes the rest of the last page and returns the bytes to write (whole pages).
+    pub fn seal(&mut self, buf: &mut [u8]) -> usize {
+        let end = self.len.next_multiple_of(IO_ALIGN_BYTES);
+        buf[self.len..end].fill(0);
+        end
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Starts the next commit in the same buffer.
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+#[cfg(test)]
+mod tests;
