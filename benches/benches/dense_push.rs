@@ -81,11 +81,14 @@ fn print_ratio_table() {
 }
 
 fn main() {
-    let table_only = std::env::args().any(|a| a == "table_only");
-    if !table_only {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "table_only") {
         let mut criterion = Criterion::default().configure_from_args();
         bench(&mut criterion);
         criterion.final_summary();
     }
-    print_ratio_table();
+    // `cargo bench` passes --bench; `cargo test --benches` does not, and only wants a quick smoke run.
+    if args.iter().any(|a| a == "--bench") {
+        print_ratio_table();
+    }
 }
