@@ -124,6 +124,8 @@ pub struct PartManifest {
     pub table: u32,
     pub spec: TableSpec,
     pub owned: (u64, u64),
+    /// Pushes the part had applied: the step its updater continues from.
+    pub step: u64,
     /// Slots per chunk (the last chunk may hold fewer).
     pub chunk_slots: u64,
     /// The vector clocks: `(first key, one clock per worker)` per segment, in key order.

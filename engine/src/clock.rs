@@ -131,6 +131,44 @@ impl RangeClocks {
         self.starts[k]..self.end_of(k)
     }
 
+    /// Replaces every clock with `segments`: each segment's first key and clock, in key order,
+    /// as [`segments`](Self::segments) listed them when a checkpoint was taken. Checks them first:
+    /// a refused call changes nothing.
+    ///
+    /// # Errors
+    /// [`EngineError::Corrupt`] if the segments do not tile [`owned`](Self::owned) from its start in
+    /// increasing order, exceed `segments_max`, have clocks of the wrong width or over
+    /// [`CLOCK_MAX`], or repeat a neighbour's clock.
+    pub fn restore(&mut self, segments: &[(u64, Vec<u64>)]) -> Result<()> {
+        let bad = |reason: String| Err(EngineError::Corrupt { what: format!("clocks of {:?}", self.owned), reason });
+        if segments.is_empty() || segments.len() > self.segments_max {
+            return bad(format!("{} segments, where 1 to {} fit", segments.len(), self.segments_max));
+        }
+        if segments[0].0 != self.owned.start {
+            return bad(format!("the first segment starts at {}, not {}", segments[0].0, self.owned.start));
+        }
+        for (i, (start, clock)) in segments.iter().enumerate() {
+            if clock.len() != self.workers_max || clock.iter().any(|c| *c > CLOCK_MAX) {
+                return bad(format!("segment {i} has {} clocks, or one over the limit", clock.len()));
+            }
+            if let Some((prev, prev_clock)) = i.checked_sub(1).map(|p| &segments[p]) {
+                if *start <= *prev || *start >= self.owned.end || clock == prev_clock {
+                    return bad(format!("segment {i} at {start} is out of order, outside, or equal to its neighbour"));
+                }
+            }
+        }
+        for (k, (start, clock)) in segments.iter().enumerate() {
+            self.starts[k] = *start;
+            self.clocks[k * self.workers_max..(k + 1) * self.workers_max].copy_from_slice(clock);
+        }
+        self.count = segments.len();
+        let seen = |w: usize| segments.iter().any(|(_, c)| c[w] > 0);
+        self.workers_seen = (0..self.workers_max).rev().find(|w| seen(*w)).map_or(0, |w| w + 1);
+        self.generation += 1;
+        self.check_invariants();
+        Ok(())
+    }
+
     /// The key range these clocks cover.
     pub fn owned(&self) -> Range<u64> {
         self.owned.clone()

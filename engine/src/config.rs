@@ -17,6 +17,9 @@ pub const IO_ALIGN_BYTES: usize = 4096;
 /// Most steps in one chain of disk requests (say, a log batch's writes and its fsync).
 pub const IO_CHAIN_OPS_MAX: usize = 8;
 const _: () = assert!(IO_CHAIN_OPS_MAX <= 256, "a completion tag keeps the step index in 8 bits");
+/// Bytes of state per checkpoint chunk (about: chunks hold whole slots): the unit a checkpoint
+/// rewrites when a push changed any of it.
+pub const CHECKPOINT_CHUNK_BYTES: usize = 64 << 10;
 /// Most shards one server runs.
 pub const SHARDS_MAX: u16 = 256;
 /// Sparse tables never fill past this share of their slots, so probes stay short.

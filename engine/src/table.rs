@@ -50,6 +50,8 @@ pub struct TablePart {
     step: u64,
     store: Store,
     stats: PartStats,
+    /// One bit per checkpoint chunk a push changed since the last checkpoint ([`chunks`]).
+    dirty: Box<[u64]>,
 }
 
 #[derive(Debug)]
@@ -110,7 +112,7 @@ impl TablePart {
                 Store::Sparse(SparseStore::new(&spec, cfg, updater.as_ref(), arena)?)
             }
         };
-        Ok(Self {
+        let mut part = Self {
             id,
             shard,
             spec,
@@ -120,7 +122,15 @@ impl TablePart {
             step: 0,
             store,
             stats: PartStats::default(),
-        })
+            dirty: Box::default(),
+        };
+        part.dirty = vec![0; part.chunks().div_ceil(64) as usize].into_boxed_slice();
+        Ok(part)
+    }
+
+    /// Pushes applied so far: the step updaters see (Adam's bias correction counts it).
+    pub fn step(&self) -> u64 {
+        self.step
     }
 
     fn dense_store(
@@ -328,6 +338,7 @@ impl TablePart {
             skip: has_bad,
         };
         let mut skipped = 0;
+        let per = self.chunk_slots();
         match &mut self.store {
             Store::Dense(d) => {
                 let blocks =
@@ -343,11 +354,14 @@ impl TablePart {
                     .for_each(|b| d.stamp(b, &self.clocks, self.owned.start));
                 fence(Ordering::Release);
                 blocks.for_each(|b| d.close(b));
+                self.mark_dirty(span.start - self.owned.start..span.end - self.owned.start);
             }
             Store::Sparse(sp) => {
                 for (i, &k) in keys.iter().enumerate() {
-                    let (v, s0, s1) = sp.record_mut(k, &self.spec, self.updater.as_ref());
+                    let (slot, (v, s0, s1)) = sp.record_mut(k, &self.spec, self.updater.as_ref());
                     skipped += ctx.run(v, s0, s1, &grads[i * dim..(i + 1) * dim]);
+                    let c = slot as u64 / per;
+                    self.dirty[(c / 64) as usize] |= 1 << (c % 64);
                 }
             }
         }
@@ -401,6 +415,7 @@ impl TablePart {
             fence(Ordering::Release);
             d.close(b);
         }
+        self.mark_dirty(keys);
         self.count_push(count, skipped);
         Ok(range)
     }
@@ -591,6 +606,9 @@ fn slot_slice(slot: &mut Pinned<f32>, at: Range<usize>) -> &mut [f32] {
     }
 }
 
+/// One key's value and updater state slots, as a push changes them.
+type Record<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32]);
+
 /// How one push applies its gradient.
 struct Apply<'a> {
     updater: &'a dyn Updater,
@@ -717,7 +735,7 @@ impl SparseStore {
         key: u64,
         spec: &TableSpec,
         updater: &dyn Updater,
-    ) -> (&mut [f32], &mut [f32], &mut [f32]) {
+    ) -> (usize, Record<'_>) {
         let dim = spec.dim as usize;
         let width = self.width;
         let slot = match self.probe(key) {
@@ -743,7 +761,7 @@ impl SparseStore {
         } else {
             (state, &mut [][..])
         };
-        (v, s0, s1)
+        (slot, (v, s0, s1))
     }
 
     /// Reads `key`'s value, or its initial value if it was never pushed.
@@ -784,6 +802,8 @@ fn splitmix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
 }
+
+mod chunks;
 
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,14 @@
 //! copies the block in increasing address order (one RDMA READ does), so it sees
 //! `front == back` only if no change overlapped its copy: a torn copy has `front != back` and is
 //! read again. The stamp inside the bracket is the vector clock of exactly those values.
+//!
+//! A block larger than the path MTU comes back in several packets, each copied when the responder
+//! builds it. The copy still runs in increasing address order when the requester retransmits:
+//! a queue pair's packets arrive in order, so the responses it accepts are a prefix of one
+//! execution of the READ followed by the rest of a later one.
+//!
+//! What the check cannot see is a push the client split across frames: the shard applies each
+//! frame as its own change, so between them a block is whole with half of it new.
 
 use std::sync::Arc;
 

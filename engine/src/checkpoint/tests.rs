@@ -74,6 +74,7 @@ fn manifest() -> Manifest {
             table: 0,
             spec,
             owned: (0, 50),
+            step: 91,
             chunk_slots: 32,
             clocks: vec![(0, vec![3, 4]), (10, vec![3, 5])],
             chunks: vec![

@@ -636,3 +636,154 @@ fn block_stamps_track_the_clocks_through_random_pushes() {
         })
         .unwrap();
 }
+
+// -------------------------------------------------------------------------------------------------
+// Checkpoint chunks
+// -------------------------------------------------------------------------------------------------
+
+/// Saves every chunk of `from` and loads them into `into` (a fresh part of the same table).
+fn copy_through_chunks(from: &TablePart, into: &mut TablePart) {
+    assert_eq!(from.chunks(), into.chunks());
+    let mut buf = vec![0u8; from.chunk_payload_len(0)];
+    for c in 0..from.chunks() {
+        let n = from.save_chunk(c, &mut buf);
+        into.load_chunk(c, &buf[..n]).unwrap();
+    }
+    let segments: Vec<(u64, Vec<u64>)> = from.clocks().segments().map(|(r, c)| (r.start, c.to_vec())).collect();
+    into.finish_load(from.step(), &segments).unwrap();
+}
+
+/// Everything but the counters and the blocks' version words (which count changes, not state).
+fn same_state(a: &TablePart, b: &TablePart) {
+    let without_versions = |p: &TablePart| {
+        let mut s = snapshot(p);
+        s.stats.clear();
+        if let Store::Dense(d) = &p.store {
+            for blk in 0..d.layout.blocks() {
+                let front = d.layout.block_at(blk);
+                let back = front + d.layout.block_words as usize - 1;
+                for w in [front, back] {
+                    s.arrays[0][2 * w] = 0;
+                    s.arrays[0][2 * w + 1] = 0;
+                }
+            }
+        }
+        s
+    };
+    let (sa, sb) = (without_versions(a), without_versions(b));
+    assert!(sa == sb, "the parts differ (first differing array: {:?})", sa.arrays.iter().zip(&sb.arrays).position(|(x, y)| x != y));
+}
+
+#[test]
+fn a_dense_part_with_optimiser_state_survives_its_chunks_bit_for_bit() {
+    // Small blocks and several chunks (adam keeps 12 bytes a component).
+    let cfg = EngineConfig { dense_block_bytes: 40, workers_max: 3, ..EngineConfig::default() };
+    let spec = dense(1000, 31_000, 3, "adam{lr=0.01}");
+    let mut a = part_with(&spec, 1000..31_000, &cfg);
+    assert!(a.chunks() > 1, "the test wants several chunks");
+    a.push_range(1000, 20_000, &vec![0.5; 60_000], 0, 3).unwrap();
+    a.push(&[1001, 25_000, 30_999], &[1.0, -1.0, 2.0, 0.1, 0.2, 0.3, 7.0, 8.0, 9.0], 2, 8).unwrap();
+    let mut b = part_with(&spec, 1000..31_000, &cfg);
+    copy_through_chunks(&a, &mut b);
+    same_state(&a, &b);
+    // The next push lands identically: values, moments and Adam's step all came back.
+    let g: Vec<f32> = (0..300).map(|i| i as f32 * 1e-3).collect();
+    a.push_range(1500, 100, &g, 1, 9).unwrap();
+    b.push_range(1500, 100, &g, 1, 9).unwrap();
+    same_state(&a, &b);
+    assert_eq!(bits(&pull_range(&mut a, 1000, 30_000)), bits(&pull_range(&mut b, 1000, 30_000)));
+}
+
+#[test]
+fn a_sparse_part_survives_its_chunks_and_finds_every_key() {
+    let spec = sparse(2, "adagrad{lr=0.1}");
+    let mut a = part(&spec, 0..u64::MAX);
+    let keys: Vec<u64> = (0..600).map(|i| i * 7_919 + 13).collect();
+    let grads: Vec<f32> = (0..1200).map(|i| (i % 11) as f32 - 5.0).collect();
+    a.push(&keys, &grads, 0, 1).unwrap();
+    let mut b = part(&spec, 0..u64::MAX);
+    copy_through_chunks(&a, &mut b);
+    same_state(&a, &b);
+    assert_eq!(bits(&pull_keys(&mut a, &keys)), bits(&pull_keys(&mut b, &keys)));
+    // New keys still go where lookups find them.
+    b.push(&[5, 6], &[1.0; 4], 0, 2).unwrap();
+    assert_eq!(pull_keys(&mut b, &[5, 6]), vec![-0.1; 4]);
+}
+
+#[test]
+fn pushes_mark_exactly_the_chunks_they_touch() {
+    let spec = dense(0, 100_000, 1, "sum");
+    let mut p = part(&spec, 0..100_000);
+    let per = p.chunk_slots();
+    assert_eq!(p.dirty_chunks().count(), 0);
+    p.push_range(per * 3 + 5, (per * 2) as usize, &vec![1.0; (per * 2) as usize], 0, 1).unwrap();
+    assert_eq!(p.dirty_chunks().collect::<Vec<_>>(), vec![3, 4, 5]);
+    p.push(&[per * 6], &[1.0], 0, 2).unwrap();
+    assert_eq!(p.dirty_chunks().collect::<Vec<_>>(), vec![3, 4, 5, 6]);
+    p.clear_dirty();
+    assert_eq!(p.dirty_chunks().count(), 0);
+    p.mark_all_dirty();
+    assert_eq!(p.dirty_chunks().count() as u64, p.chunks());
+
+    let mut s = part(&sparse(1, "sum"), 0..u64::MAX);
+    s.push(&[42], &[1.0], 0, 1).unwrap();
+    assert_eq!(s.dirty_chunks().count(), 1);
+}
+
+#[test]
+fn a_chunk_of_the_wrong_length_or_index_is_refused_and_changes_nothing() {
+    let spec = dense(0, 1000, 2, "sum");
+    let mut p = part(&spec, 0..1000);
+    p.push_range(0, 1000, &[1.0; 2000], 0, 1).unwrap();
+    let before = snapshot(&p);
+    let len = p.chunk_payload_len(0);
+    for (c, bytes) in [(0, len - 4), (0, len + 4), (p.chunks(), len)] {
+        let err = p.load_chunk(c, &vec![0u8; bytes]).unwrap_err();
+        assert!(matches!(err, EngineError::Corrupt { .. }), "{err}");
+    }
+    assert_eq!(snapshot(&p), before);
+}
+
+#[test]
+fn clocks_that_cannot_be_this_parts_are_refused() {
+    let spec = dense(10, 20, 1, "sum");
+    let mut p = part_with(&spec, 10..20, &EngineConfig { workers_max: 2, ..EngineConfig::default() });
+    for bad in [
+        vec![],
+        vec![(11, vec![0, 0])],
+        vec![(10, vec![0])],
+        vec![(10, vec![1, 0]), (10, vec![2, 0])],
+        vec![(10, vec![1, 0]), (20, vec![2, 0])],
+        vec![(10, vec![1, 0]), (15, vec![1, 0])],
+        vec![(10, vec![crate::config::CLOCK_MAX + 1, 0])],
+    ] {
+        let err = p.finish_load(0, &bad).unwrap_err();
+        assert!(matches!(err, EngineError::Corrupt { .. }), "{bad:?}: {err}");
+    }
+    p.finish_load(4, &[(10, vec![1, 0]), (15, vec![1, 3])]).unwrap();
+    assert_eq!(p.clocks().workers_seen(), 2);
+    assert_eq!(p.step(), 4);
+}
+
+#[test]
+fn a_sparse_key_in_a_slot_where_lookups_miss_it_is_refused() {
+    let spec = sparse(1, "sum");
+    let mut a = part(&spec, 0..u64::MAX);
+    a.push(&[77], &[1.0], 0, 1).unwrap();
+    let mut buf = vec![0u8; a.chunk_payload_len(0)];
+    let mut b = part(&spec, 0..u64::MAX);
+    for c in 0..a.chunks() {
+        let n = a.save_chunk(c, &mut buf);
+        // Move key 77 one slot over inside its chunk's key array (the payload starts with it).
+        let slots = a.chunk_range(c).count();
+        if let Some(i) = buf[..slots * 8].chunks_exact(8).position(|k| k == 77u64.to_le_bytes()) {
+            let j = if i + 1 < slots { i + 1 } else { i - 1 };
+            let moved: [u8; 8] = buf[j * 8..j * 8 + 8].try_into().unwrap();
+            buf.copy_within(i * 8..i * 8 + 8, j * 8);
+            buf[i * 8..i * 8 + 8].copy_from_slice(&moved);
+        }
+        b.load_chunk(c, &buf[..n]).unwrap();
+    }
+    let err = b.finish_load(1, &[(0, vec![1; 16])]).unwrap_err();
+    assert!(err.to_string().contains("key 77 sits in slot"), "{err}");
+}

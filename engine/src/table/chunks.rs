@@ -1,0 +1,216 @@
+//! A table part's state as checkpoint chunks ([`crate::checkpoint`] has the on-disk format), and
+//! which chunks pushes changed since the last checkpoint.
+//!
+//! Chunks cut the part by slot: a dense part's keys (offsets from its start), a sparse part's
+//! open-addressing slots. A dense chunk's payload is its keys' values, then each optimiser state
+//! slot for the same keys; a sparse chunk's is its slots' keys (u64), then their records. Every
+//! value is little-endian, as in memory.
+
+use std::ops::Range;
+
+use crate::config::CHECKPOINT_CHUNK_BYTES;
+use crate::error::{EngineError, Result};
+
+use super::{Store, TablePart, EMPTY};
+
+impl TablePart {
+    /// Bytes one slot takes in a chunk.
+    fn slot_bytes(&self) -> usize {
+        match &self.store {
+            Store::Dense(_) => 4 * self.spec.dim as usize * (1 + self.updater.state_slots()),
+            Store::Sparse(sp) => 8 + 4 * sp.width,
+        }
+    }
+
+    /// Slots in the part: keys of a dense part, table slots of a sparse one.
+    fn slots(&self) -> u64 {
+        match &self.store {
+            Store::Dense(_) => self.owned.end - self.owned.start,
+            Store::Sparse(sp) => sp.keys.as_slice().len() as u64,
+        }
+    }
+
+    /// Slots per chunk (the last chunk may hold fewer).
+    pub fn chunk_slots(&self) -> u64 {
+        (CHECKPOINT_CHUNK_BYTES / self.slot_bytes()).max(1) as u64
+    }
+
+    /// Chunks in the part.
+    pub fn chunks(&self) -> u64 {
+        self.slots().div_ceil(self.chunk_slots())
+    }
+
+    /// The slots chunk `c` holds.
+    pub fn chunk_range(&self, c: u64) -> Range<u64> {
+        let per = self.chunk_slots();
+        c * per..((c + 1) * per).min(self.slots())
+    }
+
+    /// Bytes of chunk `c`'s payload.
+    pub fn chunk_payload_len(&self, c: u64) -> usize {
+        self.chunk_range(c).count() * self.slot_bytes()
+    }
+
+    /// Copies chunk `c`'s state into the start of `out` (at least
+    /// [`chunk_payload_len`](Self::chunk_payload_len) bytes); returns the bytes written.
+    pub fn save_chunk(&self, c: u64, out: &mut [u8]) -> usize {
+        let slots = self.chunk_range(c);
+        let len = self.chunk_payload_len(c);
+        let mut w = Writer { out: &mut out[..len], at: 0 };
+        let dim = self.spec.dim as usize;
+        let planar = slots.start as usize * dim..slots.end as usize * dim;
+        match &self.store {
+            Store::Dense(d) => {
+                for b in d.blocks_of(slots.clone()) {
+                    let held = d.layout.keys_of(b);
+                    let (lo, hi) = (held.start.max(slots.start), held.end.min(slots.end));
+                    w.put(&d.values(b)[(lo - held.start) as usize * dim..(hi - held.start) as usize * dim]);
+                }
+                for s in [&d.s0, &d.s1].into_iter().take(self.updater.state_slots()) {
+                    w.put(&s.as_slice()[planar.clone()]);
+                }
+            }
+            Store::Sparse(sp) => {
+                w.put(&sp.keys.as_slice()[slots.start as usize..slots.end as usize]);
+                w.put(&sp.records.as_slice()[slots.start as usize * sp.width..slots.end as usize * sp.width]);
+            }
+        }
+        assert_eq!(w.at, len, "a chunk's payload is exactly its slots' state");
+        len
+    }
+
+    /// Puts chunk `c`'s state back from `payload`, as [`save_chunk`](Self::save_chunk) wrote it.
+    /// Call [`finish_load`](Self::finish_load) once every chunk is in. A payload of the wrong
+    /// length is refused before anything changes.
+    pub fn load_chunk(&mut self, c: u64, payload: &[u8]) -> Result<()> {
+        let want = self.chunk_payload_len(c);
+        if c >= self.chunks() || payload.len() != want {
+            return Err(EngineError::Corrupt {
+                what: format!("table {} chunk {c}", self.id),
+                reason: format!("{} payload bytes where this part's chunk holds {want}", payload.len()),
+            });
+        }
+        let slots = self.chunk_range(c);
+        let dim = self.spec.dim as usize;
+        let planar = slots.start as usize * dim..slots.end as usize * dim;
+        let state_slots = self.updater.state_slots();
+        let mut r = Reader { bytes: payload, at: 0 };
+        match &mut self.store {
+            Store::Dense(d) => {
+                for b in d.blocks_of(slots.clone()) {
+                    let held = d.layout.keys_of(b);
+                    let (lo, hi) = (held.start.max(slots.start), held.end.min(slots.end));
+                    d.open(b);
+                    r.take(&mut d.values_mut(b)[(lo - held.start) as usize * dim..(hi - held.start) as usize * dim]);
+                    d.close(b);
+                }
+                for s in [&mut d.s0, &mut d.s1].into_iter().take(state_slots) {
+                    r.take(&mut s.as_mut_slice()[planar.clone()]);
+                }
+            }
+            Store::Sparse(sp) => {
+                r.take(&mut sp.keys.as_mut_slice()[slots.start as usize..slots.end as usize]);
+                let width = sp.width;
+                r.take(&mut sp.records.as_mut_slice()[slots.start as usize * width..slots.end as usize * width]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a load: sets the updater's step and the vector clocks to `segments` (as a manifest
+    /// lists them), writes every dense block's stamp, and recounts a sparse part's keys. Refuses
+    /// clocks or keys that cannot be this part's.
+    pub fn finish_load(&mut self, step: u64, segments: &[(u64, Vec<u64>)]) -> Result<()> {
+        self.clocks.restore(segments)?;
+        self.step = step;
+        let owned_start = self.owned.start;
+        match &mut self.store {
+            Store::Dense(d) => {
+                for b in 0..d.layout.blocks() {
+                    d.open(b);
+                    d.stamp(b, &self.clocks, owned_start);
+                    d.close(b);
+                }
+            }
+            Store::Sparse(sp) => {
+                let misplaced = sp.keys.as_slice().iter().enumerate().find(|(i, k)| **k != EMPTY && sp.probe(**k) != Ok(*i));
+                if let Some((slot, key)) = misplaced {
+                    return Err(EngineError::Corrupt {
+                        what: format!("table {}", self.id),
+                        reason: format!("key {key} sits in slot {slot}, where a lookup would not find it"),
+                    });
+                }
+                let len = sp.keys.as_slice().iter().filter(|k| **k != EMPTY).count();
+                if len > sp.limit {
+                    return Err(EngineError::Corrupt {
+                        what: format!("table {}", self.id),
+                        reason: format!("{len} keys loaded, over the part's limit of {}", sp.limit),
+                    });
+                }
+                sp.len = len;
+            }
+        }
+        self.dirty.fill(0);
+        Ok(())
+    }
+
+    /// Chunks changed since [`clear_dirty`](Self::clear_dirty), in order.
+    pub fn dirty_chunks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.dirty.iter().enumerate().flat_map(|(i, word)| {
+            (0..64).filter(move |bit| word & (1 << bit) != 0).map(move |bit| i as u64 * 64 + bit)
+        })
+    }
+
+    /// Forgets which chunks changed (a checkpoint took them).
+    pub fn clear_dirty(&mut self) {
+        self.dirty.fill(0);
+    }
+
+    /// Counts every chunk as changed (the first checkpoint writes them all).
+    pub fn mark_all_dirty(&mut self) {
+        let chunks = self.chunks();
+        for c in 0..chunks {
+            self.dirty[(c / 64) as usize] |= 1 << (c % 64);
+        }
+    }
+
+    /// Marks the chunks holding slots `slots` as changed.
+    pub(super) fn mark_dirty(&mut self, slots: Range<u64>) {
+        if slots.is_empty() {
+            return;
+        }
+        let per = self.chunk_slots();
+        for c in slots.start / per..=(slots.end - 1) / per {
+            self.dirty[(c / 64) as usize] |= 1 << (c % 64);
+        }
+    }
+
+}
+
+/// Appends plain values to a byte buffer.
+struct Writer<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    fn put<T: bytemuck::Pod>(&mut self, values: &[T]) {
+        let bytes: &[u8] = bytemuck::cast_slice(values);
+        self.out[self.at..self.at + bytes.len()].copy_from_slice(bytes);
+        self.at += bytes.len();
+    }
+}
+
+/// Takes plain values from a byte buffer (of any alignment).
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take<T: bytemuck::Pod>(&mut self, into: &mut [T]) {
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(into);
+        dst.copy_from_slice(&self.bytes[self.at..self.at + dst.len()]);
+        self.at += dst.len();
+    }
+}
