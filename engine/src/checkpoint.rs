@@ -23,6 +23,8 @@
 //! directory fsynced. A chunk not rewritten since an earlier checkpoint is still named in that
 //! earlier data file, which therefore stays until no kept manifest refers to it.
 
+pub mod store;
+
 use serde::{Deserialize, Serialize};
 use tessera_replication::TableSpec;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
