@@ -28,6 +28,8 @@ pub mod error;
 pub mod server;
 pub mod shard;
 pub mod table;
+#[cfg(test)]
+mod test_support;
 pub mod updater;
 pub mod wal;
 

@@ -1,29 +1,12 @@
 //! Real files, real io_uring (where the kernel has it) and the blocking backend, through the same
 //! tests.
 
-use std::path::PathBuf;
 
 use super::*;
+use crate::test_support::TempDir;
 
 const K4: usize = IO_ALIGN_BYTES;
 
-/// A fresh directory under the system's temp dir, removed at drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("tessera-disk-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn disk(blocking: bool) -> Disk {
     let cfg = DiskConfig { ring_entries: 32, files_max: 4, buffer_bytes: vec![4 * K4, 4 * K4], force_blocking: blocking };
@@ -52,7 +35,7 @@ fn wait_one(d: &mut Disk) -> Done {
 #[test]
 fn a_write_and_sync_chain_lands_and_reads_back() {
     both(|mut d, name| {
-        let dir = TempDir::new(&format!("rw-{name}"));
+        let dir = TempDir::new(&format!("disk-rw-{name}"));
         let f = d.open_file(&dir.0.join("data"), true).unwrap();
         let pattern: Vec<u8> = (0..2 * K4).map(|i| (i * 7 + 3) as u8).collect();
         d.buf_mut(BufId(0)).unwrap()[K4..3 * K4].copy_from_slice(&pattern);
@@ -80,7 +63,7 @@ fn a_buffer_is_not_lent_while_a_request_names_it() {
         println!("io_uring unavailable here: nothing is ever in flight");
         return;
     }
-    let dir = TempDir::new("busy");
+    let dir = TempDir::new("disk-busy");
     let f = d.open_file(&dir.0.join("data"), true).unwrap();
     d.submit(&[Op::Write { file: f, buf: BufId(0), span: 0..K4, offset: 0 }, Op::Sync { file: f }], 1).unwrap();
     assert!(d.buf_mut(BufId(0)).is_none(), "lent while in flight");
@@ -94,7 +77,7 @@ fn a_buffer_is_not_lent_while_a_request_names_it() {
 #[test]
 fn misaligned_or_out_of_bounds_requests_are_refused_and_nothing_is_submitted() {
     both(|mut d, name| {
-        let dir = TempDir::new(&format!("bad-{name}"));
+        let dir = TempDir::new(&format!("disk-bad-{name}"));
         let f = d.open_file(&dir.0.join("data"), true).unwrap();
         let bad = [
             Op::Write { file: f, buf: BufId(0), span: 0..100, offset: 0 },
@@ -119,7 +102,7 @@ fn misaligned_or_out_of_bounds_requests_are_refused_and_nothing_is_submitted() {
 #[test]
 fn a_failed_step_fails_the_chain_and_the_steps_after_it_do_not_run() {
     both(|mut d, name| {
-        let dir = TempDir::new(&format!("chain-{name}"));
+        let dir = TempDir::new(&format!("disk-chain-{name}"));
         let f = d.open_file(&dir.0.join("data"), true).unwrap();
         // Reading past the end of an empty file is a short read, so the write after it must not run.
         let read = Op::Read { file: f, buf: BufId(1), span: 0..K4, offset: 0 };
@@ -136,7 +119,7 @@ fn a_failed_step_fails_the_chain_and_the_steps_after_it_do_not_run() {
 #[test]
 fn opening_errors_name_the_file_and_the_reason() {
     both(|mut d, name| {
-        let dir = TempDir::new(&format!("open-{name}"));
+        let dir = TempDir::new(&format!("disk-open-{name}"));
         let missing = dir.0.join("missing");
         let err = d.open_file(&missing, false).unwrap_err().to_string();
         assert!(err.contains("missing") && err.contains("No such file"), "{name}: {err}");
@@ -160,7 +143,7 @@ fn bad_configurations_are_refused() {
 #[test]
 fn many_chains_in_flight_all_complete_with_their_tokens() {
     both(|mut d, name| {
-        let dir = TempDir::new(&format!("many-{name}"));
+        let dir = TempDir::new(&format!("disk-many-{name}"));
         let f = d.open_file(&dir.0.join("data"), true).unwrap();
         for token in 0..10u64 {
             d.submit(&[Op::Sync { file: f }], token).unwrap();

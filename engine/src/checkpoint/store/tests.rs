@@ -1,6 +1,5 @@
 //! Checkpoints written to and loaded from real files, through both disk backends.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tessera_replication::{TableKind, TableSpec};
@@ -8,25 +7,10 @@ use tessera_replication::{TableKind, TableSpec};
 use super::*;
 use crate::arena::Arena;
 use crate::disk::DiskConfig;
+use crate::test_support::TempDir;
 use crate::updater::UpdaterRegistry;
 use crate::EngineConfig;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("tessera-ckpt-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const BUF: BufId = BufId(0);
 
@@ -79,7 +63,7 @@ fn push_some(d: &mut TablePart, s: &mut TablePart, round: u64) {
 #[test]
 fn checkpoints_round_trip_and_later_ones_write_only_what_changed() {
     for blocking in [false, true] {
-        let dir = TempDir::new(if blocking { "rt-blocking" } else { "rt-uring" });
+        let dir = TempDir::new(if blocking { "ckpt-rt-blocking" } else { "ckpt-rt-uring" });
         let mut disk = disk(blocking);
         let (mut d, mut s) = parts();
         push_some(&mut d, &mut s, 1);
@@ -106,7 +90,7 @@ fn checkpoints_round_trip_and_later_ones_write_only_what_changed() {
 
 #[test]
 fn a_corrupt_chunk_or_manifest_falls_back_to_the_previous_checkpoint_and_says_why() {
-    let dir = TempDir::new("fallback");
+    let dir = TempDir::new("ckpt-fallback");
     let mut disk = disk(false);
     let (mut d, mut s) = parts();
     push_some(&mut d, &mut s, 1);
@@ -144,7 +128,7 @@ fn a_corrupt_chunk_or_manifest_falls_back_to_the_previous_checkpoint_and_says_wh
 
 #[test]
 fn an_empty_directory_has_no_checkpoint_and_a_leftover_temporary_is_ignored() {
-    let dir = TempDir::new("empty");
+    let dir = TempDir::new("ckpt-empty");
     let mut disk = disk(false);
     std::fs::write(dir.0.join("MANIFEST-00000009.tmp"), b"half written").unwrap();
     let found = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("skipped {seq}: {e}")).unwrap();
