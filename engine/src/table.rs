@@ -50,8 +50,8 @@ pub struct TablePart {
     step: u64,
     store: Store,
     stats: PartStats,
-    /// One bit per checkpoint chunk a push changed since the last checkpoint ([`chunks`]).
-    dirty: Box<[u64]>,
+    /// Which checkpoint chunks pushes changed since the last checkpoint ([`chunks`]).
+    dirty: chunks::Dirty,
 }
 
 #[derive(Debug)]
@@ -122,9 +122,9 @@ impl TablePart {
             step: 0,
             store,
             stats: PartStats::default(),
-            dirty: Box::default(),
+            dirty: chunks::Dirty::default(),
         };
-        part.dirty = vec![0; part.chunks().div_ceil(64) as usize].into_boxed_slice();
+        part.dirty = chunks::Dirty::new(part.chunks());
         Ok(part)
     }
 
@@ -348,20 +348,19 @@ impl TablePart {
                 for (i, &k) in keys.iter().enumerate() {
                     let (v, s0, s1) = d.key_mut(k - self.owned.start);
                     skipped += ctx.run(v, s0, s1, &grads[i * dim..(i + 1) * dim]);
+                    self.dirty.mark((k - self.owned.start) / per);
                 }
                 blocks
                     .clone()
                     .for_each(|b| d.stamp(b, &self.clocks, self.owned.start));
                 fence(Ordering::Release);
                 blocks.for_each(|b| d.close(b));
-                self.mark_dirty(span.start - self.owned.start..span.end - self.owned.start);
             }
             Store::Sparse(sp) => {
                 for (i, &k) in keys.iter().enumerate() {
                     let (slot, (v, s0, s1)) = sp.record_mut(k, &self.spec, self.updater.as_ref());
                     skipped += ctx.run(v, s0, s1, &grads[i * dim..(i + 1) * dim]);
-                    let c = slot as u64 / per;
-                    self.dirty[(c / 64) as usize] |= 1 << (c % 64);
+                    self.dirty.mark(slot as u64 / per);
                 }
             }
         }

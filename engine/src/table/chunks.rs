@@ -150,28 +150,25 @@ impl TablePart {
                 sp.len = len;
             }
         }
-        self.dirty.fill(0);
+        self.clear_dirty();
         Ok(())
     }
 
     /// Chunks changed since [`clear_dirty`](Self::clear_dirty), in order.
     pub fn dirty_chunks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.dirty.iter().enumerate().flat_map(|(i, word)| {
+        self.dirty.0.iter().enumerate().flat_map(|(i, word)| {
             (0..64).filter(move |bit| word & (1 << bit) != 0).map(move |bit| i as u64 * 64 + bit)
         })
     }
 
     /// Forgets which chunks changed (a checkpoint took them).
     pub fn clear_dirty(&mut self) {
-        self.dirty.fill(0);
+        self.dirty.0.fill(0);
     }
 
     /// Counts every chunk as changed (the first checkpoint writes them all).
     pub fn mark_all_dirty(&mut self) {
-        let chunks = self.chunks();
-        for c in 0..chunks {
-            self.dirty[(c / 64) as usize] |= 1 << (c % 64);
-        }
+        (0..self.chunks()).for_each(|c| self.dirty.mark(c));
     }
 
     /// Marks the chunks holding slots `slots` as changed.
@@ -180,11 +177,22 @@ impl TablePart {
             return;
         }
         let per = self.chunk_slots();
-        for c in slots.start / per..=(slots.end - 1) / per {
-            self.dirty[(c / 64) as usize] |= 1 << (c % 64);
-        }
+        (slots.start / per..=(slots.end - 1) / per).for_each(|c| self.dirty.mark(c));
+    }
+}
+
+/// One bit per checkpoint chunk: set when a push changes the chunk. Sized when the part is made.
+#[derive(Debug, Default)]
+pub(super) struct Dirty(Box<[u64]>);
+
+impl Dirty {
+    pub(super) fn new(chunks: u64) -> Self {
+        Self(vec![0; chunks.div_ceil(64) as usize].into_boxed_slice())
     }
 
+    pub(super) fn mark(&mut self, chunk: u64) {
+        self.0[(chunk / 64) as usize] |= 1 << (chunk % 64);
+    }
 }
 
 /// Appends plain values to a byte buffer.

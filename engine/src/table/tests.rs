@@ -722,6 +722,10 @@ fn pushes_mark_exactly_the_chunks_they_touch() {
     assert_eq!(p.dirty_chunks().collect::<Vec<_>>(), vec![3, 4, 5, 6]);
     p.clear_dirty();
     assert_eq!(p.dirty_chunks().count(), 0);
+    // A key-list push marks its keys' chunks, not every chunk between them.
+    p.push(&[1, per * 5 + 2], &[1.0, 1.0], 0, 3).unwrap();
+    assert_eq!(p.dirty_chunks().collect::<Vec<_>>(), vec![0, 5]);
+    p.clear_dirty();
     p.mark_all_dirty();
     assert_eq!(p.dirty_chunks().count() as u64, p.chunks());
 

@@ -64,7 +64,8 @@ fn spin<E>(
     deadline: Option<Instant>,
     mut poll: impl FnMut() -> std::result::Result<bool, E>,
 ) -> std::result::Result<bool, E> {
-    let mut end = None;
+    // The clock is first read after the first round of polls, so a quick completion costs none.
+    let mut until = None;
     loop {
         for _ in 0..POLLS_PER_CLOCK_READ {
             if poll()? {
@@ -73,7 +74,7 @@ fn spin<E>(
             std::hint::spin_loop();
         }
         let now = Instant::now();
-        let end = *end.get_or_insert_with(|| deadline.map_or(now + spin, |d| d.min(now + spin)));
+        let end = *until.get_or_insert_with(|| deadline.map_or(now + spin, |d| d.min(now + spin)));
         if now >= end {
             return Ok(false);
         }
