@@ -64,7 +64,7 @@ fn write_chunks(
 ) -> Result<(Vec<PartManifest>, Written)> {
     let mut written = Written { seq, chunks_written: 0, chunks_kept: 0, bytes: 0 };
     let mut tables = Vec::with_capacity(parts.len());
-    let mut offset = 0u64;
+    let (mut offset, mut filled) = (0u64, 0usize);
     for part in parts.iter_mut() {
         let earlier = prev.and_then(|m| m.tables.iter().find(|t| t.table == part.id && t.spec == part.spec));
         let earlier = earlier.filter(|t| t.chunks.len() as u64 == part.chunks() && t.chunk_slots == part.chunk_slots());
@@ -87,21 +87,25 @@ fn write_chunks(
                 lsn,
                 ..ChunkHeader::default()
             };
-            let out = disk.buf_mut(buf).expect("no request names the buffer between chains");
             let need = ChunkHeader::disk_len(header.payload_len as usize);
-            if need > out.len() {
+            let room = disk.buf(buf).len();
+            if need > room {
                 return Err(EngineError::BadConfig {
                     field: "checkpoint buffer",
-                    value: out.len().to_string(),
+                    value: room.to_string(),
                     reason: format!("a chunk of table {} takes {need} bytes", part.id),
                 });
             }
+            // Chunks gather in the buffer and go out in one write when the next would not fit.
+            if filled + need > room {
+                flush(disk, buf, data, &mut offset, &mut filled)?;
+            }
+            let out = &mut disk.buf_mut(buf).expect("no request names the buffer between chains")[filled..];
             part.save_chunk(c, &mut out[CHUNK_HEADER_BYTES..]);
             let len = header.seal(out);
             let crc = u32::from_le_bytes(out[4..8].try_into().expect("4 bytes"));
-            run(disk, &[Op::Write { file: data, buf, span: 0..len, offset }])?;
-            chunks[c as usize] = ChunkRef { file: seq, offset, len: len as u32, crc };
-            offset += len as u64;
+            chunks[c as usize] = ChunkRef { file: seq, offset: offset + filled as u64, len: len as u32, crc };
+            filled += len;
             written.chunks_written += 1;
             written.chunks_kept -= 1;
             written.bytes += len as u64;
@@ -118,8 +122,19 @@ fn write_chunks(
             chunks,
         });
     }
+    flush(disk, buf, data, &mut offset, &mut filled)?;
     run(disk, &[Op::Sync { file: data }])?;
     Ok((tables, written))
+}
+
+/// Writes the `filled` bytes gathered in `buf` at `offset` of `file`, and moves past them.
+fn flush(disk: &mut Disk, buf: BufId, file: FileId, offset: &mut u64, filled: &mut usize) -> Result<()> {
+    if *filled > 0 {
+        run(disk, &[Op::Write { file, buf, span: 0..*filled, offset: *offset }])?;
+        *offset += *filled as u64;
+        *filled = 0;
+    }
+    Ok(())
 }
 
 /// Writes `manifest` under a temporary name, fsyncs it, renames it into place and fsyncs `dir`.
