@@ -20,6 +20,12 @@ const _: () = assert!(IO_CHAIN_OPS_MAX <= 256, "a completion tag keeps the step 
 /// Bytes of state per checkpoint chunk (about: chunks hold whole slots): the unit a checkpoint
 /// rewrites when a push changed any of it.
 pub const CHECKPOINT_CHUNK_BYTES: usize = 64 << 10;
+/// Bytes of each of a shard's two log buffers by default: one fills while the other is written.
+/// A push whose log record is larger is refused in `wal` mode (raise `--wal-buffer-bytes`).
+pub const WAL_BUFFER_BYTES_DEFAULT: usize = 8 << 20;
+/// Bytes of a shard's checkpoint buffer: chunks gather here and go out in one write.
+pub const CHECKPOINT_BUFFER_BYTES: usize = 1 << 20;
+const _: () = assert!(CHECKPOINT_BUFFER_BYTES >= 2 * CHECKPOINT_CHUNK_BYTES, "a chunk and its header fit");
 /// Most shards one server runs.
 pub const SHARDS_MAX: u16 = 256;
 /// Sparse tables never fill past this share of their slots, so probes stay short.
@@ -28,6 +34,42 @@ pub const SPARSE_LOAD_PERCENT_MAX: u64 = 75;
 pub const SPARSE_SLOTS_MIN: u64 = 1024;
 const _: () = assert!(SPARSE_SLOTS_MIN.is_power_of_two(), "slot counts are powers of two: probing masks");
 const _: () = assert!(SPARSE_LOAD_PERCENT_MAX < 100, "an open-addressing table needs an empty slot");
+
+/// What survives a crash (`--durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Memory only.
+    #[default]
+    None,
+    /// Checkpoints every `checkpoint_interval_s`: a crash loses at most one interval.
+    Checkpoint,
+    /// Checkpoints, and every applied push logged before it is acknowledged: a crash loses no
+    /// acknowledged push.
+    Wal,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Durability::None),
+            "checkpoint" => Ok(Durability::Checkpoint),
+            "wal" => Ok(Durability::Wal),
+            _ => Err(format!("{s:?} is not a durability level: none, checkpoint or wal")),
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Durability::None => "none",
+            Durability::Checkpoint => "checkpoint",
+            Durability::Wal => "wal",
+        })
+    }
+}
 
 /// Knobs for one server's engine.
 #[derive(Debug, Clone)]
@@ -47,6 +89,16 @@ pub struct EngineConfig {
     pub clock_segments_max: usize,
     /// Keys a sparse table holds across all shards when its spec does not say.
     pub sparse_capacity_keys_default: u64,
+    /// What survives a crash; anything but `None` needs `data_dir`.
+    pub durability: Durability,
+    /// Where checkpoints, logs and the catalog live (one directory per shard inside).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Seconds between checkpoints; 0 takes none but on demand.
+    pub checkpoint_interval_s: u64,
+    /// Bytes of each of a shard's two log buffers (see [`WAL_BUFFER_BYTES_DEFAULT`]).
+    pub wal_buffer_bytes: usize,
+    /// Write with `pwrite`/`fsync` even where io_uring works (tests run both).
+    pub disk_force_blocking: bool,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +110,11 @@ impl Default for EngineConfig {
             dense_block_bytes: 256,
             clock_segments_max: 1024,
             sparse_capacity_keys_default: 4 << 20,
+            durability: Durability::None,
+            data_dir: None,
+            checkpoint_interval_s: 60,
+            wal_buffer_bytes: WAL_BUFFER_BYTES_DEFAULT,
+            disk_force_blocking: false,
         }
     }
 }
@@ -87,6 +144,12 @@ impl EngineConfig {
         }
         if self.sparse_capacity_keys_default == 0 {
             return bad("sparse_capacity_keys_default", "0".into(), "must be at least 1");
+        }
+        if self.durability != Durability::None && self.data_dir.is_none() {
+            return bad("durability", self.durability.to_string(), "needs a data directory (--data-dir)");
+        }
+        if self.wal_buffer_bytes < IO_ALIGN_BYTES || !self.wal_buffer_bytes.is_multiple_of(IO_ALIGN_BYTES) {
+            return bad("wal_buffer_bytes", self.wal_buffer_bytes.to_string(), "must be a positive multiple of 4096");
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 //! - [`disk`]: O_DIRECT file I/O on the shard's own io_uring ring (pwrite/fsync where there is none);
 //! - [`checkpoint`]: the checkpoint's chunk format and the manifest that names the chunks;
 //! - [`wal`]: the write-ahead log's record format, its commit batches and its replaying reader;
+//! - [`durable`]: one shard's log with group commit, its checkpoints and its recovery;
 //! - [`updater`]: the server-side update functions (`sum`, `assign`, `sgd`, `adagrad`, `adam`, `ftrl`,
 //!   and user-defined ones through the [`updater::Updater`] trait);
 //! - [`clock`]: vector-clock stamps over key ranges, which split and merge;
@@ -24,6 +25,7 @@ pub mod checkpoint;
 pub mod clock;
 pub mod config;
 pub mod disk;
+pub mod durable;
 pub mod error;
 pub mod server;
 pub mod shard;

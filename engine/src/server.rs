@@ -16,7 +16,9 @@ use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
 use tessera_replication::placement;
 use tessera_transport::{select, Op, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
 
-use crate::config::EngineConfig;
+use crate::checkpoint::store::Written;
+use crate::config::{Durability, EngineConfig};
+use crate::durable::RecoveryReport;
 use crate::error::{EngineError, Result};
 use crate::shard::{Shard, ShardControl, ShardStats};
 use crate::updater::UpdaterRegistry;
@@ -25,6 +27,8 @@ use crate::updater::UpdaterRegistry;
 const SHARD_CONTROL_QUEUE_MAX: usize = 64;
 /// How long the control plane waits for a shard to map a table or report.
 const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a shard may take to load its checkpoint and replay its log.
+const SHARD_RECOVERY_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Everything a server is started with.
 #[derive(Debug, Clone)]
@@ -73,6 +77,7 @@ pub struct Server {
     shards: Vec<ShardHandle>,
     control_waker: Waker,
     threads: Vec<JoinHandle<()>>,
+    recovery: Vec<RecoveryReport>,
 }
 
 impl Server {
@@ -118,8 +123,19 @@ impl Server {
             threads.push(spawned.map_err(|e| EngineError::Io(format!("cannot start a shard thread: {e}")))?);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let mut control = ControlPlane { info, catalog: Catalog { server_index: cfg.server_index, tables: Vec::new() }, registry, shards: shards.clone() };
-        let mut server = Server { addr, stop: stop.clone(), shards, control_waker: control_ep.waker(), threads };
+        let catalog_file = cfg.engine.data_dir.clone().filter(|_| cfg.engine.durability != Durability::None).map(|d| d.join(CATALOG_FILE));
+        let mut control = ControlPlane {
+            info,
+            catalog: Catalog { server_index: cfg.server_index, tables: Vec::new() },
+            registry,
+            shards: shards.clone(),
+            catalog_file,
+            recovery: Vec::new(),
+        };
+        let mut server =
+            Server { addr, stop: stop.clone(), shards, control_waker: control_ep.waker(), threads, recovery: Vec::new() };
+        control.recover()?;
+        server.recovery.clone_from(&control.recovery);
         for spec in cfg.tables {
             control.create_table(spec)?;
         }
@@ -134,6 +150,11 @@ impl Server {
         server.threads.push(thread.map_err(|e| EngineError::Io(format!("cannot start the control thread: {e}")))?);
         tracing::info!(%addr, shards = server.shards.len(), transport = chosen.name(), "serving");
         Ok(server)
+    }
+
+    /// What each shard recovered from the data directory at start-up (empty without durability).
+    pub fn recovery(&self) -> &[RecoveryReport] {
+        &self.recovery
     }
 
     /// The address the server listens on (useful with port 0).
@@ -176,15 +197,120 @@ impl Drop for Server {
     }
 }
 
+/// The catalog's file in the data directory: the tables, so that a restarted server makes the
+/// same ones (same ids, same parts) before its shards load their checkpoints.
+const CATALOG_FILE: &str = "catalog.json";
+
+/// What the catalog file holds.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CatalogFile {
+    servers: u32,
+    server_index: u32,
+    shards: u16,
+    tables: Vec<TableSpec>,
+}
+
 /// The control plane's state, owned by the control thread.
 struct ControlPlane {
     info: ServerInfo,
     catalog: Catalog,
     registry: UpdaterRegistry,
     shards: Vec<ShardHandle>,
+    /// Where the catalog is kept, when the server keeps anything on disk.
+    catalog_file: Option<std::path::PathBuf>,
+    /// What each shard recovered at start-up.
+    recovery: Vec<RecoveryReport>,
 }
 
 impl ControlPlane {
+    /// Remakes the tables the catalog file names, then has every shard load its newest
+    /// checkpoint and replay its log. Says what was recovered.
+    fn recover(&mut self) -> Result<()> {
+        let Some(path) = self.catalog_file.clone() else { return Ok(()) };
+        let disk_err = |op, e: std::io::Error| EngineError::Disk { op, path: path.display().to_string(), reason: e.to_string() };
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let file: CatalogFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| EngineError::Corrupt { what: path.display().to_string(), reason: e.to_string() })?;
+                let (servers, index, shards) = (self.info.servers, self.info.server_index, self.info.shards);
+                if (file.servers, file.server_index, file.shards) != (servers, index, shards) {
+                    return Err(EngineError::BadConfig {
+                        field: "data_dir",
+                        value: path.display().to_string(),
+                        reason: format!(
+                            "it was written by server {} of {} with {} shards; this one is server {index} of {servers} with {shards} (start with --shards {})",
+                            file.server_index, file.servers, file.shards, file.shards
+                        ),
+                    });
+                }
+                for spec in file.tables {
+                    self.create_table(spec)?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(disk_err("read", e)),
+        }
+        let mut waiting = Vec::new();
+        for shard in 0..self.shards.len() {
+            let (done, rx) = channel::bounded(1);
+            self.send(shard as u16, ShardControl::Recover { done })?;
+            waiting.push(rx);
+        }
+        for (shard, rx) in waiting.into_iter().enumerate() {
+            let report = rx.recv_timeout(SHARD_RECOVERY_TIMEOUT).map_err(|_| EngineError::Io(format!("shard {shard} did not finish recovery")))??;
+            if let Some(r) = report {
+                tracing::info!(
+                    shard,
+                    checkpoint = ?r.checkpoint,
+                    checkpoint_lsn = r.checkpoint_lsn,
+                    records_replayed = r.records_replayed,
+                    next_lsn = r.next_lsn,
+                    log = %r.log_end,
+                    tables = ?r.tables,
+                    "recovered"
+                );
+                for f in &r.fallbacks {
+                    tracing::warn!(shard, "passed over {f}");
+                }
+                self.recovery.push(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the catalog file: to a temporary name, fsynced, renamed, and the directory fsynced.
+    fn save_catalog(&self) -> Result<()> {
+        let Some(path) = &self.catalog_file else { return Ok(()) };
+        let file = CatalogFile {
+            servers: self.info.servers,
+            server_index: self.info.server_index,
+            shards: self.info.shards,
+            tables: self.catalog.tables.iter().map(|t| t.spec.clone()).collect(),
+        };
+        let tmp = path.with_extension("json.tmp");
+        let dir = path.parent().expect("the catalog lives in the data directory");
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(dir)?;
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&file).expect("plain data"))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| EngineError::Disk { op: "write", path: path.display().to_string(), reason: e.to_string() })
+    }
+
+    /// Has every shard take a checkpoint now; what each wrote.
+    fn checkpoint(&self) -> Result<Vec<Option<Written>>> {
+        let mut out = Vec::new();
+        for shard in 0..self.shards.len() {
+            let (done, rx) = channel::bounded(1);
+            self.send(shard as u16, ShardControl::Checkpoint { done })?;
+            out.push(rx.recv_timeout(SHARD_REPLY_TIMEOUT).map_err(|_| EngineError::Io(format!("shard {shard} did not answer")))??);
+        }
+        Ok(out)
+    }
+
     /// Creates `spec` on every shard, or on none: a failure drops the parts already made.
     fn create_table(&mut self, spec: TableSpec) -> Result<TableEntry> {
         spec.validate().map_err(|e| EngineError::BadTable { name: spec.name.clone(), reason: e.to_string() })?;
@@ -219,6 +345,14 @@ impl ControlPlane {
         let entry = TableEntry { id, spec, parts };
         tracing::info!(table = %entry.spec.name, id, parts = entry.parts.len(), "table created");
         self.catalog.tables.push(entry.clone());
+        if let Err(e) = self.save_catalog() {
+            // The table exists in memory; a restart would not know it. Say so, and undo.
+            self.catalog.tables.pop();
+            for part in &entry.parts {
+                let _ = self.send(part.shard, ShardControl::DropTable { id });
+            }
+            return Err(e);
+        }
         Ok(entry)
     }
 
@@ -249,8 +383,21 @@ impl ControlPlane {
                 reply.ok_bytes(&json(&entry));
             }
             Some(Op::Status) => {
-                let status = StatusReport { info: self.info.clone(), catalog: self.catalog.clone(), shards: self.status()? };
+                let status = StatusReport {
+                    info: self.info.clone(),
+                    catalog: self.catalog.clone(),
+                    shards: self.status()?,
+                    recovery: self.recovery.clone(),
+                };
                 reply.ok_bytes(&json(&status));
+            }
+            Some(Op::Checkpoint) => {
+                if self.catalog_file.is_none() {
+                    return Err(EngineError::BadRequest {
+                        reason: "this server keeps nothing on disk; start it with --durability checkpoint or wal and --data-dir".into(),
+                    });
+                }
+                reply.ok_bytes(&json(&self.checkpoint()?));
             }
             _ => {
                 return Err(EngineError::BadRequest {
@@ -268,6 +415,8 @@ pub struct StatusReport {
     pub info: ServerInfo,
     pub catalog: Catalog,
     pub shards: Vec<ShardStats>,
+    /// What each shard recovered at start-up (empty without durability).
+    pub recovery: Vec<RecoveryReport>,
 }
 
 /// A control reply body.

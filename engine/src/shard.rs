@@ -14,10 +14,14 @@ use tessera_transport::wire::{self, Header, Op, HEADER_BYTES};
 use tessera_transport::{Reply, Request, Service, ShardTransport};
 
 use crate::arena::Arena;
+use crate::checkpoint::store::Written;
+use crate::checkpoint::PartManifest;
 use crate::config::EngineConfig;
+use crate::durable::{DiskStats, RecoveryReport, ShardDisk};
 use crate::error::{EngineError, Result};
 use crate::table::{PartStats, TablePart};
 use crate::updater::Updater;
+use crate::wal::{Record, Target};
 
 /// Messages from the control plane to a shard.
 #[derive(Debug)]
@@ -28,6 +32,11 @@ pub enum ShardControl {
     DropTable { id: u32 },
     /// Report counters.
     Stats { done: Sender<ShardStats> },
+    /// Load the newest checkpoint and replay the log into the parts just added (start-up, once
+    /// the catalog's tables are made). `None` when the engine keeps nothing on disk.
+    Recover { done: Sender<Result<Option<RecoveryReport>>> },
+    /// Take a checkpoint now. `None` when the engine keeps nothing on disk.
+    Checkpoint { done: Sender<Result<Option<Written>>> },
     /// Leave the loop.
     Shutdown,
 }
@@ -39,6 +48,8 @@ pub struct ShardStats {
     pub connections: usize,
     pub bytes_mapped: usize,
     pub bytes_locked: usize,
+    /// Log and checkpoint counters, when the shard keeps anything on disk.
+    pub disk: Option<DiskStats>,
     pub tables: Vec<PartReport>,
 }
 
@@ -68,32 +79,106 @@ pub struct Shard {
     control: Receiver<ShardControl>,
     connections: usize,
     stop: bool,
+    /// The shard's log and checkpoints (opened on the shard's thread), or why it could not open.
+    disk: Option<ShardDisk>,
+    disk_error: Option<EngineError>,
 }
 
 impl Shard {
     /// A shard with no tables yet.
     pub fn new(id: u16, cfg: Arc<EngineConfig>, control: Receiver<ShardControl>) -> Self {
-        Self { id, cfg, arena: Arena::default(), tables: Vec::new(), control, connections: 0, stop: false }
+        let (disk, disk_error) = (None, None);
+        Self { id, cfg, arena: Arena::default(), tables: Vec::new(), control, connections: 0, stop: false, disk, disk_error }
     }
 
-    /// Serves until told to shut down.
+    /// Serves until told to shut down. The shard's disk ring is made here, on its own thread,
+    /// and the loop sleeps on its completions beside the network.
     pub fn run(mut self, transport: &mut dyn ShardTransport) {
+        match ShardDisk::open(self.id, &self.cfg) {
+            Ok(disk) => self.disk = disk,
+            Err(e) => self.disk_error = Some(e),
+        }
+        if let Some(fd) = self.disk.as_ref().and_then(ShardDisk::event_fd) {
+            if let Err(e) = transport.watch(fd) {
+                self.disk_error = Some(EngineError::Io(format!("cannot watch the disk ring: {e}")));
+            }
+        }
         while !self.stop {
             self.connections = transport.connections();
+            self.pump_disk();
             if let Err(e) = transport.poll(&mut self, None) {
                 tracing::error!(shard = self.id, error = %e, "poll failed");
             }
+            // Start the commit of what was just served before sleeping again.
+            self.pump_disk();
+        }
+        if let Some(disk) = self.disk.as_mut() {
+            // Replies still held die with their connections; what is logged stays logged.
+            let _ = disk.pump();
         }
         tracing::debug!(shard = self.id, "shard stopped");
     }
 
-    fn part(&mut self, header: &Header) -> Result<&mut TablePart> {
-        let part = self.tables.get_mut(header.table as usize).and_then(Option::as_mut);
-        let part = part.ok_or(EngineError::UnknownTable { table: header.table })?;
-        if header.dim != part.spec.dim {
-            return Err(EngineError::WrongDim { table: header.table, table_dim: part.spec.dim, request_dim: header.dim });
+    /// Collects finished log commits, starts the next, and takes a checkpoint when one is due.
+    fn pump_disk(&mut self) {
+        let Some(disk) = self.disk.as_mut() else { return };
+        disk.pump();
+        if disk.checkpoint_due() {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(shard = self.id, error = %e, "checkpoint failed; the previous one stays, and the next is tried an interval later");
+            }
         }
-        Ok(part)
+    }
+
+    /// Writes a checkpoint of every part now.
+    fn checkpoint(&mut self) -> Result<Option<Written>> {
+        let Some(disk) = self.disk.as_mut() else { return Ok(None) };
+        let mut parts: Vec<&mut TablePart> = self.tables.iter_mut().flatten().collect();
+        let started = std::time::Instant::now();
+        let written = disk.checkpoint(&mut parts)?;
+        tracing::info!(
+            shard = self.id,
+            seq = written.seq,
+            chunks_written = written.chunks_written,
+            chunks_kept = written.chunks_kept,
+            bytes = written.bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "checkpoint written"
+        );
+        Ok(Some(written))
+    }
+
+    /// Loads what the disk holds into the parts the catalog just made (see [`ShardControl::Recover`]).
+    fn recover(&mut self, expose: &mut dyn FnMut(Exposure)) -> Result<Option<RecoveryReport>> {
+        if let Some(e) = self.disk_error.take() {
+            return Err(e);
+        }
+        let Some(disk) = self.disk.as_mut() else { return Ok(None) };
+        let placed: Vec<_> = self.tables.iter().map(|t| t.as_ref().map(|t| (t.spec.clone(), t.owned(), t.updater()))).collect();
+        let (shard, cfg, arena) = (self.id, self.cfg.clone(), &mut self.arena);
+        let mut build = |m: &PartManifest| {
+            let mismatch = |reason: String| EngineError::Corrupt { what: format!("the checkpoint's table {}", m.table), reason };
+            let Some(Some((spec, owned, updater))) = placed.get(m.table as usize) else {
+                return Err(mismatch(format!("the catalog places no table {} on shard {shard}", m.table)));
+            };
+            if *spec != m.spec || (owned.start, owned.end) != m.owned {
+                return Err(mismatch(format!("it is {:?} over {:?}, the catalog has {spec:?} over {owned:?}", m.spec, m.owned)));
+            }
+            TablePart::new(m.table, shard, spec.clone(), owned.clone(), updater.clone(), &cfg, arena)
+        };
+        let report = disk.recover(&mut self.tables, &mut build)?;
+        // Parts loaded from a checkpoint replaced the fresh ones: show workers the new memory.
+        for t in self.tables.iter().flatten() {
+            if let Some(view) = t.dense_view() {
+                expose(Exposure::Remove { table: t.id });
+                expose(Exposure::Add(view));
+            }
+        }
+        Ok(Some(report))
+    }
+
+    fn part(&mut self, header: &Header) -> Result<&mut TablePart> {
+        part_of(&mut self.tables, header)
     }
 
     fn control(&mut self, msg: ShardControl, expose: &mut dyn FnMut(Exposure)) {
@@ -121,6 +206,12 @@ impl Shard {
             ShardControl::Stats { done } => {
                 let _ = done.send(self.stats());
             }
+            ShardControl::Recover { done } => {
+                let _ = done.send(self.recover(expose));
+            }
+            ShardControl::Checkpoint { done } => {
+                let _ = done.send(self.checkpoint());
+            }
             ShardControl::Shutdown => self.stop = true,
         }
     }
@@ -145,7 +236,8 @@ impl Shard {
                 stats: t.stats(),
             }
         });
-        ShardStats { shard: self.id, connections: self.connections, bytes_mapped, bytes_locked, tables: tables.collect() }
+        let disk = self.disk.as_ref().map(|d| d.stats);
+        ShardStats { shard: self.id, connections: self.connections, bytes_mapped, bytes_locked, disk, tables: tables.collect() }
     }
 
     fn serve_data(&mut self, req: &Request<'_>, reply: &mut Reply<'_>) -> Result<()> {
@@ -156,17 +248,21 @@ impl Shard {
         match h.op() {
             Some(Op::Push) => {
                 let (keys, grads) = wire::keys_and_values(req.body, h.count as usize).map_err(bad)?;
-                let part = self.part(&h)?;
+                let log = self.reserve_log(&h, Target::Keys(keys), grads)?;
+                let part = part_of(&mut self.tables, &h)?;
                 let span = part.push(keys, grads, h.worker, h.clock)?;
                 let (stamp, _) = reply.ok(part.stamp_len(), 0);
                 part.stamp_into(span, stamp);
+                self.log(log, reply);
             }
             Some(Op::PushRange) => {
                 let grads = wire::cast_slice::<f32>(req.body, "values").map_err(bad)?;
-                let part = self.part(&h)?;
+                let log = self.reserve_log(&h, Target::Range { start: h.start }, grads)?;
+                let part = part_of(&mut self.tables, &h)?;
                 let span = part.push_range(h.start, h.count as usize, grads, h.worker, h.clock)?;
                 let (stamp, _) = reply.ok(part.stamp_len(), 0);
                 part.stamp_into(span, stamp);
+                self.log(log, reply);
             }
             Some(Op::Pull) => {
                 let keys = wire::cast_slice::<u64>(req.body, "keys").map_err(bad)?;
@@ -200,6 +296,34 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// In `wal` mode, the push's log record, with room made for it before the push is applied
+    /// (a push that cannot be logged is refused, not applied); `None` otherwise.
+    fn reserve_log<'a>(&mut self, h: &Header, target: Target<'a>, values: &'a [f32]) -> Result<Option<Record<'a>>> {
+        let Some(disk) = self.disk.as_mut().filter(|d| d.logs()) else { return Ok(None) };
+        let record = Record { lsn: 0, table: h.table, worker: h.worker, clock: h.clock, dim: h.dim, target, values };
+        disk.reserve(record.encoded_len())?;
+        Ok(Some(record))
+    }
+
+    /// Appends an applied push's record and holds its reply until the record is durable.
+    fn log(&mut self, record: Option<Record<'_>>, reply: &mut Reply<'_>) {
+        if let (Some(record), Some(disk)) = (record, self.disk.as_mut()) {
+            reply.hold_until(disk.append(record));
+        }
+    }
+}
+
+/// The part of the table a request names, checked against the request's dim.
+fn part_of<'a>(tables: &'a mut [Option<TablePart>], header: &Header) -> Result<&'a mut TablePart> {
+    let part = tables.get_mut(header.table as usize).and_then(Option::as_mut);
+    let part = part.ok_or(EngineError::UnknownTable { table: header.table })?;
+    if header.dim != part.spec.dim {
+        return Err(EngineError::WrongDim { table: header.table, table_dim: part.spec.dim, request_dim: header.dim });
+    }
+    Ok(part)
+}
+
 /// Refuses a pull whose reply could not be sent.
 fn check_reply(stamp_len: usize, values: usize, limit: usize) -> Result<()> {
     let bytes = HEADER_BYTES + stamp_len * 8 + values * 4;
@@ -220,5 +344,9 @@ impl Service for Shard {
         while let Ok(msg) = self.control.try_recv() {
             self.control(msg, expose);
         }
+    }
+
+    fn durable(&self) -> u64 {
+        self.disk.as_ref().map_or(u64::MAX, ShardDisk::durable)
     }
 }

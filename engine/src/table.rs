@@ -128,6 +128,11 @@ impl TablePart {
         Ok(part)
     }
 
+    /// The updater this part applies pushes with.
+    pub fn updater(&self) -> Arc<dyn Updater> {
+        self.updater.clone()
+    }
+
     /// Pushes applied so far: the step updaters see (Adam's bias correction counts it).
     pub fn step(&self) -> u64 {
         self.step

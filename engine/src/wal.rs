@@ -305,6 +305,11 @@ impl Batch {
         self.records == 0
     }
 
+    /// Bytes appended so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     pub fn records(&self) -> u64 {
         self.records
     }

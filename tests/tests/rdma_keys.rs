@@ -21,7 +21,9 @@ use tessera_replication::{TableKind, TableSpec};
 use tessera_tests::raw;
 use tessera_transport::rdma::verbs::Device;
 use tessera_transport::rdma::RdmaLink;
+use tessera_transport::wire::{padded, ShortHeader};
 use tessera_transport::{Chosen, Link, RdmaConfig, Status, TransportConfig, TransportError, TransportKind};
+use zerocopy::IntoBytes;
 
 /// Keys of the test table, all on shard 0 (the server has one shard).
 const KEYS: u64 = 64;
@@ -220,4 +222,51 @@ fn a_worker_writing_with_a_made_up_rkey_gets_an_error_and_the_server_serves_on()
     let mut again = f.link(3);
     expect_served(push(&mut again, f.id, 3, &[10], 4.0), "the guesser, reconnected with its own keys");
     assert_eq!(f.values(), expected(&[(9, 1.0), (9, 2.0), (10, 2.0), (10, 4.0)]), "only the served pushes");
+}
+
+/// A frame as bytes: `head` (a short or a long header), then `body` padded to 8.
+fn frame(head: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut bytes = head.to_vec();
+    bytes.extend_from_slice(body);
+    bytes.resize(head.len() + padded(body.len()), 0);
+    bytes
+}
+
+#[test]
+fn malformed_frames_over_rdma_get_error_replies_and_change_nothing() {
+    let test = "malformed_frames_over_rdma_get_error_replies_and_change_nothing";
+    if !tessera_tests::rdma_here(test) {
+        return;
+    }
+    let f = Fixture::start();
+    let mut link = f.link(5);
+    let (mut header, body) = raw::push(f.id, DIM as u32, &[7], &[50.0; DIM]);
+    (header.worker, header.clock, header.body_len, header.raw_len) = (5, 1, body.len() as u32, body.len() as u32);
+    let good = ShortHeader::shorten(&header).expect("a small push shortens");
+    let short = |edit: &dyn Fn(&mut ShortHeader)| {
+        let mut s = good;
+        edit(&mut s);
+        s
+    };
+    let cases: Vec<(&str, Vec<u8>, bool, Status)> = vec![
+        ("a short frame with an unknown op", frame(short(&|s| s.op = 99).as_bytes(), &body), true, Status::Malformed),
+        ("a short frame claiming compression", frame(short(&|s| s.flags = 1).as_bytes(), &body), true, Status::Malformed),
+        ("a short frame longer than its slot", frame(short(&|s| s.body_len = u16::MAX).as_bytes(), &body), true, Status::Malformed),
+        ("a short frame of 0xff bytes", vec![0xff; 64], true, Status::Malformed),
+        ("a short push whose values are short", frame(short(&|s| s.count = 3).as_bytes(), &body), true, Status::ValuesLength),
+        ("a short frame of 8 bytes", vec![0; 8], true, Status::Malformed),
+        ("a long frame with a bad checksum", frame(header.as_bytes(), &body), false, Status::Malformed),
+        ("a long frame of 0xff bytes", vec![0xff; 512], false, Status::Malformed),
+    ];
+    for (what, bytes, is_short, want) in cases {
+        link.send_raw(&bytes, is_short).unwrap_or_else(|e| panic!("{what}: posting failed: {e}"));
+        let reply = link.recv(Some(REPLY_WITHIN)).unwrap_or_else(|e| panic!("{what}: no reply: {e}"));
+        let message = String::from_utf8_lossy(reply.body).into_owned();
+        assert_eq!(reply.header.status(), want, "{what}: {message}");
+        println!("{what}: {:?}: {message}", reply.header.status());
+    }
+    // The link, the client and the table are as they were: only served pushes land.
+    expect_served(push(&mut link, f.id, 5, &[8], 1.0), "the same link, well-formed again");
+    f.client.push(&f.table, &[8], &[2.0; DIM]).unwrap().wait().unwrap();
+    assert_eq!(f.values(), expected(&[(8, 1.0), (8, 2.0)]), "only the served pushes");
 }

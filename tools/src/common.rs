@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tessera_engine::config::Durability;
 use tessera_engine::{EngineConfig, ServerConfig};
 use tessera_replication::TableSpec;
 use tessera_client::ClientConfig;
@@ -87,6 +88,26 @@ pub struct EngineArgs {
     /// worker threads share the same cores (pinning them measured slower there).
     #[arg(long)]
     pub no_pin: bool,
+    /// What survives a crash: `none` (memory only), `checkpoint` (lose at most one
+    /// --checkpoint-interval-s), or `wal` (every push is logged and fsynced before it is
+    /// acknowledged; nothing acknowledged is lost). Anything but `none` needs --data-dir.
+    #[arg(long, default_value_t = Durability::None)]
+    pub durability: Durability,
+    /// Directory for checkpoints, logs and the catalog (one subdirectory per shard). A server
+    /// started on a directory that holds them recovers from it.
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Seconds between checkpoints; 0 takes them only on demand (`tessera checkpoint`).
+    #[arg(long, default_value_t = EngineConfig::default().checkpoint_interval_s)]
+    pub checkpoint_interval_s: u64,
+    /// Bytes of each of a shard's two log buffers; a push whose log record is larger is refused
+    /// in `wal` mode.
+    #[arg(long, default_value_t = EngineConfig::default().wal_buffer_bytes)]
+    pub wal_buffer_bytes: usize,
+    /// Write logs and checkpoints with pwrite/fsync even where io_uring works (the fallback the
+    /// server takes by itself where io_uring is missing or disabled).
+    #[arg(long)]
+    pub disk_blocking: bool,
 }
 
 impl EngineArgs {
@@ -100,6 +121,11 @@ impl EngineArgs {
         engine.workers_max = self.workers_max;
         engine.dense_block_bytes = self.dense_block_bytes;
         engine.pin_cores = self.pin || (pin_default && !self.no_pin);
+        engine.durability = self.durability;
+        engine.data_dir.clone_from(&self.data_dir);
+        engine.checkpoint_interval_s = self.checkpoint_interval_s;
+        engine.wal_buffer_bytes = self.wal_buffer_bytes;
+        engine.disk_force_blocking = self.disk_blocking;
         let transport = TransportConfig { frame_bytes_max: self.frame_bytes_max, ..TransportConfig::default() };
         ServerConfig {
             listen: listen.into(),

@@ -61,6 +61,19 @@ pub fn run(args: ServerArgs) -> Result<()> {
     }
     let shards = cfg.engine.shards;
     let server = Server::start(cfg, UpdaterRegistry::new()).context("starting the server")?;
+    for r in server.recovery() {
+        let from = match r.checkpoint {
+            Some(seq) => format!("checkpoint {seq} (exact at log record {})", r.checkpoint_lsn),
+            None => "no checkpoint".to_string(),
+        };
+        eprintln!("shard {} recovered: {from}, then {} log records replayed ({})", r.shard, r.records_replayed, r.log_end);
+        for f in &r.fallbacks {
+            eprintln!("shard {}: passed over {f}", r.shard);
+        }
+        for (table, (start, end), stamp) in &r.tables {
+            eprintln!("shard {}: table {table} [{start}, {end}) at clocks {stamp:?}", r.shard);
+        }
+    }
     eprintln!("tessera server listening on {} with {shards} shards", server.local_addr());
     server.wait();
     Ok(())

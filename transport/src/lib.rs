@@ -65,6 +65,12 @@ pub trait Service {
     fn wake(&mut self, _expose: &mut dyn FnMut(expose::Exposure)) {}
     /// A connection closed; forget anything kept for it.
     fn closed(&mut self, _conn: ConnId) {}
+    /// How far the service's log is durable: a reply held with
+    /// [`Reply::hold_until`] leaves once this reaches its position. A service without a log
+    /// holds nothing and keeps the default.
+    fn durable(&self) -> u64 {
+        u64::MAX
+    }
 }
 
 /// The server side of a transport, as one shard sees it.
@@ -75,6 +81,9 @@ pub trait ShardTransport: Send + std::fmt::Debug {
     fn waker(&self) -> Waker;
     /// Connections now open.
     fn connections(&self) -> usize;
+    /// Makes [`poll`](Self::poll) return when `fd` turns readable, so that the service can sleep
+    /// on its own I/O (a disk ring's eventfd) in the same wait as the network.
+    fn watch(&mut self, fd: std::os::fd::RawFd) -> Result<()>;
 }
 
 /// The client side of a transport: one ordered stream of frames to one server shard.

@@ -32,11 +32,13 @@ pub struct Reply<'a> {
     frame: Option<usize>,
     /// Largest reply frame the transport can carry back.
     frame_bytes_max: usize,
+    /// The reply may leave only once the service's durable log position reaches this.
+    hold: Option<u64>,
 }
 
 impl<'a> Reply<'a> {
     pub(crate) fn new(out: &'a mut dyn ReplyArea, request: Header, frame_bytes_max: usize) -> Self {
-        Self { out, request, frame: None, frame_bytes_max }
+        Self { out, request, frame: None, frame_bytes_max, hold: None }
     }
 
     /// Largest reply frame (header included) this transport carries back to the requester; a
@@ -48,6 +50,14 @@ impl<'a> Reply<'a> {
     /// The request this replies to.
     pub fn request(&self) -> &Header {
         &self.request
+    }
+
+    /// Holds this reply back until [`Service::durable`](crate::Service::durable) reaches `lsn`:
+    /// a push is acknowledged only once its log record is on disk. Replies on one connection
+    /// leave in order, so the ones after a held reply wait with it. An error reply (which says
+    /// nothing was applied) is never held.
+    pub fn hold_until(&mut self, lsn: u64) {
+        self.hold = Some(lsn);
     }
 
     /// Drops a reply begun earlier, so that an error can replace it.
@@ -92,13 +102,14 @@ impl<'a> Reply<'a> {
     pub fn error(&mut self, status: Status, message: &str) {
         assert_ne!(status, Status::Ok, "an error reply needs an error status");
         let message = &message.as_bytes()[..message.len().min(ERROR_MESSAGE_BYTES_MAX)];
+        self.hold = None;
         let range = self.begin(status, 0, message.len());
         self.out.bytes_mut()[range].copy_from_slice(message);
     }
 
     /// Seals the reply, compressing its body if the request asked for that and it pays. Returns
-    /// the byte range of the sealed frame in the area.
-    pub(crate) fn finish(mut self, deflater: &mut Deflater, compress_bytes_min: usize) -> Range<usize> {
+    /// the byte range of the sealed frame in the area, and the log position it waits for.
+    pub(crate) fn finish(mut self, deflater: &mut Deflater, compress_bytes_min: usize) -> (Range<usize>, Option<u64>) {
         let Some(start) = self.frame else {
             self.error(Status::Internal, "the server produced no reply to this request (a bug)");
             return self.finish(deflater, compress_bytes_min);
@@ -122,7 +133,7 @@ impl<'a> Reply<'a> {
         }
         header.seal();
         self.out.bytes_mut()[hdr.clone()].copy_from_slice(header.as_bytes());
-        start..self.out.used()
+        (start..self.out.used(), self.hold)
     }
 }
 

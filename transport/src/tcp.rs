@@ -5,6 +5,7 @@
 //! whatever it already sent, to that shard's endpoint through a bounded channel, and from then on
 //! only that shard's thread touches it: no locks on the data path.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -26,6 +27,8 @@ const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 /// A descriptor another layer sleeps on through this endpoint (an RDMA completion channel).
 const WATCHED: Token = Token(usize::MAX);
+/// A descriptor the service sleeps on through this endpoint (its disk ring's eventfd).
+const SERVICE_WATCHED: Token = Token(usize::MAX - 1);
 const FIRST_CONN: usize = 2;
 /// Connections waiting in a shard's hand-off channel before new ones are refused.
 const HANDOFF_QUEUE_MAX: usize = 1024;
@@ -48,6 +51,10 @@ enum Role {
 struct OutQueue {
     buf: AlignedBuf,
     head: usize,
+    /// Replies held until the log is durable (see [`Reply::hold_until`]): where each one's frame
+    /// starts in `buf`, and the log position it waits for, in order. Nothing from the first of
+    /// them on is written.
+    held: VecDeque<(usize, u64)>,
 }
 
 impl OutQueue {
@@ -55,16 +62,24 @@ impl OutQueue {
         self.buf.len() - self.head
     }
 
-    /// Writes as much as the socket takes. Returns true when everything went.
-    fn flush(&mut self, stream: &mut TcpStream) -> io::Result<bool> {
-        while self.pending() > 0 {
-            match stream.write(&self.buf.bytes()[self.head..]) {
+    /// Writes as much as the socket takes, up to the first reply still held for a log position
+    /// past `durable`. Returns true when everything went.
+    fn flush(&mut self, stream: &mut TcpStream, durable: u64) -> io::Result<bool> {
+        while self.held.front().is_some_and(|(_, lsn)| *lsn <= durable) {
+            self.held.pop_front();
+        }
+        let end = self.held.front().map_or(self.buf.len(), |(at, _)| *at);
+        while self.head < end {
+            match stream.write(&self.buf.bytes()[self.head..end]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.head += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+        if self.pending() > 0 {
+            return Ok(false);
         }
         // Everything went: start over at the front, so the buffer does not creep.
         self.buf.set_len(0);
@@ -73,11 +88,14 @@ impl OutQueue {
     }
 
     /// Makes room for `bytes` more without growing, when sent bytes at the front can be dropped.
-    /// Only a queue that never drains fully (a peer that reads slowly) gets here; frames keep
-    /// their alignment.
+    /// Only a queue that never drains fully (a peer that reads slowly, or replies held for the
+    /// log) gets here; frames keep their alignment.
     fn make_room(&mut self, bytes: usize) {
         if self.head > 0 && self.buf.len() + bytes > self.buf.capacity() {
-            self.head = self.buf.compact(self.head);
+            let head = self.buf.compact(self.head);
+            let moved = self.head - head;
+            self.held.iter_mut().for_each(|(at, _)| *at -= moved);
+            self.head = head;
         }
     }
 }
@@ -152,6 +170,8 @@ pub struct TcpEndpoint {
     last_sweep: Instant,
     /// The watched descriptor turned readable since [`TcpEndpoint::take_watched`] last looked.
     watched_fired: bool,
+    /// The service's durable log position when replies were last released.
+    durable: u64,
 }
 
 /// Binds `addr` and builds the control endpoint (which owns the listener) and one endpoint per
@@ -220,6 +240,7 @@ impl TcpEndpoint {
             next_id: 0,
             last_sweep: Instant::now(),
             watched_fired: false,
+            durable: u64::MAX,
         })
     }
 
@@ -343,6 +364,20 @@ impl TcpEndpoint {
         }
     }
 
+    /// Sends the replies the service's log has caught up with since the last poll.
+    fn release_held(&mut self, service: &mut dyn Service) {
+        let durable = service.durable();
+        if durable == self.durable {
+            return;
+        }
+        self.durable = durable;
+        for idx in 0..self.conns.len() {
+            if self.conns[idx].as_ref().is_some_and(|c| !c.out.held.is_empty()) {
+                self.drive(idx, service);
+            }
+        }
+    }
+
     fn hand_off(&mut self, idx: usize, shard: u16, service: &mut dyn Service) {
         let Some(conn) = self.remove(idx) else { return };
         let door = &self.doors[shard as usize];
@@ -358,6 +393,8 @@ impl TcpEndpoint {
 
 impl ShardTransport for TcpEndpoint {
     fn poll(&mut self, service: &mut dyn Service, timeout: Option<Duration>) -> Result<()> {
+        // The service's log may have caught up since the last poll: send those replies first.
+        self.release_held(service);
         let timeout = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
         let timeout = match (self.role, timeout) {
             (Role::Control, t) => Some(t.map_or(Duration::from_millis(100), |t| t.min(Duration::from_millis(100)))),
@@ -378,6 +415,8 @@ impl ShardTransport for TcpEndpoint {
                 }
                 // The watcher checks its own source when told it fired.
                 WATCHED => self.watched_fired = true,
+                // The service looks at its own I/O after every poll.
+                SERVICE_WATCHED => {}
                 Token(t) => self.drive(t - FIRST_CONN, service),
             }
         }
@@ -385,8 +424,13 @@ impl ShardTransport for TcpEndpoint {
         for idx in std::mem::take(&mut self.ready) {
             self.drive(idx, service);
         }
+        self.release_held(service);
         self.sweep(service);
         Ok(())
+    }
+
+    fn watch(&mut self, fd: std::os::fd::RawFd) -> Result<()> {
+        Ok(self.poll.registry().register(&mut mio::unix::SourceFd(&fd), SERVICE_WATCHED, Interest::READABLE)?)
     }
 
     fn waker(&self) -> Waker {
@@ -402,7 +446,7 @@ impl Conn {
     fn drive(&mut self, service: &mut dyn Service, cfg: &TransportConfig, role: Role, info: &[u8], shards: usize) -> Next {
         let mut served = 0;
         loop {
-            match self.out.flush(&mut self.stream) {
+            match self.out.flush(&mut self.stream, service.durable()) {
                 Ok(_) => {}
                 Err(e) => return Next::Close(format!("write failed: {e}")),
             }
@@ -422,7 +466,7 @@ impl Conn {
             }
             // Send what was just served before reading more: the socket is writable now, and
             // edge-triggered polling would not say so again.
-            if let Err(e) = self.out.flush(&mut self.stream) {
+            if let Err(e) = self.out.flush(&mut self.stream, service.durable()) {
                 return Next::Close(format!("write failed: {e}"));
             }
             if served >= cfg.frames_per_turn_max {
@@ -431,7 +475,7 @@ impl Conn {
             if self.out.pending() >= cfg.reply_backlog_bytes_max {
                 // The peer is not reading its replies: stop reading its requests until it does.
                 // The writable event that follows a drain brings us back.
-                match self.out.flush(&mut self.stream) {
+                match self.out.flush(&mut self.stream, service.durable()) {
                     Ok(true) => continue,
                     Ok(false) => return Next::Open,
                     Err(e) => return Next::Close(format!("write failed: {e}")),
@@ -440,13 +484,13 @@ impl Conn {
             match self.reader.fill(&mut self.stream) {
                 Ok(Filled::Bytes(_)) => {}
                 Ok(Filled::WouldBlock) => return Next::Open,
-                Ok(Filled::Eof) => return self.on_eof(),
+                Ok(Filled::Eof) => return self.on_eof(service.durable()),
                 Err(e) => return Next::Close(format!("read failed: {e}")),
             }
         }
     }
 
-    fn on_eof(&mut self) -> Next {
+    fn on_eof(&mut self, durable: u64) -> Next {
         match self.reader.partial() {
             None => Next::Close(String::new()),
             Some((header, got)) => {
@@ -455,7 +499,7 @@ impl Conn {
                 let request = header.unwrap_or_else(|| Header::request(Op::Hello, 0));
                 self.fail(&request, Status::Malformed, reason);
                 // The peer may have shut down only its sending side: try to deliver the error.
-                let _ = self.out.flush(&mut self.stream);
+                let _ = self.out.flush(&mut self.stream, durable);
                 Next::Close(self.closing.take().unwrap_or_default())
             }
         }
@@ -508,7 +552,10 @@ impl Conn {
             Ok(body) => service.serve(Request { conn: self.id, header, body }, &mut reply),
             Err(e) => reply.error(Status::Malformed, &e.to_string()),
         }
-        reply.finish(&mut self.deflater, cfg.compress_bytes_min);
+        let (frame, hold) = reply.finish(&mut self.deflater, cfg.compress_bytes_min);
+        if let Some(lsn) = hold {
+            self.out.held.push_back((frame.start, lsn));
+        }
         Ok(None)
     }
 

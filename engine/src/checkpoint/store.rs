@@ -18,7 +18,7 @@ use crate::error::{EngineError, Result};
 use crate::table::TablePart;
 
 /// What one checkpoint wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Written {
     pub seq: u64,
     pub chunks_written: u64,

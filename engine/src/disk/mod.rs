@@ -122,6 +122,8 @@ pub struct Disk {
     chains: Vec<Option<Chain>>,
     /// Blocking backend: chains already done, waiting to be polled.
     ready: Vec<Done>,
+    /// The notice that a filesystem refused O_DIRECT was given.
+    buffered_notice: bool,
 }
 
 impl Disk {
@@ -155,6 +157,7 @@ impl Disk {
             files: (0..cfg.files_max).map(|_| None).collect(),
             chains: (0..chains_max).map(|_| None).collect(),
             ready: Vec::with_capacity(chains_max),
+            buffered_notice: false,
         })
     }
 
@@ -166,21 +169,27 @@ impl Disk {
         }
     }
 
-    /// Opens `path` for direct I/O (creating it if `create`), or fails with the reason. A
-    /// filesystem that refuses `O_DIRECT` is an error: durability claims rest on it.
+    /// Opens `path` for direct I/O (creating it if `create`), or fails with the reason. On a
+    /// filesystem that refuses `O_DIRECT` (tmpfs, 9p), the file is opened through the page cache
+    /// with a one-line notice: commits stay durable, since each ends with an fsync, but every
+    /// byte is copied once more.
     pub fn open_file(&mut self, path: &Path, create: bool) -> Result<FileId> {
         let slot = self.files.iter().position(Option::is_none).ok_or_else(|| EngineError::Disk {
             op: "open",
             path: path.display().to_string(),
             reason: format!("{} files already open, the most", self.files.len()),
         })?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| disk_error("open (O_DIRECT)", path, &e))?;
+        let open = |flags| OpenOptions::new().read(true).write(true).create(create).custom_flags(flags).open(path);
+        let file = match open(libc::O_DIRECT) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                if !self.buffered_notice {
+                    self.buffered_notice = true;
+                    tracing::warn!(path = %path.display(), "this filesystem refuses O_DIRECT; writing through the page cache (fsync still makes every commit durable)");
+                }
+                open(0).map_err(|e| disk_error("open", path, &e))?
+            }
+            opened => opened.map_err(|e| disk_error("open (O_DIRECT)", path, &e))?,
+        };
         if let Some(u) = self.uring.as_mut() {
             u.register_file(slot as u32, file.as_raw_fd()).map_err(|e| disk_error("register", path, &e))?;
         }
@@ -216,6 +225,20 @@ impl Disk {
             return None;
         }
         Some(&mut self.bufs[buf.0 as usize].map)
+    }
+
+    /// A descriptor that turns readable when chains complete, for the shard to sleep on beside
+    /// its sockets; `None` on the blocking backend, where chains complete at submission. Call
+    /// [`clear_event`](Self::clear_event) before polling.
+    pub fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.uring.as_ref().map(uring::Uring::event_fd)
+    }
+
+    /// Re-arms [`event_fd`](Self::event_fd).
+    pub fn clear_event(&mut self) {
+        if let Some(u) = self.uring.as_mut() {
+            u.clear_event();
+        }
     }
 
     /// Chains submitted and not yet returned by [`poll`](Self::poll) or [`wait`](Self::wait).

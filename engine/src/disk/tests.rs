@@ -159,3 +159,24 @@ fn many_chains_in_flight_all_complete_with_their_tokens() {
         assert_eq!(d.in_flight(), 0);
     });
 }
+
+#[test]
+fn a_filesystem_without_o_direct_is_written_through_the_page_cache() {
+    // tmpfs refuses O_DIRECT; /dev/shm is tmpfs on Linux hosts that have it.
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm here: not run");
+        return;
+    }
+    both(|mut d, name| {
+        let path = shm.join(format!("tessera-disk-test-{name}-{}", std::process::id()));
+        let f = d.open_file(&path, true).unwrap();
+        d.buf_mut(BufId(0)).unwrap()[..K4].fill(0x5a);
+        d.submit(&[Op::Write { file: f, buf: BufId(0), span: 0..K4, offset: 0 }, Op::Sync { file: f }], 1).unwrap();
+        let done = wait_one(&mut d);
+        let on_disk = std::fs::read(&path);
+        let _ = std::fs::remove_file(&path);
+        done.result.unwrap();
+        assert!(on_disk.unwrap() == vec![0x5a; K4], "{name}: the bytes did not land");
+    });
+}

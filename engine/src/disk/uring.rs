@@ -8,8 +8,9 @@
 
 #![allow(unsafe_code)]
 
-use std::io;
-use std::os::fd::RawFd;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
@@ -29,6 +30,8 @@ pub(super) enum Sqe {
 
 pub(super) struct Uring {
     ring: IoUring,
+    /// Readable when completions arrived: the shard sleeps on it beside its sockets.
+    event: File,
 }
 
 impl std::fmt::Debug for Uring {
@@ -56,7 +59,28 @@ impl Uring {
         // SAFETY: the buffers outlive the ring, which is all register_buffers asks.
         unsafe { ring.submitter().register_buffers(&iovecs) }
             .map_err(|e| format!("registering buffers failed: {e} (raise RLIMIT_MEMLOCK: ulimit -l unlimited)"))?;
-        Ok(Self { ring })
+        // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("eventfd failed: {}", io::Error::last_os_error()));
+        }
+        // Why this is sound: `fd` was just returned by eventfd, is open, and nothing else owns it.
+        // SAFETY: a fresh descriptor owned by no one else.
+        let event = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        ring.submitter().register_eventfd(event.as_raw_fd()).map_err(|e| format!("registering an eventfd failed: {e}"))?;
+        Ok(Self { ring, event })
+    }
+
+    /// The eventfd the kernel signals on every completion.
+    pub(super) fn event_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    /// Resets the eventfd's count, so that the next completion makes it readable again.
+    pub(super) fn clear_event(&mut self) {
+        let mut count = [0u8; 8];
+        // Nonblocking: WouldBlock just means nothing was signalled since the last clear.
+        let _ = self.event.read(&mut count);
     }
 
     /// Puts `fd` in registered-file slot `slot`.

@@ -13,11 +13,11 @@ use crate::buf::{Deflater, Inflater};
 use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
 use crate::tcp::TcpLink;
-use crate::wire::{padded, Header, Op, Status, HEADER_BYTES};
+use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
 use crate::{Frame, Link};
 
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, slot_keys, Endpoint, RdmaConfig, RemoteDense, SlotKey};
+use super::{rdma, slot_keys, Endpoint, RdmaConfig, RemoteDense, SlotKey, SHORT_FRAME};
 use crate::expose::block_is_whole;
 
 /// A link to one shard over an RC queue pair. Field order is drop order: the queue pair goes
@@ -45,6 +45,10 @@ pub struct RdmaLink {
     arrived: u64,
     consumed: u64,
     writes_done: u64,
+    /// Per slot: the request id of the request last sent from it (a short reply leaves it out),
+    /// and whether the reply that arrived in it is a short frame.
+    ids: Vec<u64>,
+    short: Vec<bool>,
     /// Replies copied out of their slot because a new request needed it before anyone asked.
     parked: VecDeque<Vec<u8>>,
     current: Vec<u8>,
@@ -120,6 +124,8 @@ impl RdmaLink {
             arrived: 0,
             consumed: 0,
             writes_done: 0,
+            ids: vec![0; slots as usize],
+            short: vec![false; slots as usize],
             parked: VecDeque::new(),
             current: Vec::new(),
             inflater: Inflater::default(),
@@ -162,9 +168,11 @@ impl RdmaLink {
             match c.opcode {
                 Opcode::RecvRdmaWithImm => {
                     let expected = (self.arrived % self.slots) as u32;
-                    if c.imm != Some(expected) {
+                    let imm = c.imm.unwrap_or(u32::MAX);
+                    if imm & !SHORT_FRAME != expected {
                         return Err(rdma(format!("reply in slot {:?}, expected {expected}", c.imm)));
                     }
+                    self.short[expected as usize] = imm & SHORT_FRAME != 0;
                     self.arrived += 1;
                     self.qp.post_recv(c.wr_id).map_err(rdma)?;
                 }
@@ -201,24 +209,82 @@ impl RdmaLink {
         }
     }
 
-    /// The frame in reply slot `slot`: its header and the whole frame's bytes.
-    fn reply_frame(&self, slot: usize) -> Result<(Header, &[u8])> {
+    /// The reply in slot `slot`: its (long) header, and where its body lies in `inbox`.
+    fn reply_at(&self, slot: usize) -> Result<(Header, Range<usize>)> {
         let at = slot * self.slot_bytes;
         let bytes = &self.inbox.as_slice()[at..at + self.slot_bytes];
-        let header = Header::decode(bytes, self.slot_bytes)?;
-        Ok((header, &bytes[..header.frame_len()]))
+        let (header, head_len) = if self.short[slot] {
+            (ShortHeader::expand(bytes, self.ids[slot], self.slot_bytes)?, SHORT_HEADER_BYTES)
+        } else {
+            (Header::decode(bytes, self.slot_bytes)?, HEADER_BYTES)
+        };
+        Ok((header, at + head_len..at + head_len + header.body_len as usize))
     }
 
-    /// Copies the oldest unread reply out of its slot, so that the slot can take a new request.
+    /// Copies the oldest unread reply out of its slot, as a long frame, so that the slot can
+    /// take a new request.
     fn park_oldest(&mut self, deadline: Instant) -> Result<()> {
         while self.arrived <= self.consumed {
             self.progress(deadline, "a reply to free a slot")?;
         }
-        let (_, frame) = self.reply_frame((self.consumed % self.slots) as usize)?;
-        let copy = frame.to_vec();
+        let (mut header, body) = self.reply_at((self.consumed % self.slots) as usize)?;
+        header.seal();
+        let mut copy = Vec::with_capacity(HEADER_BYTES + body.len());
+        copy.extend_from_slice(header.as_bytes());
+        copy.extend_from_slice(&self.inbox.as_slice()[body]);
         self.parked.push_back(copy);
         self.consumed += 1;
         Ok(())
+    }
+
+    /// Waits until the next request's slot is free: its reply slot holds no unread reply, and
+    /// the device no longer reads its staging. Returns its index.
+    fn free_slot(&mut self) -> Result<usize> {
+        let deadline = Instant::now() + self.io_timeout;
+        let seq = self.sent;
+        while self.consumed + self.slots <= seq {
+            self.park_oldest(deadline)?;
+        }
+        while self.writes_done + self.slots <= seq {
+            self.progress(deadline, "a slot to send from")?;
+        }
+        Ok((seq % self.slots) as usize)
+    }
+
+    /// Writes the `frame_len` bytes staged for `slot` into the shard's slot, naming the slot
+    /// (and whether it holds a short frame) in the immediate data.
+    fn post_staged(&mut self, slot: usize, frame_len: usize, short: bool) -> Result<()> {
+        let seq = self.sent;
+        let at = slot * self.slot_bytes;
+        let key = self.remote[slot];
+        let imm = slot as u32 | if short { SHORT_FRAME } else { 0 };
+        if frame_len <= INLINE_BYTES_MAX {
+            // Small frames are copied into the work request as it is posted.
+            let frame = &self.out.as_slice()[at..at + frame_len];
+            self.qp.post_write_imm_inline(seq, frame, key.addr, key.rkey, imm, true).map_err(rdma)?;
+        } else {
+            // Why this is sound: out[at..at + frame_len] is this link's staging for slot `slot`. The CPU writes it
+            // only in `send` (or `send_raw`), and only after `free_slot` saw the write that last used
+            // this slot complete, so it stays unchanged until the device has read it. The region
+            // outlives the queue pair (field order), so dropping the link flushes the queue pair first.
+            // SAFETY: this slot's staging stays mapped and unchanged until its write completes.
+            unsafe { self.qp.post_write_imm(seq, &self.out, at, frame_len, key.addr, key.rkey, imm, true) }
+                .map_err(rdma)?;
+        }
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Test hook only, for tests that play a misbehaving worker: writes `frame` into the next
+    /// slot as it is, flagged as a short frame or not; its reply comes back through `recv`.
+    #[doc(hidden)]
+    pub fn send_raw(&mut self, frame: &[u8], short: bool) -> Result<()> {
+        assert!(frame.len() <= self.slot_bytes, "a raw frame fits a slot");
+        let slot = self.free_slot()?;
+        self.ids[slot] = 0;
+        let at = slot * self.slot_bytes;
+        self.out.as_mut_slice()[at..at + frame.len()].copy_from_slice(frame);
+        self.post_staged(slot, frame.len(), short)
     }
 }
 
@@ -354,49 +420,32 @@ impl RdmaLink {
 
 impl Link for RdmaLink {
     fn send(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()> {
-        let deadline = Instant::now() + self.io_timeout;
-        let seq = self.sent;
-        // The reply slot this request will use must hold no unread reply, and the staging slot
-        // must no longer be read by the device.
-        while self.consumed + self.slots <= seq {
-            self.park_oldest(deadline)?;
-        }
-        while self.writes_done + self.slots <= seq {
-            self.progress(deadline, "a slot to send from")?;
-        }
+        let slot = self.free_slot()?;
         let packed = self.deflater.frame_body(header, parts, compress);
         let body = packed.parts();
-        let frame_len = HEADER_BYTES + padded(header.body_len as usize);
+        // A frame small enough to go inline goes with a short header when its fields fit.
+        let short = ShortHeader::shorten(header).filter(|s| s.frame_len() <= INLINE_BYTES_MAX);
+        let (head, frame_len) = match &short {
+            Some(s) => (s.as_bytes(), s.frame_len()),
+            None => {
+                header.seal();
+                (header.as_bytes(), header.frame_len())
+            }
+        };
         if frame_len > self.send_bytes_max {
             return Err(TransportError::FrameTooLarge { bytes: frame_len, limit: self.send_bytes_max });
         }
-        header.seal();
-        let slot = (seq % self.slots) as usize;
+        self.ids[slot] = header.request_id;
         let at = slot * self.slot_bytes;
         let staging = &mut self.out.as_mut_slice()[at..at + frame_len];
-        staging[..HEADER_BYTES].copy_from_slice(header.as_bytes());
-        let mut pos = HEADER_BYTES;
+        staging[..head.len()].copy_from_slice(head);
+        let mut pos = head.len();
         for part in body {
             staging[pos..pos + part.len()].copy_from_slice(part);
             pos += part.len();
         }
         staging[pos..].fill(0);
-        let key = self.remote[slot];
-        if frame_len <= INLINE_BYTES_MAX {
-            // Small frames are copied into the work request as it is posted.
-            let frame = &self.out.as_slice()[at..at + frame_len];
-            self.qp.post_write_imm_inline(seq, frame, key.addr, key.rkey, slot as u32, true).map_err(rdma)?;
-        } else {
-            // Why this is sound: out[at..at + frame_len] is this link's staging for slot `slot`. The CPU writes it
-            // only here, and only after the write that last used this slot completed (`writes_done`
-            // above), so it stays unchanged until the device has read it. The region outlives the
-            // queue pair (field order), so dropping the link flushes the queue pair first.
-            // SAFETY: this slot's staging stays mapped and unchanged until its write completes.
-            unsafe { self.qp.post_write_imm(seq, &self.out, at, frame_len, key.addr, key.rkey, slot as u32, true) }
-                .map_err(rdma)?;
-        }
-        self.sent += 1;
-        Ok(())
+        self.post_staged(slot, frame_len, short.is_some())
     }
 
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>> {
@@ -415,11 +464,8 @@ impl Link for RdmaLink {
         }
         let slot = (self.consumed % self.slots) as usize;
         self.consumed += 1;
-        let at = slot * self.slot_bytes;
-        let bytes = &self.inbox.as_slice()[at..at + self.slot_bytes];
-        let header = Header::decode(bytes, self.slot_bytes)?;
-        let raw = &bytes[HEADER_BYTES..HEADER_BYTES + header.body_len as usize];
-        Ok(Frame { header, body: self.inflater.inflate(&header, raw)? })
+        let (header, body) = self.reply_at(slot)?;
+        Ok(Frame { header, body: self.inflater.inflate(&header, &self.inbox.as_slice()[body])? })
     }
 
     fn peer(&self) -> &str {

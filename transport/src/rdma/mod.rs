@@ -5,8 +5,10 @@
 //!
 //! - **Push slots.** The shard registers, for this worker alone, a ring of `slots` request slots
 //!   of `slot_bytes` each, in a protection domain of the worker's own with its queue pair. The
-//!   worker RDMA-WRITEs a request frame (the same 64-byte header and body as on TCP) into its
-//!   next slot, with immediate data naming the slot. It can write nowhere else: a key of another
+//!   worker RDMA-WRITEs a request frame into its next slot, with immediate data naming the slot.
+//!   A frame is the same 64-byte header and body as on TCP, or, when it is small enough to be
+//!   posted inline and its fields fit, a 32-byte [`ShortHeader`](crate::wire::ShortHeader) and
+//!   the body; [`SHORT_FRAME`] in the immediate data tells the two apart. It can write nowhere else: a key of another
 //!   worker's ring, a stale key from an earlier connection, or a made-up one is refused by the
 //!   device as a remote access error, and the shard releases that worker.
 //! - **Serving.** The shard's completion handler, polled from the shard's own loop, hands the
@@ -56,6 +58,10 @@ use crate::config::{SLOTS_MAX, SLOT_BYTES_MIN};
 /// memory; reading the clock is a system call where the kernel has no stable TSC (an emulated
 /// guest falls back to HPET, about 1 us a read), so a spinner looks at the time only this often.
 const POLLS_PER_CLOCK_READ: u32 = 64;
+
+/// Set in a write's immediate data, beside the slot index, when the slot holds a short frame.
+pub const SHORT_FRAME: u32 = 1 << 31;
+const _: () = assert!(SLOTS_MAX < SHORT_FRAME, "slot indexes leave the flag bit free");
 
 /// Calls `poll` until it finds work (`Ok(true)`), for at most `spin` and never past `deadline`.
 /// Returns `Ok(false)` when the time ran out first.

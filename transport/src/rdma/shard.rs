@@ -6,17 +6,19 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use zerocopy::IntoBytes;
+
 use crate::buf::{Deflater, Inflater};
 use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
 use crate::expose::{DenseView, Exposure};
 use crate::reply::{Reply, ReplyArea};
 use crate::tcp::TcpEndpoint;
-use crate::wire::{Header, Op, Status, HEADER_BYTES};
+use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
 use super::verbs::{self, Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, slot_keys, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey};
+use super::{rdma, slot_keys, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SHORT_FRAME};
 
 /// Completion-queue entries per shard; bounds the workers one shard can take over RDMA.
 const CQ_ENTRIES: u32 = 8192;
@@ -48,6 +50,8 @@ struct State {
     completions: Vec<Completion>,
     /// Dense table parts workers may read directly, by table id.
     exposed: Vec<Option<DenseView>>,
+    /// The service's durable log position when held replies were last released.
+    durable: u64,
 }
 
 /// One worker connected over RDMA. Field order is drop order: the queue pair goes first, so the
@@ -71,10 +75,14 @@ struct Peer {
     tcp: ConnId,
     generation: u16,
     slot_bytes: usize,
-    /// Slots whose requests arrived and wait to be served, in arrival order.
+    /// Slots whose requests arrived and wait to be served, in arrival order, with
+    /// [`SHORT_FRAME`] set on those holding short frames.
     queued: VecDeque<u32>,
     /// Slots whose reply write the device has not yet completed: their staging is busy.
     writing: Vec<bool>,
+    /// Replies staged but held until the service's log is durable (see
+    /// [`Reply::hold_until`]), in order: (slot, length, log position).
+    held: VecDeque<(u32, usize, u64)>,
     /// The slot the worker's next request must arrive in.
     next_arrival: u32,
     inflater: Inflater,
@@ -132,6 +140,7 @@ impl RdmaShard {
             busy: Vec::new(),
             completions: Vec::with_capacity(POLL_BATCH),
             exposed: Vec::new(),
+            durable: u64::MAX,
         };
         Ok(Self { tcp, state })
     }
@@ -169,6 +178,10 @@ impl ShardTransport for RdmaShard {
     fn connections(&self) -> usize {
         self.tcp.connections()
     }
+
+    fn watch(&mut self, fd: std::os::fd::RawFd) -> Result<()> {
+        self.tcp.watch(fd)
+    }
 }
 
 /// Sits between the TCP endpoint and the shard's service: takes RDMA set-up requests and
@@ -201,6 +214,10 @@ impl Service for Intercept<'_> {
     fn closed(&mut self, conn: ConnId) {
         self.state.forget(conn);
         self.inner.closed(conn);
+    }
+
+    fn durable(&self) -> u64 {
+        self.inner.durable()
     }
 }
 
@@ -296,6 +313,7 @@ impl State {
             slot_bytes: theirs.slot_bytes,
             queued: VecDeque::with_capacity(slots as usize),
             writing: vec![false; slots as usize],
+            held: VecDeque::with_capacity(slots as usize),
             next_arrival: 0,
             inflater: Inflater::default(),
             deflater: Deflater::default(),
@@ -323,6 +341,17 @@ impl State {
     /// Takes every completion there is and serves every request that can be served.
     fn drain(&mut self, service: &mut dyn Service) -> usize {
         let mut total = 0;
+        let durable = service.durable();
+        if durable != self.durable {
+            self.durable = durable;
+            for (index, peer) in self.peers.iter_mut().enumerate() {
+                if let Some(peer) = peer.as_mut().filter(|p| !p.held.is_empty()) {
+                    total += peer.held.len();
+                    peer.release(index, durable);
+                    total -= peer.held.len();
+                }
+            }
+        }
         loop {
             self.completions.clear();
             let n = self.cq.poll(&mut self.completions, POLL_BATCH);
@@ -356,7 +385,7 @@ impl State {
                 let imm = c.imm.unwrap_or(u32::MAX);
                 let expected = peer.next_arrival;
                 peer.next_arrival = (expected + 1) % peer.writing.len() as u32;
-                if imm != expected {
+                if imm & !SHORT_FRAME != expected {
                     tracing::warn!(conn = peer.tcp.0, imm, "rdma request names a bad slot; releasing the worker");
                     let conn = peer.tcp;
                     self.forget(conn);
@@ -385,12 +414,13 @@ impl State {
             let index = self.busy[i];
             let compress_bytes_min = self.compress_bytes_min;
             if let Some(peer) = self.peers[index].as_mut() {
-                while let Some(&slot) = peer.queued.front() {
+                while let Some(&imm) = peer.queued.front() {
+                    let slot = imm & !SHORT_FRAME;
                     if peer.writing[slot as usize] {
                         break;
                     }
                     peer.queued.pop_front();
-                    peer.serve(index, slot, service, compress_bytes_min);
+                    peer.serve(index, slot, imm & SHORT_FRAME != 0, service, compress_bytes_min);
                     served += 1;
                 }
             }
@@ -405,16 +435,25 @@ impl State {
 }
 
 impl Peer {
-    /// Serves the request in `slot` and writes its reply to the worker's reply slot.
-    fn serve(&mut self, index: usize, slot: u32, service: &mut dyn Service, compress_bytes_min: usize) {
+    /// Serves the request in `slot` (a short frame or a long one) and writes its reply to the
+    /// worker's reply slot.
+    fn serve(&mut self, index: usize, slot: u32, short: bool, service: &mut dyn Service, compress_bytes_min: usize) {
+        let durable = service.durable();
+        let mut hold = None;
         let sb = self.slot_bytes;
         let at = slot as usize * sb;
         let frame = &self.ring.as_slice()[at..at + sb];
         let mut area = SlotArea { bytes: &mut self.staging.as_mut_slice()[at..at + sb], used: 0 };
-        match Header::decode(frame, sb) {
-            Ok(header) => {
+        let decoded = if short {
+            // The worker's link puts the request id back into the reply.
+            ShortHeader::expand(frame, 0, sb).map(|h| (h, SHORT_HEADER_BYTES))
+        } else {
+            Header::decode(frame, sb).map(|h| (h, HEADER_BYTES))
+        };
+        match decoded {
+            Ok((header, head_len)) => {
                 let mut reply = Reply::new(&mut area, header, sb);
-                let raw = &frame[HEADER_BYTES..HEADER_BYTES + header.body_len as usize];
+                let raw = &frame[head_len..head_len + header.body_len as usize];
                 match self.inflater.inflate(&header, raw) {
                     Ok(_) if !header.op().is_some_and(|o| o.is_data()) => {
                         reply.error(Status::BadRequest, "only data requests travel over RDMA")
@@ -422,7 +461,7 @@ impl Peer {
                     Ok(body) => service.serve(Request { conn: self.tcp, header, body }, &mut reply),
                     Err(e) => reply.error(Status::Malformed, &e.to_string()),
                 }
-                reply.finish(&mut self.deflater, compress_bytes_min);
+                hold = reply.finish(&mut self.deflater, compress_bytes_min).1;
             }
             Err(e) => {
                 let mut reply = Reply::new(&mut area, Header::request(Op::Push, 0), sb);
@@ -431,13 +470,45 @@ impl Peer {
             }
         }
         let len = area.used;
-        let key = self.remote[slot as usize];
+        // The slot stays busy until its reply is written, held or not.
         self.writing[slot as usize] = true;
+        match hold {
+            // Replies leave in order: behind a held one, every later one waits too.
+            Some(lsn) if lsn > durable || !self.held.is_empty() => self.held.push_back((slot, len, lsn)),
+            _ if !self.held.is_empty() => self.held.push_back((slot, len, 0)),
+            _ => self.post_reply(index, slot, len),
+        }
+    }
+
+    /// Writes the replies held for the log that `durable` now covers.
+    fn release(&mut self, index: usize, durable: u64) {
+        while let Some(&(slot, len, lsn)) = self.held.front() {
+            if lsn > durable {
+                break;
+            }
+            self.held.pop_front();
+            self.post_reply(index, slot, len);
+        }
+    }
+
+    /// Writes the `len`-byte reply staged for `slot` into the worker's reply slot.
+    fn post_reply(&mut self, index: usize, slot: u32, len: usize) {
+        let at = slot as usize * self.slot_bytes;
+        let key = self.remote[slot as usize];
         let id = wr_id(index, self.generation, slot);
-        let posted = if len <= INLINE_BYTES_MAX {
+        let reply = &self.staging.as_slice()[at..at + len];
+        let short = ShortHeader::shorten(&Header::decode_unchecked(&reply[..HEADER_BYTES]));
+        let posted = if let Some(s) = short.filter(|s| s.frame_len() <= INLINE_BYTES_MAX) {
+            // A small reply goes with a short header, copied into the work request as it is posted.
+            let mut frame = [0u8; INLINE_BYTES_MAX];
+            frame[..SHORT_HEADER_BYTES].copy_from_slice(s.as_bytes());
+            let body = &reply[HEADER_BYTES..HEADER_BYTES + s.body_len as usize];
+            frame[SHORT_HEADER_BYTES..SHORT_HEADER_BYTES + body.len()].copy_from_slice(body);
+            let frame = &frame[..s.frame_len()];
+            self.qp.post_write_imm_inline(id, frame, key.addr, key.rkey, slot | SHORT_FRAME, true)
+        } else if len <= INLINE_BYTES_MAX {
             // Small replies are copied into the work request as it is posted.
-            let frame = &self.staging.as_slice()[at..at + len];
-            self.qp.post_write_imm_inline(id, frame, key.addr, key.rkey, slot, true)
+            self.qp.post_write_imm_inline(id, reply, key.addr, key.rkey, slot, true)
         } else {
             // Why this is sound: staging[at..at + len] belongs to this peer and to reply slot `slot` alone. The CPU
             // writes it only while serving a request in this slot, and `serve_queued` serves that slot
