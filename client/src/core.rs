@@ -156,12 +156,22 @@ impl Core {
     }
 
     pub fn status(&mut self) -> Result<Vec<serde_json::Value>> {
+        self.ask_all(Op::Status)
+    }
+
+    /// Has every server checkpoint every shard now; what each shard wrote, per server.
+    pub fn checkpoint(&mut self) -> Result<Vec<serde_json::Value>> {
+        self.ask_all(Op::Checkpoint)
+    }
+
+    /// Sends `op` with no body to every server's control connection; each JSON reply.
+    fn ask_all(&mut self, op: Op) -> Result<Vec<serde_json::Value>> {
         (0..self.servers.len())
             .map(|server| {
-                let body = self.control(server, Op::Status, &[])?;
+                let body = self.control(server, op, &[])?;
                 serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
                     server: self.servers[server].addr.clone(),
-                    reason: format!("bad status: {e}"),
+                    reason: format!("bad {op:?} reply: {e}"),
                 })
             })
             .collect()

@@ -173,4 +173,10 @@ impl Client {
     pub fn status(&self) -> Result<Vec<serde_json::Value>> {
         self.lock().status()
     }
+
+    /// Has every server write a checkpoint of every shard now (servers started with
+    /// `--durability checkpoint` or `wal`); what each shard wrote, per server.
+    pub fn checkpoint(&self) -> Result<Vec<serde_json::Value>> {
+        self.lock().checkpoint()
+    }
 }

@@ -485,11 +485,11 @@ pub fn wal_file_name(seq: u64) -> String {
     format!("wal-{seq:08}.log")
 }
 
-fn wal_seq_of(name: &str) -> Option<u64> {
+pub fn wal_seq_of(name: &str) -> Option<u64> {
     name.strip_prefix("wal-")?.strip_suffix(".log")?.parse().ok()
 }
 
-fn data_seq_of(name: &str) -> Option<u64> {
+pub fn data_seq_of(name: &str) -> Option<u64> {
     name.strip_prefix("data-")?.strip_suffix(".ckpt")?.parse().ok()
 }
 

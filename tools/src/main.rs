@@ -1,6 +1,7 @@
 //! `tessera`: run a parameter server, train the demo model against it, measure it, inspect it.
 
 mod bench;
+mod checkpoint;
 mod common;
 mod demo;
 mod server;
@@ -35,6 +36,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show a running server's tables, parts, clocks and counters.
     Status(status::StatusArgs),
+    /// Take a checkpoint now, or verify and inspect a data directory.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Server(args) => server::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Status(args) => status::run(args),
+        Command::Checkpoint(args) => checkpoint::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

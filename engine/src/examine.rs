@@ -1,0 +1,185 @@
+//! Reading a data directory offline, for `tessera checkpoint verify` and `inspect`: every
+//! checkpoint's manifest and chunks, and every log's records, checked byte for byte, without
+//! building tables (so it needs neither the server's configuration nor its updaters).
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::{ChunkHeader, Manifest, PartManifest};
+use crate::durable::{data_seq_of, wal_file_name, wal_seq_of};
+use crate::error::{EngineError, Result};
+use crate::wal::{Reader, RecordHeader, Stop, RECORD_HEADER_BYTES, WAL_MAGIC};
+use zerocopy::FromBytes;
+
+/// One shard directory, examined.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardDir {
+    pub dir: PathBuf,
+    /// Newest first.
+    pub checkpoints: Vec<CheckpointCheck>,
+    /// In sequence order.
+    pub logs: Vec<LogCheck>,
+    /// Data files no manifest names (left by a checkpoint that never committed).
+    pub orphans: Vec<String>,
+}
+
+/// One checkpoint: what its manifest says, and what was wrong with it, if anything.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointCheck {
+    pub seq: u64,
+    pub manifest: Option<Manifest>,
+    /// Every problem found: the manifest, or chunks that do not read back as named.
+    pub problems: Vec<String>,
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+}
+
+/// One log file: its records and how it ends.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogCheck {
+    pub file: String,
+    pub bytes: u64,
+    pub first_lsn: Option<u64>,
+    pub records: u64,
+    /// How the log ends: cleanly, or where and why the records stop.
+    pub end: String,
+    /// False when the records stop at a torn or corrupt one, or at a gap.
+    pub clean: bool,
+}
+
+impl ShardDir {
+    /// True when nothing is wrong: every checkpoint checks out and every log ends cleanly.
+    pub fn ok(&self) -> bool {
+        self.checkpoints.iter().all(|c| c.problems.is_empty()) && self.logs.iter().all(|l| l.clean)
+    }
+}
+
+/// The shard directories under `root`: `root` itself if it holds checkpoints or logs, else its
+/// `shard-NNN` subdirectories.
+pub fn shard_dirs(root: &Path) -> Result<Vec<PathBuf>> {
+    let list = |dir: &Path| -> Result<Vec<PathBuf>> {
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| EngineError::Disk { op: "list", path: dir.display().to_string(), reason: e.to_string() })?;
+        Ok(entries.flatten().map(|e| e.path()).collect())
+    };
+    let named = |p: &PathBuf, f: &dyn Fn(&str) -> bool| p.file_name().and_then(|n| n.to_str()).is_some_and(f);
+    let entries = list(root)?;
+    if entries.iter().any(|p| named(p, &|n| Manifest::seq_of(n).is_some() || wal_seq_of(n).is_some())) {
+        return Ok(vec![root.to_path_buf()]);
+    }
+    let mut shards: Vec<PathBuf> = entries.into_iter().filter(|p| p.is_dir() && named(p, &|n| n.starts_with("shard-"))).collect();
+    shards.sort();
+    if shards.is_empty() {
+        return Err(EngineError::Disk {
+            op: "examine",
+            path: root.display().to_string(),
+            reason: "holds no checkpoint, no log and no shard-NNN directory; is this a --data-dir?".into(),
+        });
+    }
+    Ok(shards)
+}
+
+/// Checks every checkpoint and log in one shard directory.
+pub fn examine_shard(dir: &Path) -> Result<ShardDir> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::Disk { op: "list", path: dir.display().to_string(), reason: e.to_string() })?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    let mut seqs: Vec<u64> = names.iter().filter_map(|n| Manifest::seq_of(n)).collect();
+    seqs.sort_unstable_by(|a, b| b.cmp(a));
+    let checkpoints: Vec<CheckpointCheck> = seqs.iter().map(|seq| check_checkpoint(dir, *seq)).collect();
+    let named: std::collections::BTreeSet<u64> = checkpoints
+        .iter()
+        .filter_map(|c| c.manifest.as_ref())
+        .flat_map(|m| m.tables.iter().flat_map(|t| t.chunks.iter().map(|c| c.file)))
+        .collect();
+    let orphans = names.iter().filter(|n| data_seq_of(n).is_some_and(|s| !named.contains(&s))).cloned().collect();
+    let mut logs: Vec<u64> = names.iter().filter_map(|n| wal_seq_of(n)).collect();
+    logs.sort_unstable();
+    let logs = logs.into_iter().map(|s| check_log(&dir.join(wal_file_name(s)))).collect::<Result<_>>()?;
+    Ok(ShardDir { dir: dir.to_path_buf(), checkpoints, logs, orphans })
+}
+
+fn check_checkpoint(dir: &Path, seq: u64) -> CheckpointCheck {
+    let mut check = CheckpointCheck { seq, manifest: None, problems: Vec::new(), chunks: 0, chunk_bytes: 0 };
+    let name = Manifest::file_name(seq);
+    let manifest = match std::fs::read(dir.join(&name)).map_err(|e| e.to_string()).and_then(|b| Manifest::decode(&b, &name).map_err(|e| e.to_string())) {
+        Ok(m) => m,
+        Err(e) => {
+            check.problems.push(e);
+            return check;
+        }
+    };
+    let mut open: Option<(u64, Result<Vec<u8>, String>)> = None;
+    for t in &manifest.tables {
+        for (c, r) in t.chunks.iter().enumerate() {
+            let file = Manifest::data_file_name(r.file);
+            if open.as_ref().is_none_or(|(s, _)| *s != r.file) {
+                open = Some((r.file, std::fs::read(dir.join(&file)).map_err(|e| format!("{file}: {e}"))));
+            }
+            let bytes = match &open.as_ref().expect("read above").1 {
+                Ok(b) => b,
+                Err(e) => {
+                    check.problems.push(format!("table {} chunk {c}: {e}", t.table));
+                    continue;
+                }
+            };
+            let what = format!("{file} at {} (table {} chunk {c})", r.offset, t.table);
+            let span = usize::try_from(r.offset).ok().and_then(|o| bytes.get(o..o.checked_add(r.len as usize)?));
+            let Some(span) = span else {
+                check.problems.push(format!("{what}: the file ends before the chunk does"));
+                continue;
+            };
+            match ChunkHeader::open(span, &what) {
+                Ok((h, _)) if h.crc != r.crc || h.table != t.table || h.chunk != c as u64 => {
+                    check.problems.push(format!("{what}: holds table {} chunk {} (crc {:#010x}), not the one named", h.table, h.chunk, h.crc));
+                }
+                Ok(_) => {
+                    check.chunks += 1;
+                    check.chunk_bytes += u64::from(r.len);
+                }
+                Err(e) => check.problems.push(e.to_string()),
+            }
+        }
+    }
+    check.manifest = Some(manifest);
+    check
+}
+
+fn check_log(path: &Path) -> Result<LogCheck> {
+    let file = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let bytes = std::fs::read(path).map_err(|e| EngineError::Disk { op: "read", path: path.display().to_string(), reason: e.to_string() })?;
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+    let log: &[u8] = &bytemuck::cast_slice(&words)[..bytes.len()];
+    // The first record names the LSN the log starts at.
+    let first_lsn = RecordHeader::read_from_prefix(log).ok().map(|(h, _)| h).filter(|h| h.magic == WAL_MAGIC).map(|h| h.lsn);
+    let mut reader = Reader::new(log, first_lsn.unwrap_or(1));
+    let records = reader.by_ref().count() as u64;
+    let stop = reader.stop().cloned().unwrap_or(Stop::End);
+    let (end, clean) = match stop {
+        Stop::End if first_lsn.is_none() && log.len() >= RECORD_HEADER_BYTES && log.iter().any(|b| *b != 0) => {
+            ("the first record is unreadable".to_string(), false)
+        }
+        Stop::End => ("ends cleanly".to_string(), true),
+        Stop::Torn { offset, reason } => (format!("record at byte {offset} is torn or corrupt: {reason}"), false),
+        Stop::Gap { offset, expected, found } => (format!("record at byte {offset} has LSN {found} where {expected} was due"), false),
+    };
+    Ok(LogCheck { file, bytes: bytes.len() as u64, first_lsn, records, end, clean })
+}
+
+/// A table part's clocks in short: the lowest and highest clock of each worker over its segments.
+pub fn clock_bounds(t: &PartManifest) -> (Vec<u64>, Vec<u64>) {
+    let workers = t.clocks.first().map_or(0, |(_, c)| c.len());
+    let mut low = vec![u64::MAX; workers];
+    let mut high = vec![0; workers];
+    for (_, clocks) in &t.clocks {
+        for (w, c) in clocks.iter().enumerate().take(workers) {
+            low[w] = low[w].min(*c);
+            high[w] = high[w].max(*c);
+        }
+    }
+    low.iter_mut().filter(|c| **c == u64::MAX).for_each(|c| *c = 0);
+    (low, high)
+}
