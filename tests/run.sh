@@ -7,8 +7,9 @@
 # It installs the system packages it needs (as root, with apt) when they are missing, builds the
 # workspace once with every feature (RDMA included), and runs every test: unit and property
 # tests, client/server integration tests, the real-process tests (servers started and killed as
-# separate processes on loopback), and, inside a SoftRoCE guest (tests/softroce/), the RDMA tests
-# on real verbs and the RDMA benchmark against perftest. A guest whose rxe device cannot be
+# separate processes on loopback, crash recovery after kill -9 among them), and, inside a SoftRoCE
+# guest (tests/softroce/), the RDMA tests on real verbs and the RDMA benchmark against perftest;
+# then the disk benchmark against fio. A guest whose rxe device cannot be
 # created fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +62,9 @@ if [ "${QUICK:-0}" != 1 ]; then
   log "RDMA benchmark in the SoftRoCE guest, against perftest on the same device"
   cargo build --release -p tessera-tools --features rdma --locked
   tests/softroce/run.sh tests/softroce/rdma-bench.sh
+  log "disk benchmark: WAL group commit against an fdatasync loop, checkpoint writes against fio (same disk, same run)"
+  ./target/release/tessera bench --disk "${TMPDIR:-/tmp}/tessera-diskbench-$$" --seconds 2
+  rm -rf "${TMPDIR:-/tmp}/tessera-diskbench-$$"
 fi
 
 log "criterion benchmarks compile and run once each (no timing: figures come from cargo bench)"

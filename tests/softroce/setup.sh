@@ -29,6 +29,8 @@ PACKAGES=(
   librdmacm-dev        # librdmacm.so, likewise
   rdmacm-utils         # rping
   perftest             # ib_write_lat and friends: the baseline Tessera is measured against
+  # -- the disk baseline --
+  fio                  # sequential O_DIRECT writes: what checkpoint throughput is measured against
   # -- building the RDMA transport (sideway / rdma-mummy-sys run bindgen and cmake) --
   cmake
   libclang-dev

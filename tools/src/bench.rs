@@ -52,6 +52,17 @@ pub struct BenchArgs {
     /// Pushes kept in flight when measuring pipelined push throughput.
     #[arg(long, default_value_t = 16)]
     window: usize,
+    /// Measure durability on the disk holding DIR instead: WAL group commit (acknowledged
+    /// pushes per second and fsyncs per push) against a pwrite+fdatasync loop, and checkpoint
+    /// throughput against fio, both in DIR. Uses --seconds per worker count.
+    #[arg(long, value_name = "DIR")]
+    disk: Option<std::path::PathBuf>,
+    /// Concurrent workers for the group-commit runs of --disk.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    disk_workers: Vec<usize>,
+    /// MiB of table state the --disk checkpoint run writes; 0 skips it.
+    #[arg(long, default_value_t = 256)]
+    checkpoint_mib: u64,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -113,6 +124,18 @@ fn parse_size(s: &str) -> Result<usize> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(dir) = &args.disk {
+        let bench = crate::diskbench::DiskBench {
+            dir,
+            workers: &args.disk_workers,
+            seconds: args.seconds,
+            checkpoint_mib: args.checkpoint_mib,
+            json: args.json,
+            engine: &args.engine,
+            net: &args.net,
+        };
+        return bench.run();
+    }
     let sizes: Vec<usize> = args.sizes.iter().map(|s| parse_size(s)).collect::<Result<_>>()?;
     let _embedded;
     let addrs = match &args.connect {

@@ -4,6 +4,7 @@ mod bench;
 mod checkpoint;
 mod common;
 mod demo;
+mod diskbench;
 mod server;
 mod status;
 
