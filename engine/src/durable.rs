@@ -409,8 +409,8 @@ impl ShardDisk {
             if !path.exists() {
                 continue;
             }
-            let bytes = read_aligned(&path)?;
-            let mut reader = Reader::new(bytemuck::cast_slice(&bytes), next_lsn);
+            let (words, len) = read_aligned(&path)?;
+            let mut reader = Reader::new(&bytemuck::cast_slice(&words)[..len], next_lsn);
             for record in reader.by_ref() {
                 apply(tables, &record).map_err(|e| EngineError::Corrupt {
                     what: format!("{} record {}", wal_file_name(*s), record.lsn),
@@ -464,14 +464,14 @@ fn apply(tables: &mut [Option<TablePart>], r: &Record<'_>) -> Result<()> {
     }
 }
 
-/// A whole file, read into 8-byte aligned memory (log records are read in place). Recovery
-/// reads with plain reads: it runs once, before the shard serves.
-fn read_aligned(path: &Path) -> Result<Vec<u64>> {
+/// A whole file, read into 8-byte aligned memory (log records are read in place), and its
+/// length in bytes. Recovery reads with plain reads: it runs once, before the shard serves.
+pub(crate) fn read_aligned(path: &Path) -> Result<(Vec<u64>, usize)> {
     let bytes = std::fs::read(path)
         .map_err(|e| EngineError::Disk { op: "read", path: path.display().to_string(), reason: e.to_string() })?;
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
-    Ok(words)
+    Ok((words, bytes.len()))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

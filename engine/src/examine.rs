@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{ChunkHeader, Manifest, PartManifest};
-use crate::durable::{data_seq_of, wal_file_name, wal_seq_of};
+use crate::durable::{data_seq_of, read_aligned, wal_file_name, wal_seq_of};
 use crate::error::{EngineError, Result};
 use crate::wal::{Reader, RecordHeader, Stop, RECORD_HEADER_BYTES, WAL_MAGIC};
 use zerocopy::FromBytes;
@@ -149,10 +149,8 @@ fn check_checkpoint(dir: &Path, seq: u64) -> CheckpointCheck {
 
 fn check_log(path: &Path) -> Result<LogCheck> {
     let file = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-    let bytes = std::fs::read(path).map_err(|e| EngineError::Disk { op: "read", path: path.display().to_string(), reason: e.to_string() })?;
-    let mut words = vec![0u64; bytes.len().div_ceil(8)];
-    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
-    let log: &[u8] = &bytemuck::cast_slice(&words)[..bytes.len()];
+    let (words, len) = read_aligned(path)?;
+    let log: &[u8] = &bytemuck::cast_slice(&words)[..len];
     // The first record names the LSN the log starts at.
     let first_lsn = RecordHeader::read_from_prefix(log).ok().map(|(h, _)| h).filter(|h| h.magic == WAL_MAGIC).map(|h| h.lsn);
     let mut reader = Reader::new(log, first_lsn.unwrap_or(1));
@@ -166,7 +164,7 @@ fn check_log(path: &Path) -> Result<LogCheck> {
         Stop::Torn { offset, reason } => (format!("record at byte {offset} is torn or corrupt: {reason}"), false),
         Stop::Gap { offset, expected, found } => (format!("record at byte {offset} has LSN {found} where {expected} was due"), false),
     };
-    Ok(LogCheck { file, bytes: bytes.len() as u64, first_lsn, records, end, clean })
+    Ok(LogCheck { file, bytes: len as u64, first_lsn, records, end, clean })
 }
 
 /// A table part's clocks in short: the lowest and highest clock of each worker over its segments.
