@@ -89,7 +89,8 @@ pub struct ShardDisk {
     shard: u16,
     level: Durability,
     wal: Option<Wal>,
-    checkpoint_buf: BufId,
+    /// Two buffers: a checkpoint copies chunks into one while the other is written.
+    checkpoint_bufs: [BufId; 2],
     /// The newest checkpoint, loaded or written (0: none yet), and its manifest.
     checkpoint_seq: u64,
     prev: Option<Manifest>,
@@ -111,7 +112,7 @@ impl ShardDisk {
         let dir = root.join(format!("shard-{shard:03}"));
         std::fs::create_dir_all(&dir)
             .map_err(|e| EngineError::Disk { op: "mkdir", path: dir.display().to_string(), reason: e.to_string() })?;
-        let mut buffer_bytes = vec![CHECKPOINT_BUFFER_BYTES];
+        let mut buffer_bytes = vec![CHECKPOINT_BUFFER_BYTES; 2];
         if cfg.durability == Durability::Wal {
             buffer_bytes.extend([cfg.wal_buffer_bytes; 2]);
         }
@@ -128,7 +129,7 @@ impl ShardDisk {
             shard,
             level: cfg.durability,
             wal: None,
-            checkpoint_buf: BufId(0),
+            checkpoint_bufs: [BufId(0), BufId(1)],
             checkpoint_seq: 0,
             prev: None,
             last_checkpoint: Instant::now(),
@@ -289,9 +290,9 @@ impl ShardDisk {
         let lsn = self.wal.as_ref().map_or(0, |w| w.next_lsn - 1);
         let seq = self.checkpoint_seq + 1;
         let wal_name = wal_file_name(seq);
-        let buf = self.checkpoint_buf;
+        let bufs = self.checkpoint_bufs;
         let (manifest, written) =
-            store::write(&mut self.disk, buf, &self.dir, seq, lsn, &wal_name, self.shard, parts, self.prev.as_ref())?;
+            store::write(&mut self.disk, bufs, &self.dir, seq, lsn, &wal_name, self.shard, parts, self.prev.as_ref())?;
         if let Some(wal) = self.wal.take() {
             self.disk.close_file(wal.file)?;
             self.open_log(seq, lsn + 1, 0, true)?;
@@ -352,7 +353,7 @@ impl ShardDisk {
         let file = self.disk.open_file(&path, false)?;
         self.wal = Some(Wal {
             file,
-            bufs: [BufId(1), BufId(2)],
+            bufs: [BufId(2), BufId(3)],
             filling: 0,
             batch: Batch::default(),
             offset,
@@ -377,7 +378,7 @@ impl ShardDisk {
             tracing::warn!(shard, checkpoint = seq, error = %e, "checkpoint is corrupt; falling back to the one before");
             report.fallbacks.push(format!("checkpoint {seq}: {e}"));
         };
-        let found = store::load_newest(&mut self.disk, self.checkpoint_buf, &self.dir, build, &mut skipped)?;
+        let found = store::load_newest(&mut self.disk, self.checkpoint_bufs[0], &self.dir, build, &mut skipped)?;
         let (mut seq, mut next_lsn) = (0, 1);
         if let Some((manifest, parts)) = found {
             for part in parts {

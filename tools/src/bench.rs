@@ -61,7 +61,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     disk_workers: Vec<usize>,
     /// MiB of table state the --disk checkpoint run writes; 0 skips it.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     checkpoint_mib: u64,
     #[command(flatten)]
     engine: EngineArgs,

@@ -28,11 +28,12 @@ pub struct Written {
 
 /// Writes checkpoint `seq` of `parts` into `dir`, exact at log position `lsn`, with `wal` the log
 /// that follows it. `prev` is the previous checkpoint's manifest: chunks no push changed since
-/// are referred to where it put them. `buf` is a disk buffer of at least one chunk.
+/// are referred to where it put them. `bufs` are two disk buffers of at least one chunk each:
+/// chunks are copied into one while the other is written.
 #[allow(clippy::too_many_arguments)] // each is one input of the checkpoint
 pub fn write(
     disk: &mut Disk,
-    buf: BufId,
+    bufs: [BufId; 2],
     dir: &Path,
     seq: u64,
     lsn: u64,
@@ -42,11 +43,15 @@ pub fn write(
     prev: Option<&Manifest>,
 ) -> Result<(Manifest, Written)> {
     let data = disk.open_file(&dir.join(Manifest::data_file_name(seq)), true)?;
-    let result = write_chunks(disk, buf, data, seq, lsn, shard, parts, prev);
+    let mut gather = Gather { bufs, cur: 0, filled: 0, offset: 0, in_flight: false, file: data };
+    let result = write_chunks(disk, &mut gather, seq, lsn, shard, parts, prev);
+    // On an early error a write may still be in flight: let it end before the file closes.
+    let drained = gather.wait(disk);
     disk.close_file(data)?;
     let (tables, written) = result?;
+    drained?;
     let manifest = Manifest { version: MANIFEST_VERSION, seq, shard, lsn, wal: wal.to_string(), tables };
-    commit_manifest(disk, buf, dir, &manifest)?;
+    commit_manifest(disk, bufs[0], dir, &manifest)?;
     parts.iter_mut().for_each(|p| p.clear_dirty());
     Ok((manifest, written))
 }
@@ -54,8 +59,7 @@ pub fn write(
 #[allow(clippy::too_many_arguments)]
 fn write_chunks(
     disk: &mut Disk,
-    buf: BufId,
-    data: FileId,
+    g: &mut Gather,
     seq: u64,
     lsn: u64,
     shard: u16,
@@ -64,7 +68,6 @@ fn write_chunks(
 ) -> Result<(Vec<PartManifest>, Written)> {
     let mut written = Written { seq, chunks_written: 0, chunks_kept: 0, bytes: 0 };
     let mut tables = Vec::with_capacity(parts.len());
-    let (mut offset, mut filled) = (0u64, 0usize);
     for part in parts.iter_mut() {
         let earlier = prev.and_then(|m| m.tables.iter().find(|t| t.table == part.id && t.spec == part.spec));
         let earlier = earlier.filter(|t| t.chunks.len() as u64 == part.chunks() && t.chunk_slots == part.chunk_slots());
@@ -88,7 +91,7 @@ fn write_chunks(
                 ..ChunkHeader::default()
             };
             let need = ChunkHeader::disk_len(header.payload_len as usize);
-            let room = disk.buf(buf).len();
+            let room = disk.buf(g.bufs[0]).len();
             if need > room {
                 return Err(EngineError::BadConfig {
                     field: "checkpoint buffer",
@@ -96,16 +99,17 @@ fn write_chunks(
                     reason: format!("a chunk of table {} takes {need} bytes", part.id),
                 });
             }
-            // Chunks gather in the buffer and go out in one write when the next would not fit.
-            if filled + need > room {
-                flush(disk, buf, data, &mut offset, &mut filled)?;
+            // Chunks gather in a buffer and go out in one write when the next would not fit.
+            if g.filled + need > room {
+                g.flush(disk)?;
             }
-            let out = &mut disk.buf_mut(buf).expect("no request names the buffer between chains")[filled..];
+            let filled = g.filled;
+            let out = &mut disk.buf_mut(g.bufs[g.cur]).expect("the gathering buffer is not in flight")[filled..];
             part.save_chunk(c, &mut out[CHUNK_HEADER_BYTES..]);
             let len = header.seal(out);
             let crc = u32::from_le_bytes(out[4..8].try_into().expect("4 bytes"));
-            chunks[c as usize] = ChunkRef { file: seq, offset: offset + filled as u64, len: len as u32, crc };
-            filled += len;
+            chunks[c as usize] = ChunkRef { file: seq, offset: g.offset + filled as u64, len: len as u32, crc };
+            g.filled += len;
             written.chunks_written += 1;
             written.chunks_kept -= 1;
             written.bytes += len as u64;
@@ -122,19 +126,51 @@ fn write_chunks(
             chunks,
         });
     }
-    flush(disk, buf, data, &mut offset, &mut filled)?;
-    run(disk, &[Op::Sync { file: data }])?;
+    g.flush(disk)?;
+    g.wait(disk)?;
+    run(disk, &[Op::Sync { file: g.file }])?;
     Ok((tables, written))
 }
 
-/// Writes the `filled` bytes gathered in `buf` at `offset` of `file`, and moves past them.
-fn flush(disk: &mut Disk, buf: BufId, file: FileId, offset: &mut u64, filled: &mut usize) -> Result<()> {
-    if *filled > 0 {
-        run(disk, &[Op::Write { file, buf, span: 0..*filled, offset: *offset }])?;
-        *offset += *filled as u64;
-        *filled = 0;
+/// Chunks gathered into one of two buffers while the other one's write is in flight: the device
+/// sees one write at a time (queue depth 1), and copying the next chunks overlaps it.
+struct Gather {
+    bufs: [BufId; 2],
+    /// The buffer chunks are copied into, and how full it is.
+    cur: usize,
+    filled: usize,
+    /// Where the gathered bytes go in `file`.
+    offset: u64,
+    in_flight: bool,
+    file: FileId,
+}
+
+impl Gather {
+    /// Sends the gathered bytes (after the write before them ended) and gathers into the other
+    /// buffer.
+    fn flush(&mut self, disk: &mut Disk) -> Result<()> {
+        if self.filled == 0 {
+            return Ok(());
+        }
+        self.wait(disk)?;
+        let op = Op::Write { file: self.file, buf: self.bufs[self.cur], span: 0..self.filled, offset: self.offset };
+        disk.submit(&[op], 0)?;
+        self.in_flight = true;
+        self.offset += self.filled as u64;
+        self.filled = 0;
+        self.cur ^= 1;
+        Ok(())
     }
-    Ok(())
+
+    /// Waits for the write in flight, if any.
+    fn wait(&mut self, disk: &mut Disk) -> Result<()> {
+        if !std::mem::take(&mut self.in_flight) {
+            return Ok(());
+        }
+        let mut done = Vec::with_capacity(1);
+        disk.wait(&mut done)?;
+        done.pop().expect("wait returns the chain it waited for").result
+    }
 }
 
 /// Writes `manifest` under a temporary name, fsyncs it, renames it into place and fsyncs `dir`.

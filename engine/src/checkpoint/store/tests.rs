@@ -13,9 +13,10 @@ use crate::EngineConfig;
 
 
 const BUF: BufId = BufId(0);
+const BUFS: [BufId; 2] = [BufId(0), BufId(1)];
 
 fn disk(blocking: bool) -> Disk {
-    let cfg = DiskConfig { ring_entries: 16, files_max: 8, buffer_bytes: vec![256 << 10], force_blocking: blocking };
+    let cfg = DiskConfig { ring_entries: 16, files_max: 8, buffer_bytes: vec![256 << 10; 2], force_blocking: blocking };
     Disk::open(&cfg).unwrap()
 }
 
@@ -67,10 +68,10 @@ fn checkpoints_round_trip_and_later_ones_write_only_what_changed() {
         let mut disk = disk(blocking);
         let (mut d, mut s) = parts();
         push_some(&mut d, &mut s, 1);
-        let (m1, w1) = write(&mut disk, BUF, &dir.0, 1, 10, "wal-00000001.log", 0, &mut [&mut d, &mut s], None).unwrap();
+        let (m1, w1) = write(&mut disk, BUFS, &dir.0, 1, 10, "wal-00000001.log", 0, &mut [&mut d, &mut s], None).unwrap();
         assert_eq!(w1.chunks_kept, 0, "the first checkpoint writes every chunk");
         push_some(&mut d, &mut s, 2);
-        let (m2, w2) = write(&mut disk, BUF, &dir.0, 2, 20, "wal-00000002.log", 0, &mut [&mut d, &mut s], Some(&m1)).unwrap();
+        let (m2, w2) = write(&mut disk, BUFS, &dir.0, 2, 20, "wal-00000002.log", 0, &mut [&mut d, &mut s], Some(&m1)).unwrap();
         assert!(w2.chunks_kept > 0 && w2.chunks_written < w1.chunks_written, "{w1:?} then {w2:?}");
         assert!(m2.tables[0].chunks.iter().any(|c| c.file == 1), "unchanged chunks stay in checkpoint 1's file");
 
@@ -94,10 +95,10 @@ fn a_corrupt_chunk_or_manifest_falls_back_to_the_previous_checkpoint_and_says_wh
     let mut disk = disk(false);
     let (mut d, mut s) = parts();
     push_some(&mut d, &mut s, 1);
-    let (m1, _) = write(&mut disk, BUF, &dir.0, 1, 10, "wal-00000001.log", 0, &mut [&mut d, &mut s], None).unwrap();
+    let (m1, _) = write(&mut disk, BUFS, &dir.0, 1, 10, "wal-00000001.log", 0, &mut [&mut d, &mut s], None).unwrap();
     let at_1 = observe(&mut d, &mut s);
     push_some(&mut d, &mut s, 2);
-    let (m2, _) = write(&mut disk, BUF, &dir.0, 2, 20, "wal-00000002.log", 0, &mut [&mut d, &mut s], Some(&m1)).unwrap();
+    let (m2, _) = write(&mut disk, BUFS, &dir.0, 2, 20, "wal-00000002.log", 0, &mut [&mut d, &mut s], Some(&m1)).unwrap();
 
     // One flipped bit in a chunk checkpoint 2 wrote.
     let r = m2.tables[0].chunks.iter().find(|c| c.file == 2).unwrap();
