@@ -186,28 +186,30 @@ impl ShardDisk {
         record.lsn
     }
 
-    /// Takes finished commits and starts the next one. Never blocks. Returns true when
-    /// something completed (held replies may go).
-    pub fn pump(&mut self) -> bool {
+    /// Takes finished commits and starts the next one. Never blocks.
+    pub fn pump(&mut self) {
         self.disk.clear_event();
         self.done.clear();
         if let Err(e) = self.disk.poll(&mut self.done) {
             self.fail(e);
-            return false;
+            return;
         }
-        let completed = !self.done.is_empty();
+        self.take_done();
+        if self.wal.as_ref().is_some_and(|w| w.in_flight.is_none() && !w.batch.is_empty()) {
+            if let Err(e) = self.start_commit() {
+                self.fail(e);
+            }
+        }
+    }
+
+    /// Hands the log commits in `done` to [`commit_done`](Self::commit_done).
+    fn take_done(&mut self) {
         for i in 0..self.done.len() {
             let result = std::mem::replace(&mut self.done[i].result, Ok(()));
             if self.done[i].token == WAL_TOKEN {
                 self.commit_done(result);
             }
         }
-        if self.wal.as_ref().is_some_and(|w| w.in_flight.is_none() && !w.batch.is_empty()) {
-            if let Err(e) = self.start_commit() {
-                self.fail(e);
-            }
-        }
-        completed
     }
 
     /// True when a checkpoint is due.
@@ -216,10 +218,6 @@ impl ShardDisk {
     }
 
     fn fail(&mut self, e: EngineError) {
-        let e = match e {
-            EngineError::Disk { reason, path, .. } if reason.contains("No space left") => EngineError::DiskFull { path },
-            e => e,
-        };
         tracing::error!(shard = self.shard, error = %e, "the write-ahead log failed: pushes are refused from now on, pulls are served from memory");
         self.failed = Some(e);
     }
@@ -258,12 +256,7 @@ impl ShardDisk {
         while self.wal.as_ref().is_some_and(|w| w.in_flight.is_some()) {
             self.done.clear();
             self.disk.wait(&mut self.done)?;
-            for i in 0..self.done.len() {
-                let result = std::mem::replace(&mut self.done[i].result, Ok(()));
-                if self.done[i].token == WAL_TOKEN {
-                    self.commit_done(result);
-                }
-            }
+            self.take_done();
         }
         match &self.failed {
             Some(e) => Err(e.clone()),
@@ -475,7 +468,8 @@ pub(crate) fn read_aligned(path: &Path) -> Result<(Vec<u64>, usize)> {
     Ok((words, bytes.len()))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// Makes a directory's entries (a rename, a new file) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| EngineError::Disk { op: "fsync", path: dir.display().to_string(), reason: e.to_string() })

@@ -294,10 +294,10 @@ impl ControlPlane {
             let mut f = std::fs::File::create(&tmp)?;
             std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&file).expect("plain data"))?;
             f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            std::fs::File::open(dir)?.sync_all()
+            std::fs::rename(&tmp, path)
         };
-        write().map_err(|e| EngineError::Disk { op: "write", path: path.display().to_string(), reason: e.to_string() })
+        write().map_err(|e| EngineError::Disk { op: "write", path: path.display().to_string(), reason: e.to_string() })?;
+        crate::durable::sync_dir(dir)
     }
 
     /// Has every shard take a checkpoint now; what each wrote.

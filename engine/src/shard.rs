@@ -87,8 +87,17 @@ pub struct Shard {
 impl Shard {
     /// A shard with no tables yet.
     pub fn new(id: u16, cfg: Arc<EngineConfig>, control: Receiver<ShardControl>) -> Self {
-        let (disk, disk_error) = (None, None);
-        Self { id, cfg, arena: Arena::default(), tables: Vec::new(), control, connections: 0, stop: false, disk, disk_error }
+        Self {
+            id,
+            cfg,
+            arena: Arena::default(),
+            tables: Vec::new(),
+            control,
+            connections: 0,
+            stop: false,
+            disk: None,
+            disk_error: None,
+        }
     }
 
     /// Serves until told to shut down. The shard's disk ring is made here, on its own thread,
@@ -114,7 +123,7 @@ impl Shard {
         }
         if let Some(disk) = self.disk.as_mut() {
             // Replies still held die with their connections; what is logged stays logged.
-            let _ = disk.pump();
+            disk.pump();
         }
         tracing::debug!(shard = self.id, "shard stopped");
     }

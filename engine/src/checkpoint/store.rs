@@ -191,7 +191,7 @@ fn commit_manifest(disk: &mut Disk, buf: BufId, dir: &Path, manifest: &Manifest)
     let path = dir.join(Manifest::file_name(manifest.seq));
     let io = |op, e: std::io::Error| EngineError::Disk { op, path: dir.display().to_string(), reason: e.to_string() };
     std::fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("fsync", e))
+    crate::durable::sync_dir(dir)
 }
 
 /// Submits `ops` as one chain and waits for it.

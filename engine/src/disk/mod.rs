@@ -442,12 +442,7 @@ fn disk_error(op: &'static str, path: &Path, e: &io::Error) -> EngineError {
     if e.raw_os_error() == Some(libc::ENOSPC) {
         return EngineError::DiskFull { path: path.display().to_string() };
     }
-    let hint = if e.raw_os_error() == Some(libc::EINVAL) && op.starts_with("open") {
-        " (this filesystem refuses O_DIRECT; put the data directory on ext4, xfs or similar)"
-    } else {
-        ""
-    };
-    EngineError::Disk { op, path: path.display().to_string(), reason: format!("{e}{hint}") }
+    EngineError::Disk { op, path: path.display().to_string(), reason: e.to_string() }
 }
 
 /// A completion's tag: the chain's slot and the step's index in it.
