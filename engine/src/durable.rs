@@ -13,16 +13,21 @@
 //! replies it covered and sends the filled buffer as the next commit. So there is at most one
 //! fsync in flight per shard, and as many pushes per fsync as arrived during the previous one.
 //!
-//! **Checkpoints** are taken on the shard thread, so each is exact at one log position: the log
-//! is first made durable up to the last record, then the dirty chunks are written, then the
-//! manifest is committed, and a new log file starts. The previous checkpoint and its log stay
-//! (a fallback if the newest turns out corrupt); anything older is deleted.
+//! **Checkpoints** are written a little at a time from the shard's loop, and pushes go on
+//! meanwhile. Each is exact at one log position: when it starts, the log is made durable up to
+//! the last record (the shard waits for at most two log commits), a new log file starts after
+//! that record, and each part's changed chunks are snapshotted (copy on write,
+//! [`store::Taking`]). Then the chunks are written, one buffer at a time, and when they are on
+//! disk the manifest is committed (the shard waits for that: a write, two fsyncs and a rename).
+//! The previous checkpoint and its log stay (a fallback if the newest turns out corrupt);
+//! anything older is deleted. A checkpoint that fails leaves its log in place (recovery replays
+//! it after the previous checkpoint's) and the next one takes a new number.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::store::{self, Written};
+use crate::checkpoint::store::{self, Parts, Taking, Written};
 use crate::checkpoint::{Manifest, PartManifest};
 use crate::config::{Durability, EngineConfig, CHECKPOINT_BUFFER_BYTES, IO_ALIGN_BYTES};
 use crate::disk::{BufId, Disk, DiskConfig, Done, FileId, Op};
@@ -34,8 +39,9 @@ use crate::wal::{Batch, Reader, Record, Stop, Target};
 const RING_ENTRIES: u32 = 64;
 /// Files a shard keeps open at once: the log, a checkpoint's data file, and one being read.
 const FILES_MAX: u32 = 8;
-/// The completion token of log commits.
+/// The completion tokens of log commits and of checkpoint writes.
 const WAL_TOKEN: u64 = 1;
+const CHECKPOINT_TOKEN: u64 = 2;
 
 /// What recovery found and did, for the log and `tessera status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -91,14 +97,19 @@ pub struct ShardDisk {
     wal: Option<Wal>,
     /// Two buffers: a checkpoint copies chunks into one while the other is written.
     checkpoint_bufs: [BufId; 2],
-    /// The newest checkpoint, loaded or written (0: none yet), and its manifest.
-    checkpoint_seq: u64,
+    /// The number the next checkpoint takes: past every file in the directory.
+    next_seq: u64,
+    /// The checkpoint being written.
+    taking: Option<Taking>,
+    /// The newest checkpoint, loaded or written, and its manifest.
     prev: Option<Manifest>,
     last_checkpoint: Instant,
     interval: Option<Duration>,
     done: Vec<Done>,
     /// Why the log cannot be written any more; pushes are refused from then on.
     failed: Option<EngineError>,
+    /// Why a write of the running checkpoint failed.
+    checkpoint_failed: Option<EngineError>,
     pub stats: DiskStats,
 }
 
@@ -130,12 +141,14 @@ impl ShardDisk {
             level: cfg.durability,
             wal: None,
             checkpoint_bufs: [BufId(0), BufId(1)],
-            checkpoint_seq: 0,
+            next_seq: 1,
+            taking: None,
             prev: None,
             last_checkpoint: Instant::now(),
             interval,
             done: Vec::with_capacity(4),
             failed: None,
+            checkpoint_failed: None,
             stats: DiskStats::default(),
         }))
     }
@@ -145,9 +158,16 @@ impl ShardDisk {
         self.disk.event_fd()
     }
 
-    /// True when pushes are logged and their replies held until durable.
+    /// True when pushes are logged and their replies held until durable (also once the log has
+    /// failed: pushes are then refused, never served unlogged).
     pub fn logs(&self) -> bool {
-        self.wal.is_some()
+        self.level == Durability::Wal
+    }
+
+    /// True when the shard's loop should not sleep: a checkpoint is being written and its next
+    /// step does not wait for a completion the loop could sleep on.
+    pub fn busy(&self) -> bool {
+        self.taking.is_some() && self.disk.event_fd().is_none()
     }
 
     /// Every record up to this LSN is on disk.
@@ -162,7 +182,12 @@ impl ShardDisk {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        let Some(wal) = self.wal.as_mut() else { return Ok(()) };
+        let Some(wal) = self.wal.as_mut() else {
+            return match self.level {
+                Durability::Wal => Err(EngineError::Io("the write-ahead log is not open".into())),
+                _ => Ok(()),
+            };
+        };
         let room = self.disk.buf(wal.bufs[0]).len();
         if bytes > room {
             return Err(EngineError::BadRequest {
@@ -202,12 +227,20 @@ impl ShardDisk {
         }
     }
 
-    /// Hands the log commits in `done` to [`commit_done`](Self::commit_done).
+    /// Hands the log commits in `done` to [`commit_done`](Self::commit_done), and a
+    /// checkpoint's writes to it.
     fn take_done(&mut self) {
         for i in 0..self.done.len() {
             let result = std::mem::replace(&mut self.done[i].result, Ok(()));
-            if self.done[i].token == WAL_TOKEN {
-                self.commit_done(result);
+            match self.done[i].token {
+                WAL_TOKEN => self.commit_done(result),
+                CHECKPOINT_TOKEN => {
+                    let taking = self.taking.as_mut().expect("a checkpoint write completed");
+                    if let Err(e) = taking.complete(result) {
+                        self.checkpoint_failed = Some(e);
+                    }
+                }
+                _ => unreachable!("only the log and checkpoints use the ring"),
             }
         }
     }
@@ -274,29 +307,100 @@ impl ShardDisk {
         Ok(())
     }
 
-    /// Writes a checkpoint of `parts`, exact at the last appended record, then starts a new log
-    /// and deletes what no kept checkpoint needs. Blocks the shard while it runs.
-    pub fn checkpoint(&mut self, parts: &mut [&mut TablePart]) -> Result<Written> {
+    /// True while a checkpoint is being written.
+    pub fn checkpointing(&self) -> bool {
+        self.taking.is_some()
+    }
+
+    /// Starts a checkpoint of `parts`, exact at the last appended record, and a new log after
+    /// it; [`advance_checkpoint`](Self::advance_checkpoint) writes it. Waits for at most two
+    /// log commits. Returns the checkpoint's number.
+    pub fn begin_checkpoint(&mut self, parts: &mut dyn Parts) -> Result<u64> {
+        assert!(self.taking.is_none(), "one checkpoint at a time");
         // A failed checkpoint is tried again an interval later, not at once.
         self.last_checkpoint = Instant::now();
         self.flush_log()?;
         let lsn = self.wal.as_ref().map_or(0, |w| w.next_lsn - 1);
-        let seq = self.checkpoint_seq + 1;
-        let wal_name = wal_file_name(seq);
-        let bufs = self.checkpoint_bufs;
-        let (manifest, written) =
-            store::write(&mut self.disk, bufs, &self.dir, seq, lsn, &wal_name, self.shard, parts, self.prev.as_ref())?;
+        // The number is used up even if this checkpoint fails: its log may hold records.
+        let seq = self.next_seq;
+        self.next_seq += 1;
         if let Some(wal) = self.wal.take() {
             self.disk.close_file(wal.file)?;
-            self.open_log(seq, lsn + 1, 0, true)?;
+            if let Err(e) = self.open_log(seq, lsn + 1, 0, true) {
+                self.fail(e.clone());
+                return Err(e);
+            }
         }
+        let (bufs, token) = (self.checkpoint_bufs, CHECKPOINT_TOKEN);
+        let taking =
+            Taking::begin(&mut self.disk, bufs, token, &self.dir, (seq, lsn, &wal_file_name(seq)), self.shard, parts, self.prev.as_ref())?;
+        self.taking = Some(taking);
+        Ok(seq)
+    }
+
+    /// Writes more of the running checkpoint, without waiting for the disk, and commits it when
+    /// its chunks are on disk (waiting for that). `Some` once it has ended, written or failed.
+    pub fn advance_checkpoint(&mut self, parts: &mut dyn Parts) -> Option<Result<Written>> {
+        let taking = self.taking.as_mut()?;
+        let step = match self.checkpoint_failed.take() {
+            Some(e) => Err(e),
+            None => taking.advance(&mut self.disk, parts),
+        };
+        match step {
+            Ok(false) => None,
+            Ok(true) => Some(self.commit_checkpoint(parts)),
+            Err(e) => {
+                self.abandon_checkpoint(parts);
+                Some(Err(e))
+            }
+        }
+    }
+
+    fn commit_checkpoint(&mut self, parts: &mut dyn Parts) -> Result<Written> {
+        // The manifest's chain waits alone on the ring.
+        if let Err(e) = self.wait_commit() {
+            self.abandon_checkpoint(parts);
+            return Err(e);
+        }
+        let taking = self.taking.take().expect("a checkpoint is running");
+        let (manifest, written) = taking.commit(&mut self.disk, &self.dir, parts)?;
         let older = self.prev.replace(manifest);
-        self.checkpoint_seq = seq;
-        self.last_checkpoint = Instant::now();
         self.stats.checkpoints += 1;
         self.stats.checkpoint_bytes += written.bytes;
         self.prune(older.as_ref());
         Ok(written)
+    }
+
+    /// Gives up the running checkpoint, once its write in flight is over.
+    pub fn abandon_checkpoint(&mut self, parts: &mut dyn Parts) {
+        while self.taking.as_ref().is_some_and(Taking::in_flight) {
+            self.done.clear();
+            if let Err(e) = self.disk.wait(&mut self.done) {
+                self.fail(e);
+                break;
+            }
+            self.take_done();
+        }
+        self.checkpoint_failed = None;
+        if let Some(taking) = self.taking.take() {
+            taking.abandon(&mut self.disk, parts);
+        }
+    }
+
+    /// Writes a whole checkpoint of `parts` now, waiting for it.
+    pub fn checkpoint(&mut self, parts: &mut dyn Parts) -> Result<Written> {
+        self.begin_checkpoint(parts)?;
+        loop {
+            if let Some(ended) = self.advance_checkpoint(parts) {
+                return ended;
+            }
+            self.done.clear();
+            if let Err(e) = self.disk.wait(&mut self.done) {
+                self.abandon_checkpoint(parts);
+                return Err(e);
+            }
+            self.take_done();
+        }
     }
 
     /// Deletes checkpoints and logs older than the previous checkpoint, and data files that
@@ -385,7 +489,6 @@ impl ShardDisk {
             (seq, next_lsn) = (manifest.seq, manifest.lsn + 1);
             report.checkpoint = Some(manifest.seq);
             report.checkpoint_lsn = manifest.lsn;
-            self.checkpoint_seq = manifest.seq;
             self.prev = Some(manifest);
         }
         // Replay this checkpoint's log, then any later one a newer (unloadable) checkpoint
@@ -424,12 +527,22 @@ impl ShardDisk {
                 }
             };
             if stop != Stop::End {
-                if i + 1 < logs.len() {
-                    tracing::warn!(shard = self.shard, "{}; the later logs are not replayed", report.log_end);
+                // Records after the damage are lost. Later logs are set aside, so that records
+                // appended from here on can never be followed by their stale ones.
+                for later in &logs[i + 1..] {
+                    let path = self.dir.join(wal_file_name(*later));
+                    let aside = path.with_extension("log.unreplayed");
+                    tracing::warn!(shard = self.shard, "{}; {} is not replayed and is renamed {}", report.log_end, path.display(), aside.display());
+                    std::fs::rename(&path, &aside)
+                        .map_err(|e| EngineError::Disk { op: "rename", path: path.display().to_string(), reason: e.to_string() })?;
                 }
                 break;
             }
         }
+        // A checkpoint that failed or was cut short by a crash left a log and a data file:
+        // the next checkpoint's number is past every one of them.
+        let seqs = [Manifest::seq_of as fn(&str) -> Option<u64>, wal_seq_of, data_seq_of];
+        self.next_seq = seqs.iter().flat_map(|f| self.list(*f)).max().unwrap_or(0) + 1;
         report.next_lsn = next_lsn;
         for t in tables.iter().flatten() {
             let owned = t.owned();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam::channel::{self, Sender};
+use crossbeam::channel::{self, Receiver, Sender};
 use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
 use tessera_replication::placement;
 use tessera_transport::{select, Op, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
@@ -300,15 +300,18 @@ impl ControlPlane {
         crate::durable::sync_dir(dir)
     }
 
-    /// Has every shard take a checkpoint now; what each wrote.
+    /// Has every shard take a checkpoint now, all at once; what each wrote.
     fn checkpoint(&self) -> Result<Vec<Option<Written>>> {
-        let mut out = Vec::new();
+        let mut waiting = Vec::new();
         for shard in 0..self.shards.len() {
             let (done, rx) = channel::bounded(1);
             self.send(shard as u16, ShardControl::Checkpoint { done })?;
-            out.push(rx.recv_timeout(SHARD_REPLY_TIMEOUT).map_err(|_| EngineError::Io(format!("shard {shard} did not answer")))??);
+            waiting.push(rx);
         }
-        Ok(out)
+        let answer = |(shard, rx): (usize, Receiver<_>)| {
+            rx.recv_timeout(SHARD_REPLY_TIMEOUT).map_err(|_| EngineError::Io(format!("shard {shard} did not answer")))?
+        };
+        waiting.into_iter().enumerate().map(answer).collect()
     }
 
     /// Creates `spec` on every shard, or on none: a failure drops the parts already made.

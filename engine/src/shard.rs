@@ -82,6 +82,10 @@ pub struct Shard {
     /// The shard's log and checkpoints (opened on the shard's thread), or why it could not open.
     disk: Option<ShardDisk>,
     disk_error: Option<EngineError>,
+    /// Who asked for a checkpoint: those waiting for the one being written, and those waiting
+    /// for the next (they asked after the running one started).
+    checkpoint_waiting: Vec<Sender<Result<Option<Written>>>>,
+    checkpoint_asked: Vec<Sender<Result<Option<Written>>>>,
 }
 
 impl Shard {
@@ -97,6 +101,8 @@ impl Shard {
             stop: false,
             disk: None,
             disk_error: None,
+            checkpoint_waiting: Vec::new(),
+            checkpoint_asked: Vec::new(),
         }
     }
 
@@ -115,11 +121,17 @@ impl Shard {
         while !self.stop {
             self.connections = transport.connections();
             self.pump_disk();
-            if let Err(e) = transport.poll(&mut self, None) {
+            // A checkpoint on the blocking disk backend moves on each turn of the loop.
+            let timeout = self.disk.as_ref().is_some_and(ShardDisk::busy).then_some(std::time::Duration::ZERO);
+            if let Err(e) = transport.poll(&mut self, timeout) {
                 tracing::error!(shard = self.id, error = %e, "poll failed");
             }
             // Start the commit of what was just served before sleeping again.
             self.pump_disk();
+        }
+        if let Some(disk) = self.disk.as_mut().filter(|d| d.checkpointing()) {
+            disk.abandon_checkpoint(&mut self.tables);
+            self.checkpoint_ended(Err(EngineError::Io("the server stopped while the checkpoint was written".into())));
         }
         if let Some(disk) = self.disk.as_mut() {
             // Replies still held die with their connections; what is logged stays logged.
@@ -128,33 +140,44 @@ impl Shard {
         tracing::debug!(shard = self.id, "shard stopped");
     }
 
-    /// Collects finished log commits, starts the next, and takes a checkpoint when one is due.
+    /// Collects finished log commits and starts the next; starts a checkpoint when one is due
+    /// or asked for, and writes more of the running one.
     fn pump_disk(&mut self) {
         let Some(disk) = self.disk.as_mut() else { return };
         disk.pump();
-        if disk.checkpoint_due() {
-            if let Err(e) = self.checkpoint() {
-                tracing::error!(shard = self.id, error = %e, "checkpoint failed; the previous one stays, and the next is tried an interval later");
+        if !disk.checkpointing() && (disk.checkpoint_due() || !self.checkpoint_asked.is_empty()) {
+            self.checkpoint_waiting.append(&mut self.checkpoint_asked);
+            match disk.begin_checkpoint(&mut self.tables) {
+                Ok(seq) => tracing::info!(shard = self.id, seq, "checkpoint started"),
+                Err(e) => self.checkpoint_ended(Err(e)),
             }
+        }
+        let Some(disk) = self.disk.as_mut() else { return };
+        if let Some(ended) = disk.advance_checkpoint(&mut self.tables) {
+            self.checkpoint_ended(ended.map(Some));
         }
     }
 
-    /// Writes a checkpoint of every part now.
-    fn checkpoint(&mut self) -> Result<Option<Written>> {
-        let Some(disk) = self.disk.as_mut() else { return Ok(None) };
-        let mut parts: Vec<&mut TablePart> = self.tables.iter_mut().flatten().collect();
-        let started = std::time::Instant::now();
-        let written = disk.checkpoint(&mut parts)?;
-        tracing::info!(
-            shard = self.id,
-            seq = written.seq,
-            chunks_written = written.chunks_written,
-            chunks_kept = written.chunks_kept,
-            bytes = written.bytes,
-            ms = started.elapsed().as_millis() as u64,
-            "checkpoint written"
-        );
-        Ok(Some(written))
+    /// Reports a checkpoint's end, to the log and to whoever asked for it.
+    fn checkpoint_ended(&mut self, result: Result<Option<Written>>) {
+        match &result {
+            Ok(Some(w)) => tracing::info!(
+                shard = self.id,
+                seq = w.seq,
+                lsn = w.lsn,
+                chunks_written = w.chunks_written,
+                chunks_kept = w.chunks_kept,
+                chunks_copied = w.chunks_copied,
+                bytes = w.bytes,
+                ms = w.ms,
+                "checkpoint written"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::error!(shard = self.id, error = %e, "checkpoint failed; the previous one stays, and the next is tried an interval later"),
+        }
+        for done in self.checkpoint_waiting.drain(..) {
+            let _ = done.send(result.clone());
+        }
     }
 
     /// Loads what the disk holds into the parts the catalog just made (see [`ShardControl::Recover`]).
@@ -206,6 +229,11 @@ impl Shard {
                 let _ = done.send(result);
             }
             ShardControl::DropTable { id } => {
+                // A checkpoint of the part cannot finish without it.
+                if let Some(disk) = self.disk.as_mut().filter(|d| d.checkpointing()) {
+                    disk.abandon_checkpoint(&mut self.tables);
+                    self.checkpoint_ended(Err(EngineError::Io(format!("table {id} was dropped while the checkpoint was written"))));
+                }
                 if let Some(slot) = self.tables.get_mut(id as usize) {
                     if slot.take().is_some() {
                         expose(Exposure::Remove { table: id });
@@ -218,9 +246,12 @@ impl Shard {
             ShardControl::Recover { done } => {
                 let _ = done.send(self.recover(expose));
             }
-            ShardControl::Checkpoint { done } => {
-                let _ = done.send(self.checkpoint());
-            }
+            ShardControl::Checkpoint { done } => match &self.disk {
+                Some(_) => self.checkpoint_asked.push(done),
+                None => {
+                    let _ = done.send(Ok(None));
+                }
+            },
             ShardControl::Shutdown => self.stop = true,
         }
     }

@@ -52,6 +52,8 @@ pub struct TablePart {
     stats: PartStats,
     /// Which checkpoint chunks pushes changed since the last checkpoint ([`chunks`]).
     dirty: chunks::Dirty,
+    /// The checkpoint being written, if one is.
+    snapshot: Option<chunks::Snapshot>,
 }
 
 #[derive(Debug)]
@@ -123,6 +125,7 @@ impl TablePart {
             store,
             stats: PartStats::default(),
             dirty: chunks::Dirty::default(),
+            snapshot: None,
         };
         part.dirty = chunks::Dirty::new(part.chunks());
         Ok(part)
@@ -337,15 +340,14 @@ impl TablePart {
         self.clocks.advance(span.clone(), worker, clock)?;
         self.step += 1;
         let dim = self.spec.dim as usize;
-        let ctx = Apply {
-            updater: self.updater.as_ref(),
-            step: self.step,
-            skip: has_bad,
-        };
         let mut skipped = 0;
         let per = self.chunk_slots();
+        if self.snapshotting() && matches!(self.store, Store::Dense(_)) {
+            self.preserve_keys(keys);
+        }
         match &mut self.store {
             Store::Dense(d) => {
+                let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
                 let blocks =
                     d.blocks_of(span.start - self.owned.start..span.end - self.owned.start);
                 blocks.clone().for_each(|b| d.open(b));
@@ -361,9 +363,15 @@ impl TablePart {
                 fence(Ordering::Release);
                 blocks.for_each(|b| d.close(b));
             }
-            Store::Sparse(sp) => {
+            Store::Sparse(_) => {
                 for (i, &k) in keys.iter().enumerate() {
+                    // Where a new key goes depends on the keys inserted before it.
+                    if self.snapshot.is_some() {
+                        self.preserve_keys(std::slice::from_ref(&k));
+                    }
+                    let Store::Sparse(sp) = &mut self.store else { unreachable!("matched above") };
                     let (slot, (v, s0, s1)) = sp.record_mut(k, &self.spec, self.updater.as_ref());
+                    let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
                     skipped += ctx.run(v, s0, s1, &grads[i * dim..(i + 1) * dim]);
                     self.dirty.mark(slot as u64 / per);
                 }
@@ -391,16 +399,13 @@ impl TablePart {
         }
         self.clocks.advance(range.clone(), worker, clock)?;
         self.step += 1;
-        let ctx = Apply {
-            updater: self.updater.as_ref(),
-            step: self.step,
-            skip: has_bad,
-        };
         let dim = self.spec.dim as usize;
+        let keys = start - self.owned.start..start - self.owned.start + count as u64;
+        self.preserve(keys.clone());
+        let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
         let Store::Dense(d) = &mut self.store else {
             unreachable!("checked above")
         };
-        let keys = start - self.owned.start..start - self.owned.start + count as u64;
         let mut skipped = 0;
         // One block at a time, so a reader finds each block torn for as short a time as can be.
         for b in d.blocks_of(keys.clone()) {
@@ -422,6 +427,18 @@ impl TablePart {
         self.mark_dirty(keys);
         self.count_push(count, skipped);
         Ok(range)
+    }
+
+    /// Before a push of `keys` changes them: has the running snapshot copy aside the chunks
+    /// they sit in (a sparse key's slot is where it is, or where it will be inserted).
+    fn preserve_keys(&mut self, keys: &[u64]) {
+        for &k in keys {
+            let slot = match &self.store {
+                Store::Dense(_) => k - self.owned.start,
+                Store::Sparse(sp) => sp.probe(k).unwrap_or_else(|empty| empty) as u64,
+            };
+            self.preserve(slot..slot + 1);
+        }
     }
 
     fn count_push(&mut self, keys: usize, skipped: u64) {

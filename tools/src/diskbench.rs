@@ -8,8 +8,13 @@
 //!   per push, as a log without group commit would do.
 //! - **Checkpoint throughput.** A dense table of `--checkpoint-mib` whose every chunk is dirty,
 //!   checkpointed once (`tessera checkpoint now`, timed by the client), against `fio` writing as
-//!   many bytes sequentially with O_DIRECT, 1 MiB blocks (the checkpoint buffer), queue depth 1
-//!   (a checkpoint has one write in flight), and an fsync at the end, as a checkpoint has.
+//!   many bytes sequentially with O_DIRECT, 1 MiB blocks (the checkpoint buffer), one job per
+//!   shard at queue depth 1 (each shard's checkpoint has one write in flight, and the shards
+//!   write theirs at once), and an fsync at the end, as a checkpoint has.
+//! - **Pushes during the checkpoint.** One more worker pushes 64 bytes at random places in the
+//!   same table, waiting for each acknowledgement, for a second before the checkpoint and then
+//!   until it ends: the latency of its pushes in both phases, the second phase's pushes landing
+//!   in chunks the checkpoint has yet to write.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -19,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
 use tessera_client::{Client, ClientConfig};
 use tessera_engine::config::{Durability, CHECKPOINT_BUFFER_BYTES};
 use tessera_engine::{Server, UpdaterRegistry};
@@ -51,8 +57,36 @@ struct CheckpointRun {
     bytes: u64,
     seconds: f64,
     mib_per_s: f64,
+    /// fio's jobs: one per shard.
+    fio_jobs: usize,
     fio_mib_per_s: Option<f64>,
     ratio: Option<f64>,
+    /// Chunks pushes changed while it was written, copied aside first.
+    chunks_copied: u64,
+    pushes_before: PushLatency,
+    pushes_during: PushLatency,
+}
+
+/// Acknowledged pushes of one worker in one phase: how many, and their latency in microseconds.
+#[derive(Debug, Default, serde::Serialize)]
+struct PushLatency {
+    pushes: u64,
+    p50_us: u64,
+    p99_us: u64,
+    max_us: u64,
+}
+
+impl PushLatency {
+    fn of(h: &Histogram<u64>) -> Self {
+        let q = |q| h.value_at_quantile(q) / 1000;
+        PushLatency { pushes: h.len(), p50_us: q(0.5), p99_us: q(0.99), max_us: h.max() / 1000 }
+    }
+}
+
+impl std::fmt::Display for PushLatency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} pushes, p50 {} us, p99 {} us, max {} us", self.pushes, self.p50_us, self.p99_us, self.max_us)
+    }
 }
 
 pub struct DiskBench<'a> {
@@ -88,11 +122,14 @@ impl DiskBench<'_> {
                 let fio = run.fio_mib_per_s.map_or("fio not found (apt install fio)".into(), |f| format!("fio {f:.1} MiB/s"));
                 let ratio = run.ratio.map_or(String::new(), |r| format!(", ratio {r:.2} (target >= 0.8)"));
                 println!(
-                    "checkpoint of {} MiB: {:.2} s, {:.1} MiB/s; {fio}{ratio}",
+                    "checkpoint of {} MiB: {:.2} s, {:.1} MiB/s; {fio} ({} job(s) at queue depth 1){ratio}",
                     run.bytes >> 20,
                     run.seconds,
-                    run.mib_per_s
+                    run.mib_per_s,
+                    run.fio_jobs,
                 );
+                println!("  a worker's pushes in the second before: {}", run.pushes_before);
+                println!("  and while it was written:               {} ({} chunks copied aside)", run.pushes_during, run.chunks_copied);
             }
             report.checkpoint = Some(run);
         }
@@ -169,16 +206,64 @@ impl DiskBench<'_> {
         let keys = (self.checkpoint_mib << 20) / 4;
         let spec = TableSpec::new("ckpt", TableKind::Dense, 0, keys, 1);
         let server = self.server("ckpt", Durability::Checkpoint, vec![spec])?;
-        let client = Client::connect(&[&server.local_addr().to_string()], self.net.client(0))?;
-        let started = Instant::now();
-        let written = client.checkpoint()?;
-        let seconds = started.elapsed().as_secs_f64();
-        let bytes: u64 = written[0].as_array().into_iter().flatten().map(|w| w["bytes"].as_u64().unwrap_or(0)).sum();
+        let addr = server.local_addr().to_string();
+        let client = Client::connect(&[&addr], self.net.client(0))?;
+        let pusher = Client::connect(&[&addr], ClientConfig { kind: self.net.transport, ..self.net.client(1) })?;
+        // 0: before the checkpoint, 1: during it, 2: stop.
+        let phase = AtomicU64::new(0);
+        let (written, seconds, hists) = std::thread::scope(|s| -> Result<_> {
+            let phase = &phase;
+            let pushing = s.spawn(move || -> Result<[Histogram<u64>; 2]> {
+                let table = pusher.table("ckpt")?;
+                let mut hists = [Histogram::<u64>::new(3)?, Histogram::<u64>::new(3)?];
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+                let values = [1f32; PUSH_VALUES];
+                loop {
+                    let p = phase.load(Ordering::Acquire);
+                    if p >= 2 {
+                        return Ok(hists);
+                    }
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let at = rng % (keys - PUSH_VALUES as u64);
+                    let started = Instant::now();
+                    pusher.push_range(&table, at, &values)?.wait()?;
+                    hists[p as usize].record(started.elapsed().as_nanos() as u64)?;
+                }
+            });
+            std::thread::sleep(Duration::from_secs(1));
+            phase.store(1, Ordering::Release);
+            let started = Instant::now();
+            let written = client.checkpoint();
+            let seconds = started.elapsed().as_secs_f64();
+            phase.store(2, Ordering::Release);
+            let hists = pushing.join().expect("the pushing worker does not panic");
+            Ok((written?, seconds, hists?))
+        })?;
+        let shards = written[0].as_array().into_iter().flatten();
+        let (mut bytes, mut chunks_copied, mut fio_jobs) = (0, 0, 0);
+        for w in shards {
+            bytes += w["bytes"].as_u64().unwrap_or(0);
+            chunks_copied += w["chunks_copied"].as_u64().unwrap_or(0);
+            fio_jobs += 1;
+        }
         drop(client);
         server.shutdown();
         let mib_per_s = bytes as f64 / seconds / (1 << 20) as f64;
-        let fio = fio_write(self.dir, bytes)?;
-        Ok(CheckpointRun { bytes, seconds, mib_per_s, fio_mib_per_s: fio, ratio: fio.map(|f| mib_per_s / f) })
+        let fio_jobs = fio_jobs.max(1);
+        let fio = fio_write(self.dir, bytes, fio_jobs)?;
+        Ok(CheckpointRun {
+            bytes,
+            seconds,
+            mib_per_s,
+            fio_jobs,
+            fio_mib_per_s: fio,
+            ratio: fio.map(|f| mib_per_s / f),
+            chunks_copied,
+            pushes_before: PushLatency::of(&hists[0]),
+            pushes_during: PushLatency::of(&hists[1]),
+        })
     }
 }
 
@@ -200,18 +285,20 @@ fn fsync_loop(dir: &Path, budget: Duration) -> Result<f64> {
     Ok(rate)
 }
 
-/// fio writing `bytes` sequentially to a file in `dir` as a checkpoint does; MiB/s, or `None`
-/// without fio.
-fn fio_write(dir: &Path, bytes: u64) -> Result<Option<f64>> {
-    let path = dir.join("fio.dat");
+/// fio writing `bytes` sequentially in `jobs` files in `dir` at once, as the shards' checkpoints
+/// do; MiB/s over all jobs, or `None` without fio.
+fn fio_write(dir: &Path, bytes: u64, jobs: usize) -> Result<Option<f64>> {
     let out = Command::new("fio")
         .args(["--name=checkpoint-baseline", "--rw=write", "--direct=1", "--ioengine=io_uring", "--iodepth=1", "--end_fsync=1"])
+        .args(["--group_reporting", &format!("--numjobs={jobs}")])
         .arg(format!("--bs={CHECKPOINT_BUFFER_BYTES}"))
-        .arg(format!("--size={bytes}"))
-        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={}", (bytes / jobs as u64).next_multiple_of(CHECKPOINT_BUFFER_BYTES as u64)))
+        .arg(format!("--directory={}", dir.display()))
         .arg("--output-format=json")
         .output();
-    let _ = std::fs::remove_file(&path);
+    for job in 0..jobs {
+        let _ = std::fs::remove_file(dir.join(format!("checkpoint-baseline.{job}.0")));
+    }
     let out = match out {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -6,10 +6,13 @@
 //! and takes the first whose every chunk reads back with the right checksum; one that does not
 //! is reported, and the one before it is tried.
 //!
-//! This version writes synchronously from the calling (shard) thread, so the checkpoint is the
-//! state at one instant; pushes wait meanwhile.
+//! A checkpoint is written a little at a time ([`Taking`]), between the shard's other work, so
+//! pushes go on while it is written. It is still the state at one instant: each part's snapshot
+//! ([`TablePart::begin_snapshot`]) copies aside a chunk a push is about to change before it was
+//! written (copy on write).
 
 use std::path::Path;
+use std::time::Instant;
 
 use crate::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_HEADER_BYTES, MANIFEST_VERSION};
 use crate::config::IO_ALIGN_BYTES;
@@ -21,77 +24,101 @@ use crate::table::TablePart;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Written {
     pub seq: u64,
+    /// The log position it is exact at.
+    pub lsn: u64,
     pub chunks_written: u64,
     pub chunks_kept: u64,
     pub bytes: u64,
+    /// Chunks pushes changed while it was written, copied aside first.
+    pub chunks_copied: u64,
+    /// From its start to its manifest's commit.
+    pub ms: u64,
 }
 
-/// Writes checkpoint `seq` of `parts` into `dir`, exact at log position `lsn`, with `wal` the log
-/// that follows it. `prev` is the previous checkpoint's manifest: chunks no push changed since
-/// are referred to where it put them. `bufs` are two disk buffers of at least one chunk each:
-/// chunks are copied into one while the other is written.
-#[allow(clippy::too_many_arguments)] // each is one input of the checkpoint
-pub fn write(
-    disk: &mut Disk,
+/// Table parts by id, wherever their owner keeps them.
+pub trait Parts {
+    fn part(&mut self, table: u32) -> Option<&mut TablePart>;
+    /// Every part, in table order.
+    fn each(&mut self) -> Vec<&mut TablePart>;
+}
+
+impl Parts for Vec<Option<TablePart>> {
+    fn part(&mut self, table: u32) -> Option<&mut TablePart> {
+        self.get_mut(table as usize)?.as_mut()
+    }
+
+    fn each(&mut self) -> Vec<&mut TablePart> {
+        self.iter_mut().flatten().collect()
+    }
+}
+
+impl Parts for Vec<&mut TablePart> {
+    fn part(&mut self, table: u32) -> Option<&mut TablePart> {
+        self.iter_mut().find(|p| p.id == table).map(|p| &mut **p)
+    }
+
+    fn each(&mut self) -> Vec<&mut TablePart> {
+        self.iter_mut().map(|p| &mut **p).collect()
+    }
+}
+
+/// A checkpoint being written: chunks of the parts' snapshots are copied into one of two
+/// buffers while the other one is written, so the device sees one write at a time (queue
+/// depth one) and the copying overlaps it. The owner of the ring hands back the completions
+/// of the writes this submits with `token` ([`complete`](Self::complete)) and calls
+/// [`advance`](Self::advance) after each, and whenever it likes in between.
+#[derive(Debug)]
+pub struct Taking {
+    seq: u64,
+    lsn: u64,
+    wal: String,
+    shard: u16,
+    token: u64,
+    file: FileId,
     bufs: [BufId; 2],
-    dir: &Path,
-    seq: u64,
-    lsn: u64,
-    wal: &str,
-    shard: u16,
-    parts: &mut [&mut TablePart],
-    prev: Option<&Manifest>,
-) -> Result<(Manifest, Written)> {
-    let data = disk.open_file(&dir.join(Manifest::data_file_name(seq)), true)?;
-    let mut gather = Gather { bufs, cur: 0, filled: 0, offset: 0, in_flight: false, file: data };
-    let result = write_chunks(disk, &mut gather, seq, lsn, shard, parts, prev);
-    // On an early error a write may still be in flight: let it end before the file closes.
-    let drained = gather.wait(disk);
-    disk.close_file(data)?;
-    let (tables, written) = result?;
-    drained?;
-    let manifest = Manifest { version: MANIFEST_VERSION, seq, shard, lsn, wal: wal.to_string(), tables };
-    commit_manifest(disk, bufs[0], dir, &manifest)?;
-    parts.iter_mut().for_each(|p| p.clear_dirty());
-    Ok((manifest, written))
+    /// The buffer chunks are copied into, and how full it is.
+    cur: usize,
+    filled: usize,
+    /// Where the next write goes in `file`.
+    offset: u64,
+    /// A write (or, at the end, the fsync) is in flight.
+    in_flight: bool,
+    stage: Stage,
+    tables: Vec<PartManifest>,
+    /// The chunks to write (an index into `tables`, the chunk), and how many are copied already.
+    queue: Vec<(usize, u64)>,
+    next: usize,
+    written: Written,
+    started: Instant,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_chunks(
-    disk: &mut Disk,
-    g: &mut Gather,
-    seq: u64,
-    lsn: u64,
-    shard: u16,
-    parts: &mut [&mut TablePart],
-    prev: Option<&Manifest>,
-) -> Result<(Vec<PartManifest>, Written)> {
-    let mut written = Written { seq, chunks_written: 0, chunks_kept: 0, bytes: 0 };
-    let mut tables = Vec::with_capacity(parts.len());
-    for part in parts.iter_mut() {
-        let earlier = prev.and_then(|m| m.tables.iter().find(|t| t.table == part.id && t.spec == part.spec));
-        let earlier = earlier.filter(|t| t.chunks.len() as u64 == part.chunks() && t.chunk_slots == part.chunk_slots());
-        if earlier.is_none() {
-            part.mark_all_dirty();
-        }
-        let mut chunks: Vec<ChunkRef> = earlier.map(|t| t.chunks.clone()).unwrap_or_default();
-        chunks.resize(part.chunks() as usize, ChunkRef { file: 0, offset: 0, len: 0, crc: 0 });
-        written.chunks_kept += part.chunks();
-        let dirty: Vec<u64> = part.dirty_chunks().collect();
-        for c in dirty {
-            let header = ChunkHeader {
-                checkpoint: seq,
-                table: part.id,
-                shard,
-                chunk: c,
-                first_slot: part.chunk_range(c).start,
-                slots: part.chunk_range(c).count() as u32,
-                payload_len: part.chunk_payload_len(c) as u32,
-                lsn,
-                ..ChunkHeader::default()
-            };
-            let need = ChunkHeader::disk_len(header.payload_len as usize);
-            let room = disk.buf(g.bufs[0]).len();
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Chunks,
+    Syncing,
+    Synced,
+}
+
+impl Taking {
+    /// Starts checkpoint `seq` of `parts` in `dir`, exact at log position `lsn` (the state they
+    /// are in now), with `wal` the log that follows it. `prev` is the previous checkpoint's
+    /// manifest: chunks no push changed since are referred to where it put them. `bufs` are two
+    /// disk buffers of at least one chunk each. Nothing is submitted yet.
+    #[allow(clippy::too_many_arguments)] // each is one input of the checkpoint
+    pub fn begin(
+        disk: &mut Disk,
+        bufs: [BufId; 2],
+        token: u64,
+        dir: &Path,
+        (seq, lsn, wal): (u64, u64, &str),
+        shard: u16,
+        parts: &mut dyn Parts,
+        prev: Option<&Manifest>,
+    ) -> Result<Taking> {
+        let room = disk.buf(bufs[0]).len();
+        let mut parts = parts.each();
+        for part in parts.iter() {
+            let need = ChunkHeader::disk_len(part.chunk_payload_len(0));
             if need > room {
                 return Err(EngineError::BadConfig {
                     field: "checkpoint buffer",
@@ -99,77 +126,174 @@ fn write_chunks(
                     reason: format!("a chunk of table {} takes {need} bytes", part.id),
                 });
             }
-            // Chunks gather in a buffer and go out in one write when the next would not fit.
-            if g.filled + need > room {
-                g.flush(disk)?;
+        }
+        let file = disk.open_file(&dir.join(Manifest::data_file_name(seq)), true)?;
+        let mut written = Written { seq, lsn, chunks_written: 0, chunks_kept: 0, bytes: 0, chunks_copied: 0, ms: 0 };
+        let mut tables = Vec::with_capacity(parts.len());
+        let mut queue = Vec::new();
+        for (i, part) in parts.iter_mut().enumerate() {
+            let earlier = prev.and_then(|m| m.tables.iter().find(|t| t.table == part.id && t.spec == part.spec));
+            let earlier = earlier.filter(|t| t.chunks.len() as u64 == part.chunks() && t.chunk_slots == part.chunk_slots());
+            if earlier.is_none() {
+                part.mark_all_dirty();
             }
-            let filled = g.filled;
-            let out = &mut disk.buf_mut(g.bufs[g.cur]).expect("the gathering buffer is not in flight")[filled..];
-            part.save_chunk(c, &mut out[CHUNK_HEADER_BYTES..]);
-            let len = header.seal(out);
-            let crc = u32::from_le_bytes(out[4..8].try_into().expect("4 bytes"));
-            chunks[c as usize] = ChunkRef { file: seq, offset: g.offset + filled as u64, len: len as u32, crc };
-            g.filled += len;
-            written.chunks_written += 1;
-            written.chunks_kept -= 1;
-            written.bytes += len as u64;
+            let mut chunks: Vec<ChunkRef> = earlier.map(|t| t.chunks.clone()).unwrap_or_default();
+            chunks.resize(part.chunks() as usize, ChunkRef { file: 0, offset: 0, len: 0, crc: 0 });
+            let taken = part.begin_snapshot();
+            written.chunks_kept += part.chunks() - taken.len() as u64;
+            queue.extend(taken.into_iter().map(|c| (i, c)));
+            let clocks = part.clocks().segments().map(|(r, c)| (r.start, c.to_vec())).collect();
+            let owned = part.owned();
+            tables.push(PartManifest {
+                table: part.id,
+                spec: part.spec.clone(),
+                owned: (owned.start, owned.end),
+                step: part.step(),
+                chunk_slots: part.chunk_slots(),
+                clocks,
+                chunks,
+            });
         }
-        let clocks = part.clocks().segments().map(|(r, c)| (r.start, c.to_vec())).collect();
-        let owned = part.owned();
-        tables.push(PartManifest {
-            table: part.id,
-            spec: part.spec.clone(),
-            owned: (owned.start, owned.end),
-            step: part.step(),
-            chunk_slots: part.chunk_slots(),
-            clocks,
-            chunks,
-        });
+        Ok(Taking {
+            seq,
+            lsn,
+            wal: wal.to_string(),
+            shard,
+            token,
+            file,
+            bufs,
+            cur: 0,
+            filled: 0,
+            offset: 0,
+            in_flight: false,
+            stage: Stage::Chunks,
+            tables,
+            queue,
+            next: 0,
+            written,
+            started: Instant::now(),
+        })
     }
-    g.flush(disk)?;
-    g.wait(disk)?;
-    run(disk, &[Op::Sync { file: g.file }])?;
-    Ok((tables, written))
-}
 
-/// Chunks gathered into one of two buffers while the other one's write is in flight: the device
-/// sees one write at a time (queue depth 1), and copying the next chunks overlaps it.
-struct Gather {
-    bufs: [BufId; 2],
-    /// The buffer chunks are copied into, and how full it is.
-    cur: usize,
-    filled: usize,
-    /// Where the gathered bytes go in `file`.
-    offset: u64,
-    in_flight: bool,
-    file: FileId,
-}
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
 
-impl Gather {
-    /// Sends the gathered bytes (after the write before them ended) and gathers into the other
-    /// buffer.
-    fn flush(&mut self, disk: &mut Disk) -> Result<()> {
-        if self.filled == 0 {
-            return Ok(());
+    /// True while one of its writes is in flight.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    /// Takes the completion of the write (or fsync) in flight.
+    pub fn complete(&mut self, result: Result<()>) -> Result<()> {
+        debug_assert!(self.in_flight);
+        self.in_flight = false;
+        result?;
+        if self.stage == Stage::Syncing {
+            self.stage = Stage::Synced;
         }
-        self.wait(disk)?;
-        let op = Op::Write { file: self.file, buf: self.bufs[self.cur], span: 0..self.filled, offset: self.offset };
-        disk.submit(&[op], 0)?;
-        self.in_flight = true;
-        self.offset += self.filled as u64;
-        self.filled = 0;
-        self.cur ^= 1;
         Ok(())
     }
 
-    /// Waits for the write in flight, if any.
-    fn wait(&mut self, disk: &mut Disk) -> Result<()> {
-        if !std::mem::take(&mut self.in_flight) {
-            return Ok(());
+    /// Copies chunks into the free buffer and sends a full one when nothing is in flight; once
+    /// every chunk is written, fsyncs the data file. True when that fsync is done and the
+    /// checkpoint is ready to [`commit`](Self::commit). Never waits.
+    pub fn advance(&mut self, disk: &mut Disk, parts: &mut dyn Parts) -> Result<bool> {
+        loop {
+            match self.stage {
+                Stage::Synced => return Ok(true),
+                Stage::Syncing => return Ok(false),
+                Stage::Chunks => {}
+            }
+            self.gather(disk, parts)?;
+            if self.in_flight {
+                return Ok(false);
+            }
+            if self.filled > 0 {
+                let op = Op::Write { file: self.file, buf: self.bufs[self.cur], span: 0..self.filled, offset: self.offset };
+                disk.submit(&[op], self.token)?;
+                self.in_flight = true;
+                self.offset += self.filled as u64;
+                self.filled = 0;
+                self.cur ^= 1;
+                // Fill the other buffer while this one is written.
+                continue;
+            }
+            // Every chunk is written.
+            disk.submit(&[Op::Sync { file: self.file }], self.token)?;
+            self.in_flight = true;
+            self.stage = Stage::Syncing;
         }
-        let mut done = Vec::with_capacity(1);
-        disk.wait(&mut done)?;
-        done.pop().expect("wait returns the chain it waited for").result
+    }
+
+    /// Copies the next chunks into the gathering buffer, as many as fit.
+    fn gather(&mut self, disk: &mut Disk, parts: &mut dyn Parts) -> Result<()> {
+        let room = disk.buf(self.bufs[0]).len();
+        while let Some(&(t, c)) = self.queue.get(self.next) {
+            let table = self.tables[t].table;
+            let part = parts.part(table).filter(|p| p.snapshotting()).ok_or_else(|| EngineError::Io(format!("table {table} was dropped while checkpoint {} was written", self.seq)))?;
+            let payload_len = part.chunk_payload_len(c);
+            let need = ChunkHeader::disk_len(payload_len);
+            if self.filled + need > room {
+                break;
+            }
+            let header = ChunkHeader {
+                checkpoint: self.seq,
+                table,
+                shard: self.shard,
+                chunk: c,
+                first_slot: part.chunk_range(c).start,
+                slots: part.chunk_range(c).count() as u32,
+                payload_len: payload_len as u32,
+                lsn: self.lsn,
+                ..ChunkHeader::default()
+            };
+            let filled = self.filled;
+            let out = &mut disk.buf_mut(self.bufs[self.cur]).expect("the gathering buffer is not in flight")[filled..];
+            part.take_chunk(c, &mut out[CHUNK_HEADER_BYTES..]);
+            let len = header.seal(out);
+            let crc = u32::from_le_bytes(out[4..8].try_into().expect("4 bytes"));
+            self.tables[t].chunks[c as usize] = ChunkRef { file: self.seq, offset: self.offset + filled as u64, len: len as u32, crc };
+            self.filled += len;
+            self.next += 1;
+            self.written.chunks_written += 1;
+            self.written.bytes += len as u64;
+        }
+        Ok(())
+    }
+
+    /// Commits the manifest of a checkpoint [`advance`](Self::advance) finished, and ends the
+    /// parts' snapshots. Blocks for the manifest's write, fsync and rename; nothing else may be
+    /// in flight on `disk`.
+    pub fn commit(self, disk: &mut Disk, dir: &Path, parts: &mut dyn Parts) -> Result<(Manifest, Written)> {
+        assert_eq!(self.stage, Stage::Synced, "commit follows a finished advance");
+        disk.close_file(self.file)?;
+        let manifest = Manifest { version: MANIFEST_VERSION, seq: self.seq, shard: self.shard, lsn: self.lsn, wal: self.wal, tables: self.tables };
+        let committed = commit_manifest(disk, self.bufs[0], dir, &manifest);
+        let mut written = self.written;
+        for t in &manifest.tables {
+            if let Some(part) = parts.part(t.table) {
+                written.chunks_copied += part.snapshot_copies();
+                part.end_snapshot(committed.is_ok());
+            }
+        }
+        committed?;
+        written.ms = self.started.elapsed().as_millis() as u64;
+        Ok((manifest, written))
+    }
+
+    /// Gives up a checkpoint whose writes are over (see [`in_flight`](Self::in_flight)): its
+    /// chunks count as changed again. Its data file stays until a later checkpoint prunes it.
+    pub fn abandon(self, disk: &mut Disk, parts: &mut dyn Parts) {
+        debug_assert!(!self.in_flight);
+        if let Err(e) = disk.close_file(self.file) {
+            tracing::warn!(shard = self.shard, error = %e, "cannot close an abandoned checkpoint's data file");
+        }
+        for t in &self.tables {
+            if let Some(part) = parts.part(t.table) {
+                part.end_snapshot(false);
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! slot for the same keys; a sparse chunk's is its slots' keys (u64), then their records. Every
 //! value is little-endian, as in memory.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use crate::config::CHECKPOINT_CHUNK_BYTES;
@@ -171,6 +172,70 @@ impl TablePart {
         (0..self.chunks()).for_each(|c| self.dirty.mark(c));
     }
 
+    /// Starts a snapshot of the chunks changed since the last checkpoint, as they are now, and
+    /// returns them in order. Pushes go on meanwhile: the first push to change a chunk the
+    /// snapshot has not taken yet copies it aside first ([`preserve`](Self::preserve)), so
+    /// [`take_chunk`](Self::take_chunk) always gives the chunk as it was here. The changed set
+    /// starts again from empty.
+    pub fn begin_snapshot(&mut self) -> Vec<u64> {
+        debug_assert!(self.snapshot.is_none(), "one snapshot at a time");
+        let chunks: Vec<u64> = self.dirty_chunks().collect();
+        let fresh = Dirty::new(self.chunks());
+        let taken = std::mem::replace(&mut self.dirty, fresh);
+        self.snapshot = Some(Snapshot { pending: Dirty(taken.0.clone()), taken, copies: HashMap::new(), copied: 0 });
+        chunks
+    }
+
+    /// Copies chunk `c`, as the running snapshot sees it, into the start of `out` (see
+    /// [`save_chunk`](Self::save_chunk)); returns the bytes written. Each chunk is taken once.
+    pub fn take_chunk(&mut self, c: u64, out: &mut [u8]) -> usize {
+        let snap = self.snapshot.as_mut().expect("a snapshot is running");
+        if let Some(copy) = snap.copies.remove(&c) {
+            out[..copy.len()].copy_from_slice(&copy);
+            return copy.len();
+        }
+        assert!(snap.pending.clear(c), "chunk {c} is in the snapshot and not taken yet");
+        self.save_chunk(c, out)
+    }
+
+    /// Ends the running snapshot. One that was not written (`written` false) counts its chunks
+    /// as changed again, so the next checkpoint takes them.
+    pub fn end_snapshot(&mut self, written: bool) {
+        let Some(snap) = self.snapshot.take() else { return };
+        if !written {
+            self.dirty.0.iter_mut().zip(snap.taken.0.iter()).for_each(|(d, t)| *d |= t);
+        }
+    }
+
+    /// True while a snapshot runs.
+    pub fn snapshotting(&self) -> bool {
+        self.snapshot.is_some()
+    }
+
+    /// Chunks the running snapshot copied aside because a push was about to change them.
+    pub fn snapshot_copies(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.copied)
+    }
+
+    /// Before slots `slots` change: copies aside each of their chunks that the running snapshot
+    /// has yet to take. Cheap when no snapshot runs.
+    pub(super) fn preserve(&mut self, slots: Range<u64>) {
+        if self.snapshot.is_none() || slots.is_empty() {
+            return;
+        }
+        let per = self.chunk_slots();
+        for c in slots.start / per..=(slots.end - 1) / per {
+            let snap = self.snapshot.as_mut().expect("checked above");
+            if snap.pending.clear(c) {
+                let mut copy = vec![0u8; self.chunk_payload_len(c)].into_boxed_slice();
+                self.save_chunk(c, &mut copy);
+                let snap = self.snapshot.as_mut().expect("checked above");
+                snap.copies.insert(c, copy);
+                snap.copied += 1;
+            }
+        }
+    }
+
     /// Marks the chunks holding slots `slots` as changed.
     pub(super) fn mark_dirty(&mut self, slots: Range<u64>) {
         if slots.is_empty() {
@@ -193,6 +258,27 @@ impl Dirty {
     pub(super) fn mark(&mut self, chunk: u64) {
         self.0[(chunk / 64) as usize] |= 1 << (chunk % 64);
     }
+
+    /// Clears `chunk`'s bit; true if it was set.
+    fn clear(&mut self, chunk: u64) -> bool {
+        let (word, bit) = (&mut self.0[(chunk / 64) as usize], 1 << (chunk % 64));
+        let was = *word & bit != 0;
+        *word &= !bit;
+        was
+    }
+}
+
+/// A checkpoint's snapshot of a part, while it is being written (copy on write).
+#[derive(Debug)]
+pub(super) struct Snapshot {
+    /// The chunks it holds, and those of them not taken yet and not copied aside.
+    taken: Dirty,
+    pending: Dirty,
+    /// Chunks a push was about to change before they were taken, as they were. Each is made by
+    /// the first push to a chunk during a checkpoint, so a checkpoint copies each chunk at most
+    /// once, whatever the pushes do.
+    copies: HashMap<u64, Box<[u8]>>,
+    copied: u64,
 }
 
 /// Appends plain values to a byte buffer.

@@ -14,6 +14,40 @@ use crate::EngineConfig;
 
 const BUF: BufId = BufId(0);
 const BUFS: [BufId; 2] = [BufId(0), BufId(1)];
+const TOKEN: u64 = 7;
+
+/// Drives `taking` one step: advances it, then waits for its write in flight and hands the
+/// completion back. True once it is ready to commit.
+fn step(disk: &mut Disk, taking: &mut Taking, parts: &mut dyn Parts) -> bool {
+    if taking.advance(disk, parts).unwrap() {
+        return true;
+    }
+    let mut done = Vec::new();
+    disk.wait(&mut done).unwrap();
+    let d = done.pop().unwrap();
+    assert_eq!(d.token, TOKEN);
+    taking.complete(d.result).unwrap();
+    false
+}
+
+/// Writes checkpoint `seq` of `parts` start to finish, with nothing else on the ring.
+#[allow(clippy::too_many_arguments)]
+fn write(
+    disk: &mut Disk,
+    bufs: [BufId; 2],
+    dir: &Path,
+    seq: u64,
+    lsn: u64,
+    wal: &str,
+    shard: u16,
+    parts: &mut [&mut TablePart],
+    prev: Option<&Manifest>,
+) -> Result<(Manifest, Written)> {
+    let mut parts: Vec<&mut TablePart> = parts.iter_mut().map(|p| &mut **p).collect();
+    let mut taking = Taking::begin(disk, bufs, TOKEN, dir, (seq, lsn, wal), shard, &mut parts, prev)?;
+    while !step(disk, &mut taking, &mut parts) {}
+    taking.commit(disk, dir, &mut parts)
+}
 
 fn disk(blocking: bool) -> Disk {
     let cfg = DiskConfig { ring_entries: 16, files_max: 8, buffer_bytes: vec![256 << 10; 2], force_blocking: blocking };
@@ -134,4 +168,81 @@ fn an_empty_directory_has_no_checkpoint_and_a_leftover_temporary_is_ignored() {
     std::fs::write(dir.0.join("MANIFEST-00000009.tmp"), b"half written").unwrap();
     let found = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("skipped {seq}: {e}")).unwrap();
     assert!(found.is_none());
+}
+
+#[test]
+fn pushes_while_a_checkpoint_is_written_do_not_reach_it_and_the_next_one_takes_them() {
+    for blocking in [false, true] {
+        let dir = TempDir::new(if blocking { "ckpt-cow-blocking" } else { "ckpt-cow-uring" });
+        let mut disk = disk(blocking);
+        let (mut d, mut s) = parts();
+        push_some(&mut d, &mut s, 1);
+        let at_1 = observe(&mut d, &mut s);
+        let mut parts: Vec<&mut TablePart> = vec![&mut d, &mut s];
+        let mut taking = Taking::begin(&mut disk, BUFS, TOKEN, &dir.0, (1, 10, "wal-00000001.log"), 0, &mut parts, None).unwrap();
+        // Push between the checkpoint's steps: to chunks it has written, to chunks it has yet to
+        // write (they are copied aside first), and new sparse keys, some crossing chunk edges.
+        let mut round = 2;
+        let mut sparse_key = 1u64;
+        loop {
+            let [d, s] = &mut parts[..] else { unreachable!() };
+            push_some(d, s, round);
+            let g = vec![0.25f32; 2 * 300];
+            let keys: Vec<u64> = (0..300).map(|i| (i * 997 + round * 31) % 200_000).collect();
+            d.push(&keys, &g, 2, round).unwrap();
+            let new: Vec<u64> = (0..40).map(|_| { sparse_key = sparse_key.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); sparse_key >> 20 }).collect();
+            s.push(&new, &vec![1.0; 120], 3, round).unwrap();
+            round += 1;
+            if step(&mut disk, &mut taking, &mut parts) {
+                break;
+            }
+        }
+        assert!(round > 3, "the checkpoint took several steps");
+        let (m1, w1) = taking.commit(&mut disk, &dir.0, &mut parts).unwrap();
+        assert!(w1.chunks_copied > 0, "{w1:?}");
+        let now = observe(&mut d, &mut s);
+        assert_ne!(now, at_1);
+
+        // The checkpoint holds the state when it began.
+        let (_, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("{seq}: {e}")).unwrap().unwrap();
+        let (mut ld, mut ls) = (loaded.remove(0), loaded.remove(0));
+        assert_eq!(observe(&mut ld, &mut ls), at_1);
+
+        // The next checkpoint takes what was pushed meanwhile.
+        let (_, w2) = write(&mut disk, BUFS, &dir.0, 2, 20, "wal-00000002.log", 0, &mut [&mut d, &mut s], Some(&m1)).unwrap();
+        assert!(w2.chunks_written > 0 && w2.chunks_copied == 0, "{w2:?}");
+        let (m, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("{seq}: {e}")).unwrap().unwrap();
+        assert_eq!(m.seq, 2);
+        let (mut ld, mut ls) = (loaded.remove(0), loaded.remove(0));
+        assert_eq!(observe(&mut ld, &mut ls), now);
+        // And the sparse keys inserted during checkpoint 1 came back with their values.
+        let mut a = vec![0f32; 3];
+        let mut b = vec![0f32; 3];
+        ls.pull(&[sparse_key >> 20], &mut a);
+        s.pull(&[sparse_key >> 20], &mut b);
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn an_abandoned_checkpoint_leaves_its_chunks_for_the_next() {
+    let dir = TempDir::new("ckpt-abandon");
+    let mut disk = disk(false);
+    let (mut d, mut s) = parts();
+    push_some(&mut d, &mut s, 1);
+    let (m1, _) = write(&mut disk, BUFS, &dir.0, 1, 10, "wal-00000001.log", 0, &mut [&mut d, &mut s], None).unwrap();
+    push_some(&mut d, &mut s, 2);
+    let mut parts: Vec<&mut TablePart> = vec![&mut d, &mut s];
+    let mut taking = Taking::begin(&mut disk, BUFS, TOKEN, &dir.0, (2, 20, "wal-00000002.log"), 0, &mut parts, Some(&m1)).unwrap();
+    step(&mut disk, &mut taking, &mut parts);
+    if let [pd, ps] = &mut parts[..] {
+        push_some(pd, ps, 3);
+    }
+    taking.abandon(&mut disk, &mut parts);
+    assert!(parts.iter().all(|p| !p.snapshotting()));
+    let (_, w3) = write(&mut disk, BUFS, &dir.0, 3, 30, "wal-00000003.log", 0, &mut [&mut d, &mut s], Some(&m1)).unwrap();
+    let (m, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("{seq}: {e}")).unwrap().unwrap();
+    assert_eq!(m.seq, 3);
+    let (mut ld, mut ls) = (loaded.remove(0), loaded.remove(0));
+    assert_eq!(observe(&mut ld, &mut ls), observe(&mut d, &mut s), "{w3:?}");
 }
