@@ -106,8 +106,10 @@ pub struct ShardDisk {
     last_checkpoint: Instant,
     interval: Option<Duration>,
     done: Vec<Done>,
-    /// Why the log cannot be written any more; pushes are refused from then on.
+    /// Why the log cannot be written any more; pushes are refused from then on, and replies
+    /// held for records past `durable` go out as errors ([`failure`](Self::failure)).
     failed: Option<EngineError>,
+    failure: Option<String>,
     /// Why a write of the running checkpoint failed.
     checkpoint_failed: Option<EngineError>,
     pub stats: DiskStats,
@@ -148,6 +150,7 @@ impl ShardDisk {
             interval,
             done: Vec::with_capacity(4),
             failed: None,
+            failure: None,
             checkpoint_failed: None,
             stats: DiskStats::default(),
         }))
@@ -175,12 +178,17 @@ impl ShardDisk {
         self.wal.as_ref().map_or(u64::MAX, |w| w.durable)
     }
 
+    /// Why the log failed, if it did: records past [`durable`](Self::durable) never will be.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
     /// Makes room in the log for a record of `bytes`, before the push is applied: a push that
     /// cannot be logged is refused, not applied. Waits for the commit in flight when the
     /// filling buffer is full.
     pub fn reserve(&mut self, bytes: usize) -> Result<()> {
-        if let Some(e) = &self.failed {
-            return Err(e.clone());
+        if let Some(reason) = &self.failure {
+            return Err(EngineError::LogFailed { reason: reason.clone() });
         }
         let Some(wal) = self.wal.as_mut() else {
             return match self.level {
@@ -220,7 +228,9 @@ impl ShardDisk {
             return;
         }
         self.take_done();
-        if self.wal.as_ref().is_some_and(|w| w.in_flight.is_none() && !w.batch.is_empty()) {
+        // After a failed commit nothing more is written: a later commit would make records
+        // durable past the ones lost, and acknowledge pushes behind a hole in the log.
+        if self.failed.is_none() && self.wal.as_ref().is_some_and(|w| w.in_flight.is_none() && !w.batch.is_empty()) {
             if let Err(e) = self.start_commit() {
                 self.fail(e);
             }
@@ -251,7 +261,18 @@ impl ShardDisk {
     }
 
     fn fail(&mut self, e: EngineError) {
-        tracing::error!(shard = self.shard, error = %e, "the write-ahead log failed: pushes are refused from now on, pulls are served from memory");
+        if self.failed.is_some() {
+            return;
+        }
+        let durable = self.durable();
+        tracing::error!(
+            shard = self.shard,
+            error = %e,
+            durable,
+            "the write-ahead log failed: pushes are refused from now on and pulls are served from memory; \
+             pushes applied after log record {durable} are answered with an error. Free the disk and restart the server"
+        );
+        self.failure = Some(e.to_string());
         self.failed = Some(e);
     }
 

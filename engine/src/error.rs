@@ -46,8 +46,10 @@ pub enum EngineError {
     ShuttingDown,
     #[error("disk {op} failed on {path}: {reason}")]
     Disk { op: &'static str, path: String, reason: String },
-    #[error("disk full writing {path}: free space there, or the server keeps serving from memory without durability")]
+    #[error("disk full writing {path}: free space there (meanwhile the server serves what it holds in memory, but makes nothing more durable)")]
     DiskFull { path: String },
+    #[error("the write-ahead log failed ({reason}): this push was refused, nothing was applied. Pulls are still served from memory; free the disk and restart the server, which recovers every acknowledged push")]
+    LogFailed { reason: String },
     #[error("a log record of {bytes} bytes does not fit the {left} bytes left in this commit")]
     LogBufferFull { bytes: usize, left: usize },
     #[error("{what} is corrupt: {reason}")]
@@ -73,6 +75,7 @@ impl EngineError {
             EngineError::SparseTableFull { .. } | EngineError::ClockSegmentsFull { .. } => Status::Full,
             EngineError::ReplyTooLarge { .. } => Status::FrameTooLarge,
             EngineError::ShuttingDown => Status::ShuttingDown,
+            EngineError::LogFailed { .. } => Status::NotDurable,
             EngineError::ArenaMap { .. } | EngineError::Io(_) | EngineError::Disk { .. } | EngineError::DiskFull { .. } => {
                 Status::Internal
             }

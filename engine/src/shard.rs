@@ -50,6 +50,8 @@ pub struct ShardStats {
     pub bytes_locked: usize,
     /// Log and checkpoint counters, when the shard keeps anything on disk.
     pub disk: Option<DiskStats>,
+    /// Why the shard's write-ahead log failed, if it did (pushes are refused since).
+    pub log_failure: Option<String>,
     pub tables: Vec<PartReport>,
 }
 
@@ -277,7 +279,8 @@ impl Shard {
             }
         });
         let disk = self.disk.as_ref().map(|d| d.stats);
-        ShardStats { shard: self.id, connections: self.connections, bytes_mapped, bytes_locked, disk, tables: tables.collect() }
+        let log_failure = self.disk.as_ref().and_then(|d| d.failure().map(str::to_string));
+        ShardStats { shard: self.id, connections: self.connections, bytes_mapped, bytes_locked, disk, log_failure, tables: tables.collect() }
     }
 
     fn serve_data(&mut self, req: &Request<'_>, reply: &mut Reply<'_>) -> Result<()> {
@@ -388,5 +391,9 @@ impl Service for Shard {
 
     fn durable(&self) -> u64 {
         self.disk.as_ref().map_or(u64::MAX, ShardDisk::durable)
+    }
+
+    fn log_failure(&self) -> Option<&str> {
+        self.disk.as_ref()?.failure()
     }
 }

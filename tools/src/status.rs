@@ -44,6 +44,16 @@ pub fn run(args: StatusArgs) -> Result<()> {
         }
         for sh in r["shards"].as_array().into_iter().flatten() {
             println!("  shard {}: {} connections, {} MiB mapped ({} MiB locked)", sh["shard"], sh["connections"], sh["bytes_mapped"].as_u64().unwrap_or(0) >> 20, sh["bytes_locked"].as_u64().unwrap_or(0) >> 20);
+            let disk = &sh["disk"];
+            if disk.is_object() {
+                println!(
+                    "    disk: {} log commits of {} records, {} checkpoints ({} MiB written)",
+                    disk["wal_commits"], disk["wal_records"], disk["checkpoints"], disk["checkpoint_bytes"].as_u64().unwrap_or(0) >> 20
+                );
+            }
+            if let Some(failure) = sh["log_failure"].as_str() {
+                println!("    THE WRITE-AHEAD LOG FAILED, pushes are refused: {failure}");
+            }
             for p in sh["tables"].as_array().into_iter().flatten() {
                 println!(
                     "    table {} [{}, {}): {} pushes, {} pulls, {} clock segments; clocks: all keys at least {}, newest {}",

@@ -71,6 +71,13 @@ pub trait Service {
     fn durable(&self) -> u64 {
         u64::MAX
     }
+    /// Why log positions past [`durable`](Self::durable) will never be durable: the log failed.
+    /// A transport then sends each reply still held for such a position as a
+    /// [`Status::NotDurable`](wire::Status::NotDurable) error carrying this reason, instead of
+    /// holding it for ever.
+    fn log_failure(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// The server side of a transport, as one shard sees it.

@@ -138,6 +138,26 @@ impl<'a> Reply<'a> {
 }
 
 
+/// Writes, from the start of `out`, a [`Status::NotDurable`] error in place of `reply` (a sealed
+/// reply's header), which was held for a log that then failed for `reason`. `out` may be where
+/// that reply was staged. The message is cut to fit; returns the frame's length.
+pub(crate) fn not_durable(reply: &Header, reason: &str, out: &mut [u8]) -> usize {
+    let message = format!(
+        "the push was applied in memory, but the server's write-ahead log failed before its record was on disk, so it is not acknowledged: {reason}"
+    );
+    let room = out.len().saturating_sub(HEADER_BYTES) & !7;
+    let message = &message.as_bytes()[..message.len().min(ERROR_MESSAGE_BYTES_MAX).min(room)];
+    let mut header = Header::reply_to(reply, Status::NotDurable);
+    header.body_len = message.len() as u32;
+    header.raw_len = header.body_len;
+    header.seal();
+    let end = HEADER_BYTES + padded(message.len());
+    out[..HEADER_BYTES].copy_from_slice(header.as_bytes());
+    out[HEADER_BYTES..HEADER_BYTES + message.len()].copy_from_slice(message);
+    out[HEADER_BYTES + message.len()..end].fill(0);
+    end
+}
+
 impl std::fmt::Debug for Reply<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reply").field("request", &self.request).field("frame", &self.frame).finish()

@@ -20,7 +20,7 @@ use crate::buf::{AlignedBuf, Deflater, Filled, FrameReader, Inflater};
 use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
 use crate::wire::{padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
-use crate::reply::{Reply, ReplyArea};
+use crate::reply::{Reply, ReplyArea, ERROR_MESSAGE_BYTES_MAX};
 use crate::{ConnId, Frame, Link, Request, Service, ShardTransport, Waker};
 
 const LISTENER: Token = Token(0);
@@ -85,6 +85,34 @@ impl OutQueue {
         self.buf.set_len(0);
         self.head = 0;
         Ok(true)
+    }
+
+    /// The log failed: every reply still held for a position past `durable` becomes an error
+    /// saying why (the push it acknowledges is not on disk), and nothing is held any more.
+    /// Nothing from the first held reply on was written, so the queue's tail is rebuilt.
+    fn fail_held(&mut self, durable: u64, reason: &str) {
+        let Some(&(first, _)) = self.held.iter().find(|(_, lsn)| *lsn > durable) else {
+            self.held.clear();
+            return;
+        };
+        let tail = self.buf.bytes()[first..].to_vec();
+        self.buf.set_len(first);
+        let doomed: Vec<usize> = self.held.drain(..).filter(|(_, lsn)| *lsn > durable).map(|(at, _)| at - first).collect();
+        let mut at = 0;
+        while at < tail.len() {
+            let header = Header::decode_unchecked(&tail[at..at + HEADER_BYTES]);
+            let len = HEADER_BYTES + padded(header.body_len as usize);
+            if doomed.contains(&at) {
+                let mut frame = [0u8; HEADER_BYTES + ERROR_MESSAGE_BYTES_MAX];
+                let n = crate::reply::not_durable(&header, reason, &mut frame);
+                let room = self.buf.append_unfilled(n);
+                self.buf.all_mut()[room].copy_from_slice(&frame[..n]);
+            } else {
+                let room = self.buf.append_unfilled(len);
+                self.buf.all_mut()[room].copy_from_slice(&tail[at..at + len]);
+            }
+            at += len;
+        }
     }
 
     /// Makes room for `bytes` more without growing, when sent bytes at the front can be dropped.
@@ -364,17 +392,21 @@ impl TcpEndpoint {
         }
     }
 
-    /// Sends the replies the service's log has caught up with since the last poll.
+    /// Sends the replies the service's log has caught up with since the last poll; if the log
+    /// failed, turns the ones it never will catch up with into errors and sends those.
     fn release_held(&mut self, service: &mut dyn Service) {
         let durable = service.durable();
-        if durable == self.durable {
+        let failure = service.log_failure().map(str::to_string);
+        if durable == self.durable && failure.is_none() {
             return;
         }
         self.durable = durable;
         for idx in 0..self.conns.len() {
-            if self.conns[idx].as_ref().is_some_and(|c| !c.out.held.is_empty()) {
-                self.drive(idx, service);
+            let Some(conn) = self.conns[idx].as_mut().filter(|c| !c.out.held.is_empty()) else { continue };
+            if let Some(reason) = &failure {
+                conn.out.fail_held(durable, reason);
             }
+            self.drive(idx, service);
         }
     }
 
@@ -753,5 +785,61 @@ impl Link for TcpLink {
 
     fn limit_frames(&mut self, peer_frame_bytes_max: usize) {
         self.send_bytes_max = peer_frame_bytes_max.min(self.frame_bytes_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Queues a reply to request `id`: an acknowledgement with a 2-entry stamp held for `hold`,
+    /// or (`None`) a pull reply with 3 values.
+    fn queue(out: &mut OutQueue, id: u64, hold: Option<u64>) {
+        let op = if hold.is_some() { Op::Push } else { Op::Pull };
+        let mut reply = Reply::new(out, Header::request(op, id), 1 << 20);
+        match hold {
+            Some(lsn) => {
+                reply.ok(2, 0).0.copy_from_slice(&[id, id]);
+                reply.hold_until(lsn);
+            }
+            None => reply.ok(0, 3).1.copy_from_slice(&[1.0, 2.0, 3.0]),
+        }
+        let (frame, held) = reply.finish(&mut Deflater::default(), usize::MAX);
+        if let Some(lsn) = held {
+            out.held.push_back((frame.start, lsn));
+        }
+    }
+
+    /// The frames in the queue: (request id, status, body).
+    fn frames(out: &OutQueue) -> Vec<(u64, Status, Vec<u8>)> {
+        let (bytes, mut at, mut found) = (out.buf.bytes(), out.head, Vec::new());
+        while at < bytes.len() {
+            let h = Header::decode(&bytes[at..], 1 << 20).expect("a sealed frame");
+            found.push((h.request_id, h.status(), bytes[at + HEADER_BYTES..at + HEADER_BYTES + h.body_len as usize].to_vec()));
+            at += HEADER_BYTES + padded(h.body_len as usize);
+        }
+        found
+    }
+
+    #[test]
+    fn replies_held_for_a_failed_log_become_errors_and_the_rest_stay_as_they_were() {
+        let mut out = OutQueue::default();
+        queue(&mut out, 1, Some(4));
+        queue(&mut out, 2, Some(5));
+        queue(&mut out, 3, None);
+        queue(&mut out, 4, Some(6));
+        let pull = frames(&out)[2].clone();
+        out.fail_held(4, "disk full writing wal-00000000.log");
+        assert!(out.held.is_empty());
+        let after = frames(&out);
+        assert_eq!(after.len(), 4);
+        // Durable before the failure: acknowledged as it was.
+        assert_eq!((after[0].0, after[0].1), (1, Status::Ok));
+        assert_eq!(after[2], pull, "a reply behind a held one is untouched");
+        for (id, status, body) in [&after[1], &after[3]] {
+            assert_eq!(*status, Status::NotDurable, "request {id}");
+            let message = String::from_utf8_lossy(body);
+            assert!(message.contains("not acknowledged") && message.contains("disk full"), "{message}");
+        }
     }
 }

@@ -143,6 +143,9 @@ pub enum Status {
     Internal = 11,
     ShuttingDown = 12,
     Unsupported = 13,
+    /// The server's log failed: a held push acknowledgement turned into this error (the push
+    /// was applied in memory, but is not on disk), or a push refused outright.
+    NotDurable = 14,
 }
 
 impl Status {
@@ -151,7 +154,7 @@ impl Status {
         use Status::*;
         [Ok, Malformed, FrameTooLarge, UnknownTable, KeyOutOfRange, ValuesLength, NonFinite, WrongDim, NotOwned, Full]
             .into_iter()
-            .chain([BadRequest, Internal, ShuttingDown, Unsupported])
+            .chain([BadRequest, Internal, ShuttingDown, Unsupported, NotDurable])
             .find(|s| *s as u16 == code)
             .unwrap_or(Internal)
     }

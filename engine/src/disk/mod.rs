@@ -432,10 +432,33 @@ fn outcome(op: &Op, res: i32, files: &[Option<OpenFile>]) -> Result<()> {
         return Err(EngineError::Disk { op: name, path: path(), reason: io::Error::from_raw_os_error(-res).to_string() });
     }
     if (res as usize) < want {
+        // A write cut short is how a filesystem says it filled up; the errno would come with
+        // the next write. Ask the filesystem rather than guess.
+        let file = files[op.file().0 as usize].as_ref().map(|f| &f.file);
+        if matches!(op, Op::Write { .. }) && file.is_some_and(|f| space_left(f).is_some_and(|left| left < (want - res as usize) as u64)) {
+            return Err(EngineError::DiskFull { path: path() });
+        }
         let reason = format!("short {name}: {res} of {want} bytes");
         return Err(EngineError::Disk { op: name, path: path(), reason });
     }
     Ok(())
+}
+
+/// Bytes the filesystem holding `file` still has for unprivileged writers, if it says.
+#[allow(unsafe_code)] // the disk layer: one fstatvfs call, argued below
+fn space_left(file: &File) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // Why this is sound: fstatvfs writes one statvfs into the buffer, which we own and which is
+    // large enough; the descriptor stays open for the call (`file` is borrowed).
+    // SAFETY: a valid descriptor and a valid, writable statvfs-sized buffer.
+    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstatvfs returned 0, so it filled the struct (and it started zeroed).
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 fn disk_error(op: &'static str, path: &Path, e: &io::Error) -> EngineError {

@@ -219,6 +219,10 @@ impl Service for Intercept<'_> {
     fn durable(&self) -> u64 {
         self.inner.durable()
     }
+
+    fn log_failure(&self) -> Option<&str> {
+        self.inner.log_failure()
+    }
 }
 
 impl State {
@@ -342,12 +346,13 @@ impl State {
     fn drain(&mut self, service: &mut dyn Service) -> usize {
         let mut total = 0;
         let durable = service.durable();
-        if durable != self.durable {
+        let failure = service.log_failure();
+        if durable != self.durable || failure.is_some() {
             self.durable = durable;
             for (index, peer) in self.peers.iter_mut().enumerate() {
                 if let Some(peer) = peer.as_mut().filter(|p| !p.held.is_empty()) {
                     total += peer.held.len();
-                    peer.release(index, durable);
+                    peer.release(index, durable, failure);
                     total -= peer.held.len();
                 }
             }
@@ -480,11 +485,16 @@ impl Peer {
         }
     }
 
-    /// Writes the replies held for the log that `durable` now covers.
-    fn release(&mut self, index: usize, durable: u64) {
-        while let Some(&(slot, len, lsn)) = self.held.front() {
+    /// Writes the replies held for the log that `durable` now covers. If the log failed
+    /// (`failure`), the others are written too, each turned into an error saying why.
+    fn release(&mut self, index: usize, durable: u64, failure: Option<&str>) {
+        while let Some(&(slot, mut len, lsn)) = self.held.front() {
             if lsn > durable {
-                break;
+                let Some(reason) = failure else { break };
+                let at = slot as usize * self.slot_bytes;
+                let staged = &mut self.staging.as_mut_slice()[at..at + self.slot_bytes];
+                let header = Header::decode_unchecked(&staged[..HEADER_BYTES]);
+                len = crate::reply::not_durable(&header, reason, staged);
             }
             self.held.pop_front();
             self.post_reply(index, slot, len);

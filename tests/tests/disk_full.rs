@@ -1,0 +1,139 @@
+//! A disk that fills up under a `wal`-mode server, with real processes and a real filesystem: the
+//! data directory is a small tmpfs mounted for the test (it needs root, which the test command
+//! has; elsewhere the test says it was skipped).
+//!
+//! One worker pushes until its log no longer fits. Then:
+//! - the push whose record could not be made durable is answered with a `NotDurable` error, not
+//!   acknowledged, and the message names the full disk;
+//! - later pushes are refused the same way and change nothing;
+//! - the server keeps running and serves pulls from memory;
+//! - once the disk has room again, a restarted server recovers every acknowledged push (and at
+//!   most the unacknowledged ones that reached the disk whole), and takes pushes again.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tessera_client::{Client, ClientConfig, ClientError};
+use tessera_replication::{TableKind, TableSpec};
+use tessera_tests::{ScratchDir, ServerProc};
+use tessera_transport::Status;
+
+/// Values per push: 64 KiB, so the log fills the small filesystem in a few dozen pushes.
+const PUSH_KEYS: u64 = 16 << 10;
+
+/// A tmpfs mounted on a directory for the test's lifetime.
+struct Tmpfs<'a>(&'a Path);
+
+impl<'a> Tmpfs<'a> {
+    fn mount(dir: &'a Path, size: &str) -> Tmpfs<'a> {
+        let status = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status().expect("run mount");
+        assert!(status.success(), "mount -t tmpfs on {} failed ({status})", dir.display());
+        Tmpfs(dir)
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(self.0).status().expect("run mount");
+        assert!(status.success(), "remount of {} failed ({status})", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+    }
+}
+
+fn root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A server on `dir`; `blocking` writes with pwrite/fsync instead of io_uring.
+fn server(dir: &Path, blocking: bool) -> ServerProc {
+    let dir = dir.to_str().unwrap();
+    let mut args = vec!["--shards", "1", "--no-pin", "--durability", "wal", "--data-dir", dir, "--checkpoint-interval-s", "0"];
+    if blocking {
+        args.push("--disk-blocking");
+    }
+    ServerProc::start(&args)
+}
+
+/// The value every key holds, checking that they agree.
+fn value(client: &Client) -> f32 {
+    let table = client.table("full").unwrap();
+    let mut values = vec![0f32; PUSH_KEYS as usize];
+    client.pull_range(&table, 0, &mut values).unwrap().wait().unwrap();
+    assert!(values.iter().all(|v| *v == values[0]), "a push was half applied");
+    values[0]
+}
+
+#[test]
+fn a_full_disk_stops_acknowledgements_not_the_server() {
+    disk_full(false);
+}
+
+#[test]
+fn the_same_with_the_pwrite_fsync_fallback() {
+    disk_full(true);
+}
+
+fn disk_full(blocking: bool) {
+    if !root() {
+        println!("skipped: mounting a tmpfs needs root (the test command runs as root)");
+        return;
+    }
+    let scratch = ScratchDir::new("disk-full");
+    let fs = Tmpfs::mount(scratch.path(), "4m");
+    let mut srv = server(scratch.path(), blocking);
+    let client = Client::connect(&[srv.addr()], ClientConfig::worker(0)).unwrap();
+    client.create_table(&TableSpec::new("full", TableKind::Dense, 0, PUSH_KEYS, 1)).unwrap();
+    let table = client.table("full").unwrap();
+    let ones = vec![1f32; PUSH_KEYS as usize];
+
+    // Push until the log no longer fits.
+    let mut acked = 0u64;
+    let failure = loop {
+        client.set_clock(acked + 1);
+        match client.push_range(&table, 0, &ones).and_then(|t| t.wait()) {
+            Ok(_) => acked += 1,
+            Err(e) => break e,
+        }
+        assert!(acked < 1000, "a 4 MiB filesystem took {acked} pushes of 64 KiB");
+    };
+    let message = failure.to_string();
+    assert_eq!(failure.status(), Some(Status::NotDurable), "{failure}");
+    assert!(message.contains("not acknowledged") && message.contains("disk full"), "{message}");
+    assert!(acked > 10, "the disk filled after {acked} pushes: the test proved little");
+    println!("after {acked} acknowledged pushes: {message}");
+    assert!(srv.wait_for_log("the write-ahead log failed", Duration::from_secs(5)), "{}", srv.log());
+
+    // The server serves pulls from memory: the acknowledged pushes, and the one that was applied
+    // but not acknowledged.
+    let applied = value(&client);
+    assert_eq!(applied, (acked + 1) as f32);
+    // Later pushes are refused whole.
+    for _ in 0..3 {
+        client.set_clock(acked + 2);
+        let refused = client.push_range(&table, 0, &ones).and_then(|t| t.wait()).unwrap_err();
+        assert_eq!(refused.status(), Some(Status::NotDurable), "{refused}");
+        assert!(refused.to_string().contains("nothing was applied"), "{refused}");
+        assert!(matches!(refused, ClientError::Server { .. }));
+    }
+    assert_eq!(value(&client), applied, "a refused push changed the table");
+    assert!(srv.is_running());
+    let status = tessera_tests::run_tool(&["status", "--connect", srv.addr()], Duration::from_secs(20));
+    assert!(status.stdout.contains("THE WRITE-AHEAD LOG FAILED") && status.stdout.contains("disk full"), "{}", status.stdout);
+    drop(client);
+    srv.kill();
+
+    // With room again, a restart brings back every acknowledged push, and serves pushes.
+    fs.resize("64m");
+    let srv = server(scratch.path(), blocking);
+    assert!(srv.log().contains("recovered"), "{}", srv.log());
+    let client = Client::connect(&[srv.addr()], ClientConfig::worker(0)).unwrap();
+    let recovered = value(&client) as u64;
+    assert!(recovered == acked || recovered == acked + 1, "acknowledged {acked}, recovered {recovered}");
+    client.set_clock(recovered + 1);
+    client.push_range(&client.table("full").unwrap(), 0, &ones).unwrap().wait().unwrap();
+    assert_eq!(value(&client), (recovered + 1) as f32);
+}
