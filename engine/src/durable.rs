@@ -527,7 +527,7 @@ impl ShardDisk {
             if !path.exists() {
                 continue;
             }
-            let (words, len) = read_aligned(&path)?;
+            let (words, len) = store::read_whole(&mut self.disk, self.checkpoint_bufs[0], &path)?;
             let mut reader = Reader::new(&bytemuck::cast_slice(&words)[..len], next_lsn);
             for record in reader.by_ref() {
                 apply(tables, &record).map_err(|e| EngineError::Corrupt {
@@ -590,16 +590,6 @@ fn apply(tables: &mut [Option<TablePart>], r: &Record<'_>) -> Result<()> {
         Target::Keys(keys) => part.push(keys, r.values, r.worker, r.clock).map(drop),
         Target::Range { start } => part.push_range(start, r.count(), r.values, r.worker, r.clock).map(drop),
     }
-}
-
-/// A whole file, read into 8-byte aligned memory (log records are read in place), and its
-/// length in bytes. Recovery reads with plain reads: it runs once, before the shard serves.
-pub(crate) fn read_aligned(path: &Path) -> Result<(Vec<u64>, usize)> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| EngineError::Disk { op: "read", path: path.display().to_string(), reason: e.to_string() })?;
-    let mut words = vec![0u64; bytes.len().div_ceil(8)];
-    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
-    Ok((words, bytes.len()))
 }
 
 /// Makes a directory's entries (a rename, a new file) durable.

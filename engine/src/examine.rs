@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{ChunkHeader, Manifest, PartManifest};
-use crate::durable::{data_seq_of, read_aligned, wal_file_name, wal_seq_of};
+use crate::durable::{data_seq_of, wal_file_name, wal_seq_of};
 use crate::error::{EngineError, Result};
 use crate::wal::{Reader, RecordHeader, Stop, RECORD_HEADER_BYTES, WAL_MAGIC};
 use zerocopy::FromBytes;
@@ -180,4 +180,14 @@ pub fn clock_bounds(t: &PartManifest) -> (Vec<u64>, Vec<u64>) {
     }
     low.iter_mut().filter(|c| **c == u64::MAX).for_each(|c| *c = 0);
     (low, high)
+}
+
+/// A whole file, read into 8-byte aligned memory (log records are read in place), and its
+/// length in bytes, with plain reads: for tools that read a data directory offline.
+fn read_aligned(path: &Path) -> Result<(Vec<u64>, usize)> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| EngineError::Disk { op: "read", path: path.display().to_string(), reason: e.to_string() })?;
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+    Ok((words, bytes.len()))
 }

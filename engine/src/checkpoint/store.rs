@@ -365,8 +365,9 @@ pub fn load(
     build: &mut dyn FnMut(&PartManifest) -> Result<TablePart>,
 ) -> Result<(Manifest, Vec<TablePart>)> {
     let name = Manifest::file_name(seq);
-    let bytes = read_whole(disk, buf, &dir.join(&name))?;
-    let manifest = Manifest::decode(&bytes, &name)?;
+    let (words, len) = read_whole(disk, buf, &dir.join(&name))?;
+    let bytes = &bytemuck::cast_slice::<u64, u8>(&words)[..len];
+    let manifest = Manifest::decode(bytes, &name)?;
     let mut parts = Vec::with_capacity(manifest.tables.len());
     for t in &manifest.tables {
         let mut part = build(t)?;
@@ -411,20 +412,25 @@ fn load_part(disk: &mut Disk, buf: BufId, dir: &Path, part: &mut TablePart, t: &
     result
 }
 
-/// A whole file's contents, read through the disk in buffer-sized pieces.
-fn read_whole(disk: &mut Disk, buf: BufId, path: &Path) -> Result<Vec<u8>> {
+/// A whole file's contents, read through the disk in buffer-sized pieces into 8-byte aligned
+/// memory (log records are read in place), and its length in bytes.
+pub fn read_whole(disk: &mut Disk, buf: BufId, path: &Path) -> Result<(Vec<u64>, usize)> {
     let file = disk.open_file(path, false)?;
     let result = (|| {
         let len = disk.file_len(file)? as usize;
-        let mut out = Vec::with_capacity(len);
+        let mut words = vec![0u64; len.div_ceil(8)];
+        let out = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len];
         let piece = disk.buf(buf).len();
-        while out.len() < len {
-            let n = piece.min(len - out.len()).next_multiple_of(IO_ALIGN_BYTES);
-            read(disk, buf, file, out.len() as u64, n)?;
-            let take = n.min(len - out.len());
-            out.extend_from_slice(&disk.buf(buf)[..take]);
+        let mut at = 0;
+        while at < len {
+            // Whole pages: a read that ends at the end of the file may come back short.
+            let n = piece.min(len - at).next_multiple_of(IO_ALIGN_BYTES);
+            read(disk, buf, file, at as u64, n)?;
+            let take = n.min(len - at);
+            out[at..at + take].copy_from_slice(&disk.buf(buf)[..take]);
+            at += take;
         }
-        Ok(out)
+        Ok((words, len))
     })();
     disk.close_file(file)?;
     result

@@ -431,6 +431,13 @@ fn outcome(op: &Op, res: i32, files: &[Option<OpenFile>]) -> Result<()> {
     if res < 0 {
         return Err(EngineError::Disk { op: name, path: path(), reason: io::Error::from_raw_os_error(-res).to_string() });
     }
+    if let (Op::Read { offset, .. }, Some(f)) = (op, files[op.file().0 as usize].as_ref()) {
+        // A read that stops at the end of the file is whole: the caller knows the file's length.
+        // (Chain such reads last: the kernel still cancels linked steps after a short one.)
+        if (res as usize) < want && f.file.metadata().is_ok_and(|m| m.len() == offset + res as u64) {
+            return Ok(());
+        }
+    }
     if (res as usize) < want {
         // A write cut short is how a filesystem says it filled up; the errno would come with
         // the next write. Ask the filesystem rather than guess.

@@ -104,8 +104,9 @@ fn a_failed_step_fails_the_chain_and_the_steps_after_it_do_not_run() {
     both(|mut d, name| {
         let dir = TempDir::new(&format!("disk-chain-{name}"));
         let f = d.open_file(&dir.0.join("data"), true).unwrap();
-        // Reading past the end of an empty file is a short read, so the write after it must not run.
-        let read = Op::Read { file: f, buf: BufId(1), span: 0..K4, offset: 0 };
+        // Reading from past the end of an empty file is a short read (one that stops at the end
+        // would be whole), so the write after it must not run.
+        let read = Op::Read { file: f, buf: BufId(1), span: 0..K4, offset: K4 as u64 };
         let write = Op::Write { file: f, buf: BufId(0), span: 0..K4, offset: 0 };
         d.submit(&[read, write], 3).unwrap();
         let done = wait_one(&mut d);
