@@ -396,14 +396,14 @@ impl TcpEndpoint {
     /// failed, turns the ones it never will catch up with into errors and sends those.
     fn release_held(&mut self, service: &mut dyn Service) {
         let durable = service.durable();
-        let failure = service.log_failure().map(str::to_string);
-        if durable == self.durable && failure.is_none() {
+        let failed = service.log_failure().is_some();
+        if durable == self.durable && !failed {
             return;
         }
         self.durable = durable;
         for idx in 0..self.conns.len() {
             let Some(conn) = self.conns[idx].as_mut().filter(|c| !c.out.held.is_empty()) else { continue };
-            if let Some(reason) = &failure {
+            if let Some(reason) = service.log_failure() {
                 conn.out.fail_held(durable, reason);
             }
             self.drive(idx, service);
