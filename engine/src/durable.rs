@@ -108,7 +108,6 @@ pub struct ShardDisk {
     done: Vec<Done>,
     /// Why the log cannot be written any more; pushes are refused from then on, and replies
     /// held for records past `durable` go out as errors ([`failure`](Self::failure)).
-    failed: Option<EngineError>,
     failure: Option<String>,
     /// Why a write of the running checkpoint failed.
     checkpoint_failed: Option<EngineError>,
@@ -149,7 +148,6 @@ impl ShardDisk {
             last_checkpoint: Instant::now(),
             interval,
             done: Vec::with_capacity(4),
-            failed: None,
             failure: None,
             checkpoint_failed: None,
             stats: DiskStats::default(),
@@ -230,7 +228,7 @@ impl ShardDisk {
         self.take_done();
         // After a failed commit nothing more is written: a later commit would make records
         // durable past the ones lost, and acknowledge pushes behind a hole in the log.
-        if self.failed.is_none() && self.wal.as_ref().is_some_and(|w| w.in_flight.is_none() && !w.batch.is_empty()) {
+        if self.failure.is_none() && self.wal.as_ref().is_some_and(|w| w.in_flight.is_none() && !w.batch.is_empty()) {
             if let Err(e) = self.start_commit() {
                 self.fail(e);
             }
@@ -261,7 +259,7 @@ impl ShardDisk {
     }
 
     fn fail(&mut self, e: EngineError) {
-        if self.failed.is_some() {
+        if self.failure.is_some() {
             return;
         }
         let durable = self.durable();
@@ -273,7 +271,6 @@ impl ShardDisk {
              pushes applied after log record {durable} are answered with an error. Free the disk and restart the server"
         );
         self.failure = Some(e.to_string());
-        self.failed = Some(e);
     }
 
     fn commit_done(&mut self, result: Result<()>) {
@@ -312,8 +309,8 @@ impl ShardDisk {
             self.disk.wait(&mut self.done)?;
             self.take_done();
         }
-        match &self.failed {
-            Some(e) => Err(e.clone()),
+        match &self.failure {
+            Some(reason) => Err(EngineError::LogFailed { reason: reason.clone() }),
             None => Ok(()),
         }
     }
@@ -405,22 +402,6 @@ impl ShardDisk {
         self.checkpoint_failed = None;
         if let Some(taking) = self.taking.take() {
             taking.abandon(&mut self.disk, parts);
-        }
-    }
-
-    /// Writes a whole checkpoint of `parts` now, waiting for it.
-    pub fn checkpoint(&mut self, parts: &mut dyn Parts) -> Result<Written> {
-        self.begin_checkpoint(parts)?;
-        loop {
-            if let Some(ended) = self.advance_checkpoint(parts) {
-                return ended;
-            }
-            self.done.clear();
-            if let Err(e) = self.disk.wait(&mut self.done) {
-                self.abandon_checkpoint(parts);
-                return Err(e);
-            }
-            self.take_done();
         }
     }
 

@@ -48,7 +48,7 @@ pub enum EngineError {
     Disk { op: &'static str, path: String, reason: String },
     #[error("disk full writing {path}: free space there (meanwhile the server serves what it holds in memory, but makes nothing more durable)")]
     DiskFull { path: String },
-    #[error("the write-ahead log failed ({reason}): this push was refused, nothing was applied. Pulls are still served from memory; free the disk and restart the server, which recovers every acknowledged push")]
+    #[error("the write-ahead log failed ({reason}), so pushes are refused and not applied; pulls are still served from memory. Free the disk and restart the server, which recovers every acknowledged push")]
     LogFailed { reason: String },
     #[error("a log record of {bytes} bytes does not fit the {left} bytes left in this commit")]
     LogBufferFull { bytes: usize, left: usize },

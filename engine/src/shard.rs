@@ -156,14 +156,14 @@ impl Shard {
         }
         let Some(disk) = self.disk.as_mut() else { return };
         if let Some(ended) = disk.advance_checkpoint(&mut self.tables) {
-            self.checkpoint_ended(ended.map(Some));
+            self.checkpoint_ended(ended);
         }
     }
 
     /// Reports a checkpoint's end, to the log and to whoever asked for it.
-    fn checkpoint_ended(&mut self, result: Result<Option<Written>>) {
+    fn checkpoint_ended(&mut self, result: Result<Written>) {
         match &result {
-            Ok(Some(w)) => tracing::info!(
+            Ok(w) => tracing::info!(
                 shard = self.id,
                 seq = w.seq,
                 lsn = w.lsn,
@@ -174,11 +174,10 @@ impl Shard {
                 ms = w.ms,
                 "checkpoint written"
             ),
-            Ok(None) => {}
             Err(e) => tracing::error!(shard = self.id, error = %e, "checkpoint failed; the previous one stays, and the next is tried an interval later"),
         }
         for done in self.checkpoint_waiting.drain(..) {
-            let _ = done.send(result.clone());
+            let _ = done.send(result.clone().map(Some));
         }
     }
 

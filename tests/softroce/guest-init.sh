@@ -36,6 +36,8 @@ P9="trans=virtio,version=9p2000.L,msize=524288"
 IO_MOUNTED=
 $B mount -t 9p -o "$P9" softroce-io $IO || fail "cannot mount the io share (9p softroce-io)"
 IO_MOUNTED=1
+# Tells the host the kernel is up (run.sh boots again if this never appears).
+: > $IO/booted
 # cache=loose is safe for the root: it is read-only for the whole life of the guest.
 $B mount -t 9p -o "$P9,ro,cache=loose" hostroot /lower || fail "cannot mount the host root (9p hostroot)"
 $B mount -t tmpfs -o mode=0755 upper /rw

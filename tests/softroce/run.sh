@@ -23,6 +23,9 @@
 #
 # Tunables (environment):
 #   SOFTROCE_TIMEOUT   wall-clock limit for the whole VM, seconds (default 1800)
+#   SOFTROCE_BOOT_TIMEOUT  seconds a boot may take to reach the guest's init (default 180); a
+#                      boot that does not is killed and tried once more (an emulated boot hung
+#                      once, silently, in about forty)
 #   SOFTROCE_MEM       guest RAM (default 2G)
 #   SOFTROCE_CPUS      guest vCPUs (default: the host's, at most 4)
 #   SOFTROCE_MTU       MTU of the guest netdev; rxe's path MTU follows it, rounded down to an
@@ -50,6 +53,7 @@ die() { say "$*"; exit 125; }
 [ $# -ge 1 ] || die "usage: $0 COMMAND [ARGS...]"
 
 TIMEOUT_S=${SOFTROCE_TIMEOUT:-1800}
+BOOT_TIMEOUT_S=${SOFTROCE_BOOT_TIMEOUT:-180}
 MEM=${SOFTROCE_MEM:-2G}
 HOST_CPUS=$(nproc)
 CPUS=${SOFTROCE_CPUS:-$((HOST_CPUS < 4 ? HOST_CPUS : 4))}
@@ -186,8 +190,24 @@ for d in "${rw_dirs[@]}"; do
 done
 
 start_ms=$(date +%s%3N)
-timeout -k 10 "$TIMEOUT_S" "${QEMU[@]}" > "$RUN/qemu.log" 2>&1 &
-qemu_pid=$!
+for attempt in 1 2; do
+  rm -f "$IO/booted"
+  timeout -k 10 "$TIMEOUT_S" "${QEMU[@]}" > "$RUN/qemu.log" 2>&1 &
+  qemu_pid=$!
+  # The guest's init marks the io share as soon as it has mounted it.
+  waited=0
+  while [ ! -e "$IO/booted" ] && kill -0 $qemu_pid 2>/dev/null && [ $waited -lt "$BOOT_TIMEOUT_S" ]; do
+    sleep 1
+    waited=$((waited + 1))
+  done
+  if [ -e "$IO/booted" ] || ! kill -0 $qemu_pid 2>/dev/null || [ $attempt = 2 ]; then
+    break
+  fi
+  say "the guest did not reach its init in ${BOOT_TIMEOUT_S}s (attempt $attempt); killing it and booting again"
+  tail -n 5 "$RUN/console.log" >&2 || true
+  kill $qemu_pid 2>/dev/null || true
+  wait $qemu_pid 2>/dev/null || true
+done
 # Stream the command's output while it runs; each tail exits once qemu has.
 tail -n +1 -q -f --pid=$qemu_pid "$IO/stdout" &
 tail_pids+=($!)

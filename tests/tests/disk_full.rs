@@ -116,7 +116,7 @@ fn disk_full(blocking: bool) {
         client.set_clock(acked + 2);
         let refused = client.push_range(&table, 0, &ones).and_then(|t| t.wait()).unwrap_err();
         assert_eq!(refused.status(), Some(Status::NotDurable), "{refused}");
-        assert!(refused.to_string().contains("nothing was applied"), "{refused}");
+        assert!(refused.to_string().contains("refused and not applied"), "{refused}");
         assert!(matches!(refused, ClientError::Server { .. }));
     }
     assert_eq!(value(&client), applied, "a refused push changed the table");
