@@ -6,7 +6,8 @@
 #
 # It installs the system packages it needs (as root, with apt) when they are missing, builds the
 # workspace once with every feature (RDMA included), and runs every test: unit and property
-# tests, client/server integration tests, the real-process tests (servers started and killed as
+# tests, the replication simulator (thousands of seeded runs with faults), client/server
+# integration tests, the real-process tests (servers started and killed as
 # separate processes on loopback, crash recovery after kill -9 among them), and, inside a SoftRoCE
 # guest (tests/softroce/), the RDMA tests on real verbs and the RDMA benchmark against perftest;
 # then the disk benchmark against fio. A guest whose rxe device cannot be
@@ -50,6 +51,10 @@ fi
 # --- tests ------------------------------------------------------------------------------------------
 log "unit, property, integration and real-process tests"
 cargo test --workspace --all-features --locked -- --test-threads 2
+
+log "replication simulator: 10,000 seeds with faults, in a release build (its canary ran with the tests above)"
+# The debug run above covered 200 seeds and the canary; a failing seed prints its replay command.
+cargo run -p tessera-replication --release --locked --example sim -- --seeds "${SIM_SEEDS:-10000}"
 
 # Each test binary below runs in its own SoftRoCE guest (about ten seconds to boot under TCG).
 log "RDMA on real verbs, in the SoftRoCE guest: verbs layer and transport tests"

@@ -1,0 +1,86 @@
+//! Runs the replication simulator: one seed (to replay a failure), or many.
+//!
+//!   cargo run -p tessera-replication --release --example sim -- --seed 42 --trace
+//!   cargo run -p tessera-replication --release --example sim -- --seeds 10000 [--from 0]
+//!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary ack-at-head
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use tessera_replication::replica::Canary;
+use tessera_replication::sim::{self, SimOptions};
+
+const USAGE: &str = "usage: sim [--seed N | --seeds COUNT [--from N]] [--trace] [--canary ack-at-head]";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let (mut from, mut count, mut trace, mut canary) = (0u64, 1u64, false, Canary::None);
+    while let Some(arg) = args.next() {
+        let mut number = |what: &str| -> Option<u64> {
+            let v = args.next().and_then(|v| v.parse().ok());
+            if v.is_none() {
+                eprintln!("{what} needs a number\n{USAGE}");
+            }
+            v
+        };
+        match arg.as_str() {
+            "--seed" => match number("--seed") {
+                Some(n) => (from, count) = (n, 1),
+                None => return ExitCode::from(2),
+            },
+            "--seeds" => match number("--seeds") {
+                Some(n) => count = n,
+                None => return ExitCode::from(2),
+            },
+            "--from" => match number("--from") {
+                Some(n) => from = n,
+                None => return ExitCode::from(2),
+            },
+            "--trace" => trace = true,
+            "--canary" => match args.next().as_deref() {
+                Some("ack-at-head") => canary = Canary::AckAtHead,
+                other => {
+                    eprintln!("unknown canary {other:?}; the one there is: ack-at-head\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("unknown argument {other:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let started = Instant::now();
+    let (mut failed, mut sim_ms, mut crashes, mut partitions, mut messages) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    for seed in from..from + count {
+        match sim::run(&SimOptions { seed, canary, trace }) {
+            Ok(r) => {
+                sim_ms += r.sim_ms;
+                crashes += r.crashes;
+                partitions += r.partitions;
+                messages += r.messages;
+                if count == 1 {
+                    println!("seed {seed} passed: {r:?}");
+                }
+            }
+            Err(f) => {
+                failed += 1;
+                println!("{f}");
+            }
+        }
+    }
+    println!(
+        "{count} seeds from {from}: {failed} failed; {:.1} s simulated, {crashes} crashes, {partitions} partitions, {messages} messages, in {:.1} s",
+        sim_ms as f64 / 1000.0,
+        started.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,101 @@
+//! Every knob of chain replication, with its default, its unit and its check, in one place.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ReplicationError;
+
+/// Most workers a range's vector clock tracks: the clock is one u32 per worker.
+pub const WORKERS_MAX: u32 = 4096;
+/// Most replicas in one chain.
+pub const REPLICAS_MAX: u32 = 7;
+/// Most ranges a cluster is divided into.
+pub const RANGES_MAX: u32 = 1 << 16;
+/// Most virtual nodes one server puts on the hash ring.
+pub const VNODES_MAX: u32 = 1024;
+/// Most forwarded-but-unacknowledged entries one replica keeps per range. A head whose log is
+/// this long stops taking pushes for the range until its successor catches up: the bound on
+/// memory a slow or dead successor can cost.
+pub const LOG_ENTRIES_MAX: usize = 4096;
+/// Most log entries resent to a successor in one go.
+pub const RESEND_BATCH_MAX: usize = 64;
+/// Most pushes the head folds into one forwarded update.
+pub const BATCH_PUSHES_MAX: usize = 256;
+/// Most pushes a head holds for acknowledgement (applied, not yet held by the tail). Pushes past
+/// it are dropped unacknowledged, and their workers resend them.
+pub const WAITING_MAX: usize = 65_536;
+
+const _: () = assert!(BATCH_PUSHES_MAX <= LOG_ENTRIES_MAX, "a batch is one log entry; the log holds many");
+const _: () = assert!(RESEND_BATCH_MAX <= LOG_ENTRIES_MAX);
+
+/// How a cluster replicates: the same on every server and coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationConfig {
+    /// Servers in each range's chain (fewer while the cluster has fewer live servers).
+    pub replicas: u32,
+    /// Ranges the key space is cut into; each has its own chain.
+    pub ranges: u32,
+    /// Points each server puts on the consistent-hash ring.
+    pub vnodes: u32,
+    /// Workers each range's vector clock tracks.
+    pub workers: u32,
+    /// How often a server tells the coordinator it is alive.
+    pub heartbeat_interval_ms: u64,
+    /// A server not heard from for this long leaves its chains.
+    pub failure_timeout_ms: u64,
+    /// A replica resends unacknowledged updates to its successor after this long without progress.
+    pub resend_interval_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            replicas: 2,
+            ranges: 256,
+            vnodes: 64,
+            workers: 16,
+            heartbeat_interval_ms: 100,
+            failure_timeout_ms: 500,
+            resend_interval_ms: 20,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// Checks every knob against its bound.
+    pub fn validate(&self) -> Result<(), ReplicationError> {
+        let bad = |what: &str| Err(ReplicationError::BadConfig { reason: what.to_string() });
+        if self.replicas == 0 || self.replicas > REPLICAS_MAX {
+            return bad(&format!("replicas must be 1 to {REPLICAS_MAX}, not {}", self.replicas));
+        }
+        if self.ranges == 0 || self.ranges > RANGES_MAX {
+            return bad(&format!("ranges must be 1 to {RANGES_MAX}, not {}", self.ranges));
+        }
+        if self.vnodes == 0 || self.vnodes > VNODES_MAX {
+            return bad(&format!("vnodes must be 1 to {VNODES_MAX}, not {}", self.vnodes));
+        }
+        if self.workers == 0 || self.workers > WORKERS_MAX {
+            return bad(&format!("workers must be 1 to {WORKERS_MAX}, not {}", self.workers));
+        }
+        if self.heartbeat_interval_ms == 0 || self.failure_timeout_ms < 2 * self.heartbeat_interval_ms {
+            return bad("failure_timeout_ms must be at least two heartbeat intervals (and heartbeats more than 0 ms apart)");
+        }
+        if self.resend_interval_ms == 0 {
+            return bad("resend_interval_ms must be more than 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_bounds_are_checked() {
+        ReplicationConfig::default().validate().unwrap();
+        let c = ReplicationConfig { replicas: 0, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("replicas"));
+        let c = ReplicationConfig { failure_timeout_ms: 100, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("failure_timeout_ms"));
+    }
+}

@@ -1,0 +1,288 @@
+//! The coordinator's logic, as a state machine with no I/O: it hears heartbeats, and publishes
+//! the cluster configuration (members, and each range's chain and epoch).
+//!
+//! The embedded coordinator runs it in the server's process; the etcd coordinator runs it in
+//! whichever coordinator holds etcd's election, and writes each configuration to etcd in one
+//! transaction before publishing it. The simulator runs it too.
+//!
+//! Each [`Coordinator::tick`] makes at most one change per range, in this order:
+//! 1. A member not heard from for `failure_timeout_ms`, or heard from with a new incarnation
+//!    (it restarted, and what it held in memory is gone), leaves every chain it is in. The last
+//!    member of a chain never leaves it: the range waits for it rather than lose its data.
+//! 2. A learner its tail reports synced (holding every committed update) joins the chain as
+//!    the new tail.
+//! 3. A server the consistent-hash ring places in a chain it is not in becomes its learner
+//!    (one at a time); the tail sends it a snapshot.
+//! 4. A chain with every placed server in it drops a member the ring no longer places there
+//!    (a server draining, or one that moved away when another joined).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::ReplicationConfig;
+use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Member, Msg, NodeId, RangeId, RangeReport};
+use crate::ring::Ring;
+
+/// What the coordinator last heard from one server.
+#[derive(Debug, Clone)]
+struct Seen {
+    incarnation: u64,
+    addr: String,
+    heard_ms: u64,
+    config_id: u64,
+    reports: BTreeMap<RangeId, RangeReport>,
+}
+
+/// A change the coordinator made, for logs and `tessera status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Failed { node: NodeId },
+    Restarted { node: NodeId },
+    Joined { node: NodeId },
+    LearnerAdded { range: RangeId, node: NodeId },
+    Promoted { range: RangeId, node: NodeId },
+    Removed { range: RangeId, node: NodeId },
+    Draining { node: NodeId },
+    Left { node: NodeId },
+}
+
+/// The coordinator.
+#[derive(Debug)]
+pub struct Coordinator {
+    rcfg: ReplicationConfig,
+    config: Arc<ClusterConfig>,
+    seen: BTreeMap<NodeId, Seen>,
+    /// Servers asked to leave (`tessera drain`).
+    draining: Vec<NodeId>,
+    out: Vec<(Addr, Msg)>,
+    changes: Vec<Change>,
+}
+
+impl Coordinator {
+    /// A new cluster of `members` (at least one): every range is born in epoch 1 on the chain
+    /// the ring gives it.
+    pub fn new(rcfg: ReplicationConfig, members: Vec<Member>, now_ms: u64) -> Self {
+        assert!(!members.is_empty(), "a cluster starts with at least one server");
+        let ring = Ring::new(members.iter().map(|m| m.node), rcfg.vnodes);
+        let chains = ring
+            .chains(rcfg.ranges, rcfg.replicas)
+            .into_iter()
+            .map(|nodes| Chain { epoch: Epoch(1), nodes, learner: None })
+            .collect();
+        let seen = members
+            .iter()
+            .map(|m| {
+                let seen = Seen {
+                    incarnation: m.incarnation,
+                    addr: m.addr.clone(),
+                    heard_ms: now_ms,
+                    config_id: 0,
+                    reports: BTreeMap::new(),
+                };
+                (m.node, seen)
+            })
+            .collect();
+        let config = Arc::new(ClusterConfig { id: 1, members, chains });
+        Self { rcfg, config, seen, draining: Vec::new(), out: Vec::new(), changes: Vec::new() }
+    }
+
+    pub fn config(&self) -> &Arc<ClusterConfig> {
+        &self.config
+    }
+
+    /// Messages to send.
+    pub fn take_ready(&mut self) -> Vec<(Addr, Msg)> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Changes made since the last call.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// The latest report `node` gave of `range`.
+    pub fn report(&self, node: NodeId, range: RangeId) -> Option<&RangeReport> {
+        self.seen.get(&node)?.reports.get(&range)
+    }
+
+    /// Asks `node` to leave: its ranges move to other servers, then it leaves the configuration.
+    pub fn drain(&mut self, node: NodeId) {
+        if !self.draining.contains(&node) {
+            self.draining.push(node);
+        }
+    }
+
+    /// Takes one message (heartbeats; anything else is ignored).
+    pub fn step(&mut self, now_ms: u64, msg: Msg) {
+        let Msg::Heartbeat { node, incarnation, config_id, ranges, addr } = msg else { return };
+        let seen = self.seen.entry(node).or_insert_with(|| Seen {
+            incarnation,
+            addr: addr.clone(),
+            heard_ms: now_ms,
+            config_id,
+            reports: BTreeMap::new(),
+        });
+        if seen.incarnation != incarnation {
+            seen.reports.clear();
+        }
+        seen.incarnation = incarnation;
+        seen.addr = addr;
+        seen.heard_ms = now_ms;
+        seen.config_id = config_id;
+        seen.reports = ranges.into_iter().map(|r| (r.range, r)).collect();
+        if config_id < self.config.id {
+            self.out.push((Addr::Node(node), Msg::Config(self.config.clone())));
+        }
+    }
+
+    fn alive(&self, node: NodeId, now_ms: u64) -> bool {
+        self.seen.get(&node).is_some_and(|s| s.heard_ms + self.rcfg.failure_timeout_ms >= now_ms)
+    }
+
+    /// Detects failures and moves ranges; publishes the new configuration if anything changed.
+    pub fn tick(&mut self, now_ms: u64) {
+        let mut next = (*self.config).clone();
+        let before = self.changes.len();
+        self.remove_lost(&mut next, now_ms);
+        self.add_joined(&mut next, now_ms);
+        let placeable: Vec<NodeId> = next
+            .members
+            .iter()
+            .map(|m| m.node)
+            .filter(|n| self.alive(*n, now_ms) && !self.draining.contains(n))
+            .collect();
+        let ring = Ring::new(placeable, self.rcfg.vnodes);
+        for r in 0..next.chains.len() {
+            let range = RangeId(r as u32);
+            let desired = ring.chain(range, self.rcfg.replicas);
+            self.place(range, &mut next.chains[r], &desired);
+        }
+        self.remove_departed(&mut next, now_ms);
+        if self.changes.len() > before {
+            next.id += 1;
+            self.config = Arc::new(next);
+            for m in &self.config.members {
+                self.out.push((Addr::Node(m.node), Msg::Config(self.config.clone())));
+            }
+        }
+    }
+
+    /// Step 1: failed and restarted members leave their chains.
+    fn remove_lost(&mut self, next: &mut ClusterConfig, now_ms: u64) {
+        let mut lost = Vec::new();
+        for m in &mut next.members {
+            let seen = &self.seen[&m.node];
+            if seen.incarnation != m.incarnation {
+                lost.push(m.node);
+                self.changes.push(Change::Restarted { node: m.node });
+                m.incarnation = seen.incarnation;
+            } else if seen.heard_ms + self.rcfg.failure_timeout_ms < now_ms {
+                lost.push(m.node);
+            }
+        }
+        let mut failed = Vec::new();
+        for (r, chain) in next.chains.iter_mut().enumerate() {
+            let range = RangeId(r as u32);
+            let mut removed: Vec<NodeId> = chain.learner.filter(|l| lost.contains(l)).into_iter().collect();
+            let keep: Vec<NodeId> = chain.nodes.iter().copied().filter(|n| !lost.contains(n)).collect();
+            if keep.len() < chain.nodes.len() && !keep.is_empty() {
+                removed.extend(chain.nodes.iter().filter(|n| !keep.contains(n)));
+                chain.nodes = keep;
+            }
+            if removed.is_empty() {
+                continue;
+            }
+            if chain.learner.is_some_and(|l| removed.contains(&l)) {
+                chain.learner = None;
+            }
+            chain.epoch = Epoch(chain.epoch.0 + 1);
+            for node in removed {
+                self.changes.push(Change::Removed { range, node });
+                if !failed.contains(&node) {
+                    failed.push(node);
+                }
+            }
+        }
+        for node in failed {
+            self.changes.push(Change::Failed { node });
+        }
+    }
+
+    /// Servers heard from that are not members yet become members.
+    fn add_joined(&mut self, next: &mut ClusterConfig, now_ms: u64) {
+        for (node, seen) in &self.seen {
+            if next.member(*node).is_none() && seen.heard_ms + self.rcfg.failure_timeout_ms >= now_ms {
+                let member = Member { node: *node, incarnation: seen.incarnation, addr: seen.addr.clone(), draining: false };
+                next.members.push(member);
+                self.changes.push(Change::Joined { node: *node });
+            }
+        }
+        for m in &mut next.members {
+            let draining = self.draining.contains(&m.node);
+            if m.draining != draining {
+                m.draining = draining;
+                self.changes.push(Change::Draining { node: m.node });
+            }
+        }
+    }
+
+    /// Steps 2 to 4 for one range.
+    fn place(&mut self, range: RangeId, chain: &mut Chain, desired: &[NodeId]) {
+        let epoch = chain.epoch;
+        if let Some(learner) = chain.learner {
+            if self.caught_up(learner, range, chain) {
+                chain.nodes.push(learner);
+                chain.learner = None;
+                chain.epoch = Epoch(epoch.0 + 1);
+                self.changes.push(Change::Promoted { range, node: learner });
+            }
+            return;
+        }
+        if chain.nodes.is_empty() {
+            return;
+        }
+        if let Some(node) = desired.iter().copied().find(|d| !chain.nodes.contains(d)) {
+            chain.learner = Some(node);
+            chain.epoch = Epoch(epoch.0 + 1);
+            self.changes.push(Change::LearnerAdded { range, node });
+        } else if chain.nodes.len() > desired.len().max(1) {
+            let node = *chain.nodes.iter().find(|n| !desired.contains(n)).expect("more members than desired ones");
+            // Only once every member that stays has shown, since the chain's last change, that
+            // it is alive and holds the range: one could have failed without being noticed yet,
+            // and the member removed could then be the last copy.
+            let confirmed = |n: &NodeId| self.report(*n, range).is_some_and(|r| r.epoch == epoch && r.installed);
+            if !chain.nodes.iter().filter(|n| **n != node).all(confirmed) {
+                return;
+            }
+            chain.nodes.retain(|n| *n != node);
+            chain.epoch = Epoch(epoch.0 + 1);
+            self.changes.push(Change::Removed { range, node });
+        }
+    }
+
+    /// Whether the tail of `range`'s chain reports, in the chain's current epoch, that
+    /// `learner` holds every committed update (see [`RangeReport::learner_synced`]).
+    fn caught_up(&self, learner: NodeId, range: RangeId, chain: &Chain) -> bool {
+        let current = |node: NodeId| self.report(node, range).filter(|r| r.epoch == chain.epoch && r.installed);
+        current(learner).is_some() && chain.tail().and_then(current).is_some_and(|t| t.learner_synced)
+    }
+
+    /// Members in no chain that are gone or leaving stop being members.
+    fn remove_departed(&mut self, next: &mut ClusterConfig, now_ms: u64) {
+        let in_use = |n: NodeId| next.chains.iter().any(|c| c.position(n).is_some() || c.learner == Some(n));
+        let mut gone = Vec::new();
+        for m in &next.members {
+            let leaving = self.draining.contains(&m.node) || !self.alive(m.node, now_ms);
+            if leaving && !in_use(m.node) {
+                gone.push(m.node);
+            }
+        }
+        if !gone.is_empty() {
+            next.members.retain(|m| !gone.contains(&m.node));
+            for node in gone {
+                self.draining.retain(|n| *n != node);
+                self.changes.push(Change::Left { node });
+            }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! What chain replication talks about: identifiers, the cluster configuration the coordinator
+//! publishes, and the messages between workers, replicas and the coordinator.
+//!
+//! Payloads (a worker's push, a forwarded update, a range's snapshot) are opaque bytes here: the
+//! [`crate::replica::Store`] that holds the parameters gives them meaning.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! id {
+    ($(#[$doc:meta])* $name:ident($inner:ty)) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+        pub struct $name(pub $inner);
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id!(
+    /// A server taking part in replication.
+    NodeId(u32)
+);
+id!(
+    /// A range of the key space: the unit of replication, with its own chain.
+    RangeId(u32)
+);
+id!(
+    /// A training worker: its index in every range's vector clock.
+    WorkerId(u32)
+);
+id!(
+    /// A range's chain generation: it changes whenever the chain's members change.
+    Epoch(u64)
+);
+
+/// Who sends or receives a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Addr {
+    Node(NodeId),
+    Worker(WorkerId),
+    Coordinator,
+}
+
+/// One range's chain in one epoch: `nodes[0]` is the head, the last is the tail. A learner is a
+/// server being filled from the tail before it joins as the new tail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chain {
+    pub epoch: Epoch,
+    pub nodes: Vec<NodeId>,
+    pub learner: Option<NodeId>,
+}
+
+impl Chain {
+    pub fn head(&self) -> Option<NodeId> {
+        self.nodes.first().copied()
+    }
+
+    pub fn tail(&self) -> Option<NodeId> {
+        self.nodes.last().copied()
+    }
+
+    /// `node`'s place in the chain.
+    pub fn position(&self, node: NodeId) -> Option<usize> {
+        self.nodes.iter().position(|n| *n == node)
+    }
+}
+
+/// A server in the cluster. `incarnation` changes each time the server starts, so a server that
+/// restarted (and lost what it held in memory) is never mistaken for the one that stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub node: NodeId,
+    pub incarnation: u64,
+    /// Where its clients and peers reach it (host:port); empty in the simulator.
+    pub addr: String,
+    /// Leaving on request (`tessera drain`): its ranges move elsewhere, then it is removed.
+    pub draining: bool,
+}
+
+/// The whole cluster's configuration, as the coordinator publishes it. `id` grows with every
+/// change; a replica ignores a configuration older than the one it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    pub id: u64,
+    pub members: Vec<Member>,
+    /// One chain per range, indexed by [`RangeId`].
+    pub chains: Vec<Chain>,
+}
+
+impl ClusterConfig {
+    pub fn member(&self, node: NodeId) -> Option<&Member> {
+        self.members.iter().find(|m| m.node == node)
+    }
+
+    pub fn chain(&self, range: RangeId) -> Option<&Chain> {
+        self.chains.get(range.0 as usize)
+    }
+}
+
+/// What one replica holds of one range, as it reports it to the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeReport {
+    pub range: RangeId,
+    pub epoch: Epoch,
+    /// Whether it holds the range's data (a learner does not until its snapshot arrives).
+    pub installed: bool,
+    /// Updates applied: the position in the range's history.
+    pub version: u64,
+    /// Updates the tail is known to hold.
+    pub committed: u64,
+    /// Sum of the range's vector clock: pushes applied, for `tessera status`' lag in ticks.
+    pub ticks: u64,
+    /// On a tail: its learner holds every committed update, and the tail now commits only what
+    /// the learner holds too. The coordinator promotes a learner only then.
+    pub learner_synced: bool,
+}
+
+/// A message of the protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Msg {
+    /// Worker to head: the worker's `seq`-th push to `range` (counted from 1).
+    Push { range: RangeId, worker: WorkerId, seq: u32, payload: Arc<[u8]> },
+    /// Head to worker: every push of the worker to `range` up to `seq` is held by the tail.
+    PushAck { range: RangeId, seq: u32 },
+    /// Head (or not) to worker: this server is not the range's head in its configuration `config_id`.
+    NotHead { range: RangeId, config_id: u64 },
+    /// Down the chain (and from the tail to its learner): update `version` of the range, with
+    /// the vector clock after it.
+    Forward { range: RangeId, epoch: Epoch, version: u64, clock: Arc<[u32]>, delta: Arc<[u8]> },
+    /// Up the chain: the tail holds every update up to `version`. From a learner to its tail:
+    /// the learner holds them.
+    Ack { range: RangeId, epoch: Epoch, version: u64 },
+    /// To the upstream replica: updates arrive past a gap this replica cannot fill; send the ones
+    /// after `version`, or a snapshot if they are no longer kept.
+    Need { range: RangeId, epoch: Epoch, version: u64 },
+    /// To a learner, or to a successor that fell too far behind: the whole range at `version`.
+    Snapshot { range: RangeId, epoch: Epoch, version: u64, clock: Arc<[u32]>, data: Arc<[u8]> },
+    /// Server to coordinator, every heartbeat interval.
+    Heartbeat { node: NodeId, incarnation: u64, addr: String, config_id: u64, ranges: Vec<RangeReport> },
+    /// Coordinator to server.
+    Config(Arc<ClusterConfig>),
+}
+
+impl Msg {
+    /// The message's kind, for traces and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Msg::Push { .. } => "push",
+            Msg::PushAck { .. } => "push-ack",
+            Msg::NotHead { .. } => "not-head",
+            Msg::Forward { .. } => "forward",
+            Msg::Ack { .. } => "ack",
+            Msg::Need { .. } => "need",
+            Msg::Snapshot { .. } => "snapshot",
+            Msg::Heartbeat { .. } => "heartbeat",
+            Msg::Config(_) => "config",
+        }
+    }
+}

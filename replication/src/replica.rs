@@ -1,0 +1,906 @@
+//! One server's side of chain replication, as a state machine with no I/O.
+//!
+//! Messages and time go in ([`Replica::step`], [`Replica::tick`], [`Replica::flush`]); messages to
+//! send come out ([`Replica::take_ready`]). The server drives it over the transport seam with real
+//! clocks; the simulator ([`crate::sim`]) drives the same code with seeded fake ones.
+//!
+//! Per range, the protocol is van Renesse and Schneider's chain replication, with the range's
+//! vector clock (section 4.3 of the OSDI'14 parameter-server paper) making retries harmless:
+//! - The head applies a worker's `seq`-th push only if the range's clock shows `seq - 1` pushes
+//!   of that worker; a push it already applied is acknowledged again, never applied twice.
+//! - Pushes applied between two [`Replica::flush`] calls become one update (aggregate, then
+//!   replicate), numbered by the range's `version` and carrying the clock after it.
+//! - Each replica applies updates in version order only, keeps those its successor has not
+//!   acknowledged, and resends them after `resend_interval_ms` without progress.
+//! - The tail acknowledges up the chain; the head acknowledges a push once the tail holds it.
+//! - A replica acts only on the chain of its configuration's epoch for the range; messages of
+//!   another epoch are dropped, and their senders retry once they have caught up.
+//! - A server joins a chain as a learner: the tail sends it a snapshot, then streams updates;
+//!   the coordinator appends it as the new tail once it has caught up.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::config::{ReplicationConfig, BATCH_PUSHES_MAX, LOG_ENTRIES_MAX, RESEND_BATCH_MAX, WAITING_MAX};
+use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Msg, NodeId, RangeId, RangeReport, WorkerId};
+
+/// Where a range's parameters live: the engine's shard in a server, a few integers in the
+/// simulator. Payloads are opaque to the protocol.
+pub trait Store {
+    /// Applies a worker's push to `range` (on the head) and folds its effect into `delta`, the
+    /// update the head forwards; `delta` is empty at the start of each batch.
+    fn apply_push(&mut self, range: RangeId, payload: &[u8], delta: &mut Vec<u8>);
+    /// Applies an update the predecessor forwarded.
+    fn apply_delta(&mut self, range: RangeId, delta: &[u8]);
+    /// The range's data, whole.
+    fn snapshot(&self, range: RangeId) -> Vec<u8>;
+    /// Replaces the range's data with a snapshot.
+    fn install(&mut self, range: RangeId, data: &[u8]);
+    /// Forgets the range: this server no longer holds it.
+    fn drop_range(&mut self, range: RangeId);
+}
+
+/// Deliberate bugs, for the simulator's canary tests only: each one must be caught by a checker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Canary {
+    #[default]
+    None,
+    /// The head acknowledges a push as soon as it applies it, before the tail holds it.
+    AckAtHead,
+}
+
+/// An update kept until the successor acknowledges it.
+#[derive(Debug, Clone)]
+struct Entry {
+    version: u64,
+    clock: Arc<[u32]>,
+    delta: Arc<[u8]>,
+}
+
+/// A push the head applied (or saw again), acknowledged once the tail holds `version`.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    version: u64,
+    worker: WorkerId,
+    seq: u32,
+}
+
+/// The head's batch of pushes not yet forwarded.
+#[derive(Debug, Default)]
+struct Open {
+    delta: Vec<u8>,
+    pushes: usize,
+}
+
+/// A tail's learner, and how far it has come.
+///
+/// Until it is `synced`, the tail commits updates without it. It becomes synced once it holds
+/// every update the tail committed that way (`acked >= ungated`); from then on the tail commits
+/// only what the learner holds too. So when the coordinator appends a synced learner to the
+/// chain, the new tail holds every committed update, as every chain member must: a learner
+/// that merely lagged a little could otherwise become the only copy after the old tail fails,
+/// without updates that were already acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Learner {
+    node: NodeId,
+    /// A learner that restarted is a new learner, with nothing.
+    incarnation: u64,
+    acked: u64,
+    needs_snapshot: bool,
+    synced: bool,
+    /// The last version committed without the learner.
+    ungated: u64,
+}
+
+impl Learner {
+    fn new(node: NodeId, incarnation: u64) -> Self {
+        Self { node, incarnation, acked: 0, needs_snapshot: true, synced: false, ungated: 0 }
+    }
+}
+
+/// What this replica holds of one range.
+#[derive(Debug)]
+struct RangeState {
+    epoch: Epoch,
+    /// Holds the range's data: false for a learner until its snapshot arrives, and for a server
+    /// put in a chain it holds nothing of (it must not act; the coordinator removes it).
+    installed: bool,
+    version: u64,
+    /// Updates the tail is known to hold.
+    committed: u64,
+    clock: Vec<u32>,
+    /// Updates the downstream replica (successor, or the tail's learner) has not acknowledged.
+    log: VecDeque<Entry>,
+    open: Option<Open>,
+    waiting: VecDeque<Waiting>,
+    learner: Option<Learner>,
+    /// When the downstream replica last made progress, or we last resent to it.
+    progress_ms: u64,
+    /// When this replica last asked its upstream to fill a gap.
+    need_ms: Option<u64>,
+    /// Held as a learner (not yet a chain member).
+    learning: bool,
+    /// Which holding of the range this is: a range dropped and taken again starts over.
+    generation: u64,
+}
+
+impl RangeState {
+    fn new(epoch: Epoch, installed: bool, workers: u32) -> Self {
+        Self {
+            epoch,
+            installed,
+            version: 0,
+            committed: 0,
+            clock: vec![0; workers as usize],
+            log: VecDeque::new(),
+            open: None,
+            waiting: VecDeque::new(),
+            learner: None,
+            progress_ms: 0,
+            need_ms: None,
+            learning: false,
+            generation: 0,
+        }
+    }
+}
+
+/// This replica's neighbours in one range's chain.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    epoch: Epoch,
+    head: bool,
+    /// Where updates come from: the predecessor, or for a learner the tail.
+    upstream: Option<NodeId>,
+    /// The successor in the chain.
+    succ: Option<NodeId>,
+    /// This replica is the tail and the chain has a learner: the learner, and its incarnation.
+    learner: Option<(NodeId, u64)>,
+    is_learner: bool,
+}
+
+impl Place {
+    fn of(config: &ClusterConfig, chain: &Chain, me: NodeId) -> Option<Self> {
+        if let Some(i) = chain.position(me) {
+            let tail = i + 1 == chain.nodes.len();
+            let incarnation = |n: NodeId| config.member(n).map_or(0, |m| m.incarnation);
+            return Some(Self {
+                epoch: chain.epoch,
+                head: i == 0,
+                upstream: i.checked_sub(1).map(|p| chain.nodes[p]),
+                succ: chain.nodes.get(i + 1).copied(),
+                learner: chain.learner.filter(|_| tail).map(|l| (l, incarnation(l))),
+                is_learner: false,
+            });
+        }
+        (chain.learner == Some(me)).then(|| Self {
+            epoch: chain.epoch,
+            head: false,
+            upstream: chain.tail(),
+            succ: None,
+            learner: None,
+            is_learner: true,
+        })
+    }
+
+    fn is_tail(&self) -> bool {
+        !self.is_learner && self.succ.is_none()
+    }
+
+    fn downstream(&self) -> Option<NodeId> {
+        self.succ.or(self.learner.map(|(l, _)| l))
+    }
+}
+
+/// What a replica holds of one range, for status and the simulator's checkers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeView<'a> {
+    pub installed: bool,
+    pub version: u64,
+    pub committed: u64,
+    pub clock: &'a [u32],
+    /// Changes when the replica drops the range and takes it again (it then starts over).
+    pub generation: u64,
+}
+
+/// Counters a server exports and the simulator prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    pub pushes_applied: u64,
+    pub pushes_duplicate: u64,
+    /// Pushes dropped: out of order (an earlier one is missing), or the log is full.
+    pub pushes_dropped: u64,
+    pub updates_forwarded: u64,
+    pub updates_resent: u64,
+    pub snapshots_sent: u64,
+    /// Messages dropped because they belong to another epoch or come from a stranger.
+    pub stale_dropped: u64,
+}
+
+/// One server's replication state machine.
+#[derive(Debug)]
+pub struct Replica<S> {
+    id: NodeId,
+    incarnation: u64,
+    addr: String,
+    rcfg: ReplicationConfig,
+    config: Option<Arc<ClusterConfig>>,
+    ranges: Vec<Option<RangeState>>,
+    store: S,
+    out: Vec<(Addr, Msg)>,
+    now_ms: u64,
+    heartbeat_due_ms: u64,
+    canary: Canary,
+    stats: ReplicaStats,
+    /// Range holdings created so far (see `RangeState::generation`).
+    generations: u64,
+}
+
+impl<S: Store> Replica<S> {
+    /// A server that has just started: it holds nothing until the coordinator's configuration
+    /// names it (as a learner, or in the first epoch of a new range).
+    /// `addr` is where peers and workers reach it (empty in the simulator).
+    pub fn new(id: NodeId, incarnation: u64, addr: String, rcfg: ReplicationConfig, store: S) -> Self {
+        let ranges = (0..rcfg.ranges).map(|_| None).collect();
+        Self {
+            id,
+            incarnation,
+            addr,
+            rcfg,
+            config: None,
+            ranges,
+            store,
+            out: Vec::new(),
+            now_ms: 0,
+            heartbeat_due_ms: 0,
+            canary: Canary::None,
+            stats: ReplicaStats::default(),
+            generations: 0,
+        }
+    }
+
+    /// Plants a deliberate bug (simulator canaries only).
+    #[doc(hidden)]
+    pub fn plant(&mut self, canary: Canary) {
+        self.canary = canary;
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn stats(&self) -> &ReplicaStats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> Option<&Arc<ClusterConfig>> {
+        self.config.as_ref()
+    }
+
+    /// Messages to send, in the order they were produced.
+    pub fn take_ready(&mut self) -> Vec<(Addr, Msg)> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// What this replica holds of `range`.
+    pub fn range_state(&self, range: RangeId) -> Option<RangeView<'_>> {
+        let st = self.ranges.get(range.0 as usize)?.as_ref()?;
+        let (installed, version, committed, generation) = (st.installed, st.version, st.committed, st.generation);
+        Some(RangeView { installed, version, committed, clock: &st.clock, generation })
+    }
+
+    /// The (range, epoch) pairs this replica acts as head for.
+    pub fn heads(&self) -> impl Iterator<Item = (RangeId, Epoch)> + '_ {
+        self.ranges.iter().enumerate().filter_map(move |(r, st)| {
+            let st = st.as_ref().filter(|s| s.installed)?;
+            let place = self.place(RangeId(r as u32))?;
+            (place.head && place.epoch == st.epoch).then_some((RangeId(r as u32), st.epoch))
+        })
+    }
+
+    /// One report per range held, as the heartbeat carries them.
+    pub fn reports(&self) -> Vec<RangeReport> {
+        let held = self.ranges.iter().enumerate().filter_map(|(r, st)| st.as_ref().map(|st| (r, st)));
+        held.map(|(r, st)| RangeReport {
+            range: RangeId(r as u32),
+            epoch: st.epoch,
+            installed: st.installed,
+            version: st.version,
+            committed: st.committed,
+            ticks: st.clock.iter().map(|c| *c as u64).sum(),
+            learner_synced: st.learner.is_some_and(|l| l.synced),
+        })
+        .collect()
+    }
+
+    fn send(&mut self, to: NodeId, msg: Msg) {
+        self.out.push((Addr::Node(to), msg));
+    }
+
+    fn place(&self, range: RangeId) -> Option<Place> {
+        let config = self.config.as_ref()?;
+        if config.member(self.id).is_none_or(|m| m.incarnation != self.incarnation) {
+            return None;
+        }
+        Place::of(config, config.chain(range)?, self.id)
+    }
+
+    /// Takes one message.
+    pub fn step(&mut self, now_ms: u64, from: Addr, msg: Msg) {
+        self.now_ms = now_ms;
+        match (from, msg) {
+            (_, Msg::Push { range, worker, seq, payload }) => self.on_push(range, worker, seq, &payload),
+            (Addr::Node(from), Msg::Forward { range, epoch, version, clock, delta }) => {
+                self.on_forward(from, range, epoch, Entry { version, clock, delta })
+            }
+            (Addr::Node(from), Msg::Ack { range, epoch, version }) => self.on_ack(from, range, epoch, version),
+            (Addr::Node(from), Msg::Need { range, epoch, version }) => self.on_need(from, range, epoch, version),
+            (Addr::Node(from), Msg::Snapshot { range, epoch, version, clock, data }) => {
+                self.on_snapshot(from, range, epoch, version, &clock, &data)
+            }
+            (Addr::Coordinator, Msg::Config(config)) => self.on_config(config),
+            _ => self.stats.stale_dropped += 1,
+        }
+    }
+
+    /// Advances time: heartbeats, and resends to successors that have not made progress.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        if now_ms >= self.heartbeat_due_ms {
+            self.heartbeat_due_ms = now_ms + self.rcfg.heartbeat_interval_ms;
+            let config_id = self.config.as_ref().map_or(0, |c| c.id);
+            let (node, incarnation, addr) = (self.id, self.incarnation, self.addr.clone());
+            let msg = Msg::Heartbeat { node, incarnation, addr, config_id, ranges: self.reports() };
+            self.out.push((Addr::Coordinator, msg));
+        }
+        for r in 0..self.ranges.len() {
+            self.resend(RangeId(r as u32));
+        }
+    }
+
+    /// Closes every head's batch: the pushes applied since the last flush leave as one update
+    /// per range. The driver calls it after each burst of messages it delivered.
+    pub fn flush(&mut self) {
+        for r in 0..self.ranges.len() {
+            self.close_batch(RangeId(r as u32));
+        }
+    }
+
+    fn on_push(&mut self, range: RangeId, worker: WorkerId, seq: u32, payload: &[u8]) {
+        let place = self.place(range).filter(|p| p.head);
+        let config_id = self.config.as_ref().map_or(0, |c| c.id);
+        let Some(st) = self.ranges.get_mut(range.0 as usize).and_then(Option::as_mut).filter(|s| s.installed) else {
+            self.out.push((Addr::Worker(worker), Msg::NotHead { range, config_id }));
+            return;
+        };
+        let Some(place) = place.filter(|p| p.epoch == st.epoch) else {
+            self.out.push((Addr::Worker(worker), Msg::NotHead { range, config_id }));
+            return;
+        };
+        let w = worker.0 as usize;
+        let full = place.succ.is_some() && st.log.len() >= LOG_ENTRIES_MAX;
+        if w >= st.clock.len() || full || st.waiting.len() >= WAITING_MAX {
+            self.stats.pushes_dropped += 1;
+            return;
+        }
+        let pending = st.version + st.open.is_some() as u64;
+        if seq <= st.clock[w] {
+            // Applied before: acknowledge it again once the update that holds it is committed.
+            st.waiting.push_back(Waiting { version: pending, worker, seq });
+            self.stats.pushes_duplicate += 1;
+        } else if seq == st.clock[w] + 1 {
+            let open = st.open.get_or_insert_with(Open::default);
+            self.store.apply_push(range, payload, &mut open.delta);
+            open.pushes += 1;
+            st.clock[w] = seq;
+            st.waiting.push_back(Waiting { version: st.version + 1, worker, seq });
+            self.stats.pushes_applied += 1;
+            if self.canary == Canary::AckAtHead {
+                self.out.push((Addr::Worker(worker), Msg::PushAck { range, seq }));
+            }
+            if open.pushes >= BATCH_PUSHES_MAX {
+                self.close_batch(range);
+            }
+        } else {
+            // An earlier push is missing; the worker resends them all in order.
+            self.stats.pushes_dropped += 1;
+        }
+        self.release_acks(range);
+    }
+
+    /// Turns the head's open batch into the next update and sends it down the chain.
+    fn close_batch(&mut self, range: RangeId) {
+        let Some(st) = self.ranges[range.0 as usize].as_mut() else { return };
+        let Some(open) = st.open.take() else { return };
+        st.version += 1;
+        let entry = Entry { version: st.version, clock: st.clock.as_slice().into(), delta: open.delta.into() };
+        self.after_apply(range, entry);
+    }
+
+    /// What follows applying update `entry`, on any replica: keep it for the downstream replica
+    /// and send it there, or (on the tail) commit it.
+    fn after_apply(&mut self, range: RangeId, entry: Entry) {
+        let place = self.place(range);
+        let st = self.ranges[range.0 as usize].as_mut().expect("applied to a held range");
+        let Some(place) = place else { return };
+        if let Some(down) = place.downstream() {
+            if st.log.is_empty() {
+                st.progress_ms = self.now_ms;
+            }
+            st.log.push_back(entry.clone());
+            if place.succ.is_none() && st.log.len() > LOG_ENTRIES_MAX {
+                // The tail's learner is far behind: a fresh snapshot replaces the log, and the
+                // tail commits without it until it has caught up again.
+                st.log.clear();
+                if let Some(l) = st.learner.as_mut() {
+                    l.needs_snapshot = true;
+                    l.synced = false;
+                }
+            }
+            let learner_waits = place.succ.is_none() && st.learner.is_some_and(|l| l.needs_snapshot);
+            if !learner_waits {
+                let Entry { version, clock, delta } = entry;
+                let msg = Msg::Forward { range, epoch: st.epoch, version, clock, delta };
+                self.stats.updates_forwarded += 1;
+                self.out.push((Addr::Node(down), msg));
+            }
+        }
+        if place.is_tail() {
+            match st.learner.as_mut() {
+                // Committed once the learner holds it too (`on_ack`).
+                Some(l) if l.synced => return,
+                Some(l) => l.ungated = st.version,
+                None => {}
+            }
+            let version = st.version;
+            self.commit(range, place, version);
+        } else if place.is_learner {
+            let up = place.upstream.expect("a learner's chain has a tail");
+            let msg = Msg::Ack { range, epoch: st.epoch, version: st.version };
+            self.out.push((Addr::Node(up), msg));
+        }
+    }
+
+    /// On the tail: `version` is held by every replica that must hold it. Tell the chain.
+    fn commit(&mut self, range: RangeId, place: Place, version: u64) {
+        let st = self.ranges[range.0 as usize].as_mut().expect("committing a held range");
+        if version <= st.committed {
+            return;
+        }
+        st.committed = version;
+        if let Some(up) = place.upstream {
+            let msg = Msg::Ack { range, epoch: st.epoch, version };
+            self.out.push((Addr::Node(up), msg));
+        }
+        self.release_acks(range);
+    }
+
+    /// Acknowledges the pushes the tail now holds (on the head).
+    fn release_acks(&mut self, range: RangeId) {
+        let Some(st) = self.ranges[range.0 as usize].as_mut() else { return };
+        while let Some(w) = st.waiting.front().filter(|w| w.version <= st.committed) {
+            let (worker, seq) = (w.worker, w.seq);
+            st.waiting.pop_front();
+            if self.canary != Canary::AckAtHead {
+                self.out.push((Addr::Worker(worker), Msg::PushAck { range, seq }));
+            }
+        }
+    }
+
+    /// Checks that `from` sent a message of `range`'s current epoch from where such messages
+    /// come: returns this replica's place if so.
+    fn expect_from(&mut self, range: RangeId, epoch: Epoch, from: NodeId, upstream: bool) -> Option<Place> {
+        let place = self.place(range);
+        let st = self.ranges.get(range.0 as usize).and_then(Option::as_ref);
+        let ok = match (place, st) {
+            (Some(p), Some(st)) if p.epoch == epoch && st.epoch == epoch => {
+                if upstream {
+                    p.upstream == Some(from)
+                } else {
+                    p.downstream() == Some(from)
+                }
+            }
+            _ => false,
+        };
+        if !ok {
+            self.stats.stale_dropped += 1;
+        }
+        place.filter(|_| ok)
+    }
+
+    fn on_forward(&mut self, from: NodeId, range: RangeId, epoch: Epoch, entry: Entry) {
+        let Some(place) = self.expect_from(range, epoch, from, true) else { return };
+        let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
+        if !st.installed {
+            return; // a learner waiting for its snapshot
+        }
+        if entry.version == st.version + 1 {
+            assert_eq!(entry.clock.len(), st.clock.len(), "range {range}: clocks of one range have one width");
+            assert!(
+                st.clock.iter().zip(entry.clock.iter()).all(|(old, new)| new >= old),
+                "range {range}: vector clock went backwards at version {}",
+                entry.version
+            );
+            self.store.apply_delta(range, &entry.delta);
+            st.clock.copy_from_slice(&entry.clock);
+            st.version = entry.version;
+            self.after_apply(range, entry);
+        } else if entry.version <= st.version {
+            // Seen before: our acknowledgement may have been lost; say again what we can vouch for.
+            let (version, committed) = (st.version, st.committed);
+            let up = place.upstream.expect("checked by expect_from");
+            let vouch = if place.is_learner { version } else { committed };
+            if vouch > 0 {
+                self.send(up, Msg::Ack { range, epoch, version: vouch });
+            }
+        } else if st.need_ms.is_none_or(|at| self.now_ms >= at + self.rcfg.resend_interval_ms) {
+            // A gap: an earlier update was lost, and the predecessor resends it after its resend
+            // interval anyway. Asking makes that sooner, and if the predecessor no longer keeps
+            // what we lack (it should: every chain member holds the committed updates, and it
+            // keeps the rest), it sends a snapshot rather than leave us stuck.
+            st.need_ms = Some(self.now_ms);
+            let version = st.version;
+            let up = place.upstream.expect("checked by expect_from");
+            self.send(up, Msg::Need { range, epoch, version });
+        }
+    }
+
+    fn on_need(&mut self, from: NodeId, range: RangeId, epoch: Epoch, version: u64) {
+        let Some(place) = self.expect_from(range, epoch, from, false) else { return };
+        let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
+        if !st.installed {
+            return;
+        }
+        // What the downstream replica is known to hold already: a successor every committed
+        // update, a learner what it acknowledged. A Need older than that was overtaken.
+        let learner = st.learner.filter(|l| place.succ.is_none() && l.node == from);
+        let held = version.max(learner.map_or(st.committed, |l| l.acked));
+        if held >= st.version {
+            return;
+        }
+        if st.log.front().is_some_and(|e| e.version <= held + 1) {
+            // Resend from there. The log itself stays: it is trimmed only by acknowledgements
+            // (a successor that holds more than the committed prefix may still fail, and its
+            // own successor then needs those updates from here).
+            let again: Vec<Entry> = st.log.iter().filter(|e| e.version > held).take(RESEND_BATCH_MAX).cloned().collect();
+            st.progress_ms = self.now_ms;
+            self.stats.updates_resent += again.len() as u64;
+            for Entry { version, clock, delta } in again {
+                self.send(from, Msg::Forward { range, epoch, version, clock, delta });
+            }
+            return;
+        } else if let Some(l) = st.learner.as_mut().filter(|_| learner.is_some()) {
+            // The learner fell behind what the log keeps: a snapshot, resent until acknowledged.
+            l.needs_snapshot = true;
+            l.synced = false;
+            st.progress_ms = 0;
+        } else {
+            panic!(
+                "range {range}: successor {from} holds version {held}, and this replica no longer keeps {} (its log starts at {:?})",
+                held + 1,
+                st.log.front().map(|e| e.version)
+            );
+        }
+        self.resend(range);
+    }
+
+    /// Sends `to` the whole range. The log restarts after it: everything in it is in the snapshot.
+    fn send_snapshot(&mut self, range: RangeId, to: NodeId) {
+        // A snapshot is exact at one version: pushes applied but not yet numbered go first.
+        self.close_batch(range);
+        let now = self.now_ms;
+        let st = self.ranges[range.0 as usize].as_mut().expect("a snapshot of a held range");
+        st.log.clear();
+        st.progress_ms = now;
+        let (epoch, version, clock) = (st.epoch, st.version, st.clock.as_slice().into());
+        let data = self.store.snapshot(range).into();
+        self.stats.snapshots_sent += 1;
+        self.send(to, Msg::Snapshot { range, epoch, version, clock, data });
+    }
+
+    fn on_ack(&mut self, from: NodeId, range: RangeId, epoch: Epoch, version: u64) {
+        let Some(place) = self.expect_from(range, epoch, from, false) else { return };
+        let now = self.now_ms;
+        let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
+        assert!(version <= st.version, "range {range}: {from} acknowledged version {version}, past ours ({})", st.version);
+        if place.succ == Some(from) {
+            // The tail holds `version`: committed here and upstream.
+            if version > st.committed {
+                st.committed = version;
+                st.progress_ms = now;
+                while st.log.front().is_some_and(|e| e.version <= version) {
+                    st.log.pop_front();
+                }
+                if let Some(up) = place.upstream {
+                    self.send(up, Msg::Ack { range, epoch, version });
+                }
+                self.release_acks(range);
+            }
+        } else if let Some(l) = st.learner.as_mut().filter(|l| l.node == from) {
+            // Our learner holds `version`.
+            if version > l.acked || l.needs_snapshot {
+                l.acked = l.acked.max(version);
+                l.needs_snapshot = false;
+                l.synced |= l.acked >= l.ungated;
+                st.progress_ms = now;
+                while st.log.front().is_some_and(|e| e.version <= version) {
+                    st.log.pop_front();
+                }
+                if l.acked < st.version && st.log.front().is_none_or(|e| e.version > l.acked + 1) {
+                    // It acknowledged an older snapshot than the last one sent (lost), whose
+                    // sending restarted the log: only another snapshot can bring it up to date.
+                    l.needs_snapshot = true;
+                    l.synced = false;
+                }
+                let gated = l.synced.then_some(l.acked.min(st.version));
+                if let Some(version) = gated {
+                    self.commit(range, place, version);
+                }
+            }
+        }
+    }
+
+    fn on_snapshot(&mut self, from: NodeId, range: RangeId, epoch: Epoch, version: u64, clock: &[u32], data: &[u8]) {
+        let Some(place) = self.expect_from(range, epoch, from, true) else { return };
+        let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
+        if !st.installed || version > st.version {
+            assert_eq!(clock.len(), st.clock.len(), "range {range}: clocks of one range have one width");
+            if st.installed {
+                assert!(
+                    st.clock.iter().zip(clock).all(|(old, new)| new >= old),
+                    "range {range}: a snapshot at version {version} has an older clock than version {}",
+                    st.version
+                );
+            }
+            self.store.install(range, data);
+            st.clock.copy_from_slice(clock);
+            st.version = version;
+            st.installed = true;
+            st.need_ms = None;
+            // Whatever was logged for downstream is older than this; a downstream replica that
+            // lacks the difference asks (Need) and gets a snapshot in turn.
+            st.log.clear();
+        }
+        let (version, committed) = (st.version, st.committed.max(if place.is_tail() { st.version } else { 0 }));
+        st.committed = committed;
+        if place.is_learner {
+            self.send(from, Msg::Ack { range, epoch, version });
+        } else if place.is_tail() {
+            self.send(from, Msg::Ack { range, epoch, version: committed });
+            self.release_acks(range);
+        }
+    }
+
+    /// Resends what the downstream replica has not acknowledged, if it has made no progress
+    /// for `resend_interval_ms`; a learner that needs one gets a snapshot instead.
+    fn resend(&mut self, range: RangeId) {
+        let now = self.now_ms;
+        let interval = self.rcfg.resend_interval_ms;
+        let Some(place) = self.place(range) else { return };
+        let Some(st) = self.ranges[range.0 as usize].as_mut().filter(|s| s.installed && s.epoch == place.epoch) else {
+            return;
+        };
+        let Some(down) = place.downstream() else { return };
+        let snapshot = place.succ.is_none() && st.learner.is_some_and(|l| l.needs_snapshot);
+        if (st.log.is_empty() && !snapshot) || now < st.progress_ms + interval {
+            return;
+        }
+        st.progress_ms = now;
+        let epoch = st.epoch;
+        if snapshot {
+            self.send_snapshot(range, down);
+            return;
+        }
+        let resend: Vec<Entry> = st.log.iter().take(RESEND_BATCH_MAX).cloned().collect();
+        self.stats.updates_resent += resend.len() as u64;
+        for Entry { version, clock, delta } in resend {
+            self.send(down, Msg::Forward { range, epoch, version, clock, delta });
+        }
+    }
+
+    fn on_config(&mut self, config: Arc<ClusterConfig>) {
+        if self.config.as_ref().is_some_and(|c| c.id >= config.id) {
+            return;
+        }
+        // Batches close under the configuration they were applied in.
+        self.flush();
+        let member = config.member(self.id).is_some_and(|m| m.incarnation == self.incarnation);
+        self.config = Some(config.clone());
+        for r in 0..self.ranges.len() {
+            let range = RangeId(r as u32);
+            let place = config.chain(range).filter(|_| member).and_then(|c| Place::of(&config, c, self.id));
+            match place {
+                None => {
+                    if self.ranges[r].take().is_some() {
+                        self.store.drop_range(range);
+                    }
+                }
+                Some(place) => self.enter(range, place),
+            }
+        }
+    }
+
+    /// Takes up this replica's place in `range`'s chain of a new configuration.
+    fn enter(&mut self, range: RangeId, place: Place) {
+        let workers = self.rcfg.workers;
+        let slot = &mut self.ranges[range.0 as usize];
+        if place.is_learner && slot.as_ref().is_some_and(|st| !st.learning) {
+            // What this server held of the range comes from an epoch it was deposed from
+            // without hearing of it (cut off, say): it may hold a branch nobody else has. A
+            // learner starts from its tail's snapshot, and nothing else.
+            *slot = None;
+            self.store.drop_range(range);
+        }
+        let generations = &mut self.generations;
+        let st = self.ranges[range.0 as usize].get_or_insert_with(|| {
+            // Only a range's first epoch puts a server in its chain holding nothing: every later
+            // member came in as a learner and holds the data already.
+            let born = place.epoch == Epoch(1) && !place.is_learner;
+            let mut st = RangeState::new(place.epoch, born, workers);
+            st.learning = place.is_learner;
+            st.generation = *generations;
+            *generations += 1;
+            st
+        });
+        if st.epoch == place.epoch && st.learner.map(|l| (l.node, l.incarnation)) == place.learner {
+            return;
+        }
+        st.epoch = place.epoch;
+        st.learning = place.is_learner;
+        if !place.head {
+            // Workers resend unacknowledged pushes to the new head.
+            st.waiting.clear();
+        }
+        let old_learner = st.learner.take();
+        st.learner = place.learner.map(|(node, incarnation)| {
+            match old_learner.filter(|l| l.node == node && l.incarnation == incarnation) {
+                Some(kept) => kept,
+                None => Learner::new(node, incarnation),
+            }
+        });
+        if place.is_tail() && st.learner.is_none_or(|l| !l.synced) {
+            // Everything here is held by the (new) tail: committed.
+            st.committed = st.version;
+            if let Some(l) = st.learner.as_mut() {
+                l.ungated = st.version;
+            }
+        }
+        match (place.succ, st.learner) {
+            // A successor that was our learner has what it acknowledged; any other has at least
+            // what is committed (chain order: a later replica holds a prefix of an earlier one's
+            // updates, and the tail holds the committed ones).
+            (Some(succ), _) if old_learner.is_some_and(|l| l.node == succ && !l.needs_snapshot) => {}
+            (Some(_), _) => {
+                let committed = st.committed;
+                st.log.retain(|e| e.version > committed);
+            }
+            (None, Some(_)) => {}
+            (None, None) => st.log.clear(),
+        }
+        // Resend at once to a new downstream replica.
+        st.progress_ms = 0;
+        if place.is_tail() {
+            if let Some(up) = place.upstream {
+                let (epoch, version) = (st.epoch, st.committed);
+                self.send(up, Msg::Ack { range, epoch, version });
+            }
+            self.release_acks(range);
+        }
+        self.resend(range);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Member;
+    use crate::sim::store::{encode, SimStore};
+
+    /// Three replicas of one range, chain 0 -> 1 -> 2, with messages delivered in order.
+    fn cluster() -> Vec<Replica<SimStore>> {
+        let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
+        let members = (0..3).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
+        let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: None };
+        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain] });
+        (0..3)
+            .map(|n| {
+                let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), SimStore::default());
+                r.step(0, Addr::Coordinator, Msg::Config(config.clone()));
+                r
+            })
+            .collect()
+    }
+
+    fn push(seq: u32, value: i64) -> Msg {
+        Msg::Push { range: RangeId(0), worker: WorkerId(1), seq, payload: encode(&[value, 0]).into() }
+    }
+
+    /// Delivers everything until quiet; returns what reached workers.
+    fn settle(nodes: &mut [Replica<SimStore>]) -> Vec<Msg> {
+        let mut to_workers = Vec::new();
+        loop {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                nodes[i].flush();
+                for (to, msg) in nodes[i].take_ready() {
+                    moved = true;
+                    match to {
+                        Addr::Node(n) => nodes[n.0 as usize].step(1, Addr::Node(NodeId(i as u32)), msg),
+                        Addr::Worker(_) => to_workers.push(msg),
+                        Addr::Coordinator => {}
+                    }
+                }
+            }
+            if !moved {
+                return to_workers;
+            }
+        }
+    }
+
+    fn value(r: &Replica<SimStore>) -> i64 {
+        r.store().ranges.get(&RangeId(0)).map_or(0, |v| v[0])
+    }
+
+    #[test]
+    fn a_push_is_acknowledged_once_the_tail_holds_it() {
+        let mut nodes = cluster();
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+        nodes[0].flush();
+        let forwarded = nodes[0].take_ready();
+        assert!(matches!(forwarded.as_slice(), [(Addr::Node(NodeId(1)), Msg::Forward { version: 1, .. })]), "{forwarded:?}");
+        // Nothing reaches the worker until the forward went down the chain and the ack came back.
+        nodes[1].step(1, Addr::Node(NodeId(0)), forwarded[0].1.clone());
+        let acks = settle(&mut nodes);
+        assert_eq!(acks, vec![Msg::PushAck { range: RangeId(0), seq: 1 }]);
+        assert!(nodes.iter().all(|n| value(n) == 5 && n.range_state(RangeId(0)).unwrap().clock == [0, 1]));
+    }
+
+    #[test]
+    fn a_resent_push_is_acknowledged_again_and_not_applied_twice() {
+        let mut nodes = cluster();
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+        settle(&mut nodes);
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+        assert_eq!(settle(&mut nodes), vec![Msg::PushAck { range: RangeId(0), seq: 1 }]);
+        assert!(nodes.iter().all(|n| value(n) == 5));
+        assert_eq!(nodes[0].stats().pushes_duplicate, 1);
+    }
+
+    #[test]
+    fn pushes_out_of_order_wait_for_the_missing_one() {
+        let mut nodes = cluster();
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(2, 7));
+        assert!(settle(&mut nodes).is_empty(), "push 2 without push 1 is dropped");
+        assert_eq!(nodes[0].stats().pushes_dropped, 1);
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(2, 7));
+        let acks = settle(&mut nodes);
+        assert_eq!(acks.last(), Some(&Msg::PushAck { range: RangeId(0), seq: 2 }));
+        // Both pushes left the head as one aggregated update.
+        assert!(nodes.iter().all(|n| value(n) == 12 && n.range_state(RangeId(0)).unwrap().version == 1));
+    }
+
+    #[test]
+    fn a_stranger_or_another_epoch_changes_nothing() {
+        let mut nodes = cluster();
+        let forward = |epoch| Msg::Forward {
+            range: RangeId(0),
+            epoch: Epoch(epoch),
+            version: 1,
+            clock: vec![0u32, 1].into(),
+            delta: encode(&[9, 0]).into(),
+        };
+        // Node 2's predecessor is 1, not 0; and epoch 2 is not the range's epoch.
+        nodes[2].step(1, Addr::Node(NodeId(0)), forward(1));
+        nodes[1].step(1, Addr::Node(NodeId(0)), forward(2));
+        assert!(settle(&mut nodes).is_empty());
+        assert!(nodes.iter().all(|n| value(n) == 0 && n.range_state(RangeId(0)).unwrap().version == 0));
+        assert_eq!(nodes[2].stats().stale_dropped + nodes[1].stats().stale_dropped, 2);
+        // A worker pushing to a non-head is told so.
+        nodes[1].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+        assert!(matches!(nodes[1].take_ready().as_slice(), [(Addr::Worker(_), Msg::NotHead { .. })]));
+    }
+}

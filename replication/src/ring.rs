@@ -1,0 +1,147 @@
+//! Consistent hashing with virtual nodes: which servers make up each range's chain.
+//!
+//! Every server puts `vnodes` points on a ring of u64 positions; range `r` sits at the hash of
+//! `r`. Its chain is the first `replicas` distinct servers met walking the ring clockwise from
+//! there. A server that joins or leaves changes only the chains whose walk meets one of its
+//! points before it has found `replicas` servers: about `replicas / servers` of them.
+
+use std::collections::BTreeMap;
+
+use crate::protocol::{NodeId, RangeId};
+
+/// A well-mixed 64-bit hash (splitmix64's finaliser): stable across builds and machines,
+/// which placement must be.
+pub fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The ring of the servers eligible to hold ranges.
+#[derive(Debug, Clone, Default)]
+pub struct Ring {
+    points: BTreeMap<u64, NodeId>,
+    nodes: usize,
+}
+
+impl Ring {
+    /// A ring of `nodes`, each with `vnodes` points.
+    pub fn new(nodes: impl IntoIterator<Item = NodeId>, vnodes: u32) -> Self {
+        let mut ring = Self::default();
+        for node in nodes {
+            ring.nodes += 1;
+            for v in 0..vnodes {
+                let mut at = mix64(((node.0 as u64) << 32) | v as u64);
+                // Two points on one position: the later node moves one step on (deterministic).
+                while ring.points.contains_key(&at) {
+                    at = at.wrapping_add(1);
+                }
+                ring.points.insert(at, node);
+            }
+        }
+        ring
+    }
+
+    /// The chain of `range`: up to `replicas` distinct servers, head first.
+    pub fn chain(&self, range: RangeId, replicas: u32) -> Vec<NodeId> {
+        let want = (replicas as usize).min(self.nodes);
+        let mut chain = Vec::with_capacity(want);
+        let at = mix64(0x5eed_0000_0000_0000 ^ range.0 as u64);
+        for (_, node) in self.points.range(at..).chain(self.points.range(..at)) {
+            if chain.len() == want {
+                break;
+            }
+            if !chain.contains(node) {
+                chain.push(*node);
+            }
+        }
+        chain
+    }
+
+    /// Every range's chain.
+    pub fn chains(&self, ranges: u32, replicas: u32) -> Vec<Vec<NodeId>> {
+        (0..ranges).map(|r| self.chain(RangeId(r), replicas)).collect()
+    }
+}
+
+/// Of the (range, replica) places in `before`, the fraction whose server is not in the same
+/// range's chain in `after`: the share of range copies that must move.
+pub fn fraction_moved(before: &[Vec<NodeId>], after: &[Vec<NodeId>]) -> f64 {
+    let (mut places, mut moved) = (0usize, 0usize);
+    for (b, a) in before.iter().zip(after) {
+        places += b.len();
+        moved += b.iter().filter(|n| !a.contains(n)).count();
+    }
+    if places == 0 {
+        0.0
+    } else {
+        moved as f64 / places as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: u32) -> Vec<NodeId> {
+        (0..n).map(NodeId).collect()
+    }
+
+    #[test]
+    fn chains_are_distinct_and_stable() {
+        let ring = Ring::new(nodes(5), 64);
+        for r in 0..256 {
+            let c = ring.chain(RangeId(r), 3);
+            assert_eq!(c.len(), 3);
+            assert!(c[0] != c[1] && c[1] != c[2] && c[0] != c[2]);
+            assert_eq!(c, Ring::new(nodes(5), 64).chain(RangeId(r), 3), "placement is deterministic");
+        }
+        assert_eq!(Ring::new(nodes(2), 8).chain(RangeId(0), 3).len(), 2, "never more replicas than servers");
+        assert!(Ring::new([], 8).chain(RangeId(0), 2).is_empty());
+    }
+
+    #[test]
+    fn a_join_moves_only_neighbouring_ranges() {
+        let before = Ring::new(nodes(8), 64).chains(1024, 2);
+        let after = Ring::new(nodes(9), 64).chains(1024, 2);
+        let moved = fraction_moved(&before, &after);
+        // The ideal is 1/9 of the copies (the new server's share); the ring's unevenness adds some.
+        assert!(moved > 0.05 && moved < 0.2, "moved {moved}");
+        // Every copy that moved went to the new server.
+        for (b, a) in before.iter().zip(&after) {
+            for n in a.iter().filter(|n| !b.contains(n)) {
+                assert_eq!(*n, NodeId(8));
+            }
+        }
+    }
+
+    /// Prints the share of range copies that move when a server joins, at the default settings
+    /// (256 ranges, 64 virtual nodes, 2 replicas), against the ideal (the newcomer's share).
+    /// `cargo test -p tessera-replication --lib fraction_moved_on_join -- --nocapture`
+    #[test]
+    fn fraction_moved_on_join() {
+        let d = crate::config::ReplicationConfig::default();
+        for n in [2u32, 4, 8, 16] {
+            let before = Ring::new(nodes(n), d.vnodes).chains(d.ranges, d.replicas);
+            let after = Ring::new(nodes(n + 1), d.vnodes).chains(d.ranges, d.replicas);
+            let moved = fraction_moved(&before, &after);
+            let ideal = 1.0 / (n + 1) as f64;
+            println!("{n} -> {} servers: {:.3} of range copies moved (ideal {ideal:.3})", n + 1, moved);
+            assert!(moved <= 2.0 * ideal, "a join moves more than twice the newcomer's share");
+        }
+    }
+
+    #[test]
+    fn load_is_roughly_even() {
+        let chains = Ring::new(nodes(4), 64).chains(1024, 2);
+        let mut load = [0usize; 4];
+        for c in &chains {
+            for n in c {
+                load[n.0 as usize] += 1;
+            }
+        }
+        // 512 copies each if perfectly even.
+        assert!(load.iter().all(|l| (380..650).contains(l)), "{load:?}");
+    }
+}

@@ -1,0 +1,470 @@
+//! A seeded, single-threaded simulation of a replicated cluster: servers ([`Replica`]), the
+//! [`Coordinator`], training workers and the network between them, all driven by one clock and
+//! one random generator. The same seed gives the same run, step for step.
+//!
+//! While faults are on, the network drops, duplicates, delays and so reorders messages,
+//! partitions servers from each other and from the coordinator, and servers crash (losing
+//! everything in memory) and restart. Then the faults stop, and the run goes on until the
+//! workers' pushes are all acknowledged and the cluster has settled.
+//!
+//! The failures stay within what chain replication promises to survive: every range keeps a
+//! reachable, running chain member that holds its committed updates, and a crash or partition
+//! comes at least one failure-detection time (`failure_timeout_ms` plus a heartbeat) after the
+//! one before. Two servers failing within one detection time of each other can both be copies
+//! of a range the coordinator is meanwhile shrinking back to `replicas` members.
+//!
+//! The checkers ([`check`]) watch every step: at most one head per range and epoch; vector
+//! clocks never go backwards; every replica at a range's version `v` holds the same clock and
+//! data. At the end: no acknowledged push is lost, every range's replicas are byte-identical,
+//! and each holds exactly the sum of the pushes its clock counts.
+//!
+//! `cargo run -p tessera-replication --release --example sim -- --seed N --trace` replays seed
+//! N and prints every message.
+
+pub mod check;
+pub mod store;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rand::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use crate::config::ReplicationConfig;
+use crate::coordinator::Coordinator;
+use crate::protocol::{Addr, Member, Msg, NodeId, RangeId, WorkerId};
+use crate::replica::{Canary, Replica};
+use check::Checker;
+use store::{SimStore, VALUES};
+use worker::SimWorker;
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct SimOptions {
+    pub seed: u64,
+    /// A bug to plant in every replica; the checkers must catch it.
+    pub canary: Canary,
+    /// Print every message and fault to stderr.
+    pub trace: bool,
+}
+
+/// The cluster and faults a seed picks.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub nodes: u32,
+    pub rcfg: ReplicationConfig,
+    pub pushes_per_worker: u32,
+    pub fault_ms: u64,
+    pub drop_p: f64,
+    pub dup_p: f64,
+    pub delay_max_ms: u64,
+    pub crash_every_ms: u64,
+    pub partition_every_ms: u64,
+    pub worker_retry_ms: u64,
+    pub quiet_ms_max: u64,
+}
+
+impl Params {
+    fn pick(rng: &mut Xoshiro256PlusPlus) -> Self {
+        let nodes = rng.gen_range(3..=5);
+        let rcfg = ReplicationConfig {
+            replicas: rng.gen_range(2..=3),
+            ranges: rng.gen_range(2..=8),
+            vnodes: 16,
+            workers: rng.gen_range(2..=4),
+            heartbeat_interval_ms: 20,
+            failure_timeout_ms: 100,
+            resend_interval_ms: 10,
+        };
+        Self {
+            nodes,
+            rcfg,
+            pushes_per_worker: rng.gen_range(30..=120),
+            fault_ms: rng.gen_range(1000..=3000),
+            drop_p: rng.gen_range(0.0..0.08),
+            dup_p: rng.gen_range(0.0..0.05),
+            delay_max_ms: rng.gen_range(1..=8),
+            crash_every_ms: rng.gen_range(150..=1500),
+            partition_every_ms: rng.gen_range(300..=3000),
+            worker_retry_ms: 40,
+            quiet_ms_max: 30_000,
+        }
+    }
+}
+
+/// What a passing run did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub sim_ms: u64,
+    pub messages: u64,
+    pub dropped: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub pushes_acked: u64,
+    pub configs: u64,
+}
+
+/// A checker's finding, with what it takes to replay it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub seed: u64,
+    pub at_ms: u64,
+    pub what: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} failed at {} ms: {}\n  replay: cargo run -p tessera-replication --release --example sim -- --seed {} --trace",
+            self.seed, self.at_ms, self.what, self.seed
+        )
+    }
+}
+
+struct Node {
+    replica: Option<Replica<SimStore>>,
+    incarnation: u64,
+    restart_ms: u64,
+}
+
+struct Sim {
+    p: Params,
+    opts: SimOptions,
+    rng: Xoshiro256PlusPlus,
+    now: u64,
+    next_id: u64,
+    queue: BTreeMap<(u64, u64), (Addr, Addr, Msg)>,
+    nodes: Vec<Node>,
+    coordinator: Coordinator,
+    workers: Vec<SimWorker>,
+    /// Servers cut off from the other servers and the coordinator, until when.
+    partition: Option<(Vec<NodeId>, u64)>,
+    faults: bool,
+    /// When the last crash or partition began: the next waits one detection time.
+    failed_ms: Option<u64>,
+    checker: Checker,
+    report: Report,
+}
+
+/// Runs one seed. A panic inside (a replica's or coordinator's assertion) is a failure too.
+pub fn run(opts: &SimOptions) -> Result<Report, Failure> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_inner(opts))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Err(Failure { seed: opts.seed, at_ms: 0, what: format!("panicked: {what}") })
+        }
+    }
+}
+
+fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed);
+    let p = Params::pick(&mut rng);
+    let members = (0..p.nodes).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
+    let coordinator = Coordinator::new(p.rcfg.clone(), members.collect(), 0);
+    let nodes = (0..p.nodes).map(|n| Node { replica: Some(new_replica(&p, opts, n, 1)), incarnation: 1, restart_ms: 0 });
+    let view = coordinator.config().clone();
+    let workers =
+        (0..p.rcfg.workers).map(|w| SimWorker::new(WorkerId(w), p.rcfg.ranges, p.pushes_per_worker, view.clone()));
+    let mut sim = Sim {
+        checker: Checker::new(&p),
+        nodes: nodes.collect(),
+        workers: workers.collect(),
+        coordinator,
+        p,
+        opts: opts.clone(),
+        rng,
+        now: 0,
+        next_id: 0,
+        queue: BTreeMap::new(),
+        partition: None,
+        faults: true,
+        failed_ms: None,
+        report: Report::default(),
+    };
+    if opts.trace {
+        eprintln!("sim seed {}: {:?}", opts.seed, sim.p);
+    }
+    let config = sim.coordinator.config().clone();
+    for n in 0..sim.p.nodes {
+        sim.route(Addr::Coordinator, Addr::Node(NodeId(n)), Msg::Config(config.clone()));
+    }
+    sim.run().map_err(|what| Failure { seed: opts.seed, at_ms: sim.now, what })?;
+    sim.report.sim_ms = sim.now;
+    Ok(sim.report)
+}
+
+fn new_replica(p: &Params, opts: &SimOptions, node: u32, incarnation: u64) -> Replica<SimStore> {
+    let mut r = Replica::new(NodeId(node), incarnation, String::new(), p.rcfg.clone(), SimStore::default());
+    r.plant(opts.canary);
+    r
+}
+
+impl Sim {
+    fn run(&mut self) -> Result<(), String> {
+        let end = self.p.fault_ms + self.p.quiet_ms_max;
+        while self.now < end {
+            if self.faults && self.now >= self.p.fault_ms {
+                self.heal();
+            }
+            self.deliver_due()?;
+            self.tick()?;
+            let nodes: Vec<_> = self.nodes.iter().map(|n| n.replica.as_ref()).collect();
+            self.checker.step(self.now, &nodes)?;
+            if self.faults {
+                self.inject()?;
+            } else if self.settled() {
+                return self.checker.finish(&self.nodes_view(), &self.coordinator, &self.workers);
+            }
+            self.now += 1;
+        }
+        self.checker.lost(&self.nodes_view(), &self.coordinator, &self.workers)?;
+        Err(format!("no progress: the cluster did not settle within {} ms of the faults' end; {}", self.p.quiet_ms_max, self.stuck()))
+    }
+
+    fn nodes_view(&self) -> Vec<Option<&Replica<SimStore>>> {
+        self.nodes.iter().map(|n| n.replica.as_ref()).collect()
+    }
+
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if self.opts.trace {
+            eprintln!("{:>6} ms  {}", self.now, what());
+        }
+    }
+
+    /// Queues a message, or loses it to the network's faults.
+    fn route(&mut self, from: Addr, to: Addr, msg: Msg) {
+        self.report.messages += 1;
+        if self.faults {
+            let cut = self.partition.as_ref().is_some_and(|(cut, _)| {
+                let inside = |a: Addr| matches!(a, Addr::Node(n) if cut.contains(&n));
+                let replication = |a: Addr| matches!(a, Addr::Node(_) | Addr::Coordinator);
+                replication(from) && replication(to) && inside(from) != inside(to)
+            });
+            if cut || self.rng.gen_bool(self.p.drop_p) {
+                self.report.dropped += 1;
+                self.trace(|| format!("drop {from:?} -> {to:?} {}", msg.kind()));
+                return;
+            }
+            if self.rng.gen_bool(self.p.dup_p) {
+                self.enqueue(from, to, msg.clone());
+            }
+        }
+        self.enqueue(from, to, msg);
+    }
+
+    fn enqueue(&mut self, from: Addr, to: Addr, msg: Msg) {
+        let at = self.now + self.rng.gen_range(1..=self.p.delay_max_ms);
+        self.next_id += 1;
+        self.queue.insert((at, self.next_id), (from, to, msg));
+    }
+
+    fn deliver_due(&mut self) -> Result<(), String> {
+        while let Some(entry) = self.queue.first_entry() {
+            if entry.key().0 > self.now {
+                break;
+            }
+            let (from, to, msg) = entry.remove();
+            self.trace(|| format!("{from:?} -> {to:?} {msg:?}"));
+            match to {
+                Addr::Node(n) => {
+                    if let Some(r) = self.nodes[n.0 as usize].replica.as_mut() {
+                        r.step(self.now, from, msg);
+                    }
+                }
+                Addr::Worker(w) => {
+                    let coordinator_view = self.coordinator.config().clone();
+                    let worker = &mut self.workers[w.0 as usize];
+                    if let Msg::PushAck { range, seq } = &msg {
+                        self.checker.acked(w, *range, *seq);
+                    }
+                    if worker.on_msg(self.now, msg) {
+                        worker.view = coordinator_view;
+                    }
+                }
+                Addr::Coordinator => self.coordinator.step(self.now, msg),
+            }
+        }
+        Ok(())
+    }
+
+    /// One millisecond of everyone's time, then their messages onto the network.
+    fn tick(&mut self) -> Result<(), String> {
+        let now = self.now;
+        let mut out = Vec::new();
+        for node in &mut self.nodes {
+            if let Some(r) = node.replica.as_mut() {
+                r.flush();
+                r.tick(now);
+                out.extend(r.take_ready().into_iter().map(|(to, m)| (Addr::Node(r.id()), to, m)));
+            }
+        }
+        if now.is_multiple_of(5) {
+            self.coordinator.tick(now);
+            for change in self.coordinator.take_changes() {
+                self.trace(|| format!("coordinator: {change:?}"));
+            }
+            let config = self.coordinator.config();
+            if config.id > self.report.configs {
+                self.report.configs = config.id;
+            }
+        }
+        out.extend(self.coordinator.take_ready().into_iter().map(|(to, m)| (Addr::Coordinator, to, m)));
+        self.push_work();
+        for w in &mut self.workers {
+            out.extend(w.out.drain(..).map(|(to, m)| (Addr::Worker(w.id), to, m)));
+        }
+        for (from, to, msg) in out {
+            self.route(from, to, msg);
+        }
+        Ok(())
+    }
+
+    /// Workers start pushes at random, and resend those that timed out.
+    fn push_work(&mut self) {
+        let ranges = self.p.rcfg.ranges;
+        for w in 0..self.workers.len() {
+            if self.workers[w].timed_out(self.now, self.p.worker_retry_ms) {
+                self.workers[w].view = self.coordinator.config().clone();
+                self.workers[w].resend(self.now, self.p.worker_retry_ms);
+            }
+            if !self.rng.gen_bool(0.3) {
+                continue;
+            }
+            let range = RangeId(self.rng.gen_range(0..ranges));
+            if !self.workers[w].can_push(range) {
+                continue;
+            }
+            let values: [i64; VALUES] = std::array::from_fn(|_| self.rng.gen_range(-1000..=1000));
+            let seq = self.workers[w].push(self.now, range, store::encode(&values).into());
+            self.checker.pushed(WorkerId(w as u32), range, seq, values);
+        }
+    }
+
+    /// Crashes, restarts and partitions, at random.
+    fn inject(&mut self) -> Result<(), String> {
+        let now = self.now;
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].replica.is_none() && now >= self.nodes[n].restart_ms {
+                self.restart(n);
+            }
+        }
+        let detection_ms = self.p.rcfg.failure_timeout_ms + self.p.rcfg.heartbeat_interval_ms;
+        let may_fail = self.failed_ms.is_none_or(|at| now >= at + detection_ms);
+        if self.rng.gen_range(0..self.p.crash_every_ms) == 0 && may_fail {
+            let n = self.rng.gen_range(0..self.nodes.len());
+            let mut out = self.cut().to_vec();
+            out.push(NodeId(n as u32));
+            if self.nodes[n].replica.is_some() && self.checker.survives(&out, &self.nodes_view(), &self.coordinator) {
+                self.nodes[n].replica = None;
+                self.nodes[n].restart_ms = now + self.rng.gen_range(50..=600);
+                self.report.crashes += 1;
+                self.failed_ms = Some(now);
+                self.trace(|| format!("CRASH node {n}"));
+            }
+        }
+        match &self.partition {
+            Some((_, until)) if now >= *until => {
+                self.partition = None;
+                self.trace(|| "partition healed".into());
+            }
+            None if self.rng.gen_range(0..self.p.partition_every_ms) == 0 && may_fail => {
+                let k = self.rng.gen_range(1..=(self.nodes.len() / 2).max(1));
+                let mut cut: Vec<NodeId> = Vec::new();
+                while cut.len() < k {
+                    let n = NodeId(self.rng.gen_range(0..self.nodes.len() as u32));
+                    if !cut.contains(&n) {
+                        cut.push(n);
+                    }
+                }
+                let until = now + self.rng.gen_range(100..=800);
+                // The coordinator takes cut-off servers for failed; the same bound as crashes.
+                if self.checker.survives(&cut, &self.nodes_view(), &self.coordinator) {
+                    self.trace(|| format!("PARTITION {cut:?} until {until} ms"));
+                    self.partition = Some((cut, until));
+                    self.report.partitions += 1;
+                    self.failed_ms = Some(now);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn cut(&self) -> &[NodeId] {
+        self.partition.as_ref().map_or(&[], |(cut, _)| cut.as_slice())
+    }
+
+    fn restart(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        node.incarnation += 1;
+        node.replica = Some(new_replica(&self.p, &self.opts, n as u32, node.incarnation));
+        self.checker.restarted(NodeId(n as u32));
+        self.trace(|| format!("RESTART node {n} (incarnation {})", self.nodes[n].incarnation));
+    }
+
+    /// The faults stop: partitions heal and crashed servers come back.
+    fn heal(&mut self) {
+        self.faults = false;
+        self.partition = None;
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].replica.is_none() {
+                self.restart(n);
+            }
+        }
+        self.trace(|| "faults off".into());
+    }
+
+    /// Every push acknowledged, every chain whole and in step, everyone on the latest config.
+    fn settled(&self) -> bool {
+        if !self.workers.iter().all(SimWorker::done) {
+            return false;
+        }
+        let config = self.coordinator.config();
+        let live = self.nodes.iter().filter(|n| n.replica.is_some()).count();
+        let want = (self.p.rcfg.replicas as usize).min(live);
+        let on_latest =
+            self.nodes.iter().filter_map(|n| n.replica.as_ref()).all(|r| r.config().is_some_and(|c| c.id == config.id));
+        on_latest
+            && config.chains.iter().enumerate().all(|(r, chain)| {
+                let states: Vec<_> = chain
+                    .nodes
+                    .iter()
+                    .map(|n| self.nodes[n.0 as usize].replica.as_ref().and_then(|rep| rep.range_state(RangeId(r as u32))))
+                    .collect();
+                chain.learner.is_none()
+                    && chain.nodes.len() == want
+                    && states.iter().all(|s| s.is_some_and(|s| s.installed))
+                    && states.windows(2).all(|w| w[0].map(|s| s.version) == w[1].map(|s| s.version))
+            })
+    }
+
+    fn stuck(&self) -> String {
+        let unacked: usize = self.workers.iter().map(SimWorker::unacked).sum();
+        let to_push: u32 = self.workers.iter().map(|w| w.to_push).sum();
+        let config = self.coordinator.config();
+        let chains: Vec<String> = config
+            .chains
+            .iter()
+            .enumerate()
+            .map(|(r, c)| {
+                let versions: Vec<String> = c
+                    .nodes
+                    .iter()
+                    .map(|n| match self.nodes[n.0 as usize].replica.as_ref().and_then(|rep| rep.range_state(RangeId(r as u32))) {
+                        Some(v) => format!("{n}:{}{}", v.version, if v.installed { "" } else { "(empty)" }),
+                        None => format!("{n}:-"),
+                    })
+                    .collect();
+                format!("r{r} e{} [{}] learner {:?}", c.epoch, versions.join(" "), c.learner)
+            })
+            .collect();
+        format!("{unacked} pushes unacknowledged, {to_push} not started; config {}: {}", config.id, chains.join("; "))
+    }
+}
