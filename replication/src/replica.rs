@@ -124,6 +124,13 @@ struct RangeState {
     generation: u64,
 }
 
+/// Forgets logged updates up to `version`: the downstream replica holds them.
+fn trim(log: &mut VecDeque<Entry>, version: u64) {
+    while log.front().is_some_and(|e| e.version <= version) {
+        log.pop_front();
+    }
+}
+
 impl RangeState {
     fn new(epoch: Epoch, installed: bool, workers: u32) -> Self {
         Self {
@@ -565,12 +572,8 @@ impl<S: Store> Replica<S> {
             // Resend from there. The log itself stays: it is trimmed only by acknowledgements
             // (a successor that holds more than the committed prefix may still fail, and its
             // own successor then needs those updates from here).
-            let again: Vec<Entry> = st.log.iter().filter(|e| e.version > held).take(RESEND_BATCH_MAX).cloned().collect();
             st.progress_ms = self.now_ms;
-            self.stats.updates_resent += again.len() as u64;
-            for Entry { version, clock, delta } in again {
-                self.send(from, Msg::Forward { range, epoch, version, clock, delta });
-            }
+            self.resend_after(range, from, held);
             return;
         } else if let Some(l) = st.learner.as_mut().filter(|_| learner.is_some()) {
             // The learner fell behind what the log keeps: a snapshot, resent until acknowledged.
@@ -611,9 +614,7 @@ impl<S: Store> Replica<S> {
             if version > st.committed {
                 st.committed = version;
                 st.progress_ms = now;
-                while st.log.front().is_some_and(|e| e.version <= version) {
-                    st.log.pop_front();
-                }
+                trim(&mut st.log, version);
                 if let Some(up) = place.upstream {
                     self.send(up, Msg::Ack { range, epoch, version });
                 }
@@ -626,9 +627,7 @@ impl<S: Store> Replica<S> {
                 l.needs_snapshot = false;
                 l.synced |= l.acked >= l.ungated;
                 st.progress_ms = now;
-                while st.log.front().is_some_and(|e| e.version <= version) {
-                    st.log.pop_front();
-                }
+                trim(&mut st.log, version);
                 if l.acked < st.version && st.log.front().is_none_or(|e| e.version > l.acked + 1) {
                     // It acknowledged an older snapshot than the last one sent (lost), whose
                     // sending restarted the log: only another snapshot can bring it up to date.
@@ -664,13 +663,12 @@ impl<S: Store> Replica<S> {
             // lacks the difference asks (Need) and gets a snapshot in turn.
             st.log.clear();
         }
-        let (version, committed) = (st.version, st.committed.max(if place.is_tail() { st.version } else { 0 }));
-        st.committed = committed;
+        let version = st.version;
         if place.is_learner {
             self.send(from, Msg::Ack { range, epoch, version });
         } else if place.is_tail() {
-            self.send(from, Msg::Ack { range, epoch, version: committed });
-            self.release_acks(range);
+            // The tail holds everything it has: committed.
+            self.commit(range, place, version);
         }
     }
 
@@ -689,15 +687,21 @@ impl<S: Store> Replica<S> {
             return;
         }
         st.progress_ms = now;
-        let epoch = st.epoch;
         if snapshot {
             self.send_snapshot(range, down);
-            return;
+        } else {
+            self.resend_after(range, down, 0);
         }
-        let resend: Vec<Entry> = st.log.iter().take(RESEND_BATCH_MAX).cloned().collect();
-        self.stats.updates_resent += resend.len() as u64;
-        for Entry { version, clock, delta } in resend {
-            self.send(down, Msg::Forward { range, epoch, version, clock, delta });
+    }
+
+    /// Sends `to` the logged updates after version `after`, at most [`RESEND_BATCH_MAX`].
+    fn resend_after(&mut self, range: RangeId, to: NodeId, after: u64) {
+        let st = self.ranges[range.0 as usize].as_ref().expect("resending a held range");
+        let epoch = st.epoch;
+        let again: Vec<Entry> = st.log.iter().filter(|e| e.version > after).take(RESEND_BATCH_MAX).cloned().collect();
+        self.stats.updates_resent += again.len() as u64;
+        for Entry { version, clock, delta } in again {
+            self.send(to, Msg::Forward { range, epoch, version, clock, delta });
         }
     }
 

@@ -213,12 +213,12 @@ impl Sim {
             if self.faults && self.now >= self.p.fault_ms {
                 self.heal();
             }
-            self.deliver_due()?;
-            self.tick()?;
+            self.deliver_due();
+            self.tick();
             let nodes: Vec<_> = self.nodes.iter().map(|n| n.replica.as_ref()).collect();
             self.checker.step(self.now, &nodes)?;
             if self.faults {
-                self.inject()?;
+                self.inject();
             } else if self.settled() {
                 return self.checker.finish(&self.nodes_view(), &self.coordinator, &self.workers);
             }
@@ -265,7 +265,7 @@ impl Sim {
         self.queue.insert((at, self.next_id), (from, to, msg));
     }
 
-    fn deliver_due(&mut self) -> Result<(), String> {
+    fn deliver_due(&mut self) {
         while let Some(entry) = self.queue.first_entry() {
             if entry.key().0 > self.now {
                 break;
@@ -291,11 +291,10 @@ impl Sim {
                 Addr::Coordinator => self.coordinator.step(self.now, msg),
             }
         }
-        Ok(())
     }
 
     /// One millisecond of everyone's time, then their messages onto the network.
-    fn tick(&mut self) -> Result<(), String> {
+    fn tick(&mut self) {
         let now = self.now;
         let mut out = Vec::new();
         for node in &mut self.nodes {
@@ -323,7 +322,6 @@ impl Sim {
         for (from, to, msg) in out {
             self.route(from, to, msg);
         }
-        Ok(())
     }
 
     /// Workers start pushes at random, and resend those that timed out.
@@ -348,7 +346,7 @@ impl Sim {
     }
 
     /// Crashes, restarts and partitions, at random.
-    fn inject(&mut self) -> Result<(), String> {
+    fn inject(&mut self) {
         let now = self.now;
         for n in 0..self.nodes.len() {
             if self.nodes[n].replica.is_none() && now >= self.nodes[n].restart_ms {
@@ -394,7 +392,6 @@ impl Sim {
             }
             _ => {}
         }
-        Ok(())
     }
 
     fn cut(&self) -> &[NodeId] {

@@ -95,15 +95,20 @@ impl SimWorker {
         }
     }
 
-    /// Ranges whose oldest push has waited `retry_ms`: resends all of their pushes, in order,
-    /// after the caller refreshed the view. Returns whether any range timed out.
-    pub fn timed_out(&self, now_ms: u64, retry_ms: u64) -> bool {
-        (0..self.pending.len()).any(|r| !self.pending[r].is_empty() && now_ms >= self.sent_ms[r] + retry_ms)
+    /// Whether range `r`'s oldest push has waited `retry_ms` for its acknowledgement.
+    fn due(&self, r: usize, now_ms: u64, retry_ms: u64) -> bool {
+        !self.pending[r].is_empty() && now_ms >= self.sent_ms[r] + retry_ms
     }
 
+    /// Whether any range's pushes are due to be resent (the caller refreshes the view first).
+    pub fn timed_out(&self, now_ms: u64, retry_ms: u64) -> bool {
+        (0..self.pending.len()).any(|r| self.due(r, now_ms, retry_ms))
+    }
+
+    /// Resends, in order, every push of each range that is due.
     pub fn resend(&mut self, now_ms: u64, retry_ms: u64) {
         for r in 0..self.pending.len() {
-            if self.pending[r].is_empty() || now_ms < self.sent_ms[r] + retry_ms {
+            if !self.due(r, now_ms, retry_ms) {
                 continue;
             }
             self.sent_ms[r] = now_ms;
