@@ -17,6 +17,8 @@ pub enum ClientError {
     Length { what: &'static str, table: String, keys: usize, dim: usize, got: usize, want: usize },
     #[error("gradient component {index} for table {table:?} is {value}; the table rejects NaN and Inf (its non_finite policy)")]
     NonFinite { table: String, index: usize, value: f32 },
+    #[error("the replicated cluster did not answer in time: {reason}")]
+    Unavailable { reason: String },
     #[error("protocol error from {server}: {reason}")]
     Protocol { server: String, reason: String },
 }

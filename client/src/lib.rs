@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod chain;
 mod core;
 mod error;
 mod ticket;
@@ -36,6 +37,7 @@ use tessera_replication::placement::Route;
 use tessera_replication::TableSpec;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
+pub use crate::chain::{ChainClient, ChainTable};
 pub use crate::error::{ClientError, Result};
 pub use crate::ticket::{Stamp, Ticket};
 

@@ -54,6 +54,8 @@ pub enum EngineError {
     LogBufferFull { bytes: usize, left: usize },
     #[error("{what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
+    #[error("replication range {range} is not held here now; ask its chain's tail (refresh the cluster configuration)")]
+    RangeNotHeld { range: u32 },
     #[error("I/O error: {0}")]
     Io(String),
 }
@@ -68,7 +70,7 @@ impl EngineError {
         match self {
             EngineError::UnknownTable { .. } | EngineError::UnknownTableName { .. } => Status::UnknownTable,
             EngineError::KeyOutOfRange { .. } => Status::KeyOutOfRange,
-            EngineError::KeyNotOwned { .. } => Status::NotOwned,
+            EngineError::KeyNotOwned { .. } | EngineError::RangeNotHeld { .. } => Status::NotOwned,
             EngineError::WrongDim { .. } => Status::WrongDim,
             EngineError::ValuesLength { .. } => Status::ValuesLength,
             EngineError::NonFinite { .. } => Status::NonFinite,

@@ -22,6 +22,7 @@
 #![deny(unsafe_code)]
 
 pub mod arena;
+pub mod chain;
 pub mod checkpoint;
 pub mod clock;
 pub mod config;

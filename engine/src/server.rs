@@ -12,10 +12,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam::channel::{self, Receiver, Sender};
-use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
+use tessera_replication::catalog::{Catalog, Part, ServerInfo, TableEntry, TableKind, TableSpec};
+use tessera_replication::protocol::{ClusterView, NodeId};
+use tessera_replication::ReplicationConfig;
 use tessera_replication::placement;
 use tessera_transport::{select, Op, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
 
+use crate::chain::outbox::Outbox;
+use crate::chain::{ChainShard, Identity};
 use crate::checkpoint::store::Written;
 use crate::config::{Durability, EngineConfig};
 use crate::durable::RecoveryReport;
@@ -45,6 +49,19 @@ pub struct ServerConfig {
     /// Servers in the cluster (this one included) and this one's position among them.
     pub servers: u32,
     pub server_index: u32,
+    /// Join a replicated cluster instead: `servers` and `server_index` are then unused.
+    pub replication: Option<Join>,
+}
+
+/// How a server joins a replicated cluster.
+#[derive(Debug, Clone)]
+pub struct Join {
+    /// This server's node id: stable across its restarts, distinct from every other server's.
+    pub node: u32,
+    /// The coordinator's address.
+    pub coordinator: String,
+    /// Where peers and workers reach this server, when not the address it listens on.
+    pub advertise: Option<String>,
 }
 
 impl ServerConfig {
@@ -59,6 +76,7 @@ impl ServerConfig {
             tables: Vec::new(),
             servers: 1,
             server_index: 0,
+            replication: None,
         }
     }
 }
@@ -92,6 +110,10 @@ impl Server {
             });
         }
         let io = |e: tessera_transport::TransportError| EngineError::Io(e.to_string());
+        let rcfg = match &cfg.replication {
+            Some(join) => Some(fetch_replication(join, &cfg)?),
+            None => None,
+        };
         let chosen = select::choose(cfg.transport_kind, &cfg.rdma).map_err(io)?;
         let info = ServerInfo {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -109,10 +131,21 @@ impl Server {
         let cores = allowed_cores();
         let mut threads = Vec::new();
         let mut shards = Vec::new();
-        for (id, mut ep) in shard_eps.into_iter().enumerate() {
+        let mut inboxes = Vec::new();
+        for ep in &shard_eps {
             let (tx, rx) = channel::bounded(SHARD_CONTROL_QUEUE_MAX);
             shards.push(ShardHandle { tx, waker: ep.waker() });
-            let shard = Shard::new(id as u16, engine.clone(), rx);
+            inboxes.push(rx);
+        }
+        let chain = match (&cfg.replication, &rcfg) {
+            (Some(join), Some(rcfg)) => Some(start_chain(join, rcfg.clone(), addr, &cfg.transport, &shards)),
+            _ => None,
+        };
+        for ((id, mut ep), rx) in shard_eps.into_iter().enumerate().zip(inboxes) {
+            let mut shard = Shard::new(id as u16, engine.clone(), rx);
+            if let Some((me, outbox)) = &chain {
+                shard = shard.with_chain(ChainShard::new(id as u16, me, rcfg.clone().expect("replicated"), outbox.clone()));
+            }
             let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[id % cores.len()]);
             let spawned = std::thread::Builder::new().name(format!("tessera-shard-{id}")).spawn(move || {
                 if let Some(core) = core {
@@ -131,6 +164,7 @@ impl Server {
             shards: shards.clone(),
             catalog_file,
             recovery: Vec::new(),
+            chain: chain.map(|(_, outbox)| (rcfg.clone().expect("replicated"), outbox)),
         };
         let mut server =
             Server { addr, stop: stop.clone(), shards, control_waker: control_ep.waker(), threads, recovery: Vec::new() };
@@ -220,6 +254,8 @@ struct ControlPlane {
     catalog_file: Option<std::path::PathBuf>,
     /// What each shard recovered at start-up.
     recovery: Vec<RecoveryReport>,
+    /// In a replicated cluster: its settings, and the server's link to the coordinator.
+    chain: Option<(ReplicationConfig, Outbox)>,
 }
 
 impl ControlPlane {
@@ -322,7 +358,22 @@ impl ControlPlane {
         }
         let updater = self.registry.build(&spec.updater)?;
         let id = self.catalog.tables.len() as u32;
-        let parts = placement::server_parts(&spec, self.info.servers, self.info.server_index, self.info.shards);
+        let parts = match &self.chain {
+            Some((rcfg, _)) => {
+                if spec.kind != TableKind::Dense {
+                    return Err(EngineError::BadTable {
+                        name: spec.name,
+                        reason: "replicated clusters hold dense tables only, for now".into(),
+                    });
+                }
+                (0..self.info.shards)
+                    .map(|shard| (shard, placement::replicated_part(&spec, rcfg.ranges, self.info.shards, shard)))
+                    .filter(|(_, keys)| !keys.is_empty())
+                    .map(|(shard, keys)| Part { start: keys.start, end: keys.end, shard })
+                    .collect()
+            }
+            None => placement::server_parts(&spec, self.info.servers, self.info.server_index, self.info.shards),
+        };
         let mut waiting = Vec::new();
         for part in &parts {
             let (done, rx) = channel::bounded(1);
@@ -385,6 +436,13 @@ impl ControlPlane {
                 let entry = self.create_table(spec)?;
                 reply.ok_bytes(&json(&entry));
             }
+            Some(Op::ClusterConfig) => {
+                let Some((rcfg, outbox)) = &self.chain else {
+                    return Err(EngineError::BadRequest { reason: "this server is not part of a replicated cluster".into() });
+                };
+                let view = ClusterView { replication: rcfg.clone(), config: outbox.latest().map(|c| (*c).clone()) };
+                reply.ok_bytes(&json(&view));
+            }
             Some(Op::Status) => {
                 let status = StatusReport {
                     info: self.info.clone(),
@@ -434,6 +492,60 @@ impl Service for ControlPlane {
             reply.error(status, &e.to_string());
         }
     }
+}
+
+/// How long a replicated server waits for its coordinator at start-up.
+const COORDINATOR_WAIT: Duration = Duration::from_secs(30);
+
+/// Asks the coordinator for the cluster's replication settings, waiting for it to come up.
+fn fetch_replication(join: &Join, cfg: &ServerConfig) -> Result<ReplicationConfig> {
+    if cfg.engine.durability != Durability::None {
+        return Err(EngineError::BadConfig {
+            field: "durability",
+            value: format!("{:?}", cfg.engine.durability),
+            reason: "a replicated server keeps its ranges on its chains' other servers, not on disk, for now: use --durability none".into(),
+        });
+    }
+    let deadline = std::time::Instant::now() + COORDINATOR_WAIT;
+    loop {
+        match ask_cluster(&join.coordinator, &cfg.transport) {
+            Ok(view) => return Ok(view.replication),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(EngineError::Io(format!("the coordinator at {} did not answer within {COORDINATOR_WAIT:?}: {e}", join.coordinator)))
+            }
+            Err(e) => {
+                tracing::info!(coordinator = %join.coordinator, error = %e, "waiting for the coordinator");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// The cluster as the server or coordinator at `addr` sees it.
+pub fn ask_cluster(addr: &str, transport: &TransportConfig) -> std::result::Result<ClusterView, String> {
+    let body = tessera_transport::ask(addr, Op::ClusterConfig, &[], transport).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| format!("a malformed cluster view: {e}"))
+}
+
+/// Starts the server's replication traffic: who it is, and its outbox, which hands each newer
+/// configuration to every shard.
+fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, transport: &TransportConfig, shards: &[ShardHandle]) -> (Identity, Outbox) {
+    let incarnation = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    let me = Identity { node: NodeId(join.node), incarnation, addr: join.advertise.clone().unwrap_or_else(|| addr.to_string()) };
+    // Peers that stop answering cost a replication link no more than a failure-detection time.
+    let mut link_cfg = transport.clone();
+    link_cfg.io_timeout_ms = rcfg.failure_timeout_ms.max(100);
+    link_cfg.hello_timeout_ms = rcfg.failure_timeout_ms.max(100);
+    let handles = shards.to_vec();
+    let on_config = Box::new(move |config: Arc<tessera_replication::protocol::ClusterConfig>| {
+        for h in &handles {
+            // A shard too busy to take it gets the next one: configurations are whole.
+            let _ = h.tx.try_send(ShardControl::Config(config.clone()));
+            h.waker.wake();
+        }
+    });
+    tracing::info!(node = join.node, incarnation, addr = %me.addr, coordinator = %join.coordinator, "joining a replicated cluster");
+    (me.clone(), Outbox::start(me.node, join.coordinator.clone(), link_cfg, on_config))
 }
 
 /// The cores this process may run on.

@@ -13,7 +13,11 @@ use tessera_transport::expose::Exposure;
 use tessera_transport::wire::{self, Header, Op, HEADER_BYTES};
 use tessera_transport::{Reply, Request, Service, ShardTransport};
 
+use tessera_replication::placement::range_of;
+use tessera_replication::protocol::ClusterConfig;
+
 use crate::arena::Arena;
+use crate::chain::ChainShard;
 use crate::checkpoint::store::Written;
 use crate::checkpoint::PartManifest;
 use crate::config::EngineConfig;
@@ -22,6 +26,9 @@ use crate::error::{EngineError, Result};
 use crate::table::{PartStats, TablePart};
 use crate::updater::Updater;
 use crate::wal::{Record, Target};
+
+/// Longest a replicated shard's loop sleeps: the replica's clock ticks at least this often.
+const CHAIN_TURN: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Messages from the control plane to a shard.
 #[derive(Debug)]
@@ -37,6 +44,8 @@ pub enum ShardControl {
     Recover { done: Sender<Result<Option<RecoveryReport>>> },
     /// Take a checkpoint now. `None` when the engine keeps nothing on disk.
     Checkpoint { done: Sender<Result<Option<Written>>> },
+    /// A newer cluster configuration (replicated servers).
+    Config(Arc<ClusterConfig>),
     /// Leave the loop.
     Shutdown,
 }
@@ -88,6 +97,8 @@ pub struct Shard {
     /// for the next (they asked after the running one started).
     checkpoint_waiting: Vec<Sender<Result<Option<Written>>>>,
     checkpoint_asked: Vec<Sender<Result<Option<Written>>>>,
+    /// The shard's replica, when the server is part of a replicated cluster.
+    chain: Option<ChainShard>,
 }
 
 impl Shard {
@@ -105,7 +116,14 @@ impl Shard {
             disk_error: None,
             checkpoint_waiting: Vec::new(),
             checkpoint_asked: Vec::new(),
+            chain: None,
         }
+    }
+
+    /// Makes the shard a replica of its ranges in a replicated cluster.
+    pub fn with_chain(mut self, chain: ChainShard) -> Self {
+        self.chain = Some(chain);
+        self
     }
 
     /// Serves until told to shut down. The shard's disk ring is made here, on its own thread,
@@ -124,9 +142,16 @@ impl Shard {
             self.connections = transport.connections();
             self.pump_disk();
             // A checkpoint on the blocking disk backend moves on each turn of the loop.
-            let timeout = self.disk.as_ref().is_some_and(ShardDisk::busy).then_some(std::time::Duration::ZERO);
+            let mut timeout = self.disk.as_ref().is_some_and(ShardDisk::busy).then_some(std::time::Duration::ZERO);
+            if self.chain.is_some() {
+                // The replica keeps time: heartbeats, resends, and batches closed each turn.
+                timeout = Some(timeout.unwrap_or(CHAIN_TURN));
+            }
             if let Err(e) = transport.poll(&mut self, timeout) {
                 tracing::error!(shard = self.id, error = %e, "poll failed");
+            }
+            if let Some(chain) = self.chain.as_mut() {
+                chain.pump(&mut self.tables);
             }
             // Start the commit of what was just served before sleeping again.
             self.pump_disk();
@@ -253,6 +278,10 @@ impl Shard {
                     let _ = done.send(Ok(None));
                 }
             },
+            ShardControl::Config(config) => match self.chain.as_mut() {
+                Some(chain) => chain.config(&mut self.tables, config),
+                None => tracing::warn!(shard = self.id, "a cluster configuration reached an unreplicated shard"),
+            },
             ShardControl::Shutdown => self.stop = true,
         }
     }
@@ -287,6 +316,18 @@ impl Shard {
         // The transport says how large a reply it can carry back (TCP frames, RDMA slots).
         let limit = reply.frame_bytes_max();
         let bad = |e: tessera_transport::TransportError| EngineError::BadRequest { reason: e.to_string() };
+        if let Some(chain) = self.chain.as_mut() {
+            match h.op() {
+                Some(Op::Replicate) => return chain.serve_peer(&mut self.tables, &h, req.body, reply),
+                Some(Op::WorkerPush) => return chain.serve_worker(&mut self.tables, &h, req.body, reply),
+                Some(Op::Push | Op::PushRange) => {
+                    return Err(EngineError::BadRequest {
+                        reason: "this server is replicated: push through each range's head (a replicated client does)".into(),
+                    })
+                }
+                _ => self.check_held(&h, req.body)?,
+            }
+        }
         match h.op() {
             Some(Op::Push) => {
                 let (keys, grads) = wire::keys_and_values(req.body, h.count as usize).map_err(bad)?;
@@ -354,6 +395,36 @@ impl Shard {
             reply.hold_until(disk.append(record));
         }
     }
+}
+
+impl Shard {
+    /// On a replicated shard, refuses a pull of keys in a range its replica does not hold.
+    fn check_held(&self, h: &Header, body: &[u8]) -> Result<()> {
+        let (Some(chain), Some(part)) = (self.chain.as_ref(), self.tables.get(h.table as usize).and_then(Option::as_ref)) else {
+            return Ok(());
+        };
+        let spec = &part.spec;
+        let inside = |k: u64| spec.start <= k && k < spec.end;
+        let keys: Vec<u64> = match h.op() {
+            Some(Op::PullRange) if h.count > 0 && inside(h.start) && inside(h.start.saturating_add(h.count as u64 - 1)) => {
+                let (first, last) = (range_of(spec, chain.ranges(), h.start), range_of(spec, chain.ranges(), h.start + h.count as u64 - 1));
+                return match (first..=last).find(|r| !chain.holds(*r)) {
+                    Some(r) => Err(not_held(r)),
+                    None => Ok(()),
+                };
+            }
+            Some(Op::Pull) => wire::cast_slice::<u64>(body, "keys").map(|k| k.to_vec()).unwrap_or_default(),
+            _ => return Ok(()), // the engine's own checks refuse it
+        };
+        match keys.into_iter().filter(|k| inside(*k)).map(|k| range_of(spec, chain.ranges(), k)).find(|r| !chain.holds(*r)) {
+            Some(r) => Err(not_held(r)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn not_held(range: u32) -> EngineError {
+    EngineError::RangeNotHeld { range }
 }
 
 /// The part of the table a request names, checked against the request's dim.

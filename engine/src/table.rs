@@ -296,6 +296,12 @@ impl TablePart {
         Ok(start..end)
     }
 
+    /// Checks a dense push's values (length, finiteness) as [`push_range`](Self::push_range)
+    /// would, without applying it.
+    pub fn check_push_values(&self, keys: usize, values: &[f32]) -> Result<()> {
+        self.check_values(keys, values).map(|_| ())
+    }
+
     fn check_values(&self, keys: usize, values: &[f32]) -> Result<bool> {
         let dim = self.spec.dim;
         if keys.checked_mul(dim as usize) != Some(values.len()) {

@@ -129,7 +129,10 @@ impl Coordinator {
         seen.addr = addr;
         seen.heard_ms = now_ms;
         seen.config_id = config_id;
-        seen.reports = ranges.into_iter().map(|r| (r.range, r)).collect();
+        // A server's shards report their own ranges, each in its own heartbeat: merge. A report
+        // left behind by a range the server dropped names an epoch the range has left, and is
+        // never taken as current.
+        seen.reports.extend(ranges.into_iter().map(|r| (r.range, r)));
         if config_id < self.config.id {
             self.out.push((Addr::Node(node), Msg::Config(self.config.clone())));
         }

@@ -13,6 +13,8 @@ pub enum ReplicationError {
     UnknownTable { name: String },
     #[error("bad table {name:?}: {reason}")]
     BadSpec { name: String, reason: String },
+    #[error("malformed replication message: {reason}")]
+    BadMessage { reason: String },
     #[error("bad replication setting: {reason}")]
     BadConfig { reason: String },
 }

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod catalog;
+pub mod codec;
 pub mod config;
 pub mod coordinator;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod protocol;
 pub mod replica;
 pub mod ring;
 pub mod sim;
+pub mod worker;
 
 pub use catalog::{Catalog, Init, NonFinite, Part, ServerInfo, TableEntry, TableKind, TableSpec};
 pub use config::ReplicationConfig;

@@ -38,6 +38,48 @@ pub fn server_parts(spec: &TableSpec, servers: u32, server: u32, shards: u16) ->
         .collect()
 }
 
+/// The keys of `spec` that replication range `range` (of `ranges`) holds: the table's key space
+/// cut into `ranges` nearly equal slices, in order. A table with fewer keys than ranges leaves
+/// some slices empty, so that every table cuts at the same range numbers.
+pub fn range_keys(spec: &TableSpec, ranges: u32, range: u32) -> Range<u64> {
+    assert!(range < ranges, "range {range} of {ranges}");
+    let len = (spec.end - spec.start) as u128;
+    let at = |r: u32| (spec.start as u128 + len * r as u128 / ranges as u128) as u64;
+    at(range)..at(range + 1)
+}
+
+/// The replication range holding `key` of `spec` (a key inside the table).
+pub fn range_of(spec: &TableSpec, ranges: u32, key: u64) -> u32 {
+    assert!(spec.start <= key && key < spec.end, "key {key} outside table {:?}", spec.name);
+    // The first range whose slice ends past `key`; slices are ordered and cover the table.
+    let (mut lo, mut hi) = (0u32, ranges - 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if range_keys(spec, ranges, mid).end <= key {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// The shard (of `shards`) that holds replication range `range` on every server: ranges go to
+/// shards in contiguous runs, so that each shard's part of a table is one span of keys.
+pub fn shard_of_range(range: u32, ranges: u32, shards: u16) -> u16 {
+    (range as u64 * shards as u64 / ranges as u64) as u16
+}
+
+/// The keys of `spec` a replicated server's `shard` holds: its ranges' slices, which touch.
+pub fn replicated_part(spec: &TableSpec, ranges: u32, shards: u16, shard: u16) -> Range<u64> {
+    let mut mine = (0..ranges).filter(|r| shard_of_range(*r, ranges, shards) == shard);
+    let (first, last) = (mine.clone().next(), mine.next_back());
+    match (first, last) {
+        (Some(f), Some(l)) => range_keys(spec, ranges, f).start..range_keys(spec, ranges, l).end,
+        _ => spec.start..spec.start,
+    }
+}
+
 /// Who owns one part: the server's position in the client's list, its shard, and the table's id
 /// on that server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +223,19 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn replication_ranges_cover_the_table_and_shards_hold_their_ranges(start in 0u64..1000, len in 1u64..100_000, ranges in 1u32..300, shards in 1u16..9, key in any::<u64>()) {
+            let spec = TableSpec::new("t", TableKind::Dense, start, start + len, 1);
+            let key = start + key % len;
+            let r = range_of(&spec, ranges, key);
+            prop_assert!(range_keys(&spec, ranges, r).contains(&key));
+            let shard = shard_of_range(r, ranges, shards);
+            prop_assert!(shard < shards);
+            prop_assert!(replicated_part(&spec, ranges, shards, shard).contains(&key));
+            prop_assert_eq!(range_keys(&spec, ranges, 0).start, start);
+            prop_assert_eq!(range_keys(&spec, ranges, ranges - 1).end, start + len);
+        }
+
         #[test]
         fn every_key_has_exactly_one_owner(start in 0u64..1000, len in 1u64..100_000, servers in 1u32..5, shards in 1u16..9, key in any::<u64>()) {
             let spec = TableSpec::new("t", TableKind::Dense, start, start + len, 1);

@@ -103,6 +103,14 @@ impl ClusterConfig {
     }
 }
 
+/// What a coordinator (and every server of its cluster) answers when asked for the cluster:
+/// the replication settings, and the configuration once the cluster has one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub replication: crate::config::ReplicationConfig,
+    pub config: Option<ClusterConfig>,
+}
+
 /// What one replica holds of one range, as it reports it to the coordinator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeReport {

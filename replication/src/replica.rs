@@ -38,6 +38,9 @@ pub trait Store {
     fn install(&mut self, range: RangeId, data: &[u8]);
     /// Forgets the range: this server no longer holds it.
     fn drop_range(&mut self, range: RangeId);
+    /// The head's batch for `range` closes: finish `delta` (a store that records what pushes
+    /// touched, and sends the state they left, writes it here).
+    fn seal(&mut self, _range: RangeId, _delta: &mut Vec<u8>) {}
 }
 
 /// Deliberate bugs, for the simulator's canary tests only: each one must be caught by a checker.
@@ -279,6 +282,11 @@ impl<S: Store> Replica<S> {
         &self.store
     }
 
+    /// The store, for a driver that lends it what it holds between calls.
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
     pub fn stats(&self) -> &ReplicaStats {
         &self.stats
     }
@@ -421,7 +429,8 @@ impl<S: Store> Replica<S> {
     /// Turns the head's open batch into the next update and sends it down the chain.
     fn close_batch(&mut self, range: RangeId) {
         let Some(st) = self.ranges[range.0 as usize].as_mut() else { return };
-        let Some(open) = st.open.take() else { return };
+        let Some(mut open) = st.open.take() else { return };
+        self.store.seal(range, &mut open.delta);
         st.version += 1;
         let entry = Entry { version: st.version, clock: st.clock.as_slice().into(), delta: open.delta.into() };
         self.after_apply(range, entry);

@@ -156,13 +156,23 @@ impl ServerProc {
         ServerProc::spawn(addr, args).unwrap_or_else(|log| panic!("tessera server on {addr} {args:?} did not start:\n{log}"))
     }
 
+    /// Starts `tessera coordinator` on a given address.
+    pub fn coordinator_at(addr: &str, args: &[&str]) -> ServerProc {
+        ServerProc::spawn_tool("coordinator", addr, args).unwrap_or_else(|log| panic!("tessera coordinator on {addr} {args:?} did not start:\n{log}"))
+    }
+
     /// Spawns the server and waits for it to listen; on failure returns its log.
     fn spawn(addr: &str, args: &[&str]) -> Result<ServerProc, String> {
+        ServerProc::spawn_tool("server", addr, args)
+    }
+
+    /// Spawns `tessera <tool> --listen addr <args>` and waits for it to listen.
+    fn spawn_tool(tool: &str, addr: &str, args: &[&str]) -> Result<ServerProc, String> {
         let dir = ScratchDir::new("server");
         let log = dir.path().join("server.log");
         let err = File::create(&log).expect("create the server log");
         let child = Command::new(tessera_bin())
-            .args(["server", "--listen", addr])
+            .args([tool, "--listen", addr])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

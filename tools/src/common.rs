@@ -136,6 +136,7 @@ impl EngineArgs {
             tables,
             servers: 1,
             server_index: 0,
+            replication: None,
         }
     }
 }

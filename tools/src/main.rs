@@ -3,6 +3,7 @@
 mod bench;
 mod checkpoint;
 mod common;
+mod coordinator;
 mod demo;
 mod diskbench;
 mod server;
@@ -33,6 +34,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a server until interrupted.
     Server(server::ServerArgs),
+    /// Keep a replicated cluster's configuration (members, chains, epochs) until interrupted.
+    Coordinator(coordinator::CoordinatorArgs),
     /// Measure push and pull latency and throughput, against a raw-socket baseline.
     Bench(bench::BenchArgs),
     /// Show a running server's tables, parts, clocks and counters.
@@ -47,6 +50,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Server(args) => server::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Status(args) => status::run(args),
         Command::Checkpoint(args) => checkpoint::run(args),

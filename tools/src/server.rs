@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use tessera_engine::server::Join;
 use tessera_engine::{Server, UpdaterRegistry};
 
 use crate::common::{addresses, read_tables, EngineArgs, TransportArgs};
@@ -27,6 +28,14 @@ use crate::common::{addresses, read_tables, EngineArgs, TransportArgs};
 ///   updater = "adagrad{lr=0.05,eps=1e-8}"
 ///   init = { uniform = { scale = 0.01, seed = 7 } }
 ///   non_finite = "skip"        # or "reject" (default)
+///
+/// Replicated instead: start a coordinator, then each server with its own --node-id and the
+/// coordinator's address; every range is then chain-replicated on --replicas servers (set on
+/// the coordinator), and workers connect to any server:
+///
+///   tessera coordinator --listen 127.0.0.1:7000 --servers 3 --replicas 2
+///   tessera server --listen 127.0.0.1:7071 --node-id 1 --coordinator 127.0.0.1:7000 --tables t.toml
+///   (and likewise node ids 2 and 3; every server needs the same --tables and --shards)
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ServerArgs {
@@ -37,8 +46,19 @@ pub struct ServerArgs {
     #[arg(long)]
     tables: Option<PathBuf>,
     /// Every server of the cluster, this one included, in the same order on each server.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "coordinator")]
     cluster: Option<String>,
+    /// Join the replicated cluster this coordinator keeps (see `tessera coordinator`).
+    #[arg(long, requires = "node_id")]
+    coordinator: Option<String>,
+    /// This server's id in a replicated cluster: distinct per server, the same across its
+    /// restarts.
+    #[arg(long)]
+    node_id: Option<u32>,
+    /// Where peers and workers reach this server, if not at --listen (e.g. when listening on
+    /// 0.0.0.0).
+    #[arg(long)]
+    advertise: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -58,6 +78,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
         };
         cfg.servers = cluster.len() as u32;
         cfg.server_index = index as u32;
+    }
+    if let (Some(coordinator), Some(node)) = (&args.coordinator, args.node_id) {
+        cfg.replication = Some(Join { node, coordinator: coordinator.clone(), advertise: args.advertise.clone() });
     }
     let shards = cfg.engine.shards;
     let server = Server::start(cfg, UpdaterRegistry::new()).context("starting the server")?;

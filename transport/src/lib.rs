@@ -150,3 +150,21 @@ impl Waker {
 }
 
 pub use reply::Reply;
+
+/// One request to the control plane at `addr` on a fresh connection; returns the reply body.
+pub fn ask(addr: &str, op: Op, body: &[u8], cfg: &TransportConfig) -> Result<Vec<u8>> {
+    let (mut link, _) = tcp::TcpLink::connect(addr, CONTROL_SHARD, u32::MAX, cfg)?;
+    let mut header = Header::request(op, 1);
+    Ok(call(&mut link, &mut header, body, None)?.1)
+}
+
+/// Sends one request on a link with nothing else in flight and waits for its reply; a reply
+/// with an error status becomes [`TransportError::Refused`] carrying the server's message.
+pub fn call(link: &mut dyn Link, header: &mut Header, body: &[u8], timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
+    link.send(header, &[body], false)?;
+    let reply = link.recv(timeout)?;
+    if reply.header.status() != Status::Ok {
+        return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() });
+    }
+    Ok((reply.header, reply.body.to_vec()))
+}

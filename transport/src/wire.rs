@@ -96,11 +96,19 @@ pub enum Op {
     /// Asks, on the TCP connection of an RDMA link, where a dense table part lives so the worker
     /// can read it directly; registers it for that worker (see the `rdma` module).
     RdmaExpose = 21,
+    /// Chain replication between servers, and heartbeats to the coordinator: the body is one
+    /// protocol message (`tessera_replication::codec`), `worker` the sending server's node id.
+    Replicate = 30,
+    /// A worker's push to a range's head in a replicated cluster (the body is one `Push`
+    /// message), or with an empty body a poll; the reply carries the worker's acknowledgements.
+    WorkerPush = 31,
+    /// The cluster's replication settings and configuration, as JSON.
+    ClusterConfig = 32,
 }
 
 impl Op {
     /// Every op, so that decoding cannot drift from the enum.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 14] = [
         Op::Hello,
         Op::Catalog,
         Op::CreateTable,
@@ -112,6 +120,9 @@ impl Op {
         Op::PullRange,
         Op::RdmaConnect,
         Op::RdmaExpose,
+        Op::Replicate,
+        Op::WorkerPush,
+        Op::ClusterConfig,
     ];
 
     /// Decodes the low seven bits of `op`.

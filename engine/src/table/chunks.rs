@@ -58,19 +58,8 @@ impl TablePart {
         let slots = self.chunk_range(c);
         let len = self.chunk_payload_len(c);
         let mut w = Writer { out: &mut out[..len], at: 0 };
-        let dim = self.spec.dim as usize;
-        let planar = slots.start as usize * dim..slots.end as usize * dim;
         match &self.store {
-            Store::Dense(d) => {
-                for b in d.blocks_of(slots.clone()) {
-                    let held = d.layout.keys_of(b);
-                    let (lo, hi) = (held.start.max(slots.start), held.end.min(slots.end));
-                    w.put(&d.values(b)[(lo - held.start) as usize * dim..(hi - held.start) as usize * dim]);
-                }
-                for s in [&d.s0, &d.s1].into_iter().take(self.updater.state_slots()) {
-                    w.put(&s.as_slice()[planar.clone()]);
-                }
-            }
+            Store::Dense(_) => self.save_dense(slots, &mut w),
             Store::Sparse(sp) => {
                 w.put(&sp.keys.as_slice()[slots.start as usize..slots.end as usize]);
                 w.put(&sp.records.as_slice()[slots.start as usize * sp.width..slots.end as usize * sp.width]);
@@ -92,23 +81,9 @@ impl TablePart {
             });
         }
         let slots = self.chunk_range(c);
-        let dim = self.spec.dim as usize;
-        let planar = slots.start as usize * dim..slots.end as usize * dim;
-        let state_slots = self.updater.state_slots();
         let mut r = Reader { bytes: payload, at: 0 };
         match &mut self.store {
-            Store::Dense(d) => {
-                for b in d.blocks_of(slots.clone()) {
-                    let held = d.layout.keys_of(b);
-                    let (lo, hi) = (held.start.max(slots.start), held.end.min(slots.end));
-                    d.open(b);
-                    r.take(&mut d.values_mut(b)[(lo - held.start) as usize * dim..(hi - held.start) as usize * dim]);
-                    d.close(b);
-                }
-                for s in [&mut d.s0, &mut d.s1].into_iter().take(state_slots) {
-                    r.take(&mut s.as_mut_slice()[planar.clone()]);
-                }
-            }
+            Store::Dense(_) => self.load_dense(slots, &mut r, false),
             Store::Sparse(sp) => {
                 r.take(&mut sp.keys.as_mut_slice()[slots.start as usize..slots.end as usize]);
                 let width = sp.width;
@@ -116,6 +91,90 @@ impl TablePart {
             }
         }
         Ok(())
+    }
+
+    /// A dense part's state of absolute keys `keys` (inside the part), appended to `out`: the
+    /// keys' values, then each updater state slot, as a checkpoint chunk lays them out.
+    /// Replication sends it down a chain. `None` for a sparse part.
+    pub fn export_keys(&self, keys: Range<u64>, out: &mut Vec<u8>) -> Option<()> {
+        let Store::Dense(_) = self.store else { return None };
+        assert!(self.owned.start <= keys.start && keys.end <= self.owned.end && !keys.is_empty(), "keys {keys:?} of part {:?}", self.owned);
+        let slots = keys.start - self.owned.start..keys.end - self.owned.start;
+        let at = out.len();
+        out.resize(at + slots.clone().count() * self.slot_bytes(), 0);
+        let mut w = Writer { out: &mut out[at..], at: 0 };
+        self.save_dense(slots, &mut w);
+        Some(())
+    }
+
+    /// Bytes [`export_keys`](Self::export_keys) writes for `keys` keys.
+    pub fn exported_len(&self, keys: u64) -> usize {
+        keys as usize * self.slot_bytes()
+    }
+
+    /// Puts back what [`export_keys`](Self::export_keys) wrote for `keys`, restamping each block
+    /// from the part's clocks as it goes (a reader sees each block whole, old or new). Refuses,
+    /// changing nothing, keys outside the part, a sparse part, or the wrong length.
+    pub fn import_keys(&mut self, keys: Range<u64>, bytes: &[u8]) -> Result<()> {
+        let inside = self.owned.start <= keys.start && keys.end <= self.owned.end && !keys.is_empty();
+        let want = self.exported_len(keys.end.saturating_sub(keys.start));
+        if !inside || !matches!(self.store, Store::Dense(_)) || bytes.len() != want {
+            return Err(EngineError::Corrupt {
+                what: format!("table {} keys {keys:?}", self.id),
+                reason: format!("{} bytes for a {} part over {:?} (want {want})", bytes.len(), self.spec.name, self.owned),
+            });
+        }
+        let slots = keys.start - self.owned.start..keys.end - self.owned.start;
+        self.preserve(slots.clone());
+        self.load_dense(slots.clone(), &mut Reader { bytes, at: 0 }, true);
+        self.mark_dirty(slots);
+        Ok(())
+    }
+
+    /// Raises worker `worker`'s clock to `clock` over absolute keys `keys` (as a push does),
+    /// without touching values: a replica applying its predecessor's update.
+    pub fn advance_clock(&mut self, keys: Range<u64>, worker: u32, clock: u64) -> Result<()> {
+        self.clocks.advance(keys, worker, clock)
+    }
+
+    /// A dense part's values and state of slots (key offsets) `slots`.
+    fn save_dense(&self, slots: Range<u64>, w: &mut Writer<'_>) {
+        let Store::Dense(d) = &self.store else { unreachable!("a dense part") };
+        let dim = self.spec.dim as usize;
+        for b in d.blocks_of(slots.clone()) {
+            let held = d.layout.keys_of(b);
+            let (lo, hi) = (held.start.max(slots.start), held.end.min(slots.end));
+            w.put(&d.values(b)[(lo - held.start) as usize * dim..(hi - held.start) as usize * dim]);
+        }
+        let planar = slots.start as usize * dim..slots.end as usize * dim;
+        for s in [&d.s0, &d.s1].into_iter().take(self.updater.state_slots()) {
+            w.put(&s.as_slice()[planar.clone()]);
+        }
+    }
+
+    /// Puts back what [`save_dense`](Self::save_dense) wrote for `slots`; with `stamp`, writes
+    /// each block's stamp from the clocks too (a load stamps every block once, at its end).
+    fn load_dense(&mut self, slots: Range<u64>, r: &mut Reader<'_>, stamp: bool) {
+        let state_slots = self.updater.state_slots();
+        let (clocks, owned_start) = (&self.clocks, self.owned.start);
+        let Store::Dense(d) = &mut self.store else { unreachable!("a dense part") };
+        let dim = self.spec.dim as usize;
+        for b in d.blocks_of(slots.clone()) {
+            let held = d.layout.keys_of(b);
+            let (lo, hi) = (held.start.max(slots.start), held.end.min(slots.end));
+            d.open(b);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            r.take(&mut d.values_mut(b)[(lo - held.start) as usize * dim..(hi - held.start) as usize * dim]);
+            if stamp {
+                d.stamp(b, clocks, owned_start);
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            d.close(b);
+        }
+        let planar = slots.start as usize * dim..slots.end as usize * dim;
+        for s in [&mut d.s0, &mut d.s1].into_iter().take(state_slots) {
+            r.take(&mut s.as_mut_slice()[planar.clone()]);
+        }
     }
 
     /// Ends a load: sets the updater's step and the vector clocks to `segments` (as a manifest

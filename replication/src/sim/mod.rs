@@ -317,7 +317,8 @@ impl Sim {
         out.extend(self.coordinator.take_ready().into_iter().map(|(to, m)| (Addr::Coordinator, to, m)));
         self.push_work();
         for w in &mut self.workers {
-            out.extend(w.out.drain(..).map(|(to, m)| (Addr::Worker(w.id), to, m)));
+            let id = w.id;
+            out.extend(w.out.drain(..).map(|(to, m)| (Addr::Worker(id), to, m)));
         }
         for (from, to, msg) in out {
             self.route(from, to, msg);
@@ -443,7 +444,7 @@ impl Sim {
     }
 
     fn stuck(&self) -> String {
-        let unacked: usize = self.workers.iter().map(SimWorker::unacked).sum();
+        let unacked: usize = self.workers.iter().map(|w| w.unacked()).sum();
         let to_push: u32 = self.workers.iter().map(|w| w.to_push).sum();
         let config = self.coordinator.config();
         let chains: Vec<String> = config

@@ -1,121 +1,53 @@
-//! A simulated training worker: pushes to ranges through their heads, keeps what is not yet
-//! acknowledged, and resends it, in order, to whoever is head by then.
+//! A simulated training worker: the production [`Pusher`] with a number of pushes to make and a
+//! window of pushes in flight per range.
 
-use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use crate::protocol::{Addr, ClusterConfig, Msg, RangeId, WorkerId};
+use crate::protocol::{ClusterConfig, RangeId, WorkerId};
+use crate::worker::Pusher;
 
 /// Pushes a worker keeps in flight per range.
 pub const WINDOW: usize = 3;
 
 #[derive(Debug)]
 pub struct SimWorker {
-    pub id: WorkerId,
+    pusher: Pusher,
     /// Pushes still to start.
     pub to_push: u32,
-    /// Per range: the last seq started, and the unacknowledged pushes (seq, payload).
-    next_seq: Vec<u32>,
-    pending: Vec<VecDeque<(u32, Arc<[u8]>)>>,
-    sent_ms: Vec<u64>,
-    /// Per range: the highest seq acknowledged.
-    pub acked: Vec<u32>,
-    /// The configuration the worker routes by; refreshed from the coordinator when a push is
-    /// refused or times out, as a watch would deliver it.
-    pub view: Arc<ClusterConfig>,
-    pub out: Vec<(Addr, Msg)>,
 }
 
 impl SimWorker {
     pub fn new(id: WorkerId, ranges: u32, to_push: u32, view: Arc<ClusterConfig>) -> Self {
-        let n = ranges as usize;
-        Self {
-            id,
-            to_push,
-            next_seq: vec![0; n],
-            pending: vec![VecDeque::new(); n],
-            sent_ms: vec![0; n],
-            acked: vec![0; n],
-            view,
-            out: Vec::new(),
-        }
+        Self { pusher: Pusher::new(id, ranges, view), to_push }
     }
 
-    /// Everything pushed was acknowledged.
+    /// Everything it had to push was pushed and acknowledged.
     pub fn done(&self) -> bool {
-        self.to_push == 0 && self.pending.iter().all(VecDeque::is_empty)
-    }
-
-    pub fn unacked(&self) -> usize {
-        self.pending.iter().map(VecDeque::len).sum()
+        self.to_push == 0 && self.pusher.idle()
     }
 
     /// Whether range `r` has room for another push.
     pub fn can_push(&self, r: RangeId) -> bool {
-        self.to_push > 0 && self.pending[r.0 as usize].len() < WINDOW
+        self.to_push > 0 && self.pusher.in_flight(r) < WINDOW
     }
 
     /// Starts the next push to `range`; returns its seq.
     pub fn push(&mut self, now_ms: u64, range: RangeId, payload: Arc<[u8]>) -> u32 {
-        let r = range.0 as usize;
         self.to_push -= 1;
-        self.next_seq[r] += 1;
-        let seq = self.next_seq[r];
-        self.pending[r].push_back((seq, payload.clone()));
-        if self.pending[r].len() == 1 {
-            self.sent_ms[r] = now_ms;
-        }
-        self.send(range, seq, payload);
-        seq
+        self.pusher.push(now_ms, range, payload)
     }
+}
 
-    fn send(&mut self, range: RangeId, seq: u32, payload: Arc<[u8]>) {
-        if let Some(head) = self.view.chain(range).and_then(|c| c.head()) {
-            self.out.push((Addr::Node(head), Msg::Push { range, worker: self.id, seq, payload }));
-        }
+impl Deref for SimWorker {
+    type Target = Pusher;
+    fn deref(&self) -> &Pusher {
+        &self.pusher
     }
+}
 
-    /// Takes a reply. Returns true when the worker should refresh its view of the configuration.
-    pub fn on_msg(&mut self, now_ms: u64, msg: Msg) -> bool {
-        match msg {
-            Msg::PushAck { range, seq } => {
-                let r = range.0 as usize;
-                self.acked[r] = self.acked[r].max(seq);
-                let before = self.pending[r].len();
-                while self.pending[r].front().is_some_and(|(s, _)| *s <= seq) {
-                    self.pending[r].pop_front();
-                }
-                if self.pending[r].len() < before {
-                    self.sent_ms[r] = now_ms;
-                }
-                false
-            }
-            Msg::NotHead { config_id, .. } => config_id > self.view.id || config_id == 0,
-            _ => false,
-        }
-    }
-
-    /// Whether range `r`'s oldest push has waited `retry_ms` for its acknowledgement.
-    fn due(&self, r: usize, now_ms: u64, retry_ms: u64) -> bool {
-        !self.pending[r].is_empty() && now_ms >= self.sent_ms[r] + retry_ms
-    }
-
-    /// Whether any range's pushes are due to be resent (the caller refreshes the view first).
-    pub fn timed_out(&self, now_ms: u64, retry_ms: u64) -> bool {
-        (0..self.pending.len()).any(|r| self.due(r, now_ms, retry_ms))
-    }
-
-    /// Resends, in order, every push of each range that is due.
-    pub fn resend(&mut self, now_ms: u64, retry_ms: u64) {
-        for r in 0..self.pending.len() {
-            if !self.due(r, now_ms, retry_ms) {
-                continue;
-            }
-            self.sent_ms[r] = now_ms;
-            let again: Vec<_> = self.pending[r].iter().cloned().collect();
-            for (seq, payload) in again {
-                self.send(RangeId(r as u32), seq, payload);
-            }
-        }
+impl DerefMut for SimWorker {
+    fn deref_mut(&mut self) -> &mut Pusher {
+        &mut self.pusher
     }
 }

@@ -1,0 +1,176 @@
+//! A shard's part in chain replication: the replica state machine of the shard's ranges, driven
+//! by the shard's thread over the transport seam.
+//!
+//! Every server runs the same shards, and replication range `r` lives on shard
+//! [`shard_of_range`](tessera_replication::placement::shard_of_range) of every server, so each
+//! shard runs one [`Replica`] for its ranges and talks to the same shard of its peers. Messages
+//! from peers arrive as `Replicate` requests; workers' pushes as `WorkerPush` requests, whose
+//! replies carry the worker's acknowledgements (a worker polls with an empty `WorkerPush` while
+//! it waits). Messages out leave through the server's [`outbox::Outbox`].
+
+pub mod coordinator;
+pub mod outbox;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tessera_replication::codec;
+use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId};
+use tessera_replication::replica::Replica;
+use tessera_replication::ReplicationConfig;
+use tessera_transport::{Header, Reply};
+
+use crate::error::{EngineError, Result};
+use crate::table::TablePart;
+use outbox::Outbox;
+use store::ChainStore;
+
+/// Who this server is in the cluster.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub node: NodeId,
+    /// Changes at every start: a restarted server holds nothing, and must not be taken for the
+    /// one that stopped.
+    pub incarnation: u64,
+    /// Where peers and workers reach it.
+    pub addr: String,
+}
+
+/// What a worker is told about one range when it next asks.
+#[derive(Debug, Clone, Copy, Default)]
+struct Notice {
+    acked: u32,
+    not_head: Option<u64>,
+}
+
+/// One shard's replica and the traffic around it.
+#[derive(Debug)]
+pub struct ChainShard {
+    shard: u16,
+    rcfg: ReplicationConfig,
+    replica: Replica<ChainStore>,
+    outbox: Outbox,
+    /// Per (worker, range): news for the worker, handed over in its next reply.
+    mailbox: BTreeMap<(u32, u32), Notice>,
+    started: Instant,
+}
+
+impl ChainShard {
+    pub fn new(shard: u16, me: &Identity, rcfg: ReplicationConfig, outbox: Outbox) -> Self {
+        let store = ChainStore::new(rcfg.ranges);
+        let replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store);
+        Self { shard, rcfg, replica, outbox, mailbox: BTreeMap::new(), started: Instant::now() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Runs `f` on the replica with the shard's tables lent to its store.
+    fn with_replica(&mut self, tables: &mut Vec<Option<TablePart>>, f: impl FnOnce(&mut Replica<ChainStore>, u64)) {
+        let now = self.now_ms();
+        std::mem::swap(tables, &mut self.replica.store_mut().tables);
+        f(&mut self.replica, now);
+        std::mem::swap(tables, &mut self.replica.store_mut().tables);
+        self.route();
+    }
+
+    /// Sends what the replica produced: to peers, the coordinator, or workers' mailboxes.
+    fn route(&mut self) {
+        for (to, msg) in self.replica.take_ready() {
+            match (to, msg) {
+                (Addr::Node(node), msg) => self.outbox.to_node(node, self.shard, msg),
+                (Addr::Coordinator, msg) => self.outbox.to_coordinator(msg),
+                (Addr::Worker(w), Msg::PushAck { range, seq }) => {
+                    let n = self.mailbox.entry((w.0, range.0)).or_default();
+                    n.acked = n.acked.max(seq);
+                    n.not_head = None;
+                }
+                (Addr::Worker(w), Msg::NotHead { range, config_id }) => {
+                    self.mailbox.entry((w.0, range.0)).or_default().not_head = Some(config_id);
+                }
+                (Addr::Worker(_), other) => tracing::warn!(kind = other.kind(), "a replica sent a worker something unexpected"),
+            }
+        }
+    }
+
+    /// Closes the open batches, and lets time pass: heartbeats, resends. The shard calls it on
+    /// every turn of its loop.
+    pub fn pump(&mut self, tables: &mut Vec<Option<TablePart>>) {
+        self.with_replica(tables, |r, now| {
+            r.flush();
+            r.tick(now);
+        });
+    }
+
+    /// A new configuration from the coordinator.
+    pub fn config(&mut self, tables: &mut Vec<Option<TablePart>>, config: Arc<ClusterConfig>) {
+        if config.chains.len() != self.rcfg.ranges as usize {
+            tracing::error!(ranges = config.chains.len(), ours = self.rcfg.ranges, "a configuration with another number of ranges; ignored");
+            return;
+        }
+        self.with_replica(tables, |r, now| r.step(now, Addr::Coordinator, Msg::Config(config)));
+    }
+
+    /// A `Replicate` request: one message from peer `header.worker`.
+    pub fn serve_peer(&mut self, tables: &mut Vec<Option<TablePart>>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
+        let msg = codec::decode(body).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
+        if !matches!(msg, Msg::Forward { .. } | Msg::Ack { .. } | Msg::Need { .. } | Msg::Snapshot { .. }) {
+            return Err(EngineError::BadRequest { reason: format!("a peer may not send a {} message", msg.kind()) });
+        }
+        let from = Addr::Node(NodeId(header.worker));
+        self.with_replica(tables, |r, now| r.step(now, from, msg));
+        reply.ok_bytes(&[]);
+        Ok(())
+    }
+
+    /// A `WorkerPush` request: a push (checked before it enters the protocol) or a poll. The
+    /// reply carries every acknowledgement and refusal waiting for the worker.
+    pub fn serve_worker(&mut self, tables: &mut Vec<Option<TablePart>>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
+        let worker = header.worker;
+        if !body.is_empty() {
+            let bad = |reason: String| EngineError::BadRequest { reason };
+            let msg = codec::decode(body).map_err(|e| bad(e.to_string()))?;
+            let Msg::Push { range, worker: w, ref payload, .. } = msg else {
+                return Err(bad(format!("a worker may only push, not send a {} message", msg.kind())));
+            };
+            let h = ChainStore::check_push(tables, self.rcfg.ranges, range, payload)?;
+            if w.0 != worker || h.worker != worker {
+                return Err(bad(format!("worker {worker} sent a push signed by worker {} (payload {})", w.0, h.worker)));
+            }
+            self.with_replica(tables, |r, now| r.step(now, Addr::Worker(w), msg));
+        }
+        let news: Vec<((u32, u32), Notice)> = self.mailbox.range((worker, 0)..(worker + 1, 0)).map(|(k, n)| (*k, *n)).collect();
+        let mut msgs = Vec::with_capacity(news.len());
+        for ((_, range), n) in news {
+            self.mailbox.remove(&(worker, range));
+            let range = RangeId(range);
+            if n.acked > 0 {
+                msgs.push(Msg::PushAck { range, seq: n.acked });
+            }
+            if let Some(config_id) = n.not_head {
+                msgs.push(Msg::NotHead { range, config_id });
+            }
+        }
+        let mut out = Vec::new();
+        codec::encode_batch(&msgs, &mut out);
+        reply.ok_bytes(&out);
+        Ok(())
+    }
+
+    /// Whether this shard holds `range`'s data now, so it may serve pulls of it.
+    pub fn holds(&self, range: u32) -> bool {
+        self.replica.range_state(RangeId(range)).is_some_and(|s| s.installed)
+    }
+
+    pub fn ranges(&self) -> u32 {
+        self.rcfg.ranges
+    }
+
+    /// Per range held: (range, epoch-independent view) for `tessera status`.
+    pub fn reports(&self) -> Vec<tessera_replication::protocol::RangeReport> {
+        self.replica.reports()
+    }
+}

@@ -1,0 +1,177 @@
+//! Where a server's replicas' messages leave: one thread per peer server, and one for the
+//! coordinator, each owning its links, so that a dead or slow peer delays only what goes to it.
+//!
+//! Delivery is best effort, as the protocol expects: a message that cannot go now (the peer is
+//! down, its queue is full) is dropped, and the replica resends what matters. Heartbeats go to
+//! the coordinator, and its reply may carry a newer configuration, which is handed to the shards.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use tessera_replication::codec;
+use tessera_replication::protocol::{ClusterConfig, Msg, NodeId};
+use tessera_transport::tcp::TcpLink;
+use tessera_transport::{call, Header, Op, TransportConfig, CONTROL_SHARD};
+
+/// Messages waiting for one destination before more are dropped.
+const OUT_QUEUE_MAX: usize = 4096;
+/// How long a destination that refused a connection is left alone.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A peer's queue: (its shard, the message).
+type PeerQueue = Sender<(u16, Msg)>;
+
+/// The newest configuration this server has heard of, shared by its outbox threads.
+pub type Latest = Arc<Mutex<Option<Arc<ClusterConfig>>>>;
+
+/// A server's outgoing replication traffic. Cheap to clone; one per shard.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    me: NodeId,
+    cfg: TransportConfig,
+    latest: Latest,
+    coordinator: Sender<Msg>,
+    /// Each peer's queue, made once per server.
+    peers: Arc<Mutex<HashMap<NodeId, PeerQueue>>>,
+    /// This handle's copies of the queues it used, so a shard takes the lock once per peer.
+    local: HashMap<NodeId, PeerQueue>,
+}
+
+impl Outbox {
+    /// Starts the coordinator's thread. `on_config` runs on it for each newer configuration.
+    pub fn start(me: NodeId, coordinator: String, cfg: TransportConfig, on_config: Box<dyn Fn(Arc<ClusterConfig>) + Send>) -> Outbox {
+        let latest: Latest = Arc::default();
+        let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
+        let shared = latest.clone();
+        let link_cfg = cfg.clone();
+        std::thread::Builder::new()
+            .name("tessera-coord-out".into())
+            .spawn(move || heartbeats(me, &coordinator, &link_cfg, &rx, &shared, &*on_config))
+            .expect("a thread for the coordinator's link");
+        Outbox { me, cfg, latest, coordinator: tx, peers: Arc::default(), local: HashMap::new() }
+    }
+
+    /// The newest configuration heard of.
+    pub fn latest(&self) -> Option<Arc<ClusterConfig>> {
+        self.latest.lock().expect("no panics under this lock").clone()
+    }
+
+    pub fn to_coordinator(&self, msg: Msg) {
+        let _ = self.coordinator.try_send(msg);
+    }
+
+    /// Queues `msg` for `node`'s shard `shard`.
+    pub fn to_node(&mut self, node: NodeId, shard: u16, msg: Msg) {
+        let tx = match self.local.get(&node) {
+            Some(tx) => tx,
+            None => {
+                let tx = self.queue(node);
+                self.local.entry(node).or_insert(tx)
+            }
+        };
+        match tx.try_send((shard, msg)) {
+            Ok(()) | Err(TrySendError::Full(_)) => {}
+            Err(TrySendError::Disconnected(_)) => {
+                self.local.remove(&node);
+            }
+        }
+    }
+
+    /// `node`'s queue, and its thread, made on first use.
+    fn queue(&self, node: NodeId) -> PeerQueue {
+        let mut peers = self.peers.lock().expect("no panics under this lock");
+        let tx = peers.entry(node).or_insert_with(|| {
+            let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
+            let (me, cfg, latest) = (self.me, self.cfg.clone(), self.latest.clone());
+            std::thread::Builder::new()
+                .name(format!("tessera-peer-{node}"))
+                .spawn(move || to_peer(me, node, &cfg, &rx, &latest))
+                .expect("a thread for a peer's links");
+            tx
+        });
+        tx.clone()
+    }
+}
+
+/// A link to one place, remade when the place moves or the link breaks.
+struct Linked {
+    addr: String,
+    link: Option<TcpLink>,
+    retry_at: Instant,
+}
+
+impl Linked {
+    fn new() -> Self {
+        Self { addr: String::new(), link: None, retry_at: Instant::now() }
+    }
+
+    /// Sends `msg` as a `Replicate` request from `me` and returns the reply's body; `None` when
+    /// it could not go (dropped: the protocol resends).
+    fn send(&mut self, addr: &str, shard: u64, me: NodeId, cfg: &TransportConfig, msg: &Msg) -> Option<Vec<u8>> {
+        if self.addr != addr {
+            self.addr = addr.to_string();
+            self.link = None;
+        }
+        if self.link.is_none() {
+            if Instant::now() < self.retry_at {
+                return None;
+            }
+            match TcpLink::connect(addr, shard, me.0, cfg) {
+                Ok((link, _)) => self.link = Some(link),
+                Err(e) => {
+                    tracing::debug!(addr, error = %e, "replication link down");
+                    self.retry_at = Instant::now() + RECONNECT_BACKOFF;
+                    return None;
+                }
+            }
+        }
+        let mut body = Vec::new();
+        codec::encode(msg, &mut body);
+        let mut header = Header::request(Op::Replicate, 0);
+        header.worker = me.0;
+        match call(self.link.as_mut().expect("made above"), &mut header, &body, None) {
+            Ok((_, reply)) => Some(reply),
+            Err(e) => {
+                tracing::debug!(addr, error = %e, "replication message lost");
+                self.link = None;
+                None
+            }
+        }
+    }
+}
+
+fn heartbeats(me: NodeId, addr: &str, cfg: &TransportConfig, rx: &Receiver<Msg>, latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>)) {
+    let mut linked = Linked::new();
+    while let Ok(msg) = rx.recv() {
+        let Some(reply) = linked.send(addr, CONTROL_SHARD, me, cfg, &msg) else { continue };
+        if reply.is_empty() {
+            continue;
+        }
+        match codec::decode(&reply) {
+            // The coordinator answers with the configuration whenever a heartbeat shows an
+            // older one: hand it on each time, since some shard is behind (they ignore old ones).
+            Ok(Msg::Config(config)) => {
+                let mut held = latest.lock().expect("no panics under this lock");
+                if held.as_ref().is_none_or(|c| c.id < config.id) {
+                    tracing::info!(config = config.id, "new cluster configuration");
+                    *held = Some(config.clone());
+                }
+                drop(held);
+                on_config(config);
+            }
+            Ok(other) => tracing::warn!(kind = other.kind(), "the coordinator answered a heartbeat with something else"),
+            Err(e) => tracing::warn!(error = %e, "the coordinator's answer is malformed"),
+        }
+    }
+}
+
+fn to_peer(me: NodeId, node: NodeId, cfg: &TransportConfig, rx: &Receiver<(u16, Msg)>, latest: &Latest) {
+    let mut links: HashMap<u16, Linked> = HashMap::new();
+    while let Ok((shard, msg)) = rx.recv() {
+        let addr = latest.lock().expect("no panics under this lock").as_ref().and_then(|c| c.member(node).map(|m| m.addr.clone()));
+        let Some(addr) = addr else { continue };
+        links.entry(shard).or_insert_with(Linked::new).send(&addr, shard as u64, me, cfg, &msg);
+    }
+}

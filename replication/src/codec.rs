@@ -1,0 +1,305 @@
+//! Protocol messages as bytes, for the server's transport: a kind byte, then fixed-width
+//! little-endian fields and length-prefixed byte strings. Heartbeats and configurations are
+//! rare and small, and go as JSON.
+//!
+//! Decoding checks every length against the bytes present and refuses trailing bytes, so a
+//! malformed or hostile frame is an error, never a panic or an allocation it asked for.
+
+use std::sync::Arc;
+
+use crate::config::WORKERS_MAX;
+use crate::error::{ReplicationError, Result};
+use crate::protocol::{ClusterConfig, Epoch, Msg, NodeId, RangeId, RangeReport, WorkerId};
+
+const PUSH: u8 = 1;
+const PUSH_ACK: u8 = 2;
+const NOT_HEAD: u8 = 3;
+const FORWARD: u8 = 4;
+const ACK: u8 = 5;
+const NEED: u8 = 6;
+const SNAPSHOT: u8 = 7;
+const HEARTBEAT: u8 = 8;
+const CONFIG: u8 = 9;
+
+/// A heartbeat's fields, as JSON carries them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HeartbeatJson {
+    node: NodeId,
+    incarnation: u64,
+    addr: String,
+    config_id: u64,
+    ranges: Vec<RangeReport>,
+}
+
+/// Appends `msg` to `out`.
+pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
+    let mut w = Writer(out);
+    match msg {
+        Msg::Push { range, worker, seq, payload } => {
+            w.u8(PUSH).u32(range.0).u32(worker.0).u32(*seq).bytes(payload);
+        }
+        Msg::PushAck { range, seq } => {
+            w.u8(PUSH_ACK).u32(range.0).u32(*seq);
+        }
+        Msg::NotHead { range, config_id } => {
+            w.u8(NOT_HEAD).u32(range.0).u64(*config_id);
+        }
+        Msg::Forward { range, epoch, version, clock, delta } => {
+            w.u8(FORWARD).u32(range.0).u64(epoch.0).u64(*version).clock(clock).bytes(delta);
+        }
+        Msg::Ack { range, epoch, version } => {
+            w.u8(ACK).u32(range.0).u64(epoch.0).u64(*version);
+        }
+        Msg::Need { range, epoch, version } => {
+            w.u8(NEED).u32(range.0).u64(epoch.0).u64(*version);
+        }
+        Msg::Snapshot { range, epoch, version, clock, data } => {
+            w.u8(SNAPSHOT).u32(range.0).u64(epoch.0).u64(*version).clock(clock).bytes(data);
+        }
+        Msg::Heartbeat { node, incarnation, addr, config_id, ranges } => {
+            let hb = HeartbeatJson { node: *node, incarnation: *incarnation, addr: addr.clone(), config_id: *config_id, ranges: ranges.clone() };
+            w.u8(HEARTBEAT).bytes(&serde_json::to_vec(&hb).expect("plain data serialises"));
+        }
+        Msg::Config(config) => {
+            w.u8(CONFIG).bytes(&serde_json::to_vec(&**config).expect("plain data serialises"));
+        }
+    }
+}
+
+/// Reads one message that fills `bytes` exactly.
+pub fn decode(bytes: &[u8]) -> Result<Msg> {
+    let mut r = Reader { bytes, at: 0 };
+    let msg = match r.u8()? {
+        PUSH => Msg::Push { range: RangeId(r.u32()?), worker: WorkerId(r.u32()?), seq: r.u32()?, payload: r.bytes()?.into() },
+        PUSH_ACK => Msg::PushAck { range: RangeId(r.u32()?), seq: r.u32()? },
+        NOT_HEAD => Msg::NotHead { range: RangeId(r.u32()?), config_id: r.u64()? },
+        FORWARD => Msg::Forward {
+            range: RangeId(r.u32()?),
+            epoch: Epoch(r.u64()?),
+            version: r.u64()?,
+            clock: r.clock()?,
+            delta: r.bytes()?.into(),
+        },
+        ACK => Msg::Ack { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
+        NEED => Msg::Need { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
+        SNAPSHOT => Msg::Snapshot {
+            range: RangeId(r.u32()?),
+            epoch: Epoch(r.u64()?),
+            version: r.u64()?,
+            clock: r.clock()?,
+            data: r.bytes()?.into(),
+        },
+        HEARTBEAT => {
+            let hb: HeartbeatJson = serde_json::from_slice(r.bytes()?).map_err(|e| bad(format!("heartbeat: {e}")))?;
+            Msg::Heartbeat { node: hb.node, incarnation: hb.incarnation, addr: hb.addr, config_id: hb.config_id, ranges: hb.ranges }
+        }
+        CONFIG => {
+            let config: ClusterConfig = serde_json::from_slice(r.bytes()?).map_err(|e| bad(format!("configuration: {e}")))?;
+            Msg::Config(Arc::new(config))
+        }
+        kind => return Err(bad(format!("unknown message kind {kind}"))),
+    };
+    if r.at != bytes.len() {
+        return Err(bad(format!("{} bytes after a {} message", bytes.len() - r.at, msg.kind())));
+    }
+    Ok(msg)
+}
+
+fn bad(reason: String) -> ReplicationError {
+    ReplicationError::BadMessage { reason }
+}
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(u32::try_from(v.len()).expect("a message part under 4 GiB"));
+        self.0.extend_from_slice(v);
+        self
+    }
+    fn clock(&mut self, clock: &[u32]) -> &mut Self {
+        self.u32(clock.len() as u32);
+        clock.iter().for_each(|c| self.0.extend_from_slice(&c.to_le_bytes()));
+        self
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
+        let end = end.ok_or_else(|| bad(format!("truncated: {n} bytes wanted at offset {}, {} present", self.at, self.bytes.len())))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn clock(&mut self) -> Result<Arc<[u32]>> {
+        let n = self.u32()?;
+        if n > WORKERS_MAX {
+            return Err(bad(format!("a clock of {n} workers, over the limit of {WORKERS_MAX}")));
+        }
+        let raw = self.take(n as usize * 4)?;
+        Ok(raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Chain, Member};
+
+    fn samples() -> Vec<Msg> {
+        let clock: Arc<[u32]> = vec![3, 0, 7].into();
+        let config = ClusterConfig {
+            id: 4,
+            members: vec![Member { node: NodeId(2), incarnation: 9, addr: "127.0.0.1:1".into(), draining: false }],
+            chains: vec![Chain { epoch: Epoch(3), nodes: vec![NodeId(2)], learner: None }],
+        };
+        let report = RangeReport { range: RangeId(1), epoch: Epoch(2), installed: true, version: 5, committed: 4, ticks: 10, learner_synced: false };
+        vec![
+            Msg::Push { range: RangeId(1), worker: WorkerId(2), seq: 3, payload: vec![1, 2, 3].into() },
+            Msg::PushAck { range: RangeId(1), seq: 9 },
+            Msg::NotHead { range: RangeId(1), config_id: 77 },
+            Msg::Forward { range: RangeId(5), epoch: Epoch(2), version: 8, clock: clock.clone(), delta: vec![9; 10].into() },
+            Msg::Ack { range: RangeId(5), epoch: Epoch(2), version: 8 },
+            Msg::Need { range: RangeId(5), epoch: Epoch(2), version: 8 },
+            Msg::Snapshot { range: RangeId(5), epoch: Epoch(2), version: 8, clock, data: Vec::new().into() },
+            Msg::Heartbeat { node: NodeId(1), incarnation: 2, addr: "a:1".into(), config_id: 3, ranges: vec![report] },
+            Msg::Config(Arc::new(config)),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in samples() {
+            let mut bytes = Vec::new();
+            encode(&msg, &mut bytes);
+            assert_eq!(decode(&bytes).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn truncated_extended_and_unknown_messages_are_errors() {
+        for msg in samples() {
+            let mut bytes = Vec::new();
+            encode(&msg, &mut bytes);
+            for cut in 0..bytes.len() {
+                assert!(decode(&bytes[..cut]).is_err(), "{} cut at {cut}", msg.kind());
+            }
+            bytes.push(0);
+            assert!(decode(&bytes).unwrap_err().to_string().contains("after a"));
+        }
+        assert!(decode(&[200]).unwrap_err().to_string().contains("unknown message kind 200"));
+        // A clock claiming four billion workers is refused before anything is allocated.
+        let mut huge = vec![FORWARD];
+        huge.extend_from_slice(&[0; 4 + 8 + 8]);
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&huge).unwrap_err().to_string().contains("over the limit"));
+    }
+}
+
+/// What a worker's dense push names, before its values: the payload of a [`Msg::Push`] as the
+/// engine reads it. 32 bytes, then `count * dim` little-endian f32s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushHeader {
+    pub table: u32,
+    pub dim: u32,
+    pub start: u64,
+    pub count: u32,
+    pub worker: u32,
+    /// The worker's clock (its iteration), for the engine's per-key vector clocks.
+    pub clock: u64,
+}
+
+impl PushHeader {
+    pub const BYTES: usize = 32;
+
+    /// The payload: this header, then `values`.
+    pub fn payload(&self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::BYTES + values.len() * 4);
+        Writer(&mut out).u32(self.table).u32(self.dim).u64(self.start).u32(self.count).u32(self.worker).u64(self.clock);
+        values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        out
+    }
+
+    /// Splits a payload into its header and its values' bytes, checking their length.
+    pub fn parse(payload: &[u8]) -> Result<(PushHeader, &[u8])> {
+        let mut r = Reader { bytes: payload, at: 0 };
+        let h = PushHeader { table: r.u32()?, dim: r.u32()?, start: r.u64()?, count: r.u32()?, worker: r.u32()?, clock: r.u64()? };
+        let values = &payload[Self::BYTES..];
+        if values.len() as u64 != h.count as u64 * h.dim as u64 * 4 {
+            return Err(bad(format!("{} value bytes for {} keys of {} components", values.len(), h.count, h.dim)));
+        }
+        Ok((h, values))
+    }
+}
+
+/// Appends `msgs` to `out`, each with its length first: a reply carrying several messages.
+pub fn encode_batch<'a>(msgs: impl IntoIterator<Item = &'a Msg>, out: &mut Vec<u8>) {
+    for msg in msgs {
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        encode(msg, out);
+        let len = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+}
+
+/// Reads what [`encode_batch`] wrote.
+pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Msg>> {
+    let mut r = Reader { bytes, at: 0 };
+    let mut msgs = Vec::new();
+    while r.at < bytes.len() {
+        msgs.push(decode(r.bytes()?)?);
+    }
+    Ok(msgs)
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    #[test]
+    fn push_payloads_and_batches_round_trip_and_wrong_lengths_are_refused() {
+        let h = PushHeader { table: 3, dim: 2, start: 10, count: 2, worker: 1, clock: 7 };
+        let p = h.payload(&[1.0, 2.0, 3.0, 4.0]);
+        let (back, values) = PushHeader::parse(&p).unwrap();
+        assert_eq!((back, values.len()), (h, 16));
+        assert!(PushHeader::parse(&p[..p.len() - 4]).is_err());
+        assert!(PushHeader::parse(&p[..10]).is_err());
+        let msgs = vec![Msg::PushAck { range: RangeId(1), seq: 2 }, Msg::NotHead { range: RangeId(3), config_id: 4 }];
+        let mut bytes = Vec::new();
+        encode_batch(&msgs, &mut bytes);
+        assert_eq!(decode_batch(&bytes).unwrap(), msgs);
+        assert!(decode_batch(&bytes[..bytes.len() - 1]).is_err());
+    }
+}
