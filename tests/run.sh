@@ -33,7 +33,8 @@ ensure() {
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
-ensure
+log "system packages: etcd (the replication tests' coordinator store), protoc (to build the etcd client)"
+ensure etcd:etcd-server protoc:protobuf-compiler
 log "system packages for the RDMA build and the SoftRoCE guest"
 tests/softroce/setup.sh
 

@@ -56,6 +56,10 @@ pub enum EngineError {
     Corrupt { what: String, reason: String },
     #[error("replication range {range} is not held here now; ask its chain's tail (refresh the cluster configuration)")]
     RangeNotHeld { range: u32 },
+    #[error("etcd at {endpoints}: cannot {op}: {reason}")]
+    Etcd { op: &'static str, endpoints: String, reason: String },
+    #[error("this coordinator no longer leads the cluster: {reason}")]
+    LostLeadership { reason: String },
     #[error("I/O error: {0}")]
     Io(String),
 }
@@ -78,7 +82,7 @@ impl EngineError {
             EngineError::ReplyTooLarge { .. } => Status::FrameTooLarge,
             EngineError::ShuttingDown => Status::ShuttingDown,
             EngineError::LogFailed { .. } => Status::NotDurable,
-            EngineError::ArenaMap { .. } | EngineError::Io(_) | EngineError::Disk { .. } | EngineError::DiskFull { .. } => {
+            EngineError::ArenaMap { .. } | EngineError::Io(_) | EngineError::Etcd { .. } | EngineError::Disk { .. } | EngineError::DiskFull { .. } => {
                 Status::Internal
             }
             _ => Status::BadRequest,

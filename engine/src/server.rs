@@ -19,7 +19,7 @@ use tessera_replication::placement;
 use tessera_transport::{select, Op, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
 
 use crate::chain::outbox::Outbox;
-use crate::chain::{ChainShard, Identity};
+use crate::chain::{ChainShard, Identity, Locator};
 use crate::checkpoint::store::Written;
 use crate::config::{Durability, EngineConfig};
 use crate::durable::RecoveryReport;
@@ -58,8 +58,8 @@ pub struct ServerConfig {
 pub struct Join {
     /// This server's node id: stable across its restarts, distinct from every other server's.
     pub node: u32,
-    /// The coordinator's address.
-    pub coordinator: String,
+    /// Where its coordinator is.
+    pub coordinator: Locator,
     /// Where peers and workers reach this server, when not the address it listens on.
     pub advertise: Option<String>,
 }
@@ -508,7 +508,8 @@ fn fetch_replication(join: &Join, cfg: &ServerConfig) -> Result<ReplicationConfi
     }
     let deadline = std::time::Instant::now() + COORDINATOR_WAIT;
     loop {
-        match ask_cluster(&join.coordinator, &cfg.transport) {
+        let asked = join.coordinator.resolve().and_then(|addr| ask_cluster(&addr, &cfg.transport).map_err(EngineError::Io));
+        match asked {
             Ok(view) => return Ok(view.replication),
             Err(e) if std::time::Instant::now() >= deadline => {
                 return Err(EngineError::Io(format!("the coordinator at {} did not answer within {COORDINATOR_WAIT:?}: {e}", join.coordinator)))
@@ -537,7 +538,7 @@ fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, transport
     link_cfg.io_timeout_ms = rcfg.failure_timeout_ms.max(100);
     link_cfg.hello_timeout_ms = rcfg.failure_timeout_ms.max(100);
     let handles = shards.to_vec();
-    let on_config = Box::new(move |config: Arc<tessera_replication::protocol::ClusterConfig>| {
+    let on_config = Arc::new(move |config: Arc<tessera_replication::protocol::ClusterConfig>| {
         for h in &handles {
             // A shard too busy to take it gets the next one: configurations are whole.
             let _ = h.tx.try_send(ShardControl::Config(config.clone()));

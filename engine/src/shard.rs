@@ -405,7 +405,7 @@ impl Shard {
         };
         let spec = &part.spec;
         let inside = |k: u64| spec.start <= k && k < spec.end;
-        let keys: Vec<u64> = match h.op() {
+        let keys: &[u64] = match h.op() {
             Some(Op::PullRange) if h.count > 0 && inside(h.start) && inside(h.start.saturating_add(h.count as u64 - 1)) => {
                 let (first, last) = (range_of(spec, chain.ranges(), h.start), range_of(spec, chain.ranges(), h.start + h.count as u64 - 1));
                 return match (first..=last).find(|r| !chain.holds(*r)) {
@@ -413,10 +413,10 @@ impl Shard {
                     None => Ok(()),
                 };
             }
-            Some(Op::Pull) => wire::cast_slice::<u64>(body, "keys").map(|k| k.to_vec()).unwrap_or_default(),
+            Some(Op::Pull) => wire::cast_slice::<u64>(body, "keys").unwrap_or_default(),
             _ => return Ok(()), // the engine's own checks refuse it
         };
-        match keys.into_iter().filter(|k| inside(*k)).map(|k| range_of(spec, chain.ranges(), k)).find(|r| !chain.holds(*r)) {
+        match keys.iter().filter(|k| inside(**k)).map(|k| range_of(spec, chain.ranges(), *k)).find(|r| !chain.holds(*r)) {
             Some(r) => Err(not_held(r)),
             None => Ok(()),
         }

@@ -69,7 +69,15 @@ impl Coordinator {
             .into_iter()
             .map(|nodes| Chain { epoch: Epoch(1), nodes, learner: None })
             .collect();
-        let seen = members
+        Self::resume(rcfg, ClusterConfig { id: 1, members, chains }, now_ms)
+    }
+
+    /// Takes over a cluster whose last configuration is `config` (a new coordinator elected
+    /// after the last one failed). Every member counts as heard from now, so it has a failure
+    /// timeout to find this coordinator; learners wait for fresh reports.
+    pub fn resume(rcfg: ReplicationConfig, config: ClusterConfig, now_ms: u64) -> Self {
+        let seen = config
+            .members
             .iter()
             .map(|m| {
                 let seen = Seen {
@@ -82,8 +90,8 @@ impl Coordinator {
                 (m.node, seen)
             })
             .collect();
-        let config = Arc::new(ClusterConfig { id: 1, members, chains });
-        Self { rcfg, config, seen, draining: Vec::new(), out: Vec::new(), changes: Vec::new() }
+        let draining = config.members.iter().filter(|m| m.draining).map(|m| m.node).collect();
+        Self { rcfg, config: Arc::new(config), seen, draining, out: Vec::new(), changes: Vec::new() }
     }
 
     pub fn config(&self) -> &Arc<ClusterConfig> {
@@ -103,6 +111,11 @@ impl Coordinator {
     /// The latest report `node` gave of `range`.
     pub fn report(&self, node: NodeId, range: RangeId) -> Option<&RangeReport> {
         self.seen.get(&node)?.reports.get(&range)
+    }
+
+    /// Every server's latest report of each range it holds, by server.
+    pub fn reports(&self) -> impl Iterator<Item = (NodeId, impl Iterator<Item = &RangeReport>)> {
+        self.seen.iter().map(|(node, seen)| (*node, seen.reports.values()))
     }
 
     /// Asks `node` to leave: its ranges move to other servers, then it leaves the configuration.
@@ -287,5 +300,44 @@ impl Coordinator {
                 self.changes.push(Change::Left { node });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(node: u32) -> Member {
+        Member { node: NodeId(node), incarnation: 1, addr: format!("s{node}"), draining: false }
+    }
+
+    fn heartbeat(node: u32, config_id: u64) -> Msg {
+        Msg::Heartbeat { node: NodeId(node), incarnation: 1, addr: format!("s{node}"), config_id, ranges: Vec::new() }
+    }
+
+    /// A coordinator elected after another died continues its configuration: the same ids and
+    /// epochs, and a member that never reaches the new coordinator fails as it would have.
+    #[test]
+    fn a_resumed_coordinator_continues_the_stored_configuration() {
+        let rcfg = ReplicationConfig { replicas: 3, ranges: 4, ..ReplicationConfig::default() };
+        let mut first = Coordinator::new(rcfg.clone(), (1..=3).map(member).collect(), 0);
+        first.drain(NodeId(3));
+        first.tick(10);
+        let stored = (**first.config()).clone();
+        assert!(stored.id > 1 && stored.member(NodeId(3)).is_some_and(|m| m.draining));
+
+        let mut next = Coordinator::resume(rcfg, stored.clone(), 1_000);
+        next.tick(1_000);
+        assert_eq!(**next.config(), stored, "nothing changes while every member has a failure timeout left");
+        next.step(1_400, heartbeat(1, stored.id));
+        next.step(1_400, heartbeat(3, stored.id));
+        next.tick(1_600);
+        let now = next.config();
+        assert_eq!(now.id, stored.id + 1);
+        for (before, after) in stored.chains.iter().zip(&now.chains) {
+            assert!(!after.nodes.contains(&NodeId(2)), "member 2 never heartbeated to the new coordinator");
+            assert_eq!(after.epoch.0, before.epoch.0 + 1);
+        }
+        assert!(now.member(NodeId(3)).is_some_and(|m| m.draining), "a drain in progress survives the change of coordinator");
     }
 }

@@ -245,6 +245,54 @@ impl Drop for ServerProc {
     }
 }
 
+
+/// A real etcd server (Debian's `etcd-server`) on loopback, in a scratch directory, with
+/// elections tuned for a test (50 ms heartbeats, so leases as short as a second hold).
+#[derive(Debug)]
+pub struct EtcdProc {
+    child: ChildGuard,
+    endpoint: String,
+    _dir: ScratchDir,
+}
+
+impl EtcdProc {
+    pub fn start() -> EtcdProc {
+        let dir = ScratchDir::new("etcd");
+        let (client, peer) = (free_port(), free_port());
+        let log = File::create(dir.path().join("etcd.log")).expect("create etcd's log");
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd ({e}): install Debian's etcd-server (tests/run.sh does)"));
+        let mut etcd = EtcdProc { child: ChildGuard::new(child), endpoint: format!("127.0.0.1:{client}"), _dir: dir };
+        let sock: SocketAddr = etcd.endpoint.parse().expect("a numeric address");
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        while TcpStream::connect_timeout(&sock, Duration::from_millis(200)).is_err() {
+            if let Some(status) = etcd.child.try_wait() {
+                panic!("etcd exited with {status}");
+            }
+            assert!(Instant::now() < deadline, "etcd did not listen within {SERVER_START_TIMEOUT:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        etcd
+    }
+
+    /// Its client endpoint, `127.0.0.1:port`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
 /// What a finished `tessera` invocation printed.
 #[derive(Debug)]
 pub struct ToolOutput {

@@ -2,6 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tessera_engine::chain::coordinator::{ConfigStore, Embedded};
+use tessera_engine::chain::Locator;
 use tessera_engine::config::Durability;
 use tessera_engine::{EngineConfig, ServerConfig};
 use tessera_replication::TableSpec;
@@ -158,3 +160,61 @@ pub fn read_tables(path: &std::path::Path) -> Result<Vec<TableSpec>> {
     let file: File = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     Ok(file.table)
 }
+
+/// Where a replicated cluster keeps its configuration when it is kept in etcd.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (e.g. 127.0.0.1:2379): the cluster's configuration is kept
+    /// there, and its coordinator is whichever `tessera coordinator` holds etcd's election.
+    /// Needs a build with `--features etcd`.
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// The cluster's name in etcd: its keys are under /tessera/NAME/.
+    #[arg(long, default_value = "tessera")]
+    pub etcd_cluster: String,
+}
+
+impl EtcdArgs {
+    /// Where a server or `tessera status` finds the coordinator: etcd's election winner, or
+    /// `coordinator` (an address).
+    pub fn locator(&self, coordinator: Option<&str>) -> Result<Option<Locator>> {
+        match (&self.etcd, coordinator) {
+            (Some(_), Some(_)) => anyhow::bail!("give --coordinator ADDR or --etcd ENDPOINTS, not both"),
+            (None, coordinator) => Ok(coordinator.map(|a| Locator::At(a.to_string()))),
+            (Some(endpoints), None) => self.etcd_locator(endpoints).map(Some),
+        }
+    }
+
+    /// Where a coordinator keeps the configuration: etcd, or its own memory.
+    pub fn store(&self) -> Result<Box<dyn ConfigStore>> {
+        match &self.etcd {
+            None => Ok(Box::new(Embedded)),
+            Some(endpoints) => self.etcd_store(endpoints),
+        }
+    }
+
+    #[cfg(feature = "etcd")]
+    fn etcd_locator(&self, endpoints: &str) -> Result<Locator> {
+        let etcd = tessera_engine::chain::etcd::Etcd::connect(endpoints, &self.etcd_cluster)?;
+        Ok(Locator::Etcd(etcd))
+    }
+
+    #[cfg(feature = "etcd")]
+    fn etcd_store(&self, endpoints: &str) -> Result<Box<dyn ConfigStore>> {
+        let etcd = tessera_engine::chain::etcd::Etcd::connect(endpoints, &self.etcd_cluster)?;
+        Ok(Box::new(tessera_engine::chain::etcd::EtcdStore::new(etcd)))
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn etcd_locator(&self, _endpoints: &str) -> Result<Locator> {
+        anyhow::bail!("{NO_ETCD}")
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn etcd_store(&self, _endpoints: &str) -> Result<Box<dyn ConfigStore>> {
+        anyhow::bail!("{NO_ETCD}")
+    }
+}
+
+#[cfg(not(feature = "etcd"))]
+const NO_ETCD: &str = "this tessera was built without etcd support: rebuild it with `cargo build --release --features etcd` (which needs protoc: apt install protobuf-compiler)";

@@ -1,10 +1,13 @@
-//! `tessera coordinator`: keeps a replicated cluster's configuration, until interrupted.
+//! `tessera coordinator`: keeps a replicated cluster's configuration, until interrupted (or,
+//! with etcd, until it loses etcd's election).
 
 use anyhow::{Context, Result};
 use clap::Args;
 use tessera_engine::chain::coordinator::CoordinatorHandle;
 use tessera_replication::ReplicationConfig;
 use tessera_transport::TransportConfig;
+
+use crate::common::EtcdArgs;
 
 /// Keep a replicated cluster's configuration: members, each range's chain, and epochs.
 ///
@@ -15,7 +18,17 @@ use tessera_transport::TransportConfig;
 /// Every server takes the replication settings from here.
 ///
 ///   tessera coordinator --listen 127.0.0.1:7000 --servers 3 --replicas 2
-///   tessera status --connect 127.0.0.1:7000     # members, chains, epochs, lag
+///   tessera status --coordinator 127.0.0.1:7000     # members, chains, epochs, lag
+///
+/// With --etcd, the configuration is kept in etcd instead of this process's memory, and any
+/// number of coordinators may run: they campaign in etcd's election, the winner coordinates
+/// (writing each new configuration in one etcd transaction), and the others wait to take over
+/// from the stored configuration if it dies. Servers then find the coordinator through etcd
+/// (`tessera server --etcd`), and watch the configuration there. A coordinator that loses the
+/// election (its lease lapsed) exits with an error; restart it to stand again.
+///
+///   tessera coordinator --etcd 127.0.0.1:2379 --listen 127.0.0.1:7000 --servers 3
+///   tessera coordinator --etcd 127.0.0.1:2379 --listen 127.0.0.1:7001 --servers 3   # standby
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct CoordinatorArgs {
@@ -40,6 +53,8 @@ pub struct CoordinatorArgs {
     /// How often servers heartbeat.
     #[arg(long, default_value_t = ReplicationConfig::default().heartbeat_interval_ms)]
     heartbeat_interval_ms: u64,
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
@@ -51,8 +66,9 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         heartbeat_interval_ms: args.heartbeat_interval_ms,
         ..ReplicationConfig::default()
     };
-    let handle = CoordinatorHandle::start(&args.listen, rcfg, args.servers, &TransportConfig::default()).context("starting the coordinator")?;
-    eprintln!("tessera coordinator listening on {}, waiting for {} servers", handle.local_addr(), args.servers);
-    handle.wait();
-    Ok(())
+    let store = args.etcd.store()?;
+    let kept = store.describe();
+    let handle = CoordinatorHandle::start(&args.listen, rcfg, args.servers, &TransportConfig::default(), store).context("starting the coordinator")?;
+    eprintln!("tessera coordinator listening on {}, configuration kept {kept}; a new cluster waits for {} servers", handle.local_addr(), args.servers);
+    handle.wait().context("the coordinator stopped")
 }

@@ -7,7 +7,7 @@ use clap::Args;
 use tessera_engine::server::Join;
 use tessera_engine::{Server, UpdaterRegistry};
 
-use crate::common::{addresses, read_tables, EngineArgs, TransportArgs};
+use crate::common::{addresses, read_tables, EngineArgs, EtcdArgs, TransportArgs};
 
 /// Run a server until interrupted.
 ///
@@ -36,6 +36,11 @@ use crate::common::{addresses, read_tables, EngineArgs, TransportArgs};
 ///   tessera coordinator --listen 127.0.0.1:7000 --servers 3 --replicas 2
 ///   tessera server --listen 127.0.0.1:7071 --node-id 1 --coordinator 127.0.0.1:7000 --tables t.toml
 ///   (and likewise node ids 2 and 3; every server needs the same --tables and --shards)
+///
+/// With the configuration kept in etcd (any number of coordinators, one elected):
+///
+///   tessera coordinator --etcd 127.0.0.1:2379 --listen 127.0.0.1:7000 --servers 3
+///   tessera server --listen 127.0.0.1:7071 --node-id 1 --etcd 127.0.0.1:2379 --tables t.toml
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ServerArgs {
@@ -46,11 +51,14 @@ pub struct ServerArgs {
     #[arg(long)]
     tables: Option<PathBuf>,
     /// Every server of the cluster, this one included, in the same order on each server.
-    #[arg(long, conflicts_with = "coordinator")]
+    #[arg(long, conflicts_with_all = ["coordinator", "etcd"])]
     cluster: Option<String>,
     /// Join the replicated cluster this coordinator keeps (see `tessera coordinator`).
     #[arg(long, requires = "node_id")]
     coordinator: Option<String>,
+    /// Or join the replicated cluster kept in etcd (see `tessera coordinator --etcd`).
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// This server's id in a replicated cluster: distinct per server, the same across its
     /// restarts.
     #[arg(long)]
@@ -79,8 +87,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
         cfg.servers = cluster.len() as u32;
         cfg.server_index = index as u32;
     }
-    if let (Some(coordinator), Some(node)) = (&args.coordinator, args.node_id) {
-        cfg.replication = Some(Join { node, coordinator: coordinator.clone(), advertise: args.advertise.clone() });
+    if let Some(coordinator) = args.etcd.locator(args.coordinator.as_deref())? {
+        let Some(node) = args.node_id else { bail!("a replicated server needs --node-id N (distinct per server, the same across its restarts)") };
+        cfg.replication = Some(Join { node, coordinator, advertise: args.advertise.clone() });
     }
     let shards = cfg.engine.shards;
     let server = Server::start(cfg, UpdaterRegistry::new()).context("starting the server")?;

@@ -1,23 +1,43 @@
-//! `tessera status`: what a running server holds.
+//! `tessera status`: what a running server holds, or how a replicated cluster stands.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use tessera_client::{Client, ClientConfig};
+use tessera_engine::chain::coordinator::ClusterStatus;
+use tessera_replication::protocol::RangeReport;
+use tessera_transport::{Op, TransportConfig};
 
-use crate::common::addresses;
+use crate::common::{addresses, EtcdArgs};
 
 /// Show each server's tables, the part each shard owns, its vector-clock stamp and its counters.
+///
+/// With --coordinator (or --etcd), show a replicated cluster instead: its members, each range's
+/// chain (head first) and epoch, each replica's lag behind the head in clock ticks (pushes not
+/// yet applied there), and the latest configuration changes.
+///
+///   tessera status --connect 127.0.0.1:7071,127.0.0.1:7072
+///   tessera status --coordinator 127.0.0.1:7000
+///   tessera status --etcd 127.0.0.1:2379
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct StatusArgs {
     /// Servers to ask, comma-separated.
     #[arg(long, default_value = "127.0.0.1:7070")]
     connect: String,
+    /// Show the replicated cluster this coordinator keeps.
+    #[arg(long)]
+    coordinator: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Print the raw JSON reports.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: StatusArgs) -> Result<()> {
+    if let Some(coordinator) = args.etcd.locator(args.coordinator.as_deref())? {
+        return cluster(&coordinator.resolve()?, args.json);
+    }
     let addrs = addresses(&args.connect);
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     // Status is read-only; the worker id only labels the connection.
@@ -60,6 +80,59 @@ pub fn run(args: StatusArgs) -> Result<()> {
                     p["table"], p["start"], p["end"], p["pushes"], p["pulls"], p["clock_segments"], p["stamp"], p["clocks_max"]
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// Prints a replicated cluster as its coordinator at `addr` sees it.
+fn cluster(addr: &str, json: bool) -> Result<()> {
+    let body = tessera_transport::ask(addr, Op::Status, &[], &TransportConfig::default()).with_context(|| format!("asking the coordinator at {addr}"))?;
+    if json {
+        let value: serde_json::Value = serde_json::from_slice(&body)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let status: ClusterStatus = serde_json::from_slice(&body).context("the coordinator's status")?;
+    let r = &status.replication;
+    if !status.leading {
+        println!("coordinator {addr} is a standby: another coordinator leads the cluster");
+        return Ok(());
+    }
+    let Some(config) = &status.config else {
+        println!("coordinator {addr}: the cluster is not born yet; waiting for {} more servers", status.waiting_for);
+        return Ok(());
+    };
+    println!(
+        "cluster at coordinator {addr}: configuration {}, {} members, {} ranges on chains of {} (failure timeout {} ms)",
+        config.id,
+        config.members.len(),
+        r.ranges,
+        r.replicas,
+        r.failure_timeout_ms
+    );
+    for m in &config.members {
+        let draining = if m.draining { ", draining" } else { "" };
+        println!("  member {} at {} (incarnation {}){draining}", m.node, m.addr, m.incarnation);
+    }
+    let report = |node: u32, range: u32| -> Option<&RangeReport> { status.reports.get(&node)?.iter().find(|rep| rep.range.0 == range) };
+    println!("  range  epoch  chain (head first)    learner  lag behind the head, in clock ticks");
+    for (i, chain) in config.chains.iter().enumerate() {
+        let range = i as u32;
+        let head = chain.head().and_then(|h| report(h.0, range)).filter(|rep| rep.epoch == chain.epoch).map(|rep| rep.ticks);
+        let lag = |node: u32| match (head, report(node, range).filter(|rep| rep.epoch == chain.epoch && rep.installed)) {
+            (Some(h), Some(rep)) => format!("{node}:{}", h.saturating_sub(rep.ticks)),
+            _ => format!("{node}:?"),
+        };
+        let nodes: Vec<String> = chain.nodes.iter().map(|n| n.0.to_string()).collect();
+        let lags: Vec<String> = chain.nodes.iter().chain(chain.learner.iter()).map(|n| lag(n.0)).collect();
+        let learner = chain.learner.map_or_else(|| "-".to_string(), |l| l.0.to_string());
+        println!("  {range:<5}  {:<5}  {:<20}  {learner:<7}  {}", chain.epoch.0, nodes.join(" -> "), lags.join(" "));
+    }
+    if !status.changes.is_empty() {
+        println!("  latest changes:");
+        for change in status.changes.iter().rev().take(10).rev() {
+            println!("    {change}");
         }
     }
     Ok(())

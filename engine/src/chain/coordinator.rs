@@ -1,10 +1,15 @@
-//! The embedded coordinator: the [`Coordinator`] state machine behind a TCP endpoint, in a
-//! thread of whichever process runs it (`tessera coordinator`, or a demo's own process).
+//! The coordinator: the [`Coordinator`] state machine behind a TCP endpoint, in a thread of
+//! whichever process runs it (`tessera coordinator`, or a demo's own process).
 //!
 //! Servers send heartbeats as `Replicate` requests; the reply carries the configuration when
 //! the heartbeat shows an older one. Anyone may ask for the cluster (`ClusterConfig`) or its
 //! status (`Status`). The cluster is born once `servers` servers have said hello: ranges are
 //! placed on them in epoch 1; servers heard of later join as learners.
+//!
+//! Where the configuration is kept, and who may change it, is a [`ConfigStore`]: [`Embedded`]
+//! keeps it in this process (one coordinator, the default), the etcd store (feature `etcd`)
+//! keeps it in etcd, where coordinators hold an election and the winner writes each
+//! configuration in one transaction. A configuration is handed out only once it is stored.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,9 +29,52 @@ use crate::error::{EngineError, Result};
 /// How often the coordinator looks for failures when no heartbeat wakes it.
 const TICK: Duration = Duration::from_millis(10);
 
+/// The coordinator trait: where the cluster's configuration is read from and written to, and
+/// who may write it.
+pub trait ConfigStore: Send + std::fmt::Debug {
+    /// Whether this coordinator, reachable at `addr`, may change the configuration yet: asked
+    /// each tick until it may (so it must not block), and then answered with the configuration
+    /// stored, if any, to continue from.
+    fn lead(&mut self, addr: &str) -> Result<Lead>;
+    /// Stores `view`, which follows the configuration last read or stored, atomically. An error
+    /// means this coordinator must stop: it no longer leads, or cannot reach the store.
+    fn store(&mut self, view: &ClusterView) -> Result<()>;
+    /// Where the configuration is kept, for logs.
+    fn describe(&self) -> String;
+}
+
+/// See [`ConfigStore::lead`].
+#[derive(Debug)]
+pub enum Lead {
+    /// Another coordinator leads (or the election is not decided yet): stand by.
+    Waiting,
+    /// This one leads, and continues from this stored configuration, if any.
+    Leading(Option<ClusterView>),
+}
+
+/// The embedded coordinator: the configuration lives in this process, which alone leads.
+#[derive(Debug, Default)]
+pub struct Embedded;
+
+impl ConfigStore for Embedded {
+    fn lead(&mut self, _addr: &str) -> Result<Lead> {
+        Ok(Lead::Leading(None))
+    }
+
+    fn store(&mut self, _view: &ClusterView) -> Result<()> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "in this process (embedded)".into()
+    }
+}
+
 /// What `tessera status` shows of a replicated cluster.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClusterStatus {
+    /// Whether the coordinator asked leads the cluster (a standby shows nothing else).
+    pub leading: bool,
     pub replication: ReplicationConfig,
     pub config: Option<ClusterConfig>,
     /// Servers heard from before the cluster was born.
@@ -40,15 +88,22 @@ pub struct ClusterStatus {
 /// Changes the status keeps.
 pub const CHANGES_KEPT: usize = 200;
 
+#[derive(Debug)]
 struct CoordinatorService {
     rcfg: ReplicationConfig,
     servers: u32,
     started: Instant,
+    store: Box<dyn ConfigStore>,
+    addr: String,
+    leading: bool,
     /// Hellos before the cluster is born.
     early: BTreeMap<NodeId, Member>,
     coordinator: Option<Coordinator>,
-    reports: BTreeMap<u32, BTreeMap<u32, RangeReport>>,
+    /// The newest configuration stored, the only one handed out.
+    published: Option<Arc<ClusterConfig>>,
     changes: Vec<String>,
+    /// Why this coordinator stopped leading, when it has.
+    stopped: Option<EngineError>,
 }
 
 impl CoordinatorService {
@@ -56,14 +111,41 @@ impl CoordinatorService {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Continues from the configuration the store holds, if it holds one.
+    fn resume(&mut self, stored: Option<ClusterView>) {
+        let Some(view) = stored else { return };
+        if view.replication != self.rcfg {
+            tracing::warn!(stored = ?view.replication, flags = ?self.rcfg, "the stored cluster's replication settings win over this coordinator's flags");
+            self.rcfg = view.replication;
+        }
+        if let Some(config) = view.config {
+            tracing::info!(config = config.id, members = config.members.len(), "continuing the stored cluster");
+            self.published = Some(Arc::new(config.clone()));
+            self.coordinator = Some(Coordinator::resume(self.rcfg.clone(), config, self.now_ms()));
+        }
+    }
+
+    /// Asks the store whether this coordinator leads yet, and takes over when it does.
+    fn stand(&mut self) {
+        if self.leading || self.stopped.is_some() {
+            return;
+        }
+        match self.store.lead(&self.addr) {
+            Ok(Lead::Waiting) => {}
+            Ok(Lead::Leading(stored)) => {
+                self.leading = true;
+                self.resume(stored);
+            }
+            Err(e) => self.stopped = Some(e),
+        }
+    }
+
     fn heartbeat(&mut self, msg: Msg, reply: &mut Reply<'_>) {
         let now = self.now_ms();
-        let Msg::Heartbeat { node, incarnation, ref addr, config_id, ref ranges } = msg else {
+        let Msg::Heartbeat { node, incarnation, ref addr, config_id, .. } = msg else {
             reply.error(Status::BadRequest, &format!("the coordinator takes heartbeats, not {} messages", msg.kind()));
             return;
         };
-        let seen = self.reports.entry(node.0).or_default();
-        seen.extend(ranges.iter().map(|r| (r.range.0, *r)));
         match self.coordinator.as_mut() {
             Some(c) => c.step(now, msg),
             None => {
@@ -72,15 +154,16 @@ impl CoordinatorService {
                     let members: Vec<Member> = self.early.values().cloned().collect();
                     tracing::info!(servers = members.len(), ranges = self.rcfg.ranges, "cluster born");
                     self.coordinator = Some(Coordinator::new(self.rcfg.clone(), members, now));
+                    self.publish();
                 }
             }
         }
         let mut out = Vec::new();
         if let Some(c) = self.coordinator.as_mut() {
             c.take_ready(); // configurations go out in heartbeat replies, below
-            if config_id < c.config().id {
-                codec::encode(&Msg::Config(c.config().clone()), &mut out);
-            }
+        }
+        if let Some(config) = self.published.as_ref().filter(|c| c.id > config_id) {
+            codec::encode(&Msg::Config(config.clone()), &mut out);
         }
         reply.ok_bytes(&out);
     }
@@ -97,14 +180,38 @@ impl CoordinatorService {
         if self.changes.len() > CHANGES_KEPT {
             self.changes.drain(..self.changes.len() - CHANGES_KEPT);
         }
+        self.publish();
+    }
+
+    /// Stores the state machine's configuration if it is newer than the one handed out, and
+    /// hands it out once stored.
+    fn publish(&mut self) {
+        let Some(c) = self.coordinator.as_ref() else { return };
+        if self.stopped.is_some() || self.published.as_ref().is_some_and(|p| p.id >= c.config().id) {
+            return;
+        }
+        let config = c.config().clone();
+        match self.store.store(&self.view_of(Some(&config))) {
+            Ok(()) => self.published = Some(config),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store the cluster configuration: this coordinator stops");
+                self.stopped = Some(e);
+            }
+        }
+    }
+
+    fn view_of(&self, config: Option<&Arc<ClusterConfig>>) -> ClusterView {
+        ClusterView { replication: self.rcfg.clone(), config: config.map(|c| (**c).clone()) }
     }
 
     fn status(&self) -> ClusterStatus {
+        let reports = self.coordinator.iter().flat_map(|c| c.reports()).map(|(n, r)| (n.0, r.copied().collect())).collect();
         ClusterStatus {
+            leading: self.leading,
             replication: self.rcfg.clone(),
-            config: self.coordinator.as_ref().map(|c| (**c.config()).clone()),
+            config: self.published.as_ref().map(|c| (**c).clone()),
             waiting_for: if self.coordinator.is_some() { 0 } else { self.servers.saturating_sub(self.early.len() as u32) },
-            reports: self.reports.iter().map(|(n, r)| (*n, r.values().copied().collect())).collect(),
+            reports,
             changes: self.changes.clone(),
         }
     }
@@ -112,15 +219,17 @@ impl CoordinatorService {
 
 impl Service for CoordinatorService {
     fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
-        match request.header.op() {
+        let op = request.header.op();
+        if !self.leading && op != Some(Op::Status) {
+            reply.error(Status::NotOwned, &format!("a standby coordinator: the cluster's coordinator is whichever holds the election {}", self.store.describe()));
+            return;
+        }
+        match op {
             Some(Op::Replicate) => match codec::decode(request.body) {
                 Ok(msg) => self.heartbeat(msg, reply),
                 Err(e) => reply.error(Status::Malformed, &e.to_string()),
             },
-            Some(Op::ClusterConfig) => {
-                let view = ClusterView { replication: self.rcfg.clone(), config: self.coordinator.as_ref().map(|c| (**c.config()).clone()) };
-                reply.ok_bytes(&serde_json::to_vec(&view).expect("plain data"));
-            }
+            Some(Op::ClusterConfig) => reply.ok_bytes(&serde_json::to_vec(&self.view_of(self.published.as_ref())).expect("plain data")),
             Some(Op::Status) => reply.ok_bytes(&serde_json::to_vec(&self.status()).expect("plain data")),
             _ => reply.error(Status::BadRequest, "this is a coordinator: it takes heartbeats, and cluster and status requests"),
         }
@@ -133,12 +242,14 @@ pub struct CoordinatorHandle {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     waker: Waker,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<()>>>,
 }
 
 impl CoordinatorHandle {
-    /// Binds `listen` and coordinates a cluster born when `servers` servers have said hello.
-    pub fn start(listen: &str, rcfg: ReplicationConfig, servers: u32, transport: &TransportConfig) -> Result<Self> {
+    /// Binds `listen` and coordinates a cluster born when `servers` servers have said hello,
+    /// keeping its configuration in `store`. With a shared store (etcd), it stands by until
+    /// elected, then continues the stored cluster if there is one.
+    pub fn start(listen: &str, rcfg: ReplicationConfig, servers: u32, transport: &TransportConfig, store: Box<dyn ConfigStore>) -> Result<Self> {
         rcfg.validate().map_err(|e| EngineError::BadConfig { field: "replication", value: format!("{rcfg:?}"), reason: e.to_string() })?;
         if servers == 0 {
             return Err(EngineError::BadConfig { field: "servers", value: "0".into(), reason: "a cluster needs at least one server".into() });
@@ -147,27 +258,36 @@ impl CoordinatorHandle {
         let stop = Arc::new(AtomicBool::new(false));
         let waker = ep.waker();
         let flag = stop.clone();
+        tracing::info!(%addr, servers, store = store.describe(), "coordinator listening");
         let mut service = CoordinatorService {
             rcfg,
             servers,
             started: Instant::now(),
+            store,
+            addr: addr.to_string(),
+            leading: false,
             early: BTreeMap::new(),
             coordinator: None,
-            reports: BTreeMap::new(),
+            published: None,
             changes: Vec::new(),
+            stopped: None,
         };
         let thread = std::thread::Builder::new()
             .name("tessera-coordinator".into())
             .spawn(move || {
                 while !flag.load(Ordering::Acquire) {
+                    service.stand();
                     if let Err(e) = ep.poll(&mut service, Some(TICK)) {
                         tracing::error!(error = %e, "coordinator poll failed");
                     }
                     service.tick();
+                    if let Some(e) = service.stopped.take() {
+                        return Err(e);
+                    }
                 }
+                Ok(())
             })
             .map_err(|e| EngineError::Io(format!("cannot start the coordinator thread: {e}")))?;
-        tracing::info!(%addr, servers, "coordinator listening");
         Ok(Self { addr, stop, waker, thread: Some(thread) })
     }
 
@@ -175,10 +295,12 @@ impl CoordinatorHandle {
         self.addr
     }
 
-    /// Blocks until the coordinator stops.
-    pub fn wait(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// Blocks until the coordinator stops; an error says why it had to.
+    pub fn wait(mut self) -> Result<()> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(EngineError::Io("the coordinator thread panicked".into())),
+            None => Ok(()),
         }
     }
 }

@@ -9,6 +9,8 @@
 //! it waits). Messages out leave through the server's [`outbox::Outbox`].
 
 pub mod coordinator;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod outbox;
 pub mod store;
 
@@ -36,6 +38,38 @@ pub struct Identity {
     pub incarnation: u64,
     /// Where peers and workers reach it.
     pub addr: String,
+}
+
+/// Where a replicated server finds its coordinator.
+#[derive(Debug, Clone)]
+pub enum Locator {
+    /// The embedded coordinator, at this address (`tessera coordinator --listen`).
+    At(String),
+    /// Whichever coordinator holds the cluster's election in etcd; the configuration is also
+    /// watched there.
+    #[cfg(feature = "etcd")]
+    Etcd(Arc<etcd::Etcd>),
+}
+
+impl Locator {
+    /// The coordinator's address now.
+    pub fn resolve(&self) -> Result<String> {
+        match self {
+            Locator::At(addr) => Ok(addr.clone()),
+            #[cfg(feature = "etcd")]
+            Locator::Etcd(etcd) => etcd.leader_addr()?.ok_or_else(|| EngineError::Io(format!("no coordinator holds the election in {etcd:?} yet"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Locator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Locator::At(addr) => write!(f, "{addr}"),
+            #[cfg(feature = "etcd")]
+            Locator::Etcd(etcd) => write!(f, "{etcd:?}"),
+        }
+    }
 }
 
 /// What a worker is told about one range when it next asks.
@@ -167,10 +201,5 @@ impl ChainShard {
 
     pub fn ranges(&self) -> u32 {
         self.rcfg.ranges
-    }
-
-    /// Per range held: (range, epoch-independent view) for `tessera status`.
-    pub fn reports(&self) -> Vec<tessera_replication::protocol::RangeReport> {
-        self.replica.reports()
     }
 }

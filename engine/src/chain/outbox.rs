@@ -15,6 +15,8 @@ use tessera_replication::protocol::{ClusterConfig, Msg, NodeId};
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::{call, Header, Op, TransportConfig, CONTROL_SHARD};
 
+use super::Locator;
+
 /// Messages waiting for one destination before more are dropped.
 const OUT_QUEUE_MAX: usize = 4096;
 /// How long a destination that refused a connection is left alone.
@@ -22,6 +24,9 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A peer's queue: (its shard, the message).
 type PeerQueue = Sender<(u16, Msg)>;
+
+/// What a server does with each configuration it hears of: hand it to its shards.
+pub type OnConfig = Arc<dyn Fn(Arc<ClusterConfig>) + Send + Sync>;
 
 /// The newest configuration this server has heard of, shared by its outbox threads.
 pub type Latest = Arc<Mutex<Option<Arc<ClusterConfig>>>>;
@@ -40,10 +45,20 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Starts the coordinator's thread. `on_config` runs on it for each newer configuration.
-    pub fn start(me: NodeId, coordinator: String, cfg: TransportConfig, on_config: Box<dyn Fn(Arc<ClusterConfig>) + Send>) -> Outbox {
+    /// Starts the coordinator's thread. `on_config` runs for each configuration heard of (the
+    /// shards ignore those they have seen): on that thread, and on etcd's for those watched.
+    pub fn start(me: NodeId, coordinator: Locator, cfg: TransportConfig, on_config: OnConfig) -> Outbox {
         let latest: Latest = Arc::default();
         let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
+        #[cfg(feature = "etcd")]
+        if let Locator::Etcd(etcd) = &coordinator {
+            let (latest, on_config) = (latest.clone(), on_config.clone());
+            etcd.watch_config(Box::new(move |view| {
+                if let Some(config) = view.config {
+                    deliver(&latest, &*on_config, Arc::new(config));
+                }
+            }));
+        }
         let shared = latest.clone();
         let link_cfg = cfg.clone();
         std::thread::Builder::new()
@@ -142,29 +157,45 @@ impl Linked {
     }
 }
 
-fn heartbeats(me: NodeId, addr: &str, cfg: &TransportConfig, rx: &Receiver<Msg>, latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>)) {
+fn heartbeats(me: NodeId, coordinator: &Locator, cfg: &TransportConfig, rx: &Receiver<Msg>, latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>)) {
     let mut linked = Linked::new();
+    let mut addr: Option<String> = None;
     while let Ok(msg) = rx.recv() {
-        let Some(reply) = linked.send(addr, CONTROL_SHARD, me, cfg, &msg) else { continue };
+        if addr.is_none() {
+            match coordinator.resolve() {
+                Ok(found) => addr = Some(found),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no coordinator to heartbeat to");
+                    continue;
+                }
+            }
+        }
+        let Some(reply) = linked.send(addr.as_deref().expect("resolved above"), CONTROL_SHARD, me, cfg, &msg) else {
+            addr = None; // it may have moved (another coordinator elected)
+            continue;
+        };
         if reply.is_empty() {
             continue;
         }
         match codec::decode(&reply) {
             // The coordinator answers with the configuration whenever a heartbeat shows an
             // older one: hand it on each time, since some shard is behind (they ignore old ones).
-            Ok(Msg::Config(config)) => {
-                let mut held = latest.lock().expect("no panics under this lock");
-                if held.as_ref().is_none_or(|c| c.id < config.id) {
-                    tracing::info!(config = config.id, "new cluster configuration");
-                    *held = Some(config.clone());
-                }
-                drop(held);
-                on_config(config);
-            }
+            Ok(Msg::Config(config)) => deliver(latest, on_config, config),
             Ok(other) => tracing::warn!(kind = other.kind(), "the coordinator answered a heartbeat with something else"),
             Err(e) => tracing::warn!(error = %e, "the coordinator's answer is malformed"),
         }
     }
+}
+
+/// Notes `config` as the newest if it is, and hands it to the shards.
+fn deliver(latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>), config: Arc<ClusterConfig>) {
+    let mut held = latest.lock().expect("no panics under this lock");
+    if held.as_ref().is_none_or(|c| c.id < config.id) {
+        tracing::info!(config = config.id, "new cluster configuration");
+        *held = Some(config.clone());
+    }
+    drop(held);
+    on_config(config);
 }
 
 fn to_peer(me: NodeId, node: NodeId, cfg: &TransportConfig, rx: &Receiver<(u16, Msg)>, latest: &Latest) {
