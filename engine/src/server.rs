@@ -128,6 +128,7 @@ impl Server {
         let bound = select::bind_server(&cfg.listen, cfg.engine.shards, &cfg.transport, info_bytes, &chosen, &cfg.rdma);
         let select::BoundServer { control: mut control_ep, shards: shard_eps, addr } = bound.map_err(io)?;
         let engine = Arc::new(cfg.engine.clone());
+        let stop = Arc::new(AtomicBool::new(false));
         let cores = allowed_cores();
         let mut threads = Vec::new();
         let mut shards = Vec::new();
@@ -138,7 +139,7 @@ impl Server {
             inboxes.push(rx);
         }
         let chain = match (&cfg.replication, &rcfg) {
-            (Some(join), Some(rcfg)) => Some(start_chain(join, rcfg.clone(), addr, &cfg.transport, &shards)),
+            (Some(join), Some(rcfg)) => Some(start_chain(join, rcfg.clone(), addr, &cfg.transport, &shards, stop.clone())),
             _ => None,
         };
         for ((id, mut ep), rx) in shard_eps.into_iter().enumerate().zip(inboxes) {
@@ -155,7 +156,6 @@ impl Server {
             });
             threads.push(spawned.map_err(|e| EngineError::Io(format!("cannot start a shard thread: {e}")))?);
         }
-        let stop = Arc::new(AtomicBool::new(false));
         let catalog_file = cfg.engine.data_dir.clone().filter(|_| cfg.engine.durability != Durability::None).map(|d| d.join(CATALOG_FILE));
         let mut control = ControlPlane {
             info,
@@ -529,8 +529,9 @@ pub fn ask_cluster(addr: &str, transport: &TransportConfig) -> std::result::Resu
 }
 
 /// Starts the server's replication traffic: who it is, and its outbox, which hands each newer
-/// configuration to every shard.
-fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, transport: &TransportConfig, shards: &[ShardHandle]) -> (Identity, Outbox) {
+/// configuration to every shard. Once a configuration shows the server drained (`tessera
+/// drain`: draining, and in no chain), it stops (sets `stop`).
+fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, transport: &TransportConfig, shards: &[ShardHandle], stop: Arc<AtomicBool>) -> (Identity, Outbox) {
     let incarnation = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
     let me = Identity { node: NodeId(join.node), incarnation, addr: join.advertise.clone().unwrap_or_else(|| addr.to_string()) };
     // Peers that stop answering cost a replication link no more than a failure-detection time.
@@ -538,7 +539,23 @@ fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, transport
     link_cfg.io_timeout_ms = rcfg.failure_timeout_ms.max(100);
     link_cfg.hello_timeout_ms = rcfg.failure_timeout_ms.max(100);
     let handles = shards.to_vec();
+    let node = me.node;
+    // The newest configuration seen.
+    let newest = std::sync::Mutex::new(0u64);
     let on_config = Arc::new(move |config: Arc<tessera_replication::protocol::ClusterConfig>| {
+        let mut seen = newest.lock().expect("no panics under this lock");
+        if config.id > *seen {
+            *seen = config.id;
+            let mine = config.member(node).is_some_and(|m| m.incarnation == incarnation);
+            if mine && config.drained(node) && !stop.swap(true, Ordering::AcqRel) {
+                tracing::warn!(node = node.0, config = config.id, "drained: this server holds no range any more, and stops");
+                for h in &handles {
+                    let _ = h.tx.try_send(ShardControl::Shutdown);
+                    h.waker.wake();
+                }
+            }
+        }
+        drop(seen);
         for h in &handles {
             // A shard too busy to take it gets the next one: configurations are whole.
             let _ = h.tx.try_send(ShardControl::Config(config.clone()));

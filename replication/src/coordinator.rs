@@ -15,6 +15,7 @@
 //!    (one at a time); the tail sends it a snapshot.
 //! 4. A chain with every placed server in it drops a member the ring no longer places there
 //!    (a server draining, or one that moved away when another joined).
+//! 5. A member in no chain that has stopped heartbeating leaves the configuration.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -283,13 +284,14 @@ impl Coordinator {
         current(learner).is_some() && chain.tail().and_then(current).is_some_and(|t| t.learner_synced)
     }
 
-    /// Members in no chain that are gone or leaving stop being members.
+    /// Members in no chain that are gone stop being members. A drained member (draining, and in
+    /// no chain) stays one until it stops heartbeating: that configuration is how it learns it
+    /// has been drained, and it then stops. Were it dropped at once, its next heartbeat would
+    /// bring it back as a new member.
     fn remove_departed(&mut self, next: &mut ClusterConfig, now_ms: u64) {
-        let in_use = |n: NodeId| next.chains.iter().any(|c| c.position(n).is_some() || c.learner == Some(n));
         let mut gone = Vec::new();
         for m in &next.members {
-            let leaving = self.draining.contains(&m.node) || !self.alive(m.node, now_ms);
-            if leaving && !in_use(m.node) {
+            if !self.alive(m.node, now_ms) && !next.holds_any(m.node) {
                 gone.push(m.node);
             }
         }

@@ -94,6 +94,16 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
+    /// Whether `node` is in any range's chain, or learning one.
+    pub fn holds_any(&self, node: NodeId) -> bool {
+        self.chains.iter().any(|c| c.position(node).is_some() || c.learner == Some(node))
+    }
+
+    /// Whether `node` has been drained: marked draining, and in no chain any more.
+    pub fn drained(&self, node: NodeId) -> bool {
+        self.member(node).is_some_and(|m| m.draining) && !self.holds_any(node)
+    }
+
     pub fn member(&self, node: NodeId) -> Option<&Member> {
         self.members.iter().find(|m| m.node == node)
     }

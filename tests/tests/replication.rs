@@ -12,6 +12,10 @@
 //! failures: nothing acknowledged lost, nothing applied twice. The test prints the pause each
 //! kill caused (the longest wait, over workers, for the push in flight at the kill).
 //!
+//! At the end, while the workers still push, one server is drained (`tessera drain`) and must
+//! stop by itself, then a new server joins and must end up in every chain; the sums are
+//! checked on the servers left.
+//!
 //! `REPLICATION_KILLS` sets the number of server kills with etcd (default 20);
 //! `REPLICATION_KILLS_EMBEDDED` with the embedded coordinator (default 5).
 
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use tessera_client::ChainClient;
-use tessera_tests::{free_port, EtcdProc, ScratchDir, ServerProc};
+use tessera_tests::{free_port, run_tool, EtcdProc, ScratchDir, ServerProc};
 use tessera_transport::{Op, TransportConfig};
 
 const SERVERS: usize = 3;
@@ -109,7 +113,8 @@ fn kill_test(with_etcd: bool, kills: usize) {
         ServerProc::coordinator_at(&coordinators[i], &args)
     };
     let mut coordinator_procs: Vec<ServerProc> = (0..coordinators.len()).map(start_coordinator).collect();
-    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    // The last address is for a server that joins at the end.
+    let addrs: Vec<String> = (0..=SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
     let server_args = |node: usize| -> Vec<String> {
         let node = (node + 1).to_string();
         let mut args = ["--node-id", &node, "--tables", &tables, "--shards", "2", "--no-pin"].map(String::from).to_vec();
@@ -128,7 +133,7 @@ fn kill_test(with_etcd: bool, kills: usize) {
     let epoch = Instant::now();
     let mut handles = Vec::new();
     for w in 0..WORKERS {
-        let (stop, addrs) = (stop.clone(), addrs.clone());
+        let (stop, addrs) = (stop.clone(), addrs[..SERVERS].to_vec());
         handles.push(std::thread::spawn(move || {
             let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
             let mut client = ChainClient::connect(&refs, w, TransportConfig::default()).expect("connect");
@@ -172,12 +177,30 @@ fn kill_test(with_etcd: bool, kills: usize) {
             coordinator_procs[dead] = start_coordinator(dead);
         }
     }
+    // Then one server leaves for good, gracefully, while the workers push: `tessera drain`
+    // waits until it is out of every chain and the configuration, and the server stops itself.
+    let mut drain_args = vec!["drain", addrs[SERVERS - 1].as_str()];
+    drain_args.extend(find.iter().map(String::as_str));
+    let drained = run_tool(&drain_args, Duration::from_secs(60));
+    assert!(drained.status.success(), "tessera drain failed:\n{}", drained.stderr);
+    eprint!("{}", drained.stderr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while servers[SERVERS - 1].is_running() {
+        assert!(Instant::now() < deadline, "the drained server did not stop:\n{}", servers[SERVERS - 1].log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And a new server (node 4) joins while they push: it copies each range from its tail,
+    // then joins every chain at its tail.
+    servers.push(start(SERVERS));
+    wait_healed(&coordinators, None, Duration::from_secs(60));
+    eprintln!("node {} joined every chain", SERVERS + 1);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Release);
     let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("worker")).collect();
 
     // Exactly every acknowledged push, once.
-    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let live = [0, 1, SERVERS].map(|i| addrs[i].as_str());
+    let refs: Vec<&str> = live.to_vec();
     let mut checker = ChainClient::connect(&refs, 7, TransportConfig::default()).unwrap();
     let table = checker.table("w").unwrap();
     let mut values = vec![0f32; KEYS as usize];

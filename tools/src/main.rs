@@ -6,6 +6,7 @@ mod common;
 mod coordinator;
 mod demo;
 mod diskbench;
+mod drain;
 mod server;
 mod status;
 
@@ -36,9 +37,11 @@ enum Command {
     Server(server::ServerArgs),
     /// Keep a replicated cluster's configuration (members, chains, epochs) until interrupted.
     Coordinator(coordinator::CoordinatorArgs),
+    /// Remove a server from a replicated cluster gracefully, while training goes on.
+    Drain(drain::DrainArgs),
     /// Measure push and pull latency and throughput, against a raw-socket baseline.
     Bench(bench::BenchArgs),
-    /// Show a running server's tables, parts, clocks and counters.
+    /// Show a running server's tables, parts, clocks and counters, or a replicated cluster's chains.
     Status(status::StatusArgs),
     /// Take a checkpoint now, or verify and inspect a data directory.
     Checkpoint(checkpoint::CheckpointArgs),
@@ -51,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Server(args) => server::run(args),
         Command::Coordinator(args) => coordinator::run(args),
+        Command::Drain(args) => drain::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Status(args) => status::run(args),
         Command::Checkpoint(args) => checkpoint::run(args),

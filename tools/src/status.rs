@@ -87,13 +87,11 @@ pub fn run(args: StatusArgs) -> Result<()> {
 
 /// Prints a replicated cluster as its coordinator at `addr` sees it.
 fn cluster(addr: &str, json: bool) -> Result<()> {
-    let body = tessera_transport::ask(addr, Op::Status, &[], &TransportConfig::default()).with_context(|| format!("asking the coordinator at {addr}"))?;
+    let status = cluster_status(addr)?;
     if json {
-        let value: serde_json::Value = serde_json::from_slice(&body)?;
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
-    let status: ClusterStatus = serde_json::from_slice(&body).context("the coordinator's status")?;
     let r = &status.replication;
     if !status.leading {
         println!("coordinator {addr} is a standby: another coordinator leads the cluster");
@@ -136,4 +134,10 @@ fn cluster(addr: &str, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A replicated cluster's status, from its coordinator at `addr`.
+pub fn cluster_status(addr: &str) -> Result<ClusterStatus> {
+    let body = tessera_transport::ask(addr, Op::Status, &[], &TransportConfig::default()).with_context(|| format!("asking the coordinator at {addr}"))?;
+    serde_json::from_slice(&body).context("the coordinator's status")
 }

@@ -104,11 +104,14 @@ pub enum Op {
     WorkerPush = 31,
     /// The cluster's replication settings and configuration, as JSON.
     ClusterConfig = 32,
+    /// To a coordinator: drain the server whose address (or decimal node id) is the body; its
+    /// ranges move to other servers, then it leaves the configuration.
+    Drain = 33,
 }
 
 impl Op {
     /// Every op, so that decoding cannot drift from the enum.
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 15] = [
         Op::Hello,
         Op::Catalog,
         Op::CreateTable,
@@ -123,6 +126,7 @@ impl Op {
         Op::Replicate,
         Op::WorkerPush,
         Op::ClusterConfig,
+        Op::Drain,
     ];
 
     /// Decodes the low seven bits of `op`.

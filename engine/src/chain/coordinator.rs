@@ -200,6 +200,24 @@ impl CoordinatorService {
         }
     }
 
+    /// Starts draining the member named by `body` (its address, or its node id); answers its
+    /// node id.
+    fn drain(&mut self, body: &[u8], reply: &mut Reply<'_>) {
+        let name = String::from_utf8_lossy(body);
+        let Some((c, config)) = self.coordinator.as_mut().zip(self.published.as_ref()) else {
+            reply.error(Status::BadRequest, "the cluster is not born yet: nothing to drain");
+            return;
+        };
+        let Some(member) = config.members.iter().find(|m| m.addr == name || m.node.0.to_string() == name) else {
+            let members: Vec<String> = config.members.iter().map(|m| format!("{} ({})", m.addr, m.node)).collect();
+            reply.error(Status::BadRequest, &format!("no member {name:?}; the members are {}", members.join(", ")));
+            return;
+        };
+        tracing::info!(node = member.node.0, addr = %member.addr, "draining on request");
+        c.drain(member.node);
+        reply.ok_bytes(member.node.0.to_string().as_bytes());
+    }
+
     fn view_of(&self, config: Option<&Arc<ClusterConfig>>) -> ClusterView {
         ClusterView { replication: self.rcfg.clone(), config: config.map(|c| (**c).clone()) }
     }
@@ -230,8 +248,9 @@ impl Service for CoordinatorService {
                 Err(e) => reply.error(Status::Malformed, &e.to_string()),
             },
             Some(Op::ClusterConfig) => reply.ok_bytes(&serde_json::to_vec(&self.view_of(self.published.as_ref())).expect("plain data")),
+            Some(Op::Drain) => self.drain(request.body, reply),
             Some(Op::Status) => reply.ok_bytes(&serde_json::to_vec(&self.status()).expect("plain data")),
-            _ => reply.error(Status::BadRequest, "this is a coordinator: it takes heartbeats, and cluster and status requests"),
+            _ => reply.error(Status::BadRequest, "this is a coordinator: it takes heartbeats, and cluster, drain and status requests"),
         }
     }
 }
