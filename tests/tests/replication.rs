@@ -179,6 +179,11 @@ fn kill_test(with_etcd: bool, kills: usize) {
     }
     // Then one server leaves for good, gracefully, while the workers push: `tessera drain`
     // waits until it is out of every chain and the configuration, and the server stops itself.
+    // A drain of no member is refused, naming the members, and changes nothing.
+    let mut wrong = vec!["drain", "127.0.0.1:1"];
+    wrong.extend(find.iter().map(String::as_str));
+    let refused = run_tool(&wrong, Duration::from_secs(30));
+    assert!(!refused.status.success() && refused.stderr.contains("no member"), "{}", refused.stderr);
     let mut drain_args = vec!["drain", addrs[SERVERS - 1].as_str()];
     drain_args.extend(find.iter().map(String::as_str));
     let drained = run_tool(&drain_args, Duration::from_secs(60));
