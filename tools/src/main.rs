@@ -29,21 +29,16 @@ struct Cli {
     command: Command,
 }
 
+// Each subcommand's help is its arguments' doc comment (in its module): a doc comment here
+// would replace it, and `--help` would lose the long text.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train sparse logistic regression by asynchronous SGD through a parameter server.
     Demo(demo::DemoArgs),
-    /// Run a server until interrupted.
     Server(server::ServerArgs),
-    /// Keep a replicated cluster's configuration (members, chains, epochs) until interrupted.
     Coordinator(coordinator::CoordinatorArgs),
-    /// Remove a server from a replicated cluster gracefully, while training goes on.
     Drain(drain::DrainArgs),
-    /// Measure push and pull latency and throughput, against a raw-socket baseline.
     Bench(bench::BenchArgs),
-    /// Show a running server's tables, parts, clocks and counters, or a replicated cluster's chains.
     Status(status::StatusArgs),
-    /// Take a checkpoint now, or verify and inspect a data directory.
     Checkpoint(checkpoint::CheckpointArgs),
 }
 

@@ -9,7 +9,9 @@ use tessera_transport::{Op, TransportConfig};
 
 use crate::common::{addresses, EtcdArgs};
 
-/// Show each server's tables, the part each shard owns, its vector-clock stamp and its counters.
+/// Show each server's tables, parts, clocks and counters, or a replicated cluster's chains.
+///
+/// Per server: its tables, the part each shard owns, its vector-clock stamp and its counters.
 ///
 /// With --coordinator (or --etcd), show a replicated cluster instead: its members, each range's
 /// chain (head first) and epoch, each replica's lag behind the head in clock ticks (pushes not
