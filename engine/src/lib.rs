@@ -40,5 +40,5 @@ pub mod wal;
 
 pub use config::EngineConfig;
 pub use error::{EngineError, Result};
-pub use server::{Server, ServerConfig};
+pub use server::{pin_beside_shards, Server, ServerConfig};
 pub use updater::{Updater, UpdaterRegistry};

@@ -574,6 +574,17 @@ fn allowed_cores() -> Vec<usize> {
     }
 }
 
+/// Pins the calling thread to the core after those a pinned server's `shards` shards take (they
+/// take the allowed cores in order), so a client thread in the same process (`tessera bench`)
+/// spins on a core of its own, as perftest's pinned pair does. Returns the core, or `None` when
+/// the process may use no core beyond the shards'.
+pub fn pin_beside_shards(shards: usize) -> Option<usize> {
+    let cores = allowed_cores();
+    let core = *cores.get(shards)?;
+    pin_to(core);
+    Some(core)
+}
+
 /// Pins the calling thread to `core`; a refusal (containers, cgroups) is logged and ignored.
 fn pin_to(core: usize) {
     let mut set = rustix::process::CpuSet::new();

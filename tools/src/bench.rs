@@ -141,7 +141,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let addrs = match &args.connect {
         Some(list) => addresses(list),
         None => {
-            let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new(), false, &args.net), UpdaterRegistry::new())?;
+            let cfg = args.engine.server_config("127.0.0.1:0", Vec::new(), false, &args.net);
+            let (pinned, shards) = (cfg.engine.pin_cores, cfg.engine.shards as usize);
+            let server = Server::start(cfg, UpdaterRegistry::new())?;
+            if pinned {
+                // Shards and the bench's worker each spin on a core of their own, as perftest's
+                // pinned server and client do.
+                match tessera_engine::pin_beside_shards(shards) {
+                    Some(core) => tracing::info!(core, "bench worker pinned beside the shards"),
+                    None => tracing::warn!(shards, "no core left beside the shards; the bench worker is not pinned"),
+                }
+            }
             let addr = server.local_addr().to_string();
             _embedded = server;
             vec![addr]

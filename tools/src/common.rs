@@ -83,7 +83,8 @@ pub struct EngineArgs {
     /// Largest frame accepted, in bytes (requests and replies).
     #[arg(long, default_value_t = tessera_transport::config::FRAME_BYTES_MAX_DEFAULT)]
     pub frame_bytes_max: usize,
-    /// Pin each shard thread to its own core. The default for `tessera server`.
+    /// Pin each shard thread to its own core. The default for `tessera server`. In `tessera
+    /// bench`, also pins the bench's worker to the next core, as perftest pins its pair.
     #[arg(long, conflicts_with = "no_pin")]
     pub pin: bool,
     /// Do not pin shard threads. The default for the server `demo` and `bench` embed, whose own
