@@ -57,6 +57,11 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// Whether `node` is in this chain or learning it.
+    pub fn holds(&self, node: NodeId) -> bool {
+        self.nodes.contains(&node) || self.learner == Some(node)
+    }
+
     pub fn head(&self) -> Option<NodeId> {
         self.nodes.first().copied()
     }
@@ -96,7 +101,7 @@ pub struct ClusterConfig {
 impl ClusterConfig {
     /// Whether `node` is in any range's chain, or learning one.
     pub fn holds_any(&self, node: NodeId) -> bool {
-        self.chains.iter().any(|c| c.position(node).is_some() || c.learner == Some(node))
+        self.chains.iter().any(|c| c.holds(node))
     }
 
     /// Whether `node` has been drained: marked draining, and in no chain any more.

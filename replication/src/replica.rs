@@ -30,12 +30,13 @@ pub trait Store {
     /// Applies a worker's push to `range` (on the head) and folds its effect into `delta`, the
     /// update the head forwards; `delta` is empty at the start of each batch.
     fn apply_push(&mut self, range: RangeId, payload: &[u8], delta: &mut Vec<u8>);
-    /// Applies an update the predecessor forwarded.
-    fn apply_delta(&mut self, range: RangeId, delta: &[u8]);
+    /// Applies an update the predecessor forwarded, or none of it: an update that does not fit
+    /// what the store holds (corrupt, or from a hostile sender) is refused with the reason.
+    fn apply_delta(&mut self, range: RangeId, delta: &[u8]) -> Result<(), String>;
     /// The range's data, whole.
     fn snapshot(&self, range: RangeId) -> Vec<u8>;
-    /// Replaces the range's data with a snapshot.
-    fn install(&mut self, range: RangeId, data: &[u8]);
+    /// Replaces the range's data with a snapshot, or refuses it whole, as `apply_delta` does.
+    fn install(&mut self, range: RangeId, data: &[u8]) -> Result<(), String>;
     /// Forgets the range: this server no longer holds it.
     fn drop_range(&mut self, range: RangeId);
     /// The head's batch for `range` closes: finish `delta` (a store that records what pushes
@@ -224,6 +225,26 @@ pub struct ReplicaStats {
     pub snapshots_sent: u64,
     /// Messages dropped because they belong to another epoch or come from a stranger.
     pub stale_dropped: u64,
+    /// Messages from a peer refused, nothing of them applied: updates and snapshots whose clock
+    /// has another width than the range's or goes backwards, or that the store could not apply;
+    /// acknowledgements of versions this replica never had; requests for updates it no longer
+    /// keeps. Replicas of one build never send such a thing; a corrupt or hostile message does
+    /// (see [`Replica::take_refusals`]). The simulator's checker fails on any.
+    pub refused: u64,
+}
+
+/// Refusals kept for [`Replica::take_refusals`] between two calls; more are only counted.
+const REFUSALS_KEPT: usize = 16;
+
+/// Why an update or snapshot's clock `new` cannot follow the range's clock `old`.
+fn clock_misfit(old: &[u32], new: &[u32], installed: bool) -> Option<String> {
+    if old.len() != new.len() {
+        Some(format!("its clock has {} entries, the range's {}", new.len(), old.len()))
+    } else if installed && old.iter().zip(new).any(|(o, n)| n < o) {
+        Some("its clock goes backwards".into())
+    } else {
+        None
+    }
 }
 
 /// One server's replication state machine.
@@ -241,6 +262,8 @@ pub struct Replica<S> {
     heartbeat_due_ms: u64,
     canary: Canary,
     stats: ReplicaStats,
+    /// Peer messages refused since the driver last asked, with the reason.
+    refusals: Vec<(RangeId, String)>,
     /// Range holdings created so far (see `RangeState::generation`).
     generations: u64,
 }
@@ -264,6 +287,7 @@ impl<S: Store> Replica<S> {
             heartbeat_due_ms: 0,
             canary: Canary::None,
             stats: ReplicaStats::default(),
+            refusals: Vec::new(),
             generations: 0,
         }
     }
@@ -289,6 +313,20 @@ impl<S: Store> Replica<S> {
 
     pub fn stats(&self) -> &ReplicaStats {
         &self.stats
+    }
+
+    /// Peer messages refused since the last call, with the reason (at most a few; `stats`
+    /// counts all), for the driver to log.
+    pub fn take_refusals(&mut self) -> Vec<(RangeId, String)> {
+        std::mem::take(&mut self.refusals)
+    }
+
+    /// Refuses a peer's message about `range`, having applied none of it.
+    fn refuse(&mut self, range: RangeId, reason: String) {
+        self.stats.refused += 1;
+        if self.refusals.len() < REFUSALS_KEPT {
+            self.refusals.push((range, reason));
+        }
     }
 
     pub fn config(&self) -> Option<&Arc<ClusterConfig>> {
@@ -534,13 +572,12 @@ impl<S: Store> Replica<S> {
             return; // a learner waiting for its snapshot
         }
         if entry.version == st.version + 1 {
-            assert_eq!(entry.clock.len(), st.clock.len(), "range {range}: clocks of one range have one width");
-            assert!(
-                st.clock.iter().zip(entry.clock.iter()).all(|(old, new)| new >= old),
-                "range {range}: vector clock went backwards at version {}",
-                entry.version
-            );
-            self.store.apply_delta(range, &entry.delta);
+            let refused = clock_misfit(&st.clock, &entry.clock, true).map_or_else(|| self.store.apply_delta(range, &entry.delta), Err);
+            if let Err(reason) = refused {
+                self.refuse(range, format!("update {} from node {from}: {reason}", entry.version));
+                return;
+            }
+            let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
             st.clock.copy_from_slice(&entry.clock);
             st.version = entry.version;
             self.after_apply(range, entry);
@@ -590,11 +627,13 @@ impl<S: Store> Replica<S> {
             l.synced = false;
             st.progress_ms = 0;
         } else {
-            panic!(
-                "range {range}: successor {from} holds version {held}, and this replica no longer keeps {} (its log starts at {:?})",
+            let reason = format!(
+                "a need from node {from}, which holds version {held}: this replica no longer keeps {} (its log starts at {:?})",
                 held + 1,
                 st.log.front().map(|e| e.version)
             );
+            self.refuse(range, reason);
+            return;
         }
         self.resend(range);
     }
@@ -617,7 +656,11 @@ impl<S: Store> Replica<S> {
         let Some(place) = self.expect_from(range, epoch, from, false) else { return };
         let now = self.now_ms;
         let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
-        assert!(version <= st.version, "range {range}: {from} acknowledged version {version}, past ours ({})", st.version);
+        if version > st.version {
+            let reason = format!("an acknowledgement from node {from} of version {version}, past ours ({})", st.version);
+            self.refuse(range, reason);
+            return;
+        }
         if place.succ == Some(from) {
             // The tail holds `version`: committed here and upstream.
             if version > st.committed {
@@ -653,17 +696,14 @@ impl<S: Store> Replica<S> {
 
     fn on_snapshot(&mut self, from: NodeId, range: RangeId, epoch: Epoch, version: u64, clock: &[u32], data: &[u8]) {
         let Some(place) = self.expect_from(range, epoch, from, true) else { return };
-        let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
+        let st = self.ranges[range.0 as usize].as_ref().expect("checked by expect_from");
         if !st.installed || version > st.version {
-            assert_eq!(clock.len(), st.clock.len(), "range {range}: clocks of one range have one width");
-            if st.installed {
-                assert!(
-                    st.clock.iter().zip(clock).all(|(old, new)| new >= old),
-                    "range {range}: a snapshot at version {version} has an older clock than version {}",
-                    st.version
-                );
+            let refused = clock_misfit(&st.clock, clock, st.installed).map_or_else(|| self.store.install(range, data), Err);
+            if let Err(reason) = refused {
+                self.refuse(range, format!("snapshot at version {version} from node {from}: {reason}"));
+                return;
             }
-            self.store.install(range, data);
+            let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
             st.clock.copy_from_slice(clock);
             st.version = version;
             st.installed = true;
@@ -672,7 +712,7 @@ impl<S: Store> Replica<S> {
             // lacks the difference asks (Need) and gets a snapshot in turn.
             st.log.clear();
         }
-        let version = st.version;
+        let version = self.ranges[range.0 as usize].as_ref().expect("checked by expect_from").version;
         if place.is_learner {
             self.send(from, Msg::Ack { range, epoch, version });
         } else if place.is_tail() {
@@ -915,5 +955,29 @@ mod tests {
         // A worker pushing to a non-head is told so.
         nodes[1].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
         assert!(matches!(nodes[1].take_ready().as_slice(), [(Addr::Worker(_), Msg::NotHead { .. })]));
+    }
+
+    #[test]
+    fn an_update_or_snapshot_whose_clock_does_not_fit_is_refused_whole() {
+        let mut nodes = cluster();
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+        settle(&mut nodes);
+        let (range, epoch) = (RangeId(0), Epoch(1));
+        // From the right predecessor in the right epoch, so only the clocks give them away: one
+        // of another width, one behind what node 1 holds.
+        let forward = Msg::Forward { range, epoch, version: 2, clock: vec![0u32, 1, 7].into(), delta: encode(&[9, 0]).into() };
+        let snapshot = Msg::Snapshot { range, epoch, version: 5, clock: vec![0u32, 0].into(), data: encode(&[9, 0]).into() };
+        nodes[1].step(1, Addr::Node(NodeId(0)), forward);
+        nodes[1].step(1, Addr::Node(NodeId(0)), snapshot);
+        assert!(nodes[1].take_ready().is_empty(), "nothing acknowledged");
+        assert_eq!(nodes[1].stats().refused, 2);
+        let refusals = nodes[1].take_refusals();
+        assert!(refusals[0].1.contains("clock has 3 entries") && refusals[1].1.contains("goes backwards"), "{refusals:?}");
+        let st = nodes[1].range_state(range).unwrap();
+        assert_eq!((value(&nodes[1]), st.version, st.clock), (5, 1, &[0u32, 1][..]));
+        // The chain goes on as before.
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(2, 2));
+        assert_eq!(settle(&mut nodes), vec![Msg::PushAck { range, seq: 2 }]);
+        assert!(nodes.iter().all(|n| value(n) == 7));
     }
 }

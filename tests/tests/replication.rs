@@ -240,3 +240,170 @@ fn kill_test(with_etcd: bool, kills: usize) {
     drop(servers);
     drop(coordinator_procs);
 }
+
+/// Sends `body` as one `op` request on shard 0 of `addr`, claiming to be node or worker `from`;
+/// returns the server's error message, or `None` if it answered Ok.
+fn forged(addr: &str, op: Op, from: u32, body: &[u8]) -> Option<String> {
+    let (mut link, _) = tessera_transport::tcp::TcpLink::connect(addr, 0, from, &TransportConfig::default()).expect("connect");
+    let mut header = tessera_transport::Header::request(op, 1);
+    header.worker = from;
+    match tessera_transport::call(&mut link, &mut header, body, Some(Duration::from_secs(10))) {
+        Ok(_) => None,
+        Err(tessera_transport::TransportError::Refused { reason }) => Some(reason),
+        Err(e) => panic!("the server did not answer a forged {op:?}: {e}"),
+    }
+}
+
+/// A peer message, encoded.
+fn peer_msg(msg: &tessera_replication::protocol::Msg) -> Vec<u8> {
+    let mut out = Vec::new();
+    tessera_replication::codec::encode(msg, &mut out);
+    out
+}
+
+/// Node `node`'s report of `range` in a coordinator status: (version, ticks).
+fn report(status: &serde_json::Value, node: u64, range: u64) -> (u64, u64) {
+    let r = status["reports"][node.to_string()].as_array().and_then(|rs| rs.iter().find(|r| r["range"] == range)).expect("a report");
+    (r["version"].as_u64().unwrap(), r["ticks"].as_u64().unwrap())
+}
+
+/// Forged and malformed replication frames (`Replicate` from a "peer", `WorkerPush` from a
+/// "worker") sent to the middle of a real chain: each is refused or ignored, no server
+/// crashes, and nothing of them is applied. Then the head and the tail are killed, so the
+/// middle serves alone, and every key must hold exactly the sum of the real pushes.
+#[test]
+fn forged_and_malformed_replication_frames_change_nothing() {
+    use tessera_replication::codec::PushHeader;
+    use tessera_replication::protocol::{Epoch, Msg, RangeId, WorkerId};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-hostile");
+    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n"));
+    let tables = tables.to_str().unwrap().to_string();
+    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
+    let _coord = ServerProc::coordinator_at(
+        &coordinator[0],
+        &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "500"],
+    );
+    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut servers: Vec<ServerProc> = (0..SERVERS)
+        .map(|i| {
+            let node = (i + 1).to_string();
+            ServerProc::start_at(&addrs[i], &["--node-id", &node, "--tables", &tables, "--shards", "1", "--no-pin", "--coordinator", &coordinator[0]])
+        })
+        .collect();
+    wait_healed(&coordinator, None, Duration::from_secs(30));
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let mut client = ChainClient::connect(&refs, 0, TransportConfig::default()).expect("connect");
+    let table = client.table("w").expect("table w");
+    let grads: Vec<f32> = (0..KEYS).map(|k| grad(0, k)).collect();
+    let rounds = 5;
+    for clock in 1..=rounds {
+        client.set_clock(clock);
+        client.push_range(&table, 0, &grads).unwrap();
+    }
+
+    // Range 0's chain, and what its middle holds once the reports are in.
+    let quiet = || {
+        std::thread::sleep(Duration::from_millis(600));
+        status(&coordinator).expect("a status")
+    };
+    let s = quiet();
+    let chain = &s["config"]["chains"][0];
+    let nodes: Vec<u64> = chain["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+    let (head, middle, tail) = (nodes[0], nodes[1], nodes[2]);
+    let epoch = Epoch(chain["epoch"].as_u64().unwrap());
+    let before = report(&s, middle, 0);
+    let at = addrs[middle as usize - 1].as_str();
+    let range = RangeId(0);
+
+    // Updates in the right epoch, "from" the right predecessor, each wrong in one way.
+    let record = |table: u32, keys: (u64, u64), advances: &[(u32, u64)], state: &[f32]| {
+        let mut out = Vec::new();
+        out.extend_from_slice(&table.to_le_bytes());
+        out.extend_from_slice(&(advances.len() as u32).to_le_bytes());
+        out.extend_from_slice(&keys.0.to_le_bytes());
+        out.extend_from_slice(&keys.1.to_le_bytes());
+        for (w, c) in advances {
+            out.extend_from_slice(&w.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+        state.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        out
+    };
+    let high: Arc<[u32]> = vec![u32::MAX; 8].into();
+    type Bad = (&'static str, Arc<[u32]>, Vec<u8>);
+    let bad_updates: Vec<Bad> = vec![
+        ("a clock of another width", vec![u32::MAX; 7].into(), record(0, (0, 1), &[], &[1.0])),
+        ("a truncated record", high.clone(), vec![1, 2, 3, 4, 5]),
+        ("an unknown table", high.clone(), record(99, (0, 1), &[], &[1.0])),
+        ("keys outside the part", high.clone(), record(0, (0, 1 << 40), &[], &[1.0])),
+        ("a worker past the clocks", high.clone(), record(0, (0, 1), &[(99, 1)], &[1.0])),
+        ("a NaN value", high.clone(), record(0, (0, 1), &[], &[f32::NAN])),
+        ("the wrong state length", high.clone(), record(0, (0, 2), &[], &[1.0])),
+    ];
+    let version = before.0 + 1;
+    for (what, clock, delta) in bad_updates {
+        let forward = Msg::Forward { range, epoch, version, clock: clock.clone(), delta: delta.clone().into() };
+        assert_eq!(forged(at, Op::Replicate, head as u32, &peer_msg(&forward)), None, "{what}: the frame itself is well formed");
+        let snapshot = Msg::Snapshot { range, epoch, version: version + 10, clock, data: delta.into() };
+        assert_eq!(forged(at, Op::Replicate, head as u32, &peer_msg(&snapshot)), None, "{what}");
+    }
+    // An acknowledgement "from" the tail of a version never sent, a request for updates the
+    // middle never had, and messages a peer may not send.
+    assert_eq!(forged(at, Op::Replicate, tail as u32, &peer_msg(&Msg::Ack { range, epoch, version: 1 << 40 })), None);
+    assert_eq!(forged(at, Op::Replicate, tail as u32, &peer_msg(&Msg::Need { range, epoch, version: 0 })), None);
+    let push = Msg::Push { range, worker: WorkerId(0), seq: 1, payload: vec![0u8; 4].into() };
+    assert!(forged(at, Op::Replicate, head as u32, &peer_msg(&push)).is_some_and(|e| e.contains("may not send")));
+    // Bytes that are no message at all.
+    for junk in [&[][..], &[200][..], &[2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff][..], &[7u8; 300][..]] {
+        assert!(forged(at, Op::Replicate, head as u32, junk).is_some(), "{junk:?} is refused");
+        // An empty WorkerPush is a worker polling for acknowledgements: answered, not refused.
+        assert_eq!(forged(at, Op::WorkerPush, 3, junk).is_some(), !junk.is_empty(), "{junk:?}");
+    }
+    // Worker pushes, to the head, each wrong in one way.
+    let head_at = addrs[head as usize - 1].as_str();
+    let header = PushHeader { table: 0, dim: 1, start: 0, count: 1, worker: 3, clock: 1 };
+    let bad_pushes: Vec<(&str, u32, RangeId, Vec<u8>)> = vec![
+        ("an unknown table", 3, range, PushHeader { table: 9, ..header }.payload(&[1.0])),
+        ("the wrong dim", 3, range, PushHeader { dim: 2, ..header }.payload(&[1.0, 1.0])),
+        ("values of the wrong length", 3, range, { let mut p = header.payload(&[1.0]); p.extend_from_slice(&[0; 4]); p }),
+        ("keys outside the range", 3, range, PushHeader { start: KEYS - 1, ..header }.payload(&[1.0])),
+        ("a range that does not exist", 3, RangeId(77), header.payload(&[1.0])),
+        ("another worker's name", 4, range, header.payload(&[1.0])),
+        ("a NaN gradient", 3, range, header.payload(&[f32::NAN])),
+        ("a worker past the clocks", 99, range, PushHeader { worker: 99, ..header }.payload(&[1.0])),
+    ];
+    for (what, sender, range, payload) in bad_pushes {
+        let msg = Msg::Push { range, worker: WorkerId(3), seq: 1, payload: payload.into() };
+        let refused = forged(head_at, Op::WorkerPush, sender, &peer_msg(&msg));
+        assert!(refused.is_some(), "a push with {what} is refused");
+    }
+
+    // Nothing changed on the middle, every server still runs, and the refusals were logged.
+    let s = quiet();
+    assert_eq!(report(&s, middle, 0), before, "the middle's version and clock ticks are unchanged");
+    for (i, server) in servers.iter_mut().enumerate() {
+        assert!(server.is_running(), "server {} died:\n{}", i + 1, server.log());
+    }
+    assert!(servers[middle as usize - 1].wait_for_log("refused a replicated update", Duration::from_secs(5)));
+
+    // The chain goes on, and its middle alone holds exactly the real pushes.
+    for clock in rounds + 1..=2 * rounds {
+        client.set_clock(clock);
+        client.push_range(&table, 0, &grads).unwrap();
+    }
+    servers[head as usize - 1].kill();
+    servers[tail as usize - 1].kill();
+    let mut alone = ChainClient::connect(&[at], 1, TransportConfig::default()).expect("connect to the middle");
+    let table = alone.table("w").unwrap();
+    let mut values = vec![0f32; KEYS as usize];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = alone.pull_range(&table, 0, &mut values) {
+        assert!(Instant::now() < deadline, "the middle did not serve alone within 30 s: {e}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for k in 0..KEYS {
+        assert_eq!(values[k as usize], 2.0 * rounds as f32 * grad(0, k), "key {k}");
+    }
+}

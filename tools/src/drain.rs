@@ -56,7 +56,7 @@ pub fn run(args: DrainArgs) -> Result<()> {
                 eprintln!("node {node} is drained after {:.1} s: it holds no range, and the server stops by itself", started.elapsed().as_secs_f64());
                 return Ok(());
             }
-            let left = config.chains.iter().filter(|c| c.nodes.contains(&node) || c.learner == Some(node)).count();
+            let left = config.chains.iter().filter(|c| c.holds(node)).count();
             if shown != Some(left) {
                 eprintln!("  {left} of {} ranges still on node {node}", config.chains.len());
                 shown = Some(left);

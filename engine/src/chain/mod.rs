@@ -113,6 +113,9 @@ impl ChainShard {
 
     /// Sends what the replica produced: to peers, the coordinator, or workers' mailboxes.
     fn route(&mut self) {
+        for (range, reason) in self.replica.take_refusals() {
+            tracing::warn!(shard = self.shard, %range, reason, "refused a replicated update; nothing of it was applied");
+        }
         for (to, msg) in self.replica.take_ready() {
             match (to, msg) {
                 (Addr::Node(node), msg) => self.outbox.to_node(node, self.shard, msg),

@@ -115,12 +115,21 @@ impl ChainStore {
             if keys.is_empty() || keys.start < owned.start || keys.end > owned.end {
                 return Err(corrupt(format!("keys {keys:?} outside the part {owned:?}")));
             }
-            let mut advances = Vec::with_capacity(n.min(4096));
+            let workers_max = part.clocks().workers_max();
+            let mut advances = Vec::with_capacity(n.min(workers_max));
             for _ in 0..n {
                 let a = take(16)?;
-                advances.push((u32::from_le_bytes(a[0..4].try_into().expect("4 bytes")), le(&a[8..16])));
+                let (worker, clock) = (u32::from_le_bytes(a[0..4].try_into().expect("4 bytes")), le(&a[8..16]));
+                if worker as usize >= workers_max || clock > CLOCK_MAX {
+                    return Err(corrupt(format!("clock {clock} of worker {worker} (the table tracks {workers_max} workers, clocks to {CLOCK_MAX})")));
+                }
+                advances.push((worker, clock));
             }
             let state = take(part.exported_len(keys.end - keys.start))?;
+            // Values and updater state are f32s, and a push never leaves one that is not finite.
+            if state.chunks_exact(4).any(|f| !f32::from_le_bytes(f.try_into().expect("4 bytes")).is_finite()) {
+                return Err(corrupt(format!("a value of table {table} keys {keys:?} is not finite")));
+            }
             left -= 24 + 16 * n + state.len();
             out.push(Rec { table, keys, advances, state });
         }
@@ -128,13 +137,11 @@ impl ChainStore {
     }
 
     /// Applies an update or a snapshot: clocks first, then state (which restamps the blocks).
-    fn apply(&mut self, range: RangeId, bytes: &[u8]) {
-        let records = match self.records(range, bytes) {
-            Ok(r) => r,
-            // The predecessor runs this same code: a record that does not fit is a bug, or a
-            // server of another build. Applying half of it would make the replicas differ.
-            Err(e) => panic!("{e}"),
-        };
+    /// One whose records do not all fit the parts (a corrupt or hostile message, or a server of
+    /// another build) is refused before anything of it is applied: half of it would make the
+    /// replicas differ.
+    fn apply(&mut self, range: RangeId, bytes: &[u8]) -> std::result::Result<(), String> {
+        let records = self.records(range, bytes).map_err(|e| e.to_string())?;
         for rec in records {
             let part = self.part(rec.table).expect("checked by records()");
             for (worker, clock) in rec.advances {
@@ -144,6 +151,7 @@ impl ChainStore {
             }
             part.import_keys(rec.keys, rec.state).expect("checked by records()");
         }
+        Ok(())
     }
 }
 
@@ -187,8 +195,8 @@ impl Store for ChainStore {
         }
     }
 
-    fn apply_delta(&mut self, range: RangeId, delta: &[u8]) {
-        self.apply(range, delta);
+    fn apply_delta(&mut self, range: RangeId, delta: &[u8]) -> std::result::Result<(), String> {
+        self.apply(range, delta)
     }
 
     fn snapshot(&self, range: RangeId) -> Vec<u8> {
@@ -214,8 +222,8 @@ impl Store for ChainStore {
         out
     }
 
-    fn install(&mut self, range: RangeId, data: &[u8]) {
-        self.apply(range, data);
+    fn install(&mut self, range: RangeId, data: &[u8]) -> std::result::Result<(), String> {
+        self.apply(range, data)
     }
 
     fn drop_range(&mut self, range: RangeId) {

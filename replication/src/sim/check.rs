@@ -57,6 +57,11 @@ impl Checker {
     pub fn step(&mut self, now: u64, nodes: &Nodes) -> Result<(), String> {
         for replica in nodes.iter().flatten() {
             let node = replica.id();
+            if replica.stats().refused > 0 {
+                // Nothing in the simulation is hostile: a refused message is one the protocol
+                // sent wrong (a clock that went backwards, an ack of a version never sent...).
+                return Err(format!("node {node} refused {} peer messages", replica.stats().refused));
+            }
             for (range, epoch) in replica.heads() {
                 let head = *self.heads.entry((range, epoch)).or_insert(node);
                 if head != node {

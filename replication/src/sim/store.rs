@@ -43,16 +43,18 @@ impl Store for SimStore {
         *delta = encode(&sum);
     }
 
-    fn apply_delta(&mut self, range: RangeId, delta: &[u8]) {
+    fn apply_delta(&mut self, range: RangeId, delta: &[u8]) -> Result<(), String> {
         add(self.ranges.entry(range).or_default(), &decode(delta));
+        Ok(())
     }
 
     fn snapshot(&self, range: RangeId) -> Vec<u8> {
         encode(&self.ranges.get(&range).copied().unwrap_or_default())
     }
 
-    fn install(&mut self, range: RangeId, data: &[u8]) {
+    fn install(&mut self, range: RangeId, data: &[u8]) -> Result<(), String> {
         self.ranges.insert(range, decode(data));
+        Ok(())
     }
 
     fn drop_range(&mut self, range: RangeId) {
