@@ -291,6 +291,21 @@ impl EtcdProc {
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
+
+    /// Freezes etcd (SIGSTOP): it holds its connections and answers nothing, as a hung or
+    /// partitioned etcd does, until [`resume`](Self::resume).
+    pub fn freeze(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid} failed");
 }
 
 /// What a finished `tessera` invocation printed.

@@ -407,3 +407,91 @@ fn forged_and_malformed_replication_frames_change_nothing() {
         assert_eq!(values[k as usize], 2.0 * rounds as f32 * grad(0, k), "key {k}");
     }
 }
+
+/// etcd hangs for longer than the coordinators' lease while a worker trains: pushes go on
+/// being acknowledged (the data path does not touch etcd). Once etcd answers again, a
+/// coordinator leads (restarted if it gave up its leadership), and a server killed after that
+/// is replaced in its chains as usual.
+#[test]
+fn training_goes_on_while_etcd_hangs_and_the_cluster_heals_after() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-etcd-outage");
+    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n"));
+    let tables = tables.to_str().unwrap().to_string();
+    let etcd = EtcdProc::start();
+    let coordinators = vec![format!("127.0.0.1:{}", free_port())];
+    let start_coordinator = || {
+        ServerProc::coordinator_at(
+            &coordinators[0],
+            &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "500", "--etcd", etcd.endpoint()],
+        )
+    };
+    let mut coordinator = start_coordinator();
+    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let start = |i: usize| {
+        let node = (i + 1).to_string();
+        ServerProc::start_at(&addrs[i], &["--node-id", &node, "--tables", &tables, "--shards", "1", "--no-pin", "--etcd", etcd.endpoint()])
+    };
+    let mut servers: Vec<ServerProc> = (0..SERVERS).map(start).collect();
+    wait_healed(&coordinators, None, Duration::from_secs(30));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let epoch = Instant::now();
+    let worker = {
+        let (stop, addrs) = (stop.clone(), addrs.clone());
+        std::thread::spawn(move || {
+            let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            let mut client = ChainClient::connect(&refs, 0, TransportConfig::default()).expect("connect");
+            let table = client.table("w").expect("table w");
+            let grads: Vec<f32> = (0..KEYS).map(|k| grad(0, k)).collect();
+            let mut done_at = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                client.set_clock(done_at.len() as u64 + 1);
+                client.push_range(&table, 0, &grads).expect("a push is eventually acknowledged");
+                done_at.push(epoch.elapsed());
+            }
+            done_at
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let frozen_at = epoch.elapsed();
+    etcd.freeze();
+    std::thread::sleep(Duration::from_secs(4));
+    let resumed_at = epoch.elapsed();
+    etcd.resume();
+    // A coordinator whose lease lapsed stops leading and exits once etcd tells it so, for its
+    // supervisor to restart; here the test is the supervisor. The lease is 2 s, so a
+    // coordinator that still leads 3 s after etcd is back kept it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut restarted = false;
+    while epoch.elapsed() < resumed_at + Duration::from_secs(3) || leader(&coordinators).is_none() {
+        if !coordinator.is_running() {
+            assert!(coordinator.log().contains("lease has lapsed"), "the coordinator died otherwise:\n{}", coordinator.log());
+            coordinator = start_coordinator();
+            restarted = true;
+        }
+        assert!(Instant::now() < deadline, "no coordinator leads 30 s after etcd came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("a coordinator leads {:?} after etcd came back (restarted: {restarted})", epoch.elapsed() - resumed_at);
+    let old = status(&coordinators).and_then(|s| incarnation(&s, 1));
+    servers[0].kill();
+    std::thread::sleep(Duration::from_millis(300));
+    servers[0] = start(0);
+    wait_healed(&coordinators, Some((1, old)), Duration::from_secs(60));
+    stop.store(true, Ordering::Release);
+    let done_at = worker.join().expect("worker");
+    let during = done_at.iter().filter(|t| **t > frozen_at && **t < resumed_at).count();
+    eprintln!("etcd outage: {during} pushes acknowledged during the 4 s etcd was frozen, {} in all", done_at.len());
+    assert!(during > 10, "only {during} pushes acknowledged while etcd was frozen");
+
+    let mut checker = ChainClient::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), 7, TransportConfig::default()).unwrap();
+    let table = checker.table("w").unwrap();
+    let mut values = vec![0f32; KEYS as usize];
+    checker.pull_range(&table, 0, &mut values).unwrap();
+    for k in 0..KEYS {
+        assert_eq!(values[k as usize], done_at.len() as f32 * grad(0, k), "key {k}");
+    }
+    drop(servers);
+    drop(coordinator);
+}

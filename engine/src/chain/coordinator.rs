@@ -39,6 +39,11 @@ pub trait ConfigStore: Send + std::fmt::Debug {
     /// Stores `view`, which follows the configuration last read or stored, atomically. An error
     /// means this coordinator must stop: it no longer leads, or cannot reach the store.
     fn store(&mut self, view: &ClusterView) -> Result<()>;
+    /// Whether this coordinator, leading, still may: asked each tick (so it must not block). An
+    /// error means it must stop at once, before it answers anyone as the leader again.
+    fn still_leads(&self) -> Result<()> {
+        Ok(())
+    }
     /// Where the configuration is kept, for logs.
     fn describe(&self) -> String;
 }
@@ -127,7 +132,14 @@ impl CoordinatorService {
 
     /// Asks the store whether this coordinator leads yet, and takes over when it does.
     fn stand(&mut self) {
-        if self.leading || self.stopped.is_some() {
+        if self.stopped.is_some() {
+            return;
+        }
+        if self.leading {
+            if let Err(e) = self.store.still_leads() {
+                tracing::error!(error = %e, "this coordinator stops");
+                self.stopped = Some(e);
+            }
             return;
         }
         match self.store.lead(&self.addr) {
@@ -296,6 +308,9 @@ impl CoordinatorHandle {
             .spawn(move || {
                 while !flag.load(Ordering::Acquire) {
                     service.stand();
+                    if let Some(e) = service.stopped.take() {
+                        return Err(e);
+                    }
                     if let Err(e) = ep.poll(&mut service, Some(TICK)) {
                         tracing::error!(error = %e, "coordinator poll failed");
                     }

@@ -238,6 +238,13 @@ impl ConfigStore for EtcdStore {
         Ok(Lead::Leading(stored.map(|(view, _)| view)))
     }
 
+    fn still_leads(&self) -> Result<()> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(EngineError::LostLeadership { reason: "its etcd lease lapsed".into() });
+        }
+        Ok(())
+    }
+
     fn store(&mut self, view: &ClusterView) -> Result<()> {
         let leader = self.leader.as_ref().ok_or_else(|| EngineError::LostLeadership { reason: "it never led".into() })?;
         if self.lost.load(Ordering::Acquire) {
