@@ -36,6 +36,12 @@ fn grad(worker: u32, key: u64) -> f32 {
     (worker + 1) as f32 * ((key % 5) + 1) as f32
 }
 
+/// Writes the tests' one table, dense `w` of `KEYS` keys summed, into `dir`; returns its path.
+fn sum_table(dir: &ScratchDir) -> String {
+    let text = format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n");
+    dir.write("tables.toml", &text).to_str().unwrap().to_string()
+}
+
 /// One kill test at a time: they measure pauses.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -95,8 +101,7 @@ fn training_survives_kill_9_of_servers_with_the_embedded_coordinator() {
 fn kill_test(with_etcd: bool, kills: usize) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication");
-    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n"));
-    let tables = tables.to_str().unwrap().to_string();
+    let tables = sum_table(&dir);
     let etcd = with_etcd.then(EtcdProc::start);
     // Where servers find the coordinator: etcd, or the one coordinator's address.
     let coordinators: Vec<String> = (0..if with_etcd { 2 } else { 1 }).map(|_| format!("127.0.0.1:{}", free_port())).collect();
@@ -277,8 +282,7 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     use tessera_replication::protocol::{Epoch, Msg, RangeId, WorkerId};
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication-hostile");
-    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n"));
-    let tables = tables.to_str().unwrap().to_string();
+    let tables = sum_table(&dir);
     let coordinator = vec![format!("127.0.0.1:{}", free_port())];
     let _coord = ServerProc::coordinator_at(
         &coordinator[0],
@@ -416,8 +420,7 @@ fn forged_and_malformed_replication_frames_change_nothing() {
 fn training_goes_on_while_etcd_hangs_and_the_cluster_heals_after() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication-etcd-outage");
-    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n"));
-    let tables = tables.to_str().unwrap().to_string();
+    let tables = sum_table(&dir);
     let etcd = EtcdProc::start();
     let coordinators = vec![format!("127.0.0.1:{}", free_port())];
     let start_coordinator = || {
