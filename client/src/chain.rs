@@ -4,11 +4,11 @@
 //! to the new heads; the ranges' vector clocks make a resent push an acknowledgement, never a
 //! second apply.
 //!
-//! Calls are synchronous: [`ChainClient::push_range`] returns once every range it touched has
-//! acknowledged. The retry logic is the replication crate's [`Pusher`], the same code the
+//! Calls are synchronous: [`ChainClient::push_range`] (dense tables) and [`ChainClient::push`]
+//! (sparse tables) return once every range they touched has acknowledged. The retry logic is the replication crate's [`Pusher`], the same code the
 //! deterministic simulator runs.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,8 @@ use crate::error::{ClientError, Result};
 pub const RETRY_MS: u64 = 300;
 /// How long a call keeps trying before it gives up.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// While a head is unreachable, how often the configuration is fetched again.
+const REFRESH_GAP: Duration = Duration::from_millis(50);
 /// Longest pause between two polls for acknowledgements.
 const POLL_PAUSE_MAX: Duration = Duration::from_millis(2);
 
@@ -60,6 +62,10 @@ pub struct ChainClient {
     started: Instant,
     clock: u64,
     pub stats: ChainStats,
+    /// When a push's head last could not be reached (the configuration is then fetched again
+    /// every [`REFRESH_GAP`], not only after [`RETRY_MS`]).
+    unreachable_at: Option<Instant>,
+    refreshed_at: Instant,
 }
 
 impl ChainClient {
@@ -90,6 +96,8 @@ impl ChainClient {
             started: Instant::now(),
             clock: 0,
             stats: ChainStats::default(),
+            unreachable_at: None,
+            refreshed_at: Instant::now(),
         })
     }
 
@@ -119,6 +127,7 @@ impl ChainClient {
     /// the newer one.
     fn refresh(&mut self) {
         self.stats.refreshes += 1;
+        self.refreshed_at = Instant::now();
         let mut addrs: Vec<String> = self.pusher.view.members.iter().map(|m| m.addr.clone()).collect();
         addrs.extend(self.seeds.iter().cloned());
         for addr in addrs {
@@ -159,7 +168,7 @@ impl ChainClient {
             return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key: start, start: spec.start, end: spec.end });
         };
         if spec.kind != TableKind::Dense {
-            return Err(ClientError::Protocol { server: String::new(), reason: "replicated tables are dense".into() });
+            return Err(ClientError::Protocol { server: String::new(), reason: format!("table {:?} is sparse: push and pull take its keys", spec.name) });
         }
         let mut out = Vec::new();
         let mut key = start;
@@ -202,6 +211,7 @@ impl ChainClient {
             }
             Err(e) => {
                 tracing::debug!(addr, error = %e, "push link failed");
+                self.unreachable_at = Some(Instant::now());
                 self.links.remove(&(addr.to_string(), shard));
                 return;
             }
@@ -237,12 +247,61 @@ impl ChainClient {
         }
         let now = self.now_ms();
         for (range, lo, hi) in self.pieces(table, start, (grads.len() / dim) as u64)? {
-            let h = PushHeader { table: table.entry.id, dim: dim as u32, start: lo, count: (hi - lo) as u32, worker: self.worker, clock: self.clock };
+            let h = PushHeader {
+                table: table.entry.id,
+                dim: dim as u32,
+                start: lo,
+                count: (hi - lo) as u32,
+                worker: self.worker,
+                clock: self.clock,
+                listed: false,
+            };
             let values = &grads[(lo - start) as usize * dim..(hi - start) as usize * dim];
             self.pusher.push(now, RangeId(range), h.payload(values).into());
         }
         self.deliver();
         self.wait_acked()
+    }
+
+    /// Pushes `grads` (`dim` per key) for the keys `keys` of a sparse table, and returns once
+    /// every range they fall in has acknowledged (the tail holds the push).
+    pub fn push(&mut self, table: &ChainTable, keys: &[u64], grads: &[f32]) -> Result<()> {
+        let spec = &table.entry.spec;
+        if spec.kind != TableKind::Sparse {
+            return Err(ClientError::Protocol { server: String::new(), reason: format!("table {:?} is dense: push_range pushes it", spec.name) });
+        }
+        let dim = spec.dim as usize;
+        check_length("the gradient", table, keys.len(), grads.len())?;
+        let now = self.now_ms();
+        for (range, at) in self.by_range(table, keys)? {
+            let listed: Vec<u64> = at.iter().map(|i| keys[*i]).collect();
+            let values: Vec<f32> = at.iter().flat_map(|i| &grads[i * dim..(i + 1) * dim]).copied().collect();
+            let h = PushHeader {
+                table: table.entry.id,
+                dim: dim as u32,
+                start: 0,
+                count: listed.len() as u32,
+                worker: self.worker,
+                clock: self.clock,
+                listed: true,
+            };
+            self.pusher.push(now, RangeId(range), h.keyed_payload(&listed, &values).into());
+        }
+        self.deliver();
+        self.wait_acked()
+    }
+
+    /// For each replication range `keys` fall in, the positions of its keys in `keys`.
+    fn by_range(&self, table: &ChainTable, keys: &[u64]) -> Result<BTreeMap<u32, Vec<usize>>> {
+        let spec = &table.entry.spec;
+        let mut out: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, &key) in keys.iter().enumerate() {
+            if key < spec.start || key >= spec.end {
+                return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end });
+            }
+            out.entry(range_of(spec, self.ranges, key)).or_default().push(i);
+        }
+        Ok(out)
     }
 
     /// Polls the heads of ranges with pushes in flight until all are acknowledged; resends to
@@ -266,6 +325,17 @@ impl ChainClient {
                 self.exchange(&addr, shard, None);
             }
             let now = self.now_ms();
+            if self.unreachable_at.take().is_some() && self.refreshed_at.elapsed() >= REFRESH_GAP {
+                // A head is down: the coordinator names its replacement within the failure
+                // timeout, and resending at once to the new head saves up to a retry timer.
+                let known = self.pusher.view.id;
+                self.refresh();
+                if self.pusher.view.id != known {
+                    self.stats.resends += 1;
+                    self.pusher.resend(now, 0);
+                    self.deliver();
+                }
+            }
             if self.pusher.timed_out(now, RETRY_MS) {
                 self.refresh();
                 self.stats.resends += 1;
@@ -288,30 +358,56 @@ impl ChainClient {
         let deadline = Instant::now() + CALL_TIMEOUT;
         for (range, lo, hi) in self.pieces(table, start, (out.len() / dim) as u64)? {
             let values = &mut out[(lo - start) as usize * dim..(hi - start) as usize * dim];
-            while let Err(e) = self.pull_piece(table, range, lo, hi, values) {
-                if Instant::now() > deadline {
-                    return Err(e);
-                }
-                self.stats.pull_retries += 1;
-                std::thread::sleep(Duration::from_millis(20));
-                self.refresh();
+            self.pull_retrying(table, range, Keys::Range(lo, hi), values, deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Pulls the values of `keys` into `out` (`dim` per key), each range from its chain's tail.
+    pub fn pull(&mut self, table: &ChainTable, keys: &[u64], out: &mut [f32]) -> Result<()> {
+        let dim = table.entry.spec.dim as usize;
+        check_length("the output", table, keys.len(), out.len())?;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        for (range, at) in self.by_range(table, keys)? {
+            let listed: Vec<u64> = at.iter().map(|i| keys[*i]).collect();
+            let mut values = vec![0f32; listed.len() * dim];
+            self.pull_retrying(table, range, Keys::Listed(&listed), &mut values, deadline)?;
+            for (i, v) in at.iter().zip(values.chunks_exact(dim)) {
+                out[i * dim..(i + 1) * dim].copy_from_slice(v);
             }
         }
         Ok(())
     }
 
-    fn pull_piece(&mut self, table: &ChainTable, range: u32, lo: u64, hi: u64, out: &mut [f32]) -> Result<()> {
+    /// Pulls one range's piece, asking again (after fetching the configuration) until `deadline`.
+    fn pull_retrying(&mut self, table: &ChainTable, range: u32, keys: Keys<'_>, out: &mut [f32], deadline: Instant) -> Result<()> {
+        while let Err(e) = self.pull_piece(table, range, keys, out) {
+            if Instant::now() > deadline {
+                return Err(e);
+            }
+            self.stats.pull_retries += 1;
+            std::thread::sleep(Duration::from_millis(20));
+            self.refresh();
+        }
+        Ok(())
+    }
+
+    fn pull_piece(&mut self, table: &ChainTable, range: u32, keys: Keys<'_>, out: &mut [f32]) -> Result<()> {
         let unavailable = || ClientError::Unavailable { reason: format!("range {range} has no tail") };
         let tail = self.pusher.view.chain(RangeId(range)).and_then(|c| c.tail()).ok_or_else(unavailable)?;
         let addr = self.pusher.view.member(tail).map(|m| m.addr.clone()).ok_or_else(unavailable)?;
         let shard = shard_of_range(range, self.ranges, self.shards);
-        let mut header = Header::request(Op::PullRange, 0);
+        let (op, start, count, body): (Op, u64, usize, &[u8]) = match keys {
+            Keys::Range(lo, hi) => (Op::PullRange, lo, (hi - lo) as usize, &[]),
+            Keys::Listed(keys) => (Op::Pull, 0, keys.len(), bytemuck::cast_slice(keys)),
+        };
+        let mut header = Header::request(op, 0);
         header.table = table.entry.id;
-        header.start = lo;
-        header.count = (hi - lo) as u32;
+        header.start = start;
+        header.count = count as u32;
         header.dim = table.entry.spec.dim;
         header.worker = self.worker;
-        let replied = self.link(&addr, shard).and_then(|link| Ok(call(link, &mut header, &[], None)?.1));
+        let replied = self.link(&addr, shard).and_then(|link| Ok(call(link, &mut header, body, None)?.1));
         let body = replied.inspect_err(|_| {
             self.links.remove(&(addr.clone(), shard));
         })?;
@@ -324,4 +420,20 @@ impl ChainClient {
         }
         Ok(())
     }
+}
+
+/// The keys of one pull piece: a dense range, or listed keys.
+#[derive(Debug, Clone, Copy)]
+enum Keys<'a> {
+    Range(u64, u64),
+    Listed(&'a [u64]),
+}
+
+/// Refuses values that are not `dim` per key for `keys` keys (and a call of no keys).
+fn check_length(what: &'static str, table: &ChainTable, keys: usize, got: usize) -> Result<()> {
+    let dim = table.entry.spec.dim as usize;
+    if keys == 0 || got != keys * dim {
+        return Err(ClientError::Length { what, table: table.entry.spec.name.clone(), keys, dim, got, want: keys * dim });
+    }
+    Ok(())
 }

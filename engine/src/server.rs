@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam::channel::{self, Receiver, Sender};
-use tessera_replication::catalog::{Catalog, Part, ServerInfo, TableEntry, TableKind, TableSpec};
+use tessera_replication::catalog::{Catalog, Part, ServerInfo, TableEntry, TableSpec};
 use tessera_replication::protocol::{ClusterView, NodeId};
 use tessera_replication::ReplicationConfig;
 use tessera_replication::placement;
@@ -142,10 +142,11 @@ impl Server {
             (Some(join), Some(rcfg)) => Some(start_chain(join, rcfg.clone(), addr, &cfg.transport, &shards, stop.clone())),
             _ => None,
         };
+        let shard_count = shard_eps.len() as u16;
         for ((id, mut ep), rx) in shard_eps.into_iter().enumerate().zip(inboxes) {
             let mut shard = Shard::new(id as u16, engine.clone(), rx);
             if let Some((me, outbox)) = &chain {
-                shard = shard.with_chain(ChainShard::new(id as u16, me, rcfg.clone().expect("replicated"), outbox.clone()));
+                shard = shard.with_chain(ChainShard::new(id as u16, shard_count, me, rcfg.clone().expect("replicated"), outbox.clone()));
             }
             let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[id % cores.len()]);
             let spawned = std::thread::Builder::new().name(format!("tessera-shard-{id}")).spawn(move || {
@@ -359,19 +360,11 @@ impl ControlPlane {
         let updater = self.registry.build(&spec.updater)?;
         let id = self.catalog.tables.len() as u32;
         let parts = match &self.chain {
-            Some((rcfg, _)) => {
-                if spec.kind != TableKind::Dense {
-                    return Err(EngineError::BadTable {
-                        name: spec.name,
-                        reason: "replicated clusters hold dense tables only, for now".into(),
-                    });
-                }
-                (0..self.info.shards)
+            Some((rcfg, _)) => (0..self.info.shards)
                     .map(|shard| (shard, placement::replicated_part(&spec, rcfg.ranges, self.info.shards, shard)))
                     .filter(|(_, keys)| !keys.is_empty())
                     .map(|(shard, keys)| Part { start: keys.start, end: keys.end, shard })
-                    .collect()
-            }
+                    .collect(),
             None => placement::server_parts(&spec, self.info.servers, self.info.server_index, self.info.shards),
         };
         let mut waiting = Vec::new();

@@ -323,6 +323,14 @@ impl TablePart {
         }
     }
 
+    /// Refuses sparse keys that could fill the part past its load limit (nothing for a dense part).
+    pub fn check_sparse_room(&self, keys: &[u64]) -> Result<()> {
+        match &self.store {
+            Store::Sparse(sp) => sp.check_room(keys, self.id),
+            Store::Dense(_) => Ok(()),
+        }
+    }
+
     /// Applies a sparse push from `worker` at `clock`.
     pub fn push(
         &mut self,
@@ -771,13 +779,7 @@ impl SparseStore {
                 assert!(self.len < self.limit, "check_room ran before this insert");
                 self.keys.as_mut_slice()[slot] = key;
                 self.len += 1;
-                let rec = &mut self.records.as_mut_slice()[slot * width..(slot + 1) * width];
-                for (c, v) in rec[..dim].iter_mut().enumerate() {
-                    *v = init_value(&spec.init, key, c as u32);
-                }
-                for (i, s) in rec[dim..].chunks_exact_mut(dim).enumerate() {
-                    s.fill(updater.state_init(i));
-                }
+                init_record(spec, updater, key, &mut self.records.as_mut_slice()[slot * width..(slot + 1) * width]);
                 slot
             }
         };
@@ -806,6 +808,18 @@ impl SparseStore {
                 }
             }
         }
+    }
+}
+
+/// Writes `key`'s record as it is before any push: its initial value, then each updater state
+/// slot at the updater's initial state.
+fn init_record(spec: &TableSpec, updater: &dyn Updater, key: u64, rec: &mut [f32]) {
+    let dim = spec.dim as usize;
+    for (c, v) in rec[..dim].iter_mut().enumerate() {
+        *v = init_value(&spec.init, key, c as u32);
+    }
+    for (i, s) in rec[dim..].chunks_exact_mut(dim).enumerate() {
+        s.fill(updater.state_init(i));
     }
 }
 

@@ -227,8 +227,10 @@ mod tests {
     }
 }
 
-/// What a worker's dense push names, before its values: the payload of a [`Msg::Push`] as the
-/// engine reads it. 32 bytes, then `count * dim` little-endian f32s.
+/// What a worker's push names, before its keys and values: the payload of a [`Msg::Push`] as
+/// the engine reads it. 40 bytes; then, for a push of listed keys (`listed`), `count`
+/// little-endian u64 keys; then `count * dim` little-endian f32s. A dense push names the keys
+/// `start .. start + count` instead, and a listed one leaves `start` at 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PushHeader {
     pub table: u32,
@@ -238,28 +240,49 @@ pub struct PushHeader {
     pub worker: u32,
     /// The worker's clock (its iteration), for the engine's per-key vector clocks.
     pub clock: u64,
+    /// The keys are listed after the header (a sparse push), not a range from `start`.
+    pub listed: bool,
 }
 
-impl PushHeader {
-    pub const BYTES: usize = 32;
+/// A push's payload, split: its header, its listed keys' bytes (empty for a range), its values' bytes.
+pub type PushParts<'a> = (PushHeader, &'a [u8], &'a [u8]);
 
-    /// The payload: this header, then `values`.
+impl PushHeader {
+    pub const BYTES: usize = 40;
+
+    /// The payload of a range push: this header, then `values`.
     pub fn payload(&self, values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::BYTES + values.len() * 4);
+        self.keyed_payload(&[], values)
+    }
+
+    /// The payload: this header, then `keys` (empty unless `listed`), then `values`.
+    pub fn keyed_payload(&self, keys: &[u64], values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::BYTES + keys.len() * 8 + values.len() * 4);
         Writer(&mut out).u32(self.table).u32(self.dim).u64(self.start).u32(self.count).u32(self.worker).u64(self.clock);
+        Writer(&mut out).u32(self.listed as u32).u32(0);
+        keys.iter().for_each(|k| out.extend_from_slice(&k.to_le_bytes()));
         values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
         out
     }
 
-    /// Splits a payload into its header and its values' bytes, checking their length.
-    pub fn parse(payload: &[u8]) -> Result<(PushHeader, &[u8])> {
+    /// Splits a payload into its header, its keys' bytes and its values' bytes, checking
+    /// their lengths.
+    pub fn parse(payload: &[u8]) -> Result<PushParts<'_>> {
         let mut r = Reader { bytes: payload, at: 0 };
-        let h = PushHeader { table: r.u32()?, dim: r.u32()?, start: r.u64()?, count: r.u32()?, worker: r.u32()?, clock: r.u64()? };
-        let values = &payload[Self::BYTES..];
-        if values.len() as u64 != h.count as u64 * h.dim as u64 * 4 {
-            return Err(bad(format!("{} value bytes for {} keys of {} components", values.len(), h.count, h.dim)));
+        let mut h = PushHeader { table: r.u32()?, dim: r.u32()?, start: r.u64()?, count: r.u32()?, worker: r.u32()?, clock: r.u64()?, listed: false };
+        h.listed = match (r.u32()?, r.u32()?) {
+            (0, 0) => false,
+            (1, 0) => true,
+            (l, pad) => return Err(bad(format!("a push header with flags {l} and {pad}"))),
+        };
+        let key_bytes = if h.listed { h.count as usize * 8 } else { 0 };
+        let rest = &payload[Self::BYTES..];
+        let values = h.count as u64 * h.dim as u64 * 4;
+        if rest.len() as u64 != key_bytes as u64 + values {
+            return Err(bad(format!("{} bytes of keys and values for {} keys of {} components", rest.len(), h.count, h.dim)));
         }
-        Ok((h, values))
+        let (keys, values) = rest.split_at(key_bytes);
+        Ok((h, keys, values))
     }
 }
 
@@ -290,12 +313,21 @@ mod payload_tests {
 
     #[test]
     fn push_payloads_and_batches_round_trip_and_wrong_lengths_are_refused() {
-        let h = PushHeader { table: 3, dim: 2, start: 10, count: 2, worker: 1, clock: 7 };
+        let h = PushHeader { table: 3, dim: 2, start: 10, count: 2, worker: 1, clock: 7, listed: false };
         let p = h.payload(&[1.0, 2.0, 3.0, 4.0]);
-        let (back, values) = PushHeader::parse(&p).unwrap();
-        assert_eq!((back, values.len()), (h, 16));
+        let (back, keys, values) = PushHeader::parse(&p).unwrap();
+        assert_eq!((back, keys.len(), values.len()), (h, 0, 16));
         assert!(PushHeader::parse(&p[..p.len() - 4]).is_err());
         assert!(PushHeader::parse(&p[..10]).is_err());
+        let listed = PushHeader { start: 0, listed: true, ..h };
+        let p = listed.keyed_payload(&[5, 1 << 40], &[1.0, 2.0, 3.0, 4.0]);
+        let (back, keys, values) = PushHeader::parse(&p).unwrap();
+        assert_eq!((back, keys.len(), values.len()), (listed, 16, 16));
+        assert_eq!(&keys[8..], &(1u64 << 40).to_le_bytes());
+        assert!(PushHeader::parse(&p[..p.len() - 4]).is_err());
+        let mut flagged = p.clone();
+        flagged[32] = 7;
+        assert!(PushHeader::parse(&flagged).unwrap_err().to_string().contains("flags 7"));
         let msgs = vec![Msg::PushAck { range: RangeId(1), seq: 2 }, Msg::NotHead { range: RangeId(3), config_id: 4 }];
         let mut bytes = Vec::new();
         encode_batch(&msgs, &mut bytes);

@@ -256,6 +256,8 @@ pub struct Replica<S> {
     rcfg: ReplicationConfig,
     config: Option<Arc<ClusterConfig>>,
     ranges: Vec<Option<RangeState>>,
+    /// The ranges this replica takes part in (all, unless [`Replica::serving`] narrowed them).
+    serves: Vec<bool>,
     store: S,
     out: Vec<(Addr, Msg)>,
     now_ms: u64,
@@ -274,6 +276,7 @@ impl<S: Store> Replica<S> {
     /// `addr` is where peers and workers reach it (empty in the simulator).
     pub fn new(id: NodeId, incarnation: u64, addr: String, rcfg: ReplicationConfig, store: S) -> Self {
         let ranges = (0..rcfg.ranges).map(|_| None).collect();
+        let serves = vec![true; rcfg.ranges as usize];
         Self {
             id,
             incarnation,
@@ -281,6 +284,7 @@ impl<S: Store> Replica<S> {
             rcfg,
             config: None,
             ranges,
+            serves,
             store,
             out: Vec::new(),
             now_ms: 0,
@@ -290,6 +294,14 @@ impl<S: Store> Replica<S> {
             refusals: Vec::new(),
             generations: 0,
         }
+    }
+
+    /// Narrows this replica to the ranges `serves` picks: it takes no place in the others'
+    /// chains, and its heartbeats report only these. A server runs one replica per shard, each
+    /// for the shard's own ranges.
+    pub fn serving(mut self, serves: impl Fn(RangeId) -> bool) -> Self {
+        self.serves = (0..self.rcfg.ranges).map(|r| serves(RangeId(r))).collect();
+        self
     }
 
     /// Plants a deliberate bug (simulator canaries only).
@@ -764,7 +776,7 @@ impl<S: Store> Replica<S> {
         self.config = Some(config.clone());
         for r in 0..self.ranges.len() {
             let range = RangeId(r as u32);
-            let place = config.chain(range).filter(|_| member).and_then(|c| Place::of(&config, c, self.id));
+            let place = config.chain(range).filter(|_| member && self.serves[r]).and_then(|c| Place::of(&config, c, self.id));
             match place {
                 None => {
                     if self.ranges[r].take().is_some() {
@@ -849,6 +861,7 @@ impl<S: Store> Replica<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coordinator::Coordinator;
     use crate::protocol::Member;
     use crate::sim::store::{encode, SimStore};
 
@@ -979,5 +992,18 @@ mod tests {
         nodes[0].step(1, Addr::Worker(WorkerId(1)), push(2, 2));
         assert_eq!(settle(&mut nodes), vec![Msg::PushAck { range, seq: 2 }]);
         assert!(nodes.iter().all(|n| value(n) == 7));
+    }
+
+    #[test]
+    fn a_replica_serving_some_ranges_holds_and_reports_only_those() {
+        let rcfg = ReplicationConfig { ranges: 8, replicas: 1, ..Default::default() };
+        let me = Member { node: NodeId(1), incarnation: 7, addr: String::new(), draining: false };
+        let config = Coordinator::new(rcfg.clone(), vec![me], 0).config().clone();
+        let mut replica = Replica::new(NodeId(1), 7, String::new(), rcfg, SimStore::default()).serving(|r| r.0 % 2 == 0);
+        replica.step(0, Addr::Coordinator, Msg::Config(config));
+        replica.tick(1_000);
+        let reported: Vec<u32> = replica.reports().iter().map(|r| r.range.0).collect();
+        assert_eq!(reported, vec![0, 2, 4, 6]);
+        assert!((0..8).all(|r| replica.range_state(RangeId(r)).is_some() == (r % 2 == 0)));
     }
 }

@@ -1,5 +1,5 @@
 //! Chain replication with real processes: three servers holding every range on a chain of all
-//! three, and four workers training a dense `sum` table. Servers are killed with `kill -9` at
+//! three, and four workers training a dense `sum` table and a sparse `sum` table of hashed keys. Servers are killed with `kill -9` at
 //! random times, one at a time, and restarted; each kill takes out a head of some ranges, a
 //! middle of others and a tail of the rest.
 //!
@@ -36,10 +36,53 @@ fn grad(worker: u32, key: u64) -> f32 {
     (worker + 1) as f32 * ((key % 5) + 1) as f32
 }
 
-/// Writes the tests' one table, dense `w` of `KEYS` keys summed, into `dir`; returns its path.
+/// Writes the tests' tables into `dir` and returns the file's path: dense `w` of `KEYS` keys
+/// and sparse `emb` (hashed keys, 2 components), both summed.
 fn sum_table(dir: &ScratchDir) -> String {
-    let text = format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n");
-    dir.write("tables.toml", &text).to_str().unwrap().to_string()
+    let dense = format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n");
+    let sparse = "[[table]]\nname = \"emb\"\nkind = \"sparse\"\ndim = 2\ncapacity = 20000\nupdater = \"sum\"\n";
+    dir.write("tables.toml", &format!("{dense}{sparse}")).to_str().unwrap().to_string()
+}
+
+/// The sparse keys worker `worker` pushes each iteration: 48 every worker shares, 16 its own,
+/// hashed over the whole key space (so over every range).
+fn sparse_keys(worker: u32) -> Vec<u64> {
+    let hash = |x: u64| x.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ 0x5bd1_e995;
+    (0..48).chain((0..16).map(|i| 1000 * (worker as u64 + 1) + i)).map(hash).collect()
+}
+
+/// Worker `worker`'s sparse gradient for `keys`: small integers, so sums are exact in any order.
+fn sparse_grads(worker: u32, keys: &[u64]) -> Vec<f32> {
+    keys.iter().flat_map(|k| [grad(worker, *k), 1.0]).collect()
+}
+
+/// Checks, on the cluster at `addrs`, that `w` and `emb` hold exactly `pushes[w]` pushes of each
+/// worker `w`.
+fn check_sums(addrs: &[&str], pushes: &[usize]) {
+    let mut checker = ChainClient::connect(addrs, 7, TransportConfig::default()).unwrap();
+    let table = checker.table("w").unwrap();
+    let mut values = vec![0f32; KEYS as usize];
+    checker.pull_range(&table, 0, &mut values).unwrap();
+    for k in 0..KEYS {
+        let want: f32 = (0..WORKERS).map(|w| pushes[w as usize] as f32 * grad(w, k)).sum();
+        assert_eq!(values[k as usize], want, "key {k}");
+    }
+    let emb = checker.table("emb").unwrap();
+    let mut want = std::collections::BTreeMap::<u64, [f32; 2]>::new();
+    for w in 0..WORKERS {
+        let keys = sparse_keys(w);
+        for (k, g) in keys.iter().zip(sparse_grads(w, &keys).chunks_exact(2)) {
+            let sum = want.entry(*k).or_default();
+            sum[0] += pushes[w as usize] as f32 * g[0];
+            sum[1] += pushes[w as usize] as f32 * g[1];
+        }
+    }
+    let keys: Vec<u64> = want.keys().copied().collect();
+    let mut got = vec![0f32; keys.len() * 2];
+    checker.pull(&emb, &keys, &mut got).unwrap();
+    for (i, (k, sum)) in want.iter().enumerate() {
+        assert_eq!(&got[i * 2..i * 2 + 2], sum, "sparse key {k}");
+    }
 }
 
 /// One kill test at a time: they measure pauses.
@@ -81,7 +124,10 @@ fn wait_healed(coordinator: &[String], restarted: Option<(usize, Option<u64>)>, 
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "the cluster did not heal within {within:?}");
+        if Instant::now() >= deadline {
+            let now = status(coordinator).map(|s| serde_json::to_string(&s).unwrap()).unwrap_or_default();
+            panic!("the cluster did not heal within {within:?}; the coordinator's status: {now}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -143,11 +189,15 @@ fn kill_test(with_etcd: bool, kills: usize) {
             let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
             let mut client = ChainClient::connect(&refs, w, TransportConfig::default()).expect("connect");
             let table = client.table("w").expect("table w");
+            let emb = client.table("emb").expect("table emb");
             let grads: Vec<f32> = (0..KEYS).map(|k| grad(w, k)).collect();
+            let keys = sparse_keys(w);
+            let sparse = sparse_grads(w, &keys);
             let mut done_at = Vec::new();
             while !stop.load(Ordering::Acquire) {
                 client.set_clock(done_at.len() as u64 + 1);
                 client.push_range(&table, 0, &grads).expect("a push is eventually acknowledged");
+                client.push(&emb, &keys, &sparse).expect("a sparse push is eventually acknowledged");
                 done_at.push(epoch.elapsed());
             }
             (done_at, client.stats)
@@ -208,17 +258,10 @@ fn kill_test(with_etcd: bool, kills: usize) {
     stop.store(true, Ordering::Release);
     let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("worker")).collect();
 
-    // Exactly every acknowledged push, once.
+    // Exactly every acknowledged push, once, in both tables.
     let live = [0, 1, SERVERS].map(|i| addrs[i].as_str());
-    let refs: Vec<&str> = live.to_vec();
-    let mut checker = ChainClient::connect(&refs, 7, TransportConfig::default()).unwrap();
-    let table = checker.table("w").unwrap();
-    let mut values = vec![0f32; KEYS as usize];
-    checker.pull_range(&table, 0, &mut values).unwrap();
-    for k in 0..KEYS {
-        let want: f32 = (0..WORKERS).map(|w| results[w as usize].0.len() as f32 * grad(w, k)).sum();
-        assert_eq!(values[k as usize], want, "key {k}");
-    }
+    let pushes: Vec<usize> = results.iter().map(|r| r.0.len()).collect();
+    check_sums(&live, &pushes);
 
     // The pause each kill caused: the longest any worker waited across it.
     let mut pauses: Vec<Duration> = kill_times
@@ -233,11 +276,11 @@ fn kill_test(with_etcd: bool, kills: usize) {
         })
         .collect();
     pauses.sort();
-    let pushes: usize = results.iter().map(|r| r.0.len()).sum();
+    let total: usize = pushes.iter().sum();
     let resends: u64 = results.iter().map(|r| r.1.resends).sum();
     let coordination = if with_etcd { "etcd, 2 coordinators" } else { "embedded coordinator" };
     eprintln!(
-        "replication kill test ({coordination}): {kills} kills, {pushes} pushes acknowledged ({resends} resend rounds); pause after a kill p50 {:?}, max {:?}; coordinator failover {failover:?}",
+        "replication kill test ({coordination}): {kills} kills, {total} pushes acknowledged ({resends} resend rounds); pause after a kill p50 {:?}, max {:?}; coordinator failover {failover:?}",
         pauses[pauses.len() / 2],
         pauses[pauses.len() - 1]
     );
@@ -262,7 +305,7 @@ fn forged(addr: &str, op: Op, from: u32, body: &[u8]) -> Option<String> {
 /// A peer message, encoded.
 fn peer_msg(msg: &tessera_replication::protocol::Msg) -> Vec<u8> {
     let mut out = Vec::new();
-    tessera_replication::codec::encode(msg, &mut out);
+    tessera_replication::codec::encode_batch([msg], &mut out);
     out
 }
 
@@ -367,7 +410,7 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     }
     // Worker pushes, to the head, each wrong in one way.
     let head_at = addrs[head as usize - 1].as_str();
-    let header = PushHeader { table: 0, dim: 1, start: 0, count: 1, worker: 3, clock: 1 };
+    let header = PushHeader { table: 0, dim: 1, start: 0, count: 1, worker: 3, clock: 1, listed: false };
     let bad_pushes: Vec<(&str, u32, RangeId, Vec<u8>)> = vec![
         ("an unknown table", 3, range, PushHeader { table: 9, ..header }.payload(&[1.0])),
         ("the wrong dim", 3, range, PushHeader { dim: 2, ..header }.payload(&[1.0, 1.0])),

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_replication::codec;
+use tessera_replication::placement::shard_of_range;
 use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId};
 use tessera_replication::replica::Replica;
 use tessera_replication::ReplicationConfig;
@@ -92,9 +93,12 @@ pub struct ChainShard {
 }
 
 impl ChainShard {
-    pub fn new(shard: u16, me: &Identity, rcfg: ReplicationConfig, outbox: Outbox) -> Self {
+    /// Shard `shard` of `shards`: its replica serves the ranges placed on it.
+    pub fn new(shard: u16, shards: u16, me: &Identity, rcfg: ReplicationConfig, outbox: Outbox) -> Self {
         let store = ChainStore::new(rcfg.ranges);
-        let replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store);
+        let ranges = rcfg.ranges;
+        let replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store)
+            .serving(|r| shard_of_range(r.0, ranges, shards) == shard);
         Self { shard, rcfg, replica, outbox, mailbox: BTreeMap::new(), started: Instant::now() }
     }
 
@@ -151,14 +155,19 @@ impl ChainShard {
         self.with_replica(tables, |r, now| r.step(now, Addr::Coordinator, Msg::Config(config)));
     }
 
-    /// A `Replicate` request: one message from peer `header.worker`.
+    /// A `Replicate` request: a batch of messages ([`codec::encode_batch`]) from peer
+    /// `header.worker`, taken in order. A batch that does not decode, is empty, or holds a
+    /// message a peer may not send, is refused whole.
     pub fn serve_peer(&mut self, tables: &mut Vec<Option<TablePart>>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
-        let msg = codec::decode(body).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
-        if !matches!(msg, Msg::Forward { .. } | Msg::Ack { .. } | Msg::Need { .. } | Msg::Snapshot { .. }) {
+        let msgs = codec::decode_batch(body).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
+        if msgs.is_empty() {
+            return Err(EngineError::BadRequest { reason: "a Replicate request with no message".into() });
+        }
+        if let Some(msg) = msgs.iter().find(|m| !matches!(m, Msg::Forward { .. } | Msg::Ack { .. } | Msg::Need { .. } | Msg::Snapshot { .. })) {
             return Err(EngineError::BadRequest { reason: format!("a peer may not send a {} message", msg.kind()) });
         }
         let from = Addr::Node(NodeId(header.worker));
-        self.with_replica(tables, |r, now| r.step(now, from, msg));
+        self.with_replica(tables, |r, now| msgs.into_iter().for_each(|msg| r.step(now, from, msg)));
         reply.ok_bytes(&[]);
         Ok(())
     }

@@ -19,6 +19,10 @@ use super::Locator;
 
 /// Messages waiting for one destination before more are dropped.
 const OUT_QUEUE_MAX: usize = 4096;
+/// Most messages one `Replicate` request carries to a peer's shard. A peer's thread sends what
+/// queued up while its last request was out in one request: a synchronous round trip per
+/// message could not keep up with a chain's updates, let alone let a learner catch up.
+const PEER_BATCH_MAX: usize = 256;
 /// How long a destination that refused a connection is left alone.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -125,6 +129,14 @@ impl Linked {
     /// Sends `msg` as a `Replicate` request from `me` and returns the reply's body; `None` when
     /// it could not go (dropped: the protocol resends).
     fn send(&mut self, addr: &str, shard: u64, me: NodeId, cfg: &TransportConfig, msg: &Msg) -> Option<Vec<u8>> {
+        let mut body = Vec::new();
+        codec::encode(msg, &mut body);
+        self.send_body(addr, shard, me, cfg, &body)
+    }
+
+    /// Sends `body` (one message, or a batch of them) as a `Replicate` request from `me`; see
+    /// [`Linked::send`].
+    fn send_body(&mut self, addr: &str, shard: u64, me: NodeId, cfg: &TransportConfig, body: &[u8]) -> Option<Vec<u8>> {
         if self.addr != addr {
             self.addr = addr.to_string();
             self.link = None;
@@ -142,11 +154,9 @@ impl Linked {
                 }
             }
         }
-        let mut body = Vec::new();
-        codec::encode(msg, &mut body);
         let mut header = Header::request(Op::Replicate, 0);
         header.worker = me.0;
-        match call(self.link.as_mut().expect("made above"), &mut header, &body, None) {
+        match call(self.link.as_mut().expect("made above"), &mut header, body, None) {
             Ok((_, reply)) => Some(reply),
             Err(e) => {
                 tracing::debug!(addr, error = %e, "replication message lost");
@@ -198,11 +208,42 @@ fn deliver(latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>), config: Arc<
     on_config(config);
 }
 
+/// One peer's thread: sends what its shards queued, in order, each shard's messages batched
+/// ([`codec::encode_batch`]) into requests of at most [`PEER_BATCH_MAX`] messages and the
+/// transport's frame size.
 fn to_peer(me: NodeId, node: NodeId, cfg: &TransportConfig, rx: &Receiver<(u16, Msg)>, latest: &Latest) {
     let mut links: HashMap<u16, Linked> = HashMap::new();
-    while let Ok((shard, msg)) = rx.recv() {
+    let mut queued: Vec<(u16, Msg)> = Vec::with_capacity(PEER_BATCH_MAX);
+    let mut bodies: HashMap<u16, Vec<u8>> = HashMap::new();
+    // Room for the frame's header and a message's length.
+    let body_max = cfg.frame_bytes_max.saturating_sub(256);
+    while let Ok(first) = rx.recv() {
+        queued.push(first);
+        while queued.len() < PEER_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(more) => queued.push(more),
+                Err(_) => break,
+            }
+        }
         let addr = latest.lock().expect("no panics under this lock").as_ref().and_then(|c| c.member(node).map(|m| m.addr.clone()));
-        let Some(addr) = addr else { continue };
-        links.entry(shard).or_insert_with(Linked::new).send(&addr, shard as u64, me, cfg, &msg);
+        let Some(addr) = addr else {
+            queued.clear();
+            continue;
+        };
+        for (shard, msg) in queued.drain(..) {
+            let body = bodies.entry(shard).or_default();
+            let at = body.len();
+            codec::encode_batch(std::iter::once(&msg), body);
+            if body.len() > body_max && at > 0 {
+                // Too much for one frame: send what came before, and keep this one for the next.
+                let this = body.split_off(at);
+                links.entry(shard).or_insert_with(Linked::new).send_body(&addr, shard as u64, me, cfg, body);
+                *body = this;
+            }
+        }
+        for (shard, body) in bodies.iter_mut().filter(|(_, b)| !b.is_empty()) {
+            links.entry(*shard).or_insert_with(Linked::new).send_body(&addr, *shard as u64, me, cfg, body);
+            body.clear();
+        }
     }
 }

@@ -9,8 +9,11 @@
 //! changes nothing, so a resent update is harmless.
 //!
 //! An update or snapshot is a list of records: `table u32, advances u32, start u64, end u64`,
-//! then `advances` times `worker u32, 0u32, clock u64`, then the keys' exported state
-//! ([`TablePart::export_keys`]).
+//! then `advances` times `worker u32, 0u32, clock u64`. For a dense table, the keys'
+//! exported state follows ([`TablePart::export_keys`]). For a sparse table, `keys u64`, that
+//! many keys inside `[start, end)` in increasing order, then their records
+//! ([`TablePart::export_listed`]). A snapshot of a sparse range lists every key the part holds
+//! there, and the replica installing it forgets the keys it does not list.
 
 use std::ops::Range;
 
@@ -18,6 +21,7 @@ use tessera_replication::codec::PushHeader;
 use tessera_replication::placement::range_keys;
 use tessera_replication::protocol::RangeId;
 use tessera_replication::replica::Store;
+use tessera_replication::TableKind;
 
 use crate::config::CLOCK_MAX;
 use crate::error::{EngineError, Result};
@@ -27,19 +31,25 @@ use crate::table::TablePart;
 #[derive(Debug, Clone)]
 struct Touch {
     table: u32,
+    /// The keys whose clocks the push advanced.
     keys: Range<u64>,
     worker: u32,
     clock: u64,
+    /// A sparse push's keys (empty for a dense push: it touched all of `keys`).
+    listed: Vec<u64>,
 }
 
-/// Keys of one table the batch touched, and the clock advances of the pushes that did.
-type Span = (u32, Range<u64>, Vec<(u32, u64)>);
+/// Keys of one table the batch touched, the clock advances of the pushes that did, and the
+/// keys a sparse table's pushes listed.
+type Span = (u32, Range<u64>, Vec<(u32, u64)>, Vec<u64>);
 
 /// One record of an update or snapshot, checked against the parts before anything is applied.
 struct Rec<'a> {
     table: u32,
     keys: Range<u64>,
     advances: Vec<(u32, u64)>,
+    /// A sparse table's keys, whose records `state` holds; `None` for a dense table.
+    listed: Option<Vec<u64>>,
     state: &'a [u8],
 }
 
@@ -61,7 +71,7 @@ impl ChainStore {
     /// Returns the header.
     pub fn check_push(tables: &[Option<TablePart>], ranges: u32, range: RangeId, payload: &[u8]) -> Result<PushHeader> {
         let bad = |reason: String| EngineError::BadRequest { reason };
-        let (h, values) = PushHeader::parse(payload).map_err(|e| bad(e.to_string()))?;
+        let (h, keys_bytes, values) = PushHeader::parse(payload).map_err(|e| bad(e.to_string()))?;
         let part = tables.get(h.table as usize).and_then(Option::as_ref).ok_or(EngineError::UnknownTable { table: h.table })?;
         if h.dim != part.spec.dim {
             return Err(EngineError::WrongDim { table: h.table, table_dim: part.spec.dim, request_dim: h.dim });
@@ -70,9 +80,23 @@ impl ChainStore {
             return Err(bad(format!("range {range} of {ranges}")));
         }
         let keys = range_keys(&part.spec, ranges, range.0);
-        let end = h.start.checked_add(h.count as u64).ok_or_else(|| bad("keys past 2^64".into()))?;
-        if h.count == 0 || h.start < keys.start || end > keys.end {
-            return Err(bad(format!("keys [{}, {end}) are not all in range {range}, which holds [{}, {})", h.start, keys.start, keys.end)));
+        if h.count == 0 {
+            return Err(bad("a push of no keys".into()));
+        }
+        if h.listed != (part.spec.kind == TableKind::Sparse) {
+            return Err(bad(format!("a {} push to {:?} table {}", if h.listed { "listed-key" } else { "range" }, part.spec.kind, h.table).to_lowercase()));
+        }
+        if h.listed {
+            let listed = listed_keys(keys_bytes)?;
+            if let Some(k) = listed.iter().find(|k| !keys.contains(k)) {
+                return Err(bad(format!("key {k} is not in range {range}, which holds [{}, {})", keys.start, keys.end)));
+            }
+            part.check_sparse_room(listed)?;
+        } else {
+            let end = h.start.checked_add(h.count as u64).ok_or_else(|| bad("keys past 2^64".into()))?;
+            if h.start < keys.start || end > keys.end {
+                return Err(bad(format!("keys [{}, {end}) are not all in range {range}, which holds [{}, {})", h.start, keys.start, keys.end)));
+            }
         }
         if h.clock > CLOCK_MAX {
             return Err(EngineError::ClockTooLarge { clock: h.clock, max: CLOCK_MAX });
@@ -125,23 +149,57 @@ impl ChainStore {
                 }
                 advances.push((worker, clock));
             }
-            let state = take(part.exported_len(keys.end - keys.start))?;
+            let listed = match part.spec.kind {
+                TableKind::Dense => None,
+                TableKind::Sparse => {
+                    let n = le(take(8)?);
+                    let bytes = take(usize::try_from(n).ok().and_then(|n| n.checked_mul(8)).ok_or_else(|| corrupt(format!("{n} keys")))?)?;
+                    let listed: Vec<u64> = bytes.chunks_exact(8).map(le).collect();
+                    if listed.windows(2).any(|w| w[0] >= w[1]) || listed.first().is_some_and(|k| *k < keys.start) || listed.last().is_some_and(|k| *k >= keys.end) {
+                        return Err(corrupt(format!("keys of table {table} not increasing inside {keys:?}")));
+                    }
+                    Some(listed)
+                }
+            };
+            let held = listed.as_ref().map_or(keys.end - keys.start, |l| l.len() as u64);
+            let state = take(part.exported_len(held))?;
             // Values and updater state are f32s, and a push never leaves one that is not finite.
             if state.chunks_exact(4).any(|f| !f32::from_le_bytes(f.try_into().expect("4 bytes")).is_finite()) {
                 return Err(corrupt(format!("a value of table {table} keys {keys:?} is not finite")));
             }
-            left -= 24 + 16 * n + state.len();
-            out.push(Rec { table, keys, advances, state });
+            left -= 24 + 16 * n + listed.as_ref().map_or(0, |l| 8 + 8 * l.len()) + state.len();
+            out.push(Rec { table, keys, advances, listed, state });
+        }
+        // New sparse keys must all fit, counted together, before any is inserted.
+        let mut new_keys: Vec<(u32, Vec<u64>)> = Vec::new();
+        for rec in &out {
+            let Some(listed) = &rec.listed else { continue };
+            match new_keys.iter_mut().find(|(t, _)| *t == rec.table) {
+                Some((_, keys)) => keys.extend_from_slice(listed),
+                None => new_keys.push((rec.table, listed.clone())),
+            }
+        }
+        for (table, keys) in new_keys {
+            let part = self.tables[table as usize].as_ref().expect("checked above");
+            part.check_sparse_room(&keys).map_err(|e| corrupt(e.to_string()))?;
         }
         Ok(out)
     }
 
-    /// Applies an update or a snapshot: clocks first, then state (which restamps the blocks).
-    /// One whose records do not all fit the parts (a corrupt or hostile message, or a server of
-    /// another build) is refused before anything of it is applied: half of it would make the
-    /// replicas differ.
-    fn apply(&mut self, range: RangeId, bytes: &[u8]) -> std::result::Result<(), String> {
+    /// Applies an update, or a snapshot (`whole`): clocks first, then state (which restamps the
+    /// blocks). One whose records do not all fit the parts (a corrupt or hostile message, or a
+    /// server of another build) is refused before anything of it is applied: half of it would
+    /// make the replicas differ.
+    fn apply(&mut self, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
         let records = self.records(range, bytes).map_err(|e| e.to_string())?;
+        if whole {
+            // A snapshot lists every key of the range a sparse table holds; forget the others.
+            let ranges = self.ranges;
+            for part in self.tables.iter_mut().flatten() {
+                let keys = range_keys(&part.spec, ranges, range.0);
+                part.reset_keys(keys);
+            }
+        }
         for rec in records {
             let part = self.part(rec.table).expect("checked by records()");
             for (worker, clock) in rec.advances {
@@ -149,13 +207,23 @@ impl ChainStore {
                     tracing::error!(error = %e, table = rec.table, "a replicated clock advance failed; stamps may lag");
                 }
             }
-            part.import_keys(rec.keys, rec.state).expect("checked by records()");
+            match rec.listed {
+                None => part.import_keys(rec.keys, rec.state),
+                Some(listed) => part.import_listed(&listed, rec.state),
+            }
+            .expect("checked by records()");
         }
         Ok(())
     }
 }
 
-fn put_record(part: &TablePart, keys: Range<u64>, advances: &[(u32, u64)], out: &mut Vec<u8>) {
+/// A listed-key push's keys, as u64s.
+fn listed_keys(bytes: &[u8]) -> Result<&[u64]> {
+    bytemuck::try_cast_slice(bytes).map_err(|_| EngineError::BadRequest { reason: "keys are not aligned u64s".into() })
+}
+
+/// Appends one record: `listed` names a sparse table's keys (and is ignored for a dense table).
+fn put_record(part: &TablePart, keys: Range<u64>, advances: &[(u32, u64)], listed: &[u64], out: &mut Vec<u8>) {
     out.extend_from_slice(&part.id.to_le_bytes());
     out.extend_from_slice(&(advances.len() as u32).to_le_bytes());
     out.extend_from_slice(&keys.start.to_le_bytes());
@@ -165,16 +233,29 @@ fn put_record(part: &TablePart, keys: Range<u64>, advances: &[(u32, u64)], out: 
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&clock.to_le_bytes());
     }
-    part.export_keys(keys, out).expect("replicated tables are dense");
+    match part.spec.kind {
+        TableKind::Dense => part.export_keys(keys, out).expect("a dense part"),
+        TableKind::Sparse => {
+            out.extend_from_slice(&(listed.len() as u64).to_le_bytes());
+            listed.iter().for_each(|k| out.extend_from_slice(&k.to_le_bytes()));
+            part.export_listed(listed, out).expect("a sparse part");
+        }
+    }
 }
 
 impl Store for ChainStore {
     fn apply_push(&mut self, range: RangeId, payload: &[u8], _delta: &mut Vec<u8>) {
-        let (h, values) = PushHeader::parse(payload).expect("checked by check_push");
+        let (h, keys, values) = PushHeader::parse(payload).expect("checked by check_push");
         let values: &[f32] = bytemuck::cast_slice(values);
         let part = self.part(h.table).expect("checked by check_push");
-        match part.push_range(h.start, h.count as usize, values, h.worker, h.clock) {
-            Ok(keys) => self.touched[range.0 as usize].push(Touch { table: h.table, keys, worker: h.worker, clock: h.clock }),
+        let (applied, listed) = if h.listed {
+            let keys = listed_keys(keys).expect("checked by check_push");
+            (part.push(keys, values, h.worker, h.clock), keys.to_vec())
+        } else {
+            (part.push_range(h.start, h.count as usize, values, h.worker, h.clock), Vec::new())
+        };
+        match applied {
+            Ok(keys) => self.touched[range.0 as usize].push(Touch { table: h.table, keys, worker: h.worker, clock: h.clock, listed }),
             // Only the clock's segment limit can refuse a checked push; nothing was applied.
             Err(e) => tracing::error!(error = %e, %range, "a replicated push was not applied"),
         }
@@ -184,19 +265,24 @@ impl Store for ChainStore {
         let touched = std::mem::take(&mut self.touched[range.0 as usize]);
         let mut spans: Vec<Span> = Vec::new();
         for t in touched {
-            match spans.iter_mut().find(|(table, keys, _)| *table == t.table && *keys == t.keys) {
-                Some((_, _, advances)) => advances.push((t.worker, t.clock)),
-                None => spans.push((t.table, t.keys, vec![(t.worker, t.clock)])),
+            match spans.iter_mut().find(|(table, keys, _, _)| *table == t.table && *keys == t.keys) {
+                Some((_, _, advances, listed)) => {
+                    advances.push((t.worker, t.clock));
+                    listed.extend_from_slice(&t.listed);
+                }
+                None => spans.push((t.table, t.keys, vec![(t.worker, t.clock)], t.listed)),
             }
         }
-        for (table, keys, advances) in spans {
+        for (table, keys, advances, mut listed) in spans {
+            listed.sort_unstable();
+            listed.dedup();
             let part = self.tables[table as usize].as_ref().expect("a part pushed to");
-            put_record(part, keys, &advances, delta);
+            put_record(part, keys, &advances, &listed, delta);
         }
     }
 
     fn apply_delta(&mut self, range: RangeId, delta: &[u8]) -> std::result::Result<(), String> {
-        self.apply(range, delta)
+        self.apply(range, delta, false)
     }
 
     fn snapshot(&self, range: RangeId) -> Vec<u8> {
@@ -208,6 +294,7 @@ impl Store for ChainStore {
             if keys.is_empty() {
                 continue;
             }
+            let held = part.held_keys(keys.clone());
             // One record per clock segment, so the receiver's clocks match ours.
             for (seg, clocks) in part.clocks().segments() {
                 let span = seg.start.max(keys.start)..seg.end.min(keys.end);
@@ -216,19 +303,137 @@ impl Store for ChainStore {
                 }
                 let advances: Vec<(u32, u64)> =
                     clocks.iter().enumerate().filter(|(_, c)| **c > 0).map(|(w, c)| (w as u32, *c)).collect();
-                put_record(part, span, &advances, &mut out);
+                let listed = &held[held.partition_point(|k| *k < span.start)..held.partition_point(|k| *k < span.end)];
+                put_record(part, span, &advances, listed, &mut out);
             }
         }
         out
     }
 
     fn install(&mut self, range: RangeId, data: &[u8]) -> std::result::Result<(), String> {
-        self.apply(range, data)
+        self.apply(range, data, true)
     }
 
     fn drop_range(&mut self, range: RangeId) {
         // The keys stay in memory, unserved: the shard answers pulls only for ranges its replica
         // holds, and a range taken again arrives whole in a snapshot.
         self.touched[range.0 as usize].clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arena::Arena;
+    use crate::config::EngineConfig;
+    use crate::updater::UpdaterRegistry;
+    use tessera_replication::catalog::TableSpec;
+
+    const RANGES: u32 = 4;
+
+    /// A store holding one part of `spec` over the whole table, as a 1-shard replicated server's.
+    fn store(spec: &TableSpec) -> ChainStore {
+        let updater = UpdaterRegistry::new().build(&spec.updater).unwrap();
+        let part = TablePart::new(0, 0, spec.clone(), spec.start..spec.end, updater, &EngineConfig::default(), &mut Arena::default()).unwrap();
+        let mut s = ChainStore::new(RANGES);
+        s.tables.push(Some(part));
+        s
+    }
+
+    fn sparse() -> TableSpec {
+        let mut spec = TableSpec::new("emb", TableKind::Sparse, 0, u64::MAX, 2);
+        spec.updater = "adagrad{lr=0.1}".into();
+        spec.capacity = 1000;
+        spec
+    }
+
+    /// What a store holds of range `r`: its keys, their records, and the part's clocks.
+    type Held = (Vec<u64>, Vec<u8>, Vec<(Range<u64>, Vec<u64>)>);
+
+    /// Everything a reader of range `r` could tell apart: held keys, their records, and clocks.
+    fn state(s: &ChainStore, r: u32) -> Held {
+        let part = s.tables[0].as_ref().unwrap();
+        let held = part.held_keys(range_keys(&part.spec, RANGES, r));
+        let mut records = Vec::new();
+        part.export_listed(&held, &mut records).unwrap();
+        let clocks = part.clocks().segments().map(|(seg, c)| (seg, c.to_vec())).collect();
+        (held, records, clocks)
+    }
+
+    fn push(s: &mut ChainStore, r: u32, keys: &[u64], worker: u32, clock: u64) {
+        let h = PushHeader { table: 0, dim: 2, start: 0, count: keys.len() as u32, worker, clock, listed: true };
+        let grads: Vec<f32> = keys.iter().flat_map(|k| [(*k % 7) as f32 * 0.25 + 0.5, -1.0]).collect();
+        let payload = h.keyed_payload(keys, &grads);
+        ChainStore::check_push(&s.tables, RANGES, RangeId(r), &payload).unwrap();
+        s.apply_push(RangeId(r), &payload, &mut Vec::new());
+    }
+
+    #[test]
+    fn sparse_updates_and_snapshots_leave_replicas_identical() {
+        let spec = sparse();
+        let r = 1;
+        let keys = range_keys(&spec, RANGES, r);
+        let k = |i: u64| keys.start + i * 1_000_003;
+        let (mut head, mut next) = (store(&spec), store(&spec));
+        // Two workers share key k(1) in one batch: it leaves once, with both advances.
+        push(&mut head, r, &[k(0), k(1)], 0, 1);
+        push(&mut head, r, &[k(1), k(2), k(1)], 1, 1);
+        let mut delta = Vec::new();
+        head.seal(RangeId(r), &mut delta);
+        next.apply_delta(RangeId(r), &delta).unwrap();
+        assert_eq!(state(&next, r), state(&head, r));
+        assert_eq!(state(&next, r).0, vec![k(0), k(1), k(2)]);
+        // Applying the same update again changes nothing.
+        next.apply_delta(RangeId(r), &delta).unwrap();
+        assert_eq!(state(&next, r), state(&head, r));
+
+        // A replica that held stale keys of the range takes a snapshot: it forgets them (they
+        // read as never pushed) and holds the head's records exactly. Other ranges stay.
+        let mut stale = store(&spec);
+        push(&mut stale, r, &[k(1), k(5)], 3, 1);
+        let other = range_keys(&spec, RANGES, 2).start + 17;
+        push(&mut stale, 2, &[other], 3, 1);
+        let kept = state(&stale, 2);
+        stale.install(RangeId(r), &head.snapshot(RangeId(r))).unwrap();
+        // It keeps k(5) in its table, at its initial record: what the head exports for it too.
+        let mut want = Vec::new();
+        head.tables[0].as_ref().unwrap().export_listed(&[k(0), k(1), k(2), k(5)], &mut want).unwrap();
+        let (held, records, _) = state(&stale, r);
+        assert_eq!((held, records), (vec![k(0), k(1), k(2), k(5)], want));
+        assert_eq!(state(&stale, 2).1, kept.1, "another range's keys are untouched");
+        let mut fresh = [0f32; 2];
+        stale.tables[0].as_mut().unwrap().pull(&[k(5)], &mut fresh);
+        assert_eq!(fresh, [0.0, 0.0], "a forgotten key reads as its initial value");
+    }
+
+    #[test]
+    fn malformed_sparse_records_and_pushes_are_refused_whole() {
+        let spec = sparse();
+        let r = 0;
+        let keys = range_keys(&spec, RANGES, r);
+        let mut head = store(&spec);
+        push(&mut head, r, &[keys.start + 5, keys.start + 9], 0, 1);
+        let mut delta = Vec::new();
+        head.seal(RangeId(r), &mut delta);
+        let listed_at = 24 + 16; // header, one advance, then the key count
+        let mut swapped = delta.clone();
+        swapped.copy_within(listed_at + 8..listed_at + 16, listed_at + 16);
+        let mut many = delta.clone();
+        many[listed_at..listed_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut victim = store(&spec);
+        let before = state(&victim, r);
+        for (what, bytes) in [("keys not increasing", &swapped[..]), ("a huge key count", &many[..]), ("truncated", &delta[..delta.len() - 1])] {
+            assert!(victim.apply_delta(RangeId(r), bytes).is_err(), "{what}");
+            assert_eq!(state(&victim, r), before, "{what} changed something");
+        }
+        // Pushes: listed keys to a dense table, a key outside the range, a range push to a sparse table.
+        let h = PushHeader { table: 0, dim: 2, start: 0, count: 1, worker: 0, clock: 1, listed: true };
+        let outside = h.keyed_payload(&[range_keys(&spec, RANGES, 3).start], &[1.0, 1.0]);
+        assert!(ChainStore::check_push(&head.tables, RANGES, RangeId(r), &outside).unwrap_err().to_string().contains("not in range"));
+        let ranged = PushHeader { listed: false, start: keys.start, ..h }.payload(&[1.0, 1.0]);
+        assert!(ChainStore::check_push(&head.tables, RANGES, RangeId(r), &ranged).unwrap_err().to_string().contains("range push"));
+        let dense = store(&TableSpec::new("d", TableKind::Dense, 0, 64, 2));
+        let listed = h.keyed_payload(&[3], &[1.0, 1.0]);
+        assert!(ChainStore::check_push(&dense.tables, RANGES, RangeId(r), &listed).unwrap_err().to_string().contains("listed-key push"));
     }
 }

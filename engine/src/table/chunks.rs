@@ -107,9 +107,85 @@ impl TablePart {
         Some(())
     }
 
-    /// Bytes [`export_keys`](Self::export_keys) writes for `keys` keys.
+    /// Bytes [`export_keys`](Self::export_keys) or [`export_listed`](Self::export_listed) write
+    /// for `keys` keys: each key's value and updater state.
     pub fn exported_len(&self, keys: u64) -> usize {
-        keys as usize * self.slot_bytes()
+        keys as usize * 4 * self.spec.dim as usize * (1 + self.updater.state_slots())
+    }
+
+    /// The keys a sparse part holds among absolute keys `keys`, in order (none for a dense part).
+    pub fn held_keys(&self, keys: Range<u64>) -> Vec<u64> {
+        let Store::Sparse(sp) = &self.store else { return Vec::new() };
+        let mut held: Vec<u64> = sp.keys.as_slice().iter().copied().filter(|k| *k != EMPTY && keys.contains(k)).collect();
+        held.sort_unstable();
+        held
+    }
+
+    /// A sparse part's state of `keys`, appended to `out`: each key's record (its value, then
+    /// each updater state slot), as pushes left it, or as it starts for a key never pushed.
+    /// Replication sends it down a chain. `None` for a dense part.
+    pub fn export_listed(&self, keys: &[u64], out: &mut Vec<u8>) -> Option<()> {
+        let Store::Sparse(sp) = &self.store else { return None };
+        let mut fresh = vec![0f32; sp.width];
+        for &k in keys {
+            let rec = match sp.probe(k) {
+                Ok(slot) => &sp.records.as_slice()[slot * sp.width..(slot + 1) * sp.width],
+                Err(_) => {
+                    super::init_record(&self.spec, self.updater.as_ref(), k, &mut fresh);
+                    &fresh[..]
+                }
+            };
+            rec.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        }
+        Some(())
+    }
+
+    /// Puts back what [`export_listed`](Self::export_listed) wrote for `keys`, inserting the
+    /// keys the part does not hold yet. Refuses, changing nothing, a dense part, keys outside
+    /// the part, the wrong length, or more new keys than the part has room for.
+    pub fn import_listed(&mut self, keys: &[u64], bytes: &[u8]) -> Result<()> {
+        let want = self.exported_len(keys.len() as u64);
+        let outside = keys.iter().find(|k| !self.owned.contains(k));
+        let corrupt = |reason: String| EngineError::Corrupt { what: format!("table {} ({} keys)", self.id, keys.len()), reason };
+        let Store::Sparse(sp) = &self.store else { return Err(corrupt(format!("{} is dense", self.spec.name))) };
+        if let Some(k) = outside {
+            return Err(corrupt(format!("key {k} outside the part {:?}", self.owned)));
+        }
+        if bytes.len() != want {
+            return Err(corrupt(format!("{} bytes of records (want {want})", bytes.len())));
+        }
+        sp.check_room(keys, self.id)?;
+        let per = self.chunk_slots();
+        for (&k, rec) in keys.iter().zip(bytes.chunks_exact(self.exported_len(1))) {
+            if self.snapshot.is_some() {
+                self.preserve_keys(std::slice::from_ref(&k));
+            }
+            let Store::Sparse(sp) = &mut self.store else { unreachable!("checked above") };
+            let (slot, _) = sp.record_mut(k, &self.spec, self.updater.as_ref());
+            let width = sp.width;
+            let to = &mut sp.records.as_mut_slice()[slot * width..(slot + 1) * width];
+            to.iter_mut().zip(rec.chunks_exact(4)).for_each(|(v, b)| *v = f32::from_le_bytes(b.try_into().expect("4 bytes")));
+            self.dirty.mark(slot as u64 / per);
+        }
+        Ok(())
+    }
+
+    /// Sets every key a sparse part holds among absolute keys `keys` back to its record before
+    /// any push: a replica taking a range whole forgets what it held of it. The keys stay in the
+    /// part (a pull reads the same either way). Does nothing to a dense part.
+    pub fn reset_keys(&mut self, keys: Range<u64>) {
+        let held = self.held_keys(keys);
+        let per = self.chunk_slots();
+        for k in held {
+            if self.snapshot.is_some() {
+                self.preserve_keys(std::slice::from_ref(&k));
+            }
+            let Store::Sparse(sp) = &mut self.store else { unreachable!("only a sparse part holds keys") };
+            let slot = sp.probe(k).expect("a held key");
+            let width = sp.width;
+            super::init_record(&self.spec, self.updater.as_ref(), k, &mut sp.records.as_mut_slice()[slot * width..(slot + 1) * width]);
+            self.dirty.mark(slot as u64 / per);
+        }
     }
 
     /// Puts back what [`export_keys`](Self::export_keys) wrote for `keys`, restamping each block
