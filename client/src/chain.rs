@@ -18,6 +18,7 @@ use tessera_replication::placement::{range_keys, range_of, shard_of_range};
 use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
 use tessera_transport::tcp::TcpLink;
+use tessera_transport::wire::HEADER_BYTES;
 use tessera_transport::{ask, call, Header, Op, TransportConfig};
 
 use crate::error::{ClientError, Result};
@@ -46,6 +47,9 @@ pub struct ChainStats {
     pub resends: u64,
     /// Pull pieces retried.
     pub pull_retries: u64,
+    /// Bytes of frames (headers and bodies) sent and received, replies included.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// A worker's connection to a replicated cluster.
@@ -181,6 +185,12 @@ impl ChainClient {
         Ok(out)
     }
 
+    /// Counts one request of `sent` body bytes and its reply of `received`.
+    fn count(&mut self, sent: usize, received: usize) {
+        self.stats.bytes_sent += (HEADER_BYTES + sent) as u64;
+        self.stats.bytes_received += (HEADER_BYTES + received) as u64;
+    }
+
     fn link(&mut self, addr: &str, shard: u16) -> Result<&mut TcpLink> {
         let key = (addr.to_string(), shard);
         if !self.links.contains_key(&key) {
@@ -203,6 +213,7 @@ impl ChainClient {
             header.worker = worker;
             Ok(call(link, &mut header, &body, None)?.1)
         });
+        self.count(body.len(), replied.as_ref().map_or(0, Vec::len));
         let news = match replied.map(|b| codec::decode_batch(&b)) {
             Ok(Ok(news)) => news,
             Ok(Err(e)) => {
@@ -408,6 +419,7 @@ impl ChainClient {
         header.dim = table.entry.spec.dim;
         header.worker = self.worker;
         let replied = self.link(&addr, shard).and_then(|link| Ok(call(link, &mut header, body, None)?.1));
+        self.count(body.len(), replied.as_ref().map_or(0, Vec::len));
         let body = replied.inspect_err(|_| {
             self.links.remove(&(addr.clone(), shard));
         })?;

@@ -98,6 +98,15 @@ fn the_embedded_demo_learns_the_true_model() {
 }
 
 #[test]
+fn the_demo_trains_on_a_replicated_cluster_in_the_process() {
+    let args = ["demo", "--servers", "3", "--replicas", "2", "--features", "100000", "--examples", "20000", "--json"];
+    let demo = run_tool(&args, DEMO_TIMEOUT);
+    assert!(demo.status.success(), "demo failed ({}):\n{}", demo.status, demo.stderr);
+    assert!(demo.stderr.contains("3 servers, every range on a chain of 2"), "{}", demo.stderr);
+    check_demo_summary(&demo.stdout, &demo.stderr);
+}
+
+#[test]
 fn a_malformed_tables_file_stops_the_server_with_a_message_naming_it() {
     let dir = ScratchDir::new("bad-tables");
     let cases = [
