@@ -19,9 +19,10 @@ use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, Range
 use tessera_replication::worker::Pusher;
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::wire::HEADER_BYTES;
-use tessera_transport::{ask, call, Header, Op, TransportConfig};
+use tessera_transport::{ask, Caller, Dialer, Header, Op, TransportConfig};
 
 use crate::error::{ClientError, Result};
+use crate::ClientConfig;
 
 /// How long a push waits for its acknowledgement before it is resent to whoever is head then.
 pub const RETRY_MS: u64 = 300;
@@ -50,6 +51,10 @@ pub struct ChainStats {
     /// Bytes of frames (headers and bodies) sent and received, replies included.
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Requests that went over RDMA slots, and over TCP (a TCP link's, or an RDMA link's frames
+    /// too large for a slot).
+    pub rdma_calls: u64,
+    pub tcp_calls: u64,
 }
 
 /// A worker's connection to a replicated cluster.
@@ -57,12 +62,14 @@ pub struct ChainStats {
 pub struct ChainClient {
     worker: u32,
     transport: TransportConfig,
+    /// Opens the links pushes and pulls go on: RDMA where both ends have it (`cfg.kind`).
+    dialer: Dialer,
     seeds: Vec<String>,
     shards: u16,
     ranges: u32,
     tables: HashMap<String, TableEntry>,
     pusher: Pusher,
-    links: HashMap<(String, u16), TcpLink>,
+    links: HashMap<(String, u16), Caller>,
     started: Instant,
     clock: u64,
     pub stats: ChainStats,
@@ -73,9 +80,13 @@ pub struct ChainClient {
 }
 
 impl ChainClient {
-    /// Connects as `worker` to the cluster any of `servers` belongs to, waiting (up to
-    /// [`CALL_TIMEOUT`]) for the cluster to have a configuration.
-    pub fn connect(servers: &[&str], worker: u32, transport: TransportConfig) -> Result<Self> {
+    /// Connects as worker `cfg.worker` to the cluster any of `servers` belongs to, waiting (up
+    /// to [`CALL_TIMEOUT`]) for the cluster to have a configuration. Pushes and pulls go over
+    /// `cfg.kind`'s transport: with RDMA, each frame that fits a slot goes through the queue
+    /// pair, and a larger one over the link's TCP connection. (`cfg.compress` is not used.)
+    pub fn connect(servers: &[&str], cfg: ClientConfig) -> Result<Self> {
+        let ClientConfig { worker, transport, kind, rdma, .. } = cfg;
+        let dialer = Dialer::new(kind, transport.clone(), rdma)?;
         let seeds: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
         let deadline = Instant::now() + CALL_TIMEOUT;
         let (view, info, catalog) = loop {
@@ -91,6 +102,7 @@ impl ChainClient {
         Ok(Self {
             worker,
             transport,
+            dialer,
             seeds,
             shards: info.shards,
             ranges,
@@ -191,13 +203,29 @@ impl ChainClient {
         self.stats.bytes_received += (HEADER_BYTES + received) as u64;
     }
 
-    fn link(&mut self, addr: &str, shard: u16) -> Result<&mut TcpLink> {
+    fn link(&mut self, addr: &str, shard: u16) -> Result<&mut Caller> {
         let key = (addr.to_string(), shard);
         if !self.links.contains_key(&key) {
-            let (link, _) = TcpLink::connect(addr, shard as u64, self.worker, &self.transport)?;
+            let link = self.dialer.caller(addr, shard as u64, self.worker, ServerInfo::serves_rdma)?;
             self.links.insert(key.clone(), link);
         }
         Ok(self.links.get_mut(&key).expect("inserted above"))
+    }
+
+    /// One request to `addr`'s `shard` and its reply's body, counted in [`ChainStats`]. A link
+    /// that fails is dropped (the next call makes a new one).
+    fn call_on(&mut self, addr: &str, shard: u16, header: &mut Header, body: &[u8]) -> Result<Vec<u8>> {
+        let link = self.link(addr, shard)?;
+        let before = link.calls();
+        let replied = link.call(header, body, None);
+        let after = link.calls();
+        self.stats.rdma_calls += after.rdma - before.rdma;
+        self.stats.tcp_calls += after.tcp - before.tcp;
+        self.count(body.len(), replied.as_ref().map_or(0, |r| r.1.len()));
+        if replied.is_err() {
+            self.links.remove(&(addr.to_string(), shard));
+        }
+        Ok(replied?.1)
     }
 
     /// One `WorkerPush` (a push, or a poll when `msg` is `None`) to `addr`'s `shard`; takes the
@@ -207,13 +235,9 @@ impl ChainClient {
         if let Some(m) = msg {
             codec::encode(m, &mut body);
         }
-        let worker = self.worker;
-        let replied = self.link(addr, shard).and_then(|link| {
-            let mut header = Header::request(Op::WorkerPush, 0);
-            header.worker = worker;
-            Ok(call(link, &mut header, &body, None)?.1)
-        });
-        self.count(body.len(), replied.as_ref().map_or(0, Vec::len));
+        let mut header = Header::request(Op::WorkerPush, 0);
+        header.worker = self.worker;
+        let replied = self.call_on(addr, shard, &mut header, &body);
         let news = match replied.map(|b| codec::decode_batch(&b)) {
             Ok(Ok(news)) => news,
             Ok(Err(e)) => {
@@ -223,7 +247,6 @@ impl ChainClient {
             Err(e) => {
                 tracing::debug!(addr, error = %e, "push link failed");
                 self.unreachable_at = Some(Instant::now());
-                self.links.remove(&(addr.to_string(), shard));
                 return;
             }
         };
@@ -418,11 +441,7 @@ impl ChainClient {
         header.count = count as u32;
         header.dim = table.entry.spec.dim;
         header.worker = self.worker;
-        let replied = self.link(&addr, shard).and_then(|link| Ok(call(link, &mut header, body, None)?.1));
-        self.count(body.len(), replied.as_ref().map_or(0, Vec::len));
-        let body = replied.inspect_err(|_| {
-            self.links.remove(&(addr.clone(), shard));
-        })?;
+        let body = self.call_on(&addr, shard, &mut header, body)?;
         let values = out.len() * 4;
         if body.len() < values {
             return Err(ClientError::Protocol { server: addr, reason: format!("a pull reply of {} bytes for {values} bytes of values", body.len()) });

@@ -16,7 +16,7 @@ use tessera_replication::catalog::{Catalog, Part, ServerInfo, TableEntry, TableS
 use tessera_replication::protocol::{ClusterView, NodeId};
 use tessera_replication::ReplicationConfig;
 use tessera_replication::placement;
-use tessera_transport::{select, Op, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
+use tessera_transport::{select, Dialer, Op, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
 
 use crate::chain::outbox::Outbox;
 use crate::chain::{ChainShard, Identity, Locator};
@@ -139,7 +139,15 @@ impl Server {
             inboxes.push(rx);
         }
         let chain = match (&cfg.replication, &rcfg) {
-            (Some(join), Some(rcfg)) => Some(start_chain(join, rcfg.clone(), addr, &cfg.transport, &shards, stop.clone())),
+            (Some(join), Some(rcfg)) => {
+                let dialer = Dialer {
+                    cfg: cfg.transport.clone(),
+                    chosen: chosen.clone(),
+                    rdma: cfg.rdma.clone(),
+                    required: cfg.transport_kind == TransportKind::Rdma,
+                };
+                Some(start_chain(join, rcfg.clone(), addr, dialer, &shards, stop.clone()))
+            }
             _ => None,
         };
         let shard_count = shard_eps.len() as u16;
@@ -524,13 +532,14 @@ pub fn ask_cluster(addr: &str, transport: &TransportConfig) -> std::result::Resu
 /// Starts the server's replication traffic: who it is, and its outbox, which hands each newer
 /// configuration to every shard. Once a configuration shows the server drained (`tessera
 /// drain`: draining, and in no chain), it stops (sets `stop`).
-fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, transport: &TransportConfig, shards: &[ShardHandle], stop: Arc<AtomicBool>) -> (Identity, Outbox) {
+/// Peers are reached as `dialer` says: over RDMA when this server and the peer both serve it.
+fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, dialer: Dialer, shards: &[ShardHandle], stop: Arc<AtomicBool>) -> (Identity, Outbox) {
     let incarnation = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
     let me = Identity { node: NodeId(join.node), incarnation, addr: join.advertise.clone().unwrap_or_else(|| addr.to_string()) };
     // Peers that stop answering cost a replication link no more than a failure-detection time.
-    let mut link_cfg = transport.clone();
-    link_cfg.io_timeout_ms = rcfg.failure_timeout_ms.max(100);
-    link_cfg.hello_timeout_ms = rcfg.failure_timeout_ms.max(100);
+    let mut dialer = dialer;
+    dialer.cfg.io_timeout_ms = rcfg.failure_timeout_ms.max(100);
+    dialer.cfg.hello_timeout_ms = rcfg.failure_timeout_ms.max(100);
     let handles = shards.to_vec();
     let node = me.node;
     // The newest configuration seen.
@@ -556,7 +565,7 @@ fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, transport
         }
     });
     tracing::info!(node = join.node, incarnation, addr = %me.addr, coordinator = %join.coordinator, "joining a replicated cluster");
-    (me.clone(), Outbox::start(me.node, join.coordinator.clone(), link_cfg, on_config))
+    (me.clone(), Outbox::start(me.node, join.coordinator.clone(), dialer, on_config))
 }
 
 /// The cores this process may run on.

@@ -155,6 +155,13 @@ pub struct ServerInfo {
     pub rdma: bool,
 }
 
+impl ServerInfo {
+    /// Whether a server's hello reply says it serves RDMA; one that does not parse says no.
+    pub fn serves_rdma(hello: &[u8]) -> bool {
+        serde_json::from_slice::<ServerInfo>(hello).is_ok_and(|info| info.rdma)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -328,3 +328,58 @@ fn wal_mode_over_rdma_acknowledges_pushes_once_logged_and_a_restart_replays_them
     let replayed: u64 = second.recovery().iter().map(|r| r.records_replayed).sum();
     assert_eq!(replayed, 5 * 2 * 2 + 24, "every logged push replayed (workload pushes span both shards)");
 }
+
+/// A [`Caller`](tessera_transport::Caller) (the link replicated servers and workers use) sends
+/// each frame that fits an RDMA slot through the queue pair, and a larger one through the
+/// link's TCP connection to the same shard; the shard applies both, in the order sent, exactly
+/// as a TCP link's. A TCP-only server is refused when RDMA is required.
+#[test]
+fn a_caller_sends_small_frames_over_rdma_and_large_ones_over_its_tcp_connection() {
+    use tessera_transport::wire::{Header, Op};
+    use tessera_transport::{Dialer, TransportConfig};
+    if !tessera_tests::rdma_here("a_caller_sends_small_frames_over_rdma_and_large_ones_over_its_tcp_connection") {
+        return;
+    }
+    let small = RdmaConfig { slots: 4, slot_bytes: 8 << 10, spin_us: 20, ..RdmaConfig::default() };
+    let server = server(1, TransportKind::Rdma, small.clone());
+    let checker = client(&server, 9, TransportKind::Tcp, small.clone());
+    let table = checker.create_table(&TableSpec::new("caller", TableKind::Dense, 0, 8192, 1)).unwrap();
+    let id = checker.catalogs().unwrap()[0].iter().find(|t| t.spec.name == "caller").unwrap().id;
+    let addr = server.local_addr().to_string();
+    let dialer = Dialer::new(TransportKind::Rdma, TransportConfig::default(), small.clone()).expect("a device");
+    let mut caller = dialer.caller(&addr, 0, 1, tessera_replication::catalog::ServerInfo::serves_rdma).expect("an RDMA caller");
+    assert_eq!(caller.kind(), "rdma");
+    let fast_max = caller.fast_body_max().expect("an RDMA caller has a fast path");
+    // Pushes of 1 000 keys (4 000 bytes: a slot) and of 8 000 keys (32 000 bytes: TCP), each
+    // adding its round number, alternately.
+    let mut want = vec![0f32; 8192];
+    for round in 1..=10u64 {
+        let count = if round % 2 == 1 { 1000 } else { 8000 };
+        let grads = vec![round as f32; count];
+        let body: Vec<u8> = grads.iter().flat_map(|g| g.to_le_bytes()).collect();
+        assert_eq!(body.len() <= fast_max, count == 1000);
+        let mut header = Header::request(Op::PushRange, round);
+        header.table = id;
+        header.start = 0;
+        header.count = count as u32;
+        header.dim = 1;
+        header.worker = 1;
+        header.clock = round;
+        caller.call(&mut header, &body, None).expect("the push is served");
+        want[..count].iter_mut().for_each(|v| *v += round as f32);
+    }
+    let calls = caller.calls();
+    assert_eq!((calls.rdma, calls.tcp), (5, 5), "small pushes over RDMA, large ones over TCP");
+    let mut got = vec![0f32; 8192];
+    checker.pull_range(&table, 0, &mut got).unwrap().wait().unwrap();
+    assert_eq!(got, want);
+    // A server that serves only TCP: a caller that requires RDMA says so, one that may fall
+    // back talks TCP.
+    let tcp_only = self::server(1, TransportKind::Tcp, small.clone());
+    let tcp_addr = tcp_only.local_addr().to_string();
+    let refused = dialer.caller(&tcp_addr, 0, 1, tessera_replication::catalog::ServerInfo::serves_rdma).unwrap_err();
+    assert!(refused.to_string().contains("serves TCP only"), "{refused}");
+    let auto = Dialer::new(TransportKind::Auto, TransportConfig::default(), small).unwrap();
+    let fallback = auto.caller(&tcp_addr, 0, 1, tessera_replication::catalog::ServerInfo::serves_rdma).unwrap();
+    assert_eq!(fallback.kind(), "tcp");
+}

@@ -26,6 +26,7 @@
 #![deny(unsafe_code)]
 
 pub mod buf;
+pub mod caller;
 pub mod config;
 pub mod error;
 pub mod expose;
@@ -38,6 +39,7 @@ pub mod wire;
 
 use std::time::Duration;
 
+pub use caller::{Caller, Dialer};
 pub use config::{RdmaConfig, TransportConfig};
 pub use error::{Result, TransportError};
 pub use select::{Chosen, TransportKind};

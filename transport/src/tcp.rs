@@ -635,6 +635,20 @@ pub struct TcpLink {
 }
 
 impl TcpLink {
+    /// The socket's descriptor, for a caller that sleeps on it beside other things.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+    }
+
+    /// Whether the server closed the connection, or it broke. Peeks; never blocks.
+    pub fn closed(&self) -> bool {
+        let mut byte = [0u8; 1];
+        match self.stream.peek(&mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted),
+        }
+    }
+
     /// Connects to `addr`, says hello to `shard` ([`CONTROL_SHARD`] for the control plane) as
     /// `worker`, and returns the link with the server's hello reply (its self-description).
     pub fn connect(addr: &str, shard: u64, worker: u32, cfg: &TransportConfig) -> Result<(Self, Vec<u8>)> {

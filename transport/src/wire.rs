@@ -134,9 +134,10 @@ impl Op {
         Op::ALL.into_iter().find(|o| *o as u8 == op & !REPLY_BIT)
     }
 
-    /// True for the ops a shard connection serves.
+    /// True for the ops a shard serves over its data path (RDMA slots included): pushes and
+    /// pulls, and, on replicated servers, peers' messages and workers' chain pushes.
     pub fn is_data(self) -> bool {
-        matches!(self, Op::Push | Op::PushRange | Op::Pull | Op::PullRange)
+        matches!(self, Op::Push | Op::PushRange | Op::Pull | Op::PullRange | Op::Replicate | Op::WorkerPush)
     }
 }
 

@@ -28,6 +28,8 @@ use crate::error::{EngineError, Result};
 
 /// How often the coordinator looks for failures when no heartbeat wakes it.
 const TICK: Duration = Duration::from_millis(10);
+/// After a coordinator steps down (its store failed it), how long before it campaigns again.
+const RECAMPAIGN_AFTER: Duration = Duration::from_secs(1);
 
 /// The coordinator trait: where the cluster's configuration is read from and written to, and
 /// who may write it.
@@ -37,13 +39,17 @@ pub trait ConfigStore: Send + std::fmt::Debug {
     /// stored, if any, to continue from.
     fn lead(&mut self, addr: &str) -> Result<Lead>;
     /// Stores `view`, which follows the configuration last read or stored, atomically. An error
-    /// means this coordinator must stop: it no longer leads, or cannot reach the store.
+    /// means this coordinator must step down: it no longer leads, or cannot reach the store.
     fn store(&mut self, view: &ClusterView) -> Result<()>;
     /// Whether this coordinator, leading, still may: asked each tick (so it must not block). An
-    /// error means it must stop at once, before it answers anyone as the leader again.
+    /// error means it must step down at once, before it answers anyone as the leader again.
     fn still_leads(&self) -> Result<()> {
         Ok(())
     }
+    /// Gives up leading or campaigning (after an error from the store): the next
+    /// [`lead`](Self::lead) campaigns afresh, and nothing of the old seat may still win or
+    /// write.
+    fn step_down(&mut self) {}
     /// Where the configuration is kept, for logs.
     fn describe(&self) -> String;
 }
@@ -107,8 +113,8 @@ struct CoordinatorService {
     /// The newest configuration stored, the only one handed out.
     published: Option<Arc<ClusterConfig>>,
     changes: Vec<String>,
-    /// Why this coordinator stopped leading, when it has.
-    stopped: Option<EngineError>,
+    /// Why this coordinator last stepped down, and when it campaigns again.
+    stepped_down: Option<(EngineError, Instant)>,
 }
 
 impl CoordinatorService {
@@ -132,24 +138,49 @@ impl CoordinatorService {
 
     /// Asks the store whether this coordinator leads yet, and takes over when it does.
     fn stand(&mut self) {
-        if self.stopped.is_some() {
-            return;
-        }
         if self.leading {
             if let Err(e) = self.store.still_leads() {
-                tracing::error!(error = %e, "this coordinator stops");
-                self.stopped = Some(e);
+                self.step_down(e);
             }
+            return;
+        }
+        if self.stepped_down.as_ref().is_some_and(|(_, until)| Instant::now() < *until) {
             return;
         }
         match self.store.lead(&self.addr) {
             Ok(Lead::Waiting) => {}
             Ok(Lead::Leading(stored)) => {
                 self.leading = true;
+                self.stepped_down = None;
+                self.note("leading".into());
                 self.resume(stored);
             }
-            Err(e) => self.stopped = Some(e),
+            Err(e) => self.step_down(e),
         }
+    }
+
+    /// Keeps `change` for the status, stamped with the time, and at most [`CHANGES_KEPT`].
+    fn note(&mut self, change: String) {
+        self.changes.push(format!("{:.3}s {change}", self.now_ms() as f64 / 1e3));
+        if self.changes.len() > CHANGES_KEPT {
+            self.changes.drain(..self.changes.len() - CHANGES_KEPT);
+        }
+    }
+
+    /// The store failed this coordinator (its lease lapsed, another wrote the configuration,
+    /// or the store cannot be reached): it forgets the cluster, answers as a standby, and
+    /// campaigns again after [`RECAMPAIGN_AFTER`], continuing from whatever is stored then. It
+    /// never exits for this: a coordinator that outlives an outage of the store leads again
+    /// without a supervisor.
+    fn step_down(&mut self, why: EngineError) {
+        tracing::error!(error = %why, again_in = ?RECAMPAIGN_AFTER, "this coordinator steps down, and will campaign again");
+        self.note(format!("stepped down: {why}"));
+        self.leading = false;
+        self.coordinator = None;
+        self.published = None;
+        self.early.clear();
+        self.store.step_down();
+        self.stepped_down = Some((why, Instant::now() + RECAMPAIGN_AFTER));
     }
 
     fn heartbeat(&mut self, msg: Msg, reply: &mut Reply<'_>) {
@@ -185,12 +216,10 @@ impl CoordinatorService {
         let Some(c) = self.coordinator.as_mut() else { return };
         c.tick(now);
         c.take_ready();
-        for change in c.take_changes() {
-            tracing::info!(?change, config = c.config().id, "cluster changed");
-            self.changes.push(format!("{:.3}s config {}: {change:?}", now as f64 / 1e3, c.config().id));
-        }
-        if self.changes.len() > CHANGES_KEPT {
-            self.changes.drain(..self.changes.len() - CHANGES_KEPT);
+        let (changes, id) = (c.take_changes(), c.config().id);
+        for change in changes {
+            tracing::info!(?change, config = id, "cluster changed");
+            self.note(format!("config {id}: {change:?}"));
         }
         self.publish();
     }
@@ -199,16 +228,13 @@ impl CoordinatorService {
     /// hands it out once stored.
     fn publish(&mut self) {
         let Some(c) = self.coordinator.as_ref() else { return };
-        if self.stopped.is_some() || self.published.as_ref().is_some_and(|p| p.id >= c.config().id) {
+        if !self.leading || self.published.as_ref().is_some_and(|p| p.id >= c.config().id) {
             return;
         }
         let config = c.config().clone();
         match self.store.store(&self.view_of(Some(&config))) {
             Ok(()) => self.published = Some(config),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot store the cluster configuration: this coordinator stops");
-                self.stopped = Some(e);
-            }
+            Err(e) => self.step_down(e),
         }
     }
 
@@ -301,23 +327,17 @@ impl CoordinatorHandle {
             coordinator: None,
             published: None,
             changes: Vec::new(),
-            stopped: None,
+            stepped_down: None,
         };
         let thread = std::thread::Builder::new()
             .name("tessera-coordinator".into())
             .spawn(move || {
                 while !flag.load(Ordering::Acquire) {
                     service.stand();
-                    if let Some(e) = service.stopped.take() {
-                        return Err(e);
-                    }
                     if let Err(e) = ep.poll(&mut service, Some(TICK)) {
                         tracing::error!(error = %e, "coordinator poll failed");
                     }
                     service.tick();
-                    if let Some(e) = service.stopped.take() {
-                        return Err(e);
-                    }
                 }
                 Ok(())
             })

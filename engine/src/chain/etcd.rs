@@ -171,25 +171,32 @@ pub struct EtcdStore {
     /// The campaign under way, until it is won.
     campaign: Option<std::sync::mpsc::Receiver<std::result::Result<LeaderKey, String>>>,
     leader: Option<LeaderKey>,
-    /// Set when the lease could not be kept alive: the election may be someone else's.
+    /// Set when the lease could not be kept alive: the election may be someone else's. Also
+    /// set by [`ConfigStore::step_down`], to retire the lease's keeper.
     lost: Arc<AtomicBool>,
+    /// The lease the campaign or the leadership is held with.
+    lease: Option<i64>,
     revision: i64,
 }
 
 impl EtcdStore {
     pub fn new(etcd: Arc<Etcd>) -> Self {
-        Self { etcd, campaign: None, leader: None, lost: Arc::new(AtomicBool::new(false)), revision: 0 }
+        Self { etcd, campaign: None, leader: None, lost: Arc::new(AtomicBool::new(false)), lease: None, revision: 0 }
     }
 
     /// Grants a lease and keeps it alive from etcd's thread; `lost` is set if that fails.
-    fn lease(&self) -> Result<i64> {
+    fn lease(&mut self) -> Result<i64> {
         let grant = self.etcd.call("grant a lease", |mut c, _| async move { c.lease_grant(LEASE_TTL_S, None).await }, "")?;
         let id = grant.id();
+        self.lease = Some(id);
         let (mut keeper, mut stream) = self.etcd.call("keep a lease", |mut c, _| async move { c.lease_keep_alive(id).await }, "")?;
         let lost = self.lost.clone();
         self.etcd.rt.spawn(async move {
             let every = Duration::from_millis(LEASE_TTL_S as u64 * 1000 / 4);
             loop {
+                if lost.load(Ordering::Acquire) {
+                    return; // retired: the coordinator stepped down
+                }
                 let alive = match keeper.keep_alive().await {
                     Ok(()) => matches!(stream.message().await, Ok(Some(resp)) if resp.ttl() > 0),
                     Err(_) => false,
@@ -265,6 +272,25 @@ impl ConfigStore for EtcdStore {
         }
         self.revision = resp.header().map_or(self.revision, |h| h.revision());
         Ok(())
+    }
+
+    fn step_down(&mut self) {
+        // The old lease's keeper stops, and the lease is revoked, which deletes the election key
+        // it holds (or a campaign still waiting on it): an old campaign cannot win after this.
+        // If etcd cannot be reached, the lease lapses within its TTL instead.
+        self.lost.store(true, Ordering::Release);
+        self.lost = Arc::new(AtomicBool::new(false));
+        self.campaign = None;
+        self.leader = None;
+        self.revision = 0;
+        if let Some(id) = self.lease.take() {
+            let mut client = self.etcd.client.clone();
+            self.etcd.rt.spawn(async move {
+                if let Err(e) = client.lease_revoke(id).await {
+                    tracing::debug!(lease = id, error = %e, "could not revoke the old lease; it lapses by itself");
+                }
+            });
+        }
     }
 
     fn describe(&self) -> String {

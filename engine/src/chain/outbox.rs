@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 use tessera_replication::codec;
 use tessera_replication::protocol::{ClusterConfig, Msg, NodeId};
-use tessera_transport::tcp::TcpLink;
-use tessera_transport::{call, Header, Op, TransportConfig, CONTROL_SHARD};
+use tessera_replication::catalog::ServerInfo;
+use tessera_transport::{Caller, Dialer, Header, Op, CONTROL_SHARD};
 
 use super::Locator;
 
@@ -39,7 +39,7 @@ pub type Latest = Arc<Mutex<Option<Arc<ClusterConfig>>>>;
 #[derive(Debug, Clone)]
 pub struct Outbox {
     me: NodeId,
-    cfg: TransportConfig,
+    dialer: Dialer,
     latest: Latest,
     coordinator: Sender<Msg>,
     /// Each peer's queue, made once per server.
@@ -51,7 +51,8 @@ pub struct Outbox {
 impl Outbox {
     /// Starts the coordinator's thread. `on_config` runs for each configuration heard of (the
     /// shards ignore those they have seen): on that thread, and on etcd's for those watched.
-    pub fn start(me: NodeId, coordinator: Locator, cfg: TransportConfig, on_config: OnConfig) -> Outbox {
+    /// Peers are reached through `dialer`: over RDMA when both ends have it.
+    pub fn start(me: NodeId, coordinator: Locator, dialer: Dialer, on_config: OnConfig) -> Outbox {
         let latest: Latest = Arc::default();
         let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
         #[cfg(feature = "etcd")]
@@ -64,12 +65,12 @@ impl Outbox {
             }));
         }
         let shared = latest.clone();
-        let link_cfg = cfg.clone();
+        let link_dialer = dialer.clone();
         std::thread::Builder::new()
             .name("tessera-coord-out".into())
-            .spawn(move || heartbeats(me, &coordinator, &link_cfg, &rx, &shared, &*on_config))
+            .spawn(move || heartbeats(me, &coordinator, &link_dialer, &rx, &shared, &*on_config))
             .expect("a thread for the coordinator's link");
-        Outbox { me, cfg, latest, coordinator: tx, peers: Arc::default(), local: HashMap::new() }
+        Outbox { me, dialer, latest, coordinator: tx, peers: Arc::default(), local: HashMap::new() }
     }
 
     /// The newest configuration heard of.
@@ -103,10 +104,10 @@ impl Outbox {
         let mut peers = self.peers.lock().expect("no panics under this lock");
         let tx = peers.entry(node).or_insert_with(|| {
             let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
-            let (me, cfg, latest) = (self.me, self.cfg.clone(), self.latest.clone());
+            let (me, dialer, latest) = (self.me, self.dialer.clone(), self.latest.clone());
             std::thread::Builder::new()
                 .name(format!("tessera-peer-{node}"))
-                .spawn(move || to_peer(me, node, &cfg, &rx, &latest))
+                .spawn(move || to_peer(me, node, &dialer, &rx, &latest))
                 .expect("a thread for a peer's links");
             tx
         });
@@ -117,7 +118,7 @@ impl Outbox {
 /// A link to one place, remade when the place moves or the link breaks.
 struct Linked {
     addr: String,
-    link: Option<TcpLink>,
+    link: Option<Caller>,
     retry_at: Instant,
 }
 
@@ -128,15 +129,22 @@ impl Linked {
 
     /// Sends `msg` as a `Replicate` request from `me` and returns the reply's body; `None` when
     /// it could not go (dropped: the protocol resends).
-    fn send(&mut self, addr: &str, shard: u64, me: NodeId, cfg: &TransportConfig, msg: &Msg) -> Option<Vec<u8>> {
+    fn send(&mut self, addr: &str, shard: u64, me: NodeId, dialer: &Dialer, msg: &Msg) -> Option<Vec<u8>> {
         let mut body = Vec::new();
         codec::encode(msg, &mut body);
-        self.send_body(addr, shard, me, cfg, &body)
+        self.send_body(addr, shard, me, dialer, &body)
+    }
+
+    /// The largest batch to send at once: what fits the link's fast path (an RDMA slot) when it
+    /// has one, else a frame, less room for the header and a message's length.
+    fn body_max(&self, dialer: &Dialer) -> usize {
+        let fast = self.link.as_ref().and_then(Caller::fast_body_max);
+        fast.unwrap_or(dialer.cfg.frame_bytes_max).saturating_sub(256)
     }
 
     /// Sends `body` (one message, or a batch of them) as a `Replicate` request from `me`; see
     /// [`Linked::send`].
-    fn send_body(&mut self, addr: &str, shard: u64, me: NodeId, cfg: &TransportConfig, body: &[u8]) -> Option<Vec<u8>> {
+    fn send_body(&mut self, addr: &str, shard: u64, me: NodeId, dialer: &Dialer, body: &[u8]) -> Option<Vec<u8>> {
         if self.addr != addr {
             self.addr = addr.to_string();
             self.link = None;
@@ -145,8 +153,8 @@ impl Linked {
             if Instant::now() < self.retry_at {
                 return None;
             }
-            match TcpLink::connect(addr, shard, me.0, cfg) {
-                Ok((link, _)) => self.link = Some(link),
+            match dialer.caller(addr, shard, me.0, ServerInfo::serves_rdma) {
+                Ok(link) => self.link = Some(link),
                 Err(e) => {
                     tracing::debug!(addr, error = %e, "replication link down");
                     self.retry_at = Instant::now() + RECONNECT_BACKOFF;
@@ -156,7 +164,7 @@ impl Linked {
         }
         let mut header = Header::request(Op::Replicate, 0);
         header.worker = me.0;
-        match call(self.link.as_mut().expect("made above"), &mut header, body, None) {
+        match self.link.as_mut().expect("made above").call(&mut header, body, None) {
             Ok((_, reply)) => Some(reply),
             Err(e) => {
                 tracing::debug!(addr, error = %e, "replication message lost");
@@ -167,7 +175,7 @@ impl Linked {
     }
 }
 
-fn heartbeats(me: NodeId, coordinator: &Locator, cfg: &TransportConfig, rx: &Receiver<Msg>, latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>)) {
+fn heartbeats(me: NodeId, coordinator: &Locator, dialer: &Dialer, rx: &Receiver<Msg>, latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>)) {
     let mut linked = Linked::new();
     let mut addr: Option<String> = None;
     while let Ok(msg) = rx.recv() {
@@ -180,7 +188,7 @@ fn heartbeats(me: NodeId, coordinator: &Locator, cfg: &TransportConfig, rx: &Rec
                 }
             }
         }
-        let Some(reply) = linked.send(addr.as_deref().expect("resolved above"), CONTROL_SHARD, me, cfg, &msg) else {
+        let Some(reply) = linked.send(addr.as_deref().expect("resolved above"), CONTROL_SHARD, me, dialer, &msg) else {
             addr = None; // it may have moved (another coordinator elected)
             continue;
         };
@@ -209,14 +217,13 @@ fn deliver(latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>), config: Arc<
 }
 
 /// One peer's thread: sends what its shards queued, in order, each shard's messages batched
-/// ([`codec::encode_batch`]) into requests of at most [`PEER_BATCH_MAX`] messages and the
-/// transport's frame size.
-fn to_peer(me: NodeId, node: NodeId, cfg: &TransportConfig, rx: &Receiver<(u16, Msg)>, latest: &Latest) {
+/// ([`codec::encode_batch`]) into requests of at most [`PEER_BATCH_MAX`] messages and what the
+/// link carries fastest ([`Linked::body_max`]); a single message larger than that (a snapshot)
+/// still goes, over the link's slower path.
+fn to_peer(me: NodeId, node: NodeId, dialer: &Dialer, rx: &Receiver<(u16, Msg)>, latest: &Latest) {
     let mut links: HashMap<u16, Linked> = HashMap::new();
     let mut queued: Vec<(u16, Msg)> = Vec::with_capacity(PEER_BATCH_MAX);
     let mut bodies: HashMap<u16, Vec<u8>> = HashMap::new();
-    // Room for the frame's header and a message's length.
-    let body_max = cfg.frame_bytes_max.saturating_sub(256);
     while let Ok(first) = rx.recv() {
         queued.push(first);
         while queued.len() < PEER_BATCH_MAX {
@@ -234,15 +241,16 @@ fn to_peer(me: NodeId, node: NodeId, cfg: &TransportConfig, rx: &Receiver<(u16, 
             let body = bodies.entry(shard).or_default();
             let at = body.len();
             codec::encode_batch(std::iter::once(&msg), body);
-            if body.len() > body_max && at > 0 {
-                // Too much for one frame: send what came before, and keep this one for the next.
+            let linked = links.entry(shard).or_insert_with(Linked::new);
+            if body.len() > linked.body_max(dialer) && at > 0 {
+                // Too much for one request: send what came before, and keep this one for the next.
                 let this = body.split_off(at);
-                links.entry(shard).or_insert_with(Linked::new).send_body(&addr, shard as u64, me, cfg, body);
+                linked.send_body(&addr, shard as u64, me, dialer, body);
                 *body = this;
             }
         }
         for (shard, body) in bodies.iter_mut().filter(|(_, b)| !b.is_empty()) {
-            links.entry(*shard).or_insert_with(Linked::new).send_body(&addr, *shard as u64, me, cfg, body);
+            links.entry(*shard).or_insert_with(Linked::new).send_body(&addr, *shard as u64, me, dialer, body);
             body.clear();
         }
     }

@@ -175,7 +175,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut trainers: Vec<Box<dyn Trainer + '_>> = Vec::new();
     if _coordinator.is_some() {
         for w in 0..args.workers {
-            let client = ChainClient::connect(&refs, w, args.net.client(w).transport).context("connecting a worker to the cluster")?;
+            let client = ChainClient::connect(&refs, args.net.client(w)).context("connecting a worker to the cluster")?;
             let table = client.table(&spec.name).context("the demo table")?;
             trainers.push(Box::new(Chained { client, table }));
         }

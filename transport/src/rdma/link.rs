@@ -82,7 +82,14 @@ impl RdmaLink {
         dev: Arc<Device>,
     ) -> Result<(Self, Vec<u8>)> {
         rcfg.validate()?;
-        let (mut tcp, info) = TcpLink::connect(addr, shard, worker, cfg)?;
+        let (tcp, info) = TcpLink::connect(addr, shard, worker, cfg)?;
+        Ok((Self::upgrade(tcp, cfg, rcfg, dev)?, info))
+    }
+
+    /// Sets up the queue pair and rings on `tcp`, a link that has said hello to a shard, which
+    /// it keeps open beside them (see [`RdmaLink::tcp`]).
+    pub fn upgrade(mut tcp: TcpLink, cfg: &TransportConfig, rcfg: &RdmaConfig, dev: Arc<Device>) -> Result<Self> {
+        rcfg.validate()?;
         let (slots, sb) = (rcfg.slots, rcfg.slot_bytes);
         let cq = Cq::new(&dev, 2 * slots + 2).map_err(rdma)?;
         let mut qp = Qp::new(&dev, &cq, &cq, slots + 1, slots + 1).map_err(rdma)?;
@@ -106,6 +113,9 @@ impl RdmaLink {
         qp.connect(&theirs.qp).map_err(rdma)?;
         let sleeper = Poll::new()?;
         sleeper.registry().register(&mut mio::unix::SourceFd(&cq.fd()), Token(0), Interest::READABLE)?;
+        // The TCP connection wakes a sleeper too: when the shard's process dies, it closes at
+        // once, while the queue pair only fails after the device's retries run out.
+        sleeper.registry().register(&mut mio::unix::SourceFd(&tcp.fd()), Token(1), Interest::READABLE)?;
         let link = Self {
             qp,
             out,
@@ -137,7 +147,19 @@ impl RdmaLink {
             spin: Duration::from_micros(rcfg.spin_us),
             io_timeout: Duration::from_millis(cfg.io_timeout_ms),
         };
-        Ok((link, info))
+        Ok(link)
+    }
+
+    /// The TCP connection the link was set up on, to the same shard. A caller with no request
+    /// in flight on the queue pair may send a frame too large for a slot here: the shard
+    /// serves it like any other, and with nothing outstanding the two paths cannot reorder.
+    pub fn tcp(&mut self) -> &mut TcpLink {
+        &mut self.tcp
+    }
+
+    /// Requests sent on the queue pair whose replies have not been received.
+    pub fn in_flight(&self) -> u64 {
+        self.sent - self.consumed + self.parked.len() as u64
     }
 
     /// Test hook only, for tests that play a misbehaving worker: the shard slots (address,
@@ -205,6 +227,9 @@ impl RdmaLink {
             }
             if self.reap()? > 0 {
                 return Ok(());
+            }
+            if self.events.iter().any(|e| e.token() == Token(1)) && self.tcp.closed() {
+                return Err(TransportError::Closed { mid_frame: false });
             }
         }
     }

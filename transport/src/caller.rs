@@ -1,0 +1,145 @@
+//! Links for request–reply traffic with one request out at a time: a replicated server's
+//! messages to its peers and a replicated worker's pushes. Over RDMA, each frame that fits a
+//! slot goes through the queue pair, and a larger one (a range's snapshot, a push of a wide
+//! range) through the link's own TCP connection to the same shard. With nothing in flight
+//! between calls, the two paths never reorder what one caller sends.
+
+use std::time::Duration;
+
+use crate::config::{RdmaConfig, TransportConfig};
+use crate::error::{Result, TransportError};
+use crate::select::{self, Chosen, TransportKind};
+use crate::tcp::TcpLink;
+use crate::wire::{Header, Status, CONTROL_SHARD};
+#[cfg(feature = "rdma")]
+use crate::wire::HEADER_BYTES;
+use crate::Link;
+
+/// How to open links: the frame knobs, the transport chosen for this process, and the RDMA
+/// knobs. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    pub cfg: TransportConfig,
+    pub chosen: Chosen,
+    pub rdma: RdmaConfig,
+    /// The user asked for RDMA: a server that serves only TCP is then an error.
+    pub required: bool,
+}
+
+impl Dialer {
+    /// TCP only.
+    pub fn tcp(cfg: TransportConfig) -> Self {
+        Self { cfg, chosen: Chosen::Tcp, rdma: RdmaConfig::default(), required: false }
+    }
+
+    /// Chooses the transport for `kind` ([`select::choose`]): `Rdma` without a device fails.
+    pub fn new(kind: TransportKind, cfg: TransportConfig, rdma: RdmaConfig) -> Result<Self> {
+        let chosen = select::choose(kind, &rdma)?;
+        Ok(Self { cfg, chosen, rdma, required: kind == TransportKind::Rdma })
+    }
+
+    /// Says hello to shard `shard` at `addr` as `worker`, and moves the link onto RDMA when this
+    /// process has a device and `serves_rdma` says, from the hello reply, that the server has
+    /// one too. The control shard is always reached over TCP.
+    pub fn caller(&self, addr: &str, shard: u64, worker: u32, serves_rdma: fn(&[u8]) -> bool) -> Result<Caller> {
+        let (tcp, info) = TcpLink::connect(addr, shard, worker, &self.cfg)?;
+        let served = serves_rdma(&info);
+        if self.required && shard != CONTROL_SHARD && !served {
+            let reason = format!("server {addr} serves TCP only; start it with --transport rdma");
+            return Err(TransportError::RdmaUnavailable { reason });
+        }
+        match &self.chosen {
+            #[cfg(feature = "rdma")]
+            Chosen::Rdma(dev) if served && shard != CONTROL_SHARD => {
+                let link = crate::rdma::RdmaLink::upgrade(tcp, &self.cfg, &self.rdma, dev.clone())?;
+                Ok(Caller { path: Path::Rdma(Box::new(link)), calls: Calls::default() })
+            }
+            _ => Ok(Caller { path: Path::Tcp(Box::new(tcp)), calls: Calls::default() }),
+        }
+    }
+}
+
+/// How a [`Caller`]'s calls went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Calls {
+    /// Over RDMA slots.
+    pub rdma: u64,
+    /// Over TCP: every call of a TCP link, and an RDMA link's frames too large for a slot.
+    pub tcp: u64,
+}
+
+/// A link that sends one request and waits for its reply; see the module's description.
+#[derive(Debug)]
+pub struct Caller {
+    path: Path,
+    calls: Calls,
+}
+
+#[derive(Debug)]
+enum Path {
+    Tcp(Box<TcpLink>),
+    #[cfg(feature = "rdma")]
+    Rdma(Box<crate::rdma::RdmaLink>),
+}
+
+impl Caller {
+    /// Sends one request and waits for its reply. A reply with an error status becomes
+    /// [`TransportError::Refused`] carrying the server's message.
+    pub fn call(&mut self, header: &mut Header, body: &[u8], timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
+        let link: &mut dyn Link = match &mut self.path {
+            Path::Tcp(tcp) => {
+                self.calls.tcp += 1;
+                &mut **tcp
+            }
+            #[cfg(feature = "rdma")]
+            Path::Rdma(rdma) => {
+                if rdma.in_flight() > 0 {
+                    return Err(TransportError::Rdma { reason: "a call while another request is in flight on the link".into() });
+                }
+                if frame_bytes(body) <= rdma.send_bytes_max() {
+                    self.calls.rdma += 1;
+                    &mut **rdma
+                } else {
+                    self.calls.tcp += 1;
+                    rdma.tcp()
+                }
+            }
+        };
+        link.send(header, &[body], false)?;
+        let reply = link.recv(timeout)?;
+        if reply.header.status() != Status::Ok {
+            return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() });
+        }
+        Ok((reply.header, reply.body.to_vec()))
+    }
+
+    /// The largest body that goes over the fast path (RDMA's slot, less the header), when there
+    /// is one: a caller that batches keeps its batches this small.
+    pub fn fast_body_max(&self) -> Option<usize> {
+        match &self.path {
+            Path::Tcp(_) => None,
+            #[cfg(feature = "rdma")]
+            Path::Rdma(rdma) => Some(rdma.send_bytes_max() - HEADER_BYTES),
+        }
+    }
+
+    /// `"tcp"` or `"rdma"`.
+    pub fn kind(&self) -> &'static str {
+        match &self.path {
+            Path::Tcp(_) => "tcp",
+            #[cfg(feature = "rdma")]
+            Path::Rdma(_) => "rdma",
+        }
+    }
+
+    /// Calls made so far, by the path they took.
+    pub fn calls(&self) -> Calls {
+        self.calls
+    }
+}
+
+/// A frame's length with a full header and `body` padded to 8 bytes.
+#[cfg(feature = "rdma")]
+fn frame_bytes(body: &[u8]) -> usize {
+    HEADER_BYTES + body.len().next_multiple_of(8)
+}
