@@ -25,7 +25,8 @@ use crate::common::EtcdArgs;
 /// (writing each new configuration in one etcd transaction), and the others wait to take over
 /// from the stored configuration if it dies. Servers then find the coordinator through etcd
 /// (`tessera server --etcd`), and watch the configuration there. A coordinator that loses the
-/// election (its lease lapsed) exits with an error; restart it to stand again.
+/// election (its lease lapsed, or etcd could not be reached) steps down, stands by, and
+/// campaigns again a second later; it does not exit.
 ///
 ///   tessera coordinator --etcd 127.0.0.1:2379 --listen 127.0.0.1:7000 --servers 3
 ///   tessera coordinator --etcd 127.0.0.1:2379 --listen 127.0.0.1:7001 --servers 3   # standby
