@@ -61,7 +61,6 @@ pub struct ChainStats {
 #[derive(Debug)]
 pub struct ChainClient {
     worker: u32,
-    transport: TransportConfig,
     /// Opens the links pushes and pulls go on: RDMA where both ends have it (`cfg.kind`).
     dialer: Dialer,
     seeds: Vec<String>,
@@ -86,11 +85,11 @@ impl ChainClient {
     /// pair, and a larger one over the link's TCP connection. (`cfg.compress` is not used.)
     pub fn connect(servers: &[&str], cfg: ClientConfig) -> Result<Self> {
         let ClientConfig { worker, transport, kind, rdma, .. } = cfg;
-        let dialer = Dialer::new(kind, transport.clone(), rdma)?;
+        let dialer = Dialer::new(kind, transport, rdma)?;
         let seeds: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
         let deadline = Instant::now() + CALL_TIMEOUT;
         let (view, info, catalog) = loop {
-            match Self::fetch(&seeds, &transport) {
+            match Self::fetch(&seeds, &dialer.cfg) {
                 Ok((view, Some(info), Some(catalog))) if view.config.is_some() => break (view, info, catalog),
                 Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
                 Ok(_) => return Err(ClientError::Unavailable { reason: "the cluster has no configuration yet".into() }),
@@ -101,7 +100,6 @@ impl ChainClient {
         let ranges = view.replication.ranges;
         Ok(Self {
             worker,
-            transport,
             dialer,
             seeds,
             shards: info.shards,
@@ -147,7 +145,7 @@ impl ChainClient {
         let mut addrs: Vec<String> = self.pusher.view.members.iter().map(|m| m.addr.clone()).collect();
         addrs.extend(self.seeds.iter().cloned());
         for addr in addrs {
-            let Ok(body) = ask(&addr, Op::ClusterConfig, &[], &self.transport) else { continue };
+            let Ok(body) = ask(&addr, Op::ClusterConfig, &[], &self.dialer.cfg) else { continue };
             let Ok(ClusterView { config: Some(config), .. }) = serde_json::from_slice::<ClusterView>(&body) else { continue };
             if config.id > self.pusher.view.id {
                 self.pusher.view = Arc::new(config);

@@ -10,7 +10,7 @@ use crate::config::{RdmaConfig, TransportConfig};
 use crate::error::{Result, TransportError};
 use crate::select::{self, Chosen, TransportKind};
 use crate::tcp::TcpLink;
-use crate::wire::{Header, Status, CONTROL_SHARD};
+use crate::wire::{Header, CONTROL_SHARD};
 #[cfg(feature = "rdma")]
 use crate::wire::HEADER_BYTES;
 use crate::Link;
@@ -105,12 +105,7 @@ impl Caller {
                 }
             }
         };
-        link.send(header, &[body], false)?;
-        let reply = link.recv(timeout)?;
-        if reply.header.status() != Status::Ok {
-            return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() });
-        }
-        Ok((reply.header, reply.body.to_vec()))
+        crate::call(link, header, body, timeout)
     }
 
     /// The largest body that goes over the fast path (RDMA's slot, less the header), when there
