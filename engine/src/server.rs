@@ -531,7 +531,7 @@ pub fn ask_cluster(addr: &str, transport: &TransportConfig) -> std::result::Resu
 
 /// Starts the server's replication traffic: who it is, and its outbox, which hands each newer
 /// configuration to every shard. Once a configuration shows the server drained (`tessera
-/// drain`: draining, and in no chain), it stops (sets `stop`).
+/// drain`: draining, and in no chain) or drained and gone, it stops (sets `stop`).
 /// Peers are reached as `dialer` says: over RDMA when this server and the peer both serve it.
 fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, dialer: Dialer, shards: &[ShardHandle], stop: Arc<AtomicBool>) -> (Identity, Outbox) {
     let incarnation = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
@@ -548,8 +548,7 @@ fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, dialer: D
         let mut seen = newest.lock().expect("no panics under this lock");
         if config.id > *seen {
             *seen = config.id;
-            let mine = config.member(node).is_some_and(|m| m.incarnation == incarnation);
-            if mine && config.drained(node) && !stop.swap(true, Ordering::AcqRel) {
+            if config.left(node, incarnation) && !stop.swap(true, Ordering::AcqRel) {
                 tracing::warn!(node = node.0, config = config.id, "drained: this server holds no range any more, and stops");
                 for h in &handles {
                     let _ = h.tx.try_send(ShardControl::Shutdown);

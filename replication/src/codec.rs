@@ -183,6 +183,7 @@ mod tests {
             id: 4,
             members: vec![Member { node: NodeId(2), incarnation: 9, addr: "127.0.0.1:1".into(), draining: false }],
             chains: vec![Chain { epoch: Epoch(3), nodes: vec![NodeId(2)], learner: None }],
+            drained: vec![Member { node: NodeId(5), incarnation: 2, addr: "127.0.0.1:2".into(), draining: true }],
         };
         let report = RangeReport { range: RangeId(1), epoch: Epoch(2), installed: true, version: 5, committed: 4, ticks: 10, learner_synced: false };
         vec![

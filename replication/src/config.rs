@@ -23,6 +23,8 @@ pub const BATCH_PUSHES_MAX: usize = 256;
 /// Most pushes a head holds for acknowledgement (applied, not yet held by the tail). Pushes past
 /// it are dropped unacknowledged, and their workers resend them.
 pub const WAITING_MAX: usize = 65_536;
+/// Drained servers a configuration remembers after they left (see `ClusterConfig::drained`).
+pub const DRAINED_KEPT_MAX: usize = 64;
 
 const _: () = assert!(BATCH_PUSHES_MAX <= LOG_ENTRIES_MAX, "a batch is one log entry; the log holds many");
 const _: () = assert!(RESEND_BATCH_MAX <= LOG_ENTRIES_MAX);

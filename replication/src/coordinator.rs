@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::config::ReplicationConfig;
+use crate::config::{ReplicationConfig, DRAINED_KEPT_MAX};
 use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Member, Msg, NodeId, RangeId, RangeReport};
 use crate::ring::Ring;
 
@@ -55,6 +55,8 @@ pub struct Coordinator {
     seen: BTreeMap<NodeId, Seen>,
     /// Servers asked to leave (`tessera drain`).
     draining: Vec<NodeId>,
+    /// When [`Coordinator::tick`] last ran.
+    ticked_ms: Option<u64>,
     out: Vec<(Addr, Msg)>,
     changes: Vec<Change>,
 }
@@ -70,7 +72,7 @@ impl Coordinator {
             .into_iter()
             .map(|nodes| Chain { epoch: Epoch(1), nodes, learner: None })
             .collect();
-        Self::resume(rcfg, ClusterConfig { id: 1, members, chains }, now_ms)
+        Self::resume(rcfg, ClusterConfig { id: 1, members, chains, drained: Vec::new() }, now_ms)
     }
 
     /// Takes over a cluster whose last configuration is `config` (a new coordinator elected
@@ -92,7 +94,7 @@ impl Coordinator {
             })
             .collect();
         let draining = config.members.iter().filter(|m| m.draining).map(|m| m.node).collect();
-        Self { rcfg, config: Arc::new(config), seen, draining, out: Vec::new(), changes: Vec::new() }
+        Self { rcfg, config: Arc::new(config), seen, draining, ticked_ms: None, out: Vec::new(), changes: Vec::new() }
     }
 
     pub fn config(&self) -> &Arc<ClusterConfig> {
@@ -157,7 +159,9 @@ impl Coordinator {
     }
 
     /// Detects failures and moves ranges; publishes the new configuration if anything changed.
+    /// Call it at least once a heartbeat interval.
     pub fn tick(&mut self, now_ms: u64) {
+        self.forgive_stall(now_ms);
         let mut next = (*self.config).clone();
         let before = self.changes.len();
         self.remove_lost(&mut next, now_ms);
@@ -180,6 +184,21 @@ impl Coordinator {
             self.config = Arc::new(next);
             for m in &self.config.members {
                 self.out.push((Addr::Node(m.node), Msg::Config(self.config.clone())));
+            }
+        }
+    }
+
+    /// Time the coordinator itself did not run (its process descheduled or stopped, its machine
+    /// overloaded) is not held against the servers: it could not hear them then, and the
+    /// heartbeats they sent meanwhile may still be on their way. So when ticks come more than a
+    /// heartbeat interval apart, every server is credited with the excess, as if heard that much
+    /// later; otherwise one stall of the coordinator takes every server for failed at once.
+    fn forgive_stall(&mut self, now_ms: u64) {
+        let last = self.ticked_ms.replace(now_ms).unwrap_or(now_ms);
+        let stalled = now_ms.saturating_sub(last).saturating_sub(self.rcfg.heartbeat_interval_ms);
+        if stalled > 0 {
+            for seen in self.seen.values_mut() {
+                seen.heard_ms = (seen.heard_ms + stalled).min(now_ms);
             }
         }
     }
@@ -228,7 +247,11 @@ impl Coordinator {
     /// Servers heard from that are not members yet become members.
     fn add_joined(&mut self, next: &mut ClusterConfig, now_ms: u64) {
         for (node, seen) in &self.seen {
+            if next.drained.iter().any(|m| m.node == *node && m.incarnation == seen.incarnation) {
+                continue;
+            }
             if next.member(*node).is_none() && seen.heard_ms + self.rcfg.failure_timeout_ms >= now_ms {
+                next.drained.retain(|m| m.node != *node);
                 let member = Member { node: *node, incarnation: seen.incarnation, addr: seen.addr.clone(), draining: false };
                 next.members.push(member);
                 self.changes.push(Change::Joined { node: *node });
@@ -286,21 +309,22 @@ impl Coordinator {
 
     /// Members in no chain that are gone stop being members. A drained member (draining, and in
     /// no chain) stays one until it stops heartbeating: that configuration is how it learns it
-    /// has been drained, and it then stops. Were it dropped at once, its next heartbeat would
-    /// bring it back as a new member.
+    /// has been drained, and it then stops. One that goes quiet while draining (stopped, or only
+    /// late) joins the configuration's `drained` list as it leaves: should it heartbeat again, it
+    /// is not taken back as a new member, and the list tells it it is done.
     fn remove_departed(&mut self, next: &mut ClusterConfig, now_ms: u64) {
-        let mut gone = Vec::new();
-        for m in &next.members {
-            if !self.alive(m.node, now_ms) && !next.holds_any(m.node) {
-                gone.push(m.node);
+        let gone: Vec<Member> = next.members.iter().filter(|m| !self.alive(m.node, now_ms) && !next.holds_any(m.node)).cloned().collect();
+        for member in gone {
+            next.members.retain(|m| m.node != member.node);
+            if self.draining.contains(&member.node) {
+                self.draining.retain(|n| *n != member.node);
+                next.drained.retain(|m| m.node != member.node);
+                if next.drained.len() == DRAINED_KEPT_MAX {
+                    next.drained.remove(0);
+                }
+                next.drained.push(member.clone());
             }
-        }
-        if !gone.is_empty() {
-            next.members.retain(|m| !gone.contains(&m.node));
-            for node in gone {
-                self.draining.retain(|n| *n != node);
-                self.changes.push(Change::Left { node });
-            }
+            self.changes.push(Change::Left { node: member.node });
         }
     }
 }
@@ -314,7 +338,88 @@ mod tests {
     }
 
     fn heartbeat(node: u32, config_id: u64) -> Msg {
-        Msg::Heartbeat { node: NodeId(node), incarnation: 1, addr: format!("s{node}"), config_id, ranges: Vec::new() }
+        heartbeat_of(node, 1, config_id)
+    }
+
+    fn heartbeat_of(node: u32, incarnation: u64, config_id: u64) -> Msg {
+        Msg::Heartbeat { node: NodeId(node), incarnation, addr: format!("s{node}"), config_id, ranges: Vec::new() }
+    }
+
+    /// A draining server taken for failed (its heartbeats late, as on a slow machine) leaves,
+    /// and when it heartbeats again it is not taken back: the configuration it is sent, without
+    /// it, tells it it has left. Restarted, it may join again.
+    #[test]
+    fn a_draining_server_taken_for_failed_is_not_taken_back() {
+        let rcfg = ReplicationConfig { replicas: 2, ranges: 4, failure_timeout_ms: 500, ..ReplicationConfig::default() };
+        let mut c = Coordinator::new(rcfg, (1..=3).map(member).collect(), 0);
+        c.drain(NodeId(3));
+        c.step(100, heartbeat(1, 1));
+        c.step(100, heartbeat(2, 1));
+        c.tick(100);
+        let draining = c.config().clone();
+        assert!(draining.member(NodeId(3)).is_some_and(|m| m.draining) && !draining.left(NodeId(3), 1));
+        // Node 3 goes quiet past the failure timeout while 1 and 2 keep heartbeating.
+        for t in (200..=1_000).step_by(100) {
+            c.step(t, heartbeat(1, c.config().id));
+            c.step(t, heartbeat(2, c.config().id));
+            c.tick(t);
+        }
+        let without = c.config().clone();
+        assert!(without.member(NodeId(3)).is_none() && !without.holds_any(NodeId(3)), "{without:?}");
+        assert!(without.left(NodeId(3), 1), "a server that was draining learns it has left");
+        assert!(!without.left(NodeId(3), 2) && !without.left(NodeId(1), 1));
+        // Its late heartbeat brings the configuration without it, and no membership.
+        c.take_ready();
+        c.step(1_050, heartbeat_of(3, 1, draining.id));
+        assert!(c.take_ready().iter().any(|(to, m)| *to == Addr::Node(NodeId(3)) && matches!(m, Msg::Config(k) if k.id == without.id)));
+        c.tick(1_100);
+        assert!(c.config().member(NodeId(3)).is_none(), "the drained server was taken back");
+        // Restarted, it joins again.
+        c.step(1_200, heartbeat_of(3, 2, 0));
+        c.tick(1_200);
+        assert!(c.config().member(NodeId(3)).is_some_and(|m| m.incarnation == 2 && !m.draining));
+        assert!(!c.config().left(NodeId(3), 2) && c.config().drained.is_empty());
+    }
+
+    /// A coordinator that did not run for longer than the failure timeout takes nobody for
+    /// failed on waking; a server still silent a failure timeout later is.
+    #[test]
+    fn a_stalled_coordinator_takes_nobody_for_failed() {
+        let rcfg = ReplicationConfig { replicas: 3, ranges: 4, failure_timeout_ms: 500, ..ReplicationConfig::default() };
+        let mut c = Coordinator::new(rcfg, (1..=3).map(member).collect(), 0);
+        for t in (0..=300).step_by(50) {
+            (1..=3).for_each(|n| c.step(t, heartbeat(n, 1)));
+            c.tick(t);
+        }
+        // Nothing runs from 300 to 2,300 ms; then two servers' queued heartbeats arrive.
+        c.step(2_300, heartbeat(1, 1));
+        c.step(2_300, heartbeat(2, 1));
+        c.tick(2_300);
+        let id = c.config().id;
+        assert_eq!(id, 1, "a stall took servers for failed: {:?}", c.take_changes());
+        for t in (2_350..=2_900).step_by(50) {
+            c.step(t, heartbeat(1, 1));
+            c.step(t, heartbeat(2, 1));
+            c.tick(t);
+        }
+        assert!(c.config().chains.iter().all(|ch| !ch.holds(NodeId(3))), "server 3 stayed silent and must be out");
+    }
+
+    /// The drain asked for while the server is already late: it is taken out of its chains and
+    /// leaves in the same configuration, never seeing itself draining, and still learns it is done.
+    #[test]
+    fn a_server_late_when_its_drain_begins_learns_it_left() {
+        let rcfg = ReplicationConfig { replicas: 2, ranges: 4, failure_timeout_ms: 500, ..ReplicationConfig::default() };
+        let mut c = Coordinator::new(rcfg, (1..=3).map(member).collect(), 0);
+        c.step(600, heartbeat(1, 1));
+        c.step(600, heartbeat(2, 1));
+        c.drain(NodeId(3));
+        c.tick(600);
+        let now = c.config().clone();
+        assert!(now.member(NodeId(3)).is_none() && now.left(NodeId(3), 1), "{now:?}");
+        c.step(650, heartbeat(3, 1));
+        c.tick(650);
+        assert!(c.config().member(NodeId(3)).is_none() && c.config().left(NodeId(3), 1));
     }
 
     /// A coordinator elected after another died continues its configuration: the same ids and
@@ -329,10 +434,12 @@ mod tests {
         assert!(stored.id > 1 && stored.member(NodeId(3)).is_some_and(|m| m.draining));
 
         let mut next = Coordinator::resume(rcfg, stored.clone(), 1_000);
-        next.tick(1_000);
+        for t in (1_000..=1_500).step_by(100) {
+            next.tick(t);
+        }
         assert_eq!(**next.config(), stored, "nothing changes while every member has a failure timeout left");
-        next.step(1_400, heartbeat(1, stored.id));
-        next.step(1_400, heartbeat(3, stored.id));
+        next.step(1_500, heartbeat(1, stored.id));
+        next.step(1_500, heartbeat(3, stored.id));
         next.tick(1_600);
         let now = next.config();
         assert_eq!(now.id, stored.id + 1);

@@ -96,6 +96,12 @@ pub struct ClusterConfig {
     pub members: Vec<Member>,
     /// One chain per range, indexed by [`RangeId`].
     pub chains: Vec<Chain>,
+    /// Servers that were drained and then left (the newest [`DRAINED_KEPT_MAX`]). One the
+    /// coordinator took for failed while it drained (its heartbeats late) left before it saw
+    /// itself drained; this list is how it learns it is done, and keeps it from being taken back
+    /// as a new member meanwhile. A restart (another incarnation) may join again.
+    #[serde(default)]
+    pub drained: Vec<Member>,
 }
 
 impl ClusterConfig {
@@ -107,6 +113,13 @@ impl ClusterConfig {
     /// Whether `node` has been drained: marked draining, and in no chain any more.
     pub fn drained(&self, node: NodeId) -> bool {
         self.member(node).is_some_and(|m| m.draining) && !self.holds_any(node)
+    }
+
+    /// Whether the server `node`, started as `incarnation`, is done with this cluster and should
+    /// stop: a member that is drained, or one that was drained and has left.
+    pub fn left(&self, node: NodeId, incarnation: u64) -> bool {
+        let me = |m: &Member| m.node == node && m.incarnation == incarnation;
+        self.members.iter().any(me) && self.drained(node) || self.drained.iter().any(me)
     }
 
     pub fn member(&self, node: NodeId) -> Option<&Member> {

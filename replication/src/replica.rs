@@ -870,7 +870,7 @@ mod tests {
         let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
         let members = (0..3).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
         let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: None };
-        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain] });
+        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new() });
         (0..3)
             .map(|n| {
                 let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), SimStore::default());
