@@ -45,6 +45,17 @@ pub enum Change {
     Removed { range: RangeId, node: NodeId },
     Draining { node: NodeId },
     Left { node: NodeId },
+    /// Every member of the range's chain failed, and one came back restarted, holding nothing:
+    /// the range's copies are gone, acknowledged updates with them. The chain stays as it is
+    /// (nothing can heal it); an operator must restore the range.
+    Lost { range: RangeId },
+}
+
+impl Change {
+    /// Whether the change loses data (see [`Change::Lost`]).
+    pub fn is_loss(&self) -> bool {
+        matches!(self, Change::Lost { .. })
+    }
 }
 
 /// The coordinator.
@@ -205,11 +216,12 @@ impl Coordinator {
 
     /// Step 1: failed and restarted members leave their chains.
     fn remove_lost(&mut self, next: &mut ClusterConfig, now_ms: u64) {
-        let mut lost = Vec::new();
+        let (mut lost, mut restarted) = (Vec::new(), Vec::new());
         for m in &mut next.members {
             let seen = &self.seen[&m.node];
             if seen.incarnation != m.incarnation {
                 lost.push(m.node);
+                restarted.push(m.node);
                 self.changes.push(Change::Restarted { node: m.node });
                 m.incarnation = seen.incarnation;
             } else if seen.heard_ms + self.rcfg.failure_timeout_ms < now_ms {
@@ -221,6 +233,9 @@ impl Coordinator {
             let range = RangeId(r as u32);
             let mut removed: Vec<NodeId> = chain.learner.filter(|l| lost.contains(l)).into_iter().collect();
             let keep: Vec<NodeId> = chain.nodes.iter().copied().filter(|n| !lost.contains(n)).collect();
+            if keep.is_empty() && chain.nodes.iter().any(|n| restarted.contains(n)) {
+                self.changes.push(Change::Lost { range });
+            }
             if keep.len() < chain.nodes.len() && !keep.is_empty() {
                 removed.extend(chain.nodes.iter().filter(|n| !keep.contains(n)));
                 chain.nodes = keep;
@@ -403,6 +418,17 @@ mod tests {
             c.tick(t);
         }
         assert!(c.config().chains.iter().all(|ch| !ch.holds(NodeId(3))), "server 3 stayed silent and must be out");
+    }
+
+    /// A chain whose only member comes back restarted has lost the range, and says so.
+    #[test]
+    fn a_range_whose_last_member_restarted_is_reported_lost() {
+        let rcfg = ReplicationConfig { replicas: 1, ranges: 2, failure_timeout_ms: 500, ..ReplicationConfig::default() };
+        let mut c = Coordinator::new(rcfg, vec![member(1)], 0);
+        c.step(100, heartbeat_of(1, 2, 1));
+        c.tick(100);
+        let changes = c.take_changes();
+        assert!(changes.contains(&Change::Lost { range: RangeId(0) }) && changes.contains(&Change::Lost { range: RangeId(1) }), "{changes:?}");
     }
 
     /// The drain asked for while the server is already late: it is taken out of its chains and

@@ -384,6 +384,7 @@ fn kill_test(with_etcd: bool, kills: usize) {
     detections.sort();
     let total: usize = pushes.iter().sum();
     let resends: u64 = results.iter().map(|r| r.1.resends).sum();
+    let rerouted: u64 = results.iter().map(|r| r.1.rerouted).sum();
     let (rdma_calls, tcp_calls): (u64, u64) = (results.iter().map(|r| r.1.rdma_calls).sum(), results.iter().map(|r| r.1.tcp_calls).sum());
     eprintln!("workers' requests: {rdma_calls} over RDMA slots, {tcp_calls} over TCP");
     match transport() {
@@ -392,7 +393,7 @@ fn kill_test(with_etcd: bool, kills: usize) {
     }
     let coordination = if with_etcd { "etcd, 2 coordinators" } else { "embedded coordinator" };
     eprintln!(
-        "replication kill test ({coordination}): {kills} kills, {total} pushes acknowledged ({resends} resend rounds); pause after a kill p50 {:?}, max {:?}; server out of its chains after p50 {:?}, max {:?}; coordinator failover {failover:?}",
+        "replication kill test ({coordination}): {kills} kills, {total} pushes acknowledged (resend rounds: {resends} on the retry timer, {rerouted} to a new head); pause after a kill p50 {:?}, max {:?}; server out of its chains after p50 {:?}, max {:?}; coordinator failover {failover:?}",
         pauses[pauses.len() / 2],
         pauses[pauses.len() - 1],
         detections[detections.len() / 2],

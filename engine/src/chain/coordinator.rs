@@ -218,7 +218,11 @@ impl CoordinatorService {
         c.take_ready();
         let (changes, id) = (c.take_changes(), c.config().id);
         for change in changes {
-            tracing::info!(?change, config = id, "cluster changed");
+            if change.is_loss() {
+                tracing::error!(?change, config = id, "a range lost every copy: its acknowledged updates are gone, and it cannot heal");
+            } else {
+                tracing::info!(?change, config = id, "cluster changed");
+            }
             self.note(format!("config {id}: {change:?}"));
         }
         self.publish();
