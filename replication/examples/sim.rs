@@ -56,12 +56,14 @@ fn main() -> ExitCode {
     }
     let started = Instant::now();
     let (mut failed, mut sim_ms, mut crashes, mut partitions, mut messages) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut overlapping = 0u64;
     for seed in from..from + count {
         match sim::run(&SimOptions { seed, canary, trace }) {
             Ok(r) => {
                 sim_ms += r.sim_ms;
                 crashes += r.crashes;
                 partitions += r.partitions;
+                overlapping += r.overlapping;
                 messages += r.messages;
                 if count == 1 {
                     println!("seed {seed} passed: {r:?}");
@@ -74,7 +76,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "{count} seeds from {from}: {failed} failed; {:.1} s simulated, {crashes} crashes, {partitions} partitions, {messages} messages, in {:.1} s",
+        "{count} seeds from {from}: {failed} failed; {:.1} s simulated, {crashes} crashes, {partitions} partitions ({overlapping} of them while another was undetected), {messages} messages, in {:.1} s",
         sim_ms as f64 / 1000.0,
         started.elapsed().as_secs_f64()
     );

@@ -101,6 +101,9 @@ pub struct Report {
     pub dropped: u64,
     pub crashes: u64,
     pub partitions: u64,
+    /// Crashes and partitions that began while another was still undetected (within one
+    /// detection time of it): only with 3 replicas.
+    pub overlapping: u64,
     pub pushes_acked: u64,
     pub configs: u64,
 }
@@ -142,8 +145,10 @@ struct Sim {
     /// Servers cut off from the other servers and the coordinator, until when.
     partition: Option<(Vec<NodeId>, u64)>,
     faults: bool,
-    /// When the last crash or partition began: the next waits one detection time.
-    failed_ms: Option<u64>,
+    /// When the crashes and partitions of the last detection time began. At most `replicas - 1`
+    /// (and at least one) begin within one detection time: a chain of `replicas` survives that
+    /// many failures the coordinator has not noticed yet, and no more.
+    failed_ms: Vec<u64>,
     checker: Checker,
     report: Report,
 }
@@ -185,7 +190,7 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
         queue: BTreeMap::new(),
         partition: None,
         faults: true,
-        failed_ms: None,
+        failed_ms: Vec::new(),
         report: Report::default(),
     };
     if opts.trace {
@@ -355,7 +360,8 @@ impl Sim {
             }
         }
         let detection_ms = self.p.rcfg.failure_timeout_ms + self.p.rcfg.heartbeat_interval_ms;
-        let may_fail = self.failed_ms.is_none_or(|at| now >= at + detection_ms);
+        self.failed_ms.retain(|at| now < at + detection_ms);
+        let may_fail = self.failed_ms.len() < (self.p.rcfg.replicas as usize).saturating_sub(1).max(1);
         if self.rng.gen_range(0..self.p.crash_every_ms) == 0 && may_fail {
             let n = self.rng.gen_range(0..self.nodes.len());
             let mut out = self.cut().to_vec();
@@ -364,7 +370,8 @@ impl Sim {
                 self.nodes[n].replica = None;
                 self.nodes[n].restart_ms = now + self.rng.gen_range(50..=600);
                 self.report.crashes += 1;
-                self.failed_ms = Some(now);
+                self.report.overlapping += u64::from(!self.failed_ms.is_empty());
+                self.failed_ms.push(now);
                 self.trace(|| format!("CRASH node {n}"));
             }
         }
@@ -388,7 +395,8 @@ impl Sim {
                     self.trace(|| format!("PARTITION {cut:?} until {until} ms"));
                     self.partition = Some((cut, until));
                     self.report.partitions += 1;
-                    self.failed_ms = Some(now);
+                    self.report.overlapping += u64::from(!self.failed_ms.is_empty());
+                    self.failed_ms.push(now);
                 }
             }
             _ => {}
