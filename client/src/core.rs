@@ -341,6 +341,16 @@ impl Core {
         }
     }
 
+    /// One ping (`Op::Ping`) to `shard` of server `server`: the transport's round trip, with no
+    /// table touched.
+    pub fn ping(&mut self, server: u32, shard: u16) -> Result<()> {
+        let id = self.send(Owner { server, shard, table_id: 0 }, Header::request(Op::Ping, 0), &[])?;
+        self.await_reply(server, shard, id, |h, body| match h.status() {
+            Status::Ok => Ok(()),
+            _ => Err(String::from_utf8_lossy(body).into_owned()),
+        })
+    }
+
     fn send_one(&mut self, owner: Owner, kind: Kind, dim: usize, keys: &[u64], grads: Option<&[f32]>) -> Result<u64> {
         let op = if kind == Kind::Push { Op::Push } else { Op::Pull };
         let mut header = Header::request(op, 0);

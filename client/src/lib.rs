@@ -166,6 +166,12 @@ impl Client {
         self.lock().torn_reads()
     }
 
+    /// Pings shard 0 of the first server over the data path and waits for the answer: the
+    /// transport's round trip alone, with no table touched (`tessera bench`'s `ping` row).
+    pub fn ping(&self) -> Result<()> {
+        self.lock().ping(0, 0)
+    }
+
     /// The transport the links use: `"rdma"` when every link is RDMA, else `"tcp"`.
     pub fn transport(&self) -> &'static str {
         self.lock().transport()

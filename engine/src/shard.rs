@@ -316,6 +316,10 @@ impl Shard {
         // The transport says how large a reply it can carry back (TCP frames, RDMA slots).
         let limit = reply.frame_bytes_max();
         let bad = |e: tessera_transport::TransportError| EngineError::BadRequest { reason: e.to_string() };
+        if h.op() == Some(Op::Ping) {
+            reply.ok_bytes(&[]);
+            return Ok(());
+        }
         if let Some(chain) = self.chain.as_mut() {
             match h.op() {
                 Some(Op::Replicate) => return chain.serve_peer(&mut self.tables, &h, req.body, reply),

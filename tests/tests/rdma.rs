@@ -104,6 +104,29 @@ fn rdma_and_tcp_give_bit_identical_sums() {
     assert_eq!(bits(&flat), bits(&a.0[..flat.len()]), "pipelined pulls over RDMA see the same values");
 }
 
+/// A ping (`tessera bench`'s transport-only row) goes through RDMA slots as a push does, is
+/// answered, and changes no table.
+#[test]
+fn a_ping_crosses_rdma_and_tcp_and_changes_nothing() {
+    if !tessera_tests::rdma_here("a_ping_crosses_rdma_and_tcp_and_changes_nothing") {
+        return;
+    }
+    let server = server(1, TransportKind::Rdma, fast());
+    for (worker, kind) in [(0, TransportKind::Rdma), (1, TransportKind::Tcp)] {
+        let c = client(&server, worker, kind, fast());
+        assert_eq!(c.transport(), kind.to_string());
+        let (dense, sparse) = tables(&c, &format!("ping{worker}"));
+        workload(&c, &dense, &sparse, 0);
+        let before = snapshot(&c, &dense, &sparse, 1);
+        let received = c.bytes().1;
+        for _ in 0..200 {
+            c.ping().expect("a ping is answered");
+        }
+        assert!(c.bytes().1 > received, "the pings' replies came back");
+        assert_eq!(snapshot(&c, &dense, &sparse, 1), before, "a ping changed a table");
+    }
+}
+
 #[test]
 fn many_workers_on_many_shards_at_once() {
     if !tessera_tests::rdma_here("many_workers_on_many_shards_at_once") {

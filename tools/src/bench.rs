@@ -24,7 +24,8 @@ const BENCH_KEYS: u64 = 1 << 20;
 /// Each size runs four operations: a dense push, a dense pull, a push then a pull (a round trip
 /// of the size's bytes each way), and, as the baseline, a length-prefixed echo of the same bytes
 /// over a plain TCP socket on the same loopback. The ratio `echo p50 / round trip p50` says how
-/// close Tessera gets to the raw socket (1.0 = as fast).
+/// close Tessera gets to the raw socket (1.0 = as fast). Before the first size, a ping (a
+/// request and an empty reply, no table touched) measures the transport's round trip alone.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// A running server to measure; default: one started in this process.
@@ -166,6 +167,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let transport = client.transport().to_string();
     let mut report = Report { transport, results: Vec::new(), ratios: Vec::new(), perftest: Vec::new() };
     let budget = Duration::from_secs_f64(args.seconds);
+    let mut first = true;
     for size in sizes {
         let n = size / 4;
         let grads = vec![1.0f32; n];
@@ -186,6 +188,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             });
             Ok(p50)
         };
+        if first {
+            // The transport's round trip alone, no table touched: what a push costs beyond it is
+            // the engine's work and the bytes.
+            row("ping", 0, &mut || Ok(client.ping()?))?;
+            first = false;
+        }
         row("push", size, &mut || push(&client, &table, &grads))?;
         row("pull", size, &mut || pull(&client, &table, &mut out))?;
         let rt = row("push+pull", 2 * size, &mut || push(&client, &table, &grads).and_then(|_| pull(&client, &table, &mut out)))?;
@@ -232,6 +240,12 @@ fn compare_perftest(rows: &[Row], path: &std::path::Path) -> Result<Vec<Perftest
     let find = |test: &str, size: usize| lines.iter().find(|l| l.test == test && l.size == size);
     let ours = |op: &str, size: usize| rows.iter().find(|r| r.op == op && r.size_bytes == size);
     let mut out = Vec::new();
+    if let (Some(ping), Some(lat)) = (rows.iter().find(|r| r.op == "ping"), find("ib_write_lat", 8).and_then(|p| p.typical_us)) {
+        // A ping is a request and its reply with no table touched: the transport's share of a
+        // small push.
+        let one_way = ping.p50_us / 2.0;
+        out.push(PerftestRatio { size_bytes: 8, what: "ping p50 / 2 vs ib_write_lat typical (one way)", tessera: one_way, perftest: lat, ratio: one_way / lat });
+    }
     for r in rows.iter().filter(|r| r.op == "push") {
         let size = r.size_bytes;
         // ib_write_lat reports half a ping-pong; a push is a request and its reply: a whole one.

@@ -87,6 +87,9 @@ pub enum Op {
     Status = 4,
     /// Has every shard take a checkpoint now (`tessera checkpoint`).
     Checkpoint = 5,
+    /// Answered at once with an empty reply, touching no table: the transport's round trip
+    /// alone, on the data path (RDMA slots included). `tessera bench` measures it beside pushes.
+    Ping = 6,
     Push = 10,
     PushRange = 11,
     Pull = 12,
@@ -111,12 +114,13 @@ pub enum Op {
 
 impl Op {
     /// Every op, so that decoding cannot drift from the enum.
-    pub const ALL: [Op; 15] = [
+    pub const ALL: [Op; 16] = [
         Op::Hello,
         Op::Catalog,
         Op::CreateTable,
         Op::Status,
         Op::Checkpoint,
+        Op::Ping,
         Op::Push,
         Op::PushRange,
         Op::Pull,
@@ -134,10 +138,10 @@ impl Op {
         Op::ALL.into_iter().find(|o| *o as u8 == op & !REPLY_BIT)
     }
 
-    /// True for the ops a shard serves over its data path (RDMA slots included): pushes and
-    /// pulls, and, on replicated servers, peers' messages and workers' chain pushes.
+    /// True for the ops a shard serves over its data path (RDMA slots included): pushes, pulls
+    /// and pings, and, on replicated servers, peers' messages and workers' chain pushes.
     pub fn is_data(self) -> bool {
-        matches!(self, Op::Push | Op::PushRange | Op::Pull | Op::PullRange | Op::Replicate | Op::WorkerPush)
+        matches!(self, Op::Ping | Op::Push | Op::PushRange | Op::Pull | Op::PullRange | Op::Replicate | Op::WorkerPush)
     }
 }
 
