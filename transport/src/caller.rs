@@ -27,11 +27,6 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    /// TCP only.
-    pub fn tcp(cfg: TransportConfig) -> Self {
-        Self { cfg, chosen: Chosen::Tcp, rdma: RdmaConfig::default(), required: false }
-    }
-
     /// Chooses the transport for `kind` ([`select::choose`]): `Rdma` without a device fails.
     pub fn new(kind: TransportKind, cfg: TransportConfig, rdma: RdmaConfig) -> Result<Self> {
         let chosen = select::choose(kind, &rdma)?;

@@ -113,8 +113,9 @@ struct CoordinatorService {
     /// The newest configuration stored, the only one handed out.
     published: Option<Arc<ClusterConfig>>,
     changes: Vec<String>,
-    /// Why this coordinator last stepped down, and when it campaigns again.
-    stepped_down: Option<(EngineError, Instant)>,
+    /// After it stepped down (why is in the log and the status's changes): when this
+    /// coordinator campaigns again.
+    campaign_at: Option<Instant>,
 }
 
 impl CoordinatorService {
@@ -144,14 +145,14 @@ impl CoordinatorService {
             }
             return;
         }
-        if self.stepped_down.as_ref().is_some_and(|(_, until)| Instant::now() < *until) {
+        if self.campaign_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
         match self.store.lead(&self.addr) {
             Ok(Lead::Waiting) => {}
             Ok(Lead::Leading(stored)) => {
                 self.leading = true;
-                self.stepped_down = None;
+                self.campaign_at = None;
                 self.note("leading".into());
                 self.resume(stored);
             }
@@ -180,7 +181,7 @@ impl CoordinatorService {
         self.published = None;
         self.early.clear();
         self.store.step_down();
-        self.stepped_down = Some((why, Instant::now() + RECAMPAIGN_AFTER));
+        self.campaign_at = Some(Instant::now() + RECAMPAIGN_AFTER);
     }
 
     fn heartbeat(&mut self, msg: Msg, reply: &mut Reply<'_>) {
@@ -331,7 +332,7 @@ impl CoordinatorHandle {
             coordinator: None,
             published: None,
             changes: Vec::new(),
-            stepped_down: None,
+            campaign_at: None,
         };
         let thread = std::thread::Builder::new()
             .name("tessera-coordinator".into())
