@@ -34,6 +34,32 @@ struct Shard {
     next_id: u64,
     parked: BTreeMap<u64, Parked>,
     abandoned: BTreeSet<u64>,
+    /// Requests sent whose replies have not been received yet.
+    outstanding: u64,
+}
+
+impl Shard {
+    /// Receives one reply and parks it for its ticket; returns the bytes received.
+    fn receive_one(&mut self, addr: &str) -> Result<u64> {
+        let frame = self.link.recv(None)?;
+        let (header, body) = (frame.header, frame.body.to_vec());
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.park(addr, header, body)?;
+        Ok(header.frame_len() as u64)
+    }
+
+    /// Keeps a reply that no one is waiting for yet, unless its ticket was dropped.
+    fn park(&mut self, addr: &str, header: Header, body: Vec<u8>) -> Result<()> {
+        let rid = header.request_id;
+        if rid >= self.next_id {
+            let reason = format!("reply to request {rid}, which was never sent");
+            return Err(ClientError::Protocol { server: addr.to_string(), reason });
+        }
+        if !self.abandoned.remove(&rid) {
+            self.parked.insert(rid, Parked { header, body });
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -100,7 +126,7 @@ impl Core {
                     &cfg.rdma,
                 )?;
                 link.limit_frames(info.frame_bytes_max as usize);
-                shards.push(Shard { link, next_id: 1, parked: BTreeMap::new(), abandoned: BTreeSet::new() });
+                shards.push(Shard { link, next_id: 1, parked: BTreeMap::new(), abandoned: BTreeSet::new(), outstanding: 0 });
             }
             servers.push(ServerLinks { addr: addr.to_string(), control, shards, workers_max: info.workers_max });
         }
@@ -183,7 +209,7 @@ impl Core {
         if self.map.table(name).is_err() {
             self.refresh()?;
         }
-        Ok(Table { route: Arc::new(self.map.table(name)?.clone()) })
+        Ok(Table { route: Arc::new(self.map.table(name)?.clone()), consistency: None })
     }
 
     /// Sends one frame to `owner` and returns its request id.
@@ -198,6 +224,7 @@ impl Core {
         }
         shard.link.send(&mut header, parts, self.cfg.compress)?;
         shard.next_id += 1;
+        shard.outstanding += 1;
         self.bytes_sent += header.frame_len() as u64;
         Ok(header.request_id)
     }
@@ -487,18 +514,45 @@ impl Core {
         loop {
             let frame = shard.link.recv(None)?;
             self.bytes_received += frame.header.frame_len() as u64;
+            shard.outstanding = shard.outstanding.saturating_sub(1);
             let rid = frame.header.request_id;
             if rid == id {
                 return take(&frame.header, frame.body).map_err(|m| server_error(addr, &frame.header, m));
             }
-            if rid >= shard.next_id {
-                let reason = format!("reply to request {rid}, which was never sent");
-                return Err(ClientError::Protocol { server: addr.clone(), reason });
-            }
-            if !shard.abandoned.remove(&rid) {
-                shard.parked.insert(rid, Parked { header: frame.header, body: frame.body.to_vec() });
+            let (header, body) = (frame.header, frame.body.to_vec());
+            shard.park(addr, header, body)?;
+        }
+    }
+
+    /// Receives replies on one shard until request `id`'s is in, and parks it for its ticket.
+    /// A request whose reply is already parked (or was taken) returns at once.
+    pub fn settle(&mut self, server: u32, shard: u16, id: u64) -> Result<()> {
+        let s = &mut self.servers[server as usize];
+        let addr = &s.addr;
+        let shard = &mut s.shards[shard as usize];
+        while shard.outstanding > 0 && !shard.parked.contains_key(&id) {
+            self.bytes_received += shard.receive_one(addr)?;
+        }
+        Ok(())
+    }
+
+    /// Receives every reply still due on every shard, parking each for its ticket: afterwards
+    /// every request sent so far has been answered.
+    pub fn settle_all(&mut self) -> Result<()> {
+        for s in &mut self.servers {
+            let addr = &s.addr;
+            for shard in &mut s.shards {
+                while shard.outstanding > 0 {
+                    self.bytes_received += shard.receive_one(addr)?;
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Requests sent whose replies have not arrived, over every shard.
+    pub fn in_flight(&self) -> u64 {
+        self.servers.iter().flat_map(|s| &s.shards).map(|s| s.outstanding).sum()
     }
 
     pub fn transport(&self) -> &'static str {

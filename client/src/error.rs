@@ -19,6 +19,10 @@ pub enum ClientError {
     NonFinite { table: String, index: usize, value: f32 },
     #[error("the replicated cluster did not answer in time: {reason}")]
     Unavailable { reason: String },
+    #[error("table {table:?}: a bounded-delay pull needs every worker at clock {need}, but worker {worker} is still at {clock} after {waited_ms} ms (ClientConfig::stale_timeout)")]
+    Stale { table: String, need: u64, worker: u32, clock: u64, waited_ms: u64 },
+    #[error("client configuration: {reason}")]
+    Config { reason: String },
     #[error("protocol error from {server}: {reason}")]
     Protocol { server: String, reason: String },
 }

@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+mod call;
 pub mod chain;
 mod core;
 mod error;
@@ -37,11 +38,12 @@ use tessera_replication::placement::Route;
 use tessera_replication::TableSpec;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
+pub use crate::call::{Call, Consistency};
 pub use crate::chain::{ChainClient, ChainTable};
 pub use crate::error::{ClientError, Result};
 pub use crate::ticket::{Stamp, Ticket};
 
-use crate::core::{Core, Kind};
+use crate::core::Core;
 
 /// How a client connects and behaves.
 #[derive(Debug, Clone)]
@@ -54,12 +56,29 @@ pub struct ClientConfig {
     pub rdma: RdmaConfig,
     /// Snappy-compress request and reply bodies when that saves at least a tenth.
     pub compress: bool,
+    /// The consistency model of calls whose table handle and call set none.
+    pub consistency: Consistency,
+    /// Workers in the job (ids `0..workers`): whom a bounded-delay pull waits for. 0 (the
+    /// default) means unknown, and bounded-delay pulls are refused.
+    pub workers: u32,
+    /// How long a bounded-delay pull waits for slow workers before it fails with
+    /// [`ClientError::Stale`], naming the worker that held it back.
+    pub stale_timeout: std::time::Duration,
 }
 
 impl ClientConfig {
     /// Defaults for worker `worker`.
     pub fn worker(worker: u32) -> Self {
-        Self { worker, transport: TransportConfig::default(), kind: TransportKind::Auto, rdma: RdmaConfig::default(), compress: false }
+        Self {
+            worker,
+            transport: TransportConfig::default(),
+            kind: TransportKind::Auto,
+            rdma: RdmaConfig::default(),
+            compress: false,
+            consistency: Consistency::Eventual,
+            workers: 0,
+            stale_timeout: std::time::Duration::from_secs(60),
+        }
     }
 }
 
@@ -67,6 +86,8 @@ impl ClientConfig {
 #[derive(Debug, Clone)]
 pub struct Table {
     route: Arc<Route>,
+    /// The consistency model of calls on this handle that set none themselves.
+    pub(crate) consistency: Option<Consistency>,
 }
 
 impl Table {
@@ -80,6 +101,13 @@ impl Table {
         self.route.spec.dim as usize
     }
 
+    /// This handle, with calls through it running under `model` unless a call says otherwise.
+    /// Other handles to the same table keep theirs.
+    pub fn with_consistency(mut self, model: Consistency) -> Table {
+        self.consistency = Some(model);
+        self
+    }
+
     pub(crate) fn route(&self) -> &Route {
         &self.route
     }
@@ -90,12 +118,16 @@ impl Table {
 #[derive(Debug)]
 pub struct Client {
     core: Mutex<Core>,
+    pub(crate) consistency: Consistency,
+    pub(crate) workers: u32,
+    pub(crate) stale_timeout: std::time::Duration,
 }
 
 impl Client {
     /// Connects to `servers` (the whole cluster, in any order) as the configured worker.
     pub fn connect(servers: &[&str], cfg: ClientConfig) -> Result<Client> {
-        Ok(Client { core: Mutex::new(Core::connect(servers, cfg)?) })
+        let (consistency, workers, stale_timeout) = (cfg.consistency, cfg.workers, cfg.stale_timeout);
+        Ok(Client { core: Mutex::new(Core::connect(servers, cfg)?), consistency, workers, stale_timeout })
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Core> {
@@ -131,27 +163,36 @@ impl Client {
         self.lock().clock = clock;
     }
 
+    /// A call to be ordered (consistency model, tickets it must follow) before it is sent.
+    pub fn call(&self) -> Call<'_> {
+        Call::new(self)
+    }
+
+    /// Requests sent whose replies have not been received yet, over all shards.
+    pub fn in_flight(&self) -> u64 {
+        self.lock().in_flight()
+    }
+
     /// Pushes `grads` (`keys.len() * dim` values) for `keys`; the server applies the table's updater.
     pub fn push<'a>(&'a self, table: &Table, keys: &[u64], grads: &[f32]) -> Result<Ticket<'a>> {
-        self.lock().send_keys(self, table, Kind::Push, keys, Some(grads), None)
+        self.call().push(table, keys, grads)
     }
 
     /// Pulls the values of `keys` into `out` (`keys.len() * dim` values) once the ticket is waited on.
     pub fn pull<'a>(&'a self, table: &Table, keys: &[u64], out: &'a mut [f32]) -> Result<Ticket<'a>> {
-        self.lock().send_keys(self, table, Kind::Pull, keys, None, Some(out))
+        self.call().pull(table, keys, out)
     }
 
     /// Pushes `grads` for the dense range of keys starting at `start` (`grads.len() / dim` keys).
     pub fn push_range<'a>(&'a self, table: &Table, start: u64, grads: &[f32]) -> Result<Ticket<'a>> {
-        self.lock().send_range(self, table, Kind::Push, start, grads.len(), Some(grads), None)
+        self.call().push_range(table, start, grads)
     }
 
     /// Pulls the dense range starting at `start` into `out` (`out.len() / dim` keys). Over RDMA
     /// the values are read one-sided, straight from the shards' memory, once every request sent
     /// before on the same link was served; the stamp is then the meet of the blocks' stamps.
     pub fn pull_range<'a>(&'a self, table: &Table, start: u64, out: &'a mut [f32]) -> Result<Ticket<'a>> {
-        let len = out.len();
-        self.lock().send_range(self, table, Kind::Pull, start, len, None, Some(out))
+        self.call().pull_range(table, start, out)
     }
 
     /// Bytes this client sent and received, frames included.

@@ -1,0 +1,223 @@
+//! Consistency models and task dependencies (Li et al., OSDI'14, section 3.3 "Flexible
+//! Consistency", and 3.2's tasks that depend on earlier ones).
+//!
+//! A [`Call`] is one push or pull with its ordering: the [`Consistency`] model (from the call,
+//! else the table handle, else the client's configuration) and the tickets it must come after.
+//! `client.push(..)` is `client.call().push(..)`.
+//!
+//! - **Eventual**: the call is sent at once, whatever is in flight.
+//! - **Sequential**: the call is sent only once every earlier call of this client has been
+//!   answered by its servers.
+//! - **Bounded delay τ**: a pull by a worker at clock `t` returns only once every worker's pushes
+//!   up to clock `t - τ - 1` have been applied to every key it pulls. The servers' range vector
+//!   clocks decide it: the pull is repeated, with a growing pause, until the stamp its keys carry
+//!   reaches that clock for each of the job's [`ClientConfig::workers`](crate::ClientConfig)
+//!   workers. There is no barrier process. Pushes never wait.
+//!
+//! Clocks count iterations from 1: a push at clock `c` raises the worker's entry in the pushed
+//! keys' vector clocks to `c`, and a clock of 0 means "has not pushed".
+
+use std::time::{Duration, Instant};
+
+use crate::core::Kind;
+use crate::error::{ClientError, Result};
+use crate::ticket::{Stamp, Ticket};
+use crate::{Client, Table};
+
+/// How a call orders itself against other calls. See the [module](self) documentation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Consistency {
+    /// Nothing waits: calls are pipelined (the default).
+    #[default]
+    Eventual,
+    /// Each call waits until every earlier call of the same client has been answered.
+    Sequential,
+    /// A pull at clock `t` waits until all workers' pushes up to `t - τ - 1` are in its keys.
+    /// `BoundedDelay(0)` lets no worker run ahead of another.
+    BoundedDelay(u64),
+}
+
+impl Consistency {
+    /// The clock every worker must have reached on the keys a pull at `clock` reads; `None`
+    /// when the pull need not wait.
+    pub fn pull_needs(self, clock: u64) -> Option<u64> {
+        match self {
+            Consistency::BoundedDelay(tau) => Some(clock.saturating_sub(tau.saturating_add(1))).filter(|&c| c > 0),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    /// `eventual`, `sequential`, or `bounded:N` (bounded delay τ = N).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "eventual" => Ok(Consistency::Eventual),
+            "sequential" => Ok(Consistency::Sequential),
+            _ => match s.strip_prefix("bounded:").map(str::parse) {
+                Some(Ok(tau)) => Ok(Consistency::BoundedDelay(tau)),
+                _ => Err(format!("{s:?} is not a consistency model: use eventual, sequential, or bounded:N (τ = N)")),
+            },
+        }
+    }
+}
+
+/// The longest pause between two tries of a bounded-delay pull.
+const STALE_PAUSE_MAX: Duration = Duration::from_millis(5);
+/// The first pause between two tries of a bounded-delay pull.
+const STALE_PAUSE_MIN: Duration = Duration::from_micros(50);
+
+/// One push or pull, with the consistency it runs under and the calls it must follow. Build it
+/// with [`Client::call`], then send it with one of the four operations.
+///
+/// ```no_run
+/// # use tessera_client::{Client, Consistency, Table};
+/// # fn f(client: &Client, table: &Table, keys: &[u64], grads: &[f32], out: &mut [f32]) -> tessera_client::Result<()> {
+/// let pushed = client.push(table, keys, grads)?;
+/// // Sent only once `pushed` has been answered by every shard it went to.
+/// let pulled = client.call().after(&pushed).pull(table, keys, out)?;
+/// pushed.wait()?;
+/// pulled.wait()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a call does nothing until push, pull, push_range or pull_range sends it"]
+pub struct Call<'c> {
+    client: &'c Client,
+    consistency: Option<Consistency>,
+    /// (server, shard, request id) of every reply the call waits for before it is sent.
+    after: Vec<(u32, u16, u64)>,
+}
+
+impl<'c> Call<'c> {
+    pub(crate) fn new(client: &'c Client) -> Self {
+        Self { client, consistency: None, after: Vec::new() }
+    }
+
+    /// Runs this call under `model`, whatever the table handle or the client say.
+    pub fn consistency(mut self, model: Consistency) -> Self {
+        self.consistency = Some(model);
+        self
+    }
+
+    /// Sends this call only once every shard `ticket` went to has answered it. The ticket keeps
+    /// its result: waiting on it afterwards returns at once.
+    pub fn after(mut self, ticket: &Ticket<'_>) -> Self {
+        self.after.extend(ticket.subs.iter().map(|s| (s.server, s.shard, s.id)));
+        self
+    }
+
+    /// [`Client::push`] under this call's ordering.
+    pub fn push(self, table: &Table, keys: &[u64], grads: &[f32]) -> Result<Ticket<'c>> {
+        let client = self.client;
+        self.ready(table)?.send_keys(client, table, Kind::Push, keys, Some(grads), None)
+    }
+
+    /// [`Client::push_range`] under this call's ordering.
+    pub fn push_range(self, table: &Table, start: u64, grads: &[f32]) -> Result<Ticket<'c>> {
+        let client = self.client;
+        self.ready(table)?.send_range(client, table, Kind::Push, start, grads.len(), Some(grads), None)
+    }
+
+    /// [`Client::pull`] under this call's ordering. Under bounded delay it returns only once
+    /// the values are fresh enough (its ticket is then already answered).
+    pub fn pull(self, table: &Table, keys: &[u64], out: &'c mut [f32]) -> Result<Ticket<'c>> {
+        let client = self.client;
+        let model = self.model(table);
+        let mut core = self.ready(table)?;
+        let Some(need) = model.pull_needs(core.clock) else {
+            return core.send_keys(client, table, Kind::Pull, keys, None, Some(out));
+        };
+        drop(core);
+        fresh_pull(client, table, need, out, Pulled::Keys(keys))
+    }
+
+    /// [`Client::pull_range`] under this call's ordering. Under bounded delay it returns only
+    /// once the values are fresh enough (its ticket is then already answered).
+    pub fn pull_range(self, table: &Table, start: u64, out: &'c mut [f32]) -> Result<Ticket<'c>> {
+        let client = self.client;
+        let model = self.model(table);
+        let mut core = self.ready(table)?;
+        let len = out.len();
+        let Some(need) = model.pull_needs(core.clock) else {
+            return core.send_range(client, table, Kind::Pull, start, len, None, Some(out));
+        };
+        drop(core);
+        fresh_pull(client, table, need, out, Pulled::Range(start))
+    }
+
+    fn model(&self, table: &Table) -> Consistency {
+        self.consistency.or(table.consistency).unwrap_or(self.client.consistency)
+    }
+
+    /// Locks the client once everything this call must follow has been answered.
+    fn ready(&self, table: &Table) -> Result<std::sync::MutexGuard<'c, crate::core::Core>> {
+        let mut core = self.client.lock();
+        for &(server, shard, id) in &self.after {
+            core.settle(server, shard, id)?;
+        }
+        if self.model(table) == Consistency::Sequential {
+            core.settle_all()?;
+        }
+        Ok(core)
+    }
+}
+
+/// What a bounded-delay pull reads.
+#[derive(Debug, Clone, Copy)]
+enum Pulled<'k> {
+    Keys(&'k [u64]),
+    Range(u64),
+}
+
+/// Repeats a pull until its stamp shows every one of the job's workers at `need` or later, with
+/// a pause that doubles from 50 µs to 5 ms between tries; gives up after the client's
+/// `stale_timeout` with the worker that held it back.
+fn fresh_pull<'c>(
+    client: &'c Client,
+    table: &Table,
+    need: u64,
+    out: &'c mut [f32],
+    what: Pulled<'_>,
+) -> Result<Ticket<'c>> {
+    let workers = client.workers;
+    if workers == 0 {
+        return Err(ClientError::Config {
+            reason: "a bounded-delay pull needs the job's worker count: set ClientConfig::workers".into(),
+        });
+    }
+    let started = Instant::now();
+    let mut pause = STALE_PAUSE_MIN;
+    loop {
+        let len = out.len();
+        let ticket = match what {
+            Pulled::Keys(keys) => client.lock().send_keys(client, table, Kind::Pull, keys, None, Some(&mut *out)),
+            Pulled::Range(start) => client.lock().send_range(client, table, Kind::Pull, start, len, None, Some(&mut *out)),
+        };
+        let stamp = ticket?.wait()?;
+        let behind = (0..workers as usize).map(|w| (w, stamp.get(w))).min_by_key(|&(_, c)| c).expect("workers > 0");
+        if behind.1 >= need {
+            return Ok(Ticket::answered(client, stamp));
+        }
+        if started.elapsed() >= client.stale_timeout {
+            return Err(ClientError::Stale {
+                table: table.spec().name.clone(),
+                need,
+                worker: behind.0 as u32,
+                clock: behind.1,
+                waited_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(STALE_PAUSE_MAX);
+    }
+}
+
+impl<'c> Ticket<'c> {
+    /// A ticket whose call is already answered, with its stamp.
+    pub(crate) fn answered(client: &'c Client, stamp: Stamp) -> Self {
+        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: Some(stamp) }
+    }
+}
