@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::core::Kind;
 use crate::error::{ClientError, Result};
+use crate::filter::Filter;
 use crate::ticket::{Stamp, Ticket};
 use crate::{Client, Table};
 
@@ -113,6 +114,19 @@ impl<'c> Call<'c> {
     pub fn push(self, table: &Table, keys: &[u64], grads: &[f32]) -> Result<Ticket<'c>> {
         let client = self.client;
         self.ready(table)?.send_keys(client, table, Kind::Push, keys, Some(grads), None)
+    }
+
+    /// [`Client::push_filtered`] under this call's ordering.
+    pub fn push_filtered(self, table: &Table, keys: &[u64], grads: &[f32], filter: &mut dyn Filter) -> Result<Ticket<'c>> {
+        crate::core::Core::check_len(table, "the gradient", keys.len(), grads.len())?;
+        let (mut kept_keys, mut kept_grads) = (Vec::new(), Vec::new());
+        filter.filter(table.dim(), keys, grads, &mut kept_keys, &mut kept_grads);
+        if kept_grads.len() != kept_keys.len() * table.dim() {
+            return Err(ClientError::Config {
+                reason: format!("a push filter kept {} keys but {} values (dim {})", kept_keys.len(), kept_grads.len(), table.dim()),
+            });
+        }
+        self.push(table, &kept_keys, &kept_grads)
     }
 
     /// [`Client::push_range`] under this call's ordering.

@@ -245,7 +245,7 @@ impl Core {
         n.max(1)
     }
 
-    fn check_len(table: &Table, what: &'static str, keys: usize, got: usize) -> Result<()> {
+    pub(crate) fn check_len(table: &Table, what: &'static str, keys: usize, got: usize) -> Result<()> {
         let want = keys * table.dim();
         if got != want {
             let name = table.spec().name.clone();

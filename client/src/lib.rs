@@ -29,6 +29,7 @@ mod call;
 pub mod chain;
 mod core;
 mod error;
+pub mod filter;
 mod ticket;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +42,7 @@ use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 pub use crate::call::{Call, Consistency};
 pub use crate::chain::{ChainClient, ChainTable};
 pub use crate::error::{ClientError, Result};
+pub use crate::filter::Filter;
 pub use crate::ticket::{Stamp, Ticket};
 
 use crate::core::Core;
@@ -176,6 +178,12 @@ impl Client {
     /// Pushes `grads` (`keys.len() * dim` values) for `keys`; the server applies the table's updater.
     pub fn push<'a>(&'a self, table: &Table, keys: &[u64], grads: &[f32]) -> Result<Ticket<'a>> {
         self.call().push(table, keys, grads)
+    }
+
+    /// Pushes what `filter` keeps of `grads` for `keys` (see [`filter`]). A push the filter
+    /// keeps nothing of sends nothing, and its ticket is answered at once with an empty stamp.
+    pub fn push_filtered<'a>(&'a self, table: &Table, keys: &[u64], grads: &[f32], filter: &mut dyn Filter) -> Result<Ticket<'a>> {
+        self.call().push_filtered(table, keys, grads, filter)
     }
 
     /// Pulls the values of `keys` into `out` (`keys.len() * dim` values) once the ticket is waited on.
