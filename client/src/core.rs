@@ -10,7 +10,9 @@ use tessera_transport::tcp::TcpLink;
 use tessera_transport::{Header, Link, Op, Status, CONTROL_SHARD};
 
 use crate::error::{ClientError, Result};
-use crate::ticket::{server_error, Stamp, Sub, Ticket};
+use crate::ticket::{server_error, Resend, Stamp, Sub, Ticket};
+use tessera_transport::keycache::{key_list_hash, KeyLists};
+use tessera_transport::wire::flags;
 use crate::{Client, ClientConfig, Table};
 
 /// Push or pull.
@@ -36,6 +38,8 @@ struct Shard {
     abandoned: BTreeSet<u64>,
     /// Requests sent whose replies have not been received yet.
     outstanding: u64,
+    /// The key lists the shard remembers for this link, as far as this side can tell.
+    lists: KeyLists<()>,
 }
 
 impl Shard {
@@ -98,6 +102,9 @@ pub(crate) struct Core {
     pub clock: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Key-list requests sent by hash, and those the shard did not hold (sent again in full).
+    pub lists_by_hash: u64,
+    pub lists_missed: u64,
 }
 
 impl Core {
@@ -126,7 +133,7 @@ impl Core {
                     &cfg.rdma,
                 )?;
                 link.limit_frames(info.frame_bytes_max as usize);
-                shards.push(Shard { link, next_id: 1, parked: BTreeMap::new(), abandoned: BTreeSet::new(), outstanding: 0 });
+                shards.push(Shard { link, next_id: 1, parked: BTreeMap::new(), abandoned: BTreeSet::new(), outstanding: 0, lists: KeyLists::new(cfg.key_cache_keys) });
             }
             servers.push(ServerLinks { addr: addr.to_string(), control, shards, workers_max: info.workers_max });
         }
@@ -139,6 +146,8 @@ impl Core {
             clock: 0,
             bytes_sent: 0,
             bytes_received: 0,
+            lists_by_hash: 0,
+            lists_missed: 0,
         };
         core.refresh()?;
         Ok(core)
@@ -306,9 +315,9 @@ impl Core {
                 let at = c * per_frame;
                 let g = grads.map(|g| &g[at * dim..(at + chunk.len()) * dim]);
                 let sent = self.send_one(owner, kind, dim, chunk, g);
-                let id = self.sent_or_abandon(sent, &subs)?;
+                let (id, resend) = self.sent_or_abandon(sent, &subs)?;
                 let range = at * dim..(at + chunk.len()) * dim;
-                subs.push(Sub { server: owner.server, shard: owner.shard, id, range, scatter: false });
+                subs.push(Sub { server: owner.server, shard: owner.shard, id, range, scatter: false, resend });
             }
         } else {
             self.group(keys, grads, dim, &mut order);
@@ -324,7 +333,9 @@ impl Core {
                     let hi = (lo + per_frame).min(at + n);
                     let g = grads.map(|_| &group_grads[lo * dim..hi * dim]);
                     match self.send_one(owner, kind, dim, &keys[lo..hi], g) {
-                        Ok(id) => subs.push(Sub { server: owner.server, shard: owner.shard, id, range: lo..hi, scatter: true }),
+                        Ok((id, resend)) => {
+                            subs.push(Sub { server: owner.server, shard: owner.shard, id, range: lo..hi, scatter: true, resend })
+                        }
                         Err(e) => {
                             failed = Some(e);
                             break;
@@ -378,15 +389,76 @@ impl Core {
         })
     }
 
-    fn send_one(&mut self, owner: Owner, kind: Kind, dim: usize, keys: &[u64], grads: Option<&[f32]>) -> Result<u64> {
+    /// Sends one key-list frame. With key caching on, a list the shard holds goes by its hash
+    /// (and the returned [`Resend`] keeps what it takes to send it again with its keys); a new
+    /// one goes in full, for both ends to remember.
+    fn send_one(&mut self, owner: Owner, kind: Kind, dim: usize, keys: &[u64], grads: Option<&[f32]>) -> Result<(u64, Option<Box<Resend>>)> {
         let op = if kind == Kind::Push { Op::Push } else { Op::Pull };
         let mut header = Header::request(op, 0);
         header.count = keys.len() as u32;
         header.dim = dim as u32;
+        let lists = &mut self.servers[owner.server as usize].shards[owner.shard as usize].lists;
+        if lists.fits(keys.len()) {
+            let hash = key_list_hash(keys);
+            if lists.touch(hash, header.count).is_some() {
+                header.flags |= flags::KEYS_CACHED;
+                header.start = hash;
+                let values: &[f32] = grads.unwrap_or_default();
+                let id = self.send(owner, header, &[bytemuck::cast_slice(values)])?;
+                self.lists_by_hash += 1;
+                let resend = Resend { owner, push: kind == Kind::Push, dim, keys: keys.to_vec(), grads: values.to_vec() };
+                return Ok((id, Some(Box::new(resend))));
+            }
+            lists.insert(hash, header.count, ());
+            header.flags |= flags::KEYS_REMEMBER;
+        }
         let key_bytes: &[u8] = bytemuck::cast_slice(keys);
-        match grads {
-            Some(g) => self.send(owner, header, &[key_bytes, bytemuck::cast_slice(g)]),
-            None => self.send(owner, header, &[key_bytes]),
+        let id = match grads {
+            Some(g) => self.send(owner, header, &[key_bytes, bytemuck::cast_slice(g)])?,
+            None => self.send(owner, header, &[key_bytes])?,
+        };
+        Ok((id, None))
+    }
+
+    /// Sends a request again with its keys, after its shard answered that it did not hold the
+    /// key list the request named; both ends remember the list again.
+    fn resend(&mut self, r: &Resend) -> Result<u64> {
+        let mut header = Header::request(if r.push { Op::Push } else { Op::Pull }, 0);
+        header.count = r.keys.len() as u32;
+        header.dim = r.dim as u32;
+        header.flags |= flags::KEYS_REMEMBER;
+        let lists = &mut self.servers[r.owner.server as usize].shards[r.owner.shard as usize].lists;
+        lists.insert(key_list_hash(&r.keys), header.count, ());
+        let key_bytes: &[u8] = bytemuck::cast_slice(&r.keys);
+        if r.push {
+            self.send(r.owner, header, &[key_bytes, bytemuck::cast_slice(&r.grads)])
+        } else {
+            self.send(r.owner, header, &[key_bytes])
+        }
+    }
+
+    /// [`Core::await_reply`] for one part of a call. A part sent by a cached key list that its
+    /// shard did not hold is sent again with its keys, and awaited again.
+    pub fn await_sub(
+        &mut self,
+        sub: &mut Sub,
+        mut take: impl FnMut(&Sub, &Header, &[u8]) -> std::result::Result<(), String>,
+    ) -> Result<()> {
+        loop {
+            let mut missed = false;
+            let resendable = sub.resend.is_some();
+            let got = self.await_reply(sub.server, sub.shard, sub.id, |header, body| {
+                if resendable && header.status() == Status::KeysUnknown {
+                    missed = true;
+                    return Ok(());
+                }
+                take(sub, header, body)
+            });
+            if !missed {
+                return got;
+            }
+            self.lists_missed += 1;
+            sub.id = self.resend(sub.resend.as_deref().expect("only a resendable part misses"))?;
         }
     }
 
@@ -474,7 +546,7 @@ impl Core {
                 None => self.send(owner, header, &[]),
             };
             let id = self.sent_or_abandon(sent, &subs)?;
-            subs.push(Sub { server: owner.server, shard: owner.shard, id, range: values, scatter: false });
+            subs.push(Sub { server: owner.server, shard: owner.shard, id, range: values, scatter: false, resend: None });
             key = stop;
         }
         Ok(Ticket { client, subs, out, order: Vec::new(), dim, stamp: read_stamp })

@@ -47,6 +47,8 @@ pub use crate::ticket::{Stamp, Ticket};
 
 use crate::core::Core;
 
+pub use tessera_transport::keycache::KEY_CACHE_KEYS_DEFAULT;
+
 /// How a client connects and behaves.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -63,6 +65,11 @@ pub struct ClientConfig {
     /// Workers in the job (ids `0..workers`): whom a bounded-delay pull waits for. 0 (the
     /// default) means unknown, and bounded-delay pulls are refused.
     pub workers: u32,
+    /// Keys of repeated key lists to send by hash instead of in full, per shard (key-list
+    /// caching; 8 bytes a key on each end). Keep it at most the servers' `--key-cache-keys`
+    /// (default [`KEY_CACHE_KEYS_DEFAULT`]): a list the server has let go is sent again with its
+    /// keys, at the cost of a round trip. 0 (the default) sends every key list in full.
+    pub key_cache_keys: usize,
     /// How long a bounded-delay pull waits for slow workers before it fails with
     /// [`ClientError::Stale`], naming the worker that held it back.
     pub stale_timeout: std::time::Duration,
@@ -79,6 +86,7 @@ impl ClientConfig {
             compress: false,
             consistency: Consistency::Eventual,
             workers: 0,
+            key_cache_keys: 0,
             stale_timeout: std::time::Duration::from_secs(60),
         }
     }
@@ -207,6 +215,13 @@ impl Client {
     pub fn bytes(&self) -> (u64, u64) {
         let core = self.lock();
         (core.bytes_sent, core.bytes_received)
+    }
+
+    /// Key-list caching: requests sent with a key list's hash instead of its keys, and how many
+    /// of those the server no longer held (they were sent again in full).
+    pub fn key_lists_by_hash(&self) -> (u64, u64) {
+        let core = self.lock();
+        (core.lists_by_hash, core.lists_missed)
     }
 
     /// Dense block copies that one-sided reads found torn (a push overlapped the copy) and read

@@ -53,6 +53,19 @@ pub(crate) struct Sub {
     /// reply lands at `out[order[range.start + i] * dim ..]`.
     pub range: Range<usize>,
     pub scatter: bool,
+    /// Set when the request named a cached key list instead of carrying its keys: what it
+    /// takes to send it again with them, should the shard not hold the list.
+    pub resend: Option<Box<Resend>>,
+}
+
+/// A key-list request as sent, keys and all (see [`Sub::resend`]).
+#[derive(Debug)]
+pub(crate) struct Resend {
+    pub owner: tessera_replication::placement::Owner,
+    pub push: bool,
+    pub dim: usize,
+    pub keys: Vec<u64>,
+    pub grads: Vec<f32>,
 }
 
 /// An operation in flight. Wait on it to learn how it ended; dropping it abandons the result.
@@ -78,11 +91,12 @@ impl Ticket<'_> {
         let first_sub = read.is_none();
         let mut stamp = read.unwrap_or_default();
         let mut failure = None;
-        for (i, sub) in subs.iter().enumerate() {
+        let mut subs = subs;
+        for (i, sub) in subs.iter_mut().enumerate() {
             let out = &mut self.out;
             let order = &self.order;
             let dim = self.dim;
-            let got = core.await_reply(sub.server, sub.shard, sub.id, |header, body| {
+            let got = core.await_sub(sub, |sub, header, body| {
                 absorb(sub, header, body, out.as_deref_mut(), order, dim, &mut stamp, first_sub && i == 0)
             });
             if let Err(e) = got {
@@ -152,8 +166,15 @@ impl Drop for Ticket<'_> {
             return;
         }
         if let Ok(mut core) = self.client.core.lock() {
-            for sub in &self.subs {
-                core.abandon(sub.server, sub.shard, sub.id);
+            for sub in &mut self.subs {
+                if sub.resend.is_some() {
+                    // A push by a cached key list that the shard did not hold was not applied:
+                    // it is sent again (and a pull's values thrown away), so dropping the
+                    // ticket abandons only the result, as it does for other requests.
+                    let _ = core.await_sub(sub, |_, _, _| Ok(()));
+                } else {
+                    core.abandon(sub.server, sub.shard, sub.id);
+                }
             }
         }
     }

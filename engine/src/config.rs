@@ -26,6 +26,9 @@ pub const WAL_BUFFER_BYTES_DEFAULT: usize = 8 << 20;
 /// Bytes of a shard's checkpoint buffer: chunks gather here and go out in one write.
 pub const CHECKPOINT_BUFFER_BYTES: usize = 1 << 20;
 const _: () = assert!(CHECKPOINT_BUFFER_BYTES >= 2 * CHECKPOINT_CHUNK_BYTES, "a chunk and its header fit");
+/// Keys of remembered key lists a shard keeps per connection by default (8 bytes each), for
+/// workers that send a repeated key list by its hash (`--key-cache-keys`).
+pub use tessera_transport::keycache::KEY_CACHE_KEYS_DEFAULT;
 /// Most shards one server runs.
 pub const SHARDS_MAX: u16 = 256;
 /// Sparse tables never fill past this share of their slots, so probes stay short.
@@ -99,6 +102,9 @@ pub struct EngineConfig {
     pub wal_buffer_bytes: usize,
     /// Write with `pwrite`/`fsync` even where io_uring works (tests run both).
     pub disk_force_blocking: bool,
+    /// Keys of remembered key lists each shard keeps per connection; 0 remembers none, and
+    /// workers that send key lists by hash get them refused and send the keys again.
+    pub key_cache_keys: usize,
 }
 
 impl Default for EngineConfig {
@@ -115,6 +121,7 @@ impl Default for EngineConfig {
             checkpoint_interval_s: 60,
             wal_buffer_bytes: WAL_BUFFER_BYTES_DEFAULT,
             disk_force_blocking: false,
+            key_cache_keys: KEY_CACHE_KEYS_DEFAULT,
         }
     }
 }

@@ -56,6 +56,8 @@ pub enum EngineError {
     Corrupt { what: String, reason: String },
     #[error("replication range {range} is not held here now; ask its chain's tail (refresh the cluster configuration)")]
     RangeNotHeld { range: u32 },
+    #[error("this connection holds no key list with hash {hash:#x} and {count} keys: send the keys again (key-list caching)")]
+    KeysUnknown { hash: u64, count: u32 },
     #[error("etcd at {endpoints}: cannot {op}: {reason}")]
     Etcd { op: &'static str, endpoints: String, reason: String },
     #[error("this coordinator no longer leads the cluster: {reason}")]
@@ -76,6 +78,7 @@ impl EngineError {
             EngineError::KeyOutOfRange { .. } => Status::KeyOutOfRange,
             EngineError::KeyNotOwned { .. } | EngineError::RangeNotHeld { .. } => Status::NotOwned,
             EngineError::WrongDim { .. } => Status::WrongDim,
+            EngineError::KeysUnknown { .. } => Status::KeysUnknown,
             EngineError::ValuesLength { .. } => Status::ValuesLength,
             EngineError::NonFinite { .. } => Status::NonFinite,
             EngineError::SparseTableFull { .. } | EngineError::ClockSegmentsFull { .. } => Status::Full,

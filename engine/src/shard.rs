@@ -5,13 +5,15 @@
 //! touch its tables, so the data path takes no locks; the control plane reaches it only through a
 //! bounded channel and the transport's waker.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender};
 use tessera_replication::catalog::{Part, TableSpec};
 use tessera_transport::expose::Exposure;
-use tessera_transport::wire::{self, Header, Op, HEADER_BYTES};
-use tessera_transport::{Reply, Request, Service, ShardTransport};
+use tessera_transport::keycache::{key_list_hash, KeyLists};
+use tessera_transport::wire::{self, flags, Header, Op, HEADER_BYTES};
+use tessera_transport::{ConnId, Reply, Request, Service, ShardTransport};
 
 use tessera_replication::placement::range_of;
 use tessera_replication::protocol::ClusterConfig;
@@ -99,6 +101,8 @@ pub struct Shard {
     checkpoint_asked: Vec<Sender<Result<Option<Written>>>>,
     /// The shard's replica, when the server is part of a replicated cluster.
     chain: Option<ChainShard>,
+    /// Per connection, the key lists its worker asked the shard to remember.
+    key_lists: HashMap<ConnId, KeyLists<Box<[u64]>>>,
 }
 
 impl Shard {
@@ -117,6 +121,7 @@ impl Shard {
             checkpoint_waiting: Vec::new(),
             checkpoint_asked: Vec::new(),
             chain: None,
+            key_lists: HashMap::new(),
         }
     }
 
@@ -332,15 +337,31 @@ impl Shard {
                 _ => self.check_held(&h, req.body)?,
             }
         }
+        let cache_flags = h.flags & (flags::KEYS_CACHED | flags::KEYS_REMEMBER);
+        if cache_flags != 0 && self.chain.is_some() {
+            return Err(EngineError::BadRequest { reason: "replicated servers do not cache key lists".into() });
+        }
+        if cache_flags != 0 && !matches!(h.op(), Some(Op::Push | Op::Pull)) {
+            return Err(EngineError::BadRequest { reason: "only Push and Pull carry key lists to cache".into() });
+        }
         match h.op() {
-            Some(Op::Push) => {
-                let (keys, grads) = wire::keys_and_values(req.body, h.count as usize).map_err(bad)?;
-                let log = self.reserve_log(&h, Target::Keys(keys), grads)?;
-                let part = part_of(&mut self.tables, &h)?;
-                let span = part.push(keys, grads, h.worker, h.clock)?;
-                let (stamp, _) = reply.ok(part.stamp_len(), 0);
-                part.stamp_into(span, stamp);
-                self.log(log, reply);
+            Some(op @ (Op::Push | Op::Pull)) if h.flags & flags::KEYS_CACHED != 0 => {
+                let unknown = EngineError::KeysUnknown { hash: h.start, count: h.count };
+                let held = self.key_lists.get_mut(&req.conn).and_then(|l| l.touch(h.start, h.count));
+                let keys = held.map(std::mem::take).ok_or(unknown)?;
+                let served = self.serve_keys(op, &h, &keys, req.body, limit, reply);
+                if let Some(slot) = self.key_lists.get_mut(&req.conn).and_then(|l| l.touch(h.start, h.count)) {
+                    *slot = keys;
+                }
+                return served;
+            }
+            Some(op @ (Op::Push | Op::Pull)) => {
+                let (keys, rest) = wire::keys_and_rest(req.body, h.count as usize).map_err(bad)?;
+                if h.flags & flags::KEYS_REMEMBER != 0 {
+                    let lists = self.key_lists.entry(req.conn).or_insert_with(|| KeyLists::new(self.cfg.key_cache_keys));
+                    lists.insert(key_list_hash(keys), h.count, keys.into());
+                }
+                return self.serve_keys(op, &h, keys, rest, limit, reply);
             }
             Some(Op::PushRange) => {
                 let grads = wire::cast_slice::<f32>(req.body, "values").map_err(bad)?;
@@ -350,19 +371,6 @@ impl Shard {
                 let (stamp, _) = reply.ok(part.stamp_len(), 0);
                 part.stamp_into(span, stamp);
                 self.log(log, reply);
-            }
-            Some(Op::Pull) => {
-                let keys = wire::cast_slice::<u64>(req.body, "keys").map_err(bad)?;
-                if keys.len() != h.count as usize {
-                    return Err(EngineError::BadRequest { reason: format!("count {} but {} keys", h.count, keys.len()) });
-                }
-                let part = self.part(&h)?;
-                let span = part.check_pull(keys)?;
-                let n = keys.len() * h.dim as usize;
-                check_reply(part.stamp_len(), n, limit)?;
-                let (stamp, values) = reply.ok(part.stamp_len(), n);
-                part.pull(keys, values);
-                part.stamp_into(span, stamp);
             }
             Some(Op::PullRange) => {
                 let part = self.part(&h)?;
@@ -384,6 +392,33 @@ impl Shard {
 }
 
 impl Shard {
+    /// A `Push` or `Pull` of `keys` (from the body, or remembered for the connection); `rest`
+    /// is the body after the keys: a push's values, nothing for a pull.
+    fn serve_keys(&mut self, op: Op, h: &Header, keys: &[u64], rest: &[u8], limit: usize, reply: &mut Reply<'_>) -> Result<()> {
+        let bad = |e: tessera_transport::TransportError| EngineError::BadRequest { reason: e.to_string() };
+        if op == Op::Push {
+            let grads = wire::cast_slice::<f32>(rest, "values").map_err(bad)?;
+            let log = self.reserve_log(h, Target::Keys(keys), grads)?;
+            let part = part_of(&mut self.tables, h)?;
+            let span = part.push(keys, grads, h.worker, h.clock)?;
+            let (stamp, _) = reply.ok(part.stamp_len(), 0);
+            part.stamp_into(span, stamp);
+            self.log(log, reply);
+            return Ok(());
+        }
+        if !rest.is_empty() {
+            return Err(EngineError::BadRequest { reason: format!("count {} but {} more bytes after the keys", h.count, rest.len()) });
+        }
+        let part = self.part(h)?;
+        let span = part.check_pull(keys)?;
+        let n = keys.len() * h.dim as usize;
+        check_reply(part.stamp_len(), n, limit)?;
+        let (stamp, values) = reply.ok(part.stamp_len(), n);
+        part.pull(keys, values);
+        part.stamp_into(span, stamp);
+        Ok(())
+    }
+
     /// In `wal` mode, the push's log record, with room made for it before the push is applied
     /// (a push that cannot be logged is refused, not applied); `None` otherwise.
     fn reserve_log<'a>(&mut self, h: &Header, target: Target<'a>, values: &'a [f32]) -> Result<Option<Record<'a>>> {
@@ -455,6 +490,10 @@ impl Service for Shard {
         if let Err(e) = self.serve_data(&request, reply) {
             reply.error(e.status(), &e.to_string());
         }
+    }
+
+    fn closed(&mut self, conn: ConnId) {
+        self.key_lists.remove(&conn);
     }
 
     fn wake(&mut self, expose: &mut dyn FnMut(Exposure)) {

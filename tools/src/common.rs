@@ -111,6 +111,11 @@ pub struct EngineArgs {
     /// server takes by itself where io_uring is missing or disabled).
     #[arg(long)]
     pub disk_blocking: bool,
+    /// Keys of repeated key lists each shard remembers per connection, so a worker can send a
+    /// list again by its hash (8 bytes a key; least recently used lists go first); 0 turns the
+    /// cache off, and workers then send their keys every time.
+    #[arg(long, default_value_t = EngineConfig::default().key_cache_keys)]
+    pub key_cache_keys: usize,
 }
 
 impl EngineArgs {
@@ -129,6 +134,7 @@ impl EngineArgs {
         engine.checkpoint_interval_s = self.checkpoint_interval_s;
         engine.wal_buffer_bytes = self.wal_buffer_bytes;
         engine.disk_force_blocking = self.disk_blocking;
+        engine.key_cache_keys = self.key_cache_keys;
         let transport = TransportConfig { frame_bytes_max: self.frame_bytes_max, ..TransportConfig::default() };
         ServerConfig {
             listen: listen.into(),

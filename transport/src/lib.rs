@@ -30,6 +30,7 @@ pub mod caller;
 pub mod config;
 pub mod error;
 pub mod expose;
+pub mod keycache;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod reply;

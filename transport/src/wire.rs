@@ -11,6 +11,8 @@
 //! - `Push`: `count` keys (u64), then `count * dim` values (f32). `clock`/`worker` stamp it.
 //! - `PushRange`: `count * dim` values for keys `start .. start + count`.
 //! - `Pull`: `count` keys. `PullRange`: empty, covers `start .. start + count`.
+//! - A `Push` or `Pull` flagged `KEYS_CACHED` leaves its keys out: `start` names a key list the
+//!   connection sent before with `KEYS_REMEMBER` (see [`crate::keycache`]).
 //! - Replies echo `request_id`, `table` and `dim`; `count` is the stamp length. A push reply's body is
 //!   the stamp (u64 per worker); a pull reply's is the stamp then the values. An error reply has a
 //!   non-zero `status` and a UTF-8 message as its body.
@@ -51,8 +53,13 @@ pub mod flags {
     pub const COMPRESSED: u16 = 1;
     /// The sender would like the reply compressed when that pays.
     pub const COMPRESS_REPLY: u16 = 2;
+    /// A `Push` or `Pull` whose keys both ends should remember (see [`crate::keycache`]).
+    pub const KEYS_REMEMBER: u16 = 4;
+    /// A `Push` or `Pull` that carries no keys: `start` is the hash of a remembered key list
+    /// and `count` its length (see [`crate::keycache`]).
+    pub const KEYS_CACHED: u16 = 8;
     /// Every flag this version understands.
-    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY;
+    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY | KEYS_REMEMBER | KEYS_CACHED;
 }
 
 /// The fixed-size frame header, read and written in place.
@@ -166,6 +173,9 @@ pub enum Status {
     /// The server's log failed: a held push acknowledgement turned into this error (the push
     /// was applied in memory, but is not on disk), or a push refused outright.
     NotDurable = 14,
+    /// A request named a cached key list (`flags::KEYS_CACHED`) that the shard does not hold;
+    /// nothing was applied, and the worker sends it again with its keys.
+    KeysUnknown = 15,
 }
 
 impl Status {
@@ -174,7 +184,7 @@ impl Status {
         use Status::*;
         [Ok, Malformed, FrameTooLarge, UnknownTable, KeyOutOfRange, ValuesLength, NonFinite, WrongDim, NotOwned, Full]
             .into_iter()
-            .chain([BadRequest, Internal, ShuttingDown, Unsupported, NotDurable])
+            .chain([BadRequest, Internal, ShuttingDown, Unsupported, NotDurable, KeysUnknown])
             .find(|s| *s as u16 == code)
             .unwrap_or(Internal)
     }
@@ -376,11 +386,17 @@ pub fn cast_slice<'a, T: bytemuck::Pod>(bytes: &'a [u8], what: &str) -> Result<&
 
 /// Splits a body into `keys` u64 keys followed by f32 values, checked.
 pub fn keys_and_values(body: &[u8], keys: usize) -> Result<(&[u64], &[f32])> {
+    let (k, v) = keys_and_rest(body, keys)?;
+    Ok((k, cast_slice(v, "values")?))
+}
+
+/// Splits a body into its `keys` leading keys and the bytes after them.
+pub fn keys_and_rest(body: &[u8], keys: usize) -> Result<(&[u64], &[u8])> {
     let key_bytes = keys.checked_mul(8).filter(|b| *b <= body.len()).ok_or_else(|| {
         malformed(format!("{keys} keys need {} bytes, the body has {}", keys.saturating_mul(8), body.len()))
     })?;
-    let (k, v) = body.split_at(key_bytes);
-    Ok((cast_slice(k, "keys")?, cast_slice(v, "values")?))
+    let (k, rest) = body.split_at(key_bytes);
+    Ok((cast_slice(k, "keys")?, rest))
 }
 
 #[cfg(test)]
@@ -500,7 +516,7 @@ mod tests {
 
     #[test]
     fn status_codes_round_trip() {
-        for code in 0..14 {
+        for code in 0..16 {
             assert_eq!(Status::from_u16(code) as u16, code);
         }
         assert_eq!(Status::from_u16(999), Status::Internal);
