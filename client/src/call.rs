@@ -12,7 +12,10 @@
 //!   up to clock `t - τ - 1` have been applied to every key it pulls. The servers' range vector
 //!   clocks decide it: the pull is repeated, with a growing pause, until the stamp its keys carry
 //!   reaches that clock for each of the job's [`ClientConfig::workers`](crate::ClientConfig)
-//!   workers. There is no barrier process. Pushes never wait.
+//!   workers. There is no barrier process. Pushes never wait. On a sparse table, whose keys
+//!   change from push to push, a key-list push under bounded delay raises the worker's clock
+//!   over every part of the table (`flags::PART_DONE`, with an empty push to parts it has no
+//!   keys for), so it completes the worker's clock there.
 //!
 //! Clocks count iterations from 1: a push at clock `c` raises the worker's entry in the pushed
 //! keys' vector clocks to `c`, and a clock of 0 means "has not pushed".
@@ -113,7 +116,8 @@ impl<'c> Call<'c> {
     /// [`Client::push`] under this call's ordering.
     pub fn push(self, table: &Table, keys: &[u64], grads: &[f32]) -> Result<Ticket<'c>> {
         let client = self.client;
-        self.ready(table)?.send_keys(client, table, Kind::Push, keys, Some(grads), None)
+        let part_done = self.completes_parts(table);
+        self.ready(table)?.send_keys(client, table, Kind::Push, keys, Some(grads), None, part_done)
     }
 
     /// [`Client::push_filtered`] under this call's ordering.
@@ -142,7 +146,7 @@ impl<'c> Call<'c> {
         let model = self.model(table);
         let mut core = self.ready(table)?;
         let Some(need) = model.pull_needs(core.clock) else {
-            return core.send_keys(client, table, Kind::Pull, keys, None, Some(out));
+            return core.send_keys(client, table, Kind::Pull, keys, None, Some(out), false);
         };
         drop(core);
         fresh_pull(client, table, need, out, Pulled::Keys(keys))
@@ -160,6 +164,14 @@ impl<'c> Call<'c> {
         };
         drop(core);
         fresh_pull(client, table, need, out, Pulled::Range(start))
+    }
+
+    /// Whether a key-list push completes the worker's clock on every part of the table: under
+    /// bounded delay on a sparse table, where a worker's keys change from push to push and a
+    /// pull waits on every worker's clock over the parts it reads (a dense range push stamps
+    /// the range it covers).
+    fn completes_parts(&self, table: &Table) -> bool {
+        matches!(self.model(table), Consistency::BoundedDelay(_)) && table.spec().kind == tessera_replication::TableKind::Sparse
     }
 
     fn model(&self, table: &Table) -> Consistency {
@@ -207,7 +219,7 @@ fn fresh_pull<'c>(
     loop {
         let len = out.len();
         let ticket = match what {
-            Pulled::Keys(keys) => client.lock().send_keys(client, table, Kind::Pull, keys, None, Some(&mut *out)),
+            Pulled::Keys(keys) => client.lock().send_keys(client, table, Kind::Pull, keys, None, Some(&mut *out), false),
             Pulled::Range(start) => client.lock().send_range(client, table, Kind::Pull, start, len, None, Some(&mut *out)),
         };
         let stamp = ticket?.wait()?;

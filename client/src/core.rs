@@ -285,6 +285,7 @@ impl Core {
     }
 
     /// A push or pull of a key list.
+    #[allow(clippy::too_many_arguments)]
     pub fn send_keys<'a>(
         &mut self,
         client: &'a Client,
@@ -293,8 +294,12 @@ impl Core {
         keys: &[u64],
         grads: Option<&[f32]>,
         out: Option<&'a mut [f32]>,
+        part_done: bool,
     ) -> Result<Ticket<'a>> {
         let dim = table.dim();
+        // A push that completes this clock on every part: each part's last frame says so, and
+        // parts without keys get an empty push that does.
+        let done_flag = if part_done && kind == Kind::Push { flags::PART_DONE } else { 0 };
         match (grads, &out) {
             (Some(g), _) => Self::check_len(table, "the gradient", keys.len(), g.len())?,
             (_, Some(o)) => Self::check_len(table, "the output", keys.len(), o.len())?,
@@ -314,7 +319,8 @@ impl Core {
             for (c, chunk) in keys.chunks(per_frame).enumerate() {
                 let at = c * per_frame;
                 let g = grads.map(|g| &g[at * dim..(at + chunk.len()) * dim]);
-                let sent = self.send_one(owner, kind, dim, chunk, g);
+                let last = at + chunk.len() == keys.len();
+                let sent = self.send_one(owner, kind, dim, chunk, g, if last { done_flag } else { 0 });
                 let (id, resend) = self.sent_or_abandon(sent, &subs)?;
                 let range = at * dim..(at + chunk.len()) * dim;
                 subs.push(Sub { server: owner.server, shard: owner.shard, id, range, scatter: false, resend });
@@ -332,7 +338,8 @@ impl Core {
                 for lo in (at..at + n).step_by(per_frame) {
                     let hi = (lo + per_frame).min(at + n);
                     let g = grads.map(|_| &group_grads[lo * dim..hi * dim]);
-                    match self.send_one(owner, kind, dim, &keys[lo..hi], g) {
+                    let last = hi == at + n;
+                    match self.send_one(owner, kind, dim, &keys[lo..hi], g, if last { done_flag } else { 0 }) {
                         Ok((id, resend)) => {
                             subs.push(Sub { server: owner.server, shard: owner.shard, id, range: lo..hi, scatter: true, resend })
                         }
@@ -348,6 +355,17 @@ impl Core {
                     self.sent_or_abandon(Err(e), &subs)?;
                 }
                 at += n;
+            }
+        }
+        if done_flag != 0 {
+            for part in 0..self.scratch.counts.len() {
+                if self.scratch.counts[part] > 0 {
+                    continue;
+                }
+                let owner = table.route().owner(part);
+                let sent = self.send_one(owner, kind, dim, &[], Some(&[]), done_flag);
+                let (id, resend) = self.sent_or_abandon(sent, &subs)?;
+                subs.push(Sub { server: owner.server, shard: owner.shard, id, range: 0..0, scatter: false, resend });
             }
         }
         self.scratch.used = used;
@@ -392,9 +410,19 @@ impl Core {
     /// Sends one key-list frame. With key caching on, a list the shard holds goes by its hash
     /// (and the returned [`Resend`] keeps what it takes to send it again with its keys); a new
     /// one goes in full, for both ends to remember.
-    fn send_one(&mut self, owner: Owner, kind: Kind, dim: usize, keys: &[u64], grads: Option<&[f32]>) -> Result<(u64, Option<Box<Resend>>)> {
+    #[allow(clippy::too_many_arguments)]
+    fn send_one(
+        &mut self,
+        owner: Owner,
+        kind: Kind,
+        dim: usize,
+        keys: &[u64],
+        grads: Option<&[f32]>,
+        extra_flags: u16,
+    ) -> Result<(u64, Option<Box<Resend>>)> {
         let op = if kind == Kind::Push { Op::Push } else { Op::Pull };
         let mut header = Header::request(op, 0);
+        header.flags = extra_flags;
         header.count = keys.len() as u32;
         header.dim = dim as u32;
         let lists = &mut self.servers[owner.server as usize].shards[owner.shard as usize].lists;
@@ -406,7 +434,7 @@ impl Core {
                 let values: &[f32] = grads.unwrap_or_default();
                 let id = self.send(owner, header, &[bytemuck::cast_slice(values)])?;
                 self.lists_by_hash += 1;
-                let resend = Resend { owner, push: kind == Kind::Push, dim, keys: keys.to_vec(), grads: values.to_vec() };
+                let resend = Resend { owner, push: kind == Kind::Push, dim, keys: keys.to_vec(), grads: values.to_vec(), flags: extra_flags };
                 return Ok((id, Some(Box::new(resend))));
             }
             lists.insert(hash, header.count, ());
@@ -426,7 +454,7 @@ impl Core {
         let mut header = Header::request(if r.push { Op::Push } else { Op::Pull }, 0);
         header.count = r.keys.len() as u32;
         header.dim = r.dim as u32;
-        header.flags |= flags::KEYS_REMEMBER;
+        header.flags |= flags::KEYS_REMEMBER | r.flags;
         let lists = &mut self.servers[r.owner.server as usize].shards[r.owner.shard as usize].lists;
         lists.insert(key_list_hash(&r.keys), header.count, ());
         let key_bytes: &[u8] = bytemuck::cast_slice(&r.keys);

@@ -66,6 +66,8 @@ pub(crate) struct Resend {
     pub dim: usize,
     pub keys: Vec<u64>,
     pub grads: Vec<f32>,
+    /// Flags other than the key cache's (`PART_DONE`).
+    pub flags: u16,
 }
 
 /// An operation in flight. Wait on it to learn how it ended; dropping it abandons the result.

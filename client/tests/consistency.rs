@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, client_with, dense, server};
+use common::{client, client_with, dense, server, sparse, Rng};
 use tessera_client::{Client, ClientConfig, ClientError, Consistency, Table};
 
 /// A dense table over `[0, 2000)` split over the server's two shards: a full-range call is two
@@ -73,36 +73,55 @@ fn after_waits_for_the_named_ticket_and_nothing_else() {
     assert_eq!(client.in_flight(), 0);
 }
 
-/// Three workers, each iteration `t` = 1..=T: pull the whole table under `model` at clock `t`,
-/// then push 1.0 to every key at clock `t`. Worker 2 sleeps before each push. Returns, per fast
-/// worker, the lowest value each of its pulls saw, with the clock it pulled at.
-fn slow_worker_run(model: Consistency) -> Vec<Vec<(u64, f32)>> {
+/// Three workers, each iteration `t` = 1..=T: pull under `model` at clock `t`, then push 1.0 at
+/// clock `t`. Worker 2 sleeps before each push. Returns, per fast worker, the lowest value each
+/// of its pulls saw of the keys every worker pushes every time, with the clock it pulled at.
+///
+/// Dense: every worker pulls and pushes the whole table. Sparse: each pull and push is of key 7
+/// (which every worker pushes every time) and 50 random keys over the whole key space, a
+/// different set each time, as hashed features are.
+fn slow_worker_run(model: Consistency, is_sparse: bool) -> Vec<Vec<(u64, f32)>> {
     const T: u64 = 10;
     const WORKERS: u32 = 3;
     let server = server(2);
     let setup = client(&server, 0);
-    let table = two_shard_table(&setup).with_consistency(model);
-    let cfg = |w| ClientConfig { workers: WORKERS, ..ClientConfig::worker(w) };
+    let table = if is_sparse { setup.create_table(&sparse("sp", 1)).unwrap() } else { two_shard_table(&setup) };
+    let table = table.with_consistency(model);
+    let cfg = |w| ClientConfig { workers: WORKERS, stale_timeout: Duration::from_secs(20), ..ClientConfig::worker(w) };
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..WORKERS)
             .map(|w| {
                 let (server, table) = (&server, table.clone());
                 scope.spawn(move || {
                     let client = client_with(server, cfg(w));
+                    let mut rng = Rng(100 + u64::from(w));
+                    let mut random_keys = || -> Vec<u64> { std::iter::once(7).chain((0..50).map(|_| rng.next_u64())).collect() };
                     let ones = vec![1.0f32; 2_000];
                     let mut out = vec![0f32; 2_000];
                     let mut seen = Vec::new();
                     for t in 1..=T {
                         client.set_clock(t);
-                        let stamp = client.pull_range(&table, 0, &mut out).unwrap().wait().unwrap();
+                        let (stamp, lowest) = if is_sparse {
+                            let keys = random_keys();
+                            let stamp = client.pull(&table, &keys, &mut out[..keys.len()]).unwrap().wait().unwrap();
+                            (stamp, out[0])
+                        } else {
+                            let stamp = client.pull_range(&table, 0, &mut out).unwrap().wait().unwrap();
+                            (stamp, out.iter().copied().fold(f32::INFINITY, f32::min))
+                        };
                         if let Some(need) = model.pull_needs(t) {
                             assert!(stamp.min_over(WORKERS as usize) >= need, "worker {w} at {t}: stamp {stamp:?}");
                         }
-                        seen.push((t, out.iter().copied().fold(f32::INFINITY, f32::min)));
+                        seen.push((t, lowest));
                         if w == 2 {
                             std::thread::sleep(Duration::from_millis(40));
                         }
-                        client.push_range(&table, 0, &ones).unwrap().wait().unwrap();
+                        if is_sparse {
+                            let keys = random_keys();
+                            client.push(&table, &keys, &ones[..keys.len()]).unwrap().wait().unwrap();
+                        } else {
+                            client.push_range(&table, 0, &ones).unwrap().wait().unwrap();
+                        }
                     }
                     seen
                 })
@@ -114,8 +133,19 @@ fn slow_worker_run(model: Consistency) -> Vec<Vec<(u64, f32)>> {
 
 #[test]
 fn bounded_delay_holds_fast_workers_within_tau_of_a_slow_one() {
+    check_bounded_delay(false);
+}
+
+#[test]
+fn bounded_delay_holds_on_sparse_keys_that_change_every_iteration() {
+    // Each push completes the worker's clock on every part of the table (flags::PART_DONE), so
+    // a pull of keys that worker never pushed still sees how far it got.
+    check_bounded_delay(true);
+}
+
+fn check_bounded_delay(is_sparse: bool) {
     let tau = 1;
-    for (w, seen) in slow_worker_run(Consistency::BoundedDelay(tau)).iter().enumerate() {
+    for (w, seen) in slow_worker_run(Consistency::BoundedDelay(tau), is_sparse).iter().enumerate() {
         for &(t, lowest) in seen {
             // Every worker's pushes at clocks 1 ..= t - tau - 1 are in: 3 per clock on every key.
             let need = t.saturating_sub(tau + 1);
@@ -129,7 +159,7 @@ fn eventual_lets_fast_workers_run_ahead_of_a_slow_one() {
     // The same run without the bound: the fast workers finish while the slow one is far behind,
     // so their last pulls miss pushes that bounded delay would have waited for. (The slow worker
     // needs 400 ms for its ten pushes; the fast ones' ten iterations take a few milliseconds.)
-    let runs = slow_worker_run(Consistency::Eventual);
+    let runs = slow_worker_run(Consistency::Eventual, false);
     let behind = runs.iter().map(|seen| seen.last().unwrap()).filter(|&&(t, lowest)| lowest < 3.0 * (t - 2) as f32).count();
     assert!(behind > 0, "no fast worker ran ahead: {runs:?}");
 }

@@ -344,6 +344,9 @@ impl Shard {
         if cache_flags != 0 && !matches!(h.op(), Some(Op::Push | Op::Pull)) {
             return Err(EngineError::BadRequest { reason: "only Push and Pull carry key lists to cache".into() });
         }
+        if h.flags & flags::PART_DONE != 0 && (self.chain.is_some() || h.op() != Some(Op::Push)) {
+            return Err(EngineError::BadRequest { reason: "PART_DONE marks a sparse Push to an unreplicated server".into() });
+        }
         match h.op() {
             Some(op @ (Op::Push | Op::Pull)) if h.flags & flags::KEYS_CACHED != 0 => {
                 let unknown = EngineError::KeysUnknown { hash: h.start, count: h.count };
@@ -396,6 +399,9 @@ impl Shard {
     /// is the body after the keys: a push's values, nothing for a pull.
     fn serve_keys(&mut self, op: Op, h: &Header, keys: &[u64], rest: &[u8], limit: usize, reply: &mut Reply<'_>) -> Result<()> {
         let bad = |e: tessera_transport::TransportError| EngineError::BadRequest { reason: e.to_string() };
+        if op == Op::Push && h.flags & flags::PART_DONE != 0 {
+            return self.serve_part_done(h, keys, rest, reply);
+        }
         if op == Op::Push {
             let grads = wire::cast_slice::<f32>(rest, "values").map_err(bad)?;
             let log = self.reserve_log(h, Target::Keys(keys), grads)?;
@@ -416,6 +422,35 @@ impl Shard {
         let (stamp, values) = reply.ok(part.stamp_len(), n);
         part.pull(keys, values);
         part.stamp_into(span, stamp);
+        Ok(())
+    }
+
+    /// A sparse push flagged `PART_DONE`: its keys (if any) are applied as any push's are, then
+    /// the worker's clock is raised over the whole part. (The log records the keys' push only:
+    /// after a crash the part's clocks are back to the keys' spans until the next such push.)
+    fn serve_part_done(&mut self, h: &Header, keys: &[u64], rest: &[u8], reply: &mut Reply<'_>) -> Result<()> {
+        let bad = |e: tessera_transport::TransportError| EngineError::BadRequest { reason: e.to_string() };
+        let grads = wire::cast_slice::<f32>(rest, "values").map_err(bad)?;
+        let part = part_of(&mut self.tables, h)?;
+        if part.spec.kind != tessera_replication::TableKind::Sparse {
+            return Err(EngineError::BadRequest { reason: "PART_DONE is for sparse tables; a dense range push stamps its range".into() });
+        }
+        let log = if keys.is_empty() {
+            if !grads.is_empty() {
+                return Err(EngineError::BadRequest { reason: format!("no keys but {} values", grads.len()) });
+            }
+            None
+        } else {
+            let log = self.reserve_log(h, Target::Keys(keys), grads)?;
+            part_of(&mut self.tables, h)?.push(keys, grads, h.worker, h.clock)?;
+            log
+        };
+        let part = part_of(&mut self.tables, h)?;
+        let owned = part.owned();
+        part.advance_clock(owned.clone(), h.worker, h.clock)?;
+        let (stamp, _) = reply.ok(part.stamp_len(), 0);
+        part.stamp_into(owned, stamp);
+        self.log(log, reply);
         Ok(())
     }
 

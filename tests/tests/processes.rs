@@ -98,6 +98,36 @@ fn the_embedded_demo_learns_the_true_model() {
 }
 
 #[test]
+fn the_demo_saves_bytes_with_key_caching_and_a_filter_under_bounded_delay_and_still_learns() {
+    let small = ["demo", "--features", "100000", "--examples", "20000", "--json"];
+    let plain = run_tool(&small, DEMO_TIMEOUT);
+    assert!(plain.status.success(), "demo failed ({}):\n{}", plain.status, plain.stderr);
+    let plain = check_demo_summary(&plain.stdout, &plain.stderr);
+    let saving = [&small[..], &["--key-cache", "--filter", "significant:0.5", "--consistency", "bounded:1"]].concat();
+    let demo = run_tool(&saving, DEMO_TIMEOUT);
+    assert!(demo.status.success(), "demo failed ({}):\n{}", demo.status, demo.stderr);
+    let summary = check_demo_summary(&demo.stdout, &demo.stderr);
+    let (offered, pushed) = (summary["keys_offered"].as_u64().unwrap(), summary["keys_pushed"].as_u64().unwrap());
+    assert!(pushed < offered * 3 / 4, "the filter pushed {pushed} of {offered} keys");
+    let (before, after) = (plain["bytes_sent"].as_u64().unwrap(), summary["bytes_sent"].as_u64().unwrap());
+    assert!(after < before / 2, "key caching and the filter sent {after} bytes, against {before} without");
+}
+
+#[test]
+fn the_demo_wire_table_compares_every_feature() {
+    let args = ["demo", "--wire-table", "--features", "100000", "--examples", "20000", "--epochs", "1"];
+    let out = run_tool(&args, DEMO_TIMEOUT);
+    assert!(out.status.success(), "demo --wire-table failed ({}):\n{}", out.status, out.stderr);
+    for row in ["| adagrad | none |", "| adagrad | key caching |", "| adagrad | compression |", "filter significant:", "filter skip:", "| ftrl | filter kkt:"] {
+        assert!(out.stdout.contains(row), "no {row:?} row:\n{}", out.stdout);
+    }
+    let bad = run_tool(&["demo", "--filter", "sometimes"], TOOL_TIMEOUT);
+    assert!(!bad.status.success() && bad.stderr.contains("is not a filter"), "{}", bad.stderr);
+    let bad = run_tool(&["demo", "--servers", "3", "--key-cache"], TOOL_TIMEOUT);
+    assert!(!bad.status.success() && bad.stderr.contains("need an unreplicated server"), "{}", bad.stderr);
+}
+
+#[test]
 fn the_demo_trains_on_a_replicated_cluster_in_the_process() {
     let args = ["demo", "--servers", "3", "--replicas", "2", "--features", "100000", "--examples", "20000", "--json"];
     let demo = run_tool(&args, DEMO_TIMEOUT);

@@ -58,8 +58,12 @@ pub mod flags {
     /// A `Push` or `Pull` that carries no keys: `start` is the hash of a remembered key list
     /// and `count` its length (see [`crate::keycache`]).
     pub const KEYS_CACHED: u16 = 8;
+    /// A sparse `Push` that completes its worker's update to this table part for its clock: the
+    /// worker's clock is raised over the whole part, not only over its keys' span, so that
+    /// bounded-delay pulls of any key there see it. It may carry no keys at all.
+    pub const PART_DONE: u16 = 16;
     /// Every flag this version understands.
-    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY | KEYS_REMEMBER | KEYS_CACHED;
+    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY | KEYS_REMEMBER | KEYS_CACHED | PART_DONE;
 }
 
 /// The fixed-size frame header, read and written in place.

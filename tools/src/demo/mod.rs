@@ -19,7 +19,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tessera_client::{ChainClient, ChainTable, Client, ClientConfig, Table, Ticket};
+use tessera_client::filter::{Kkt, RandomSkip, SignificantlyModified};
+use tessera_client::{ChainClient, ChainTable, Client, ClientConfig, Consistency, Filter, Table, Ticket, KEY_CACHE_KEYS_DEFAULT};
 use tessera_engine::chain::coordinator::{CoordinatorHandle, Embedded};
 use tessera_engine::chain::Locator;
 use tessera_engine::server::Join;
@@ -79,9 +80,31 @@ pub struct DemoArgs {
     /// Ranges the key space is cut into, with --servers; each has its own chain.
     #[arg(long, default_value_t = 16)]
     ranges: u32,
-    /// Compress values on the wire (Snappy) when that pays.
+    /// Compress values on the wire (Snappy) when that pays (a body that shrinks by less than a
+    /// tenth goes as it is).
     #[arg(long)]
     compress: bool,
+    /// Send repeated key lists by their hash (key-list caching): a batch's push names the key
+    /// list its pull sent, and a batch seen in an earlier epoch may too.
+    #[arg(long)]
+    key_cache: bool,
+    /// Push filter: none; significant:T (hold a key back until its accumulated change exceeds T;
+    /// what is held is sent at each epoch's end); skip:P (drop each key with probability P,
+    /// scale the rest by 1/(1-P)); kkt:L (drop keys whose weight is zero and whose gradient is
+    /// within L; meant for an L1-regularised updater such as ftrl{l1=L}).
+    #[arg(long, default_value = "none")]
+    filter: FilterSpec,
+    /// The server-side updater of the demo's table; default adagrad with --lr.
+    #[arg(long)]
+    updater: Option<String>,
+    /// Consistency of the workers' pulls: eventual, sequential, or bounded:N (a worker at batch t
+    /// waits until every worker's pushes up to batch t-N-1 are in the weights it pulls).
+    #[arg(long, default_value = "eventual")]
+    consistency: Consistency,
+    /// Train once per wire-saving feature (none, key caching, compression, each filter, all
+    /// together) and print the bytes each put on the wire beside the accuracy it reached.
+    #[arg(long, conflicts_with_all = ["connect", "json"])]
+    wire_table: bool,
     /// Print a JSON summary on stdout (progress and per-epoch lines go to stderr).
     #[arg(long)]
     json: bool,
@@ -111,6 +134,9 @@ struct Summary {
     pulls_per_s: f64,
     bytes_sent: u64,
     bytes_received: u64,
+    /// Keys the workers had gradients for, and keys they pushed (a filter holds some back).
+    keys_offered: u64,
+    keys_pushed: u64,
     workers: u32,
     epochs: Vec<Epoch>,
     train_seconds: f64,
@@ -143,7 +169,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut _servers = Vec::new();
     let mut _coordinator = None;
     let mut spec = TableSpec::new("demo.lr", TableKind::Sparse, 0, u64::MAX, 1);
-    spec.updater = format!("adagrad{{lr={},eps=1e-8}}", args.lr);
+    spec.updater = args.updater.clone().unwrap_or_else(|| adagrad(args.lr));
     spec.capacity = cfg.features + cfg.features / 4 + 1024;
     let addrs = match &args.connect {
         Some(list) => addresses(list),
@@ -171,37 +197,182 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
     };
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let replicated = _coordinator.is_some();
+    let wire = Wire::from_args(&args);
+    if replicated && (wire.key_cache || wire.compress || wire.filter != FilterSpec::None || args.consistency != Consistency::Eventual || args.wire_table) {
+        bail!("--key-cache, --compress, --filter, --consistency and --wire-table need an unreplicated server (the replicated client has none of them yet)");
+    }
+    if args.wire_table {
+        return wire_table(&args, &data, &refs, &spec);
+    }
+    let summary = train(&args, &wire, &data, &refs, &spec, replicated, &say)?;
+    let filtered = if wire.filter == FilterSpec::None {
+        String::new()
+    } else {
+        format!(" ({:.0}% of keys pushed)", 100.0 * summary.keys_pushed as f64 / summary.keys_offered.max(1) as f64)
+    };
+    say(format!(
+        "done in {:.1} s: {:.0} examples/s, {:.0} pushes/s, {:.0} pulls/s, {:.1} MB sent{filtered}, {:.1} MB received; accuracy {:.4} vs true model {:.4}",
+        started.elapsed().as_secs_f64(),
+        summary.examples_per_s,
+        summary.pushes_per_s,
+        summary.pulls_per_s,
+        summary.bytes_sent as f64 / 1e6,
+        summary.bytes_received as f64 / 1e6,
+        summary.accuracy,
+        summary.true_model_accuracy
+    ));
+    if args.json {
+        let summary = Summary { total_seconds: started.elapsed().as_secs_f64(), ..summary };
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}
+
+/// What a training run puts on the wire, and how: the features `--wire-table` compares.
+#[derive(Debug, Clone, PartialEq)]
+struct Wire {
+    compress: bool,
+    key_cache: bool,
+    filter: FilterSpec,
+    /// The table's updater.
+    updater: String,
+}
+
+impl Wire {
+    fn from_args(args: &DemoArgs) -> Wire {
+        let updater = args.updater.clone().unwrap_or_else(|| adagrad(args.lr));
+        Wire { compress: args.compress, key_cache: args.key_cache, filter: args.filter, updater }
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.key_cache {
+            parts.push("key caching".to_string());
+        }
+        if self.compress {
+            parts.push("compression".to_string());
+        }
+        if self.filter != FilterSpec::None {
+            parts.push(format!("filter {}", self.filter));
+        }
+        if parts.is_empty() {
+            parts.push("none".into());
+        }
+        parts.join(" + ")
+    }
+}
+
+fn adagrad(lr: f32) -> String {
+    format!("adagrad{{lr={lr},eps=1e-8}}")
+}
+
+/// A push filter, as `--filter` names it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FilterSpec {
+    None,
+    Significant(f32),
+    Skip(f64),
+    Kkt(f32),
+}
+
+impl std::str::FromStr for FilterSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("{s:?} is not a filter: use none, significant:T, skip:P (0 <= P < 1) or kkt:L");
+        let (name, value) = s.split_once(':').unwrap_or((s, ""));
+        match (name, value.parse::<f64>()) {
+            ("none", _) if value.is_empty() => Ok(FilterSpec::None),
+            ("significant", Ok(t)) if t >= 0.0 => Ok(FilterSpec::Significant(t as f32)),
+            ("skip", Ok(p)) if (0.0..1.0).contains(&p) => Ok(FilterSpec::Skip(p)),
+            ("kkt", Ok(l)) if l >= 0.0 => Ok(FilterSpec::Kkt(l as f32)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for FilterSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FilterSpec::None => write!(f, "none"),
+            FilterSpec::Significant(t) => write!(f, "significant:{t}"),
+            FilterSpec::Skip(p) => write!(f, "skip:{p}"),
+            FilterSpec::Kkt(l) => write!(f, "kkt:{l}"),
+        }
+    }
+}
+
+/// One worker's filter, built from the spec (each worker holds its own state).
+enum WorkerFilter {
+    Significant(SignificantlyModified),
+    Skip(RandomSkip),
+    Kkt(Kkt),
+}
+
+impl WorkerFilter {
+    fn new(spec: FilterSpec, worker: u32) -> Option<WorkerFilter> {
+        match spec {
+            FilterSpec::None => None,
+            FilterSpec::Significant(t) => Some(WorkerFilter::Significant(SignificantlyModified::new(t))),
+            FilterSpec::Skip(p) => Some(WorkerFilter::Skip(RandomSkip::new(p, 0x5EED ^ u64::from(worker)))),
+            FilterSpec::Kkt(l) => Some(WorkerFilter::Kkt(Kkt::new(l))),
+        }
+    }
+
+    fn as_filter(&mut self) -> &mut dyn Filter {
+        match self {
+            WorkerFilter::Significant(f) => f,
+            WorkerFilter::Skip(f) => f,
+            WorkerFilter::Kkt(f) => f,
+        }
+    }
+}
+
+/// Trains `--epochs` epochs on a fresh table with `wire`'s features, and evaluates after each.
+fn train(args: &DemoArgs, wire: &Wire, data: &Dataset, refs: &[&str], spec: &TableSpec, replicated: bool, say: &dyn Fn(String)) -> Result<Summary> {
+    let (true_loss, true_acc) = data.true_model_metrics();
+    let mut spec = spec.clone();
     let (clients, tables): (Vec<Client>, Vec<Table>);
     let mut trainers: Vec<Box<dyn Trainer + '_>> = Vec::new();
-    if _coordinator.is_some() {
+    if replicated {
         for w in 0..args.workers {
-            let client = ChainClient::connect(&refs, args.net.client(w)).context("connecting a worker to the cluster")?;
+            let client = ChainClient::connect(refs, args.net.client(w)).context("connecting a worker to the cluster")?;
             let table = client.table(&spec.name).context("the demo table")?;
             trainers.push(Box::new(Chained { client, table }));
         }
     } else {
-        clients = (0..args.workers)
-            .map(|w| Client::connect(&refs, ClientConfig { compress: args.compress, ..args.net.client(w) }))
-            .collect::<Result<Vec<_>, _>>()
-            .context("connecting the workers")?;
+        let key_cache_keys = if wire.key_cache { KEY_CACHE_KEYS_DEFAULT } else { 0 };
+        let cfg = |w| ClientConfig { compress: wire.compress, key_cache_keys, workers: args.workers, ..args.net.client(w) };
+        clients = (0..args.workers).map(|w| Client::connect(refs, cfg(w))).collect::<Result<Vec<_>, _>>().context("connecting the workers")?;
         // A fresh table per run, so that a second run against the same servers trains from scratch.
+        static RUNS: AtomicU64 = AtomicU64::new(0);
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        spec.name = format!("demo.lr-{stamp}");
-        let table = clients[0].create_table(&spec).context("creating the demo table")?;
+        spec.name = format!("demo.lr-{stamp}-{}", RUNS.fetch_add(1, Ordering::Relaxed));
+        spec.updater.clone_from(&wire.updater);
+        let table = clients[0].create_table(&spec).context("creating the demo table")?.with_consistency(args.consistency);
         tables = vec![table; clients.len()];
-        trainers.extend(clients.iter().zip(&tables).map(|(client, table)| Box::new(Plain { client, table, in_flight: None }) as Box<dyn Trainer>));
+        trainers.extend(clients.iter().zip(&tables).enumerate().map(|(w, (client, table))| {
+            let filter = WorkerFilter::new(wire.filter, w as u32);
+            let plain = Plain { client, table, in_flight: None, filter, kept_keys: Vec::new(), kept_grads: Vec::new(), keys_offered: 0, keys_pushed: 0 };
+            Box::new(plain) as Box<dyn Trainer>
+        }));
     }
     let test_keys = data::unique_keys(&data.test);
 
     let counters = Counters::default();
     let mut epochs = Vec::new();
     let mut train_seconds = 0.0;
+    let mut eval_bytes = (0, 0);
     for epoch in 0..args.epochs {
         let t = Instant::now();
-        train_epoch(&args, &data, &mut trainers, epoch, &counters)?;
+        train_epoch(args, data, &mut trainers, epoch, &counters)?;
         let seconds = t.elapsed().as_secs_f64();
         train_seconds += seconds;
-        let (logloss, accuracy) = evaluate(trainers[0].as_mut(), &data, &test_keys)?;
+        // Evaluation pulls are not training traffic: their bytes are left out of the summary.
+        let before = trainers[0].bytes();
+        let (logloss, accuracy) = evaluate(trainers[0].as_mut(), data, &test_keys)?;
+        let after = trainers[0].bytes();
+        eval_bytes = (eval_bytes.0 + after.0 - before.0, eval_bytes.1 + after.1 - before.1);
         let batches = counters.batches.swap(0, Ordering::Relaxed).max(1);
         let train_loss = counters.loss_milli_sum.swap(0, Ordering::Relaxed) as f64 / 1e6 / batches as f64;
         say(format!(
@@ -212,8 +383,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         epochs.push(Epoch { epoch: epoch + 1, train_loss, heldout_logloss: logloss, accuracy, seconds });
     }
     let (bytes_sent, bytes_received) = trainers.iter().map(|t| t.bytes()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let (bytes_sent, bytes_received) = (bytes_sent - eval_bytes.0, bytes_received - eval_bytes.1);
+    let (keys_offered, keys_pushed) = trainers.iter().map(|t| t.keys()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     let last = epochs.last().expect("at least one epoch");
-    let summary = Summary {
+    Ok(Summary {
         accuracy: last.accuracy,
         true_model_accuracy: true_acc,
         heldout_logloss: last.heldout_logloss,
@@ -223,27 +396,90 @@ pub fn run(args: DemoArgs) -> Result<()> {
         pulls_per_s: counters.pulls.load(Ordering::Relaxed) as f64 / train_seconds,
         bytes_sent,
         bytes_received,
+        keys_offered,
+        keys_pushed,
         workers: args.workers,
         epochs,
         train_seconds,
-        total_seconds: started.elapsed().as_secs_f64(),
+        total_seconds: 0.0,
+    })
+}
+
+/// `--wire-table`: one training run per feature, then the bytes each sent and received (frames
+/// included) beside the accuracy it reached.
+fn wire_table(args: &DemoArgs, data: &Dataset, refs: &[&str], spec: &TableSpec) -> Result<()> {
+    let base = Wire { compress: false, key_cache: false, filter: FilterSpec::None, updater: adagrad(args.lr) };
+    let with = |f: &dyn Fn(&mut Wire)| {
+        let mut w = base.clone();
+        f(&mut w);
+        w
     };
-    say(format!(
-        "done in {:.1} s: {:.0} examples/s, {:.0} pushes/s, {:.0} pulls/s, {:.1} MB sent, {:.1} MB received; accuracy {:.4} vs true model {:.4}",
-        summary.total_seconds,
-        summary.examples_per_s,
-        summary.pushes_per_s,
-        summary.pulls_per_s,
-        bytes_sent as f64 / 1e6,
-        bytes_received as f64 / 1e6,
-        summary.accuracy,
-        summary.true_model_accuracy
-    ));
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+    let ftrl = format!("ftrl{{alpha={},beta=1,l1={},l2=0}}", WIRE_FTRL_ALPHA, WIRE_KKT_L1);
+    let rows = [
+        base.clone(),
+        with(&|w| w.key_cache = true),
+        with(&|w| w.compress = true),
+        with(&|w| w.filter = FilterSpec::Significant(WIRE_SIGNIFICANT)),
+        with(&|w| w.filter = FilterSpec::Skip(WIRE_SKIP)),
+        with(&|w| {
+            w.key_cache = true;
+            w.compress = true;
+            w.filter = FilterSpec::Significant(WIRE_SIGNIFICANT);
+        }),
+        with(&|w| w.updater.clone_from(&ftrl)),
+        with(&|w| {
+            w.updater.clone_from(&ftrl);
+            w.filter = FilterSpec::Kkt(WIRE_KKT_L1);
+        }),
+        with(&|w| {
+            w.updater.clone_from(&ftrl);
+            w.filter = FilterSpec::Kkt(WIRE_KKT_L1);
+            w.key_cache = true;
+        }),
+    ];
+    let quiet = |_: String| {};
+    let mut results = Vec::new();
+    for (i, wire) in rows.iter().enumerate() {
+        eprintln!("wire table: run {}/{}: {} ({})", i + 1, rows.len(), wire.describe(), wire.updater);
+        let summary = train(args, wire, data, refs, spec, false, &quiet)?;
+        results.push((wire, summary));
     }
+    println!();
+    println!("| updater | features | bytes sent | bytes received | total vs. none | keys pushed | accuracy |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut baseline = 0u64;
+    for (wire, s) in &results {
+        let total = s.bytes_sent + s.bytes_received;
+        let updater = wire.updater.split('{').next().unwrap_or_default();
+        if wire.filter == FilterSpec::None && !wire.key_cache && !wire.compress {
+            baseline = total;
+        }
+        println!(
+            "| {updater} | {} | {:.1} MB | {:.1} MB | {:.2} | {:.0}% | {:.4} |",
+            wire.describe(),
+            s.bytes_sent as f64 / 1e6,
+            s.bytes_received as f64 / 1e6,
+            total as f64 / baseline.max(1) as f64,
+            100.0 * s.keys_pushed as f64 / s.keys_offered.max(1) as f64,
+            s.accuracy
+        );
+    }
+    println!();
+    println!(
+        "true model accuracy {:.4}; {} workers, {} epochs; each ratio is against the row above it without features, with the same updater",
+        data.true_model_metrics().1,
+        args.workers,
+        args.epochs
+    );
     Ok(())
 }
+
+/// `--wire-table`'s settings: the significantly-modified threshold, the random-skip share, and
+/// the L1 strength (FTRL's, and the KKT filter's) with FTRL's learning rate.
+const WIRE_SIGNIFICANT: f32 = 0.5;
+const WIRE_SKIP: f64 = 0.5;
+const WIRE_KKT_L1: f32 = 2.0;
+const WIRE_FTRL_ALPHA: f32 = 0.1;
 
 fn progress(len: u64, epoch: usize, epochs: usize) -> ProgressBar {
     let bar = ProgressBar::new(len);
@@ -290,6 +526,8 @@ trait Trainer: Send {
     fn flush(&mut self) -> Result<()>;
     /// Bytes sent and received.
     fn bytes(&self) -> (u64, u64);
+    /// Keys the worker had gradients for, and keys it pushed (fewer when a filter holds some back).
+    fn keys(&self) -> (u64, u64);
 }
 
 /// An unreplicated server's client: one push in flight while the next batch is pulled.
@@ -297,27 +535,56 @@ struct Plain<'a> {
     client: &'a Client,
     table: &'a Table,
     in_flight: Option<Ticket<'a>>,
+    filter: Option<WorkerFilter>,
+    /// What the filter kept of the batch in hand, reused from batch to batch.
+    kept_keys: Vec<u64>,
+    kept_grads: Vec<f32>,
+    /// Keys offered to the filter, and keys pushed.
+    keys_offered: u64,
+    keys_pushed: u64,
 }
 
 impl Trainer for Plain<'_> {
     fn pull(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
         self.client.pull(self.table, keys, out)?.wait()?;
+        if let Some(WorkerFilter::Kkt(kkt)) = &mut self.filter {
+            kkt.observe(1, keys, out);
+        }
         Ok(())
     }
     fn push(&mut self, clock: u64, keys: &[u64], grad: &[f32]) -> Result<()> {
-        self.flush()?;
+        self.wait_in_flight()?;
         self.client.set_clock(clock);
-        self.in_flight = Some(self.client.push(self.table, keys, grad)?);
+        self.keys_offered += keys.len() as u64;
+        let Some(f) = &mut self.filter else {
+            self.keys_pushed += keys.len() as u64;
+            self.in_flight = Some(self.client.push(self.table, keys, grad)?);
+            return Ok(());
+        };
+        // The filter runs here rather than in Client::push_filtered, to count what it keeps.
+        self.kept_keys.clear();
+        self.kept_grads.clear();
+        f.as_filter().filter(1, keys, grad, &mut self.kept_keys, &mut self.kept_grads);
+        self.keys_pushed += self.kept_keys.len() as u64;
+        self.in_flight = Some(self.client.push(self.table, &self.kept_keys, &self.kept_grads)?);
         Ok(())
     }
     fn flush(&mut self) -> Result<()> {
-        if let Some(push) = self.in_flight.take() {
-            push.wait()?;
+        self.wait_in_flight()?;
+        if let Some(WorkerFilter::Significant(f)) = &mut self.filter {
+            // What the filter held back goes out at the end of each epoch: nothing is lost.
+            let (mut keys, mut grads) = (Vec::new(), Vec::new());
+            f.flush(&mut keys, &mut grads);
+            self.keys_pushed += keys.len() as u64;
+            self.client.push(self.table, &keys, &grads)?.wait()?;
         }
         Ok(())
     }
     fn bytes(&self) -> (u64, u64) {
         self.client.bytes()
+    }
+    fn keys(&self) -> (u64, u64) {
+        (self.keys_offered, self.keys_pushed)
     }
 }
 
@@ -340,6 +607,9 @@ impl Trainer for Chained {
     }
     fn bytes(&self) -> (u64, u64) {
         (self.client.stats.bytes_sent, self.client.stats.bytes_received)
+    }
+    fn keys(&self) -> (u64, u64) {
+        (0, 0)
     }
 }
 
@@ -394,6 +664,15 @@ fn work(
         bar.inc(batch.len() as u64);
     }
     trainer.flush()
+}
+
+impl Plain<'_> {
+    fn wait_in_flight(&mut self) -> Result<()> {
+        if let Some(push) = self.in_flight.take() {
+            push.wait()?;
+        }
+        Ok(())
+    }
 }
 
 /// Pulls the held-out keys' weights and scores the held-out split.
