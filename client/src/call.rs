@@ -244,6 +244,6 @@ fn fresh_pull<'c>(
 impl<'c> Ticket<'c> {
     /// A ticket whose call is already answered, with its stamp.
     pub(crate) fn answered(client: &'c Client, stamp: Stamp) -> Self {
-        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: Some(stamp) }
+        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: Some(stamp), mismatched: false }
     }
 }

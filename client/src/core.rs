@@ -369,7 +369,7 @@ impl Core {
             }
         }
         self.scratch.used = used;
-        Ok(Ticket { client, subs, out, order, dim, stamp: None })
+        Ok(Ticket { client, subs, out, order, dim, stamp: None, mismatched: false })
     }
 
     /// Passes a send's result through; on failure, forgets the sub-requests already sent, so that
@@ -577,7 +577,7 @@ impl Core {
             subs.push(Sub { server: owner.server, shard: owner.shard, id, range: values, scatter: false, resend: None });
             key = stop;
         }
-        Ok(Ticket { client, subs, out, order: Vec::new(), dim, stamp: read_stamp })
+        Ok(Ticket { client, subs, out, order: Vec::new(), dim, stamp: read_stamp, mismatched: false })
     }
 
     /// A one-sided read of `out.len() / dim` keys from `start` on `owner`'s shard, if its link can

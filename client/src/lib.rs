@@ -43,7 +43,7 @@ pub use crate::call::{Call, Consistency};
 pub use crate::chain::{ChainClient, ChainTable};
 pub use crate::error::{ClientError, Result};
 pub use crate::filter::Filter;
-pub use crate::ticket::{Stamp, Ticket};
+pub use crate::ticket::{Detached, Stamp, Ticket};
 
 use crate::core::Core;
 
@@ -176,6 +176,12 @@ impl Client {
     /// A call to be ordered (consistency model, tickets it must follow) before it is sent.
     pub fn call(&self) -> Call<'_> {
         Call::new(self)
+    }
+
+    /// A [`Detached`] ticket of this client back, to wait on: `out` must be the buffer (or one of
+    /// the same length) the call was given; `None` for a push.
+    pub fn resume<'a>(&'a self, ticket: Detached, out: Option<&'a mut [f32]>) -> Ticket<'a> {
+        Ticket::resume(self, ticket, out)
     }
 
     /// Requests sent whose replies have not been received yet, over all shards.

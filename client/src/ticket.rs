@@ -81,12 +81,73 @@ pub struct Ticket<'a> {
     pub(crate) dim: usize,
     /// The stamp of the parts already read one-sided, when the call made any such read.
     pub(crate) stamp: Option<Stamp>,
+    /// Set when a detached ticket was resumed with an output of the wrong length: its replies
+    /// were abandoned, and waiting on it fails.
+    pub(crate) mismatched: bool,
+}
+
+/// A ticket cut loose from the client and the output buffer it borrows, for layers that cannot
+/// hold a borrow across calls (the C ABI). Give it back to the same client with
+/// [`Client::resume`], with the same output buffer, to wait on it. One that is never resumed
+/// keeps its replies parked in the client until the client is dropped.
+#[derive(Debug)]
+pub struct Detached {
+    subs: Vec<Sub>,
+    order: Vec<u32>,
+    dim: usize,
+    stamp: Option<Stamp>,
+    /// The length of the output the call was given (0 for pushes).
+    out_len: usize,
+}
+
+impl Detached {
+    /// Values the call's output buffer holds (0 for a push).
+    pub fn out_len(&self) -> usize {
+        self.out_len
+    }
+}
+
+impl<'a> Ticket<'a> {
+    /// Cuts the ticket loose from its borrows (see [`Detached`]).
+    pub fn detach(mut self) -> Detached {
+        let out_len = self.out.as_ref().map_or(0, |o| o.len());
+        Detached {
+            subs: std::mem::take(&mut self.subs),
+            order: std::mem::take(&mut self.order),
+            dim: self.dim,
+            stamp: self.stamp.take(),
+            out_len,
+        }
+    }
+
+    /// A detached ticket of `client` back, writing into `out` (which must have the length the
+    /// call was given, or the ticket fails when waited on).
+    pub(crate) fn resume(client: &'a Client, d: Detached, out: Option<&'a mut [f32]>) -> Ticket<'a> {
+        let mut ticket = Ticket { client, subs: d.subs, out, order: d.order, dim: d.dim, stamp: d.stamp, mismatched: false };
+        if ticket.out.as_ref().map_or(0, |o| o.len()) != d.out_len {
+            // Abandon the replies rather than write them to a buffer of the wrong shape.
+            ticket.out = None;
+            ticket.order.clear();
+            ticket.stamp = None;
+            if let Ok(mut core) = client.core.lock() {
+                for sub in &ticket.subs {
+                    core.abandon(sub.server, sub.shard, sub.id);
+                }
+            }
+            ticket.subs.clear();
+            ticket.mismatched = true;
+        }
+        ticket
+    }
 }
 
 impl Ticket<'_> {
     /// Blocks until every shard answered. Pulls have written their values when this returns.
     /// Returns the stamp of the keys touched, or the first error any shard reported.
     pub fn wait(mut self) -> Result<Stamp> {
+        if self.mismatched {
+            return Err(ClientError::Config { reason: "a detached ticket was resumed with an output of another length".into() });
+        }
         let subs = std::mem::take(&mut self.subs);
         let mut core = self.client.lock();
         let read = self.stamp.take();

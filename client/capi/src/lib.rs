@@ -1,0 +1,539 @@
+//! The C ABI of the Tessera client: `libtessera.so` (or `.a`) and `include/tessera.h`, which
+//! cbindgen generates from this file (`tests/header.rs` fails when the two disagree).
+//!
+//! # How it is built to be hard to misuse
+//! - **Handles, not pointers.** A client, a table and a ticket are integers. A closed client, a
+//!   ticket already waited on, or a number that was never a handle gives `TESSERA_ERR_CLOSED`,
+//!   never a dangling pointer.
+//! - **Every function returns a status** (`TESSERA_OK` is 0); `tessera_last_error()` then says
+//!   what went wrong, in this thread.
+//! - **Null pointers and wrong lengths are refused** before anything is sent.
+//! - **No panic crosses the boundary**: one that happens anyway (a bug) returns
+//!   `TESSERA_ERR_PANIC`, and the client should be closed.
+//! - **Threads:** any function may be called from any thread. Calls on one client are
+//!   serialised; give each trainer thread its own client for parallelism.
+//!
+//! The one thing the library cannot check is the lifetime of a pull's output buffer: it must
+//! stay valid, and untouched by the caller, until the pull's ticket is waited on (as with
+//! `MPI_Irecv`). Pass a null ticket pointer to have a call wait before it returns instead.
+//!
+//! The unsafe code here is the boundary's: turning the caller's pointers into slices, each
+//! after a null, alignment and size check, on the contract the header states.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+
+use tessera_client::{Client, ClientConfig, ClientError, Detached, Table};
+use tessera_replication::{PlacementError, TableKind, TableSpec};
+use tessera_transport::{Status, TransportError, TransportKind};
+
+/// Success.
+pub const TESSERA_OK: i32 = 0;
+/// A pointer the call needs was null.
+pub const TESSERA_ERR_NULL: i32 = 1;
+/// An argument is wrong: a length that does not match the table, a key outside it, text that
+/// is not UTF-8, an unknown kind or transport, a non-finite gradient.
+pub const TESSERA_ERR_ARGUMENT: i32 = 2;
+/// The client, table or ticket handle is unknown: never opened, closed, or already waited on.
+pub const TESSERA_ERR_CLOSED: i32 = 3;
+/// Connecting to the servers failed.
+pub const TESSERA_ERR_CONNECT: i32 = 4;
+/// No table has that name (or id).
+pub const TESSERA_ERR_UNKNOWN_TABLE: i32 = 5;
+/// A server refused the request (`tessera_last_error()` has its message).
+pub const TESSERA_ERR_SERVER: i32 = 6;
+/// The network failed or a server did not answer in time.
+pub const TESSERA_ERR_TRANSPORT: i32 = 7;
+/// A bug in Tessera: close the client.
+pub const TESSERA_ERR_PANIC: i32 = 8;
+
+/// A connected client (0 is never one).
+pub type TesseraClient = u64;
+/// A table of one client, from `tessera_table` or `tessera_create_table`.
+pub type TesseraTable = u32;
+/// A call in flight, to wait on with `tessera_wait` (0 is never one).
+pub type TesseraTicket = u64;
+
+/// `tessera_create_table`'s `kind`: a dense table (every key in `[start, end)` exists).
+pub const TESSERA_DENSE: u32 = 0;
+/// `tessera_create_table`'s `kind`: a sparse table (keys exist once pushed).
+pub const TESSERA_SPARSE: u32 = 1;
+
+/// Why a call failed: its status and message.
+struct Fail {
+    code: i32,
+    message: String,
+}
+
+impl Fail {
+    fn new(code: i32, message: impl Into<String>) -> Fail {
+        Fail { code, message: message.into() }
+    }
+}
+
+impl From<ClientError> for Fail {
+    fn from(e: ClientError) -> Fail {
+        let code = match &e {
+            ClientError::Server { status: Status::UnknownTable, .. } => TESSERA_ERR_UNKNOWN_TABLE,
+            ClientError::Server { .. } => TESSERA_ERR_SERVER,
+            ClientError::Placement(PlacementError::UnknownTable { .. }) => TESSERA_ERR_UNKNOWN_TABLE,
+            ClientError::Transport(TransportError::RdmaUnavailable { .. }) => TESSERA_ERR_ARGUMENT,
+            ClientError::Transport(_) | ClientError::Unavailable { .. } | ClientError::Protocol { .. } | ClientError::Stale { .. } => {
+                TESSERA_ERR_TRANSPORT
+            }
+            _ => TESSERA_ERR_ARGUMENT,
+        };
+        Fail::new(code, e.to_string())
+    }
+}
+
+type Outcome<T = ()> = Result<T, Fail>;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// Runs one entry point: catches panics, and records the message of a failure for
+/// `tessera_last_error`.
+fn entry(f: impl FnOnce() -> Outcome) -> i32 {
+    let (code, message) = match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => (TESSERA_OK, String::new()),
+        Ok(Err(fail)) => (fail.code, fail.message),
+        Err(panic) => {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            (TESSERA_ERR_PANIC, format!("internal error (a bug in Tessera): {}", what.unwrap_or_default()))
+        }
+    };
+    let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|last| *last.borrow_mut() = text);
+    code
+}
+
+/// One open client, its tables, and its tickets in flight.
+struct Handle {
+    client: Client,
+    tables: Mutex<Vec<Table>>,
+    tickets: Mutex<HashMap<TesseraTicket, Pending>>,
+    next_ticket: AtomicU64,
+}
+
+/// A ticket in flight, and (for a pull) where its values go: the caller's buffer, as an
+/// address and a length, turned back into a slice when it is waited on.
+struct Pending {
+    ticket: Detached,
+    out: Option<(usize, usize)>,
+}
+
+static CLIENTS: LazyLock<Mutex<HashMap<TesseraClient, Arc<Handle>>>> = LazyLock::new(Default::default);
+static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
+
+/// Locks a registry; a poisoned one (a panic while it was held) is still consistent, as every
+/// update is a single insert or remove.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn handle(client: TesseraClient) -> Outcome<Arc<Handle>> {
+    lock(&CLIENTS).get(&client).cloned().ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("client {client} is not open (closed, or never opened)")))
+}
+
+fn table_of(h: &Handle, table: TesseraTable) -> Outcome<Table> {
+    lock(&h.tables).get(table as usize).cloned().ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("table handle {table} was not opened on this client")))
+}
+
+/// The caller's `n` values at `ptr` (any pointer when `n` is 0).
+///
+/// # Safety
+/// When `n > 0`, `ptr` must point to `n` initialised values that stay valid and unchanged for the
+/// returned lifetime (the header's contract for every input array).
+unsafe fn slice_in<'a, T>(ptr: *const T, n: usize, what: &str) -> Outcome<&'a [T]> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    check_pointer(ptr, n, what)?;
+    // SAFETY: non-null, aligned, and n * size_of::<T>() fits isize (checked above); the caller
+    // guarantees n readable values that outlive 'a.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, n) })
+}
+
+/// The caller's buffer of `n` values at `ptr`, to write into.
+///
+/// # Safety
+/// When `n > 0`, `ptr` must point to `n` writable values that nothing else reads or writes for
+/// the returned lifetime (the header's contract for a pull's output, until its ticket is waited
+/// on).
+unsafe fn slice_out<'a>(ptr: *mut f32, n: usize, what: &str) -> Outcome<&'a mut [f32]> {
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    check_pointer(ptr.cast_const(), n, what)?;
+    // SAFETY: non-null, aligned, size checked; the caller guarantees exclusive access for 'a.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, n) })
+}
+
+fn check_pointer<T>(ptr: *const T, n: usize, what: &str) -> Outcome {
+    if ptr.is_null() {
+        return Err(Fail::new(TESSERA_ERR_NULL, format!("{what} is NULL but its length is {n}")));
+    }
+    if !ptr.is_aligned() {
+        return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("{what} is not aligned for its type")));
+    }
+    if n.checked_mul(size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) {
+        return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("{what}: length {n} is too large")));
+    }
+    Ok(())
+}
+
+/// A NUL-terminated UTF-8 string from the caller.
+///
+/// # Safety
+/// A non-null `ptr` must point to a NUL-terminated string valid for the call.
+unsafe fn text<'a>(ptr: *const c_char, what: &str) -> Outcome<&'a str> {
+    if ptr.is_null() {
+        return Err(Fail::new(TESSERA_ERR_NULL, format!("{what} is NULL")));
+    }
+    // SAFETY: non-null; the caller guarantees a NUL-terminated string that outlives the call.
+    let s = unsafe { CStr::from_ptr(ptr) };
+    s.to_str().map_err(|_| Fail::new(TESSERA_ERR_ARGUMENT, format!("{what} is not UTF-8")))
+}
+
+/// Writes `value` through the caller's out-pointer.
+///
+/// # Safety
+/// A non-null `ptr` must be valid for writing one `T`.
+unsafe fn put<T>(ptr: *mut T, value: T, what: &str) -> Outcome {
+    if ptr.is_null() {
+        return Err(Fail::new(TESSERA_ERR_NULL, format!("{what} is NULL")));
+    }
+    if !ptr.is_aligned() {
+        return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("{what} is not aligned for its type")));
+    }
+    // SAFETY: non-null and aligned; the caller guarantees it is writable.
+    unsafe { ptr.write(value) };
+    Ok(())
+}
+
+/// Connects to a Tessera cluster.
+///
+/// `servers`: every server's address, comma-separated ("10.0.0.5:7070,10.0.0.6:7070").
+/// `worker`: this trainer's worker id (distinct per trainer; its entry in the vector clocks).
+/// `transport`: "auto" (RDMA where both ends have it), "tcp", "rdma", or NULL for "auto".
+/// On success `*client` is the new client.
+///
+/// # Safety
+/// `servers` (and `transport`, unless NULL) must be NUL-terminated strings; `client` must be
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, transport: *const c_char, client: *mut TesseraClient) -> i32 {
+    entry(|| {
+        // SAFETY: the caller's contract above.
+        let servers = unsafe { text(servers, "servers") }?;
+        let kind = if transport.is_null() {
+            TransportKind::Auto
+        } else {
+            // SAFETY: the caller's contract above.
+            match unsafe { text(transport, "transport") }? {
+                "auto" => TransportKind::Auto,
+                "tcp" => TransportKind::Tcp,
+                "rdma" => TransportKind::Rdma,
+                other => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("transport {other:?}: use auto, tcp or rdma"))),
+            }
+        };
+        if client.is_null() {
+            return Err(Fail::new(TESSERA_ERR_NULL, "client is NULL"));
+        }
+        let addrs: Vec<&str> = servers.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        if addrs.is_empty() {
+            return Err(Fail::new(TESSERA_ERR_ARGUMENT, "servers names no address"));
+        }
+        let cfg = ClientConfig { kind, ..ClientConfig::worker(worker) };
+        let opened = Client::connect(&addrs, cfg).map_err(|e| match Fail::from(e) {
+            Fail { code: TESSERA_ERR_TRANSPORT, message } => Fail::new(TESSERA_ERR_CONNECT, message),
+            other => other,
+        })?;
+        let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
+        let h = Handle { client: opened, tables: Mutex::default(), tickets: Mutex::default(), next_ticket: AtomicU64::new(1) };
+        lock(&CLIENTS).insert(id, Arc::new(h));
+        // SAFETY: the caller's contract above.
+        unsafe { put(client, id, "client") }
+    })
+}
+
+/// Closes a client: its connections close, and tickets not waited on are dropped (a pull's
+/// buffer is not written after this returns). The handle is then unknown to every function.
+#[no_mangle]
+pub extern "C" fn tessera_close(client: TesseraClient) -> i32 {
+    entry(|| match lock(&CLIENTS).remove(&client) {
+        Some(_) => Ok(()),
+        None => Err(Fail::new(TESSERA_ERR_CLOSED, format!("client {client} is not open (closed twice?)"))),
+    })
+}
+
+/// Looks up the table called `name`; `*table` is its handle on this client and, unless `dim`
+/// is NULL, `*dim` its values per key.
+///
+/// # Safety
+/// `name` must be a NUL-terminated string; `table` (and `dim`, unless NULL) must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_table(client: TesseraClient, name: *const c_char, table: *mut TesseraTable, dim: *mut u32) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        // SAFETY: the caller's contract above.
+        let name = unsafe { text(name, "name") }?;
+        let found = h.client.table(name)?;
+        // SAFETY: the caller's contract above.
+        unsafe { register_table(&h, found, table, dim) }
+    })
+}
+
+/// Creates a table on every server (or finds it, if it exists with the same definition) and
+/// looks it up as `tessera_table` does.
+///
+/// `kind`: `TESSERA_DENSE` or `TESSERA_SPARSE`. Keys are `[start, end)`, `dim` values each.
+/// `updater`: how pushes are applied, e.g. "sum", "sgd{lr=0.1}", "adagrad{lr=0.05}"; NULL is
+/// "sum".
+///
+/// # Safety
+/// `name` (and `updater`, unless NULL) must be NUL-terminated strings; `table` (and `dim_out`,
+/// unless NULL) must be writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn tessera_create_table(
+    client: TesseraClient,
+    name: *const c_char,
+    kind: u32,
+    start: u64,
+    end: u64,
+    dim: u32,
+    updater: *const c_char,
+    table: *mut TesseraTable,
+) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        // SAFETY: the caller's contract above.
+        let name = unsafe { text(name, "name") }?;
+        let kind = match kind {
+            TESSERA_DENSE => TableKind::Dense,
+            TESSERA_SPARSE => TableKind::Sparse,
+            other => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("kind {other}: use TESSERA_DENSE or TESSERA_SPARSE"))),
+        };
+        if start >= end || dim == 0 {
+            return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("keys [{start}, {end}) with dim {dim}: need start < end and dim > 0")));
+        }
+        let mut spec = TableSpec::new(name, kind, start, end, dim);
+        if !updater.is_null() {
+            // SAFETY: the caller's contract above.
+            spec.updater = unsafe { text(updater, "updater") }?.to_string();
+        }
+        let created = h.client.create_table(&spec)?;
+        // SAFETY: the caller's contract above.
+        unsafe { register_table(&h, created, table, std::ptr::null_mut()) }
+    })
+}
+
+/// # Safety
+/// `table` must be writable; `dim`, unless NULL, too.
+unsafe fn register_table(h: &Handle, found: Table, table: *mut TesseraTable, dim: *mut u32) -> Outcome {
+    if table.is_null() {
+        return Err(Fail::new(TESSERA_ERR_NULL, "table is NULL"));
+    }
+    let d = found.dim() as u32;
+    let id = {
+        let mut tables = lock(&h.tables);
+        match tables.iter().position(|t| t.spec() == found.spec()) {
+            Some(i) => i,
+            None => {
+                tables.push(found);
+                tables.len() - 1
+            }
+        }
+    };
+    // SAFETY: the caller's contract above.
+    unsafe { put(table, id as TesseraTable, "table") }?;
+    if !dim.is_null() {
+        // SAFETY: the caller's contract above.
+        unsafe { put(dim, d, "dim") }?;
+    }
+    Ok(())
+}
+
+/// Sets this client's clock (an iteration count, from 1), sent with every push after it.
+#[no_mangle]
+pub extern "C" fn tessera_set_clock(client: TesseraClient, clock: u64) -> i32 {
+    entry(|| {
+        handle(client)?.client.set_clock(clock);
+        Ok(())
+    })
+}
+
+/// Keeps a call's ticket for `tessera_wait`, or waits for it now when `ticket` is NULL.
+///
+/// # Safety
+/// `ticket`, unless NULL, must be writable; `out`, unless None, must be the call's output
+/// buffer under the header's contract.
+unsafe fn hand_out(h: &Handle, sent: tessera_client::Ticket<'_>, out: Option<(usize, usize)>, ticket: *mut TesseraTicket) -> Outcome {
+    if ticket.is_null() {
+        sent.wait()?;
+        return Ok(());
+    }
+    let id = h.next_ticket.fetch_add(1, Ordering::Relaxed);
+    lock(&h.tickets).insert(id, Pending { ticket: sent.detach(), out });
+    // SAFETY: the caller's contract above.
+    unsafe { put(ticket, id, "ticket") }
+}
+
+/// Pushes `grads` (`n_grads` = `n_keys` x the table's dim values) for `keys`; the servers apply
+/// the table's updater. The arrays are read before this returns. `*ticket` is the push's
+/// ticket; with `ticket` NULL the call waits for the push instead.
+///
+/// # Safety
+/// `keys` and `grads` must hold `n_keys` and `n_grads` values (or be anything when the count is
+/// 0); `ticket`, unless NULL, must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_push(
+    client: TesseraClient,
+    table: TesseraTable,
+    keys: *const u64,
+    n_keys: usize,
+    grads: *const f32,
+    n_grads: usize,
+    ticket: *mut TesseraTicket,
+) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        let t = table_of(&h, table)?;
+        // SAFETY: the caller's contract above.
+        let (keys, grads) = unsafe { (slice_in(keys, n_keys, "keys")?, slice_in(grads, n_grads, "grads")?) };
+        let sent = h.client.push(&t, keys, grads)?;
+        // SAFETY: the caller's contract above.
+        unsafe { hand_out(&h, sent, None, ticket) }
+    })
+}
+
+/// Pulls the values of `keys` into `out` (`n_out` = `n_keys` x dim values). `keys` is read
+/// before this returns; `out` is written by the time `tessera_wait` returns for `*ticket` and
+/// must stay valid, and untouched, until then. With `ticket` NULL the call waits instead.
+///
+/// # Safety
+/// `keys` must hold `n_keys` values and `out` `n_out` writable ones, as above; `ticket`, unless
+/// NULL, must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_pull(
+    client: TesseraClient,
+    table: TesseraTable,
+    keys: *const u64,
+    n_keys: usize,
+    out: *mut f32,
+    n_out: usize,
+    ticket: *mut TesseraTicket,
+) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        let t = table_of(&h, table)?;
+        // SAFETY: the caller's contract above.
+        let (keys, values) = unsafe { (slice_in(keys, n_keys, "keys")?, slice_out(out, n_out, "out")?) };
+        let sent = h.client.pull(&t, keys, values)?;
+        // SAFETY: the caller's contract above: `out` stays the caller's buffer until the wait.
+        unsafe { hand_out(&h, sent, Some((out as usize, n_out)), ticket) }
+    })
+}
+
+/// Pushes `grads` for the dense range of keys from `start` (`n_grads` / dim keys). As
+/// `tessera_push` otherwise.
+///
+/// # Safety
+/// `grads` must hold `n_grads` values; `ticket`, unless NULL, must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_push_range(
+    client: TesseraClient,
+    table: TesseraTable,
+    start: u64,
+    grads: *const f32,
+    n_grads: usize,
+    ticket: *mut TesseraTicket,
+) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        let t = table_of(&h, table)?;
+        // SAFETY: the caller's contract above.
+        let grads = unsafe { slice_in(grads, n_grads, "grads") }?;
+        let sent = h.client.push_range(&t, start, grads)?;
+        // SAFETY: the caller's contract above.
+        unsafe { hand_out(&h, sent, None, ticket) }
+    })
+}
+
+/// Pulls the dense range of keys from `start` into `out` (`n_out` / dim keys). As
+/// `tessera_pull` otherwise.
+///
+/// # Safety
+/// `out` must hold `n_out` writable values until the ticket is waited on; `ticket`, unless
+/// NULL, must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_pull_range(
+    client: TesseraClient,
+    table: TesseraTable,
+    start: u64,
+    out: *mut f32,
+    n_out: usize,
+    ticket: *mut TesseraTicket,
+) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        let t = table_of(&h, table)?;
+        // SAFETY: the caller's contract above.
+        let values = unsafe { slice_out(out, n_out, "out") }?;
+        let sent = h.client.pull_range(&t, start, values)?;
+        // SAFETY: the caller's contract above: `out` stays the caller's buffer until the wait.
+        unsafe { hand_out(&h, sent, Some((out as usize, n_out)), ticket) }
+    })
+}
+
+/// Waits until every server answered the call `ticket` stands for; a pull's values are then in
+/// its buffer. A ticket can be waited on once; after that its handle is unknown.
+#[no_mangle]
+pub extern "C" fn tessera_wait(client: TesseraClient, ticket: TesseraTicket) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        let pending = lock(&h.tickets)
+            .remove(&ticket)
+            .ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("ticket {ticket} is not in flight on client {client} (waited on already?)")))?;
+        let out = match pending.out {
+            // SAFETY: the address and length of the pull's output buffer, which the caller keeps
+            // valid and untouched until this wait (the header's contract for pulls).
+            Some((addr, n)) => Some(unsafe { slice_out(addr as *mut f32, n, "out") }?),
+            None => None,
+        };
+        h.client.resume(pending.ticket, out).wait()?;
+        Ok(())
+    })
+}
+
+/// The message of the last failed call in this thread ("" after a success). The text stays
+/// valid until this thread's next call into the library.
+#[no_mangle]
+pub extern "C" fn tessera_last_error() -> *const c_char {
+    LAST_ERROR.with(|last| last.borrow().as_ptr())
+}
+
+/// The name of a status code ("TESSERA_ERR_NULL" ...), or "unknown status".
+#[no_mangle]
+pub extern "C" fn tessera_status_name(code: i32) -> *const c_char {
+    let name: &'static CStr = match code {
+        TESSERA_OK => c"TESSERA_OK",
+        TESSERA_ERR_NULL => c"TESSERA_ERR_NULL",
+        TESSERA_ERR_ARGUMENT => c"TESSERA_ERR_ARGUMENT",
+        TESSERA_ERR_CLOSED => c"TESSERA_ERR_CLOSED",
+        TESSERA_ERR_CONNECT => c"TESSERA_ERR_CONNECT",
+        TESSERA_ERR_UNKNOWN_TABLE => c"TESSERA_ERR_UNKNOWN_TABLE",
+        TESSERA_ERR_SERVER => c"TESSERA_ERR_SERVER",
+        TESSERA_ERR_TRANSPORT => c"TESSERA_ERR_TRANSPORT",
+        TESSERA_ERR_PANIC => c"TESSERA_ERR_PANIC",
+        _ => c"unknown status",
+    };
+    name.as_ptr()
+}
