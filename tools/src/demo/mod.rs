@@ -466,7 +466,7 @@ fn wire_table(args: &DemoArgs, data: &Dataset, refs: &[&str], spec: &TableSpec) 
     }
     println!();
     println!(
-        "true model accuracy {:.4}; {} workers, {} epochs; each ratio is against the row above it without features, with the same updater",
+        "true model accuracy {:.4}; {} workers, {} epochs; each ratio is against the run with no feature and the same updater",
         data.true_model_metrics().1,
         args.workers,
         args.epochs
