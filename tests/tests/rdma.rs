@@ -128,6 +128,41 @@ fn a_ping_crosses_rdma_and_tcp_and_changes_nothing() {
 }
 
 #[test]
+fn key_lists_by_hash_and_bounded_delay_pushes_give_the_same_sums_over_rdma_and_tcp() {
+    if !tessera_tests::rdma_here("key_lists_by_hash_and_bounded_delay_pushes_give_the_same_sums_over_rdma_and_tcp") {
+        return;
+    }
+    // The wire-saving and consistency flags ride in short RDMA headers too: the same calls give
+    // the same bits over both transports, and the repeated key lists went by hash on both.
+    let server = server(2, TransportKind::Rdma, fast());
+    let mut results = Vec::new();
+    for (name, kind) in [("rdma", TransportKind::Rdma), ("tcp", TransportKind::Tcp)] {
+        // Worker 0 on each, with a table of its own: a job of one worker, so bounded delay waits
+        // for this worker's own pushes.
+        let cfg = ClientConfig { kind, rdma: fast(), key_cache_keys: 4096, workers: 1, ..ClientConfig::worker(0) };
+        let c = Client::connect(&[&server.local_addr().to_string()], cfg).expect("client");
+        assert_eq!(c.transport(), kind.to_string());
+        let table = c
+            .create_table(&TableSpec::new(&format!("cached-{name}"), TableKind::Sparse, 0, u64::MAX, 2))
+            .unwrap()
+            .with_consistency(tessera_client::Consistency::BoundedDelay(0));
+        let keys: Vec<u64> = (0..300u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+        let mut out = vec![0f32; keys.len() * 2];
+        for t in 1..=5u64 {
+            c.set_clock(t);
+            let grads: Vec<f32> = (0..keys.len() * 2).map(|i| ((i as u64 + t) % 7) as f32).collect();
+            c.push(&table, &keys, &grads).unwrap().wait().unwrap();
+            let stamp = c.pull(&table, &keys, &mut out).unwrap().wait().unwrap();
+            assert_eq!(stamp.get(0), t, "{kind}: the pull sees this worker's push at clock {t}: {stamp:?}");
+        }
+        let (by_hash, missed) = c.key_lists_by_hash();
+        assert!(by_hash >= 9 && missed == 0, "{kind}: {by_hash} lists by hash, {missed} missed");
+        results.push(out);
+    }
+    assert_eq!(results[0], results[1], "RDMA and TCP disagree");
+}
+
+#[test]
 fn many_workers_on_many_shards_at_once() {
     if !tessera_tests::rdma_here("many_workers_on_many_shards_at_once") {
         return;

@@ -241,7 +241,14 @@ impl RdmaLink {
         let (header, head_len) = if self.short[slot] {
             (ShortHeader::expand(bytes, self.ids[slot], self.slot_bytes)?, SHORT_HEADER_BYTES)
         } else {
-            (Header::decode(bytes, self.slot_bytes)?, HEADER_BYTES)
+            let mut header = Header::decode(bytes, self.slot_bytes)?;
+            // A request sent with a short header carries no id, so the shard answers it with id
+            // 0 when the reply is too large for a short header (a pull of values by a cached key
+            // list, say). The reply in a slot answers the request sent from it.
+            if header.request_id == 0 {
+                header.request_id = self.ids[slot];
+            }
+            (header, HEADER_BYTES)
         };
         Ok((header, at + head_len..at + head_len + header.body_len as usize))
     }
