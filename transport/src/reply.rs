@@ -109,10 +109,20 @@ impl<'a> Reply<'a> {
 
     /// Seals the reply, compressing its body if the request asked for that and it pays. Returns
     /// the byte range of the sealed frame in the area, and the log position it waits for.
-    pub(crate) fn finish(mut self, deflater: &mut Deflater, compress_bytes_min: usize) -> (Range<usize>, Option<u64>) {
+    pub(crate) fn finish(self, deflater: &mut Deflater, compress_bytes_min: usize) -> (Range<usize>, Option<u64>) {
+        self.finish_with(deflater, compress_bytes_min, true)
+    }
+
+    /// [`Reply::finish`] without the header's checksum, for a transport that will send most
+    /// replies with a short header (which has none) and seals the others itself.
+    pub(crate) fn finish_unsealed(self, deflater: &mut Deflater, compress_bytes_min: usize) -> (Range<usize>, Option<u64>) {
+        self.finish_with(deflater, compress_bytes_min, false)
+    }
+
+    fn finish_with(mut self, deflater: &mut Deflater, compress_bytes_min: usize, seal: bool) -> (Range<usize>, Option<u64>) {
         let Some(start) = self.frame else {
             self.error(Status::Internal, "the server produced no reply to this request (a bug)");
-            return self.finish(deflater, compress_bytes_min);
+            return self.finish_with(deflater, compress_bytes_min, seal);
         };
         let hdr = start..start + HEADER_BYTES;
         let mut header = Header::decode_unchecked(&self.out.bytes()[hdr.clone()]);
@@ -131,7 +141,9 @@ impl<'a> Reply<'a> {
                 header.body_len = z.len() as u32;
             }
         }
-        header.seal();
+        if seal {
+            header.seal();
+        }
         self.out.bytes_mut()[hdr.clone()].copy_from_slice(header.as_bytes());
         (start..self.out.used(), self.hold)
     }

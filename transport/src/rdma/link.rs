@@ -45,6 +45,8 @@ pub struct RdmaLink {
     arrived: u64,
     consumed: u64,
     writes_done: u64,
+    /// Small (inline) request writes ask for a completion once in this many.
+    signal_every: u64,
     /// Per slot: the request id of the request last sent from it (a short reply leaves it out),
     /// and whether the reply that arrived in it is a short frame.
     ids: Vec<u64>,
@@ -92,7 +94,9 @@ impl RdmaLink {
         rcfg.validate()?;
         let (slots, sb) = (rcfg.slots, rcfg.slot_bytes);
         let cq = Cq::new(&dev, 2 * slots + 2).map_err(rdma)?;
-        let mut qp = Qp::new(&dev, &cq, &cq, slots + 1, slots + 1).map_err(rdma)?;
+        // Room for `slots` request writes not yet retired (inline ones are signaled only every
+        // `signal_every`) beside a batch of `slots` one-sided reads.
+        let mut qp = Qp::new(&dev, &cq, &cq, 2 * slots + 1, slots + 1).map_err(rdma)?;
         let out =
             Region::new(&dev, slots as usize * sb, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
         let inbox =
@@ -134,6 +138,7 @@ impl RdmaLink {
             arrived: 0,
             consumed: 0,
             writes_done: 0,
+            signal_every: (slots as u64 / 2).max(1),
             ids: vec![0; slots as usize],
             short: vec![false; slots as usize],
             parked: VecDeque::new(),
@@ -198,7 +203,9 @@ impl RdmaLink {
                     self.arrived += 1;
                     self.qp.post_recv(c.wr_id).map_err(rdma)?;
                 }
-                Opcode::RdmaWrite => self.writes_done += 1,
+                // Writes complete in order, and a signaled one retires the unsignaled ones
+                // before it: its id is its sequence number.
+                Opcode::RdmaWrite => self.writes_done = self.writes_done.max(c.wr_id + 1),
                 Opcode::RdmaRead => self.reads_done += 1,
                 _ => {}
             }
@@ -291,9 +298,12 @@ impl RdmaLink {
         let key = self.remote[slot];
         let imm = slot as u32 | if short { SHORT_FRAME } else { 0 };
         if frame_len <= INLINE_BYTES_MAX {
-            // Small frames are copied into the work request as it is posted.
+            // Small frames are copied into the work request as it is posted, so the staging is
+            // free at once: only every `signal_every`-th such write asks for a completion, which
+            // retires the ones before it (one completion, not two, per small request).
             let frame = &self.out.as_slice()[at..at + frame_len];
-            self.qp.post_write_imm_inline(seq, frame, key.addr, key.rkey, imm, true).map_err(rdma)?;
+            let signaled = seq % self.signal_every == self.signal_every - 1;
+            self.qp.post_write_imm_inline(seq, frame, key.addr, key.rkey, imm, signaled).map_err(rdma)?;
         } else {
             // Why this is sound: out[at..at + frame_len] is this link's staging for slot `slot`. The CPU writes it
             // only in `send` (or `send_raw`), and only after `free_slot` saw the write that last used
@@ -353,10 +363,11 @@ impl RdmaLink {
     }
 
     /// Waits until every request sent so far was served (its reply arrived; the reply stays in
-    /// its slot for `recv`) and every posted write completed, so a read sees what they did and
-    /// the send queue is empty.
+    /// its slot for `recv`), so a read sees what they did. (Their writes may still hold send
+    /// queue entries, at most `slots`, until a signaled one retires them; the queue has room for
+    /// a batch of reads beside them.)
     fn quiesce(&mut self, deadline: Instant) -> Result<()> {
-        while self.arrived < self.sent || self.writes_done < self.sent {
+        while self.arrived < self.sent {
             self.progress(deadline, "earlier requests before a read")?;
         }
         Ok(())

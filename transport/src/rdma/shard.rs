@@ -91,6 +91,9 @@ struct Peer {
     held: VecDeque<(u32, usize, u64)>,
     /// The slot the worker's next request must arrive in.
     next_arrival: u32,
+    /// Replies posted, and how often an inline one asks for a completion.
+    replies_posted: u64,
+    signal_every: u64,
     inflater: Inflater,
     deflater: Deflater,
 }
@@ -125,6 +128,11 @@ impl ReplyArea for SlotArea<'_> {
 fn wr_id(peer: usize, generation: u16, slot: u32) -> u64 {
     ((peer as u64) << 48) | ((generation as u64) << 32) | slot as u64
 }
+
+/// Set on the slot of a reply write posted inline: its staging was free once posted, so its
+/// completion (when signaled) must not mark the slot's staging free again, as the slot may hold a
+/// newer reply by then.
+const INLINE_WR: u32 = 1 << 31;
 
 fn split_wr_id(id: u64) -> (usize, u16, u32) {
     ((id >> 48) as usize, (id >> 32) as u16, id as u32)
@@ -310,7 +318,9 @@ impl State {
         let pd = self.dev.alloc_pd().map_err(rdma)?;
         let ring = Region::new_in(&pd, bytes, Access { remote_write: true, remote_read: false }).map_err(rdma)?;
         let staging = Region::new_in(&pd, bytes, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
-        let mut qp = Qp::new_in(&pd, &self.cq, &self.cq, slots + 1, slots + 1).map_err(rdma)?;
+        // Inline replies are signaled once in `signal_every` (at most `slots`), so up to `slots`
+        // of them may wait for a signaled one to retire them, beside `slots` in flight.
+        let mut qp = Qp::new_in(&pd, &self.cq, &self.cq, 2 * slots + 1, slots + 1).map_err(rdma)?;
         let index = self.peers.iter().position(Option::is_none).unwrap_or(self.peers.len());
         self.generation = self.generation.wrapping_add(1);
         for slot in 0..slots {
@@ -332,6 +342,8 @@ impl State {
             writing: vec![false; slots as usize],
             held: VecDeque::with_capacity(slots as usize),
             next_arrival: 0,
+            replies_posted: 0,
+            signal_every: (u64::from(slots) / 2).max(1),
             inflater: Inflater::default(),
             deflater: Deflater::default(),
         };
@@ -418,7 +430,7 @@ impl State {
                     self.busy.push(index);
                 }
             }
-            Opcode::RdmaWrite => peer.writing[slot as usize] = false,
+            Opcode::RdmaWrite if slot & INLINE_WR == 0 => peer.writing[slot as usize] = false,
             _ => {}
         }
     }
@@ -479,12 +491,12 @@ impl Peer {
                     Ok(body) => service.serve(Request { conn: self.tcp, header, body }, &mut reply),
                     Err(e) => reply.error(Status::Malformed, &e.to_string()),
                 }
-                hold = reply.finish(&mut self.deflater, compress_bytes_min).1;
+                hold = reply.finish_unsealed(&mut self.deflater, compress_bytes_min).1;
             }
             Err(e) => {
                 let mut reply = Reply::new(&mut area, Header::request(Op::Push, 0), sb);
                 reply.error(Status::Malformed, &e.to_string());
-                reply.finish(&mut self.deflater, usize::MAX);
+                reply.finish_unsealed(&mut self.deflater, usize::MAX);
             }
         }
         let len = area.used;
@@ -519,19 +531,32 @@ impl Peer {
         let at = slot as usize * self.slot_bytes;
         let key = self.remote[slot as usize];
         let id = wr_id(index, self.generation, slot);
+        // Inline writes copy the reply as they are posted: the staging is free at once, and only
+        // one in `signal_every` asks for a completion (it retires those before it).
+        let inline_id = wr_id(index, self.generation, slot | INLINE_WR);
+        let signaled = self.replies_posted % self.signal_every == self.signal_every - 1;
+        self.replies_posted += 1;
+        let header = Header::decode_unchecked(&self.staging.as_slice()[at..at + HEADER_BYTES]);
+        let short = ShortHeader::shorten(&header).filter(|s| s.frame_len() <= INLINE_BYTES_MAX);
+        if short.is_none() {
+            // Replies are finished unsealed (a short header has no checksum): seal a long one.
+            let mut header = header;
+            header.seal();
+            self.staging.as_mut_slice()[at..at + HEADER_BYTES].copy_from_slice(header.as_bytes());
+        }
         let reply = &self.staging.as_slice()[at..at + len];
-        let short = ShortHeader::shorten(&Header::decode_unchecked(&reply[..HEADER_BYTES]));
-        let posted = if let Some(s) = short.filter(|s| s.frame_len() <= INLINE_BYTES_MAX) {
-            // A small reply goes with a short header, copied into the work request as it is posted.
+        let posted = if let Some(s) = short {
+            // A small reply goes with a short header.
             let mut frame = [0u8; INLINE_BYTES_MAX];
             frame[..SHORT_HEADER_BYTES].copy_from_slice(s.as_bytes());
             let body = &reply[HEADER_BYTES..HEADER_BYTES + s.body_len as usize];
             frame[SHORT_HEADER_BYTES..SHORT_HEADER_BYTES + body.len()].copy_from_slice(body);
             let frame = &frame[..s.frame_len()];
-            self.qp.post_write_imm_inline(id, frame, key.addr, key.rkey, slot | SHORT_FRAME, true)
+            self.writing[slot as usize] = false;
+            self.qp.post_write_imm_inline(inline_id, frame, key.addr, key.rkey, slot | SHORT_FRAME, signaled)
         } else if len <= INLINE_BYTES_MAX {
-            // Small replies are copied into the work request as it is posted.
-            self.qp.post_write_imm_inline(id, reply, key.addr, key.rkey, slot, true)
+            self.writing[slot as usize] = false;
+            self.qp.post_write_imm_inline(inline_id, reply, key.addr, key.rkey, slot, signaled)
         } else {
             // Why this is sound: staging[at..at + len] belongs to this peer and to reply slot `slot` alone. The CPU
             // writes it only while serving a request in this slot, and `serve_queued` serves that slot
