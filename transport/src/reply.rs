@@ -114,7 +114,8 @@ impl<'a> Reply<'a> {
     }
 
     /// [`Reply::finish`] without the header's checksum, for a transport that will send most
-    /// replies with a short header (which has none) and seals the others itself.
+    /// replies with a short header (which has none) and seals the others itself (RDMA).
+    #[cfg(feature = "rdma")]
     pub(crate) fn finish_unsealed(self, deflater: &mut Deflater, compress_bytes_min: usize) -> (Range<usize>, Option<u64>) {
         self.finish_with(deflater, compress_bytes_min, false)
     }
