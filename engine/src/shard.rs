@@ -359,6 +359,10 @@ impl Shard {
                 return served;
             }
             Some(op @ (Op::Push | Op::Pull)) => {
+                if op == Op::Pull && req.body.len() as u64 != u64::from(h.count) * 8 {
+                    let reason = format!("count {} but the body holds {} bytes of keys, not {}", h.count, req.body.len(), u64::from(h.count) * 8);
+                    return Err(EngineError::BadRequest { reason });
+                }
                 let (keys, rest) = wire::keys_and_rest(req.body, h.count as usize).map_err(bad)?;
                 if h.flags & flags::KEYS_REMEMBER != 0 {
                     let lists = self.key_lists.entry(req.conn).or_insert_with(|| KeyLists::new(self.cfg.key_cache_keys));
