@@ -45,25 +45,33 @@ struct Shard {
 impl Shard {
     /// Receives one reply and parks it for its ticket; returns the bytes received.
     fn receive_one(&mut self, addr: &str) -> Result<u64> {
-        let frame = self.link.recv(None)?;
-        let (header, body) = (frame.header, frame.body.to_vec());
-        self.outstanding = self.outstanding.saturating_sub(1);
-        self.park(addr, header, body)?;
-        Ok(header.frame_len() as u64)
+        let Shard { link, next_id, parked, abandoned, outstanding, .. } = self;
+        let frame = link.recv(None)?;
+        *outstanding = outstanding.saturating_sub(1);
+        park(addr, *next_id, parked, abandoned, &frame.header, frame.body)?;
+        Ok(frame.header.frame_len() as u64)
     }
+}
 
-    /// Keeps a reply that no one is waiting for yet, unless its ticket was dropped.
-    fn park(&mut self, addr: &str, header: Header, body: Vec<u8>) -> Result<()> {
-        let rid = header.request_id;
-        if rid >= self.next_id {
-            let reason = format!("reply to request {rid}, which was never sent");
-            return Err(ClientError::Protocol { server: addr.to_string(), reason });
-        }
-        if !self.abandoned.remove(&rid) {
-            self.parked.insert(rid, Parked { header, body });
-        }
-        Ok(())
+/// Keeps a reply that no one is waiting for yet (a copy: the frame lives in the link's buffer),
+/// unless its ticket was dropped.
+fn park(
+    addr: &str,
+    next_id: u64,
+    parked: &mut BTreeMap<u64, Parked>,
+    abandoned: &mut BTreeSet<u64>,
+    header: &Header,
+    body: &[u8],
+) -> Result<()> {
+    let rid = header.request_id;
+    if rid >= next_id {
+        let reason = format!("reply to request {rid}, which was never sent");
+        return Err(ClientError::Protocol { server: addr.to_string(), reason });
     }
+    if !abandoned.remove(&rid) {
+        parked.insert(rid, Parked { header: *header, body: body.to_vec() });
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -611,16 +619,15 @@ impl Core {
         if let Some(p) = shard.parked.remove(&id) {
             return take(&p.header, &p.body).map_err(|m| server_error(addr, &p.header, m));
         }
+        let Shard { link, next_id, parked, abandoned, outstanding, .. } = shard;
         loop {
-            let frame = shard.link.recv(None)?;
+            let frame = link.recv(None)?;
             self.bytes_received += frame.header.frame_len() as u64;
-            shard.outstanding = shard.outstanding.saturating_sub(1);
-            let rid = frame.header.request_id;
-            if rid == id {
+            *outstanding = outstanding.saturating_sub(1);
+            if frame.header.request_id == id {
                 return take(&frame.header, frame.body).map_err(|m| server_error(addr, &frame.header, m));
             }
-            let (header, body) = (frame.header, frame.body.to_vec());
-            shard.park(addr, header, body)?;
+            park(addr, *next_id, parked, abandoned, &frame.header, frame.body)?;
         }
     }
 

@@ -100,13 +100,6 @@ pub struct Detached {
     out_len: usize,
 }
 
-impl Detached {
-    /// Values the call's output buffer holds (0 for a push).
-    pub fn out_len(&self) -> usize {
-        self.out_len
-    }
-}
-
 impl<'a> Ticket<'a> {
     /// Cuts the ticket loose from its borrows (see [`Detached`]).
     pub fn detach(mut self) -> Detached {

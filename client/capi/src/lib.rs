@@ -141,6 +141,15 @@ fn handle(client: TesseraClient) -> Outcome<Arc<Handle>> {
     lock(&CLIENTS).get(&client).cloned().ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("client {client} is not open (closed, or never opened)")))
 }
 
+/// Runs one entry point that works on a table of an open client.
+fn on_table(client: TesseraClient, table: TesseraTable, f: impl FnOnce(&Handle, &Table) -> Outcome) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        let t = table_of(&h, table)?;
+        f(&h, &t)
+    })
+}
+
 fn table_of(h: &Handle, table: TesseraTable) -> Outcome<Table> {
     lock(&h.tables).get(table as usize).cloned().ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("table handle {table} was not opened on this client")))
 }
@@ -403,14 +412,12 @@ pub unsafe extern "C" fn tessera_push(
     n_grads: usize,
     ticket: *mut TesseraTicket,
 ) -> i32 {
-    entry(|| {
-        let h = handle(client)?;
-        let t = table_of(&h, table)?;
+    on_table(client, table, |h, t| {
         // SAFETY: the caller's contract above.
         let (keys, grads) = unsafe { (slice_in(keys, n_keys, "keys")?, slice_in(grads, n_grads, "grads")?) };
-        let sent = h.client.push(&t, keys, grads)?;
+        let sent = h.client.push(t, keys, grads)?;
         // SAFETY: the caller's contract above.
-        unsafe { hand_out(&h, sent, None, ticket) }
+        unsafe { hand_out(h, sent, None, ticket) }
     })
 }
 
@@ -431,14 +438,12 @@ pub unsafe extern "C" fn tessera_pull(
     n_out: usize,
     ticket: *mut TesseraTicket,
 ) -> i32 {
-    entry(|| {
-        let h = handle(client)?;
-        let t = table_of(&h, table)?;
+    on_table(client, table, |h, t| {
         // SAFETY: the caller's contract above.
         let (keys, values) = unsafe { (slice_in(keys, n_keys, "keys")?, slice_out(out, n_out, "out")?) };
-        let sent = h.client.pull(&t, keys, values)?;
+        let sent = h.client.pull(t, keys, values)?;
         // SAFETY: the caller's contract above: `out` stays the caller's buffer until the wait.
-        unsafe { hand_out(&h, sent, Some((out as usize, n_out)), ticket) }
+        unsafe { hand_out(h, sent, Some((out as usize, n_out)), ticket) }
     })
 }
 
@@ -456,14 +461,12 @@ pub unsafe extern "C" fn tessera_push_range(
     n_grads: usize,
     ticket: *mut TesseraTicket,
 ) -> i32 {
-    entry(|| {
-        let h = handle(client)?;
-        let t = table_of(&h, table)?;
+    on_table(client, table, |h, t| {
         // SAFETY: the caller's contract above.
         let grads = unsafe { slice_in(grads, n_grads, "grads") }?;
-        let sent = h.client.push_range(&t, start, grads)?;
+        let sent = h.client.push_range(t, start, grads)?;
         // SAFETY: the caller's contract above.
-        unsafe { hand_out(&h, sent, None, ticket) }
+        unsafe { hand_out(h, sent, None, ticket) }
     })
 }
 
@@ -482,14 +485,12 @@ pub unsafe extern "C" fn tessera_pull_range(
     n_out: usize,
     ticket: *mut TesseraTicket,
 ) -> i32 {
-    entry(|| {
-        let h = handle(client)?;
-        let t = table_of(&h, table)?;
+    on_table(client, table, |h, t| {
         // SAFETY: the caller's contract above.
         let values = unsafe { slice_out(out, n_out, "out") }?;
-        let sent = h.client.pull_range(&t, start, values)?;
+        let sent = h.client.pull_range(t, start, values)?;
         // SAFETY: the caller's contract above: `out` stays the caller's buffer until the wait.
-        unsafe { hand_out(&h, sent, Some((out as usize, n_out)), ticket) }
+        unsafe { hand_out(h, sent, Some((out as usize, n_out)), ticket) }
     })
 }
 
