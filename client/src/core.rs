@@ -98,7 +98,14 @@ struct Scratch {
     subs: Vec<Vec<Sub>>,
     /// The stamp of the last one-sided read.
     read_stamp: Vec<u64>,
+    /// Resend records of requests sent by key-list hash, for the next such requests. The boxes
+    /// are what is reused: a part holds its record boxed, to keep `Sub` small.
+    #[allow(clippy::vec_box)]
+    resends: Vec<Box<Resend>>,
 }
+
+/// Most resend records kept for reuse.
+const RESENDS_KEPT_MAX: usize = 64;
 
 #[derive(Debug)]
 pub(crate) struct Core {
@@ -434,43 +441,52 @@ impl Core {
         header.count = keys.len() as u32;
         header.dim = dim as u32;
         let lists = &mut self.servers[owner.server as usize].shards[owner.shard as usize].lists;
+        let mut full_flags = extra_flags;
         if lists.fits(keys.len()) {
             let hash = key_list_hash(keys);
-            if lists.touch(hash, header.count).is_some() {
+            if lists.touch(hash, keys.len() as u32).is_some() {
                 header.flags |= flags::KEYS_CACHED;
                 header.start = hash;
                 let values: &[f32] = grads.unwrap_or_default();
                 let id = self.send(owner, header, &[bytemuck::cast_slice(values)])?;
                 self.lists_by_hash += 1;
-                let resend = Resend { owner, push: kind == Kind::Push, dim, keys: keys.to_vec(), grads: values.to_vec(), flags: extra_flags };
-                return Ok((id, Some(Box::new(resend))));
+                // Reused from earlier calls (see `recycle`): no allocation once warm.
+                let mut resend = self.scratch.resends.pop().unwrap_or_default();
+                resend.keys.clear();
+                resend.keys.extend_from_slice(keys);
+                resend.grads.clear();
+                resend.grads.extend_from_slice(values);
+                (resend.owner, resend.push, resend.dim, resend.flags) = (Some(owner), kind == Kind::Push, dim, extra_flags);
+                return Ok((id, Some(resend)));
             }
-            lists.insert(hash, header.count, ());
-            header.flags |= flags::KEYS_REMEMBER;
+            lists.insert(hash, keys.len() as u32, ());
+            full_flags |= flags::KEYS_REMEMBER;
         }
-        let key_bytes: &[u8] = bytemuck::cast_slice(keys);
-        let id = match grads {
-            Some(g) => self.send(owner, header, &[key_bytes, bytemuck::cast_slice(g)])?,
-            None => self.send(owner, header, &[key_bytes])?,
-        };
+        let id = self.send_in_full(owner, kind == Kind::Push, dim, keys, grads.unwrap_or_default(), full_flags)?;
         Ok((id, None))
+    }
+
+    /// Sends a key-list request with its keys (and, for a push, its values).
+    fn send_in_full(&mut self, owner: Owner, push: bool, dim: usize, keys: &[u64], grads: &[f32], flags: u16) -> Result<u64> {
+        let mut header = Header::request(if push { Op::Push } else { Op::Pull }, 0);
+        header.count = keys.len() as u32;
+        header.dim = dim as u32;
+        header.flags = flags;
+        let key_bytes: &[u8] = bytemuck::cast_slice(keys);
+        if push {
+            self.send(owner, header, &[key_bytes, bytemuck::cast_slice(grads)])
+        } else {
+            self.send(owner, header, &[key_bytes])
+        }
     }
 
     /// Sends a request again with its keys, after its shard answered that it did not hold the
     /// key list the request named; both ends remember the list again.
     fn resend(&mut self, r: &Resend) -> Result<u64> {
-        let mut header = Header::request(if r.push { Op::Push } else { Op::Pull }, 0);
-        header.count = r.keys.len() as u32;
-        header.dim = r.dim as u32;
-        header.flags |= flags::KEYS_REMEMBER | r.flags;
-        let lists = &mut self.servers[r.owner.server as usize].shards[r.owner.shard as usize].lists;
-        lists.insert(key_list_hash(&r.keys), header.count, ());
-        let key_bytes: &[u8] = bytemuck::cast_slice(&r.keys);
-        if r.push {
-            self.send(r.owner, header, &[key_bytes, bytemuck::cast_slice(&r.grads)])
-        } else {
-            self.send(r.owner, header, &[key_bytes])
-        }
+        let owner = r.owner.expect("a resend records its owner");
+        let lists = &mut self.servers[owner.server as usize].shards[owner.shard as usize].lists;
+        lists.insert(key_list_hash(&r.keys), r.keys.len() as u32, ());
+        self.send_in_full(owner, r.push, r.dim, &r.keys, &r.grads, flags::KEYS_REMEMBER | r.flags)
     }
 
     /// [`Core::await_reply`] for one part of a call. A part sent by a cached key list that its
@@ -675,10 +691,15 @@ impl Core {
         }
     }
 
-    /// Returns a grouping buffer for reuse.
+    /// Returns a grouping buffer, and the resend records of its parts, for reuse.
     pub fn recycle(&mut self, order: Vec<u32>, mut subs: Vec<Sub>) {
         if order.capacity() > 0 && self.scratch.orders.len() < 16 {
             self.scratch.orders.push(order);
+        }
+        for resend in subs.iter_mut().filter_map(|s| s.resend.take()) {
+            if self.scratch.resends.len() < RESENDS_KEPT_MAX {
+                self.scratch.resends.push(resend);
+            }
         }
         if subs.capacity() > 0 && self.scratch.subs.len() < 16 {
             subs.clear();

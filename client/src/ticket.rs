@@ -59,9 +59,9 @@ pub(crate) struct Sub {
 }
 
 /// A key-list request as sent, keys and all (see [`Sub::resend`]).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Resend {
-    pub owner: tessera_replication::placement::Owner,
+    pub owner: Option<tessera_replication::placement::Owner>,
     pub push: bool,
     pub dim: usize,
     pub keys: Vec<u64>,
@@ -81,8 +81,8 @@ pub struct Ticket<'a> {
     pub(crate) dim: usize,
     /// The stamp of the parts already read one-sided, when the call made any such read.
     pub(crate) stamp: Option<Stamp>,
-    /// Set when a detached ticket was resumed with an output of the wrong length: its replies
-    /// were abandoned, and waiting on it fails.
+    /// Set when a detached ticket was resumed with an output of the wrong length: waiting on it
+    /// fails, and its requests are let go as a dropped ticket's are.
     pub(crate) mismatched: bool,
 }
 
@@ -117,19 +117,9 @@ impl<'a> Ticket<'a> {
     /// call was given, or the ticket fails when waited on).
     pub(crate) fn resume(client: &'a Client, d: Detached, out: Option<&'a mut [f32]>) -> Ticket<'a> {
         let mut ticket = Ticket { client, subs: d.subs, out, order: d.order, dim: d.dim, stamp: d.stamp, mismatched: false };
-        if ticket.out.as_ref().map_or(0, |o| o.len()) != d.out_len {
-            // Abandon the replies rather than write them to a buffer of the wrong shape.
-            ticket.out = None;
-            ticket.order.clear();
-            ticket.stamp = None;
-            if let Ok(mut core) = client.core.lock() {
-                for sub in &ticket.subs {
-                    core.abandon(sub.server, sub.shard, sub.id);
-                }
-            }
-            ticket.subs.clear();
-            ticket.mismatched = true;
-        }
+        // Replies are not written to a buffer of another shape: waiting fails, and dropping the
+        // ticket then lets its requests go as any dropped ticket's do.
+        ticket.mismatched = ticket.out.as_ref().map_or(0, |o| o.len()) != d.out_len;
         ticket
     }
 }

@@ -102,7 +102,7 @@ pub struct Shard {
     /// The shard's replica, when the server is part of a replicated cluster.
     chain: Option<ChainShard>,
     /// Per connection, the key lists its worker asked the shard to remember.
-    key_lists: HashMap<ConnId, KeyLists<Box<[u64]>>>,
+    key_lists: HashMap<ConnId, KeyLists<Vec<u64>>>,
 }
 
 impl Shard {
@@ -366,7 +366,13 @@ impl Shard {
                 let (keys, rest) = wire::keys_and_rest(req.body, h.count as usize).map_err(bad)?;
                 if h.flags & flags::KEYS_REMEMBER != 0 {
                     let lists = self.key_lists.entry(req.conn).or_insert_with(|| KeyLists::new(self.cfg.key_cache_keys));
-                    lists.insert(key_list_hash(keys), h.count, keys.into());
+                    // Once the cache is full, a new list reuses an evicted list's storage.
+                    lists.insert_with(key_list_hash(keys), h.count, |old| {
+                        let mut list = old.unwrap_or_default();
+                        list.clear();
+                        list.extend_from_slice(keys);
+                        list
+                    });
                 }
                 return self.serve_keys(op, &h, keys, rest, limit, reply);
             }

@@ -32,7 +32,8 @@ pub fn key_list_hash(keys: &[u64]) -> u64 {
 }
 
 /// Key lists by hash, least recently used first, holding at most `keys_max` keys in all. `V`
-/// is what an end keeps per list: the keys themselves on the shard, nothing on the worker.
+/// is what an end keeps per list: the keys themselves on the shard (in storage reused from the
+/// lists it evicts), nothing on the worker.
 #[derive(Debug)]
 pub struct KeyLists<V> {
     /// (hash, length, value), least recently used first. Short: a linear scan beats a map.
@@ -62,18 +63,26 @@ impl<V> KeyLists<V> {
     /// Remembers a list (as just used), evicting the least recently used until it fits. Returns
     /// `false`, holding nothing new, if it can never fit. A list already held is only touched.
     pub fn insert(&mut self, hash: u64, len: u32, value: V) -> bool {
+        self.insert_with(hash, len, |_| value)
+    }
+
+    /// [`KeyLists::insert`], with the value made by `make` from the last value evicted to make
+    /// room (if any), so that its storage can be reused.
+    pub fn insert_with(&mut self, hash: u64, len: u32, make: impl FnOnce(Option<V>) -> V) -> bool {
         if !self.fits(len as usize) {
             return false;
         }
         if self.touch(hash, len).is_some() {
             return true;
         }
+        let mut evicted = None;
         while self.keys + len as usize > self.keys_max {
-            let (_, gone, _) = self.entries.remove(0);
+            let (_, gone, value) = self.entries.remove(0);
             self.keys -= gone as usize;
+            evicted = Some(value);
         }
         self.keys += len as usize;
-        self.entries.push((hash, len, value));
+        self.entries.push((hash, len, make(evicted)));
         true
     }
 
