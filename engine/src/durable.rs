@@ -84,6 +84,8 @@ struct Wal {
     next_lsn: u64,
     /// The commit in flight: its last LSN and its length.
     in_flight: Option<(u64, u64)>,
+    /// When the commit in flight was submitted.
+    commit_started: Instant,
     durable: u64,
 }
 
@@ -112,6 +114,8 @@ pub struct ShardDisk {
     /// Why a write of the running checkpoint failed.
     checkpoint_failed: Option<EngineError>,
     pub stats: DiskStats,
+    /// Log commit latency (write and fsync), for the metrics.
+    fsync_seconds: metrics::Histogram,
 }
 
 impl ShardDisk {
@@ -151,6 +155,7 @@ impl ShardDisk {
             failure: None,
             checkpoint_failed: None,
             stats: DiskStats::default(),
+            fsync_seconds: crate::metrics::wal_fsync(shard),
         }))
     }
 
@@ -278,6 +283,7 @@ impl ShardDisk {
         let (last, len) = wal.in_flight.take().expect("a commit was in flight");
         match result {
             Ok(()) => {
+                self.fsync_seconds.record(wal.commit_started.elapsed());
                 wal.durable = last;
                 wal.offset += len;
                 self.stats.wal_commits += 1;
@@ -297,6 +303,7 @@ impl ShardDisk {
         self.disk.submit(&ops, WAL_TOKEN)?;
         self.stats.wal_records += wal.batch.records();
         wal.in_flight = Some((wal.next_lsn - 1, len as u64));
+        wal.commit_started = Instant::now();
         wal.filling ^= 1;
         wal.batch.clear();
         Ok(())
@@ -458,6 +465,7 @@ impl ShardDisk {
             offset,
             next_lsn,
             in_flight: None,
+            commit_started: Instant::now(),
             durable: next_lsn - 1,
         });
         Ok(())

@@ -22,7 +22,7 @@ pub enum EngineError {
     ValuesLength { keys: usize, dim: u32, values: usize },
     #[error("gradient component {index} is not finite ({value}); this table rejects NaN/Inf")]
     NonFinite { index: usize, value: f32 },
-    #[error("worker id {worker} is over this table's limit of {workers_max} workers")]
+    #[error("worker id {worker} is over this table's limit of {workers_max} workers (worker ids 0 to {workers_max} minus 1; raise --workers-max)")]
     WorkerOutOfRange { worker: u32, workers_max: usize },
     #[error("clock {clock} is over the limit of {max}; clocks count iterations")]
     ClockTooLarge { clock: u64, max: u64 },

@@ -30,6 +30,7 @@ pub mod disk;
 pub mod durable;
 pub mod examine;
 pub mod error;
+pub mod metrics;
 pub mod server;
 pub mod shard;
 pub mod table;

@@ -25,6 +25,7 @@ use crate::checkpoint::PartManifest;
 use crate::config::EngineConfig;
 use crate::durable::{DiskStats, RecoveryReport, ShardDisk};
 use crate::error::{EngineError, Result};
+use crate::metrics::ShardMetrics;
 use crate::table::{PartStats, TablePart};
 use crate::updater::Updater;
 use crate::wal::{Record, Target};
@@ -103,6 +104,9 @@ pub struct Shard {
     chain: Option<ChainShard>,
     /// Per connection, the key lists its worker asked the shard to remember.
     key_lists: HashMap<ConnId, KeyLists<Vec<u64>>>,
+    metrics: ShardMetrics,
+    /// When the last checkpoint was written (or, before the first, when the shard started).
+    last_checkpoint: std::time::Instant,
 }
 
 impl Shard {
@@ -122,6 +126,8 @@ impl Shard {
             checkpoint_asked: Vec::new(),
             chain: None,
             key_lists: HashMap::new(),
+            metrics: ShardMetrics::new(id),
+            last_checkpoint: std::time::Instant::now(),
         }
     }
 
@@ -145,6 +151,10 @@ impl Shard {
         }
         while !self.stop {
             self.connections = transport.connections();
+            self.metrics.connections.set(self.connections as f64);
+            if self.metrics.gauges_due() {
+                self.refresh_gauges();
+            }
             self.pump_disk();
             // A checkpoint on the blocking disk backend moves on each turn of the loop.
             let mut timeout = self.disk.as_ref().is_some_and(ShardDisk::busy).then_some(std::time::Duration::ZERO);
@@ -190,8 +200,21 @@ impl Shard {
         }
     }
 
+    /// Sets the gauges that change with time rather than with requests.
+    fn refresh_gauges(&mut self) {
+        if self.disk.is_some() {
+            self.metrics.checkpoint_age(self.last_checkpoint.elapsed().as_secs_f64());
+        }
+        if let Some(chain) = &self.chain {
+            self.metrics.replication_lag(chain.lag_ticks());
+        }
+    }
+
     /// Reports a checkpoint's end, to the log and to whoever asked for it.
     fn checkpoint_ended(&mut self, result: Result<Written>) {
+        if result.is_ok() {
+            self.last_checkpoint = std::time::Instant::now();
+        }
         match &result {
             Ok(w) => tracing::info!(
                 shard = self.id,
@@ -247,6 +270,7 @@ impl Shard {
     fn control(&mut self, msg: ShardControl, expose: &mut dyn FnMut(Exposure)) {
         match msg {
             ShardControl::AddTable { id, spec, part, updater, done } => {
+                self.metrics.add_table(id, &spec.name);
                 let made = TablePart::new(id, self.id, spec, part.start..part.end, updater, &self.cfg, &mut self.arena);
                 let result = made.map(|t| {
                     if self.tables.len() <= id as usize {
@@ -532,8 +556,20 @@ fn check_reply(stamp_len: usize, values: usize, limit: usize) -> Result<()> {
 
 impl Service for Shard {
     fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
+        let started = std::time::Instant::now();
+        let (header, received) = (request.header, request.body.len());
         if let Err(e) = self.serve_data(&request, reply) {
             reply.error(e.status(), &e.to_string());
+            self.metrics.errors.increment(1);
+            return;
+        }
+        let table = match header.op() {
+            Some(Op::WorkerPush) => self.chain.as_mut().and_then(|c| c.last_push_table.take()),
+            _ => Some(header.table),
+        };
+        if let (Some(op), Some(table)) = (header.op(), table.and_then(|t| self.metrics.table(t))) {
+            let sent = reply.frame_len().saturating_sub(HEADER_BYTES);
+            table.served(op, received, sent, started.elapsed());
         }
     }
 

@@ -177,6 +177,11 @@ impl RawConn {
         result
     }
 
+    /// The socket, for a test that reads it its own way.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// Closes our sending side: the server sees end-of-stream but can still answer.
     pub fn shutdown_write(&mut self) {
         self.stream.shutdown(Shutdown::Write).expect("shutdown(Write)");

@@ -1,4 +1,5 @@
-//! A worker can write into its own request ring on a shard and nowhere else. Each worker's ring
+//! A worker can write into its own request ring on a shard and nowhere else, and read only the
+//! dense parts it was granted. Each worker's ring
 //! sits in a protection domain of its own, so a worker that writes with another worker's rkey (a
 //! foreign key), with the key of a ring the shard has released (a stale key) or with a made-up
 //! one gets an error, and the parameters do not change.
@@ -222,6 +223,78 @@ fn a_worker_writing_with_a_made_up_rkey_gets_an_error_and_the_server_serves_on()
     let mut again = f.link(3);
     expect_served(push(&mut again, f.id, 3, &[10], 4.0), "the guesser, reconnected with its own keys");
     assert_eq!(f.values(), expected(&[(9, 1.0), (9, 2.0), (10, 2.0), (10, 4.0)]), "only the served pushes");
+}
+
+/// Reads the whole table over `link` with one-sided reads: the values, or the link's error.
+fn read(link: &mut RdmaLink, id: u32) -> Result<Vec<f32>, TransportError> {
+    let mut out = vec![0f32; KEYS as usize * DIM];
+    let mut stamp = Vec::new();
+    assert!(link.read_dense(id, 0, DIM as u32, &mut out, &mut stamp)?, "the dense table is readable over RDMA");
+    Ok(out)
+}
+
+/// The device must refuse the read: the link reports a remote access error.
+#[track_caller]
+fn expect_read_refused(result: Result<Vec<f32>, TransportError>, what: &str) {
+    match result {
+        Err(e @ TransportError::Rdma { .. }) if e.to_string().contains("remote access error") => {
+            println!("{what}: refused as it must be: {e}");
+        }
+        Err(e) => panic!("{what}: failed, but not with the device's remote access error: {e}"),
+        Ok(values) => panic!("{what}: the read succeeded ({} values); it must have been refused", values.len()),
+    }
+}
+
+#[test]
+fn a_worker_reading_with_another_workers_or_a_released_rkey_or_at_a_request_ring_gets_an_error() {
+    let test = "a_worker_reading_with_another_workers_or_a_released_rkey_or_at_a_request_ring_gets_an_error";
+    if !tessera_tests::rdma_here(test) {
+        return;
+    }
+    let f = Fixture::start();
+    let baseline = f.connections();
+    f.client.push(&f.table, &[1], &[3.0; DIM]).unwrap().wait().unwrap();
+    let want = expected(&[(1, 3.0)]);
+
+    // B is granted the table: its reads work, with keys of its own.
+    let mut b = f.link(2);
+    assert_eq!(read(&mut b, f.id).expect("B reads its grant"), want);
+    let keys_b = b.remote_dense_keys(f.id).unwrap().expect("a dense part");
+
+    // A reads with B's keys: another protection domain's region.
+    let mut a = f.link(1);
+    let keys_a = a.remote_dense_keys(f.id).unwrap().expect("a dense part");
+    assert!(keys_a.iter().all(|(_, k)| keys_b.iter().all(|(_, kb)| k != kb)), "A and B were granted the same rkey");
+    a.override_remote_dense_keys(f.id, &keys_b);
+    expect_read_refused(read(&mut a, f.id), "A reading with B's keys");
+
+    // C reads B's request ring (registered for remote writes by B alone).
+    let mut c = f.link(3);
+    let chunks = c.remote_dense_keys(f.id).unwrap().expect("a dense part").len();
+    let ring = b.remote_slot_keys()[0];
+    c.override_remote_dense_keys(f.id, &vec![ring; chunks]);
+    expect_read_refused(read(&mut c, f.id), "C reading B's request ring");
+
+    // D reads with the keys of a worker that left: its grant was deregistered with its ring.
+    let mut gone = f.link(4);
+    let stale = gone.remote_dense_keys(f.id).unwrap().expect("a dense part");
+    drop((gone, a, c));
+    f.wait_for_connections(baseline + 1);
+    // A link granted one of the released keys again would make them live: keep such links open
+    // (so their keys stay taken) and open another.
+    let mut spares = Vec::new();
+    let mut d = f.link(5);
+    while d.remote_dense_keys(f.id).unwrap().expect("a dense part").iter().any(|k| stale.contains(k)) {
+        assert!(spares.len() + 1 < FRESH_LINK_TRIES_MAX, "{FRESH_LINK_TRIES_MAX} links in a row reused a released key");
+        spares.push(d);
+        d = f.link(6 + spares.len() as u32);
+    }
+    d.override_remote_dense_keys(f.id, &stale);
+    expect_read_refused(read(&mut d, f.id), "D reading with a released grant's keys");
+
+    // B, and the table, are as they were.
+    assert_eq!(read(&mut b, f.id).expect("B reads on"), want);
+    assert_eq!(f.values(), want);
 }
 
 /// A frame as bytes: `head` (a short or a long header), then `body` padded to 8.

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use tessera_client::{Client, ClientConfig};
+use tessera_client::Client;
 use tessera_engine::examine::{self, ShardDir};
 
-use crate::common::addresses;
+use crate::common::{addresses, SecretArgs};
 
 /// Take a checkpoint on running servers, or verify and inspect a data directory offline.
 ///
@@ -31,6 +31,8 @@ enum What {
         /// Servers, comma-separated.
         #[arg(long, default_value = "127.0.0.1:7070")]
         connect: String,
+        #[command(flatten)]
+        secret: SecretArgs,
     },
     /// Check every checkpoint (manifest and chunk checksums) and every log record; print each
     /// problem, and exit with status 1 if there is any.
@@ -51,7 +53,7 @@ enum What {
 
 pub fn run(args: CheckpointArgs) -> Result<()> {
     match args.what {
-        What::Now { connect } => now(&connect),
+        What::Now { connect, secret } => now(&connect, &secret),
         What::Verify { dir, json } => {
             let shards = examine_all(&dir)?;
             if json {
@@ -80,10 +82,10 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
     }
 }
 
-fn now(connect: &str) -> Result<()> {
+fn now(connect: &str, secret: &SecretArgs) -> Result<()> {
     let addrs = addresses(connect);
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let client = Client::connect(&refs, ClientConfig::worker(u32::MAX))?;
+    let client = Client::connect(&refs, secret.tool_client())?;
     for (addr, shards) in addrs.iter().zip(client.checkpoint()?) {
         for (shard, w) in shards.as_array().into_iter().flatten().enumerate() {
             println!(

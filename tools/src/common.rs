@@ -8,18 +8,54 @@ use tessera_engine::config::Durability;
 use tessera_engine::{EngineConfig, ServerConfig};
 use tessera_replication::TableSpec;
 use tessera_client::ClientConfig;
+use tessera_transport::auth::ClusterSecret;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
-/// Sends logs to stderr, filtered by `filter`.
-pub fn init_logging(filter: &str) {
+/// Sends logs to stderr, filtered by `filter`: as text, or as one JSON object per line (with
+/// the spans each event happened in).
+pub fn init_logging(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    if json {
+        fmt.json().with_span_list(true).init();
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
+}
+
+/// The cluster's shared secret, for servers, workers and every tool that talks to them.
+#[derive(Debug, Clone, Args)]
+pub struct SecretArgs {
+    /// File holding the cluster's shared secret (at least 16 bytes; make one with
+    /// `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`). A server given one serves
+    /// only peers that prove they hold it (an HMAC challenge on every connection, before any
+    /// table, address or rkey is sent); clients and tools given one talk only to servers that
+    /// prove the same. Give every server, worker and tool of a cluster the same file.
+    #[arg(long = "cluster-secret-file", env = "TESSERA_CLUSTER_SECRET_FILE", value_name = "FILE", value_parser = read_secret)]
+    pub cluster_secret: Option<ClusterSecret>,
+}
+
+fn read_secret(path: &str) -> Result<ClusterSecret, String> {
+    ClusterSecret::from_file(std::path::Path::new(path)).map_err(|e| e.to_string())
+}
+
+impl SecretArgs {
+    /// Transport settings that carry the secret.
+    pub fn transport(&self) -> TransportConfig {
+        TransportConfig { cluster_secret: self.cluster_secret.clone(), ..TransportConfig::default() }
+    }
+
+    /// A tool's client configuration (it takes no worker id of its own).
+    pub fn tool_client(&self) -> ClientConfig {
+        ClientConfig { transport: self.transport(), ..ClientConfig::worker(u32::MAX) }
+    }
 }
 
 /// Which transport carries the traffic, for servers and workers alike.
 #[derive(Debug, Clone, Args)]
 pub struct TransportArgs {
+    #[command(flatten)]
+    pub secret: SecretArgs,
     /// tcp, rdma, or auto: RDMA where this build and machine have a device (and the server serves
     /// it), TCP otherwise, said in one line. `rdma` fails instead of falling back.
     #[arg(long, default_value = "auto")]
@@ -60,7 +96,7 @@ impl TransportArgs {
 
     /// A worker's client configuration.
     pub fn client(&self, worker: u32) -> ClientConfig {
-        ClientConfig { kind: self.transport, rdma: self.rdma(), ..ClientConfig::worker(worker) }
+        ClientConfig { kind: self.transport, rdma: self.rdma(), transport: self.secret.transport(), ..ClientConfig::worker(worker) }
     }
 }
 
@@ -83,6 +119,18 @@ pub struct EngineArgs {
     /// Largest frame accepted, in bytes (requests and replies).
     #[arg(long, default_value_t = tessera_transport::config::FRAME_BYTES_MAX_DEFAULT)]
     pub frame_bytes_max: usize,
+    /// Most connections the server holds open (workers hold one per shard, plus one to the
+    /// control plane); more are refused with a message naming this flag.
+    #[arg(long, default_value_t = TransportConfig::default().connections_max)]
+    pub connections_max: usize,
+    /// Bytes of replies a client connection may leave unread before the server stops reading
+    /// its requests (over TCP; over RDMA the slots bound it): what one client has in flight.
+    #[arg(long, default_value_t = TransportConfig::default().reply_backlog_bytes_max)]
+    pub client_backlog_bytes_max: usize,
+    /// A client that reads none of its replies for this long, with its backlog full, is
+    /// disconnected, and the log says why.
+    #[arg(long, default_value_t = TransportConfig::default().stall_timeout_ms)]
+    pub client_stall_timeout_ms: u64,
     /// Pin each shard thread to its own core. The default for `tessera server`. In `tessera
     /// bench`, also pins the bench's worker to the next core, as perftest pins its pair.
     #[arg(long, conflicts_with = "no_pin")]
@@ -135,7 +183,13 @@ impl EngineArgs {
         engine.wal_buffer_bytes = self.wal_buffer_bytes;
         engine.disk_force_blocking = self.disk_blocking;
         engine.key_cache_keys = self.key_cache_keys;
-        let transport = TransportConfig { frame_bytes_max: self.frame_bytes_max, ..TransportConfig::default() };
+        let transport = TransportConfig {
+            frame_bytes_max: self.frame_bytes_max,
+            connections_max: self.connections_max,
+            reply_backlog_bytes_max: self.client_backlog_bytes_max,
+            stall_timeout_ms: self.client_stall_timeout_ms,
+            ..net.secret.transport()
+        };
         ServerConfig {
             listen: listen.into(),
             engine,

@@ -5,9 +5,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tessera_engine::chain::coordinator::CoordinatorHandle;
 use tessera_replication::ReplicationConfig;
-use tessera_transport::TransportConfig;
 
-use crate::common::EtcdArgs;
+use crate::metrics::MetricsArgs;
+use crate::common::{EtcdArgs, SecretArgs};
 
 /// Keep a replicated cluster's configuration: members, each range's chain, and epochs.
 ///
@@ -56,6 +56,10 @@ pub struct CoordinatorArgs {
     heartbeat_interval_ms: u64,
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    secret: SecretArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
@@ -67,9 +71,12 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         heartbeat_interval_ms: args.heartbeat_interval_ms,
         ..ReplicationConfig::default()
     };
+    if let Some(at) = args.metrics.start()? {
+        eprintln!("metrics at http://{at}/metrics");
+    }
     let store = args.etcd.store()?;
     let kept = store.describe();
-    let handle = CoordinatorHandle::start(&args.listen, rcfg, args.servers, &TransportConfig::default(), store).context("starting the coordinator")?;
+    let handle = CoordinatorHandle::start(&args.listen, rcfg, args.servers, &args.secret.transport(), store).context("starting the coordinator")?;
     eprintln!("tessera coordinator listening on {}, configuration kept {kept}; a new cluster waits for {} servers", handle.local_addr(), args.servers);
     handle.wait().context("the coordinator stopped")
 }

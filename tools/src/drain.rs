@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use tessera_replication::protocol::NodeId;
-use tessera_transport::{Op, TransportConfig};
+use tessera_transport::Op;
 
-use crate::common::EtcdArgs;
+use crate::common::{EtcdArgs, SecretArgs};
 use crate::status::cluster_status;
 
 /// Remove a server from a replicated cluster without losing anything, while training goes on.
@@ -32,6 +32,8 @@ pub struct DrainArgs {
     coordinator: Option<String>,
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    secret: SecretArgs,
     /// Stop waiting after this many seconds (the drain itself goes on).
     #[arg(long, default_value_t = 300)]
     timeout_s: u64,
@@ -42,7 +44,8 @@ pub fn run(args: DrainArgs) -> Result<()> {
         bail!("say where the cluster is: --coordinator ADDR, or --etcd ENDPOINTS");
     };
     let addr = locator.resolve()?;
-    let body = tessera_transport::ask(&addr, Op::Drain, args.server.as_bytes(), &TransportConfig::default())
+    let transport = args.secret.transport();
+    let body = tessera_transport::ask(&addr, Op::Drain, args.server.as_bytes(), &transport)
         .with_context(|| format!("asking the coordinator at {addr} to drain {}", args.server))?;
     let node = NodeId(String::from_utf8_lossy(&body).parse().context("the coordinator's answer")?);
     eprintln!("draining node {node} ({})", args.server);
@@ -50,7 +53,7 @@ pub fn run(args: DrainArgs) -> Result<()> {
     let mut shown = None;
     loop {
         // Ask whoever leads now: with etcd, the coordinator may change meanwhile.
-        let status = locator.resolve().ok().and_then(|a| cluster_status(&a).ok());
+        let status = locator.resolve().ok().and_then(|a| cluster_status(&a, &transport).ok());
         if let Some(config) = status.as_ref().and_then(|s| s.config.as_ref()) {
             if config.member(node).is_none() || config.drained(node) {
                 eprintln!("node {node} is drained after {:.1} s: it holds no range, and the server stops by itself", started.elapsed().as_secs_f64());

@@ -7,6 +7,7 @@ mod coordinator;
 mod demo;
 mod diskbench;
 mod drain;
+mod metrics;
 mod server;
 mod status;
 
@@ -25,6 +26,9 @@ struct Cli {
     /// Log filter (error, warn, info, debug, trace, or per-module directives).
     #[arg(long, global = true, default_value = "warn", env = "TESSERA_LOG")]
     log: String,
+    /// Log format: text (for people) or json (one object per line, for log collectors).
+    #[arg(long, global = true, default_value = "text", env = "TESSERA_LOG_FORMAT", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,7 +48,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    common::init_logging(&cli.log);
+    common::init_logging(&cli.log, cli.log_format == "json");
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Server(args) => server::run(args),

@@ -7,6 +7,7 @@ use clap::Args;
 use tessera_engine::server::Join;
 use tessera_engine::{Server, UpdaterRegistry};
 
+use crate::metrics::MetricsArgs;
 use crate::common::{addresses, read_tables, EngineArgs, EtcdArgs, TransportArgs};
 
 /// Run a server until interrupted.
@@ -71,6 +72,8 @@ pub struct ServerArgs {
     engine: EngineArgs,
     #[command(flatten)]
     net: TransportArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -92,6 +95,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
         cfg.replication = Some(Join { node, coordinator, advertise: args.advertise.clone() });
     }
     let shards = cfg.engine.shards;
+    if let Some(at) = args.metrics.start()? {
+        eprintln!("metrics at http://{at}/metrics");
+    }
     let server = Server::start(cfg, UpdaterRegistry::new()).context("starting the server")?;
     for r in server.recovery() {
         let from = match r.checkpoint {

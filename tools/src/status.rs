@@ -2,12 +2,12 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_client::{Client, ClientConfig};
+use tessera_client::Client;
 use tessera_engine::chain::coordinator::ClusterStatus;
 use tessera_replication::protocol::RangeReport;
 use tessera_transport::{Op, TransportConfig};
 
-use crate::common::{addresses, EtcdArgs};
+use crate::common::{addresses, EtcdArgs, SecretArgs};
 
 /// Show each server's tables, parts, clocks and counters, or a replicated cluster's chains.
 ///
@@ -31,6 +31,8 @@ pub struct StatusArgs {
     coordinator: Option<String>,
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    secret: SecretArgs,
     /// Print the raw JSON reports.
     #[arg(long)]
     json: bool,
@@ -38,12 +40,12 @@ pub struct StatusArgs {
 
 pub fn run(args: StatusArgs) -> Result<()> {
     if let Some(coordinator) = args.etcd.locator(args.coordinator.as_deref())? {
-        return cluster(&coordinator.resolve()?, args.json);
+        return cluster(&coordinator.resolve()?, &args.secret.transport(), args.json);
     }
     let addrs = addresses(&args.connect);
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     // Status is read-only; the worker id only labels the connection.
-    let client = Client::connect(&refs, ClientConfig::worker(u32::MAX))?;
+    let client = Client::connect(&refs, args.secret.tool_client())?;
     let reports = client.status()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -88,8 +90,8 @@ pub fn run(args: StatusArgs) -> Result<()> {
 }
 
 /// Prints a replicated cluster as its coordinator at `addr` sees it.
-fn cluster(addr: &str, json: bool) -> Result<()> {
-    let status = cluster_status(addr)?;
+fn cluster(addr: &str, transport: &TransportConfig, json: bool) -> Result<()> {
+    let status = cluster_status(addr, transport)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -139,7 +141,7 @@ fn cluster(addr: &str, json: bool) -> Result<()> {
 }
 
 /// A replicated cluster's status, from its coordinator at `addr`.
-pub fn cluster_status(addr: &str) -> Result<ClusterStatus> {
-    let body = tessera_transport::ask(addr, Op::Status, &[], &TransportConfig::default()).with_context(|| format!("asking the coordinator at {addr}"))?;
+pub fn cluster_status(addr: &str, transport: &TransportConfig) -> Result<ClusterStatus> {
+    let body = tessera_transport::ask(addr, Op::Status, &[], transport).with_context(|| format!("asking the coordinator at {addr}"))?;
     serde_json::from_slice(&body).context("the coordinator's status")
 }

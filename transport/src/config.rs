@@ -1,5 +1,6 @@
 //! Every transport knob, with its default, its unit in its name, and its validation.
 
+use crate::auth::ClusterSecret;
 use crate::error::{Result, TransportError};
 use crate::wire::HEADER_BYTES;
 
@@ -17,8 +18,15 @@ const _: () = assert!(FRAME_BYTES_MAX_MIN > HEADER_BYTES * 4);
 pub struct TransportConfig {
     /// Largest frame (header plus body, after compression) either side accepts.
     pub frame_bytes_max: usize,
-    /// A connection stops reading new requests while this many reply bytes wait to be sent.
+    /// A connection stops reading new requests while this many reply bytes wait to be sent:
+    /// what one client connection may have in flight at the server.
     pub reply_backlog_bytes_max: usize,
+    /// A connection whose peer has read none of its waiting replies for this long (while its
+    /// backlog is full) is closed.
+    pub stall_timeout_ms: u64,
+    /// Most connections a server holds open, over its control plane and all its shards; more
+    /// are refused with a message that names the limit.
+    pub connections_max: usize,
     /// Bytes read from a socket per call; the read buffer starts at this size.
     pub read_chunk_bytes: usize,
     /// Most frames a server connection serves before yielding to its neighbours (fairness).
@@ -29,6 +37,9 @@ pub struct TransportConfig {
     pub compress_bytes_min: usize,
     /// How long a client waits for a socket or a reply before giving up.
     pub io_timeout_ms: u64,
+    /// The cluster's shared secret. A server with one serves only peers that prove they hold
+    /// it; a client with one talks only to servers that prove the same (see [`crate::auth`]).
+    pub cluster_secret: Option<ClusterSecret>,
 }
 
 impl Default for TransportConfig {
@@ -36,11 +47,14 @@ impl Default for TransportConfig {
         Self {
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             reply_backlog_bytes_max: 8 << 20,
+            stall_timeout_ms: 30_000,
+            connections_max: 4096,
             read_chunk_bytes: 256 << 10,
             frames_per_turn_max: 64,
             hello_timeout_ms: 5_000,
             compress_bytes_min: 512,
             io_timeout_ms: 30_000,
+            cluster_secret: None,
         }
     }
 }
@@ -59,6 +73,12 @@ impl TransportConfig {
         }
         if !(4096..=64 << 20).contains(&self.read_chunk_bytes) {
             return bad("read_chunk_bytes", self.read_chunk_bytes, "must be between 4 KiB and 64 MiB");
+        }
+        if self.connections_max == 0 {
+            return bad("connections_max", 0, "must be at least 1");
+        }
+        if self.stall_timeout_ms == 0 {
+            return bad("stall_timeout_ms", 0, "must be at least 1");
         }
         if self.frames_per_turn_max == 0 {
             return bad("frames_per_turn_max", 0, "must be at least 1");

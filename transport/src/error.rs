@@ -13,6 +13,8 @@ pub enum TransportError {
     Timeout { what: &'static str, ms: u64 },
     #[error("server refused the handshake: {reason}")]
     Refused { reason: String },
+    #[error("authenticating {peer}: {reason}")]
+    AuthFailed { peer: String, reason: String },
     #[error("cannot connect to {addr}: {source}")]
     Connect { addr: String, source: std::io::Error },
     #[error("bad configuration: {field} = {value}: {reason}")]

@@ -25,12 +25,14 @@
 
 #![deny(unsafe_code)]
 
+pub mod auth;
 pub mod buf;
 pub mod caller;
 pub mod config;
 pub mod error;
 pub mod expose;
 pub mod keycache;
+pub mod metrics;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod reply;

@@ -47,6 +47,11 @@ impl<'a> Reply<'a> {
         self.frame_bytes_max
     }
 
+    /// Bytes of the reply's frame so far, header included (0 before it is begun).
+    pub fn frame_len(&self) -> usize {
+        self.frame.map_or(0, |at| self.out.used() - at)
+    }
+
     /// The request this replies to.
     pub fn request(&self) -> &Header {
         &self.request
@@ -94,7 +99,13 @@ impl<'a> Reply<'a> {
 
     /// A success reply with an opaque body (control replies: JSON).
     pub fn ok_bytes(&mut self, body: &[u8]) {
-        let range = self.begin(Status::Ok, 0, body.len());
+        self.status_bytes(Status::Ok, body);
+    }
+
+    /// A reply with `status` and a binary body: a step of a handshake, not an error
+    /// ([`Status::AuthChallenge`]).
+    pub fn status_bytes(&mut self, status: Status, body: &[u8]) {
+        let range = self.begin(status, 0, body.len());
         self.out.bytes_mut()[range].copy_from_slice(body);
     }
 
@@ -158,9 +169,14 @@ pub(crate) fn not_durable(reply: &Header, reason: &str, out: &mut [u8]) -> usize
     let message = format!(
         "the push was applied in memory, but the server's write-ahead log failed before its record was on disk, so it is not acknowledged: {reason}"
     );
+    error_frame(reply, Status::NotDurable, &message, out)
+}
+
+/// Writes a sealed error reply to `request` into `out`, its message cut to fit; returns its length.
+pub(crate) fn error_frame(request: &Header, status: Status, message: &str, out: &mut [u8]) -> usize {
     let room = out.len().saturating_sub(HEADER_BYTES) & !7;
     let message = &message.as_bytes()[..message.len().min(ERROR_MESSAGE_BYTES_MAX).min(room)];
-    let mut header = Header::reply_to(reply, Status::NotDurable);
+    let mut header = Header::reply_to(request, status);
     header.body_len = message.len() as u32;
     header.raw_len = header.body_len;
     header.seal();

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use zerocopy::IntoBytes;
 
+use crate::auth::{self, Nonce, Side, Transcript, CHALLENGE_BYTES, NONCE_BYTES, PROOF_BYTES};
 use crate::buf::{AlignedBuf, Deflater, Filled, FrameReader, Inflater};
 use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
@@ -30,6 +32,8 @@ const WATCHED: Token = Token(usize::MAX);
 /// A descriptor the service sleeps on through this endpoint (its disk ring's eventfd).
 const SERVICE_WATCHED: Token = Token(usize::MAX - 1);
 const FIRST_CONN: usize = 2;
+/// How often an endpoint looks for late hellos and stalled peers.
+const SWEEP_GAP: Duration = Duration::from_millis(100);
 /// Connections waiting in a shard's hand-off channel before new ones are refused.
 const HANDOFF_QUEUE_MAX: usize = 1024;
 /// Largest frame a connection may send before its hello: a hello has no body, so a peer that
@@ -55,6 +59,10 @@ struct OutQueue {
     /// starts in `buf`, and the log position it waits for, in order. Nothing from the first of
     /// them on is written.
     held: VecDeque<(usize, u64)>,
+    /// Bytes the last flush wrote, and whether it stopped at a full socket (not at a reply held
+    /// for the log): together, whether the peer is reading at all.
+    wrote: usize,
+    blocked: bool,
 }
 
 impl OutQueue {
@@ -69,11 +77,19 @@ impl OutQueue {
             self.held.pop_front();
         }
         let end = self.held.front().map_or(self.buf.len(), |(at, _)| *at);
+        self.wrote = 0;
+        self.blocked = false;
         while self.head < end {
             match stream.write(&self.buf.bytes()[self.head..end]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.head += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Ok(n) => {
+                    self.head += n;
+                    self.wrote += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.blocked = true;
+                    return Ok(false);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -138,10 +154,27 @@ pub struct Conn {
     inflater: Inflater,
     deflater: Deflater,
     out: OutQueue,
+    /// Said hello, and proved it holds the cluster secret if the server has one: served.
     greeted: bool,
+    /// The handshake waiting for the peer's proof (servers with a cluster secret only).
+    challenge: Option<Transcript>,
     accepted_at: Instant,
     /// Close once the outgoing buffer drains; no further requests are read.
     closing: Option<String>,
+    /// Since when the peer has read nothing while the reply backlog is full.
+    stalled_since: Option<Instant>,
+    /// Counts this connection among the server's open ones until it drops.
+    _open: OpenConn,
+}
+
+/// One open connection in the server's count ([`TransportConfig::connections_max`]).
+#[derive(Debug)]
+struct OpenConn(Arc<AtomicUsize>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What driving a connection left it as.
@@ -200,6 +233,12 @@ pub struct TcpEndpoint {
     watched_fired: bool,
     /// The service's durable log position when replies were last released.
     durable: u64,
+    /// Connections open on the whole server (every endpoint of one `bind` shares it).
+    open: Arc<AtomicUsize>,
+    /// Some connection here may be stalled: sweep for it even without events.
+    any_stalled: bool,
+    /// When a refused connection was last logged (at most one line a second).
+    refusal_logged: Option<Instant>,
 }
 
 /// Binds `addr` and builds the control endpoint (which owns the listener) and one endpoint per
@@ -220,13 +259,14 @@ pub fn bind(
     let local = listener.local_addr()?;
     let mut shard_eps = Vec::with_capacity(shards as usize);
     let mut doors = Vec::with_capacity(shards as usize);
+    let open = Arc::new(AtomicUsize::new(0));
     for shard in 0..shards {
         let (tx, rx) = channel::bounded(HANDOFF_QUEUE_MAX);
-        let ep = TcpEndpoint::new(Role::Shard(shard), cfg, info.clone(), None, Some(rx))?;
+        let ep = TcpEndpoint::new(Role::Shard(shard), cfg, info.clone(), None, Some(rx), open.clone())?;
         doors.push(Door { tx, waker: ep.waker.clone() });
         shard_eps.push(ep);
     }
-    let mut control = TcpEndpoint::new(Role::Control, cfg, info, Some(TcpListener::from_std(listener)), None)?;
+    let mut control = TcpEndpoint::new(Role::Control, cfg, info, Some(TcpListener::from_std(listener)), None, open)?;
     control.doors = doors;
     Ok((control, shard_eps, local))
 }
@@ -246,6 +286,7 @@ impl TcpEndpoint {
         info: Arc<[u8]>,
         mut listener: Option<TcpListener>,
         adopt: Option<Receiver<Conn>>,
+        open: Arc<AtomicUsize>,
     ) -> Result<Self> {
         let poll = Poll::new()?;
         let waker = Waker(Arc::new(mio::Waker::new(poll.registry(), WAKER)?));
@@ -269,7 +310,18 @@ impl TcpEndpoint {
             last_sweep: Instant::now(),
             watched_fired: false,
             durable: u64::MAX,
+            open,
+            any_stalled: false,
+            refusal_logged: None,
         })
+    }
+
+    /// The shard this endpoint serves; `None` for the control plane's.
+    pub fn shard(&self) -> Option<u16> {
+        match self.role {
+            Role::Shard(s) => Some(s),
+            Role::Control => None,
+        }
     }
 
     /// True once per readiness of the descriptor given to [`TcpEndpoint::watch_fd`].
@@ -320,6 +372,11 @@ impl TcpEndpoint {
             }
         }
         for (stream, peer) in accepted {
+            if self.open.fetch_add(1, Ordering::Relaxed) >= self.cfg.connections_max {
+                self.refuse_over_limit(stream, peer);
+                continue;
+            }
+            let counted = OpenConn(self.open.clone());
             let _ = stream.set_nodelay(true);
             self.next_id += 1;
             let conn = Conn {
@@ -331,13 +388,32 @@ impl TcpEndpoint {
                 deflater: Deflater::default(),
                 out: OutQueue::default(),
                 greeted: false,
+                challenge: None,
                 accepted_at: Instant::now(),
                 closing: None,
+                stalled_since: None,
+                _open: counted,
             };
             tracing::debug!(%peer, conn = conn.id.0, "accepted");
             if let Err(e) = self.insert(conn) {
                 tracing::warn!(%peer, error = %e, "cannot register connection");
             }
+        }
+    }
+
+    /// Refuses a connection over [`TransportConfig::connections_max`]: one error frame, best
+    /// effort (the socket is fresh, so it takes it), then the socket closes.
+    fn refuse_over_limit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
+        let max = self.cfg.connections_max;
+        let reason = format!("the server holds its most connections ({max}); retry later, or raise its --connections-max");
+        let mut frame = [0u8; HEADER_BYTES + ERROR_MESSAGE_BYTES_MAX];
+        let n = crate::reply::error_frame(&Header::request(Op::Hello, 0), Status::Full, &reason, &mut frame);
+        let _ = stream.write(&frame[..n]);
+        if self.refusal_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            self.refusal_logged = Some(Instant::now());
+            tracing::warn!(%peer, connections_max = max, "refusing connections: the server holds its most (--connections-max)");
         }
     }
 
@@ -352,24 +428,43 @@ impl TcpEndpoint {
         }
     }
 
-    /// Drops connections that never said hello in time (control plane only).
+    /// Drops connections that never said hello in time (control plane), and those whose peer
+    /// stopped reading its replies (any endpoint).
     fn sweep(&mut self, service: &mut dyn Service) {
-        if self.role != Role::Control || self.last_sweep.elapsed() < Duration::from_millis(100) {
+        if (self.role != Role::Control && !self.any_stalled) || self.last_sweep.elapsed() < SWEEP_GAP {
             return;
         }
         self.last_sweep = Instant::now();
         let limit = Duration::from_millis(self.cfg.hello_timeout_ms);
-        let late: Vec<usize> = (0..self.conns.len())
-            .filter(|i| self.conns[*i].as_ref().is_some_and(|c| !c.greeted && c.accepted_at.elapsed() > limit))
-            .collect();
-        for idx in late {
-            self.close(idx, service, format!("no hello within {} ms", self.cfg.hello_timeout_ms));
+        let stall_limit = Duration::from_millis(self.cfg.stall_timeout_ms);
+        let mut stalled = false;
+        for idx in 0..self.conns.len() {
+            let Some(c) = self.conns[idx].as_ref() else { continue };
+            if !c.greeted && c.accepted_at.elapsed() > limit {
+                self.close(idx, service, format!("no hello within {} ms", self.cfg.hello_timeout_ms));
+            } else if c.stalled_since.is_some_and(|at| at.elapsed() > stall_limit) {
+                let reason = format!(
+                    "the peer read none of its replies for {} ms while {} bytes waited (--client-stall-timeout-ms, --client-backlog-bytes-max)",
+                    self.cfg.stall_timeout_ms,
+                    c.out.pending()
+                );
+                metrics::counter!(crate::metrics::SLOW_CLIENTS_CLOSED).increment(1);
+                self.close(idx, service, reason);
+            } else {
+                stalled |= c.stalled_since.is_some();
+            }
         }
+        self.any_stalled = stalled;
     }
 
     fn close(&mut self, idx: usize, service: &mut dyn Service, reason: String) {
         if let Some(conn) = self.remove(idx) {
-            if reason.is_empty() {
+            if conn.challenge.is_some() {
+                // Challenged, and gone without an answer: most likely a peer that found the
+                // server's proof wrong, so one with another cluster's secret.
+                crate::metrics::auth_refused();
+                tracing::warn!(peer = %conn.peer, conn = conn.id.0, "peer left during the authentication handshake (does it hold another cluster secret?)");
+            } else if reason.is_empty() {
                 tracing::debug!(peer = %conn.peer, conn = conn.id.0, "closed by peer");
             } else {
                 tracing::warn!(peer = %conn.peer, conn = conn.id.0, %reason, "closing connection");
@@ -384,6 +479,7 @@ impl TcpEndpoint {
             return;
         };
         let next = conn.drive(service, &self.cfg, self.role, &self.info, self.doors.len());
+        self.any_stalled |= conn.stalled_since.is_some();
         match next {
             Next::Open => {}
             Next::Yielded => self.ready.push(idx),
@@ -428,9 +524,11 @@ impl ShardTransport for TcpEndpoint {
         // The service's log may have caught up since the last poll: send those replies first.
         self.release_held(service);
         let timeout = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
-        let timeout = match (self.role, timeout) {
-            (Role::Control, t) => Some(t.map_or(Duration::from_millis(100), |t| t.min(Duration::from_millis(100)))),
-            (_, t) => t,
+        // The control plane sweeps for late hellos, and any endpoint for stalled peers, even
+        // when nothing happens.
+        let timeout = match (self.role == Role::Control || self.any_stalled, timeout) {
+            (true, t) => Some(t.map_or(SWEEP_GAP, |t| t.min(SWEEP_GAP))),
+            (false, t) => t,
         };
         let mut events = self.events.take().expect("events are put back after every poll");
         let polled = self.poll.poll(&mut events, timeout);
@@ -485,12 +583,16 @@ impl Conn {
             if let Some(reason) = &self.closing {
                 return if self.out.pending() == 0 { Next::Close(reason.clone()) } else { Next::Open };
             }
+            let mut idle = false;
             while self.out.pending() < cfg.reply_backlog_bytes_max && served < cfg.frames_per_turn_max {
                 match self.serve_one(service, cfg, role, info, shards) {
                     Ok(Some(next)) => return next,
                     Ok(None) if self.closing.is_some() => break,
                     Ok(None) => served += 1,
-                    Err(Idle) => break,
+                    Err(Idle) => {
+                        idle = true;
+                        break;
+                    }
                 }
             }
             if self.closing.is_some() {
@@ -506,12 +608,29 @@ impl Conn {
             }
             if self.out.pending() >= cfg.reply_backlog_bytes_max {
                 // The peer is not reading its replies: stop reading its requests until it does.
-                // The writable event that follows a drain brings us back.
+                // The writable event that follows a drain brings us back; a peer that reads
+                // nothing for the stall timeout is closed by the sweep.
                 match self.out.flush(&mut self.stream, service.durable()) {
-                    Ok(true) => continue,
-                    Ok(false) => return Next::Open,
+                    Ok(true) => {
+                        self.stalled_since = None;
+                        continue;
+                    }
+                    Ok(false) => {
+                        if self.out.blocked && self.out.wrote == 0 {
+                            self.stalled_since.get_or_insert_with(Instant::now);
+                        } else {
+                            self.stalled_since = None;
+                        }
+                        return Next::Open;
+                    }
                     Err(e) => return Next::Close(format!("write failed: {e}")),
                 }
+            }
+            self.stalled_since = None;
+            if !idle {
+                // Whole frames are still buffered (the backlog stopped us, and has drained since):
+                // serve them before reading more, as no event may come for them.
+                continue;
             }
             match self.reader.fill(&mut self.stream) {
                 Ok(Filled::Bytes(_)) => {}
@@ -571,11 +690,23 @@ impl Conn {
             self.fail(&header, Status::Malformed, "a client sent a reply frame".into());
             return Ok(None);
         }
-        if header.op() == Some(Op::Hello) {
-            return Ok(self.hello(&header, role, info, shards, cfg.frame_bytes_max));
+        match header.op() {
+            Some(Op::Hello) => {
+                let nonce = Nonce::try_from(self.reader.body(body)).ok();
+                return Ok(self.hello(&header, nonce, role, info, shards, cfg));
+            }
+            Some(Op::Auth) => {
+                let proof = <[u8; PROOF_BYTES]>::try_from(self.reader.body(body)).ok();
+                return Ok(self.auth(&header, proof, role, info, cfg));
+            }
+            _ => {}
         }
         if !self.greeted {
-            self.fail(&header, Status::BadRequest, "send a hello before any request".into());
+            if cfg.cluster_secret.is_some() {
+                self.refuse(&header, "authenticate first: say hello and answer the challenge with the cluster secret");
+            } else {
+                self.fail(&header, Status::BadRequest, "send a hello before any request".into());
+            }
             return Ok(None);
         }
         let raw = self.reader.body(body);
@@ -591,9 +722,10 @@ impl Conn {
         Ok(None)
     }
 
-    /// Answers a hello. On the control plane, a hello that names a shard moves the connection there.
-    fn hello(&mut self, header: &Header, role: Role, info: &[u8], shards: usize, cfg_frame_bytes_max: usize) -> Option<Next> {
-        if self.greeted {
+    /// Answers a hello: with the server's self-description, or, when the server has a cluster
+    /// secret, with a challenge (see [`crate::auth`]). `nonce` is the hello's body when it is one.
+    fn hello(&mut self, header: &Header, nonce: Option<Nonce>, role: Role, info: &[u8], shards: usize, cfg: &TransportConfig) -> Option<Next> {
+        if self.greeted || self.challenge.is_some() {
             self.fail(header, Status::BadRequest, "a second hello on one connection".into());
             return None;
         }
@@ -602,8 +734,49 @@ impl Conn {
             self.fail(header, Status::BadRequest, format!("no shard {shard}: this server has {shards}"));
             return None;
         }
+        let Some(secret) = &cfg.cluster_secret else {
+            return self.welcome(header, shard, role, info, cfg.frame_bytes_max);
+        };
+        let Some(client_nonce) = nonce else {
+            self.refuse(header, "this cluster requires its secret: give the client the servers' --cluster-secret-file");
+            return None;
+        };
+        let t = Transcript { client_nonce, server_nonce: auth::random_nonce(), shard, worker: header.worker };
+        let mut challenge = [0u8; CHALLENGE_BYTES];
+        challenge[..NONCE_BYTES].copy_from_slice(&t.server_nonce);
+        challenge[NONCE_BYTES..].copy_from_slice(&secret.proof(Side::Server, &t));
+        let mut reply = Reply::new(&mut self.out, *header, usize::MAX);
+        reply.status_bytes(Status::AuthChallenge, &challenge);
+        reply.finish(&mut self.deflater, usize::MAX);
+        self.challenge = Some(t);
+        None
+    }
+
+    /// Checks the client's answer to the challenge; serves the connection if it holds.
+    fn auth(&mut self, header: &Header, proof: Option<[u8; PROOF_BYTES]>, role: Role, info: &[u8], cfg: &TransportConfig) -> Option<Next> {
+        let (Some(t), Some(secret)) = (self.challenge.take(), &cfg.cluster_secret) else {
+            self.fail(header, Status::BadRequest, "an auth request without a challenge: say hello first".into());
+            return None;
+        };
+        if !proof.is_some_and(|p| secret.verify(Side::Client, &t, &p)) {
+            self.refuse(header, "authentication failed: the peer does not hold this cluster's secret (--cluster-secret-file)");
+            return None;
+        }
+        tracing::debug!(peer = %self.peer, conn = self.id.0, worker = t.worker, "authenticated");
+        self.welcome(header, t.shard, role, info, cfg.frame_bytes_max)
+    }
+
+    /// Refuses a peer that has not authenticated and closes the connection once that is sent.
+    fn refuse(&mut self, header: &Header, reason: &str) {
+        crate::metrics::auth_refused();
+        self.fail(header, Status::Unauthenticated, reason.into());
+    }
+
+    /// Serves the connection from now on: answers `header` with the server's self-description.
+    /// On the control plane, a hello that named a shard moves the connection there.
+    fn welcome(&mut self, header: &Header, shard: u64, role: Role, info: &[u8], frame_bytes_max: usize) -> Option<Next> {
         self.greeted = true;
-        self.reader.set_frame_bytes_max(cfg_frame_bytes_max);
+        self.reader.set_frame_bytes_max(frame_bytes_max);
         let mut reply = Reply::new(&mut self.out, *header, usize::MAX);
         reply.ok_bytes(info);
         reply.finish(&mut self.deflater, usize::MAX);
@@ -674,16 +847,49 @@ impl TcpLink {
             send_bytes_max: cfg.frame_bytes_max,
             io_timeout: Duration::from_millis(cfg.io_timeout_ms),
         };
+        let info = link.handshake(shard, worker, cfg.cluster_secret.as_ref(), timeout)?;
+        Ok((link, info))
+    }
+
+    /// Says hello and, when either side has a cluster secret, runs the challenge (see
+    /// [`crate::auth`]). Returns the server's self-description.
+    fn handshake(&mut self, shard: u64, worker: u32, secret: Option<&auth::ClusterSecret>, timeout: Duration) -> Result<Vec<u8>> {
+        let client_nonce = secret.map(|_| auth::random_nonce());
         let mut hello = Header::request(Op::Hello, 0);
         hello.start = shard;
         hello.worker = worker;
-        link.send(&mut hello, &[], false)?;
-        let reply = link.recv(Some(timeout))?;
+        self.send(&mut hello, &[client_nonce.as_ref().map_or(&[][..], |n| &n[..])], false)?;
+        let peer = self.peer.clone();
+        let reply = self.recv(Some(timeout))?;
+        let failed = |reason: &str| Err(TransportError::AuthFailed { peer: peer.clone(), reason: reason.into() });
+        let challenge = match (reply.header.status(), secret, client_nonce) {
+            (Status::Ok, None, _) => return Ok(reply.body.to_vec()),
+            (Status::Ok, Some(_), _) => {
+                return failed("the server did not prove it holds the cluster secret: it runs without --cluster-secret-file");
+            }
+            (Status::AuthChallenge, Some(secret), Some(client_nonce)) if reply.body.len() == CHALLENGE_BYTES => {
+                let server_nonce = Nonce::try_from(&reply.body[..NONCE_BYTES]).expect("the length was checked");
+                let t = Transcript { client_nonce, server_nonce, shard, worker };
+                if !secret.verify(Side::Server, &t, &reply.body[NONCE_BYTES..]) {
+                    return failed("the server's proof is wrong: it holds a different cluster secret");
+                }
+                secret.proof(Side::Client, &t)
+            }
+            (Status::AuthChallenge, None, _) => {
+                return failed("the server requires the cluster secret: pass --cluster-secret-file (the file the servers were started with)");
+            }
+            (Status::AuthChallenge, ..) => return failed("the server's challenge is malformed"),
+            _ => return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() }),
+        };
+        let mut answer = Header::request(Op::Auth, 0);
+        answer.start = shard;
+        answer.worker = worker;
+        self.send(&mut answer, &[&challenge], false)?;
+        let reply = self.recv(Some(timeout))?;
         if reply.header.status() != Status::Ok {
             return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() });
         }
-        let info = reply.body.to_vec();
-        Ok((link, info))
+        Ok(reply.body.to_vec())
     }
 
     fn sock(&mut self) -> Sock<'_> {

@@ -16,6 +16,8 @@
 //! - Replies echo `request_id`, `table` and `dim`; `count` is the stamp length. A push reply's body is
 //!   the stamp (u64 per worker); a pull reply's is the stamp then the values. An error reply has a
 //!   non-zero `status` and a UTF-8 message as its body.
+//! - `Hello` and `Auth` carry the handshake's nonces and proofs when the server has a cluster
+//!   secret ([`crate::auth`]).
 //! - Control ops (`Hello`, `Catalog`, `CreateTable`, `Status`, `Checkpoint`) carry JSON bodies.
 //!
 //! Small frames on RDMA use a 32-byte [`ShortHeader`] instead: the same fields, narrower, without
@@ -101,6 +103,9 @@ pub enum Op {
     /// Answered at once with an empty reply, touching no table: the transport's round trip
     /// alone, on the data path (RDMA slots included). `tessera bench` measures it beside pushes.
     Ping = 6,
+    /// The client's half of the handshake with a server that has a cluster secret: the body
+    /// is its proof (see [`crate::auth`]).
+    Auth = 7,
     Push = 10,
     PushRange = 11,
     Pull = 12,
@@ -125,13 +130,14 @@ pub enum Op {
 
 impl Op {
     /// Every op, so that decoding cannot drift from the enum.
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 17] = [
         Op::Hello,
         Op::Catalog,
         Op::CreateTable,
         Op::Status,
         Op::Checkpoint,
         Op::Ping,
+        Op::Auth,
         Op::Push,
         Op::PushRange,
         Op::Pull,
@@ -180,6 +186,11 @@ pub enum Status {
     /// A request named a cached key list (`flags::KEYS_CACHED`) that the shard does not hold;
     /// nothing was applied, and the worker sends it again with its keys.
     KeysUnknown = 15,
+    /// A hello to a server with a cluster secret: the body is the server's challenge (see
+    /// [`crate::auth`]). Not an error; the client answers with [`Op::Auth`].
+    AuthChallenge = 16,
+    /// The peer did not prove it holds the cluster's secret; the connection is closed.
+    Unauthenticated = 17,
 }
 
 impl Status {
@@ -188,7 +199,7 @@ impl Status {
         use Status::*;
         [Ok, Malformed, FrameTooLarge, UnknownTable, KeyOutOfRange, ValuesLength, NonFinite, WrongDim, NotOwned, Full]
             .into_iter()
-            .chain([BadRequest, Internal, ShuttingDown, Unsupported, NotDurable, KeysUnknown])
+            .chain([BadRequest, Internal, ShuttingDown, Unsupported, NotDurable, KeysUnknown, AuthChallenge, Unauthenticated])
             .find(|s| *s as u16 == code)
             .unwrap_or(Internal)
     }
@@ -520,7 +531,7 @@ mod tests {
 
     #[test]
     fn status_codes_round_trip() {
-        for code in 0..16 {
+        for code in 0..18 {
             assert_eq!(Status::from_u16(code) as u16, code);
         }
         assert_eq!(Status::from_u16(999), Status::Internal);

@@ -210,17 +210,33 @@ unsafe fn text<'a>(ptr: *const c_char, what: &str) -> Outcome<&'a str> {
     s.to_str().map_err(|_| Fail::new(TESSERA_ERR_ARGUMENT, format!("{what} is not UTF-8")))
 }
 
-/// Writes `value` through the caller's out-pointer.
-///
-/// # Safety
-/// A non-null `ptr` must be valid for writing one `T`.
-unsafe fn put<T>(ptr: *mut T, value: T, what: &str) -> Outcome {
+/// Refuses an out-pointer that [`put`] would refuse. Calls check theirs before they do
+/// anything, so that a call that fails leaves nothing behind: no request sent, no ticket in
+/// flight (whose buffer the caller would free), no client open.
+fn check_out<T>(ptr: *mut T, what: &str) -> Outcome {
     if ptr.is_null() {
         return Err(Fail::new(TESSERA_ERR_NULL, format!("{what} is NULL")));
     }
     if !ptr.is_aligned() {
         return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("{what} is not aligned for its type")));
     }
+    Ok(())
+}
+
+/// [`check_out`] for an out-pointer that may be NULL.
+fn check_out_or_null<T>(ptr: *mut T, what: &str) -> Outcome {
+    if ptr.is_null() {
+        return Ok(());
+    }
+    check_out(ptr, what)
+}
+
+/// Writes `value` through the caller's out-pointer.
+///
+/// # Safety
+/// A non-null `ptr` must be valid for writing one `T`.
+unsafe fn put<T>(ptr: *mut T, value: T, what: &str) -> Outcome {
+    check_out(ptr, what)?;
     // SAFETY: non-null and aligned; the caller guarantees it is writable.
     unsafe { ptr.write(value) };
     Ok(())
@@ -252,9 +268,7 @@ pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, tr
                 other => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("transport {other:?}: use auto, tcp or rdma"))),
             }
         };
-        if client.is_null() {
-            return Err(Fail::new(TESSERA_ERR_NULL, "client is NULL"));
-        }
+        check_out(client, "client")?;
         let addrs: Vec<&str> = servers.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
         if addrs.is_empty() {
             return Err(Fail::new(TESSERA_ERR_ARGUMENT, "servers names no address"));
@@ -293,6 +307,8 @@ pub unsafe extern "C" fn tessera_table(client: TesseraClient, name: *const c_cha
         let h = handle(client)?;
         // SAFETY: the caller's contract above.
         let name = unsafe { text(name, "name") }?;
+        check_out(table, "table")?;
+        check_out_or_null(dim, "dim")?;
         let found = h.client.table(name)?;
         // SAFETY: the caller's contract above.
         unsafe { register_table(&h, found, table, dim) }
@@ -338,6 +354,7 @@ pub unsafe extern "C" fn tessera_create_table(
             // SAFETY: the caller's contract above.
             spec.updater = unsafe { text(updater, "updater") }?.to_string();
         }
+        check_out(table, "table")?;
         let created = h.client.create_table(&spec)?;
         // SAFETY: the caller's contract above.
         unsafe { register_table(&h, created, table, std::ptr::null_mut()) }
@@ -413,6 +430,7 @@ pub unsafe extern "C" fn tessera_push(
     ticket: *mut TesseraTicket,
 ) -> i32 {
     on_table(client, table, |h, t| {
+        check_out_or_null(ticket, "ticket")?;
         // SAFETY: the caller's contract above.
         let (keys, grads) = unsafe { (slice_in(keys, n_keys, "keys")?, slice_in(grads, n_grads, "grads")?) };
         let sent = h.client.push(t, keys, grads)?;
@@ -439,6 +457,7 @@ pub unsafe extern "C" fn tessera_pull(
     ticket: *mut TesseraTicket,
 ) -> i32 {
     on_table(client, table, |h, t| {
+        check_out_or_null(ticket, "ticket")?;
         // SAFETY: the caller's contract above.
         let (keys, values) = unsafe { (slice_in(keys, n_keys, "keys")?, slice_out(out, n_out, "out")?) };
         let sent = h.client.pull(t, keys, values)?;
@@ -462,6 +481,7 @@ pub unsafe extern "C" fn tessera_push_range(
     ticket: *mut TesseraTicket,
 ) -> i32 {
     on_table(client, table, |h, t| {
+        check_out_or_null(ticket, "ticket")?;
         // SAFETY: the caller's contract above.
         let grads = unsafe { slice_in(grads, n_grads, "grads") }?;
         let sent = h.client.push_range(t, start, grads)?;
@@ -486,6 +506,7 @@ pub unsafe extern "C" fn tessera_pull_range(
     ticket: *mut TesseraTicket,
 ) -> i32 {
     on_table(client, table, |h, t| {
+        check_out_or_null(ticket, "ticket")?;
         // SAFETY: the caller's contract above.
         let values = unsafe { slice_out(out, n_out, "out") }?;
         let sent = h.client.pull_range(t, start, values)?;
@@ -537,4 +558,59 @@ pub extern "C" fn tessera_status_name(code: i32) -> *const c_char {
         _ => c"unknown status",
     };
     name.as_ptr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
+
+    /// Found by the fuzzer (`tests/fuzz`, target `capi`): a pull whose ticket pointer was
+    /// misaligned failed, but was sent and left in flight as ticket 1, holding the buffer the
+    /// caller then freed; a wait on ticket 1 wrote into it. Every out-pointer is now checked
+    /// before the call has any effect.
+    #[test]
+    fn a_call_refused_for_its_out_pointer_leaves_nothing_behind() {
+        let mut cfg = ServerConfig::single("127.0.0.1:0");
+        (cfg.engine.shards, cfg.engine.pin_cores) = (1, false);
+        let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+        let addr = CString::new(server.local_addr().to_string()).unwrap();
+        let mut slot = [0u64; 2];
+        let misaligned = slot.as_mut_ptr().cast::<u8>().wrapping_add(1);
+        let open = lock(&CLIENTS).len();
+        // SAFETY: a NUL-terminated address; the misaligned handle is refused, never written.
+        let rc = unsafe { tessera_connect(addr.as_ptr(), 0, c"tcp".as_ptr(), misaligned.cast()) };
+        assert_eq!(rc, TESSERA_ERR_ARGUMENT);
+        assert_eq!(lock(&CLIENTS).len(), open, "no client is left open");
+        let mut client = 0;
+        // SAFETY: a NUL-terminated address and a writable handle.
+        assert_eq!(unsafe { tessera_connect(addr.as_ptr(), 0, c"tcp".as_ptr(), &mut client) }, TESSERA_OK);
+
+        let mut table = 0;
+        // SAFETY: NUL-terminated strings; the misaligned handle is refused, never written.
+        let rc = unsafe { tessera_create_table(client, c"t".as_ptr(), TESSERA_DENSE, 0, 4, 1, std::ptr::null(), misaligned.cast()) };
+        assert_eq!(rc, TESSERA_ERR_ARGUMENT);
+        // SAFETY: a NUL-terminated name and a writable handle.
+        let rc = unsafe { tessera_table(client, c"t".as_ptr(), &mut table, std::ptr::null_mut()) };
+        assert_eq!(rc, TESSERA_ERR_UNKNOWN_TABLE, "the refused call created no table");
+        // SAFETY: as above.
+        let rc = unsafe { tessera_create_table(client, c"t".as_ptr(), TESSERA_DENSE, 0, 4, 1, std::ptr::null(), &mut table) };
+        assert_eq!(rc, TESSERA_OK);
+
+        let ones = [1f32; 4];
+        let mut out = [7f32; 4];
+        // SAFETY: four values each way; the misaligned tickets are refused before anything is sent.
+        unsafe {
+            assert_eq!(tessera_push_range(client, table, 0, ones.as_ptr(), 4, misaligned.cast()), TESSERA_ERR_ARGUMENT);
+            assert_eq!(tessera_pull_range(client, table, 0, out.as_mut_ptr(), 4, misaligned.cast()), TESSERA_ERR_ARGUMENT);
+            assert_eq!(tessera_push(client, table, [0u64].as_ptr(), 1, ones.as_ptr(), 1, misaligned.cast()), TESSERA_ERR_ARGUMENT);
+            assert_eq!(tessera_pull(client, table, [0u64].as_ptr(), 1, out.as_mut_ptr(), 1, misaligned.cast()), TESSERA_ERR_ARGUMENT);
+        }
+        assert_eq!(tessera_wait(client, 1), TESSERA_ERR_CLOSED, "no ticket was left in flight");
+        assert_eq!(out, [7.0; 4], "nothing was written to the refused pulls' buffer");
+        // SAFETY: four writable values; the call waits.
+        assert_eq!(unsafe { tessera_pull_range(client, table, 0, out.as_mut_ptr(), 4, std::ptr::null_mut()) }, TESSERA_OK);
+        assert_eq!(out, [0.0; 4], "the refused pushes were not applied");
+        assert_eq!(tessera_close(client), TESSERA_OK);
+    }
 }

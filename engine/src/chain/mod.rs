@@ -90,6 +90,8 @@ pub struct ChainShard {
     /// Per (worker, range): news for the worker, handed over in its next reply.
     mailbox: BTreeMap<(u32, u32), Notice>,
     started: Instant,
+    /// The table of the last worker push served, for the shard's metrics.
+    pub last_push_table: Option<u32>,
 }
 
 impl ChainShard {
@@ -99,7 +101,14 @@ impl ChainShard {
         let ranges = rcfg.ranges;
         let replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store)
             .serving(|r| shard_of_range(r.0, ranges, shards) == shard);
-        Self { shard, rcfg, replica, outbox, mailbox: BTreeMap::new(), started: Instant::now() }
+        Self { shard, rcfg, replica, outbox, mailbox: BTreeMap::new(), started: Instant::now(), last_push_table: None }
+    }
+
+    /// How far behind its chain's tail this replica's ranges are: the most updates applied here
+    /// that the tail has not acknowledged, over the ranges it holds. Each update is one push,
+    /// one tick of its worker's clock. 0 on a tail.
+    pub fn lag_ticks(&self) -> u64 {
+        self.replica.reports().iter().map(|r| r.version.saturating_sub(r.committed)).max().unwrap_or(0)
     }
 
     fn now_ms(&self) -> u64 {
@@ -183,6 +192,7 @@ impl ChainShard {
                 return Err(bad(format!("a worker may only push, not send a {} message", msg.kind())));
             };
             let h = ChainStore::check_push(tables, self.rcfg.ranges, range, payload)?;
+            self.last_push_table = Some(h.table);
             if w.0 != worker || h.worker != worker {
                 return Err(bad(format!("worker {worker} sent a push signed by worker {} (payload {})", w.0, h.worker)));
             }

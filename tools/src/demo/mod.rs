@@ -27,6 +27,7 @@ use tessera_engine::server::Join;
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_replication::{ReplicationConfig, TableKind, TableSpec};
 
+use crate::metrics::MetricsArgs;
 use crate::common::{addresses, EngineArgs, TransportArgs};
 use data::{DataConfig, Dataset};
 
@@ -112,6 +113,8 @@ pub struct DemoArgs {
     engine: EngineArgs,
     #[command(flatten)]
     net: TransportArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,12 +156,20 @@ struct Counters {
     batches: AtomicU64,
 }
 
-pub fn run(args: DemoArgs) -> Result<()> {
+pub fn run(mut args: DemoArgs) -> Result<()> {
     let started = Instant::now();
+    if args.connect.is_none() && args.net.secret.cluster_secret.is_none() {
+        // The cluster lives in this process: it makes its own secret, so the demo is
+        // authenticated end to end without asking for one.
+        args.net.secret.cluster_secret = Some(tessera_transport::auth::ClusterSecret::generate());
+    }
     if args.workers == 0 || args.batch == 0 || args.epochs == 0 {
         bail!("--workers, --batch and --epochs must be at least 1");
     }
     let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
+    if let Some(at) = args.metrics.start()? {
+        say(format!("metrics at http://{at}/metrics"));
+    }
     let cfg = DataConfig { features: args.features, examples: args.examples, active: args.active, seed: args.seed, ..DataConfig::default() };
     cfg.validate().map_err(|e| anyhow!("bad data set options: {e}"))?;
     say(format!("generating {} examples over {} hashed features ({} active each)...", cfg.examples, cfg.features, cfg.active));
@@ -499,7 +510,7 @@ fn start_cluster(args: &DemoArgs, spec: &TableSpec) -> Result<(CoordinatorHandle
     }
     let rcfg = ReplicationConfig { replicas: args.replicas, ranges: args.ranges, workers: args.workers.max(1), ..ReplicationConfig::default() };
     rcfg.validate().map_err(|e| anyhow!("bad replication options: {e}"))?;
-    let net = tessera_transport::TransportConfig::default();
+    let net = args.net.secret.transport();
     let coordinator = CoordinatorHandle::start("127.0.0.1:0", rcfg, args.servers, &net, Box::new(Embedded)).context("starting the embedded coordinator")?;
     let mut servers = Vec::new();
     for node in 1..=args.servers {

@@ -183,6 +183,26 @@ impl RdmaLink {
         self.remote = keys.into_iter().map(|(addr, rkey)| SlotKey { addr, rkey, reserved: 0 }).collect();
     }
 
+    /// Test hook only, for tests that play a misbehaving worker: the (address, rkey) of each
+    /// chunk of dense table `table` the shard lets this link read (asking it first); `None` when
+    /// the shard has no such dense part.
+    #[doc(hidden)]
+    pub fn remote_dense_keys(&mut self, table: u32) -> Result<Option<Vec<(u64, u32)>>> {
+        Ok(self.remote_dense(table)?.map(|d| d.chunks.iter().map(|c| (c.addr, c.rkey)).collect()))
+    }
+
+    /// Test hook only: from now on, read dense table `table` at these (address, rkey) pairs,
+    /// one per chunk, instead of the ones the shard gave. Panics unless the table was looked up
+    /// and the count matches.
+    #[doc(hidden)]
+    pub fn override_remote_dense_keys(&mut self, table: u32, keys: &[(u64, u32)]) {
+        let dense = self.dense.get_mut(table as usize).and_then(Option::as_mut).expect("looked up with remote_dense_keys");
+        assert_eq!(keys.len(), dense.chunks.len(), "one (address, rkey) per chunk");
+        for (chunk, (addr, rkey)) in dense.chunks.iter_mut().zip(keys) {
+            (chunk.addr, chunk.rkey) = (*addr, *rkey);
+        }
+    }
+
     /// Takes every completion there is; returns how many.
     fn reap(&mut self) -> Result<usize> {
         self.completions.clear();

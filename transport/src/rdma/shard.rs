@@ -58,6 +58,8 @@ struct State {
     exposed: Vec<Option<DenseView>>,
     /// The service's durable log position when held replies were last released.
     durable: u64,
+    /// Arrivals that filled a worker's ring: the worker cannot send again until a reply.
+    stalls: metrics::Counter,
 }
 
 /// One worker connected over RDMA. Field order is drop order: the queue pair goes first, so the
@@ -155,6 +157,7 @@ impl RdmaShard {
             completions: Vec::with_capacity(POLL_BATCH),
             exposed: Vec::new(),
             durable: u64::MAX,
+            stalls: crate::metrics::slot_stalls(tcp.shard()),
         };
         Ok(Self { tcp, state, tcp_polled: Instant::now() })
     }
@@ -422,6 +425,9 @@ impl State {
                     return;
                 }
                 peer.queued.push_back(imm);
+                if peer.queued.len() + peer.held.len() >= peer.writing.len() {
+                    self.stalls.increment(1);
+                }
                 // Receives carry no buffer: post the next one at once.
                 if let Err(e) = peer.qp.post_recv(c.wr_id) {
                     tracing::warn!(conn = peer.tcp.0, error = %e, "cannot post a receive");
