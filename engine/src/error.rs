@@ -62,6 +62,8 @@ pub enum EngineError {
     Etcd { op: &'static str, endpoints: String, reason: String },
     #[error("this coordinator no longer leads the cluster: {reason}")]
     LostLeadership { reason: String },
+    #[error("not authenticated: {reason}")]
+    Unauthenticated { reason: String },
     #[error("I/O error: {0}")]
     Io(String),
 }

@@ -16,7 +16,7 @@ use tessera_replication::catalog::{Catalog, Part, ServerInfo, TableEntry, TableS
 use tessera_replication::protocol::{ClusterView, NodeId};
 use tessera_replication::ReplicationConfig;
 use tessera_replication::placement;
-use tessera_transport::{select, Dialer, Op, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
+use tessera_transport::{select, Dialer, Op, TransportError, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
 
 use crate::chain::outbox::Outbox;
 use crate::chain::{ChainShard, Identity, Locator};
@@ -509,9 +509,13 @@ fn fetch_replication(join: &Join, cfg: &ServerConfig) -> Result<ReplicationConfi
     }
     let deadline = std::time::Instant::now() + COORDINATOR_WAIT;
     loop {
-        let asked = join.coordinator.resolve().and_then(|addr| ask_cluster(&addr, &cfg.transport).map_err(EngineError::Io));
+        let asked = join.coordinator.resolve().and_then(|addr| ask_cluster(&addr, &cfg.transport));
         match asked {
             Ok(view) => return Ok(view.replication),
+            // Waiting does not mend a wrong secret: say so now.
+            Err(EngineError::Unauthenticated { reason }) => {
+                return Err(EngineError::Unauthenticated { reason: format!("the coordinator at {}: {reason}", join.coordinator) })
+            }
             Err(e) if std::time::Instant::now() >= deadline => {
                 return Err(EngineError::Io(format!("the coordinator at {} did not answer within {COORDINATOR_WAIT:?}: {e}", join.coordinator)))
             }
@@ -524,9 +528,12 @@ fn fetch_replication(join: &Join, cfg: &ServerConfig) -> Result<ReplicationConfi
 }
 
 /// The cluster as the server or coordinator at `addr` sees it.
-pub fn ask_cluster(addr: &str, transport: &TransportConfig) -> std::result::Result<ClusterView, String> {
-    let body = tessera_transport::ask(addr, Op::ClusterConfig, &[], transport).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&body).map_err(|e| format!("a malformed cluster view: {e}"))
+pub fn ask_cluster(addr: &str, transport: &TransportConfig) -> Result<ClusterView> {
+    let body = tessera_transport::ask(addr, Op::ClusterConfig, &[], transport).map_err(|e| match e {
+        TransportError::AuthFailed { .. } => EngineError::Unauthenticated { reason: e.to_string() },
+        e => EngineError::Io(e.to_string()),
+    })?;
+    serde_json::from_slice(&body).map_err(|e| EngineError::Io(format!("a malformed cluster view: {e}")))
 }
 
 /// Starts the server's replication traffic: who it is, and its outbox, which hands each newer

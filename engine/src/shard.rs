@@ -236,6 +236,7 @@ impl Shard {
 
     /// Loads what the disk holds into the parts the catalog just made (see [`ShardControl::Recover`]).
     fn recover(&mut self, expose: &mut dyn FnMut(Exposure)) -> Result<Option<RecoveryReport>> {
+        let _span = tracing::info_span!("recovery", shard = self.id).entered();
         if let Some(e) = self.disk_error.take() {
             return Err(e);
         }

@@ -236,6 +236,11 @@ impl<'a> Reader<'a> {
             self.stop = Some(Stop::Gap { offset: self.at as u64, expected: self.next_lsn, found: h.lsn });
             return None;
         }
+        // LSNs count pushes from 1, so no log reaches the last one; a record that claims it
+        // (damage, or a crafted file) would leave no LSN for the next record.
+        let Some(next_lsn) = h.lsn.checked_add(1) else {
+            return self.torn(format!("LSN {} leaves no room for a next one", h.lsn));
+        };
         let body = &rest[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + h.body_len as usize];
         let count = h.count as usize;
         let n_values = count.checked_mul(h.dim as usize);
@@ -256,7 +261,7 @@ impl<'a> Reader<'a> {
             RecordKind::PushRange => Target::Range { start: u64::from_le_bytes(head.try_into().expect("8 bytes")) },
         };
         self.at += len;
-        self.next_lsn += 1;
+        self.next_lsn = next_lsn;
         Some(Record { lsn: h.lsn, table: h.table, worker: h.worker, clock: h.clock, dim: h.dim, target, values })
     }
 }

@@ -127,3 +127,47 @@ fn tools_take_the_secret_file_and_clients_refuse_servers_without_one() {
     let err = Client::connect(&[open.addr()], client_config(Some(SECRET))).expect_err("an unauthenticated server must be refused").to_string();
     assert!(err.contains("did not prove"), "{err}");
 }
+
+#[test]
+fn a_replicated_cluster_with_a_secret_serves_its_members_and_refuses_a_stranger() {
+    let dir = ScratchDir::new("security-chain");
+    let secret = dir.write("secret", SECRET);
+    let secret = secret.to_str().unwrap();
+    let tables = dir.write("tables.toml", "[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = 64\ndim = 1\nupdater = \"sum\"\n");
+    let tables = tables.to_str().unwrap();
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _c = ServerProc::coordinator_at(&coordinator, &["--servers", "2", "--replicas", "2", "--ranges", "4", "--cluster-secret-file", secret, "--metrics", &metrics]);
+    let member = |node: &str| {
+        ServerProc::start(&["--node-id", node, "--coordinator", &coordinator, "--tables", tables, "--shards", "1", "--no-pin", "--cluster-secret-file", secret])
+    };
+    let servers = [member("1"), member("2")];
+    // A server without the secret cannot join: the coordinator refuses it, and it stops at once
+    // saying why (waiting would not mend it).
+    let listen = format!("127.0.0.1:{}", free_port());
+    let stranger = run_tool(&["server", "--listen", &listen, "--node-id", "3", "--coordinator", &coordinator, "--tables", tables, "--shards", "1"], TOOL_TIMEOUT);
+    assert!(!stranger.status.success(), "a server without the secret joined:\n{}", stranger.stderr);
+    assert!(stranger.stderr.contains("--cluster-secret-file"), "the stranger was not told why:\n{}", stranger.stderr);
+
+    // Workers with the secret train on the two members: chains form, pushes are acknowledged.
+    let addrs: Vec<&str> = servers.iter().map(|s| s.addr()).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut client = loop {
+        match tessera_client::ChainClient::connect(&addrs, client_config(Some(SECRET))) {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() > deadline => panic!("no replicated client within 30 s: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let table = client.table("w").expect("table w");
+    client.set_clock(1);
+    client.push_range(&table, 0, &[2.0; 64]).expect("acknowledged by the chain");
+    let mut out = vec![0.0; 64];
+    client.pull_range(&table, 0, &mut out).expect("pulled");
+    assert_eq!(out, vec![2.0; 64]);
+    let status = run_tool(&["status", "--coordinator", &coordinator, "--cluster-secret-file", secret], TOOL_TIMEOUT);
+    assert!(status.status.success(), "{}", status.stderr);
+    assert!(!status.stdout.contains(&listen), "the stranger joined the cluster:\n{}", status.stdout);
+    let refusals = metric(&scrape(&metrics), "tessera_auth_refusals_total", &[]).unwrap_or(0.0);
+    assert!(refusals >= 1.0, "the coordinator counted {refusals} refusals");
+}

@@ -87,7 +87,8 @@ fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<(
     )
 }
 
-/// The process's resident memory and open descriptors, read from /proc at each scrape.
+/// The process's resident memory and open descriptors, read from /proc at each scrape, and
+/// (in an RDMA build) the memory regions and queue pairs it holds.
 fn process_gauges() {
     if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
         if let Some(pages) = statm.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()) {
@@ -97,5 +98,59 @@ fn process_gauges() {
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         metrics::gauge!("tessera_process_open_fds").set(fds.count() as f64);
+    }
+    #[cfg(feature = "rdma")]
+    {
+        let (mrs, qps) = tessera_transport::rdma::verbs::live_counts();
+        metrics::gauge!("tessera_rdma_memory_regions").set(mrs as f64);
+        metrics::gauge!("tessera_rdma_queue_pairs").set(qps as f64);
+    }
+}
+
+/// Every series name the process can export (histograms add `_bucket`, `_sum`, `_count`).
+#[cfg(test)]
+const NAMES: &[&str] = &[
+    tessera_engine::metrics::PUSHES,
+    tessera_engine::metrics::PULLS,
+    tessera_engine::metrics::RECEIVED_BYTES,
+    tessera_engine::metrics::SENT_BYTES,
+    tessera_engine::metrics::REQUEST_SECONDS,
+    tessera_engine::metrics::REQUEST_ERRORS,
+    tessera_engine::metrics::CONNECTIONS,
+    tessera_engine::metrics::WAL_FSYNC_SECONDS,
+    tessera_engine::metrics::CHECKPOINT_AGE_SECONDS,
+    tessera_engine::metrics::REPLICATION_LAG_TICKS,
+    tessera_transport::metrics::AUTH_REFUSALS,
+    tessera_transport::metrics::SLOT_STALLS,
+    tessera_transport::metrics::CONNECTIONS_REFUSED,
+    tessera_transport::metrics::SLOW_CLIENTS_CLOSED,
+    "tessera_process_resident_bytes",
+    "tessera_process_open_fds",
+    "tessera_rdma_memory_regions",
+    "tessera_rdma_queue_pairs",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::NAMES;
+
+    /// The dashboard shipped in tools/ must only chart series the servers export.
+    #[test]
+    fn the_grafana_dashboard_charts_only_exported_series() {
+        let text = include_str!("../grafana-dashboard.json");
+        let dashboard: serde_json::Value = serde_json::from_str(text).expect("the dashboard is JSON");
+        let mut charted = 0;
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("an expression");
+                let names = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("tessera_"));
+                for name in names {
+                    let base = name.trim_end_matches("_bucket");
+                    assert!(NAMES.contains(&base), "the dashboard charts {name}, which no server exports");
+                    charted += 1;
+                }
+            }
+        }
+        assert!(charted >= NAMES.len(), "the dashboard leaves series out: {charted} charted");
     }
 }

@@ -722,9 +722,16 @@ impl Conn {
         Ok(None)
     }
 
+    /// The span of this connection's set-up (hello, authentication), on the server.
+    fn setup_span(&self, header: &Header) -> tracing::span::EnteredSpan {
+        tracing::info_span!("handshake", peer = %self.peer, conn = self.id.0, shard = header.start, worker = header.worker).entered()
+    }
+
     /// Answers a hello: with the server's self-description, or, when the server has a cluster
     /// secret, with a challenge (see [`crate::auth`]). `nonce` is the hello's body when it is one.
     fn hello(&mut self, header: &Header, nonce: Option<Nonce>, role: Role, info: &[u8], shards: usize, cfg: &TransportConfig) -> Option<Next> {
+        let _span = self.setup_span(header);
+        tracing::debug!(authenticating = cfg.cluster_secret.is_some(), "hello");
         if self.greeted || self.challenge.is_some() {
             self.fail(header, Status::BadRequest, "a second hello on one connection".into());
             return None;
@@ -738,7 +745,7 @@ impl Conn {
             return self.welcome(header, shard, role, info, cfg.frame_bytes_max);
         };
         let Some(client_nonce) = nonce else {
-            self.refuse(header, "this cluster requires its secret: give the client the servers' --cluster-secret-file");
+            self.refuse(header, "this cluster requires its secret: give this peer the cluster's --cluster-secret-file");
             return None;
         };
         let t = Transcript { client_nonce, server_nonce: auth::random_nonce(), shard, worker: header.worker };
@@ -754,6 +761,7 @@ impl Conn {
 
     /// Checks the client's answer to the challenge; serves the connection if it holds.
     fn auth(&mut self, header: &Header, proof: Option<[u8; PROOF_BYTES]>, role: Role, info: &[u8], cfg: &TransportConfig) -> Option<Next> {
+        let _span = self.setup_span(header);
         let (Some(t), Some(secret)) = (self.challenge.take(), &cfg.cluster_secret) else {
             self.fail(header, Status::BadRequest, "an auth request without a challenge: say hello first".into());
             return None;
@@ -825,6 +833,7 @@ impl TcpLink {
     /// Connects to `addr`, says hello to `shard` ([`CONTROL_SHARD`] for the control plane) as
     /// `worker`, and returns the link with the server's hello reply (its self-description).
     pub fn connect(addr: &str, shard: u64, worker: u32, cfg: &TransportConfig) -> Result<(Self, Vec<u8>)> {
+        let _span = tracing::info_span!("connect", peer = addr, shard, worker).entered();
         cfg.validate()?;
         let sock = resolve(addr)?;
         let timeout = Duration::from_millis(cfg.hello_timeout_ms);
@@ -879,6 +888,7 @@ impl TcpLink {
                 return failed("the server requires the cluster secret: pass --cluster-secret-file (the file the servers were started with)");
             }
             (Status::AuthChallenge, ..) => return failed("the server's challenge is malformed"),
+            (Status::Unauthenticated, ..) => return failed(&String::from_utf8_lossy(reply.body)),
             _ => return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() }),
         };
         let mut answer = Header::request(Op::Auth, 0);
@@ -886,10 +896,11 @@ impl TcpLink {
         answer.worker = worker;
         self.send(&mut answer, &[&challenge], false)?;
         let reply = self.recv(Some(timeout))?;
-        if reply.header.status() != Status::Ok {
-            return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() });
+        match reply.header.status() {
+            Status::Ok => Ok(reply.body.to_vec()),
+            Status::Unauthenticated => Err(TransportError::AuthFailed { peer, reason: String::from_utf8_lossy(reply.body).into_owned() }),
+            _ => Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() }),
         }
-        Ok(reply.body.to_vec())
     }
 
     fn sock(&mut self) -> Sock<'_> {

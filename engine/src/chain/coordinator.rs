@@ -218,6 +218,9 @@ impl CoordinatorService {
         c.tick(now);
         c.take_ready();
         let (changes, id) = (c.take_changes(), c.config().id);
+        // A change after a server's failure is the failover: its span ties the log lines of
+        // the new configuration together.
+        let _failover = (!changes.is_empty()).then(|| tracing::info_span!("failover", config = id).entered());
         for change in changes {
             if change.is_loss() {
                 tracing::error!(?change, config = id, "a range lost every copy: its acknowledged updates are gone, and it cannot heal");

@@ -161,6 +161,8 @@ impl ChainShard {
             tracing::error!(ranges = config.chains.len(), ours = self.rcfg.ranges, "a configuration with another number of ranges; ignored");
             return;
         }
+        let _span = tracing::info_span!("reconfigure", shard = self.shard, config = config.id).entered();
+        tracing::debug!("a new cluster configuration");
         self.with_replica(tables, |r, now| r.step(now, Addr::Coordinator, Msg::Config(config)));
     }
 

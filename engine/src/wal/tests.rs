@@ -148,3 +148,17 @@ fn a_batch_refuses_a_record_it_cannot_hold_and_stays_usable() {
     assert_eq!(batch.records(), 1);
     assert_eq!(batch.seal(bytes(&mut buf)), PAGE);
 }
+
+/// Found by fuzzing (`tests/fuzz`, target `wal_reader`): a record with LSN `u64::MAX`, its
+/// checksum good, overflowed the reader's next LSN (a panic with overflow checks, a wrap to 0
+/// without). It is refused as damage instead.
+#[test]
+fn a_record_with_the_last_lsn_is_refused_not_overflowed() {
+    let (log, starts) = log_of(&[vec![range_record(u64::MAX - 1, 0, &[1.0]), range_record(u64::MAX, 0, &[2.0])]]);
+    let mut reader = Reader::new(log.as_bytes(), u64::MAX - 1);
+    let lsns: Vec<u64> = reader.by_ref().map(|r| r.lsn).collect();
+    assert_eq!(lsns, vec![u64::MAX - 1]);
+    assert_eq!(reader.next_lsn(), u64::MAX);
+    let stop = reader.stop().cloned().unwrap();
+    assert!(matches!(stop, Stop::Torn { offset, ref reason } if offset == starts[1] as u64 && reason.contains("no room")), "{stop:?}");
+}

@@ -91,6 +91,7 @@ impl RdmaLink {
     /// Sets up the queue pair and rings on `tcp`, a link that has said hello to a shard, which
     /// it keeps open beside them (see [`RdmaLink::tcp`]).
     pub fn upgrade(mut tcp: TcpLink, cfg: &TransportConfig, rcfg: &RdmaConfig, dev: Arc<Device>) -> Result<Self> {
+        let _span = tracing::info_span!("rdma_connect", peer = tcp.peer()).entered();
         rcfg.validate()?;
         let (slots, sb) = (rcfg.slots, rcfg.slot_bytes);
         let cq = Cq::new(&dev, 2 * slots + 2).map_err(rdma)?;

@@ -303,6 +303,7 @@ impl State {
 
     /// Sets up a queue pair and rings for the worker on TCP connection `conn`.
     fn accept(&mut self, conn: ConnId, body: &[u8]) -> Result<Endpoint> {
+        let _span = tracing::info_span!("rdma_accept", conn = conn.0).entered();
         let theirs = Endpoint::decode(body)?;
         let slots = theirs.slots.len() as u32;
         let per_peer = 2 * slots;

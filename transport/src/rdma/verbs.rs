@@ -33,6 +33,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use memmap2::{MmapMut, MmapOptions};
@@ -61,6 +62,16 @@ pub const PAGE_BYTES: usize = 4096;
 /// RDMA READs in flight per QP, as initiator and as responder, clamped to the device's limits.
 /// Zero would make every READ fail; 16 is what mlx5 allows and keeps a few large reads going.
 const READ_DEPTH_MAX: u8 = 16;
+
+/// Memory regions and queue pairs this process holds registered: what a leak would make grow
+/// (the soak test and the `tessera_rdma_*` metrics watch them).
+static LIVE_MRS: AtomicUsize = AtomicUsize::new(0);
+static LIVE_QPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Memory regions and queue pairs alive in this process now.
+pub fn live_counts() -> (usize, usize) {
+    (LIVE_MRS.load(Ordering::Relaxed), LIVE_QPS.load(Ordering::Relaxed))
+}
 /// RNR NAK delay (12 = 0.64 ms), ack timeout (14 = 67 ms x 2^0), retries: as perftest uses them.
 /// An RNR retry count of 7 retries forever, so a receiver that is slow to repost never errors.
 const MIN_RNR_TIMER: u8 = 12;
@@ -494,11 +505,41 @@ unsafe fn register_chunks(
     for offset in (0..len).step_by(chunk_bytes) {
         let end = len.min(offset + chunk_bytes);
         // SAFETY: `base + offset .. base + end` lies inside the span the caller vouches for.
-        let mr = unsafe { pd.pd.reg_mr(base + offset, end - offset, access.flags()) }
-            .map_err(|source| registration_error(len, offset, end, source, memlock_limit_bytes()))?;
+        let mr = match unsafe { pd.pd.reg_mr(base + offset, end - offset, access.flags()) } {
+            Ok(mr) => mr,
+            Err(source) => {
+                forget_mrs(&mrs); // deregistered as `mrs` drops
+                return Err(registration_error(len, offset, end, source, memlock_limit_bytes()));
+            }
+        };
         mrs.push(mr);
+        LIVE_MRS.fetch_add(1, Ordering::Relaxed);
     }
     Ok(mrs)
+}
+
+/// Counts `mrs` out of [`LIVE_MRS`] as they are dropped (each owner's field order deregisters
+/// them before its memory goes).
+fn forget_mrs(mrs: &[Arc<MemoryRegion>]) {
+    LIVE_MRS.fetch_sub(mrs.len(), Ordering::Relaxed);
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        forget_mrs(&self.mrs);
+    }
+}
+
+impl Drop for Exposed {
+    fn drop(&mut self) {
+        forget_mrs(&self.mrs);
+    }
+}
+
+impl Drop for Qp {
+    fn drop(&mut self) {
+        LIVE_QPS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Memory someone else owns (an engine's dense blocks), registered for peers to read. Holds the
@@ -848,6 +889,7 @@ impl Qp {
             .setup_recv_cq(GenericCompletionQueue::from(Arc::clone(&recv_cq.cq)))
             .build_ex()
             .map_err(|source| VerbsError::CreateQp { send_depth, recv_depth, source })?;
+        LIVE_QPS.fetch_add(1, Ordering::Relaxed);
         let mut qp = Qp {
             qp,
             psn: random_psn(),
