@@ -59,10 +59,14 @@ fn the_c_trainer_builds_with_pkg_config_and_trains_against_a_live_server() {
         ok("the C++ check", &Command::new(prefix.path().join("check")).output().expect("run check"));
     }
 
-    let server = ServerProc::start(&["--shards", "2"]);
+    // The server takes only peers holding its cluster secret; the trainer is given it through
+    // the environment, as a C program's users would.
+    let secret = prefix.write("secret", "the C trainer's cluster secret\n");
+    let server = ServerProc::start(&["--shards", "2", "--cluster-secret-file", secret.to_str().unwrap()]);
     let (out_path, err_path) = (prefix.path().join("trainer.out"), prefix.path().join("trainer.err"));
     let child = Command::new(&trainer)
         .arg(server.addr())
+        .env("TESSERA_CLUSTER_SECRET_FILE", &secret)
         .stdout(File::create(&out_path).expect("create the trainer's stdout file"))
         .stderr(File::create(&err_path).expect("create the trainer's stderr file"))
         .spawn()
@@ -77,4 +81,10 @@ fn the_c_trainer_builds_with_pkg_config_and_trains_against_a_live_server() {
     assert!(stdout.contains("trainer: ok"), "{stdout}");
     assert_eq!(stdout.matches("refused as expected").count(), 17, "{stdout}");
     assert!(server.log().lines().all(|l| !l.contains("panicked")), "{}", server.log());
+
+    // Without the secret the trainer cannot connect, and says why.
+    let out = Command::new(&trainer).arg(server.addr()).env_remove("TESSERA_CLUSTER_SECRET_FILE").output().expect("run the trainer");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the trainer ran without the secret:\n{said}");
+    assert!(said.contains("--cluster-secret-file"), "the trainer's failure does not say why:\n{said}");
 }

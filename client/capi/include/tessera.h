@@ -65,6 +65,9 @@ extern "C" {
 // `servers`: every server's address, comma-separated ("10.0.0.5:7070,10.0.0.6:7070").
 // `worker`: this trainer's worker id (distinct per trainer; its entry in the vector clocks).
 // `transport`: "auto" (RDMA where both ends have it), "tcp", "rdma", or NULL for "auto".
+// When the environment variable `TESSERA_CLUSTER_SECRET_FILE` names a file, the client proves
+// it holds that cluster secret to every server, and talks only to servers that prove the same
+// (as `--cluster-secret-file` does for the tools).
 // On success `*client` is the new client.
 //
 // # Safety

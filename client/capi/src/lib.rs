@@ -29,6 +29,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use tessera_client::{Client, ClientConfig, ClientError, Detached, Table};
 use tessera_replication::{PlacementError, TableKind, TableSpec};
+use tessera_transport::auth::ClusterSecret;
 use tessera_transport::{Status, TransportError, TransportKind};
 
 /// Success.
@@ -242,11 +243,17 @@ unsafe fn put<T>(ptr: *mut T, value: T, what: &str) -> Outcome {
     Ok(())
 }
 
+/// The environment variable that names the cluster secret file.
+const SECRET_FILE_VAR: &str = "TESSERA_CLUSTER_SECRET_FILE";
+
 /// Connects to a Tessera cluster.
 ///
 /// `servers`: every server's address, comma-separated ("10.0.0.5:7070,10.0.0.6:7070").
 /// `worker`: this trainer's worker id (distinct per trainer; its entry in the vector clocks).
 /// `transport`: "auto" (RDMA where both ends have it), "tcp", "rdma", or NULL for "auto".
+/// When the environment variable `TESSERA_CLUSTER_SECRET_FILE` names a file, the client proves
+/// it holds that cluster secret to every server, and talks only to servers that prove the same
+/// (as `--cluster-secret-file` does for the tools).
 /// On success `*client` is the new client.
 ///
 /// # Safety
@@ -273,7 +280,11 @@ pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, tr
         if addrs.is_empty() {
             return Err(Fail::new(TESSERA_ERR_ARGUMENT, "servers names no address"));
         }
-        let cfg = ClientConfig { kind, ..ClientConfig::worker(worker) };
+        let mut cfg = ClientConfig { kind, ..ClientConfig::worker(worker) };
+        if let Some(path) = std::env::var_os(SECRET_FILE_VAR).filter(|p| !p.is_empty()) {
+            let secret = ClusterSecret::from_file(std::path::Path::new(&path)).map_err(|e| Fail::new(TESSERA_ERR_ARGUMENT, format!("{SECRET_FILE_VAR}: {e}")))?;
+            cfg.transport.cluster_secret = Some(secret);
+        }
         let opened = Client::connect(&addrs, cfg).map_err(|e| match Fail::from(e) {
             Fail { code: TESSERA_ERR_TRANSPORT, message } => Fail::new(TESSERA_ERR_CONNECT, message),
             other => other,
