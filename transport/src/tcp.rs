@@ -697,7 +697,7 @@ impl Conn {
             }
             Some(Op::Auth) => {
                 let proof = <[u8; PROOF_BYTES]>::try_from(self.reader.body(body)).ok();
-                return Ok(self.auth(&header, proof, role, info, cfg));
+                return Ok(self.auth(&header, proof, role, info, shards, cfg));
             }
             _ => {}
         }
@@ -737,12 +737,8 @@ impl Conn {
             return None;
         }
         let shard = header.start;
-        if shard != CONTROL_SHARD && shard >= shards as u64 && role == Role::Control {
-            self.fail(header, Status::BadRequest, format!("no shard {shard}: this server has {shards}"));
-            return None;
-        }
         let Some(secret) = &cfg.cluster_secret else {
-            return self.welcome(header, shard, role, info, cfg.frame_bytes_max);
+            return self.welcome(header, shard, role, info, shards, cfg.frame_bytes_max);
         };
         let Some(client_nonce) = nonce else {
             self.refuse(header, "this cluster requires its secret: give this peer the cluster's --cluster-secret-file");
@@ -760,7 +756,7 @@ impl Conn {
     }
 
     /// Checks the client's answer to the challenge; serves the connection if it holds.
-    fn auth(&mut self, header: &Header, proof: Option<[u8; PROOF_BYTES]>, role: Role, info: &[u8], cfg: &TransportConfig) -> Option<Next> {
+    fn auth(&mut self, header: &Header, proof: Option<[u8; PROOF_BYTES]>, role: Role, info: &[u8], shards: usize, cfg: &TransportConfig) -> Option<Next> {
         let _span = self.setup_span(header);
         let (Some(t), Some(secret)) = (self.challenge.take(), &cfg.cluster_secret) else {
             self.fail(header, Status::BadRequest, "an auth request without a challenge: say hello first".into());
@@ -771,7 +767,7 @@ impl Conn {
             return None;
         }
         tracing::debug!(peer = %self.peer, conn = self.id.0, worker = t.worker, "authenticated");
-        self.welcome(header, t.shard, role, info, cfg.frame_bytes_max)
+        self.welcome(header, t.shard, role, info, shards, cfg.frame_bytes_max)
     }
 
     /// Refuses a peer that has not authenticated and closes the connection once that is sent.
@@ -781,8 +777,13 @@ impl Conn {
     }
 
     /// Serves the connection from now on: answers `header` with the server's self-description.
-    /// On the control plane, a hello that named a shard moves the connection there.
-    fn welcome(&mut self, header: &Header, shard: u64, role: Role, info: &[u8], frame_bytes_max: usize) -> Option<Next> {
+    /// On the control plane, a hello that named a shard moves the connection there. (With a
+    /// cluster secret, only an authenticated peer learns whether its shard exists.)
+    fn welcome(&mut self, header: &Header, shard: u64, role: Role, info: &[u8], shards: usize, frame_bytes_max: usize) -> Option<Next> {
+        if shard != CONTROL_SHARD && shard >= shards as u64 && role == Role::Control {
+            self.fail(header, Status::BadRequest, format!("no shard {shard}: this server has {shards}"));
+            return None;
+        }
         self.greeted = true;
         self.reader.set_frame_bytes_max(frame_bytes_max);
         let mut reply = Reply::new(&mut self.out, *header, usize::MAX);
