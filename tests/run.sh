@@ -10,8 +10,8 @@
 # integration tests, the real-process tests (servers started and killed as
 # separate processes on loopback, crash recovery after kill -9 among them), and, inside a SoftRoCE
 # guest (tests/softroce/), the RDMA tests on real verbs, the replication kill test over RDMA, and
-# the RDMA benchmark against perftest;
-# then the disk benchmark against fio. A guest whose rxe device cannot be
+# the RDMA benchmark against perftest; the cargo-fuzz targets for a bounded time each (and the
+# canary, whose planted bug must be found); then the disk benchmark against fio. A guest whose rxe device cannot be
 # created fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +57,10 @@ cargo test --workspace --all-features --locked -- --test-threads 2
 log "replication simulator: 10,000 seeds with faults, in a release build (its canary ran with the tests above)"
 # The debug run above covered 200 seeds and the canary; a failing seed prints its replay command.
 cargo run -p tessera-replication --release --locked --example sim -- --seeds "${SIM_SEEDS:-10000}"
+
+log "fuzzing: every cargo-fuzz target for ${FUZZ_SECONDS:-60} s from its seed corpus, and the canary's planted bug must be found"
+# Installs the nightly toolchain and cargo-fuzz when missing; fails on any crash of a real target.
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}" tests/fuzz/run.sh
 
 # Each test binary below runs in its own SoftRoCE guest (about ten seconds to boot under TCG).
 log "RDMA on real verbs, in the SoftRoCE guest: verbs layer and transport tests"

@@ -180,6 +180,10 @@ impl Manifest {
         if m.version != MANIFEST_VERSION {
             return Err(corrupt(format!("version {}, this build reads {MANIFEST_VERSION}", m.version)));
         }
+        // The log after the checkpoint starts at `lsn + 1`; no log counts that far.
+        if m.lsn == u64::MAX {
+            return Err(corrupt(format!("log position {} leaves no room for the log after it", m.lsn)));
+        }
         Ok(m)
     }
 

@@ -241,18 +241,9 @@ impl Shard {
             return Err(e);
         }
         let Some(disk) = self.disk.as_mut() else { return Ok(None) };
-        let placed: Vec<_> = self.tables.iter().map(|t| t.as_ref().map(|t| (t.spec.clone(), t.owned(), t.updater()))).collect();
+        let placed: Vec<Placed> = self.tables.iter().map(|t| t.as_ref().map(|t| (t.spec.clone(), t.owned(), t.updater()))).collect();
         let (shard, cfg, arena) = (self.id, self.cfg.clone(), &mut self.arena);
-        let mut build = |m: &PartManifest| {
-            let mismatch = |reason: String| EngineError::Corrupt { what: format!("the checkpoint's table {}", m.table), reason };
-            let Some(Some((spec, owned, updater))) = placed.get(m.table as usize) else {
-                return Err(mismatch(format!("the catalog places no table {} on shard {shard}", m.table)));
-            };
-            if *spec != m.spec || (owned.start, owned.end) != m.owned {
-                return Err(mismatch(format!("it is {:?} over {:?}, the catalog has {spec:?} over {owned:?}", m.spec, m.owned)));
-            }
-            TablePart::new(m.table, shard, spec.clone(), owned.clone(), updater.clone(), &cfg, arena)
-        };
+        let mut build = |m: &PartManifest| part_for_checkpoint(m, &placed, shard, &cfg, arena);
         let report = disk.recover(&mut self.tables, &mut build)?;
         // Parts loaded from a checkpoint replaced the fresh ones: show workers the new memory.
         for t in self.tables.iter().flatten() {
@@ -530,6 +521,24 @@ impl Shard {
             None => Ok(()),
         }
     }
+}
+
+/// What the catalog places on a shard, per table id: the spec, the keys the shard owns, and the
+/// updater.
+pub type Placed = Option<(TableSpec, std::ops::Range<u64>, Arc<dyn Updater>)>;
+
+/// Makes a fresh part for checkpoint table `m` on `shard`, for recovery to load into; refuses a
+/// table the catalog (`placed`, by table id) does not place on this shard with the same spec and
+/// keys, since loading it would put data where the catalog says none belongs.
+pub fn part_for_checkpoint(m: &PartManifest, placed: &[Placed], shard: u16, cfg: &EngineConfig, arena: &mut Arena) -> Result<TablePart> {
+    let mismatch = |reason: String| EngineError::Corrupt { what: format!("the checkpoint's table {}", m.table), reason };
+    let Some(Some((spec, owned, updater))) = placed.get(m.table as usize) else {
+        return Err(mismatch(format!("the catalog places no table {} on shard {shard}", m.table)));
+    };
+    if *spec != m.spec || (owned.start, owned.end) != m.owned {
+        return Err(mismatch(format!("it is {:?} over {:?}, the catalog has {spec:?} over {owned:?}", m.spec, m.owned)));
+    }
+    TablePart::new(m.table, shard, spec.clone(), owned.clone(), updater.clone(), cfg, arena)
 }
 
 fn not_held(range: u32) -> EngineError {

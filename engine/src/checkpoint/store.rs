@@ -367,49 +367,92 @@ pub fn load(
     let name = Manifest::file_name(seq);
     let (words, len) = read_whole(disk, buf, &dir.join(&name))?;
     let bytes = &bytemuck::cast_slice::<u64, u8>(&words)[..len];
-    let manifest = Manifest::decode(bytes, &name)?;
+    decode(bytes, &name, build, &mut DataFiles { disk, buf, dir, open: None })
+}
+
+/// Where [`decode`] finds the chunks a manifest names: the data files, through the disk, when a
+/// server loads; memory when the fuzzer (`tests/fuzz`) feeds it bytes.
+pub trait ChunkSource {
+    /// The `r.len` bytes at `r.offset` of data file `r.file` (`r.len` is a whole number of
+    /// pages). `what` names the chunk in errors.
+    fn chunk(&mut self, r: &ChunkRef, what: &str) -> Result<&[u8]>;
+    /// One part's chunks are all read: let go of what reading them held (an open file).
+    fn release(&mut self) -> Result<()>;
+}
+
+/// A checkpoint from its manifest file's contents (`name` names it in errors) and the chunks
+/// `chunks` reads: the manifest checked and decoded, each part made by `build` and every chunk
+/// checked against the manifest and loaded into it. All of the load that is not I/O.
+pub fn decode(
+    manifest: &[u8],
+    name: &str,
+    build: &mut dyn FnMut(&PartManifest) -> Result<TablePart>,
+    chunks: &mut dyn ChunkSource,
+) -> Result<(Manifest, Vec<TablePart>)> {
+    let manifest = Manifest::decode(manifest, name)?;
     let mut parts = Vec::with_capacity(manifest.tables.len());
     for t in &manifest.tables {
         let mut part = build(t)?;
         if part.chunks() != t.chunks.len() as u64 || part.chunk_slots() != t.chunk_slots {
             return Err(EngineError::Corrupt {
-                what: name.clone(),
+                what: name.to_string(),
                 reason: format!("table {} has {} chunks of {} slots here, not {}", t.table, part.chunks(), part.chunk_slots(), t.chunks.len()),
             });
         }
-        load_part(disk, buf, dir, &mut part, t)?;
+        load_part(chunks, &mut part, t)?;
         part.finish_load(t.step, &t.clocks)?;
         parts.push(part);
     }
     Ok((manifest, parts))
 }
 
-fn load_part(disk: &mut Disk, buf: BufId, dir: &Path, part: &mut TablePart, t: &PartManifest) -> Result<()> {
-    let mut open: Option<(u64, FileId)> = None;
+fn load_part(chunks: &mut dyn ChunkSource, part: &mut TablePart, t: &PartManifest) -> Result<()> {
     let result = t.chunks.iter().enumerate().try_for_each(|(c, r)| {
         let what = format!("{} at {} (table {} chunk {c})", Manifest::data_file_name(r.file), r.offset, t.table);
         let corrupt = |reason: String| EngineError::Corrupt { what: what.clone(), reason };
-        if open.is_none_or(|(seq, _)| seq != r.file) {
-            if let Some((_, f)) = open.take() {
-                disk.close_file(f)?;
-            }
-            open = Some((r.file, disk.open_file(&dir.join(Manifest::data_file_name(r.file)), false)?));
-        }
-        let file = open.expect("opened above").1;
-        if r.len as usize > disk.buf(buf).len() || !(r.len as usize).is_multiple_of(IO_ALIGN_BYTES) {
+        if !(r.len as usize).is_multiple_of(IO_ALIGN_BYTES) {
             return Err(corrupt(format!("a chunk of {} bytes", r.len)));
         }
-        read(disk, buf, file, r.offset, r.len as usize).map_err(|e| corrupt(e.to_string()))?;
-        let (h, payload) = ChunkHeader::open(&disk.buf(buf)[..r.len as usize], &what)?;
+        let (h, payload) = ChunkHeader::open(chunks.chunk(r, &what)?, &what)?;
         if h.crc != r.crc || h.table != t.table || h.chunk != c as u64 {
             return Err(corrupt(format!("holds table {} chunk {} (crc {:#010x}), not the one named", h.table, h.chunk, h.crc)));
         }
         part.load_chunk(c as u64, payload)
     });
-    if let Some((_, f)) = open {
-        disk.close_file(f)?;
-    }
+    chunks.release()?;
     result
+}
+
+/// A checkpoint's data files read through the disk, one open at a time, into one buffer.
+struct DataFiles<'a> {
+    disk: &'a mut Disk,
+    buf: BufId,
+    dir: &'a Path,
+    /// The data file open now, by sequence number.
+    open: Option<(u64, FileId)>,
+}
+
+impl ChunkSource for DataFiles<'_> {
+    fn chunk(&mut self, r: &ChunkRef, what: &str) -> Result<&[u8]> {
+        let corrupt = |reason: String| EngineError::Corrupt { what: what.to_string(), reason };
+        if self.open.is_none_or(|(seq, _)| seq != r.file) {
+            self.release()?;
+            self.open = Some((r.file, self.disk.open_file(&self.dir.join(Manifest::data_file_name(r.file)), false)?));
+        }
+        let file = self.open.expect("opened above").1;
+        if r.len as usize > self.disk.buf(self.buf).len() {
+            return Err(corrupt(format!("a chunk of {} bytes", r.len)));
+        }
+        read(self.disk, self.buf, file, r.offset, r.len as usize).map_err(|e| corrupt(e.to_string()))?;
+        Ok(&self.disk.buf(self.buf)[..r.len as usize])
+    }
+
+    fn release(&mut self) -> Result<()> {
+        match self.open.take() {
+            Some((_, f)) => self.disk.close_file(f),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A whole file's contents, read through the disk in buffer-sized pieces into 8-byte aligned

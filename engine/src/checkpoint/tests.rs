@@ -93,6 +93,16 @@ fn a_manifest_round_trips() {
     assert_eq!(Manifest::decode(&bytes, "MANIFEST-00000012").unwrap(), m);
 }
 
+/// A manifest whose checksum holds but whose log position is the last one is refused, not
+/// overflowed when recovery starts the log after it (the fuzz target `wal_reader` found the
+/// same overflow in the log reader).
+#[test]
+fn a_manifest_at_the_last_log_position_is_refused() {
+    let m = Manifest { lsn: u64::MAX, ..manifest() };
+    let err = Manifest::decode(&m.encode(), "M").unwrap_err().to_string();
+    assert!(err.contains("no room"), "{err}");
+}
+
 #[test]
 fn a_damaged_manifest_is_refused_with_a_reason() {
     let bytes = manifest().encode();
