@@ -34,6 +34,10 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// While a head is unreachable, or pushes wait longer than [`SLOW_ACK`], how often the
 /// configuration is fetched again.
 const REFRESH_GAP: Duration = Duration::from_millis(50);
+/// Oldest configuration a call starts with: a call with nothing in flight fetches it again
+/// first. Failures show up by themselves (a call fails or is slow), but a server that rejoins
+/// does not, and a client that never looked again would leave it without worker traffic.
+const CONFIG_AGE_MAX: Duration = Duration::from_secs(1);
 /// Pushes unacknowledged this long suggest a failed member behind their head: the client then
 /// watches for a new configuration as it does when a head is unreachable, and resends at once
 /// when one comes, instead of waiting out [`RETRY_MS`]. (A healthy chain acknowledges within
@@ -166,6 +170,14 @@ impl ChainClient {
         }
     }
 
+    /// Fetches the configuration again if it is older than [`CONFIG_AGE_MAX`] and nothing is in
+    /// flight (so nothing needs rerouting).
+    fn refresh_if_old(&mut self) {
+        if self.refreshed_at.elapsed() >= CONFIG_AGE_MAX && self.pusher.unacked() == 0 {
+            self.refresh();
+        }
+    }
+
     /// The configuration this client routes by.
     pub fn view(&self) -> &Arc<ClusterConfig> {
         &self.pusher.view
@@ -289,6 +301,7 @@ impl ChainClient {
             let name = table.entry.spec.name.clone();
             return Err(ClientError::Length { what: "the gradient", table: name, keys, dim, got: grads.len(), want });
         }
+        self.refresh_if_old();
         let now = self.now_ms();
         for (range, lo, hi) in self.pieces(table, start, (grads.len() / dim) as u64)? {
             let h = PushHeader {
@@ -316,6 +329,7 @@ impl ChainClient {
         }
         let dim = spec.dim as usize;
         check_length("the gradient", table, keys.len(), grads.len())?;
+        self.refresh_if_old();
         let now = self.now_ms();
         for (range, at) in self.by_range(table, keys)? {
             let listed: Vec<u64> = at.iter().map(|i| keys[*i]).collect();
@@ -402,6 +416,7 @@ impl ChainClient {
     pub fn pull_range(&mut self, table: &ChainTable, start: u64, out: &mut [f32]) -> Result<()> {
         let dim = table.entry.spec.dim as usize;
         let deadline = Instant::now() + CALL_TIMEOUT;
+        self.refresh_if_old();
         for (range, lo, hi) in self.pieces(table, start, (out.len() / dim) as u64)? {
             let values = &mut out[(lo - start) as usize * dim..(hi - start) as usize * dim];
             self.pull_retrying(table, range, Keys::Range(lo, hi), values, deadline)?;
@@ -414,6 +429,7 @@ impl ChainClient {
         let dim = table.entry.spec.dim as usize;
         check_length("the output", table, keys.len(), out.len())?;
         let deadline = Instant::now() + CALL_TIMEOUT;
+        self.refresh_if_old();
         for (range, at) in self.by_range(table, keys)? {
             let listed: Vec<u64> = at.iter().map(|i| keys[*i]).collect();
             let mut values = vec![0f32; listed.len() * dim];

@@ -39,9 +39,10 @@
 //!   a checkpoint has a file open, or a scrape is being answered, only adds). On the surviving
 //!   servers and the coordinator, the lowest count after the failover equals the lowest before:
 //!   the same workers, the same peers. The test process (the workers) may hold fewer after, never
-//!   more: a worker fetches the configuration only when a call fails or is slow, so it may go on
-//!   routing by the one it fetched during the failover, whose members all still serve it, and
-//!   open no link to the restarted server (which then serves replication traffic only). A
+//!   more. (Workers used to fetch the configuration only when a call failed or was slow, and so
+//!   went on routing by the one they fetched during the failover, never opening a link to the
+//!   restarted server; the first soak runs found that. A call now fetches it again when it is
+//!   over a second old, and the soak checks that every worker ends on the coordinator's.) A
 //!   restarted server is a new process; its counts are printed beside its predecessor's, and
 //!   checked for growth within its own window.
 //! - The durable server checkpointed all along: no shard's checkpoint was ever older than
@@ -907,6 +908,14 @@ fn soak_training_with_checkpoints_and_a_failover() {
     let mut failures = scrape_failures;
     failures.extend(check_readings(&knobs, &readings, failover, end_s));
     failures.extend(check_workers(&knobs, &done));
+    // Workers look at the configuration again at least once a second, so each ends on the
+    // coordinator's, with the restarted server back in their routes.
+    if let Some(id) = config_id {
+        let stale: Vec<u64> = done.iter().map(|d| d.view_id).filter(|v| *v != id).collect();
+        if !stale.is_empty() {
+            failures.push(format!("workers ended routing by configurations {stale:?}, the coordinator's is {id}"));
+        }
+    }
     assert!(failures.is_empty(), "the soak found:\n  {}", failures.join("\n  "));
     println!("soak passed");
 }
