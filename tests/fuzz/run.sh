@@ -9,13 +9,15 @@
 #
 # Environment:
 #   FUZZ_SECONDS    seconds per real target (default 60)
+#   FUZZ_TOOLCHAIN  the nightly toolchain to build with (default nightly-2026-05-20, installed
+#                   with rustup when missing)
 #   CANARY_SECONDS  time the canary's bug must be found in (default 120)
 #   FUZZ_RSS_MB     libFuzzer's memory limit per target, MB (default 2048)
 #   FUZZ_TIMEOUT    seconds one input may take before it counts as a hang (default 60)
 #   FUZZ_WORK       scratch directory: the growing corpus, logs, crash artifacts
 #                   (default tests/fuzz/scratch; the committed corpus is only ever read)
 #
-# Needs rustup and a C++ compiler (libFuzzer is C++); installs the nightly toolchain, cargo-fuzz
+# Needs rustup and a C++ compiler (libFuzzer is C++); installs the pinned nightly toolchain, cargo-fuzz
 # and, as root on Debian, g++ when they are missing. Exits non-zero when a real target crashes
 # (its artifact is named in the output) or when the canary's bug is not found.
 set -euo pipefail
@@ -24,6 +26,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 real_targets=(frame_header wal_reader checkpoint_reader capi)
 fuzz_seconds=${FUZZ_SECONDS:-60}
+# A dated nightly, so that CI does not change with each day's nightly; the one these targets were
+# built and run with.
+toolchain=${FUZZ_TOOLCHAIN:-nightly-2026-05-20}
 canary_seconds=${CANARY_SECONDS:-120}
 rss_mb=${FUZZ_RSS_MB:-2048}
 timeout_s=${FUZZ_TIMEOUT:-60}
@@ -36,13 +41,13 @@ die() { printf 'run.sh: %s\n' "$*" >&2; exit 2; }
 
 ensure_tools() {
     command -v rustup >/dev/null || die "needs rustup (https://rustup.rs)"
-    if ! rustup toolchain list | grep -q '^nightly'; then
-        say "installing the nightly toolchain (cargo-fuzz needs -Zsanitizer)"
-        rustup toolchain install nightly --profile minimal
+    if ! rustup toolchain list | grep -q "^$toolchain"; then
+        say "installing the $toolchain toolchain (cargo-fuzz needs -Zsanitizer)"
+        rustup toolchain install "$toolchain" --profile minimal
     fi
-    if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    if ! cargo +"$toolchain" fuzz --version >/dev/null 2>&1; then
         say "installing cargo-fuzz"
-        cargo install cargo-fuzz --locked
+        cargo install cargo-fuzz --locked --version 0.13.2
     fi
     if ! command -v c++ >/dev/null; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -56,7 +61,7 @@ ensure_tools() {
 
 # Writes every target's seeds, from the real writers, into $1/<target>/.
 generate_seeds() {
-    cargo +nightly run -q --manifest-path "$here/Cargo.toml" --example seeds -- "$1" >/dev/null
+    cargo +"$toolchain" run -q --manifest-path "$here/Cargo.toml" --example seeds -- "$1" >/dev/null
 }
 
 if [ "${1:-}" = seeds ]; then
@@ -85,8 +90,8 @@ rm -rf "${work:?}"/{corpus,seeds,artifacts,logs}
 mkdir -p "$work"/{corpus,seeds,artifacts,logs}
 
 say "building the fuzz targets (once; every run below reuses them)"
-(cd "$root" && cargo +nightly fuzz build --fuzz-dir tests/fuzz --release --debug-assertions)
-triple=$(rustc +nightly -vV | sed -n 's/^host: //p')
+(cd "$root" && cargo +"$toolchain" fuzz build --fuzz-dir tests/fuzz --release --debug-assertions)
+triple=$(rustc +"$toolchain" -vV | sed -n 's/^host: //p')
 bin="$here/target/$triple/release"
 
 # Seeds made now by the current writers run beside the committed ones, so a format change
@@ -151,5 +156,5 @@ echo "| target            |    executions | seconds | result |"
 echo "|-------------------|---------------|---------|--------|"
 printf '%s\n' "${rows[@]}"
 echo
-echo "(nightly $(rustc +nightly -V | cut -d' ' -f2-), $(cargo +nightly fuzz --version 2>/dev/null); logs and artifacts in $work)"
+echo "(nightly $(rustc +"$toolchain" -V | cut -d' ' -f2-), $(cargo +"$toolchain" fuzz --version 2>/dev/null); logs and artifacts in $work)"
 exit "$failed"
