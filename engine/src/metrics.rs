@@ -17,6 +17,7 @@
 //! | `tessera_rdma_slot_stalls_total` | counter | shard |
 //! | `tessera_auth_refusals_total` | counter | |
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
@@ -32,6 +33,19 @@ pub const CONNECTIONS: &str = tessera_transport::metrics::CONNECTIONS;
 pub const WAL_FSYNC_SECONDS: &str = "tessera_wal_fsync_seconds";
 pub const CHECKPOINT_AGE_SECONDS: &str = "tessera_checkpoint_age_seconds";
 pub const REPLICATION_LAG_TICKS: &str = "tessera_replication_lag_ticks";
+
+/// Whether an exporter is installed; until then shards take no timestamps for metrics.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Tells shards an exporter is installed: from now on they time requests and refresh gauges.
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// Whether [`enable`] was called. One relaxed load: cheap enough for every request.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
 
 /// How often a shard refreshes its gauges (checkpoint age, replication lag).
 pub const GAUGE_PERIOD: Duration = Duration::from_secs(1);

@@ -151,9 +151,11 @@ impl Shard {
         }
         while !self.stop {
             self.connections = transport.connections();
-            self.metrics.connections.set(self.connections as f64);
-            if self.metrics.gauges_due() {
-                self.refresh_gauges();
+            if crate::metrics::enabled() {
+                self.metrics.connections.set(self.connections as f64);
+                if self.metrics.gauges_due() {
+                    self.refresh_gauges();
+                }
             }
             self.pump_disk();
             // A checkpoint on the blocking disk backend moves on each turn of the loop.
@@ -566,13 +568,15 @@ fn check_reply(stamp_len: usize, values: usize, limit: usize) -> Result<()> {
 
 impl Service for Shard {
     fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
-        let started = std::time::Instant::now();
+        // Without an exporter, no clock is read for metrics on the data path.
+        let started = crate::metrics::enabled().then(std::time::Instant::now);
         let (header, received) = (request.header, request.body.len());
         if let Err(e) = self.serve_data(&request, reply) {
             reply.error(e.status(), &e.to_string());
             self.metrics.errors.increment(1);
             return;
         }
+        let Some(started) = started else { return };
         let table = match header.op() {
             Some(Op::WorkerPush) => self.chain.as_mut().and_then(|c| c.last_push_table.take()),
             _ => Some(header.table),

@@ -357,27 +357,38 @@ pub fn rdma_here(test: &str) -> bool {
 pub mod counting;
 pub use counting::{allocations, Counting};
 
-/// `GET /metrics` from a `--metrics` address; the Prometheus text.
-pub fn scrape(addr: &str) -> String {
+/// `GET /metrics` from a `--metrics` address; the Prometheus text, or what went wrong.
+pub fn try_scrape(addr: &str) -> Result<String, String> {
     use std::io::{Read, Write};
-    let sock: SocketAddr = addr.parse().expect("a numeric address");
-    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).unwrap_or_else(|e| panic!("connect to metrics at {addr}: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("set a read timeout");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send the scrape");
+    let sock: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(|e| format!("connect to {addr}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").map_err(|e| format!("ask {addr}: {e}"))?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read the scrape");
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    assert!(head.starts_with("HTTP/1.1 200"), "metrics answered {head:?}");
-    body.to_string()
+    stream.read_to_string(&mut response).map_err(|e| format!("read from {addr}: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("{addr}: not an HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{addr} answered {head:?}"));
+    }
+    Ok(body.to_string())
 }
 
-/// The sum of every sample of `name` in Prometheus text whose labels contain each of `labels`
-/// (`shard="0"` and the like); `None` when there is none.
-pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    let samples = text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| {
+/// [`try_scrape`], panicking on failure.
+pub fn scrape(addr: &str) -> String {
+    try_scrape(addr).unwrap_or_else(|e| panic!("scraping metrics: {e}"))
+}
+
+/// Every sample of `name` in Prometheus text whose labels contain each of `labels`
+/// (`shard="0"` and the like).
+pub fn samples<'a>(text: &'a str, name: &'a str, labels: &'a [&'a str]) -> impl Iterator<Item = f64> + 'a {
+    text.lines().filter(|l| !l.starts_with('#')).filter_map(move |l| {
         let (series, value) = l.rsplit_once(' ')?;
         let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
         (metric == name && labels.iter().all(|want| rest.contains(want))).then(|| value.parse::<f64>().ok()).flatten()
-    });
-    samples.fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
+    })
+}
+
+/// The sum of [`samples`]; `None` when there is none.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    samples(text, name, labels).fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
 }

@@ -12,7 +12,7 @@ fn pushes_above(addr: &str, above: f64) -> f64 {
     let deadline = Instant::now() + SCRAPE_WITHIN;
     loop {
         // The endpoint comes up before the server does; until then a scrape may not connect.
-        let text = std::panic::catch_unwind(|| tessera_tests::scrape(addr)).unwrap_or_default();
+        let text = tessera_tests::try_scrape(addr).unwrap_or_default();
         if let Some(pushes) = metric(&text, "tessera_pushes_total", &[]).filter(|p| *p > above) {
             assert!(metric(&text, "tessera_pulls_total", &[]).unwrap_or(0.0) > 0.0, "pushes but no pulls:\n{text}");
             assert!(metric(&text, "tessera_request_seconds_count", &["op=\"push\""]).unwrap_or(0.0) > 0.0, "{text}");

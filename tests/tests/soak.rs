@@ -73,8 +73,6 @@
 //! `SOAK_SAMPLE_S`, `SOAK_PLANT_LEAK`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,7 +82,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tessera_client::chain::ChainStats;
 use tessera_client::{ChainClient, Client, ClientConfig};
-use tessera_tests::{free_port, metric, run_tool, ScratchDir, ServerProc};
+use tessera_tests::{free_port, metric, run_tool, samples, try_scrape, ScratchDir, ServerProc};
 use tessera_transport::{Op, TransportConfig, TransportKind};
 
 const SERVERS: usize = 3;
@@ -484,28 +482,9 @@ struct Reading {
     disk_bytes: Option<f64>,
 }
 
-/// `GET /metrics`, failing with a message instead of panicking.
-fn try_scrape(addr: &str) -> Result<String, String> {
-    let sock: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(|e| format!("connect to {addr}: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").map_err(|e| format!("ask {addr}: {e}"))?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|e| format!("read from {addr}: {e}"))?;
-    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("{addr}: not an HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{addr} answered {head:?}"));
-    }
-    Ok(body.to_string())
-}
-
 /// The largest sample of `name` in Prometheus text, over all label sets.
 fn metric_max(text: &str, name: &str) -> Option<f64> {
-    let values = text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        (series.split('{').next() == Some(name)).then(|| value.parse::<f64>().ok()).flatten()
-    });
-    values.fold(None, |max: Option<f64>, v| Some(max.map_or(v, |m| m.max(v))))
+    samples(text, name, &[]).fold(None, |max: Option<f64>, v| Some(max.map_or(v, |m| m.max(v))))
 }
 
 fn dir_bytes(dir: &Path) -> f64 {

@@ -46,6 +46,7 @@ pub fn serve(addr: &str) -> Result<SocketAddr> {
     let recorder = PrometheusBuilder::new().set_buckets(&BUCKETS_SECONDS).context("histogram buckets")?.build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?;
+    tessera_engine::metrics::enable();
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
         for stream in listener.incoming().flatten() {
             if let Err(e) = answer(stream, &handle) {
