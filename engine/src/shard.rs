@@ -401,6 +401,7 @@ impl Shard {
                 let span = part.push_range(h.start, h.count as usize, grads, h.worker, h.clock)?;
                 let (stamp, _) = reply.ok(part.stamp_len(), 0);
                 part.stamp_into(span, stamp);
+                reply.trim_stamp();
                 self.log(log, reply);
             }
             Some(Op::PullRange) => {
@@ -437,6 +438,7 @@ impl Shard {
             let span = part.push(keys, grads, h.worker, h.clock)?;
             let (stamp, _) = reply.ok(part.stamp_len(), 0);
             part.stamp_into(span, stamp);
+            reply.trim_stamp();
             self.log(log, reply);
             return Ok(());
         }
@@ -478,6 +480,7 @@ impl Shard {
         part.advance_clock(owned.clone(), h.worker, h.clock)?;
         let (stamp, _) = reply.ok(part.stamp_len(), 0);
         part.stamp_into(owned, stamp);
+        reply.trim_stamp();
         self.log(log, reply);
         Ok(())
     }

@@ -19,6 +19,8 @@
 #
 # Environment: RDMA_DEV, RDMA_IP, RDMA_GID_INDEX (run.sh sets all three in the VM), and
 #   PERFTEST_SET        lat (the latency pairs), bw (the bandwidth pairs) or all (default)
+#   PERFTEST_LAT_SIZES  the latency pairs' sizes (default "8 64 512 4096"); ib_send_lat runs
+#                       only when 8 is among them
 #   PERFTEST_LAT_ITERS  iterations per latency test (default 5000)
 #   PERFTEST_BW_BYTES   bytes moved per bandwidth test (default 64 MiB; at least 8 iterations)
 #   PERFTEST_PORT       TCP port perftest exchanges QP numbers on (default 18515)
@@ -38,6 +40,7 @@ DEV=${RDMA_DEV:?set RDMA_DEV (run.sh sets it in the VM; on a host: e.g. mlx5_0 o
 IP=${RDMA_IP:?set RDMA_IP to the IPv4 address of $DEV}
 GID_INDEX=${RDMA_GID_INDEX:?set RDMA_GID_INDEX to the RoCEv2 IPv4 GID index (show_gids lists them)}
 LAT_ITERS=${PERFTEST_LAT_ITERS:-5000}
+LAT_SIZES=${PERFTEST_LAT_SIZES:-8 64 512 4096}
 BW_BYTES=${PERFTEST_BW_BYTES:-$((64 << 20))}
 PORT=${PERFTEST_PORT:-18515}
 ATTEMPTS=${PERFTEST_ATTEMPTS:-3}
@@ -140,11 +143,11 @@ try_pair() {
 
 log "device $DEV, GID index $GID_INDEX, $IP; active MTU $(ibv_devinfo -d "$DEV" 2>/dev/null | awk '/active_mtu/ { print $2; exit }'); perftest $(ib_write_lat --version 2>/dev/null | awk '{ print $NF; exit }'); server on CPU ${SERVER_CPU:-any}, client on CPU ${CLIENT_CPU:-any}"
 if [ "$SET" != bw ]; then
-  for size in 8 64 512 4096; do
+  for size in $LAT_SIZES; do
     run_pair ib_write_lat "$size" "$LAT_ITERS"
     run_pair ib_read_lat "$size" "$LAT_ITERS"
   done
-  run_pair ib_send_lat 8 "$LAT_ITERS"
+  case " $LAT_SIZES " in *" 8 "*) run_pair ib_send_lat 8 "$LAT_ITERS" ;; esac
 fi
 if [ "$SET" != lat ]; then
   for size in 65536 262144 1048576 4194304; do

@@ -3,28 +3,30 @@
 # rxe0, then `tessera bench` over RDMA and over TCP, all in the same guest, and prints Tessera's
 # ratios to perftest. SoftRoCE gives ratios, not hardware speed.
 #
-# An emulated guest's speed drifts by tens of percent over a minute (the host is shared), so the
-# comparison runs in BENCH_ROUNDS rounds, each with perftest's pairs right before Tessera's same
-# sizes (latency, then bandwidth), and the summary gives each ratio's median over the rounds
-# beside its range.
+# An emulated guest's speed drifts by tens of percent within seconds (the host is shared; in one
+# guest perftest's own 8 B write latency read 9.4 and 14.2 us a minute apart), so the comparison
+# runs in BENCH_ROUNDS rounds, and within a round each latency size runs right after perftest's
+# pairs at that size (seconds apart, not a minute), then the bandwidth sizes after perftest's.
+# The summary gives each ratio's median over the rounds beside its range. Tessera's shard and
+# worker are pinned to one vCPU each (--pin), as perftest's server and client are.
 #
 #   TESSERA_BIN_RELEASE  the binary (default target/release/tessera, built with --features rdma)
 #   BENCH_SECONDS        time per size and operation (default 1)
-#   BENCH_ROUNDS         rounds (default 3)
+#   BENCH_ROUNDS         rounds (default 5)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${TESSERA_BIN_RELEASE:-$here/../../target/release/tessera}
 secs=${BENCH_SECONDS:-1}
-rounds=${BENCH_ROUNDS:-3}
+rounds=${BENCH_ROUNDS:-5}
 out=$(mktemp -d /tmp/rdma-bench.XXXXXX)
 # One shard and a long spin: perftest busy-polls one queue pair per side, and so do these.
-rdma=(--transport rdma --shards 1 --rdma-spin-us 1000000 --seconds "$secs")
+rdma=(--transport rdma --shards 1 --pin --rdma-spin-us 1000000 --seconds "$secs")
 
 # perftest calibrates its clock against gettimeofday, which an emulated guest sometimes upsets
 # (it prints inf); perftest.sh retries each pair, and a pair that still fails only loses its
 # ratios, said here. Tessera's own bench failing fails the run.
-perftest() {  # perftest SET FILE
-  if ! PERFTEST_SET=$1 "$here/perftest.sh" > "$2"; then
+perftest() {  # perftest SET FILE [LATENCY_SIZES]
+  if ! PERFTEST_SET=$1 PERFTEST_LAT_SIZES=${3:-8 64 512 4096} "$here/perftest.sh" > "$2"; then
     echo "rdma-bench: WARNING: some perftest pairs failed; their ratios are missing below" >&2
   fi
   cat "$2"
@@ -50,10 +52,11 @@ bench() {
 }
 
 for r in $(seq "$rounds"); do
-  echo "== round $r/$rounds: perftest latency on ${RDMA_DEV:-rxe0}"
-  perftest lat "$out/perftest-lat-$r.jsonl"
-  echo "== round $r/$rounds: tessera bench --transport rdma, latency sizes"
-  bench "${rdma[@]}" --sizes 8,64,512,4K --perftest "$out/perftest-lat-$r.jsonl" --json-out "$out/rdma-lat-$r.json"
+  for size in 8 64 512 4096; do
+    echo "== round $r/$rounds: perftest latency at $size B on ${RDMA_DEV:-rxe0}, then tessera bench --transport rdma"
+    perftest lat "$out/perftest-lat-$r-$size.jsonl" "$size"
+    bench "${rdma[@]}" --sizes "$size" --perftest "$out/perftest-lat-$r-$size.jsonl" --json-out "$out/rdma-lat-$r-$size.json"
+  done
   echo "== round $r/$rounds: perftest bandwidth on ${RDMA_DEV:-rxe0}"
   perftest bw "$out/perftest-bw-$r.jsonl"
   echo "== round $r/$rounds: tessera bench --transport rdma, bandwidth sizes"

@@ -17,7 +17,7 @@ use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BY
 use crate::{Frame, Link};
 
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, slot_keys, Endpoint, RdmaConfig, RemoteDense, SlotKey, SHORT_FRAME};
+use super::{rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, SHORT_FRAME};
 use crate::expose::block_is_whole;
 
 /// A link to one shard over an RC queue pair. Field order is drop order: the queue pair goes
@@ -25,8 +25,9 @@ use crate::expose::block_is_whole;
 pub struct RdmaLink {
     qp: Qp,
     /// Request frames are built here, then written into the shard's slot of the same index.
+    /// Laid out as `layout`, like `inbox`.
     out: Region,
-    /// The shard writes replies here.
+    /// The shard writes replies here: short ones into the slots' compact areas.
     inbox: Region,
     /// One-sided reads of dense blocks land here.
     reads: Region,
@@ -36,8 +37,10 @@ pub struct RdmaLink {
     _dev: Arc<Device>,
     /// Kept open: the shard releases this link's queue pair and rings when it closes.
     tcp: TcpLink,
+    /// The shard's request slots: full areas, and compact ones for short frames.
     remote: Vec<SlotKey>,
-    slot_bytes: usize,
+    remote_small: Vec<SlotKey>,
+    layout: SlotLayout,
     send_bytes_max: usize,
     slots: u64,
     /// Requests posted, replies arrived, replies handed out or parked, request writes completed.
@@ -94,20 +97,21 @@ impl RdmaLink {
         let _span = tracing::info_span!("rdma_connect", peer = tcp.peer()).entered();
         rcfg.validate()?;
         let (slots, sb) = (rcfg.slots, rcfg.slot_bytes);
+        let layout = SlotLayout::new(slots, sb);
         let cq = Cq::new(&dev, 2 * slots + 2).map_err(rdma)?;
         // Room for `slots` request writes not yet retired (inline ones are signaled only every
         // `signal_every`) beside a batch of `slots` one-sided reads.
         let mut qp = Qp::new(&dev, &cq, &cq, 2 * slots + 1, slots + 1).map_err(rdma)?;
         let out =
-            Region::new(&dev, slots as usize * sb, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
+            Region::new(&dev, layout.region_bytes(), Access { remote_write: false, remote_read: false }).map_err(rdma)?;
         let inbox =
-            Region::new(&dev, slots as usize * sb, Access { remote_write: true, remote_read: false }).map_err(rdma)?;
+            Region::new(&dev, layout.region_bytes(), Access { remote_write: true, remote_read: false }).map_err(rdma)?;
         let reads =
             Region::new(&dev, slots as usize * sb, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
         for slot in 0..slots {
             qp.post_recv(slot as u64).map_err(rdma)?;
         }
-        let mine = Endpoint { qp: qp.info(), slot_bytes: sb, slots: slot_keys(&inbox, slots, sb)? };
+        let mine = Endpoint::new(qp.info(), layout, &inbox)?;
         let mut header = Header::request(Op::RdmaConnect, 0);
         tcp.send(&mut header, &[&mine.encode()], false)?;
         let reply = tcp.recv(None)?;
@@ -115,6 +119,13 @@ impl RdmaLink {
             return Err(rdma(format!("the shard refused RDMA: {}", String::from_utf8_lossy(reply.body))));
         }
         let theirs = Endpoint::decode(reply.body)?;
+        if theirs.slots.len() != slots as usize || theirs.slot_bytes != sb {
+            return Err(rdma(format!(
+                "the shard answered with {} slots of {} bytes, not the {slots} of {sb} asked for",
+                theirs.slots.len(),
+                theirs.slot_bytes
+            )));
+        }
         qp.connect(&theirs.qp).map_err(rdma)?;
         let sleeper = Poll::new()?;
         sleeper.registry().register(&mut mio::unix::SourceFd(&cq.fd()), Token(0), Interest::READABLE)?;
@@ -132,7 +143,8 @@ impl RdmaLink {
             _dev: dev,
             tcp,
             remote: theirs.slots,
-            slot_bytes: sb,
+            remote_small: theirs.small,
+            layout,
             send_bytes_max: sb.min(cfg.frame_bytes_max),
             slots: slots as u64,
             sent: 0,
@@ -169,19 +181,22 @@ impl RdmaLink {
     }
 
     /// Test hook only, for tests that play a misbehaving worker: the shard slots (address,
-    /// rkey) this link writes its requests to, in slot order.
+    /// rkey) this link writes its requests to: the full areas in slot order, then the compact
+    /// ones (short frames) in slot order.
     #[doc(hidden)]
     pub fn remote_slot_keys(&self) -> Vec<(u64, u32)> {
-        self.remote.iter().map(|k| (k.addr, k.rkey)).collect()
+        self.remote.iter().chain(&self.remote_small).map(|k| (k.addr, k.rkey)).collect()
     }
 
     /// Test hook only, for tests that play a misbehaving worker: from now on, write requests to
-    /// these (address, rkey) slots instead of the ones the shard gave. Panics unless there is
-    /// one per slot.
+    /// these (address, rkey) slots instead of the ones the shard gave, in the order
+    /// [`RdmaLink::remote_slot_keys`] lists them. Panics unless there are two per slot.
     #[doc(hidden)]
     pub fn override_remote_slot_keys(&mut self, keys: Vec<(u64, u32)>) {
-        assert_eq!(keys.len(), self.remote.len(), "one (address, rkey) per slot");
-        self.remote = keys.into_iter().map(|(addr, rkey)| SlotKey { addr, rkey, reserved: 0 }).collect();
+        assert_eq!(keys.len(), 2 * self.remote.len(), "two (address, rkey) per slot: full areas, then compact ones");
+        let mut keys = keys.into_iter().map(|(addr, rkey)| SlotKey { addr, rkey, reserved: 0 });
+        self.remote = keys.by_ref().take(self.remote_small.len()).collect();
+        self.remote_small = keys.collect();
     }
 
     /// Test hook only, for tests that play a misbehaving worker: the (address, rkey) of each
@@ -262,14 +277,15 @@ impl RdmaLink {
         }
     }
 
-    /// The reply in slot `slot`: its (long) header, and where its body lies in `inbox`.
+    /// The reply in slot `slot` (in its compact area if short): its (long) header, and where its
+    /// body lies in `inbox`.
     fn reply_at(&self, slot: usize) -> Result<(Header, Range<usize>)> {
-        let at = slot * self.slot_bytes;
-        let bytes = &self.inbox.as_slice()[at..at + self.slot_bytes];
+        let (at, room) = self.layout.area(slot, self.short[slot]);
+        let bytes = &self.inbox.as_slice()[at..at + room];
         let (header, head_len) = if self.short[slot] {
-            (ShortHeader::expand(bytes, self.ids[slot], self.slot_bytes)?, SHORT_HEADER_BYTES)
+            (ShortHeader::expand(bytes, self.ids[slot], room)?, SHORT_HEADER_BYTES)
         } else {
-            let mut header = Header::decode(bytes, self.slot_bytes)?;
+            let mut header = Header::decode(bytes, room)?;
             // A request sent with a short header carries no id, so the shard answers it with id
             // 0 when the reply is too large for a short header (a pull of values by a cached key
             // list, say). The reply in a slot answers the request sent from it.
@@ -311,12 +327,13 @@ impl RdmaLink {
         Ok((seq % self.slots) as usize)
     }
 
-    /// Writes the `frame_len` bytes staged for `slot` into the shard's slot, naming the slot
-    /// (and whether it holds a short frame) in the immediate data.
+    /// Writes the `frame_len` bytes staged for `slot` (in its compact area if `short`) into the
+    /// shard's slot of the same kind, naming the slot (and whether it holds a short frame) in
+    /// the immediate data.
     fn post_staged(&mut self, slot: usize, frame_len: usize, short: bool) -> Result<()> {
         let seq = self.sent;
-        let at = slot * self.slot_bytes;
-        let key = self.remote[slot];
+        let (at, _) = self.layout.area(slot, short);
+        let key = if short { self.remote_small[slot] } else { self.remote[slot] };
         let imm = slot as u32 | if short { SHORT_FRAME } else { 0 };
         if frame_len <= INLINE_BYTES_MAX {
             // Small frames are copied into the work request as it is posted, so the staging is
@@ -342,10 +359,10 @@ impl RdmaLink {
     /// slot as it is, flagged as a short frame or not; its reply comes back through `recv`.
     #[doc(hidden)]
     pub fn send_raw(&mut self, frame: &[u8], short: bool) -> Result<()> {
-        assert!(frame.len() <= self.slot_bytes, "a raw frame fits a slot");
         let slot = self.free_slot()?;
+        let (at, room) = self.layout.area(slot, short);
+        assert!(frame.len() <= room, "a raw frame fits its slot's area ({room} bytes)");
         self.ids[slot] = 0;
-        let at = slot * self.slot_bytes;
         self.out.as_mut_slice()[at..at + frame.len()].copy_from_slice(frame);
         self.post_staged(slot, frame.len(), short)
     }
@@ -500,7 +517,8 @@ impl Link for RdmaLink {
             return Err(TransportError::FrameTooLarge { bytes: frame_len, limit: self.send_bytes_max });
         }
         self.ids[slot] = header.request_id;
-        let at = slot * self.slot_bytes;
+        // A short frame is at most INLINE_BYTES_MAX, which is what a compact area holds.
+        let (at, _) = self.layout.area(slot, short.is_some());
         let staging = &mut self.out.as_mut_slice()[at..at + frame_len];
         staging[..head.len()].copy_from_slice(head);
         let mut pos = head.len();

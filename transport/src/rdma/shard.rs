@@ -18,7 +18,7 @@ use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BY
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
 use super::verbs::{self, Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, slot_keys, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SHORT_FRAME};
+use super::{rdma, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, SHORT_FRAME};
 
 /// Completion-queue entries per shard; bounds the workers one shard can take over RDMA.
 const CQ_ENTRIES: u32 = 8192;
@@ -73,24 +73,27 @@ struct Peer {
     /// The worker sees a remote access error; the receive it consumed here completes with the
     /// same error, and `complete` releases this peer.
     ring: Region,
-    /// Replies are built here, then written to the worker's reply slot of the same index.
+    /// Replies are built here, then written to the worker's reply slot of the same index. Both
+    /// rings are laid out as `layout`: short frames use the slots' compact areas.
     staging: Region,
     /// Dense parts this worker asked to read, registered read-only in `pd`, by table id.
     tables: Vec<Option<verbs::Exposed>>,
     /// This worker's protection domain; see `ring`.
     pd: Pd,
+    /// The worker's reply slots: full areas, and compact ones for short replies.
     remote: Vec<SlotKey>,
+    remote_small: Vec<SlotKey>,
     tcp: ConnId,
     generation: u16,
-    slot_bytes: usize,
+    layout: SlotLayout,
     /// Slots whose requests arrived and wait to be served, in arrival order, with
     /// [`SHORT_FRAME`] set on those holding short frames.
     queued: VecDeque<u32>,
     /// Slots whose reply write the device has not yet completed: their staging is busy.
     writing: Vec<bool>,
     /// Replies staged but held until the service's log is durable (see
-    /// [`Reply::hold_until`]), in order: (slot, length, log position).
-    held: VecDeque<(u32, usize, u64)>,
+    /// [`Reply::hold_until`]), in order.
+    held: VecDeque<Staged>,
     /// The slot the worker's next request must arrive in.
     next_arrival: u32,
     /// Replies posted, and how often an inline one asks for a completion.
@@ -100,9 +103,24 @@ struct Peer {
     deflater: Deflater,
 }
 
-/// A reply slot as the place a [`Reply`] is written.
+/// A reply staged for a slot and not yet posted.
+#[derive(Debug, Clone, Copy)]
+struct Staged {
+    slot: u32,
+    /// Where it starts in `staging`: the slot's compact area, or its full one.
+    at: usize,
+    len: usize,
+    /// The log position it waits for (0: none of its own; it waits behind one that does).
+    lsn: u64,
+}
+
+/// A reply slot as the place a [`Reply`] is written: the slot's compact area, moved to its full
+/// area the first time the reply outgrows the compact one. Most replies are small, and so stay
+/// in the one page all compact areas share (see [`SlotLayout`]).
 struct SlotArea<'a> {
-    bytes: &'a mut [u8],
+    small: &'a mut [u8],
+    full: &'a mut [u8],
+    in_full: bool,
     used: usize,
 }
 
@@ -114,16 +132,25 @@ impl ReplyArea for SlotArea<'_> {
         self.used = len;
     }
     fn grow(&mut self, n: usize) -> Option<std::ops::Range<usize>> {
-        (self.used + n <= self.bytes.len()).then(|| {
-            self.used += n;
-            self.used - n..self.used
+        let end = self.used.checked_add(n)?;
+        if !self.in_full && end > self.small.len() {
+            if end > self.full.len() {
+                return None;
+            }
+            // Offsets stay valid across the move: the reply keeps ranges, not pointers.
+            self.full[..self.used].copy_from_slice(&self.small[..self.used]);
+            self.in_full = true;
+        }
+        (end <= self.bytes().len()).then(|| {
+            self.used = end;
+            end - n..end
         })
     }
     fn bytes(&self) -> &[u8] {
-        self.bytes
+        if self.in_full { self.full } else { self.small }
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
-        self.bytes
+        if self.in_full { self.full } else { self.small }
     }
 }
 
@@ -316,7 +343,8 @@ impl State {
             return Err(rdma(format!("slot size {} differs from the server's {want}; use --rdma-slot-bytes {want}", theirs.slot_bytes)));
         }
         self.forget(conn);
-        let bytes = slots as usize * theirs.slot_bytes;
+        let layout = SlotLayout::new(slots, theirs.slot_bytes);
+        let bytes = layout.region_bytes();
         // Declared in reverse drop order: on an early return the queue pair goes first, the
         // domain last, as in `Peer`.
         let pd = self.dev.alloc_pd().map_err(rdma)?;
@@ -331,7 +359,7 @@ impl State {
             qp.post_recv(wr_id(index, self.generation, slot)).map_err(rdma)?;
         }
         qp.connect(&theirs.qp).map_err(rdma)?;
-        let mine = Endpoint { qp: qp.info(), slot_bytes: theirs.slot_bytes, slots: slot_keys(&ring, slots, theirs.slot_bytes)? };
+        let mine = Endpoint::new(qp.info(), layout, &ring)?;
         let peer = Peer {
             qp,
             ring,
@@ -339,9 +367,10 @@ impl State {
             tables: Vec::new(),
             pd,
             remote: theirs.slots,
+            remote_small: theirs.small,
             tcp: conn,
             generation: self.generation,
-            slot_bytes: theirs.slot_bytes,
+            layout,
             queued: VecDeque::with_capacity(slots as usize),
             writing: vec![false; slots as usize],
             held: VecDeque::with_capacity(slots as usize),
@@ -472,24 +501,24 @@ impl State {
 }
 
 impl Peer {
-    /// Serves the request in `slot` (a short frame or a long one) and writes its reply to the
-    /// worker's reply slot.
+    /// Serves the request in `slot` (a short frame in the slot's compact area, or a long one)
+    /// and writes its reply to the worker's reply slot.
     fn serve(&mut self, index: usize, slot: u32, short: bool, service: &mut dyn Service, compress_bytes_min: usize) {
         let durable = service.durable();
         let mut hold = None;
-        let sb = self.slot_bytes;
-        let at = slot as usize * sb;
-        let frame = &self.ring.as_slice()[at..at + sb];
-        let mut area = SlotArea { bytes: &mut self.staging.as_mut_slice()[at..at + sb], used: 0 };
+        let layout = self.layout;
+        let (at, room) = layout.area(slot as usize, short);
+        let frame = &self.ring.as_slice()[at..at + room];
+        let mut area = slot_area(&mut self.staging, layout, slot as usize);
         let decoded = if short {
             // The worker's link puts the request id back into the reply.
-            ShortHeader::expand(frame, 0, sb).map(|h| (h, SHORT_HEADER_BYTES))
+            ShortHeader::expand(frame, 0, room).map(|h| (h, SHORT_HEADER_BYTES))
         } else {
-            Header::decode(frame, sb).map(|h| (h, HEADER_BYTES))
+            Header::decode(frame, room).map(|h| (h, HEADER_BYTES))
         };
         match decoded {
             Ok((header, head_len)) => {
-                let mut reply = Reply::new(&mut area, header, sb);
+                let mut reply = Reply::new(&mut area, header, layout.slot_bytes);
                 let raw = &frame[head_len..head_len + header.body_len as usize];
                 match self.inflater.inflate(&header, raw) {
                     Ok(_) if !header.op().is_some_and(|o| o.is_data()) => {
@@ -501,42 +530,46 @@ impl Peer {
                 hold = reply.finish_unsealed(&mut self.deflater, compress_bytes_min).1;
             }
             Err(e) => {
-                let mut reply = Reply::new(&mut area, Header::request(Op::Push, 0), sb);
+                let mut reply = Reply::new(&mut area, Header::request(Op::Push, 0), layout.slot_bytes);
                 reply.error(Status::Malformed, &e.to_string());
                 reply.finish_unsealed(&mut self.deflater, usize::MAX);
             }
         }
-        let len = area.used;
+        let staged = Staged { slot, at: layout.area(slot as usize, !area.in_full).0, len: area.used, lsn: 0 };
         // The slot stays busy until its reply is written, held or not.
         self.writing[slot as usize] = true;
         match hold {
             // Replies leave in order: behind a held one, every later one waits too.
-            Some(lsn) if lsn > durable || !self.held.is_empty() => self.held.push_back((slot, len, lsn)),
-            _ if !self.held.is_empty() => self.held.push_back((slot, len, 0)),
-            _ => self.post_reply(index, slot, len),
+            Some(lsn) if lsn > durable || !self.held.is_empty() => self.held.push_back(Staged { lsn, ..staged }),
+            _ if !self.held.is_empty() => self.held.push_back(staged),
+            _ => self.post_reply(index, staged),
         }
     }
 
     /// Writes the replies held for the log that `durable` now covers. If the log failed
     /// (`failure`), the others are written too, each turned into an error saying why.
     fn release(&mut self, index: usize, durable: u64, failure: Option<&str>) {
-        while let Some(&(slot, mut len, lsn)) = self.held.front() {
-            if lsn > durable {
+        while let Some(&staged) = self.held.front() {
+            let mut staged = staged;
+            if staged.lsn > durable {
                 let Some(reason) = failure else { break };
-                let at = slot as usize * self.slot_bytes;
-                let staged = &mut self.staging.as_mut_slice()[at..at + self.slot_bytes];
-                let header = Header::decode_unchecked(&staged[..HEADER_BYTES]);
-                len = crate::reply::not_durable(&header, reason, staged);
+                // The error is written to the slot's full area: its message may not fit the
+                // compact one.
+                let bytes = self.staging.as_mut_slice();
+                let header = Header::decode_unchecked(&bytes[staged.at..staged.at + HEADER_BYTES]);
+                let (at, room) = self.layout.area(staged.slot as usize, false);
+                staged.len = crate::reply::not_durable(&header, reason, &mut bytes[at..at + room]);
+                staged.at = at;
             }
             self.held.pop_front();
-            self.post_reply(index, slot, len);
+            self.post_reply(index, staged);
         }
     }
 
-    /// Writes the `len`-byte reply staged for `slot` into the worker's reply slot.
-    fn post_reply(&mut self, index: usize, slot: u32, len: usize) {
-        let at = slot as usize * self.slot_bytes;
-        let key = self.remote[slot as usize];
+    /// Writes the reply `staged` into the worker's reply slot of the same index: a short one
+    /// into the slot's compact area, inline; another into its full area.
+    fn post_reply(&mut self, index: usize, staged: Staged) {
+        let Staged { slot, at, len, .. } = staged;
         let id = wr_id(index, self.generation, slot);
         // Inline writes copy the reply as they are posted: the staging is free at once, and only
         // one in `signal_every` asks for a completion (it retires those before it).
@@ -552,21 +585,23 @@ impl Peer {
             self.staging.as_mut_slice()[at..at + HEADER_BYTES].copy_from_slice(header.as_bytes());
         }
         let reply = &self.staging.as_slice()[at..at + len];
+        let (key, small) = (self.remote[slot as usize], self.remote_small[slot as usize]);
         let posted = if let Some(s) = short {
-            // A small reply goes with a short header.
+            // A small reply goes with a short header, into the worker's compact area.
             let mut frame = [0u8; INLINE_BYTES_MAX];
             frame[..SHORT_HEADER_BYTES].copy_from_slice(s.as_bytes());
             let body = &reply[HEADER_BYTES..HEADER_BYTES + s.body_len as usize];
             frame[SHORT_HEADER_BYTES..SHORT_HEADER_BYTES + body.len()].copy_from_slice(body);
             let frame = &frame[..s.frame_len()];
             self.writing[slot as usize] = false;
-            self.qp.post_write_imm_inline(inline_id, frame, key.addr, key.rkey, slot | SHORT_FRAME, signaled)
+            self.qp.post_write_imm_inline(inline_id, frame, small.addr, small.rkey, slot | SHORT_FRAME, signaled)
         } else if len <= INLINE_BYTES_MAX {
             self.writing[slot as usize] = false;
             self.qp.post_write_imm_inline(inline_id, reply, key.addr, key.rkey, slot, signaled)
         } else {
-            // Why this is sound: staging[at..at + len] belongs to this peer and to reply slot `slot` alone. The CPU
-            // writes it only while serving a request in this slot, and `serve_queued` serves that slot
+            // Why this is sound: staging[at..at + len] belongs to this peer and to reply slot `slot` alone (a
+            // reply longer than a compact area is in the slot's full area). The CPU writes it
+            // only while serving a request in this slot, and `serve_queued` serves that slot
             // again only after this write's completion cleared `writing[slot]`, so the buffer stays
             // valid and unchanged until the device has read it. The region outlives the queue pair
             // (field order), so a release mid-write flushes the queue pair before deregistering.
@@ -580,3 +615,34 @@ impl Peer {
     }
 }
 
+/// Slot `slot`'s reply area in `staging`: its compact area, then its full one.
+fn slot_area(staging: &mut Region, layout: SlotLayout, slot: usize) -> SlotArea<'_> {
+    let (small_at, small_room) = layout.area(slot, true);
+    let (full_at, full_room) = layout.area(slot, false);
+    // Every full area lies before every compact one.
+    let (fulls, smalls) = staging.as_mut_slice().split_at_mut(small_at);
+    SlotArea { small: &mut smalls[..small_room], full: &mut fulls[full_at..full_at + full_room], in_full: false, used: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_area_moves_to_the_full_slot_only_when_it_outgrows_the_compact_one() {
+        let (mut small, mut full) = (vec![0u8; 256], vec![0u8; 8192]);
+        let mut area = SlotArea { small: &mut small, full: &mut full, in_full: false, used: 0 };
+        let head = area.grow(64).expect("room");
+        area.bytes_mut()[head.clone()].fill(0xab);
+        assert_eq!(area.grow(128), Some(64..192));
+        assert!(!area.in_full, "192 bytes fit the compact area");
+        let body = area.grow(1000).expect("the full slot has room");
+        assert_eq!(body, 192..1192);
+        assert!(area.in_full);
+        assert!(area.bytes()[head].iter().all(|&b| b == 0xab), "what was written moved with it");
+        assert_eq!(area.grow(8192), None, "past the full slot");
+        assert_eq!(area.used(), 1192, "a refused grow changes nothing");
+        area.truncate(64);
+        assert_eq!(area.grow(8), Some(64..72), "stays in the full slot once moved");
+    }
+}

@@ -5,22 +5,26 @@
 //! the device an address range it may read and write behind the compiler's back, posting a work
 //! request hands it a buffer it touches asynchronously until the completion is polled, and the
 //! completion-channel calls sideway does not wrap (`ibv_req_notify_cq`, `ibv_get_cq_event`,
-//! `ibv_ack_cq_events`, and an allocation-free `ibv_post_recv`) go to rdma-mummy-sys directly.
+//! `ibv_ack_cq_events`, and an allocation-free `ibv_post_recv`) go to rdma-mummy-sys directly, and
+//! so do the two calls of the data path, `ibv_post_send` and `ibv_poll_cq`: each is one call into
+//! the provider, where sideway's `ibv_wr_*` builder makes four per work request and the extended
+//! CQ's reader six per completion (counted with callgrind in the SoftRoCE guest, below).
 //! The only `unsafe` its callers need is for the two posting calls, whose `# Safety` says what
 //! they owe: the buffer outlives the completion.
 //!
 //! Ported from a SoftRoCE probe of these exact versions, which found these quirks:
-//! - rxe's extended CQ iterator (`ibv_next_poll`) corrupts the CQ, so [`Cq::poll`] takes exactly
-//!   one completion per `ibv_start_poll`/`ibv_end_poll` pair.
-//! - sideway passes `imm_data` through raw: it is big-endian on the wire and in the completion,
-//!   so posting converts with `to_be` and polling with `from_be`.
+//! - rxe's extended CQ iterator (`ibv_next_poll`) corrupts the CQ; [`Cq::poll`] uses the classic
+//!   `ibv_poll_cq` on the extended CQ instead (rxe and mlx5 serve both from the same queue).
+//! - `imm_data` is big-endian on the wire and in the completion, so posting converts with `to_be`
+//!   and polling with `from_be`.
 //! - `QueuePair::state()` is the state cached by the last modify, not the device's: after an
 //!   error completion it still says RTS. [`Qp::is_broken`] queries the device.
 //! - `ibv_destroy_cq` (dropping the last handle of a CQ) blocks forever while a channel event that
 //!   was read is unacknowledged, so [`Cq::ack_events`] acks every event it reads.
-//! - sideway's basic poller and its receive guard allocate on every call; the extended CQ, the
-//!   extended send guard and a direct `ibv_post_recv` do not, so the data path here does not.
-//! - Inline sends need the `Inline` flag set by hand on rxe ([`Qp::post_write_imm_inline`] sets it).
+//! - sideway's basic poller and its receive guard allocate on every call; the direct calls here
+//!   build their work requests and completions on the stack, so the data path does not.
+//! - Inline sends need the `IBV_SEND_INLINE` flag set by hand on rxe ([`Qp::post_write_imm_inline`]
+//!   sets it).
 //! - Posting a region of another protection domain completes with `IBV_WC_LOC_QP_OP_ERR` on rxe
 //!   (its lkey lookup fails with EINVAL), not the `IBV_WC_LOC_PROT_ERR` of the spec and of HCAs.
 //!   A foreign rkey is `IBV_WC_REM_ACCESS_ERR` at the writer on both, and rxe also completes the
@@ -39,19 +43,21 @@ use std::sync::Arc;
 use memmap2::{MmapMut, MmapOptions};
 
 use crate::expose::StableMemory;
-use rdma_mummy_sys::{ibv_recv_wr, ibv_wc_opcode, ibv_wc_status};
+use rdma_mummy_sys::{
+    ibv_recv_wr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wc_opcode, ibv_wc_status, ibv_wr_opcode, rdma_t, wr_t,
+};
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{
     CompletionChannel, CompletionQueue, CreateCompletionChannelError, CreateCompletionQueueError,
-    ExtendedCompletionQueue, ExtendedWorkCompletion, GenericCompletionQueue, PollCompletionQueueError,
+    ExtendedCompletionQueue, GenericCompletionQueue,
 };
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
 use sideway::ibverbs::device_context::{AllocateProtectionDomainError, DeviceContext, Mtu, PortState};
 use sideway::ibverbs::memory_region::{MemoryRegion, RegisterMemoryRegionError, RegisterMemoryRegionErrorKind};
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
-    CreateQueuePairError, ExtendedQueuePair, ModifyQueuePairError, PostSendError, PostSendGuard, QueuePair,
-    QueuePairAttribute, QueuePairAttributeMask, QueuePairState, SetInlineData, SetScatterGatherEntry, WorkRequestFlags,
+    CreateQueuePairError, ExtendedQueuePair, ModifyQueuePairError, QueuePair, QueuePairAttribute,
+    QueuePairAttributeMask, QueuePairState,
 };
 use sideway::ibverbs::AccessFlags;
 
@@ -137,7 +143,7 @@ pub enum VerbsError {
     #[error("the peer's queue pair address is invalid: {reason}")]
     BadPeer { reason: String },
     #[error("posting work request {wr_id} on queue pair {qpn:#x} failed")]
-    PostSend { qpn: u32, wr_id: u64, source: PostSendError },
+    PostSend { qpn: u32, wr_id: u64, source: io::Error },
     #[error("posting receive {wr_id} on queue pair {qpn:#x} failed")]
     PostRecv { qpn: u32, wr_id: u64, source: io::Error },
 }
@@ -653,19 +659,19 @@ pub struct Completion {
 }
 
 impl Completion {
-    fn copy_of(wc: &ExtendedWorkCompletion<'_>) -> Self {
-        let status = wc.status();
-        let ok = status == ibv_wc_status::IBV_WC_SUCCESS;
-        let opcode = if ok { Opcode::from_raw(wc.opcode()) } else { Opcode::UNDEFINED };
+    fn from_wc(wc: &ibv_wc) -> Self {
+        let ok = wc.status == ibv_wc_status::IBV_WC_SUCCESS;
+        let opcode = if ok { Opcode::from_raw(wc.opcode) } else { Opcode::UNDEFINED };
+        // SAFETY: both members of the union are a plain u32, so either reading is defined.
+        let imm = unsafe { wc.imm_data_invalidated_rkey_union.imm_data };
         Completion {
-            wr_id: wc.wr_id(),
+            wr_id: wc.wr_id,
             ok,
-            status,
-            status_text: status_text(status),
+            status: wc.status,
+            status_text: status_text(wc.status),
             opcode,
-            byte_len: if ok { wc.byte_len() } else { 0 },
-            // Verbs define imm_data as __be32 and sideway hands the raw field through.
-            imm: (opcode == Opcode::RecvRdmaWithImm).then(|| u32::from_be(wc.imm_data())),
+            byte_len: if ok { wc.byte_len } else { 0 },
+            imm: (opcode == Opcode::RecvRdmaWithImm).then(|| u32::from_be(imm)),
         }
     }
 }
@@ -733,28 +739,40 @@ impl Cq {
     /// Non-blocking: appends up to min(`max`, `out.capacity() - out.len()`) completions to `out`
     /// and returns how many. Does not allocate.
     ///
-    /// Takes exactly one completion per `ibv_start_poll`/`ibv_end_poll` pair and never calls
-    /// `ibv_next_poll`: rxe's next_poll publishes the consumer index and unlocks when it finds
-    /// the queue empty, and the `ibv_end_poll` that follows advances it again, after which the CQ
-    /// reports hundreds of zeroed phantom completions (seen in the probe). One entry per pair is
-    /// valid on every provider.
+    /// Uses the classic `ibv_poll_cq`, one call into the provider for a batch, on the extended
+    /// CQ: both rxe and mlx5 serve it from the same queue as `ibv_start_poll`, which the data path
+    /// no longer calls (rxe's `ibv_next_poll` corrupted the CQ, so the extended reader took one
+    /// completion per six calls).
     ///
-    /// Panics if the device reports a polling error other than "empty": that means the CQ
-    /// overran (it is smaller than the queues feeding it) or the device died.
+    /// Panics if the device reports a polling error: that means the CQ overran (it is smaller than
+    /// the queues feeding it) or the device died.
     pub fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> usize {
-        let room = max.min(out.capacity() - out.len());
-        for taken in 0..room {
-            let mut poller = match self.cq.start_poll() {
-                Ok(poller) => poller,
-                Err(PollCompletionQueueError::CompletionQueueEmpty) => return taken,
-                Err(err) => panic!("polling the completion queue failed: {}", report(&err)),
-            };
-            let wc = poller.next().expect("a successful start_poll has a current entry");
-            out.push(Completion::copy_of(&wc));
-            // Dropping the poller calls ibv_end_poll, which consumes exactly this entry.
-            drop(poller);
+        const BATCH: usize = 32;
+        let mut room = max.min(out.capacity() - out.len());
+        let mut taken = 0;
+        while room > 0 {
+            let want = room.min(BATCH);
+            let mut wcs = [std::mem::MaybeUninit::<ibv_wc>::uninit(); BATCH];
+            // Why this is sound: the CQ is live (owned through `self.cq`); the extended CQ begins with the basic
+            // `ibv_cq`, which is what sideway's `cq()` points at and what the provider's poll_cq
+            // takes. The provider writes at most `want` entries into `wcs` and returns how many
+            // (or a negative errno), keeping no pointer.
+            // SAFETY: a live CQ and a buffer of `want` entries for the provider to fill.
+            let n = unsafe { rdma_mummy_sys::ibv_poll_cq(self.cq.cq().as_ptr(), want as i32, wcs.as_mut_ptr().cast()) };
+            let n = usize::try_from(n).unwrap_or_else(|_| {
+                panic!("polling the completion queue failed: {}", io::Error::from_raw_os_error(-n))
+            });
+            for wc in &wcs[..n] {
+                // SAFETY: the provider initialised the first `n` entries.
+                out.push(Completion::from_wc(unsafe { wc.assume_init_ref() }));
+            }
+            taken += n;
+            if n < want {
+                break;
+            }
+            room -= n;
         }
-        room
+        taken
     }
 
     /// The completion channel's fd (non-blocking), to register with epoll/mio for readability.
@@ -982,18 +1000,14 @@ impl Qp {
         imm: u32,
         signaled: bool,
     ) -> Result<(), VerbsError> {
-        let (lkey, addr, len) = local_sge(local, offset, len);
-        let qpn = self.qpn();
-        let flags = signal_flags(signaled);
-        let mut guard = self.qp.start_post_send();
-        let wr = guard.construct_wr(wr_id, flags).setup_write_imm(rkey, remote_addr, imm.to_be());
+        let sge = local_sge(local, offset, len);
+        let op = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
         // lkey/addr/len describe a span of `local` inside one registered chunk (checked by
         // local_sge). The Region owns the mapping and its registrations; the caller keeps it
         // alive and the span unmodified until the completion, as this function's contract says,
-        // and ibv_wr_complete's doorbell orders our earlier stores to it before the device reads.
+        // and the provider's doorbell orders our earlier stores to it before the device reads.
         // SAFETY: the span is registered and, by the caller's contract, outlives the completion.
-        unsafe { set_sge(wr, lkey, addr, len) };
-        guard.post().map_err(|source| VerbsError::PostSend { qpn, wr_id, source })
+        unsafe { self.post_one(wr_id, op, signal_flags(signaled), sge, remote_addr, rkey, imm.to_be()) }
     }
 
     /// As [`Qp::post_write_imm`] for at most [`INLINE_BYTES_MAX`] bytes, which are copied into the
@@ -1010,12 +1024,13 @@ impl Qp {
         signaled: bool,
     ) -> Result<(), VerbsError> {
         assert!(data.len() <= INLINE_BYTES_MAX, "inline writes carry at most {INLINE_BYTES_MAX} bytes");
-        let qpn = self.qpn();
-        let flags = signal_flags(signaled) | WorkRequestFlags::Inline;
-        let mut guard = self.qp.start_post_send();
-        let wr = guard.construct_wr(wr_id, flags).setup_write_imm(rkey, remote_addr, imm.to_be());
-        wr.setup_inline_data(data);
-        guard.post().map_err(|source| VerbsError::PostSend { qpn, wr_id, source })
+        // An inline request's SGE names the bytes to copy; it needs no key.
+        let sge = ibv_sge { addr: data.as_ptr() as u64, length: data.len() as u32, lkey: 0 };
+        let flags = signal_flags(signaled) | ibv_send_flags::IBV_SEND_INLINE.0;
+        let op = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+        // SAFETY: with IBV_SEND_INLINE the provider copies `data` into the send queue before
+        // ibv_post_send returns, so the borrow of `data` outlives every use of it.
+        unsafe { self.post_one(wr_id, op, flags, sge, remote_addr, rkey, imm.to_be()) }
     }
 
     /// RDMA READ of `len` bytes at the peer's `remote_addr` (in the chunk `rkey` names) into
@@ -1039,17 +1054,55 @@ impl Qp {
         rkey: u32,
         signaled: bool,
     ) -> Result<(), VerbsError> {
-        let (lkey, addr, len) = local_sge(local, offset, len);
-        let qpn = self.qpn();
-        let mut guard = self.qp.start_post_send();
-        let flags = signal_flags(signaled);
-        let wr = guard.construct_wr(wr_id, flags).setup_read(rkey, remote_addr);
+        let sge = local_sge(local, offset, len);
+        let op = ibv_wr_opcode::IBV_WR_RDMA_READ;
         // As in post_write_imm, but the device writes the span: the caller neither reads nor
         // writes it until the completion, whose poll orders the device's writes before the CPU's
-        // later loads (ibv_start_poll reads the CQE with the barrier the provider needs).
+        // later loads (the provider's poll_cq reads the CQE with the barrier it needs).
         // SAFETY: the span is registered and, by the caller's contract, untouched until the completion.
-        unsafe { set_sge(wr, lkey, addr, len) };
-        guard.post().map_err(|source| VerbsError::PostSend { qpn, wr_id, source })
+        unsafe { self.post_one(wr_id, op, signal_flags(signaled), sge, remote_addr, rkey, 0) }
+    }
+
+    /// Posts one work request with one SGE (none when `sge.length` is 0: a zero SGE length means
+    /// 2 GiB on some providers) through the provider's `post_send`: one call, no allocation.
+    ///
+    /// # Safety
+    /// Unless `flags` has IBV_SEND_INLINE, the SGE's span must be registered under its lkey and
+    /// stay valid (and, for a write, unmodified) until the request completes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn post_one(
+        &mut self,
+        wr_id: u64,
+        opcode: ibv_wr_opcode::Type,
+        flags: u32,
+        mut sge: ibv_sge,
+        remote_addr: u64,
+        rkey: u32,
+        imm_be: u32,
+    ) -> Result<(), VerbsError> {
+        // SAFETY: ibv_send_wr is a plain C struct (integers, pointers and unions of them), for
+        // which all-zero bytes are its documented empty value.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.opcode = opcode;
+        wr.send_flags = flags;
+        wr.imm_data_invalidated_rkey_union.imm_data = imm_be;
+        wr.wr = wr_t { rdma: rdma_t { remote_addr, rkey } };
+        if sge.length > 0 {
+            wr.sg_list = &mut sge;
+            wr.num_sge = 1;
+        }
+        let mut bad_wr = ptr::null_mut();
+        // Why this is sound: the QP is live (owned by `self.qp`); `wr` is a single, terminated request on the
+        // stack, and `sge` outlives the call. The provider copies both into its send queue (and,
+        // inline, the bytes the SGE names) before returning; what the device later reads is the
+        // caller's to keep valid, per this function's contract.
+        // SAFETY: a live QP, a well-formed request, and the caller's contract for its memory.
+        let rc = unsafe { rdma_mummy_sys::ibv_post_send(self.qp.qp().as_ptr(), &mut wr, &mut bad_wr) };
+        match rc {
+            0 => Ok(()),
+            errno => Err(VerbsError::PostSend { qpn: self.qpn(), wr_id, source: io::Error::from_raw_os_error(errno) }),
+        }
     }
 
     fn enter_init(&mut self) -> Result<(), VerbsError> {
@@ -1130,31 +1183,16 @@ fn random_psn() -> u32 {
 }
 
 /// A send work request's flags: signaled, or not.
-fn signal_flags(signaled: bool) -> WorkRequestFlags {
-    if signaled { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() }
+fn signal_flags(signaled: bool) -> u32 {
+    if signaled { ibv_send_flags::IBV_SEND_SIGNALED.0 } else { 0 }
 }
 
 /// The scatter/gather entry for `region[offset..offset + len]`; panics if it is not inside one
 /// registration chunk or longer than a work request can carry.
-fn local_sge(region: &Region, offset: usize, len: usize) -> (u32, u64, u32) {
+fn local_sge(region: &Region, offset: usize, len: usize) -> ibv_sge {
     let lkey = region.lkey(offset, len);
-    let len = u32::try_from(len).expect("a work request carries at most u32::MAX bytes");
-    (lkey, region.addr() + offset as u64, len)
-}
-
-/// Sets the request's single SGE, or none for a zero-length request (a zero SGE length means
-/// 2 GiB on some providers).
-///
-/// # Safety
-/// The span must be registered under `lkey` and stay valid until the request completes.
-unsafe fn set_sge<H: SetScatterGatherEntry>(wr: H, lkey: u32, addr: u64, len: u32) {
-    if len == 0 {
-        // SAFETY: an empty list hands the device no memory.
-        unsafe { wr.setup_sge_list(&[]) }
-    } else {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { wr.setup_sge(lkey, addr, len) }
-    }
+    let length = u32::try_from(len).expect("a work request carries at most u32::MAX bytes");
+    ibv_sge { addr: region.addr() + offset as u64, length, lkey }
 }
 
 // The transport shares one Device across shard threads and moves the rest into them.
