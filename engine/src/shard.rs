@@ -399,9 +399,7 @@ impl Shard {
                 let log = self.reserve_log(&h, Target::Range { start: h.start }, grads)?;
                 let part = part_of(&mut self.tables, &h)?;
                 let span = part.push_range(h.start, h.count as usize, grads, h.worker, h.clock)?;
-                let (stamp, _) = reply.ok(part.stamp_len(), 0);
-                part.stamp_into(span, stamp);
-                reply.trim_stamp();
+                reply.ok_stamp(part.stamp_len(), |stamp| part.stamp_into(span, stamp));
                 self.log(log, reply);
             }
             Some(Op::PullRange) => {
@@ -436,9 +434,7 @@ impl Shard {
             let log = self.reserve_log(h, Target::Keys(keys), grads)?;
             let part = part_of(&mut self.tables, h)?;
             let span = part.push(keys, grads, h.worker, h.clock)?;
-            let (stamp, _) = reply.ok(part.stamp_len(), 0);
-            part.stamp_into(span, stamp);
-            reply.trim_stamp();
+            reply.ok_stamp(part.stamp_len(), |stamp| part.stamp_into(span, stamp));
             self.log(log, reply);
             return Ok(());
         }
@@ -478,9 +474,7 @@ impl Shard {
         let part = part_of(&mut self.tables, h)?;
         let owned = part.owned();
         part.advance_clock(owned.clone(), h.worker, h.clock)?;
-        let (stamp, _) = reply.ok(part.stamp_len(), 0);
-        part.stamp_into(owned, stamp);
-        reply.trim_stamp();
+        reply.ok_stamp(part.stamp_len(), |stamp| part.stamp_into(owned, stamp));
         self.log(log, reply);
         Ok(())
     }

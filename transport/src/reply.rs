@@ -97,29 +97,27 @@ impl<'a> Reply<'a> {
         (bytemuck::cast_slice_mut(stamp), bytemuck::cast_slice_mut(values))
     }
 
-    /// Drops the trailing zero clocks of a stamp-only success reply (begun with `ok(n, 0)` and
-    /// filled). A worker missing from a stamp has clock 0, so the reply says the same in fewer
-    /// bytes: a push from the only worker of a table that tracks 16 is acknowledged with one
-    /// clock, not 16 (8 bytes, not 128). Any other reply is left as it is.
-    pub fn trim_stamp(&mut self) {
-        let Some(start) = self.frame else { return };
-        let hdr = start..start + HEADER_BYTES;
+    /// A success reply carrying only a vector-clock stamp (a push's acknowledgement): `fill`
+    /// writes its `stamp_len` clocks, and the trailing zero ones are then dropped. A worker
+    /// missing from a stamp has clock 0, so the reply says the same in fewer bytes: a push from
+    /// the only worker of a table that tracks 16 is acknowledged with one clock, not 16 (8 bytes,
+    /// not 128).
+    pub fn ok_stamp(&mut self, stamp_len: usize, fill: impl FnOnce(&mut [u64])) {
+        let body = self.begin(Status::Ok, stamp_len as u32, stamp_len * 8);
+        let stamp: &mut [u64] = bytemuck::cast_slice_mut(&mut self.out.bytes_mut()[body.clone()]);
+        fill(stamp);
+        let keep = stamp.iter().rposition(|&c| c != 0).map_or(0, |i| i + 1);
+        if keep == stamp_len {
+            return;
+        }
+        let hdr = body.start - HEADER_BYTES..body.start;
         let mut header = Header::decode_unchecked(&self.out.bytes()[hdr.clone()]);
-        let stamp_bytes = header.count as usize * 8;
-        if header.status() != Status::Ok || header.body_len as usize != stamp_bytes {
-            return;
-        }
-        let stamp = &self.out.bytes()[hdr.end..hdr.end + stamp_bytes];
-        let keep = stamp.chunks_exact(8).rposition(|c| c != [0; 8]).map_or(0, |i| i + 1);
-        if keep * 8 == stamp_bytes {
-            return;
-        }
         header.count = keep as u32;
         header.body_len = (keep * 8) as u32;
         header.raw_len = header.body_len;
-        self.out.bytes_mut()[hdr.clone()].copy_from_slice(header.as_bytes());
+        self.out.bytes_mut()[hdr].copy_from_slice(header.as_bytes());
         // Whole clocks: the shorter body needs no padding.
-        self.out.truncate(hdr.end + keep * 8);
+        self.out.truncate(body.start + keep * 8);
     }
 
     /// A success reply with an opaque body (control replies: JSON).
@@ -250,31 +248,24 @@ mod tests {
         }
     }
 
-    /// A stamp-only reply with `clocks`, trimmed and finished: its header and body.
-    fn trimmed(clocks: &[u64], values: usize) -> (Header, Vec<u64>) {
+    /// A stamp-only reply with `clocks`, finished: its header and its stamp.
+    fn acknowledged(clocks: &[u64]) -> (Header, Vec<u64>) {
         let mut area = Area { words: vec![0; 64], used: 0 };
         let mut reply = Reply::new(&mut area, Header::request(Op::PushRange, 9), 512);
-        let (stamp, vals) = reply.ok(clocks.len(), values);
-        stamp.copy_from_slice(clocks);
-        vals.fill(1.0);
-        reply.trim_stamp();
+        reply.ok_stamp(clocks.len(), |stamp| stamp.copy_from_slice(clocks));
         let (frame, _) = reply.finish(&mut Deflater::default(), usize::MAX);
         let header = Header::decode(&area.bytes()[frame.clone()], 512).expect("a sealed, well-formed reply");
         assert_eq!(frame.len(), HEADER_BYTES + padded(header.body_len as usize), "the frame ends with its body");
+        assert_eq!(header.body_len, header.count * 8, "the body is the stamp");
         let body = &area.bytes()[frame.start + HEADER_BYTES..frame.start + HEADER_BYTES + header.count as usize * 8];
         (header, body.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
     }
 
     #[test]
     fn a_stamp_loses_its_trailing_zero_clocks_and_nothing_else() {
-        let (h, stamp) = trimmed(&[4, 0, 7, 0, 0, 0], 0);
-        assert_eq!((h.count, h.body_len, stamp), (3, 24, vec![4, 0, 7]));
-        let (h, stamp) = trimmed(&[0; 16], 0);
-        assert_eq!((h.count, h.body_len, stamp), (0, 0, vec![]), "all zero: no clocks at all");
-        let (h, _) = trimmed(&[1, 2], 0);
-        assert_eq!((h.count, h.body_len), (2, 16), "nothing to trim");
-        // A reply with values after its stamp is left whole: the values would have to move.
-        let (h, stamp) = trimmed(&[5, 0, 0], 2);
-        assert_eq!((h.count, h.body_len, stamp), (3, 32, vec![5, 0, 0]));
+        assert_eq!(acknowledged(&[4, 0, 7, 0, 0, 0]).1, [4, 0, 7]);
+        assert_eq!(acknowledged(&[0; 16]).1, [0u64; 0], "all zero: no clocks at all");
+        assert_eq!(acknowledged(&[1, 2]).1, [1, 2], "nothing to trim");
+        assert_eq!(acknowledged(&[]).1, [0u64; 0]);
     }
 }

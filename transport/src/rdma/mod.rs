@@ -64,6 +64,7 @@ const POLLS_PER_CLOCK_READ: u32 = 64;
 /// Set in a write's immediate data, beside the slot index, when the slot holds a short frame.
 /// A short frame lies in the slot's compact area ([`SlotLayout`]), not at the slot's start.
 pub const SHORT_FRAME: u32 = 1 << 31;
+const _: () = assert!(SLOTS_MAX < SHORT_FRAME, "slot indexes leave the flag bit free");
 
 /// Bytes of a slot's compact area: the most a short (inline) frame takes.
 pub const SMALL_SLOT_BYTES: usize = verbs::INLINE_BYTES_MAX;
@@ -128,7 +129,6 @@ impl SlotLayout {
             .collect()
     }
 }
-const _: () = assert!(SLOTS_MAX < SHORT_FRAME, "slot indexes leave the flag bit free");
 
 /// Calls `poll` until it finds work (`Ok(true)`), for at most `spin` and never past `deadline`.
 /// Returns `Ok(false)` when the time ran out first.
