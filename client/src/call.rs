@@ -26,7 +26,7 @@ use crate::core::Kind;
 use crate::error::{ClientError, Result};
 use crate::filter::Filter;
 use crate::ticket::{Stamp, Ticket};
-use crate::{Client, Table};
+use crate::{Client, PushBuffer, Table};
 
 /// How a call orders itself against other calls. See the [module](self) documentation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -136,7 +136,14 @@ impl<'c> Call<'c> {
     /// [`Client::push_range`] under this call's ordering.
     pub fn push_range(self, table: &Table, start: u64, grads: &[f32]) -> Result<Ticket<'c>> {
         let client = self.client;
-        self.ready(table)?.send_range(client, table, Kind::Push, start, grads.len(), Some(grads), None)
+        self.ready(table)?.send_range(client, table, Kind::Push, start, grads.len(), Some(grads), None, None)
+    }
+
+    /// [`Client::push_range_from`] under this call's ordering.
+    pub fn push_range_from(self, table: &Table, start: u64, grads: &PushBuffer) -> Result<Ticket<'c>> {
+        let client = self.client;
+        let values = grads.as_slice();
+        self.ready(table)?.send_range(client, table, Kind::Push, start, values.len(), Some(values), None, Some(grads))
     }
 
     /// [`Client::pull`] under this call's ordering. Under bounded delay it returns only once
@@ -160,7 +167,7 @@ impl<'c> Call<'c> {
         let mut core = self.ready(table)?;
         let len = out.len();
         let Some(need) = model.pull_needs(core.clock) else {
-            return core.send_range(client, table, Kind::Pull, start, len, None, Some(out));
+            return core.send_range(client, table, Kind::Pull, start, len, None, Some(out), None);
         };
         drop(core);
         fresh_pull(client, table, need, out, Pulled::Range(start))
@@ -220,7 +227,7 @@ fn fresh_pull<'c>(
         let len = out.len();
         let ticket = match what {
             Pulled::Keys(keys) => client.lock().send_keys(client, table, Kind::Pull, keys, None, Some(&mut *out), false),
-            Pulled::Range(start) => client.lock().send_range(client, table, Kind::Pull, start, len, None, Some(&mut *out)),
+            Pulled::Range(start) => client.lock().send_range(client, table, Kind::Pull, start, len, None, Some(&mut *out), None),
         };
         let stamp = ticket?.wait()?;
         let behind = (0..workers as usize).map(|w| (w, stamp.get(w))).min_by_key(|&(_, c)| c).expect("workers > 0");

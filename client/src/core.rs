@@ -7,7 +7,7 @@ use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
 use tessera_replication::placement::{Owner, RangeMap};
 use tessera_replication::TableKind;
 use tessera_transport::tcp::TcpLink;
-use tessera_transport::{Header, Link, Op, Status, CONTROL_SHARD};
+use tessera_transport::{Chosen, Header, Link, Op, PushBuffer, Status, CONTROL_SHARD};
 
 use crate::error::{ClientError, Result};
 use crate::ticket::{server_error, Resend, Stamp, Sub, Ticket};
@@ -110,6 +110,8 @@ const RESENDS_KEPT_MAX: usize = 64;
 #[derive(Debug)]
 pub(crate) struct Core {
     cfg: ClientConfig,
+    /// The transport chosen at connect time (the RDMA device, if any), for push buffers.
+    chosen: Chosen,
     servers: Vec<ServerLinks>,
     map: RangeMap,
     control_id: u64,
@@ -154,6 +156,7 @@ impl Core {
         }
         let mut core = Core {
             cfg,
+            chosen,
             servers,
             map: RangeMap::default(),
             control_id: 0,
@@ -237,7 +240,19 @@ impl Core {
     }
 
     /// Sends one frame to `owner` and returns its request id.
-    fn send(&mut self, owner: Owner, mut header: Header, parts: &[&[u8]]) -> Result<u64> {
+    fn send(&mut self, owner: Owner, header: Header, parts: &[&[u8]]) -> Result<u64> {
+        let compress = self.cfg.compress;
+        self.send_with(owner, header, |link, header| link.send(header, parts, compress))
+    }
+
+    /// Fills in the request's id, table, worker and clock, has `send` send it on `owner`'s link,
+    /// and counts it.
+    fn send_with(
+        &mut self,
+        owner: Owner,
+        mut header: Header,
+        send: impl FnOnce(&mut dyn Link, &mut Header) -> tessera_transport::Result<()>,
+    ) -> Result<u64> {
         let shard = &mut self.servers[owner.server as usize].shards[owner.shard as usize];
         header.request_id = shard.next_id;
         header.table = owner.table_id;
@@ -246,11 +261,35 @@ impl Core {
         if self.cfg.compress {
             header.flags |= tessera_transport::wire::flags::COMPRESS_REPLY;
         }
-        shard.link.send(&mut header, parts, self.cfg.compress)?;
+        send(shard.link.as_mut(), &mut header)?;
         shard.next_id += 1;
         shard.outstanding += 1;
         self.bytes_sent += header.frame_len() as u64;
         Ok(header.request_id)
+    }
+
+    /// As [`Core::send`], for a body that lies in `source`: an RDMA link sends it without
+    /// copying it, and [`Core::release_buffers`] must then run before the caller may change the buffer.
+    /// Compressed bodies are built from a copy anyway, so they go the usual way.
+    fn send_from(&mut self, owner: Owner, header: Header, body: &[u8], source: &PushBuffer) -> Result<u64> {
+        if self.cfg.compress {
+            return self.send(owner, header, &[body]);
+        }
+        self.send_with(owner, header, |link, header| link.send_from(header, body, source))
+    }
+
+    /// Waits until the links `subs` went over have read every body they send from callers'
+    /// buffers.
+    fn release_buffers(&mut self, subs: &[Sub]) -> Result<()> {
+        for s in subs {
+            self.servers[s.server as usize].shards[s.shard as usize].link.settle()?;
+        }
+        Ok(())
+    }
+
+    /// A buffer of `len` values a push can send without copying ([`PushBuffer`]).
+    pub fn push_buffer(&self, len: usize) -> Result<PushBuffer> {
+        Ok(PushBuffer::new(len, &self.chosen)?)
     }
 
     /// Most keys one frame to `owner` may carry, so that the request and its reply both fit the
@@ -553,6 +592,7 @@ impl Core {
         len: usize,
         grads: Option<&[f32]>,
         out: Option<&'a mut [f32]>,
+        source: Option<&PushBuffer>,
     ) -> Result<Ticket<'a>> {
         let dim = table.dim();
         let count = len / dim;
@@ -593,13 +633,28 @@ impl Core {
             header.start = key;
             header.count = (stop - key) as u32;
             header.dim = dim as u32;
-            let sent = match grads {
-                Some(g) => self.send(owner, header, &[bytemuck::cast_slice(&g[values.clone()])]),
-                None => self.send(owner, header, &[]),
+            let sent = match (grads, source) {
+                (Some(g), Some(src)) => self.send_from(owner, header, bytemuck::cast_slice(&g[values.clone()]), src),
+                (Some(g), None) => self.send(owner, header, &[bytemuck::cast_slice(&g[values.clone()])]),
+                (None, _) => self.send(owner, header, &[]),
             };
-            let id = self.sent_or_abandon(sent, &subs)?;
+            let id = match self.sent_or_abandon(sent, &subs) {
+                Ok(id) => id,
+                Err(e) => {
+                    // The frames already sent may still be read from the caller's buffer.
+                    if source.is_some() {
+                        let _ = self.release_buffers(&subs);
+                    }
+                    return Err(e);
+                }
+            };
             subs.push(Sub { server: owner.server, shard: owner.shard, id, range: values, scatter: false, resend: None });
             key = stop;
+        }
+        if source.is_some() {
+            // The caller gets its buffer back when this returns: the device must be done with it.
+            let settled = self.release_buffers(&subs);
+            self.sent_or_abandon(settled, &subs)?;
         }
         Ok(Ticket { client, subs, out, order: Vec::new(), dim, stamp: read_stamp, mismatched: false })
     }

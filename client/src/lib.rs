@@ -38,6 +38,7 @@ use tessera_replication::catalog::TableEntry;
 use tessera_replication::placement::Route;
 use tessera_replication::TableSpec;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
+pub use tessera_transport::PushBuffer;
 
 pub use crate::call::{Call, Consistency};
 pub use crate::chain::{ChainClient, ChainTable};
@@ -208,6 +209,22 @@ impl Client {
     /// Pushes `grads` for the dense range of keys starting at `start` (`grads.len() / dim` keys).
     pub fn push_range<'a>(&'a self, table: &Table, start: u64, grads: &[f32]) -> Result<Ticket<'a>> {
         self.call().push_range(table, start, grads)
+    }
+
+    /// A buffer of `len` gradient values that [`Client::push_range_from`] sends without copying
+    /// over RDMA: registered once, here, with the client's device (plain memory over TCP). Make
+    /// one per dense range and compute each step's gradients into it. Fails, naming
+    /// RLIMIT_MEMLOCK, when locked memory runs out.
+    pub fn push_buffer(&self, len: usize) -> Result<PushBuffer> {
+        self.lock().push_buffer(len)
+    }
+
+    /// As [`Client::push_range`] of `grads.as_slice()`, but over RDMA the device reads frames of
+    /// at least 4 KiB straight from `grads` instead of a copy. It returns once the device has
+    /// read them (their writes completed), so the buffer may be filled again at once, while the
+    /// ticket still waits for the shards' replies.
+    pub fn push_range_from<'a>(&'a self, table: &Table, start: u64, grads: &PushBuffer) -> Result<Ticket<'a>> {
+        self.call().push_range_from(table, start, grads)
     }
 
     /// Pulls the dense range starting at `start` into `out` (`out.len() / dim` keys). Over RDMA

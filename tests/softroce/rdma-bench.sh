@@ -20,7 +20,12 @@ secs=${BENCH_SECONDS:-1}
 rounds=${BENCH_ROUNDS:-5}
 out=$(mktemp -d /tmp/rdma-bench.XXXXXX)
 # One shard and a long spin: perftest busy-polls one queue pair per side, and so do these.
+# The bench is a one-worker job, so its tables track one worker's clock (--workers-max 1, as
+# that flag's help advises): each dense block then carries one clock entry, not 16. Each
+# latency size also runs with the default 16 (rdma16-*), to show what a 16-worker job's
+# blocks cost a pull.
 rdma=(--transport rdma --shards 1 --pin --rdma-spin-us 1000000 --seconds "$secs")
+job=(--workers-max 1)
 
 # perftest calibrates its clock against gettimeofday, which an emulated guest sometimes upsets
 # (it prints inf); perftest.sh retries each pair, and a pair that still fails only loses its
@@ -55,14 +60,17 @@ for r in $(seq "$rounds"); do
   for size in 8 64 512 4096; do
     echo "== round $r/$rounds: perftest latency at $size B on ${RDMA_DEV:-rxe0}, then tessera bench --transport rdma"
     perftest lat "$out/perftest-lat-$r-$size.jsonl" "$size"
-    bench "${rdma[@]}" --sizes "$size" --perftest "$out/perftest-lat-$r-$size.jsonl" --json-out "$out/rdma-lat-$r-$size.json"
+    bench "${rdma[@]}" "${job[@]}" --sizes "$size" --perftest "$out/perftest-lat-$r-$size.jsonl" --json-out "$out/rdma-lat-$r-$size.json"
+    bench "${rdma[@]}" --workers-max 16 --sizes "$size" --perftest "$out/perftest-lat-$r-$size.jsonl" --json-out "$out/rdma16-lat-$r-$size.json" > /dev/null
   done
   echo "== round $r/$rounds: perftest bandwidth on ${RDMA_DEV:-rxe0}"
   perftest bw "$out/perftest-bw-$r.jsonl"
   echo "== round $r/$rounds: tessera bench --transport rdma, bandwidth sizes"
-  bench "${rdma[@]}" --sizes 64K,256K,1M,4M --perftest "$out/perftest-bw-$r.jsonl" --json-out "$out/rdma-bw-$r.json"
+  bench "${rdma[@]}" "${job[@]}" --sizes 64K,256K,1M,4M --perftest "$out/perftest-bw-$r.jsonl" --json-out "$out/rdma-bw-$r.json"
 done
 echo "== tessera bench --transport tcp (same guest, for comparison)"
-bench --transport tcp --shards 1 --sizes 8,64,512,4K,64K,256K,1M,4M --seconds "$secs"
-echo "== summary"
+bench --transport tcp --shards 1 "${job[@]}" --sizes 8,64,512,4K,64K,256K,1M,4M --seconds "$secs"
+echo "== summary (--workers-max 1: the bench's one worker)"
 python3 "$here/ratios.py" "$out"/rdma-*.json
+echo "== summary of the latency sizes with --workers-max 16 (16 clock entries in every dense block)"
+python3 "$here/ratios.py" "$out"/rdma16-*.json

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tessera_client::{Client, Table};
+use tessera_client::{Client, PushBuffer, Table};
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_replication::{TableKind, TableSpec};
 
@@ -200,6 +200,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if size >= 64 << 10 {
             let window = args.window.max(1);
             row("push pipelined", size * window, &mut || push_pipelined(&client, &table, &grads, window))?;
+            // The same from a registered buffer, which RDMA sends without copying it.
+            let mut registered = client.push_buffer(n)?;
+            if registered.is_registered() {
+                registered.as_mut_slice().fill(1.0);
+                let reg = &registered;
+                row("push pipelined zero-copy", size * window, &mut || push_pipelined_from(&client, &table, reg, window))?;
+            }
         }
         let echo_p50 = row("raw echo", 2 * size, &mut || echo_once(&mut stream, &mut bytes))?;
         report.ratios.push(Ratio { size_bytes: size, echo_over_roundtrip_p50: echo_p50 / rt });
@@ -217,6 +224,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// returns after `window` pushes, so its time per call over `window` is the time per push.
 fn push_pipelined(client: &Client, table: &Table, grads: &[f32], window: usize) -> Result<()> {
     let tickets = (0..window).map(|_| client.push_range(table, 0, grads)).collect::<Result<Vec<_>, _>>()?;
+    for t in tickets {
+        t.wait()?;
+    }
+    Ok(())
+}
+
+/// [`push_pipelined`] from a registered buffer ([`Client::push_range_from`]).
+fn push_pipelined_from(client: &Client, table: &Table, grads: &PushBuffer, window: usize) -> Result<()> {
+    let tickets = (0..window).map(|_| client.push_range_from(table, 0, grads)).collect::<Result<Vec<_>, _>>()?;
     for t in tickets {
         t.wait()?;
     }
@@ -258,10 +274,16 @@ fn compare_perftest(rows: &[Row], path: &std::path::Path) -> Result<Vec<Perftest
                 out.push(PerftestRatio { size_bytes: size, what: "pull p50 vs ib_read_lat typical", tessera: pull.p50_us, perftest: lat, ratio: pull.p50_us / lat });
             }
         }
-        if let (Some(p), Some(stream)) = (find("ib_write_bw", size), ours("push pipelined", size)) {
-            if let Some(mib) = p.bw_avg_mib_per_s {
-                let ours_mib = stream.gb_per_s * 1e9 / (1 << 20) as f64;
-                out.push(PerftestRatio { size_bytes: size, what: "pipelined push MiB/s vs ib_write_bw average", tessera: ours_mib, perftest: mib, ratio: ours_mib / mib });
+        let streams = [
+            ("push pipelined", "pipelined push MiB/s vs ib_write_bw average"),
+            ("push pipelined zero-copy", "zero-copy pipelined push MiB/s vs ib_write_bw average"),
+        ];
+        for (op, what) in streams {
+            if let (Some(p), Some(stream)) = (find("ib_write_bw", size), ours(op, size)) {
+                if let Some(mib) = p.bw_avg_mib_per_s {
+                    let ours_mib = stream.gb_per_s * 1e9 / (1 << 20) as f64;
+                    out.push(PerftestRatio { size_bytes: size, what, tessera: ours_mib, perftest: mib, ratio: ours_mib / mib });
+                }
             }
         }
     }

@@ -33,6 +33,7 @@ pub mod error;
 pub mod expose;
 pub mod keycache;
 pub mod metrics;
+pub mod pushbuf;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod reply;
@@ -45,6 +46,7 @@ use std::time::Duration;
 pub use caller::{Caller, Dialer};
 pub use config::{RdmaConfig, TransportConfig};
 pub use error::{Result, TransportError};
+pub use pushbuf::PushBuffer;
 pub use select::{Chosen, TransportKind};
 pub use wire::{Header, Op, Status, CONTROL_SHARD};
 
@@ -105,6 +107,19 @@ pub trait Link: Send + std::fmt::Debug {
     /// when `compress` is set and that saves at least a tenth. May read replies while it waits for
     /// the socket, so that a pipelining peer never deadlocks.
     fn send(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()>;
+    /// As [`Link::send`] of the uncompressed body `body`, which lies inside `source`. A link
+    /// that can have the device read a large body straight from a registered buffer (RDMA) does
+    /// so instead of copying it: the caller must then leave those bytes unchanged, and `source`
+    /// alive, until [`Link::settle`] returns. Other links copy it as `send` does.
+    fn send_from(&mut self, header: &mut Header, body: &[u8], source: &PushBuffer) -> Result<()> {
+        let _ = source;
+        self.send(header, &[body], false)
+    }
+    /// Waits until the device has read every body [`Link::send_from`] left in its buffer; then
+    /// the caller may change or drop those buffers. Returns at once on links that copy.
+    fn settle(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Receives the next frame, waiting up to `timeout` (the link's I/O timeout if `None`).
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>>;
     /// The peer's address, for messages.

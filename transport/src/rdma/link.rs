@@ -13,11 +13,11 @@ use crate::buf::{Deflater, Inflater};
 use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
 use crate::tcp::TcpLink;
-use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
-use crate::{Frame, Link};
+use crate::wire::{padded, Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
+use crate::{Frame, Link, PushBuffer};
 
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, SHORT_FRAME};
+use super::{rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, GATHER_BYTES_MIN, SHORT_FRAME};
 use crate::expose::block_is_whole;
 
 /// A link to one shard over an RC queue pair. Field order is drop order: the queue pair goes
@@ -48,6 +48,9 @@ pub struct RdmaLink {
     arrived: u64,
     consumed: u64,
     writes_done: u64,
+    /// Requests up to this one (exclusive) had their bodies read from the caller's buffers
+    /// ([`Link::send_from`]); `settle` waits until their writes completed.
+    borrowed: u64,
     /// Small (inline) request writes ask for a completion once in this many.
     signal_every: u64,
     /// Per slot: the request id of the request last sent from it (a short reply leaves it out),
@@ -151,6 +154,7 @@ impl RdmaLink {
             arrived: 0,
             consumed: 0,
             writes_done: 0,
+            borrowed: 0,
             signal_every: (slots as u64 / 2).max(1),
             ids: vec![0; slots as usize],
             short: vec![false; slots as usize],
@@ -528,6 +532,49 @@ impl Link for RdmaLink {
         }
         staging[pos..].fill(0);
         self.post_staged(slot, frame_len, short.is_some())
+    }
+
+    fn send_from(&mut self, header: &mut Header, body: &[u8], source: &PushBuffer) -> Result<()> {
+        let frame_len = HEADER_BYTES + padded(body.len());
+        let found = source.region_on(&self._dev).and_then(|r| Some((r, r.offset_of(body)?)));
+        let Some((region, offset)) = found.filter(|_| body.len() >= GATHER_BYTES_MIN && frame_len <= self.send_bytes_max)
+        else {
+            return self.send(header, &[body], false);
+        };
+        let slot = self.free_slot()?;
+        let parts = [body];
+        let _ = self.deflater.frame_body(header, &parts, false);
+        header.seal();
+        self.ids[slot] = header.request_id;
+        // The header, then the body from the caller's buffer, then zeros up to the frame's
+        // padded length, all in one write into the shard's slot.
+        let (at, _) = self.layout.area(slot, false);
+        let pad = frame_len - HEADER_BYTES - body.len();
+        let staging = &mut self.out.as_mut_slice()[at..at + HEADER_BYTES + pad];
+        staging[..HEADER_BYTES].copy_from_slice(header.as_bytes());
+        staging[HEADER_BYTES..].fill(0);
+        let seq = self.sent;
+        let key = self.remote[slot];
+        let gathered = [(&self.out, at, HEADER_BYTES), (region, offset, body.len()), (&self.out, at + HEADER_BYTES, pad)];
+        // Why this is sound: the staging spans are this link's, for slot `slot`, written above only
+        // after `free_slot` saw the slot's last write complete, and untouched until this one does
+        // (as in `post_staged`). The body lies in `source`'s registered region (found by
+        // `offset_of`, inside one chunk), which the caller keeps alive and unchanged until
+        // `settle` returns, and `settle` returns only once this write has completed.
+        // SAFETY: every span stays mapped and unchanged until this write's completion.
+        unsafe { self.qp.post_write_imm_gather(seq, &gathered, key.addr, key.rkey, slot as u32, true) }
+            .map_err(rdma)?;
+        self.sent += 1;
+        self.borrowed = self.sent;
+        Ok(())
+    }
+
+    fn settle(&mut self) -> Result<()> {
+        let deadline = Instant::now() + self.io_timeout;
+        while self.writes_done < self.borrowed {
+            self.progress(deadline, "the device to read a pushed buffer")?;
+        }
+        Ok(())
     }
 
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>> {

@@ -64,6 +64,10 @@ use sideway::ibverbs::AccessFlags;
 /// Registration chunks and region starts are multiples of this.
 /// Largest write posted inline (copied into the work request): small request and reply frames.
 pub const INLINE_BYTES_MAX: usize = 256;
+
+/// Spans one work request gathers ([`Qp::post_write_imm_gather`]): a frame's header, its body
+/// in the caller's registered buffer, and the padding after it.
+pub const SEND_SGES_MAX: usize = 3;
 pub const PAGE_BYTES: usize = 4096;
 /// RDMA READs in flight per QP, as initiator and as responder, clamped to the device's limits.
 /// Zero would make every READ fail; 16 is what mlx5 allows and keeps a few large reads going.
@@ -472,6 +476,13 @@ impl Region {
     /// chunk boundary or the region's end.
     pub fn lkey(&self, offset: usize, len: usize) -> u32 {
         self.mrs[self.chunk_of(offset, len)].lkey()
+    }
+
+    /// Where `bytes` lies in this region, if it lies inside one registration chunk of it: the
+    /// offset a work request can name it by.
+    pub fn offset_of(&self, bytes: &[u8]) -> Option<usize> {
+        let offset = (bytes.as_ptr() as u64).checked_sub(self.addr())? as usize;
+        self.span_chunk(offset, bytes.len()).ok().map(|_| offset)
     }
 
     fn chunk_of(&self, offset: usize, len: usize) -> usize {
@@ -900,7 +911,7 @@ impl Qp {
             .create_qp_builder()
             .setup_max_send_wr(send_depth)
             .setup_max_recv_wr(recv_depth)
-            .setup_max_send_sge(1)
+            .setup_max_send_sge(SEND_SGES_MAX as u32)
             .setup_max_recv_sge(1)
             .setup_max_inline_data(INLINE_BYTES_MAX as u32)
             .setup_send_cq(GenericCompletionQueue::from(Arc::clone(&send_cq.cq)))
@@ -1010,6 +1021,42 @@ impl Qp {
         unsafe { self.post_one(wr_id, op, signal_flags(signaled), sge, remote_addr, rkey, imm.to_be()) }
     }
 
+    /// As [`Qp::post_write_imm`], writing the concatenation of `parts`, each `(region, offset,
+    /// len)` a span of a region in this queue pair's protection domain, at most
+    /// [`SEND_SGES_MAX`] of them: the device gathers them, so a frame whose body lies in another
+    /// region goes without being copied next to its header. Empty spans are left out. Panics if
+    /// there are more parts, a span crosses a chunk, or the total exceeds u32.
+    ///
+    /// # Safety
+    /// Every span must stay valid (its Region alive) and unmodified until this work request's
+    /// completion is polled (or, unsignaled, that of a later signaled request on this QP).
+    #[allow(clippy::too_many_arguments)] // each is one field of the work request
+    pub unsafe fn post_write_imm_gather(
+        &mut self,
+        wr_id: u64,
+        parts: &[(&Region, usize, usize)],
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
+        assert!(parts.len() <= SEND_SGES_MAX, "a work request gathers at most {SEND_SGES_MAX} spans");
+        let mut sges = [ibv_sge { addr: 0, length: 0, lkey: 0 }; SEND_SGES_MAX];
+        let mut n = 0;
+        for &(region, offset, len) in parts.iter().filter(|p| p.2 > 0) {
+            sges[n] = local_sge(region, offset, len);
+            n += 1;
+        }
+        u32::try_from(sges[..n].iter().map(|s| s.length as u64).sum::<u64>())
+            .expect("a work request carries at most u32::MAX bytes");
+        let op = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+        // Each SGE describes a span of a live region inside one registered chunk (local_sge); the
+        // caller keeps every span alive and unmodified until the completion, as this function's
+        // contract says, and the doorbell orders our earlier stores to them before the device reads.
+        // SAFETY: the spans are registered and, by the caller's contract, outlive the completion.
+        unsafe { self.post_sges(wr_id, op, signal_flags(signaled), &mut sges[..n], remote_addr, rkey, imm.to_be()) }
+    }
+
     /// As [`Qp::post_write_imm`] for at most [`INLINE_BYTES_MAX`] bytes, which are copied into the
     /// work request when it is posted: the caller may reuse `data` at once, so this is safe. Small
     /// frames skip the device's read of local memory, as perftest's latency tests do.
@@ -1080,6 +1127,28 @@ impl Qp {
         rkey: u32,
         imm_be: u32,
     ) -> Result<(), VerbsError> {
+        let sges = if sge.length > 0 { std::slice::from_mut(&mut sge) } else { &mut [] };
+        // SAFETY: the caller's contract for the SGE's span is this function's.
+        unsafe { self.post_sges(wr_id, opcode, flags, sges, remote_addr, rkey, imm_be) }
+    }
+
+    /// Posts one work request gathering `sges` (none for a zero-length request) through the
+    /// provider's `post_send`: one call, no allocation.
+    ///
+    /// # Safety
+    /// Unless `flags` has IBV_SEND_INLINE, every SGE's span must be registered under its lkey
+    /// and stay valid (and, for a write, unmodified) until the request completes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn post_sges(
+        &mut self,
+        wr_id: u64,
+        opcode: ibv_wr_opcode::Type,
+        flags: u32,
+        sges: &mut [ibv_sge],
+        remote_addr: u64,
+        rkey: u32,
+        imm_be: u32,
+    ) -> Result<(), VerbsError> {
         // SAFETY: ibv_send_wr is a plain C struct (integers, pointers and unions of them), for
         // which all-zero bytes are its documented empty value.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
@@ -1088,14 +1157,15 @@ impl Qp {
         wr.send_flags = flags;
         wr.imm_data_invalidated_rkey_union.imm_data = imm_be;
         wr.wr = wr_t { rdma: rdma_t { remote_addr, rkey } };
-        if sge.length > 0 {
-            wr.sg_list = &mut sge;
-            wr.num_sge = 1;
+        if !sges.is_empty() {
+            wr.sg_list = sges.as_mut_ptr();
+            wr.num_sge = sges.len() as i32;
         }
         let mut bad_wr = ptr::null_mut();
         // Why this is sound: the QP is live (owned by `self.qp`); `wr` is a single, terminated request on the
-        // stack, and `sge` outlives the call. The provider copies both into its send queue (and,
-        // inline, the bytes the SGE names) before returning; what the device later reads is the
+        // stack, and `sges` (no more than the queue pair was created for, else the provider
+        // refuses the request) outlive the call. The provider copies them into its send queue
+        // (and, inline, the bytes they name) before returning; what the device later reads is the
         // caller's to keep valid, per this function's contract.
         // SAFETY: a live QP, a well-formed request, and the caller's contract for its memory.
         let rc = unsafe { rdma_mummy_sys::ibv_post_send(self.qp.qp().as_ptr(), &mut wr, &mut bad_wr) };
