@@ -56,6 +56,9 @@ typedef uint32_t TesseraTable;
 // A call in flight, to wait on with `tessera_wait` (0 is never one).
 typedef uint64_t TesseraTicket;
 
+// A gradient buffer of one client, from `tessera_push_buffer` (0 is never one).
+typedef uint64_t TesseraBuffer;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -79,7 +82,7 @@ int32_t tessera_connect(const char *servers,
                         TesseraClient *client);
 
 // Closes a client: its connections close, and tickets not waited on are dropped (a pull's
-// buffer is not written after this returns). The handle is then unknown to every function.
+// buffer is not written after this returns). Its push buffers are freed. The handle is then unknown to every function.
 int32_t tessera_close(TesseraClient client);
 
 // Looks up the table called `name`; `*table` is its handle on this client and, unless `dim`
@@ -152,6 +155,34 @@ int32_t tessera_push_range(TesseraClient client,
                            const float *grads,
                            uintptr_t n_grads,
                            TesseraTicket *ticket);
+
+// Makes a buffer of `n` zeroed floats that `tessera_push_range_from` sends without copying
+// over RDMA: it is registered with the client's device once, here (plain memory over TCP).
+// `*buffer` is its handle and `*data` its values: compute gradients straight into them. `*data`
+// stays valid until `tessera_push_buffer_free` or `tessera_close`. Registered memory counts
+// against RLIMIT_MEMLOCK; when that runs out this fails with `TESSERA_ERR_TRANSPORT` and a
+// message naming the limit.
+//
+// # Safety
+// `buffer` and `data` must be writable.
+int32_t tessera_push_buffer(TesseraClient client, uintptr_t n, TesseraBuffer *buffer, float **data);
+
+// Frees a buffer from `tessera_push_buffer`; its `data` pointer is invalid afterwards.
+int32_t tessera_push_buffer_free(TesseraClient client, TesseraBuffer buffer);
+
+// Pushes all of `buffer`'s values for the dense range of keys from `start` (its length / dim
+// keys), as `tessera_push_range` does. Over RDMA the device reads frames of at least 4 KiB
+// straight from the buffer instead of a copy, and the call returns once it has: the buffer may
+// be written again as soon as this returns, before `*ticket` is waited on, but not while it
+// runs.
+//
+// # Safety
+// `ticket`, unless NULL, must be writable; no thread writes the buffer's values during the call.
+int32_t tessera_push_range_from(TesseraClient client,
+                                TesseraTable table,
+                                uint64_t start,
+                                TesseraBuffer buffer,
+                                TesseraTicket *ticket);
 
 // Pulls the dense range of keys from `start` into `out` (`n_out` / dim keys). As
 // `tessera_pull` otherwise.

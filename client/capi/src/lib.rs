@@ -27,7 +27,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
-use tessera_client::{Client, ClientConfig, ClientError, Detached, Table};
+use tessera_client::{Client, ClientConfig, ClientError, Detached, PushBuffer, Table};
 use tessera_replication::{PlacementError, TableKind, TableSpec};
 use tessera_transport::auth::ClusterSecret;
 use tessera_transport::{Status, TransportError, TransportKind};
@@ -58,6 +58,8 @@ pub type TesseraClient = u64;
 pub type TesseraTable = u32;
 /// A call in flight, to wait on with `tessera_wait` (0 is never one).
 pub type TesseraTicket = u64;
+/// A gradient buffer of one client, from `tessera_push_buffer` (0 is never one).
+pub type TesseraBuffer = u64;
 
 /// `tessera_create_table`'s `kind`: a dense table (every key in `[start, end)` exists).
 pub const TESSERA_DENSE: u32 = 0;
@@ -120,6 +122,9 @@ struct Handle {
     tables: Mutex<Vec<Table>>,
     tickets: Mutex<HashMap<TesseraTicket, Pending>>,
     next_ticket: AtomicU64,
+    /// Registered gradient buffers, freed with `tessera_push_buffer_free` or with the client.
+    buffers: Mutex<HashMap<TesseraBuffer, PushBuffer>>,
+    next_buffer: AtomicU64,
 }
 
 /// A ticket in flight, and (for a pull) where its values go: the caller's buffer, as an
@@ -290,7 +295,14 @@ pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, tr
             other => other,
         })?;
         let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-        let h = Handle { client: opened, tables: Mutex::default(), tickets: Mutex::default(), next_ticket: AtomicU64::new(1) };
+        let h = Handle {
+            client: opened,
+            tables: Mutex::default(),
+            tickets: Mutex::default(),
+            next_ticket: AtomicU64::new(1),
+            buffers: Mutex::default(),
+            next_buffer: AtomicU64::new(1),
+        };
         lock(&CLIENTS).insert(id, Arc::new(h));
         // SAFETY: the caller's contract above.
         unsafe { put(client, id, "client") }
@@ -298,7 +310,7 @@ pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, tr
 }
 
 /// Closes a client: its connections close, and tickets not waited on are dropped (a pull's
-/// buffer is not written after this returns). The handle is then unknown to every function.
+/// buffer is not written after this returns). Its push buffers are freed. The handle is then unknown to every function.
 #[no_mangle]
 pub extern "C" fn tessera_close(client: TesseraClient) -> i32 {
     entry(|| match lock(&CLIENTS).remove(&client) {
@@ -496,6 +508,71 @@ pub unsafe extern "C" fn tessera_push_range(
         // SAFETY: the caller's contract above.
         let grads = unsafe { slice_in(grads, n_grads, "grads") }?;
         let sent = h.client.push_range(t, start, grads)?;
+        // SAFETY: the caller's contract above.
+        unsafe { hand_out(h, sent, None, ticket) }
+    })
+}
+
+/// Makes a buffer of `n` zeroed floats that `tessera_push_range_from` sends without copying
+/// over RDMA: it is registered with the client's device once, here (plain memory over TCP).
+/// `*buffer` is its handle and `*data` its values: compute gradients straight into them. `*data`
+/// stays valid until `tessera_push_buffer_free` or `tessera_close`. Registered memory counts
+/// against RLIMIT_MEMLOCK; when that runs out this fails with `TESSERA_ERR_TRANSPORT` and a
+/// message naming the limit.
+///
+/// # Safety
+/// `buffer` and `data` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_push_buffer(client: TesseraClient, n: usize, buffer: *mut TesseraBuffer, data: *mut *mut f32) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        check_out(buffer, "buffer")?;
+        check_out(data, "data")?;
+        let mut made = h.client.push_buffer(n)?;
+        let values = made.as_mut_slice().as_mut_ptr();
+        let id = h.next_buffer.fetch_add(1, Ordering::Relaxed);
+        lock(&h.buffers).insert(id, made);
+        // SAFETY: the caller's contract above. The values stay where they are while the map
+        // holds the buffer: it owns a mapping (or a heap block) that moving it does not move.
+        unsafe { put(buffer, id, "buffer").and_then(|()| put(data, values, "data")) }
+    })
+}
+
+/// Frees a buffer from `tessera_push_buffer`; its `data` pointer is invalid afterwards.
+#[no_mangle]
+pub extern "C" fn tessera_push_buffer_free(client: TesseraClient, buffer: TesseraBuffer) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        let freed = lock(&h.buffers).remove(&buffer);
+        match freed {
+            Some(_) => Ok(()),
+            None => Err(Fail::new(TESSERA_ERR_CLOSED, format!("buffer {buffer} is not open on client {client} (freed twice?)"))),
+        }
+    })
+}
+
+/// Pushes all of `buffer`'s values for the dense range of keys from `start` (its length / dim
+/// keys), as `tessera_push_range` does. Over RDMA the device reads frames of at least 4 KiB
+/// straight from the buffer instead of a copy, and the call returns once it has: the buffer may
+/// be written again as soon as this returns, before `*ticket` is waited on, but not while it
+/// runs.
+///
+/// # Safety
+/// `ticket`, unless NULL, must be writable; no thread writes the buffer's values during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_push_range_from(
+    client: TesseraClient,
+    table: TesseraTable,
+    start: u64,
+    buffer: TesseraBuffer,
+    ticket: *mut TesseraTicket,
+) -> i32 {
+    on_table(client, table, |h, t| {
+        check_out_or_null(ticket, "ticket")?;
+        let buffers = lock(&h.buffers);
+        let grads = buffers.get(&buffer).ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("buffer {buffer} is not open on client {client}")))?;
+        let sent = h.client.push_range_from(t, start, grads)?;
+        drop(buffers);
         // SAFETY: the caller's contract above.
         unsafe { hand_out(h, sent, None, ticket) }
     })

@@ -126,3 +126,43 @@ fn a_pull_ticket_closed_before_its_wait_never_writes_the_buffer_afterwards() {
     assert_eq!(tessera_wait(client, ticket), TESSERA_ERR_CLOSED);
     drop(out);
 }
+
+#[test]
+fn a_push_buffer_is_filled_in_place_pushed_reused_and_freed_once() {
+    let server = server();
+    let client = connect(&server, 0);
+    let table = dense_table(client, c"buffered", 10_000);
+    let (mut buffer, mut data) = (0, std::ptr::null_mut());
+    // SAFETY: writable out-pointers.
+    assert_eq!(unsafe { tessera_push_buffer(client, 10_000, &mut buffer, &mut data) }, TESSERA_OK, "{}", last_error());
+    // SAFETY: `data` holds 10,000 floats until the buffer is freed.
+    let values = unsafe { std::slice::from_raw_parts_mut(data, 10_000) };
+    assert!(values.iter().all(|v| *v == 0.0), "a new buffer is zeroed");
+    values.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 9) as f32);
+    let mut ticket = 0;
+    // SAFETY: a writable ticket.
+    assert_eq!(unsafe { tessera_push_range_from(client, table, 0, buffer, &mut ticket) }, TESSERA_OK, "{}", last_error());
+    // The buffer is the caller's again as soon as the call returns.
+    values.fill(1.0);
+    assert_eq!(tessera_wait(client, ticket), TESSERA_OK, "{}", last_error());
+    // SAFETY: no ticket: the call waits.
+    assert_eq!(unsafe { tessera_push_range_from(client, table, 0, buffer, std::ptr::null_mut()) }, TESSERA_OK);
+    let mut out = vec![0f32; 10_000];
+    // SAFETY: 10,000 writable values; the call waits.
+    assert_eq!(unsafe { tessera_pull_range(client, table, 0, out.as_mut_ptr(), 10_000, std::ptr::null_mut()) }, TESSERA_OK);
+    assert!(out.iter().enumerate().all(|(i, v)| *v == (i % 9) as f32 + 1.0), "both pushes landed, each with the values it was called with");
+    assert_eq!(tessera_push_buffer_free(client, buffer), TESSERA_OK);
+    assert_eq!(tessera_push_buffer_free(client, buffer), TESSERA_ERR_CLOSED);
+    assert!(last_error().contains("freed twice"), "{}", last_error());
+    // SAFETY: no ticket.
+    assert_eq!(unsafe { tessera_push_range_from(client, table, 0, buffer, std::ptr::null_mut()) }, TESSERA_ERR_CLOSED);
+    // SAFETY: the library checks the out-pointers before writing.
+    assert_eq!(unsafe { tessera_push_buffer(client, 4, std::ptr::null_mut(), &mut data) }, TESSERA_ERR_NULL);
+    // A buffer whose length does not match the table's dense range is refused before sending.
+    let mut small = 0;
+    // SAFETY: writable out-pointers.
+    assert_eq!(unsafe { tessera_push_buffer(client, 20_000, &mut small, &mut data) }, TESSERA_OK);
+    // SAFETY: no ticket.
+    assert_eq!(unsafe { tessera_push_range_from(client, table, 0, small, std::ptr::null_mut()) }, TESSERA_ERR_ARGUMENT);
+    assert_eq!(tessera_close(client), TESSERA_OK);
+}
