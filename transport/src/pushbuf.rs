@@ -67,11 +67,10 @@ impl PushBuffer {
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
-        let len = self.len;
         match &mut self.mem {
             Mem::Heap(v) => v,
             #[cfg(feature = "rdma")]
-            Mem::Registered { region, .. } => bytemuck::cast_slice_mut(&mut region.as_mut_slice()[..len * 4]),
+            Mem::Registered { region, .. } => bytemuck::cast_slice_mut(&mut region.as_mut_slice()[..self.len * 4]),
         }
     }
 
