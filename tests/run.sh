@@ -78,7 +78,7 @@ unset CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER
 if [ "${QUICK:-0}" != 1 ]; then
   log "RDMA benchmark in the SoftRoCE guest, against perftest on the same device"
   cargo build --release -p tessera-tools --features rdma --locked
-  # About 20 minutes in a quiet guest (five rounds, perftest beside each size); room for a slow one.
+  # About 13 minutes in a quiet guest (seven rounds, perftest beside each size); room for a slow one.
   SOFTROCE_TIMEOUT=3000 tests/softroce/run.sh tests/softroce/rdma-bench.sh
   log "disk benchmark: WAL group commit against an fdatasync loop, checkpoint writes against fio (same disk, same run)"
   ./target/release/tessera bench --disk "${TMPDIR:-/tmp}/tessera-diskbench-$$" --seconds 2

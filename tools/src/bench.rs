@@ -26,6 +26,8 @@ const BENCH_KEYS: u64 = 1 << 20;
 /// over a plain TCP socket on the same loopback. The ratio `echo p50 / round trip p50` says how
 /// close Tessera gets to the raw socket (1.0 = as fast). Before the first size, a ping (a
 /// request and an empty reply, no table touched) measures the transport's round trip alone.
+/// Sizes of 64 KiB and more also measure pipelined pushes (--window in flight). --ops picks
+/// which of these run.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// A running server to measure; default: one started in this process.
@@ -34,6 +36,11 @@ pub struct BenchArgs {
     /// Message sizes in bytes; K and M suffixes allowed.
     #[arg(long, value_delimiter = ',', default_value = "8,64,512,4K,32K,256K,1M,4M")]
     sizes: Vec<String>,
+    /// Operations to measure: ping (before the first size), push, pull, roundtrip (a push then a
+    /// pull), pipelined (pushes kept in flight, at 64 KiB and more, copied and zero-copy) and
+    /// echo (the raw-socket baseline; the echo ratio needs roundtrip and echo).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ping,push,pull,roundtrip,pipelined,echo")]
+    ops: Vec<BenchOp>,
     /// Time spent measuring each size and operation.
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
@@ -68,6 +75,17 @@ pub struct BenchArgs {
     engine: EngineArgs,
     #[command(flatten)]
     net: TransportArgs,
+}
+
+/// What `tessera bench` can measure at each size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchOp {
+    Ping,
+    Push,
+    Pull,
+    Roundtrip,
+    Pipelined,
+    Echo,
 }
 
 #[derive(Debug, Serialize)]
@@ -167,6 +185,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let transport = client.transport().to_string();
     let mut report = Report { transport, results: Vec::new(), ratios: Vec::new(), perftest: Vec::new() };
     let budget = Duration::from_secs_f64(args.seconds);
+    let wants = |op| args.ops.contains(&op);
     let mut first = true;
     for size in sizes {
         let n = size / 4;
@@ -188,16 +207,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
             });
             Ok(p50)
         };
-        if first {
+        if first && wants(BenchOp::Ping) {
             // The transport's round trip alone, no table touched: what a push costs beyond it is
             // the engine's work and the bytes.
             row("ping", 0, &mut || Ok(client.ping()?))?;
-            first = false;
         }
-        row("push", size, &mut || push(&client, &table, &grads))?;
-        row("pull", size, &mut || pull(&client, &table, &mut out))?;
-        let rt = row("push+pull", 2 * size, &mut || push(&client, &table, &grads).and_then(|_| pull(&client, &table, &mut out)))?;
-        if size >= 64 << 10 {
+        first = false;
+        if wants(BenchOp::Push) {
+            row("push", size, &mut || push(&client, &table, &grads))?;
+        }
+        if wants(BenchOp::Pull) {
+            row("pull", size, &mut || pull(&client, &table, &mut out))?;
+        }
+        let mut rt = None;
+        if wants(BenchOp::Roundtrip) {
+            let f = &mut || push(&client, &table, &grads).and_then(|_| pull(&client, &table, &mut out));
+            rt = Some(row("push+pull", 2 * size, f)?);
+        }
+        if size >= 64 << 10 && wants(BenchOp::Pipelined) {
             let window = args.window.max(1);
             row("push pipelined", size * window, &mut || push_pipelined(&client, &table, &grads, window))?;
             // The same from a registered buffer, which RDMA sends without copying it.
@@ -208,8 +235,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 row("push pipelined zero-copy", size * window, &mut || push_pipelined_from(&client, &table, reg, window))?;
             }
         }
-        let echo_p50 = row("raw echo", 2 * size, &mut || echo_once(&mut stream, &mut bytes))?;
-        report.ratios.push(Ratio { size_bytes: size, echo_over_roundtrip_p50: echo_p50 / rt });
+        if wants(BenchOp::Echo) {
+            let echo_p50 = row("raw echo", 2 * size, &mut || echo_once(&mut stream, &mut bytes))?;
+            if let Some(rt) = rt {
+                report.ratios.push(Ratio { size_bytes: size, echo_over_roundtrip_p50: echo_p50 / rt });
+            }
+        }
     }
     if let Some(path) = &args.perftest {
         report.perftest = compare_perftest(&report.results, path)?;
@@ -262,28 +293,25 @@ fn compare_perftest(rows: &[Row], path: &std::path::Path) -> Result<Vec<Perftest
         let one_way = ping.p50_us / 2.0;
         out.push(PerftestRatio { size_bytes: 8, what: "ping p50 / 2 vs ib_write_lat typical (one way)", tessera: one_way, perftest: lat, ratio: one_way / lat });
     }
-    for r in rows.iter().filter(|r| r.op == "push") {
-        let size = r.size_bytes;
+    let mut sizes: Vec<usize> = rows.iter().map(|r| r.size_bytes).collect();
+    sizes.dedup();
+    for size in sizes {
         // ib_write_lat reports half a ping-pong; a push is a request and its reply: a whole one.
-        if let Some(lat) = find("ib_write_lat", size).and_then(|p| p.typical_us) {
-            let one_way = r.p50_us / 2.0;
+        if let (Some(lat), Some(push)) = (find("ib_write_lat", size).and_then(|p| p.typical_us), ours("push", size)) {
+            let one_way = push.p50_us / 2.0;
             out.push(PerftestRatio { size_bytes: size, what: "push p50 / 2 vs ib_write_lat typical (one way)", tessera: one_way, perftest: lat, ratio: one_way / lat });
         }
-        if let (Some(p), Some(pull)) = (find("ib_read_lat", size), ours("pull", size)) {
-            if let Some(lat) = p.typical_us {
-                out.push(PerftestRatio { size_bytes: size, what: "pull p50 vs ib_read_lat typical", tessera: pull.p50_us, perftest: lat, ratio: pull.p50_us / lat });
-            }
+        if let (Some(lat), Some(pull)) = (find("ib_read_lat", size).and_then(|p| p.typical_us), ours("pull", size)) {
+            out.push(PerftestRatio { size_bytes: size, what: "pull p50 vs ib_read_lat typical", tessera: pull.p50_us, perftest: lat, ratio: pull.p50_us / lat });
         }
         let streams = [
             ("push pipelined", "pipelined push MiB/s vs ib_write_bw average"),
             ("push pipelined zero-copy", "zero-copy pipelined push MiB/s vs ib_write_bw average"),
         ];
         for (op, what) in streams {
-            if let (Some(p), Some(stream)) = (find("ib_write_bw", size), ours(op, size)) {
-                if let Some(mib) = p.bw_avg_mib_per_s {
-                    let ours_mib = stream.gb_per_s * 1e9 / (1 << 20) as f64;
-                    out.push(PerftestRatio { size_bytes: size, what, tessera: ours_mib, perftest: mib, ratio: ours_mib / mib });
-                }
+            if let (Some(mib), Some(stream)) = (find("ib_write_bw", size).and_then(|p| p.bw_avg_mib_per_s), ours(op, size)) {
+                let ours_mib = stream.gb_per_s * 1e9 / (1 << 20) as f64;
+                out.push(PerftestRatio { size_bytes: size, what, tessera: ours_mib, perftest: mib, ratio: ours_mib / mib });
             }
         }
     }
@@ -331,9 +359,11 @@ fn print_report(report: &Report, json: bool) -> Result<()> {
         );
     }
     println!("\ntransport: {}", report.transport);
-    println!("ratio raw-echo p50 / tessera push+pull p50 (1.0 = as fast as a raw socket):");
-    for r in &report.ratios {
-        println!("{:>9}  {:.2}", human(r.size_bytes), r.echo_over_roundtrip_p50);
+    if !report.ratios.is_empty() {
+        println!("ratio raw-echo p50 / tessera push+pull p50 (1.0 = as fast as a raw socket):");
+        for r in &report.ratios {
+            println!("{:>9}  {:.2}", human(r.size_bytes), r.echo_over_roundtrip_p50);
+        }
     }
     if !report.perftest.is_empty() {
         println!("\nagainst perftest on the same device, same run (latency: lower is better, target <= 1.5; bandwidth: higher, target >= 0.8):");
