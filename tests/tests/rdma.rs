@@ -11,7 +11,7 @@ use std::time::Duration;
 use tessera_client::{Client, ClientConfig, Table};
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
 use tessera_replication::{TableKind, TableSpec};
-use tessera_transport::{RdmaConfig, TransportKind};
+use tessera_transport::{Arrival, RdmaConfig, TransportKind};
 
 fn server(shards: u16, kind: TransportKind, rdma: RdmaConfig) -> Server {
     let mut cfg = ServerConfig::single("127.0.0.1:0");
@@ -102,6 +102,33 @@ fn rdma_and_tcp_give_bit_identical_sums() {
     }
     let flat: Vec<f32> = outs.concat();
     assert_eq!(bits(&flat), bits(&a.0[..flat.len()]), "pipelined pulls over RDMA see the same values");
+}
+
+/// Each side may find arriving frames by their tags or by their completions
+/// (`RdmaConfig::arrival`), independently of the other: every pairing gives the sums TCP gives.
+#[test]
+fn every_pairing_of_arrival_modes_gives_the_sums_tcp_gives() {
+    if !tessera_tests::rdma_here("every_pairing_of_arrival_modes_gives_the_sums_tcp_gives") {
+        return;
+    }
+    let with = |arrival| RdmaConfig { arrival, ..fast() };
+    let (memory, completion) = (Arrival::Memory, Arrival::Completion);
+    let mut sums = Vec::new();
+    for (shard_side, worker_side) in [(memory, memory), (memory, completion), (completion, memory), (completion, completion)] {
+        let server = server(2, TransportKind::Rdma, with(shard_side));
+        let over_rdma = client(&server, 0, TransportKind::Rdma, with(worker_side));
+        let over_tcp = client(&server, 1, TransportKind::Tcp, fast());
+        let (rd, rs) = tables(&over_rdma, "r");
+        let (td, ts) = tables(&over_tcp, "t");
+        for round in 0..5 {
+            workload(&over_rdma, &rd, &rs, round);
+            workload(&over_tcp, &td, &ts, round);
+        }
+        let (a, b) = (snapshot(&over_rdma, &rd, &rs, 5), snapshot(&over_tcp, &td, &ts, 5));
+        assert_eq!(a, b, "shard {shard_side:?}, worker {worker_side:?}: RDMA and TCP differ");
+        sums.push(a);
+    }
+    assert!(sums.windows(2).all(|w| w[0] == w[1]), "the pairings disagree");
 }
 
 /// A ping (`tessera bench`'s transport-only row) goes through RDMA slots as a push does, is

@@ -326,8 +326,16 @@ fn malformed_frames_over_rdma_get_error_replies_and_change_nothing() {
         assert_eq!(reply.header.status(), want, "{what}: {message}");
         println!("{what}: {:?}: {message}", reply.header.status());
     }
+    // A well-formed push whose arrival tag never shows (zeros follow it where the tag goes):
+    // the shard finds it by its receive completion instead, and serves it.
+    let (mut header, body) = raw::push(f.id, DIM as u32, &[8], &[4.0; DIM]);
+    (header.worker, header.clock, header.body_len, header.raw_len) = (5, 1, body.len() as u32, body.len() as u32);
+    let untagged = [frame(ShortHeader::shorten(&header).expect("shortens").as_bytes(), &body), vec![0; 8]].concat();
+    link.send_raw(&untagged, true).expect("posting an untagged push");
+    let reply = link.recv(Some(REPLY_WITHIN)).expect("a reply to the untagged push");
+    assert_eq!(reply.header.status(), Status::Ok, "{}", String::from_utf8_lossy(reply.body));
     // The link, the client and the table are as they were: only served pushes land.
     expect_served(push(&mut link, f.id, 5, &[8], 1.0), "the same link, well-formed again");
     f.client.push(&f.table, &[8], &[2.0; DIM]).unwrap().wait().unwrap();
-    assert_eq!(f.values(), expected(&[(8, 1.0), (8, 2.0)]), "only the served pushes");
+    assert_eq!(f.values(), expected(&[(8, 4.0), (8, 1.0), (8, 2.0)]), "only the served pushes");
 }

@@ -79,6 +79,28 @@ pub struct TransportArgs {
     /// latency and burn a core; perftest spins forever.
     #[arg(long, default_value_t = RdmaConfig::default().spin_us)]
     pub rdma_spin_us: u64,
+    /// How a side sees that an RDMA request or reply landed: `memory` polls the tag written
+    /// after each frame and takes completions after serving it (lower latency); `completion`
+    /// takes each write's completion first, for a device that may place a write's bytes out of
+    /// address order.
+    #[arg(long, value_enum, default_value_t = ArrivalArg::Memory)]
+    pub rdma_arrival: ArrivalArg,
+}
+
+/// `--rdma-arrival`: see [`tessera_transport::Arrival`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArrivalArg {
+    Memory,
+    Completion,
+}
+
+impl From<ArrivalArg> for tessera_transport::Arrival {
+    fn from(a: ArrivalArg) -> Self {
+        match a {
+            ArrivalArg::Memory => Self::Memory,
+            ArrivalArg::Completion => Self::Completion,
+        }
+    }
 }
 
 impl TransportArgs {
@@ -91,6 +113,7 @@ impl TransportArgs {
             slots: self.rdma_slots,
             slot_bytes: self.rdma_slot_bytes,
             spin_us: self.rdma_spin_us,
+            arrival: self.rdma_arrival.into(),
         }
     }
 

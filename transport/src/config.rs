@@ -107,13 +107,38 @@ pub struct RdmaConfig {
     pub slots: u32,
     /// Bytes per slot: the largest frame over RDMA. Larger calls are split by the client.
     pub slot_bytes: usize,
-    /// How long a poller spins on its completion queue before it sleeps on the channel.
+    /// How long a poller spins (on its slots and its completion queue) before it sleeps on the
+    /// completion channel.
     pub spin_us: u64,
+    /// How this side learns that a frame landed in one of its slots.
+    pub arrival: Arrival,
+}
+
+/// How a receiver (a shard for requests, a worker for replies) learns that a frame landed in one
+/// of its RDMA slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arrival {
+    /// By the arrival tag after the frame, read from memory; completions are taken after the
+    /// frame was served (the default). Relies on a write landing in address order, as
+    /// perftest's latency tests do.
+    #[default]
+    Memory,
+    /// By each write's completion, taken before the frame is served: for a device that may
+    /// place a write's bytes out of order.
+    Completion,
 }
 
 impl Default for RdmaConfig {
     fn default() -> Self {
-        Self { device: None, gid_index: None, mr_bytes_max: None, slots: 16, slot_bytes: 256 << 10, spin_us: 50 }
+        Self {
+            device: None,
+            gid_index: None,
+            mr_bytes_max: None,
+            slots: 16,
+            slot_bytes: 256 << 10,
+            spin_us: 50,
+            arrival: Arrival::default(),
+        }
     }
 }
 

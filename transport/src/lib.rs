@@ -44,7 +44,7 @@ pub mod wire;
 use std::time::Duration;
 
 pub use caller::{Caller, Dialer};
-pub use config::{RdmaConfig, TransportConfig};
+pub use config::{Arrival, RdmaConfig, TransportConfig};
 pub use error::{Result, TransportError};
 pub use pushbuf::PushBuffer;
 pub use select::{Chosen, TransportKind};

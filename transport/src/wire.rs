@@ -390,6 +390,28 @@ pub fn padded(len: usize) -> usize {
     len.next_multiple_of(FRAME_ALIGN)
 }
 
+/// Which 8-byte word of a header holds its body length: word 0 of a [`ShortHeader`], word 1 of
+/// a [`Header`]. A reader that polls a slot while a frame may still be landing in it reads that
+/// one word to learn where the frame would end (see [`declared_frame_len`]).
+pub const fn body_len_word(short: bool) -> usize {
+    if short { 0 } else { 1 }
+}
+const _: () = assert!(
+    std::mem::offset_of!(ShortHeader, body_len) == 4 && std::mem::offset_of!(Header, body_len) == 8,
+    "declared_frame_len reads body_len from these bytes of its word"
+);
+
+/// The frame length declared by `word`, the little-endian header word [`body_len_word`] names.
+/// The word may be half written: the result is a guess that something else (an RDMA slot's
+/// arrival tag) must confirm.
+pub fn declared_frame_len(word: u64, short: bool) -> usize {
+    if short {
+        SHORT_HEADER_BYTES + padded((word >> 32) as u16 as usize)
+    } else {
+        HEADER_BYTES + padded(word as u32 as usize)
+    }
+}
+
 fn malformed(reason: String) -> TransportError {
     TransportError::Malformed { reason }
 }
@@ -535,5 +557,17 @@ mod tests {
             assert_eq!(Status::from_u16(code) as u16, code);
         }
         assert_eq!(Status::from_u16(999), Status::Internal);
+    }
+
+    #[test]
+    fn declared_frame_len_reads_the_body_length_from_one_header_word() {
+        let mut long = Header::request(Op::Push, 7);
+        (long.body_len, long.raw_len) = (100, 100);
+        let word = |bytes: &[u8], w: usize| u64::from_le_bytes(bytes[8 * w..8 * w + 8].try_into().unwrap());
+        let bytes = long.as_bytes();
+        assert_eq!(declared_frame_len(word(bytes, body_len_word(false)), false), long.frame_len());
+        let short = ShortHeader::shorten(&long).unwrap();
+        let bytes = short.as_bytes();
+        assert_eq!(declared_frame_len(word(bytes, body_len_word(true)), true), short.frame_len());
     }
 }

@@ -17,7 +17,8 @@ use crate::wire::{padded, Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_H
 use crate::{Frame, Link, PushBuffer};
 
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, GATHER_BYTES_MIN, SHORT_FRAME};
+use super::{landed, rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, Tags, GATHER_BYTES_MIN, SHORT_FRAME, TAG_BYTES};
+use crate::config::Arrival;
 use crate::expose::block_is_whole;
 
 /// A link to one shard over an RC queue pair. Field order is drop order: the queue pair goes
@@ -43,11 +44,18 @@ pub struct RdmaLink {
     layout: SlotLayout,
     send_bytes_max: usize,
     slots: u64,
-    /// Requests posted, replies arrived, replies handed out or parked, request writes completed.
+    /// Requests posted, replies landed (seen by their tag, or by their receive completion),
+    /// replies handed out or parked, request writes completed, receive completions taken.
     sent: u64,
     arrived: u64,
     consumed: u64,
     writes_done: u64,
+    recvs: u64,
+    /// Tags this link writes after its requests (salted by the shard), and the ones it expects
+    /// after replies (salted here); whether it looks for the latter ([`Arrival::Memory`]).
+    tags_out: Tags,
+    tags_in: Tags,
+    by_memory: bool,
     /// Requests up to this one (exclusive) had their bodies read from the caller's buffers
     /// ([`Link::send_from`]); `settle` waits until their writes completed.
     borrowed: u64,
@@ -101,18 +109,19 @@ impl RdmaLink {
         rcfg.validate()?;
         let (slots, sb) = (rcfg.slots, rcfg.slot_bytes);
         let layout = SlotLayout::new(slots, sb);
-        let cq = Cq::new(&dev, 2 * slots + 2).map_err(rdma)?;
         // Room for `slots` request writes not yet retired (inline ones are signaled only every
-        // `signal_every`) beside a batch of `slots` one-sided reads.
-        let mut qp = Qp::new(&dev, &cq, &cq, 2 * slots + 1, slots + 1).map_err(rdma)?;
+        // `signal_every`) beside a batch of `slots` one-sided reads; and twice `slots` receives,
+        // since a reply seen by its tag has its receive posted again only later (see `free_slot`).
+        let cq = Cq::new(&dev, 4 * slots + 2).map_err(rdma)?;
+        let mut qp = Qp::new(&dev, &cq, &cq, 2 * slots + 1, 2 * slots).map_err(rdma)?;
         let out =
             Region::new(&dev, layout.region_bytes(), Access { remote_write: false, remote_read: false }).map_err(rdma)?;
         let inbox =
             Region::new(&dev, layout.region_bytes(), Access { remote_write: true, remote_read: false }).map_err(rdma)?;
         let reads =
             Region::new(&dev, slots as usize * sb, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
-        for slot in 0..slots {
-            qp.post_recv(slot as u64).map_err(rdma)?;
+        for i in 0..2 * slots {
+            qp.post_recv(u64::from(i)).map_err(rdma)?;
         }
         let mine = Endpoint::new(qp.info(), layout, &inbox)?;
         let mut header = Header::request(Op::RdmaConnect, 0);
@@ -148,12 +157,16 @@ impl RdmaLink {
             remote: theirs.slots,
             remote_small: theirs.small,
             layout,
-            send_bytes_max: sb.min(cfg.frame_bytes_max),
+            send_bytes_max: layout.frame_room(false).min(cfg.frame_bytes_max),
             slots: slots as u64,
             sent: 0,
             arrived: 0,
             consumed: 0,
             writes_done: 0,
+            recvs: 0,
+            tags_out: Tags::new(theirs.tag_salt),
+            tags_in: Tags::new(mine.tag_salt),
+            by_memory: rcfg.arrival == Arrival::Memory,
             borrowed: 0,
             signal_every: (slots as u64 / 2).max(1),
             ids: vec![0; slots as usize],
@@ -233,16 +246,7 @@ impl RdmaLink {
                 return Err(rdma(format!("work request failed: {} (the shard may be gone)", c.status_text)));
             }
             match c.opcode {
-                Opcode::RecvRdmaWithImm => {
-                    let expected = (self.arrived % self.slots) as u32;
-                    let imm = c.imm.unwrap_or(u32::MAX);
-                    if imm & !SHORT_FRAME != expected {
-                        return Err(rdma(format!("reply in slot {:?}, expected {expected}", c.imm)));
-                    }
-                    self.short[expected as usize] = imm & SHORT_FRAME != 0;
-                    self.arrived += 1;
-                    self.qp.post_recv(c.wr_id).map_err(rdma)?;
-                }
+                Opcode::RecvRdmaWithImm => self.took_reply(c)?,
                 // Writes complete in order, and a signaled one retires the unsignaled ones
                 // before it: its id is its sequence number.
                 Opcode::RdmaWrite => self.writes_done = self.writes_done.max(c.wr_id + 1),
@@ -253,9 +257,56 @@ impl RdmaLink {
         Ok(n)
     }
 
-    /// Waits until at least one more completion was taken: spins, then sleeps on the channel.
-    fn progress(&mut self, deadline: Instant, what: &'static str) -> Result<()> {
-        if super::spin(self.spin, Some(deadline), || self.reap().map(|n| n > 0))? {
+    /// A reply's receive completion: posts the receive again, and counts the reply as landed
+    /// unless its tag was seen first.
+    fn took_reply(&mut self, c: Completion) -> Result<()> {
+        let slot = (self.recvs % self.slots) as u32;
+        let imm = c.imm.unwrap_or(u32::MAX);
+        if imm & !SHORT_FRAME != slot {
+            return Err(rdma(format!("reply in slot {:?}, expected {slot}", c.imm)));
+        }
+        // Replies land in order, so one not yet seen is the next one.
+        debug_assert!(self.recvs <= self.arrived, "a completion for a reply beyond the next");
+        if self.recvs == self.arrived {
+            self.short[slot as usize] = imm & SHORT_FRAME != 0;
+            self.arrived += 1;
+        }
+        self.recvs += 1;
+        self.qp.post_recv(c.wr_id).map_err(rdma)
+    }
+
+    /// Counts every reply whose tag shows in the inbox as landed, in order.
+    fn look(&mut self) {
+        while self.by_memory && self.arrived < self.sent {
+            let slot = (self.arrived % self.slots) as usize;
+            let tag = self.tags_in.tag(self.arrived);
+            let inbox = &self.inbox;
+            let landed_in = |short: bool| {
+                let (at, room) = self.layout.area(slot, short);
+                landed(|o| inbox.load_u64(o), at, room, short, tag).is_some()
+            };
+            let Some(short) = [true, false].into_iter().find(|&short| landed_in(short)) else { return };
+            self.short[slot] = short;
+            self.arrived += 1;
+        }
+    }
+
+    /// Waits until `ready`: spins, looking for landed replies and taking completions, then
+    /// sleeps on the completion channel. While replies are found by their tags, completions are
+    /// taken only every [`REAP_EVERY`] turns (they are housekeeping then), unless `ready` waits
+    /// for one (`completions`: a write or a read to finish).
+    fn wait(&mut self, deadline: Instant, what: &'static str, completions: bool, ready: impl Fn(&Self) -> bool) -> Result<()> {
+        let every = if completions || !self.by_memory { 1 } else { REAP_EVERY };
+        let mut turn = 0u32;
+        let found = super::spin(self.spin, Some(deadline), || {
+            self.look();
+            turn = turn.wrapping_add(1);
+            if turn.is_multiple_of(every) {
+                self.reap()?;
+            }
+            Ok::<_, TransportError>(ready(self))
+        })?;
+        if found {
             return Ok(());
         }
         loop {
@@ -264,7 +315,10 @@ impl RdmaLink {
                 return Err(TransportError::Timeout { what, ms: self.io_timeout.as_millis() as u64 });
             }
             self.cq.arm().map_err(rdma)?;
-            if self.reap()? > 0 {
+            // Whatever landed before the arming raises no event.
+            self.reap()?;
+            self.look();
+            if ready(self) {
                 return Ok(());
             }
             match self.sleeper.poll(&mut self.events, Some(deadline - now)) {
@@ -272,7 +326,9 @@ impl RdmaLink {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
-            if self.reap()? > 0 {
+            self.reap()?;
+            self.look();
+            if ready(self) {
                 return Ok(());
             }
             if self.events.iter().any(|e| e.token() == Token(1)) && self.tcp.closed() {
@@ -304,9 +360,7 @@ impl RdmaLink {
     /// Copies the oldest unread reply out of its slot, as a long frame, so that the slot can
     /// take a new request.
     fn park_oldest(&mut self, deadline: Instant) -> Result<()> {
-        while self.arrived <= self.consumed {
-            self.progress(deadline, "a reply to free a slot")?;
-        }
+        self.wait(deadline, "a reply to free a slot", false, |l| l.arrived > l.consumed)?;
         let (mut header, body) = self.reply_at((self.consumed % self.slots) as usize)?;
         header.seal();
         let mut copy = Vec::with_capacity(HEADER_BYTES + body.len());
@@ -317,42 +371,48 @@ impl RdmaLink {
         Ok(())
     }
 
-    /// Waits until the next request's slot is free: its reply slot holds no unread reply, and
-    /// the device no longer reads its staging. Returns its index.
+    /// Waits until the next request's slot is free: its reply slot holds no unread reply, the
+    /// device no longer reads its staging, and a receive is posted for its reply. Returns its
+    /// index.
     fn free_slot(&mut self) -> Result<usize> {
         let deadline = Instant::now() + self.io_timeout;
         let seq = self.sent;
         while self.consumed + self.slots <= seq {
             self.park_oldest(deadline)?;
         }
-        while self.writes_done + self.slots <= seq {
-            self.progress(deadline, "a slot to send from")?;
-        }
+        // Twice `slots` receives are posted and at most `slots` requests are outstanding, so the
+        // reply to this one finds a receive once those of all but the last `slots` replies
+        // handed out were posted again. Those replies have landed: their completions are due.
+        self.wait(deadline, "receive completions", true, |l| l.recvs + l.slots > l.consumed)?;
+        self.wait(deadline, "a slot to send from", true, |l| l.writes_done + l.slots > l.sent)?;
         Ok((seq % self.slots) as usize)
     }
 
-    /// Writes the `frame_len` bytes staged for `slot` (in its compact area if `short`) into the
-    /// shard's slot of the same kind, naming the slot (and whether it holds a short frame) in
-    /// the immediate data.
+    /// Puts the next request's arrival tag after the `frame_len` bytes staged for `slot` (in
+    /// its compact area if `short`), and writes both into the shard's slot of the same kind,
+    /// naming the slot (and whether it holds a short frame) in the immediate data.
     fn post_staged(&mut self, slot: usize, frame_len: usize, short: bool) -> Result<()> {
         let seq = self.sent;
         let (at, _) = self.layout.area(slot, short);
+        let tag = self.tags_out.tag(seq).to_le_bytes();
+        self.out.as_mut_slice()[at + frame_len..at + frame_len + TAG_BYTES].copy_from_slice(&tag);
+        let len = frame_len + TAG_BYTES;
         let key = if short { self.remote_small[slot] } else { self.remote[slot] };
         let imm = slot as u32 | if short { SHORT_FRAME } else { 0 };
-        if frame_len <= INLINE_BYTES_MAX {
+        if len <= INLINE_BYTES_MAX {
             // Small frames are copied into the work request as it is posted, so the staging is
             // free at once: only every `signal_every`-th such write asks for a completion, which
             // retires the ones before it (one completion, not two, per small request).
-            let frame = &self.out.as_slice()[at..at + frame_len];
+            let frame = &self.out.as_slice()[at..at + len];
             let signaled = seq % self.signal_every == self.signal_every - 1;
             self.qp.post_write_imm_inline(seq, frame, key.addr, key.rkey, imm, signaled).map_err(rdma)?;
         } else {
-            // Why this is sound: out[at..at + frame_len] is this link's staging for slot `slot`. The CPU writes it
+            // Why this is sound: out[at..at + len] is this link's staging for slot `slot`. The CPU writes it
             // only in `send` (or `send_raw`), and only after `free_slot` saw the write that last used
             // this slot complete, so it stays unchanged until the device has read it. The region
             // outlives the queue pair (field order), so dropping the link flushes the queue pair first.
             // SAFETY: this slot's staging stays mapped and unchanged until its write completes.
-            unsafe { self.qp.post_write_imm(seq, &self.out, at, frame_len, key.addr, key.rkey, imm, true) }
+            unsafe { self.qp.post_write_imm(seq, &self.out, at, len, key.addr, key.rkey, imm, true) }
                 .map_err(rdma)?;
         }
         self.sent += 1;
@@ -365,7 +425,7 @@ impl RdmaLink {
     pub fn send_raw(&mut self, frame: &[u8], short: bool) -> Result<()> {
         let slot = self.free_slot()?;
         let (at, room) = self.layout.area(slot, short);
-        assert!(frame.len() <= room, "a raw frame fits its slot's area ({room} bytes)");
+        assert!(frame.len() + TAG_BYTES <= room, "a raw frame and its tag fit its slot's area ({room} bytes)");
         self.ids[slot] = 0;
         self.out.as_mut_slice()[at..at + frame.len()].copy_from_slice(frame);
         self.post_staged(slot, frame.len(), short)
@@ -374,6 +434,10 @@ impl RdmaLink {
 
 /// Times one block is read again while it keeps changing, before the read gives up.
 const TORN_RETRIES_MAX: u32 = 10_000;
+
+/// While replies are found by their arrival tags, a waiter takes completions (to post receives
+/// again) once in this many turns of its spin.
+const REAP_EVERY: u32 = 16;
 
 impl RdmaLink {
     /// Where dense table `table` lies on the shard, asked once over TCP; `None` when the shard
@@ -409,10 +473,7 @@ impl RdmaLink {
     /// queue entries, at most `slots`, until a signaled one retires them; the queue has room for
     /// a batch of reads beside them.)
     fn quiesce(&mut self, deadline: Instant) -> Result<()> {
-        while self.arrived < self.sent {
-            self.progress(deadline, "earlier requests before a read")?;
-        }
-        Ok(())
+        self.wait(deadline, "earlier requests before a read", false, |l| l.arrived >= l.sent)
     }
 
     /// Reads the part's bytes `[from, to)` into `reads[into..into + to - from]`, in as many READs
@@ -448,9 +509,7 @@ impl RdmaLink {
             pos = end;
             if last {
                 let want = self.reads_done + 1;
-                while self.reads_done < want {
-                    self.progress(deadline, "a one-sided read")?;
-                }
+                self.wait(deadline, "a one-sided read", true, |l| l.reads_done >= want)?;
                 posted = 0;
             }
         }
@@ -508,8 +567,9 @@ impl Link for RdmaLink {
         let slot = self.free_slot()?;
         let packed = self.deflater.frame_body(header, parts, compress);
         let body = packed.parts();
-        // A frame small enough to go inline goes with a short header when its fields fit.
-        let short = ShortHeader::shorten(header).filter(|s| s.frame_len() <= INLINE_BYTES_MAX);
+        // A frame small enough to go inline (with its tag) goes with a short header when its
+        // fields fit.
+        let short = ShortHeader::shorten(header).filter(|s| s.frame_len() + TAG_BYTES <= INLINE_BYTES_MAX);
         let (head, frame_len) = match &short {
             Some(s) => (s.as_bytes(), s.frame_len()),
             None => {
@@ -547,15 +607,16 @@ impl Link for RdmaLink {
         header.seal();
         self.ids[slot] = header.request_id;
         // The header, then the body from the caller's buffer, then zeros up to the frame's
-        // padded length, all in one write into the shard's slot.
+        // padded length and the arrival tag, all in one write into the shard's slot.
         let (at, _) = self.layout.area(slot, false);
-        let pad = frame_len - HEADER_BYTES - body.len();
-        let staging = &mut self.out.as_mut_slice()[at..at + HEADER_BYTES + pad];
+        let seq = self.sent;
+        let tail = frame_len - HEADER_BYTES - body.len() + TAG_BYTES;
+        let staging = &mut self.out.as_mut_slice()[at..at + HEADER_BYTES + tail];
         staging[..HEADER_BYTES].copy_from_slice(header.as_bytes());
         staging[HEADER_BYTES..].fill(0);
-        let seq = self.sent;
+        staging[HEADER_BYTES + tail - TAG_BYTES..].copy_from_slice(&self.tags_out.tag(seq).to_le_bytes());
         let key = self.remote[slot];
-        let gathered = [(&self.out, at, HEADER_BYTES), (region, offset, body.len()), (&self.out, at + HEADER_BYTES, pad)];
+        let gathered = [(&self.out, at, HEADER_BYTES), (region, offset, body.len()), (&self.out, at + HEADER_BYTES, tail)];
         // Why this is sound: the staging spans are this link's, for slot `slot`, written above only
         // after `free_slot` saw the slot's last write complete, and untouched until this one does
         // (as in `post_staged`). The body lies in `source`'s registered region (found by
@@ -571,10 +632,7 @@ impl Link for RdmaLink {
 
     fn settle(&mut self) -> Result<()> {
         let deadline = Instant::now() + self.io_timeout;
-        while self.writes_done < self.borrowed {
-            self.progress(deadline, "the device to read a pushed buffer")?;
-        }
-        Ok(())
+        self.wait(deadline, "the device to read a pushed buffer", true, |l| l.writes_done >= l.borrowed)
     }
 
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>> {
@@ -588,9 +646,7 @@ impl Link for RdmaLink {
         if self.sent <= self.consumed {
             return Err(rdma("waiting for a reply to no request"));
         }
-        while self.arrived <= self.consumed {
-            self.progress(deadline, "a reply")?;
-        }
+        self.wait(deadline, "a reply", false, |l| l.arrived > l.consumed)?;
         let slot = (self.consumed % self.slots) as usize;
         self.consumed += 1;
         let (header, body) = self.reply_at(slot)?;

@@ -18,12 +18,16 @@ use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BY
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
 use super::verbs::{self, Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, SHORT_FRAME};
+use super::{landed, rdma, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, Tags, SHORT_FRAME, TAG_BYTES};
+use crate::config::Arrival;
 
 /// Completion-queue entries per shard; bounds the workers one shard can take over RDMA.
 const CQ_ENTRIES: u32 = 8192;
 /// Completions taken from the queue per poll call.
 const POLL_BATCH: usize = 64;
+/// While requests are found by their arrival tags and none is served, the shard takes
+/// completions (to post receives again) once in this many turns of its loop.
+const REAP_EVERY: u32 = 16;
 /// While RDMA requests keep a shard busy, how long its TCP side (set-up, TCP workers, the
 /// shard's waker) may go unpolled. Polling it is a system call; doing that after every served
 /// request cost small pushes a measurable share of their round trip in the SoftRoCE guest.
@@ -51,8 +55,13 @@ struct State {
     cq: Cq,
     peers: Vec<Option<Peer>>,
     generation: u16,
-    /// Peers with requests waiting to be served (their reply slot's last write still in flight).
-    busy: Vec<usize>,
+    /// Whether requests are found by their arrival tags ([`Arrival::Memory`]).
+    by_memory: bool,
+    /// Some peer has landed requests that wait (for their reply slot's last write to finish, or
+    /// for receives to be posted again): completions must be taken.
+    waiting: bool,
+    /// Turns of `drain`, to take completions every [`REAP_EVERY`] idle ones.
+    turns: u32,
     completions: Vec<Completion>,
     /// Dense table parts workers may read directly, by table id.
     exposed: Vec<Option<DenseView>>,
@@ -86,17 +95,23 @@ struct Peer {
     tcp: ConnId,
     generation: u16,
     layout: SlotLayout,
-    /// Slots whose requests arrived and wait to be served, in arrival order, with
-    /// [`SHORT_FRAME`] set on those holding short frames.
-    queued: VecDeque<u32>,
+    /// Requests landed (seen by their tag, or by their receive completion) and served, in
+    /// order, and receive completions taken. Request `n` lies in slot `n % slots`.
+    arrived: u64,
+    served: u64,
+    recvs: u64,
+    /// Per slot: whether the request that landed there is a short frame (in its compact area).
+    short: Vec<bool>,
+    /// Tags the worker writes after requests (salted here), and this side writes after replies.
+    tags_in: Tags,
+    tags_out: Tags,
     /// Slots whose reply write the device has not yet completed: their staging is busy.
     writing: Vec<bool>,
     /// Replies staged but held until the service's log is durable (see
     /// [`Reply::hold_until`]), in order.
     held: VecDeque<Staged>,
-    /// The slot the worker's next request must arrive in.
-    next_arrival: u32,
-    /// Replies posted, and how often an inline one asks for a completion.
+    /// Replies posted (reply `n` answers request `n`), and how often an inline one asks for a
+    /// completion.
     replies_posted: u64,
     signal_every: u64,
     inflater: Inflater,
@@ -180,7 +195,9 @@ impl RdmaShard {
             cq,
             peers: Vec::new(),
             generation: 0,
-            busy: Vec::new(),
+            by_memory: cfg.arrival == Arrival::Memory,
+            waiting: false,
+            turns: 0,
             completions: Vec::with_capacity(POLL_BATCH),
             exposed: Vec::new(),
             durable: u64::MAX,
@@ -205,7 +222,7 @@ impl ShardTransport for RdmaShard {
                 worked = state.drain(service) > 0;
             }
         }
-        let timeout = if worked || !state.busy.is_empty() { Some(Duration::ZERO) } else { timeout };
+        let timeout = if worked || state.waiting { Some(Duration::ZERO) } else { timeout };
         if timeout == Some(Duration::ZERO) {
             let now = Instant::now();
             if now - self.tcp_polled < TCP_POLL_GAP {
@@ -333,7 +350,8 @@ impl State {
         let _span = tracing::info_span!("rdma_accept", conn = conn.0).entered();
         let theirs = Endpoint::decode(body)?;
         let slots = theirs.slots.len() as u32;
-        let per_peer = 2 * slots;
+        // Twice `slots` receives, and `slots` reply writes.
+        let per_peer = 3 * slots;
         let live = self.peers.iter().flatten().count() as u32;
         if (live + 1) * per_peer > CQ_ENTRIES {
             return Err(rdma(format!("this shard serves {live} RDMA workers, its most with {slots} slots each")));
@@ -351,12 +369,14 @@ impl State {
         let ring = Region::new_in(&pd, bytes, Access { remote_write: true, remote_read: false }).map_err(rdma)?;
         let staging = Region::new_in(&pd, bytes, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
         // Inline replies are signaled once in `signal_every` (at most `slots`), so up to `slots`
-        // of them may wait for a signaled one to retire them, beside `slots` in flight.
-        let mut qp = Qp::new_in(&pd, &self.cq, &self.cq, 2 * slots + 1, slots + 1).map_err(rdma)?;
+        // of them may wait for a signaled one to retire them, beside `slots` in flight. Twice
+        // `slots` receives: a request seen by its tag has its receive posted again only later.
+        let mut qp = Qp::new_in(&pd, &self.cq, &self.cq, 2 * slots + 1, 2 * slots).map_err(rdma)?;
         let index = self.peers.iter().position(Option::is_none).unwrap_or(self.peers.len());
         self.generation = self.generation.wrapping_add(1);
-        for slot in 0..slots {
-            qp.post_recv(wr_id(index, self.generation, slot)).map_err(rdma)?;
+        // A receive's id names its peer; the slot comes from the immediate data.
+        for _ in 0..2 * slots {
+            qp.post_recv(wr_id(index, self.generation, 0)).map_err(rdma)?;
         }
         qp.connect(&theirs.qp).map_err(rdma)?;
         let mine = Endpoint::new(qp.info(), layout, &ring)?;
@@ -371,10 +391,14 @@ impl State {
             tcp: conn,
             generation: self.generation,
             layout,
-            queued: VecDeque::with_capacity(slots as usize),
+            arrived: 0,
+            served: 0,
+            recvs: 0,
+            short: vec![false; slots as usize],
+            tags_in: Tags::new(mine.tag_salt),
+            tags_out: Tags::new(theirs.tag_salt),
             writing: vec![false; slots as usize],
             held: VecDeque::with_capacity(slots as usize),
-            next_arrival: 0,
             replies_posted: 0,
             signal_every: (u64::from(slots) / 2).max(1),
             inflater: Inflater::default(),
@@ -396,25 +420,53 @@ impl State {
                 tracing::debug!(conn = conn.0, "rdma peer released");
             }
         }
-        let peers = &self.peers;
-        self.busy.retain(|i| peers[*i].is_some());
     }
 
-    /// Takes every completion there is and serves every request that can be served.
+    /// Serves every request that can be served, and takes completions. With arrival tags, what
+    /// landed is served and its reply posted first; completions (receives to post again, reply
+    /// writes finished, errors, and requests whose tag never showed) are taken after, off the
+    /// round trip, and on idle turns only once in [`REAP_EVERY`].
     fn drain(&mut self, service: &mut dyn Service) -> usize {
-        let mut total = 0;
-        let durable = service.durable();
-        let failure = service.log_failure();
-        if durable != self.durable || failure.is_some() {
-            self.durable = durable;
-            for (index, peer) in self.peers.iter_mut().enumerate() {
-                if let Some(peer) = peer.as_mut().filter(|p| !p.held.is_empty()) {
-                    total += peer.held.len();
-                    peer.release(index, durable, failure);
-                    total -= peer.held.len();
-                }
+        let mut total = self.release_held(service);
+        if !self.by_memory {
+            total += self.reap();
+            return total + self.serve_landed(service);
+        }
+        total += self.serve_landed(service);
+        self.turns = self.turns.wrapping_add(1);
+        if total > 0 || self.waiting || self.turns.is_multiple_of(REAP_EVERY) {
+            let taken = self.reap();
+            total += taken;
+            if taken > 0 {
+                total += self.serve_landed(service);
             }
         }
+        total
+    }
+
+    /// Writes the replies held for the log, if it moved or failed since last time; returns how
+    /// many.
+    fn release_held(&mut self, service: &mut dyn Service) -> usize {
+        let durable = service.durable();
+        let failure = service.log_failure();
+        if durable == self.durable && failure.is_none() {
+            return 0;
+        }
+        self.durable = durable;
+        let mut released = 0;
+        for (index, peer) in self.peers.iter_mut().enumerate() {
+            if let Some(peer) = peer.as_mut().filter(|p| !p.held.is_empty()) {
+                released += peer.held.len();
+                peer.release(index, durable, failure);
+                released -= peer.held.len();
+            }
+        }
+        released
+    }
+
+    /// Takes every completion there is; returns how many.
+    fn reap(&mut self) -> usize {
+        let mut total = 0;
         loop {
             self.completions.clear();
             let n = self.cq.poll(&mut self.completions, POLL_BATCH);
@@ -424,10 +476,9 @@ impl State {
             }
             total += n;
             if n < POLL_BATCH {
-                break;
+                return total;
             }
         }
-        total + self.serve_queued(service)
     }
 
     fn complete(&mut self, c: Completion) {
@@ -446,24 +497,15 @@ impl State {
                 // The worker fills its slots round-robin, so each arrival names the next slot;
                 // anything else is a worker that skips or reuses slots, and cannot be trusted.
                 let imm = c.imm.unwrap_or(u32::MAX);
-                let expected = peer.next_arrival;
-                peer.next_arrival = (expected + 1) % peer.writing.len() as u32;
-                if imm & !SHORT_FRAME != expected {
+                if !peer.took_request(imm, &self.stalls) {
                     tracing::warn!(conn = peer.tcp.0, imm, "rdma request names a bad slot; releasing the worker");
                     let conn = peer.tcp;
                     self.forget(conn);
                     return;
                 }
-                peer.queued.push_back(imm);
-                if peer.queued.len() + peer.held.len() >= peer.writing.len() {
-                    self.stalls.increment(1);
-                }
                 // Receives carry no buffer: post the next one at once.
                 if let Err(e) = peer.qp.post_recv(c.wr_id) {
                     tracing::warn!(conn = peer.tcp.0, error = %e, "cannot post a receive");
-                }
-                if !self.busy.contains(&index) {
-                    self.busy.push(index);
                 }
             }
             Opcode::RdmaWrite if slot & INLINE_WR == 0 => peer.writing[slot as usize] = false,
@@ -471,29 +513,29 @@ impl State {
         }
     }
 
-    /// Serves queued requests, each peer in order, skipping peers whose next reply slot is still
-    /// being written by the device.
-    fn serve_queued(&mut self, service: &mut dyn Service) -> usize {
+    /// Serves, each peer in order, every request that has landed, unless its reply slot is
+    /// still being written or too few receives are posted for what the reply lets the worker
+    /// send next. Returns how many.
+    fn serve_landed(&mut self, service: &mut dyn Service) -> usize {
         let mut served = 0;
-        let mut i = 0;
-        while i < self.busy.len() {
-            let index = self.busy[i];
-            let compress_bytes_min = self.compress_bytes_min;
-            if let Some(peer) = self.peers[index].as_mut() {
-                while let Some(&imm) = peer.queued.front() {
-                    let slot = imm & !SHORT_FRAME;
-                    if peer.writing[slot as usize] {
-                        break;
-                    }
-                    peer.queued.pop_front();
-                    peer.serve(index, slot, imm & SHORT_FRAME != 0, service, compress_bytes_min);
-                    served += 1;
-                }
+        self.waiting = false;
+        for (index, peer) in self.peers.iter_mut().enumerate() {
+            let Some(peer) = peer.as_mut() else { continue };
+            if self.by_memory {
+                peer.look(&self.stalls);
             }
-            if self.peers[index].as_ref().is_none_or(|p| p.queued.is_empty()) {
-                self.busy.swap_remove(i);
-            } else {
-                i += 1;
+            let slots = peer.writing.len() as u64;
+            while peer.served < peer.arrived {
+                let slot = (peer.served % slots) as usize;
+                // The reply frees the slot, and the worker may then send request `served +
+                // slots`: a receive must be posted for it (twice `slots` were posted at first).
+                if peer.writing[slot] || peer.served >= peer.recvs + slots {
+                    self.waiting = true;
+                    break;
+                }
+                peer.served += 1;
+                peer.serve(index, slot as u32, self.compress_bytes_min, service);
+                served += 1;
             }
         }
         served
@@ -501,9 +543,52 @@ impl State {
 }
 
 impl Peer {
+    /// Counts every request whose tag shows in the ring as landed, in order (at most a ring's
+    /// worth beyond those served).
+    fn look(&mut self, stalls: &metrics::Counter) {
+        let slots = self.short.len() as u64;
+        while self.arrived < self.served + slots {
+            let slot = (self.arrived % slots) as usize;
+            let tag = self.tags_in.tag(self.arrived);
+            let ring = &self.ring;
+            let landed_in = |short: bool| {
+                let (at, room) = self.layout.area(slot, short);
+                landed(|o| ring.load_u64(o), at, room, short, tag).is_some()
+            };
+            let Some(short) = [true, false].into_iter().find(|&short| landed_in(short)) else { return };
+            self.land(slot, short, stalls);
+        }
+    }
+
+    /// A request's receive completion, with immediate data `imm`: counts the request as landed
+    /// unless its tag was seen first. False when the immediate data names another slot than the
+    /// next one.
+    fn took_request(&mut self, imm: u32, stalls: &metrics::Counter) -> bool {
+        let slots = self.short.len() as u64;
+        let slot = (self.recvs % slots) as usize;
+        if imm & !SHORT_FRAME != slot as u32 {
+            return false;
+        }
+        // Requests land in order, so one not yet seen is the next one.
+        if self.recvs == self.arrived {
+            self.land(slot, imm & SHORT_FRAME != 0, stalls);
+        }
+        self.recvs += 1;
+        true
+    }
+
+    fn land(&mut self, slot: usize, short: bool, stalls: &metrics::Counter) {
+        self.short[slot] = short;
+        self.arrived += 1;
+        if self.arrived - self.served + self.held.len() as u64 >= self.short.len() as u64 {
+            stalls.increment(1);
+        }
+    }
+
     /// Serves the request in `slot` (a short frame in the slot's compact area, or a long one)
     /// and writes its reply to the worker's reply slot.
-    fn serve(&mut self, index: usize, slot: u32, short: bool, service: &mut dyn Service, compress_bytes_min: usize) {
+    fn serve(&mut self, index: usize, slot: u32, compress_bytes_min: usize, service: &mut dyn Service) {
+        let short = self.short[slot as usize];
         let durable = service.durable();
         let mut hold = None;
         let layout = self.layout;
@@ -518,7 +603,7 @@ impl Peer {
         };
         match decoded {
             Ok((header, head_len)) => {
-                let mut reply = Reply::new(&mut area, header, layout.slot_bytes);
+                let mut reply = Reply::new(&mut area, header, layout.frame_room(false));
                 let raw = &frame[head_len..head_len + header.body_len as usize];
                 match self.inflater.inflate(&header, raw) {
                     Ok(_) if !header.op().is_some_and(|o| o.is_data()) => {
@@ -530,7 +615,7 @@ impl Peer {
                 hold = reply.finish_unsealed(&mut self.deflater, compress_bytes_min).1;
             }
             Err(e) => {
-                let mut reply = Reply::new(&mut area, Header::request(Op::Push, 0), layout.slot_bytes);
+                let mut reply = Reply::new(&mut area, Header::request(Op::Push, 0), layout.frame_room(false));
                 reply.error(Status::Malformed, &e.to_string());
                 reply.finish_unsealed(&mut self.deflater, usize::MAX);
             }
@@ -557,7 +642,8 @@ impl Peer {
                 // compact one.
                 let bytes = self.staging.as_mut_slice();
                 let header = Header::decode_unchecked(&bytes[staged.at..staged.at + HEADER_BYTES]);
-                let (at, room) = self.layout.area(staged.slot as usize, false);
+                let (at, _) = self.layout.area(staged.slot as usize, false);
+                let room = self.layout.frame_room(false);
                 staged.len = crate::reply::not_durable(&header, reason, &mut bytes[at..at + room]);
                 staged.at = at;
             }
@@ -575,15 +661,21 @@ impl Peer {
         // one in `signal_every` asks for a completion (it retires those before it).
         let inline_id = wr_id(index, self.generation, slot | INLINE_WR);
         let signaled = self.replies_posted % self.signal_every == self.signal_every - 1;
+        // Reply `n` answers request `n`, and is followed by its arrival tag.
+        let tag = self.tags_out.tag(self.replies_posted).to_le_bytes();
         self.replies_posted += 1;
         let header = Header::decode_unchecked(&self.staging.as_slice()[at..at + HEADER_BYTES]);
-        let short = ShortHeader::shorten(&header).filter(|s| s.frame_len() <= INLINE_BYTES_MAX);
+        let short = ShortHeader::shorten(&header).filter(|s| s.frame_len() + TAG_BYTES <= INLINE_BYTES_MAX);
+        let staging = self.staging.as_mut_slice();
         if short.is_none() {
             // Replies are finished unsealed (a short header has no checksum): seal a long one.
             let mut header = header;
             header.seal();
-            self.staging.as_mut_slice()[at..at + HEADER_BYTES].copy_from_slice(header.as_bytes());
+            staging[at..at + HEADER_BYTES].copy_from_slice(header.as_bytes());
         }
+        // The slot's areas keep room for the tag after the longest reply (`frame_room`).
+        staging[at + len..at + len + TAG_BYTES].copy_from_slice(&tag);
+        let len = len + TAG_BYTES;
         let reply = &self.staging.as_slice()[at..at + len];
         let (key, small) = (self.remote[slot as usize], self.remote_small[slot as usize]);
         let posted = if let Some(s) = short {
@@ -592,7 +684,8 @@ impl Peer {
             frame[..SHORT_HEADER_BYTES].copy_from_slice(s.as_bytes());
             let body = &reply[HEADER_BYTES..HEADER_BYTES + s.body_len as usize];
             frame[SHORT_HEADER_BYTES..SHORT_HEADER_BYTES + body.len()].copy_from_slice(body);
-            let frame = &frame[..s.frame_len()];
+            frame[s.frame_len()..s.frame_len() + TAG_BYTES].copy_from_slice(&tag);
+            let frame = &frame[..s.frame_len() + TAG_BYTES];
             self.writing[slot as usize] = false;
             self.qp.post_write_imm_inline(inline_id, frame, small.addr, small.rkey, slot | SHORT_FRAME, signaled)
         } else if len <= INLINE_BYTES_MAX {
@@ -601,7 +694,7 @@ impl Peer {
         } else {
             // Why this is sound: staging[at..at + len] belongs to this peer and to reply slot `slot` alone (a
             // reply longer than a compact area is in the slot's full area). The CPU writes it
-            // only while serving a request in this slot, and `serve_queued` serves that slot
+            // only while serving a request in this slot, and `serve_landed` serves that slot
             // again only after this write's completion cleared `writing[slot]`, so the buffer stays
             // valid and unchanged until the device has read it. The region outlives the queue pair
             // (field order), so a release mid-write flushes the queue pair before deregistering.
@@ -615,10 +708,11 @@ impl Peer {
     }
 }
 
-/// Slot `slot`'s reply area in `staging`: its compact area, then its full one.
+/// Slot `slot`'s reply area in `staging`: its compact area, then its full one, each less the
+/// room for the arrival tag that follows the reply.
 fn slot_area(staging: &mut Region, layout: SlotLayout, slot: usize) -> SlotArea<'_> {
-    let (small_at, small_room) = layout.area(slot, true);
-    let (full_at, full_room) = layout.area(slot, false);
+    let (small_at, full_at) = (layout.area(slot, true).0, layout.area(slot, false).0);
+    let (small_room, full_room) = (layout.frame_room(true), layout.frame_room(false));
     // Every full area lies before every compact one.
     let (fulls, smalls) = staging.as_mut_slice().split_at_mut(small_at);
     SlotArea { small: &mut smalls[..small_room], full: &mut fulls[full_at..full_at + full_room], in_full: false, used: 0 }

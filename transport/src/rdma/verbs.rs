@@ -452,6 +452,22 @@ impl Region {
         &mut self.map
     }
 
+    /// The 8-byte word at `offset` (a multiple of 8 inside the region), loaded with acquire
+    /// ordering: for polling a word the device may be writing at this moment (a frame's arrival
+    /// tag). Once the loaded value shows that a write has landed, the bytes the protocol says
+    /// landed before it may be read through [`Region::as_slice`]. Panics if `offset` is
+    /// misaligned or out of range.
+    pub fn load_u64(&self, offset: usize) -> u64 {
+        assert!(offset.is_multiple_of(8) && offset + 8 <= self.len(), "word {offset} of a {}-byte region", self.len());
+        // Why this is sound: the word lies inside `map` (checked above), which stays mapped as long
+        // as `self`, and is 8-byte aligned (the mapping starts on a page). An atomic load of memory
+        // that another agent (the device, through DMA) writes is not a data race; Acquire keeps
+        // the caller's later reads of the frame after this load.
+        // SAFETY: an aligned, in-bounds word of a live mapping, read atomically.
+        let word = unsafe { &*(self.map.as_ptr().add(offset) as *const std::sync::atomic::AtomicU64) };
+        word.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The virtual address of byte 0 (what work requests and peers address it by).
     pub fn addr(&self) -> u64 {
         self.map.as_ptr() as u64
@@ -1078,6 +1094,25 @@ impl Qp {
         // SAFETY: with IBV_SEND_INLINE the provider copies `data` into the send queue before
         // ibv_post_send returns, so the borrow of `data` outlives every use of it.
         unsafe { self.post_one(wr_id, op, flags, sge, remote_addr, rkey, imm.to_be()) }
+    }
+
+    /// A plain inline RDMA WRITE: it consumes no receive at the peer and completes nowhere
+    /// there, so the peer can only notice it by reading memory. Tessera's data path writes with
+    /// immediate data; this is for the `write_floor` example, which measures what perftest's
+    /// `ib_write_lat` does beside it.
+    pub fn post_write_inline(
+        &mut self,
+        wr_id: u64,
+        data: &[u8],
+        remote_addr: u64,
+        rkey: u32,
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
+        assert!(data.len() <= INLINE_BYTES_MAX, "inline writes carry at most {INLINE_BYTES_MAX} bytes");
+        let sge = ibv_sge { addr: data.as_ptr() as u64, length: data.len() as u32, lkey: 0 };
+        let flags = signal_flags(signaled) | ibv_send_flags::IBV_SEND_INLINE.0;
+        // SAFETY: as in post_write_imm_inline, the provider copies `data` before returning.
+        unsafe { self.post_one(wr_id, ibv_wr_opcode::IBV_WR_RDMA_WRITE, flags, sge, remote_addr, rkey, 0) }
     }
 
     /// RDMA READ of `len` bytes at the peer's `remote_addr` (in the chunk `rkey` names) into
