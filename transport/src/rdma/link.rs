@@ -17,7 +17,7 @@ use crate::wire::{padded, Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_H
 use crate::{Frame, Link, PushBuffer};
 
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
-use super::{landed, rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, Tags, GATHER_BYTES_MIN, SHORT_FRAME, TAG_BYTES};
+use super::{landed_in_slot, rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, Tags, GATHER_BYTES_MIN, SHORT_FRAME, TAG_BYTES};
 use crate::config::Arrival;
 use crate::expose::block_is_whole;
 
@@ -280,12 +280,7 @@ impl RdmaLink {
         while self.by_memory && self.arrived < self.sent {
             let slot = (self.arrived % self.slots) as usize;
             let tag = self.tags_in.tag(self.arrived);
-            let inbox = &self.inbox;
-            let landed_in = |short: bool| {
-                let (at, room) = self.layout.area(slot, short);
-                landed(|o| inbox.load_u64(o), at, room, short, tag).is_some()
-            };
-            let Some(short) = [true, false].into_iter().find(|&short| landed_in(short)) else { return };
+            let Some(short) = landed_in_slot(&self.inbox, self.layout, slot, tag) else { return };
             self.short[slot] = short;
             self.arrived += 1;
         }

@@ -138,6 +138,15 @@ impl Tags {
 /// after the tag was found: a frame counts as landed only if both reads agree. A wrong guess of
 /// the frame's end finds the tag only if the bytes there happen to equal it, which a random salt
 /// makes a 1-in-2^64 event per look.
+/// Where the frame tagged `tag` landed in slot `slot` of `region` (laid out as `layout`): in its
+/// compact area (`Some(true)`), its full area (`Some(false)`), or not yet (`None`).
+pub(crate) fn landed_in_slot(region: &verbs::Region, layout: SlotLayout, slot: usize, tag: u64) -> Option<bool> {
+    [true, false].into_iter().find(|&short| {
+        let (at, room) = layout.area(slot, short);
+        landed(|o| region.load_u64(o), at, room, short, tag).is_some()
+    })
+}
+
 /// `load(offset)` reads the 8-byte word at `offset` ([`verbs::Region::load_u64`]).
 pub(crate) fn landed(load: impl Fn(usize) -> u64, at: usize, room: usize, short: bool, tag: u64) -> Option<usize> {
     let word_at = at + 8 * crate::wire::body_len_word(short);

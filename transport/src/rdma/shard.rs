@@ -18,7 +18,7 @@ use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BY
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
 use super::verbs::{self, Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
-use super::{landed, rdma, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, Tags, SHORT_FRAME, TAG_BYTES};
+use super::{landed_in_slot, rdma, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, Tags, SHORT_FRAME, TAG_BYTES};
 use crate::config::Arrival;
 
 /// Completion-queue entries per shard; bounds the workers one shard can take over RDMA.
@@ -550,12 +550,7 @@ impl Peer {
         while self.arrived < self.served + slots {
             let slot = (self.arrived % slots) as usize;
             let tag = self.tags_in.tag(self.arrived);
-            let ring = &self.ring;
-            let landed_in = |short: bool| {
-                let (at, room) = self.layout.area(slot, short);
-                landed(|o| ring.load_u64(o), at, room, short, tag).is_some()
-            };
-            let Some(short) = [true, false].into_iter().find(|&short| landed_in(short)) else { return };
+            let Some(short) = landed_in_slot(&self.ring, self.layout, slot, tag) else { return };
             self.land(slot, short, stalls);
         }
     }

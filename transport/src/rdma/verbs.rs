@@ -1086,14 +1086,8 @@ impl Qp {
         imm: u32,
         signaled: bool,
     ) -> Result<(), VerbsError> {
-        assert!(data.len() <= INLINE_BYTES_MAX, "inline writes carry at most {INLINE_BYTES_MAX} bytes");
-        // An inline request's SGE names the bytes to copy; it needs no key.
-        let sge = ibv_sge { addr: data.as_ptr() as u64, length: data.len() as u32, lkey: 0 };
-        let flags = signal_flags(signaled) | ibv_send_flags::IBV_SEND_INLINE.0;
         let op = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
-        // SAFETY: with IBV_SEND_INLINE the provider copies `data` into the send queue before
-        // ibv_post_send returns, so the borrow of `data` outlives every use of it.
-        unsafe { self.post_one(wr_id, op, flags, sge, remote_addr, rkey, imm.to_be()) }
+        self.post_inline(wr_id, op, data, remote_addr, rkey, imm.to_be(), signaled)
     }
 
     /// A plain inline RDMA WRITE: it consumes no receive at the peer and completes nowhere
@@ -1108,11 +1102,28 @@ impl Qp {
         rkey: u32,
         signaled: bool,
     ) -> Result<(), VerbsError> {
+        self.post_inline(wr_id, ibv_wr_opcode::IBV_WR_RDMA_WRITE, data, remote_addr, rkey, 0, signaled)
+    }
+
+    /// Posts `data` inline as one work request of `opcode`.
+    #[allow(clippy::too_many_arguments)] // each is one field of the work request
+    fn post_inline(
+        &mut self,
+        wr_id: u64,
+        opcode: ibv_wr_opcode::Type,
+        data: &[u8],
+        remote_addr: u64,
+        rkey: u32,
+        imm_be: u32,
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
         assert!(data.len() <= INLINE_BYTES_MAX, "inline writes carry at most {INLINE_BYTES_MAX} bytes");
+        // An inline request's SGE names the bytes to copy; it needs no key.
         let sge = ibv_sge { addr: data.as_ptr() as u64, length: data.len() as u32, lkey: 0 };
         let flags = signal_flags(signaled) | ibv_send_flags::IBV_SEND_INLINE.0;
-        // SAFETY: as in post_write_imm_inline, the provider copies `data` before returning.
-        unsafe { self.post_one(wr_id, ibv_wr_opcode::IBV_WR_RDMA_WRITE, flags, sge, remote_addr, rkey, 0) }
+        // SAFETY: with IBV_SEND_INLINE the provider copies `data` into the send queue before
+        // ibv_post_send returns, so the borrow of `data` outlives every use of it.
+        unsafe { self.post_one(wr_id, opcode, flags, sge, remote_addr, rkey, imm_be) }
     }
 
     /// RDMA READ of `len` bytes at the peer's `remote_addr` (in the chunk `rkey` names) into
