@@ -17,8 +17,8 @@ use crate::wire::{padded, Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_H
 use crate::{Frame, Link, PushBuffer};
 
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
-use super::{landed_in_slot, rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, Tags, GATHER_BYTES_MIN, SHORT_FRAME, TAG_BYTES};
-use crate::config::Arrival;
+use super::arrival::{Arrivals, Tags};
+use super::{rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, GATHER_BYTES_MIN, SHORT_FRAME, TAG_BYTES};
 use crate::expose::block_is_whole;
 
 /// A link to one shard over an RC queue pair. Field order is drop order: the queue pair goes
@@ -44,27 +44,21 @@ pub struct RdmaLink {
     layout: SlotLayout,
     send_bytes_max: usize,
     slots: u64,
-    /// Requests posted, replies landed (seen by their tag, or by their receive completion),
-    /// replies handed out or parked, request writes completed, receive completions taken.
+    /// Requests posted, replies handed out or parked, request writes completed.
     sent: u64,
-    arrived: u64,
     consumed: u64,
     writes_done: u64,
-    recvs: u64,
-    /// Tags this link writes after its requests (salted by the shard), and the ones it expects
-    /// after replies (salted here); whether it looks for the latter ([`Arrival::Memory`]).
+    /// The replies that landed in the inbox (reply `n` answers request `n`).
+    arrivals: Arrivals,
+    /// The tags this link writes after its requests (salted by the shard).
     tags_out: Tags,
-    tags_in: Tags,
-    by_memory: bool,
     /// Requests up to this one (exclusive) had their bodies read from the caller's buffers
     /// ([`Link::send_from`]); `settle` waits until their writes completed.
     borrowed: u64,
     /// Small (inline) request writes ask for a completion once in this many.
     signal_every: u64,
-    /// Per slot: the request id of the request last sent from it (a short reply leaves it out),
-    /// and whether the reply that arrived in it is a short frame.
+    /// Per slot: the request id of the request last sent from it (a short reply leaves it out).
     ids: Vec<u64>,
-    short: Vec<bool>,
     /// Replies copied out of their slot because a new request needed it before anyone asked.
     parked: VecDeque<Vec<u8>>,
     current: Vec<u8>,
@@ -160,17 +154,13 @@ impl RdmaLink {
             send_bytes_max: layout.frame_room(false).min(cfg.frame_bytes_max),
             slots: slots as u64,
             sent: 0,
-            arrived: 0,
             consumed: 0,
             writes_done: 0,
-            recvs: 0,
+            arrivals: Arrivals::new(slots as usize, mine.tag_salt, rcfg.arrival),
             tags_out: Tags::new(theirs.tag_salt),
-            tags_in: Tags::new(mine.tag_salt),
-            by_memory: rcfg.arrival == Arrival::Memory,
             borrowed: 0,
             signal_every: (slots as u64 / 2).max(1),
             ids: vec![0; slots as usize],
-            short: vec![false; slots as usize],
             parked: VecDeque::new(),
             current: Vec::new(),
             inflater: Inflater::default(),
@@ -260,30 +250,16 @@ impl RdmaLink {
     /// A reply's receive completion: posts the receive again, and counts the reply as landed
     /// unless its tag was seen first.
     fn took_reply(&mut self, c: Completion) -> Result<()> {
-        let slot = (self.recvs % self.slots) as u32;
-        let imm = c.imm.unwrap_or(u32::MAX);
-        if imm & !SHORT_FRAME != slot {
+        if let Err(slot) = self.arrivals.took(c.imm.unwrap_or(u32::MAX)) {
             return Err(rdma(format!("reply in slot {:?}, expected {slot}", c.imm)));
         }
-        // Replies land in order, so one not yet seen is the next one.
-        debug_assert!(self.recvs <= self.arrived, "a completion for a reply beyond the next");
-        if self.recvs == self.arrived {
-            self.short[slot as usize] = imm & SHORT_FRAME != 0;
-            self.arrived += 1;
-        }
-        self.recvs += 1;
         self.qp.post_recv(c.wr_id).map_err(rdma)
     }
 
-    /// Counts every reply whose tag shows in the inbox as landed, in order.
+    /// Counts every reply whose tag shows in the inbox as landed.
     fn look(&mut self) {
-        while self.by_memory && self.arrived < self.sent {
-            let slot = (self.arrived % self.slots) as usize;
-            let tag = self.tags_in.tag(self.arrived);
-            let Some(short) = landed_in_slot(&self.inbox, self.layout, slot, tag) else { return };
-            self.short[slot] = short;
-            self.arrived += 1;
-        }
+        let inbox = &self.inbox;
+        self.arrivals.look(|o| inbox.load_u64(o), self.layout, self.sent);
     }
 
     /// Waits until `ready`: spins, looking for landed replies and taking completions, then
@@ -291,7 +267,7 @@ impl RdmaLink {
     /// taken only every [`REAP_EVERY`] turns (they are housekeeping then), unless `ready` waits
     /// for one (`completions`: a write or a read to finish).
     fn wait(&mut self, deadline: Instant, what: &'static str, completions: bool, ready: impl Fn(&Self) -> bool) -> Result<()> {
-        let every = if completions || !self.by_memory { 1 } else { REAP_EVERY };
+        let every = if completions || !self.arrivals.by_memory() { 1 } else { REAP_EVERY };
         let mut turn = 0u32;
         let found = super::spin(self.spin, Some(deadline), || {
             self.look();
@@ -335,9 +311,10 @@ impl RdmaLink {
     /// The reply in slot `slot` (in its compact area if short): its (long) header, and where its
     /// body lies in `inbox`.
     fn reply_at(&self, slot: usize) -> Result<(Header, Range<usize>)> {
-        let (at, room) = self.layout.area(slot, self.short[slot]);
+        let short = self.arrivals.short(slot);
+        let (at, room) = self.layout.area(slot, short);
         let bytes = &self.inbox.as_slice()[at..at + room];
-        let (header, head_len) = if self.short[slot] {
+        let (header, head_len) = if short {
             (ShortHeader::expand(bytes, self.ids[slot], room)?, SHORT_HEADER_BYTES)
         } else {
             let mut header = Header::decode(bytes, room)?;
@@ -355,7 +332,7 @@ impl RdmaLink {
     /// Copies the oldest unread reply out of its slot, as a long frame, so that the slot can
     /// take a new request.
     fn park_oldest(&mut self, deadline: Instant) -> Result<()> {
-        self.wait(deadline, "a reply to free a slot", false, |l| l.arrived > l.consumed)?;
+        self.wait(deadline, "a reply to free a slot", false, |l| l.arrivals.landed > l.consumed)?;
         let (mut header, body) = self.reply_at((self.consumed % self.slots) as usize)?;
         header.seal();
         let mut copy = Vec::with_capacity(HEADER_BYTES + body.len());
@@ -378,7 +355,7 @@ impl RdmaLink {
         // Twice `slots` receives are posted and at most `slots` requests are outstanding, so the
         // reply to this one finds a receive once those of all but the last `slots` replies
         // handed out were posted again. Those replies have landed: their completions are due.
-        self.wait(deadline, "receive completions", true, |l| l.recvs + l.slots > l.consumed)?;
+        self.wait(deadline, "receive completions", true, |l| l.arrivals.recvs + l.slots > l.consumed)?;
         self.wait(deadline, "a slot to send from", true, |l| l.writes_done + l.slots > l.sent)?;
         Ok((seq % self.slots) as usize)
     }
@@ -468,7 +445,7 @@ impl RdmaLink {
     /// queue entries, at most `slots`, until a signaled one retires them; the queue has room for
     /// a batch of reads beside them.)
     fn quiesce(&mut self, deadline: Instant) -> Result<()> {
-        self.wait(deadline, "earlier requests before a read", false, |l| l.arrived >= l.sent)
+        self.wait(deadline, "earlier requests before a read", false, |l| l.arrivals.landed >= l.sent)
     }
 
     /// Reads the part's bytes `[from, to)` into `reads[into..into + to - from]`, in as many READs
@@ -641,7 +618,7 @@ impl Link for RdmaLink {
         if self.sent <= self.consumed {
             return Err(rdma("waiting for a reply to no request"));
         }
-        self.wait(deadline, "a reply", false, |l| l.arrived > l.consumed)?;
+        self.wait(deadline, "a reply", false, |l| l.arrivals.landed > l.consumed)?;
         let slot = (self.consumed % self.slots) as usize;
         self.consumed += 1;
         let (header, body) = self.reply_at(slot)?;

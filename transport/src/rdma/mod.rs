@@ -14,7 +14,7 @@
 //!   worker's ring, a stale key from an earlier connection, or a made-up one is refused by the
 //!   device as a remote access error, and the shard releases that worker.
 //! - **Arrival.** Every frame written into a slot is followed by an 8-byte arrival tag
-//!   (`Tags`). The shard's loop, on its own core, polls each worker's next slot for its tag,
+//!   (`arrival::Tags`). The shard's loop, on its own core, polls each worker's next slot for its tag,
 //!   serves what has landed, and takes the writes' completions afterwards (they post receives
 //!   again, carry errors, and find frames whose tag never showed). With
 //!   [`Arrival::Completion`](crate::config::Arrival) it takes each completion first instead.
@@ -45,6 +45,7 @@
 
 #![allow(unsafe_code)]
 
+mod arrival;
 mod link;
 mod shard;
 pub mod verbs;
@@ -80,80 +81,9 @@ pub const GATHER_BYTES_MIN: usize = 4096;
 /// Bytes of a slot's compact area: the most a short (inline) frame and its arrival tag take.
 pub const SMALL_SLOT_BYTES: usize = verbs::INLINE_BYTES_MAX;
 
-/// Bytes of the arrival tag that follows every frame written into a slot (see `Tags`).
+/// Bytes of the arrival tag that follows every frame written into a slot (see `arrival::Tags`).
 pub const TAG_BYTES: usize = 8;
 
-/// Arrival tags: how a receiver sees, by reading its own memory, that a frame has landed whole.
-///
-/// Every frame written into a slot (a request into the shard's ring, a reply into the worker's
-/// inbox) is followed by an 8-byte tag, `seq ^ salt`, where `seq` numbers the frames of that
-/// direction of the link and the receiver picked `salt` at random when the link was set up. The
-/// receiver polls the place where the frame it expects next would end, by the body length its
-/// header declares ([`landed`]). A write lands in increasing address order, so once the tag is
-/// there the frame is whole. This is what perftest's `ib_write_lat` relies on when it polls the
-/// last byte of its buffer, and what the device does for a queue pair's writes (rxe copies each
-/// packet forward, and places a queue pair's packets in order).
-///
-/// Why: the write still carries immediate data, so it still consumes a receive and completes,
-/// and a sleeping receiver is woken by that completion. But taking a completion and posting the
-/// next receive before serving costs the round trip of every small message: in the SoftRoCE
-/// guest a raw write-with-immediate ping-pong took 12.0-12.2 us one way when each side took its
-/// completion first, and 10.9-11.1 us (as `ib_write_lat`'s 10.6-11.0) when each side saw the tag,
-/// answered, and took completions afterwards. The completions are still taken, after the answer
-/// is posted: they carry errors, repost receives, and find frames whose tag never shows (a
-/// misbehaving peer's); with [`Arrival::Completion`](crate::config::Arrival) they are the only
-/// way in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Tags {
-    salt: u64,
-}
-
-impl Tags {
-    pub fn new(salt: u64) -> Self {
-        Self { salt }
-    }
-
-    /// A fresh salt for the tags a peer will write to this side.
-    pub fn random_salt() -> u64 {
-        let mut bytes = [0u8; 8];
-        // The salt only has to differ from the bytes a slot held before; should the system's
-        // generator fail, the clock does that too.
-        if getrandom::getrandom(&mut bytes).is_err() {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            bytes = (now.as_nanos() as u64).to_le_bytes();
-        }
-        u64::from_le_bytes(bytes)
-    }
-
-    /// The tag that follows frame number `seq`.
-    pub fn tag(self, seq: u64) -> u64 {
-        seq ^ self.salt
-    }
-}
-
-/// `Some(frame_len)` when the frame tagged `tag` has landed whole in `region[at..at + room]`,
-/// a short frame (`short`) or a long one; `None` while it has not (or when the area holds
-/// something else). The header's body-length word may still be half written when it is read, so
-/// the tag is looked for where the header says the frame ends, and the header is read again
-/// after the tag was found: a frame counts as landed only if both reads agree. A wrong guess of
-/// the frame's end finds the tag only if the bytes there happen to equal it, which a random salt
-/// makes a 1-in-2^64 event per look.
-/// Where the frame tagged `tag` landed in slot `slot` of `region` (laid out as `layout`): in its
-/// compact area (`Some(true)`), its full area (`Some(false)`), or not yet (`None`).
-pub(crate) fn landed_in_slot(region: &verbs::Region, layout: SlotLayout, slot: usize, tag: u64) -> Option<bool> {
-    [true, false].into_iter().find(|&short| {
-        let (at, room) = layout.area(slot, short);
-        landed(|o| region.load_u64(o), at, room, short, tag).is_some()
-    })
-}
-
-/// `load(offset)` reads the 8-byte word at `offset` ([`verbs::Region::load_u64`]).
-pub(crate) fn landed(load: impl Fn(usize) -> u64, at: usize, room: usize, short: bool, tag: u64) -> Option<usize> {
-    let word_at = at + 8 * crate::wire::body_len_word(short);
-    let len = crate::wire::declared_frame_len(load(word_at), short);
-    let fits = len + TAG_BYTES <= room;
-    (fits && load(at + len) == tag && crate::wire::declared_frame_len(load(word_at), short) == len).then_some(len)
-}
 const _: () = assert!(
     verbs::PAGE_BYTES.is_multiple_of(SMALL_SLOT_BYTES) && SMALL_SLOT_BYTES.is_multiple_of(8),
     "compact areas tile pages (so none straddles a registration chunk) and keep frames 8-byte aligned"
@@ -280,7 +210,7 @@ pub(crate) struct ConnectHead {
     pub gid: [u8; 16],
     pub slots: u32,
     pub slot_bytes: u32,
-    /// The salt of the arrival tags the peer writes to this side ([`Tags`]).
+    /// The salt of the arrival tags the peer writes to this side ([`arrival::Tags`]).
     pub tag_salt: u64,
 }
 
@@ -321,7 +251,7 @@ impl Endpoint {
             slot_bytes: layout.slot_bytes,
             slots: layout.keys(region, false)?,
             small: layout.keys(region, true)?,
-            tag_salt: Tags::random_salt(),
+            tag_salt: arrival::Tags::random_salt(),
         })
     }
 
@@ -477,46 +407,5 @@ mod tests {
             let err = Endpoint::decode(&bytes[..bytes.len() - cut]).expect_err("a short key table");
             assert!(err.to_string().contains("slot keys"), "{err}");
         }
-    }
-
-    /// A slot area as words, written the way a frame lands: forward, word by word.
-    fn area_with(frame: &[u8], tag: u64, room: usize) -> Vec<u64> {
-        let mut bytes = vec![0xAAu8; room];
-        bytes[..frame.len()].copy_from_slice(frame);
-        bytes[frame.len()..frame.len() + TAG_BYTES].copy_from_slice(&tag.to_le_bytes());
-        bytes.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().unwrap())).collect()
-    }
-
-    #[test]
-    fn a_frame_has_landed_once_its_tag_follows_the_length_its_header_declares() {
-        use crate::wire::{Header, Op, ShortHeader};
-        let tags = Tags::new(0x1234_5678_9abc_def0);
-        let mut header = Header::request(Op::Push, 3);
-        (header.body_len, header.raw_len) = (12, 12);
-        let short = ShortHeader::shorten(&header).unwrap();
-        let mut frame = short.as_bytes().to_vec();
-        frame.resize(short.frame_len(), 7);
-        let room = SMALL_SLOT_BYTES;
-        let words = area_with(&frame, tags.tag(9), room);
-        fn load(w: &[u64]) -> impl Fn(usize) -> u64 + '_ {
-            move |at| w[at / 8]
-        }
-        assert_eq!(landed(load(&words), 0, room, true, tags.tag(9)), Some(short.frame_len()));
-        // Another frame's tag, or the other kind of header: not this frame.
-        assert_eq!(landed(load(&words), 0, room, true, tags.tag(10)), None);
-        assert_eq!(landed(load(&words), 0, room, false, tags.tag(9)), None);
-        // Landing word by word: the tag is found only with every word before it in place.
-        let stale = area_with(&[0u8; 48], tags.tag(9 + 16), room);
-        for done in 0..=frame.len() / 8 + 1 {
-            let mut partial = stale.clone();
-            partial[..done].copy_from_slice(&words[..done]);
-            let found = landed(load(&partial), 0, room, true, tags.tag(9));
-            assert_eq!(found.is_some(), done == frame.len() / 8 + 1, "{done} words landed");
-        }
-        // A header declaring more than the area holds is never taken as landed.
-        let mut huge = short;
-        huge.body_len = u16::MAX;
-        let words = area_with(huge.as_bytes(), tags.tag(9), room);
-        assert_eq!(landed(load(&words), 0, room, true, tags.tag(9)), None);
     }
 }

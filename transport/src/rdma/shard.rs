@@ -18,7 +18,8 @@ use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BY
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
 use super::verbs::{self, Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
-use super::{landed_in_slot, rdma, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, Tags, SHORT_FRAME, TAG_BYTES};
+use super::arrival::{Arrivals, Tags};
+use super::{rdma, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, SHORT_FRAME, TAG_BYTES};
 use crate::config::Arrival;
 
 /// Completion-queue entries per shard; bounds the workers one shard can take over RDMA.
@@ -95,15 +96,11 @@ struct Peer {
     tcp: ConnId,
     generation: u16,
     layout: SlotLayout,
-    /// Requests landed (seen by their tag, or by their receive completion) and served, in
-    /// order, and receive completions taken. Request `n` lies in slot `n % slots`.
-    arrived: u64,
+    /// The worker's requests that landed in the ring (request `n` in slot `n % slots`), and how
+    /// many of them were served, in order.
+    arrivals: Arrivals,
     served: u64,
-    recvs: u64,
-    /// Per slot: whether the request that landed there is a short frame (in its compact area).
-    short: Vec<bool>,
-    /// Tags the worker writes after requests (salted here), and this side writes after replies.
-    tags_in: Tags,
+    /// The tags this side writes after its replies (salted by the worker).
     tags_out: Tags,
     /// Slots whose reply write the device has not yet completed: their staging is busy.
     writing: Vec<bool>,
@@ -391,11 +388,8 @@ impl State {
             tcp: conn,
             generation: self.generation,
             layout,
-            arrived: 0,
+            arrivals: Arrivals::new(slots as usize, mine.tag_salt, self.cfg.arrival),
             served: 0,
-            recvs: 0,
-            short: vec![false; slots as usize],
-            tags_in: Tags::new(mine.tag_salt),
             tags_out: Tags::new(theirs.tag_salt),
             writing: vec![false; slots as usize],
             held: VecDeque::with_capacity(slots as usize),
@@ -521,15 +515,13 @@ impl State {
         self.waiting = false;
         for (index, peer) in self.peers.iter_mut().enumerate() {
             let Some(peer) = peer.as_mut() else { continue };
-            if self.by_memory {
-                peer.look(&self.stalls);
-            }
+            peer.look(&self.stalls);
             let slots = peer.writing.len() as u64;
-            while peer.served < peer.arrived {
+            while peer.served < peer.arrivals.landed {
                 let slot = (peer.served % slots) as usize;
                 // The reply frees the slot, and the worker may then send request `served +
                 // slots`: a receive must be posted for it (twice `slots` were posted at first).
-                if peer.writing[slot] || peer.served >= peer.recvs + slots {
+                if peer.writing[slot] || peer.served >= peer.arrivals.recvs + slots {
                     self.waiting = true;
                     break;
                 }
@@ -543,15 +535,12 @@ impl State {
 }
 
 impl Peer {
-    /// Counts every request whose tag shows in the ring as landed, in order (at most a ring's
-    /// worth beyond those served).
+    /// Counts every request whose tag shows in the ring as landed, at most a ring's worth
+    /// beyond those served.
     fn look(&mut self, stalls: &metrics::Counter) {
-        let slots = self.short.len() as u64;
-        while self.arrived < self.served + slots {
-            let slot = (self.arrived % slots) as usize;
-            let tag = self.tags_in.tag(self.arrived);
-            let Some(short) = landed_in_slot(&self.ring, self.layout, slot, tag) else { return };
-            self.land(slot, short, stalls);
+        let (ring, limit) = (&self.ring, self.served + self.arrivals.slots());
+        if self.arrivals.look(|o| ring.load_u64(o), self.layout, limit) > 0 {
+            self.count_stall(stalls);
         }
     }
 
@@ -559,23 +548,21 @@ impl Peer {
     /// unless its tag was seen first. False when the immediate data names another slot than the
     /// next one.
     fn took_request(&mut self, imm: u32, stalls: &metrics::Counter) -> bool {
-        let slots = self.short.len() as u64;
-        let slot = (self.recvs % slots) as usize;
-        if imm & !SHORT_FRAME != slot as u32 {
-            return false;
+        match self.arrivals.took(imm) {
+            Ok(landed) => {
+                if landed {
+                    self.count_stall(stalls);
+                }
+                true
+            }
+            Err(_) => false,
         }
-        // Requests land in order, so one not yet seen is the next one.
-        if self.recvs == self.arrived {
-            self.land(slot, imm & SHORT_FRAME != 0, stalls);
-        }
-        self.recvs += 1;
-        true
     }
 
-    fn land(&mut self, slot: usize, short: bool, stalls: &metrics::Counter) {
-        self.short[slot] = short;
-        self.arrived += 1;
-        if self.arrived - self.served + self.held.len() as u64 >= self.short.len() as u64 {
+    /// Counts an arrival that left every slot of the worker's ring waiting to be served (or its
+    /// reply held).
+    fn count_stall(&self, stalls: &metrics::Counter) {
+        if self.arrivals.landed - self.served + self.held.len() as u64 >= self.arrivals.slots() {
             stalls.increment(1);
         }
     }
@@ -583,7 +570,7 @@ impl Peer {
     /// Serves the request in `slot` (a short frame in the slot's compact area, or a long one)
     /// and writes its reply to the worker's reply slot.
     fn serve(&mut self, index: usize, slot: u32, compress_bytes_min: usize, service: &mut dyn Service) {
-        let short = self.short[slot as usize];
+        let short = self.arrivals.short(slot as usize);
         let durable = service.durable();
         let mut hold = None;
         let layout = self.layout;
