@@ -5,7 +5,7 @@
 # device, checks that user space can use it, then runs the command with the caller's cwd and
 # environment, as root, with unlimited locked memory. Everything it needs from the host is in
 # /run/softroce (the io share, a per-run directory on the host):
-#   params        bash assignments written by run.sh: CMD (array), CWD, NETDEV, RXE_NETDEV, IP, MTU, RW_DIRS
+#   params        bash assignments written by run.sh: CMD (array), CWD, NETDEV, RXE_NETDEV, IP, MTU, RW_DIRS, ACCEL
 #   env           the caller's environment, NUL-separated (`env -0`)
 # and what it hands back:
 #   stdout stderr the command's output, streamed to the caller while it runs
@@ -100,7 +100,7 @@ while IFS= read -r -d '' kv; do
   export "$kv"
 done < $IO/env
 # The device this guest has, whatever the caller's environment said.
-export SOFTROCE_VM=1 RDMA_DEV=rxe0 RDMA_IP="$IP" RDMA_GID_INDEX=1
+export SOFTROCE_VM=1 RDMA_DEV=rxe0 RDMA_IP="$IP" RDMA_GID_INDEX=1 SOFTROCE_ACCEL="$ACCEL"
 cd "$CWD" || fail "cannot enter the working directory $CWD in the guest"
 
 echo "softroce guest: running: ${CMD[*]}"
