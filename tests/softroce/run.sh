@@ -41,6 +41,8 @@
 #   SOFTROCE_KVER      guest kernel version (default: the newest with rdma_rxe and /boot/vmlinuz-*)
 #   SOFTROCE_ACCEL     auto (default), kvm or tcg. auto picks kvm only if /dev/kvm is usable and
 #                      the CPU has vmx/svm; this machine has neither, so TCG emulation it is.
+#   SOFTROCE_CRC32_PCLMUL  1: under TCG, let rxe checksum with the kernel's PCLMUL crc32 (by
+#                      default the guest keeps to the generic one; see guest-run.sh)
 #   SOFTROCE_CACHE_DIR where the unpacked kernel is cached (default ~/.cache/tessera-softroce)
 #   SOFTROCE_VERBOSE   1: print the guest console (kernel log, setup steps) to stderr at the end
 #   SOFTROCE_KEEP      1: keep the run directory (console log, initramfs) and print its path
@@ -162,7 +164,8 @@ CMD=("$@")
 CWD=$PWD
 {
   declare -p CMD CWD   # quote-safe for any argument
-  printf 'NETDEV=%q RXE_NETDEV=%q IP=%q MTU=%q RW_DIRS=%q ACCEL=%q\n' "$NETDEV" "$RXE_NETDEV" "$IP" "$MTU" "$RW_DIRS" "$ACCEL"
+  printf 'NETDEV=%q RXE_NETDEV=%q IP=%q MTU=%q RW_DIRS=%q ACCEL=%q CRC32_PCLMUL=%q\n' \
+    "$NETDEV" "$RXE_NETDEV" "$IP" "$MTU" "$RW_DIRS" "$ACCEL" "${SOFTROCE_CRC32_PCLMUL:-0}"
 } > "$IO/params"
 if [ "${SOFTROCE_PASS_ENV:-1}" = 1 ]; then env -0 > "$IO/env"; else : > "$IO/env"; fi
 : > "$IO/stdout"
