@@ -1,10 +1,11 @@
 // What a user-space copy costs in the SoftRoCE guest: glibc's memcpy against a plain SSE2 loop,
-// at sizes from a small request to a large push. It backs rdma-bench.sh's choice to run with
-// glibc.cpu.x86_rep_movsb_threshold raised under TCG (see the comment there).
+// at sizes from a small request to a large push. It backs run.sh's choice of a TCG CPU without
+// ERMS (see the comment at its accelerator): with ERMS glibc copies with `rep movsb`, which TCG
+// runs a byte at a time.
 //
 //   gcc -O2 -o /tmp/memcpy-probe tests/softroce/memcpy-probe.c
-//   tests/softroce/run.sh /tmp/memcpy-probe
-//   GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=0xffffffffffffffff tests/softroce/run.sh /tmp/memcpy-probe
+//   tests/softroce/run.sh /tmp/memcpy-probe                      # the default CPU, no ERMS
+//   SOFTROCE_CPU=max tests/softroce/run.sh /tmp/memcpy-probe     # with ERMS
 //
 // Prints, per size, the mean time of one copy each way, three times over.
 #include <emmintrin.h>

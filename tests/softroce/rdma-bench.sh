@@ -13,24 +13,10 @@
 #   TESSERA_BIN_RELEASE  the binary (default target/release/tessera, built with --features rdma)
 #   BENCH_SECONDS        time per size and operation (default 1)
 #   BENCH_ROUNDS         rounds (default 7)
-#   BENCH_GLIBC_MOVSB    1: keep glibc's rep movsb copies under TCG (see below)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${TESSERA_BIN_RELEASE:-$here/../../target/release/tessera}
 secs=${BENCH_SECONDS:-1}
-
-# Under TCG (SOFTROCE_ACCEL=tcg, set by run.sh), `rep movsb` runs one byte per pass through a
-# translated block. glibc's memcpy uses it on CPUs with ERMS (which `-cpu max` reports) from 2 KiB
-# up to its non-temporal threshold, so in the guest a 64 KiB memcpy took 213 us against 19 us
-# with glibc's own vector loop, and 256 KiB 855 us against 77 (tests/softroce/RESULTS.md,
-# 2026-11-23). On a real CPU with ERMS, rep movsb is the fast copy. The copy in a copied
-# pipelined push would weigh 11 times what it does on hardware, so under TCG every process
-# here, perftest and Tessera alike, takes glibc's vector loop. perftest makes no user-space
-# copies; the kernel's copies (rxe's packets, TCP) still use rep movsb, for both.
-if [ "${SOFTROCE_ACCEL:-}" = tcg ] && [ "${BENCH_GLIBC_MOVSB:-0}" != 1 ]; then
-  export GLIBC_TUNABLES=${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.cpu.x86_rep_movsb_threshold=0xffffffffffffffff
-  echo "rdma-bench: emulated CPU: GLIBC_TUNABLES=$GLIBC_TUNABLES (memcpy without rep movsb; BENCH_GLIBC_MOVSB=1 keeps it)"
-fi
 rounds=${BENCH_ROUNDS:-7}
 out=$(mktemp -d /tmp/rdma-bench.XXXXXX)
 # One shard, and pollers that spin 1 ms before they sleep: longer than any round trip here, so

@@ -43,6 +43,7 @@
 #                      the CPU has vmx/svm; this machine has neither, so TCG emulation it is.
 #   SOFTROCE_CRC32_PCLMUL  1: under TCG, let rxe checksum with the kernel's PCLMUL crc32 (by
 #                      default the guest keeps to the generic one; see guest-run.sh)
+#   SOFTROCE_CPU       the CPU model qemu emulates under TCG (default max,-erms,-fsrm; see below)
 #   SOFTROCE_CACHE_DIR where the unpacked kernel is cached (default ~/.cache/tessera-softroce)
 #   SOFTROCE_VERBOSE   1: print the guest console (kernel log, setup steps) to stderr at the end
 #   SOFTROCE_KEEP      1: keep the run directory (console log, initramfs) and print its path
@@ -91,9 +92,15 @@ ACCEL=${SOFTROCE_ACCEL:-auto}
 if [ "$ACCEL" = auto ]; then
   if [ -r /dev/kvm ] && [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then ACCEL=kvm; else ACCEL=tcg; fi
 fi
+# Under TCG the CPU is `max` without ERMS and FSRM. With them, the guest kernel clears and copies
+# with `rep stosb`/`rep movsb` (every skb rxe allocates, every packet it copies) and glibc's memcpy
+# copies with `rep movsb` from 2 KiB up, and TCG runs those one byte per pass through a translated
+# block: a 64 KiB memcpy took 213 us against 19 us with glibc's vector loop (memcpy-probe.c), and
+# perftest's own 8 B ib_write_lat read 11.3 us against 9.4 us without them. Without them the kernel
+# uses `rep stosq`/`rep movsq` and glibc its vector loops, closer to what a real CPU pays.
 case $ACCEL in
   kvm) ACCEL_ARGS=(-accel kvm -cpu host) ;;
-  tcg) ACCEL_ARGS=(-accel tcg,thread=multi -cpu max) ;;
+  tcg) ACCEL_ARGS=(-accel tcg,thread=multi -cpu "${SOFTROCE_CPU:-max,-erms,-fsrm}") ;;
   *) die "SOFTROCE_ACCEL must be auto, kvm or tcg, not '$ACCEL'" ;;
 esac
 
