@@ -95,7 +95,7 @@ fi
 # Under TCG the CPU is `max` without ERMS and FSRM. With them, the guest kernel clears and copies
 # with `rep stosb`/`rep movsb` (every skb rxe allocates, every packet it copies) and glibc's memcpy
 # copies with `rep movsb` from 2 KiB up, and TCG runs those one byte per pass through a translated
-# block: a 64 KiB memcpy took 213 us against 19 us with glibc's vector loop (memcpy-probe.c), and
+# block: a 64 KiB memcpy took 213 us against 19 us with glibc's vector loop (tcg-probe.c), and
 # perftest's own 8 B ib_write_lat read 11.3 us against 9.4 us without them. Without them the kernel
 # uses `rep stosq`/`rep movsq` and glibc its vector loops, closer to what a real CPU pays.
 case $ACCEL in

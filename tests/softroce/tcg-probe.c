@@ -1,16 +1,19 @@
-// What a user-space copy costs in the SoftRoCE guest: glibc's memcpy against a plain SSE2 loop,
-// at sizes from a small request to a large push. It backs run.sh's choice of a TCG CPU without
-// ERMS (see the comment at its accelerator): with ERMS glibc copies with `rep movsb`, which TCG
-// runs a byte at a time.
+// What copies and vector arithmetic cost under emulation, against the host: run it on both.
+// - glibc's memcpy against a plain SSE2 loop, at sizes from a small request to a large push. It
+//   backs run.sh's choice of a TCG CPU without ERMS (see the comment at its accelerator): with
+//   ERMS glibc copies with `rep movsb`, which TCG runs a byte at a time.
+// - 16,384 additions, f32 and i32, as a shard's `sum` of a 64 KiB push does them (vectorized).
 //
-//   gcc -O2 -o /tmp/memcpy-probe tests/softroce/memcpy-probe.c
-//   tests/softroce/run.sh /tmp/memcpy-probe                      # the default CPU, no ERMS
-//   SOFTROCE_CPU=max tests/softroce/run.sh /tmp/memcpy-probe     # with ERMS
+//   gcc -O2 -o /tmp/tcg-probe tests/softroce/tcg-probe.c
+//   /tmp/tcg-probe                                            # the host
+//   tests/softroce/run.sh /tmp/tcg-probe                      # the guest's default CPU, no ERMS
+//   SOFTROCE_CPU=max tests/softroce/run.sh /tmp/tcg-probe     # with ERMS
 //
-// Prints, per size, the mean time of one copy each way, three times over.
+// Prints the mean time of one copy (or one pass of additions) each way, three times over.
 #include <emmintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 #include <time.h>
 
@@ -33,6 +36,10 @@ static void sse2_copy(char *dst, const char *src, size_t n) {
         _mm_storeu_si128((__m128i *)(dst + i + 48), d);
     }
 }
+
+#define ADDS 16384
+static float pf[ADDS], gf[ADDS];
+static int32_t pi[ADDS], gi[ADDS];
 
 int main(void) {
     static const size_t sizes[] = {64, 4096, 65536, 262144, 1048576};
@@ -59,6 +66,25 @@ int main(void) {
         }
         free(src);
         free(dst);
+    }
+    for (int i = 0; i < ADDS; i++) {
+        gf[i] = 1.0f;
+        gi[i] = 1;
+    }
+    for (int round = 0; round < 3; round++) {
+        const int iters = 2000;
+        double t0 = now_us();
+        for (int k = 0; k < iters; k++) {
+            for (int i = 0; i < ADDS; i++) pf[i] += gf[i];
+            __asm__ volatile("" : : "r"(pf) : "memory");
+        }
+        double t1 = now_us();
+        for (int k = 0; k < iters; k++) {
+            for (int i = 0; i < ADDS; i++) pi[i] += gi[i];
+            __asm__ volatile("" : : "r"(pi) : "memory");
+        }
+        double t2 = now_us();
+        printf("%d adds: f32 %9.3f us   i32 %9.3f us\n", ADDS, (t1 - t0) / iters, (t2 - t1) / iters);
     }
     return 0;
 }
