@@ -5,8 +5,8 @@
 # device, checks that user space can use it, then runs the command with the caller's cwd and
 # environment, as root, with unlimited locked memory. Everything it needs from the host is in
 # /run/softroce (the io share, a per-run directory on the host):
-#   params        bash assignments written by run.sh: CMD (array), CWD, NETDEV, RXE_NETDEV, IP, MTU, RW_DIRS, ACCEL,
-#                 CRC32_PCLMUL
+#   params        bash assignments written by run.sh: CMD (array), CWD, NETDEV, RXE_NETDEV, IP,
+#                 MTU, RW_DIRS, ACCEL, CRC32_PCLMUL
 #   env           the caller's environment, NUL-separated (`env -0`)
 # and what it hands back:
 #   stdout stderr the command's output, streamed to the caller while it runs

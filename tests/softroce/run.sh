@@ -14,8 +14,8 @@
 #     nothing leaves the VM, and every process in the guest talks over the same rxe0;
 #   * the command runs as root, in the caller's cwd, with the caller's environment,
 #     `ulimit -l unlimited`, and SOFTROCE_VM=1 RDMA_DEV=rxe0 RDMA_IP=<ip> RDMA_GID_INDEX=1
-#     SOFTROCE_ACCEL=tcg|kvm (how the guest's CPU runs: emulated or not)
-#     (index 1 is the RoCEv2 GID of the IPv4 address; index 0 is the link-local one);
+#     (index 1 is the RoCEv2 GID of the IPv4 address; index 0 is the link-local one) and
+#     SOFTROCE_ACCEL=tcg|kvm (how the guest's CPU runs: emulated or not);
 #   * the command's stdout and stderr come back separately, streamed while it runs.
 # Anything the command writes is thrown away with the VM, except under SOFTROCE_RW_DIRS.
 #
