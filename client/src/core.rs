@@ -445,7 +445,7 @@ impl Core {
         if table.spec().non_finite != tessera_replication::NonFinite::Reject {
             return Ok(());
         }
-        match g.iter().position(|v| !v.is_finite()) {
+        match tessera_replication::catalog::first_non_finite(g) {
             None => Ok(()),
             Some(index) => Err(ClientError::NonFinite { table: table.spec().name.clone(), index, value: g[index] }),
         }

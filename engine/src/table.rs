@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tessera_transport::expose::{DenseLayout, DenseView};
 
-use tessera_replication::catalog::{Init, NonFinite, TableSpec};
+use tessera_replication::catalog::{first_non_finite, Init, NonFinite, TableSpec};
 use tessera_replication::TableKind;
 
 use crate::arena::{Arena, Exposed, Pinned};
@@ -616,20 +616,6 @@ impl DenseStore {
         let w = self.blocks.words_mut();
         w[at] = w[back];
     }
-}
-
-/// Index of the first NaN or infinity in `values`. Scans in chunks with no early exit inside a
-/// chunk, so the test vectorises: a push pays this on every component.
-fn first_non_finite(values: &[f32]) -> Option<usize> {
-    const CHUNK: usize = 64;
-    values.chunks(CHUNK).enumerate().find_map(|(c, chunk)| {
-        let bad = chunk.iter().fold(false, |bad, v| bad | !v.is_finite());
-        if bad {
-            chunk.iter().position(|v| !v.is_finite()).map(|i| c * CHUNK + i)
-        } else {
-            None
-        }
-    })
 }
 
 fn slot_slice(slot: &mut Pinned<f32>, at: Range<usize>) -> &mut [f32] {

@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Pushes kept in flight when measuring pipelined push throughput.
     #[arg(long, default_value_t = 16)]
     window: usize,
+    /// The bench table's updater, e.g. `sum`, `assign`, `sgd{lr=0.1}`, `adam{lr=0.001}`: what
+    /// each push costs the shard beyond the transport.
+    #[arg(long, default_value = "sum")]
+    updater: String,
     /// Measure durability on the disk holding DIR instead: WAL group commit (acknowledged
     /// pushes per second and fsyncs per push) against a pwrite+fdatasync loop, and checkpoint
     /// throughput against fio, both in DIR. Uses --seconds per worker count.
@@ -178,7 +182,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let client = Client::connect(&refs, args.net.client(0))?;
-    let table = client.create_table(&TableSpec::new("tessera.bench", TableKind::Dense, 0, BENCH_KEYS, 1))?;
+    let mut spec = TableSpec::new("tessera.bench", TableKind::Dense, 0, BENCH_KEYS, 1);
+    spec.updater.clone_from(&args.updater);
+    let table = client.create_table(&spec)?;
     let echo = EchoServer::start()?;
     let mut stream = TcpStream::connect(echo.addr).context("connecting to the echo baseline")?;
     stream.set_nodelay(true)?;

@@ -265,8 +265,13 @@ impl RdmaLink {
     /// Waits until `ready`: spins, looking for landed replies and taking completions, then
     /// sleeps on the completion channel. While replies are found by their tags, completions are
     /// taken only every [`REAP_EVERY`] turns (they are housekeeping then), unless `ready` waits
-    /// for one (`completions`: a write or a read to finish).
+    /// for one (`completions`: a write or a read to finish). What is already so costs nothing:
+    /// a request's slot is usually free when it is asked for, its completions having been
+    /// taken while the worker waited for an earlier reply.
     fn wait(&mut self, deadline: Instant, what: &'static str, completions: bool, ready: impl Fn(&Self) -> bool) -> Result<()> {
+        if ready(self) {
+            return Ok(());
+        }
         let every = if completions || !self.arrivals.by_memory() { 1 } else { REAP_EVERY };
         let mut turn = 0u32;
         let found = super::spin(self.spin, Some(deadline), || {

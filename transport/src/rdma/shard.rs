@@ -661,13 +661,13 @@ impl Peer {
         let reply = &self.staging.as_slice()[at..at + len];
         let (key, small) = (self.remote[slot as usize], self.remote_small[slot as usize]);
         let posted = if let Some(s) = short {
-            // A small reply goes with a short header, into the worker's compact area.
-            let mut frame = [0u8; INLINE_BYTES_MAX];
-            frame[..SHORT_HEADER_BYTES].copy_from_slice(s.as_bytes());
-            let body = &reply[HEADER_BYTES..HEADER_BYTES + s.body_len as usize];
-            frame[SHORT_HEADER_BYTES..SHORT_HEADER_BYTES + body.len()].copy_from_slice(body);
-            frame[s.frame_len()..s.frame_len() + TAG_BYTES].copy_from_slice(&tag);
-            let frame = &frame[..s.frame_len() + TAG_BYTES];
+            // A small reply goes with a short header, into the worker's compact area. The short
+            // header takes the place of the long one's last bytes, right before the body (its
+            // padding and the tag follow as staged), so the frame goes from where it lies.
+            let head = at + HEADER_BYTES - SHORT_HEADER_BYTES;
+            debug_assert_eq!(head + s.frame_len(), at + len - TAG_BYTES, "a reply is a header and its padded body");
+            self.staging.as_mut_slice()[head..at + HEADER_BYTES].copy_from_slice(s.as_bytes());
+            let frame = &self.staging.as_slice()[head..at + len];
             self.writing[slot as usize] = false;
             self.qp.post_write_imm_inline(inline_id, frame, small.addr, small.rkey, slot | SHORT_FRAME, signaled)
         } else if len <= INLINE_BYTES_MAX {
