@@ -2,6 +2,7 @@
 //! bytes measured in the same run. Absolute times on a shared machine are noise; the ratio to the
 //! baseline is the figure to read.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tessera_client::{Client, PushBuffer, Table};
+use tessera_client::{Client, Table, Ticket};
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_replication::{TableKind, TableSpec};
 
@@ -232,13 +233,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if size >= 64 << 10 && wants(BenchOp::Pipelined) {
             let window = args.window.max(1);
-            row("push pipelined", size * window, &mut || push_pipelined(&client, &table, &grads, window))?;
+            let mut flight = VecDeque::with_capacity(window);
+            row("push pipelined", size, &mut || keep_in_flight(&mut flight, window, || client.push_range(&table, 0, &grads)))?;
+            settle(&mut flight)?;
             // The same from a registered buffer, which RDMA sends without copying it.
             let mut registered = client.push_buffer(n)?;
             if registered.is_registered() {
                 registered.as_mut_slice().fill(1.0);
                 let reg = &registered;
-                row("push pipelined zero-copy", size * window, &mut || push_pipelined_from(&client, &table, reg, window))?;
+                row("push pipelined zero-copy", size, &mut || keep_in_flight(&mut flight, window, || client.push_range_from(&table, 0, reg)))?;
+                settle(&mut flight)?;
             }
         }
         if wants(BenchOp::Echo) {
@@ -257,22 +261,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
     print_report(&report, args.json)
 }
 
-/// `window` pushes in flight at once, as a training worker streams gradients: one call of this
-/// returns after `window` pushes, so its time per call over `window` is the time per push.
-fn push_pipelined(client: &Client, table: &Table, grads: &[f32], window: usize) -> Result<()> {
-    let tickets = (0..window).map(|_| client.push_range(table, 0, grads)).collect::<Result<Vec<_>, _>>()?;
-    for t in tickets {
-        t.wait()?;
+/// One step of a stream of pushes with `window` in flight, as a training worker streams
+/// gradients and as `ib_write_bw` keeps its send queue full: once `window` are in flight, waits
+/// for the oldest, then sends one more (`send`). Measured call by call, after a warm-up that
+/// fills the window, each call is one push of the steady stream.
+fn keep_in_flight<'a>(flight: &mut VecDeque<Ticket<'a>>, window: usize, send: impl FnOnce() -> tessera_client::Result<Ticket<'a>>) -> Result<()> {
+    if flight.len() >= window {
+        if let Some(oldest) = flight.pop_front() {
+            oldest.wait()?;
+        }
     }
+    flight.push_back(send()?);
     Ok(())
 }
 
-/// [`push_pipelined`] from a registered buffer ([`Client::push_range_from`]).
-fn push_pipelined_from(client: &Client, table: &Table, grads: &PushBuffer, window: usize) -> Result<()> {
-    let tickets = (0..window).map(|_| client.push_range_from(table, 0, grads)).collect::<Result<Vec<_>, _>>()?;
-    for t in tickets {
-        t.wait()?;
-    }
+/// Waits for the pushes a stream left in flight.
+fn settle(flight: &mut VecDeque<Ticket<'_>>) -> Result<()> {
+    flight.drain(..).try_for_each(|t| t.wait().map(drop))?;
     Ok(())
 }
 
