@@ -142,7 +142,7 @@ impl Arena {
     fn map(&mut self, len: usize, size: usize) -> Result<(MmapMut, bool)> {
         let bytes = len
             .checked_mul(size)
-            .ok_or(EngineError::ArenaMap { bytes: usize::MAX, reason: "size overflows".into() })?;
+            .ok_or_else(|| EngineError::ArenaMap { bytes: usize::MAX, reason: "size overflows".into() })?;
         let map = MmapOptions::new()
             .len(bytes)
             .populate()

@@ -451,6 +451,9 @@ impl RangeClocks {
 
     /// Shifts segments `from..count` down to start at `to` (`to <= from`), dropping `to..from`.
     fn close_gap(&mut self, to: usize, from: usize) {
+        if to == from {
+            return; // nothing merged: no segment moves
+        }
         let (count, workers_max) = (self.count, self.workers_max);
         self.starts.copy_within(from..count, to);
         self.clocks

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::buf::Deflater;
 use crate::wire::{flags, padded, Header, Status, HEADER_BYTES};
@@ -80,11 +80,20 @@ impl<'a> Reply<'a> {
         header.raw_len = header.body_len;
         let frame = self.out.grow(HEADER_BYTES + padded(body_len)).expect("services size replies under frame_bytes_max");
         // Only the padding is cleared: the service fills the body, and stale bytes must not leak.
-        let bytes = self.out.bytes_mut();
-        bytes[frame.start + HEADER_BYTES + body_len..frame.end].fill(0);
-        bytes[frame.start..frame.start + HEADER_BYTES].copy_from_slice(header.as_bytes());
+        // (Most bodies need none: stamps are whole words.)
+        let body = frame.start + HEADER_BYTES..frame.start + HEADER_BYTES + body_len;
+        if body.end < frame.end {
+            self.out.bytes_mut()[body.end..frame.end].fill(0);
+        }
+        *self.header_mut(frame.start) = header;
         self.frame = Some(frame.start);
-        frame.start + HEADER_BYTES..frame.start + HEADER_BYTES + body_len
+        body
+    }
+
+    /// The header of the frame that starts at `at` in the area, in place.
+    fn header_mut(&mut self, at: usize) -> &mut Header {
+        let bytes = &mut self.out.bytes_mut()[at..at + HEADER_BYTES];
+        Header::mut_from_bytes(bytes).expect("reply frames start 8-byte aligned (ReplyArea)")
     }
 
     /// A success reply carrying a `stamp_len`-entry vector-clock stamp and then `values_len`
@@ -110,12 +119,10 @@ impl<'a> Reply<'a> {
         if keep == stamp_len {
             return;
         }
-        let hdr = body.start - HEADER_BYTES..body.start;
-        let mut header = Header::decode_unchecked(&self.out.bytes()[hdr.clone()]);
+        let header = self.header_mut(body.start - HEADER_BYTES);
         header.count = keep as u32;
         header.body_len = (keep * 8) as u32;
         header.raw_len = header.body_len;
-        self.out.bytes_mut()[hdr].copy_from_slice(header.as_bytes());
         // Whole clocks: the shorter body needs no padding.
         self.out.truncate(body.start + keep * 8);
     }
@@ -159,28 +166,36 @@ impl<'a> Reply<'a> {
             self.error(Status::Internal, "the server produced no reply to this request (a bug)");
             return self.finish_with(deflater, compress_bytes_min, seal);
         };
-        let hdr = start..start + HEADER_BYTES;
-        let mut header = Header::decode_unchecked(&self.out.bytes()[hdr.clone()]);
-        let body = hdr.end..hdr.end + header.body_len as usize;
-        let want = self.request.flags & flags::COMPRESS_REPLY != 0 && body.len() >= compress_bytes_min;
-        if want {
-            if let Some(z) = deflater.deflate(&[&self.out.bytes()[body.clone()]]) {
-                // The body is still in place until truncate below; z lives in the deflater, and it
-                // is smaller than the body, so the area has room for it.
-                self.out.truncate(hdr.end);
-                let room = self.out.grow(padded(z.len())).expect("a compressed body is smaller");
-                let bytes = self.out.bytes_mut();
-                bytes[room.start..room.start + z.len()].copy_from_slice(z);
-                bytes[room.start + z.len()..room.end].fill(0);
-                header.flags |= flags::COMPRESSED;
-                header.body_len = z.len() as u32;
-            }
+        // The header is changed in place, and only when something changes it: most replies are
+        // neither compressed nor (over RDMA) sealed here.
+        if self.request.flags & flags::COMPRESS_REPLY != 0 {
+            self.compress(start, deflater, compress_bytes_min);
         }
         if seal {
-            header.seal();
+            self.header_mut(start).seal();
         }
-        self.out.bytes_mut()[hdr.clone()].copy_from_slice(header.as_bytes());
         (start..self.out.used(), self.hold)
+    }
+
+    /// Compresses the body of the frame at `start` in place when it is large enough and that pays.
+    fn compress(&mut self, start: usize, deflater: &mut Deflater, compress_bytes_min: usize) {
+        let body_at = start + HEADER_BYTES;
+        let body = body_at..body_at + self.header_mut(start).body_len as usize;
+        if body.len() < compress_bytes_min {
+            return;
+        }
+        if let Some(z) = deflater.deflate(&[&self.out.bytes()[body]]) {
+            // The body is still in place until truncate below; z lives in the deflater, and it
+            // is smaller than the body, so the area has room for it.
+            self.out.truncate(body_at);
+            let room = self.out.grow(padded(z.len())).expect("a compressed body is smaller");
+            let bytes = self.out.bytes_mut();
+            bytes[room.start..room.start + z.len()].copy_from_slice(z);
+            bytes[room.start + z.len()..room.end].fill(0);
+            let header = self.header_mut(start);
+            header.flags |= flags::COMPRESSED;
+            header.body_len = z.len() as u32;
+        }
     }
 }
 
@@ -259,6 +274,41 @@ mod tests {
         assert_eq!(header.body_len, header.count * 8, "the body is the stamp");
         let body = &area.bytes()[frame.start + HEADER_BYTES..frame.start + HEADER_BYTES + header.count as usize * 8];
         (header, body.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+
+    #[cfg(feature = "rdma")]
+    #[test]
+    fn an_unsealed_finish_leaves_the_header_as_it_was_begun() {
+        let mut area = Area { words: vec![0; 64], used: 0 };
+        let mut reply = Reply::new(&mut area, Header::request(Op::Ping, 5), 512);
+        reply.ok_bytes(b"abc");
+        let (frame, hold) = reply.finish_unsealed(&mut Deflater::default(), 0);
+        assert_eq!((frame.clone(), hold), (0..HEADER_BYTES + 8, None));
+        let header = Header::decode_unchecked(&area.bytes()[..HEADER_BYTES]);
+        assert_eq!((header.request_id, header.body_len, header.header_crc), (5, 3, 0), "not sealed, nothing else changed");
+        assert_eq!(&area.bytes()[HEADER_BYTES..frame.end], b"abc\0\0\0\0\0", "the padding is cleared");
+    }
+
+    #[test]
+    fn a_reply_asked_to_be_compressed_is_compressed_in_place_and_sealed() {
+        let mut area = Area { words: vec![0xffff_ffff_ffff_ffff; 1024], used: 0 };
+        let mut request = Header::request(Op::PullRange, 2);
+        request.flags |= flags::COMPRESS_REPLY;
+        let mut reply = Reply::new(&mut area, request, 8192);
+        let (stamp, values) = reply.ok(1, 1000);
+        stamp[0] = 3;
+        values.fill(0.5);
+        let (frame, _) = reply.finish(&mut Deflater::default(), 64);
+        let header = Header::decode(&area.bytes()[frame.clone()], 8192).expect("sealed");
+        assert_ne!(header.flags & flags::COMPRESSED, 0);
+        assert_eq!(header.raw_len, 8 + 4000, "the raw length stays");
+        assert!(header.body_len < 1000, "1,000 equal values compress to under a quarter: {}", header.body_len);
+        assert_eq!(frame.len(), HEADER_BYTES + padded(header.body_len as usize));
+        let body = &area.bytes()[frame.start + HEADER_BYTES..frame.end];
+        assert!(body[header.body_len as usize..].iter().all(|&b| b == 0), "the padding is cleared");
+        let raw = crate::buf::Inflater::default().inflate(&header, &body[..header.body_len as usize]).expect("inflates").to_vec();
+        assert_eq!(&raw[..8], 3u64.to_le_bytes());
+        assert!(raw[8..].chunks_exact(4).all(|c| f32::from_le_bytes(c.try_into().unwrap()) == 0.5));
     }
 
     #[test]
