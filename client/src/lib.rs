@@ -44,7 +44,7 @@ pub use crate::call::{Call, Consistency};
 pub use crate::chain::{ChainClient, ChainTable};
 pub use crate::error::{ClientError, Result};
 pub use crate::filter::Filter;
-pub use crate::ticket::{Detached, Stamp, Ticket};
+pub use crate::ticket::{Detached, Stamp, Ticket, STAMP_INLINE_CLOCKS};
 
 use crate::core::Core;
 

@@ -2,15 +2,21 @@
 
 use std::ops::Range;
 
+use smallvec::SmallVec;
 use tessera_transport::{Header, Status};
 
 use crate::error::{ClientError, Result};
 use crate::Client;
 
+/// Clocks a [`Stamp`] holds in place. A job of up to this many workers (the servers' default
+/// `--workers-max`) gets every call's stamp without a heap allocation; a larger job's stamps
+/// allocate once per call.
+pub const STAMP_INLINE_CLOCKS: usize = 16;
+
 /// A vector-clock stamp: for each worker, a clock every key the call touched has reached.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stamp {
-    clocks: Vec<u64>,
+    clocks: SmallVec<[u64; STAMP_INLINE_CLOCKS]>,
 }
 
 impl Stamp {

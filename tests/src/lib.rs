@@ -357,6 +357,38 @@ pub fn rdma_here(test: &str) -> bool {
 pub mod counting;
 pub use counting::{allocations, Counting};
 
+/// Allocations counted while a warm [`tessera_client::Client`] connected to `addr` (as
+/// `config`'s worker) makes `rounds` rounds of calls on dense `dense` (at least 256 keys of dim
+/// 8) and sparse `sparse` (dim 4): a range push and pull, a key-list push and pull, each at a clock
+/// that advances every round, as a training worker's do (so every reply carries a stamp). The
+/// calling test installs [`Counting`] as its global allocator; this warms up first and then counts
+/// every allocation in the process, the server's included when it runs in the same process.
+pub fn client_round_allocations(addr: &str, config: tessera_client::ClientConfig, dense: &str, sparse: &str, rounds: u64) -> u64 {
+    use tessera_client::Client;
+    let worker = config.worker as usize;
+    let client = Client::connect(&[addr], config).expect("connect");
+    let (dense, sparse) = (client.table(dense).expect("dense table"), client.table(sparse).expect("sparse table"));
+    let grads = vec![0.25f32; 256 * 8];
+    let mut out = vec![0f32; 256 * 8];
+    let keys: Vec<u64> = (0..64).map(|i| i * 61 + 7).collect();
+    let mut round = |clock: u64| {
+        client.set_clock(clock);
+        let stamp = client.push_range(&dense, 0, &grads).and_then(|t| t.wait()).expect("range push");
+        assert_eq!(stamp.get(worker), clock, "the range push's stamp shows this clock");
+        client.pull_range(&dense, 0, &mut out).and_then(|t| t.wait()).expect("range pull");
+        client.push(&sparse, &keys, &grads[..keys.len() * 4]).and_then(|t| t.wait()).expect("key-list push");
+        client.pull(&sparse, &keys, &mut out[..keys.len() * 4]).and_then(|t| t.wait()).expect("key-list pull");
+    };
+    for clock in 1..=50 {
+        round(clock);
+    }
+    let before = allocations();
+    for clock in 51..51 + rounds {
+        round(clock);
+    }
+    allocations() - before
+}
+
 /// `GET /metrics` from a `--metrics` address; the Prometheus text, or what went wrong.
 pub fn try_scrape(addr: &str) -> Result<String, String> {
     use std::io::{Read, Write};

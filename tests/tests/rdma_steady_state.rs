@@ -16,6 +16,9 @@ use tessera_transport::{Header, Link, Op, RdmaConfig, Status, TransportConfig, T
 #[global_allocator]
 static GLOBAL: tessera_tests::Counting = tessera_tests::Counting;
 
+/// The count is process-wide: the tests here take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn call(link: &mut dyn Link, header: &mut Header, parts: &[&[u8]]) {
     link.send(header, parts, false).unwrap();
     let reply = link.recv(None).unwrap();
@@ -27,6 +30,7 @@ fn serving_over_rdma_allocates_nothing_once_warm() {
     if !tessera_tests::rdma_here("serving_over_rdma_allocates_nothing_once_warm") {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let rdma = RdmaConfig { slots: 8, slot_bytes: 64 << 10, spin_us: 20, ..RdmaConfig::default() };
     let mut cfg = ServerConfig::single("127.0.0.1:0");
     (cfg.engine.shards, cfg.engine.pin_cores, cfg.transport_kind, cfg.rdma) = (1, false, TransportKind::Rdma, rdma.clone());
@@ -85,6 +89,29 @@ fn serving_over_rdma_allocates_nothing_once_warm() {
     let counted = tessera_tests::allocations() - before;
     assert_eq!(counted, 0, "{counted} allocations while serving 3,000 RDMA requests (500 gathered from a registered buffer) and 500 one-sided reads once warm");
     drop(link);
+    drop(server);
+}
+
+/// A warm client over RDMA allocates nothing per call either: range pushes into the shard's
+/// slots, one-sided range pulls, key-list pushes and pulls, at a clock that advances every round
+/// (so every reply carries a stamp).
+#[test]
+fn a_warm_rdma_client_allocates_nothing_per_call() {
+    if !tessera_tests::rdma_here("a_warm_rdma_client_allocates_nothing_per_call") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let rdma = RdmaConfig { slots: 8, slot_bytes: 64 << 10, spin_us: 20, ..RdmaConfig::default() };
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    (cfg.engine.shards, cfg.engine.pin_cores, cfg.transport_kind, cfg.rdma) = (2, false, TransportKind::Rdma, rdma.clone());
+    let mut sparse = TableSpec::new("sparse", TableKind::Sparse, 0, u64::MAX, 4);
+    sparse.capacity = 1 << 14;
+    cfg.tables = vec![TableSpec::new("dense", TableKind::Dense, 0, 4096, 8), sparse];
+    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let mut config = tessera_client::ClientConfig::worker(2);
+    (config.kind, config.rdma) = (TransportKind::Rdma, rdma);
+    let counted = tessera_tests::client_round_allocations(&server.local_addr().to_string(), config, "dense", "sparse", 300);
+    assert_eq!(counted, 0, "{counted} allocations in 300 rounds of 4 client calls over RDMA once warm");
     drop(server);
 }
 

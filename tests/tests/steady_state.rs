@@ -13,6 +13,9 @@ use tessera_transport::{Header, Link, Op, Status, TransportConfig, CONTROL_SHARD
 #[global_allocator]
 static GLOBAL: tessera_tests::Counting = tessera_tests::Counting;
 
+/// The count is process-wide: the tests here take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn call(link: &mut TcpLink, header: &mut Header, parts: &[&[u8]]) {
     link.send(header, parts, false).unwrap();
     let reply = link.recv(None).unwrap();
@@ -21,6 +24,7 @@ fn call(link: &mut TcpLink, header: &mut Header, parts: &[&[u8]]) {
 
 #[test]
 fn serving_pushes_and_pulls_allocates_nothing_once_warm() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut cfg = ServerConfig::single("127.0.0.1:0");
     cfg.engine.shards = 2;
     cfg.engine.pin_cores = false;
@@ -84,4 +88,21 @@ fn serving_pushes_and_pulls_allocates_nothing_once_warm() {
     let messages = rounds * 12 * 2;
     assert_eq!(counted, 0, "{counted} allocations while serving {messages} requests and replies once warm");
     drop(server);
+}
+
+/// The client allocates nothing per call either, once warm: range and key-list pushes and pulls
+/// at a clock that advances every round, so every reply carries a stamp (in-process server, TCP).
+#[test]
+fn a_warm_client_allocates_nothing_per_call() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
+    let mut sparse = TableSpec::new("sparse", TableKind::Sparse, 0, u64::MAX, 4);
+    sparse.capacity = 1 << 14;
+    cfg.tables = vec![TableSpec::new("dense", TableKind::Dense, 0, 1 << 16, 8), sparse];
+    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let config = tessera_client::ClientConfig::worker(3);
+    let rounds = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(300);
+    let counted = tessera_tests::client_round_allocations(&server.local_addr().to_string(), config, "dense", "sparse", rounds);
+    assert_eq!(counted, 0, "{counted} allocations in {rounds} rounds of 4 client calls once warm");
 }

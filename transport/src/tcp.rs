@@ -224,7 +224,10 @@ pub struct TcpEndpoint {
     adopt: Option<Receiver<Conn>>,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
+    /// Connections that yielded with work left, to drive again after the next poll; `driving`
+    /// holds the ones being driven now (two buffers, swapped, so neither is reallocated).
     ready: Vec<usize>,
+    driving: Vec<usize>,
     cfg: TransportConfig,
     info: Arc<[u8]>,
     next_id: u64,
@@ -304,6 +307,7 @@ impl TcpEndpoint {
             conns: Vec::new(),
             free: Vec::new(),
             ready: Vec::new(),
+            driving: Vec::new(),
             cfg: cfg.clone(),
             info,
             next_id: 0,
@@ -343,6 +347,10 @@ impl TcpEndpoint {
         let interest = Interest::READABLE | Interest::WRITABLE;
         self.poll.registry().register(&mut conn.stream, Token(idx + FIRST_CONN), interest)?;
         self.conns[idx] = Some(conn);
+        // Room for every connection to yield in one pass, made now rather than on the data path.
+        let slots = self.conns.len();
+        self.ready.reserve(slots.saturating_sub(self.ready.len()));
+        self.driving.reserve(slots);
         Ok(idx)
     }
 
@@ -551,9 +559,11 @@ impl ShardTransport for TcpEndpoint {
             }
         }
         self.events = Some(events);
-        for idx in std::mem::take(&mut self.ready) {
-            self.drive(idx, service);
+        std::mem::swap(&mut self.ready, &mut self.driving);
+        for i in 0..self.driving.len() {
+            self.drive(self.driving[i], service);
         }
+        self.driving.clear();
         self.release_held(service);
         self.sweep(service);
         Ok(())
