@@ -432,7 +432,9 @@ impl RangeClocks {
             // A segment equal to the current run just drops its start: the run now reaches over it.
             if self.clock(k) != self.clock(head) {
                 head += 1;
-                self.move_segment(k, head);
+                if head != k {
+                    self.move_segment(k, head); // close the gap the merged ones left
+                }
             }
         }
         self.close_gap(head + 1, hi + 1);

@@ -7,6 +7,7 @@
 #   TESSERA_BIN_RELEASE  the binary (default target/release/tessera, built with --features rdma)
 #   CALLGRIND_OPS        what to measure, one run each (default "ping push")
 #   CALLGRIND_SIZE       message size (default 8)
+#   CALLGRIND_BENCH_ARGS more flags for tessera bench (e.g. --fixed-clock)
 #   CALLGRIND_OUT        where the callgrind files go (default a temporary directory); put it in
 #                        SOFTROCE_RW_DIRS to keep them
 #
@@ -33,7 +34,7 @@ for op in ${CALLGRIND_OPS:-ping push}; do
     --collect-atstart=no --toggle-collect=tessera::bench::push --toggle-collect=tessera_client::Client::ping \
     --toggle-collect='*State::serve_landed' --toggle-collect='*State::reap' \
     "$bin" bench --transport rdma --shards 1 --rdma-spin-us 0 --seconds 3 --iters-max 1500 \
-    --workers-max 1 --ops "$op" --sizes "$size" --json-out "$dir/bench.json" > "$dir/valgrind.log" 2>&1
+    --workers-max 1 --ops "$op" --sizes "$size" --json-out "$dir/bench.json" ${CALLGRIND_BENCH_ARGS:-} > "$dir/valgrind.log" 2>&1
   python3 - "$dir" "$op" "$size" <<'EOF'
 import glob, re, subprocess, sys
 d, op, size = sys.argv[1:]

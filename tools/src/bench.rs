@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// each push costs the shard beyond the transport.
     #[arg(long, default_value = "sum")]
     updater: String,
+    /// Push every time at clock 0, as runs before 2026-11-23 did. By default each push goes at
+    /// the next clock, as a training worker's push of each iteration does: it raises the
+    /// worker's vector-clock entry over the range and its acknowledgement carries the stamp.
+    #[arg(long)]
+    fixed_clock: bool,
     /// Measure durability on the disk holding DIR instead: WAL group commit (acknowledged
     /// pushes per second and fsyncs per push) against a pwrite+fdatasync loop, and checkpoint
     /// throughput against fio, both in DIR. Uses --seconds per worker count.
@@ -193,6 +198,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut report = Report { transport, results: Vec::new(), ratios: Vec::new(), perftest: Vec::new() };
     let budget = Duration::from_secs_f64(args.seconds);
     let wants = |op| args.ops.contains(&op);
+    // Each push's clock: the next one, as a worker's next iteration (or always 0).
+    let clock = std::cell::Cell::new(client.clock());
+    let tick = || {
+        if !args.fixed_clock {
+            clock.set(clock.get() + 1);
+            client.set_clock(clock.get());
+        }
+    };
     let mut first = true;
     for size in sizes {
         let n = size / 4;
@@ -221,27 +234,43 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         first = false;
         if wants(BenchOp::Push) {
-            row("push", size, &mut || push(&client, &table, &grads))?;
+            row("push", size, &mut || {
+                tick();
+                push(&client, &table, &grads)
+            })?;
         }
         if wants(BenchOp::Pull) {
             row("pull", size, &mut || pull(&client, &table, &mut out))?;
         }
         let mut rt = None;
         if wants(BenchOp::Roundtrip) {
-            let f = &mut || push(&client, &table, &grads).and_then(|_| pull(&client, &table, &mut out));
+            let f = &mut || {
+                tick();
+                push(&client, &table, &grads).and_then(|_| pull(&client, &table, &mut out))
+            };
             rt = Some(row("push+pull", 2 * size, f)?);
         }
         if size >= 64 << 10 && wants(BenchOp::Pipelined) {
             let window = args.window.max(1);
             let mut flight = VecDeque::with_capacity(window);
-            row("push pipelined", size, &mut || keep_in_flight(&mut flight, window, || client.push_range(&table, 0, &grads)))?;
+            row("push pipelined", size, &mut || {
+                keep_in_flight(&mut flight, window, || {
+                    tick();
+                    client.push_range(&table, 0, &grads)
+                })
+            })?;
             settle(&mut flight)?;
             // The same from a registered buffer, which RDMA sends without copying it.
             let mut registered = client.push_buffer(n)?;
             if registered.is_registered() {
                 registered.as_mut_slice().fill(1.0);
                 let reg = &registered;
-                row("push pipelined zero-copy", size, &mut || keep_in_flight(&mut flight, window, || client.push_range_from(&table, 0, reg)))?;
+                row("push pipelined zero-copy", size, &mut || {
+                    keep_in_flight(&mut flight, window, || {
+                        tick();
+                        client.push_range_from(&table, 0, reg)
+                    })
+                })?;
                 settle(&mut flight)?;
             }
         }
