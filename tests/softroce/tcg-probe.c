@@ -3,6 +3,9 @@
 //   backs run.sh's choice of a TCG CPU without ERMS (see the comment at its accelerator): with
 //   ERMS glibc copies with `rep movsb`, which TCG runs a byte at a time.
 // - 16,384 additions, f32 and i32, as a shard's `sum` of a 64 KiB push does them (vectorized).
+// - What a request's path pays beside its arithmetic: a direct call and return, an indirect call
+//   (a `dyn` method, a function pointer), a 16-byte memcpy through libc, and a clock read
+//   (clock_gettime, as Rust's Instant::now), each against a loop of plain arithmetic.
 //
 //   gcc -O2 -o /tmp/tcg-probe tests/softroce/tcg-probe.c
 //   /tmp/tcg-probe                                            # the host
@@ -40,6 +43,46 @@ static void sse2_copy(char *dst, const char *src, size_t n) {
 #define ADDS 16384
 static float pf[ADDS], gf[ADDS];
 static int32_t pi[ADDS], gi[ADDS];
+
+__attribute__((noinline)) static uint64_t step(uint64_t x) {
+    __asm__ volatile("");
+    return x * 3 + 1;
+}
+static uint64_t (*volatile step_ptr)(uint64_t) = step;
+
+// Nanoseconds per iteration of each kind of loop.
+static void calls(void) {
+    const long n = 5000000;
+    uint64_t x = 1;
+    char a[64], b[64];
+    size_t len = 16;
+    memset(a, 1, sizeof a);
+    __asm__ volatile("" : "+r"(len));  // a length the compiler cannot see: a real memcpy call
+    double t0 = now_us();
+    for (long i = 0; i < n; i++) {
+        x = x * 3 + 1;
+        __asm__ volatile("" : : "r"(x));
+    }
+    double t1 = now_us();
+    for (long i = 0; i < n; i++) x = step(x);
+    double t2 = now_us();
+    for (long i = 0; i < n; i++) x = step_ptr(x);
+    double t3 = now_us();
+    for (long i = 0; i < n; i++) {
+        memcpy(b, a, len);
+        __asm__ volatile("" : : "r"(b) : "memory");
+    }
+    double t4 = now_us();
+    for (long i = 0; i < n / 10; i++) {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        x += (uint64_t)t.tv_nsec;
+    }
+    double t5 = now_us();
+    printf("ns per iteration: arithmetic %.2f, direct call %.2f, indirect call %.2f, memcpy(16) %.2f, clock_gettime %.2f (%llu)\n",
+           (t1 - t0) * 1e3 / n, (t2 - t1) * 1e3 / n, (t3 - t2) * 1e3 / n, (t4 - t3) * 1e3 / n, (t5 - t4) * 1e4 / n,
+           (unsigned long long)(x & 1));
+}
 
 int main(void) {
     static const size_t sizes[] = {64, 4096, 65536, 262144, 1048576};
@@ -86,5 +129,6 @@ int main(void) {
         double t2 = now_us();
         printf("%d adds: f32 %9.3f us   i32 %9.3f us\n", ADDS, (t1 - t0) / iters, (t2 - t1) / iters);
     }
+    for (int round = 0; round < 3; round++) calls();
     return 0;
 }

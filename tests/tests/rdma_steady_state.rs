@@ -25,19 +25,27 @@ fn call(link: &mut dyn Link, header: &mut Header, parts: &[&[u8]]) {
     assert_eq!(reply.header.status(), Status::Ok, "{}", String::from_utf8_lossy(reply.body));
 }
 
-#[test]
-fn serving_over_rdma_allocates_nothing_once_warm() {
-    if !tessera_tests::rdma_here("serving_over_rdma_allocates_nothing_once_warm") {
-        return;
+/// For test `test`, unless there is no RDMA device here: this test's turn, an in-process server
+/// over RDMA with `shards` shards and the tables both tests use, "dense" (4,096 keys of dim 8)
+/// and "sparse" (dim 4, Adagrad), and the slot configuration it serves.
+fn rdma_server(test: &str, shards: u16) -> Option<(std::sync::MutexGuard<'static, ()>, Server, RdmaConfig)> {
+    if !tessera_tests::rdma_here(test) {
+        return None;
     }
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let rdma = RdmaConfig { slots: 8, slot_bytes: 64 << 10, spin_us: 20, ..RdmaConfig::default() };
     let mut cfg = ServerConfig::single("127.0.0.1:0");
-    (cfg.engine.shards, cfg.engine.pin_cores, cfg.transport_kind, cfg.rdma) = (1, false, TransportKind::Rdma, rdma.clone());
+    (cfg.engine.shards, cfg.engine.pin_cores, cfg.transport_kind, cfg.rdma) = (shards, false, TransportKind::Rdma, rdma.clone());
     let mut sparse = TableSpec::new("sparse", TableKind::Sparse, 0, u64::MAX, 4);
     sparse.updater = "adagrad".into();
+    sparse.capacity = 1 << 14;
     cfg.tables = vec![TableSpec::new("dense", TableKind::Dense, 0, 4096, 8), sparse];
-    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    Some((turn, Server::start(cfg, UpdaterRegistry::new()).unwrap(), rdma))
+}
+
+#[test]
+fn serving_over_rdma_allocates_nothing_once_warm() {
+    let Some((_turn, server, rdma)) = rdma_server("serving_over_rdma_allocates_nothing_once_warm", 1) else { return };
     let addr = server.local_addr().to_string();
     let tcfg = TransportConfig::default();
     let dev = match tessera_transport::select::choose(TransportKind::Rdma, &rdma).unwrap() {
@@ -97,17 +105,7 @@ fn serving_over_rdma_allocates_nothing_once_warm() {
 /// (so every reply carries a stamp).
 #[test]
 fn a_warm_rdma_client_allocates_nothing_per_call() {
-    if !tessera_tests::rdma_here("a_warm_rdma_client_allocates_nothing_per_call") {
-        return;
-    }
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let rdma = RdmaConfig { slots: 8, slot_bytes: 64 << 10, spin_us: 20, ..RdmaConfig::default() };
-    let mut cfg = ServerConfig::single("127.0.0.1:0");
-    (cfg.engine.shards, cfg.engine.pin_cores, cfg.transport_kind, cfg.rdma) = (2, false, TransportKind::Rdma, rdma.clone());
-    let mut sparse = TableSpec::new("sparse", TableKind::Sparse, 0, u64::MAX, 4);
-    sparse.capacity = 1 << 14;
-    cfg.tables = vec![TableSpec::new("dense", TableKind::Dense, 0, 4096, 8), sparse];
-    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let Some((_turn, server, rdma)) = rdma_server("a_warm_rdma_client_allocates_nothing_per_call", 2) else { return };
     let mut config = tessera_client::ClientConfig::worker(2);
     (config.kind, config.rdma) = (TransportKind::Rdma, rdma);
     let counted = tessera_tests::client_round_allocations(&server.local_addr().to_string(), config, "dense", "sparse", 300);
