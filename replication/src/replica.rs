@@ -518,6 +518,13 @@ impl<S: Store> Replica<S> {
             match st.learner.as_mut() {
                 // Committed once the learner holds it too (`on_ack`).
                 Some(l) if l.synced => return,
+                // The learner holds a snapshot and is sent every update in order: from here on
+                // the tail commits only what it holds too, so `ungated` stops moving and the
+                // learner catches up with it. Committing without it would let every push move
+                // the mark on, and under steady pushes whose forward and acknowledgement take
+                // longer than the gap between two pushes the learner never synced and the chain
+                // never healed (the kill test over RDMA in a slow SoftRoCE guest, 2026-11-23).
+                Some(l) if !l.needs_snapshot => return,
                 Some(l) => l.ungated = st.version,
                 None => {}
             }
@@ -635,9 +642,13 @@ impl<S: Store> Replica<S> {
             return;
         } else if let Some(l) = st.learner.as_mut().filter(|_| learner.is_some()) {
             // The learner fell behind what the log keeps: a snapshot, resent until acknowledged.
+            // Until it holds one, the tail commits without it again, what it held back included.
             l.needs_snapshot = true;
             l.synced = false;
+            l.ungated = st.version;
             st.progress_ms = 0;
+            let version = st.version;
+            self.commit(range, place, version);
         } else {
             let reason = format!(
                 "a need from node {from}, which holds version {held}: this replica no longer keeps {} (its log starts at {:?})",
@@ -694,12 +705,18 @@ impl<S: Store> Replica<S> {
                 trim(&mut st.log, version);
                 if l.acked < st.version && st.log.front().is_none_or(|e| e.version > l.acked + 1) {
                     // It acknowledged an older snapshot than the last one sent (lost), whose
-                    // sending restarted the log: only another snapshot can bring it up to date.
+                    // sending restarted the log: only another snapshot can bring it up to date,
+                    // and until then the tail commits without it, what it held back included.
                     l.needs_snapshot = true;
                     l.synced = false;
+                    l.ungated = st.version;
                 }
-                let gated = l.synced.then_some(l.acked.min(st.version));
-                if let Some(version) = gated {
+                let commit_to = if l.synced {
+                    Some(l.acked.min(st.version))
+                } else {
+                    l.needs_snapshot.then_some(st.version)
+                };
+                if let Some(version) = commit_to {
                     self.commit(range, place, version);
                 }
             }
@@ -992,6 +1009,65 @@ mod tests {
         nodes[0].step(1, Addr::Worker(WorkerId(1)), push(2, 2));
         assert_eq!(settle(&mut nodes), vec![Msg::PushAck { range, seq: 2 }]);
         assert!(nodes.iter().all(|n| value(n) == 7));
+    }
+
+    /// Chain 0 -> 1 -> 2 with node 3 joining as the tail's learner. Messages among the chain's
+    /// nodes arrive at once; those to and from the learner a round late, and a push arrives every
+    /// round, so each of the learner's acknowledgements is behind the tail's newest version. The
+    /// learner must still sync (the tail stops committing without it once it holds a snapshot),
+    /// and then hold every committed update. Before, the tail kept committing without it and its
+    /// mark moved with every push: the learner never synced.
+    #[test]
+    fn a_learner_syncs_while_pushes_arrive_faster_than_its_round_trip() {
+        let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
+        let members = (0..4).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
+        let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: Some(NodeId(3)) };
+        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new() });
+        let mut nodes: Vec<_> = (0..4)
+            .map(|n| {
+                let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), SimStore::default());
+                r.step(0, Addr::Coordinator, Msg::Config(config.clone()));
+                r
+            })
+            .collect();
+        let mut late: Vec<(usize, usize, Msg)> = Vec::new();
+        let mut synced = None;
+        for round in 1..=40u32 {
+            let now = u64::from(round) * 50;
+            for (from, to, msg) in std::mem::take(&mut late) {
+                nodes[to].step(now, Addr::Node(NodeId(from as u32)), msg);
+            }
+            nodes[0].step(now, Addr::Worker(WorkerId(1)), push(round, 1));
+            nodes.iter_mut().for_each(|n| n.tick(now));
+            loop {
+                let mut moved = false;
+                for i in 0..nodes.len() {
+                    nodes[i].flush();
+                    for (to, msg) in nodes[i].take_ready() {
+                        let Addr::Node(n) = to else { continue };
+                        let j = n.0 as usize;
+                        if i == 3 || j == 3 {
+                            late.push((i, j, msg));
+                        } else {
+                            moved = true;
+                            nodes[j].step(now, Addr::Node(NodeId(i as u32)), msg);
+                        }
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+            if synced.is_none() && nodes[2].reports().iter().any(|r| r.learner_synced) {
+                synced = Some(round);
+            }
+        }
+        let synced = synced.expect("the learner never synced while pushes kept coming");
+        assert!(synced < 20, "the learner synced only in round {synced}");
+        let tail = nodes[2].range_state(RangeId(0)).unwrap();
+        let learner = nodes[3].range_state(RangeId(0)).unwrap();
+        assert!(learner.version >= tail.committed, "the learner holds every committed update: {} of {}", learner.version, tail.committed);
+        assert!(tail.committed > 20, "pushes were committed all along: {}", tail.committed);
     }
 
     #[test]
