@@ -39,7 +39,9 @@ pub struct RangeClocks {
     clocks: Box<[u64]>,
     count: usize,
     workers_seen: usize,
-    /// Bumped by every `advance` that succeeds, so a cache of stamps knows when it is stale.
+    /// Bumped by every `advance` that raises an entry (and by `restore`), so a cache of stamps
+    /// knows when it is stale. A push at a clock its worker already reached changes nothing, and
+    /// leaves the generation, and so every cached stamp, as it was.
     generation: u64,
 }
 
@@ -118,17 +120,10 @@ impl RangeClocks {
         }
     }
 
-    /// Changes with every successful [`advance`](Self::advance).
+    /// Changes with every [`advance`](Self::advance) that raises a clock entry: a stamp computed
+    /// at one generation holds until the generation changes.
     pub fn generation(&self) -> u64 {
         self.generation
-    }
-
-    /// The keys of the segment holding `key` (inside [`owned`](Self::owned)): every key there
-    /// has the same clock, and so the same stamp.
-    pub fn segment_keys(&self, key: u64) -> Range<u64> {
-        self.assert_inside(&(key..key + 1), "segment_keys");
-        let k = self.segment_of(key);
-        self.starts[k]..self.end_of(k)
     }
 
     /// Replaces every clock with `segments`: each segment's first key and clock, in key order,
@@ -210,6 +205,12 @@ impl RangeClocks {
             return Err(EngineError::ClockTooLarge { clock, max: CLOCK_MAX });
         }
         let first = self.segment_of(range.start);
+        if range.start == self.starts[first]
+            && range.end == self.end_of(first)
+            && self.raise_whole_segment(first, worker_index, clock)
+        {
+            return Ok(());
+        }
         let last = self.segment_of(range.end - 1);
         let split_left =
             self.starts[first] < range.start && self.clock(first)[worker_index] < clock;
@@ -239,8 +240,9 @@ impl RangeClocks {
             None
         };
 
-        self.apply(&push);
-        self.generation += 1;
+        if self.apply(&push) {
+            self.generation += 1;
+        }
         if clock > 0 {
             self.workers_seen = self.workers_seen.max(worker_index + 1);
         }
@@ -264,16 +266,71 @@ impl RangeClocks {
     /// If `range` is empty or not inside [`owned`](Self::owned), as for [`advance`](Self::advance).
     pub fn stamp_into(&self, range: Range<u64>, out: &mut [u64]) {
         self.assert_inside(&range, "stamp_into");
+        let first = self.segment_of(range.start);
+        self.meet_from(first, range.end, out);
+    }
+
+    /// Writes the element-wise minimum of the clocks of segment `first` and of every later one
+    /// that starts before `end` into `out[..n]` (`n` as in [`stamp_into`](Self::stamp_into));
+    /// returns the last segment it met. Walks on from `first` rather than searching for the last
+    /// one: a stamp's range crosses few segments, and the minimum visits each of them anyway.
+    fn meet_from(&self, first: usize, end: u64, out: &mut [u64]) -> usize {
         let n = out.len().min(self.workers_max);
         let out = &mut out[..n];
-        let first = self.segment_of(range.start);
-        let last = self.segment_of(range.end - 1);
-        out.copy_from_slice(&self.clock(first)[..n]);
-        for k in first + 1..=last {
+        for (stamp, &entry) in out.iter_mut().zip(self.clock(first)) {
+            *stamp = entry;
+        }
+        let mut k = first;
+        while k + 1 < self.count && self.starts[k + 1] < end {
+            k += 1;
             for (stamp, &entry) in out.iter_mut().zip(self.clock(k)) {
                 *stamp = (*stamp).min(entry);
             }
         }
+        k
+    }
+
+    /// [`stamp_into`](Self::stamp_into) for a range that usually lies inside one segment (a
+    /// dense block's keys), with one segment search instead of two; also returns the keys of that
+    /// segment, which all share this stamp, or an empty range when `range` spans several.
+    ///
+    /// # Panics
+    /// If `range` is empty or not inside [`owned`](Self::owned), as for [`advance`](Self::advance).
+    pub fn segment_stamp(&self, range: Range<u64>, out: &mut [u64]) -> Range<u64> {
+        self.assert_inside(&range, "segment_stamp");
+        let k = self.segment_of(range.start);
+        if self.meet_from(k, range.end, out) == k {
+            self.starts[k]..self.end_of(k)
+        } else {
+            0..0
+        }
+    }
+
+    /// [`advance`](Self::advance) of exactly segment `k`'s keys, the push a worker repeats each
+    /// iteration over the same range, when it changes no segment's bounds: raises worker `w`'s
+    /// entry of segment `k` to `clock` and returns true, unless the raise would make the segment
+    /// equal to a neighbour (the general path then merges them) and returns false having
+    /// changed nothing.
+    fn raise_whole_segment(&mut self, k: usize, w: usize, clock: u64) -> bool {
+        let at = k * self.workers_max + w;
+        if self.clocks[at] < clock {
+            let merges = |n: usize| {
+                let (neighbour, this) = (self.clock(n), self.clock(k));
+                neighbour[w] == clock && neighbour[..w] == this[..w] && neighbour[w + 1..] == this[w + 1..]
+            };
+            if (k > 0 && merges(k - 1)) || (k + 1 < self.count && merges(k + 1)) {
+                return false;
+            }
+            self.clocks[at] = clock;
+            self.generation += 1;
+        }
+        if clock > 0 {
+            self.workers_seen = self.workers_seen.max(w + 1);
+        }
+        if cfg!(debug_assertions) {
+            self.check_invariants();
+        }
+        true
     }
 
     /// Highest worker index that has ever raised a clock entry, plus one (0 if none). Entries at
@@ -399,13 +456,16 @@ impl RangeClocks {
 
     /// Applies a push already known to fit. The raised segments are updated whole, merged, and only
     /// then split, so the segment count never exceeds the outcome: the split-off remainders are
-    /// rebuilt from the raised run by restoring the one entry the push changed.
-    fn apply(&mut self, push: &Push) {
+    /// rebuilt from the raised run by restoring the one entry the push changed. Returns whether
+    /// it raised any entry: if not, nothing changed (no neighbours become equal, nothing splits).
+    fn apply(&mut self, push: &Push) -> bool {
         let (w, workers_max) = (push.worker, self.workers_max);
         let left_before = self.clock(push.first)[w];
         let right_before = self.clock(push.last)[w];
+        let mut raised = false;
         for k in push.first..=push.last {
             let entry = &mut self.clocks[k * workers_max + w];
+            raised |= *entry < push.clock;
             *entry = (*entry).max(push.clock);
         }
         let mut last_run = self.merge_window(push);
@@ -421,6 +481,7 @@ impl RangeClocks {
             self.starts[last_run + 1] = push.range.end;
             self.clocks[(last_run + 1) * workers_max + w] = right_before;
         }
+        raised
     }
 
     /// Merges equal adjacent segments in `push`'s window in place and closes the gap; returns the
@@ -549,6 +610,76 @@ mod tests {
         clocks.advance(0..100, 2, 5).unwrap();
         assert_eq!(segs(&clocks), vec![(0..100, vec![0, 0, 5, 0])]);
         assert_eq!(clocks.workers_seen(), 3);
+    }
+
+    #[test]
+    fn generation_changes_only_when_a_push_raises_an_entry() {
+        // One segment (the short path), then several (the general one).
+        let mut clocks = RangeClocks::new(0..100, 2, 8);
+        let g0 = clocks.generation();
+        clocks.advance(0..100, 0, 0).unwrap();
+        clocks.advance(10..20, 1, 0).unwrap();
+        assert_eq!(clocks.generation(), g0, "clock 0 raises nothing");
+        clocks.advance(0..100, 0, 3).unwrap();
+        let g1 = clocks.generation();
+        assert_ne!(g1, g0);
+        clocks.advance(0..100, 0, 3).unwrap();
+        clocks.advance(40..60, 0, 2).unwrap();
+        assert_eq!(clocks.generation(), g1, "a stale or repeated clock raises nothing, and splits nothing");
+        assert_eq!(segs(&clocks), vec![(0..100, vec![3, 0])]);
+        clocks.advance(40..60, 1, 1).unwrap();
+        let g2 = clocks.generation();
+        assert_ne!(g2, g1);
+        clocks.advance(40..60, 1, 1).unwrap();
+        clocks.advance(0..100, 0, 2).unwrap();
+        assert_eq!(clocks.generation(), g2, "nothing raised over several segments");
+        clocks.advance(0..100, 0, 4).unwrap();
+        assert_ne!(clocks.generation(), g2);
+        assert_eq!(
+            segs(&clocks),
+            vec![(0..40, vec![4, 0]), (40..60, vec![4, 1]), (60..100, vec![4, 0])]
+        );
+    }
+
+    #[test]
+    fn a_push_of_exactly_one_segment_raises_it_and_merges_only_with_an_equal_neighbour() {
+        let mut clocks = RangeClocks::new(0..100, 2, 8);
+        clocks.advance(0..100, 0, 4).unwrap();
+        clocks.advance(40..60, 1, 1).unwrap();
+        // The same range again at the next clock, as a worker pushes each iteration.
+        for clock in 2..5 {
+            clocks.advance(40..60, 1, clock).unwrap();
+            assert_eq!(
+                segs(&clocks),
+                vec![(0..40, vec![4, 0]), (40..60, vec![4, clock]), (60..100, vec![4, 0])]
+            );
+        }
+        // Raised to equal its right neighbour, then its left one: each pair merges.
+        clocks.advance(60..100, 1, 4).unwrap();
+        assert_eq!(segs(&clocks), vec![(0..40, vec![4, 0]), (40..100, vec![4, 4])]);
+        clocks.advance(0..40, 1, 4).unwrap();
+        assert_eq!(segs(&clocks), vec![(0..100, vec![4, 4])]);
+        assert_eq!(clocks.workers_seen(), 2);
+    }
+
+    #[test]
+    fn segment_stamp_finds_the_segment_or_falls_back_to_the_minimum() {
+        let mut clocks = RangeClocks::new(0..100, 3, 8);
+        clocks.advance(0..100, 0, 5).unwrap();
+        clocks.advance(30..60, 1, 2).unwrap();
+        let mut out = [9; 3];
+        assert_eq!(clocks.segment_stamp(35..40, &mut out), 30..60);
+        assert_eq!(out, [5, 2, 0]);
+        assert_eq!(clocks.segment_stamp(0..30, &mut out), 0..30);
+        assert_eq!(out, [5, 0, 0]);
+        // Across a segment boundary: no one segment, and the element-wise minimum.
+        assert_eq!(clocks.segment_stamp(50..70, &mut out), 0..0);
+        assert_eq!(out, [5, 0, 0]);
+        assert_eq!(out.to_vec(), stamp(&clocks, 50..70));
+        // A shorter buffer gets the first entries only, as with stamp_into.
+        let mut short = [9; 2];
+        assert_eq!(clocks.segment_stamp(40..41, &mut short), 30..60);
+        assert_eq!(short, [5, 2]);
     }
 
     #[test]

@@ -525,6 +525,44 @@ fn stamps_are_the_elementwise_min_over_the_range() {
     assert_eq!(pull_range(&mut p, 120, 1), [4.0], "every push above was applied, stale clocks too");
 }
 
+/// A push's acknowledgement takes its stamp from the one its blocks were just stamped with when
+/// it can; whatever the pushes, that must be the clocks' own minimum over the range.
+#[test]
+fn reply_stamps_match_the_clocks_after_any_pushes() {
+    let cfg = EngineConfig { dense_block_bytes: 16, workers_max: 3, ..EngineConfig::default() };
+    let mut p = part_with(&dense(0, 64, 1, "sum"), 0..64, &cfg);
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = |n: u64| {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % n
+    };
+    for round in 0..2_000 {
+        // Whole-part pushes (one segment) half the time, partial ones otherwise; clocks go
+        // forwards mostly, and sometimes repeat or go back (a stale push raises nothing).
+        let (start, count) = if next(2) == 0 { (0, 64) } else {
+            let start = next(64);
+            (start, 1 + next(64 - start))
+        };
+        let (worker, clock) = (next(3) as u32, round / 8 + next(3));
+        if next(4) == 0 {
+            // Clocks that move without a push restamping the blocks: what was cached is stale.
+            p.advance_clock(start..start + count, worker, clock).unwrap();
+        } else {
+            p.push_range(start, count as usize, &vec![1.0; count as usize], worker, clock).unwrap();
+        }
+        let span = start..start + count;
+        let checks = [span.clone(), 0..64, start..start + 1, next(32)..32 + next(32) + 1];
+        for range in checks {
+            let mut want = vec![u64::MAX; 3];
+            p.clocks().stamp_into(range.clone(), &mut want);
+            let mut got = vec![u64::MAX; 3];
+            p.stamp_into(range.clone(), &mut got);
+            assert_eq!(got, want, "round {round}: stamp of {range:?} after {span:?} by {worker} at {clock}");
+        }
+    }
+    p.clocks().check_invariants();
+}
+
 #[test]
 fn sparse_stamps_cover_the_span_of_the_pushed_keys() {
     let mut p = part(&sparse(1, "sum"), 0..u64::MAX);
