@@ -13,7 +13,7 @@
 #
 # How: the bench runs with --rdma-spin-us 0 (valgrind runs one thread at a time, so a spinning
 # poller would starve the other), and callgrind collects only inside the worker's call
-# (bench::push, Client::ping) and the shard's serving and completion handling (serve_landed,
+# (bench::push, bench::ping) and the shard's serving and completion handling (serve_landed,
 # reap). Two kinds of figure come out. The thread totals and the functions that wait (the
 # link's recv, Ticket::wait) include idle polls and wake-ups, which grow when the guest runs
 # slowly (on a busy host, recv read 6,688 instructions a ping against about 900 on a quiet one),
@@ -31,7 +31,7 @@ for op in ${CALLGRIND_OPS:-ping push}; do
   mkdir -p "$dir"
   rm -f "$dir"/callgrind.out.*
   valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$dir/callgrind.out.%p" \
-    --collect-atstart=no --toggle-collect=tessera::bench::push --toggle-collect=tessera_client::Client::ping \
+    --collect-atstart=no --toggle-collect=tessera::bench::push --toggle-collect=tessera::bench::ping \
     --toggle-collect='*State::serve_landed' --toggle-collect='*State::reap' \
     "$bin" bench --transport rdma --shards 1 --rdma-spin-us 0 --seconds 3 --iters-max 1500 \
     --workers-max 1 --ops "$op" --sizes "$size" --json-out "$dir/bench.json" ${CALLGRIND_BENCH_ARGS:-} > "$dir/valgrind.log" 2>&1

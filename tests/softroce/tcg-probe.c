@@ -4,8 +4,9 @@
 //   ERMS glibc copies with `rep movsb`, which TCG runs a byte at a time.
 // - 16,384 additions, f32 and i32, as a shard's `sum` of a 64 KiB push does them (vectorized).
 // - What a request's path pays beside its arithmetic: a direct call and return, an indirect call
-//   (a `dyn` method, a function pointer), a 16-byte memcpy through libc, and a clock read
-//   (clock_gettime, as Rust's Instant::now), each against a loop of plain arithmetic.
+//   (a `dyn` method, a function pointer), a 16-byte memcpy through libc, a clock read
+//   (clock_gettime, as Rust's Instant::now), and a 64-bit remainder by a divisor known only at
+//   run time (a ring's `seq % slots`), each against a loop of plain arithmetic.
 //
 //   gcc -O2 -o /tmp/tcg-probe tests/softroce/tcg-probe.c
 //   /tmp/tcg-probe                                            # the host
@@ -79,9 +80,17 @@ static void calls(void) {
         x += (uint64_t)t.tv_nsec;
     }
     double t5 = now_us();
-    printf("ns per iteration: arithmetic %.2f, direct call %.2f, indirect call %.2f, memcpy(16) %.2f, clock_gettime %.2f (%llu)\n",
+    uint64_t slots = 16;
+    __asm__ volatile("" : "+r"(slots));  // a divisor the compiler cannot see: a real div
+    for (long i = 0; i < n; i++) {
+        x = x * 3 + 1 + x % slots;
+        __asm__ volatile("" : : "r"(x));
+    }
+    double t6 = now_us();
+    printf("ns per iteration: arithmetic %.2f, direct call %.2f, indirect call %.2f, memcpy(16) %.2f, clock_gettime %.2f, "
+           "arithmetic and u64 %% %.2f (%llu)\n",
            (t1 - t0) * 1e3 / n, (t2 - t1) * 1e3 / n, (t3 - t2) * 1e3 / n, (t4 - t3) * 1e3 / n, (t5 - t4) * 1e4 / n,
-           (unsigned long long)(x & 1));
+           (t6 - t5) * 1e3 / n, (unsigned long long)(x & 1));
 }
 
 int main(void) {
