@@ -205,13 +205,12 @@ impl RangeClocks {
             return Err(EngineError::ClockTooLarge { clock, max: CLOCK_MAX });
         }
         let first = self.segment_of(range.start);
-        if range.start == self.starts[first]
-            && range.end == self.end_of(first)
-            && self.raise_whole_segment(first, worker_index, clock)
-        {
-            return Ok(());
-        }
-        let last = self.segment_of(range.end - 1);
+        // Most pushes end inside the segment they start in: no second search for it.
+        let last = if range.end <= self.end_of(first) {
+            first
+        } else {
+            self.segment_of(range.end - 1)
+        };
         let split_left =
             self.starts[first] < range.start && self.clock(first)[worker_index] < clock;
         let split_right = self.end_of(last) > range.end && self.clock(last)[worker_index] < clock;
@@ -224,6 +223,10 @@ impl RangeClocks {
             split_left,
             split_right,
         };
+
+        if self.raise_whole_segment(&push) {
+            return Ok(());
+        }
 
         // Merging only ever removes segments, so the exact outcome is worth computing only when the
         // cheap upper bound does not fit; this keeps the common case to a single pass.
@@ -306,25 +309,24 @@ impl RangeClocks {
         }
     }
 
-    /// [`advance`](Self::advance) of exactly segment `k`'s keys, the push a worker repeats each
-    /// iteration over the same range, when it changes no segment's bounds: raises worker `w`'s
-    /// entry of segment `k` to `clock` and returns true, unless the raise would make the segment
-    /// equal to a neighbour (the general path then merges them) and returns false having
-    /// changed nothing.
-    fn raise_whole_segment(&mut self, k: usize, w: usize, clock: u64) -> bool {
+    /// Applies `push` at once when it lies in one segment and changes no segment's bounds: it
+    /// splits nothing (it covers the segment, as a worker's push of the same range each iteration
+    /// does, or raises nothing) and the raised segment becomes equal to neither neighbour. Returns
+    /// false, having changed nothing, for any other push: the general path applies it.
+    fn raise_whole_segment(&mut self, push: &Push) -> bool {
+        let (k, w) = (push.first, push.worker);
+        if push.last != k || push.splits() > 0 {
+            return false;
+        }
         let at = k * self.workers_max + w;
-        if self.clocks[at] < clock {
-            let merges = |n: usize| {
-                let (neighbour, this) = (self.clock(n), self.clock(k));
-                neighbour[w] == clock && neighbour[..w] == this[..w] && neighbour[w + 1..] == this[w + 1..]
-            };
-            if (k > 0 && merges(k - 1)) || (k + 1 < self.count && merges(k + 1)) {
+        if self.clocks[at] < push.clock {
+            if (k > 0 && self.equal_after(push, k - 1, k)) || (k + 1 < self.count && self.equal_after(push, k, k + 1)) {
                 return false;
             }
-            self.clocks[at] = clock;
+            self.clocks[at] = push.clock;
             self.generation += 1;
         }
-        if clock > 0 {
+        if push.clock > 0 {
             self.workers_seen = self.workers_seen.max(w + 1);
         }
         if cfg!(debug_assertions) {
@@ -438,9 +440,11 @@ impl RangeClocks {
                 entry
             }
         };
-        clock_a[..w] == clock_b[..w]
+        // The pushing worker's entry first: it is the one the push changes, and so the one that
+        // usually differs, which spares comparing the rest.
+        after(a, clock_a[w]) == after(b, clock_b[w])
+            && clock_a[..w] == clock_b[..w]
             && clock_a[w + 1..] == clock_b[w + 1..]
-            && after(a, clock_a[w]) == after(b, clock_b[w])
     }
 
     /// The segment count `push` would leave: each split adds one, and each adjacent pair in the

@@ -247,11 +247,8 @@ impl TablePart {
         // A push's acknowledgement asks for the stamp of what it just stamped into its blocks:
         // when that lies in the segment the blocks' stamp was computed for, it is that stamp.
         if let Store::Dense(d) = &self.store {
-            let n = out.len().min(d.stamp.len());
-            if d.packed_generation == self.clocks.generation()
-                && d.packed_keys.start <= range.start
-                && range.end <= d.packed_keys.end
-            {
+            if d.stamp_holds_for(&range, &self.clocks) {
+                let n = out.len().min(d.stamp.len());
                 out[..n].copy_from_slice(&d.stamp[..n]);
                 return;
             }
@@ -605,14 +602,19 @@ impl DenseStore {
         w[back] = w[at] + 1;
     }
 
+    /// Whether `stamp` (and `packed`) is the stamp of `keys` (absolute) as `clocks` stand now:
+    /// computed at their current generation, for a segment that holds all of `keys`.
+    fn stamp_holds_for(&self, keys: &Range<u64>, clocks: &RangeClocks) -> bool {
+        self.packed_generation == clocks.generation()
+            && self.packed_keys.start <= keys.start
+            && keys.end <= self.packed_keys.end
+    }
+
     /// Writes block `b`'s stamp: the clocks every key it holds has reached.
     fn stamp(&mut self, b: u64, clocks: &RangeClocks, owned_start: u64) {
         let held = self.layout.keys_of(b);
         let held = owned_start + held.start..owned_start + held.end;
-        let cached = self.packed_generation == clocks.generation()
-            && self.packed_keys.start <= held.start
-            && held.end <= self.packed_keys.end;
-        if !cached {
+        if !self.stamp_holds_for(&held, clocks) {
             self.packed_keys = clocks.segment_stamp(held, &mut self.stamp);
             DenseLayout::put_stamp(&self.stamp, &mut self.packed);
             self.packed_generation = clocks.generation();
