@@ -529,3 +529,39 @@ fn a_caller_sends_small_frames_over_rdma_and_large_ones_over_its_tcp_connection(
     let fallback = auto.caller(&tcp_addr, 0, 1, tessera_replication::catalog::ServerInfo::serves_rdma).unwrap();
     assert_eq!(fallback.kind(), "tcp");
 }
+
+/// On a machine without an RDMA device (this project's CI host, whose kernel has none): a binary
+/// built with `rdma` says so in one line and trains over TCP under `--transport auto`, and
+/// refuses `--transport rdma` with a clear error instead of falling back. Where a device is
+/// present (the SoftRoCE guest, a host with an HCA) there is nothing to fall back from.
+#[test]
+fn without_a_device_auto_says_so_once_and_uses_tcp_and_rdma_is_refused() {
+    let test = "without_a_device_auto_says_so_once_and_uses_tcp_and_rdma_is_refused";
+    if tessera_transport::select::choose(TransportKind::Rdma, &RdmaConfig::default()).is_ok() {
+        eprintln!("{test}: NOT RUN here (an RDMA device is present; it checks a host without one)");
+        return;
+    }
+    let refused = "RDMA was asked for but is not available here";
+    let small = ["--features", "10000", "--examples", "2000", "--epochs", "1", "--json"];
+    let demo = |transport: &str| {
+        let args: Vec<&str> = ["demo", "--transport", transport].iter().chain(&small).copied().collect();
+        tessera_tests::run_tool(&args, Duration::from_secs(120))
+    };
+
+    let out = demo("rdma");
+    assert!(!out.status.success(), "demo --transport rdma without a device must fail: {}", out.stdout);
+    assert!(out.stderr.contains(refused), "a clear error, not a fallback: {}", out.stderr);
+    assert!(!out.stderr.contains("using TCP"), "no fallback when RDMA was asked for: {}", out.stderr);
+
+    let out = tessera_tests::run_tool(&["server", "--transport", "rdma", "--listen", "127.0.0.1:0"], Duration::from_secs(60));
+    assert!(!out.status.success(), "server --transport rdma without a device must fail");
+    assert!(out.stderr.contains(refused), "a clear error: {}", out.stderr);
+
+    let out = demo("auto");
+    assert!(out.status.success(), "demo --transport auto falls back and trains: {}", out.stderr);
+    let notices: Vec<&str> = out.stderr.lines().filter(|l| l.contains("no RDMA device")).collect();
+    assert_eq!(notices.len(), 1, "one line says so: {}", out.stderr);
+    assert!(notices[0].ends_with("using TCP"), "and says what it does instead: {}", notices[0]);
+    let summary: serde_json::Value = serde_json::from_str(&out.stdout).expect("a JSON summary");
+    assert!(summary["pushes_per_s"].as_f64().is_some_and(|p| p > 0.0), "it trained (over TCP): {summary}");
+}
