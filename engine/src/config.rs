@@ -23,6 +23,8 @@ pub const CHECKPOINT_CHUNK_BYTES: usize = 64 << 10;
 /// Bytes of each of a shard's two log buffers by default: one fills while the other is written.
 /// A push whose log record is larger is refused in `wal` mode (raise `--wal-buffer-bytes`).
 pub const WAL_BUFFER_BYTES_DEFAULT: usize = 8 << 20;
+/// The largest log buffer `--wal-buffer-bytes` accepts (one commit never holds more).
+pub const WAL_BUFFER_BYTES_MAX: usize = 256 << 20;
 /// Bytes of a shard's checkpoint buffer: chunks gather here and go out in one write.
 pub const CHECKPOINT_BUFFER_BYTES: usize = 1 << 20;
 const _: () = assert!(CHECKPOINT_BUFFER_BYTES >= 2 * CHECKPOINT_CHUNK_BYTES, "a chunk and its header fit");
@@ -102,6 +104,10 @@ pub struct EngineConfig {
     pub wal_buffer_bytes: usize,
     /// Write with `pwrite`/`fsync` even where io_uring works (tests run both).
     pub disk_force_blocking: bool,
+    /// Start even when recovery finds that acknowledged data cannot be read (damage to a log or
+    /// a checkpoint that the logs do not cover): serve what precedes the damage and set the
+    /// rest aside, never deleted. Off, such a server refuses to start and names the damage.
+    pub recovery_accept_loss: bool,
     /// Keys of remembered key lists each shard keeps per connection; 0 remembers none, and
     /// workers that send key lists by hash get them refused and send the keys again.
     pub key_cache_keys: usize,
@@ -121,6 +127,7 @@ impl Default for EngineConfig {
             checkpoint_interval_s: 60,
             wal_buffer_bytes: WAL_BUFFER_BYTES_DEFAULT,
             disk_force_blocking: false,
+            recovery_accept_loss: false,
             key_cache_keys: KEY_CACHE_KEYS_DEFAULT,
         }
     }
@@ -157,6 +164,9 @@ impl EngineConfig {
         }
         if self.wal_buffer_bytes < IO_ALIGN_BYTES || !self.wal_buffer_bytes.is_multiple_of(IO_ALIGN_BYTES) {
             return bad("wal_buffer_bytes", self.wal_buffer_bytes.to_string(), "must be a positive multiple of 4096");
+        }
+        if self.wal_buffer_bytes > WAL_BUFFER_BYTES_MAX {
+            return bad("wal_buffer_bytes", self.wal_buffer_bytes.to_string(), "must be at most 256 MiB");
         }
         Ok(())
     }

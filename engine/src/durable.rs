@@ -33,7 +33,7 @@ use crate::config::{Durability, EngineConfig, CHECKPOINT_BUFFER_BYTES, IO_ALIGN_
 use crate::disk::{BufId, Disk, DiskConfig, Done, FileId, Op};
 use crate::error::{EngineError, Result};
 use crate::table::TablePart;
-use crate::wal::{Batch, Reader, Record, Stop, Target};
+use crate::wal::{acknowledged_after, Batch, Reader, Record, Stop, Target};
 
 /// Submission-queue entries of a shard's ring: a log commit and a checkpoint's chains.
 const RING_ENTRIES: u32 = 64;
@@ -116,6 +116,8 @@ pub struct ShardDisk {
     pub stats: DiskStats,
     /// Log commit latency (write and fsync), for the metrics.
     fsync_seconds: metrics::Histogram,
+    /// Recover past damage to acknowledged data instead of refusing to start.
+    accept_loss: bool,
 }
 
 impl ShardDisk {
@@ -156,6 +158,7 @@ impl ShardDisk {
             checkpoint_failed: None,
             stats: DiskStats::default(),
             fsync_seconds: crate::metrics::wal_fsync(shard),
+            accept_loss: cfg.recovery_accept_loss,
         }))
     }
 
@@ -249,8 +252,9 @@ impl ShardDisk {
                 WAL_TOKEN => self.commit_done(result),
                 CHECKPOINT_TOKEN => {
                     let taking = self.taking.as_mut().expect("a checkpoint write completed");
-                    if let Err(e) = taking.complete(result) {
-                        self.checkpoint_failed = Some(e);
+                    match taking.complete(result) {
+                        Ok(()) => crate::crash::point("checkpoint.chunks_written"),
+                        Err(e) => self.checkpoint_failed = Some(e),
                     }
                 }
                 _ => unreachable!("only the log and checkpoints use the ring"),
@@ -355,6 +359,7 @@ impl ShardDisk {
                 self.fail(e.clone());
                 return Err(e);
             }
+            crate::crash::point("checkpoint.log_started");
         }
         let (bufs, token) = (self.checkpoint_bufs, CHECKPOINT_TOKEN);
         let taking =
@@ -392,7 +397,9 @@ impl ShardDisk {
         let older = self.prev.replace(manifest);
         self.stats.checkpoints += 1;
         self.stats.checkpoint_bytes += written.bytes;
+        crate::crash::point("checkpoint.committed");
         self.prune(older.as_ref());
+        crate::crash::point("checkpoint.pruned");
         Ok(written)
     }
 
@@ -474,23 +481,30 @@ impl ShardDisk {
     /// Loads the newest valid checkpoint and replays the logs after it into `tables` (the
     /// catalog's parts, freshly made), then opens the log for appending. `build` makes a fresh
     /// part for a manifest's table, and checks it against the catalog.
+    ///
+    /// Recovery reads and never rewrites: the one change it makes is to cut a torn tail off the
+    /// last log, a commit the crash interrupted, which nobody was told is durable. Anything that
+    /// would drop acknowledged data instead (a checkpoint that disagrees with the catalog, a
+    /// corrupt checkpoint the logs do not cover, a gap between logs, damage followed by later
+    /// commits) is an [`EngineError::Unrecoverable`], unless the server was started to accept
+    /// the loss; then what cannot be replayed is set aside under another name, never deleted.
     pub fn recover(
         &mut self,
         tables: &mut [Option<TablePart>],
         build: &mut dyn FnMut(&PartManifest) -> Result<TablePart>,
     ) -> Result<RecoveryReport> {
         let mut report = RecoveryReport { shard: self.shard, ..RecoveryReport::default() };
-        let shard = self.shard;
+        let (shard, accept_loss) = (self.shard, self.accept_loss);
         let mut skipped = |seq: u64, e: &EngineError| {
-            tracing::warn!(shard, checkpoint = seq, error = %e, "checkpoint is corrupt; falling back to the one before");
+            tracing::warn!(shard, checkpoint = seq, error = %e, "checkpoint cannot be loaded; falling back to the one before");
             report.fallbacks.push(format!("checkpoint {seq}: {e}"));
         };
-        let found = store::load_newest(&mut self.disk, self.checkpoint_bufs[0], &self.dir, build, &mut skipped)?;
+        let found = store::load_newest(&mut self.disk, self.checkpoint_bufs[0], &self.dir, build, &mut skipped, accept_loss)?;
         let (mut seq, mut next_lsn) = (0, 1);
         if let Some((manifest, parts)) = found {
             for part in parts {
                 let id = part.id as usize;
-                let slot = tables.get_mut(id).filter(|t| t.is_some()).ok_or_else(|| EngineError::Corrupt {
+                let slot = tables.get_mut(id).filter(|t| t.is_some()).ok_or_else(|| EngineError::Unrecoverable {
                     what: Manifest::file_name(manifest.seq),
                     reason: format!("it holds table {id}, which the catalog does not place on shard {}", self.shard),
                 })?;
@@ -501,54 +515,12 @@ impl ShardDisk {
             report.checkpoint_lsn = manifest.lsn;
             self.prev = Some(manifest);
         }
-        // Replay this checkpoint's log, then any later one a newer (unloadable) checkpoint
-        // started, as long as each ended cleanly.
-        let mut offset = 0;
-        let mut logs: Vec<u64> = self.list(wal_seq_of).into_iter().filter(|s| *s >= seq).collect();
-        logs.sort_unstable();
-        if logs.first() != Some(&seq) {
-            logs.insert(0, seq);
+        if !report.fallbacks.is_empty() && self.level != Durability::Wal {
+            // Without a log, nothing else holds what a skipped checkpoint held.
+            self.refuse_or_accept(&report.fallbacks[0], "it cannot be read, and without a log (--durability checkpoint) nothing else holds what it held")?;
         }
-        let mut log_seq = seq;
-        report.log_end = "no log".into();
-        for (i, s) in logs.iter().enumerate() {
-            let path = self.dir.join(wal_file_name(*s));
-            if !path.exists() {
-                continue;
-            }
-            let (words, len) = store::read_whole(&mut self.disk, self.checkpoint_bufs[0], &path)?;
-            let mut reader = Reader::new(&bytemuck::cast_slice(&words)[..len], next_lsn);
-            for record in reader.by_ref() {
-                apply(tables, &record).map_err(|e| EngineError::Corrupt {
-                    what: format!("{} record {}", wal_file_name(*s), record.lsn),
-                    reason: format!("it does not apply to the checkpoint: {e}"),
-                })?;
-                report.records_replayed += 1;
-            }
-            next_lsn = reader.next_lsn();
-            offset = reader.resume_offset();
-            log_seq = *s;
-            let stop = reader.stop().cloned().unwrap_or(Stop::End);
-            report.log_end = match &stop {
-                Stop::End => format!("{} ended cleanly", wal_file_name(*s)),
-                Stop::Torn { offset, reason } => format!("{} torn at byte {offset}: {reason}", wal_file_name(*s)),
-                Stop::Gap { offset, expected, found } => {
-                    format!("{} has LSN {found} at byte {offset} where {expected} was due", wal_file_name(*s))
-                }
-            };
-            if stop != Stop::End {
-                // Records after the damage are lost. Later logs are set aside, so that records
-                // appended from here on can never be followed by their stale ones.
-                for later in &logs[i + 1..] {
-                    let path = self.dir.join(wal_file_name(*later));
-                    let aside = path.with_extension("log.unreplayed");
-                    tracing::warn!(shard = self.shard, "{}; {} is not replayed and is renamed {}", report.log_end, path.display(), aside.display());
-                    std::fs::rename(&path, &aside)
-                        .map_err(|e| EngineError::Disk { op: "rename", path: path.display().to_string(), reason: e.to_string() })?;
-                }
-                break;
-            }
-        }
+        crate::crash::point("recovery.checkpoint_loaded");
+        let (log_seq, offset) = self.replay_logs(tables, seq, &mut next_lsn, &mut report)?;
         // A checkpoint that failed or was cut short by a crash left a log and a data file:
         // the next checkpoint's number is past every one of them.
         let seqs = [Manifest::seq_of as fn(&str) -> Option<u64>, wal_seq_of, data_seq_of];
@@ -561,14 +533,106 @@ impl ShardDisk {
             report.tables.push((t.id, (owned.start, owned.end), stamp));
         }
         self.open_log(log_seq, next_lsn, offset, false)?;
+        crate::crash::point("recovery.log_opened");
         self.last_checkpoint = Instant::now();
         Ok(report)
+    }
+
+    /// Replays the logs from the one that follows checkpoint `seq`, in order, from LSN
+    /// `next_lsn` on; returns the log to append to and the offset to append at, and leaves
+    /// `next_lsn` at the LSN the next record takes.
+    fn replay_logs(&mut self, tables: &mut [Option<TablePart>], seq: u64, next_lsn: &mut u64, report: &mut RecoveryReport) -> Result<(u64, u64)> {
+        let mut logs: Vec<u64> = self.list(wal_seq_of).into_iter().filter(|s| *s >= seq).collect();
+        logs.sort_unstable();
+        if logs.first() != Some(&seq) {
+            logs.insert(0, seq);
+        }
+        let (mut log_seq, mut offset) = (seq, 0);
+        report.log_end = "no log".into();
+        for (i, s) in logs.iter().enumerate() {
+            let path = self.dir.join(wal_file_name(*s));
+            if !path.exists() {
+                continue;
+            }
+            let (words, len) = store::read_whole(&mut self.disk, self.checkpoint_bufs[0], &path)?;
+            let log = &bytemuck::cast_slice(&words)[..len];
+            let mut reader = Reader::new(log, *next_lsn);
+            for record in reader.by_ref() {
+                apply(tables, &record).map_err(|e| EngineError::Unrecoverable {
+                    what: format!("{} record {}", path.display(), record.lsn),
+                    reason: format!("it does not apply to the tables the catalog and the checkpoint make ({e}), so they disagree with the log"),
+                })?;
+                report.records_replayed += 1;
+            }
+            (*next_lsn, offset, log_seq) = (reader.next_lsn(), reader.resume_offset(), *s);
+            let stop = reader.stop().cloned().unwrap_or(Stop::End);
+            report.log_end = describe_stop(&wal_file_name(*s), &stop);
+            crate::crash::point("recovery.log_replayed");
+            if stop == Stop::End {
+                continue;
+            }
+            let later = &logs[i + 1..];
+            if let Some(why) = acknowledged_lost(log, &stop, *next_lsn, later.len()) {
+                self.refuse_or_accept(&format!("{} ({})", report.log_end, self.dir.display()), &why)?;
+                // Accepted: keep the damaged log whole beside the one whose tail is cut.
+                let aside = path.with_extension("log.damaged");
+                std::fs::copy(&path, &aside).map_err(|e| EngineError::Disk { op: "copy", path: aside.display().to_string(), reason: e.to_string() })?;
+            }
+            // Records from the stop on are not replayed. Later logs are set aside, so that
+            // records appended from here on can never be followed by their stale ones.
+            for later in later {
+                let path = self.dir.join(wal_file_name(*later));
+                let aside = path.with_extension("log.unreplayed");
+                tracing::warn!(shard = self.shard, "{}; {} is not replayed and is renamed {}", report.log_end, path.display(), aside.display());
+                std::fs::rename(&path, &aside).map_err(|e| EngineError::Disk { op: "rename", path: path.display().to_string(), reason: e.to_string() })?;
+            }
+            break;
+        }
+        Ok((log_seq, offset))
+    }
+
+    /// Refuses to recover past `what`, for `why`; or, on a server started to accept the loss,
+    /// says loudly what is lost and goes on.
+    fn refuse_or_accept(&self, what: &str, why: &str) -> Result<()> {
+        if !self.accept_loss {
+            return Err(EngineError::Unrecoverable { what: what.to_string(), reason: why.to_string() });
+        }
+        tracing::error!(shard = self.shard, what, why, "recovering past lost data, as --accept-data-loss allows");
+        Ok(())
     }
 
     /// Sequence numbers of the files in the shard's directory that `seq_of` recognises.
     fn list(&self, seq_of: fn(&str) -> Option<u64>) -> Vec<u64> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
         entries.flatten().filter_map(|e| e.file_name().to_str().and_then(seq_of)).collect()
+    }
+}
+
+/// How a log's replay ended, in words.
+fn describe_stop(file: &str, stop: &Stop) -> String {
+    match stop {
+        Stop::End => format!("{file} ended cleanly"),
+        Stop::Torn { offset, reason } => format!("{file} torn at byte {offset}: {reason}"),
+        Stop::Gap { offset, expected, found } => format!("{file} has LSN {found} at byte {offset} where {expected} was due"),
+    }
+}
+
+/// Why stopping a log's replay at `stop` (before LSN `due_lsn`, with `later_logs` logs after
+/// this one) would drop records that were acknowledged; `None` when the stop is a torn last
+/// commit, which nobody was told is durable.
+fn acknowledged_lost(log: &[u8], stop: &Stop, due_lsn: u64, later_logs: usize) -> Option<String> {
+    match stop {
+        Stop::End => None,
+        Stop::Gap { expected, found, .. } => {
+            Some(format!("records {expected} to {} are missing, and later ones are there", found.saturating_sub(1).max(*expected)))
+        }
+        Stop::Torn { .. } if later_logs > 0 => {
+            Some(format!("{later_logs} later log(s) follow it, and a log is started only once every record before it is durable"))
+        }
+        Stop::Torn { offset, .. } => acknowledged_after(log, *offset, due_lsn).map(|(at, lsn)| {
+            let lost = if lsn - 1 == due_lsn { format!("record {due_lsn} was") } else { format!("records {due_lsn} to {} were", lsn - 1) };
+            format!("record {lsn} at byte {at} belongs to a later commit, and a commit is written only once the one before it is durable, so {lost} acknowledged")
+        }),
     }
 }
 

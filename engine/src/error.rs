@@ -54,6 +54,8 @@ pub enum EngineError {
     LogBufferFull { bytes: usize, left: usize },
     #[error("{what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
+    #[error("cannot recover: {what}: {reason}. The server will not serve without data it was given: restore the file, or start with --accept-data-loss to serve what can be read (the rest is set aside, not deleted); `tessera checkpoint verify DATA_DIR` shows every problem")]
+    Unrecoverable { what: String, reason: String },
     #[error("replication range {range} is not held here now; ask its chain's tail (refresh the cluster configuration)")]
     RangeNotHeld { range: u32 },
     #[error("this connection holds no key list with hash {hash:#x} and {count} keys: send the keys again (key-list caching)")]

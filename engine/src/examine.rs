@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{ChunkHeader, Manifest, PartManifest};
 use crate::durable::{data_seq_of, wal_file_name, wal_seq_of};
 use crate::error::{EngineError, Result};
-use crate::wal::{Reader, RecordHeader, Stop, RECORD_HEADER_BYTES, WAL_MAGIC};
+use crate::wal::{acknowledged_after, Reader, RecordHeader, Stop, RECORD_HEADER_BYTES, WAL_MAGIC};
 use zerocopy::FromBytes;
 
 /// One shard directory, examined.
@@ -20,6 +20,9 @@ pub struct ShardDir {
     pub logs: Vec<LogCheck>,
     /// Data files no manifest names (left by a checkpoint that never committed).
     pub orphans: Vec<String>,
+    /// Where the files disagree with each other or with the catalog: each one a reason the
+    /// server would refuse to start (or, with `--accept-data-loss`, would lose data).
+    pub problems: Vec<String>,
 }
 
 /// One checkpoint: what its manifest says, and what was wrong with it, if anything.
@@ -44,13 +47,98 @@ pub struct LogCheck {
     pub end: String,
     /// False when the records stop at a torn or corrupt one, or at a gap.
     pub clean: bool,
+    /// The LSN of the last good record.
+    pub last_lsn: Option<u64>,
+    /// The tables the good records push to.
+    pub tables: Vec<u32>,
+    /// Where the records stop early, a good record of a later commit after the stop, as (byte
+    /// offset, LSN): proof that the records between were acknowledged, so the stop is damage,
+    /// not a commit the crash cut short.
+    pub later_commit: Option<(u64, u64)>,
 }
 
 impl ShardDir {
-    /// True when nothing is wrong: every checkpoint checks out and every log ends cleanly.
+    /// True when nothing is wrong: every checkpoint checks out, every log ends cleanly, and
+    /// the files agree with each other and with the catalog.
     pub fn ok(&self) -> bool {
-        self.checkpoints.iter().all(|c| c.problems.is_empty()) && self.logs.iter().all(|l| l.clean)
+        self.checkpoints.iter().all(|c| c.problems.is_empty()) && self.logs.iter().all(|l| l.clean) && self.problems.is_empty()
     }
+}
+
+/// Examines every shard directory of a data directory (or the one shard directory `root`), and
+/// checks them against each other and against the catalog (`root`'s, or its parent's for a
+/// shard directory): what `tessera checkpoint verify` reports.
+pub fn examine_data_dir(root: &Path) -> Result<Vec<ShardDir>> {
+    let dirs = shard_dirs(root)?;
+    let data_dir = if dirs.len() == 1 && dirs[0] == root { root.parent().unwrap_or(root) } else { root };
+    let catalog_path = data_dir.join(crate::server::CATALOG_FILE);
+    let catalog = match std::fs::read(&catalog_path) {
+        Ok(bytes) => serde_json::from_slice::<crate::server::CatalogFile>(&bytes).map_err(|e| format!("{} is unreadable: {e}", catalog_path.display())),
+        Err(e) => Err(format!("{} cannot be read ({e})", catalog_path.display())),
+    };
+    let mut shards = dirs.iter().map(|d| examine_shard(d)).collect::<Result<Vec<_>>>()?;
+    for shard in &mut shards {
+        check_log_chain(shard);
+        check_against_catalog(shard, catalog.as_ref().map(|c| c.tables.as_slice()));
+    }
+    Ok(shards)
+}
+
+/// Logs follow one another with no gap, from the LSN their checkpoint is exact at, and only the
+/// last may stop early, and only inside its last commit.
+fn check_log_chain(shard: &mut ShardDir) {
+    let manifests: Vec<&Manifest> = shard.checkpoints.iter().filter_map(|c| c.manifest.as_ref()).collect();
+    let mut problems = Vec::new();
+    let mut prev: Option<&LogCheck> = None;
+    for (i, log) in shard.logs.iter().enumerate() {
+        let seq = wal_seq_of(&log.file).expect("listed by its name");
+        let due = match (prev.and_then(|p| p.last_lsn), manifests.iter().find(|m| m.seq == seq)) {
+            (Some(last), _) => Some(last + 1),
+            (None, Some(m)) => Some(m.lsn + 1),
+            (None, None) => None,
+        };
+        if let (Some(due), Some(first)) = (due, log.first_lsn) {
+            if first != due {
+                problems.push(format!("{} starts at LSN {first} where {due} was due: records {due} to {} are missing", log.file, first.max(due + 1) - 1));
+            }
+        }
+        if !log.clean && i + 1 < shard.logs.len() {
+            problems.push(format!("{} stops early ({}) but later logs follow: the records after the stop were acknowledged", log.file, log.end));
+        }
+        if let Some((at, lsn)) = log.later_commit {
+            problems.push(format!("{} stops early ({}) but record {lsn} of a later commit follows at byte {at}: the records between were acknowledged", log.file, log.end));
+        }
+        prev = Some(log).filter(|l| l.last_lsn.is_some()).or(prev);
+    }
+    shard.problems.extend(problems);
+}
+
+/// Every table a checkpoint holds or a log pushes to is one the catalog names, as the same table.
+fn check_against_catalog(shard: &mut ShardDir, catalog: std::result::Result<&[tessera_replication::TableSpec], &String>) {
+    let mut problems = Vec::new();
+    let named = |table: u32| catalog.ok().and_then(|c| c.get(table as usize));
+    for m in shard.checkpoints.iter().filter_map(|c| c.manifest.as_ref()) {
+        for t in &m.tables {
+            match named(t.table) {
+                Some(spec) if *spec == t.spec => {}
+                Some(spec) => problems.push(format!(
+                    "checkpoint {} holds table {} as {:?}, but the catalog names table {} {spec:?}",
+                    m.seq, t.table, t.spec, t.table
+                )),
+                None => problems.push(format!("checkpoint {} holds table {} ({:?}), which the catalog does not name", m.seq, t.table, t.spec.name)),
+            }
+        }
+    }
+    for log in &shard.logs {
+        let unknown: Vec<u32> = log.tables.iter().copied().filter(|t| named(*t).is_none()).collect();
+        if !unknown.is_empty() {
+            problems.push(format!("{} pushes to table(s) {unknown:?}, which the catalog does not name", log.file));
+        }
+    }
+    if let (Err(why), false) = (catalog, problems.is_empty()) {
+        problems.insert(0, why.clone());
+    }
+    shard.problems.extend(problems);
 }
 
 /// The shard directories under `root`: `root` itself if it holds checkpoints or logs, else its
@@ -98,7 +186,7 @@ pub fn examine_shard(dir: &Path) -> Result<ShardDir> {
     let mut logs: Vec<u64> = names.iter().filter_map(|n| wal_seq_of(n)).collect();
     logs.sort_unstable();
     let logs = logs.into_iter().map(|s| check_log(&dir.join(wal_file_name(s)))).collect::<Result<_>>()?;
-    Ok(ShardDir { dir: dir.to_path_buf(), checkpoints, logs, orphans })
+    Ok(ShardDir { dir: dir.to_path_buf(), checkpoints, logs, orphans, problems: Vec::new() })
 }
 
 fn check_checkpoint(dir: &Path, seq: u64) -> CheckpointCheck {
@@ -154,8 +242,18 @@ fn check_log(path: &Path) -> Result<LogCheck> {
     // The first record names the LSN the log starts at.
     let first_lsn = RecordHeader::read_from_prefix(log).ok().map(|(h, _)| h).filter(|h| h.magic == WAL_MAGIC).map(|h| h.lsn);
     let mut reader = Reader::new(log, first_lsn.unwrap_or(1));
-    let records = reader.by_ref().count() as u64;
+    let mut tables = std::collections::BTreeSet::new();
+    let mut records = 0;
+    for record in reader.by_ref() {
+        tables.insert(record.table);
+        records += 1;
+    }
+    let last_lsn = (records > 0).then(|| reader.next_lsn() - 1);
     let stop = reader.stop().cloned().unwrap_or(Stop::End);
+    let later_commit = match &stop {
+        Stop::Torn { offset, .. } => acknowledged_after(log, *offset, reader.next_lsn()),
+        _ => None,
+    };
     let (end, clean) = match stop {
         Stop::End if first_lsn.is_none() && log.len() >= RECORD_HEADER_BYTES && log.iter().any(|b| *b != 0) => {
             ("the first record is unreadable".to_string(), false)
@@ -164,7 +262,7 @@ fn check_log(path: &Path) -> Result<LogCheck> {
         Stop::Torn { offset, reason } => (format!("record at byte {offset} is torn or corrupt: {reason}"), false),
         Stop::Gap { offset, expected, found } => (format!("record at byte {offset} has LSN {found} where {expected} was due"), false),
     };
-    Ok(LogCheck { file, bytes: len as u64, first_lsn, records, end, clean })
+    Ok(LogCheck { file, bytes: len as u64, first_lsn, records, end, clean, last_lsn, tables: tables.into_iter().collect(), later_commit })
 }
 
 /// A table part's clocks in short: the lowest and highest clock of each worker over its segments.

@@ -11,6 +11,7 @@
 //! - [`checkpoint`]: the checkpoint's chunk format and the manifest that names the chunks;
 //! - [`wal`]: the write-ahead log's record format, its commit batches and its replaying reader;
 //! - [`durable`]: one shard's log with group commit, its checkpoints and its recovery;
+//! - [`crash`]: named crash points, for tests that kill a server at an exact step;
 //! - [`examine`]: a data directory read offline, for `tessera checkpoint verify` and `inspect`;
 //! - [`updater`]: the server-side update functions (`sum`, `assign`, `sgd`, `adagrad`, `adam`, `ftrl`,
 //!   and user-defined ones through the [`updater::Updater`] trait);
@@ -26,6 +27,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod clock;
 pub mod config;
+pub mod crash;
 pub mod disk;
 pub mod durable;
 pub mod examine;

@@ -177,7 +177,9 @@ impl Server {
         };
         let mut server =
             Server { addr, stop: stop.clone(), shards, control_waker: control_ep.waker(), threads, recovery: Vec::new() };
+        crate::crash::point("startup.bound");
         control.recover()?;
+        crate::crash::point("startup.recovered");
         server.recovery.clone_from(&control.recovery);
         for spec in cfg.tables {
             control.create_table(spec)?;
@@ -242,15 +244,16 @@ impl Drop for Server {
 
 /// The catalog's file in the data directory: the tables, so that a restarted server makes the
 /// same ones (same ids, same parts) before its shards load their checkpoints.
-const CATALOG_FILE: &str = "catalog.json";
+pub const CATALOG_FILE: &str = "catalog.json";
 
 /// What the catalog file holds.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct CatalogFile {
-    servers: u32,
-    server_index: u32,
-    shards: u16,
-    tables: Vec<TableSpec>,
+pub struct CatalogFile {
+    pub servers: u32,
+    pub server_index: u32,
+    pub shards: u16,
+    /// Every table, its id its place in the list.
+    pub tables: Vec<TableSpec>,
 }
 
 /// The control plane's state, owned by the control thread.
@@ -269,7 +272,9 @@ struct ControlPlane {
 
 impl ControlPlane {
     /// Remakes the tables the catalog file names, then has every shard load its newest
-    /// checkpoint and replay its log. Says what was recovered.
+    /// checkpoint and replay its log. Says what was recovered. The catalog file is read, never
+    /// written: the tables it names are made in memory only, so a crash at any point of
+    /// recovery leaves the files as they were.
     fn recover(&mut self) -> Result<()> {
         let Some(path) = self.catalog_file.clone() else { return Ok(()) };
         let disk_err = |op, e: std::io::Error| EngineError::Disk { op, path: path.display().to_string(), reason: e.to_string() };
@@ -288,8 +293,10 @@ impl ControlPlane {
                         ),
                     });
                 }
+                crate::crash::point("recovery.catalog_read");
                 for spec in file.tables {
-                    self.create_table(spec)?;
+                    self.place_table(spec)?;
+                    crate::crash::point("recovery.table_made");
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -339,7 +346,10 @@ impl ControlPlane {
             let mut f = std::fs::File::create(&tmp)?;
             std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&file).expect("plain data"))?;
             f.sync_all()?;
-            std::fs::rename(&tmp, path)
+            crate::crash::point("catalog.written");
+            std::fs::rename(&tmp, path)?;
+            crate::crash::point("catalog.renamed");
+            Ok(())
         };
         write().map_err(|e| EngineError::Disk { op: "write", path: path.display().to_string(), reason: e.to_string() })?;
         crate::durable::sync_dir(dir)
@@ -359,12 +369,30 @@ impl ControlPlane {
         waiting.into_iter().enumerate().map(answer).collect()
     }
 
-    /// Creates `spec` on every shard, or on none: a failure drops the parts already made.
+    /// Creates `spec` on every shard, or on none, and records it in the catalog file: a failure
+    /// drops the parts already made.
     fn create_table(&mut self, spec: TableSpec) -> Result<TableEntry> {
         spec.validate().map_err(|e| EngineError::BadTable { name: spec.name.clone(), reason: e.to_string() })?;
         if let Some(existing) = self.catalog.tables.iter().find(|t| t.spec.name == spec.name) {
             return if existing.spec == spec { Ok(existing.clone()) } else { Err(EngineError::TableConflict { name: spec.name }) };
         }
+        let entry = self.place_table(spec)?;
+        crate::crash::point("table.parts_made");
+        if let Err(e) = self.save_catalog() {
+            // The table exists in memory; a restart would not know it. Say so, and undo.
+            self.catalog.tables.pop();
+            for part in &entry.parts {
+                let _ = self.send(part.shard, ShardControl::DropTable { id: entry.id });
+            }
+            return Err(e);
+        }
+        Ok(entry)
+    }
+
+    /// Makes `spec`'s parts on the shards (all, or none) and adds it to the catalog in memory,
+    /// under the next id.
+    fn place_table(&mut self, spec: TableSpec) -> Result<TableEntry> {
+        spec.validate().map_err(|e| EngineError::BadTable { name: spec.name.clone(), reason: e.to_string() })?;
         let updater = self.registry.build(&spec.updater)?;
         let id = self.catalog.tables.len() as u32;
         let parts = match &self.chain {
@@ -400,14 +428,6 @@ impl ControlPlane {
         let entry = TableEntry { id, spec, parts };
         tracing::info!(table = %entry.spec.name, id, parts = entry.parts.len(), "table created");
         self.catalog.tables.push(entry.clone());
-        if let Err(e) = self.save_catalog() {
-            // The table exists in memory; a restart would not know it. Say so, and undo.
-            self.catalog.tables.pop();
-            for part in &entry.parts {
-                let _ = self.send(part.shard, ShardControl::DropTable { id });
-            }
-            return Err(e);
-        }
         Ok(entry)
     }
 

@@ -529,9 +529,12 @@ pub type Placed = Option<(TableSpec, std::ops::Range<u64>, Arc<dyn Updater>)>;
 /// table the catalog (`placed`, by table id) does not place on this shard with the same spec and
 /// keys, since loading it would put data where the catalog says none belongs.
 pub fn part_for_checkpoint(m: &PartManifest, placed: &[Placed], shard: u16, cfg: &EngineConfig, arena: &mut Arena) -> Result<TablePart> {
-    let mismatch = |reason: String| EngineError::Corrupt { what: format!("the checkpoint's table {}", m.table), reason };
+    let mismatch = |reason: String| EngineError::Unrecoverable { what: format!("the checkpoint's table {} ({:?})", m.table, m.spec.name), reason };
     let Some(Some((spec, owned, updater))) = placed.get(m.table as usize) else {
-        return Err(mismatch(format!("the catalog places no table {} on shard {shard}", m.table)));
+        return Err(mismatch(format!(
+            "the catalog (catalog.json) places no table {} on shard {shard}, so the catalog and the checkpoint disagree (was catalog.json replaced, or lost?)",
+            m.table
+        )));
     };
     if *spec != m.spec || (owned.start, owned.end) != m.owned {
         return Err(mismatch(format!("it is {:?} over {:?}, the catalog has {spec:?} over {owned:?}", m.spec, m.owned)));

@@ -11,7 +11,8 @@
 //! record = header (48 bytes) + body (body_len bytes, zero-padded to 8)
 //!  0 magic u32 "TWAL"   4 crc32c u32 (of bytes 8.. of the header and the padded body)
 //!  8 lsn u64 (the shard's record number; each record's is the previous one's + 1)
-//! 16 kind u8  17 reserved [u8; 3]  20 table u32  24 worker u32  28 dim u32
+//! 16 kind u8  17 commit_index [u8; 3] (the record's place in its commit, little-endian)
+//! 20 table u32  24 worker u32  28 dim u32
 //! 32 clock u64  40 count u32 (keys)  44 body_len u32
 //! body: Push      count keys (u64) then count x dim values (f32)
 //!       PushRange start key (u64) then count x dim values (f32)
@@ -21,9 +22,13 @@
 //! the rest of its last page is zeros, so no write ever touches a page an earlier commit made
 //! durable (a torn rewrite could otherwise lose records already acknowledged). The reader walks
 //! records; at a zero magic it skips to the next page, and it stops at the first record that is
-//! torn, fails its checksum, or breaks the LSN sequence. Nothing after that point was
-//! acknowledged: a push is acknowledged only after an fsync that covers its record and every
-//! record before it.
+//! torn, fails its checksum, or breaks the LSN sequence. A push is acknowledged only after an
+//! fsync that covers its record and every record before it, and a commit is written only once
+//! the one before it is durable. So a stop inside the last commit is a write the crash
+//! interrupted, and nothing after it was acknowledged; but a good record of a *later* commit
+//! after the stop proves the stop is damage to records already acknowledged. Each record says
+//! its place in its commit (`commit_index`), which tells the two apart
+//! ([`acknowledged_after`]).
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -55,7 +60,9 @@ pub struct RecordHeader {
     pub crc: u32,
     pub lsn: u64,
     pub kind: u8,
-    pub reserved: [u8; 3],
+    /// The record's place in its commit (0 for the commit's first), little-endian: the commit
+    /// began at LSN `lsn - commit_index`.
+    pub commit_index: [u8; 3],
     pub table: u32,
     pub worker: u32,
     pub dim: u32,
@@ -106,8 +113,15 @@ impl Record<'_> {
     }
 
     /// Writes the record at the start of `out` (which must hold [`encoded_len`](Self::encoded_len)
-    /// bytes) and returns its length.
+    /// bytes), as the first of its commit, and returns its length.
     pub fn encode(&self, out: &mut [u8]) -> usize {
+        self.encode_in_commit(out, 0)
+    }
+
+    /// As [`encode`](Self::encode), for the record at place `commit_index` of its commit.
+    pub fn encode_in_commit(&self, out: &mut [u8], commit_index: u32) -> usize {
+        assert!(commit_index < COMMIT_RECORDS_MAX, "a commit holds at most {COMMIT_RECORDS_MAX} records");
+        let [i0, i1, i2, _] = commit_index.to_le_bytes();
         let len = self.encoded_len();
         let body_len = self.body_len();
         let (kind, count) = match self.target {
@@ -119,7 +133,7 @@ impl Record<'_> {
             crc: 0,
             lsn: self.lsn,
             kind: kind as u8,
-            reserved: [0; 3],
+            commit_index: [i0, i1, i2],
             table: self.table,
             worker: self.worker,
             dim: self.dim,
@@ -141,6 +155,36 @@ impl Record<'_> {
         out[4..8].copy_from_slice(&crc.to_le_bytes());
         len
     }
+}
+
+/// Records one commit may hold: its place in the commit must fit the header's 3 bytes.
+pub const COMMIT_RECORDS_MAX: u32 = 1 << 24;
+// The smallest record is a header and an 8-byte body, so no log buffer reaches the limit.
+const _: () = assert!((crate::config::WAL_BUFFER_BYTES_MAX / (RECORD_HEADER_BYTES + 8)) < COMMIT_RECORDS_MAX as usize);
+
+impl RecordHeader {
+    /// The LSN of the first record of this record's commit.
+    pub fn commit_first_lsn(&self) -> u64 {
+        let [i0, i1, i2] = self.commit_index;
+        self.lsn.saturating_sub(u64::from(u32::from_le_bytes([i0, i1, i2, 0])))
+    }
+}
+
+/// Where replay stopped at byte `stop_offset`, before the record due at LSN `due_lsn`: the first
+/// good record after that point that belongs to a later commit than the one the stop lies in,
+/// as (byte offset, LSN). `Some` proves that the commit holding the stop was durable, so its
+/// records were acknowledged and the stop is damage, not a write cut short by a crash. Scans
+/// every 8-byte boundary; a log is read once, at recovery or by `tessera checkpoint verify`.
+pub fn acknowledged_after(log: &[u8], stop_offset: u64, due_lsn: u64) -> Option<(u64, u64)> {
+    let start = usize::try_from(stop_offset).ok()?.checked_add(8)?.next_multiple_of(8);
+    (start..log.len().saturating_sub(RECORD_HEADER_BYTES - 1)).step_by(8).find_map(|at| {
+        let header = RecordHeader::read_from_bytes(&log[at..at + RECORD_HEADER_BYTES]).ok()?;
+        if header.magic != WAL_MAGIC || header.lsn <= due_lsn || header.commit_first_lsn() <= due_lsn {
+            return None;
+        }
+        // A header that checks out and whose record decodes whole.
+        Reader::new(&log[at..], header.lsn).next().map(|r| (at as u64, r.lsn))
+    })
 }
 
 /// Why a replay stopped before the end of the log bytes.
@@ -293,7 +337,8 @@ impl Batch {
         if self.len + need > buf.len() {
             return Err(EngineError::LogBufferFull { bytes: need, left: buf.len() - self.len });
         }
-        record.encode(&mut buf[self.len..]);
+        let index = u32::try_from(self.records).expect("a commit's records fit the buffer");
+        record.encode_in_commit(&mut buf[self.len..], index);
         self.len += need;
         self.records += 1;
         Ok(())

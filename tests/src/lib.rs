@@ -138,14 +138,20 @@ pub struct ServerProc {
 impl ServerProc {
     /// Starts `tessera server --listen 127.0.0.1:<free port> <args>` and waits until it serves.
     pub fn start(args: &[&str]) -> ServerProc {
+        ServerProc::start_env(args, &[]).unwrap_or_else(|log| panic!("tessera server {args:?} did not start:\n{log}"))
+    }
+
+    /// As [`ServerProc::start`], with `env` set in the server's environment; a server that exits
+    /// before it serves gives its exit status and log.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Result<ServerProc, String> {
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS_MAX {
             let addr = format!("127.0.0.1:{}", free_port());
-            match ServerProc::spawn(&addr, args) {
-                Ok(server) => return server,
+            match ServerProc::spawn_tool("server", &addr, args, env) {
+                Ok(server) => return Ok(server),
                 // Someone took the port between our probe and the bind: pick another.
                 Err(log) if log.contains("in use") => last = log,
-                Err(log) => panic!("tessera server {args:?} did not start:\n{log}"),
+                Err(log) => return Err(log),
             }
         }
         panic!("tessera server {args:?} did not start after {START_ATTEMPTS_MAX} ports:\n{last}");
@@ -158,22 +164,24 @@ impl ServerProc {
 
     /// Starts `tessera coordinator` on a given address.
     pub fn coordinator_at(addr: &str, args: &[&str]) -> ServerProc {
-        ServerProc::spawn_tool("coordinator", addr, args).unwrap_or_else(|log| panic!("tessera coordinator on {addr} {args:?} did not start:\n{log}"))
+        ServerProc::spawn_tool("coordinator", addr, args, &[]).unwrap_or_else(|log| panic!("tessera coordinator on {addr} {args:?} did not start:\n{log}"))
     }
 
     /// Spawns the server and waits for it to listen; on failure returns its log.
     fn spawn(addr: &str, args: &[&str]) -> Result<ServerProc, String> {
-        ServerProc::spawn_tool("server", addr, args)
+        ServerProc::spawn_tool("server", addr, args, &[])
     }
 
-    /// Spawns `tessera <tool> --listen addr <args>` and waits for it to listen.
-    fn spawn_tool(tool: &str, addr: &str, args: &[&str]) -> Result<ServerProc, String> {
+    /// Spawns `tessera <tool> --listen addr <args>`, with `env` added to its environment, and
+    /// waits for it to listen.
+    fn spawn_tool(tool: &str, addr: &str, args: &[&str], env: &[(&str, &str)]) -> Result<ServerProc, String> {
         let dir = ScratchDir::new("server");
         let log = dir.path().join("server.log");
         let err = File::create(&log).expect("create the server log");
         let child = Command::new(tessera_bin())
             .args([tool, "--listen", addr])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -223,6 +231,12 @@ impl ServerProc {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Waits up to `timeout` for the server to exit by itself; `None` (and it is killed) if it
+    /// did not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.child.wait_timeout(timeout)
     }
 
     /// True while the process runs.

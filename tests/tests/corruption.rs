@@ -1,7 +1,9 @@
 //! Damaged data directories: bit flips and torn writes injected into checkpoints and logs.
-//! `tessera checkpoint verify` must catch each one and say where; a server started on the
-//! damaged directory must recover exactly what the undamaged part allows, and say what it
-//! passed over.
+//! `tessera checkpoint verify` must catch each one and say where. A server started on the
+//! damaged directory recovers exactly what the undamaged part allows when that is every
+//! acknowledged push (a corrupt checkpoint the logs cover, a torn last commit), and says what it
+//! passed over; when acknowledged pushes could not be read, it refuses to start, names the
+//! damage, and changes nothing, unless started with `--accept-data-loss`.
 //!
 //! The history every case starts from, with one worker pushing 1.0 to every key of a dense `sum`
 //! table, its clock counting its pushes: 20 pushes, checkpoint 1, 20 pushes, checkpoint 2,
@@ -122,22 +124,122 @@ fn every_injected_corruption_is_caught_and_recovery_takes_the_right_path() {
         assert_eq!(n, all, "{what}: checkpoint 1 and the logs after it hold every push");
     }
 
-    // The newest log damaged: recovery replays it up to the damage and no further.
+    // The last commit cut in the middle of its record, as a crash mid-write leaves it: nobody
+    // was told push 60 is durable, so recovery replays up to it and goes on.
     let wal = |d: &Path| d.join("shard-000").join("wal-00000002.log");
-    let log_damage: [(&str, Damage, u64); 2] = [
-        // Push 50 is the tenth commit: a flipped bit in its values fails its checksum.
-        ("a bit flip in a record", |d| flip(&d.join("shard-000").join("wal-00000002.log"), 9 * PAGE + 100), 49),
-        // The last commit cut in the middle of its record, as a crash mid-write leaves it.
-        ("a torn last commit", |d| truncate(&d.join("shard-000").join("wal-00000002.log"), 19 * PAGE + 100), 59),
+    let copy = ScratchDir::new("corrupt-case");
+    copy_dir(pristine.path(), copy.path());
+    assert_eq!(std::fs::metadata(wal(copy.path())).unwrap().len(), PUSHES_PER_STEP * PAGE, "one page per commit");
+    truncate(&wal(copy.path()), 19 * PAGE + 100);
+    verify_catches(copy.path(), "STOPS EARLY");
+    let (n, log) = recovered(copy.path());
+    assert!(log.contains("torn at byte"), "a torn last commit: the server did not say where the log stopped:\n{log}");
+    assert_eq!(n, all - 1, "a torn last commit: recovery replays exactly the records before it");
+
+    // Push 50 is the tenth commit: a flipped bit in its values fails its checksum, and the ten
+    // commits after it prove it was acknowledged. The server refuses to start and names the
+    // damage, and changes no file; started to accept the loss, it serves the 49 pushes before
+    // the damage and keeps the damaged log whole beside the one it goes on with.
+    let copy = ScratchDir::new("corrupt-case");
+    copy_dir(pristine.path(), copy.path());
+    flip(&wal(copy.path()), 9 * PAGE + 100);
+    verify_catches(copy.path(), "record 51 of a later commit follows");
+    refused(copy.path(), "wal-00000002.log torn at byte 36864");
+    let (n, log) = recovered_accepting_loss(copy.path());
+    assert!(log.contains("recovering past lost data"), "the server did not say it lost data:\n{log}");
+    assert_eq!(n, 49, "recovery replays exactly the records before the damage");
+    let damaged = copy.path().join("shard-000").join("wal-00000002.log.damaged");
+    assert_eq!(std::fs::metadata(&damaged).map(|m| m.len()).ok(), Some(PUSHES_PER_STEP * PAGE), "the damaged log is kept whole");
+
+    // Files that disagree with each other: the server refuses, names the disagreement, and
+    // neither rewrites nor deletes anything; verify says the same.
+    let catalog = |d: &Path| d.join("catalog.json");
+    type Inconsistency = fn(&Path);
+    let inconsistencies: [(&str, Inconsistency, &str, &str); 4] = [
+        // What a crash during recovery left before recovery stopped rewriting the catalog.
+        (
+            "a catalog that lost a table",
+            |d| {
+                let text = std::fs::read_to_string(d.join("catalog.json")).unwrap();
+                let mut file: serde_json::Value = serde_json::from_str(&text).unwrap();
+                file["tables"] = serde_json::json!([]);
+                std::fs::write(d.join("catalog.json"), file.to_string()).unwrap();
+            },
+            "which the catalog does not name",
+            "the catalog (catalog.json) places no table 0",
+        ),
+        ("a lost catalog", |d| std::fs::remove_file(d.join("catalog.json")).unwrap(), "catalog.json cannot be read", "places no table 0"),
+        // Checkpoint 2 unreadable, and the log after checkpoint 1 gone: pushes 21 to 40 are
+        // nowhere.
+        (
+            "a corrupt checkpoint that no log covers",
+            |d| {
+                flip(&d.join("shard-000").join("MANIFEST-00000002"), 40);
+                std::fs::remove_file(d.join("shard-000").join("wal-00000001.log")).unwrap();
+            },
+            "checkpoint 2: CORRUPT",
+            "records 21 to 40 are missing",
+        ),
+        // A log removed between two others.
+        (
+            "a gap between logs",
+            |d| {
+                flip(&d.join("shard-000").join("MANIFEST-00000002"), 40);
+                truncate(&d.join("shard-000").join("wal-00000001.log"), 10 * PAGE);
+            },
+            "records 31 to 40 are missing",
+            "records 31 to 40 are missing",
+        ),
     ];
-    for (what, damage, want) in log_damage {
+    for (what, damage, verify_says, server_says) in inconsistencies {
         let copy = ScratchDir::new("corrupt-case");
         copy_dir(pristine.path(), copy.path());
-        assert_eq!(std::fs::metadata(wal(copy.path())).unwrap().len(), PUSHES_PER_STEP * PAGE, "one page per commit");
         damage(copy.path());
-        verify_catches(copy.path(), "STOPS EARLY");
-        let (n, log) = recovered(copy.path());
-        assert!(log.contains("torn at byte"), "{what}: the server did not say where the log stopped:\n{log}");
-        assert_eq!(n, want, "{what}: recovery replays exactly the records before the damage");
+        verify_catches(copy.path(), verify_says);
+        let before = listing(copy.path());
+        refused(copy.path(), server_says);
+        assert_eq!(listing(copy.path()), before, "{what}: the refused start changed the data directory");
+        assert!(catalog(copy.path()).exists() || what == "a lost catalog");
     }
+}
+
+/// Every file under `dir` with its contents.
+fn listing(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.path().is_dir() {
+            out.extend(listing(&entry.path()));
+        } else {
+            out.push((entry.path(), std::fs::read(entry.path()).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A server started on `dir` refuses to start, and its error says `needle`.
+#[track_caller]
+fn refused(dir: &Path, needle: &str) {
+    let d = dir.to_str().unwrap();
+    let args = ["--shards", "1", "--no-pin", "--durability", "wal", "--data-dir", d, "--checkpoint-interval-s", "0"];
+    match ServerProc::start_env(&args, &[]) {
+        Ok(srv) => panic!("the server started on a damaged directory:\n{}", srv.log()),
+        Err(log) => {
+            assert!(log.contains("cannot recover") && log.contains(needle), "the refusal does not say {needle:?}:\n{log}");
+            assert!(log.contains("--accept-data-loss"), "the refusal does not say what to do:\n{log}");
+            println!("refused as it should:\n{log}");
+        }
+    }
+}
+
+/// As [`recovered`], on a server started with `--accept-data-loss`.
+fn recovered_accepting_loss(dir: &Path) -> (u64, String) {
+    let d = dir.to_str().unwrap();
+    let srv = ServerProc::start(&["--shards", "1", "--no-pin", "--durability", "wal", "--data-dir", d, "--checkpoint-interval-s", "0", "--accept-data-loss"]);
+    let client = Client::connect(&[srv.addr()], ClientConfig::worker(1)).unwrap();
+    let table = client.table("t").unwrap();
+    let mut values = vec![0f32; KEYS as usize];
+    client.pull_range(&table, 0, &mut values).unwrap().wait().unwrap();
+    assert!(values.iter().all(|v| *v == values[0]), "keys disagree: {values:?}");
+    (values[0] as u64, srv.log())
 }

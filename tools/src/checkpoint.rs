@@ -98,7 +98,7 @@ fn now(connect: &str, secret: &SecretArgs) -> Result<()> {
 }
 
 fn examine_all(dir: &std::path::Path) -> Result<Vec<ShardDir>> {
-    examine::shard_dirs(dir)?.iter().map(|d| Ok(examine::examine_shard(d)?)).collect()
+    Ok(examine::examine_data_dir(dir)?)
 }
 
 fn print_verify(s: &ShardDir) {
@@ -114,11 +114,17 @@ fn print_verify(s: &ShardDir) {
     for l in &s.logs {
         let state = if l.clean { "ok" } else { "STOPS EARLY" };
         println!("  log {}: {state}: {} records from LSN {}, {}", l.file, l.records, l.first_lsn.map_or("-".into(), |n| n.to_string()), l.end);
-        if !l.clean {
-            println!("    recovery replays the {} records before that point and no further", l.records);
+        if !l.clean && l.later_commit.is_none() {
+            println!("    recovery replays the {} records before that point and no further (a commit the crash cut short)", l.records);
         }
     }
     s.orphans.iter().for_each(|o| println!("  {o}: named by no checkpoint (an interrupted one); unused"));
+    for p in &s.problems {
+        println!("  INCONSISTENT: {p}");
+    }
+    if !s.problems.is_empty() {
+        println!("    a server refuses to start on this directory (unless started with --accept-data-loss)");
+    }
 }
 
 fn print_inspect(s: &ShardDir) {

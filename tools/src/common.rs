@@ -182,6 +182,14 @@ pub struct EngineArgs {
     /// server takes by itself where io_uring is missing or disabled).
     #[arg(long)]
     pub disk_blocking: bool,
+    /// Start even when recovery finds acknowledged data it cannot read: a log damaged before
+    /// later commits, a gap between logs, a corrupt checkpoint no log covers, or a checkpoint
+    /// the catalog does not know. The server then serves what precedes the damage and keeps
+    /// what it could not replay beside it (`*.log.damaged`, `*.log.unreplayed`), never deleted.
+    /// Without it such a server refuses to start and names the damage; run `tessera checkpoint
+    /// verify DATA_DIR` first.
+    #[arg(long)]
+    pub accept_data_loss: bool,
     /// Keys of repeated key lists each shard remembers per connection, so a worker can send a
     /// list again by its hash (8 bytes a key; least recently used lists go first); 0 turns the
     /// cache off, and workers then send their keys every time.
@@ -205,6 +213,7 @@ impl EngineArgs {
         engine.checkpoint_interval_s = self.checkpoint_interval_s;
         engine.wal_buffer_bytes = self.wal_buffer_bytes;
         engine.disk_force_blocking = self.disk_blocking;
+        engine.recovery_accept_loss = self.accept_data_loss;
         engine.key_cache_keys = self.key_cache_keys;
         let transport = TransportConfig {
             frame_bytes_max: self.frame_bytes_max,

@@ -312,9 +312,11 @@ fn commit_manifest(disk: &mut Disk, buf: BufId, dir: &Path, manifest: &Manifest)
     let result = result.and_then(|()| run(disk, &[Op::Sync { file }]));
     disk.close_file(file)?;
     result?;
+    crate::crash::point("checkpoint.manifest_written");
     let path = dir.join(Manifest::file_name(manifest.seq));
     let io = |op, e: std::io::Error| EngineError::Disk { op, path: dir.display().to_string(), reason: e.to_string() };
     std::fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
+    crate::crash::point("checkpoint.manifest_renamed");
     crate::durable::sync_dir(dir)
 }
 
@@ -333,13 +335,16 @@ fn read(disk: &mut Disk, buf: BufId, file: FileId, offset: u64, len: usize) -> R
 
 /// The newest checkpoint in `dir` whose manifest and chunks all check out, loaded into parts
 /// `build` makes (fresh, for the manifest's table); `Ok(None)` if there is none. Every checkpoint
-/// passed over is reported through `skipped` with the reason.
+/// passed over is reported through `skipped` with the reason. A checkpoint that checks out but
+/// disagrees with the catalog (`build` says [`EngineError::Unrecoverable`]) is not passed over
+/// unless `accept_loss`: the catalog, not the checkpoint, is what is wrong.
 pub fn load_newest(
     disk: &mut Disk,
     buf: BufId,
     dir: &Path,
     build: &mut dyn FnMut(&PartManifest) -> Result<TablePart>,
     skipped: &mut dyn FnMut(u64, &EngineError),
+    accept_loss: bool,
 ) -> Result<Option<(Manifest, Vec<TablePart>)>> {
     let io = |e: std::io::Error| EngineError::Disk { op: "list", path: dir.display().to_string(), reason: e.to_string() };
     let mut seqs: Vec<u64> = std::fs::read_dir(dir)
@@ -350,6 +355,7 @@ pub fn load_newest(
     for seq in seqs {
         match load(disk, buf, dir, seq, build) {
             Ok(found) => return Ok(Some(found)),
+            Err(e @ EngineError::Unrecoverable { .. }) if !accept_loss => return Err(e),
             Err(e) => skipped(seq, &e),
         }
     }

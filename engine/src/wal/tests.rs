@@ -162,3 +162,62 @@ fn a_record_with_the_last_lsn_is_refused_not_overflowed() {
     let stop = reader.stop().cloned().unwrap();
     assert!(matches!(stop, Stop::Torn { offset, ref reason } if offset == starts[1] as u64 && reason.contains("no room")), "{stop:?}");
 }
+
+/// Where replay stops, and what [`acknowledged_after`] finds after that point.
+fn stop_and_later(log: &[u64]) -> (Stop, Option<(u64, u64)>) {
+    let mut reader = Reader::new(log.as_bytes(), 1);
+    reader.by_ref().for_each(drop);
+    let stop = reader.stop().cloned().expect("a finished walk says why");
+    let later = match &stop {
+        Stop::Torn { offset, .. } => acknowledged_after(log.as_bytes(), *offset, reader.next_lsn()),
+        _ => None,
+    };
+    (stop, later)
+}
+
+#[test]
+fn damage_before_a_later_commit_is_told_apart_from_a_torn_last_commit() {
+    let commits = vec![
+        vec![range_record(1, 0, &[1.0; 8]), range_record(2, 8, &[2.0; 8]), range_record(3, 0, &[3.0])],
+        vec![range_record(4, 0, &[4.0; 2000]), range_record(5, 0, &[5.0]), range_record(6, 0, &[6.0])],
+    ];
+    let (log, starts) = log_of(&commits);
+    // Each record knows its place in its commit.
+    let first_of = |at: usize| RecordHeader::read_from_bytes(&log.as_bytes()[at..at + RECORD_HEADER_BYTES]).unwrap().commit_first_lsn();
+    assert_eq!(starts.iter().map(|at| first_of(*at)).collect::<Vec<_>>(), vec![1, 1, 1, 4, 4, 4]);
+    assert_eq!(stop_and_later(&log), (Stop::End, None));
+
+    // A bit flip in record 2: commit 1 was durable before commit 2 was written, so record 4
+    // proves records 2 and 3 were acknowledged.
+    let mut damaged = log.clone();
+    bytes(&mut damaged)[starts[1] + 60] ^= 1;
+    let (stop, later) = stop_and_later(&damaged);
+    assert!(matches!(stop, Stop::Torn { .. }), "{stop:?}");
+    assert_eq!(later, Some((starts[3] as u64, 4)));
+
+    // The last commit torn (any of its pages lost, or a record in it flipped): records after
+    // the damage belong to the same commit, which was never durable, so nothing is proven lost.
+    for lost_page in starts[3] / PAGE..log.len() * 8 / PAGE {
+        let mut torn = log.clone();
+        bytes(&mut torn)[lost_page * PAGE..(lost_page + 1) * PAGE].fill(0);
+        let (stop, later) = stop_and_later(&torn);
+        assert!(matches!(stop, Stop::Torn { .. } | Stop::End), "page {lost_page} lost: {stop:?}");
+        assert_eq!(later, None, "page {lost_page} lost");
+    }
+    let mut flipped = log.clone();
+    bytes(&mut flipped)[starts[3] + 100] ^= 1;
+    assert_eq!(stop_and_later(&flipped).1, None, "records 5 and 6 share the torn commit");
+
+    // A log written before records said their place (every commit_index 0) still proves loss
+    // by any good record past the stop.
+    let mut old = damaged.clone();
+    for at in &starts[3..] {
+        let b = bytes(&mut old);
+        b[*at + 17..*at + 20].fill(0);
+        let h = RecordHeader::read_from_bytes(&b[*at..*at + RECORD_HEADER_BYTES]).unwrap();
+        let len = RECORD_HEADER_BYTES + (h.body_len as usize).next_multiple_of(8);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[*at + 8..*at + RECORD_HEADER_BYTES]), &b[*at + RECORD_HEADER_BYTES..*at + len]);
+        b[*at + 4..*at + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+    assert_eq!(stop_and_later(&old).1, Some((starts[3] as u64, 4)));
+}

@@ -111,7 +111,7 @@ fn checkpoints_round_trip_and_later_ones_write_only_what_changed() {
 
         let mut skipped = Vec::new();
         let (m, mut loaded) =
-            load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string()))).unwrap().unwrap();
+            load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string())), false).unwrap().unwrap();
         assert!(skipped.is_empty(), "{skipped:?}");
         assert_eq!((m.seq, m.lsn), (2, 20));
         let (mut ld, mut ls) = (loaded.remove(0), loaded.remove(0));
@@ -143,7 +143,7 @@ fn a_corrupt_chunk_or_manifest_falls_back_to_the_previous_checkpoint_and_says_wh
 
     let mut skipped = Vec::new();
     let (m, mut loaded) =
-        load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string()))).unwrap().unwrap();
+        load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string())), false).unwrap().unwrap();
     assert_eq!(m.seq, 1);
     assert_eq!(skipped.len(), 1);
     assert_eq!(skipped[0].0, 2);
@@ -156,7 +156,7 @@ fn a_corrupt_chunk_or_manifest_falls_back_to_the_previous_checkpoint_and_says_wh
     let m1_bytes = std::fs::read(&m1_path).unwrap();
     std::fs::write(&m1_path, &m1_bytes[..4096]).unwrap();
     let mut skipped = Vec::new();
-    let none = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string()))).unwrap();
+    let none = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string())), false).unwrap();
     assert!(none.is_none());
     assert_eq!(skipped.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 1], "{skipped:?}");
 }
@@ -166,7 +166,7 @@ fn an_empty_directory_has_no_checkpoint_and_a_leftover_temporary_is_ignored() {
     let dir = TempDir::new("ckpt-empty");
     let mut disk = disk(false);
     std::fs::write(dir.0.join("MANIFEST-00000009.tmp"), b"half written").unwrap();
-    let found = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("skipped {seq}: {e}")).unwrap();
+    let found = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("skipped {seq}: {e}"), false).unwrap();
     assert!(found.is_none());
 }
 
@@ -204,14 +204,14 @@ fn pushes_while_a_checkpoint_is_written_do_not_reach_it_and_the_next_one_takes_t
         assert_ne!(now, at_1);
 
         // The checkpoint holds the state when it began.
-        let (_, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("{seq}: {e}")).unwrap().unwrap();
+        let (_, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("{seq}: {e}"), false).unwrap().unwrap();
         let (mut ld, mut ls) = (loaded.remove(0), loaded.remove(0));
         assert_eq!(observe(&mut ld, &mut ls), at_1);
 
         // The next checkpoint takes what was pushed meanwhile.
         let (_, w2) = write(&mut disk, BUFS, &dir.0, 2, 20, "wal-00000002.log", 0, &mut [&mut d, &mut s], Some(&m1)).unwrap();
         assert!(w2.chunks_written > 0 && w2.chunks_copied == 0, "{w2:?}");
-        let (m, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("{seq}: {e}")).unwrap().unwrap();
+        let (m, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("{seq}: {e}"), false).unwrap().unwrap();
         assert_eq!(m.seq, 2);
         let (mut ld, mut ls) = (loaded.remove(0), loaded.remove(0));
         assert_eq!(observe(&mut ld, &mut ls), now);
@@ -241,7 +241,7 @@ fn an_abandoned_checkpoint_leaves_its_chunks_for_the_next() {
     taking.abandon(&mut disk, &mut parts);
     assert!(parts.iter().all(|p| !p.snapshotting()));
     let (_, w3) = write(&mut disk, BUFS, &dir.0, 3, 30, "wal-00000003.log", 0, &mut [&mut d, &mut s], Some(&m1)).unwrap();
-    let (m, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("{seq}: {e}")).unwrap().unwrap();
+    let (m, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| panic!("{seq}: {e}"), false).unwrap().unwrap();
     assert_eq!(m.seq, 3);
     let (mut ld, mut ls) = (loaded.remove(0), loaded.remove(0));
     assert_eq!(observe(&mut ld, &mut ls), observe(&mut d, &mut s), "{w3:?}");
