@@ -7,12 +7,9 @@
 //! The modules, from the bottom up:
 //! - [`config`]: every knob and limit, with defaults, units and validation;
 //! - [`arena`]: pinned memory regions (memmap2, populated, huge pages and mlock where allowed);
-//! - [`disk`]: O_DIRECT file I/O on the shard's own io_uring ring (pwrite/fsync where there is none);
-//! - [`checkpoint`]: the checkpoint's chunk format and the manifest that names the chunks;
-//! - [`wal`]: the write-ahead log's record format, its commit batches and its replaying reader;
-//! - [`durable`]: one shard's log with group commit, its checkpoints and its recovery;
+//! - [`persist`]: everything on disk: O_DIRECT I/O on the shard's own io_uring ring, the
+//!   write-ahead log, checkpoints, recovery, and the offline examination of a data directory;
 //! - [`crash`]: named crash points, for tests that kill a server at an exact step;
-//! - [`examine`]: a data directory read offline, for `tessera checkpoint verify` and `inspect`;
 //! - [`updater`]: the server-side update functions (`sum`, `assign`, `sgd`, `adagrad`, `adam`, `ftrl`,
 //!   and user-defined ones through the [`updater::Updater`] trait);
 //! - [`clock`]: vector-clock stamps over key ranges, which split and merge;
@@ -24,22 +21,18 @@
 
 pub mod arena;
 pub mod chain;
-pub mod checkpoint;
 pub mod clock;
 pub mod config;
 pub mod crash;
-pub mod disk;
-pub mod durable;
-pub mod examine;
 pub mod error;
 pub mod metrics;
+pub mod persist;
 pub mod server;
 pub mod shard;
 pub mod table;
 #[cfg(test)]
 mod test_support;
 pub mod updater;
-pub mod wal;
 
 pub use config::EngineConfig;
 pub use error::{EngineError, Result};

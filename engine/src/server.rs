@@ -20,9 +20,9 @@ use tessera_transport::{select, Dialer, Op, TransportError, RdmaConfig, Reply, R
 
 use crate::chain::outbox::Outbox;
 use crate::chain::{ChainShard, Identity, Locator};
-use crate::checkpoint::store::Written;
+use crate::persist::checkpoint::store::Written;
 use crate::config::{Durability, EngineConfig};
-use crate::durable::RecoveryReport;
+use crate::persist::durable::RecoveryReport;
 use crate::error::{EngineError, Result};
 use crate::shard::{Shard, ShardControl, ShardStats};
 use crate::updater::UpdaterRegistry;
@@ -352,7 +352,7 @@ impl ControlPlane {
             Ok(())
         };
         write().map_err(|e| EngineError::Disk { op: "write", path: path.display().to_string(), reason: e.to_string() })?;
-        crate::durable::sync_dir(dir)
+        crate::persist::disk::sync_dir(dir)
     }
 
     /// Has every shard take a checkpoint now, all at once; what each wrote.

@@ -20,15 +20,15 @@ use tessera_replication::protocol::ClusterConfig;
 
 use crate::arena::Arena;
 use crate::chain::ChainShard;
-use crate::checkpoint::store::Written;
-use crate::checkpoint::PartManifest;
+use crate::persist::checkpoint::store::Written;
+use crate::persist::checkpoint::PartManifest;
 use crate::config::EngineConfig;
-use crate::durable::{DiskStats, RecoveryReport, ShardDisk};
+use crate::persist::durable::{DiskStats, RecoveryReport, ShardDisk};
 use crate::error::{EngineError, Result};
 use crate::metrics::ShardMetrics;
 use crate::table::{PartStats, TablePart};
 use crate::updater::Updater;
-use crate::wal::{Record, Target};
+use crate::persist::wal::{Record, Target};
 
 /// Longest a replicated shard's loop sleeps: the replica's clock ticks at least this often.
 const CHAIN_TURN: std::time::Duration = std::time::Duration::from_millis(2);

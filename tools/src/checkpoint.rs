@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use tessera_client::Client;
-use tessera_engine::examine::{self, ShardDir};
+use tessera_engine::persist::examine::{self, ShardDir};
 
 use crate::common::{addresses, SecretArgs};
 

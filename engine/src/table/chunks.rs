@@ -1,4 +1,4 @@
-//! A table part's state as checkpoint chunks ([`crate::checkpoint`] has the on-disk format), and
+//! A table part's state as checkpoint chunks ([`crate::persist::checkpoint`] has the on-disk format), and
 //! which chunks pushes changed since the last checkpoint.
 //!
 //! Chunks cut the part by slot: a dense part's keys (offsets from its start), a sparse part's

@@ -15,10 +15,10 @@
 //! spec and range; anything else is refused before memory is mapped.
 
 use tessera_engine::arena::Arena;
-use tessera_engine::checkpoint::store::{self, ChunkSource, Taking};
-use tessera_engine::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_MAGIC};
+use tessera_engine::persist::checkpoint::store::{self, ChunkSource, Taking};
+use tessera_engine::persist::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_MAGIC};
 use tessera_engine::config::{CHECKPOINT_BUFFER_BYTES, IO_ALIGN_BYTES};
-use tessera_engine::disk::{BufId, Disk, DiskConfig};
+use tessera_engine::persist::disk::{BufId, Disk, DiskConfig};
 use tessera_engine::shard::{part_for_checkpoint, Placed};
 use tessera_engine::table::TablePart;
 use tessera_engine::{EngineConfig, EngineError, Result, UpdaterRegistry};

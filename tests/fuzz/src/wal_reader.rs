@@ -1,4 +1,4 @@
-//! The write-ahead log's replaying reader ([`tessera_engine::wal::Reader`]).
+//! The write-ahead log's replaying reader ([`tessera_engine::persist::wal::Reader`]).
 //!
 //! Two kinds of input, by the first byte's low bit:
 //! - **raw** (0): a u64 first LSN, then the log's bytes as they are. Whatever the reader returns
@@ -9,7 +9,7 @@
 //!   never a damaged record, never one out of order.
 
 use tessera_engine::config::IO_ALIGN_BYTES;
-use tessera_engine::wal::{Batch, Reader, Record, Stop, Target, RECORD_HEADER_BYTES};
+use tessera_engine::persist::wal::{Batch, Reader, Record, Stop, Target, RECORD_HEADER_BYTES};
 use zerocopy::IntoBytes;
 
 use crate::{Input, Output, Seed};

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::{ChunkHeader, Manifest, PartManifest};
-use crate::durable::{data_seq_of, wal_file_name, wal_seq_of};
+use crate::persist::checkpoint::{ChunkHeader, Manifest, PartManifest};
+use crate::persist::durable::{data_seq_of, wal_file_name, wal_seq_of};
 use crate::error::{EngineError, Result};
-use crate::wal::{acknowledged_after, Reader, RecordHeader, Stop, RECORD_HEADER_BYTES, WAL_MAGIC};
+use crate::persist::wal::{acknowledged_after, Reader, RecordHeader, Stop, RECORD_HEADER_BYTES, WAL_MAGIC};
 use zerocopy::FromBytes;
 
 /// One shard directory, examined.

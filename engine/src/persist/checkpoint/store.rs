@@ -14,9 +14,9 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_HEADER_BYTES, MANIFEST_VERSION};
+use crate::persist::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_HEADER_BYTES, MANIFEST_VERSION};
 use crate::config::IO_ALIGN_BYTES;
-use crate::disk::{BufId, Disk, FileId, Op};
+use crate::persist::disk::{BufId, Disk, FileId, Op};
 use crate::error::{EngineError, Result};
 use crate::table::TablePart;
 
@@ -317,7 +317,7 @@ fn commit_manifest(disk: &mut Disk, buf: BufId, dir: &Path, manifest: &Manifest)
     let io = |op, e: std::io::Error| EngineError::Disk { op, path: dir.display().to_string(), reason: e.to_string() };
     std::fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
     crate::crash::point("checkpoint.manifest_renamed");
-    crate::durable::sync_dir(dir)
+    crate::persist::disk::sync_dir(dir)
 }
 
 /// Submits `ops` as one chain and waits for it.

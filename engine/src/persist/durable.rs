@@ -2,7 +2,7 @@
 //! commit, its checkpoints, and its recovery at start-up.
 //!
 //! A shard's directory (`DATA_DIR/shard-NNN/`) holds:
-//! - `MANIFEST-NNNNNNNN` and `data-NNNNNNNN.ckpt`: checkpoints ([`checkpoint`](crate::checkpoint));
+//! - `MANIFEST-NNNNNNNN` and `data-NNNNNNNN.ckpt`: checkpoints ([`checkpoint`](crate::persist::checkpoint));
 //! - `wal-NNNNNNNN.log`: the log that follows checkpoint NNNNNNNN (`wal-00000000.log` follows the
 //!   empty start). Its first record's LSN is that checkpoint's `lsn + 1`.
 //!
@@ -24,16 +24,16 @@
 //! it after the previous checkpoint's) and the next one takes a new number.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::store::{self, Parts, Taking, Written};
-use crate::checkpoint::{Manifest, PartManifest};
+use crate::persist::checkpoint::store::{self, Parts, Taking, Written};
+use crate::persist::checkpoint::{Manifest, PartManifest};
 use crate::config::{Durability, EngineConfig, CHECKPOINT_BUFFER_BYTES, IO_ALIGN_BYTES};
-use crate::disk::{BufId, Disk, DiskConfig, Done, FileId, Op};
+use crate::persist::disk::{sync_dir, BufId, Disk, DiskConfig, Done, FileId, Op};
 use crate::error::{EngineError, Result};
 use crate::table::TablePart;
-use crate::wal::{acknowledged_after, Batch, Reader, Record, Stop, Target};
+use crate::persist::wal::{acknowledged_after, Batch, Reader, Record, Stop, Target};
 
 /// Submission-queue entries of a shard's ring: a log commit and a checkpoint's chains.
 const RING_ENTRIES: u32 = 64;
@@ -643,13 +643,6 @@ fn apply(tables: &mut [Option<TablePart>], r: &Record<'_>) -> Result<()> {
         Target::Keys(keys) => part.push(keys, r.values, r.worker, r.clock).map(drop),
         Target::Range { start } => part.push_range(start, r.count(), r.values, r.worker, r.clock).map(drop),
     }
-}
-
-/// Makes a directory's entries (a rename, a new file) durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| EngineError::Disk { op: "fsync", path: dir.display().to_string(), reason: e.to_string() })
 }
 
 /// The log that follows checkpoint `seq`.

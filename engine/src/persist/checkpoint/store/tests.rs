@@ -6,7 +6,7 @@ use tessera_replication::{TableKind, TableSpec};
 
 use super::*;
 use crate::arena::Arena;
-use crate::disk::DiskConfig;
+use crate::persist::disk::DiskConfig;
 use crate::test_support::TempDir;
 use crate::updater::UpdaterRegistry;
 use crate::EngineConfig;

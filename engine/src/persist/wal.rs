@@ -322,7 +322,7 @@ impl<'a> Iterator for Reader<'a> {
 }
 
 /// Appends records into a page-aligned buffer; [`seal`](Self::seal) pads the commit to whole
-/// pages. The buffer is the caller's (a [`Disk`](crate::disk::Disk) buffer in the server).
+/// pages. The buffer is the caller's (a [`Disk`](crate::persist::disk::Disk) buffer in the server).
 #[derive(Debug, Default)]
 pub struct Batch {
     /// Bytes used.
