@@ -220,7 +220,8 @@ mod tests {
     #[test]
     fn the_defaults_are_valid_and_each_connection_limit_is_checked() {
         TransportConfig::default().validate().expect("the defaults");
-        let cases: [(&str, fn(&mut TransportConfig)); 5] = [
+        type Break = fn(&mut TransportConfig);
+        let cases: [(&str, Break); 5] = [
             ("frame_timeout_ms", |c| c.frame_timeout_ms = 0),
             ("frame_bytes_per_s_min", |c| c.frame_bytes_per_s_min = 10),
             ("connections_per_peer_max", |c| c.connections_per_peer_max = 0),
