@@ -1216,6 +1216,69 @@ mod tests {
         found
     }
 
+    /// A greeted server-side connection over loopback, last heard from `quiet_ms` ago.
+    fn greeted_conn(census: &Arc<Census>, cfg: &TransportConfig, quiet_ms: u64) -> (Conn, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = std::net::TcpStream::connect(listener.local_addr().expect("an address")).expect("connect");
+        let (stream, peer) = listener.accept().expect("accept");
+        let then = Instant::now() - Duration::from_millis(quiet_ms);
+        let conn = Conn {
+            id: ConnId(1),
+            stream: TcpStream::from_std(stream),
+            peer,
+            reader: FrameReader::new(cfg.frame_bytes_max, cfg.read_chunk_bytes),
+            inflater: Inflater::default(),
+            deflater: Deflater::default(),
+            out: OutQueue::default(),
+            greeted: true,
+            challenge: None,
+            accepted_at: then,
+            closing: None,
+            stalled_since: None,
+            heard_at: then,
+            frame_since: None,
+            rdma: false,
+            _open: census.admit(peer.ip(), cfg).ok().expect("under the limits"),
+        };
+        (conn, client)
+    }
+
+    #[test]
+    fn a_quiet_connection_is_idle_unless_it_carries_rdma_waits_for_a_reply_or_the_deadline_is_off() {
+        let census = Arc::new(Census::default());
+        let cfg = TransportConfig { idle_timeout_ms: 1_000, ..TransportConfig::default() };
+        let now = Instant::now();
+        let (fresh, _c1) = greeted_conn(&census, &cfg, 10);
+        assert_eq!(fresh.overdue(&cfg, now), None);
+        let (mut quiet, _c2) = greeted_conn(&census, &cfg, 2_000);
+        assert!(quiet.overdue(&cfg, now).is_some_and(|r| r.contains("--client-idle-timeout-ms")));
+        quiet.rdma = true;
+        assert_eq!(quiet.overdue(&cfg, now), None, "an RDMA worker's TCP connection carries nothing");
+        quiet.rdma = false;
+        queue(&mut quiet.out, 1, None);
+        assert_eq!(quiet.overdue(&cfg, now), None, "a reply waits to be read");
+        quiet.out = OutQueue::default();
+        let off = TransportConfig { idle_timeout_ms: 0, ..cfg.clone() };
+        assert_eq!(quiet.overdue(&off, now), None);
+    }
+
+    #[test]
+    fn the_census_caps_each_peer_and_forgets_a_peer_with_nothing_open() {
+        let census = Arc::new(Census::default());
+        let cfg = TransportConfig { connections_per_peer_max: 2, connections_max: 3, ..TransportConfig::default() };
+        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let held = [census.admit(a, &cfg).ok(), census.admit(a, &cfg).ok()];
+        assert!(held.iter().all(Option::is_some));
+        assert!(matches!(census.admit(a, &cfg), Err(Refusal::Peer)));
+        let other = census.admit(b, &cfg).ok().expect("another peer");
+        assert!(matches!(census.admit(b, &cfg), Err(Refusal::Total)));
+        assert_eq!(census.total.load(Ordering::Relaxed), 3, "a refusal leaves the counts as they were");
+        drop(held);
+        drop(other);
+        assert_eq!(census.total.load(Ordering::Relaxed), 0);
+        assert!(census.per_peer.lock().expect("the map").is_empty());
+    }
+
     #[test]
     fn replies_held_for_a_failed_log_become_errors_and_the_rest_stay_as_they_were() {
         let mut out = OutQueue::default();
