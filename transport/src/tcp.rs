@@ -33,6 +33,8 @@ const WATCHED: Token = Token(usize::MAX);
 /// A descriptor the service sleeps on through this endpoint (its disk ring's eventfd).
 const SERVICE_WATCHED: Token = Token(usize::MAX - 1);
 const FIRST_CONN: usize = 2;
+/// Readiness events taken from one poll; more wait for the next.
+const EVENTS_MAX: usize = 256;
 /// How often an endpoint looks for late hellos, stalled peers, slow frames and idle connections.
 const SWEEP_GAP: Duration = Duration::from_millis(100);
 /// Connections waiting in a shard's hand-off channel before new ones are refused.
@@ -368,7 +370,7 @@ impl TcpEndpoint {
         Ok(Self {
             role,
             poll,
-            events: Some(Events::with_capacity(256)),
+            events: Some(Events::with_capacity(EVENTS_MAX)),
             waker,
             listener,
             doors: Vec::new(),
@@ -644,6 +646,9 @@ impl ShardTransport for TcpEndpoint {
             self.events = Some(events);
             return if e.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(e.into()) };
         }
+        // With every event slot used, some connection may have bytes waiting that this poll did
+        // not read: the deadlines are checked after a poll that saw everything.
+        let saw_all = events.iter().count() < EVENTS_MAX;
         for event in events.iter() {
             match event.token() {
                 LISTENER => self.accept_all(),
@@ -665,7 +670,9 @@ impl ShardTransport for TcpEndpoint {
         }
         self.driving.clear();
         self.release_held(service);
-        self.sweep(service);
+        if saw_all {
+            self.sweep(service);
+        }
         Ok(())
     }
 
