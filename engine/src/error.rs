@@ -26,7 +26,7 @@ pub enum EngineError {
     WorkerOutOfRange { worker: u32, workers_max: usize },
     #[error("clock {clock} is over the limit of {max}; clocks count iterations")]
     ClockTooLarge { clock: u64, max: u64 },
-    #[error("range {range:?} has split into {segments_max} clock segments, the limit (--clock-segments-max)")]
+    #[error("range {range:?} has split into {segments_max} clock segments, the limit (raise the server's --clock-segments-max)")]
     ClockSegmentsFull { range: Range<u64>, segments_max: usize },
     #[error("sparse table {table} is full ({capacity} keys on this shard); raise its capacity")]
     SparseTableFull { table: u32, capacity: usize },

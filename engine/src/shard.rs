@@ -410,6 +410,13 @@ impl Shard {
                 part.pull_range(h.start, h.count as usize, values);
                 part.stamp_into(span, stamp);
             }
+            Some(op @ (Op::Replicate | Op::WorkerPush)) => {
+                return Err(EngineError::BadRequest {
+                    reason: format!(
+                        "{op:?} is chain replication, and this server is not replicated (it was started without --coordinator or --etcd); push to it with Push or PushRange"
+                    ),
+                })
+            }
             _ => {
                 return Err(EngineError::BadRequest {
                     reason: format!("op {} is a control request; send it on a control connection", h.op),

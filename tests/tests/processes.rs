@@ -246,3 +246,18 @@ fn a_server_killed_mid_pipeline_fails_the_client_quickly() {
     }
     assert!(started.elapsed() < ERROR_WITHIN);
 }
+
+#[test]
+fn bench_pushes_as_the_worker_its_flag_names() {
+    let server = ServerProc::start(&["--shards", "1", "--workers-max", "2"]);
+    let bench = |worker: &str| {
+        let args = ["bench", "--connect", server.addr(), "--worker", worker, "--sizes", "8", "--ops", "push", "--seconds", "0.1", "--iters-max", "20"];
+        run_tool(&args, TOOL_TIMEOUT)
+    };
+    let second = bench("1");
+    assert!(second.status.success(), "worker 1 of 2 must be served:\n{}", second.stderr);
+    // Worker 2 is over the table's limit: the refusal proves the id went on the wire.
+    let over = bench("2");
+    assert!(!over.status.success(), "worker 2 of 2 was served:\n{}", over.stdout);
+    assert!(over.stderr.contains("--workers-max"), "{}", over.stderr);
+}

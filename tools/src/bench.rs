@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// A running server to measure; default: one started in this process.
     #[arg(long)]
     connect: Option<String>,
+    /// The worker id this bench pushes as. Give each bench process against one cluster its own
+    /// (below the servers' --workers-max), so their pushes count as different workers'.
+    #[arg(long, default_value_t = 0)]
+    worker: u32,
     /// Message sizes in bytes; K and M suffixes allowed.
     #[arg(long, value_delimiter = ',', default_value = "8,64,512,4K,32K,256K,1M,4M")]
     sizes: Vec<String>,
@@ -187,7 +191,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     };
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let client = Client::connect(&refs, args.net.client(0))?;
+    let client = Client::connect(&refs, args.net.client(args.worker))?;
     let mut spec = TableSpec::new("tessera.bench", TableKind::Dense, 0, BENCH_KEYS, 1);
     spec.updater.clone_from(&args.updater);
     let table = client.create_table(&spec)?;

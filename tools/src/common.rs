@@ -154,6 +154,27 @@ pub struct EngineArgs {
     /// disconnected, and the log says why.
     #[arg(long, default_value_t = TransportConfig::default().stall_timeout_ms)]
     pub client_stall_timeout_ms: u64,
+    /// A connection that sends nothing for this long (after its hello, with no reply waiting)
+    /// is closed; 0 never closes one. Minutes by default, since a worker may compute for long
+    /// between pushes; connections that set up RDMA are exempt (their traffic is over verbs).
+    #[arg(long, default_value_t = TransportConfig::default().idle_timeout_ms)]
+    pub client_idle_timeout_ms: u64,
+    /// Once a frame's first byte arrived, the rest must follow within this many milliseconds
+    /// (plus a second per --frame-bytes-per-s-min bytes of the frame), or the connection is closed.
+    #[arg(long, default_value_t = TransportConfig::default().frame_timeout_ms)]
+    pub frame_timeout_ms: u64,
+    /// The slowest rate, in bytes a second, at which a large frame may arrive.
+    #[arg(long, default_value_t = TransportConfig::default().frame_bytes_per_s_min)]
+    pub frame_bytes_per_s_min: usize,
+    /// Most connections open at once from one IP address; more are refused with a message
+    /// naming this flag. A worker holds one per shard of each server, plus one to the control plane.
+    #[arg(long, default_value_t = TransportConfig::default().connections_per_peer_max)]
+    pub connections_per_peer_max: usize,
+    /// Connections the kernel queues before the server accepts them (the listen backlog, at
+    /// most 65535). Linux caps it at net.core.somaxconn (sysctl); the server warns when it asks
+    /// for more.
+    #[arg(long, default_value_t = TransportConfig::default().listen_backlog)]
+    pub listen_backlog: u32,
     /// Pin each shard thread to its own core. The default for `tessera server`. In `tessera
     /// bench`, also pins the bench's worker to the next core, as perftest pins its pair.
     #[arg(long, conflicts_with = "no_pin")]
@@ -195,6 +216,10 @@ pub struct EngineArgs {
     /// cache off, and workers then send their keys every time.
     #[arg(long, default_value_t = EngineConfig::default().key_cache_keys)]
     pub key_cache_keys: usize,
+    /// Most clock segments one range of a table may split into (a segment is a run of keys
+    /// whose workers' clocks agree); a push that would split a range further is refused.
+    #[arg(long, default_value_t = EngineConfig::default().clock_segments_max)]
+    pub clock_segments_max: usize,
 }
 
 impl EngineArgs {
@@ -215,11 +240,17 @@ impl EngineArgs {
         engine.disk_force_blocking = self.disk_blocking;
         engine.recovery_accept_loss = self.accept_data_loss;
         engine.key_cache_keys = self.key_cache_keys;
+        engine.clock_segments_max = self.clock_segments_max;
         let transport = TransportConfig {
             frame_bytes_max: self.frame_bytes_max,
             connections_max: self.connections_max,
             reply_backlog_bytes_max: self.client_backlog_bytes_max,
             stall_timeout_ms: self.client_stall_timeout_ms,
+            idle_timeout_ms: self.client_idle_timeout_ms,
+            frame_timeout_ms: self.frame_timeout_ms,
+            frame_bytes_per_s_min: self.frame_bytes_per_s_min,
+            connections_per_peer_max: self.connections_per_peer_max,
+            listen_backlog: self.listen_backlog,
             ..net.secret.transport()
         };
         ServerConfig {

@@ -66,3 +66,77 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::{Path, PathBuf};
+
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every long flag of every `tessera` subcommand.
+    fn flags(cmd: &clap::Command, into: &mut BTreeSet<String>) {
+        into.extend(cmd.get_arguments().filter_map(|a| a.get_long()).map(|l| format!("--{l}")));
+        into.extend(["--help".to_string(), "--version".to_string()]);
+        cmd.get_subcommands().for_each(|sub| flags(sub, into));
+    }
+
+    fn sources(dir: &Path, into: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                sources(&path, into);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                into.push(path);
+            }
+        }
+    }
+
+    /// The `--flag` words in the string literals of one line of code that read as messages: a
+    /// literal with a space in it, and not a command line for another program (cargo, fio).
+    fn flags_named(line: &str) -> Vec<String> {
+        let code = line.trim_start();
+        if code.starts_with("//") || code.contains("'\"'") {
+            return Vec::new();
+        }
+        let literals = code.split('"').skip(1).step_by(2);
+        let messages = literals.filter(|l| l.contains(' ') && !l.contains("cargo "));
+        let words = messages.flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).map(str::to_string).collect::<Vec<_>>());
+        words.filter(|w| w.len() > 2 && w.starts_with("--") && w.as_bytes()[2].is_ascii_lowercase()).collect()
+    }
+
+    #[test]
+    fn the_scanner_finds_flags_in_messages_and_not_elsewhere() {
+        assert_eq!(flags_named(r#"bail!("raise --workers-max or --shards, please")"#), ["--workers-max", "--shards"]);
+        // Built, so that this file's own literals hold no unknown flag for the scan below.
+        let comment = format!("/// raise {}", "--nothing-here");
+        assert!(flags_named(&comment).is_empty(), "comments are not messages");
+        assert!(flags_named(r#".args(["--rw=write", "--direct=1"])"#).is_empty(), "another program's arguments");
+        assert!(flags_named(r#""replay: cargo run --release --example sim""#).is_empty(), "a cargo command");
+    }
+
+    /// An error that tells a user to pass a flag must name one that `tessera` has.
+    #[test]
+    fn every_flag_an_error_message_names_exists() {
+        let mut known = BTreeSet::new();
+        flags(&Cli::command(), &mut known);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace");
+        let mut files = Vec::new();
+        for krate in ["engine", "transport", "replication", "client", "tools"] {
+            sources(&root.join(krate).join("src"), &mut files);
+        }
+        let mut dangling = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).expect("a readable source file");
+            for (n, line) in text.lines().enumerate() {
+                for flag in flags_named(line).into_iter().filter(|f| !known.contains(f)) {
+                    dangling.push(format!("{}:{}: {flag}", file.strip_prefix(root).unwrap_or(file).display(), n + 1));
+                }
+            }
+        }
+        assert!(files.len() > 50, "found only {} source files under {}", files.len(), root.display());
+        assert!(dangling.is_empty(), "messages name flags that `tessera` does not have:\n{}", dangling.join("\n"));
+    }
+}

@@ -108,12 +108,27 @@ pub struct FrameReader {
     pos: usize,
     frame_bytes_max: usize,
     read_chunk_bytes: usize,
+    /// Room each read is given past the buffered bytes: it starts at [`READ_ROOM_MIN_BYTES`]
+    /// and doubles, up to `read_chunk_bytes`, each time a read fills all of it. A connection
+    /// that only says hello, or sends small requests one at a time, costs a page or two; one
+    /// that streams reaches full-size reads within a few calls.
+    read_room: usize,
 }
 
+/// The room a new reader gives its first read: a hello, or a small request, in one page.
+pub const READ_ROOM_MIN_BYTES: usize = 4 << 10;
+
 impl FrameReader {
-    /// A reader that refuses frames over `frame_bytes_max`.
+    /// A reader that refuses frames over `frame_bytes_max` and reads at most `read_chunk_bytes`
+    /// beyond what it holds per call.
     pub fn new(frame_bytes_max: usize, read_chunk_bytes: usize) -> Self {
-        Self { buf: AlignedBuf::with_capacity(read_chunk_bytes), pos: 0, frame_bytes_max, read_chunk_bytes }
+        let read_room = READ_ROOM_MIN_BYTES.min(read_chunk_bytes);
+        Self { buf: AlignedBuf::with_capacity(read_room), pos: 0, frame_bytes_max, read_chunk_bytes, read_room }
+    }
+
+    /// Bytes this reader holds from the allocator.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// Bytes received but not yet consumed as whole frames.
@@ -134,12 +149,16 @@ impl FrameReader {
         // header that announces a huge body costs nothing until the body really comes.
         let len = self.buf.len();
         let frame = self.pending_frame_len().unwrap_or(0);
-        self.buf.reserve_total(frame.min(2 * len).max(len + self.read_chunk_bytes));
+        self.buf.reserve_total(frame.min(2 * len).max(len + self.read_room));
         let len = self.buf.len();
+        let room = self.buf.capacity() - len;
         match src.read(&mut self.buf.all_mut()[len..]) {
             Ok(0) => Ok(Filled::Eof),
             Ok(n) => {
                 self.buf.set_len(len + n);
+                if n == room {
+                    self.read_room = (2 * self.read_room).min(self.read_chunk_bytes);
+                }
                 Ok(Filled::Bytes(n))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
@@ -348,6 +367,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_reader_stays_one_page_for_small_frames_and_grows_for_a_stream() {
+        let small: Vec<u8> = (0..20u64).flat_map(|id| frame(id, &[1; 100])).collect();
+        let mut reader = FrameReader::new(1 << 20, 256 << 10);
+        let mut src = Trickle { data: &small, step: 200, blocked: false };
+        for _ in 0..400 {
+            reader.fill(&mut src).unwrap();
+            while reader.next_frame().unwrap().is_some() {}
+        }
+        // The room, past the tail of a frame that came in part: at most two pages.
+        assert!(reader.capacity() <= 2 * READ_ROOM_MIN_BYTES, "small frames grew the buffer to {}", reader.capacity());
+        // A peer that always has more than the room: every read fills it, so the room doubles.
+        let stream: Vec<u8> = (0..64u64).flat_map(|id| frame(id, &[2; 8000])).collect();
+        let mut src = Trickle { data: &stream, step: usize::MAX, blocked: false };
+        for _ in 0..20 {
+            reader.fill(&mut src).unwrap();
+            while reader.next_frame().unwrap().is_some() {}
+        }
+        assert!(reader.capacity() >= 64 << 10, "a streaming peer gets larger reads: {}", reader.capacity());
+        assert!(reader.capacity() <= 512 << 10, "read room stays bounded: {}", reader.capacity());
     }
 
     #[test]

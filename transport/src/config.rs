@@ -12,6 +12,12 @@ pub const FRAME_BYTES_MAX_MIN: usize = 4 << 10;
 pub const FRAME_BYTES_MAX_CEILING: usize = (u32::MAX as usize) & !7;
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT.is_multiple_of(8), "frames are padded to 8 bytes");
 const _: () = assert!(FRAME_BYTES_MAX_MIN > HEADER_BYTES * 4);
+/// Largest listen backlog: Linux keeps it in 16 bits.
+pub const LISTEN_BACKLOG_MAX: u32 = 65_535;
+/// Most "closing connection" and refusal lines an endpoint logs in one second; the rest are
+/// counted, and the count is logged when lines resume, so a storm of bad peers cannot flood
+/// the log.
+pub const WARN_LINES_PER_S_MAX: u32 = 10;
 
 /// Knobs for one endpoint (server side) or link (client side).
 #[derive(Debug, Clone)]
@@ -37,6 +43,29 @@ pub struct TransportConfig {
     pub compress_bytes_min: usize,
     /// How long a client waits for a socket or a reply before giving up.
     pub io_timeout_ms: u64,
+    /// A served connection that sends nothing and has no reply waiting for this long is closed;
+    /// 0 never closes one. The default is minutes, not seconds: a worker may compute for a long
+    /// time between pushes, and a client holds its control connection for its whole run (a
+    /// closed one fails its next call with a clear error, and reconnecting is the client's
+    /// business). A connection that set up an RDMA queue pair is never closed for idleness:
+    /// its traffic goes over verbs, and the TCP connection's lifetime holds the queue pair.
+    pub idle_timeout_ms: u64,
+    /// Once the first byte of a frame arrived, the rest must follow within this many
+    /// milliseconds, plus one second per [`TransportConfig::frame_bytes_per_s_min`] bytes of
+    /// the frame; else the connection is closed. Bounds what a peer trickling bytes can hold.
+    pub frame_timeout_ms: u64,
+    /// The slowest rate a large frame may arrive at (see [`TransportConfig::frame_timeout_ms`]).
+    pub frame_bytes_per_s_min: usize,
+    /// Most connections open at once from one peer address; more are refused with a message
+    /// that names the limit. A worker holds one connection per shard of each server plus one
+    /// to its control plane, so at the default a host can run about 60 workers against a
+    /// 16-shard server; a test or a demo that runs every worker on loopback counts them all
+    /// against 127.0.0.1.
+    pub connections_per_peer_max: usize,
+    /// Connections the kernel queues for a server before it accepts them (the `listen`
+    /// backlog). Linux caps it at `net.core.somaxconn` without saying so; the server logs when
+    /// it asks for more.
+    pub listen_backlog: u32,
     /// The cluster's shared secret. A server with one serves only peers that prove they hold
     /// it; a client with one talks only to servers that prove the same (see [`crate::auth`]).
     pub cluster_secret: Option<ClusterSecret>,
@@ -54,6 +83,11 @@ impl Default for TransportConfig {
             hello_timeout_ms: 5_000,
             compress_bytes_min: 512,
             io_timeout_ms: 30_000,
+            idle_timeout_ms: 600_000,
+            frame_timeout_ms: 5_000,
+            frame_bytes_per_s_min: 1 << 20,
+            connections_per_peer_max: 1024,
+            listen_backlog: 4096,
             cluster_secret: None,
         }
     }
@@ -83,7 +117,25 @@ impl TransportConfig {
         if self.frames_per_turn_max == 0 {
             return bad("frames_per_turn_max", 0, "must be at least 1");
         }
+        if self.frame_timeout_ms == 0 {
+            return bad("frame_timeout_ms", 0, "must be at least 1");
+        }
+        if self.frame_bytes_per_s_min < 1024 {
+            return bad("frame_bytes_per_s_min", self.frame_bytes_per_s_min, "must be at least 1024");
+        }
+        if self.connections_per_peer_max == 0 {
+            return bad("connections_per_peer_max", 0, "must be at least 1");
+        }
+        if !(1..=LISTEN_BACKLOG_MAX).contains(&self.listen_backlog) {
+            return bad("listen_backlog", self.listen_backlog as usize, "must be between 1 and 65535");
+        }
         Ok(())
+    }
+
+    /// How long a frame of `frame_bytes` may take to arrive once its first byte came.
+    pub fn frame_deadline(&self, frame_bytes: usize) -> std::time::Duration {
+        let slow_ms = (frame_bytes as u64).saturating_mul(1000) / self.frame_bytes_per_s_min as u64;
+        std::time::Duration::from_millis(self.frame_timeout_ms.saturating_add(slow_ms))
     }
 }
 
@@ -158,5 +210,38 @@ impl RdmaConfig {
             return bad("rdma_mr_bytes_max", format!("{:?}", self.mr_bytes_max), "must be at least 4096");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_each_connection_limit_is_checked() {
+        TransportConfig::default().validate().expect("the defaults");
+        type Break = fn(&mut TransportConfig);
+        let cases: [(&str, Break); 5] = [
+            ("frame_timeout_ms", |c| c.frame_timeout_ms = 0),
+            ("frame_bytes_per_s_min", |c| c.frame_bytes_per_s_min = 10),
+            ("connections_per_peer_max", |c| c.connections_per_peer_max = 0),
+            ("listen_backlog", |c| c.listen_backlog = 0),
+            ("listen_backlog", |c| c.listen_backlog = LISTEN_BACKLOG_MAX + 1),
+        ];
+        for (field, break_it) in cases {
+            let mut cfg = TransportConfig::default();
+            break_it(&mut cfg);
+            let err = cfg.validate().expect_err(field).to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let off = TransportConfig { idle_timeout_ms: 0, ..TransportConfig::default() };
+        off.validate().expect("an idle timeout of 0 turns it off");
+    }
+
+    #[test]
+    fn a_large_frame_gets_longer_to_arrive() {
+        let cfg = TransportConfig { frame_timeout_ms: 2_000, frame_bytes_per_s_min: 1 << 20, ..TransportConfig::default() };
+        assert_eq!(cfg.frame_deadline(64).as_millis(), 2_000);
+        assert_eq!(cfg.frame_deadline(64 << 20).as_millis(), 2_000 + 64_000);
     }
 }

@@ -32,6 +32,7 @@ pub mod config;
 pub mod error;
 pub mod expose;
 pub mod keycache;
+pub mod loglimit;
 pub mod metrics;
 pub mod pushbuf;
 #[cfg(feature = "rdma")]

@@ -5,11 +5,11 @@
 //! whatever it already sent, to that shard's endpoint through a bounded channel, and from then on
 //! only that shard's thread touches it: no locks on the data path.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
@@ -19,7 +19,8 @@ use zerocopy::IntoBytes;
 
 use crate::auth::{self, Nonce, Side, Transcript, CHALLENGE_BYTES, NONCE_BYTES, PROOF_BYTES};
 use crate::buf::{AlignedBuf, Deflater, Filled, FrameReader, Inflater};
-use crate::config::TransportConfig;
+use crate::config::{TransportConfig, WARN_LINES_PER_S_MAX};
+use crate::loglimit::LogLimiter;
 use crate::error::{Result, TransportError};
 use crate::wire::{padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
 use crate::reply::{Reply, ReplyArea, ERROR_MESSAGE_BYTES_MAX};
@@ -32,7 +33,9 @@ const WATCHED: Token = Token(usize::MAX);
 /// A descriptor the service sleeps on through this endpoint (its disk ring's eventfd).
 const SERVICE_WATCHED: Token = Token(usize::MAX - 1);
 const FIRST_CONN: usize = 2;
-/// How often an endpoint looks for late hellos and stalled peers.
+/// Readiness events taken from one poll; more wait for the next.
+const EVENTS_MAX: usize = 256;
+/// How often an endpoint looks for late hellos, stalled peers, slow frames and idle connections.
 const SWEEP_GAP: Duration = Duration::from_millis(100);
 /// Connections waiting in a shard's hand-off channel before new ones are refused.
 const HANDOFF_QUEUE_MAX: usize = 1024;
@@ -163,17 +166,68 @@ pub struct Conn {
     closing: Option<String>,
     /// Since when the peer has read nothing while the reply backlog is full.
     stalled_since: Option<Instant>,
+    /// When the peer last sent bytes (or the connection was accepted): for the idle deadline.
+    heard_at: Instant,
+    /// Since when part of a frame has waited for the rest: for the frame-progress deadline.
+    frame_since: Option<Instant>,
+    /// Set up an RDMA queue pair: its traffic goes over verbs, so silence here is not idleness.
+    rdma: bool,
     /// Counts this connection among the server's open ones until it drops.
     _open: OpenConn,
 }
 
-/// One open connection in the server's count ([`TransportConfig::connections_max`]).
+/// Connections open on a whole server, in total and per peer address (every endpoint of one
+/// `bind` shares it). The map is touched only when a connection opens or closes.
+#[derive(Debug, Default)]
+struct Census {
+    total: AtomicUsize,
+    per_peer: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Why a new connection was refused.
+enum Refusal {
+    Total,
+    Peer,
+}
+
+impl Census {
+    /// Counts a new connection from `ip`, unless a limit is reached.
+    fn admit(self: &Arc<Self>, ip: IpAddr, cfg: &TransportConfig) -> std::result::Result<OpenConn, Refusal> {
+        if self.total.fetch_add(1, Ordering::Relaxed) >= cfg.connections_max {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::Total);
+        }
+        let mut per_peer = self.per_peer.lock().expect("no thread panics holding the census");
+        let held = per_peer.entry(ip).or_insert(0);
+        if *held >= cfg.connections_per_peer_max {
+            drop(per_peer);
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::Peer);
+        }
+        *held += 1;
+        Ok(OpenConn { census: self.clone(), ip })
+    }
+}
+
+/// One open connection in the server's counts ([`TransportConfig::connections_max`],
+/// [`TransportConfig::connections_per_peer_max`]).
 #[derive(Debug)]
-struct OpenConn(Arc<AtomicUsize>);
+struct OpenConn {
+    census: Arc<Census>,
+    ip: IpAddr,
+}
 
 impl Drop for OpenConn {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.census.total.fetch_sub(1, Ordering::Relaxed);
+        let mut per_peer = self.census.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = per_peer.get_mut(&self.ip) {
+            *held -= 1;
+            // A peer with nothing open takes no room: a storm from many addresses leaves no map.
+            if *held == 0 {
+                per_peer.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -237,11 +291,11 @@ pub struct TcpEndpoint {
     /// The service's durable log position when replies were last released.
     durable: u64,
     /// Connections open on the whole server (every endpoint of one `bind` shares it).
-    open: Arc<AtomicUsize>,
+    census: Arc<Census>,
     /// Some connection here may be stalled: sweep for it even without events.
     any_stalled: bool,
-    /// When a refused connection was last logged (at most one line a second).
-    refusal_logged: Option<Instant>,
+    /// Lines about single connections (closed, refused) that a storm of peers could multiply.
+    warn_limit: LogLimiter,
 }
 
 /// Binds `addr` and builds the control endpoint (which owns the listener) and one endpoint per
@@ -254,24 +308,41 @@ pub fn bind(
 ) -> Result<(TcpEndpoint, Vec<TcpEndpoint>, SocketAddr)> {
     cfg.validate()?;
     let sock = resolve(addr)?;
-    let listener = std::net::TcpListener::bind(sock).map_err(|source| TransportError::Connect {
+    let listener = listen(sock, cfg.listen_backlog).map_err(|source| TransportError::Connect {
         addr: format!("{addr} (bind)"),
         source,
     })?;
-    listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
     let mut shard_eps = Vec::with_capacity(shards as usize);
     let mut doors = Vec::with_capacity(shards as usize);
-    let open = Arc::new(AtomicUsize::new(0));
+    let census = Arc::new(Census::default());
     for shard in 0..shards {
         let (tx, rx) = channel::bounded(HANDOFF_QUEUE_MAX);
-        let ep = TcpEndpoint::new(Role::Shard(shard), cfg, info.clone(), None, Some(rx), open.clone())?;
+        let ep = TcpEndpoint::new(Role::Shard(shard), cfg, info.clone(), None, Some(rx), census.clone())?;
         doors.push(Door { tx, waker: ep.waker.clone() });
         shard_eps.push(ep);
     }
-    let mut control = TcpEndpoint::new(Role::Control, cfg, info, Some(TcpListener::from_std(listener)), None, open)?;
+    let mut control = TcpEndpoint::new(Role::Control, cfg, info, Some(TcpListener::from_std(listener)), None, census)?;
     control.doors = doors;
     Ok((control, shard_eps, local))
+}
+
+/// Binds a non-blocking listener with room for `backlog` connections not yet accepted (std's
+/// `bind` always asks for 128, which a few thousand workers starting at once overflow).
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As std does: a restarted server can bind its port while old connections linger in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse::<u32>().ok());
+    if let Some(cap) = somaxconn.filter(|cap| backlog > *cap) {
+        tracing::warn!(listen_backlog = backlog, somaxconn = cap, "the kernel caps the listen backlog at net.core.somaxconn; raise it (sysctl -w net.core.somaxconn={backlog}) for the backlog asked for");
+    }
+    // The kernel takes an int and clamps it; the configured value is at most 65535.
+    socket.listen(backlog as i32)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr> {
@@ -289,7 +360,7 @@ impl TcpEndpoint {
         info: Arc<[u8]>,
         mut listener: Option<TcpListener>,
         adopt: Option<Receiver<Conn>>,
-        open: Arc<AtomicUsize>,
+        census: Arc<Census>,
     ) -> Result<Self> {
         let poll = Poll::new()?;
         let waker = Waker(Arc::new(mio::Waker::new(poll.registry(), WAKER)?));
@@ -299,7 +370,7 @@ impl TcpEndpoint {
         Ok(Self {
             role,
             poll,
-            events: Some(Events::with_capacity(256)),
+            events: Some(Events::with_capacity(EVENTS_MAX)),
             waker,
             listener,
             doors: Vec::new(),
@@ -314,9 +385,9 @@ impl TcpEndpoint {
             last_sweep: Instant::now(),
             watched_fired: false,
             durable: u64::MAX,
-            open,
+            census,
             any_stalled: false,
-            refusal_logged: None,
+            warn_limit: LogLimiter::new(WARN_LINES_PER_S_MAX),
         })
     }
 
@@ -380,13 +451,16 @@ impl TcpEndpoint {
             }
         }
         for (stream, peer) in accepted {
-            if self.open.fetch_add(1, Ordering::Relaxed) >= self.cfg.connections_max {
-                self.refuse_over_limit(stream, peer);
-                continue;
-            }
-            let counted = OpenConn(self.open.clone());
+            let counted = match self.census.admit(peer.ip(), &self.cfg) {
+                Ok(counted) => counted,
+                Err(why) => {
+                    self.refuse_over_limit(stream, peer, why);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             self.next_id += 1;
+            let now = Instant::now();
             let conn = Conn {
                 id: ConnId(self.next_id),
                 stream,
@@ -397,9 +471,12 @@ impl TcpEndpoint {
                 out: OutQueue::default(),
                 greeted: false,
                 challenge: None,
-                accepted_at: Instant::now(),
+                accepted_at: now,
                 closing: None,
                 stalled_since: None,
+                heard_at: now,
+                frame_since: None,
+                rdma: false,
                 _open: counted,
             };
             tracing::debug!(%peer, conn = conn.id.0, "accepted");
@@ -409,19 +486,26 @@ impl TcpEndpoint {
         }
     }
 
-    /// Refuses a connection over [`TransportConfig::connections_max`]: one error frame, best
-    /// effort (the socket is fresh, so it takes it), then the socket closes.
-    fn refuse_over_limit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+    /// Refuses a connection over [`TransportConfig::connections_max`] or
+    /// [`TransportConfig::connections_per_peer_max`]: one error frame, best effort (the socket
+    /// is fresh, so it takes it), then the socket closes.
+    fn refuse_over_limit(&mut self, mut stream: TcpStream, peer: SocketAddr, why: Refusal) {
         metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
-        let max = self.cfg.connections_max;
-        let reason = format!("the server holds its most connections ({max}); retry later, or raise its --connections-max");
+        let reason = match why {
+            Refusal::Total => {
+                let max = self.cfg.connections_max;
+                format!("the server holds its most connections ({max}); retry later, or raise its --connections-max")
+            }
+            Refusal::Peer => {
+                let max = self.cfg.connections_per_peer_max;
+                format!("the server holds its most connections from {} ({max}); close some, or raise its --connections-per-peer-max", peer.ip())
+            }
+        };
         let mut frame = [0u8; HEADER_BYTES + ERROR_MESSAGE_BYTES_MAX];
         let n = crate::reply::error_frame(&Header::request(Op::Hello, 0), Status::Full, &reason, &mut frame);
         let _ = stream.write(&frame[..n]);
-        if self.refusal_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-            self.refusal_logged = Some(Instant::now());
-            tracing::warn!(%peer, connections_max = max, "refusing connections: the server holds its most (--connections-max)");
+        if let Some(suppressed) = self.warn_limit.admit(Instant::now()) {
+            tracing::warn!(%peer, %reason, suppressed, "refusing connection");
         }
     }
 
@@ -436,48 +520,67 @@ impl TcpEndpoint {
         }
     }
 
-    /// Drops connections that never said hello in time (control plane), and those whose peer
-    /// stopped reading its replies (any endpoint).
+    /// Connections open on this endpoint.
+    fn open_here(&self) -> usize {
+        self.conns.len() - self.free.len()
+    }
+
+    /// Drops connections that missed a deadline: no hello in time, replies left unread, a
+    /// frame that stopped arriving, or silence past the idle timeout.
     fn sweep(&mut self, service: &mut dyn Service) {
-        if (self.role != Role::Control && !self.any_stalled) || self.last_sweep.elapsed() < SWEEP_GAP {
+        if self.open_here() == 0 || self.last_sweep.elapsed() < SWEEP_GAP {
             return;
         }
-        self.last_sweep = Instant::now();
-        let limit = Duration::from_millis(self.cfg.hello_timeout_ms);
-        let stall_limit = Duration::from_millis(self.cfg.stall_timeout_ms);
+        let now = Instant::now();
+        self.last_sweep = now;
         let mut stalled = false;
         for idx in 0..self.conns.len() {
             let Some(c) = self.conns[idx].as_ref() else { continue };
-            if !c.greeted && c.accepted_at.elapsed() > limit {
-                self.close(idx, service, format!("no hello within {} ms", self.cfg.hello_timeout_ms));
-            } else if c.stalled_since.is_some_and(|at| at.elapsed() > stall_limit) {
-                let reason = format!(
-                    "the peer read none of its replies for {} ms while {} bytes waited (--client-stall-timeout-ms, --client-backlog-bytes-max)",
-                    self.cfg.stall_timeout_ms,
-                    c.out.pending()
-                );
-                metrics::counter!(crate::metrics::SLOW_CLIENTS_CLOSED).increment(1);
-                self.close(idx, service, reason);
-            } else {
-                stalled |= c.stalled_since.is_some();
+            match c.overdue(&self.cfg, now) {
+                Some(reason) => self.close(idx, service, reason),
+                None => stalled |= c.stalled_since.is_some(),
             }
         }
         self.any_stalled = stalled;
+        self.shrink_slots();
+    }
+
+    /// Gives back the slot table's tail once a storm of connections has gone: slots are only
+    /// reused, never moved (their index is the poll token), so only free ones at the end go.
+    fn shrink_slots(&mut self) {
+        if self.conns.last().is_none_or(Option::is_some) {
+            return;
+        }
+        while self.conns.last().is_some_and(Option::is_none) {
+            self.conns.pop();
+        }
+        let len = self.conns.len();
+        self.free.retain(|idx| *idx < len);
+        if self.conns.capacity() > 2 * len.max(64) {
+            self.conns.shrink_to(len.max(64));
+            self.free.shrink_to(len.max(64));
+            self.ready.shrink_to(len.max(64));
+            self.driving.shrink_to(len.max(64));
+        }
     }
 
     fn close(&mut self, idx: usize, service: &mut dyn Service, reason: String) {
-        if let Some(conn) = self.remove(idx) {
-            if conn.challenge.is_some() {
-                // Challenged, and gone without an answer: most likely a peer that found the
-                // server's proof wrong, so one with another cluster's secret.
-                crate::metrics::auth_refused();
-                tracing::warn!(peer = %conn.peer, conn = conn.id.0, "peer left during the authentication handshake (does it hold another cluster secret?)");
-            } else if reason.is_empty() {
-                tracing::debug!(peer = %conn.peer, conn = conn.id.0, "closed by peer");
-            } else {
-                tracing::warn!(peer = %conn.peer, conn = conn.id.0, %reason, "closing connection");
-            }
-            service.closed(conn.id);
+        let Some(conn) = self.remove(idx) else { return };
+        service.closed(conn.id);
+        if conn.challenge.is_some() {
+            // Challenged, and gone without an answer: most likely a peer that found the
+            // server's proof wrong, so one with another cluster's secret.
+            crate::metrics::auth_refused();
+        } else if reason.is_empty() {
+            tracing::debug!(peer = %conn.peer, conn = conn.id.0, "closed by peer");
+            return;
+        }
+        // A storm of misbehaving peers must not flood the log: a few lines a second, then a count.
+        let Some(suppressed) = self.warn_limit.admit(Instant::now()) else { return };
+        if conn.challenge.is_some() {
+            tracing::warn!(peer = %conn.peer, conn = conn.id.0, suppressed, "peer left during the authentication handshake (does it hold another cluster secret?)");
+        } else {
+            tracing::warn!(peer = %conn.peer, conn = conn.id.0, %reason, suppressed, "closing connection");
         }
     }
 
@@ -532,9 +635,8 @@ impl ShardTransport for TcpEndpoint {
         // The service's log may have caught up since the last poll: send those replies first.
         self.release_held(service);
         let timeout = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
-        // The control plane sweeps for late hellos, and any endpoint for stalled peers, even
-        // when nothing happens.
-        let timeout = match (self.role == Role::Control || self.any_stalled, timeout) {
+        // An endpoint with connections sweeps for missed deadlines even when nothing happens.
+        let timeout = match (self.open_here() > 0, timeout) {
             (true, t) => Some(t.map_or(SWEEP_GAP, |t| t.min(SWEEP_GAP))),
             (false, t) => t,
         };
@@ -544,6 +646,9 @@ impl ShardTransport for TcpEndpoint {
             self.events = Some(events);
             return if e.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(e.into()) };
         }
+        // With every event slot used, some connection may have bytes waiting that this poll did
+        // not read: the deadlines are checked after a poll that saw everything.
+        let saw_all = events.iter().count() < EVENTS_MAX;
         for event in events.iter() {
             match event.token() {
                 LISTENER => self.accept_all(),
@@ -565,7 +670,9 @@ impl ShardTransport for TcpEndpoint {
         }
         self.driving.clear();
         self.release_held(service);
-        self.sweep(service);
+        if saw_all {
+            self.sweep(service);
+        }
         Ok(())
     }
 
@@ -583,6 +690,44 @@ impl ShardTransport for TcpEndpoint {
 }
 
 impl Conn {
+    /// Why this connection must close now, if it missed a deadline.
+    fn overdue(&self, cfg: &TransportConfig, now: Instant) -> Option<String> {
+        let since = |at: Instant| now.saturating_duration_since(at);
+        if !self.greeted {
+            let late = since(self.accepted_at) > Duration::from_millis(cfg.hello_timeout_ms);
+            return late.then(|| format!("no hello within {} ms", cfg.hello_timeout_ms));
+        }
+        if self.stalled_since.is_some_and(|at| since(at) > Duration::from_millis(cfg.stall_timeout_ms)) {
+            metrics::counter!(crate::metrics::SLOW_CLIENTS_CLOSED).increment(1);
+            return Some(format!(
+                "the peer read none of its replies for {} ms while {} bytes waited (--client-stall-timeout-ms, --client-backlog-bytes-max)",
+                cfg.stall_timeout_ms,
+                self.out.pending()
+            ));
+        }
+        // A full reply backlog stops this side reading: a frame waiting then is not the peer's delay.
+        if self.out.pending() >= cfg.reply_backlog_bytes_max || self.closing.is_some() {
+            return None;
+        }
+        if let (Some(at), Some((header, got))) = (self.frame_since, self.reader.partial()) {
+            let want = header.map_or(HEADER_BYTES, |h| h.frame_len());
+            let allowed = cfg.frame_deadline(want);
+            if since(at) > allowed {
+                return Some(format!(
+                    "{got} of a {want}-byte frame arrived in {} ms, the most a frame that size may take (--frame-timeout-ms, --frame-bytes-per-s-min)",
+                    allowed.as_millis()
+                ));
+            }
+            return None;
+        }
+        let quiet = self.out.pending() == 0 && self.out.held.is_empty() && !self.rdma;
+        let idle_ms = cfg.idle_timeout_ms;
+        if quiet && idle_ms > 0 && since(self.heard_at) > Duration::from_millis(idle_ms) {
+            return Some(format!("idle: the peer sent nothing for {idle_ms} ms (--client-idle-timeout-ms)"));
+        }
+        None
+    }
+
     fn drive(&mut self, service: &mut dyn Service, cfg: &TransportConfig, role: Role, info: &[u8], shards: usize) -> Next {
         let mut served = 0;
         loop {
@@ -598,7 +743,10 @@ impl Conn {
                 match self.serve_one(service, cfg, role, info, shards) {
                     Ok(Some(next)) => return next,
                     Ok(None) if self.closing.is_some() => break,
-                    Ok(None) => served += 1,
+                    Ok(None) => {
+                        served += 1;
+                        self.frame_since = None;
+                    }
                     Err(Idle) => {
                         idle = true;
                         break;
@@ -643,8 +791,15 @@ impl Conn {
                 continue;
             }
             match self.reader.fill(&mut self.stream) {
-                Ok(Filled::Bytes(_)) => {}
-                Ok(Filled::WouldBlock) => return Next::Open,
+                Ok(Filled::Bytes(0)) => {}
+                Ok(Filled::Bytes(_)) => self.heard_at = Instant::now(),
+                Ok(Filled::WouldBlock) => {
+                    // Part of a frame is here and the rest is not: its deadline runs from now.
+                    if self.reader.buffered() > 0 {
+                        self.frame_since.get_or_insert(self.heard_at);
+                    }
+                    return Next::Open;
+                }
                 Ok(Filled::Eof) => return self.on_eof(service.durable()),
                 Err(e) => return Next::Close(format!("read failed: {e}")),
             }
@@ -726,6 +881,10 @@ impl Conn {
             Err(e) => reply.error(Status::Malformed, &e.to_string()),
         }
         let (frame, hold) = reply.finish(&mut self.deflater, cfg.compress_bytes_min);
+        if header.op() == Some(Op::RdmaConnect) {
+            // The queue pair lives as long as this connection, which carries nothing from now on.
+            self.rdma |= Header::decode_unchecked(&self.out.buf.bytes()[frame.start..]).status() == Status::Ok;
+        }
         if let Some(lsn) = hold {
             self.out.held.push_back((frame.start, lsn));
         }
@@ -795,6 +954,7 @@ impl Conn {
             return None;
         }
         self.greeted = true;
+        self.frame_since = None;
         self.reader.set_frame_bytes_max(frame_bytes_max);
         let mut reply = Reply::new(&mut self.out, *header, usize::MAX);
         reply.ok_bytes(info);
@@ -1061,6 +1221,69 @@ mod tests {
             at += HEADER_BYTES + padded(h.body_len as usize);
         }
         found
+    }
+
+    /// A greeted server-side connection over loopback, last heard from `quiet_ms` ago.
+    fn greeted_conn(census: &Arc<Census>, cfg: &TransportConfig, quiet_ms: u64) -> (Conn, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = std::net::TcpStream::connect(listener.local_addr().expect("an address")).expect("connect");
+        let (stream, peer) = listener.accept().expect("accept");
+        let then = Instant::now() - Duration::from_millis(quiet_ms);
+        let conn = Conn {
+            id: ConnId(1),
+            stream: TcpStream::from_std(stream),
+            peer,
+            reader: FrameReader::new(cfg.frame_bytes_max, cfg.read_chunk_bytes),
+            inflater: Inflater::default(),
+            deflater: Deflater::default(),
+            out: OutQueue::default(),
+            greeted: true,
+            challenge: None,
+            accepted_at: then,
+            closing: None,
+            stalled_since: None,
+            heard_at: then,
+            frame_since: None,
+            rdma: false,
+            _open: census.admit(peer.ip(), cfg).ok().expect("under the limits"),
+        };
+        (conn, client)
+    }
+
+    #[test]
+    fn a_quiet_connection_is_idle_unless_it_carries_rdma_waits_for_a_reply_or_the_deadline_is_off() {
+        let census = Arc::new(Census::default());
+        let cfg = TransportConfig { idle_timeout_ms: 1_000, ..TransportConfig::default() };
+        let now = Instant::now();
+        let (fresh, _c1) = greeted_conn(&census, &cfg, 10);
+        assert_eq!(fresh.overdue(&cfg, now), None);
+        let (mut quiet, _c2) = greeted_conn(&census, &cfg, 2_000);
+        assert!(quiet.overdue(&cfg, now).is_some_and(|r| r.contains("--client-idle-timeout-ms")));
+        quiet.rdma = true;
+        assert_eq!(quiet.overdue(&cfg, now), None, "an RDMA worker's TCP connection carries nothing");
+        quiet.rdma = false;
+        queue(&mut quiet.out, 1, None);
+        assert_eq!(quiet.overdue(&cfg, now), None, "a reply waits to be read");
+        quiet.out = OutQueue::default();
+        let off = TransportConfig { idle_timeout_ms: 0, ..cfg.clone() };
+        assert_eq!(quiet.overdue(&off, now), None);
+    }
+
+    #[test]
+    fn the_census_caps_each_peer_and_forgets_a_peer_with_nothing_open() {
+        let census = Arc::new(Census::default());
+        let cfg = TransportConfig { connections_per_peer_max: 2, connections_max: 3, ..TransportConfig::default() };
+        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let held = [census.admit(a, &cfg).ok(), census.admit(a, &cfg).ok()];
+        assert!(held.iter().all(Option::is_some));
+        assert!(matches!(census.admit(a, &cfg), Err(Refusal::Peer)));
+        let other = census.admit(b, &cfg).ok().expect("another peer");
+        assert!(matches!(census.admit(b, &cfg), Err(Refusal::Total)));
+        assert_eq!(census.total.load(Ordering::Relaxed), 3, "a refusal leaves the counts as they were");
+        drop(held);
+        drop(other);
+        assert_eq!(census.total.load(Ordering::Relaxed), 0);
+        assert!(census.per_peer.lock().expect("the map").is_empty());
     }
 
     #[test]
