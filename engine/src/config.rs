@@ -3,8 +3,10 @@
 
 use crate::error::{EngineError, Result};
 
-/// Most workers whose clocks a table tracks; a push from a higher worker id is refused.
-pub const WORKERS_MAX_CEILING: u32 = 4096;
+/// Most workers whose clocks a table tracks (`--workers-max` at most); a push from a higher
+/// worker id is refused. One limit for the whole system: replication's vector clocks carry as
+/// many.
+pub use tessera_replication::config::WORKERS_MAX as WORKERS_MAX_CEILING;
 /// Largest clock a push may carry: dense blocks keep clocks as u32 for one-sided reads.
 pub const CLOCK_MAX: u64 = tessera_transport::expose::STAMP_CLOCK_MAX;
 /// Most clock entries (segments x workers) one table part preallocates: 128 MiB of u64.
@@ -143,7 +145,7 @@ impl EngineConfig {
             return bad("shards", self.shards.to_string(), "must be between 1 and 256");
         }
         if self.workers_max == 0 || self.workers_max > WORKERS_MAX_CEILING {
-            return bad("workers_max", self.workers_max.to_string(), "must be between 1 and 4096");
+            return bad("workers_max", self.workers_max.to_string(), &format!("must be between 1 and {WORKERS_MAX_CEILING}"));
         }
         if !(DENSE_BLOCK_BYTES_MIN..=DENSE_BLOCK_BYTES_MAX).contains(&self.dense_block_bytes) {
             return bad("dense_block_bytes", self.dense_block_bytes.to_string(), "must be between 8 and 1 MiB");
