@@ -1,0 +1,61 @@
+/*
+ * outage.c: a trainer whose server goes away under it (tests/tests/capi.rs runs it). It keeps
+ * the default SIGPIPE action, as any C program does, so a write to a dead connection that
+ * raised the signal would end it with status 141.
+ *
+ *   outage ADDR dies      push until the server has been gone for 5 calls in a row, then exit 0
+ *
+ * Each push adds 1 to the 4 keys of the dense table "outage" (updater "sum"), one at a time, and
+ * "pushed N" is printed after the Nth success, for the test to time its kill.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <tessera.h>
+
+#define KEYS 4
+#define FAILURES_IN_A_ROW_MAX 5
+
+static void die(const char *what, int rc) {
+    fprintf(stderr, "outage: %s: %s: %s\n", what, tessera_status_name(rc), tessera_last_error());
+    exit(1);
+}
+
+static int dies(TesseraClient client, TesseraTable table) {
+    const float ones[KEYS] = {1, 1, 1, 1};
+    int pushed = 0, failed = 0;
+    while (failed < FAILURES_IN_A_ROW_MAX) {
+        int rc = tessera_push_range(client, table, 0, ones, KEYS, NULL);
+        if (rc == TESSERA_OK) {
+            failed = 0;
+            printf("pushed %d\n", ++pushed);
+        } else {
+            failed++;
+            printf("push failed: %s: %s\n", tessera_status_name(rc), tessera_last_error());
+            usleep(20 * 1000);
+        }
+        fflush(stdout);
+    }
+    printf("outage: the server is gone after %d pushes; exiting cleanly\n", pushed);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s ADDR dies\n", argv[0]);
+        return 2;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    TesseraClient client;
+    TesseraTable table;
+    int rc = tessera_connect(argv[1], 0, "tcp", &client);
+    if (rc != TESSERA_OK) die("connect", rc);
+    rc = tessera_create_table(client, "outage", TESSERA_DENSE, 0, KEYS, 1, "sum", &table);
+    if (rc != TESSERA_OK) die("create table", rc);
+    int status = 2;
+    if (strcmp(argv[2], "dies") == 0) status = dies(client, table);
+    tessera_close(client);
+    return status;
+}
