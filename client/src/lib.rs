@@ -74,6 +74,13 @@ pub struct ClientConfig {
     /// How long a bounded-delay pull waits for slow workers before it fails with
     /// [`ClientError::Stale`], naming the worker that held it back.
     pub stale_timeout: std::time::Duration,
+    /// Attempts to reconnect to a server whose connection broke (it restarted, say), made by
+    /// the next call; 0 never reconnects. Calls in flight when the connection broke fail with
+    /// [`ClientError::OutcomeUnknown`] and are never sent again.
+    pub reconnect_attempts: u32,
+    /// The pause after the first failed attempt to reconnect; it doubles after each, up to a
+    /// second.
+    pub reconnect_pause_ms: u64,
 }
 
 impl ClientConfig {
@@ -89,6 +96,8 @@ impl ClientConfig {
             workers: 0,
             key_cache_keys: 0,
             stale_timeout: std::time::Duration::from_secs(60),
+            reconnect_attempts: 8,
+            reconnect_pause_ms: 50,
         }
     }
 }
@@ -99,6 +108,8 @@ pub struct Table {
     route: Arc<Route>,
     /// The consistency model of calls on this handle that set none themselves.
     pub(crate) consistency: Option<Consistency>,
+    /// The client's count of reconnections when the route was read (see `Core::current`).
+    pub(crate) generation: u64,
 }
 
 impl Table {

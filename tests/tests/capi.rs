@@ -144,3 +144,37 @@ fn a_c_trainer_survives_its_server_being_killed() {
     assert!(status.success(), "the trainer ended with {status} (141 is SIGPIPE):\n{said}\n{err}");
     assert!(said.contains("push failed") && said.contains("exiting cleanly"), "{said}");
 }
+
+/// The C client reconnects by itself: its server, logging every push (`--durability wal`), is
+/// killed and started again on the same port, and the trainer goes on pushing with the same
+/// client and table handles. Each push it was answered for is in the sums; one that failed with
+/// `TESSERA_ERR_UNKNOWN_OUTCOME` may be; no other is.
+#[test]
+fn a_c_trainer_goes_on_pushing_across_a_server_restart() {
+    let prefix = ScratchDir::new("capi-restart");
+    let flags = install(&prefix);
+    let program = compile(&prefix, &flags, &repo().join("client/capi/tests/c/outage.c"), "outage");
+    let data = prefix.path().join("data");
+    let args = ["--shards", "2", "--durability", "wal", "--data-dir", data.to_str().unwrap()];
+    let mut server = ServerProc::start(&args);
+    let addr = server.addr().to_string();
+    let (mut child, out) = spawn(&prefix, &program, &[&addr, "restart", "300"]);
+    assert!(wait_for_text(&out, "pushed 100\n", Duration::from_secs(60)), "the trainer did not start pushing");
+    server.kill();
+    std::thread::sleep(Duration::from_millis(200));
+    let _server = ServerProc::start_at(&addr, &args);
+    let status = child.wait_timeout(Duration::from_secs(120)).expect("the trainer did not finish in 2 minutes");
+    let said = std::fs::read_to_string(&out).unwrap_or_default();
+    let err = std::fs::read_to_string(prefix.path().join("err")).unwrap_or_default();
+    assert!(status.success(), "the trainer ended with {status}:\n{said}\n{err}");
+    let last = said.lines().last().unwrap_or_default();
+    let words: Vec<&str> = last.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"answered"), "{said}");
+    let (answered, unknown): (f32, f32) = (words[1].parse().unwrap(), words[3].parse().unwrap());
+    assert!(said.contains("push failed"), "the trainer never saw the server go:\n{said}");
+    for value in &words[7..] {
+        let value: f32 = value.parse().unwrap();
+        assert!(answered <= value && value <= answered + unknown, "{last}");
+    }
+    eprintln!("{last}");
+}

@@ -26,7 +26,8 @@
 // The client, table or ticket handle is unknown: never opened, closed, or already waited on.
 #define TESSERA_ERR_CLOSED 3
 
-// Connecting to the servers failed.
+// Connecting to the servers failed, or reconnecting to one whose connection broke (the next
+// call tries again).
 #define TESSERA_ERR_CONNECT 4
 
 // No table has that name (or id).
@@ -40,6 +41,11 @@
 
 // A bug in Tessera: close the client.
 #define TESSERA_ERR_PANIC 8
+
+// The connection broke (the server died or restarted) with this call in flight: a push may or
+// may not have been applied, and a pull's output is not complete. The call is never sent
+// again; the client's next call reconnects by itself.
+#define TESSERA_ERR_UNKNOWN_OUTCOME 9
 
 // `tessera_create_table`'s `kind`: a dense table (every key in `[start, end)` exists).
 #define TESSERA_DENSE 0

@@ -41,7 +41,8 @@ pub const TESSERA_ERR_NULL: i32 = 1;
 pub const TESSERA_ERR_ARGUMENT: i32 = 2;
 /// The client, table or ticket handle is unknown: never opened, closed, or already waited on.
 pub const TESSERA_ERR_CLOSED: i32 = 3;
-/// Connecting to the servers failed.
+/// Connecting to the servers failed, or reconnecting to one whose connection broke (the next
+/// call tries again).
 pub const TESSERA_ERR_CONNECT: i32 = 4;
 /// No table has that name (or id).
 pub const TESSERA_ERR_UNKNOWN_TABLE: i32 = 5;
@@ -51,6 +52,10 @@ pub const TESSERA_ERR_SERVER: i32 = 6;
 pub const TESSERA_ERR_TRANSPORT: i32 = 7;
 /// A bug in Tessera: close the client.
 pub const TESSERA_ERR_PANIC: i32 = 8;
+/// The connection broke (the server died or restarted) with this call in flight: a push may or
+/// may not have been applied, and a pull's output is not complete. The call is never sent
+/// again; the client's next call reconnects by itself.
+pub const TESSERA_ERR_UNKNOWN_OUTCOME: i32 = 9;
 
 /// A connected client (0 is never one).
 pub type TesseraClient = u64;
@@ -85,6 +90,8 @@ impl From<ClientError> for Fail {
             ClientError::Server { .. } => TESSERA_ERR_SERVER,
             ClientError::Placement(PlacementError::UnknownTable { .. }) => TESSERA_ERR_UNKNOWN_TABLE,
             ClientError::Transport(TransportError::RdmaUnavailable { .. }) => TESSERA_ERR_ARGUMENT,
+            ClientError::OutcomeUnknown { .. } => TESSERA_ERR_UNKNOWN_OUTCOME,
+            ClientError::Reconnect { .. } => TESSERA_ERR_CONNECT,
             ClientError::Transport(_) | ClientError::Unavailable { .. } | ClientError::Protocol { .. } | ClientError::Stale { .. } => {
                 TESSERA_ERR_TRANSPORT
             }
@@ -643,6 +650,7 @@ pub extern "C" fn tessera_status_name(code: i32) -> *const c_char {
         TESSERA_ERR_SERVER => c"TESSERA_ERR_SERVER",
         TESSERA_ERR_TRANSPORT => c"TESSERA_ERR_TRANSPORT",
         TESSERA_ERR_PANIC => c"TESSERA_ERR_PANIC",
+        TESSERA_ERR_UNKNOWN_OUTCOME => c"TESSERA_ERR_UNKNOWN_OUTCOME",
         _ => c"unknown status",
     };
     name.as_ptr()
