@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
 use tessera_replication::placement::{Owner, RangeMap, Route};
@@ -880,6 +880,34 @@ impl Core {
             if frame.header.request_id == id {
                 return take(&frame.header, frame.body).map_err(|m| server_error(addr, &frame.header, m));
             }
+            park(addr, *next_id, parked, abandoned, &frame.header, frame.body)?;
+        }
+    }
+
+    /// Whether waiting for request `id`'s reply on one shard would return without blocking: its
+    /// reply is parked, or it was lost with a broken connection (the wait reports that).
+    /// Receives, and parks, what arrives for up to `timeout` (zero: only what is there now).
+    pub fn arrived(&mut self, server: u32, shard: u16, id: u64, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        let s = &mut self.servers[server as usize];
+        let addr = &s.addr;
+        let Some(sh) = s.shards.get_mut(shard as usize) else { return Ok(true) };
+        loop {
+            if sh.parked.contains_key(&id) || id < sh.lost_below || sh.outstanding == 0 {
+                return Ok(true);
+            }
+            let Shard { link, next_id, parked, abandoned, outstanding, .. } = sh;
+            let frame = match link.recv(Some(deadline.saturating_duration_since(Instant::now()))) {
+                Ok(frame) => frame,
+                Err(TransportError::Timeout { .. }) => return Ok(false),
+                Err(e) if breaks_link(&e, true) => {
+                    self.break_server(server as usize, &e);
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.bytes_received += frame.header.frame_len() as u64;
+            *outstanding = outstanding.saturating_sub(1);
             park(addr, *next_id, parked, abandoned, &frame.header, frame.body)?;
         }
     }

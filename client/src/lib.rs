@@ -196,6 +196,12 @@ impl Client {
         Ticket::resume(self, ticket, out)
     }
 
+    /// Whether waiting on a [`Detached`] ticket of this client would return without blocking;
+    /// receives for up to `timeout` first (zero only looks). See [`Ticket::ready`].
+    pub fn ready(&self, ticket: &Detached, timeout: std::time::Duration) -> Result<bool> {
+        ticket.ready(self, timeout)
+    }
+
     /// Requests sent whose replies have not been received yet, over all shards.
     pub fn in_flight(&self) -> u64 {
         self.lock().in_flight()

@@ -47,6 +47,11 @@
 // again; the client's next call reconnects by itself.
 #define TESSERA_ERR_UNKNOWN_OUTCOME 9
 
+// No answer in time: the ticket of `tessera_wait` or `tessera_wait_timeout` is still in flight
+// (wait on it again, poll it, or close the client). A call made with a NULL ticket that
+// times out may still be applied.
+#define TESSERA_ERR_TIMEOUT 10
+
 // `tessera_create_table`'s `kind`: a dense table (every key in `[start, end)` exists).
 #define TESSERA_DENSE 0
 
@@ -88,7 +93,9 @@ int32_t tessera_connect(const char *servers,
                         TesseraClient *client);
 
 // Closes a client: its connections close, and tickets not waited on are dropped (a pull's
-// buffer is not written after this returns). Its push buffers are freed. The handle is then unknown to every function.
+// buffer is not written after this returns). Its push buffers are freed. The handle is then
+// unknown to every function. Waits blocked on the client in other threads return
+// `TESSERA_ERR_CLOSED` within a few milliseconds.
 int32_t tessera_close(TesseraClient client);
 
 // Looks up the table called `name`; `*table` is its handle on this client and, unless `dim`
@@ -204,8 +211,24 @@ int32_t tessera_pull_range(TesseraClient client,
                            TesseraTicket *ticket);
 
 // Waits until every server answered the call `ticket` stands for; a pull's values are then in
-// its buffer. A ticket can be waited on once; after that its handle is unknown.
+// its buffer. A ticket can be waited on once; after that its handle is unknown. Waits up to
+// the client's I/O timeout (30 s unless set at connect time): then it returns
+// `TESSERA_ERR_TIMEOUT` and the ticket is still in flight. A `tessera_close` of the client
+// from another thread ends the wait with `TESSERA_ERR_CLOSED`.
 int32_t tessera_wait(TesseraClient client, TesseraTicket ticket);
+
+// As `tessera_wait`, for at most `timeout_ms` milliseconds (0: only if the answer is in
+// already). On `TESSERA_ERR_TIMEOUT` the ticket is still in flight: wait on it again, or poll
+// it.
+int32_t tessera_wait_timeout(TesseraClient client, TesseraTicket ticket, uint64_t timeout_ms);
+
+// Sets `*ready` to 1 when `tessera_wait` on `ticket` would return at once (every server
+// answered, or a connection it went over broke), else to 0. Never blocks on the network; the
+// ticket stays in flight either way.
+//
+// # Safety
+// `ready` must be writable.
+int32_t tessera_poll(TesseraClient client, TesseraTicket ticket, int32_t *ready);
 
 // The message of the last failed call in this thread ("" after a success). The text stays
 // valid until this thread's next call into the library.

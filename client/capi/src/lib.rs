@@ -24,7 +24,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use tessera_client::{Client, ClientConfig, ClientError, Detached, PushBuffer, Table};
@@ -56,6 +57,10 @@ pub const TESSERA_ERR_PANIC: i32 = 8;
 /// may not have been applied, and a pull's output is not complete. The call is never sent
 /// again; the client's next call reconnects by itself.
 pub const TESSERA_ERR_UNKNOWN_OUTCOME: i32 = 9;
+/// No answer in time: the ticket of `tessera_wait` or `tessera_wait_timeout` is still in flight
+/// (wait on it again, poll it, or close the client). A call made with a NULL ticket that
+/// times out may still be applied.
+pub const TESSERA_ERR_TIMEOUT: i32 = 10;
 
 /// A connected client (0 is never one).
 pub type TesseraClient = u64;
@@ -126,6 +131,10 @@ fn entry(f: impl FnOnce() -> Outcome) -> i32 {
 /// One open client, its tables, and its tickets in flight.
 struct Handle {
     client: Client,
+    /// Set by `tessera_close`: waits still running on other threads return at their next slice.
+    closed: AtomicBool,
+    /// How long `tessera_wait`, and a call made with a NULL ticket, wait for an answer.
+    io_timeout: Duration,
     tables: Mutex<Vec<Table>>,
     tickets: Mutex<HashMap<TesseraTicket, Pending>>,
     next_ticket: AtomicU64,
@@ -293,6 +302,7 @@ pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, tr
             return Err(Fail::new(TESSERA_ERR_ARGUMENT, "servers names no address"));
         }
         let mut cfg = ClientConfig { kind, ..ClientConfig::worker(worker) };
+        let io_timeout = Duration::from_millis(cfg.transport.io_timeout_ms);
         if let Some(path) = std::env::var_os(SECRET_FILE_VAR).filter(|p| !p.is_empty()) {
             let secret = ClusterSecret::from_file(std::path::Path::new(&path)).map_err(|e| Fail::new(TESSERA_ERR_ARGUMENT, format!("{SECRET_FILE_VAR}: {e}")))?;
             cfg.transport.cluster_secret = Some(secret);
@@ -304,6 +314,8 @@ pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, tr
         let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
         let h = Handle {
             client: opened,
+            closed: AtomicBool::new(false),
+            io_timeout,
             tables: Mutex::default(),
             tickets: Mutex::default(),
             next_ticket: AtomicU64::new(1),
@@ -317,11 +329,16 @@ pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, tr
 }
 
 /// Closes a client: its connections close, and tickets not waited on are dropped (a pull's
-/// buffer is not written after this returns). Its push buffers are freed. The handle is then unknown to every function.
+/// buffer is not written after this returns). Its push buffers are freed. The handle is then
+/// unknown to every function. Waits blocked on the client in other threads return
+/// `TESSERA_ERR_CLOSED` within a few milliseconds.
 #[no_mangle]
 pub extern "C" fn tessera_close(client: TesseraClient) -> i32 {
     entry(|| match lock(&CLIENTS).remove(&client) {
-        Some(_) => Ok(()),
+        Some(h) => {
+            h.closed.store(true, Ordering::Release);
+            Ok(())
+        }
         None => Err(Fail::new(TESSERA_ERR_CLOSED, format!("client {client} is not open (closed twice?)"))),
     })
 }
@@ -432,12 +449,16 @@ pub extern "C" fn tessera_set_clock(client: TesseraClient, clock: u64) -> i32 {
 /// `ticket`, unless NULL, must be writable; `out`, unless None, must be the call's output
 /// buffer under the header's contract.
 unsafe fn hand_out(h: &Handle, sent: tessera_client::Ticket<'_>, out: Option<(usize, usize)>, ticket: *mut TesseraTicket) -> Outcome {
+    let pending = Pending { ticket: sent.detach(), out };
     if ticket.is_null() {
-        sent.wait()?;
-        return Ok(());
+        // SAFETY: the caller's contract above: `out` is the call's output buffer.
+        return match unsafe { finish(h, pending, h.io_timeout) } {
+            Ok(()) => Ok(()),
+            Err((_, fail)) => Err(fail),
+        };
     }
     let id = h.next_ticket.fetch_add(1, Ordering::Relaxed);
-    lock(&h.tickets).insert(id, Pending { ticket: sent.detach(), out });
+    lock(&h.tickets).insert(id, pending);
     // SAFETY: the caller's contract above.
     unsafe { put(ticket, id, "ticket") }
 }
@@ -610,23 +631,99 @@ pub unsafe extern "C" fn tessera_pull_range(
     })
 }
 
+/// How long a wait holds its client at a time: between slices it lets other threads' calls
+/// through and sees a `tessera_close` from another thread.
+const WAIT_SLICE: Duration = Duration::from_millis(10);
+
+/// Waits up to `timeout` for the call `pending` stands for, in slices of [`WAIT_SLICE`], and
+/// takes its result. On a timeout the ticket comes back unchanged, for another wait.
+///
+/// # Safety
+/// A pull's `out` must still be its output buffer under the header's contract.
+unsafe fn finish(h: &Handle, pending: Pending, timeout: Duration) -> Result<(), (Option<Pending>, Fail)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if h.closed.load(Ordering::Acquire) {
+            return Err((None, Fail::new(TESSERA_ERR_CLOSED, "the client was closed while this call waited")));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match h.client.ready(&pending.ticket, left.min(WAIT_SLICE)) {
+            Ok(true) => break,
+            Ok(false) if left.is_zero() => {
+                let message = format!("no answer within {} ms; the call is still in flight", timeout.as_millis());
+                return Err((Some(pending), Fail::new(TESSERA_ERR_TIMEOUT, message)));
+            }
+            Ok(false) => {}
+            Err(e) => return Err((None, e.into())),
+        }
+    }
+    let out = match pending.out {
+        // SAFETY: the address and length of the pull's output buffer, which the caller keeps
+        // valid and untouched until this wait (the header's contract for pulls).
+        Some((addr, n)) => Some(unsafe { slice_out(addr as *mut f32, n, "out") }.map_err(|f| (None, f))?),
+        None => None,
+    };
+    h.client.resume(pending.ticket, out).wait().map_err(|e| (None, e.into()))?;
+    Ok(())
+}
+
+/// Waits up to `timeout` for `ticket`; on a timeout it stays in flight under the same handle.
+fn wait_ticket(client: TesseraClient, ticket: TesseraTicket, timeout: Option<Duration>) -> Outcome {
+    let h = handle(client)?;
+    let pending = lock(&h.tickets)
+        .remove(&ticket)
+        .ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("ticket {ticket} is not in flight on client {client} (waited on already?)")))?;
+    // SAFETY: `pending` holds the pull's buffer as the call that made it was given it, under
+    // the header's contract until this wait.
+    match unsafe { finish(&h, pending, timeout.unwrap_or(h.io_timeout)) } {
+        Ok(()) => Ok(()),
+        Err((kept, fail)) => {
+            if let Some(pending) = kept {
+                lock(&h.tickets).insert(ticket, pending);
+            }
+            Err(fail)
+        }
+    }
+}
+
 /// Waits until every server answered the call `ticket` stands for; a pull's values are then in
-/// its buffer. A ticket can be waited on once; after that its handle is unknown.
+/// its buffer. A ticket can be waited on once; after that its handle is unknown. Waits up to
+/// the client's I/O timeout (30 s unless set at connect time): then it returns
+/// `TESSERA_ERR_TIMEOUT` and the ticket is still in flight. A `tessera_close` of the client
+/// from another thread ends the wait with `TESSERA_ERR_CLOSED`.
 #[no_mangle]
 pub extern "C" fn tessera_wait(client: TesseraClient, ticket: TesseraTicket) -> i32 {
+    entry(|| wait_ticket(client, ticket, None))
+}
+
+/// As `tessera_wait`, for at most `timeout_ms` milliseconds (0: only if the answer is in
+/// already). On `TESSERA_ERR_TIMEOUT` the ticket is still in flight: wait on it again, or poll
+/// it.
+#[no_mangle]
+pub extern "C" fn tessera_wait_timeout(client: TesseraClient, ticket: TesseraTicket, timeout_ms: u64) -> i32 {
+    entry(|| wait_ticket(client, ticket, Some(Duration::from_millis(timeout_ms))))
+}
+
+/// Sets `*ready` to 1 when `tessera_wait` on `ticket` would return at once (every server
+/// answered, or a connection it went over broke), else to 0. Never blocks on the network; the
+/// ticket stays in flight either way.
+///
+/// # Safety
+/// `ready` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_poll(client: TesseraClient, ticket: TesseraTicket, ready: *mut i32) -> i32 {
     entry(|| {
         let h = handle(client)?;
-        let pending = lock(&h.tickets)
-            .remove(&ticket)
-            .ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("ticket {ticket} is not in flight on client {client} (waited on already?)")))?;
-        let out = match pending.out {
-            // SAFETY: the address and length of the pull's output buffer, which the caller keeps
-            // valid and untouched until this wait (the header's contract for pulls).
-            Some((addr, n)) => Some(unsafe { slice_out(addr as *mut f32, n, "out") }?),
-            None => None,
+        check_out(ready, "ready")?;
+        let done = {
+            let tickets = lock(&h.tickets);
+            let pending = tickets
+                .get(&ticket)
+                .ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("ticket {ticket} is not in flight on client {client} (waited on already?)")))?;
+            h.client.ready(&pending.ticket, Duration::ZERO)?
         };
-        h.client.resume(pending.ticket, out).wait()?;
-        Ok(())
+        // SAFETY: the caller's contract above.
+        unsafe { put(ready, i32::from(done), "ready") }
     })
 }
 
@@ -651,6 +748,7 @@ pub extern "C" fn tessera_status_name(code: i32) -> *const c_char {
         TESSERA_ERR_TRANSPORT => c"TESSERA_ERR_TRANSPORT",
         TESSERA_ERR_PANIC => c"TESSERA_ERR_PANIC",
         TESSERA_ERR_UNKNOWN_OUTCOME => c"TESSERA_ERR_UNKNOWN_OUTCOME",
+        TESSERA_ERR_TIMEOUT => c"TESSERA_ERR_TIMEOUT",
         _ => c"unknown status",
     };
     name.as_ptr()
