@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
+use tessera_client::filter::{self, Filter};
 use tessera_client::{Client, ClientConfig, ClientError, Detached, PushBuffer, Table};
+use tessera_replication::catalog::{Init, NonFinite};
 use tessera_replication::{PlacementError, TableKind, TableSpec};
 use tessera_transport::auth::ClusterSecret;
 use tessera_transport::{Status, TransportError, TransportKind};
@@ -70,6 +72,8 @@ pub type TesseraTable = u32;
 pub type TesseraTicket = u64;
 /// A gradient buffer of one client, from `tessera_push_buffer` (0 is never one).
 pub type TesseraBuffer = u64;
+/// A push filter of one client, from `tessera_filter_new` (0 is never one).
+pub type TesseraFilter = u64;
 
 /// `tessera_create_table`'s `kind`: a dense table (every key in `[start, end)` exists).
 pub const TESSERA_DENSE: u32 = 0;
@@ -141,6 +145,27 @@ struct Handle {
     /// Registered gradient buffers, freed with `tessera_push_buffer_free` or with the client.
     buffers: Mutex<HashMap<TesseraBuffer, PushBuffer>>,
     next_buffer: AtomicU64,
+    /// Push filters, freed with `tessera_filter_free` or with the client.
+    filters: Mutex<HashMap<TesseraFilter, PushFilter>>,
+    next_filter: AtomicU64,
+}
+
+/// A push filter of one client (see `tessera_filter_new`).
+#[derive(Debug)]
+enum PushFilter {
+    Significant(filter::SignificantlyModified),
+    RandomSkip(filter::RandomSkip),
+    Kkt(filter::Kkt),
+}
+
+impl PushFilter {
+    fn as_filter(&mut self) -> &mut dyn Filter {
+        match self {
+            PushFilter::Significant(f) => f,
+            PushFilter::RandomSkip(f) => f,
+            PushFilter::Kkt(f) => f,
+        }
+    }
 }
 
 /// A ticket in flight, and (for a pull) where its values go: the caller's buffer, as an
@@ -267,6 +292,176 @@ unsafe fn put<T>(ptr: *mut T, value: T, what: &str) -> Outcome {
 /// The environment variable that names the cluster secret file.
 const SECRET_FILE_VAR: &str = "TESSERA_CLUSTER_SECRET_FILE";
 
+/// How a client connects and behaves (`tessera_connect_with`). Fill it with
+/// `tessera_options_init`, then change what you need: a program built against this header
+/// keeps working with later versions of the library, which may add fields at the end.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct TesseraOptions {
+    /// `sizeof(TesseraOptions)` as the program was compiled (set by `tessera_options_init`).
+    pub size: u32,
+    /// This trainer's worker id: its entry in the vector clocks, distinct per trainer.
+    pub worker: u32,
+    /// "auto" (RDMA where both ends have it), "tcp" or "rdma"; NULL is "auto".
+    pub transport: *const c_char,
+    /// The consistency model of every call: "eventual", "sequential" or "bounded:N" (bounded
+    /// delay N); NULL is "eventual".
+    pub consistency: *const c_char,
+    /// Workers in the job (ids 0 .. workers - 1), whom a bounded-delay pull waits for; 0 is
+    /// unknown, and bounded-delay pulls are refused.
+    pub workers: u32,
+    /// 1: Snappy-compress request and reply bodies when that saves at least a tenth.
+    pub compress: u32,
+    /// Keys of repeated key lists sent by hash instead of in full, per shard; 0 (the default)
+    /// sends every list in full. Keep it at most the servers' --key-cache-keys.
+    pub key_cache_keys: u64,
+    /// How long a call waits for the network, and `tessera_wait` for an answer (30 000).
+    pub io_timeout_ms: u64,
+    /// How long a bounded-delay pull waits for slow workers (60 000).
+    pub stale_timeout_ms: u64,
+    /// Attempts to reconnect to a server whose connection broke, made by the next call (8); 0
+    /// never reconnects.
+    pub reconnect_attempts: u32,
+    /// The pause after the first failed attempt to reconnect, doubling up to a second (50).
+    pub reconnect_pause_ms: u32,
+    /// A file holding the cluster secret, or NULL for the file named by the environment
+    /// variable `TESSERA_CLUSTER_SECRET_FILE` (if set).
+    pub cluster_secret_file: *const c_char,
+}
+
+impl Default for TesseraOptions {
+    fn default() -> Self {
+        let (client, transport) = (ClientConfig::worker(0), tessera_transport::TransportConfig::default());
+        TesseraOptions {
+            size: size_of::<TesseraOptions>() as u32,
+            worker: 0,
+            transport: std::ptr::null(),
+            consistency: std::ptr::null(),
+            workers: client.workers,
+            compress: u32::from(client.compress),
+            key_cache_keys: client.key_cache_keys as u64,
+            io_timeout_ms: transport.io_timeout_ms,
+            stale_timeout_ms: client.stale_timeout.as_millis() as u64,
+            reconnect_attempts: client.reconnect_attempts,
+            reconnect_pause_ms: client.reconnect_pause_ms as u32,
+            cluster_secret_file: std::ptr::null(),
+        }
+    }
+}
+
+/// Fills `*options` with the defaults (and its `size`).
+///
+/// # Safety
+/// `options` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_options_init(options: *mut TesseraOptions) -> i32 {
+    // SAFETY: the caller's contract above.
+    entry(|| unsafe { put(options, TesseraOptions::default(), "options") })
+}
+
+/// The caller's versioned struct: the fields its leading `size` covers, the others at their
+/// defaults. A struct larger than this library knows comes from a newer header, and is refused.
+///
+/// # Safety
+/// `ptr` must point to a struct that starts with its size in bytes (a `u32`) and is readable for
+/// that many bytes.
+unsafe fn versioned<T: Copy>(ptr: *const T, defaults: T, what: &str) -> Outcome<T> {
+    check_pointer(ptr, 1, what)?;
+    // SAFETY: non-null and aligned (checked above); every version starts with its u32 size.
+    let size = unsafe { ptr.cast::<u32>().read() } as usize;
+    if !(size_of::<u32>()..=size_of::<T>()).contains(&size) {
+        let reason = format!("{what}.size is {size}, this libtessera knows {} bytes: call the init function, and link the libtessera the header came from", size_of::<T>());
+        return Err(Fail::new(TESSERA_ERR_ARGUMENT, reason));
+    }
+    let mut value = defaults;
+    // SAFETY: the caller's struct is readable for `size` bytes, at most size_of::<T>() (checked
+    // above), which `value` holds; the two do not overlap (`value` is a local).
+    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&raw mut value).cast::<u8>(), size) };
+    Ok(value)
+}
+
+/// A client configuration from the caller's options.
+///
+/// # Safety
+/// The options' strings, unless NULL, must be NUL-terminated.
+unsafe fn client_config(o: &TesseraOptions) -> Outcome<ClientConfig> {
+    let kind = if o.transport.is_null() {
+        TransportKind::Auto
+    } else {
+        // SAFETY: the caller's contract above.
+        match unsafe { text(o.transport, "transport") }? {
+            "auto" => TransportKind::Auto,
+            "tcp" => TransportKind::Tcp,
+            "rdma" => TransportKind::Rdma,
+            other => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("transport {other:?}: use auto, tcp or rdma"))),
+        }
+    };
+    let mut cfg = ClientConfig { kind, ..ClientConfig::worker(o.worker) };
+    if !o.consistency.is_null() {
+        // SAFETY: the caller's contract above.
+        cfg.consistency = unsafe { text(o.consistency, "consistency") }?.parse().map_err(|e: String| Fail::new(TESSERA_ERR_ARGUMENT, e))?;
+    }
+    if o.compress > 1 {
+        return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("compress is {}: use 0 or 1", o.compress)));
+    }
+    (cfg.workers, cfg.compress, cfg.key_cache_keys) = (o.workers, o.compress == 1, o.key_cache_keys as usize);
+    if o.io_timeout_ms == 0 {
+        return Err(Fail::new(TESSERA_ERR_ARGUMENT, "io_timeout_ms is 0: every call would time out at once"));
+    }
+    cfg.transport.io_timeout_ms = o.io_timeout_ms;
+    cfg.stale_timeout = Duration::from_millis(o.stale_timeout_ms);
+    (cfg.reconnect_attempts, cfg.reconnect_pause_ms) = (o.reconnect_attempts, u64::from(o.reconnect_pause_ms));
+    let secret_file = if o.cluster_secret_file.is_null() {
+        std::env::var_os(SECRET_FILE_VAR).filter(|p| !p.is_empty()).map(|p| (std::path::PathBuf::from(p), SECRET_FILE_VAR))
+    } else {
+        // SAFETY: the caller's contract above.
+        Some((unsafe { text(o.cluster_secret_file, "cluster_secret_file") }?.into(), "cluster_secret_file"))
+    };
+    if let Some((path, what)) = secret_file {
+        let secret = ClusterSecret::from_file(&path).map_err(|e| Fail::new(TESSERA_ERR_ARGUMENT, format!("{what}: {e}")))?;
+        cfg.transport.cluster_secret = Some(secret);
+    }
+    cfg.transport.validate().map_err(|e| Fail::new(TESSERA_ERR_ARGUMENT, e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Connects to `servers` as configured by `o`, and returns the new client's handle.
+///
+/// # Safety
+/// As [`client_config`]; `servers` must be a NUL-terminated string.
+unsafe fn open_client(servers: *const c_char, o: &TesseraOptions, client: *mut TesseraClient) -> Outcome {
+    // SAFETY: the caller's contract above.
+    let servers = unsafe { text(servers, "servers") }?;
+    // SAFETY: the caller's contract above.
+    let cfg = unsafe { client_config(o) }?;
+    check_out(client, "client")?;
+    let addrs: Vec<&str> = servers.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if addrs.is_empty() {
+        return Err(Fail::new(TESSERA_ERR_ARGUMENT, "servers names no address"));
+    }
+    let io_timeout = Duration::from_millis(cfg.transport.io_timeout_ms);
+    let opened = Client::connect(&addrs, cfg).map_err(|e| match Fail::from(e) {
+        Fail { code: TESSERA_ERR_TRANSPORT, message } => Fail::new(TESSERA_ERR_CONNECT, message),
+        other => other,
+    })?;
+    let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
+    let h = Handle {
+        client: opened,
+        closed: AtomicBool::new(false),
+        io_timeout,
+        tables: Mutex::default(),
+        tickets: Mutex::default(),
+        next_ticket: AtomicU64::new(1),
+        buffers: Mutex::default(),
+        next_buffer: AtomicU64::new(1),
+        filters: Mutex::default(),
+        next_filter: AtomicU64::new(1),
+    };
+    lock(&CLIENTS).insert(id, Arc::new(h));
+    // SAFETY: the caller's contract above.
+    unsafe { put(client, id, "client") }
+}
+
 /// Connects to a Tessera cluster.
 ///
 /// `servers`: every server's address, comma-separated ("10.0.0.5:7070,10.0.0.6:7070").
@@ -274,7 +469,8 @@ const SECRET_FILE_VAR: &str = "TESSERA_CLUSTER_SECRET_FILE";
 /// `transport`: "auto" (RDMA where both ends have it), "tcp", "rdma", or NULL for "auto".
 /// When the environment variable `TESSERA_CLUSTER_SECRET_FILE` names a file, the client proves
 /// it holds that cluster secret to every server, and talks only to servers that prove the same
-/// (as `--cluster-secret-file` does for the tools).
+/// (as `--cluster-secret-file` does for the tools). Everything else is at its default
+/// (`tessera_connect_with` sets it).
 /// On success `*client` is the new client.
 ///
 /// # Safety
@@ -282,49 +478,25 @@ const SECRET_FILE_VAR: &str = "TESSERA_CLUSTER_SECRET_FILE";
 /// writable.
 #[no_mangle]
 pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, transport: *const c_char, client: *mut TesseraClient) -> i32 {
+    let options = TesseraOptions { worker, transport, ..TesseraOptions::default() };
+    // SAFETY: the caller's contract above.
+    entry(|| unsafe { open_client(servers, &options, client) })
+}
+
+/// Connects as `tessera_connect` does, with every setting from `*options` (filled by
+/// `tessera_options_init`, then changed where needed).
+///
+/// # Safety
+/// `servers` must be a NUL-terminated string; `options` must point to a `TesseraOptions` whose
+/// `size` is right and whose strings, unless NULL, are NUL-terminated; `client` must be
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_connect_with(servers: *const c_char, options: *const TesseraOptions, client: *mut TesseraClient) -> i32 {
     entry(|| {
         // SAFETY: the caller's contract above.
-        let servers = unsafe { text(servers, "servers") }?;
-        let kind = if transport.is_null() {
-            TransportKind::Auto
-        } else {
-            // SAFETY: the caller's contract above.
-            match unsafe { text(transport, "transport") }? {
-                "auto" => TransportKind::Auto,
-                "tcp" => TransportKind::Tcp,
-                "rdma" => TransportKind::Rdma,
-                other => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("transport {other:?}: use auto, tcp or rdma"))),
-            }
-        };
-        check_out(client, "client")?;
-        let addrs: Vec<&str> = servers.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-        if addrs.is_empty() {
-            return Err(Fail::new(TESSERA_ERR_ARGUMENT, "servers names no address"));
-        }
-        let mut cfg = ClientConfig { kind, ..ClientConfig::worker(worker) };
-        let io_timeout = Duration::from_millis(cfg.transport.io_timeout_ms);
-        if let Some(path) = std::env::var_os(SECRET_FILE_VAR).filter(|p| !p.is_empty()) {
-            let secret = ClusterSecret::from_file(std::path::Path::new(&path)).map_err(|e| Fail::new(TESSERA_ERR_ARGUMENT, format!("{SECRET_FILE_VAR}: {e}")))?;
-            cfg.transport.cluster_secret = Some(secret);
-        }
-        let opened = Client::connect(&addrs, cfg).map_err(|e| match Fail::from(e) {
-            Fail { code: TESSERA_ERR_TRANSPORT, message } => Fail::new(TESSERA_ERR_CONNECT, message),
-            other => other,
-        })?;
-        let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-        let h = Handle {
-            client: opened,
-            closed: AtomicBool::new(false),
-            io_timeout,
-            tables: Mutex::default(),
-            tickets: Mutex::default(),
-            next_ticket: AtomicU64::new(1),
-            buffers: Mutex::default(),
-            next_buffer: AtomicU64::new(1),
-        };
-        lock(&CLIENTS).insert(id, Arc::new(h));
+        let o = unsafe { versioned(options, TesseraOptions::default(), "options") }?;
         // SAFETY: the caller's contract above.
-        unsafe { put(client, id, "client") }
+        unsafe { open_client(servers, &o, client) }
     })
 }
 
@@ -367,11 +539,11 @@ pub unsafe extern "C" fn tessera_table(client: TesseraClient, name: *const c_cha
 ///
 /// `kind`: `TESSERA_DENSE` or `TESSERA_SPARSE`. Keys are `[start, end)`, `dim` values each.
 /// `updater`: how pushes are applied, e.g. "sum", "sgd{lr=0.1}", "adagrad{lr=0.05}"; NULL is
-/// "sum".
+/// "sum". Everything else is at its default (`tessera_create_table_with` sets it).
 ///
 /// # Safety
-/// `name` (and `updater`, unless NULL) must be NUL-terminated strings; `table` (and `dim_out`,
-/// unless NULL) must be writable.
+/// `name` (and `updater`, unless NULL) must be NUL-terminated strings; `table` must be
+/// writable.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn tessera_create_table(
@@ -384,28 +556,138 @@ pub unsafe extern "C" fn tessera_create_table(
     updater: *const c_char,
     table: *mut TesseraTable,
 ) -> i32 {
+    let options = TesseraTableOptions { kind, start, end, dim, updater, ..TesseraTableOptions::default() };
+    // SAFETY: the caller's contract above.
+    entry(|| unsafe { create_table(client, name, &options, table) })
+}
+
+/// A table's definition (`tessera_create_table_with`). Fill it with
+/// `tessera_table_options_init`, then set at least `end`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct TesseraTableOptions {
+    /// `sizeof(TesseraTableOptions)` as the program was compiled (set by the init function).
+    pub size: u32,
+    /// `TESSERA_DENSE` (the default) or `TESSERA_SPARSE`.
+    pub kind: u32,
+    /// Keys are `[start, end)` (start 0, end unset: 0).
+    pub start: u64,
+    pub end: u64,
+    /// Values per key (1).
+    pub dim: u32,
+    /// What a push with NaN or Inf does: `TESSERA_NON_FINITE_REJECT` (the default; nothing of
+    /// it is applied) or `TESSERA_NON_FINITE_SKIP` (the finite components are).
+    pub non_finite: u32,
+    /// How pushes are applied, e.g. "sum", "sgd{lr=0.1}"; NULL is "sum".
+    pub updater: *const c_char,
+    /// Initial values: 0 (the default) starts every key at zero; a positive scale starts each
+    /// component uniform in `[-init_scale, init_scale)`, a pure function of `init_seed`, the key
+    /// and the component.
+    pub init_scale: f32,
+    pub init_seed: u64,
+    /// A sparse table's most keys per shard; 0 is the servers' default.
+    pub capacity: u64,
+}
+
+/// `TesseraTableOptions::non_finite`: refuse a push with NaN or Inf; nothing of it is applied.
+pub const TESSERA_NON_FINITE_REJECT: u32 = 0;
+/// `TesseraTableOptions::non_finite`: apply a push's finite components and skip the others.
+pub const TESSERA_NON_FINITE_SKIP: u32 = 1;
+
+impl Default for TesseraTableOptions {
+    fn default() -> Self {
+        TesseraTableOptions {
+            size: size_of::<TesseraTableOptions>() as u32,
+            kind: TESSERA_DENSE,
+            start: 0,
+            end: 0,
+            dim: 1,
+            non_finite: TESSERA_NON_FINITE_REJECT,
+            updater: std::ptr::null(),
+            init_scale: 0.0,
+            init_seed: 0,
+            capacity: 0,
+        }
+    }
+}
+
+/// Fills `*options` with a table definition's defaults (and its `size`).
+///
+/// # Safety
+/// `options` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_table_options_init(options: *mut TesseraTableOptions) -> i32 {
+    // SAFETY: the caller's contract above.
+    entry(|| unsafe { put(options, TesseraTableOptions::default(), "options") })
+}
+
+/// Creates the table `name` as `*options` defines it (see `tessera_create_table`).
+///
+/// # Safety
+/// `name` must be a NUL-terminated string; `options` must point to a `TesseraTableOptions`
+/// whose `size` is right and whose `updater`, unless NULL, is NUL-terminated; `table` must be
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_create_table_with(
+    client: TesseraClient,
+    name: *const c_char,
+    options: *const TesseraTableOptions,
+    table: *mut TesseraTable,
+) -> i32 {
     entry(|| {
-        let h = handle(client)?;
         // SAFETY: the caller's contract above.
-        let name = unsafe { text(name, "name") }?;
-        let kind = match kind {
-            TESSERA_DENSE => TableKind::Dense,
-            TESSERA_SPARSE => TableKind::Sparse,
-            other => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("kind {other}: use TESSERA_DENSE or TESSERA_SPARSE"))),
-        };
-        if start >= end || dim == 0 {
-            return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("keys [{start}, {end}) with dim {dim}: need start < end and dim > 0")));
-        }
-        let mut spec = TableSpec::new(name, kind, start, end, dim);
-        if !updater.is_null() {
-            // SAFETY: the caller's contract above.
-            spec.updater = unsafe { text(updater, "updater") }?.to_string();
-        }
-        check_out(table, "table")?;
-        let created = h.client.create_table(&spec)?;
+        let o = unsafe { versioned(options, TesseraTableOptions::default(), "options") }?;
         // SAFETY: the caller's contract above.
-        unsafe { register_table(&h, created, table, std::ptr::null_mut()) }
+        unsafe { create_table(client, name, &o, table) }
     })
+}
+
+/// The table definition `o` describes, called `name`.
+///
+/// # Safety
+/// `o.updater`, unless NULL, must be a NUL-terminated string.
+unsafe fn table_spec(name: &str, o: &TesseraTableOptions) -> Outcome<TableSpec> {
+    let kind = match o.kind {
+        TESSERA_DENSE => TableKind::Dense,
+        TESSERA_SPARSE => TableKind::Sparse,
+        other => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("kind {other}: use TESSERA_DENSE or TESSERA_SPARSE"))),
+    };
+    if o.start >= o.end || o.dim == 0 {
+        let reason = format!("keys [{}, {}) with dim {}: need start < end and dim > 0", o.start, o.end, o.dim);
+        return Err(Fail::new(TESSERA_ERR_ARGUMENT, reason));
+    }
+    let mut spec = TableSpec::new(name, kind, o.start, o.end, o.dim);
+    if !o.updater.is_null() {
+        // SAFETY: the caller's contract above.
+        spec.updater = unsafe { text(o.updater, "updater") }?.to_string();
+    }
+    spec.non_finite = match o.non_finite {
+        TESSERA_NON_FINITE_REJECT => NonFinite::Reject,
+        TESSERA_NON_FINITE_SKIP => NonFinite::Skip,
+        other => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("non_finite {other}: use TESSERA_NON_FINITE_REJECT or _SKIP"))),
+    };
+    spec.init = match o.init_scale {
+        0.0 => Init::Zero,
+        scale if scale.is_finite() && scale > 0.0 => Init::Uniform { scale, seed: o.init_seed },
+        scale => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("init_scale {scale}: use 0 (zeros) or a positive scale"))),
+    };
+    spec.capacity = o.capacity;
+    Ok(spec)
+}
+
+/// # Safety
+/// `name` must be a NUL-terminated string, `o.updater` too unless NULL; `table` must be
+/// writable.
+unsafe fn create_table(client: TesseraClient, name: *const c_char, o: &TesseraTableOptions, table: *mut TesseraTable) -> Outcome {
+    let h = handle(client)?;
+    // SAFETY: the caller's contract above.
+    let name = unsafe { text(name, "name") }?;
+    // SAFETY: the caller's contract above.
+    let spec = unsafe { table_spec(name, o) }?;
+    check_out(table, "table")?;
+    let created = h.client.create_table(&spec)?;
+    // SAFETY: the caller's contract above.
+    unsafe { register_table(&h, created, table, std::ptr::null_mut()) }
 }
 
 /// # Safety
@@ -487,6 +769,122 @@ pub unsafe extern "C" fn tessera_push(
         let sent = h.client.push(t, keys, grads)?;
         // SAFETY: the caller's contract above.
         unsafe { hand_out(h, sent, None, ticket) }
+    })
+}
+
+/// `tessera_filter_new`'s `kind`: send a key only once its change, accumulated over pushes,
+/// exceeds `param` in some component; until then it is held here and keeps adding up.
+pub const TESSERA_FILTER_SIGNIFICANT: u32 = 0;
+/// `tessera_filter_new`'s `kind`: drop each key with probability `param` (in [0, 1)), scaling
+/// what is sent by 1 / (1 - param); `seed` makes runs repeat.
+pub const TESSERA_FILTER_RANDOM_SKIP: u32 = 1;
+/// `tessera_filter_new`'s `kind`: the KKT filter of an L1-regularised model with strength
+/// `param`: a key whose weight is zero is not sent while its gradient is within `param`. Hand it
+/// every pull's values with `tessera_filter_observe`.
+pub const TESSERA_FILTER_KKT: u32 = 2;
+
+/// Makes a push filter for `tessera_push_filtered`: `kind` is a `TESSERA_FILTER_*`, with its
+/// `param` (and `seed` for random skips). `*filter` is its handle, until
+/// `tessera_filter_free` or `tessera_close`.
+///
+/// # Safety
+/// `filter` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_filter_new(client: TesseraClient, kind: u32, param: f64, seed: u64, filter: *mut TesseraFilter) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        check_out(filter, "filter")?;
+        let made = match kind {
+            TESSERA_FILTER_SIGNIFICANT if param >= 0.0 => PushFilter::Significant(filter::SignificantlyModified::new(param as f32)),
+            TESSERA_FILTER_RANDOM_SKIP if (0.0..1.0).contains(&param) => PushFilter::RandomSkip(filter::RandomSkip::new(param, seed)),
+            TESSERA_FILTER_KKT if param >= 0.0 => PushFilter::Kkt(filter::Kkt::new(param as f32)),
+            TESSERA_FILTER_SIGNIFICANT | TESSERA_FILTER_RANDOM_SKIP | TESSERA_FILTER_KKT => {
+                return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("filter param {param}: a threshold or strength is >= 0, a skip in [0, 1)")));
+            }
+            other => return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("filter kind {other}: use a TESSERA_FILTER_* constant"))),
+        };
+        let id = h.next_filter.fetch_add(1, Ordering::Relaxed);
+        lock(&h.filters).insert(id, made);
+        // SAFETY: the caller's contract above.
+        unsafe { put(filter, id, "filter") }
+    })
+}
+
+/// Frees a filter from `tessera_filter_new` (what a significance filter still holds back is
+/// dropped).
+#[no_mangle]
+pub extern "C" fn tessera_filter_free(client: TesseraClient, filter: TesseraFilter) -> i32 {
+    entry(|| {
+        let h = handle(client)?;
+        let freed = lock(&h.filters).remove(&filter);
+        freed.map(drop).ok_or_else(|| Fail::new(TESSERA_ERR_CLOSED, format!("filter {filter} is not open on client {client} (freed twice?)")))
+    })
+}
+
+fn filter_missing(client: TesseraClient, filter: TesseraFilter) -> Fail {
+    Fail::new(TESSERA_ERR_CLOSED, format!("filter {filter} is not open on client {client}"))
+}
+
+/// Pushes what `filter` keeps of `grads` for `keys`, as `tessera_push` does. A push the filter
+/// keeps nothing of sends nothing, and its ticket is answered at once.
+///
+/// # Safety
+/// As `tessera_push`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn tessera_push_filtered(
+    client: TesseraClient,
+    table: TesseraTable,
+    filter: TesseraFilter,
+    keys: *const u64,
+    n_keys: usize,
+    grads: *const f32,
+    n_grads: usize,
+    ticket: *mut TesseraTicket,
+) -> i32 {
+    on_table(client, table, |h, t| {
+        check_out_or_null(ticket, "ticket")?;
+        // SAFETY: the caller's contract above.
+        let (keys, grads) = unsafe { (slice_in(keys, n_keys, "keys")?, slice_in(grads, n_grads, "grads")?) };
+        let mut filters = lock(&h.filters);
+        let f = filters.get_mut(&filter).ok_or_else(|| filter_missing(client, filter))?;
+        let sent = h.client.push_filtered(t, keys, grads, f.as_filter())?;
+        drop(filters);
+        // SAFETY: the caller's contract above.
+        unsafe { hand_out(h, sent, None, ticket) }
+    })
+}
+
+/// Hands a KKT filter the values just pulled for `keys` (`n_values` = `n_keys` x the table's
+/// dim), so that it knows which weights are zero.
+///
+/// # Safety
+/// `keys` and `values` must hold `n_keys` and `n_values` values.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_filter_observe(
+    client: TesseraClient,
+    table: TesseraTable,
+    filter: TesseraFilter,
+    keys: *const u64,
+    n_keys: usize,
+    values: *const f32,
+    n_values: usize,
+) -> i32 {
+    on_table(client, table, |h, t| {
+        // SAFETY: the caller's contract above.
+        let (keys, values) = unsafe { (slice_in(keys, n_keys, "keys")?, slice_in(values, n_values, "values")?) };
+        if values.len() != keys.len() * t.dim() {
+            let reason = format!("{} values for {} keys of dim {}", values.len(), keys.len(), t.dim());
+            return Err(Fail::new(TESSERA_ERR_ARGUMENT, reason));
+        }
+        match lock(&h.filters).get_mut(&filter) {
+            Some(PushFilter::Kkt(kkt)) => {
+                kkt.observe(t.dim(), keys, values);
+                Ok(())
+            }
+            Some(_) => Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("filter {filter} is not a KKT filter"))),
+            None => Err(filter_missing(client, filter)),
+        }
     })
 }
 
