@@ -38,6 +38,9 @@ fn install(prefix: &ScratchDir) -> String {
         .output()
         .expect("run install.sh");
     ok("install.sh", &install);
+    // Programs record the SONAME, which links to the versioned file.
+    let soname = prefix.path().join("lib/libtessera.so.0");
+    assert!(soname.is_symlink() && soname.is_file(), "install.sh made no {}", soname.display());
     let pc_path = prefix.path().join("lib/pkgconfig");
     let flags = Command::new("pkg-config").args(["--cflags", "--libs", "tessera"]).env("PKG_CONFIG_PATH", &pc_path).output().expect("run pkg-config");
     ok("pkg-config", &flags)
@@ -62,6 +65,8 @@ fn the_c_trainer_builds_with_pkg_config_and_trains_against_a_live_server() {
     let prefix = ScratchDir::new("capi");
     let flags = install(&prefix);
     let trainer = compile(&prefix, &flags, &repo().join("client/capi/examples/trainer.c"), "trainer");
+    let needed = Command::new("readelf").arg("-d").arg(&trainer).output().expect("run readelf");
+    assert!(ok("readelf", &needed).contains("[libtessera.so.0]"), "the trainer does not record the SONAME libtessera.so.0");
     // The header is C++ too.
     let cxx_check = prefix.write("check.cc", "#include <tessera.h>\nint main() { return tessera_close(0) == TESSERA_ERR_CLOSED ? 0 : 1; }\n");
     let mut cxx = Command::new("g++");

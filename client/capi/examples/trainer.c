@@ -135,6 +135,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     servers = argv[1];
+    printf("libtessera %s (header %d.%d.%d)\n", tessera_version(), TESSERA_VERSION_MAJOR, TESSERA_VERSION_MINOR,
+           TESSERA_VERSION_PATCH);
     TesseraClient client;
     TesseraTable linreg, sparse, counts, other;
     CHECK(tessera_connect(servers, 9, NULL, &client));

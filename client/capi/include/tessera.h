@@ -13,6 +13,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// The library's version, as in `tessera_version()`: major, minor and patch. A program can
+// compare what it was compiled against with what it runs with.
+#define TESSERA_VERSION_MAJOR 0
+
+#define TESSERA_VERSION_MINOR 1
+
+#define TESSERA_VERSION_PATCH 0
+
 // Success.
 #define TESSERA_OK 0
 
@@ -157,6 +165,9 @@ typedef uint64_t TesseraBuffer;
 extern "C" {
 #endif // __cplusplus
 
+// The version of the library running, "MAJOR.MINOR.PATCH" (static text).
+const char *tessera_version(void);
+
 // Fills `*options` with the defaults (and its `size`).
 //
 // # Safety
@@ -187,7 +198,7 @@ int32_t tessera_connect(const char *servers,
 //
 // # Safety
 // `servers` must be a NUL-terminated string; `options` must point to a `TesseraOptions` whose
-// `size` is right and whose strings, unless NULL, are NUL-terminated; `client` must be
+// size field is right and whose strings, unless NULL, are NUL-terminated; `client` must be
 // writable.
 int32_t tessera_connect_with(const char *servers,
                              const TesseraOptions *options,
@@ -235,7 +246,7 @@ int32_t tessera_table_options_init(TesseraTableOptions *options);
 //
 // # Safety
 // `name` must be a NUL-terminated string; `options` must point to a `TesseraTableOptions`
-// whose `size` is right and whose `updater`, unless NULL, is NUL-terminated; `table` must be
+// whose size field is right and whose updater string, unless NULL, is NUL-terminated; `table` must be
 // writable.
 int32_t tessera_create_table_with(TesseraClient client,
                                   const char *name,

@@ -35,6 +35,18 @@ use tessera_replication::{PlacementError, TableKind, TableSpec};
 use tessera_transport::auth::ClusterSecret;
 use tessera_transport::{Status, TransportError, TransportKind};
 
+/// The library's version, as in `tessera_version()`: major, minor and patch. A program can
+/// compare what it was compiled against with what it runs with.
+pub const TESSERA_VERSION_MAJOR: u32 = 0;
+pub const TESSERA_VERSION_MINOR: u32 = 1;
+pub const TESSERA_VERSION_PATCH: u32 = 0;
+
+/// The version of the library running, "MAJOR.MINOR.PATCH" (static text).
+#[no_mangle]
+pub extern "C" fn tessera_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
 /// Success.
 pub const TESSERA_OK: i32 = 0;
 /// A pointer the call needs was null.
@@ -488,7 +500,7 @@ pub unsafe extern "C" fn tessera_connect(servers: *const c_char, worker: u32, tr
 ///
 /// # Safety
 /// `servers` must be a NUL-terminated string; `options` must point to a `TesseraOptions` whose
-/// `size` is right and whose strings, unless NULL, are NUL-terminated; `client` must be
+/// size field is right and whose strings, unless NULL, are NUL-terminated; `client` must be
 /// writable.
 #[no_mangle]
 pub unsafe extern "C" fn tessera_connect_with(servers: *const c_char, options: *const TesseraOptions, client: *mut TesseraClient) -> i32 {
@@ -625,7 +637,7 @@ pub unsafe extern "C" fn tessera_table_options_init(options: *mut TesseraTableOp
 ///
 /// # Safety
 /// `name` must be a NUL-terminated string; `options` must point to a `TesseraTableOptions`
-/// whose `size` is right and whose `updater`, unless NULL, is NUL-terminated; `table` must be
+/// whose size field is right and whose updater string, unless NULL, is NUL-terminated; `table` must be
 /// writable.
 #[no_mangle]
 pub unsafe extern "C" fn tessera_create_table_with(
@@ -1155,6 +1167,15 @@ pub extern "C" fn tessera_status_name(code: i32) -> *const c_char {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_version_macros_and_function_agree_with_the_package() {
+        let parts = [TESSERA_VERSION_MAJOR, TESSERA_VERSION_MINOR, TESSERA_VERSION_PATCH].map(|p| p.to_string());
+        assert_eq!(parts.join("."), env!("CARGO_PKG_VERSION"), "set the TESSERA_VERSION_* constants to the package's version");
+        // SAFETY: tessera_version returns a static NUL-terminated string.
+        let text = unsafe { CStr::from_ptr(tessera_version()) };
+        assert_eq!(text.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+    }
     use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
 
     /// Found by the fuzzer (`tests/fuzz`, target `capi`): a pull whose ticket pointer was
