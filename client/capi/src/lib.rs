@@ -1050,7 +1050,7 @@ const WAIT_SLICE: Duration = Duration::from_millis(10);
 ///
 /// # Safety
 /// A pull's `out` must still be its output buffer under the header's contract.
-unsafe fn finish(h: &Handle, pending: Pending, timeout: Duration) -> Result<(), (Option<Pending>, Fail)> {
+unsafe fn finish(h: &Handle, pending: Pending, timeout: Duration) -> Result<(), (Option<Box<Pending>>, Fail)> {
     let deadline = Instant::now() + timeout;
     loop {
         if h.closed.load(Ordering::Acquire) {
@@ -1061,7 +1061,7 @@ unsafe fn finish(h: &Handle, pending: Pending, timeout: Duration) -> Result<(), 
             Ok(true) => break,
             Ok(false) if left.is_zero() => {
                 let message = format!("no answer within {} ms; the call is still in flight", timeout.as_millis());
-                return Err((Some(pending), Fail::new(TESSERA_ERR_TIMEOUT, message)));
+                return Err((Some(Box::new(pending)), Fail::new(TESSERA_ERR_TIMEOUT, message)));
             }
             Ok(false) => {}
             Err(e) => return Err((None, e.into())),
@@ -1089,7 +1089,7 @@ fn wait_ticket(client: TesseraClient, ticket: TesseraTicket, timeout: Option<Dur
         Ok(()) => Ok(()),
         Err((kept, fail)) => {
             if let Some(pending) = kept {
-                lock(&h.tickets).insert(ticket, pending);
+                lock(&h.tickets).insert(ticket, *pending);
             }
             Err(fail)
         }
