@@ -96,7 +96,7 @@ fn the_c_trainer_builds_with_pkg_config_and_trains_against_a_live_server() {
     assert!(status.success(), "the C trainer failed ({status}):\nstdout:\n{stdout}\nstderr:\n{stderr}");
     eprintln!("{stdout}");
     assert!(stdout.contains("trainer: ok"), "{stdout}");
-    assert_eq!(stdout.matches("refused as expected").count(), 17, "{stdout}");
+    assert_eq!(stdout.matches("refused as expected").count(), 19, "{stdout}");
     assert!(server.log().lines().all(|l| !l.contains("panicked")), "{}", server.log());
 
     // Without the secret the trainer cannot connect, and says why.
