@@ -117,3 +117,39 @@ fn a_client_goes_on_pushing_across_a_server_restart_and_every_push_is_accounted_
     }
     drop(server);
 }
+
+/// A server restarted without its data numbers tables afresh, in the order they are created
+/// again. A handle read before the restart follows its table by name: its pushes land in the
+/// table of that name, not in whichever now has its old number.
+#[test]
+fn a_table_handle_follows_its_table_by_name_across_a_restart() {
+    let mut server = ServerProc::start(&["--shards", "2"]);
+    let addr = server.addr().to_string();
+    let cfg = || ClientConfig { kind: TransportKind::Tcp, ..ClientConfig::worker(0) };
+    let client = Client::connect(&[&addr], cfg()).expect("connect");
+    let spec = |name: &str| TableSpec::new(name, TableKind::Dense, 0, KEYS, 1);
+    let table = client.create_table(&spec("mine")).expect("create mine");
+    let ones = [1f32; KEYS as usize];
+    client.push_range(&table, 0, &ones).and_then(Ticket::wait).expect("push before the restart");
+
+    server.kill();
+    let _server = ServerProc::start_at(&addr, &["--shards", "2"]);
+    let other = Client::connect(&[&addr], cfg()).expect("another client");
+    let theirs = other.create_table(&spec("theirs")).expect("create theirs, which takes the first number");
+    other.create_table(&spec("mine")).expect("create mine again");
+
+    // The first call finds the connection gone (its outcome unknown, or refused before it was
+    // sent); one of the next ones reconnects and lands in "mine".
+    let pushed = (0..20).find_map(|_| match client.push_range(&table, 0, &ones).and_then(Ticket::wait) {
+        Ok(_) => Some(()),
+        Err(ClientError::OutcomeUnknown { .. } | ClientError::Transport(_)) => None,
+        Err(e) => panic!("push after the restart: {e}"),
+    });
+    assert!(pushed.is_some(), "the client did not reconnect");
+    let (mut mine, mut their) = ([0f32; KEYS as usize], [0f32; KEYS as usize]);
+    let mine_now = other.table("mine").unwrap();
+    other.pull_range(&mine_now, 0, &mut mine).and_then(Ticket::wait).unwrap();
+    other.pull_range(&theirs, 0, &mut their).and_then(Ticket::wait).unwrap();
+    assert_eq!(their, [0.0; KEYS as usize], "nothing landed in the table that took the old number");
+    assert!(mine.iter().all(|v| *v >= 1.0), "the push landed in the table of its name: {mine:?}");
+}
