@@ -6,6 +6,12 @@
 //! returns the vector-clock [`Stamp`] of the keys it touched. Many tickets may be in flight: the
 //! results are the same whether the caller waits on each one or pipelines many.
 //!
+//! A client outlives its servers' restarts. When a connection breaks, every call in flight on it
+//! fails with [`ClientError::OutcomeUnknown`] (a push may or may not have been applied; it is
+//! never sent again), and the next call reconnects, reads the catalogs again and routes existing
+//! [`Table`] handles to the tables of the same name ([`ClientConfig::reconnect_attempts`]).
+//! [`Ticket::ready`] says whether a wait would block.
+//!
 //! ```no_run
 //! use tessera_client::{Client, ClientConfig};
 //! use tessera_replication::{TableKind, TableSpec};
