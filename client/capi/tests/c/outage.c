@@ -83,7 +83,12 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     TesseraClient client;
     TesseraTable table;
-    int rc = tessera_connect(argv[1], 0, "tcp", &client);
+    /* A trainer that expects its server gone for good gives up reconnecting after one try. */
+    TesseraOptions options;
+    tessera_options_init(&options);
+    options.transport = "tcp";
+    if (strcmp(argv[2], "dies") == 0) options.reconnect_attempts = 1;
+    int rc = tessera_connect_with(argv[1], &options, &client);
     if (rc != TESSERA_OK) die("connect", rc);
     rc = tessera_create_table(client, "outage", TESSERA_DENSE, 0, KEYS, 1, "sum", &table);
     if (rc != TESSERA_OK) die("create table", rc);
