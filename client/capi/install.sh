@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# client/capi/install.sh PREFIX [PROFILE]: installs libtessera.so, tessera.h and a pkg-config
+# client/capi/install.sh PREFIX [PROFILE]: installs libtessera.so (the file libtessera.so.VERSION, with
+# its SONAME libtessera.so.0 and libtessera.so linking to it), tessera.h and a pkg-config
 # file under PREFIX (lib/, include/, lib/pkgconfig/), from the PROFILE build (default release:
 # `cargo build --release -p tessera-capi`). A C or C++ trainer then builds with
 #   cc trainer.c $(PKG_CONFIG_PATH=PREFIX/lib/pkgconfig pkg-config --cflags --libs tessera)
@@ -16,8 +17,15 @@ if [ ! -f "$lib" ]; then
   exit 1
 fi
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/../../Cargo.toml" | head -1)
+soname=$(objdump -p "$lib" 2>/dev/null | sed -n 's/^ *SONAME *//p')
+soname=${soname:-libtessera.so.0}
 mkdir -p "$prefix/lib/pkgconfig" "$prefix/include"
-cp "$lib" "$prefix/lib/"
+# The versioned file, the SONAME programs record when they link (build.rs sets it), and the
+# name the linker looks for (-ltessera).
+rm -f "$prefix/lib/libtessera.so" "$prefix/lib/$soname"
+cp "$lib" "$prefix/lib/libtessera.so.$version"
+ln -s "libtessera.so.$version" "$prefix/lib/$soname"
+ln -s "$soname" "$prefix/lib/libtessera.so"
 cp "$here/include/tessera.h" "$prefix/include/"
 sed -e "s|@PREFIX@|$prefix|" -e "s|@VERSION@|$version|" "$here/tessera.pc.in" > "$prefix/lib/pkgconfig/tessera.pc"
 echo "installed libtessera $version under $prefix"

@@ -1,13 +1,15 @@
 //! The client's state behind its lock: links, the range map, and reusable routing buffers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
-use tessera_replication::placement::{Owner, RangeMap};
+use tessera_replication::placement::{Owner, RangeMap, Route};
 use tessera_replication::TableKind;
 use tessera_transport::tcp::TcpLink;
-use tessera_transport::{Chosen, Header, Link, Op, PushBuffer, Status, CONTROL_SHARD};
+use tessera_transport::{Chosen, Header, Link, Op, PushBuffer, Status, TransportError, CONTROL_SHARD};
 
 use crate::error::{ClientError, Result};
 use crate::ticket::{server_error, Resend, Stamp, Sub, Ticket};
@@ -40,6 +42,10 @@ struct Shard {
     outstanding: u64,
     /// The key lists the shard remembers for this link, as far as this side can tell.
     lists: KeyLists<()>,
+    /// Requests below this id were in flight on a connection that broke: their replies never
+    /// come, and their tickets report [`ClientError::OutcomeUnknown`]. Ids go on counting across
+    /// reconnections, so an old ticket is never matched with a new connection's reply.
+    lost_below: u64,
 }
 
 impl Shard {
@@ -81,6 +87,52 @@ struct ServerLinks {
     shards: Vec<Shard>,
     /// The longest stamp a reply can carry.
     workers_max: u32,
+    /// Set when a connection to the server broke: why. The next call reconnects first.
+    broken: Option<String>,
+    /// Why connections to the server were last lost, for the tickets that were in flight.
+    lost: String,
+}
+
+/// The longest pause between two attempts to reconnect to a server.
+const RECONNECT_PAUSE_MS_MAX: u64 = 1_000;
+
+/// Whether `e` leaves a link unusable: anything that may have cut a frame in two, or shows the
+/// connection gone. A receive that timed out leaves the stream whole (the reply may come yet).
+fn breaks_link(e: &TransportError, receiving: bool) -> bool {
+    match e {
+        TransportError::Timeout { .. } => !receiving,
+        TransportError::Closed { .. } | TransportError::Io(_) | TransportError::Malformed { .. } | TransportError::Rdma { .. } => true,
+        _ => false,
+    }
+}
+
+/// Connects to one server: its control plane (whose hello says how many shards it has), then
+/// one link per shard, over the transport `chosen`.
+fn dial(addr: &str, cfg: &ClientConfig, chosen: &Chosen) -> Result<ServerLinks> {
+    let (mut control, info) = TcpLink::connect(addr, CONTROL_SHARD, cfg.worker, &cfg.transport)?;
+    let info: ServerInfo = serde_json::from_slice(&info)
+        .map_err(|e| ClientError::Protocol { server: addr.to_string(), reason: format!("bad hello reply: {e}") })?;
+    control.limit_frames(info.frame_bytes_max as usize);
+    if cfg.kind == tessera_transport::TransportKind::Rdma && !info.rdma {
+        let reason = format!("server {addr} serves TCP only; start it with --transport rdma");
+        return Err(ClientError::Transport(TransportError::RdmaUnavailable { reason }));
+    }
+    let mut shards = Vec::with_capacity(info.shards as usize);
+    for shard in 0..info.shards {
+        let (mut link, _) =
+            tessera_transport::select::connect_link(addr, shard as u64, cfg.worker, &cfg.transport, chosen, info.rdma, &cfg.rdma)?;
+        link.limit_frames(info.frame_bytes_max as usize);
+        shards.push(Shard {
+            link,
+            next_id: 1,
+            parked: BTreeMap::new(),
+            abandoned: BTreeSet::new(),
+            outstanding: 0,
+            lists: KeyLists::new(cfg.key_cache_keys),
+            lost_below: 0,
+        });
+    }
+    Ok(ServerLinks { addr: addr.to_string(), control, shards, workers_max: info.workers_max, broken: None, lost: String::new() })
 }
 
 /// Routing buffers, reused from call to call.
@@ -122,38 +174,16 @@ pub(crate) struct Core {
     /// Key-list requests sent by hash, and those the shard did not hold (sent again in full).
     pub lists_by_hash: u64,
     pub lists_missed: u64,
+    /// Counts reconnections: a [`Table`] read under an older one is routed by name again.
+    generation: u64,
+    /// Routes of tables looked up again since the last reconnection, by name.
+    remapped: HashMap<String, Arc<Route>>,
 }
 
 impl Core {
     pub fn connect(addrs: &[&str], cfg: ClientConfig) -> Result<Core> {
         let chosen = tessera_transport::select::choose(cfg.kind, &cfg.rdma)?;
-        let mut servers = Vec::with_capacity(addrs.len());
-        for addr in addrs {
-            let (control, info) = TcpLink::connect(addr, CONTROL_SHARD, cfg.worker, &cfg.transport)?;
-            let info: ServerInfo = serde_json::from_slice(&info)
-                .map_err(|e| ClientError::Protocol { server: addr.to_string(), reason: format!("bad hello reply: {e}") })?;
-            let mut control = control;
-            control.limit_frames(info.frame_bytes_max as usize);
-            let mut shards = Vec::with_capacity(info.shards as usize);
-            if cfg.kind == tessera_transport::TransportKind::Rdma && !info.rdma {
-                let reason = format!("server {addr} serves TCP only; start it with --transport rdma");
-                return Err(ClientError::Transport(tessera_transport::TransportError::RdmaUnavailable { reason }));
-            }
-            for shard in 0..info.shards {
-                let (mut link, _) = tessera_transport::select::connect_link(
-                    addr,
-                    shard as u64,
-                    cfg.worker,
-                    &cfg.transport,
-                    &chosen,
-                    info.rdma,
-                    &cfg.rdma,
-                )?;
-                link.limit_frames(info.frame_bytes_max as usize);
-                shards.push(Shard { link, next_id: 1, parked: BTreeMap::new(), abandoned: BTreeSet::new(), outstanding: 0, lists: KeyLists::new(cfg.key_cache_keys) });
-            }
-            servers.push(ServerLinks { addr: addr.to_string(), control, shards, workers_max: info.workers_max });
-        }
+        let servers = addrs.iter().map(|addr| dial(addr, &cfg, &chosen)).collect::<Result<Vec<_>>>()?;
         let mut core = Core {
             cfg,
             chosen,
@@ -166,6 +196,8 @@ impl Core {
             bytes_received: 0,
             lists_by_hash: 0,
             lists_missed: 0,
+            generation: 0,
+            remapped: HashMap::new(),
         };
         core.refresh()?;
         Ok(core)
@@ -173,11 +205,22 @@ impl Core {
 
     /// One request on server `server`'s control plane; returns the reply body.
     fn control(&mut self, server: usize, op: Op, body: &[u8]) -> Result<Vec<u8>> {
+        if self.servers[server].broken.is_some() {
+            self.heal()?;
+        }
         self.control_id += 1;
         let s = &mut self.servers[server];
         let mut header = Header::request(op, self.control_id);
-        s.control.send(&mut header, &[body], false)?;
-        let reply = s.control.recv(None)?;
+        let sent = s.control.send(&mut header, &[body], false);
+        let reply = match sent.and_then(|()| s.control.recv(None)) {
+            Ok(reply) => reply,
+            Err(e) => {
+                // The control plane is strictly one request, one reply: after any failure a late
+                // reply could be taken for the next one's, so the connection is not used again.
+                self.break_server(server, &e);
+                return Err(e.into());
+            }
+        };
         if reply.header.status() != Status::Ok {
             let message = String::from_utf8_lossy(reply.body).into_owned();
             return Err(server_error(&s.addr, &reply.header, message));
@@ -236,7 +279,120 @@ impl Core {
         if self.map.table(name).is_err() {
             self.refresh()?;
         }
-        Ok(Table { route: Arc::new(self.map.table(name)?.clone()), consistency: None })
+        Ok(Table { route: Arc::new(self.map.table(name)?.clone()), consistency: None, generation: self.generation })
+    }
+
+    /// `table` as the servers route it now. Reconnects first to any server whose connections
+    /// broke; a handle read before a reconnection is then routed as the table of the same name
+    /// in the catalogs read since (a restarted server may number its tables differently).
+    pub fn current<'t>(&mut self, table: &'t Table) -> Result<Cow<'t, Table>> {
+        if self.servers.iter().any(|s| s.broken.is_some()) {
+            self.heal()?;
+        }
+        if table.generation == self.generation {
+            return Ok(Cow::Borrowed(table));
+        }
+        let name = &table.spec().name;
+        let route = match self.remapped.get(name) {
+            Some(route) => route.clone(),
+            None => {
+                let found = self.map.table(name)?;
+                if found.spec != *table.spec() {
+                    let reason = format!("table {name:?} has another definition since the client reconnected: look it up again");
+                    return Err(ClientError::Config { reason });
+                }
+                let route = Arc::new(found.clone());
+                self.remapped.insert(name.clone(), route.clone());
+                route
+            }
+        };
+        Ok(Cow::Owned(Table { route, consistency: table.consistency, generation: self.generation }))
+    }
+
+    /// Marks server `server`'s connections broken by `e`: the requests in flight on them are
+    /// lost, and the next call reconnects.
+    fn break_server(&mut self, server: usize, e: &TransportError) {
+        let s = &mut self.servers[server];
+        tracing::warn!(server = %s.addr, error = %e, "connection lost; the next call reconnects");
+        s.lost = e.to_string();
+        s.broken.get_or_insert_with(|| e.to_string());
+        for shard in &mut s.shards {
+            shard.lost_below = shard.next_id;
+            shard.outstanding = 0;
+            shard.abandoned.clear();
+        }
+    }
+
+    /// The error for a link failure on `server`, after marking its connections broken when
+    /// the failure breaks them. A request in flight on a broken link has an unknown outcome.
+    fn link_failed(&mut self, server: u32, e: ClientError, receiving: bool) -> ClientError {
+        match e {
+            ClientError::Transport(t) if breaks_link(&t, receiving) => {
+                self.break_server(server as usize, &t);
+                let s = &self.servers[server as usize];
+                if receiving {
+                    return ClientError::OutcomeUnknown { server: s.addr.clone(), reason: s.lost.clone() };
+                }
+                ClientError::Transport(t)
+            }
+            other => other,
+        }
+    }
+
+    /// Reconnects to every server whose connections broke and reads the catalogs again. Tries
+    /// each server `reconnect_attempts` times, the pause between tries doubling from
+    /// `reconnect_pause_ms` up to a second; fails with [`ClientError::Reconnect`], and the next
+    /// call tries again.
+    fn heal(&mut self) -> Result<()> {
+        for server in 0..self.servers.len() {
+            if self.servers[server].broken.is_some() {
+                let fresh = self.redial(server)?;
+                self.adopt(server, fresh);
+            }
+        }
+        self.generation += 1;
+        self.remapped.clear();
+        self.refresh().map(|_| ())
+    }
+
+    fn redial(&self, server: usize) -> Result<ServerLinks> {
+        let addr = &self.servers[server].addr;
+        let attempts = self.cfg.reconnect_attempts;
+        let mut pause_ms = self.cfg.reconnect_pause_ms;
+        let mut last = String::from("reconnecting is off (ClientConfig::reconnect_attempts is 0)");
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(pause_ms));
+                pause_ms = (pause_ms * 2).min(RECONNECT_PAUSE_MS_MAX);
+            }
+            match dial(addr, &self.cfg, &self.chosen) {
+                Ok(links) => return Ok(links),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(ClientError::Reconnect { server: addr.clone(), attempts, reason: last })
+    }
+
+    /// Puts the links of a fresh connection to `server` in place of its broken ones. Replies
+    /// that arrived before the break stay parked for their tickets; request ids go on from
+    /// where they were.
+    fn adopt(&mut self, server: usize, fresh: ServerLinks) {
+        let old = &mut self.servers[server];
+        let base = old.shards.iter().map(|s| s.next_id).max().unwrap_or(1);
+        let mut kept = std::mem::take(&mut old.shards).into_iter();
+        for mut shard in fresh.shards {
+            match kept.next() {
+                Some(mut was) => {
+                    (was.link, was.lists) = (shard.link, shard.lists);
+                    old.shards.push(was);
+                }
+                None => {
+                    (shard.next_id, shard.lost_below) = (base, base);
+                    old.shards.push(shard);
+                }
+            }
+        }
+        (old.control, old.workers_max, old.broken) = (fresh.control, fresh.workers_max, None);
     }
 
     /// Sends one frame to `owner` and returns its request id.
@@ -253,6 +409,9 @@ impl Core {
         mut header: Header,
         send: impl FnOnce(&mut dyn Link, &mut Header) -> tessera_transport::Result<()>,
     ) -> Result<u64> {
+        if self.servers[owner.server as usize].broken.is_some() {
+            self.heal()?;
+        }
         let shard = &mut self.servers[owner.server as usize].shards[owner.shard as usize];
         header.request_id = shard.next_id;
         header.table = owner.table_id;
@@ -261,7 +420,9 @@ impl Core {
         if self.cfg.compress {
             header.flags |= tessera_transport::wire::flags::COMPRESS_REPLY;
         }
-        send(shard.link.as_mut(), &mut header)?;
+        if let Err(e) = send(shard.link.as_mut(), &mut header) {
+            return Err(self.link_failed(owner.server, e.into(), false));
+        }
         shard.next_id += 1;
         shard.outstanding += 1;
         self.bytes_sent += header.frame_len() as u64;
@@ -282,7 +443,9 @@ impl Core {
     /// buffers.
     fn release_buffers(&mut self, subs: &[Sub]) -> Result<()> {
         for s in subs {
-            self.servers[s.server as usize].shards[s.shard as usize].link.settle()?;
+            if let Err(e) = self.servers[s.server as usize].shards[s.shard as usize].link.settle() {
+                return Err(self.link_failed(s.server, e.into(), false));
+            }
         }
         Ok(())
     }
@@ -350,6 +513,8 @@ impl Core {
         out: Option<&'a mut [f32]>,
         part_done: bool,
     ) -> Result<Ticket<'a>> {
+        let fresh = self.current(table)?;
+        let table: &Table = &fresh;
         let dim = table.dim();
         // A push that completes this clock on every part: each part's last frame says so, and
         // parts without keys get an empty push that does.
@@ -429,13 +594,20 @@ impl Core {
     /// Passes a send's result through; on failure, forgets the sub-requests already sent, so that
     /// their replies are dropped when they come. (Building the ticket only after every send keeps
     /// a failed call from dropping a ticket, which would lock the client again from inside.)
+    /// A call whose frames went out in part when a connection broke has an unknown outcome:
+    /// the parts sent may be applied.
     fn sent_or_abandon<T>(&mut self, sent: Result<T>, subs: &[Sub]) -> Result<T> {
-        if sent.is_err() {
-            for s in subs {
-                self.abandon(s.server, s.shard, s.id);
-            }
+        let Err(e) = sent else { return sent };
+        for s in subs {
+            self.abandon(s.server, s.shard, s.id);
         }
-        sent
+        match (e, subs.first()) {
+            (ClientError::Transport(t), Some(sub)) if breaks_link(&t, false) => {
+                let server = self.servers[sub.server as usize].addr.clone();
+                Err(ClientError::OutcomeUnknown { server, reason: t.to_string() })
+            }
+            (e, _) => Err(e),
+        }
     }
 
     /// Refuses, before anything is sent, a gradient with NaN or Inf for a table that rejects
@@ -594,6 +766,8 @@ impl Core {
         out: Option<&'a mut [f32]>,
         source: Option<&PushBuffer>,
     ) -> Result<Ticket<'a>> {
+        let fresh = self.current(table)?;
+        let table: &Table = &fresh;
         let dim = table.dim();
         let count = len / dim;
         Self::check_len(table, if kind == Kind::Push { "the gradient" } else { "the output" }, count, len)?;
@@ -663,7 +837,10 @@ impl Core {
     /// (`false` if not); the blocks' stamp is left in `scratch.read_stamp`.
     fn read_dense(&mut self, owner: Owner, dim: usize, start: u64, out: &mut [f32]) -> Result<bool> {
         let link = &mut self.servers[owner.server as usize].shards[owner.shard as usize].link;
-        let read = link.read_dense(owner.table_id, start, dim as u32, out, &mut self.scratch.read_stamp)?;
+        let read = match link.read_dense(owner.table_id, start, dim as u32, out, &mut self.scratch.read_stamp) {
+            Ok(read) => read,
+            Err(e) => return Err(self.link_failed(owner.server, e.into(), false)),
+        };
         if read {
             self.bytes_received += (out.len() * 4) as u64;
         }
@@ -686,18 +863,51 @@ impl Core {
     ) -> Result<()> {
         let s = &mut self.servers[server as usize];
         let addr = &s.addr;
-        let shard = &mut s.shards[shard as usize];
+        let Some(shard) = s.shards.get_mut(shard as usize).filter(|sh| id >= sh.lost_below || sh.parked.contains_key(&id)) else {
+            return Err(ClientError::OutcomeUnknown { server: addr.clone(), reason: s.lost.clone() });
+        };
         if let Some(p) = shard.parked.remove(&id) {
             return take(&p.header, &p.body).map_err(|m| server_error(addr, &p.header, m));
         }
         let Shard { link, next_id, parked, abandoned, outstanding, .. } = shard;
         loop {
-            let frame = link.recv(None)?;
+            let frame = match link.recv(None) {
+                Ok(frame) => frame,
+                Err(e) => return Err(self.link_failed(server, e.into(), true)),
+            };
             self.bytes_received += frame.header.frame_len() as u64;
             *outstanding = outstanding.saturating_sub(1);
             if frame.header.request_id == id {
                 return take(&frame.header, frame.body).map_err(|m| server_error(addr, &frame.header, m));
             }
+            park(addr, *next_id, parked, abandoned, &frame.header, frame.body)?;
+        }
+    }
+
+    /// Whether waiting for request `id`'s reply on one shard would return without blocking: its
+    /// reply is parked, or it was lost with a broken connection (the wait reports that).
+    /// Receives, and parks, what arrives for up to `timeout` (zero: only what is there now).
+    pub fn arrived(&mut self, server: u32, shard: u16, id: u64, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        let s = &mut self.servers[server as usize];
+        let addr = &s.addr;
+        let Some(sh) = s.shards.get_mut(shard as usize) else { return Ok(true) };
+        loop {
+            if sh.parked.contains_key(&id) || id < sh.lost_below || sh.outstanding == 0 {
+                return Ok(true);
+            }
+            let Shard { link, next_id, parked, abandoned, outstanding, .. } = sh;
+            let frame = match link.recv(Some(deadline.saturating_duration_since(Instant::now()))) {
+                Ok(frame) => frame,
+                Err(TransportError::Timeout { .. }) => return Ok(false),
+                Err(e) if breaks_link(&e, true) => {
+                    self.break_server(server as usize, &e);
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.bytes_received += frame.header.frame_len() as u64;
+            *outstanding = outstanding.saturating_sub(1);
             park(addr, *next_id, parked, abandoned, &frame.header, frame.body)?;
         }
     }
@@ -709,7 +919,10 @@ impl Core {
         let addr = &s.addr;
         let shard = &mut s.shards[shard as usize];
         while shard.outstanding > 0 && !shard.parked.contains_key(&id) {
-            self.bytes_received += shard.receive_one(addr)?;
+            match shard.receive_one(addr) {
+                Ok(bytes) => self.bytes_received += bytes,
+                Err(e) => return Err(self.link_failed(server, e, true)),
+            }
         }
         Ok(())
     }
@@ -717,11 +930,15 @@ impl Core {
     /// Receives every reply still due on every shard, parking each for its ticket: afterwards
     /// every request sent so far has been answered.
     pub fn settle_all(&mut self) -> Result<()> {
-        for s in &mut self.servers {
+        for server in 0..self.servers.len() {
+            let s = &mut self.servers[server];
             let addr = &s.addr;
             for shard in &mut s.shards {
                 while shard.outstanding > 0 {
-                    self.bytes_received += shard.receive_one(addr)?;
+                    match shard.receive_one(addr) {
+                        Ok(bytes) => self.bytes_received += bytes,
+                        Err(e) => return Err(self.link_failed(server as u32, e, true)),
+                    }
                 }
             }
         }
@@ -740,8 +957,9 @@ impl Core {
 
     /// Forgets a request whose ticket was dropped.
     pub fn abandon(&mut self, server: u32, shard: u16, id: u64) {
-        let shard = &mut self.servers[server as usize].shards[shard as usize];
-        if shard.parked.remove(&id).is_none() {
+        let Some(shard) = self.servers[server as usize].shards.get_mut(shard as usize) else { return };
+        // A request lost with a broken connection has no reply to drop.
+        if shard.parked.remove(&id).is_none() && id >= shard.lost_below {
             shard.abandoned.insert(id);
         }
     }
@@ -760,5 +978,20 @@ impl Core {
             subs.clear();
             self.scratch.subs.push(subs);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_that_may_cut_a_frame_break_a_link() {
+        let timeout = || TransportError::Timeout { what: "a reply", ms: 1 };
+        assert!(!breaks_link(&timeout(), true), "a late reply may still come whole");
+        assert!(breaks_link(&timeout(), false), "a send that timed out may have written part of a frame");
+        assert!(breaks_link(&TransportError::Closed { mid_frame: false }, true));
+        assert!(breaks_link(&TransportError::Io(std::io::ErrorKind::ConnectionReset.into()), false));
+        assert!(!breaks_link(&TransportError::FrameTooLarge { bytes: 2, limit: 1 }, false), "refused before a byte was written");
     }
 }

@@ -6,6 +6,12 @@
 //! returns the vector-clock [`Stamp`] of the keys it touched. Many tickets may be in flight: the
 //! results are the same whether the caller waits on each one or pipelines many.
 //!
+//! A client outlives its servers' restarts. When a connection breaks, every call in flight on it
+//! fails with [`ClientError::OutcomeUnknown`] (a push may or may not have been applied; it is
+//! never sent again), and the next call reconnects, reads the catalogs again and routes existing
+//! [`Table`] handles to the tables of the same name ([`ClientConfig::reconnect_attempts`]).
+//! [`Ticket::ready`] says whether a wait would block.
+//!
 //! ```no_run
 //! use tessera_client::{Client, ClientConfig};
 //! use tessera_replication::{TableKind, TableSpec};
@@ -74,6 +80,13 @@ pub struct ClientConfig {
     /// How long a bounded-delay pull waits for slow workers before it fails with
     /// [`ClientError::Stale`], naming the worker that held it back.
     pub stale_timeout: std::time::Duration,
+    /// Attempts to reconnect to a server whose connection broke (it restarted, say), made by
+    /// the next call; 0 never reconnects. Calls in flight when the connection broke fail with
+    /// [`ClientError::OutcomeUnknown`] and are never sent again.
+    pub reconnect_attempts: u32,
+    /// The pause after the first failed attempt to reconnect; it doubles after each, up to a
+    /// second.
+    pub reconnect_pause_ms: u64,
 }
 
 impl ClientConfig {
@@ -89,6 +102,8 @@ impl ClientConfig {
             workers: 0,
             key_cache_keys: 0,
             stale_timeout: std::time::Duration::from_secs(60),
+            reconnect_attempts: 8,
+            reconnect_pause_ms: 50,
         }
     }
 }
@@ -99,6 +114,8 @@ pub struct Table {
     route: Arc<Route>,
     /// The consistency model of calls on this handle that set none themselves.
     pub(crate) consistency: Option<Consistency>,
+    /// The client's count of reconnections when the route was read (see `Core::current`).
+    pub(crate) generation: u64,
 }
 
 impl Table {
@@ -183,6 +200,12 @@ impl Client {
     /// the same length) the call was given; `None` for a push.
     pub fn resume<'a>(&'a self, ticket: Detached, out: Option<&'a mut [f32]>) -> Ticket<'a> {
         Ticket::resume(self, ticket, out)
+    }
+
+    /// Whether waiting on a [`Detached`] ticket of this client would return without blocking;
+    /// receives for up to `timeout` first (zero only looks). See [`Ticket::ready`].
+    pub fn ready(&self, ticket: &Detached, timeout: std::time::Duration) -> Result<bool> {
+        ticket.ready(self, timeout)
     }
 
     /// Requests sent whose replies have not been received yet, over all shards.

@@ -130,7 +130,36 @@ impl<'a> Ticket<'a> {
     }
 }
 
+/// Whether every reply `subs` wait for is in (see [`Core::arrived`](crate::core::Core)),
+/// receiving for up to `timeout` in all.
+fn arrived(client: &Client, subs: &[Sub], timeout: std::time::Duration) -> Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut core = client.lock();
+    for sub in subs {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if !core.arrived(sub.server, sub.shard, sub.id, left)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+impl Detached {
+    /// Whether waiting on this ticket (resumed on `client`, the client that made it) would
+    /// return without blocking; receives for up to `timeout` first. Zero only looks.
+    pub(crate) fn ready(&self, client: &Client, timeout: std::time::Duration) -> Result<bool> {
+        arrived(client, &self.subs, timeout)
+    }
+}
+
 impl Ticket<'_> {
+    /// Whether [`Ticket::wait`] would return without blocking: every shard answered, or a
+    /// connection the call went over broke. Receives for up to `timeout` first (zero only
+    /// looks); the ticket stays as it was either way.
+    pub fn ready(&self, timeout: std::time::Duration) -> Result<bool> {
+        arrived(self.client, &self.subs, timeout)
+    }
+
     /// Blocks until every shard answered. Pulls have written their values when this returns.
     /// Returns the stamp of the keys touched, or the first error any shard reported.
     pub fn wait(mut self) -> Result<Stamp> {

@@ -1079,6 +1079,15 @@ impl TcpLink {
     }
 }
 
+/// Writes `slices` with one `sendmsg(MSG_NOSIGNAL)`: a write to a connection the peer has
+/// closed then fails with `EPIPE` instead of raising SIGPIPE. `write_vectored` is a plain
+/// `writev`, and a C program that loads the library keeps SIGPIPE's default action (Rust
+/// ignores it only in Rust programs): a dead server would kill the trainer.
+fn send_vectored(stream: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    let mut no_control = rustix::net::SendAncillaryBuffer::default();
+    Ok(rustix::net::sendmsg(stream, slices, &mut no_control, rustix::net::SendFlags::NOSIGNAL)?)
+}
+
 /// The parts of a link that move bytes, borrowed apart from its compression buffers.
 struct Sock<'a> {
     stream: &'a mut TcpStream,
@@ -1119,7 +1128,7 @@ impl Sock<'_> {
         let deadline = Instant::now() + self.io_timeout;
         let mut slices = slices;
         while !slices.is_empty() {
-            match self.stream.write_vectored(slices) {
+            match send_vectored(self.stream, slices) {
                 Ok(0) => return Err(TransportError::Closed { mid_frame: true }),
                 Ok(n) => IoSlice::advance_slices(&mut slices, n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(deadline, "the socket to drain")?,

@@ -2,8 +2,8 @@
  * trainer.c: a native trainer linked against libtessera (the test suite builds and runs it
  * against a live server). It
  *   1. trains a linear regression by SGD on a dense table, from two threads, each with its own
- *      client, and checks that the learned weights are the true ones;
- *   2. pushes and pulls keys of a sparse table, with a ticket in flight;
+ *      client (connected with options), and checks that the learned weights are the true ones;
+ *   2. pushes and pulls keys of a sparse table defined with table options, polling a ticket;
  *   3. has four threads push through one shared client at once, and checks the exact sum;
  *   4. passes bad input on purpose (NULL pointers, wrong lengths, unknown tables and handles,
  *      use after close) and checks that each call is refused with the right status.
@@ -68,7 +68,13 @@ static void *train(void *arg) {
     TesseraClient client;
     TesseraTable table;
     uint32_t dim;
-    CHECK(tessera_connect(servers, me->worker, "tcp", &client));
+    /* Every setting starts at its default; the cluster secret, if any, comes from the environment. */
+    TesseraOptions options;
+    CHECK(tessera_options_init(&options));
+    options.worker = me->worker;
+    options.transport = "tcp";
+    options.io_timeout_ms = 10000;
+    CHECK(tessera_connect_with(servers, &options, &client));
     CHECK(tessera_table(client, "c.linreg", &table, &dim));
     if (dim != 1) {
         fprintf(stderr, "c.linreg has dim %u\n", dim);
@@ -135,6 +141,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     servers = argv[1];
+    printf("libtessera %s (header %d.%d.%d)\n", tessera_version(), TESSERA_VERSION_MAJOR, TESSERA_VERSION_MINOR,
+           TESSERA_VERSION_PATCH);
     TesseraClient client;
     TesseraTable linreg, sparse, counts, other;
     CHECK(tessera_connect(servers, 9, NULL, &client));
@@ -156,14 +164,22 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    /* 2. A sparse table: a push, then a pull whose ticket is waited on later. */
-    CHECK(tessera_create_table(client, "c.sparse", TESSERA_SPARSE, 0, UINT64_MAX, 2, NULL, &sparse));
+    /* 2. A sparse table: a push, then a pull whose ticket is polled, then waited on. */
+    TesseraTableOptions definition;
+    CHECK(tessera_table_options_init(&definition));
+    definition.kind = TESSERA_SPARSE;
+    definition.end = UINT64_MAX;
+    definition.dim = 2;
+    definition.non_finite = TESSERA_NON_FINITE_SKIP;
+    CHECK(tessera_create_table_with(client, "c.sparse", &definition, &sparse));
     uint64_t keys[3] = {5, 1ull << 40, 77};
     float grads[6] = {1, 2, 3, 4, 5, 6}, values[6] = {0};
     TesseraTicket pulled;
     CHECK(tessera_push(client, sparse, keys, 3, grads, 6, NULL));
     CHECK(tessera_pull(client, sparse, keys, 3, values, 6, &pulled));
-    CHECK(tessera_wait(client, pulled));
+    int ready = 0;
+    CHECK(tessera_poll(client, pulled, &ready));
+    CHECK(tessera_wait_timeout(client, pulled, 10000));
     if (memcmp(values, grads, sizeof values) != 0) {
         fprintf(stderr, "the sparse pull did not return what was pushed\n");
         return 1;
@@ -199,6 +215,11 @@ int main(int argc, char **argv) {
     expect(tessera_connect("127.0.0.1:1", 0, "tcp", &spare), TESSERA_ERR_CONNECT, "no server there");
     expect(tessera_wait(client, pulled), TESSERA_ERR_CLOSED, "a ticket waited on twice");
     expect(tessera_wait(client, 12345), TESSERA_ERR_CLOSED, "a ticket never issued");
+    expect(tessera_wait_timeout(client, 12345, 10), TESSERA_ERR_CLOSED, "a ticket never issued, with a timeout");
+    TesseraOptions newer;
+    CHECK(tessera_options_init(&newer));
+    newer.size += 8;
+    expect(tessera_connect_with(servers, &newer, &spare), TESSERA_ERR_ARGUMENT, "options from a newer header");
     CHECK(tessera_close(client));
     expect(tessera_push(client, sparse, keys, 3, grads, 6, NULL), TESSERA_ERR_CLOSED, "a push after close");
     expect(tessera_close(client), TESSERA_ERR_CLOSED, "a client closed twice");

@@ -13,6 +13,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// The library's version, as in `tessera_version()`: major, minor and patch. A program can
+// compare what it was compiled against with what it runs with.
+#define TESSERA_VERSION_MAJOR 0
+
+#define TESSERA_VERSION_MINOR 1
+
+#define TESSERA_VERSION_PATCH 0
+
 // Success.
 #define TESSERA_OK 0
 
@@ -26,7 +34,8 @@
 // The client, table or ticket handle is unknown: never opened, closed, or already waited on.
 #define TESSERA_ERR_CLOSED 3
 
-// Connecting to the servers failed.
+// Connecting to the servers failed, or reconnecting to one whose connection broke (the next
+// call tries again).
 #define TESSERA_ERR_CONNECT 4
 
 // No table has that name (or id).
@@ -41,11 +50,75 @@
 // A bug in Tessera: close the client.
 #define TESSERA_ERR_PANIC 8
 
+// The connection broke (the server died or restarted) with this call in flight: a push may or
+// may not have been applied, and a pull's output is not complete. The call is never sent
+// again; the client's next call reconnects by itself.
+#define TESSERA_ERR_UNKNOWN_OUTCOME 9
+
+// No answer in time: the ticket of `tessera_wait` or `tessera_wait_timeout` is still in flight
+// (wait on it again, poll it, or close the client). A call made with a NULL ticket that
+// times out may still be applied.
+#define TESSERA_ERR_TIMEOUT 10
+
 // `tessera_create_table`'s `kind`: a dense table (every key in `[start, end)` exists).
 #define TESSERA_DENSE 0
 
 // `tessera_create_table`'s `kind`: a sparse table (keys exist once pushed).
 #define TESSERA_SPARSE 1
+
+// `TesseraTableOptions::non_finite`: refuse a push with NaN or Inf; nothing of it is applied.
+#define TESSERA_NON_FINITE_REJECT 0
+
+// `TesseraTableOptions::non_finite`: apply a push's finite components and skip the others.
+#define TESSERA_NON_FINITE_SKIP 1
+
+// `tessera_filter_new`'s `kind`: send a key only once its change, accumulated over pushes,
+// exceeds `param` in some component; until then it is held here and keeps adding up.
+#define TESSERA_FILTER_SIGNIFICANT 0
+
+// `tessera_filter_new`'s `kind`: drop each key with probability `param` (in [0, 1)), scaling
+// what is sent by 1 / (1 - param); `seed` makes runs repeat.
+#define TESSERA_FILTER_RANDOM_SKIP 1
+
+// `tessera_filter_new`'s `kind`: the KKT filter of an L1-regularised model with strength
+// `param`: a key whose weight is zero is not sent while its gradient is within `param`. Hand it
+// every pull's values with `tessera_filter_observe`.
+#define TESSERA_FILTER_KKT 2
+
+// How a client connects and behaves (`tessera_connect_with`). Fill it with
+// `tessera_options_init`, then change what you need: a program built against this header
+// keeps working with later versions of the library, which may add fields at the end.
+typedef struct {
+  // `sizeof(TesseraOptions)` as the program was compiled (set by `tessera_options_init`).
+  uint32_t size;
+  // This trainer's worker id: its entry in the vector clocks, distinct per trainer.
+  uint32_t worker;
+  // "auto" (RDMA where both ends have it), "tcp" or "rdma"; NULL is "auto".
+  const char *transport;
+  // The consistency model of every call: "eventual", "sequential" or "bounded:N" (bounded
+  // delay N); NULL is "eventual".
+  const char *consistency;
+  // Workers in the job (ids 0 .. workers - 1), whom a bounded-delay pull waits for; 0 is
+  // unknown, and bounded-delay pulls are refused.
+  uint32_t workers;
+  // 1: Snappy-compress request and reply bodies when that saves at least a tenth.
+  uint32_t compress;
+  // Keys of repeated key lists sent by hash instead of in full, per shard; 0 (the default)
+  // sends every list in full. Keep it at most the servers' --key-cache-keys.
+  uint64_t key_cache_keys;
+  // How long a call waits for the network, and `tessera_wait` for an answer (30 000).
+  uint64_t io_timeout_ms;
+  // How long a bounded-delay pull waits for slow workers (60 000).
+  uint64_t stale_timeout_ms;
+  // Attempts to reconnect to a server whose connection broke, made by the next call (8); 0
+  // never reconnects.
+  uint32_t reconnect_attempts;
+  // The pause after the first failed attempt to reconnect, doubling up to a second (50).
+  uint32_t reconnect_pause_ms;
+  // A file holding the cluster secret, or NULL for the file named by the environment
+  // variable `TESSERA_CLUSTER_SECRET_FILE` (if set).
+  const char *cluster_secret_file;
+} TesseraOptions;
 
 // A connected client (0 is never one).
 typedef uint64_t TesseraClient;
@@ -53,8 +126,37 @@ typedef uint64_t TesseraClient;
 // A table of one client, from `tessera_table` or `tessera_create_table`.
 typedef uint32_t TesseraTable;
 
+// A table's definition (`tessera_create_table_with`). Fill it with
+// `tessera_table_options_init`, then set at least `end`.
+typedef struct {
+  // `sizeof(TesseraTableOptions)` as the program was compiled (set by the init function).
+  uint32_t size;
+  // `TESSERA_DENSE` (the default) or `TESSERA_SPARSE`.
+  uint32_t kind;
+  // Keys are `[start, end)` (start 0, end unset: 0).
+  uint64_t start;
+  uint64_t end;
+  // Values per key (1).
+  uint32_t dim;
+  // What a push with NaN or Inf does: `TESSERA_NON_FINITE_REJECT` (the default; nothing of
+  // it is applied) or `TESSERA_NON_FINITE_SKIP` (the finite components are).
+  uint32_t non_finite;
+  // How pushes are applied, e.g. "sum", "sgd{lr=0.1}"; NULL is "sum".
+  const char *updater;
+  // Initial values: 0 (the default) starts every key at zero; a positive scale starts each
+  // component uniform in `[-init_scale, init_scale)`, a pure function of `init_seed`, the key
+  // and the component.
+  float init_scale;
+  uint64_t init_seed;
+  // A sparse table's most keys per shard; 0 is the servers' default.
+  uint64_t capacity;
+} TesseraTableOptions;
+
 // A call in flight, to wait on with `tessera_wait` (0 is never one).
 typedef uint64_t TesseraTicket;
+
+// A push filter of one client, from `tessera_filter_new` (0 is never one).
+typedef uint64_t TesseraFilter;
 
 // A gradient buffer of one client, from `tessera_push_buffer` (0 is never one).
 typedef uint64_t TesseraBuffer;
@@ -63,6 +165,15 @@ typedef uint64_t TesseraBuffer;
 extern "C" {
 #endif // __cplusplus
 
+// The version of the library running, "MAJOR.MINOR.PATCH" (static text).
+const char *tessera_version(void);
+
+// Fills `*options` with the defaults (and its `size`).
+//
+// # Safety
+// `options` must be writable.
+int32_t tessera_options_init(TesseraOptions *options);
+
 // Connects to a Tessera cluster.
 //
 // `servers`: every server's address, comma-separated ("10.0.0.5:7070,10.0.0.6:7070").
@@ -70,7 +181,8 @@ extern "C" {
 // `transport`: "auto" (RDMA where both ends have it), "tcp", "rdma", or NULL for "auto".
 // When the environment variable `TESSERA_CLUSTER_SECRET_FILE` names a file, the client proves
 // it holds that cluster secret to every server, and talks only to servers that prove the same
-// (as `--cluster-secret-file` does for the tools).
+// (as `--cluster-secret-file` does for the tools). Everything else is at its default
+// (`tessera_connect_with` sets it).
 // On success `*client` is the new client.
 //
 // # Safety
@@ -81,8 +193,21 @@ int32_t tessera_connect(const char *servers,
                         const char *transport,
                         TesseraClient *client);
 
+// Connects as `tessera_connect` does, with every setting from `*options` (filled by
+// `tessera_options_init`, then changed where needed).
+//
+// # Safety
+// `servers` must be a NUL-terminated string; `options` must point to a `TesseraOptions` whose
+// size field is right and whose strings, unless NULL, are NUL-terminated; `client` must be
+// writable.
+int32_t tessera_connect_with(const char *servers,
+                             const TesseraOptions *options,
+                             TesseraClient *client);
+
 // Closes a client: its connections close, and tickets not waited on are dropped (a pull's
-// buffer is not written after this returns). Its push buffers are freed. The handle is then unknown to every function.
+// buffer is not written after this returns). Its push buffers are freed. The handle is then
+// unknown to every function. Waits blocked on the client in other threads return
+// `TESSERA_ERR_CLOSED` within a few milliseconds.
 int32_t tessera_close(TesseraClient client);
 
 // Looks up the table called `name`; `*table` is its handle on this client and, unless `dim`
@@ -97,11 +222,11 @@ int32_t tessera_table(TesseraClient client, const char *name, TesseraTable *tabl
 //
 // `kind`: `TESSERA_DENSE` or `TESSERA_SPARSE`. Keys are `[start, end)`, `dim` values each.
 // `updater`: how pushes are applied, e.g. "sum", "sgd{lr=0.1}", "adagrad{lr=0.05}"; NULL is
-// "sum".
+// "sum". Everything else is at its default (`tessera_create_table_with` sets it).
 //
 // # Safety
-// `name` (and `updater`, unless NULL) must be NUL-terminated strings; `table` (and `dim_out`,
-// unless NULL) must be writable.
+// `name` (and `updater`, unless NULL) must be NUL-terminated strings; `table` must be
+// writable.
 int32_t tessera_create_table(TesseraClient client,
                              const char *name,
                              uint32_t kind,
@@ -110,6 +235,23 @@ int32_t tessera_create_table(TesseraClient client,
                              uint32_t dim,
                              const char *updater,
                              TesseraTable *table);
+
+// Fills `*options` with a table definition's defaults (and its `size`).
+//
+// # Safety
+// `options` must be writable.
+int32_t tessera_table_options_init(TesseraTableOptions *options);
+
+// Creates the table `name` as `*options` defines it (see `tessera_create_table`).
+//
+// # Safety
+// `name` must be a NUL-terminated string; `options` must point to a `TesseraTableOptions`
+// whose size field is right and whose updater string, unless NULL, is NUL-terminated; `table` must be
+// writable.
+int32_t tessera_create_table_with(TesseraClient client,
+                                  const char *name,
+                                  const TesseraTableOptions *options,
+                                  TesseraTable *table);
 
 // Sets this client's clock (an iteration count, from 1), sent with every push after it.
 int32_t tessera_set_clock(TesseraClient client, uint64_t clock);
@@ -128,6 +270,49 @@ int32_t tessera_push(TesseraClient client,
                      const float *grads,
                      uintptr_t n_grads,
                      TesseraTicket *ticket);
+
+// Makes a push filter for `tessera_push_filtered`: `kind` is a `TESSERA_FILTER_*`, with its
+// `param` (and `seed` for random skips). `*filter` is its handle, until
+// `tessera_filter_free` or `tessera_close`.
+//
+// # Safety
+// `filter` must be writable.
+int32_t tessera_filter_new(TesseraClient client,
+                           uint32_t kind,
+                           double param,
+                           uint64_t seed,
+                           TesseraFilter *filter);
+
+// Frees a filter from `tessera_filter_new` (what a significance filter still holds back is
+// dropped).
+int32_t tessera_filter_free(TesseraClient client, TesseraFilter filter);
+
+// Pushes what `filter` keeps of `grads` for `keys`, as `tessera_push` does. A push the filter
+// keeps nothing of sends nothing, and its ticket is answered at once.
+//
+// # Safety
+// As `tessera_push`.
+int32_t tessera_push_filtered(TesseraClient client,
+                              TesseraTable table,
+                              TesseraFilter filter,
+                              const uint64_t *keys,
+                              uintptr_t n_keys,
+                              const float *grads,
+                              uintptr_t n_grads,
+                              TesseraTicket *ticket);
+
+// Hands a KKT filter the values just pulled for `keys` (`n_values` = `n_keys` x the table's
+// dim), so that it knows which weights are zero.
+//
+// # Safety
+// `keys` and `values` must hold `n_keys` and `n_values` values.
+int32_t tessera_filter_observe(TesseraClient client,
+                               TesseraTable table,
+                               TesseraFilter filter,
+                               const uint64_t *keys,
+                               uintptr_t n_keys,
+                               const float *values,
+                               uintptr_t n_values);
 
 // Pulls the values of `keys` into `out` (`n_out` = `n_keys` x dim values). `keys` is read
 // before this returns; `out` is written by the time `tessera_wait` returns for `*ticket` and
@@ -198,8 +383,24 @@ int32_t tessera_pull_range(TesseraClient client,
                            TesseraTicket *ticket);
 
 // Waits until every server answered the call `ticket` stands for; a pull's values are then in
-// its buffer. A ticket can be waited on once; after that its handle is unknown.
+// its buffer. A ticket can be waited on once; after that its handle is unknown. Waits up to
+// the client's I/O timeout (30 s unless set at connect time): then it returns
+// `TESSERA_ERR_TIMEOUT` and the ticket is still in flight. A `tessera_close` of the client
+// from another thread ends the wait with `TESSERA_ERR_CLOSED`.
 int32_t tessera_wait(TesseraClient client, TesseraTicket ticket);
+
+// As `tessera_wait`, for at most `timeout_ms` milliseconds (0: only if the answer is in
+// already). On `TESSERA_ERR_TIMEOUT` the ticket is still in flight: wait on it again, or poll
+// it.
+int32_t tessera_wait_timeout(TesseraClient client, TesseraTicket ticket, uint64_t timeout_ms);
+
+// Sets `*ready` to 1 when `tessera_wait` on `ticket` would return at once (every server
+// answered, or a connection it went over broke), else to 0. Never blocks on the network; the
+// ticket stays in flight either way.
+//
+// # Safety
+// `ready` must be writable.
+int32_t tessera_poll(TesseraClient client, TesseraTicket ticket, int32_t *ready);
 
 // The message of the last failed call in this thread ("" after a success). The text stays
 // valid until this thread's next call into the library.

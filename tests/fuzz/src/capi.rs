@@ -72,7 +72,7 @@ fn check(what: &str, rc: i32) -> i32 {
         eprintln!("{what} -> {rc} {}", last_error());
     }
     SUCCEEDED.fetch_add(usize::from(rc == TESSERA_OK), Ordering::Relaxed);
-    assert!((TESSERA_OK..TESSERA_ERR_PANIC).contains(&rc), "{what}: status {rc}: {}", last_error());
+    assert!(rc >= TESSERA_OK && rc != TESSERA_ERR_PANIC, "{what}: status {rc}: {}", last_error());
     let message = last_error();
     assert_eq!(rc == TESSERA_OK, message.is_empty(), "{what}: status {rc} with message {message:?}");
     // SAFETY: tessera_status_name returns a static NUL-terminated string.
@@ -250,7 +250,7 @@ impl Run {
     }
 
     fn op(&mut self, input: &mut Input<'_>) {
-        match input.u8() % 11 {
+        match input.u8() % 13 {
             0 => self.connect(input),
             1 => self.close(input),
             2 => self.lookup(input),
@@ -270,6 +270,8 @@ impl Run {
             7 => self.push_range(input),
             8 => self.pull_range(input),
             9 => self.wait(input),
+            11 => self.wait_briefly(input),
+            12 => self.poll(input),
             _ => {
                 // SAFETY: tessera_status_name returns a static NUL-terminated string for any code.
                 let name = unsafe { CStr::from_ptr(tessera_status_name(input.u32() as i32)) };
@@ -431,15 +433,48 @@ impl Run {
         self.handed_out(client, rc, &ticket, Some(std::mem::take(&mut out.data)));
     }
 
-    fn wait(&mut self, input: &mut Input<'_>) {
+    /// A ticket handed out, or a guess: tickets are numbered from 1 on each client.
+    fn ticket(&self, input: &mut Input<'_>) -> (TesseraClient, TesseraTicket) {
         let b = input.u8();
-        let (client, ticket) = match (b % 4, self.tickets.is_empty()) {
+        match (b % 4, self.tickets.is_empty()) {
             (0 | 1, false) => self.tickets[usize::from(b >> 2) % self.tickets.len()],
-            // A guess: tickets are numbered from 1 on each client.
             (2, _) => (self.client(input), u64::from(b >> 2)),
             _ => (self.client(input), input.u64()),
-        };
+        }
+    }
+
+    fn wait(&mut self, input: &mut Input<'_>) {
+        let (client, ticket) = self.ticket(input);
         let rc = check("tessera_wait", tessera_wait(client, ticket));
+        self.waited(client, ticket, rc);
+    }
+
+    /// A wait of at most 2 ms: a ticket that times out stays in flight, its buffer lent.
+    fn wait_briefly(&mut self, input: &mut Input<'_>) {
+        let (client, ticket) = self.ticket(input);
+        let timeout_ms = u64::from(input.u8() % 3);
+        let rc = check("tessera_wait_timeout", tessera_wait_timeout(client, ticket, timeout_ms));
+        if rc == TESSERA_ERR_TIMEOUT {
+            assert!(self.tickets.contains(&(client, ticket)), "ticket {ticket} of client {client} timed out, never handed out");
+            return;
+        }
+        self.waited(client, ticket, rc);
+    }
+
+    /// A poll never ends a ticket.
+    fn poll(&mut self, input: &mut Input<'_>) {
+        let (client, ticket) = self.ticket(input);
+        let mut slot = Slot::new(input);
+        // SAFETY: the slot is writable, NULL or misaligned (which the library checks).
+        let rc = check("tessera_poll", unsafe { tessera_poll(client, ticket, slot.ptr()) });
+        if rc == TESSERA_OK {
+            assert!(self.tickets.contains(&(client, ticket)), "polled ticket {ticket} of client {client}, never handed out");
+            assert!(matches!(slot.get::<i32>(), Some(0 | 1)), "ready is 0 or 1");
+        }
+    }
+
+    /// Bookkeeping after a wait that returned `rc`.
+    fn waited(&mut self, client: TesseraClient, ticket: TesseraTicket, rc: i32) {
         if rc == TESSERA_OK {
             assert!(self.tickets.contains(&(client, ticket)), "waited on ticket {ticket} of client {client}, never handed out");
         }
