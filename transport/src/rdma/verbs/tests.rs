@@ -5,14 +5,25 @@
 //! `cargo test -p tessera-transport --features rdma --no-run`, then
 //! `tests/softroce/run.sh target/debug/deps/tessera_transport-<hash> rdma::verbs`.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdma_mummy_sys::ibv_wc_status;
+use sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind;
+
+use super::device::{effective_mr_bytes_max, gid_index_from};
+use super::memory_region::registration_error;
 use super::*;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 const KIB: usize = 1024;
 const IMM: u32 = 0xC0FF_EE01;
+
+/// The device the environment names (`RDMA_DEV`, `RDMA_GID_INDEX`), as the transport takes it.
+fn env_config() -> DeviceConfig {
+    DeviceConfig::from_env().expect("RDMA_GID_INDEX in the test's environment is a GID index")
+}
 
 /// True where a device must exist: in the SoftRoCE VM, or wherever RDMA_DEV names one.
 fn device_expected() -> bool {
@@ -35,7 +46,7 @@ fn device_or_fail_with(cfg: &DeviceConfig) -> Option<Arc<Device>> {
 }
 
 fn device_or_fail() -> Option<Arc<Device>> {
-    device_or_fail_with(&DeviceConfig::default())
+    device_or_fail_with(&env_config())
 }
 
 /// One side of a loopback connection: a QP with its own send and receive CQs.
@@ -93,7 +104,7 @@ const REMOTE_RW: Access = Access { remote_write: true, remote_read: true };
 
 #[test]
 fn open_without_rdma_is_unavailable_not_a_panic() {
-    let result = Device::open(&DeviceConfig::default());
+    let result = Device::open(&env_config());
     let host_has_devices = std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut dir| dir.next().is_some());
     match result {
         Ok(dev) => assert!(host_has_devices || device_expected(), "opened {} without a device in sysfs", dev.name()),
@@ -107,7 +118,7 @@ fn open_without_rdma_is_unavailable_not_a_panic() {
 
 #[test]
 fn open_bogus_device_name_is_unavailable() {
-    let cfg = DeviceConfig { device: Some("no-such-rdma-dev".into()), ..DeviceConfig::default() };
+    let cfg = DeviceConfig { device: Some("no-such-rdma-dev".into()), ..env_config() };
     let unavailable = Device::open(&cfg).expect_err("a device that does not exist");
     println!("{unavailable}");
     if device_expected() {
@@ -225,7 +236,7 @@ fn read_returns_the_remote_bytes() {
 
 #[test]
 fn region_split_into_chunks_serves_writes_and_reads_with_the_right_keys() {
-    let cfg = DeviceConfig { mr_bytes_max: Some(64 * KIB as u64), ..DeviceConfig::default() };
+    let cfg = DeviceConfig { mr_bytes_max: Some(64 * KIB as u64), ..env_config() };
     let Some(dev) = device_or_fail_with(&cfg) else {
         return;
     };
@@ -487,4 +498,14 @@ fn a_foreign_rkey_from_another_pd_is_a_remote_access_error() {
     expect_ok(&wait(&mut d.recv_cq, 1), 3, Opcode::RecvRdmaWithImm);
     expect_ok(&wait(&mut c.send_cq, 1), 3, Opcode::RdmaWrite);
     assert!(ring_d.as_slice()[..256] == pattern(5, 256)[..]);
+}
+
+#[test]
+fn a_bad_gid_index_is_an_error_that_says_what_to_set_not_a_panic() {
+    assert_eq!(gid_index_from(None).unwrap(), 1);
+    assert_eq!(gid_index_from(Some(" 3 ")).unwrap(), 3);
+    for bad in ["", "x", "-1", "256", "1.5"] {
+        let err = gid_index_from(Some(bad)).unwrap_err().reason;
+        assert!(err.contains("RDMA_GID_INDEX") && err.contains("ibv_devinfo -v"), "{bad:?}: {err}");
+    }
 }
