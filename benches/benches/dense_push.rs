@@ -40,9 +40,7 @@ fn bench(criterion: &mut Criterion) {
         group.bench_function("memcpy", |b| b.iter(|| dst.copy_from_slice(black_box(&grads))));
         for block in BLOCK_BYTES {
             let mut p = part(block, n as u64);
-            group.bench_function(format!("sum_blocks_{block}B"), |b| {
-                b.iter(|| p.push_range(0, n, black_box(&grads), 0, 1).expect("push"))
-            });
+            group.bench_function(format!("sum_blocks_{block}B"), |b| b.iter(|| p.push_range(0, n, black_box(&grads), 0, 1).expect("push")));
         }
         group.finish();
     }

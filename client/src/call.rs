@@ -208,18 +208,10 @@ enum Pulled<'k> {
 /// Repeats a pull until its stamp shows every one of the job's workers at `need` or later, with
 /// a pause that doubles from 50 µs to 5 ms between tries; gives up after the client's
 /// `stale_timeout` with the worker that held it back.
-fn fresh_pull<'c>(
-    client: &'c Client,
-    table: &Table,
-    need: u64,
-    out: &'c mut [f32],
-    what: Pulled<'_>,
-) -> Result<Ticket<'c>> {
+fn fresh_pull<'c>(client: &'c Client, table: &Table, need: u64, out: &'c mut [f32], what: Pulled<'_>) -> Result<Ticket<'c>> {
     let workers = client.workers;
     if workers == 0 {
-        return Err(ClientError::Config {
-            reason: "a bounded-delay pull needs the job's worker count: set ClientConfig::workers".into(),
-        });
+        return Err(ClientError::Config { reason: "a bounded-delay pull needs the job's worker count: set ClientConfig::workers".into() });
     }
     let started = Instant::now();
     let mut pause = STALE_PAUSE_MIN;

@@ -13,9 +13,9 @@ use tessera_transport::{Chosen, Header, Link, Op, PushBuffer, Status, TransportE
 
 use crate::error::{ClientError, Result};
 use crate::ticket::{server_error, Resend, Stamp, Sub, Ticket};
+use crate::{Client, ClientConfig, Table};
 use tessera_transport::keycache::{key_list_hash, KeyLists};
 use tessera_transport::wire::flags;
-use crate::{Client, ClientConfig, Table};
 
 /// Push or pull.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,14 +61,7 @@ impl Shard {
 
 /// Keeps a reply that no one is waiting for yet (a copy: the frame lives in the link's buffer),
 /// unless its ticket was dropped.
-fn park(
-    addr: &str,
-    next_id: u64,
-    parked: &mut BTreeMap<u64, Parked>,
-    abandoned: &mut BTreeSet<u64>,
-    header: &Header,
-    body: &[u8],
-) -> Result<()> {
+fn park(addr: &str, next_id: u64, parked: &mut BTreeMap<u64, Parked>, abandoned: &mut BTreeSet<u64>, header: &Header, body: &[u8]) -> Result<()> {
     let rid = header.request_id;
     if rid >= next_id {
         let reason = format!("reply to request {rid}, which was never sent");
@@ -110,8 +103,8 @@ fn breaks_link(e: &TransportError, receiving: bool) -> bool {
 /// one link per shard, over the transport `chosen`.
 fn dial(addr: &str, cfg: &ClientConfig, chosen: &Chosen) -> Result<ServerLinks> {
     let (mut control, info) = TcpLink::connect(addr, CONTROL_SHARD, cfg.worker, &cfg.transport)?;
-    let info: ServerInfo = serde_json::from_slice(&info)
-        .map_err(|e| ClientError::Protocol { server: addr.to_string(), reason: format!("bad hello reply: {e}") })?;
+    let info: ServerInfo =
+        serde_json::from_slice(&info).map_err(|e| ClientError::Protocol { server: addr.to_string(), reason: format!("bad hello reply: {e}") })?;
     control.limit_frames(info.frame_bytes_max as usize);
     if cfg.kind == tessera_transport::TransportKind::Rdma && !info.rdma {
         let reason = format!("server {addr} serves TCP only; start it with --transport rdma");
@@ -119,8 +112,7 @@ fn dial(addr: &str, cfg: &ClientConfig, chosen: &Chosen) -> Result<ServerLinks> 
     }
     let mut shards = Vec::with_capacity(info.shards as usize);
     for shard in 0..info.shards {
-        let (mut link, _) =
-            tessera_transport::select::connect_link(addr, shard as u64, cfg.worker, &cfg.transport, chosen, info.rdma, &cfg.rdma)?;
+        let (mut link, _) = tessera_transport::select::connect_link(addr, shard as u64, cfg.worker, &cfg.transport, chosen, info.rdma, &cfg.rdma)?;
         link.limit_frames(info.frame_bytes_max as usize);
         shards.push(Shard {
             link,
@@ -233,10 +225,8 @@ impl Core {
         let mut catalogs = Vec::with_capacity(self.servers.len());
         for server in 0..self.servers.len() {
             let body = self.control(server, Op::Catalog, &[])?;
-            let catalog: Catalog = serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
-                server: self.servers[server].addr.clone(),
-                reason: format!("bad catalog: {e}"),
-            })?;
+            let catalog: Catalog = serde_json::from_slice(&body)
+                .map_err(|e| ClientError::Protocol { server: self.servers[server].addr.clone(), reason: format!("bad catalog: {e}") })?;
             catalogs.push(catalog);
         }
         self.map = RangeMap::from_catalogs(&catalogs)?;
@@ -265,10 +255,8 @@ impl Core {
         (0..self.servers.len())
             .map(|server| {
                 let body = self.control(server, op, &[])?;
-                serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
-                    server: self.servers[server].addr.clone(),
-                    reason: format!("bad {op:?} reply: {e}"),
-                })
+                serde_json::from_slice(&body)
+                    .map_err(|e| ClientError::Protocol { server: self.servers[server].addr.clone(), reason: format!("bad {op:?} reply: {e}") })
             })
             .collect()
     }
@@ -403,12 +391,7 @@ impl Core {
 
     /// Fills in the request's id, table, worker and clock, has `send` send it on `owner`'s link,
     /// and counts it.
-    fn send_with(
-        &mut self,
-        owner: Owner,
-        mut header: Header,
-        send: impl FnOnce(&mut dyn Link, &mut Header) -> tessera_transport::Result<()>,
-    ) -> Result<u64> {
+    fn send_with(&mut self, owner: Owner, mut header: Header, send: impl FnOnce(&mut dyn Link, &mut Header) -> tessera_transport::Result<()>) -> Result<u64> {
         if self.servers[owner.server as usize].broken.is_some() {
             self.heal()?;
         }
@@ -465,7 +448,11 @@ impl Core {
             Kind::Push => room / (key_bytes + 4 * dim),
             Kind::Pull => {
                 let reply_room = room.saturating_sub(8 * server.workers_max as usize) / (4 * dim);
-                if with_keys { reply_room.min(room / 8) } else { reply_room }
+                if with_keys {
+                    reply_room.min(room / 8)
+                } else {
+                    reply_room
+                }
             }
         };
         n.max(1)
@@ -489,12 +476,7 @@ impl Core {
         s.counts.resize(route.parts(), 0);
         for &key in keys {
             let spec = &route.spec;
-            let part = route.locate(key).ok_or_else(|| ClientError::KeyOutOfRange {
-                table: spec.name.clone(),
-                key,
-                start: spec.start,
-                end: spec.end,
-            })?;
+            let part = route.locate(key).ok_or_else(|| ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end })?;
             s.part_of.push(part as u32);
             s.counts[part] += 1;
         }
@@ -559,9 +541,7 @@ impl Core {
                     let g = grads.map(|_| &group_grads[lo * dim..hi * dim]);
                     let last = hi == at + n;
                     match self.send_one(owner, kind, dim, &keys[lo..hi], g, if last { done_flag } else { 0 }) {
-                        Ok((id, resend)) => {
-                            subs.push(Sub { server: owner.server, shard: owner.shard, id, range: lo..hi, scatter: true, resend })
-                        }
+                        Ok((id, resend)) => subs.push(Sub { server: owner.server, shard: owner.shard, id, range: lo..hi, scatter: true, resend }),
                         Err(e) => {
                             failed = Some(e);
                             break;
@@ -637,15 +617,7 @@ impl Core {
     /// (and the returned [`Resend`] keeps what it takes to send it again with its keys); a new
     /// one goes in full, for both ends to remember.
     #[allow(clippy::too_many_arguments)]
-    fn send_one(
-        &mut self,
-        owner: Owner,
-        kind: Kind,
-        dim: usize,
-        keys: &[u64],
-        grads: Option<&[f32]>,
-        extra_flags: u16,
-    ) -> Result<(u64, Option<Box<Resend>>)> {
+    fn send_one(&mut self, owner: Owner, kind: Kind, dim: usize, keys: &[u64], grads: Option<&[f32]>, extra_flags: u16) -> Result<(u64, Option<Box<Resend>>)> {
         let op = if kind == Kind::Push { Op::Push } else { Op::Pull };
         let mut header = Header::request(op, 0);
         header.flags = extra_flags;
@@ -702,11 +674,7 @@ impl Core {
 
     /// [`Core::await_reply`] for one part of a call. A part sent by a cached key list that its
     /// shard did not hold is sent again with its keys, and awaited again.
-    pub fn await_sub(
-        &mut self,
-        sub: &mut Sub,
-        mut take: impl FnMut(&Sub, &Header, &[u8]) -> std::result::Result<(), String>,
-    ) -> Result<()> {
+    pub fn await_sub(&mut self, sub: &mut Sub, mut take: impl FnMut(&Sub, &Header, &[u8]) -> std::result::Result<(), String>) -> Result<()> {
         loop {
             let mut missed = false;
             let resendable = sub.resend.is_some();
@@ -774,7 +742,13 @@ impl Core {
         let route = table.route();
         let spec = &route.spec;
         let end = start.saturating_add(count as u64);
-        let bad = if start < spec.start { Some(start) } else if end > spec.end { Some(spec.end.max(start)) } else { None };
+        let bad = if start < spec.start {
+            Some(start)
+        } else if end > spec.end {
+            Some(spec.end.max(start))
+        } else {
+            None
+        };
         if let Some(key) = bad {
             return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end });
         }
@@ -854,13 +828,7 @@ impl Core {
 
     /// Waits for the reply to request `id` on one shard and hands it to `take`. Replies to other
     /// requests that arrive first are parked for their own tickets.
-    pub fn await_reply(
-        &mut self,
-        server: u32,
-        shard: u16,
-        id: u64,
-        take: impl FnOnce(&Header, &[u8]) -> std::result::Result<(), String>,
-    ) -> Result<()> {
+    pub fn await_reply(&mut self, server: u32, shard: u16, id: u64, take: impl FnOnce(&Header, &[u8]) -> std::result::Result<(), String>) -> Result<()> {
         let s = &mut self.servers[server as usize];
         let addr = &s.addr;
         let Some(shard) = s.shards.get_mut(shard as usize).filter(|sh| id >= sh.lost_below || sh.parked.contains_key(&id)) else {
@@ -952,7 +920,11 @@ impl Core {
 
     pub fn transport(&self) -> &'static str {
         let all_rdma = self.servers.iter().flat_map(|s| &s.shards).all(|s| s.link.kind() == "rdma");
-        if all_rdma { "rdma" } else { "tcp" }
+        if all_rdma {
+            "rdma"
+        } else {
+            "tcp"
+        }
     }
 
     /// Forgets a request whose ticket was dropped.

@@ -43,8 +43,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tessera_replication::catalog::TableEntry;
 use tessera_replication::placement::Route;
 use tessera_replication::TableSpec;
-use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 pub use tessera_transport::PushBuffer;
+use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
 pub use crate::call::{Call, Consistency};
 pub use crate::chain::{ChainClient, ChainTable};

@@ -110,13 +110,7 @@ impl<'a> Ticket<'a> {
     /// Cuts the ticket loose from its borrows (see [`Detached`]).
     pub fn detach(mut self) -> Detached {
         let out_len = self.out.as_ref().map_or(0, |o| o.len());
-        Detached {
-            subs: std::mem::take(&mut self.subs),
-            order: std::mem::take(&mut self.order),
-            dim: self.dim,
-            stamp: self.stamp.take(),
-            out_len,
-        }
+        Detached { subs: std::mem::take(&mut self.subs), order: std::mem::take(&mut self.order), dim: self.dim, stamp: self.stamp.take(), out_len }
     }
 
     /// A detached ticket of `client` back, writing into `out` (which must have the length the
@@ -177,9 +171,7 @@ impl Ticket<'_> {
             let out = &mut self.out;
             let order = &self.order;
             let dim = self.dim;
-            let got = core.await_sub(sub, |sub, header, body| {
-                absorb(sub, header, body, out.as_deref_mut(), order, dim, &mut stamp, first_sub && i == 0)
-            });
+            let got = core.await_sub(sub, |sub, header, body| absorb(sub, header, body, out.as_deref_mut(), order, dim, &mut stamp, first_sub && i == 0));
             if let Err(e) = got {
                 failure.get_or_insert(e);
             }

@@ -220,8 +220,7 @@ fn stamps_carry_each_workers_clock_and_take_the_minimum_over_shards() {
     let t1 = c1.table("stamps").unwrap();
     assert_eq!(t1.spec(), table.spec());
     let full = |c: &Client, t: &Table| c.pull_range(t, 0, &mut [0.0; 300]).unwrap().wait().unwrap();
-    let keys =
-        |c: &Client, t: &Table, keys: &[u64]| c.pull(t, keys, &mut vec![0.0; keys.len()]).unwrap().wait().unwrap();
+    let keys = |c: &Client, t: &Table, keys: &[u64]| c.pull(t, keys, &mut vec![0.0; keys.len()]).unwrap().wait().unwrap();
 
     assert_eq!(full(&c0, &table).clocks(), [0u64; 0], "nobody pushed yet");
     c0.set_clock(5);

@@ -140,14 +140,8 @@ impl Arena {
 
     /// Maps, populates and (when the limit allows) locks `len` elements of `size` bytes.
     fn map(&mut self, len: usize, size: usize) -> Result<(MmapMut, bool)> {
-        let bytes = len
-            .checked_mul(size)
-            .ok_or_else(|| EngineError::ArenaMap { bytes: usize::MAX, reason: "size overflows".into() })?;
-        let map = MmapOptions::new()
-            .len(bytes)
-            .populate()
-            .map_anon()
-            .map_err(|e| EngineError::ArenaMap { bytes, reason: e.to_string() })?;
+        let bytes = len.checked_mul(size).ok_or_else(|| EngineError::ArenaMap { bytes: usize::MAX, reason: "size overflows".into() })?;
+        let map = MmapOptions::new().len(bytes).populate().map_anon().map_err(|e| EngineError::ArenaMap { bytes, reason: e.to_string() })?;
         // Huge pages are an optimisation; a kernel without THP simply says no.
         let _ = map.advise(Advice::HugePage);
         let locked = self.try_lock(&map, bytes);

@@ -68,16 +68,8 @@ impl Push {
     /// that touches a raised one directly. A split-off remainder keeps its old clock, which already
     /// differs from its outer neighbour and from the raised part, so it is left out.
     fn window(&self, count: usize) -> (usize, usize) {
-        let lo = if self.split_left || self.first == 0 {
-            self.first
-        } else {
-            self.first - 1
-        };
-        let hi = if self.split_right || self.last + 1 == count {
-            self.last
-        } else {
-            self.last + 1
-        };
+        let lo = if self.split_left || self.first == 0 { self.first } else { self.first - 1 };
+        let hi = if self.split_right || self.last + 1 == count { self.last } else { self.last + 1 };
         (lo, hi)
     }
 
@@ -95,29 +87,12 @@ impl RangeClocks {
     /// If `owned` is empty, `segments_max` is 0, or `segments_max * workers_max` overflows: these
     /// come from validated configuration, so any of them is a bug in the caller.
     pub fn new(owned: Range<u64>, workers_max: usize, segments_max: usize) -> Self {
-        assert!(
-            owned.start < owned.end,
-            "RangeClocks::new: the owned range {owned:?} is empty"
-        );
-        assert!(
-            segments_max >= 1,
-            "RangeClocks::new: segments_max must be at least 1"
-        );
-        let entries = segments_max
-            .checked_mul(workers_max)
-            .expect("RangeClocks::new: segments_max * workers_max overflows usize");
+        assert!(owned.start < owned.end, "RangeClocks::new: the owned range {owned:?} is empty");
+        assert!(segments_max >= 1, "RangeClocks::new: segments_max must be at least 1");
+        let entries = segments_max.checked_mul(workers_max).expect("RangeClocks::new: segments_max * workers_max overflows usize");
         let mut starts = vec![0; segments_max].into_boxed_slice();
         starts[0] = owned.start;
-        Self {
-            owned,
-            workers_max,
-            segments_max,
-            starts,
-            clocks: vec![0; entries].into_boxed_slice(),
-            count: 1,
-            workers_seen: 0,
-            generation: 0,
-        }
+        Self { owned, workers_max, segments_max, starts, clocks: vec![0; entries].into_boxed_slice(), count: 1, workers_seen: 0, generation: 0 }
     }
 
     /// Changes with every [`advance`](Self::advance) that raises a clock entry: a stamp computed
@@ -196,33 +171,17 @@ impl RangeClocks {
         self.assert_inside(&range, "advance");
         let worker_index = usize::try_from(worker).unwrap_or(usize::MAX);
         if worker_index >= self.workers_max {
-            return Err(EngineError::WorkerOutOfRange {
-                worker,
-                workers_max: self.workers_max,
-            });
+            return Err(EngineError::WorkerOutOfRange { worker, workers_max: self.workers_max });
         }
         if clock > CLOCK_MAX {
             return Err(EngineError::ClockTooLarge { clock, max: CLOCK_MAX });
         }
         let first = self.segment_of(range.start);
         // Most pushes end inside the segment they start in: no second search for it.
-        let last = if range.end <= self.end_of(first) {
-            first
-        } else {
-            self.segment_of(range.end - 1)
-        };
-        let split_left =
-            self.starts[first] < range.start && self.clock(first)[worker_index] < clock;
+        let last = if range.end <= self.end_of(first) { first } else { self.segment_of(range.end - 1) };
+        let split_left = self.starts[first] < range.start && self.clock(first)[worker_index] < clock;
         let split_right = self.end_of(last) > range.end && self.clock(last)[worker_index] < clock;
-        let push = Push {
-            range,
-            worker: worker_index,
-            clock,
-            first,
-            last,
-            split_left,
-            split_right,
-        };
+        let push = Push { range, worker: worker_index, clock, first, last, split_left, split_right };
 
         if self.raise_whole_segment(&push) {
             return Ok(());
@@ -233,10 +192,7 @@ impl RangeClocks {
         let predicted = if self.count + push.splits() > self.segments_max {
             let count_after = self.count_after(&push);
             if count_after > self.segments_max {
-                return Err(EngineError::ClockSegmentsFull {
-                    range: self.owned.clone(),
-                    segments_max: self.segments_max,
-                });
+                return Err(EngineError::ClockSegmentsFull { range: self.owned.clone(), segments_max: self.segments_max });
             }
             Some(count_after)
         } else {
@@ -250,10 +206,7 @@ impl RangeClocks {
             self.workers_seen = self.workers_seen.max(worker_index + 1);
         }
         if let Some(count_after) = predicted {
-            debug_assert_eq!(
-                self.count, count_after,
-                "advance: prediction and outcome disagree"
-            );
+            debug_assert_eq!(self.count, count_after, "advance: prediction and outcome disagree");
         }
         if cfg!(debug_assertions) {
             self.check_invariants();
@@ -354,50 +307,21 @@ impl RangeClocks {
     /// Panics unless the segments are sorted, cover `owned` exactly, fit the limit, have no equal
     /// neighbours, and agree with `workers_seen`. Run after every `advance` in debug builds.
     pub(crate) fn check_invariants(&self) {
-        assert!(
-            (1..=self.segments_max).contains(&self.count),
-            "clock segment count {} is outside 1..={}",
-            self.count,
-            self.segments_max
-        );
-        assert_eq!(
-            self.starts[0], self.owned.start,
-            "the first clock segment must start the owned range"
-        );
-        assert!(
-            self.starts[self.count - 1] < self.owned.end,
-            "the last clock segment is empty"
-        );
+        assert!((1..=self.segments_max).contains(&self.count), "clock segment count {} is outside 1..={}", self.count, self.segments_max);
+        assert_eq!(self.starts[0], self.owned.start, "the first clock segment must start the owned range");
+        assert!(self.starts[self.count - 1] < self.owned.end, "the last clock segment is empty");
         for k in 1..self.count {
-            assert!(
-                self.starts[k - 1] < self.starts[k],
-                "clock segment {k} is empty or out of order"
-            );
-            assert_ne!(
-                self.clock(k - 1),
-                self.clock(k),
-                "clock segments {} and {k} are equal",
-                k - 1
-            );
+            assert!(self.starts[k - 1] < self.starts[k], "clock segment {k} is empty or out of order");
+            assert_ne!(self.clock(k - 1), self.clock(k), "clock segments {} and {k} are equal", k - 1);
         }
         let seen = self.workers_seen;
-        assert!(
-            seen <= self.workers_max,
-            "workers_seen {seen} exceeds workers_max"
-        );
+        assert!(seen <= self.workers_max, "workers_seen {seen} exceeds workers_max");
         for k in 0..self.count {
-            assert!(
-                self.clock(k)[seen..].iter().all(|&e| e == 0),
-                "segment {k} has entries past workers_seen"
-            );
+            assert!(self.clock(k)[seen..].iter().all(|&e| e == 0), "segment {k} has entries past workers_seen");
         }
         if seen > 0 {
             let raised = (0..self.count).any(|k| self.clock(k)[seen - 1] > 0);
-            assert!(
-                raised,
-                "workers_seen is {seen} but worker {} never raised a clock",
-                seen - 1
-            );
+            assert!(raised, "workers_seen is {seen} but worker {} never raised a clock", seen - 1);
         }
     }
 
@@ -442,9 +366,7 @@ impl RangeClocks {
         };
         // The pushing worker's entry first: it is the one the push changes, and so the one that
         // usually differs, which spares comparing the rest.
-        after(a, clock_a[w]) == after(b, clock_b[w])
-            && clock_a[..w] == clock_b[..w]
-            && clock_a[w + 1..] == clock_b[w + 1..]
+        after(a, clock_a[w]) == after(b, clock_b[w]) && clock_a[..w] == clock_b[..w] && clock_a[w + 1..] == clock_b[w + 1..]
     }
 
     /// The segment count `push` would leave: each split adds one, and each adjacent pair in the
@@ -452,9 +374,7 @@ impl RangeClocks {
     /// is one merge of `r + 1` segments).
     fn count_after(&self, push: &Push) -> usize {
         let (lo, hi) = push.window(self.count);
-        let merges = (lo..hi)
-            .filter(|&k| self.equal_after(push, k, k + 1))
-            .count();
+        let merges = (lo..hi).filter(|&k| self.equal_after(push, k, k + 1)).count();
         self.count + push.splits() - merges
     }
 
@@ -510,10 +430,7 @@ impl RangeClocks {
     fn move_segment(&mut self, from: usize, to: usize) {
         let workers_max = self.workers_max;
         self.starts[to] = self.starts[from];
-        self.clocks.copy_within(
-            from * workers_max..(from + 1) * workers_max,
-            to * workers_max,
-        );
+        self.clocks.copy_within(from * workers_max..(from + 1) * workers_max, to * workers_max);
     }
 
     /// Shifts segments `from..count` down to start at `to` (`to <= from`), dropping `to..from`.
@@ -523,8 +440,7 @@ impl RangeClocks {
         }
         let (count, workers_max) = (self.count, self.workers_max);
         self.starts.copy_within(from..count, to);
-        self.clocks
-            .copy_within(from * workers_max..count * workers_max, to * workers_max);
+        self.clocks.copy_within(from * workers_max..count * workers_max, to * workers_max);
         self.count -= from - to;
     }
 
@@ -533,8 +449,7 @@ impl RangeClocks {
     fn duplicate(&mut self, k: usize) {
         let (count, workers_max) = (self.count, self.workers_max);
         self.starts.copy_within(k..count, k + 1);
-        self.clocks
-            .copy_within(k * workers_max..count * workers_max, (k + 1) * workers_max);
+        self.clocks.copy_within(k * workers_max..count * workers_max, (k + 1) * workers_max);
         self.count += 1;
     }
 }
@@ -558,13 +473,7 @@ struct LiveSegments<'a>(&'a RangeClocks);
 impl fmt::Debug for LiveSegments<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let seen = self.0.workers_seen;
-        f.debug_map()
-            .entries(
-                self.0
-                    .segments()
-                    .map(|(keys, clock)| (keys, &clock[..seen])),
-            )
-            .finish()
+        f.debug_map().entries(self.0.segments().map(|(keys, clock)| (keys, &clock[..seen]))).finish()
     }
 }
 
@@ -574,10 +483,7 @@ mod tests {
 
     /// The live segments as owned values, for comparing against expectations.
     fn segs(clocks: &RangeClocks) -> Vec<(Range<u64>, Vec<u64>)> {
-        clocks
-            .segments()
-            .map(|(keys, clock)| (keys, clock.to_vec()))
-            .collect()
+        clocks.segments().map(|(keys, clock)| (keys, clock.to_vec())).collect()
     }
 
     /// Whether two instances are identical down to the dead tail of their buffers: a failed call
@@ -639,10 +545,7 @@ mod tests {
         assert_eq!(clocks.generation(), g2, "nothing raised over several segments");
         clocks.advance(0..100, 0, 4).unwrap();
         assert_ne!(clocks.generation(), g2);
-        assert_eq!(
-            segs(&clocks),
-            vec![(0..40, vec![4, 0]), (40..60, vec![4, 1]), (60..100, vec![4, 0])]
-        );
+        assert_eq!(segs(&clocks), vec![(0..40, vec![4, 0]), (40..60, vec![4, 1]), (60..100, vec![4, 0])]);
     }
 
     #[test]
@@ -653,10 +556,7 @@ mod tests {
         // The same range again at the next clock, as a worker pushes each iteration.
         for clock in 2..5 {
             clocks.advance(40..60, 1, clock).unwrap();
-            assert_eq!(
-                segs(&clocks),
-                vec![(0..40, vec![4, 0]), (40..60, vec![4, clock]), (60..100, vec![4, 0])]
-            );
+            assert_eq!(segs(&clocks), vec![(0..40, vec![4, 0]), (40..60, vec![4, clock]), (60..100, vec![4, 0])]);
         }
         // Raised to equal its right neighbour, then its left one: each pair merges.
         clocks.advance(60..100, 1, 4).unwrap();
@@ -690,31 +590,18 @@ mod tests {
     fn partial_push_at_either_end_splits_in_two() {
         let mut clocks = RangeClocks::new(0..100, 2, 8);
         clocks.advance(0..40, 0, 1).unwrap();
-        assert_eq!(
-            segs(&clocks),
-            vec![(0..40, vec![1, 0]), (40..100, vec![0, 0])]
-        );
+        assert_eq!(segs(&clocks), vec![(0..40, vec![1, 0]), (40..100, vec![0, 0])]);
 
         let mut clocks = RangeClocks::new(0..100, 2, 8);
         clocks.advance(60..100, 1, 1).unwrap();
-        assert_eq!(
-            segs(&clocks),
-            vec![(0..60, vec![0, 0]), (60..100, vec![0, 1])]
-        );
+        assert_eq!(segs(&clocks), vec![(0..60, vec![0, 0]), (60..100, vec![0, 1])]);
     }
 
     #[test]
     fn partial_push_in_the_middle_splits_in_three() {
         let mut clocks = RangeClocks::new(0..100, 2, 8);
         clocks.advance(30..60, 1, 2).unwrap();
-        assert_eq!(
-            segs(&clocks),
-            vec![
-                (0..30, vec![0, 0]),
-                (30..60, vec![0, 2]),
-                (60..100, vec![0, 0])
-            ]
-        );
+        assert_eq!(segs(&clocks), vec![(0..30, vec![0, 0]), (30..60, vec![0, 2]), (60..100, vec![0, 0])]);
         assert_eq!(clocks.segment_count(), 3);
     }
 
@@ -723,14 +610,7 @@ mod tests {
         let mut clocks = RangeClocks::new(0..100, 2, 8);
         clocks.advance(0..50, 0, 1).unwrap();
         clocks.advance(25..100, 1, 1).unwrap();
-        assert_eq!(
-            segs(&clocks),
-            vec![
-                (0..25, vec![1, 0]),
-                (25..50, vec![1, 1]),
-                (50..100, vec![0, 1])
-            ]
-        );
+        assert_eq!(segs(&clocks), vec![(0..25, vec![1, 0]), (25..50, vec![1, 1]), (50..100, vec![0, 1])]);
         // Both workers finishing the iteration everywhere collapses it back to one clock.
         clocks.advance(50..100, 0, 1).unwrap();
         clocks.advance(0..25, 1, 1).unwrap();
@@ -748,10 +628,7 @@ mod tests {
         let mut clocks = RangeClocks::new(0..100, 2, 8);
         clocks.advance(30..60, 0, 3).unwrap();
         clocks.advance(0..30, 0, 3).unwrap();
-        assert_eq!(
-            segs(&clocks),
-            vec![(0..60, vec![3, 0]), (60..100, vec![0, 0])]
-        );
+        assert_eq!(segs(&clocks), vec![(0..60, vec![3, 0]), (60..100, vec![0, 0])]);
         clocks.advance(60..100, 0, 3).unwrap();
         assert_eq!(segs(&clocks), vec![(0..100, vec![3, 0])]);
     }
@@ -808,13 +685,7 @@ mod tests {
         let before = clocks.clone();
         for worker in [4, 5, u32::MAX] {
             let err = clocks.advance(30..40, worker, 9).unwrap_err();
-            assert_eq!(
-                err,
-                EngineError::WorkerOutOfRange {
-                    worker,
-                    workers_max: 4
-                }
-            );
+            assert_eq!(err, EngineError::WorkerOutOfRange { worker, workers_max: 4 });
             assert!(same_state(&before, &clocks));
         }
     }
@@ -837,23 +708,14 @@ mod tests {
         clocks.advance(0..50, 0, 1).unwrap();
         let before = clocks.clone();
         let err = clocks.advance(20..30, 1, 1).unwrap_err();
-        assert_eq!(
-            err,
-            EngineError::ClockSegmentsFull {
-                range: 0..100,
-                segments_max: 2
-            }
-        );
+        assert_eq!(err, EngineError::ClockSegmentsFull { range: 0..100, segments_max: 2 });
         assert!(same_state(&before, &clocks));
         // Splitting the far end would also make three.
         assert!(clocks.advance(70..100, 1, 1).is_err());
         assert!(same_state(&before, &clocks));
         // A push that splits nothing is always fine at the limit.
         clocks.advance(50..100, 1, 1).unwrap();
-        assert_eq!(
-            segs(&clocks),
-            vec![(0..50, vec![1, 0]), (50..100, vec![0, 1])]
-        );
+        assert_eq!(segs(&clocks), vec![(0..50, vec![1, 0]), (50..100, vec![0, 1])]);
 
         let mut single = RangeClocks::new(0..100, 1, 1);
         assert!(single.advance(0..99, 0, 1).is_err());
@@ -869,10 +731,7 @@ mod tests {
         assert_eq!(clocks.segment_count(), 3);
         // Splits 0..30 at 10 (four segments for a moment) but merges 10..100 into one run.
         clocks.advance(10..100, 0, 2).unwrap();
-        assert_eq!(
-            segs(&clocks),
-            vec![(0..10, vec![1, 0]), (10..100, vec![2, 0])]
-        );
+        assert_eq!(segs(&clocks), vec![(0..10, vec![1, 0]), (10..100, vec![2, 0])]);
     }
 
     #[test]
@@ -880,10 +739,7 @@ mod tests {
         let mut clocks = RangeClocks::new(10..20, 1, 4);
         clocks.advance(10..11, 0, 1).unwrap();
         clocks.advance(19..20, 0, 1).unwrap();
-        assert_eq!(
-            segs(&clocks),
-            vec![(10..11, vec![1]), (11..19, vec![0]), (19..20, vec![1])]
-        );
+        assert_eq!(segs(&clocks), vec![(10..11, vec![1]), (11..19, vec![0]), (19..20, vec![1])]);
         assert_eq!(stamp(&clocks, 10..11), vec![1]);
         assert_eq!(stamp(&clocks, 19..20), vec![1]);
         assert_eq!(stamp(&clocks, 18..20), vec![0]);
@@ -897,10 +753,7 @@ mod tests {
         let top = u64::MAX;
         let mut clocks = RangeClocks::new(top - 10..top, 2, 4);
         clocks.advance(top - 1..top, 1, 7).unwrap();
-        assert_eq!(
-            segs(&clocks),
-            vec![(top - 10..top - 1, vec![0, 0]), (top - 1..top, vec![0, 7])]
-        );
+        assert_eq!(segs(&clocks), vec![(top - 10..top - 1, vec![0, 0]), (top - 1..top, vec![0, 7])]);
         assert_eq!(stamp(&clocks, top - 1..top), vec![0, 7]);
         assert_eq!(stamp(&clocks, top - 10..top), vec![0, 0]);
         clocks.advance(top - 10..top - 1, 1, 7).unwrap();
@@ -909,14 +762,7 @@ mod tests {
         let mut whole = RangeClocks::new(0..top, 1, 4);
         whole.advance(top - 1..top, 0, 1).unwrap();
         whole.advance(0..1, 0, 1).unwrap();
-        assert_eq!(
-            segs(&whole),
-            vec![
-                (0..1, vec![1]),
-                (1..top - 1, vec![0]),
-                (top - 1..top, vec![1])
-            ]
-        );
+        assert_eq!(segs(&whole), vec![(0..1, vec![1]), (1..top - 1, vec![0]), (top - 1..top, vec![1])]);
     }
 
     #[test]
@@ -935,19 +781,14 @@ mod tests {
         let mut clocks = RangeClocks::new(0..10, 1000, 1000);
         clocks.advance(0..5, 1, 3).unwrap();
         let text = format!("{clocks:?}");
-        assert!(
-            text.contains("segments: {0..5: [0, 3], 5..10: [0, 0]}"),
-            "{text}"
-        );
+        assert!(text.contains("segments: {0..5: [0, 3], 5..10: [0, 0]}"), "{text}");
         assert!(text.len() < 200, "{text}");
     }
 
     #[test]
     #[should_panic(expected = "inside the owned range")]
     fn advance_outside_owned_panics() {
-        RangeClocks::new(10..20, 1, 4)
-            .advance(15..21, 0, 1)
-            .unwrap();
+        RangeClocks::new(10..20, 1, 4).advance(15..21, 0, 1).unwrap();
     }
 
     #[test]
@@ -987,13 +828,7 @@ mod tests {
         /// Workers past the limit and small clocks, so that rejections, stale pushes and merges are
         /// all common.
         fn op() -> impl Strategy<Value = Op> {
-            (key_range(), 0u32..(WORKERS_MAX as u32 + 2), 0u64..6).prop_map(
-                |(range, worker, clock)| Op {
-                    range,
-                    worker,
-                    clock,
-                },
-            )
+            (key_range(), 0u32..(WORKERS_MAX as u32 + 2), 0u64..6).prop_map(|(range, worker, clock)| Op { range, worker, clock })
         }
 
         #[derive(Debug, Clone, Default)]
@@ -1004,10 +839,7 @@ mod tests {
 
         impl Model {
             fn new() -> Self {
-                Self {
-                    keys: vec![[0; WORKERS_MAX]; (KEYS.end - KEYS.start) as usize],
-                    workers_seen: 0,
-                }
+                Self { keys: vec![[0; WORKERS_MAX]; (KEYS.end - KEYS.start) as usize], workers_seen: 0 }
             }
 
             fn at(&self, key: u64) -> &[u64; WORKERS_MAX] {
@@ -1027,9 +859,7 @@ mod tests {
             }
 
             fn stamp(&self, range: Range<u64>) -> Vec<u64> {
-                (0..WORKERS_MAX)
-                    .map(|w| range.clone().map(|key| self.at(key)[w]).min().unwrap())
-                    .collect()
+                (0..WORKERS_MAX).map(|w| range.clone().map(|key| self.at(key)[w]).min().unwrap()).collect()
             }
 
             /// Applies `op` if the real structure should accept it, and says whether it should.
@@ -1062,11 +892,7 @@ mod tests {
             let result = clocks.advance(op.range.clone(), op.worker, op.clock);
             prop_assert_eq!(result.is_ok(), accepted, "{:?} gave {:?}", op, result);
             if !accepted {
-                prop_assert!(
-                    same_state(&before, clocks),
-                    "rejected {:?} changed the state",
-                    op
-                );
+                prop_assert!(same_state(&before, clocks), "rejected {:?} changed the state", op);
             }
             Ok(())
         }
@@ -1088,12 +914,7 @@ mod tests {
 
         /// (2) and (3): every stamp equals the model's element-wise minimum over the range (for any
         /// buffer length), and never decreases entry-wise from one op to the next.
-        fn check_stamps(
-            segments_max: usize,
-            ops: &[Op],
-            queries: &[Range<u64>],
-            out_len: usize,
-        ) -> Result<(), TestCaseError> {
+        fn check_stamps(segments_max: usize, ops: &[Op], queries: &[Range<u64>], out_len: usize) -> Result<(), TestCaseError> {
             let mut clocks = RangeClocks::new(KEYS, WORKERS_MAX, segments_max);
             let mut model = Model::new();
             let mut previous = vec![vec![0; WORKERS_MAX]; queries.len()];
@@ -1104,13 +925,7 @@ mod tests {
                     let now = stamp(&clocks, query.clone());
                     prop_assert_eq!(&now, &model.stamp(query.clone()), "stamp of {:?}", query);
                     let grew = now.iter().zip(previous.iter()).all(|(now, was)| now >= was);
-                    prop_assert!(
-                        grew,
-                        "stamp of {:?} fell from {:?} to {:?}",
-                        query,
-                        previous,
-                        now
-                    );
+                    prop_assert!(grew, "stamp of {:?} fell from {:?} to {:?}", query, previous, now);
                     *previous = now;
 
                     let mut out = vec![u64::MAX; out_len];
@@ -1136,21 +951,11 @@ mod tests {
                     continue;
                 };
                 prop_assert!(!accepted, "{:?} should have been accepted", op);
-                prop_assert!(
-                    same_state(&before, &clocks),
-                    "rejected {:?} changed the state",
-                    op
-                );
+                prop_assert!(same_state(&before, &clocks), "rejected {:?} changed the state", op);
                 let expected = if op.worker as usize >= WORKERS_MAX {
-                    EngineError::WorkerOutOfRange {
-                        worker: op.worker,
-                        workers_max: WORKERS_MAX,
-                    }
+                    EngineError::WorkerOutOfRange { worker: op.worker, workers_max: WORKERS_MAX }
                 } else {
-                    EngineError::ClockSegmentsFull {
-                        range: KEYS,
-                        segments_max,
-                    }
+                    EngineError::ClockSegmentsFull { range: KEYS, segments_max }
                 };
                 prop_assert_eq!(err, expected);
             }

@@ -138,9 +138,7 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// Checks every field; an error names the field and what it accepts.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &'static str, value: String, reason: &str| {
-            Err(EngineError::BadConfig { field, value, reason: reason.into() })
-        };
+        let bad = |field: &'static str, value: String, reason: &str| Err(EngineError::BadConfig { field, value, reason: reason.into() });
         if self.shards == 0 || self.shards > SHARDS_MAX {
             return bad("shards", self.shards.to_string(), "must be between 1 and 256");
         }

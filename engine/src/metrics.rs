@@ -108,13 +108,7 @@ pub struct ShardMetrics {
 impl ShardMetrics {
     pub fn new(shard: u16) -> Self {
         let labels = [("shard", shard.to_string())];
-        Self {
-            shard,
-            errors: counter!(REQUEST_ERRORS, &labels),
-            connections: gauge!(CONNECTIONS, &labels),
-            tables: Vec::new(),
-            gauges_at: Instant::now(),
-        }
+        Self { shard, errors: counter!(REQUEST_ERRORS, &labels), connections: gauge!(CONNECTIONS, &labels), tables: Vec::new(), gauges_at: Instant::now() }
     }
 
     /// Makes the handles of table `id`, named `name`.

@@ -13,17 +13,19 @@ use std::time::Duration;
 
 use crossbeam::channel::{self, Receiver, Sender};
 use tessera_replication::catalog::{Catalog, Part, ServerInfo, TableEntry, TableSpec};
+use tessera_replication::placement;
 use tessera_replication::protocol::{ClusterView, NodeId};
 use tessera_replication::ReplicationConfig;
-use tessera_replication::placement;
-use tessera_transport::{select, Dialer, Op, TransportError, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportKind, Waker};
+use tessera_transport::{
+    select, Dialer, Op, RdmaConfig, Reply, Request, Service, ShardTransport, Status, TransportConfig, TransportError, TransportKind, Waker,
+};
 
 use crate::chain::outbox::Outbox;
 use crate::chain::{ChainShard, Identity, Locator};
-use crate::persist::checkpoint::store::Written;
 use crate::config::{Durability, EngineConfig};
-use crate::persist::durable::RecoveryReport;
 use crate::error::{EngineError, Result};
+use crate::persist::checkpoint::store::Written;
+use crate::persist::durable::RecoveryReport;
 use crate::shard::{Shard, ShardControl, ShardStats};
 use crate::updater::UpdaterRegistry;
 
@@ -140,12 +142,8 @@ impl Server {
         }
         let chain = match (&cfg.replication, &rcfg) {
             (Some(join), Some(rcfg)) => {
-                let dialer = Dialer {
-                    cfg: cfg.transport.clone(),
-                    chosen: chosen.clone(),
-                    rdma: cfg.rdma.clone(),
-                    required: cfg.transport_kind == TransportKind::Rdma,
-                };
+                let dialer =
+                    Dialer { cfg: cfg.transport.clone(), chosen: chosen.clone(), rdma: cfg.rdma.clone(), required: cfg.transport_kind == TransportKind::Rdma };
                 Some(start_chain(join, rcfg.clone(), addr, dialer, &shards, stop.clone()))
             }
             _ => None,
@@ -175,8 +173,7 @@ impl Server {
             recovery: Vec::new(),
             chain: chain.map(|(_, outbox)| (rcfg.clone().expect("replicated"), outbox)),
         };
-        let mut server =
-            Server { addr, stop: stop.clone(), shards, control_waker: control_ep.waker(), threads, recovery: Vec::new() };
+        let mut server = Server { addr, stop: stop.clone(), shards, control_waker: control_ep.waker(), threads, recovery: Vec::new() };
         crate::crash::point("startup.bound");
         control.recover()?;
         crate::crash::point("startup.recovered");
@@ -280,8 +277,8 @@ impl ControlPlane {
         let disk_err = |op, e: std::io::Error| EngineError::Disk { op, path: path.display().to_string(), reason: e.to_string() };
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let file: CatalogFile = serde_json::from_slice(&bytes)
-                    .map_err(|e| EngineError::Corrupt { what: path.display().to_string(), reason: e.to_string() })?;
+                let file: CatalogFile =
+                    serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt { what: path.display().to_string(), reason: e.to_string() })?;
                 let (servers, index, shards) = (self.info.servers, self.info.server_index, self.info.shards);
                 if (file.servers, file.server_index, file.shards) != (servers, index, shards) {
                     return Err(EngineError::BadConfig {
@@ -363,9 +360,8 @@ impl ControlPlane {
             self.send(shard as u16, ShardControl::Checkpoint { done })?;
             waiting.push(rx);
         }
-        let answer = |(shard, rx): (usize, Receiver<_>)| {
-            rx.recv_timeout(SHARD_REPLY_TIMEOUT).map_err(|_| EngineError::Io(format!("shard {shard} did not answer")))?
-        };
+        let answer =
+            |(shard, rx): (usize, Receiver<_>)| rx.recv_timeout(SHARD_REPLY_TIMEOUT).map_err(|_| EngineError::Io(format!("shard {shard} did not answer")))?;
         waiting.into_iter().enumerate().map(answer).collect()
     }
 
@@ -397,10 +393,10 @@ impl ControlPlane {
         let id = self.catalog.tables.len() as u32;
         let parts = match &self.chain {
             Some((rcfg, _)) => (0..self.info.shards)
-                    .map(|shard| (shard, placement::replicated_part(&spec, rcfg.ranges, self.info.shards, shard)))
-                    .filter(|(_, keys)| !keys.is_empty())
-                    .map(|(shard, keys)| Part { start: keys.start, end: keys.end, shard })
-                    .collect(),
+                .map(|shard| (shard, placement::replicated_part(&spec, rcfg.ranges, self.info.shards, shard)))
+                .filter(|(_, keys)| !keys.is_empty())
+                .map(|(shard, keys)| Part { start: keys.start, end: keys.end, shard })
+                .collect(),
             None => placement::server_parts(&spec, self.info.servers, self.info.server_index, self.info.shards),
         };
         let mut waiting = Vec::new();
@@ -452,8 +448,8 @@ impl ControlPlane {
         match req.header.op() {
             Some(Op::Catalog) => reply.ok_bytes(&json(&self.catalog)),
             Some(Op::CreateTable) => {
-                let spec: TableSpec = serde_json::from_slice(req.body)
-                    .map_err(|e| EngineError::BadTable { name: "?".into(), reason: format!("bad table definition: {e}") })?;
+                let spec: TableSpec =
+                    serde_json::from_slice(req.body).map_err(|e| EngineError::BadTable { name: "?".into(), reason: format!("bad table definition: {e}") })?;
                 let entry = self.create_table(spec)?;
                 reply.ok_bytes(&json(&entry));
             }
@@ -465,12 +461,7 @@ impl ControlPlane {
                 reply.ok_bytes(&json(&view));
             }
             Some(Op::Status) => {
-                let status = StatusReport {
-                    info: self.info.clone(),
-                    catalog: self.catalog.clone(),
-                    shards: self.status()?,
-                    recovery: self.recovery.clone(),
-                };
+                let status = StatusReport { info: self.info.clone(), catalog: self.catalog.clone(), shards: self.status()?, recovery: self.recovery.clone() };
                 reply.ok_bytes(&json(&status));
             }
             Some(Op::Checkpoint) => {
@@ -481,11 +472,7 @@ impl ControlPlane {
                 }
                 reply.ok_bytes(&json(&self.checkpoint()?));
             }
-            _ => {
-                return Err(EngineError::BadRequest {
-                    reason: "data requests go to a shard connection: say hello with a shard index".into(),
-                })
-            }
+            _ => return Err(EngineError::BadRequest { reason: "data requests go to a shard connection: say hello with a shard index".into() }),
         }
         Ok(())
     }

@@ -20,15 +20,15 @@ use tessera_replication::protocol::ClusterConfig;
 
 use crate::arena::Arena;
 use crate::chain::ChainShard;
-use crate::persist::checkpoint::store::Written;
-use crate::persist::checkpoint::PartManifest;
 use crate::config::EngineConfig;
-use crate::persist::durable::{DiskStats, RecoveryReport, ShardDisk};
 use crate::error::{EngineError, Result};
 use crate::metrics::ShardMetrics;
+use crate::persist::checkpoint::store::Written;
+use crate::persist::checkpoint::PartManifest;
+use crate::persist::durable::{DiskStats, RecoveryReport, ShardDisk};
+use crate::persist::wal::{Record, Target};
 use crate::table::{PartStats, TablePart};
 use crate::updater::Updater;
-use crate::persist::wal::{Record, Target};
 
 /// Longest a replicated shard's loop sleeps: the replica's clock ticks at least this often.
 const CHAIN_TURN: std::time::Duration = std::time::Duration::from_millis(2);
@@ -319,15 +319,7 @@ impl Shard {
             for (_, clocks) in t.clocks().segments() {
                 clocks_max.iter_mut().zip(clocks).for_each(|(m, c)| *m = (*m).max(*c));
             }
-            PartReport {
-                table: t.id,
-                start: owned.start,
-                end: owned.end,
-                clock_segments: t.clocks().segment_count(),
-                stamp,
-                clocks_max,
-                stats: t.stats(),
-            }
+            PartReport { table: t.id, start: owned.start, end: owned.end, clock_segments: t.clocks().segment_count(), stamp, clocks_max, stats: t.stats() }
         });
         let disk = self.disk.as_ref().map(|d| d.stats);
         let log_failure = self.disk.as_ref().and_then(|d| d.failure().map(str::to_string));

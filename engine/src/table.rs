@@ -93,40 +93,15 @@ struct SparseStore {
 
 impl TablePart {
     /// Maps and initialises the part `owned` of `spec` (which the caller validated).
-    pub fn new(
-        id: u32,
-        shard: u16,
-        spec: TableSpec,
-        owned: Range<u64>,
-        updater: Arc<dyn Updater>,
-        cfg: &EngineConfig,
-        arena: &mut Arena,
-    ) -> Result<Self> {
+    pub fn new(id: u32, shard: u16, spec: TableSpec, owned: Range<u64>, updater: Arc<dyn Updater>, cfg: &EngineConfig, arena: &mut Arena) -> Result<Self> {
         assert!(spec.start <= owned.start && owned.end <= spec.end && !owned.is_empty());
-        let clocks = RangeClocks::new(
-            owned.clone(),
-            cfg.workers_max as usize,
-            cfg.clock_segments_max,
-        );
+        let clocks = RangeClocks::new(owned.clone(), cfg.workers_max as usize, cfg.clock_segments_max);
         let store = match spec.kind {
             TableKind::Dense => Self::dense_store(&spec, &owned, updater.as_ref(), cfg, arena)?,
-            TableKind::Sparse => {
-                Store::Sparse(SparseStore::new(&spec, cfg, updater.as_ref(), arena)?)
-            }
+            TableKind::Sparse => Store::Sparse(SparseStore::new(&spec, cfg, updater.as_ref(), arena)?),
         };
-        let mut part = Self {
-            id,
-            shard,
-            spec,
-            owned,
-            updater,
-            clocks,
-            step: 0,
-            store,
-            stats: PartStats::default(),
-            dirty: chunks::Dirty::default(),
-            snapshot: None,
-        };
+        let mut part =
+            Self { id, shard, spec, owned, updater, clocks, step: 0, store, stats: PartStats::default(), dirty: chunks::Dirty::default(), snapshot: None };
         part.dirty = chunks::Dirty::new(part.chunks());
         Ok(part)
     }
@@ -141,40 +116,16 @@ impl TablePart {
         self.step
     }
 
-    fn dense_store(
-        spec: &TableSpec,
-        owned: &Range<u64>,
-        updater: &dyn Updater,
-        cfg: &EngineConfig,
-        arena: &mut Arena,
-    ) -> Result<Store> {
+    fn dense_store(spec: &TableSpec, owned: &Range<u64>, updater: &dyn Updater, cfg: &EngineConfig, arena: &mut Arena) -> Result<Store> {
         let dim = spec.dim as usize;
         let keys = owned.end - owned.start;
-        let too_many = || EngineError::BadTable {
-            name: spec.name.clone(),
-            reason: "too many keys for a dense table".into(),
-        };
-        let n = usize::try_from(keys)
-            .ok()
-            .and_then(|n| n.checked_mul(dim))
-            .ok_or_else(too_many)?;
-        let layout = DenseLayout::new(
-            owned.start,
-            keys,
-            spec.dim,
-            cfg.dense_block_bytes,
-            cfg.workers_max,
-        );
-        let words = usize::try_from(layout.words())
-            .ok()
-            .filter(|w| w.checked_mul(8).is_some())
-            .ok_or_else(too_many)?;
+        let too_many = || EngineError::BadTable { name: spec.name.clone(), reason: "too many keys for a dense table".into() };
+        let n = usize::try_from(keys).ok().and_then(|n| n.checked_mul(dim)).ok_or_else(too_many)?;
+        let layout = DenseLayout::new(owned.start, keys, spec.dim, cfg.dense_block_bytes, cfg.workers_max);
+        let words = usize::try_from(layout.words()).ok().filter(|w| w.checked_mul(8).is_some()).ok_or_else(too_many)?;
         let blocks = arena.alloc_exposed(words)?;
         let slots = updater.state_slots();
-        let mut state = [
-            arena.alloc::<f32>(if slots > 0 { n } else { 0 })?,
-            arena.alloc::<f32>(if slots > 1 { n } else { 0 })?,
-        ];
+        let mut state = [arena.alloc::<f32>(if slots > 0 { n } else { 0 })?, arena.alloc::<f32>(if slots > 1 { n } else { 0 })?];
         for (slot, s) in state.iter_mut().enumerate() {
             let init = updater.state_init(slot);
             if init != 0.0 {
@@ -206,11 +157,7 @@ impl TablePart {
     /// What a transport needs to let workers read this part directly; `None` for sparse parts.
     pub fn dense_view(&self) -> Option<DenseView> {
         match &self.store {
-            Store::Dense(d) => Some(DenseView {
-                table: self.id,
-                layout: d.layout,
-                memory: d.blocks.memory(),
-            }),
+            Store::Dense(d) => Some(DenseView { table: self.id, layout: d.layout, memory: d.blocks.memory() }),
             Store::Sparse(_) => None,
         }
     }
@@ -258,18 +205,10 @@ impl TablePart {
 
     fn check_key(&self, key: u64) -> Result<()> {
         if key < self.spec.start || key >= self.spec.end {
-            return Err(EngineError::KeyOutOfRange {
-                table: self.id,
-                key,
-                range: self.spec.start..self.spec.end,
-            });
+            return Err(EngineError::KeyOutOfRange { table: self.id, key, range: self.spec.start..self.spec.end });
         }
         if !self.owned.contains(&key) {
-            return Err(EngineError::KeyNotOwned {
-                key,
-                shard: self.shard,
-                owned: self.owned.clone(),
-            });
+            return Err(EngineError::KeyNotOwned { key, shard: self.shard, owned: self.owned.clone() });
         }
         Ok(())
     }
@@ -289,19 +228,13 @@ impl TablePart {
     fn check_range(&self, start: u64, count: usize) -> Result<Range<u64>> {
         // Built only on failure, as in shard::part_of: an unused error still runs its drop glue.
         #[allow(clippy::unnecessary_lazy_evaluations)]
-        let end = start
-            .checked_add(count as u64)
-            .ok_or_else(|| EngineError::KeyOutOfRange {
-                table: self.id,
-                key: u64::MAX,
-                range: self.spec.start..self.spec.end,
-            })?;
+        let end = start.checked_add(count as u64).ok_or_else(|| EngineError::KeyOutOfRange {
+            table: self.id,
+            key: u64::MAX,
+            range: self.spec.start..self.spec.end,
+        })?;
         if count == 0 {
-            return Err(EngineError::ValuesLength {
-                keys: 0,
-                dim: self.spec.dim,
-                values: 0,
-            });
+            return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
         }
         self.check_key(start)?;
         self.check_key(end - 1)?;
@@ -317,20 +250,11 @@ impl TablePart {
     fn check_values(&self, keys: usize, values: &[f32]) -> Result<bool> {
         let dim = self.spec.dim;
         if keys.checked_mul(dim as usize) != Some(values.len()) {
-            return Err(EngineError::ValuesLength {
-                keys,
-                dim,
-                values: values.len(),
-            });
+            return Err(EngineError::ValuesLength { keys, dim, values: values.len() });
         }
         match first_non_finite(values) {
             None => Ok(false),
-            Some(index) if self.spec.non_finite == NonFinite::Reject => {
-                Err(EngineError::NonFinite {
-                    index,
-                    value: values[index],
-                })
-            }
+            Some(index) if self.spec.non_finite == NonFinite::Reject => Err(EngineError::NonFinite { index, value: values[index] }),
             Some(_) => Ok(true),
         }
     }
@@ -344,20 +268,10 @@ impl TablePart {
     }
 
     /// Applies a sparse push from `worker` at `clock`.
-    pub fn push(
-        &mut self,
-        keys: &[u64],
-        grads: &[f32],
-        worker: u32,
-        clock: u64,
-    ) -> Result<Range<u64>> {
+    pub fn push(&mut self, keys: &[u64], grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
         let has_bad = self.check_values(keys.len(), grads)?;
         if keys.is_empty() {
-            return Err(EngineError::ValuesLength {
-                keys: 0,
-                dim: self.spec.dim,
-                values: 0,
-            });
+            return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
         }
         let span = self.span_of(keys)?;
         if let Store::Sparse(sp) = &self.store {
@@ -374,8 +288,7 @@ impl TablePart {
         match &mut self.store {
             Store::Dense(d) => {
                 let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
-                let blocks =
-                    d.blocks_of(span.start - self.owned.start..span.end - self.owned.start);
+                let blocks = d.blocks_of(span.start - self.owned.start..span.end - self.owned.start);
                 blocks.clone().for_each(|b| d.open(b));
                 fence(Ordering::Release);
                 for (i, &k) in keys.iter().enumerate() {
@@ -383,9 +296,7 @@ impl TablePart {
                     skipped += ctx.run(v, s0, s1, &grads[i * dim..(i + 1) * dim]);
                     self.dirty.mark((k - self.owned.start) / per);
                 }
-                blocks
-                    .clone()
-                    .for_each(|b| d.stamp(b, &self.clocks, self.owned.start));
+                blocks.clone().for_each(|b| d.stamp(b, &self.clocks, self.owned.start));
                 fence(Ordering::Release);
                 blocks.for_each(|b| d.close(b));
             }
@@ -408,14 +319,7 @@ impl TablePart {
     }
 
     /// Applies a dense push to keys `start .. start + count` from `worker` at `clock`.
-    pub fn push_range(
-        &mut self,
-        start: u64,
-        count: usize,
-        grads: &[f32],
-        worker: u32,
-        clock: u64,
-    ) -> Result<Range<u64>> {
+    pub fn push_range(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
         let has_bad = self.check_values(count, grads)?;
         let range = self.check_range(start, count)?;
         if let Store::Sparse(_) = self.store {
@@ -429,9 +333,7 @@ impl TablePart {
         let keys = start - self.owned.start..start - self.owned.start + count as u64;
         self.preserve(keys.clone());
         let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
-        let Store::Dense(d) = &mut self.store else {
-            unreachable!("checked above")
-        };
+        let Store::Dense(d) = &mut self.store else { unreachable!("checked above") };
         let mut skipped = 0;
         // One block at a time, so a reader finds each block torn for as short a time as can be.
         for b in d.blocks_of(keys.clone()) {
@@ -440,12 +342,7 @@ impl TablePart {
             d.open(b);
             fence(Ordering::Release);
             let (v, s0, s1) = d.span_mut(b, lo..hi);
-            skipped += ctx.run(
-                v,
-                s0,
-                s1,
-                &grads[(lo - keys.start) as usize * dim..(hi - keys.start) as usize * dim],
-            );
+            skipped += ctx.run(v, s0, s1, &grads[(lo - keys.start) as usize * dim..(hi - keys.start) as usize * dim]);
             d.stamp(b, &self.clocks, self.owned.start);
             fence(Ordering::Release);
             d.close(b);
@@ -476,11 +373,7 @@ impl TablePart {
     /// Checks a sparse pull of `keys` and returns the range they span, before any reply is built.
     pub fn check_pull(&self, keys: &[u64]) -> Result<Range<u64>> {
         if keys.is_empty() {
-            return Err(EngineError::ValuesLength {
-                keys: 0,
-                dim: self.spec.dim,
-                values: 0,
-            });
+            return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
         }
         self.span_of(keys)
     }
@@ -488,11 +381,7 @@ impl TablePart {
     /// Gathers the values of `keys` (checked by [`TablePart::check_pull`]) into `out`.
     pub fn pull(&mut self, keys: &[u64], out: &mut [f32]) {
         let dim = self.spec.dim as usize;
-        assert_eq!(
-            out.len(),
-            keys.len() * dim,
-            "the reply was sized for these keys"
-        );
+        assert_eq!(out.len(), keys.len() * dim, "the reply was sized for these keys");
         match &self.store {
             Store::Dense(d) => {
                 for (o, &k) in out.chunks_exact_mut(dim).zip(keys) {
@@ -525,8 +414,7 @@ impl TablePart {
                 for b in d.blocks_of(keys.clone()) {
                     let held = d.layout.keys_of(b);
                     let (lo, hi) = (held.start.max(keys.start), held.end.min(keys.end));
-                    let v = &d.values(b)
-                        [(lo - held.start) as usize * dim..(hi - held.start) as usize * dim];
+                    let v = &d.values(b)[(lo - held.start) as usize * dim..(hi - held.start) as usize * dim];
                     out[at..at + v.len()].copy_from_slice(v);
                     at += v.len();
                 }
@@ -586,11 +474,7 @@ impl DenseStore {
         let planar = keys.start as usize * dim..keys.end as usize * dim;
         let words = self.value_words(b);
         let v: &mut [f32] = bytemuck::cast_slice_mut(&mut self.blocks.words_mut()[words]);
-        (
-            &mut v[local],
-            slot_slice(&mut self.s0, planar.clone()),
-            slot_slice(&mut self.s1, planar),
-        )
+        (&mut v[local], slot_slice(&mut self.s0, planar.clone()), slot_slice(&mut self.s1, planar))
     }
 
     /// Marks block `b` as changing: its back version moves ahead of its front. The caller fences
@@ -605,9 +489,7 @@ impl DenseStore {
     /// Whether `stamp` (and `packed`) is the stamp of `keys` (absolute) as `clocks` stand now:
     /// computed at their current generation, for a segment that holds all of `keys`.
     fn stamp_holds_for(&self, keys: &Range<u64>, clocks: &RangeClocks) -> bool {
-        self.packed_generation == clocks.generation()
-            && self.packed_keys.start <= keys.start
-            && keys.end <= self.packed_keys.end
+        self.packed_generation == clocks.generation() && self.packed_keys.start <= keys.start && keys.end <= self.packed_keys.end
     }
 
     /// Writes block `b`'s stamp: the clocks every key it holds has reached.
@@ -670,19 +552,10 @@ impl Apply<'_> {
                 i += 1;
                 continue;
             }
-            let end = g[i..]
-                .iter()
-                .position(|x| !x.is_finite())
-                .map_or(g.len(), |p| i + p);
+            let end = g[i..].iter().position(|x| !x.is_finite()).map_or(g.len(), |p| i + p);
             let part = |s: &mut [f32]| if s.is_empty() { 0..0 } else { i..end };
             let (r0, r1) = (part(s0), part(s1));
-            self.updater.update(
-                &mut v[i..end],
-                &mut s0[r0],
-                &mut s1[r1],
-                &g[i..end],
-                self.step,
-            );
+            self.updater.update(&mut v[i..end], &mut s0[r0], &mut s1[r1], &g[i..end], self.step);
             i = end;
         }
         skipped
@@ -690,39 +563,18 @@ impl Apply<'_> {
 }
 
 impl SparseStore {
-    fn new(
-        spec: &TableSpec,
-        cfg: &EngineConfig,
-        updater: &dyn Updater,
-        arena: &mut Arena,
-    ) -> Result<Self> {
-        let wanted = if spec.capacity > 0 {
-            spec.capacity
-        } else {
-            cfg.sparse_capacity_keys_default
-        };
+    fn new(spec: &TableSpec, cfg: &EngineConfig, updater: &dyn Updater, arena: &mut Arena) -> Result<Self> {
+        let wanted = if spec.capacity > 0 { spec.capacity } else { cfg.sparse_capacity_keys_default };
         let per_shard = wanted.div_ceil(cfg.shards as u64).max(1);
-        let slots = (per_shard * 100 / SPARSE_LOAD_PERCENT_MAX + 1)
-            .next_power_of_two()
-            .max(SPARSE_SLOTS_MIN);
-        let too_big = || EngineError::BadTable {
-            name: spec.name.clone(),
-            reason: format!("capacity {wanted} is too large"),
-        };
+        let slots = (per_shard * 100 / SPARSE_LOAD_PERCENT_MAX + 1).next_power_of_two().max(SPARSE_SLOTS_MIN);
+        let too_big = || EngineError::BadTable { name: spec.name.clone(), reason: format!("capacity {wanted} is too large") };
         let slots = usize::try_from(slots).map_err(|_| too_big())?;
         let rec = spec.dim as usize * (1 + updater.state_slots());
         let mut keys = arena.alloc::<u64>(slots)?;
         keys.as_mut_slice().fill(EMPTY);
         let records = arena.alloc::<f32>(slots.checked_mul(rec).ok_or_else(too_big)?)?;
         let limit = slots * SPARSE_LOAD_PERCENT_MAX as usize / 100;
-        Ok(Self {
-            keys,
-            records,
-            shift: 64 - slots.trailing_zeros(),
-            width: rec,
-            len: 0,
-            limit,
-        })
+        Ok(Self { keys, records, shift: 64 - slots.trailing_zeros(), width: rec, len: 0, limit })
     }
 
     fn home(&self, key: u64) -> usize {
@@ -750,28 +602,16 @@ impl SparseStore {
             return Ok(());
         }
         // Near the limit only: count each new key once, however often the push repeats it.
-        let new: std::collections::HashSet<u64> = keys
-            .iter()
-            .copied()
-            .filter(|k| self.probe(*k).is_err())
-            .collect();
+        let new: std::collections::HashSet<u64> = keys.iter().copied().filter(|k| self.probe(*k).is_err()).collect();
         let new = new.len();
         if self.len + new > self.limit {
-            return Err(EngineError::SparseTableFull {
-                table,
-                capacity: self.limit,
-            });
+            return Err(EngineError::SparseTableFull { table, capacity: self.limit });
         }
         Ok(())
     }
 
     /// The record of `key`, inserted with its initial value if new.
-    fn record_mut(
-        &mut self,
-        key: u64,
-        spec: &TableSpec,
-        updater: &dyn Updater,
-    ) -> (usize, Record<'_>) {
+    fn record_mut(&mut self, key: u64, spec: &TableSpec, updater: &dyn Updater) -> (usize, Record<'_>) {
         let dim = spec.dim as usize;
         let width = self.width;
         let slot = match self.probe(key) {
@@ -786,11 +626,7 @@ impl SparseStore {
         };
         let rec = &mut self.records.as_mut_slice()[slot * width..(slot + 1) * width];
         let (v, state) = rec.split_at_mut(dim);
-        let (s0, s1) = if state.len() >= 2 * dim {
-            state.split_at_mut(dim)
-        } else {
-            (state, &mut [][..])
-        };
+        let (s0, s1) = if state.len() >= 2 * dim { state.split_at_mut(dim) } else { (state, &mut [][..]) };
         (slot, (v, s0, s1))
     }
 
@@ -799,9 +635,7 @@ impl SparseStore {
         match self.probe(key) {
             Ok(slot) => {
                 let width = self.width;
-                out.copy_from_slice(
-                    &self.records.as_slice()[slot * width..slot * width + out.len()],
-                );
+                out.copy_from_slice(&self.records.as_slice()[slot * width..slot * width + out.len()]);
             }
             Err(_) => {
                 for (c, v) in out.iter_mut().enumerate() {
@@ -830,8 +664,7 @@ pub fn init_value(init: &Init, key: u64, c: u32) -> f32 {
     match *init {
         Init::Zero => 0.0,
         Init::Uniform { scale, seed } => {
-            let bits =
-                splitmix64(seed ^ splitmix64(key) ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+            let bits = splitmix64(seed ^ splitmix64(key) ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
             let unit = (bits >> 40) as f32 / (1u64 << 24) as f32;
             scale * (2.0 * unit - 1.0)
         }

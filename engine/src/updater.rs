@@ -137,9 +137,7 @@ fn parse_params(spec: &str, body: &str) -> Result<Vec<(String, f64)>> {
         };
         let (key, literal) = (key.trim(), literal.trim());
         check_identifier(spec, key, "parameter name")?;
-        let value: f64 = literal
-            .parse()
-            .map_err(|_| bad(spec, format!("cannot parse {literal:?} as a number for {key}; use e.g. 0.01 or 1e-8")))?;
+        let value: f64 = literal.parse().map_err(|_| bad(spec, format!("cannot parse {literal:?} as a number for {key}; use e.g. 0.01 or 1e-8")))?;
         if !value.is_finite() {
             return Err(bad(spec, format!("{key}={literal} is not finite; give a finite number")));
         }
@@ -213,18 +211,10 @@ const fn def(key: &'static str, default: f64, bound: Bound) -> ParamDef {
 const NO_PARAMS: [ParamDef; 0] = [];
 const SGD_PARAMS: [ParamDef; 1] = [def("lr", 0.01, Bound::Positive)];
 const ADAGRAD_PARAMS: [ParamDef; 2] = [def("lr", 0.01, Bound::Positive), def("eps", 1e-8, Bound::Positive)];
-const ADAM_PARAMS: [ParamDef; 4] = [
-    def("lr", 0.001, Bound::Positive),
-    def("b1", 0.9, Bound::Decay),
-    def("b2", 0.999, Bound::Decay),
-    def("eps", 1e-8, Bound::Positive),
-];
-const FTRL_PARAMS: [ParamDef; 4] = [
-    def("alpha", 0.05, Bound::Positive),
-    def("beta", 1.0, Bound::NonNegative),
-    def("l1", 1.0, Bound::NonNegative),
-    def("l2", 1.0, Bound::NonNegative),
-];
+const ADAM_PARAMS: [ParamDef; 4] =
+    [def("lr", 0.001, Bound::Positive), def("b1", 0.9, Bound::Decay), def("b2", 0.999, Bound::Decay), def("eps", 1e-8, Bound::Positive)];
+const FTRL_PARAMS: [ParamDef; 4] =
+    [def("alpha", 0.05, Bound::Positive), def("beta", 1.0, Bound::NonNegative), def("l1", 1.0, Bound::NonNegative), def("l2", 1.0, Bound::NonNegative)];
 
 /// Checks one value against its bound, saying what range is allowed when it is not.
 fn check_bound(spec: &str, def: &ParamDef, value: f64) -> Result<()> {
@@ -233,9 +223,7 @@ fn check_bound(spec: &str, def: &ParamDef, value: f64) -> Result<()> {
     let (ok, allowed) = match def.bound {
         Bound::Positive => (value > 0.0 && narrow.is_normal(), "> 0 (and within f32 range, 1.2e-38 to 3.4e38)"),
         Bound::NonNegative => (value >= 0.0 && narrow.is_finite(), ">= 0 (and at most 3.4e38, the f32 range)"),
-        Bound::Decay => {
-            ((0.0..1.0).contains(&value) && narrow < 1.0, ">= 0 and < 1 (and still < 1 when rounded to f32)")
-        }
+        Bound::Decay => ((0.0..1.0).contains(&value) && narrow < 1.0, ">= 0 and < 1 (and still < 1 when rounded to f32)"),
     };
     if ok {
         Ok(())
@@ -272,9 +260,7 @@ fn build_builtin(params: &Params) -> Option<Result<Arc<dyn Updater>>> {
         "sgd" => resolve(spec, params, &SGD_PARAMS).map(|[lr]| Arc::new(Sgd { lr }) as _),
         "adagrad" => resolve(spec, params, &ADAGRAD_PARAMS).map(|[lr, eps]| Arc::new(Adagrad { lr, eps }) as _),
         "adam" => resolve(spec, params, &ADAM_PARAMS).map(|[lr, b1, b2, eps]| Arc::new(Adam { lr, b1, b2, eps }) as _),
-        "ftrl" => {
-            resolve(spec, params, &FTRL_PARAMS).map(|[alpha, beta, l1, l2]| Arc::new(Ftrl { alpha, beta, l1, l2 }) as _)
-        }
+        "ftrl" => resolve(spec, params, &FTRL_PARAMS).map(|[alpha, beta, l1, l2]| Arc::new(Ftrl { alpha, beta, l1, l2 }) as _),
         _ => return None,
     };
     Some(built)
@@ -296,10 +282,7 @@ pub struct UpdaterRegistry {
 
 impl fmt::Debug for UpdaterRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpdaterRegistry")
-            .field("builtin", &BUILTIN_NAMES)
-            .field("user", &self.user.keys().collect::<Vec<_>>())
-            .finish()
+        f.debug_struct("UpdaterRegistry").field("builtin", &BUILTIN_NAMES).field("user", &self.user.keys().collect::<Vec<_>>()).finish()
     }
 }
 
@@ -311,11 +294,7 @@ impl UpdaterRegistry {
 
     /// Register a user-defined updater under `name`; `make` receives the parsed `{k=v,...}` params.
     /// Fails, leaving the registry unchanged, when `name` is not a valid spec name or is already taken.
-    pub fn register(
-        &mut self,
-        name: &str,
-        make: impl Fn(&Params) -> Result<Arc<dyn Updater>> + Send + Sync + 'static,
-    ) -> Result<()> {
+    pub fn register(&mut self, name: &str, make: impl Fn(&Params) -> Result<Arc<dyn Updater>> + Send + Sync + 'static) -> Result<()> {
         check_identifier(name, name, "updater name")?;
         if BUILTIN_NAMES.contains(&name) {
             return Err(bad(name, format!("{name} is a builtin updater; register yours under another name")));
@@ -340,8 +319,7 @@ impl UpdaterRegistry {
         // A user updater that asks for more slots than the engine lays out would index past its state.
         let slots = updater.state_slots();
         if slots > STATE_SLOTS_MAX {
-            let reason =
-                format!("it keeps {slots} state slots per component; the engine supports at most {STATE_SLOTS_MAX}");
+            let reason = format!("it keeps {slots} state slots per component; the engine supports at most {STATE_SLOTS_MAX}");
             return Err(bad(spec, reason));
         }
         Ok(updater)
@@ -715,11 +693,7 @@ mod tests {
                 let sigma = ((n[i] + g * g).sqrt() - n[i].sqrt()) / alpha;
                 z[i] += g - sigma * w[i];
                 n[i] += g * g;
-                w[i] = if z[i].abs() <= l1 {
-                    0.0
-                } else {
-                    -(z[i] - z[i].signum() * l1) / ((beta + n[i].sqrt()) / alpha + l2)
-                };
+                w[i] = if z[i].abs() <= l1 { 0.0 } else { -(z[i] - z[i].signum() * l1) / ((beta + n[i].sqrt()) / alpha + l2) };
             }
         }
         (w, z, n)
@@ -839,10 +813,7 @@ mod tests {
             assert_eq!(first.spec(), second.spec(), "{spec}");
             assert_eq!(format!("{first:?}"), format!("{second:?}"), "{spec}");
         }
-        assert_eq!(
-            registry().build(" adam { eps = 1e-7 , lr=0.5 }").unwrap().spec(),
-            "adam{lr=0.5,b1=0.9,b2=0.999,eps=1e-7}"
-        );
+        assert_eq!(registry().build(" adam { eps = 1e-7 , lr=0.5 }").unwrap().spec(), "adam{lr=0.5,b1=0.9,b2=0.999,eps=1e-7}");
     }
 
     #[test]

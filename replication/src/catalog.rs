@@ -94,17 +94,7 @@ pub const DIM_MAX: u32 = 1 << 20;
 impl TableSpec {
     /// A table over `[start, end)` with `dim` components and the `sum` updater.
     pub fn new(name: &str, kind: TableKind, start: u64, end: u64, dim: u32) -> Self {
-        Self {
-            name: name.into(),
-            kind,
-            start,
-            end,
-            dim,
-            updater: updater_default(),
-            init: Init::Zero,
-            non_finite: NonFinite::Reject,
-            capacity: 0,
-        }
+        Self { name: name.into(), kind, start, end, dim, updater: updater_default(), init: Init::Zero, non_finite: NonFinite::Reject, capacity: 0 }
     }
 
     /// Checks what does not depend on the server (the updater is checked by the engine).

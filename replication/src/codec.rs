@@ -73,22 +73,10 @@ pub fn decode(bytes: &[u8]) -> Result<Msg> {
         PUSH => Msg::Push { range: RangeId(r.u32()?), worker: WorkerId(r.u32()?), seq: r.u32()?, payload: r.bytes()?.into() },
         PUSH_ACK => Msg::PushAck { range: RangeId(r.u32()?), seq: r.u32()? },
         NOT_HEAD => Msg::NotHead { range: RangeId(r.u32()?), config_id: r.u64()? },
-        FORWARD => Msg::Forward {
-            range: RangeId(r.u32()?),
-            epoch: Epoch(r.u64()?),
-            version: r.u64()?,
-            clock: r.clock()?,
-            delta: r.bytes()?.into(),
-        },
+        FORWARD => Msg::Forward { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, clock: r.clock()?, delta: r.bytes()?.into() },
         ACK => Msg::Ack { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         NEED => Msg::Need { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
-        SNAPSHOT => Msg::Snapshot {
-            range: RangeId(r.u32()?),
-            epoch: Epoch(r.u64()?),
-            version: r.u64()?,
-            clock: r.clock()?,
-            data: r.bytes()?.into(),
-        },
+        SNAPSHOT => Msg::Snapshot { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, clock: r.clock()?, data: r.bytes()?.into() },
         HEARTBEAT => {
             let hb: HeartbeatJson = serde_json::from_slice(r.bytes()?).map_err(|e| bad(format!("heartbeat: {e}")))?;
             Msg::Heartbeat { node: hb.node, incarnation: hb.incarnation, addr: hb.addr, config_id: hb.config_id, ranges: hb.ranges }

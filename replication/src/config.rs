@@ -50,15 +50,7 @@ pub struct ReplicationConfig {
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
-        Self {
-            replicas: 2,
-            ranges: 256,
-            vnodes: 64,
-            workers: 16,
-            heartbeat_interval_ms: 100,
-            failure_timeout_ms: 500,
-            resend_interval_ms: 20,
-        }
+        Self { replicas: 2, ranges: 256, vnodes: 64, workers: 16, heartbeat_interval_ms: 100, failure_timeout_ms: 500, resend_interval_ms: 20 }
     }
 }
 

@@ -37,18 +37,39 @@ struct Seen {
 /// A change the coordinator made, for logs and `tessera status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Failed { node: NodeId },
-    Restarted { node: NodeId },
-    Joined { node: NodeId },
-    LearnerAdded { range: RangeId, node: NodeId },
-    Promoted { range: RangeId, node: NodeId },
-    Removed { range: RangeId, node: NodeId },
-    Draining { node: NodeId },
-    Left { node: NodeId },
+    Failed {
+        node: NodeId,
+    },
+    Restarted {
+        node: NodeId,
+    },
+    Joined {
+        node: NodeId,
+    },
+    LearnerAdded {
+        range: RangeId,
+        node: NodeId,
+    },
+    Promoted {
+        range: RangeId,
+        node: NodeId,
+    },
+    Removed {
+        range: RangeId,
+        node: NodeId,
+    },
+    Draining {
+        node: NodeId,
+    },
+    Left {
+        node: NodeId,
+    },
     /// Every member of the range's chain failed, and one came back restarted, holding nothing:
     /// the range's copies are gone, acknowledged updates with them. The chain stays as it is
     /// (nothing can heal it); an operator must restore the range.
-    Lost { range: RangeId },
+    Lost {
+        range: RangeId,
+    },
 }
 
 impl Change {
@@ -78,11 +99,7 @@ impl Coordinator {
     pub fn new(rcfg: ReplicationConfig, members: Vec<Member>, now_ms: u64) -> Self {
         assert!(!members.is_empty(), "a cluster starts with at least one server");
         let ring = Ring::new(members.iter().map(|m| m.node), rcfg.vnodes);
-        let chains = ring
-            .chains(rcfg.ranges, rcfg.replicas)
-            .into_iter()
-            .map(|nodes| Chain { epoch: Epoch(1), nodes, learner: None })
-            .collect();
+        let chains = ring.chains(rcfg.ranges, rcfg.replicas).into_iter().map(|nodes| Chain { epoch: Epoch(1), nodes, learner: None }).collect();
         Self::resume(rcfg, ClusterConfig { id: 1, members, chains, drained: Vec::new() }, now_ms)
     }
 
@@ -94,13 +111,7 @@ impl Coordinator {
             .members
             .iter()
             .map(|m| {
-                let seen = Seen {
-                    incarnation: m.incarnation,
-                    addr: m.addr.clone(),
-                    heard_ms: now_ms,
-                    config_id: 0,
-                    reports: BTreeMap::new(),
-                };
+                let seen = Seen { incarnation: m.incarnation, addr: m.addr.clone(), heard_ms: now_ms, config_id: 0, reports: BTreeMap::new() };
                 (m.node, seen)
             })
             .collect();
@@ -142,13 +153,7 @@ impl Coordinator {
     /// Takes one message (heartbeats; anything else is ignored).
     pub fn step(&mut self, now_ms: u64, msg: Msg) {
         let Msg::Heartbeat { node, incarnation, config_id, ranges, addr } = msg else { return };
-        let seen = self.seen.entry(node).or_insert_with(|| Seen {
-            incarnation,
-            addr: addr.clone(),
-            heard_ms: now_ms,
-            config_id,
-            reports: BTreeMap::new(),
-        });
+        let seen = self.seen.entry(node).or_insert_with(|| Seen { incarnation, addr: addr.clone(), heard_ms: now_ms, config_id, reports: BTreeMap::new() });
         if seen.incarnation != incarnation {
             seen.reports.clear();
         }
@@ -177,12 +182,7 @@ impl Coordinator {
         let before = self.changes.len();
         self.remove_lost(&mut next, now_ms);
         self.add_joined(&mut next, now_ms);
-        let placeable: Vec<NodeId> = next
-            .members
-            .iter()
-            .map(|m| m.node)
-            .filter(|n| self.alive(*n, now_ms) && !self.draining.contains(n))
-            .collect();
+        let placeable: Vec<NodeId> = next.members.iter().map(|m| m.node).filter(|n| self.alive(*n, now_ms) && !self.draining.contains(n)).collect();
         let ring = Ring::new(placeable, self.rcfg.vnodes);
         for r in 0..next.chains.len() {
             let range = RangeId(r as u32);

@@ -31,11 +31,7 @@ pub fn server_parts(spec: &TableSpec, servers: u32, server: u32, shards: u16) ->
     assert!(server < servers && shards > 0);
     let by_server = split(spec.start..spec.end, servers as u64);
     let Some(mine) = by_server.get(server as usize) else { return Vec::new() };
-    split(mine.clone(), shards as u64)
-        .into_iter()
-        .enumerate()
-        .map(|(shard, r)| Part { start: r.start, end: r.end, shard: shard as u16 })
-        .collect()
+    split(mine.clone(), shards as u64).into_iter().enumerate().map(|(shard, r)| Part { start: r.start, end: r.end, shard: shard as u16 }).collect()
 }
 
 /// The keys of `spec` that replication range `range` (of `ranges`) holds: the table's key space

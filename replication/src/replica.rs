@@ -183,14 +183,7 @@ impl Place {
                 is_learner: false,
             });
         }
-        (chain.learner == Some(me)).then(|| Self {
-            epoch: chain.epoch,
-            head: false,
-            upstream: chain.tail(),
-            succ: None,
-            learner: None,
-            is_learner: true,
-        })
+        (chain.learner == Some(me)).then(|| Self { epoch: chain.epoch, head: false, upstream: chain.tail(), succ: None, learner: None, is_learner: true })
     }
 
     fn is_tail(&self) -> bool {
@@ -398,14 +391,10 @@ impl<S: Store> Replica<S> {
         self.now_ms = now_ms;
         match (from, msg) {
             (_, Msg::Push { range, worker, seq, payload }) => self.on_push(range, worker, seq, &payload),
-            (Addr::Node(from), Msg::Forward { range, epoch, version, clock, delta }) => {
-                self.on_forward(from, range, epoch, Entry { version, clock, delta })
-            }
+            (Addr::Node(from), Msg::Forward { range, epoch, version, clock, delta }) => self.on_forward(from, range, epoch, Entry { version, clock, delta }),
             (Addr::Node(from), Msg::Ack { range, epoch, version }) => self.on_ack(from, range, epoch, version),
             (Addr::Node(from), Msg::Need { range, epoch, version }) => self.on_need(from, range, epoch, version),
-            (Addr::Node(from), Msg::Snapshot { range, epoch, version, clock, data }) => {
-                self.on_snapshot(from, range, epoch, version, &clock, &data)
-            }
+            (Addr::Node(from), Msg::Snapshot { range, epoch, version, clock, data }) => self.on_snapshot(from, range, epoch, version, &clock, &data),
             (Addr::Coordinator, Msg::Config(config)) => self.on_config(config),
             _ => self.stats.stale_dropped += 1,
         }
@@ -711,11 +700,7 @@ impl<S: Store> Replica<S> {
                     l.synced = false;
                     l.ungated = st.version;
                 }
-                let commit_to = if l.synced {
-                    Some(l.acked.min(st.version))
-                } else {
-                    l.needs_snapshot.then_some(st.version)
-                };
+                let commit_to = if l.synced { Some(l.acked.min(st.version)) } else { l.needs_snapshot.then_some(st.version) };
                 if let Some(version) = commit_to {
                     self.commit(range, place, version);
                 }
@@ -837,11 +822,9 @@ impl<S: Store> Replica<S> {
             st.waiting.clear();
         }
         let old_learner = st.learner.take();
-        st.learner = place.learner.map(|(node, incarnation)| {
-            match old_learner.filter(|l| l.node == node && l.incarnation == incarnation) {
-                Some(kept) => kept,
-                None => Learner::new(node, incarnation),
-            }
+        st.learner = place.learner.map(|(node, incarnation)| match old_learner.filter(|l| l.node == node && l.incarnation == incarnation) {
+            Some(kept) => kept,
+            None => Learner::new(node, incarnation),
         });
         if place.is_tail() && st.learner.is_none_or(|l| !l.synced) {
             // Everything here is held by the (new) tail: committed.
@@ -969,13 +952,7 @@ mod tests {
     #[test]
     fn a_stranger_or_another_epoch_changes_nothing() {
         let mut nodes = cluster();
-        let forward = |epoch| Msg::Forward {
-            range: RangeId(0),
-            epoch: Epoch(epoch),
-            version: 1,
-            clock: vec![0u32, 1].into(),
-            delta: encode(&[9, 0]).into(),
-        };
+        let forward = |epoch| Msg::Forward { range: RangeId(0), epoch: Epoch(epoch), version: 1, clock: vec![0u32, 1].into(), delta: encode(&[9, 0]).into() };
         // Node 2's predecessor is 1, not 0; and epoch 2 is not the range's epoch.
         nodes[2].step(1, Addr::Node(NodeId(0)), forward(1));
         nodes[1].step(1, Addr::Node(NodeId(0)), forward(2));

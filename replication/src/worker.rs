@@ -27,15 +27,7 @@ pub struct Pusher {
 impl Pusher {
     pub fn new(id: WorkerId, ranges: u32, view: Arc<ClusterConfig>) -> Self {
         let n = ranges as usize;
-        Self {
-            id,
-            next_seq: vec![0; n],
-            pending: vec![VecDeque::new(); n],
-            sent_ms: vec![0; n],
-            acked: vec![0; n],
-            view,
-            out: Vec::new(),
-        }
+        Self { id, next_seq: vec![0; n], pending: vec![VecDeque::new(); n], sent_ms: vec![0; n], acked: vec![0; n], view, out: Vec::new() }
     }
 
     /// Everything pushed was acknowledged.

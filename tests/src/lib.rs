@@ -259,7 +259,6 @@ impl Drop for ServerProc {
     }
 }
 
-
 /// A real etcd server (Debian's `etcd-server`) on loopback, in a scratch directory, with
 /// elections tuned for a test (50 ms heartbeats, so leases as short as a second hold).
 #[derive(Debug)]

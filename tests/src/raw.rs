@@ -51,10 +51,7 @@ impl RawReply {
         assert_eq!(self.status(), status, "expected {status:?}, got {:?}: {:?}", self.status(), self.message());
         assert!(self.header.is_reply(), "the reply's op {:#x} lacks the reply bit", self.header.op);
         let message = self.message();
-        assert!(
-            message.to_lowercase().contains(&needle.to_lowercase()),
-            "{status:?} message {message:?} does not mention {needle:?}"
-        );
+        assert!(message.to_lowercase().contains(&needle.to_lowercase()), "{status:?} message {message:?} does not mention {needle:?}");
     }
 }
 
@@ -82,8 +79,7 @@ impl RawConn {
         let mut conn = RawConn::connect(addr);
         let reply = conn.send_hello(shard, worker).unwrap_or_else(|e| panic!("hello to {addr}: {e}"));
         assert_eq!(reply.status(), Status::Ok, "hello refused: {}", reply.message());
-        let info = serde_json::from_slice(&reply.body)
-            .unwrap_or_else(|e| panic!("hello reply is not JSON ({e}): {}", reply.message()));
+        let info = serde_json::from_slice(&reply.body).unwrap_or_else(|e| panic!("hello reply is not JSON ({e}): {}", reply.message()));
         (conn, info)
     }
 
@@ -132,8 +128,7 @@ impl RawConn {
     pub fn recv(&mut self) -> io::Result<RawReply> {
         let mut head = [0u8; HEADER_BYTES];
         self.stream.read_exact(&mut head)?;
-        let header = Header::decode(&head, usize::MAX)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("the server sent a bad header: {e}")))?;
+        let header = Header::decode(&head, usize::MAX).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("the server sent a bad header: {e}")))?;
         let mut body = vec![0u8; padded(header.body_len as usize)];
         self.stream.read_exact(&mut body)?;
         body.truncate(header.body_len as usize);
@@ -167,9 +162,7 @@ impl RawConn {
             match self.stream.read(&mut buf) {
                 Ok(0) => break Some(started.elapsed()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) => {
-                    break Some(started.elapsed())
-                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) => break Some(started.elapsed()),
                 Ok(_) | Err(_) => break None,
             }
         };

@@ -223,11 +223,7 @@ impl Fixture {
 
     #[track_caller]
     fn expect_logged(&self, needle: &str) {
-        assert!(
-            self.server.wait_for_log(needle, Duration::from_secs(5)),
-            "the server log does not mention {needle:?}:\n{}",
-            self.server.log()
-        );
+        assert!(self.server.wait_for_log(needle, Duration::from_secs(5)), "the server log does not mention {needle:?}:\n{}", self.server.log());
     }
 }
 
@@ -803,8 +799,7 @@ fn a_flood_of_hostile_connections_leaves_good_clients_exact() {
             let client = Client::connect(&[addr.as_str()], ClientConfig::worker(worker)).expect("connect");
             let table = client.table("dense").expect("table");
             let mine = if worker == 1 { 0..2 } else { 2..4 };
-            let grads: Vec<f32> =
-                (0..DENSE_KEYS as usize * DIM).map(|i| if mine.contains(&(i % DIM)) { 1.0 } else { 0.0 }).collect();
+            let grads: Vec<f32> = (0..DENSE_KEYS as usize * DIM).map(|i| if mine.contains(&(i % DIM)) { 1.0 } else { 0.0 }).collect();
             let mut out = vec![0.0f32; grads.len()];
             let started = Instant::now();
             let mut acked = 0;
@@ -859,10 +854,7 @@ fn a_flood_of_hostile_connections_leaves_good_clients_exact() {
     let hostile_time = started.elapsed();
     hostile_done.store(true, Ordering::Release);
     let [a, b] = good_threads.map(|h| h.join().expect("a good client failed"));
-    eprintln!(
-        "{} hostile connections ({kept} held open) in {hostile_time:?}; good clients pushed {a} and {b} times",
-        HOSTILE_THREADS * HOSTILE_PER_THREAD
-    );
+    eprintln!("{} hostile connections ({kept} held open) in {hostile_time:?}; good clients pushed {a} and {b} times", HOSTILE_THREADS * HOSTILE_PER_THREAD);
 
     for (i, v) in f.model.dense.iter_mut().enumerate() {
         *v = base[i] + if i % DIM < 2 { a as f32 } else { b as f32 };
@@ -952,8 +944,5 @@ fn headers_announcing_large_bodies_do_not_make_the_server_allocate_them() {
         std::thread::sleep(Duration::from_millis(500));
         peak = peak.max(rss_mib(server.pid()));
     }
-    assert!(
-        peak <= before + RSS_GROWTH_MAX_MIB,
-        "{CONNECTIONS} connections sent 64 bytes each and the server grew from {before} MiB to {peak} MiB"
-    );
+    assert!(peak <= before + RSS_GROWTH_MAX_MIB, "{CONNECTIONS} connections sent 64 bytes each and the server grew from {before} MiB to {peak} MiB");
 }

@@ -124,9 +124,7 @@ fn schedule() -> Vec<(String, Reach)> {
             // that once left a catalog naming only the tables remade so far.
             "recovery.table_made" => (1..=3).for_each(|n| steps.push((format!("{point}:{n}"), reach))),
             // Each of the two shards loads its checkpoint, replays and opens its log.
-            "recovery.checkpoint_loaded" | "recovery.log_replayed" | "recovery.log_opened" => {
-                (1..=2).for_each(|n| steps.push((format!("{point}:{n}"), reach)))
-            }
+            "recovery.checkpoint_loaded" | "recovery.log_replayed" | "recovery.log_opened" => (1..=2).for_each(|n| steps.push((format!("{point}:{n}"), reach))),
             _ => steps.push((point.to_string(), reach)),
         }
     }

@@ -53,16 +53,7 @@ fn connections_over_the_limit_are_refused_with_the_flag_named_and_admitted_again
 fn a_client_that_stops_reading_is_throttled_then_disconnected_and_memory_stays_flat() {
     let metrics = metrics_addr();
     let stall = STALL_TIMEOUT_MS.to_string();
-    let server = ServerProc::start(&[
-        "--shards",
-        "1",
-        "--client-backlog-bytes-max",
-        "65536",
-        "--client-stall-timeout-ms",
-        &stall,
-        "--metrics",
-        &metrics,
-    ]);
+    let server = ServerProc::start(&["--shards", "1", "--client-backlog-bytes-max", "65536", "--client-stall-timeout-ms", &stall, "--metrics", &metrics]);
     let client = Client::connect(&[server.addr()], ClientConfig::worker(0)).expect("a well-behaved client");
     let table = client.create_table(&TableSpec::new("big", TableKind::Dense, 0, u64::from(KEYS), 1)).expect("create");
     let id = client.catalogs().expect("catalog").remove(0).into_iter().find(|e| e.spec.name == "big").expect("the table").id;
@@ -84,18 +75,11 @@ fn a_client_that_stops_reading_is_throttled_then_disconnected_and_memory_stays_f
     assert!(started.elapsed() < Duration::from_secs(5), "others waited {:?} behind the slow client", started.elapsed());
 
     // It is disconnected after the stall timeout, with the reason in the log and the metrics.
-    assert!(
-        server.wait_for_log("read none of its replies", ACT_WITHIN),
-        "the slow client was not disconnected within {ACT_WITHIN:?}:\n{}",
-        server.log()
-    );
+    assert!(server.wait_for_log("read none of its replies", ACT_WITHIN), "the slow client was not disconnected within {ACT_WITHIN:?}:\n{}", server.log());
     let text = scrape(&metrics);
     assert_eq!(metric(&text, "tessera_slow_clients_closed_total", &[]), Some(1.0), "{text}");
     let rss_after = metric(&text, "tessera_process_resident_bytes", &[]).expect("resident memory");
-    assert!(
-        rss_after < rss_before + 32e6,
-        "resident memory grew from {rss_before} to {rss_after} bytes for a client that read nothing"
-    );
+    assert!(rss_after < rss_before + 32e6, "resident memory grew from {rss_before} to {rss_after} bytes for a client that read nothing");
     // What it gets when it finally reads: a fraction of what it asked for, then the end.
     let received = drain(slow.into_stream());
     assert!(received < requests as usize * KEYS as usize * 4 / 2, "the slow client got {received} bytes");

@@ -18,8 +18,8 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Parses the demo's `--json` summary and checks what every run must show.
 #[track_caller]
 fn check_demo_summary(stdout: &str, stderr: &str) -> Value {
-    let summary: Value = serde_json::from_str(stdout)
-        .unwrap_or_else(|e| panic!("the demo's stdout is not one JSON summary ({e}):\n{stdout}\nstderr:\n{stderr}"));
+    let summary: Value =
+        serde_json::from_str(stdout).unwrap_or_else(|e| panic!("the demo's stdout is not one JSON summary ({e}):\n{stdout}\nstderr:\n{stderr}"));
     for field in ["accuracy", "true_model_accuracy", "examples_per_s", "bytes_sent", "bytes_received", "heldout_logloss"] {
         assert!(summary[field].is_number(), "summary field {field:?} missing or not a number: {summary}");
     }
@@ -27,10 +27,7 @@ fn check_demo_summary(stdout: &str, stderr: &str) -> Value {
     let truth = summary["true_model_accuracy"].as_f64().unwrap();
     eprintln!("demo accuracy {accuracy:.4}, true model {truth:.4}, gap {:.4} (slack {ACCURACY_SLACK})", truth - accuracy);
     assert!((0.5..=1.0).contains(&truth), "true model accuracy {truth} is not plausible");
-    assert!(
-        accuracy >= truth - ACCURACY_SLACK,
-        "the demo reached accuracy {accuracy}, more than {ACCURACY_SLACK} below the true model's {truth}\n{stderr}"
-    );
+    assert!(accuracy >= truth - ACCURACY_SLACK, "the demo reached accuracy {accuracy}, more than {ACCURACY_SLACK} below the true model's {truth}\n{stderr}");
     assert!(summary["examples_per_s"].as_f64().unwrap() > 0.0, "{summary}");
     assert!(summary["bytes_sent"].as_u64().unwrap() > 0, "{summary}");
     let epochs = summary["epochs"].as_array().expect("per-epoch results");
@@ -42,8 +39,7 @@ fn check_demo_summary(stdout: &str, stderr: &str) -> Value {
 fn a_two_server_cluster_trains_the_demo_and_both_hold_parts_of_its_table() {
     let addrs = [format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())];
     let cluster = addrs.join(",");
-    let servers: Vec<ServerProc> =
-        addrs.iter().map(|a| ServerProc::start_at(a, &["--cluster", &cluster, "--shards", "2"])).collect();
+    let servers: Vec<ServerProc> = addrs.iter().map(|a| ServerProc::start_at(a, &["--cluster", &cluster, "--shards", "2"])).collect();
 
     let demo = run_tool(&["demo", "--connect", &cluster, "--features", "100000", "--examples", "20000", "--json"], DEMO_TIMEOUT);
     assert!(demo.status.success(), "demo failed ({}):\n{}", demo.status, demo.stderr);
@@ -51,8 +47,7 @@ fn a_two_server_cluster_trains_the_demo_and_both_hold_parts_of_its_table() {
 
     let status = run_tool(&["status", "--connect", &cluster, "--json"], TOOL_TIMEOUT);
     assert!(status.status.success(), "status failed ({}):\n{}", status.status, status.stderr);
-    let reports: Value =
-        serde_json::from_str(&status.stdout).unwrap_or_else(|e| panic!("status --json ({e}):\n{}", status.stdout));
+    let reports: Value = serde_json::from_str(&status.stdout).unwrap_or_else(|e| panic!("status --json ({e}):\n{}", status.stdout));
     let reports = reports.as_array().expect("one report per server");
     assert_eq!(reports.len(), 2, "{reports:?}");
     let mut parts = Vec::new();
@@ -228,10 +223,7 @@ fn a_server_killed_mid_pipeline_fails_the_client_quickly() {
     eprintln!("{acked} pushes acknowledged; kill -9 noticed after {noticed:?}: {failure}; {drained} pending drained in {drained_in:?}");
     assert!(acked >= 1, "the pipeline never got going");
     assert!(noticed < ERROR_WITHIN, "the client took {noticed:?} to notice the dead server");
-    assert!(
-        ["closed", "reset", "Broken pipe", "refused"].iter().any(|w| failure.contains(w)),
-        "the error should say the connection is gone: {failure}"
-    );
+    assert!(["closed", "reset", "Broken pipe", "refused"].iter().any(|w| failure.contains(w)), "the error should say the connection is gone: {failure}");
     // Requests in flight may have been answered before the kill (their replies were already in
     // our socket buffer); the rest must fail as the connection's loss, and none may hang (the
     // timeout above).

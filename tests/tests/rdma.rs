@@ -381,18 +381,11 @@ fn torn_reads_are_caught_and_read_again_under_concurrent_pushes() {
         let mut before = vec![0f32; KEYS];
         let mut reads = 0;
         while reader.torn_reads() == 0 || reads < 20 {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "no torn read in 2 minutes of overlapping pushes and reads"
-            );
+            assert!(started.elapsed() < Duration::from_secs(120), "no torn read in 2 minutes of overlapping pushes and reads");
             let stamp = reader.pull_range(&rt, 0, &mut out).unwrap().wait().unwrap();
             reads += 1;
             for (b, block) in out.chunks((64 << 10) / 4).enumerate() {
-                assert!(
-                    block.iter().all(|v| *v == block[0]),
-                    "read {reads}: block {b} mixes two pushes: {:?}",
-                    (block[0], block.last())
-                );
+                assert!(block.iter().all(|v| *v == block[0]), "read {reads}: block {b} mixes two pushes: {:?}", (block[0], block.last()));
             }
             assert!(out.iter().zip(&before).all(|(now, then)| now >= then), "values never go back");
             let least = out.iter().copied().fold(f32::INFINITY, f32::min);

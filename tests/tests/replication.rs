@@ -156,8 +156,7 @@ fn wait_healed(coordinator: &[String], restarted: Option<(usize, Option<u64>)>, 
     loop {
         if let Some(s) = status(coordinator) {
             let chains = s["config"]["chains"].as_array().cloned().unwrap_or_default();
-            let whole = !chains.is_empty()
-                && chains.iter().all(|c| c["nodes"].as_array().map_or(0, Vec::len) == SERVERS && c["learner"].is_null());
+            let whole = !chains.is_empty() && chains.iter().all(|c| c["nodes"].as_array().map_or(0, Vec::len) == SERVERS && c["learner"].is_null());
             let noticed = restarted.is_none_or(|(node, old)| incarnation(&s, node).is_some_and(|i| Some(i) != old));
             if whole && noticed {
                 return;
@@ -229,7 +228,8 @@ fn kill_test(with_etcd: bool, kills: usize) {
     };
     let start_coordinator = |i: usize| {
         let timeout = failure_timeout_ms();
-        let mut args = ["--servers", "3", "--replicas", "3", "--ranges", "16", "--workers", "8", "--failure-timeout-ms", timeout.as_str()].map(String::from).to_vec();
+        let mut args =
+            ["--servers", "3", "--replicas", "3", "--ranges", "16", "--workers", "8", "--failure-timeout-ms", timeout.as_str()].map(String::from).to_vec();
         if let Some(etcd) = &etcd {
             args.extend(["--etcd".to_string(), etcd.endpoint().to_string()]);
         }
@@ -442,10 +442,8 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     let dir = ScratchDir::new("replication-hostile");
     let tables = sum_table(&dir);
     let coordinator = vec![format!("127.0.0.1:{}", free_port())];
-    let _coord = ServerProc::coordinator_at(
-        &coordinator[0],
-        &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "500"],
-    );
+    let _coord =
+        ServerProc::coordinator_at(&coordinator[0], &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "500"]);
     let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
     let mut servers: Vec<ServerProc> = (0..SERVERS)
         .map(|i| {
@@ -529,7 +527,11 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     let bad_pushes: Vec<(&str, u32, RangeId, Vec<u8>)> = vec![
         ("an unknown table", 3, range, PushHeader { table: 9, ..header }.payload(&[1.0])),
         ("the wrong dim", 3, range, PushHeader { dim: 2, ..header }.payload(&[1.0, 1.0])),
-        ("values of the wrong length", 3, range, { let mut p = header.payload(&[1.0]); p.extend_from_slice(&[0; 4]); p }),
+        ("values of the wrong length", 3, range, {
+            let mut p = header.payload(&[1.0]);
+            p.extend_from_slice(&[0; 4]);
+            p
+        }),
         ("keys outside the range", 3, range, PushHeader { start: KEYS - 1, ..header }.payload(&[1.0])),
         ("a range that does not exist", 3, RangeId(77), header.payload(&[1.0])),
         ("another worker's name", 4, range, header.payload(&[1.0])),

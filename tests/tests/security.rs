@@ -137,7 +137,10 @@ fn a_replicated_cluster_with_a_secret_serves_its_members_and_refuses_a_stranger(
     let tables = tables.to_str().unwrap();
     let coordinator = format!("127.0.0.1:{}", free_port());
     let metrics = format!("127.0.0.1:{}", free_port());
-    let _c = ServerProc::coordinator_at(&coordinator, &["--servers", "2", "--replicas", "2", "--ranges", "4", "--cluster-secret-file", secret, "--metrics", &metrics]);
+    let _c = ServerProc::coordinator_at(
+        &coordinator,
+        &["--servers", "2", "--replicas", "2", "--ranges", "4", "--cluster-secret-file", secret, "--metrics", &metrics],
+    );
     let member = |node: &str| {
         ServerProc::start(&["--node-id", node, "--coordinator", &coordinator, "--tables", tables, "--shards", "1", "--no-pin", "--cluster-secret-file", secret])
     };
@@ -145,7 +148,8 @@ fn a_replicated_cluster_with_a_secret_serves_its_members_and_refuses_a_stranger(
     // A server without the secret cannot join: the coordinator refuses it, and it stops at once
     // saying why (waiting would not mend it).
     let listen = format!("127.0.0.1:{}", free_port());
-    let stranger = run_tool(&["server", "--listen", &listen, "--node-id", "3", "--coordinator", &coordinator, "--tables", tables, "--shards", "1"], TOOL_TIMEOUT);
+    let stranger =
+        run_tool(&["server", "--listen", &listen, "--node-id", "3", "--coordinator", &coordinator, "--tables", tables, "--shards", "1"], TOOL_TIMEOUT);
     assert!(!stranger.status.success(), "a server without the secret joined:\n{}", stranger.stderr);
     assert!(stranger.stderr.contains("--cluster-secret-file"), "the stranger was not told why:\n{}", stranger.stderr);
 

@@ -605,7 +605,13 @@ fn check_window(who: &str, readings: &[Reading], window: Window) -> Verdict {
     let inside: Vec<&Reading> = readings.iter().filter(|r| r.t_s >= window.from_s && r.t_s <= window.to_s).collect();
     let mut v = Verdict { who: who.to_string(), window: window.name, samples: inside.len(), ..Verdict::default() };
     if inside.len() < WINDOW_SAMPLES_MIN {
-        v.failures.push(format!("{who}, {}: {} samples in [{:.0}, {:.0}] s, fewer than {WINDOW_SAMPLES_MIN}: run longer", window.name, inside.len(), window.from_s, window.to_s));
+        v.failures.push(format!(
+            "{who}, {}: {} samples in [{:.0}, {:.0}] s, fewer than {WINDOW_SAMPLES_MIN}: run longer",
+            window.name,
+            inside.len(),
+            window.from_s,
+            window.to_s
+        ));
         return v;
     }
     let third = inside.len() / 3;
@@ -859,7 +865,8 @@ fn soak_training_with_checkpoints_and_a_failover() {
     };
     let mut workers: Workers = (0..knobs.workers)
         .map(|w| {
-            let (knobs, cluster, durable, stop, progress) = (knobs.clone(), rig.plan.addrs.clone(), rig.durable.addr().to_string(), stop.clone(), progress.clone());
+            let (knobs, cluster, durable, stop, progress) =
+                (knobs.clone(), rig.plan.addrs.clone(), rig.durable.addr().to_string(), stop.clone(), progress.clone());
             std::thread::spawn(move || work(w, &knobs, &cluster, &durable, &stop, epoch, &progress[w as usize]))
         })
         .collect();
@@ -1006,7 +1013,12 @@ fn check_checkpoints(knobs: &Knobs, durable: &[Reading], window: Window) -> Vec<
     let oldest = ages.iter().copied().fold(0.0, f64::max);
     let disk: Vec<f64> = durable.iter().filter_map(|r| r.disk_bytes).collect();
     let (low, high) = (lowest(disk.iter().copied()), disk.iter().copied().fold(0.0, f64::max));
-    println!("durable server: oldest checkpoint seen after warm-up {oldest:.0} s (interval {} s); data directory {:.0} to {:.0} KiB", knobs.checkpoint_s, low / 1024.0, high / 1024.0);
+    println!(
+        "durable server: oldest checkpoint seen after warm-up {oldest:.0} s (interval {} s); data directory {:.0} to {:.0} KiB",
+        knobs.checkpoint_s,
+        low / 1024.0,
+        high / 1024.0
+    );
     if ages.is_empty() {
         return vec!["the durable server reported no checkpoint age".into()];
     }

@@ -3,7 +3,6 @@
 //! The links themselves do not allocate per message either, so every allocation counted would be
 //! the server's.
 
-
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
 use tessera_replication::catalog::Catalog;
 use tessera_replication::{TableKind, TableSpec};

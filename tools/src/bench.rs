@@ -335,7 +335,13 @@ fn compare_perftest(rows: &[Row], path: &std::path::Path) -> Result<Vec<Perftest
         // A ping is a request and its reply with no table touched: the transport's share of a
         // small push.
         let one_way = ping.p50_us / 2.0;
-        out.push(PerftestRatio { size_bytes: 8, what: "ping p50 / 2 vs ib_write_lat typical (one way)", tessera: one_way, perftest: lat, ratio: one_way / lat });
+        out.push(PerftestRatio {
+            size_bytes: 8,
+            what: "ping p50 / 2 vs ib_write_lat typical (one way)",
+            tessera: one_way,
+            perftest: lat,
+            ratio: one_way / lat,
+        });
     }
     let mut sizes: Vec<usize> = rows.iter().map(|r| r.size_bytes).collect();
     sizes.dedup();
@@ -343,10 +349,22 @@ fn compare_perftest(rows: &[Row], path: &std::path::Path) -> Result<Vec<Perftest
         // ib_write_lat reports half a ping-pong; a push is a request and its reply: a whole one.
         if let (Some(lat), Some(push)) = (find("ib_write_lat", size).and_then(|p| p.typical_us), ours("push", size)) {
             let one_way = push.p50_us / 2.0;
-            out.push(PerftestRatio { size_bytes: size, what: "push p50 / 2 vs ib_write_lat typical (one way)", tessera: one_way, perftest: lat, ratio: one_way / lat });
+            out.push(PerftestRatio {
+                size_bytes: size,
+                what: "push p50 / 2 vs ib_write_lat typical (one way)",
+                tessera: one_way,
+                perftest: lat,
+                ratio: one_way / lat,
+            });
         }
         if let (Some(lat), Some(pull)) = (find("ib_read_lat", size).and_then(|p| p.typical_us), ours("pull", size)) {
-            out.push(PerftestRatio { size_bytes: size, what: "pull p50 vs ib_read_lat typical", tessera: pull.p50_us, perftest: lat, ratio: pull.p50_us / lat });
+            out.push(PerftestRatio {
+                size_bytes: size,
+                what: "pull p50 vs ib_read_lat typical",
+                tessera: pull.p50_us,
+                perftest: lat,
+                ratio: pull.p50_us / lat,
+            });
         }
         let streams = [
             ("push pipelined", "pipelined push MiB/s vs ib_write_bw average"),
@@ -406,10 +424,7 @@ fn print_report(report: &Report, json: bool) -> Result<()> {
     }
     println!("{:>9} {:>10} {:>8} {:>10} {:>10} {:>10} {:>8}", "size", "op", "iters", "p50 us", "p99 us", "p999 us", "GB/s");
     for r in &report.results {
-        println!(
-            "{:>9} {:>10} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>8.3}",
-            human(r.size_bytes), r.op, r.iters, r.p50_us, r.p99_us, r.p999_us, r.gb_per_s
-        );
+        println!("{:>9} {:>10} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>8.3}", human(r.size_bytes), r.op, r.iters, r.p50_us, r.p99_us, r.p999_us, r.gb_per_s);
     }
     println!("\ntransport: {}", report.transport);
     if !report.ratios.is_empty() {

@@ -140,7 +140,16 @@ fn print_inspect(s: &ShardDir) {
             let bytes: u64 = t.chunks.iter().map(|c| u64::from(c.len)).sum();
             println!(
                 "    table {} {:?} ({:?}, dim {}, {}): keys [{}, {}), {} chunks, {bytes} bytes, step {}, {} clock segments, clocks low {low:?} high {high:?}",
-                t.table, t.spec.name, t.spec.kind, t.spec.dim, t.spec.updater, t.owned.0, t.owned.1, t.chunks.len(), t.step, t.clocks.len()
+                t.table,
+                t.spec.name,
+                t.spec.kind,
+                t.spec.dim,
+                t.spec.updater,
+                t.owned.0,
+                t.owned.1,
+                t.chunks.len(),
+                t.step,
+                t.clocks.len()
             );
         }
     }

@@ -2,12 +2,12 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tessera_client::ClientConfig;
 use tessera_engine::chain::coordinator::{ConfigStore, Embedded};
 use tessera_engine::chain::Locator;
 use tessera_engine::config::Durability;
 use tessera_engine::{EngineConfig, ServerConfig};
 use tessera_replication::TableSpec;
-use tessera_client::ClientConfig;
 use tessera_transport::auth::ClusterSecret;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
@@ -341,4 +341,5 @@ impl EtcdArgs {
 }
 
 #[cfg(not(feature = "etcd"))]
-const NO_ETCD: &str = "this tessera was built without etcd support: rebuild it with `cargo build --release --features etcd` (which needs protoc: apt install protobuf-compiler)";
+const NO_ETCD: &str =
+    "this tessera was built without etcd support: rebuild it with `cargo build --release --features etcd` (which needs protoc: apt install protobuf-compiler)";

@@ -6,8 +6,8 @@ use clap::Args;
 use tessera_engine::chain::coordinator::CoordinatorHandle;
 use tessera_replication::ReplicationConfig;
 
-use crate::metrics::MetricsArgs;
 use crate::common::{EtcdArgs, SecretArgs};
+use crate::metrics::MetricsArgs;
 
 /// Keep a replicated cluster's configuration: members, each range's chain, and epochs.
 ///

@@ -194,12 +194,7 @@ impl DiskBench<'_> {
         let n = pushes.load(Ordering::Relaxed);
         let fsyncs = commits(&clients[0])? - before;
         let pushes_per_s = n as f64 / elapsed;
-        Ok(GroupCommit {
-            workers,
-            pushes_per_s,
-            fsyncs_per_push: fsyncs as f64 / n.max(1) as f64,
-            over_fsync_loop: pushes_per_s / fsync_loop,
-        })
+        Ok(GroupCommit { workers, pushes_per_s, fsyncs_per_push: fsyncs as f64 / n.max(1) as f64, over_fsync_loop: pushes_per_s / fsync_loop })
     }
 
     fn checkpoint(&self) -> Result<CheckpointRun> {

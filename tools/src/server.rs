@@ -7,8 +7,8 @@ use clap::Args;
 use tessera_engine::server::Join;
 use tessera_engine::{Server, UpdaterRegistry};
 
-use crate::metrics::MetricsArgs;
 use crate::common::{addresses, read_tables, EngineArgs, EtcdArgs, TransportArgs};
+use crate::metrics::MetricsArgs;
 
 /// Run a server until interrupted.
 ///

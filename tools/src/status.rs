@@ -57,22 +57,40 @@ pub fn run(args: StatusArgs) -> Result<()> {
         let transport = if info["rdma"].as_bool() == Some(true) { "RDMA and TCP" } else { "TCP" };
         println!(
             "server {addr}: index {} of {}, {} shards, serves {transport}, version {}",
-            info["server_index"], info["servers"], info["shards"], text(&info["version"])
+            info["server_index"],
+            info["servers"],
+            info["shards"],
+            text(&info["version"])
         );
         for t in r["catalog"]["tables"].as_array().into_iter().flatten() {
             let s = &t["spec"];
             println!(
                 "  table {} (id {}): {} [{}, {}) dim {}, updater {}",
-                text(&s["name"]), t["id"], text(&s["kind"]), s["start"], s["end"], s["dim"], text(&s["updater"])
+                text(&s["name"]),
+                t["id"],
+                text(&s["kind"]),
+                s["start"],
+                s["end"],
+                s["dim"],
+                text(&s["updater"])
             );
         }
         for sh in r["shards"].as_array().into_iter().flatten() {
-            println!("  shard {}: {} connections, {} MiB mapped ({} MiB locked)", sh["shard"], sh["connections"], sh["bytes_mapped"].as_u64().unwrap_or(0) >> 20, sh["bytes_locked"].as_u64().unwrap_or(0) >> 20);
+            println!(
+                "  shard {}: {} connections, {} MiB mapped ({} MiB locked)",
+                sh["shard"],
+                sh["connections"],
+                sh["bytes_mapped"].as_u64().unwrap_or(0) >> 20,
+                sh["bytes_locked"].as_u64().unwrap_or(0) >> 20
+            );
             let disk = &sh["disk"];
             if disk.is_object() {
                 println!(
                     "    disk: {} log commits of {} records, {} checkpoints ({} MiB written)",
-                    disk["wal_commits"], disk["wal_records"], disk["checkpoints"], disk["checkpoint_bytes"].as_u64().unwrap_or(0) >> 20
+                    disk["wal_commits"],
+                    disk["wal_records"],
+                    disk["checkpoints"],
+                    disk["checkpoint_bytes"].as_u64().unwrap_or(0) >> 20
                 );
             }
             if let Some(failure) = sh["log_failure"].as_str() {

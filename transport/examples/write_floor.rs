@@ -20,7 +20,7 @@
 
 use std::time::Instant;
 
-use tessera_transport::rdma::verbs::{Access, Completion, Cq, Device, DeviceConfig, Opcode, Qp, RemoteChunk, Region};
+use tessera_transport::rdma::verbs::{Access, Completion, Cq, Device, DeviceConfig, Opcode, Qp, Region, RemoteChunk};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Way {
@@ -29,11 +29,7 @@ enum Way {
     ImmMemory,
 }
 
-const WAYS: [(Way, &str); 3] = [
-    (Way::WriteMemory, "write, memory"),
-    (Way::ImmCompletionFirst, "imm, completion first"),
-    (Way::ImmMemory, "imm, memory"),
-];
+const WAYS: [(Way, &str); 3] = [(Way::WriteMemory, "write, memory"), (Way::ImmCompletionFirst, "imm, completion first"), (Way::ImmMemory, "imm, memory")];
 
 /// One end: a queue pair whose sends and receives complete on one CQ, as a Tessera link's do,
 /// and the buffer the other end writes into.

@@ -156,12 +156,9 @@ mod tests {
         assert!(!secret.verify(Side::Server, &t, &proof), "a client's proof must not pass for the server's");
         let other = ClusterSecret::new(b"0123456789abcdeF").unwrap();
         assert!(!other.verify(Side::Client, &t, &proof));
-        for changed in [
-            Transcript { shard: 4, ..t },
-            Transcript { worker: 5, ..t },
-            Transcript { server_nonce: [9; 32], ..t },
-            Transcript { client_nonce: [9; 32], ..t },
-        ] {
+        for changed in
+            [Transcript { shard: 4, ..t }, Transcript { worker: 5, ..t }, Transcript { server_nonce: [9; 32], ..t }, Transcript { client_nonce: [9; 32], ..t }]
+        {
             assert!(!secret.verify(Side::Client, &changed, &proof));
         }
         assert!(!secret.verify(Side::Client, &t, &proof[..31]), "a short proof is wrong, not a prefix match");

@@ -10,9 +10,9 @@ use crate::config::{RdmaConfig, TransportConfig};
 use crate::error::{Result, TransportError};
 use crate::select::{self, Chosen, TransportKind};
 use crate::tcp::TcpLink;
-use crate::wire::{Header, CONTROL_SHARD};
 #[cfg(feature = "rdma")]
 use crate::wire::HEADER_BYTES;
+use crate::wire::{Header, CONTROL_SHARD};
 use crate::Link;
 
 /// How to open links: the frame knobs, the transport chosen for this process, and the RDMA

@@ -96,9 +96,8 @@ impl Default for TransportConfig {
 impl TransportConfig {
     /// Checks every field; an error names the field and the accepted range.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &'static str, value: usize, reason: &str| {
-            Err(TransportError::BadConfig { field, value: value.to_string(), reason: reason.to_string() })
-        };
+        let bad =
+            |field: &'static str, value: usize, reason: &str| Err(TransportError::BadConfig { field, value: value.to_string(), reason: reason.to_string() });
         if !(FRAME_BYTES_MAX_MIN..=FRAME_BYTES_MAX_CEILING).contains(&self.frame_bytes_max) {
             return bad("frame_bytes_max", self.frame_bytes_max, "must be between 4 KiB and 4 GiB");
         }
@@ -182,24 +181,14 @@ pub enum Arrival {
 
 impl Default for RdmaConfig {
     fn default() -> Self {
-        Self {
-            device: None,
-            gid_index: None,
-            mr_bytes_max: None,
-            slots: 16,
-            slot_bytes: 256 << 10,
-            spin_us: 50,
-            arrival: Arrival::default(),
-        }
+        Self { device: None, gid_index: None, mr_bytes_max: None, slots: 16, slot_bytes: 256 << 10, spin_us: 50, arrival: Arrival::default() }
     }
 }
 
 impl RdmaConfig {
     /// Checks every field; an error names the field and what it accepts.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &'static str, value: String, reason: &str| {
-            Err(TransportError::BadConfig { field, value, reason: reason.into() })
-        };
+        let bad = |field: &'static str, value: String, reason: &str| Err(TransportError::BadConfig { field, value, reason: reason.into() });
         if self.slots == 0 || self.slots > SLOTS_MAX {
             return bad("rdma_slots", self.slots.to_string(), "must be between 1 and 256");
         }

@@ -135,14 +135,7 @@ pub trait Link: Send + std::fmt::Debug {
     /// shard's memory (a one-sided RDMA READ), after every request sent before it was served.
     /// Writes the keys' stamp (a lower bound: the meet over the blocks read) into `stamp`.
     /// Returns `Ok(false)`, touching nothing, when this link cannot: send a `PullRange` instead.
-    fn read_dense(
-        &mut self,
-        _table: u32,
-        _start: u64,
-        _dim: u32,
-        _out: &mut [f32],
-        _stamp: &mut Vec<u64>,
-    ) -> Result<bool> {
+    fn read_dense(&mut self, _table: u32, _start: u64, _dim: u32, _out: &mut [f32], _stamp: &mut Vec<u64>) -> Result<bool> {
         Ok(false)
     }
     /// Block copies found torn and read again since the link was made.

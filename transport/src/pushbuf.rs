@@ -25,7 +25,10 @@ pub struct PushBuffer {
 enum Mem {
     Heap(Vec<f32>),
     #[cfg(feature = "rdma")]
-    Registered { region: crate::rdma::verbs::Region, dev: std::sync::Arc<crate::rdma::verbs::Device> },
+    Registered {
+        region: crate::rdma::verbs::Region,
+        dev: std::sync::Arc<crate::rdma::verbs::Device>,
+    },
 }
 
 impl PushBuffer {

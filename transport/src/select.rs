@@ -103,14 +103,7 @@ pub struct BoundServer {
 }
 
 /// Binds a server: the control endpoint, and one transport per shard.
-pub fn bind_server(
-    addr: &str,
-    shards: u16,
-    cfg: &TransportConfig,
-    info: Arc<[u8]>,
-    chosen: &Chosen,
-    rdma: &RdmaConfig,
-) -> Result<BoundServer> {
+pub fn bind_server(addr: &str, shards: u16, cfg: &TransportConfig, info: Arc<[u8]>, chosen: &Chosen, rdma: &RdmaConfig) -> Result<BoundServer> {
     let (control, endpoints, local) = tcp::bind(addr, shards, cfg, info)?;
     let shards = endpoints
         .into_iter()

@@ -20,10 +20,10 @@ use zerocopy::IntoBytes;
 use crate::auth::{self, Nonce, Side, Transcript, CHALLENGE_BYTES, NONCE_BYTES, PROOF_BYTES};
 use crate::buf::{AlignedBuf, Deflater, Filled, FrameReader, Inflater};
 use crate::config::{TransportConfig, WARN_LINES_PER_S_MAX};
-use crate::loglimit::LogLimiter;
 use crate::error::{Result, TransportError};
-use crate::wire::{padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
+use crate::loglimit::LogLimiter;
 use crate::reply::{Reply, ReplyArea, ERROR_MESSAGE_BYTES_MAX};
+use crate::wire::{padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
 use crate::{ConnId, Frame, Link, Request, Service, ShardTransport, Waker};
 
 const LISTENER: Token = Token(0);
@@ -300,18 +300,10 @@ pub struct TcpEndpoint {
 
 /// Binds `addr` and builds the control endpoint (which owns the listener) and one endpoint per
 /// shard. `info` is the body of every hello reply (the server's self-description).
-pub fn bind(
-    addr: &str,
-    shards: u16,
-    cfg: &TransportConfig,
-    info: Arc<[u8]>,
-) -> Result<(TcpEndpoint, Vec<TcpEndpoint>, SocketAddr)> {
+pub fn bind(addr: &str, shards: u16, cfg: &TransportConfig, info: Arc<[u8]>) -> Result<(TcpEndpoint, Vec<TcpEndpoint>, SocketAddr)> {
     cfg.validate()?;
     let sock = resolve(addr)?;
-    let listener = listen(sock, cfg.listen_backlog).map_err(|source| TransportError::Connect {
-        addr: format!("{addr} (bind)"),
-        source,
-    })?;
+    let listener = listen(sock, cfg.listen_backlog).map_err(|source| TransportError::Connect { addr: format!("{addr} (bind)"), source })?;
     let local = listener.local_addr()?;
     let mut shard_eps = Vec::with_capacity(shards as usize);
     let mut doors = Vec::with_capacity(shards as usize);
@@ -337,7 +329,11 @@ fn listen(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     socket.bind(&addr.into())?;
     let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse::<u32>().ok());
     if let Some(cap) = somaxconn.filter(|cap| backlog > *cap) {
-        tracing::warn!(listen_backlog = backlog, somaxconn = cap, "the kernel caps the listen backlog at net.core.somaxconn; raise it (sysctl -w net.core.somaxconn={backlog}) for the backlog asked for");
+        tracing::warn!(
+            listen_backlog = backlog,
+            somaxconn = cap,
+            "the kernel caps the listen backlog at net.core.somaxconn; raise it (sysctl -w net.core.somaxconn={backlog}) for the backlog asked for"
+        );
     }
     // The kernel takes an int and clamps it; the configured value is at most 65535.
     socket.listen(backlog as i32)?;
@@ -347,10 +343,7 @@ fn listen(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
 
 fn resolve(addr: &str) -> Result<SocketAddr> {
     let err = |source| TransportError::Connect { addr: addr.to_string(), source };
-    addr.to_socket_addrs()
-        .map_err(err)?
-        .next()
-        .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no address")))
+    addr.to_socket_addrs().map_err(err)?.next().ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no address")))
 }
 
 impl TcpEndpoint {
@@ -1008,8 +1001,7 @@ impl TcpLink {
         cfg.validate()?;
         let sock = resolve(addr)?;
         let timeout = Duration::from_millis(cfg.hello_timeout_ms);
-        let std_stream = std::net::TcpStream::connect_timeout(&sock, timeout)
-            .map_err(|source| TransportError::Connect { addr: addr.to_string(), source })?;
+        let std_stream = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|source| TransportError::Connect { addr: addr.to_string(), source })?;
         std_stream.set_nodelay(true)?;
         std_stream.set_nonblocking(true)?;
         let mut stream = TcpStream::from_std(std_stream);

@@ -253,8 +253,7 @@ impl Header {
     /// Reads and checks a header from the start of `bytes` (which must hold [`HEADER_BYTES`]).
     /// The limit applies to the whole frame, so an oversized frame is refused before its body is read.
     pub fn decode(bytes: &[u8], frame_bytes_max: usize) -> Result<Header> {
-        let (header, _) = Header::read_from_prefix(bytes)
-            .map_err(|_| malformed(format!("short header: {} of {HEADER_BYTES} bytes", bytes.len())))?;
+        let (header, _) = Header::read_from_prefix(bytes).map_err(|_| malformed(format!("short header: {} of {HEADER_BYTES} bytes", bytes.len())))?;
         if header.magic != MAGIC {
             return Err(malformed(format!("bad magic {:#010x} (is this a Tessera peer?)", header.magic)));
         }
@@ -345,8 +344,7 @@ impl ShortHeader {
     /// Reads a short header from the start of `bytes` and checks it as [`Header::decode`] does;
     /// returns the full header it stands for, with `request_id`, unsealed.
     pub fn expand(bytes: &[u8], request_id: u64, frame_bytes_max: usize) -> Result<Header> {
-        let (s, _) = ShortHeader::read_from_prefix(bytes)
-            .map_err(|_| malformed(format!("short header: {} of {SHORT_HEADER_BYTES} bytes", bytes.len())))?;
+        let (s, _) = ShortHeader::read_from_prefix(bytes).map_err(|_| malformed(format!("short header: {} of {SHORT_HEADER_BYTES} bytes", bytes.len())))?;
         if Op::from_u8(s.op).is_none() {
             return Err(malformed(format!("unknown op {}", s.op)));
         }
@@ -394,7 +392,11 @@ pub fn padded(len: usize) -> usize {
 /// a [`Header`]. A reader that polls a slot while a frame may still be landing in it reads that
 /// one word to learn where the frame would end (see [`declared_frame_len`]).
 pub const fn body_len_word(short: bool) -> usize {
-    if short { 0 } else { 1 }
+    if short {
+        0
+    } else {
+        1
+    }
 }
 const _: () = assert!(
     std::mem::offset_of!(ShortHeader, body_len) == 4 && std::mem::offset_of!(Header, body_len) == 8,
@@ -429,9 +431,10 @@ pub fn keys_and_values(body: &[u8], keys: usize) -> Result<(&[u64], &[f32])> {
 
 /// Splits a body into its `keys` leading keys and the bytes after them.
 pub fn keys_and_rest(body: &[u8], keys: usize) -> Result<(&[u64], &[u8])> {
-    let key_bytes = keys.checked_mul(8).filter(|b| *b <= body.len()).ok_or_else(|| {
-        malformed(format!("{keys} keys need {} bytes, the body has {}", keys.saturating_mul(8), body.len()))
-    })?;
+    let key_bytes = keys
+        .checked_mul(8)
+        .filter(|b| *b <= body.len())
+        .ok_or_else(|| malformed(format!("{keys} keys need {} bytes, the body has {}", keys.saturating_mul(8), body.len())))?;
     let (k, rest) = body.split_at(key_bytes);
     Ok((cast_slice(k, "keys")?, rest))
 }

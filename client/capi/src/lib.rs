@@ -25,8 +25,8 @@ use std::collections::HashMap;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tessera_client::filter::{self, Filter};
 use tessera_client::{Client, ClientConfig, ClientError, Detached, PushBuffer, Table};
@@ -113,9 +113,7 @@ impl From<ClientError> for Fail {
             ClientError::Transport(TransportError::RdmaUnavailable { .. }) => TESSERA_ERR_ARGUMENT,
             ClientError::OutcomeUnknown { .. } => TESSERA_ERR_UNKNOWN_OUTCOME,
             ClientError::Reconnect { .. } => TESSERA_ERR_CONNECT,
-            ClientError::Transport(_) | ClientError::Unavailable { .. } | ClientError::Protocol { .. } | ClientError::Stale { .. } => {
-                TESSERA_ERR_TRANSPORT
-            }
+            ClientError::Transport(_) | ClientError::Unavailable { .. } | ClientError::Protocol { .. } | ClientError::Stale { .. } => TESSERA_ERR_TRANSPORT,
             _ => TESSERA_ERR_ARGUMENT,
         };
         Fail::new(code, e.to_string())
@@ -382,7 +380,10 @@ unsafe fn versioned<T: Copy>(ptr: *const T, defaults: T, what: &str) -> Outcome<
     // SAFETY: non-null and aligned (checked above); every version starts with its u32 size.
     let size = unsafe { ptr.cast::<u32>().read() } as usize;
     if !(size_of::<u32>()..=size_of::<T>()).contains(&size) {
-        let reason = format!("{what}.size is {size}, this libtessera knows {} bytes: call the init function, and link the libtessera the header came from", size_of::<T>());
+        let reason = format!(
+            "{what}.size is {size}, this libtessera knows {} bytes: call the init function, and link the libtessera the header came from",
+            size_of::<T>()
+        );
         return Err(Fail::new(TESSERA_ERR_ARGUMENT, reason));
     }
     let mut value = defaults;

@@ -8,11 +8,7 @@ use std::path::Path;
 fn the_checked_in_header_is_what_cbindgen_generates() {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml parses");
-    let bindings = cbindgen::Builder::new()
-        .with_crate(crate_dir)
-        .with_config(config)
-        .generate()
-        .expect("cbindgen reads src/lib.rs");
+    let bindings = cbindgen::Builder::new().with_crate(crate_dir).with_config(config).generate().expect("cbindgen reads src/lib.rs");
     let mut generated = Vec::new();
     bindings.write(&mut generated);
     let generated = String::from_utf8(generated).expect("the header is UTF-8");
@@ -22,10 +18,7 @@ fn the_checked_in_header_is_what_cbindgen_generates() {
         return;
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        checked_in == generated,
-        "include/tessera.h is stale: run `TESSERA_BLESS=1 cargo test -p tessera-capi --test header` and commit it"
-    );
+    assert!(checked_in == generated, "include/tessera.h is stale: run `TESSERA_BLESS=1 cargo test -p tessera-capi --test header` and commit it");
 }
 
 /// Names in backticks, in the `# Safety` notes of the header's functions, that are not

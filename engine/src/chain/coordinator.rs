@@ -285,7 +285,10 @@ impl Service for CoordinatorService {
     fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
         let op = request.header.op();
         if !self.leading && op != Some(Op::Status) {
-            reply.error(Status::NotOwned, &format!("a standby coordinator: the cluster's coordinator is whichever holds the election {}", self.store.describe()));
+            reply.error(
+                Status::NotOwned,
+                &format!("a standby coordinator: the cluster's coordinator is whichever holds the election {}", self.store.describe()),
+            );
             return;
         }
         match op {

@@ -64,9 +64,11 @@ impl Etcd {
         // No per-request timeout here: campaigns and watches last as long as they must; single
         // requests are bounded in `call`.
         let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT);
-        let client = rt
-            .block_on(Client::connect(&list, Some(options)))
-            .map_err(|e| EngineError::Etcd { op: "connect", endpoints: endpoints.into(), reason: e.to_string() })?;
+        let client = rt.block_on(Client::connect(&list, Some(options))).map_err(|e| EngineError::Etcd {
+            op: "connect",
+            endpoints: endpoints.into(),
+            reason: e.to_string(),
+        })?;
         let etcd = Self { rt, client, endpoints: endpoints.into(), cluster: cluster.into() };
         // Connecting is lazy: ask something, so that a wrong address fails here, clearly.
         etcd.call("reach", |mut c, key| async move { c.get(key, None).await }, "config")?;
@@ -109,8 +111,8 @@ impl Etcd {
     fn load(&self) -> Result<Option<(ClusterView, i64)>> {
         let resp = self.call("read the configuration", |mut c, key| async move { c.get(key, None).await }, "config")?;
         let Some(kv) = resp.kvs().first() else { return Ok(None) };
-        let view = serde_json::from_slice(kv.value())
-            .map_err(|e| EngineError::Corrupt { what: format!("{} in etcd", self.key("config")), reason: e.to_string() })?;
+        let view =
+            serde_json::from_slice(kv.value()).map_err(|e| EngineError::Corrupt { what: format!("{} in etcd", self.key("config")), reason: e.to_string() })?;
         Ok(Some((view, kv.mod_revision())))
     }
 

@@ -99,8 +99,7 @@ impl ChainShard {
     pub fn new(shard: u16, shards: u16, me: &Identity, rcfg: ReplicationConfig, outbox: Outbox) -> Self {
         let store = ChainStore::new(rcfg.ranges);
         let ranges = rcfg.ranges;
-        let replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store)
-            .serving(|r| shard_of_range(r.0, ranges, shards) == shard);
+        let replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store).serving(|r| shard_of_range(r.0, ranges, shards) == shard);
         Self { shard, rcfg, replica, outbox, mailbox: BTreeMap::new(), started: Instant::now(), last_push_table: None }
     }
 

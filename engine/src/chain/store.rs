@@ -155,7 +155,10 @@ impl ChainStore {
                     let n = le(take(8)?);
                     let bytes = take(usize::try_from(n).ok().and_then(|n| n.checked_mul(8)).ok_or_else(|| corrupt(format!("{n} keys")))?)?;
                     let listed: Vec<u64> = bytes.chunks_exact(8).map(le).collect();
-                    if listed.windows(2).any(|w| w[0] >= w[1]) || listed.first().is_some_and(|k| *k < keys.start) || listed.last().is_some_and(|k| *k >= keys.end) {
+                    if listed.windows(2).any(|w| w[0] >= w[1])
+                        || listed.first().is_some_and(|k| *k < keys.start)
+                        || listed.last().is_some_and(|k| *k >= keys.end)
+                    {
                         return Err(corrupt(format!("keys of table {table} not increasing inside {keys:?}")));
                     }
                     Some(listed)
@@ -301,8 +304,7 @@ impl Store for ChainStore {
                 if span.is_empty() {
                     continue;
                 }
-                let advances: Vec<(u32, u64)> =
-                    clocks.iter().enumerate().filter(|(_, c)| **c > 0).map(|(w, c)| (w as u32, *c)).collect();
+                let advances: Vec<(u32, u64)> = clocks.iter().enumerate().filter(|(_, c)| **c > 0).map(|(w, c)| (w as u32, *c)).collect();
                 let listed = &held[held.partition_point(|k| *k < span.start)..held.partition_point(|k| *k < span.end)];
                 put_record(part, span, &advances, listed, &mut out);
             }

@@ -27,13 +27,13 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::config::{Durability, EngineConfig, CHECKPOINT_BUFFER_BYTES, IO_ALIGN_BYTES};
+use crate::error::{EngineError, Result};
 use crate::persist::checkpoint::store::{self, Parts, Taking, Written};
 use crate::persist::checkpoint::{Manifest, PartManifest};
-use crate::config::{Durability, EngineConfig, CHECKPOINT_BUFFER_BYTES, IO_ALIGN_BYTES};
 use crate::persist::disk::{sync_dir, BufId, Disk, DiskConfig, Done, FileId, Op};
-use crate::error::{EngineError, Result};
-use crate::table::TablePart;
 use crate::persist::wal::{acknowledged_after, Batch, Reader, Record, Stop, Target};
+use crate::table::TablePart;
 
 /// Submission-queue entries of a shard's ring: a log commit and a checkpoint's chains.
 const RING_ENTRIES: u32 = 64;
@@ -128,18 +128,12 @@ impl ShardDisk {
             return Ok(None);
         };
         let dir = root.join(format!("shard-{shard:03}"));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| EngineError::Disk { op: "mkdir", path: dir.display().to_string(), reason: e.to_string() })?;
+        std::fs::create_dir_all(&dir).map_err(|e| EngineError::Disk { op: "mkdir", path: dir.display().to_string(), reason: e.to_string() })?;
         let mut buffer_bytes = vec![CHECKPOINT_BUFFER_BYTES; 2];
         if cfg.durability == Durability::Wal {
             buffer_bytes.extend([cfg.wal_buffer_bytes; 2]);
         }
-        let disk = Disk::open(&DiskConfig {
-            ring_entries: RING_ENTRIES,
-            files_max: FILES_MAX,
-            buffer_bytes,
-            force_blocking: cfg.disk_force_blocking,
-        })?;
+        let disk = Disk::open(&DiskConfig { ring_entries: RING_ENTRIES, files_max: FILES_MAX, buffer_bytes, force_blocking: cfg.disk_force_blocking })?;
         let interval = (cfg.checkpoint_interval_s > 0).then(|| Duration::from_secs(cfg.checkpoint_interval_s));
         Ok(Some(ShardDisk {
             disk,
@@ -362,8 +356,7 @@ impl ShardDisk {
             crate::crash::point("checkpoint.log_started");
         }
         let (bufs, token) = (self.checkpoint_bufs, CHECKPOINT_TOKEN);
-        let taking =
-            Taking::begin(&mut self.disk, bufs, token, &self.dir, (seq, lsn, &wal_file_name(seq)), self.shard, parts, self.prev.as_ref())?;
+        let taking = Taking::begin(&mut self.disk, bufs, token, &self.dir, (seq, lsn, &wal_file_name(seq)), self.shard, parts, self.prev.as_ref())?;
         self.taking = Some(taking);
         Ok(seq)
     }
@@ -488,11 +481,7 @@ impl ShardDisk {
     /// corrupt checkpoint the logs do not cover, a gap between logs, damage followed by later
     /// commits) is an [`EngineError::Unrecoverable`], unless the server was started to accept
     /// the loss; then what cannot be replayed is set aside under another name, never deleted.
-    pub fn recover(
-        &mut self,
-        tables: &mut [Option<TablePart>],
-        build: &mut dyn FnMut(&PartManifest) -> Result<TablePart>,
-    ) -> Result<RecoveryReport> {
+    pub fn recover(&mut self, tables: &mut [Option<TablePart>], build: &mut dyn FnMut(&PartManifest) -> Result<TablePart>) -> Result<RecoveryReport> {
         let mut report = RecoveryReport { shard: self.shard, ..RecoveryReport::default() };
         let (shard, accept_loss) = (self.shard, self.accept_loss);
         let mut skipped = |seq: u64, e: &EngineError| {
@@ -631,7 +620,9 @@ fn acknowledged_lost(log: &[u8], stop: &Stop, due_lsn: u64, later_logs: usize) -
         }
         Stop::Torn { offset, .. } => acknowledged_after(log, *offset, due_lsn).map(|(at, lsn)| {
             let lost = if lsn - 1 == due_lsn { format!("record {due_lsn} was") } else { format!("records {due_lsn} to {} were", lsn - 1) };
-            format!("record {lsn} at byte {at} belongs to a later commit, and a commit is written only once the one before it is durable, so {lost} acknowledged")
+            format!(
+                "record {lsn} at byte {at} belongs to a later commit, and a commit is written only once the one before it is durable, so {lost} acknowledged"
+            )
         }),
     }
 }

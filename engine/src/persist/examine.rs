@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::{EngineError, Result};
 use crate::persist::checkpoint::{ChunkHeader, Manifest, PartManifest};
 use crate::persist::durable::{data_seq_of, wal_file_name, wal_seq_of};
-use crate::error::{EngineError, Result};
 use crate::persist::wal::{acknowledged_after, Reader, RecordHeader, Stop, RECORD_HEADER_BYTES, WAL_MAGIC};
 use zerocopy::FromBytes;
 
@@ -106,7 +106,10 @@ fn check_log_chain(shard: &mut ShardDir) {
             problems.push(format!("{} stops early ({}) but later logs follow: the records after the stop were acknowledged", log.file, log.end));
         }
         if let Some((at, lsn)) = log.later_commit {
-            problems.push(format!("{} stops early ({}) but record {lsn} of a later commit follows at byte {at}: the records between were acknowledged", log.file, log.end));
+            problems.push(format!(
+                "{} stops early ({}) but record {lsn} of a later commit follows at byte {at}: the records between were acknowledged",
+                log.file, log.end
+            ));
         }
         prev = Some(log).filter(|l| l.last_lsn.is_some()).or(prev);
     }
@@ -121,10 +124,9 @@ fn check_against_catalog(shard: &mut ShardDir, catalog: std::result::Result<&[te
         for t in &m.tables {
             match named(t.table) {
                 Some(spec) if *spec == t.spec => {}
-                Some(spec) => problems.push(format!(
-                    "checkpoint {} holds table {} as {:?}, but the catalog names table {} {spec:?}",
-                    m.seq, t.table, t.spec, t.table
-                )),
+                Some(spec) => {
+                    problems.push(format!("checkpoint {} holds table {} as {:?}, but the catalog names table {} {spec:?}", m.seq, t.table, t.spec, t.table))
+                }
                 None => problems.push(format!("checkpoint {} holds table {} ({:?}), which the catalog does not name", m.seq, t.table, t.spec.name)),
             }
         }
@@ -145,8 +147,7 @@ fn check_against_catalog(shard: &mut ShardDir, catalog: std::result::Result<&[te
 /// `shard-NNN` subdirectories.
 pub fn shard_dirs(root: &Path) -> Result<Vec<PathBuf>> {
     let list = |dir: &Path| -> Result<Vec<PathBuf>> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| EngineError::Disk { op: "list", path: dir.display().to_string(), reason: e.to_string() })?;
+        let entries = std::fs::read_dir(dir).map_err(|e| EngineError::Disk { op: "list", path: dir.display().to_string(), reason: e.to_string() })?;
         Ok(entries.flatten().map(|e| e.path()).collect())
     };
     let named = |p: &PathBuf, f: &dyn Fn(&str) -> bool| p.file_name().and_then(|n| n.to_str()).is_some_and(f);
@@ -177,11 +178,8 @@ pub fn examine_shard(dir: &Path) -> Result<ShardDir> {
     let mut seqs: Vec<u64> = names.iter().filter_map(|n| Manifest::seq_of(n)).collect();
     seqs.sort_unstable_by(|a, b| b.cmp(a));
     let checkpoints: Vec<CheckpointCheck> = seqs.iter().map(|seq| check_checkpoint(dir, *seq)).collect();
-    let named: std::collections::BTreeSet<u64> = checkpoints
-        .iter()
-        .filter_map(|c| c.manifest.as_ref())
-        .flat_map(|m| m.tables.iter().flat_map(|t| t.chunks.iter().map(|c| c.file)))
-        .collect();
+    let named: std::collections::BTreeSet<u64> =
+        checkpoints.iter().filter_map(|c| c.manifest.as_ref()).flat_map(|m| m.tables.iter().flat_map(|t| t.chunks.iter().map(|c| c.file))).collect();
     let orphans = names.iter().filter(|n| data_seq_of(n).is_some_and(|s| !named.contains(&s))).cloned().collect();
     let mut logs: Vec<u64> = names.iter().filter_map(|n| wal_seq_of(n)).collect();
     logs.sort_unstable();
@@ -283,8 +281,7 @@ pub fn clock_bounds(t: &PartManifest) -> (Vec<u64>, Vec<u64>) {
 /// A whole file, read into 8-byte aligned memory (log records are read in place), and its
 /// length in bytes, with plain reads: for tools that read a data directory offline.
 fn read_aligned(path: &Path) -> Result<(Vec<u64>, usize)> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| EngineError::Disk { op: "read", path: path.display().to_string(), reason: e.to_string() })?;
+    let bytes = std::fs::read(path).map_err(|e| EngineError::Disk { op: "read", path: path.display().to_string(), reason: e.to_string() })?;
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
     Ok((words, bytes.len()))

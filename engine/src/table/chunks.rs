@@ -292,9 +292,7 @@ impl TablePart {
 
     /// Chunks changed since [`clear_dirty`](Self::clear_dirty), in order.
     pub fn dirty_chunks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.dirty.0.iter().enumerate().flat_map(|(i, word)| {
-            (0..64).filter(move |bit| word & (1 << bit) != 0).map(move |bit| i as u64 * 64 + bit)
-        })
+        self.dirty.0.iter().enumerate().flat_map(|(i, word)| (0..64).filter(move |bit| word & (1 << bit) != 0).map(move |bit| i as u64 * 64 + bit))
     }
 
     /// Forgets which chunks changed (a checkpoint took them).

@@ -80,12 +80,7 @@ fn snapshot(p: &TablePart) -> Snapshot {
 }
 
 /// Runs `refused`, checks it fails with an error `expect` accepts, and that the part is unchanged.
-fn assert_refused(
-    p: &mut TablePart,
-    what: &str,
-    expect: impl Fn(&EngineError) -> bool,
-    refused: impl FnOnce(&mut TablePart) -> Result<Range<u64>>,
-) {
+fn assert_refused(p: &mut TablePart, what: &str, expect: impl Fn(&EngineError) -> bool, refused: impl FnOnce(&mut TablePart) -> Result<Range<u64>>) {
     let before = snapshot(p);
     match refused(p) {
         Ok(r) => panic!("{what}: accepted (span {r:?}), expected a refusal"),
@@ -330,36 +325,16 @@ fn clock_segment_limit_refusal_changes_nothing() {
 fn sparse_refusals_change_nothing() {
     let mut p = part(&sparse(2, "adam"), 1000..u64::MAX);
     p.push(&[5000, 1 << 50], &[1.0, 2.0, 3.0, 4.0], 0, 1).unwrap();
-    assert_refused(
-        &mut p,
-        "key not owned",
-        |e| matches!(e, EngineError::KeyNotOwned { key: 999, .. }),
-        |p| p.push(&[5000, 999], &[1.0; 4], 0, 2),
-    );
-    assert_refused(
-        &mut p,
-        "values length",
-        |e| matches!(e, EngineError::ValuesLength { .. }),
-        |p| p.push(&[5000, 6000], &[1.0; 5], 0, 2),
-    );
+    assert_refused(&mut p, "key not owned", |e| matches!(e, EngineError::KeyNotOwned { key: 999, .. }), |p| p.push(&[5000, 999], &[1.0; 4], 0, 2));
+    assert_refused(&mut p, "values length", |e| matches!(e, EngineError::ValuesLength { .. }), |p| p.push(&[5000, 6000], &[1.0; 5], 0, 2));
     assert_refused(
         &mut p,
         "NaN in the second key",
         |e| matches!(e, EngineError::NonFinite { index: 2, .. }),
         |p| p.push(&[7000, 6000], &[1.0, 1.0, f32::NAN, 1.0], 0, 2),
     );
-    assert_refused(
-        &mut p,
-        "empty",
-        |e| matches!(e, EngineError::ValuesLength { keys: 0, .. }),
-        |p| p.push(&[], &[], 0, 2),
-    );
-    assert_refused(
-        &mut p,
-        "worker",
-        |e| matches!(e, EngineError::WorkerOutOfRange { worker: 64, .. }),
-        |p| p.push(&[8000], &[1.0; 2], 64, 2),
-    );
+    assert_refused(&mut p, "empty", |e| matches!(e, EngineError::ValuesLength { keys: 0, .. }), |p| p.push(&[], &[], 0, 2));
+    assert_refused(&mut p, "worker", |e| matches!(e, EngineError::WorkerOutOfRange { worker: 64, .. }), |p| p.push(&[8000], &[1.0; 2], 64, 2));
     assert_eq!(p.stats().sparse_keys, 2, "no refused push inserted a key");
 }
 
@@ -391,9 +366,7 @@ fn sparse_table_full_refuses_the_whole_push() {
 
     // Full: one more new key is refused, pushes to existing keys still work.
     assert_refused(&mut p, "one new key into a full table", full, |p| p.push(&[key(768)], &[1.0], 0, 4));
-    assert_refused(&mut p, "a new key among existing ones", full, |p| {
-        p.push(&[first[1], key(769), first[2]], &[1.0; 3], 0, 4)
-    });
+    assert_refused(&mut p, "a new key among existing ones", full, |p| p.push(&[first[1], key(769), first[2]], &[1.0; 3], 0, 4));
     p.push(&first[..700], &vec![1.0; 700], 0, 5).unwrap();
     assert_eq!(pull_keys(&mut p, &[first[0], first[699]]), vec![4.0, 2.0]);
     assert_eq!(p.stats().sparse_keys, 768);
@@ -468,12 +441,7 @@ fn sparse_skip_applies_finite_components_and_leaves_the_rest_untouched() {
 fn reject_refuses_what_skip_accepts() {
     let spec = dense(0, 4, 2, "sum");
     let mut p = part(&spec, 0..4);
-    assert_refused(
-        &mut p,
-        "inf under Reject",
-        |e| matches!(e, EngineError::NonFinite { index: 1, .. }),
-        |p| p.push_range(0, 1, &[1.0, f32::INFINITY], 0, 1),
-    );
+    assert_refused(&mut p, "inf under Reject", |e| matches!(e, EngineError::NonFinite { index: 1, .. }), |p| p.push_range(0, 1, &[1.0, f32::INFINITY], 0, 1));
     assert_eq!(p.stats().non_finite_skipped, 0);
 }
 
@@ -539,7 +507,9 @@ fn reply_stamps_match_the_clocks_after_any_pushes() {
     for round in 0..2_000 {
         // Whole-part pushes (one segment) half the time, partial ones otherwise; clocks go
         // forwards mostly, and sometimes repeat or go back (a stale push raises nothing).
-        let (start, count) = if next(2) == 0 { (0, 64) } else {
+        let (start, count) = if next(2) == 0 {
+            (0, 64)
+        } else {
             let start = next(64);
             (start, 1 + next(64 - start))
         };

@@ -108,11 +108,8 @@ impl Checker {
                 let range = RangeId(r);
                 let acked = self.acked.get(&(w.id, range)).copied().unwrap_or(0);
                 let tail = config.chain(range).and_then(|c| c.tail());
-                let held = tail
-                    .and_then(|t| nodes[t.0 as usize])
-                    .and_then(|rep| rep.range_state(range))
-                    .filter(|s| s.installed)
-                    .map(|s| s.clock[w.id.0 as usize]);
+                let held =
+                    tail.and_then(|t| nodes[t.0 as usize]).and_then(|rep| rep.range_state(range)).filter(|s| s.installed).map(|s| s.clock[w.id.0 as usize]);
                 if held.is_some_and(|h| h < acked) {
                     return Err(format!(
                         "acknowledged push lost: worker {} had pushes to range {range} up to {acked} acknowledged, the tail ({}) holds {}",
@@ -176,20 +173,12 @@ impl Checker {
         let config = coordinator.config();
         (0..self.ranges).all(|r| {
             let range = RangeId(r);
-            let committed = nodes
-                .iter()
-                .flatten()
-                .flat_map(|rep| rep.reports())
-                .filter(|rep| rep.range == range)
-                .map(|rep| rep.committed)
-                .max()
-                .unwrap_or(0);
+            let committed = nodes.iter().flatten().flat_map(|rep| rep.reports()).filter(|rep| rep.range == range).map(|rep| rep.committed).max().unwrap_or(0);
             config.chain(range).is_some_and(|c| {
-                c.nodes.iter().filter(|n| !out.contains(n)).any(|n| {
-                    nodes[n.0 as usize]
-                        .and_then(|rep| rep.range_state(range))
-                        .is_some_and(|v| v.installed && v.version >= committed)
-                })
+                c.nodes
+                    .iter()
+                    .filter(|n| !out.contains(n))
+                    .any(|n| nodes[n.0 as usize].and_then(|rep| rep.range_state(range)).is_some_and(|v| v.installed && v.version >= committed))
             })
         })
     }

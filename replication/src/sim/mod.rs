@@ -158,11 +158,8 @@ pub fn run(opts: &SimOptions) -> Result<Report, Failure> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_inner(opts))) {
         Ok(result) => result,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a panic".into());
+            let what =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "a panic".into());
             Err(Failure { seed: opts.seed, at_ms: 0, what: format!("panicked: {what}") })
         }
     }
@@ -175,8 +172,7 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
     let coordinator = Coordinator::new(p.rcfg.clone(), members.collect(), 0);
     let nodes = (0..p.nodes).map(|n| Node { replica: Some(new_replica(&p, opts, n, 1)), incarnation: 1, restart_ms: 0 });
     let view = coordinator.config().clone();
-    let workers =
-        (0..p.rcfg.workers).map(|w| SimWorker::new(WorkerId(w), p.rcfg.ranges, p.pushes_per_worker, view.clone()));
+    let workers = (0..p.rcfg.workers).map(|w| SimWorker::new(WorkerId(w), p.rcfg.ranges, p.pushes_per_worker, view.clone()));
     let mut sim = Sim {
         checker: Checker::new(&p),
         nodes: nodes.collect(),
@@ -435,15 +431,11 @@ impl Sim {
         let config = self.coordinator.config();
         let live = self.nodes.iter().filter(|n| n.replica.is_some()).count();
         let want = (self.p.rcfg.replicas as usize).min(live);
-        let on_latest =
-            self.nodes.iter().filter_map(|n| n.replica.as_ref()).all(|r| r.config().is_some_and(|c| c.id == config.id));
+        let on_latest = self.nodes.iter().filter_map(|n| n.replica.as_ref()).all(|r| r.config().is_some_and(|c| c.id == config.id));
         on_latest
             && config.chains.iter().enumerate().all(|(r, chain)| {
-                let states: Vec<_> = chain
-                    .nodes
-                    .iter()
-                    .map(|n| self.nodes[n.0 as usize].replica.as_ref().and_then(|rep| rep.range_state(RangeId(r as u32))))
-                    .collect();
+                let states: Vec<_> =
+                    chain.nodes.iter().map(|n| self.nodes[n.0 as usize].replica.as_ref().and_then(|rep| rep.range_state(RangeId(r as u32)))).collect();
                 chain.learner.is_none()
                     && chain.nodes.len() == want
                     && states.iter().all(|s| s.is_some_and(|s| s.installed))

@@ -179,7 +179,15 @@ fn ptr(text: &Option<CString>) -> *const c_char {
     text.as_ref().map_or(std::ptr::null(), |t| t.as_ptr())
 }
 
-const NAMES: [&str; 7] = ["w", "emb", "sp", "x", "", "tab\tle", "a-name-far-too-long-for-any-table-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"];
+const NAMES: [&str; 7] = [
+    "w",
+    "emb",
+    "sp",
+    "x",
+    "",
+    "tab\tle",
+    "a-name-far-too-long-for-any-table-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+];
 const UPDATERS: [&str; 8] = ["sum", "assign", "sgd{lr=0.1}", "adagrad{lr=0.05}", "adam{lr=0.01}", "ftrl{alpha=0.1}", "sgd{lr=", "nope"];
 const TRANSPORTS: [&str; 5] = ["tcp", "auto", "rdma", "TCP", ""];
 
@@ -354,7 +362,13 @@ impl Run {
         };
         // Dense tables stay small: what a table holds is mapped by the server.
         let keys = if dim > DIM_MAX { 1 } else { 1 + u64::from(input.u16()) % 1024 };
-        let end = if shape >> 6 == 3 { start } else if kind == TESSERA_SPARSE && shape >> 6 == 2 { u64::MAX } else { start.saturating_add(keys) };
+        let end = if shape >> 6 == 3 {
+            start
+        } else if kind == TESSERA_SPARSE && shape >> 6 == 2 {
+            u64::MAX
+        } else {
+            start.saturating_add(keys)
+        };
         let updater = text(input, &UPDATERS, false);
         let mut table = Slot::new(input);
         // SAFETY: NUL-terminated strings or NULL; the slot is writable, NULL or misaligned.

@@ -15,9 +15,9 @@
 //! spec and range; anything else is refused before memory is mapped.
 
 use tessera_engine::arena::Arena;
+use tessera_engine::config::{CHECKPOINT_BUFFER_BYTES, IO_ALIGN_BYTES};
 use tessera_engine::persist::checkpoint::store::{self, ChunkSource, Taking};
 use tessera_engine::persist::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_MAGIC};
-use tessera_engine::config::{CHECKPOINT_BUFFER_BYTES, IO_ALIGN_BYTES};
 use tessera_engine::persist::disk::{BufId, Disk, DiskConfig};
 use tessera_engine::shard::{part_for_checkpoint, Placed};
 use tessera_engine::table::TablePart;
@@ -90,9 +90,8 @@ impl ChunkSource for Files {
             return Err(EngineError::Corrupt { what: what.to_string(), reason: format!("a chunk of {} bytes", r.len) });
         }
         let path = Manifest::data_file_name(r.file);
-        self.scratch = self
-            .read(r.file, r.offset, r.len as usize)
-            .ok_or_else(|| EngineError::Disk { op: "open", path, reason: "No such file or directory".into() })?;
+        self.scratch =
+            self.read(r.file, r.offset, r.len as usize).ok_or_else(|| EngineError::Disk { op: "open", path, reason: "No such file or directory".into() })?;
         Ok(&self.scratch)
     }
 

@@ -65,13 +65,7 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig {
-            features: 1_000_000,
-            examples: 200_000,
-            active: 30,
-            heldout_fraction: 0.1,
-            seed: 42,
-        }
+        DataConfig { features: 1_000_000, examples: 200_000, active: 30, heldout_fraction: 0.1, seed: 42 }
     }
 }
 
@@ -85,21 +79,13 @@ impl DataConfig {
         // of the id space.
         let features_min = (self.active as u64).saturating_mul(4);
         if self.features < features_min || self.features > FEATURES_MAX {
-            return Err(format!(
-                "features must be between 4 x active ({features_min}) and {FEATURES_MAX}; got {}",
-                self.features
-            ));
+            return Err(format!("features must be between 4 x active ({features_min}) and {FEATURES_MAX}; got {}", self.features));
         }
         if self.examples.saturating_mul(self.active + 1) > KEYS_MAX {
-            return Err(format!(
-                "examples x (active + 1) must be at most {KEYS_MAX}; use fewer examples"
-            ));
+            return Err(format!("examples x (active + 1) must be at most {KEYS_MAX}; use fewer examples"));
         }
         if !(self.heldout_fraction > 0.0 && self.heldout_fraction < 1.0) {
-            return Err(format!(
-                "heldout fraction must be strictly between 0 and 1; got {}",
-                self.heldout_fraction
-            ));
+            return Err(format!("heldout fraction must be strictly between 0 and 1; got {}", self.heldout_fraction));
         }
         let test = self.test_examples();
         if test == 0 || test == self.examples {
@@ -137,13 +123,7 @@ struct Shape {
     median_logit: f64,
 }
 
-const SHAPE: Shape = Shape {
-    zipf_exponent: 1.5,
-    weight_scale: 1.4,
-    signal_ranks: 100.0,
-    tail_decay: 2.0,
-    median_logit: 0.2,
-};
+const SHAPE: Shape = Shape { zipf_exponent: 1.5, weight_scale: 1.4, signal_ranks: 100.0, tail_decay: 2.0, median_logit: 0.2 };
 
 /// The model that generated the labels.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -173,10 +153,7 @@ impl TrueModel {
     }
 
     /// The true bias.
-    #[cfg_attr(
-        not(test),
-        allow(dead_code, reason = "for tests; the demo prints metrics")
-    )]
+    #[cfg_attr(not(test), allow(dead_code, reason = "for tests; the demo prints metrics"))]
     pub fn bias(&self) -> f64 {
         self.bias
     }
@@ -201,10 +178,7 @@ impl Examples {
         self.labels.len()
     }
 
-    #[cfg_attr(
-        not(test),
-        allow(dead_code, reason = "for tests; the demo prints metrics")
-    )]
+    #[cfg_attr(not(test), allow(dead_code, reason = "for tests; the demo prints metrics"))]
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
@@ -235,19 +209,13 @@ impl Examples {
 pub struct Dataset {
     pub train: Examples,
     pub test: Examples,
-    #[cfg_attr(
-        not(test),
-        allow(dead_code, reason = "for tests; the demo prints metrics")
-    )]
+    #[cfg_attr(not(test), allow(dead_code, reason = "for tests; the demo prints metrics"))]
     pub true_model: TrueModel,
 }
 
 impl Dataset {
     /// The true model's accuracy on the held-out split: what a learner should come close to.
-    #[cfg_attr(
-        not(test),
-        allow(dead_code, reason = "for tests; the demo prints metrics")
-    )]
+    #[cfg_attr(not(test), allow(dead_code, reason = "for tests; the demo prints metrics"))]
     pub fn true_model_accuracy(&self) -> f64 {
         self.true_model_metrics().1
     }
@@ -272,27 +240,12 @@ pub fn generate(cfg: &DataConfig) -> Dataset {
         (0..use_id).for_each(|_| rng.jump());
         rng
     };
-    let mut model = TrueModel {
-        key_salt: splitmix64(cfg.seed),
-        weight_salt: splitmix64(!cfg.seed),
-        features: cfg.features,
-        bias: 0.0,
-    };
+    let mut model = TrueModel { key_salt: splitmix64(cfg.seed), weight_salt: splitmix64(!cfg.seed), features: cfg.features, bias: 0.0 };
     model.bias = centring_bias(&model, &sampler, cfg.active, &mut stream(3));
     let test_count = cfg.test_examples();
-    let train = draw_examples(
-        &model,
-        &sampler,
-        cfg.active,
-        cfg.examples - test_count,
-        &mut stream(1),
-    );
+    let train = draw_examples(&model, &sampler, cfg.active, cfg.examples - test_count, &mut stream(1));
     let test = draw_examples(&model, &sampler, cfg.active, test_count, &mut stream(2));
-    Dataset {
-        train,
-        test,
-        true_model: model,
-    }
+    Dataset { train, test, true_model: model }
 }
 
 /// The bias that puts the median logit of a pilot sample on `SHAPE.median_logit`.
@@ -309,13 +262,7 @@ fn centring_bias(model: &TrueModel, sampler: &PowerLaw, active: usize, rng: &mut
     SHAPE.median_logit - *median
 }
 
-fn draw_examples(
-    model: &TrueModel,
-    sampler: &PowerLaw,
-    active: usize,
-    count: usize,
-    rng: &mut impl Rng,
-) -> Examples {
+fn draw_examples(model: &TrueModel, sampler: &PowerLaw, active: usize, count: usize, rng: &mut impl Rng) -> Examples {
     let mut ex = Examples {
         starts: Vec::with_capacity(count + 1),
         keys: Vec::with_capacity(count * (active + 1)),
@@ -330,11 +277,7 @@ fn draw_examples(
         ex.keys.push(model.bias_key());
         ex.keys.extend(ids.iter().map(|&id| model.key(id)));
         ex.starts.push(ex.keys.len());
-        ex.labels.push(if rng.gen::<f64>() < sigmoid_f64(logit) {
-            1.0
-        } else {
-            0.0
-        });
+        ex.labels.push(if rng.gen::<f64>() < sigmoid_f64(logit) { 1.0 } else { 0.0 });
         ex.true_logits.push(logit as f32);
     }
     ex
@@ -365,13 +308,7 @@ pub fn batch_keys(ex: &Examples, batch: Range<usize>, keys: &mut Vec<u64>) {
 /// divides out each key's gradient scale, so both train alike, and the sum keeps gradients in
 /// per-example units whatever the batch size. Returns the batch's mean log-loss. Panics if an
 /// example's key is missing from `keys`.
-pub fn batch_gradient(
-    ex: &Examples,
-    batch: Range<usize>,
-    keys: &[u64],
-    weights: &[f32],
-    grad: &mut [f32],
-) -> f64 {
+pub fn batch_gradient(ex: &Examples, batch: Range<usize>, keys: &[u64], weights: &[f32], grad: &mut [f32]) -> f64 {
     assert_eq!(keys.len(), weights.len(), "one pulled weight per key");
     assert_eq!(keys.len(), grad.len(), "one gradient slot per key");
     grad.fill(0.0);
@@ -456,27 +393,15 @@ impl PowerLaw {
         let top = n as f64 + 1.0;
         let one_minus_s = 1.0 - exponent;
         if one_minus_s.abs() < 1e-9 {
-            PowerLaw {
-                n,
-                one_minus_s: 0.0,
-                span: top.ln(),
-            }
+            PowerLaw { n, one_minus_s: 0.0, span: top.ln() }
         } else {
-            PowerLaw {
-                n,
-                one_minus_s,
-                span: top.powf(one_minus_s) - 1.0,
-            }
+            PowerLaw { n, one_minus_s, span: top.powf(one_minus_s) - 1.0 }
         }
     }
 
     /// Maps a uniform draw `u` in [0, 1) to an id.
     fn sample(&self, u: f64) -> u64 {
-        let x = if self.one_minus_s == 0.0 {
-            (u * self.span).exp()
-        } else {
-            (1.0 + u * self.span).powf(1.0 / self.one_minus_s)
-        };
+        let x = if self.one_minus_s == 0.0 { (u * self.span).exp() } else { (1.0 + u * self.span).powf(1.0 / self.one_minus_s) };
         // Rounding can land on n + 1 exactly; fold it into the last id.
         (x as u64).clamp(1, self.n) - 1
     }
@@ -504,21 +429,11 @@ mod tests {
     use std::time::Instant;
 
     fn small() -> DataConfig {
-        DataConfig {
-            features: 100_000,
-            examples: 20_000,
-            active: 30,
-            ..DataConfig::default()
-        }
+        DataConfig { features: 100_000, examples: 20_000, active: 30, ..DataConfig::default() }
     }
 
     fn tiny() -> DataConfig {
-        DataConfig {
-            features: 2_000,
-            examples: 500,
-            active: 10,
-            ..DataConfig::default()
-        }
+        DataConfig { features: 2_000, examples: 500, active: 10, ..DataConfig::default() }
     }
 
     #[test]
@@ -526,38 +441,14 @@ mod tests {
         assert_eq!(DataConfig::default().validate(), Ok(()));
         assert_eq!(small().validate(), Ok(()));
         let bad = [
-            DataConfig {
-                active: 0,
-                ..tiny()
-            },
-            DataConfig {
-                features: 39,
-                ..tiny()
-            },
-            DataConfig {
-                features: FEATURES_MAX + 1,
-                ..tiny()
-            },
-            DataConfig {
-                examples: KEYS_MAX,
-                ..tiny()
-            },
-            DataConfig {
-                heldout_fraction: 0.0,
-                ..tiny()
-            },
-            DataConfig {
-                heldout_fraction: 1.0,
-                ..tiny()
-            },
-            DataConfig {
-                heldout_fraction: f64::NAN,
-                ..tiny()
-            },
-            DataConfig {
-                examples: 4,
-                ..tiny()
-            },
+            DataConfig { active: 0, ..tiny() },
+            DataConfig { features: 39, ..tiny() },
+            DataConfig { features: FEATURES_MAX + 1, ..tiny() },
+            DataConfig { examples: KEYS_MAX, ..tiny() },
+            DataConfig { heldout_fraction: 0.0, ..tiny() },
+            DataConfig { heldout_fraction: 1.0, ..tiny() },
+            DataConfig { heldout_fraction: f64::NAN, ..tiny() },
+            DataConfig { examples: 4, ..tiny() },
         ];
         for cfg in bad {
             let problem = cfg.validate().expect_err("invalid config accepted");
@@ -568,10 +459,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "invalid demo data configuration")]
     fn generate_rejects_an_invalid_config() {
-        generate(&DataConfig {
-            active: 0,
-            ..tiny()
-        });
+        generate(&DataConfig { active: 0, ..tiny() });
     }
 
     #[test]
@@ -582,8 +470,7 @@ mod tests {
         assert!(!ds.test.is_empty() && Examples::default().is_empty());
         assert_eq!(ds.test.len(), 50);
         let bias = ds.true_model.bias_key();
-        let feature_keys: HashSet<u64> =
-            (0..cfg.features).map(|id| ds.true_model.key(id)).collect();
+        let feature_keys: HashSet<u64> = (0..cfg.features).map(|id| ds.true_model.key(id)).collect();
         assert_eq!(feature_keys.len() as u64, cfg.features, "keys collide");
         assert!(!feature_keys.contains(&bias));
         for ex in [&ds.train, &ds.test] {
@@ -592,11 +479,7 @@ mod tests {
                 assert_eq!(keys.len(), cfg.active + 1);
                 assert_eq!(keys[0], bias);
                 assert!(keys[1..].iter().all(|k| feature_keys.contains(k)));
-                assert_eq!(
-                    keys.iter().collect::<HashSet<_>>().len(),
-                    keys.len(),
-                    "repeated key"
-                );
+                assert_eq!(keys.iter().collect::<HashSet<_>>().len(), keys.len(), "repeated key");
                 assert!(ex.label(i) == 0.0 || ex.label(i) == 1.0);
             }
         }
@@ -624,10 +507,7 @@ mod tests {
         let (true_loss, true_accuracy) = ds.true_model_metrics();
         assert!((loss - true_loss).abs() < 1e-4 && (accuracy - true_accuracy).abs() < 1e-3);
         // Clearly better than chance, yet far from certain; classes near balanced.
-        assert!(
-            (0.75..0.9).contains(&true_accuracy),
-            "true model accuracy {true_accuracy}"
-        );
+        assert!((0.75..0.9).contains(&true_accuracy), "true model accuracy {true_accuracy}");
         let positive = (0..t.len()).map(|i| f64::from(t.label(i))).sum::<f64>() / t.len() as f64;
         assert!((0.4..0.65).contains(&positive), "positive rate {positive}");
     }
@@ -636,18 +516,11 @@ mod tests {
     fn generation_is_seeded() {
         let a = generate(&tiny());
         let b = generate(&tiny());
-        assert_eq!(
-            (a.train.keys, a.train.labels),
-            (b.train.keys, b.train.labels)
-        );
+        assert_eq!((a.train.keys, a.train.labels), (b.train.keys, b.train.labels));
         let c = generate(&DataConfig { seed: 7, ..tiny() });
         assert_ne!(a.test.keys, c.test.keys);
         // The held-out split depends on the seed, not on the training split's size.
-        let d = generate(&DataConfig {
-            examples: 1_000,
-            heldout_fraction: 0.05,
-            ..tiny()
-        });
+        let d = generate(&DataConfig { examples: 1_000, heldout_fraction: 0.05, ..tiny() });
         assert_eq!((a.test.keys, a.test.labels), (d.test.keys, d.test.labels));
     }
 
@@ -657,15 +530,8 @@ mod tests {
         let keys = unique_keys(&ds.train);
         let high = keys.iter().filter(|&&k| k >> 63 == 1).count() as f64 / keys.len() as f64;
         let top_byte: HashSet<u64> = keys.iter().map(|k| k >> 56).collect();
-        assert!(
-            (0.4..0.6).contains(&high),
-            "fraction with the top bit set {high}"
-        );
-        assert!(
-            top_byte.len() > 200,
-            "only {} distinct top bytes",
-            top_byte.len()
-        );
+        assert!((0.4..0.6).contains(&high), "fraction with the top bit set {high}");
+        assert!(top_byte.len() > 200, "only {} distinct top bytes", top_byte.len());
     }
 
     #[test]
@@ -680,11 +546,7 @@ mod tests {
                 counts[law.sample(rng.gen()) as usize] += 1;
             }
             // Frequency falls with rank, in the ratio the floored continuous law predicts.
-            assert!(
-                counts.windows(2).take(5).all(|w| w[0] > w[1]),
-                "{exponent}: {:?}",
-                &counts[..6]
-            );
+            assert!(counts.windows(2).take(5).all(|w| w[0] > w[1]), "{exponent}: {:?}", &counts[..6]);
             let cdf = |x: f64| {
                 if exponent == 1.0 {
                     x.ln()
@@ -694,10 +556,7 @@ mod tests {
             };
             let expected = (cdf(2.0) - cdf(1.0)) / (cdf(11.0) - cdf(10.0));
             let ratio = f64::from(counts[0]) / f64::from(counts[9]);
-            assert!(
-                (ratio / expected - 1.0).abs() < 0.15,
-                "{exponent}: ratio {ratio}, expected {expected}"
-            );
+            assert!((ratio / expected - 1.0).abs() < 0.15, "{exponent}: ratio {ratio}, expected {expected}");
         }
         assert_eq!(PowerLaw::new(1, 1.35).sample(0.7), 0);
     }
@@ -707,18 +566,11 @@ mod tests {
         let ds = generate(&tiny());
         let mut keys = vec![1, 2, 3];
         batch_keys(&ds.train, 10..20, &mut keys);
-        let expected: Vec<u64> = (10..20)
-            .flat_map(|i| ds.train.keys(i).to_vec())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let expected: Vec<u64> = (10..20).flat_map(|i| ds.train.keys(i).to_vec()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         assert_eq!(keys, expected);
         batch_keys(&ds.train, 5..5, &mut keys);
         assert!(keys.is_empty());
-        assert_eq!(
-            unique_keys(&ds.test).len(),
-            ds.test.keys.iter().collect::<HashSet<_>>().len()
-        );
+        assert_eq!(unique_keys(&ds.test).len(), ds.test.keys.iter().collect::<HashSet<_>>().len());
     }
 
     /// The summed batch loss at `weights`, for the finite-difference check.
@@ -744,24 +596,14 @@ mod tests {
             plus[slot] += h;
             let mut minus = weights.clone();
             minus[slot] -= h;
-            let numeric = (batch_loss_sum(&ds.train, batch.clone(), &keys, &plus)
-                - batch_loss_sum(&ds.train, batch.clone(), &keys, &minus))
-                / (2.0 * f64::from(h));
-            assert!(
-                (numeric - f64::from(grad[slot])).abs() < 1e-2,
-                "slot {slot}: {numeric} vs {}",
-                grad[slot]
-            );
+            let numeric =
+                (batch_loss_sum(&ds.train, batch.clone(), &keys, &plus) - batch_loss_sum(&ds.train, batch.clone(), &keys, &minus)) / (2.0 * f64::from(h));
+            assert!((numeric - f64::from(grad[slot])).abs() < 1e-2, "slot {slot}: {numeric} vs {}", grad[slot]);
         }
         // The bias is in every example, so its gradient is the sum of all residuals.
         let residuals: f32 = batch
             .map(|i| {
-                let logit: f32 = ds
-                    .train
-                    .keys(i)
-                    .iter()
-                    .map(|k| weights[keys.binary_search(k).unwrap()])
-                    .sum();
+                let logit: f32 = ds.train.keys(i).iter().map(|k| weights[keys.binary_search(k).unwrap()]).sum();
                 sigmoid(logit) - ds.train.label(i)
             })
             .sum();
@@ -824,20 +666,12 @@ mod tests {
     /// worker's gradient misses the first one's update). Returns held-out (log-loss, accuracy)
     /// after each epoch.
     fn simulate(ds: &Dataset, lr: f32, batch: usize, epochs: usize) -> Vec<(f64, f64)> {
-        let mut server = SimServer {
-            table: HashMap::new(),
-            lr,
-        };
+        let mut server = SimServer { table: HashMap::new(), lr };
         let n = ds.train.len();
-        let mut workers = [0..n / 2, n / 2..n].map(|slice| SimWorker {
-            slice,
-            ..SimWorker::default()
-        });
+        let mut workers = [0..n / 2, n / 2..n].map(|slice| SimWorker { slice, ..SimWorker::default() });
         let mut history = Vec::new();
         for _ in 0..epochs {
-            workers
-                .iter_mut()
-                .for_each(|w| w.batch = w.slice.start..w.slice.start);
+            workers.iter_mut().for_each(|w| w.batch = w.slice.start..w.slice.start);
             while workers.iter().any(|w| w.batch.end < w.slice.end) {
                 for w in &mut workers {
                     w.batch = w.batch.end..(w.batch.end + batch).min(w.slice.end);
@@ -850,9 +684,7 @@ mod tests {
                     server.push(&w.keys, &w.grad);
                 }
             }
-            history.push(evaluate(&ds.test, |k| {
-                server.table.get(&k).map_or(0.0, |e| e.0)
-            }));
+            history.push(evaluate(&ds.test, |k| server.table.get(&k).map_or(0.0, |e| e.0)));
         }
         history
     }
@@ -870,16 +702,10 @@ mod tests {
         println!("{cfg:?}: generate {generate_s:.2} s, {epoch_s:.2} s per simulated epoch");
         println!("  true model accuracy {true_accuracy:.4}");
         for (epoch, (loss, accuracy)) in history.iter().enumerate() {
-            println!(
-                "  epoch {}: held-out log-loss {loss:.4}, accuracy {accuracy:.4}",
-                epoch + 1
-            );
+            println!("  epoch {}: held-out log-loss {loss:.4}, accuracy {accuracy:.4}", epoch + 1);
         }
         let (_, accuracy) = *history.last().expect("at least one epoch");
-        assert!(
-            accuracy >= true_accuracy - margin,
-            "held-out accuracy {accuracy:.4} is more than {margin} below the true model's {true_accuracy:.4}"
-        );
+        assert!(accuracy >= true_accuracy - margin, "held-out accuracy {accuracy:.4} is more than {margin} below the true model's {true_accuracy:.4}");
     }
 
     /// Guards the tuned constants: the demo's bound is 0.03 under real asynchrony, so the

@@ -27,8 +27,8 @@ use tessera_engine::server::Join;
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_replication::{ReplicationConfig, TableKind, TableSpec};
 
-use crate::metrics::MetricsArgs;
 use crate::common::{addresses, EngineArgs, TransportArgs};
+use crate::metrics::MetricsArgs;
 use data::{DataConfig, Dataset};
 
 /// Keys pulled per request when evaluating.
@@ -201,7 +201,12 @@ pub fn run(mut args: DemoArgs) -> Result<()> {
         None => {
             let server = Server::start(args.engine.server_config("127.0.0.1:0", Vec::new(), false, &args.net), UpdaterRegistry::new())
                 .context("starting the embedded server")?;
-            say(format!("embedded server on {} with {} shards, {} workers", server.local_addr(), args.engine.shards.unwrap_or_else(|| tessera_engine::config::available_cores() as u16), args.workers));
+            say(format!(
+                "embedded server on {} with {} shards, {} workers",
+                server.local_addr(),
+                args.engine.shards.unwrap_or_else(|| tessera_engine::config::available_cores() as u16),
+                args.workers
+            ));
             let addr = server.local_addr().to_string();
             _servers.push(server);
             vec![addr]
@@ -494,9 +499,7 @@ const WIRE_FTRL_ALPHA: f32 = 0.1;
 
 fn progress(len: u64, epoch: usize, epochs: usize) -> ProgressBar {
     let bar = ProgressBar::new(len);
-    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} examples, {per_sec}, eta {eta}")
-        .expect("a valid template")
-        .progress_chars("=> ");
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} examples, {per_sec}, eta {eta}").expect("a valid template").progress_chars("=> ");
     bar.set_style(style);
     bar.set_prefix(format!("epoch {}/{}", epoch + 1, epochs));
     bar

@@ -39,9 +39,7 @@ impl Tags {
         // The salt only has to differ from the bytes a slot held before; should the system's
         // generator fail, the clock does that too.
         if getrandom::getrandom(&mut bytes).is_err() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             bytes = (now.as_nanos() as u64).to_le_bytes();
         }
         u64::from_le_bytes(bytes)
@@ -63,12 +61,7 @@ impl Tags {
 /// Where the frame tagged `tag` landed in slot `slot` of a region laid out as `layout`, read by
 /// `load` ([`Region::load_u64`](super::verbs::Region::load_u64)): in its
 /// compact area (`Some(true)`), its full area (`Some(false)`), or not yet (`None`).
-fn landed_in_slot(
-    load: &impl Fn(usize) -> u64,
-    layout: SlotLayout,
-    slot: usize,
-    tag: u64,
-) -> Option<bool> {
+fn landed_in_slot(load: &impl Fn(usize) -> u64, layout: SlotLayout, slot: usize, tag: u64) -> Option<bool> {
     [true, false].into_iter().find(|&short| {
         let (at, room) = layout.area(slot, short);
         landed(load, at, room, short, tag).is_some()
@@ -76,18 +69,11 @@ fn landed_in_slot(
 }
 
 /// `load(offset)` reads the 8-byte word at `offset` ([`Region::load_u64`](super::verbs::Region::load_u64)).
-fn landed(
-    load: &impl Fn(usize) -> u64,
-    at: usize,
-    room: usize,
-    short: bool,
-    tag: u64,
-) -> Option<usize> {
+fn landed(load: &impl Fn(usize) -> u64, at: usize, room: usize, short: bool, tag: u64) -> Option<usize> {
     let word_at = at + 8 * crate::wire::body_len_word(short);
     let len = crate::wire::declared_frame_len(load(word_at), short);
     let fits = len + TAG_BYTES <= room;
-    (fits && load(at + len) == tag && crate::wire::declared_frame_len(load(word_at), short) == len)
-        .then_some(len)
+    (fits && load(at + len) == tag && crate::wire::declared_frame_len(load(word_at), short) == len).then_some(len)
 }
 
 /// What one receiving end (a shard for a worker's requests, a worker's link for its replies) knows
@@ -109,13 +95,7 @@ pub(crate) struct Arrivals {
 impl Arrivals {
     /// For `slots` slots whose frames carry tags salted with `salt`, found as `arrival` says.
     pub fn new(slots: usize, salt: u64, arrival: Arrival) -> Self {
-        Self {
-            tags: Tags::new(salt),
-            by_memory: arrival == Arrival::Memory,
-            landed: 0,
-            recvs: 0,
-            short: vec![false; slots],
-        }
+        Self { tags: Tags::new(salt), by_memory: arrival == Arrival::Memory, landed: 0, recvs: 0, short: vec![false; slots] }
     }
 
     pub fn slots(&self) -> u64 {
@@ -139,8 +119,7 @@ impl Arrivals {
         let before = self.landed;
         while self.by_memory && self.landed < limit {
             let slot = (self.landed % self.slots()) as usize;
-            let Some(short) = landed_in_slot(&load, layout, slot, self.tags.tag(self.landed))
-            else {
+            let Some(short) = landed_in_slot(&load, layout, slot, self.tags.tag(self.landed)) else {
                 break;
             };
             self.short[slot] = short;
@@ -160,10 +139,7 @@ impl Arrivals {
         }
         // Frames land in order, and a completion comes only once its frame has landed, so the
         // completions taken never run ahead of the frames counted.
-        debug_assert!(
-            self.recvs <= self.landed,
-            "a completion for a frame beyond the next"
-        );
+        debug_assert!(self.recvs <= self.landed, "a completion for a frame beyond the next");
         let now = self.recvs == self.landed;
         if now {
             self.short[slot] = imm & SHORT_FRAME != 0;
@@ -185,10 +161,7 @@ mod tests {
         let mut bytes = vec![0xAAu8; room];
         bytes[..frame.len()].copy_from_slice(frame);
         bytes[frame.len()..frame.len() + TAG_BYTES].copy_from_slice(&tag.to_le_bytes());
-        bytes
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
-            .collect()
+        bytes.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().unwrap())).collect()
     }
 
     #[test]
@@ -205,10 +178,7 @@ mod tests {
         fn load(w: &[u64]) -> impl Fn(usize) -> u64 + '_ {
             move |at| w[at / 8]
         }
-        assert_eq!(
-            landed(&load(&words), 0, room, true, tags.tag(9)),
-            Some(short.frame_len())
-        );
+        assert_eq!(landed(&load(&words), 0, room, true, tags.tag(9)), Some(short.frame_len()));
         // Another frame's tag, or the other kind of header: not this frame.
         assert_eq!(landed(&load(&words), 0, room, true, tags.tag(10)), None);
         assert_eq!(landed(&load(&words), 0, room, false, tags.tag(9)), None);
@@ -218,11 +188,7 @@ mod tests {
             let mut partial = stale.clone();
             partial[..done].copy_from_slice(&words[..done]);
             let found = landed(&load(&partial), 0, room, true, tags.tag(9));
-            assert_eq!(
-                found.is_some(),
-                done == frame.len() / 8 + 1,
-                "{done} words landed"
-            );
+            assert_eq!(found.is_some(), done == frame.len() / 8 + 1, "{done} words landed");
         }
         // A header declaring more than the area holds is never taken as landed.
         let mut huge = short;
@@ -243,11 +209,7 @@ mod tests {
             let w = w.clone();
             move |o: usize| w[o / 8]
         };
-        assert_eq!(
-            arrivals.look(load(&words), layout, 0),
-            0,
-            "nothing beyond the limit"
-        );
+        assert_eq!(arrivals.look(load(&words), layout, 0), 0, "nothing beyond the limit");
         assert_eq!(arrivals.look(load(&words), layout, 2), 1);
         assert!(arrivals.short(0));
         // Its completion lands nothing new; frame 1's, whose tag never showed, lands it (long).

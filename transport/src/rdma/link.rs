@@ -16,8 +16,8 @@ use crate::tcp::TcpLink;
 use crate::wire::{padded, Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
 use crate::{Frame, Link, PushBuffer};
 
-use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
 use super::arrival::{Arrivals, Tags};
+use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
 use super::{rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, GATHER_BYTES_MIN, SHORT_FRAME, TAG_BYTES};
 use crate::expose::block_is_whole;
 
@@ -83,14 +83,7 @@ impl std::fmt::Debug for RdmaLink {
 impl RdmaLink {
     /// Connects over TCP as [`TcpLink::connect`] does, then sets up the queue pair and rings on
     /// that connection. Returns the link and the server's hello reply.
-    pub fn connect(
-        addr: &str,
-        shard: u64,
-        worker: u32,
-        cfg: &TransportConfig,
-        rcfg: &RdmaConfig,
-        dev: Arc<Device>,
-    ) -> Result<(Self, Vec<u8>)> {
+    pub fn connect(addr: &str, shard: u64, worker: u32, cfg: &TransportConfig, rcfg: &RdmaConfig, dev: Arc<Device>) -> Result<(Self, Vec<u8>)> {
         rcfg.validate()?;
         let (tcp, info) = TcpLink::connect(addr, shard, worker, cfg)?;
         Ok((Self::upgrade(tcp, cfg, rcfg, dev)?, info))
@@ -108,12 +101,9 @@ impl RdmaLink {
         // since a reply seen by its tag has its receive posted again only later (see `free_slot`).
         let cq = Cq::new(&dev, 4 * slots + 2).map_err(rdma)?;
         let mut qp = Qp::new(&dev, &cq, &cq, 2 * slots + 1, 2 * slots).map_err(rdma)?;
-        let out =
-            Region::new(&dev, layout.region_bytes(), Access { remote_write: false, remote_read: false }).map_err(rdma)?;
-        let inbox =
-            Region::new(&dev, layout.region_bytes(), Access { remote_write: true, remote_read: false }).map_err(rdma)?;
-        let reads =
-            Region::new(&dev, slots as usize * sb, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
+        let out = Region::new(&dev, layout.region_bytes(), Access { remote_write: false, remote_read: false }).map_err(rdma)?;
+        let inbox = Region::new(&dev, layout.region_bytes(), Access { remote_write: true, remote_read: false }).map_err(rdma)?;
+        let reads = Region::new(&dev, slots as usize * sb, Access { remote_write: false, remote_read: false }).map_err(rdma)?;
         for i in 0..2 * slots {
             qp.post_recv(u64::from(i)).map_err(rdma)?;
         }
@@ -371,9 +361,7 @@ impl RdmaLink {
 
     /// Whether the next request's slot is free already: what [`RdmaLink::free_slot`] waits for.
     fn slot_is_free(&self) -> bool {
-        self.consumed + self.slots > self.sent
-            && self.arrivals.recvs + self.slots > self.consumed
-            && self.writes_done + self.slots > self.sent
+        self.consumed + self.slots > self.sent && self.arrivals.recvs + self.slots > self.consumed && self.writes_done + self.slots > self.sent
     }
 
     /// Puts the next request's arrival tag after the `frame_len` bytes staged for `slot` (in
@@ -400,8 +388,7 @@ impl RdmaLink {
             // this slot complete, so it stays unchanged until the device has read it. The region
             // outlives the queue pair (field order), so dropping the link flushes the queue pair first.
             // SAFETY: this slot's staging stays mapped and unchanged until its write completes.
-            unsafe { self.qp.post_write_imm(seq, &self.out, at, len, key.addr, key.rkey, imm, true) }
-                .map_err(rdma)?;
+            unsafe { self.qp.post_write_imm(seq, &self.out, at, len, key.addr, key.rkey, imm, true) }.map_err(rdma)?;
         }
         self.sent += 1;
         Ok(())
@@ -440,12 +427,7 @@ impl RdmaLink {
             match reply.header.status() {
                 Status::Ok => {}
                 Status::UnknownTable => return Ok(None),
-                _ => {
-                    return Err(rdma(format!(
-                        "the shard refused a direct read: {}",
-                        String::from_utf8_lossy(reply.body)
-                    )))
-                }
+                _ => return Err(rdma(format!("the shard refused a direct read: {}", String::from_utf8_lossy(reply.body)))),
             }
             let dense = RemoteDense::decode(reply.body)?;
             if self.dense.len() <= t {
@@ -470,10 +452,7 @@ impl RdmaLink {
         let chunk_at = |link: &Self, pos: u64| {
             let chunks = &link.dense[dense_table].as_ref().expect("looked up by the caller").chunks;
             let base = chunks[0].addr;
-            let c = *chunks
-                .iter()
-                .find(|c| c.addr - base <= pos && pos < c.addr - base + c.len)
-                .expect("chunks tile the part");
+            let c = *chunks.iter().find(|c| c.addr - base <= pos && pos < c.addr - base + c.len).expect("chunks tile the part");
             (base, c)
         };
         let local_chunk = self.reads.chunk_bytes() as u64;
@@ -491,8 +470,7 @@ impl RdmaLink {
             // only after the signaled read that ends this batch completed (below), and no other
             // work request targets it meanwhile. The region outlives the queue pair (field order).
             // SAFETY: the span stays mapped and untouched by the CPU until its read completes.
-            unsafe { self.qp.post_read(u64::MAX, &self.reads, local as usize, len, base + pos, chunk.rkey, last) }
-                .map_err(rdma)?;
+            unsafe { self.qp.post_read(u64::MAX, &self.reads, local as usize, len, base + pos, chunk.rkey, last) }.map_err(rdma)?;
             posted += 1;
             pos = end;
             if last {
@@ -507,15 +485,7 @@ impl RdmaLink {
     /// Reads blocks `blocks` (which fit the read buffer) until each copy is whole; copies the
     /// values of key offsets `keys` into `out` (which starts at key offset `keys.start`) and meets
     /// the blocks' stamps into `stamp`.
-    fn read_blocks(
-        &mut self,
-        t: usize,
-        blocks: Range<u64>,
-        keys: Range<u64>,
-        out: &mut [f32],
-        stamp: &mut [u64],
-        deadline: Instant,
-    ) -> Result<()> {
+    fn read_blocks(&mut self, t: usize, blocks: Range<u64>, keys: Range<u64>, out: &mut [f32], stamp: &mut [u64], deadline: Instant) -> Result<()> {
         let layout = self.dense[t].as_ref().expect("looked up by the caller").layout;
         let bw = layout.block_words as u64 * 8;
         let first = layout.block_at(blocks.start) as u64 * 8;
@@ -585,8 +555,7 @@ impl Link for RdmaLink {
     fn send_from(&mut self, header: &mut Header, body: &[u8], source: &PushBuffer) -> Result<()> {
         let frame_len = HEADER_BYTES + padded(body.len());
         let found = source.region_on(&self._dev).and_then(|r| Some((r, r.offset_of(body)?)));
-        let Some((region, offset)) = found.filter(|_| body.len() >= GATHER_BYTES_MIN && frame_len <= self.send_bytes_max)
-        else {
+        let Some((region, offset)) = found.filter(|_| body.len() >= GATHER_BYTES_MIN && frame_len <= self.send_bytes_max) else {
             return self.send(header, &[body], false);
         };
         let slot = self.free_slot()?;
@@ -611,8 +580,7 @@ impl Link for RdmaLink {
         // `offset_of`, inside one chunk), which the caller keeps alive and unchanged until
         // `settle` returns, and `settle` returns only once this write has completed.
         // SAFETY: every span stays mapped and unchanged until this write's completion.
-        unsafe { self.qp.post_write_imm_gather(seq, &gathered, key.addr, key.rkey, slot as u32, true) }
-            .map_err(rdma)?;
+        unsafe { self.qp.post_write_imm_gather(seq, &gathered, key.addr, key.rkey, slot as u32, true) }.map_err(rdma)?;
         self.sent += 1;
         self.borrowed = self.sent;
         Ok(())
@@ -681,8 +649,7 @@ impl Link for RdmaLink {
         let mut b = all.start;
         while b < all.end {
             let blocks = b..(b + per_read).min(all.end);
-            let span =
-                keys.start.max(layout.keys_of(blocks.start).start)..keys.end.min(layout.keys_of(blocks.end - 1).end);
+            let span = keys.start.max(layout.keys_of(blocks.start).start)..keys.end.min(layout.keys_of(blocks.end - 1).end);
             let into = (span.start - keys.start) as usize * dim as usize;
             let n = (span.end - span.start) as usize * dim as usize;
             self.read_blocks(table as usize, blocks.clone(), span, &mut out[into..into + n], stamp, deadline)?;

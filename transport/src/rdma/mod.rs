@@ -140,11 +140,10 @@ impl SlotLayout {
                 let (at, len) = self.area(i, short);
                 let addr = region.addr() + at as u64;
                 let end = addr + len as u64;
-                let chunk = chunks.iter().find(|c| c.addr <= addr && end <= c.addr + c.len).ok_or_else(|| {
-                    rdma(format!(
-                        "a {len}-byte slot straddles two memory regions; use a slot size that divides the device's MR limit"
-                    ))
-                })?;
+                let chunk = chunks
+                    .iter()
+                    .find(|c| c.addr <= addr && end <= c.addr + c.len)
+                    .ok_or_else(|| rdma(format!("a {len}-byte slot straddles two memory regions; use a slot size that divides the device's MR limit")))?;
                 Ok(SlotKey { addr, rkey: chunk.rkey, reserved: 0 })
             })
             .collect()
@@ -153,11 +152,7 @@ impl SlotLayout {
 
 /// Calls `poll` until it finds work (`Ok(true)`), for at most `spin` and never past `deadline`.
 /// Returns `Ok(false)` when the time ran out first.
-fn spin<E>(
-    spin: Duration,
-    deadline: Option<Instant>,
-    mut poll: impl FnMut() -> std::result::Result<bool, E>,
-) -> std::result::Result<bool, E> {
+fn spin<E>(spin: Duration, deadline: Option<Instant>, mut poll: impl FnMut() -> std::result::Result<bool, E>) -> std::result::Result<bool, E> {
     // The clock is first read after the first round of polls, so a quick completion costs none.
     let mut until = None;
     loop {
@@ -191,9 +186,7 @@ impl RdmaConfig {
 }
 
 /// One slot as the peer addresses it.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub(crate) struct SlotKey {
     pub addr: u64,
@@ -237,10 +230,7 @@ impl Endpoint {
             tag_salt: self.tag_salt,
         };
         let mut out = head.as_bytes().to_vec();
-        self.slots
-            .iter()
-            .chain(&self.small)
-            .for_each(|k| out.extend_from_slice(k.as_bytes()));
+        self.slots.iter().chain(&self.small).for_each(|k| out.extend_from_slice(k.as_bytes()));
         out
     }
 
@@ -257,50 +247,25 @@ impl Endpoint {
 
     /// Parses and checks a peer's half.
     pub fn decode(body: &[u8]) -> Result<Endpoint> {
-        let bad = |reason: String| TransportError::Malformed {
-            reason: format!("rdma set-up: {reason}"),
-        };
-        let (head, rest) = ConnectHead::read_from_prefix(body)
-            .map_err(|_| bad(format!("{} bytes", body.len())))?;
-        if head.slots == 0 || head.slots > SLOTS_MAX || (head.slot_bytes as usize) < SLOT_BYTES_MIN
-        {
-            return Err(bad(format!(
-                "{} slots of {} bytes",
-                head.slots, head.slot_bytes
-            )));
+        let bad = |reason: String| TransportError::Malformed { reason: format!("rdma set-up: {reason}") };
+        let (head, rest) = ConnectHead::read_from_prefix(body).map_err(|_| bad(format!("{} bytes", body.len())))?;
+        if head.slots == 0 || head.slots > SLOTS_MAX || (head.slot_bytes as usize) < SLOT_BYTES_MIN {
+            return Err(bad(format!("{} slots of {} bytes", head.slots, head.slot_bytes)));
         }
         let key_bytes = std::mem::size_of::<SlotKey>();
         // A full and a compact area per slot.
         if rest.len() != 2 * head.slots as usize * key_bytes {
-            return Err(bad(format!(
-                "{} bytes of slot keys for {} slots",
-                rest.len(),
-                head.slots
-            )));
+            return Err(bad(format!("{} bytes of slot keys for {} slots", rest.len(), head.slots)));
         }
-        let mut keys = rest
-            .chunks_exact(key_bytes)
-            .map(|c| SlotKey::read_from_bytes(c).expect("sized above"));
+        let mut keys = rest.chunks_exact(key_bytes).map(|c| SlotKey::read_from_bytes(c).expect("sized above"));
         let slots = keys.by_ref().take(head.slots as usize).collect();
         let small = keys.collect();
-        Ok(Endpoint {
-            qp: QpInfo {
-                qpn: head.qpn,
-                psn: head.psn,
-                gid: head.gid,
-            },
-            slot_bytes: head.slot_bytes as usize,
-            slots,
-            small,
-            tag_salt: head.tag_salt,
-        })
+        Ok(Endpoint { qp: QpInfo { qpn: head.qpn, psn: head.psn, gid: head.gid }, slot_bytes: head.slot_bytes as usize, slots, small, tag_salt: head.tag_salt })
     }
 }
 
 /// Where one memory-region chunk of an exposed part lies, as the peer addresses it.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub(crate) struct ChunkKey {
     pub addr: u64,
@@ -319,38 +284,24 @@ pub(crate) struct RemoteDense {
 impl RemoteDense {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = self.layout.as_bytes().to_vec();
-        self.chunks
-            .iter()
-            .for_each(|c| out.extend_from_slice(c.as_bytes()));
+        self.chunks.iter().for_each(|c| out.extend_from_slice(c.as_bytes()));
         out
     }
 
     /// Parses and checks a shard's answer: the chunks must tile the part's words exactly.
     pub fn decode(body: &[u8]) -> Result<RemoteDense> {
-        let bad = |reason: String| TransportError::Malformed {
-            reason: format!("rdma expose: {reason}"),
-        };
-        let (layout, rest) = crate::expose::DenseLayout::read_from_prefix(body)
-            .map_err(|_| bad(format!("{} bytes", body.len())))?;
+        let bad = |reason: String| TransportError::Malformed { reason: format!("rdma expose: {reason}") };
+        let (layout, rest) = crate::expose::DenseLayout::read_from_prefix(body).map_err(|_| bad(format!("{} bytes", body.len())))?;
         layout.check()?;
         let size = std::mem::size_of::<ChunkKey>();
         if rest.is_empty() || rest.len() % size != 0 {
             return Err(bad(format!("{} bytes of chunk keys", rest.len())));
         }
-        let chunks: Vec<ChunkKey> = rest
-            .chunks_exact(size)
-            .map(|c| ChunkKey::read_from_bytes(c).expect("sized above"))
-            .collect();
-        let tiled = chunks
-            .windows(2)
-            .all(|w| w[0].addr.checked_add(w[0].len) == Some(w[1].addr));
+        let chunks: Vec<ChunkKey> = rest.chunks_exact(size).map(|c| ChunkKey::read_from_bytes(c).expect("sized above")).collect();
+        let tiled = chunks.windows(2).all(|w| w[0].addr.checked_add(w[0].len) == Some(w[1].addr));
         let total: u64 = chunks.iter().map(|c| c.len).sum();
         if !tiled || total < layout.words() * 8 {
-            return Err(bad(format!(
-                "{} chunks do not cover the part's {} bytes",
-                chunks.len(),
-                layout.words() * 8
-            )));
+            return Err(bad(format!("{} chunks do not cover the part's {} bytes", chunks.len(), layout.words() * 8)));
         }
         Ok(RemoteDense { layout, chunks })
     }
@@ -358,9 +309,7 @@ impl RemoteDense {
 
 /// An RDMA failure, as the transport's error.
 pub(crate) fn rdma(e: impl std::fmt::Display) -> TransportError {
-    TransportError::Rdma {
-        reason: e.to_string(),
-    }
+    TransportError::Rdma { reason: e.to_string() }
 }
 
 #[cfg(test)]

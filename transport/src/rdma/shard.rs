@@ -17,8 +17,8 @@ use crate::tcp::TcpEndpoint;
 use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
-use super::verbs::{self, Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
 use super::arrival::{Arrivals, Tags};
+use super::verbs::{self, Access, Completion, Cq, Device, Opcode, Pd, Qp, Region, INLINE_BYTES_MAX};
 use super::{rdma, ChunkKey, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, SHORT_FRAME, TAG_BYTES};
 use crate::config::Arrival;
 
@@ -159,10 +159,18 @@ impl ReplyArea for SlotArea<'_> {
         })
     }
     fn bytes(&self) -> &[u8] {
-        if self.in_full { self.full } else { self.small }
+        if self.in_full {
+            self.full
+        } else {
+            self.small
+        }
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
-        if self.in_full { self.full } else { self.small }
+        if self.in_full {
+            self.full
+        } else {
+            self.small
+        }
     }
 }
 
@@ -318,12 +326,17 @@ impl State {
     /// Registers dense table `table` in the protection domain of the worker on `conn` (once) and
     /// says where it lies.
     fn expose_to(&mut self, conn: ConnId, table: u32) -> std::result::Result<RemoteDense, (Status, String)> {
-        let view = self.exposed.get(table as usize).and_then(Option::as_ref).ok_or_else(|| {
-            (Status::UnknownTable, format!("table {table} has no dense part on this shard to read directly"))
-        })?;
-        let peer = self.peers.iter_mut().flatten().find(|p| p.tcp == conn).ok_or_else(|| {
-            (Status::BadRequest, "this connection has no RDMA queue pair; send RdmaConnect first".to_string())
-        })?;
+        let view = self
+            .exposed
+            .get(table as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| (Status::UnknownTable, format!("table {table} has no dense part on this shard to read directly")))?;
+        let peer = self
+            .peers
+            .iter_mut()
+            .flatten()
+            .find(|p| p.tcp == conn)
+            .ok_or_else(|| (Status::BadRequest, "this connection has no RDMA queue pair; send RdmaConnect first".to_string()))?;
         let t = table as usize;
         if peer.tables.len() <= t {
             peer.tables.resize_with(t + 1, || None);
@@ -588,9 +601,7 @@ impl Peer {
                 let mut reply = Reply::new(&mut area, header, layout.frame_room(false));
                 let raw = &frame[head_len..head_len + header.body_len as usize];
                 match self.inflater.inflate(&header, raw) {
-                    Ok(_) if !header.op().is_some_and(|o| o.is_data()) => {
-                        reply.error(Status::BadRequest, "only data requests travel over RDMA")
-                    }
+                    Ok(_) if !header.op().is_some_and(|o| o.is_data()) => reply.error(Status::BadRequest, "only data requests travel over RDMA"),
                     Ok(body) => service.serve(Request { conn: self.tcp, header, body }, &mut reply),
                     Err(e) => reply.error(Status::Malformed, &e.to_string()),
                 }

@@ -14,10 +14,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::persist::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_HEADER_BYTES, MANIFEST_VERSION};
 use crate::config::IO_ALIGN_BYTES;
-use crate::persist::disk::{BufId, Disk, FileId, Op};
 use crate::error::{EngineError, Result};
+use crate::persist::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_HEADER_BYTES, MANIFEST_VERSION};
+use crate::persist::disk::{BufId, Disk, FileId, Op};
 use crate::table::TablePart;
 
 /// What one checkpoint wrote.
@@ -231,7 +231,10 @@ impl Taking {
         let room = disk.buf(self.bufs[0]).len();
         while let Some(&(t, c)) = self.queue.get(self.next) {
             let table = self.tables[t].table;
-            let part = parts.part(table).filter(|p| p.snapshotting()).ok_or_else(|| EngineError::Io(format!("table {table} was dropped while checkpoint {} was written", self.seq)))?;
+            let part = parts
+                .part(table)
+                .filter(|p| p.snapshotting())
+                .ok_or_else(|| EngineError::Io(format!("table {table} was dropped while checkpoint {} was written", self.seq)))?;
             let payload_len = part.chunk_payload_len(c);
             let need = ChunkHeader::disk_len(payload_len);
             if self.filled + need > room {
@@ -347,10 +350,8 @@ pub fn load_newest(
     accept_loss: bool,
 ) -> Result<Option<(Manifest, Vec<TablePart>)>> {
     let io = |e: std::io::Error| EngineError::Disk { op: "list", path: dir.display().to_string(), reason: e.to_string() };
-    let mut seqs: Vec<u64> = std::fs::read_dir(dir)
-        .map_err(io)?
-        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(Manifest::seq_of)))
-        .collect();
+    let mut seqs: Vec<u64> =
+        std::fs::read_dir(dir).map_err(io)?.filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(Manifest::seq_of))).collect();
     seqs.sort_unstable_by(|a, b| b.cmp(a));
     for seq in seqs {
         match load(disk, buf, dir, seq, build) {

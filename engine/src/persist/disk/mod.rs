@@ -489,7 +489,5 @@ mod tests;
 
 /// Makes a directory's entries (a rename, a new file) durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| EngineError::Disk { op: "fsync", path: dir.display().to_string(), reason: e.to_string() })
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| EngineError::Disk { op: "fsync", path: dir.display().to_string(), reason: e.to_string() })
 }

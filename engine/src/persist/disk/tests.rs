@@ -1,12 +1,10 @@
 //! Real files, real io_uring (where the kernel has it) and the blocking backend, through the same
 //! tests.
 
-
 use super::*;
 use crate::test_support::TempDir;
 
 const K4: usize = IO_ALIGN_BYTES;
-
 
 fn disk(blocking: bool) -> Disk {
     let cfg = DiskConfig { ring_entries: 32, files_max: 4, buffer_bytes: vec![4 * K4, 4 * K4], force_blocking: blocking };

@@ -17,8 +17,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use super::IoBuf;
 
 /// Operations the ring must support, by name for the notice when one is missing.
-const NEEDED: [(u8, &str); 3] =
-    [(opcode::WriteFixed::CODE, "WRITE_FIXED"), (opcode::ReadFixed::CODE, "READ_FIXED"), (opcode::Fsync::CODE, "FSYNC")];
+const NEEDED: [(u8, &str); 3] = [(opcode::WriteFixed::CODE, "WRITE_FIXED"), (opcode::ReadFixed::CODE, "READ_FIXED"), (opcode::Fsync::CODE, "FSYNC")];
 
 /// One request as the ring sees it.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +50,7 @@ impl Uring {
             return Err(format!("this kernel's io_uring lacks {name}"));
         }
         ring.submitter().register_files_sparse(files_max).map_err(|e| format!("registering files failed: {e}"))?;
-        let iovecs: Vec<libc::iovec> =
-            bufs.iter().map(|b| libc::iovec { iov_base: b.ptr().cast(), iov_len: b.len() }).collect();
+        let iovecs: Vec<libc::iovec> = bufs.iter().map(|b| libc::iovec { iov_base: b.ptr().cast(), iov_len: b.len() }).collect();
         // Why this is sound: every iovec spans one of `Disk`'s buffers, which live (mapped, never
         // moved) for as long as this ring does: `Disk` declares the ring before the buffers, so it
         // is dropped first, and buffers are never added or removed after this call.
@@ -106,12 +104,8 @@ impl Uring {
             for (i, sqe) in sqes.iter().enumerate() {
                 let link = if i + 1 < sqes.len() { squeue::Flags::IO_LINK } else { squeue::Flags::empty() };
                 let entry = match *sqe {
-                    Sqe::Write { file, buf, addr, len, offset } => {
-                        opcode::WriteFixed::new(types::Fixed(file), addr, len, buf).offset(offset).build()
-                    }
-                    Sqe::Read { file, buf, addr, len, offset } => {
-                        opcode::ReadFixed::new(types::Fixed(file), addr, len, buf).offset(offset).build()
-                    }
+                    Sqe::Write { file, buf, addr, len, offset } => opcode::WriteFixed::new(types::Fixed(file), addr, len, buf).offset(offset).build(),
+                    Sqe::Read { file, buf, addr, len, offset } => opcode::ReadFixed::new(types::Fixed(file), addr, len, buf).offset(offset).build(),
                     Sqe::Sync { file } => opcode::Fsync::new(types::Fixed(file)).build(),
                 };
                 let entry = entry.flags(link).user_data(user_data(i));

@@ -80,10 +80,7 @@ fn a_bit_flip_anywhere_in_a_record_stops_the_replay_there() {
             bytes(&mut damaged)[byte] ^= 1 << bit;
             let (lsns, stop) = replay(&damaged, 1);
             assert_eq!(lsns, vec![1], "flip at byte {byte} bit {bit}");
-            assert!(
-                matches!(&stop, Stop::Torn { offset, .. } if *offset == second as u64),
-                "flip at byte {byte} bit {bit}: {stop:?}"
-            );
+            assert!(matches!(&stop, Stop::Torn { offset, .. } if *offset == second as u64), "flip at byte {byte} bit {bit}: {stop:?}");
         }
     }
 }

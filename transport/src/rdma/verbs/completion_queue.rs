@@ -5,13 +5,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
 use std::sync::Arc;
 
-use rdma_mummy_sys::{
-    ibv_wc, ibv_wc_opcode, ibv_wc_status,
-};
-use sideway::ibverbs::completion::{
-    CompletionChannel, CompletionQueue,
-    ExtendedCompletionQueue,
-};
+use rdma_mummy_sys::{ibv_wc, ibv_wc_opcode, ibv_wc_status};
+use sideway::ibverbs::completion::{CompletionChannel, CompletionQueue, ExtendedCompletionQueue};
 
 use super::*;
 
@@ -162,9 +157,7 @@ impl Cq {
             // (or a negative errno), keeping no pointer.
             // SAFETY: a live CQ and a buffer of `want` entries for the provider to fill.
             let n = unsafe { rdma_mummy_sys::ibv_poll_cq(self.cq.cq().as_ptr(), want as i32, wcs.as_mut_ptr().cast()) };
-            let n = usize::try_from(n).unwrap_or_else(|_| {
-                panic!("polling the completion queue failed: {}", io::Error::from_raw_os_error(-n))
-            });
+            let n = usize::try_from(n).unwrap_or_else(|_| panic!("polling the completion queue failed: {}", io::Error::from_raw_os_error(-n)));
             for wc in &wcs[..n] {
                 // SAFETY: the provider initialised the first `n` entries.
                 out.push(Completion::from_wc(unsafe { wc.assume_init_ref() }));
@@ -219,13 +212,7 @@ impl Cq {
             let mut event_context = ptr::null_mut();
             // SAFETY: the channel is live (owned through `self.channel`), the out-pointers point
             // to locals, and the fd is non-blocking, so the call returns EAGAIN, not sleep.
-            let rc = unsafe {
-                rdma_mummy_sys::ibv_get_cq_event(
-                    self.channel.comp_channel().as_ptr(),
-                    &mut event_cq,
-                    &mut event_context,
-                )
-            };
+            let rc = unsafe { rdma_mummy_sys::ibv_get_cq_event(self.channel.comp_channel().as_ptr(), &mut event_cq, &mut event_context) };
             if rc == 0 {
                 // SAFETY: only reads the CQ's handle for a comparison; `self.cq` keeps it alive.
                 let ours = unsafe { self.cq.cq().as_ptr() };

@@ -46,7 +46,6 @@ pub(super) fn gid_index_from(text: Option<&str>) -> Result<u8, Unavailable> {
     }
 }
 
-
 /// An opened device with its default protection domain, in which [`Region::new`] and
 /// [`Qp::new`] create what they make. Send + Sync, shared via Arc.
 #[derive(Debug)]
@@ -94,8 +93,7 @@ impl Device {
     /// Opens the device. Every "no RDMA here" case (ENOSYS/EOPNOTSUPP from the device list, empty
     /// list, named device missing, open failure, port down, empty GID entry) is `Err(Unavailable)`.
     pub fn open(cfg: &DeviceConfig) -> Result<Arc<Device>, Unavailable> {
-        let list = DeviceList::new()
-            .map_err(|err| Unavailable::new(format!("RDMA device list unavailable: {}", report(&err))))?;
+        let list = DeviceList::new().map_err(|err| Unavailable::new(format!("RDMA device list unavailable: {}", report(&err))))?;
         let names: Vec<String> = list.iter().map(|device| device.name()).collect();
         let index = match &cfg.device {
             _ if names.is_empty() => return Err(Unavailable::new("no RDMA devices present")),
@@ -108,17 +106,13 @@ impl Device {
         let name = names[index].clone();
         let device = list.get(index).expect("index came from the same list");
         // The context does not borrow the list: opened contexts outlive ibv_free_device_list.
-        let context = device
-            .open()
-            .map_err(|err| Unavailable::new(format!("opening RDMA device {name:?} failed: {}", report(&err))))?;
+        let context = device.open().map_err(|err| Unavailable::new(format!("opening RDMA device {name:?} failed: {}", report(&err))))?;
         drop(list);
         Self::query(context, name, cfg).map(Arc::new)
     }
 
     fn query(context: Arc<DeviceContext>, name: String, cfg: &DeviceConfig) -> Result<Device, Unavailable> {
-        let failed = |what: &str, err: &dyn StdError| {
-            Unavailable::new(format!("RDMA device {name:?}: {what} failed: {}", report(err)))
-        };
+        let failed = |what: &str, err: &dyn StdError| Unavailable::new(format!("RDMA device {name:?}: {what} failed: {}", report(err)));
         let attr = context.query_device().map_err(|err| failed("query device", &err))?;
         let port = context.query_port(cfg.port).map_err(|err| failed("query port", &err))?;
         if port.port_state() != PortState::Active {
@@ -137,9 +131,8 @@ impl Device {
                 cfg.port, cfg.gid_index
             )));
         }
-        let mr_bytes_max = effective_mr_bytes_max(attr.max_mr_size(), cfg.mr_bytes_max).ok_or_else(|| {
-            Unavailable::new(format!("mr_bytes_max {:?} is below one page ({PAGE_BYTES} bytes)", cfg.mr_bytes_max))
-        })?;
+        let mr_bytes_max = effective_mr_bytes_max(attr.max_mr_size(), cfg.mr_bytes_max)
+            .ok_or_else(|| Unavailable::new(format!("mr_bytes_max {:?} is below one page ({PAGE_BYTES} bytes)", cfg.mr_bytes_max)))?;
         let clamp_depth = |limit: i32| limit.clamp(1, i32::from(READ_DEPTH_MAX)) as u8;
         let params = PortParams {
             port: cfg.port,

@@ -70,8 +70,7 @@ impl Region {
     /// reach it by its remote keys.
     pub fn new_in(pd: &Pd, len: usize, access: Access) -> Result<Region, VerbsError> {
         assert!(len > 0, "an RDMA region needs at least one byte");
-        let mut map =
-            MmapOptions::new().len(len).populate().map_anon().map_err(|source| VerbsError::Map { len, source })?;
+        let mut map = MmapOptions::new().len(len).populate().map_anon().map_err(|source| VerbsError::Map { len, source })?;
         let base = map.as_mut_ptr() as usize;
         assert_eq!(base % PAGE_BYTES, 0, "anonymous mappings start on a page");
         let chunk_bytes = usize::try_from(pd.port.mr_bytes_max).unwrap_or(usize::MAX);
@@ -132,10 +131,7 @@ impl Region {
 
     /// The chunks, for the peer.
     pub fn remote_chunks(&self) -> Vec<RemoteChunk> {
-        self.mrs
-            .iter()
-            .map(|mr| RemoteChunk { addr: mr.get_ptr() as u64, len: mr.region_len() as u64, rkey: mr.rkey() })
-            .collect()
+        self.mrs.iter().map(|mr| RemoteChunk { addr: mr.get_ptr() as u64, len: mr.region_len() as u64, rkey: mr.rkey() }).collect()
     }
 
     /// The address, length and rkey a peer uses for `[offset, offset + len)`; panics (broken
@@ -170,10 +166,7 @@ impl Region {
         }
         let chunk = offset.min(self.len() - 1) / self.chunk_bytes;
         if len > 0 && (end - 1) / self.chunk_bytes != chunk {
-            return Err(format!(
-                "span {offset}..{end} crosses a registration chunk boundary (chunks of {} bytes)",
-                self.chunk_bytes
-            ));
+            return Err(format!("span {offset}..{end} crosses a registration chunk boundary (chunks of {} bytes)", self.chunk_bytes));
         }
         Ok(chunk)
     }
@@ -184,13 +177,7 @@ impl Region {
 /// # Safety
 /// The span must be mapped (writable if `access` lets a peer write) and stay mapped until every
 /// returned MR is dropped.
-unsafe fn register_chunks(
-    pd: &Pd,
-    base: usize,
-    len: usize,
-    chunk_bytes: usize,
-    access: Access,
-) -> Result<Vec<Arc<MemoryRegion>>, VerbsError> {
+unsafe fn register_chunks(pd: &Pd, base: usize, len: usize, chunk_bytes: usize, access: Access) -> Result<Vec<Arc<MemoryRegion>>, VerbsError> {
     let mut mrs = Vec::with_capacity(len.div_ceil(chunk_bytes));
     for offset in (0..len).step_by(chunk_bytes) {
         let end = len.min(offset + chunk_bytes);
@@ -253,23 +240,14 @@ impl Exposed {
 
     /// The chunks, for the peer.
     pub fn remote_chunks(&self) -> Vec<RemoteChunk> {
-        self.mrs
-            .iter()
-            .map(|mr| RemoteChunk { addr: mr.get_ptr() as u64, len: mr.region_len() as u64, rkey: mr.rkey() })
-            .collect()
+        self.mrs.iter().map(|mr| RemoteChunk { addr: mr.get_ptr() as u64, len: mr.region_len() as u64, rkey: mr.rkey() }).collect()
     }
 }
 
 /// Turns a failed `ibv_reg_mr` into MemlockTooLow when the locked-memory limit is the likely
 /// cause: the kernel answers ENOMEM (or EPERM) when pinning would exceed a finite
 /// RLIMIT_MEMLOCK (`memlock_limit_bytes`, None = unlimited).
-pub(super) fn registration_error(
-    len: usize,
-    offset: usize,
-    end: usize,
-    source: RegisterMemoryRegionError,
-    memlock_limit_bytes: Option<u64>,
-) -> VerbsError {
+pub(super) fn registration_error(len: usize, offset: usize, end: usize, source: RegisterMemoryRegionError, memlock_limit_bytes: Option<u64>) -> VerbsError {
     let errno = match &source.0 {
         RegisterMemoryRegionErrorKind::Ibverbs(err) => err.raw_os_error(),
         _ => None,

@@ -6,18 +6,11 @@ use std::ptr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rdma_mummy_sys::{
-    ibv_recv_wr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wr_opcode, rdma_t, wr_t,
-};
+use rdma_mummy_sys::{ibv_recv_wr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wr_opcode, rdma_t, wr_t};
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
-use sideway::ibverbs::completion::{
-    GenericCompletionQueue,
-};
+use sideway::ibverbs::completion::GenericCompletionQueue;
 use sideway::ibverbs::device_context::Mtu;
-use sideway::ibverbs::queue_pair::{
-    ExtendedQueuePair, QueuePair, QueuePairAttribute,
-    QueuePairAttributeMask, QueuePairState,
-};
+use sideway::ibverbs::queue_pair::{ExtendedQueuePair, QueuePair, QueuePairAttribute, QueuePairAttributeMask, QueuePairState};
 use sideway::ibverbs::AccessFlags;
 
 use super::*;
@@ -219,8 +212,7 @@ impl Qp {
             sges[n] = local_sge(region, offset, len);
             n += 1;
         }
-        u32::try_from(sges[..n].iter().map(|s| s.length as u64).sum::<u64>())
-            .expect("a work request carries at most u32::MAX bytes");
+        u32::try_from(sges[..n].iter().map(|s| s.length as u64).sum::<u64>()).expect("a work request carries at most u32::MAX bytes");
         let op = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
         // Each SGE describes a span of a live region inside one registered chunk (local_sge); the
         // caller keeps every span alive and unmodified until the completion, as this function's
@@ -233,15 +225,7 @@ impl Qp {
     /// work request when it is posted: the caller may reuse `data` at once, so this is safe. Small
     /// frames skip the device's read of local memory, as perftest's latency tests do.
     #[allow(clippy::too_many_arguments)] // each is one field of the work request
-    pub fn post_write_imm_inline(
-        &mut self,
-        wr_id: u64,
-        data: &[u8],
-        remote_addr: u64,
-        rkey: u32,
-        imm: u32,
-        signaled: bool,
-    ) -> Result<(), VerbsError> {
+    pub fn post_write_imm_inline(&mut self, wr_id: u64, data: &[u8], remote_addr: u64, rkey: u32, imm: u32, signaled: bool) -> Result<(), VerbsError> {
         let op = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
         self.post_inline(wr_id, op, data, remote_addr, rkey, imm.to_be(), signaled)
     }
@@ -250,14 +234,7 @@ impl Qp {
     /// there, so the peer can only notice it by reading memory. Tessera's data path writes with
     /// immediate data; this is for the `write_floor` example, which measures what perftest's
     /// `ib_write_lat` does beside it.
-    pub fn post_write_inline(
-        &mut self,
-        wr_id: u64,
-        data: &[u8],
-        remote_addr: u64,
-        rkey: u32,
-        signaled: bool,
-    ) -> Result<(), VerbsError> {
+    pub fn post_write_inline(&mut self, wr_id: u64, data: &[u8], remote_addr: u64, rkey: u32, signaled: bool) -> Result<(), VerbsError> {
         self.post_inline(wr_id, ibv_wr_opcode::IBV_WR_RDMA_WRITE, data, remote_addr, rkey, 0, signaled)
     }
 
@@ -442,14 +419,17 @@ fn check_peer(remote: &QpInfo) -> Result<(), VerbsError> {
 /// that a reconnected QP does not accept a stale packet of its previous life.
 fn random_psn() -> u32 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher
-        .write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     hasher.finish() as u32 & QPN_PSN_MASK
 }
 
 /// A send work request's flags: signaled, or not.
 fn signal_flags(signaled: bool) -> u32 {
-    if signaled { ibv_send_flags::IBV_SEND_SIGNALED.0 } else { 0 }
+    if signaled {
+        ibv_send_flags::IBV_SEND_SIGNALED.0
+    } else {
+        0
+    }
 }
 
 /// The scatter/gather entry for `region[offset..offset + len]`; panics if it is not inside one

@@ -144,9 +144,7 @@ fn mr_bytes_max_is_page_rounded_and_clamped() {
 
 #[test]
 fn registration_failure_under_a_memlock_limit_names_the_fix() {
-    let failure = |errno| {
-        RegisterMemoryRegionError::from(RegisterMemoryRegionErrorKind::Ibverbs(io::Error::from_raw_os_error(errno)))
-    };
+    let failure = |errno| RegisterMemoryRegionError::from(RegisterMemoryRegionErrorKind::Ibverbs(io::Error::from_raw_os_error(errno)));
     let err = registration_error(1 << 20, 0, 1 << 20, failure(libc::ENOMEM), Some(64 << 10));
     assert!(matches!(err, VerbsError::MemlockTooLow { have_kib: 64, need_kib: 1024 }), "{err:?}");
     let text = err.to_string();
@@ -265,10 +263,7 @@ fn region_split_into_chunks_serves_writes_and_reads_with_the_right_keys() {
         let chunk = chunks[to];
         let remote_addr = chunk.addr + inner as u64;
         // SAFETY: the local span is not written until A's completion below.
-        unsafe {
-            a.qp.post_write_imm(wr_id as u64, &local, local_offset, len, remote_addr, chunk.rkey, wr_id as u32, true)
-        }
-        .unwrap();
+        unsafe { a.qp.post_write_imm(wr_id as u64, &local, local_offset, len, remote_addr, chunk.rkey, wr_id as u32, true) }.unwrap();
         let recv = expect_ok(&wait(&mut b.recv_cq, 1), 100 + wr_id as u64, Opcode::RecvRdmaWithImm);
         assert_eq!((recv.imm, recv.byte_len as usize), (Some(wr_id as u32), len));
         expect_ok(&wait(&mut a.send_cq, 1), wr_id as u64, Opcode::RdmaWrite);

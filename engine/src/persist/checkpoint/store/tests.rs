@@ -11,7 +11,6 @@ use crate::test_support::TempDir;
 use crate::updater::UpdaterRegistry;
 use crate::EngineConfig;
 
-
 const BUF: BufId = BufId(0);
 const BUFS: [BufId; 2] = [BufId(0), BufId(1)];
 const TOKEN: u64 = 7;
@@ -110,8 +109,7 @@ fn checkpoints_round_trip_and_later_ones_write_only_what_changed() {
         assert!(m2.tables[0].chunks.iter().any(|c| c.file == 1), "unchanged chunks stay in checkpoint 1's file");
 
         let mut skipped = Vec::new();
-        let (m, mut loaded) =
-            load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string())), false).unwrap().unwrap();
+        let (m, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string())), false).unwrap().unwrap();
         assert!(skipped.is_empty(), "{skipped:?}");
         assert_eq!((m.seq, m.lsn), (2, 20));
         let (mut ld, mut ls) = (loaded.remove(0), loaded.remove(0));
@@ -142,8 +140,7 @@ fn a_corrupt_chunk_or_manifest_falls_back_to_the_previous_checkpoint_and_says_wh
     std::fs::write(&data, &bytes).unwrap();
 
     let mut skipped = Vec::new();
-    let (m, mut loaded) =
-        load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string())), false).unwrap().unwrap();
+    let (m, mut loaded) = load_newest(&mut disk, BUF, &dir.0, &mut build, &mut |seq, e| skipped.push((seq, e.to_string())), false).unwrap().unwrap();
     assert_eq!(m.seq, 1);
     assert_eq!(skipped.len(), 1);
     assert_eq!(skipped[0].0, 2);
@@ -190,7 +187,12 @@ fn pushes_while_a_checkpoint_is_written_do_not_reach_it_and_the_next_one_takes_t
             let g = vec![0.25f32; 2 * 300];
             let keys: Vec<u64> = (0..300).map(|i| (i * 997 + round * 31) % 200_000).collect();
             d.push(&keys, &g, 2, round).unwrap();
-            let new: Vec<u64> = (0..40).map(|_| { sparse_key = sparse_key.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); sparse_key >> 20 }).collect();
+            let new: Vec<u64> = (0..40)
+                .map(|_| {
+                    sparse_key = sparse_key.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    sparse_key >> 20
+                })
+                .collect();
             s.push(&new, &vec![1.0; 120], 3, round).unwrap();
             round += 1;
             if step(&mut disk, &mut taking, &mut parts) {
