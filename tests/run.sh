@@ -39,6 +39,13 @@ ensure etcd:etcd-server protoc:protobuf-compiler pkg-config:pkg-config g++:g++
 log "system packages for the RDMA build and the SoftRoCE guest"
 tests/softroce/setup.sh
 
+# The suite must leave the checkout as it found it: nothing it runs may rewrite a tracked file.
+tracked_before=$(git status --porcelain --untracked-files=no 2>/dev/null || true)
+
+log "formatting: cargo fmt --check (rustfmt.toml), the workspace and the fuzz crate"
+cargo fmt --all --check
+(cd tests/fuzz && cargo fmt --check)
+
 # --- build once ---------------------------------------------------------------------------------
 log "building the workspace and its tests"
 cargo build --workspace --all-targets --all-features --locked
@@ -87,5 +94,12 @@ fi
 
 log "criterion benchmarks compile and run once each (no timing: figures come from cargo bench)"
 cargo test -p tessera-benches --benches --locked
+
+tracked_after=$(git status --porcelain --untracked-files=no 2>/dev/null || true)
+if [ "$tracked_after" != "$tracked_before" ]; then
+  echo "the test suite changed tracked files of the checkout:" >&2
+  diff <(echo "$tracked_before") <(echo "$tracked_after") >&2 || true
+  exit 1
+fi
 
 log "all tests passed"
