@@ -25,11 +25,7 @@ fn workspace_members(cargo_toml: &str) -> Vec<String> {
     let rest = &cargo_toml[start..];
     let open = rest.find('[').expect("`members = [`");
     let close = rest.find(']').expect("`members = [...]` is closed");
-    rest[open + 1..close]
-        .split(',')
-        .map(|item| item.trim().trim_matches('"').to_string())
-        .filter(|item| !item.is_empty())
-        .collect()
+    rest[open + 1..close].split(',').map(|item| item.trim().trim_matches('"').to_string()).filter(|item| !item.is_empty()).collect()
 }
 
 /// `FooBar` → `foo-bar`, as clap's derive names subcommands.
