@@ -876,7 +876,7 @@ impl Conn {
         let (frame, hold) = reply.finish(&mut self.deflater, cfg.compress_bytes_min);
         if header.op() == Some(Op::RdmaConnect) {
             // The queue pair lives as long as this connection, which carries nothing from now on.
-            self.rdma |= Header::decode_unchecked(&self.out.buf.bytes()[frame.start..]).status() == Status::Ok;
+            self.rdma |= Header::decode_unchecked(&self.out.buf.bytes()[frame.start..frame.start + HEADER_BYTES]).status() == Status::Ok;
         }
         if let Some(lsn) = hold {
             self.out.held.push_back((frame.start, lsn));
@@ -1229,6 +1229,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let client = std::net::TcpStream::connect(listener.local_addr().expect("an address")).expect("connect");
         let (stream, peer) = listener.accept().expect("accept");
+        // A poller's connection never blocks: a read with nothing to read says so.
+        stream.set_nonblocking(true).expect("non-blocking");
         let then = Instant::now() - Duration::from_millis(quiet_ms);
         let conn = Conn {
             id: ConnId(1),
@@ -1268,6 +1270,34 @@ mod tests {
         quiet.out = OutQueue::default();
         let off = TransportConfig { idle_timeout_ms: 0, ..cfg.clone() };
         assert_eq!(quiet.overdue(&off, now), None);
+    }
+
+    /// Answers every request OK with a body, as a shard answers an RDMA set-up with its queue
+    /// pair's address.
+    struct AcceptAll;
+
+    impl Service for AcceptAll {
+        fn serve(&mut self, _request: Request<'_>, reply: &mut Reply<'_>) {
+            reply.ok_bytes(&[7; 24]);
+        }
+    }
+
+    #[test]
+    fn a_connection_whose_rdma_set_up_was_accepted_is_exempt_from_the_idle_deadline() {
+        let census = Arc::new(Census::default());
+        let cfg = TransportConfig { idle_timeout_ms: 1_000, ..TransportConfig::default() };
+        let (mut conn, mut client) = greeted_conn(&census, &cfg, 0);
+        let mut header = Header::request(Op::RdmaConnect, 7);
+        header.seal();
+        std::io::Write::write_all(&mut client, header.as_bytes()).expect("send the request");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !conn.rdma && Instant::now() < deadline {
+            assert!(!matches!(conn.drive(&mut AcceptAll, &cfg, Role::Shard(0), &[], 1), Next::Close(_)));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(conn.rdma, "the accepted RdmaConnect marks the connection");
+        let later = Instant::now() + Duration::from_secs(5);
+        assert_eq!(conn.overdue(&cfg, later), None, "an RDMA worker's TCP connection carries nothing");
     }
 
     #[test]
