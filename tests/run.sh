@@ -45,6 +45,11 @@ tracked_before=$(git status --porcelain --untracked-files=no 2>/dev/null || true
 log "formatting: cargo fmt --check (rustfmt.toml), the workspace and the fuzz crate"
 cargo fmt --all --check
 (cd tests/fuzz && cargo fmt --check)
+log "lock files: the workspace's and the fuzz crate's Cargo.lock match their manifests"
+# The fuzz crate is its own workspace: a dependency added to an engine crate changes its lock too.
+cargo metadata --locked --format-version 1 >/dev/null
+(cd tests/fuzz && cargo metadata --locked --format-version 1 >/dev/null) ||
+  { echo "tests/fuzz/Cargo.lock is stale: run 'cargo metadata' in tests/fuzz and commit the lock" >&2; exit 1; }
 
 # --- build once ---------------------------------------------------------------------------------
 log "building the workspace and its tests"
