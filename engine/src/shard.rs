@@ -599,10 +599,17 @@ impl Service for Shard {
     }
 
     fn durable(&self) -> u64 {
+        // A replicated shard keeps nothing on disk: its held replies wait for chains' tails.
+        if let Some(chain) = &self.chain {
+            return chain.released();
+        }
         self.disk.as_ref().map_or(u64::MAX, ShardDisk::durable)
     }
 
     fn log_failure(&self) -> Option<&str> {
+        if let Some(chain) = &self.chain {
+            return chain.failure();
+        }
         self.disk.as_ref()?.failure()
     }
 }

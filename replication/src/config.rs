@@ -23,6 +23,10 @@ pub const BATCH_PUSHES_MAX: usize = 256;
 /// Most pushes a head holds for acknowledgement (applied, not yet held by the tail). Pushes past
 /// it are dropped unacknowledged, and their workers resend them.
 pub const WAITING_MAX: usize = 65_536;
+/// Longest a head holds the reply to a worker's pushes while it waits for the tail to hold
+/// them. The reply then leaves anyway, without those acknowledgements, and the worker asks for
+/// them again; it stays under a worker's retry timer so a failed chain member delays nothing.
+pub const PUSH_REPLY_HOLD_MS_MAX: u64 = 250;
 /// Drained servers a configuration remembers after they left (see `ClusterConfig::drained`).
 pub const DRAINED_KEPT_MAX: usize = 64;
 

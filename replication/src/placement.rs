@@ -47,17 +47,16 @@ pub fn range_keys(spec: &TableSpec, ranges: u32, range: u32) -> Range<u64> {
 /// The replication range holding `key` of `spec` (a key inside the table).
 pub fn range_of(spec: &TableSpec, ranges: u32, key: u64) -> u32 {
     assert!(spec.start <= key && key < spec.end, "key {key} outside table {:?}", spec.name);
-    // The first range whose slice ends past `key`; slices are ordered and cover the table.
-    let (mut lo, mut hi) = (0u32, ranges - 1);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if range_keys(spec, ranges, mid).end <= key {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
+    // Range r starts at start + floor(len * r / ranges), so floor(offset * ranges / len) is
+    // the range, or short of it when later ranges start exactly at `key` (rounding down puts
+    // them there): one step on when the table has at least as many keys as ranges, more only
+    // past empty ranges. Every key of every replicated push and pull comes here.
+    let len = (spec.end - spec.start) as u128;
+    let mut r = ((key - spec.start) as u128 * ranges as u128 / len) as u32;
+    while r + 1 < ranges && range_keys(spec, ranges, r + 1).start <= key {
+        r += 1;
     }
-    lo
+    r
 }
 
 /// The shard (of `shards`) that holds replication range `range` on every server: ranges go to
@@ -230,6 +229,17 @@ mod tests {
             prop_assert!(replicated_part(&spec, ranges, shards, shard).contains(&key));
             prop_assert_eq!(range_keys(&spec, ranges, 0).start, start);
             prop_assert_eq!(range_keys(&spec, ranges, ranges - 1).end, start + len);
+        }
+
+        #[test]
+        fn a_key_of_any_table_falls_in_its_range(start in any::<u64>(), len in any::<u64>(), short in any::<bool>(), ranges in 1u32..100_000, key in any::<u64>()) {
+            // Short tables have more ranges than keys: some ranges are empty.
+            let len = if short { len % 64 } else { len }.min(u64::MAX - start).max(1);
+            let spec = TableSpec::new("t", TableKind::Sparse, start, start + len, 1);
+            let key = start + key % len;
+            let r = range_of(&spec, ranges, key);
+            prop_assert!(r < ranges);
+            prop_assert!(range_keys(&spec, ranges, r).contains(&key), "key {} in range {} = {:?}", key, r, range_keys(&spec, ranges, r));
         }
 
         #[test]

@@ -350,6 +350,14 @@ impl<S: Store> Replica<S> {
         Some(RangeView { installed, version, committed, clock: &st.clock, generation })
     }
 
+    /// Whether this replica, as `range`'s head, has `worker`'s push `seq` waiting for the tail
+    /// to hold it: its acknowledgement is still to come. False once it was acknowledged, and
+    /// for a push this replica dropped or no longer answers for.
+    pub fn awaits(&self, range: RangeId, worker: WorkerId, seq: u32) -> bool {
+        let Some(st) = self.ranges.get(range.0 as usize).and_then(Option::as_ref) else { return false };
+        st.waiting.iter().any(|w| w.worker == worker && w.seq == seq)
+    }
+
     /// The (range, epoch) pairs this replica acts as head for.
     pub fn heads(&self) -> impl Iterator<Item = (RangeId, Epoch)> + '_ {
         self.ranges.iter().enumerate().filter_map(move |(r, st)| {

@@ -47,9 +47,9 @@ impl Dialer {
             #[cfg(feature = "rdma")]
             Chosen::Rdma(dev) if served && shard != CONTROL_SHARD => {
                 let link = crate::rdma::RdmaLink::upgrade(tcp, &self.cfg, &self.rdma, dev.clone())?;
-                Ok(Caller { path: Path::Rdma(Box::new(link)), calls: Calls::default() })
+                Ok(Caller { path: Path::Rdma(Box::new(link)), calls: Calls::default(), waiting: None })
             }
-            _ => Ok(Caller { path: Path::Tcp(Box::new(tcp)), calls: Calls::default() }),
+            _ => Ok(Caller { path: Path::Tcp(Box::new(tcp)), calls: Calls::default(), waiting: None }),
         }
     }
 }
@@ -68,6 +68,18 @@ pub struct Calls {
 pub struct Caller {
     path: Path,
     calls: Calls,
+    /// The path the request in flight took, if one is.
+    waiting: Option<Over>,
+}
+
+/// Which of a caller's paths a request went over.
+#[derive(Debug, Clone, Copy)]
+enum Over {
+    /// The link's TCP connection (all of a TCP link's requests).
+    Tcp,
+    /// An RDMA link's queue pair.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    Fast,
 }
 
 #[derive(Debug)]
@@ -81,26 +93,55 @@ impl Caller {
     /// Sends one request and waits for its reply. A reply with an error status becomes
     /// [`TransportError::Refused`] carrying the server's message.
     pub fn call(&mut self, header: &mut Header, body: &[u8], timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
-        let link: &mut dyn Link = match &mut self.path {
-            Path::Tcp(tcp) => {
-                self.calls.tcp += 1;
-                &mut **tcp
-            }
+        self.start(header, body)?;
+        self.finish(timeout)
+    }
+
+    /// Sends one request without waiting for its reply: a caller with links to several servers
+    /// starts a request on each, then [`finish`](Self::finish)es them, so the servers work at
+    /// once. One request at a time per caller: starting a second before the first finished is
+    /// an error.
+    pub fn start(&mut self, header: &mut Header, body: &[u8]) -> Result<()> {
+        if self.waiting.is_some() {
+            return Err(TransportError::Rdma { reason: "a request started while another is in flight on the link".into() });
+        }
+        let (link, over): (&mut dyn Link, Over) = match &mut self.path {
+            Path::Tcp(tcp) => (&mut **tcp, Over::Tcp),
             #[cfg(feature = "rdma")]
             Path::Rdma(rdma) => {
                 if rdma.in_flight() > 0 {
                     return Err(TransportError::Rdma { reason: "a call while another request is in flight on the link".into() });
                 }
                 if frame_bytes(body) <= rdma.send_bytes_max() {
-                    self.calls.rdma += 1;
-                    &mut **rdma
+                    (&mut **rdma, Over::Fast)
                 } else {
-                    self.calls.tcp += 1;
-                    rdma.tcp()
+                    (rdma.tcp(), Over::Tcp)
                 }
             }
         };
-        crate::call(link, header, body, timeout)
+        link.send(header, &[body], false)?;
+        match over {
+            Over::Tcp => self.calls.tcp += 1,
+            Over::Fast => self.calls.rdma += 1,
+        }
+        self.waiting = Some(over);
+        Ok(())
+    }
+
+    /// Waits for the reply to the request [`start`](Self::start)ed last. A reply with an error
+    /// status becomes [`TransportError::Refused`] carrying the server's message.
+    pub fn finish(&mut self, timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
+        let Some(over) = self.waiting.take() else {
+            return Err(TransportError::Rdma { reason: "waiting for a reply with no request in flight".into() });
+        };
+        let link: &mut dyn Link = match (&mut self.path, over) {
+            (Path::Tcp(tcp), _) => &mut **tcp,
+            #[cfg(feature = "rdma")]
+            (Path::Rdma(rdma), Over::Fast) => &mut **rdma,
+            #[cfg(feature = "rdma")]
+            (Path::Rdma(rdma), Over::Tcp) => rdma.tcp(),
+        };
+        crate::take_reply(link, timeout)
     }
 
     /// The largest body that goes over the fast path (RDMA's slot, less the header), when there

@@ -79,10 +79,12 @@ pub trait Service {
     fn durable(&self) -> u64 {
         u64::MAX
     }
-    /// Why log positions past [`durable`](Self::durable) will never be durable: the log failed.
-    /// A transport then sends each reply still held for such a position as a
-    /// [`Status::NotDurable`](wire::Status::NotDurable) error carrying this reason, instead of
-    /// holding it for ever.
+    /// Why replies held for positions past [`durable`](Self::durable) will not be honoured: the
+    /// log failed, or (on a replicated server) the pushes they acknowledge did not reach their
+    /// chains' tails in time. A transport then sends each reply still held for such a position
+    /// as a [`Status::NotDurable`](wire::Status::NotDurable) error carrying this reason, instead
+    /// of holding it for ever. A service may clear the failure once a poll has run since it
+    /// was raised, having moved `durable` past every position it failed.
     fn log_failure(&self) -> Option<&str> {
         None
     }
@@ -176,6 +178,12 @@ pub fn ask(addr: &str, op: Op, body: &[u8], cfg: &TransportConfig) -> Result<Vec
 /// with an error status becomes [`TransportError::Refused`] carrying the server's message.
 pub fn call(link: &mut dyn Link, header: &mut Header, body: &[u8], timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
     link.send(header, &[body], false)?;
+    take_reply(link, timeout)
+}
+
+/// Receives the reply to the one request in flight on `link`; an error status becomes
+/// [`TransportError::Refused`] carrying the server's message.
+pub(crate) fn take_reply(link: &mut dyn Link, timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
     let reply = link.recv(timeout)?;
     if reply.header.status() != Status::Ok {
         return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() });

@@ -203,8 +203,7 @@ impl<'a> Reply<'a> {
 /// reply's header), which was held for a log that then failed for `reason`. `out` may be where
 /// that reply was staged. The message is cut to fit; returns the frame's length.
 pub(crate) fn not_durable(reply: &Header, reason: &str, out: &mut [u8]) -> usize {
-    let message =
-        format!("the push was applied in memory, but the server's write-ahead log failed before its record was on disk, so it is not acknowledged: {reason}");
+    let message = format!("the push was applied in memory but is not acknowledged: {reason}");
     error_frame(reply, Status::NotDurable, &message, out)
 }
 

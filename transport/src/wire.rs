@@ -118,8 +118,9 @@ pub enum Op {
     /// Chain replication between servers, and heartbeats to the coordinator: the body is one
     /// protocol message (`tessera_replication::codec`), `worker` the sending server's node id.
     Replicate = 30,
-    /// A worker's push to a range's head in a replicated cluster (the body is one `Push`
-    /// message), or with an empty body a poll; the reply carries the worker's acknowledgements.
+    /// A worker's pushes to ranges a replicated server's shard heads (the body is a batch of
+    /// `Push` messages), or with an empty body a poll; the reply carries the worker's
+    /// acknowledgements.
     WorkerPush = 31,
     /// The cluster's replication settings and configuration, as JSON.
     ClusterConfig = 32,

@@ -14,13 +14,14 @@ pub mod etcd;
 pub mod outbox;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_replication::codec;
+use tessera_replication::config::PUSH_REPLY_HOLD_MS_MAX;
 use tessera_replication::placement::shard_of_range;
-use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId};
+use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::replica::Replica;
 use tessera_replication::ReplicationConfig;
 use tessera_transport::{Header, Reply};
@@ -80,6 +81,17 @@ struct Notice {
     not_head: Option<u64>,
 }
 
+/// The reply to a worker's pushes, held until the tail holds them.
+#[derive(Debug)]
+struct HeldReply {
+    /// Its place in the shard's order of held replies ([`Reply::hold_until`]).
+    position: u64,
+    worker: WorkerId,
+    /// The pushes (range, seq) whose acknowledgement it waits for.
+    pushes: Vec<(RangeId, u32)>,
+    held_at: Instant,
+}
+
 /// One shard's replica and the traffic around it.
 #[derive(Debug)]
 pub struct ChainShard {
@@ -92,6 +104,17 @@ pub struct ChainShard {
     started: Instant,
     /// The table of the last worker push served, for the shard's metrics.
     pub last_push_table: Option<u32>,
+    /// Replies to pushes that wait for their tails, in the order they were held; and the
+    /// position of the last one held, and of the last one let go.
+    held: std::collections::VecDeque<HeldReply>,
+    held_last: u64,
+    released_last: u64,
+    /// Per (worker, range): the highest push seq acknowledged to the worker.
+    acked: HashMap<(u32, u32), u32>,
+    /// Set when a held reply could not be honoured: every reply held up to this position is
+    /// sent as an error by the transport's next poll, and the turn after, the shard moves
+    /// [`released`](Self::released) past them and clears it.
+    failing: Option<u64>,
 }
 
 impl ChainShard {
@@ -100,7 +123,20 @@ impl ChainShard {
         let store = ChainStore::new(rcfg.ranges);
         let ranges = rcfg.ranges;
         let replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store).serving(|r| shard_of_range(r.0, ranges, shards) == shard);
-        Self { shard, rcfg, replica, outbox, mailbox: BTreeMap::new(), started: Instant::now(), last_push_table: None }
+        Self {
+            shard,
+            rcfg,
+            replica,
+            outbox,
+            mailbox: BTreeMap::new(),
+            started: Instant::now(),
+            last_push_table: None,
+            held: Default::default(),
+            held_last: 0,
+            released_last: 0,
+            acked: HashMap::new(),
+            failing: None,
+        }
     }
 
     /// How far behind its chain's tail this replica's ranges are: the most updates applied here
@@ -133,6 +169,8 @@ impl ChainShard {
                 (Addr::Node(node), msg) => self.outbox.to_node(node, self.shard, msg),
                 (Addr::Coordinator, msg) => self.outbox.to_coordinator(msg),
                 (Addr::Worker(w), Msg::PushAck { range, seq }) => {
+                    let acked = self.acked.entry((w.0, range.0)).or_default();
+                    *acked = (*acked).max(seq);
                     let n = self.mailbox.entry((w.0, range.0)).or_default();
                     n.acked = n.acked.max(seq);
                     n.not_head = None;
@@ -152,6 +190,54 @@ impl ChainShard {
             r.flush();
             r.tick(now);
         });
+        // The transport's poll since the failure was raised has sent its replies as errors.
+        if let Some(upto) = self.failing.take() {
+            self.released_last = self.released_last.max(upto);
+            self.held.retain(|h| h.position > upto);
+        }
+        while let Some(held) = self.held.front() {
+            if self.all_acked(held) {
+                self.released_last = held.position;
+                self.held.pop_front();
+                continue;
+            }
+            let late = held.held_at.elapsed().as_millis() as u64 >= PUSH_REPLY_HOLD_MS_MAX;
+            if late || held.pushes.iter().any(|(range, seq)| !self.replica.awaits(*range, held.worker, *seq) && !self.acked_to(held.worker, *range, *seq)) {
+                // Dropped, no longer this head's to acknowledge, or slow (a chain member
+                // failed): its worker will ask again, or resend. Replies leave in order, so the
+                // ones held after it fail with it.
+                self.failing = Some(self.held_last);
+            }
+            break;
+        }
+    }
+
+    fn acked_to(&self, worker: WorkerId, range: RangeId, seq: u32) -> bool {
+        self.acked.get(&(worker.0, range.0)).is_some_and(|a| *a >= seq)
+    }
+
+    /// Whether every push a held reply waits for was acknowledged: the tail holds them.
+    fn all_acked(&self, held: &HeldReply) -> bool {
+        held.pushes.iter().all(|(range, seq)| self.acked_to(held.worker, *range, *seq))
+    }
+
+    /// How far replies held for the tails may leave: the transport sends each reply held at a
+    /// position up to this one ([`Reply::hold_until`]).
+    pub fn released(&self) -> u64 {
+        if self.failing.is_some() {
+            return self.released_last;
+        }
+        let mut released = self.released_last;
+        for held in self.held.iter().take_while(|h| self.all_acked(h)) {
+            released = held.position;
+        }
+        released
+    }
+
+    /// Why the replies held past [`released`](Self::released) are being sent as errors, while
+    /// they are.
+    pub fn failure(&self) -> Option<&str> {
+        self.failing.map(|_| "its chain did not carry it to the tail in time (a member may have failed); the worker resends it to the range's head")
     }
 
     /// A new configuration from the coordinator.
@@ -182,35 +268,64 @@ impl ChainShard {
         Ok(())
     }
 
-    /// A `WorkerPush` request: a push (checked before it enters the protocol) or a poll. The
+    /// A `WorkerPush` request: a batch of pushes ([`codec::encode_batch`]) to ranges this shard
+    /// heads, each range's in order; or, with an empty body, a poll. Every push is checked
+    /// before any enters the protocol (a batch with a bad one is refused whole, nothing of it
+    /// applied). The pushes are applied and the head's batches closed at once, so a chain of
+    /// one acknowledges them in this reply, and a longer chain starts forwarding them now. The
     /// reply carries every acknowledgement and refusal waiting for the worker.
     pub fn serve_worker(&mut self, tables: &mut Vec<Option<TablePart>>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
         let worker = header.worker;
-        if !body.is_empty() {
-            let bad = |reason: String| EngineError::BadRequest { reason };
-            let msg = codec::decode(body).map_err(|e| bad(e.to_string()))?;
-            let Msg::Push { range, worker: w, ref payload, .. } = msg else {
+        let bad = |reason: String| EngineError::BadRequest { reason };
+        let msgs = codec::decode_batch(body).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
+        for msg in &msgs {
+            let Msg::Push { range, worker: w, payload, .. } = msg else {
                 return Err(bad(format!("a worker may only push, not send a {} message", msg.kind())));
             };
-            let h = ChainStore::check_push(tables, self.rcfg.ranges, range, payload)?;
-            self.last_push_table = Some(h.table);
+            let h = ChainStore::check_push(tables, self.rcfg.ranges, *range, payload)?;
             if w.0 != worker || h.worker != worker {
                 return Err(bad(format!("worker {worker} sent a push signed by worker {} (payload {})", w.0, h.worker)));
             }
-            self.with_replica(tables, |r, now| r.step(now, Addr::Worker(w), msg));
+            self.last_push_table = Some(h.table);
+        }
+        let pushed: Vec<(RangeId, u32)> = msgs.iter().filter_map(|m| if let Msg::Push { range, seq, .. } = m { Some((*range, *seq)) } else { None }).collect();
+        if !msgs.is_empty() {
+            let from = Addr::Worker(WorkerId(worker));
+            self.with_replica(tables, |r, now| {
+                msgs.into_iter().for_each(|msg| r.step(now, from, msg));
+                r.flush();
+            });
+        }
+        // Pushes a longer chain has yet to carry to its tail: the reply waits for them, so the
+        // worker hears of their acknowledgement as soon as there is one, without asking again
+        // and again.
+        // The reply claims their acknowledgements now and leaves once they are true; if one
+        // cannot be, the reply becomes an error instead (see `pump`).
+        let waits: Vec<(RangeId, u32)> = pushed.into_iter().filter(|(range, seq)| self.replica.awaits(*range, WorkerId(worker), *seq)).collect();
+        let mut claimed: BTreeMap<u32, u32> = BTreeMap::new();
+        for (range, seq) in &waits {
+            let c = claimed.entry(range.0).or_default();
+            *c = (*c).max(*seq);
+        }
+        if !waits.is_empty() {
+            self.held_last += 1;
+            reply.hold_until(self.held_last);
+            self.held.push_back(HeldReply { position: self.held_last, worker: WorkerId(worker), pushes: waits, held_at: Instant::now() });
         }
         let news: Vec<((u32, u32), Notice)> = self.mailbox.range((worker, 0)..(worker + 1, 0)).map(|(k, n)| (*k, *n)).collect();
         let mut msgs = Vec::with_capacity(news.len());
         for ((_, range), n) in news {
             self.mailbox.remove(&(worker, range));
             let range = RangeId(range);
-            if n.acked > 0 {
-                msgs.push(Msg::PushAck { range, seq: n.acked });
+            let acked = n.acked.max(claimed.remove(&range.0).unwrap_or(0));
+            if acked > 0 {
+                msgs.push(Msg::PushAck { range, seq: acked });
             }
             if let Some(config_id) = n.not_head {
                 msgs.push(Msg::NotHead { range, config_id });
             }
         }
+        msgs.extend(claimed.into_iter().map(|(range, seq)| Msg::PushAck { range: RangeId(range), seq }));
         let mut out = Vec::new();
         codec::encode_batch(&msgs, &mut out);
         reply.ok_bytes(&out);

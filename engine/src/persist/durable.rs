@@ -273,7 +273,7 @@ impl ShardDisk {
             "the write-ahead log failed: pushes are refused from now on and pulls are served from memory; \
              pushes applied after log record {durable} are answered with an error. Free the disk and restart the server"
         );
-        self.failure = Some(e.to_string());
+        self.failure = Some(format!("the server's write-ahead log failed before its record was on disk: {e}"));
     }
 
     fn commit_done(&mut self, result: Result<()>) {

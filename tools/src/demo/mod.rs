@@ -602,7 +602,8 @@ impl Trainer for Plain<'_> {
     }
 }
 
-/// A replicated cluster's client: each push returns once every range's tail holds it.
+/// A replicated cluster's client: one push in flight while the next batch is pulled, as with
+/// `Plain`; the one before is held by every range's tail before the next is sent.
 struct Chained {
     client: ChainClient,
     table: ChainTable,
@@ -613,11 +614,12 @@ impl Trainer for Chained {
         Ok(self.client.pull(&self.table, keys, out)?)
     }
     fn push(&mut self, clock: u64, keys: &[u64], grad: &[f32]) -> Result<()> {
+        // The push before this one is acknowledged first: one in flight, as with `Plain`.
         self.client.set_clock(clock);
-        Ok(self.client.push(&self.table, keys, grad)?)
+        Ok(self.client.push_pipelined(&self.table, keys, grad)?)
     }
     fn flush(&mut self) -> Result<()> {
-        Ok(())
+        Ok(self.client.flush()?)
     }
     fn bytes(&self) -> (u64, u64) {
         (self.client.stats.bytes_sent, self.client.stats.bytes_received)
