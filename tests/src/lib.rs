@@ -240,6 +240,16 @@ impl ServerProc {
     }
 
     /// True while the process runs.
+    /// Freezes the process (SIGSTOP): it holds its connections and answers nothing, as a hung
+    /// server does, until [`resume`](Self::resume).
+    pub fn freeze(&self) {
+        signal(self.pid(), "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.pid(), "-CONT");
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.child.is_some() && self.child.try_wait().is_none()
     }

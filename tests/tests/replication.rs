@@ -676,3 +676,81 @@ fn training_goes_on_while_etcd_hangs_and_the_cluster_heals_after() {
     drop(servers);
     drop(coordinator);
 }
+
+/// A head holds the reply to a worker's pushes until the tail holds them. With the tail frozen
+/// (SIGSTOP, and a failure timeout too long to replace it), the reply is not held for ever: it
+/// comes back as an error saying the push is not acknowledged. Once the tail resumes, the push
+/// (applied at the head, never lost) is acknowledged to a poll, and the next push's reply
+/// carries its acknowledgement.
+#[test]
+fn a_push_reply_held_for_a_frozen_tail_becomes_an_error_and_nothing_is_lost() {
+    use tessera_replication::codec::{self, PushHeader};
+    use tessera_replication::protocol::{Msg, RangeId, WorkerId};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-frozen-tail");
+    let tables = sum_table(&dir);
+    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
+    let _coord = ServerProc::coordinator_at(
+        &coordinator[0],
+        &["--servers", "3", "--replicas", "3", "--ranges", "1", "--workers", "8", "--failure-timeout-ms", "600000"],
+    );
+    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let servers: Vec<ServerProc> = (0..SERVERS)
+        .map(|i| {
+            let node = (i + 1).to_string();
+            ServerProc::start_at(&addrs[i], &["--node-id", &node, "--tables", &tables, "--shards", "1", "--no-pin", "--coordinator", &coordinator[0]])
+        })
+        .collect();
+    wait_healed(&coordinator, None, Duration::from_secs(30));
+    let s = status(&coordinator).expect("a status");
+    let nodes: Vec<usize> = s["config"]["chains"][0]["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap() as usize).collect();
+    let (head, tail) = (nodes[0], nodes[2]);
+    // A push through the whole chain first: every member has the configuration.
+    let mut client = ChainClient::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), worker_cfg(0)).expect("connect");
+    let table = client.table("w").expect("table w");
+    client.push_range(&table, 0, &[1.0]).expect("a push through the chain");
+    let header = PushHeader { table: 0, dim: 1, start: 7, count: 1, worker: 3, clock: 1, listed: false };
+    let push = |seq: u32| {
+        let mut body = Vec::new();
+        let msg = Msg::Push { range: RangeId(0), worker: WorkerId(3), seq, payload: PushHeader { clock: seq as u64, ..header }.payload(&[1.0]).into() };
+        codec::encode_batch([&msg], &mut body);
+        body
+    };
+    let (mut link, _) = tessera_transport::tcp::TcpLink::connect(&addrs[head - 1], 0, 3, &TransportConfig::default()).expect("connect to the head");
+    let mut ask_head = |body: &[u8]| {
+        let mut h = tessera_transport::Header::request(Op::WorkerPush, 1);
+        h.worker = 3;
+        let began = Instant::now();
+        let replied = tessera_transport::call(&mut link, &mut h, body, Some(Duration::from_secs(30)));
+        (replied.map(|(_, b)| codec::decode_batch(&b).expect("acknowledgements")), began.elapsed())
+    };
+    let acked = |news: &[Msg]| news.iter().filter_map(|m| if let Msg::PushAck { seq, .. } = m { Some(*seq) } else { None }).max().unwrap_or(0);
+
+    servers[tail - 1].freeze();
+    let (replied, took) = ask_head(&push(1));
+    servers[tail - 1].resume();
+    match replied {
+        Err(tessera_transport::TransportError::Refused { reason }) => {
+            assert!(reason.contains("not acknowledged") && reason.contains("tail in time"), "{reason}")
+        }
+        other => panic!("a push whose tail is frozen was answered with {other:?}"),
+    }
+    assert!(took < Duration::from_secs(5), "the held reply came back after {took:?}");
+
+    // The push was applied at the head: once the tail runs again it is acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (replied, _) = ask_head(&[]);
+        if acked(&replied.expect("a poll is answered")) >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the push held back by the frozen tail was never acknowledged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (replied, _) = ask_head(&push(2));
+    assert_eq!(acked(&replied.expect("the next push is answered")), 2, "its reply carries its acknowledgement");
+    // Each push was applied once.
+    let mut value = [0f32; 1];
+    client.pull_range(&table, 7, &mut value).expect("pull");
+    assert_eq!(value[0], 2.0, "two pushes of 1.0");
+}
