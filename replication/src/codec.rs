@@ -249,8 +249,10 @@ impl PushHeader {
         let mut out = Vec::with_capacity(Self::BYTES + keys.len() * 8 + values.len() * 4);
         Writer(&mut out).u32(self.table).u32(self.dim).u64(self.start).u32(self.count).u32(self.worker).u64(self.clock);
         Writer(&mut out).u32(self.listed as u32).u32(0);
-        keys.iter().for_each(|k| out.extend_from_slice(&k.to_le_bytes()));
-        values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        // Little-endian in place, as every frame of the wire format (the transport refuses to
+        // build for big-endian hosts).
+        out.extend_from_slice(bytemuck::cast_slice(keys));
+        out.extend_from_slice(bytemuck::cast_slice(values));
         out
     }
 

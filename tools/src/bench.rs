@@ -11,11 +11,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tessera_client::{Client, Table, Ticket};
+use tessera_client::{ChainClient, Client, Table, Ticket};
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_replication::{TableKind, TableSpec};
 
-use crate::common::{addresses, EngineArgs, TransportArgs};
+use crate::common::{addresses, Cluster, EngineArgs, TransportArgs};
 
 /// Largest message the bench table holds: 4 MiB of f32.
 const BENCH_KEYS: u64 = 1 << 20;
@@ -74,6 +74,18 @@ pub struct BenchArgs {
     /// worker's vector-clock entry over the range and its acknowledgement carries the stamp.
     #[arg(long)]
     fixed_clock: bool,
+    /// Measure a replicated cluster instead, started in this process beside an unreplicated
+    /// server: --servers servers, every range on a chain of this many. Size by size, in the
+    /// same run, prints each one's push p50 (a push acknowledged once every range's tail holds
+    /// it) and, at 64 KiB and more, its push bandwidth with pushes in flight, and the ratios.
+    #[arg(long, value_name = "R", conflicts_with_all = ["connect", "disk"])]
+    replicas: Option<u32>,
+    /// Servers of the --replicas cluster.
+    #[arg(long, default_value_t = 3)]
+    servers: u32,
+    /// Ranges the --replicas cluster cuts the key space into; each has its own chain.
+    #[arg(long, default_value_t = 16)]
+    ranges: u32,
     /// Measure durability on the disk holding DIR instead: WAL group commit (acknowledged
     /// pushes per second and fsyncs per push) against a pwrite+fdatasync loop, and checkpoint
     /// throughput against fio, both in DIR. Uses --seconds per worker count.
@@ -170,6 +182,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return bench.run();
     }
     let sizes: Vec<usize> = args.sizes.iter().map(|s| parse_size(s)).collect::<Result<_>>()?;
+    if let Some(replicas) = args.replicas {
+        return replicated(&args, replicas, &sizes);
+    }
     let _embedded;
     let addrs = match &args.connect {
         Some(list) => addresses(list),
@@ -292,6 +307,72 @@ pub fn run(args: BenchArgs) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
     }
     print_report(&report, args.json)
+}
+
+/// `tessera bench --replicas R`: an unreplicated server and a replicated cluster, both in this
+/// process, measured size by size in turn.
+fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
+    let mut spec = TableSpec::new("tessera.bench", TableKind::Dense, 0, BENCH_KEYS, 1);
+    spec.updater.clone_from(&args.updater);
+    let plain_server = Server::start(args.engine.server_config("127.0.0.1:0", vec![spec.clone()], false, &args.net), UpdaterRegistry::new())?;
+    let plain = Client::connect(&[&plain_server.local_addr().to_string()], args.net.client(args.worker))?;
+    let plain_table = plain.table(&spec.name)?;
+    let cluster = Cluster { servers: args.servers, replicas, ranges: args.ranges, workers: args.worker + 1 };
+    let (_coordinator, servers) = cluster.start(&args.engine, &args.net, &spec)?;
+    let addrs: Vec<String> = servers.iter().map(|s| s.local_addr().to_string()).collect();
+    let mut chain = ChainClient::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), args.net.client(args.worker))?;
+    let chain_table = chain.table(&spec.name)?;
+    println!(
+        "{} servers, every range on a chain of {}, {} ranges, beside one unreplicated server; {} s per size and operation ({})",
+        args.servers,
+        replicas.min(args.servers),
+        args.ranges,
+        args.seconds,
+        plain.transport()
+    );
+    println!("{:>8}  {:>14} {:>14} {:>6}   {:>16} {:>16} {:>6}", "size", "push p50 µs", "replicated", "ratio", "in flight GB/s", "replicated", "ratio");
+    let budget = Duration::from_secs_f64(args.seconds);
+    let mut clock = 0;
+    for &size in sizes {
+        let grads = vec![1.0f32; size / 4];
+        let (plain_hist, ..) = measure(budget, args.iters_max, &mut || {
+            clock += 1;
+            plain.set_clock(clock);
+            push(&plain, &plain_table, &grads)
+        })?;
+        let (chain_hist, ..) = measure(budget, args.iters_max, &mut || {
+            clock += 1;
+            chain.set_clock(clock);
+            Ok(chain.push_range(&chain_table, 0, &grads)?)
+        })?;
+        let (p, c) = (plain_hist.value_at_quantile(0.5) as f64 / 1e3, chain_hist.value_at_quantile(0.5) as f64 / 1e3);
+        let mut line = format!("{:>8}  {p:>14.1} {c:>14.1} {:>5.2}x", human(size), c / p);
+        if size >= 64 << 10 {
+            // The unreplicated client keeps --window pushes in flight; the replicated one, one.
+            let window = args.window.max(1);
+            let mut flight = VecDeque::with_capacity(window);
+            let (_, iters, took) = measure(budget, args.iters_max, &mut || {
+                keep_in_flight(&mut flight, window, || {
+                    clock += 1;
+                    plain.set_clock(clock);
+                    plain.push_range(&plain_table, 0, &grads)
+                })
+            })?;
+            settle(&mut flight)?;
+            let plain_bw = size as f64 * iters as f64 / took.as_secs_f64() / 1e9;
+            let (_, iters, took) = measure(budget, args.iters_max, &mut || {
+                clock += 1;
+                chain.set_clock(clock);
+                Ok(chain.push_range_pipelined(&chain_table, 0, &grads)?)
+            })?;
+            chain.flush()?;
+            let chain_bw = size as f64 * iters as f64 / took.as_secs_f64() / 1e9;
+            line += &format!("   {plain_bw:>16.3} {chain_bw:>16.3} {:>5.2}x", chain_bw / plain_bw);
+        }
+        println!("{line}");
+    }
+    println!("(ratios are replicated over unreplicated; the unreplicated stream keeps {} pushes in flight, the replicated one 1)", args.window.max(1));
+    Ok(())
 }
 
 /// One step of a stream of pushes with `window` in flight, as a training worker streams

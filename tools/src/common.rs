@@ -3,11 +3,12 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use tessera_client::ClientConfig;
-use tessera_engine::chain::coordinator::{ConfigStore, Embedded};
+use tessera_engine::chain::coordinator::{ConfigStore, CoordinatorHandle, Embedded};
 use tessera_engine::chain::Locator;
 use tessera_engine::config::Durability;
-use tessera_engine::{EngineConfig, ServerConfig};
-use tessera_replication::TableSpec;
+use tessera_engine::server::Join;
+use tessera_engine::{EngineConfig, Server, ServerConfig, UpdaterRegistry};
+use tessera_replication::{ReplicationConfig, TableSpec};
 use tessera_transport::auth::ClusterSecret;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
@@ -343,3 +344,41 @@ impl EtcdArgs {
 #[cfg(not(feature = "etcd"))]
 const NO_ETCD: &str =
     "this tessera was built without etcd support: rebuild it with `cargo build --release --features etcd` (which needs protoc: apt install protobuf-compiler)";
+
+/// A replicated cluster started in this process (`tessera demo --servers`, `tessera bench
+/// --replicas`): an embedded coordinator and `servers` servers sharing this machine's cores.
+#[derive(Debug, Clone, Copy)]
+pub struct Cluster {
+    pub servers: u32,
+    /// Servers in each range's chain.
+    pub replicas: u32,
+    pub ranges: u32,
+    pub workers: u32,
+}
+
+impl Cluster {
+    /// Starts the coordinator and the servers, each holding `spec`; the servers join as they
+    /// start, and the coordinator gives every range its chain once all have.
+    pub fn start(&self, engine: &EngineArgs, net: &TransportArgs, spec: &TableSpec) -> Result<(CoordinatorHandle, Vec<Server>)> {
+        if self.replicas == 0 {
+            anyhow::bail!("--replicas must be at least 1");
+        }
+        let rcfg = ReplicationConfig { replicas: self.replicas, ranges: self.ranges, workers: self.workers.max(1), ..ReplicationConfig::default() };
+        rcfg.validate().map_err(|e| anyhow::anyhow!("bad replication options: {e}"))?;
+        let transport = net.secret.transport();
+        let coordinator =
+            CoordinatorHandle::start("127.0.0.1:0", rcfg, self.servers, &transport, Box::new(Embedded)).context("starting the embedded coordinator")?;
+        let mut servers = Vec::new();
+        for node in 1..=self.servers {
+            let mut cfg = engine.server_config("127.0.0.1:0", vec![spec.clone()], false, net);
+            if engine.shards.is_none() {
+                // Several servers share this machine's cores.
+                cfg.engine.shards = 1;
+            }
+            cfg.engine.workers_max = cfg.engine.workers_max.max(self.workers);
+            cfg.replication = Some(Join { node, coordinator: Locator::At(coordinator.local_addr().to_string()), advertise: None });
+            servers.push(Server::start(cfg, UpdaterRegistry::new()).with_context(|| format!("starting replicated server {node}"))?);
+        }
+        Ok((coordinator, servers))
+    }
+}

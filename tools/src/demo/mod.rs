@@ -21,13 +21,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tessera_client::filter::{Kkt, RandomSkip, SignificantlyModified};
 use tessera_client::{ChainClient, ChainTable, Client, ClientConfig, Consistency, Filter, Table, Ticket, KEY_CACHE_KEYS_DEFAULT};
-use tessera_engine::chain::coordinator::{CoordinatorHandle, Embedded};
-use tessera_engine::chain::Locator;
-use tessera_engine::server::Join;
 use tessera_engine::{Server, UpdaterRegistry};
-use tessera_replication::{ReplicationConfig, TableKind, TableSpec};
+use tessera_replication::{TableKind, TableSpec};
 
-use crate::common::{addresses, EngineArgs, TransportArgs};
+use crate::common::{addresses, Cluster, EngineArgs, TransportArgs};
 use crate::metrics::MetricsArgs;
 use data::{DataConfig, Dataset};
 
@@ -185,7 +182,8 @@ pub fn run(mut args: DemoArgs) -> Result<()> {
     let addrs = match &args.connect {
         Some(list) => addresses(list),
         None if args.servers >= 2 => {
-            let (coordinator, servers) = start_cluster(&args, &spec)?;
+            let cluster = Cluster { servers: args.servers, replicas: args.replicas, ranges: args.ranges, workers: args.workers };
+            let (coordinator, servers) = cluster.start(&args.engine, &args.net, &spec)?;
             let addrs = servers.iter().map(|s| s.local_addr().to_string()).collect();
             say(format!(
                 "replicated cluster in this process: {} servers, every range on a chain of {}, coordinator (embedded) on {}; {} workers",
@@ -503,30 +501,6 @@ fn progress(len: u64, epoch: usize, epochs: usize) -> ProgressBar {
     bar.set_style(style);
     bar.set_prefix(format!("epoch {}/{}", epoch + 1, epochs));
     bar
-}
-
-/// Starts the embedded coordinator and `--servers` replicated servers holding `spec`, and waits
-/// until every range has its chain.
-fn start_cluster(args: &DemoArgs, spec: &TableSpec) -> Result<(CoordinatorHandle, Vec<Server>)> {
-    if args.replicas == 0 {
-        bail!("--replicas must be at least 1");
-    }
-    let rcfg = ReplicationConfig { replicas: args.replicas, ranges: args.ranges, workers: args.workers.max(1), ..ReplicationConfig::default() };
-    rcfg.validate().map_err(|e| anyhow!("bad replication options: {e}"))?;
-    let net = args.net.secret.transport();
-    let coordinator = CoordinatorHandle::start("127.0.0.1:0", rcfg, args.servers, &net, Box::new(Embedded)).context("starting the embedded coordinator")?;
-    let mut servers = Vec::new();
-    for node in 1..=args.servers {
-        let mut cfg = args.engine.server_config("127.0.0.1:0", vec![spec.clone()], false, &args.net);
-        if args.engine.shards.is_none() {
-            // Several servers share this machine's cores.
-            cfg.engine.shards = 1;
-        }
-        cfg.engine.workers_max = cfg.engine.workers_max.max(args.workers);
-        cfg.replication = Some(Join { node, coordinator: Locator::At(coordinator.local_addr().to_string()), advertise: None });
-        servers.push(Server::start(cfg, UpdaterRegistry::new()).with_context(|| format!("starting replicated server {node}"))?);
-    }
-    Ok((coordinator, servers))
 }
 
 /// A worker's side of training, over either client.
