@@ -60,10 +60,9 @@ pub enum EngineError {
     RangeNotHeld { range: u32 },
     #[error("this connection holds no key list with hash {hash:#x} and {count} keys: send the keys again (key-list caching)")]
     KeysUnknown { hash: u64, count: u32 },
-    #[error("etcd at {endpoints}: cannot {op}: {reason}")]
-    Etcd { op: &'static str, endpoints: String, reason: String },
-    #[error("this coordinator no longer leads the cluster: {reason}")]
-    LostLeadership { reason: String },
+    /// The coordinator, or the etcd a server finds it through.
+    #[error(transparent)]
+    Coordinator(#[from] tessera_coordinator::CoordinatorError),
     #[error("not authenticated: {reason}")]
     Unauthenticated { reason: String },
     #[error("I/O error: {0}")]
@@ -89,7 +88,7 @@ impl EngineError {
             EngineError::ReplyTooLarge { .. } => Status::FrameTooLarge,
             EngineError::ShuttingDown => Status::ShuttingDown,
             EngineError::LogFailed { .. } => Status::NotDurable,
-            EngineError::ArenaMap { .. } | EngineError::Io(_) | EngineError::Etcd { .. } | EngineError::Disk { .. } | EngineError::DiskFull { .. } => {
+            EngineError::ArenaMap { .. } | EngineError::Io(_) | EngineError::Coordinator(_) | EngineError::Disk { .. } | EngineError::DiskFull { .. } => {
                 Status::Internal
             }
             _ => Status::BadRequest,

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use tessera_client::ClientConfig;
-use tessera_engine::chain::coordinator::{ConfigStore, CoordinatorHandle, Embedded};
+use tessera_coordinator::{ConfigStore, CoordinatorHandle, Embedded};
 use tessera_engine::chain::Locator;
 use tessera_engine::config::Durability;
 use tessera_engine::server::Join;
@@ -320,14 +320,14 @@ impl EtcdArgs {
 
     #[cfg(feature = "etcd")]
     fn etcd_locator(&self, endpoints: &str) -> Result<Locator> {
-        let etcd = tessera_engine::chain::etcd::Etcd::connect(endpoints, &self.etcd_cluster)?;
+        let etcd = tessera_coordinator::etcd::Etcd::connect(endpoints, &self.etcd_cluster)?;
         Ok(Locator::Etcd(etcd))
     }
 
     #[cfg(feature = "etcd")]
     fn etcd_store(&self, endpoints: &str) -> Result<Box<dyn ConfigStore>> {
-        let etcd = tessera_engine::chain::etcd::Etcd::connect(endpoints, &self.etcd_cluster)?;
-        Ok(Box::new(tessera_engine::chain::etcd::EtcdStore::new(etcd)))
+        let etcd = tessera_coordinator::etcd::Etcd::connect(endpoints, &self.etcd_cluster)?;
+        Ok(Box::new(tessera_coordinator::etcd::EtcdStore::new(etcd)))
     }
 
     #[cfg(not(feature = "etcd"))]

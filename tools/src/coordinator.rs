@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_engine::chain::coordinator::CoordinatorHandle;
+use tessera_coordinator::CoordinatorHandle;
 use tessera_replication::ReplicationConfig;
 
 use crate::common::{EtcdArgs, SecretArgs};

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use tessera_client::Client;
-use tessera_engine::chain::coordinator::ClusterStatus;
+use tessera_coordinator::ClusterStatus;
 use tessera_replication::protocol::RangeReport;
 use tessera_transport::{Op, TransportConfig};
 

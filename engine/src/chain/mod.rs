@@ -8,9 +8,6 @@
 //! replies carry the worker's acknowledgements (a worker polls with an empty `WorkerPush` while
 //! it waits). Messages out leave through the server's [`outbox::Outbox`].
 
-pub mod coordinator;
-#[cfg(feature = "etcd")]
-pub mod etcd;
 pub mod outbox;
 pub mod store;
 
@@ -50,7 +47,7 @@ pub enum Locator {
     /// Whichever coordinator holds the cluster's election in etcd; the configuration is also
     /// watched there.
     #[cfg(feature = "etcd")]
-    Etcd(Arc<etcd::Etcd>),
+    Etcd(Arc<tessera_coordinator::etcd::Etcd>),
 }
 
 impl Locator {

@@ -24,7 +24,7 @@ use tessera_replication::protocol::{ClusterConfig, ClusterView, Member, Msg, Nod
 use tessera_replication::ReplicationConfig;
 use tessera_transport::{tcp, Op, Reply, Request, Service, ShardTransport, Status, TransportConfig, Waker};
 
-use crate::error::{EngineError, Result};
+use crate::error::{CoordinatorError, Result};
 
 /// How often the coordinator looks for failures when no heartbeat wakes it.
 const TICK: Duration = Duration::from_millis(10);
@@ -173,7 +173,7 @@ impl CoordinatorService {
     /// campaigns again after [`RECAMPAIGN_AFTER`], continuing from whatever is stored then. It
     /// never exits for this: a coordinator that outlives an outage of the store leads again
     /// without a supervisor.
-    fn step_down(&mut self, why: EngineError) {
+    fn step_down(&mut self, why: CoordinatorError) {
         tracing::error!(error = %why, again_in = ?RECAMPAIGN_AFTER, "this coordinator steps down, and will campaign again");
         self.note(format!("stepped down: {why}"));
         self.leading = false;
@@ -318,11 +318,11 @@ impl CoordinatorHandle {
     /// keeping its configuration in `store`. With a shared store (etcd), it stands by until
     /// elected, then continues the stored cluster if there is one.
     pub fn start(listen: &str, rcfg: ReplicationConfig, servers: u32, transport: &TransportConfig, store: Box<dyn ConfigStore>) -> Result<Self> {
-        rcfg.validate().map_err(|e| EngineError::BadConfig { field: "replication", value: format!("{rcfg:?}"), reason: e.to_string() })?;
+        rcfg.validate().map_err(|e| CoordinatorError::BadConfig { field: "replication", value: format!("{rcfg:?}"), reason: e.to_string() })?;
         if servers == 0 {
-            return Err(EngineError::BadConfig { field: "servers", value: "0".into(), reason: "a cluster needs at least one server".into() });
+            return Err(CoordinatorError::BadConfig { field: "servers", value: "0".into(), reason: "a cluster needs at least one server".into() });
         }
-        let (mut ep, _, addr) = tcp::bind(listen, 0, transport, Arc::from(&b"{}"[..])).map_err(|e| EngineError::Io(e.to_string()))?;
+        let (mut ep, _, addr) = tcp::bind(listen, 0, transport, Arc::from(&b"{}"[..])).map_err(|e| CoordinatorError::Io(e.to_string()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let waker = ep.waker();
         let flag = stop.clone();
@@ -352,7 +352,7 @@ impl CoordinatorHandle {
                 }
                 Ok(())
             })
-            .map_err(|e| EngineError::Io(format!("cannot start the coordinator thread: {e}")))?;
+            .map_err(|e| CoordinatorError::Io(format!("cannot start the coordinator thread: {e}")))?;
         Ok(Self { addr, stop, waker, thread: Some(thread) })
     }
 
@@ -364,7 +364,7 @@ impl CoordinatorHandle {
     pub fn wait(mut self) -> Result<()> {
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(result)) => result,
-            Some(Err(_)) => Err(EngineError::Io("the coordinator thread panicked".into())),
+            Some(Err(_)) => Err(CoordinatorError::Io("the coordinator thread panicked".into())),
             None => Ok(()),
         }
     }

@@ -22,8 +22,8 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, LeaderKey, Txn, TxnOp};
 use tessera_replication::protocol::ClusterView;
 
-use super::coordinator::{ConfigStore, Lead};
-use crate::error::{EngineError, Result};
+use crate::error::{CoordinatorError, Result};
+use crate::service::{ConfigStore, Lead};
 
 /// The coordinators' lease: a dead leader is replaced within this many seconds (etcd's lease
 /// granularity is a second).
@@ -52,19 +52,19 @@ impl Etcd {
     /// the cluster named `cluster`.
     pub fn connect(endpoints: &str, cluster: &str) -> Result<Arc<Self>> {
         if cluster.is_empty() || cluster.contains('/') {
-            return Err(EngineError::BadConfig { field: "cluster", value: cluster.into(), reason: "a cluster name is non-empty and has no '/'".into() });
+            return Err(CoordinatorError::BadConfig { field: "cluster", value: cluster.into(), reason: "a cluster name is non-empty and has no '/'".into() });
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tessera-etcd")
             .enable_all()
             .build()
-            .map_err(|e| EngineError::Io(format!("cannot start etcd's runtime: {e}")))?;
+            .map_err(|e| CoordinatorError::Io(format!("cannot start etcd's runtime: {e}")))?;
         let list: Vec<&str> = endpoints.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
         // No per-request timeout here: campaigns and watches last as long as they must; single
         // requests are bounded in `call`.
         let options = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT);
-        let client = rt.block_on(Client::connect(&list, Some(options))).map_err(|e| EngineError::Etcd {
+        let client = rt.block_on(Client::connect(&list, Some(options))).map_err(|e| CoordinatorError::Etcd {
             op: "connect",
             endpoints: endpoints.into(),
             reason: e.to_string(),
@@ -93,8 +93,8 @@ impl Etcd {
         }
     }
 
-    fn error(&self, op: &'static str, reason: String) -> EngineError {
-        EngineError::Etcd { op, endpoints: self.endpoints.clone(), reason }
+    fn error(&self, op: &'static str, reason: String) -> CoordinatorError {
+        CoordinatorError::Etcd { op, endpoints: self.endpoints.clone(), reason }
     }
 
     /// The address of the coordinator that holds the election, if one does.
@@ -102,7 +102,7 @@ impl Etcd {
         match self.call("find the leader", |mut c, key| async move { c.leader(key).await }, "leader") {
             Ok(resp) => Ok(resp.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
             // etcd answers "election: no leader" as an error.
-            Err(EngineError::Etcd { reason, .. }) if reason.contains("no leader") => Ok(None),
+            Err(CoordinatorError::Etcd { reason, .. }) if reason.contains("no leader") => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -111,8 +111,8 @@ impl Etcd {
     fn load(&self) -> Result<Option<(ClusterView, i64)>> {
         let resp = self.call("read the configuration", |mut c, key| async move { c.get(key, None).await }, "config")?;
         let Some(kv) = resp.kvs().first() else { return Ok(None) };
-        let view =
-            serde_json::from_slice(kv.value()).map_err(|e| EngineError::Corrupt { what: format!("{} in etcd", self.key("config")), reason: e.to_string() })?;
+        let view = serde_json::from_slice(kv.value())
+            .map_err(|e| CoordinatorError::Corrupt { what: format!("{} in etcd", self.key("config")), reason: e.to_string() })?;
         Ok(Some((view, kv.mod_revision())))
     }
 
@@ -218,7 +218,7 @@ impl EtcdStore {
 impl ConfigStore for EtcdStore {
     fn lead(&mut self, addr: &str) -> Result<Lead> {
         if self.lost.load(Ordering::Acquire) {
-            return Err(EngineError::LostLeadership { reason: "its etcd lease lapsed while it campaigned".into() });
+            return Err(CoordinatorError::LostLeadership { reason: "its etcd lease lapsed while it campaigned".into() });
         }
         let Some(campaign) = &self.campaign else {
             // Campaign on etcd's thread: it returns once this coordinator wins, however long
@@ -249,15 +249,15 @@ impl ConfigStore for EtcdStore {
 
     fn still_leads(&self) -> Result<()> {
         if self.lost.load(Ordering::Acquire) {
-            return Err(EngineError::LostLeadership { reason: "its etcd lease lapsed".into() });
+            return Err(CoordinatorError::LostLeadership { reason: "its etcd lease lapsed".into() });
         }
         Ok(())
     }
 
     fn store(&mut self, view: &ClusterView) -> Result<()> {
-        let leader = self.leader.as_ref().ok_or_else(|| EngineError::LostLeadership { reason: "it never led".into() })?;
+        let leader = self.leader.as_ref().ok_or_else(|| CoordinatorError::LostLeadership { reason: "it never led".into() })?;
         if self.lost.load(Ordering::Acquire) {
-            return Err(EngineError::LostLeadership { reason: "its etcd lease lapsed".into() });
+            return Err(CoordinatorError::LostLeadership { reason: "its etcd lease lapsed".into() });
         }
         let json = serde_json::to_vec(view).expect("plain data");
         // One transaction per configuration: written only while this coordinator's election
@@ -270,7 +270,7 @@ impl ConfigStore for EtcdStore {
             .and_then([TxnOp::put(self.etcd.key("config"), json, None)]);
         let resp = self.etcd.call("write the configuration", |mut c, _| async move { c.txn(txn).await }, "")?;
         if !resp.succeeded() {
-            return Err(EngineError::LostLeadership { reason: "another coordinator holds the election or wrote the configuration".into() });
+            return Err(CoordinatorError::LostLeadership { reason: "another coordinator holds the election or wrote the configuration".into() });
         }
         self.revision = resp.header().map_or(self.revision, |h| h.revision());
         Ok(())
