@@ -419,14 +419,18 @@ impl Core {
         if self.cfg.compress {
             return self.send(owner, header, &[body]);
         }
-        self.send_with(owner, header, |link, header| link.send_from(header, body, source))
+        self.send_with(owner, header, |link, header| match link.one_sided() {
+            Some(one_sided) => one_sided.send_from(header, body, source),
+            None => link.send(header, &[body], false),
+        })
     }
 
     /// Waits until the links `subs` went over have read every body they send from callers'
     /// buffers.
     fn release_buffers(&mut self, subs: &[Sub]) -> Result<()> {
         for s in subs {
-            if let Err(e) = self.servers[s.server as usize].shards[s.shard as usize].link.settle() {
+            let link = &mut self.servers[s.server as usize].shards[s.shard as usize].link;
+            if let Err(e) = link.one_sided().map_or(Ok(()), |one_sided| one_sided.settle()) {
                 return Err(self.link_failed(s.server, e.into(), false));
             }
         }
@@ -811,7 +815,8 @@ impl Core {
     /// (`false` if not); the blocks' stamp is left in `scratch.read_stamp`.
     fn read_dense(&mut self, owner: Owner, dim: usize, start: u64, out: &mut [f32]) -> Result<bool> {
         let link = &mut self.servers[owner.server as usize].shards[owner.shard as usize].link;
-        let read = match link.read_dense(owner.table_id, start, dim as u32, out, &mut self.scratch.read_stamp) {
+        let Some(one_sided) = link.one_sided() else { return Ok(false) };
+        let read = match one_sided.read_dense(owner.table_id, start, dim as u32, out, &mut self.scratch.read_stamp) {
             Ok(read) => read,
             Err(e) => return Err(self.link_failed(owner.server, e.into(), false)),
         };
@@ -823,7 +828,7 @@ impl Core {
 
     /// Block copies the links found torn and read again.
     pub fn torn_reads(&self) -> u64 {
-        self.servers.iter().flat_map(|s| &s.shards).map(|s| s.link.torn_reads()).sum()
+        self.servers.iter().flat_map(|s| &s.shards).filter_map(|s| s.link.one_sided_ref()).map(|o| o.torn_reads()).sum()
     }
 
     /// Waits for the reply to request `id` on one shard and hands it to `take`. Replies to other

@@ -23,7 +23,7 @@ use tessera_tests::raw;
 use tessera_transport::rdma::verbs::Device;
 use tessera_transport::rdma::RdmaLink;
 use tessera_transport::wire::{padded, ShortHeader};
-use tessera_transport::{Chosen, Link, RdmaConfig, Status, TransportConfig, TransportError, TransportKind};
+use tessera_transport::{Chosen, Link, OneSided, RdmaConfig, Status, TransportConfig, TransportError, TransportKind};
 use zerocopy::IntoBytes;
 
 /// Keys of the test table, all on shard 0 (the server has one shard).

@@ -11,7 +11,7 @@ use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
 use tessera_replication::catalog::Catalog;
 use tessera_replication::{TableKind, TableSpec};
 use tessera_transport::rdma::RdmaLink;
-use tessera_transport::{Header, Link, Op, RdmaConfig, Status, TransportConfig, TransportKind, CONTROL_SHARD};
+use tessera_transport::{Header, Link, OneSided, Op, RdmaConfig, Status, TransportConfig, TransportKind, CONTROL_SHARD};
 
 #[global_allocator]
 static GLOBAL: tessera_tests::Counting = tessera_tests::Counting;

@@ -110,19 +110,6 @@ pub trait Link: Send + std::fmt::Debug {
     /// when `compress` is set and that saves at least a tenth. May read replies while it waits for
     /// the socket, so that a pipelining peer never deadlocks.
     fn send(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()>;
-    /// As [`Link::send`] of the uncompressed body `body`, which lies inside `source`. A link
-    /// that can have the device read a large body straight from a registered buffer (RDMA) does
-    /// so instead of copying it: the caller must then leave those bytes unchanged, and `source`
-    /// alive, until [`Link::settle`] returns. Other links copy it as `send` does.
-    fn send_from(&mut self, header: &mut Header, body: &[u8], source: &PushBuffer) -> Result<()> {
-        let _ = source;
-        self.send(header, &[body], false)
-    }
-    /// Waits until the device has read every body [`Link::send_from`] left in its buffer; then
-    /// the caller may change or drop those buffers. Returns at once on links that copy.
-    fn settle(&mut self) -> Result<()> {
-        Ok(())
-    }
     /// Receives the next frame, waiting up to `timeout` (the link's I/O timeout if `None`).
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>>;
     /// The peer's address, for messages.
@@ -133,17 +120,35 @@ pub trait Link: Send + std::fmt::Debug {
     fn limit_frames(&mut self, peer_frame_bytes_max: usize);
     /// `"tcp"` or `"rdma"`.
     fn kind(&self) -> &'static str;
+    /// What this link can do beyond frames, when the device reaches memory directly (RDMA):
+    /// pushes sent from registered buffers, and dense reads without the server's CPU.
+    fn one_sided(&mut self) -> Option<&mut dyn OneSided> {
+        None
+    }
+    fn one_sided_ref(&self) -> Option<&dyn OneSided> {
+        None
+    }
+}
+
+/// The capability of a link whose device reaches memory directly (RDMA): a link has it or not
+/// ([`Link::one_sided`]); TCP links do not.
+pub trait OneSided {
+    /// As [`Link::send`] of the uncompressed body `body`, which lies inside `source`, with the
+    /// device reading a large body straight from the registered buffer instead of a copy: the
+    /// caller must then leave those bytes unchanged, and `source` alive, until
+    /// [`settle`](Self::settle) returns. A body too small or not registered is copied.
+    fn send_from(&mut self, header: &mut Header, body: &[u8], source: &PushBuffer) -> Result<()>;
+    /// Waits until the device has read every body [`send_from`](Self::send_from) left in its
+    /// buffer; then the caller may change or drop those buffers.
+    fn settle(&mut self) -> Result<()>;
     /// Reads `out.len() / dim` keys of dense table `table` from key `start` straight from the
     /// shard's memory (a one-sided RDMA READ), after every request sent before it was served.
     /// Writes the keys' stamp (a lower bound: the meet over the blocks read) into `stamp`.
-    /// Returns `Ok(false)`, touching nothing, when this link cannot: send a `PullRange` instead.
-    fn read_dense(&mut self, _table: u32, _start: u64, _dim: u32, _out: &mut [f32], _stamp: &mut Vec<u64>) -> Result<bool> {
-        Ok(false)
-    }
+    /// Returns `Ok(false)`, touching nothing, when the server does not expose the table: send
+    /// a `PullRange` instead.
+    fn read_dense(&mut self, table: u32, start: u64, dim: u32, out: &mut [f32], stamp: &mut Vec<u64>) -> Result<bool>;
     /// Block copies found torn and read again since the link was made.
-    fn torn_reads(&self) -> u64 {
-        0
-    }
+    fn torn_reads(&self) -> u64;
 }
 
 /// One received frame, borrowed from the link until the next call.

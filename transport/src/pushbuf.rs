@@ -2,9 +2,9 @@
 //!
 //! A [`PushBuffer`] made for an RDMA client lives in memory registered with the client's device
 //! (its default protection domain, where the client's queue pairs are). A link sending a large
-//! body from one ([`Link::send_from`](crate::Link::send_from)) has the device gather the body
+//! body from one ([`OneSided::send_from`](crate::OneSided::send_from)) has the device gather the body
 //! straight from the buffer behind the frame's header, instead of copying it into the link's
-//! staging first; the caller keeps the bytes unchanged until [`Link::settle`](crate::Link::settle)
+//! staging first; the caller keeps the bytes unchanged until [`OneSided::settle`](crate::OneSided::settle)
 //! returns. For a TCP client, or a machine without RDMA, it is plain memory and is copied as any
 //! other slice is.
 //!

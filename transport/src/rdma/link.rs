@@ -14,7 +14,7 @@ use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
 use crate::tcp::TcpLink;
 use crate::wire::{padded, Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
-use crate::{Frame, Link, PushBuffer};
+use crate::{Frame, Link, OneSided, PushBuffer};
 
 use super::arrival::{Arrivals, Tags};
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
@@ -53,7 +53,7 @@ pub struct RdmaLink {
     /// The tags this link writes after its requests (salted by the shard).
     tags_out: Tags,
     /// Requests up to this one (exclusive) had their bodies read from the caller's buffers
-    /// ([`Link::send_from`]); `settle` waits until their writes completed.
+    /// ([`OneSided::send_from`]); `settle` waits until their writes completed.
     borrowed: u64,
     /// Small (inline) request writes ask for a completion once in this many.
     signal_every: u64,
@@ -552,6 +552,52 @@ impl Link for RdmaLink {
         self.post_staged(slot, frame_len, short.is_some())
     }
 
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>> {
+        if let Some(parked) = self.parked.pop_front() {
+            self.current = parked;
+            let header = Header::decode(&self.current, usize::MAX)?;
+            let raw = &self.current[HEADER_BYTES..HEADER_BYTES + header.body_len as usize];
+            return Ok(Frame { header, body: self.inflater.inflate(&header, raw)? });
+        }
+        if self.sent <= self.consumed {
+            return Err(rdma("waiting for a reply to no request"));
+        }
+        if self.arrivals.landed <= self.consumed {
+            let deadline = Instant::now() + timeout.unwrap_or(self.io_timeout);
+            self.wait(deadline, "a reply", false, |l| l.arrivals.landed > l.consumed)?;
+        }
+        let slot = (self.consumed % self.slots) as usize;
+        self.consumed += 1;
+        let (header, body) = self.reply_at(slot)?;
+        Ok(Frame { header, body: self.inflater.inflate(&header, &self.inbox.as_slice()[body])? })
+    }
+
+    fn peer(&self) -> &str {
+        self.tcp.peer()
+    }
+
+    fn send_bytes_max(&self) -> usize {
+        self.send_bytes_max
+    }
+
+    fn kind(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn limit_frames(&mut self, peer_frame_bytes_max: usize) {
+        self.send_bytes_max = self.send_bytes_max.min(peer_frame_bytes_max);
+    }
+
+    fn one_sided(&mut self) -> Option<&mut dyn OneSided> {
+        Some(self)
+    }
+
+    fn one_sided_ref(&self) -> Option<&dyn OneSided> {
+        Some(self)
+    }
+}
+
+impl OneSided for RdmaLink {
     fn send_from(&mut self, header: &mut Header, body: &[u8], source: &PushBuffer) -> Result<()> {
         let frame_len = HEADER_BYTES + padded(body.len());
         let found = source.region_on(&self._dev).and_then(|r| Some((r, r.offset_of(body)?)));
@@ -589,42 +635,6 @@ impl Link for RdmaLink {
     fn settle(&mut self) -> Result<()> {
         let deadline = Instant::now() + self.io_timeout;
         self.wait(deadline, "the device to read a pushed buffer", true, |l| l.writes_done >= l.borrowed)
-    }
-
-    fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>> {
-        if let Some(parked) = self.parked.pop_front() {
-            self.current = parked;
-            let header = Header::decode(&self.current, usize::MAX)?;
-            let raw = &self.current[HEADER_BYTES..HEADER_BYTES + header.body_len as usize];
-            return Ok(Frame { header, body: self.inflater.inflate(&header, raw)? });
-        }
-        if self.sent <= self.consumed {
-            return Err(rdma("waiting for a reply to no request"));
-        }
-        if self.arrivals.landed <= self.consumed {
-            let deadline = Instant::now() + timeout.unwrap_or(self.io_timeout);
-            self.wait(deadline, "a reply", false, |l| l.arrivals.landed > l.consumed)?;
-        }
-        let slot = (self.consumed % self.slots) as usize;
-        self.consumed += 1;
-        let (header, body) = self.reply_at(slot)?;
-        Ok(Frame { header, body: self.inflater.inflate(&header, &self.inbox.as_slice()[body])? })
-    }
-
-    fn peer(&self) -> &str {
-        self.tcp.peer()
-    }
-
-    fn send_bytes_max(&self) -> usize {
-        self.send_bytes_max
-    }
-
-    fn kind(&self) -> &'static str {
-        "rdma"
-    }
-
-    fn limit_frames(&mut self, peer_frame_bytes_max: usize) {
-        self.send_bytes_max = self.send_bytes_max.min(peer_frame_bytes_max);
     }
 
     fn read_dense(&mut self, table: u32, start: u64, dim: u32, out: &mut [f32], stamp: &mut Vec<u64>) -> Result<bool> {
