@@ -15,7 +15,7 @@ use criterion::{Criterion, SamplingMode, Throughput};
 use tessera_engine::arena::Arena;
 use tessera_engine::table::TablePart;
 use tessera_engine::{EngineConfig, UpdaterRegistry};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 
 /// Push sizes in bytes of f32 values.
 const PUSH_BYTES: [usize; 2] = [64 << 10, 1 << 20];

@@ -178,7 +178,7 @@ impl<'c> Call<'c> {
     /// pull waits on every worker's clock over the parts it reads (a dense range push stamps
     /// the range it covers).
     fn completes_parts(&self, table: &Table) -> bool {
-        matches!(self.model(table), Consistency::BoundedDelay(_)) && table.spec().kind == tessera_replication::TableKind::Sparse
+        matches!(self.model(table), Consistency::BoundedDelay(_)) && table.spec().kind == tessera_layout::TableKind::Sparse
     }
 
     fn model(&self, table: &Table) -> Consistency {

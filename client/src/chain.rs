@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableKind};
+use tessera_layout::catalog::{Catalog, ServerInfo, TableEntry, TableKind};
+use tessera_layout::placement::{range_keys, range_of, shard_of_range};
 use tessera_replication::codec::{self, PushHeader};
-use tessera_replication::placement::{range_keys, range_of, shard_of_range};
 use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
 use tessera_transport::tcp::TcpLink;
@@ -188,7 +188,7 @@ impl ChainClient {
 
     /// The table called `name`.
     pub fn table(&self, name: &str) -> Result<ChainTable> {
-        let entry = self.tables.get(name).ok_or_else(|| ClientError::Placement(tessera_replication::PlacementError::UnknownTable { name: name.into() }))?;
+        let entry = self.tables.get(name).ok_or_else(|| ClientError::Placement(tessera_layout::LayoutError::UnknownTable { name: name.into() }))?;
         Ok(ChainTable { entry: entry.clone() })
     }
 

@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera_replication::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
-use tessera_replication::placement::{Owner, RangeMap, Route};
-use tessera_replication::TableKind;
+use tessera_layout::catalog::{Catalog, ServerInfo, TableEntry, TableSpec};
+use tessera_layout::placement::{Owner, RangeMap, Route};
+use tessera_layout::TableKind;
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::{Chosen, Header, Link, Op, PushBuffer, Status, TransportError, CONTROL_SHARD};
 
@@ -598,10 +598,10 @@ impl Core {
     /// them: shards would refuse their parts one by one, and the others would apply theirs.
     fn check_finite(&self, table: &Table, grads: Option<&[f32]>) -> Result<()> {
         let Some(g) = grads else { return Ok(()) };
-        if table.spec().non_finite != tessera_replication::NonFinite::Reject {
+        if table.spec().non_finite != tessera_layout::NonFinite::Reject {
             return Ok(());
         }
-        match tessera_replication::catalog::first_non_finite(g) {
+        match tessera_layout::catalog::first_non_finite(g) {
             None => Ok(()),
             Some(index) => Err(ClientError::NonFinite { table: table.spec().name.clone(), index, value: g[index] }),
         }

@@ -10,7 +10,7 @@ pub enum ClientError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error(transparent)]
-    Placement(#[from] tessera_replication::PlacementError),
+    Placement(#[from] tessera_layout::LayoutError),
     #[error("key {key} is outside table {table:?}'s range [{start}, {end})")]
     KeyOutOfRange { table: String, key: u64, start: u64, end: u64 },
     #[error("{what} has {got} values; table {table:?} needs {want} ({keys} keys x dim {dim})")]

@@ -14,7 +14,7 @@
 //!
 //! ```no_run
 //! use tessera_client::{Client, ClientConfig};
-//! use tessera_replication::{TableKind, TableSpec};
+//! use tessera_layout::{TableKind, TableSpec};
 //! # fn main() -> Result<(), tessera_client::ClientError> {
 //! let client = Client::connect(&["127.0.0.1:7070"], ClientConfig::worker(0))?;
 //! let mut spec = TableSpec::new("weights", TableKind::Dense, 0, 1 << 20, 4);
@@ -40,9 +40,9 @@ mod ticket;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tessera_replication::catalog::TableEntry;
-use tessera_replication::placement::Route;
-use tessera_replication::TableSpec;
+use tessera_layout::catalog::TableEntry;
+use tessera_layout::placement::Route;
+use tessera_layout::TableSpec;
 pub use tessera_transport::PushBuffer;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 

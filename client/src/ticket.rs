@@ -67,7 +67,7 @@ pub(crate) struct Sub {
 /// A key-list request as sent, keys and all (see [`Sub::resend`]).
 #[derive(Debug, Default)]
 pub(crate) struct Resend {
-    pub owner: Option<tessera_replication::placement::Owner>,
+    pub owner: Option<tessera_layout::placement::Owner>,
     pub push: bool,
     pub dim: usize,
     pub keys: Vec<u64>,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{client, client_with, dense, pull_range, server, sparse};
 use tessera_client::{ClientConfig, ClientError};
-use tessera_replication::PlacementError;
+use tessera_layout::LayoutError;
 use tessera_transport::Status;
 
 fn is_out_of_range(e: &ClientError, key: u64) -> bool {
@@ -49,7 +49,7 @@ fn client_side_refusals_send_nothing_and_change_nothing() {
 
     // Unknown tables.
     match client.table("nope") {
-        Err(ClientError::Placement(PlacementError::UnknownTable { name })) => assert_eq!(name, "nope"),
+        Err(ClientError::Placement(LayoutError::UnknownTable { name })) => assert_eq!(name, "nope"),
         other => panic!("expected an unknown table, got {other:?}"),
     }
 

@@ -8,7 +8,7 @@ use crate::error::{EngineError, Result};
 /// many.
 pub use tessera_replication::config::WORKERS_MAX as WORKERS_MAX_CEILING;
 /// Largest clock a push may carry: dense blocks keep clocks as u32 for one-sided reads.
-pub const CLOCK_MAX: u64 = tessera_transport::expose::STAMP_CLOCK_MAX;
+pub const CLOCK_MAX: u64 = tessera_layout::dense::STAMP_CLOCK_MAX;
 /// Most clock entries (segments x workers) one table part preallocates: 128 MiB of u64.
 pub const CLOCK_ENTRIES_MAX: u64 = 16 << 20;
 /// Smallest and largest values per dense block, in bytes.

@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam::channel::{self, Receiver, Sender};
-use tessera_replication::catalog::{Catalog, Part, ServerInfo, TableEntry, TableSpec};
-use tessera_replication::placement;
+use tessera_layout::catalog::{Catalog, Part, ServerInfo, TableEntry, TableSpec};
+use tessera_layout::placement;
 use tessera_replication::protocol::{ClusterView, NodeId};
 use tessera_replication::ReplicationConfig;
 use tessera_transport::{

@@ -9,13 +9,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender};
-use tessera_replication::catalog::{Part, TableSpec};
+use tessera_layout::catalog::{Part, TableSpec};
 use tessera_transport::expose::Exposure;
 use tessera_transport::keycache::{key_list_hash, KeyLists};
 use tessera_transport::wire::{self, flags, Header, Op, HEADER_BYTES};
 use tessera_transport::{ConnId, Reply, Request, Service, ShardTransport};
 
-use tessera_replication::placement::range_of;
+use tessera_layout::placement::range_of;
 use tessera_replication::protocol::ClusterConfig;
 
 use crate::arena::Arena;
@@ -456,7 +456,7 @@ impl Shard {
         let bad = |e: tessera_transport::TransportError| EngineError::BadRequest { reason: e.to_string() };
         let grads = wire::cast_slice::<f32>(rest, "values").map_err(bad)?;
         let part = part_of(&mut self.tables, h)?;
-        if part.spec.kind != tessera_replication::TableKind::Sparse {
+        if part.spec.kind != tessera_layout::TableKind::Sparse {
             return Err(EngineError::BadRequest { reason: "PART_DONE is for sparse tables; a dense range push stamps its range".into() });
         }
         let log = if keys.is_empty() {

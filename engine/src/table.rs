@@ -12,10 +12,11 @@ use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-use tessera_transport::expose::{DenseLayout, DenseView};
+use tessera_layout::DenseLayout;
+use tessera_transport::expose::DenseView;
 
-use tessera_replication::catalog::{first_non_finite, Init, NonFinite, TableSpec};
-use tessera_replication::TableKind;
+use tessera_layout::catalog::{first_non_finite, Init, NonFinite, TableSpec};
+use tessera_layout::TableKind;
 
 use crate::arena::{Arena, Exposed, Pinned};
 use crate::clock::RangeClocks;

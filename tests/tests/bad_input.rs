@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_client::{Client, ClientConfig, ClientError, Table};
-use tessera_replication::catalog::TableEntry;
+use tessera_layout::catalog::TableEntry;
 use tessera_tests::raw::{self, RawConn};
 use tessera_tests::{ScratchDir, ServerProc};
 use tessera_transport::tcp::TcpLink;
@@ -580,7 +580,7 @@ fn frames_over_the_limit_are_refused_by_server_and_client() {
     assert!(out.iter().all(|v| v.to_bits() == 0), "the wide table was never pushed");
     // A frame over the limit is still refused locally, before sending, where a call cannot split:
     // a control request.
-    let huge = tessera_replication::TableSpec::new(&"t".repeat(200_000), tessera_replication::TableKind::Dense, 0, 10, 1);
+    let huge = tessera_layout::TableSpec::new(&"t".repeat(200_000), tessera_layout::TableKind::Dense, 0, 10, 1);
     match client.create_table(&huge) {
         Err(ClientError::Transport(TransportError::FrameTooLarge { limit, .. })) => assert_eq!(limit, LIMIT),
         other => panic!("expected a local FrameTooLarge, got {other:?}"),

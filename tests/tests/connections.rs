@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tessera_client::{Client, ClientConfig};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::raw::{self, RawConn};
 use tessera_tests::{free_port, metric, scrape, ServerProc};
 use tessera_transport::wire::{Header, Op, Status, CONTROL_SHARD};

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tessera_client::{Client, ClientConfig};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::{run_tool, ScratchDir, ServerProc};
 
 const KEYS: u64 = 64;

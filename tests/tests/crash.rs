@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_client::{Client, ClientConfig, Table};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::{ScratchDir, ServerProc};
 
 const SHARDS: u64 = 2;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tessera_client::{Client, ClientConfig};
 use tessera_engine::crash::{CRASH_POINTS, CRASH_POINT_ENV};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::{run_tool, ScratchDir, ServerProc};
 
 const KEYS: u64 = 64;

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tessera_client::{Client, ClientConfig, ClientError};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::{ScratchDir, ServerProc};
 use tessera_transport::Status;
 

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use tessera_client::{Client, ClientConfig};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::raw::{self, RawConn};
 use tessera_tests::{free_port, metric, scrape, ServerProc};
 use tessera_transport::wire::{Status, CONTROL_SHARD};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tessera_client::{Client, ClientConfig, ClientError};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::{free_port, run_tool, ScratchDir, ServerProc};
 
 /// The demo must come this close to the accuracy of the model that generated its data.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tessera_client::{Client, ClientConfig, Table};
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_transport::{Arrival, RdmaConfig, TransportKind};
 
 fn server(shards: u16, kind: TransportKind, rdma: RdmaConfig) -> Server {
@@ -486,7 +486,7 @@ fn a_caller_sends_small_frames_over_rdma_and_large_ones_over_its_tcp_connection(
     let id = checker.catalogs().unwrap()[0].iter().find(|t| t.spec.name == "caller").unwrap().id;
     let addr = server.local_addr().to_string();
     let dialer = Dialer::new(TransportKind::Rdma, TransportConfig::default(), small.clone()).expect("a device");
-    let mut caller = dialer.caller(&addr, 0, 1, tessera_replication::catalog::ServerInfo::serves_rdma).expect("an RDMA caller");
+    let mut caller = dialer.caller(&addr, 0, 1, tessera_layout::catalog::ServerInfo::serves_rdma).expect("an RDMA caller");
     assert_eq!(caller.kind(), "rdma");
     let fast_max = caller.fast_body_max().expect("an RDMA caller has a fast path");
     // Pushes of 1 000 keys (4 000 bytes: a slot) and of 8 000 keys (32 000 bytes: TCP), each
@@ -516,10 +516,10 @@ fn a_caller_sends_small_frames_over_rdma_and_large_ones_over_its_tcp_connection(
     // back talks TCP.
     let tcp_only = self::server(1, TransportKind::Tcp, small.clone());
     let tcp_addr = tcp_only.local_addr().to_string();
-    let refused = dialer.caller(&tcp_addr, 0, 1, tessera_replication::catalog::ServerInfo::serves_rdma).unwrap_err();
+    let refused = dialer.caller(&tcp_addr, 0, 1, tessera_layout::catalog::ServerInfo::serves_rdma).unwrap_err();
     assert!(refused.to_string().contains("serves TCP only"), "{refused}");
     let auto = Dialer::new(TransportKind::Auto, TransportConfig::default(), small).unwrap();
-    let fallback = auto.caller(&tcp_addr, 0, 1, tessera_replication::catalog::ServerInfo::serves_rdma).unwrap();
+    let fallback = auto.caller(&tcp_addr, 0, 1, tessera_layout::catalog::ServerInfo::serves_rdma).unwrap();
     assert_eq!(fallback.kind(), "tcp");
 }
 

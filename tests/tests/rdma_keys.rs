@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tessera_client::{Client, ClientConfig, Table};
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::raw;
 use tessera_transport::rdma::verbs::Device;
 use tessera_transport::rdma::RdmaLink;

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
-use tessera_replication::catalog::Catalog;
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::catalog::Catalog;
+use tessera_layout::{TableKind, TableSpec};
 use tessera_transport::rdma::RdmaLink;
 use tessera_transport::{Header, Link, OneSided, Op, RdmaConfig, Status, TransportConfig, TransportKind, CONTROL_SHARD};
 

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use tessera_client::{Client, ClientConfig, ClientError, Ticket};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::{ScratchDir, ServerProc};
 use tessera_transport::TransportKind;
 

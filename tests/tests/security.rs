@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tessera_client::{Client, ClientConfig};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::raw::RawConn;
 use tessera_tests::{free_port, metric, run_tool, scrape, ScratchDir, ServerProc};
 use tessera_transport::auth::{ClusterSecret, Side, Transcript, CHALLENGE_BYTES, NONCE_BYTES};

@@ -4,8 +4,8 @@
 //! the server's.
 
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
-use tessera_replication::catalog::Catalog;
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::catalog::Catalog;
+use tessera_layout::{TableKind, TableSpec};
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::{Header, Link, Op, Status, TransportConfig, CONTROL_SHARD};
 

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tessera_client::{ChainClient, Client, Table, Ticket};
 use tessera_engine::{Server, UpdaterRegistry};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 
 use crate::common::{addresses, Cluster, EngineArgs, TransportArgs};
 

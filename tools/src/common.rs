@@ -8,7 +8,8 @@ use tessera_engine::chain::Locator;
 use tessera_engine::config::Durability;
 use tessera_engine::server::Join;
 use tessera_engine::{EngineConfig, Server, ServerConfig, UpdaterRegistry};
-use tessera_replication::{ReplicationConfig, TableSpec};
+use tessera_layout::TableSpec;
+use tessera_replication::ReplicationConfig;
 use tessera_transport::auth::ClusterSecret;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 

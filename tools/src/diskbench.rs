@@ -28,7 +28,7 @@ use hdrhistogram::Histogram;
 use tessera_client::{Client, ClientConfig};
 use tessera_engine::config::{Durability, CHECKPOINT_BUFFER_BYTES};
 use tessera_engine::{Server, UpdaterRegistry};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 
 use crate::common::{EngineArgs, TransportArgs};
 

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use tessera_client::filter::{self, Filter};
 use tessera_client::{Client, ClientConfig, ClientError, Detached, PushBuffer, Table};
-use tessera_replication::catalog::{Init, NonFinite};
-use tessera_replication::{PlacementError, TableKind, TableSpec};
+use tessera_layout::catalog::{Init, NonFinite};
+use tessera_layout::{LayoutError, TableKind, TableSpec};
 use tessera_transport::auth::ClusterSecret;
 use tessera_transport::{Status, TransportError, TransportKind};
 
@@ -109,7 +109,7 @@ impl From<ClientError> for Fail {
         let code = match &e {
             ClientError::Server { status: Status::UnknownTable, .. } => TESSERA_ERR_UNKNOWN_TABLE,
             ClientError::Server { .. } => TESSERA_ERR_SERVER,
-            ClientError::Placement(PlacementError::UnknownTable { .. }) => TESSERA_ERR_UNKNOWN_TABLE,
+            ClientError::Placement(LayoutError::UnknownTable { .. }) => TESSERA_ERR_UNKNOWN_TABLE,
             ClientError::Transport(TransportError::RdmaUnavailable { .. }) => TESSERA_ERR_ARGUMENT,
             ClientError::OutcomeUnknown { .. } => TESSERA_ERR_UNKNOWN_OUTCOME,
             ClientError::Reconnect { .. } => TESSERA_ERR_CONNECT,

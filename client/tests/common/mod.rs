@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use tessera_client::{Client, ClientConfig, Table};
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 
 /// A server with `shards` unpinned shards on a free loopback port.
 pub fn server(shards: u16) -> Server {

@@ -2,7 +2,7 @@
 //! by the shard's thread over the transport seam.
 //!
 //! Every server runs the same shards, and replication range `r` lives on shard
-//! [`shard_of_range`](tessera_replication::placement::shard_of_range) of every server, so each
+//! [`shard_of_range`](tessera_layout::placement::shard_of_range) of every server, so each
 //! shard runs one [`Replica`] for its ranges and talks to the same shard of its peers. Messages
 //! from peers arrive as `Replicate` requests; workers' pushes as `WorkerPush` requests, whose
 //! replies carry the worker's acknowledgements (a worker polls with an empty `WorkerPush` while
@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
+use tessera_layout::placement::shard_of_range;
 use tessera_replication::codec;
 use tessera_replication::config::PUSH_REPLY_HOLD_MS_MAX;
-use tessera_replication::placement::shard_of_range;
 use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::replica::Replica;
 use tessera_replication::ReplicationConfig;

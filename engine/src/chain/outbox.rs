@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
-use tessera_replication::catalog::ServerInfo;
+use tessera_layout::catalog::ServerInfo;
 use tessera_replication::codec;
 use tessera_replication::protocol::{ClusterConfig, Msg, NodeId};
 use tessera_transport::{Caller, Dialer, Header, Op, CONTROL_SHARD};

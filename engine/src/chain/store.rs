@@ -17,11 +17,11 @@
 
 use std::ops::Range;
 
+use tessera_layout::placement::range_keys;
+use tessera_layout::TableKind;
 use tessera_replication::codec::PushHeader;
-use tessera_replication::placement::range_keys;
 use tessera_replication::protocol::RangeId;
 use tessera_replication::replica::Store;
-use tessera_replication::TableKind;
 
 use crate::config::CLOCK_MAX;
 use crate::error::{EngineError, Result};
@@ -329,7 +329,7 @@ mod tests {
     use crate::arena::Arena;
     use crate::config::EngineConfig;
     use crate::updater::UpdaterRegistry;
-    use tessera_replication::catalog::TableSpec;
+    use tessera_layout::catalog::TableSpec;
 
     const RANGES: u32 = 4;
 

@@ -26,7 +26,7 @@
 pub mod store;
 
 use serde::{Deserialize, Serialize};
-use tessera_replication::TableSpec;
+use tessera_layout::TableSpec;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::config::IO_ALIGN_BYTES;

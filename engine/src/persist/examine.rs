@@ -117,7 +117,7 @@ fn check_log_chain(shard: &mut ShardDir) {
 }
 
 /// Every table a checkpoint holds or a log pushes to is one the catalog names, as the same table.
-fn check_against_catalog(shard: &mut ShardDir, catalog: std::result::Result<&[tessera_replication::TableSpec], &String>) {
+fn check_against_catalog(shard: &mut ShardDir, catalog: std::result::Result<&[tessera_layout::TableSpec], &String>) {
     let mut problems = Vec::new();
     let named = |table: u32| catalog.ok().and_then(|c| c.get(table as usize));
     for m in shard.checkpoints.iter().filter_map(|c| c.manifest.as_ref()) {

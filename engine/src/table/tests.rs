@@ -574,7 +574,7 @@ fn dense_blocks_carry_versions_and_stamps() {
     for b in 0..l.blocks() {
         let at = l.block_at(b);
         let block = &d.blocks.words()[at..at + l.block_words as usize];
-        assert!(tessera_transport::expose::block_is_whole(block), "block {b} whole");
+        assert!(tessera_layout::dense::block_is_whole(block), "block {b} whole");
         let want_version = u64::from((2..=4).contains(&b) || b == 0);
         assert_eq!(block[0], want_version, "block {b} version");
         let mut stamp = [0; 4];
@@ -599,9 +599,9 @@ fn a_block_copied_mid_change_is_torn() {
     let l = d.layout;
     let words = |d: &DenseStore| d.blocks.words()[l.block_at(1)..l.block_at(2)].to_vec();
     d.open(1);
-    assert!(!tessera_transport::expose::block_is_whole(&words(d)));
+    assert!(!tessera_layout::dense::block_is_whole(&words(d)));
     d.close(1);
-    assert!(tessera_transport::expose::block_is_whole(&words(d)));
+    assert!(tessera_layout::dense::block_is_whole(&words(d)));
     assert_eq!(words(d)[0], 1);
 }
 

@@ -22,7 +22,7 @@ use tessera_engine::persist::disk::{BufId, Disk, DiskConfig};
 use tessera_engine::shard::{part_for_checkpoint, Placed};
 use tessera_engine::table::TablePart;
 use tessera_engine::{EngineConfig, EngineError, Result, UpdaterRegistry};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 use zerocopy::FromBytes;
 
 use crate::{Input, Output, Seed};

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tessera_client::filter::{Kkt, RandomSkip, SignificantlyModified};
 use tessera_client::{ChainClient, ChainTable, Client, ClientConfig, Consistency, Filter, Table, Ticket, KEY_CACHE_KEYS_DEFAULT};
 use tessera_engine::{Server, UpdaterRegistry};
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 
 use crate::common::{addresses, Cluster, EngineArgs, TransportArgs};
 use crate::metrics::MetricsArgs;

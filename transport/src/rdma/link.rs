@@ -19,7 +19,7 @@ use crate::{Frame, Link, OneSided, PushBuffer};
 use super::arrival::{Arrivals, Tags};
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
 use super::{rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, GATHER_BYTES_MIN, SHORT_FRAME, TAG_BYTES};
-use crate::expose::block_is_whole;
+use tessera_layout::dense::block_is_whole;
 
 /// A link to one shard over an RC queue pair. Field order is drop order: the queue pair goes
 /// before the regions it reads and writes.

@@ -277,7 +277,7 @@ pub(crate) struct ChunkKey {
 /// A dense part as a worker reads it: its layout and its chunks, in address order.
 #[derive(Debug, Clone)]
 pub(crate) struct RemoteDense {
-    pub layout: crate::expose::DenseLayout,
+    pub layout: tessera_layout::DenseLayout,
     pub chunks: Vec<ChunkKey>,
 }
 
@@ -291,8 +291,8 @@ impl RemoteDense {
     /// Parses and checks a shard's answer: the chunks must tile the part's words exactly.
     pub fn decode(body: &[u8]) -> Result<RemoteDense> {
         let bad = |reason: String| TransportError::Malformed { reason: format!("rdma expose: {reason}") };
-        let (layout, rest) = crate::expose::DenseLayout::read_from_prefix(body).map_err(|_| bad(format!("{} bytes", body.len())))?;
-        layout.check()?;
+        let (layout, rest) = tessera_layout::DenseLayout::read_from_prefix(body).map_err(|_| bad(format!("{} bytes", body.len())))?;
+        layout.check().map_err(|e| bad(e.to_string()))?;
         let size = std::mem::size_of::<ChunkKey>();
         if rest.is_empty() || rest.len() % size != 0 {
             return Err(bad(format!("{} bytes of chunk keys", rest.len())));

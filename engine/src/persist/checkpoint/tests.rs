@@ -1,6 +1,6 @@
 //! The checkpoint format on valid input and on damaged copies of it.
 
-use tessera_replication::TableKind;
+use tessera_layout::TableKind;
 
 use super::*;
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tessera_replication::{TableKind, TableSpec};
+use tessera_layout::{TableKind, TableSpec};
 
 use super::*;
 use crate::arena::Arena;

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{PlacementError, Result};
+use crate::error::{LayoutError, Result};
 
 /// Dense tables hold every key of their range; sparse tables only the keys that were pushed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,7 +99,7 @@ impl TableSpec {
 
     /// Checks what does not depend on the server (the updater is checked by the engine).
     pub fn validate(&self) -> Result<()> {
-        let bad = |reason: String| Err(PlacementError::BadSpec { name: self.name.clone(), reason });
+        let bad = |reason: String| Err(LayoutError::BadSpec { name: self.name.clone(), reason });
         if self.name.is_empty() || self.name.len() > 128 || self.name.chars().any(|c| c.is_control()) {
             return bad("a name is 1 to 128 printable characters".into());
         }

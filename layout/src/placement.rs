@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use crate::catalog::{Catalog, Part, TableSpec};
-use crate::error::{PlacementError, Result};
+use crate::error::{LayoutError, Result};
 
 /// Splits `range` into `n` contiguous, nearly equal, non-empty parts (fewer if it has fewer keys).
 pub fn split(range: Range<u64>, n: u64) -> Vec<Range<u64>> {
@@ -133,7 +133,7 @@ impl RangeMap {
             for entry in &catalog.tables {
                 let slot = parts.entry(entry.spec.name.clone()).or_insert_with(|| (entry.spec.clone(), Vec::new()));
                 if slot.0 != entry.spec {
-                    return Err(PlacementError::Disagree { table: entry.spec.name.clone() });
+                    return Err(LayoutError::Disagree { table: entry.spec.name.clone() });
                 }
                 let owner = |p: &Part| Owner { server: server as u32, shard: p.shard, table_id: entry.id };
                 slot.1.extend(entry.parts.iter().map(|p| (*p, owner(p))));
@@ -156,7 +156,7 @@ impl RangeMap {
 
     /// The route of table `name`.
     pub fn table(&self, name: &str) -> Result<&Route> {
-        self.tables.get(name).ok_or_else(|| PlacementError::UnknownTable { name: name.into() })
+        self.tables.get(name).ok_or_else(|| LayoutError::UnknownTable { name: name.into() })
     }
 
     /// All tables, by name.
@@ -171,15 +171,15 @@ fn check_cover(route: &Route) -> Result<()> {
     for i in 0..route.parts() {
         let r = route.range(i);
         if r.start > next {
-            return Err(PlacementError::Gap { table, start: next, end: r.start });
+            return Err(LayoutError::Gap { table, start: next, end: r.start });
         }
         if r.start < next {
-            return Err(PlacementError::Overlap { table, key: r.start });
+            return Err(LayoutError::Overlap { table, key: r.start });
         }
         next = r.end;
     }
     if next != route.spec.end {
-        return Err(PlacementError::Gap { table, start: next, end: route.spec.end });
+        return Err(LayoutError::Gap { table, start: next, end: route.spec.end });
     }
     Ok(())
 }
@@ -212,9 +212,9 @@ mod tests {
         assert_eq!(route.parts(), 4);
         assert_eq!(route.owner(route.locate(999).unwrap()), Owner { server: 1, shard: 1, table_id: 8 });
         assert_eq!(route.locate(1000), None);
-        assert!(matches!(RangeMap::from_catalogs(&both[..1]), Err(PlacementError::Gap { .. })));
+        assert!(matches!(RangeMap::from_catalogs(&both[..1]), Err(LayoutError::Gap { .. })));
         let twice = [both[0].clone(), both[0].clone()];
-        assert!(matches!(RangeMap::from_catalogs(&twice), Err(PlacementError::Overlap { .. })));
+        assert!(matches!(RangeMap::from_catalogs(&twice), Err(LayoutError::Overlap { .. })));
     }
 
     proptest! {

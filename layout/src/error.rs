@@ -1,0 +1,21 @@
+//! The layout crate's one error enum.
+
+/// Why a table definition, a set of catalogs, or a dense layout cannot be used.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum LayoutError {
+    #[error("table {table:?}: keys [{start}, {end}) have no server; is a server missing from the list you connected to?")]
+    Gap { table: String, start: u64, end: u64 },
+    #[error("table {table:?}: servers claim overlapping parts at key {key}; do the servers agree on --cluster?")]
+    Overlap { table: String, key: u64 },
+    #[error("table {table:?} is defined differently on different servers")]
+    Disagree { table: String },
+    #[error("unknown table {name:?}")]
+    UnknownTable { name: String },
+    #[error("bad table {name:?}: {reason}")]
+    BadSpec { name: String, reason: String },
+    #[error("dense layout {layout}: {reason}")]
+    BadDenseLayout { layout: String, reason: String },
+}
+
+/// Short alias used across the crate.
+pub type Result<T, E = LayoutError> = std::result::Result<T, E>;
