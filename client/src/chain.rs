@@ -4,8 +4,12 @@
 //! to the new heads; the ranges' vector clocks make a resent push an acknowledgement, never a
 //! second apply.
 //!
-//! Calls are synchronous: [`ChainClient::push_range`] (dense tables) and [`ChainClient::push`]
-//! (sparse tables) return once every range they touched has acknowledged. The retry logic is the replication crate's [`Pusher`], the same code the
+//! [`ChainClient::push_range`] (dense tables) and [`ChainClient::push`] (sparse tables) return
+//! once every range they touched has acknowledged; their `_pipelined` forms return once the push
+//! is sent, and the next push (or [`ChainClient::flush`]) waits for it. A push is one
+//! `WorkerPush` frame per server shard that heads any of its ranges, all in flight at once; a
+//! head holds its reply until the tail holds the pushes in it, and the reply carries their
+//! acknowledgements. The retry logic is the replication crate's [`Pusher`], the same code the
 //! deterministic simulator runs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
