@@ -93,7 +93,9 @@ impl PyTicket {
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyArray2<f32>>>> {
         let timeout = timeout.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX));
-        let (ticket, out) = match std::mem::replace(&mut *self.state(), State::Waiting) {
+        // Taken in a statement of its own: the guard must be dropped before the arms lock again.
+        let taken = std::mem::replace(&mut *self.state(), State::Waiting);
+        let (ticket, out) = match taken {
             State::Pending { ticket, out } => (ticket, out),
             State::Waiting => return Err(errors::argument(py, "another thread is waiting on this ticket")),
             State::Finished(result, out) => {
@@ -129,12 +131,22 @@ impl PyTicket {
     /// went over broke. Receives for up to ``timeout`` seconds first (0: only looks).
     #[pyo3(signature = (timeout=0.0))]
     fn ready(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
-        let state = self.state();
-        let State::Pending { ticket, .. } = &*state else { return Ok(true) };
-        let client = self.client.get().live(py)?;
+        let taken = std::mem::replace(&mut *self.state(), State::Waiting);
+        let (ticket, out) = match taken {
+            State::Pending { ticket, out } => (ticket, out),
+            State::Waiting => return Ok(false),
+            finished => {
+                *self.state() = finished;
+                return Ok(true);
+            }
+        };
         let timeout = Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(Duration::MAX);
-        // The state's lock is held across the receive: a concurrent wait finds it busy.
-        py.detach(|| client.ready(ticket, timeout)).map_err(|e| errors::client(py, e))
+        let ready = match self.client.get().live(py) {
+            Ok(client) => py.detach(|| client.ready(&ticket, timeout)).map_err(|e| errors::client(py, e)),
+            Err(e) => Err(e),
+        };
+        *self.state() = State::Pending { ticket, out };
+        ready
     }
 
     /// Whether the ticket has been waited on.

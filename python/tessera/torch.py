@@ -149,23 +149,27 @@ class DenseSync:
     (its own included). Use no optimizer for these parameters.
     """
 
-    def __init__(self, client: tessera.Client, module: nn.Module, name: str = "dense", updater: str = "adam{lr=0.001}", *, max_in_flight: int = 2, init_timeout_s: float = 60.0):
+    def __init__(self, client: tessera.Client, module: nn.Module, name: str = "dense", updater: str = "adam{lr=0.001}", *, dim: int = 64, max_in_flight: int = 2, init_timeout_s: float = 60.0):
         self.client = client
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.count = sum(p.numel() for p in self.params)
         if self.count == 0:
             raise tessera.ArgumentError("the module has no parameters that require grad")
-        self.table = client.create_table(name, kind="dense", dim=1, updater=updater, end=self.count)
-        init_table = client.create_table(name + ".init", kind="dense", dim=1, updater="assign", end=self.count)
+        # The parameters, flat, padded to whole keys of `dim` values (fewer keys, less per-key work).
+        self.keys = -(-self.count // dim)
+        self.table = client.create_table(name, kind="dense", dim=dim, updater=updater, end=self.keys)
+        init_table = client.create_table(name + ".init", kind="dense", dim=dim, updater="assign", end=self.keys)
         self._pushes = _Pushes(max_in_flight)
-        self._grads = np.zeros((self.count, 1), dtype=np.float32)
-        self._delta = np.zeros((self.count, 1), dtype=np.float32)
+        self._grads = np.zeros(self.keys * dim, dtype=np.float32)
+        self._delta = np.zeros((self.keys, dim), dtype=np.float32)
         self._init = self._initial(client, init_table, init_timeout_s)
         self.pull()
 
     def _flat(self) -> np.ndarray:
         with torch.no_grad():
-            return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params]).numpy().reshape(-1, 1)
+            flat = np.zeros(self._grads.shape, dtype=np.float32)
+            flat[: self.count] = torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params]).numpy()
+            return flat
 
     def _initial(self, client: tessera.Client, table: tessera.Table, timeout_s: float) -> np.ndarray:
         """Worker 0's initial parameters: pushed by worker 0 at clock 1; the others pull until
@@ -179,11 +183,11 @@ class DenseSync:
             client.set_clock(clock)
         deadline = time.monotonic() + timeout_s
         while True:
-            ticket = table.pull_range_async(0, self.count)
+            ticket = table.pull_range_async(0, self.keys)
             values = ticket.wait()
             stamp = ticket.stamp or []
             if stamp and stamp[0] >= 1:
-                return values.copy()
+                return values.reshape(-1)[: self.count].copy()
             if time.monotonic() > deadline:
                 raise tessera.TimeoutError(f"worker 0 did not publish {table.name!r} within {timeout_s} s")
             time.sleep(0.01)
@@ -196,14 +200,14 @@ class DenseSync:
             if p.grad is None:
                 self._grads[at : at + n] = 0
             else:
-                self._grads[at : at + n, 0] = p.grad.detach().reshape(-1).cpu().numpy()
+                self._grads[at : at + n] = p.grad.detach().reshape(-1).cpu().numpy()
             at += n
         self._pushes.add(self.table.push_range(0, self._grads))
 
     def pull(self) -> None:
         """Pulls the shared parameters into the module."""
-        self.table.pull_range(0, self.count, out=self._delta)
-        flat = torch.from_numpy(self._init + self._delta).reshape(-1)
+        self.table.pull_range(0, self.keys, out=self._delta)
+        flat = torch.from_numpy(self._init + self._delta.reshape(-1)[: self.count])
         at = 0
         with torch.no_grad():
             for p in self.params:
