@@ -272,7 +272,7 @@ def summarize(out: list) -> dict:
 
 # --- torch.distributed.rpc parameter server (PyTorch's tutorial) --------------------------------
 
-_PS = None
+_PS: "ParameterServer | None" = None
 
 
 class ParameterServer(nn.Module):
@@ -306,11 +306,13 @@ def get_parameter_server(vocab: int, init_scale: float):
 
 
 def ps_forward(ids):
+    assert _PS is not None, "the parameter server is made before trainers call it"
     return _PS(ids)
 
 
 def ps_evaluate(held_out: int, vocab: int):
     ids, labels, _ = make_data(held_out, vocab, seed=2)
+    assert _PS is not None
     with torch.no_grad():
         p = torch.sigmoid(_PS(torch.from_numpy(ids))).numpy()
     return {"auc": auc(labels, p), "log_loss": log_loss(labels, p)}

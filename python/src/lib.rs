@@ -8,9 +8,9 @@
 //! becomes an exception of the `tessera.Error` hierarchy ([`errors`]) with the client's message;
 //! nothing panics across the boundary that a caller's argument could reach.
 //!
-//! Build and install it with `pip install ./python` (maturin is the build backend).
+//! No unsafe code of its own: the FFI is PyO3's and the numpy crate's. Build and install it with `pip install ./python` (maturin is the build backend).
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod arrays;
 mod client;

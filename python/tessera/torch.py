@@ -186,7 +186,7 @@ class DenseSync:
             ticket = table.pull_range_async(0, self.keys)
             values = ticket.wait()
             stamp = ticket.stamp or []
-            if stamp and stamp[0] >= 1:
+            if values is not None and stamp and stamp[0] >= 1:
                 return values.reshape(-1)[: self.count].copy()
             if time.monotonic() > deadline:
                 raise tessera.TimeoutError(f"worker 0 did not publish {table.name!r} within {timeout_s} s")
