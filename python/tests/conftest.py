@@ -2,6 +2,7 @@
 them. The binary is $TESSERA_BIN (tests/run.sh exports it), else target/debug/tessera."""
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -61,6 +62,21 @@ class Server:
             time.sleep(0.02)
         self.stop()
         return False
+
+    def pause(self) -> None:
+        """SIGSTOP: the server answers nothing until resume(). Returns once every thread of it
+        is stopped (the signal is delivered asynchronously)."""
+        self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            states = [Path(t, "stat").read_text().rsplit(")", 1)[1].split()[0] for t in Path(f"/proc/{self.proc.pid}/task").iterdir()]
+            if all(state in "tT" for state in states):
+                return
+            time.sleep(0.005)
+        raise RuntimeError("the server did not stop")
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
 
     def log(self) -> str:
         try:

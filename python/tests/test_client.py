@@ -198,7 +198,7 @@ def test_a_wait_with_a_timeout_keeps_the_ticket_in_flight():
     with Server() as s, tessera.Client([s.addr], transport="tcp") as client:
         t = client.create_table("slow", dim=2, updater="sum")
         keys = np.arange(2, dtype=np.uint64)
-        s.proc.send_signal(19)
+        s.pause()
         try:
             ticket = t.push(keys, np.ones((2, 2), dtype=np.float32))
             started = time.monotonic()
@@ -207,17 +207,17 @@ def test_a_wait_with_a_timeout_keeps_the_ticket_in_flight():
             assert 0.15 < time.monotonic() - started < 5
             assert not ticket.ready() and not ticket.done
         finally:
-            s.proc.send_signal(18)
+            s.resume()
         assert ticket.wait(timeout=30) is None
         assert (t.pull(keys) == 1).all()
 
 
-def test_waits_release_the_gil(shared_server):
+def test_waits_release_the_gil():
     """A thread blocked in a wait on a stopped server leaves the interpreter to the others."""
     with Server() as s, tessera.Client([s.addr], transport="tcp") as client:
         t = client.create_table("gil", dim=2, updater="sum")
         keys = np.arange(2, dtype=np.uint64)
-        s.proc.send_signal(19)
+        s.pause()
         try:
             blocked = threading.Thread(target=lambda: t.pull(keys))
             blocked.start()
@@ -227,6 +227,6 @@ def test_waits_release_the_gil(shared_server):
                 counted += 1
             assert blocked.is_alive() and counted > 10_000, f"main thread ran {counted} loops while the pull waited"
         finally:
-            s.proc.send_signal(18)
+            s.resume()
         blocked.join(30)
         assert not blocked.is_alive()
