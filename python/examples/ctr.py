@@ -178,7 +178,7 @@ def tessera_worker(rank: int, args, addr: str, barrier, results) -> None:
         dense = tt.DenseSync(client, mlp, name="ctr.mlp", updater=f"adagrad{{lr={args.lr}}}")
         loss_fn = nn.BCEWithLogitsLoss()
         barrier.wait()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         ph = Phases()
         step = 0
         for epoch in range(args.epochs):
@@ -201,10 +201,10 @@ def tessera_worker(rank: int, args, addr: str, barrier, results) -> None:
         emb.flush()
         dense.flush()
         ph.mark("flush")
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         barrier.wait()
         wall = time.perf_counter() - start
-        result = {"rank": rank, "seconds": seconds, "wall": wall, "examples": len(mine) * args.epochs, "phases": ph.s}
+        result = {"rank": rank, "seconds": seconds, "cpu_s": cpu, "wall": wall, "examples": len(mine) * args.epochs, "phases": ph.s}
         if rank == 0:
             result.update(evaluate_tessera(args, client, emb, mlp, dense))
         results.put(result)
@@ -219,10 +219,19 @@ def evaluate_tessera(args, client, emb, mlp, dense) -> dict:
     return {"auc": auc(labels, p), "log_loss": log_loss(labels, p)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_tessera(args) -> dict:
     server = start_server(args)
     try:
-        return spawn(tessera_worker, args, server[1])
+        before = cpu_seconds(server[0].pid)  # creating tables is not training
+        summary = spawn(tessera_worker, args, server[1])
+        summary["server_cpu_s"] = cpu_seconds(server[0].pid) - before
+        return summary
     finally:
         server[0].kill()
         server[0].wait()
@@ -267,6 +276,7 @@ def summarize(out: list) -> dict:
     summary = {"examples_per_s": examples / wall, "seconds": wall, "examples": examples}
     summary.update({k: v for r in out for k, v in r.items() if k in ("auc", "log_loss")})
     summary["phases"] = {f"worker {r['rank']}": {k: round(v, 3) for k, v in r["phases"].items()} for r in out}
+    summary["worker_cpu_s"] = [round(r["cpu_s"], 2) for r in out]
     return summary
 
 
@@ -332,6 +342,7 @@ def rpc_process(rank: int, args, port: int, barrier, results) -> None:
         rpc.init_rpc("ps", rank=0, world_size=world, rpc_backend_options=opts)
         get_parameter_server(args.vocab, args.init_scale)
         rpc.shutdown()  # waits for the trainers
+        results.put({"rank": "ps", "cpu_s": time.process_time()})
         return
     rpc.init_rpc(f"trainer{rank}", rank=rank, world_size=world, rpc_backend_options=opts)
     trainer = rank - 1
@@ -342,7 +353,7 @@ def rpc_process(rank: int, args, port: int, barrier, results) -> None:
     opt = DistributedOptimizer(torch.optim.Adagrad, param_rrefs, lr=args.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ph = Phases()
     for epoch in range(args.epochs):
         for b in range(0, len(mine), args.batch):
@@ -359,10 +370,10 @@ def rpc_process(rank: int, args, port: int, barrier, results) -> None:
                 ph.mark("optimizer step (rpc)")
         if trainer == 0:
             print(f"  rpc trainer 0: epoch {epoch + 1} done, last batch loss {loss.item():.4f}", flush=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     barrier.wait()
     wall = time.perf_counter() - start
-    result = {"rank": trainer, "seconds": seconds, "wall": wall, "examples": len(mine) * args.epochs, "phases": ph.s}
+    result = {"rank": trainer, "seconds": seconds, "cpu_s": cpu, "wall": wall, "examples": len(mine) * args.epochs, "phases": ph.s}
     if trainer == 0:
         result.update(rpc.rpc_sync("ps", ps_evaluate, args=(args.held_out, args.vocab)))
     results.put(result)
@@ -376,10 +387,13 @@ def run_rpc(args) -> dict:
     procs = [ctx.Process(target=rpc_process, args=(rank, args, port, barrier, results)) for rank in range(args.workers + 1)]
     for p in procs:
         p.start()
-    out = [results.get(timeout=args.timeout_s) for _ in range(args.workers)]
+    out = [results.get(timeout=args.timeout_s) for _ in range(args.workers + 1)]
     for p in procs:
         p.join()
-    return summarize(out)
+    ps = [r for r in out if r["rank"] == "ps"]
+    summary = summarize([r for r in out if r["rank"] != "ps"])
+    summary["server_cpu_s"] = ps[0]["cpu_s"]  # its whole life, set-up and evaluation included
+    return summary
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -435,6 +449,7 @@ def main(argv=None) -> dict:
         report[name] = r
         print(f"{name}: {r['examples_per_s']:,.0f} examples/s ({r['examples']} in {r['seconds']:.1f} s); held-out AUC {r['auc']:.4f}, log-loss {r['log_loss']:.4f}", flush=True)
         if args.profile:
+            print(f"  CPU seconds: workers {r['worker_cpu_s']}, server {r['server_cpu_s']:.2f}")
             for worker, phases in r["phases"].items():
                 total = sum(phases.values())
                 parts = ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in phases.items())

@@ -147,6 +147,10 @@ class DenseSync:
     after ``backward()``: it pushes the gradients (asynchronously) and pulls the parameters
     back into the module, which then holds the shared model with every push so far applied
     (its own included). Use no optimizer for these parameters.
+
+    The pull is sent at once and waited on just before the module's next forward pass (a
+    forward pre-hook), so its round trip overlaps whatever the trainer does in between, such as
+    the next batch's embedding pull, which then travels behind it on the same connection.
     """
 
     def __init__(self, client: tessera.Client, module: nn.Module, name: str = "dense", updater: str = "adam{lr=0.001}", *, dim: int = 64, max_in_flight: int = 2, init_timeout_s: float = 60.0):
@@ -163,6 +167,8 @@ class DenseSync:
         self._grads = np.zeros(self.keys * dim, dtype=np.float32)
         self._delta = np.zeros((self.keys, dim), dtype=np.float32)
         self._init = self._initial(client, init_table, init_timeout_s)
+        self._pulling: Optional[tessera.Ticket] = None
+        module.register_forward_pre_hook(lambda _module, _inputs: self._apply())
         self.pull()
 
     def _flat(self) -> np.ndarray:
@@ -205,8 +211,20 @@ class DenseSync:
         self._pushes.add(self.table.push_range(0, self._grads))
 
     def pull(self) -> None:
-        """Pulls the shared parameters into the module."""
-        self.table.pull_range(0, self.keys, out=self._delta)
+        """Pulls the shared parameters into the module now."""
+        self.pull_async()
+        self._apply()
+
+    def pull_async(self) -> None:
+        """Sends the pull; the parameters land in the module before its next forward pass (or
+        at the next ``pull()``)."""
+        self._pulling = self.table.pull_range_async(0, self.keys, out=self._delta)
+
+    def _apply(self) -> None:
+        if self._pulling is None:
+            return
+        ticket, self._pulling = self._pulling, None
+        ticket.wait()
         flat = torch.from_numpy(self._init + self._delta.reshape(-1)[: self.count])
         at = 0
         with torch.no_grad():
@@ -216,9 +234,10 @@ class DenseSync:
                 at += n
 
     def step(self) -> None:
-        """``push()`` then ``pull()``, and clears the gradients."""
+        """``push()`` then ``pull_async()``, and clears the gradients. The module holds the new
+        parameters from its next forward pass on (call ``pull()`` to have them at once)."""
         self.push()
-        self.pull()
+        self.pull_async()
         for p in self.params:
             p.grad = None
 
