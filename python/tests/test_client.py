@@ -230,3 +230,28 @@ def test_waits_release_the_gil():
             s.resume()
         blocked.join(30)
         assert not blocked.is_alive()
+
+
+def test_bounded_delay_pulls_wait_for_the_slow_worker(shared_server):
+    """Under bounded:0 a pull by worker 0 at clock 2 returns only once worker 1's clock-1 push is
+    in (the servers' vector clocks say so); pull_async then has its values at once."""
+    with tessera.Client([shared_server.addr], worker=0, workers=2, consistency="bounded:0") as fast, tessera.Client(
+        [shared_server.addr], worker=1, workers=2, consistency="bounded:0"
+    ) as slow:
+        t_fast = fast.create_table("bounded", kind="dense", dim=1, updater="sum", end=8)
+        t_slow = slow.table("bounded")
+        fast.set_clock(1)
+        t_fast.push_range(0, np.ones(8, dtype=np.float32)).wait()
+        fast.set_clock(2)
+        got = {}
+        puller = threading.Thread(target=lambda: got.setdefault("values", t_fast.pull_range(0, 8)))
+        puller.start()
+        time.sleep(0.3)
+        assert puller.is_alive(), "the pull waits for worker 1"
+        slow.set_clock(1)
+        t_slow.push_range(0, np.full(8, 2, dtype=np.float32)).wait()
+        puller.join(10)
+        assert not puller.is_alive()
+        assert (got["values"] == 3).all(), "it saw worker 1's push"
+        ticket = t_fast.pull_range_async(0, 8)
+        assert ticket.done and (ticket.wait() == 3).all()
