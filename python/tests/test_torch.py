@@ -116,3 +116,12 @@ def test_two_trainer_processes_train_one_model():
     assert len(stamp) == 2 and min(stamp) >= 150, f"both workers pushed every batch (clocks {stamp})"
     assert r["auc"] > ctr.train_local(args)["auc"] - LOCAL_GAP_MAX
     assert r["auc"] > best - TRUE_MODEL_GAP_MAX
+
+
+def test_worker_ids_come_from_torchruns_environment(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert tt.worker_from_env() == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert tt.worker_from_env() == (3, 4)
