@@ -144,6 +144,7 @@ class Phases:
 def train_local(args) -> dict:
     """The same model trained in one process by torch.optim.Adagrad, on all the training data
     (no server, one worker): the quality the distributed runs should match."""
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
     torch.manual_seed(0)
     ids, labels, _ = make_data(args.examples, args.vocab, seed=1)
     model = CtrModel(args.vocab, args.init_scale)
