@@ -57,7 +57,7 @@ impl PyTicket {
     }
 
     /// Waits in slices until the servers answered, or the deadline passes (`Ok(false)`), or a
-    /// signal handler raises.
+    /// signal handler raises, or another thread closes the client.
     fn await_ready(&self, py: Python<'_>, ticket: &Detached, timeout: Option<Duration>) -> PyResult<bool> {
         let client = self.client.get().live(py)?;
         let deadline = timeout.map(|t| Instant::now() + t);
@@ -68,6 +68,9 @@ impl PyTicket {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);
+            }
+            if self.client.get().open().is_none() {
+                return Err(errors::raise(py, Kind::Closed, "the client was closed while this call waited"));
             }
             py.check_signals()?;
         }

@@ -212,6 +212,35 @@ def test_a_wait_with_a_timeout_keeps_the_ticket_in_flight():
         assert (t.pull(keys) == 1).all()
 
 
+def test_closing_the_client_ends_a_wait_in_another_thread():
+    with Server() as s:
+        client = tessera.Client([s.addr], transport="tcp")
+        t = client.create_table("close-wait", dim=2, updater="sum")
+        s.pause()
+        try:
+            ticket = t.push(np.arange(2, dtype=np.uint64), np.ones((2, 2), dtype=np.float32))
+            raised = []
+
+            def wait():
+                try:
+                    ticket.wait()
+                except tessera.Error as e:
+                    raised.append(e)
+
+            waiter = threading.Thread(target=wait)
+            waiter.start()
+            time.sleep(0.2)
+            started = time.monotonic()
+            client.close()
+            waiter.join(5)
+            assert not waiter.is_alive() and time.monotonic() - started < 1
+            assert isinstance(raised[0], tessera.ClosedError)
+            with pytest.raises(tessera.ClosedError):
+                ticket.wait()
+        finally:
+            s.resume()
+
+
 def test_waits_release_the_gil():
     """A thread blocked in a wait on a stopped server leaves the interpreter to the others."""
     with Server() as s, tessera.Client([s.addr], transport="tcp") as client:
