@@ -11,7 +11,8 @@
 # separate processes on loopback, crash recovery after kill -9 among them), and, inside a SoftRoCE
 # guest (tests/softroce/), the RDMA tests on real verbs, the replication kill test over RDMA, and
 # the RDMA benchmark against perftest; the cargo-fuzz targets for a bounded time each (and the
-# canary, whose planted bug must be found); then the disk benchmark against fio. A guest whose rxe device cannot be
+# canary, whose planted bug must be found); then the disk benchmark against fio; last, the Python
+# package's tests (python/tests) in a cached venv. A guest whose rxe device cannot be
 # created fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -101,6 +102,18 @@ fi
 
 log "criterion benchmarks compile and run once each (no timing: figures come from cargo bench)"
 cargo test -p tessera-benches --benches --locked
+
+log "Python package: pip install ./python into a cached venv, then its pytest suite against target/debug/tessera"
+# The venv lives outside the checkout, so reruns find torch (about 5 GB with its CUDA libraries,
+# which run on CPU) already installed. The wheel is built without LTO here to keep CI short;
+# users get the release profile. The suite starts servers from $TESSERA_BIN and uses the Rust
+# reference target/debug/examples/replay, both built above.
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/tessera/venv"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --upgrade pip
+CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+  "$venv/bin/pip" install -q ./python pytest numpy torch mypy
+"$venv/bin/pytest" -q -p no:cacheprovider python/tests
 
 tracked_after=$(git status --porcelain --untracked-files=no 2>/dev/null || true)
 if [ "$tracked_after" != "$tracked_before" ]; then
