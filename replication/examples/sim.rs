@@ -3,6 +3,7 @@
 //!   cargo run -p tessera-replication --release --example sim -- --seed 42 --trace
 //!   cargo run -p tessera-replication --release --example sim -- --seeds 10000 [--from 0]
 //!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary ack-at-head
+//!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary ack-before-durable
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -10,7 +11,7 @@ use std::time::Instant;
 use tessera_replication::replica::Canary;
 use tessera_replication::sim::{self, SimOptions};
 
-const USAGE: &str = "usage: sim [--seed N | --seeds COUNT [--from N]] [--trace] [--canary ack-at-head]";
+const USAGE: &str = "usage: sim [--seed N | --seeds COUNT [--from N]] [--trace] [--canary ack-at-head|ack-before-durable]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -39,8 +40,9 @@ fn main() -> ExitCode {
             "--trace" => trace = true,
             "--canary" => match args.next().as_deref() {
                 Some("ack-at-head") => canary = Canary::AckAtHead,
+                Some("ack-before-durable") => canary = Canary::AckBeforeDurable,
                 other => {
-                    eprintln!("unknown canary {other:?}; the one there is: ack-at-head\n{USAGE}");
+                    eprintln!("unknown canary {other:?}; the ones there are: ack-at-head, ack-before-durable\n{USAGE}");
                     return ExitCode::from(2);
                 }
             },
@@ -56,12 +58,14 @@ fn main() -> ExitCode {
     }
     let started = Instant::now();
     let (mut failed, mut sim_ms, mut crashes, mut partitions, mut messages) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut power_losses = 0u64;
     let mut overlapping = 0u64;
     for seed in from..from + count {
         match sim::run(&SimOptions { seed, canary, trace }) {
             Ok(r) => {
                 sim_ms += r.sim_ms;
                 crashes += r.crashes;
+                power_losses += r.power_losses;
                 partitions += r.partitions;
                 overlapping += r.overlapping;
                 messages += r.messages;
@@ -76,7 +80,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "{count} seeds from {from}: {failed} failed; {:.1} s simulated, {crashes} crashes, {partitions} partitions ({overlapping} of them while another was undetected), {messages} messages, in {:.1} s",
+        "{count} seeds from {from}: {failed} failed; {:.1} s simulated, {crashes} crashes, {power_losses} whole-cluster power losses, {partitions} partitions ({overlapping} of them while another was undetected), {messages} messages, in {:.1} s",
         sim_ms as f64 / 1000.0,
         started.elapsed().as_secs_f64()
     );

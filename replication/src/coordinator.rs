@@ -8,7 +8,13 @@
 //! Each [`Coordinator::tick`] makes at most one change per range, in this order:
 //! 1. A member not heard from for `failure_timeout_ms`, or heard from with a new incarnation
 //!    (it restarted, and what it held in memory is gone), leaves every chain it is in. The last
-//!    member of a chain never leaves it: the range waits for it rather than lose its data.
+//!    member of a chain never leaves it: the range waits for it rather than lose its data. When
+//!    every member of a chain is down and some come back restarted, the one whose disk holds the
+//!    most of the range (the highest version it reports) becomes the chain alone, and the
+//!    others rejoin as learners: every member's disk holds every committed update, so any of
+//!    them will do, and the best loses the least of the rest. A restarted member of such a chain
+//!    is taken as restarted only once one of the chain's restarted members has reported the
+//!    range, or a failure timeout after it came back: its shards report in separate heartbeats.
 //! 2. A learner its tail reports synced (holding every committed update) joins the chain as
 //!    the new tail.
 //! 3. A server the consistent-hash ring places in a chain it is not in becomes its learner
@@ -28,6 +34,8 @@ use crate::ring::Ring;
 #[derive(Debug, Clone)]
 struct Seen {
     incarnation: u64,
+    /// When this incarnation was first heard from.
+    since_ms: u64,
     addr: String,
     heard_ms: u64,
     config_id: u64,
@@ -62,6 +70,12 @@ pub enum Change {
         node: NodeId,
     },
     Left {
+        node: NodeId,
+    },
+    /// Every member of the range's chain went down, and `node` came back restarted holding the
+    /// range on its disk: the chain is `node` alone, from what its disk holds.
+    Recovered {
+        range: RangeId,
         node: NodeId,
     },
     /// Every member of the range's chain failed, and one came back restarted, holding nothing:
@@ -111,7 +125,8 @@ impl Coordinator {
             .members
             .iter()
             .map(|m| {
-                let seen = Seen { incarnation: m.incarnation, addr: m.addr.clone(), heard_ms: now_ms, config_id: 0, reports: BTreeMap::new() };
+                let seen =
+                    Seen { incarnation: m.incarnation, since_ms: now_ms, addr: m.addr.clone(), heard_ms: now_ms, config_id: 0, reports: BTreeMap::new() };
                 (m.node, seen)
             })
             .collect();
@@ -153,9 +168,17 @@ impl Coordinator {
     /// Takes one message (heartbeats; anything else is ignored).
     pub fn step(&mut self, now_ms: u64, msg: Msg) {
         let Msg::Heartbeat { node, incarnation, config_id, ranges, addr } = msg else { return };
-        let seen = self.seen.entry(node).or_insert_with(|| Seen { incarnation, addr: addr.clone(), heard_ms: now_ms, config_id, reports: BTreeMap::new() });
+        let seen = self.seen.entry(node).or_insert_with(|| Seen {
+            incarnation,
+            since_ms: now_ms,
+            addr: addr.clone(),
+            heard_ms: now_ms,
+            config_id,
+            reports: BTreeMap::new(),
+        });
         if seen.incarnation != incarnation {
             seen.reports.clear();
+            seen.since_ms = now_ms;
         }
         seen.incarnation = incarnation;
         seen.addr = addr;
@@ -180,9 +203,10 @@ impl Coordinator {
         self.forgive_stall(now_ms);
         let mut next = (*self.config).clone();
         let before = self.changes.len();
-        self.remove_lost(&mut next, now_ms);
+        let awaiting = self.remove_lost(&mut next, now_ms);
         self.add_joined(&mut next, now_ms);
-        let placeable: Vec<NodeId> = next.members.iter().map(|m| m.node).filter(|n| self.alive(*n, now_ms) && !self.draining.contains(n)).collect();
+        let placeable = |n: &NodeId| self.alive(*n, now_ms) && !self.draining.contains(n) && !awaiting.contains(n);
+        let placeable: Vec<NodeId> = next.members.iter().map(|m| m.node).filter(placeable).collect();
         let ring = Ring::new(placeable, self.rcfg.vnodes);
         for r in 0..next.chains.len() {
             let range = RangeId(r as u32);
@@ -214,11 +238,46 @@ impl Coordinator {
         }
     }
 
-    /// Step 1: failed and restarted members leave their chains.
-    fn remove_lost(&mut self, next: &mut ClusterConfig, now_ms: u64) {
-        let (mut lost, mut restarted) = (Vec::new(), Vec::new());
+    /// Whether `node` holds `range` in the incarnation the coordinator hears now: for a
+    /// restarted server, from its disk.
+    fn recovered(&self, node: NodeId, range: RangeId) -> Option<u64> {
+        self.report(node, range).filter(|r| r.installed).map(|r| r.version)
+    }
+
+    /// Members heard from with a new incarnation whose restart waits (see step 1 above): each
+    /// is in a chain whose members are all down, none of whose restarted members has reported
+    /// the range yet, and it came back less than a failure timeout ago.
+    fn awaiting_reports(&self, next: &ClusterConfig, now_ms: u64) -> Vec<NodeId> {
+        let restarted = |n: &NodeId| next.member(*n).is_some_and(|m| self.seen[n].incarnation != m.incarnation);
+        let down = |n: &NodeId| restarted(n) || !self.alive(*n, now_ms);
+        let mut awaiting = Vec::new();
+        for (r, chain) in next.chains.iter().enumerate() {
+            let range = RangeId(r as u32);
+            if chain.nodes.is_empty()
+                || !chain.nodes.iter().all(down)
+                || chain.nodes.iter().filter(|n| restarted(n)).any(|n| self.recovered(*n, range).is_some())
+            {
+                continue;
+            }
+            let fresh = chain.nodes.iter().filter(|n| restarted(n) && self.seen[*n].since_ms + self.rcfg.failure_timeout_ms > now_ms);
+            awaiting.extend(fresh);
+        }
+        awaiting.sort();
+        awaiting.dedup();
+        awaiting
+    }
+
+    /// Step 1: failed and restarted members leave their chains. Returns the restarted members
+    /// whose restart waits for their reports (they are placed nowhere meanwhile).
+    fn remove_lost(&mut self, next: &mut ClusterConfig, now_ms: u64) -> Vec<NodeId> {
+        let awaiting = self.awaiting_reports(next, now_ms);
+        // Until it is taken as restarted, an awaited member counts as failed.
+        let (mut lost, mut restarted) = (awaiting.clone(), Vec::new());
         for m in &mut next.members {
             let seen = &self.seen[&m.node];
+            if awaiting.contains(&m.node) {
+                continue;
+            }
             if seen.incarnation != m.incarnation {
                 lost.push(m.node);
                 restarted.push(m.node);
@@ -233,6 +292,24 @@ impl Coordinator {
             let range = RangeId(r as u32);
             let mut removed: Vec<NodeId> = chain.learner.filter(|l| lost.contains(l)).into_iter().collect();
             let keep: Vec<NodeId> = chain.nodes.iter().copied().filter(|n| !lost.contains(n)).collect();
+            let best = chain.nodes.iter().filter(|n| restarted.contains(n)).filter_map(|n| Some((self.recovered(*n, range)?, *n))).max_by_key(|(v, _)| *v);
+            if let (true, Some((_, node))) = (keep.is_empty(), best) {
+                self.changes.push(Change::Recovered { range, node });
+                removed.extend(chain.nodes.iter().filter(|n| **n != node));
+                removed.extend(chain.learner);
+                chain.nodes = vec![node];
+                chain.learner = None;
+                chain.epoch = Epoch(chain.epoch.0 + 1);
+                removed.sort();
+                removed.dedup();
+                for node in removed {
+                    self.changes.push(Change::Removed { range, node });
+                    if !failed.contains(&node) {
+                        failed.push(node);
+                    }
+                }
+                continue;
+            }
             if keep.is_empty() && chain.nodes.iter().any(|n| restarted.contains(n)) {
                 self.changes.push(Change::Lost { range });
             }
@@ -257,6 +334,7 @@ impl Coordinator {
         for node in failed {
             self.changes.push(Change::Failed { node });
         }
+        awaiting
     }
 
     /// Servers heard from that are not members yet become members.
@@ -420,15 +498,53 @@ mod tests {
         assert!(c.config().chains.iter().all(|ch| !ch.holds(NodeId(3))), "server 3 stayed silent and must be out");
     }
 
-    /// A chain whose only member comes back restarted has lost the range, and says so.
+    /// A chain whose only member comes back restarted holding nothing of it (no disk, or an
+    /// empty one) has lost the range, and says so, once the member had a failure timeout to
+    /// report what its disk holds.
     #[test]
     fn a_range_whose_last_member_restarted_is_reported_lost() {
         let rcfg = ReplicationConfig { replicas: 1, ranges: 2, failure_timeout_ms: 500, ..ReplicationConfig::default() };
         let mut c = Coordinator::new(rcfg, vec![member(1)], 0);
         c.step(100, heartbeat_of(1, 2, 1));
         c.tick(100);
+        assert_eq!(c.take_changes(), vec![], "it may still report what its disk holds");
+        c.step(600, heartbeat_of(1, 2, 1));
+        c.tick(600);
         let changes = c.take_changes();
         assert!(changes.contains(&Change::Lost { range: RangeId(0) }) && changes.contains(&Change::Lost { range: RangeId(1) }), "{changes:?}");
+    }
+
+    fn report(range: u32, epoch: u64, version: u64) -> RangeReport {
+        RangeReport { range: RangeId(range), epoch: Epoch(epoch), installed: true, version, committed: 0, ticks: 0, learner_synced: false }
+    }
+
+    /// The whole cluster lost power. A resumed coordinator revives each range from the
+    /// restarted member whose disk holds the most of it, once one has reported it, and the
+    /// other members leave the chain (to rejoin as learners). A restarted member whose shards
+    /// have not all reported yet waits rather than be taken for empty.
+    #[test]
+    fn after_a_whole_cluster_power_loss_each_range_is_revived_from_the_best_disk() {
+        let rcfg = ReplicationConfig { replicas: 3, ranges: 2, failure_timeout_ms: 500, ..ReplicationConfig::default() };
+        let stored = (**Coordinator::new(rcfg.clone(), (1..=3).map(member).collect(), 0).config()).clone();
+        let mut c = Coordinator::resume(rcfg, stored.clone(), 1_000);
+        // Node 1's shard for range 1 reports, not yet the one for range 0; nodes 2 and 3
+        // report both ranges; every one of them restarted (incarnation 2).
+        let hb = |node: u32, ranges: Vec<RangeReport>| Msg::Heartbeat { node: NodeId(node), incarnation: 2, addr: format!("s{node}"), config_id: 0, ranges };
+        c.step(1_100, hb(1, vec![report(1, 0, 9)]));
+        c.tick(1_100);
+        // Nodes 2 and 3 are still alive as far as it knows: node 1 leaves its chains (and
+        // comes back as a learner).
+        assert!(c.config().chains.iter().all(|ch| !ch.nodes.contains(&NodeId(1))), "{:?}", c.config());
+        c.step(1_200, hb(2, vec![report(0, 0, 7), report(1, 0, 8)]));
+        c.step(1_200, hb(3, vec![report(0, 0, 4)]));
+        c.tick(1_200);
+        let now = c.config().clone();
+        assert_eq!(now.chains[0].nodes, vec![NodeId(2)], "range 0 revived from node 2 (version 7 against 4)");
+        assert_eq!(now.chains[1].nodes, vec![NodeId(2)], "range 1 revived from node 2, the only restarted member that reported it");
+        assert!(now.chains.iter().zip(&stored.chains).all(|(a, b)| a.epoch > b.epoch));
+        let changes = c.take_changes();
+        assert!(changes.contains(&Change::Recovered { range: RangeId(0), node: NodeId(2) }), "{changes:?}");
+        assert!(!changes.iter().any(Change::is_loss), "{changes:?}");
     }
 
     /// The drain asked for while the server is already late: it is taken out of its chains and

@@ -17,6 +17,13 @@
 //!   another epoch are dropped, and their senders retry once they have caught up.
 //! - A server joins a chain as a learner: the tail sends it a snapshot, then streams updates;
 //!   the coordinator appends it as the new tail once it has caught up.
+//! - Over a store with a disk ([`Store::persist`]), each replica commits an update (and passes
+//!   its acknowledgement up the chain) only once its own disk holds it too, and a learner
+//!   vouches only for what its disk holds. So an acknowledged push is on the disk of every
+//!   chain member, and a cluster that loses power at once restarts from its disks: a replica
+//!   holds again what its store recovered, and acts on it when the coordinator makes it the
+//!   range's chain alone. Writes to the disks are pipelined along the chain, not one after the
+//!   other.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -42,6 +49,22 @@ pub trait Store {
     /// The head's batch for `range` closes: finish `delta` (a store that records what pushes
     /// touched, and sends the state they left, writes it here).
     fn seal(&mut self, _range: RangeId, _delta: &mut Vec<u8>) {}
+    /// Starts writing what `range` holds at `version` (after an update `bytes`, or a snapshot
+    /// when `whole`) to the store's disk, and returns the write's log sequence number: the
+    /// version is durable once [`durable_lsn`](Store::durable_lsn) reaches it. A store without
+    /// a disk keeps the default, under which every version is durable at once.
+    fn persist(&mut self, _range: RangeId, _version: u64, _clock: &[u32], _bytes: &[u8], _whole: bool) -> u64 {
+        0
+    }
+    /// Every write up to this log sequence number is on disk.
+    fn durable_lsn(&self) -> u64 {
+        0
+    }
+    /// The ranges the store found on its disk when it started, each with the version and clock
+    /// it holds: a replica restarted from its disk holds them again.
+    fn recovered(&self) -> Vec<(RangeId, u64, Vec<u32>)> {
+        Vec::new()
+    }
 }
 
 /// Deliberate bugs, for the simulator's canary tests only: each one must be caught by a checker.
@@ -51,6 +74,8 @@ pub enum Canary {
     None,
     /// The head acknowledges a push as soon as it applies it, before the tail holds it.
     AckAtHead,
+    /// Replicas commit updates as soon as they hold them in memory, before their disks do.
+    AckBeforeDurable,
 }
 
 /// An update kept until the successor acknowledges it.
@@ -126,6 +151,14 @@ struct RangeState {
     learning: bool,
     /// Which holding of the range this is: a range dropped and taken again starts over.
     generation: u64,
+    /// The highest version of this holding the store's disk holds (`None` until it holds one:
+    /// a snapshot installed starts it over), and the versions written since, each with the log
+    /// sequence number that makes it durable.
+    durable: Option<u64>,
+    unsynced: VecDeque<(u64, u64)>,
+    /// The version this replica would commit if its disk were instant: it commits
+    /// `min(goal, durable)`, so every chain member holds each committed update on disk.
+    goal: u64,
 }
 
 /// Forgets logged updates up to `version`: the downstream replica holds them.
@@ -151,7 +184,15 @@ impl RangeState {
             need_ms: None,
             learning: false,
             generation: 0,
+            durable: None,
+            unsynced: VecDeque::new(),
+            goal: 0,
         }
+    }
+
+    /// What a learner can vouch for: what its disk holds, once it holds its snapshot.
+    fn vouched(&self) -> Option<u64> {
+        self.durable.filter(|_| self.installed)
     }
 }
 
@@ -270,7 +311,7 @@ impl<S: Store> Replica<S> {
     pub fn new(id: NodeId, incarnation: u64, addr: String, rcfg: ReplicationConfig, store: S) -> Self {
         let ranges = (0..rcfg.ranges).map(|_| None).collect();
         let serves = vec![true; rcfg.ranges as usize];
-        Self {
+        let mut replica = Self {
             id,
             incarnation,
             addr,
@@ -286,6 +327,29 @@ impl<S: Store> Replica<S> {
             stats: ReplicaStats::default(),
             refusals: Vec::new(),
             generations: 0,
+        };
+        replica.recover();
+        replica
+    }
+
+    /// Holds again what the store found on its disk. A recovered range acts only once a
+    /// configuration names this incarnation in its chain: as the sole member of a chain whose
+    /// members all went down (the coordinator revives it from the best copy it hears of), or,
+    /// placed as a learner, not at all (it starts over from the tail's snapshot).
+    fn recover(&mut self) {
+        let workers = self.rcfg.workers as usize;
+        for (range, version, clock) in self.store.recovered() {
+            let Some(slot) = self.ranges.get_mut(range.0 as usize) else { continue };
+            if clock.len() != workers {
+                self.refuse(range, format!("its clock on disk has {} entries, the cluster's {workers}: not recovered", clock.len()));
+                continue;
+            }
+            let mut st = RangeState::new(Epoch(0), true, self.rcfg.workers);
+            st.version = version;
+            st.clock = clock;
+            (st.durable, st.generation) = (Some(version), self.generations);
+            self.generations += 1;
+            *slot = Some(st);
         }
     }
 
@@ -294,6 +358,11 @@ impl<S: Store> Replica<S> {
     /// for the shard's own ranges.
     pub fn serving(mut self, serves: impl Fn(RangeId) -> bool) -> Self {
         self.serves = (0..self.rcfg.ranges).map(|r| serves(RangeId(r))).collect();
+        for (slot, serves) in self.ranges.iter_mut().zip(&self.serves) {
+            if !serves {
+                *slot = None;
+            }
+        }
         self
     }
 
@@ -429,6 +498,45 @@ impl<S: Store> Replica<S> {
         for r in 0..self.ranges.len() {
             self.close_batch(RangeId(r as u32));
         }
+        self.settle_durable();
+    }
+
+    /// Takes up what the store's disk now holds: commits (and acknowledges upstream) what
+    /// waited for it, and a learner vouches for it.
+    fn settle_durable(&mut self) {
+        let lsn = self.store.durable_lsn();
+        for r in 0..self.ranges.len() {
+            let range = RangeId(r as u32);
+            let Some(st) = self.ranges[r].as_mut() else { continue };
+            let before = st.durable;
+            while let Some(&(version, _)) = st.unsynced.front().filter(|(_, at)| *at <= lsn) {
+                st.durable = st.durable.max(Some(version));
+                st.unsynced.pop_front();
+            }
+            if st.durable == before {
+                continue;
+            }
+            let (goal, epoch, vouched) = (st.goal, st.epoch, st.vouched());
+            let Some(place) = self.place(range).filter(|p| p.epoch == epoch) else { continue };
+            if place.is_learner {
+                if let (Some(up), Some(version)) = (place.upstream, vouched) {
+                    self.send(up, Msg::Ack { range, epoch, version });
+                }
+            } else {
+                self.commit(range, place, goal);
+            }
+        }
+    }
+
+    /// `range` now holds `version`, being written to disk as `lsn` (see [`Store::persist`]).
+    fn persisted(&mut self, range: RangeId, version: u64, lsn: u64) {
+        let durable_lsn = self.store.durable_lsn();
+        let st = self.ranges[range.0 as usize].as_mut().expect("persisted a held range");
+        if lsn <= durable_lsn && st.unsynced.is_empty() {
+            st.durable = st.durable.max(Some(version));
+        } else {
+            st.unsynced.push_back((version, lsn));
+        }
     }
 
     fn on_push(&mut self, range: RangeId, worker: WorkerId, seq: u32, payload: &[u8]) {
@@ -480,6 +588,8 @@ impl<S: Store> Replica<S> {
         self.store.seal(range, &mut open.delta);
         st.version += 1;
         let entry = Entry { version: st.version, clock: st.clock.as_slice().into(), delta: open.delta.into() };
+        let lsn = self.store.persist(range, entry.version, &entry.clock, &entry.delta, false);
+        self.persisted(range, entry.version, lsn);
         self.after_apply(range, entry);
     }
 
@@ -529,14 +639,20 @@ impl<S: Store> Replica<S> {
             self.commit(range, place, version);
         } else if place.is_learner {
             let up = place.upstream.expect("a learner's chain has a tail");
-            let msg = Msg::Ack { range, epoch: st.epoch, version: st.version };
-            self.out.push((Addr::Node(up), msg));
+            if let Some(version) = st.vouched() {
+                self.out.push((Addr::Node(up), Msg::Ack { range, epoch: st.epoch, version }));
+            }
         }
     }
 
-    /// On the tail: `version` is held by every replica that must hold it. Tell the chain.
+    /// `version` is held by every replica after this one that must hold it (on the tail: by
+    /// the tail and its synced learner). Once this replica's disk holds it too, it is
+    /// committed here: tell the chain upstream, and (on the head) the workers.
     fn commit(&mut self, range: RangeId, place: Place, version: u64) {
+        let canary = self.canary;
         let st = self.ranges[range.0 as usize].as_mut().expect("committing a held range");
+        st.goal = st.goal.max(version);
+        let version = if canary == Canary::AckBeforeDurable { version } else { version.min(st.durable.unwrap_or(0)) };
         if version <= st.committed {
             return;
         }
@@ -596,12 +712,13 @@ impl<S: Store> Replica<S> {
             let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
             st.clock.copy_from_slice(&entry.clock);
             st.version = entry.version;
+            let lsn = self.store.persist(range, entry.version, &entry.clock, &entry.delta, false);
+            self.persisted(range, entry.version, lsn);
             self.after_apply(range, entry);
         } else if entry.version <= st.version {
             // Seen before: our acknowledgement may have been lost; say again what we can vouch for.
-            let (version, committed) = (st.version, st.committed);
             let up = place.upstream.expect("checked by expect_from");
-            let vouch = if place.is_learner { version } else { committed };
+            let vouch = if place.is_learner { st.vouched().unwrap_or(0) } else { st.committed };
             if vouch > 0 {
                 self.send(up, Msg::Ack { range, epoch, version: vouch });
             }
@@ -682,15 +799,12 @@ impl<S: Store> Replica<S> {
             return;
         }
         if place.succ == Some(from) {
-            // The tail holds `version`: committed here and upstream.
-            if version > st.committed {
-                st.committed = version;
+            // Every replica after this one holds `version`: committed here and upstream once
+            // this one's disk holds it too.
+            if version > st.goal {
                 st.progress_ms = now;
                 trim(&mut st.log, version);
-                if let Some(up) = place.upstream {
-                    self.send(up, Msg::Ack { range, epoch, version });
-                }
-                self.release_acks(range);
+                self.commit(range, place, version);
             }
         } else if let Some(l) = st.learner.as_mut().filter(|l| l.node == from) {
             // Our learner holds `version`.
@@ -730,13 +844,21 @@ impl<S: Store> Replica<S> {
             st.version = version;
             st.installed = true;
             st.need_ms = None;
+            // The disk holds this holding again once it holds the snapshot.
+            st.durable = None;
+            st.unsynced.clear();
             // Whatever was logged for downstream is older than this; a downstream replica that
             // lacks the difference asks (Need) and gets a snapshot in turn.
             st.log.clear();
+            let lsn = self.store.persist(range, version, clock, data, true);
+            self.persisted(range, version, lsn);
         }
-        let version = self.ranges[range.0 as usize].as_ref().expect("checked by expect_from").version;
+        let st = self.ranges[range.0 as usize].as_ref().expect("checked by expect_from");
+        let (version, vouched) = (st.version, st.vouched());
         if place.is_learner {
-            self.send(from, Msg::Ack { range, epoch, version });
+            if let Some(version) = vouched {
+                self.send(from, Msg::Ack { range, epoch, version });
+            }
         } else if place.is_tail() {
             // The tail holds everything it has: committed.
             self.commit(range, place, version);
@@ -784,6 +906,11 @@ impl<S: Store> Replica<S> {
         self.flush();
         let member = config.member(self.id).is_some_and(|m| m.incarnation == self.incarnation);
         self.config = Some(config.clone());
+        if config.member(self.id).is_some_and(|m| m.incarnation != self.incarnation) {
+            // A configuration from before this incarnation started: it says nothing of what
+            // this one holds (what it recovered from disk stays until the coordinator decides).
+            return;
+        }
         for r in 0..self.ranges.len() {
             let range = RangeId(r as u32);
             let place = config.chain(range).filter(|_| member && self.serves[r]).and_then(|c| Place::of(&config, c, self.id));
@@ -809,12 +936,22 @@ impl<S: Store> Replica<S> {
             *slot = None;
             self.store.drop_range(range);
         }
+        if self.ranges[range.0 as usize].is_none() && place.epoch == Epoch(1) && !place.is_learner {
+            // A range born here: its empty state goes to disk like any other, so that a
+            // restart finds the range even before its first update.
+            let mut st = RangeState::new(place.epoch, true, workers);
+            st.generation = self.generations;
+            self.generations += 1;
+            let clock = st.clock.clone();
+            self.ranges[range.0 as usize] = Some(st);
+            let lsn = self.store.persist(range, 0, &clock, &[], true);
+            self.persisted(range, 0, lsn);
+        }
         let generations = &mut self.generations;
         let st = self.ranges[range.0 as usize].get_or_insert_with(|| {
-            // Only a range's first epoch puts a server in its chain holding nothing: every later
-            // member came in as a learner and holds the data already.
-            let born = place.epoch == Epoch(1) && !place.is_learner;
-            let mut st = RangeState::new(place.epoch, born, workers);
+            // Only a range's first epoch puts a server in its chain holding nothing (born
+            // above): every later member came in as a learner and holds the data already.
+            let mut st = RangeState::new(place.epoch, false, workers);
             st.learning = place.is_learner;
             st.generation = *generations;
             *generations += 1;
@@ -835,8 +972,11 @@ impl<S: Store> Replica<S> {
             None => Learner::new(node, incarnation),
         });
         if place.is_tail() && st.learner.is_none_or(|l| !l.synced) {
-            // Everything here is held by the (new) tail: committed.
-            st.committed = st.version;
+            // Everything here is held by the (new) tail: committed, as far as its disk holds it
+            // (the rest once it does: `settle_durable`).
+            st.goal = st.goal.max(st.version);
+            let durable = if self.canary == Canary::AckBeforeDurable { st.version } else { st.durable.unwrap_or(0) };
+            st.committed = st.committed.max(st.version.min(durable));
             if let Some(l) = st.learner.as_mut() {
                 l.ungated = st.version;
             }
@@ -1053,6 +1193,79 @@ mod tests {
         let learner = nodes[3].range_state(RangeId(0)).unwrap();
         assert!(learner.version >= tail.committed, "the learner holds every committed update: {} of {}", learner.version, tail.committed);
         assert!(tail.committed > 20, "pushes were committed all along: {}", tail.committed);
+    }
+
+    /// Chain 0 -> 1 -> 2 over disks: a push is acknowledged only once every member's disk
+    /// holds it, whichever member syncs last.
+    #[test]
+    fn a_push_is_acknowledged_once_every_disk_in_the_chain_holds_it() {
+        let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
+        let members = (0..3).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
+        let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: None };
+        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new() });
+        for last in 0..3 {
+            let mut nodes: Vec<_> = (0..3)
+                .map(|n| {
+                    let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), SimStore::with_disk());
+                    r.step(0, Addr::Coordinator, Msg::Config(config.clone()));
+                    r
+                })
+                .collect();
+            nodes[0].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+            assert!(settle(&mut nodes).is_empty(), "acknowledged before any disk held it");
+            assert!(nodes.iter().all(|n| value(n) == 5), "every member applied it in memory");
+            for (i, node) in nodes.iter_mut().enumerate() {
+                if i != last {
+                    node.store_mut().sync();
+                }
+            }
+            assert!(settle(&mut nodes).is_empty(), "acknowledged before node {last}'s disk held it");
+            nodes[last].store_mut().sync();
+            assert_eq!(settle(&mut nodes), vec![Msg::PushAck { range: RangeId(0), seq: 1 }], "node {last} synced last");
+        }
+    }
+
+    /// A server restarted from its disk holds what the disk held, and acts on it once a
+    /// configuration makes it its range's chain alone; until then it only reports it.
+    #[test]
+    fn a_server_restarted_from_its_disk_serves_what_it_held_once_the_chain_is_its_own() {
+        let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
+        let members = |inc: u64| (0..1).map(move |n| Member { node: NodeId(n), incarnation: inc, addr: String::new(), draining: false }).collect();
+        let chain = |epoch| vec![Chain { epoch: Epoch(epoch), nodes: vec![NodeId(0)], learner: None }];
+        let first = Arc::new(ClusterConfig { id: 1, members: members(1), chains: chain(1), drained: Vec::new() });
+        let mut node = Replica::new(NodeId(0), 1, String::new(), rcfg.clone(), SimStore::with_disk());
+        node.step(0, Addr::Coordinator, Msg::Config(first.clone()));
+        node.step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+        node.flush();
+        node.store_mut().sync();
+        node.flush();
+        node.step(2, Addr::Worker(WorkerId(1)), push(2, 7));
+        node.flush();
+        let acked: Vec<Msg> = node.take_ready().into_iter().filter(|(to, _)| matches!(to, Addr::Worker(_))).map(|(_, m)| m).collect();
+        assert_eq!(acked, vec![Msg::PushAck { range: RangeId(0), seq: 1 }], "push 2 is not on disk yet");
+
+        // Power loss: push 2 was never synced.
+        let disk = node.store().crashed(0);
+        let mut node = Replica::new(NodeId(0), 2, String::new(), rcfg, disk);
+        let st = node.range_state(RangeId(0)).expect("recovered");
+        assert_eq!((st.installed, st.version, st.clock, value(&node)), (true, 1, &[0u32, 1][..], 5));
+        // The old configuration names the old incarnation: nothing happens to what it holds.
+        node.step(3, Addr::Coordinator, Msg::Config(first));
+        node.step(3, Addr::Worker(WorkerId(1)), push(2, 7));
+        assert!(matches!(node.take_ready().as_slice(), [(Addr::Worker(_), Msg::NotHead { .. })]));
+        assert_eq!(value(&node), 5);
+        // Revived: the range's chain is this incarnation alone. The resent push applies once.
+        let revived = Arc::new(ClusterConfig { id: 2, members: members(2), chains: chain(2), drained: Vec::new() });
+        node.step(4, Addr::Coordinator, Msg::Config(revived));
+        for _ in 0..2 {
+            node.step(5, Addr::Worker(WorkerId(1)), push(2, 7));
+            node.flush();
+        }
+        node.store_mut().sync();
+        node.flush();
+        let acked: Vec<Msg> = node.take_ready().into_iter().filter(|(to, _)| matches!(to, Addr::Worker(_))).map(|(_, m)| m).collect();
+        assert_eq!(acked, vec![Msg::PushAck { range: RangeId(0), seq: 2 }; 2]);
+        assert_eq!((value(&node), node.range_state(RangeId(0)).unwrap().clock), (12, &[0u32, 2][..]));
     }
 
     #[test]

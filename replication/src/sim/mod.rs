@@ -7,6 +7,13 @@
 //! everything in memory) and restart. Then the faults stop, and the run goes on until the
 //! workers' pushes are all acknowledged and the cluster has settled.
 //!
+//! Half the seeds give every server a disk ([`store::SimDisk`]): each write reaches it at the
+//! server's next sync (a group commit every few milliseconds), and a crash keeps what was synced,
+//! plus a prefix of the writes since with the next one torn. A restarted server recovers what its
+//! disk holds. In those seeds the whole cluster also loses power at once, coordinator included
+//! (which then resumes from the configuration it last published, as it would from etcd or its
+//! own file), and every server restarts from its disk: no acknowledged push may be lost.
+//!
 //! The failures stay within what chain replication promises to survive: every range keeps a
 //! reachable, running chain member that holds its committed updates, and a crash or partition
 //! comes at least one failure-detection time (`failure_timeout_ms` plus a heartbeat) after the
@@ -63,6 +70,16 @@ pub struct Params {
     pub partition_every_ms: u64,
     pub worker_retry_ms: u64,
     pub quiet_ms_max: u64,
+    /// Servers keep their ranges on disk, synced every `sync_every_ms`; the whole cluster
+    /// loses power about every `power_loss_every_ms` (`None`: servers have no disk).
+    pub disks: Option<Disks>,
+}
+
+/// The disks of a seed whose servers have them.
+#[derive(Debug, Clone, Copy)]
+pub struct Disks {
+    pub sync_every_ms: u64,
+    pub power_loss_every_ms: u64,
 }
 
 impl Params {
@@ -89,6 +106,7 @@ impl Params {
             partition_every_ms: rng.gen_range(300..=3000),
             worker_retry_ms: 40,
             quiet_ms_max: 30_000,
+            disks: rng.gen_bool(0.5).then(|| Disks { sync_every_ms: rng.gen_range(1..=20), power_loss_every_ms: rng.gen_range(500..=2500) }),
         }
     }
 }
@@ -100,6 +118,8 @@ pub struct Report {
     pub messages: u64,
     pub dropped: u64,
     pub crashes: u64,
+    /// Times the whole cluster lost power at once.
+    pub power_losses: u64,
     pub partitions: u64,
     /// Crashes and partitions that began while another was still undetected (within one
     /// detection time of it): only with 3 replicas.
@@ -130,6 +150,8 @@ struct Node {
     replica: Option<Replica<SimStore>>,
     incarnation: u64,
     restart_ms: u64,
+    /// While down: what it restarts from (its disk).
+    store: SimStore,
 }
 
 struct Sim {
@@ -141,6 +163,9 @@ struct Sim {
     queue: BTreeMap<(u64, u64), (Addr, Addr, Msg)>,
     nodes: Vec<Node>,
     coordinator: Coordinator,
+    /// Until when the coordinator is down (the cluster lost power): it then resumes from the
+    /// configuration it last published.
+    coordinator_down: Option<u64>,
     workers: Vec<SimWorker>,
     /// Servers cut off from the other servers and the coordinator, until when.
     partition: Option<(Vec<NodeId>, u64)>,
@@ -170,7 +195,8 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
     let p = Params::pick(&mut rng);
     let members = (0..p.nodes).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
     let coordinator = Coordinator::new(p.rcfg.clone(), members.collect(), 0);
-    let nodes = (0..p.nodes).map(|n| Node { replica: Some(new_replica(&p, opts, n, 1)), incarnation: 1, restart_ms: 0 });
+    let store = || if p.disks.is_some() { SimStore::with_disk() } else { SimStore::default() };
+    let nodes = (0..p.nodes).map(|n| Node { replica: Some(new_replica(&p, opts, n, 1, store())), incarnation: 1, restart_ms: 0, store: SimStore::default() });
     let view = coordinator.config().clone();
     let workers = (0..p.rcfg.workers).map(|w| SimWorker::new(WorkerId(w), p.rcfg.ranges, p.pushes_per_worker, view.clone()));
     let mut sim = Sim {
@@ -178,6 +204,7 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
         nodes: nodes.collect(),
         workers: workers.collect(),
         coordinator,
+        coordinator_down: None,
         p,
         opts: opts.clone(),
         rng,
@@ -201,8 +228,8 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
     Ok(sim.report)
 }
 
-fn new_replica(p: &Params, opts: &SimOptions, node: u32, incarnation: u64) -> Replica<SimStore> {
-    let mut r = Replica::new(NodeId(node), incarnation, String::new(), p.rcfg.clone(), SimStore::default());
+fn new_replica(p: &Params, opts: &SimOptions, node: u32, incarnation: u64, store: SimStore) -> Replica<SimStore> {
+    let mut r = Replica::new(NodeId(node), incarnation, String::new(), p.rcfg.clone(), store);
     r.plant(opts.canary);
     r
 }
@@ -289,7 +316,8 @@ impl Sim {
                         worker.view = coordinator_view;
                     }
                 }
-                Addr::Coordinator => self.coordinator.step(self.now, msg),
+                Addr::Coordinator if self.coordinator_down.is_none() => self.coordinator.step(self.now, msg),
+                Addr::Coordinator => {}
             }
         }
     }
@@ -298,14 +326,23 @@ impl Sim {
     fn tick(&mut self) {
         let now = self.now;
         let mut out = Vec::new();
+        let sync = self.p.disks.is_some_and(|d| now.is_multiple_of(d.sync_every_ms));
         for node in &mut self.nodes {
             if let Some(r) = node.replica.as_mut() {
+                if sync {
+                    r.store_mut().sync();
+                }
                 r.flush();
                 r.tick(now);
                 out.extend(r.take_ready().into_iter().map(|(to, m)| (Addr::Node(r.id()), to, m)));
             }
         }
-        if now.is_multiple_of(5) {
+        if self.coordinator_down.is_some_and(|until| now >= until) {
+            self.coordinator_down = None;
+            self.coordinator = Coordinator::resume(self.p.rcfg.clone(), (**self.coordinator.config()).clone(), now);
+            self.trace(|| "coordinator resumed from its stored configuration".into());
+        }
+        if now.is_multiple_of(5) && self.coordinator_down.is_none() {
             self.coordinator.tick(now);
             for change in self.coordinator.take_changes() {
                 self.trace(|| format!("coordinator: {change:?}"));
@@ -357,18 +394,26 @@ impl Sim {
         }
         let detection_ms = self.p.rcfg.failure_timeout_ms + self.p.rcfg.heartbeat_interval_ms;
         self.failed_ms.retain(|at| now < at + detection_ms);
+        if let Some(disks) = self.p.disks {
+            // Once every server took up its first configuration: a range is born when its first
+            // chain's members hear of it, and a power loss before that loses a cluster that
+            // never started (its ranges are on no disk yet).
+            let started = self.nodes.iter().all(|n| n.replica.as_ref().is_some_and(|r| r.config().is_some()));
+            if self.rng.gen_range(0..disks.power_loss_every_ms) == 0 && self.coordinator_down.is_none() && started {
+                self.power_loss();
+                return;
+            }
+        }
         let may_fail = self.failed_ms.len() < (self.p.rcfg.replicas as usize).saturating_sub(1).max(1);
         if self.rng.gen_range(0..self.p.crash_every_ms) == 0 && may_fail {
             let n = self.rng.gen_range(0..self.nodes.len());
             let mut out = self.cut().to_vec();
             out.push(NodeId(n as u32));
             if self.nodes[n].replica.is_some() && self.checker.survives(&out, &self.nodes_view(), &self.coordinator) {
-                self.nodes[n].replica = None;
-                self.nodes[n].restart_ms = now + self.rng.gen_range(50..=600);
+                self.crash(n);
                 self.report.crashes += 1;
                 self.report.overlapping += u64::from(!self.failed_ms.is_empty());
                 self.failed_ms.push(now);
-                self.trace(|| format!("CRASH node {n}"));
             }
         }
         match &self.partition {
@@ -403,10 +448,37 @@ impl Sim {
         self.partition.as_ref().map_or(&[], |(cut, _)| cut.as_slice())
     }
 
+    /// Node `n` stops; what it restarts from is its disk, with some writes that were never
+    /// synced on it, the next torn.
+    fn crash(&mut self, n: usize) {
+        let replica = self.nodes[n].replica.take().expect("crashing a running node");
+        let pending = replica.store().disk.as_ref().map_or(0, |d| d.pending());
+        let landed = self.rng.gen_range(0..=pending);
+        self.nodes[n].store = replica.store().crashed(landed);
+        self.nodes[n].restart_ms = self.now + self.rng.gen_range(50..=600);
+        self.trace(|| format!("CRASH node {n} ({landed} of {pending} unsynced writes landed)"));
+    }
+
+    /// Every server and the coordinator stop at once; each server restarts from its disk, and
+    /// the coordinator from its stored configuration.
+    fn power_loss(&mut self) {
+        self.trace(|| "POWER LOSS: every server and the coordinator".into());
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].replica.is_some() {
+                self.crash(n);
+            }
+        }
+        self.coordinator_down = Some(self.now + self.rng.gen_range(0..=400));
+        self.partition = None;
+        self.failed_ms.push(self.now);
+        self.report.power_losses += 1;
+    }
+
     fn restart(&mut self, n: usize) {
         let node = &mut self.nodes[n];
         node.incarnation += 1;
-        node.replica = Some(new_replica(&self.p, &self.opts, n as u32, node.incarnation));
+        let store = std::mem::take(&mut node.store);
+        node.replica = Some(new_replica(&self.p, &self.opts, n as u32, node.incarnation, store));
         self.checker.restarted(NodeId(n as u32));
         self.trace(|| format!("RESTART node {n} (incarnation {})", self.nodes[n].incarnation));
     }
@@ -415,6 +487,9 @@ impl Sim {
     fn heal(&mut self) {
         self.faults = false;
         self.partition = None;
+        if self.coordinator_down.is_some() {
+            self.coordinator_down = Some(self.now);
+        }
         for n in 0..self.nodes.len() {
             if self.nodes[n].replica.is_none() {
                 self.restart(n);

@@ -28,10 +28,78 @@ fn add(into: &mut [i64; VALUES], delta: &[i64; VALUES]) {
     }
 }
 
-/// A `sum` table of [`VALUES`] values per range.
+/// A `sum` table of [`VALUES`] values per range, in memory, and on a simulated disk if it
+/// has one.
 #[derive(Debug, Default, Clone)]
 pub struct SimStore {
     pub ranges: BTreeMap<RangeId, [i64; VALUES]>,
+    pub disk: Option<SimDisk>,
+}
+
+/// What a range's state on disk is: its version, clock and values.
+type OnDisk = (u64, Vec<u32>, [i64; VALUES]);
+
+/// A disk as a log: writes are numbered, and reach the disk only when it syncs, or at a crash
+/// (a prefix of them, the next one torn).
+#[derive(Debug, Default, Clone)]
+pub struct SimDisk {
+    /// Each range's state as the disk holds it.
+    pub held: BTreeMap<RangeId, OnDisk>,
+    /// Writes since the last sync, in order: a range's new state, or `None` when it was dropped.
+    pending: Vec<(u64, RangeId, Option<OnDisk>)>,
+    next_lsn: u64,
+    synced_lsn: u64,
+}
+
+impl SimDisk {
+    fn write(&mut self, range: RangeId, state: Option<OnDisk>) -> u64 {
+        self.next_lsn += 1;
+        self.pending.push((self.next_lsn, range, state));
+        self.next_lsn
+    }
+
+    /// The first `count` pending writes reach the disk.
+    fn land(&mut self, count: usize) {
+        for (lsn, range, state) in self.pending.drain(..count.min(self.pending.len())) {
+            match state {
+                Some(state) => self.held.insert(range, state),
+                None => self.held.remove(&range),
+            };
+            self.synced_lsn = self.synced_lsn.max(lsn);
+        }
+    }
+
+    /// Writes not yet synced.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+impl SimStore {
+    /// A store whose writes go to a simulated disk.
+    pub fn with_disk() -> Self {
+        Self { ranges: BTreeMap::new(), disk: Some(SimDisk::default()) }
+    }
+
+    /// Everything written so far reaches the disk (a group commit's fsync).
+    pub fn sync(&mut self) {
+        if let Some(disk) = self.disk.as_mut() {
+            disk.land(usize::MAX);
+        }
+    }
+
+    /// What a restart after a crash finds: the disk, with the first `landed` of the writes not
+    /// yet synced on it too (written, but never reported durable) and the rest lost, the first
+    /// of those torn. Memory is whatever the disk holds. Without a disk, nothing.
+    pub fn crashed(&self, landed: usize) -> Self {
+        let Some(disk) = &self.disk else { return Self::default() };
+        let mut disk = disk.clone();
+        disk.land(landed);
+        disk.pending.clear();
+        disk.synced_lsn = disk.next_lsn;
+        let ranges = disk.held.iter().map(|(r, (_, _, values))| (*r, *values)).collect();
+        Self { ranges, disk: Some(disk) }
+    }
 }
 
 impl Store for SimStore {
@@ -59,5 +127,29 @@ impl Store for SimStore {
 
     fn drop_range(&mut self, range: RangeId) {
         self.ranges.remove(&range);
+        if let Some(disk) = self.disk.as_mut() {
+            disk.write(range, None);
+        }
+    }
+
+    fn persist(&mut self, range: RangeId, version: u64, clock: &[u32], _bytes: &[u8], whole: bool) -> u64 {
+        let values = self.ranges.get(&range).copied().unwrap_or_default();
+        let Some(disk) = self.disk.as_mut() else { return 0 };
+        let lsn = disk.write(range, Some((version, clock.to_vec(), values)));
+        if whole && version == 0 {
+            // A range born empty: it exists once its table does, and a server syncs a new
+            // table's definition before it serves it.
+            disk.land(usize::MAX);
+        }
+        lsn
+    }
+
+    fn durable_lsn(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |disk| disk.synced_lsn)
+    }
+
+    fn recovered(&self) -> Vec<(RangeId, u64, Vec<u32>)> {
+        let Some(disk) = &self.disk else { return Vec::new() };
+        disk.held.iter().map(|(range, (version, clock, _))| (*range, *version, clock.clone())).collect()
     }
 }
