@@ -152,7 +152,8 @@ impl Server {
         for ((id, mut ep), rx) in shard_eps.into_iter().enumerate().zip(inboxes) {
             let mut shard = Shard::new(id as u16, engine.clone(), rx);
             if let Some((me, outbox)) = &chain {
-                shard = shard.with_chain(ChainShard::new(id as u16, shard_count, me, rcfg.clone().expect("replicated"), outbox.clone()));
+                let recovering = cfg.engine.durability != Durability::None && cfg.engine.data_dir.is_some();
+                shard = shard.with_chain(ChainShard::new(id as u16, shard_count, me, rcfg.clone().expect("replicated"), outbox.clone(), recovering));
             }
             let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[id % cores.len()]);
             let spawned = std::thread::Builder::new().name(format!("tessera-shard-{id}")).spawn(move || {
@@ -507,11 +508,11 @@ const COORDINATOR_WAIT: Duration = Duration::from_secs(30);
 
 /// Asks the coordinator for the cluster's replication settings, waiting for it to come up.
 fn fetch_replication(join: &Join, cfg: &ServerConfig) -> Result<ReplicationConfig> {
-    if cfg.engine.durability != Durability::None {
+    if cfg.engine.durability == Durability::Checkpoint {
         return Err(EngineError::BadConfig {
             field: "durability",
-            value: format!("{:?}", cfg.engine.durability),
-            reason: "a replicated server keeps its ranges on its chains' other servers, not on disk, for now: use --durability none".into(),
+            value: "checkpoint".into(),
+            reason: "a replicated server keeps its ranges on disk in its write-ahead log: use --durability wal (or none)".into(),
         });
     }
     let deadline = std::time::Instant::now() + COORDINATOR_WAIT;

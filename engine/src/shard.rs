@@ -19,6 +19,7 @@ use tessera_layout::placement::range_of;
 use tessera_replication::protocol::ClusterConfig;
 
 use crate::arena::Arena;
+use crate::chain::store::{self, Replayed};
 use crate::chain::ChainShard;
 use crate::config::EngineConfig;
 use crate::error::{EngineError, Result};
@@ -168,7 +169,7 @@ impl Shard {
                 tracing::error!(shard = self.id, error = %e, "poll failed");
             }
             if let Some(chain) = self.chain.as_mut() {
-                chain.pump(&mut self.tables);
+                chain.pump(&mut self.tables, &mut self.disk);
             }
             // Start the commit of what was just served before sleeping again.
             self.pump_disk();
@@ -189,7 +190,13 @@ impl Shard {
     fn pump_disk(&mut self) {
         let Some(disk) = self.disk.as_mut() else { return };
         disk.pump();
-        if !disk.checkpointing() && (disk.checkpoint_due() || !self.checkpoint_asked.is_empty()) {
+        if self.chain.is_some() {
+            // A replicated shard's log is replayed whole at start-up: it takes no checkpoints.
+            for done in self.checkpoint_asked.drain(..) {
+                let reason = "a replicated server takes no checkpoints yet: its write-ahead log is kept whole and replayed at start-up".into();
+                let _ = done.send(Err(EngineError::BadRequest { reason }));
+            }
+        } else if !disk.checkpointing() && (disk.checkpoint_due() || !self.checkpoint_asked.is_empty()) {
             self.checkpoint_waiting.append(&mut self.checkpoint_asked);
             match disk.begin_checkpoint(&mut self.tables) {
                 Ok(seq) => tracing::info!(shard = self.id, seq, "checkpoint started"),
@@ -246,7 +253,19 @@ impl Shard {
         let placed: Vec<Placed> = self.tables.iter().map(|t| t.as_ref().map(|t| (t.spec.clone(), t.owned(), t.updater()))).collect();
         let (shard, cfg, arena) = (self.id, self.cfg.clone(), &mut self.arena);
         let mut build = |m: &PartManifest| part_for_checkpoint(m, &placed, shard, &cfg, arena);
-        let report = disk.recover(&mut self.tables, &mut build)?;
+        let report = match self.chain.as_mut() {
+            Some(chain) => {
+                // A replicated shard's log holds its replica's records: replayed into the
+                // tables, and what they leave is what the replica holds again.
+                let ranges = chain.ranges();
+                let mut replayed = Replayed::default();
+                let mut replay = |tables: &mut [Option<TablePart>], r: &Record<'_>| store::replay(tables, ranges, &mut replayed, r);
+                let report = disk.recover(&mut self.tables, &mut build, Some(&mut replay))?;
+                chain.recovered(&mut self.tables, &mut self.disk, replayed);
+                report
+            }
+            None => disk.recover(&mut self.tables, &mut build, None)?,
+        };
         // Parts loaded from a checkpoint replaced the fresh ones: show workers the new memory.
         for t in self.tables.iter().flatten() {
             if let Some(view) = t.dense_view() {
@@ -302,7 +321,7 @@ impl Shard {
                 }
             },
             ShardControl::Config(config) => match self.chain.as_mut() {
-                Some(chain) => chain.config(&mut self.tables, config),
+                Some(chain) => chain.config(&mut self.tables, &mut self.disk, config),
                 None => tracing::warn!(shard = self.id, "a cluster configuration reached an unreplicated shard"),
             },
             ShardControl::Shutdown => self.stop = true,
@@ -337,8 +356,8 @@ impl Shard {
         }
         if let Some(chain) = self.chain.as_mut() {
             match h.op() {
-                Some(Op::Replicate) => return chain.serve_peer(&mut self.tables, &h, req.body, reply),
-                Some(Op::WorkerPush) => return chain.serve_worker(&mut self.tables, &h, req.body, reply),
+                Some(Op::Replicate) => return chain.serve_peer(&mut self.tables, &mut self.disk, &h, req.body, reply),
+                Some(Op::WorkerPush) => return chain.serve_worker(&mut self.tables, &mut self.disk, &h, req.body, reply),
                 Some(Op::Push | Op::PushRange) => {
                     return Err(EngineError::BadRequest {
                         reason: "this server is replicated: push through each range's head (a replicated client does)".into(),

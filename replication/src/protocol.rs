@@ -96,7 +96,7 @@ pub struct ClusterConfig {
     pub members: Vec<Member>,
     /// One chain per range, indexed by [`RangeId`].
     pub chains: Vec<Chain>,
-    /// Servers that were drained and then left (the newest [`DRAINED_KEPT_MAX`]). One the
+    /// Servers that were drained and then left (the newest [`DRAINED_KEPT_MAX`](crate::config::DRAINED_KEPT_MAX)). One the
     /// coordinator took for failed while it drained (its heartbeats late) left before it saw
     /// itself drained; this list is how it learns it is done, and keeps it from being taken back
     /// as a new member meanwhile. A restart (another incarnation) may join again.

@@ -754,3 +754,113 @@ fn a_push_reply_held_for_a_frozen_tail_becomes_an_error_and_nothing_is_lost() {
     client.pull_range(&table, 7, &mut value).expect("pull");
     assert_eq!(value[0], 2.0, "two pushes of 1.0");
 }
+
+/// The whole cluster loses power: every server and the coordinator are killed with `kill -9`
+/// at once while four workers push, twice, and restarted from their disks (servers with
+/// `--durability wal`; the embedded coordinator with `--data-dir`, or one keeping the
+/// configuration in etcd). The workers' pushes in flight complete once the cluster is back, and
+/// every key holds exactly the sum of every acknowledged push: nothing acknowledged lost,
+/// nothing applied twice.
+#[test]
+fn a_whole_cluster_killed_at_once_comes_back_from_its_disks() {
+    power_loss_test(false);
+}
+
+#[test]
+fn a_whole_cluster_killed_at_once_comes_back_from_its_disks_with_etcd() {
+    power_loss_test(true);
+}
+
+fn power_loss_test(with_etcd: bool) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("power-loss");
+    let tables = sum_table(&dir);
+    let etcd = with_etcd.then(EtcdProc::start);
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let coordinator_dir = dir.path().join("coordinator").display().to_string();
+    let timeout = failure_timeout_ms();
+    let (keep, find) = match &etcd {
+        Some(etcd) => (["--etcd", etcd.endpoint()], ["--etcd", etcd.endpoint()]),
+        None => (["--data-dir", coordinator_dir.as_str()], ["--coordinator", coordinator.as_str()]),
+    };
+    let start_coordinator = || {
+        let args = ["--servers", "3", "--replicas", "3", "--ranges", "8", "--workers", "8", "--failure-timeout-ms", &timeout, keep[0], keep[1]];
+        ServerProc::coordinator_at(&coordinator, &args)
+    };
+    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let start = |i: usize| {
+        let (node, data) = ((i + 1).to_string(), dir.path().join(format!("server-{}", i + 1)).display().to_string());
+        let mut args = ["--node-id", &node, "--tables", &tables, "--shards", "2", "--no-pin", find[0], find[1], "--durability", "wal", "--data-dir", &data]
+            .map(String::from)
+            .to_vec();
+        args.extend(transport_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ServerProc::start_at(&addrs[i], &args)
+    };
+    let mut coordinator_proc = start_coordinator();
+    let mut servers: Vec<ServerProc> = (0..SERVERS).map(start).collect();
+    let coordinators = [coordinator.clone()];
+    wait_healed(&coordinators, None, Duration::from_secs(30));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress: Arc<Vec<AtomicU64>> = Arc::new((0..WORKERS).map(|_| AtomicU64::new(0)).collect());
+    let mut handles = Vec::new();
+    for w in 0..WORKERS {
+        let (stop, addrs, progress) = (stop.clone(), addrs.clone(), progress.clone());
+        handles.push(std::thread::spawn(move || {
+            let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            let mut client = ChainClient::connect(&refs, worker_cfg(w)).expect("connect");
+            let (table, emb) = (client.table("w").expect("table w"), client.table("emb").expect("table emb"));
+            let grads: Vec<f32> = (0..KEYS).map(|k| grad(w, k)).collect();
+            let keys = sparse_keys(w);
+            let sparse = sparse_grads(w, &keys);
+            let mut done = 0usize;
+            while !stop.load(Ordering::Acquire) {
+                client.set_clock(done as u64 + 1);
+                client.push_range(&table, 0, &grads).expect("a push is acknowledged once the cluster is back");
+                client.push(&emb, &keys, &sparse).expect("a sparse push is acknowledged once the cluster is back");
+                done += 1;
+                progress[w as usize].fetch_add(1, Ordering::Release);
+            }
+            done
+        }));
+    }
+    let wait_progress = |what: &str| {
+        let seen: Vec<u64> = progress.iter().map(|p| p.load(Ordering::Acquire)).collect();
+        let waiting = Instant::now();
+        while progress.iter().zip(&seen).any(|(p, s)| p.load(Ordering::Acquire) < s + 3) {
+            assert!(waiting.elapsed() < heal_within(), "a worker made no progress for {:?} {what}", heal_within());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_progress("before the power loss");
+    for round in 0..2 {
+        // Power loss: everything at once.
+        coordinator_proc.kill();
+        servers.iter_mut().for_each(ServerProc::kill);
+        let acked: u64 = progress.iter().map(|p| p.load(Ordering::Acquire)).sum();
+        eprintln!("power loss {round}: every server and the coordinator killed, {acked} iterations acknowledged");
+        std::thread::sleep(Duration::from_millis(300));
+        coordinator_proc = start_coordinator();
+        for i in [2, 0, 1] {
+            servers[i] = start(i);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let procs: Vec<&ServerProc> = servers.iter().chain([&coordinator_proc]).collect();
+        wait_healed_or_dump(&coordinators, None, heal_within(), &procs);
+        wait_progress("after the cluster came back");
+        // Each range came back from a disk: the coordinator revived it from one member.
+        let status = status(&coordinators).expect("the coordinator answers");
+        let changes: Vec<&str> = status["changes"].as_array().expect("changes").iter().filter_map(|c| c.as_str()).collect();
+        let revived = changes.iter().filter(|c| c.contains("Recovered")).count();
+        eprintln!("after power loss {round}: {revived} ranges revived from a disk");
+        assert!(revived >= 8, "every range is revived from a disk; the coordinator's changes:\n{}", changes.join("\n"));
+        assert!(!changes.iter().any(|c| c.contains("Lost")), "a range was lost:\n{}", changes.join("\n"));
+    }
+    stop.store(true, Ordering::Release);
+    let pushes: Vec<usize> = handles.into_iter().map(|h| h.join().expect("worker")).collect();
+    let live: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    check_sums(&live, &pushes);
+    let coordination = if with_etcd { "etcd" } else { "embedded coordinator on disk" };
+    eprintln!("whole-cluster power loss, twice ({coordination}): {} iterations acknowledged, every one there once", pushes.iter().sum::<usize>());
+}

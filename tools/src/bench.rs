@@ -314,7 +314,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
 fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
     let mut spec = TableSpec::new("tessera.bench", TableKind::Dense, 0, BENCH_KEYS, 1);
     spec.updater.clone_from(&args.updater);
-    let plain_server = Server::start(args.engine.server_config("127.0.0.1:0", vec![spec.clone()], false, &args.net), UpdaterRegistry::new())?;
+    let mut plain_cfg = args.engine.server_config("127.0.0.1:0", vec![spec.clone()], false, &args.net);
+    // With --data-dir, the unreplicated server and each of the cluster's keep their own disk.
+    plain_cfg.engine.data_dir = args.engine.data_dir.as_ref().map(|dir| dir.join("unreplicated"));
+    let plain_server = Server::start(plain_cfg, UpdaterRegistry::new())?;
     let plain = Client::connect(&[&plain_server.local_addr().to_string()], args.net.client(args.worker))?;
     let plain_table = plain.table(&spec.name)?;
     let cluster = Cluster { servers: args.servers, replicas, ranges: args.ranges, workers: args.worker + 1 };

@@ -377,6 +377,8 @@ impl Cluster {
                 cfg.engine.shards = 1;
             }
             cfg.engine.workers_max = cfg.engine.workers_max.max(self.workers);
+            // Each server keeps its disk in its own directory under --data-dir.
+            cfg.engine.data_dir = engine.data_dir.as_ref().map(|dir| dir.join(format!("node-{node}")));
             cfg.replication = Some(Join { node, coordinator: Locator::At(coordinator.local_addr().to_string()), advertise: None });
             servers.push(Server::start(cfg, UpdaterRegistry::new()).with_context(|| format!("starting replicated server {node}"))?);
         }

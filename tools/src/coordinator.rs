@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_coordinator::CoordinatorHandle;
+use tessera_coordinator::{ConfigStore, CoordinatorHandle, FileStore};
 use tessera_replication::ReplicationConfig;
 
 use crate::common::{EtcdArgs, SecretArgs};
@@ -19,6 +19,13 @@ use crate::metrics::MetricsArgs;
 ///
 ///   tessera coordinator --listen 127.0.0.1:7000 --servers 3 --replicas 2
 ///   tessera status --coordinator 127.0.0.1:7000     # members, chains, epochs, lag
+///
+/// With --data-dir, the configuration is also kept in DIR/cluster.json, written and synced
+/// before any server hears of it: restarted (after a crash, or after the whole cluster lost
+/// power), this coordinator continues the cluster instead of waiting to make a new one. Servers
+/// started with --durability wal then come back with their ranges from their own disks.
+///
+///   tessera coordinator --listen 127.0.0.1:7000 --servers 3 --data-dir /var/lib/tessera/coordinator
 ///
 /// With --etcd, the configuration is kept in etcd instead of this process's memory, and any
 /// number of coordinators may run: they campaign in etcd's election, the winner coordinates
@@ -54,6 +61,10 @@ pub struct CoordinatorArgs {
     /// How often servers heartbeat.
     #[arg(long, default_value_t = ReplicationConfig::default().heartbeat_interval_ms)]
     heartbeat_interval_ms: u64,
+    /// Keep the configuration in this directory too, so that a restarted coordinator continues
+    /// the cluster (see above). Not with --etcd, which keeps it in etcd.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     etcd: EtcdArgs,
     #[command(flatten)]
@@ -74,7 +85,11 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     if let Some(at) = args.metrics.start()? {
         eprintln!("metrics at http://{at}/metrics");
     }
-    let store = args.etcd.store()?;
+    let store: Box<dyn ConfigStore> = match (&args.data_dir, &args.etcd.etcd) {
+        (Some(_), Some(_)) => anyhow::bail!("--data-dir and --etcd both say where the configuration is kept: give one"),
+        (Some(dir), None) => Box::new(FileStore::new(dir)?),
+        (None, _) => args.etcd.store()?,
+    };
     let kept = store.describe();
     let handle = CoordinatorHandle::start(&args.listen, rcfg, args.servers, &args.secret.transport(), store).context("starting the coordinator")?;
     eprintln!("tessera coordinator listening on {}, configuration kept {kept}; a new cluster waits for {} servers", handle.local_addr(), args.servers);

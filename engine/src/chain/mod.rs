@@ -24,9 +24,10 @@ use tessera_replication::ReplicationConfig;
 use tessera_transport::{Header, Reply};
 
 use crate::error::{EngineError, Result};
+use crate::persist::durable::ShardDisk;
 use crate::table::TablePart;
 use outbox::Outbox;
-use store::ChainStore;
+use store::{ChainStore, Replayed};
 
 /// Who this server is in the cluster.
 #[derive(Debug, Clone)]
@@ -93,8 +94,15 @@ struct HeldReply {
 #[derive(Debug)]
 pub struct ChainShard {
     shard: u16,
+    shards: u16,
+    me: Identity,
     rcfg: ReplicationConfig,
     replica: Replica<ChainStore>,
+    /// Until the shard has replayed its log (`--durability wal`), the replica takes no part:
+    /// it neither heartbeats nor takes configurations (the newest waits here), so the
+    /// coordinator never hears of this incarnation before it knows what its disk holds.
+    recovering: bool,
+    config_waiting: Option<Arc<ClusterConfig>>,
     outbox: Outbox,
     /// Per (worker, range): news for the worker, handed over in its next reply.
     mailbox: BTreeMap<(u32, u32), Notice>,
@@ -115,15 +123,19 @@ pub struct ChainShard {
 }
 
 impl ChainShard {
-    /// Shard `shard` of `shards`: its replica serves the ranges placed on it.
-    pub fn new(shard: u16, shards: u16, me: &Identity, rcfg: ReplicationConfig, outbox: Outbox) -> Self {
-        let store = ChainStore::new(rcfg.ranges);
-        let ranges = rcfg.ranges;
-        let replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store).serving(|r| shard_of_range(r.0, ranges, shards) == shard);
+    /// Shard `shard` of `shards`: its replica serves the ranges placed on it. A shard that
+    /// recovers from its disk first (`recovering`) takes part once it has
+    /// ([`recovered`](Self::recovered)).
+    pub fn new(shard: u16, shards: u16, me: &Identity, rcfg: ReplicationConfig, outbox: Outbox, recovering: bool) -> Self {
+        let replica = Self::replica(shard, shards, me, &rcfg, ChainStore::new(rcfg.ranges));
         Self {
             shard,
+            shards,
+            me: me.clone(),
             rcfg,
             replica,
+            recovering,
+            config_waiting: None,
             outbox,
             mailbox: BTreeMap::new(),
             started: Instant::now(),
@@ -133,6 +145,24 @@ impl ChainShard {
             released_last: 0,
             acked: HashMap::new(),
             failing: None,
+        }
+    }
+
+    fn replica(shard: u16, shards: u16, me: &Identity, rcfg: &ReplicationConfig, store: ChainStore) -> Replica<ChainStore> {
+        let ranges = rcfg.ranges;
+        Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store).serving(|r| shard_of_range(r.0, ranges, shards) == shard)
+    }
+
+    /// The ranges the shard's log held ([`store::replay`]): the replica holds them again, and
+    /// from now on takes part in the cluster.
+    pub fn recovered(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>, replayed: Replayed) {
+        let held: Vec<String> = replayed.ranges.iter().map(|(r, (v, _))| format!("{r}@{v}")).collect();
+        tracing::info!(shard = self.shard, ranges = ?held, "the replica holds again what its log held (range@version)");
+        self.replica = Self::replica(self.shard, self.shards, &self.me, &self.rcfg, ChainStore::recovered(self.rcfg.ranges, replayed));
+        self.recovering = false;
+        self.route();
+        if let Some(config) = self.config_waiting.take() {
+            self.config(tables, disk, config);
         }
     }
 
@@ -147,12 +177,14 @@ impl ChainShard {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Runs `f` on the replica with the shard's tables lent to its store.
-    fn with_replica(&mut self, tables: &mut Vec<Option<TablePart>>, f: impl FnOnce(&mut Replica<ChainStore>, u64)) {
+    /// Runs `f` on the replica with the shard's tables and disk lent to its store.
+    fn with_replica(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>, f: impl FnOnce(&mut Replica<ChainStore>, u64)) {
         let now = self.now_ms();
         std::mem::swap(tables, &mut self.replica.store_mut().tables);
+        std::mem::swap(disk, &mut self.replica.store_mut().disk);
         f(&mut self.replica, now);
         std::mem::swap(tables, &mut self.replica.store_mut().tables);
+        std::mem::swap(disk, &mut self.replica.store_mut().disk);
         self.route();
     }
 
@@ -182,8 +214,11 @@ impl ChainShard {
 
     /// Closes the open batches, and lets time pass: heartbeats, resends. The shard calls it on
     /// every turn of its loop.
-    pub fn pump(&mut self, tables: &mut Vec<Option<TablePart>>) {
-        self.with_replica(tables, |r, now| {
+    pub fn pump(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>) {
+        if self.recovering {
+            return;
+        }
+        self.with_replica(tables, disk, |r, now| {
             r.flush();
             r.tick(now);
         });
@@ -238,20 +273,31 @@ impl ChainShard {
     }
 
     /// A new configuration from the coordinator.
-    pub fn config(&mut self, tables: &mut Vec<Option<TablePart>>, config: Arc<ClusterConfig>) {
+    pub fn config(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>, config: Arc<ClusterConfig>) {
         if config.chains.len() != self.rcfg.ranges as usize {
             tracing::error!(ranges = config.chains.len(), ours = self.rcfg.ranges, "a configuration with another number of ranges; ignored");
             return;
         }
+        if self.recovering {
+            self.config_waiting = Some(config);
+            return;
+        }
         let _span = tracing::info_span!("reconfigure", shard = self.shard, config = config.id).entered();
         tracing::debug!("a new cluster configuration");
-        self.with_replica(tables, |r, now| r.step(now, Addr::Coordinator, Msg::Config(config)));
+        self.with_replica(tables, disk, |r, now| r.step(now, Addr::Coordinator, Msg::Config(config)));
     }
 
     /// A `Replicate` request: a batch of messages ([`codec::encode_batch`]) from peer
     /// `header.worker`, taken in order. A batch that does not decode, is empty, or holds a
     /// message a peer may not send, is refused whole.
-    pub fn serve_peer(&mut self, tables: &mut Vec<Option<TablePart>>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
+    pub fn serve_peer(
+        &mut self,
+        tables: &mut Vec<Option<TablePart>>,
+        disk: &mut Option<ShardDisk>,
+        header: &Header,
+        body: &[u8],
+        reply: &mut Reply<'_>,
+    ) -> Result<()> {
         let msgs = codec::decode_batch(body).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
         if msgs.is_empty() {
             return Err(EngineError::BadRequest { reason: "a Replicate request with no message".into() });
@@ -260,7 +306,7 @@ impl ChainShard {
             return Err(EngineError::BadRequest { reason: format!("a peer may not send a {} message", msg.kind()) });
         }
         let from = Addr::Node(NodeId(header.worker));
-        self.with_replica(tables, |r, now| msgs.into_iter().for_each(|msg| r.step(now, from, msg)));
+        self.with_replica(tables, disk, |r, now| msgs.into_iter().for_each(|msg| r.step(now, from, msg)));
         reply.ok_bytes(&[]);
         Ok(())
     }
@@ -271,7 +317,14 @@ impl ChainShard {
     /// applied). The pushes are applied and the head's batches closed at once, so a chain of
     /// one acknowledges them in this reply, and a longer chain starts forwarding them now. The
     /// reply carries every acknowledgement and refusal waiting for the worker.
-    pub fn serve_worker(&mut self, tables: &mut Vec<Option<TablePart>>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
+    pub fn serve_worker(
+        &mut self,
+        tables: &mut Vec<Option<TablePart>>,
+        disk: &mut Option<ShardDisk>,
+        header: &Header,
+        body: &[u8],
+        reply: &mut Reply<'_>,
+    ) -> Result<()> {
         let worker = header.worker;
         let bad = |reason: String| EngineError::BadRequest { reason };
         let msgs = codec::decode_batch(body).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
@@ -288,7 +341,7 @@ impl ChainShard {
         let pushed: Vec<(RangeId, u32)> = msgs.iter().filter_map(|m| if let Msg::Push { range, seq, .. } = m { Some((*range, *seq)) } else { None }).collect();
         if !msgs.is_empty() {
             let from = Addr::Worker(WorkerId(worker));
-            self.with_replica(tables, |r, now| {
+            self.with_replica(tables, disk, |r, now| {
                 msgs.into_iter().for_each(|msg| r.step(now, from, msg));
                 r.flush();
             });

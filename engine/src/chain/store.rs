@@ -14,7 +14,15 @@
 //! many keys inside `[start, end)` in increasing order, then their records
 //! ([`TablePart::export_listed`]). A snapshot of a sparse range lists every key the part holds
 //! there, and the replica installing it forgets the keys it does not list.
+//!
+//! With `--durability wal`, every update and snapshot a replica applies, and each range it
+//! drops, goes to the shard's write-ahead log as [`Target::Replica`] records (the same bytes,
+//! with the range's version and clock), committed in groups on the shard's io_uring ring like
+//! pushes. The replica commits an update only once its record is durable
+//! ([`Store::durable_lsn`]). At start-up the shard replays them ([`replay`]) and the replica
+//! holds again what they leave ([`Store::recovered`]).
 
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use tessera_layout::placement::range_keys;
@@ -25,7 +33,13 @@ use tessera_replication::replica::Store;
 
 use crate::config::CLOCK_MAX;
 use crate::error::{EngineError, Result};
+use crate::persist::durable::ShardDisk;
+use crate::persist::wal::{replica_flags, Record, Target, RECORD_HEADER_BYTES};
 use crate::table::TablePart;
+
+/// Bytes of state one log record carries at most: larger updates and snapshots are cut into
+/// pieces, so that a piece never waits for more than one log commit to make room.
+const LOG_PIECE_BYTES_MAX: usize = 1 << 20;
 
 /// One push the head applied in the open batch.
 #[derive(Debug, Clone)]
@@ -58,13 +72,88 @@ struct Rec<'a> {
 pub struct ChainStore {
     /// The shard's table parts, lent by the shard for each call into the replica.
     pub tables: Vec<Option<TablePart>>,
+    /// The shard's disk, lent the same way; it logs when the server runs `--durability wal`.
+    pub disk: Option<ShardDisk>,
     ranges: u32,
     touched: Vec<Vec<Touch>>,
+    /// What the shard's log held at start-up: each range's version and clock.
+    recovered: BTreeMap<u32, (u64, Vec<u32>)>,
+}
+
+/// What replaying a replicated shard's log has found so far.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Each range held, with its version and clock.
+    pub ranges: BTreeMap<u32, (u64, Vec<u32>)>,
+    /// Pieces of a record whose last piece has not been read yet.
+    pieces: HashMap<u32, Vec<u8>>,
+}
+
+/// Replays one of a replicated shard's log records into its tables (see the module doc).
+pub fn replay(tables: &mut [Option<TablePart>], ranges: u32, replayed: &mut Replayed, record: &Record<'_>) -> Result<()> {
+    let Target::Replica { range, version, flags, clock } = record.target else {
+        return Err(EngineError::BadRequest { reason: "not a replica's record".into() });
+    };
+    if range >= ranges {
+        return Err(EngineError::BadRequest { reason: format!("range {range}, of a cluster of {ranges} ranges") });
+    }
+    if flags & replica_flags::DROPPED != 0 {
+        replayed.ranges.remove(&range);
+        replayed.pieces.remove(&range);
+        return Ok(());
+    }
+    let piece = replayed.pieces.entry(range).or_default();
+    piece.extend_from_slice(record.state_bytes());
+    if flags & replica_flags::MORE != 0 {
+        return Ok(());
+    }
+    let bytes = replayed.pieces.remove(&range).unwrap_or_default();
+    apply_to(tables, ranges, RangeId(range), &bytes, flags & replica_flags::WHOLE != 0).map_err(|reason| EngineError::BadRequest { reason })?;
+    replayed.ranges.insert(range, (version, clock.to_vec()));
+    Ok(())
 }
 
 impl ChainStore {
     pub fn new(ranges: u32) -> Self {
-        Self { tables: Vec::new(), ranges, touched: vec![Vec::new(); ranges as usize] }
+        Self { tables: Vec::new(), disk: None, ranges, touched: vec![Vec::new(); ranges as usize], recovered: BTreeMap::new() }
+    }
+
+    /// A store holding what replaying the shard's log found.
+    pub fn recovered(ranges: u32, replayed: Replayed) -> Self {
+        Self { recovered: replayed.ranges, ..Self::new(ranges) }
+    }
+
+    /// Appends a replica record of `bytes` to the log, in pieces; the last piece's LSN, or
+    /// `u64::MAX` (never durable) when the log has failed.
+    fn log(&mut self, range: RangeId, version: u64, flags: u32, clock: &[u32], bytes: &[u8]) -> u64 {
+        let Some(disk) = self.disk.as_mut().filter(|d| d.logs()) else { return 0 };
+        // State is f32s and 4-byte fields; copied only if the bytes are not 4-byte aligned.
+        let words: std::borrow::Cow<'_, [f32]> = match bytemuck::try_cast_slice(bytes) {
+            Ok(words) => words.into(),
+            Err(_) if bytes.len().is_multiple_of(4) => {
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect::<Vec<f32>>().into()
+            }
+            Err(_) => {
+                tracing::error!(%range, version, len = bytes.len(), "replicated state that is not whole 4-byte words cannot be logged");
+                return u64::MAX;
+            }
+        };
+        let room = disk.log_buffer_bytes().saturating_sub(RECORD_HEADER_BYTES + 8 + 4 * clock.len());
+        let piece = (room.min(LOG_PIECE_BYTES_MAX) / 4).max(1);
+        let pieces = words.chunks(piece).count().max(1);
+        let mut lsn = 0;
+        for i in 0..pieces {
+            let values = words.chunks(piece).nth(i).unwrap_or(&[]);
+            let flags = flags | if i + 1 < pieces { replica_flags::MORE } else { 0 };
+            let target = Target::Replica { range: range.0, version, flags, clock };
+            let record = Record { lsn: 0, table: range.0, worker: flags, clock: version, dim: 1, target, values };
+            if let Err(e) = disk.reserve(record.encoded_len()) {
+                tracing::error!(error = %e, %range, version, "a replicated update cannot be logged: it is never committed here");
+                return u64::MAX;
+            }
+            lsn = disk.append(record);
+        }
+        lsn
     }
 
     /// Checks a worker's push before it enters the protocol: a push the head accepts must apply.
@@ -114,8 +203,15 @@ impl ChainStore {
         self.tables.get_mut(table as usize).and_then(Option::as_mut)
     }
 
-    /// Parses `bytes` into records, checking each against the parts: all or nothing.
-    fn records<'a>(&self, range: RangeId, bytes: &'a [u8]) -> Result<Vec<Rec<'a>>> {
+    /// Applies an update, or a snapshot (`whole`), to the lent tables: see [`apply_to`].
+    fn apply(&mut self, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
+        apply_to(&mut self.tables, self.ranges, range, bytes, whole)
+    }
+}
+
+/// Parses `bytes` into records, checking each against the parts: all or nothing.
+fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) -> Result<Vec<Rec<'a>>> {
+    {
         let corrupt = |reason: String| EngineError::Corrupt { what: format!("a replicated update of range {range}"), reason };
         let mut rest = bytes;
         let mut take = |n: usize| -> Result<&'a [u8]> {
@@ -134,7 +230,7 @@ impl ChainStore {
             let table = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
             let n = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
             let keys = le(&head[8..16])..le(&head[16..24]);
-            let part = self.tables.get(table as usize).and_then(Option::as_ref).ok_or_else(|| corrupt(format!("no table {table} here")))?;
+            let part = tables.get(table as usize).and_then(Option::as_ref).ok_or_else(|| corrupt(format!("no table {table} here")))?;
             let owned = part.owned();
             if keys.is_empty() || keys.start < owned.start || keys.end > owned.end {
                 return Err(corrupt(format!("keys {keys:?} outside the part {owned:?}")));
@@ -183,28 +279,29 @@ impl ChainStore {
             }
         }
         for (table, keys) in new_keys {
-            let part = self.tables[table as usize].as_ref().expect("checked above");
+            let part = tables[table as usize].as_ref().expect("checked above");
             part.check_sparse_room(&keys).map_err(|e| corrupt(e.to_string()))?;
         }
         Ok(out)
     }
+}
 
-    /// Applies an update, or a snapshot (`whole`): clocks first, then state (which restamps the
-    /// blocks). One whose records do not all fit the parts (a corrupt or hostile message, or a
-    /// server of another build) is refused before anything of it is applied: half of it would
-    /// make the replicas differ.
-    fn apply(&mut self, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
-        let records = self.records(range, bytes).map_err(|e| e.to_string())?;
+/// Applies an update, or a snapshot (`whole`): clocks first, then state (which restamps the
+/// blocks). One whose records do not all fit the parts (a corrupt or hostile message, or a
+/// server of another build) is refused before anything of it is applied: half of it would
+/// make the replicas differ.
+fn apply_to(tables: &mut [Option<TablePart>], ranges: u32, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
+    {
+        let records = records(tables, range, bytes).map_err(|e| e.to_string())?;
         if whole {
             // A snapshot lists every key of the range a sparse table holds; forget the others.
-            let ranges = self.ranges;
-            for part in self.tables.iter_mut().flatten() {
+            for part in tables.iter_mut().flatten() {
                 let keys = range_keys(&part.spec, ranges, range.0);
                 part.reset_keys(keys);
             }
         }
         for rec in records {
-            let part = self.part(rec.table).expect("checked by records()");
+            let part = tables.get_mut(rec.table as usize).and_then(Option::as_mut).expect("checked by records()");
             for (worker, clock) in rec.advances {
                 if let Err(e) = part.advance_clock(rec.keys.clone(), worker, clock) {
                     tracing::error!(error = %e, table = rec.table, "a replicated clock advance failed; stamps may lag");
@@ -320,6 +417,19 @@ impl Store for ChainStore {
         // The keys stay in memory, unserved: the shard answers pulls only for ranges its replica
         // holds, and a range taken again arrives whole in a snapshot.
         self.touched[range.0 as usize].clear();
+        self.log(range, 0, replica_flags::DROPPED, &[], &[]);
+    }
+
+    fn persist(&mut self, range: RangeId, version: u64, clock: &[u32], bytes: &[u8], whole: bool) -> u64 {
+        self.log(range, version, if whole { replica_flags::WHOLE } else { 0 }, clock, bytes)
+    }
+
+    fn durable_lsn(&self) -> u64 {
+        self.disk.as_ref().filter(|d| d.logs()).map_or(0, ShardDisk::durable)
+    }
+
+    fn recovered(&self) -> Vec<(RangeId, u64, Vec<u32>)> {
+        self.recovered.iter().map(|(r, (version, clock))| (RangeId(*r), *version, clock.clone())).collect()
     }
 }
 
@@ -406,6 +516,45 @@ mod tests {
         let mut fresh = [0f32; 2];
         stale.tables[0].as_mut().unwrap().pull(&[k(5)], &mut fresh);
         assert_eq!(fresh, [0.0, 0.0], "a forgotten key reads as its initial value");
+    }
+
+    /// A replica record of `bytes`, as the log holds it.
+    fn logged<'a>(range: u32, version: u64, flags: u32, clock: &'a [u32], bytes: &'a [f32]) -> Record<'a> {
+        Record { lsn: 0, table: range, worker: flags, clock: version, dim: 1, target: Target::Replica { range, version, flags, clock }, values: bytes }
+    }
+
+    #[test]
+    fn a_replayed_log_leaves_what_the_replica_held_and_a_torn_sequence_changes_nothing() {
+        let spec = sparse();
+        let (r, other) = (1, 2);
+        let keys = range_keys(&spec, RANGES, r);
+        let mut head = store(&spec);
+        push(&mut head, r, &[keys.start + 3, keys.start + 8], 0, 1);
+        let mut delta = Vec::new();
+        head.seal(RangeId(r), &mut delta);
+        let words: Vec<f32> = delta.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let snapshot: Vec<f32> = head.snapshot(RangeId(r)).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let clock = [1u32, 0, 0, 0];
+        let mut replayed = Replayed::default();
+        let mut tables = store(&spec).tables;
+        let (born, more, last) = (replica_flags::WHOLE, replica_flags::MORE, 0);
+        let split = words.len() / 2;
+        for record in [
+            logged(r, 0, born, &[0; 4], &[]),
+            logged(other, 0, born, &[0; 4], &[]),
+            logged(r, 1, more, &clock, &words[..split]),
+            logged(r, 1, last, &clock, &words[split..]),
+            logged(other, 0, replica_flags::DROPPED, &[], &[]),
+            // A snapshot cut off by the crash: its first piece only.
+            logged(r, 9, born | more, &[5; 4], &snapshot[..snapshot.len() / 2]),
+        ] {
+            replay(&mut tables, RANGES, &mut replayed, &record).unwrap();
+        }
+        assert_eq!(replayed.ranges, BTreeMap::from([(r, (1, clock.to_vec()))]), "range {other} was dropped; the torn snapshot is not applied");
+        let recovered = ChainStore { tables, ..ChainStore::new(RANGES) };
+        assert_eq!(state(&recovered, r), state(&head, r));
+        let bad = logged(RANGES, 1, last, &clock, &words);
+        assert!(replay(&mut store(&spec).tables, RANGES, &mut Replayed::default(), &bad).is_err(), "a range past the cluster's");
     }
 
     #[test]

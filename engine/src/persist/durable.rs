@@ -173,6 +173,11 @@ impl ShardDisk {
         self.taking.is_some() && self.disk.event_fd().is_none()
     }
 
+    /// Bytes of each log buffer: no record may be larger.
+    pub fn log_buffer_bytes(&self) -> usize {
+        self.wal.as_ref().map_or(0, |w| self.disk.buf(w.bufs[0]).len())
+    }
+
     /// Every record up to this LSN is on disk.
     pub fn durable(&self) -> u64 {
         self.wal.as_ref().map_or(u64::MAX, |w| w.durable)
@@ -481,7 +486,14 @@ impl ShardDisk {
     /// corrupt checkpoint the logs do not cover, a gap between logs, damage followed by later
     /// commits) is an [`EngineError::Unrecoverable`], unless the server was started to accept
     /// the loss; then what cannot be replayed is set aside under another name, never deleted.
-    pub fn recover(&mut self, tables: &mut [Option<TablePart>], build: &mut dyn FnMut(&PartManifest) -> Result<TablePart>) -> Result<RecoveryReport> {
+    /// A replicated shard's log holds its replica's records, which `replica` replays (an
+    /// unreplicated shard passes `None`: such a record in its log is an inconsistency).
+    pub fn recover(
+        &mut self,
+        tables: &mut [Option<TablePart>],
+        build: &mut dyn FnMut(&PartManifest) -> Result<TablePart>,
+        mut replica: Option<&mut ReplicaReplay<'_>>,
+    ) -> Result<RecoveryReport> {
         let mut report = RecoveryReport { shard: self.shard, ..RecoveryReport::default() };
         let (shard, accept_loss) = (self.shard, self.accept_loss);
         let mut skipped = |seq: u64, e: &EngineError| {
@@ -509,7 +521,7 @@ impl ShardDisk {
             self.refuse_or_accept(&report.fallbacks[0], "it cannot be read, and without a log (--durability checkpoint) nothing else holds what it held")?;
         }
         crate::crash::point("recovery.checkpoint_loaded");
-        let (log_seq, offset) = self.replay_logs(tables, seq, &mut next_lsn, &mut report)?;
+        let (log_seq, offset) = self.replay_logs(tables, seq, &mut next_lsn, &mut report, &mut replica)?;
         // A checkpoint that failed or was cut short by a crash left a log and a data file:
         // the next checkpoint's number is past every one of them.
         let seqs = [Manifest::seq_of as fn(&str) -> Option<u64>, wal_seq_of, data_seq_of];
@@ -530,7 +542,14 @@ impl ShardDisk {
     /// Replays the logs from the one that follows checkpoint `seq`, in order, from LSN
     /// `next_lsn` on; returns the log to append to and the offset to append at, and leaves
     /// `next_lsn` at the LSN the next record takes.
-    fn replay_logs(&mut self, tables: &mut [Option<TablePart>], seq: u64, next_lsn: &mut u64, report: &mut RecoveryReport) -> Result<(u64, u64)> {
+    fn replay_logs(
+        &mut self,
+        tables: &mut [Option<TablePart>],
+        seq: u64,
+        next_lsn: &mut u64,
+        report: &mut RecoveryReport,
+        replica: &mut Option<&mut ReplicaReplay<'_>>,
+    ) -> Result<(u64, u64)> {
         let mut logs: Vec<u64> = self.list(wal_seq_of).into_iter().filter(|s| *s >= seq).collect();
         logs.sort_unstable();
         if logs.first() != Some(&seq) {
@@ -547,7 +566,15 @@ impl ShardDisk {
             let log = &bytemuck::cast_slice(&words)[..len];
             let mut reader = Reader::new(log, *next_lsn);
             for record in reader.by_ref() {
-                apply(tables, &record).map_err(|e| EngineError::Unrecoverable {
+                let applied = match (&record.target, replica.as_mut()) {
+                    (Target::Replica { .. }, Some(replay)) => replay(tables, &record),
+                    (Target::Replica { .. }, None) => {
+                        Err(EngineError::BadRequest { reason: "a replicated server's record, in an unreplicated server's log".into() })
+                    }
+                    (_, Some(_)) => Err(EngineError::BadRequest { reason: "an unreplicated server's push, in a replicated server's log".into() }),
+                    (_, None) => apply(tables, &record),
+                };
+                applied.map_err(|e| EngineError::Unrecoverable {
                     what: format!("{} record {}", path.display(), record.lsn),
                     reason: format!("it does not apply to the tables the catalog and the checkpoint make ({e}), so they disagree with the log"),
                 })?;
@@ -627,12 +654,16 @@ fn acknowledged_lost(log: &[u8], stop: &Stop, due_lsn: u64, later_logs: usize) -
     }
 }
 
+/// Replays a replicated shard's record into its tables (see [`ShardDisk::recover`]).
+pub type ReplicaReplay<'a> = dyn FnMut(&mut [Option<TablePart>], &Record<'_>) -> Result<()> + 'a;
+
 /// Applies one logged push, as the shard did when it was first served.
 fn apply(tables: &mut [Option<TablePart>], r: &Record<'_>) -> Result<()> {
     let part = tables.get_mut(r.table as usize).and_then(Option::as_mut).ok_or(EngineError::UnknownTable { table: r.table })?;
     match r.target {
         Target::Keys(keys) => part.push(keys, r.values, r.worker, r.clock).map(drop),
         Target::Range { start } => part.push_range(start, r.count(), r.values, r.worker, r.clock).map(drop),
+        Target::Replica { .. } => unreachable!("replica records are replayed by the replica"),
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{EngineError, Result};
 use crate::persist::checkpoint::{ChunkHeader, Manifest, PartManifest};
 use crate::persist::durable::{data_seq_of, wal_file_name, wal_seq_of};
-use crate::persist::wal::{acknowledged_after, Reader, RecordHeader, Stop, RECORD_HEADER_BYTES, WAL_MAGIC};
+use crate::persist::wal::{acknowledged_after, Reader, RecordHeader, Stop, Target, RECORD_HEADER_BYTES, WAL_MAGIC};
 use zerocopy::FromBytes;
 
 /// One shard directory, examined.
@@ -243,7 +243,10 @@ fn check_log(path: &Path) -> Result<LogCheck> {
     let mut tables = std::collections::BTreeSet::new();
     let mut records = 0;
     for record in reader.by_ref() {
-        tables.insert(record.table);
+        // A replicated server's records name ranges, not tables.
+        if !matches!(record.target, Target::Replica { .. }) {
+            tables.insert(record.table);
+        }
         records += 1;
     }
     let last_lsn = (records > 0).then(|| reader.next_lsn() - 1);

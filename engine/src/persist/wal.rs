@@ -16,7 +16,14 @@
 //! 32 clock u64  40 count u32 (keys)  44 body_len u32
 //! body: Push      count keys (u64) then count x dim values (f32)
 //!       PushRange start key (u64) then count x dim values (f32)
+//!       Replica   count clock entries (u32), then the state's bytes (a multiple of 4)
 //! ```
+//!
+//! A replicated server logs not pushes but what its chain replica holds of a range
+//! ([`Target::Replica`]): `table` is the range, `clock` its version, `worker` the
+//! [`replica_flags`], `dim` 1. An update's or snapshot's bytes are cut into pieces that each fit
+//! a log buffer; every piece but the last has [`replica_flags::MORE`], and replay applies the
+//! whole only at the last, so a torn sequence leaves the range as it was before it.
 //!
 //! The log is written in **commits**: a commit's records are contiguous from a page boundary, and
 //! the rest of its last page is zeros, so no write ever touches a page an earlier commit made
@@ -50,6 +57,20 @@ pub enum RecordKind {
     Push = 1,
     /// A push of the `count` keys from `start`.
     PushRange = 2,
+    /// What a chain replica holds of one range ([`Target::Replica`]).
+    Replica = 3,
+}
+
+/// What a [`Target::Replica`] record is.
+pub mod replica_flags {
+    /// The bytes are the range's whole state (a snapshot, or with no bytes at version 0 a
+    /// range born empty); without it, an update of some keys.
+    pub const WHOLE: u32 = 1;
+    /// More pieces of the same bytes follow.
+    pub const MORE: u32 = 2;
+    /// The server no longer holds the range.
+    pub const DROPPED: u32 = 4;
+    pub const ALL: u32 = WHOLE | MORE | DROPPED;
 }
 
 /// A record header, read and written in place.
@@ -87,7 +108,17 @@ pub struct Record<'a> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Target<'a> {
     Keys(&'a [u64]),
-    Range { start: u64 },
+    Range {
+        start: u64,
+    },
+    /// A chain replica's range at a version with its clock; the record's values are the
+    /// state's bytes (see the module doc).
+    Replica {
+        range: u32,
+        version: u64,
+        flags: u32,
+        clock: &'a [u32],
+    },
 }
 
 impl Record<'_> {
@@ -96,6 +127,7 @@ impl Record<'_> {
         match self.target {
             Target::Keys(keys) => keys.len(),
             Target::Range { .. } => self.values.len() / (self.dim as usize).max(1),
+            Target::Replica { clock, .. } => clock.len(),
         }
     }
 
@@ -103,8 +135,14 @@ impl Record<'_> {
         let head = match self.target {
             Target::Keys(keys) => keys.len() * 8,
             Target::Range { .. } => 8,
+            Target::Replica { clock, .. } => clock.len() * 4,
         };
         head + self.values.len() * 4
+    }
+
+    /// A replica record's state bytes.
+    pub fn state_bytes(&self) -> &[u8] {
+        self.values.as_bytes()
     }
 
     /// Bytes the record takes in the log, padding included.
@@ -127,6 +165,11 @@ impl Record<'_> {
         let (kind, count) = match self.target {
             Target::Keys(keys) => (RecordKind::Push, keys.len()),
             Target::Range { .. } => (RecordKind::PushRange, self.count()),
+            Target::Replica { clock, .. } => (RecordKind::Replica, clock.len()),
+        };
+        let (table, worker, dim, clock) = match self.target {
+            Target::Replica { range, version, flags, .. } => (range, flags, 1, version),
+            _ => (self.table, self.worker, self.dim, self.clock),
         };
         let header = RecordHeader {
             magic: WAL_MAGIC,
@@ -134,18 +177,23 @@ impl Record<'_> {
             lsn: self.lsn,
             kind: kind as u8,
             commit_index: [i0, i1, i2],
-            table: self.table,
-            worker: self.worker,
-            dim: self.dim,
-            clock: self.clock,
+            table,
+            worker,
+            dim,
+            clock,
             count: count as u32,
             body_len: body_len as u32,
         };
         let (head, rest) = out[..len].split_at_mut(RECORD_HEADER_BYTES);
         head.copy_from_slice(header.as_bytes());
+        let start_bytes;
         let keys_bytes = match self.target {
             Target::Keys(keys) => keys.as_bytes(),
-            Target::Range { start } => &start.to_le_bytes()[..],
+            Target::Range { start } => {
+                start_bytes = start.to_le_bytes();
+                &start_bytes[..]
+            }
+            Target::Replica { clock, .. } => clock.as_bytes(),
         };
         let (k, v) = rest.split_at_mut(keys_bytes.len());
         k.copy_from_slice(keys_bytes);
@@ -288,6 +336,9 @@ impl<'a> Reader<'a> {
         let body = &rest[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + h.body_len as usize];
         let count = h.count as usize;
         let n_values = count.checked_mul(h.dim as usize);
+        if h.kind == RecordKind::Replica as u8 {
+            return self.decode_replica(&h, body, len, next_lsn);
+        }
         let (head_bytes, target_kind) = match h.kind {
             k if k == RecordKind::Push as u8 => (count.checked_mul(8), RecordKind::Push),
             k if k == RecordKind::PushRange as u8 => (Some(8), RecordKind::PushRange),
@@ -303,10 +354,25 @@ impl<'a> Reader<'a> {
         let target = match target_kind {
             RecordKind::Push => Target::Keys(<[u64]>::ref_from_bytes(head).expect("aligned and sized above")),
             RecordKind::PushRange => Target::Range { start: u64::from_le_bytes(head.try_into().expect("8 bytes")) },
+            RecordKind::Replica => unreachable!("decoded by decode_replica"),
         };
         self.at += len;
         self.next_lsn = next_lsn;
         Some(Record { lsn: h.lsn, table: h.table, worker: h.worker, clock: h.clock, dim: h.dim, target, values })
+    }
+
+    fn decode_replica(&mut self, h: &RecordHeader, body: &'a [u8], len: usize, next_lsn: u64) -> Option<Record<'a>> {
+        let clock_bytes = (h.count as usize).checked_mul(4).filter(|b| *b <= body.len());
+        let Some(clock_bytes) = clock_bytes.filter(|_| h.dim == 1 && h.worker & !replica_flags::ALL == 0 && body.len().is_multiple_of(4)) else {
+            return self.torn(format!("a replica record of {} bytes with {} clock entries, dim {} and flags {:#x}", body.len(), h.count, h.dim, h.worker));
+        };
+        let (clock, state) = body.split_at(clock_bytes);
+        let clock = <[u32]>::ref_from_bytes(clock).expect("aligned: the log is, and the header is 48 bytes");
+        let values = <[f32]>::ref_from_bytes(state).expect("aligned and a multiple of 4");
+        self.at += len;
+        self.next_lsn = next_lsn;
+        let target = Target::Replica { range: h.table, version: h.clock, flags: h.worker, clock };
+        Some(Record { lsn: h.lsn, table: h.table, worker: h.worker, clock: h.clock, dim: 1, target, values })
     }
 }
 

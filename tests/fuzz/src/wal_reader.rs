@@ -42,11 +42,16 @@ fn walk(log: &[u8], first_lsn: u64) -> Vec<Record<'_>> {
         assert_eq!(r.lsn, expected, "records come in LSN order");
         expected = expected.wrapping_add(1);
         assert!(r.dim > 0);
+        let inside = |p: *const u8, n: usize| p as usize >= log.as_ptr() as usize && p as usize + n <= log.as_ptr() as usize + log.len();
         match r.target {
             Target::Keys(keys) => assert_eq!(r.values.len(), keys.len() * r.dim as usize),
             Target::Range { .. } => assert_eq!(r.values.len() % r.dim as usize, 0),
+            Target::Replica { range, version, flags, clock } => {
+                assert_eq!((r.dim, r.table, r.clock, r.worker), (1, range, version, flags), "a replica record's header says what it is");
+                assert_eq!(flags & !tessera_engine::persist::wal::replica_flags::ALL, 0, "only known flags");
+                assert!(inside(clock.as_ptr().cast(), clock.len() * 4), "its clock is read in place");
+            }
         }
-        let inside = |p: *const u8, n: usize| p as usize >= log.as_ptr() as usize && p as usize + n <= log.as_ptr() as usize + log.len();
         assert!(inside(r.values.as_ptr().cast(), r.values.len() * 4), "values are read in place");
         // Written again, the record reads back as itself.
         let mut out = vec![0u64; r.encoded_len().div_ceil(8)];

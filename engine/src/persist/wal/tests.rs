@@ -218,3 +218,38 @@ fn damage_before_a_later_commit_is_told_apart_from_a_torn_last_commit() {
     }
     assert_eq!(stop_and_later(&old).1, Some((starts[3] as u64, 4)));
 }
+
+#[test]
+fn replica_records_round_trip_and_a_bad_one_is_refused() {
+    static CLOCK: [u32; 3] = [4, 0, 9];
+    static STATE: [f32; 5] = [1.5, -2.0, 0.0, 3.25, f32::MIN_POSITIVE];
+    let replica = |lsn, flags, values: &'static [f32]| Record {
+        lsn,
+        table: 6,
+        worker: flags,
+        clock: 41,
+        dim: 1,
+        target: Target::Replica { range: 6, version: 41, flags, clock: &CLOCK },
+        values,
+    };
+    let written = [
+        replica(1, replica_flags::WHOLE | replica_flags::MORE, &STATE[..2]),
+        replica(2, replica_flags::WHOLE, &STATE[2..]),
+        replica(3, replica_flags::DROPPED, &[]),
+    ];
+    let (log, starts) = log_of(&[written.to_vec()]);
+    let read: Vec<Record<'_>> = Reader::new(log.as_bytes(), 1).collect();
+    assert_eq!(read, written);
+    assert_eq!(read[1].state_bytes(), STATE[2..].as_bytes());
+    // A flag this build does not know, with a good checksum, is refused as malformed.
+    let mut bad = log.clone();
+    let at = starts[1];
+    bytes(&mut bad)[at + 24..at + 28].copy_from_slice(&64u32.to_le_bytes());
+    let crc_end = RECORD_HEADER_BYTES + (written[1].encoded_len() - RECORD_HEADER_BYTES);
+    let b = bytes(&mut bad);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[at + 8..at + RECORD_HEADER_BYTES]), &b[at + RECORD_HEADER_BYTES..at + crc_end]);
+    b[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+    let mut reader = Reader::new(bad.as_bytes(), 1);
+    assert_eq!(reader.by_ref().count(), 1);
+    assert!(matches!(reader.stop(), Some(Stop::Torn { reason, .. }) if reason.contains("flags")), "{:?}", reader.stop());
+}
