@@ -348,7 +348,8 @@ fn kill_test(with_etcd: bool, kills: usize) {
         assert!(!refused.status.success() && refused.stderr.contains("no member"), "{}", refused.stderr);
         let mut drain_args = vec!["drain", addrs[SERVERS - 1].as_str()];
         drain_args.extend(find.iter().map(String::as_str));
-        let drained = run_tool(&drain_args, Duration::from_secs(60));
+        // A drain moves every range the server holds through a learner: as slow as a heal.
+        let drained = run_tool(&drain_args, heal_within().max(Duration::from_secs(60)));
         assert!(drained.status.success(), "tessera drain failed:\n{}", drained.stderr);
         eprint!("{}", drained.stderr);
         let deadline = Instant::now() + Duration::from_secs(10);
