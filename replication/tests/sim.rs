@@ -34,23 +34,29 @@ fn seeds_pass_every_checker() {
     assert!(failures.is_empty(), "{} of {count} seeds failed:\n{}", failures.len(), failures.join("\n"));
 }
 
-#[test]
-fn canary_ack_at_head_is_caught() {
-    // A head that acknowledges a push before the tail holds it loses acknowledged pushes when it
-    // fails: the checker that no acknowledged push is lost must say so, for some seed.
-    let mut caught = None;
+/// Runs the first 200 seeds with `canary` planted until one fails in a way `caught` accepts;
+/// panics if none does.
+fn canary_is_caught(canary: Canary, caught: impl Fn(&str) -> bool) {
+    let mut found = None;
     let mut failed = 0;
     for seed in 0..200 {
-        if let Err(failure) = sim::run(&SimOptions { seed, canary: Canary::AckAtHead, trace: false }) {
+        if let Err(failure) = sim::run(&SimOptions { seed, canary, trace: false }) {
             failed += 1;
-            if failure.what.starts_with("acknowledged push lost") {
-                caught = Some(failure);
+            if caught(&failure.what) {
+                found = Some(failure);
                 break;
             }
         }
     }
-    let caught = caught.unwrap_or_else(|| panic!("the planted bug was not caught as a lost push ({failed} of 200 seeds failed otherwise)"));
-    println!("canary caught at seed {} ({failed} seeds failed up to it):\n{caught}", caught.seed);
+    let found = found.unwrap_or_else(|| panic!("the planted bug {canary:?} was not caught ({failed} of 200 seeds failed otherwise)"));
+    println!("canary {canary:?} caught at seed {} ({failed} seeds failed up to it):\n{found}", found.seed);
+}
+
+#[test]
+fn canary_ack_at_head_is_caught() {
+    // A head that acknowledges a push before the tail holds it loses acknowledged pushes when it
+    // fails: the checker that no acknowledged push is lost must say so, for some seed.
+    canary_is_caught(Canary::AckAtHead, |what| what.starts_with("acknowledged push lost"));
 }
 
 #[test]
@@ -58,17 +64,5 @@ fn canary_ack_before_durable_is_caught() {
     // Replicas that commit updates their disks do not hold yet lose acknowledged pushes when the
     // whole cluster loses power: a checker must say so, as a lost push, or as a version committed
     // twice with different contents (a chain revived from a disk that lacked it went on without it).
-    let mut caught = None;
-    let mut failed = 0;
-    for seed in 0..200 {
-        if let Err(failure) = sim::run(&SimOptions { seed, canary: Canary::AckBeforeDurable, trace: false }) {
-            failed += 1;
-            if failure.what.starts_with("acknowledged push lost") || failure.what.contains("another replica held") {
-                caught = Some(failure);
-                break;
-            }
-        }
-    }
-    let caught = caught.unwrap_or_else(|| panic!("the planted bug was not caught ({failed} of 200 seeds failed otherwise)"));
-    println!("canary caught at seed {} ({failed} seeds failed up to it):\n{caught}", caught.seed);
+    canary_is_caught(Canary::AckBeforeDurable, |what| what.starts_with("acknowledged push lost") || what.contains("another replica held"));
 }
