@@ -26,7 +26,7 @@ use crate::error::{EngineError, Result};
 use crate::metrics::ShardMetrics;
 use crate::persist::checkpoint::store::Written;
 use crate::persist::checkpoint::PartManifest;
-use crate::persist::durable::{DiskStats, RecoveryReport, ShardDisk};
+use crate::persist::durable::{DiskStats, RecoveryReport, ReplicaReplayed, ShardDisk};
 use crate::persist::wal::{Record, Target};
 use crate::table::{PartStats, TablePart};
 use crate::updater::Updater;
@@ -190,15 +190,18 @@ impl Shard {
     fn pump_disk(&mut self) {
         let Some(disk) = self.disk.as_mut() else { return };
         disk.pump();
-        if self.chain.is_some() {
-            // A replicated shard's log is replayed whole at start-up: it takes no checkpoints.
-            for done in self.checkpoint_asked.drain(..) {
-                let reason = "a replicated server takes no checkpoints yet: its write-ahead log is kept whole and replayed at start-up".into();
-                let _ = done.send(Err(EngineError::BadRequest { reason }));
-            }
-        } else if !disk.checkpointing() && (disk.checkpoint_due() || !self.checkpoint_asked.is_empty()) {
+        if !disk.checkpointing() && (disk.checkpoint_due() || !self.checkpoint_asked.is_empty()) {
+            // A replicated shard's checkpoint records its replica's ranges too, exact at its LSN.
+            let replica = match self.chain.as_mut() {
+                Some(chain) => match chain.checkpoint_ranges(&mut self.tables, &mut self.disk) {
+                    Some(held) => held,
+                    None => return,
+                },
+                None => Vec::new(),
+            };
+            let Some(disk) = self.disk.as_mut() else { return };
             self.checkpoint_waiting.append(&mut self.checkpoint_asked);
-            match disk.begin_checkpoint(&mut self.tables) {
+            match disk.begin_checkpoint(&mut self.tables, replica) {
                 Ok(seq) => tracing::info!(shard = self.id, seq, "checkpoint started"),
                 Err(e) => self.checkpoint_ended(Err(e)),
             }
@@ -259,7 +262,7 @@ impl Shard {
                 // tables, and what they leave is what the replica holds again.
                 let ranges = chain.ranges();
                 let mut replayed = Replayed::default();
-                let mut replay = |tables: &mut [Option<TablePart>], r: &Record<'_>| store::replay(tables, ranges, &mut replayed, r);
+                let mut replay = |tables: &mut [Option<TablePart>], found: ReplicaReplayed<'_>| store::replay(tables, ranges, &mut replayed, found);
                 let report = disk.recover(&mut self.tables, &mut build, Some(&mut replay))?;
                 chain.recovered(&mut self.tables, &mut self.disk, replayed);
                 report

@@ -360,7 +360,7 @@ fn kill_test(with_etcd: bool, kills: usize) {
         // And a new server (node 4) joins while they push: it copies each range from its tail,
         // then joins every chain at its tail.
         servers.push(start(SERVERS));
-        wait_healed(&coordinators, None, Duration::from_secs(60));
+        wait_healed(&coordinators, None, heal_within().max(Duration::from_secs(60)));
         eprintln!("node {} joined every chain", SERVERS + 1);
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -836,6 +836,15 @@ fn power_loss_test(with_etcd: bool) {
     };
     wait_progress("before the power loss");
     for round in 0..2 {
+        if round == 1 {
+            // Every server takes a checkpoint, and the workers push on: the second restart loads
+            // it and replays the log after it.
+            for addr in &addrs {
+                let done = run_tool(&["checkpoint", "now", "--connect", addr], Duration::from_secs(60));
+                assert!(done.status.success(), "tessera checkpoint now --connect {addr}:\n{}", done.stderr);
+            }
+            wait_progress("after the checkpoints");
+        }
         // Power loss: everything at once.
         coordinator_proc.kill();
         servers.iter_mut().for_each(ServerProc::kill);
@@ -850,6 +859,11 @@ fn power_loss_test(with_etcd: bool) {
         let procs: Vec<&ServerProc> = servers.iter().chain([&coordinator_proc]).collect();
         wait_healed_or_dump(&coordinators, None, heal_within(), &procs);
         wait_progress("after the cluster came back");
+        if round == 1 {
+            for s in &servers {
+                assert!(s.log().contains("recovered: checkpoint"), "a server did not recover from its checkpoint:\n{}", s.log());
+            }
+        }
         // Each range came back from a disk: the coordinator revived it from one member.
         let status = status(&coordinators).expect("the coordinator answers");
         let changes: Vec<&str> = status["changes"].as_array().expect("changes").iter().filter_map(|c| c.as_str()).collect();

@@ -24,6 +24,7 @@ use tessera_replication::ReplicationConfig;
 use tessera_transport::{Header, Reply};
 
 use crate::error::{EngineError, Result};
+use crate::persist::checkpoint::RangeHeld;
 use crate::persist::durable::ShardDisk;
 use crate::table::TablePart;
 use outbox::Outbox;
@@ -164,6 +165,21 @@ impl ChainShard {
         if let Some(config) = self.config_waiting.take() {
             self.config(tables, disk, config);
         }
+    }
+
+    /// For a checkpoint about to begin: closes the open batches (so the tables hold nothing the
+    /// ranges' versions do not count), and returns the ranges held, each with its version and
+    /// clock. `None` while the shard has not recovered yet: it takes no checkpoint then.
+    pub fn checkpoint_ranges(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>) -> Option<Vec<RangeHeld>> {
+        if self.recovering {
+            return None;
+        }
+        self.with_replica(tables, disk, |r, _| r.flush());
+        let held = (0..self.rcfg.ranges).filter_map(|r| {
+            let st = self.replica.range_state(RangeId(r)).filter(|s| s.installed)?;
+            Some(RangeHeld { range: r, version: st.version, clock: st.clock.to_vec() })
+        });
+        Some(held.collect())
     }
 
     /// How far behind its chain's tail this replica's ranges are: the most updates applied here

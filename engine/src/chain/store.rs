@@ -19,8 +19,9 @@
 //! drops, goes to the shard's write-ahead log as [`Target::Replica`] records (the same bytes,
 //! with the range's version and clock), committed in groups on the shard's io_uring ring like
 //! pushes. The replica commits an update only once its record is durable
-//! ([`Store::durable_lsn`]). At start-up the shard replays them ([`replay`]) and the replica
-//! holds again what they leave ([`Store::recovered`]).
+//! ([`Store::durable_lsn`]). A checkpoint records the ranges held, with their versions and
+//! clocks. At start-up the shard loads its newest checkpoint and replays the records after it
+//! ([`replay`]), and the replica holds again what they leave ([`Store::recovered`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -33,7 +34,7 @@ use tessera_replication::replica::Store;
 
 use crate::config::CLOCK_MAX;
 use crate::error::{EngineError, Result};
-use crate::persist::durable::ShardDisk;
+use crate::persist::durable::{ReplicaReplayed, ShardDisk};
 use crate::persist::wal::{replica_flags, Record, Target, RECORD_HEADER_BYTES};
 use crate::table::TablePart;
 
@@ -89,8 +90,19 @@ pub struct Replayed {
     pieces: HashMap<u32, Vec<u8>>,
 }
 
-/// Replays one of a replicated shard's log records into its tables (see the module doc).
-pub fn replay(tables: &mut [Option<TablePart>], ranges: u32, replayed: &mut Replayed, record: &Record<'_>) -> Result<()> {
+/// Takes what a replicated shard's recovery found: the ranges its checkpoint holds, then each
+/// log record after it, replayed into its tables (see the module doc).
+pub fn replay(tables: &mut [Option<TablePart>], ranges: u32, replayed: &mut Replayed, found: ReplicaReplayed<'_>) -> Result<()> {
+    let record = match found {
+        ReplicaReplayed::Checkpoint(held) => {
+            if let Some(bad) = held.iter().find(|h| h.range >= ranges) {
+                return Err(EngineError::BadRequest { reason: format!("range {}, of a cluster of {ranges} ranges", bad.range) });
+            }
+            replayed.ranges = held.iter().map(|h| (h.range, (h.version, h.clock.clone()))).collect();
+            return Ok(());
+        }
+        ReplicaReplayed::Record(record) => record,
+    };
     let Target::Replica { range, version, flags, clock } = record.target else {
         return Err(EngineError::BadRequest { reason: "not a replica's record".into() });
     };
@@ -438,6 +450,7 @@ mod tests {
     use super::*;
     use crate::arena::Arena;
     use crate::config::EngineConfig;
+    use crate::persist::checkpoint::RangeHeld;
     use crate::updater::UpdaterRegistry;
     use tessera_layout::catalog::TableSpec;
 
@@ -548,13 +561,19 @@ mod tests {
             // A snapshot cut off by the crash: its first piece only.
             logged(r, 9, born | more, &[5; 4], &snapshot[..snapshot.len() / 2]),
         ] {
-            replay(&mut tables, RANGES, &mut replayed, &record).unwrap();
+            replay(&mut tables, RANGES, &mut replayed, ReplicaReplayed::Record(&record)).unwrap();
         }
         assert_eq!(replayed.ranges, BTreeMap::from([(r, (1, clock.to_vec()))]), "range {other} was dropped; the torn snapshot is not applied");
         let recovered = ChainStore { tables, ..ChainStore::new(RANGES) };
         assert_eq!(state(&recovered, r), state(&head, r));
         let bad = logged(RANGES, 1, last, &clock, &words);
-        assert!(replay(&mut store(&spec).tables, RANGES, &mut Replayed::default(), &bad).is_err(), "a range past the cluster's");
+        assert!(replay(&mut store(&spec).tables, RANGES, &mut Replayed::default(), ReplicaReplayed::Record(&bad)).is_err(), "a range past the cluster's");
+        // A checkpoint's ranges are where replay starts from; a range past the cluster's is refused.
+        let held = [RangeHeld { range: other, version: 7, clock: vec![1, 2, 3, 4] }];
+        replay(&mut store(&spec).tables, RANGES, &mut replayed, ReplicaReplayed::Checkpoint(&held)).unwrap();
+        assert_eq!(replayed.ranges, BTreeMap::from([(other, (7, vec![1, 2, 3, 4]))]));
+        let past = [RangeHeld { range: RANGES, version: 7, clock: vec![0; 4] }];
+        assert!(replay(&mut store(&spec).tables, RANGES, &mut replayed, ReplicaReplayed::Checkpoint(&past)).is_err());
     }
 
     #[test]

@@ -117,6 +117,19 @@ pub struct Manifest {
     /// The log file appended after this checkpoint, whose first record is `lsn + 1`.
     pub wal: String,
     pub tables: Vec<PartManifest>,
+    /// A replicated shard's ranges at `lsn`, each with its version and vector clock (none for
+    /// an unreplicated shard): where replaying its log starts from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica: Vec<RangeHeld>,
+}
+
+/// A range a chain replica holds, as a checkpoint records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeHeld {
+    pub range: u32,
+    pub version: u64,
+    pub clock: Vec<u32>,
 }
 
 /// One table part in a manifest.

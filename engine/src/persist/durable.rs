@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Durability, EngineConfig, CHECKPOINT_BUFFER_BYTES, IO_ALIGN_BYTES};
 use crate::error::{EngineError, Result};
 use crate::persist::checkpoint::store::{self, Parts, Taking, Written};
-use crate::persist::checkpoint::{Manifest, PartManifest};
+use crate::persist::checkpoint::{Manifest, PartManifest, RangeHeld};
 use crate::persist::disk::{sync_dir, BufId, Disk, DiskConfig, Done, FileId, Op};
 use crate::persist::wal::{acknowledged_after, Batch, Reader, Record, Stop, Target};
 use crate::table::TablePart;
@@ -343,7 +343,9 @@ impl ShardDisk {
     /// Starts a checkpoint of `parts`, exact at the last appended record, and a new log after
     /// it; [`advance_checkpoint`](Self::advance_checkpoint) writes it. Waits for at most two
     /// log commits. Returns the checkpoint's number.
-    pub fn begin_checkpoint(&mut self, parts: &mut dyn Parts) -> Result<u64> {
+    /// A replicated shard passes its replica's ranges as they are now (`replica`; its open
+    /// batches closed first): the manifest records them, exact at the same LSN as the chunks.
+    pub fn begin_checkpoint(&mut self, parts: &mut dyn Parts, replica: Vec<RangeHeld>) -> Result<u64> {
         assert!(self.taking.is_none(), "one checkpoint at a time");
         // A failed checkpoint is tried again an interval later, not at once.
         self.last_checkpoint = Instant::now();
@@ -361,7 +363,8 @@ impl ShardDisk {
             crate::crash::point("checkpoint.log_started");
         }
         let (bufs, token) = (self.checkpoint_bufs, CHECKPOINT_TOKEN);
-        let taking = Taking::begin(&mut self.disk, bufs, token, &self.dir, (seq, lsn, &wal_file_name(seq)), self.shard, parts, self.prev.as_ref())?;
+        let mut taking = Taking::begin(&mut self.disk, bufs, token, &self.dir, (seq, lsn, &wal_file_name(seq)), self.shard, parts, self.prev.as_ref())?;
+        taking.replica = replica;
         self.taking = Some(taking);
         Ok(seq)
     }
@@ -512,6 +515,18 @@ impl ShardDisk {
                 *slot = Some(part);
             }
             (seq, next_lsn) = (manifest.seq, manifest.lsn + 1);
+            let what = || Manifest::file_name(manifest.seq);
+            match replica.as_mut() {
+                Some(replay) => replay(tables, ReplicaReplayed::Checkpoint(&manifest.replica))
+                    .map_err(|e| EngineError::Unrecoverable { what: what(), reason: format!("its replica's ranges do not fit this server ({e})") })?,
+                None if !manifest.replica.is_empty() => {
+                    return Err(EngineError::Unrecoverable {
+                        what: what(),
+                        reason: "a replicated server's checkpoint, in an unreplicated server's directory".into(),
+                    })
+                }
+                None => {}
+            }
             report.checkpoint = Some(manifest.seq);
             report.checkpoint_lsn = manifest.lsn;
             self.prev = Some(manifest);
@@ -567,7 +582,7 @@ impl ShardDisk {
             let mut reader = Reader::new(log, *next_lsn);
             for record in reader.by_ref() {
                 let applied = match (&record.target, replica.as_mut()) {
-                    (Target::Replica { .. }, Some(replay)) => replay(tables, &record),
+                    (Target::Replica { .. }, Some(replay)) => replay(tables, ReplicaReplayed::Record(&record)),
                     (Target::Replica { .. }, None) => {
                         Err(EngineError::BadRequest { reason: "a replicated server's record, in an unreplicated server's log".into() })
                     }
@@ -654,8 +669,16 @@ fn acknowledged_lost(log: &[u8], stop: &Stop, due_lsn: u64, later_logs: usize) -
     }
 }
 
-/// Replays a replicated shard's record into its tables (see [`ShardDisk::recover`]).
-pub type ReplicaReplay<'a> = dyn FnMut(&mut [Option<TablePart>], &Record<'_>) -> Result<()> + 'a;
+/// What a replicated shard's recovery hands its replica: the ranges the checkpoint loaded holds,
+/// then each log record after it.
+#[derive(Debug)]
+pub enum ReplicaReplayed<'a> {
+    Checkpoint(&'a [RangeHeld]),
+    Record(&'a Record<'a>),
+}
+
+/// Replays a replicated shard's checkpoint and records into its tables (see [`ShardDisk::recover`]).
+pub type ReplicaReplay<'a> = dyn FnMut(&mut [Option<TablePart>], ReplicaReplayed<'_>) -> Result<()> + 'a;
 
 /// Applies one logged push, as the shard did when it was first served.
 fn apply(tables: &mut [Option<TablePart>], r: &Record<'_>) -> Result<()> {

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use crate::config::IO_ALIGN_BYTES;
 use crate::error::{EngineError, Result};
-use crate::persist::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_HEADER_BYTES, MANIFEST_VERSION};
+use crate::persist::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, RangeHeld, CHUNK_HEADER_BYTES, MANIFEST_VERSION};
 use crate::persist::disk::{BufId, Disk, FileId, Op};
 use crate::table::TablePart;
 
@@ -69,6 +69,8 @@ impl Parts for Vec<&mut TablePart> {
 /// [`advance`](Self::advance) after each, and whenever it likes in between.
 #[derive(Debug)]
 pub struct Taking {
+    /// A replicated shard's ranges at the checkpoint's LSN, for its manifest.
+    pub replica: Vec<RangeHeld>,
     seq: u64,
     lsn: u64,
     wal: String,
@@ -155,6 +157,7 @@ impl Taking {
             });
         }
         Ok(Taking {
+            replica: Vec::new(),
             seq,
             lsn,
             wal: wal.to_string(),
@@ -271,7 +274,8 @@ impl Taking {
     pub fn commit(self, disk: &mut Disk, dir: &Path, parts: &mut dyn Parts) -> Result<(Manifest, Written)> {
         assert_eq!(self.stage, Stage::Synced, "commit follows a finished advance");
         disk.close_file(self.file)?;
-        let manifest = Manifest { version: MANIFEST_VERSION, seq: self.seq, shard: self.shard, lsn: self.lsn, wal: self.wal, tables: self.tables };
+        let (seq, shard, lsn, wal, tables, replica) = (self.seq, self.shard, self.lsn, self.wal, self.tables, self.replica);
+        let manifest = Manifest { version: MANIFEST_VERSION, seq, shard, lsn, wal, tables, replica };
         let committed = commit_manifest(disk, self.bufs[0], dir, &manifest);
         let mut written = self.written;
         for t in &manifest.tables {
