@@ -48,8 +48,10 @@ impl SecretArgs {
     }
 
     /// A tool's client configuration (it takes no worker id of its own).
+    /// A tool sends a few control requests: over TCP always, so that it never depends on a
+    /// server's RDMA settings (its slot size, say) nor sets up queue pairs for them.
     pub fn tool_client(&self) -> ClientConfig {
-        ClientConfig { transport: self.transport(), ..ClientConfig::worker(u32::MAX) }
+        ClientConfig { transport: self.transport(), kind: TransportKind::Tcp, ..ClientConfig::worker(u32::MAX) }
     }
 }
 
