@@ -81,8 +81,8 @@ export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/tests/softroce/run.sh"
 cargo test -p tessera-transport --all-features --locked --lib -- rdma::
 cargo test -p tessera-tests --all-features --locked --test rdma --test rdma_keys --test rdma_steady_state
 log "replication over RDMA, in the SoftRoCE guest: the kill test and the whole-cluster power loss, on verbs"
-# Three kills of real server processes, a drain and a join, with the embedded coordinator; the
-# sums are checked exactly. The failure timeout is 2 s here, not 500 ms: under emulation a live
+# Three kills of real server processes, with the embedded coordinator; the sums are checked
+# exactly. The failure timeout is 2 s here, not 500 ms: under emulation a live
 # server's heartbeat is at times answered more than 500 ms late (see docs/testing.md). A heal
 # may take 180 s, not 60: a rejoined server's learners catch up several times slower than on
 # the host (one took over 60 s while the host was busy with builds beside the guest).
