@@ -1,31 +1,33 @@
-//! The client of a replicated cluster: pushes go to each range's head and are acknowledged
-//! once the range's tail holds them; pulls read each range's tail. When a server fails, the
-//! client learns the new configuration from any server and resends what was not acknowledged
-//! to the new heads; the ranges' vector clocks make a resent push an acknowledgement, never a
-//! second apply.
+//! A [`Client`](crate::Client)'s links to a replicated cluster: pushes go to each range's
+//! head and are acknowledged once the range's tail holds them; pulls read each range's tail.
+//! When a server fails, the client learns the new configuration from any server and resends
+//! what was not acknowledged to the new heads; the ranges' vector clocks make a resent push an
+//! acknowledgement, never a second apply.
 //!
-//! [`ChainClient::push_range`] (dense tables) and [`ChainClient::push`] (sparse tables) return
-//! once every range they touched has acknowledged; their `_pipelined` forms return once the push
-//! is sent, and the next push (or [`ChainClient::flush`]) waits for it. A push is one
-//! `WorkerPush` frame per server shard that heads any of its ranges, all in flight at once; a
-//! head holds its reply until the tail holds the pushes in it, and the reply carries their
-//! acknowledgements. The retry logic is the replication crate's [`Pusher`], the same code the
+//! A push is one `WorkerPush` frame per server shard that heads any of its ranges, all in flight
+//! at once; a head holds its reply until the tail holds the pushes in it, and the reply carries
+//! their acknowledgements. [`Chain::push_keys`] and [`Chain::push_range`] return once the push is
+//! sent, having first waited for the one before it (one push in flight at a time, as a
+//! bounded-staleness worker of the paper's runs); [`Chain::settle`] waits for the
+//! acknowledgement. The retry logic is the replication crate's [`Pusher`], the same code the
 //! deterministic simulator runs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera_layout::catalog::{Catalog, ServerInfo, TableEntry, TableKind};
+use tessera_layout::catalog::{Catalog, ServerInfo, TableKind, TableSpec};
 use tessera_layout::placement::{range_keys, range_of, shard_of_range};
 use tessera_replication::codec::{self, PushHeader};
 use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
 use tessera_transport::tcp::TcpLink;
+use tessera_transport::wire::flags;
 use tessera_transport::wire::HEADER_BYTES;
-use tessera_transport::{ask, Caller, Dialer, Header, Op, TransportConfig, TransportError};
+use tessera_transport::{ask, Caller, Chosen, Dialer, Header, Op, Status, TransportConfig, TransportError};
 
 use crate::error::{ClientError, Result};
+use crate::ticket::Stamp;
 use crate::ClientConfig;
 
 /// How long a push waits for its acknowledgement before it is resent to whoever is head then.
@@ -50,13 +52,8 @@ const SLOW_ACK: Duration = Duration::from_millis(100);
 /// Longest pause between two polls for acknowledgements.
 const POLL_PAUSE_MAX: Duration = Duration::from_millis(2);
 
-/// A table as a replicated client routes it.
-#[derive(Debug, Clone)]
-pub struct ChainTable {
-    pub entry: TableEntry,
-}
-
-/// Counters of what failures cost this client.
+/// Counters of what failures cost a client of a replicated cluster
+/// ([`Client::chain_stats`](crate::Client::chain_stats)).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ChainStats {
     /// Times the configuration was fetched again (a server refused, failed or timed out).
@@ -77,22 +74,33 @@ pub struct ChainStats {
     pub tcp_calls: u64,
 }
 
-/// A worker's connection to a replicated cluster.
+/// A table as a push or pull names it: its id on every server, and its definition.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChainTable<'t> {
+    pub id: u32,
+    pub spec: &'t TableSpec,
+}
+
+/// A worker's links to a replicated cluster.
 #[derive(Debug)]
-pub struct ChainClient {
+pub(crate) struct Chain {
     worker: u32,
     /// Opens the links pushes and pulls go on: RDMA where both ends have it (`cfg.kind`).
     dialer: Dialer,
+    compress: bool,
     seeds: Vec<String>,
     shards: u16,
     ranges: u32,
-    tables: HashMap<String, TableEntry>,
     pusher: Pusher,
     links: HashMap<LinkKey, Caller>,
-    /// Push frames sent by the pipelined pushes and not yet answered: (server address, request).
-    in_flight: Vec<(String, Started)>,
+    /// Push frames sent and not yet answered.
+    in_flight: Vec<(Sent, Started)>,
+    /// A push a head refused outright, for the next settle to report.
+    refused: Option<ClientError>,
+    /// Per range: whether the pushes are numbered on from the head's count of this worker's
+    /// pushes (see [`count_pushes`](Self::count_pushes)).
+    counted: Vec<bool>,
     started: Instant,
-    clock: u64,
     pub stats: ChainStats,
     /// When a push's head last could not be reached (the configuration is then fetched again
     /// every [`REFRESH_GAP`], not only after the retry timer).
@@ -100,14 +108,15 @@ pub struct ChainClient {
     refreshed_at: Instant,
 }
 
-impl ChainClient {
+impl Chain {
     /// Connects as worker `cfg.worker` to the cluster any of `servers` belongs to, waiting (up
-    /// to [`CALL_TIMEOUT`]) for the cluster to have a configuration. Pushes and pulls go over
-    /// `cfg.kind`'s transport: with RDMA, each frame that fits a slot goes through the queue
-    /// pair, and a larger one over the link's TCP connection. (`cfg.compress` is not used.)
-    pub fn connect(servers: &[&str], cfg: ClientConfig) -> Result<Self> {
-        let ClientConfig { worker, transport, kind, rdma, .. } = cfg;
-        let dialer = Dialer::new(kind, transport, rdma)?;
+    /// to [`CALL_TIMEOUT`]) for the cluster to have a configuration; returns the catalog of
+    /// tables too. Pushes and pulls go over `cfg.kind`'s transport: with RDMA, each frame that
+    /// fits a slot goes through the queue pair, and a larger one over the link's TCP
+    /// connection. `chosen` is the transport the client chose for this process.
+    pub fn connect(servers: &[&str], cfg: &ClientConfig, chosen: Chosen) -> Result<(Self, Catalog)> {
+        let required = cfg.kind == tessera_transport::TransportKind::Rdma;
+        let dialer = Dialer { cfg: cfg.transport.clone(), chosen, rdma: cfg.rdma.clone(), required };
         let seeds: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
         let deadline = Instant::now() + CALL_TIMEOUT;
         let (view, info, catalog) = loop {
@@ -120,22 +129,61 @@ impl ChainClient {
         };
         let config = Arc::new(view.config.expect("checked above"));
         let ranges = view.replication.ranges;
-        Ok(Self {
-            worker,
+        let chain = Self {
+            worker: cfg.worker,
             dialer,
+            compress: cfg.compress,
             seeds,
             shards: info.shards,
             ranges,
-            tables: catalog.tables.into_iter().map(|t| (t.spec.name.clone(), t)).collect(),
-            pusher: Pusher::new(WorkerId(worker), ranges, config),
+            pusher: Pusher::new(WorkerId(cfg.worker), ranges, config),
             links: HashMap::new(),
             in_flight: Vec::new(),
+            refused: None,
+            counted: vec![false; ranges as usize],
             started: Instant::now(),
-            clock: 0,
             stats: ChainStats::default(),
             unreachable_at: None,
             refreshed_at: Instant::now(),
-        })
+        };
+        Ok((chain, catalog))
+    }
+
+    /// The addresses of the configuration's members, else the servers first given.
+    pub fn members(&self) -> Vec<String> {
+        let members: Vec<String> = self.pusher.view.members.iter().map(|m| m.addr.clone()).collect();
+        if members.is_empty() {
+            self.seeds.clone()
+        } else {
+            members
+        }
+    }
+
+    /// Sends `op` with `body` to every member's control plane; each reply's body.
+    pub fn ask_members(&mut self, op: Op, body: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.refresh();
+        self.members().iter().map(|addr| ask(addr, op, body, &self.dialer.cfg).map_err(|e| in_server(addr, e))).collect()
+    }
+
+    /// The transport of the links made so far: `"rdma"` when every one is RDMA.
+    pub fn transport(&self) -> &'static str {
+        if !self.links.is_empty() && self.links.values().all(|l| l.kind() == "rdma") {
+            "rdma"
+        } else {
+            "tcp"
+        }
+    }
+
+    /// Pushes started whose acknowledgements have not come yet.
+    pub fn unacked(&self) -> u64 {
+        self.pusher.unacked() as u64
+    }
+
+    /// Pings the shard of the first range's tail over a pull link.
+    pub fn ping(&mut self) -> Result<()> {
+        let at = self.tail_of(0).ok_or_else(|| ClientError::Unavailable { reason: "range 0 has no tail".into() })?;
+        let call = Outgoing { to: LinkKey { addr: at.0, shard: at.1, lane: Lane::Pull }, header: Header::request(Op::Ping, 0), body: Vec::new() };
+        self.call_all(vec![call]).pop().expect("one call").map(|_| ())
     }
 
     /// The cluster view, a server's self-description and its catalog, from the first of `seeds`
@@ -190,30 +238,19 @@ impl ChainClient {
         &self.pusher.view
     }
 
-    /// The table called `name`.
-    pub fn table(&self, name: &str) -> Result<ChainTable> {
-        let entry = self.tables.get(name).ok_or_else(|| ClientError::Placement(tessera_layout::LayoutError::UnknownTable { name: name.into() }))?;
-        Ok(ChainTable { entry: entry.clone() })
-    }
-
-    /// Sets the clock sent with pushes (the worker's iteration).
-    pub fn set_clock(&mut self, clock: u64) {
-        self.clock = clock;
-    }
-
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
     /// The pieces of `[start, start + count)` that fall in each replication range.
-    fn pieces(&self, table: &ChainTable, start: u64, count: u64) -> Result<Vec<(u32, u64, u64)>> {
-        let spec = &table.entry.spec;
+    fn pieces(&self, table: ChainTable<'_>, start: u64, count: u64) -> Result<Vec<(u32, u64, u64)>> {
+        let spec = table.spec;
         let end = start.checked_add(count).filter(|e| start >= spec.start && *e <= spec.end && count > 0);
         let Some(end) = end else {
             return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key: start, start: spec.start, end: spec.end });
         };
         if spec.kind != TableKind::Dense {
-            return Err(ClientError::Protocol { server: String::new(), reason: format!("table {:?} is sparse: push and pull take its keys", spec.name) });
+            return Err(ClientError::Config { reason: format!("table {:?} is sparse: push and pull take its keys", spec.name) });
         }
         let mut out = Vec::new();
         let mut key = start;
@@ -234,7 +271,7 @@ impl ChainClient {
 
     fn link(&mut self, key: &LinkKey) -> Result<&mut Caller> {
         if !self.links.contains_key(key) {
-            let link = self.dialer.caller(&key.addr, key.shard as u64, self.worker, ServerInfo::serves_rdma)?;
+            let link = self.dialer.caller(&key.addr, key.shard as u64, self.worker, ServerInfo::serves_rdma)?.compressing(self.compress);
             self.links.insert(key.clone(), link);
         }
         Ok(self.links.get_mut(key).expect("inserted above"))
@@ -262,23 +299,28 @@ impl ChainClient {
         }
     }
 
-    /// Waits for the reply to a started request; returns its body.
-    fn finish(&mut self, started: Started) -> Result<Vec<u8>> {
+    /// Waits for the reply to a started request; returns its header and body. A refusal is
+    /// the server's [`ClientError::Server`] answer.
+    fn finish(&mut self, started: Started) -> Result<Reply> {
         let link = self.links.get_mut(&started.to).expect("a started request's link is kept until its reply");
         let replied = link.finish(None);
         self.count(started.sent, replied.as_ref().map_or(0, |r| r.1.len()));
-        // A refusal is the server's answer; the link is fine.
-        if replied.as_ref().is_err_and(|e| !matches!(e, TransportError::Refused { .. })) {
-            self.links.remove(&started.to);
+        match replied {
+            Ok(reply) => Ok(reply),
+            // A refusal is the server's answer; the link is fine.
+            Err(TransportError::Refused { status, reason }) => Err(ClientError::Server { server: started.to.addr, status, message: reason }),
+            Err(e) => {
+                self.links.remove(&started.to);
+                Err(e.into())
+            }
         }
-        Ok(replied?.1)
     }
 
     /// Sends every request of `calls` and returns their replies' bodies, in order, counted in
     /// [`ChainStats`]. Requests to different server shards are in flight together (one per
     /// link at a time), so the servers serve them at once.
-    fn call_all(&mut self, calls: Vec<Outgoing>) -> Vec<Result<Vec<u8>>> {
-        let mut replies: Vec<Option<Result<Vec<u8>>>> = (0..calls.len()).map(|_| None).collect();
+    fn call_all(&mut self, calls: Vec<Outgoing>) -> Vec<Result<Reply>> {
+        let mut replies: Vec<Option<Result<Reply>>> = (0..calls.len()).map(|_| None).collect();
         let mut calls: Vec<(usize, Outgoing)> = calls.into_iter().enumerate().collect();
         while !calls.is_empty() {
             // A round: the first request left for each link.
@@ -300,34 +342,51 @@ impl ChainClient {
     }
 
     /// A `WorkerPush` request to `at` (a batch of pushes, or a poll when `body` is empty).
+    /// A `WorkerPush` request to `at` (a batch of pushes, or a poll when `body` is empty).
     fn worker_push(&self, at: (String, u16), body: Vec<u8>) -> Outgoing {
         let mut header = Header::request(Op::WorkerPush, 0);
         header.worker = self.worker;
+        if self.compress {
+            header.flags |= flags::COMPRESS_REPLY;
+        }
         Outgoing { to: LinkKey { addr: at.0, shard: at.1, lane: Lane::Push }, header, body }
     }
 
-    /// `WorkerPush` requests (batches of pushes, or polls with an empty body), each to its
-    /// server shard and all in flight together; takes the acknowledgements in their replies.
-    fn exchange(&mut self, frames: Vec<((String, u16), Vec<u8>)>) {
-        let calls: Vec<Outgoing> = frames.into_iter().map(|(at, body)| self.worker_push(at, body)).collect();
-        let addrs: Vec<String> = calls.iter().map(|c| c.to.addr.clone()).collect();
+    /// `WorkerPush` requests (batches of pushes, or polls with no pushes), each to its server
+    /// shard and all in flight together; takes the acknowledgements in their replies.
+    fn exchange(&mut self, frames: Vec<Frame>) {
+        let mut calls = Vec::with_capacity(frames.len());
+        let mut sent = Vec::with_capacity(frames.len());
+        for f in frames {
+            calls.push(self.worker_push(f.at.clone(), f.body));
+            sent.push(Sent { addr: f.at.0, pieces: f.pieces, first: f.first });
+        }
         let replies = self.call_all(calls);
-        for (addr, replied) in addrs.iter().zip(replies) {
-            self.take_acks(addr, replied);
+        for (s, replied) in sent.into_iter().zip(replies) {
+            self.take_acks(s, replied);
         }
     }
 
     /// Takes the acknowledgements in a `WorkerPush` reply. A failed link is noted: what it
-    /// carried is resent later.
-    fn take_acks(&mut self, addr: &str, replied: Result<Vec<u8>>) {
+    /// carried is resent later. A frame of new pushes that the head refused outright (it can
+    /// never be applied: a full table, say) takes those pushes back, and the error is kept for
+    /// the next [`settle`](Self::settle).
+    fn take_acks(&mut self, sent: Sent, replied: Result<Reply>) {
         let now = self.now_ms();
+        let addr = sent.addr.as_str();
         let mut stale = false;
-        match replied.map(|b| codec::decode_batch(&b)) {
+        match replied.map(|(_, b)| codec::decode_batch(&b)) {
             Ok(Ok(news)) => news.into_iter().for_each(|n| stale |= self.pusher.on_msg(now, n)),
             Ok(Err(e)) => tracing::warn!(addr, error = %e, "a malformed acknowledgement"),
-            Err(ClientError::Transport(TransportError::Refused { reason })) => {
+            Err(ClientError::Server { status, server, message }) if sent.first && never_applies(status) && !sent.pieces.is_empty() => {
+                for (range, seq) in &sent.pieces {
+                    self.pusher.withdraw(*range, *seq);
+                }
+                self.refused.get_or_insert(ClientError::Server { server, status, message });
+            }
+            Err(ClientError::Server { message, .. }) => {
                 // Not acknowledged in time: the wait asks again, and resends if need be.
-                tracing::debug!(addr, reason, "pushes not acknowledged");
+                tracing::debug!(addr, message, "pushes not acknowledged");
             }
             Err(e) => {
                 tracing::debug!(addr, error = %e, "push link failed");
@@ -339,161 +398,190 @@ impl ChainClient {
         }
     }
 
-    /// Waits for the replies to the pushes [`push_pipelined`](Self::push_pipelined) left in
-    /// flight.
+    /// Waits for the replies to the pushes [`deliver_in_flight`](Self::deliver_in_flight) left
+    /// in flight.
     fn collect_in_flight(&mut self) {
-        for (addr, started) in std::mem::take(&mut self.in_flight) {
+        for (sent, started) in std::mem::take(&mut self.in_flight) {
             let replied = self.finish(started);
-            self.take_acks(&addr, replied);
+            self.take_acks(sent, replied);
         }
     }
 
-    /// Sends what the pusher has queued and waits for the replies: the pushes to the ranges one
-    /// server shard heads go in one frame (more when they exceed the frame limit), and every
-    /// server shard's at once.
+    /// Sends what the pusher has queued (resends) and waits for the replies: the pushes to the
+    /// ranges one server shard heads go in one frame (more when they exceed the frame limit),
+    /// and every server shard's at once.
     fn deliver(&mut self) {
-        let frames = self.queued_frames();
+        let frames = self.queued_frames(false);
         self.exchange(frames);
     }
 
-    /// What the pusher has queued, as `WorkerPush` bodies per server shard.
-    fn queued_frames(&mut self) -> Vec<((String, u16), Vec<u8>)> {
+    /// What the pusher has queued, as `WorkerPush` frames per server shard; `first` when they
+    /// are pushes sent for the first time.
+    fn queued_frames(&mut self, first: bool) -> Vec<Frame> {
         let body_max = self.dialer.cfg.frame_bytes_max.saturating_sub(HEADER_BYTES).max(1);
-        let mut frames: BTreeMap<(String, u16), Vec<Vec<u8>>> = BTreeMap::new();
+        let mut frames: BTreeMap<(String, u16), Vec<Frame>> = BTreeMap::new();
         for (to, msg) in std::mem::take(&mut self.pusher.out) {
-            let (Addr::Node(node), Msg::Push { range, .. }) = (to, &msg) else { continue };
+            let (Addr::Node(node), Msg::Push { range, seq, .. }) = (to, &msg) else { continue };
             let Some(addr) = self.pusher.view.member(node).map(|m| m.addr.clone()) else { continue };
             let shard = shard_of_range(range.0, self.ranges, self.shards);
-            let bodies = frames.entry((addr, shard)).or_default();
+            let at = (addr, shard);
+            let bodies = frames.entry(at.clone()).or_default();
             let mut one = Vec::new();
             codec::encode_batch([&msg], &mut one);
             match bodies.last_mut() {
-                Some(body) if body.len() + one.len() <= body_max => body.extend_from_slice(&one),
-                _ => bodies.push(one),
+                Some(f) if f.body.len() + one.len() <= body_max => {
+                    f.body.extend_from_slice(&one);
+                    f.pieces.push((*range, *seq));
+                }
+                _ => bodies.push(Frame { at, body: one, pieces: vec![(*range, *seq)], first }),
             }
         }
-        frames.into_iter().flat_map(|(at, bodies)| bodies.into_iter().map(move |b| (at.clone(), b))).collect()
+        frames.into_values().flatten().collect()
     }
 
-    /// Sends what the pusher has queued and returns without waiting for the replies (one
-    /// frame per server shard; larger pushes wait, as [`deliver`](Self::deliver) does).
+    /// Sends the pushes just queued and returns without waiting for the replies (one frame per
+    /// server shard; larger pushes wait, as [`deliver`](Self::deliver) does).
     fn deliver_in_flight(&mut self) {
-        let frames = self.queued_frames();
+        let frames = self.queued_frames(true);
         let mut seen = BTreeSet::new();
-        if !frames.iter().all(|(at, _)| seen.insert(at.clone())) {
+        if !frames.iter().all(|f| seen.insert(f.at.clone())) {
             return self.exchange(frames);
         }
-        for (at, body) in frames {
-            let addr = at.0.clone();
-            let call = self.worker_push(at, body);
+        for f in frames {
+            let sent = Sent { addr: f.at.0.clone(), pieces: f.pieces, first: true };
+            let call = self.worker_push(f.at, f.body);
             match self.start(call) {
-                Ok(started) => self.in_flight.push((addr, started)),
-                Err(e) => self.take_acks(&addr, Err(e)),
+                Ok(started) => self.in_flight.push((sent, started)),
+                Err(e) => self.take_acks(sent, Err(e)),
             }
         }
     }
 
-    /// Pushes `grads` for the dense keys from `start`, and returns once every range they fall in
-    /// has acknowledged (the tail holds the push).
-    pub fn push_range(&mut self, table: &ChainTable, start: u64, grads: &[f32]) -> Result<()> {
-        self.queue_range(table, start, grads)?;
-        self.deliver();
-        self.wait_acked()
+    /// Asks the heads of `ranges` not asked yet how many of this worker's pushes they applied,
+    /// and numbers the next pushes on from there: a worker id's pushes are numbered per range,
+    /// and a head takes a number it has seen for a resend. Without this, a client started as a
+    /// worker that pushed before (a restarted trainer) would have its first pushes taken for
+    /// old ones and dropped. Tries until [`CALL_TIMEOUT`].
+    fn count_pushes(&mut self, ranges: &[u32]) -> Result<()> {
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        loop {
+            let left: Vec<u32> = ranges.iter().copied().filter(|r| !self.counted[*r as usize]).collect();
+            if left.is_empty() {
+                return Ok(());
+            }
+            let heads: BTreeSet<(String, u16)> = left
+                .iter()
+                .filter_map(|&r| {
+                    let head = self.pusher.view.chain(RangeId(r))?.head()?;
+                    Some((self.pusher.view.member(head)?.addr.clone(), shard_of_range(r, self.ranges, self.shards)))
+                })
+                .collect();
+            let calls: Vec<Outgoing> = heads
+                .into_iter()
+                .map(|at| {
+                    let mut call = self.worker_push(at, Vec::new());
+                    call.header.flags |= flags::PUSH_SEQS;
+                    call
+                })
+                .collect();
+            let now = self.now_ms();
+            for replied in self.call_all(calls) {
+                if let Err(e @ ClientError::Server { status, .. }) = &replied {
+                    if never_applies(*status) {
+                        return Err(ClientError::Server { server: String::new(), status: *status, message: e.to_string() });
+                    }
+                }
+                let Ok(Ok(msgs)) = replied.map(|(_, body)| codec::decode_batch(&body)) else { continue };
+                for msg in msgs {
+                    if let Msg::SeqCount { range, .. } = &msg {
+                        if let Some(c) = self.counted.get_mut(range.0 as usize) {
+                            *c = true;
+                        }
+                    }
+                    self.pusher.on_msg(now, msg);
+                }
+            }
+            if left.iter().any(|r| !self.counted[*r as usize]) {
+                if Instant::now() > deadline {
+                    return Err(ClientError::Unavailable { reason: format!("no head answered for ranges {left:?}") });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                self.refresh();
+            }
+        }
     }
 
-    /// Pushes `grads` (`dim` per key) for the keys `keys` of a sparse table, and returns once
-    /// every range they fall in has acknowledged (the tail holds the push).
-    pub fn push(&mut self, table: &ChainTable, keys: &[u64], grads: &[f32]) -> Result<()> {
-        self.queue_keys(table, keys, grads)?;
-        self.deliver();
-        self.wait_acked()
-    }
-
-    /// As [`push_range`](Self::push_range), but returns once the push is sent: it is in flight
-    /// while the worker goes on (pulls, computes), and the next push, or
-    /// [`flush`](Self::flush), waits for its acknowledgement first. One push in flight at a
-    /// time, as a bounded-staleness worker of the paper's would run.
-    pub fn push_range_pipelined(&mut self, table: &ChainTable, start: u64, grads: &[f32]) -> Result<()> {
-        self.queue_range(table, start, grads)?;
-        self.deliver_in_flight();
-        Ok(())
-    }
-
-    /// As [`push`](Self::push), but returns once the push is sent; see
-    /// [`push_range_pipelined`](Self::push_range_pipelined).
-    pub fn push_pipelined(&mut self, table: &ChainTable, keys: &[u64], grads: &[f32]) -> Result<()> {
-        self.queue_keys(table, keys, grads)?;
-        self.deliver_in_flight();
-        Ok(())
-    }
-
-    /// Returns once every push sent is acknowledged.
-    pub fn flush(&mut self) -> Result<()> {
-        self.wait_acked()
-    }
-
-    /// Hands the pusher a dense push, one piece per range; pushes before it are acknowledged
-    /// first.
-    fn queue_range(&mut self, table: &ChainTable, start: u64, grads: &[f32]) -> Result<()> {
-        let dim = table.entry.spec.dim as usize;
+    /// Pushes `grads` for the dense keys of `table` from `start`, one piece per replication
+    /// range. Waits for the push before it first; returns once this one is sent.
+    pub fn push_range(&mut self, table: ChainTable<'_>, start: u64, grads: &[f32], clock: u64) -> Result<()> {
+        let dim = table.spec.dim as usize;
         if grads.is_empty() || !grads.len().is_multiple_of(dim) {
             let (keys, want) = (grads.len() / dim, grads.len() / dim * dim);
-            let name = table.entry.spec.name.clone();
-            return Err(ClientError::Length { what: "the gradient", table: name, keys, dim, got: grads.len(), want });
+            return Err(ClientError::Length { what: "the gradient", table: table.spec.name.clone(), keys, dim, got: grads.len(), want });
         }
         let pieces = self.pieces(table, start, (grads.len() / dim) as u64)?;
-        self.wait_acked()?;
+        self.settle(None)?;
         self.refresh_if_old();
+        self.count_pushes(&pieces.iter().map(|p| p.0).collect::<Vec<_>>())?;
         let now = self.now_ms();
         for (range, lo, hi) in pieces {
             let h = PushHeader {
-                table: table.entry.id,
+                table: table.id,
                 dim: dim as u32,
                 start: lo,
                 count: (hi - lo) as u32,
                 worker: self.worker,
-                clock: self.clock,
+                clock,
                 listed: false,
+                range_done: false,
             };
             let values = &grads[(lo - start) as usize * dim..(hi - start) as usize * dim];
             self.pusher.push(now, RangeId(range), h.payload(values).into());
         }
+        self.deliver_in_flight();
         Ok(())
     }
 
-    /// Hands the pusher a sparse push, one piece per range; pushes before it are acknowledged
-    /// first.
-    fn queue_keys(&mut self, table: &ChainTable, keys: &[u64], grads: &[f32]) -> Result<()> {
-        let spec = &table.entry.spec;
-        if spec.kind != TableKind::Sparse {
-            return Err(ClientError::Protocol { server: String::new(), reason: format!("table {:?} is dense: push_range pushes it", spec.name) });
-        }
+    /// Pushes `grads` (`dim` per key) for `keys`, one piece per replication range. With `ranges_done` (bounded delay), the push completes the worker's clock on
+    /// every range of the table, with an empty piece to the ranges it has no keys in. Waits for
+    /// the push before it first; returns once this one is sent.
+    pub fn push_keys(&mut self, table: ChainTable<'_>, keys: &[u64], grads: &[f32], clock: u64, ranges_done: bool) -> Result<()> {
+        let spec = table.spec;
         let dim = spec.dim as usize;
-        check_length("the gradient", table, keys.len(), grads.len())?;
-        let by_range = self.by_range(table, keys)?;
-        self.wait_acked()?;
+        let mut by_range = self.by_range(table, keys)?;
+        if ranges_done {
+            for range in 0..self.ranges {
+                if !range_keys(spec, self.ranges, range).is_empty() {
+                    by_range.entry(range).or_default();
+                }
+            }
+        }
+        self.settle(None)?;
         self.refresh_if_old();
+        self.count_pushes(&by_range.keys().copied().collect::<Vec<_>>())?;
         let now = self.now_ms();
         for (range, at) in by_range {
             let listed: Vec<u64> = at.iter().map(|i| keys[*i]).collect();
             let values: Vec<f32> = at.iter().flat_map(|i| &grads[i * dim..(i + 1) * dim]).copied().collect();
             let h = PushHeader {
-                table: table.entry.id,
+                table: table.id,
                 dim: dim as u32,
                 start: 0,
                 count: listed.len() as u32,
                 worker: self.worker,
-                clock: self.clock,
+                clock,
                 listed: true,
+                range_done: ranges_done,
             };
             self.pusher.push(now, RangeId(range), h.keyed_payload(&listed, &values).into());
         }
+        self.deliver_in_flight();
         Ok(())
     }
 
     /// For each replication range `keys` fall in, the positions of its keys in `keys`.
-    fn by_range(&self, table: &ChainTable, keys: &[u64]) -> Result<BTreeMap<u32, Vec<usize>>> {
-        let spec = &table.entry.spec;
+    fn by_range(&self, table: ChainTable<'_>, keys: &[u64]) -> Result<BTreeMap<u32, Vec<usize>>> {
+        let spec = table.spec;
         let mut out: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (i, &key) in keys.iter().enumerate() {
             if key < spec.start || key >= spec.end {
@@ -504,16 +592,20 @@ impl ChainClient {
         Ok(out)
     }
 
-    /// Polls the heads of ranges with pushes in flight until all are acknowledged; resends to
-    /// the current heads what waited too long.
-    fn wait_acked(&mut self) -> Result<()> {
+    /// Polls the heads of ranges with pushes in flight until all are acknowledged, or until
+    /// `deadline` (then returns false); resends to the current heads what waited too long.
+    /// Fails after [`CALL_TIMEOUT`] in all, or with the error of a push a head refused outright.
+    pub fn settle(&mut self, deadline: Option<Instant>) -> Result<bool> {
         self.collect_in_flight();
         let began = Instant::now();
-        let deadline = began + CALL_TIMEOUT;
+        let timeout = began + CALL_TIMEOUT;
         let mut pause = Duration::from_micros(50);
         while !self.pusher.idle() {
-            if Instant::now() > deadline {
+            if Instant::now() > timeout {
                 return Err(ClientError::Unavailable { reason: format!("{} pushes unacknowledged after {CALL_TIMEOUT:?}", self.pusher.unacked()) });
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
             }
             let before = self.pusher.unacked();
             let heads: BTreeSet<(String, u16)> = (0..self.ranges)
@@ -523,7 +615,7 @@ impl ChainClient {
                     Some((self.pusher.view.member(head)?.addr.clone(), shard_of_range(r, self.ranges, self.shards)))
                 })
                 .collect();
-            self.exchange(heads.into_iter().map(|at| (at, Vec::new())).collect());
+            self.exchange(heads.into_iter().map(|at| Frame { at, body: Vec::new(), pieces: Vec::new(), first: false }).collect());
             let now = self.now_ms();
             let unreachable = self.unreachable_at.take().is_some();
             if (unreachable || began.elapsed() >= SLOW_ACK) && self.refreshed_at.elapsed() >= REFRESH_GAP {
@@ -550,13 +642,20 @@ impl ChainClient {
                 pause = (pause * 2).min(POLL_PAUSE_MAX);
             }
         }
-        Ok(())
+        match self.refused.take() {
+            Some(e) => Err(e),
+            None => Ok(true),
+        }
     }
 
     /// Pulls the dense keys from `start` into `out`, each range from its chain's tail, every
     /// tail at once.
-    pub fn pull_range(&mut self, table: &ChainTable, start: u64, out: &mut [f32]) -> Result<()> {
-        let dim = table.entry.spec.dim as usize;
+    pub fn pull_range(&mut self, table: ChainTable<'_>, start: u64, out: &mut [f32]) -> Result<Stamp> {
+        let dim = table.spec.dim as usize;
+        if out.is_empty() || !out.len().is_multiple_of(dim) {
+            let (keys, want) = (out.len() / dim, out.len() / dim * dim);
+            return Err(ClientError::Length { what: "the output", table: table.spec.name.clone(), keys, dim, got: out.len(), want });
+        }
         let pieces = self.pieces(table, start, (out.len() / dim) as u64)?;
         let left: BTreeMap<u32, Keys> = pieces.into_iter().map(|(range, lo, hi)| (range, Keys::Range(lo, hi))).collect();
         self.pull_ranges(table, left, |k| (k - start) as usize, out)
@@ -565,8 +664,7 @@ impl ChainClient {
     /// Pulls the values of `keys` into `out` (`dim` per key), each range from its chain's tail:
     /// one request for the keys of all the ranges a server's shard is tail of, every tail at
     /// once.
-    pub fn pull(&mut self, table: &ChainTable, keys: &[u64], out: &mut [f32]) -> Result<()> {
-        check_length("the output", table, keys.len(), out.len())?;
+    pub fn pull_keys(&mut self, table: ChainTable<'_>, keys: &[u64], out: &mut [f32]) -> Result<Stamp> {
         let by_range = self.by_range(table, keys)?;
         let left = by_range.into_iter().map(|(range, at)| (range, Keys::Listed(at.into_iter().map(|i| (keys[i], i)).collect()))).collect();
         self.pull_ranges(table, left, |_| 0, out)
@@ -575,8 +673,10 @@ impl ChainClient {
     /// Pulls the keys of each range in `left` from its tail into `out`, asking again (after
     /// fetching the configuration) for the ranges whose tail failed, until [`CALL_TIMEOUT`].
     /// `row_of` places a dense key's values in `out`; listed keys carry their rows.
-    fn pull_ranges(&mut self, table: &ChainTable, mut left: BTreeMap<u32, Keys>, row_of: impl Fn(u64) -> usize, out: &mut [f32]) -> Result<()> {
-        let dim = table.entry.spec.dim as usize;
+    fn pull_ranges(&mut self, table: ChainTable<'_>, mut left: BTreeMap<u32, Keys>, row_of: impl Fn(u64) -> usize, out: &mut [f32]) -> Result<Stamp> {
+        let dim = table.spec.dim as usize;
+        let mut stamp = Stamp::default();
+        let mut first = true;
         let deadline = Instant::now() + CALL_TIMEOUT;
         self.refresh_if_old();
         loop {
@@ -609,9 +709,12 @@ impl ChainClient {
             let mut placed = Vec::with_capacity(parts.len());
             for ((addr, shard, _), part) in parts {
                 let mut header = Header::request(if part.range.is_some() { Op::PullRange } else { Op::Pull }, 0);
-                header.table = table.entry.id;
-                header.dim = table.entry.spec.dim;
+                header.table = table.id;
+                header.dim = table.spec.dim;
                 header.worker = self.worker;
+                if self.compress {
+                    header.flags |= flags::COMPRESS_REPLY;
+                }
                 let body = match part.range {
                     Some((lo, hi)) => {
                         header.start = lo;
@@ -630,7 +733,10 @@ impl ChainClient {
             for ((addr, part), replied) in placed.into_iter().zip(self.call_all(calls)) {
                 let values = part.rows.len() * dim * 4;
                 match replied {
-                    Ok(body) if body.len() >= values => {
+                    Ok((header, body)) if body.len() == values + header.count as usize * 8 => {
+                        let clocks = body[..header.count as usize * 8].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+                        stamp.meet(clocks, first);
+                        first = false;
                         for (row, v) in part.rows.iter().zip(body[body.len() - values..].chunks_exact(dim * 4)) {
                             for (o, b) in out[row * dim..(row + 1) * dim].iter_mut().zip(v.chunks_exact(4)) {
                                 *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
@@ -640,15 +746,15 @@ impl ChainClient {
                             left.remove(r);
                         });
                     }
-                    Ok(body) => {
-                        let reason = format!("a pull reply of {} bytes for {values} bytes of values", body.len());
+                    Ok((header, body)) => {
+                        let reason = format!("a pull reply of {} bytes for a {}-clock stamp and {values} bytes of values", body.len(), header.count);
                         failure = Some(ClientError::Protocol { server: addr, reason });
                     }
                     Err(e) => failure = Some(e),
                 }
             }
-            let Some(e) = failure else { return Ok(()) };
-            if Instant::now() > deadline {
+            let Some(e) = failure else { return Ok(stamp) };
+            if Instant::now() > deadline || matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) {
                 return Err(e);
             }
             self.stats.pull_retries += 1;
@@ -683,6 +789,27 @@ struct Outgoing {
     body: Vec<u8>,
 }
 
+/// A reply's header and body.
+type Reply = (Header, Vec<u8>);
+
+/// A `WorkerPush` frame to send: to which server shard, its body, the pushes in it (none in a
+/// poll), and whether they are sent for the first time.
+#[derive(Debug)]
+struct Frame {
+    at: (String, u16),
+    body: Vec<u8>,
+    pieces: Vec<(RangeId, u32)>,
+    first: bool,
+}
+
+/// What a sent `WorkerPush` frame carried, for its reply.
+#[derive(Debug)]
+struct Sent {
+    addr: String,
+    pieces: Vec<(RangeId, u32)>,
+    first: bool,
+}
+
 /// A request sent whose reply is still to come.
 #[derive(Debug)]
 struct Started {
@@ -713,11 +840,18 @@ enum Keys {
     Listed(Vec<(u64, usize)>),
 }
 
-/// Refuses values that are not `dim` per key for `keys` keys (and a call of no keys).
-fn check_length(what: &'static str, table: &ChainTable, keys: usize, got: usize) -> Result<()> {
-    let dim = table.entry.spec.dim as usize;
-    if keys == 0 || got != keys * dim {
-        return Err(ClientError::Length { what, table: table.entry.spec.name.clone(), keys, dim, got, want: keys * dim });
+/// Whether a refusal with `status` is for good: the request can never succeed as sent (a
+/// refused push is taken back; a refused pull fails at once). Other refusals (a held
+/// acknowledgement that timed out, a server shutting down) are retried.
+fn never_applies(status: Status) -> bool {
+    use Status::*;
+    matches!(status, Malformed | FrameTooLarge | UnknownTable | KeyOutOfRange | ValuesLength | NonFinite | WrongDim | Full | BadRequest | Unsupported)
+}
+
+/// A refusal by `addr` as the server's error; other failures as they are.
+fn in_server(addr: &str, e: TransportError) -> ClientError {
+    match e {
+        TransportError::Refused { status, reason } => ClientError::Server { server: addr.to_string(), status, message: reason },
+        e => e.into(),
     }
-    Ok(())
 }

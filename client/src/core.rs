@@ -11,6 +11,7 @@ use tessera_layout::TableKind;
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::{Chosen, Header, Link, Op, PushBuffer, Status, TransportError, CONTROL_SHARD};
 
+use crate::chain::{Chain, ChainTable};
 use crate::error::{ClientError, Result};
 use crate::ticket::{server_error, Resend, Stamp, Sub, Ticket};
 use crate::{Client, ClientConfig, Table};
@@ -127,6 +128,27 @@ fn dial(addr: &str, cfg: &ClientConfig, chosen: &Chosen) -> Result<ServerLinks> 
     Ok(ServerLinks { addr: addr.to_string(), control, shards, workers_max: info.workers_max, broken: None, lost: String::new() })
 }
 
+/// Whether `addrs` name a replicated cluster: the first server that answers says whether it
+/// has a cluster configuration. When none answers, the caller's connection attempt reports why.
+fn replicated(addrs: &[&str], cfg: &ClientConfig) -> bool {
+    for addr in addrs {
+        match tessera_transport::ask(addr, Op::ClusterConfig, &[], &cfg.transport) {
+            Ok(_) => return true,
+            Err(TransportError::Refused { .. }) => return false,
+            Err(_) => continue,
+        }
+    }
+    false
+}
+
+/// The keys a call on a replicated cluster names: listed keys (with whether a push completes
+/// the worker's clock on every range, under bounded delay), or a dense range from `start`.
+#[derive(Debug, Clone, Copy)]
+enum Named<'k> {
+    Keys { keys: &'k [u64], ranges_done: bool },
+    Range { start: u64 },
+}
+
 /// Routing buffers, reused from call to call.
 #[derive(Debug, Default)]
 struct Scratch {
@@ -170,12 +192,26 @@ pub(crate) struct Core {
     generation: u64,
     /// Routes of tables looked up again since the last reconnection, by name.
     remapped: HashMap<String, Arc<Route>>,
+    /// A replicated cluster's links and tables, when the servers are one (`servers` is then
+    /// empty: every call goes through the chains).
+    chain: Option<(Chain, HashMap<String, TableEntry>)>,
 }
 
 impl Core {
     pub fn connect(addrs: &[&str], cfg: ClientConfig) -> Result<Core> {
         let chosen = tessera_transport::select::choose(cfg.kind, &cfg.rdma)?;
-        let servers = addrs.iter().map(|addr| dial(addr, &cfg, &chosen)).collect::<Result<Vec<_>>>()?;
+        let chain = match replicated(addrs, &cfg) {
+            true if cfg.key_cache_keys > 0 => {
+                let reason = "key-list caching (key_cache_keys) is not available on a replicated cluster yet: set it to 0".to_string();
+                return Err(ClientError::Config { reason });
+            }
+            true => Some(Chain::connect(addrs, &cfg, chosen.clone())?),
+            false => None,
+        };
+        let servers = match chain {
+            Some(_) => Vec::new(),
+            None => addrs.iter().map(|addr| dial(addr, &cfg, &chosen)).collect::<Result<Vec<_>>>()?,
+        };
         let mut core = Core {
             cfg,
             chosen,
@@ -190,9 +226,25 @@ impl Core {
             lists_missed: 0,
             generation: 0,
             remapped: HashMap::new(),
+            chain: chain.map(|(chain, catalog)| (chain, catalog.tables.into_iter().map(|t| (t.spec.name.clone(), t)).collect())),
         };
-        core.refresh()?;
+        if core.chain.is_none() {
+            core.refresh()?;
+        }
         Ok(core)
+    }
+
+    /// The replicated cluster's links, when the servers are one.
+    pub fn chain(&self) -> Option<&Chain> {
+        self.chain.as_ref().map(|(chain, _)| chain)
+    }
+
+    /// Bytes sent and received, frames included.
+    pub fn bytes(&self) -> (u64, u64) {
+        match self.chain() {
+            Some(chain) => (chain.stats.bytes_sent, chain.stats.bytes_received),
+            None => (self.bytes_sent, self.bytes_received),
+        }
     }
 
     /// One request on server `server`'s control plane; returns the reply body.
@@ -222,6 +274,18 @@ impl Core {
 
     /// Fetches every server's catalog and rebuilds the range map.
     pub fn refresh(&mut self) -> Result<Vec<Vec<TableEntry>>> {
+        if let Some((chain, tables)) = self.chain.as_mut() {
+            let mut catalogs = Vec::new();
+            for body in chain.ask_members(Op::Catalog, &[])? {
+                let catalog: Catalog =
+                    serde_json::from_slice(&body).map_err(|e| ClientError::Protocol { server: String::new(), reason: format!("bad catalog: {e}") })?;
+                catalogs.push(catalog.tables);
+            }
+            if let Some(first) = catalogs.first() {
+                *tables = first.iter().map(|t| (t.spec.name.clone(), t.clone())).collect();
+            }
+            return Ok(catalogs);
+        }
         let mut catalogs = Vec::with_capacity(self.servers.len());
         for server in 0..self.servers.len() {
             let body = self.control(server, Op::Catalog, &[])?;
@@ -235,6 +299,9 @@ impl Core {
 
     pub fn create_table(&mut self, spec: &TableSpec) -> Result<()> {
         let body = serde_json::to_vec(spec).expect("a table spec serialises");
+        if let Some((chain, _)) = self.chain.as_mut() {
+            chain.ask_members(Op::CreateTable, &body)?;
+        }
         for server in 0..self.servers.len() {
             self.control(server, Op::CreateTable, &body)?;
         }
@@ -252,6 +319,10 @@ impl Core {
 
     /// Sends `op` with no body to every server's control connection; each JSON reply.
     fn ask_all(&mut self, op: Op) -> Result<Vec<serde_json::Value>> {
+        if let Some((chain, _)) = self.chain.as_mut() {
+            let bad = |e: serde_json::Error| ClientError::Protocol { server: String::new(), reason: format!("bad {op:?} reply: {e}") };
+            return chain.ask_members(op, &[])?.iter().map(|body| serde_json::from_slice(body).map_err(bad)).collect();
+        }
         (0..self.servers.len())
             .map(|server| {
                 let body = self.control(server, op, &[])?;
@@ -264,6 +335,14 @@ impl Core {
     /// The table's route; a table this client has not seen yet (created by another client) is
     /// looked up again on the servers.
     pub fn table(&mut self, name: &str) -> Result<Table> {
+        if let Some((_, tables)) = &self.chain {
+            if !tables.contains_key(name) {
+                self.refresh()?;
+            }
+            let (_, tables) = self.chain.as_ref().expect("replicated");
+            let entry = tables.get(name).ok_or_else(|| tessera_layout::LayoutError::UnknownTable { name: name.into() })?;
+            return Ok(Table { route: Arc::new(Route::replicated(entry.spec.clone(), entry.id)), consistency: None, generation: 0 });
+        }
         if self.map.table(name).is_err() {
             self.refresh()?;
         }
@@ -499,6 +578,9 @@ impl Core {
         out: Option<&'a mut [f32]>,
         part_done: bool,
     ) -> Result<Ticket<'a>> {
+        if self.chain.is_some() {
+            return self.chain_call(client, table, Named::Keys { keys, ranges_done: part_done }, grads, out);
+        }
         let fresh = self.current(table)?;
         let table: &Table = &fresh;
         let dim = table.dim();
@@ -572,7 +654,33 @@ impl Core {
             }
         }
         self.scratch.used = used;
-        Ok(Ticket { client, subs, out, order, dim, stamp: None, mismatched: false })
+        Ok(Ticket { client, subs, out, order, dim, stamp: None, mismatched: false, chained: false })
+    }
+
+    /// [`send_keys`](Self::send_keys) and [`send_range`](Self::send_range) on a replicated
+    /// cluster: a push is sent to the ranges' heads and its ticket waits for their
+    /// acknowledgements; a pull reads the tails at once.
+    fn chain_call<'a>(&mut self, client: &'a Client, table: &Table, named: Named<'_>, grads: Option<&[f32]>, out: Option<&'a mut [f32]>) -> Result<Ticket<'a>> {
+        let (what, values) = match (grads, &out) {
+            (Some(g), _) => ("the gradient", g.len()),
+            (None, o) => ("the output", o.as_ref().map_or(0, |o| o.len())),
+        };
+        let keys = match named {
+            Named::Keys { keys, .. } => keys.len(),
+            Named::Range { .. } => values / table.dim(),
+        };
+        Self::check_len(table, what, keys, values)?;
+        self.check_finite(table, grads)?;
+        let clock = self.clock;
+        let (chain, _) = self.chain.as_mut().expect("replicated");
+        let t = ChainTable { id: table.route().owner(0).table_id, spec: table.spec() };
+        match (grads, out, named) {
+            (Some(g), _, Named::Keys { keys, ranges_done }) => chain.push_keys(t, keys, g, clock, ranges_done).map(|()| Ticket::pushed(client)),
+            (Some(g), _, Named::Range { start }) => chain.push_range(t, start, g, clock).map(|()| Ticket::pushed(client)),
+            (None, Some(o), Named::Keys { keys, .. }) => Ok(Ticket::read(client, chain.pull_keys(t, keys, o)?, o)),
+            (None, Some(o), Named::Range { start }) => Ok(Ticket::read(client, chain.pull_range(t, start, o)?, o)),
+            (None, None, _) => unreachable!("a pull has an output"),
+        }
     }
 
     /// Passes a send's result through; on failure, forgets the sub-requests already sent, so that
@@ -610,6 +718,9 @@ impl Core {
     /// One ping (`Op::Ping`) to `shard` of server `server`: the transport's round trip, with no
     /// table touched.
     pub fn ping(&mut self, server: u32, shard: u16) -> Result<()> {
+        if let Some((chain, _)) = self.chain.as_mut() {
+            return chain.ping();
+        }
         let id = self.send(Owner { server, shard, table_id: 0 }, Header::request(Op::Ping, 0), &[])?;
         self.await_reply(server, shard, id, |h, body| match h.status() {
             Status::Ok => Ok(()),
@@ -738,6 +849,9 @@ impl Core {
         out: Option<&'a mut [f32]>,
         source: Option<&PushBuffer>,
     ) -> Result<Ticket<'a>> {
+        if self.chain.is_some() {
+            return self.chain_call(client, table, Named::Range { start }, grads, out);
+        }
         let fresh = self.current(table)?;
         let table: &Table = &fresh;
         let dim = table.dim();
@@ -808,7 +922,7 @@ impl Core {
             let settled = self.release_buffers(&subs);
             self.sent_or_abandon(settled, &subs)?;
         }
-        Ok(Ticket { client, subs, out, order: Vec::new(), dim, stamp: read_stamp, mismatched: false })
+        Ok(Ticket { client, subs, out, order: Vec::new(), dim, stamp: read_stamp, mismatched: false, chained: false })
     }
 
     /// A one-sided read of `out.len() / dim` keys from `start` on `owner`'s shard, if its link can
@@ -903,6 +1017,9 @@ impl Core {
     /// Receives every reply still due on every shard, parking each for its ticket: afterwards
     /// every request sent so far has been answered.
     pub fn settle_all(&mut self) -> Result<()> {
+        if let Some((chain, _)) = self.chain.as_mut() {
+            return chain.settle(None).map(|_| ());
+        }
         for server in 0..self.servers.len() {
             let s = &mut self.servers[server];
             let addr = &s.addr;
@@ -918,12 +1035,26 @@ impl Core {
         Ok(())
     }
 
+    /// Whether every push to the replicated cluster is acknowledged, waiting until `deadline`.
+    pub fn chain_settled(&mut self, deadline: Instant) -> Result<bool> {
+        match self.chain.as_mut() {
+            Some((chain, _)) => chain.settle(Some(deadline)),
+            None => Ok(true),
+        }
+    }
+
     /// Requests sent whose replies have not arrived, over every shard.
     pub fn in_flight(&self) -> u64 {
+        if let Some(chain) = self.chain() {
+            return chain.unacked();
+        }
         self.servers.iter().flat_map(|s| &s.shards).map(|s| s.outstanding).sum()
     }
 
     pub fn transport(&self) -> &'static str {
+        if let Some(chain) = self.chain() {
+            return chain.transport();
+        }
         let all_rdma = self.servers.iter().flat_map(|s| &s.shards).all(|s| s.link.kind() == "rdma");
         if all_rdma {
             "rdma"

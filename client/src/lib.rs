@@ -32,7 +32,7 @@
 #![forbid(unsafe_code)]
 
 mod call;
-pub mod chain;
+mod chain;
 mod core;
 mod error;
 pub mod filter;
@@ -47,7 +47,7 @@ pub use tessera_transport::PushBuffer;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
 pub use crate::call::{Call, Consistency};
-pub use crate::chain::{ChainClient, ChainTable};
+pub use crate::chain::ChainStats;
 pub use crate::error::{ClientError, Result};
 pub use crate::filter::Filter;
 pub use crate::ticket::{Detached, Stamp, Ticket, STAMP_INLINE_CLOCKS};
@@ -259,8 +259,20 @@ impl Client {
 
     /// Bytes this client sent and received, frames included.
     pub fn bytes(&self) -> (u64, u64) {
-        let core = self.lock();
-        (core.bytes_sent, core.bytes_received)
+        self.lock().bytes()
+    }
+
+    /// On a replicated cluster, what failures have cost this client so far (refreshes of the
+    /// configuration, resends, retried pulls) and where its requests went; `None` on
+    /// unreplicated servers.
+    pub fn chain_stats(&self) -> Option<ChainStats> {
+        self.lock().chain().map(|c| c.stats)
+    }
+
+    /// On a replicated cluster, the id (epoch) of the configuration this client routes by;
+    /// `None` on unreplicated servers.
+    pub fn config_id(&self) -> Option<u64> {
+        self.lock().chain().map(|c| c.view().id)
     }
 
     /// Key-list caching: requests sent with a key list's hash instead of its keys, and how many

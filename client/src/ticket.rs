@@ -90,6 +90,9 @@ pub struct Ticket<'a> {
     /// Set when a detached ticket was resumed with an output of the wrong length: waiting on it
     /// fails, and its requests are let go as a dropped ticket's are.
     pub(crate) mismatched: bool,
+    /// A push to a replicated cluster: waiting on it waits for the acknowledgements of every
+    /// push this client sent (the tails hold them).
+    pub(crate) chained: bool,
 }
 
 /// A ticket cut loose from the client and the output buffer it borrows, for layers that cannot
@@ -104,19 +107,21 @@ pub struct Detached {
     stamp: Option<Stamp>,
     /// The length of the output the call was given (0 for pushes).
     out_len: usize,
+    chained: bool,
 }
 
 impl<'a> Ticket<'a> {
     /// Cuts the ticket loose from its borrows (see [`Detached`]).
     pub fn detach(mut self) -> Detached {
         let out_len = self.out.as_ref().map_or(0, |o| o.len());
-        Detached { subs: std::mem::take(&mut self.subs), order: std::mem::take(&mut self.order), dim: self.dim, stamp: self.stamp.take(), out_len }
+        let chained = std::mem::take(&mut self.chained);
+        Detached { subs: std::mem::take(&mut self.subs), order: std::mem::take(&mut self.order), dim: self.dim, stamp: self.stamp.take(), out_len, chained }
     }
 
     /// A detached ticket of `client` back, writing into `out` (which must have the length the
     /// call was given, or the ticket fails when waited on).
     pub(crate) fn resume(client: &'a Client, d: Detached, out: Option<&'a mut [f32]>) -> Ticket<'a> {
-        let mut ticket = Ticket { client, subs: d.subs, out, order: d.order, dim: d.dim, stamp: d.stamp, mismatched: false };
+        let mut ticket = Ticket { client, subs: d.subs, out, order: d.order, dim: d.dim, stamp: d.stamp, mismatched: false, chained: d.chained };
         // Replies are not written to a buffer of another shape: waiting fails, and dropping the
         // ticket then lets its requests go as any dropped ticket's do.
         ticket.mismatched = ticket.out.as_ref().map_or(0, |o| o.len()) != d.out_len;
@@ -126,9 +131,12 @@ impl<'a> Ticket<'a> {
 
 /// Whether every reply `subs` wait for is in (see [`Core::arrived`](crate::core::Core)),
 /// receiving for up to `timeout` in all.
-fn arrived(client: &Client, subs: &[Sub], timeout: std::time::Duration) -> Result<bool> {
+fn arrived(client: &Client, subs: &[Sub], chained: bool, timeout: std::time::Duration) -> Result<bool> {
     let deadline = std::time::Instant::now() + timeout;
     let mut core = client.lock();
+    if chained {
+        return core.chain_settled(deadline);
+    }
     for sub in subs {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if !core.arrived(sub.server, sub.shard, sub.id, left)? {
@@ -142,7 +150,7 @@ impl Detached {
     /// Whether waiting on this ticket (resumed on `client`, the client that made it) would
     /// return without blocking; receives for up to `timeout` first. Zero only looks.
     pub(crate) fn ready(&self, client: &Client, timeout: std::time::Duration) -> Result<bool> {
-        arrived(client, &self.subs, timeout)
+        arrived(client, &self.subs, self.chained, timeout)
     }
 }
 
@@ -151,14 +159,22 @@ impl Ticket<'_> {
     /// connection the call went over broke. Receives for up to `timeout` first (zero only
     /// looks); the ticket stays as it was either way.
     pub fn ready(&self, timeout: std::time::Duration) -> Result<bool> {
-        arrived(self.client, &self.subs, timeout)
+        arrived(self.client, &self.subs, self.chained, timeout)
     }
 
     /// Blocks until every shard answered. Pulls have written their values when this returns.
     /// Returns the stamp of the keys touched, or the first error any shard reported.
+    ///
+    /// On a replicated cluster a push's ticket waits until the tails of its ranges hold it (and
+    /// every push of this client before it); its stamp is empty, since acknowledgements carry
+    /// no clocks. A pull there has read its values before its ticket is returned.
     pub fn wait(mut self) -> Result<Stamp> {
         if self.mismatched {
             return Err(ClientError::Config { reason: "a detached ticket was resumed with an output of another length".into() });
+        }
+        if std::mem::take(&mut self.chained) {
+            self.client.lock().settle_all()?;
+            return Ok(Stamp::default());
         }
         let subs = std::mem::take(&mut self.subs);
         let mut core = self.client.lock();

@@ -461,13 +461,17 @@ impl Shard {
         if !rest.is_empty() {
             return Err(EngineError::BadRequest { reason: format!("count {} but {} more bytes after the keys", h.count, rest.len()) });
         }
+        let ranges = self.chain.as_ref().map(ChainShard::ranges);
         let part = self.part(h)?;
         let span = part.check_pull(keys)?;
         let n = keys.len() * h.dim as usize;
         check_reply(part.stamp_len(), n, limit)?;
         let (stamp, values) = reply.ok(part.stamp_len(), n);
         part.pull(keys, values);
-        part.stamp_into(span, stamp);
+        match ranges {
+            Some(ranges) => stamp_by_range(part, ranges, keys, stamp),
+            None => part.stamp_into(span, stamp),
+        }
         Ok(())
     }
 
@@ -539,6 +543,26 @@ impl Shard {
             Some(r) => Err(not_held(r)),
             None => Ok(()),
         }
+    }
+}
+
+/// The stamp of `keys` on a replicated shard: the meet of the stamps of each replication
+/// range's keys among them. The span from the lowest key to the highest may cross ranges this
+/// shard holds no current copy of (it is not in their chains), whose clocks say nothing.
+fn stamp_by_range(part: &TablePart, ranges: u32, keys: &[u64], out: &mut [u64]) {
+    let mut spans: std::collections::BTreeMap<u32, (u64, u64)> = std::collections::BTreeMap::new();
+    for &key in keys {
+        let span = spans.entry(range_of(&part.spec, ranges, key)).or_insert((key, key));
+        *span = (span.0.min(key), span.1.max(key));
+    }
+    let mut one = vec![0; out.len()];
+    for (i, (lo, hi)) in spans.into_values().enumerate() {
+        if i == 0 {
+            part.stamp_into(lo..hi + 1, out);
+            continue;
+        }
+        part.stamp_into(lo..hi + 1, &mut one);
+        out.iter_mut().zip(&one).for_each(|(o, c)| *o = (*o).min(*c));
     }
 }
 

@@ -112,6 +112,14 @@ impl Route {
         self.starts[i]..self.ends[i]
     }
 
+    /// The route of a replicated cluster's table `id`: one part, the whole table. Its chains,
+    /// not its parts, say where keys live (the client routes each replication range to its
+    /// chain's head or tail), so the owner is a placeholder.
+    pub fn replicated(spec: TableSpec, id: u32) -> Route {
+        let owner = Owner { server: 0, shard: 0, table_id: id };
+        Route { starts: vec![spec.start], ends: vec![spec.end], owners: vec![owner], spec }
+    }
+
     /// Number of parts.
     pub fn parts(&self) -> usize {
         self.starts.len()

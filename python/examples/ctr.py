@@ -172,7 +172,8 @@ def tessera_worker(rank: int, args, addr: str, barrier, results) -> None:
     torch.manual_seed(1000 + rank)
     ids, labels, _ = make_data(args.examples, args.vocab, seed=1)
     mine = np.arange(rank, args.examples, args.workers)
-    with tessera.Client([addr], worker=rank, workers=args.workers, consistency=args.consistency, transport="tcp") as client:
+    # `addr` is one server, or a replicated cluster's servers separated by commas.
+    with tessera.Client(addr.split(","), worker=rank, workers=args.workers, consistency=args.consistency, transport="tcp") as client:
         table = client.create_table("ctr.emb", kind="sparse", dim=DIM, updater=f"adagrad{{lr={args.lr}}}", init_scale=args.init_scale, init_seed=3)
         emb = tt.Embedding(table)
         mlp = Mlp()

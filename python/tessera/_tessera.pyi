@@ -87,7 +87,8 @@ class Table:
 
 @final
 class Client:
-    """A connection to every shard of every server, as one worker."""
+    """A connection to every shard of every server, as one worker (or to a replicated cluster
+    through any of its servers)."""
 
     def __new__(
         cls,

@@ -31,11 +31,12 @@ def free_port() -> int:
 class Server:
     """One `tessera server` process; `addr` is "127.0.0.1:port". Killed on `stop()`."""
 
-    def __init__(self, *args: str, addr: str = "", shards: int = 2):
+    def __init__(self, *args: str, addr: str = "", shards: int = 2, tool: str = "server"):
         self.dir = tempfile.TemporaryDirectory(prefix="tessera-py-")
         self.log_path = Path(self.dir.name) / "server.log"
         self.args = args
         self.shards = shards
+        self.tool = tool
         for _ in range(8):
             self.addr = addr or f"127.0.0.1:{free_port()}"
             if self._spawn():
@@ -45,7 +46,9 @@ class Server:
         raise RuntimeError(f"tessera server {args} did not start:\n{self.log()}")
 
     def _spawn(self) -> bool:
-        cmd = [str(tessera_bin()), "server", "--listen", self.addr, "--shards", str(self.shards), "--no-pin", *self.args]
+        cmd = [str(tessera_bin()), self.tool, "--listen", self.addr, *self.args]
+        if self.tool == "server":
+            cmd += ["--shards", str(self.shards), "--no-pin"]
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         host, port = self.addr.rsplit(":", 1)
@@ -108,3 +111,24 @@ def shared_server():
     """One server for a module's tests; each test uses its own table names."""
     with Server() as s:
         yield s
+
+
+class Cluster:
+    """A replicated cluster: `tessera coordinator` (embedded configuration) and three servers
+    joining it, every range on a chain of two. `addrs` lists the servers."""
+
+    def __init__(self, servers: int = 3, replicas: int = 2):
+        self.coordinator = Server("--servers", str(servers), "--replicas", str(replicas), "--ranges", "8", "--workers", "16", tool="coordinator")
+        self.servers = [Server("--node-id", str(node), "--coordinator", self.coordinator.addr) for node in range(1, servers + 1)]
+        self.addrs = [s.addr for s in self.servers]
+
+    def stop(self) -> None:
+        for s in [*self.servers, self.coordinator]:
+            s.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for s in [*self.servers, self.coordinator]:
+            s.__exit__(*exc)

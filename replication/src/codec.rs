@@ -20,6 +20,7 @@ const NEED: u8 = 6;
 const SNAPSHOT: u8 = 7;
 const HEARTBEAT: u8 = 8;
 const CONFIG: u8 = 9;
+const SEQ_COUNT: u8 = 10;
 
 /// A heartbeat's fields, as JSON carries them.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -40,6 +41,9 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         }
         Msg::PushAck { range, seq } => {
             w.u8(PUSH_ACK).u32(range.0).u32(*seq);
+        }
+        Msg::SeqCount { range, seq } => {
+            w.u8(SEQ_COUNT).u32(range.0).u32(*seq);
         }
         Msg::NotHead { range, config_id } => {
             w.u8(NOT_HEAD).u32(range.0).u64(*config_id);
@@ -72,6 +76,7 @@ pub fn decode(bytes: &[u8]) -> Result<Msg> {
     let msg = match r.u8()? {
         PUSH => Msg::Push { range: RangeId(r.u32()?), worker: WorkerId(r.u32()?), seq: r.u32()?, payload: r.bytes()?.into() },
         PUSH_ACK => Msg::PushAck { range: RangeId(r.u32()?), seq: r.u32()? },
+        SEQ_COUNT => Msg::SeqCount { range: RangeId(r.u32()?), seq: r.u32()? },
         NOT_HEAD => Msg::NotHead { range: RangeId(r.u32()?), config_id: r.u64()? },
         FORWARD => Msg::Forward { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, clock: r.clock()?, delta: r.bytes()?.into() },
         ACK => Msg::Ack { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
@@ -177,6 +182,7 @@ mod tests {
         vec![
             Msg::Push { range: RangeId(1), worker: WorkerId(2), seq: 3, payload: vec![1, 2, 3].into() },
             Msg::PushAck { range: RangeId(1), seq: 9 },
+            Msg::SeqCount { range: RangeId(2), seq: 4 },
             Msg::NotHead { range: RangeId(1), config_id: 77 },
             Msg::Forward { range: RangeId(5), epoch: Epoch(2), version: 8, clock: clock.clone(), delta: vec![9; 10].into() },
             Msg::Ack { range: RangeId(5), epoch: Epoch(2), version: 8 },
@@ -231,6 +237,10 @@ pub struct PushHeader {
     pub clock: u64,
     /// The keys are listed after the header (a sparse push), not a range from `start`.
     pub listed: bool,
+    /// The push completes the worker's clock on the whole replication range, not only on the
+    /// keys it lists: a sparse push under bounded delay, whose pulls wait on every worker's
+    /// clock over the keys they read. Such a push may list no keys at all (`count` 0).
+    pub range_done: bool,
 }
 
 /// A push's payload, split: its header, its listed keys' bytes (empty for a range), its values' bytes.
@@ -248,7 +258,8 @@ impl PushHeader {
     pub fn keyed_payload(&self, keys: &[u64], values: &[f32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::BYTES + keys.len() * 8 + values.len() * 4);
         Writer(&mut out).u32(self.table).u32(self.dim).u64(self.start).u32(self.count).u32(self.worker).u64(self.clock);
-        Writer(&mut out).u32(self.listed as u32).u32(0);
+        let flags = self.listed as u32 | (self.range_done as u32) << 1;
+        Writer(&mut out).u32(flags).u32(0);
         // Little-endian in place, as every frame of the wire format (the transport refuses to
         // build for big-endian hosts).
         out.extend_from_slice(bytemuck::cast_slice(keys));
@@ -260,10 +271,20 @@ impl PushHeader {
     /// their lengths.
     pub fn parse(payload: &[u8]) -> Result<PushParts<'_>> {
         let mut r = Reader { bytes: payload, at: 0 };
-        let mut h = PushHeader { table: r.u32()?, dim: r.u32()?, start: r.u64()?, count: r.u32()?, worker: r.u32()?, clock: r.u64()?, listed: false };
-        h.listed = match (r.u32()?, r.u32()?) {
-            (0, 0) => false,
-            (1, 0) => true,
+        let mut h = PushHeader {
+            table: r.u32()?,
+            dim: r.u32()?,
+            start: r.u64()?,
+            count: r.u32()?,
+            worker: r.u32()?,
+            clock: r.u64()?,
+            listed: false,
+            range_done: false,
+        };
+        (h.listed, h.range_done) = match (r.u32()?, r.u32()?) {
+            (0, 0) => (false, false),
+            (1, 0) => (true, false),
+            (3, 0) => (true, true),
             (l, pad) => return Err(bad(format!("a push header with flags {l} and {pad}"))),
         };
         let key_bytes = if h.listed { h.count as usize * 8 } else { 0 };
@@ -304,7 +325,7 @@ mod payload_tests {
 
     #[test]
     fn push_payloads_and_batches_round_trip_and_wrong_lengths_are_refused() {
-        let h = PushHeader { table: 3, dim: 2, start: 10, count: 2, worker: 1, clock: 7, listed: false };
+        let h = PushHeader { table: 3, dim: 2, start: 10, count: 2, worker: 1, clock: 7, listed: false, range_done: false };
         let p = h.payload(&[1.0, 2.0, 3.0, 4.0]);
         let (back, keys, values) = PushHeader::parse(&p).unwrap();
         assert_eq!((back, keys.len(), values.len()), (h, 0, 16));
@@ -319,6 +340,8 @@ mod payload_tests {
         let mut flagged = p.clone();
         flagged[32] = 7;
         assert!(PushHeader::parse(&flagged).unwrap_err().to_string().contains("flags 7"));
+        let done = PushHeader { count: 0, range_done: true, ..listed };
+        assert_eq!(PushHeader::parse(&done.keyed_payload(&[], &[])).unwrap().0, done);
         let msgs = vec![Msg::PushAck { range: RangeId(1), seq: 2 }, Msg::NotHead { range: RangeId(3), config_id: 4 }];
         let mut bytes = Vec::new();
         encode_batch(&msgs, &mut bytes);

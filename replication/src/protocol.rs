@@ -164,6 +164,9 @@ pub enum Msg {
     Push { range: RangeId, worker: WorkerId, seq: u32, payload: Arc<[u8]> },
     /// Head to worker: every push of the worker to `range` up to `seq` is held by the tail.
     PushAck { range: RangeId, seq: u32 },
+    /// Head to worker, asked: `seq` of the worker's pushes to `range` are applied. A worker's new
+    /// client numbers its pushes from there.
+    SeqCount { range: RangeId, seq: u32 },
     /// Head (or not) to worker: this server is not the range's head in its configuration `config_id`.
     NotHead { range: RangeId, config_id: u64 },
     /// Down the chain (and from the tail to its learner): update `version` of the range, with
@@ -189,6 +192,7 @@ impl Msg {
         match self {
             Msg::Push { .. } => "push",
             Msg::PushAck { .. } => "push-ack",
+            Msg::SeqCount { .. } => "seq-count",
             Msg::NotHead { .. } => "not-head",
             Msg::Forward { .. } => "forward",
             Msg::Ack { .. } => "ack",

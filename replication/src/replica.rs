@@ -427,6 +427,14 @@ impl<S: Store> Replica<S> {
         st.waiting.iter().any(|w| w.worker == worker && w.seq == seq)
     }
 
+    /// The number of `worker`'s last push applied to `range`, when this replica is the range's
+    /// head: a client that starts (or restarts) as that worker numbers its pushes from there.
+    pub fn worker_seq(&self, range: RangeId, worker: WorkerId) -> Option<u32> {
+        let st = self.ranges.get(range.0 as usize)?.as_ref().filter(|s| s.installed)?;
+        self.place(range).filter(|p| p.head && p.epoch == st.epoch)?;
+        st.clock.get(worker.0 as usize).copied()
+    }
+
     /// The (range, epoch) pairs this replica acts as head for.
     pub fn heads(&self) -> impl Iterator<Item = (RangeId, Epoch)> + '_ {
         self.ranges.iter().enumerate().filter_map(move |(r, st)| {

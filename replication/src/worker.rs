@@ -63,6 +63,32 @@ impl Pusher {
         }
     }
 
+    /// Numbers the next push to `range` after `seq`, the head's count of this worker's pushes
+    /// applied there, so that a client starting as a worker that pushed before is not taken
+    /// for a resend of its old pushes. Only before the client's first push to the range.
+    pub fn start_after(&mut self, range: RangeId, seq: u32) {
+        let r = range.0 as usize;
+        if self.pending[r].is_empty() && self.next_seq[r] < seq {
+            self.next_seq[r] = seq;
+            self.acked[r] = self.acked[r].max(seq);
+        }
+    }
+
+    /// Takes back push `seq` to `range`, which a head refused outright (a push that can never
+    /// be applied: an unknown table, no room...), so that the next push to the range reuses
+    /// its number. Only the last push started can be taken back, and only when it was never
+    /// applied anywhere (the caller knows: it was refused on its first sending); returns
+    /// whether it was.
+    pub fn withdraw(&mut self, range: RangeId, seq: u32) -> bool {
+        let r = range.0 as usize;
+        if self.next_seq[r] != seq || self.pending[r].back().is_none_or(|(s, _)| *s != seq) {
+            return false;
+        }
+        self.pending[r].pop_back();
+        self.next_seq[r] -= 1;
+        true
+    }
+
     /// Takes a reply. Returns true when the worker should refresh its view of the configuration.
     pub fn on_msg(&mut self, now_ms: u64, msg: Msg) -> bool {
         match msg {
@@ -79,6 +105,10 @@ impl Pusher {
                 false
             }
             Msg::NotHead { config_id, .. } => config_id > self.view.id || config_id == 0,
+            Msg::SeqCount { range, seq } => {
+                self.start_after(range, seq);
+                false
+            }
             _ => false,
         }
     }

@@ -663,7 +663,7 @@ fn handshake_mistakes_are_refused() {
 
     // The transport's own link reports a refused hello as a refused handshake.
     match TcpLink::connect(f.addr(), 5, RAW_WORKER, &TransportConfig::default()) {
-        Err(TransportError::Refused { reason }) => assert!(reason.contains("no shard 5"), "{reason}"),
+        Err(TransportError::Refused { reason, .. }) => assert!(reason.contains("no shard 5"), "{reason}"),
         other => panic!("expected a refused handshake, got {other:?}"),
     }
     f.verify_and_continue();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use tessera_tests::{tessera_bin, ChildGuard, ScratchDir, ServerProc};
+use tessera_tests::{free_port, tessera_bin, ChildGuard, ScratchDir, ServerProc};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repository").to_path_buf()
@@ -80,10 +80,23 @@ fn the_c_trainer_builds_with_pkg_config_and_trains_against_a_live_server() {
     // the environment, as a C program's users would.
     let secret = prefix.write("secret", "the C trainer's cluster secret\n");
     let server = ServerProc::start(&["--shards", "2", "--cluster-secret-file", secret.to_str().unwrap()]);
+    run_trainer(&prefix, &trainer, server.addr(), &secret);
+    assert!(server.log().lines().all(|l| !l.contains("panicked")), "{}", server.log());
+
+    // Without the secret the trainer cannot connect, and says why.
+    let out = Command::new(&trainer).arg(server.addr()).env_remove("TESSERA_CLUSTER_SECRET_FILE").output().expect("run the trainer");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the trainer ran without the secret:\n{said}");
+    assert!(said.contains("--cluster-secret-file"), "the trainer's failure does not say why:\n{said}");
+}
+
+/// Runs the C trainer against `servers` (comma-separated) with the cluster secret in `secret`,
+/// and checks that it trained and that each bad call through the ABI was refused.
+fn run_trainer(prefix: &ScratchDir, trainer: &Path, servers: &str, secret: &Path) {
     let (out_path, err_path) = (prefix.path().join("trainer.out"), prefix.path().join("trainer.err"));
-    let child = Command::new(&trainer)
-        .arg(server.addr())
-        .env("TESSERA_CLUSTER_SECRET_FILE", &secret)
+    let child = Command::new(trainer)
+        .arg(servers)
+        .env("TESSERA_CLUSTER_SECRET_FILE", secret)
         .stdout(File::create(&out_path).expect("create the trainer's stdout file"))
         .stderr(File::create(&err_path).expect("create the trainer's stderr file"))
         .spawn()
@@ -97,13 +110,32 @@ fn the_c_trainer_builds_with_pkg_config_and_trains_against_a_live_server() {
     eprintln!("{stdout}");
     assert!(stdout.contains("trainer: ok"), "{stdout}");
     assert_eq!(stdout.matches("refused as expected").count(), 19, "{stdout}");
-    assert!(server.log().lines().all(|l| !l.contains("panicked")), "{}", server.log());
+}
 
-    // Without the secret the trainer cannot connect, and says why.
-    let out = Command::new(&trainer).arg(server.addr()).env_remove("TESSERA_CLUSTER_SECRET_FILE").output().expect("run the trainer");
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "the trainer ran without the secret:\n{said}");
-    assert!(said.contains("--cluster-secret-file"), "the trainer's failure does not say why:\n{said}");
+/// The same trainer, through the same calls, against a replicated cluster: a coordinator and
+/// three servers, every range on a chain of two. The trainer is given all three addresses.
+#[test]
+fn the_c_trainer_trains_against_a_replicated_cluster() {
+    let prefix = ScratchDir::new("capi-replicated");
+    let flags = install(&prefix);
+    let trainer = compile(&prefix, &flags, &repo().join("client/capi/examples/trainer.c"), "trainer");
+    let secret = prefix.write("secret", "the C trainer's cluster secret\n");
+    let secret_arg = secret.to_str().unwrap();
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let args = ["--servers", "3", "--replicas", "2", "--ranges", "8", "--workers", "16", "--cluster-secret-file", secret_arg];
+    let _coordinator = ServerProc::coordinator_at(&coordinator, &args);
+    let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let servers: Vec<ServerProc> = (0..3)
+        .map(|i| {
+            let node = (i + 1).to_string();
+            let args = ["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator, "--cluster-secret-file", secret_arg];
+            ServerProc::start_at(&addrs[i], &args)
+        })
+        .collect();
+    run_trainer(&prefix, &trainer, &addrs.join(","), &secret);
+    for server in &servers {
+        assert!(server.log().lines().all(|l| !l.contains("panicked")), "{}", server.log());
+    }
 }
 
 /// Runs `program` with `args`, its output going to files in `prefix`; returns the child and the

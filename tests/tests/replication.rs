@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use tessera_client::{ChainClient, ClientConfig};
+use tessera_client::{Client, ClientConfig};
 use tessera_tests::{free_port, run_tool, EtcdProc, ScratchDir, ServerProc};
 use tessera_transport::{Op, TransportConfig, TransportKind};
 
@@ -98,10 +98,10 @@ fn sparse_grads(worker: u32, keys: &[u64]) -> Vec<f32> {
 /// Checks, on the cluster at `addrs`, that `w` and `emb` hold exactly `pushes[w]` pushes of each
 /// worker `w`.
 fn check_sums(addrs: &[&str], pushes: &[usize]) {
-    let mut checker = ChainClient::connect(addrs, worker_cfg(7)).unwrap();
+    let checker = Client::connect(addrs, worker_cfg(7)).unwrap();
     let table = checker.table("w").unwrap();
     let mut values = vec![0f32; KEYS as usize];
-    checker.pull_range(&table, 0, &mut values).unwrap();
+    checker.pull_range(&table, 0, &mut values).and_then(|t| t.wait()).unwrap();
     for k in 0..KEYS {
         let want: f32 = (0..WORKERS).map(|w| pushes[w as usize] as f32 * grad(w, k)).sum();
         assert_eq!(values[k as usize], want, "key {k}");
@@ -118,7 +118,7 @@ fn check_sums(addrs: &[&str], pushes: &[usize]) {
     }
     let keys: Vec<u64> = want.keys().copied().collect();
     let mut got = vec![0f32; keys.len() * 2];
-    checker.pull(&emb, &keys, &mut got).unwrap();
+    checker.pull(&emb, &keys, &mut got).and_then(|t| t.wait()).unwrap();
     for (i, (k, sum)) in want.iter().enumerate() {
         assert_eq!(&got[i * 2..i * 2 + 2], sum, "sparse key {k}");
     }
@@ -270,7 +270,7 @@ fn kill_test(with_etcd: bool, kills: usize) {
         let (stop, addrs, progress) = (stop.clone(), addrs[..SERVERS].to_vec(), progress.clone());
         handles.push(std::thread::spawn(move || {
             let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-            let mut client = ChainClient::connect(&refs, worker_cfg(w)).expect("connect");
+            let client = Client::connect(&refs, worker_cfg(w)).expect("connect");
             let table = client.table("w").expect("table w");
             let emb = client.table("emb").expect("table emb");
             let grads: Vec<f32> = (0..KEYS).map(|k| grad(w, k)).collect();
@@ -279,12 +279,12 @@ fn kill_test(with_etcd: bool, kills: usize) {
             let mut done_at = Vec::new();
             while !stop.load(Ordering::Acquire) {
                 client.set_clock(done_at.len() as u64 + 1);
-                client.push_range(&table, 0, &grads).expect("a push is eventually acknowledged");
-                client.push(&emb, &keys, &sparse).expect("a sparse push is eventually acknowledged");
+                client.push_range(&table, 0, &grads).and_then(|t| t.wait()).expect("a push is eventually acknowledged");
+                client.push(&emb, &keys, &sparse).and_then(|t| t.wait()).expect("a sparse push is eventually acknowledged");
                 done_at.push(epoch.elapsed());
                 progress[w as usize].fetch_add(1, Ordering::Release);
             }
-            (done_at, client.stats)
+            (done_at, client.chain_stats().expect("a replicated cluster"))
         }));
     }
 
@@ -420,7 +420,7 @@ fn forged(addr: &str, op: Op, from: u32, body: &[u8]) -> Option<String> {
     header.worker = from;
     match tessera_transport::call(&mut link, &mut header, body, Some(Duration::from_secs(10))) {
         Ok(_) => None,
-        Err(tessera_transport::TransportError::Refused { reason }) => Some(reason),
+        Err(tessera_transport::TransportError::Refused { reason, .. }) => Some(reason),
         Err(e) => panic!("the server did not answer a forged {op:?}: {e}"),
     }
 }
@@ -469,13 +469,13 @@ fn forged_and_malformed_replication_frames_change_nothing() {
         .collect();
     wait_healed(&coordinator, None, Duration::from_secs(30));
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let mut client = ChainClient::connect(&refs, worker_cfg(0)).expect("connect");
+    let client = Client::connect(&refs, worker_cfg(0)).expect("connect");
     let table = client.table("w").expect("table w");
     let grads: Vec<f32> = (0..KEYS).map(|k| grad(0, k)).collect();
     let rounds = 5;
     for clock in 1..=rounds {
         client.set_clock(clock);
-        client.push_range(&table, 0, &grads).unwrap();
+        client.push_range(&table, 0, &grads).and_then(|t| t.wait()).unwrap();
     }
 
     // Range 0's chain, and what its middle holds once the reports are in.
@@ -539,7 +539,7 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     }
     // Worker pushes, to the head, each wrong in one way.
     let head_at = addrs[head as usize - 1].as_str();
-    let header = PushHeader { table: 0, dim: 1, start: 0, count: 1, worker: 3, clock: 1, listed: false };
+    let header = PushHeader { table: 0, dim: 1, start: 0, count: 1, worker: 3, clock: 1, listed: false, range_done: false };
     let bad_pushes: Vec<(&str, u32, RangeId, Vec<u8>)> = vec![
         ("an unknown table", 3, range, PushHeader { table: 9, ..header }.payload(&[1.0])),
         ("the wrong dim", 3, range, PushHeader { dim: 2, ..header }.payload(&[1.0, 1.0])),
@@ -578,15 +578,15 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     // The chain goes on, and its middle alone holds exactly the real pushes.
     for clock in rounds + 1..=2 * rounds {
         client.set_clock(clock);
-        client.push_range(&table, 0, &grads).unwrap();
+        client.push_range(&table, 0, &grads).and_then(|t| t.wait()).unwrap();
     }
     servers[head as usize - 1].kill();
     servers[tail as usize - 1].kill();
-    let mut alone = ChainClient::connect(&[at], worker_cfg(1)).expect("connect to the middle");
+    let alone = Client::connect(&[at], worker_cfg(1)).expect("connect to the middle");
     let table = alone.table("w").unwrap();
     let mut values = vec![0f32; KEYS as usize];
     let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = alone.pull_range(&table, 0, &mut values) {
+    while let Err(e) = alone.pull_range(&table, 0, &mut values).and_then(|t| t.wait()) {
         assert!(Instant::now() < deadline, "the middle did not serve alone within 30 s: {e}");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -627,13 +627,13 @@ fn training_goes_on_while_etcd_hangs_and_the_cluster_heals_after() {
         let (stop, addrs) = (stop.clone(), addrs.clone());
         std::thread::spawn(move || {
             let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-            let mut client = ChainClient::connect(&refs, worker_cfg(0)).expect("connect");
+            let client = Client::connect(&refs, worker_cfg(0)).expect("connect");
             let table = client.table("w").expect("table w");
             let grads: Vec<f32> = (0..KEYS).map(|k| grad(0, k)).collect();
             let mut done_at = Vec::new();
             while !stop.load(Ordering::Acquire) {
                 client.set_clock(done_at.len() as u64 + 1);
-                client.push_range(&table, 0, &grads).expect("a push is eventually acknowledged");
+                client.push_range(&table, 0, &grads).and_then(|t| t.wait()).expect("a push is eventually acknowledged");
                 done_at.push(epoch.elapsed());
             }
             done_at
@@ -667,10 +667,10 @@ fn training_goes_on_while_etcd_hangs_and_the_cluster_heals_after() {
     eprintln!("etcd outage: {during} pushes acknowledged during the 4 s etcd was frozen, {} in all", done_at.len());
     assert!(during > 10, "only {during} pushes acknowledged while etcd was frozen");
 
-    let mut checker = ChainClient::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), worker_cfg(7)).unwrap();
+    let checker = Client::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), worker_cfg(7)).unwrap();
     let table = checker.table("w").unwrap();
     let mut values = vec![0f32; KEYS as usize];
-    checker.pull_range(&table, 0, &mut values).unwrap();
+    checker.pull_range(&table, 0, &mut values).and_then(|t| t.wait()).unwrap();
     for k in 0..KEYS {
         assert_eq!(values[k as usize], done_at.len() as f32 * grad(0, k), "key {k}");
     }
@@ -707,10 +707,10 @@ fn a_push_reply_held_for_a_frozen_tail_becomes_an_error_and_nothing_is_lost() {
     let nodes: Vec<usize> = s["config"]["chains"][0]["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap() as usize).collect();
     let (head, tail) = (nodes[0], nodes[2]);
     // A push through the whole chain first: every member has the configuration.
-    let mut client = ChainClient::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), worker_cfg(0)).expect("connect");
+    let client = Client::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), worker_cfg(0)).expect("connect");
     let table = client.table("w").expect("table w");
-    client.push_range(&table, 0, &[1.0]).expect("a push through the chain");
-    let header = PushHeader { table: 0, dim: 1, start: 7, count: 1, worker: 3, clock: 1, listed: false };
+    client.push_range(&table, 0, &[1.0]).and_then(|t| t.wait()).expect("a push through the chain");
+    let header = PushHeader { table: 0, dim: 1, start: 7, count: 1, worker: 3, clock: 1, listed: false, range_done: false };
     let push = |seq: u32| {
         let mut body = Vec::new();
         let msg = Msg::Push { range: RangeId(0), worker: WorkerId(3), seq, payload: PushHeader { clock: seq as u64, ..header }.payload(&[1.0]).into() };
@@ -731,7 +731,7 @@ fn a_push_reply_held_for_a_frozen_tail_becomes_an_error_and_nothing_is_lost() {
     let (replied, took) = ask_head(&push(1));
     servers[tail - 1].resume();
     match replied {
-        Err(tessera_transport::TransportError::Refused { reason }) => {
+        Err(tessera_transport::TransportError::Refused { reason, .. }) => {
             assert!(reason.contains("not acknowledged") && reason.contains("tail in time"), "{reason}")
         }
         other => panic!("a push whose tail is frozen was answered with {other:?}"),
@@ -752,7 +752,7 @@ fn a_push_reply_held_for_a_frozen_tail_becomes_an_error_and_nothing_is_lost() {
     assert_eq!(acked(&replied.expect("the next push is answered")), 2, "its reply carries its acknowledgement");
     // Each push was applied once.
     let mut value = [0f32; 1];
-    client.pull_range(&table, 7, &mut value).expect("pull");
+    client.pull_range(&table, 7, &mut value).and_then(|t| t.wait()).expect("pull");
     assert_eq!(value[0], 2.0, "two pushes of 1.0");
 }
 
@@ -810,7 +810,7 @@ fn power_loss_test(with_etcd: bool) {
         let (stop, addrs, progress) = (stop.clone(), addrs.clone(), progress.clone());
         handles.push(std::thread::spawn(move || {
             let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-            let mut client = ChainClient::connect(&refs, worker_cfg(w)).expect("connect");
+            let client = Client::connect(&refs, worker_cfg(w)).expect("connect");
             let (table, emb) = (client.table("w").expect("table w"), client.table("emb").expect("table emb"));
             let grads: Vec<f32> = (0..KEYS).map(|k| grad(w, k)).collect();
             let keys = sparse_keys(w);
@@ -818,8 +818,8 @@ fn power_loss_test(with_etcd: bool) {
             let mut done = 0usize;
             while !stop.load(Ordering::Acquire) {
                 client.set_clock(done as u64 + 1);
-                client.push_range(&table, 0, &grads).expect("a push is acknowledged once the cluster is back");
-                client.push(&emb, &keys, &sparse).expect("a sparse push is acknowledged once the cluster is back");
+                client.push_range(&table, 0, &grads).and_then(|t| t.wait()).expect("a push is acknowledged once the cluster is back");
+                client.push(&emb, &keys, &sparse).and_then(|t| t.wait()).expect("a sparse push is acknowledged once the cluster is back");
                 done += 1;
                 progress[w as usize].fetch_add(1, Ordering::Release);
             }

@@ -156,8 +156,8 @@ fn a_replicated_cluster_with_a_secret_serves_its_members_and_refuses_a_stranger(
     // Workers with the secret train on the two members: chains form, pushes are acknowledged.
     let addrs: Vec<&str> = servers.iter().map(|s| s.addr()).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut client = loop {
-        match tessera_client::ChainClient::connect(&addrs, client_config(Some(SECRET))) {
+    let client = loop {
+        match tessera_client::Client::connect(&addrs, client_config(Some(SECRET))) {
             Ok(c) => break c,
             Err(e) if std::time::Instant::now() > deadline => panic!("no replicated client within 30 s: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -165,9 +165,9 @@ fn a_replicated_cluster_with_a_secret_serves_its_members_and_refuses_a_stranger(
     };
     let table = client.table("w").expect("table w");
     client.set_clock(1);
-    client.push_range(&table, 0, &[2.0; 64]).expect("acknowledged by the chain");
+    client.push_range(&table, 0, &[2.0; 64]).and_then(|t| t.wait()).expect("acknowledged by the chain");
     let mut out = vec![0.0; 64];
-    client.pull_range(&table, 0, &mut out).expect("pulled");
+    client.pull_range(&table, 0, &mut out).and_then(|t| t.wait()).expect("pulled");
     assert_eq!(out, vec![2.0; 64]);
     let status = run_tool(&["status", "--coordinator", &coordinator, "--cluster-secret-file", secret], TOOL_TIMEOUT);
     assert!(status.status.success(), "{}", status.stderr);

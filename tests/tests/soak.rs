@@ -80,8 +80,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tessera_client::chain::ChainStats;
-use tessera_client::{ChainClient, Client, ClientConfig};
+use tessera_client::{ChainStats, Client, ClientConfig};
 use tessera_tests::{free_port, metric, run_tool, samples, try_scrape, ScratchDir, ServerProc};
 use tessera_transport::{Op, TransportConfig, TransportKind};
 
@@ -398,7 +397,7 @@ fn short_read(w: u32, dense: &[f32], sparse: &[f32], acked_dense: u64, acked_spa
 fn work(w: u32, knobs: &Knobs, cluster: &[String], durable: &str, stop: &AtomicBool, epoch: Instant, progress: &AtomicU64) -> Result<Done, String> {
     let refs: Vec<&str> = cluster.iter().map(String::as_str).collect();
     let fail = |what: &'static str| move |e: tessera_client::ClientError| format!("worker {w}: {what}: {e}");
-    let mut chain = ChainClient::connect(&refs, knobs.client(w)).map_err(fail("connect to the cluster"))?;
+    let chain = Client::connect(&refs, knobs.client(w)).map_err(fail("connect to the cluster"))?;
     let (cw, ce) = (chain.table("w").map_err(fail("table w"))?, chain.table("emb").map_err(fail("table emb"))?);
     let plain = Client::connect(&[durable], knobs.client(w)).map_err(fail("connect to the durable server"))?;
     let (dw, de) = (plain.table("w").map_err(fail("table w"))?, plain.table("emb").map_err(fail("table emb"))?);
@@ -412,12 +411,12 @@ fn work(w: u32, knobs: &Knobs, cluster: &[String], durable: &str, stop: &AtomicB
     while !stop.load(Ordering::Acquire) {
         let clock = done.acked[0] + 1;
         chain.set_clock(clock);
-        chain.push_range(&cw, 0, &grads).map_err(fail("dense push to the cluster"))?;
+        chain.push_range(&cw, 0, &grads).and_then(|t| t.wait()).map_err(fail("dense push to the cluster"))?;
         done.acked[0] += 1;
-        chain.push(&ce, &keys, &sparse).map_err(fail("sparse push to the cluster"))?;
+        chain.push(&ce, &keys, &sparse).and_then(|t| t.wait()).map_err(fail("sparse push to the cluster"))?;
         done.acked[1] += 1;
-        chain.pull_range(&cw, 0, &mut dense_out).map_err(fail("dense pull from the cluster"))?;
-        chain.pull(&ce, &keys, &mut sparse_out).map_err(fail("sparse pull from the cluster"))?;
+        chain.pull_range(&cw, 0, &mut dense_out).and_then(|t| t.wait()).map_err(fail("dense pull from the cluster"))?;
+        chain.pull(&ce, &keys, &mut sparse_out).and_then(|t| t.wait()).map_err(fail("sparse pull from the cluster"))?;
         done.short_reads[0] += u64::from(short_read(w, &dense_out, &sparse_out, done.acked[0], done.acked[1]));
         plain.set_clock(clock);
         plain.push_range(&dw, 0, &grads).and_then(|t| t.wait()).map_err(fail("dense push to the durable server"))?;
@@ -440,8 +439,8 @@ fn work(w: u32, knobs: &Knobs, cluster: &[String], durable: &str, stop: &AtomicB
         }
         began = Instant::now();
     }
-    done.stats = chain.stats;
-    done.view_id = chain.view().id;
+    done.stats = chain.chain_stats().expect("a replicated cluster");
+    done.view_id = chain.config_id().expect("a replicated cluster");
     done.durable_transport = plain.transport();
     Ok(done)
 }
@@ -769,13 +768,13 @@ fn assert_sums(what: &str, dense: &[f32], sparse_keys: &[u64], sparse: &[f32], w
 
 fn check_cluster(rig: &Rig, knobs: &Knobs, want: &(Vec<f32>, BTreeMap<u64, [f64; 2]>)) {
     let refs: Vec<&str> = rig.plan.addrs.iter().map(String::as_str).collect();
-    let mut checker = ChainClient::connect(&refs, knobs.client(knobs.workers)).expect("connect the checker");
+    let checker = Client::connect(&refs, knobs.client(knobs.workers)).expect("connect the checker");
     let (w, emb) = (checker.table("w").unwrap(), checker.table("emb").unwrap());
     let mut dense = vec![0f32; KEYS as usize];
-    checker.pull_range(&w, 0, &mut dense).unwrap();
+    checker.pull_range(&w, 0, &mut dense).and_then(|t| t.wait()).unwrap();
     let keys: Vec<u64> = want.1.keys().copied().collect();
     let mut sparse = vec![0f32; keys.len() * 2];
-    checker.pull(&emb, &keys, &mut sparse).unwrap();
+    checker.pull(&emb, &keys, &mut sparse).and_then(|t| t.wait()).unwrap();
     assert_sums("the cluster", &dense, &keys, &sparse, want);
 }
 

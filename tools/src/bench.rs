@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tessera_client::{ChainClient, Client, Table, Ticket};
+use tessera_client::{Client, Table, Ticket};
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_layout::{TableKind, TableSpec};
 
@@ -323,7 +323,7 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
     let cluster = Cluster { servers: args.servers, replicas, ranges: args.ranges, workers: args.worker + 1 };
     let (_coordinator, servers) = cluster.start(&args.engine, &args.net, &spec)?;
     let addrs: Vec<String> = servers.iter().map(|s| s.local_addr().to_string()).collect();
-    let mut chain = ChainClient::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), args.net.client(args.worker))?;
+    let chain = Client::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), args.net.client(args.worker))?;
     let chain_table = chain.table(&spec.name)?;
     println!(
         "{} servers, every range on a chain of {}, {} ranges, beside one unreplicated server; {} s per size and operation ({})",
@@ -346,35 +346,36 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         let (chain_hist, ..) = measure(budget, args.iters_max, &mut || {
             clock += 1;
             chain.set_clock(clock);
-            Ok(chain.push_range(&chain_table, 0, &grads)?)
+            push(&chain, &chain_table, &grads)
         })?;
         let (p, c) = (plain_hist.value_at_quantile(0.5) as f64 / 1e3, chain_hist.value_at_quantile(0.5) as f64 / 1e3);
         let mut line = format!("{:>8}  {p:>14.1} {c:>14.1} {:>5.2}x", human(size), c / p);
         if size >= 64 << 10 {
-            // The unreplicated client keeps --window pushes in flight; the replicated one, one.
+            // Both streams keep --window tickets; a replicated push waits for the one before
+            // it to be acknowledged before it is sent, so one is in flight on the wire.
             let window = args.window.max(1);
-            let mut flight = VecDeque::with_capacity(window);
-            let (_, iters, took) = measure(budget, args.iters_max, &mut || {
-                keep_in_flight(&mut flight, window, || {
-                    clock += 1;
-                    plain.set_clock(clock);
-                    plain.push_range(&plain_table, 0, &grads)
-                })
-            })?;
-            settle(&mut flight)?;
-            let plain_bw = size as f64 * iters as f64 / took.as_secs_f64() / 1e9;
-            let (_, iters, took) = measure(budget, args.iters_max, &mut || {
-                clock += 1;
-                chain.set_clock(clock);
-                Ok(chain.push_range_pipelined(&chain_table, 0, &grads)?)
-            })?;
-            chain.flush()?;
-            let chain_bw = size as f64 * iters as f64 / took.as_secs_f64() / 1e9;
+            let stream = |client: &Client, table: &Table, clock: &mut u64| -> Result<f64> {
+                let mut flight = VecDeque::with_capacity(window);
+                let (_, iters, took) = measure(budget, args.iters_max, &mut || {
+                    keep_in_flight(&mut flight, window, || {
+                        *clock += 1;
+                        client.set_clock(*clock);
+                        client.push_range(table, 0, &grads)
+                    })
+                })?;
+                settle(&mut flight)?;
+                Ok(size as f64 * iters as f64 / took.as_secs_f64() / 1e9)
+            };
+            let plain_bw = stream(&plain, &plain_table, &mut clock)?;
+            let chain_bw = stream(&chain, &chain_table, &mut clock)?;
             line += &format!("   {plain_bw:>16.3} {chain_bw:>16.3} {:>5.2}x", chain_bw / plain_bw);
         }
         println!("{line}");
     }
-    println!("(ratios are replicated over unreplicated; the unreplicated stream keeps {} pushes in flight, the replicated one 1)", args.window.max(1));
+    println!(
+        "(ratios are replicated over unreplicated; each stream keeps {} tickets, and a replicated push is sent once the one before it is acknowledged)",
+        args.window.max(1)
+    );
     Ok(())
 }
 

@@ -47,9 +47,9 @@ impl Dialer {
             #[cfg(feature = "rdma")]
             Chosen::Rdma(dev) if served && shard != CONTROL_SHARD => {
                 let link = crate::rdma::RdmaLink::upgrade(tcp, &self.cfg, &self.rdma, dev.clone())?;
-                Ok(Caller { path: Path::Rdma(Box::new(link)), calls: Calls::default(), waiting: None })
+                Ok(Caller { path: Path::Rdma(Box::new(link)), calls: Calls::default(), waiting: None, compress: false })
             }
-            _ => Ok(Caller { path: Path::Tcp(Box::new(tcp)), calls: Calls::default(), waiting: None }),
+            _ => Ok(Caller { path: Path::Tcp(Box::new(tcp)), calls: Calls::default(), waiting: None, compress: false }),
         }
     }
 }
@@ -70,6 +70,8 @@ pub struct Caller {
     calls: Calls,
     /// The path the request in flight took, if one is.
     waiting: Option<Over>,
+    /// Snappy-compress request bodies (and ask for compressed replies) when that pays.
+    compress: bool,
 }
 
 /// Which of a caller's paths a request went over.
@@ -90,6 +92,13 @@ enum Path {
 }
 
 impl Caller {
+    /// This caller, compressing its requests' bodies (and asking for compressed replies)
+    /// where that saves at least a tenth, as a `Link::send` with `compress` does.
+    pub fn compressing(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
     /// Sends one request and waits for its reply. A reply with an error status becomes
     /// [`TransportError::Refused`] carrying the server's message.
     pub fn call(&mut self, header: &mut Header, body: &[u8], timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
@@ -119,7 +128,7 @@ impl Caller {
                 }
             }
         };
-        link.send(header, &[body], false)?;
+        link.send(header, &[body], self.compress)?;
         match over {
             Over::Tcp => self.calls.tcp += 1,
             Over::Fast => self.calls.rdma += 1,

@@ -11,8 +11,10 @@ pub enum TransportError {
     Closed { mid_frame: bool },
     #[error("timed out after {ms} ms waiting for {what}")]
     Timeout { what: &'static str, ms: u64 },
-    #[error("server refused the handshake: {reason}")]
-    Refused { reason: String },
+    /// A reply with an error status to a handshake or to a request sent with [`crate::call`]
+    /// or a [`crate::Caller`].
+    #[error("the server refused: {reason}")]
+    Refused { status: crate::Status, reason: String },
     #[error("authenticating {peer}: {reason}")]
     AuthFailed { peer: String, reason: String },
     #[error("cannot connect to {addr}: {source}")]

@@ -191,7 +191,7 @@ pub fn call(link: &mut dyn Link, header: &mut Header, body: &[u8], timeout: Opti
 pub(crate) fn take_reply(link: &mut dyn Link, timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
     let reply = link.recv(timeout)?;
     if reply.header.status() != Status::Ok {
-        return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() });
+        return Err(TransportError::Refused { status: reply.header.status(), reason: String::from_utf8_lossy(reply.body).into_owned() });
     }
     Ok((reply.header, reply.body.to_vec()))
 }

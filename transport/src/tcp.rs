@@ -1052,7 +1052,7 @@ impl TcpLink {
             }
             (Status::AuthChallenge, ..) => return failed("the server's challenge is malformed"),
             (Status::Unauthenticated, ..) => return failed(&String::from_utf8_lossy(reply.body)),
-            _ => return Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() }),
+            _ => return Err(TransportError::Refused { status: reply.header.status(), reason: String::from_utf8_lossy(reply.body).into_owned() }),
         };
         let mut answer = Header::request(Op::Auth, 0);
         answer.start = shard;
@@ -1062,7 +1062,7 @@ impl TcpLink {
         match reply.header.status() {
             Status::Ok => Ok(reply.body.to_vec()),
             Status::Unauthenticated => Err(TransportError::AuthFailed { peer, reason: String::from_utf8_lossy(reply.body).into_owned() }),
-            _ => Err(TransportError::Refused { reason: String::from_utf8_lossy(reply.body).into_owned() }),
+            status => Err(TransportError::Refused { status, reason: String::from_utf8_lossy(reply.body).into_owned() }),
         }
     }
 

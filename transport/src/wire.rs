@@ -64,8 +64,11 @@ pub mod flags {
     /// worker's clock is raised over the whole part, not only over its keys' span, so that
     /// bounded-delay pulls of any key there see it. It may carry no keys at all.
     pub const PART_DONE: u16 = 16;
+    /// A `WorkerPush` that asks for the worker's push count on every range the shard heads
+    /// (one `PushAck` each in the reply), so that a worker's new client numbers its pushes on.
+    pub const PUSH_SEQS: u16 = 32;
     /// Every flag this version understands.
-    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY | KEYS_REMEMBER | KEYS_CACHED | PART_DONE;
+    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY | KEYS_REMEMBER | KEYS_CACHED | PART_DONE | PUSH_SEQS;
 }
 
 /// The fixed-size frame header, read and written in place.

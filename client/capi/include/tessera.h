@@ -176,7 +176,8 @@ int32_t tessera_options_init(TesseraOptions *options);
 
 // Connects to a Tessera cluster.
 //
-// `servers`: every server's address, comma-separated ("10.0.0.5:7070,10.0.0.6:7070").
+// `servers`: every server's address, comma-separated ("10.0.0.5:7070,10.0.0.6:7070"); of a
+// replicated cluster, any of its servers (the same calls then go through its chains).
 // `worker`: this trainer's worker id (distinct per trainer; its entry in the vector clocks).
 // `transport`: "auto" (RDMA where both ends have it), "tcp", "rdma", or NULL for "auto".
 // When the environment variable `TESSERA_CLUSTER_SECRET_FILE` names a file, the client proves

@@ -343,6 +343,15 @@ impl ChainShard {
     ) -> Result<()> {
         let worker = header.worker;
         let bad = |reason: String| EngineError::BadRequest { reason };
+        if worker >= self.rcfg.workers {
+            // The ranges' clocks count this many workers: a push of another would be dropped.
+            let reason = format!(
+                "worker id {worker} is over this replicated cluster's {} workers (ids 0 to {}; the coordinator's --workers)",
+                self.rcfg.workers,
+                self.rcfg.workers - 1
+            );
+            return Err(bad(reason));
+        }
         let msgs = codec::decode_batch(body).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
         for msg in &msgs {
             let Msg::Push { range, worker: w, payload, .. } = msg else {
@@ -392,6 +401,10 @@ impl ChainShard {
             }
         }
         msgs.extend(claimed.into_iter().map(|(range, seq)| Msg::PushAck { range: RangeId(range), seq }));
+        if header.flags & tessera_transport::wire::flags::PUSH_SEQS != 0 {
+            let counts = (0..self.rcfg.ranges).filter_map(|r| Some((r, self.replica.worker_seq(RangeId(r), WorkerId(worker))?)));
+            msgs.extend(counts.map(|(range, seq)| Msg::SeqCount { range: RangeId(range), seq }));
+        }
         let mut out = Vec::new();
         codec::encode_batch(&msgs, &mut out);
         reply.ok_bytes(&out);

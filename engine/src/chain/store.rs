@@ -181,18 +181,25 @@ impl ChainStore {
             return Err(bad(format!("range {range} of {ranges}")));
         }
         let keys = range_keys(&part.spec, ranges, range.0);
-        if h.count == 0 {
+        if h.count == 0 && !h.range_done {
             return Err(bad("a push of no keys".into()));
         }
-        if h.listed != (part.spec.kind == TableKind::Sparse) {
-            return Err(bad(format!("a {} push to {:?} table {}", if h.listed { "listed-key" } else { "range" }, part.spec.kind, h.table).to_lowercase()));
+        // A sparse table takes listed keys only; a dense one either (its update carries the
+        // state of the span the keys fall in).
+        if !h.listed && part.spec.kind == TableKind::Sparse {
+            return Err(bad(format!("a range push to sparse table {}", h.table)));
+        }
+        if h.range_done && (keys.is_empty() || keys.start < part.owned().start || keys.end > part.owned().end) {
+            return Err(bad(format!("range {range} holds no keys of table {} on this shard: nothing to complete a clock on", h.table)));
         }
         if h.listed {
             let listed = listed_keys(keys_bytes)?;
             if let Some(k) = listed.iter().find(|k| !keys.contains(k)) {
                 return Err(bad(format!("key {k} is not in range {range}, which holds [{}, {})", keys.start, keys.end)));
             }
-            part.check_sparse_room(listed)?;
+            if part.spec.kind == TableKind::Sparse {
+                part.check_sparse_room(listed)?;
+            }
         } else {
             let end = h.start.checked_add(h.count as u64).ok_or_else(|| bad("keys past 2^64".into()))?;
             if h.start < keys.start || end > keys.end {
@@ -359,13 +366,21 @@ impl Store for ChainStore {
     fn apply_push(&mut self, range: RangeId, payload: &[u8], _delta: &mut Vec<u8>) {
         let (h, keys, values) = PushHeader::parse(payload).expect("checked by check_push");
         let values: &[f32] = bytemuck::cast_slice(values);
+        let ranges = self.ranges;
         let part = self.part(h.table).expect("checked by check_push");
-        let (applied, listed) = if h.listed {
+        let (mut applied, listed) = if h.listed {
             let keys = listed_keys(keys).expect("checked by check_push");
-            (part.push(keys, values, h.worker, h.clock), keys.to_vec())
+            let pushed = if keys.is_empty() { Ok(0..0) } else { part.push(keys, values, h.worker, h.clock) };
+            (pushed, keys.to_vec())
         } else {
             (part.push_range(h.start, h.count as usize, values, h.worker, h.clock), Vec::new())
         };
+        if h.range_done && applied.is_ok() {
+            // The worker's clock over the whole range, as an unreplicated shard's PART_DONE
+            // completes it over the whole part.
+            let whole = range_keys(&part.spec, ranges, range.0);
+            applied = part.advance_clock(whole.clone(), h.worker, h.clock).map(|()| whole);
+        }
         match applied {
             Ok(keys) => self.touched[range.0 as usize].push(Touch { table: h.table, keys, worker: h.worker, clock: h.clock, listed }),
             // Only the clock's segment limit can refuse a checked push; nothing was applied.
@@ -486,7 +501,7 @@ mod tests {
     }
 
     fn push(s: &mut ChainStore, r: u32, keys: &[u64], worker: u32, clock: u64) {
-        let h = PushHeader { table: 0, dim: 2, start: 0, count: keys.len() as u32, worker, clock, listed: true };
+        let h = PushHeader { table: 0, dim: 2, start: 0, count: keys.len() as u32, worker, clock, listed: true, range_done: false };
         let grads: Vec<f32> = keys.iter().flat_map(|k| [(*k % 7) as f32 * 0.25 + 0.5, -1.0]).collect();
         let payload = h.keyed_payload(keys, &grads);
         ChainStore::check_push(&s.tables, RANGES, RangeId(r), &payload).unwrap();
@@ -596,14 +611,17 @@ mod tests {
             assert!(victim.apply_delta(RangeId(r), bytes).is_err(), "{what}");
             assert_eq!(state(&victim, r), before, "{what} changed something");
         }
-        // Pushes: listed keys to a dense table, a key outside the range, a range push to a sparse table.
-        let h = PushHeader { table: 0, dim: 2, start: 0, count: 1, worker: 0, clock: 1, listed: true };
+        // Pushes: a key outside the range, a range push to a sparse table; listed keys to a
+        // dense table are taken (the client's keyed pushes to dense tables).
+        let h = PushHeader { table: 0, dim: 2, start: 0, count: 1, worker: 0, clock: 1, listed: true, range_done: false };
         let outside = h.keyed_payload(&[range_keys(&spec, RANGES, 3).start], &[1.0, 1.0]);
         assert!(ChainStore::check_push(&head.tables, RANGES, RangeId(r), &outside).unwrap_err().to_string().contains("not in range"));
         let ranged = PushHeader { listed: false, start: keys.start, ..h }.payload(&[1.0, 1.0]);
         assert!(ChainStore::check_push(&head.tables, RANGES, RangeId(r), &ranged).unwrap_err().to_string().contains("range push"));
-        let dense = store(&TableSpec::new("d", TableKind::Dense, 0, 64, 2));
+        let dense_spec = TableSpec::new("d", TableKind::Dense, 0, 64, 2);
+        let dense = store(&dense_spec);
         let listed = h.keyed_payload(&[3], &[1.0, 1.0]);
-        assert!(ChainStore::check_push(&dense.tables, RANGES, RangeId(r), &listed).unwrap_err().to_string().contains("listed-key push"));
+        ChainStore::check_push(&dense.tables, RANGES, RangeId(tessera_layout::placement::range_of(&dense_spec, RANGES, 3)), &listed)
+            .expect("listed keys to a dense table");
     }
 }

@@ -7,8 +7,8 @@
 //!
 //! With `--servers N` (N >= 2), the demo runs a replicated cluster in the process instead: the
 //! embedded coordinator and N servers, every range on a chain of `--replicas` of them, and the
-//! workers push through each range's head (acknowledged once its tail holds the push) with
-//! [`ChainClient`].
+//! workers push through each range's head (acknowledged once its tail holds the push) with the
+//! same [`Client`] and every client flag.
 
 pub mod data;
 
@@ -20,7 +20,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tessera_client::filter::{Kkt, RandomSkip, SignificantlyModified};
-use tessera_client::{ChainClient, ChainTable, Client, ClientConfig, Consistency, Filter, Table, Ticket, KEY_CACHE_KEYS_DEFAULT};
+use tessera_client::{Client, ClientConfig, Consistency, Filter, Table, Ticket, KEY_CACHE_KEYS_DEFAULT};
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_layout::{TableKind, TableSpec};
 
@@ -213,8 +213,8 @@ pub fn run(mut args: DemoArgs) -> Result<()> {
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let replicated = _coordinator.is_some();
     let wire = Wire::from_args(&args);
-    if replicated && (wire.key_cache || wire.compress || wire.filter != FilterSpec::None || args.consistency != Consistency::Eventual || args.wire_table) {
-        bail!("--key-cache, --compress, --filter, --consistency and --wire-table need an unreplicated server (the replicated client has none of them yet)");
+    if replicated && (wire.key_cache || args.wire_table) {
+        bail!("--key-cache and --wire-table need an unreplicated server (replicated clusters do not cache key lists yet)");
     }
     if args.wire_table {
         return wire_table(&args, &data, &refs, &spec);
@@ -346,31 +346,31 @@ impl WorkerFilter {
 fn train(args: &DemoArgs, wire: &Wire, data: &Dataset, refs: &[&str], spec: &TableSpec, replicated: bool, say: &dyn Fn(String)) -> Result<Summary> {
     let (true_loss, true_acc) = data.true_model_metrics();
     let mut spec = spec.clone();
-    let (clients, tables): (Vec<Client>, Vec<Table>);
-    let mut trainers: Vec<Box<dyn Trainer + '_>> = Vec::new();
-    if replicated {
-        for w in 0..args.workers {
-            let client = ChainClient::connect(refs, args.net.client(w)).context("connecting a worker to the cluster")?;
-            let table = client.table(&spec.name).context("the demo table")?;
-            trainers.push(Box::new(Chained { client, table }));
-        }
+    let key_cache_keys = if wire.key_cache { KEY_CACHE_KEYS_DEFAULT } else { 0 };
+    let cfg = |w| ClientConfig { compress: wire.compress, key_cache_keys, workers: args.workers, ..args.net.client(w) };
+    let clients = (0..args.workers).map(|w| Client::connect(refs, cfg(w))).collect::<Result<Vec<_>, _>>().context("connecting the workers")?;
+    let table = if replicated {
+        // The cluster was started holding the table.
+        clients[0].table(&spec.name).context("the demo table")?
     } else {
-        let key_cache_keys = if wire.key_cache { KEY_CACHE_KEYS_DEFAULT } else { 0 };
-        let cfg = |w| ClientConfig { compress: wire.compress, key_cache_keys, workers: args.workers, ..args.net.client(w) };
-        clients = (0..args.workers).map(|w| Client::connect(refs, cfg(w))).collect::<Result<Vec<_>, _>>().context("connecting the workers")?;
         // A fresh table per run, so that a second run against the same servers trains from scratch.
         static RUNS: AtomicU64 = AtomicU64::new(0);
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         spec.name = format!("demo.lr-{stamp}-{}", RUNS.fetch_add(1, Ordering::Relaxed));
         spec.updater.clone_from(&wire.updater);
-        let table = clients[0].create_table(&spec).context("creating the demo table")?.with_consistency(args.consistency);
-        tables = vec![table; clients.len()];
-        trainers.extend(clients.iter().zip(&tables).enumerate().map(|(w, (client, table))| {
+        clients[0].create_table(&spec).context("creating the demo table")?
+    };
+    let tables = vec![table.with_consistency(args.consistency); clients.len()];
+    let mut trainers: Vec<Box<dyn Trainer + '_>> = clients
+        .iter()
+        .zip(&tables)
+        .enumerate()
+        .map(|(w, (client, table))| {
             let filter = WorkerFilter::new(wire.filter, w as u32);
             let plain = Plain { client, table, in_flight: None, filter, kept_keys: Vec::new(), kept_grads: Vec::new(), keys_offered: 0, keys_pushed: 0 };
             Box::new(plain) as Box<dyn Trainer>
-        }));
-    }
+        })
+        .collect();
     let test_keys = data::unique_keys(&data.test);
 
     let counters = Counters::default();
@@ -518,7 +518,7 @@ trait Trainer: Send {
     fn keys(&self) -> (u64, u64);
 }
 
-/// An unreplicated server's client: one push in flight while the next batch is pulled.
+/// A worker's client: one push in flight while the next batch is pulled.
 struct Plain<'a> {
     client: &'a Client,
     table: &'a Table,
@@ -573,33 +573,6 @@ impl Trainer for Plain<'_> {
     }
     fn keys(&self) -> (u64, u64) {
         (self.keys_offered, self.keys_pushed)
-    }
-}
-
-/// A replicated cluster's client: one push in flight while the next batch is pulled, as with
-/// `Plain`; the one before is held by every range's tail before the next is sent.
-struct Chained {
-    client: ChainClient,
-    table: ChainTable,
-}
-
-impl Trainer for Chained {
-    fn pull(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
-        Ok(self.client.pull(&self.table, keys, out)?)
-    }
-    fn push(&mut self, clock: u64, keys: &[u64], grad: &[f32]) -> Result<()> {
-        // The push before this one is acknowledged first: one in flight, as with `Plain`.
-        self.client.set_clock(clock);
-        Ok(self.client.push_pipelined(&self.table, keys, grad)?)
-    }
-    fn flush(&mut self) -> Result<()> {
-        Ok(self.client.flush()?)
-    }
-    fn bytes(&self) -> (u64, u64) {
-        (self.client.stats.bytes_sent, self.client.stats.bytes_received)
-    }
-    fn keys(&self) -> (u64, u64) {
-        (0, 0)
     }
 }
 

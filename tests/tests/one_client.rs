@@ -1,0 +1,195 @@
+//! The one `Client` on a replicated cluster: the same calls, handles and tickets as on an
+//! unreplicated server, with every client feature (consistency models, task dependencies,
+//! filters, compression, detached tickets), checked against the exact sums the pushes make.
+//! A coordinator and three servers run as processes; every range is on a chain of two.
+
+use std::time::Duration;
+
+use tessera_client::filter::RandomSkip;
+use tessera_client::{Client, ClientConfig, ClientError, Consistency};
+use tessera_layout::{TableKind, TableSpec};
+use tessera_tests::{free_port, ServerProc};
+use tessera_transport::{Status, TransportKind};
+
+struct Cluster {
+    _coordinator: ServerProc,
+    servers: Vec<ServerProc>,
+    addrs: Vec<String>,
+}
+
+impl Cluster {
+    /// A coordinator and three servers of two shards, every range on a chain of two.
+    fn start(workers: u32) -> Cluster {
+        let coordinator = format!("127.0.0.1:{}", free_port());
+        let workers = workers.to_string();
+        let args = ["--servers", "3", "--replicas", "2", "--ranges", "8", "--workers", &workers, "--failure-timeout-ms", "1000"];
+        let _coordinator = ServerProc::coordinator_at(&coordinator, &args);
+        let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let servers = (0..3)
+            .map(|i| {
+                let node = (i + 1).to_string();
+                ServerProc::start_at(&addrs[i], &["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator])
+            })
+            .collect();
+        Cluster { _coordinator, servers, addrs }
+    }
+
+    fn client(&self, cfg: ClientConfig) -> Client {
+        let refs: Vec<&str> = self.addrs.iter().map(String::as_str).collect();
+        Client::connect(&refs, cfg).expect("connect to the replicated cluster")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in &self.servers {
+            assert!(!s.log().contains("panicked"), "{}", s.log());
+        }
+    }
+}
+
+fn config(worker: u32) -> ClientConfig {
+    let mut cfg = ClientConfig::worker(worker);
+    cfg.kind = TransportKind::Tcp;
+    cfg.workers = 2;
+    cfg
+}
+
+fn sum_table(name: &str, kind: TableKind, end: u64, dim: u32) -> TableSpec {
+    let mut spec = TableSpec::new(name, kind, 0, end, dim);
+    spec.updater = "sum".into();
+    if kind == TableKind::Sparse {
+        spec.capacity = 10_000;
+    }
+    spec
+}
+
+#[test]
+fn the_client_works_on_a_replicated_cluster_with_every_feature() {
+    let cluster = Cluster::start(2);
+    let client = cluster.client(config(0));
+    assert!(client.chain_stats().is_some() && client.config_id().is_some(), "the client did not see a replicated cluster");
+
+    // Tables made at run time, on every member.
+    let dense = client.create_table(&sum_table("w", TableKind::Dense, 1000, 1)).expect("create a dense table");
+    let sparse = client.create_table(&sum_table("emb", TableKind::Sparse, u64::MAX, 2)).expect("create a sparse table");
+    let other = cluster.client(config(1));
+    assert_eq!(other.table("emb").expect("another client finds the table").spec(), sparse.spec());
+
+    // Pushes return tickets at once; a ticket's wait means the tails hold the push.
+    let keys = [5u64, 1 << 40, 77, u64::MAX - 1];
+    let grads = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+    let pushed = client.push(&sparse, &keys, &grads).expect("push");
+    let ranged = client.call().after(&pushed).push_range(&dense, 990, &[1.0; 10]).expect("a push after another");
+    pushed.wait().expect("acknowledged");
+    ranged.wait().expect("acknowledged");
+    let mut out = [0f32; 8];
+    client.pull(&sparse, &keys, &mut out).expect("pull").wait().expect("pulled");
+    assert_eq!(out, grads);
+    let mut row = [0f32; 10];
+    let stamp = client.pull_range(&dense, 990, &mut row).expect("pull").wait().expect("pulled");
+    assert_eq!(row, [1.0; 10]);
+    assert_eq!(stamp.get(0), 0, "pushes at clock 0 leave clock 0");
+
+    // A detached ticket, as the C ABI and Python hold them.
+    let detached = client.push(&sparse, &keys[..1], &grads[..2]).expect("push").detach();
+    assert!(client.ready(&detached, Duration::from_secs(10)).expect("ready"), "a push not acknowledged in 10 s");
+    client.resume(detached, None).wait().expect("acknowledged");
+    let mut first = [0f32; 2];
+    let detached = client.pull(&sparse, &keys[..1], &mut first).expect("pull").detach();
+    client.resume(detached, Some(&mut first)).wait().expect("pulled");
+    assert_eq!(first, [2.0, 4.0]);
+
+    // A new client as the same worker (a restarted trainer) numbers its pushes on from the
+    // heads' count: its pushes are applied, not taken for resends of the old client's.
+    drop(client);
+    let restarted = cluster.client(config(0));
+    restarted.push(&sparse, &keys[..1], &[10.0, 10.0]).expect("push").wait().expect("acknowledged");
+    restarted.pull(&sparse, &keys[..1], &mut first).expect("pull").wait().expect("pulled");
+    assert_eq!(first, [12.0, 14.0], "the restarted worker's push was dropped");
+
+    // Bounded delay: worker 0 runs ahead, and its pull waits until worker 1 catches up.
+    let bounded = ClientConfig { consistency: Consistency::BoundedDelay(0), ..config(0) };
+    let (ahead, behind) = (cluster.client(bounded.clone()), cluster.client(ClientConfig { worker: 1, ..bounded }));
+    let t = ahead.table("emb").unwrap();
+    for clock in 1..=2 {
+        ahead.set_clock(clock);
+        ahead.push(&t, &[9], &[1.0, 1.0]).unwrap().wait().unwrap();
+    }
+    behind.set_clock(1);
+    behind.push(&behind.table("emb").unwrap(), &[1 << 50], &[1.0, 1.0]).unwrap().wait().unwrap();
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let mut v = [0f32; 2];
+            // At clock 3 with τ = 0, every worker must have pushed clock 2.
+            ahead.set_clock(3);
+            ahead.pull(&t, &[9], &mut v).and_then(|t| t.wait())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiter.is_finished(), "a bounded-delay pull did not wait for the worker behind");
+        behind.set_clock(2);
+        behind.push(&behind.table("emb").unwrap(), &[1 << 50], &[1.0, 1.0]).unwrap().wait().unwrap();
+        let stamp = waiter.join().unwrap().expect("the pull returns once worker 1 is at clock 2");
+        assert!(stamp.get(1) >= 2, "{stamp:?}");
+    });
+
+    // Sequential consistency, compression and a filter change nothing of the sums.
+    let squeezed = cluster.client(ClientConfig { compress: true, consistency: Consistency::Sequential, ..config(0) });
+    let w = squeezed.table("w").unwrap();
+    for _ in 0..3 {
+        let _ = squeezed.push_range(&w, 0, &[0.5; 100]).unwrap();
+    }
+    let mut v = vec![0f32; 100];
+    squeezed.pull_range(&w, 0, &mut v).unwrap().wait().unwrap();
+    assert_eq!(v, vec![1.5; 100], "three sequential pushes, each after the one before");
+    let emb = squeezed.table("emb").unwrap();
+    let keys: Vec<u64> = (0..200).map(|k| 1000 + k * 7919).collect();
+    let mut skip = RandomSkip::new(0.5, 7);
+    for _ in 0..4 {
+        squeezed.push_filtered(&emb, &keys, &vec![1.0; 400], &mut skip).unwrap().wait().unwrap();
+    }
+    let mut v = vec![0f32; 400];
+    squeezed.pull(&emb, &keys, &mut v).unwrap().wait().unwrap();
+    // The filter skips each key with probability 1/2 and doubles what it keeps (unbiased).
+    assert!(v.iter().all(|x| *x % 2.0 == 0.0 && *x <= 8.0), "{v:?}");
+    let skipped = v.iter().step_by(2).map(|x| 4.0 - x / 2.0).sum::<f32>();
+    assert!(skipped > 100.0 && skipped < 700.0, "the filter skipped {skipped} of 800 keys pushed");
+}
+
+#[test]
+fn bad_calls_on_a_replicated_cluster_get_clear_errors_and_change_nothing() {
+    let cluster = Cluster::start(2);
+    let client = cluster.client(config(0));
+    let mut full = sum_table("small", TableKind::Sparse, u64::MAX, 1);
+    full.capacity = 4;
+    let small = client.create_table(&full).expect("create");
+    let w = client.create_table(&sum_table("w", TableKind::Dense, 100, 1)).expect("create");
+
+    // Refused by the client before anything is sent.
+    assert!(matches!(client.push(&small, &[1, 2], &[1.0]), Err(ClientError::Length { .. })));
+    assert!(matches!(client.push_range(&w, 99, &[1.0, 1.0]), Err(ClientError::KeyOutOfRange { .. })));
+    assert!(matches!(client.push_range(&small, 0, &[1.0]), Err(ClientError::Config { .. })));
+    let key_cache = ClientConfig { key_cache_keys: 1024, ..config(0) };
+    let refs: Vec<&str> = cluster.addrs.iter().map(String::as_str).collect();
+    let refused = Client::connect(&refs, key_cache).expect_err("key caching on a replicated cluster");
+    assert!(refused.to_string().contains("key_cache_keys"), "{refused}");
+
+    // Refused by the head: a sparse table with no room left. The push is taken back, the
+    // call fails with the server's error, and the next push goes through.
+    let many: Vec<u64> = (0..20_000).map(|k| k << 44).collect();
+    let err = client.push(&small, &many, &vec![1.0; many.len()]).and_then(|t| t.wait()).expect_err("a push to a full table");
+    assert_eq!(err.status(), Some(Status::Full), "{err}");
+    client.push(&small, &[3], &[1.0]).expect("push").wait().expect("a push after the refused one");
+    let mut v = [0f32];
+    client.pull(&small, &[3], &mut v).unwrap().wait().unwrap();
+    assert_eq!(v, [1.0]);
+
+    // A worker id over the cluster's --workers (2 here): refused, not dropped unanswered.
+    let stranger = cluster.client(config(5));
+    let err = stranger.push(&small, &[3], &[1.0]).and_then(|t| t.wait()).expect_err("a worker over --workers");
+    assert!(err.to_string().contains("--workers"), "{err}");
+
+    // A table the servers do not have.
+    let err = client.table("nope").expect_err("an unknown table");
+    assert!(err.to_string().contains("nope"), "{err}");
+}
