@@ -12,7 +12,7 @@
 # guest (tests/softroce/), the RDMA tests on real verbs, the replication kill test over RDMA, and
 # the RDMA benchmark against perftest; the cargo-fuzz targets for a bounded time each (and the
 # canary, whose planted bug must be found); then the disk benchmark against fio; last, the Python
-# package's tests (python/tests) in a cached venv. A guest whose rxe device cannot be
+# package's tests (python/tests) in a cached venv, and its RDMA tests in a guest. A guest whose rxe device cannot be
 # created fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -119,6 +119,17 @@ venv="${XDG_CACHE_HOME:-$HOME/.cache}/tessera/venv"
 CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
   "$venv/bin/pip" install -q ./python pytest numpy torch mypy
 "$venv/bin/pytest" -q -p no:cacheprovider python/tests
+
+log "Python package over RDMA, in the SoftRoCE guest: a wheel built with the rdma feature, against one server and a replicated cluster"
+# Its own small venv (numpy and pytest; no torch): the tests run in the guest from the host's
+# filesystem, which the guest sees read-only.
+venv_rdma="${XDG_CACHE_HOME:-$HOME/.cache}/tessera/venv-rdma"
+[ -x "$venv_rdma/bin/python" ] || python3 -m venv "$venv_rdma"
+"$venv_rdma/bin/pip" install -q --upgrade pip
+MATURIN_PEP517_ARGS="--features rdma" CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+  "$venv_rdma/bin/pip" install -q --force-reinstall --no-deps ./python
+"$venv_rdma/bin/pip" install -q pytest numpy
+PYTHONDONTWRITEBYTECODE=1 SOFTROCE_TIMEOUT=900 tests/softroce/run.sh "$venv_rdma/bin/pytest" -q -p no:cacheprovider python/tests/test_rdma.py
 
 tracked_after=$(git status --porcelain --untracked-files=no 2>/dev/null || true)
 if [ "$tracked_after" != "$tracked_before" ]; then

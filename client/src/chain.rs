@@ -165,6 +165,27 @@ impl Chain {
         self.members().iter().map(|addr| ask(addr, op, body, &self.dialer.cfg).map_err(|e| in_server(addr, e))).collect()
     }
 
+    /// Sends `op` with `body` to every server this client knows of: the configuration's
+    /// members and the servers it was given, which include any that is out of the
+    /// configuration for now (a server that missed a heartbeat and will rejoin). Table
+    /// definitions go this way: every server numbers its tables in the order they are made,
+    /// and one that missed a table would number the next ones differently. Fails if any of
+    /// them cannot be reached (the call may be made again: a table that exists with the same
+    /// definition is found, not made twice).
+    pub fn ask_everyone(&mut self, op: Op, body: &[u8]) -> Result<()> {
+        self.refresh();
+        let mut all = self.members();
+        for seed in &self.seeds {
+            if !all.contains(seed) {
+                all.push(seed.clone());
+            }
+        }
+        for addr in &all {
+            ask(addr, op, body, &self.dialer.cfg).map_err(|e| in_server(addr, e))?;
+        }
+        Ok(())
+    }
+
     /// The transport of the links made so far: `"rdma"` when every one is RDMA.
     pub fn transport(&self) -> &'static str {
         if !self.links.is_empty() && self.links.values().all(|l| l.kind() == "rdma") {

@@ -300,7 +300,7 @@ impl Core {
     pub fn create_table(&mut self, spec: &TableSpec) -> Result<()> {
         let body = serde_json::to_vec(spec).expect("a table spec serialises");
         if let Some((chain, _)) = self.chain.as_mut() {
-            chain.ask_members(Op::CreateTable, &body)?;
+            chain.ask_everyone(Op::CreateTable, &body)?;
         }
         for server in 0..self.servers.len() {
             self.control(server, Op::CreateTable, &body)?;

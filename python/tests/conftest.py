@@ -117,9 +117,12 @@ class Cluster:
     """A replicated cluster: `tessera coordinator` (embedded configuration) and three servers
     joining it, every range on a chain of two. `addrs` lists the servers."""
 
-    def __init__(self, servers: int = 3, replicas: int = 2):
-        self.coordinator = Server("--servers", str(servers), "--replicas", str(replicas), "--ranges", "8", "--workers", "16", tool="coordinator")
-        self.servers = [Server("--node-id", str(node), "--coordinator", self.coordinator.addr) for node in range(1, servers + 1)]
+    def __init__(self, servers: int = 3, replicas: int = 2, server_args: tuple = ()):
+        # A failure timeout of 2 s, not 500 ms: the servers share this machine's cores with the
+        # trainers, and a server that misses heartbeats under that load leaves its chains.
+        args = ("--servers", str(servers), "--replicas", str(replicas), "--ranges", "8", "--workers", "16", "--failure-timeout-ms", "2000")
+        self.coordinator = Server(*args, tool="coordinator")
+        self.servers = [Server("--node-id", str(node), "--coordinator", self.coordinator.addr, *server_args) for node in range(1, servers + 1)]
         self.addrs = [s.addr for s in self.servers]
 
     def stop(self) -> None:
