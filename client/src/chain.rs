@@ -367,9 +367,6 @@ impl Chain {
     fn worker_push(&self, at: (String, u16), body: Vec<u8>) -> Outgoing {
         let mut header = Header::request(Op::WorkerPush, 0);
         header.worker = self.worker;
-        if self.compress {
-            header.flags |= flags::COMPRESS_REPLY;
-        }
         Outgoing { to: LinkKey { addr: at.0, shard: at.1, lane: Lane::Push }, header, body }
     }
 
@@ -490,13 +487,7 @@ impl Chain {
             if left.is_empty() {
                 return Ok(());
             }
-            let heads: BTreeSet<(String, u16)> = left
-                .iter()
-                .filter_map(|&r| {
-                    let head = self.pusher.view.chain(RangeId(r))?.head()?;
-                    Some((self.pusher.view.member(head)?.addr.clone(), shard_of_range(r, self.ranges, self.shards)))
-                })
-                .collect();
+            let heads: BTreeSet<(String, u16)> = left.iter().filter_map(|&r| self.head_of(r)).collect();
             let calls: Vec<Outgoing> = heads
                 .into_iter()
                 .map(|at| {
@@ -629,13 +620,7 @@ impl Chain {
                 return Ok(false);
             }
             let before = self.pusher.unacked();
-            let heads: BTreeSet<(String, u16)> = (0..self.ranges)
-                .filter(|r| self.pusher.in_flight(RangeId(*r)) > 0)
-                .filter_map(|r| {
-                    let head = self.pusher.view.chain(RangeId(r))?.head()?;
-                    Some((self.pusher.view.member(head)?.addr.clone(), shard_of_range(r, self.ranges, self.shards)))
-                })
-                .collect();
+            let heads: BTreeSet<(String, u16)> = (0..self.ranges).filter(|r| self.pusher.in_flight(RangeId(*r)) > 0).filter_map(|r| self.head_of(r)).collect();
             self.exchange(heads.into_iter().map(|at| Frame { at, body: Vec::new(), pieces: Vec::new(), first: false }).collect());
             let now = self.now_ms();
             let unreachable = self.unreachable_at.take().is_some();
@@ -733,9 +718,6 @@ impl Chain {
                 header.table = table.id;
                 header.dim = table.spec.dim;
                 header.worker = self.worker;
-                if self.compress {
-                    header.flags |= flags::COMPRESS_REPLY;
-                }
                 let body = match part.range {
                     Some((lo, hi)) => {
                         header.start = lo;
@@ -782,6 +764,13 @@ impl Chain {
             std::thread::sleep(Duration::from_millis(20));
             self.refresh();
         }
+    }
+
+    /// The server shard that is `range`'s head, where its pushes go.
+    fn head_of(&self, range: u32) -> Option<(String, u16)> {
+        let head = self.pusher.view.chain(RangeId(range))?.head()?;
+        let addr = self.pusher.view.member(head)?.addr.clone();
+        Some((addr, shard_of_range(range, self.ranges, self.shards)))
     }
 
     /// The server shard that is `range`'s tail, where its pulls go.

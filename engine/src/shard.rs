@@ -105,6 +105,8 @@ pub struct Shard {
     chain: Option<ChainShard>,
     /// Per connection, the key lists its worker asked the shard to remember.
     key_lists: HashMap<ConnId, KeyLists<Vec<u64>>>,
+    /// A stamp's worth of clocks, reused by replicated pulls (see [`stamp_by_range`]).
+    stamp_scratch: Vec<u64>,
     metrics: ShardMetrics,
     /// When the last checkpoint was written (or, before the first, when the shard started).
     last_checkpoint: std::time::Instant,
@@ -127,6 +129,7 @@ impl Shard {
             checkpoint_asked: Vec::new(),
             chain: None,
             key_lists: HashMap::new(),
+            stamp_scratch: Vec::new(),
             metrics: ShardMetrics::new(id),
             last_checkpoint: std::time::Instant::now(),
         }
@@ -462,6 +465,7 @@ impl Shard {
             return Err(EngineError::BadRequest { reason: format!("count {} but {} more bytes after the keys", h.count, rest.len()) });
         }
         let ranges = self.chain.as_ref().map(ChainShard::ranges);
+        let mut scratch = std::mem::take(&mut self.stamp_scratch);
         let part = self.part(h)?;
         let span = part.check_pull(keys)?;
         let n = keys.len() * h.dim as usize;
@@ -469,9 +473,10 @@ impl Shard {
         let (stamp, values) = reply.ok(part.stamp_len(), n);
         part.pull(keys, values);
         match ranges {
-            Some(ranges) => stamp_by_range(part, ranges, keys, stamp),
+            Some(ranges) => stamp_by_range(part, ranges, keys, stamp, &mut scratch),
             None => part.stamp_into(span, stamp),
         }
+        self.stamp_scratch = scratch;
         Ok(())
     }
 
@@ -548,21 +553,26 @@ impl Shard {
 
 /// The stamp of `keys` on a replicated shard: the meet of the stamps of each replication
 /// range's keys among them. The span from the lowest key to the highest may cross ranges this
-/// shard holds no current copy of (it is not in their chains), whose clocks say nothing.
-fn stamp_by_range(part: &TablePart, ranges: u32, keys: &[u64], out: &mut [u64]) {
-    let mut spans: std::collections::BTreeMap<u32, (u64, u64)> = std::collections::BTreeMap::new();
-    for &key in keys {
-        let span = spans.entry(range_of(&part.spec, ranges, key)).or_insert((key, key));
-        *span = (span.0.min(key), span.1.max(key));
-    }
-    let mut one = vec![0; out.len()];
-    for (i, (lo, hi)) in spans.into_values().enumerate() {
-        if i == 0 {
+/// shard holds no current copy of (it is not in their chains), whose clocks say nothing. Keys
+/// are taken in runs of one range (a client sends them grouped by range; keys of one range
+/// that come apart only make more runs, each within the range); `scratch` holds a run's stamp,
+/// kept between calls so that a pull allocates nothing once warm.
+fn stamp_by_range(part: &TablePart, ranges: u32, keys: &[u64], out: &mut [u64], scratch: &mut Vec<u64>) {
+    scratch.resize(out.len(), 0);
+    let mut first = true;
+    let mut rest = keys;
+    while let Some(&k) = rest.first() {
+        let range = range_of(&part.spec, ranges, k);
+        let run = rest.iter().position(|key| range_of(&part.spec, ranges, *key) != range).unwrap_or(rest.len());
+        let (lo, hi) = rest[..run].iter().fold((k, k), |(lo, hi), key| (lo.min(*key), hi.max(*key)));
+        rest = &rest[run..];
+        if first {
             part.stamp_into(lo..hi + 1, out);
+            first = false;
             continue;
         }
-        part.stamp_into(lo..hi + 1, &mut one);
-        out.iter_mut().zip(&one).for_each(|(o, c)| *o = (*o).min(*c));
+        part.stamp_into(lo..hi + 1, scratch);
+        out.iter_mut().zip(scratch.iter()).for_each(|(o, c)| *o = (*o).min(*c));
     }
 }
 

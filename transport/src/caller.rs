@@ -92,8 +92,8 @@ enum Path {
 }
 
 impl Caller {
-    /// This caller, compressing its requests' bodies (and asking for compressed replies)
-    /// where that saves at least a tenth, as a `Link::send` with `compress` does.
+    /// This caller, compressing its requests' bodies where that saves at least a tenth (as a
+    /// `Link::send` with `compress` does) and asking for compressed replies.
     pub fn compressing(mut self, on: bool) -> Self {
         self.compress = on;
         self
@@ -128,6 +128,9 @@ impl Caller {
                 }
             }
         };
+        if self.compress {
+            header.flags |= crate::wire::flags::COMPRESS_REPLY;
+        }
         link.send(header, &[body], self.compress)?;
         match over {
             Over::Tcp => self.calls.tcp += 1,

@@ -361,14 +361,13 @@ fn train(args: &DemoArgs, wire: &Wire, data: &Dataset, refs: &[&str], spec: &Tab
         clients[0].create_table(&spec).context("creating the demo table")?
     };
     let tables = vec![table.with_consistency(args.consistency); clients.len()];
-    let mut trainers: Vec<Box<dyn Trainer + '_>> = clients
+    let mut trainers: Vec<Worker<'_>> = clients
         .iter()
         .zip(&tables)
         .enumerate()
         .map(|(w, (client, table))| {
             let filter = WorkerFilter::new(wire.filter, w as u32);
-            let plain = Plain { client, table, in_flight: None, filter, kept_keys: Vec::new(), kept_grads: Vec::new(), keys_offered: 0, keys_pushed: 0 };
-            Box::new(plain) as Box<dyn Trainer>
+            Worker { client, table, in_flight: None, filter, kept_keys: Vec::new(), kept_grads: Vec::new(), keys_offered: 0, keys_pushed: 0 }
         })
         .collect();
     let test_keys = data::unique_keys(&data.test);
@@ -384,7 +383,7 @@ fn train(args: &DemoArgs, wire: &Wire, data: &Dataset, refs: &[&str], spec: &Tab
         train_seconds += seconds;
         // Evaluation pulls are not training traffic: their bytes are left out of the summary.
         let before = trainers[0].bytes();
-        let (logloss, accuracy) = evaluate(trainers[0].as_mut(), data, &test_keys)?;
+        let (logloss, accuracy) = evaluate(&mut trainers[0], data, &test_keys)?;
         let after = trainers[0].bytes();
         eval_bytes = (eval_bytes.0 + after.0 - before.0, eval_bytes.1 + after.1 - before.1);
         let batches = counters.batches.swap(0, Ordering::Relaxed).max(1);
@@ -503,23 +502,9 @@ fn progress(len: u64, epoch: usize, epochs: usize) -> ProgressBar {
     bar
 }
 
-/// A worker's side of training, over either client.
-trait Trainer: Send {
-    /// Pulls the weights of `keys` into `out`.
-    fn pull(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()>;
-    /// Pushes `grad` for `keys` at clock `clock`; it may still be in flight when this returns
-    /// (one at most: each push first waits for the one before).
-    fn push(&mut self, clock: u64, keys: &[u64], grad: &[f32]) -> Result<()>;
-    /// Waits for the push in flight.
-    fn flush(&mut self) -> Result<()>;
-    /// Bytes sent and received.
-    fn bytes(&self) -> (u64, u64);
-    /// Keys the worker had gradients for, and keys it pushed (fewer when a filter holds some back).
-    fn keys(&self) -> (u64, u64);
-}
-
-/// A worker's client: one push in flight while the next batch is pulled.
-struct Plain<'a> {
+/// A worker's side of training: its client, with one push in flight while the next batch is
+/// pulled (each push first waits for the one before).
+struct Worker<'a> {
     client: &'a Client,
     table: &'a Table,
     in_flight: Option<Ticket<'a>>,
@@ -532,7 +517,8 @@ struct Plain<'a> {
     keys_pushed: u64,
 }
 
-impl Trainer for Plain<'_> {
+impl Worker<'_> {
+    /// Pulls the weights of `keys` into `out`.
     fn pull(&mut self, keys: &[u64], out: &mut [f32]) -> Result<()> {
         self.client.pull(self.table, keys, out)?.wait()?;
         if let Some(WorkerFilter::Kkt(kkt)) = &mut self.filter {
@@ -540,6 +526,7 @@ impl Trainer for Plain<'_> {
         }
         Ok(())
     }
+    /// Pushes `grad` for `keys` at clock `clock`; it may still be in flight when this returns.
     fn push(&mut self, clock: u64, keys: &[u64], grad: &[f32]) -> Result<()> {
         self.wait_in_flight()?;
         self.client.set_clock(clock);
@@ -557,6 +544,7 @@ impl Trainer for Plain<'_> {
         self.in_flight = Some(self.client.push(self.table, &self.kept_keys, &self.kept_grads)?);
         Ok(())
     }
+    /// Waits for the push in flight, and sends what the filter held back.
     fn flush(&mut self) -> Result<()> {
         self.wait_in_flight()?;
         if let Some(WorkerFilter::Significant(f)) = &mut self.filter {
@@ -568,16 +556,18 @@ impl Trainer for Plain<'_> {
         }
         Ok(())
     }
+    /// Bytes sent and received.
     fn bytes(&self) -> (u64, u64) {
         self.client.bytes()
     }
+    /// Keys the worker had gradients for, and keys it pushed (fewer when a filter holds some back).
     fn keys(&self) -> (u64, u64) {
         (self.keys_offered, self.keys_pushed)
     }
 }
 
 /// One pass over the training set, each worker on its own slice, all at once.
-fn train_epoch(args: &DemoArgs, data: &Dataset, trainers: &mut [Box<dyn Trainer + '_>], epoch: usize, counters: &Counters) -> Result<()> {
+fn train_epoch(args: &DemoArgs, data: &Dataset, trainers: &mut [Worker<'_>], epoch: usize, counters: &Counters) -> Result<()> {
     let n = data.train.len();
     let bar = progress(n as u64, epoch, args.epochs);
     let workers = trainers.len();
@@ -590,7 +580,7 @@ fn train_epoch(args: &DemoArgs, data: &Dataset, trainers: &mut [Box<dyn Trainer 
                 let slice = n * w / workers..n * (w + 1) / workers;
                 let first_clock = epoch as u64 * batches_per_epoch;
                 let bar = &bar;
-                scope.spawn(move || work(args, data, trainer.as_mut(), slice, first_clock, counters, bar))
+                scope.spawn(move || work(args, data, trainer, slice, first_clock, counters, bar))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a worker panicked")))).collect::<Result<Vec<()>>>()
@@ -604,7 +594,7 @@ fn train_epoch(args: &DemoArgs, data: &Dataset, trainers: &mut [Box<dyn Trainer 
 fn work(
     args: &DemoArgs,
     data: &Dataset,
-    trainer: &mut dyn Trainer,
+    trainer: &mut Worker<'_>,
     slice: std::ops::Range<usize>,
     first_clock: u64,
     counters: &Counters,
@@ -629,7 +619,7 @@ fn work(
     trainer.flush()
 }
 
-impl Plain<'_> {
+impl Worker<'_> {
     fn wait_in_flight(&mut self) -> Result<()> {
         if let Some(push) = self.in_flight.take() {
             push.wait()?;
@@ -639,7 +629,7 @@ impl Plain<'_> {
 }
 
 /// Pulls the held-out keys' weights and scores the held-out split.
-fn evaluate(trainer: &mut dyn Trainer, data: &Dataset, keys: &[u64]) -> Result<(f64, f64)> {
+fn evaluate(trainer: &mut Worker<'_>, data: &Dataset, keys: &[u64]) -> Result<(f64, f64)> {
     let mut weights = vec![0.0f32; keys.len()];
     for (k, w) in keys.chunks(EVAL_CHUNK_KEYS).zip(weights.chunks_mut(EVAL_CHUNK_KEYS)) {
         trainer.pull(k, w)?;
