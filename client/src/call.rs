@@ -93,13 +93,14 @@ pub struct Call<'c> {
     consistency: Option<Consistency>,
     /// (server, shard, request id) of every reply the call waits for before it is sent.
     after: Vec<(u32, u16, u64)>,
-    /// It follows a push to a replicated cluster: it waits for that push's acknowledgement.
-    after_chained: bool,
+    /// It follows pushes to a replicated cluster: it waits for the acknowledgement of the
+    /// latest of them (and so of every one before it).
+    after_chained: Option<u64>,
 }
 
 impl<'c> Call<'c> {
     pub(crate) fn new(client: &'c Client) -> Self {
-        Self { client, consistency: None, after: Vec::new(), after_chained: false }
+        Self { client, consistency: None, after: Vec::new(), after_chained: None }
     }
 
     /// Runs this call under `model`, whatever the table handle or the client say.
@@ -112,7 +113,7 @@ impl<'c> Call<'c> {
     /// its result: waiting on it afterwards returns at once.
     pub fn after(mut self, ticket: &Ticket<'_>) -> Self {
         self.after.extend(ticket.subs.iter().map(|s| (s.server, s.shard, s.id)));
-        self.after_chained |= ticket.chained;
+        self.after_chained = self.after_chained.max(ticket.chained);
         self
     }
 
@@ -194,8 +195,10 @@ impl<'c> Call<'c> {
         for &(server, shard, id) in &self.after {
             core.settle(server, shard, id)?;
         }
-        if self.model(table) == Consistency::Sequential || self.after_chained {
+        if self.model(table) == Consistency::Sequential {
             core.settle_all()?;
+        } else if let Some(push) = self.after_chained {
+            core.chain_settled(push, None)?;
         }
         Ok(core)
     }
@@ -246,16 +249,17 @@ fn fresh_pull<'c>(client: &'c Client, table: &Table, need: u64, out: &'c mut [f3
 impl<'c> Ticket<'c> {
     /// A ticket whose call is already answered, with its stamp.
     pub(crate) fn answered(client: &'c Client, stamp: Stamp) -> Self {
-        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: Some(stamp), mismatched: false, chained: false }
+        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: Some(stamp), mismatched: false, chained: None }
     }
 
     /// A pull already read into `out`, with its stamp (on a replicated cluster).
     pub(crate) fn read(client: &'c Client, stamp: Stamp, out: &'c mut [f32]) -> Self {
-        Ticket { client, subs: Vec::new(), out: Some(out), order: Vec::new(), dim: 0, stamp: Some(stamp), mismatched: false, chained: false }
+        Ticket { client, subs: Vec::new(), out: Some(out), order: Vec::new(), dim: 0, stamp: Some(stamp), mismatched: false, chained: None }
     }
 
-    /// A push sent to a replicated cluster, whose wait waits for its acknowledgement.
-    pub(crate) fn pushed(client: &'c Client) -> Self {
-        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: None, mismatched: false, chained: true }
+    /// Push number `push` sent to a replicated cluster, whose wait waits for its
+    /// acknowledgement.
+    pub(crate) fn pushed(client: &'c Client, push: u64) -> Self {
+        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: None, mismatched: false, chained: Some(push) }
     }
 }

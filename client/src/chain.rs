@@ -7,12 +7,12 @@
 //! A push is one `WorkerPush` frame per server shard that heads any of its ranges, all in flight
 //! at once; a head holds its reply until the tail holds the pushes in it, and the reply carries
 //! their acknowledgements. [`Chain::push_keys`] and [`Chain::push_range`] return once the push is
-//! sent, having first waited for the one before it (one push in flight at a time, as a
-//! bounded-staleness worker of the paper's runs); [`Chain::settle`] waits for the
-//! acknowledgement. The retry logic is the replication crate's [`Pusher`], the same code the
-//! deterministic simulator runs.
+//! sent, with up to [`PUSH_WINDOW`] pushes in flight: the frames to one server shard follow one
+//! another on one connection, which keeps each range's pushes in the order the head must apply
+//! them. [`Chain::settle`] waits for acknowledgements. The retry logic is the replication
+//! crate's [`Pusher`], the same code the deterministic simulator runs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,11 @@ use crate::ClientConfig;
 /// spurious resends as many as before. On the host it raised the longest pause after a kill from
 /// 0.79 s to 2.13 s in one run: some kills are recovered by this timer's resend.
 pub const RETRY_MS: u64 = 300;
+/// Pushes a client keeps in flight on a replicated cluster: a push waits for the
+/// acknowledgement of the one this many before it. Each costs the heads a held reply and a
+/// place in the chain's log; a window of a few keeps the chains busy while a push travels
+/// them (`tessera bench --replicas 3`: see docs/benchmarks.md).
+pub const PUSH_WINDOW: u64 = 8;
 /// How long a call keeps trying before it gives up.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// While a head is unreachable, or pushes wait longer than [`SLOW_ACK`], how often the
@@ -92,9 +97,17 @@ pub(crate) struct Chain {
     shards: u16,
     ranges: u32,
     pusher: Pusher,
-    links: HashMap<LinkKey, Caller>,
-    /// Push frames sent and not yet answered.
-    in_flight: Vec<(Sent, Started)>,
+    /// Each link, with the number it was made as (see [`Started`]).
+    links: HashMap<LinkKey, (u64, Caller)>,
+    /// Links made so far.
+    links_made: u64,
+    /// Push frames sent and not yet answered, oldest first.
+    in_flight: VecDeque<(Sent, Started)>,
+    /// Pushes sent so far (a push's number is its place in this count, from 1).
+    pushes: u64,
+    /// The pushes not known to be acknowledged, oldest first: each one's number and its
+    /// pieces (range, seq).
+    unconfirmed: VecDeque<(u64, Vec<(RangeId, u32)>)>,
     /// A push a head refused outright, for the next settle to report.
     refused: Option<ClientError>,
     /// Per range: whether the pushes are numbered on from the head's count of this worker's
@@ -138,7 +151,10 @@ impl Chain {
             ranges,
             pusher: Pusher::new(WorkerId(cfg.worker), ranges, config),
             links: HashMap::new(),
-            in_flight: Vec::new(),
+            links_made: 0,
+            in_flight: VecDeque::new(),
+            pushes: 0,
+            unconfirmed: VecDeque::new(),
             refused: None,
             counted: vec![false; ranges as usize],
             started: Instant::now(),
@@ -188,7 +204,7 @@ impl Chain {
 
     /// The transport of the links made so far: `"rdma"` when every one is RDMA.
     pub fn transport(&self) -> &'static str {
-        if !self.links.is_empty() && self.links.values().all(|l| l.kind() == "rdma") {
+        if !self.links.is_empty() && self.links.values().all(|(_, l)| l.kind() == "rdma") {
             "rdma"
         } else {
             "tcp"
@@ -246,11 +262,20 @@ impl Chain {
         }
     }
 
-    /// Fetches the configuration again if it is older than [`CONFIG_AGE_MAX`] and nothing is in
-    /// flight (so nothing needs rerouting).
+    /// Fetches the configuration again if it is older than [`CONFIG_AGE_MAX`]. Pushes not yet
+    /// acknowledged when it changed are resent at once to the heads it names.
     fn refresh_if_old(&mut self) {
-        if self.refreshed_at.elapsed() >= CONFIG_AGE_MAX && self.pusher.unacked() == 0 {
-            self.refresh();
+        if self.refreshed_at.elapsed() < CONFIG_AGE_MAX {
+            return;
+        }
+        let known = self.pusher.view.id;
+        self.refresh();
+        if self.pusher.view.id != known && !self.pusher.idle() {
+            self.collect_in_flight();
+            self.stats.rerouted += 1;
+            let now = self.now_ms();
+            self.pusher.resend(now, 0);
+            self.deliver();
         }
     }
 
@@ -293,9 +318,10 @@ impl Chain {
     fn link(&mut self, key: &LinkKey) -> Result<&mut Caller> {
         if !self.links.contains_key(key) {
             let link = self.dialer.caller(&key.addr, key.shard as u64, self.worker, ServerInfo::serves_rdma)?.compressing(self.compress);
-            self.links.insert(key.clone(), link);
+            self.links_made += 1;
+            self.links.insert(key.clone(), (self.links_made, link));
         }
-        Ok(self.links.get_mut(key).expect("inserted above"))
+        Ok(&mut self.links.get_mut(key).expect("inserted above").1)
     }
 
     /// Sends `call` on its link without waiting for the reply. A link that fails is dropped
@@ -311,7 +337,8 @@ impl Chain {
             Ok((before, after)) => {
                 self.stats.rdma_calls += after.rdma - before.rdma;
                 self.stats.tcp_calls += after.tcp - before.tcp;
-                Ok(Started { to: call.to, sent })
+                let link = self.links[&call.to].0;
+                Ok(Started { to: call.to, link, sent })
             }
             Err(e) => {
                 self.links.remove(&call.to);
@@ -323,7 +350,12 @@ impl Chain {
     /// Waits for the reply to a started request; returns its header and body. A refusal is
     /// the server's [`ClientError::Server`] answer.
     fn finish(&mut self, started: Started) -> Result<Reply> {
-        let link = self.links.get_mut(&started.to).expect("a started request's link is kept until its reply");
+        let link = match self.links.get_mut(&started.to) {
+            Some((made, link)) if *made == started.link => link,
+            // The link failed while this request was in flight (another request on it saw the
+            // failure): its reply is lost with it.
+            _ => return Err(ClientError::Unavailable { reason: format!("the link to {} broke before the reply came", started.to.addr) }),
+        };
         let replied = link.finish(None);
         self.count(started.sent, replied.as_ref().map_or(0, |r| r.1.len()));
         match replied {
@@ -341,6 +373,10 @@ impl Chain {
     /// [`ChainStats`]. Requests to different server shards are in flight together (one per
     /// link at a time), so the servers serve them at once.
     fn call_all(&mut self, calls: Vec<Outgoing>) -> Vec<Result<Reply>> {
+        if calls.iter().any(|c| c.to.lane == Lane::Push) {
+            // Their replies come first on the push links.
+            self.collect_in_flight();
+        }
         let mut replies: Vec<Option<Result<Reply>>> = (0..calls.len()).map(|_| None).collect();
         let mut calls: Vec<(usize, Outgoing)> = calls.into_iter().enumerate().collect();
         while !calls.is_empty() {
@@ -397,8 +433,9 @@ impl Chain {
             Ok(Ok(news)) => news.into_iter().for_each(|n| stale |= self.pusher.on_msg(now, n)),
             Ok(Err(e)) => tracing::warn!(addr, error = %e, "a malformed acknowledgement"),
             Err(ClientError::Server { status, server, message }) if sent.first && never_applies(status) && !sent.pieces.is_empty() => {
-                for (range, seq) in &sent.pieces {
-                    self.pusher.withdraw(*range, *seq);
+                for piece in &sent.pieces {
+                    self.pusher.withdraw(piece.0, piece.1);
+                    self.unconfirmed.iter_mut().for_each(|(_, pieces)| pieces.retain(|p| p != piece));
                 }
                 self.refused.get_or_insert(ClientError::Server { server, status, message });
             }
@@ -419,10 +456,15 @@ impl Chain {
     /// Waits for the replies to the pushes [`deliver_in_flight`](Self::deliver_in_flight) left
     /// in flight.
     fn collect_in_flight(&mut self) {
-        for (sent, started) in std::mem::take(&mut self.in_flight) {
-            let replied = self.finish(started);
-            self.take_acks(sent, replied);
-        }
+        while self.collect_oldest() {}
+    }
+
+    /// Waits for the reply to the oldest push frame in flight; false if there is none.
+    fn collect_oldest(&mut self) -> bool {
+        let Some((sent, started)) = self.in_flight.pop_front() else { return false };
+        let replied = self.finish(started);
+        self.take_acks(sent, replied);
+        true
     }
 
     /// Sends what the pusher has queued (resends) and waits for the replies: the pushes to the
@@ -457,22 +499,49 @@ impl Chain {
         frames.into_values().flatten().collect()
     }
 
-    /// Sends the pushes just queued and returns without waiting for the replies (one frame per
-    /// server shard; larger pushes wait, as [`deliver`](Self::deliver) does).
+    /// Sends the pushes just queued as push number [`pushes`](Self::pushes) and returns
+    /// without waiting for the replies. A frame that would take another path of its link (RDMA
+    /// or TCP) than the frames in flight there waits for them first, so it cannot overtake them.
     fn deliver_in_flight(&mut self) {
         let frames = self.queued_frames(true);
-        let mut seen = BTreeSet::new();
-        if !frames.iter().all(|f| seen.insert(f.at.clone())) {
-            return self.exchange(frames);
-        }
+        let pieces: Vec<(RangeId, u32)> = frames.iter().flat_map(|f| f.pieces.iter().copied()).collect();
+        self.pushes += 1;
+        self.unconfirmed.push_back((self.pushes, pieces));
         for f in frames {
             let sent = Sent { addr: f.at.0.clone(), pieces: f.pieces, first: true };
             let call = self.worker_push(f.at, f.body);
+            if self.links.get(&call.to).is_some_and(|(_, l)| !l.can_start(&call.body)) {
+                self.collect_in_flight();
+            }
             match self.start(call) {
-                Ok(started) => self.in_flight.push((sent, started)),
+                Ok(started) => self.in_flight.push_back((sent, started)),
                 Err(e) => self.take_acks(sent, Err(e)),
             }
         }
+    }
+
+    /// Drops the pushes acknowledged from the front of [`unconfirmed`](Self::unconfirmed).
+    fn confirm(&mut self) {
+        while let Some((_, pieces)) = self.unconfirmed.front() {
+            if pieces.iter().any(|(range, seq)| self.pusher.acked[range.0 as usize] < *seq) {
+                return;
+            }
+            self.unconfirmed.pop_front();
+        }
+    }
+
+    /// Whether push number `push` and every one before it are acknowledged.
+    fn confirmed_through(&mut self, push: u64) -> bool {
+        self.confirm();
+        self.unconfirmed.front().is_none_or(|(n, _)| *n > push)
+    }
+
+    /// Makes room for one more push: waits until at most [`PUSH_WINDOW`] - 1 are in flight.
+    fn make_room(&mut self) -> Result<()> {
+        if self.pushes >= PUSH_WINDOW {
+            self.settle_through(self.pushes + 1 - PUSH_WINDOW, None)?;
+        }
+        Ok(())
     }
 
     /// Asks the heads of `ranges` not asked yet how many of this worker's pushes they applied,
@@ -524,15 +593,16 @@ impl Chain {
     }
 
     /// Pushes `grads` for the dense keys of `table` from `start`, one piece per replication
-    /// range. Waits for the push before it first; returns once this one is sent.
-    pub fn push_range(&mut self, table: ChainTable<'_>, start: u64, grads: &[f32], clock: u64) -> Result<()> {
+    /// range. Waits for room in the [`PUSH_WINDOW`] first; returns the push's number once it is
+    /// sent.
+    pub fn push_range(&mut self, table: ChainTable<'_>, start: u64, grads: &[f32], clock: u64) -> Result<u64> {
         let dim = table.spec.dim as usize;
         if grads.is_empty() || !grads.len().is_multiple_of(dim) {
             let (keys, want) = (grads.len() / dim, grads.len() / dim * dim);
             return Err(ClientError::Length { what: "the gradient", table: table.spec.name.clone(), keys, dim, got: grads.len(), want });
         }
         let pieces = self.pieces(table, start, (grads.len() / dim) as u64)?;
-        self.settle(None)?;
+        self.make_room()?;
         self.refresh_if_old();
         self.count_pushes(&pieces.iter().map(|p| p.0).collect::<Vec<_>>())?;
         let now = self.now_ms();
@@ -551,13 +621,14 @@ impl Chain {
             self.pusher.push(now, RangeId(range), h.payload(values).into());
         }
         self.deliver_in_flight();
-        Ok(())
+        Ok(self.pushes)
     }
 
-    /// Pushes `grads` (`dim` per key) for `keys`, one piece per replication range. With `ranges_done` (bounded delay), the push completes the worker's clock on
-    /// every range of the table, with an empty piece to the ranges it has no keys in. Waits for
-    /// the push before it first; returns once this one is sent.
-    pub fn push_keys(&mut self, table: ChainTable<'_>, keys: &[u64], grads: &[f32], clock: u64, ranges_done: bool) -> Result<()> {
+    /// Pushes `grads` (`dim` per key) for `keys`, one piece per replication range. With
+    /// `ranges_done` (bounded delay), the push completes the worker's clock on every range of
+    /// the table, with an empty piece to the ranges it has no keys in. Waits for room in the
+    /// [`PUSH_WINDOW`] first; returns the push's number once it is sent.
+    pub fn push_keys(&mut self, table: ChainTable<'_>, keys: &[u64], grads: &[f32], clock: u64, ranges_done: bool) -> Result<u64> {
         let spec = table.spec;
         let dim = spec.dim as usize;
         let mut by_range = self.by_range(table, keys)?;
@@ -568,7 +639,7 @@ impl Chain {
                 }
             }
         }
-        self.settle(None)?;
+        self.make_room()?;
         self.refresh_if_old();
         self.count_pushes(&by_range.keys().copied().collect::<Vec<_>>())?;
         let now = self.now_ms();
@@ -588,7 +659,7 @@ impl Chain {
             self.pusher.push(now, RangeId(range), h.keyed_payload(&listed, &values).into());
         }
         self.deliver_in_flight();
-        Ok(())
+        Ok(self.pushes)
     }
 
     /// For each replication range `keys` fall in, the positions of its keys in `keys`.
@@ -604,15 +675,25 @@ impl Chain {
         Ok(out)
     }
 
-    /// Polls the heads of ranges with pushes in flight until all are acknowledged, or until
-    /// `deadline` (then returns false); resends to the current heads what waited too long.
-    /// Fails after [`CALL_TIMEOUT`] in all, or with the error of a push a head refused outright.
+    /// Waits until every push sent is acknowledged; see [`settle_through`](Self::settle_through).
     pub fn settle(&mut self, deadline: Option<Instant>) -> Result<bool> {
-        self.collect_in_flight();
+        self.settle_through(u64::MAX, deadline)
+    }
+
+    /// Waits until push number `push` and every push before it are acknowledged, or until
+    /// `deadline` (then returns false). Takes the replies to the frames in flight, oldest
+    /// first; if those do not acknowledge it, polls the heads of ranges with pushes in flight
+    /// and resends to the current heads what waited too long. Fails after [`CALL_TIMEOUT`] in
+    /// all, or with the error of a push a head refused outright.
+    pub fn settle_through(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
+        while !self.confirmed_through(push) && self.collect_oldest() {}
+        if !self.confirmed_through(push) {
+            self.collect_in_flight();
+        }
         let began = Instant::now();
         let timeout = began + CALL_TIMEOUT;
         let mut pause = Duration::from_micros(50);
-        while !self.pusher.idle() {
+        while !self.confirmed_through(push) {
             if Instant::now() > timeout {
                 return Err(ClientError::Unavailable { reason: format!("{} pushes unacknowledged after {CALL_TIMEOUT:?}", self.pusher.unacked()) });
             }
@@ -824,6 +905,9 @@ struct Sent {
 #[derive(Debug)]
 struct Started {
     to: LinkKey,
+    /// The number the link was made as: a link that broke and was made again has lost this
+    /// request's reply, and the new one's replies belong to other requests.
+    link: u64,
     sent: usize,
 }
 

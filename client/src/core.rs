@@ -654,7 +654,7 @@ impl Core {
             }
         }
         self.scratch.used = used;
-        Ok(Ticket { client, subs, out, order, dim, stamp: None, mismatched: false, chained: false })
+        Ok(Ticket { client, subs, out, order, dim, stamp: None, mismatched: false, chained: None })
     }
 
     /// [`send_keys`](Self::send_keys) and [`send_range`](Self::send_range) on a replicated
@@ -675,8 +675,8 @@ impl Core {
         let (chain, _) = self.chain.as_mut().expect("replicated");
         let t = ChainTable { id: table.route().owner(0).table_id, spec: table.spec() };
         match (grads, out, named) {
-            (Some(g), _, Named::Keys { keys, ranges_done }) => chain.push_keys(t, keys, g, clock, ranges_done).map(|()| Ticket::pushed(client)),
-            (Some(g), _, Named::Range { start }) => chain.push_range(t, start, g, clock).map(|()| Ticket::pushed(client)),
+            (Some(g), _, Named::Keys { keys, ranges_done }) => chain.push_keys(t, keys, g, clock, ranges_done).map(|n| Ticket::pushed(client, n)),
+            (Some(g), _, Named::Range { start }) => chain.push_range(t, start, g, clock).map(|n| Ticket::pushed(client, n)),
             (None, Some(o), Named::Keys { keys, .. }) => Ok(Ticket::read(client, chain.pull_keys(t, keys, o)?, o)),
             (None, Some(o), Named::Range { start }) => Ok(Ticket::read(client, chain.pull_range(t, start, o)?, o)),
             (None, None, _) => unreachable!("a pull has an output"),
@@ -922,7 +922,7 @@ impl Core {
             let settled = self.release_buffers(&subs);
             self.sent_or_abandon(settled, &subs)?;
         }
-        Ok(Ticket { client, subs, out, order: Vec::new(), dim, stamp: read_stamp, mismatched: false, chained: false })
+        Ok(Ticket { client, subs, out, order: Vec::new(), dim, stamp: read_stamp, mismatched: false, chained: None })
     }
 
     /// A one-sided read of `out.len() / dim` keys from `start` on `owner`'s shard, if its link can
@@ -1035,10 +1035,11 @@ impl Core {
         Ok(())
     }
 
-    /// Whether every push to the replicated cluster is acknowledged, waiting until `deadline`.
-    pub fn chain_settled(&mut self, deadline: Instant) -> Result<bool> {
+    /// Whether push number `push` to the replicated cluster, and every one before it, is
+    /// acknowledged, waiting until `deadline` (none: until it is, or fails).
+    pub fn chain_settled(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
         match self.chain.as_mut() {
-            Some((chain, _)) => chain.settle(Some(deadline)),
+            Some((chain, _)) => chain.settle_through(push, deadline),
             None => Ok(true),
         }
     }

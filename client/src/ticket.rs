@@ -90,9 +90,9 @@ pub struct Ticket<'a> {
     /// Set when a detached ticket was resumed with an output of the wrong length: waiting on it
     /// fails, and its requests are let go as a dropped ticket's are.
     pub(crate) mismatched: bool,
-    /// A push to a replicated cluster: waiting on it waits for the acknowledgements of every
-    /// push this client sent (the tails hold them).
-    pub(crate) chained: bool,
+    /// A push to a replicated cluster, by its number: waiting on it waits for the
+    /// acknowledgements of this push and every one before it (the tails hold them).
+    pub(crate) chained: Option<u64>,
 }
 
 /// A ticket cut loose from the client and the output buffer it borrows, for layers that cannot
@@ -107,7 +107,7 @@ pub struct Detached {
     stamp: Option<Stamp>,
     /// The length of the output the call was given (0 for pushes).
     out_len: usize,
-    chained: bool,
+    chained: Option<u64>,
 }
 
 impl<'a> Ticket<'a> {
@@ -131,11 +131,11 @@ impl<'a> Ticket<'a> {
 
 /// Whether every reply `subs` wait for is in (see [`Core::arrived`](crate::core::Core)),
 /// receiving for up to `timeout` in all.
-fn arrived(client: &Client, subs: &[Sub], chained: bool, timeout: std::time::Duration) -> Result<bool> {
+fn arrived(client: &Client, subs: &[Sub], chained: Option<u64>, timeout: std::time::Duration) -> Result<bool> {
     let deadline = std::time::Instant::now() + timeout;
     let mut core = client.lock();
-    if chained {
-        return core.chain_settled(deadline);
+    if let Some(push) = chained {
+        return core.chain_settled(push, Some(deadline));
     }
     for sub in subs {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -172,8 +172,8 @@ impl Ticket<'_> {
         if self.mismatched {
             return Err(ClientError::Config { reason: "a detached ticket was resumed with an output of another length".into() });
         }
-        if std::mem::take(&mut self.chained) {
-            self.client.lock().settle_all()?;
+        if let Some(push) = self.chained.take() {
+            self.client.lock().chain_settled(push, None)?;
             return Ok(Stamp::default());
         }
         let subs = std::mem::take(&mut self.subs);

@@ -100,6 +100,20 @@ fn the_client_works_on_a_replicated_cluster_with_every_feature() {
     client.resume(detached, Some(&mut first)).wait().expect("pulled");
     assert_eq!(first, [2.0, 4.0]);
 
+    // Pushes kept in flight, more than the client's window, waited on newest first: each
+    // ticket waits for its own push and the ones before it, and every push lands once.
+    let piped = client.create_table(&sum_table("piped", TableKind::Dense, 1000, 1)).expect("create a dense table");
+    let flight: Vec<_> = (0..3 * tessera_client::PUSH_WINDOW).map(|_| client.push_range(&piped, 0, &[1.0; 1000]).expect("push")).collect();
+    // A piece per range (8 ranges) per push in flight.
+    let unacked = client.in_flight();
+    assert!(unacked <= tessera_client::PUSH_WINDOW * 8, "{unacked} pieces in flight: the window is not kept");
+    for ticket in flight.into_iter().rev() {
+        ticket.wait().expect("acknowledged");
+    }
+    let mut all = vec![0f32; 1000];
+    client.pull_range(&piped, 0, &mut all).expect("pull").wait().expect("pulled");
+    assert_eq!(all, vec![3.0 * tessera_client::PUSH_WINDOW as f32; 1000]);
+
     // A new client as the same worker (a restarted trainer) numbers its pushes on from the
     // heads' count: its pushes are applied, not taken for resends of the old client's.
     drop(client);

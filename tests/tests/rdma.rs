@@ -507,8 +507,29 @@ fn a_caller_sends_small_frames_over_rdma_and_large_ones_over_its_tcp_connection(
         caller.call(&mut header, &body, None).expect("the push is served");
         want[..count].iter_mut().for_each(|v| *v += round as f32);
     }
+    // Pipelined: three small pushes in flight on the queue pair; a large one may not start
+    // behind them (it would take the TCP path and could overtake them) until they are answered.
+    let small_body: Vec<u8> = vec![1f32; 1000].iter().flat_map(|g| g.to_le_bytes()).collect();
+    let large_body: Vec<u8> = vec![1f32; 8000].iter().flat_map(|g| g.to_le_bytes()).collect();
+    let push = |round: u64, count: usize| {
+        let mut header = Header::request(Op::PushRange, round);
+        (header.table, header.start, header.count, header.dim, header.worker, header.clock) = (id, 0, count as u32, 1, 1, round);
+        header
+    };
+    for round in 11..=13u64 {
+        assert!(caller.can_start(&small_body));
+        caller.start(&mut push(round, 1000), &small_body).expect("a pipelined push is sent");
+        want[..1000].iter_mut().for_each(|v| *v += 1.0);
+    }
+    assert_eq!(caller.in_flight(), 3);
+    assert!(!caller.can_start(&large_body), "a large frame must wait for the queue pair's replies");
+    assert!(caller.start(&mut push(14, 8000), &large_body).is_err());
+    for _ in 0..3 {
+        caller.finish(None).expect("each pipelined push is answered, in order");
+    }
+    assert!(caller.can_start(&large_body));
     let calls = caller.calls();
-    assert_eq!((calls.rdma, calls.tcp), (5, 5), "small pushes over RDMA, large ones over TCP");
+    assert_eq!((calls.rdma, calls.tcp), (8, 5), "small pushes over RDMA, large ones over TCP");
     let mut got = vec![0f32; 8192];
     checker.pull_range(&table, 0, &mut got).unwrap().wait().unwrap();
     assert_eq!(got, want);

@@ -276,14 +276,29 @@ fn kill_test(with_etcd: bool, kills: usize) {
             let grads: Vec<f32> = (0..KEYS).map(|k| grad(w, k)).collect();
             let keys = sparse_keys(w);
             let sparse = sparse_grads(w, &keys);
+            // Odd workers keep iterations in flight (tickets not yet waited on), so kills land
+            // on pipelined pushes too; even ones wait for each iteration.
+            let depth = if w % 2 == 1 { 4 } else { 0 };
+            let mut flight = std::collections::VecDeque::new();
+            let mut sent = 0u64;
             let mut done_at = Vec::new();
-            while !stop.load(Ordering::Acquire) {
-                client.set_clock(done_at.len() as u64 + 1);
-                client.push_range(&table, 0, &grads).and_then(|t| t.wait()).expect("a push is eventually acknowledged");
-                client.push(&emb, &keys, &sparse).and_then(|t| t.wait()).expect("a sparse push is eventually acknowledged");
+            let mut acknowledged = |(dense, sparse): (tessera_client::Ticket<'_>, tessera_client::Ticket<'_>)| {
+                dense.wait().expect("a push is eventually acknowledged");
+                sparse.wait().expect("a sparse push is eventually acknowledged");
                 done_at.push(epoch.elapsed());
                 progress[w as usize].fetch_add(1, Ordering::Release);
+            };
+            while !stop.load(Ordering::Acquire) {
+                sent += 1;
+                client.set_clock(sent);
+                let dense = client.push_range(&table, 0, &grads).expect("a push is sent");
+                let sparse = client.push(&emb, &keys, &sparse).expect("a sparse push is sent");
+                flight.push_back((dense, sparse));
+                while flight.len() > depth {
+                    acknowledged(flight.pop_front().expect("not empty"));
+                }
             }
+            flight.into_iter().for_each(&mut acknowledged);
             (done_at, client.chain_stats().expect("a replicated cluster"))
         }));
     }

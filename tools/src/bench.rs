@@ -373,8 +373,9 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         println!("{line}");
     }
     println!(
-        "(ratios are replicated over unreplicated; each stream keeps {} tickets, and a replicated push is sent once the one before it is acknowledged)",
-        args.window.max(1)
+        "(ratios are replicated over unreplicated; each stream keeps {} tickets; a replicated client has at most {} pushes in flight)",
+        args.window.max(1),
+        tessera_client::PUSH_WINDOW
     );
     Ok(())
 }

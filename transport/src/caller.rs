@@ -1,9 +1,11 @@
-//! Links for request–reply traffic with one request out at a time: a replicated server's
-//! messages to its peers and a replicated worker's pushes. Over RDMA, each frame that fits a
-//! slot goes through the queue pair, and a larger one (a range's snapshot, a push of a wide
-//! range) through the link's own TCP connection to the same shard. With nothing in flight
-//! between calls, the two paths never reorder what one caller sends.
+//! Links for request–reply traffic: a replicated server's messages to its peers and a
+//! replicated worker's pushes. Over RDMA, each frame that fits a slot goes through the queue
+//! pair, and a larger one (a range's snapshot, a push of a wide range) through the link's own
+//! TCP connection to the same shard. Several requests may be in flight on one path, answered in
+//! the order sent; a request that would take the other path waits until nothing is in flight
+//! ([`Caller::can_start`]), so the two paths never reorder what one caller sends.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::config::{RdmaConfig, TransportConfig};
@@ -47,9 +49,9 @@ impl Dialer {
             #[cfg(feature = "rdma")]
             Chosen::Rdma(dev) if served && shard != CONTROL_SHARD => {
                 let link = crate::rdma::RdmaLink::upgrade(tcp, &self.cfg, &self.rdma, dev.clone())?;
-                Ok(Caller { path: Path::Rdma(Box::new(link)), calls: Calls::default(), waiting: None, compress: false })
+                Ok(Caller { path: Path::Rdma(Box::new(link)), calls: Calls::default(), waiting: VecDeque::new(), compress: false })
             }
-            _ => Ok(Caller { path: Path::Tcp(Box::new(tcp)), calls: Calls::default(), waiting: None, compress: false }),
+            _ => Ok(Caller { path: Path::Tcp(Box::new(tcp)), calls: Calls::default(), waiting: VecDeque::new(), compress: false }),
         }
     }
 }
@@ -63,19 +65,19 @@ pub struct Calls {
     pub tcp: u64,
 }
 
-/// A link that sends one request and waits for its reply; see the module's description.
+/// A link that sends requests and takes their replies in order; see the module's description.
 #[derive(Debug)]
 pub struct Caller {
     path: Path,
     calls: Calls,
-    /// The path the request in flight took, if one is.
-    waiting: Option<Over>,
+    /// The path each request in flight took, oldest first (all the same path).
+    waiting: VecDeque<Over>,
     /// Snappy-compress request bodies (and ask for compressed replies) when that pays.
     compress: bool,
 }
 
 /// Which of a caller's paths a request went over.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Over {
     /// The link's TCP connection (all of a TCP link's requests).
     Tcp,
@@ -100,33 +102,54 @@ impl Caller {
     }
 
     /// Sends one request and waits for its reply. A reply with an error status becomes
-    /// [`TransportError::Refused`] carrying the server's message.
+    /// [`TransportError::Refused`] carrying the server's message. Nothing may be in flight.
     pub fn call(&mut self, header: &mut Header, body: &[u8], timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
+        if !self.waiting.is_empty() {
+            return Err(TransportError::Rdma { reason: "a call while requests are in flight on the link".into() });
+        }
         self.start(header, body)?;
         self.finish(timeout)
     }
 
-    /// Sends one request without waiting for its reply: a caller with links to several servers
-    /// starts a request on each, then [`finish`](Self::finish)es them, so the servers work at
-    /// once. One request at a time per caller: starting a second before the first finished is
-    /// an error.
-    pub fn start(&mut self, header: &mut Header, body: &[u8]) -> Result<()> {
-        if self.waiting.is_some() {
-            return Err(TransportError::Rdma { reason: "a request started while another is in flight on the link".into() });
-        }
-        let (link, over): (&mut dyn Link, Over) = match &mut self.path {
-            Path::Tcp(tcp) => (&mut **tcp, Over::Tcp),
+    /// The path a request of `body` takes.
+    #[cfg_attr(not(feature = "rdma"), allow(unused_variables))]
+    fn path_for(&self, body: &[u8]) -> Over {
+        match &self.path {
+            Path::Tcp(_) => Over::Tcp,
             #[cfg(feature = "rdma")]
-            Path::Rdma(rdma) => {
-                if rdma.in_flight() > 0 {
-                    return Err(TransportError::Rdma { reason: "a call while another request is in flight on the link".into() });
-                }
-                if frame_bytes(body) <= rdma.send_bytes_max() {
-                    (&mut **rdma, Over::Fast)
-                } else {
-                    (rdma.tcp(), Over::Tcp)
-                }
-            }
+            Path::Rdma(rdma) if frame_bytes(body) <= rdma.send_bytes_max() => Over::Fast,
+            #[cfg(feature = "rdma")]
+            Path::Rdma(_) => Over::Tcp,
+        }
+    }
+
+    /// Whether a request of `body` may be [`start`](Self::start)ed now: nothing is in flight,
+    /// or what is took the path this one would (so this one cannot overtake it).
+    pub fn can_start(&self, body: &[u8]) -> bool {
+        self.waiting.back().is_none_or(|&over| over == self.path_for(body))
+    }
+
+    /// Requests started whose replies have not been taken.
+    pub fn in_flight(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Sends one request without waiting for its reply: a caller starts several, to one server
+    /// or to several, then [`finish`](Self::finish)es them in the order started, so the servers
+    /// work at once and one server's replies overlap its requests. Starting a request that
+    /// [`can_start`](Self::can_start) refuses is an error. Over RDMA a request beyond the
+    /// link's slots waits for the oldest reply to land first.
+    pub fn start(&mut self, header: &mut Header, body: &[u8]) -> Result<()> {
+        if !self.can_start(body) {
+            return Err(TransportError::Rdma { reason: "a request on one path while requests are in flight on the other".into() });
+        }
+        let over = self.path_for(body);
+        let link: &mut dyn Link = match (&mut self.path, over) {
+            (Path::Tcp(tcp), _) => &mut **tcp,
+            #[cfg(feature = "rdma")]
+            (Path::Rdma(rdma), Over::Fast) => &mut **rdma,
+            #[cfg(feature = "rdma")]
+            (Path::Rdma(rdma), Over::Tcp) => rdma.tcp(),
         };
         if self.compress {
             header.flags |= crate::wire::flags::COMPRESS_REPLY;
@@ -136,14 +159,15 @@ impl Caller {
             Over::Tcp => self.calls.tcp += 1,
             Over::Fast => self.calls.rdma += 1,
         }
-        self.waiting = Some(over);
+        self.waiting.push_back(over);
         Ok(())
     }
 
-    /// Waits for the reply to the request [`start`](Self::start)ed last. A reply with an error
-    /// status becomes [`TransportError::Refused`] carrying the server's message.
+    /// Waits for the reply to the oldest request [`start`](Self::start)ed and not finished. A
+    /// reply with an error status becomes [`TransportError::Refused`] carrying the server's
+    /// message.
     pub fn finish(&mut self, timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
-        let Some(over) = self.waiting.take() else {
+        let Some(over) = self.waiting.pop_front() else {
             return Err(TransportError::Rdma { reason: "waiting for a reply with no request in flight".into() });
         };
         let link: &mut dyn Link = match (&mut self.path, over) {
