@@ -17,10 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_layout::catalog::{Catalog, ServerInfo, TableKind, TableSpec};
-use tessera_layout::placement::{range_keys, range_of, shard_of_range};
-use tessera_replication::codec::{self, PushHeader};
+use tessera_layout::placement::{range_keys, range_of, ranges_of, shard_of_range};
+use tessera_replication::codec::{self, KeyList, PushHeader};
 use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
+use tessera_transport::keycache::{KeyLists, Remembered};
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::wire::flags;
 use tessera_transport::wire::HEADER_BYTES;
@@ -70,6 +71,9 @@ pub struct ChainStats {
     pub rerouted: u64,
     /// Pull pieces retried.
     pub pull_retries: u64,
+    /// Requests sent by a key list's hash that a server shard no longer held (it keeps fewer
+    /// lists than the client's `key_cache_keys` assumes), sent again with their keys.
+    pub keys_unknown: u64,
     /// Bytes of frames (headers and bodies) sent and received, replies included.
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -97,10 +101,14 @@ pub(crate) struct Chain {
     shards: u16,
     ranges: u32,
     pusher: Pusher,
-    /// Each link, with the number it was made as (see [`Started`]).
-    links: HashMap<LinkKey, (u64, Caller)>,
+    links: HashMap<LinkKey, Linked>,
     /// Links made so far.
     links_made: u64,
+    /// Keys of remembered lists each link's server shard keeps for it (0: no key-list caching).
+    key_cache_keys: usize,
+    /// A head did not hold a key list a push named by its hash: what it refused is resent in
+    /// full at once.
+    keys_unknown: bool,
     /// Push frames sent and not yet answered, oldest first.
     in_flight: VecDeque<(Sent, Started)>,
     /// Pushes sent so far (a push's number is its place in this count, from 1).
@@ -152,6 +160,8 @@ impl Chain {
             pusher: Pusher::new(WorkerId(cfg.worker), ranges, config),
             links: HashMap::new(),
             links_made: 0,
+            key_cache_keys: cfg.key_cache_keys,
+            keys_unknown: false,
             in_flight: VecDeque::new(),
             pushes: 0,
             unconfirmed: VecDeque::new(),
@@ -204,7 +214,7 @@ impl Chain {
 
     /// The transport of the links made so far: `"rdma"` when every one is RDMA.
     pub fn transport(&self) -> &'static str {
-        if !self.links.is_empty() && self.links.values().all(|(_, l)| l.kind() == "rdma") {
+        if !self.links.is_empty() && self.links.values().all(|l| l.caller.kind() == "rdma") {
             "rdma"
         } else {
             "tcp"
@@ -315,30 +325,41 @@ impl Chain {
         self.stats.bytes_received += (HEADER_BYTES + received) as u64;
     }
 
-    fn link(&mut self, key: &LinkKey) -> Result<&mut Caller> {
+    fn link(&mut self, key: &LinkKey) -> Result<&mut Linked> {
         if !self.links.contains_key(key) {
-            let link = self.dialer.caller(&key.addr, key.shard as u64, self.worker, ServerInfo::serves_rdma)?.compressing(self.compress);
+            let caller = self.dialer.caller(&key.addr, key.shard as u64, self.worker, ServerInfo::serves_rdma)?.compressing(self.compress);
             self.links_made += 1;
-            self.links.insert(key.clone(), (self.links_made, link));
+            self.links.insert(key.clone(), Linked { made: self.links_made, caller, lists: KeyLists::new(self.key_cache_keys) });
         }
-        Ok(&mut self.links.get_mut(key).expect("inserted above").1)
+        Ok(self.links.get_mut(key).expect("inserted above"))
     }
 
-    /// Sends `call` on its link without waiting for the reply. A link that fails is dropped
-    /// (the next call makes a new one).
+    /// Sends `call` on its link without waiting for the reply. A listed pull goes by its key
+    /// list's hash when the link's shard holds the list, else asks it to remember the list. A
+    /// link that fails is dropped (the next call makes a new one).
     fn start(&mut self, mut call: Outgoing) -> Result<Started> {
-        let sent = call.body.len();
         let started = self.link(&call.to).and_then(|link| {
-            let before = link.calls();
-            link.start(&mut call.header, &call.body)?;
-            Ok((before, link.calls()))
+            if call.header.op() == Some(Op::Pull) && !call.body.is_empty() {
+                let keys: Vec<u64> = call.body.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes"))).collect();
+                match link.lists.remember(&keys) {
+                    Some(Remembered::Held(hash)) => {
+                        call.header.flags |= flags::KEYS_CACHED;
+                        call.header.start = hash;
+                        call.body.clear();
+                    }
+                    Some(Remembered::New) => call.header.flags |= flags::KEYS_REMEMBER,
+                    None => {}
+                }
+            }
+            let before = link.caller.calls();
+            link.caller.start(&mut call.header, &call.body)?;
+            Ok((before, link.caller.calls(), link.made))
         });
         match started {
-            Ok((before, after)) => {
+            Ok((before, after, link)) => {
                 self.stats.rdma_calls += after.rdma - before.rdma;
                 self.stats.tcp_calls += after.tcp - before.tcp;
-                let link = self.links[&call.to].0;
-                Ok(Started { to: call.to, link, sent })
+                Ok(Started { to: call.to, link, sent: call.body.len() })
             }
             Err(e) => {
                 self.links.remove(&call.to);
@@ -351,12 +372,17 @@ impl Chain {
     /// the server's [`ClientError::Server`] answer.
     fn finish(&mut self, started: Started) -> Result<Reply> {
         let link = match self.links.get_mut(&started.to) {
-            Some((made, link)) if *made == started.link => link,
+            Some(link) if link.made == started.link => link,
             // The link failed while this request was in flight (another request on it saw the
             // failure): its reply is lost with it.
             _ => return Err(ClientError::Unavailable { reason: format!("the link to {} broke before the reply came", started.to.addr) }),
         };
-        let replied = link.finish(None);
+        let replied = link.caller.finish(None);
+        if matches!(replied, Err(TransportError::Refused { status: Status::KeysUnknown, .. })) {
+            // The shard holds fewer lists than this side thought: start both over.
+            link.lists = KeyLists::new(self.key_cache_keys);
+            self.stats.keys_unknown += 1;
+        }
         self.count(started.sent, replied.as_ref().map_or(0, |r| r.1.len()));
         match replied {
             Ok(reply) => Ok(reply),
@@ -439,6 +465,11 @@ impl Chain {
                 }
                 self.refused.get_or_insert(ClientError::Server { server, status, message });
             }
+            Err(ClientError::Server { status: Status::KeysUnknown, .. }) => {
+                // The head did not hold a list a push named: nothing of the frame was applied,
+                // and the link's lists start over (see `finish`). Resent in full at once.
+                self.keys_unknown = true;
+            }
             Err(ClientError::Server { message, .. }) => {
                 // Not acknowledged in time: the wait asks again, and resends if need be.
                 tracing::debug!(addr, message, "pushes not acknowledged");
@@ -485,9 +516,13 @@ impl Chain {
             let Some(addr) = self.pusher.view.member(node).map(|m| m.addr.clone()) else { continue };
             let shard = shard_of_range(range.0, self.ranges, self.shards);
             let at = (addr, shard);
-            let bodies = frames.entry(at.clone()).or_default();
             let mut one = Vec::new();
-            codec::encode_batch([&msg], &mut one);
+            let key = LinkKey { addr: at.0.clone(), shard, lane: Lane::Push };
+            match self.links.get_mut(&key).filter(|_| first).and_then(|l| with_cached_keys(&mut l.lists, &msg)) {
+                Some(cached) => codec::encode_batch([&cached], &mut one),
+                None => codec::encode_batch([&msg], &mut one),
+            }
+            let bodies = frames.entry(at.clone()).or_default();
             match bodies.last_mut() {
                 Some(f) if f.body.len() + one.len() <= body_max => {
                     f.body.extend_from_slice(&one);
@@ -510,7 +545,7 @@ impl Chain {
         for f in frames {
             let sent = Sent { addr: f.at.0.clone(), pieces: f.pieces, first: true };
             let call = self.worker_push(f.at, f.body);
-            if self.links.get(&call.to).is_some_and(|(_, l)| !l.can_start(&call.body)) {
+            if self.links.get(&call.to).is_some_and(|l| !l.caller.can_start(&call.body)) {
                 self.collect_in_flight();
             }
             match self.start(call) {
@@ -665,12 +700,12 @@ impl Chain {
     /// For each replication range `keys` fall in, the positions of its keys in `keys`.
     fn by_range(&self, table: ChainTable<'_>, keys: &[u64]) -> Result<BTreeMap<u32, Vec<usize>>> {
         let spec = table.spec;
+        if let Some(&key) = keys.iter().find(|k| **k < spec.start || **k >= spec.end) {
+            return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end });
+        }
         let mut out: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (i, &key) in keys.iter().enumerate() {
-            if key < spec.start || key >= spec.end {
-                return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end });
-            }
-            out.entry(range_of(spec, self.ranges, key)).or_default().push(i);
+        for (i, range) in ranges_of(spec, self.ranges, keys).enumerate() {
+            out.entry(range).or_default().push(i);
         }
         Ok(out)
     }
@@ -699,6 +734,11 @@ impl Chain {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);
+            }
+            if std::mem::take(&mut self.keys_unknown) {
+                let now = self.now_ms();
+                self.pusher.resend(now, 0);
+                self.deliver();
             }
             let before = self.pusher.unacked();
             let heads: BTreeSet<(String, u16)> = (0..self.ranges).filter(|r| self.pusher.in_flight(RangeId(*r)) > 0).filter_map(|r| self.head_of(r)).collect();
@@ -842,8 +882,11 @@ impl Chain {
                 return Err(e);
             }
             self.stats.pull_retries += 1;
-            std::thread::sleep(Duration::from_millis(20));
-            self.refresh();
+            if !matches!(&e, ClientError::Server { status: Status::KeysUnknown, .. }) {
+                // (A shard that lost a key list is asked again at once, with the keys.)
+                std::thread::sleep(Duration::from_millis(20));
+                self.refresh();
+            }
         }
     }
 
@@ -909,6 +952,33 @@ struct Started {
     /// request's reply, and the new one's replies belong to other requests.
     link: u64,
     sent: usize,
+}
+
+/// A link and what goes with it: the number it was made as (see [`Started`]), and the key
+/// lists its server shard remembers for it, as far as this side can tell (a new link starts
+/// with none, as the shard does for a new connection).
+#[derive(Debug)]
+struct Linked {
+    made: u64,
+    caller: Caller,
+    lists: KeyLists<()>,
+}
+
+/// `msg`, a push sent for the first time on a link whose shard remembers `lists`, with its
+/// keys sent by their list's hash, or to be remembered; `None` to send it as it is (not a
+/// listed push, or a list too long to cache).
+fn with_cached_keys(lists: &mut KeyLists<()>, msg: &Msg) -> Option<Msg> {
+    let Msg::Push { range, worker, seq, payload } = msg else { return None };
+    let (h, keys, _) = PushHeader::parse(payload).ok()?;
+    if !h.listed || h.count == 0 {
+        return None;
+    }
+    let keys: Vec<u64> = keys.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes"))).collect();
+    let how = match lists.remember(&keys)? {
+        Remembered::Held(hash) => KeyList::Cached { hash },
+        Remembered::New => KeyList::Remember,
+    };
+    Some(Msg::Push { range: *range, worker: *worker, seq: *seq, payload: PushHeader::with_key_list(payload, how).into() })
 }
 
 /// A link: to a server's shard, for pushes or for pulls. Pushes and pulls go on links of their

@@ -15,7 +15,7 @@ use crate::chain::{Chain, ChainTable};
 use crate::error::{ClientError, Result};
 use crate::ticket::{server_error, Resend, Stamp, Sub, Ticket};
 use crate::{Client, ClientConfig, Table};
-use tessera_transport::keycache::{key_list_hash, KeyLists};
+use tessera_transport::keycache::{key_list_hash, KeyLists, Remembered};
 use tessera_transport::wire::flags;
 
 /// Push or pull.
@@ -201,10 +201,6 @@ impl Core {
     pub fn connect(addrs: &[&str], cfg: ClientConfig) -> Result<Core> {
         let chosen = tessera_transport::select::choose(cfg.kind, &cfg.rdma)?;
         let chain = match replicated(addrs, &cfg) {
-            true if cfg.key_cache_keys > 0 => {
-                let reason = "key-list caching (key_cache_keys) is not available on a replicated cluster yet: set it to 0".to_string();
-                return Err(ClientError::Config { reason });
-            }
             true => Some(Chain::connect(addrs, &cfg, chosen.clone())?),
             false => None,
         };
@@ -740,9 +736,8 @@ impl Core {
         header.dim = dim as u32;
         let lists = &mut self.servers[owner.server as usize].shards[owner.shard as usize].lists;
         let mut full_flags = extra_flags;
-        if lists.fits(keys.len()) {
-            let hash = key_list_hash(keys);
-            if lists.touch(hash, keys.len() as u32).is_some() {
+        match lists.remember(keys) {
+            Some(Remembered::Held(hash)) => {
                 header.flags |= flags::KEYS_CACHED;
                 header.start = hash;
                 let values: &[f32] = grads.unwrap_or_default();
@@ -757,8 +752,8 @@ impl Core {
                 (resend.owner, resend.push, resend.dim, resend.flags) = (Some(owner), kind == Kind::Push, dim, extra_flags);
                 return Ok((id, Some(resend)));
             }
-            lists.insert(hash, keys.len() as u32, ());
-            full_flags |= flags::KEYS_REMEMBER;
+            Some(Remembered::New) => full_flags |= flags::KEYS_REMEMBER,
+            None => {}
         }
         let id = self.send_in_full(owner, kind == Kind::Push, dim, keys, grads.unwrap_or_default(), full_flags)?;
         Ok((id, None))

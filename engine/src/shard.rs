@@ -15,7 +15,7 @@ use tessera_transport::keycache::{key_list_hash, KeyLists};
 use tessera_transport::wire::{self, flags, Header, Op, HEADER_BYTES};
 use tessera_transport::{ConnId, Reply, Request, Service, ShardTransport};
 
-use tessera_layout::placement::range_of;
+use tessera_layout::placement::{range_keys, range_of, ranges_of};
 use tessera_replication::protocol::ClusterConfig;
 
 use crate::arena::Arena;
@@ -363,7 +363,10 @@ impl Shard {
         if let Some(chain) = self.chain.as_mut() {
             match h.op() {
                 Some(Op::Replicate) => return chain.serve_peer(&mut self.tables, &mut self.disk, &h, req.body, reply),
-                Some(Op::WorkerPush) => return chain.serve_worker(&mut self.tables, &mut self.disk, &h, req.body, reply),
+                Some(Op::WorkerPush) => {
+                    let lists = self.key_lists.entry(req.conn).or_insert_with(|| KeyLists::new(self.cfg.key_cache_keys));
+                    return chain.serve_worker(&mut self.tables, &mut self.disk, lists, &h, req.body, reply);
+                }
                 Some(Op::Push | Op::PushRange) => {
                     return Err(EngineError::BadRequest {
                         reason: "this server is replicated: push through each range's head (a replicated client does)".into(),
@@ -373,9 +376,6 @@ impl Shard {
             }
         }
         let cache_flags = h.flags & (flags::KEYS_CACHED | flags::KEYS_REMEMBER);
-        if cache_flags != 0 && self.chain.is_some() {
-            return Err(EngineError::BadRequest { reason: "replicated servers do not cache key lists".into() });
-        }
         if cache_flags != 0 && !matches!(h.op(), Some(Op::Push | Op::Pull)) {
             return Err(EngineError::BadRequest { reason: "only Push and Pull carry key lists to cache".into() });
         }
@@ -386,7 +386,8 @@ impl Shard {
             Some(op @ (Op::Push | Op::Pull)) if h.flags & flags::KEYS_CACHED != 0 => {
                 let held = self.key_lists.get_mut(&req.conn).and_then(|l| l.touch(h.start, h.count));
                 let keys = held.map(std::mem::take).ok_or(EngineError::KeysUnknown { hash: h.start, count: h.count })?;
-                let served = self.serve_keys(op, &h, &keys, req.body, limit, reply);
+                // A replicated shard checked the request's keys above; these it had to look up.
+                let served = self.check_held_keys(&h, &keys).and_then(|()| self.serve_keys(op, &h, &keys, req.body, limit, reply));
                 if let Some(slot) = self.key_lists.get_mut(&req.conn).and_then(|l| l.touch(h.start, h.count)) {
                     *slot = keys;
                 }
@@ -541,10 +542,23 @@ impl Shard {
                     None => Ok(()),
                 };
             }
-            Some(Op::Pull) => wire::cast_slice::<u64>(body, "keys").unwrap_or_default(),
-            _ => return Ok(()), // the engine's own checks refuse it
+            Some(Op::Pull) if h.flags & flags::KEYS_CACHED == 0 => wire::cast_slice::<u64>(body, "keys").unwrap_or_default(),
+            _ => return Ok(()), // the engine's own checks refuse it, or the keys are looked up first
         };
-        match keys.iter().filter(|k| inside(**k)).map(|k| range_of(spec, chain.ranges(), *k)).find(|r| !chain.holds(*r)) {
+        self.check_held_keys(h, keys)
+    }
+
+    /// On a replicated shard, refuses a pull of `keys` if one is in a range its replica does
+    /// not hold.
+    fn check_held_keys(&self, h: &Header, keys: &[u64]) -> Result<()> {
+        let (Some(chain), Some(part)) = (self.chain.as_ref(), self.tables.get(h.table as usize).and_then(Option::as_ref)) else {
+            return Ok(());
+        };
+        let spec = &part.spec;
+        if keys.iter().any(|k| *k < spec.start || *k >= spec.end) {
+            return Ok(()); // the engine's own checks refuse it
+        }
+        match ranges_of(spec, chain.ranges(), keys).find(|r| !chain.holds(*r)) {
             Some(r) => Err(not_held(r)),
             None => Ok(()),
         }
@@ -562,8 +576,8 @@ fn stamp_by_range(part: &TablePart, ranges: u32, keys: &[u64], out: &mut [u64], 
     let mut first = true;
     let mut rest = keys;
     while let Some(&k) = rest.first() {
-        let range = range_of(&part.spec, ranges, k);
-        let run = rest.iter().position(|key| range_of(&part.spec, ranges, *key) != range).unwrap_or(rest.len());
+        let range = range_keys(&part.spec, ranges, range_of(&part.spec, ranges, k));
+        let run = rest.iter().position(|key| !range.contains(key)).unwrap_or(rest.len());
         let (lo, hi) = rest[..run].iter().fold((k, k), |(lo, hi), key| (lo.min(*key), hi.max(*key)));
         rest = &rest[run..];
         if first {

@@ -59,6 +59,21 @@ pub fn range_of(spec: &TableSpec, ranges: u32, key: u64) -> u32 {
     r
 }
 
+/// The replication range of each of `keys` (every one inside the table), in order. Keys of one
+/// range that come together (sorted keys, or keys grouped by range) cost one [`range_of`] per
+/// run, not one per key: the per-key paths of replicated pushes and pulls use this.
+pub fn ranges_of<'k>(spec: &'k TableSpec, ranges: u32, keys: &'k [u64]) -> impl Iterator<Item = u32> + 'k {
+    let mut current: Option<(u32, Range<u64>)> = None;
+    keys.iter().map(move |&key| match &current {
+        Some((range, keys)) if keys.contains(&key) => *range,
+        _ => {
+            let range = range_of(spec, ranges, key);
+            current = Some((range, range_keys(spec, ranges, range)));
+            range
+        }
+    })
+}
+
 /// The shard (of `shards`) that holds replication range `range` on every server: ranges go to
 /// shards in contiguous runs, so that each shard's part of a table is one span of keys.
 pub fn shard_of_range(range: u32, ranges: u32, shards: u16) -> u16 {
@@ -237,6 +252,17 @@ mod tests {
             prop_assert!(replicated_part(&spec, ranges, shards, shard).contains(&key));
             prop_assert_eq!(range_keys(&spec, ranges, 0).start, start);
             prop_assert_eq!(range_keys(&spec, ranges, ranges - 1).end, start + len);
+        }
+
+        #[test]
+        fn ranges_of_keys_are_each_keys_range(start in 0u64..1000, len in 1u64..100_000, ranges in 1u32..300, keys in proptest::collection::vec(any::<u64>(), 0..64), sort in any::<bool>()) {
+            let spec = TableSpec::new("t", TableKind::Dense, start, start + len, 1);
+            let mut keys: Vec<u64> = keys.into_iter().map(|k| start + k % len).collect();
+            if sort {
+                keys.sort_unstable();
+            }
+            let each: Vec<u32> = keys.iter().map(|k| range_of(&spec, ranges, *k)).collect();
+            prop_assert_eq!(ranges_of(&spec, ranges, &keys).collect::<Vec<_>>(), each);
         }
 
         #[test]

@@ -243,6 +243,30 @@ pub struct PushHeader {
     pub range_done: bool,
 }
 
+/// How a listed push's keys travel from a worker to its head: key-list caching (Li et al.,
+/// OSDI'14, section 5.1) between the two ends of one connection. A head turns every push back
+/// into a [`KeyList::Plain`] one ([`PushHeader::plain`]) before it applies, logs or forwards
+/// it, so nothing past the head sees the other two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyList {
+    /// The keys are in the payload.
+    Plain,
+    /// The keys are in the payload, and the head remembers them (for this connection) under
+    /// their list's hash.
+    Remember,
+    /// The keys are left out: the header's `start` is the hash of a list the head remembers
+    /// for this connection, and `count` its length.
+    Cached { hash: u64 },
+}
+
+/// A push payload's flag bits (the word after `clock`), and where that word and `start` are.
+const LISTED: u32 = 1;
+const RANGE_DONE: u32 = 2;
+const KEYS_REMEMBER: u32 = 4;
+const KEYS_CACHED: u32 = 8;
+const START_AT: usize = 8;
+const FLAGS_AT: usize = 32;
+
 /// A push's payload, split: its header, its listed keys' bytes (empty for a range), its values' bytes.
 pub type PushParts<'a> = (PushHeader, &'a [u8], &'a [u8]);
 
@@ -258,7 +282,7 @@ impl PushHeader {
     pub fn keyed_payload(&self, keys: &[u64], values: &[f32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::BYTES + keys.len() * 8 + values.len() * 4);
         Writer(&mut out).u32(self.table).u32(self.dim).u64(self.start).u32(self.count).u32(self.worker).u64(self.clock);
-        let flags = self.listed as u32 | (self.range_done as u32) << 1;
+        let flags = if self.listed { LISTED } else { 0 } | if self.range_done { RANGE_DONE } else { 0 };
         Writer(&mut out).u32(flags).u32(0);
         // Little-endian in place, as every frame of the wire format (the transport refuses to
         // build for big-endian hosts).
@@ -283,8 +307,11 @@ impl PushHeader {
         };
         (h.listed, h.range_done) = match (r.u32()?, r.u32()?) {
             (0, 0) => (false, false),
-            (1, 0) => (true, false),
+            (LISTED, 0) => (true, false),
             (3, 0) => (true, true),
+            (l, 0) if l & (KEYS_REMEMBER | KEYS_CACHED) != 0 => {
+                return Err(bad(format!("a push whose keys are cached or to be remembered (flags {l}) past the head that resolves them")))
+            }
             (l, pad) => return Err(bad(format!("a push header with flags {l} and {pad}"))),
         };
         let key_bytes = if h.listed { h.count as usize * 8 } else { 0 };
@@ -295,6 +322,69 @@ impl PushHeader {
         }
         let (keys, values) = rest.split_at(key_bytes);
         Ok((h, keys, values))
+    }
+
+    /// How `payload`'s keys travel (see [`KeyList`]).
+    pub fn key_list(payload: &[u8]) -> Result<KeyList> {
+        if payload.len() < Self::BYTES {
+            return Err(bad(format!("a push payload of {} bytes, shorter than its header", payload.len())));
+        }
+        let word = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().expect("4 bytes"));
+        let flags = word(FLAGS_AT);
+        let listed = flags & LISTED != 0;
+        match (flags & KEYS_REMEMBER != 0, flags & KEYS_CACHED != 0) {
+            (false, false) => Ok(KeyList::Plain),
+            (true, false) if listed => Ok(KeyList::Remember),
+            (false, true) if listed => Ok(KeyList::Cached { hash: u64::from_le_bytes(payload[START_AT..START_AT + 8].try_into().expect("8 bytes")) }),
+            _ => Err(bad(format!("a push header with flags {flags}: only a listed push's keys are cached, and not both ways at once"))),
+        }
+    }
+
+    /// `plain` (a plain push payload with listed keys, as [`keyed_payload`](Self::keyed_payload)
+    /// makes) sent as `how`: with its keys to be remembered, or with `hash` in their place.
+    pub fn with_key_list(plain: &[u8], how: KeyList) -> Vec<u8> {
+        let mut out = match how {
+            KeyList::Plain | KeyList::Remember => plain.to_vec(),
+            KeyList::Cached { hash } => {
+                let count = u32::from_le_bytes(plain[16..20].try_into().expect("4 bytes")) as usize;
+                let mut out = Vec::with_capacity(plain.len() - count * 8);
+                out.extend_from_slice(&plain[..Self::BYTES]);
+                out.extend_from_slice(&plain[Self::BYTES + count * 8..]);
+                out[START_AT..START_AT + 8].copy_from_slice(&hash.to_le_bytes());
+                out
+            }
+        };
+        let flag = match how {
+            KeyList::Plain => 0,
+            KeyList::Remember => KEYS_REMEMBER,
+            KeyList::Cached { .. } => KEYS_CACHED,
+        };
+        let flags = u32::from_le_bytes(out[FLAGS_AT..FLAGS_AT + 4].try_into().expect("4 bytes")) | flag;
+        out[FLAGS_AT..FLAGS_AT + 4].copy_from_slice(&flags.to_le_bytes());
+        out
+    }
+
+    /// The plain payload `sent` stands for: a [`KeyList::Remember`] one without its flag, or a
+    /// [`KeyList::Cached`] one with `keys` (the list its hash names) put back. Checked as
+    /// [`parse`](Self::parse) checks a plain payload.
+    pub fn plain(sent: &[u8], keys: Option<&[u64]>) -> Result<Vec<u8>> {
+        let how = Self::key_list(sent)?;
+        let mut out = match (how, keys) {
+            (KeyList::Cached { .. }, Some(keys)) => {
+                let mut out = Vec::with_capacity(sent.len() + keys.len() * 8);
+                out.extend_from_slice(&sent[..Self::BYTES]);
+                out.extend_from_slice(bytemuck::cast_slice(keys));
+                out.extend_from_slice(&sent[Self::BYTES..]);
+                out[START_AT..START_AT + 8].copy_from_slice(&0u64.to_le_bytes());
+                out
+            }
+            (KeyList::Cached { .. }, None) => return Err(bad("a cached key list's payload needs its keys back".into())),
+            _ => sent.to_vec(),
+        };
+        let flags = u32::from_le_bytes(out[FLAGS_AT..FLAGS_AT + 4].try_into().expect("4 bytes")) & !(KEYS_REMEMBER | KEYS_CACHED);
+        out[FLAGS_AT..FLAGS_AT + 4].copy_from_slice(&flags.to_le_bytes());
+        Self::parse(&out)?;
+        Ok(out)
     }
 }
 
@@ -340,6 +430,22 @@ mod payload_tests {
         let mut flagged = p.clone();
         flagged[32] = 7;
         assert!(PushHeader::parse(&flagged).unwrap_err().to_string().contains("flags 7"));
+        // Key-list caching: the remembered and cached forms come back as the plain payload;
+        // nothing past the head parses them.
+        assert_eq!(PushHeader::key_list(&p).unwrap(), KeyList::Plain);
+        let remember = PushHeader::with_key_list(&p, KeyList::Remember);
+        assert_eq!(PushHeader::key_list(&remember).unwrap(), KeyList::Remember);
+        assert!(PushHeader::parse(&remember).unwrap_err().to_string().contains("past the head"));
+        assert_eq!(PushHeader::plain(&remember, None).unwrap(), p);
+        let cached = PushHeader::with_key_list(&p, KeyList::Cached { hash: 0xfeed });
+        assert_eq!(cached.len(), p.len() - 16);
+        assert_eq!(PushHeader::key_list(&cached).unwrap(), KeyList::Cached { hash: 0xfeed });
+        assert_eq!(PushHeader::plain(&cached, Some(&[5, 1 << 40])).unwrap(), p);
+        assert!(PushHeader::plain(&cached, None).is_err());
+        assert!(PushHeader::plain(&cached, Some(&[5])).is_err(), "a list of another length");
+        let range = h.payload(&[1.0, 2.0, 3.0, 4.0]);
+        assert!(PushHeader::key_list(&PushHeader::with_key_list(&range, KeyList::Remember)).is_err(), "a range push has no list");
+        assert!(PushHeader::key_list(&p[..20]).is_err());
         let done = PushHeader { count: 0, range_done: true, ..listed };
         assert_eq!(PushHeader::parse(&done.keyed_payload(&[], &[])).unwrap().0, done);
         let msgs = vec![Msg::PushAck { range: RangeId(1), seq: 2 }, Msg::NotHead { range: RangeId(3), config_id: 4 }];

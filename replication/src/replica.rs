@@ -47,8 +47,10 @@ pub trait Store {
     /// Forgets the range: this server no longer holds it.
     fn drop_range(&mut self, range: RangeId);
     /// The head's batch for `range` closes: finish `delta` (a store that records what pushes
-    /// touched, and sends the state they left, writes it here).
-    fn seal(&mut self, _range: RangeId, _delta: &mut Vec<u8>) {}
+    /// touched, and sends the state they left, writes it here). `forwarded` says whether the
+    /// update goes on to another replica: when it does not (a chain of one), only the store's
+    /// own log could read `delta`, and a store that keeps none may leave it as it is.
+    fn seal(&mut self, _range: RangeId, _delta: &mut Vec<u8>, _forwarded: bool) {}
     /// Starts writing what `range` holds at `version` (after an update `bytes`, or a snapshot
     /// when `whole`) to the store's disk, and returns the write's log sequence number: the
     /// version is durable once [`durable_lsn`](Store::durable_lsn) reaches it. A store without
@@ -591,9 +593,10 @@ impl<S: Store> Replica<S> {
 
     /// Turns the head's open batch into the next update and sends it down the chain.
     fn close_batch(&mut self, range: RangeId) {
+        let forwarded = self.place(range).is_some_and(|p| p.downstream().is_some());
         let Some(st) = self.ranges[range.0 as usize].as_mut() else { return };
         let Some(mut open) = st.open.take() else { return };
-        self.store.seal(range, &mut open.delta);
+        self.store.seal(range, &mut open.delta, forwarded);
         st.version += 1;
         let entry = Entry { version: st.version, clock: st.clock.as_slice().into(), delta: open.delta.into() };
         let lsn = self.store.persist(range, entry.version, &entry.clock, &entry.delta, false);

@@ -55,9 +55,10 @@ fn failure_timeout_ms() -> String {
     std::env::var("REPLICATION_FAILURE_TIMEOUT_MS").unwrap_or_else(|_| "500".into())
 }
 
-/// How worker `w` connects in this run.
+/// How worker `w` connects in this run: odd workers cache key lists.
 fn worker_cfg(w: u32) -> ClientConfig {
     let mut cfg = ClientConfig::worker(w);
+    cfg.key_cache_keys = if w % 2 == 1 { 1 << 20 } else { 0 };
     cfg.kind = transport();
     cfg.rdma.slots = 4;
     cfg.rdma.slot_bytes = SLOT_BYTES;
@@ -276,8 +277,9 @@ fn kill_test(with_etcd: bool, kills: usize) {
             let grads: Vec<f32> = (0..KEYS).map(|k| grad(w, k)).collect();
             let keys = sparse_keys(w);
             let sparse = sparse_grads(w, &keys);
-            // Odd workers keep iterations in flight (tickets not yet waited on), so kills land
-            // on pipelined pushes too; even ones wait for each iteration.
+            // Odd workers keep iterations in flight (tickets not yet waited on), and cache key
+            // lists, so kills land on pipelined pushes and on lists the heads and tails
+            // remember too; even ones wait for each iteration and send every key.
             let depth = if w % 2 == 1 { 4 } else { 0 };
             let mut flight = std::collections::VecDeque::new();
             let mut sent = 0u64;
@@ -467,7 +469,7 @@ fn report(status: &serde_json::Value, node: u64, range: u64) -> (u64, u64) {
 /// middle serves alone, and every key must hold exactly the sum of the real pushes.
 #[test]
 fn forged_and_malformed_replication_frames_change_nothing() {
-    use tessera_replication::codec::PushHeader;
+    use tessera_replication::codec::{KeyList, PushHeader};
     use tessera_replication::protocol::{Epoch, Msg, RangeId, WorkerId};
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication-hostile");
@@ -555,6 +557,7 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     // Worker pushes, to the head, each wrong in one way.
     let head_at = addrs[head as usize - 1].as_str();
     let header = PushHeader { table: 0, dim: 1, start: 0, count: 1, worker: 3, clock: 1, listed: false, range_done: false };
+    let listed = PushHeader { listed: true, ..header };
     let bad_pushes: Vec<(&str, u32, RangeId, Vec<u8>)> = vec![
         ("an unknown table", 3, range, PushHeader { table: 9, ..header }.payload(&[1.0])),
         ("the wrong dim", 3, range, PushHeader { dim: 2, ..header }.payload(&[1.0, 1.0])),
@@ -568,6 +571,9 @@ fn forged_and_malformed_replication_frames_change_nothing() {
         ("another worker's name", 4, range, header.payload(&[1.0])),
         ("a NaN gradient", 3, range, header.payload(&[f32::NAN])),
         ("a worker past the clocks", 99, range, PushHeader { worker: 99, ..header }.payload(&[1.0])),
+        ("a key list's hash the head never saw", 3, range, PushHeader::with_key_list(&listed.keyed_payload(&[0], &[1.0]), KeyList::Cached { hash: 0xdead })),
+        ("a range flagged as a key list to remember", 3, range, PushHeader::with_key_list(&header.payload(&[1.0]), KeyList::Remember)),
+        ("a key list to remember outside the range", 3, range, PushHeader::with_key_list(&listed.keyed_payload(&[KEYS - 1], &[1.0]), KeyList::Remember)),
     ];
     let good = Msg::Push { range, worker: WorkerId(3), seq: 1, payload: header.payload(&[1.0]).into() };
     for (what, sender, range, payload) in bad_pushes {

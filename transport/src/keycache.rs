@@ -101,6 +101,33 @@ impl<V> KeyLists<V> {
     }
 }
 
+/// What a worker sends for a key list, by [`KeyLists::remember`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remembered {
+    /// The shard holds the list: send this hash (`KEYS_CACHED`) instead of the keys.
+    Held(u64),
+    /// The shard does not hold it: send the keys and have it remember them (`KEYS_REMEMBER`).
+    New,
+}
+
+impl KeyLists<()> {
+    /// A worker's side of one request with `keys`: whether the shard holds the list (then
+    /// marked as just used, as the shard will), or is to remember it now (then remembered
+    /// here too); `None` when the list cannot be cached at all (empty, or longer than the
+    /// lists may hold).
+    pub fn remember(&mut self, keys: &[u64]) -> Option<Remembered> {
+        if !self.fits(keys.len()) {
+            return None;
+        }
+        let hash = key_list_hash(keys);
+        if self.touch(hash, keys.len() as u32).is_some() {
+            return Some(Remembered::Held(hash));
+        }
+        self.insert(hash, keys.len() as u32, ());
+        Some(Remembered::New)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +147,17 @@ mod tests {
         assert!(lists.touch(1, 5).is_none(), "the length must match too");
         assert!(lists.insert(6, 10, ()));
         assert_eq!((lists.len(), lists.keys()), (1, 10));
+    }
+
+    #[test]
+    fn a_worker_sends_a_list_in_full_once_then_by_its_hash() {
+        let mut lists = KeyLists::new(4);
+        assert_eq!(lists.remember(&[1, 2, 3]), Some(Remembered::New));
+        assert_eq!(lists.remember(&[1, 2, 3]), Some(Remembered::Held(key_list_hash(&[1, 2, 3]))));
+        assert_eq!(lists.remember(&[4, 5]), Some(Remembered::New), "evicts the first list");
+        assert_eq!(lists.remember(&[1, 2, 3]), Some(Remembered::New));
+        assert_eq!(lists.remember(&[1, 2, 3, 4, 5]), None, "longer than the lists hold");
+        assert_eq!(lists.remember(&[]), None);
     }
 
     #[test]

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_layout::placement::shard_of_range;
-use tessera_replication::codec;
+use tessera_replication::codec::{self, KeyList, PushHeader};
 use tessera_replication::config::PUSH_REPLY_HOLD_MS_MAX;
 use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::replica::Replica;
 use tessera_replication::ReplicationConfig;
+use tessera_transport::keycache::{key_list_hash, KeyLists};
 use tessera_transport::{Header, Reply};
 
 use crate::error::{EngineError, Result};
@@ -328,15 +329,20 @@ impl ChainShard {
     }
 
     /// A `WorkerPush` request: a batch of pushes ([`codec::encode_batch`]) to ranges this shard
-    /// heads, each range's in order; or, with an empty body, a poll. Every push is checked
+    /// heads, each range's in order; or, with an empty body, a poll. A listed push's keys may
+    /// come as a list to remember or as the hash of one remembered before (`lists`: this
+    /// connection's); each push is made plain first (a hash not held refuses the batch with
+    /// `KeysUnknown`, and the worker sends it again with its keys). Every push is checked
     /// before any enters the protocol (a batch with a bad one is refused whole, nothing of it
     /// applied). The pushes are applied and the head's batches closed at once, so a chain of
     /// one acknowledges them in this reply, and a longer chain starts forwarding them now. The
     /// reply carries every acknowledgement and refusal waiting for the worker.
+    #[allow(clippy::too_many_arguments)]
     pub fn serve_worker(
         &mut self,
         tables: &mut Vec<Option<TablePart>>,
         disk: &mut Option<ShardDisk>,
+        lists: &mut KeyLists<Vec<u64>>,
         header: &Header,
         body: &[u8],
         reply: &mut Reply<'_>,
@@ -352,7 +358,14 @@ impl ChainShard {
             );
             return Err(bad(reason));
         }
-        let msgs = codec::decode_batch(body).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
+        let mut msgs = codec::decode_batch(body).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
+        for msg in &mut msgs {
+            if let Msg::Push { payload, .. } = msg {
+                if let Some(plain) = resolve_key_list(lists, payload)? {
+                    *payload = plain.into();
+                }
+            }
+        }
         for msg in &msgs {
             let Msg::Push { range, worker: w, payload, .. } = msg else {
                 return Err(bad(format!("a worker may only push, not send a {} message", msg.kind())));
@@ -418,5 +431,26 @@ impl ChainShard {
 
     pub fn ranges(&self) -> u32 {
         self.rcfg.ranges
+    }
+}
+
+/// The plain payload a push sent with key-list caching stands for (`None` when it is plain
+/// already), remembering or looking up its keys in `lists`.
+fn resolve_key_list(lists: &mut KeyLists<Vec<u64>>, payload: &[u8]) -> Result<Option<Vec<u8>>> {
+    let bad = |e: tessera_replication::ReplicationError| EngineError::BadRequest { reason: e.to_string() };
+    match PushHeader::key_list(payload).map_err(bad)? {
+        KeyList::Plain => Ok(None),
+        KeyList::Remember => {
+            let plain = PushHeader::plain(payload, None).map_err(bad)?;
+            let (h, keys, _) = PushHeader::parse(&plain).map_err(bad)?;
+            let keys: Vec<u64> = keys.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes"))).collect();
+            lists.insert_with(key_list_hash(&keys), h.count, |_| keys);
+            Ok(Some(plain))
+        }
+        KeyList::Cached { hash } => {
+            let count = u32::from_le_bytes(payload[16..20].try_into().expect("a header checked by key_list"));
+            let keys = lists.touch(hash, count).ok_or(EngineError::KeysUnknown { hash, count })?;
+            PushHeader::plain(payload, Some(keys)).map(Some).map_err(bad)
+        }
     }
 }

@@ -213,9 +213,6 @@ pub fn run(mut args: DemoArgs) -> Result<()> {
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let replicated = _coordinator.is_some();
     let wire = Wire::from_args(&args);
-    if replicated && (wire.key_cache || args.wire_table) {
-        bail!("--key-cache and --wire-table need an unreplicated server (replicated clusters do not cache key lists yet)");
-    }
     if args.wire_table {
         return wire_table(&args, &data, &refs, &spec);
     }
