@@ -182,6 +182,9 @@ impl Server {
         for spec in cfg.tables {
             control.create_table(spec)?;
         }
+        if let (Some(join), Some(rcfg)) = (&cfg.replication, &rcfg) {
+            control.sync_catalog(join, rcfg, &cfg.transport)?;
+        }
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("tessera-control".into()).spawn(move || {
             while !flag.load(Ordering::Acquire) {
@@ -500,6 +503,48 @@ impl Service for ControlPlane {
             let status = if e.status() == Status::Ok { Status::Internal } else { e.status() };
             reply.error(status, &e.to_string());
         }
+    }
+}
+
+impl ControlPlane {
+    /// Makes a replicated server's tables the cluster's, id for id: tables are numbered in the
+    /// order they are made, and replicated updates and snapshots name them by number. Asks the
+    /// members (the first that answers) for their catalog, makes the tables this server lacks
+    /// (made at run time while it was away, or before it first joined), in order, and refuses
+    /// to start when a table of the same number differs (a data directory or `--tables` of
+    /// another cluster). With no member answering (the cluster's first server, or a whole
+    /// cluster starting again), the server keeps what it has.
+    fn sync_catalog(&mut self, join: &Join, rcfg: &ReplicationConfig, transport: &TransportConfig) -> Result<()> {
+        // A member that is down costs a failure-detection time at most.
+        let mut quick = transport.clone();
+        quick.io_timeout_ms = rcfg.failure_timeout_ms.max(100);
+        quick.hello_timeout_ms = rcfg.failure_timeout_ms.max(100);
+        let Some(config) = join.coordinator.resolve().and_then(|addr| ask_cluster(&addr, &quick)).ok().and_then(|view| view.config) else {
+            return Ok(());
+        };
+        for member in config.members.iter().filter(|m| m.node.0 != join.node) {
+            let Ok(body) = tessera_transport::ask(&member.addr, Op::Catalog, &[], &quick) else { continue };
+            let Ok(theirs) = serde_json::from_slice::<Catalog>(&body) else { continue };
+            for entry in theirs.tables {
+                match self.catalog.tables.get(entry.id as usize) {
+                    Some(mine) if mine.spec == entry.spec => {}
+                    Some(mine) => {
+                        let reason = format!(
+                            "table {} is {:?} here but {:?} on member {} ({}): tables are numbered in the order they are made, so this server's --tables or data directory is not this cluster's",
+                            entry.id, mine.spec.name, entry.spec.name, member.node.0, member.addr
+                        );
+                        return Err(EngineError::BadConfig { field: "tables", value: mine.spec.name.clone(), reason });
+                    }
+                    None => {
+                        tracing::info!(table = %entry.spec.name, id = entry.id, from = %member.addr, "making a table the cluster has");
+                        let made = self.create_table(entry.spec)?;
+                        debug_assert_eq!(made.id, entry.id, "ids are dense and taken in order");
+                    }
+                }
+            }
+            return Ok(());
+        }
+        Ok(())
     }
 }
 

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use tessera_client::{Client, ClientConfig};
+use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::{free_port, run_tool, EtcdProc, ScratchDir, ServerProc};
 use tessera_transport::{Op, TransportConfig, TransportKind};
 
@@ -899,4 +900,70 @@ fn power_loss_test(with_etcd: bool) {
     check_sums(&live, &pushes);
     let coordination = if with_etcd { "etcd" } else { "embedded coordinator on disk" };
     eprintln!("whole-cluster power loss, twice ({coordination}): {} iterations acknowledged, every one there once", pushes.iter().sum::<usize>());
+}
+
+/// Tables made at run time reach a server that joins later, and a server whose tables are not
+/// the cluster's is refused. Tables are numbered in the order they are made, and replicated
+/// updates and snapshots name them by number: a new server (started with no `--tables`) asks a
+/// member for its catalog and makes the same tables in the same order before it joins, so it
+/// can take every range's snapshot and the cluster heals with it. A server whose `--tables`
+/// gives table 0 another definition stops at start-up with an error that says so.
+#[test]
+fn a_server_that_joins_later_makes_the_tables_made_at_run_time() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-late-tables");
+    let tables = sum_table(&dir);
+    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
+    let _coord = ServerProc::coordinator_at(
+        &coordinator[0],
+        &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "1000"],
+    );
+    let addrs: Vec<String> = (0..=SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let start = |i: usize, tables: Option<&str>| {
+        let node = (i + 1).to_string();
+        let mut args = vec!["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator[0]];
+        if let Some(tables) = tables {
+            args.extend(["--tables", tables]);
+        }
+        ServerProc::start_at(&addrs[i], &args)
+    };
+    let mut servers: Vec<ServerProc> = (0..SERVERS).map(|i| start(i, Some(&tables))).collect();
+    wait_healed(&coordinator, None, Duration::from_secs(30));
+
+    // A table made at run time, with pushes in it.
+    let client = Client::connect(&addrs[..SERVERS].iter().map(String::as_str).collect::<Vec<_>>(), worker_cfg(0)).expect("connect");
+    let mut spec = TableSpec::new("runtime", TableKind::Sparse, 0, u64::MAX, 2);
+    spec.updater = "sum".into();
+    spec.capacity = 10_000;
+    let runtime = client.create_table(&spec).expect("a table made at run time");
+    let keys = sparse_keys(0);
+    for _ in 0..3 {
+        client.push(&runtime, &keys, &sparse_grads(0, &keys)).and_then(|t| t.wait()).expect("push");
+    }
+
+    // Server 3 dies for good; server 4, started with no --tables, takes its place.
+    servers[SERVERS - 1].kill();
+    let newcomer = start(SERVERS, None);
+    let procs: Vec<&ServerProc> = servers.iter().chain([&newcomer]).collect();
+    wait_healed_or_dump(&coordinator, Some((SERVERS + 1, None)), heal_within().max(Duration::from_secs(60)), &procs);
+    let catalog = tessera_transport::ask(&addrs[SERVERS], Op::Catalog, &[], &TransportConfig::default()).expect("the newcomer's catalog");
+    let catalog: serde_json::Value = serde_json::from_slice(&catalog).unwrap();
+    let names: Vec<&str> = catalog["tables"].as_array().unwrap().iter().map(|t| t["spec"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["w", "emb", "runtime"], "the newcomer's tables, in the cluster's order");
+
+    // With server 1 gone too, the newcomer serves the run-time table's sums.
+    servers[0].kill();
+    let survivors = [addrs[1].as_str(), addrs[SERVERS].as_str()];
+    let reader = Client::connect(&survivors, worker_cfg(7)).expect("connect to the survivors");
+    let table = reader.table("runtime").expect("the run-time table");
+    let mut got = vec![0f32; keys.len() * 2];
+    reader.pull(&table, &keys, &mut got).and_then(|t| t.wait()).expect("pull");
+    let want: Vec<f32> = sparse_grads(0, &keys).iter().map(|g| g * 3.0).collect();
+    assert_eq!(got, want);
+
+    // A server whose table 0 is another table is refused at start-up, saying why.
+    let other = dir.write("other.toml", "[[table]]\nname = \"other\"\nkind = \"dense\"\nstart = 0\nend = 10\ndim = 1\nupdater = \"sum\"\n");
+    let refused = ServerProc::start_env(&["--node-id", "5", "--tables", other.to_str().unwrap(), "--no-pin", "--coordinator", &coordinator[0]], &[])
+        .expect_err("a server with another cluster's tables");
+    assert!(refused.contains("not this cluster's"), "{refused}");
 }
