@@ -914,10 +914,8 @@ fn a_server_that_joins_later_makes_the_tables_made_at_run_time() {
     let dir = ScratchDir::new("replication-late-tables");
     let tables = sum_table(&dir);
     let coordinator = vec![format!("127.0.0.1:{}", free_port())];
-    let _coord = ServerProc::coordinator_at(
-        &coordinator[0],
-        &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "1000"],
-    );
+    let _coord =
+        ServerProc::coordinator_at(&coordinator[0], &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "1000"]);
     let addrs: Vec<String> = (0..=SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
     let start = |i: usize, tables: Option<&str>| {
         let node = (i + 1).to_string();
