@@ -118,13 +118,11 @@ fn the_demo_wire_table_compares_every_feature() {
     }
     let bad = run_tool(&["demo", "--filter", "sometimes"], TOOL_TIMEOUT);
     assert!(!bad.status.success() && bad.stderr.contains("is not a filter"), "{}", bad.stderr);
-    let bad = run_tool(&["demo", "--servers", "3", "--key-cache"], TOOL_TIMEOUT);
-    assert!(!bad.status.success() && bad.stderr.contains("need an unreplicated server"), "{}", bad.stderr);
 }
 
 #[test]
 fn the_demo_trains_on_a_replicated_cluster_in_the_process() {
-    let args = ["demo", "--servers", "3", "--replicas", "2", "--features", "100000", "--examples", "20000", "--json"];
+    let args = ["demo", "--servers", "3", "--replicas", "2", "--features", "100000", "--examples", "20000", "--key-cache", "--json"];
     let demo = run_tool(&args, DEMO_TIMEOUT);
     assert!(demo.status.success(), "demo failed ({}):\n{}", demo.status, demo.stderr);
     assert!(demo.stderr.contains("3 servers, every range on a chain of 2"), "{}", demo.stderr);
