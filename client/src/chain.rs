@@ -116,6 +116,8 @@ pub(crate) struct Chain {
     /// The pushes not known to be acknowledged, oldest first: each one's number and its
     /// pieces (range, seq).
     unconfirmed: VecDeque<(u64, Vec<(RangeId, u32)>)>,
+    /// Piece lists of confirmed pushes, kept for the next pushes' (no allocation once warm).
+    spare_pieces: Vec<Vec<(RangeId, u32)>>,
     /// A push a head refused outright, for the next settle to report.
     refused: Option<ClientError>,
     /// Per range: whether the pushes are numbered on from the head's count of this worker's
@@ -165,6 +167,7 @@ impl Chain {
             in_flight: VecDeque::new(),
             pushes: 0,
             unconfirmed: VecDeque::new(),
+            spare_pieces: Vec::new(),
             refused: None,
             counted: vec![false; ranges as usize],
             started: Instant::now(),
@@ -281,11 +284,8 @@ impl Chain {
         let known = self.pusher.view.id;
         self.refresh();
         if self.pusher.view.id != known && !self.pusher.idle() {
-            self.collect_in_flight();
             self.stats.rerouted += 1;
-            let now = self.now_ms();
-            self.pusher.resend(now, 0);
-            self.deliver();
+            self.resend_now();
         }
     }
 
@@ -339,9 +339,8 @@ impl Chain {
     /// link that fails is dropped (the next call makes a new one).
     fn start(&mut self, mut call: Outgoing) -> Result<Started> {
         let started = self.link(&call.to).and_then(|link| {
-            if call.header.op() == Some(Op::Pull) && !call.body.is_empty() {
-                let keys: Vec<u64> = call.body.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes"))).collect();
-                match link.lists.remember(&keys) {
+            if call.header.op() == Some(Op::Pull) {
+                match link.lists.remember_le(&call.body) {
                     Some(Remembered::Held(hash)) => {
                         call.header.flags |= flags::KEYS_CACHED;
                         call.header.start = hash;
@@ -498,6 +497,15 @@ impl Chain {
         true
     }
 
+    /// Resends every push not acknowledged, in order, to the heads of the configuration held
+    /// now, and waits for the replies (the frames in flight are taken first: theirs come
+    /// first on the links).
+    fn resend_now(&mut self) {
+        let now = self.now_ms();
+        self.pusher.resend(now, 0);
+        self.deliver();
+    }
+
     /// Sends what the pusher has queued (resends) and waits for the replies: the pushes to the
     /// ranges one server shard heads go in one frame (more when they exceed the frame limit),
     /// and every server shard's at once.
@@ -510,6 +518,8 @@ impl Chain {
     /// are pushes sent for the first time.
     fn queued_frames(&mut self, first: bool) -> Vec<Frame> {
         let body_max = self.dialer.cfg.frame_bytes_max.saturating_sub(HEADER_BYTES).max(1);
+        // Only pushes sent for the first time go by their key list's hash: resends go plain.
+        let caching = first && self.key_cache_keys > 0;
         let mut frames: BTreeMap<(String, u16), Vec<Frame>> = BTreeMap::new();
         for (to, msg) in std::mem::take(&mut self.pusher.out) {
             let (Addr::Node(node), Msg::Push { range, seq, .. }) = (to, &msg) else { continue };
@@ -518,7 +528,7 @@ impl Chain {
             let at = (addr, shard);
             let mut one = Vec::new();
             let key = LinkKey { addr: at.0.clone(), shard, lane: Lane::Push };
-            match self.links.get_mut(&key).filter(|_| first).and_then(|l| with_cached_keys(&mut l.lists, &msg)) {
+            match self.links.get_mut(&key).filter(|_| caching).and_then(|l| with_cached_keys(&mut l.lists, &msg)) {
                 Some(cached) => codec::encode_batch([&cached], &mut one),
                 None => codec::encode_batch([&msg], &mut one),
             }
@@ -539,7 +549,8 @@ impl Chain {
     /// or TCP) than the frames in flight there waits for them first, so it cannot overtake them.
     fn deliver_in_flight(&mut self) {
         let frames = self.queued_frames(true);
-        let pieces: Vec<(RangeId, u32)> = frames.iter().flat_map(|f| f.pieces.iter().copied()).collect();
+        let mut pieces = self.spare_pieces.pop().unwrap_or_default();
+        pieces.extend(frames.iter().flat_map(|f| f.pieces.iter().copied()));
         self.pushes += 1;
         self.unconfirmed.push_back((self.pushes, pieces));
         for f in frames {
@@ -561,7 +572,9 @@ impl Chain {
             if pieces.iter().any(|(range, seq)| self.pusher.acked[range.0 as usize] < *seq) {
                 return;
             }
-            self.unconfirmed.pop_front();
+            let (_, mut pieces) = self.unconfirmed.pop_front().expect("a front");
+            pieces.clear();
+            self.spare_pieces.push(pieces);
         }
     }
 
@@ -736,9 +749,7 @@ impl Chain {
                 return Ok(false);
             }
             if std::mem::take(&mut self.keys_unknown) {
-                let now = self.now_ms();
-                self.pusher.resend(now, 0);
-                self.deliver();
+                self.resend_now();
             }
             let before = self.pusher.unacked();
             let heads: BTreeSet<(String, u16)> = (0..self.ranges).filter(|r| self.pusher.in_flight(RangeId(*r)) > 0).filter_map(|r| self.head_of(r)).collect();
@@ -752,8 +763,7 @@ impl Chain {
                 self.refresh();
                 if self.pusher.view.id != known {
                     self.stats.rerouted += 1;
-                    self.pusher.resend(now, 0);
-                    self.deliver();
+                    self.resend_now();
                 }
             }
             if self.pusher.timed_out(now, RETRY_MS) {
@@ -970,11 +980,10 @@ struct Linked {
 fn with_cached_keys(lists: &mut KeyLists<()>, msg: &Msg) -> Option<Msg> {
     let Msg::Push { range, worker, seq, payload } = msg else { return None };
     let (h, keys, _) = PushHeader::parse(payload).ok()?;
-    if !h.listed || h.count == 0 {
+    if !h.listed {
         return None;
     }
-    let keys: Vec<u64> = keys.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes"))).collect();
-    let how = match lists.remember(&keys)? {
+    let how = match lists.remember_le(keys)? {
         Remembered::Held(hash) => KeyList::Cached { hash },
         Remembered::New => KeyList::Remember,
     };

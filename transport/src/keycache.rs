@@ -21,8 +21,18 @@ pub const KEY_CACHE_KEYS_DEFAULT: usize = 1 << 20;
 /// A 64-bit hash of a key list (splitmix64's finaliser over each key, chained). Both ends
 /// compute it the same way; the shard never trusts a hash it did not compute.
 pub fn key_list_hash(keys: &[u64]) -> u64 {
-    let mut h = 0x243F_6A88_85A3_08D3u64 ^ keys.len() as u64;
-    for &k in keys {
+    hash_keys(keys.len(), keys.iter().copied())
+}
+
+/// [`key_list_hash`] of keys as a frame carries them: little-endian, 8 bytes each (no copy
+/// into aligned keys first).
+pub fn key_list_hash_le(bytes: &[u8]) -> u64 {
+    hash_keys(bytes.len() / 8, bytes.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes"))))
+}
+
+fn hash_keys(len: usize, keys: impl Iterator<Item = u64>) -> u64 {
+    let mut h = 0x243F_6A88_85A3_08D3u64 ^ len as u64;
+    for k in keys {
         let mut x = h ^ k;
         x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -116,14 +126,24 @@ impl KeyLists<()> {
     /// here too); `None` when the list cannot be cached at all (empty, or longer than the
     /// lists may hold).
     pub fn remember(&mut self, keys: &[u64]) -> Option<Remembered> {
-        if !self.fits(keys.len()) {
+        self.remember_hashed(keys.len(), || key_list_hash(keys))
+    }
+
+    /// [`remember`](Self::remember) for keys as a frame carries them (little-endian bytes).
+    pub fn remember_le(&mut self, bytes: &[u8]) -> Option<Remembered> {
+        self.remember_hashed(bytes.len() / 8, || key_list_hash_le(bytes))
+    }
+
+    /// The list of `len` keys whose hash `hash` computes (only if it can be cached at all).
+    fn remember_hashed(&mut self, len: usize, hash: impl FnOnce() -> u64) -> Option<Remembered> {
+        if !self.fits(len) {
             return None;
         }
-        let hash = key_list_hash(keys);
-        if self.touch(hash, keys.len() as u32).is_some() {
+        let hash = hash();
+        if self.touch(hash, len as u32).is_some() {
             return Some(Remembered::Held(hash));
         }
-        self.insert(hash, keys.len() as u32, ());
+        self.insert(hash, len as u32, ());
         Some(Remembered::New)
     }
 }
@@ -158,6 +178,10 @@ mod tests {
         assert_eq!(lists.remember(&[1, 2, 3]), Some(Remembered::New));
         assert_eq!(lists.remember(&[1, 2, 3, 4, 5]), None, "longer than the lists hold");
         assert_eq!(lists.remember(&[]), None);
+        let le: Vec<u8> = [4u64, 5].iter().flat_map(|k| k.to_le_bytes()).collect();
+        assert_eq!(key_list_hash_le(&le), key_list_hash(&[4, 5]));
+        assert_eq!(lists.remember_le(&le), Some(Remembered::New), "evicted by the list after it");
+        assert_eq!(lists.remember(&[4, 5]), Some(Remembered::Held(key_list_hash(&[4, 5]))), "bytes and keys name one list");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tessera_replication::config::PUSH_REPLY_HOLD_MS_MAX;
 use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::replica::Replica;
 use tessera_replication::ReplicationConfig;
-use tessera_transport::keycache::{key_list_hash, KeyLists};
+use tessera_transport::keycache::{key_list_hash_le, KeyLists};
 use tessera_transport::{Header, Reply};
 
 use crate::error::{EngineError, Result};
@@ -443,8 +443,13 @@ fn resolve_key_list(lists: &mut KeyLists<Vec<u64>>, payload: &[u8]) -> Result<Op
         KeyList::Remember => {
             let plain = PushHeader::plain(payload, None).map_err(bad)?;
             let (h, keys, _) = PushHeader::parse(&plain).map_err(bad)?;
-            let keys: Vec<u64> = keys.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes"))).collect();
-            lists.insert_with(key_list_hash(&keys), h.count, |_| keys);
+            // Once the lists are full, a new one reuses an evicted list's storage.
+            lists.insert_with(key_list_hash_le(keys), h.count, |old| {
+                let mut list = old.unwrap_or_default();
+                list.clear();
+                list.extend(keys.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes"))));
+                list
+            });
             Ok(Some(plain))
         }
         KeyList::Cached { hash } => {
