@@ -109,6 +109,10 @@ struct CoordinatorService {
     leading: bool,
     /// Hellos before the cluster is born.
     early: BTreeMap<NodeId, Member>,
+    /// The cluster the first early hello from a server with a disk named: the cluster being
+    /// born is that one, started again (a coordinator that keeps no configuration, restarted
+    /// with its servers), else a new one.
+    early_cluster: Option<u64>,
     coordinator: Option<Coordinator>,
     /// The newest configuration stored, the only one handed out.
     published: Option<Arc<ClusterConfig>>,
@@ -180,24 +184,39 @@ impl CoordinatorService {
         self.coordinator = None;
         self.published = None;
         self.early.clear();
+        self.early_cluster = None;
         self.store.step_down();
         self.campaign_at = Some(Instant::now() + RECAMPAIGN_AFTER);
     }
 
     fn heartbeat(&mut self, msg: Msg, reply: &mut Reply<'_>) {
         let now = self.now_ms();
-        let Msg::Heartbeat { node, incarnation, ref addr, config_id, .. } = msg else {
+        let Msg::Heartbeat { node, incarnation, ref addr, cluster: claim, config_id, .. } = msg else {
             reply.error(Status::BadRequest, &format!("the coordinator takes heartbeats, not {} messages", msg.kind()));
             return;
         };
+        let ours = self.coordinator.as_ref().map(|c| c.config().cluster).or(self.early_cluster).filter(|c| *c != 0);
+        if let Some(ours) = ours.filter(|ours| claim != 0 && claim != *ours) {
+            let reason = format!(
+                "server {node} ({addr}) keeps the data of cluster {claim:016x} in its data directory, and this coordinator's cluster is {ours:016x}: \
+                 start it against its own cluster's coordinator, or with an empty data directory to join this cluster as a new server"
+            );
+            tracing::warn!(node = node.0, %addr, "{reason}");
+            reply.error(Status::BadRequest, &reason);
+            return;
+        }
         match self.coordinator.as_mut() {
             Some(c) => c.step(now, msg),
             None => {
+                if claim != 0 {
+                    self.early_cluster.get_or_insert(claim);
+                }
                 self.early.insert(node, Member { node, incarnation, addr: addr.clone(), draining: false });
                 if self.early.len() as u32 >= self.servers {
                     let members: Vec<Member> = self.early.values().cloned().collect();
-                    tracing::info!(servers = members.len(), ranges = self.rcfg.ranges, "cluster born");
-                    self.coordinator = Some(Coordinator::new(self.rcfg.clone(), members, now));
+                    let cluster = self.early_cluster.unwrap_or_else(new_cluster_name);
+                    tracing::info!(servers = members.len(), ranges = self.rcfg.ranges, cluster = format!("{cluster:016x}"), "cluster born");
+                    self.coordinator = Some(Coordinator::new(self.rcfg.clone(), cluster, members, now));
                     self.publish();
                 }
             }
@@ -281,6 +300,13 @@ impl CoordinatorService {
     }
 }
 
+/// A new cluster's name: a random non-zero number.
+fn new_cluster_name() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes).expect("the operating system's random number generator works");
+    u64::from_le_bytes(bytes).max(1)
+}
+
 impl Service for CoordinatorService {
     fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
         let op = request.header.op();
@@ -335,6 +361,7 @@ impl CoordinatorHandle {
             addr: addr.to_string(),
             leading: false,
             early: BTreeMap::new(),
+            early_cluster: None,
             coordinator: None,
             published: None,
             changes: Vec::new(),

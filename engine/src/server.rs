@@ -112,10 +112,13 @@ impl Server {
             });
         }
         let io = |e: tessera_transport::TransportError| EngineError::Io(e.to_string());
-        let rcfg = match &cfg.replication {
-            Some(join) => Some(fetch_replication(join, &cfg)?),
+        let view = match &cfg.replication {
+            Some(join) => Some(fetch_cluster(join, &cfg)?),
             None => None,
         };
+        let rcfg = view.as_ref().map(|v| v.replication.clone());
+        let cluster_file =
+            cfg.engine.data_dir.as_ref().filter(|_| cfg.replication.is_some() && cfg.engine.durability != Durability::None).map(|d| d.join(CLUSTER_NAME_FILE));
         let chosen = select::choose(cfg.transport_kind, &cfg.rdma).map_err(io)?;
         let info = ServerInfo {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -144,7 +147,16 @@ impl Server {
             (Some(join), Some(rcfg)) => {
                 let dialer =
                     Dialer { cfg: cfg.transport.clone(), chosen: chosen.clone(), rdma: cfg.rdma.clone(), required: cfg.transport_kind == TransportKind::Rdma };
-                Some(start_chain(join, rcfg.clone(), addr, dialer, &shards, stop.clone()))
+                Some(start_chain(
+                    join,
+                    view.as_ref().and_then(|v| v.config.as_ref()),
+                    rcfg.clone(),
+                    addr,
+                    dialer,
+                    &shards,
+                    stop.clone(),
+                    cluster_file.as_deref(),
+                )?)
             }
             _ => None,
         };
@@ -247,6 +259,41 @@ impl Drop for Server {
 /// same ones (same ids, same parts) before its shards load their checkpoints.
 pub const CATALOG_FILE: &str = "catalog.json";
 
+/// A replicated server's file in its data directory naming the cluster the data belongs to
+/// ([`ClusterConfig::cluster`](tessera_replication::protocol::ClusterConfig::cluster)), as 16
+/// hex digits: written when the server first hears its cluster's configuration, and checked at
+/// every start after.
+pub const CLUSTER_NAME_FILE: &str = "cluster-name";
+
+/// The cluster named in `path` ([`CLUSTER_NAME_FILE`]), if the file exists.
+fn read_cluster_name(path: &std::path::Path) -> Result<Option<u64>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(EngineError::Disk { op: "read", path: path.display().to_string(), reason: e.to_string() }),
+    };
+    let name = u64::from_str_radix(text.trim(), 16).ok().filter(|n| *n != 0);
+    let bad = || EngineError::Corrupt { what: path.display().to_string(), reason: format!("{text:?} is not a cluster's name (16 hex digits)") };
+    name.map(Some).ok_or_else(bad)
+}
+
+/// Refuses a data directory that belongs to another cluster than `config`'s: its parameters,
+/// versions and clocks are that cluster's, and must not mix into this one.
+fn check_cluster_name(path: &std::path::Path, mine: Option<u64>, config: &tessera_replication::protocol::ClusterConfig, coordinator: &Locator) -> Result<()> {
+    match mine {
+        Some(mine) if config.cluster != 0 && mine != config.cluster => Err(EngineError::BadConfig {
+            field: "data_dir",
+            value: path.parent().unwrap_or(path).display().to_string(),
+            reason: format!(
+                "it holds the data of cluster {mine:016x} (its {CLUSTER_NAME_FILE} file), and the coordinator at {coordinator} leads cluster {:016x}: \
+                 start this server against its own cluster's coordinator, or with an empty data directory to join this cluster as a new server",
+                config.cluster
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// What the catalog file holds.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct CatalogFile {
@@ -340,20 +387,8 @@ impl ControlPlane {
             shards: self.info.shards,
             tables: self.catalog.tables.iter().map(|t| t.spec.clone()).collect(),
         };
-        let tmp = path.with_extension("json.tmp");
-        let dir = path.parent().expect("the catalog lives in the data directory");
-        let write = || -> std::io::Result<()> {
-            std::fs::create_dir_all(dir)?;
-            let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&file).expect("plain data"))?;
-            f.sync_all()?;
-            crate::crash::point("catalog.written");
-            std::fs::rename(&tmp, path)?;
-            crate::crash::point("catalog.renamed");
-            Ok(())
-        };
-        write().map_err(|e| EngineError::Disk { op: "write", path: path.display().to_string(), reason: e.to_string() })?;
-        crate::persist::disk::sync_dir(dir)
+        let bytes = serde_json::to_vec_pretty(&file).expect("plain data");
+        crate::persist::disk::replace_file(path, &bytes, Some(["catalog.written", "catalog.renamed"]))
     }
 
     /// Has every shard take a checkpoint now, all at once; what each wrote.
@@ -551,8 +586,9 @@ impl ControlPlane {
 /// How long a replicated server waits for its coordinator at start-up.
 const COORDINATOR_WAIT: Duration = Duration::from_secs(30);
 
-/// Asks the coordinator for the cluster's replication settings, waiting for it to come up.
-fn fetch_replication(join: &Join, cfg: &ServerConfig) -> Result<ReplicationConfig> {
+/// Asks the coordinator for the cluster (its replication settings, and its configuration once it
+/// is born), waiting for it to come up.
+fn fetch_cluster(join: &Join, cfg: &ServerConfig) -> Result<ClusterView> {
     if cfg.engine.durability == Durability::Checkpoint {
         return Err(EngineError::BadConfig {
             field: "durability",
@@ -564,7 +600,7 @@ fn fetch_replication(join: &Join, cfg: &ServerConfig) -> Result<ReplicationConfi
     loop {
         let asked = join.coordinator.resolve().and_then(|addr| ask_cluster(&addr, &cfg.transport));
         match asked {
-            Ok(view) => return Ok(view.replication),
+            Ok(view) => return Ok(view),
             // Waiting does not mend a wrong secret: say so now.
             Err(EngineError::Unauthenticated { reason }) => {
                 return Err(EngineError::Unauthenticated { reason: format!("the coordinator at {}: {reason}", join.coordinator) })
@@ -593,21 +629,50 @@ pub fn ask_cluster(addr: &str, transport: &TransportConfig) -> Result<ClusterVie
 /// configuration to every shard. Once a configuration shows the server drained (`tessera
 /// drain`: draining, and in no chain) or drained and gone, it stops (sets `stop`).
 /// Peers are reached as `dialer` says: over RDMA when this server and the peer both serve it.
-fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, dialer: Dialer, shards: &[ShardHandle], stop: Arc<AtomicBool>) -> (Identity, Outbox) {
+/// `cluster_file` ([`CLUSTER_NAME_FILE`], with a data directory) names the cluster the data
+/// directory belongs to: a server of another cluster is refused, and one with none yet writes
+/// its cluster's name there once it hears it.
+#[allow(clippy::too_many_arguments)]
+fn start_chain(
+    join: &Join,
+    config: Option<&tessera_replication::protocol::ClusterConfig>,
+    rcfg: ReplicationConfig,
+    addr: SocketAddr,
+    dialer: Dialer,
+    shards: &[ShardHandle],
+    stop: Arc<AtomicBool>,
+    cluster_file: Option<&std::path::Path>,
+) -> Result<(Identity, Outbox)> {
+    let named = cluster_file.map(read_cluster_name).transpose()?.flatten();
+    if let (Some(path), Some(config)) = (cluster_file, config) {
+        check_cluster_name(path, named, config, &join.coordinator)?;
+    }
     let incarnation = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    let me = Identity { node: NodeId(join.node), incarnation, addr: join.advertise.clone().unwrap_or_else(|| addr.to_string()) };
+    let advertised = join.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let me = Identity { node: NodeId(join.node), incarnation, addr: advertised, cluster: named.unwrap_or(0) };
     // Peers that stop answering cost a replication link no more than a failure-detection time.
     let mut dialer = dialer;
     dialer.cfg.io_timeout_ms = rcfg.failure_timeout_ms.max(100);
     dialer.cfg.hello_timeout_ms = rcfg.failure_timeout_ms.max(100);
     let handles = shards.to_vec();
     let node = me.node;
-    // The newest configuration seen.
-    let newest = std::sync::Mutex::new(0u64);
+    // The newest configuration seen, and whether the data directory names its cluster.
+    let newest = std::sync::Mutex::new((0u64, named.is_some() || cluster_file.is_none()));
+    let cluster_file = cluster_file.map(std::path::Path::to_path_buf);
     let on_config = Arc::new(move |config: Arc<tessera_replication::protocol::ClusterConfig>| {
         let mut seen = newest.lock().expect("no panics under this lock");
-        if config.id > *seen {
-            *seen = config.id;
+        if !seen.1 && config.cluster != 0 {
+            let path = cluster_file.as_deref().expect("set when there is a file to write");
+            match crate::persist::disk::replace_file(path, format!("{:016x}\n", config.cluster).as_bytes(), None) {
+                Ok(()) => {
+                    tracing::info!(cluster = format!("{:016x}", config.cluster), path = %path.display(), "the data directory now belongs to this cluster");
+                    seen.1 = true;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot record the cluster's name in the data directory; trying again at the next configuration"),
+            }
+        }
+        if config.id > seen.0 {
+            seen.0 = config.id;
             if config.left(node, incarnation) && !stop.swap(true, Ordering::AcqRel) {
                 tracing::warn!(node = node.0, config = config.id, "drained: this server holds no range any more, and stops");
                 for h in &handles {
@@ -624,9 +689,8 @@ fn start_chain(join: &Join, rcfg: ReplicationConfig, addr: SocketAddr, dialer: D
         }
     });
     tracing::info!(node = join.node, incarnation, addr = %me.addr, coordinator = %join.coordinator, "joining a replicated cluster");
-    (me.clone(), Outbox::start(me.node, join.coordinator.clone(), dialer, on_config))
+    Ok((me.clone(), Outbox::start(me.node, join.coordinator.clone(), dialer, on_config)))
 }
-
 /// The cores this process may run on.
 fn allowed_cores() -> Vec<usize> {
     match rustix::process::sched_getaffinity(None) {

@@ -28,6 +28,8 @@ struct HeartbeatJson {
     node: NodeId,
     incarnation: u64,
     addr: String,
+    #[serde(default)]
+    cluster: u64,
     config_id: u64,
     ranges: Vec<RangeReport>,
 }
@@ -60,8 +62,9 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::Snapshot { range, epoch, version, clock, data } => {
             w.u8(SNAPSHOT).u32(range.0).u64(epoch.0).u64(*version).clock(clock).bytes(data);
         }
-        Msg::Heartbeat { node, incarnation, addr, config_id, ranges } => {
-            let hb = HeartbeatJson { node: *node, incarnation: *incarnation, addr: addr.clone(), config_id: *config_id, ranges: ranges.clone() };
+        Msg::Heartbeat { node, incarnation, addr, cluster, config_id, ranges } => {
+            let hb =
+                HeartbeatJson { node: *node, incarnation: *incarnation, addr: addr.clone(), cluster: *cluster, config_id: *config_id, ranges: ranges.clone() };
             w.u8(HEARTBEAT).bytes(&serde_json::to_vec(&hb).expect("plain data serialises"));
         }
         Msg::Config(config) => {
@@ -84,7 +87,7 @@ pub fn decode(bytes: &[u8]) -> Result<Msg> {
         SNAPSHOT => Msg::Snapshot { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, clock: r.clock()?, data: r.bytes()?.into() },
         HEARTBEAT => {
             let hb: HeartbeatJson = serde_json::from_slice(r.bytes()?).map_err(|e| bad(format!("heartbeat: {e}")))?;
-            Msg::Heartbeat { node: hb.node, incarnation: hb.incarnation, addr: hb.addr, config_id: hb.config_id, ranges: hb.ranges }
+            Msg::Heartbeat { node: hb.node, incarnation: hb.incarnation, addr: hb.addr, cluster: hb.cluster, config_id: hb.config_id, ranges: hb.ranges }
         }
         CONFIG => {
             let config: ClusterConfig = serde_json::from_slice(r.bytes()?).map_err(|e| bad(format!("configuration: {e}")))?;
@@ -177,6 +180,7 @@ mod tests {
             members: vec![Member { node: NodeId(2), incarnation: 9, addr: "127.0.0.1:1".into(), draining: false }],
             chains: vec![Chain { epoch: Epoch(3), nodes: vec![NodeId(2)], learner: None }],
             drained: vec![Member { node: NodeId(5), incarnation: 2, addr: "127.0.0.1:2".into(), draining: true }],
+            cluster: 11,
         };
         let report = RangeReport { range: RangeId(1), epoch: Epoch(2), installed: true, version: 5, committed: 4, ticks: 10, learner_synced: false };
         vec![
@@ -188,7 +192,7 @@ mod tests {
             Msg::Ack { range: RangeId(5), epoch: Epoch(2), version: 8 },
             Msg::Need { range: RangeId(5), epoch: Epoch(2), version: 8 },
             Msg::Snapshot { range: RangeId(5), epoch: Epoch(2), version: 8, clock, data: Vec::new().into() },
-            Msg::Heartbeat { node: NodeId(1), incarnation: 2, addr: "a:1".into(), config_id: 3, ranges: vec![report] },
+            Msg::Heartbeat { node: NodeId(1), incarnation: 2, addr: "a:1".into(), cluster: 7, config_id: 3, ranges: vec![report] },
             Msg::Config(Arc::new(config)),
         ]
     }

@@ -108,13 +108,13 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// A new cluster of `members` (at least one): every range is born in epoch 1 on the chain
-    /// the ring gives it.
-    pub fn new(rcfg: ReplicationConfig, members: Vec<Member>, now_ms: u64) -> Self {
+    /// A new cluster named `cluster` of `members` (at least one): every range is born in epoch 1
+    /// on the chain the ring gives it.
+    pub fn new(rcfg: ReplicationConfig, cluster: u64, members: Vec<Member>, now_ms: u64) -> Self {
         assert!(!members.is_empty(), "a cluster starts with at least one server");
         let ring = Ring::new(members.iter().map(|m| m.node), rcfg.vnodes);
         let chains = ring.chains(rcfg.ranges, rcfg.replicas).into_iter().map(|nodes| Chain { epoch: Epoch(1), nodes, learner: None }).collect();
-        Self::resume(rcfg, ClusterConfig { id: 1, members, chains, drained: Vec::new() }, now_ms)
+        Self::resume(rcfg, ClusterConfig { id: 1, members, chains, drained: Vec::new(), cluster }, now_ms)
     }
 
     /// Takes over a cluster whose last configuration is `config` (a new coordinator elected
@@ -167,7 +167,11 @@ impl Coordinator {
 
     /// Takes one message (heartbeats; anything else is ignored).
     pub fn step(&mut self, now_ms: u64, msg: Msg) {
-        let Msg::Heartbeat { node, incarnation, config_id, ranges, addr } = msg else { return };
+        let Msg::Heartbeat { node, incarnation, config_id, ranges, addr, cluster } = msg else { return };
+        if self.config.cluster != 0 && cluster != 0 && cluster != self.config.cluster {
+            // A server on another cluster's disk: not a member of this one, whatever it holds.
+            return;
+        }
         let seen = self.seen.entry(node).or_insert_with(|| Seen {
             incarnation,
             since_ms: now_ms,
@@ -435,7 +439,7 @@ mod tests {
     }
 
     fn heartbeat_of(node: u32, incarnation: u64, config_id: u64) -> Msg {
-        Msg::Heartbeat { node: NodeId(node), incarnation, addr: format!("s{node}"), config_id, ranges: Vec::new() }
+        Msg::Heartbeat { node: NodeId(node), incarnation, addr: format!("s{node}"), cluster: 0, config_id, ranges: Vec::new() }
     }
 
     /// A draining server taken for failed (its heartbeats late, as on a slow machine) leaves,
@@ -444,7 +448,7 @@ mod tests {
     #[test]
     fn a_draining_server_taken_for_failed_is_not_taken_back() {
         let rcfg = ReplicationConfig { replicas: 2, ranges: 4, failure_timeout_ms: 500, ..ReplicationConfig::default() };
-        let mut c = Coordinator::new(rcfg, (1..=3).map(member).collect(), 0);
+        let mut c = Coordinator::new(rcfg, 1, (1..=3).map(member).collect(), 0);
         c.drain(NodeId(3));
         c.step(100, heartbeat(1, 1));
         c.step(100, heartbeat(2, 1));
@@ -479,7 +483,7 @@ mod tests {
     #[test]
     fn a_stalled_coordinator_takes_nobody_for_failed() {
         let rcfg = ReplicationConfig { replicas: 3, ranges: 4, failure_timeout_ms: 500, ..ReplicationConfig::default() };
-        let mut c = Coordinator::new(rcfg, (1..=3).map(member).collect(), 0);
+        let mut c = Coordinator::new(rcfg, 1, (1..=3).map(member).collect(), 0);
         for t in (0..=300).step_by(50) {
             (1..=3).for_each(|n| c.step(t, heartbeat(n, 1)));
             c.tick(t);
@@ -504,7 +508,7 @@ mod tests {
     #[test]
     fn a_range_whose_last_member_restarted_is_reported_lost() {
         let rcfg = ReplicationConfig { replicas: 1, ranges: 2, failure_timeout_ms: 500, ..ReplicationConfig::default() };
-        let mut c = Coordinator::new(rcfg, vec![member(1)], 0);
+        let mut c = Coordinator::new(rcfg, 1, vec![member(1)], 0);
         c.step(100, heartbeat_of(1, 2, 1));
         c.tick(100);
         assert_eq!(c.take_changes(), vec![], "it may still report what its disk holds");
@@ -525,11 +529,18 @@ mod tests {
     #[test]
     fn after_a_whole_cluster_power_loss_each_range_is_revived_from_the_best_disk() {
         let rcfg = ReplicationConfig { replicas: 3, ranges: 2, failure_timeout_ms: 500, ..ReplicationConfig::default() };
-        let stored = (**Coordinator::new(rcfg.clone(), (1..=3).map(member).collect(), 0).config()).clone();
+        let stored = (**Coordinator::new(rcfg.clone(), 1, (1..=3).map(member).collect(), 0).config()).clone();
         let mut c = Coordinator::resume(rcfg, stored.clone(), 1_000);
         // Node 1's shard for range 1 reports, not yet the one for range 0; nodes 2 and 3
         // report both ranges; every one of them restarted (incarnation 2).
-        let hb = |node: u32, ranges: Vec<RangeReport>| Msg::Heartbeat { node: NodeId(node), incarnation: 2, addr: format!("s{node}"), config_id: 0, ranges };
+        let hb = |node: u32, ranges: Vec<RangeReport>| Msg::Heartbeat {
+            node: NodeId(node),
+            incarnation: 2,
+            addr: format!("s{node}"),
+            cluster: 1,
+            config_id: 0,
+            ranges,
+        };
         c.step(1_100, hb(1, vec![report(1, 0, 9)]));
         c.tick(1_100);
         // Nodes 2 and 3 are still alive as far as it knows: node 1 leaves its chains (and
@@ -552,7 +563,7 @@ mod tests {
     #[test]
     fn a_server_late_when_its_drain_begins_learns_it_left() {
         let rcfg = ReplicationConfig { replicas: 2, ranges: 4, failure_timeout_ms: 500, ..ReplicationConfig::default() };
-        let mut c = Coordinator::new(rcfg, (1..=3).map(member).collect(), 0);
+        let mut c = Coordinator::new(rcfg, 1, (1..=3).map(member).collect(), 0);
         c.step(600, heartbeat(1, 1));
         c.step(600, heartbeat(2, 1));
         c.drain(NodeId(3));
@@ -569,7 +580,7 @@ mod tests {
     #[test]
     fn a_resumed_coordinator_continues_the_stored_configuration() {
         let rcfg = ReplicationConfig { replicas: 3, ranges: 4, ..ReplicationConfig::default() };
-        let mut first = Coordinator::new(rcfg.clone(), (1..=3).map(member).collect(), 0);
+        let mut first = Coordinator::new(rcfg.clone(), 1, (1..=3).map(member).collect(), 0);
         first.drain(NodeId(3));
         first.tick(10);
         let stored = (**first.config()).clone();
@@ -590,5 +601,44 @@ mod tests {
             assert_eq!(after.epoch.0, before.epoch.0 + 1);
         }
         assert!(now.member(NodeId(3)).is_some_and(|m| m.draining), "a drain in progress survives the change of coordinator");
+    }
+
+    /// A server whose disk belongs to another cluster is never admitted, nor its reports taken
+    /// (a whole-cluster restart would otherwise revive ranges from its disk); one with no
+    /// cluster yet, or this one, is.
+    #[test]
+    fn a_server_of_another_cluster_is_not_admitted() {
+        let rcfg = ReplicationConfig { replicas: 2, ranges: 4, failure_timeout_ms: 500, ..ReplicationConfig::default() };
+        let mut c = Coordinator::new(rcfg, 7, (1..=2).map(member).collect(), 0);
+        let claiming = |node: u32, cluster: u64| Msg::Heartbeat {
+            node: NodeId(node),
+            incarnation: 1,
+            addr: format!("s{node}"),
+            cluster,
+            config_id: 1,
+            ranges: vec![RangeReport {
+                range: RangeId(0),
+                epoch: Epoch(9),
+                installed: true,
+                version: 1_000,
+                committed: 1_000,
+                ticks: 1_000,
+                learner_synced: false,
+            }],
+        };
+        c.step(100, claiming(3, 8));
+        assert!(c.report(NodeId(3), RangeId(0)).is_none(), "a foreign server's reports are not taken");
+        for t in (100..=400).step_by(100) {
+            c.step(t, heartbeat(1, c.config().id));
+            c.step(t, heartbeat(2, c.config().id));
+            c.step(t, claiming(3, 8));
+            c.tick(t);
+        }
+        assert!(c.config().member(NodeId(3)).is_none(), "{:?}", c.config());
+        assert_eq!(c.config().cluster, 7);
+        c.step(500, claiming(4, 7));
+        c.step(500, heartbeat(5, 1));
+        c.tick(500);
+        assert!(c.config().member(NodeId(4)).is_some() && c.config().member(NodeId(5)).is_some(), "{:?}", c.config());
     }
 }

@@ -102,6 +102,12 @@ pub struct ClusterConfig {
     /// as a new member meanwhile. A restart (another incarnation) may join again.
     #[serde(default)]
     pub drained: Vec<Member>,
+    /// The cluster's name: a random number the coordinator draws when the cluster is born, kept
+    /// with every configuration after. A server's data directory records it, so a server
+    /// started on another cluster's disk is refused instead of mixing that cluster's parameters
+    /// into this one's. 0 in a configuration stored before clusters were named.
+    #[serde(default)]
+    pub cluster: u64,
 }
 
 impl ClusterConfig {
@@ -180,8 +186,9 @@ pub enum Msg {
     Need { range: RangeId, epoch: Epoch, version: u64 },
     /// To a learner, or to a successor that fell too far behind: the whole range at `version`.
     Snapshot { range: RangeId, epoch: Epoch, version: u64, clock: Arc<[u32]>, data: Arc<[u8]> },
-    /// Server to coordinator, every heartbeat interval.
-    Heartbeat { node: NodeId, incarnation: u64, addr: String, config_id: u64, ranges: Vec<RangeReport> },
+    /// Server to coordinator, every heartbeat interval. `cluster` is the cluster the server's
+    /// data directory belongs to ([`ClusterConfig::cluster`]), 0 when it has none yet.
+    Heartbeat { node: NodeId, incarnation: u64, addr: String, cluster: u64, config_id: u64, ranges: Vec<RangeReport> },
     /// Coordinator to server.
     Config(Arc<ClusterConfig>),
 }

@@ -289,6 +289,8 @@ pub struct Replica<S> {
     id: NodeId,
     incarnation: u64,
     addr: String,
+    /// The cluster this server's disk belongs to, named in its heartbeats (0: none yet).
+    cluster: u64,
     rcfg: ReplicationConfig,
     config: Option<Arc<ClusterConfig>>,
     ranges: Vec<Option<RangeState>>,
@@ -317,6 +319,7 @@ impl<S: Store> Replica<S> {
             id,
             incarnation,
             addr,
+            cluster: 0,
             rcfg,
             config: None,
             ranges,
@@ -365,6 +368,13 @@ impl<S: Store> Replica<S> {
                 *slot = None;
             }
         }
+        self
+    }
+
+    /// Names in its heartbeats the cluster its disk belongs to: a coordinator of another
+    /// cluster refuses it (see [`ClusterConfig::cluster`]).
+    pub fn of_cluster(mut self, cluster: u64) -> Self {
+        self.cluster = cluster;
         self
     }
 
@@ -493,8 +503,8 @@ impl<S: Store> Replica<S> {
         if now_ms >= self.heartbeat_due_ms {
             self.heartbeat_due_ms = now_ms + self.rcfg.heartbeat_interval_ms;
             let config_id = self.config.as_ref().map_or(0, |c| c.id);
-            let (node, incarnation, addr) = (self.id, self.incarnation, self.addr.clone());
-            let msg = Msg::Heartbeat { node, incarnation, addr, config_id, ranges: self.reports() };
+            let (node, incarnation, addr, cluster) = (self.id, self.incarnation, self.addr.clone(), self.cluster);
+            let msg = Msg::Heartbeat { node, incarnation, addr, cluster, config_id, ranges: self.reports() };
             self.out.push((Addr::Coordinator, msg));
         }
         for r in 0..self.ranges.len() {
@@ -1029,7 +1039,7 @@ mod tests {
         let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
         let members = (0..3).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
         let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: None };
-        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new() });
+        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new(), cluster: 0 });
         (0..3)
             .map(|n| {
                 let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), SimStore::default());
@@ -1158,7 +1168,7 @@ mod tests {
         let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
         let members = (0..4).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
         let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: Some(NodeId(3)) };
-        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new() });
+        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new(), cluster: 0 });
         let mut nodes: Vec<_> = (0..4)
             .map(|n| {
                 let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), SimStore::default());
@@ -1213,7 +1223,7 @@ mod tests {
         let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
         let members = (0..3).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
         let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: None };
-        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new() });
+        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new(), cluster: 0 });
         for last in 0..3 {
             let mut nodes: Vec<_> = (0..3)
                 .map(|n| {
@@ -1243,7 +1253,7 @@ mod tests {
         let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
         let members = |inc: u64| (0..1).map(move |n| Member { node: NodeId(n), incarnation: inc, addr: String::new(), draining: false }).collect();
         let chain = |epoch| vec![Chain { epoch: Epoch(epoch), nodes: vec![NodeId(0)], learner: None }];
-        let first = Arc::new(ClusterConfig { id: 1, members: members(1), chains: chain(1), drained: Vec::new() });
+        let first = Arc::new(ClusterConfig { id: 1, members: members(1), chains: chain(1), drained: Vec::new(), cluster: 0 });
         let mut node = Replica::new(NodeId(0), 1, String::new(), rcfg.clone(), SimStore::with_disk());
         node.step(0, Addr::Coordinator, Msg::Config(first.clone()));
         node.step(1, Addr::Worker(WorkerId(1)), push(1, 5));
@@ -1266,7 +1276,7 @@ mod tests {
         assert!(matches!(node.take_ready().as_slice(), [(Addr::Worker(_), Msg::NotHead { .. })]));
         assert_eq!(value(&node), 5);
         // Revived: the range's chain is this incarnation alone. The resent push applies once.
-        let revived = Arc::new(ClusterConfig { id: 2, members: members(2), chains: chain(2), drained: Vec::new() });
+        let revived = Arc::new(ClusterConfig { id: 2, members: members(2), chains: chain(2), drained: Vec::new(), cluster: 0 });
         node.step(4, Addr::Coordinator, Msg::Config(revived));
         for _ in 0..2 {
             node.step(5, Addr::Worker(WorkerId(1)), push(2, 7));
@@ -1283,7 +1293,7 @@ mod tests {
     fn a_replica_serving_some_ranges_holds_and_reports_only_those() {
         let rcfg = ReplicationConfig { ranges: 8, replicas: 1, ..Default::default() };
         let me = Member { node: NodeId(1), incarnation: 7, addr: String::new(), draining: false };
-        let config = Coordinator::new(rcfg.clone(), vec![me], 0).config().clone();
+        let config = Coordinator::new(rcfg.clone(), 1, vec![me], 0).config().clone();
         let mut replica = Replica::new(NodeId(1), 7, String::new(), rcfg, SimStore::default()).serving(|r| r.0 % 2 == 0);
         replica.step(0, Addr::Coordinator, Msg::Config(config));
         replica.tick(1_000);

@@ -965,3 +965,103 @@ fn a_server_that_joins_later_makes_the_tables_made_at_run_time() {
         .expect_err("a server with another cluster's tables");
     assert!(refused.contains("not this cluster's"), "{refused}");
 }
+
+/// A data directory names the cluster its data belongs to. A server started on another
+/// cluster's disk is refused: by the server itself when that cluster is born, by the coordinator
+/// while it is not. A coordinator that keeps no configuration, restarted, takes its servers'
+/// cluster back from their disks, and their data with it.
+#[test]
+fn a_data_directory_of_another_cluster_is_refused() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-cluster-name");
+    let tables = sum_table(&dir);
+    let data = |name: &str| dir.path().join(name).display().to_string();
+    let coordinator = |servers: &str| {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let args = ["--servers", servers, "--replicas", "1", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "1000"];
+        let proc = ServerProc::coordinator_at(&addr, &args);
+        (vec![addr], proc)
+    };
+    let server = |node: &str, coordinator: &str, data: &str| {
+        let args =
+            ["--node-id", node, "--tables", &tables, "--shards", "2", "--no-pin", "--coordinator", coordinator, "--durability", "wal", "--data-dir", data];
+        ServerProc::start_env(&args, &[])
+    };
+    let name_of = |data: &str| std::fs::read_to_string(std::path::Path::new(data).join("cluster-name")).map(|n| n.trim().to_string());
+    let pushed = |addr: &str, times: usize| {
+        let client = Client::connect(&[addr], worker_cfg(0)).expect("connect");
+        let table = client.table("w").expect("table w");
+        let grads: Vec<f32> = (0..KEYS).map(|k| grad(0, k)).collect();
+        for _ in 0..times {
+            client.push_range(&table, 0, &grads).and_then(|t| t.wait()).expect("push");
+        }
+    };
+    let sums = |addr: &str| {
+        let client = Client::connect(&[addr], worker_cfg(7)).expect("connect");
+        let mut values = vec![0f32; KEYS as usize];
+        client.pull_range(&client.table("w").unwrap(), 0, &mut values).and_then(|t| t.wait()).expect("pull");
+        values
+    };
+    // Every range on a member, none learning, with `members` members.
+    let settled = |coordinator: &[String], members: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = status(coordinator).unwrap_or_default();
+            let chains = s["config"]["chains"].as_array().cloned().unwrap_or_default();
+            let whole = !chains.is_empty() && chains.iter().all(|c| c["nodes"].as_array().is_some_and(|n| !n.is_empty()) && c["learner"].is_null());
+            if whole && s["config"]["members"].as_array().map_or(0, Vec::len) == members {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not settle with {members} members: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let want = |times: usize| (0..KEYS).map(|k| times as f32 * grad(0, k)).collect::<Vec<f32>>();
+
+    // Cluster A: one server, three pushes; its data directory names A.
+    let (coord_a, mut coord_a_proc) = coordinator("1");
+    let mut a = server("1", &coord_a[0], &data("a")).expect("server of A");
+    settled(&coord_a, 1);
+    pushed(a.addr(), 3);
+    let name_a = name_of(&data("a")).expect("the data directory names its cluster");
+    assert_eq!(name_a.len(), 16, "{name_a:?}");
+
+    // Cluster B, born on its own server.
+    let (coord_b, _coord_b_proc) = coordinator("1");
+    let b = server("1", &coord_b[0], &data("b")).expect("server of B");
+    settled(&coord_b, 1);
+    let name_b = name_of(&data("b")).expect("B's data directory names B");
+    assert_ne!(name_a, name_b, "every cluster draws its own name");
+
+    // A's disk, started against B: the server refuses, naming both clusters.
+    a.kill();
+    let refused = server("2", &coord_b[0], &data("a")).expect_err("a server on another cluster's disk");
+    assert!(refused.contains(&format!("holds the data of cluster {name_a}")) && refused.contains(&name_b), "{refused}");
+
+    // A's coordinator kept nothing. Restarted for a cluster of two, it takes A's name from the
+    // first server's disk while it waits for the second, and refuses B's.
+    coord_a_proc.kill();
+    let (coord_a2, mut coord_a2_proc) = coordinator("2");
+    let mut a = server("1", &coord_a2[0], &data("a")).expect("A's server again");
+    let stranger = server("2", &coord_a2[0], &data("b")).expect("B's server starts, and waits for a configuration");
+    assert!(stranger.wait_for_log("the coordinator refuses this server's heartbeats", Duration::from_secs(30)), "{}", stranger.log());
+    assert!(stranger.log().contains(&format!("keeps the data of cluster {name_b}")), "{}", stranger.log());
+    assert_eq!(status(&coord_a2).expect("the coordinator answers")["waiting_for"], 1, "B's server is not counted");
+    drop(stranger);
+    a.kill();
+    coord_a2_proc.kill();
+
+    // Restarted for a cluster of one, it is born with A's name, and the server's ranges come
+    // back from its log; a server with an empty disk joins, and its disk names A too.
+    let (coord_a3, _coord_a3_proc) = coordinator("1");
+    let a = server("1", &coord_a3[0], &data("a")).expect("A's server again");
+    settled(&coord_a3, 1);
+    let named = status(&coord_a3).unwrap()["config"]["cluster"].as_u64().map(|c| format!("{c:016x}"));
+    assert_eq!(named, Some(name_a.clone()));
+    assert_eq!(sums(a.addr()), want(3), "A's pushes came back from its server's disk");
+    let newcomer = server("3", &coord_a3[0], &data("fresh")).expect("a server with an empty disk");
+    settled(&coord_a3, 2);
+    assert_eq!(name_of(&data("fresh")).expect("the newcomer's disk names the cluster it joined"), name_a);
+    assert_eq!(sums(newcomer.addr()), want(3));
+    drop(b);
+}

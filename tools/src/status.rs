@@ -124,7 +124,8 @@ fn cluster(addr: &str, transport: &TransportConfig, json: bool) -> Result<()> {
         return Ok(());
     };
     println!(
-        "cluster at coordinator {addr}: configuration {}, {} members, {} ranges on chains of {} (failure timeout {} ms)",
+        "cluster {:016x} at coordinator {addr}: configuration {}, {} members, {} ranges on chains of {} (failure timeout {} ms)",
+        config.cluster,
         config.id,
         config.members.len(),
         r.ranges,

@@ -40,6 +40,9 @@ pub struct Identity {
     pub incarnation: u64,
     /// Where peers and workers reach it.
     pub addr: String,
+    /// The cluster its data directory belongs to, named in its heartbeats; 0 when it has none
+    /// yet (or no data directory).
+    pub cluster: u64,
 }
 
 /// Where a replicated server finds its coordinator.
@@ -152,7 +155,9 @@ impl ChainShard {
 
     fn replica(shard: u16, shards: u16, me: &Identity, rcfg: &ReplicationConfig, store: ChainStore) -> Replica<ChainStore> {
         let ranges = rcfg.ranges;
-        Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store).serving(|r| shard_of_range(r.0, ranges, shards) == shard)
+        Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store)
+            .of_cluster(me.cluster)
+            .serving(|r| shard_of_range(r.0, ranges, shards) == shard)
     }
 
     /// The ranges the shard's log held ([`store::replay`]): the replica holds them again, and

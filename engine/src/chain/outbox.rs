@@ -13,7 +13,7 @@ use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 use tessera_layout::catalog::ServerInfo;
 use tessera_replication::codec;
 use tessera_replication::protocol::{ClusterConfig, Msg, NodeId};
-use tessera_transport::{Caller, Dialer, Header, Op, CONTROL_SHARD};
+use tessera_transport::{Caller, Dialer, Header, Op, TransportError, CONTROL_SHARD};
 
 use super::Locator;
 
@@ -120,11 +120,13 @@ struct Linked {
     addr: String,
     link: Option<Caller>,
     retry_at: Instant,
+    /// Why the other end last refused a message (the link itself is fine).
+    refused: Option<String>,
 }
 
 impl Linked {
     fn new() -> Self {
-        Self { addr: String::new(), link: None, retry_at: Instant::now() }
+        Self { addr: String::new(), link: None, retry_at: Instant::now(), refused: None }
     }
 
     /// Sends `msg` as a `Replicate` request from `me` and returns the reply's body; `None` when
@@ -166,6 +168,10 @@ impl Linked {
         header.worker = me.0;
         match self.link.as_mut().expect("made above").call(&mut header, body, None) {
             Ok((_, reply)) => Some(reply),
+            Err(TransportError::Refused { reason, .. }) => {
+                self.refused = Some(reason);
+                None
+            }
             Err(e) => {
                 tracing::debug!(addr, error = %e, "replication message lost");
                 self.link = None;
@@ -175,9 +181,13 @@ impl Linked {
     }
 }
 
+/// How often a coordinator's refusal of this server's heartbeats is logged again.
+const REFUSAL_REPEAT: Duration = Duration::from_secs(10);
+
 fn heartbeats(me: NodeId, coordinator: &Locator, dialer: &Dialer, rx: &Receiver<Msg>, latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>)) {
     let mut linked = Linked::new();
     let mut addr: Option<String> = None;
+    let mut refusal_said = None;
     while let Ok(msg) = rx.recv() {
         if addr.is_none() {
             match coordinator.resolve() {
@@ -189,6 +199,14 @@ fn heartbeats(me: NodeId, coordinator: &Locator, dialer: &Dialer, rx: &Receiver<
             }
         }
         let Some(reply) = linked.send(addr.as_deref().expect("resolved above"), CONTROL_SHARD, me, dialer, &msg) else {
+            if let Some(reason) = linked.refused.take() {
+                // Refused, not lost: a server of another cluster, say. Said now and then, not
+                // at every heartbeat.
+                if refusal_said.is_none_or(|at: Instant| at.elapsed() >= REFUSAL_REPEAT) {
+                    tracing::error!(reason, "the coordinator refuses this server's heartbeats");
+                    refusal_said = Some(Instant::now());
+                }
+            }
             addr = None; // it may have moved (another coordinator elected)
             continue;
         };

@@ -194,7 +194,7 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed);
     let p = Params::pick(&mut rng);
     let members = (0..p.nodes).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
-    let coordinator = Coordinator::new(p.rcfg.clone(), members.collect(), 0);
+    let coordinator = Coordinator::new(p.rcfg.clone(), 1, members.collect(), 0);
     let store = || if p.disks.is_some() { SimStore::with_disk() } else { SimStore::default() };
     let nodes = (0..p.nodes).map(|n| Node { replica: Some(new_replica(&p, opts, n, 1, store())), incarnation: 1, restart_ms: 0, store: SimStore::default() });
     let view = coordinator.config().clone();

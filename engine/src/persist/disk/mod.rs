@@ -487,6 +487,26 @@ fn untag(user_data: u64) -> (usize, usize) {
 #[cfg(test)]
 mod tests;
 
+/// Replaces the file at `path` with `bytes` so that a crash leaves the old file or the new one,
+/// never a mix: written under a temporary name and fsynced, renamed over `path`, and the
+/// directory fsynced. `crash_points`, if any, are reached after the write and after the rename.
+pub fn replace_file(path: &Path, bytes: &[u8], crash_points: Option<[&'static str; 2]>) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
+        crash_points.inspect(|[written, _]| crate::crash::point(written));
+        std::fs::rename(&tmp, path)?;
+        crash_points.inspect(|[_, renamed]| crate::crash::point(renamed));
+        Ok(())
+    };
+    write().map_err(|e| EngineError::Disk { op: "write", path: path.display().to_string(), reason: e.to_string() })?;
+    sync_dir(dir)
+}
+
 /// Makes a directory's entries (a rename, a new file) durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| EngineError::Disk { op: "fsync", path: dir.display().to_string(), reason: e.to_string() })
