@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tessera_layout::catalog::{Catalog, ServerInfo, TableKind, TableSpec};
 use tessera_layout::placement::{range_keys, range_of, ranges_of, shard_of_range};
 use tessera_replication::codec::{self, KeyList, PushHeader};
-use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, RangeId, WorkerId};
+use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
 use tessera_transport::keycache::{KeyLists, Remembered};
 use tessera_transport::tcp::TcpLink;
@@ -118,6 +118,9 @@ pub(crate) struct Chain {
     unconfirmed: VecDeque<(u64, Vec<(RangeId, u32)>)>,
     /// Piece lists of confirmed pushes, kept for the next pushes' (no allocation once warm).
     spare_pieces: Vec<Vec<(RangeId, u32)>>,
+    /// The last call's keys grouped by range, and a payload being built: buffers kept.
+    groups: RangeGroups,
+    payload: Vec<u8>,
     /// A push a head refused outright, for the next settle to report.
     refused: Option<ClientError>,
     /// Per range: whether the pushes are numbered on from the head's count of this worker's
@@ -168,6 +171,8 @@ impl Chain {
             pushes: 0,
             unconfirmed: VecDeque::new(),
             spare_pieces: Vec::new(),
+            groups: RangeGroups::default(),
+            payload: Vec::new(),
             refused: None,
             counted: vec![false; ranges as usize],
             started: Instant::now(),
@@ -520,25 +525,29 @@ impl Chain {
         let body_max = self.dialer.cfg.frame_bytes_max.saturating_sub(HEADER_BYTES).max(1);
         // Only pushes sent for the first time go by their key list's hash: resends go plain.
         let caching = first && self.key_cache_keys > 0;
-        let mut frames: BTreeMap<(String, u16), Vec<Frame>> = BTreeMap::new();
+        let mut frames: BTreeMap<(NodeId, u16), Vec<Frame>> = BTreeMap::new();
         for (to, msg) in std::mem::take(&mut self.pusher.out) {
             let (Addr::Node(node), Msg::Push { range, seq, .. }) = (to, &msg) else { continue };
-            let Some(addr) = self.pusher.view.member(node).map(|m| m.addr.clone()) else { continue };
+            let Some(addr) = self.pusher.view.member(node).map(|m| m.addr.as_str()) else { continue };
             let shard = shard_of_range(range.0, self.ranges, self.shards);
-            let at = (addr, shard);
-            let mut one = Vec::new();
-            let key = LinkKey { addr: at.0.clone(), shard, lane: Lane::Push };
-            match self.links.get_mut(&key).filter(|_| caching).and_then(|l| with_cached_keys(&mut l.lists, &msg)) {
-                Some(cached) => codec::encode_batch([&cached], &mut one),
-                None => codec::encode_batch([&msg], &mut one),
+            let bodies = frames.entry((node, shard)).or_default();
+            if bodies.last().is_none_or(|f| f.body.len() >= body_max) {
+                bodies.push(Frame { at: (addr.to_string(), shard), body: Vec::new(), pieces: Vec::new(), first });
             }
-            let bodies = frames.entry(at.clone()).or_default();
-            match bodies.last_mut() {
-                Some(f) if f.body.len() + one.len() <= body_max => {
-                    f.body.extend_from_slice(&one);
-                    f.pieces.push((*range, *seq));
-                }
-                _ => bodies.push(Frame { at, body: one, pieces: vec![(*range, *seq)], first }),
+            let frame = bodies.last_mut().expect("one pushed above");
+            let before = frame.body.len();
+            let cached = match caching {
+                true => self.links.get_mut(&LinkKey { addr: frame.at.0.clone(), shard, lane: Lane::Push }).and_then(|l| with_cached_keys(&mut l.lists, &msg)),
+                false => None,
+            };
+            codec::encode_batch([cached.as_ref().unwrap_or(&msg)], &mut frame.body);
+            if frame.body.len() > body_max && before > 0 {
+                // Past the frame limit: this message starts the next frame.
+                let one = frame.body.split_off(before);
+                let at = frame.at.clone();
+                bodies.push(Frame { at, body: one, pieces: vec![(*range, *seq)], first });
+            } else {
+                frame.pieces.push((*range, *seq));
             }
         }
         frames.into_values().flatten().collect()
@@ -679,48 +688,56 @@ impl Chain {
     pub fn push_keys(&mut self, table: ChainTable<'_>, keys: &[u64], grads: &[f32], clock: u64, ranges_done: bool) -> Result<u64> {
         let spec = table.spec;
         let dim = spec.dim as usize;
-        let mut by_range = self.by_range(table, keys)?;
+        let groups = self.group_keys(table, keys)?;
+        let mut pushed: Vec<u32> = groups.iter().map(|(range, _)| range).collect();
         if ranges_done {
-            for range in 0..self.ranges {
-                if !range_keys(spec, self.ranges, range).is_empty() {
-                    by_range.entry(range).or_default();
-                }
-            }
+            pushed = (0..self.ranges).filter(|r| !range_keys(spec, self.ranges, *r).is_empty() || groups.positions(*r).is_some()).collect();
         }
-        self.make_room()?;
-        self.refresh_if_old();
-        self.count_pushes(&by_range.keys().copied().collect::<Vec<_>>())?;
+        let sent = self.make_room().and_then(|()| {
+            self.refresh_if_old();
+            self.count_pushes(&pushed)
+        });
+        if let Err(e) = sent {
+            self.groups = groups;
+            return Err(e);
+        }
         let now = self.now_ms();
-        for (range, at) in by_range {
-            let listed: Vec<u64> = at.iter().map(|i| keys[*i]).collect();
-            let values: Vec<f32> = at.iter().flat_map(|i| &grads[i * dim..(i + 1) * dim]).copied().collect();
+        let mut payload = std::mem::take(&mut self.payload);
+        for range in pushed {
+            let at = groups.positions(range).unwrap_or(&[]);
             let h = PushHeader {
                 table: table.id,
                 dim: dim as u32,
                 start: 0,
-                count: listed.len() as u32,
+                count: at.len() as u32,
                 worker: self.worker,
                 clock,
                 listed: true,
                 range_done: ranges_done,
             };
-            self.pusher.push(now, RangeId(range), h.keyed_payload(&listed, &values).into());
+            // The payload's keys, then their values, gathered in place.
+            payload.clear();
+            h.write_head(&mut payload);
+            at.iter().for_each(|i| payload.extend_from_slice(&keys[*i as usize].to_le_bytes()));
+            at.iter().for_each(|i| payload.extend_from_slice(bytemuck::cast_slice(&grads[*i as usize * dim..(*i as usize + 1) * dim])));
+            self.pusher.push(now, RangeId(range), Arc::from(&payload[..]));
         }
+        self.payload = payload;
+        self.groups = groups;
         self.deliver_in_flight();
         Ok(self.pushes)
     }
 
-    /// For each replication range `keys` fall in, the positions of its keys in `keys`.
-    fn by_range(&self, table: ChainTable<'_>, keys: &[u64]) -> Result<BTreeMap<u32, Vec<usize>>> {
+    /// Groups `keys` by replication range into `self.groups` (checking every key is in the
+    /// table), and takes the groups out for the caller to put back.
+    fn group_keys(&mut self, table: ChainTable<'_>, keys: &[u64]) -> Result<RangeGroups> {
         let spec = table.spec;
         if let Some(&key) = keys.iter().find(|k| **k < spec.start || **k >= spec.end) {
             return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end });
         }
-        let mut out: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (i, range) in ranges_of(spec, self.ranges, keys).enumerate() {
-            out.entry(range).or_default().push(i);
-        }
-        Ok(out)
+        let mut groups = std::mem::take(&mut self.groups);
+        groups.group(spec, self.ranges, keys);
+        Ok(groups)
     }
 
     /// Waits until every push sent is acknowledged; see [`settle_through`](Self::settle_through).
@@ -795,22 +812,32 @@ impl Chain {
         }
         let pieces = self.pieces(table, start, (out.len() / dim) as u64)?;
         let left: BTreeMap<u32, Keys> = pieces.into_iter().map(|(range, lo, hi)| (range, Keys::Range(lo, hi))).collect();
-        self.pull_ranges(table, left, |k| (k - start) as usize, out)
+        self.pull_ranges(table, left, Listed { keys: &[], groups: &RangeGroups::default() }, |k| (k - start) as usize, out)
     }
 
     /// Pulls the values of `keys` into `out` (`dim` per key), each range from its chain's tail:
     /// one request for the keys of all the ranges a server's shard is tail of, every tail at
     /// once.
     pub fn pull_keys(&mut self, table: ChainTable<'_>, keys: &[u64], out: &mut [f32]) -> Result<Stamp> {
-        let by_range = self.by_range(table, keys)?;
-        let left = by_range.into_iter().map(|(range, at)| (range, Keys::Listed(at.into_iter().map(|i| (keys[i], i)).collect()))).collect();
-        self.pull_ranges(table, left, |_| 0, out)
+        let groups = self.group_keys(table, keys)?;
+        let left = groups.iter().map(|(range, _)| (range, Keys::Listed)).collect();
+        let pulled = self.pull_ranges(table, left, Listed { keys, groups: &groups }, |_| 0, out);
+        self.groups = groups;
+        pulled
     }
 
     /// Pulls the keys of each range in `left` from its tail into `out`, asking again (after
     /// fetching the configuration) for the ranges whose tail failed, until [`CALL_TIMEOUT`].
-    /// `row_of` places a dense key's values in `out`; listed keys carry their rows.
-    fn pull_ranges(&mut self, table: ChainTable<'_>, mut left: BTreeMap<u32, Keys>, row_of: impl Fn(u64) -> usize, out: &mut [f32]) -> Result<Stamp> {
+    /// `row_of` places a dense key's values in `out`; listed keys are `listed`'s, each range's
+    /// in its group, and their rows are their places there.
+    fn pull_ranges(
+        &mut self,
+        table: ChainTable<'_>,
+        mut left: BTreeMap<u32, Keys>,
+        listed: Listed<'_>,
+        row_of: impl Fn(u64) -> usize,
+        out: &mut [f32],
+    ) -> Result<Stamp> {
         let dim = table.spec.dim as usize;
         let mut stamp = Stamp::default();
         let mut first = true;
@@ -818,33 +845,39 @@ impl Chain {
         self.refresh_if_old();
         loop {
             // One request per dense range piece; one per tail shard for listed keys.
-            let mut parts: BTreeMap<(String, u16, u32), PullPart> = BTreeMap::new();
+            let mut parts: BTreeMap<(NodeId, u16, u32), PullPart> = BTreeMap::new();
             let mut unplaced = None;
             for (&range, keys) in &left {
-                let Some(at) = self.tail_of(range) else {
+                let Some(tail) = self.pusher.view.chain(RangeId(range)).and_then(|c| c.tail()) else {
                     unplaced = Some(range);
                     continue;
                 };
+                let shard = shard_of_range(range, self.ranges, self.shards);
                 let piece = match keys {
                     Keys::Range(..) => range,
-                    Keys::Listed(_) => u32::MAX,
+                    Keys::Listed => u32::MAX,
                 };
-                let part = parts.entry((at.0, at.1, piece)).or_default();
+                let part = parts.entry((tail, shard, piece)).or_default();
                 part.ranges.push(range);
                 match keys {
                     Keys::Range(lo, hi) => {
                         part.range = Some((*lo, *hi));
                         part.rows.extend((*lo..*hi).map(&row_of));
                     }
-                    Keys::Listed(at) => {
-                        part.keys.extend(at.iter().map(|(k, _)| *k));
-                        part.rows.extend(at.iter().map(|(_, row)| *row));
+                    Keys::Listed => {
+                        let at = listed.groups.positions(range).unwrap_or(&[]);
+                        at.iter().for_each(|i| part.keys.extend_from_slice(&listed.keys[*i as usize].to_le_bytes()));
+                        part.rows.extend(at.iter().map(|i| *i as usize));
                     }
                 }
             }
             let mut calls = Vec::with_capacity(parts.len());
             let mut placed = Vec::with_capacity(parts.len());
-            for ((addr, shard, _), part) in parts {
+            for ((tail, shard, _), mut part) in parts {
+                let Some(addr) = self.pusher.view.member(tail).map(|m| m.addr.clone()) else {
+                    unplaced = part.ranges.first().copied();
+                    continue;
+                };
                 let mut header = Header::request(if part.range.is_some() { Op::PullRange } else { Op::Pull }, 0);
                 header.table = table.id;
                 header.dim = table.spec.dim;
@@ -856,8 +889,8 @@ impl Chain {
                         Vec::new()
                     }
                     None => {
-                        header.count = part.keys.len() as u32;
-                        bytemuck::cast_slice(&part.keys).to_vec()
+                        header.count = part.rows.len() as u32;
+                        std::mem::take(&mut part.keys)
                     }
                 };
                 calls.push(Outgoing { to: LinkKey { addr: addr.clone(), shard, lane: Lane::Pull }, header, body });
@@ -921,8 +954,68 @@ impl Chain {
 struct PullPart {
     ranges: Vec<u32>,
     range: Option<(u64, u64)>,
-    keys: Vec<u64>,
+    /// The listed keys' bytes: the request's body.
+    keys: Vec<u8>,
     rows: Vec<usize>,
+}
+
+/// The listed keys of a pull, and their groups by range.
+#[derive(Clone, Copy)]
+struct Listed<'k> {
+    keys: &'k [u64],
+    groups: &'k RangeGroups,
+}
+
+/// Positions of keys grouped by replication range, in ascending range order: a counting sort
+/// whose buffers a client keeps, so grouping a batch allocates nothing once warm.
+#[derive(Debug, Default)]
+pub(crate) struct RangeGroups {
+    /// Per range: where its positions start in `order` (the last entry is the end).
+    starts: Vec<u32>,
+    /// Each key's range, then the keys' positions grouped by range.
+    of_key: Vec<u32>,
+    order: Vec<u32>,
+}
+
+impl RangeGroups {
+    /// Groups `keys` (each inside `spec`) by their range of `ranges`.
+    fn group(&mut self, spec: &TableSpec, ranges: u32, keys: &[u64]) {
+        self.starts.clear();
+        self.starts.resize(ranges as usize + 1, 0);
+        self.of_key.clear();
+        self.of_key.extend(ranges_of(spec, ranges, keys));
+        for r in &self.of_key {
+            self.starts[*r as usize + 1] += 1;
+        }
+        for r in 0..ranges as usize {
+            self.starts[r + 1] += self.starts[r];
+        }
+        self.order.clear();
+        self.order.resize(keys.len(), 0);
+        // Each range's next free place; the starts are put back by walking the ranges after.
+        for (i, r) in self.of_key.iter().enumerate() {
+            let at = &mut self.starts[*r as usize];
+            self.order[*at as usize] = i as u32;
+            *at += 1;
+        }
+        for r in (1..=ranges as usize).rev() {
+            self.starts[r] = self.starts[r - 1];
+        }
+        if let Some(first) = self.starts.first_mut() {
+            *first = 0;
+        }
+    }
+
+    /// The positions of range `range`'s keys, in the order they came; `None` if it has none.
+    fn positions(&self, range: u32) -> Option<&[u32]> {
+        let (lo, hi) = (*self.starts.get(range as usize)?, *self.starts.get(range as usize + 1)?);
+        (hi > lo).then(|| &self.order[lo as usize..hi as usize])
+    }
+
+    /// Each range with keys, in order, with their positions.
+    fn iter(&self) -> impl Iterator<Item = (u32, &[u32])> + '_ {
+        (0..self.starts.len().saturating_sub(1) as u32).filter_map(|r| Some((r, self.positions(r)?)))
+    }
 }
 
 /// A request [`ChainClient::call_all`] sends.
@@ -1010,7 +1103,8 @@ enum Lane {
 #[derive(Debug, Clone)]
 enum Keys {
     Range(u64, u64),
-    Listed(Vec<(u64, usize)>),
+    /// The range's keys of the pull's [`Listed`] keys.
+    Listed,
 }
 
 /// Whether a refusal with `status` is for good: the request can never succeed as sent (a

@@ -161,11 +161,20 @@ impl Server {
             _ => None,
         };
         let shard_count = shard_eps.len() as u16;
+        let catalog_behind = Arc::new(AtomicBool::new(false));
         for ((id, mut ep), rx) in shard_eps.into_iter().enumerate().zip(inboxes) {
             let mut shard = Shard::new(id as u16, engine.clone(), rx);
             if let Some((me, outbox)) = &chain {
                 let recovering = cfg.engine.durability != Durability::None && cfg.engine.data_dir.is_some();
-                shard = shard.with_chain(ChainShard::new(id as u16, shard_count, me, rcfg.clone().expect("replicated"), outbox.clone(), recovering));
+                shard = shard.with_chain(ChainShard::new(
+                    id as u16,
+                    shard_count,
+                    me,
+                    rcfg.clone().expect("replicated"),
+                    outbox.clone(),
+                    recovering,
+                    catalog_behind.clone(),
+                ));
             }
             let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[id % cores.len()]);
             let spawned = std::thread::Builder::new().name(format!("tessera-shard-{id}")).spawn(move || {
@@ -198,10 +207,23 @@ impl Server {
             control.sync_catalog(join, rcfg, &cfg.transport)?;
         }
         let flag = stop.clone();
+        let joined = cfg.replication.clone().zip(rcfg.clone());
+        let transport = cfg.transport.clone();
         let thread = std::thread::Builder::new().name("tessera-control".into()).spawn(move || {
+            let mut synced_at: Option<std::time::Instant> = None;
             while !flag.load(Ordering::Acquire) {
                 if let Err(e) = control_ep.poll(&mut control, Some(Duration::from_millis(100))) {
                     tracing::error!(error = %e, "control poll failed");
+                }
+                // A peer's update named a table this server lacks (it missed its creation):
+                // make the cluster's tables, at most once a second. The peer sends it again.
+                let Some((join, rcfg)) = joined.as_ref() else { continue };
+                if synced_at.is_none_or(|at| at.elapsed() >= CATALOG_SYNC_GAP) && catalog_behind.swap(false, Ordering::AcqRel) {
+                    synced_at = Some(std::time::Instant::now());
+                    tracing::warn!("a peer's update names a table this server lacks: making the cluster's tables");
+                    if let Err(e) = control.sync_catalog(join, rcfg, &transport) {
+                        tracing::error!(error = %e, "cannot make the cluster's tables");
+                    }
                 }
             }
         });
@@ -582,6 +604,9 @@ impl ControlPlane {
         Ok(())
     }
 }
+
+/// Shortest time between two catalog syncs a peer's update naming an unknown table asks for.
+const CATALOG_SYNC_GAP: Duration = Duration::from_secs(1);
 
 /// How long a replicated server waits for its coordinator at start-up.
 const COORDINATOR_WAIT: Duration = Duration::from_secs(30);

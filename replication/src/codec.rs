@@ -285,14 +285,20 @@ impl PushHeader {
     /// The payload: this header, then `keys` (empty unless `listed`), then `values`.
     pub fn keyed_payload(&self, keys: &[u64], values: &[f32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::BYTES + keys.len() * 8 + values.len() * 4);
-        Writer(&mut out).u32(self.table).u32(self.dim).u64(self.start).u32(self.count).u32(self.worker).u64(self.clock);
-        let flags = if self.listed { LISTED } else { 0 } | if self.range_done { RANGE_DONE } else { 0 };
-        Writer(&mut out).u32(flags).u32(0);
+        self.write_head(&mut out);
         // Little-endian in place, as every frame of the wire format (the transport refuses to
         // build for big-endian hosts).
         out.extend_from_slice(bytemuck::cast_slice(keys));
         out.extend_from_slice(bytemuck::cast_slice(values));
         out
+    }
+
+    /// Appends this header to `out`: a payload's first [`Self::BYTES`] bytes, which its keys
+    /// (if `listed`) and then its values follow.
+    pub fn write_head(&self, out: &mut Vec<u8>) {
+        Writer(out).u32(self.table).u32(self.dim).u64(self.start).u32(self.count).u32(self.worker).u64(self.clock);
+        let flags = if self.listed { LISTED } else { 0 } | if self.range_done { RANGE_DONE } else { 0 };
+        Writer(out).u32(flags).u32(0);
     }
 
     /// Splits a payload into its header, its keys' bytes and its values' bytes, checking

@@ -35,8 +35,9 @@ use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Msg, NodeId, RangeId, R
 /// simulator. Payloads are opaque to the protocol.
 pub trait Store {
     /// Applies a worker's push to `range` (on the head) and folds its effect into `delta`, the
-    /// update the head forwards; `delta` is empty at the start of each batch.
-    fn apply_push(&mut self, range: RangeId, payload: &[u8], delta: &mut Vec<u8>);
+    /// update the head forwards; `delta` is empty at the start of each batch. `forwarded` is
+    /// [`seal`](Store::seal)'s: whether the update goes on to another replica.
+    fn apply_push(&mut self, range: RangeId, payload: &[u8], delta: &mut Vec<u8>, forwarded: bool);
     /// Applies an update the predecessor forwarded, or none of it: an update that does not fit
     /// what the store holds (corrupt, or from a hostile sender) is refused with the reason.
     fn apply_delta(&mut self, range: RangeId, delta: &[u8]) -> Result<(), String>;
@@ -583,7 +584,7 @@ impl<S: Store> Replica<S> {
             self.stats.pushes_duplicate += 1;
         } else if seq == st.clock[w] + 1 {
             let open = st.open.get_or_insert_with(Open::default);
-            self.store.apply_push(range, payload, &mut open.delta);
+            self.store.apply_push(range, payload, &mut open.delta, place.downstream().is_some());
             open.pushes += 1;
             st.clock[w] = seq;
             st.waiting.push_back(Waiting { version: st.version + 1, worker, seq });

@@ -1065,3 +1065,72 @@ fn a_data_directory_of_another_cluster_is_refused() {
     assert_eq!(sums(newcomer.addr()), want(3));
     drop(b);
 }
+
+/// A server that stays up but is out of the configuration when a table is made at run time
+/// (frozen past the failure timeout here) misses the creation. When it comes back, the first
+/// snapshot naming the table it lacks has it make the cluster's tables, and it heals into every
+/// chain without a restart, holding the table's sums.
+#[test]
+fn a_server_out_of_the_configuration_when_a_table_is_made_makes_it_when_it_returns() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-missed-table");
+    let tables = sum_table(&dir);
+    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
+    let _coord =
+        ServerProc::coordinator_at(&coordinator[0], &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "1000"]);
+    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let start = |i: usize| {
+        let node = (i + 1).to_string();
+        ServerProc::start_at(&addrs[i], &["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator[0], "--tables", &tables])
+    };
+    let mut servers: Vec<ServerProc> = (0..SERVERS).map(start).collect();
+    wait_healed(&coordinator, None, Duration::from_secs(30));
+
+    // Server 3 freezes, and is taken out of every chain.
+    let old = incarnation(&status(&coordinator).expect("status"), 3);
+    servers[2].freeze();
+    assert!(detected(&coordinator, 3, old, Duration::from_secs(30)).is_some(), "the frozen server was not taken out");
+    // Servers 1 and 2 have heard of it too, so a client routes by a configuration without it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for addr in &addrs[..2] {
+        while tessera_transport::ask(addr, Op::ClusterConfig, &[], &TransportConfig::default())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_none_or(|v| v["config"]["members"].as_array().is_none_or(|m| m.iter().any(|m| m["node"] == 3)))
+        {
+            assert!(Instant::now() < deadline, "server {addr} did not hear of the configuration without server 3");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // A client that knows servers 1 and 2 makes a table, and pushes to it.
+    let client = Client::connect(&[addrs[0].as_str(), addrs[1].as_str()], worker_cfg(0)).expect("connect");
+    let mut spec = TableSpec::new("runtime", TableKind::Sparse, 0, u64::MAX, 2);
+    spec.updater = "sum".into();
+    spec.capacity = 10_000;
+    let runtime = client.create_table(&spec).expect("a table made at run time");
+    let keys = sparse_keys(0);
+    for _ in 0..3 {
+        client.push(&runtime, &keys, &sparse_grads(0, &keys)).and_then(|t| t.wait()).expect("push");
+    }
+    drop(client);
+
+    // It comes back, lacking the table; it makes it and heals into every chain.
+    servers[2].resume();
+    let procs: Vec<&ServerProc> = servers.iter().collect();
+    wait_healed_or_dump(&coordinator, None, heal_within().max(Duration::from_secs(60)), &procs);
+    assert!(servers[2].log().contains("names a table this server lacks"), "{}", servers[2].log());
+    let catalog = tessera_transport::ask(&addrs[2], Op::Catalog, &[], &TransportConfig::default()).expect("server 3's catalog");
+    let catalog: serde_json::Value = serde_json::from_slice(&catalog).unwrap();
+    let names: Vec<&str> = catalog["tables"].as_array().unwrap().iter().map(|t| t["spec"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["w", "emb", "runtime"]);
+
+    // With servers 1 and 2 gone, server 3 alone serves the table's sums.
+    servers[0].kill();
+    servers[1].kill();
+    let reader = Client::connect(&[addrs[2].as_str()], worker_cfg(7)).expect("connect to server 3");
+    let table = reader.table("runtime").expect("the run-time table");
+    let mut got = vec![0f32; keys.len() * 2];
+    reader.pull(&table, &keys, &mut got).and_then(|t| t.wait()).expect("pull");
+    let want: Vec<f32> = sparse_grads(0, &keys).iter().map(|g| g * 3.0).collect();
+    assert_eq!(got, want);
+}

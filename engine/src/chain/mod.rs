@@ -121,6 +121,9 @@ pub struct ChainShard {
     released_last: u64,
     /// Per (worker, range): the highest push seq acknowledged to the worker.
     acked: HashMap<(u32, u32), u32>,
+    /// Raised when a peer's update named a table this server lacks: the control plane then
+    /// brings the catalog up to the cluster's.
+    catalog_behind: Arc<std::sync::atomic::AtomicBool>,
     /// Set when a held reply could not be honoured: every reply held up to this position is
     /// sent as an error by the transport's next poll, and the turn after, the shard moves
     /// [`released`](Self::released) past them and clears it.
@@ -131,7 +134,16 @@ impl ChainShard {
     /// Shard `shard` of `shards`: its replica serves the ranges placed on it. A shard that
     /// recovers from its disk first (`recovering`) takes part once it has
     /// ([`recovered`](Self::recovered)).
-    pub fn new(shard: u16, shards: u16, me: &Identity, rcfg: ReplicationConfig, outbox: Outbox, recovering: bool) -> Self {
+    /// `catalog_behind` is raised when a peer's update names a table this server lacks.
+    pub fn new(
+        shard: u16,
+        shards: u16,
+        me: &Identity,
+        rcfg: ReplicationConfig,
+        outbox: Outbox,
+        recovering: bool,
+        catalog_behind: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         let replica = Self::replica(shard, shards, me, &rcfg, ChainStore::new(rcfg.ranges));
         Self {
             shard,
@@ -149,6 +161,7 @@ impl ChainShard {
             held_last: 0,
             released_last: 0,
             acked: HashMap::new(),
+            catalog_behind,
             failing: None,
         }
     }
@@ -212,6 +225,9 @@ impl ChainShard {
 
     /// Sends what the replica produced: to peers, the coordinator, or workers' mailboxes.
     fn route(&mut self) {
+        if std::mem::take(&mut self.replica.store_mut().missing_table) {
+            self.catalog_behind.store(true, std::sync::atomic::Ordering::Release);
+        }
         for (range, reason) in self.replica.take_refusals() {
             tracing::warn!(shard = self.shard, %range, reason, "refused a replicated update; nothing of it was applied");
         }

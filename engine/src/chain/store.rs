@@ -79,6 +79,9 @@ pub struct ChainStore {
     touched: Vec<Vec<Touch>>,
     /// What the shard's log held at start-up: each range's version and clock.
     recovered: BTreeMap<u32, (u64, Vec<u32>)>,
+    /// A peer's update or snapshot named a table this server does not have: it missed the
+    /// table's creation, and its catalog is to be brought up to the cluster's.
+    pub missing_table: bool,
 }
 
 /// What replaying a replicated shard's log has found so far.
@@ -127,7 +130,7 @@ pub fn replay(tables: &mut [Option<TablePart>], ranges: u32, replayed: &mut Repl
 
 impl ChainStore {
     pub fn new(ranges: u32) -> Self {
-        Self { tables: Vec::new(), disk: None, ranges, touched: vec![Vec::new(); ranges as usize], recovered: BTreeMap::new() }
+        Self { tables: Vec::new(), disk: None, ranges, touched: vec![Vec::new(); ranges as usize], recovered: BTreeMap::new(), missing_table: false }
     }
 
     /// A store holding what replaying the shard's log found.
@@ -224,9 +227,16 @@ impl ChainStore {
 
     /// Applies an update, or a snapshot (`whole`), to the lent tables: see [`apply_to`].
     fn apply(&mut self, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
-        apply_to(&mut self.tables, self.ranges, range, bytes, whole)
+        let applied = apply_to(&mut self.tables, self.ranges, range, bytes, whole);
+        if applied.as_ref().is_err_and(|e| e.contains(MISSING_TABLE)) {
+            self.missing_table = true;
+        }
+        applied
     }
 }
+
+/// How a refusal of an update naming a table this server lacks begins.
+const MISSING_TABLE: &str = "no table";
 
 /// Parses `bytes` into records, checking each against the parts: all or nothing.
 fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) -> Result<Vec<Rec<'a>>> {
@@ -249,7 +259,7 @@ fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) ->
             let table = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
             let n = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
             let keys = le(&head[8..16])..le(&head[16..24]);
-            let part = tables.get(table as usize).and_then(Option::as_ref).ok_or_else(|| corrupt(format!("no table {table} here")))?;
+            let part = tables.get(table as usize).and_then(Option::as_ref).ok_or_else(|| corrupt(format!("{MISSING_TABLE} {table} here")))?;
             let owned = part.owned();
             if keys.is_empty() || keys.start < owned.start || keys.end > owned.end {
                 return Err(corrupt(format!("keys {keys:?} outside the part {owned:?}")));
@@ -363,15 +373,17 @@ fn put_record(part: &TablePart, keys: Range<u64>, advances: &[(u32, u64)], liste
 }
 
 impl Store for ChainStore {
-    fn apply_push(&mut self, range: RangeId, payload: &[u8], _delta: &mut Vec<u8>) {
+    fn apply_push(&mut self, range: RangeId, payload: &[u8], _delta: &mut Vec<u8>, forwarded: bool) {
         let (h, keys, values) = PushHeader::parse(payload).expect("checked by check_push");
         let values: &[f32] = bytemuck::cast_slice(values);
         let ranges = self.ranges;
+        // What the pushes touched is exported at the seal only if something reads it.
+        let exported = forwarded || self.disk.as_ref().is_some_and(|d| d.logs());
         let part = self.part(h.table).expect("checked by check_push");
         let (mut applied, listed) = if h.listed {
             let keys = listed_keys(keys).expect("checked by check_push");
             let pushed = if keys.is_empty() { Ok(0..0) } else { part.push(keys, values, h.worker, h.clock) };
-            (pushed, keys.to_vec())
+            (pushed, if exported { keys.to_vec() } else { Vec::new() })
         } else {
             (part.push_range(h.start, h.count as usize, values, h.worker, h.clock), Vec::new())
         };
@@ -382,6 +394,7 @@ impl Store for ChainStore {
             applied = part.advance_clock(whole.clone(), h.worker, h.clock).map(|()| whole);
         }
         match applied {
+            Ok(_) if !exported => {}
             Ok(keys) => self.touched[range.0 as usize].push(Touch { table: h.table, keys, worker: h.worker, clock: h.clock, listed }),
             // Only the clock's segment limit can refuse a checked push; nothing was applied.
             Err(e) => tracing::error!(error = %e, %range, "a replicated push was not applied"),
@@ -510,7 +523,7 @@ mod tests {
         let grads: Vec<f32> = keys.iter().flat_map(|k| [(*k % 7) as f32 * 0.25 + 0.5, -1.0]).collect();
         let payload = h.keyed_payload(keys, &grads);
         ChainStore::check_push(&s.tables, RANGES, RangeId(r), &payload).unwrap();
-        s.apply_push(RangeId(r), &payload, &mut Vec::new());
+        s.apply_push(RangeId(r), &payload, &mut Vec::new(), true);
     }
 
     #[test]

@@ -103,7 +103,7 @@ impl SimStore {
 }
 
 impl Store for SimStore {
-    fn apply_push(&mut self, range: RangeId, payload: &[u8], delta: &mut Vec<u8>) {
+    fn apply_push(&mut self, range: RangeId, payload: &[u8], delta: &mut Vec<u8>, _forwarded: bool) {
         let push = decode(payload);
         add(self.ranges.entry(range).or_default(), &push);
         let mut sum = if delta.is_empty() { [0; VALUES] } else { decode(delta) };
