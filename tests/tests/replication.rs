@@ -126,6 +126,35 @@ fn check_sums(addrs: &[&str], pushes: &[usize]) {
     }
 }
 
+/// Makes the sparse `sum` table "runtime" through `client` (a table made at run time), and
+/// pushes worker 0's sparse gradient to it three times.
+fn make_runtime_table(client: &Client) {
+    let mut spec = TableSpec::new("runtime", TableKind::Sparse, 0, u64::MAX, 2);
+    spec.updater = "sum".into();
+    spec.capacity = 10_000;
+    let runtime = client.create_table(&spec).expect("a table made at run time");
+    let keys = sparse_keys(0);
+    for _ in 0..3 {
+        client.push(&runtime, &keys, &sparse_grads(0, &keys)).and_then(|t| t.wait()).expect("push");
+    }
+}
+
+/// Checks that the servers at `addrs` serve the catalog `w, emb, runtime` (from `addrs[0]`) and
+/// "runtime"'s sums of [`make_runtime_table`]'s pushes.
+fn check_runtime_table(addrs: &[&str]) {
+    let catalog = tessera_transport::ask(addrs[0], Op::Catalog, &[], &TransportConfig::default()).expect("a catalog");
+    let catalog: serde_json::Value = serde_json::from_slice(&catalog).unwrap();
+    let names: Vec<&str> = catalog["tables"].as_array().unwrap().iter().map(|t| t["spec"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["w", "emb", "runtime"], "the tables, in the cluster's order");
+    let reader = Client::connect(addrs, worker_cfg(7)).expect("connect");
+    let table = reader.table("runtime").expect("the run-time table");
+    let keys = sparse_keys(0);
+    let mut got = vec![0f32; keys.len() * 2];
+    reader.pull(&table, &keys, &mut got).and_then(|t| t.wait()).expect("pull");
+    let want: Vec<f32> = sparse_grads(0, &keys).iter().map(|g| g * 3.0).collect();
+    assert_eq!(got, want);
+}
+
 /// One kill test at a time: they measure pauses.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -930,34 +959,17 @@ fn a_server_that_joins_later_makes_the_tables_made_at_run_time() {
 
     // A table made at run time, with pushes in it.
     let client = Client::connect(&addrs[..SERVERS].iter().map(String::as_str).collect::<Vec<_>>(), worker_cfg(0)).expect("connect");
-    let mut spec = TableSpec::new("runtime", TableKind::Sparse, 0, u64::MAX, 2);
-    spec.updater = "sum".into();
-    spec.capacity = 10_000;
-    let runtime = client.create_table(&spec).expect("a table made at run time");
-    let keys = sparse_keys(0);
-    for _ in 0..3 {
-        client.push(&runtime, &keys, &sparse_grads(0, &keys)).and_then(|t| t.wait()).expect("push");
-    }
+    make_runtime_table(&client);
 
     // Server 3 dies for good; server 4, started with no --tables, takes its place.
     servers[SERVERS - 1].kill();
     let newcomer = start(SERVERS, None);
     let procs: Vec<&ServerProc> = servers.iter().chain([&newcomer]).collect();
     wait_healed_or_dump(&coordinator, Some((SERVERS + 1, None)), heal_within().max(Duration::from_secs(60)), &procs);
-    let catalog = tessera_transport::ask(&addrs[SERVERS], Op::Catalog, &[], &TransportConfig::default()).expect("the newcomer's catalog");
-    let catalog: serde_json::Value = serde_json::from_slice(&catalog).unwrap();
-    let names: Vec<&str> = catalog["tables"].as_array().unwrap().iter().map(|t| t["spec"]["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["w", "emb", "runtime"], "the newcomer's tables, in the cluster's order");
 
     // With server 1 gone too, the newcomer serves the run-time table's sums.
     servers[0].kill();
-    let survivors = [addrs[1].as_str(), addrs[SERVERS].as_str()];
-    let reader = Client::connect(&survivors, worker_cfg(7)).expect("connect to the survivors");
-    let table = reader.table("runtime").expect("the run-time table");
-    let mut got = vec![0f32; keys.len() * 2];
-    reader.pull(&table, &keys, &mut got).and_then(|t| t.wait()).expect("pull");
-    let want: Vec<f32> = sparse_grads(0, &keys).iter().map(|g| g * 3.0).collect();
-    assert_eq!(got, want);
+    check_runtime_table(&[addrs[SERVERS].as_str(), addrs[1].as_str()]);
 
     // A server whose table 0 is another table is refused at start-up, saying why.
     let other = dir.write("other.toml", "[[table]]\nname = \"other\"\nkind = \"dense\"\nstart = 0\nend = 10\ndim = 1\nupdater = \"sum\"\n");
@@ -1104,14 +1116,7 @@ fn a_server_out_of_the_configuration_when_a_table_is_made_makes_it_when_it_retur
     }
     // A client that knows servers 1 and 2 makes a table, and pushes to it.
     let client = Client::connect(&[addrs[0].as_str(), addrs[1].as_str()], worker_cfg(0)).expect("connect");
-    let mut spec = TableSpec::new("runtime", TableKind::Sparse, 0, u64::MAX, 2);
-    spec.updater = "sum".into();
-    spec.capacity = 10_000;
-    let runtime = client.create_table(&spec).expect("a table made at run time");
-    let keys = sparse_keys(0);
-    for _ in 0..3 {
-        client.push(&runtime, &keys, &sparse_grads(0, &keys)).and_then(|t| t.wait()).expect("push");
-    }
+    make_runtime_table(&client);
     drop(client);
 
     // It comes back, lacking the table; it makes it and heals into every chain.
@@ -1119,18 +1124,9 @@ fn a_server_out_of_the_configuration_when_a_table_is_made_makes_it_when_it_retur
     let procs: Vec<&ServerProc> = servers.iter().collect();
     wait_healed_or_dump(&coordinator, None, heal_within().max(Duration::from_secs(60)), &procs);
     assert!(servers[2].log().contains("names a table this server lacks"), "{}", servers[2].log());
-    let catalog = tessera_transport::ask(&addrs[2], Op::Catalog, &[], &TransportConfig::default()).expect("server 3's catalog");
-    let catalog: serde_json::Value = serde_json::from_slice(&catalog).unwrap();
-    let names: Vec<&str> = catalog["tables"].as_array().unwrap().iter().map(|t| t["spec"]["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["w", "emb", "runtime"]);
 
     // With servers 1 and 2 gone, server 3 alone serves the table's sums.
     servers[0].kill();
     servers[1].kill();
-    let reader = Client::connect(&[addrs[2].as_str()], worker_cfg(7)).expect("connect to server 3");
-    let table = reader.table("runtime").expect("the run-time table");
-    let mut got = vec![0f32; keys.len() * 2];
-    reader.pull(&table, &keys, &mut got).and_then(|t| t.wait()).expect("pull");
-    let want: Vec<f32> = sparse_grads(0, &keys).iter().map(|g| g * 3.0).collect();
-    assert_eq!(got, want);
+    check_runtime_table(&[addrs[2].as_str()]);
 }
