@@ -161,7 +161,7 @@ impl Shard {
                     self.refresh_gauges();
                 }
             }
-            self.pump_disk();
+            self.pump_disk_and_chain();
             // A checkpoint on the blocking disk backend moves on each turn of the loop.
             let mut timeout = self.disk.as_ref().is_some_and(ShardDisk::busy).then_some(std::time::Duration::ZERO);
             if self.chain.is_some() {
@@ -175,7 +175,7 @@ impl Shard {
                 chain.pump(&mut self.tables, &mut self.disk);
             }
             // Start the commit of what was just served before sleeping again.
-            self.pump_disk();
+            self.pump_disk_and_chain();
         }
         if let Some(disk) = self.disk.as_mut().filter(|d| d.checkpointing()) {
             disk.abandon_checkpoint(&mut self.tables);
@@ -186,6 +186,18 @@ impl Shard {
             disk.pump();
         }
         tracing::debug!(shard = self.id, "shard stopped");
+    }
+
+    /// [`pump_disk`](Self::pump_disk); on a replicated shard, if log commits finished, the
+    /// updates they hold commit now, so the replies waiting for them leave at the next poll's
+    /// start, not after its timeout ([`CHAIN_TURN`]: a chain of one on `wal` took 2.7 ms a
+    /// push, the unreplicated server 0.4 ms).
+    fn pump_disk_and_chain(&mut self) {
+        let durable = self.disk.as_ref().map(ShardDisk::durable);
+        self.pump_disk();
+        if let Some(chain) = self.chain.as_mut().filter(|_| self.disk.as_ref().map(ShardDisk::durable) != durable) {
+            chain.pump(&mut self.tables, &mut self.disk);
+        }
     }
 
     /// Collects finished log commits and starts the next; starts a checkpoint when one is due
