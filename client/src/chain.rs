@@ -1122,3 +1122,34 @@ fn in_server(addr: &str, e: TransportError) -> ClientError {
         e => e.into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The groups hold every key's position once, each under its own range, in the order the
+    /// keys came, ranges ascending; and the buffers are reused by the next grouping.
+    #[test]
+    fn range_groups_partition_the_keys_by_range() {
+        let spec = TableSpec::new("t", TableKind::Sparse, 0, u64::MAX, 1);
+        let hash = |x: u64| x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut groups = RangeGroups::default();
+        for (n, ranges) in [(0u64, 4u32), (1, 1), (500, 16), (37, 3), (200, 16)] {
+            let keys: Vec<u64> = (0..n).map(hash).collect();
+            groups.group(&spec, ranges, &keys);
+            let mut seen = vec![false; keys.len()];
+            let mut last_range = None;
+            for (range, at) in groups.iter() {
+                assert!(last_range < Some(range), "ranges ascend");
+                last_range = Some(range);
+                assert!(at.windows(2).all(|w| w[0] < w[1]), "positions keep the keys' order");
+                for i in at {
+                    assert_eq!(range_of(&spec, ranges, keys[*i as usize]), range);
+                    assert!(!std::mem::replace(&mut seen[*i as usize], true), "position {i} twice");
+                }
+            }
+            assert!(seen.iter().all(|s| *s), "every key is in a group");
+            assert!(groups.positions(ranges).is_none());
+        }
+    }
+}
