@@ -123,7 +123,7 @@ pub fn replay(tables: &mut [Option<TablePart>], ranges: u32, replayed: &mut Repl
         return Ok(());
     }
     let bytes = replayed.pieces.remove(&range).unwrap_or_default();
-    apply_to(tables, ranges, RangeId(range), &bytes, flags & replica_flags::WHOLE != 0).map_err(|reason| EngineError::BadRequest { reason })?;
+    apply_to(tables, ranges, RangeId(range), &bytes, flags & replica_flags::WHOLE != 0).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
     replayed.ranges.insert(range, (version, clock.to_vec()));
     Ok(())
 }
@@ -227,16 +227,15 @@ impl ChainStore {
 
     /// Applies an update, or a snapshot (`whole`), to the lent tables: see [`apply_to`].
     fn apply(&mut self, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
-        let applied = apply_to(&mut self.tables, self.ranges, range, bytes, whole);
-        if applied.as_ref().is_err_and(|e| e.contains(MISSING_TABLE)) {
-            self.missing_table = true;
-        }
-        applied
+        apply_to(&mut self.tables, self.ranges, range, bytes, whole).map_err(|e| match e {
+            EngineError::UnknownTable { table } => {
+                self.missing_table = true;
+                format!("an update of range {range} names table {table}, which this server lacks (it missed the table's creation)")
+            }
+            e => e.to_string(),
+        })
     }
 }
-
-/// How a refusal of an update naming a table this server lacks begins.
-const MISSING_TABLE: &str = "no table";
 
 /// Parses `bytes` into records, checking each against the parts: all or nothing.
 fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) -> Result<Vec<Rec<'a>>> {
@@ -259,7 +258,8 @@ fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) ->
             let table = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
             let n = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
             let keys = le(&head[8..16])..le(&head[16..24]);
-            let part = tables.get(table as usize).and_then(Option::as_ref).ok_or_else(|| corrupt(format!("{MISSING_TABLE} {table} here")))?;
+            // A table this server lacks: it missed the table's creation (see `missing_table`).
+            let part = tables.get(table as usize).and_then(Option::as_ref).ok_or(EngineError::UnknownTable { table })?;
             let owned = part.owned();
             if keys.is_empty() || keys.start < owned.start || keys.end > owned.end {
                 return Err(corrupt(format!("keys {keys:?} outside the part {owned:?}")));
@@ -319,9 +319,9 @@ fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) ->
 /// blocks). One whose records do not all fit the parts (a corrupt or hostile message, or a
 /// server of another build) is refused before anything of it is applied: half of it would
 /// make the replicas differ.
-fn apply_to(tables: &mut [Option<TablePart>], ranges: u32, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
+fn apply_to(tables: &mut [Option<TablePart>], ranges: u32, range: RangeId, bytes: &[u8], whole: bool) -> Result<()> {
     {
-        let records = records(tables, range, bytes).map_err(|e| e.to_string())?;
+        let records = records(tables, range, bytes)?;
         if whole {
             // A snapshot lists every key of the range a sparse table holds; forget the others.
             for part in tables.iter_mut().flatten() {
