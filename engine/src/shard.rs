@@ -189,14 +189,14 @@ impl Shard {
     }
 
     /// [`pump_disk`](Self::pump_disk); on a replicated shard, if log commits finished, the
-    /// updates they hold commit now, so the replies waiting for them leave at the next poll's
+    /// updates they hold commit now ([`ChainShard::settle`]), so the replies waiting for them leave at the next poll's
     /// start, not after its timeout ([`CHAIN_TURN`]: a chain of one on `wal` took 2.7 ms a
     /// push, the unreplicated server 0.4 ms).
     fn pump_disk_and_chain(&mut self) {
         let durable = self.disk.as_ref().map(ShardDisk::durable);
         self.pump_disk();
         if let Some(chain) = self.chain.as_mut().filter(|_| self.disk.as_ref().map(ShardDisk::durable) != durable) {
-            chain.pump(&mut self.tables, &mut self.disk);
+            chain.settle(&mut self.tables, &mut self.disk);
         }
     }
 

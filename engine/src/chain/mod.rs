@@ -250,6 +250,18 @@ impl ChainShard {
         }
     }
 
+    /// Takes up what the shard's log made durable since the last call: the updates it holds
+    /// commit, and the acknowledgements they allow are noted for the replies held for them
+    /// (sent at the next poll's start, see [`released`](Self::released)). Unlike
+    /// [`pump`](Self::pump) it leaves the held replies' failure handling alone, which relies on
+    /// a poll between two pumps.
+    pub fn settle(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>) {
+        if self.recovering {
+            return;
+        }
+        self.with_replica(tables, disk, |r, _| r.flush());
+    }
+
     /// Closes the open batches, and lets time pass: heartbeats, resends. The shard calls it on
     /// every turn of its loop.
     pub fn pump(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>) {
