@@ -6,7 +6,7 @@
 //! allows. When the limit is too low, the server says so in one line, once, and runs unpinned.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use memmap2::{Advice, MmapMut, MmapOptions, MmapRaw};
@@ -16,30 +16,63 @@ use crate::error::{EngineError, Result};
 
 static MEMLOCK_WARNED: AtomicBool = AtomicBool::new(false);
 
+/// Bytes an arena's arrays hold now: counted when mapped, and no longer once dropped.
+#[derive(Debug, Default)]
+struct Held {
+    mapped: AtomicUsize,
+    locked: AtomicUsize,
+}
+
+/// One array's share of its arena's [`Held`] bytes, given back when the array is dropped.
+#[derive(Debug)]
+struct Account {
+    held: Arc<Held>,
+    bytes: usize,
+    locked: bool,
+}
+
+impl Account {
+    fn new(held: &Arc<Held>, bytes: usize, locked: bool) -> Self {
+        held.mapped.fetch_add(bytes, Ordering::Relaxed);
+        if locked {
+            held.locked.fetch_add(bytes, Ordering::Relaxed);
+        }
+        Self { held: held.clone(), bytes, locked }
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        self.held.mapped.fetch_sub(self.bytes, Ordering::Relaxed);
+        if self.locked {
+            self.held.locked.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A pinned array of `T`.
 #[derive(Debug)]
 pub struct Pinned<T: bytemuck::Pod> {
-    map: Option<MmapMut>,
+    map: Option<(MmapMut, Account)>,
     len: usize,
-    locked: bool,
     _t: PhantomData<T>,
 }
 
 impl<T: bytemuck::Pod> Pinned<T> {
     /// An empty array that maps nothing.
     pub fn empty() -> Self {
-        Self { map: None, len: 0, locked: false, _t: PhantomData }
+        Self { map: None, len: 0, _t: PhantomData }
     }
 
     /// True when the pages are locked in memory.
     pub fn is_locked(&self) -> bool {
-        self.locked
+        self.map.as_ref().is_some_and(|(_, a)| a.locked)
     }
 
     /// The elements.
     pub fn as_slice(&self) -> &[T] {
         match &self.map {
-            Some(m) => &bytemuck::cast_slice(&m[..])[..self.len],
+            Some((m, _)) => &bytemuck::cast_slice(&m[..])[..self.len],
             None => &[],
         }
     }
@@ -47,7 +80,7 @@ impl<T: bytemuck::Pod> Pinned<T> {
     /// The elements, mutably.
     pub fn as_mut_slice(&mut self) -> &mut [T] {
         match &mut self.map {
-            Some(m) => &mut bytemuck::cast_slice_mut(&mut m[..])[..self.len],
+            Some((m, _)) => &mut bytemuck::cast_slice_mut(&mut m[..])[..self.len],
             None => &mut [],
         }
     }
@@ -73,13 +106,13 @@ unsafe impl StableMemory for Shared {
 pub struct Exposed {
     map: Arc<Shared>,
     len: usize,
-    locked: bool,
+    account: Account,
 }
 
 impl Exposed {
     /// True when the pages are locked in memory.
     pub fn is_locked(&self) -> bool {
-        self.locked
+        self.account.locked
     }
 
     /// The words.
@@ -119,14 +152,13 @@ impl Exposed {
 /// Maps pinned arrays and accounts for them, per shard.
 #[derive(Debug, Default)]
 pub struct Arena {
-    bytes_mapped: usize,
-    bytes_locked: usize,
+    held: Arc<Held>,
 }
 
 impl Arena {
-    /// Bytes mapped so far, and how many of them are locked.
+    /// Bytes the arrays mapped here and not yet dropped hold, and how many of them are locked.
     pub fn bytes(&self) -> (usize, usize) {
-        (self.bytes_mapped, self.bytes_locked)
+        (self.held.mapped.load(Ordering::Relaxed), self.held.locked.load(Ordering::Relaxed))
     }
 
     /// Maps `len` zeroed elements.
@@ -134,29 +166,25 @@ impl Arena {
         if len == 0 {
             return Ok(Pinned::empty());
         }
-        let (map, locked) = self.map(len, std::mem::size_of::<T>())?;
-        Ok(Pinned { map: Some(map), len, locked, _t: PhantomData })
+        let (map, account) = self.map(len, std::mem::size_of::<T>())?;
+        Ok(Pinned { map: Some((map, account)), len, _t: PhantomData })
     }
 
     /// Maps, populates and (when the limit allows) locks `len` elements of `size` bytes.
-    fn map(&mut self, len: usize, size: usize) -> Result<(MmapMut, bool)> {
+    fn map(&mut self, len: usize, size: usize) -> Result<(MmapMut, Account)> {
         let bytes = len.checked_mul(size).ok_or_else(|| EngineError::ArenaMap { bytes: usize::MAX, reason: "size overflows".into() })?;
         let map = MmapOptions::new().len(bytes).populate().map_anon().map_err(|e| EngineError::ArenaMap { bytes, reason: e.to_string() })?;
         // Huge pages are an optimisation; a kernel without THP simply says no.
         let _ = map.advise(Advice::HugePage);
         let locked = self.try_lock(&map, bytes);
-        self.bytes_mapped += bytes;
-        if locked {
-            self.bytes_locked += bytes;
-        }
-        Ok((map, locked))
+        Ok((map, Account::new(&self.held, bytes, locked)))
     }
 
     /// Maps `len` zeroed words that a transport may expose (see [`Exposed`]). Panics if `len` is 0.
     pub fn alloc_exposed(&mut self, len: usize) -> Result<Exposed> {
         assert!(len > 0, "an exposed array has at least one word");
-        let (map, locked) = self.map(len, 8)?;
-        Ok(Exposed { map: Arc::new(Shared(MmapRaw::from(map))), len, locked })
+        let (map, account) = self.map(len, 8)?;
+        Ok(Exposed { map: Arc::new(Shared(MmapRaw::from(map))), len, account })
     }
 
     fn try_lock(&self, map: &MmapMut, bytes: usize) -> bool {
@@ -199,6 +227,11 @@ mod tests {
         assert_eq!(arena.bytes().0, 40_000);
         let e: Pinned<u64> = arena.alloc(0).unwrap();
         assert!(e.as_slice().is_empty());
+        let b = arena.alloc_exposed(10).unwrap();
+        assert_eq!(arena.bytes().0, 40_080);
+        drop(a);
+        drop(b);
+        assert_eq!(arena.bytes().0, 0, "dropped arrays hold nothing");
     }
 
     #[test]

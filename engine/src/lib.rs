@@ -13,7 +13,9 @@
 //! - [`updater`]: the server-side update functions (`sum`, `assign`, `sgd`, `adagrad`, `adam`, `ftrl`,
 //!   and user-defined ones through the [`updater::Updater`] trait);
 //! - [`clock`]: vector-clock stamps over key ranges, which split and merge;
-//! - [`table`]: dense and sparse tables, one partition per shard;
+//! - [`table`]: dense and sparse table parts;
+//! - [`tables`]: a shard's tables, and the parts of them it holds (one per table, or one per
+//!   replication range its server is in);
 //! - [`shard`]: the per-core state and the request handler, which knows nothing of the transport;
 //! - [`server`]: threads, pinning, the listener and the control plane.
 
@@ -30,6 +32,7 @@ pub mod persist;
 pub mod server;
 pub mod shard;
 pub mod table;
+pub mod tables;
 #[cfg(test)]
 mod test_support;
 pub mod updater;

@@ -18,17 +18,16 @@ use tessera_transport::{ConnId, Reply, Request, Service, ShardTransport};
 use tessera_layout::placement::{range_keys, range_of, ranges_of};
 use tessera_replication::protocol::ClusterConfig;
 
-use crate::arena::Arena;
 use crate::chain::store::{self, Replayed};
 use crate::chain::ChainShard;
 use crate::config::EngineConfig;
 use crate::error::{EngineError, Result};
 use crate::metrics::ShardMetrics;
 use crate::persist::checkpoint::store::Written;
-use crate::persist::checkpoint::PartManifest;
 use crate::persist::durable::{DiskStats, RecoveryReport, ReplicaReplayed, ShardDisk};
 use crate::persist::wal::{Record, Target};
 use crate::table::{PartStats, TablePart};
+use crate::tables::Tables;
 use crate::updater::Updater;
 
 /// Longest a replicated shard's loop sleeps: the replica's clock ticks at least this often.
@@ -89,8 +88,7 @@ pub struct PartReport {
 pub struct Shard {
     id: u16,
     cfg: Arc<EngineConfig>,
-    arena: Arena,
-    tables: Vec<Option<TablePart>>,
+    tables: Tables,
     control: Receiver<ShardControl>,
     connections: usize,
     stop: bool,
@@ -105,8 +103,10 @@ pub struct Shard {
     chain: Option<ChainShard>,
     /// Per connection, the key lists its worker asked the shard to remember.
     key_lists: HashMap<ConnId, KeyLists<Vec<u64>>>,
-    /// A stamp's worth of clocks, reused by replicated pulls (see [`stamp_by_range`]).
+    /// A stamp's worth of clocks, and a pull's runs of keys by range, reused by replicated
+    /// pulls (see [`pull_by_range`]).
     stamp_scratch: Vec<u64>,
+    runs_scratch: Vec<(u32, usize)>,
     metrics: ShardMetrics,
     /// When the last checkpoint was written (or, before the first, when the shard started).
     last_checkpoint: std::time::Instant,
@@ -117,9 +117,8 @@ impl Shard {
     pub fn new(id: u16, cfg: Arc<EngineConfig>, control: Receiver<ShardControl>) -> Self {
         Self {
             id,
+            tables: Tables::new(id, cfg.clone(), None),
             cfg,
-            arena: Arena::default(),
-            tables: Vec::new(),
             control,
             connections: 0,
             stop: false,
@@ -130,6 +129,7 @@ impl Shard {
             chain: None,
             key_lists: HashMap::new(),
             stamp_scratch: Vec::new(),
+            runs_scratch: Vec::new(),
             metrics: ShardMetrics::new(id),
             last_checkpoint: std::time::Instant::now(),
         }
@@ -137,6 +137,7 @@ impl Shard {
 
     /// Makes the shard a replica of its ranges in a replicated cluster.
     pub fn with_chain(mut self, chain: ChainShard) -> Self {
+        self.tables = Tables::new(self.id, self.cfg.clone(), Some(chain.ranges()));
         self.chain = Some(chain);
         self
     }
@@ -162,6 +163,9 @@ impl Shard {
                 }
             }
             self.pump_disk_and_chain();
+            if !self.disk.as_ref().is_some_and(ShardDisk::checkpointing) {
+                self.tables.free_retired();
+            }
             // A checkpoint on the blocking disk backend moves on each turn of the loop.
             let mut timeout = self.disk.as_ref().is_some_and(ShardDisk::busy).then_some(std::time::Duration::ZERO);
             if self.chain.is_some() {
@@ -268,24 +272,21 @@ impl Shard {
             return Err(e);
         }
         let Some(disk) = self.disk.as_mut() else { return Ok(None) };
-        let placed: Vec<Placed> = self.tables.iter().map(|t| t.as_ref().map(|t| (t.spec.clone(), t.owned(), t.updater()))).collect();
-        let (shard, cfg, arena) = (self.id, self.cfg.clone(), &mut self.arena);
-        let mut build = |m: &PartManifest| part_for_checkpoint(m, &placed, shard, &cfg, arena);
         let report = match self.chain.as_mut() {
             Some(chain) => {
                 // A replicated shard's log holds its replica's records: replayed into the
                 // tables, and what they leave is what the replica holds again.
                 let ranges = chain.ranges();
                 let mut replayed = Replayed::default();
-                let mut replay = |tables: &mut [Option<TablePart>], found: ReplicaReplayed<'_>| store::replay(tables, ranges, &mut replayed, found);
-                let report = disk.recover(&mut self.tables, &mut build, Some(&mut replay))?;
+                let mut replay = |tables: &mut Tables, found: ReplicaReplayed<'_>| store::replay(tables, ranges, &mut replayed, found);
+                let report = disk.recover(&mut self.tables, Some(&mut replay))?;
                 chain.recovered(&mut self.tables, &mut self.disk, replayed);
-                report
+                return Ok(Some(report));
             }
-            None => disk.recover(&mut self.tables, &mut build, None)?,
+            None => disk.recover(&mut self.tables, None)?,
         };
         // Parts loaded from a checkpoint replaced the fresh ones: show workers the new memory.
-        for t in self.tables.iter().flatten() {
+        for t in self.tables.parts() {
             if let Some(view) = t.dense_view() {
                 expose(Exposure::Remove { table: t.id });
                 expose(Exposure::Add(view));
@@ -302,16 +303,13 @@ impl Shard {
         match msg {
             ShardControl::AddTable { id, spec, part, updater, done } => {
                 self.metrics.add_table(id, &spec.name);
-                let made = TablePart::new(id, self.id, spec, part.start..part.end, updater, &self.cfg, &mut self.arena);
-                let result = made.map(|t| {
-                    if self.tables.len() <= id as usize {
-                        self.tables.resize_with(id as usize + 1, || None);
-                    }
-                    if let Some(view) = t.dense_view() {
-                        expose(Exposure::Add(view));
-                    }
-                    self.tables[id as usize] = Some(t);
-                });
+                let chain = self.chain.as_ref();
+                let result = self.tables.add(id, spec, part.start..part.end, updater, |r| chain.is_some_and(|c| c.in_chain(r)));
+                // An unreplicated shard's dense part may be read one-sided (replicated clusters
+                // pull through the chains).
+                if let Some(view) = self.tables.whole(id).filter(|_| self.chain.is_none()).and_then(|t| t.dense_view()) {
+                    expose(Exposure::Add(view));
+                }
                 let _ = done.send(result);
             }
             ShardControl::DropTable { id } => {
@@ -320,10 +318,8 @@ impl Shard {
                     disk.abandon_checkpoint(&mut self.tables);
                     self.checkpoint_ended(Err(EngineError::Io(format!("table {id} was dropped while the checkpoint was written"))));
                 }
-                if let Some(slot) = self.tables.get_mut(id as usize) {
-                    if slot.take().is_some() {
-                        expose(Exposure::Remove { table: id });
-                    }
+                if self.tables.remove(id).is_some() && self.chain.is_none() {
+                    expose(Exposure::Remove { table: id });
                 }
             }
             ShardControl::Stats { done } => {
@@ -347,8 +343,8 @@ impl Shard {
     }
 
     fn stats(&self) -> ShardStats {
-        let (bytes_mapped, bytes_locked) = self.arena.bytes();
-        let tables = self.tables.iter().flatten().map(|t| {
+        let (bytes_mapped, bytes_locked) = self.tables.bytes();
+        let tables = self.tables.parts().map(|t| {
             let owned = t.owned();
             let mut stamp = vec![0; t.stamp_len()];
             t.stamp_into(owned.clone(), &mut stamp);
@@ -431,6 +427,10 @@ impl Shard {
                 reply.ok_stamp(part.stamp_len(), |stamp| part.stamp_into(span, stamp));
                 self.log(log, reply);
             }
+            Some(Op::PullRange) if self.chain.is_some() => {
+                let count = h.count as usize;
+                return self.pull_by_range(&h, Pulled::Span { start: h.start, count }, limit, reply);
+            }
             Some(Op::PullRange) => {
                 let part = self.part(&h)?;
                 let span = part.check_pull_range(h.start, h.count as usize)?;
@@ -477,19 +477,107 @@ impl Shard {
         if !rest.is_empty() {
             return Err(EngineError::BadRequest { reason: format!("count {} but {} more bytes after the keys", h.count, rest.len()) });
         }
-        let ranges = self.chain.as_ref().map(ChainShard::ranges);
-        let mut scratch = std::mem::take(&mut self.stamp_scratch);
+        if self.chain.is_some() {
+            return self.pull_by_range(h, Pulled::Keys(keys), limit, reply);
+        }
         let part = self.part(h)?;
         let span = part.check_pull(keys)?;
         let n = keys.len() * h.dim as usize;
         check_reply(part.stamp_len(), n, limit)?;
         let (stamp, values) = reply.ok(part.stamp_len(), n);
         part.pull(keys, values);
-        match ranges {
-            Some(ranges) => stamp_by_range(part, ranges, keys, stamp, &mut scratch),
-            None => part.stamp_into(span, stamp),
+        part.stamp_into(span, stamp);
+        Ok(())
+    }
+
+    /// A pull from a replicated shard, which holds one part per range: each run of keys of one
+    /// range comes from that range's part, and the reply's stamp is the meet of the runs'
+    /// stamps. Runs are checked before the reply is built. Keys of one range that come apart
+    /// only make more runs (a client sends them grouped by range).
+    fn pull_by_range(&mut self, h: &Header, pulled: Pulled<'_>, limit: usize, reply: &mut Reply<'_>) -> Result<()> {
+        let ranges = self.tables.ranges().expect("a replicated shard's tables are by range");
+        let table = self.tables.get(h.table).ok_or(EngineError::UnknownTable { table: h.table })?;
+        let spec = &table.spec;
+        if h.dim != spec.dim {
+            return Err(EngineError::WrongDim { table: h.table, table_dim: spec.dim, request_dim: h.dim });
         }
-        self.stamp_scratch = scratch;
+        let outside = |key: u64| EngineError::KeyOutOfRange { table: h.table, key, range: spec.start..spec.end };
+        // Each run: its range, and where it ends (an index into the keys, or a key of the span).
+        let mut runs = std::mem::take(&mut self.runs_scratch);
+        runs.clear();
+        let values = match pulled {
+            Pulled::Keys(keys) => {
+                if keys.is_empty() {
+                    return Err(EngineError::ValuesLength { keys: 0, dim: spec.dim, values: 0 });
+                }
+                if let Some(k) = keys.iter().find(|k| !(spec.start..spec.end).contains(*k)) {
+                    return Err(outside(*k));
+                }
+                let mut at = 0;
+                while at < keys.len() {
+                    let range = range_of(spec, ranges, keys[at]);
+                    let held = range_keys(spec, ranges, range);
+                    at += keys[at..].iter().position(|k| !held.contains(k)).unwrap_or(keys.len() - at);
+                    runs.push((range, at));
+                }
+                keys.len()
+            }
+            Pulled::Span { start, count } => {
+                if count == 0 {
+                    return Err(EngineError::ValuesLength { keys: 0, dim: spec.dim, values: 0 });
+                }
+                let end = start.checked_add(count as u64).filter(|e| start >= spec.start && *e <= spec.end);
+                let Some(end) = end else { return Err(outside(if start < spec.start { start } else { start.saturating_add(count as u64) })) };
+                let mut key = start;
+                while key < end {
+                    let range = range_of(spec, ranges, key);
+                    key = range_keys(spec, ranges, range).end.min(end);
+                    runs.push((range, (key - start) as usize));
+                }
+                count
+            }
+        };
+        let mut stamp_len = 0;
+        let mut from = 0;
+        for &(range, to) in &runs {
+            let part = self.tables.at(h.table, range).ok_or(EngineError::RangeNotHeld { range })?;
+            match pulled {
+                Pulled::Keys(keys) => part.check_pull(&keys[from..to]).map(drop)?,
+                Pulled::Span { start, .. } => part.check_pull_range(start + from as u64, to - from).map(drop)?,
+            }
+            stamp_len = stamp_len.max(part.stamp_len());
+            from = to;
+        }
+        let dim = h.dim as usize;
+        check_reply(stamp_len, values * dim, limit)?;
+        let (stamp, out) = reply.ok(stamp_len, values * dim);
+        let scratch = &mut self.stamp_scratch;
+        scratch.resize(stamp_len, 0);
+        let mut from = 0;
+        for &(range, to) in &runs {
+            let part = self.tables.at_mut(h.table, range).expect("checked above");
+            let out = &mut out[from * dim..to * dim];
+            let span = match pulled {
+                Pulled::Keys(keys) => {
+                    let run = &keys[from..to];
+                    part.pull(run, out);
+                    let (lo, hi) = run.iter().fold((u64::MAX, 0), |(lo, hi), k| (lo.min(*k), hi.max(*k)));
+                    lo..hi + 1
+                }
+                Pulled::Span { start, .. } => {
+                    part.pull_range(start + from as u64, to - from, out);
+                    start + from as u64..start + to as u64
+                }
+            };
+            if from == 0 {
+                part.stamp_into(span, stamp);
+            } else {
+                part.stamp_into(span, scratch);
+                stamp.iter_mut().zip(scratch.iter()).for_each(|(s, c)| *s = (*s).min(*c));
+            }
+            from = to;
+        }
+        self.runs_scratch = runs;
         Ok(())
     }
 
@@ -541,7 +629,7 @@ impl Shard {
 impl Shard {
     /// On a replicated shard, refuses a pull of keys in a range its replica does not hold.
     fn check_held(&self, h: &Header, body: &[u8]) -> Result<()> {
-        let (Some(chain), Some(part)) = (self.chain.as_ref(), self.tables.get(h.table as usize).and_then(Option::as_ref)) else {
+        let (Some(chain), Some(part)) = (self.chain.as_ref(), self.tables.get(h.table)) else {
             return Ok(());
         };
         let spec = &part.spec;
@@ -563,7 +651,7 @@ impl Shard {
     /// On a replicated shard, refuses a pull of `keys` if one is in a range its replica does
     /// not hold.
     fn check_held_keys(&self, h: &Header, keys: &[u64]) -> Result<()> {
-        let (Some(chain), Some(part)) = (self.chain.as_ref(), self.tables.get(h.table as usize).and_then(Option::as_ref)) else {
+        let (Some(chain), Some(part)) = (self.chain.as_ref(), self.tables.get(h.table)) else {
             return Ok(());
         };
         let spec = &part.spec;
@@ -577,59 +665,13 @@ impl Shard {
     }
 }
 
-/// The stamp of `keys` on a replicated shard: the meet of the stamps of each replication
-/// range's keys among them. The span from the lowest key to the highest may cross ranges this
-/// shard holds no current copy of (it is not in their chains), whose clocks say nothing. Keys
-/// are taken in runs of one range (a client sends them grouped by range; keys of one range
-/// that come apart only make more runs, each within the range); `scratch` holds a run's stamp,
-/// kept between calls so that a pull allocates nothing once warm.
-fn stamp_by_range(part: &TablePart, ranges: u32, keys: &[u64], out: &mut [u64], scratch: &mut Vec<u64>) {
-    scratch.resize(out.len(), 0);
-    let mut first = true;
-    let mut rest = keys;
-    while let Some(&k) = rest.first() {
-        let range = range_keys(&part.spec, ranges, range_of(&part.spec, ranges, k));
-        let run = rest.iter().position(|key| !range.contains(key)).unwrap_or(rest.len());
-        let (lo, hi) = rest[..run].iter().fold((k, k), |(lo, hi), key| (lo.min(*key), hi.max(*key)));
-        rest = &rest[run..];
-        if first {
-            part.stamp_into(lo..hi + 1, out);
-            first = false;
-            continue;
-        }
-        part.stamp_into(lo..hi + 1, scratch);
-        out.iter_mut().zip(scratch.iter()).for_each(|(o, c)| *o = (*o).min(*c));
-    }
-}
-
-/// What the catalog places on a shard, per table id: the spec, the keys the shard owns, and the
-/// updater.
-pub type Placed = Option<(TableSpec, std::ops::Range<u64>, Arc<dyn Updater>)>;
-
-/// Makes a fresh part for checkpoint table `m` on `shard`, for recovery to load into; refuses a
-/// table the catalog (`placed`, by table id) does not place on this shard with the same spec and
-/// keys, since loading it would put data where the catalog says none belongs.
-pub fn part_for_checkpoint(m: &PartManifest, placed: &[Placed], shard: u16, cfg: &EngineConfig, arena: &mut Arena) -> Result<TablePart> {
-    let mismatch = |reason: String| EngineError::Unrecoverable { what: format!("the checkpoint's table {} ({:?})", m.table, m.spec.name), reason };
-    let Some(Some((spec, owned, updater))) = placed.get(m.table as usize) else {
-        return Err(mismatch(format!(
-            "the catalog (catalog.json) places no table {} on shard {shard}, so the catalog and the checkpoint disagree (was catalog.json replaced, or lost?)",
-            m.table
-        )));
-    };
-    if *spec != m.spec || (owned.start, owned.end) != m.owned {
-        return Err(mismatch(format!("it is {:?} over {:?}, the catalog has {spec:?} over {owned:?}", m.spec, m.owned)));
-    }
-    TablePart::new(m.table, shard, spec.clone(), owned.clone(), updater.clone(), cfg, arena)
-}
-
 fn not_held(range: u32) -> EngineError {
     EngineError::RangeNotHeld { range }
 }
 
 /// The part of the table a request names, checked against the request's dim.
-fn part_of<'a>(tables: &'a mut [Option<TablePart>], header: &Header) -> Result<&'a mut TablePart> {
-    let part = tables.get_mut(header.table as usize).and_then(Option::as_mut);
+fn part_of<'a>(tables: &'a mut Tables, header: &Header) -> Result<&'a mut TablePart> {
+    let part = tables.whole(header.table);
     // Built only on failure: an error built and not used still ran EngineError's drop glue on
     // every request (about 30 instructions a push under callgrind), which clippy does not see.
     #[allow(clippy::unnecessary_lazy_evaluations)]
@@ -638,6 +680,13 @@ fn part_of<'a>(tables: &'a mut [Option<TablePart>], header: &Header) -> Result<&
         return Err(EngineError::WrongDim { table: header.table, table_dim: part.spec.dim, request_dim: header.dim });
     }
     Ok(part)
+}
+
+/// What a replicated pull names: listed keys, or a span of keys.
+#[derive(Debug, Clone, Copy)]
+enum Pulled<'k> {
+    Keys(&'k [u64]),
+    Span { start: u64, count: usize },
 }
 
 /// Refuses a pull whose reply could not be sent.

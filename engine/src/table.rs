@@ -92,14 +92,50 @@ struct SparseStore {
     limit: usize,
 }
 
+/// How many keys a sparse part makes room for, of its table's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparseRoom {
+    /// The capacity over the server's shards: an unreplicated server's part.
+    ShardShare,
+    /// The capacity over the cluster's replication ranges, with slack for hashed keys falling
+    /// unevenly into ranges: a replicated server's part of one range.
+    RangeShare { ranges: u32 },
+}
+
+impl SparseRoom {
+    /// Keys of a table of capacity `wanted` this part makes room for.
+    fn keys(self, wanted: u64, shards: u16) -> u64 {
+        match self {
+            SparseRoom::ShardShare => wanted.div_ceil(shards as u64).max(1),
+            SparseRoom::RangeShare { ranges } => {
+                // A range's count of uniformly hashed keys has a standard deviation of about
+                // the square root of its share: four of them, and a little more for small ones.
+                let share = wanted.div_ceil(ranges as u64).max(1);
+                share.saturating_add(4 * share.isqrt() + 16)
+            }
+        }
+    }
+}
+
 impl TablePart {
-    /// Maps and initialises the part `owned` of `spec` (which the caller validated).
-    pub fn new(id: u32, shard: u16, spec: TableSpec, owned: Range<u64>, updater: Arc<dyn Updater>, cfg: &EngineConfig, arena: &mut Arena) -> Result<Self> {
+    /// Maps and initialises the part `owned` of `spec` (which the caller validated); a sparse
+    /// part makes `room` for keys.
+    #[allow(clippy::too_many_arguments)] // each is one fact about the part
+    pub fn new(
+        id: u32,
+        shard: u16,
+        spec: TableSpec,
+        owned: Range<u64>,
+        updater: Arc<dyn Updater>,
+        room: SparseRoom,
+        cfg: &EngineConfig,
+        arena: &mut Arena,
+    ) -> Result<Self> {
         assert!(spec.start <= owned.start && owned.end <= spec.end && !owned.is_empty());
         let clocks = RangeClocks::new(owned.clone(), cfg.workers_max as usize, cfg.clock_segments_max);
         let store = match spec.kind {
             TableKind::Dense => Self::dense_store(&spec, &owned, updater.as_ref(), cfg, arena)?,
-            TableKind::Sparse => Store::Sparse(SparseStore::new(&spec, cfg, updater.as_ref(), arena)?),
+            TableKind::Sparse => Store::Sparse(SparseStore::new(&spec, room, cfg, updater.as_ref(), arena)?),
         };
         let mut part =
             Self { id, shard, spec, owned, updater, clocks, step: 0, store, stats: PartStats::default(), dirty: chunks::Dirty::default(), snapshot: None };
@@ -564,12 +600,12 @@ impl Apply<'_> {
 }
 
 impl SparseStore {
-    fn new(spec: &TableSpec, cfg: &EngineConfig, updater: &dyn Updater, arena: &mut Arena) -> Result<Self> {
+    fn new(spec: &TableSpec, room: SparseRoom, cfg: &EngineConfig, updater: &dyn Updater, arena: &mut Arena) -> Result<Self> {
         let wanted = if spec.capacity > 0 { spec.capacity } else { cfg.sparse_capacity_keys_default };
-        let per_shard = wanted.div_ceil(cfg.shards as u64).max(1);
-        let slots = (per_shard * 100 / SPARSE_LOAD_PERCENT_MAX + 1).next_power_of_two().max(SPARSE_SLOTS_MIN);
+        let per_part = room.keys(wanted, cfg.shards);
         let too_big = || EngineError::BadTable { name: spec.name.clone(), reason: format!("capacity {wanted} is too large") };
-        let slots = usize::try_from(slots).map_err(|_| too_big())?;
+        let slots = per_part.checked_mul(100).and_then(|n| (n / SPARSE_LOAD_PERCENT_MAX + 1).checked_next_power_of_two()).ok_or_else(too_big)?;
+        let slots = usize::try_from(slots.max(SPARSE_SLOTS_MIN)).map_err(|_| too_big())?;
         let rec = spec.dim as usize * (1 + updater.state_slots());
         let mut keys = arena.alloc::<u64>(slots)?;
         keys.as_mut_slice().fill(EMPTY);

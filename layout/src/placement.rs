@@ -80,7 +80,8 @@ pub fn shard_of_range(range: u32, ranges: u32, shards: u16) -> u16 {
     (range as u64 * shards as u64 / ranges as u64) as u16
 }
 
-/// The keys of `spec` a replicated server's `shard` holds: its ranges' slices, which touch.
+/// The keys of `spec` a replicated server's `shard` serves: its ranges' slices, which touch. It
+/// holds the parts of those ranges whose chains its server is in.
 pub fn replicated_part(spec: &TableSpec, ranges: u32, shards: u16, shard: u16) -> Range<u64> {
     let mut mine = (0..ranges).filter(|r| shard_of_range(*r, ranges, shards) == shard);
     let (first, last) = (mine.clone().next(), mine.next_back());

@@ -1130,3 +1130,92 @@ fn a_server_out_of_the_configuration_when_a_table_is_made_makes_it_when_it_retur
     servers[1].kill();
     check_runtime_table(&[addrs[2].as_str()]);
 }
+
+/// The memory the servers at `addrs` hold for table parts, each the sum over its shards.
+fn memory_of(addrs: &[String]) -> Vec<u64> {
+    let of = |addr: &String| {
+        let body = tessera_transport::ask(addr, Op::Status, &[], &TransportConfig::default()).expect("a server's status");
+        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        status["shards"].as_array().unwrap().iter().map(|s| s["bytes_mapped"].as_u64().unwrap()).sum()
+    };
+    addrs.iter().map(of).collect()
+}
+
+/// Servers add room, not copies: a replicated server holds memory only for the ranges whose
+/// chains it is in. Two servers keeping two replicas each hold every range of a dense table;
+/// once two more join, the ring gives each about half the chains, the memory each server holds
+/// for the table falls to about half, and every value pushed before is still there.
+#[test]
+fn memory_per_server_falls_as_servers_join() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const KEYS: u64 = 1 << 20;
+    const DIM: usize = 4;
+    let dir = ScratchDir::new("replication-capacity");
+    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"big\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = {DIM}\nupdater = \"sum\"\n"));
+    let tables = tables.to_str().unwrap();
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let _coord =
+        ServerProc::coordinator_at(&coordinator, &["--servers", "2", "--replicas", "2", "--ranges", "32", "--workers", "8", "--failure-timeout-ms", "1000"]);
+    let addrs: Vec<String> = (0..4).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let start = |i: usize| {
+        let node = (i + 1).to_string();
+        ServerProc::start_at(&addrs[i], &["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator, "--tables", tables])
+    };
+    // Every chain has two members and no learner, and `nodes` servers are in chains.
+    let settled = |nodes: usize| {
+        let Some(s) = status_of(&coordinator) else { return false };
+        let chains = s["config"]["chains"].as_array().cloned().unwrap_or_default();
+        let mut placed: Vec<u64> = chains.iter().flat_map(|c| c["nodes"].as_array().cloned().unwrap_or_default()).filter_map(|n| n.as_u64()).collect();
+        placed.sort_unstable();
+        placed.dedup();
+        !chains.is_empty() && chains.iter().all(|c| c["nodes"].as_array().map_or(0, Vec::len) == 2 && c["learner"].is_null()) && placed.len() == nodes
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + heal_within().max(Duration::from_secs(60));
+        while !done() {
+            let now = status_of(&coordinator).map(|s| s["config"].to_string()).unwrap_or_default();
+            assert!(Instant::now() < deadline, "{what}, within the time allowed; the configuration: {now}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut servers: Vec<ServerProc> = (0..2).map(start).collect();
+    wait("two servers did not make a cluster", &|| settled(2));
+    let table_bytes = KEYS * DIM as u64 * 4;
+    // The servers make their parts as they hear of the chains they are in.
+    wait("the servers did not make their parts", &|| memory_of(&addrs[..2]).iter().all(|m| *m >= table_bytes));
+    let before = memory_of(&addrs[..2]);
+    for m in &before {
+        assert!(*m >= table_bytes, "a server of two, with two replicas, holds the whole table: {m} bytes of {table_bytes}");
+    }
+
+    // Values to find again after the servers join.
+    let client = Client::connect(&[addrs[0].as_str(), addrs[1].as_str()], worker_cfg(0)).expect("connect");
+    let big = client.table("big").unwrap();
+    let values: Vec<f32> = (0..KEYS as usize * DIM).map(|i| (i % 1000) as f32).collect();
+    client.push_range(&big, 0, &values).and_then(|t| t.wait()).expect("push");
+    drop(client);
+
+    servers.extend((2..4).map(start));
+    wait("four servers did not settle on two replicas each", &|| settled(4));
+    // Each server drops the ranges the ring moved away once their new chains are whole.
+    let full = before.iter().copied().max().unwrap();
+    let mut after = memory_of(&addrs);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while after.iter().any(|m| *m * 4 > full * 3) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after = memory_of(&addrs);
+    }
+    println!("memory per server: two servers {before:?}, four servers {after:?} (bytes; the table is {table_bytes} bytes)");
+    for (i, m) in after.iter().enumerate() {
+        assert!(*m * 4 <= full * 3, "server {} holds {m} bytes, of {full} with two servers: joining servers added no room", i + 1);
+        assert!(*m > 0, "server {} holds nothing: {after:?}", i + 1);
+    }
+    let total: u64 = after.iter().sum();
+    assert!(total <= full * 2 + full / 10, "four servers hold {total} bytes for two replicas of {full}: more than two copies");
+
+    let reader = Client::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), worker_cfg(1)).expect("connect");
+    let big = reader.table("big").unwrap();
+    let mut got = vec![0f32; values.len()];
+    reader.pull_range(&big, 0, &mut got).and_then(|t| t.wait()).expect("pull");
+    assert!(got == values, "the values pushed before the servers joined are not all there");
+}

@@ -96,11 +96,22 @@ pub fn run(args: StatusArgs) -> Result<()> {
             if let Some(failure) = sh["log_failure"].as_str() {
                 println!("    THE WRITE-AHEAD LOG FAILED, pushes are refused: {failure}");
             }
-            for p in sh["tables"].as_array().into_iter().flatten() {
-                println!(
-                    "    table {} [{}, {}): {} pushes, {} pulls, {} clock segments; clocks: all keys at least {}, newest {}",
-                    p["table"], p["start"], p["end"], p["pushes"], p["pulls"], p["clock_segments"], p["stamp"], p["clocks_max"]
-                );
+            let parts: Vec<&serde_json::Value> = sh["tables"].as_array().into_iter().flatten().collect();
+            for (i, p) in parts.iter().enumerate() {
+                let table = &p["table"];
+                let first = i == 0 || parts[i - 1]["table"] != *table;
+                let of_table: Vec<&&serde_json::Value> = parts[i..].iter().take_while(|q| q["table"] == *table).collect();
+                if of_table.len() == 1 {
+                    println!(
+                        "    table {} [{}, {}): {} pushes, {} pulls, {} clock segments; clocks: all keys at least {}, newest {}",
+                        table, p["start"], p["end"], p["pushes"], p["pulls"], p["clock_segments"], p["stamp"], p["clocks_max"]
+                    );
+                } else if first {
+                    // A replicated server holds one part per replication range it is in.
+                    let sum = |field: &str| of_table.iter().map(|q| q[field].as_u64().unwrap_or(0)).sum::<u64>();
+                    let keys = of_table.iter().map(|q| q["end"].as_u64().unwrap_or(0).saturating_sub(q["start"].as_u64().unwrap_or(0))).sum::<u64>();
+                    println!("    table {}: {} range parts over {} keys, {} pushes, {} pulls", table, of_table.len(), keys, sum("pushes"), sum("pulls"));
+                }
             }
         }
     }

@@ -27,7 +27,7 @@ use tessera_transport::{Header, Reply};
 use crate::error::{EngineError, Result};
 use crate::persist::checkpoint::RangeHeld;
 use crate::persist::durable::ShardDisk;
-use crate::table::TablePart;
+use crate::tables::Tables;
 use outbox::Outbox;
 use store::{ChainStore, Replayed};
 
@@ -175,12 +175,13 @@ impl ChainShard {
 
     /// The ranges the shard's log held ([`store::replay`]): the replica holds them again, and
     /// from now on takes part in the cluster.
-    pub fn recovered(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>, replayed: Replayed) {
+    pub fn recovered(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, replayed: Replayed) {
         let held: Vec<String> = replayed.ranges.iter().map(|(r, (v, _))| format!("{r}@{v}")).collect();
         tracing::info!(shard = self.shard, ranges = ?held, "the replica holds again what its log held (range@version)");
         self.replica = Self::replica(self.shard, self.shards, &self.me, &self.rcfg, ChainStore::recovered(self.rcfg.ranges, replayed));
         self.recovering = false;
         self.route();
+        self.hold_placed(tables, disk);
         if let Some(config) = self.config_waiting.take() {
             self.config(tables, disk, config);
         }
@@ -189,7 +190,7 @@ impl ChainShard {
     /// For a checkpoint about to begin: closes the open batches (so the tables hold nothing the
     /// ranges' versions do not count), and returns the ranges held, each with its version and
     /// clock. `None` while the shard has not recovered yet: it takes no checkpoint then.
-    pub fn checkpoint_ranges(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>) -> Option<Vec<RangeHeld>> {
+    pub fn checkpoint_ranges(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>) -> Option<Vec<RangeHeld>> {
         if self.recovering {
             return None;
         }
@@ -213,7 +214,7 @@ impl ChainShard {
     }
 
     /// Runs `f` on the replica with the shard's tables and disk lent to its store.
-    fn with_replica(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>, f: impl FnOnce(&mut Replica<ChainStore>, u64)) {
+    fn with_replica(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, f: impl FnOnce(&mut Replica<ChainStore>, u64)) {
         let now = self.now_ms();
         std::mem::swap(tables, &mut self.replica.store_mut().tables);
         std::mem::swap(disk, &mut self.replica.store_mut().disk);
@@ -255,7 +256,7 @@ impl ChainShard {
     /// (sent at the next poll's start, see [`released`](Self::released)). Unlike
     /// [`pump`](Self::pump) it leaves the held replies' failure handling alone, which relies on
     /// a poll between two pumps.
-    pub fn settle(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>) {
+    pub fn settle(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>) {
         if self.recovering {
             return;
         }
@@ -264,7 +265,7 @@ impl ChainShard {
 
     /// Closes the open batches, and lets time pass: heartbeats, resends. The shard calls it on
     /// every turn of its loop.
-    pub fn pump(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>) {
+    pub fn pump(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>) {
         if self.recovering {
             return;
         }
@@ -323,7 +324,7 @@ impl ChainShard {
     }
 
     /// A new configuration from the coordinator.
-    pub fn config(&mut self, tables: &mut Vec<Option<TablePart>>, disk: &mut Option<ShardDisk>, config: Arc<ClusterConfig>) {
+    pub fn config(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, config: Arc<ClusterConfig>) {
         if config.chains.len() != self.rcfg.ranges as usize {
             tracing::error!(ranges = config.chains.len(), ours = self.rcfg.ranges, "a configuration with another number of ranges; ignored");
             return;
@@ -335,19 +336,37 @@ impl ChainShard {
         let _span = tracing::info_span!("reconfigure", shard = self.shard, config = config.id).entered();
         tracing::debug!("a new cluster configuration");
         self.with_replica(tables, disk, |r, now| r.step(now, Addr::Coordinator, Msg::Config(config)));
+        self.hold_placed(tables, disk);
+    }
+
+    /// Makes memory for the ranges whose chains this server joined (a learner's snapshot, or a
+    /// new chain's first pushes, land in it) and those its disk held, and frees what it has of
+    /// any other range of the shard's (a checkpoint's part of a range the log then dropped).
+    fn hold_placed(&mut self, tables: &mut Tables, disk: &Option<ShardDisk>) {
+        let checkpointing = disk.as_ref().is_some_and(ShardDisk::checkpointing);
+        for range in (0..self.rcfg.ranges).filter(|r| shard_of_range(*r, self.rcfg.ranges, self.shards) == self.shard) {
+            if !self.in_chain(range) {
+                tables.release(range, checkpointing);
+            } else if let Err(e) = tables.hold(range) {
+                tracing::error!(shard = self.shard, range, error = %e, "cannot hold a range this server's chain placement gives it");
+            }
+        }
+    }
+
+    /// Whether this shard's server is in `range`'s chain (a member or a learner), or still
+    /// holds what it had of it: the shard keeps memory for the range.
+    pub fn in_chain(&self, range: u32) -> bool {
+        if shard_of_range(range, self.rcfg.ranges, self.shards) != self.shard {
+            return false;
+        }
+        let placed = self.replica.config().and_then(|c| c.chains.get(range as usize)).is_some_and(|c| c.holds(self.me.node));
+        placed || self.replica.range_state(RangeId(range)).is_some()
     }
 
     /// A `Replicate` request: a batch of messages ([`codec::encode_batch`]) from peer
     /// `header.worker`, taken in order. A batch that does not decode, is empty, or holds a
     /// message a peer may not send, is refused whole.
-    pub fn serve_peer(
-        &mut self,
-        tables: &mut Vec<Option<TablePart>>,
-        disk: &mut Option<ShardDisk>,
-        header: &Header,
-        body: &[u8],
-        reply: &mut Reply<'_>,
-    ) -> Result<()> {
+    pub fn serve_peer(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
         let msgs = codec::decode_batch(body).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
         if msgs.is_empty() {
             return Err(EngineError::BadRequest { reason: "a Replicate request with no message".into() });
@@ -373,7 +392,7 @@ impl ChainShard {
     #[allow(clippy::too_many_arguments)]
     pub fn serve_worker(
         &mut self,
-        tables: &mut Vec<Option<TablePart>>,
+        tables: &mut Tables,
         disk: &mut Option<ShardDisk>,
         lists: &mut KeyLists<Vec<u64>>,
         header: &Header,

@@ -37,6 +37,7 @@ use crate::error::{EngineError, Result};
 use crate::persist::durable::{ReplicaReplayed, ShardDisk};
 use crate::persist::wal::{replica_flags, Record, Target, RECORD_HEADER_BYTES};
 use crate::table::TablePart;
+use crate::tables::Tables;
 
 /// Bytes of state one log record carries at most: larger updates and snapshots are cut into
 /// pieces, so that a piece never waits for more than one log commit to make room.
@@ -71,11 +72,10 @@ struct Rec<'a> {
 /// A shard's tables, as the shard's replica sees them.
 #[derive(Debug, Default)]
 pub struct ChainStore {
-    /// The shard's table parts, lent by the shard for each call into the replica.
-    pub tables: Vec<Option<TablePart>>,
+    /// The shard's tables, lent by the shard for each call into the replica.
+    pub tables: Tables,
     /// The shard's disk, lent the same way; it logs when the server runs `--durability wal`.
     pub disk: Option<ShardDisk>,
-    ranges: u32,
     touched: Vec<Vec<Touch>>,
     /// What the shard's log held at start-up: each range's version and clock.
     recovered: BTreeMap<u32, (u64, Vec<u32>)>,
@@ -95,7 +95,7 @@ pub struct Replayed {
 
 /// Takes what a replicated shard's recovery found: the ranges its checkpoint holds, then each
 /// log record after it, replayed into its tables (see the module doc).
-pub fn replay(tables: &mut [Option<TablePart>], ranges: u32, replayed: &mut Replayed, found: ReplicaReplayed<'_>) -> Result<()> {
+pub fn replay(tables: &mut Tables, ranges: u32, replayed: &mut Replayed, found: ReplicaReplayed<'_>) -> Result<()> {
     let record = match found {
         ReplicaReplayed::Checkpoint(held) => {
             if let Some(bad) = held.iter().find(|h| h.range >= ranges) {
@@ -113,6 +113,7 @@ pub fn replay(tables: &mut [Option<TablePart>], ranges: u32, replayed: &mut Repl
         return Err(EngineError::BadRequest { reason: format!("range {range}, of a cluster of {ranges} ranges") });
     }
     if flags & replica_flags::DROPPED != 0 {
+        tables.release(range, false);
         replayed.ranges.remove(&range);
         replayed.pieces.remove(&range);
         return Ok(());
@@ -123,14 +124,15 @@ pub fn replay(tables: &mut [Option<TablePart>], ranges: u32, replayed: &mut Repl
         return Ok(());
     }
     let bytes = replayed.pieces.remove(&range).unwrap_or_default();
-    apply_to(tables, ranges, RangeId(range), &bytes, flags & replica_flags::WHOLE != 0).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
+    tables.hold(range)?;
+    apply_to(tables, RangeId(range), &bytes, flags & replica_flags::WHOLE != 0).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
     replayed.ranges.insert(range, (version, clock.to_vec()));
     Ok(())
 }
 
 impl ChainStore {
     pub fn new(ranges: u32) -> Self {
-        Self { tables: Vec::new(), disk: None, ranges, touched: vec![Vec::new(); ranges as usize], recovered: BTreeMap::new(), missing_table: false }
+        Self { tables: Tables::default(), disk: None, touched: vec![Vec::new(); ranges as usize], recovered: BTreeMap::new(), missing_table: false }
     }
 
     /// A store holding what replaying the shard's log found.
@@ -173,17 +175,22 @@ impl ChainStore {
 
     /// Checks a worker's push before it enters the protocol: a push the head accepts must apply.
     /// Returns the header.
-    pub fn check_push(tables: &[Option<TablePart>], ranges: u32, range: RangeId, payload: &[u8]) -> Result<PushHeader> {
+    pub fn check_push(tables: &Tables, ranges: u32, range: RangeId, payload: &[u8]) -> Result<PushHeader> {
         let bad = |reason: String| EngineError::BadRequest { reason };
         let (h, keys_bytes, values) = PushHeader::parse(payload).map_err(|e| bad(e.to_string()))?;
-        let part = tables.get(h.table as usize).and_then(Option::as_ref).ok_or(EngineError::UnknownTable { table: h.table })?;
-        if h.dim != part.spec.dim {
-            return Err(EngineError::WrongDim { table: h.table, table_dim: part.spec.dim, request_dim: h.dim });
+        let table = tables.get(h.table).ok_or(EngineError::UnknownTable { table: h.table })?;
+        if h.dim != table.spec.dim {
+            return Err(EngineError::WrongDim { table: h.table, table_dim: table.spec.dim, request_dim: h.dim });
         }
         if range.0 >= ranges {
             return Err(bad(format!("range {range} of {ranges}")));
         }
-        let keys = range_keys(&part.spec, ranges, range.0);
+        if range_keys(&table.spec, ranges, range.0).is_empty() && h.range_done {
+            return Err(bad(format!("range {range} holds no keys of table {}: nothing to complete a clock on", h.table)));
+        }
+        // A head holds a part of each table for each range it heads (see `Tables::hold`).
+        let part = tables.at(h.table, range.0).ok_or(EngineError::RangeNotHeld { range: range.0 })?;
+        let keys = part.owned();
         if h.count == 0 && !h.range_done {
             return Err(bad("a push of no keys".into()));
         }
@@ -191,9 +198,6 @@ impl ChainStore {
         // state of the span the keys fall in).
         if !h.listed && part.spec.kind == TableKind::Sparse {
             return Err(bad(format!("a range push to sparse table {}", h.table)));
-        }
-        if h.range_done && (keys.is_empty() || keys.start < part.owned().start || keys.end > part.owned().end) {
-            return Err(bad(format!("range {range} holds no keys of table {} on this shard: nothing to complete a clock on", h.table)));
         }
         if h.listed {
             let listed = listed_keys(keys_bytes)?;
@@ -221,13 +225,11 @@ impl ChainStore {
         Ok(h)
     }
 
-    fn part(&mut self, table: u32) -> Option<&mut TablePart> {
-        self.tables.get_mut(table as usize).and_then(Option::as_mut)
-    }
-
-    /// Applies an update, or a snapshot (`whole`), to the lent tables: see [`apply_to`].
+    /// Applies an update, or a snapshot (`whole`), to the lent tables: see [`apply_to`]. The
+    /// range's parts are made first if this shard lacks them (it is in the range's chain).
     fn apply(&mut self, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
-        apply_to(&mut self.tables, self.ranges, range, bytes, whole).map_err(|e| match e {
+        self.tables.hold(range.0).map_err(|e| e.to_string())?;
+        apply_to(&mut self.tables, range, bytes, whole).map_err(|e| match e {
             EngineError::UnknownTable { table } => {
                 self.missing_table = true;
                 format!("an update of range {range} names table {table}, which this server lacks (it missed the table's creation)")
@@ -238,7 +240,7 @@ impl ChainStore {
 }
 
 /// Parses `bytes` into records, checking each against the parts: all or nothing.
-fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) -> Result<Vec<Rec<'a>>> {
+fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<Rec<'a>>> {
     {
         let corrupt = |reason: String| EngineError::Corrupt { what: format!("a replicated update of range {range}"), reason };
         let mut rest = bytes;
@@ -259,10 +261,11 @@ fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) ->
             let n = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
             let keys = le(&head[8..16])..le(&head[16..24]);
             // A table this server lacks: it missed the table's creation (see `missing_table`).
-            let part = tables.get(table as usize).and_then(Option::as_ref).ok_or(EngineError::UnknownTable { table })?;
+            tables.get(table).ok_or(EngineError::UnknownTable { table })?;
+            let part = tables.at(table, range.0).ok_or_else(|| corrupt(format!("keys {keys:?} of table {table}, which has none in the range")))?;
             let owned = part.owned();
             if keys.is_empty() || keys.start < owned.start || keys.end > owned.end {
-                return Err(corrupt(format!("keys {keys:?} outside the part {owned:?}")));
+                return Err(corrupt(format!("keys {keys:?} outside the range's keys {owned:?}")));
             }
             let workers_max = part.clocks().workers_max();
             let mut advances = Vec::with_capacity(n.min(workers_max));
@@ -308,7 +311,7 @@ fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) ->
             }
         }
         for (table, keys) in new_keys {
-            let part = tables[table as usize].as_ref().expect("checked above");
+            let part = tables.at(table, range.0).expect("checked above");
             part.check_sparse_room(&keys).map_err(|e| corrupt(e.to_string()))?;
         }
         Ok(out)
@@ -319,18 +322,17 @@ fn records<'a>(tables: &[Option<TablePart>], range: RangeId, bytes: &'a [u8]) ->
 /// blocks). One whose records do not all fit the parts (a corrupt or hostile message, or a
 /// server of another build) is refused before anything of it is applied: half of it would
 /// make the replicas differ.
-fn apply_to(tables: &mut [Option<TablePart>], ranges: u32, range: RangeId, bytes: &[u8], whole: bool) -> Result<()> {
+fn apply_to(tables: &mut Tables, range: RangeId, bytes: &[u8], whole: bool) -> Result<()> {
     {
         let records = records(tables, range, bytes)?;
         if whole {
             // A snapshot lists every key of the range a sparse table holds; forget the others.
-            for part in tables.iter_mut().flatten() {
-                let keys = range_keys(&part.spec, ranges, range.0);
-                part.reset_keys(keys);
+            for part in tables.range_parts_mut(range.0) {
+                part.reset_keys(part.owned());
             }
         }
         for rec in records {
-            let part = tables.get_mut(rec.table as usize).and_then(Option::as_mut).expect("checked by records()");
+            let part = tables.at_mut(rec.table, range.0).expect("checked by records()");
             for (worker, clock) in rec.advances {
                 if let Err(e) = part.advance_clock(rec.keys.clone(), worker, clock) {
                     tracing::error!(error = %e, table = rec.table, "a replicated clock advance failed; stamps may lag");
@@ -376,10 +378,9 @@ impl Store for ChainStore {
     fn apply_push(&mut self, range: RangeId, payload: &[u8], _delta: &mut Vec<u8>, forwarded: bool) {
         let (h, keys, values) = PushHeader::parse(payload).expect("checked by check_push");
         let values: &[f32] = bytemuck::cast_slice(values);
-        let ranges = self.ranges;
         // What the pushes touched is exported at the seal only if something reads it.
         let exported = forwarded || self.disk.as_ref().is_some_and(|d| d.logs());
-        let part = self.part(h.table).expect("checked by check_push");
+        let part = self.tables.at_mut(h.table, range.0).expect("checked by check_push");
         let (mut applied, listed) = if h.listed {
             let keys = listed_keys(keys).expect("checked by check_push");
             let pushed = if keys.is_empty() { Ok(0..0) } else { part.push(keys, values, h.worker, h.clock) };
@@ -390,7 +391,7 @@ impl Store for ChainStore {
         if h.range_done && applied.is_ok() {
             // The worker's clock over the whole range, as an unreplicated shard's PART_DONE
             // completes it over the whole part.
-            let whole = range_keys(&part.spec, ranges, range.0);
+            let whole = part.owned();
             applied = part.advance_clock(whole.clone(), h.worker, h.clock).map(|()| whole);
         }
         match applied {
@@ -421,7 +422,7 @@ impl Store for ChainStore {
         for (table, keys, advances, mut listed) in spans {
             listed.sort_unstable();
             listed.dedup();
-            let part = self.tables[table as usize].as_ref().expect("a part pushed to");
+            let part = self.tables.at(table, range.0).expect("a part pushed to");
             put_record(part, keys, &advances, &listed, delta);
         }
     }
@@ -432,13 +433,8 @@ impl Store for ChainStore {
 
     fn snapshot(&self, range: RangeId) -> Vec<u8> {
         let mut out = Vec::new();
-        for part in self.tables.iter().flatten() {
-            let keys = range_keys(&part.spec, self.ranges, range.0);
-            let owned = part.owned();
-            let keys = keys.start.max(owned.start)..keys.end.min(owned.end);
-            if keys.is_empty() {
-                continue;
-            }
+        for part in self.tables.range_parts(range.0) {
+            let keys = part.owned();
             let held = part.held_keys(keys.clone());
             // One record per clock segment, so the receiver's clocks match ours.
             for (seg, clocks) in part.clocks().segments() {
@@ -459,8 +455,9 @@ impl Store for ChainStore {
     }
 
     fn drop_range(&mut self, range: RangeId) {
-        // The keys stay in memory, unserved: the shard answers pulls only for ranges its replica
-        // holds, and a range taken again arrives whole in a snapshot.
+        // The memory goes: a range taken again is made afresh and arrives whole in a snapshot.
+        let checkpointing = self.disk.as_ref().is_some_and(ShardDisk::checkpointing);
+        self.tables.release(range.0, checkpointing);
         self.touched[range.0 as usize].clear();
         self.log(range, 0, replica_flags::DROPPED, &[], &[]);
     }
@@ -481,20 +478,20 @@ impl Store for ChainStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arena::Arena;
     use crate::config::EngineConfig;
     use crate::persist::checkpoint::RangeHeld;
     use crate::updater::UpdaterRegistry;
+    use std::sync::Arc;
     use tessera_layout::catalog::TableSpec;
 
     const RANGES: u32 = 4;
 
-    /// A store holding one part of `spec` over the whole table, as a 1-shard replicated server's.
+    /// A store holding table 0, `spec`, in every range, as a 1-shard replicated server's.
     fn store(spec: &TableSpec) -> ChainStore {
         let updater = UpdaterRegistry::new().build(&spec.updater).unwrap();
-        let part = TablePart::new(0, 0, spec.clone(), spec.start..spec.end, updater, &EngineConfig::default(), &mut Arena::default()).unwrap();
         let mut s = ChainStore::new(RANGES);
-        s.tables.push(Some(part));
+        s.tables = Tables::new(0, Arc::new(EngineConfig::default()), Some(RANGES));
+        s.tables.add(0, spec.clone(), spec.start..spec.end, updater, |_| true).unwrap();
         s
     }
 
@@ -510,8 +507,8 @@ mod tests {
 
     /// Everything a reader of range `r` could tell apart: held keys, their records, and clocks.
     fn state(s: &ChainStore, r: u32) -> Held {
-        let part = s.tables[0].as_ref().unwrap();
-        let held = part.held_keys(range_keys(&part.spec, RANGES, r));
+        let part = s.tables.at(0, r).unwrap();
+        let held = part.held_keys(part.owned());
         let mut records = Vec::new();
         part.export_listed(&held, &mut records).unwrap();
         let clocks = part.clocks().segments().map(|(seg, c)| (seg, c.to_vec())).collect();
@@ -555,12 +552,12 @@ mod tests {
         stale.install(RangeId(r), &head.snapshot(RangeId(r))).unwrap();
         // It keeps k(5) in its table, at its initial record: what the head exports for it too.
         let mut want = Vec::new();
-        head.tables[0].as_ref().unwrap().export_listed(&[k(0), k(1), k(2), k(5)], &mut want).unwrap();
+        head.tables.at(0, r).unwrap().export_listed(&[k(0), k(1), k(2), k(5)], &mut want).unwrap();
         let (held, records, _) = state(&stale, r);
         assert_eq!((held, records), (vec![k(0), k(1), k(2), k(5)], want));
         assert_eq!(state(&stale, 2).1, kept.1, "another range's keys are untouched");
         let mut fresh = [0f32; 2];
-        stale.tables[0].as_mut().unwrap().pull(&[k(5)], &mut fresh);
+        stale.tables.at_mut(0, r).unwrap().pull(&[k(5)], &mut fresh);
         assert_eq!(fresh, [0.0, 0.0], "a forgotten key reads as its initial value");
     }
 

@@ -33,7 +33,7 @@ use crate::persist::checkpoint::store::{self, Parts, Taking, Written};
 use crate::persist::checkpoint::{Manifest, PartManifest, RangeHeld};
 use crate::persist::disk::{sync_dir, BufId, Disk, DiskConfig, Done, FileId, Op};
 use crate::persist::wal::{acknowledged_after, Batch, Reader, Record, Stop, Target};
-use crate::table::TablePart;
+use crate::tables::Tables;
 
 /// Submission-queue entries of a shard's ring: a log commit and a checkpoint's chains.
 const RING_ENTRIES: u32 = 64;
@@ -491,28 +491,19 @@ impl ShardDisk {
     /// the loss; then what cannot be replayed is set aside under another name, never deleted.
     /// A replicated shard's log holds its replica's records, which `replica` replays (an
     /// unreplicated shard passes `None`: such a record in its log is an inconsistency).
-    pub fn recover(
-        &mut self,
-        tables: &mut [Option<TablePart>],
-        build: &mut dyn FnMut(&PartManifest) -> Result<TablePart>,
-        mut replica: Option<&mut ReplicaReplay<'_>>,
-    ) -> Result<RecoveryReport> {
+    pub fn recover(&mut self, tables: &mut Tables, mut replica: Option<&mut ReplicaReplay<'_>>) -> Result<RecoveryReport> {
         let mut report = RecoveryReport { shard: self.shard, ..RecoveryReport::default() };
         let (shard, accept_loss) = (self.shard, self.accept_loss);
         let mut skipped = |seq: u64, e: &EngineError| {
             tracing::warn!(shard, checkpoint = seq, error = %e, "checkpoint cannot be loaded; falling back to the one before");
             report.fallbacks.push(format!("checkpoint {seq}: {e}"));
         };
-        let found = store::load_newest(&mut self.disk, self.checkpoint_bufs[0], &self.dir, build, &mut skipped, accept_loss)?;
+        let mut build = |m: &PartManifest| tables.part_for_checkpoint(m);
+        let found = store::load_newest(&mut self.disk, self.checkpoint_bufs[0], &self.dir, &mut build, &mut skipped, accept_loss)?;
         let (mut seq, mut next_lsn) = (0, 1);
         if let Some((manifest, parts)) = found {
             for part in parts {
-                let id = part.id as usize;
-                let slot = tables.get_mut(id).filter(|t| t.is_some()).ok_or_else(|| EngineError::Unrecoverable {
-                    what: Manifest::file_name(manifest.seq),
-                    reason: format!("it holds table {id}, which the catalog does not place on shard {}", self.shard),
-                })?;
-                *slot = Some(part);
+                tables.put(part)?;
             }
             (seq, next_lsn) = (manifest.seq, manifest.lsn + 1);
             let what = || Manifest::file_name(manifest.seq);
@@ -542,7 +533,7 @@ impl ShardDisk {
         let seqs = [Manifest::seq_of as fn(&str) -> Option<u64>, wal_seq_of, data_seq_of];
         self.next_seq = seqs.iter().flat_map(|f| self.list(*f)).max().unwrap_or(0) + 1;
         report.next_lsn = next_lsn;
-        for t in tables.iter().flatten() {
+        for t in tables.parts() {
             let owned = t.owned();
             let mut stamp = vec![0; t.stamp_len()];
             t.stamp_into(owned.clone(), &mut stamp);
@@ -559,7 +550,7 @@ impl ShardDisk {
     /// `next_lsn` at the LSN the next record takes.
     fn replay_logs(
         &mut self,
-        tables: &mut [Option<TablePart>],
+        tables: &mut Tables,
         seq: u64,
         next_lsn: &mut u64,
         report: &mut RecoveryReport,
@@ -678,11 +669,11 @@ pub enum ReplicaReplayed<'a> {
 }
 
 /// Replays a replicated shard's checkpoint and records into its tables (see [`ShardDisk::recover`]).
-pub type ReplicaReplay<'a> = dyn FnMut(&mut [Option<TablePart>], ReplicaReplayed<'_>) -> Result<()> + 'a;
+pub type ReplicaReplay<'a> = dyn FnMut(&mut Tables, ReplicaReplayed<'_>) -> Result<()> + 'a;
 
 /// Applies one logged push, as the shard did when it was first served.
-fn apply(tables: &mut [Option<TablePart>], r: &Record<'_>) -> Result<()> {
-    let part = tables.get_mut(r.table as usize).and_then(Option::as_mut).ok_or(EngineError::UnknownTable { table: r.table })?;
+fn apply(tables: &mut Tables, r: &Record<'_>) -> Result<()> {
+    let part = tables.whole(r.table).ok_or(EngineError::UnknownTable { table: r.table })?;
     match r.target {
         Target::Keys(keys) => part.push(keys, r.values, r.worker, r.clock).map(drop),
         Target::Range { start } => part.push_range(start, r.count(), r.values, r.worker, r.clock).map(drop),

@@ -35,26 +35,16 @@ pub struct Written {
     pub ms: u64,
 }
 
-/// Table parts by id, wherever their owner keeps them.
+/// Table parts by table id and first key, wherever their owner keeps them.
 pub trait Parts {
-    fn part(&mut self, table: u32) -> Option<&mut TablePart>;
+    fn part(&mut self, table: u32, start: u64) -> Option<&mut TablePart>;
     /// Every part, in table order.
     fn each(&mut self) -> Vec<&mut TablePart>;
 }
 
-impl Parts for Vec<Option<TablePart>> {
-    fn part(&mut self, table: u32) -> Option<&mut TablePart> {
-        self.get_mut(table as usize)?.as_mut()
-    }
-
-    fn each(&mut self) -> Vec<&mut TablePart> {
-        self.iter_mut().flatten().collect()
-    }
-}
-
 impl Parts for Vec<&mut TablePart> {
-    fn part(&mut self, table: u32) -> Option<&mut TablePart> {
-        self.iter_mut().find(|p| p.id == table).map(|p| &mut **p)
+    fn part(&mut self, table: u32, start: u64) -> Option<&mut TablePart> {
+        self.iter_mut().find(|p| p.id == table && p.owned().start == start).map(|p| &mut **p)
     }
 
     fn each(&mut self) -> Vec<&mut TablePart> {
@@ -134,7 +124,8 @@ impl Taking {
         let mut tables = Vec::with_capacity(parts.len());
         let mut queue = Vec::new();
         for (i, part) in parts.iter_mut().enumerate() {
-            let earlier = prev.and_then(|m| m.tables.iter().find(|t| t.table == part.id && t.spec == part.spec));
+            let owned = (part.owned().start, part.owned().end);
+            let earlier = prev.and_then(|m| m.tables.iter().find(|t| t.table == part.id && t.owned == owned && t.spec == part.spec));
             let earlier = earlier.filter(|t| t.chunks.len() as u64 == part.chunks() && t.chunk_slots == part.chunk_slots());
             if earlier.is_none() {
                 part.mark_all_dirty();
@@ -233,9 +224,9 @@ impl Taking {
     fn gather(&mut self, disk: &mut Disk, parts: &mut dyn Parts) -> Result<()> {
         let room = disk.buf(self.bufs[0]).len();
         while let Some(&(t, c)) = self.queue.get(self.next) {
-            let table = self.tables[t].table;
+            let (table, start) = (self.tables[t].table, self.tables[t].owned.0);
             let part = parts
-                .part(table)
+                .part(table, start)
                 .filter(|p| p.snapshotting())
                 .ok_or_else(|| EngineError::Io(format!("table {table} was dropped while checkpoint {} was written", self.seq)))?;
             let payload_len = part.chunk_payload_len(c);
@@ -279,7 +270,7 @@ impl Taking {
         let committed = commit_manifest(disk, self.bufs[0], dir, &manifest);
         let mut written = self.written;
         for t in &manifest.tables {
-            if let Some(part) = parts.part(t.table) {
+            if let Some(part) = parts.part(t.table, t.owned.0) {
                 written.chunks_copied += part.snapshot_copies();
                 part.end_snapshot(committed.is_ok());
             }
@@ -297,7 +288,7 @@ impl Taking {
             tracing::warn!(shard = self.shard, error = %e, "cannot close an abandoned checkpoint's data file");
         }
         for t in &self.tables {
-            if let Some(part) = parts.part(t.table) {
+            if let Some(part) = parts.part(t.table, t.owned.0) {
                 part.end_snapshot(false);
             }
         }
