@@ -153,6 +153,12 @@ impl TablePart {
         self.step
     }
 
+    /// Takes the step of the part whose state a replica writes here: the head's, so that a
+    /// replica that becomes head goes on counting from it.
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
     fn dense_store(spec: &TableSpec, owned: &Range<u64>, updater: &dyn Updater, cfg: &EngineConfig, arena: &mut Arena) -> Result<Store> {
         let dim = spec.dim as usize;
         let keys = owned.end - owned.start;

@@ -8,8 +8,10 @@
 //! every replica holds the head's bits exactly, whatever the updater; and writing a state twice
 //! changes nothing, so a resent update is harmless.
 //!
-//! An update or snapshot is a list of records: `table u32, advances u32, start u64, end u64`,
-//! then `advances` times `worker u32, 0u32, clock u64`. For a dense table, the keys'
+//! An update or snapshot is a list of records: `table u32, advances u32, start u64, end u64,
+//! step u64` (the pushes the head's part has applied: Adam's bias correction counts them, and a
+//! replica that becomes head goes on from there), then `advances` times `worker u32, 0u32,
+//! clock u64`. For a dense table, the keys'
 //! exported state follows ([`TablePart::export_keys`]). For a sparse table, `keys u64`, that
 //! many keys inside `[start, end)` in increasing order, then their records
 //! ([`TablePart::export_listed`]). A snapshot of a sparse range lists every key the part holds
@@ -63,6 +65,7 @@ type Span = (u32, Range<u64>, Vec<(u32, u64)>, Vec<u64>);
 struct Rec<'a> {
     table: u32,
     keys: Range<u64>,
+    step: u64,
     advances: Vec<(u32, u64)>,
     /// A sparse table's keys, whose records `state` holds; `None` for a dense table.
     listed: Option<Vec<u64>>,
@@ -256,10 +259,11 @@ fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<R
         let mut out = Vec::new();
         let mut left = bytes.len();
         while left > 0 {
-            let head = take(24)?;
+            let head = take(32)?;
             let table = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
             let n = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
             let keys = le(&head[8..16])..le(&head[16..24]);
+            let step = le(&head[24..32]);
             // A table this server lacks: it missed the table's creation (see `missing_table`).
             tables.get(table).ok_or(EngineError::UnknownTable { table })?;
             let part = tables.at(table, range.0).ok_or_else(|| corrupt(format!("keys {keys:?} of table {table}, which has none in the range")))?;
@@ -298,8 +302,8 @@ fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<R
             if state.chunks_exact(4).any(|f| !f32::from_le_bytes(f.try_into().expect("4 bytes")).is_finite()) {
                 return Err(corrupt(format!("a value of table {table} keys {keys:?} is not finite")));
             }
-            left -= 24 + 16 * n + listed.as_ref().map_or(0, |l| 8 + 8 * l.len()) + state.len();
-            out.push(Rec { table, keys, advances, listed, state });
+            left -= 32 + 16 * n + listed.as_ref().map_or(0, |l| 8 + 8 * l.len()) + state.len();
+            out.push(Rec { table, keys, step, advances, listed, state });
         }
         // New sparse keys must all fit, counted together, before any is inserted.
         let mut new_keys: Vec<(u32, Vec<u64>)> = Vec::new();
@@ -333,6 +337,8 @@ fn apply_to(tables: &mut Tables, range: RangeId, bytes: &[u8], whole: bool) -> R
         }
         for rec in records {
             let part = tables.at_mut(rec.table, range.0).expect("checked by records()");
+            // A snapshot's step is the range's; an update resent after a newer one counts nothing.
+            part.set_step(if whole { rec.step } else { rec.step.max(part.step()) });
             for (worker, clock) in rec.advances {
                 if let Err(e) = part.advance_clock(rec.keys.clone(), worker, clock) {
                     tracing::error!(error = %e, table = rec.table, "a replicated clock advance failed; stamps may lag");
@@ -359,6 +365,7 @@ fn put_record(part: &TablePart, keys: Range<u64>, advances: &[(u32, u64)], liste
     out.extend_from_slice(&(advances.len() as u32).to_le_bytes());
     out.extend_from_slice(&keys.start.to_le_bytes());
     out.extend_from_slice(&keys.end.to_le_bytes());
+    out.extend_from_slice(&part.step().to_le_bytes());
     for (worker, clock) in advances {
         out.extend_from_slice(&worker.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
@@ -538,6 +545,8 @@ mod tests {
         next.apply_delta(RangeId(r), &delta).unwrap();
         assert_eq!(state(&next, r), state(&head, r));
         assert_eq!(state(&next, r).0, vec![k(0), k(1), k(2)]);
+        // It counts the head's pushes, as Adam's bias correction does, should it become head.
+        assert_eq!((next.tables.at(0, r).unwrap().step(), head.tables.at(0, r).unwrap().step()), (2, 2));
         // Applying the same update again changes nothing.
         next.apply_delta(RangeId(r), &delta).unwrap();
         assert_eq!(state(&next, r), state(&head, r));
@@ -550,6 +559,7 @@ mod tests {
         push(&mut stale, 2, &[other], 3, 1);
         let kept = state(&stale, 2);
         stale.install(RangeId(r), &head.snapshot(RangeId(r))).unwrap();
+        assert_eq!(stale.tables.at(0, r).unwrap().step(), 2, "a snapshot carries the head's step");
         // It keeps k(5) in its table, at its initial record: what the head exports for it too.
         let mut want = Vec::new();
         head.tables.at(0, r).unwrap().export_listed(&[k(0), k(1), k(2), k(5)], &mut want).unwrap();
@@ -615,7 +625,7 @@ mod tests {
         push(&mut head, r, &[keys.start + 5, keys.start + 9], 0, 1);
         let mut delta = Vec::new();
         head.seal(RangeId(r), &mut delta, true);
-        let listed_at = 24 + 16; // header, one advance, then the key count
+        let listed_at = 32 + 16; // header, one advance, then the key count
         let mut swapped = delta.clone();
         swapped.copy_within(listed_at + 8..listed_at + 16, listed_at + 16);
         let mut many = delta.clone();
