@@ -167,8 +167,8 @@ impl ServerProc {
         ServerProc::spawn_tool("coordinator", addr, args, &[]).unwrap_or_else(|log| panic!("tessera coordinator on {addr} {args:?} did not start:\n{log}"))
     }
 
-    /// Spawns the server and waits for it to listen; on failure returns its log.
-    fn spawn(addr: &str, args: &[&str]) -> Result<ServerProc, String> {
+    /// Spawns the server on `addr` and waits for it to listen; on failure returns its log.
+    pub fn spawn(addr: &str, args: &[&str]) -> Result<ServerProc, String> {
         ServerProc::spawn_tool("server", addr, args, &[])
     }
 

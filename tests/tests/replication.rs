@@ -1219,3 +1219,72 @@ fn memory_per_server_falls_as_servers_join() {
     reader.pull_range(&big, 0, &mut got).and_then(|t| t.wait()).expect("pull");
     assert!(got == values, "the values pushed before the servers joined are not all there");
 }
+
+/// A replicated server whose log is damaged (bytes flipped in records that later commits
+/// follow, so acknowledged updates are behind the damage) refuses to start and says why. Started
+/// to accept the loss, it replays what precedes the damage, rejoins its chains and takes what it
+/// lacks from them: with the other two servers gone, it alone serves every sum exactly.
+#[test]
+fn a_replica_whose_log_is_damaged_is_refused_then_catches_up_from_its_chain() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-damaged-log");
+    let tables = sum_table(&dir);
+    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
+    let _coord =
+        ServerProc::coordinator_at(&coordinator[0], &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "1000"]);
+    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let data = |i: usize| dir.path().join(format!("server-{}", i + 1));
+    let start = |i: usize, extra: &[&str]| {
+        let (node, data) = ((i + 1).to_string(), data(i).display().to_string());
+        let mut args = vec!["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator[0], "--tables", &tables];
+        args.extend(["--durability", "wal", "--data-dir", &data, "--checkpoint-interval-s", "0"]);
+        args.extend(extra);
+        ServerProc::spawn(&addrs[i], &args)
+    };
+    let mut servers: Vec<ServerProc> = (0..SERVERS).map(|i| start(i, &[]).expect("a server starts")).collect();
+    wait_healed(&coordinator, None, Duration::from_secs(30));
+
+    // Pushes, each acknowledged once every member's log holds it.
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let mut pushes = vec![0usize; WORKERS as usize];
+    let client = Client::connect(&refs, worker_cfg(0)).expect("connect");
+    let (w, emb) = (client.table("w").unwrap(), client.table("emb").unwrap());
+    let (grads, keys) = ((0..KEYS).map(|k| grad(0, k)).collect::<Vec<f32>>(), sparse_keys(0));
+    for i in 0..40 {
+        client.set_clock(i + 1);
+        client.push_range(&w, 0, &grads).and_then(|t| t.wait()).expect("push");
+        client.push(&emb, &keys, &sparse_grads(0, &keys)).and_then(|t| t.wait()).expect("push");
+        pushes[0] += 1;
+    }
+    drop(client);
+
+    // Server 3 dies, and its logs take damage in their first half, before later commits.
+    let old = incarnation(&status(&coordinator).expect("status"), 3);
+    servers[2].kill();
+    let mut damaged = 0;
+    for shard in std::fs::read_dir(data(2)).unwrap().flatten().filter(|e| e.path().is_dir()) {
+        for log in std::fs::read_dir(shard.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("wal-")) {
+            let mut bytes = std::fs::read(log.path()).unwrap();
+            let pages = bytes.len() / 4096;
+            for page in 1..pages / 2 {
+                bytes[page * 4096 + 40] ^= 0x04;
+                damaged += 1;
+            }
+            std::fs::write(log.path(), bytes).unwrap();
+        }
+    }
+    assert!(damaged > 0, "server 3's logs hold too little to damage");
+    match start(2, &[]) {
+        Ok(server) => panic!("a server with a damaged log started:\n{}", server.log()),
+        Err(log) => assert!(log.contains("cannot recover") && log.contains("--accept-data-loss"), "the refusal does not say why and what to do:\n{log}"),
+    }
+
+    // Accepting the loss, it comes back and heals into every chain from its peers.
+    servers[2] = start(2, &["--accept-data-loss"]).expect("a server accepting the loss starts");
+    assert!(servers[2].log().contains("recovering past lost data"), "{}", servers[2].log());
+    let procs: Vec<&ServerProc> = servers.iter().collect();
+    wait_healed_or_dump(&coordinator, Some((3, old)), heal_within(), &procs);
+    servers[0].kill();
+    servers[1].kill();
+    check_sums(&[addrs[2].as_str()], &pushes);
+}
