@@ -155,6 +155,17 @@ fn check_runtime_table(addrs: &[&str]) {
     assert_eq!(got, want);
 }
 
+/// A coordinator for three servers keeping three replicas of four ranges, with the failure
+/// timeout given, for tests that start their servers themselves: its address (as a list, as the
+/// status helpers take it), its process, and `servers` addresses for servers.
+fn three_replica_coordinator(failure_timeout_ms: &str, servers: usize) -> (Vec<String>, ServerProc, Vec<String>) {
+    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
+    let args = ["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", failure_timeout_ms];
+    let process = ServerProc::coordinator_at(&coordinator[0], &args);
+    let addrs = (0..servers).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    (coordinator, process, addrs)
+}
+
 /// One kill test at a time: they measure pauses.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -504,10 +515,7 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication-hostile");
     let tables = sum_table(&dir);
-    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
-    let _coord =
-        ServerProc::coordinator_at(&coordinator[0], &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "500"]);
-    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let (coordinator, _coord, addrs) = three_replica_coordinator("500", SERVERS);
     let mut servers: Vec<ServerProc> = (0..SERVERS)
         .map(|i| {
             let node = (i + 1).to_string();
@@ -942,10 +950,7 @@ fn a_server_that_joins_later_makes_the_tables_made_at_run_time() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication-late-tables");
     let tables = sum_table(&dir);
-    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
-    let _coord =
-        ServerProc::coordinator_at(&coordinator[0], &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "1000"]);
-    let addrs: Vec<String> = (0..=SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let (coordinator, _coord, addrs) = three_replica_coordinator("1000", SERVERS + 1);
     let start = |i: usize, tables: Option<&str>| {
         let node = (i + 1).to_string();
         let mut args = vec!["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator[0]];
@@ -1087,10 +1092,7 @@ fn a_server_out_of_the_configuration_when_a_table_is_made_makes_it_when_it_retur
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication-missed-table");
     let tables = sum_table(&dir);
-    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
-    let _coord =
-        ServerProc::coordinator_at(&coordinator[0], &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "1000"]);
-    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let (coordinator, _coord, addrs) = three_replica_coordinator("1000", SERVERS);
     let start = |i: usize| {
         let node = (i + 1).to_string();
         ServerProc::start_at(&addrs[i], &["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator[0], "--tables", &tables])
@@ -1229,10 +1231,7 @@ fn a_replica_whose_log_is_damaged_is_refused_then_catches_up_from_its_chain() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication-damaged-log");
     let tables = sum_table(&dir);
-    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
-    let _coord =
-        ServerProc::coordinator_at(&coordinator[0], &["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", "1000"]);
-    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let (coordinator, _coord, addrs) = three_replica_coordinator("1000", SERVERS);
     let data = |i: usize| dir.path().join(format!("server-{}", i + 1));
     let start = |i: usize, extra: &[&str]| {
         let (node, data) = ((i + 1).to_string(), data(i).display().to_string());
