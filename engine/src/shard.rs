@@ -15,7 +15,7 @@ use tessera_transport::keycache::{key_list_hash, KeyLists};
 use tessera_transport::wire::{self, flags, Header, Op, HEADER_BYTES};
 use tessera_transport::{ConnId, Reply, Request, Service, ShardTransport};
 
-use tessera_layout::placement::{range_keys, range_of, ranges_of};
+use tessera_layout::placement::{range_keys, range_of};
 use tessera_replication::protocol::ClusterConfig;
 
 use crate::chain::store::{self, Replayed};
@@ -380,7 +380,8 @@ impl Shard {
                         reason: "this server is replicated: push through each range's head (a replicated client does)".into(),
                     })
                 }
-                _ => self.check_held(&h, req.body)?,
+                // Pulls are checked range by range where they are served (`pull_by_range`).
+                _ => {}
             }
         }
         let cache_flags = h.flags & (flags::KEYS_CACHED | flags::KEYS_REMEMBER);
@@ -394,8 +395,7 @@ impl Shard {
             Some(op @ (Op::Push | Op::Pull)) if h.flags & flags::KEYS_CACHED != 0 => {
                 let held = self.key_lists.get_mut(&req.conn).and_then(|l| l.touch(h.start, h.count));
                 let keys = held.map(std::mem::take).ok_or(EngineError::KeysUnknown { hash: h.start, count: h.count })?;
-                // A replicated shard checked the request's keys above; these it had to look up.
-                let served = self.check_held_keys(&h, &keys).and_then(|()| self.serve_keys(op, &h, &keys, req.body, limit, reply));
+                let served = self.serve_keys(op, &h, &keys, req.body, limit, reply);
                 if let Some(slot) = self.key_lists.get_mut(&req.conn).and_then(|l| l.touch(h.start, h.count)) {
                     *slot = keys;
                 }
@@ -492,7 +492,8 @@ impl Shard {
 
     /// A pull from a replicated shard, which holds one part per range: each run of keys of one
     /// range comes from that range's part, and the reply's stamp is the meet of the runs'
-    /// stamps. Runs are checked before the reply is built. Keys of one range that come apart
+    /// stamps. Runs are checked before the reply is built, each range held by the replica (or
+    /// the pull is refused, `NotOwned`, and the client asks again after refreshing). Keys of one range that come apart
     /// only make more runs (a client sends them grouped by range).
     fn pull_by_range(&mut self, h: &Header, pulled: Pulled<'_>, limit: usize, reply: &mut Reply<'_>) -> Result<()> {
         let ranges = self.tables.ranges().expect("a replicated shard's tables are by range");
@@ -537,10 +538,12 @@ impl Shard {
                 count
             }
         };
+        let chain = self.chain.as_ref().expect("a replicated shard");
         let mut stamp_len = 0;
         let mut from = 0;
         for &(range, to) in &runs {
-            let part = self.tables.at(h.table, range).ok_or(EngineError::RangeNotHeld { range })?;
+            // Only a range the replica holds now is served: a learner's part is not there yet.
+            let part = self.tables.at(h.table, range).filter(|_| chain.holds(range)).ok_or_else(|| not_held(range))?;
             match pulled {
                 Pulled::Keys(keys) => part.check_pull(&keys[from..to]).map(drop)?,
                 Pulled::Span { start, .. } => part.check_pull_range(start + from as u64, to - from).map(drop)?,
@@ -622,45 +625,6 @@ impl Shard {
     fn log(&mut self, record: Option<Record<'_>>, reply: &mut Reply<'_>) {
         if let (Some(record), Some(disk)) = (record, self.disk.as_mut()) {
             reply.hold_until(disk.append(record));
-        }
-    }
-}
-
-impl Shard {
-    /// On a replicated shard, refuses a pull of keys in a range its replica does not hold.
-    fn check_held(&self, h: &Header, body: &[u8]) -> Result<()> {
-        let (Some(chain), Some(part)) = (self.chain.as_ref(), self.tables.get(h.table)) else {
-            return Ok(());
-        };
-        let spec = &part.spec;
-        let inside = |k: u64| spec.start <= k && k < spec.end;
-        let keys: &[u64] = match h.op() {
-            Some(Op::PullRange) if h.count > 0 && inside(h.start) && inside(h.start.saturating_add(h.count as u64 - 1)) => {
-                let (first, last) = (range_of(spec, chain.ranges(), h.start), range_of(spec, chain.ranges(), h.start + h.count as u64 - 1));
-                return match (first..=last).find(|r| !chain.holds(*r)) {
-                    Some(r) => Err(not_held(r)),
-                    None => Ok(()),
-                };
-            }
-            Some(Op::Pull) if h.flags & flags::KEYS_CACHED == 0 => wire::cast_slice::<u64>(body, "keys").unwrap_or_default(),
-            _ => return Ok(()), // the engine's own checks refuse it, or the keys are looked up first
-        };
-        self.check_held_keys(h, keys)
-    }
-
-    /// On a replicated shard, refuses a pull of `keys` if one is in a range its replica does
-    /// not hold.
-    fn check_held_keys(&self, h: &Header, keys: &[u64]) -> Result<()> {
-        let (Some(chain), Some(part)) = (self.chain.as_ref(), self.tables.get(h.table)) else {
-            return Ok(());
-        };
-        let spec = &part.spec;
-        if keys.iter().any(|k| *k < spec.start || *k >= spec.end) {
-            return Ok(()); // the engine's own checks refuse it
-        }
-        match ranges_of(spec, chain.ranges(), keys).find(|r| !chain.holds(*r)) {
-            Some(r) => Err(not_held(r)),
-            None => Ok(()),
         }
     }
 }
