@@ -14,13 +14,15 @@
 //! dense table with Adam, a sparse one, and a dense one of two chunks) places with exactly that
 //! spec and range; anything else is refused before memory is mapped.
 
-use tessera_engine::arena::Arena;
+use std::cell::RefCell;
+use std::sync::Arc;
+
 use tessera_engine::config::{CHECKPOINT_BUFFER_BYTES, IO_ALIGN_BYTES};
 use tessera_engine::persist::checkpoint::store::{self, ChunkSource, Taking};
 use tessera_engine::persist::checkpoint::{ChunkHeader, ChunkRef, Manifest, PartManifest, CHUNK_MAGIC};
 use tessera_engine::persist::disk::{BufId, Disk, DiskConfig};
-use tessera_engine::shard::{part_for_checkpoint, Placed};
 use tessera_engine::table::TablePart;
+use tessera_engine::tables::Tables;
 use tessera_engine::{EngineConfig, EngineError, Result, UpdaterRegistry};
 use tessera_layout::{TableKind, TableSpec};
 use zerocopy::FromBytes;
@@ -46,17 +48,23 @@ fn engine_config() -> EngineConfig {
     EngineConfig { shards: 1, pin_cores: false, workers_max: 4, ..EngineConfig::default() }
 }
 
+thread_local! {
+    /// The shard's tables as its catalog makes them, made once.
+    static TABLES: RefCell<Tables> = RefCell::new({
+        let mut tables = Tables::new(0, Arc::new(engine_config()), None);
+        for (id, spec, owned) in catalog() {
+            let updater = UpdaterRegistry::new().build(&spec.updater).expect("the catalog's updaters");
+            tables.add(id, spec, owned.0..owned.1, updater, |_| true).expect("the catalog's tables");
+        }
+        tables
+    });
+}
+
 /// Makes a fresh part for a manifest's table with the shard's own recovery check
-/// (`shard::part_for_checkpoint`): it refuses a table the catalog does not place with the same
+/// (`Tables::part_for_checkpoint`): it refuses a table the catalog does not place with the same
 /// spec and range.
 fn build(m: &PartManifest) -> Result<TablePart> {
-    let mut placed: Vec<Placed> = Vec::new();
-    for (id, spec, owned) in catalog() {
-        placed.resize_with(placed.len().max(id as usize + 1), || None);
-        let updater = UpdaterRegistry::new().build(&spec.updater)?;
-        placed[id as usize] = Some((spec, owned.0..owned.1, updater));
-    }
-    part_for_checkpoint(m, &placed, 0, &engine_config(), &mut Arena::default())
+    TABLES.with(|tables| tables.borrow_mut().part_for_checkpoint(m))
 }
 
 /// Data files as extents of bytes; what no extent covers is zeros.
