@@ -37,10 +37,21 @@ pub fn tessera_bin() -> PathBuf {
     bin
 }
 
-/// A port on 127.0.0.1 that was free a moment ago: bound, read and released.
+/// A port on 127.0.0.1 that was free a moment ago: bound, read and released; never one this
+/// process was given before. (The kernel may hand a released port out again at once: a test
+/// that took ports for a coordinator and its servers before starting any got the same one
+/// twice, and a server failed to bind.)
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("a bound address").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("a bound address").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A directory under the system's temp dir, removed on drop.
