@@ -492,10 +492,20 @@ impl Shard {
 
     /// A pull from a replicated shard, which holds one part per range: each run of keys of one
     /// range comes from that range's part, and the reply's stamp is the meet of the runs'
-    /// stamps. Runs are checked before the reply is built, each range held by the replica (or
-    /// the pull is refused, `NotOwned`, and the client asks again after refreshing). Keys of one range that come apart
-    /// only make more runs (a client sends them grouped by range).
+    /// stamps. Every run is checked before the reply is built: its keys are its range's, which
+    /// are its part's, and the replica holds the range (or the pull is refused, `NotOwned`, and
+    /// the client asks again after refreshing). Keys of one range that come apart only make
+    /// more runs (a client sends them grouped by range).
     fn pull_by_range(&mut self, h: &Header, pulled: Pulled<'_>, limit: usize, reply: &mut Reply<'_>) -> Result<()> {
+        let mut runs = std::mem::take(&mut self.runs_scratch);
+        let served = self.pull_runs(h, pulled, limit, reply, &mut runs);
+        self.runs_scratch = runs;
+        served
+    }
+
+    /// [`pull_by_range`](Self::pull_by_range), with `runs` to fill: per run, its range and
+    /// where it ends (an index into the keys, or an offset into the span).
+    fn pull_runs(&mut self, h: &Header, pulled: Pulled<'_>, limit: usize, reply: &mut Reply<'_>, runs: &mut Vec<(u32, usize)>) -> Result<()> {
         let ranges = self.tables.ranges().expect("a replicated shard's tables are by range");
         let table = self.tables.get(h.table).ok_or(EngineError::UnknownTable { table: h.table })?;
         let spec = &table.spec;
@@ -503,8 +513,6 @@ impl Shard {
             return Err(EngineError::WrongDim { table: h.table, table_dim: spec.dim, request_dim: h.dim });
         }
         let outside = |key: u64| EngineError::KeyOutOfRange { table: h.table, key, range: spec.start..spec.end };
-        // Each run: its range, and where it ends (an index into the keys, or a key of the span).
-        let mut runs = std::mem::take(&mut self.runs_scratch);
         runs.clear();
         let values = match pulled {
             Pulled::Keys(keys) => {
@@ -540,16 +548,10 @@ impl Shard {
         };
         let chain = self.chain.as_ref().expect("a replicated shard");
         let mut stamp_len = 0;
-        let mut from = 0;
-        for &(range, to) in &runs {
+        for &(range, _) in runs.iter() {
             // Only a range the replica holds now is served: a learner's part is not there yet.
             let part = self.tables.at(h.table, range).filter(|_| chain.holds(range)).ok_or_else(|| not_held(range))?;
-            match pulled {
-                Pulled::Keys(keys) => part.check_pull(&keys[from..to]).map(drop)?,
-                Pulled::Span { start, .. } => part.check_pull_range(start + from as u64, to - from).map(drop)?,
-            }
             stamp_len = stamp_len.max(part.stamp_len());
-            from = to;
         }
         let dim = h.dim as usize;
         check_reply(stamp_len, values * dim, limit)?;
@@ -557,7 +559,7 @@ impl Shard {
         let scratch = &mut self.stamp_scratch;
         scratch.resize(stamp_len, 0);
         let mut from = 0;
-        for &(range, to) in &runs {
+        for &(range, to) in runs.iter() {
             let part = self.tables.at_mut(h.table, range).expect("checked above");
             let out = &mut out[from * dim..to * dim];
             let span = match pulled {
@@ -580,7 +582,6 @@ impl Shard {
             }
             from = to;
         }
-        self.runs_scratch = runs;
         Ok(())
     }
 

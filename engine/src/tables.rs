@@ -131,10 +131,7 @@ impl Tables {
         for (id, table) in self.tables.iter().enumerate() {
             let Some(table) = table.as_ref().filter(|t| t.parts[range as usize].is_none()) else { continue };
             let Some(keys) = range_of_span(table, ranges, range) else { continue };
-            match make(arena, cfg, shard, id as u32, table, keys, SparseRoom::RangeShare { ranges }) {
-                Ok(part) => made.push(part),
-                Err(e) => return Err(EngineError::ArenaMap { bytes: 0, reason: format!("no memory for range {range} of table {id}: {e}") }),
-            }
+            made.push(make(arena, cfg, shard, id as u32, table, keys, SparseRoom::RangeShare { ranges })?);
         }
         for part in made {
             let table = self.tables[part.id as usize].as_mut().expect("a table just read");

@@ -11,8 +11,7 @@
 //! An update or snapshot is a list of records: `table u32, advances u32, start u64, end u64,
 //! step u64` (the pushes the head's part has applied: Adam's bias correction counts them, and a
 //! replica that becomes head goes on from there), then `advances` times `worker u32, 0u32,
-//! clock u64`. For a dense table, the keys'
-//! exported state follows ([`TablePart::export_keys`]). For a sparse table, `keys u64`, that
+//! clock u64`. For a dense table, the keys' exported state follows ([`TablePart::export_keys`]). For a sparse table, `keys u64`, that
 //! many keys inside `[start, end)` in increasing order, then their records
 //! ([`TablePart::export_listed`]). A snapshot of a sparse range lists every key the part holds
 //! there, and the replica installing it forgets the keys it does not list.
@@ -127,7 +126,6 @@ pub fn replay(tables: &mut Tables, ranges: u32, replayed: &mut Replayed, found: 
         return Ok(());
     }
     let bytes = replayed.pieces.remove(&range).unwrap_or_default();
-    tables.hold(range)?;
     apply_to(tables, RangeId(range), &bytes, flags & replica_flags::WHOLE != 0).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
     replayed.ranges.insert(range, (version, clock.to_vec()));
     Ok(())
@@ -228,10 +226,8 @@ impl ChainStore {
         Ok(h)
     }
 
-    /// Applies an update, or a snapshot (`whole`), to the lent tables: see [`apply_to`]. The
-    /// range's parts are made first if this shard lacks them (it is in the range's chain).
+    /// Applies an update, or a snapshot (`whole`), to the lent tables: see [`apply_to`].
     fn apply(&mut self, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
-        self.tables.hold(range.0).map_err(|e| e.to_string())?;
         apply_to(&mut self.tables, range, bytes, whole).map_err(|e| match e {
             EngineError::UnknownTable { table } => {
                 self.missing_table = true;
@@ -326,8 +322,10 @@ fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<R
 /// blocks). One whose records do not all fit the parts (a corrupt or hostile message, or a
 /// server of another build) is refused before anything of it is applied: half of it would
 /// make the replicas differ.
+/// The range's parts are made first if this shard lacks them: it is in the range's chain.
 fn apply_to(tables: &mut Tables, range: RangeId, bytes: &[u8], whole: bool) -> Result<()> {
     {
+        tables.hold(range.0)?;
         let records = records(tables, range, bytes)?;
         if whole {
             // A snapshot lists every key of the range a sparse table holds; forget the others.
