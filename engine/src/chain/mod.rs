@@ -423,6 +423,10 @@ impl ChainShard {
                 return Err(bad(format!("a worker may only push, not send a {} message", msg.kind())));
             };
             let h = ChainStore::check_push(tables, self.rcfg.ranges, *range, payload)?;
+            if tables.at(h.table, range.0).is_none() && self.replica.heads().any(|(r, _)| r == *range) {
+                // A head without memory for its range (making it failed): refused, not applied.
+                return Err(EngineError::RangeNotHeld { range: range.0 });
+            }
             if w.0 != worker || h.worker != worker {
                 return Err(bad(format!("worker {worker} sent a push signed by worker {} (payload {})", w.0, h.worker)));
             }

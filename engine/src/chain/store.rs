@@ -189,8 +189,12 @@ impl ChainStore {
         if range_keys(&table.spec, ranges, range.0).is_empty() && h.range_done {
             return Err(bad(format!("range {range} holds no keys of table {}: nothing to complete a clock on", h.table)));
         }
-        // A head holds a part of each table for each range it heads (see `Tables::hold`).
-        let part = tables.at(h.table, range.0).ok_or(EngineError::RangeNotHeld { range: range.0 })?;
+        let Some(part) = tables.at(h.table, range.0) else {
+            // Not a range this shard holds, so not one its replica heads (a head holds a part
+            // of each table for each range it heads, `Tables::hold`): the replica answers
+            // NotHead and applies nothing ([`ChainShard::serve_worker`] checks the head).
+            return Ok(h);
+        };
         let keys = part.owned();
         if h.count == 0 && !h.range_done {
             return Err(bad("a push of no keys".into()));
@@ -641,6 +645,15 @@ mod tests {
         assert!(ChainStore::check_push(&head.tables, RANGES, RangeId(r), &outside).unwrap_err().to_string().contains("not in range"));
         let ranged = PushHeader { listed: false, start: keys.start, ..h }.payload(&[1.0, 1.0]);
         assert!(ChainStore::check_push(&head.tables, RANGES, RangeId(r), &ranged).unwrap_err().to_string().contains("range push"));
+        // A push to a range the shard holds no part of passes to the replica, which is not its
+        // head and answers NotHead without applying it.
+        let updater = UpdaterRegistry::new().build(&spec.updater).unwrap();
+        let mut elsewhere = ChainStore::new(RANGES);
+        elsewhere.tables = Tables::new(0, Arc::new(EngineConfig::default()), Some(RANGES));
+        elsewhere.tables.add(0, spec.clone(), spec.start..spec.end, updater, |r| r != 3).unwrap();
+        let other = h.keyed_payload(&[range_keys(&spec, RANGES, 3).start], &[1.0, 1.0]);
+        assert!(elsewhere.tables.at(0, 3).is_none());
+        ChainStore::check_push(&elsewhere.tables, RANGES, RangeId(3), &other).expect("left to the replica");
         let dense_spec = TableSpec::new("d", TableKind::Dense, 0, 64, 2);
         let dense = store(&dense_spec);
         let listed = h.keyed_payload(&[3], &[1.0, 1.0]);
