@@ -71,6 +71,8 @@ pub struct ChainStats {
     pub rerouted: u64,
     /// Pull pieces retried.
     pub pull_retries: u64,
+    /// Dense range pieces read one-sidedly (RDMA READs of the tail's blocks).
+    pub one_sided_reads: u64,
     /// Requests sent by a key list's hash that a server shard no longer held (it keeps fewer
     /// lists than the client's `key_cache_keys` assumes), sent again with their keys.
     pub keys_unknown: u64,
@@ -81,6 +83,13 @@ pub struct ChainStats {
     /// too large for a slot).
     pub rdma_calls: u64,
     pub tcp_calls: u64,
+}
+
+/// A cluster view (`Op::ClusterConfig`'s reply body) and the server that gave it.
+#[derive(Debug)]
+pub(crate) struct ViewFrom {
+    pub addr: String,
+    pub view: Vec<u8>,
 }
 
 /// A table as a push or pull names it: its id on every server, and its definition.
@@ -123,6 +132,8 @@ pub(crate) struct Chain {
     payload: Vec<u8>,
     /// A push a head refused outright, for the next settle to report.
     refused: Option<ClientError>,
+    /// The stamp of the last one-sided read.
+    read_stamp: Vec<u64>,
     /// Per range: whether the pushes are numbered on from the head's count of this worker's
     /// pushes (see [`count_pushes`](Self::count_pushes)).
     counted: Vec<bool>,
@@ -139,14 +150,15 @@ impl Chain {
     /// to [`CALL_TIMEOUT`]) for the cluster to have a configuration; returns the catalog of
     /// tables too. Pushes and pulls go over `cfg.kind`'s transport: with RDMA, each frame that
     /// fits a slot goes through the queue pair, and a larger one over the link's TCP
-    /// connection. `chosen` is the transport the client chose for this process.
-    pub fn connect(servers: &[&str], cfg: &ClientConfig, chosen: Chosen) -> Result<(Self, Catalog)> {
+    /// connection. `chosen` is the transport the client chose for this process. `known` is a
+    /// cluster view one of `servers` already gave (it is not asked for it again).
+    pub fn connect(servers: &[&str], cfg: &ClientConfig, chosen: Chosen, mut known: Option<ViewFrom>) -> Result<(Self, Catalog)> {
         let required = cfg.kind == tessera_transport::TransportKind::Rdma;
         let dialer = Dialer { cfg: cfg.transport.clone(), chosen, rdma: cfg.rdma.clone(), required };
         let seeds: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
         let deadline = Instant::now() + CALL_TIMEOUT;
         let (view, info, catalog) = loop {
-            match Self::fetch(&seeds, &dialer.cfg) {
+            match Self::fetch(&seeds, &dialer.cfg, known.take()) {
                 Ok((view, Some(info), Some(catalog))) if view.config.is_some() => break (view, info, catalog),
                 Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
                 Ok(_) => return Err(ClientError::Unavailable { reason: "the cluster has no configuration yet".into() }),
@@ -174,6 +186,7 @@ impl Chain {
             groups: RangeGroups::default(),
             payload: Vec::new(),
             refused: None,
+            read_stamp: Vec::new(),
             counted: vec![false; ranges as usize],
             started: Instant::now(),
             stats: ChainStats::default(),
@@ -242,11 +255,15 @@ impl Chain {
     }
 
     /// The cluster view, a server's self-description and its catalog, from the first of `seeds`
-    /// that answers.
-    fn fetch(seeds: &[String], transport: &TransportConfig) -> Result<(ClusterView, Option<ServerInfo>, Option<Catalog>)> {
+    /// that answers; the view `known` names is taken as its server's answer.
+    fn fetch(seeds: &[String], transport: &TransportConfig, mut known: Option<ViewFrom>) -> Result<(ClusterView, Option<ServerInfo>, Option<Catalog>)> {
         let mut last = None;
         for addr in seeds {
-            let asked = ask(addr, Op::ClusterConfig, &[], transport).and_then(|view| {
+            let view = match known.take_if(|k| k.addr == *addr) {
+                Some(k) => Ok(k.view),
+                None => ask(addr, Op::ClusterConfig, &[], transport),
+            };
+            let asked = view.and_then(|view| {
                 let (_, info) = TcpLink::connect(addr, tessera_transport::CONTROL_SHARD, u32::MAX, transport)?;
                 let catalog = ask(addr, Op::Catalog, &[], transport)?;
                 Ok((view, info, catalog))
@@ -811,8 +828,64 @@ impl Chain {
             return Err(ClientError::Length { what: "the output", table: table.spec.name.clone(), keys, dim, got: out.len(), want });
         }
         let pieces = self.pieces(table, start, (out.len() / dim) as u64)?;
-        let left: BTreeMap<u32, Keys> = pieces.into_iter().map(|(range, lo, hi)| (range, Keys::Range(lo, hi))).collect();
-        self.pull_ranges(table, left, Listed { keys: &[], groups: &RangeGroups::default() }, |k| (k - start) as usize, out)
+        self.refresh_if_old();
+        let mut stamp = Stamp::default();
+        let mut first = true;
+        let mut left = BTreeMap::new();
+        for (range, lo, hi) in pieces {
+            let values = &mut out[(lo - start) as usize * dim..(hi - start) as usize * dim];
+            if self.read_one_sided(table, range, lo, values) {
+                stamp.meet(self.read_stamp.iter().copied(), first);
+                first = false;
+            } else {
+                left.insert(range, Keys::Range(lo, hi));
+            }
+        }
+        if left.is_empty() {
+            return Ok(stamp);
+        }
+        let rest = self.pull_ranges(table, left, Listed { keys: &[], groups: &RangeGroups::default() }, |k| (k - start) as usize, out)?;
+        stamp.meet(rest.clocks().iter().copied(), first);
+        Ok(stamp)
+    }
+
+    /// Reads dense keys `[lo, lo + values.len() / dim)` of `range` into `values` straight from
+    /// the memory of the range's tail (RDMA READs, torn copies read again), leaving their stamp
+    /// in `read_stamp`; false, with nothing read, when the link to the tail cannot (TCP, or the
+    /// tail exposes no such part yet) or failed: the piece is then pulled with a request, which
+    /// retries and reports. A tail that left the chain has stopped exposing the range's part;
+    /// a read that raced with that fails, and takes the link down with it.
+    fn read_one_sided(&mut self, table: ChainTable<'_>, range: u32, lo: u64, values: &mut [f32]) -> bool {
+        if matches!(self.dialer.chosen, Chosen::Tcp) {
+            return false;
+        }
+        let Some((addr, shard)) = self.tail_of(range) else { return false };
+        let key = LinkKey { addr, shard, lane: Lane::Pull };
+        let mut stamp = std::mem::take(&mut self.read_stamp);
+        let read = match self.link(&key) {
+            Ok(link) => link.caller.one_sided().map(|o| o.read_dense(table.id, lo, table.spec.dim, values, &mut stamp)),
+            Err(_) => None,
+        };
+        self.read_stamp = stamp;
+        match read.unwrap_or(Ok(false)) {
+            Ok(read) => {
+                if read {
+                    self.stats.one_sided_reads += 1;
+                    self.stats.bytes_received += (values.len() * 4) as u64;
+                }
+                read
+            }
+            Err(e) => {
+                tracing::debug!(addr = key.addr, error = %e, "a one-sided read failed; the link is dropped and the piece pulled");
+                self.links.remove(&key);
+                false
+            }
+        }
+    }
+
+    /// Block copies one-sided reads found torn and read again, over the links open now.
+    pub fn torn_reads(&self) -> u64 {
+        self.links.values().map(|l| l.caller.torn_reads()).sum()
     }
 
     /// Pulls the values of `keys` into `out` (`dim` per key), each range from its chain's tail:

@@ -11,7 +11,7 @@ use tessera_layout::TableKind;
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::{Chosen, Header, Link, Op, PushBuffer, Status, TransportError, CONTROL_SHARD};
 
-use crate::chain::{Chain, ChainTable};
+use crate::chain::{Chain, ChainTable, ViewFrom};
 use crate::error::{ClientError, Result};
 use crate::ticket::{server_error, Resend, Stamp, Sub, Ticket};
 use crate::{Client, ClientConfig, Table};
@@ -129,16 +129,17 @@ fn dial(addr: &str, cfg: &ClientConfig, chosen: &Chosen) -> Result<ServerLinks> 
 }
 
 /// Whether `addrs` name a replicated cluster: the first server that answers says whether it
-/// has a cluster configuration. When none answers, the caller's connection attempt reports why.
-fn replicated(addrs: &[&str], cfg: &ClientConfig) -> bool {
+/// has a cluster configuration, and if so, its answer is the first view the chain starts from.
+/// When none answers, the caller's connection attempt reports why.
+fn replicated(addrs: &[&str], cfg: &ClientConfig) -> Option<ViewFrom> {
     for addr in addrs {
         match tessera_transport::ask(addr, Op::ClusterConfig, &[], &cfg.transport) {
-            Ok(_) => return true,
-            Err(TransportError::Refused { .. }) => return false,
+            Ok(view) => return Some(ViewFrom { addr: addr.to_string(), view }),
+            Err(TransportError::Refused { .. }) => return None,
             Err(_) => continue,
         }
     }
-    false
+    None
 }
 
 /// The keys a call on a replicated cluster names: listed keys (with whether a push completes
@@ -201,8 +202,8 @@ impl Core {
     pub fn connect(addrs: &[&str], cfg: ClientConfig) -> Result<Core> {
         let chosen = tessera_transport::select::choose(cfg.kind, &cfg.rdma)?;
         let chain = match replicated(addrs, &cfg) {
-            true => Some(Chain::connect(addrs, &cfg, chosen.clone())?),
-            false => None,
+            Some(view) => Some(Chain::connect(addrs, &cfg, chosen.clone(), Some(view))?),
+            None => None,
         };
         let servers = match chain {
             Some(_) => Vec::new(),
@@ -937,7 +938,8 @@ impl Core {
 
     /// Block copies the links found torn and read again.
     pub fn torn_reads(&self) -> u64 {
-        self.servers.iter().flat_map(|s| &s.shards).filter_map(|s| s.link.one_sided_ref()).map(|o| o.torn_reads()).sum()
+        let chained = self.chain().map_or(0, Chain::torn_reads);
+        chained + self.servers.iter().flat_map(|s| &s.shards).filter_map(|s| s.link.one_sided_ref()).map(|o| o.torn_reads()).sum::<u64>()
     }
 
     /// Waits for the reply to request `id` on one shard and hands it to `take`. Replies to other

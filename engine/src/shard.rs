@@ -178,6 +178,10 @@ impl Shard {
             if let Some(chain) = self.chain.as_mut() {
                 chain.pump(&mut self.tables, &mut self.disk);
             }
+            if self.tables.exposures_pending() {
+                // Parts made or freed while serving: the next poll's wake hands them over.
+                transport.waker().wake();
+            }
             // Start the commit of what was just served before sleeping again.
             self.pump_disk_and_chain();
         }
@@ -286,12 +290,7 @@ impl Shard {
             None => disk.recover(&mut self.tables, None)?,
         };
         // Parts loaded from a checkpoint replaced the fresh ones: show workers the new memory.
-        for t in self.tables.parts() {
-            if let Some(view) = t.dense_view() {
-                expose(Exposure::Remove { table: t.id });
-                expose(Exposure::Add(view));
-            }
-        }
+        self.tables.exposures().for_each(&mut *expose);
         Ok(Some(report))
     }
 
@@ -305,11 +304,6 @@ impl Shard {
                 self.metrics.add_table(id, &spec.name);
                 let chain = self.chain.as_ref();
                 let result = self.tables.add(id, spec, part.start..part.end, updater, |r| chain.is_some_and(|c| c.in_chain(r)));
-                // An unreplicated shard's dense part may be read one-sided (replicated clusters
-                // pull through the chains).
-                if let Some(view) = self.tables.whole(id).filter(|_| self.chain.is_none()).and_then(|t| t.dense_view()) {
-                    expose(Exposure::Add(view));
-                }
                 let _ = done.send(result);
             }
             ShardControl::DropTable { id } => {
@@ -318,9 +312,7 @@ impl Shard {
                     disk.abandon_checkpoint(&mut self.tables);
                     self.checkpoint_ended(Err(EngineError::Io(format!("table {id} was dropped while the checkpoint was written"))));
                 }
-                if self.tables.remove(id).is_some() && self.chain.is_none() {
-                    expose(Exposure::Remove { table: id });
-                }
+                self.tables.remove(id);
             }
             ShardControl::Stats { done } => {
                 let _ = done.send(self.stats());
@@ -692,6 +684,9 @@ impl Service for Shard {
         while let Ok(msg) = self.control.try_recv() {
             self.control(msg, expose);
         }
+        // Dense parts made or freed since (by control messages, or by a replicated shard's
+        // chains as ranges come and go): workers read what the transport is told of.
+        self.tables.exposures().for_each(expose);
     }
 
     fn durable(&self) -> u64 {

@@ -8,12 +8,17 @@
 //!
 //! A part freed while a checkpoint is being written stays, retired, until the checkpoint no
 //! longer reads it ([`Tables::free_retired`]).
+//!
+//! Every dense part made, replaced or freed is noted for the shard's transport
+//! ([`Tables::exposures`]): workers read dense parts one-sidedly over RDMA, each part by its
+//! table and first key.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use tessera_layout::catalog::TableSpec;
 use tessera_layout::placement::range_keys;
+use tessera_transport::expose::Exposure;
 
 use crate::arena::Arena;
 use crate::config::EngineConfig;
@@ -46,6 +51,8 @@ pub struct Tables {
     tables: Vec<Option<Table>>,
     /// Parts freed while a checkpoint was being written.
     retired: Vec<TablePart>,
+    /// Dense parts made, replaced or freed since the transport was last told.
+    exposures: Vec<Exposure>,
 }
 
 impl Default for Tables {
@@ -57,7 +64,32 @@ impl Default for Tables {
 impl Tables {
     /// No tables yet; `ranges` is the cluster's replication ranges on a replicated shard.
     pub fn new(shard: u16, cfg: Arc<EngineConfig>, ranges: Option<u32>) -> Self {
-        Self { shard, cfg, arena: Arena::default(), ranges, tables: Vec::new(), retired: Vec::new() }
+        Self { shard, cfg, arena: Arena::default(), ranges, tables: Vec::new(), retired: Vec::new(), exposures: Vec::new() }
+    }
+
+    /// Changes to the dense parts workers may read, since the last call, for the shard's
+    /// transport: a part made or replaced is added, a part freed removed.
+    pub fn exposures(&mut self) -> std::vec::Drain<'_, Exposure> {
+        self.exposures.drain(..)
+    }
+
+    /// Whether there are [`exposures`](Self::exposures) to hand over.
+    pub fn exposures_pending(&self) -> bool {
+        !self.exposures.is_empty()
+    }
+
+    /// Notes a part made, or put in place of another of the same keys.
+    fn placed(exposures: &mut Vec<Exposure>, part: &TablePart) {
+        if let Some(view) = part.dense_view() {
+            exposures.push(Exposure::Add(view));
+        }
+    }
+
+    /// Notes a part freed.
+    fn freed(exposures: &mut Vec<Exposure>, part: &TablePart) {
+        if part.dense_view().is_some() {
+            exposures.push(Exposure::Remove { table: part.id, start: part.owned().start });
+        }
     }
 
     /// The cluster's replication ranges, on a replicated shard.
@@ -92,6 +124,7 @@ impl Tables {
                 }
             }
         }
+        table.parts.iter().flatten().for_each(|p| Self::placed(&mut self.exposures, p));
         if self.tables.len() <= id as usize {
             self.tables.resize_with(id as usize + 1, || None);
         }
@@ -101,7 +134,9 @@ impl Tables {
 
     /// Removes table `id` and its parts.
     pub fn remove(&mut self, id: u32) -> Option<Table> {
-        self.tables.get_mut(id as usize)?.take()
+        let table = self.tables.get_mut(id as usize)?.take()?;
+        table.parts.iter().flatten().for_each(|p| Self::freed(&mut self.exposures, p));
+        Some(table)
     }
 
     /// An unreplicated shard's part of table `id` (`None` on a replicated shard).
@@ -134,6 +169,7 @@ impl Tables {
             made.push(make(arena, cfg, shard, id as u32, table, keys, SparseRoom::RangeShare { ranges })?);
         }
         for part in made {
+            Self::placed(&mut self.exposures, &part);
             let table = self.tables[part.id as usize].as_mut().expect("a table just read");
             table.parts[range as usize] = Some(part);
         }
@@ -145,6 +181,7 @@ impl Tables {
     pub fn release(&mut self, range: u32, checkpointing: bool) {
         for table in self.tables.iter_mut().flatten() {
             if let Some(part) = table.parts.get_mut(range as usize).and_then(Option::take) {
+                Self::freed(&mut self.exposures, &part);
                 if checkpointing {
                     self.retired.push(part);
                 }
@@ -204,6 +241,7 @@ impl Tables {
         let table = self.tables.get_mut(part.id as usize).and_then(Option::as_mut);
         match (table, slot) {
             (Some(table), Some(slot)) => {
+                Self::placed(&mut self.exposures, &part);
                 table.parts[slot] = Some(part);
                 Ok(())
             }

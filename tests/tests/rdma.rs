@@ -579,3 +579,66 @@ fn without_a_device_auto_says_so_once_and_uses_tcp_and_rdma_is_refused() {
     let summary: serde_json::Value = serde_json::from_str(&out.stdout).expect("a JSON summary");
     assert!(summary["pushes_per_s"].as_f64().is_some_and(|p| p > 0.0), "it trained (over TCP): {summary}");
 }
+
+/// A replicated cluster over RDMA: dense pulls read each range's tail one-sidedly, with the
+/// exact sums, and go on doing so when a server is killed and the chains heal without it.
+#[test]
+fn dense_pulls_of_a_replicated_cluster_read_the_tails_memory_and_survive_a_kill() {
+    let test = "dense_pulls_of_a_replicated_cluster_read_the_tails_memory_and_survive_a_kill";
+    if !tessera_tests::rdma_here(test) {
+        return;
+    }
+    use tessera_tests::{free_port, ScratchDir, ServerProc};
+    const KEYS: u64 = 4096;
+    const DIM: usize = 2;
+    let dir = ScratchDir::new("rdma-chain");
+    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = {DIM}\nupdater = \"sum\"\n"));
+    let tables = tables.to_str().unwrap();
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    // A failure timeout that an emulated guest's late heartbeats do not trip.
+    let coordinator_args = ["--servers", "3", "--replicas", "2", "--ranges", "4", "--workers", "2", "--failure-timeout-ms", "2000"];
+    let _coordinator = ServerProc::coordinator_at(&coordinator, &coordinator_args);
+    let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut servers: Vec<ServerProc> = (0..3)
+        .map(|i| {
+            let node = (i + 1).to_string();
+            let args = ["--node-id", &node, "--tables", tables, "--shards", "1", "--no-pin", "--coordinator", &coordinator, "--transport", "rdma"];
+            ServerProc::start_at(&addrs[i], &args)
+        })
+        .collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    // The servers' default RDMA slots, which the client's must match.
+    let cfg = ClientConfig { kind: TransportKind::Rdma, ..ClientConfig::worker(0) };
+    let client = Client::connect(&refs, cfg).expect("a client of the replicated cluster over RDMA");
+    let table = client.table("w").unwrap();
+    let grads: Vec<f32> = (0..KEYS as usize * DIM).map(|i| (i % 7) as f32 + 1.0).collect();
+    let mut out = vec![0f32; KEYS as usize * DIM];
+    let calls = |c: &Client| c.chain_stats().map(|s| (s.rdma_calls + s.tcp_calls, s.one_sided_reads)).unwrap();
+    let mut pushes = 0f32;
+    let mut round = |client: &Client, out: &mut [f32]| {
+        pushes += 1.0;
+        client.set_clock(pushes as u64);
+        client.push_range(&table, 0, &grads).unwrap().wait().unwrap();
+        let (requests, reads) = calls(client);
+        let stamp = client.pull_range(&table, 0, out).unwrap().wait().unwrap();
+        let (requests_after, reads_after) = calls(client);
+        for (i, (got, g)) in out.iter().zip(&grads).enumerate() {
+            assert_eq!(*got, g * pushes, "value {i} after {pushes} acknowledged pushes");
+        }
+        assert!(stamp.get(0) >= pushes as u64 - 1, "the stamp {stamp:?} counts the worker's pushes");
+        (requests_after - requests, reads_after - reads)
+    };
+    for _ in 0..5 {
+        let (requests, reads) = round(&client, &mut out);
+        assert_eq!(requests, 0, "a dense pull sent no request: every range was read from its tail's memory");
+        assert_eq!(reads, 4, "one read per range");
+    }
+    // A server killed: its ranges' reads fail over to the new tails, and read them one-sidedly.
+    servers[1].kill();
+    let mut read_after_kill = 0;
+    for _ in 0..20 {
+        read_after_kill += round(&client, &mut out).1;
+    }
+    assert!(read_after_kill >= 4 * 10, "the new tails are read one-sidedly too ({read_after_kill} reads in 20 pulls)");
+    eprintln!("{read_after_kill} one-sided range reads in 20 pulls after the kill; {} torn copies read again", client.torn_reads());
+}

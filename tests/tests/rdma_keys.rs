@@ -247,37 +247,37 @@ fn a_worker_reading_with_another_workers_or_a_released_rkey_or_at_a_request_ring
     // B is granted the table: its reads work, with keys of its own.
     let mut b = f.link(2);
     assert_eq!(read(&mut b, f.id).expect("B reads its grant"), want);
-    let keys_b = b.remote_dense_keys(f.id).unwrap().expect("a dense part");
+    let keys_b = b.remote_dense_keys(f.id, 0).unwrap().expect("a dense part");
 
     // A reads with B's keys: another protection domain's region.
     let mut a = f.link(1);
-    let keys_a = a.remote_dense_keys(f.id).unwrap().expect("a dense part");
+    let keys_a = a.remote_dense_keys(f.id, 0).unwrap().expect("a dense part");
     assert!(keys_a.iter().all(|(_, k)| keys_b.iter().all(|(_, kb)| k != kb)), "A and B were granted the same rkey");
-    a.override_remote_dense_keys(f.id, &keys_b);
+    a.override_remote_dense_keys(f.id, 0, &keys_b);
     expect_refused(read(&mut a, f.id), "A reading with B's keys");
 
     // C reads B's request ring (registered for remote writes by B alone).
     let mut c = f.link(3);
-    let chunks = c.remote_dense_keys(f.id).unwrap().expect("a dense part").len();
+    let chunks = c.remote_dense_keys(f.id, 0).unwrap().expect("a dense part").len();
     let ring = b.remote_slot_keys()[0];
-    c.override_remote_dense_keys(f.id, &vec![ring; chunks]);
+    c.override_remote_dense_keys(f.id, 0, &vec![ring; chunks]);
     expect_refused(read(&mut c, f.id), "C reading B's request ring");
 
     // D reads with the keys of a worker that left: its grant was deregistered with its ring.
     let mut gone = f.link(4);
-    let stale = gone.remote_dense_keys(f.id).unwrap().expect("a dense part");
+    let stale = gone.remote_dense_keys(f.id, 0).unwrap().expect("a dense part");
     drop((gone, a, c));
     f.wait_for_connections(baseline + 1);
     // A link granted one of the released keys again would make them live: keep such links open
     // (so their keys stay taken) and open another.
     let mut spares = Vec::new();
     let mut d = f.link(5);
-    while d.remote_dense_keys(f.id).unwrap().expect("a dense part").iter().any(|k| stale.contains(k)) {
+    while d.remote_dense_keys(f.id, 0).unwrap().expect("a dense part").iter().any(|k| stale.contains(k)) {
         assert!(spares.len() + 1 < FRESH_LINK_TRIES_MAX, "{FRESH_LINK_TRIES_MAX} links in a row reused a released key");
         spares.push(d);
         d = f.link(6 + spares.len() as u32);
     }
-    d.override_remote_dense_keys(f.id, &stale);
+    d.override_remote_dense_keys(f.id, 0, &stale);
     expect_refused(read(&mut d, f.id), "D reading with a released grant's keys");
 
     // B, and the table, are as they were.

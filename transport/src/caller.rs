@@ -190,6 +190,28 @@ impl Caller {
         }
     }
 
+    /// The link's one-sided reads, when its device has them (RDMA) and nothing is in flight on
+    /// it: a read sees what every request before it did.
+    pub fn one_sided(&mut self) -> Option<&mut dyn crate::OneSided> {
+        if !self.waiting.is_empty() {
+            return None;
+        }
+        match &mut self.path {
+            Path::Tcp(_) => None,
+            #[cfg(feature = "rdma")]
+            Path::Rdma(rdma) => Some(&mut **rdma),
+        }
+    }
+
+    /// Block copies this link's one-sided reads found torn and read again.
+    pub fn torn_reads(&self) -> u64 {
+        match &self.path {
+            Path::Tcp(_) => 0,
+            #[cfg(feature = "rdma")]
+            Path::Rdma(rdma) => crate::OneSided::torn_reads(&**rdma),
+        }
+    }
+
     /// `"tcp"` or `"rdma"`.
     pub fn kind(&self) -> &'static str {
         match &self.path {

@@ -39,11 +39,21 @@ pub struct DenseView {
     pub memory: Arc<dyn StableMemory>,
 }
 
-/// A change to what a shard exposes.
+impl DenseView {
+    /// Whether the part holds `key`.
+    pub fn holds(&self, key: u64) -> bool {
+        key >= self.layout.start && key - self.layout.start < self.layout.keys
+    }
+}
+
+/// A change to what a shard exposes. A shard may expose several parts of one table (a
+/// replicated shard holds one per replication range), each named by its first key.
 #[derive(Debug, Clone)]
 pub enum Exposure {
-    /// A dense part was created; workers may read it.
+    /// A dense part was created; workers may read it. It replaces any exposed part of the
+    /// table that starts at the same key.
     Add(DenseView),
-    /// The table is going away; stop exposing it before its memory is freed.
-    Remove { table: u32 },
+    /// The part of `table` that starts at key `start` is going away (its table was dropped, its
+    /// range left the shard, or a part loaded from disk replaces it): stop exposing it.
+    Remove { table: u32, start: u64 },
 }

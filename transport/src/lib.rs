@@ -144,8 +144,9 @@ pub trait OneSided {
     /// Reads `out.len() / dim` keys of dense table `table` from key `start` straight from the
     /// shard's memory (a one-sided RDMA READ), after every request sent before it was served.
     /// Writes the keys' stamp (a lower bound: the meet over the blocks read) into `stamp`.
-    /// Returns `Ok(false)`, touching nothing, when the server does not expose the table: send
-    /// a `PullRange` instead.
+    /// The keys must lie in one part of the table on the shard. Returns `Ok(false)`, touching
+    /// nothing, when the shard exposes no part of the table holding them: send a `PullRange`
+    /// instead.
     fn read_dense(&mut self, table: u32, start: u64, dim: u32, out: &mut [f32], stamp: &mut Vec<u64>) -> Result<bool>;
     /// Block copies found torn and read again since the link was made.
     fn torn_reads(&self) -> u64;

@@ -65,8 +65,9 @@ pub struct RdmaLink {
     inflater: Inflater,
     deflater: Deflater,
     completions: Vec<Completion>,
-    /// Where each dense table part of this shard lies, once asked, by table id.
-    dense: Vec<Option<RemoteDense>>,
+    /// Where the shard's dense table parts lie, each once asked: by table id (a replicated
+    /// shard holds one part of a table per replication range).
+    dense: Vec<(u32, RemoteDense)>,
     /// Reads completed (only the last of a batch is signaled), and torn block copies read again.
     reads_done: u64,
     torn: u64,
@@ -197,19 +198,20 @@ impl RdmaLink {
     }
 
     /// Test hook only, for tests that play a misbehaving worker: the (address, rkey) of each
-    /// chunk of dense table `table` the shard lets this link read (asking it first); `None` when
-    /// the shard has no such dense part.
+    /// chunk of the part of dense table `table` holding `key` that the shard lets this link
+    /// read (asking it first); `None` when the shard has no such dense part.
     #[doc(hidden)]
-    pub fn remote_dense_keys(&mut self, table: u32) -> Result<Option<Vec<(u64, u32)>>> {
-        Ok(self.remote_dense(table)?.map(|d| d.chunks.iter().map(|c| (c.addr, c.rkey)).collect()))
+    pub fn remote_dense_keys(&mut self, table: u32, key: u64) -> Result<Option<Vec<(u64, u32)>>> {
+        Ok(self.remote_dense(table, key)?.map(|i| self.dense[i].1.chunks.iter().map(|c| (c.addr, c.rkey)).collect()))
     }
 
-    /// Test hook only: from now on, read dense table `table` at these (address, rkey) pairs,
-    /// one per chunk, instead of the ones the shard gave. Panics unless the table was looked up
-    /// and the count matches.
+    /// Test hook only: from now on, read the part of dense table `table` holding `key` at these
+    /// (address, rkey) pairs, one per chunk, instead of the ones the shard gave. Panics unless
+    /// the part was looked up and the count matches.
     #[doc(hidden)]
-    pub fn override_remote_dense_keys(&mut self, table: u32, keys: &[(u64, u32)]) {
-        let dense = self.dense.get_mut(table as usize).and_then(Option::as_mut).expect("looked up with remote_dense_keys");
+    pub fn override_remote_dense_keys(&mut self, table: u32, key: u64, keys: &[(u64, u32)]) {
+        let i = self.known_dense(table, key).expect("looked up with remote_dense_keys");
+        let dense = &mut self.dense[i].1;
         assert_eq!(keys.len(), dense.chunks.len(), "one (address, rkey) per chunk");
         for (chunk, (addr, rkey)) in dense.chunks.iter_mut().zip(keys) {
             (chunk.addr, chunk.rkey) = (*addr, *rkey);
@@ -415,27 +417,36 @@ const TORN_RETRIES_MAX: u32 = 10_000;
 const REAP_EVERY: u32 = 16;
 
 impl RdmaLink {
-    /// Where dense table `table` lies on the shard, asked once over TCP; `None` when the shard
-    /// exposes no dense part of it.
-    fn remote_dense(&mut self, table: u32) -> Result<Option<&RemoteDense>> {
-        let t = table as usize;
-        if self.dense.get(t).is_none_or(Option::is_none) {
-            let mut header = Header::request(Op::RdmaExpose, 0);
-            header.table = table;
-            self.tcp.send(&mut header, &[], false)?;
-            let reply = self.tcp.recv(None)?;
-            match reply.header.status() {
-                Status::Ok => {}
-                Status::UnknownTable => return Ok(None),
-                _ => return Err(rdma(format!("the shard refused a direct read: {}", String::from_utf8_lossy(reply.body)))),
-            }
-            let dense = RemoteDense::decode(reply.body)?;
-            if self.dense.len() <= t {
-                self.dense.resize_with(t + 1, || None);
-            }
-            self.dense[t] = Some(dense);
+    /// Which of [`dense`](Self::dense) is the part of table `table` holding `key`, if known.
+    fn known_dense(&self, table: u32, key: u64) -> Option<usize> {
+        self.dense.iter().position(|(t, d)| *t == table && key >= d.layout.start && key - d.layout.start < d.layout.keys)
+    }
+
+    /// Where the part of dense table `table` holding `key` lies on the shard (its index in
+    /// [`dense`](Self::dense)), asked once over TCP; `None` when the shard exposes no such part.
+    fn remote_dense(&mut self, table: u32, key: u64) -> Result<Option<usize>> {
+        if let Some(i) = self.known_dense(table, key) {
+            return Ok(Some(i));
         }
-        Ok(self.dense[t].as_ref())
+        let mut header = Header::request(Op::RdmaExpose, 0);
+        header.table = table;
+        header.start = key;
+        self.tcp.send(&mut header, &[], false)?;
+        let reply = self.tcp.recv(None)?;
+        match reply.header.status() {
+            Status::Ok => {}
+            Status::UnknownTable => return Ok(None),
+            _ => return Err(rdma(format!("the shard refused a direct read: {}", String::from_utf8_lossy(reply.body)))),
+        }
+        let dense = RemoteDense::decode(reply.body)?;
+        let layout = dense.layout;
+        if key < layout.start || key - layout.start >= layout.keys {
+            return Err(rdma(format!("the shard answered for key {key} with a part of keys {}..{}", layout.start, layout.start + layout.keys)));
+        }
+        // A part that starts where a known one did replaces it (new memory for the same keys).
+        self.dense.retain(|(t, d)| !(*t == table && d.layout.start == layout.start));
+        self.dense.push((table, dense));
+        Ok(Some(self.dense.len() - 1))
     }
 
     /// Waits until every request sent so far was served (its reply arrived; the reply stays in
@@ -450,7 +461,7 @@ impl RdmaLink {
     /// as the chunks on either side need, and waits for them.
     fn read_span(&mut self, dense_table: usize, from: u64, to: u64, into: u64, deadline: Instant) -> Result<()> {
         let chunk_at = |link: &Self, pos: u64| {
-            let chunks = &link.dense[dense_table].as_ref().expect("looked up by the caller").chunks;
+            let chunks = &link.dense[dense_table].1.chunks;
             let base = chunks[0].addr;
             let c = *chunks.iter().find(|c| c.addr - base <= pos && pos < c.addr - base + c.len).expect("chunks tile the part");
             (base, c)
@@ -486,7 +497,7 @@ impl RdmaLink {
     /// values of key offsets `keys` into `out` (which starts at key offset `keys.start`) and meets
     /// the blocks' stamps into `stamp`.
     fn read_blocks(&mut self, t: usize, blocks: Range<u64>, keys: Range<u64>, out: &mut [f32], stamp: &mut [u64], deadline: Instant) -> Result<()> {
-        let layout = self.dense[t].as_ref().expect("looked up by the caller").layout;
+        let layout = self.dense[t].1.layout;
         let bw = layout.block_words as u64 * 8;
         let first = layout.block_at(blocks.start) as u64 * 8;
         self.read_span(t, first, layout.block_at(blocks.end) as u64 * 8, 0, deadline)?;
@@ -639,10 +650,10 @@ impl OneSided for RdmaLink {
 
     fn read_dense(&mut self, table: u32, start: u64, dim: u32, out: &mut [f32], stamp: &mut Vec<u64>) -> Result<bool> {
         let deadline = Instant::now() + self.io_timeout;
-        let Some(dense) = self.remote_dense(table)? else {
+        let Some(part) = self.remote_dense(table, start)? else {
             return Ok(false);
         };
-        let layout = dense.layout;
+        let layout = self.dense[part].1.layout;
         let count = (out.len() / dim.max(1) as usize) as u64;
         let fits = start >= layout.start && start - layout.start + count <= layout.keys;
         let block_bytes = layout.block_words as usize * 8;
@@ -662,7 +673,7 @@ impl OneSided for RdmaLink {
             let span = keys.start.max(layout.keys_of(blocks.start).start)..keys.end.min(layout.keys_of(blocks.end - 1).end);
             let into = (span.start - keys.start) as usize * dim as usize;
             let n = (span.end - span.start) as usize * dim as usize;
-            self.read_blocks(table as usize, blocks.clone(), span, &mut out[into..into + n], stamp, deadline)?;
+            self.read_blocks(part, blocks.clone(), span, &mut out[into..into + n], stamp, deadline)?;
             b = blocks.end;
         }
         Ok(true)

@@ -2,7 +2,7 @@
 //! connected worker a protection domain of its own holding that worker's queue pair and its two
 //! slot rings, so the worker's writes can reach its own request ring and nothing else.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,8 +64,8 @@ struct State {
     /// Turns of `drain`, to take completions every [`REAP_EVERY`] idle ones.
     turns: u32,
     completions: Vec<Completion>,
-    /// Dense table parts workers may read directly, by table id.
-    exposed: Vec<Option<DenseView>>,
+    /// Dense table parts workers may read directly, by table id and first key.
+    exposed: BTreeMap<(u32, u64), DenseView>,
     /// The service's durable log position when held replies were last released.
     durable: u64,
     /// Arrivals that filled a worker's ring: the worker cannot send again until a reply.
@@ -86,8 +86,9 @@ struct Peer {
     /// Replies are built here, then written to the worker's reply slot of the same index. Both
     /// rings are laid out as `layout`: short frames use the slots' compact areas.
     staging: Region,
-    /// Dense parts this worker asked to read, registered read-only in `pd`, by table id.
-    tables: Vec<Option<verbs::Exposed>>,
+    /// Dense parts this worker asked to read, registered read-only in `pd`, by table id and
+    /// first key.
+    tables: BTreeMap<(u32, u64), verbs::Exposed>,
     /// This worker's protection domain; see `ring`.
     pd: Pd,
     /// The worker's reply slots: full areas, and compact ones for short replies.
@@ -204,7 +205,7 @@ impl RdmaShard {
             waiting: false,
             turns: 0,
             completions: Vec::with_capacity(POLL_BATCH),
-            exposed: Vec::new(),
+            exposed: BTreeMap::new(),
             durable: u64::MAX,
             stalls: crate::metrics::slot_stalls(tcp.shard()),
         };
@@ -271,7 +272,7 @@ impl Service for Intercept<'_> {
                 Ok(mine) => reply.ok_bytes(&mine.encode()),
                 Err(e) => reply.error(Status::Unsupported, &e.to_string()),
             },
-            Some(Op::RdmaExpose) => match self.state.expose_to(request.conn, request.header.table) {
+            Some(Op::RdmaExpose) => match self.state.expose_to(request.conn, request.header.table, request.header.start) {
                 Ok(dense) => reply.ok_bytes(&dense.encode()),
                 Err((status, e)) => reply.error(status, &e),
             },
@@ -303,50 +304,48 @@ impl State {
     fn apply(&mut self, change: Exposure) {
         match change {
             Exposure::Add(view) => {
-                let t = view.table as usize;
-                if self.exposed.len() <= t {
-                    self.exposed.resize_with(t + 1, || None);
-                }
-                self.exposed[t] = Some(view);
+                let key = (view.table, view.layout.start);
+                // A worker's registration of the memory it replaces goes with it.
+                self.unregister(key);
+                self.exposed.insert(key, view);
             }
-            Exposure::Remove { table } => {
-                if let Some(slot) = self.exposed.get_mut(table as usize) {
-                    *slot = None;
-                }
-                // Deregister it everywhere before the engine frees it.
-                for peer in self.peers.iter_mut().flatten() {
-                    if let Some(t) = peer.tables.get_mut(table as usize) {
-                        *t = None;
-                    }
-                }
+            Exposure::Remove { table, start } => {
+                self.exposed.remove(&(table, start));
+                self.unregister((table, start));
             }
         }
     }
 
-    /// Registers dense table `table` in the protection domain of the worker on `conn` (once) and
-    /// says where it lies.
-    fn expose_to(&mut self, conn: ConnId, table: u32) -> std::result::Result<RemoteDense, (Status, String)> {
+    /// Deregisters the part `key` names for every worker: a read with its keys then fails.
+    fn unregister(&mut self, key: (u32, u64)) {
+        for peer in self.peers.iter_mut().flatten() {
+            peer.tables.remove(&key);
+        }
+    }
+
+    /// Registers the dense part of table `table` that holds key `key` in the protection domain
+    /// of the worker on `conn` (once) and says where it lies.
+    fn expose_to(&mut self, conn: ConnId, table: u32, key: u64) -> std::result::Result<RemoteDense, (Status, String)> {
         let view = self
             .exposed
-            .get(table as usize)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| (Status::UnknownTable, format!("table {table} has no dense part on this shard to read directly")))?;
+            .range(..=(table, key))
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.table == table && v.holds(key))
+            .ok_or_else(|| (Status::UnknownTable, format!("table {table} has no dense part holding key {key} on this shard to read directly")))?;
+        let part = (table, view.layout.start);
         let peer = self
             .peers
             .iter_mut()
             .flatten()
             .find(|p| p.tcp == conn)
             .ok_or_else(|| (Status::BadRequest, "this connection has no RDMA queue pair; send RdmaConnect first".to_string()))?;
-        let t = table as usize;
-        if peer.tables.len() <= t {
-            peer.tables.resize_with(t + 1, || None);
-        }
-        if peer.tables[t].is_none() {
+        if !peer.tables.contains_key(&part) {
             let registered = verbs::Exposed::register(&peer.pd, view.memory.clone());
-            peer.tables[t] = Some(registered.map_err(|e| (Status::Unsupported, rdma(e).to_string()))?);
-            tracing::debug!(conn = conn.0, table, "dense part registered for a worker");
+            peer.tables.insert(part, registered.map_err(|e| (Status::Unsupported, rdma(e).to_string()))?);
+            tracing::debug!(conn = conn.0, table, start = part.1, "dense part registered for a worker");
         }
-        let chunks = peer.tables[t].as_ref().expect("registered above").remote_chunks();
+        let chunks = peer.tables[&part].remote_chunks();
         let chunks = chunks.iter().map(|c| ChunkKey { addr: c.addr, len: c.len, rkey: c.rkey, reserved: 0 }).collect();
         Ok(RemoteDense { layout: view.layout, chunks })
     }
@@ -394,7 +393,7 @@ impl State {
             qp,
             ring,
             staging,
-            tables: Vec::new(),
+            tables: BTreeMap::new(),
             pd,
             remote: theirs.slots,
             remote_small: theirs.small,
