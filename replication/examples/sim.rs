@@ -4,6 +4,7 @@
 //!   cargo run -p tessera-replication --release --example sim -- --seeds 10000 [--from 0]
 //!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary ack-at-head
 //!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary ack-before-durable
+//!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary resume-unchecked
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -11,7 +12,7 @@ use std::time::Instant;
 use tessera_replication::replica::Canary;
 use tessera_replication::sim::{self, SimOptions};
 
-const USAGE: &str = "usage: sim [--seed N | --seeds COUNT [--from N]] [--trace] [--canary ack-at-head|ack-before-durable]";
+const USAGE: &str = "usage: sim [--seed N | --seeds COUNT [--from N]] [--trace] [--canary ack-at-head|ack-before-durable|resume-unchecked]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -41,8 +42,9 @@ fn main() -> ExitCode {
             "--canary" => match args.next().as_deref() {
                 Some("ack-at-head") => canary = Canary::AckAtHead,
                 Some("ack-before-durable") => canary = Canary::AckBeforeDurable,
+                Some("resume-unchecked") => canary = Canary::ResumeUnchecked,
                 other => {
-                    eprintln!("unknown canary {other:?}; the ones there are: ack-at-head, ack-before-durable\n{USAGE}");
+                    eprintln!("unknown canary {other:?}; the ones there are: ack-at-head, ack-before-durable, resume-unchecked\n{USAGE}");
                     return ExitCode::from(2);
                 }
             },

@@ -21,6 +21,7 @@ const SNAPSHOT: u8 = 7;
 const HEARTBEAT: u8 = 8;
 const CONFIG: u8 = 9;
 const SEQ_COUNT: u8 = 10;
+const RESUME: u8 = 11;
 
 /// A heartbeat's fields, as JSON carries them.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -50,8 +51,8 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::NotHead { range, config_id } => {
             w.u8(NOT_HEAD).u32(range.0).u64(*config_id);
         }
-        Msg::Forward { range, epoch, version, clock, delta } => {
-            w.u8(FORWARD).u32(range.0).u64(epoch.0).u64(*version).clock(clock).bytes(delta);
+        Msg::Forward { range, epoch, version, digest, clock, delta } => {
+            w.u8(FORWARD).u32(range.0).u64(epoch.0).u64(*version).u32(*digest).clock(clock).bytes(delta);
         }
         Msg::Ack { range, epoch, version } => {
             w.u8(ACK).u32(range.0).u64(epoch.0).u64(*version);
@@ -59,8 +60,11 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::Need { range, epoch, version } => {
             w.u8(NEED).u32(range.0).u64(epoch.0).u64(*version);
         }
-        Msg::Snapshot { range, epoch, version, clock, data } => {
-            w.u8(SNAPSHOT).u32(range.0).u64(epoch.0).u64(*version).clock(clock).bytes(data);
+        Msg::Snapshot { range, epoch, version, digest, clock, data } => {
+            w.u8(SNAPSHOT).u32(range.0).u64(epoch.0).u64(*version).u32(*digest).clock(clock).bytes(data);
+        }
+        Msg::Resume { range, epoch, version, digest } => {
+            w.u8(RESUME).u32(range.0).u64(epoch.0).u64(*version).u32(*digest);
         }
         Msg::Heartbeat { node, incarnation, addr, cluster, config_id, ranges } => {
             let hb =
@@ -81,10 +85,15 @@ pub fn decode(bytes: &[u8]) -> Result<Msg> {
         PUSH_ACK => Msg::PushAck { range: RangeId(r.u32()?), seq: r.u32()? },
         SEQ_COUNT => Msg::SeqCount { range: RangeId(r.u32()?), seq: r.u32()? },
         NOT_HEAD => Msg::NotHead { range: RangeId(r.u32()?), config_id: r.u64()? },
-        FORWARD => Msg::Forward { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, clock: r.clock()?, delta: r.bytes()?.into() },
+        FORWARD => {
+            Msg::Forward { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, digest: r.u32()?, clock: r.clock()?, delta: r.bytes()?.into() }
+        }
         ACK => Msg::Ack { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         NEED => Msg::Need { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
-        SNAPSHOT => Msg::Snapshot { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, clock: r.clock()?, data: r.bytes()?.into() },
+        SNAPSHOT => {
+            Msg::Snapshot { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, digest: r.u32()?, clock: r.clock()?, data: r.bytes()?.into() }
+        }
+        RESUME => Msg::Resume { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, digest: r.u32()? },
         HEARTBEAT => {
             let hb: HeartbeatJson = serde_json::from_slice(r.bytes()?).map_err(|e| bad(format!("heartbeat: {e}")))?;
             Msg::Heartbeat { node: hb.node, incarnation: hb.incarnation, addr: hb.addr, cluster: hb.cluster, config_id: hb.config_id, ranges: hb.ranges }
@@ -188,10 +197,11 @@ mod tests {
             Msg::PushAck { range: RangeId(1), seq: 9 },
             Msg::SeqCount { range: RangeId(2), seq: 4 },
             Msg::NotHead { range: RangeId(1), config_id: 77 },
-            Msg::Forward { range: RangeId(5), epoch: Epoch(2), version: 8, clock: clock.clone(), delta: vec![9; 10].into() },
+            Msg::Forward { range: RangeId(5), epoch: Epoch(2), version: 8, digest: 0xDEAD_BEEF, clock: clock.clone(), delta: vec![9; 10].into() },
             Msg::Ack { range: RangeId(5), epoch: Epoch(2), version: 8 },
             Msg::Need { range: RangeId(5), epoch: Epoch(2), version: 8 },
-            Msg::Snapshot { range: RangeId(5), epoch: Epoch(2), version: 8, clock, data: Vec::new().into() },
+            Msg::Snapshot { range: RangeId(5), epoch: Epoch(2), version: 8, digest: 7, clock, data: Vec::new().into() },
+            Msg::Resume { range: RangeId(5), epoch: Epoch(2), version: 8, digest: 7 },
             Msg::Heartbeat { node: NodeId(1), incarnation: 2, addr: "a:1".into(), cluster: 7, config_id: 3, ranges: vec![report] },
             Msg::Config(Arc::new(config)),
         ]
@@ -220,7 +230,7 @@ mod tests {
         assert!(decode(&[200]).unwrap_err().to_string().contains("unknown message kind 200"));
         // A clock claiming four billion workers is refused before anything is allocated.
         let mut huge = vec![FORWARD];
-        huge.extend_from_slice(&[0; 4 + 8 + 8]);
+        huge.extend_from_slice(&[0; 4 + 8 + 8 + 4]);
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&huge).unwrap_err().to_string().contains("over the limit"));
     }

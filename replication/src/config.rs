@@ -29,6 +29,17 @@ pub const WAITING_MAX: usize = 65_536;
 pub const PUSH_REPLY_HOLD_MS_MAX: u64 = 250;
 /// Drained servers a configuration remembers after they left (see `ClusterConfig::drained`).
 pub const DRAINED_KEPT_MAX: usize = 64;
+/// How long a tail waits for a new learner to ask to resume from what it holds
+/// ([`Msg::Resume`](crate::protocol::Msg::Resume)) before it sends a snapshot.
+pub const LEARNER_RESUME_WAIT_MS: u64 = 100;
+/// Updates every replica keeps of each range after applying them, newest first, at most this
+/// many and its share of [`HISTORY_BYTES_PER_REPLICA`]: a server restarted from its disk that
+/// missed no more than that takes just those from its chain's tail instead of a whole snapshot.
+pub const HISTORY_ENTRIES_MAX: usize = 1024;
+/// Bytes of updates one replica (a server's shard) keeps for restarted learners, shared evenly
+/// by the ranges it serves (see [`HISTORY_ENTRIES_MAX`]). The entries are shared with the log,
+/// so this is memory held only once the successor acknowledged them.
+pub const HISTORY_BYTES_PER_REPLICA: usize = 64 << 20;
 
 const _: () = assert!(BATCH_PUSHES_MAX <= LOG_ENTRIES_MAX, "a batch is one log entry; the log holds many");
 const _: () = assert!(RESEND_BATCH_MAX <= LOG_ENTRIES_MAX);

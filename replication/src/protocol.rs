@@ -176,16 +176,23 @@ pub enum Msg {
     /// Head (or not) to worker: this server is not the range's head in its configuration `config_id`.
     NotHead { range: RangeId, config_id: u64 },
     /// Down the chain (and from the tail to its learner): update `version` of the range, with
-    /// the vector clock after it.
-    Forward { range: RangeId, epoch: Epoch, version: u64, clock: Arc<[u32]>, delta: Arc<[u8]> },
+    /// the vector clock after it, and the range's history digest after it
+    /// ([`digest_after`](crate::replica::digest_after)).
+    Forward { range: RangeId, epoch: Epoch, version: u64, digest: u32, clock: Arc<[u32]>, delta: Arc<[u8]> },
     /// Up the chain: the tail holds every update up to `version`. From a learner to its tail:
     /// the learner holds them.
     Ack { range: RangeId, epoch: Epoch, version: u64 },
     /// To the upstream replica: updates arrive past a gap this replica cannot fill; send the ones
     /// after `version`, or a snapshot if they are no longer kept.
     Need { range: RangeId, epoch: Epoch, version: u64 },
-    /// To a learner, or to a successor that fell too far behind: the whole range at `version`.
-    Snapshot { range: RangeId, epoch: Epoch, version: u64, clock: Arc<[u32]>, data: Arc<[u8]> },
+    /// To a learner, or to a successor that fell too far behind: the whole range at `version`,
+    /// whose history has digest `digest`.
+    Snapshot { range: RangeId, epoch: Epoch, version: u64, digest: u32, clock: Arc<[u32]>, data: Arc<[u8]> },
+    /// From a learner that already holds the range up to `version` (a restarted server, from
+    /// its disk), with history digest `digest`, to its tail: send the updates after `version`
+    /// rather than a snapshot, if your history at `version` has the same digest. Back from the
+    /// tail to the learner, the same message says it does: the learner holds the range again.
+    Resume { range: RangeId, epoch: Epoch, version: u64, digest: u32 },
     /// Server to coordinator, every heartbeat interval. `cluster` is the cluster the server's
     /// data directory belongs to ([`ClusterConfig::cluster`]), 0 when it has none yet.
     Heartbeat { node: NodeId, incarnation: u64, addr: String, cluster: u64, config_id: u64, ranges: Vec<RangeReport> },
@@ -205,6 +212,7 @@ impl Msg {
             Msg::Ack { .. } => "ack",
             Msg::Need { .. } => "need",
             Msg::Snapshot { .. } => "snapshot",
+            Msg::Resume { .. } => "resume",
             Msg::Heartbeat { .. } => "heartbeat",
             Msg::Config(_) => "config",
         }

@@ -16,7 +16,12 @@
 //! - A replica acts only on the chain of its configuration's epoch for the range; messages of
 //!   another epoch are dropped, and their senders retry once they have caught up.
 //! - A server joins a chain as a learner: the tail sends it a snapshot, then streams updates;
-//!   the coordinator appends it as the new tail once it has caught up.
+//!   the coordinator appends it as the new tail once it has caught up. A learner that holds
+//!   the range already (a server restarted from its disk) first asks to resume: every update
+//!   carries a digest of the range's history up to it, every replica keeps its last updates,
+//!   and a tail whose history holds the learner's version with the same digest sends only the
+//!   updates after it. A learner whose disk holds a branch nobody else has (an old head's
+//!   updates that never reached its successor) has another digest, and gets a snapshot.
 //! - Over a store with a disk ([`Store::persist`]), each replica commits an update (and passes
 //!   its acknowledgement up the chain) only once its own disk holds it too, and a learner
 //!   vouches only for what its disk holds. So an acknowledged push is on the disk of every
@@ -28,7 +33,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::config::{ReplicationConfig, BATCH_PUSHES_MAX, LOG_ENTRIES_MAX, RESEND_BATCH_MAX, WAITING_MAX};
+use crate::config::{
+    ReplicationConfig, BATCH_PUSHES_MAX, HISTORY_BYTES_PER_REPLICA, HISTORY_ENTRIES_MAX, LEARNER_RESUME_WAIT_MS, LOG_ENTRIES_MAX, RESEND_BATCH_MAX, WAITING_MAX,
+};
 use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Msg, NodeId, RangeId, RangeReport, WorkerId};
 
 /// Where a range's parameters live: the engine's shard in a server, a few integers in the
@@ -53,10 +60,11 @@ pub trait Store {
     /// own log could read `delta`, and a store that keeps none may leave it as it is.
     fn seal(&mut self, _range: RangeId, _delta: &mut Vec<u8>, _forwarded: bool) {}
     /// Starts writing what `range` holds at `version` (after an update `bytes`, or a snapshot
-    /// when `whole`) to the store's disk, and returns the write's log sequence number: the
-    /// version is durable once [`durable_lsn`](Store::durable_lsn) reaches it. A store without
-    /// a disk keeps the default, under which every version is durable at once.
-    fn persist(&mut self, _range: RangeId, _version: u64, _clock: &[u32], _bytes: &[u8], _whole: bool) -> u64 {
+    /// when `whole`), with its history digest, to the store's disk, and returns the write's log
+    /// sequence number: the version is durable once [`durable_lsn`](Store::durable_lsn)
+    /// reaches it. A store without a disk keeps the default, under which every version is
+    /// durable at once.
+    fn persist(&mut self, _range: RangeId, _version: u64, _digest: u32, _clock: &[u32], _bytes: &[u8], _whole: bool) -> u64 {
         0
     }
     /// Every write up to this log sequence number is on disk.
@@ -64,10 +72,31 @@ pub trait Store {
         0
     }
     /// The ranges the store found on its disk when it started, each with the version and clock
-    /// it holds: a replica restarted from its disk holds them again.
-    fn recovered(&self) -> Vec<(RangeId, u64, Vec<u32>)> {
+    /// it holds, and the history digest at that version if the disk recorded it: a replica
+    /// restarted from its disk holds them again.
+    fn recovered(&self) -> Vec<Recovered> {
         Vec::new()
     }
+}
+
+/// A range a store found on its disk ([`Store::recovered`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub range: RangeId,
+    pub version: u64,
+    pub clock: Vec<u32>,
+    /// `None` from a disk written before digests were recorded: such a range is not resumed.
+    pub digest: Option<u32>,
+}
+
+/// The digest of a range's history after update `version` (with clock `clock` and bytes
+/// `delta`), given the digest before it: a CRC-32C chained over every update since the range
+/// was born. Two replicas whose histories differ anywhere hold the same digest with a chance
+/// of one in 2^32. A range is born with digest 0.
+pub fn digest_after(before: u32, version: u64, clock: &[u32], delta: &[u8]) -> u32 {
+    let mut crc = crc32c::crc32c_append(before, &version.to_le_bytes());
+    crc = crc32c::crc32c_append(crc, bytemuck::cast_slice(clock));
+    crc32c::crc32c_append(crc, delta)
 }
 
 /// Deliberate bugs, for the simulator's canary tests only: each one must be caught by a checker.
@@ -79,12 +108,16 @@ pub enum Canary {
     AckAtHead,
     /// Replicas commit updates as soon as they hold them in memory, before their disks do.
     AckBeforeDurable,
+    /// A tail lets a learner resume from what it holds without comparing history digests.
+    ResumeUnchecked,
 }
 
 /// An update kept until the successor acknowledges it.
 #[derive(Debug, Clone)]
 struct Entry {
     version: u64,
+    /// The range's history digest after this update.
+    digest: u32,
     clock: Arc<[u32]>,
     delta: Arc<[u8]>,
 }
@@ -122,11 +155,16 @@ struct Learner {
     synced: bool,
     /// The last version committed without the learner.
     ungated: u64,
+    /// A snapshot went to it: it no longer resumes from what it held.
+    snapshot_sent: bool,
+    /// It resumes from what it held: the version and digest it was granted, said again until
+    /// it is synced (the grant, or its acknowledgement, may be lost).
+    resumed: Option<(u64, u32)>,
 }
 
 impl Learner {
     fn new(node: NodeId, incarnation: u64) -> Self {
-        Self { node, incarnation, acked: 0, needs_snapshot: true, synced: false, ungated: 0 }
+        Self { node, incarnation, acked: 0, needs_snapshot: true, synced: false, ungated: 0, snapshot_sent: false, resumed: None }
     }
 }
 
@@ -162,6 +200,16 @@ struct RangeState {
     /// The version this replica would commit if its disk were instant: it commits
     /// `min(goal, durable)`, so every chain member holds each committed update on disk.
     goal: u64,
+    /// The digest of the range's history up to `version` ([`digest_after`]), and whether it is
+    /// known (not for a range recovered from a disk that did not record it).
+    digest: u32,
+    digest_known: bool,
+    /// The last updates applied, oldest first, ending at `version` (see [`HISTORY_ENTRIES_MAX`]),
+    /// and their bytes.
+    history: VecDeque<Entry>,
+    history_bytes: usize,
+    /// A learner that asked its tail to resume from what it holds (not yet `installed`).
+    resuming: bool,
 }
 
 /// Forgets logged updates up to `version`: the downstream replica holds them.
@@ -190,7 +238,45 @@ impl RangeState {
             durable: None,
             unsynced: VecDeque::new(),
             goal: 0,
+            digest: 0,
+            digest_known: true,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            resuming: false,
         }
+    }
+
+    /// Keeps `entry`, just applied, in the history, forgetting the oldest beyond
+    /// [`HISTORY_ENTRIES_MAX`] entries and `bytes_max` bytes.
+    fn remember(&mut self, entry: &Entry, bytes_max: usize) {
+        self.history_bytes += entry.delta.len();
+        self.history.push_back(entry.clone());
+        while self.history.len() > HISTORY_ENTRIES_MAX || self.history_bytes > bytes_max {
+            let Some(old) = self.history.pop_front() else { break };
+            self.history_bytes -= old.delta.len();
+        }
+    }
+
+    /// Forgets the history: what comes next does not follow it (a snapshot was installed).
+    fn forget_history(&mut self) {
+        self.history.clear();
+        self.history_bytes = 0;
+    }
+
+    /// This replica's history digest at `version`, if it holds the updates after it: the
+    /// current version, or one its history reaches back to.
+    fn digest_at(&self, version: u64) -> Option<u32> {
+        if !self.digest_known || version > self.version {
+            return None;
+        }
+        if version == self.version {
+            return Some(self.digest);
+        }
+        let first = self.history.front()?.version;
+        let at = version.checked_sub(first)? as usize;
+        // `first` is the oldest update kept, so its predecessor's digest is not: the learner
+        // must hold at least `first`, whose digest names everything before it.
+        self.history.get(at).filter(|e| e.version == version).map(|e| e.digest)
     }
 
     /// What a learner can vouch for: what its disk holds, once it holds its snapshot.
@@ -248,6 +334,8 @@ pub struct RangeView<'a> {
     pub clock: &'a [u32],
     /// Changes when the replica drops the range and takes it again (it then starts over).
     pub generation: u64,
+    /// The range's history digest at `version`, when known ([`digest_after`]).
+    pub digest: Option<u32>,
 }
 
 /// Counters a server exports and the simulator prints.
@@ -260,6 +348,12 @@ pub struct ReplicaStats {
     pub updates_forwarded: u64,
     pub updates_resent: u64,
     pub snapshots_sent: u64,
+    /// Learners that resumed from what they held, sent only the updates they lacked (on their
+    /// tail).
+    pub resumes: u64,
+    /// Ranges this replica resumed from what it held (as a learner), and snapshots it installed.
+    pub resumed: u64,
+    pub snapshots_installed: u64,
     /// Messages dropped because they belong to another epoch or come from a stranger.
     pub stale_dropped: u64,
     /// Messages from a peer refused, nothing of them applied: updates and snapshots whose clock
@@ -307,6 +401,8 @@ pub struct Replica<S> {
     refusals: Vec<(RangeId, String)>,
     /// Range holdings created so far (see `RangeState::generation`).
     generations: u64,
+    /// Bytes of history each range served keeps: its share of [`HISTORY_BYTES_PER_REPLICA`].
+    history_bytes_max: usize,
 }
 
 impl<S: Store> Replica<S> {
@@ -315,6 +411,7 @@ impl<S: Store> Replica<S> {
     /// `addr` is where peers and workers reach it (empty in the simulator).
     pub fn new(id: NodeId, incarnation: u64, addr: String, rcfg: ReplicationConfig, store: S) -> Self {
         let ranges = (0..rcfg.ranges).map(|_| None).collect();
+        let rcfg_ranges = rcfg.ranges;
         let serves = vec![true; rcfg.ranges as usize];
         let mut replica = Self {
             id,
@@ -333,6 +430,7 @@ impl<S: Store> Replica<S> {
             stats: ReplicaStats::default(),
             refusals: Vec::new(),
             generations: 0,
+            history_bytes_max: HISTORY_BYTES_PER_REPLICA / (rcfg_ranges.max(1) as usize),
         };
         replica.recover();
         replica
@@ -344,7 +442,7 @@ impl<S: Store> Replica<S> {
     /// placed as a learner, not at all (it starts over from the tail's snapshot).
     fn recover(&mut self) {
         let workers = self.rcfg.workers as usize;
-        for (range, version, clock) in self.store.recovered() {
+        for Recovered { range, version, clock, digest } in self.store.recovered() {
             let Some(slot) = self.ranges.get_mut(range.0 as usize) else { continue };
             if clock.len() != workers {
                 self.refuse(range, format!("its clock on disk has {} entries, the cluster's {workers}: not recovered", clock.len()));
@@ -353,6 +451,7 @@ impl<S: Store> Replica<S> {
             let mut st = RangeState::new(Epoch(0), true, self.rcfg.workers);
             st.version = version;
             st.clock = clock;
+            (st.digest, st.digest_known) = (digest.unwrap_or(0), digest.is_some());
             (st.durable, st.generation) = (Some(version), self.generations);
             self.generations += 1;
             *slot = Some(st);
@@ -364,6 +463,7 @@ impl<S: Store> Replica<S> {
     /// for the shard's own ranges.
     pub fn serving(mut self, serves: impl Fn(RangeId) -> bool) -> Self {
         self.serves = (0..self.rcfg.ranges).map(|r| serves(RangeId(r))).collect();
+        self.history_bytes_max = HISTORY_BYTES_PER_REPLICA / self.serves.iter().filter(|s| **s).count().max(1);
         for (slot, serves) in self.ranges.iter_mut().zip(&self.serves) {
             if !serves {
                 *slot = None;
@@ -429,7 +529,8 @@ impl<S: Store> Replica<S> {
     pub fn range_state(&self, range: RangeId) -> Option<RangeView<'_>> {
         let st = self.ranges.get(range.0 as usize)?.as_ref()?;
         let (installed, version, committed, generation) = (st.installed, st.version, st.committed, st.generation);
-        Some(RangeView { installed, version, committed, clock: &st.clock, generation })
+        let digest = st.digest_known.then_some(st.digest);
+        Some(RangeView { installed, version, committed, clock: &st.clock, generation, digest })
     }
 
     /// Whether this replica, as `range`'s head, has `worker`'s push `seq` waiting for the tail
@@ -489,10 +590,15 @@ impl<S: Store> Replica<S> {
         self.now_ms = now_ms;
         match (from, msg) {
             (_, Msg::Push { range, worker, seq, payload }) => self.on_push(range, worker, seq, &payload),
-            (Addr::Node(from), Msg::Forward { range, epoch, version, clock, delta }) => self.on_forward(from, range, epoch, Entry { version, clock, delta }),
+            (Addr::Node(from), Msg::Forward { range, epoch, version, digest, clock, delta }) => {
+                self.on_forward(from, range, epoch, Entry { version, digest, clock, delta })
+            }
             (Addr::Node(from), Msg::Ack { range, epoch, version }) => self.on_ack(from, range, epoch, version),
             (Addr::Node(from), Msg::Need { range, epoch, version }) => self.on_need(from, range, epoch, version),
-            (Addr::Node(from), Msg::Snapshot { range, epoch, version, clock, data }) => self.on_snapshot(from, range, epoch, version, &clock, &data),
+            (Addr::Node(from), Msg::Snapshot { range, epoch, version, digest, clock, data }) => {
+                self.on_snapshot(from, range, epoch, version, digest, &clock, &data)
+            }
+            (Addr::Node(from), Msg::Resume { range, epoch, version, digest }) => self.on_resume(from, range, epoch, version, digest),
             (Addr::Coordinator, Msg::Config(config)) => self.on_config(config),
             _ => self.stats.stale_dropped += 1,
         }
@@ -510,6 +616,7 @@ impl<S: Store> Replica<S> {
         }
         for r in 0..self.ranges.len() {
             self.resend(RangeId(r as u32));
+            self.ask_resume(RangeId(r as u32));
         }
     }
 
@@ -609,8 +716,9 @@ impl<S: Store> Replica<S> {
         let Some(mut open) = st.open.take() else { return };
         self.store.seal(range, &mut open.delta, forwarded);
         st.version += 1;
-        let entry = Entry { version: st.version, clock: st.clock.as_slice().into(), delta: open.delta.into() };
-        let lsn = self.store.persist(range, entry.version, &entry.clock, &entry.delta, false);
+        st.digest = digest_after(st.digest, st.version, &st.clock, &open.delta);
+        let entry = Entry { version: st.version, digest: st.digest, clock: st.clock.as_slice().into(), delta: open.delta.into() };
+        let lsn = self.store.persist(range, entry.version, entry.digest, &entry.clock, &entry.delta, false);
         self.persisted(range, entry.version, lsn);
         self.after_apply(range, entry);
     }
@@ -619,7 +727,9 @@ impl<S: Store> Replica<S> {
     /// and send it there, or (on the tail) commit it.
     fn after_apply(&mut self, range: RangeId, entry: Entry) {
         let place = self.place(range);
+        let history_bytes_max = self.history_bytes_max;
         let st = self.ranges[range.0 as usize].as_mut().expect("applied to a held range");
+        st.remember(&entry, history_bytes_max);
         let Some(place) = place else { return };
         if let Some(down) = place.downstream() {
             if st.log.is_empty() {
@@ -637,8 +747,8 @@ impl<S: Store> Replica<S> {
             }
             let learner_waits = place.succ.is_none() && st.learner.is_some_and(|l| l.needs_snapshot);
             if !learner_waits {
-                let Entry { version, clock, delta } = entry;
-                let msg = Msg::Forward { range, epoch: st.epoch, version, clock, delta };
+                let Entry { version, digest, clock, delta } = entry;
+                let msg = Msg::Forward { range, epoch: st.epoch, version, digest, clock, delta };
                 self.stats.updates_forwarded += 1;
                 self.out.push((Addr::Node(down), msg));
             }
@@ -734,7 +844,8 @@ impl<S: Store> Replica<S> {
             let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
             st.clock.copy_from_slice(&entry.clock);
             st.version = entry.version;
-            let lsn = self.store.persist(range, entry.version, &entry.clock, &entry.delta, false);
+            st.digest = entry.digest;
+            let lsn = self.store.persist(range, entry.version, entry.digest, &entry.clock, &entry.delta, false);
             self.persisted(range, entry.version, lsn);
             self.after_apply(range, entry);
         } else if entry.version <= st.version {
@@ -805,10 +916,13 @@ impl<S: Store> Replica<S> {
         let st = self.ranges[range.0 as usize].as_mut().expect("a snapshot of a held range");
         st.log.clear();
         st.progress_ms = now;
-        let (epoch, version, clock) = (st.epoch, st.version, st.clock.as_slice().into());
+        if let Some(l) = st.learner.as_mut().filter(|l| l.node == to) {
+            l.snapshot_sent = true;
+        }
+        let (epoch, version, digest, clock) = (st.epoch, st.version, st.digest, st.clock.as_slice().into());
         let data = self.store.snapshot(range).into();
         self.stats.snapshots_sent += 1;
-        self.send(to, Msg::Snapshot { range, epoch, version, clock, data });
+        self.send(to, Msg::Snapshot { range, epoch, version, digest, clock, data });
     }
 
     fn on_ack(&mut self, from: NodeId, range: RangeId, epoch: Epoch, version: u64) {
@@ -830,7 +944,7 @@ impl<S: Store> Replica<S> {
             }
         } else if let Some(l) = st.learner.as_mut().filter(|l| l.node == from) {
             // Our learner holds `version`.
-            if version > l.acked || l.needs_snapshot {
+            if version > l.acked || l.needs_snapshot || !l.synced {
                 l.acked = l.acked.max(version);
                 l.needs_snapshot = false;
                 l.synced |= l.acked >= l.ungated;
@@ -852,7 +966,8 @@ impl<S: Store> Replica<S> {
         }
     }
 
-    fn on_snapshot(&mut self, from: NodeId, range: RangeId, epoch: Epoch, version: u64, clock: &[u32], data: &[u8]) {
+    #[allow(clippy::too_many_arguments)]
+    fn on_snapshot(&mut self, from: NodeId, range: RangeId, epoch: Epoch, version: u64, digest: u32, clock: &[u32], data: &[u8]) {
         let Some(place) = self.expect_from(range, epoch, from, true) else { return };
         let st = self.ranges[range.0 as usize].as_ref().expect("checked by expect_from");
         if !st.installed || version > st.version {
@@ -865,6 +980,10 @@ impl<S: Store> Replica<S> {
             st.clock.copy_from_slice(clock);
             st.version = version;
             st.installed = true;
+            st.resuming = false;
+            self.stats.snapshots_installed += 1;
+            (st.digest, st.digest_known) = (digest, true);
+            st.forget_history();
             st.need_ms = None;
             // The disk holds this holding again once it holds the snapshot.
             st.durable = None;
@@ -872,7 +991,7 @@ impl<S: Store> Replica<S> {
             // Whatever was logged for downstream is older than this; a downstream replica that
             // lacks the difference asks (Need) and gets a snapshot in turn.
             st.log.clear();
-            let lsn = self.store.persist(range, version, clock, data, true);
+            let lsn = self.store.persist(range, version, digest, clock, data, true);
             self.persisted(range, version, lsn);
         }
         let st = self.ranges[range.0 as usize].as_ref().expect("checked by expect_from");
@@ -898,10 +1017,19 @@ impl<S: Store> Replica<S> {
         };
         let Some(down) = place.downstream() else { return };
         let snapshot = place.succ.is_none() && st.learner.is_some_and(|l| l.needs_snapshot);
-        if (st.log.is_empty() && !snapshot) || now < st.progress_ms + interval {
+        // A resumed learner not yet synced hears its grant again, and acknowledges again.
+        let regrant = st.learner.filter(|l| place.succ.is_none() && !l.synced && !l.needs_snapshot).and_then(|l| l.resumed);
+        if (st.log.is_empty() && !snapshot && regrant.is_none()) || now < st.progress_ms + interval {
             return;
         }
         st.progress_ms = now;
+        if let Some((version, digest)) = regrant {
+            let epoch = st.epoch;
+            self.send(down, Msg::Resume { range, epoch, version, digest });
+            if self.ranges[range.0 as usize].as_ref().is_some_and(|s| s.log.is_empty()) {
+                return;
+            }
+        }
         if snapshot {
             self.send_snapshot(range, down);
         } else {
@@ -915,9 +1043,74 @@ impl<S: Store> Replica<S> {
         let epoch = st.epoch;
         let again: Vec<Entry> = st.log.iter().filter(|e| e.version > after).take(RESEND_BATCH_MAX).cloned().collect();
         self.stats.updates_resent += again.len() as u64;
-        for Entry { version, clock, delta } in again {
-            self.send(to, Msg::Forward { range, epoch, version, clock, delta });
+        for Entry { version, digest, clock, delta } in again {
+            self.send(to, Msg::Forward { range, epoch, version, digest, clock, delta });
         }
+    }
+
+    /// As a learner resuming from what it holds: asks the tail again, every resend interval,
+    /// until it answers (or sends a snapshot).
+    fn ask_resume(&mut self, range: RangeId) {
+        let now = self.now_ms;
+        let Some(place) = self.place(range).filter(|p| p.is_learner) else { return };
+        let Some(st) = self.ranges[range.0 as usize].as_mut().filter(|s| s.resuming && !s.installed && s.epoch == place.epoch) else { return };
+        let (Some(up), true) = (place.upstream, st.need_ms.is_none_or(|at| now >= at + self.rcfg.resend_interval_ms)) else { return };
+        st.need_ms = Some(now);
+        let (epoch, version, digest) = (st.epoch, st.version, st.digest);
+        self.send(up, Msg::Resume { range, epoch, version, digest });
+    }
+
+    /// A learner asks to resume at `version` (on the tail), or the tail says it may (on the
+    /// learner). The tail agrees only if no snapshot went to the learner yet, its own history
+    /// has the same digest at `version`, and it still keeps every update after it: it then
+    /// sends them, as it sends a learner updates after a snapshot. Anything else leaves the
+    /// learner to its snapshot.
+    fn on_resume(&mut self, from: NodeId, range: RangeId, epoch: Epoch, version: u64, digest: u32) {
+        let Some(place) = self.place(range).filter(|p| p.epoch == epoch) else {
+            self.stats.stale_dropped += 1;
+            return;
+        };
+        if place.is_learner {
+            let Some(_) = self.expect_from(range, epoch, from, true) else { return };
+            let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
+            if st.resuming && !st.installed && st.version == version && st.digest == digest {
+                st.installed = true;
+                st.resuming = false;
+                st.need_ms = None;
+                self.stats.resumed += 1;
+            }
+            // Said again when an acknowledgement was lost: say again what we vouch for. (An
+            // answer to an older question, or one after a snapshot, changes nothing else.)
+            if let Some(vouched) = st.vouched() {
+                self.send(from, Msg::Ack { range, epoch, version: vouched });
+            }
+            return;
+        }
+        let Some(place) = self.expect_from(range, epoch, from, false) else { return };
+        if place.succ.is_some() {
+            return; // only a tail has a learner
+        }
+        // Pushes applied but not numbered go first, as for a snapshot.
+        self.close_batch(range);
+        let now = self.now_ms;
+        let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
+        let Some(learner) = st.learner.filter(|l| l.node == from && !l.snapshot_sent) else { return };
+        if learner.resumed == Some((version, digest)) {
+            // Asked again: the grant was lost.
+            self.send(from, Msg::Resume { range, epoch, version, digest });
+            return;
+        }
+        let unchecked = self.canary == Canary::ResumeUnchecked && version <= st.version;
+        if !learner.needs_snapshot || !st.installed || (st.digest_at(version) != Some(digest) && !unchecked) {
+            return;
+        }
+        st.log = st.history.iter().filter(|e| e.version > version).cloned().collect();
+        // It holds `version`, but vouches for what its disk holds in its acknowledgements.
+        st.learner = Some(Learner { acked: 0, needs_snapshot: false, resumed: Some((version, digest)), ..learner });
+        st.progress_ms = now;
+        self.stats.resumes += 1;
+        self.send(from, Msg::Resume { range, epoch, version, digest });
+        self.resend_after(range, from, version);
     }
 
     fn on_config(&mut self, config: Arc<ClusterConfig>) {
@@ -938,7 +1131,13 @@ impl<S: Store> Replica<S> {
             let place = config.chain(range).filter(|_| member && self.serves[r]).and_then(|c| Place::of(&config, c, self.id));
             match place {
                 None => {
-                    if self.ranges[r].take().is_some() {
+                    // What a restarted server's disk holds stays while the coordinator may
+                    // still make it the range's learner (it first takes the restarted server
+                    // out of its chains): a learner resumes from it. Once the chain is whole
+                    // without it, it is not wanted there.
+                    let recovered = self.ranges[r].as_ref().is_some_and(|st| st.epoch == Epoch(0) && st.installed && st.digest_known);
+                    let wanted = config.chain(range).is_some_and(|c| c.learner.is_some() || c.nodes.len() < self.rcfg.replicas as usize);
+                    if (!recovered || !wanted || !self.serves[r]) && self.ranges[r].take().is_some() {
                         self.store.drop_range(range);
                     }
                 }
@@ -951,12 +1150,23 @@ impl<S: Store> Replica<S> {
     fn enter(&mut self, range: RangeId, place: Place) {
         let workers = self.rcfg.workers;
         let slot = &mut self.ranges[range.0 as usize];
-        if place.is_learner && slot.as_ref().is_some_and(|st| !st.learning) {
-            // What this server held of the range comes from an epoch it was deposed from
-            // without hearing of it (cut off, say): it may hold a branch nobody else has. A
-            // learner starts from its tail's snapshot, and nothing else.
-            *slot = None;
-            self.store.drop_range(range);
+        if let Some(st) = slot.as_mut().filter(|st| place.is_learner && !st.learning) {
+            // What this server held of the range comes from before it was a learner: from its
+            // disk (a restart), or from an epoch it was deposed from without hearing of it (cut
+            // off, say). It may hold a branch nobody else has. It asks its tail to resume from
+            // there ([`Msg::Resume`]), which the tail grants only if its history has the same
+            // digest at that version; until then it holds nothing it may serve or vouch for.
+            if st.installed && st.digest_known {
+                st.installed = false;
+                st.resuming = true;
+                st.need_ms = None;
+                st.log.clear();
+                st.forget_history();
+                st.learner = None;
+            } else {
+                *slot = None;
+                self.store.drop_range(range);
+            }
         }
         if self.ranges[range.0 as usize].is_none() && place.epoch == Epoch(1) && !place.is_learner {
             // A range born here: its empty state goes to disk like any other, so that a
@@ -966,7 +1176,7 @@ impl<S: Store> Replica<S> {
             self.generations += 1;
             let clock = st.clock.clone();
             self.ranges[range.0 as usize] = Some(st);
-            let lsn = self.store.persist(range, 0, &clock, &[], true);
+            let lsn = self.store.persist(range, 0, 0, &clock, &[], true);
             self.persisted(range, 0, lsn);
         }
         let generations = &mut self.generations;
@@ -989,9 +1199,13 @@ impl<S: Store> Replica<S> {
             st.waiting.clear();
         }
         let old_learner = st.learner.take();
+        let mut new_learner = false;
         st.learner = place.learner.map(|(node, incarnation)| match old_learner.filter(|l| l.node == node && l.incarnation == incarnation) {
             Some(kept) => kept,
-            None => Learner::new(node, incarnation),
+            None => {
+                new_learner = true;
+                Learner::new(node, incarnation)
+            }
         });
         if place.is_tail() && st.learner.is_none_or(|l| !l.synced) {
             // Everything here is held by the (new) tail: committed, as far as its disk holds it
@@ -1015,8 +1229,13 @@ impl<S: Store> Replica<S> {
             (None, Some(_)) => {}
             (None, None) => st.log.clear(),
         }
-        // Resend at once to a new downstream replica.
-        st.progress_ms = 0;
+        if place.is_learner {
+            self.ask_resume(range);
+        }
+        let st = self.ranges[range.0 as usize].as_mut().expect("entered above");
+        // Resend at once to a new downstream replica; but a new learner may ask to resume
+        // from what it holds, and gets a while to ask before its snapshot goes.
+        st.progress_ms = if new_learner { (self.now_ms + LEARNER_RESUME_WAIT_MS).saturating_sub(self.rcfg.resend_interval_ms) } else { 0 };
         if place.is_tail() {
             if let Some(up) = place.upstream {
                 let (epoch, version) = (st.epoch, st.committed);
@@ -1037,13 +1256,18 @@ mod tests {
 
     /// Three replicas of one range, chain 0 -> 1 -> 2, with messages delivered in order.
     fn cluster() -> Vec<Replica<SimStore>> {
+        cluster_on(SimStore::default)
+    }
+
+    /// [`cluster`], each replica on a store `store` makes.
+    fn cluster_on(store: impl Fn() -> SimStore) -> Vec<Replica<SimStore>> {
         let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
         let members = (0..3).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
         let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: None };
         let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new(), cluster: 0 });
         (0..3)
             .map(|n| {
-                let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), SimStore::default());
+                let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), store());
                 r.step(0, Addr::Coordinator, Msg::Config(config.clone()));
                 r
             })
@@ -1122,7 +1346,8 @@ mod tests {
     #[test]
     fn a_stranger_or_another_epoch_changes_nothing() {
         let mut nodes = cluster();
-        let forward = |epoch| Msg::Forward { range: RangeId(0), epoch: Epoch(epoch), version: 1, clock: vec![0u32, 1].into(), delta: encode(&[9, 0]).into() };
+        let forward =
+            |epoch| Msg::Forward { range: RangeId(0), epoch: Epoch(epoch), version: 1, digest: 0, clock: vec![0u32, 1].into(), delta: encode(&[9, 0]).into() };
         // Node 2's predecessor is 1, not 0; and epoch 2 is not the range's epoch.
         nodes[2].step(1, Addr::Node(NodeId(0)), forward(1));
         nodes[1].step(1, Addr::Node(NodeId(0)), forward(2));
@@ -1142,8 +1367,8 @@ mod tests {
         let (range, epoch) = (RangeId(0), Epoch(1));
         // From the right predecessor in the right epoch, so only the clocks give them away: one
         // of another width, one behind what node 1 holds.
-        let forward = Msg::Forward { range, epoch, version: 2, clock: vec![0u32, 1, 7].into(), delta: encode(&[9, 0]).into() };
-        let snapshot = Msg::Snapshot { range, epoch, version: 5, clock: vec![0u32, 0].into(), data: encode(&[9, 0]).into() };
+        let forward = Msg::Forward { range, epoch, version: 2, digest: 0, clock: vec![0u32, 1, 7].into(), delta: encode(&[9, 0]).into() };
+        let snapshot = Msg::Snapshot { range, epoch, version: 5, digest: 0, clock: vec![0u32, 0].into(), data: encode(&[9, 0]).into() };
         nodes[1].step(1, Addr::Node(NodeId(0)), forward);
         nodes[1].step(1, Addr::Node(NodeId(0)), snapshot);
         assert!(nodes[1].take_ready().is_empty(), "nothing acknowledged");
@@ -1301,5 +1526,63 @@ mod tests {
         let reported: Vec<u32> = replica.reports().iter().map(|r| r.range.0).collect();
         assert_eq!(reported, vec![0, 2, 4, 6]);
         assert!((0..8).all(|r| replica.range_state(RangeId(r)).is_some() == (r % 2 == 0)));
+    }
+
+    /// Node 2 of [`cluster_on`] disks is killed after `before` pushes, the chain goes on without
+    /// it for `missed` more, and it restarts from its disk as the chain's learner. Returns the
+    /// nodes once everything settled (a snapshot, if any, sent after the wait for a resume).
+    fn restart_behind(before: i64, missed: i64) -> Vec<Replica<SimStore>> {
+        let mut nodes = cluster_on(SimStore::with_disk);
+        let mut seq = 0;
+        let push_settled = |nodes: &mut [Replica<SimStore>], seq: &mut u32| {
+            *seq += 1;
+            nodes[0].step(1, Addr::Worker(WorkerId(1)), push(*seq, 1));
+            nodes.iter_mut().for_each(|n| n.store_mut().sync());
+            settle(nodes);
+        };
+        for _ in 0..before {
+            push_settled(&mut nodes, &mut seq);
+        }
+        let disk = nodes[2].store().crashed(0);
+        let config = |id: u64, learner: Option<NodeId>| {
+            let members = (0..3).map(|n| Member { node: NodeId(n), incarnation: if n == 2 { 2 } else { 1 }, addr: String::new(), draining: false });
+            let chain = Chain { epoch: Epoch(id), nodes: vec![NodeId(0), NodeId(1)], learner };
+            Arc::new(ClusterConfig { id, members: members.collect(), chains: vec![chain], drained: Vec::new(), cluster: 0 })
+        };
+        for n in &mut nodes[..2] {
+            n.step(1, Addr::Coordinator, Msg::Config(config(2, None)));
+        }
+        for _ in 0..missed {
+            push_settled(&mut nodes[..2], &mut seq);
+        }
+        let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
+        nodes[2] = Replica::new(NodeId(2), 2, String::new(), rcfg, disk);
+        for n in &mut nodes {
+            n.step(1, Addr::Coordinator, Msg::Config(config(3, Some(NodeId(2)))));
+        }
+        settle(&mut nodes);
+        nodes[1].tick(1 + LEARNER_RESUME_WAIT_MS);
+        nodes.iter_mut().for_each(|n| n.store_mut().sync());
+        settle(&mut nodes);
+        nodes
+    }
+
+    #[test]
+    fn a_restarted_learner_resumes_from_its_disk_when_the_tail_keeps_what_it_missed() {
+        let nodes = restart_behind(5, 3);
+        let (learner, tail) = (nodes[2].stats(), nodes[1].stats());
+        assert_eq!((learner.resumed, learner.snapshots_installed, tail.resumes, tail.snapshots_sent), (1, 0, 1, 0));
+        assert_eq!(value(&nodes[2]), 8, "its disk's 5 pushes and the 3 it missed");
+        assert_eq!(nodes[2].range_state(RangeId(0)).unwrap().digest, nodes[1].range_state(RangeId(0)).unwrap().digest);
+    }
+
+    #[test]
+    fn a_restarted_learner_too_far_behind_takes_a_snapshot() {
+        // The tail keeps the last HISTORY_ENTRIES_MAX updates: the learner missed more.
+        let missed = HISTORY_ENTRIES_MAX as i64 + 10;
+        let nodes = restart_behind(5, missed);
+        let (learner, tail) = (nodes[2].stats(), nodes[1].stats());
+        assert_eq!((learner.resumed, learner.snapshots_installed, tail.resumes), (0, 1, 0));
+        assert_eq!(value(&nodes[2]), 5 + missed);
     }
 }

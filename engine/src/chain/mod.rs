@@ -128,6 +128,9 @@ pub struct ChainShard {
     /// sent as an error by the transport's next poll, and the turn after, the shard moves
     /// [`released`](Self::released) past them and clears it.
     failing: Option<u64>,
+    /// The replica's counts of ranges resumed, snapshots installed and learners resumed, as
+    /// last logged.
+    logged: (u64, u64, u64),
 }
 
 impl ChainShard {
@@ -163,6 +166,7 @@ impl ChainShard {
             acked: HashMap::new(),
             catalog_behind,
             failing: None,
+            logged: (0, 0, 0),
         }
     }
 
@@ -176,7 +180,7 @@ impl ChainShard {
     /// The ranges the shard's log held ([`store::replay`]): the replica holds them again, and
     /// from now on takes part in the cluster.
     pub fn recovered(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, replayed: Replayed) {
-        let held: Vec<String> = replayed.ranges.iter().map(|(r, (v, _))| format!("{r}@{v}")).collect();
+        let held: Vec<String> = replayed.ranges.iter().map(|(r, (v, _, _))| format!("{r}@{v}")).collect();
         tracing::info!(shard = self.shard, ranges = ?held, "the replica holds again what its log held (range@version)");
         self.replica = Self::replica(self.shard, self.shards, &self.me, &self.rcfg, ChainStore::recovered(self.rcfg.ranges, replayed));
         self.recovering = false;
@@ -197,7 +201,7 @@ impl ChainShard {
         self.with_replica(tables, disk, |r, _| r.flush());
         let held = (0..self.rcfg.ranges).filter_map(|r| {
             let st = self.replica.range_state(RangeId(r)).filter(|s| s.installed)?;
-            Some(RangeHeld { range: r, version: st.version, clock: st.clock.to_vec() })
+            Some(RangeHeld { range: r, version: st.version, clock: st.clock.to_vec(), digest: st.digest })
         });
         Some(held.collect())
     }
@@ -231,6 +235,25 @@ impl ChainShard {
         }
         for (range, reason) in self.replica.take_refusals() {
             tracing::warn!(shard = self.shard, %range, reason, "refused a replicated update; nothing of it was applied");
+        }
+        let stats = self.replica.stats();
+        let counts = (stats.resumed, stats.snapshots_installed, stats.resumes);
+        if counts != self.logged {
+            let (resumed, installed, granted) = counts;
+            if resumed > self.logged.0 {
+                tracing::info!(
+                    shard = self.shard,
+                    resumed,
+                    "a range resumed from what this server held (its disk): only the updates it missed came from its chain"
+                );
+            }
+            if installed > self.logged.1 {
+                tracing::info!(shard = self.shard, installed, "a range's snapshot installed from its chain");
+            }
+            if granted > self.logged.2 {
+                tracing::info!(shard = self.shard, granted, "a learner resumed from what it held, sent only the updates it missed");
+            }
+            self.logged = counts;
         }
         for (to, msg) in self.replica.take_ready() {
             match (to, msg) {
@@ -371,7 +394,8 @@ impl ChainShard {
         if msgs.is_empty() {
             return Err(EngineError::BadRequest { reason: "a Replicate request with no message".into() });
         }
-        if let Some(msg) = msgs.iter().find(|m| !matches!(m, Msg::Forward { .. } | Msg::Ack { .. } | Msg::Need { .. } | Msg::Snapshot { .. })) {
+        let from_peer = |m: &Msg| matches!(m, Msg::Forward { .. } | Msg::Ack { .. } | Msg::Need { .. } | Msg::Snapshot { .. } | Msg::Resume { .. });
+        if let Some(msg) = msgs.iter().find(|m| !from_peer(m)) {
             return Err(EngineError::BadRequest { reason: format!("a peer may not send a {} message", msg.kind()) });
         }
         let from = Addr::Node(NodeId(header.worker));

@@ -31,7 +31,7 @@ use tessera_layout::placement::range_keys;
 use tessera_layout::TableKind;
 use tessera_replication::codec::PushHeader;
 use tessera_replication::protocol::RangeId;
-use tessera_replication::replica::Store;
+use tessera_replication::replica::{Recovered, Store};
 
 use crate::config::CLOCK_MAX;
 use crate::error::{EngineError, Result};
@@ -80,17 +80,21 @@ pub struct ChainStore {
     pub disk: Option<ShardDisk>,
     touched: Vec<Vec<Touch>>,
     /// What the shard's log held at start-up: each range's version and clock.
-    recovered: BTreeMap<u32, (u64, Vec<u32>)>,
+    recovered: BTreeMap<u32, Found>,
     /// A peer's update or snapshot named a table this server does not have: it missed the
     /// table's creation, and its catalog is to be brought up to the cluster's.
     pub missing_table: bool,
 }
 
+/// A range a replicated shard's disk holds: its version, clock, and history digest (when the
+/// disk recorded it).
+pub type Found = (u64, Vec<u32>, Option<u32>);
+
 /// What replaying a replicated shard's log has found so far.
 #[derive(Debug, Default)]
 pub struct Replayed {
-    /// Each range held, with its version and clock.
-    pub ranges: BTreeMap<u32, (u64, Vec<u32>)>,
+    /// Each range held.
+    pub ranges: BTreeMap<u32, Found>,
     /// Pieces of a record whose last piece has not been read yet.
     pieces: HashMap<u32, Vec<u8>>,
 }
@@ -103,7 +107,7 @@ pub fn replay(tables: &mut Tables, ranges: u32, replayed: &mut Replayed, found: 
             if let Some(bad) = held.iter().find(|h| h.range >= ranges) {
                 return Err(EngineError::BadRequest { reason: format!("range {}, of a cluster of {ranges} ranges", bad.range) });
             }
-            replayed.ranges = held.iter().map(|h| (h.range, (h.version, h.clock.clone()))).collect();
+            replayed.ranges = held.iter().map(|h| (h.range, (h.version, h.clock.clone(), h.digest))).collect();
             return Ok(());
         }
         ReplicaReplayed::Record(record) => record,
@@ -127,7 +131,12 @@ pub fn replay(tables: &mut Tables, ranges: u32, replayed: &mut Replayed, found: 
     }
     let bytes = replayed.pieces.remove(&range).unwrap_or_default();
     apply_to(tables, RangeId(range), &bytes, flags & replica_flags::WHOLE != 0).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
-    replayed.ranges.insert(range, (version, clock.to_vec()));
+    // A record's clock words end with the digest when it has one.
+    let (clock, digest) = match (flags & replica_flags::DIGEST != 0, clock.split_last()) {
+        (true, Some((digest, clock))) => (clock, Some(*digest)),
+        _ => (clock, None),
+    };
+    replayed.ranges.insert(range, (version, clock.to_vec(), digest));
     Ok(())
 }
 
@@ -142,9 +151,18 @@ impl ChainStore {
     }
 
     /// Appends a replica record of `bytes` to the log, in pieces; the last piece's LSN, or
-    /// `u64::MAX` (never durable) when the log has failed.
-    fn log(&mut self, range: RangeId, version: u64, flags: u32, clock: &[u32], bytes: &[u8]) -> u64 {
+    /// `u64::MAX` (never durable) when the log has failed. The digest, when given, follows the
+    /// clock's words ([`replica_flags::DIGEST`]).
+    fn log(&mut self, range: RangeId, version: u64, flags: u32, clock: &[u32], digest: Option<u32>, bytes: &[u8]) -> u64 {
         let Some(disk) = self.disk.as_mut().filter(|d| d.logs()) else { return 0 };
+        let with_digest: Vec<u32>;
+        let (clock, flags) = match digest {
+            Some(d) => {
+                with_digest = clock.iter().copied().chain([d]).collect();
+                (&with_digest[..], flags | replica_flags::DIGEST)
+            }
+            None => (clock, flags),
+        };
         // State is f32s and 4-byte fields; copied only if the bytes are not 4-byte aligned.
         let words: std::borrow::Cow<'_, [f32]> = match bytemuck::try_cast_slice(bytes) {
             Ok(words) => words.into(),
@@ -468,19 +486,20 @@ impl Store for ChainStore {
         let checkpointing = self.disk.as_ref().is_some_and(ShardDisk::checkpointing);
         self.tables.release(range.0, checkpointing);
         self.touched[range.0 as usize].clear();
-        self.log(range, 0, replica_flags::DROPPED, &[], &[]);
+        self.log(range, 0, replica_flags::DROPPED, &[], None, &[]);
     }
 
-    fn persist(&mut self, range: RangeId, version: u64, clock: &[u32], bytes: &[u8], whole: bool) -> u64 {
-        self.log(range, version, if whole { replica_flags::WHOLE } else { 0 }, clock, bytes)
+    fn persist(&mut self, range: RangeId, version: u64, digest: u32, clock: &[u32], bytes: &[u8], whole: bool) -> u64 {
+        self.log(range, version, if whole { replica_flags::WHOLE } else { 0 }, clock, Some(digest), bytes)
     }
 
     fn durable_lsn(&self) -> u64 {
         self.disk.as_ref().filter(|d| d.logs()).map_or(0, ShardDisk::durable)
     }
 
-    fn recovered(&self) -> Vec<(RangeId, u64, Vec<u32>)> {
-        self.recovered.iter().map(|(r, (version, clock))| (RangeId(*r), *version, clock.clone())).collect()
+    fn recovered(&self) -> Vec<Recovered> {
+        let found = self.recovered.iter();
+        found.map(|(r, (version, clock, digest))| Recovered { range: RangeId(*r), version: *version, clock: clock.clone(), digest: *digest }).collect()
     }
 }
 
@@ -605,16 +624,16 @@ mod tests {
         ] {
             replay(&mut tables, RANGES, &mut replayed, ReplicaReplayed::Record(&record)).unwrap();
         }
-        assert_eq!(replayed.ranges, BTreeMap::from([(r, (1, clock.to_vec()))]), "range {other} was dropped; the torn snapshot is not applied");
+        assert_eq!(replayed.ranges, BTreeMap::from([(r, (1, clock.to_vec(), None))]), "range {other} was dropped; the torn snapshot is not applied");
         let recovered = ChainStore { tables, ..ChainStore::new(RANGES) };
         assert_eq!(state(&recovered, r), state(&head, r));
         let bad = logged(RANGES, 1, last, &clock, &words);
         assert!(replay(&mut store(&spec).tables, RANGES, &mut Replayed::default(), ReplicaReplayed::Record(&bad)).is_err(), "a range past the cluster's");
         // A checkpoint's ranges are where replay starts from; a range past the cluster's is refused.
-        let held = [RangeHeld { range: other, version: 7, clock: vec![1, 2, 3, 4] }];
+        let held = [RangeHeld { range: other, version: 7, clock: vec![1, 2, 3, 4], digest: Some(9) }];
         replay(&mut store(&spec).tables, RANGES, &mut replayed, ReplicaReplayed::Checkpoint(&held)).unwrap();
-        assert_eq!(replayed.ranges, BTreeMap::from([(other, (7, vec![1, 2, 3, 4]))]));
-        let past = [RangeHeld { range: RANGES, version: 7, clock: vec![0; 4] }];
+        assert_eq!(replayed.ranges, BTreeMap::from([(other, (7, vec![1, 2, 3, 4], Some(9)))]));
+        let past = [RangeHeld { range: RANGES, version: 7, clock: vec![0; 4], digest: None }];
         assert!(replay(&mut store(&spec).tables, RANGES, &mut replayed, ReplicaReplayed::Checkpoint(&past)).is_err());
     }
 

@@ -130,6 +130,10 @@ pub struct RangeHeld {
     pub range: u32,
     pub version: u64,
     pub clock: Vec<u32>,
+    /// The range's history digest at `version`; absent from checkpoints written before digests
+    /// were recorded (such a range is recovered, but not resumed from).
+    #[serde(default)]
+    pub digest: Option<u32>,
 }
 
 /// One table part in a manifest.

@@ -70,7 +70,11 @@ pub mod replica_flags {
     pub const MORE: u32 = 2;
     /// The server no longer holds the range.
     pub const DROPPED: u32 = 4;
-    pub const ALL: u32 = WHOLE | MORE | DROPPED;
+    /// The record's clock words end with one more: the range's history digest at the version
+    /// (`tessera_replication::replica::digest_after`), with which a restarted server resumes
+    /// from its log. A record without it (an older log) recovers, but is not resumed from.
+    pub const DIGEST: u32 = 8;
+    pub const ALL: u32 = WHOLE | MORE | DROPPED | DIGEST;
 }
 
 /// A record header, read and written in place.

@@ -126,6 +126,10 @@ pub struct Report {
     pub overlapping: u64,
     pub pushes_acked: u64,
     pub configs: u64,
+    /// Snapshots sent, and learners resumed from what they held instead (every replica's,
+    /// crashed ones' included).
+    pub snapshots: u64,
+    pub resumes: u64,
 }
 
 /// A checker's finding, with what it takes to replay it.
@@ -225,6 +229,10 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
     }
     sim.run().map_err(|what| Failure { seed: opts.seed, at_ms: sim.now, what })?;
     sim.report.sim_ms = sim.now;
+    for replica in sim.nodes.iter().filter_map(|n| n.replica.as_ref()) {
+        sim.report.snapshots += replica.stats().snapshots_sent;
+        sim.report.resumes += replica.stats().resumes;
+    }
     Ok(sim.report)
 }
 
@@ -452,6 +460,8 @@ impl Sim {
     /// synced on it, the next torn.
     fn crash(&mut self, n: usize) {
         let replica = self.nodes[n].replica.take().expect("crashing a running node");
+        self.report.snapshots += replica.stats().snapshots_sent;
+        self.report.resumes += replica.stats().resumes;
         let pending = replica.store().disk.as_ref().map_or(0, |d| d.pending());
         let landed = self.rng.gen_range(0..=pending);
         self.nodes[n].store = replica.store().crashed(landed);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::protocol::RangeId;
-use crate::replica::Store;
+use crate::replica::{Recovered, Store};
 
 /// Values per range.
 pub const VALUES: usize = 2;
@@ -36,8 +36,8 @@ pub struct SimStore {
     pub disk: Option<SimDisk>,
 }
 
-/// What a range's state on disk is: its version, clock and values.
-type OnDisk = (u64, Vec<u32>, [i64; VALUES]);
+/// What a range's state on disk is: its version, clock and values, and its history digest.
+type OnDisk = (u64, Vec<u32>, [i64; VALUES], u32);
 
 /// A disk as a log: writes are numbered, and reach the disk only when it syncs, or at a crash
 /// (a prefix of them, the next one torn).
@@ -97,7 +97,7 @@ impl SimStore {
         disk.land(landed);
         disk.pending.clear();
         disk.synced_lsn = disk.next_lsn;
-        let ranges = disk.held.iter().map(|(r, (_, _, values))| (*r, *values)).collect();
+        let ranges = disk.held.iter().map(|(r, (_, _, values, _))| (*r, *values)).collect();
         Self { ranges, disk: Some(disk) }
     }
 }
@@ -132,10 +132,10 @@ impl Store for SimStore {
         }
     }
 
-    fn persist(&mut self, range: RangeId, version: u64, clock: &[u32], _bytes: &[u8], whole: bool) -> u64 {
+    fn persist(&mut self, range: RangeId, version: u64, digest: u32, clock: &[u32], _bytes: &[u8], whole: bool) -> u64 {
         let values = self.ranges.get(&range).copied().unwrap_or_default();
         let Some(disk) = self.disk.as_mut() else { return 0 };
-        let lsn = disk.write(range, Some((version, clock.to_vec(), values)));
+        let lsn = disk.write(range, Some((version, clock.to_vec(), values, digest)));
         if whole && version == 0 {
             // A range born empty: it exists once its table does, and a server syncs a new
             // table's definition before it serves it.
@@ -148,8 +148,9 @@ impl Store for SimStore {
         self.disk.as_ref().map_or(0, |disk| disk.synced_lsn)
     }
 
-    fn recovered(&self) -> Vec<(RangeId, u64, Vec<u32>)> {
+    fn recovered(&self) -> Vec<Recovered> {
         let Some(disk) = &self.disk else { return Vec::new() };
-        disk.held.iter().map(|(range, (version, clock, _))| (*range, *version, clock.clone())).collect()
+        let found = disk.held.iter().map(|(range, (version, clock, _, digest))| (*range, *version, clock.clone(), *digest));
+        found.map(|(range, version, clock, digest)| Recovered { range, version, clock, digest: Some(digest) }).collect()
     }
 }

@@ -79,7 +79,7 @@ fn manifest() -> Manifest {
             clocks: vec![(0, vec![3, 4]), (10, vec![3, 5])],
             chunks: vec![ChunkRef { file: 11, offset: 0, len: 4096, crc: 0xdead_beef }, ChunkRef { file: 12, offset: 4096, len: 8192, crc: 7 }],
         }],
-        replica: vec![RangeHeld { range: 3, version: 19, clock: vec![4, 5] }],
+        replica: vec![RangeHeld { range: 3, version: 19, clock: vec![4, 5], digest: Some(0xABCD) }],
     }
 }
 
