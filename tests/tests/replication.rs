@@ -1223,6 +1223,59 @@ fn memory_per_server_falls_as_servers_join() {
     assert!(got == values, "the values pushed before the servers joined are not all there");
 }
 
+/// Three servers on `wal`, each with its data directory, for a coordinator keeping every range
+/// on a chain of three ([`three_replica_coordinator`]), started by the test as it needs them.
+struct WalCluster {
+    dir: ScratchDir,
+    tables: String,
+    coordinator: Vec<String>,
+    _coordinator: ServerProc,
+    addrs: Vec<String>,
+    /// Flags every server gets beyond the cluster's.
+    extra: Vec<String>,
+}
+
+impl WalCluster {
+    fn new(label: &str, extra: &[&str]) -> WalCluster {
+        let dir = ScratchDir::new(label);
+        let tables = sum_table(&dir);
+        let (coordinator, process, addrs) = three_replica_coordinator("1000", SERVERS);
+        WalCluster { dir, tables, coordinator, _coordinator: process, addrs, extra: extra.iter().map(|s| s.to_string()).collect() }
+    }
+
+    /// Server `i`'s data directory.
+    fn data(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("server-{}", i + 1))
+    }
+
+    /// Starts server `i` (node `i + 1`) on its data directory, with `extra` flags too.
+    fn start(&self, i: usize, extra: &[&str]) -> Result<ServerProc, String> {
+        let (node, data) = ((i + 1).to_string(), self.data(i).display().to_string());
+        let mut args = vec!["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &self.coordinator[0], "--tables", &self.tables];
+        args.extend(["--durability", "wal", "--data-dir", &data, "--checkpoint-interval-s", "0"]);
+        args.extend(self.extra.iter().map(String::as_str));
+        args.extend(extra);
+        ServerProc::spawn(&self.addrs[i], &args)
+    }
+
+    fn refs(&self) -> Vec<&str> {
+        self.addrs.iter().map(String::as_str).collect()
+    }
+}
+
+/// Pushes `rounds` rounds of worker 0's gradients to `w` and `emb` through `client`, each
+/// waited for (acknowledged), counting them in `pushes[0]`.
+fn push_rounds(client: &Client, pushes: &mut [usize], rounds: usize) {
+    let (w, emb) = (client.table("w").unwrap(), client.table("emb").unwrap());
+    let (grads, keys) = ((0..KEYS).map(|k| grad(0, k)).collect::<Vec<f32>>(), sparse_keys(0));
+    for _ in 0..rounds {
+        pushes[0] += 1;
+        client.set_clock(pushes[0] as u64);
+        client.push_range(&w, 0, &grads).and_then(|t| t.wait()).expect("push");
+        client.push(&emb, &keys, &sparse_grads(0, &keys)).and_then(|t| t.wait()).expect("push");
+    }
+}
+
 /// A replicated server whose log is damaged (bytes flipped in records that later commits
 /// follow, so acknowledged updates are behind the damage) refuses to start and says why. Started
 /// to accept the loss, it replays what precedes the damage, rejoins its chains and takes what it
@@ -1230,36 +1283,20 @@ fn memory_per_server_falls_as_servers_join() {
 #[test]
 fn a_replica_whose_log_is_damaged_is_refused_then_catches_up_from_its_chain() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = ScratchDir::new("replication-damaged-log");
-    let tables = sum_table(&dir);
-    let (coordinator, _coord, addrs) = three_replica_coordinator("1000", SERVERS);
-    let data = |i: usize| dir.path().join(format!("server-{}", i + 1));
-    let start = |i: usize, extra: &[&str]| {
-        let (node, data) = ((i + 1).to_string(), data(i).display().to_string());
-        let mut args = vec!["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator[0], "--tables", &tables];
-        args.extend(["--durability", "wal", "--data-dir", &data, "--checkpoint-interval-s", "0"]);
-        args.extend(extra);
-        ServerProc::spawn(&addrs[i], &args)
-    };
+    let cluster = WalCluster::new("replication-damaged-log", &[]);
+    let (coordinator, addrs, data) = (&cluster.coordinator, &cluster.addrs, |i: usize| cluster.data(i));
+    let start = |i: usize, extra: &[&str]| cluster.start(i, extra);
     let mut servers: Vec<ServerProc> = (0..SERVERS).map(|i| start(i, &[]).expect("a server starts")).collect();
-    wait_healed(&coordinator, None, Duration::from_secs(30));
+    wait_healed(coordinator, None, Duration::from_secs(30));
 
     // Pushes, each acknowledged once every member's log holds it.
-    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let client = Client::connect(&cluster.refs(), worker_cfg(0)).expect("connect");
     let mut pushes = vec![0usize; WORKERS as usize];
-    let client = Client::connect(&refs, worker_cfg(0)).expect("connect");
-    let (w, emb) = (client.table("w").unwrap(), client.table("emb").unwrap());
-    let (grads, keys) = ((0..KEYS).map(|k| grad(0, k)).collect::<Vec<f32>>(), sparse_keys(0));
-    for i in 0..40 {
-        client.set_clock(i + 1);
-        client.push_range(&w, 0, &grads).and_then(|t| t.wait()).expect("push");
-        client.push(&emb, &keys, &sparse_grads(0, &keys)).and_then(|t| t.wait()).expect("push");
-        pushes[0] += 1;
-    }
+    push_rounds(&client, &mut pushes, 40);
     drop(client);
 
     // Server 3 dies, and its logs take damage in their first half, before later commits.
-    let old = incarnation(&status(&coordinator).expect("status"), 3);
+    let old = incarnation(&status(coordinator).expect("status"), 3);
     servers[2].kill();
     let mut damaged = 0;
     for shard in std::fs::read_dir(data(2)).unwrap().flatten().filter(|e| e.path().is_dir()) {
@@ -1283,7 +1320,7 @@ fn a_replica_whose_log_is_damaged_is_refused_then_catches_up_from_its_chain() {
     servers[2] = start(2, &["--accept-data-loss"]).expect("a server accepting the loss starts");
     assert!(servers[2].log().contains("recovering past lost data"), "{}", servers[2].log());
     let procs: Vec<&ServerProc> = servers.iter().collect();
-    wait_healed_or_dump(&coordinator, Some((3, old)), heal_within(), &procs);
+    wait_healed_or_dump(coordinator, Some((3, old)), heal_within(), &procs);
     servers[0].kill();
     servers[1].kill();
     check_sums(&[addrs[2].as_str()], &pushes);
@@ -1295,46 +1332,25 @@ fn a_replica_whose_log_is_damaged_is_refused_then_catches_up_from_its_chain() {
 #[test]
 fn a_server_restarted_after_kill_9_takes_only_what_it_missed_from_its_chain() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = ScratchDir::new("replication-resume");
-    let tables = sum_table(&dir);
-    let (coordinator, _coord, addrs) = three_replica_coordinator("1000", SERVERS);
-    let data = |i: usize| dir.path().join(format!("server-{}", i + 1));
-    let start = |i: usize| {
-        let (node, data) = ((i + 1).to_string(), data(i).display().to_string());
-        let mut args = vec!["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator[0], "--tables", &tables];
-        args.extend(["--durability", "wal", "--data-dir", &data, "--checkpoint-interval-s", "0", "--log", "info"]);
-        ServerProc::spawn(&addrs[i], &args)
-    };
-    let mut servers: Vec<ServerProc> = (0..SERVERS).map(|i| start(i).expect("a server starts")).collect();
-    wait_healed(&coordinator, None, Duration::from_secs(30));
-    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let cluster = WalCluster::new("replication-resume", &["--log", "info"]);
+    let (coordinator, addrs) = (&cluster.coordinator, &cluster.addrs);
+    let mut servers: Vec<ServerProc> = (0..SERVERS).map(|i| cluster.start(i, &[]).expect("a server starts")).collect();
+    wait_healed(coordinator, None, Duration::from_secs(30));
+    let client = Client::connect(&cluster.refs(), worker_cfg(0)).expect("connect");
     let mut pushes = vec![0usize; WORKERS as usize];
-    let client = Client::connect(&refs, worker_cfg(0)).expect("connect");
-    let (w, emb) = (client.table("w").unwrap(), client.table("emb").unwrap());
-    let (grads, keys) = ((0..KEYS).map(|k| grad(0, k)).collect::<Vec<f32>>(), sparse_keys(0));
-    let push = |client: &Client, pushes: &mut [usize]| {
-        pushes[0] += 1;
-        client.set_clock(pushes[0] as u64);
-        client.push_range(&w, 0, &grads).and_then(|t| t.wait()).expect("push");
-        client.push(&emb, &keys, &sparse_grads(0, &keys)).and_then(|t| t.wait()).expect("push");
-    };
-    for _ in 0..30 {
-        push(&client, &mut pushes);
-    }
+    push_rounds(&client, &mut pushes, 30);
 
     // Server 3 dies; the others go on without it, and it misses ten rounds.
-    let old = incarnation(&status(&coordinator).expect("status"), 3);
+    let old = incarnation(&status(coordinator).expect("status"), 3);
     servers[2].kill();
-    detected(&coordinator, 3, old, Duration::from_secs(30)).expect("the kill is noticed");
-    for _ in 0..10 {
-        push(&client, &mut pushes);
-    }
+    detected(coordinator, 3, old, Duration::from_secs(30)).expect("the kill is noticed");
+    push_rounds(&client, &mut pushes, 10);
     drop(client);
 
     // Restarted on its disk, it rejoins every chain from what its log holds.
-    servers[2] = start(2).expect("the server restarts on its disk");
+    servers[2] = cluster.start(2, &[]).expect("the server restarts on its disk");
     let procs: Vec<&ServerProc> = servers.iter().collect();
-    wait_healed_or_dump(&coordinator, Some((3, old)), heal_within(), &procs);
+    wait_healed_or_dump(coordinator, Some((3, old)), heal_within(), &procs);
     let log = servers[2].log();
     let resumed = log.matches("a range resumed from what this server held").count();
     let snapshots = log.matches("snapshot installed").count();
