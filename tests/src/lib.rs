@@ -250,17 +250,18 @@ impl ServerProc {
         self.child.wait_timeout(timeout)
     }
 
-    /// True while the process runs.
     /// Freezes the process (SIGSTOP): it holds its connections and answers nothing, as a hung
-    /// server does, until [`resume`](Self::resume).
+    /// server does, until [`resume`](Self::resume). Returns once every thread has stopped.
     pub fn freeze(&self) {
         signal(self.pid(), "-STOP");
+        wait_stopped(self.pid());
     }
 
     pub fn resume(&self) {
         signal(self.pid(), "-CONT");
     }
 
+    /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         self.child.child.is_some() && self.child.try_wait().is_none()
     }
@@ -330,6 +331,7 @@ impl EtcdProc {
     /// partitioned etcd does, until [`resume`](Self::resume).
     pub fn freeze(&self) {
         signal(self.child.id(), "-STOP");
+        wait_stopped(self.child.id());
     }
 
     pub fn resume(&self) {
@@ -340,6 +342,22 @@ impl EtcdProc {
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
     assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// Waits until every thread of `pid` is stopped (`T` in `/proc/PID/task/*/stat`): `kill -STOP`
+/// returns once the signal is sent, not once every thread has taken it.
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let state = |stat: String| stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_string));
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+        let states: Vec<Option<String>> = tasks.iter().map(|t| std::fs::read_to_string(t.path().join("stat")).ok().and_then(state)).collect();
+        if !states.is_empty() && states.iter().all(|s| matches!(s.as_deref(), Some("T") | Some("t"))) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop within 10 s of SIGSTOP: thread states {states:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// What a finished `tessera` invocation printed.
