@@ -77,7 +77,8 @@ pub struct BenchArgs {
     /// Measure a replicated cluster instead, started in this process beside an unreplicated
     /// server: --servers servers, every range on a chain of this many. Size by size, in the
     /// same run, prints each one's push p50 (a push acknowledged once every range's tail holds
-    /// it) and, at 64 KiB and more, its push bandwidth with pushes in flight, and the ratios.
+    /// it), its dense pull p50 (each range read from its tail: one-sidedly over RDMA) and, at 64
+    /// KiB and more, its push bandwidth with pushes in flight, and the ratios.
     #[arg(long, value_name = "R", conflicts_with_all = ["connect", "disk"])]
     replicas: Option<u32>,
     /// Servers of the --replicas cluster.
@@ -333,7 +334,10 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         args.seconds,
         plain.transport()
     );
-    println!("{:>8}  {:>14} {:>14} {:>6}   {:>16} {:>16} {:>6}", "size", "push p50 µs", "replicated", "ratio", "in flight GB/s", "replicated", "ratio");
+    println!(
+        "{:>8}  {:>14} {:>14} {:>6}   {:>14} {:>14} {:>6}   {:>16} {:>16} {:>6}",
+        "size", "push p50 µs", "replicated", "ratio", "pull p50 µs", "replicated", "ratio", "in flight GB/s", "replicated", "ratio"
+    );
     let budget = Duration::from_secs_f64(args.seconds);
     let mut clock = 0;
     for &size in sizes {
@@ -349,7 +353,12 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
             push(&chain, &chain_table, &grads)
         })?;
         let (p, c) = (plain_hist.value_at_quantile(0.5) as f64 / 1e3, chain_hist.value_at_quantile(0.5) as f64 / 1e3);
-        let mut line = format!("{:>8}  {p:>14.1} {c:>14.1} {:>5.2}x", human(size), c / p);
+        // Pulls read each range's tail (one-sidedly over RDMA, on both).
+        let mut out = vec![0f32; size / 4];
+        let (plain_pulls, ..) = measure(budget, args.iters_max, &mut || pull(&plain, &plain_table, &mut out))?;
+        let (chain_pulls, ..) = measure(budget, args.iters_max, &mut || pull(&chain, &chain_table, &mut out))?;
+        let (pp, cp) = (plain_pulls.value_at_quantile(0.5) as f64 / 1e3, chain_pulls.value_at_quantile(0.5) as f64 / 1e3);
+        let mut line = format!("{:>8}  {p:>14.1} {c:>14.1} {:>5.2}x   {pp:>14.1} {cp:>14.1} {:>5.2}x", human(size), c / p, cp / pp);
         if size >= 64 << 10 {
             // Both streams keep --window tickets; a replicated push waits for the one before
             // it to be acknowledged before it is sent, so one is in flight on the wire.
