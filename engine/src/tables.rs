@@ -87,7 +87,7 @@ impl Tables {
 
     /// Notes a part freed.
     fn freed(exposures: &mut Vec<Exposure>, part: &TablePart) {
-        if part.dense_view().is_some() {
+        if part.spec.kind == tessera_layout::TableKind::Dense {
             exposures.push(Exposure::Remove { table: part.id, start: part.owned().start });
         }
     }

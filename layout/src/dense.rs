@@ -72,6 +72,11 @@ impl DenseLayout {
         self.keys.div_ceil(self.keys_per_block as u64)
     }
 
+    /// Whether the part holds `key`.
+    pub fn holds(&self, key: u64) -> bool {
+        key >= self.start && key - self.start < self.keys
+    }
+
     /// Words the whole part takes.
     pub fn words(&self) -> u64 {
         self.blocks() * self.block_words as u64

@@ -39,13 +39,6 @@ pub struct DenseView {
     pub memory: Arc<dyn StableMemory>,
 }
 
-impl DenseView {
-    /// Whether the part holds `key`.
-    pub fn holds(&self, key: u64) -> bool {
-        key >= self.layout.start && key - self.layout.start < self.layout.keys
-    }
-}
-
 /// A change to what a shard exposes. A shard may expose several parts of one table (a
 /// replicated shard holds one per replication range), each named by its first key.
 #[derive(Debug, Clone)]

@@ -11,7 +11,8 @@
 //! An update or snapshot is a list of records: `table u32, advances u32, start u64, end u64,
 //! step u64` (the pushes the head's part has applied: Adam's bias correction counts them, and a
 //! replica that becomes head goes on from there), then `advances` times `worker u32, 0u32,
-//! clock u64`. For a dense table, the keys' exported state follows ([`TablePart::export_keys`]). For a sparse table, `keys u64`, that
+//! clock u64`. For a dense table, the keys' exported state follows
+//! ([`TablePart::export_keys`]). For a sparse table, `keys u64`, that
 //! many keys inside `[start, end)` in increasing order, then their records
 //! ([`TablePart::export_listed`]). A snapshot of a sparse range lists every key the part holds
 //! there, and the replica installing it forgets the keys it does not list.
@@ -84,6 +85,8 @@ pub struct ChainStore {
     /// A peer's update or snapshot named a table this server does not have: it missed the
     /// table's creation, and its catalog is to be brought up to the cluster's.
     pub missing_table: bool,
+    /// A logged record's clock words, then its digest: kept from record to record.
+    clock_words: Vec<u32>,
 }
 
 /// A range a replicated shard's disk holds: its version, clock, and history digest (when the
@@ -142,7 +145,14 @@ pub fn replay(tables: &mut Tables, ranges: u32, replayed: &mut Replayed, found: 
 
 impl ChainStore {
     pub fn new(ranges: u32) -> Self {
-        Self { tables: Tables::default(), disk: None, touched: vec![Vec::new(); ranges as usize], recovered: BTreeMap::new(), missing_table: false }
+        Self {
+            tables: Tables::default(),
+            disk: None,
+            touched: vec![Vec::new(); ranges as usize],
+            recovered: BTreeMap::new(),
+            missing_table: false,
+            clock_words: Vec::new(),
+        }
     }
 
     /// A store holding what replaying the shard's log found.
@@ -155,11 +165,12 @@ impl ChainStore {
     /// clock's words ([`replica_flags::DIGEST`]).
     fn log(&mut self, range: RangeId, version: u64, flags: u32, clock: &[u32], digest: Option<u32>, bytes: &[u8]) -> u64 {
         let Some(disk) = self.disk.as_mut().filter(|d| d.logs()) else { return 0 };
-        let with_digest: Vec<u32>;
         let (clock, flags) = match digest {
             Some(d) => {
-                with_digest = clock.iter().copied().chain([d]).collect();
-                (&with_digest[..], flags | replica_flags::DIGEST)
+                self.clock_words.clear();
+                self.clock_words.extend_from_slice(clock);
+                self.clock_words.push(d);
+                (&self.clock_words[..], flags | replica_flags::DIGEST)
             }
             None => (clock, flags),
         };

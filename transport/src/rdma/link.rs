@@ -419,7 +419,7 @@ const REAP_EVERY: u32 = 16;
 impl RdmaLink {
     /// Which of [`dense`](Self::dense) is the part of table `table` holding `key`, if known.
     fn known_dense(&self, table: u32, key: u64) -> Option<usize> {
-        self.dense.iter().position(|(t, d)| *t == table && key >= d.layout.start && key - d.layout.start < d.layout.keys)
+        self.dense.iter().position(|(t, d)| *t == table && d.layout.holds(key))
     }
 
     /// Where the part of dense table `table` holding `key` lies on the shard (its index in
@@ -440,7 +440,7 @@ impl RdmaLink {
         }
         let dense = RemoteDense::decode(reply.body)?;
         let layout = dense.layout;
-        if key < layout.start || key - layout.start >= layout.keys {
+        if !layout.holds(key) {
             return Err(rdma(format!("the shard answered for key {key} with a part of keys {}..{}", layout.start, layout.start + layout.keys)));
         }
         // A part that starts where a known one did replaces it (new memory for the same keys).

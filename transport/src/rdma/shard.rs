@@ -331,7 +331,7 @@ impl State {
             .range(..=(table, key))
             .next_back()
             .map(|(_, v)| v)
-            .filter(|v| v.table == table && v.holds(key))
+            .filter(|v| v.table == table && v.layout.holds(key))
             .ok_or_else(|| (Status::UnknownTable, format!("table {table} has no dense part holding key {key} on this shard to read directly")))?;
         let part = (table, view.layout.start);
         let peer = self
