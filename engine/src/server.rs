@@ -30,7 +30,7 @@ use crate::shard::{Shard, ShardControl, ShardStats};
 use crate::updater::UpdaterRegistry;
 
 /// Control messages waiting for one shard before the control plane blocks.
-const SHARD_CONTROL_QUEUE_MAX: usize = 64;
+const SHARD_CONTROL_QUEUE_MAX: usize = 1024;
 /// How long the control plane waits for a shard to map a table or report.
 const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a shard may take to load its checkpoint and replay its log.
@@ -713,8 +713,16 @@ fn start_chain(
             h.waker.wake();
         }
     });
+    let handles = shards.to_vec();
+    let on_replied = Arc::new(move |shard: u16, peer: NodeId, msgs: Vec<tessera_replication::protocol::Msg>| {
+        if let Some(h) = handles.get(shard as usize) {
+            // A shard too busy to take them has them resent: acknowledgements are cumulative.
+            let _ = h.tx.try_send(ShardControl::Replied { peer, msgs });
+            h.waker.wake();
+        }
+    });
     tracing::info!(node = join.node, incarnation, addr = %me.addr, coordinator = %join.coordinator, "joining a replicated cluster");
-    Ok((me.clone(), Outbox::start(me.node, join.coordinator.clone(), dialer, on_config)))
+    Ok((me.clone(), Outbox::start(me.node, join.coordinator.clone(), dialer, on_config, on_replied)))
 }
 /// The cores this process may run on.
 fn allowed_cores() -> Vec<usize> {

@@ -16,7 +16,7 @@ use tessera_transport::wire::{self, flags, Header, Op, HEADER_BYTES};
 use tessera_transport::{ConnId, Reply, Request, Service, ShardTransport};
 
 use tessera_layout::placement::{range_keys, range_of};
-use tessera_replication::protocol::ClusterConfig;
+use tessera_replication::protocol::{ClusterConfig, Msg, NodeId};
 
 use crate::chain::store::{self, Replayed};
 use crate::chain::ChainShard;
@@ -49,6 +49,8 @@ pub enum ShardControl {
     Checkpoint { done: Sender<Result<Option<Written>>> },
     /// A newer cluster configuration (replicated servers).
     Config(Arc<ClusterConfig>),
+    /// Acknowledgements a peer's reply to this shard's replication carried back.
+    Replied { peer: NodeId, msgs: Vec<Msg> },
     /// Leave the loop.
     Shutdown,
 }
@@ -330,6 +332,11 @@ impl Shard {
                 Some(chain) => chain.config(&mut self.tables, &mut self.disk, config),
                 None => tracing::warn!(shard = self.id, "a cluster configuration reached an unreplicated shard"),
             },
+            ShardControl::Replied { peer, msgs } => {
+                if let Some(chain) = self.chain.as_mut() {
+                    chain.replied(&mut self.tables, &mut self.disk, peer, msgs);
+                }
+            }
             ShardControl::Shutdown => self.stop = true,
         }
     }

@@ -109,11 +109,14 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// A new cluster named `cluster` of `members` (at least one): every range is born in epoch 1
-    /// on the chain the ring gives it.
+    /// on the chain the ring gives it, its members ordered to even out heads and tails
+    /// ([`balance_roles`](crate::ring::balance_roles)).
     pub fn new(rcfg: ReplicationConfig, cluster: u64, members: Vec<Member>, now_ms: u64) -> Self {
         assert!(!members.is_empty(), "a cluster starts with at least one server");
         let ring = Ring::new(members.iter().map(|m| m.node), rcfg.vnodes);
-        let chains = ring.chains(rcfg.ranges, rcfg.replicas).into_iter().map(|nodes| Chain { epoch: Epoch(1), nodes, learner: None }).collect();
+        let mut chains = ring.chains(rcfg.ranges, rcfg.replicas);
+        crate::ring::balance_roles(&mut chains);
+        let chains = chains.into_iter().map(|nodes| Chain { epoch: Epoch(1), nodes, learner: None }).collect();
         Self::resume(rcfg, ClusterConfig { id: 1, members, chains, drained: Vec::new(), cluster }, now_ms)
     }
 

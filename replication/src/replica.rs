@@ -629,6 +629,21 @@ impl<S: Store> Replica<S> {
         self.settle_durable();
     }
 
+    /// Closes the batches of the ranges whose updates go nowhere (a chain of one, with no
+    /// learner): their pushes can be acknowledged at once. A batch that is forwarded stays open
+    /// until the next [`flush`](Self::flush), so the pushes that reach the head in between
+    /// leave as one update: one message per hop, and one apply on each successor, for all of
+    /// them. The driver calls it after the pushes of one request, and `flush` once per turn.
+    pub fn flush_unforwarded(&mut self) {
+        for r in 0..self.ranges.len() {
+            let range = RangeId(r as u32);
+            if self.ranges[r].as_ref().is_some_and(|st| st.open.is_some()) && self.place(range).is_some_and(|p| p.downstream().is_none()) {
+                self.close_batch(range);
+            }
+        }
+        self.settle_durable();
+    }
+
     /// Takes up what the store's disk now holds: commits (and acknowledges upstream) what
     /// waited for it, and a learner vouches for it.
     fn settle_durable(&mut self) {

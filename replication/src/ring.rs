@@ -65,6 +65,32 @@ impl Ring {
     }
 }
 
+/// Orders the members of each chain so that every server heads, and ends, about as many
+/// chains as any other: a head applies its ranges' pushes and a tail serves their pulls, so
+/// the ring's unevenness over few ranges (4, 7 and 5 heads of 16 ranges on three servers)
+/// would make one server the bottleneck. Membership, and so what moves when servers join or
+/// leave, stays the ring's. Chains are taken in range order; each takes the order of its
+/// members (of those tried: every order of up to three, else every rotation) that adds least
+/// to the counts of the roles it gives, the ring's order on a tie. Only a new cluster's chains
+/// are ordered so: a running chain keeps its order, as a reorder would move its head.
+pub fn balance_roles(chains: &mut [Vec<NodeId>]) {
+    let mut counts: std::collections::HashMap<(usize, NodeId), usize> = std::collections::HashMap::new();
+    let role = |pos: usize, len: usize| if pos + 1 == len { 2 } else { pos.min(1) };
+    for chain in chains.iter_mut() {
+        let len = chain.len();
+        let cost = |order: &[NodeId]| -> usize { order.iter().enumerate().map(|(p, n)| counts.get(&(role(p, len), *n)).copied().unwrap_or(0)).sum() };
+        let mut orders: Vec<Vec<NodeId>> = (0..len).map(|k| chain.iter().cycle().skip(k).take(len).copied().collect()).collect();
+        if len == 3 {
+            orders.extend((0..3).map(|k| vec![chain[k], chain[(k + 2) % 3], chain[(k + 1) % 3]]));
+        }
+        let best = orders.into_iter().enumerate().min_by_key(|(i, o)| (cost(o), *i)).map(|(_, o)| o).unwrap_or_default();
+        for (p, n) in best.iter().enumerate() {
+            *counts.entry((role(p, len), *n)).or_default() += 1;
+        }
+        *chain = best;
+    }
+}
+
 /// Of the (range, replica) places in `before`, the fraction whose server is not in the same
 /// range's chain in `after`: the share of range copies that must move.
 pub fn fraction_moved(before: &[Vec<NodeId>], after: &[Vec<NodeId>]) -> f64 {
@@ -129,6 +155,32 @@ mod tests {
             let ideal = 1.0 / (n + 1) as f64;
             println!("{n} -> {} servers: {:.3} of range copies moved (ideal {ideal:.3})", n + 1, moved);
             assert!(moved <= 2.0 * ideal, "a join moves more than twice the newcomer's share");
+        }
+    }
+
+    #[test]
+    fn balanced_roles_keep_membership_and_even_out_heads_and_tails() {
+        for (servers, replicas) in [(3, 1), (3, 2), (3, 3), (5, 2), (5, 3), (8, 4)] {
+            let ring = Ring::new(nodes(servers), 64).chains(16, replicas);
+            let mut balanced = ring.clone();
+            balance_roles(&mut balanced);
+            for (r, b) in ring.iter().zip(&balanced) {
+                let (mut r, mut b) = (r.clone(), b.clone());
+                r.sort();
+                b.sort();
+                assert_eq!(r, b, "the members stay the ring's");
+            }
+            // The most and fewest chains a server heads (`tail`: ends), as max - min.
+            let spread = |tail: bool, chains: &[Vec<NodeId>]| {
+                let mut n = vec![0usize; servers as usize];
+                chains.iter().for_each(|c| n[if tail { c[c.len() - 1] } else { c[0] }.0 as usize] += 1);
+                n.iter().max().unwrap() - n.iter().min().unwrap()
+            };
+            if replicas == 3 && servers == 3 {
+                // Every server is in every chain: the order alone decides, and evens out.
+                assert!(spread(false, &balanced) <= 1 && spread(true, &balanced) <= 1, "{balanced:?}");
+            }
+            assert!(spread(false, &balanced) <= spread(false, &ring).max(1), "{servers} servers, {replicas} replicas: {balanced:?}");
         }
     }
 

@@ -237,7 +237,11 @@ fn key_lists_are_cached_on_a_replicated_cluster() {
     }
     assert_eq!(got, vec![20.0; keys.len() * 2], "ten pushes of each worker");
     let (sent_plain, sent_cached) = (plain.chain_stats().unwrap().bytes_sent, cached.chain_stats().unwrap().bytes_sent);
-    assert!(sent_cached * 10 < sent_plain * 8, "caching sent {sent_cached} bytes against {sent_plain} without");
+    // The first push and pull send the keys; the nine after each name them by hash, which
+    // saves most of their bytes (how much of the total that is depends on how many heads and
+    // tails the keys spread over, which is the placement's business).
+    let repeated_key_bytes = 9 * 2 * keys.len() as u64 * 8;
+    assert!(sent_plain.saturating_sub(sent_cached) * 4 >= repeated_key_bytes * 3, "caching sent {sent_cached} bytes against {sent_plain} without");
 
     // Long lists: more keys per head and tail than they keep, so hashes the worker sends
     // name lists they dropped.

@@ -92,8 +92,13 @@ impl AlignedBuf {
 /// What a read from a socket produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Filled {
-    /// This many new bytes.
+    /// This many new bytes, as many as the read had room for: the socket may hold more.
     Bytes(usize),
+    /// This many new bytes (at least one), fewer than the read had room for: the socket held no
+    /// more. A stream socket's short read shows it empty (epoll(7)), so under edge-triggered
+    /// polling, where any later byte raises a new event, the caller waits for one instead of
+    /// reading again only to be told `WouldBlock`.
+    Drained(usize),
     /// The socket has nothing more for now.
     WouldBlock,
     /// The peer closed its sending side.
@@ -156,9 +161,10 @@ impl FrameReader {
             Ok(0) => Ok(Filled::Eof),
             Ok(n) => {
                 self.buf.set_len(len + n);
-                if n == room {
-                    self.read_room = (2 * self.read_room).min(self.read_chunk_bytes);
+                if n < room {
+                    return Ok(Filled::Drained(n));
                 }
+                self.read_room = (2 * self.read_room).min(self.read_chunk_bytes);
                 Ok(Filled::Bytes(n))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
@@ -344,6 +350,19 @@ mod tests {
             self.data = &self.data[n..];
             Ok(n)
         }
+    }
+
+    /// A read that fills its room may have left bytes behind; one that does not, did not.
+    #[test]
+    fn a_short_read_says_the_socket_is_drained() {
+        let stream: Vec<u8> = (0..3 * READ_ROOM_MIN_BYTES).map(|i| i as u8).collect();
+        let mut src = &stream[..];
+        let mut reader = FrameReader::new(1 << 20, READ_ROOM_MIN_BYTES);
+        assert_eq!(reader.fill(&mut src).unwrap(), Filled::Bytes(READ_ROOM_MIN_BYTES));
+        let mut small = &stream[..100];
+        let mut fresh = FrameReader::new(1 << 20, READ_ROOM_MIN_BYTES);
+        assert_eq!(fresh.fill(&mut small).unwrap(), Filled::Drained(100));
+        assert_eq!(fresh.fill(&mut small).unwrap(), Filled::Eof);
     }
 
     #[test]

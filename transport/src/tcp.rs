@@ -723,6 +723,9 @@ impl Conn {
 
     fn drive(&mut self, service: &mut dyn Service, cfg: &TransportConfig, role: Role, info: &[u8], shards: usize) -> Next {
         let mut served = 0;
+        // Set by a short read: the socket was empty then, and a byte that came since raises a
+        // new event, which drives the connection again.
+        let mut drained = false;
         loop {
             match self.out.flush(&mut self.stream, service.durable()) {
                 Ok(_) => {}
@@ -783,9 +786,14 @@ impl Conn {
                 // serve them before reading more, as no event may come for them.
                 continue;
             }
-            match self.reader.fill(&mut self.stream) {
+            let filled = if drained { Ok(Filled::WouldBlock) } else { self.reader.fill(&mut self.stream) };
+            match filled {
                 Ok(Filled::Bytes(0)) => {}
                 Ok(Filled::Bytes(_)) => self.heard_at = Instant::now(),
+                Ok(Filled::Drained(_)) => {
+                    self.heard_at = Instant::now();
+                    drained = true;
+                }
                 Ok(Filled::WouldBlock) => {
                     // Part of a frame is here and the rest is not: its deadline runs from now.
                     if self.reader.buffered() > 0 {
@@ -1091,27 +1099,27 @@ struct Sock<'a> {
 
 impl Sock<'_> {
     /// Waits for the socket to become ready, reading whatever replies arrive meanwhile so that
-    /// the server never stalls on us.
-    fn wait(&mut self, deadline: Instant, what: &'static str) -> Result<()> {
+    /// the server never stalls on us. True when the reads left the socket empty (not closed).
+    fn wait(&mut self, deadline: Instant, what: &'static str) -> Result<bool> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(TransportError::Timeout { what, ms: self.io_timeout.as_millis() as u64 });
         }
         match self.poll.poll(self.events, Some(left)) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
             Err(e) => return Err(e.into()),
         }
         self.drain()
     }
 
-    /// Reads everything the socket has now.
-    fn drain(&mut self) -> Result<()> {
+    /// Reads everything the socket has now: until a read finds it empty (true), or closed.
+    fn drain(&mut self) -> Result<bool> {
         loop {
             match self.reader.fill(self.stream)? {
                 Filled::Bytes(_) => {}
-                Filled::WouldBlock => return Ok(()),
-                Filled::Eof => return Ok(()),
+                Filled::Drained(_) | Filled::WouldBlock => return Ok(true),
+                Filled::Eof => return Ok(false),
             }
         }
     }
@@ -1123,7 +1131,9 @@ impl Sock<'_> {
             match send_vectored(self.stream, slices) {
                 Ok(0) => return Err(TransportError::Closed { mid_frame: true }),
                 Ok(n) => IoSlice::advance_slices(&mut slices, n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(deadline, "the socket to drain")?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(deadline, "the socket to drain")?;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe || e.kind() == io::ErrorKind::ConnectionReset => {
                     return Err(TransportError::Closed { mid_frame: true })
@@ -1161,14 +1171,22 @@ impl Link for TcpLink {
 
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>> {
         let deadline = Instant::now() + timeout.unwrap_or(self.io_timeout);
+        // The last read left the socket empty: a byte that came since has raised an event that
+        // a poll sees (edge-triggered), so the link waits for one rather than read again first.
+        let mut drained = false;
         loop {
             if let Some((header, body)) = self.reader.next_frame()? {
                 let body = self.inflater.inflate(&header, self.reader.body(body))?;
                 return Ok(Frame { header, body });
             }
+            if drained {
+                drained = self.sock().wait(deadline, "a reply")?;
+                continue;
+            }
+            // One read first: the reply is often here already, and a read is cheaper than a poll.
             match self.reader.fill(&mut self.stream)? {
                 Filled::Bytes(_) => {}
-                Filled::WouldBlock => self.sock().wait(deadline, "a reply")?,
+                Filled::Drained(_) | Filled::WouldBlock => drained = true,
                 Filled::Eof => return Err(TransportError::Closed { mid_frame: self.reader.buffered() > 0 }),
             }
         }

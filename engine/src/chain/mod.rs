@@ -22,6 +22,7 @@ use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId, W
 use tessera_replication::replica::Replica;
 use tessera_replication::ReplicationConfig;
 use tessera_transport::keycache::{key_list_hash_le, KeyLists};
+use tessera_transport::wire::HEADER_BYTES;
 use tessera_transport::{Header, Reply};
 
 use crate::error::{EngineError, Result};
@@ -131,7 +132,15 @@ pub struct ChainShard {
     /// The replica's counts of ranges resumed, snapshots installed and learners resumed, as
     /// last logged.
     logged: (u64, u64, u64),
+    /// While a peer's `Replicate` request is served: that peer, and the acknowledgements for it
+    /// the request's messages produced, which go back in the reply (see
+    /// [`serve_peer`](Self::serve_peer)).
+    answering: Option<(NodeId, Vec<Msg>)>,
 }
+
+/// Most bytes of acknowledgements a `Replicate` reply carries back; more go as requests of
+/// their own. Far below the smallest RDMA slot.
+const REPLY_ACKS_BYTES_MAX: usize = 4 << 10;
 
 impl ChainShard {
     /// Shard `shard` of `shards`: its replica serves the ranges placed on it. A shard that
@@ -167,6 +176,7 @@ impl ChainShard {
             catalog_behind,
             failing: None,
             logged: (0, 0, 0),
+            answering: None,
         }
     }
 
@@ -257,6 +267,9 @@ impl ChainShard {
         }
         for (to, msg) in self.replica.take_ready() {
             match (to, msg) {
+                (Addr::Node(node), msg @ Msg::Ack { .. }) if self.answering.as_ref().is_some_and(|(peer, _)| *peer == node) => {
+                    self.answering.as_mut().expect("checked").1.push(msg);
+                }
                 (Addr::Node(node), msg) => self.outbox.to_node(node, self.shard, msg),
                 (Addr::Coordinator, msg) => self.outbox.to_coordinator(msg),
                 (Addr::Worker(w), Msg::PushAck { range, seq }) => {
@@ -389,6 +402,12 @@ impl ChainShard {
     /// A `Replicate` request: a batch of messages ([`codec::encode_batch`]) from peer
     /// `header.worker`, taken in order. A batch that does not decode, is empty, or holds a
     /// message a peer may not send, is refused whole.
+    ///
+    /// The acknowledgements for that peer that the messages produce (a tail that took updates
+    /// acknowledges them at once) go back in the reply, as a batch the peer's outbox hands to
+    /// its shard ([`replied`](Self::replied)): one request and one thread hand-off per hop
+    /// fewer than sending them as requests of their own. Acknowledgements are cumulative, so
+    /// one that overtakes another this way is harmless.
     pub fn serve_peer(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
         let msgs = codec::decode_batch(body).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
         if msgs.is_empty() {
@@ -398,10 +417,31 @@ impl ChainShard {
         if let Some(msg) = msgs.iter().find(|m| !from_peer(m)) {
             return Err(EngineError::BadRequest { reason: format!("a peer may not send a {} message", msg.kind()) });
         }
-        let from = Addr::Node(NodeId(header.worker));
-        self.with_replica(tables, disk, |r, now| msgs.into_iter().for_each(|msg| r.step(now, from, msg)));
-        reply.ok_bytes(&[]);
+        let peer = NodeId(header.worker);
+        self.answering = Some((peer, Vec::new()));
+        self.with_replica(tables, disk, |r, now| msgs.into_iter().for_each(|msg| r.step(now, Addr::Node(peer), msg)));
+        let (_, acks) = self.answering.take().expect("set above");
+        let mut body = Vec::new();
+        if !acks.is_empty() {
+            codec::encode_batch(&acks, &mut body);
+            if body.len() > REPLY_ACKS_BYTES_MAX.min(reply.frame_bytes_max().saturating_sub(HEADER_BYTES)) {
+                body.clear();
+                acks.into_iter().for_each(|ack| self.outbox.to_node(peer, self.shard, ack));
+            }
+        }
+        reply.ok_bytes(&body);
         Ok(())
+    }
+
+    /// The acknowledgements a peer's reply to this shard's `Replicate` request carried (see
+    /// [`serve_peer`](Self::serve_peer)), handed over by the outbox. Anything but
+    /// acknowledgements is dropped: a peer of this build sends nothing else that way.
+    pub fn replied(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, peer: NodeId, msgs: Vec<Msg>) {
+        if self.recovering {
+            return;
+        }
+        let acks = msgs.into_iter().filter(|m| matches!(m, Msg::Ack { .. }));
+        self.with_replica(tables, disk, |r, now| acks.for_each(|msg| r.step(now, Addr::Node(peer), msg)));
     }
 
     /// A `WorkerPush` request: a batch of pushes ([`codec::encode_batch`]) to ranges this shard
@@ -410,9 +450,11 @@ impl ChainShard {
     /// connection's); each push is made plain first (a hash not held refuses the batch with
     /// `KeysUnknown`, and the worker sends it again with its keys). Every push is checked
     /// before any enters the protocol (a batch with a bad one is refused whole, nothing of it
-    /// applied). The pushes are applied and the head's batches closed at once, so a chain of
-    /// one acknowledges them in this reply, and a longer chain starts forwarding them now. The
-    /// reply carries every acknowledgement and refusal waiting for the worker.
+    /// applied). The pushes are applied at once; a chain of one closes its batches at once too,
+    /// and acknowledges them in this reply, while a longer chain's batches close at the end of
+    /// the shard's turn ([`pump`](Self::pump)), taking every push the turn served as one
+    /// update down the chain. The reply carries every acknowledgement and refusal waiting for
+    /// the worker.
     #[allow(clippy::too_many_arguments)]
     pub fn serve_worker(
         &mut self,
@@ -461,7 +503,7 @@ impl ChainShard {
             let from = Addr::Worker(WorkerId(worker));
             self.with_replica(tables, disk, |r, now| {
                 msgs.into_iter().for_each(|msg| r.step(now, from, msg));
-                r.flush();
+                r.flush_unforwarded();
             });
         }
         // Pushes a longer chain has yet to carry to its tail: the reply waits for them, so the

@@ -32,6 +32,10 @@ type PeerQueue = Sender<(u16, Msg)>;
 /// What a server does with each configuration it hears of: hand it to its shards.
 pub type OnConfig = Arc<dyn Fn(Arc<ClusterConfig>) + Send + Sync>;
 
+/// What a server does with the messages a peer's reply carried back (acknowledgements, see
+/// `ChainShard::serve_peer`): hand them to shard `u16` as from that peer.
+pub type OnReplied = Arc<dyn Fn(u16, NodeId, Vec<Msg>) + Send + Sync>;
+
 /// The newest configuration this server has heard of, shared by its outbox threads.
 pub type Latest = Arc<Mutex<Option<Arc<ClusterConfig>>>>;
 
@@ -46,13 +50,25 @@ pub struct Outbox {
     peers: Arc<Mutex<HashMap<NodeId, PeerQueue>>>,
     /// This handle's copies of the queues it used, so a shard takes the lock once per peer.
     local: HashMap<NodeId, PeerQueue>,
+    on_replied: Replied,
+}
+
+/// [`OnReplied`], shown by name.
+#[derive(Clone)]
+struct Replied(OnReplied);
+
+impl std::fmt::Debug for Replied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnReplied")
+    }
 }
 
 impl Outbox {
     /// Starts the coordinator's thread. `on_config` runs for each configuration heard of (the
     /// shards ignore those they have seen): on that thread, and on etcd's for those watched.
-    /// Peers are reached through `dialer`: over RDMA when both ends have it.
-    pub fn start(me: NodeId, coordinator: Locator, dialer: Dialer, on_config: OnConfig) -> Outbox {
+    /// Peers are reached through `dialer`: over RDMA when both ends have it. `on_replied` takes
+    /// what peers' replies carry back, on the peers' threads.
+    pub fn start(me: NodeId, coordinator: Locator, dialer: Dialer, on_config: OnConfig, on_replied: OnReplied) -> Outbox {
         let latest: Latest = Arc::default();
         let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
         #[cfg(feature = "etcd")]
@@ -70,7 +86,7 @@ impl Outbox {
             .name("tessera-coord-out".into())
             .spawn(move || heartbeats(me, &coordinator, &link_dialer, &rx, &shared, &*on_config))
             .expect("a thread for the coordinator's link");
-        Outbox { me, dialer, latest, coordinator: tx, peers: Arc::default(), local: HashMap::new() }
+        Outbox { me, dialer, latest, coordinator: tx, peers: Arc::default(), local: HashMap::new(), on_replied: Replied(on_replied) }
     }
 
     /// The newest configuration heard of.
@@ -104,10 +120,10 @@ impl Outbox {
         let mut peers = self.peers.lock().expect("no panics under this lock");
         let tx = peers.entry(node).or_insert_with(|| {
             let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
-            let (me, dialer, latest) = (self.me, self.dialer.clone(), self.latest.clone());
+            let (me, dialer, latest, on_replied) = (self.me, self.dialer.clone(), self.latest.clone(), self.on_replied.0.clone());
             std::thread::Builder::new()
                 .name(format!("tessera-peer-{node}"))
-                .spawn(move || to_peer(me, node, &dialer, &rx, &latest))
+                .spawn(move || to_peer(me, node, &dialer, &rx, &latest, &*on_replied))
                 .expect("a thread for a peer's links");
             tx
         });
@@ -238,8 +254,14 @@ fn deliver(latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>), config: Arc<
 /// ([`codec::encode_batch`]) into requests of at most [`PEER_BATCH_MAX`] messages and what the
 /// link carries fastest ([`Linked::body_max`]); a single message larger than that (a snapshot)
 /// still goes, over the link's slower path.
-fn to_peer(me: NodeId, node: NodeId, dialer: &Dialer, rx: &Receiver<(u16, Msg)>, latest: &Latest) {
+fn to_peer(me: NodeId, node: NodeId, dialer: &Dialer, rx: &Receiver<(u16, Msg)>, latest: &Latest, on_replied: &dyn Fn(u16, NodeId, Vec<Msg>)) {
     let mut links: HashMap<u16, Linked> = HashMap::new();
+    // Hands on what a reply carried back.
+    let replied = |shard: u16, reply: Option<Vec<u8>>| match reply.as_deref().map(codec::decode_batch) {
+        Some(Ok(msgs)) if !msgs.is_empty() => on_replied(shard, node, msgs),
+        Some(Err(e)) => tracing::warn!(peer = node.0, error = %e, "a peer's reply to replication is malformed; ignored"),
+        _ => {}
+    };
     let mut queued: Vec<(u16, Msg)> = Vec::with_capacity(PEER_BATCH_MAX);
     let mut bodies: HashMap<u16, Vec<u8>> = HashMap::new();
     while let Ok(first) = rx.recv() {
@@ -263,12 +285,12 @@ fn to_peer(me: NodeId, node: NodeId, dialer: &Dialer, rx: &Receiver<(u16, Msg)>,
             if body.len() > linked.body_max(dialer) && at > 0 {
                 // Too much for one request: send what came before, and keep this one for the next.
                 let this = body.split_off(at);
-                linked.send_body(&addr, shard as u64, me, dialer, body);
+                replied(shard, linked.send_body(&addr, shard as u64, me, dialer, body));
                 *body = this;
             }
         }
         for (shard, body) in bodies.iter_mut().filter(|(_, b)| !b.is_empty()) {
-            links.entry(*shard).or_insert_with(Linked::new).send_body(&addr, *shard as u64, me, dialer, body);
+            replied(*shard, links.entry(*shard).or_insert_with(Linked::new).send_body(&addr, *shard as u64, me, dialer, body));
             body.clear();
         }
     }

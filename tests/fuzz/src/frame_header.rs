@@ -130,7 +130,7 @@ fn read_stream(stream: &[u8], limit: usize, read_chunk: usize, schedule: u64) ->
     for _ in 0..stream.len() * 8 + 64 {
         match reader.fill(&mut src).expect("the schedule injects no real errors") {
             Filled::Eof => break,
-            Filled::Bytes(_) | Filled::WouldBlock => {}
+            Filled::Bytes(_) | Filled::Drained(_) | Filled::WouldBlock => {}
         }
         loop {
             match reader.next_frame() {
