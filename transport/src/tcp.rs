@@ -170,6 +170,10 @@ pub struct Conn {
     heard_at: Instant,
     /// Since when part of a frame has waited for the rest: for the frame-progress deadline.
     frame_since: Option<Instant>,
+    /// An event said the peer closed its side (or the socket failed). A short read then does
+    /// not show the socket empty: the end of the stream may wait behind the bytes read, and no
+    /// new event will announce it, so the connection reads on until the end.
+    peer_closed: bool,
     /// Set up an RDMA queue pair: its traffic goes over verbs, so silence here is not idleness.
     rdma: bool,
     /// Counts this connection among the server's open ones until it drops.
@@ -469,6 +473,7 @@ impl TcpEndpoint {
                 stalled_since: None,
                 heard_at: now,
                 frame_since: None,
+                peer_closed: false,
                 rdma: false,
                 _open: counted,
             };
@@ -653,7 +658,14 @@ impl ShardTransport for TcpEndpoint {
                 WATCHED => self.watched_fired = true,
                 // The service looks at its own I/O after every poll.
                 SERVICE_WATCHED => {}
-                Token(t) => self.drive(t - FIRST_CONN, service),
+                Token(t) => {
+                    if event.is_read_closed() || event.is_error() {
+                        if let Some(conn) = self.conns.get_mut(t - FIRST_CONN).and_then(Option::as_mut) {
+                            conn.peer_closed = true;
+                        }
+                    }
+                    self.drive(t - FIRST_CONN, service)
+                }
             }
         }
         self.events = Some(events);
@@ -724,7 +736,7 @@ impl Conn {
     fn drive(&mut self, service: &mut dyn Service, cfg: &TransportConfig, role: Role, info: &[u8], shards: usize) -> Next {
         let mut served = 0;
         // Set by a short read: the socket was empty then, and a byte that came since raises a
-        // new event, which drives the connection again.
+        // new event, which drives the connection again (unless the peer closed: `peer_closed`).
         let mut drained = false;
         loop {
             match self.out.flush(&mut self.stream, service.durable()) {
@@ -792,7 +804,7 @@ impl Conn {
                 Ok(Filled::Bytes(_)) => self.heard_at = Instant::now(),
                 Ok(Filled::Drained(_)) => {
                     self.heard_at = Instant::now();
-                    drained = true;
+                    drained = !self.peer_closed;
                 }
                 Ok(Filled::WouldBlock) => {
                     // Part of a frame is here and the rest is not: its deadline runs from now.
@@ -1110,14 +1122,18 @@ impl Sock<'_> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
             Err(e) => return Err(e.into()),
         }
-        self.drain()
+        // A peer that closed its side may have sent its last bytes with the end: read on to it.
+        let closed = self.events.iter().any(|e| e.is_read_closed() || e.is_error());
+        self.drain(closed)
     }
 
-    /// Reads everything the socket has now: until a read finds it empty (true), or closed.
-    fn drain(&mut self) -> Result<bool> {
+    /// Reads everything the socket has now: until a read finds it empty (true), or closed. A
+    /// short read shows it empty unless the peer `closed` its side.
+    fn drain(&mut self, closed: bool) -> Result<bool> {
         loop {
             match self.reader.fill(self.stream)? {
                 Filled::Bytes(_) => {}
+                Filled::Drained(_) if closed => {}
                 Filled::Drained(_) | Filled::WouldBlock => return Ok(true),
                 Filled::Eof => return Ok(false),
             }
@@ -1265,6 +1281,7 @@ mod tests {
             stalled_since: None,
             heard_at: then,
             frame_since: None,
+            peer_closed: false,
             rdma: false,
             _open: census.admit(peer.ip(), cfg).ok().expect("under the limits"),
         };
