@@ -29,7 +29,8 @@ use crate::persist::durable::RecoveryReport;
 use crate::shard::{Shard, ShardControl, ShardStats};
 use crate::updater::UpdaterRegistry;
 
-/// Control messages waiting for one shard before the control plane blocks.
+/// Control messages waiting for one shard before the control plane blocks (and before a peer's
+/// acknowledgements handed over from its replies are dropped, to be resent).
 const SHARD_CONTROL_QUEUE_MAX: usize = 1024;
 /// How long the control plane waits for a shard to map a table or report.
 const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(120);

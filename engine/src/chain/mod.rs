@@ -132,10 +132,13 @@ pub struct ChainShard {
     /// The replica's counts of ranges resumed, snapshots installed and learners resumed, as
     /// last logged.
     logged: (u64, u64, u64),
-    /// While a peer's `Replicate` request is served: that peer, and the acknowledgements for it
-    /// the request's messages produced, which go back in the reply (see
-    /// [`serve_peer`](Self::serve_peer)).
-    answering: Option<(NodeId, Vec<Msg>)>,
+    /// While a peer's `Replicate` request is served: that peer. The acknowledgements for it
+    /// the request's messages produce gather in `answer_acks` and go back in the reply, encoded
+    /// in `answer_body` (see [`serve_peer`](Self::serve_peer)); both buffers are kept for the
+    /// next request.
+    answering: Option<NodeId>,
+    answer_acks: Vec<Msg>,
+    answer_body: Vec<u8>,
 }
 
 /// Most bytes of acknowledgements a `Replicate` reply carries back; more go as requests of
@@ -177,6 +180,8 @@ impl ChainShard {
             failing: None,
             logged: (0, 0, 0),
             answering: None,
+            answer_acks: Vec::new(),
+            answer_body: Vec::new(),
         }
     }
 
@@ -267,9 +272,7 @@ impl ChainShard {
         }
         for (to, msg) in self.replica.take_ready() {
             match (to, msg) {
-                (Addr::Node(node), msg @ Msg::Ack { .. }) if self.answering.as_ref().is_some_and(|(peer, _)| *peer == node) => {
-                    self.answering.as_mut().expect("checked").1.push(msg);
-                }
+                (Addr::Node(node), msg @ Msg::Ack { .. }) if self.answering == Some(node) => self.answer_acks.push(msg),
                 (Addr::Node(node), msg) => self.outbox.to_node(node, self.shard, msg),
                 (Addr::Coordinator, msg) => self.outbox.to_coordinator(msg),
                 (Addr::Worker(w), Msg::PushAck { range, seq }) => {
@@ -418,18 +421,17 @@ impl ChainShard {
             return Err(EngineError::BadRequest { reason: format!("a peer may not send a {} message", msg.kind()) });
         }
         let peer = NodeId(header.worker);
-        self.answering = Some((peer, Vec::new()));
+        self.answering = Some(peer);
         self.with_replica(tables, disk, |r, now| msgs.into_iter().for_each(|msg| r.step(now, Addr::Node(peer), msg)));
-        let (_, acks) = self.answering.take().expect("set above");
-        let mut body = Vec::new();
-        if !acks.is_empty() {
-            codec::encode_batch(&acks, &mut body);
-            if body.len() > REPLY_ACKS_BYTES_MAX.min(reply.frame_bytes_max().saturating_sub(HEADER_BYTES)) {
-                body.clear();
-                acks.into_iter().for_each(|ack| self.outbox.to_node(peer, self.shard, ack));
-            }
+        self.answering = None;
+        self.answer_body.clear();
+        codec::encode_batch(&self.answer_acks, &mut self.answer_body);
+        if self.answer_body.len() > REPLY_ACKS_BYTES_MAX.min(reply.frame_bytes_max().saturating_sub(HEADER_BYTES)) {
+            self.answer_body.clear();
+            self.answer_acks.drain(..).for_each(|ack| self.outbox.to_node(peer, self.shard, ack));
         }
-        reply.ok_bytes(&body);
+        self.answer_acks.clear();
+        reply.ok_bytes(&self.answer_body);
         Ok(())
     }
 
