@@ -307,44 +307,7 @@ fn kill_test(with_etcd: bool, kills: usize) {
     // Iterations each worker has finished, for the kill loop to see training go on.
     let progress: Arc<Vec<AtomicU64>> = Arc::new((0..WORKERS).map(|_| AtomicU64::new(0)).collect());
     let epoch = Instant::now();
-    let mut handles = Vec::new();
-    for w in 0..WORKERS {
-        let (stop, addrs, progress) = (stop.clone(), addrs[..SERVERS].to_vec(), progress.clone());
-        handles.push(std::thread::spawn(move || {
-            let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-            let client = Client::connect(&refs, worker_cfg(w)).expect("connect");
-            let table = client.table("w").expect("table w");
-            let emb = client.table("emb").expect("table emb");
-            let grads: Vec<f32> = (0..KEYS).map(|k| grad(w, k)).collect();
-            let keys = sparse_keys(w);
-            let sparse = sparse_grads(w, &keys);
-            // Odd workers keep iterations in flight (tickets not yet waited on), and cache key
-            // lists, so kills land on pipelined pushes and on lists the heads and tails
-            // remember too; even ones wait for each iteration and send every key.
-            let depth = if w % 2 == 1 { 4 } else { 0 };
-            let mut flight = std::collections::VecDeque::new();
-            let mut sent = 0u64;
-            let mut done_at = Vec::new();
-            let mut acknowledged = |(dense, sparse): (tessera_client::Ticket<'_>, tessera_client::Ticket<'_>)| {
-                dense.wait().expect("a push is eventually acknowledged");
-                sparse.wait().expect("a sparse push is eventually acknowledged");
-                done_at.push(epoch.elapsed());
-                progress[w as usize].fetch_add(1, Ordering::Release);
-            };
-            while !stop.load(Ordering::Acquire) {
-                sent += 1;
-                client.set_clock(sent);
-                let dense = client.push_range(&table, 0, &grads).expect("a push is sent");
-                let sparse = client.push(&emb, &keys, &sparse).expect("a sparse push is sent");
-                flight.push_back((dense, sparse));
-                while flight.len() > depth {
-                    acknowledged(flight.pop_front().expect("not empty"));
-                }
-            }
-            flight.into_iter().for_each(&mut acknowledged);
-            (done_at, client.chain_stats().expect("a replicated cluster"))
-        }));
-    }
+    let handles = start_workers(&addrs[..SERVERS], &stop, &progress, epoch);
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x7e55e7a);
     let mut kill_times = Vec::new();
@@ -355,12 +318,7 @@ fn kill_test(with_etcd: bool, kills: usize) {
         // One failure at a time: every worker finishes an iteration on the healed cluster before
         // the next kill, so that each pause belongs to one kill (two kills inside one stall
         // would both be charged with all of it).
-        let seen: Vec<u64> = progress.iter().map(|p| p.load(Ordering::Acquire)).collect();
-        let waiting = Instant::now();
-        while progress.iter().zip(&seen).any(|(p, s)| p.load(Ordering::Acquire) == *s) {
-            assert!(waiting.elapsed() < Duration::from_secs(60), "a worker made no progress for 60 s on a healed cluster");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_progress(&progress, Duration::from_secs(60), "on a healed cluster");
         std::thread::sleep(Duration::from_millis(rng.gen_range(100..600)));
         let victim = rng.gen_range(0..SERVERS);
         let old = status(&coordinators).and_then(|s| incarnation(&s, victim + 1));
@@ -468,6 +426,65 @@ fn kill_test(with_etcd: bool, kills: usize) {
     let _ = std::io::Write::flush(&mut std::io::stderr());
     drop(servers);
     drop(coordinator_procs);
+}
+
+/// What a worker of [`start_workers`] ends with: when each of its iterations was acknowledged
+/// (since the run's start), and its client's counters.
+type WorkerRun = (Vec<Duration>, tessera_client::ChainStats);
+
+/// Starts [`WORKERS`] workers on the cluster at `addrs`, each pushing `w` and `emb` until `stop`,
+/// counting its acknowledged iterations in `progress`. Odd workers keep iterations in flight
+/// (tickets not yet waited on) and cache key lists, so failures and moves land on pipelined
+/// pushes and on lists the heads and tails remember too; even ones wait for each iteration and
+/// send every key.
+fn start_workers(addrs: &[String], stop: &Arc<AtomicBool>, progress: &Arc<Vec<AtomicU64>>, epoch: Instant) -> Vec<std::thread::JoinHandle<WorkerRun>> {
+    (0..WORKERS)
+        .map(|w| {
+            let (stop, addrs, progress) = (stop.clone(), addrs.to_vec(), progress.clone());
+            std::thread::spawn(move || {
+                let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+                let client = Client::connect(&refs, worker_cfg(w)).expect("connect");
+                let table = client.table("w").expect("table w");
+                let emb = client.table("emb").expect("table emb");
+                let grads: Vec<f32> = (0..KEYS).map(|k| grad(w, k)).collect();
+                let keys = sparse_keys(w);
+                let sparse = sparse_grads(w, &keys);
+                let depth = if w % 2 == 1 { 4 } else { 0 };
+                let mut flight = std::collections::VecDeque::new();
+                let mut sent = 0u64;
+                let mut done_at = Vec::new();
+                let mut acknowledged = |(dense, sparse): (tessera_client::Ticket<'_>, tessera_client::Ticket<'_>)| {
+                    dense.wait().expect("a push is eventually acknowledged");
+                    sparse.wait().expect("a sparse push is eventually acknowledged");
+                    done_at.push(epoch.elapsed());
+                    progress[w as usize].fetch_add(1, Ordering::Release);
+                };
+                while !stop.load(Ordering::Acquire) {
+                    sent += 1;
+                    client.set_clock(sent);
+                    let dense = client.push_range(&table, 0, &grads).expect("a push is sent");
+                    let sparse = client.push(&emb, &keys, &sparse).expect("a sparse push is sent");
+                    flight.push_back((dense, sparse));
+                    while flight.len() > depth {
+                        acknowledged(flight.pop_front().expect("not empty"));
+                    }
+                }
+                flight.into_iter().for_each(&mut acknowledged);
+                (done_at, client.chain_stats().expect("a replicated cluster"))
+            })
+        })
+        .collect()
+}
+
+/// Waits until every worker has finished an iteration since `progress` was `seen` (or panics
+/// after `within`): training goes on.
+fn wait_progress(progress: &[AtomicU64], within: Duration, what: &str) {
+    let seen: Vec<u64> = progress.iter().map(|p| p.load(Ordering::Acquire)).collect();
+    let waiting = Instant::now();
+    while progress.iter().zip(&seen).any(|(p, s)| p.load(Ordering::Acquire) == *s) {
+        assert!(waiting.elapsed() < within, "a worker made no progress for {within:?} {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Sends `body` as one `op` request on shard 0 of `addr`, claiming to be node or worker `from`;
@@ -1134,6 +1151,17 @@ fn a_server_out_of_the_configuration_when_a_table_is_made_makes_it_when_it_retur
 }
 
 /// The memory the servers at `addrs` hold for table parts, each the sum over its shards.
+/// Whether the coordinator at `coordinator` has every chain at `replicas` members with no
+/// learner, and exactly `nodes` servers in chains.
+fn settled_on(coordinator: &str, replicas: usize, nodes: usize) -> bool {
+    let Some(s) = status_of(coordinator) else { return false };
+    let chains = s["config"]["chains"].as_array().cloned().unwrap_or_default();
+    let mut placed: Vec<u64> = chains.iter().flat_map(|c| c["nodes"].as_array().cloned().unwrap_or_default()).filter_map(|n| n.as_u64()).collect();
+    placed.sort_unstable();
+    placed.dedup();
+    !chains.is_empty() && chains.iter().all(|c| c["nodes"].as_array().map_or(0, Vec::len) == replicas && c["learner"].is_null()) && placed.len() == nodes
+}
+
 fn memory_of(addrs: &[String]) -> Vec<u64> {
     let of = |addr: &String| {
         let body = tessera_transport::ask(addr, Op::Status, &[], &TransportConfig::default()).expect("a server's status");
@@ -1163,15 +1191,7 @@ fn memory_per_server_falls_as_servers_join() {
         let node = (i + 1).to_string();
         ServerProc::start_at(&addrs[i], &["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator, "--tables", tables])
     };
-    // Every chain has two members and no learner, and `nodes` servers are in chains.
-    let settled = |nodes: usize| {
-        let Some(s) = status_of(&coordinator) else { return false };
-        let chains = s["config"]["chains"].as_array().cloned().unwrap_or_default();
-        let mut placed: Vec<u64> = chains.iter().flat_map(|c| c["nodes"].as_array().cloned().unwrap_or_default()).filter_map(|n| n.as_u64()).collect();
-        placed.sort_unstable();
-        placed.dedup();
-        !chains.is_empty() && chains.iter().all(|c| c["nodes"].as_array().map_or(0, Vec::len) == 2 && c["learner"].is_null()) && placed.len() == nodes
-    };
+    let settled = |nodes: usize| settled_on(&coordinator, 2, nodes);
     let wait = |what: &str, done: &dyn Fn() -> bool| {
         let deadline = Instant::now() + heal_within().max(Duration::from_secs(60));
         while !done() {
@@ -1221,6 +1241,70 @@ fn memory_per_server_falls_as_servers_join() {
     let mut got = vec![0f32; values.len()];
     reader.pull_range(&big, 0, &mut got).and_then(|t| t.wait()).expect("pull");
     assert!(got == values, "the values pushed before the servers joined are not all there");
+}
+
+/// An unreplicated cluster (every range on a chain of one) is placed on the ring like a
+/// replicated one, and grows and shrinks while training runs: two servers start, four workers
+/// push, a third server joins and takes its share of the ranges (each copied from the server
+/// that held it while pushes go on), then the first is drained and stops by itself. Every
+/// acknowledged push is on the two servers left, exactly once.
+#[test]
+fn an_unreplicated_cluster_grows_and_shrinks_while_workers_push() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-unreplicated");
+    let tables = sum_table(&dir);
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let _coord =
+        ServerProc::coordinator_at(&coordinator, &["--servers", "2", "--replicas", "1", "--ranges", "16", "--workers", "8", "--failure-timeout-ms", "1000"]);
+    let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let start = |i: usize| {
+        let node = (i + 1).to_string();
+        ServerProc::start_at(&addrs[i], &["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator, "--tables", &tables])
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + heal_within();
+        while !done() {
+            let now = status_of(&coordinator).map(|s| s["config"].to_string()).unwrap_or_default();
+            assert!(Instant::now() < deadline, "{what} within {:?}; the configuration: {now}", heal_within());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut servers: Vec<ServerProc> = (0..2).map(start).collect();
+    wait("two servers did not make a cluster", &|| settled_on(&coordinator, 1, 2));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress: Arc<Vec<AtomicU64>> = Arc::new((0..WORKERS).map(|_| AtomicU64::new(0)).collect());
+    let handles = start_workers(&addrs[..2], &stop, &progress, Instant::now());
+    wait_progress(&progress, Duration::from_secs(60), "on two servers");
+
+    servers.push(start(2));
+    wait("the third server did not take its share of the ranges", &|| settled_on(&coordinator, 1, 3));
+    let chains = status_of(&coordinator).expect("the coordinator answers")["config"]["chains"].as_array().cloned().unwrap_or_default();
+    let on_third = chains.iter().filter(|c| c["nodes"][0] == 3).count();
+    eprintln!("node 3 joined: it holds {on_third} of {} ranges", chains.len());
+    assert!(on_third > 0, "the joining server holds no range");
+    wait_progress(&progress, Duration::from_secs(60), "after a server joined");
+
+    let drained = run_tool(&["drain", addrs[0].as_str(), "--coordinator", &coordinator], heal_within());
+    assert!(drained.status.success(), "tessera drain failed:\n{}", drained.stderr);
+    eprint!("{}", drained.stderr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while servers[0].is_running() {
+        assert!(Instant::now() < deadline, "the drained server did not stop:\n{}", servers[0].log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait("the two servers left did not hold every range", &|| settled_on(&coordinator, 1, 2));
+    wait_progress(&progress, Duration::from_secs(60), "after a server was drained");
+
+    stop.store(true, Ordering::Release);
+    let results: Vec<WorkerRun> = handles.into_iter().map(|h| h.join().expect("worker")).collect();
+    let pushes: Vec<usize> = results.iter().map(|r| r.0.len()).collect();
+    check_sums(&[addrs[1].as_str(), addrs[2].as_str()], &pushes);
+    let refreshes: u64 = results.iter().map(|r| r.1.refreshes).sum();
+    eprintln!(
+        "unreplicated cluster, 2 -> 3 -> 2 servers under training: {} iterations acknowledged, every one there once ({refreshes} configuration fetches)",
+        pushes.iter().sum::<usize>()
+    );
 }
 
 /// Three servers on `wal`, each with its data directory, for a coordinator keeping every range
