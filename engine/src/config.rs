@@ -37,6 +37,10 @@ pub use tessera_transport::keycache::KEY_CACHE_KEYS_DEFAULT;
 pub const SHARDS_MAX: u16 = 256;
 /// Sparse tables never fill past this share of their slots, so probes stay short.
 pub const SPARSE_LOAD_PERCENT_MAX: u64 = 75;
+/// How many keys ahead of the one it applies or reads a loop over a sparse request's keys asks
+/// for a key's slot to be fetched into the cache: enough for the misses to overlap, few enough
+/// that what is fetched is still there when its turn comes.
+pub const PREFETCH_KEYS_AHEAD: usize = 8;
 /// Sparse tables start with at least this many slots per shard.
 pub const SPARSE_SLOTS_MIN: u64 = 1024;
 const _: () = assert!(SPARSE_SLOTS_MIN.is_power_of_two(), "slot counts are powers of two: probing masks");

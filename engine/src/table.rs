@@ -20,7 +20,7 @@ use tessera_layout::TableKind;
 
 use crate::arena::{Arena, Exposed, Pinned};
 use crate::clock::RangeClocks;
-use crate::config::{EngineConfig, SPARSE_LOAD_PERCENT_MAX, SPARSE_SLOTS_MIN};
+use crate::config::{EngineConfig, PREFETCH_KEYS_AHEAD, SPARSE_LOAD_PERCENT_MAX, SPARSE_SLOTS_MIN};
 use crate::error::{EngineError, Result};
 use crate::updater::Updater;
 
@@ -350,6 +350,7 @@ impl TablePart {
                         self.preserve_keys(std::slice::from_ref(&k));
                     }
                     let Store::Sparse(sp) = &mut self.store else { unreachable!("matched above") };
+                    sp.prefetch_ahead(keys, i);
                     let (slot, (v, s0, s1)) = sp.record_mut(k, &self.spec, self.updater.as_ref());
                     let ctx = Apply { updater: self.updater.as_ref(), step: self.step, skip: has_bad };
                     skipped += ctx.run(v, s0, s1, &grads[i * dim..(i + 1) * dim]);
@@ -432,7 +433,8 @@ impl TablePart {
                 }
             }
             Store::Sparse(sp) => {
-                for (o, &k) in out.chunks_exact_mut(dim).zip(keys) {
+                for (i, (o, &k)) in out.chunks_exact_mut(dim).zip(keys).enumerate() {
+                    sp.prefetch_ahead(keys, i);
                     sp.read(k, &self.spec, o);
                 }
             }
@@ -623,6 +625,23 @@ impl SparseStore {
     fn home(&self, key: u64) -> usize {
         // Fibonacci hashing: spreads sequential keys as well as hashed ones.
         (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    /// Asks the CPU to bring `key`'s home slot, its key and its record, into the cache. Loops
+    /// over a request's keys call it [`PREFETCH_KEYS_AHEAD`] keys ahead, so that the cache
+    /// misses of a table larger than the cache overlap instead of coming one after another.
+    fn prefetch(&self, key: u64) {
+        let home = self.home(key);
+        self.keys.prefetch(home);
+        self.records.prefetch(home * self.width);
+    }
+
+    /// Prefetches ([`prefetch`](Self::prefetch)) the key [`PREFETCH_KEYS_AHEAD`] places after
+    /// place `i` of `keys`, if there is one.
+    fn prefetch_ahead(&self, keys: &[u64], i: usize) {
+        if let Some(&ahead) = keys.get(i + PREFETCH_KEYS_AHEAD) {
+            self.prefetch(ahead);
+        }
     }
 
     /// The slot holding `key`, or the empty slot where it would go.

@@ -127,7 +127,8 @@ impl TablePart {
     pub fn export_listed(&self, keys: &[u64], out: &mut Vec<u8>) -> Option<()> {
         let Store::Sparse(sp) = &self.store else { return None };
         let mut fresh = vec![0f32; sp.width];
-        for &k in keys {
+        for (i, &k) in keys.iter().enumerate() {
+            sp.prefetch_ahead(keys, i);
             let rec = match sp.probe(k) {
                 Ok(slot) => &sp.records.as_slice()[slot * sp.width..(slot + 1) * sp.width],
                 Err(_) => {
@@ -156,11 +157,12 @@ impl TablePart {
         }
         sp.check_room(keys, self.id)?;
         let per = self.chunk_slots();
-        for (&k, rec) in keys.iter().zip(bytes.chunks_exact(self.exported_len(1))) {
+        for (i, (&k, rec)) in keys.iter().zip(bytes.chunks_exact(self.exported_len(1))).enumerate() {
             if self.snapshot.is_some() {
                 self.preserve_keys(std::slice::from_ref(&k));
             }
             let Store::Sparse(sp) = &mut self.store else { unreachable!("checked above") };
+            sp.prefetch_ahead(keys, i);
             let (slot, _) = sp.record_mut(k, &self.spec, self.updater.as_ref());
             let width = sp.width;
             let to = &mut sp.records.as_mut_slice()[slot * width..(slot + 1) * width];
