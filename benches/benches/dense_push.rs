@@ -79,14 +79,5 @@ fn print_ratio_table() {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "table_only") {
-        let mut criterion = Criterion::default().configure_from_args();
-        bench(&mut criterion);
-        criterion.final_summary();
-    }
-    // `cargo bench` passes --bench; `cargo test --benches` does not, and only wants a quick smoke run.
-    if args.iter().any(|a| a == "--bench") {
-        print_ratio_table();
-    }
+    tessera_benches::run(Criterion::default(), bench, print_ratio_table);
 }

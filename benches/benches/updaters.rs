@@ -145,12 +145,6 @@ fn print_ratio_table(updaters: &[(&str, Arc<dyn Updater>)]) {
 
 fn main() {
     let updaters = builtins();
-    let mut criterion =
-        Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).configure_from_args();
-    bench_updaters(&mut criterion, &updaters);
-    criterion.final_summary();
-    // `cargo bench` passes --bench; `cargo test --benches` does not, and only wants a quick smoke run.
-    if std::env::args().any(|arg| arg == "--bench") {
-        print_ratio_table(&updaters);
-    }
+    let criterion = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    tessera_benches::run(criterion, |c| bench_updaters(c, &updaters), || print_ratio_table(&updaters));
 }

@@ -1151,6 +1151,35 @@ fn a_server_out_of_the_configuration_when_a_table_is_made_makes_it_when_it_retur
 }
 
 /// The memory the servers at `addrs` hold for table parts, each the sum over its shards.
+/// A coordinator at a free port for a cluster born of two servers keeping `replicas` replicas of
+/// `ranges` ranges, for tests that grow it: its address, its process, and `servers` addresses
+/// for servers ([`start_member`]).
+fn growing_cluster(replicas: &str, ranges: &str, servers: usize) -> (String, ServerProc, Vec<String>) {
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let args = ["--servers", "2", "--replicas", replicas, "--ranges", ranges, "--workers", "8", "--failure-timeout-ms", "1000"];
+    let process = ServerProc::coordinator_at(&coordinator, &args);
+    let addrs = (0..servers).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    (coordinator, process, addrs)
+}
+
+/// Starts server `i` (node `i + 1`, two shards) at `addrs[i]`, joining `coordinator`'s cluster
+/// with the tables file `tables`.
+fn start_member(addrs: &[String], i: usize, coordinator: &str, tables: &str) -> ServerProc {
+    let node = (i + 1).to_string();
+    ServerProc::start_at(&addrs[i], &["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", coordinator, "--tables", tables])
+}
+
+/// Waits until `done`, polling; after `within`, fails saying `what` did not happen, with the
+/// configuration of the coordinator at `coordinator`.
+fn wait_for(coordinator: &str, within: Duration, what: &str, done: &dyn Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        let now = status_of(coordinator).map(|s| s["config"].to_string()).unwrap_or_default();
+        assert!(Instant::now() < deadline, "{what} within {within:?}; the configuration: {now}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Whether the coordinator at `coordinator` has every chain at `replicas` members with no
 /// learner, and exactly `nodes` servers in chains.
 fn settled_on(coordinator: &str, replicas: usize, nodes: usize) -> bool {
@@ -1183,23 +1212,10 @@ fn memory_per_server_falls_as_servers_join() {
     let dir = ScratchDir::new("replication-capacity");
     let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"big\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = {DIM}\nupdater = \"sum\"\n"));
     let tables = tables.to_str().unwrap();
-    let coordinator = format!("127.0.0.1:{}", free_port());
-    let _coord =
-        ServerProc::coordinator_at(&coordinator, &["--servers", "2", "--replicas", "2", "--ranges", "32", "--workers", "8", "--failure-timeout-ms", "1000"]);
-    let addrs: Vec<String> = (0..4).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let start = |i: usize| {
-        let node = (i + 1).to_string();
-        ServerProc::start_at(&addrs[i], &["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator, "--tables", tables])
-    };
+    let (coordinator, _coord, addrs) = growing_cluster("2", "32", 4);
+    let start = |i: usize| start_member(&addrs, i, &coordinator, tables);
     let settled = |nodes: usize| settled_on(&coordinator, 2, nodes);
-    let wait = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + heal_within().max(Duration::from_secs(60));
-        while !done() {
-            let now = status_of(&coordinator).map(|s| s["config"].to_string()).unwrap_or_default();
-            assert!(Instant::now() < deadline, "{what}, within the time allowed; the configuration: {now}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| wait_for(&coordinator, heal_within().max(Duration::from_secs(60)), what, done);
     let mut servers: Vec<ServerProc> = (0..2).map(start).collect();
     wait("two servers did not make a cluster", &|| settled(2));
     let table_bytes = KEYS * DIM as u64 * 4;
@@ -1253,22 +1269,9 @@ fn an_unreplicated_cluster_grows_and_shrinks_while_workers_push() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication-unreplicated");
     let tables = sum_table(&dir);
-    let coordinator = format!("127.0.0.1:{}", free_port());
-    let _coord =
-        ServerProc::coordinator_at(&coordinator, &["--servers", "2", "--replicas", "1", "--ranges", "16", "--workers", "8", "--failure-timeout-ms", "1000"]);
-    let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let start = |i: usize| {
-        let node = (i + 1).to_string();
-        ServerProc::start_at(&addrs[i], &["--node-id", &node, "--shards", "2", "--no-pin", "--coordinator", &coordinator, "--tables", &tables])
-    };
-    let wait = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + heal_within();
-        while !done() {
-            let now = status_of(&coordinator).map(|s| s["config"].to_string()).unwrap_or_default();
-            assert!(Instant::now() < deadline, "{what} within {:?}; the configuration: {now}", heal_within());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let (coordinator, _coord, addrs) = growing_cluster("1", "16", 3);
+    let start = |i: usize| start_member(&addrs, i, &coordinator, &tables);
+    let wait = |what: &str, done: &dyn Fn() -> bool| wait_for(&coordinator, heal_within(), what, done);
     let mut servers: Vec<ServerProc> = (0..2).map(start).collect();
     wait("two servers did not make a cluster", &|| settled_on(&coordinator, 1, 2));
 
