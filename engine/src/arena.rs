@@ -190,11 +190,17 @@ impl Arena {
     /// Maps, populates and (when the limit allows) locks `len` elements of `size` bytes.
     fn map(&mut self, len: usize, size: usize) -> Result<(MmapMut, Account)> {
         let bytes = len.checked_mul(size).ok_or_else(|| EngineError::ArenaMap { bytes: usize::MAX, reason: "size overflows".into() })?;
-        let map = MmapOptions::new().len(bytes).populate().map_anon().map_err(|e| EngineError::ArenaMap { bytes, reason: e.to_string() })?;
-        // Huge pages are an optimisation; a kernel without THP simply says no.
+        let mut map = MmapOptions::new().len(huge_page_len(bytes)).map_anon().map_err(|e| EngineError::ArenaMap { bytes, reason: e.to_string() })?;
+        // Huge pages are an optimisation; a kernel without THP simply says no. Asked for before
+        // the first touch, since pages populated small stay small.
         let _ = map.advise(Advice::HugePage);
-        let locked = self.try_lock(&map, bytes);
-        Ok((map, Account::new(&self.held, bytes, locked)))
+        if map.advise(Advice::PopulateWrite).is_err() {
+            // Kernels before 5.14 cannot populate on advice: touch every page instead.
+            map.iter_mut().step_by(SMALL_PAGE_BYTES).for_each(|b| *b = 0);
+        }
+        let locked = self.try_lock(&map, map.len());
+        let account = Account::new(&self.held, map.len(), locked);
+        Ok((map, account))
     }
 
     /// Maps `len` zeroed words that a transport may expose (see [`Exposed`]). Panics if `len` is 0.
@@ -219,6 +225,23 @@ impl Arena {
                 false
             }
         }
+    }
+}
+
+/// The smallest page any kernel this runs on maps.
+const SMALL_PAGE_BYTES: usize = 4096;
+/// A transparent huge page (x86-64 and most arm64 kernels).
+const HUGE_PAGE_BYTES: usize = 2 << 20;
+
+/// How long to map an array of `bytes`: one of at least a huge page is rounded up to whole huge
+/// pages, so that the kernel places it on a huge-page boundary and backs all of it with huge
+/// pages (a probe of a table larger than the TLB's reach then rarely walks the page tables);
+/// a smaller one is left as it is.
+fn huge_page_len(bytes: usize) -> usize {
+    if bytes >= HUGE_PAGE_BYTES {
+        bytes.next_multiple_of(HUGE_PAGE_BYTES)
+    } else {
+        bytes
     }
 }
 
@@ -249,6 +272,20 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(arena.bytes().0, 0, "dropped arrays hold nothing");
+    }
+
+    #[test]
+    fn arrays_of_a_huge_page_or_more_map_whole_huge_pages_and_stay_zeroed() {
+        assert_eq!(huge_page_len(4096), 4096, "small arrays map what they need");
+        assert_eq!(huge_page_len(HUGE_PAGE_BYTES), HUGE_PAGE_BYTES);
+        assert_eq!(huge_page_len(HUGE_PAGE_BYTES + 1), 2 * HUGE_PAGE_BYTES);
+        let mut arena = Arena::default();
+        let words = (HUGE_PAGE_BYTES + 3 * SMALL_PAGE_BYTES) / 8;
+        let mut a: Pinned<u64> = arena.alloc(words).unwrap();
+        assert_eq!(a.as_slice().len(), words, "the array is as long as asked, whatever was mapped");
+        assert!(a.as_slice().iter().all(|w| *w == 0));
+        a.as_mut_slice()[words - 1] = 9;
+        assert_eq!(arena.bytes().0, 2 * HUGE_PAGE_BYTES, "what is mapped is what is counted");
     }
 
     #[test]
