@@ -28,7 +28,7 @@ use tessera_transport::wire::HEADER_BYTES;
 use tessera_transport::{ask, Caller, Chosen, Dialer, Header, Op, Status, TransportConfig, TransportError};
 
 use crate::error::{ClientError, Result};
-use crate::ticket::Stamp;
+use crate::ticket::{copy_le_f32, Stamp};
 use crate::ClientConfig;
 
 /// How long a push waits for its acknowledgement before it is resent to whoever is head then.
@@ -55,6 +55,9 @@ const CONFIG_AGE_MAX: Duration = Duration::from_secs(1);
 /// when one comes, instead of waiting out [`RETRY_MS`]. (A healthy chain acknowledges within
 /// milliseconds.)
 const SLOW_ACK: Duration = Duration::from_millis(100);
+/// Push frame bodies kept for reuse ([`Chain::spare_bodies`]): one per head shard a push
+/// reaches, on a cluster of a few dozen servers.
+const SPARE_BODIES_MAX: usize = 64;
 /// Longest pause between two polls for acknowledgements.
 const POLL_PAUSE_MAX: Duration = Duration::from_millis(2);
 
@@ -127,6 +130,10 @@ pub(crate) struct Chain {
     unconfirmed: VecDeque<(u64, Vec<(RangeId, u32)>)>,
     /// Piece lists of confirmed pushes, kept for the next pushes' (no allocation once warm).
     spare_pieces: Vec<Vec<(RangeId, u32)>>,
+    /// Bodies of push frames already sent, kept for the next frames': a large push's frame is
+    /// not allocated anew each time (freeing and allocating hundreds of KiB per push made the
+    /// allocator hand the pages back to the kernel and fault them in again).
+    spare_bodies: Vec<Vec<u8>>,
     /// The last call's keys grouped by range, and a payload being built: buffers kept.
     groups: RangeGroups,
     payload: Vec<u8>,
@@ -183,6 +190,7 @@ impl Chain {
             pushes: 0,
             unconfirmed: VecDeque::new(),
             spare_pieces: Vec::new(),
+            spare_bodies: Vec::new(),
             groups: RangeGroups::default(),
             payload: Vec::new(),
             refused: None,
@@ -380,7 +388,12 @@ impl Chain {
             Ok((before, after, link)) => {
                 self.stats.rdma_calls += after.rdma - before.rdma;
                 self.stats.tcp_calls += after.tcp - before.tcp;
-                Ok(Started { to: call.to, link, sent: call.body.len() })
+                let sent = call.body.len();
+                // Sent (copied out): the body serves the next frame.
+                if call.header.op() == Some(Op::WorkerPush) && self.spare_bodies.len() < SPARE_BODIES_MAX {
+                    self.spare_bodies.push(call.body);
+                }
+                Ok(Started { to: call.to, link, sent })
             }
             Err(e) => {
                 self.links.remove(&call.to);
@@ -549,7 +562,9 @@ impl Chain {
             let shard = shard_of_range(range.0, self.ranges, self.shards);
             let bodies = frames.entry((node, shard)).or_default();
             if bodies.last().is_none_or(|f| f.body.len() >= body_max) {
-                bodies.push(Frame { at: (addr.to_string(), shard), body: Vec::new(), pieces: Vec::new(), first });
+                let mut body = self.spare_bodies.pop().unwrap_or_default();
+                body.clear();
+                bodies.push(Frame { at: (addr.to_string(), shard), body, pieces: Vec::new(), first });
             }
             let frame = bodies.last_mut().expect("one pushed above");
             let before = frame.body.len();
@@ -692,7 +707,11 @@ impl Chain {
                 range_done: false,
             };
             let values = &grads[(lo - start) as usize * dim..(hi - start) as usize * dim];
-            self.pusher.push(now, RangeId(range), h.payload(values).into());
+            // Gathered in the kept buffer, then copied once into the payload kept for resends.
+            self.payload.clear();
+            h.write_head(&mut self.payload);
+            self.payload.extend_from_slice(bytemuck::cast_slice(values));
+            self.pusher.push(now, RangeId(range), Arc::from(&self.payload[..]));
         }
         self.deliver_in_flight();
         Ok(self.pushes)
@@ -935,12 +954,12 @@ impl Chain {
                 match keys {
                     Keys::Range(lo, hi) => {
                         part.range = Some((*lo, *hi));
-                        part.rows.extend((*lo..*hi).map(&row_of));
+                        part.first_row = row_of(*lo);
                     }
                     Keys::Listed => {
                         let at = listed.groups.positions(range).unwrap_or(&[]);
                         at.iter().for_each(|i| part.keys.extend_from_slice(&listed.keys[*i as usize].to_le_bytes()));
-                        part.rows.extend(at.iter().map(|i| *i as usize));
+                        part.listed_rows.extend(at.iter().map(|i| *i as usize));
                     }
                 }
             }
@@ -962,7 +981,7 @@ impl Chain {
                         Vec::new()
                     }
                     None => {
-                        header.count = part.rows.len() as u32;
+                        header.count = part.rows() as u32;
                         std::mem::take(&mut part.keys)
                     }
                 };
@@ -971,15 +990,20 @@ impl Chain {
             }
             let mut failure = unplaced.map(|r| ClientError::Unavailable { reason: format!("range {r} has no tail") });
             for ((addr, part), replied) in placed.into_iter().zip(self.call_all(calls)) {
-                let values = part.rows.len() * dim * 4;
+                let values = part.rows() * dim * 4;
                 match replied {
                     Ok((header, body)) if body.len() == values + header.count as usize * 8 => {
                         let clocks = body[..header.count as usize * 8].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
                         stamp.meet(clocks, first);
                         first = false;
-                        for (row, v) in part.rows.iter().zip(body[body.len() - values..].chunks_exact(dim * 4)) {
-                            for (o, b) in out[row * dim..(row + 1) * dim].iter_mut().zip(v.chunks_exact(4)) {
-                                *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                        let bytes = &body[body.len() - values..];
+                        match part.range {
+                            // A dense piece's rows follow one another: one block.
+                            Some(_) => copy_le_f32(bytes, &mut out[part.first_row * dim..part.first_row * dim + values / 4]),
+                            None => {
+                                for (row, v) in part.listed_rows.iter().zip(bytes.chunks_exact(dim * 4)) {
+                                    copy_le_f32(v, &mut out[row * dim..(row + 1) * dim]);
+                                }
                             }
                         }
                         part.ranges.iter().for_each(|r| {
@@ -1022,14 +1046,26 @@ impl Chain {
 }
 
 /// One request of a pull: a dense range piece, or the listed keys of the ranges one server
-/// shard is tail of; and the rows of the output its values go to, in order.
+/// shard is tail of; and the rows of the output its values go to.
 #[derive(Debug, Default)]
 struct PullPart {
     ranges: Vec<u32>,
+    /// A dense piece's keys, whose values go to the output's rows from `first_row` on.
     range: Option<(u64, u64)>,
-    /// The listed keys' bytes: the request's body.
+    first_row: usize,
+    /// The listed keys' bytes: the request's body; and their rows, in order.
     keys: Vec<u8>,
-    rows: Vec<usize>,
+    listed_rows: Vec<usize>,
+}
+
+impl PullPart {
+    /// Rows of values the reply carries.
+    fn rows(&self) -> usize {
+        match self.range {
+            Some((lo, hi)) => (hi - lo) as usize,
+            None => self.listed_rows.len(),
+        }
+    }
 }
 
 /// The listed keys of a pull, and their groups by range.

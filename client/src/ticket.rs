@@ -229,13 +229,7 @@ fn absorb(
         return Err(format!("reply holds {} values, expected {want}", values.len() / 4));
     }
     if !sub.scatter {
-        // Replies read in place from the link are aligned: one copy. Parked ones may not be.
-        match bytemuck::try_cast_slice::<u8, f32>(values) {
-            Ok(v) => out[sub.range.clone()].copy_from_slice(v),
-            Err(_) => out[sub.range.clone()].iter_mut().zip(values.chunks_exact(4)).for_each(|(o, c)| {
-                *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-            }),
-        }
+        copy_le_f32(values, &mut out[sub.range.clone()]);
         return Ok(());
     }
     let floats = values.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")));
@@ -275,5 +269,16 @@ pub(crate) fn server_error(server: &str, header: &Header, message: String) -> Cl
         ClientError::Protocol { server: server.into(), reason: message }
     } else {
         ClientError::Server { server: server.into(), status: header.status(), message }
+    }
+}
+
+/// Copies little-endian f32 `bytes` (4 per value) into `out`, as long. Replies read in place
+/// from a link are aligned: one copy. Others (parked, or past a stamp of odd length) may not
+/// be, and go value by value.
+pub(crate) fn copy_le_f32(bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), out.len() * 4);
+    match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+        Ok(v) => out.copy_from_slice(v),
+        Err(_) => out.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(o, c)| *o = f32::from_le_bytes(c.try_into().expect("4 bytes"))),
     }
 }
