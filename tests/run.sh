@@ -35,8 +35,8 @@ ensure() {
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
-log "system packages: etcd (the replication tests' coordinator store), protoc (to build the etcd client), pkg-config and g++ (the C ABI's trainer example)"
-ensure etcd:etcd-server protoc:protobuf-compiler pkg-config:pkg-config g++:g++
+log "system packages: etcd (the replication tests' coordinator store), protoc (to build the etcd client), pkg-config and g++ (the C ABI's trainer example), make (to build jemalloc, the tessera binary's allocator)"
+ensure etcd:etcd-server protoc:protobuf-compiler pkg-config:pkg-config g++:g++ make:make
 log "system packages for the RDMA build and the SoftRoCE guest"
 tests/softroce/setup.sh
 
