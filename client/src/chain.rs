@@ -58,8 +58,39 @@ const SLOW_ACK: Duration = Duration::from_millis(100);
 /// Push frame bodies kept for reuse ([`Chain::spare_bodies`]): one per head shard a push
 /// reaches, on a cluster of a few dozen servers.
 const SPARE_BODIES_MAX: usize = 64;
+/// Most bytes of capacity those bodies may hold together: one very large push must not leave
+/// its frames (up to `frame_bytes_max` each) held by the client for good.
+const SPARE_BODY_BYTES_MAX: usize = 16 << 20;
 /// Longest pause between two polls for acknowledgements.
 const POLL_PAUSE_MAX: Duration = Duration::from_millis(2);
+
+/// Sent push frame bodies kept for the next frames, at most [`SPARE_BODIES_MAX`] of them
+/// holding at most [`SPARE_BODY_BYTES_MAX`] bytes of capacity together.
+#[derive(Debug, Default)]
+struct SpareBodies {
+    bodies: Vec<Vec<u8>>,
+    /// The capacity of `bodies`, summed.
+    bytes: usize,
+}
+
+impl SpareBodies {
+    /// Keeps `body` for reuse if there is room, else frees it.
+    fn keep(&mut self, body: Vec<u8>) {
+        let bytes = self.bytes + body.capacity();
+        if self.bodies.len() < SPARE_BODIES_MAX && bytes <= SPARE_BODY_BYTES_MAX {
+            self.bytes = bytes;
+            self.bodies.push(body);
+        }
+    }
+
+    /// An empty body, reused if one is kept.
+    fn take(&mut self) -> Vec<u8> {
+        let mut body = self.bodies.pop().unwrap_or_default();
+        self.bytes -= body.capacity();
+        body.clear();
+        body
+    }
+}
 
 /// Counters of what failures cost a client of a replicated cluster
 /// ([`Client::chain_stats`](crate::Client::chain_stats)).
@@ -133,7 +164,7 @@ pub(crate) struct Chain {
     /// Bodies of push frames already sent, kept for the next frames': a large push's frame is
     /// not allocated anew each time (freeing and allocating hundreds of KiB per push made the
     /// allocator hand the pages back to the kernel and fault them in again).
-    spare_bodies: Vec<Vec<u8>>,
+    spare_bodies: SpareBodies,
     /// The last call's keys grouped by range, and a payload being built: buffers kept.
     groups: RangeGroups,
     payload: Vec<u8>,
@@ -190,7 +221,7 @@ impl Chain {
             pushes: 0,
             unconfirmed: VecDeque::new(),
             spare_pieces: Vec::new(),
-            spare_bodies: Vec::new(),
+            spare_bodies: SpareBodies::default(),
             groups: RangeGroups::default(),
             payload: Vec::new(),
             refused: None,
@@ -390,8 +421,8 @@ impl Chain {
                 self.stats.tcp_calls += after.tcp - before.tcp;
                 let sent = call.body.len();
                 // Sent (copied out): the body serves the next frame.
-                if call.header.op() == Some(Op::WorkerPush) && self.spare_bodies.len() < SPARE_BODIES_MAX {
-                    self.spare_bodies.push(call.body);
+                if call.header.op() == Some(Op::WorkerPush) {
+                    self.spare_bodies.keep(call.body);
                 }
                 Ok(Started { to: call.to, link, sent })
             }
@@ -562,8 +593,7 @@ impl Chain {
             let shard = shard_of_range(range.0, self.ranges, self.shards);
             let bodies = frames.entry((node, shard)).or_default();
             if bodies.last().is_none_or(|f| f.body.len() >= body_max) {
-                let mut body = self.spare_bodies.pop().unwrap_or_default();
-                body.clear();
+                let body = self.spare_bodies.take();
                 bodies.push(Frame { at: (addr.to_string(), shard), body, pieces: Vec::new(), first });
             }
             let frame = bodies.last_mut().expect("one pushed above");
@@ -1235,6 +1265,33 @@ fn in_server(addr: &str, e: TransportError) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Kept bodies stay within both the count and the byte cap, and a taken body is empty.
+    #[test]
+    fn spare_bodies_hold_no_more_than_their_caps() {
+        let mut spare = SpareBodies::default();
+        for _ in 0..(SPARE_BODY_BYTES_MAX >> 20) + 4 {
+            spare.keep(Vec::with_capacity(1 << 20));
+        }
+        assert!(spare.bytes <= SPARE_BODY_BYTES_MAX);
+        assert_eq!(spare.bytes, spare.bodies.iter().map(Vec::capacity).sum::<usize>());
+        let huge = Vec::with_capacity(SPARE_BODY_BYTES_MAX + 1);
+        spare.keep(huge);
+        assert!(spare.bytes <= SPARE_BODY_BYTES_MAX, "a body past the byte cap is freed");
+        for _ in 0..SPARE_BODIES_MAX * 2 {
+            spare.keep(Vec::new());
+        }
+        assert!(spare.bodies.len() <= SPARE_BODIES_MAX);
+        let mut body = spare.take();
+        assert!(body.is_empty());
+        body.extend_from_slice(b"sent");
+        spare.keep(body);
+        assert!(spare.take().is_empty(), "a kept body comes back cleared");
+        while !spare.bodies.is_empty() {
+            spare.take();
+        }
+        assert_eq!(spare.bytes, 0);
+    }
 
     /// The groups hold every key's position once, each under its own range, in the order the
     /// keys came, ranges ascending; and the buffers are reused by the next grouping.

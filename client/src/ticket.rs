@@ -273,8 +273,7 @@ pub(crate) fn server_error(server: &str, header: &Header, message: String) -> Cl
 }
 
 /// Copies little-endian f32 `bytes` (4 per value) into `out`, as long. Replies read in place
-/// from a link are aligned: one copy. Others (parked, or past a stamp of odd length) may not
-/// be, and go value by value.
+/// from a link are aligned: one copy. Parked replies may not be, and go value by value.
 pub(crate) fn copy_le_f32(bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * 4);
     match bytemuck::try_cast_slice::<u8, f32>(bytes) {

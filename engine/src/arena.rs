@@ -84,10 +84,9 @@ impl<T: bytemuck::Pod> Pinned<T> {
         #[cfg(target_arch = "x86_64")]
         if let Some(element) = self.as_slice().get(at) {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            // `_mm_prefetch` is unsafe only for its `sse` target feature, which every x86_64 CPU
-            // has (it is in the target's baseline). The address is that of an element of this
-            // live mapping, and a prefetch neither reads into the program nor faults.
-            // SAFETY: SSE is baseline on x86_64; the address is in this live mapping.
+            // SAFETY: `_mm_prefetch` is unsafe only for its `sse` target feature, which is in the
+            // x86_64 baseline. The address is that of an element of this live mapping, and a
+            // prefetch neither reads into the program nor faults.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(element).cast()) };
         }
         #[cfg(not(target_arch = "x86_64"))]

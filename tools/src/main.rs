@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 /// to the kernel (trimming its heap), so a replicated chain's members, which allocate every large
 /// update they take and free it once applied, faulted in fresh zeroed pages for each one.
 /// jemalloc keeps freed pages for a while: `tessera bench --replicas 3 --sizes 256K`'s push p50
-/// went from 7.9 to 9.8 times an unreplicated push's to 4.5 to 5.8 times (docs/benchmarks.md).
+/// fell from 7.9–9.8× an unreplicated push's to 4.5–5.8× (docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
