@@ -81,10 +81,17 @@ struct DenseStore {
     packed_generation: u64,
 }
 
+/// An open-addressing table of keys and their records.
+///
+/// Keys and records share one mapping: the slots' keys, then their records. A replicated
+/// server's part of one range is small (16 ranges of a table of a million keys give 1 MiB of
+/// keys and 1 MiB of records each), and the arena backs only mappings of 2 MiB or more with huge
+/// pages: as two arrays such a part took a TLB miss on nearly every key, as one it does not.
 #[derive(Debug)]
 struct SparseStore {
-    keys: Pinned<u64>,
-    records: Pinned<f32>,
+    /// `slots` keys, then `slots * width` f32 record values (padded to whole u64s).
+    memory: Pinned<u64>,
+    slots: usize,
     shift: u32,
     /// f32s per record: the value and each state slot, `dim` each.
     width: usize,
@@ -615,11 +622,31 @@ impl SparseStore {
         let slots = per_part.checked_mul(100).and_then(|n| (n / SPARSE_LOAD_PERCENT_MAX + 1).checked_next_power_of_two()).ok_or_else(too_big)?;
         let slots = usize::try_from(slots.max(SPARSE_SLOTS_MIN)).map_err(|_| too_big())?;
         let rec = spec.dim as usize * (1 + updater.state_slots());
-        let mut keys = arena.alloc::<u64>(slots)?;
-        keys.as_mut_slice().fill(EMPTY);
-        let records = arena.alloc::<f32>(slots.checked_mul(rec).ok_or_else(too_big)?)?;
+        let words = slots.checked_mul(rec).map(|n| n.div_ceil(2)).and_then(|r| r.checked_add(slots)).ok_or_else(too_big)?;
+        let memory = arena.alloc::<u64>(words)?;
         let limit = slots * SPARSE_LOAD_PERCENT_MAX as usize / 100;
-        Ok(Self { keys, records, shift: 64 - slots.trailing_zeros(), width: rec, len: 0, limit })
+        let mut store = Self { memory, slots, shift: 64 - slots.trailing_zeros(), width: rec, len: 0, limit };
+        store.keys_mut().fill(EMPTY);
+        Ok(store)
+    }
+
+    /// The slots' keys ([`EMPTY`] where none is).
+    fn keys(&self) -> &[u64] {
+        &self.memory.as_slice()[..self.slots]
+    }
+
+    fn keys_mut(&mut self) -> &mut [u64] {
+        &mut self.memory.as_mut_slice()[..self.slots]
+    }
+
+    /// The slots' records, `width` values each.
+    fn records(&self) -> &[f32] {
+        &bytemuck::cast_slice(&self.memory.as_slice()[self.slots..])[..self.slots * self.width]
+    }
+
+    fn records_mut(&mut self) -> &mut [f32] {
+        let len = self.slots * self.width;
+        &mut bytemuck::cast_slice_mut(&mut self.memory.as_mut_slice()[self.slots..])[..len]
     }
 
     fn home(&self, key: u64) -> usize {
@@ -632,8 +659,8 @@ impl SparseStore {
     /// misses of a table larger than the cache overlap instead of coming one after another.
     fn prefetch(&self, key: u64) {
         let home = self.home(key);
-        self.keys.prefetch(home);
-        self.records.prefetch(home * self.width);
+        self.memory.prefetch(home);
+        self.memory.prefetch(self.slots + home * self.width / 2);
     }
 
     /// Prefetches ([`prefetch`](Self::prefetch)) the key [`PREFETCH_KEYS_AHEAD`] places after
@@ -646,7 +673,7 @@ impl SparseStore {
 
     /// The slot holding `key`, or the empty slot where it would go.
     fn probe(&self, key: u64) -> std::result::Result<usize, usize> {
-        let keys = self.keys.as_slice();
+        let keys = self.keys();
         let mask = keys.len() - 1;
         let mut i = self.home(key);
         loop {
@@ -680,13 +707,13 @@ impl SparseStore {
             Ok(slot) => slot,
             Err(slot) => {
                 assert!(self.len < self.limit, "check_room ran before this insert");
-                self.keys.as_mut_slice()[slot] = key;
+                self.keys_mut()[slot] = key;
                 self.len += 1;
-                init_record(spec, updater, key, &mut self.records.as_mut_slice()[slot * width..(slot + 1) * width]);
+                init_record(spec, updater, key, &mut self.records_mut()[slot * width..(slot + 1) * width]);
                 slot
             }
         };
-        let rec = &mut self.records.as_mut_slice()[slot * width..(slot + 1) * width];
+        let rec = &mut self.records_mut()[slot * width..(slot + 1) * width];
         let (v, state) = rec.split_at_mut(dim);
         let (s0, s1) = if state.len() >= 2 * dim { state.split_at_mut(dim) } else { (state, &mut [][..]) };
         (slot, (v, s0, s1))
@@ -697,7 +724,7 @@ impl SparseStore {
         match self.probe(key) {
             Ok(slot) => {
                 let width = self.width;
-                out.copy_from_slice(&self.records.as_slice()[slot * width..slot * width + out.len()]);
+                out.copy_from_slice(&self.records()[slot * width..slot * width + out.len()]);
             }
             Err(_) => {
                 for (c, v) in out.iter_mut().enumerate() {

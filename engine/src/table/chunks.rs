@@ -27,7 +27,7 @@ impl TablePart {
     fn slots(&self) -> u64 {
         match &self.store {
             Store::Dense(_) => self.owned.end - self.owned.start,
-            Store::Sparse(sp) => sp.keys.as_slice().len() as u64,
+            Store::Sparse(sp) => sp.keys().len() as u64,
         }
     }
 
@@ -61,8 +61,8 @@ impl TablePart {
         match &self.store {
             Store::Dense(_) => self.save_dense(slots, &mut w),
             Store::Sparse(sp) => {
-                w.put(&sp.keys.as_slice()[slots.start as usize..slots.end as usize]);
-                w.put(&sp.records.as_slice()[slots.start as usize * sp.width..slots.end as usize * sp.width]);
+                w.put(&sp.keys()[slots.start as usize..slots.end as usize]);
+                w.put(&sp.records()[slots.start as usize * sp.width..slots.end as usize * sp.width]);
             }
         }
         assert_eq!(w.at, len, "a chunk's payload is exactly its slots' state");
@@ -85,9 +85,9 @@ impl TablePart {
         match &mut self.store {
             Store::Dense(_) => self.load_dense(slots, &mut r, false),
             Store::Sparse(sp) => {
-                r.take(&mut sp.keys.as_mut_slice()[slots.start as usize..slots.end as usize]);
+                r.take(&mut sp.keys_mut()[slots.start as usize..slots.end as usize]);
                 let width = sp.width;
-                r.take(&mut sp.records.as_mut_slice()[slots.start as usize * width..slots.end as usize * width]);
+                r.take(&mut sp.records_mut()[slots.start as usize * width..slots.end as usize * width]);
             }
         }
         Ok(())
@@ -116,7 +116,7 @@ impl TablePart {
     /// The keys a sparse part holds among absolute keys `keys`, in order (none for a dense part).
     pub fn held_keys(&self, keys: Range<u64>) -> Vec<u64> {
         let Store::Sparse(sp) = &self.store else { return Vec::new() };
-        let mut held: Vec<u64> = sp.keys.as_slice().iter().copied().filter(|k| *k != EMPTY && keys.contains(k)).collect();
+        let mut held: Vec<u64> = sp.keys().iter().copied().filter(|k| *k != EMPTY && keys.contains(k)).collect();
         held.sort_unstable();
         held
     }
@@ -130,7 +130,7 @@ impl TablePart {
         for (i, &k) in keys.iter().enumerate() {
             sp.prefetch_ahead(keys, i);
             let rec = match sp.probe(k) {
-                Ok(slot) => &sp.records.as_slice()[slot * sp.width..(slot + 1) * sp.width],
+                Ok(slot) => &sp.records()[slot * sp.width..(slot + 1) * sp.width],
                 Err(_) => {
                     super::init_record(&self.spec, self.updater.as_ref(), k, &mut fresh);
                     &fresh[..]
@@ -165,7 +165,7 @@ impl TablePart {
             sp.prefetch_ahead(keys, i);
             let (slot, _) = sp.record_mut(k, &self.spec, self.updater.as_ref());
             let width = sp.width;
-            let to = &mut sp.records.as_mut_slice()[slot * width..(slot + 1) * width];
+            let to = &mut sp.records_mut()[slot * width..(slot + 1) * width];
             to.iter_mut().zip(rec.chunks_exact(4)).for_each(|(v, b)| *v = f32::from_le_bytes(b.try_into().expect("4 bytes")));
             self.dirty.mark(slot as u64 / per);
         }
@@ -185,7 +185,7 @@ impl TablePart {
             let Store::Sparse(sp) = &mut self.store else { unreachable!("only a sparse part holds keys") };
             let slot = sp.probe(k).expect("a held key");
             let width = sp.width;
-            super::init_record(&self.spec, self.updater.as_ref(), k, &mut sp.records.as_mut_slice()[slot * width..(slot + 1) * width]);
+            super::init_record(&self.spec, self.updater.as_ref(), k, &mut sp.records_mut()[slot * width..(slot + 1) * width]);
             self.dirty.mark(slot as u64 / per);
         }
     }
@@ -271,14 +271,14 @@ impl TablePart {
                 }
             }
             Store::Sparse(sp) => {
-                let misplaced = sp.keys.as_slice().iter().enumerate().find(|(i, k)| **k != EMPTY && sp.probe(**k) != Ok(*i));
+                let misplaced = sp.keys().iter().enumerate().find(|(i, k)| **k != EMPTY && sp.probe(**k) != Ok(*i));
                 if let Some((slot, key)) = misplaced {
                     return Err(EngineError::Corrupt {
                         what: format!("table {}", self.id),
                         reason: format!("key {key} sits in slot {slot}, where a lookup would not find it"),
                     });
                 }
-                let len = sp.keys.as_slice().iter().filter(|k| **k != EMPTY).count();
+                let len = sp.keys().iter().filter(|k| **k != EMPTY).count();
                 if len > sp.limit {
                     return Err(EngineError::Corrupt {
                         what: format!("table {}", self.id),

@@ -66,7 +66,7 @@ fn snapshot(p: &TablePart) -> Snapshot {
             let blocks = bits(bytemuck::cast_slice(d.blocks.words()));
             (vec![blocks, bits(d.s0.as_slice()), bits(d.s1.as_slice())], Vec::new(), 0)
         }
-        Store::Sparse(sp) => (vec![bits(sp.records.as_slice())], sp.keys.as_slice().to_vec(), sp.len),
+        Store::Sparse(sp) => (vec![bits(sp.records())], sp.keys().to_vec(), sp.len),
     };
     Snapshot {
         arrays,
