@@ -58,14 +58,16 @@ const SLOW_ACK: Duration = Duration::from_millis(100);
 /// Push frame bodies kept for reuse ([`Chain::spare_bodies`]): one per head shard a push
 /// reaches, on a cluster of a few dozen servers.
 const SPARE_BODIES_MAX: usize = 64;
-/// Most bytes of capacity those bodies may hold together: one very large push must not leave
-/// its frames (up to `frame_bytes_max` each) held by the client for good.
+/// Most bytes of capacity the kept buffers of one [`SpareBodies`] may hold together: one very
+/// large push or pull must not leave its buffers held by the client for good.
 const SPARE_BODY_BYTES_MAX: usize = 16 << 20;
 /// Longest pause between two polls for acknowledgements.
 const POLL_PAUSE_MAX: Duration = Duration::from_millis(2);
 
-/// Sent push frame bodies kept for the next frames, at most [`SPARE_BODIES_MAX`] of them
-/// holding at most [`SPARE_BODY_BYTES_MAX`] bytes of capacity together.
+/// Buffers kept for reuse (sent push frames' bodies, read replies' bodies), at most
+/// [`SPARE_BODIES_MAX`] of them holding at most [`SPARE_BODY_BYTES_MAX`] bytes of capacity
+/// together. Freeing and allocating hundreds of KiB per push or pull made glibc's allocator
+/// hand the pages back to the kernel and fault them in again.
 #[derive(Debug, Default)]
 struct SpareBodies {
     bodies: Vec<Vec<u8>>,
@@ -165,6 +167,8 @@ pub(crate) struct Chain {
     /// not allocated anew each time (freeing and allocating hundreds of KiB per push made the
     /// allocator hand the pages back to the kernel and fault them in again).
     spare_bodies: SpareBodies,
+    /// Bodies of replies already read, kept for the next replies' ([`Chain::finish`]).
+    spare_replies: SpareBodies,
     /// The last call's keys grouped by range, and a payload being built: buffers kept.
     groups: RangeGroups,
     payload: Vec<u8>,
@@ -222,6 +226,7 @@ impl Chain {
             unconfirmed: VecDeque::new(),
             spare_pieces: Vec::new(),
             spare_bodies: SpareBodies::default(),
+            spare_replies: SpareBodies::default(),
             groups: RangeGroups::default(),
             payload: Vec::new(),
             refused: None,
@@ -442,7 +447,8 @@ impl Chain {
             // failure): its reply is lost with it.
             _ => return Err(ClientError::Unavailable { reason: format!("the link to {} broke before the reply came", started.to.addr) }),
         };
-        let replied = link.caller.finish(None);
+        let mut body = self.spare_replies.take();
+        let replied = link.caller.finish_into(None, &mut body).map(|header| (header, body));
         if matches!(replied, Err(TransportError::Refused { status: Status::KeysUnknown, .. })) {
             // The shard holds fewer lists than this side thought: start both over.
             link.lists = KeyLists::new(self.key_cache_keys);
@@ -520,7 +526,12 @@ impl Chain {
         let now = self.now_ms();
         let addr = sent.addr.as_str();
         let mut stale = false;
-        match replied.map(|(_, b)| codec::decode_batch(&b)) {
+        let decoded = replied.map(|(_, body)| {
+            let news = codec::decode_batch(&body);
+            self.spare_replies.keep(body);
+            news
+        });
+        match decoded {
             Ok(Ok(news)) => news.into_iter().for_each(|n| stale |= self.pusher.on_msg(now, n)),
             Ok(Err(e)) => tracing::warn!(addr, error = %e, "a malformed acknowledgement"),
             Err(ClientError::Server { status, server, message }) if sent.first && never_applies(status) && !sent.pieces.is_empty() => {
@@ -1039,6 +1050,7 @@ impl Chain {
                         part.ranges.iter().for_each(|r| {
                             left.remove(r);
                         });
+                        self.spare_replies.keep(body);
                     }
                     Ok((header, body)) => {
                         let reason = format!("a pull reply of {} bytes for a {}-clock stamp and {values} bytes of values", body.len(), header.count);

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::config::WORKERS_MAX;
+use crate::config::{REUSED_PAYLOAD_BYTES_MAX, REUSED_PAYLOAD_BYTES_MIN, WORKERS_MAX};
 use crate::error::{ReplicationError, Result};
 use crate::protocol::{ClusterConfig, Epoch, Msg, NodeId, RangeId, RangeReport, WorkerId};
 
@@ -79,15 +79,25 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
 
 /// Reads one message that fills `bytes` exactly.
 pub fn decode(bytes: &[u8]) -> Result<Msg> {
+    decode_with(bytes, &mut PayloadPool::default())
+}
+
+/// [`decode`], with large payloads from `payloads`.
+pub fn decode_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Msg> {
     let mut r = Reader { bytes, at: 0 };
     let msg = match r.u8()? {
-        PUSH => Msg::Push { range: RangeId(r.u32()?), worker: WorkerId(r.u32()?), seq: r.u32()?, payload: r.bytes()?.into() },
+        PUSH => Msg::Push { range: RangeId(r.u32()?), worker: WorkerId(r.u32()?), seq: r.u32()?, payload: payloads.make(r.bytes()?) },
         PUSH_ACK => Msg::PushAck { range: RangeId(r.u32()?), seq: r.u32()? },
         SEQ_COUNT => Msg::SeqCount { range: RangeId(r.u32()?), seq: r.u32()? },
         NOT_HEAD => Msg::NotHead { range: RangeId(r.u32()?), config_id: r.u64()? },
-        FORWARD => {
-            Msg::Forward { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, digest: r.u32()?, clock: r.clock()?, delta: r.bytes()?.into() }
-        }
+        FORWARD => Msg::Forward {
+            range: RangeId(r.u32()?),
+            epoch: Epoch(r.u64()?),
+            version: r.u64()?,
+            digest: r.u32()?,
+            clock: r.clock()?,
+            delta: payloads.make(r.bytes()?),
+        },
         ACK => Msg::Ack { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         NEED => Msg::Need { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         SNAPSHOT => {
@@ -421,17 +431,87 @@ pub fn encode_batch<'a>(msgs: impl IntoIterator<Item = &'a Msg>, out: &mut Vec<u
 
 /// Reads what [`encode_batch`] wrote.
 pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Msg>> {
+    decode_batch_with(bytes, &mut PayloadPool::default())
+}
+
+/// [`decode_batch`], with large payloads from `payloads`.
+pub fn decode_batch_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Vec<Msg>> {
     let mut r = Reader { bytes, at: 0 };
     let mut msgs = Vec::new();
     while r.at < bytes.len() {
-        msgs.push(decode(r.bytes()?)?);
+        msgs.push(decode_with(r.bytes()?, payloads)?);
     }
     Ok(msgs)
+}
+
+/// Large payloads of the messages a server decodes (pushes, forwarded updates), reused for a
+/// later payload of the same length once nothing else holds them: a trainer pushes the same
+/// dense pieces step after step. Freeing and allocating a payload of hundreds of KiB per
+/// message made glibc's allocator hand its pages back to the kernel and fault them in again.
+#[derive(Debug, Default)]
+pub struct PayloadPool {
+    kept: Vec<Arc<[u8]>>,
+    /// The lengths of `kept`, summed.
+    bytes: usize,
+}
+
+impl PayloadPool {
+    /// A payload holding `bytes`: a kept one that nothing else holds any more, refilled, if
+    /// one has that length; else a new one, kept too while the pool has room.
+    pub fn make(&mut self, bytes: &[u8]) -> Arc<[u8]> {
+        if bytes.len() < REUSED_PAYLOAD_BYTES_MIN {
+            return Arc::from(bytes);
+        }
+        for kept in &mut self.kept {
+            if kept.len() == bytes.len() {
+                if let Some(free) = Arc::get_mut(kept) {
+                    free.copy_from_slice(bytes);
+                    return kept.clone();
+                }
+            }
+        }
+        let made: Arc<[u8]> = Arc::from(bytes);
+        if self.bytes + made.len() > REUSED_PAYLOAD_BYTES_MAX {
+            // Make room by letting go of the payloads nothing else holds.
+            self.kept.retain(|k| Arc::strong_count(k) > 1);
+            self.bytes = self.kept.iter().map(|k| k.len()).sum();
+        }
+        if self.bytes + made.len() <= REUSED_PAYLOAD_BYTES_MAX {
+            self.bytes += made.len();
+            self.kept.push(made.clone());
+        }
+        made
+    }
 }
 
 #[cfg(test)]
 mod payload_tests {
     use super::*;
+
+    /// A large payload is reused only once nothing else holds it, small ones never are, and the
+    /// pool keeps no more than its byte cap.
+    #[test]
+    fn payload_pool_reuses_only_payloads_nothing_else_holds() {
+        let mut pool = PayloadPool::default();
+        let big = vec![7u8; REUSED_PAYLOAD_BYTES_MIN];
+        let first = pool.make(&big);
+        let second = pool.make(&big);
+        assert!(!Arc::ptr_eq(&first, &second), "a payload still held is not handed out again");
+        let at = Arc::as_ptr(&first);
+        drop(first);
+        let again = pool.make(&vec![9u8; REUSED_PAYLOAD_BYTES_MIN]);
+        assert_eq!(Arc::as_ptr(&again), at, "a payload nothing else holds is reused");
+        assert!(again.iter().all(|b| *b == 9), "and refilled");
+        let small = pool.make(&[1, 2, 3]);
+        assert_eq!(Arc::strong_count(&small), 1, "a small payload is not kept");
+        let held: Vec<_> = (0..(REUSED_PAYLOAD_BYTES_MAX / REUSED_PAYLOAD_BYTES_MIN) * 2).map(|_| pool.make(&big)).collect();
+        assert!(pool.bytes <= REUSED_PAYLOAD_BYTES_MAX);
+        assert_eq!(pool.bytes, pool.kept.iter().map(|k| k.len()).sum::<usize>());
+        drop((held, second, again));
+        let huge = pool.make(&vec![0u8; REUSED_PAYLOAD_BYTES_MAX]);
+        assert_eq!(pool.bytes, REUSED_PAYLOAD_BYTES_MAX, "free payloads give way to a new one");
+        drop(huge);
+    }
 
     #[test]
     fn push_payloads_and_batches_round_trip_and_wrong_lengths_are_refused() {

@@ -167,6 +167,14 @@ impl Caller {
     /// reply with an error status becomes [`TransportError::Refused`] carrying the server's
     /// message.
     pub fn finish(&mut self, timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
+        let mut body = Vec::new();
+        let header = self.finish_into(timeout, &mut body)?;
+        Ok((header, body))
+    }
+
+    /// [`finish`](Self::finish), with the body copied into `body` (cleared first): a caller
+    /// that keeps its buffers allocates nothing per reply.
+    pub fn finish_into(&mut self, timeout: Option<Duration>, body: &mut Vec<u8>) -> Result<Header> {
         let Some(over) = self.waiting.pop_front() else {
             return Err(TransportError::Rdma { reason: "waiting for a reply with no request in flight".into() });
         };
@@ -177,7 +185,7 @@ impl Caller {
             #[cfg(feature = "rdma")]
             (Path::Rdma(rdma), Over::Tcp) => rdma.tcp(),
         };
-        crate::take_reply(link, timeout)
+        crate::take_reply_into(link, timeout, body)
     }
 
     /// The largest body that goes over the fast path (RDMA's slot, less the header), when there

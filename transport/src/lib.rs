@@ -190,9 +190,18 @@ pub fn call(link: &mut dyn Link, header: &mut Header, body: &[u8], timeout: Opti
 /// Receives the reply to the one request in flight on `link`; an error status becomes
 /// [`TransportError::Refused`] carrying the server's message.
 pub(crate) fn take_reply(link: &mut dyn Link, timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
+    let mut body = Vec::new();
+    let header = take_reply_into(link, timeout, &mut body)?;
+    Ok((header, body))
+}
+
+/// [`take_reply`], with the body copied into `body` (cleared first).
+pub(crate) fn take_reply_into(link: &mut dyn Link, timeout: Option<Duration>, body: &mut Vec<u8>) -> Result<Header> {
     let reply = link.recv(timeout)?;
     if reply.header.status() != Status::Ok {
         return Err(TransportError::Refused { status: reply.header.status(), reason: String::from_utf8_lossy(reply.body).into_owned() });
     }
-    Ok((reply.header, reply.body.to_vec()))
+    body.clear();
+    body.extend_from_slice(reply.body);
+    Ok(reply.header)
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_layout::placement::shard_of_range;
-use tessera_replication::codec::{self, KeyList, PushHeader};
+use tessera_replication::codec::{self, KeyList, PayloadPool, PushHeader};
 use tessera_replication::config::PUSH_REPLY_HOLD_MS_MAX;
 use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::replica::Replica;
@@ -139,6 +139,9 @@ pub struct ChainShard {
     answering: Option<NodeId>,
     answer_acks: Vec<Msg>,
     answer_body: Vec<u8>,
+    /// Large payloads of the pushes and updates this shard decodes, reused once applied and
+    /// let go of.
+    payloads: PayloadPool,
 }
 
 /// Most bytes of acknowledgements a `Replicate` reply carries back; more go as requests of
@@ -182,6 +185,7 @@ impl ChainShard {
             answering: None,
             answer_acks: Vec::new(),
             answer_body: Vec::new(),
+            payloads: PayloadPool::default(),
         }
     }
 
@@ -412,7 +416,7 @@ impl ChainShard {
     /// fewer than sending them as requests of their own. Acknowledgements are cumulative, so
     /// one that overtakes another this way is harmless.
     pub fn serve_peer(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
-        let msgs = codec::decode_batch(body).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
+        let msgs = codec::decode_batch_with(body, &mut self.payloads).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
         if msgs.is_empty() {
             return Err(EngineError::BadRequest { reason: "a Replicate request with no message".into() });
         }
@@ -478,7 +482,7 @@ impl ChainShard {
             );
             return Err(bad(reason));
         }
-        let mut msgs = codec::decode_batch(body).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
+        let mut msgs = codec::decode_batch_with(body, &mut self.payloads).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
         for msg in &mut msgs {
             if let Msg::Push { payload, .. } = msg {
                 if let Some(plain) = resolve_key_list(lists, payload)? {
