@@ -13,6 +13,7 @@
 //! crate's [`Pusher`], the same code the deterministic simulator runs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -792,11 +793,20 @@ impl Chain {
                 listed: true,
                 range_done: ranges_done,
             };
-            // The payload's keys, then their values, gathered in place.
+            // The payload's keys, then their values: one copy each when the range's keys came
+            // together (sorted keys do), else gathered key by key.
             payload.clear();
             h.write_head(&mut payload);
-            at.iter().for_each(|i| payload.extend_from_slice(&keys[*i as usize].to_le_bytes()));
-            at.iter().for_each(|i| payload.extend_from_slice(bytemuck::cast_slice(&grads[*i as usize * dim..(*i as usize + 1) * dim])));
+            match RangeGroups::run(at) {
+                Some(run) => {
+                    extend_le_u64(&mut payload, &keys[run.clone()]);
+                    payload.extend_from_slice(bytemuck::cast_slice(&grads[run.start * dim..run.end * dim]));
+                }
+                None => {
+                    at.iter().for_each(|i| payload.extend_from_slice(&keys[*i as usize].to_le_bytes()));
+                    at.iter().for_each(|i| payload.extend_from_slice(bytemuck::cast_slice(&grads[*i as usize * dim..(*i as usize + 1) * dim])));
+                }
+            }
             self.pusher.push(now, RangeId(range), Arc::from(&payload[..]));
         }
         self.payload = payload;
@@ -999,8 +1009,11 @@ impl Chain {
                     }
                     Keys::Listed => {
                         let at = listed.groups.positions(range).unwrap_or(&[]);
-                        at.iter().for_each(|i| part.keys.extend_from_slice(&listed.keys[*i as usize].to_le_bytes()));
-                        part.listed_rows.extend(at.iter().map(|i| *i as usize));
+                        match RangeGroups::run(at) {
+                            Some(run) => extend_le_u64(&mut part.keys, &listed.keys[run]),
+                            None => at.iter().for_each(|i| part.keys.extend_from_slice(&listed.keys[*i as usize].to_le_bytes())),
+                        }
+                        part.listed_rows.extend_from_slice(at);
                     }
                 }
             }
@@ -1041,11 +1054,15 @@ impl Chain {
                         match part.range {
                             // A dense piece's rows follow one another: one block.
                             Some(_) => copy_le_f32(bytes, &mut out[part.first_row * dim..part.first_row * dim + values / 4]),
-                            None => {
-                                for (row, v) in part.listed_rows.iter().zip(bytes.chunks_exact(dim * 4)) {
-                                    copy_le_f32(v, &mut out[row * dim..(row + 1) * dim]);
+                            None => match RangeGroups::run(&part.listed_rows) {
+                                // Rows that follow one another (sorted keys): one block.
+                                Some(rows) => copy_le_f32(bytes, &mut out[rows.start * dim..rows.end * dim]),
+                                None => {
+                                    for (row, v) in part.listed_rows.iter().map(|r| *r as usize).zip(bytes.chunks_exact(dim * 4)) {
+                                        copy_le_f32(v, &mut out[row * dim..(row + 1) * dim]);
+                                    }
                                 }
-                            }
+                            },
                         }
                         part.ranges.iter().for_each(|r| {
                             left.remove(r);
@@ -1097,7 +1114,7 @@ struct PullPart {
     first_row: usize,
     /// The listed keys' bytes: the request's body; and their rows, in order.
     keys: Vec<u8>,
-    listed_rows: Vec<usize>,
+    listed_rows: Vec<u32>,
 }
 
 impl PullPart {
@@ -1131,6 +1148,19 @@ pub(crate) struct RangeGroups {
 impl RangeGroups {
     /// Groups `keys` (each inside `spec`) by their range of `ranges`.
     fn group(&mut self, spec: &TableSpec, ranges: u32, keys: &[u64]) {
+        if keys.is_sorted() {
+            // Sorted keys are grouped already: each range's keys are the run below its end.
+            self.starts.clear();
+            self.starts.push(0);
+            let mut at = 0;
+            for r in 0..ranges {
+                at += keys[at..].partition_point(|k| *k < range_keys(spec, ranges, r).end);
+                self.starts.push(at as u32);
+            }
+            self.order.clear();
+            self.order.extend(0..keys.len() as u32);
+            return;
+        }
         self.starts.clear();
         self.starts.resize(ranges as usize + 1, 0);
         self.of_key.clear();
@@ -1163,9 +1193,25 @@ impl RangeGroups {
         (hi > lo).then(|| &self.order[lo as usize..hi as usize])
     }
 
+    /// The positions `at` as one run `first..last + 1`, when each follows the one before it.
+    fn run(at: &[u32]) -> Option<Range<usize>> {
+        let (first, last) = (*at.first()? as usize, *at.last()? as usize);
+        let follow = last.checked_sub(first) == Some(at.len() - 1) && at.windows(2).all(|w| w[1] == w[0].wrapping_add(1));
+        follow.then_some(first..last + 1)
+    }
+
     /// Each range with keys, in order, with their positions.
     fn iter(&self) -> impl Iterator<Item = (u32, &[u32])> + '_ {
         (0..self.starts.len().saturating_sub(1) as u32).filter_map(|r| Some((r, self.positions(r)?)))
+    }
+}
+
+/// Appends `keys` to `out` as little-endian bytes: one copy on a little-endian machine.
+fn extend_le_u64(out: &mut Vec<u8>, keys: &[u64]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(keys));
+    } else {
+        keys.iter().for_each(|k| out.extend_from_slice(&k.to_le_bytes()));
     }
 }
 
@@ -1312,8 +1358,13 @@ mod tests {
         let spec = TableSpec::new("t", TableKind::Sparse, 0, u64::MAX, 1);
         let hash = |x: u64| x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut groups = RangeGroups::default();
-        for (n, ranges) in [(0u64, 4u32), (1, 1), (500, 16), (37, 3), (200, 16)] {
-            let keys: Vec<u64> = (0..n).map(hash).collect();
+        let cases = [(0u64, 4u32), (1, 1), (500, 16), (37, 3), (200, 16)];
+        // Unsorted keys, and the same keys sorted (grouped without a sort of their own).
+        for (n, ranges, sorted) in cases.iter().flat_map(|(n, r)| [(*n, *r, false), (*n, *r, true)]) {
+            let mut keys: Vec<u64> = (0..n).map(hash).collect();
+            if sorted {
+                keys.sort_unstable();
+            }
             groups.group(&spec, ranges, &keys);
             let mut seen = vec![false; keys.len()];
             let mut last_range = None;
@@ -1329,5 +1380,18 @@ mod tests {
             assert!(seen.iter().all(|s| *s), "every key is in a group");
             assert!(groups.positions(ranges).is_none());
         }
+    }
+
+    /// Positions make one run only when each follows the one before it.
+    #[test]
+    fn a_run_is_positions_with_no_gap_in_order() {
+        assert_eq!(RangeGroups::run(&[3, 4, 5]), Some(3..6));
+        assert_eq!(RangeGroups::run(&[7]), Some(7..8));
+        assert_eq!(RangeGroups::run(&[]), None);
+        assert_eq!(RangeGroups::run(&[3, 5]), None);
+        // The right first and last, and the right count, out of order: rows of two ranges
+        // interleaved (unsorted keys) must not be taken for one block.
+        assert_eq!(RangeGroups::run(&[0, 2, 1, 3]), None);
+        assert_eq!(RangeGroups::run(&[5, 4]), None);
     }
 }

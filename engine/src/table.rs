@@ -350,7 +350,8 @@ impl TablePart {
                 fence(Ordering::Release);
                 blocks.for_each(|b| d.close(b));
             }
-            Store::Sparse(_) => {
+            Store::Sparse(sp) => {
+                sp.prefetch_first(keys);
                 for (i, &k) in keys.iter().enumerate() {
                     // Where a new key goes depends on the keys inserted before it.
                     if self.snapshot.is_some() {
@@ -440,6 +441,7 @@ impl TablePart {
                 }
             }
             Store::Sparse(sp) => {
+                sp.prefetch_first(keys);
                 for (i, (o, &k)) in out.chunks_exact_mut(dim).zip(keys).enumerate() {
                     sp.prefetch_ahead(keys, i);
                     sp.read(k, &self.spec, o);
@@ -661,6 +663,13 @@ impl SparseStore {
         let home = self.home(key);
         self.memory.prefetch(home);
         self.memory.prefetch(self.slots + home * self.width / 2);
+    }
+
+    /// Prefetches the first [`PREFETCH_KEYS_AHEAD`] of `keys`, which no key before them does:
+    /// a replicated push or pull reaches a part in pieces of a few dozen keys, one per range,
+    /// and without this each piece began with that many misses one after another.
+    fn prefetch_first(&self, keys: &[u64]) {
+        keys.iter().take(PREFETCH_KEYS_AHEAD).for_each(|k| self.prefetch(*k));
     }
 
     /// Prefetches ([`prefetch`](Self::prefetch)) the key [`PREFETCH_KEYS_AHEAD`] places after

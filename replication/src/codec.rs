@@ -79,7 +79,7 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
 
 /// Reads one message that fills `bytes` exactly.
 pub fn decode(bytes: &[u8]) -> Result<Msg> {
-    decode_with(bytes, &mut PayloadPool::default())
+    decode_with(bytes, &mut PayloadPool::unkept())
 }
 
 /// [`decode`], with large payloads from `payloads`.
@@ -431,7 +431,7 @@ pub fn encode_batch<'a>(msgs: impl IntoIterator<Item = &'a Msg>, out: &mut Vec<u
 
 /// Reads what [`encode_batch`] wrote.
 pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Msg>> {
-    decode_batch_with(bytes, &mut PayloadPool::default())
+    decode_batch_with(bytes, &mut PayloadPool::unkept())
 }
 
 /// [`decode_batch`], with large payloads from `payloads`.
@@ -448,18 +448,32 @@ pub fn decode_batch_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Vec
 /// later payload of the same length once nothing else holds them: a trainer pushes the same
 /// dense pieces step after step. Freeing and allocating a payload of hundreds of KiB per
 /// message made glibc's allocator hand its pages back to the kernel and fault them in again.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PayloadPool {
     kept: Vec<Arc<[u8]>>,
     /// The lengths of `kept`, summed.
     bytes: usize,
+    /// Whether payloads are kept at all: a one-off decode keeps none.
+    keeps: bool,
+}
+
+impl Default for PayloadPool {
+    fn default() -> Self {
+        Self { kept: Vec::new(), bytes: 0, keeps: true }
+    }
 }
 
 impl PayloadPool {
+    /// A pool that keeps nothing: every payload is a new allocation, for a decoder that has no
+    /// pool of its own ([`decode`], [`decode_batch`]).
+    pub const fn unkept() -> Self {
+        Self { kept: Vec::new(), bytes: 0, keeps: false }
+    }
+
     /// A payload holding `bytes`: a kept one that nothing else holds any more, refilled, if
     /// one has that length; else a new one, kept too while the pool has room.
     pub fn make(&mut self, bytes: &[u8]) -> Arc<[u8]> {
-        if bytes.len() < REUSED_PAYLOAD_BYTES_MIN {
+        if !self.keeps || bytes.len() < REUSED_PAYLOAD_BYTES_MIN {
             return Arc::from(bytes);
         }
         for kept in &mut self.kept {
@@ -504,6 +518,10 @@ mod payload_tests {
         assert!(again.iter().all(|b| *b == 9), "and refilled");
         let small = pool.make(&[1, 2, 3]);
         assert_eq!(Arc::strong_count(&small), 1, "a small payload is not kept");
+        let mut unkept = PayloadPool::unkept();
+        let once = unkept.make(&big);
+        assert_eq!(Arc::strong_count(&once), 1, "a pool that keeps nothing keeps no large payload either");
+        assert!(unkept.kept.is_empty() && unkept.bytes == 0);
         let held: Vec<_> = (0..(REUSED_PAYLOAD_BYTES_MAX / REUSED_PAYLOAD_BYTES_MIN) * 2).map(|_| pool.make(&big)).collect();
         assert!(pool.bytes <= REUSED_PAYLOAD_BYTES_MAX);
         assert_eq!(pool.bytes, pool.kept.iter().map(|k| k.len()).sum::<usize>());

@@ -327,8 +327,9 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
     let chain = Client::connect(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), args.net.client(args.worker))?;
     let chain_table = chain.table(&spec.name)?;
     println!(
-        "{} servers, every range on a chain of {}, {} ranges, beside one unreplicated server; {} s per size and operation ({})",
+        "{} server{}, every range on a chain of {}, {} ranges, beside one unreplicated server; {} s per size and operation ({})",
         args.servers,
+        if args.servers == 1 { "" } else { "s" },
         replicas.min(args.servers),
         args.ranges,
         args.seconds,

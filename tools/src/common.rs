@@ -375,8 +375,8 @@ impl Cluster {
         for node in 1..=self.servers {
             let mut cfg = engine.server_config("127.0.0.1:0", vec![spec.clone()], false, net);
             if engine.shards.is_none() {
-                // Several servers share this machine's cores.
-                cfg.engine.shards = 1;
+                // The servers share this machine's cores.
+                cfg.engine.shards = (tessera_engine::config::available_cores() / self.servers as usize).clamp(1, u16::MAX as usize) as u16;
             }
             cfg.engine.workers_max = cfg.engine.workers_max.max(self.workers);
             // Each server keeps its disk in its own directory under --data-dir.

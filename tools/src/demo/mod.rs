@@ -23,6 +23,7 @@ use tessera_client::filter::{Kkt, RandomSkip, SignificantlyModified};
 use tessera_client::{Client, ClientConfig, Consistency, Filter, Table, Ticket, KEY_CACHE_KEYS_DEFAULT};
 use tessera_engine::{Server, UpdaterRegistry};
 use tessera_layout::{TableKind, TableSpec};
+use tessera_replication::ReplicationConfig;
 
 use crate::common::{addresses, Cluster, EngineArgs, TransportArgs};
 use crate::metrics::MetricsArgs;
@@ -72,9 +73,10 @@ pub struct DemoArgs {
     /// coordinator) instead of one unreplicated server.
     #[arg(long, default_value_t = 1, conflicts_with = "connect")]
     servers: u32,
-    /// Servers in each range's chain, with --servers (default 2).
-    #[arg(long, default_value_t = 2)]
-    replicas: u32,
+    /// Servers in each range's chain (default 2, at most --servers). Given with --servers 1,
+    /// the one server runs every range as a chain of one.
+    #[arg(long, conflicts_with = "connect")]
+    replicas: Option<u32>,
     /// Ranges the key space is cut into, with --servers; each has its own chain.
     #[arg(long, default_value_t = 16)]
     ranges: u32,
@@ -181,14 +183,16 @@ pub fn run(mut args: DemoArgs) -> Result<()> {
     spec.capacity = cfg.features + cfg.features / 4 + 1024;
     let addrs = match &args.connect {
         Some(list) => addresses(list),
-        None if args.servers >= 2 => {
-            let cluster = Cluster { servers: args.servers, replicas: args.replicas, ranges: args.ranges, workers: args.workers };
+        None if args.servers >= 2 || args.replicas.is_some() => {
+            let replicas = args.replicas.unwrap_or(ReplicationConfig::default().replicas);
+            let cluster = Cluster { servers: args.servers, replicas, ranges: args.ranges, workers: args.workers };
             let (coordinator, servers) = cluster.start(&args.engine, &args.net, &spec)?;
             let addrs = servers.iter().map(|s| s.local_addr().to_string()).collect();
             say(format!(
-                "replicated cluster in this process: {} servers, every range on a chain of {}, coordinator (embedded) on {}; {} workers",
+                "replicated cluster in this process: {} server{}, every range on a chain of {}, coordinator (embedded) on {}; {} workers",
                 args.servers,
-                args.replicas.min(args.servers),
+                if args.servers == 1 { "" } else { "s" },
+                replicas.min(args.servers),
                 coordinator.local_addr(),
                 args.workers
             ));
