@@ -436,12 +436,20 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Msg>> {
 
 /// [`decode_batch`], with large payloads from `payloads`.
 pub fn decode_batch_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Vec<Msg>> {
-    let mut r = Reader { bytes, at: 0 };
     let mut msgs = Vec::new();
+    decode_batch_into(bytes, payloads, &mut msgs)?;
+    Ok(msgs)
+}
+
+/// [`decode_batch_with`] into `msgs` (cleared first), a vector its caller keeps. On an error
+/// `msgs` holds the messages before the bad one.
+pub fn decode_batch_into(bytes: &[u8], payloads: &mut PayloadPool, msgs: &mut Vec<Msg>) -> Result<()> {
+    msgs.clear();
+    let mut r = Reader { bytes, at: 0 };
     while r.at < bytes.len() {
         msgs.push(decode_with(r.bytes()?, payloads)?);
     }
-    Ok(msgs)
+    Ok(())
 }
 
 /// Large payloads of the messages a server decodes (pushes, forwarded updates), reused for a

@@ -142,6 +142,20 @@ pub struct ChainShard {
     /// Large payloads of the pushes and updates this shard decodes, reused once applied and
     /// let go of.
     payloads: PayloadPool,
+    /// Buffers a worker's push request is served with, kept for the next one.
+    worker_scratch: WorkerScratch,
+}
+
+/// What [`ChainShard::serve_worker`] fills per request, kept so that serving allocates nothing
+/// once warm: the pushes it names, the worker's news, and the reply's messages and bytes.
+#[derive(Debug, Default)]
+struct WorkerScratch {
+    /// The request's messages, decoded; and the (range, seq) of its pushes.
+    decoded: Vec<Msg>,
+    pushed: Vec<(RangeId, u32)>,
+    news: Vec<((u32, u32), Notice)>,
+    reply: Vec<Msg>,
+    body: Vec<u8>,
 }
 
 /// Most bytes of acknowledgements a `Replicate` reply carries back; more go as requests of
@@ -186,6 +200,7 @@ impl ChainShard {
             answer_acks: Vec::new(),
             answer_body: Vec::new(),
             payloads: PayloadPool::default(),
+            worker_scratch: WorkerScratch::default(),
         }
     }
 
@@ -482,15 +497,17 @@ impl ChainShard {
             );
             return Err(bad(reason));
         }
-        let mut msgs = codec::decode_batch_with(body, &mut self.payloads).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
-        for msg in &mut msgs {
+        let mut scratch = std::mem::take(&mut self.worker_scratch);
+        let mut decoded = std::mem::take(&mut scratch.decoded);
+        codec::decode_batch_into(body, &mut self.payloads, &mut decoded).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
+        for msg in &mut decoded {
             if let Msg::Push { payload, .. } = msg {
                 if let Some(plain) = resolve_key_list(lists, payload)? {
                     *payload = plain.into();
                 }
             }
         }
-        for msg in &msgs {
+        for msg in &decoded {
             let Msg::Push { range, worker: w, payload, .. } = msg else {
                 return Err(bad(format!("a worker may only push, not send a {} message", msg.kind())));
             };
@@ -504,11 +521,13 @@ impl ChainShard {
             }
             self.last_push_table = Some(h.table);
         }
-        let pushed: Vec<(RangeId, u32)> = msgs.iter().filter_map(|m| if let Msg::Push { range, seq, .. } = m { Some((*range, *seq)) } else { None }).collect();
-        if !msgs.is_empty() {
+        scratch.pushed.clear();
+        scratch.pushed.extend(decoded.iter().filter_map(|m| if let Msg::Push { range, seq, .. } = m { Some((*range, *seq)) } else { None }));
+        let stepped = !decoded.is_empty();
+        if stepped {
             let from = Addr::Worker(WorkerId(worker));
             self.with_replica(tables, disk, |r, now| {
-                msgs.into_iter().for_each(|msg| r.step(now, from, msg));
+                decoded.drain(..).for_each(|msg| r.step(now, from, msg));
                 r.flush_unforwarded();
             });
         }
@@ -517,7 +536,7 @@ impl ChainShard {
         // and again.
         // The reply claims their acknowledgements now and leaves once they are true; if one
         // cannot be, the reply becomes an error instead (see `pump`).
-        let waits: Vec<(RangeId, u32)> = pushed.into_iter().filter(|(range, seq)| self.replica.awaits(*range, WorkerId(worker), *seq)).collect();
+        let waits: Vec<(RangeId, u32)> = scratch.pushed.iter().copied().filter(|(range, seq)| self.replica.awaits(*range, WorkerId(worker), *seq)).collect();
         let mut claimed: BTreeMap<u32, u32> = BTreeMap::new();
         for (range, seq) in &waits {
             let c = claimed.entry(range.0).or_default();
@@ -528,9 +547,11 @@ impl ChainShard {
             reply.hold_until(self.held_last);
             self.held.push_back(HeldReply { position: self.held_last, worker: WorkerId(worker), pushes: waits, held_at: Instant::now() });
         }
-        let news: Vec<((u32, u32), Notice)> = self.mailbox.range((worker, 0)..(worker + 1, 0)).map(|(k, n)| (*k, *n)).collect();
-        let mut msgs = Vec::with_capacity(news.len());
-        for ((_, range), n) in news {
+        scratch.news.clear();
+        scratch.news.extend(self.mailbox.range((worker, 0)..(worker + 1, 0)).map(|(k, n)| (*k, *n)));
+        let msgs = &mut scratch.reply;
+        msgs.clear();
+        for &((_, range), n) in &scratch.news {
             self.mailbox.remove(&(worker, range));
             let range = RangeId(range);
             let acked = n.acked.max(claimed.remove(&range.0).unwrap_or(0));
@@ -546,9 +567,11 @@ impl ChainShard {
             let counts = (0..self.rcfg.ranges).filter_map(|r| Some((r, self.replica.worker_seq(RangeId(r), WorkerId(worker))?)));
             msgs.extend(counts.map(|(range, seq)| Msg::SeqCount { range: RangeId(range), seq }));
         }
-        let mut out = Vec::new();
-        codec::encode_batch(&msgs, &mut out);
-        reply.ok_bytes(&out);
+        scratch.body.clear();
+        codec::encode_batch(msgs.iter(), &mut scratch.body);
+        reply.ok_bytes(&scratch.body);
+        scratch.decoded = decoded;
+        self.worker_scratch = scratch;
         Ok(())
     }
 
