@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_layout::catalog::{Catalog, ServerInfo, TableKind, TableSpec};
-use tessera_layout::placement::{range_keys, range_of, ranges_of, shard_of_range};
+use tessera_layout::placement::{range_keys, range_runs, ranges_of, shard_of_range, span_runs};
 use tessera_replication::codec::{self, KeyList, PushHeader};
 use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
@@ -375,15 +375,7 @@ impl Chain {
         if spec.kind != TableKind::Dense {
             return Err(ClientError::Config { reason: format!("table {:?} is sparse: push and pull take its keys", spec.name) });
         }
-        let mut out = Vec::new();
-        let mut key = start;
-        while key < end {
-            let r = range_of(spec, self.ranges, key);
-            let stop = range_keys(spec, self.ranges, r).end.min(end);
-            out.push((r, key, stop));
-            key = stop;
-        }
-        Ok(out)
+        Ok(span_runs(spec, self.ranges, start..end).map(|(r, run)| (r, run.start, run.end)).collect())
     }
 
     /// Counts one request of `sent` body bytes and its reply of `received`.
@@ -797,7 +789,7 @@ impl Chain {
             // together (sorted keys do), else gathered key by key.
             payload.clear();
             h.write_head(&mut payload);
-            match RangeGroups::run(at) {
+            match groups.run_of(range) {
                 Some(run) => {
                     extend_le_u64(&mut payload, &keys[run.clone()]);
                     payload.extend_from_slice(bytemuck::cast_slice(&grads[run.start * dim..run.end * dim]));
@@ -1009,7 +1001,7 @@ impl Chain {
                     }
                     Keys::Listed => {
                         let at = listed.groups.positions(range).unwrap_or(&[]);
-                        match RangeGroups::run(at) {
+                        match listed.groups.run_of(range) {
                             Some(run) => extend_le_u64(&mut part.keys, &listed.keys[run]),
                             None => at.iter().for_each(|i| part.keys.extend_from_slice(&listed.keys[*i as usize].to_le_bytes())),
                         }
@@ -1143,19 +1135,24 @@ pub(crate) struct RangeGroups {
     /// Each key's range, then the keys' positions grouped by range.
     of_key: Vec<u32>,
     order: Vec<u32>,
+    /// Whether `order` is the keys' own order (they came sorted), so that each range's
+    /// positions are one run.
+    in_order: bool,
 }
 
 impl RangeGroups {
     /// Groups `keys` (each inside `spec`) by their range of `ranges`.
     fn group(&mut self, spec: &TableSpec, ranges: u32, keys: &[u64]) {
-        if keys.is_sorted() {
-            // Sorted keys are grouped already: each range's keys are the run below its end.
+        self.in_order = keys.is_sorted();
+        if self.in_order {
+            // Sorted keys are grouped already: each range's keys are one run, in range order.
             self.starts.clear();
-            self.starts.push(0);
-            let mut at = 0;
-            for r in 0..ranges {
-                at += keys[at..].partition_point(|k| *k < range_keys(spec, ranges, r).end);
-                self.starts.push(at as u32);
+            self.starts.resize(ranges as usize + 1, 0);
+            for (range, run) in range_runs(spec, ranges, keys) {
+                self.starts[range as usize + 1] = run.end as u32;
+            }
+            for r in 1..=ranges as usize {
+                self.starts[r] = self.starts[r].max(self.starts[r - 1]);
             }
             self.order.clear();
             self.order.extend(0..keys.len() as u32);
@@ -1191,6 +1188,15 @@ impl RangeGroups {
     fn positions(&self, range: u32) -> Option<&[u32]> {
         let (lo, hi) = (*self.starts.get(range as usize)?, *self.starts.get(range as usize + 1)?);
         (hi > lo).then(|| &self.order[lo as usize..hi as usize])
+    }
+
+    /// Range `range`'s positions as one run, when each follows the one before it: always for
+    /// keys that came sorted, else found by looking.
+    fn run_of(&self, range: u32) -> Option<Range<usize>> {
+        match self.in_order {
+            true => self.positions(range).map(|at| at[0] as usize..at[0] as usize + at.len()),
+            false => Self::run(self.positions(range)?),
+        }
     }
 
     /// The positions `at` as one run `first..last + 1`, when each follows the one before it.
@@ -1323,6 +1329,7 @@ fn in_server(addr: &str, e: TransportError) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_layout::placement::range_of;
 
     /// Kept bodies stay within both the count and the byte cap, and a taken body is empty.
     #[test]
@@ -1378,6 +1385,10 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|s| *s), "every key is in a group");
+            for range in 0..ranges {
+                // Knowing the keys came sorted gives the run that looking finds.
+                assert_eq!(groups.run_of(range), groups.positions(range).and_then(RangeGroups::run));
+            }
             assert!(groups.positions(ranges).is_none());
         }
     }

@@ -15,7 +15,7 @@ use tessera_transport::keycache::{key_list_hash, KeyLists};
 use tessera_transport::wire::{self, flags, Header, Op, HEADER_BYTES};
 use tessera_transport::{ConnId, Reply, Request, Service, ShardTransport};
 
-use tessera_layout::placement::{range_keys, range_of};
+use tessera_layout::placement::{range_runs, span_runs};
 use tessera_replication::protocol::{ClusterConfig, Msg, NodeId};
 
 use crate::chain::store::{self, Replayed};
@@ -521,13 +521,7 @@ impl Shard {
                 if let Some(k) = keys.iter().find(|k| !(spec.start..spec.end).contains(*k)) {
                     return Err(outside(*k));
                 }
-                let mut at = 0;
-                while at < keys.len() {
-                    let range = range_of(spec, ranges, keys[at]);
-                    let held = range_keys(spec, ranges, range);
-                    at += keys[at..].iter().position(|k| !held.contains(k)).unwrap_or(keys.len() - at);
-                    runs.push((range, at));
-                }
+                runs.extend(range_runs(spec, ranges, keys).map(|(range, run)| (range, run.end)));
                 keys.len()
             }
             Pulled::Span { start, count } => {
@@ -536,12 +530,7 @@ impl Shard {
                 }
                 let end = start.checked_add(count as u64).filter(|e| start >= spec.start && *e <= spec.end);
                 let Some(end) = end else { return Err(outside(if start < spec.start { start } else { start.saturating_add(count as u64) })) };
-                let mut key = start;
-                while key < end {
-                    let range = range_of(spec, ranges, key);
-                    key = range_keys(spec, ranges, range).end.min(end);
-                    runs.push((range, (key - start) as usize));
-                }
+                runs.extend(span_runs(spec, ranges, start..end).map(|(range, run)| (range, (run.end - start) as usize)));
                 count
             }
         };

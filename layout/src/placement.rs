@@ -59,19 +59,42 @@ pub fn range_of(spec: &TableSpec, ranges: u32, key: u64) -> u32 {
     r
 }
 
-/// The replication range of each of `keys` (every one inside the table), in order. Keys of one
-/// range that come together (sorted keys, or keys grouped by range) cost one [`range_of`] per
-/// run, not one per key: the per-key paths of replicated pushes and pulls use this.
-pub fn ranges_of<'k>(spec: &'k TableSpec, ranges: u32, keys: &'k [u64]) -> impl Iterator<Item = u32> + 'k {
-    let mut current: Option<(u32, Range<u64>)> = None;
-    keys.iter().map(move |&key| match &current {
-        Some((range, keys)) if keys.contains(&key) => *range,
-        _ => {
-            let range = range_of(spec, ranges, key);
-            current = Some((range, range_keys(spec, ranges, range)));
-            range
-        }
+/// The runs of `keys` (every one inside the table) that fall in one replication range, in
+/// order: each run's range and its positions in `keys`. Keys of one range that come together
+/// (sorted keys, or keys grouped by range) are one run and cost one [`range_of`]; keys of one
+/// range that come apart make more runs. Every replicated push and pull of listed keys is cut
+/// here: the client's grouping, the shard's pull.
+pub fn range_runs<'k>(spec: &'k TableSpec, ranges: u32, keys: &'k [u64]) -> impl Iterator<Item = (u32, Range<usize>)> + 'k {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let first = *keys.get(at)?;
+        let range = range_of(spec, ranges, first);
+        let held = range_keys(spec, ranges, range);
+        let start = at;
+        at += keys[at..].iter().position(|k| !held.contains(k)).unwrap_or(keys.len() - at);
+        Some((range, start..at))
     })
+}
+
+/// The replication ranges that the keys `span` (inside the table) cross, in order: each range
+/// and its part of the span. Dense pushes and pulls of a span of keys are cut here.
+pub fn span_runs<'k>(spec: &'k TableSpec, ranges: u32, span: Range<u64>) -> impl Iterator<Item = (u32, Range<u64>)> + 'k {
+    let mut key = span.start;
+    std::iter::from_fn(move || {
+        (key < span.end).then(|| {
+            let range = range_of(spec, ranges, key);
+            let stop = range_keys(spec, ranges, range).end.min(span.end);
+            let run = key..stop;
+            key = stop;
+            (range, run)
+        })
+    })
+}
+
+/// The replication range of each of `keys` (every one inside the table), in order: the
+/// [`range_runs`], key by key.
+pub fn ranges_of<'k>(spec: &'k TableSpec, ranges: u32, keys: &'k [u64]) -> impl Iterator<Item = u32> + 'k {
+    range_runs(spec, ranges, keys).flat_map(|(range, run)| std::iter::repeat_n(range, run.len()))
 }
 
 /// The shard (of `shards`) that holds replication range `range` on every server: ranges go to
@@ -264,6 +287,28 @@ mod tests {
             }
             let each: Vec<u32> = keys.iter().map(|k| range_of(&spec, ranges, *k)).collect();
             prop_assert_eq!(ranges_of(&spec, ranges, &keys).collect::<Vec<_>>(), each);
+            // The runs cover the keys in order, and no two runs side by side share a range.
+            let runs: Vec<(u32, Range<usize>)> = range_runs(&spec, ranges, &keys).collect();
+            prop_assert_eq!(runs.iter().map(|(_, run)| run.len()).sum::<usize>(), keys.len());
+            prop_assert!(runs.windows(2).all(|w| w[0].1.end == w[1].1.start && w[0].0 != w[1].0));
+            if sort {
+                prop_assert!(runs.windows(2).all(|w| w[0].0 < w[1].0));
+            }
+        }
+
+        #[test]
+        fn a_span_is_cut_at_range_edges(start in 0u64..1000, len in 1u64..100_000, ranges in 1u32..300, from in any::<u64>(), count in any::<u64>()) {
+            let spec = TableSpec::new("t", TableKind::Dense, start, start + len, 1);
+            let from = start + from % len;
+            let span = from..from + 1 + count % (start + len - from);
+            let runs: Vec<(u32, Range<u64>)> = span_runs(&spec, ranges, span.clone()).collect();
+            prop_assert_eq!(runs.first().map(|r| r.1.start), Some(span.start));
+            prop_assert_eq!(runs.last().map(|r| r.1.end), Some(span.end));
+            for (range, run) in &runs {
+                let held = range_keys(&spec, ranges, *range);
+                prop_assert!(!run.is_empty() && held.start <= run.start && run.end <= held.end);
+            }
+            prop_assert!(runs.windows(2).all(|w| w[0].1.end == w[1].1.start && w[0].0 < w[1].0));
         }
 
         #[test]

@@ -130,6 +130,10 @@ fn order_chains(chains: &[Vec<NodeId>], caps: Option<[usize; 3]>) -> Option<Vec<
         if len == 3 {
             orders.extend((0..3).map(|k| vec![chain[k], chain[(k + 2) % 3], chain[(k + 1) % 3]]));
         }
+        if len == 0 {
+            // A chain with no members (a ring with no servers) has one order: none.
+            orders.push(Vec::new());
+        }
         let candidates = orders.into_iter().enumerate().filter(|(_, o)| within(o));
         let best = match caps {
             None => candidates.min_by_key(|(i, o)| (cost(o), new_links(o), *i)),
@@ -218,6 +222,17 @@ mod tests {
         links.sort();
         links.dedup();
         links.len()
+    }
+
+    #[test]
+    fn chains_with_no_members_stay_empty_when_balanced() {
+        let mut chains = Ring::new(nodes(0), 64).chains(4, 2);
+        assert!(chains.iter().all(|c| c.is_empty()));
+        balance_roles(&mut chains);
+        assert!(chains.iter().all(|c| c.is_empty()));
+        let mut mixed = vec![vec![NodeId(0), NodeId(1)], Vec::new(), vec![NodeId(1), NodeId(0)]];
+        balance_roles(&mut mixed);
+        assert_eq!(mixed[1], Vec::<NodeId>::new());
     }
 
     #[test]
