@@ -361,30 +361,40 @@ fn torn_reads_are_caught_and_read_again_under_concurrent_pushes() {
     const KEYS: usize = 1 << 17;
     let table = pusher.create_table(&TableSpec::new("torn", TableKind::Dense, 0, KEYS as u64, 1)).unwrap();
     let rt = reader.table("torn").unwrap();
+    let (reads, pushes) = push_and_read_until_torn(&pusher, &table, &reader, &rt, KEYS, (64 << 10) / 4);
+    eprintln!("{reads} reads against {pushes} pushes; {} torn block copies read again", reader.torn_reads());
+    assert_eq!(served_pulls(&reader, &rt), 0, "every pull was one-sided");
+}
+
+/// Pushes 1 to every one of `keys` dense keys from `pusher`, push after push, while `reader`
+/// pulls them all one-sidedly until a copy was torn (and read again) and 20 pulls were
+/// checked: every block of `block_values` values holds one push count throughout, values
+/// never go back, and the stamp is a lower bound of them. Returns (pulls, pushes).
+fn push_and_read_until_torn(pusher: &Client, table: &Table, reader: &Client, read: &Table, keys: usize, block_values: usize) -> (u64, u64) {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let started = std::time::Instant::now();
-    let (reads, pushes) = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         // However the reader ends (a failed assertion too), the pusher stops, so the scope ends.
         let _stop_on_exit = StopOnDrop(&stop);
         let pushing = s.spawn(|| {
             // Every push adds 1 to every key: a whole block holds one value throughout.
-            let ones = vec![1f32; KEYS];
+            let ones = vec![1f32; keys];
             let mut round = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 round += 1;
                 pusher.set_clock(round);
-                pusher.push_range(&table, 0, &ones).unwrap().wait().unwrap();
+                pusher.push_range(table, 0, &ones).unwrap().wait().unwrap();
             }
             round
         });
-        let mut out = vec![0f32; KEYS];
-        let mut before = vec![0f32; KEYS];
+        let mut out = vec![0f32; keys];
+        let mut before = vec![0f32; keys];
         let mut reads = 0;
         while reader.torn_reads() == 0 || reads < 20 {
-            assert!(started.elapsed() < Duration::from_secs(120), "no torn read in 2 minutes of overlapping pushes and reads");
-            let stamp = reader.pull_range(&rt, 0, &mut out).unwrap().wait().unwrap();
+            assert!(started.elapsed() < Duration::from_secs(180), "no torn read in 3 minutes of overlapping pushes and reads ({reads} reads)");
+            let stamp = reader.pull_range(read, 0, &mut out).unwrap().wait().unwrap();
             reads += 1;
-            for (b, block) in out.chunks((64 << 10) / 4).enumerate() {
+            for (b, block) in out.chunks(block_values).enumerate() {
                 assert!(block.iter().all(|v| *v == block[0]), "read {reads}: block {b} mixes two pushes: {:?}", (block[0], block.last()));
             }
             assert!(out.iter().zip(&before).all(|(now, then)| now >= then), "values never go back");
@@ -394,10 +404,7 @@ fn torn_reads_are_caught_and_read_again_under_concurrent_pushes() {
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         (reads, pushing.join().unwrap())
-    });
-    eprintln!("{reads} reads against {pushes} pushes; {} torn block copies read again", reader.torn_reads());
-    assert!(reader.torn_reads() > 0);
-    assert_eq!(served_pulls(&reader, &rt), 0, "every pull was one-sided");
+    })
 }
 
 #[test]
@@ -641,4 +648,59 @@ fn dense_pulls_of_a_replicated_cluster_read_the_tails_memory_and_survive_a_kill(
     }
     assert!(read_after_kill >= 4 * 10, "the new tails are read one-sidedly too ({read_after_kill} reads in 20 pulls)");
     eprintln!("{read_after_kill} one-sided range reads in 20 pulls after the kill; {} torn copies read again", client.torn_reads());
+}
+
+#[test]
+fn torn_reads_of_a_replicated_tail_are_caught_and_read_again() {
+    let test = "torn_reads_of_a_replicated_tail_are_caught_and_read_again";
+    if !tessera_tests::rdma_here(test) {
+        return;
+    }
+    use tessera_tests::{free_port, ScratchDir, ServerProc};
+    // Four ranges of two 64 KiB blocks each. The tail changes a block when it applies the
+    // head's update (a delta, not the push itself): reads of the tail's memory that overlap
+    // it must be caught as torn and read again, as on an unreplicated server.
+    const KEYS: usize = 1 << 17;
+    let dir = ScratchDir::new("rdma-chain-torn");
+    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"torn\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n"));
+    let tables = tables.to_str().unwrap();
+    let coordinator = format!("127.0.0.1:{}", free_port());
+    let coordinator_args = ["--servers", "2", "--replicas", "2", "--ranges", "4", "--workers", "2", "--failure-timeout-ms", "2000"];
+    let _coordinator = ServerProc::coordinator_at(&coordinator, &coordinator_args);
+    let addrs: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let _servers: Vec<ServerProc> = (0..2)
+        .map(|i| {
+            let node = (i + 1).to_string();
+            let args = [
+                "--node-id",
+                &node,
+                "--tables",
+                tables,
+                "--shards",
+                "1",
+                "--no-pin",
+                "--coordinator",
+                &coordinator,
+                "--transport",
+                "rdma",
+                "--dense-block-bytes",
+                "65536",
+            ];
+            ServerProc::start_at(&addrs[i], &args)
+        })
+        .collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let connect = |worker| {
+        Client::connect(&refs, ClientConfig { kind: TransportKind::Rdma, ..ClientConfig::worker(worker) })
+            .expect("a client of the replicated cluster over RDMA")
+    };
+    let (pusher, reader) = (connect(0), connect(1));
+    let (table, read) = (pusher.table("torn").unwrap(), reader.table("torn").unwrap());
+    let counts = || reader.chain_stats().map(|s| (s.rdma_calls + s.tcp_calls, s.one_sided_reads)).unwrap();
+    let (calls_before, reads_before) = counts();
+    let (pulls, pushes) = push_and_read_until_torn(&pusher, &table, &reader, &read, KEYS, (64 << 10) / 4);
+    let (calls, reads) = counts();
+    eprintln!("{pulls} pulls against {pushes} pushes; {} torn copies of the tails' blocks read again", reader.torn_reads());
+    assert_eq!(calls, calls_before, "every pull read the tails' memory one-sidedly");
+    assert!(reads - reads_before >= 4 * pulls, "one read per range per pull ({} reads)", reads - reads_before);
 }
