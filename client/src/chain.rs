@@ -497,12 +497,19 @@ impl Chain {
     }
 
     /// `WorkerPush` requests (batches of pushes, or polls with no pushes), each to its server
-    /// shard and all in flight together; takes the acknowledgements in their replies.
+    /// shard and all in flight together; takes the acknowledgements in their replies. A poll
+    /// also asks how many of this worker's pushes the shard's ranges applied, so that a resend
+    /// leaves out what their heads hold ([`Pusher::resend`]).
     fn exchange(&mut self, frames: Vec<Frame>) {
         let mut calls = Vec::with_capacity(frames.len());
         let mut sent = Vec::with_capacity(frames.len());
         for f in frames {
-            calls.push(self.worker_push(f.at.clone(), f.body));
+            let poll = f.body.is_empty();
+            let mut call = self.worker_push(f.at.clone(), f.body);
+            if poll {
+                call.header.flags |= flags::PUSH_SEQS;
+            }
+            calls.push(call);
             sent.push(Sent { addr: f.at.0, pieces: f.pieces, first: f.first });
         }
         let replies = self.call_all(calls);
@@ -866,6 +873,12 @@ impl Chain {
                 self.refresh();
                 self.stats.resends += 1;
                 self.pusher.resend(now, RETRY_MS);
+                tracing::debug!(
+                    unacked = self.pusher.unacked(),
+                    resent = self.pusher.out.len(),
+                    config = self.pusher.view.id,
+                    "pushes waited out the retry timer"
+                );
                 self.deliver();
             }
             if self.pusher.unacked() < before {

@@ -549,6 +549,23 @@ impl<S: Store> Replica<S> {
         st.clock.get(worker.0 as usize).copied()
     }
 
+    /// How many of `worker`'s pushes to `range` are committed, when this replica is the
+    /// range's head and its history still shows it: the worker's entry in the range's clock at
+    /// the committed version. A worker that polls hears this as an acknowledgement, so that
+    /// one whose acknowledgement was lost need not resend pushes the head holds
+    /// ([`Pusher::resend`](crate::worker::Pusher::resend)).
+    pub fn worker_committed(&self, range: RangeId, worker: WorkerId) -> Option<u32> {
+        let st = self.ranges.get(range.0 as usize)?.as_ref().filter(|s| s.installed)?;
+        self.place(range).filter(|p| p.head && p.epoch == st.epoch)?;
+        let w = worker.0 as usize;
+        if st.committed == st.version && st.open.is_none() {
+            return st.clock.get(w).copied();
+        }
+        let first = st.history.front()?.version;
+        let entry = st.history.get(st.committed.checked_sub(first)? as usize).filter(|e| e.version == st.committed)?;
+        entry.clock.get(w).copied()
+    }
+
     /// The (range, epoch) pairs this replica acts as head for.
     pub fn heads(&self) -> impl Iterator<Item = (RangeId, Epoch)> + '_ {
         self.ranges.iter().enumerate().filter_map(move |(r, st)| {
@@ -1342,6 +1359,26 @@ mod tests {
         assert_eq!(settle(&mut nodes), vec![Msg::PushAck { range: RangeId(0), seq: 1 }]);
         assert!(nodes.iter().all(|n| value(n) == 5));
         assert_eq!(nodes[0].stats().pushes_duplicate, 1);
+    }
+
+    /// The head says what it applied at once, and what is committed only once the tail holds
+    /// it; a replica that is not head says neither.
+    #[test]
+    fn a_head_tells_a_polling_worker_what_it_applied_and_what_is_committed() {
+        let (range, worker) = (RangeId(0), WorkerId(1));
+        let mut nodes = cluster();
+        nodes[0].step(1, Addr::Worker(worker), push(1, 5));
+        settle(&mut nodes);
+        nodes[0].step(1, Addr::Worker(worker), push(2, 5));
+        nodes[0].step(1, Addr::Worker(worker), push(3, 5));
+        assert_eq!(nodes[0].worker_seq(range, worker), Some(3));
+        assert_eq!(nodes[0].worker_committed(range, worker), Some(1), "2 and 3 are in the head's open batch");
+        nodes[0].flush();
+        assert_eq!(nodes[0].worker_committed(range, worker), Some(1), "forwarded, not yet held by the tail");
+        settle(&mut nodes);
+        assert_eq!(nodes[0].worker_committed(range, worker), Some(3));
+        assert_eq!(nodes[0].worker_committed(range, WorkerId(0)), Some(0));
+        assert_eq!((nodes[1].worker_seq(range, worker), nodes[1].worker_committed(range, worker)), (None, None));
     }
 
     #[test]

@@ -564,8 +564,17 @@ impl ChainShard {
         }
         msgs.extend(claimed.into_iter().map(|(range, seq)| Msg::PushAck { range: RangeId(range), seq }));
         if header.flags & tessera_transport::wire::flags::PUSH_SEQS != 0 {
-            let counts = (0..self.rcfg.ranges).filter_map(|r| Some((r, self.replica.worker_seq(RangeId(r), WorkerId(worker))?)));
-            msgs.extend(counts.map(|(range, seq)| Msg::SeqCount { range: RangeId(range), seq }));
+            // Per range this shard heads: the worker's pushes committed (acknowledged again, in
+            // case an acknowledgement was lost), and those applied (not to be sent again).
+            for range in (0..self.rcfg.ranges).map(RangeId) {
+                let worker = WorkerId(worker);
+                if let Some(seq) = self.replica.worker_committed(range, worker).filter(|s| *s > 0) {
+                    msgs.push(Msg::PushAck { range, seq });
+                }
+                if let Some(seq) = self.replica.worker_seq(range, worker) {
+                    msgs.push(Msg::SeqCount { range, seq });
+                }
+            }
         }
         scratch.body.clear();
         codec::encode_batch(msgs.iter(), &mut scratch.body);

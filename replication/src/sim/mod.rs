@@ -377,6 +377,7 @@ impl Sim {
         for w in 0..self.workers.len() {
             if self.workers[w].timed_out(self.now, self.p.worker_retry_ms) {
                 self.workers[w].view = self.coordinator.config().clone();
+                self.poll_heads(w);
                 self.workers[w].resend(self.now, self.p.worker_retry_ms);
             }
             if !self.rng.gen_bool(0.3) {
@@ -389,6 +390,34 @@ impl Sim {
             let values: [i64; VALUES] = std::array::from_fn(|_| self.rng.gen_range(-1000..=1000));
             let seq = self.workers[w].push(self.now, range, store::encode(&values).into());
             self.checker.pushed(WorkerId(w as u32), range, seq, values);
+        }
+    }
+
+    /// What a client's polls tell it before it resends: each head (in the worker's view) that
+    /// is up acknowledges the worker's pushes to its ranges with pushes in flight that are
+    /// committed, and says how many it applied; the worker resends only the others. A reply
+    /// may be lost.
+    fn poll_heads(&mut self, w: usize) {
+        let id = self.workers[w].id;
+        for r in 0..self.p.rcfg.ranges {
+            let range = RangeId(r);
+            if self.workers[w].in_flight(range) == 0 {
+                continue;
+            }
+            let Some(head) = self.workers[w].view.chain(range).and_then(|c| c.head()) else { continue };
+            let Some(replica) = self.nodes[head.0 as usize].replica.as_ref() else { continue };
+            let (committed, applied) = (replica.worker_committed(range, id), replica.worker_seq(range, id));
+            if self.faults && self.rng.gen_bool(self.p.drop_p) {
+                continue;
+            }
+            self.trace(|| format!("poll: head {head} committed {committed:?} and applied {applied:?} of {id:?}'s pushes to {range:?}"));
+            if let Some(seq) = committed.filter(|s| *s > 0) {
+                self.checker.acked(id, range, seq);
+                self.workers[w].on_msg(self.now, Msg::PushAck { range, seq });
+            }
+            if let Some(seq) = applied {
+                self.workers[w].on_msg(self.now, Msg::SeqCount { range, seq });
+            }
         }
     }
 
