@@ -421,6 +421,42 @@ fn the_demo_trains_over_rdma_as_well_as_over_tcp() {
     assert!(!out.stderr.contains("using TCP"), "the demo fell back to TCP: {}", out.stderr);
 }
 
+/// A replicated cluster over RDMA, as processes: the embedded coordinator (two replicas of four
+/// ranges, two workers) and `servers` servers of one shard each, holding one dense table.
+struct ChainCluster {
+    addrs: Vec<String>,
+    servers: Vec<tessera_tests::ServerProc>,
+    _coordinator: tessera_tests::ServerProc,
+    _dir: tessera_tests::ScratchDir,
+}
+
+impl ChainCluster {
+    /// `servers` servers (with `server_args` besides the usual) holding table `name` of `keys`
+    /// dense keys of `dim` values, summed.
+    fn start(tag: &str, name: &str, keys: u64, dim: usize, servers: usize, server_args: &[&str]) -> ChainCluster {
+        use tessera_tests::{free_port, ScratchDir, ServerProc};
+        let dir = ScratchDir::new(tag);
+        let tables =
+            dir.write("tables.toml", &format!("[[table]]\nname = \"{name}\"\nkind = \"dense\"\nstart = 0\nend = {keys}\ndim = {dim}\nupdater = \"sum\"\n"));
+        let tables = tables.to_str().unwrap();
+        let coordinator = format!("127.0.0.1:{}", free_port());
+        // A failure timeout that an emulated guest's late heartbeats do not trip.
+        let count = servers.to_string();
+        let coordinator_args = ["--servers", &count, "--replicas", "2", "--ranges", "4", "--workers", "2", "--failure-timeout-ms", "2000"];
+        let coordinator_proc = ServerProc::coordinator_at(&coordinator, &coordinator_args);
+        let addrs: Vec<String> = (0..servers).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let servers = (0..servers)
+            .map(|i| {
+                let node = (i + 1).to_string();
+                let mut args = vec!["--node-id", &node, "--tables", tables, "--shards", "1", "--no-pin", "--coordinator", &coordinator, "--transport", "rdma"];
+                args.extend_from_slice(server_args);
+                ServerProc::start_at(&addrs[i], &args)
+            })
+            .collect();
+        ChainCluster { addrs, servers, _coordinator: coordinator_proc, _dir: dir }
+    }
+}
+
 struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
 
 impl Drop for StopOnDrop<'_> {
@@ -595,24 +631,10 @@ fn dense_pulls_of_a_replicated_cluster_read_the_tails_memory_and_survive_a_kill(
     if !tessera_tests::rdma_here(test) {
         return;
     }
-    use tessera_tests::{free_port, ScratchDir, ServerProc};
     const KEYS: u64 = 4096;
     const DIM: usize = 2;
-    let dir = ScratchDir::new("rdma-chain");
-    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"w\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = {DIM}\nupdater = \"sum\"\n"));
-    let tables = tables.to_str().unwrap();
-    let coordinator = format!("127.0.0.1:{}", free_port());
-    // A failure timeout that an emulated guest's late heartbeats do not trip.
-    let coordinator_args = ["--servers", "3", "--replicas", "2", "--ranges", "4", "--workers", "2", "--failure-timeout-ms", "2000"];
-    let _coordinator = ServerProc::coordinator_at(&coordinator, &coordinator_args);
-    let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let mut servers: Vec<ServerProc> = (0..3)
-        .map(|i| {
-            let node = (i + 1).to_string();
-            let args = ["--node-id", &node, "--tables", tables, "--shards", "1", "--no-pin", "--coordinator", &coordinator, "--transport", "rdma"];
-            ServerProc::start_at(&addrs[i], &args)
-        })
-        .collect();
+    let mut cluster = ChainCluster::start("rdma-chain", "w", KEYS, DIM, 3, &[]);
+    let (addrs, servers) = (&cluster.addrs, &mut cluster.servers);
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     // The servers' default RDMA slots, which the client's must match.
     let cfg = ClientConfig { kind: TransportKind::Rdma, ..ClientConfig::worker(0) };
@@ -656,39 +678,12 @@ fn torn_reads_of_a_replicated_tail_are_caught_and_read_again() {
     if !tessera_tests::rdma_here(test) {
         return;
     }
-    use tessera_tests::{free_port, ScratchDir, ServerProc};
     // Four ranges of two 64 KiB blocks each. The tail changes a block when it applies the
     // head's update (a delta, not the push itself): reads of the tail's memory that overlap
     // it must be caught as torn and read again, as on an unreplicated server.
     const KEYS: usize = 1 << 17;
-    let dir = ScratchDir::new("rdma-chain-torn");
-    let tables = dir.write("tables.toml", &format!("[[table]]\nname = \"torn\"\nkind = \"dense\"\nstart = 0\nend = {KEYS}\ndim = 1\nupdater = \"sum\"\n"));
-    let tables = tables.to_str().unwrap();
-    let coordinator = format!("127.0.0.1:{}", free_port());
-    let coordinator_args = ["--servers", "2", "--replicas", "2", "--ranges", "4", "--workers", "2", "--failure-timeout-ms", "2000"];
-    let _coordinator = ServerProc::coordinator_at(&coordinator, &coordinator_args);
-    let addrs: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let _servers: Vec<ServerProc> = (0..2)
-        .map(|i| {
-            let node = (i + 1).to_string();
-            let args = [
-                "--node-id",
-                &node,
-                "--tables",
-                tables,
-                "--shards",
-                "1",
-                "--no-pin",
-                "--coordinator",
-                &coordinator,
-                "--transport",
-                "rdma",
-                "--dense-block-bytes",
-                "65536",
-            ];
-            ServerProc::start_at(&addrs[i], &args)
-        })
-        .collect();
+    let cluster = ChainCluster::start("rdma-chain-torn", "torn", KEYS as u64, 1, 2, &["--dense-block-bytes", "65536"]);
+    let addrs = &cluster.addrs;
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let connect = |worker| {
         Client::connect(&refs, ClientConfig { kind: TransportKind::Rdma, ..ClientConfig::worker(worker) })
@@ -698,9 +693,10 @@ fn torn_reads_of_a_replicated_tail_are_caught_and_read_again() {
     let (table, read) = (pusher.table("torn").unwrap(), reader.table("torn").unwrap());
     let counts = || reader.chain_stats().map(|s| (s.rdma_calls + s.tcp_calls, s.one_sided_reads)).unwrap();
     let (calls_before, reads_before) = counts();
-    let (pulls, pushes) = push_and_read_until_torn(&pusher, &table, &reader, &read, KEYS, (64 << 10) / 4);
+    // Only the first range's keys: pushes small enough to come often in the emulated guest.
+    let (pulls, pushes) = push_and_read_until_torn(&pusher, &table, &reader, &read, KEYS / 4, (64 << 10) / 4);
     let (calls, reads) = counts();
     eprintln!("{pulls} pulls against {pushes} pushes; {} torn copies of the tails' blocks read again", reader.torn_reads());
     assert_eq!(calls, calls_before, "every pull read the tails' memory one-sidedly");
-    assert!(reads - reads_before >= 4 * pulls, "one read per range per pull ({} reads)", reads - reads_before);
+    assert!(reads - reads_before >= pulls, "a read per pull ({} reads)", reads - reads_before);
 }
