@@ -66,6 +66,9 @@ pub struct ShardStats {
     pub disk: Option<DiskStats>,
     /// Why the shard's write-ahead log failed, if it did (pushes are refused since).
     pub log_failure: Option<String>,
+    /// Its replica's counters, on a replicated shard: pushes applied, seen again and dropped,
+    /// updates forwarded and resent, snapshots, stale and refused messages.
+    pub replication: Option<tessera_replication::replica::ReplicaStats>,
     pub tables: Vec<PartReport>,
 }
 
@@ -355,7 +358,8 @@ impl Shard {
         });
         let disk = self.disk.as_ref().map(|d| d.stats);
         let log_failure = self.disk.as_ref().and_then(|d| d.failure().map(str::to_string));
-        ShardStats { shard: self.id, connections: self.connections, bytes_mapped, bytes_locked, disk, log_failure, tables: tables.collect() }
+        let replication = self.chain.as_ref().map(|c| c.replica_stats().clone());
+        ShardStats { shard: self.id, connections: self.connections, bytes_mapped, bytes_locked, disk, log_failure, replication, tables: tables.collect() }
     }
 
     fn serve_data(&mut self, req: &Request<'_>, reply: &mut Reply<'_>) -> Result<()> {

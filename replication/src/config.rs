@@ -24,6 +24,10 @@ pub const VNODES_MAX: u32 = 1024;
 pub const LOG_ENTRIES_MAX: usize = 4096;
 /// Most log entries resent to a successor in one go.
 pub const RESEND_BATCH_MAX: usize = 64;
+/// Longest a replica waits, without progress, before it resends its log downstream. The wait
+/// starts at `resend_interval_ms`, follows the round trips measured to the successor, and
+/// doubles with each resend that brought no progress, up to this.
+pub const RESEND_WAIT_MS_MAX: u64 = 1000;
 /// Most pushes the head folds into one forwarded update.
 pub const BATCH_PUSHES_MAX: usize = 256;
 /// Most pushes a head holds for acknowledgement (applied, not yet held by the tail). Pushes past

@@ -34,7 +34,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::config::{
-    ReplicationConfig, BATCH_PUSHES_MAX, HISTORY_BYTES_PER_REPLICA, HISTORY_ENTRIES_MAX, LEARNER_RESUME_WAIT_MS, LOG_ENTRIES_MAX, RESEND_BATCH_MAX, WAITING_MAX,
+    ReplicationConfig, BATCH_PUSHES_MAX, HISTORY_BYTES_PER_REPLICA, HISTORY_ENTRIES_MAX, LEARNER_RESUME_WAIT_MS, LOG_ENTRIES_MAX, RESEND_BATCH_MAX,
+    RESEND_WAIT_MS_MAX, WAITING_MAX,
 };
 use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Msg, NodeId, RangeId, RangeReport, WorkerId};
 
@@ -186,6 +187,10 @@ struct RangeState {
     learner: Option<Learner>,
     /// When the downstream replica last made progress, or we last resent to it.
     progress_ms: u64,
+    /// How long resends wait: the round trips to the successor, measured as TCP measures its
+    /// own (one update timed at a time, never a resent one), and the resends since the last
+    /// progress.
+    round_trip: RoundTrip,
     /// When this replica last asked its upstream to fill a gap.
     need_ms: Option<u64>,
     /// Held as a learner (not yet a chain member).
@@ -212,6 +217,62 @@ struct RangeState {
     resuming: bool,
 }
 
+/// A range's measured round trip to its successor (forward to acknowledgement), in ms, and the
+/// wait before a resend that follows from it: a smoothed mean plus four mean deviations
+/// (Jacobson's estimator), never under the configured interval, doubled per resend that
+/// brought no progress, at most [`RESEND_WAIT_MS_MAX`]. Under load a chain's round trips grow
+/// past a fixed interval; resending then only adds to its queue (1 MiB pushes at three replicas
+/// collapsed so), and the wait grows with them instead.
+#[derive(Debug, Default, Clone, Copy)]
+struct RoundTrip {
+    /// The update being timed: its version and when it was forwarded.
+    timing: Option<(u64, u64)>,
+    /// Smoothed round trip and mean deviation, once measured.
+    mean_ms: Option<u64>,
+    deviation_ms: u64,
+    /// Resends since the downstream replica last made progress.
+    resends: u32,
+}
+
+impl RoundTrip {
+    /// Update `version` was forwarded for the first time at `now`: timed if none is.
+    fn forwarded(&mut self, version: u64, now: u64) {
+        self.timing.get_or_insert((version, now));
+    }
+
+    /// The downstream replica acknowledged `version` at `now`: progress.
+    fn acked(&mut self, version: u64, now: u64) {
+        self.resends = 0;
+        let Some((_, at)) = self.timing.filter(|(timed, _)| *timed <= version) else { return };
+        self.timing = None;
+        let sample = now.saturating_sub(at);
+        match self.mean_ms {
+            None => {
+                self.mean_ms = Some(sample);
+                self.deviation_ms = sample / 2;
+            }
+            Some(mean) => {
+                self.deviation_ms = (3 * self.deviation_ms + mean.abs_diff(sample)) / 4;
+                self.mean_ms = Some((7 * mean + sample) / 8);
+            }
+        }
+    }
+
+    /// The log was resent: what is in flight is not timed (its acknowledgement may answer
+    /// either sending), and the next wait is twice as long.
+    fn resent(&mut self) {
+        self.timing = None;
+        self.resends = self.resends.saturating_add(1);
+    }
+
+    /// How long to wait for progress before resending, `interval` at least.
+    fn wait_ms(&self, interval: u64) -> u64 {
+        let measured = self.mean_ms.map_or(0, |m| m + 4 * self.deviation_ms);
+        let base = measured.max(interval).min(RESEND_WAIT_MS_MAX);
+        base.saturating_mul(1 << self.resends.min(16)).min(RESEND_WAIT_MS_MAX.max(interval))
+    }
+}
+
 /// Forgets logged updates up to `version`: the downstream replica holds them.
 fn trim(log: &mut VecDeque<Entry>, version: u64) {
     while log.front().is_some_and(|e| e.version <= version) {
@@ -232,6 +293,7 @@ impl RangeState {
             waiting: VecDeque::new(),
             learner: None,
             progress_ms: 0,
+            round_trip: RoundTrip::default(),
             need_ms: None,
             learning: false,
             generation: 0,
@@ -338,8 +400,8 @@ pub struct RangeView<'a> {
     pub digest: Option<u32>,
 }
 
-/// Counters a server exports and the simulator prints.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Counters a server exports (`tessera status`, per replicated shard) and the simulator prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReplicaStats {
     pub pushes_applied: u64,
     pub pushes_duplicate: u64,
@@ -779,6 +841,7 @@ impl<S: Store> Replica<S> {
             }
             let learner_waits = place.succ.is_none() && st.learner.is_some_and(|l| l.needs_snapshot);
             if !learner_waits {
+                st.round_trip.forwarded(entry.version, self.now_ms);
                 let Entry { version, digest, clock, delta } = entry;
                 let msg = Msg::Forward { range, epoch: st.epoch, version, digest, clock, delta };
                 self.stats.updates_forwarded += 1;
@@ -971,6 +1034,7 @@ impl<S: Store> Replica<S> {
             // this one's disk holds it too.
             if version > st.goal {
                 st.progress_ms = now;
+                st.round_trip.acked(version, now);
                 trim(&mut st.log, version);
                 self.commit(range, place, version);
             }
@@ -981,6 +1045,7 @@ impl<S: Store> Replica<S> {
                 l.needs_snapshot = false;
                 l.synced |= l.acked >= l.ungated;
                 st.progress_ms = now;
+                st.round_trip.acked(version, now);
                 trim(&mut st.log, version);
                 if l.acked < st.version && st.log.front().is_none_or(|e| e.version > l.acked + 1) {
                     // It acknowledged an older snapshot than the last one sent (lost), whose
@@ -1051,10 +1116,11 @@ impl<S: Store> Replica<S> {
         let snapshot = place.succ.is_none() && st.learner.is_some_and(|l| l.needs_snapshot);
         // A resumed learner not yet synced hears its grant again, and acknowledges again.
         let regrant = st.learner.filter(|l| place.succ.is_none() && !l.synced && !l.needs_snapshot).and_then(|l| l.resumed);
-        if (st.log.is_empty() && !snapshot && regrant.is_none()) || now < st.progress_ms + interval {
+        if (st.log.is_empty() && !snapshot && regrant.is_none()) || now < st.progress_ms + st.round_trip.wait_ms(interval) {
             return;
         }
         st.progress_ms = now;
+        st.round_trip.resent();
         if let Some((version, digest)) = regrant {
             let epoch = st.epoch;
             self.send(down, Msg::Resume { range, epoch, version, digest });
@@ -1268,6 +1334,7 @@ impl<S: Store> Replica<S> {
         // Resend at once to a new downstream replica; but a new learner may ask to resume
         // from what it holds, and gets a while to ask before its snapshot goes.
         st.progress_ms = if new_learner { (self.now_ms + LEARNER_RESUME_WAIT_MS).saturating_sub(self.rcfg.resend_interval_ms) } else { 0 };
+        st.round_trip = RoundTrip::default();
         if place.is_tail() {
             if let Some(up) = place.upstream {
                 let (epoch, version) = (st.epoch, st.committed);
@@ -1359,6 +1426,30 @@ mod tests {
         assert_eq!(settle(&mut nodes), vec![Msg::PushAck { range: RangeId(0), seq: 1 }]);
         assert!(nodes.iter().all(|n| value(n) == 5));
         assert_eq!(nodes[0].stats().pushes_duplicate, 1);
+    }
+
+    /// The wait before a resend starts at the interval, follows measured round trips, doubles
+    /// per resend without progress, and never passes its cap.
+    #[test]
+    fn resends_wait_for_the_measured_round_trip_and_back_off() {
+        let mut rt = RoundTrip::default();
+        assert_eq!(rt.wait_ms(20), 20, "nothing measured: the interval");
+        rt.forwarded(1, 100);
+        rt.forwarded(2, 105);
+        rt.acked(1, 110);
+        assert_eq!(rt.wait_ms(20), 30, "a 10 ms round trip: 10 + 4 x 5");
+        assert_eq!(rt.wait_ms(50), 50, "never under the interval");
+        rt.forwarded(3, 200);
+        rt.acked(3, 400);
+        // mean (7 x 10 + 200) / 8 = 33, deviation (3 x 5 + 190) / 4 = 51: 33 + 204.
+        assert_eq!(rt.wait_ms(20), 237);
+        rt.forwarded(4, 500);
+        rt.resent();
+        assert_eq!(rt.wait_ms(20), 474, "doubled after a resend");
+        rt.acked(4, 900);
+        assert_eq!(rt.wait_ms(20), 237, "progress: back to the measure, the resent update not timed");
+        (0..20).for_each(|_| rt.resent());
+        assert_eq!(rt.wait_ms(20), RESEND_WAIT_MS_MAX);
     }
 
     /// The head says what it applied at once, and what is committed only once the tail holds

@@ -172,6 +172,16 @@ fn a_replicated_cluster_with_a_secret_serves_its_members_and_refuses_a_stranger(
     let status = run_tool(&["status", "--coordinator", &coordinator, "--cluster-secret-file", secret], TOOL_TIMEOUT);
     assert!(status.status.success(), "{}", status.stderr);
     assert!(!status.stdout.contains(&listen), "the stranger joined the cluster:\n{}", status.stdout);
+    // Each member's shards show their replicas' counters: the heads applied the push's pieces.
+    let applied: u64 = addrs
+        .iter()
+        .map(|addr| {
+            let status = run_tool(&["status", "--connect", addr, "--cluster-secret-file", secret], TOOL_TIMEOUT);
+            assert!(status.status.success(), "{}", status.stderr);
+            status.stdout.lines().filter_map(|l| l.trim().strip_prefix("replica: ")?.split(' ').next()?.parse::<u64>().ok()).sum::<u64>()
+        })
+        .sum();
+    assert!(applied >= 1, "no replica counted the push as applied");
     let refusals = metric(&scrape(&metrics), "tessera_auth_refusals_total", &[]).unwrap_or(0.0);
     assert!(refusals >= 1.0, "the coordinator counted {refusals} refusals");
 }

@@ -96,6 +96,20 @@ pub fn run(args: StatusArgs) -> Result<()> {
             if let Some(failure) = sh["log_failure"].as_str() {
                 println!("    THE WRITE-AHEAD LOG FAILED, pushes are refused: {failure}");
             }
+            let chain = &sh["replication"];
+            if chain.is_object() {
+                println!(
+                    "    replica: {} pushes applied ({} seen again, {} dropped), {} updates forwarded ({} resent), {} snapshots sent, {} stale and {} refused messages",
+                    chain["pushes_applied"],
+                    chain["pushes_duplicate"],
+                    chain["pushes_dropped"],
+                    chain["updates_forwarded"],
+                    chain["updates_resent"],
+                    chain["snapshots_sent"],
+                    chain["stale_dropped"],
+                    chain["refused"]
+                );
+            }
             let parts: Vec<&serde_json::Value> = sh["tables"].as_array().into_iter().flatten().collect();
             for (i, p) in parts.iter().enumerate() {
                 let table = &p["table"];

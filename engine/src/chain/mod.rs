@@ -592,6 +592,11 @@ impl ChainShard {
     pub fn ranges(&self) -> u32 {
         self.rcfg.ranges
     }
+
+    /// The replica's counters, for `tessera status`.
+    pub fn replica_stats(&self) -> &tessera_replication::replica::ReplicaStats {
+        self.replica.stats()
+    }
 }
 
 /// The plain payload a push sent with key-list caching stands for (`None` when it is plain
