@@ -41,7 +41,7 @@ pub const RETRY_MS: u64 = 300;
 /// acknowledgement of the one this many before it. Each costs the heads a held reply and a
 /// place in the chain's log; a window of a few keeps the chains busy while a push travels
 /// them (`tessera bench --replicas 3`: see docs/benchmarks.md).
-pub const PUSH_WINDOW: u64 = 8;
+pub const PUSH_WINDOW: u64 = 16;
 /// How long a call keeps trying before it gives up.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// While a head is unreachable, or pushes wait longer than [`SLOW_ACK`], how often the
@@ -463,10 +463,10 @@ impl Chain {
     /// [`ChainStats`]. Requests to different server shards are in flight together (one per
     /// link at a time), so the servers serve them at once.
     fn call_all(&mut self, calls: Vec<Outgoing>) -> Vec<Result<Reply>> {
-        if calls.iter().any(|c| c.to.lane == Lane::Push) {
-            // Their replies come first on the push links.
-            self.collect_in_flight();
-        }
+        // The replies to the pushes in flight come first on the push links: they are taken
+        // once this exchange's requests are sent, so that a server shard reads a push and the
+        // pull after it at once and answers both together.
+        let after_pushes = calls.iter().any(|c| c.to.lane == Lane::Push);
         let mut replies: Vec<Option<Result<Reply>>> = (0..calls.len()).map(|_| None).collect();
         let mut calls: Vec<(usize, Outgoing)> = calls.into_iter().enumerate().collect();
         while !calls.is_empty() {
@@ -476,10 +476,16 @@ impl Chain {
             calls = later;
             let mut started = Vec::with_capacity(round.len());
             for (i, c) in round {
+                if after_pushes && self.links.get(&c.to).is_some_and(|l| !l.caller.can_start(&c.body)) {
+                    self.collect_in_flight();
+                }
                 match self.start(c) {
                     Ok(s) => started.push((i, s)),
                     Err(e) => replies[i] = Some(Err(e)),
                 }
+            }
+            if after_pushes {
+                self.collect_in_flight();
             }
             for (i, s) in started {
                 replies[i] = Some(self.finish(s));
@@ -1044,7 +1050,8 @@ impl Chain {
                         std::mem::take(&mut part.keys)
                     }
                 };
-                calls.push(Outgoing { to: LinkKey { addr: addr.clone(), shard, lane: Lane::Pull }, header, body });
+                let lane = self.pull_lane(&part.ranges);
+                calls.push(Outgoing { to: LinkKey { addr: addr.clone(), shard, lane }, header, body });
                 placed.push((addr, part));
             }
             let mut failure = unplaced.map(|r| ClientError::Unavailable { reason: format!("range {r} has no tail") });
@@ -1095,6 +1102,19 @@ impl Chain {
     }
 
     /// The server shard that is `range`'s head, where its pushes go.
+    /// The lane a pull of `ranges` (all on one server shard) takes: the push lane when each is
+    /// on a chain of one, whose push replies the shard does not hold for a successor, so the
+    /// pull and the pushes before it go in one exchange on one link, their replies together;
+    /// else a lane of its own, not queued behind a push a head holds for its tail.
+    fn pull_lane(&self, ranges: &[u32]) -> Lane {
+        let alone = |r: &u32| self.pusher.view.chain(RangeId(*r)).is_some_and(|c| c.nodes.len() == 1);
+        if ranges.iter().all(alone) {
+            Lane::Push
+        } else {
+            Lane::Pull
+        }
+    }
+
     fn head_of(&self, range: u32) -> Option<(String, u16)> {
         let head = self.pusher.view.chain(RangeId(range))?.head()?;
         let addr = self.pusher.view.member(head)?.addr.clone();
@@ -1299,9 +1319,9 @@ fn with_cached_keys(lists: &mut KeyLists<()>, msg: &Msg) -> Option<Msg> {
     Some(Msg::Push { range: *range, worker: *worker, seq: *seq, payload: PushHeader::with_key_list(payload, how).into() })
 }
 
-/// A link: to a server's shard, for pushes or for pulls. Pushes and pulls go on links of their
-/// own, so a pull is never queued behind a push's reply, which a head holds until the tail
-/// holds the push.
+/// A link: to a server's shard, for pushes or for pulls. Pulls go on links of their own, so a
+/// pull is never queued behind a push's reply, which a head holds until the tail holds the
+/// push; except a pull of ranges on chains of one (see `Chain::pull_lane`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct LinkKey {
     addr: String,
