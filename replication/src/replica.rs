@@ -805,6 +805,10 @@ impl<S: Store> Replica<S> {
 
     /// Turns the head's open batch into the next update and sends it down the chain.
     fn close_batch(&mut self, range: RangeId) {
+        // Most ranges have no open batch at a flush: they are left before their place is looked up.
+        if self.ranges[range.0 as usize].as_ref().is_none_or(|st| st.open.is_none()) {
+            return;
+        }
         let forwarded = self.place(range).is_some_and(|p| p.downstream().is_some());
         let Some(st) = self.ranges[range.0 as usize].as_mut() else { return };
         let Some(mut open) = st.open.take() else { return };
@@ -1108,6 +1112,11 @@ impl<S: Store> Replica<S> {
     fn resend(&mut self, range: RangeId) {
         let now = self.now_ms;
         let interval = self.rcfg.resend_interval_ms;
+        // Nothing to resend, and no learner to send anything (checked at every tick, for every
+        // range: before the place is looked up).
+        if self.ranges[range.0 as usize].as_ref().is_none_or(|st| st.log.is_empty() && st.learner.is_none()) {
+            return;
+        }
         let Some(place) = self.place(range) else { return };
         let Some(st) = self.ranges[range.0 as usize].as_mut().filter(|s| s.installed && s.epoch == place.epoch) else {
             return;
@@ -1150,6 +1159,9 @@ impl<S: Store> Replica<S> {
     /// until it answers (or sends a snapshot).
     fn ask_resume(&mut self, range: RangeId) {
         let now = self.now_ms;
+        if self.ranges[range.0 as usize].as_ref().is_none_or(|st| !st.resuming || st.installed) {
+            return;
+        }
         let Some(place) = self.place(range).filter(|p| p.is_learner) else { return };
         let Some(st) = self.ranges[range.0 as usize].as_mut().filter(|s| s.resuming && !s.installed && s.epoch == place.epoch) else { return };
         let (Some(up), true) = (place.upstream, st.need_ms.is_none_or(|at| now >= at + self.rcfg.resend_interval_ms)) else { return };
