@@ -36,7 +36,7 @@ def main(paths):
     if not seen:
         print("ratios.py: no perftest comparisons in", " ".join(paths))
         return 1
-    print(f"{'size':>9}  {'comparison':<53} {'rounds':>6} {'median':>7} {'range':>13} {'best':>5}  target")
+    print(f"{'size':>9}  {'comparison':<60} {'rounds':>6} {'median':>7} {'range':>13} {'best':>5}  target")
     for (size, what), rounds in sorted(seen.items()):
         ratios = [r for r, _, _ in rounds]
         med = statistics.median(ratios)
@@ -49,7 +49,9 @@ def main(paths):
         verdict = f"{goal}: {'met' if met else 'MISSED'}"
         if what.startswith("ping"):
             verdict = "no target: the transport alone, beside the pushes"
-        print(f"{human(size):>9}  {what:<53} {len(ratios):>6} {med:>7.2f} {span:>13} {best:>5.2f}  {verdict}")
+        elif what.startswith("replicated"):
+            verdict = "no target: a replicated cluster, beside the unreplicated server"
+        print(f"{human(size):>9}  {what:<60} {len(ratios):>6} {med:>7.2f} {span:>13} {best:>5.2f}  {verdict}")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs inside the SoftRoCE guest (tests/softroce/run.sh tests/softroce/rdma-bench.sh): perftest on
-# rxe0, then `tessera bench` over RDMA and over TCP, all in the same guest, and prints Tessera's
-# ratios to perftest. SoftRoCE gives ratios, not hardware speed.
+# rxe0, then `tessera bench` over RDMA (one server; and, at one size, a replicated cluster beside
+# one server) and over TCP, all in the same guest, and prints Tessera's ratios to perftest. SoftRoCE gives ratios, not hardware speed.
 #
 # An emulated guest's speed drifts by tens of percent within seconds (the host is shared; in one
 # guest perftest's own 8 B write latency read 9.4 and 14.2 us a minute apart), so the comparison
@@ -36,6 +36,12 @@ job=(--workers-max 1)
 # run once, in the TCP comparison at the end). The time saved buys rounds: 7, not 5.
 lat_ops=(--ops ping,push,pull)
 bw_ops=(--ops pipelined)
+# A replicated cluster's push against the same perftest pair, in each round at one latency size:
+# three servers in one process, every range on a chain of three, beside one unreplicated server
+# measured in the same run (`tessera bench --replicas`, which starts them all; unpinned, since
+# four servers' shards share the two vCPUs).
+replicated_size=4096
+replicated=(--replicas 3 --transport rdma --shards 1 --seconds "$secs")
 
 # perftest calibrates its clock against gettimeofday, which an emulated guest sometimes upsets
 # (it prints inf); perftest.sh retries each pair, and a pair that still fails only loses its
@@ -72,6 +78,9 @@ for r in $(seq "$rounds"); do
     perftest lat "$out/perftest-lat-$r-$size.jsonl" "$size"
     bench "${rdma[@]}" "${job[@]}" "${lat_ops[@]}" --sizes "$size" --perftest "$out/perftest-lat-$r-$size.jsonl" --json-out "$out/rdma-lat-$r-$size.json"
     bench "${rdma[@]}" --workers-max 16 "${lat_ops[@]}" --sizes "$size" --perftest "$out/perftest-lat-$r-$size.jsonl" --json-out "$out/rdma16-lat-$r-$size.json" > /dev/null
+    if [ "$size" = "$replicated_size" ]; then
+      bench "${replicated[@]}" "${job[@]}" --sizes "$size" --perftest "$out/perftest-lat-$r-$size.jsonl" --json-out "$out/replicated-lat-$r.json"
+    fi
   done
   echo "== round $r/$rounds: perftest bandwidth on ${RDMA_DEV:-rxe0}"
   perftest bw "$out/perftest-bw-$r.jsonl"
@@ -84,3 +93,5 @@ echo "== summary (--workers-max 1: the bench's one worker)"
 python3 "$here/ratios.py" "$out"/rdma-*.json
 echo "== summary of the latency sizes with --workers-max 16 (16 clock entries in every dense block)"
 python3 "$here/ratios.py" "$out"/rdma16-*.json
+echo "== summary of tessera bench --replicas 3 at $replicated_size B: a chain of three's push and pull, and the unreplicated server's beside it in the same process"
+python3 "$here/ratios.py" "$out"/replicated-*.json

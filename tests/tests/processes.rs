@@ -240,6 +240,63 @@ fn a_server_killed_mid_pipeline_fails_the_client_quickly() {
     assert!(started.elapsed() < ERROR_WITHIN);
 }
 
+/// `tessera bench --replicas` puts a replicated cluster's pushes and pulls beside perftest's
+/// figures as it does an unreplicated server's, and writes the rows of both; the SoftRoCE benchmark
+/// reads them (tests/softroce/rdma-bench.sh, ratios.py).
+#[test]
+fn bench_of_a_replicated_cluster_compares_both_with_perftest() {
+    let dir = ScratchDir::new("bench-perftest");
+    let (perftest, report) = (dir.path().join("perftest.jsonl"), dir.path().join("report.json"));
+    let lines = [
+        r#"{"test":"ib_write_lat","size":4096,"typical_us":10.0}"#,
+        r#"{"test":"ib_read_lat","size":4096,"typical_us":20.0}"#,
+        "perftest's other output, which is not a JSON line",
+    ];
+    std::fs::write(&perftest, lines.join("\n")).expect("write the perftest lines");
+    let args = [
+        "bench",
+        "--replicas",
+        "2",
+        "--servers",
+        "2",
+        "--ranges",
+        "4",
+        "--sizes",
+        "4K",
+        "--seconds",
+        "0.1",
+        "--iters-max",
+        "20",
+        "--perftest",
+        perftest.to_str().expect("a UTF-8 path"),
+        "--json-out",
+        report.to_str().expect("a UTF-8 path"),
+    ];
+    let out = run_tool(&args, TOOL_TIMEOUT);
+    assert!(out.status.success(), "bench --replicas failed:\n{}", out.stderr);
+    assert!(out.stdout.contains("replicated push p50 / 2 vs ib_write_lat"), "{}", out.stdout);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("the report")).expect("a JSON report");
+    let ops: Vec<&str> = report["results"].as_array().expect("results").iter().map(|r| r["op"].as_str().expect("an op")).collect();
+    assert_eq!(ops, ["push", "replicated push", "pull", "replicated pull"]);
+    let compared: Vec<(&str, f64)> = report["perftest"]
+        .as_array()
+        .expect("perftest")
+        .iter()
+        .map(|p| (p["what"].as_str().expect("what"), p["perftest"].as_f64().expect("a figure")))
+        .collect();
+    let whats: Vec<&str> = compared.iter().map(|(w, _)| *w).collect();
+    assert_eq!(
+        whats,
+        [
+            "push p50 / 2 vs ib_write_lat typical (one way)",
+            "pull p50 vs ib_read_lat typical",
+            "replicated push p50 / 2 vs ib_write_lat typical (one way)",
+            "replicated pull p50 vs ib_read_lat typical"
+        ]
+    );
+    assert_eq!(compared.iter().map(|(_, f)| *f).collect::<Vec<_>>(), [10.0, 20.0, 10.0, 20.0]);
+}
+
 #[test]
 fn bench_pushes_as_the_worker_its_flag_names() {
     let server = ServerProc::start(&["--shards", "1", "--workers-max", "2"]);

@@ -78,7 +78,8 @@ pub struct BenchArgs {
     /// server: --servers servers, every range on a chain of this many. Size by size, in the
     /// same run, prints each one's push p50 (a push acknowledged once every range's tail holds
     /// it), its dense pull p50 (each range read from its tail: one-sidedly over RDMA) and, at 64
-    /// KiB and more, its push bandwidth with pushes in flight, and the ratios.
+    /// KiB and more, its push bandwidth with pushes in flight, and the ratios. With --perftest,
+    /// both are put beside perftest's figures; --json-out writes the rows of both.
     #[arg(long, value_name = "R", conflicts_with_all = ["connect", "disk"])]
     replicas: Option<u32>,
     /// Servers of the --replicas cluster.
@@ -124,6 +125,23 @@ struct Row {
     p99_us: f64,
     p999_us: f64,
     gb_per_s: f64,
+}
+
+impl Row {
+    /// One operation's figures at one size, from its latencies and how many calls took how
+    /// long, each moving `bytes_per_call`.
+    fn measured(size_bytes: usize, op: &'static str, hist: &Histogram<u64>, iters: u64, elapsed: Duration, bytes_per_call: usize) -> Row {
+        let us = |q| hist.value_at_quantile(q) as f64 / 1e3;
+        Row {
+            size_bytes,
+            op,
+            iters,
+            p50_us: us(0.5),
+            p99_us: us(0.99),
+            p999_us: us(0.999),
+            gb_per_s: (bytes_per_call as f64 * iters as f64) / elapsed.as_secs_f64() / 1e9,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -235,16 +253,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bytes[..8].copy_from_slice(&(size as u64).to_le_bytes());
         let mut row = |op, per_iter: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
             let (hist, iters, elapsed) = measure(budget, args.iters_max, f)?;
-            let p50 = hist.value_at_quantile(0.5) as f64 / 1e3;
-            report.results.push(Row {
-                size_bytes: size,
-                op,
-                iters,
-                p50_us: p50,
-                p99_us: hist.value_at_quantile(0.99) as f64 / 1e3,
-                p999_us: hist.value_at_quantile(0.999) as f64 / 1e3,
-                gb_per_s: (per_iter as f64 * iters as f64) / elapsed.as_secs_f64() / 1e9,
-            });
+            let row = Row::measured(size, op, &hist, iters, elapsed, per_iter);
+            let p50 = row.p50_us;
+            report.results.push(row);
             Ok(p50)
         };
         if first && wants(BenchOp::Ping) {
@@ -340,33 +351,44 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         "size", "push p50 µs", "replicated", "ratio", "pull p50 µs", "replicated", "ratio", "in flight GB/s", "replicated", "ratio"
     );
     let budget = Duration::from_secs_f64(args.seconds);
+    let mut report = Report { transport: plain.transport().to_string(), results: Vec::new(), ratios: Vec::new(), perftest: Vec::new() };
     let mut clock = 0;
     for &size in sizes {
         let grads = vec![1.0f32; size / 4];
-        let (plain_hist, ..) = measure(budget, args.iters_max, &mut || {
-            clock += 1;
-            plain.set_clock(clock);
-            push(&plain, &plain_table, &grads)
-        })?;
-        let (chain_hist, ..) = measure(budget, args.iters_max, &mut || {
-            clock += 1;
-            chain.set_clock(clock);
-            push(&chain, &chain_table, &grads)
-        })?;
-        let (p, c) = (plain_hist.value_at_quantile(0.5) as f64 / 1e3, chain_hist.value_at_quantile(0.5) as f64 / 1e3);
+        let mut pushes = |client: &Client, table: &Table, op| -> Result<Row> {
+            let (hist, iters, took) = measure(budget, args.iters_max, &mut || {
+                clock += 1;
+                client.set_clock(clock);
+                push(client, table, &grads)
+            })?;
+            Ok(Row::measured(size, op, &hist, iters, took, size))
+        };
+        let (p, c) = (pushes(&plain, &plain_table, "push")?, pushes(&chain, &chain_table, "replicated push")?);
         // Pulls read each range's tail (one-sidedly over RDMA, on both).
         let mut out = vec![0f32; size / 4];
-        let (plain_pulls, ..) = measure(budget, args.iters_max, &mut || pull(&plain, &plain_table, &mut out))?;
-        let (chain_pulls, ..) = measure(budget, args.iters_max, &mut || pull(&chain, &chain_table, &mut out))?;
-        let (pp, cp) = (plain_pulls.value_at_quantile(0.5) as f64 / 1e3, chain_pulls.value_at_quantile(0.5) as f64 / 1e3);
-        let mut line = format!("{:>8}  {p:>14.1} {c:>14.1} {:>5.2}x   {pp:>14.1} {cp:>14.1} {:>5.2}x", human(size), c / p, cp / pp);
+        let mut pulls = |client: &Client, table: &Table, op| -> Result<Row> {
+            let (hist, iters, took) = measure(budget, args.iters_max, &mut || pull(client, table, &mut out))?;
+            Ok(Row::measured(size, op, &hist, iters, took, size))
+        };
+        let (pp, cp) = (pulls(&plain, &plain_table, "pull")?, pulls(&chain, &chain_table, "replicated pull")?);
+        let mut line = format!(
+            "{:>8}  {:>14.1} {:>14.1} {:>5.2}x   {:>14.1} {:>14.1} {:>5.2}x",
+            human(size),
+            p.p50_us,
+            c.p50_us,
+            c.p50_us / p.p50_us,
+            pp.p50_us,
+            cp.p50_us,
+            cp.p50_us / pp.p50_us
+        );
+        report.results.extend([p, c, pp, cp]);
         if size >= 64 << 10 {
-            // Both streams keep --window tickets; a replicated push waits for the one before
-            // it to be acknowledged before it is sent, so one is in flight on the wire.
+            // Both streams keep --window tickets; a replicated client sends a push once at
+            // most PUSH_WINDOW - 1 of its own are unacknowledged.
             let window = args.window.max(1);
-            let stream = |client: &Client, table: &Table, clock: &mut u64| -> Result<f64> {
+            let stream = |client: &Client, table: &Table, clock: &mut u64, op| -> Result<Row> {
                 let mut flight = VecDeque::with_capacity(window);
-                let (_, iters, took) = measure(budget, args.iters_max, &mut || {
+                let (hist, iters, took) = measure(budget, args.iters_max, &mut || {
                     keep_in_flight(&mut flight, window, || {
                         *clock += 1;
                         client.set_clock(*clock);
@@ -374,11 +396,12 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
                     })
                 })?;
                 settle(&mut flight)?;
-                Ok(size as f64 * iters as f64 / took.as_secs_f64() / 1e9)
+                Ok(Row::measured(size, op, &hist, iters, took, size))
             };
-            let plain_bw = stream(&plain, &plain_table, &mut clock)?;
-            let chain_bw = stream(&chain, &chain_table, &mut clock)?;
-            line += &format!("   {plain_bw:>16.3} {chain_bw:>16.3} {:>5.2}x", chain_bw / plain_bw);
+            let plain_bw = stream(&plain, &plain_table, &mut clock, "push pipelined")?;
+            let chain_bw = stream(&chain, &chain_table, &mut clock, "replicated push pipelined")?;
+            line += &format!("   {:>16.3} {:>16.3} {:>5.2}x", plain_bw.gb_per_s, chain_bw.gb_per_s, chain_bw.gb_per_s / plain_bw.gb_per_s);
+            report.results.extend([plain_bw, chain_bw]);
         }
         println!("{line}");
     }
@@ -387,6 +410,13 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         args.window.max(1),
         tessera_client::PUSH_WINDOW
     );
+    if let Some(path) = &args.perftest {
+        report.perftest = compare_perftest(&report.results, path)?;
+        print_perftest(&report.perftest);
+    }
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -442,39 +472,44 @@ fn compare_perftest(rows: &[Row], path: &std::path::Path) -> Result<Vec<Perftest
     let mut sizes: Vec<usize> = rows.iter().map(|r| r.size_bytes).collect();
     sizes.dedup();
     for size in sizes {
-        // ib_write_lat reports half a ping-pong; a push is a request and its reply: a whole one.
-        if let (Some(lat), Some(push)) = (find("ib_write_lat", size).and_then(|p| p.typical_us), ours("push", size)) {
-            let one_way = push.p50_us / 2.0;
-            out.push(PerftestRatio {
-                size_bytes: size,
-                what: "push p50 / 2 vs ib_write_lat typical (one way)",
-                tessera: one_way,
-                perftest: lat,
-                ratio: one_way / lat,
-            });
-        }
-        if let (Some(lat), Some(pull)) = (find("ib_read_lat", size).and_then(|p| p.typical_us), ours("pull", size)) {
-            out.push(PerftestRatio {
-                size_bytes: size,
-                what: "pull p50 vs ib_read_lat typical",
-                tessera: pull.p50_us,
-                perftest: lat,
-                ratio: pull.p50_us / lat,
-            });
-        }
-        let streams = [
-            ("push pipelined", "pipelined push MiB/s vs ib_write_bw average"),
-            ("push pipelined zero-copy", "zero-copy pipelined push MiB/s vs ib_write_bw average"),
-        ];
-        for (op, what) in streams {
-            if let (Some(mib), Some(stream)) = (find("ib_write_bw", size).and_then(|p| p.bw_avg_mib_per_s), ours(op, size)) {
-                let ours_mib = stream.gb_per_s * 1e9 / (1 << 20) as f64;
-                out.push(PerftestRatio { size_bytes: size, what, tessera: ours_mib, perftest: mib, ratio: ours_mib / mib });
+        for &(op, test, what, figure) in AGAINST_PERFTEST {
+            let Some(row) = ours(op, size) else { continue };
+            let (tessera, theirs) = match figure {
+                // ib_write_lat reports half a ping-pong; a push is a request and its reply.
+                Figure::HalfRoundTrip => (row.p50_us / 2.0, find(test, size).and_then(|p| p.typical_us)),
+                Figure::Latency => (row.p50_us, find(test, size).and_then(|p| p.typical_us)),
+                Figure::Bandwidth => (row.gb_per_s * 1e9 / (1 << 20) as f64, find(test, size).and_then(|p| p.bw_avg_mib_per_s)),
+            };
+            if let Some(perftest) = theirs {
+                out.push(PerftestRatio { size_bytes: size, what, tessera, perftest, ratio: tessera / perftest });
             }
         }
     }
     Ok(out)
 }
+
+/// Which of a row's figures is compared with perftest's.
+#[derive(Debug, Clone, Copy)]
+enum Figure {
+    /// Half the p50: a push is a request and its reply, a whole ping-pong.
+    HalfRoundTrip,
+    Latency,
+    /// MiB/s, as perftest reports.
+    Bandwidth,
+}
+
+/// Each measured operation beside the perftest test it is compared with: (operation, test,
+/// what the comparison says, the figure compared). A replicated cluster's push is compared with
+/// the same baseline as an unreplicated one's, in the same run.
+const AGAINST_PERFTEST: &[(&str, &str, &str, Figure)] = &[
+    ("push", "ib_write_lat", "push p50 / 2 vs ib_write_lat typical (one way)", Figure::HalfRoundTrip),
+    ("pull", "ib_read_lat", "pull p50 vs ib_read_lat typical", Figure::Latency),
+    ("push pipelined", "ib_write_bw", "pipelined push MiB/s vs ib_write_bw average", Figure::Bandwidth),
+    ("push pipelined zero-copy", "ib_write_bw", "zero-copy pipelined push MiB/s vs ib_write_bw average", Figure::Bandwidth),
+    ("replicated push", "ib_write_lat", "replicated push p50 / 2 vs ib_write_lat typical (one way)", Figure::HalfRoundTrip),
+    ("replicated pull", "ib_read_lat", "replicated pull p50 vs ib_read_lat typical", Figure::Latency),
+    ("replicated push pipelined", "ib_write_bw", "replicated pipelined push MiB/s vs ib_write_bw average", Figure::Bandwidth),
+];
 
 // The operations measured, each a function of its own: tests/softroce/callgrind.sh counts the
 // instructions inside them by name, so they must not be inlined into the loop that times them.
@@ -529,13 +564,18 @@ fn print_report(report: &Report, json: bool) -> Result<()> {
             println!("{:>9}  {:.2}", human(r.size_bytes), r.echo_over_roundtrip_p50);
         }
     }
-    if !report.perftest.is_empty() {
-        println!("\nagainst perftest on the same device, same run (latency: lower is better, target <= 1.5; bandwidth: higher, target >= 0.8):");
-        for p in &report.perftest {
-            println!("{:>9}  {:<48} {:>10.1} vs {:>10.1}  ratio {:.2}", human(p.size_bytes), p.what, p.tessera, p.perftest, p.ratio);
-        }
-    }
+    print_perftest(&report.perftest);
     Ok(())
+}
+
+fn print_perftest(ratios: &[PerftestRatio]) {
+    if ratios.is_empty() {
+        return;
+    }
+    println!("\nagainst perftest on the same device, same run (latency: lower is better, target <= 1.5; bandwidth: higher, target >= 0.8; a replicated cluster's figures have no target here):");
+    for p in ratios {
+        println!("{:>9}  {:<58} {:>10.1} vs {:>10.1}  ratio {:.2}", human(p.size_bytes), p.what, p.tessera, p.perftest, p.ratio);
+    }
 }
 
 fn human(bytes: usize) -> String {
