@@ -1101,7 +1101,6 @@ impl Chain {
         }
     }
 
-    /// The server shard that is `range`'s head, where its pushes go.
     /// The lane a pull of `ranges` (all on one server shard) takes: the push lane when each is
     /// on a chain of one, whose push replies the shard does not hold for a successor, so the
     /// pull and the pushes before it go in one exchange on one link, their replies together;
@@ -1115,6 +1114,7 @@ impl Chain {
         }
     }
 
+    /// The server shard that is `range`'s head, where its pushes go.
     fn head_of(&self, range: u32) -> Option<(String, u16)> {
         let head = self.pusher.view.chain(RangeId(range))?.head()?;
         let addr = self.pusher.view.member(head)?.addr.clone();
