@@ -28,6 +28,10 @@ pub const RESEND_BATCH_MAX: usize = 64;
 /// starts at `resend_interval_ms`, follows the round trips measured to the successor, and
 /// doubles with each resend that brought no progress, up to this.
 pub const RESEND_WAIT_MS_MAX: u64 = 1000;
+/// Longest a tail waits for its learner to acknowledge a snapshot before it sends another. The
+/// wait starts as a resend's does, is at least twice the last snapshot's round trip, and doubles
+/// with each snapshot that brought no acknowledgement, up to this.
+pub const SNAPSHOT_WAIT_MS_MAX: u64 = 8000;
 /// Most pushes the head folds into one forwarded update.
 pub const BATCH_PUSHES_MAX: usize = 256;
 /// Most pushes a head holds for acknowledgement (applied, not yet held by the tail). Pushes past

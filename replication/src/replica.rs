@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use crate::config::{
     ReplicationConfig, BATCH_PUSHES_MAX, HISTORY_BYTES_PER_REPLICA, HISTORY_ENTRIES_MAX, LEARNER_RESUME_WAIT_MS, LOG_ENTRIES_MAX, RESEND_BATCH_MAX,
-    RESEND_WAIT_MS_MAX, WAITING_MAX,
+    RESEND_WAIT_MS_MAX, SNAPSHOT_WAIT_MS_MAX, WAITING_MAX,
 };
 use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Msg, NodeId, RangeId, RangeReport, WorkerId};
 
@@ -161,11 +161,28 @@ struct Learner {
     /// It resumes from what it held: the version and digest it was granted, said again until
     /// it is synced (the grant, or its acknowledgement, may be lost).
     resumed: Option<(u64, u32)>,
+    /// The oldest snapshot sent that it has not acknowledged (nor anything since): its version,
+    /// and when it went. Until then the tail's log reaches back to it, so that the
+    /// acknowledgement of any snapshot sent since can be followed by the updates after it.
+    unacked_snapshot: Option<(u64, u64)>,
+    /// How long its last acknowledged snapshot took, from sending to acknowledgement, in ms.
+    snapshot_round_trip_ms: Option<u64>,
 }
 
 impl Learner {
     fn new(node: NodeId, incarnation: u64) -> Self {
-        Self { node, incarnation, acked: 0, needs_snapshot: true, synced: false, ungated: 0, snapshot_sent: false, resumed: None }
+        Self {
+            node,
+            incarnation,
+            acked: 0,
+            needs_snapshot: true,
+            synced: false,
+            ungated: 0,
+            snapshot_sent: false,
+            resumed: None,
+            unacked_snapshot: None,
+            snapshot_round_trip_ms: None,
+        }
     }
 }
 
@@ -270,6 +287,17 @@ impl RoundTrip {
         let measured = self.mean_ms.map_or(0, |m| m + 4 * self.deviation_ms);
         let base = measured.max(interval).min(RESEND_WAIT_MS_MAX);
         base.saturating_mul(1 << self.resends.min(16)).min(RESEND_WAIT_MS_MAX.max(interval))
+    }
+
+    /// How long to wait for a learner's acknowledgement of its snapshot before sending another:
+    /// as [`RoundTrip::wait_ms`], but at least twice the last snapshot's round trip, and doubled
+    /// per resend up to [`SNAPSHOT_WAIT_MS_MAX`] rather than [`RESEND_WAIT_MS_MAX`]. A snapshot is
+    /// a whole range: behind a slow link each one sent too soon only lengthens the queue that
+    /// delays the first.
+    fn snapshot_wait_ms(&self, interval: u64, snapshot_round_trip_ms: Option<u64>) -> u64 {
+        let measured = self.mean_ms.map_or(0, |m| m + 4 * self.deviation_ms);
+        let base = measured.max(interval).max(snapshot_round_trip_ms.map_or(0, |rt| 2 * rt));
+        base.saturating_mul(1 << self.resends.min(16)).min(SNAPSHOT_WAIT_MS_MAX.max(interval))
     }
 }
 
@@ -841,6 +869,7 @@ impl<S: Store> Replica<S> {
                 if let Some(l) = st.learner.as_mut() {
                     l.needs_snapshot = true;
                     l.synced = false;
+                    l.unacked_snapshot = None;
                 }
             }
             let learner_waits = place.succ.is_none() && st.learner.is_some_and(|l| l.needs_snapshot);
@@ -1007,18 +1036,25 @@ impl<S: Store> Replica<S> {
         self.resend(range);
     }
 
-    /// Sends `to` the whole range. The log restarts after it: everything in it is in the snapshot.
+    /// Sends `to` the whole range. The log restarts after it (everything in it is in the
+    /// snapshot), unless an earlier snapshot to the same learner is still unacknowledged: the
+    /// log then keeps reaching back to that one, whose acknowledgement may come first.
     fn send_snapshot(&mut self, range: RangeId, to: NodeId) {
         // A snapshot is exact at one version: pushes applied but not yet numbered go first.
         self.close_batch(range);
         let now = self.now_ms;
         let st = self.ranges[range.0 as usize].as_mut().expect("a snapshot of a held range");
-        st.log.clear();
-        st.progress_ms = now;
-        if let Some(l) = st.learner.as_mut().filter(|l| l.node == to) {
-            l.snapshot_sent = true;
+        let version = st.version;
+        let learner = st.learner.as_mut().filter(|l| l.node == to);
+        if learner.as_ref().is_none_or(|l| l.unacked_snapshot.is_none()) {
+            st.log.clear();
         }
-        let (epoch, version, digest, clock) = (st.epoch, st.version, st.digest, st.clock.as_slice().into());
+        if let Some(l) = learner {
+            l.snapshot_sent = true;
+            l.unacked_snapshot.get_or_insert((version, now));
+        }
+        st.progress_ms = now;
+        let (epoch, digest, clock) = (st.epoch, st.digest, st.clock.as_slice().into());
         let data = self.store.snapshot(range).into();
         self.stats.snapshots_sent += 1;
         self.send(to, Msg::Snapshot { range, epoch, version, digest, clock, data });
@@ -1044,6 +1080,12 @@ impl<S: Store> Replica<S> {
             }
         } else if let Some(l) = st.learner.as_mut().filter(|l| l.node == from) {
             // Our learner holds `version`.
+            if let Some((_, sent_ms)) = l.unacked_snapshot.filter(|(snapshot, _)| version >= *snapshot) {
+                // It holds a snapshot (this one, or one sent since: then the round trip is
+                // overstated, which errs on the side of waiting).
+                l.snapshot_round_trip_ms = Some(now.saturating_sub(sent_ms));
+                l.unacked_snapshot = None;
+            }
             if version > l.acked || l.needs_snapshot || !l.synced {
                 l.acked = l.acked.max(version);
                 l.needs_snapshot = false;
@@ -1125,7 +1167,11 @@ impl<S: Store> Replica<S> {
         let snapshot = place.succ.is_none() && st.learner.is_some_and(|l| l.needs_snapshot);
         // A resumed learner not yet synced hears its grant again, and acknowledges again.
         let regrant = st.learner.filter(|l| place.succ.is_none() && !l.synced && !l.needs_snapshot).and_then(|l| l.resumed);
-        if (st.log.is_empty() && !snapshot && regrant.is_none()) || now < st.progress_ms + st.round_trip.wait_ms(interval) {
+        let wait_ms = match st.learner.filter(|_| snapshot) {
+            Some(l) => st.round_trip.snapshot_wait_ms(interval, l.snapshot_round_trip_ms),
+            None => st.round_trip.wait_ms(interval),
+        };
+        if (st.log.is_empty() && !snapshot && regrant.is_none()) || now < st.progress_ms + wait_ms {
             return;
         }
         st.progress_ms = now;
@@ -1595,6 +1641,73 @@ mod tests {
         let learner = nodes[3].range_state(RangeId(0)).unwrap();
         assert!(learner.version >= tail.committed, "the learner holds every committed update: {} of {}", learner.version, tail.committed);
         assert!(tail.committed > 20, "pushes were committed all along: {}", tail.committed);
+    }
+
+    /// The same chain, with everything to and from the learner taking `delay_ms` each way: a
+    /// link slower than the longest resend wait (a snapshot over TCP in an emulated guest, behind
+    /// the other ranges' snapshots). The learner must still sync, and the tail must not bury it
+    /// in snapshots it resends before the first could be acknowledged. Returns when it synced,
+    /// in ms, and how many snapshots the tail sent.
+    fn learner_behind_a_slow_link(delay_ms: u64) -> (Option<u64>, u64) {
+        let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
+        let members = (0..4).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
+        let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: Some(NodeId(3)) };
+        let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new(), cluster: 0 });
+        let mut nodes: Vec<_> = (0..4)
+            .map(|n| {
+                let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), SimStore::default());
+                r.step(0, Addr::Coordinator, Msg::Config(config.clone()));
+                r
+            })
+            .collect();
+        // (when it arrives, from, to, what)
+        let mut slow: VecDeque<(u64, usize, usize, Msg)> = VecDeque::new();
+        let mut synced = None;
+        for round in 1..=2400u32 {
+            let now = u64::from(round) * 25;
+            while slow.front().is_some_and(|m| m.0 <= now) {
+                let (_, from, to, msg) = slow.pop_front().expect("checked");
+                nodes[to].step(now, Addr::Node(NodeId(from as u32)), msg);
+            }
+            nodes[0].step(now, Addr::Worker(WorkerId(1)), push(round, 1));
+            nodes.iter_mut().for_each(|n| n.tick(now));
+            loop {
+                let mut moved = false;
+                for i in 0..nodes.len() {
+                    nodes[i].flush();
+                    for (to, msg) in nodes[i].take_ready() {
+                        let Addr::Node(n) = to else { continue };
+                        let j = n.0 as usize;
+                        if i == 3 || j == 3 {
+                            slow.push_back((now + delay_ms, i, j, msg));
+                        } else {
+                            moved = true;
+                            nodes[j].step(now, Addr::Node(NodeId(i as u32)), msg);
+                        }
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+            if synced.is_none() && nodes[2].reports().iter().any(|r| r.learner_synced) {
+                synced = Some(now);
+            }
+        }
+        (synced, nodes[2].stats().snapshots_sent)
+    }
+
+    #[test]
+    fn a_learner_behind_a_link_slower_than_the_resend_wait_syncs() {
+        for delay_ms in [100, 1_500, 4_000] {
+            let (synced, snapshots) = learner_behind_a_slow_link(delay_ms);
+            let synced = synced.unwrap_or_else(|| panic!("with {delay_ms} ms each way the learner never synced ({snapshots} snapshots sent)"));
+            // A snapshot, its acknowledgement, the forwards after it and theirs: a few round trips.
+            assert!(synced < 8 * delay_ms + 2_000, "with {delay_ms} ms each way the learner synced only after {synced} ms");
+            // One per doubling of the wait until the first acknowledgement, and no more after it.
+            let doublings = ((2 * delay_ms) as f64 / 20.0).log2().ceil() as u64;
+            assert!(snapshots <= 2 + doublings, "with {delay_ms} ms each way the tail sent {snapshots} snapshots");
+        }
     }
 
     /// Chain 0 -> 1 -> 2 over disks: a push is acknowledged only once every member's disk

@@ -70,6 +70,10 @@ pub struct Params {
     pub partition_every_ms: u64,
     pub worker_retry_ms: u64,
     pub quiet_ms_max: u64,
+    /// What a snapshot (a whole range) takes on top of any message's delay: up to this, each
+    /// one; a link slower than the replicas' resend waits, as TCP under load or in an emulated
+    /// guest. 0 for most seeds.
+    pub snapshot_delay_max_ms: u64,
     /// Servers keep their ranges on disk, synced every `sync_every_ms`; the whole cluster
     /// loses power about every `power_loss_every_ms` (`None`: servers have no disk).
     pub disks: Option<Disks>,
@@ -106,6 +110,7 @@ impl Params {
             partition_every_ms: rng.gen_range(300..=3000),
             worker_retry_ms: 40,
             quiet_ms_max: 30_000,
+            snapshot_delay_max_ms: if rng.gen_bool(0.3) { rng.gen_range(50..=3000) } else { 0 },
             disks: rng.gen_bool(0.5).then(|| Disks { sync_every_ms: rng.gen_range(1..=20), power_loss_every_ms: rng.gen_range(500..=2500) }),
         }
     }
@@ -296,7 +301,10 @@ impl Sim {
     }
 
     fn enqueue(&mut self, from: Addr, to: Addr, msg: Msg) {
-        let at = self.now + self.rng.gen_range(1..=self.p.delay_max_ms);
+        let mut at = self.now + self.rng.gen_range(1..=self.p.delay_max_ms);
+        if matches!(msg, Msg::Snapshot { .. }) && self.p.snapshot_delay_max_ms > 0 {
+            at += self.rng.gen_range(0..=self.p.snapshot_delay_max_ms);
+        }
         self.next_id += 1;
         self.queue.insert((at, self.next_id), (from, to, msg));
     }
