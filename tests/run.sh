@@ -81,16 +81,13 @@ export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/tests/softroce/run.sh"
 cargo test -p tessera-transport --all-features --locked --lib -- rdma::
 cargo test -p tessera-tests --all-features --locked --test rdma --test rdma_keys --test rdma_steady_state
 log "replication over RDMA, in the SoftRoCE guest: the kill test and the whole-cluster power loss, on verbs"
-# Three kills of real server processes, with the embedded coordinator; the sums are checked
-# exactly. The failure timeout is 2 s here, not 500 ms: under emulation a live
-# server's heartbeat is at times answered more than 500 ms late (see docs/testing.md). A heal
-# may take 180 s, not 60: a rejoined server's learners catch up several times slower than on
-# the host (one took over 60 s while the host was busy with builds beside the guest).
-# Then the whole cluster, servers (with --durability wal) and coordinator, killed at once and
-# restarted from their disks, twice, on the same verbs. The drain and join at the end of the kill
-# test run on the host only (REPLICATION_DRAIN=0): in the guest the drain has at times made no
-# progress for minutes (see docs/replication.md).
-REPLICATION_TRANSPORT=rdma REPLICATION_KILLS_EMBEDDED=3 REPLICATION_FAILURE_TIMEOUT_MS=2000 REPLICATION_HEAL_S=180 REPLICATION_DRAIN=0 \
+# Three kills of real server processes, with the embedded coordinator, then a drain and a join;
+# the sums are checked exactly. The failure timeout is 2 s here, not 500 ms: under emulation a
+# live server's heartbeat is at times answered more than 500 ms late (see docs/testing.md). A
+# heal may take 180 s, not 60: a rejoined server's learners catch up several times slower than
+# on the host. Then the whole cluster, servers (with --durability wal) and coordinator, killed at
+# once and restarted from their disks, twice, on the same verbs.
+REPLICATION_TRANSPORT=rdma REPLICATION_KILLS_EMBEDDED=3 REPLICATION_FAILURE_TIMEOUT_MS=2000 REPLICATION_HEAL_S=180 \
   cargo test -p tessera-tests --all-features --locked --test replication -- --exact \
   training_survives_kill_9_of_servers_with_the_embedded_coordinator a_whole_cluster_killed_at_once_comes_back_from_its_disks
 unset CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER

@@ -351,8 +351,7 @@ fn kill_test(with_etcd: bool, kills: usize) {
             coordinator_procs[dead] = start_coordinator(dead);
         }
     }
-    // `REPLICATION_DRAIN=0` skips the drain and the join (the RDMA run in the emulated guest;
-    // see the README).
+    // `REPLICATION_DRAIN=0` skips the drain and the join.
     let drain_and_join = std::env::var("REPLICATION_DRAIN").map_or(true, |v| v != "0");
     if drain_and_join {
         // Then one server leaves for good, gracefully, while the workers push: `tessera drain`

@@ -5,14 +5,14 @@
 //! down, its queue is full) is dropped, and the replica resends what matters. Heartbeats go to
 //! the coordinator, and its reply may carry a newer configuration, which is handed to the shards.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 use tessera_layout::catalog::ServerInfo;
 use tessera_replication::codec;
-use tessera_replication::protocol::{ClusterConfig, Msg, NodeId};
+use tessera_replication::protocol::{ClusterConfig, Msg, NodeId, RangeId, RangeReport};
 use tessera_transport::{Caller, Dialer, Header, Op, TransportError, CONTROL_SHARD};
 
 use super::Locator;
@@ -204,7 +204,8 @@ fn heartbeats(me: NodeId, coordinator: &Locator, dialer: &Dialer, rx: &Receiver<
     let mut linked = Linked::new();
     let mut addr: Option<String> = None;
     let mut refusal_said = None;
-    while let Ok(msg) = rx.recv() {
+    while let Ok(first) = rx.recv() {
+        let msg = newest_heartbeat(first, rx);
         if addr.is_none() {
             match coordinator.resolve() {
                 Ok(found) => addr = Some(found),
@@ -237,6 +238,35 @@ fn heartbeats(me: NodeId, coordinator: &Locator, dialer: &Dialer, rx: &Receiver<
             Err(e) => tracing::warn!(error = %e, "the coordinator's answer is malformed"),
         }
     }
+}
+
+/// Most heartbeats folded into one: all that can queue, in practice (each shard queues one per
+/// heartbeat interval).
+const HEARTBEATS_FOLDED_MAX: usize = OUT_QUEUE_MAX;
+
+/// `first`, with every heartbeat queued behind it folded in: one heartbeat that carries each
+/// range's newest report, and the oldest configuration any of them knew (so that the reply
+/// brings a newer one if a shard lacks it). A heartbeat tells the coordinator the state now;
+/// sent one by one, those that queued while a slow round trip was out (an overloaded machine,
+/// an emulated guest) reach it ever later, and it then sees a live server through reports
+/// minutes old: a learner its tail had long synced was never promoted, and the chain never
+/// healed (the kill test over RDMA in the SoftRoCE guest).
+fn newest_heartbeat(first: Msg, rx: &Receiver<Msg>) -> Msg {
+    let Msg::Heartbeat { node, incarnation, addr, cluster, mut config_id, ranges } = first else { return first };
+    let mut newest: BTreeMap<RangeId, RangeReport> = ranges.into_iter().map(|r| (r.range, r)).collect();
+    let mut addr = addr;
+    for _ in 0..HEARTBEATS_FOLDED_MAX {
+        match rx.try_recv() {
+            Ok(Msg::Heartbeat { addr: later, config_id: known, ranges, .. }) => {
+                addr = later;
+                config_id = config_id.min(known);
+                newest.extend(ranges.into_iter().map(|r| (r.range, r)));
+            }
+            Ok(other) => tracing::warn!(kind = other.kind(), "only heartbeats go to the coordinator; dropped"),
+            Err(_) => break,
+        }
+    }
+    Msg::Heartbeat { node, incarnation, addr, cluster, config_id, ranges: newest.into_values().collect() }
 }
 
 /// Notes `config` as the newest if it is, and hands it to the shards.
@@ -293,5 +323,42 @@ fn to_peer(me: NodeId, node: NodeId, dialer: &Dialer, rx: &Receiver<(u16, Msg)>,
             replied(*shard, links.entry(*shard).or_insert_with(Linked::new).send_body(&addr, *shard as u64, me, dialer, body));
             body.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_replication::protocol::Epoch;
+
+    fn heartbeat(config_id: u64, reports: &[(u32, u64)]) -> Msg {
+        let report = |&(range, version): &(u32, u64)| RangeReport {
+            range: RangeId(range),
+            epoch: Epoch(1),
+            installed: true,
+            version,
+            committed: version,
+            ticks: version,
+            learner_synced: false,
+        };
+        Msg::Heartbeat { node: NodeId(1), incarnation: 7, addr: "a:1".into(), cluster: 3, config_id, ranges: reports.iter().map(report).collect() }
+    }
+
+    /// Two shards' heartbeats queued while the last one was out go as one, with each range's
+    /// newest report and the oldest configuration either shard knew.
+    #[test]
+    fn queued_heartbeats_go_as_one_with_each_ranges_newest_report() {
+        let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
+        // Shard 0 holds ranges 0 and 2, shard 1 range 1; each queued three heartbeats.
+        for beat in 0..3u64 {
+            tx.send(heartbeat(5 + beat, &[(0, 10 + beat), (2, 20 + beat)])).unwrap();
+            tx.send(heartbeat(4 + beat, &[(1, 30 + beat)])).unwrap();
+        }
+        let first = rx.recv().unwrap();
+        let Msg::Heartbeat { node, incarnation, config_id, ranges, .. } = newest_heartbeat(first, &rx) else { panic!("not a heartbeat") };
+        assert_eq!((node, incarnation, config_id), (NodeId(1), 7, 4));
+        let versions: Vec<(u32, u64)> = ranges.iter().map(|r| (r.range.0, r.version)).collect();
+        assert_eq!(versions, vec![(0, 12), (1, 32), (2, 22)]);
+        assert!(rx.is_empty(), "every queued heartbeat was folded in");
     }
 }
