@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs inside the SoftRoCE guest (tests/softroce/run.sh tests/softroce/rdma-bench.sh): perftest on
 # rxe0, then `tessera bench` over RDMA (one server; and, at one size, a replicated cluster beside
-# one server) and over TCP, all in the same guest, and prints Tessera's ratios to perftest. SoftRoCE gives ratios, not hardware speed.
+# one server) and over TCP, all in the same guest, and prints Tessera's ratios to perftest.
+# SoftRoCE gives ratios, not hardware speed.
 #
 # An emulated guest's speed drifts by tens of percent within seconds (the host is shared; in one
 # guest perftest's own 8 B write latency read 9.4 and 14.2 us a minute apart), so the comparison

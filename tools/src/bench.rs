@@ -315,10 +315,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.perftest {
         report.perftest = compare_perftest(&report.results, path)?;
     }
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
-    }
+    write_json_out(&args, &report)?;
     print_report(&report, args.json)
+}
+
+/// Writes `report` to `--json-out`'s file, if given.
+fn write_json_out(args: &BenchArgs, report: &impl Serialize) -> Result<()> {
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// `tessera bench --replicas R`: an unreplicated server and a replicated cluster, both in this
@@ -414,9 +420,7 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         report.perftest = compare_perftest(&report.results, path)?;
         print_perftest(&report.perftest);
     }
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
-    }
+    write_json_out(args, &report)?;
     Ok(())
 }
 
