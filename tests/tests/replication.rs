@@ -333,8 +333,10 @@ fn kill_test(with_etcd: bool, kills: usize) {
         };
         std::thread::sleep(Duration::from_millis(rng.gen_range(100..800)));
         servers[victim] = start(victim);
+        let restarted_at = Instant::now();
         let procs: Vec<&ServerProc> = servers.iter().chain(&coordinator_procs).collect();
         wait_healed_or_dump(&coordinators, Some((victim + 1, old)), heal_within(), &procs);
+        eprintln!("kill {k}: healed {:?} after the restart", restarted_at.elapsed());
         detections.push(watcher.join().expect("watcher").map_or(Duration::MAX, |at| at - killed_at));
         if with_etcd && k == kills / 2 {
             // The leading coordinator dies too; the other, standing by in etcd's election, takes
