@@ -282,10 +282,15 @@ impl RoundTrip {
         self.resends = self.resends.saturating_add(1);
     }
 
+    /// The longest round trip the measurements expect (mean plus four deviations); 0 before the
+    /// first measurement.
+    fn measured_ms(&self) -> u64 {
+        self.mean_ms.map_or(0, |m| m + 4 * self.deviation_ms)
+    }
+
     /// How long to wait for progress before resending, `interval` at least.
     fn wait_ms(&self, interval: u64) -> u64 {
-        let measured = self.mean_ms.map_or(0, |m| m + 4 * self.deviation_ms);
-        let base = measured.max(interval).min(RESEND_WAIT_MS_MAX);
+        let base = self.measured_ms().max(interval).min(RESEND_WAIT_MS_MAX);
         base.saturating_mul(1 << self.resends.min(16)).min(RESEND_WAIT_MS_MAX.max(interval))
     }
 
@@ -295,8 +300,7 @@ impl RoundTrip {
     /// a whole range: behind a slow link each one sent too soon only lengthens the queue that
     /// delays the first.
     fn snapshot_wait_ms(&self, interval: u64, snapshot_round_trip_ms: Option<u64>) -> u64 {
-        let measured = self.mean_ms.map_or(0, |m| m + 4 * self.deviation_ms);
-        let base = measured.max(interval).max(snapshot_round_trip_ms.map_or(0, |rt| 2 * rt));
+        let base = self.measured_ms().max(interval).max(snapshot_round_trip_ms.map_or(0, |rt| 2 * rt));
         base.saturating_mul(1 << self.resends.min(16)).min(SNAPSHOT_WAIT_MS_MAX.max(interval))
     }
 }

@@ -252,9 +252,8 @@ const HEARTBEATS_FOLDED_MAX: usize = OUT_QUEUE_MAX;
 /// minutes old: a learner its tail had long synced was never promoted, and the chain never
 /// healed (the kill test over RDMA in the SoftRoCE guest).
 fn newest_heartbeat(first: Msg, rx: &Receiver<Msg>) -> Msg {
-    let Msg::Heartbeat { node, incarnation, addr, cluster, mut config_id, ranges } = first else { return first };
+    let Msg::Heartbeat { node, incarnation, mut addr, cluster, mut config_id, ranges } = first else { return first };
     let mut newest: BTreeMap<RangeId, RangeReport> = ranges.into_iter().map(|r| (r.range, r)).collect();
-    let mut addr = addr;
     for _ in 0..HEARTBEATS_FOLDED_MAX {
         match rx.try_recv() {
             Ok(Msg::Heartbeat { addr: later, config_id: known, ranges, .. }) => {

@@ -74,6 +74,10 @@ pub struct Params {
     /// one; a link slower than the replicas' resend waits, as TCP under load or in an emulated
     /// guest. 0 for most seeds.
     pub snapshot_delay_max_ms: u64,
+    /// Workers go on pushing after the faults end until every chain is whole again, as a
+    /// training job does: a learner must catch up with a range that keeps changing, not only
+    /// with one that has gone still. Otherwise each worker stops after its pushes.
+    pub push_until_whole: bool,
     /// Servers keep their ranges on disk, synced every `sync_every_ms`; the whole cluster
     /// loses power about every `power_loss_every_ms` (`None`: servers have no disk).
     pub disks: Option<Disks>,
@@ -111,6 +115,7 @@ impl Params {
             worker_retry_ms: 40,
             quiet_ms_max: 30_000,
             snapshot_delay_max_ms: if rng.gen_bool(0.3) { rng.gen_range(50..=3000) } else { 0 },
+            push_until_whole: rng.gen_bool(0.5),
             disks: rng.gen_bool(0.5).then(|| Disks { sync_every_ms: rng.gen_range(1..=20), power_loss_every_ms: rng.gen_range(500..=2500) }),
         }
     }
@@ -382,6 +387,11 @@ impl Sim {
     /// Workers start pushes at random, and resend those that timed out.
     fn push_work(&mut self) {
         let ranges = self.p.rcfg.ranges;
+        if self.p.push_until_whole && !self.faults && !self.chains_whole(false) {
+            for w in &mut self.workers {
+                w.to_push = w.to_push.max(1);
+            }
+        }
         for w in 0..self.workers.len() {
             if self.workers[w].timed_out(self.now, self.p.worker_retry_ms) {
                 self.workers[w].view = self.coordinator.config().clone();
@@ -547,9 +557,13 @@ impl Sim {
 
     /// Every push acknowledged, every chain whole and in step, everyone on the latest config.
     fn settled(&self) -> bool {
-        if !self.workers.iter().all(SimWorker::done) {
-            return false;
-        }
+        self.workers.iter().all(SimWorker::done) && self.chains_whole(true)
+    }
+
+    /// Every live server has the newest configuration, and every chain has its full length, no
+    /// learner, each member holding the range; and, if `same_versions`, the same version at each
+    /// member (not while pushes go on).
+    fn chains_whole(&self, same_versions: bool) -> bool {
         let config = self.coordinator.config();
         let live = self.nodes.iter().filter(|n| n.replica.is_some()).count();
         let want = (self.p.rcfg.replicas as usize).min(live);
@@ -561,7 +575,7 @@ impl Sim {
                 chain.learner.is_none()
                     && chain.nodes.len() == want
                     && states.iter().all(|s| s.is_some_and(|s| s.installed))
-                    && states.windows(2).all(|w| w[0].map(|s| s.version) == w[1].map(|s| s.version))
+                    && (!same_versions || states.windows(2).all(|w| w[0].map(|s| s.version) == w[1].map(|s| s.version)))
             })
     }
 
