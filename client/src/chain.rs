@@ -495,7 +495,6 @@ impl Chain {
     }
 
     /// A `WorkerPush` request to `at` (a batch of pushes, or a poll when `body` is empty).
-    /// A `WorkerPush` request to `at` (a batch of pushes, or a poll when `body` is empty).
     fn worker_push(&self, at: (String, u16), body: Vec<u8>) -> Outgoing {
         let mut header = Header::request(Op::WorkerPush, 0);
         header.worker = self.worker;
