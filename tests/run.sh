@@ -17,7 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n==> %s\n' "$*"; }
+# Each step's heading carries the time since the start, so a log shows where the minutes go.
+log() { printf '\n==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 # --- system packages --------------------------------------------------------------------------
 # ensure CMD:PACKAGE ... installs each PACKAGE whose CMD is missing (apt, as root), so that a warm
