@@ -5,6 +5,7 @@
 //!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary ack-at-head
 //!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary ack-before-durable
 //!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary resume-unchecked
+//!   cargo run -p tessera-replication --release --example sim -- --seeds 200 --canary tail-ack-undurable
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -12,11 +13,12 @@ use std::time::Instant;
 use tessera_replication::replica::Canary;
 use tessera_replication::sim::{self, SimOptions};
 
-const USAGE: &str = "usage: sim [--seed N | --seeds COUNT [--from N]] [--trace] [--canary ack-at-head|ack-before-durable|resume-unchecked]";
+const USAGE: &str = "usage: sim [--seed N | --seeds COUNT [--from N]] [--trace] [--tail-acks on|off] [--canary ack-at-head|ack-before-durable|resume-unchecked|tail-ack-undurable]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let (mut from, mut count, mut trace, mut canary) = (0u64, 1u64, false, Canary::None);
+    let mut tail_acks = None;
     while let Some(arg) = args.next() {
         let mut number = |what: &str| -> Option<u64> {
             let v = args.next().and_then(|v| v.parse().ok());
@@ -39,12 +41,21 @@ fn main() -> ExitCode {
                 None => return ExitCode::from(2),
             },
             "--trace" => trace = true,
+            "--tail-acks" => match args.next().as_deref() {
+                Some("on") => tail_acks = Some(true),
+                Some("off") => tail_acks = Some(false),
+                other => {
+                    eprintln!("--tail-acks takes on or off, not {other:?}\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
             "--canary" => match args.next().as_deref() {
                 Some("ack-at-head") => canary = Canary::AckAtHead,
                 Some("ack-before-durable") => canary = Canary::AckBeforeDurable,
                 Some("resume-unchecked") => canary = Canary::ResumeUnchecked,
+                Some("tail-ack-undurable") => canary = Canary::TailAckUndurable,
                 other => {
-                    eprintln!("unknown canary {other:?}; the ones there are: ack-at-head, ack-before-durable, resume-unchecked\n{USAGE}");
+                    eprintln!("unknown canary {other:?}; the ones there are: ack-at-head, ack-before-durable, resume-unchecked, tail-ack-undurable\n{USAGE}");
                     return ExitCode::from(2);
                 }
             },
@@ -62,8 +73,9 @@ fn main() -> ExitCode {
     let (mut failed, mut sim_ms, mut crashes, mut partitions, mut messages) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut power_losses = 0u64;
     let mut overlapping = 0u64;
+    let (mut acked, mut ack_ms, mut tail_acked, mut quiet_acked, mut quiet_ack_ms) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for seed in from..from + count {
-        match sim::run(&SimOptions { seed, canary, trace }) {
+        match sim::run(&SimOptions { seed, canary, trace, tail_acks }) {
             Ok(r) => {
                 sim_ms += r.sim_ms;
                 crashes += r.crashes;
@@ -71,6 +83,8 @@ fn main() -> ExitCode {
                 partitions += r.partitions;
                 overlapping += r.overlapping;
                 messages += r.messages;
+                (acked, ack_ms, tail_acked) = (acked + r.pushes_acked, ack_ms + r.ack_ms, tail_acked + r.tail_acks);
+                (quiet_acked, quiet_ack_ms) = (quiet_acked + r.quiet_acked, quiet_ack_ms + r.quiet_ack_ms);
                 if count == 1 {
                     println!("seed {seed} passed: {r:?}");
                 }
@@ -86,6 +100,14 @@ fn main() -> ExitCode {
         sim_ms as f64 / 1000.0,
         started.elapsed().as_secs_f64()
     );
+    if acked > 0 {
+        let mean = |ms: u64, n: u64| ms as f64 / n.max(1) as f64;
+        println!(
+            "{acked} pushes acknowledged, {:.2} ms from start to first acknowledgement on average ({quiet_acked} started after the faults: {:.2} ms); {tail_acked} acknowledgements from tails",
+            mean(ack_ms, acked),
+            mean(quiet_ack_ms, quiet_acked)
+        );
+    }
     if failed > 0 {
         ExitCode::FAILURE
     } else {

@@ -22,6 +22,7 @@ const HEARTBEAT: u8 = 8;
 const CONFIG: u8 = 9;
 const SEQ_COUNT: u8 = 10;
 const RESUME: u8 = 11;
+const DURABLE: u8 = 12;
 
 /// A heartbeat's fields, as JSON carries them.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -51,8 +52,11 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
         Msg::NotHead { range, config_id } => {
             w.u8(NOT_HEAD).u32(range.0).u64(*config_id);
         }
-        Msg::Forward { range, epoch, version, digest, clock, delta } => {
-            w.u8(FORWARD).u32(range.0).u64(epoch.0).u64(*version).u32(*digest).clock(clock).bytes(delta);
+        Msg::Forward { range, epoch, version, digest, clock, delta, durable } => {
+            w.u8(FORWARD).u32(range.0).u64(epoch.0).u64(*version).u32(*digest).u64(*durable).clock(clock).bytes(delta);
+        }
+        Msg::Durable { range, epoch, version } => {
+            w.u8(DURABLE).u32(range.0).u64(epoch.0).u64(*version);
         }
         Msg::Ack { range, epoch, version } => {
             w.u8(ACK).u32(range.0).u64(epoch.0).u64(*version);
@@ -95,9 +99,11 @@ pub fn decode_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Msg> {
             epoch: Epoch(r.u64()?),
             version: r.u64()?,
             digest: r.u32()?,
+            durable: r.u64()?,
             clock: r.clock()?,
             delta: payloads.make(r.bytes()?),
         },
+        DURABLE => Msg::Durable { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         ACK => Msg::Ack { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         NEED => Msg::Need { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         SNAPSHOT => {
@@ -207,7 +213,8 @@ mod tests {
             Msg::PushAck { range: RangeId(1), seq: 9 },
             Msg::SeqCount { range: RangeId(2), seq: 4 },
             Msg::NotHead { range: RangeId(1), config_id: 77 },
-            Msg::Forward { range: RangeId(5), epoch: Epoch(2), version: 8, digest: 0xDEAD_BEEF, clock: clock.clone(), delta: vec![9; 10].into() },
+            Msg::Forward { range: RangeId(5), epoch: Epoch(2), version: 8, digest: 0xDEAD_BEEF, clock: clock.clone(), delta: vec![9; 10].into(), durable: 6 },
+            Msg::Durable { range: RangeId(5), epoch: Epoch(2), version: 7 },
             Msg::Ack { range: RangeId(5), epoch: Epoch(2), version: 8 },
             Msg::Need { range: RangeId(5), epoch: Epoch(2), version: 8 },
             Msg::Snapshot { range: RangeId(5), epoch: Epoch(2), version: 8, digest: 7, clock, data: Vec::new().into() },
@@ -240,7 +247,7 @@ mod tests {
         assert!(decode(&[200]).unwrap_err().to_string().contains("unknown message kind 200"));
         // A clock claiming four billion workers is refused before anything is allocated.
         let mut huge = vec![FORWARD];
-        huge.extend_from_slice(&[0; 4 + 8 + 8 + 4]);
+        huge.extend_from_slice(&[0; 4 + 8 + 8 + 4 + 8]);
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&huge).unwrap_err().to_string().contains("over the limit"));
     }

@@ -168,7 +168,8 @@ pub struct RangeReport {
 pub enum Msg {
     /// Worker to head: the worker's `seq`-th push to `range` (counted from 1).
     Push { range: RangeId, worker: WorkerId, seq: u32, payload: Arc<[u8]> },
-    /// Head to worker: every push of the worker to `range` up to `seq` is held by the tail.
+    /// Head (or tail, see [`Msg::Durable`]) to worker: every push of the worker to `range` up to
+    /// `seq` is held by the tail.
     PushAck { range: RangeId, seq: u32 },
     /// Head to worker, asked: `seq` of the worker's pushes to `range` are applied. A worker's new
     /// client numbers its pushes from there.
@@ -177,8 +178,13 @@ pub enum Msg {
     NotHead { range: RangeId, config_id: u64 },
     /// Down the chain (and from the tail to its learner): update `version` of the range, with
     /// the vector clock after it, and the range's history digest after it
-    /// ([`digest_after`](crate::replica::digest_after)).
-    Forward { range: RangeId, epoch: Epoch, version: u64, digest: u32, clock: Arc<[u32]>, delta: Arc<[u8]> },
+    /// ([`digest_after`](crate::replica::digest_after)). `durable`: the lowest version the
+    /// sender and every replica before it hold on disk, as far as the sender knows.
+    Forward { range: RangeId, epoch: Epoch, version: u64, digest: u32, clock: Arc<[u32]>, delta: Arc<[u8]>, durable: u64 },
+    /// Down the chain: the sender and every replica before it hold the range up to `version`
+    /// on disk (sent when that grows with no update to carry it; only by replicas whose tails
+    /// acknowledge workers, see [`Replica::ack_from_tail`](crate::replica::Replica::ack_from_tail)).
+    Durable { range: RangeId, epoch: Epoch, version: u64 },
     /// Up the chain: the tail holds every update up to `version`. From a learner to its tail:
     /// the learner holds them.
     Ack { range: RangeId, epoch: Epoch, version: u64 },
@@ -209,6 +215,7 @@ impl Msg {
             Msg::SeqCount { .. } => "seq-count",
             Msg::NotHead { .. } => "not-head",
             Msg::Forward { .. } => "forward",
+            Msg::Durable { .. } => "durable",
             Msg::Ack { .. } => "ack",
             Msg::Need { .. } => "need",
             Msg::Snapshot { .. } => "snapshot",

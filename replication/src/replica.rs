@@ -111,6 +111,9 @@ pub enum Canary {
     AckBeforeDurable,
     /// A tail lets a learner resume from what it holds without comparing history digests.
     ResumeUnchecked,
+    /// A tail that acknowledges workers ([`Replica::ack_from_tail`]) does so once it holds an
+    /// update, without waiting for the replicas upstream to hold it on disk.
+    TailAckUndurable,
 }
 
 /// An update kept until the successor acknowledges it.
@@ -232,6 +235,16 @@ struct RangeState {
     history_bytes: usize,
     /// A learner that asked its tail to resume from what it holds (not yet `installed`).
     resuming: bool,
+    /// The lowest version every replica upstream of this one holds on disk, as the upstream
+    /// replica last said (in a `Forward` or a `Durable`); 0 until one says.
+    upstream_durable: u64,
+    /// What this replica last told its downstream replica of the chain's durable prefix, and
+    /// which replica that was.
+    told_durable: Option<(NodeId, u64)>,
+    /// On a tail that acknowledges workers: the version up to which it did, and the seq it last
+    /// acknowledged to each worker.
+    tail_acked: u64,
+    worker_acked: Vec<u32>,
 }
 
 /// A range's measured round trip to its successor (forward to acknowledgement), in ms, and the
@@ -305,6 +318,17 @@ impl RoundTrip {
     }
 }
 
+/// The lowest version this replica and every one upstream of it hold on disk, as far as it
+/// knows: its own durable version on a head, else the lower of that and what upstream said.
+fn durable_prefix(st: &RangeState, place: Place, canary: Canary) -> u64 {
+    let own = if canary == Canary::AckBeforeDurable { st.version } else { st.durable.unwrap_or(0) };
+    if place.head {
+        own
+    } else {
+        own.min(st.upstream_durable)
+    }
+}
+
 /// Forgets logged updates up to `version`: the downstream replica holds them.
 fn trim(log: &mut VecDeque<Entry>, version: u64) {
     while log.front().is_some_and(|e| e.version <= version) {
@@ -320,6 +344,10 @@ impl RangeState {
             version: 0,
             committed: 0,
             clock: vec![0; workers as usize],
+            upstream_durable: 0,
+            told_durable: None,
+            tail_acked: 0,
+            worker_acked: vec![0; workers as usize],
             log: VecDeque::new(),
             open: None,
             waiting: VecDeque::new(),
@@ -450,6 +478,8 @@ pub struct ReplicaStats {
     pub snapshots_installed: u64,
     /// Messages dropped because they belong to another epoch or come from a stranger.
     pub stale_dropped: u64,
+    /// Acknowledgements sent to workers by this replica as a tail ([`Replica::ack_from_tail`]).
+    pub tail_acks: u64,
     /// Messages from a peer refused, nothing of them applied: updates and snapshots whose clock
     /// has another width than the range's or goes backwards, or that the store could not apply;
     /// acknowledgements of versions this replica never had; requests for updates it no longer
@@ -490,6 +520,8 @@ pub struct Replica<S> {
     now_ms: u64,
     heartbeat_due_ms: u64,
     canary: Canary,
+    /// Tails acknowledge workers' pushes themselves ([`Replica::ack_from_tail`]).
+    tail_acks: bool,
     stats: ReplicaStats,
     /// Peer messages refused since the driver last asked, with the reason.
     refusals: Vec<(RangeId, String)>,
@@ -521,6 +553,7 @@ impl<S: Store> Replica<S> {
             now_ms: 0,
             heartbeat_due_ms: 0,
             canary: Canary::None,
+            tail_acks: false,
             stats: ReplicaStats::default(),
             refusals: Vec::new(),
             generations: 0,
@@ -577,6 +610,15 @@ impl<S: Store> Replica<S> {
     #[doc(hidden)]
     pub fn plant(&mut self, canary: Canary) {
         self.canary = canary;
+    }
+
+    /// Whether a chain's tail acknowledges workers' pushes itself, besides the head: a worker
+    /// then hears of a push as soon as the tail holds it and every replica holds it on disk,
+    /// without the acknowledgement's way back up the chain. Each `Forward` carries the lowest
+    /// version the replicas upstream hold on disk, and a `Durable` says when that grows with no
+    /// update to carry it. Off by default: the worker must be able to hear from the tail.
+    pub fn ack_from_tail(&mut self, on: bool) {
+        self.tail_acks = on;
     }
 
     pub fn id(&self) -> NodeId {
@@ -701,9 +743,10 @@ impl<S: Store> Replica<S> {
         self.now_ms = now_ms;
         match (from, msg) {
             (_, Msg::Push { range, worker, seq, payload }) => self.on_push(range, worker, seq, &payload),
-            (Addr::Node(from), Msg::Forward { range, epoch, version, digest, clock, delta }) => {
-                self.on_forward(from, range, epoch, Entry { version, digest, clock, delta })
+            (Addr::Node(from), Msg::Forward { range, epoch, version, digest, clock, delta, durable }) => {
+                self.on_forward(from, range, epoch, Entry { version, digest, clock, delta }, durable)
             }
+            (Addr::Node(from), Msg::Durable { range, epoch, version }) => self.on_durable(from, range, epoch, version),
             (Addr::Node(from), Msg::Ack { range, epoch, version }) => self.on_ack(from, range, epoch, version),
             (Addr::Node(from), Msg::Need { range, epoch, version }) => self.on_need(from, range, epoch, version),
             (Addr::Node(from), Msg::Snapshot { range, epoch, version, digest, clock, data }) => {
@@ -777,6 +820,7 @@ impl<S: Store> Replica<S> {
                     self.send(up, Msg::Ack { range, epoch, version });
                 }
             } else {
+                self.tell_durable(range, place);
                 self.commit(range, place, goal);
             }
         }
@@ -879,8 +923,10 @@ impl<S: Store> Replica<S> {
             let learner_waits = place.succ.is_none() && st.learner.is_some_and(|l| l.needs_snapshot);
             if !learner_waits {
                 st.round_trip.forwarded(entry.version, self.now_ms);
+                let durable = durable_prefix(st, place, self.canary);
+                st.told_durable = Some((down, durable));
                 let Entry { version, digest, clock, delta } = entry;
-                let msg = Msg::Forward { range, epoch: st.epoch, version, digest, clock, delta };
+                let msg = Msg::Forward { range, epoch: st.epoch, version, digest, clock, delta, durable };
                 self.stats.updates_forwarded += 1;
                 self.out.push((Addr::Node(down), msg));
             }
@@ -926,6 +972,70 @@ impl<S: Store> Replica<S> {
             self.out.push((Addr::Node(up), msg));
         }
         self.release_acks(range);
+        self.ack_at_tail(range, place);
+    }
+
+    /// On a tail that acknowledges workers ([`Replica::ack_from_tail`]): acknowledges each
+    /// worker's pushes up to what the range's clock counts at the newest version that is both
+    /// committed here and on disk at every replica upstream. The clock counts each worker's
+    /// pushes applied, so the tail keeps nothing per push; a version the history no longer
+    /// holds the clock of waits for the next (the head acknowledges it anyway).
+    fn ack_at_tail(&mut self, range: RangeId, place: Place) {
+        if !self.tail_acks || !place.is_tail() || place.head {
+            return;
+        }
+        let canary = self.canary;
+        let Some(st) = self.ranges[range.0 as usize].as_mut().filter(|st| st.installed && st.epoch == place.epoch) else { return };
+        let ackable = if canary == Canary::TailAckUndurable { st.committed } else { st.committed.min(st.upstream_durable) };
+        if ackable <= st.tail_acked {
+            return;
+        }
+        let clock: &[u32] = if ackable == st.version {
+            &st.clock
+        } else {
+            match st.history.iter().rev().find(|e| e.version == ackable) {
+                Some(e) => &e.clock,
+                None => return,
+            }
+        };
+        for (w, (&seq, acked)) in clock.iter().zip(st.worker_acked.iter_mut()).enumerate() {
+            if seq > *acked {
+                *acked = seq;
+                self.stats.tail_acks += 1;
+                self.out.push((Addr::Worker(WorkerId(w as u32)), Msg::PushAck { range, seq }));
+            }
+        }
+        st.tail_acked = ackable;
+    }
+
+    /// Tells the downstream replica how far the chain up to here holds the range on disk, if
+    /// that grew since it was last told (only where tails acknowledge workers).
+    fn tell_durable(&mut self, range: RangeId, place: Place) {
+        if !self.tail_acks {
+            return;
+        }
+        let Some(down) = place.downstream() else { return };
+        let canary = self.canary;
+        let Some(st) = self.ranges[range.0 as usize].as_mut().filter(|st| st.installed && st.epoch == place.epoch) else { return };
+        let durable = durable_prefix(st, place, canary);
+        if st.told_durable.is_some_and(|(to, told)| to == down && told >= durable) || durable == 0 {
+            return;
+        }
+        st.told_durable = Some((down, durable));
+        let epoch = st.epoch;
+        self.send(down, Msg::Durable { range, epoch, version: durable });
+    }
+
+    /// The upstream replica says how far the chain up to it holds the range on disk.
+    fn on_durable(&mut self, from: NodeId, range: RangeId, epoch: Epoch, version: u64) {
+        let Some(place) = self.expect_from(range, epoch, from, true) else { return };
+        let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
+        if version <= st.upstream_durable {
+            return;
+        }
+        st.upstream_durable = version;
+        self.tell_durable(range, place);
+        self.ack_at_tail(range, place);
     }
 
     /// Acknowledges the pushes the tail now holds (on the head).
@@ -961,9 +1071,10 @@ impl<S: Store> Replica<S> {
         place.filter(|_| ok)
     }
 
-    fn on_forward(&mut self, from: NodeId, range: RangeId, epoch: Epoch, entry: Entry) {
+    fn on_forward(&mut self, from: NodeId, range: RangeId, epoch: Epoch, entry: Entry, durable: u64) {
         let Some(place) = self.expect_from(range, epoch, from, true) else { return };
         let st = self.ranges[range.0 as usize].as_mut().expect("checked by expect_from");
+        st.upstream_durable = st.upstream_durable.max(durable);
         if !st.installed {
             return; // a learner waiting for its snapshot
         }
@@ -1196,12 +1307,14 @@ impl<S: Store> Replica<S> {
 
     /// Sends `to` the logged updates after version `after`, at most [`RESEND_BATCH_MAX`].
     fn resend_after(&mut self, range: RangeId, to: NodeId, after: u64) {
+        let place = self.place(range);
         let st = self.ranges[range.0 as usize].as_ref().expect("resending a held range");
         let epoch = st.epoch;
+        let durable = place.map_or(0, |p| durable_prefix(st, p, self.canary));
         let again: Vec<Entry> = st.log.iter().filter(|e| e.version > after).take(RESEND_BATCH_MAX).cloned().collect();
         self.stats.updates_resent += again.len() as u64;
         for Entry { version, digest, clock, delta } in again {
-            self.send(to, Msg::Forward { range, epoch, version, digest, clock, delta });
+            self.send(to, Msg::Forward { range, epoch, version, digest, clock, delta, durable });
         }
     }
 
@@ -1551,8 +1664,15 @@ mod tests {
     #[test]
     fn a_stranger_or_another_epoch_changes_nothing() {
         let mut nodes = cluster();
-        let forward =
-            |epoch| Msg::Forward { range: RangeId(0), epoch: Epoch(epoch), version: 1, digest: 0, clock: vec![0u32, 1].into(), delta: encode(&[9, 0]).into() };
+        let forward = |epoch| Msg::Forward {
+            range: RangeId(0),
+            epoch: Epoch(epoch),
+            version: 1,
+            digest: 0,
+            clock: vec![0u32, 1].into(),
+            delta: encode(&[9, 0]).into(),
+            durable: 0,
+        };
         // Node 2's predecessor is 1, not 0; and epoch 2 is not the range's epoch.
         nodes[2].step(1, Addr::Node(NodeId(0)), forward(1));
         nodes[1].step(1, Addr::Node(NodeId(0)), forward(2));
@@ -1572,7 +1692,7 @@ mod tests {
         let (range, epoch) = (RangeId(0), Epoch(1));
         // From the right predecessor in the right epoch, so only the clocks give them away: one
         // of another width, one behind what node 1 holds.
-        let forward = Msg::Forward { range, epoch, version: 2, digest: 0, clock: vec![0u32, 1, 7].into(), delta: encode(&[9, 0]).into() };
+        let forward = Msg::Forward { range, epoch, version: 2, digest: 0, clock: vec![0u32, 1, 7].into(), delta: encode(&[9, 0]).into(), durable: 0 };
         let snapshot = Msg::Snapshot { range, epoch, version: 5, digest: 0, clock: vec![0u32, 0].into(), data: encode(&[9, 0]).into() };
         nodes[1].step(1, Addr::Node(NodeId(0)), forward);
         nodes[1].step(1, Addr::Node(NodeId(0)), snapshot);
@@ -1677,17 +1797,19 @@ mod tests {
     }
 
     /// Chain 0 -> 1 -> 2 over disks: a push is acknowledged only once every member's disk
-    /// holds it, whichever member syncs last.
+    /// holds it, whichever member syncs last; by the head, and where tails acknowledge workers
+    /// by the tail too (which hears of the upstream disks through `Durable`).
     #[test]
     fn a_push_is_acknowledged_once_every_disk_in_the_chain_holds_it() {
         let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
         let members = (0..3).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
         let chain = Chain { epoch: Epoch(1), nodes: vec![NodeId(0), NodeId(1), NodeId(2)], learner: None };
         let config = Arc::new(ClusterConfig { id: 1, members: members.collect(), chains: vec![chain], drained: Vec::new(), cluster: 0 });
-        for last in 0..3 {
+        for (tail_acks, last) in [false, true].into_iter().flat_map(|t| (0..3).map(move |l| (t, l))) {
             let mut nodes: Vec<_> = (0..3)
                 .map(|n| {
                     let mut r = Replica::new(NodeId(n), 1, String::new(), rcfg.clone(), SimStore::with_disk());
+                    r.ack_from_tail(tail_acks);
                     r.step(0, Addr::Coordinator, Msg::Config(config.clone()));
                     r
                 })
@@ -1702,7 +1824,9 @@ mod tests {
             }
             assert!(settle(&mut nodes).is_empty(), "acknowledged before node {last}'s disk held it");
             nodes[last].store_mut().sync();
-            assert_eq!(settle(&mut nodes), vec![Msg::PushAck { range: RangeId(0), seq: 1 }], "node {last} synced last");
+            let acks = vec![Msg::PushAck { range: RangeId(0), seq: 1 }; 1 + tail_acks as usize];
+            assert_eq!(settle(&mut nodes), acks, "node {last} synced last, tail acks {tail_acks}");
+            assert_eq!(nodes[2].stats().tail_acks, tail_acks as u64);
         }
     }
 

@@ -46,7 +46,7 @@ fn canary_is_caught(canary: Canary, caught: impl Fn(&str) -> bool) {
     let mut found = None;
     let mut failed = 0;
     for seed in 0..200 {
-        if let Err(failure) = sim::run(&SimOptions { seed, canary, trace: false }) {
+        if let Err(failure) = sim::run(&SimOptions { seed, canary, ..Default::default() }) {
             failed += 1;
             if caught(&failure.what) {
                 found = Some(failure);
@@ -67,10 +67,23 @@ fn canary_ack_at_head_is_caught() {
 
 #[test]
 fn canary_ack_before_durable_is_caught() {
-    // Replicas that commit updates their disks do not hold yet lose acknowledged pushes when the
-    // whole cluster loses power: a checker must say so, as a lost push, or as a version committed
-    // twice with different contents (a chain revived from a disk that lacked it went on without it).
-    canary_is_caught(Canary::AckBeforeDurable, |what| what.starts_with("acknowledged push lost") || what.contains("another replica held"));
+    // Replicas that commit updates their disks do not hold yet break what an acknowledgement
+    // promises (every member's disk holds the push), and lose acknowledged pushes when the whole
+    // cluster loses power: a checker must say so, at the acknowledgement, as a lost push, or as a
+    // version committed twice with different contents (a chain revived from a disk that lacked it
+    // went on without it).
+    canary_is_caught(Canary::AckBeforeDurable, |what| {
+        what.contains("holds them only up to") || what.starts_with("acknowledged push lost") || what.contains("another replica held")
+    });
+}
+
+#[test]
+fn canary_tail_ack_undurable_is_caught() {
+    // A tail that acknowledges workers once it holds a push on disk, without waiting for the
+    // replicas upstream to hold it on disk too, breaks what an acknowledgement promises: the
+    // checker at each acknowledgement must say so. (A power loss alone need not lose it: the
+    // tail's disk has it.)
+    canary_is_caught(Canary::TailAckUndurable, |what| what.contains("holds them only up to"));
 }
 
 #[test]

@@ -593,7 +593,7 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     ];
     let version = before.0 + 1;
     for (what, clock, delta) in bad_updates {
-        let forward = Msg::Forward { range, epoch, version, digest: 0, clock: clock.clone(), delta: delta.clone().into() };
+        let forward = Msg::Forward { range, epoch, version, digest: 0, clock: clock.clone(), delta: delta.clone().into(), durable: 0 };
         assert_eq!(forged(at, Op::Replicate, head as u32, &peer_msg(&forward)), None, "{what}: the frame itself is well formed");
         let snapshot = Msg::Snapshot { range, epoch, version: version + 10, digest: 0, clock, data: delta.into() };
         assert_eq!(forged(at, Op::Replicate, head as u32, &peer_msg(&snapshot)), None, "{what}");
@@ -602,6 +602,11 @@ fn forged_and_malformed_replication_frames_change_nothing() {
     // middle never had, and messages a peer may not send.
     assert_eq!(forged(at, Op::Replicate, tail as u32, &peer_msg(&Msg::Ack { range, epoch, version: 1 << 40 })), None);
     assert_eq!(forged(at, Op::Replicate, tail as u32, &peer_msg(&Msg::Need { range, epoch, version: 0 })), None);
+    // A claim that the chain holds far more on disk than it has, from the tail (not upstream)
+    // and from the head: taken as told only from upstream, and only where tails acknowledge.
+    for from in [tail, head] {
+        assert_eq!(forged(at, Op::Replicate, from as u32, &peer_msg(&Msg::Durable { range, epoch, version: 1 << 40 })), None);
+    }
     let push = Msg::Push { range, worker: WorkerId(0), seq: 1, payload: vec![0u8; 4].into() };
     assert!(forged(at, Op::Replicate, head as u32, &peer_msg(&push)).is_some_and(|e| e.contains("may not send")));
     // Bytes that are no message at all.

@@ -435,7 +435,8 @@ impl ChainShard {
         if msgs.is_empty() {
             return Err(EngineError::BadRequest { reason: "a Replicate request with no message".into() });
         }
-        let from_peer = |m: &Msg| matches!(m, Msg::Forward { .. } | Msg::Ack { .. } | Msg::Need { .. } | Msg::Snapshot { .. } | Msg::Resume { .. });
+        let from_peer =
+            |m: &Msg| matches!(m, Msg::Forward { .. } | Msg::Durable { .. } | Msg::Ack { .. } | Msg::Need { .. } | Msg::Snapshot { .. } | Msg::Resume { .. });
         if let Some(msg) = msgs.iter().find(|m| !from_peer(m)) {
             return Err(EngineError::BadRequest { reason: format!("a peer may not send a {} message", msg.kind()) });
         }

@@ -54,6 +54,8 @@ pub struct SimOptions {
     pub canary: Canary,
     /// Print every message and fault to stderr.
     pub trace: bool,
+    /// Whether tails acknowledge workers in every seed, overriding each seed's pick.
+    pub tail_acks: Option<bool>,
 }
 
 /// The cluster and faults a seed picks.
@@ -78,6 +80,9 @@ pub struct Params {
     /// training job does: a learner must catch up with a range that keeps changing, not only
     /// with one that has gone still. Otherwise each worker stops after its pushes.
     pub push_until_whole: bool,
+    /// Tails acknowledge workers' pushes themselves, besides the heads
+    /// ([`Replica::ack_from_tail`]); always with the canary that gets that wrong.
+    pub tail_acks: bool,
     /// Servers keep their ranges on disk, synced every `sync_every_ms`; the whole cluster
     /// loses power about every `power_loss_every_ms` (`None`: servers have no disk).
     pub disks: Option<Disks>,
@@ -116,6 +121,7 @@ impl Params {
             quiet_ms_max: 30_000,
             snapshot_delay_max_ms: if rng.gen_bool(0.3) { rng.gen_range(50..=3000) } else { 0 },
             push_until_whole: rng.gen_bool(0.5),
+            tail_acks: rng.gen_bool(0.5),
             disks: rng.gen_bool(0.5).then(|| Disks { sync_every_ms: rng.gen_range(1..=20), power_loss_every_ms: rng.gen_range(500..=2500) }),
         }
     }
@@ -135,6 +141,13 @@ pub struct Report {
     /// detection time of it): only with 3 replicas.
     pub overlapping: u64,
     pub pushes_acked: u64,
+    /// Milliseconds from each acknowledged push's start to its first acknowledgement, summed.
+    pub ack_ms: u64,
+    /// The same for the pushes started after the faults ended (the network still delays).
+    pub quiet_acked: u64,
+    pub quiet_ack_ms: u64,
+    /// Acknowledgements workers had from tails ([`Replica::ack_from_tail`]).
+    pub tail_acks: u64,
     pub configs: u64,
     /// Snapshots sent, and learners resumed from what they held instead (every replica's,
     /// crashed ones' included).
@@ -189,6 +202,10 @@ struct Sim {
     /// many failures the coordinator has not noticed yet, and no more.
     failed_ms: Vec<u64>,
     checker: Checker,
+    /// When each push not yet acknowledged started, by (worker, range, seq).
+    started: BTreeMap<(u32, u32, u32), u64>,
+    /// An acknowledgement that broke its promise ([`Sim::check_on_disks`]).
+    violation: Option<String>,
     report: Report,
 }
 
@@ -206,7 +223,8 @@ pub fn run(opts: &SimOptions) -> Result<Report, Failure> {
 
 fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(opts.seed);
-    let p = Params::pick(&mut rng);
+    let mut p = Params::pick(&mut rng);
+    p.tail_acks = opts.tail_acks.unwrap_or(p.tail_acks);
     let members = (0..p.nodes).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
     let coordinator = Coordinator::new(p.rcfg.clone(), 1, members.collect(), 0);
     let store = || if p.disks.is_some() { SimStore::with_disk() } else { SimStore::default() };
@@ -228,6 +246,8 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
         partition: None,
         faults: true,
         failed_ms: Vec::new(),
+        started: BTreeMap::new(),
+        violation: None,
         report: Report::default(),
     };
     if opts.trace {
@@ -241,6 +261,7 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
     sim.report.sim_ms = sim.now;
     for replica in sim.nodes.iter().filter_map(|n| n.replica.as_ref()) {
         sim.report.snapshots += replica.stats().snapshots_sent;
+        sim.report.tail_acks += replica.stats().tail_acks;
         sim.report.resumes += replica.stats().resumes;
     }
     Ok(sim.report)
@@ -249,6 +270,7 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
 fn new_replica(p: &Params, opts: &SimOptions, node: u32, incarnation: u64, store: SimStore) -> Replica<SimStore> {
     let mut r = Replica::new(NodeId(node), incarnation, String::new(), p.rcfg.clone(), store);
     r.plant(opts.canary);
+    r.ack_from_tail(p.tail_acks || opts.canary == Canary::TailAckUndurable);
     r
 }
 
@@ -263,6 +285,9 @@ impl Sim {
             self.tick();
             let nodes: Vec<_> = self.nodes.iter().map(|n| n.replica.as_ref()).collect();
             self.checker.step(self.now, &nodes)?;
+            if let Some(violation) = self.violation.take() {
+                return Err(violation);
+            }
             if self.faults {
                 self.inject();
             } else if self.settled() {
@@ -329,10 +354,11 @@ impl Sim {
                 }
                 Addr::Worker(w) => {
                     let coordinator_view = self.coordinator.config().clone();
-                    let worker = &mut self.workers[w.0 as usize];
                     if let Msg::PushAck { range, seq } = &msg {
                         self.checker.acked(w, *range, *seq);
+                        self.timed_ack(w, *range, *seq);
                     }
+                    let worker = &mut self.workers[w.0 as usize];
                     if worker.on_msg(self.now, msg) {
                         worker.view = coordinator_view;
                     }
@@ -373,6 +399,11 @@ impl Sim {
                 self.report.configs = config.id;
             }
         }
+        for (from, to, msg) in &out {
+            if let (Addr::Node(n), Addr::Worker(w), Msg::PushAck { range, seq }) = (from, to, msg) {
+                self.check_on_disks(*n, *w, *range, *seq);
+            }
+        }
         out.extend(self.coordinator.take_ready().into_iter().map(|(to, m)| (Addr::Coordinator, to, m)));
         self.push_work();
         for w in &mut self.workers {
@@ -408,6 +439,44 @@ impl Sim {
             let values: [i64; VALUES] = std::array::from_fn(|_| self.rng.gen_range(-1000..=1000));
             let seq = self.workers[w].push(self.now, range, store::encode(&values).into());
             self.checker.pushed(WorkerId(w as u32), range, seq, values);
+            self.started.insert((w as u32, range.0, seq), self.now);
+        }
+    }
+
+    /// Node `n` acknowledges worker `w`'s pushes to `range` up to `seq`: what an acknowledgement
+    /// promises on servers with disks is that every member of the range's chain holds them on
+    /// disk. Checked against the members of the chain in `n`'s configuration that are still in
+    /// the coordinator's (one removed since may have dropped the range), running or crashed.
+    fn check_on_disks(&mut self, n: NodeId, w: WorkerId, range: RangeId, seq: u32) {
+        if self.p.disks.is_none() || self.violation.is_some() {
+            return;
+        }
+        let Some(view) = self.nodes[n.0 as usize].replica.as_ref().and_then(|r| r.config().cloned()) else { return };
+        let (Some(chain), Some(now)) = (view.chain(range), self.coordinator.config().chain(range)) else { return };
+        for m in chain.nodes.iter().filter(|m| now.nodes.contains(m)) {
+            let node = &self.nodes[m.0 as usize];
+            let disk = node.replica.as_ref().map_or(&node.store, |r| r.store()).disk.as_ref();
+            let held = disk.and_then(|d| d.held.get(&range)).map_or(0, |(_, clock, _, _)| clock.get(w.0 as usize).copied().unwrap_or(0));
+            if held < seq {
+                self.violation =
+                    Some(format!("{n} acknowledged {w:?}'s pushes to {range:?} up to {seq}, but the disk of chain member {m} holds them only up to {held}"));
+                return;
+            }
+        }
+    }
+
+    /// Worker `w`'s pushes to `range` up to `seq` are acknowledged: each one's first
+    /// acknowledgement is timed.
+    fn timed_ack(&mut self, w: WorkerId, range: RangeId, seq: u32) {
+        let acked: Vec<_> = self.started.range((w.0, range.0, 0)..=(w.0, range.0, seq)).map(|(k, at)| (*k, *at)).collect();
+        for (key, at) in acked {
+            self.started.remove(&key);
+            self.report.pushes_acked += 1;
+            self.report.ack_ms += self.now - at;
+            if at >= self.p.fault_ms {
+                self.report.quiet_acked += 1;
+                self.report.quiet_ack_ms += self.now - at;
+            }
         }
     }
 
@@ -431,6 +500,7 @@ impl Sim {
             self.trace(|| format!("poll: head {head} committed {committed:?} and applied {applied:?} of {id:?}'s pushes to {range:?}"));
             if let Some(seq) = committed.filter(|s| *s > 0) {
                 self.checker.acked(id, range, seq);
+                self.timed_ack(id, range, seq);
                 self.workers[w].on_msg(self.now, Msg::PushAck { range, seq });
             }
             if let Some(seq) = applied {
@@ -508,6 +578,7 @@ impl Sim {
     fn crash(&mut self, n: usize) {
         let replica = self.nodes[n].replica.take().expect("crashing a running node");
         self.report.snapshots += replica.stats().snapshots_sent;
+        self.report.tail_acks += replica.stats().tail_acks;
         self.report.resumes += replica.stats().resumes;
         let pending = replica.store().disk.as_ref().map_or(0, |d| d.pending());
         let landed = self.rng.gen_range(0..=pending);
