@@ -494,10 +494,15 @@ impl Chain {
         replies.into_iter().map(|r| r.expect("every call was answered")).collect()
     }
 
-    /// A `WorkerPush` request to `at` (a batch of pushes, or a poll when `body` is empty).
+    /// A `WorkerPush` request to `at` (a batch of pushes, or a poll when `body` is empty). A
+    /// batch hears from the tails ([`flags::TAIL_ACKS`]): its heads answer at once, and it names
+    /// the pushes it awaits from the shard as their ranges' tail ([`queued_frames`](Self::queued_frames)).
     fn worker_push(&self, at: (String, u16), body: Vec<u8>) -> Outgoing {
         let mut header = Header::request(Op::WorkerPush, 0);
         header.worker = self.worker;
+        if !body.is_empty() {
+            header.flags |= flags::TAIL_ACKS;
+        }
         Outgoing { to: LinkKey { addr: at.0, shard: at.1, lane: Lane::Push }, header, body }
     }
 
@@ -597,22 +602,22 @@ impl Chain {
     }
 
     /// What the pusher has queued, as `WorkerPush` frames per server shard; `first` when they
-    /// are pushes sent for the first time.
+    /// are pushes sent for the first time. Each push to a chain longer than one is also named,
+    /// as a `PushAck` awaited, in the frame to its chain's tail: the tail answers when it holds
+    /// it, so the acknowledgement takes one hop back instead of the chain's way up.
     fn queued_frames(&mut self, first: bool) -> Vec<Frame> {
         let body_max = self.dialer.cfg.frame_bytes_max.saturating_sub(HEADER_BYTES).max(1);
         // Only pushes sent for the first time go by their key list's hash: resends go plain.
         let caching = first && self.key_cache_keys > 0;
         let mut frames: BTreeMap<(NodeId, u16), Vec<Frame>> = BTreeMap::new();
+        let mut awaited: Vec<(NodeId, u16, Msg)> = Vec::new();
         for (to, msg) in std::mem::take(&mut self.pusher.out) {
             let (Addr::Node(node), Msg::Push { range, seq, .. }) = (to, &msg) else { continue };
-            let Some(addr) = self.pusher.view.member(node).map(|m| m.addr.as_str()) else { continue };
             let shard = shard_of_range(range.0, self.ranges, self.shards);
-            let bodies = frames.entry((node, shard)).or_default();
-            if bodies.last().is_none_or(|f| f.body.len() >= body_max) {
-                let body = self.spare_bodies.take();
-                bodies.push(Frame { at: (addr.to_string(), shard), body, pieces: Vec::new(), first });
+            let Some(frame) = self.frame_to(&mut frames, node, shard, body_max, first) else { continue };
+            if let Some(tail) = self.pusher.view.chain(*range).and_then(|c| c.tail()).filter(|t| *t != node) {
+                awaited.push((tail, shard, Msg::PushAck { range: *range, seq: *seq }));
             }
-            let frame = bodies.last_mut().expect("one pushed above");
             let before = frame.body.len();
             let cached = match caching {
                 true => self.links.get_mut(&LinkKey { addr: frame.at.0.clone(), shard, lane: Lane::Push }).and_then(|l| with_cached_keys(&mut l.lists, &msg)),
@@ -623,12 +628,36 @@ impl Chain {
                 // Past the frame limit: this message starts the next frame.
                 let one = frame.body.split_off(before);
                 let at = frame.at.clone();
-                bodies.push(Frame { at, body: one, pieces: vec![(*range, *seq)], first });
+                frames.get_mut(&(node, shard)).expect("the frame's").push(Frame { at, body: one, pieces: vec![(*range, *seq)], first });
             } else {
                 frame.pieces.push((*range, *seq));
             }
         }
+        for (tail, shard, msg) in awaited {
+            if let Some(frame) = self.frame_to(&mut frames, tail, shard, body_max, first) {
+                codec::encode_batch([&msg], &mut frame.body);
+            }
+        }
         frames.into_values().flatten().collect()
+    }
+
+    /// The frame being filled for server `node`'s shard `shard` in `frames`: a new one when it
+    /// has none or its last is full. `None` when the configuration does not know `node`.
+    fn frame_to<'f>(
+        &mut self,
+        frames: &'f mut BTreeMap<(NodeId, u16), Vec<Frame>>,
+        node: NodeId,
+        shard: u16,
+        body_max: usize,
+        first: bool,
+    ) -> Option<&'f mut Frame> {
+        let addr = self.pusher.view.member(node)?.addr.as_str();
+        let bodies = frames.entry((node, shard)).or_default();
+        if bodies.last().is_none_or(|f| f.body.len() >= body_max) {
+            let body = self.spare_bodies.take();
+            bodies.push(Frame { at: (addr.to_string(), shard), body, pieces: Vec::new(), first });
+        }
+        bodies.last_mut()
     }
 
     /// Sends the pushes just queued as push number [`pushes`](Self::pushes) and returns

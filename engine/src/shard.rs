@@ -371,6 +371,9 @@ impl Shard {
             reply.ok_bytes(&[]);
             return Ok(());
         }
+        if h.flags & (flags::PUSH_SEQS | flags::TAIL_ACKS) != 0 && h.op() != Some(Op::WorkerPush) {
+            return Err(EngineError::BadRequest { reason: "only a WorkerPush asks for push counts or hears from tails".into() });
+        }
         if let Some(chain) = self.chain.as_mut() {
             match h.op() {
                 Some(Op::Replicate) => return chain.serve_peer(&mut self.tables, &mut self.disk, &h, req.body, reply),

@@ -677,6 +677,13 @@ impl<S: Store> Replica<S> {
         st.waiting.iter().any(|w| w.worker == worker && w.seq == seq)
     }
 
+    /// Whether this replica, as `range`'s tail, acknowledges workers' pushes to it
+    /// ([`Replica::ack_from_tail`]): a worker that awaits them here hears of them.
+    pub fn acks_as_tail(&self, range: RangeId) -> bool {
+        let Some(st) = self.ranges.get(range.0 as usize).and_then(Option::as_ref).filter(|s| s.installed) else { return false };
+        self.tail_acks && self.place(range).is_some_and(|p| p.is_tail() && !p.head && p.epoch == st.epoch)
+    }
+
     /// The number of `worker`'s last push applied to `range`, when this replica is the range's
     /// head: a client that starts (or restarts) as that worker numbers its pushes from there.
     pub fn worker_seq(&self, range: RangeId, worker: WorkerId) -> Option<u32> {

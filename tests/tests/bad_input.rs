@@ -271,7 +271,7 @@ fn malformed_frames_get_an_error_then_the_connection_closes() {
     for (edit, needle) in [
         ((|h: &mut Header| h.version = 9) as fn(&mut Header), "version"),
         (|h: &mut Header| h.op = 77, "unknown op"),
-        (|h: &mut Header| h.flags = 0x40, "unknown flags"),
+        (|h: &mut Header| h.flags = 0x80, "unknown flags"),
     ] {
         let mut c = f.raw(1);
         let (mut header, body) = raw::pull(dense, DIM as u32, &[600]);
@@ -279,6 +279,16 @@ fn malformed_frames_get_an_error_then_the_connection_closes() {
         c.send_frame(header, &body).unwrap();
         c.recv().expect("an error reply").expect_error(Status::Malformed, needle);
         c.expect_closed();
+    }
+
+    // Flags only a replicated worker's `WorkerPush` carries, on a pull: refused, the
+    // connection kept.
+    for flag in [flags::PUSH_SEQS, flags::TAIL_ACKS] {
+        let mut c = f.raw(1);
+        let (mut header, body) = raw::pull(dense, DIM as u32, &[600]);
+        header.flags |= flag;
+        c.send_frame(header, &body).unwrap();
+        c.recv().expect("an error reply").expect_error(Status::BadRequest, "only a WorkerPush");
     }
 
     // A client that sends a reply frame.

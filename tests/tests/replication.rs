@@ -764,9 +764,11 @@ fn training_goes_on_while_etcd_hangs_and_the_cluster_heals_after() {
 /// (SIGSTOP, and a failure timeout too long to replace it), the reply is not held for ever: it
 /// comes back as an error saying the push is not acknowledged. Once the tail resumes, the push
 /// (applied at the head, never lost) is acknowledged to a poll, and the next push's reply
-/// carries its acknowledgement.
+/// carries its acknowledgement. The same for a worker that hears from tails: the tail holds the
+/// reply to a push awaited there, which becomes an error while the middle is frozen; bad
+/// awaits are refused, and one at a member that is not the tail is answered at once.
 #[test]
-fn a_push_reply_held_for_a_frozen_tail_becomes_an_error_and_nothing_is_lost() {
+fn push_replies_held_for_a_frozen_member_become_errors_and_nothing_is_lost() {
     use tessera_replication::codec::{self, PushHeader};
     use tessera_replication::protocol::{Msg, RangeId, WorkerId};
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -832,10 +834,65 @@ fn a_push_reply_held_for_a_frozen_tail_becomes_an_error_and_nothing_is_lost() {
     }
     let (replied, _) = ask_head(&push(2));
     assert_eq!(acked(&replied.expect("the next push is answered")), 2, "its reply carries its acknowledgement");
+
+    // A worker that hears from tails (`TAIL_ACKS`): the head answers its push at once, and the
+    // tail holds the reply to the push it awaits there until it holds the push; with the
+    // middle frozen, that reply becomes an error instead, and the push is acknowledged once the
+    // middle runs again.
+    let middle = nodes[1];
+    let link_to = |node: usize| tessera_transport::tcp::TcpLink::connect(&addrs[node - 1], 0, 3, &TransportConfig::default()).expect("connect").0;
+    let (mut at_head, mut at_tail, mut at_middle) = (link_to(head), link_to(tail), link_to(middle));
+    let hearing_from_tails = |link: &mut tessera_transport::tcp::TcpLink, body: &[u8]| {
+        let mut h = tessera_transport::Header::request(Op::WorkerPush, 1);
+        h.worker = 3;
+        h.flags |= tessera_transport::wire::flags::TAIL_ACKS;
+        let began = Instant::now();
+        let replied = tessera_transport::call(link, &mut h, body, Some(Duration::from_secs(30)));
+        (replied.map(|(_, b)| codec::decode_batch(&b).expect("acknowledgements")), began.elapsed())
+    };
+    let awaits = |seq: u32| peer_msg(&Msg::PushAck { range: RangeId(0), seq });
+    let (replied, _) = hearing_from_tails(&mut at_head, &push(3));
+    assert!(replied.is_ok(), "the head answers a push at once: {replied:?}");
+    let (replied, _) = hearing_from_tails(&mut at_tail, &awaits(3));
+    assert_eq!(acked(&replied.expect("the tail answers")), 3, "the tail's reply acknowledges the push it held");
+    servers[middle - 1].freeze();
+    let (replied, took) = hearing_from_tails(&mut at_head, &push(4));
+    assert!(replied.is_ok_and(|news| acked(&news) < 4), "the head answers at once, without acknowledging what the tail lacks");
+    assert!(took < Duration::from_secs(5), "the head's answer took {took:?}");
+    let (replied, took) = hearing_from_tails(&mut at_tail, &awaits(4));
+    match replied {
+        Err(tessera_transport::TransportError::Refused { reason, .. }) => assert!(reason.contains("tail in time"), "{reason}"),
+        other => panic!("a push awaited at a tail cut off by a frozen middle was answered with {other:?}"),
+    }
+    assert!(took < Duration::from_secs(5), "the held reply came back after {took:?}");
+    servers[middle - 1].resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let (Ok(news), _) = hearing_from_tails(&mut at_tail, &awaits(4)) {
+            assert_eq!(acked(&news), 4, "answered once the tail holds it");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the push held back by the frozen middle never reached the tail");
+    }
+    // Awaited at a member that is not the tail: answered at once (the worker then asks the head).
+    let (replied, took) = hearing_from_tails(&mut at_middle, &awaits(5));
+    assert!(replied.is_ok() && took < Duration::from_secs(5), "{replied:?} after {took:?}");
+    // Bad input: an await without the flag, or of a range that does not exist.
+    assert!(forged(&addrs[tail - 1], Op::WorkerPush, 3, &awaits(1)).is_some_and(|e| e.contains("may only push")));
+    let (replied, _) = hearing_from_tails(&mut at_tail, &peer_msg(&Msg::PushAck { range: RangeId(77), seq: 1 }));
+    assert!(matches!(&replied, Err(tessera_transport::TransportError::Refused { reason, .. }) if reason.contains("range 77")), "{replied:?}");
+    let tail_acks = |node: usize| {
+        let body = tessera_transport::ask(&addrs[node - 1], Op::Status, &[], &TransportConfig::default()).expect("a server status");
+        let s: serde_json::Value = serde_json::from_slice(&body).expect("status is JSON");
+        s["shards"].as_array().unwrap().iter().map(|sh| sh["replication"]["tail_acks"].as_u64().unwrap()).sum::<u64>()
+    };
+    assert!(tail_acks(tail) >= 2, "the tail counts the acknowledgements it sent");
+    assert_eq!(tail_acks(head), 0, "the head sends none as a tail");
+
     // Each push was applied once.
     let mut value = [0f32; 1];
     client.pull_range(&table, 7, &mut value).and_then(|t| t.wait()).expect("pull");
-    assert_eq!(value[0], 2.0, "two pushes of 1.0");
+    assert_eq!(value[0], 4.0, "four pushes of 1.0");
 }
 
 /// The whole cluster loses power: every server and the coordinator are killed with `kill -9`

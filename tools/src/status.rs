@@ -99,12 +99,13 @@ pub fn run(args: StatusArgs) -> Result<()> {
             let chain = &sh["replication"];
             if chain.is_object() {
                 println!(
-                    "    replica: {} pushes applied ({} seen again, {} dropped), {} updates forwarded ({} resent), {} snapshots sent, {} stale and {} refused messages",
+                    "    replica: {} pushes applied ({} seen again, {} dropped), {} updates forwarded ({} resent), {} acknowledgements sent to workers as a tail, {} snapshots sent, {} stale and {} refused messages",
                     chain["pushes_applied"],
                     chain["pushes_duplicate"],
                     chain["pushes_dropped"],
                     chain["updates_forwarded"],
                     chain["updates_resent"],
+                    chain["tail_acks"],
                     chain["snapshots_sent"],
                     chain["stale_dropped"],
                     chain["refused"]

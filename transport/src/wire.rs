@@ -67,8 +67,13 @@ pub mod flags {
     /// A `WorkerPush` that asks for the worker's push count on every range the shard heads
     /// (one `PushAck` each in the reply), so that a worker's new client numbers its pushes on.
     pub const PUSH_SEQS: u16 = 32;
+    /// A `WorkerPush` from a worker that hears of its pushes from their chains' tails: the
+    /// heads answer its pushes at once instead of holding the reply until the tails hold them,
+    /// and the body may name, as `PushAck` messages, pushes to ranges the shard is the tail of:
+    /// the reply waits until the tail holds them (one hop instead of the way back up the chain).
+    pub const TAIL_ACKS: u16 = 64;
     /// Every flag this version understands.
-    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY | KEYS_REMEMBER | KEYS_CACHED | PART_DONE | PUSH_SEQS;
+    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY | KEYS_REMEMBER | KEYS_CACHED | PART_DONE | PUSH_SEQS | TAIL_ACKS;
 }
 
 /// The fixed-size frame header, read and written in place.

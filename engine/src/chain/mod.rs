@@ -22,7 +22,7 @@ use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId, W
 use tessera_replication::replica::Replica;
 use tessera_replication::ReplicationConfig;
 use tessera_transport::keycache::{key_list_hash_le, KeyLists};
-use tessera_transport::wire::HEADER_BYTES;
+use tessera_transport::wire::{flags, HEADER_BYTES};
 use tessera_transport::{Header, Reply};
 
 use crate::error::{EngineError, Result};
@@ -93,6 +93,9 @@ struct HeldReply {
     worker: WorkerId,
     /// The pushes (range, seq) whose acknowledgement it waits for.
     pushes: Vec<(RangeId, u32)>,
+    /// Whether this shard is their ranges' tail (the worker awaits them here, see
+    /// [`flags::TAIL_ACKS`]), not their head.
+    at_tail: bool,
     held_at: Instant,
 }
 
@@ -153,6 +156,8 @@ struct WorkerScratch {
     /// The request's messages, decoded; and the (range, seq) of its pushes.
     decoded: Vec<Msg>,
     pushed: Vec<(RangeId, u32)>,
+    /// The pushes (range, seq) the worker awaits from this shard as their ranges' tail.
+    awaited: Vec<(RangeId, u32)>,
     news: Vec<((u32, u32), Notice)>,
     reply: Vec<Msg>,
     body: Vec<u8>,
@@ -206,9 +211,12 @@ impl ChainShard {
 
     fn replica(shard: u16, shards: u16, me: &Identity, rcfg: &ReplicationConfig, store: ChainStore) -> Replica<ChainStore> {
         let ranges = rcfg.ranges;
-        Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store)
+        let mut replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store)
             .of_cluster(me.cluster)
-            .serving(|r| shard_of_range(r.0, ranges, shards) == shard)
+            .serving(|r| shard_of_range(r.0, ranges, shards) == shard);
+        // Workers that hear from tails (`flags::TAIL_ACKS`) await their pushes there.
+        replica.ack_from_tail(true);
+        replica
     }
 
     /// The ranges the shard's log held ([`store::replay`]): the replica holds them again, and
@@ -343,10 +351,14 @@ impl ChainShard {
                 continue;
             }
             let late = held.held_at.elapsed().as_millis() as u64 >= PUSH_REPLY_HOLD_MS_MAX;
-            if late || held.pushes.iter().any(|(range, seq)| !self.replica.awaits(*range, held.worker, *seq) && !self.acked_to(held.worker, *range, *seq)) {
-                // Dropped, no longer this head's to acknowledge, or slow (a chain member
-                // failed): its worker will ask again, or resend. Replies leave in order, so the
-                // ones held after it fail with it.
+            let answers = |range: RangeId, seq: u32| match held.at_tail {
+                true => self.replica.acks_as_tail(range),
+                false => self.replica.awaits(range, held.worker, seq),
+            };
+            if late || held.pushes.iter().any(|(range, seq)| !answers(*range, *seq) && !self.acked_to(held.worker, *range, *seq)) {
+                // Dropped, no longer this head's or tail's to acknowledge, or slow (a chain
+                // member failed): its worker will ask again, or resend. Replies leave in order,
+                // so the ones held after it fail with it.
                 self.failing = Some(self.held_last);
             }
             break;
@@ -508,9 +520,24 @@ impl ChainShard {
                 }
             }
         }
+        // Pushes the worker awaits here as their ranges' tail (only from a worker that hears
+        // from tails): taken out, the rest must be pushes.
+        let tail_acks = header.flags & flags::TAIL_ACKS != 0;
+        scratch.awaited.clear();
+        for msg in &decoded {
+            if let (true, Msg::PushAck { range, seq }) = (tail_acks, msg) {
+                if range.0 >= self.rcfg.ranges {
+                    return Err(bad(format!("a worker awaits a push to range {} of this cluster's {}", range.0, self.rcfg.ranges)));
+                }
+                scratch.awaited.push((*range, *seq));
+            }
+        }
+        if !scratch.awaited.is_empty() {
+            decoded.retain(|m| !matches!(m, Msg::PushAck { .. }));
+        }
         for msg in &decoded {
             let Msg::Push { range, worker: w, payload, .. } = msg else {
-                return Err(bad(format!("a worker may only push, not send a {} message", msg.kind())));
+                return Err(bad(format!("a worker may only push (or, hearing from tails, await pushes), not send a {} message", msg.kind())));
             };
             let h = ChainStore::check_push(tables, self.rcfg.ranges, *range, payload)?;
             if tables.at(h.table, range.0).is_none() && self.replica.heads().any(|(r, _)| r == *range) {
@@ -534,10 +561,18 @@ impl ChainShard {
         }
         // Pushes a longer chain has yet to carry to its tail: the reply waits for them, so the
         // worker hears of their acknowledgement as soon as there is one, without asking again
-        // and again.
+        // and again. A worker that hears from tails awaits them at the tail instead: there the
+        // reply waits for the pushes it names to ranges this shard is the tail of (a push to a
+        // range it is not the tail of, the worker learns of from the head when it asks).
         // The reply claims their acknowledgements now and leaves once they are true; if one
         // cannot be, the reply becomes an error instead (see `pump`).
-        let waits: Vec<(RangeId, u32)> = scratch.pushed.iter().copied().filter(|(range, seq)| self.replica.awaits(*range, WorkerId(worker), *seq)).collect();
+        let waits: Vec<(RangeId, u32)> = match tail_acks {
+            false => scratch.pushed.iter().copied().filter(|(range, seq)| self.replica.awaits(*range, WorkerId(worker), *seq)).collect(),
+            true => {
+                let waits = scratch.awaited.iter().copied();
+                waits.filter(|(range, seq)| !self.acked_to(WorkerId(worker), *range, *seq) && self.replica.acks_as_tail(*range)).collect()
+            }
+        };
         let mut claimed: BTreeMap<u32, u32> = BTreeMap::new();
         for (range, seq) in &waits {
             let c = claimed.entry(range.0).or_default();
@@ -546,7 +581,7 @@ impl ChainShard {
         if !waits.is_empty() {
             self.held_last += 1;
             reply.hold_until(self.held_last);
-            self.held.push_back(HeldReply { position: self.held_last, worker: WorkerId(worker), pushes: waits, held_at: Instant::now() });
+            self.held.push_back(HeldReply { position: self.held_last, worker: WorkerId(worker), pushes: waits, at_tail: tail_acks, held_at: Instant::now() });
         }
         scratch.news.clear();
         scratch.news.extend(self.mailbox.range((worker, 0)..(worker + 1, 0)).map(|(k, n)| (*k, *n)));
@@ -564,7 +599,7 @@ impl ChainShard {
             }
         }
         msgs.extend(claimed.into_iter().map(|(range, seq)| Msg::PushAck { range: RangeId(range), seq }));
-        if header.flags & tessera_transport::wire::flags::PUSH_SEQS != 0 {
+        if header.flags & flags::PUSH_SEQS != 0 {
             // Per range this shard heads: the worker's pushes committed (acknowledged again, in
             // case an acknowledgement was lost), and those applied (not to be sent again).
             for range in (0..self.rcfg.ranges).map(RangeId) {
