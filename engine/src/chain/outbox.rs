@@ -23,11 +23,14 @@ const OUT_QUEUE_MAX: usize = 4096;
 /// queued up while its last request was out in one request: a synchronous round trip per
 /// message could not keep up with a chain's updates, let alone let a learner catch up.
 const PEER_BATCH_MAX: usize = 256;
+/// Longest a peer's thread stays parked with nothing queued before it looks again. Its shards
+/// unpark it whenever they queue a message, so this is only a bound.
+const PEER_PARK_MAX: Duration = Duration::from_millis(100);
 /// How long a destination that refused a connection is left alone.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// A peer's queue: (its shard, the message).
-type PeerQueue = Sender<(u16, Msg)>;
+/// A peer's queue of (its shard, the message), and its thread, unparked at each message.
+type PeerQueue = (Sender<(u16, Msg)>, std::thread::Thread);
 
 /// What a server does with each configuration it hears of: hand it to its shards.
 pub type OnConfig = Arc<dyn Fn(Arc<ClusterConfig>) + Send + Sync>;
@@ -107,8 +110,9 @@ impl Outbox {
                 self.local.entry(node).or_insert(tx)
             }
         };
-        match tx.try_send((shard, msg)) {
-            Ok(()) | Err(TrySendError::Full(_)) => {}
+        match tx.0.try_send((shard, msg)) {
+            Ok(()) => tx.1.unpark(),
+            Err(TrySendError::Full(_)) => {}
             Err(TrySendError::Disconnected(_)) => {
                 self.local.remove(&node);
             }
@@ -121,11 +125,11 @@ impl Outbox {
         let tx = peers.entry(node).or_insert_with(|| {
             let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
             let (me, dialer, latest, on_replied) = (self.me, self.dialer.clone(), self.latest.clone(), self.on_replied.0.clone());
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("tessera-peer-{node}"))
                 .spawn(move || to_peer(me, node, &dialer, &rx, &latest, &*on_replied))
                 .expect("a thread for a peer's links");
-            tx
+            (tx, thread.thread().clone())
         });
         tx.clone()
     }
@@ -279,6 +283,19 @@ fn deliver(latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>), config: Arc<
     on_config(config);
 }
 
+/// The next message of `rx`, waiting parked (the sender unparks this thread): never spinning or
+/// yielding, which on a loaded machine hands the core to another thread for a whole time slice
+/// while a message may already wait. `None` once every sender is gone.
+fn next_parked(rx: &Receiver<(u16, Msg)>) -> Option<(u16, Msg)> {
+    loop {
+        match rx.try_recv() {
+            Ok(msg) => return Some(msg),
+            Err(channel::TryRecvError::Disconnected) => return None,
+            Err(channel::TryRecvError::Empty) => std::thread::park_timeout(PEER_PARK_MAX),
+        }
+    }
+}
+
 /// One peer's thread: sends what its shards queued, in order, each shard's messages batched
 /// ([`codec::encode_batch`]) into requests of at most [`PEER_BATCH_MAX`] messages and what the
 /// link carries fastest ([`Linked::body_max`]); a single message larger than that (a snapshot)
@@ -293,7 +310,7 @@ fn to_peer(me: NodeId, node: NodeId, dialer: &Dialer, rx: &Receiver<(u16, Msg)>,
     };
     let mut queued: Vec<(u16, Msg)> = Vec::with_capacity(PEER_BATCH_MAX);
     let mut bodies: HashMap<u16, Vec<u8>> = HashMap::new();
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = next_parked(rx) {
         queued.push(first);
         while queued.len() < PEER_BATCH_MAX {
             match rx.try_recv() {
