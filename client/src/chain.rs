@@ -173,6 +173,9 @@ pub(crate) struct Chain {
     /// The last call's keys grouped by range, and a payload being built: buffers kept.
     groups: RangeGroups,
     payload: Vec<u8>,
+    /// The acknowledgements a frame set awaits from tails ([`queued_frames`](Self::queued_frames)):
+    /// a buffer kept.
+    awaited: Vec<(NodeId, u16, Msg)>,
     /// A push a head refused outright, for the next settle to report.
     refused: Option<ClientError>,
     /// The stamp of the last one-sided read.
@@ -230,6 +233,7 @@ impl Chain {
             spare_replies: SpareBodies::default(),
             groups: RangeGroups::default(),
             payload: Vec::new(),
+            awaited: Vec::new(),
             refused: None,
             read_stamp: Vec::new(),
             counted: vec![false; ranges as usize],
@@ -610,7 +614,7 @@ impl Chain {
         // Only pushes sent for the first time go by their key list's hash: resends go plain.
         let caching = first && self.key_cache_keys > 0;
         let mut frames: BTreeMap<(NodeId, u16), Vec<Frame>> = BTreeMap::new();
-        let mut awaited: Vec<(NodeId, u16, Msg)> = Vec::new();
+        let mut awaited = std::mem::take(&mut self.awaited);
         for (to, msg) in std::mem::take(&mut self.pusher.out) {
             let (Addr::Node(node), Msg::Push { range, seq, .. }) = (to, &msg) else { continue };
             let shard = shard_of_range(range.0, self.ranges, self.shards);
@@ -633,11 +637,12 @@ impl Chain {
                 frame.pieces.push((*range, *seq));
             }
         }
-        for (tail, shard, msg) in awaited {
+        for (tail, shard, msg) in awaited.drain(..) {
             if let Some(frame) = self.frame_to(&mut frames, tail, shard, body_max, first) {
                 codec::encode_batch([&msg], &mut frame.body);
             }
         }
+        self.awaited = awaited;
         frames.into_values().flatten().collect()
     }
 
