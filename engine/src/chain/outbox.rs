@@ -1,5 +1,7 @@
 //! Where a server's replicas' messages leave: one thread per peer server, and one for the
-//! coordinator, each owning its links, so that a dead or slow peer delays only what goes to it.
+//! coordinator, each waiting on its links, so that a dead or slow peer delays only what goes to
+//! it. A shard whose peer's thread is idle starts its request on the peer's link itself, and the
+//! thread takes the reply: a message on an idle chain leaves without waiting for a thread to wake.
 //!
 //! Delivery is best effort, as the protocol expects: a message that cannot go now (the peer is
 //! down, its queue is full) is dropped, and the replica resends what matters. Heartbeats go to
@@ -28,9 +30,36 @@ const PEER_BATCH_MAX: usize = 256;
 const PEER_PARK_MAX: Duration = Duration::from_millis(100);
 /// How long a destination that refused a connection is left alone.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
+/// Largest request a shard starts on a peer's link itself. The link has nothing in flight, so
+/// the peer has read all it was sent and a request this small goes into the socket (or an RDMA
+/// slot) without waiting, even to a peer that has stopped; larger ones go through the thread.
+const DIRECT_BODY_MAX: usize = 32 << 10;
 
-/// A peer's queue of (its shard, the message), and its thread, unparked at each message.
-type PeerQueue = (Sender<(u16, Msg)>, std::thread::Thread);
+/// A peer's queue of (its shard, the message), its links, and its thread, unparked at each
+/// message.
+#[derive(Clone)]
+struct PeerQueue {
+    tx: Sender<(u16, Msg)>,
+    links: Arc<Mutex<PeerLinks>>,
+    thread: std::thread::Thread,
+}
+
+impl std::fmt::Debug for PeerQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerQueue").field("queued", &self.tx.len()).finish_non_exhaustive()
+    }
+}
+
+/// A peer's links, one per shard of the peer, shared by the peer's thread and this server's
+/// shards. Whoever holds the lock may send; the thread holds it from taking messages off the
+/// queue until they are sent, and a shard sends only when the queue is empty, so messages leave
+/// in the order they were queued.
+#[derive(Default)]
+struct PeerLinks {
+    links: HashMap<u16, Linked>,
+    /// The peer's shards whose link carries a request a shard started, the reply not yet taken.
+    started: Vec<u16>,
+}
 
 /// What a server does with each configuration it hears of: hand it to its shards.
 pub type OnConfig = Arc<dyn Fn(Arc<ClusterConfig>) + Send + Sync>;
@@ -53,6 +82,8 @@ pub struct Outbox {
     peers: Arc<Mutex<HashMap<NodeId, PeerQueue>>>,
     /// This handle's copies of the queues it used, so a shard takes the lock once per peer.
     local: HashMap<NodeId, PeerQueue>,
+    /// Where a shard encodes a request it starts itself.
+    direct_body: Vec<u8>,
     on_replied: Replied,
 }
 
@@ -89,7 +120,7 @@ impl Outbox {
             .name("tessera-coord-out".into())
             .spawn(move || heartbeats(me, &coordinator, &link_dialer, &rx, &shared, &*on_config))
             .expect("a thread for the coordinator's link");
-        Outbox { me, dialer, latest, coordinator: tx, peers: Arc::default(), local: HashMap::new(), on_replied: Replied(on_replied) }
+        Outbox { me, dialer, latest, coordinator: tx, peers: Arc::default(), local: HashMap::new(), direct_body: Vec::new(), on_replied: Replied(on_replied) }
     }
 
     /// The newest configuration heard of.
@@ -101,17 +132,20 @@ impl Outbox {
         let _ = self.coordinator.try_send(msg);
     }
 
-    /// Queues `msg` for `node`'s shard `shard`.
+    /// Sends `msg` to `node`'s shard `shard`: at once when the peer's thread is idle and its
+    /// link to that shard is up and free, else through the peer's queue.
     pub fn to_node(&mut self, node: NodeId, shard: u16, msg: Msg) {
-        let tx = match self.local.get(&node) {
-            Some(tx) => tx,
-            None => {
-                let tx = self.queue(node);
-                self.local.entry(node).or_insert(tx)
-            }
-        };
-        match tx.0.try_send((shard, msg)) {
-            Ok(()) => tx.1.unpark(),
+        if !self.local.contains_key(&node) {
+            let peer = self.queue(node);
+            self.local.insert(node, peer);
+        }
+        let peer = &self.local[&node];
+        if start_now(peer, shard, self.me, &msg, &mut self.direct_body) {
+            peer.thread.unpark();
+            return;
+        }
+        match peer.tx.try_send((shard, msg)) {
+            Ok(()) => peer.thread.unpark(),
             Err(TrySendError::Full(_)) => {}
             Err(TrySendError::Disconnected(_)) => {
                 self.local.remove(&node);
@@ -119,19 +153,52 @@ impl Outbox {
         }
     }
 
-    /// `node`'s queue, and its thread, made on first use.
+    /// `node`'s queue, links and thread, made on first use.
     fn queue(&self, node: NodeId) -> PeerQueue {
         let mut peers = self.peers.lock().expect("no panics under this lock");
-        let tx = peers.entry(node).or_insert_with(|| {
+        let peer = peers.entry(node).or_insert_with(|| {
             let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
-            let (me, dialer, latest, on_replied) = (self.me, self.dialer.clone(), self.latest.clone(), self.on_replied.0.clone());
+            let links: Arc<Mutex<PeerLinks>> = Arc::default();
+            let (me, dialer, latest, on_replied, shared) = (self.me, self.dialer.clone(), self.latest.clone(), self.on_replied.0.clone(), links.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("tessera-peer-{node}"))
-                .spawn(move || to_peer(me, node, &dialer, &rx, &latest, &*on_replied))
+                .spawn(move || to_peer(me, node, &dialer, &rx, &shared, &latest, &*on_replied))
                 .expect("a thread for a peer's links");
-            (tx, thread.thread().clone())
+            PeerQueue { tx, links, thread: thread.thread().clone() }
         });
-        tx.clone()
+        peer.clone()
+    }
+}
+
+/// Starts `msg` as a request on `peer`'s link to its shard `shard` if nothing waits before it:
+/// the peer's queue is empty, no one else holds its links, and that link is up with nothing in
+/// flight. The peer's thread takes the reply. False when the message must be queued instead.
+fn start_now(peer: &PeerQueue, shard: u16, me: NodeId, msg: &Msg, body: &mut Vec<u8>) -> bool {
+    let Ok(mut held) = peer.links.try_lock() else { return false };
+    if !peer.tx.is_empty() {
+        return false;
+    }
+    let PeerLinks { links, started } = &mut *held;
+    let Some(linked) = links.get_mut(&shard).filter(|l| l.link.as_ref().is_some_and(|c| c.in_flight() == 0)) else { return false };
+    body.clear();
+    codec::encode_batch(std::iter::once(msg), body);
+    if body.len() > DIRECT_BODY_MAX || linked.link.as_ref().and_then(Caller::fast_body_max).is_some_and(|max| body.len() + 256 > max) {
+        return false;
+    }
+    let mut header = Header::request(Op::Replicate, 0);
+    header.worker = me.0;
+    match linked.link.as_mut().expect("checked above").start(&mut header, body) {
+        Ok(()) => {
+            started.push(shard);
+            true
+        }
+        Err(e) => {
+            // Whether any of it left is unknown: the link is remade and the message dropped,
+            // which the protocol resends.
+            tracing::debug!(addr = linked.addr, error = %e, "replication message lost");
+            linked.link = None;
+            true
+        }
     }
 }
 
@@ -186,14 +253,27 @@ impl Linked {
         }
         let mut header = Header::request(Op::Replicate, 0);
         header.worker = me.0;
-        match self.link.as_mut().expect("made above").call(&mut header, body, None) {
-            Ok((_, reply)) => Some(reply),
+        let called = self.link.as_mut().expect("made above").call(&mut header, body, None);
+        self.replied(called.map(|(_, reply)| reply))
+    }
+
+    /// The reply to the request a shard started on this link ([`start_now`]).
+    fn take_reply(&mut self) -> Option<Vec<u8>> {
+        let finished = self.link.as_mut()?.finish(None);
+        self.replied(finished.map(|(_, reply)| reply))
+    }
+
+    /// The body of a reply, or `None` after noting why there is none: a refusal (the link is
+    /// fine), or a lost link, remade at the next send.
+    fn replied(&mut self, reply: tessera_transport::Result<Vec<u8>>) -> Option<Vec<u8>> {
+        match reply {
+            Ok(reply) => Some(reply),
             Err(TransportError::Refused { reason, .. }) => {
                 self.refused = Some(reason);
                 None
             }
             Err(e) => {
-                tracing::debug!(addr, error = %e, "replication message lost");
+                tracing::debug!(addr = self.addr, error = %e, "replication message lost");
                 self.link = None;
                 None
             }
@@ -283,25 +363,22 @@ fn deliver(latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>), config: Arc<
     on_config(config);
 }
 
-/// The next message of `rx`, waiting parked (the sender unparks this thread): never spinning or
-/// yielding, which on a loaded machine hands the core to another thread for a whole time slice
-/// while a message may already wait. `None` once every sender is gone.
-fn next_parked(rx: &Receiver<(u16, Msg)>) -> Option<(u16, Msg)> {
-    loop {
-        match rx.try_recv() {
-            Ok(msg) => return Some(msg),
-            Err(channel::TryRecvError::Disconnected) => return None,
-            Err(channel::TryRecvError::Empty) => std::thread::park_timeout(PEER_PARK_MAX),
-        }
-    }
-}
-
-/// One peer's thread: sends what its shards queued, in order, each shard's messages batched
+/// One peer's thread: takes the replies to requests shards started on the peer's links, and
+/// sends what its shards queued, in order, each shard's messages batched
 /// ([`codec::encode_batch`]) into requests of at most [`PEER_BATCH_MAX`] messages and what the
 /// link carries fastest ([`Linked::body_max`]); a single message larger than that (a snapshot)
-/// still goes, over the link's slower path.
-fn to_peer(me: NodeId, node: NodeId, dialer: &Dialer, rx: &Receiver<(u16, Msg)>, latest: &Latest, on_replied: &dyn Fn(u16, NodeId, Vec<Msg>)) {
-    let mut links: HashMap<u16, Linked> = HashMap::new();
+/// still goes, over the link's slower path. With nothing to do it waits parked (the shards
+/// unpark it): never spinning or yielding, which on a loaded machine hands the core to another
+/// thread for a whole time slice while a message may already wait.
+fn to_peer(
+    me: NodeId,
+    node: NodeId,
+    dialer: &Dialer,
+    rx: &Receiver<(u16, Msg)>,
+    shared: &Mutex<PeerLinks>,
+    latest: &Latest,
+    on_replied: &dyn Fn(u16, NodeId, Vec<Msg>),
+) {
     // Hands on what a reply carried back.
     let replied = |shard: u16, reply: Option<Vec<u8>>| match reply.as_deref().map(codec::decode_batch) {
         Some(Ok(msgs)) if !msgs.is_empty() => on_replied(shard, node, msgs),
@@ -310,13 +387,23 @@ fn to_peer(me: NodeId, node: NodeId, dialer: &Dialer, rx: &Receiver<(u16, Msg)>,
     };
     let mut queued: Vec<(u16, Msg)> = Vec::with_capacity(PEER_BATCH_MAX);
     let mut bodies: HashMap<u16, Vec<u8>> = HashMap::new();
-    while let Some(first) = next_parked(rx) {
-        queued.push(first);
+    loop {
+        let mut held = shared.lock().expect("no panics under this lock");
+        let PeerLinks { links, started } = &mut *held;
+        for shard in started.drain(..) {
+            replied(shard, links.get_mut(&shard).and_then(Linked::take_reply));
+        }
         while queued.len() < PEER_BATCH_MAX {
             match rx.try_recv() {
                 Ok(more) => queued.push(more),
-                Err(_) => break,
+                Err(channel::TryRecvError::Empty) => break,
+                Err(channel::TryRecvError::Disconnected) => return,
             }
+        }
+        if queued.is_empty() {
+            drop(held);
+            std::thread::park_timeout(PEER_PARK_MAX);
+            continue;
         }
         let addr = latest.lock().expect("no panics under this lock").as_ref().and_then(|c| c.member(node).map(|m| m.addr.clone()));
         let Some(addr) = addr else {
