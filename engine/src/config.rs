@@ -89,6 +89,10 @@ pub struct EngineConfig {
     pub shards: u16,
     /// Pin each shard thread to its own core.
     pub pin_cores: bool,
+    /// Where pinned shards start among the cores this process may run on: shard `i` takes the
+    /// allowed core `(first_core + i) mod cores`. Servers sharing one process (a `tessera demo
+    /// --servers` cluster) each start where the last one's shards ended.
+    pub first_core: usize,
     /// Workers each table's vector clocks track. Each dense block also carries one clock entry
     /// per worker (4 bytes each) for one-sided reads, so keep this near the job's worker count.
     pub workers_max: u32,
@@ -124,6 +128,7 @@ impl Default for EngineConfig {
         Self {
             shards: available_cores().clamp(1, SHARDS_MAX as usize) as u16,
             pin_cores: true,
+            first_core: 0,
             workers_max: 16,
             dense_block_bytes: 256,
             clock_segments_max: 1024,

@@ -177,7 +177,7 @@ impl Server {
                     catalog_behind.clone(),
                 ));
             }
-            let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[id % cores.len()]);
+            let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[(cfg.engine.first_core + id) % cores.len()]);
             let spawned = std::thread::Builder::new().name(format!("tessera-shard-{id}")).spawn(move || {
                 if let Some(core) = core {
                     pin_to(core);

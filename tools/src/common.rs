@@ -379,6 +379,8 @@ impl Cluster {
                 cfg.engine.shards = (tessera_engine::config::available_cores() / self.servers as usize).clamp(1, u16::MAX as usize) as u16;
             }
             cfg.engine.workers_max = cfg.engine.workers_max.max(self.workers);
+            // Pinned (--pin), each server's shards take the cores after the last one's.
+            cfg.engine.first_core = (node - 1) as usize * cfg.engine.shards as usize;
             // Each server keeps its disk in its own directory under --data-dir.
             cfg.engine.data_dir = engine.data_dir.as_ref().map(|dir| dir.join(format!("node-{node}")));
             cfg.replication = Some(Join { node, coordinator: Locator::At(coordinator.local_addr().to_string()), advertise: None });
