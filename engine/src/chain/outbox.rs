@@ -447,6 +447,86 @@ mod tests {
         Msg::Heartbeat { node: NodeId(1), incarnation: 7, addr: "a:1".into(), cluster: 3, config_id, ranges: reports.iter().map(report).collect() }
     }
 
+    /// What a peer got: the `Ack`s each request carried, in the order they arrived, and how
+    /// many messages each request carried.
+    #[derive(Default)]
+    struct Got {
+        acks: Vec<(u32, u64)>,
+        per_request: Vec<usize>,
+    }
+
+    struct Recorder(Arc<Mutex<Got>>);
+
+    impl tessera_transport::Service for Recorder {
+        fn serve(&mut self, request: tessera_transport::Request<'_>, reply: &mut tessera_transport::Reply<'_>) {
+            let msgs = codec::decode_batch(request.body).expect("a batch of messages");
+            let mut got = self.0.lock().unwrap();
+            got.per_request.push(msgs.len());
+            got.acks.extend(msgs.iter().filter_map(|m| if let Msg::Ack { range, version, .. } = m { Some((range.0, *version)) } else { None }));
+            reply.ok_bytes(&[]);
+        }
+    }
+
+    /// Two shards send one peer thousands of messages as fast as they can: some start on the
+    /// peer's link themselves (it is idle), the rest queue behind the peer's thread while it
+    /// sends. Every message arrives, and each shard's in the order it sent them.
+    #[test]
+    fn a_peer_gets_each_shards_messages_in_order_whether_started_by_the_shard_or_queued() {
+        const EACH: u64 = 2000; // two shards' worth stays below OUT_QUEUE_MAX
+        let info = ServerInfo { version: "test".into(), server_index: 0, servers: 1, shards: 1, frame_bytes_max: 1 << 20, workers_max: 4, rdma: false };
+        let cfg = tessera_transport::TransportConfig::default();
+        let (control, shards, addr) = tessera_transport::tcp::bind("127.0.0.1:0", 1, &cfg, serde_json::to_vec(&info).unwrap().into()).unwrap();
+        let (mut control, mut shard) = (Some(control), shards.into_iter().next());
+        let seen: Arc<Mutex<Got>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let serving = [(seen.clone(), stop.clone(), true), (Arc::default(), stop.clone(), false)].map(|(seen, stop, is_shard)| {
+            let mut endpoint: Box<dyn tessera_transport::ShardTransport> =
+                if is_shard { Box::new(shard.take().unwrap()) } else { Box::new(control.take().unwrap()) };
+            std::thread::spawn(move || {
+                let mut recorder = Recorder(seen);
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    endpoint.poll(&mut recorder, Some(Duration::from_millis(5))).unwrap();
+                }
+            })
+        });
+        let dialer = Dialer { cfg: cfg.clone(), chosen: tessera_transport::select::Chosen::Tcp, rdma: Default::default(), required: false };
+        let outbox = Outbox::start(NodeId(1), Locator::At("127.0.0.1:1".into()), dialer, Arc::new(|_| {}), Arc::new(|_, _, _| {}));
+        let peer = tessera_replication::protocol::Member { node: NodeId(2), incarnation: 1, addr: addr.to_string(), draining: false };
+        let config = ClusterConfig { id: 1, members: vec![peer], chains: Vec::new(), drained: Vec::new(), cluster: 1 };
+        *outbox.latest.lock().unwrap() = Some(Arc::new(config));
+        let ack = |range: u32, version: u64| Msg::Ack { range: RangeId(range), epoch: Epoch(1), version };
+        let senders: Vec<_> = (0..2u32)
+            .map(|range| {
+                let mut shard_outbox = outbox.clone();
+                std::thread::spawn(move || {
+                    for v in 1..=EACH {
+                        shard_outbox.to_node(NodeId(2), 0, ack(range, v));
+                        if v % 16 == 0 {
+                            // Now and then the peer's thread catches up and goes idle.
+                            std::thread::sleep(Duration::from_micros(300));
+                        }
+                    }
+                })
+            })
+            .collect();
+        senders.into_iter().for_each(|s| s.join().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen.lock().unwrap().acks.len() < 2 * EACH as usize && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        serving.into_iter().for_each(|t| t.join().unwrap());
+        let got = seen.lock().unwrap();
+        for range in 0..2u32 {
+            let versions: Vec<u64> = got.acks.iter().filter(|(r, _)| *r == range).map(|(_, v)| *v).collect();
+            assert_eq!(versions, (1..=EACH).collect::<Vec<_>>(), "shard {range}'s messages, as the peer got them");
+        }
+        // Both ways were taken: batches from the peer's thread, and single messages (those a
+        // shard started itself among them).
+        assert!(got.per_request.iter().any(|n| *n > 1), "no batch from the peer's thread");
+        assert!(got.per_request.contains(&1), "no request with a single message");
+    }
+
     /// Two shards' heartbeats queued while the last one was out go as one, with each range's
     /// newest report and the oldest configuration either shard knew.
     #[test]
