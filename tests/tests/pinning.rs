@@ -3,6 +3,7 @@
 //! instead of every server's shard 0 landing on the first core.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
 
@@ -35,7 +36,14 @@ fn servers_in_one_process_pin_their_shards_to_different_cores() {
         Server::start(cfg, UpdaterRegistry::new()).unwrap()
     };
     let servers = [start(0), start(1)];
-    let cores = cores_of_threads("tessera-shard-0");
+    // A shard thread names and pins itself once it runs, which may be after `start` returns.
+    let pinned = |cores: &Vec<String>| cores.len() == 2 && cores.iter().all(|c| !c.contains([',', '-']));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut cores = cores_of_threads("tessera-shard-0");
+    while !pinned(&cores) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        cores = cores_of_threads("tessera-shard-0");
+    }
     assert_eq!(cores.len(), 2, "two shard threads named tessera-shard-0: {cores:?}");
     for listed in &cores {
         assert!(!listed.contains([',', '-']), "each shard is pinned to one core: {cores:?}");

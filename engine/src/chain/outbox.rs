@@ -135,11 +135,13 @@ impl Outbox {
     /// Sends `msg` to `node`'s shard `shard`: at once when the peer's thread is idle and its
     /// link to that shard is up and free, else through the peer's queue.
     pub fn to_node(&mut self, node: NodeId, shard: u16, msg: Msg) {
-        if !self.local.contains_key(&node) {
-            let peer = self.queue(node);
-            self.local.insert(node, peer);
-        }
-        let peer = &self.local[&node];
+        let peer = match self.local.get(&node) {
+            Some(peer) => peer,
+            None => {
+                let peer = self.queue(node);
+                self.local.entry(node).or_insert(peer)
+            }
+        };
         if start_now(peer, shard, self.me, &msg, &mut self.direct_body) {
             peer.thread.unpark();
             return;
@@ -174,6 +176,9 @@ impl Outbox {
 /// the peer's queue is empty, no one else holds its links, and that link is up with nothing in
 /// flight. The peer's thread takes the reply. False when the message must be queued instead.
 fn start_now(peer: &PeerQueue, shard: u16, me: NodeId, msg: &Msg, body: &mut Vec<u8>) -> bool {
+    if codec::bulk_len(msg) > DIRECT_BODY_MAX {
+        return false;
+    }
     let Ok(mut held) = peer.links.try_lock() else { return false };
     if !peer.tx.is_empty() {
         return false;
