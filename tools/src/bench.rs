@@ -62,8 +62,9 @@ pub struct BenchArgs {
     /// in the same run: print Tessera's ratio to them.
     #[arg(long)]
     perftest: Option<std::path::PathBuf>,
-    /// Pushes kept in flight when measuring pipelined push throughput.
-    #[arg(long, default_value_t = 16)]
+    /// Pushes kept in flight when measuring pipelined push throughput (a replicated client
+    /// keeps at most its PUSH_WINDOW of 32).
+    #[arg(long, default_value_t = 32)]
     window: usize,
     /// The bench table's updater, e.g. `sum`, `assign`, `sgd{lr=0.1}`, `adam{lr=0.001}`: what
     /// each push costs the shard beyond the transport.
@@ -416,6 +417,13 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         args.window.max(1),
         tessera_client::PUSH_WINDOW
     );
+    // Resends cost bandwidth and say a timer fired early: a figure taken with them says so.
+    if let Some(stats) = chain.chain_stats().filter(|s| s.resends + s.rerouted + s.pull_retries > 0) {
+        println!(
+            "(the replicated client resent pushes {} times on its timer and {} times on a new configuration, and retried {} pull pieces)",
+            stats.resends, stats.rerouted, stats.pull_retries
+        );
+    }
     if let Some(path) = &args.perftest {
         report.perftest = compare_perftest(&report.results, path)?;
         print_perftest(&report.perftest);
