@@ -91,8 +91,8 @@ const STALE_PAUSE_MIN: Duration = Duration::from_micros(50);
 pub struct Call<'c> {
     client: &'c Client,
     consistency: Option<Consistency>,
-    /// (server, shard, request id) of every reply the call waits for before it is sent.
-    after: Vec<(u32, u16, u64)>,
+    /// (shard, request id) of every reply the call waits for before it is sent.
+    after: Vec<(u16, u64)>,
     /// It follows pushes to a replicated cluster: it waits for the acknowledgement of the
     /// latest of them (and so of every one before it).
     after_chained: Option<u64>,
@@ -112,7 +112,7 @@ impl<'c> Call<'c> {
     /// Sends this call only once every shard `ticket` went to has answered it. The ticket keeps
     /// its result: waiting on it afterwards returns at once.
     pub fn after(mut self, ticket: &Ticket<'_>) -> Self {
-        self.after.extend(ticket.subs.iter().map(|s| (s.server, s.shard, s.id)));
+        self.after.extend(ticket.subs.iter().map(|s| (s.shard, s.id)));
         self.after_chained = self.after_chained.max(ticket.chained);
         self
     }
@@ -192,8 +192,8 @@ impl<'c> Call<'c> {
     /// Locks the client once everything this call must follow has been answered.
     fn ready(&self, table: &Table) -> Result<std::sync::MutexGuard<'c, crate::core::Core>> {
         let mut core = self.client.lock();
-        for &(server, shard, id) in &self.after {
-            core.settle(server, shard, id)?;
+        for &(shard, id) in &self.after {
+            core.settle(shard, id)?;
         }
         if self.model(table) == Consistency::Sequential {
             core.settle_all()?;

@@ -174,12 +174,17 @@ struct Scratch {
 /// Most resend records kept for reuse.
 const RESENDS_KEPT_MAX: usize = 64;
 
+/// Why `standalone` holds links: every call that reaches it comes on a standalone server.
+const STANDALONE: &str = "only a standalone server's calls come here";
+
 #[derive(Debug)]
 pub(crate) struct Core {
     cfg: ClientConfig,
     /// The transport chosen at connect time (the RDMA device, if any), for push buffers.
     chosen: Chosen,
-    servers: Vec<ServerLinks>,
+    /// A standalone server's links and range map (`None` on a cluster, where every call goes
+    /// through the chains).
+    standalone: Option<ServerLinks>,
     map: RangeMap,
     control_id: u64,
     scratch: Scratch,
@@ -193,8 +198,7 @@ pub(crate) struct Core {
     generation: u64,
     /// Routes of tables looked up again since the last reconnection, by name.
     remapped: HashMap<String, Arc<Route>>,
-    /// A replicated cluster's links and tables, when the servers are one (`servers` is then
-    /// empty: every call goes through the chains).
+    /// A cluster's links and tables (`standalone` is then `None`).
     chain: Option<(Chain, HashMap<String, TableEntry>)>,
 }
 
@@ -205,14 +209,21 @@ impl Core {
             Some(view) => Some(Chain::connect(addrs, &cfg, chosen.clone(), Some(view))?),
             None => None,
         };
-        let servers = match chain {
-            Some(_) => Vec::new(),
-            None => addrs.iter().map(|addr| dial(addr, &cfg, &chosen)).collect::<Result<Vec<_>>>()?,
+        let standalone = match (&chain, addrs) {
+            (Some(_), _) => None,
+            (None, [addr]) => Some(dial(addr, &cfg, &chosen)?),
+            (None, _) => {
+                let reason = format!(
+                    "{} are standalone servers, not a cluster: connect to one of them, or start the servers with a coordinator (`tessera coordinator --replicas 1` keeps one copy of every range) and connect to any of them",
+                    addrs.join(", ")
+                );
+                return Err(ClientError::Config { reason });
+            }
         };
         let mut core = Core {
             cfg,
             chosen,
-            servers,
+            standalone,
             map: RangeMap::default(),
             control_id: 0,
             scratch: Scratch::default(),
@@ -244,13 +255,13 @@ impl Core {
         }
     }
 
-    /// One request on server `server`'s control plane; returns the reply body.
-    fn control(&mut self, server: usize, op: Op, body: &[u8]) -> Result<Vec<u8>> {
-        if self.servers[server].broken.is_some() {
+    /// One request on the standalone server's control plane; returns the reply body.
+    fn control(&mut self, op: Op, body: &[u8]) -> Result<Vec<u8>> {
+        if self.standalone.as_ref().expect(STANDALONE).broken.is_some() {
             self.heal()?;
         }
         self.control_id += 1;
-        let s = &mut self.servers[server];
+        let s = self.standalone.as_mut().expect(STANDALONE);
         let mut header = Header::request(op, self.control_id);
         let sent = s.control.send(&mut header, &[body], false);
         let reply = match sent.and_then(|()| s.control.recv(None)) {
@@ -258,7 +269,7 @@ impl Core {
             Err(e) => {
                 // The control plane is strictly one request, one reply: after any failure a late
                 // reply could be taken for the next one's, so the connection is not used again.
-                self.break_server(server, &e);
+                self.break_server(&e);
                 return Err(e.into());
             }
         };
@@ -283,15 +294,11 @@ impl Core {
             }
             return Ok(catalogs);
         }
-        let mut catalogs = Vec::with_capacity(self.servers.len());
-        for server in 0..self.servers.len() {
-            let body = self.control(server, Op::Catalog, &[])?;
-            let catalog: Catalog = serde_json::from_slice(&body)
-                .map_err(|e| ClientError::Protocol { server: self.servers[server].addr.clone(), reason: format!("bad catalog: {e}") })?;
-            catalogs.push(catalog);
-        }
-        self.map = RangeMap::from_catalogs(&catalogs)?;
-        Ok(catalogs.into_iter().map(|c| c.tables).collect())
+        let body = self.control(Op::Catalog, &[])?;
+        let catalog: Catalog = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Protocol { server: self.standalone.as_ref().expect(STANDALONE).addr.clone(), reason: format!("bad catalog: {e}") })?;
+        self.map = RangeMap::from_catalog(&catalog)?;
+        Ok(vec![catalog.tables])
     }
 
     pub fn create_table(&mut self, spec: &TableSpec) -> Result<()> {
@@ -299,8 +306,8 @@ impl Core {
         if let Some((chain, _)) = self.chain.as_mut() {
             chain.ask_everyone(Op::CreateTable, &body)?;
         }
-        for server in 0..self.servers.len() {
-            self.control(server, Op::CreateTable, &body)?;
+        if self.standalone.is_some() {
+            self.control(Op::CreateTable, &body)?;
         }
         self.refresh().map(|_| ())
     }
@@ -320,13 +327,12 @@ impl Core {
             let bad = |e: serde_json::Error| ClientError::Protocol { server: String::new(), reason: format!("bad {op:?} reply: {e}") };
             return chain.ask_members(op, &[])?.iter().map(|body| serde_json::from_slice(body).map_err(bad)).collect();
         }
-        (0..self.servers.len())
-            .map(|server| {
-                let body = self.control(server, op, &[])?;
-                serde_json::from_slice(&body)
-                    .map_err(|e| ClientError::Protocol { server: self.servers[server].addr.clone(), reason: format!("bad {op:?} reply: {e}") })
-            })
-            .collect()
+        let body = self.control(op, &[])?;
+        let reply = serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+            server: self.standalone.as_ref().expect(STANDALONE).addr.clone(),
+            reason: format!("bad {op:?} reply: {e}"),
+        })?;
+        Ok(vec![reply])
     }
 
     /// The table's route; a table this client has not seen yet (created by another client) is
@@ -346,11 +352,11 @@ impl Core {
         Ok(Table { route: Arc::new(self.map.table(name)?.clone()), consistency: None, generation: self.generation })
     }
 
-    /// `table` as the servers route it now. Reconnects first to any server whose connections
-    /// broke; a handle read before a reconnection is then routed as the table of the same name
-    /// in the catalogs read since (a restarted server may number its tables differently).
+    /// `table` as the standalone server routes it now. Reconnects first if the server's
+    /// connections broke; a handle read before a reconnection is then routed as the table of the
+    /// same name in the catalog read since (a restarted server may number its tables differently).
     pub fn current<'t>(&mut self, table: &'t Table) -> Result<Cow<'t, Table>> {
-        if self.servers.iter().any(|s| s.broken.is_some()) {
+        if self.standalone.as_ref().expect(STANDALONE).broken.is_some() {
             self.heal()?;
         }
         if table.generation == self.generation {
@@ -373,10 +379,10 @@ impl Core {
         Ok(Cow::Owned(Table { route, consistency: table.consistency, generation: self.generation }))
     }
 
-    /// Marks server `server`'s connections broken by `e`: the requests in flight on them are
-    /// lost, and the next call reconnects.
-    fn break_server(&mut self, server: usize, e: &TransportError) {
-        let s = &mut self.servers[server];
+    /// Marks the standalone server's connections broken by `e`: the requests in flight on them
+    /// are lost, and the next call reconnects.
+    fn break_server(&mut self, e: &TransportError) {
+        let s = self.standalone.as_mut().expect(STANDALONE);
         tracing::warn!(server = %s.addr, error = %e, "connection lost; the next call reconnects");
         s.lost = e.to_string();
         s.broken.get_or_insert_with(|| e.to_string());
@@ -387,13 +393,13 @@ impl Core {
         }
     }
 
-    /// The error for a link failure on `server`, after marking its connections broken when
-    /// the failure breaks them. A request in flight on a broken link has an unknown outcome.
-    fn link_failed(&mut self, server: u32, e: ClientError, receiving: bool) -> ClientError {
+    /// The error for a link failure, after marking the server's connections broken when the
+    /// failure breaks them. A request in flight on a broken link has an unknown outcome.
+    fn link_failed(&mut self, e: ClientError, receiving: bool) -> ClientError {
         match e {
             ClientError::Transport(t) if breaks_link(&t, receiving) => {
-                self.break_server(server as usize, &t);
-                let s = &self.servers[server as usize];
+                self.break_server(&t);
+                let s = self.standalone.as_ref().expect(STANDALONE);
                 if receiving {
                     return ClientError::OutcomeUnknown { server: s.addr.clone(), reason: s.lost.clone() };
                 }
@@ -403,24 +409,21 @@ impl Core {
         }
     }
 
-    /// Reconnects to every server whose connections broke and reads the catalogs again. Tries
-    /// each server `reconnect_attempts` times, the pause between tries doubling from
-    /// `reconnect_pause_ms` up to a second; fails with [`ClientError::Reconnect`], and the next
-    /// call tries again.
+    /// Reconnects to the server if its connections broke, and reads its catalog again. Tries
+    /// `reconnect_attempts` times, the pause between tries doubling from `reconnect_pause_ms`
+    /// up to a second; fails with [`ClientError::Reconnect`], and the next call tries again.
     fn heal(&mut self) -> Result<()> {
-        for server in 0..self.servers.len() {
-            if self.servers[server].broken.is_some() {
-                let fresh = self.redial(server)?;
-                self.adopt(server, fresh);
-            }
+        if self.standalone.as_ref().expect(STANDALONE).broken.is_some() {
+            let fresh = self.redial()?;
+            self.adopt(fresh);
         }
         self.generation += 1;
         self.remapped.clear();
         self.refresh().map(|_| ())
     }
 
-    fn redial(&self, server: usize) -> Result<ServerLinks> {
-        let addr = &self.servers[server].addr;
+    fn redial(&self) -> Result<ServerLinks> {
+        let addr = &self.standalone.as_ref().expect(STANDALONE).addr;
         let attempts = self.cfg.reconnect_attempts;
         let mut pause_ms = self.cfg.reconnect_pause_ms;
         let mut last = String::from("reconnecting is off (ClientConfig::reconnect_attempts is 0)");
@@ -437,11 +440,11 @@ impl Core {
         Err(ClientError::Reconnect { server: addr.clone(), attempts, reason: last })
     }
 
-    /// Puts the links of a fresh connection to `server` in place of its broken ones. Replies
+    /// Puts the links of a fresh connection to the server in place of its broken ones. Replies
     /// that arrived before the break stay parked for their tickets; request ids go on from
     /// where they were.
-    fn adopt(&mut self, server: usize, fresh: ServerLinks) {
-        let old = &mut self.servers[server];
+    fn adopt(&mut self, fresh: ServerLinks) {
+        let old = self.standalone.as_mut().expect(STANDALONE);
         let base = old.shards.iter().map(|s| s.next_id).max().unwrap_or(1);
         let mut kept = std::mem::take(&mut old.shards).into_iter();
         for mut shard in fresh.shards {
@@ -468,10 +471,10 @@ impl Core {
     /// Fills in the request's id, table, worker and clock, has `send` send it on `owner`'s link,
     /// and counts it.
     fn send_with(&mut self, owner: Owner, mut header: Header, send: impl FnOnce(&mut dyn Link, &mut Header) -> tessera_transport::Result<()>) -> Result<u64> {
-        if self.servers[owner.server as usize].broken.is_some() {
+        if self.standalone.as_ref().expect(STANDALONE).broken.is_some() {
             self.heal()?;
         }
-        let shard = &mut self.servers[owner.server as usize].shards[owner.shard as usize];
+        let shard = &mut self.standalone.as_mut().expect(STANDALONE).shards[owner.shard as usize];
         header.request_id = shard.next_id;
         header.table = owner.table_id;
         header.worker = self.cfg.worker;
@@ -480,7 +483,7 @@ impl Core {
             header.flags |= tessera_transport::wire::flags::COMPRESS_REPLY;
         }
         if let Err(e) = send(shard.link.as_mut(), &mut header) {
-            return Err(self.link_failed(owner.server, e.into(), false));
+            return Err(self.link_failed(e.into(), false));
         }
         shard.next_id += 1;
         shard.outstanding += 1;
@@ -505,9 +508,9 @@ impl Core {
     /// buffers.
     fn release_buffers(&mut self, subs: &[Sub]) -> Result<()> {
         for s in subs {
-            let link = &mut self.servers[s.server as usize].shards[s.shard as usize].link;
+            let link = &mut self.standalone.as_mut().expect(STANDALONE).shards[s.shard as usize].link;
             if let Err(e) = link.one_sided().map_or(Ok(()), |one_sided| one_sided.settle()) {
-                return Err(self.link_failed(s.server, e.into(), false));
+                return Err(self.link_failed(e.into(), false));
             }
         }
         Ok(())
@@ -521,7 +524,7 @@ impl Core {
     /// Most keys one frame to `owner` may carry, so that the request and its reply both fit the
     /// smaller of the two sides' frame limits. Larger calls are split into several frames.
     fn keys_per_frame(&self, owner: Owner, kind: Kind, dim: usize, with_keys: bool) -> usize {
-        let server = &self.servers[owner.server as usize];
+        let server = self.standalone.as_ref().expect(STANDALONE);
         let room = server.shards[owner.shard as usize].link.send_bytes_max().saturating_sub(tessera_transport::wire::HEADER_BYTES);
         let key_bytes = if with_keys { 8 } else { 0 };
         let n = match kind {
@@ -607,7 +610,7 @@ impl Core {
                 let sent = self.send_one(owner, kind, dim, chunk, g, if last { done_flag } else { 0 });
                 let (id, resend) = self.sent_or_abandon(sent, &subs)?;
                 let range = at * dim..(at + chunk.len()) * dim;
-                subs.push(Sub { server: owner.server, shard: owner.shard, id, range, scatter: false, resend });
+                subs.push(Sub { shard: owner.shard, id, range, scatter: false, resend });
             }
         } else {
             self.group(keys, grads, dim, &mut order);
@@ -624,7 +627,7 @@ impl Core {
                     let g = grads.map(|_| &group_grads[lo * dim..hi * dim]);
                     let last = hi == at + n;
                     match self.send_one(owner, kind, dim, &keys[lo..hi], g, if last { done_flag } else { 0 }) {
-                        Ok((id, resend)) => subs.push(Sub { server: owner.server, shard: owner.shard, id, range: lo..hi, scatter: true, resend }),
+                        Ok((id, resend)) => subs.push(Sub { shard: owner.shard, id, range: lo..hi, scatter: true, resend }),
                         Err(e) => {
                             failed = Some(e);
                             break;
@@ -647,7 +650,7 @@ impl Core {
                 let owner = table.route().owner(part);
                 let sent = self.send_one(owner, kind, dim, &[], Some(&[]), done_flag);
                 let (id, resend) = self.sent_or_abandon(sent, &subs)?;
-                subs.push(Sub { server: owner.server, shard: owner.shard, id, range: 0..0, scatter: false, resend });
+                subs.push(Sub { shard: owner.shard, id, range: 0..0, scatter: false, resend });
             }
         }
         self.scratch.used = used;
@@ -688,11 +691,11 @@ impl Core {
     fn sent_or_abandon<T>(&mut self, sent: Result<T>, subs: &[Sub]) -> Result<T> {
         let Err(e) = sent else { return sent };
         for s in subs {
-            self.abandon(s.server, s.shard, s.id);
+            self.abandon(s.shard, s.id);
         }
         match (e, subs.first()) {
-            (ClientError::Transport(t), Some(sub)) if breaks_link(&t, false) => {
-                let server = self.servers[sub.server as usize].addr.clone();
+            (ClientError::Transport(t), Some(_)) if breaks_link(&t, false) => {
+                let server = self.standalone.as_ref().expect(STANDALONE).addr.clone();
                 Err(ClientError::OutcomeUnknown { server, reason: t.to_string() })
             }
             (e, _) => Err(e),
@@ -712,14 +715,14 @@ impl Core {
         }
     }
 
-    /// One ping (`Op::Ping`) to `shard` of server `server`: the transport's round trip, with no
-    /// table touched.
-    pub fn ping(&mut self, server: u32, shard: u16) -> Result<()> {
+    /// One ping (`Op::Ping`) to `shard` of the standalone server (or to the cluster): the
+    /// transport's round trip, with no table touched.
+    pub fn ping(&mut self, shard: u16) -> Result<()> {
         if let Some((chain, _)) = self.chain.as_mut() {
             return chain.ping();
         }
-        let id = self.send(Owner { server, shard, table_id: 0 }, Header::request(Op::Ping, 0), &[])?;
-        self.await_reply(server, shard, id, |h, body| match h.status() {
+        let id = self.send(Owner { shard, table_id: 0 }, Header::request(Op::Ping, 0), &[])?;
+        self.await_reply(shard, id, |h, body| match h.status() {
             Status::Ok => Ok(()),
             _ => Err(String::from_utf8_lossy(body).into_owned()),
         })
@@ -735,7 +738,7 @@ impl Core {
         header.flags = extra_flags;
         header.count = keys.len() as u32;
         header.dim = dim as u32;
-        let lists = &mut self.servers[owner.server as usize].shards[owner.shard as usize].lists;
+        let lists = &mut self.standalone.as_mut().expect(STANDALONE).shards[owner.shard as usize].lists;
         let mut full_flags = extra_flags;
         match lists.remember(keys) {
             Some(Remembered::Held(hash)) => {
@@ -778,7 +781,7 @@ impl Core {
     /// key list the request named; both ends remember the list again.
     fn resend(&mut self, r: &Resend) -> Result<u64> {
         let owner = r.owner.expect("a resend records its owner");
-        let lists = &mut self.servers[owner.server as usize].shards[owner.shard as usize].lists;
+        let lists = &mut self.standalone.as_mut().expect(STANDALONE).shards[owner.shard as usize].lists;
         lists.insert(key_list_hash(&r.keys), r.keys.len() as u32, ());
         self.send_in_full(owner, r.push, r.dim, &r.keys, &r.grads, flags::KEYS_REMEMBER | r.flags)
     }
@@ -789,7 +792,7 @@ impl Core {
         loop {
             let mut missed = false;
             let resendable = sub.resend.is_some();
-            let got = self.await_reply(sub.server, sub.shard, sub.id, |header, body| {
+            let got = self.await_reply(sub.shard, sub.id, |header, body| {
                 if resendable && header.status() == Status::KeysUnknown {
                     missed = true;
                     return Ok(());
@@ -910,7 +913,7 @@ impl Core {
                     return Err(e);
                 }
             };
-            subs.push(Sub { server: owner.server, shard: owner.shard, id, range: values, scatter: false, resend: None });
+            subs.push(Sub { shard: owner.shard, id, range: values, scatter: false, resend: None });
             key = stop;
         }
         if source.is_some() {
@@ -924,11 +927,11 @@ impl Core {
     /// A one-sided read of `out.len() / dim` keys from `start` on `owner`'s shard, if its link can
     /// (`false` if not); the blocks' stamp is left in `scratch.read_stamp`.
     fn read_dense(&mut self, owner: Owner, dim: usize, start: u64, out: &mut [f32]) -> Result<bool> {
-        let link = &mut self.servers[owner.server as usize].shards[owner.shard as usize].link;
+        let link = &mut self.standalone.as_mut().expect(STANDALONE).shards[owner.shard as usize].link;
         let Some(one_sided) = link.one_sided() else { return Ok(false) };
         let read = match one_sided.read_dense(owner.table_id, start, dim as u32, out, &mut self.scratch.read_stamp) {
             Ok(read) => read,
-            Err(e) => return Err(self.link_failed(owner.server, e.into(), false)),
+            Err(e) => return Err(self.link_failed(e.into(), false)),
         };
         if read {
             self.bytes_received += (out.len() * 4) as u64;
@@ -939,13 +942,13 @@ impl Core {
     /// Block copies the links found torn and read again.
     pub fn torn_reads(&self) -> u64 {
         let chained = self.chain().map_or(0, Chain::torn_reads);
-        chained + self.servers.iter().flat_map(|s| &s.shards).filter_map(|s| s.link.one_sided_ref()).map(|o| o.torn_reads()).sum::<u64>()
+        chained + self.standalone.iter().flat_map(|s| &s.shards).filter_map(|s| s.link.one_sided_ref()).map(|o| o.torn_reads()).sum::<u64>()
     }
 
     /// Waits for the reply to request `id` on one shard and hands it to `take`. Replies to other
     /// requests that arrive first are parked for their own tickets.
-    pub fn await_reply(&mut self, server: u32, shard: u16, id: u64, take: impl FnOnce(&Header, &[u8]) -> std::result::Result<(), String>) -> Result<()> {
-        let s = &mut self.servers[server as usize];
+    pub fn await_reply(&mut self, shard: u16, id: u64, take: impl FnOnce(&Header, &[u8]) -> std::result::Result<(), String>) -> Result<()> {
+        let s = self.standalone.as_mut().expect(STANDALONE);
         let addr = &s.addr;
         let Some(shard) = s.shards.get_mut(shard as usize).filter(|sh| id >= sh.lost_below || sh.parked.contains_key(&id)) else {
             return Err(ClientError::OutcomeUnknown { server: addr.clone(), reason: s.lost.clone() });
@@ -957,7 +960,7 @@ impl Core {
         loop {
             let frame = match link.recv(None) {
                 Ok(frame) => frame,
-                Err(e) => return Err(self.link_failed(server, e.into(), true)),
+                Err(e) => return Err(self.link_failed(e.into(), true)),
             };
             self.bytes_received += frame.header.frame_len() as u64;
             *outstanding = outstanding.saturating_sub(1);
@@ -971,9 +974,9 @@ impl Core {
     /// Whether waiting for request `id`'s reply on one shard would return without blocking: its
     /// reply is parked, or it was lost with a broken connection (the wait reports that).
     /// Receives, and parks, what arrives for up to `timeout` (zero: only what is there now).
-    pub fn arrived(&mut self, server: u32, shard: u16, id: u64, timeout: Duration) -> Result<bool> {
+    pub fn arrived(&mut self, shard: u16, id: u64, timeout: Duration) -> Result<bool> {
         let deadline = Instant::now() + timeout;
-        let s = &mut self.servers[server as usize];
+        let s = self.standalone.as_mut().expect(STANDALONE);
         let addr = &s.addr;
         let Some(sh) = s.shards.get_mut(shard as usize) else { return Ok(true) };
         loop {
@@ -985,7 +988,7 @@ impl Core {
                 Ok(frame) => frame,
                 Err(TransportError::Timeout { .. }) => return Ok(false),
                 Err(e) if breaks_link(&e, true) => {
-                    self.break_server(server as usize, &e);
+                    self.break_server(&e);
                     return Ok(true);
                 }
                 Err(e) => return Err(e.into()),
@@ -998,14 +1001,14 @@ impl Core {
 
     /// Receives replies on one shard until request `id`'s is in, and parks it for its ticket.
     /// A request whose reply is already parked (or was taken) returns at once.
-    pub fn settle(&mut self, server: u32, shard: u16, id: u64) -> Result<()> {
-        let s = &mut self.servers[server as usize];
+    pub fn settle(&mut self, shard: u16, id: u64) -> Result<()> {
+        let s = self.standalone.as_mut().expect(STANDALONE);
         let addr = &s.addr;
         let shard = &mut s.shards[shard as usize];
         while shard.outstanding > 0 && !shard.parked.contains_key(&id) {
             match shard.receive_one(addr) {
                 Ok(bytes) => self.bytes_received += bytes,
-                Err(e) => return Err(self.link_failed(server, e, true)),
+                Err(e) => return Err(self.link_failed(e, true)),
             }
         }
         Ok(())
@@ -1017,15 +1020,13 @@ impl Core {
         if let Some((chain, _)) = self.chain.as_mut() {
             return chain.settle(None).map(|_| ());
         }
-        for server in 0..self.servers.len() {
-            let s = &mut self.servers[server];
-            let addr = &s.addr;
-            for shard in &mut s.shards {
-                while shard.outstanding > 0 {
-                    match shard.receive_one(addr) {
-                        Ok(bytes) => self.bytes_received += bytes,
-                        Err(e) => return Err(self.link_failed(server as u32, e, true)),
-                    }
+        let s = self.standalone.as_mut().expect(STANDALONE);
+        let addr = &s.addr;
+        for shard in &mut s.shards {
+            while shard.outstanding > 0 {
+                match shard.receive_one(addr) {
+                    Ok(bytes) => self.bytes_received += bytes,
+                    Err(e) => return Err(self.link_failed(e, true)),
                 }
             }
         }
@@ -1046,14 +1047,14 @@ impl Core {
         if let Some(chain) = self.chain() {
             return chain.unacked();
         }
-        self.servers.iter().flat_map(|s| &s.shards).map(|s| s.outstanding).sum()
+        self.standalone.iter().flat_map(|s| &s.shards).map(|s| s.outstanding).sum()
     }
 
     pub fn transport(&self) -> &'static str {
         if let Some(chain) = self.chain() {
             return chain.transport();
         }
-        let all_rdma = self.servers.iter().flat_map(|s| &s.shards).all(|s| s.link.kind() == "rdma");
+        let all_rdma = self.standalone.iter().flat_map(|s| &s.shards).all(|s| s.link.kind() == "rdma");
         if all_rdma {
             "rdma"
         } else {
@@ -1062,8 +1063,8 @@ impl Core {
     }
 
     /// Forgets a request whose ticket was dropped.
-    pub fn abandon(&mut self, server: u32, shard: u16, id: u64) {
-        let Some(shard) = self.servers[server as usize].shards.get_mut(shard as usize) else { return };
+    pub fn abandon(&mut self, shard: u16, id: u64) {
+        let Some(shard) = self.standalone.as_mut().and_then(|s| s.shards.get_mut(shard as usize)) else { return };
         // A request lost with a broken connection has no reply to drop.
         if shard.parked.remove(&id).is_none() && id >= shard.lost_below {
             shard.abandoned.insert(id);

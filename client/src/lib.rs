@@ -1,8 +1,10 @@
 //! The Tessera client that workers link in.
 //!
-//! [`Client::connect`] asks each server for its catalog, merges them into a range map, and opens
-//! one link per (server, shard). Every call routes its keys to the owning shards, sends one frame
-//! per shard, and returns a [`Ticket`] at once; [`Ticket::wait`] blocks for the replies and
+//! [`Client::connect`] reaches either a cluster (servers that joined a coordinator: every key range
+//! on a chain of one or more of them) or one standalone server. On a cluster it routes each
+//! range's pushes to the range's head and its pulls to a member fresh enough; on a standalone
+//! server it reads the catalog into a range map and opens one link per shard. Every call sends
+//! its frames and returns a [`Ticket`] at once; [`Ticket::wait`] blocks for the replies and
 //! returns the vector-clock [`Stamp`] of the keys it touched. Many tickets may be in flight: the
 //! results are the same whether the caller waits on each one or pipelines many.
 //!
@@ -141,7 +143,7 @@ impl Table {
     }
 }
 
-/// A connection to every shard of every server. `Send + Sync`; calls from several threads are
+/// A connection to a cluster or to a standalone server. `Send + Sync`; calls from several threads are
 /// serialised, so give each worker thread its own client for parallelism.
 #[derive(Debug)]
 pub struct Client {
@@ -152,7 +154,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `servers` (the whole cluster, in any order) as the configured worker.
+    /// Connects as the configured worker to `servers`: any members of a cluster (the client
+    /// learns the rest from them), or one standalone server.
     pub fn connect(servers: &[&str], cfg: ClientConfig) -> Result<Client> {
         let (consistency, workers, stale_timeout) = (cfg.consistency, cfg.workers, cfg.stale_timeout);
         Ok(Client { core: Mutex::new(Core::connect(servers, cfg)?), consistency, workers, stale_timeout })
@@ -288,10 +291,11 @@ impl Client {
         self.lock().torn_reads()
     }
 
-    /// Pings shard 0 of the first server over the data path and waits for the answer: the
-    /// transport's round trip alone, with no table touched (`tessera bench`'s `ping` row).
+    /// Pings shard 0 of the standalone server (or the cluster) over the data path and waits for
+    /// the answer: the transport's round trip alone, with no table touched (`tessera bench`'s
+    /// `ping` row).
     pub fn ping(&self) -> Result<()> {
-        self.lock().ping(0, 0)
+        self.lock().ping(0)
     }
 
     /// The transport the links use: `"rdma"` when every link is RDMA, else `"tcp"`.

@@ -52,7 +52,6 @@ impl Stamp {
 /// Where one sub-request's reply goes.
 #[derive(Debug)]
 pub(crate) struct Sub {
-    pub server: u32,
     pub shard: u16,
     pub id: u64,
     /// Pulls: values land at `out[range]` (contiguous), or, when `scatter` is set, key `i` of the
@@ -139,7 +138,7 @@ fn arrived(client: &Client, subs: &[Sub], chained: Option<u64>, timeout: std::ti
     }
     for sub in subs {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if !core.arrived(sub.server, sub.shard, sub.id, left)? {
+        if !core.arrived(sub.shard, sub.id, left)? {
             return Ok(false);
         }
     }
@@ -256,7 +255,7 @@ impl Drop for Ticket<'_> {
                     // ticket abandons only the result, as it does for other requests.
                     let _ = core.await_sub(sub, |_, _, _| Ok(()));
                 } else {
-                    core.abandon(sub.server, sub.shard, sub.id);
+                    core.abandon(sub.shard, sub.id);
                 }
             }
         }

@@ -49,10 +49,8 @@ pub struct ServerConfig {
     pub rdma: RdmaConfig,
     /// Tables created at start-up.
     pub tables: Vec<TableSpec>,
-    /// Servers in the cluster (this one included) and this one's position among them.
-    pub servers: u32,
-    pub server_index: u32,
-    /// Join a replicated cluster instead: `servers` and `server_index` are then unused.
+    /// Join a cluster kept by a coordinator; `None` runs a standalone server, which holds every
+    /// table whole, split across its shards.
     pub replication: Option<Join>,
 }
 
@@ -77,8 +75,6 @@ impl ServerConfig {
             transport_kind: TransportKind::Auto,
             rdma: RdmaConfig::default(),
             tables: Vec::new(),
-            servers: 1,
-            server_index: 0,
             replication: None,
         }
     }
@@ -105,13 +101,6 @@ impl Server {
     /// Binds, starts one pinned thread per shard, creates the configured tables, and serves.
     pub fn start(cfg: ServerConfig, registry: UpdaterRegistry) -> Result<Server> {
         cfg.engine.validate()?;
-        if cfg.server_index >= cfg.servers {
-            return Err(EngineError::BadConfig {
-                field: "server_index",
-                value: cfg.server_index.to_string(),
-                reason: format!("must be below the number of servers ({})", cfg.servers),
-            });
-        }
         let io = |e: tessera_transport::TransportError| EngineError::Io(e.to_string());
         let view = match &cfg.replication {
             Some(join) => Some(fetch_cluster(join, &cfg)?),
@@ -123,8 +112,6 @@ impl Server {
         let chosen = select::choose(cfg.transport_kind, &cfg.rdma).map_err(io)?;
         let info = ServerInfo {
             version: env!("CARGO_PKG_VERSION").into(),
-            server_index: cfg.server_index,
-            servers: cfg.servers,
             shards: cfg.engine.shards,
             frame_bytes_max: cfg.transport.frame_bytes_max as u64,
             workers_max: cfg.engine.workers_max,
@@ -189,7 +176,7 @@ impl Server {
         let catalog_file = cfg.engine.data_dir.clone().filter(|_| cfg.engine.durability != Durability::None).map(|d| d.join(CATALOG_FILE));
         let mut control = ControlPlane {
             info,
-            catalog: Catalog { server_index: cfg.server_index, tables: Vec::new() },
+            catalog: Catalog { tables: Vec::new() },
             registry,
             shards: shards.clone(),
             catalog_file,
@@ -320,8 +307,10 @@ fn check_cluster_name(path: &std::path::Path, mine: Option<u64>, config: &tesser
 /// What the catalog file holds.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct CatalogFile {
-    pub servers: u32,
-    pub server_index: u32,
+    /// Set only in files of servers that split tables by a fixed list of servers, which servers
+    /// no longer do: such a file is refused, not read as a whole table's.
+    #[serde(default, skip_serializing)]
+    pub servers: Option<u32>,
     pub shards: u16,
     /// Every table, its id its place in the list.
     pub tables: Vec<TableSpec>,
@@ -353,16 +342,18 @@ impl ControlPlane {
             Ok(bytes) => {
                 let file: CatalogFile =
                     serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt { what: path.display().to_string(), reason: e.to_string() })?;
-                let (servers, index, shards) = (self.info.servers, self.info.server_index, self.info.shards);
-                if (file.servers, file.server_index, file.shards) != (servers, index, shards) {
-                    return Err(EngineError::BadConfig {
-                        field: "data_dir",
-                        value: path.display().to_string(),
-                        reason: format!(
-                            "it was written by server {} of {} with {} shards; this one is server {index} of {servers} with {shards} (start with --shards {})",
-                            file.server_index, file.servers, file.shards, file.shards
-                        ),
-                    });
+                let shards = self.info.shards;
+                let refuse = |reason| EngineError::BadConfig { field: "data_dir", value: path.display().to_string(), reason };
+                if let Some(servers) = file.servers.filter(|n| *n != 1) {
+                    return Err(refuse(format!(
+                        "it was written by one of {servers} servers of a fixed list, each holding part of every table, which servers no longer form; its tables cannot be recovered as a standalone server's"
+                    )));
+                }
+                if file.shards != shards {
+                    return Err(refuse(format!(
+                        "it was written by a server with {} shards; this one has {shards} (start with --shards {})",
+                        file.shards, file.shards
+                    )));
                 }
                 crate::crash::point("recovery.catalog_read");
                 for spec in file.tables {
@@ -404,12 +395,7 @@ impl ControlPlane {
     /// Writes the catalog file: to a temporary name, fsynced, renamed, and the directory fsynced.
     fn save_catalog(&self) -> Result<()> {
         let Some(path) = &self.catalog_file else { return Ok(()) };
-        let file = CatalogFile {
-            servers: self.info.servers,
-            server_index: self.info.server_index,
-            shards: self.info.shards,
-            tables: self.catalog.tables.iter().map(|t| t.spec.clone()).collect(),
-        };
+        let file = CatalogFile { servers: None, shards: self.info.shards, tables: self.catalog.tables.iter().map(|t| t.spec.clone()).collect() };
         let bytes = serde_json::to_vec_pretty(&file).expect("plain data");
         crate::persist::disk::replace_file(path, &bytes, Some(["catalog.written", "catalog.renamed"]))
     }
@@ -459,7 +445,7 @@ impl ControlPlane {
                 .filter(|(_, keys)| !keys.is_empty())
                 .map(|(shard, keys)| Part { start: keys.start, end: keys.end, shard })
                 .collect(),
-            None => placement::server_parts(&spec, self.info.servers, self.info.server_index, self.info.shards),
+            None => placement::shard_parts(&spec, self.info.shards),
         };
         let mut waiting = Vec::new();
         for part in &parts {

@@ -142,7 +142,6 @@ pub struct TableEntry {
 /// Everything one server publishes about its tables.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Catalog {
-    pub server_index: u32,
     pub tables: Vec<TableEntry>,
 }
 
@@ -150,8 +149,6 @@ pub struct Catalog {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerInfo {
     pub version: String,
-    pub server_index: u32,
-    pub servers: u32,
     pub shards: u16,
     pub frame_bytes_max: u64,
     pub workers_max: u32,

@@ -3,12 +3,10 @@
 /// Why a table definition, a set of catalogs, or a dense layout cannot be used.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum LayoutError {
-    #[error("table {table:?}: keys [{start}, {end}) have no server; is a server missing from the list you connected to?")]
+    #[error("table {table:?}: keys [{start}, {end}) have no shard")]
     Gap { table: String, start: u64, end: u64 },
-    #[error("table {table:?}: servers claim overlapping parts at key {key}; do the servers agree on --cluster?")]
+    #[error("table {table:?}: shards claim overlapping parts at key {key}")]
     Overlap { table: String, key: u64 },
-    #[error("table {table:?} is defined differently on different servers")]
-    Disagree { table: String },
     #[error("unknown table {name:?}")]
     UnknownTable { name: String },
     #[error("bad table {name:?}: {reason}")]

@@ -2,9 +2,9 @@
 //!
 //! - [`catalog`]: a table's definition ([`TableSpec`]) and what a server holds of each
 //!   ([`Catalog`], [`ServerInfo`]).
-//! - [`placement`]: a table's key range `[start, end)` split across the servers of a cluster and
-//!   each server's shards, the client's [`RangeMap`] merged from the servers' catalogs, and the
-//!   replication ranges a replicated cluster cuts each table into.
+//! - [`placement`]: the replication ranges a cluster cuts each table into and the shard each
+//!   range goes to; a standalone server's split of each table across its shards, and the
+//!   client's [`RangeMap`] read from its catalog.
 //! - [`dense`]: how a dense table part lies in memory, in versioned blocks a worker may read
 //!   one-sidedly ([`DenseLayout`]).
 

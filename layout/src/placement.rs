@@ -1,9 +1,10 @@
-//! Key-range placement: which (server, shard) owns each key of a table.
+//! Key-range placement: which shard owns each key of a table.
 //!
-//! A table's range is split into equal contiguous parts, first across servers and then across
-//! each server's shards. Sparse tables hold hashed keys, which are spread evenly over the key
-//! space, so equal ranges carry equal load. (Consistent hashing with chains replaces the server
-//! split when replication arrives; the shard split stays.)
+//! A cluster cuts each table into replication ranges, places each range on a chain of servers
+//! (the coordinator's ring), and gives each range to one shard of every server in its chain. A
+//! standalone server splits each table into equal contiguous parts, one per shard. Sparse tables
+//! hold hashed keys, which are spread evenly over the key space, so equal ranges carry equal
+//! load.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -26,12 +27,10 @@ pub fn split(range: Range<u64>, n: u64) -> Vec<Range<u64>> {
         .collect()
 }
 
-/// The parts of `spec` that server `server` (of `servers`) owns, one per shard.
-pub fn server_parts(spec: &TableSpec, servers: u32, server: u32, shards: u16) -> Vec<Part> {
-    assert!(server < servers && shards > 0);
-    let by_server = split(spec.start..spec.end, servers as u64);
-    let Some(mine) = by_server.get(server as usize) else { return Vec::new() };
-    split(mine.clone(), shards as u64).into_iter().enumerate().map(|(shard, r)| Part { start: r.start, end: r.end, shard: shard as u16 }).collect()
+/// The parts of `spec` a standalone server's shards own: the table split into `shards` parts.
+pub fn shard_parts(spec: &TableSpec, shards: u16) -> Vec<Part> {
+    assert!(shards > 0);
+    split(spec.start..spec.end, shards as u64).into_iter().enumerate().map(|(shard, r)| Part { start: r.start, end: r.end, shard: shard as u16 }).collect()
 }
 
 /// The keys of `spec` that replication range `range` (of `ranges`) holds: the table's key space
@@ -114,11 +113,9 @@ pub fn replicated_part(spec: &TableSpec, ranges: u32, shards: u16, shard: u16) -
     }
 }
 
-/// Who owns one part: the server's position in the client's list, its shard, and the table's id
-/// on that server.
+/// Who owns one part: its shard, and the table's id on the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
-    pub server: u32,
     pub shard: u16,
     pub table_id: u32,
 }
@@ -155,7 +152,7 @@ impl Route {
     /// not its parts, say where keys live (the client routes each replication range to its
     /// chain's head or tail), so the owner is a placeholder.
     pub fn replicated(spec: TableSpec, id: u32) -> Route {
-        let owner = Owner { server: 0, shard: 0, table_id: id };
+        let owner = Owner { shard: 0, table_id: id };
         Route { starts: vec![spec.start], ends: vec![spec.end], owners: vec![owner], spec }
     }
 
@@ -165,38 +162,27 @@ impl Route {
     }
 }
 
-/// Every table's route, merged from the catalogs of all servers.
+/// Every table's route on a standalone server, from its catalog.
 #[derive(Debug, Clone, Default)]
 pub struct RangeMap {
     tables: BTreeMap<String, Route>,
 }
 
 impl RangeMap {
-    /// Merges `catalogs` (in the order the client lists the servers) and checks that each table's
-    /// parts cover its range exactly once.
-    pub fn from_catalogs(catalogs: &[Catalog]) -> Result<Self> {
-        let mut parts: BTreeMap<String, (TableSpec, Vec<(Part, Owner)>)> = BTreeMap::new();
-        for (server, catalog) in catalogs.iter().enumerate() {
-            for entry in &catalog.tables {
-                let slot = parts.entry(entry.spec.name.clone()).or_insert_with(|| (entry.spec.clone(), Vec::new()));
-                if slot.0 != entry.spec {
-                    return Err(LayoutError::Disagree { table: entry.spec.name.clone() });
-                }
-                let owner = |p: &Part| Owner { server: server as u32, shard: p.shard, table_id: entry.id };
-                slot.1.extend(entry.parts.iter().map(|p| (*p, owner(p))));
-            }
-        }
+    /// Reads `catalog` and checks that each table's parts cover its range exactly once.
+    pub fn from_catalog(catalog: &Catalog) -> Result<Self> {
         let mut tables = BTreeMap::new();
-        for (name, (spec, mut owned)) in parts {
-            owned.sort_by_key(|(p, _)| p.start);
+        for entry in &catalog.tables {
+            let mut parts = entry.parts.clone();
+            parts.sort_by_key(|p| p.start);
             let route = Route {
-                starts: owned.iter().map(|(p, _)| p.start).collect(),
-                ends: owned.iter().map(|(p, _)| p.end).collect(),
-                owners: owned.iter().map(|(_, o)| *o).collect(),
-                spec,
+                starts: parts.iter().map(|p| p.start).collect(),
+                ends: parts.iter().map(|p| p.end).collect(),
+                owners: parts.iter().map(|p| Owner { shard: p.shard, table_id: entry.id }).collect(),
+                spec: entry.spec.clone(),
             };
             check_cover(&route)?;
-            tables.insert(name, route);
+            tables.insert(entry.spec.name.clone(), route);
         }
         Ok(Self { tables })
     }
@@ -237,9 +223,8 @@ mod tests {
     use crate::catalog::{TableEntry, TableKind};
     use proptest::prelude::*;
 
-    fn catalog(spec: &TableSpec, servers: u32, server: u32, shards: u16) -> Catalog {
-        let parts = server_parts(spec, servers, server, shards);
-        Catalog { server_index: server, tables: vec![TableEntry { id: 7 + server, spec: spec.clone(), parts }] }
+    fn catalog(spec: &TableSpec, shards: u16) -> Catalog {
+        Catalog { tables: vec![TableEntry { id: 7, spec: spec.clone(), parts: shard_parts(spec, shards) }] }
     }
 
     #[test]
@@ -251,17 +236,21 @@ mod tests {
     }
 
     #[test]
-    fn missing_server_is_a_gap() {
+    fn a_missing_or_doubled_part_is_refused() {
         let spec = TableSpec::new("t", TableKind::Dense, 0, 1000, 1);
-        let both = [catalog(&spec, 2, 0, 2), catalog(&spec, 2, 1, 2)];
-        let map = RangeMap::from_catalogs(&both).unwrap();
+        let whole = catalog(&spec, 4);
+        let map = RangeMap::from_catalog(&whole).unwrap();
         let route = map.table("t").unwrap();
         assert_eq!(route.parts(), 4);
-        assert_eq!(route.owner(route.locate(999).unwrap()), Owner { server: 1, shard: 1, table_id: 8 });
+        assert_eq!(route.owner(route.locate(999).unwrap()), Owner { shard: 3, table_id: 7 });
         assert_eq!(route.locate(1000), None);
-        assert!(matches!(RangeMap::from_catalogs(&both[..1]), Err(LayoutError::Gap { .. })));
-        let twice = [both[0].clone(), both[0].clone()];
-        assert!(matches!(RangeMap::from_catalogs(&twice), Err(LayoutError::Overlap { .. })));
+        let mut gap = whole.clone();
+        gap.tables[0].parts.remove(2);
+        assert!(matches!(RangeMap::from_catalog(&gap), Err(LayoutError::Gap { .. })));
+        let mut twice = whole.clone();
+        let first = twice.tables[0].parts[0];
+        twice.tables[0].parts.push(first);
+        assert!(matches!(RangeMap::from_catalog(&twice), Err(LayoutError::Overlap { .. })));
     }
 
     proptest! {
@@ -323,10 +312,9 @@ mod tests {
         }
 
         #[test]
-        fn every_key_has_exactly_one_owner(start in 0u64..1000, len in 1u64..100_000, servers in 1u32..5, shards in 1u16..9, key in any::<u64>()) {
+        fn every_key_has_exactly_one_owner(start in 0u64..1000, len in 1u64..100_000, shards in 1u16..9, key in any::<u64>()) {
             let spec = TableSpec::new("t", TableKind::Dense, start, start + len, 1);
-            let cats: Vec<_> = (0..servers).map(|s| catalog(&spec, servers, s, shards)).collect();
-            let map = RangeMap::from_catalogs(&cats).unwrap();
+            let map = RangeMap::from_catalog(&catalog(&spec, shards)).unwrap();
             let route = map.table("t").unwrap();
             let key = start + key % len;
             let i = route.locate(key).unwrap();

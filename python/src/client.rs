@@ -23,12 +23,13 @@ use crate::ticket::PyTicket;
 /// The environment variable that names the cluster secret file, as for the tools and the C ABI.
 const SECRET_FILE_VAR: &str = "TESSERA_CLUSTER_SECRET_FILE";
 
-/// A connection to every shard of every server of a Tessera cluster, as one worker.
+/// A connection to a Tessera cluster or standalone server, as one worker.
 ///
-/// ``servers`` is a list of "host:port" (or one comma-separated string): every server of the
-/// cluster; of a replicated cluster (servers started with a coordinator), any of them will do,
-/// and pushes then go to each range's head, pulls to its tail. ``worker`` is this trainer's id (its entry in every vector clock, distinct per
-/// trainer, below the servers' ``--workers-max``) and ``workers`` the job's trainer count.
+/// ``servers`` is a list of "host:port" (or one comma-separated string): any servers of a
+/// cluster (servers started with a coordinator; pushes then go to each range's head, pulls to
+/// its tail), or one standalone server. ``worker`` is this trainer's id (its entry in every
+/// vector clock, distinct per trainer, below the servers' ``--workers-max``) and ``workers``
+/// the job's trainer count.
 /// ``consistency`` is "eventual" (nothing waits), "sequential" (a call is sent once every
 /// earlier call was answered) or "bounded:N" (a pull at clock t waits until every worker's
 /// pushes up to t - N - 1 are in). ``secret_file`` holds the cluster secret (default: the file

@@ -87,8 +87,8 @@ class Table:
 
 @final
 class Client:
-    """A connection to every shard of every server, as one worker (or to a replicated cluster
-    through any of its servers)."""
+    """A connection, as one worker, to a cluster through any of its servers, or to one
+    standalone server."""
 
     def __new__(
         cls,

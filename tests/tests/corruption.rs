@@ -201,6 +201,30 @@ fn every_injected_corruption_is_caught_and_recovery_takes_the_right_path() {
         assert_eq!(listing(copy.path()), before, "{what}: the refused start changed the data directory");
         assert!(catalog(copy.path()).exists() || what == "a lost catalog");
     }
+
+    // A directory a server of another shape wrote is refused before anything is read from it,
+    // and left as it was: another number of shards, or one of several servers of a fixed list,
+    // which held part of each table.
+    type Shape = fn(&mut serde_json::Value);
+    let shapes: [(&str, Shape, &str); 2] = [
+        ("another shard count", |file| file["shards"] = 2.into(), "written by a server with 2 shards; this one has 1"),
+        ("one of two servers of a fixed list", |file| file["servers"] = 2.into(), "one of 2 servers of a fixed list"),
+    ];
+    for (what, reshape, says) in shapes {
+        let copy = ScratchDir::new("corrupt-case");
+        copy_dir(pristine.path(), copy.path());
+        let mut file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(catalog(copy.path())).unwrap()).unwrap();
+        reshape(&mut file);
+        std::fs::write(catalog(copy.path()), file.to_string()).unwrap();
+        let before = listing(copy.path());
+        let d = copy.path().to_str().unwrap();
+        let args = ["--shards", "1", "--no-pin", "--durability", "wal", "--data-dir", d, "--checkpoint-interval-s", "0"];
+        match ServerProc::start_env(&args, &[]) {
+            Ok(srv) => panic!("{what}: the server started on it:\n{}", srv.log()),
+            Err(log) => assert!(log.contains(says), "{what}: the refusal does not say {says:?}:\n{log}"),
+        }
+        assert_eq!(listing(copy.path()), before, "{what}: the refused start changed the data directory");
+    }
 }
 
 /// Every file under `dir` with its contents.

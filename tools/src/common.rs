@@ -257,17 +257,7 @@ impl EngineArgs {
             listen_backlog: self.listen_backlog,
             ..net.secret.transport()
         };
-        ServerConfig {
-            listen: listen.into(),
-            engine,
-            transport,
-            transport_kind: net.transport,
-            rdma: net.rdma(),
-            tables,
-            servers: 1,
-            server_index: 0,
-            replication: None,
-        }
+        ServerConfig { listen: listen.into(), engine, transport, transport_kind: net.transport, rdma: net.rdma(), tables, replication: None }
     }
 }
 

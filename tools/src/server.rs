@@ -7,18 +7,16 @@ use clap::Args;
 use tessera_engine::server::Join;
 use tessera_engine::{Server, UpdaterRegistry};
 
-use crate::common::{addresses, read_tables, EngineArgs, EtcdArgs, TransportArgs};
+use crate::common::{read_tables, EngineArgs, EtcdArgs, TransportArgs};
 use crate::metrics::MetricsArgs;
 
 /// Run a server until interrupted.
 ///
 /// Tables come from `--tables FILE` (TOML, one `[[table]]` each) and from clients that create
-/// them. In a cluster, start every server with the same `--cluster` list and `--tables`; each
-/// owns an equal share of every table's key range, and clients connect to all of them:
+/// them. Alone, a server holds every table whole, split across its shards:
 ///
-///   tessera server --listen 127.0.0.1:7070 --cluster 127.0.0.1:7070,127.0.0.1:7071
-///   tessera server --listen 127.0.0.1:7071 --cluster 127.0.0.1:7070,127.0.0.1:7071
-///   tessera demo --connect 127.0.0.1:7070,127.0.0.1:7071
+///   tessera server --listen 127.0.0.1:7070 --tables t.toml
+///   tessera demo --connect 127.0.0.1:7070
 ///
 /// A tables file:
 ///
@@ -30,13 +28,16 @@ use crate::metrics::MetricsArgs;
 ///   init = { uniform = { scale = 0.01, seed = 7 } }
 ///   non_finite = "skip"        # or "reject" (default)
 ///
-/// Replicated instead: start a coordinator, then each server with its own --node-id and the
-/// coordinator's address; every range is then chain-replicated on --replicas servers (set on
-/// the coordinator), and workers connect to any server:
+/// Several servers make a cluster: start a coordinator, then each server with its own
+/// --node-id and the coordinator's address. Every table is cut into ranges, each range kept on a
+/// chain of --replicas servers (set on the coordinator; 1 keeps one copy, spreading the tables
+/// over the servers for room), servers may join and leave while training runs, and workers
+/// connect to any server:
 ///
 ///   tessera coordinator --listen 127.0.0.1:7000 --servers 3 --replicas 2
 ///   tessera server --listen 127.0.0.1:7071 --node-id 1 --coordinator 127.0.0.1:7000 --tables t.toml
 ///   (and likewise node ids 2 and 3; every server needs the same --tables and --shards)
+///   tessera demo --connect 127.0.0.1:7071
 ///
 /// With the configuration kept in etcd (any number of coordinators, one elected):
 ///
@@ -51,17 +52,13 @@ pub struct ServerArgs {
     /// Tables to create at start-up (TOML).
     #[arg(long)]
     tables: Option<PathBuf>,
-    /// Every server of the cluster, this one included, in the same order on each server.
-    #[arg(long, conflicts_with_all = ["coordinator", "etcd"])]
-    cluster: Option<String>,
-    /// Join the replicated cluster this coordinator keeps (see `tessera coordinator`).
+    /// Join the cluster this coordinator keeps (see `tessera coordinator`).
     #[arg(long, requires = "node_id")]
     coordinator: Option<String>,
-    /// Or join the replicated cluster kept in etcd (see `tessera coordinator --etcd`).
+    /// Or join the cluster kept in etcd (see `tessera coordinator --etcd`).
     #[command(flatten)]
     etcd: EtcdArgs,
-    /// This server's id in a replicated cluster: distinct per server, the same across its
-    /// restarts.
+    /// This server's id in a cluster: distinct per server, the same across its restarts.
     #[arg(long)]
     node_id: Option<u32>,
     /// Where peers and workers reach this server, if not at --listen (e.g. when listening on
@@ -82,16 +79,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
         None => Vec::new(),
     };
     let mut cfg = args.engine.server_config(&args.listen, tables, true, &args.net);
-    if let Some(list) = &args.cluster {
-        let cluster = addresses(list);
-        let Some(index) = cluster.iter().position(|a| *a == args.listen) else {
-            bail!("--listen {} is not in --cluster {list}; list every server, this one included", args.listen);
-        };
-        cfg.servers = cluster.len() as u32;
-        cfg.server_index = index as u32;
-    }
     if let Some(coordinator) = args.etcd.locator(args.coordinator.as_deref())? {
-        let Some(node) = args.node_id else { bail!("a replicated server needs --node-id N (distinct per server, the same across its restarts)") };
+        let Some(node) = args.node_id else { bail!("a server in a cluster needs --node-id N (distinct per server, the same across its restarts)") };
         cfg.replication = Some(Join { node, coordinator, advertise: args.advertise.clone() });
     }
     let shards = cfg.engine.shards;

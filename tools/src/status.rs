@@ -55,13 +55,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
         let info = &r["info"];
         let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), String::from);
         let transport = if info["rdma"].as_bool() == Some(true) { "RDMA and TCP" } else { "TCP" };
-        println!(
-            "server {addr}: index {} of {}, {} shards, serves {transport}, version {}",
-            info["server_index"],
-            info["servers"],
-            info["shards"],
-            text(&info["version"])
-        );
+        println!("server {addr}: {} shards, serves {transport}, version {}", info["shards"], text(&info["version"]));
         for t in r["catalog"]["tables"].as_array().into_iter().flatten() {
             let s = &t["spec"];
             println!(

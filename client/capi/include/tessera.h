@@ -176,8 +176,8 @@ int32_t tessera_options_init(TesseraOptions *options);
 
 // Connects to a Tessera cluster.
 //
-// `servers`: every server's address, comma-separated ("10.0.0.5:7070,10.0.0.6:7070"); of a
-// replicated cluster, any of its servers (the same calls then go through its chains).
+// `servers`: any servers of a cluster, comma-separated ("10.0.0.5:7070,10.0.0.6:7070"; the
+// client learns the rest from them), or one standalone server's address.
 // `worker`: this trainer's worker id (distinct per trainer; its entry in the vector clocks).
 // `transport`: "auto" (RDMA where both ends have it), "tcp", "rdma", or NULL for "auto".
 // When the environment variable `TESSERA_CLUSTER_SECRET_FILE` names a file, the client proves

@@ -478,7 +478,7 @@ mod tests {
     #[test]
     fn a_peer_gets_each_shards_messages_in_order_whether_started_by_the_shard_or_queued() {
         const EACH: u64 = 2000; // two shards' worth stays below OUT_QUEUE_MAX
-        let info = ServerInfo { version: "test".into(), server_index: 0, servers: 1, shards: 1, frame_bytes_max: 1 << 20, workers_max: 4, rdma: false };
+        let info = ServerInfo { version: "test".into(), shards: 1, frame_bytes_max: 1 << 20, workers_max: 4, rdma: false };
         let cfg = tessera_transport::TransportConfig::default();
         let (control, shards, addr) = tessera_transport::tcp::bind("127.0.0.1:0", 1, &cfg, serde_json::to_vec(&info).unwrap().into()).unwrap();
         let (mut control, mut shard) = (Some(control), shards.into_iter().next());
