@@ -257,9 +257,9 @@ impl Chain {
     }
 
     /// Sends `op` with `body` to every member's control plane; each reply's body.
-    pub fn ask_members(&mut self, op: Op, body: &[u8]) -> Result<Vec<Vec<u8>>> {
+    pub fn ask_members(&mut self, op: Op, body: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
         self.refresh();
-        self.members().iter().map(|addr| ask(addr, op, body, &self.dialer.cfg).map_err(|e| in_server(addr, e))).collect()
+        self.members().into_iter().map(|addr| ask(&addr, op, body, &self.dialer.cfg).map_err(|e| in_server(&addr, e)).map(|reply| (addr, reply))).collect()
     }
 
     /// Sends `op` with `body` to every server this client knows of: the configuration's

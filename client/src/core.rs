@@ -284,7 +284,7 @@ impl Core {
     pub fn refresh(&mut self) -> Result<Vec<Vec<TableEntry>>> {
         if let Some((chain, tables)) = self.chain.as_mut() {
             let mut catalogs = Vec::new();
-            for body in chain.ask_members(Op::Catalog, &[])? {
+            for (_, body) in chain.ask_members(Op::Catalog, &[])? {
                 let catalog: Catalog =
                     serde_json::from_slice(&body).map_err(|e| ClientError::Protocol { server: String::new(), reason: format!("bad catalog: {e}") })?;
                 catalogs.push(catalog.tables);
@@ -312,27 +312,34 @@ impl Core {
         self.refresh().map(|_| ())
     }
 
+    /// Every server's status report, each with its server's address added as `addr`.
     pub fn status(&mut self) -> Result<Vec<serde_json::Value>> {
-        self.ask_all(Op::Status)
+        let named = |(addr, mut report): (String, serde_json::Value)| {
+            if let Some(fields) = report.as_object_mut() {
+                fields.insert("addr".into(), addr.into());
+            }
+            report
+        };
+        Ok(self.ask_all(Op::Status)?.into_iter().map(named).collect())
     }
 
     /// Has every server checkpoint every shard now; what each shard wrote, per server.
-    pub fn checkpoint(&mut self) -> Result<Vec<serde_json::Value>> {
+    pub fn checkpoint(&mut self) -> Result<Vec<(String, serde_json::Value)>> {
         self.ask_all(Op::Checkpoint)
     }
 
-    /// Sends `op` with no body to every server's control connection; each JSON reply.
-    fn ask_all(&mut self, op: Op) -> Result<Vec<serde_json::Value>> {
-        if let Some((chain, _)) = self.chain.as_mut() {
-            let bad = |e: serde_json::Error| ClientError::Protocol { server: String::new(), reason: format!("bad {op:?} reply: {e}") };
-            return chain.ask_members(op, &[])?.iter().map(|body| serde_json::from_slice(body).map_err(bad)).collect();
-        }
-        let body = self.control(op, &[])?;
-        let reply = serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
-            server: self.standalone.as_ref().expect(STANDALONE).addr.clone(),
-            reason: format!("bad {op:?} reply: {e}"),
-        })?;
-        Ok(vec![reply])
+    /// Sends `op` with no body to every server's control connection; each server's address
+    /// and JSON reply.
+    fn ask_all(&mut self, op: Op) -> Result<Vec<(String, serde_json::Value)>> {
+        let replies = match self.chain.as_mut() {
+            Some((chain, _)) => chain.ask_members(op, &[])?,
+            None => vec![(self.standalone.as_ref().expect(STANDALONE).addr.clone(), self.control(op, &[])?)],
+        };
+        let parse = |(addr, body): (String, Vec<u8>)| match serde_json::from_slice(&body) {
+            Ok(reply) => Ok((addr, reply)),
+            Err(e) => Err(ClientError::Protocol { server: addr, reason: format!("bad {op:?} reply: {e}") }),
+        };
+        replies.into_iter().map(parse).collect()
     }
 
     /// The table's route; a table this client has not seen yet (created by another client) is

@@ -303,14 +303,16 @@ impl Client {
         self.lock().transport()
     }
 
-    /// The servers' status reports, as JSON.
+    /// The status report (JSON) of a cluster's every member, or of the standalone server; each
+    /// names its server's address in `addr`.
     pub fn status(&self) -> Result<Vec<serde_json::Value>> {
         self.lock().status()
     }
 
     /// Has every server write a checkpoint of every shard now (servers started with
-    /// `--durability checkpoint` or `wal`); what each shard wrote, per server.
-    pub fn checkpoint(&self) -> Result<Vec<serde_json::Value>> {
+    /// `--durability checkpoint` or `wal`); each server's address and what each of its shards
+    /// wrote.
+    pub fn checkpoint(&self) -> Result<Vec<(String, serde_json::Value)>> {
         self.lock().checkpoint()
     }
 }

@@ -311,7 +311,8 @@ impl PyClient {
         py.detach(|| client.ping()).map_err(|e| errors::client(py, e))
     }
 
-    /// Every server's status report (tables, shards, clocks), as JSON text, one per server.
+    /// Every server's status report (its address, tables, shards, clocks), as JSON text, one
+    /// per server.
     fn status(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         let client = self.live(py)?;
         let reports = py.detach(|| client.status()).map_err(|e| errors::client(py, e))?;

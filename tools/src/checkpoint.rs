@@ -86,7 +86,7 @@ fn now(connect: &str, secret: &SecretArgs) -> Result<()> {
     let addrs = addresses(connect);
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let client = Client::connect(&refs, secret.tool_client())?;
-    for (addr, shards) in addrs.iter().zip(client.checkpoint()?) {
+    for (addr, shards) in client.checkpoint()? {
         for (shard, w) in shards.as_array().into_iter().flatten().enumerate() {
             println!(
                 "{addr} shard {shard}: checkpoint {} written: {} chunks ({} bytes) rewritten, {} unchanged",

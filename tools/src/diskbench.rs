@@ -236,7 +236,7 @@ impl DiskBench<'_> {
             let hists = pushing.join().expect("the pushing worker does not panic");
             Ok((written?, seconds, hists?))
         })?;
-        let shards = written[0].as_array().into_iter().flatten();
+        let shards = written[0].1.as_array().into_iter().flatten();
         let (mut bytes, mut chunks_copied, mut fio_jobs) = (0, 0, 0);
         for w in shards {
             bytes += w["bytes"].as_u64().unwrap_or(0);

@@ -51,9 +51,11 @@ pub fn run(args: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
     }
-    for (addr, r) in addrs.iter().zip(&reports) {
+    // On a cluster the reports are every member's, not only the addresses given.
+    for r in &reports {
         let info = &r["info"];
         let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), String::from);
+        let addr = text(&r["addr"]);
         let transport = if info["rdma"].as_bool() == Some(true) { "RDMA and TCP" } else { "TCP" };
         println!("server {addr}: {} shards, serves {transport}, version {}", info["shards"], text(&info["version"]));
         for t in r["catalog"]["tables"].as_array().into_iter().flatten() {

@@ -36,7 +36,8 @@ const EVAL_CHUNK_KEYS: usize = 1 << 18;
 ///
 /// By default everything runs in this process: a server with one shard per core, and worker
 /// threads that connect to it over loopback TCP exactly as remote workers would. With
-/// `--connect`, the workers train against running servers (`tessera server`) instead.
+/// `--connect`, the workers train against running servers (`tessera server`) instead: a cluster
+/// through any of its servers, or one standalone server.
 ///
 /// The data set is generated, seeded, from a known "true" model; after each epoch the demo prints
 /// the held-out log-loss and accuracy beside the true model's accuracy on the same examples.
@@ -66,7 +67,8 @@ pub struct DemoArgs {
     /// Seed of the data set.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Train against these running servers (comma-separated, the whole cluster).
+    /// Train against running servers: any servers of a cluster (comma-separated), or one
+    /// standalone server.
     #[arg(long)]
     connect: Option<String>,
     /// Run a replicated cluster of this many servers in the process (with the embedded
