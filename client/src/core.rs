@@ -700,12 +700,12 @@ impl Core {
         for s in subs {
             self.abandon(s.shard, s.id);
         }
-        match (e, subs.first()) {
-            (ClientError::Transport(t), Some(_)) if breaks_link(&t, false) => {
+        match e {
+            ClientError::Transport(t) if !subs.is_empty() && breaks_link(&t, false) => {
                 let server = self.standalone.as_ref().expect(STANDALONE).addr.clone();
                 Err(ClientError::OutcomeUnknown { server, reason: t.to_string() })
             }
-            (e, _) => Err(e),
+            e => Err(e),
         }
     }
 

@@ -143,8 +143,8 @@ impl Table {
     }
 }
 
-/// A connection to a cluster or to a standalone server. `Send + Sync`; calls from several threads are
-/// serialised, so give each worker thread its own client for parallelism.
+/// A connection to a cluster or to a standalone server. `Send + Sync`; calls from several
+/// threads are serialised, so give each worker thread its own client for parallelism.
 #[derive(Debug)]
 pub struct Client {
     core: Mutex<Core>,

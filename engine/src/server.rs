@@ -316,6 +316,17 @@ pub struct CatalogFile {
     pub tables: Vec<TableSpec>,
 }
 
+impl CatalogFile {
+    /// Why no server can recover from this file, if none can: it was written by one of several
+    /// servers of a fixed list, each holding part of every table. Recovery refuses it, and
+    /// `tessera checkpoint verify` says so.
+    pub fn foreign_layout(&self) -> Option<String> {
+        self.servers.filter(|n| *n != 1).map(|servers| {
+            format!("it was written by one of {servers} servers of a fixed list, each holding part of every table, which servers no longer form; its tables cannot be recovered as a standalone server's")
+        })
+    }
+}
+
 /// The control plane's state, owned by the control thread.
 struct ControlPlane {
     info: ServerInfo,
@@ -344,10 +355,8 @@ impl ControlPlane {
                     serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt { what: path.display().to_string(), reason: e.to_string() })?;
                 let shards = self.info.shards;
                 let refuse = |reason| EngineError::BadConfig { field: "data_dir", value: path.display().to_string(), reason };
-                if let Some(servers) = file.servers.filter(|n| *n != 1) {
-                    return Err(refuse(format!(
-                        "it was written by one of {servers} servers of a fixed list, each holding part of every table, which servers no longer form; its tables cannot be recovered as a standalone server's"
-                    )));
+                if let Some(reason) = file.foreign_layout() {
+                    return Err(refuse(reason));
                 }
                 if file.shards != shards {
                     return Err(refuse(format!(

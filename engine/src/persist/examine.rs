@@ -76,6 +76,10 @@ pub fn examine_data_dir(root: &Path) -> Result<Vec<ShardDir>> {
         Ok(bytes) => serde_json::from_slice::<crate::server::CatalogFile>(&bytes).map_err(|e| format!("{} is unreadable: {e}", catalog_path.display())),
         Err(e) => Err(format!("{} cannot be read ({e})", catalog_path.display())),
     };
+    // Not damage to weigh, as the checks below do: no server of this build reads such a directory.
+    if let Some(reason) = catalog.as_ref().ok().and_then(crate::server::CatalogFile::foreign_layout) {
+        return Err(EngineError::BadConfig { field: "data_dir", value: catalog_path.display().to_string(), reason });
+    }
     let mut shards = dirs.iter().map(|d| examine_shard(d)).collect::<Result<Vec<_>>>()?;
     for shard in &mut shards {
         check_log_chain(shard);
