@@ -61,9 +61,10 @@ fn a_two_server_cluster_of_chains_of_one_trains_the_demo_and_both_hold_keys() {
     let mut want: Vec<&str> = addrs.iter().map(String::as_str).collect();
     want.sort_unstable();
     assert_eq!(named, want, "{reports:?}");
-    let text = run_tool(&["status", "--connect", &addrs[0]], TOOL_TIMEOUT);
+    // Given both members, it shows each once.
+    let text = run_tool(&["status", "--connect", &format!("{},{}", addrs[0], addrs[1])], TOOL_TIMEOUT);
     for addr in &addrs {
-        assert!(text.stdout.contains(&format!("server {addr}:")), "status does not show {addr}:\n{}", text.stdout);
+        assert_eq!(text.stdout.matches(&format!("server {addr}:")).count(), 1, "status does not show {addr} once:\n{}", text.stdout);
     }
     let mut held = 0;
     for (index, report) in reports.iter().enumerate() {
@@ -167,6 +168,12 @@ fn two_standalone_servers_are_not_taken_for_a_cluster() {
     let out = run_tool(&["demo", "--connect", &both, "--features", "1000", "--examples", "1000"], TOOL_TIMEOUT);
     assert!(!out.status.success(), "the demo ran on two standalone servers:\n{}", out.stderr);
     assert!(out.stderr.contains("standalone servers, not a cluster") && out.stderr.contains("tessera coordinator"), "unclear message:\n{}", out.stderr);
+    // Status asks each on its own, and shows both, each under its own address.
+    let out = run_tool(&["status", "--connect", &format!("{both},{}", servers[1].addr()), "--json"], TOOL_TIMEOUT);
+    assert!(out.status.success(), "status of two standalone servers failed:\n{}", out.stderr);
+    let reports: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).expect("status --json prints JSON");
+    let addrs: Vec<&str> = reports.iter().filter_map(|r| r["addr"].as_str()).collect();
+    assert_eq!(addrs, [servers[0].addr(), servers[1].addr()], "each server once, under its own address");
     let out = run_tool(&["server", "--listen", "127.0.0.1:0", "--cluster", &both], TOOL_TIMEOUT);
     assert!(!out.status.success() && out.stderr.contains("--cluster"), "a server took a fixed --cluster list:\n{}", out.stderr);
 }

@@ -4,10 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use tessera_client::Client;
 use tessera_engine::persist::examine::{self, ShardDir};
 
-use crate::common::{addresses, SecretArgs};
+use crate::common::{addresses, ask_each, SecretArgs};
 
 /// Take a checkpoint on running servers, or verify and inspect a data directory offline.
 ///
@@ -83,10 +82,7 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
 }
 
 fn now(connect: &str, secret: &SecretArgs) -> Result<()> {
-    let addrs = addresses(connect);
-    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let client = Client::connect(&refs, secret.tool_client())?;
-    for (addr, shards) in client.checkpoint()? {
+    for (addr, shards) in ask_each(&addresses(connect), secret, "a checkpoint", |client| client.checkpoint())? {
         for (shard, w) in shards.as_array().into_iter().flatten().enumerate() {
             println!(
                 "{addr} shard {shard}: checkpoint {} written: {} chunks ({} bytes) rewritten, {} unchanged",

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_client::ClientConfig;
+use tessera_client::{Client, ClientConfig};
 use tessera_coordinator::{ConfigStore, CoordinatorHandle, Embedded};
 use tessera_engine::chain::Locator;
 use tessera_engine::config::Durability;
@@ -337,6 +337,31 @@ impl EtcdArgs {
 #[cfg(not(feature = "etcd"))]
 const NO_ETCD: &str =
     "this tessera was built without etcd support: rebuild it with `cargo build --release --features etcd` (which needs protoc: apt install protobuf-compiler)";
+
+/// Asks the servers at `addrs` through `ask`, one address at a time, for answers it returns as
+/// (server address, answer): a standalone server answers for itself, a member of a cluster for
+/// every member, whose addresses are then not asked again. Each server's answer comes once, in
+/// the order met. `what` names the request in errors.
+pub fn ask_each<T>(
+    addrs: &[String],
+    secret: &SecretArgs,
+    what: &str,
+    ask: impl Fn(&Client) -> tessera_client::Result<Vec<(String, T)>>,
+) -> Result<Vec<(String, T)>> {
+    let mut answers: Vec<(String, T)> = Vec::new();
+    for addr in addrs {
+        if answers.iter().any(|(answered, _)| answered == addr) {
+            continue;
+        }
+        let asked = Client::connect(&[addr.as_str()], secret.tool_client()).and_then(|client| ask(&client));
+        for (server, answer) in asked.with_context(|| format!("asking {addr} for {what}"))? {
+            if !answers.iter().any(|(answered, _)| *answered == server) {
+                answers.push((server, answer));
+            }
+        }
+    }
+    Ok(answers)
+}
 
 /// A replicated cluster started in this process (`tessera demo --servers`, `tessera bench
 /// --replicas`): an embedded coordinator and `servers` servers sharing this machine's cores.

@@ -2,14 +2,16 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_client::Client;
 use tessera_coordinator::ClusterStatus;
 use tessera_replication::protocol::RangeReport;
 use tessera_transport::{Op, TransportConfig};
 
-use crate::common::{addresses, EtcdArgs, SecretArgs};
+use crate::common::{addresses, ask_each, EtcdArgs, SecretArgs};
 
 /// Show each server's tables, parts, clocks and counters, or a replicated cluster's chains.
+///
+/// Each address is asked on its own: standalone servers, or members of clusters (one member
+/// answers for every member of its cluster, and each server is shown once).
 ///
 /// Per server: its tables, the part each shard owns, its vector-clock stamp and its counters.
 ///
@@ -42,11 +44,12 @@ pub fn run(args: StatusArgs) -> Result<()> {
     if let Some(coordinator) = args.etcd.locator(args.coordinator.as_deref())? {
         return cluster(&coordinator.resolve()?, &args.secret.transport(), args.json);
     }
-    let addrs = addresses(&args.connect);
-    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    // Status is read-only; the worker id only labels the connection.
-    let client = Client::connect(&refs, args.secret.tool_client())?;
-    let reports = client.status()?;
+    let reports: Vec<serde_json::Value> = ask_each(&addresses(&args.connect), &args.secret, "its status", |client| {
+        Ok(client.status()?.into_iter().map(|r| (r["addr"].as_str().unwrap_or_default().to_string(), r)).collect())
+    })?
+    .into_iter()
+    .map(|(_, report)| report)
+    .collect();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
