@@ -258,8 +258,8 @@ impl<'c> Ticket<'c> {
     }
 
     /// Push number `push` sent to a replicated cluster, whose wait waits for its
-    /// acknowledgement.
-    pub(crate) fn pushed(client: &'c Client, push: u64) -> Self {
-        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: None, mismatched: false, chained: Some(push) }
+    /// acknowledgement; `own` is its stamp when the heads' answers give none.
+    pub(crate) fn pushed(client: &'c Client, push: u64, own: Stamp) -> Self {
+        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: Some(own), mismatched: false, chained: Some(push) }
     }
 }

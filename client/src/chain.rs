@@ -43,6 +43,9 @@ pub const RETRY_MS: u64 = 300;
 /// moved a stream of 256 KiB pushes a third faster than 16 (`tessera bench --replicas 3 --ops
 /// pipelined`: see docs/benchmarks.md).
 pub const PUSH_WINDOW: u64 = 32;
+/// Pushes whose stamps (from their heads' answers) a client keeps for their tickets: a ticket
+/// waited on this many pushes late gets only its own worker's clock.
+pub const PUSH_STAMPS_KEPT: u64 = 4 * PUSH_WINDOW;
 /// How long a call keeps trying before it gives up.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// While a head is unreachable, or pushes wait longer than [`SLOW_ACK`], how often the
@@ -163,6 +166,9 @@ pub(crate) struct Chain {
     /// The pushes not known to be acknowledged, oldest first: each one's number and its
     /// pieces (range, seq).
     unconfirmed: VecDeque<(u64, Vec<(RangeId, u32)>)>,
+    /// The stamps the heads gave the last [`PUSH_STAMPS_KEPT`] pushes, oldest first, until
+    /// their tickets take them.
+    stamps: VecDeque<PushStamp>,
     /// Piece lists of confirmed pushes, kept for the next pushes' (no allocation once warm).
     spare_pieces: Vec<Vec<(RangeId, u32)>>,
     /// Bodies of push frames already sent, kept for the next frames': a large push's frame is
@@ -229,6 +235,7 @@ impl Chain {
             in_flight: VecDeque::new(),
             pushes: 0,
             unconfirmed: VecDeque::new(),
+            stamps: VecDeque::new(),
             spare_pieces: Vec::new(),
             spare_bodies: SpareBodies::default(),
             spare_replies: SpareBodies::default(),
@@ -525,7 +532,7 @@ impl Chain {
                 call.header.flags |= flags::PUSH_SEQS;
             }
             calls.push(call);
-            sent.push(Sent { addr: f.at.0, pieces: f.pieces, first: f.first });
+            sent.push(Sent { addr: f.at.0, pieces: f.pieces, first: f.first, push: 0 });
         }
         let replies = self.call_all(calls);
         for (s, replied) in sent.into_iter().zip(replies) {
@@ -541,11 +548,24 @@ impl Chain {
         let now = self.now_ms();
         let addr = sent.addr.as_str();
         let mut stale = false;
-        let decoded = replied.map(|(_, body)| {
-            let news = codec::decode_batch(&body);
+        let stamped = sent.push > 0 && !sent.pieces.is_empty();
+        let decoded = replied.map(|(header, body)| {
+            // A head's answer to pushes starts with the stamp of what it applied.
+            let news = match body.split_at_checked(header.count as usize * 8) {
+                Some((stamp, batch)) => {
+                    if stamped {
+                        self.met_stamp(sent.push, stamp);
+                    }
+                    codec::decode_batch(batch).map_err(|e| e.to_string())
+                }
+                None => Err(format!("a stamp of {} clocks in a reply of {} bytes", header.count, body.len())),
+            };
             self.spare_replies.keep(body);
             news
         });
+        if stamped && !matches!(decoded, Ok(Ok(_))) {
+            self.met_stamp(sent.push, &[]);
+        }
         match decoded {
             Ok(Ok(news)) => news.into_iter().for_each(|n| stale |= self.pusher.on_msg(now, n)),
             Ok(Err(e)) => tracing::warn!(addr, error = %e, "a malformed acknowledgement"),
@@ -573,6 +593,29 @@ impl Chain {
         if stale {
             self.refresh();
         }
+    }
+
+    /// Meets `stamp` (little-endian clocks, from a head's answer to a frame of push `push`) into
+    /// the push's stamp; an empty one (an answer without a stamp, or none) leaves the push with
+    /// no stamp from its heads.
+    fn met_stamp(&mut self, push: u64, stamp: &[u8]) {
+        let Some(entry) = self.stamps.iter_mut().rev().find(|s| s.push == push) else { return };
+        if stamp.is_empty() {
+            entry.whole = false;
+            return;
+        }
+        let clocks = stamp.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        entry.stamp.meet(clocks, !entry.met);
+        entry.met = true;
+    }
+
+    /// The stamp push number `push`'s heads gave it, taken: the meet of their stamps of the keys
+    /// it touched, as they applied it. `None` when a frame of it came back without one (a
+    /// failover, a resend) or it is more than [`PUSH_STAMPS_KEPT`] pushes old.
+    pub fn push_stamp(&mut self, push: u64) -> Option<Stamp> {
+        let at = self.stamps.iter().position(|s| s.push == push)?;
+        let entry = self.stamps.remove(at)?;
+        (entry.whole && entry.met).then_some(entry.stamp)
     }
 
     /// Waits for the replies to the pushes [`deliver_in_flight`](Self::deliver_in_flight) left
@@ -675,8 +718,12 @@ impl Chain {
         pieces.extend(frames.iter().flat_map(|f| f.pieces.iter().copied()));
         self.pushes += 1;
         self.unconfirmed.push_back((self.pushes, pieces));
+        while self.stamps.front().is_some_and(|s| s.push + PUSH_STAMPS_KEPT <= self.pushes) {
+            self.stamps.pop_front();
+        }
+        self.stamps.push_back(PushStamp { push: self.pushes, stamp: Stamp::default(), met: false, whole: true });
         for f in frames {
-            let sent = Sent { addr: f.at.0.clone(), pieces: f.pieces, first: true };
+            let sent = Sent { addr: f.at.0.clone(), pieces: f.pieces, first: true, push: self.pushes };
             let call = self.worker_push(f.at, f.body);
             if self.links.get(&call.to).is_some_and(|l| !l.caller.can_start(&call.body)) {
                 self.collect_in_flight();
@@ -1315,6 +1362,19 @@ struct Sent {
     addr: String,
     pieces: Vec<(RangeId, u32)>,
     first: bool,
+    /// The push whose first frame this is (0: resends and polls), for its stamp.
+    push: u64,
+}
+
+/// The stamp of one push, met from its heads' answers as they come ([`Chain::push_stamp`]).
+#[derive(Debug)]
+struct PushStamp {
+    push: u64,
+    stamp: Stamp,
+    /// Whether an answer has been met into `stamp` yet.
+    met: bool,
+    /// Whether every frame of the push came back with a stamp.
+    whole: bool,
 }
 
 /// A request sent whose reply is still to come.

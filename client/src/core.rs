@@ -679,11 +679,13 @@ impl Core {
         Self::check_len(table, what, keys, values)?;
         self.check_finite(table, grads)?;
         let clock = self.clock;
+        // What an acknowledged push vouches for by itself: its keys reached its clock.
+        let own = Stamp::own(self.cfg.worker as usize, clock);
         let (chain, _) = self.chain.as_mut().expect("replicated");
         let t = ChainTable { id: table.route().owner(0).table_id, spec: table.spec() };
         match (grads, out, named) {
-            (Some(g), _, Named::Keys { keys, ranges_done }) => chain.push_keys(t, keys, g, clock, ranges_done).map(|n| Ticket::pushed(client, n)),
-            (Some(g), _, Named::Range { start }) => chain.push_range(t, start, g, clock).map(|n| Ticket::pushed(client, n)),
+            (Some(g), _, Named::Keys { keys, ranges_done }) => chain.push_keys(t, keys, g, clock, ranges_done).map(|n| Ticket::pushed(client, n, own)),
+            (Some(g), _, Named::Range { start }) => chain.push_range(t, start, g, clock).map(|n| Ticket::pushed(client, n, own)),
             (None, Some(o), Named::Keys { keys, .. }) => Ok(Ticket::read(client, chain.pull_keys(t, keys, o)?, o)),
             (None, Some(o), Named::Range { start }) => Ok(Ticket::read(client, chain.pull_range(t, start, o)?, o)),
             (None, None, _) => unreachable!("a pull has an output"),
@@ -1047,6 +1049,12 @@ impl Core {
             Some((chain, _)) => chain.settle_through(push, deadline),
             None => Ok(true),
         }
+    }
+
+    /// The stamp the heads gave push number `push` to the replicated cluster, once (`None` when
+    /// a head's answer did not carry one, or it is long gone: see [`Chain::push_stamp`]).
+    pub fn chain_push_stamp(&mut self, push: u64) -> Option<Stamp> {
+        self.chain.as_mut().and_then(|(chain, _)| chain.push_stamp(push))
     }
 
     /// Requests sent whose replies have not arrived, over every shard.

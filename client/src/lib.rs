@@ -49,7 +49,7 @@ pub use tessera_transport::PushBuffer;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
 pub use crate::call::{Call, Consistency};
-pub use crate::chain::{ChainStats, PUSH_WINDOW};
+pub use crate::chain::{ChainStats, PUSH_STAMPS_KEPT, PUSH_WINDOW};
 pub use crate::error::{ClientError, Result};
 pub use crate::filter::Filter;
 pub use crate::ticket::{Detached, Stamp, Ticket, STAMP_INLINE_CLOCKS};

@@ -35,6 +35,17 @@ impl Stamp {
         (0..workers).map(|w| self.get(w)).min().unwrap_or(0)
     }
 
+    /// The stamp of `worker`'s own clock `clock` alone (empty at clock 0): what any of its
+    /// acknowledged pushes vouches for by itself.
+    pub(crate) fn own(worker: usize, clock: u64) -> Stamp {
+        let mut clocks = SmallVec::new();
+        if clock > 0 {
+            clocks.resize(worker + 1, 0);
+            clocks[worker] = clock;
+        }
+        Stamp { clocks }
+    }
+
     /// Keeps, for each worker, the lower of the two clocks (a worker absent from one side has 0).
     pub(crate) fn meet(&mut self, other: impl ExactSizeIterator<Item = u64>, first: bool) {
         if first {
@@ -165,15 +176,20 @@ impl Ticket<'_> {
     /// Returns the stamp of the keys touched, or the first error any shard reported.
     ///
     /// On a replicated cluster a push's ticket waits until the tails of its ranges hold it (and
-    /// every push of this client before it); its stamp is empty, since acknowledgements carry
-    /// no clocks. A pull there has read its values before its ticket is returned.
+    /// every push of this client before it); its stamp is the one its heads gave as they
+    /// applied it (the meet over its pieces), or, when a head's answer was lost (a failover)
+    /// or the ticket waits more than [`PUSH_STAMPS_KEPT`](crate::chain::PUSH_STAMPS_KEPT) pushes
+    /// late, only this worker's clock. A pull there has read its values before its ticket is
+    /// returned.
     pub fn wait(mut self) -> Result<Stamp> {
         if self.mismatched {
             return Err(ClientError::Config { reason: "a detached ticket was resumed with an output of another length".into() });
         }
         if let Some(push) = self.chained.take() {
-            self.client.lock().chain_settled(push, None)?;
-            return Ok(Stamp::default());
+            let mut core = self.client.lock();
+            core.chain_settled(push, None)?;
+            let own = self.stamp.take().unwrap_or_default();
+            return Ok(core.chain_push_stamp(push).unwrap_or(own));
         }
         let subs = std::mem::take(&mut self.subs);
         let mut core = self.client.lock();

@@ -46,6 +46,7 @@ def test_pulls_from_a_replicated_cluster_equal_the_rust_clients_on_one_server(tm
                 tickets.append(w.push_range(op["start"], np.array(op["values"], dtype=np.float32)))
         for t in tickets:
             assert t.wait() is None
+        assert tickets[-1].stamp == [20], "a replicated push's stamp, as a server's: its keys reached clock 20"
         got = [emb.pull(np.array(pulls[0]["keys"], dtype=np.uint64)), w.pull_range(0, 1000)]
         last = w.pull_range_async(ops[-1]["start"], 100)  # the keys pushed at clock 20
         last.wait()

@@ -154,6 +154,25 @@ fn the_client_works_on_a_replicated_cluster_with_every_feature() {
         assert!(stamp.get(1) >= 2, "{stamp:?}");
     });
 
+    // A push's stamp, as on one server: for each worker, a clock every key the push touched
+    // has reached, as its heads applied it (here the meet over the table's 8 ranges).
+    let (first, second) = (cluster.client(config(0)), cluster.client(config(1)));
+    let stamped = first.create_table(&sum_table("stamped", TableKind::Dense, 1000, 1)).expect("create a dense table");
+    first.set_clock(5);
+    let stamp = first.push_range(&stamped, 0, &[1.0; 1000]).and_then(|t| t.wait()).expect("acknowledged");
+    assert_eq!(stamp.clocks(), [5], "worker 0's push at clock 5");
+    let stamped = second.table("stamped").expect("the table");
+    second.set_clock(3);
+    let stamp = second.push_range(&stamped, 0, &[1.0; 1000]).and_then(|t| t.wait()).expect("acknowledged");
+    assert_eq!(stamp.clocks(), [5, 3], "worker 1's push at clock 3, over keys worker 0 took to clock 5");
+    // A ticket waited on after more pushes than the client keeps stamps for vouches only for
+    // its own worker's clock.
+    let late = second.push_range(&stamped, 0, &[1.0; 1000]).expect("push");
+    for _ in 0..tessera_client::PUSH_STAMPS_KEPT {
+        second.push_range(&stamped, 0, &[1.0; 10]).and_then(|t| t.wait()).expect("acknowledged");
+    }
+    assert_eq!(late.wait().expect("acknowledged").clocks(), [0, 3]);
+
     // Sequential consistency, compression and a filter change nothing of the sums.
     let squeezed = cluster.client(ClientConfig { compress: true, consistency: Consistency::Sequential, ..config(0) });
     let w = squeezed.table("w").unwrap();

@@ -802,12 +802,20 @@ fn push_replies_held_for_a_frozen_member_become_errors_and_nothing_is_lost() {
         body
     };
     let (mut link, _) = tessera_transport::tcp::TcpLink::connect(&addrs[head - 1], 0, 3, &TransportConfig::default()).expect("connect to the head");
+    // A head's answer to pushes starts with the stamp of what it applied (`count` clocks),
+    // then the acknowledgements: the last stamp read is kept here.
+    let last_stamp = std::cell::RefCell::new(Vec::<u64>::new());
+    let stamped = |h: tessera_transport::Header, b: Vec<u8>| {
+        let (stamp, batch) = b.split_at(h.count as usize * 8);
+        *last_stamp.borrow_mut() = stamp.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        codec::decode_batch(batch).expect("acknowledgements")
+    };
     let mut ask_head = |body: &[u8]| {
         let mut h = tessera_transport::Header::request(Op::WorkerPush, 1);
         h.worker = 3;
         let began = Instant::now();
         let replied = tessera_transport::call(&mut link, &mut h, body, Some(Duration::from_secs(30)));
-        (replied.map(|(_, b)| codec::decode_batch(&b).expect("acknowledgements")), began.elapsed())
+        (replied.map(|(h, b)| stamped(h, b)), began.elapsed())
     };
     let acked = |news: &[Msg]| news.iter().filter_map(|m| if let Msg::PushAck { seq, .. } = m { Some(*seq) } else { None }).max().unwrap_or(0);
 
@@ -834,6 +842,7 @@ fn push_replies_held_for_a_frozen_member_become_errors_and_nothing_is_lost() {
     }
     let (replied, _) = ask_head(&push(2));
     assert_eq!(acked(&replied.expect("the next push is answered")), 2, "its reply carries its acknowledgement");
+    assert_eq!(*last_stamp.borrow(), [0, 0, 0, 2], "and the stamp of its key: worker 3 at clock 2");
 
     // A worker that hears from tails (`TAIL_ACKS`): the head answers its push at once, and the
     // tail holds the reply to the push it awaits there until it holds the push; with the
@@ -848,11 +857,14 @@ fn push_replies_held_for_a_frozen_member_become_errors_and_nothing_is_lost() {
         h.flags |= tessera_transport::wire::flags::TAIL_ACKS;
         let began = Instant::now();
         let replied = tessera_transport::call(link, &mut h, body, Some(Duration::from_secs(30)));
-        (replied.map(|(_, b)| codec::decode_batch(&b).expect("acknowledgements")), began.elapsed())
+        (replied.map(|(h, b)| stamped(h, b)), began.elapsed())
     };
     let awaits = |seq: u32| peer_msg(&Msg::PushAck { range: RangeId(0), seq });
     let (replied, _) = hearing_from_tails(&mut at_head, &push(3));
     assert!(replied.is_ok(), "the head answers a push at once: {replied:?}");
+    assert_eq!(*last_stamp.borrow(), [0, 0, 0, 3], "with the stamp of the key it applied the push to");
+    let (replied, _) = hearing_from_tails(&mut at_head, &[]);
+    assert!(replied.is_ok() && last_stamp.borrow().is_empty(), "a poll applies nothing, and its answer has no stamp");
     let (replied, _) = hearing_from_tails(&mut at_tail, &awaits(3));
     assert_eq!(acked(&replied.expect("the tail answers")), 3, "the tail's reply acknowledges the push it held");
     servers[middle - 1].freeze();

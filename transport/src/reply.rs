@@ -127,6 +127,17 @@ impl<'a> Reply<'a> {
         self.out.truncate(body.start + keep * 8);
     }
 
+    /// A success reply carrying a vector-clock stamp (`count` says how many clocks) and then an
+    /// opaque body: a replicated head's answer to a worker's pushes, the stamp of what it applied
+    /// before the messages for the worker.
+    pub fn ok_stamped(&mut self, stamp: &[u64], body: &[u8]) {
+        let stamp_bytes = stamp.len() * 8;
+        let range = self.begin(Status::Ok, stamp.len() as u32, stamp_bytes + body.len());
+        let bytes = &mut self.out.bytes_mut()[range];
+        bytes[..stamp_bytes].copy_from_slice(bytemuck::cast_slice(stamp));
+        bytes[stamp_bytes..].copy_from_slice(body);
+    }
+
     /// A success reply with an opaque body (control replies: JSON).
     pub fn ok_bytes(&mut self, body: &[u8]) {
         self.status_bytes(Status::Ok, body);

@@ -12,6 +12,7 @@ pub mod outbox;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -161,6 +162,9 @@ struct WorkerScratch {
     news: Vec<((u32, u32), Notice)>,
     reply: Vec<Msg>,
     body: Vec<u8>,
+    /// The stamp of the pushes applied, and one part's, being met into it.
+    stamp: Vec<u64>,
+    part_stamp: Vec<u64>,
 }
 
 /// Most bytes of acknowledgements a `Replicate` reply carries back; more go as requests of
@@ -552,6 +556,7 @@ impl ChainShard {
         scratch.pushed.clear();
         scratch.pushed.extend(decoded.iter().filter_map(|m| if let Msg::Push { range, seq, .. } = m { Some((*range, *seq)) } else { None }));
         let stepped = !decoded.is_empty();
+        self.replica.store_mut().applied.clear();
         if stepped {
             let from = Addr::Worker(WorkerId(worker));
             self.with_replica(tables, disk, |r, now| {
@@ -614,7 +619,14 @@ impl ChainShard {
         }
         scratch.body.clear();
         codec::encode_batch(msgs.iter(), &mut scratch.body);
-        reply.ok_bytes(&scratch.body);
+        // The stamp of what this frame's pushes touched, as an unreplicated shard's push reply
+        // carries: only when every push in it was applied here now (a push seen before, or not
+        // this shard's to apply, leaves the worker to the stamp it can vouch for itself).
+        scratch.stamp.clear();
+        if !scratch.pushed.is_empty() && self.replica.store().applied.len() == scratch.pushed.len() {
+            applied_stamp(tables, &self.replica.store().applied, &mut scratch.stamp, &mut scratch.part_stamp);
+        }
+        reply.ok_stamped(&scratch.stamp, &scratch.body);
         scratch.decoded = decoded;
         self.worker_scratch = scratch;
         Ok(())
@@ -632,6 +644,29 @@ impl ChainShard {
     /// The replica's counters, for `tessera status`.
     pub fn replica_stats(&self) -> &tessera_replication::replica::ReplicaStats {
         self.replica.stats()
+    }
+}
+
+/// Into `stamp`, the meet of the stamps of `applied`'s keys (trailing zero clocks dropped): for
+/// each worker, a clock every key the pushes touched has reached. `part` is a buffer.
+fn applied_stamp(tables: &Tables, applied: &[(u32, RangeId, Range<u64>)], stamp: &mut Vec<u64>, part: &mut Vec<u64>) {
+    stamp.clear();
+    let mut first = true;
+    for (table, range, keys) in applied {
+        let Some(at) = tables.at(*table, range.0).filter(|_| !keys.is_empty()) else { continue };
+        part.clear();
+        part.resize(at.stamp_len(), 0);
+        at.stamp_into(keys.clone(), part);
+        if first {
+            stamp.extend_from_slice(part);
+            first = false;
+        } else {
+            stamp.truncate(part.len());
+            stamp.iter_mut().zip(part.iter()).for_each(|(s, p)| *s = (*s).min(*p));
+        }
+    }
+    while stamp.last() == Some(&0) {
+        stamp.pop();
     }
 }
 

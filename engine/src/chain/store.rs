@@ -80,6 +80,10 @@ pub struct ChainStore {
     /// The shard's disk, lent the same way; it logs when the server runs `--durability wal`.
     pub disk: Option<ShardDisk>,
     touched: Vec<Vec<Touch>>,
+    /// Each push applied since the shard last cleared it, as (table, range, keys whose clocks it
+    /// advanced): the stamp a head's answer to a worker carries
+    /// ([`ChainShard::serve_worker`](super::ChainShard::serve_worker)).
+    pub applied: Vec<(u32, RangeId, Range<u64>)>,
     /// What the shard's log held at start-up: each range's version and clock.
     recovered: BTreeMap<u32, Found>,
     /// A peer's update or snapshot named a table this server does not have: it missed the
@@ -149,6 +153,7 @@ impl ChainStore {
             tables: Tables::default(),
             disk: None,
             touched: vec![Vec::new(); ranges as usize],
+            applied: Vec::new(),
             recovered: BTreeMap::new(),
             missing_table: false,
             clock_words: Vec::new(),
@@ -431,6 +436,9 @@ impl Store for ChainStore {
             // completes it over the whole part.
             let whole = part.owned();
             applied = part.advance_clock(whole.clone(), h.worker, h.clock).map(|()| whole);
+        }
+        if let Ok(keys) = &applied {
+            self.applied.push((h.table, range, keys.clone()));
         }
         match applied {
             Ok(_) if !exported => {}
