@@ -4,16 +4,10 @@
 //! the server runs again, and a `tessera_close` from another thread ends a blocked wait at once.
 
 use std::ffi::{CStr, CString};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tessera::*;
 use tessera_tests::ServerProc;
-
-fn signal(server: &ServerProc, name: &str) {
-    let status = Command::new("kill").args([name, &server.pid().to_string()]).status().expect("run kill");
-    assert!(status.success(), "kill {name}");
-}
 
 fn last_error() -> String {
     // SAFETY: a NUL-terminated string valid until this thread's next call into the library.
@@ -31,7 +25,8 @@ fn waits_time_out_poll_and_end_on_close_while_the_server_is_frozen() {
         assert_eq!(tessera_create_table(client, c"frozen".as_ptr(), TESSERA_DENSE, 0, 4, 1, std::ptr::null(), &mut table), TESSERA_OK);
     }
     let ones = [1f32; 4];
-    signal(&server, "-STOP");
+    // Frozen once every thread has stopped: a thread the stop had not reached yet could answer.
+    server.freeze();
     // SAFETY: four values, a writable ticket.
     assert_eq!(unsafe { tessera_push_range(client, table, 0, ones.as_ptr(), 4, &mut ticket) }, TESSERA_OK);
     let started = Instant::now();
@@ -40,12 +35,12 @@ fn waits_time_out_poll_and_end_on_close_while_the_server_is_frozen() {
     // SAFETY: a writable flag.
     assert_eq!(unsafe { tessera_poll(client, ticket, &mut ready) }, TESSERA_OK);
     assert_eq!(ready, 0);
-    signal(&server, "-CONT");
+    server.resume();
     assert_eq!(tessera_wait_timeout(client, ticket, 10_000), TESSERA_OK, "the ticket survived its timeout: {}", last_error());
     assert_eq!(tessera_wait(client, ticket), TESSERA_ERR_CLOSED, "a ticket is waited on once");
 
     // A wait blocked on the frozen server ends when another thread closes the client.
-    signal(&server, "-STOP");
+    server.freeze();
     // SAFETY: as above.
     assert_eq!(unsafe { tessera_push_range(client, table, 0, ones.as_ptr(), 4, &mut ticket) }, TESSERA_OK);
     // SAFETY: as above.
@@ -59,7 +54,7 @@ fn waits_time_out_poll_and_end_on_close_while_the_server_is_frozen() {
     let closed_at = Instant::now();
     assert_eq!(tessera_close(client), TESSERA_OK);
     let (rc, returned_at) = waiter.join().expect("the waiting thread");
-    signal(&server, "-CONT");
+    server.resume();
     assert_eq!(rc, TESSERA_ERR_CLOSED);
     let late = returned_at.saturating_duration_since(closed_at);
     assert!(late < Duration::from_millis(500), "the wait returned {late:?} after the close");
