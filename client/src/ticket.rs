@@ -178,7 +178,7 @@ impl Ticket<'_> {
     /// On a replicated cluster a push's ticket waits until the tails of its ranges hold it (and
     /// every push of this client before it); its stamp is the one its heads gave as they
     /// applied it (the meet over its pieces), or, when a head's answer was lost (a failover)
-    /// or the ticket waits more than [`PUSH_STAMPS_KEPT`](crate::chain::PUSH_STAMPS_KEPT) pushes
+    /// or the ticket waits more than [`PUSH_STAMPS_KEPT`](crate::PUSH_STAMPS_KEPT) pushes
     /// late, only this worker's clock. A pull there has read its values before its ticket is
     /// returned.
     pub fn wait(mut self) -> Result<Stamp> {
