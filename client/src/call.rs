@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::core::Kind;
 use crate::error::{ClientError, Result};
 use crate::filter::Filter;
-use crate::ticket::{Stamp, Ticket};
+use crate::ticket::{Pushed, Stamp, Ticket};
 use crate::{Client, PushBuffer, Table};
 
 /// How a call orders itself against other calls. See the [module](self) documentation.
@@ -113,7 +113,7 @@ impl<'c> Call<'c> {
     /// its result: waiting on it afterwards returns at once.
     pub fn after(mut self, ticket: &Ticket<'_>) -> Self {
         self.after.extend(ticket.subs.iter().map(|s| (s.shard, s.id)));
-        self.after_chained = self.after_chained.max(ticket.chained);
+        self.after_chained = self.after_chained.max(ticket.chained.map(|c| c.push));
         self
     }
 
@@ -257,9 +257,9 @@ impl<'c> Ticket<'c> {
         Ticket { client, subs: Vec::new(), out: Some(out), order: Vec::new(), dim: 0, stamp: Some(stamp), mismatched: false, chained: None }
     }
 
-    /// Push number `push` sent to a replicated cluster, whose wait waits for its
-    /// acknowledgement; `own` is its stamp when the heads' answers give none.
-    pub(crate) fn pushed(client: &'c Client, push: u64, own: Stamp) -> Self {
-        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: Some(own), mismatched: false, chained: Some(push) }
+    /// Push number `push`, sent at `clock` to a replicated cluster, whose wait waits for its
+    /// acknowledgement.
+    pub(crate) fn pushed(client: &'c Client, push: u64, clock: u64) -> Self {
+        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: None, mismatched: false, chained: Some(Pushed { push, clock }) }
     }
 }

@@ -13,7 +13,7 @@ use tessera_transport::{Chosen, Header, Link, Op, PushBuffer, Status, TransportE
 
 use crate::chain::{Chain, ChainTable, ViewFrom};
 use crate::error::{ClientError, Result};
-use crate::ticket::{server_error, Resend, Stamp, Sub, Ticket};
+use crate::ticket::{server_error, Pushed, Resend, Stamp, Sub, Ticket};
 use crate::{Client, ClientConfig, Table};
 use tessera_transport::keycache::{key_list_hash, KeyLists, Remembered};
 use tessera_transport::wire::flags;
@@ -679,13 +679,11 @@ impl Core {
         Self::check_len(table, what, keys, values)?;
         self.check_finite(table, grads)?;
         let clock = self.clock;
-        // What an acknowledged push vouches for by itself: its keys reached its clock.
-        let own = Stamp::own(self.cfg.worker as usize, clock);
         let (chain, _) = self.chain.as_mut().expect("replicated");
         let t = ChainTable { id: table.route().owner(0).table_id, spec: table.spec() };
         match (grads, out, named) {
-            (Some(g), _, Named::Keys { keys, ranges_done }) => chain.push_keys(t, keys, g, clock, ranges_done).map(|n| Ticket::pushed(client, n, own)),
-            (Some(g), _, Named::Range { start }) => chain.push_range(t, start, g, clock).map(|n| Ticket::pushed(client, n, own)),
+            (Some(g), _, Named::Keys { keys, ranges_done }) => chain.push_keys(t, keys, g, clock, ranges_done).map(|n| Ticket::pushed(client, n, clock)),
+            (Some(g), _, Named::Range { start }) => chain.push_range(t, start, g, clock).map(|n| Ticket::pushed(client, n, clock)),
             (None, Some(o), Named::Keys { keys, .. }) => Ok(Ticket::read(client, chain.pull_keys(t, keys, o)?, o)),
             (None, Some(o), Named::Range { start }) => Ok(Ticket::read(client, chain.pull_range(t, start, o)?, o)),
             (None, None, _) => unreachable!("a pull has an output"),
@@ -1051,10 +1049,13 @@ impl Core {
         }
     }
 
-    /// The stamp the heads gave push number `push` to the replicated cluster, once (`None` when
-    /// a head's answer did not carry one, or it is long gone: see [`Chain::push_stamp`]).
-    pub fn chain_push_stamp(&mut self, push: u64) -> Option<Stamp> {
-        self.chain.as_mut().and_then(|(chain, _)| chain.push_stamp(push))
+    /// The stamp of a push to the replicated cluster, acknowledged: the one its heads gave it
+    /// (see [`Chain::push_stamp`]), or, when a head's answer did not carry one or it is long
+    /// gone, what the acknowledgement vouches for by itself: its keys reached this worker's
+    /// clock it was sent at.
+    pub fn chain_push_stamp(&mut self, pushed: Pushed) -> Stamp {
+        let given = self.chain.as_mut().and_then(|(chain, _)| chain.push_stamp(pushed.push));
+        given.unwrap_or_else(|| Stamp::own(self.cfg.worker as usize, pushed.clock))
     }
 
     /// Requests sent whose replies have not arrived, over every shard.

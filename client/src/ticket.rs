@@ -100,9 +100,17 @@ pub struct Ticket<'a> {
     /// Set when a detached ticket was resumed with an output of the wrong length: waiting on it
     /// fails, and its requests are let go as a dropped ticket's are.
     pub(crate) mismatched: bool,
-    /// A push to a replicated cluster, by its number: waiting on it waits for the
+    /// A push to a replicated cluster, by its number and clock: waiting on it waits for the
     /// acknowledgements of this push and every one before it (the tails hold them).
-    pub(crate) chained: Option<u64>,
+    pub(crate) chained: Option<Pushed>,
+}
+
+/// A push sent to a replicated cluster, as its ticket waits on it: its number among the
+/// client's pushes, and the clock it was sent at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pushed {
+    pub push: u64,
+    pub clock: u64,
 }
 
 /// A ticket cut loose from the client and the output buffer it borrows, for layers that cannot
@@ -117,7 +125,7 @@ pub struct Detached {
     stamp: Option<Stamp>,
     /// The length of the output the call was given (0 for pushes).
     out_len: usize,
-    chained: Option<u64>,
+    chained: Option<Pushed>,
 }
 
 impl<'a> Ticket<'a> {
@@ -141,11 +149,11 @@ impl<'a> Ticket<'a> {
 
 /// Whether every reply `subs` wait for is in (see [`Core::arrived`](crate::core::Core)),
 /// receiving for up to `timeout` in all.
-fn arrived(client: &Client, subs: &[Sub], chained: Option<u64>, timeout: std::time::Duration) -> Result<bool> {
+fn arrived(client: &Client, subs: &[Sub], chained: Option<Pushed>, timeout: std::time::Duration) -> Result<bool> {
     let deadline = std::time::Instant::now() + timeout;
     let mut core = client.lock();
-    if let Some(push) = chained {
-        return core.chain_settled(push, Some(deadline));
+    if let Some(pushed) = chained {
+        return core.chain_settled(pushed.push, Some(deadline));
     }
     for sub in subs {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -185,11 +193,10 @@ impl Ticket<'_> {
         if self.mismatched {
             return Err(ClientError::Config { reason: "a detached ticket was resumed with an output of another length".into() });
         }
-        if let Some(push) = self.chained.take() {
+        if let Some(pushed) = self.chained.take() {
             let mut core = self.client.lock();
-            core.chain_settled(push, None)?;
-            let own = self.stamp.take().unwrap_or_default();
-            return Ok(core.chain_push_stamp(push).unwrap_or(own));
+            core.chain_settled(pushed.push, None)?;
+            return Ok(core.chain_push_stamp(pushed));
         }
         let subs = std::mem::take(&mut self.subs);
         let mut core = self.client.lock();
