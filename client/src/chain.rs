@@ -12,14 +12,14 @@
 //! them. [`Chain::settle`] waits for acknowledgements. The retry logic is the replication
 //! crate's [`Pusher`], the same code the deterministic simulator runs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_layout::catalog::{Catalog, ServerInfo, TableKind, TableSpec};
 use tessera_layout::placement::{range_keys, range_runs, ranges_of, shard_of_range, span_runs};
-use tessera_replication::codec::{self, KeyList, PushHeader};
+use tessera_replication::codec::{self, KeyList, PayloadPool, PushHeader};
 use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
 use tessera_transport::keycache::{KeyLists, Remembered};
@@ -66,6 +66,9 @@ const SPARE_BODIES_MAX: usize = 64;
 /// Most bytes of capacity the kept buffers of one [`SpareBodies`] may hold together: one very
 /// large push or pull must not leave its buffers held by the client for good.
 const SPARE_BODY_BYTES_MAX: usize = 16 << 20;
+/// Piece lists kept for reuse ([`Chain::spare_pieces`]): one per push in the window, and one
+/// per frame of each.
+const SPARE_PIECE_LISTS_MAX: usize = 4 * PUSH_WINDOW as usize;
 /// Longest pause between two polls for acknowledgements.
 const POLL_PAUSE_MAX: Duration = Duration::from_millis(2);
 
@@ -177,12 +180,29 @@ pub(crate) struct Chain {
     spare_bodies: SpareBodies,
     /// Bodies of replies already read, kept for the next replies' ([`Chain::finish`]).
     spare_replies: SpareBodies,
-    /// The last call's keys grouped by range, and a payload being built: buffers kept.
+    /// The last call's keys grouped by range: buffers kept.
     groups: RangeGroups,
-    payload: Vec<u8>,
+    /// Push payloads, refilled once acknowledged.
+    payloads: PayloadPool,
     /// The acknowledgements a frame set awaits from tails ([`queued_frames`](Self::queued_frames)):
     /// a buffer kept.
     awaited: Vec<(NodeId, u16, Msg)>,
+    /// Buffers kept between calls, so that a warm client allocates nothing per call: the
+    /// requests of an exchange, which are left and which go in this round, what each frame
+    /// carried, the replies, the messages decoded from one, the frames being filled, a push's
+    /// or pull's pieces and ranges, and a pull's requests.
+    calls: Vec<Outgoing>,
+    calls_left: Vec<usize>,
+    round: Vec<(usize, Option<Started>)>,
+    sent: Vec<Sent>,
+    replies: Vec<Result<Reply>>,
+    news: Vec<Msg>,
+    frames: Vec<Frame>,
+    spans: Vec<(u32, u64, u64)>,
+    range_list: Vec<u32>,
+    pulls_left: Vec<(u32, Keys)>,
+    pull_parts: Vec<PullPart>,
+    spare_parts: Vec<PullPart>,
     /// A push a head refused outright, for the next settle to report.
     refused: Option<ClientError>,
     /// The stamp of the last one-sided read.
@@ -240,8 +260,20 @@ impl Chain {
             spare_bodies: SpareBodies::default(),
             spare_replies: SpareBodies::default(),
             groups: RangeGroups::default(),
-            payload: Vec::new(),
+            payloads: PayloadPool::default(),
             awaited: Vec::new(),
+            calls: Vec::new(),
+            calls_left: Vec::new(),
+            round: Vec::new(),
+            sent: Vec::new(),
+            replies: Vec::new(),
+            news: Vec::new(),
+            frames: Vec::new(),
+            spans: Vec::new(),
+            range_list: Vec::new(),
+            pulls_left: Vec::new(),
+            pull_parts: Vec::new(),
+            spare_parts: Vec::new(),
             refused: None,
             read_stamp: Vec::new(),
             counted: vec![false; ranges as usize],
@@ -307,8 +339,10 @@ impl Chain {
     /// Pings the shard of the first range's tail over a pull link.
     pub fn ping(&mut self) -> Result<()> {
         let at = self.tail_of(0).ok_or_else(|| ClientError::Unavailable { reason: "range 0 has no tail".into() })?;
-        let call = Outgoing { to: LinkKey { addr: at.0, shard: at.1, lane: Lane::Pull }, header: Header::request(Op::Ping, 0), body: Vec::new() };
-        self.call_all(vec![call]).pop().expect("one call").map(|_| ())
+        let call = Outgoing { to: LinkKey { node: at.0, shard: at.1, lane: Lane::Pull }, header: Header::request(Op::Ping, 0), body: Vec::new() };
+        let mut replies = Vec::with_capacity(1);
+        self.call_all(&mut [call], &mut replies);
+        replies.pop().expect("one call").map(|_| ())
     }
 
     /// The cluster view, a server's self-description and its catalog, from the first of `seeds`
@@ -377,8 +411,8 @@ impl Chain {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// The pieces of `[start, start + count)` that fall in each replication range.
-    fn pieces(&self, table: ChainTable<'_>, start: u64, count: u64) -> Result<Vec<(u32, u64, u64)>> {
+    /// The pieces of `[start, start + count)` that fall in each replication range, into `out`.
+    fn pieces(&self, table: ChainTable<'_>, start: u64, count: u64, out: &mut Vec<(u32, u64, u64)>) -> Result<()> {
         let spec = table.spec;
         let end = start.checked_add(count).filter(|e| start >= spec.start && *e <= spec.end && count > 0);
         let Some(end) = end else {
@@ -387,7 +421,9 @@ impl Chain {
         if spec.kind != TableKind::Dense {
             return Err(ClientError::Config { reason: format!("table {:?} is sparse: push and pull take its keys", spec.name) });
         }
-        Ok(span_runs(spec, self.ranges, start..end).map(|(r, run)| (r, run.start, run.end)).collect())
+        out.clear();
+        out.extend(span_runs(spec, self.ranges, start..end).map(|(r, run)| (r, run.start, run.end)));
+        Ok(())
     }
 
     /// Counts one request of `sent` body bytes and its reply of `received`.
@@ -396,20 +432,35 @@ impl Chain {
         self.stats.bytes_received += (HEADER_BYTES + received) as u64;
     }
 
-    fn link(&mut self, key: &LinkKey) -> Result<&mut Linked> {
-        if !self.links.contains_key(key) {
-            let caller = self.dialer.caller(&key.addr, key.shard as u64, self.worker, ServerInfo::serves_rdma)?.compressing(self.compress);
-            self.links_made += 1;
-            self.links.insert(key.clone(), Linked { made: self.links_made, caller, lists: KeyLists::new(self.key_cache_keys) });
+    /// The link `key` names, made now if there is none (or its server has moved to another
+    /// address since it was made).
+    fn link(&mut self, key: LinkKey) -> Result<&mut Linked> {
+        let Some(member) = self.pusher.view.member(key.node) else {
+            return Err(ClientError::Unavailable { reason: format!("server {} is not in the cluster's configuration", key.node) });
+        };
+        if self.links.get(&key).is_some_and(|l| l.addr != member.addr) {
+            self.links.remove(&key);
         }
-        Ok(self.links.get_mut(key).expect("inserted above"))
+        if !self.links.contains_key(&key) {
+            let caller = self.dialer.caller(&member.addr, key.shard as u64, self.worker, ServerInfo::serves_rdma)?.compressing(self.compress);
+            self.links_made += 1;
+            let linked = Linked { made: self.links_made, addr: member.addr.clone(), caller, lists: KeyLists::new(self.key_cache_keys) };
+            self.links.insert(key, linked);
+        }
+        Ok(self.links.get_mut(&key).expect("inserted above"))
+    }
+
+    /// The address of the server `node`, for messages: its link's, or the configuration's.
+    fn addr_of(&self, node: NodeId) -> String {
+        let linked = self.links.iter().find(|(k, _)| k.node == node).map(|(_, l)| l.addr.clone());
+        linked.or_else(|| self.pusher.view.member(node).map(|m| m.addr.clone())).unwrap_or_else(|| format!("server {node}"))
     }
 
     /// Sends `call` on its link without waiting for the reply. A listed pull goes by its key
     /// list's hash when the link's shard holds the list, else asks it to remember the list. A
     /// link that fails is dropped (the next call makes a new one).
-    fn start(&mut self, mut call: Outgoing) -> Result<Started> {
-        let started = self.link(&call.to).and_then(|link| {
+    fn start(&mut self, call: &mut Outgoing) -> Result<Started> {
+        let started = self.link(call.to).and_then(|link| {
             if call.header.op() == Some(Op::Pull) {
                 match link.lists.remember_le(&call.body) {
                     Some(Remembered::Held(hash)) => {
@@ -432,7 +483,7 @@ impl Chain {
                 let sent = call.body.len();
                 // Sent (copied out): the body serves the next frame.
                 if call.header.op() == Some(Op::WorkerPush) {
-                    self.spare_bodies.keep(call.body);
+                    self.spare_bodies.keep(std::mem::take(&mut call.body));
                 }
                 Ok(Started { to: call.to, link, sent })
             }
@@ -450,7 +501,7 @@ impl Chain {
             Some(link) if link.made == started.link => link,
             // The link failed while this request was in flight (another request on it saw the
             // failure): its reply is lost with it.
-            _ => return Err(ClientError::Unavailable { reason: format!("the link to {} broke before the reply came", started.to.addr) }),
+            _ => return Err(ClientError::Unavailable { reason: format!("the link to {} broke before the reply came", self.addr_of(started.to.node)) }),
         };
         let mut body = self.spare_replies.take();
         let replied = link.caller.finish_into(None, &mut body).map(|header| (header, body));
@@ -463,7 +514,7 @@ impl Chain {
         match replied {
             Ok(reply) => Ok(reply),
             // A refusal is the server's answer; the link is fine.
-            Err(TransportError::Refused { status, reason }) => Err(ClientError::Server { server: started.to.addr, status, message: reason }),
+            Err(TransportError::Refused { status, reason }) => Err(ClientError::Server { server: self.addr_of(started.to.node), status, message: reason }),
             Err(e) => {
                 self.links.remove(&started.to);
                 Err(e.into())
@@ -471,73 +522,93 @@ impl Chain {
         }
     }
 
-    /// Sends every request of `calls` and returns their replies' bodies, in order, counted in
-    /// [`ChainStats`]. Requests to different server shards are in flight together (one per
-    /// link at a time), so the servers serve them at once.
-    fn call_all(&mut self, calls: Vec<Outgoing>) -> Vec<Result<Reply>> {
+    /// Sends every request of `calls` and leaves their replies in `replies`, in order, counted
+    /// in [`ChainStats`]. Requests to different server shards are in flight together (one per
+    /// link at a time), so the servers serve them at once. A request's body stays in `calls`
+    /// for the caller to reuse (a push frame's is kept for the next frames).
+    fn call_all(&mut self, calls: &mut [Outgoing], replies: &mut Vec<Result<Reply>>) {
         // The replies to the pushes in flight come first on the push links: they are taken
         // once this exchange's requests are sent, so that a server shard reads a push and the
         // pull after it at once and answers both together.
         let after_pushes = calls.iter().any(|c| c.to.lane == Lane::Push);
-        let mut replies: Vec<Option<Result<Reply>>> = (0..calls.len()).map(|_| None).collect();
-        let mut calls: Vec<(usize, Outgoing)> = calls.into_iter().enumerate().collect();
-        while !calls.is_empty() {
+        replies.clear();
+        replies.extend(calls.iter().map(|_| Err(ClientError::Unavailable { reason: String::new() })));
+        let mut left = std::mem::take(&mut self.calls_left);
+        let mut round = std::mem::take(&mut self.round);
+        left.clear();
+        left.extend(0..calls.len());
+        while !left.is_empty() {
             // A round: the first request left for each link.
-            let mut busy = BTreeSet::new();
-            let (round, later): (Vec<_>, Vec<_>) = calls.into_iter().partition(|(_, c)| busy.insert(c.to.clone()));
-            calls = later;
-            let mut started = Vec::with_capacity(round.len());
-            for (i, c) in round {
-                if after_pushes && self.links.get(&c.to).is_some_and(|l| !l.caller.can_start(&c.body)) {
+            round.clear();
+            left.retain(|&i| {
+                let busy = round.iter().any(|&(j, _)| calls[j].to == calls[i].to);
+                if !busy {
+                    round.push((i, None));
+                }
+                busy
+            });
+            for (i, started) in round.iter_mut() {
+                let i = *i;
+                if after_pushes && self.links.get(&calls[i].to).is_some_and(|l| !l.caller.can_start(&calls[i].body)) {
                     self.collect_in_flight();
                 }
-                match self.start(c) {
-                    Ok(s) => started.push((i, s)),
-                    Err(e) => replies[i] = Some(Err(e)),
+                match self.start(&mut calls[i]) {
+                    Ok(s) => *started = Some(s),
+                    Err(e) => replies[i] = Err(e),
                 }
             }
             if after_pushes {
                 self.collect_in_flight();
             }
-            for (i, s) in started {
-                replies[i] = Some(self.finish(s));
+            for (i, started) in round.drain(..) {
+                if let Some(started) = started {
+                    replies[i] = self.finish(started);
+                }
             }
         }
-        replies.into_iter().map(|r| r.expect("every call was answered")).collect()
+        self.calls_left = left;
+        self.round = round;
     }
 
     /// A `WorkerPush` request to `at` (a batch of pushes, or a poll when `body` is empty). A
     /// batch hears from the tails ([`flags::TAIL_ACKS`]): its heads answer at once, and it names
     /// the pushes it awaits from the shard as their ranges' tail ([`queued_frames`](Self::queued_frames)).
-    fn worker_push(&self, at: (String, u16), body: Vec<u8>) -> Outgoing {
+    fn worker_push(&self, at: (NodeId, u16), body: Vec<u8>) -> Outgoing {
         let mut header = Header::request(Op::WorkerPush, 0);
         header.worker = self.worker;
         if !body.is_empty() {
             header.flags |= flags::TAIL_ACKS;
         }
-        Outgoing { to: LinkKey { addr: at.0, shard: at.1, lane: Lane::Push }, header, body }
+        Outgoing { to: LinkKey { node: at.0, shard: at.1, lane: Lane::Push }, header, body }
     }
 
     /// `WorkerPush` requests (batches of pushes, or polls with no pushes), each to its server
     /// shard and all in flight together; takes the acknowledgements in their replies. A poll
     /// also asks how many of this worker's pushes the shard's ranges applied, so that a resend
-    /// leaves out what their heads hold ([`Pusher::resend`]).
-    fn exchange(&mut self, frames: Vec<Frame>) {
-        let mut calls = Vec::with_capacity(frames.len());
-        let mut sent = Vec::with_capacity(frames.len());
-        for f in frames {
+    /// leaves out what their heads hold ([`Pusher::resend`]). Leaves `frames` empty.
+    fn exchange(&mut self, frames: &mut Vec<Frame>) {
+        let mut calls = std::mem::take(&mut self.calls);
+        let mut sent = std::mem::take(&mut self.sent);
+        let mut replies = std::mem::take(&mut self.replies);
+        calls.clear();
+        sent.clear();
+        for f in frames.drain(..) {
             let poll = f.body.is_empty();
-            let mut call = self.worker_push(f.at.clone(), f.body);
+            let mut call = self.worker_push(f.at, f.body);
             if poll {
                 call.header.flags |= flags::PUSH_SEQS;
             }
             calls.push(call);
-            sent.push(Sent { addr: f.at.0, pieces: f.pieces, first: f.first, push: 0 });
+            sent.push(Sent { to: f.at, pieces: f.pieces, first: f.first, push: 0 });
         }
-        let replies = self.call_all(calls);
-        for (s, replied) in sent.into_iter().zip(replies) {
+        self.call_all(&mut calls, &mut replies);
+        for (s, replied) in sent.drain(..).zip(replies.drain(..)) {
             self.take_acks(s, replied);
         }
+        calls.clear();
+        self.calls = calls;
+        self.sent = sent;
+        self.replies = replies;
     }
 
     /// Takes the acknowledgements in a `WorkerPush` reply. A failed link is noted: what it
@@ -546,29 +617,31 @@ impl Chain {
     /// the next [`settle`](Self::settle).
     fn take_acks(&mut self, sent: Sent, replied: Result<Reply>) {
         let now = self.now_ms();
-        let addr = sent.addr.as_str();
+        let node = sent.to.0 .0;
         let mut stale = false;
         let stamped = sent.push > 0 && !sent.pieces.is_empty();
+        let mut news = std::mem::take(&mut self.news);
         let decoded = replied.map(|(header, body)| {
             // A head's answer to pushes starts with the stamp of what it applied.
-            let news = match body.split_at_checked(header.count as usize * 8) {
+            let decoded = match body.split_at_checked(header.count as usize * 8) {
                 Some((stamp, batch)) => {
                     if stamped {
                         self.met_stamp(sent.push, stamp);
                     }
-                    codec::decode_batch(batch).map_err(|e| e.to_string())
+                    // Acknowledgements carry no payload: nothing to keep for them.
+                    codec::decode_batch_into(batch, &mut PayloadPool::unkept(), &mut news).map_err(|e| e.to_string())
                 }
                 None => Err(format!("a stamp of {} clocks in a reply of {} bytes", header.count, body.len())),
             };
             self.spare_replies.keep(body);
-            news
+            decoded
         });
         if stamped && !matches!(decoded, Ok(Ok(_))) {
             self.met_stamp(sent.push, &[]);
         }
         match decoded {
-            Ok(Ok(news)) => news.into_iter().for_each(|n| stale |= self.pusher.on_msg(now, n)),
-            Ok(Err(e)) => tracing::warn!(addr, error = %e, "a malformed acknowledgement"),
+            Ok(Ok(())) => news.drain(..).for_each(|n| stale |= self.pusher.on_msg(now, n)),
+            Ok(Err(e)) => tracing::warn!(node, error = %e, "a malformed acknowledgement"),
             Err(ClientError::Server { status, server, message }) if sent.first && never_applies(status) && !sent.pieces.is_empty() => {
                 for piece in &sent.pieces {
                     self.pusher.withdraw(piece.0, piece.1);
@@ -583,15 +656,27 @@ impl Chain {
             }
             Err(ClientError::Server { message, .. }) => {
                 // Not acknowledged in time: the wait asks again, and resends if need be.
-                tracing::debug!(addr, message, "pushes not acknowledged");
+                tracing::debug!(node, message, "pushes not acknowledged");
             }
             Err(e) => {
-                tracing::debug!(addr, error = %e, "push link failed");
+                tracing::debug!(node, error = %e, "push link failed");
                 self.unreachable_at = Some(Instant::now());
             }
         }
+        news.clear();
+        self.news = news;
+        self.keep_pieces(sent.pieces);
         if stale {
             self.refresh();
+        }
+    }
+
+    /// Keeps a list of pieces for a later frame's or push's, if fewer than
+    /// [`SPARE_PIECE_LISTS_MAX`] are kept.
+    fn keep_pieces(&mut self, mut pieces: Vec<(RangeId, u32)>) {
+        if self.spare_pieces.len() < SPARE_PIECE_LISTS_MAX {
+            pieces.clear();
+            self.spare_pieces.push(pieces);
         }
     }
 
@@ -645,75 +730,81 @@ impl Chain {
     /// ranges one server shard heads go in one frame (more when they exceed the frame limit),
     /// and every server shard's at once.
     fn deliver(&mut self) {
-        let frames = self.queued_frames(false);
-        self.exchange(frames);
+        let mut frames = std::mem::take(&mut self.frames);
+        self.queued_frames(false, &mut frames);
+        self.exchange(&mut frames);
+        self.frames = frames;
     }
 
-    /// What the pusher has queued, as `WorkerPush` frames per server shard; `first` when they
-    /// are pushes sent for the first time. Each push to a chain longer than one is also named,
-    /// as a `PushAck` awaited, in the frame to its chain's tail: the tail answers when it holds
-    /// it, so the acknowledgement takes one hop back instead of the chain's way up.
-    fn queued_frames(&mut self, first: bool) -> Vec<Frame> {
+    /// What the pusher has queued, as `WorkerPush` frames per server shard, into `frames`;
+    /// `first` when they are pushes sent for the first time. Each push to a chain longer than
+    /// one is also named, as a `PushAck` awaited, in the frame to its chain's tail: the tail
+    /// answers when it holds it, so the acknowledgement takes one hop back instead of the
+    /// chain's way up. A server shard's frames follow one another in `frames` in the order
+    /// they must be sent.
+    fn queued_frames(&mut self, first: bool, frames: &mut Vec<Frame>) {
         let body_max = self.dialer.cfg.frame_bytes_max.saturating_sub(HEADER_BYTES).max(1);
         // Only pushes sent for the first time go by their key list's hash: resends go plain.
         let caching = first && self.key_cache_keys > 0;
-        let mut frames: BTreeMap<(NodeId, u16), Vec<Frame>> = BTreeMap::new();
         let mut awaited = std::mem::take(&mut self.awaited);
-        for (to, msg) in std::mem::take(&mut self.pusher.out) {
+        let mut out = std::mem::take(&mut self.pusher.out);
+        for (to, msg) in out.drain(..) {
             let (Addr::Node(node), Msg::Push { range, seq, .. }) = (to, &msg) else { continue };
             let shard = shard_of_range(range.0, self.ranges, self.shards);
-            let Some(frame) = self.frame_to(&mut frames, node, shard, body_max, first) else { continue };
+            let Some(at) = self.frame_to(frames, node, shard, body_max, first) else { continue };
             if let Some(tail) = self.pusher.view.chain(*range).and_then(|c| c.tail()).filter(|t| *t != node) {
                 awaited.push((tail, shard, Msg::PushAck { range: *range, seq: *seq }));
             }
-            let before = frame.body.len();
             let cached = match caching {
-                true => self.links.get_mut(&LinkKey { addr: frame.at.0.clone(), shard, lane: Lane::Push }).and_then(|l| with_cached_keys(&mut l.lists, &msg)),
+                true => self.links.get_mut(&LinkKey { node, shard, lane: Lane::Push }).and_then(|l| with_cached_keys(&mut l.lists, &msg)),
                 false => None,
             };
+            let frame = &mut frames[at];
+            let before = frame.body.len();
             codec::encode_batch([cached.as_ref().unwrap_or(&msg)], &mut frame.body);
             if frame.body.len() > body_max && before > 0 {
                 // Past the frame limit: this message starts the next frame.
-                let one = frame.body.split_off(before);
-                let at = frame.at.clone();
-                frames.get_mut(&(node, shard)).expect("the frame's").push(Frame { at, body: one, pieces: vec![(*range, *seq)], first });
+                let mut next = Frame { at: frame.at, body: self.spare_bodies.take(), pieces: self.spare_pieces.pop().unwrap_or_default(), first };
+                next.body.extend_from_slice(&frame.body[before..]);
+                frame.body.truncate(before);
+                next.pieces.push((*range, *seq));
+                frames.push(next);
             } else {
                 frame.pieces.push((*range, *seq));
             }
         }
+        // Nothing queued more pushes meanwhile: the emptied list (and its room) goes back.
+        debug_assert!(self.pusher.out.is_empty());
+        self.pusher.out = out;
         for (tail, shard, msg) in awaited.drain(..) {
-            if let Some(frame) = self.frame_to(&mut frames, tail, shard, body_max, first) {
-                codec::encode_batch([&msg], &mut frame.body);
+            if let Some(at) = self.frame_to(frames, tail, shard, body_max, first) {
+                codec::encode_batch([&msg], &mut frames[at].body);
             }
         }
         self.awaited = awaited;
-        frames.into_values().flatten().collect()
     }
 
-    /// The frame being filled for server `node`'s shard `shard` in `frames`: a new one when it
-    /// has none or its last is full. `None` when the configuration does not know `node`.
-    fn frame_to<'f>(
-        &mut self,
-        frames: &'f mut BTreeMap<(NodeId, u16), Vec<Frame>>,
-        node: NodeId,
-        shard: u16,
-        body_max: usize,
-        first: bool,
-    ) -> Option<&'f mut Frame> {
-        let addr = self.pusher.view.member(node)?.addr.as_str();
-        let bodies = frames.entry((node, shard)).or_default();
-        if bodies.last().is_none_or(|f| f.body.len() >= body_max) {
-            let body = self.spare_bodies.take();
-            bodies.push(Frame { at: (addr.to_string(), shard), body, pieces: Vec::new(), first });
+    /// Where in `frames` the frame being filled for server `node`'s shard `shard` is: a new
+    /// one at the end when it has none or its last is full. `None` when the configuration
+    /// does not know `node`.
+    fn frame_to(&mut self, frames: &mut Vec<Frame>, node: NodeId, shard: u16, body_max: usize, first: bool) -> Option<usize> {
+        self.pusher.view.member(node)?;
+        match frames.iter().rposition(|f| f.at == (node, shard)) {
+            Some(at) if frames[at].body.len() < body_max => Some(at),
+            _ => {
+                let (body, pieces) = (self.spare_bodies.take(), self.spare_pieces.pop().unwrap_or_default());
+                frames.push(Frame { at: (node, shard), body, pieces, first });
+                Some(frames.len() - 1)
+            }
         }
-        bodies.last_mut()
     }
 
     /// Sends the pushes just queued as push number [`pushes`](Self::pushes) and returns
     /// without waiting for the replies. A frame that would take another path of its link (RDMA
     /// or TCP) than the frames in flight there waits for them first, so it cannot overtake them.
     fn deliver_in_flight(&mut self) {
-        let frames = self.queued_frames(true);
+        let mut frames = std::mem::take(&mut self.frames);
+        self.queued_frames(true, &mut frames);
         let mut pieces = self.spare_pieces.pop().unwrap_or_default();
         pieces.extend(frames.iter().flat_map(|f| f.pieces.iter().copied()));
         self.pushes += 1;
@@ -722,17 +813,21 @@ impl Chain {
             self.stamps.pop_front();
         }
         self.stamps.push_back(PushStamp { push: self.pushes, stamp: Stamp::default(), met: false, whole: true });
-        for f in frames {
-            let sent = Sent { addr: f.at.0.clone(), pieces: f.pieces, first: true, push: self.pushes };
-            let call = self.worker_push(f.at, f.body);
+        for f in frames.drain(..) {
+            let sent = Sent { to: f.at, pieces: f.pieces, first: true, push: self.pushes };
+            let mut call = self.worker_push(f.at, f.body);
             if self.links.get(&call.to).is_some_and(|l| !l.caller.can_start(&call.body)) {
                 self.collect_in_flight();
             }
-            match self.start(call) {
+            match self.start(&mut call) {
                 Ok(started) => self.in_flight.push_back((sent, started)),
-                Err(e) => self.take_acks(sent, Err(e)),
+                Err(e) => {
+                    self.spare_bodies.keep(call.body);
+                    self.take_acks(sent, Err(e));
+                }
             }
         }
+        self.frames = frames;
     }
 
     /// Drops the pushes acknowledged from the front of [`unconfirmed`](Self::unconfirmed).
@@ -741,9 +836,8 @@ impl Chain {
             if pieces.iter().any(|(range, seq)| self.pusher.acked[range.0 as usize] < *seq) {
                 return;
             }
-            let (_, mut pieces) = self.unconfirmed.pop_front().expect("a front");
-            pieces.clear();
-            self.spare_pieces.push(pieces);
+            let (_, pieces) = self.unconfirmed.pop_front().expect("a front");
+            self.keep_pieces(pieces);
         }
     }
 
@@ -767,14 +861,17 @@ impl Chain {
     /// worker that pushed before (a restarted trainer) would have its first pushes taken for
     /// old ones and dropped. Tries until [`CALL_TIMEOUT`].
     fn count_pushes(&mut self, ranges: &[u32]) -> Result<()> {
+        if ranges.iter().all(|r| self.counted[*r as usize]) {
+            return Ok(());
+        }
         let deadline = Instant::now() + CALL_TIMEOUT;
         loop {
             let left: Vec<u32> = ranges.iter().copied().filter(|r| !self.counted[*r as usize]).collect();
             if left.is_empty() {
                 return Ok(());
             }
-            let heads: BTreeSet<(String, u16)> = left.iter().filter_map(|&r| self.head_of(r)).collect();
-            let calls: Vec<Outgoing> = heads
+            let heads: BTreeSet<(NodeId, u16)> = left.iter().filter_map(|&r| self.head_of(r)).collect();
+            let mut calls: Vec<Outgoing> = heads
                 .into_iter()
                 .map(|at| {
                     let mut call = self.worker_push(at, Vec::new());
@@ -783,7 +880,9 @@ impl Chain {
                 })
                 .collect();
             let now = self.now_ms();
-            for replied in self.call_all(calls) {
+            let mut replies = Vec::with_capacity(calls.len());
+            self.call_all(&mut calls, &mut replies);
+            for replied in replies {
                 if let Err(e @ ClientError::Server { status, .. }) = &replied {
                     if never_applies(*status) {
                         return Err(ClientError::Server { server: String::new(), status: *status, message: e.to_string() });
@@ -818,12 +917,22 @@ impl Chain {
             let (keys, want) = (grads.len() / dim, grads.len() / dim * dim);
             return Err(ClientError::Length { what: "the gradient", table: table.spec.name.clone(), keys, dim, got: grads.len(), want });
         }
-        let pieces = self.pieces(table, start, (grads.len() / dim) as u64)?;
-        self.make_room()?;
-        self.refresh_if_old();
-        self.count_pushes(&pieces.iter().map(|p| p.0).collect::<Vec<_>>())?;
+        let mut pieces = std::mem::take(&mut self.spans);
+        let mut ranges = std::mem::take(&mut self.range_list);
+        let ready = self.pieces(table, start, (grads.len() / dim) as u64, &mut pieces).and_then(|()| {
+            self.make_room()?;
+            self.refresh_if_old();
+            ranges.clear();
+            ranges.extend(pieces.iter().map(|p| p.0));
+            self.count_pushes(&ranges)
+        });
+        self.range_list = ranges;
+        if let Err(e) = ready {
+            self.spans = pieces;
+            return Err(e);
+        }
         let now = self.now_ms();
-        for (range, lo, hi) in pieces {
+        for &(range, lo, hi) in &pieces {
             let h = PushHeader {
                 table: table.id,
                 dim: dim as u32,
@@ -835,12 +944,14 @@ impl Chain {
                 range_done: false,
             };
             let values = &grads[(lo - start) as usize * dim..(hi - start) as usize * dim];
-            // Gathered in the kept buffer, then copied once into the payload kept for resends.
-            self.payload.clear();
-            h.write_head(&mut self.payload);
-            self.payload.extend_from_slice(bytemuck::cast_slice(values));
-            self.pusher.push(now, RangeId(range), Arc::from(&self.payload[..]));
+            // Written once, into a payload kept for resends and refilled once acknowledged.
+            let payload = self.payloads.make_with(|out| {
+                h.write_head(out);
+                out.extend_from_slice(bytemuck::cast_slice(values));
+            });
+            self.pusher.push(now, RangeId(range), payload);
         }
+        self.spans = pieces;
         self.deliver_in_flight();
         Ok(self.pushes)
     }
@@ -853,9 +964,11 @@ impl Chain {
         let spec = table.spec;
         let dim = spec.dim as usize;
         let groups = self.group_keys(table, keys)?;
-        let mut pushed: Vec<u32> = groups.iter().map(|(range, _)| range).collect();
-        if ranges_done {
-            pushed = (0..self.ranges).filter(|r| !range_keys(spec, self.ranges, *r).is_empty() || groups.positions(*r).is_some()).collect();
+        let mut pushed = std::mem::take(&mut self.range_list);
+        pushed.clear();
+        match ranges_done {
+            true => pushed.extend((0..self.ranges).filter(|r| !range_keys(spec, self.ranges, *r).is_empty() || groups.positions(*r).is_some())),
+            false => pushed.extend(groups.iter().map(|(range, _)| range)),
         }
         let sent = self.make_room().and_then(|()| {
             self.refresh_if_old();
@@ -863,11 +976,11 @@ impl Chain {
         });
         if let Err(e) = sent {
             self.groups = groups;
+            self.range_list = pushed;
             return Err(e);
         }
         let now = self.now_ms();
-        let mut payload = std::mem::take(&mut self.payload);
-        for range in pushed {
+        for &range in &pushed {
             let at = groups.positions(range).unwrap_or(&[]);
             let h = PushHeader {
                 table: table.id,
@@ -881,21 +994,22 @@ impl Chain {
             };
             // The payload's keys, then their values: one copy each when the range's keys came
             // together (sorted keys do), else gathered key by key.
-            payload.clear();
-            h.write_head(&mut payload);
-            match groups.run_of(range) {
-                Some(run) => {
-                    extend_le_u64(&mut payload, &keys[run.clone()]);
-                    payload.extend_from_slice(bytemuck::cast_slice(&grads[run.start * dim..run.end * dim]));
+            let payload = self.payloads.make_with(|payload| {
+                h.write_head(payload);
+                match groups.run_of(range) {
+                    Some(run) => {
+                        extend_le_u64(payload, &keys[run.clone()]);
+                        payload.extend_from_slice(bytemuck::cast_slice(&grads[run.start * dim..run.end * dim]));
+                    }
+                    None => {
+                        at.iter().for_each(|i| payload.extend_from_slice(&keys[*i as usize].to_le_bytes()));
+                        at.iter().for_each(|i| payload.extend_from_slice(bytemuck::cast_slice(&grads[*i as usize * dim..(*i as usize + 1) * dim])));
+                    }
                 }
-                None => {
-                    at.iter().for_each(|i| payload.extend_from_slice(&keys[*i as usize].to_le_bytes()));
-                    at.iter().for_each(|i| payload.extend_from_slice(bytemuck::cast_slice(&grads[*i as usize * dim..(*i as usize + 1) * dim])));
-                }
-            }
-            self.pusher.push(now, RangeId(range), Arc::from(&payload[..]));
+            });
+            self.pusher.push(now, RangeId(range), payload);
         }
-        self.payload = payload;
+        self.range_list = pushed;
         self.groups = groups;
         self.deliver_in_flight();
         Ok(self.pushes)
@@ -942,8 +1056,9 @@ impl Chain {
                 self.resend_now();
             }
             let before = self.pusher.unacked();
-            let heads: BTreeSet<(String, u16)> = (0..self.ranges).filter(|r| self.pusher.in_flight(RangeId(*r)) > 0).filter_map(|r| self.head_of(r)).collect();
-            self.exchange(heads.into_iter().map(|at| Frame { at, body: Vec::new(), pieces: Vec::new(), first: false }).collect());
+            let heads: BTreeSet<(NodeId, u16)> = (0..self.ranges).filter(|r| self.pusher.in_flight(RangeId(*r)) > 0).filter_map(|r| self.head_of(r)).collect();
+            let mut polls = heads.into_iter().map(|at| Frame { at, body: Vec::new(), pieces: Vec::new(), first: false }).collect();
+            self.exchange(&mut polls);
             let now = self.now_ms();
             let unreachable = self.unreachable_at.take().is_some();
             if (unreachable || began.elapsed() >= SLOW_ACK) && self.refreshed_at.elapsed() >= REFRESH_GAP {
@@ -989,21 +1104,28 @@ impl Chain {
             let (keys, want) = (out.len() / dim, out.len() / dim * dim);
             return Err(ClientError::Length { what: "the output", table: table.spec.name.clone(), keys, dim, got: out.len(), want });
         }
-        let pieces = self.pieces(table, start, (out.len() / dim) as u64)?;
+        let mut pieces = std::mem::take(&mut self.spans);
+        if let Err(e) = self.pieces(table, start, (out.len() / dim) as u64, &mut pieces) {
+            self.spans = pieces;
+            return Err(e);
+        }
         self.refresh_if_old();
         let mut stamp = Stamp::default();
         let mut first = true;
-        let mut left = BTreeMap::new();
-        for (range, lo, hi) in pieces {
+        let mut left = std::mem::take(&mut self.pulls_left);
+        left.clear();
+        for &(range, lo, hi) in &pieces {
             let values = &mut out[(lo - start) as usize * dim..(hi - start) as usize * dim];
             if self.read_one_sided(table, range, lo, values) {
                 stamp.meet(self.read_stamp.iter().copied(), first);
                 first = false;
             } else {
-                left.insert(range, Keys::Range(lo, hi));
+                left.push((range, Keys::Range(lo, hi)));
             }
         }
+        self.spans = pieces;
         if left.is_empty() {
+            self.pulls_left = left;
             return Ok(stamp);
         }
         let rest = self.pull_ranges(table, left, Listed { keys: &[], groups: &RangeGroups::default() }, |k| (k - start) as usize, out)?;
@@ -1021,10 +1143,10 @@ impl Chain {
         if matches!(self.dialer.chosen, Chosen::Tcp) {
             return false;
         }
-        let Some((addr, shard)) = self.tail_of(range) else { return false };
-        let key = LinkKey { addr, shard, lane: Lane::Pull };
+        let Some((node, shard)) = self.tail_of(range) else { return false };
+        let key = LinkKey { node, shard, lane: Lane::Pull };
         let mut stamp = std::mem::take(&mut self.read_stamp);
-        let read = match self.link(&key) {
+        let read = match self.link(key) {
             Ok(link) => link.caller.one_sided().map(|o| o.read_dense(table.id, lo, table.spec.dim, values, &mut stamp)),
             Err(_) => None,
         };
@@ -1038,7 +1160,7 @@ impl Chain {
                 read
             }
             Err(e) => {
-                tracing::debug!(addr = key.addr, error = %e, "a one-sided read failed; the link is dropped and the piece pulled");
+                tracing::debug!(node = node.0, error = %e, "a one-sided read failed; the link is dropped and the piece pulled");
                 self.links.remove(&key);
                 false
             }
@@ -1055,20 +1177,22 @@ impl Chain {
     /// once.
     pub fn pull_keys(&mut self, table: ChainTable<'_>, keys: &[u64], out: &mut [f32]) -> Result<Stamp> {
         let groups = self.group_keys(table, keys)?;
-        let left = groups.iter().map(|(range, _)| (range, Keys::Listed)).collect();
+        let mut left = std::mem::take(&mut self.pulls_left);
+        left.clear();
+        left.extend(groups.iter().map(|(range, _)| (range, Keys::Listed)));
         let pulled = self.pull_ranges(table, left, Listed { keys, groups: &groups }, |_| 0, out);
         self.groups = groups;
         pulled
     }
 
-    /// Pulls the keys of each range in `left` from its tail into `out`, asking again (after
-    /// fetching the configuration) for the ranges whose tail failed, until [`CALL_TIMEOUT`].
-    /// `row_of` places a dense key's values in `out`; listed keys are `listed`'s, each range's
-    /// in its group, and their rows are their places there.
+    /// Pulls the keys of each range in `left` (in ascending order) from its tail into `out`,
+    /// asking again (after fetching the configuration) for the ranges whose tail failed, until
+    /// [`CALL_TIMEOUT`]. `row_of` places a dense key's values in `out`; listed keys are
+    /// `listed`'s, each range's in its group, and their rows are their places there.
     fn pull_ranges(
         &mut self,
         table: ChainTable<'_>,
-        mut left: BTreeMap<u32, Keys>,
+        mut left: Vec<(u32, Keys)>,
         listed: Listed<'_>,
         row_of: impl Fn(u64) -> usize,
         out: &mut [f32],
@@ -1078,11 +1202,14 @@ impl Chain {
         let mut first = true;
         let deadline = Instant::now() + CALL_TIMEOUT;
         self.refresh_if_old();
-        loop {
+        let mut parts = std::mem::take(&mut self.pull_parts);
+        let mut calls = std::mem::take(&mut self.calls);
+        let mut replies = std::mem::take(&mut self.replies);
+        let pulled = loop {
             // One request per dense range piece; one per tail shard for listed keys.
-            let mut parts: BTreeMap<(NodeId, u16, u32), PullPart> = BTreeMap::new();
             let mut unplaced = None;
-            for (&range, keys) in &left {
+            for (range, keys) in &left {
+                let range = *range;
                 let Some(tail) = self.pusher.view.chain(RangeId(range)).and_then(|c| c.tail()) else {
                     unplaced = Some(range);
                     continue;
@@ -1092,7 +1219,23 @@ impl Chain {
                     Keys::Range(..) => range,
                     Keys::Listed => u32::MAX,
                 };
-                let part = parts.entry((tail, shard, piece)).or_default();
+                let at = match parts.iter().position(|p: &PullPart| p.to == (tail, shard, piece)) {
+                    Some(at) => at,
+                    None => {
+                        // Listed keys take the kept part with the most room for them, a dense
+                        // piece the one with the least.
+                        let room = |p: &PullPart| p.keys.capacity();
+                        let kept = match keys {
+                            Keys::Listed => self.spare_parts.iter().enumerate().max_by_key(|(_, p)| room(p)),
+                            Keys::Range(..) => self.spare_parts.iter().enumerate().min_by_key(|(_, p)| room(p)),
+                        };
+                        let mut part = kept.map(|(at, _)| at).map(|at| self.spare_parts.swap_remove(at)).unwrap_or_default();
+                        part.to = (tail, shard, piece);
+                        parts.push(part);
+                        parts.len() - 1
+                    }
+                };
+                let part = &mut parts[at];
                 part.ranges.push(range);
                 match keys {
                     Keys::Range(lo, hi) => {
@@ -1109,13 +1252,17 @@ impl Chain {
                     }
                 }
             }
-            let mut calls = Vec::with_capacity(parts.len());
-            let mut placed = Vec::with_capacity(parts.len());
-            for ((tail, shard, _), mut part) in parts {
-                let Some(addr) = self.pusher.view.member(tail).map(|m| m.addr.clone()) else {
+            parts.retain_mut(|part| {
+                let known = self.pusher.view.member(part.to.0).is_some();
+                if !known {
                     unplaced = part.ranges.first().copied();
-                    continue;
-                };
+                    self.spare_parts.push(std::mem::take(part).cleared());
+                }
+                known
+            });
+            calls.clear();
+            for part in &mut parts {
+                let (tail, shard, _) = part.to;
                 let mut header = Header::request(if part.range.is_some() { Op::PullRange } else { Op::Pull }, 0);
                 header.table = table.id;
                 header.dim = table.spec.dim;
@@ -1132,11 +1279,15 @@ impl Chain {
                     }
                 };
                 let lane = self.pull_lane(&part.ranges);
-                calls.push(Outgoing { to: LinkKey { addr: addr.clone(), shard, lane }, header, body });
-                placed.push((addr, part));
+                calls.push(Outgoing { to: LinkKey { node: tail, shard, lane }, header, body });
             }
             let mut failure = unplaced.map(|r| ClientError::Unavailable { reason: format!("range {r} has no tail") });
-            for ((addr, part), replied) in placed.into_iter().zip(self.call_all(calls)) {
+            self.call_all(&mut calls, &mut replies);
+            for ((mut part, call), replied) in parts.drain(..).zip(calls.iter_mut()).zip(replies.drain(..)) {
+                if part.range.is_none() {
+                    // The request's body (the listed keys) serves the part's next use.
+                    part.keys = std::mem::take(&mut call.body);
+                }
                 let values = part.rows() * dim * 4;
                 match replied {
                     Ok((header, body)) if body.len() == values + header.count as usize * 8 => {
@@ -1157,21 +1308,20 @@ impl Chain {
                                 }
                             },
                         }
-                        part.ranges.iter().for_each(|r| {
-                            left.remove(r);
-                        });
+                        left.retain(|(r, _)| !part.ranges.contains(r));
                         self.spare_replies.keep(body);
                     }
                     Ok((header, body)) => {
                         let reason = format!("a pull reply of {} bytes for a {}-clock stamp and {values} bytes of values", body.len(), header.count);
-                        failure = Some(ClientError::Protocol { server: addr, reason });
+                        failure = Some(ClientError::Protocol { server: self.addr_of(part.to.0), reason });
                     }
                     Err(e) => failure = Some(e),
                 }
+                self.spare_parts.push(part.cleared());
             }
-            let Some(e) = failure else { return Ok(stamp) };
+            let Some(e) = failure else { break Ok(stamp) };
             if Instant::now() > deadline || matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) {
-                return Err(e);
+                break Err(e);
             }
             self.stats.pull_retries += 1;
             if !matches!(&e, ClientError::Server { status: Status::KeysUnknown, .. }) {
@@ -1179,7 +1329,14 @@ impl Chain {
                 std::thread::sleep(Duration::from_millis(20));
                 self.refresh();
             }
-        }
+        };
+        calls.clear();
+        left.clear();
+        self.pull_parts = parts;
+        self.calls = calls;
+        self.replies = replies;
+        self.pulls_left = left;
+        pulled
     }
 
     /// The lane a pull of `ranges` (all on one server shard) takes: the push lane when each is
@@ -1196,17 +1353,17 @@ impl Chain {
     }
 
     /// The server shard that is `range`'s head, where its pushes go.
-    fn head_of(&self, range: u32) -> Option<(String, u16)> {
+    fn head_of(&self, range: u32) -> Option<(NodeId, u16)> {
         let head = self.pusher.view.chain(RangeId(range))?.head()?;
-        let addr = self.pusher.view.member(head)?.addr.clone();
-        Some((addr, shard_of_range(range, self.ranges, self.shards)))
+        self.pusher.view.member(head)?;
+        Some((head, shard_of_range(range, self.ranges, self.shards)))
     }
 
     /// The server shard that is `range`'s tail, where its pulls go.
-    fn tail_of(&self, range: u32) -> Option<(String, u16)> {
+    fn tail_of(&self, range: u32) -> Option<(NodeId, u16)> {
         let tail = self.pusher.view.chain(RangeId(range))?.tail()?;
-        let addr = self.pusher.view.member(tail)?.addr.clone();
-        Some((addr, shard_of_range(range, self.ranges, self.shards)))
+        self.pusher.view.member(tail)?;
+        Some((tail, shard_of_range(range, self.ranges, self.shards)))
     }
 }
 
@@ -1214,6 +1371,8 @@ impl Chain {
 /// shard is tail of; and the rows of the output its values go to.
 #[derive(Debug, Default)]
 struct PullPart {
+    /// The tail's server and shard, and the range of a dense piece (`u32::MAX` for listed keys).
+    to: (NodeId, u16, u32),
     ranges: Vec<u32>,
     /// A dense piece's keys, whose values go to the output's rows from `first_row` on.
     range: Option<(u64, u64)>,
@@ -1224,6 +1383,16 @@ struct PullPart {
 }
 
 impl PullPart {
+    /// This part emptied for its next use, its buffers kept.
+    fn cleared(mut self) -> Self {
+        self.ranges.clear();
+        self.range = None;
+        self.first_row = 0;
+        self.keys.clear();
+        self.listed_rows.clear();
+        self
+    }
+
     /// Rows of values the reply carries.
     fn rows(&self) -> usize {
         match self.range {
@@ -1350,7 +1519,7 @@ type Reply = (Header, Vec<u8>);
 /// poll), and whether they are sent for the first time.
 #[derive(Debug)]
 struct Frame {
-    at: (String, u16),
+    at: (NodeId, u16),
     body: Vec<u8>,
     pieces: Vec<(RangeId, u32)>,
     first: bool,
@@ -1359,7 +1528,8 @@ struct Frame {
 /// What a sent `WorkerPush` frame carried, for its reply.
 #[derive(Debug)]
 struct Sent {
-    addr: String,
+    /// The server shard it went to.
+    to: (NodeId, u16),
     pieces: Vec<(RangeId, u32)>,
     first: bool,
     /// The push whose first frame this is (0: resends and polls), for its stamp.
@@ -1393,6 +1563,8 @@ struct Started {
 #[derive(Debug)]
 struct Linked {
     made: u64,
+    /// The address of the server it goes to (a server that moves gets a new link).
+    addr: String,
     caller: Caller,
     lists: KeyLists<()>,
 }
@@ -1416,9 +1588,9 @@ fn with_cached_keys(lists: &mut KeyLists<()>, msg: &Msg) -> Option<Msg> {
 /// A link: to a server's shard, for pushes or for pulls. Pulls go on links of their own, so a
 /// pull is never queued behind a push's reply, which a head holds until the tail holds the
 /// push; except a pull of ranges on chains of one (see `Chain::pull_lane`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct LinkKey {
-    addr: String,
+    node: NodeId,
     shard: u16,
     lane: Lane,
 }

@@ -5,11 +5,12 @@
 //! Decoding checks every length against the bytes present and refuses trailing bytes, so a
 //! malformed or hostile frame is an error, never a panic or an allocation it asked for.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::config::{REUSED_PAYLOAD_BYTES_MAX, REUSED_PAYLOAD_BYTES_MIN, WORKERS_MAX};
+use crate::config::{REUSED_PAYLOADS_MAX, REUSED_PAYLOAD_BYTES_MAX, WORKERS_MAX};
 use crate::error::{ReplicationError, Result};
-use crate::protocol::{ClusterConfig, Epoch, Msg, NodeId, RangeId, RangeReport, WorkerId};
+use crate::protocol::{ClusterConfig, Epoch, Msg, NodeId, Payload, RangeId, RangeReport, WorkerId};
 
 const PUSH: u8 = 1;
 const PUSH_ACK: u8 = 2;
@@ -118,9 +119,14 @@ pub fn decode_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Msg> {
         DURABLE => Msg::Durable { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         ACK => Msg::Ack { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         NEED => Msg::Need { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
-        SNAPSHOT => {
-            Msg::Snapshot { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, digest: r.u32()?, clock: r.clock()?, data: r.bytes()?.into() }
-        }
+        SNAPSHOT => Msg::Snapshot {
+            range: RangeId(r.u32()?),
+            epoch: Epoch(r.u64()?),
+            version: r.u64()?,
+            digest: r.u32()?,
+            clock: r.clock()?,
+            data: Arc::new(r.bytes()?.to_vec()),
+        },
         RESUME => Msg::Resume { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, digest: r.u32()? },
         HEARTBEAT => {
             let hb: HeartbeatJson = serde_json::from_slice(r.bytes()?).map_err(|e| bad(format!("heartbeat: {e}")))?;
@@ -474,14 +480,16 @@ pub fn decode_batch_into(bytes: &[u8], payloads: &mut PayloadPool, msgs: &mut Ve
     Ok(())
 }
 
-/// Large payloads of the messages a server decodes (pushes, forwarded updates), reused for a
-/// later payload of the same length once nothing else holds them: a trainer pushes the same
-/// dense pieces step after step. Freeing and allocating a payload of hundreds of KiB per
-/// message made glibc's allocator hand its pages back to the kernel and fault them in again.
+/// Payloads of the messages a server decodes (pushes, forwarded updates) and a client sends,
+/// refilled for a later payload, at any length, once nothing else holds them: a warm data path
+/// allocates none. Freeing and allocating a payload of hundreds of KiB per message also made
+/// glibc's allocator hand its pages back to the kernel and fault them in again.
 #[derive(Debug)]
 pub struct PayloadPool {
-    kept: Vec<Arc<[u8]>>,
-    /// The lengths of `kept`, summed.
+    /// Oldest handed out first: payloads are let go of in about the order they were made (as
+    /// their pushes are acknowledged), so the front is the likeliest to be free.
+    kept: VecDeque<Payload>,
+    /// The capacities of `kept`, summed.
     bytes: usize,
     /// Whether payloads are kept at all: a one-off decode keeps none.
     keeps: bool,
@@ -489,7 +497,7 @@ pub struct PayloadPool {
 
 impl Default for PayloadPool {
     fn default() -> Self {
-        Self { kept: Vec::new(), bytes: 0, keeps: true }
+        Self { kept: VecDeque::new(), bytes: 0, keeps: true }
     }
 }
 
@@ -497,68 +505,94 @@ impl PayloadPool {
     /// A pool that keeps nothing: every payload is a new allocation, for a decoder that has no
     /// pool of its own ([`decode`], [`decode_batch`]).
     pub const fn unkept() -> Self {
-        Self { kept: Vec::new(), bytes: 0, keeps: false }
+        Self { kept: VecDeque::new(), bytes: 0, keeps: false }
     }
 
-    /// A payload holding `bytes`: a kept one that nothing else holds any more, refilled, if
-    /// one has that length; else a new one, kept too while the pool has room.
-    pub fn make(&mut self, bytes: &[u8]) -> Arc<[u8]> {
-        if !self.keeps || bytes.len() < REUSED_PAYLOAD_BYTES_MIN {
-            return Arc::from(bytes);
+    /// A payload holding `bytes`; see [`make_with`](Self::make_with).
+    pub fn make(&mut self, bytes: &[u8]) -> Payload {
+        self.make_with(|out| out.extend_from_slice(bytes))
+    }
+
+    /// A payload that `fill` writes (it is given it empty): a kept one that nothing else holds
+    /// any more, if one of the [`REUSE_LOOKS`] oldest is; else a new one, kept too while the
+    /// pool holds fewer than [`REUSED_PAYLOADS_MAX`] of at most [`REUSED_PAYLOAD_BYTES_MAX`]
+    /// bytes of capacity together.
+    pub fn make_with(&mut self, fill: impl FnOnce(&mut Vec<u8>)) -> Payload {
+        if !self.keeps {
+            let mut made = Vec::new();
+            fill(&mut made);
+            return Arc::new(made);
         }
-        for kept in &mut self.kept {
-            if kept.len() == bytes.len() {
-                if let Some(free) = Arc::get_mut(kept) {
-                    free.copy_from_slice(bytes);
-                    return kept.clone();
+        for _ in 0..self.kept.len().min(REUSE_LOOKS) {
+            let mut kept = self.kept.pop_front().expect("counted");
+            if let Some(free) = Arc::get_mut(&mut kept) {
+                let before = free.capacity();
+                free.clear();
+                fill(free);
+                self.bytes = self.bytes - before + free.capacity();
+                if self.bytes <= REUSED_PAYLOAD_BYTES_MAX {
+                    self.kept.push_back(kept.clone());
+                } else {
+                    // Grown past the cap: handed out, and no longer kept.
+                    self.bytes -= kept.capacity();
                 }
+                return kept;
             }
+            self.kept.push_back(kept);
         }
-        let made: Arc<[u8]> = Arc::from(bytes);
-        if self.bytes + made.len() > REUSED_PAYLOAD_BYTES_MAX {
-            // Make room by letting go of the payloads nothing else holds.
+        let mut made = Vec::new();
+        fill(&mut made);
+        let made = Arc::new(made);
+        if self.kept.len() < REUSED_PAYLOADS_MAX && self.bytes + made.capacity() <= REUSED_PAYLOAD_BYTES_MAX {
+            self.bytes += made.capacity();
+            self.kept.push_back(made.clone());
+        } else if self.bytes + made.capacity() > REUSED_PAYLOAD_BYTES_MAX {
+            // Make room for the next ones by letting go of the payloads nothing else holds.
             self.kept.retain(|k| Arc::strong_count(k) > 1);
-            self.bytes = self.kept.iter().map(|k| k.len()).sum();
-        }
-        if self.bytes + made.len() <= REUSED_PAYLOAD_BYTES_MAX {
-            self.bytes += made.len();
-            self.kept.push(made.clone());
+            self.bytes = self.kept.iter().map(|k| k.capacity()).sum();
         }
         made
     }
 }
 
+/// Kept payloads [`PayloadPool::make_with`] looks at for a free one before it makes one.
+const REUSE_LOOKS: usize = 8;
+
 #[cfg(test)]
 mod payload_tests {
     use super::*;
 
-    /// A large payload is reused only once nothing else holds it, small ones never are, and the
-    /// pool keeps no more than its byte cap.
+    /// A payload is reused, at any length, only once nothing else holds it; the pool keeps no
+    /// more than its caps; a pool that keeps nothing keeps nothing.
     #[test]
     fn payload_pool_reuses_only_payloads_nothing_else_holds() {
         let mut pool = PayloadPool::default();
-        let big = vec![7u8; REUSED_PAYLOAD_BYTES_MIN];
-        let first = pool.make(&big);
-        let second = pool.make(&big);
+        let first = pool.make(&[7u8; 100]);
+        let second = pool.make(&[7u8; 100]);
         assert!(!Arc::ptr_eq(&first, &second), "a payload still held is not handed out again");
         let at = Arc::as_ptr(&first);
         drop(first);
-        let again = pool.make(&vec![9u8; REUSED_PAYLOAD_BYTES_MIN]);
-        assert_eq!(Arc::as_ptr(&again), at, "a payload nothing else holds is reused");
-        assert!(again.iter().all(|b| *b == 9), "and refilled");
-        let small = pool.make(&[1, 2, 3]);
-        assert_eq!(Arc::strong_count(&small), 1, "a small payload is not kept");
+        let again = pool.make(&[9u8; 60]);
+        assert_eq!(Arc::as_ptr(&again), at, "a payload nothing else holds is reused, at another length");
+        assert_eq!(&again[..], &[9u8; 60][..], "and refilled");
         let mut unkept = PayloadPool::unkept();
-        let once = unkept.make(&big);
-        assert_eq!(Arc::strong_count(&once), 1, "a pool that keeps nothing keeps no large payload either");
+        let once = unkept.make(&[1, 2, 3]);
+        assert_eq!(Arc::strong_count(&once), 1, "a pool that keeps nothing keeps no payload");
         assert!(unkept.kept.is_empty() && unkept.bytes == 0);
-        let held: Vec<_> = (0..(REUSED_PAYLOAD_BYTES_MAX / REUSED_PAYLOAD_BYTES_MIN) * 2).map(|_| pool.make(&big)).collect();
+        let big = vec![7u8; 1 << 20];
+        let held: Vec<_> = (0..(REUSED_PAYLOAD_BYTES_MAX >> 20) * 2).map(|_| pool.make(&big)).collect();
         assert!(pool.bytes <= REUSED_PAYLOAD_BYTES_MAX);
-        assert_eq!(pool.bytes, pool.kept.iter().map(|k| k.len()).sum::<usize>());
+        assert_eq!(pool.bytes, pool.kept.iter().map(|k| k.capacity()).sum::<usize>());
         drop((held, second, again));
+        // A free payload refilled past the cap is handed out and no longer kept.
         let huge = pool.make(&vec![0u8; REUSED_PAYLOAD_BYTES_MAX]);
-        assert_eq!(pool.bytes, REUSED_PAYLOAD_BYTES_MAX, "free payloads give way to a new one");
+        assert!(!pool.kept.iter().any(|k| Arc::ptr_eq(k, &huge)));
+        assert!(pool.bytes <= REUSED_PAYLOAD_BYTES_MAX);
+        assert_eq!(pool.bytes, pool.kept.iter().map(|k| k.capacity()).sum::<usize>());
         drop(huge);
+        let many: Vec<_> = (0..REUSED_PAYLOADS_MAX + 10).map(|_| pool.make(&[1])).collect();
+        assert!(pool.kept.len() <= REUSED_PAYLOADS_MAX);
+        drop(many);
     }
 
     #[test]

@@ -6,11 +6,11 @@ use crate::error::ReplicationError;
 
 /// Most workers a range's vector clock tracks: the clock is one u32 per worker.
 pub const WORKERS_MAX: u32 = 4096;
-/// Decoded payloads (pushes, forwarded updates) this large or larger are reused once nothing holds
-/// them ([`PayloadPool`](crate::codec::PayloadPool)); smaller ones are allocated per message,
-/// which costs little.
-pub const REUSED_PAYLOAD_BYTES_MIN: usize = 64 << 10;
-/// Most bytes of payloads one [`PayloadPool`](crate::codec::PayloadPool) keeps for reuse.
+/// Most payloads one [`PayloadPool`](crate::codec::PayloadPool) keeps for reuse: a client's
+/// pushes in flight (a piece per range each) and a shard's pushes and updates held in its logs.
+pub const REUSED_PAYLOADS_MAX: usize = 1024;
+/// Most bytes of capacity the payloads one [`PayloadPool`](crate::codec::PayloadPool) keeps for
+/// reuse may hold together.
 pub const REUSED_PAYLOAD_BYTES_MAX: usize = 16 << 20;
 /// Most replicas in one chain.
 pub const REPLICAS_MAX: u32 = 7;

@@ -163,11 +163,16 @@ pub struct RangeReport {
     pub learner_synced: bool,
 }
 
+/// Bytes a message carries (a push's payload, an update's delta, a snapshot): shared by the
+/// messages and logs that hold them, and refilled in place for the next message once nothing
+/// holds them any more ([`PayloadPool`](crate::codec::PayloadPool)), at any length.
+pub type Payload = Arc<Vec<u8>>;
+
 /// A message of the protocol.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Msg {
     /// Worker to head: the worker's `seq`-th push to `range` (counted from 1).
-    Push { range: RangeId, worker: WorkerId, seq: u32, payload: Arc<[u8]> },
+    Push { range: RangeId, worker: WorkerId, seq: u32, payload: Payload },
     /// Head (or tail, see [`Msg::Durable`]) to worker: every push of the worker to `range` up to
     /// `seq` is held by the tail.
     PushAck { range: RangeId, seq: u32 },
@@ -180,7 +185,7 @@ pub enum Msg {
     /// the vector clock after it, and the range's history digest after it
     /// ([`digest_after`](crate::replica::digest_after)). `durable`: the lowest version the
     /// sender and every replica before it hold on disk, as far as the sender knows.
-    Forward { range: RangeId, epoch: Epoch, version: u64, digest: u32, clock: Arc<[u32]>, delta: Arc<[u8]>, durable: u64 },
+    Forward { range: RangeId, epoch: Epoch, version: u64, digest: u32, clock: Arc<[u32]>, delta: Payload, durable: u64 },
     /// Down the chain: the sender and every replica before it hold the range up to `version`
     /// on disk (sent when that grows with no update to carry it; only by replicas whose tails
     /// acknowledge workers, see [`Replica::ack_from_tail`](crate::replica::Replica::ack_from_tail)).
@@ -193,7 +198,7 @@ pub enum Msg {
     Need { range: RangeId, epoch: Epoch, version: u64 },
     /// To a learner, or to a successor that fell too far behind: the whole range at `version`,
     /// whose history has digest `digest`.
-    Snapshot { range: RangeId, epoch: Epoch, version: u64, digest: u32, clock: Arc<[u32]>, data: Arc<[u8]> },
+    Snapshot { range: RangeId, epoch: Epoch, version: u64, digest: u32, clock: Arc<[u32]>, data: Payload },
     /// From a learner that already holds the range up to `version` (a restarted server, from
     /// its disk), with history digest `digest`, to its tail: send the updates after `version`
     /// rather than a snapshot, if your history at `version` has the same digest. Back from the

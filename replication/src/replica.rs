@@ -37,7 +37,7 @@ use crate::config::{
     ReplicationConfig, BATCH_PUSHES_MAX, HISTORY_BYTES_PER_REPLICA, HISTORY_ENTRIES_MAX, LEARNER_RESUME_WAIT_MS, LOG_ENTRIES_MAX, RESEND_BATCH_MAX,
     RESEND_WAIT_MS_MAX, SNAPSHOT_WAIT_MS_MAX, WAITING_MAX,
 };
-use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Msg, NodeId, RangeId, RangeReport, WorkerId};
+use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Msg, NodeId, Payload, RangeId, RangeReport, WorkerId};
 
 /// Where a range's parameters live: the engine's shard in a server, a few integers in the
 /// simulator. Payloads are opaque to the protocol.
@@ -123,7 +123,7 @@ struct Entry {
     /// The range's history digest after this update.
     digest: u32,
     clock: Arc<[u32]>,
-    delta: Arc<[u8]>,
+    delta: Payload,
 }
 
 /// A push the head applied (or saw again), acknowledged once the tail holds `version`.
@@ -134,11 +134,65 @@ struct Waiting {
     seq: u32,
 }
 
-/// The head's batch of pushes not yet forwarded.
-#[derive(Debug, Default)]
+/// The head's batch of pushes not yet forwarded. Its delta is held by nothing else until the
+/// batch closes.
+#[derive(Debug)]
 struct Open {
-    delta: Vec<u8>,
+    delta: Payload,
     pushes: usize,
+}
+
+impl Open {
+    fn delta_mut(&mut self) -> &mut Vec<u8> {
+        Arc::get_mut(&mut self.delta).expect("an open batch's delta is held by nothing else")
+    }
+}
+
+/// Most buffers of each kind [`Spares`] keeps.
+const SPARES_MAX: usize = 64;
+
+/// The deltas and clocks of updates the history let go of that nothing else held, kept for the
+/// next updates: a warm replica, whose history is full, allocates none.
+#[derive(Debug, Default)]
+struct Spares {
+    deltas: Vec<Payload>,
+    clocks: Vec<Arc<[u32]>>,
+}
+
+impl Spares {
+    /// Keeps `entry`'s buffers if nothing else holds them and there is room.
+    fn keep(&mut self, entry: Entry) {
+        let Entry { mut delta, mut clock, .. } = entry;
+        if Arc::get_mut(&mut delta).is_some() && self.deltas.len() < SPARES_MAX {
+            self.deltas.push(delta);
+        }
+        if Arc::get_mut(&mut clock).is_some() && self.clocks.len() < SPARES_MAX {
+            self.clocks.push(clock);
+        }
+    }
+
+    /// An empty delta for a new batch.
+    fn delta(&mut self) -> Payload {
+        match self.deltas.pop() {
+            Some(mut delta) => {
+                Arc::get_mut(&mut delta).expect("kept only when held by nothing else").clear();
+                delta
+            }
+            None => Payload::default(),
+        }
+    }
+
+    /// A clock holding `clock`.
+    fn clock(&mut self, clock: &[u32]) -> Arc<[u32]> {
+        match self.clocks.iter().rposition(|c| c.len() == clock.len()) {
+            Some(at) => {
+                let mut kept = self.clocks.swap_remove(at);
+                Arc::get_mut(&mut kept).expect("kept only when held by nothing else").copy_from_slice(clock);
+                kept
+            }
+            None => Arc::from(clock),
+        }
+    }
 }
 
 /// A tail's learner, and how far it has come.
@@ -369,13 +423,14 @@ impl RangeState {
     }
 
     /// Keeps `entry`, just applied, in the history, forgetting the oldest beyond
-    /// [`HISTORY_ENTRIES_MAX`] entries and `bytes_max` bytes.
-    fn remember(&mut self, entry: &Entry, bytes_max: usize) {
+    /// [`HISTORY_ENTRIES_MAX`] entries and `bytes_max` bytes (their buffers go to `spares`).
+    fn remember(&mut self, entry: &Entry, bytes_max: usize, spares: &mut Spares) {
         self.history_bytes += entry.delta.len();
         self.history.push_back(entry.clone());
         while self.history.len() > HISTORY_ENTRIES_MAX || self.history_bytes > bytes_max {
             let Some(old) = self.history.pop_front() else { break };
             self.history_bytes -= old.delta.len();
+            spares.keep(old);
         }
     }
 
@@ -529,6 +584,7 @@ pub struct Replica<S> {
     generations: u64,
     /// Bytes of history each range served keeps: its share of [`HISTORY_BYTES_PER_REPLICA`].
     history_bytes_max: usize,
+    spares: Spares,
 }
 
 impl<S: Store> Replica<S> {
@@ -558,6 +614,7 @@ impl<S: Store> Replica<S> {
             refusals: Vec::new(),
             generations: 0,
             history_bytes_max: HISTORY_BYTES_PER_REPLICA / (rcfg_ranges.max(1) as usize),
+            spares: Spares::default(),
         };
         replica.recover();
         replica
@@ -659,6 +716,13 @@ impl<S: Store> Replica<S> {
     /// Messages to send, in the order they were produced.
     pub fn take_ready(&mut self) -> Vec<(Addr, Msg)> {
         std::mem::take(&mut self.out)
+    }
+
+    /// [`take_ready`](Self::take_ready) into `ready`, which must be empty: the two lists trade
+    /// places, so a driver that keeps `ready` and empties it allocates no list per step.
+    pub fn take_ready_into(&mut self, ready: &mut Vec<(Addr, Msg)>) {
+        debug_assert!(ready.is_empty(), "messages left in the list given");
+        std::mem::swap(&mut self.out, ready);
     }
 
     /// What this replica holds of `range`.
@@ -867,8 +931,9 @@ impl<S: Store> Replica<S> {
             st.waiting.push_back(Waiting { version: pending, worker, seq });
             self.stats.pushes_duplicate += 1;
         } else if seq == st.clock[w] + 1 {
-            let open = st.open.get_or_insert_with(Open::default);
-            self.store.apply_push(range, payload, &mut open.delta, place.downstream().is_some());
+            let spares = &mut self.spares;
+            let open = st.open.get_or_insert_with(|| Open { delta: spares.delta(), pushes: 0 });
+            self.store.apply_push(range, payload, open.delta_mut(), place.downstream().is_some());
             open.pushes += 1;
             st.clock[w] = seq;
             st.waiting.push_back(Waiting { version: st.version + 1, worker, seq });
@@ -895,10 +960,10 @@ impl<S: Store> Replica<S> {
         let forwarded = self.place(range).is_some_and(|p| p.downstream().is_some());
         let Some(st) = self.ranges[range.0 as usize].as_mut() else { return };
         let Some(mut open) = st.open.take() else { return };
-        self.store.seal(range, &mut open.delta, forwarded);
+        self.store.seal(range, open.delta_mut(), forwarded);
         st.version += 1;
         st.digest = digest_after(st.digest, st.version, &st.clock, &open.delta);
-        let entry = Entry { version: st.version, digest: st.digest, clock: st.clock.as_slice().into(), delta: open.delta.into() };
+        let entry = Entry { version: st.version, digest: st.digest, clock: self.spares.clock(&st.clock), delta: open.delta };
         let lsn = self.store.persist(range, entry.version, entry.digest, &entry.clock, &entry.delta, false);
         self.persisted(range, entry.version, lsn);
         self.after_apply(range, entry);
@@ -910,7 +975,7 @@ impl<S: Store> Replica<S> {
         let place = self.place(range);
         let history_bytes_max = self.history_bytes_max;
         let st = self.ranges[range.0 as usize].as_mut().expect("applied to a held range");
-        st.remember(&entry, history_bytes_max);
+        st.remember(&entry, history_bytes_max, &mut self.spares);
         let Some(place) = place else { return };
         if let Some(down) = place.downstream() {
             if st.log.is_empty() {

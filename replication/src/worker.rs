@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::protocol::{Addr, ClusterConfig, Msg, RangeId, WorkerId};
+use crate::protocol::{Addr, ClusterConfig, Msg, Payload, RangeId, WorkerId};
 
 /// One worker's pushes, per range.
 #[derive(Debug)]
@@ -14,7 +14,7 @@ pub struct Pusher {
     pub id: WorkerId,
     /// Per range: the last seq started, and the unacknowledged pushes (seq, payload).
     next_seq: Vec<u32>,
-    pending: Vec<VecDeque<(u32, Arc<[u8]>)>>,
+    pending: Vec<VecDeque<(u32, Payload)>>,
     sent_ms: Vec<u64>,
     /// Per range: the highest seq acknowledged.
     pub acked: Vec<u32>,
@@ -59,7 +59,7 @@ impl Pusher {
     }
 
     /// Starts the next push to `range`; returns its seq.
-    pub fn push(&mut self, now_ms: u64, range: RangeId, payload: Arc<[u8]>) -> u32 {
+    pub fn push(&mut self, now_ms: u64, range: RangeId, payload: Payload) -> u32 {
         let r = range.0 as usize;
         self.next_seq[r] += 1;
         let seq = self.next_seq[r];
@@ -71,7 +71,7 @@ impl Pusher {
         seq
     }
 
-    fn send(&mut self, range: RangeId, seq: u32, payload: Arc<[u8]>) {
+    fn send(&mut self, range: RangeId, seq: u32, payload: Payload) {
         if let Some(head) = self.view.chain(range).and_then(|c| c.head()) {
             self.out.push((Addr::Node(head), Msg::Push { range, worker: self.id, seq, payload }));
         }
@@ -190,7 +190,7 @@ mod tests {
         let range = RangeId(0);
         let mut p = Pusher::new(WorkerId(0), 1, config(1, 1));
         for seq in 1..=3 {
-            assert_eq!(p.push(0, range, Arc::from(&[seq as u8][..])), seq);
+            assert_eq!(p.push(0, range, Arc::new(vec![seq as u8])), seq);
         }
         p.out.clear();
         // Nothing heard from the head: every push due is resent, in order.

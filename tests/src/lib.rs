@@ -416,6 +416,36 @@ pub use counting::{allocations, Counting};
 /// calling test installs [`Counting`] as its global allocator; this warms up first and then counts
 /// every allocation in the process, the server's included when it runs in the same process.
 pub fn client_round_allocations(addr: &str, config: tessera_client::ClientConfig, dense: &str, sparse: &str, rounds: u64) -> u64 {
+    with_client_rounds(addr, config, dense, sparse, |round| {
+        (1..=50).for_each(&mut *round);
+        let before = allocations();
+        (51..51 + rounds).for_each(round);
+        allocations() - before
+    })
+}
+
+/// As [`client_round_allocations`], for a client of a cluster, warmed up by `warm` rounds: the
+/// fewest allocations counted in any of `windows` windows of `rounds` rounds. A cluster does
+/// periodic work that allocates (its servers' heartbeats, its client's check of the
+/// configuration once a second), which lands in some windows but not in all of them, while an
+/// allocation per call lands in every one.
+pub fn cluster_round_allocations(addr: &str, config: tessera_client::ClientConfig, warm: u64, windows: u64, rounds: u64) -> u64 {
+    with_client_rounds(addr, config, "dense", "sparse", |round| {
+        (1..=warm).for_each(&mut *round);
+        let mut fewest = u64::MAX;
+        for window in 0..windows {
+            let first = warm + 1 + window * rounds;
+            let before = allocations();
+            (first..first + rounds).for_each(&mut *round);
+            fewest = fewest.min(allocations() - before);
+        }
+        fewest
+    })
+}
+
+/// Connects a client to `addr` and hands `count` a round of its calls on `dense` and `sparse`
+/// (see [`client_round_allocations`]), to make at the clocks it gives.
+fn with_client_rounds<T>(addr: &str, config: tessera_client::ClientConfig, dense: &str, sparse: &str, count: impl FnOnce(&mut dyn FnMut(u64)) -> T) -> T {
     use tessera_client::Client;
     let worker = config.worker as usize;
     let client = Client::connect(&[addr], config).expect("connect");
@@ -431,14 +461,7 @@ pub fn client_round_allocations(addr: &str, config: tessera_client::ClientConfig
         client.push(&sparse, &keys, &grads[..keys.len() * 4]).and_then(|t| t.wait()).expect("key-list push");
         client.pull(&sparse, &keys, &mut out[..keys.len() * 4]).and_then(|t| t.wait()).expect("key-list pull");
     };
-    for clock in 1..=50 {
-        round(clock);
-    }
-    let before = allocations();
-    for clock in 51..51 + rounds {
-        round(clock);
-    }
-    allocations() - before
+    count(&mut round)
 }
 
 /// `GET /metrics` from a `--metrics` address; the Prometheus text, or what went wrong.

@@ -502,7 +502,7 @@ fn forged(addr: &str, op: Op, from: u32, body: &[u8]) -> Option<String> {
 }
 
 /// A push message's payload.
-fn msg_payload(msg: &tessera_replication::protocol::Msg) -> Arc<[u8]> {
+fn msg_payload(msg: &tessera_replication::protocol::Msg) -> tessera_replication::protocol::Payload {
     match msg {
         tessera_replication::protocol::Msg::Push { payload, .. } => payload.clone(),
         other => panic!("not a push: {other:?}"),

@@ -105,3 +105,57 @@ fn a_warm_client_allocates_nothing_per_call() {
     let counted = tessera_tests::client_round_allocations(&server.local_addr().to_string(), config, "dense", "sparse", rounds);
     assert_eq!(counted, 0, "{counted} allocations in {rounds} rounds of 4 client calls once warm");
 }
+
+/// A coordinator (a process) for one server that runs every range as a chain of one, with
+/// heartbeats far apart (see [`tessera_tests::cluster_round_allocations`]); and its address.
+fn chain_of_one_coordinator() -> (tessera_tests::ServerProc, String) {
+    let addr = format!("127.0.0.1:{}", tessera_tests::free_port());
+    let args = ["--servers", "1", "--replicas", "1", "--ranges", "4", "--workers", "4", "--heartbeat-interval-ms", "1000", "--failure-timeout-ms", "10000"];
+    (tessera_tests::ServerProc::coordinator_at(&addr, &args), addr)
+}
+
+/// Makes the two tables the client rounds use on the cluster `addr` belongs to.
+fn make_round_tables(addr: &str, config: &tessera_client::ClientConfig) {
+    let client = tessera_client::Client::connect(&[addr], config.clone()).expect("connect");
+    let mut sparse = TableSpec::new("sparse", TableKind::Sparse, 0, u64::MAX, 4);
+    sparse.capacity = 1 << 14;
+    client.create_table(&TableSpec::new("dense", TableKind::Dense, 0, 1 << 16, 8)).expect("dense table");
+    client.create_table(&sparse).expect("sparse table");
+}
+
+/// A warm client allocates nothing per call on a chain of one either: the same rounds against a
+/// server (a process) that runs every range as a chain of one, so pushes go through the chain
+/// client's pipeline and are acknowledged by the range's only member.
+#[test]
+fn a_warm_client_allocates_nothing_per_call_on_a_chain_of_one() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (_coordinator, coordinator) = chain_of_one_coordinator();
+    let server = tessera_tests::ServerProc::start(&["--node-id", "1", "--shards", "2", "--no-pin", "--coordinator", &coordinator]);
+    let mut config = tessera_client::ClientConfig::worker(3);
+    config.kind = tessera_transport::TransportKind::Tcp;
+    make_round_tables(server.addr(), &config);
+    let counted = tessera_tests::cluster_round_allocations(server.addr(), config, 50, 10, 50);
+    assert_eq!(counted, 0, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 client calls on a chain of one, once warm");
+}
+
+/// A server that runs every range as a chain of one allocates nothing per push or pull once
+/// warm either (its ranges' histories full, their buffers then reused), client and server in
+/// this process.
+#[test]
+fn a_chain_of_one_serves_pushes_and_pulls_without_allocating_once_warm() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (_coordinator, coordinator) = chain_of_one_coordinator();
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
+    cfg.replication = Some(tessera_engine::server::Join { node: 1, coordinator: tessera_engine::chain::Locator::At(coordinator), advertise: None });
+    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let addr = server.local_addr().to_string();
+    let mut config = tessera_client::ClientConfig::worker(3);
+    config.kind = tessera_transport::TransportKind::Tcp;
+    make_round_tables(&addr, &config);
+    // Each round's two pushes are two updates of range 0: its history (1,024 updates) is full
+    // after 512 rounds.
+    let counted = tessera_tests::cluster_round_allocations(&addr, config, 600, 10, 50);
+    assert_eq!(counted, 0, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 calls to a chain of one, once warm");
+    drop(server);
+}

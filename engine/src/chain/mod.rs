@@ -143,9 +143,10 @@ pub struct ChainShard {
     answering: Option<NodeId>,
     answer_acks: Vec<Msg>,
     answer_body: Vec<u8>,
-    /// Large payloads of the pushes and updates this shard decodes, reused once applied and
-    /// let go of.
+    /// Payloads of the pushes and updates this shard decodes, reused once applied and let go of.
     payloads: PayloadPool,
+    /// What the replica produced in a step, being routed: a list kept.
+    ready: Vec<(Addr, Msg)>,
     /// Buffers a worker's push request is served with, kept for the next one.
     worker_scratch: WorkerScratch,
 }
@@ -209,6 +210,7 @@ impl ChainShard {
             answer_acks: Vec::new(),
             answer_body: Vec::new(),
             payloads: PayloadPool::default(),
+            ready: Vec::new(),
             worker_scratch: WorkerScratch::default(),
         }
     }
@@ -301,7 +303,9 @@ impl ChainShard {
             }
             self.logged = counts;
         }
-        for (to, msg) in self.replica.take_ready() {
+        let mut ready = std::mem::take(&mut self.ready);
+        self.replica.take_ready_into(&mut ready);
+        for (to, msg) in ready.drain(..) {
             match (to, msg) {
                 (Addr::Node(node), msg @ Msg::Ack { .. }) if self.answering == Some(node) => self.answer_acks.push(msg),
                 (Addr::Node(node), msg) => self.outbox.to_node(node, self.shard, msg),
@@ -319,6 +323,7 @@ impl ChainShard {
                 (Addr::Worker(_), other) => tracing::warn!(kind = other.kind(), "a replica sent a worker something unexpected"),
             }
         }
+        self.ready = ready;
     }
 
     /// Takes up what the shard's log made durable since the last call: the updates it holds

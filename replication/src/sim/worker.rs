@@ -4,7 +4,7 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use crate::protocol::{ClusterConfig, RangeId, WorkerId};
+use crate::protocol::{ClusterConfig, Payload, RangeId, WorkerId};
 use crate::worker::Pusher;
 
 /// Pushes a worker keeps in flight per range.
@@ -33,7 +33,7 @@ impl SimWorker {
     }
 
     /// Starts the next push to `range`; returns its seq.
-    pub fn push(&mut self, now_ms: u64, range: RangeId, payload: Arc<[u8]>) -> u32 {
+    pub fn push(&mut self, now_ms: u64, range: RangeId, payload: Payload) -> u32 {
         self.to_push -= 1;
         self.pusher.push(now_ms, range, payload)
     }
