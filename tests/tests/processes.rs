@@ -123,6 +123,10 @@ fn the_demo_wire_table_compares_every_feature() {
     }
     let bad = run_tool(&["demo", "--filter", "sometimes"], TOOL_TIMEOUT);
     assert!(!bad.status.success() && bad.stderr.contains("is not a filter"), "{}", bad.stderr);
+    // A server option the demo's servers refuse is reported before the data set is made.
+    let bad = run_tool(&["demo", "--servers", "3", "--replicas", "2", "--durability", "wal"], TOOL_TIMEOUT);
+    assert!(!bad.status.success() && bad.stderr.contains("--data-dir"), "{}", bad.stderr);
+    assert!(!bad.stdout.contains("generating"), "the data set was made first:\n{}", bad.stdout);
 }
 
 #[test]

@@ -167,6 +167,10 @@ pub fn run(mut args: DemoArgs) -> Result<()> {
     if args.workers == 0 || args.batch == 0 || args.epochs == 0 {
         bail!("--workers, --batch and --epochs must be at least 1");
     }
+    if args.connect.is_none() {
+        // The servers' options are checked before the data set is made, not after.
+        args.engine.server_config("127.0.0.1:0", Vec::new(), false, &args.net).engine.validate().map_err(|e| anyhow!("{e}"))?;
+    }
     let say = |line: String| if args.json { eprintln!("{line}") } else { println!("{line}") };
     if let Some(at) = args.metrics.start()? {
         say(format!("metrics at http://{at}/metrics"));
