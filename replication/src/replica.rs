@@ -148,6 +148,11 @@ impl Open {
     }
 }
 
+/// Updates a full history forgets at once: the oldest ones are cold in the cache, and letting
+/// go of them together overlaps their misses (one at a time, with every update, it was most of
+/// the time a chain of one spent on an update beyond the table's own work).
+const HISTORY_FORGOTTEN_AT_ONCE: usize = 32;
+
 /// Most buffers of each kind [`Spares`] keeps.
 const SPARES_MAX: usize = 64;
 
@@ -422,12 +427,17 @@ impl RangeState {
         }
     }
 
-    /// Keeps `entry`, just applied, in the history, forgetting the oldest beyond
-    /// [`HISTORY_ENTRIES_MAX`] entries and `bytes_max` bytes (their buffers go to `spares`).
+    /// Keeps `entry`, just applied, in the history. Past [`HISTORY_ENTRIES_MAX`] entries or
+    /// `bytes_max` bytes it forgets the oldest, [`HISTORY_FORGOTTEN_AT_ONCE`] more than it must
+    /// (their buffers go to `spares`).
     fn remember(&mut self, entry: &Entry, bytes_max: usize, spares: &mut Spares) {
         self.history_bytes += entry.delta.len();
         self.history.push_back(entry.clone());
-        while self.history.len() > HISTORY_ENTRIES_MAX || self.history_bytes > bytes_max {
+        if self.history.len() <= HISTORY_ENTRIES_MAX && self.history_bytes <= bytes_max {
+            return;
+        }
+        let keep = self.history.len().min(HISTORY_ENTRIES_MAX).saturating_sub(HISTORY_FORGOTTEN_AT_ONCE);
+        while self.history.len() > keep || self.history_bytes > bytes_max {
             let Some(old) = self.history.pop_front() else { break };
             self.history_bytes -= old.delta.len();
             spares.keep(old);
