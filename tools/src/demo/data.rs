@@ -18,7 +18,9 @@
 //! demo's server (zero-initialised adagrad) and two workers with one batch of staleness. Over
 //! seeds 0..64 of the 20,000-example data set, the final held-out accuracy trails the true
 //! model's by 0.014 on average and by 0.027 at worst (0.015 and 0.028 when each worker also
-//! keeps one push in flight, as the demo does); on the default data set, by about 0.003.
+//! keeps one push in flight); on the default data set, by about 0.003. The demo keeps up to 8
+//! pushes in flight per worker; on the default data set its final accuracy was the same as with
+//! one (0.8238 against 0.8239 unreplicated, 0.8236 against 0.8240 on chains of three).
 
 use std::ops::Range;
 

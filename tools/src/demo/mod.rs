@@ -2,8 +2,8 @@
 //!
 //! Workers share nothing but the server: each walks its slice of the training set in minibatches,
 //! pulls the weights of the batch's keys, computes the logistic-loss gradient, and pushes it; the
-//! server applies Adagrad. A worker keeps one push in flight while it pulls the next batch, and
-//! never waits for the others: that is asynchronous SGD.
+//! server applies Adagrad. A worker keeps up to [`PUSHES_IN_FLIGHT`] pushes in flight while it pulls
+//! and computes the next batches, and never waits for the others: that is asynchronous SGD.
 //!
 //! With `--servers N` (N >= 2), the demo runs a replicated cluster in the process instead: the
 //! embedded coordinator and N servers, every range on a chain of `--replicas` of them, and the
@@ -12,6 +12,7 @@
 
 pub mod data;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -31,6 +32,12 @@ use data::{DataConfig, Dataset};
 
 /// Keys pulled per request when evaluating.
 const EVAL_CHUNK_KEYS: usize = 1 << 18;
+/// Pushes a worker keeps in flight: it waits for the oldest before it sends one more. Under the
+/// default eventual consistency nothing else waits for a push, so a push's acknowledgement
+/// (which on a chain of three comes after two more hops) overlaps the next batches' pulls and
+/// computation instead of holding up the next push. The client bounds it too (32 on a
+/// replicated cluster).
+const PUSHES_IN_FLIGHT: usize = 8;
 
 /// Train sparse logistic regression by asynchronous SGD through a parameter server.
 ///
@@ -374,7 +381,7 @@ fn train(args: &DemoArgs, wire: &Wire, data: &Dataset, refs: &[&str], spec: &Tab
         .enumerate()
         .map(|(w, (client, table))| {
             let filter = WorkerFilter::new(wire.filter, w as u32);
-            Worker { client, table, in_flight: None, filter, kept_keys: Vec::new(), kept_grads: Vec::new(), keys_offered: 0, keys_pushed: 0 }
+            Worker { client, table, in_flight: VecDeque::new(), filter, kept_keys: Vec::new(), kept_grads: Vec::new(), keys_offered: 0, keys_pushed: 0 }
         })
         .collect();
     let test_keys = data::unique_keys(&data.test);
@@ -509,12 +516,13 @@ fn progress(len: u64, epoch: usize, epochs: usize) -> ProgressBar {
     bar
 }
 
-/// A worker's side of training: its client, with one push in flight while the next batch is
-/// pulled (each push first waits for the one before).
+/// A worker's side of training: its client, with up to [`PUSHES_IN_FLIGHT`] pushes in flight
+/// while it pulls and computes the next batches.
 struct Worker<'a> {
     client: &'a Client,
     table: &'a Table,
-    in_flight: Option<Ticket<'a>>,
+    /// The pushes not yet waited for, oldest first.
+    in_flight: VecDeque<Ticket<'a>>,
     filter: Option<WorkerFilter>,
     /// What the filter kept of the batch in hand, reused from batch to batch.
     kept_keys: Vec<u64>,
@@ -535,12 +543,14 @@ impl Worker<'_> {
     }
     /// Pushes `grad` for `keys` at clock `clock`; it may still be in flight when this returns.
     fn push(&mut self, clock: u64, keys: &[u64], grad: &[f32]) -> Result<()> {
-        self.wait_in_flight()?;
+        while self.in_flight.len() >= PUSHES_IN_FLIGHT {
+            self.in_flight.pop_front().expect("counted").wait()?;
+        }
         self.client.set_clock(clock);
         self.keys_offered += keys.len() as u64;
         let Some(f) = &mut self.filter else {
             self.keys_pushed += keys.len() as u64;
-            self.in_flight = Some(self.client.push(self.table, keys, grad)?);
+            self.in_flight.push_back(self.client.push(self.table, keys, grad)?);
             return Ok(());
         };
         // The filter runs here rather than in Client::push_filtered, to count what it keeps.
@@ -548,10 +558,10 @@ impl Worker<'_> {
         self.kept_grads.clear();
         f.as_filter().filter(1, keys, grad, &mut self.kept_keys, &mut self.kept_grads);
         self.keys_pushed += self.kept_keys.len() as u64;
-        self.in_flight = Some(self.client.push(self.table, &self.kept_keys, &self.kept_grads)?);
+        self.in_flight.push_back(self.client.push(self.table, &self.kept_keys, &self.kept_grads)?);
         Ok(())
     }
-    /// Waits for the push in flight, and sends what the filter held back.
+    /// Waits for the pushes in flight, and sends what the filter held back.
     fn flush(&mut self) -> Result<()> {
         self.wait_in_flight()?;
         if let Some(WorkerFilter::Significant(f)) = &mut self.filter {
@@ -596,8 +606,8 @@ fn train_epoch(args: &DemoArgs, data: &Dataset, trainers: &mut [Worker<'_>], epo
     result.map(|_| ())
 }
 
-/// One worker's pass over `slice`: pull, compute, push (with one push in flight, where the
-/// client allows).
+/// One worker's pass over `slice`: pull, compute, push (with up to [`PUSHES_IN_FLIGHT`] pushes
+/// in flight).
 fn work(
     args: &DemoArgs,
     data: &Dataset,
@@ -627,8 +637,9 @@ fn work(
 }
 
 impl Worker<'_> {
+    /// Waits for every push in flight.
     fn wait_in_flight(&mut self) -> Result<()> {
-        if let Some(push) = self.in_flight.take() {
+        while let Some(push) = self.in_flight.pop_front() {
             push.wait()?;
         }
         Ok(())
