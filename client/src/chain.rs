@@ -756,7 +756,7 @@ impl Chain {
                 awaited.push((tail, shard, Msg::PushAck { range: *range, seq: *seq }));
             }
             let cached = match caching {
-                true => self.links.get_mut(&LinkKey { node, shard, lane: Lane::Push }).and_then(|l| with_cached_keys(&mut l.lists, &msg)),
+                true => self.links.get_mut(&LinkKey { node, shard, lane: Lane::Push }).and_then(|l| with_cached_keys(&mut l.lists, &msg, &mut self.payloads)),
                 false => None,
             };
             let frame = &mut frames[at];
@@ -1570,9 +1570,9 @@ struct Linked {
 }
 
 /// `msg`, a push sent for the first time on a link whose shard remembers `lists`, with its
-/// keys sent by their list's hash, or to be remembered; `None` to send it as it is (not a
-/// listed push, or a list too long to cache).
-fn with_cached_keys(lists: &mut KeyLists<()>, msg: &Msg) -> Option<Msg> {
+/// keys sent by their list's hash, or to be remembered (its payload from `payloads`); `None` to
+/// send it as it is (not a listed push, or a list too long to cache).
+fn with_cached_keys(lists: &mut KeyLists<()>, msg: &Msg, payloads: &mut PayloadPool) -> Option<Msg> {
     let Msg::Push { range, worker, seq, payload } = msg else { return None };
     let (h, keys, _) = PushHeader::parse(payload).ok()?;
     if !h.listed {
@@ -1582,7 +1582,8 @@ fn with_cached_keys(lists: &mut KeyLists<()>, msg: &Msg) -> Option<Msg> {
         Remembered::Held(hash) => KeyList::Cached { hash },
         Remembered::New => KeyList::Remember,
     };
-    Some(Msg::Push { range: *range, worker: *worker, seq: *seq, payload: PushHeader::with_key_list(payload, how).into() })
+    let sent = payloads.make_with(|out| PushHeader::write_with_key_list(payload, how, out));
+    Some(Msg::Push { range: *range, worker: *worker, seq: *seq, payload: sent })
 }
 
 /// A link: to a server's shard, for pushes or for pulls. Pulls go on links of their own, so a

@@ -401,17 +401,23 @@ impl PushHeader {
     /// `plain` (a plain push payload with listed keys, as [`keyed_payload`](Self::keyed_payload)
     /// makes) sent as `how`: with its keys to be remembered, or with `hash` in their place.
     pub fn with_key_list(plain: &[u8], how: KeyList) -> Vec<u8> {
-        let mut out = match how {
-            KeyList::Plain | KeyList::Remember => plain.to_vec(),
+        let mut out = Vec::new();
+        Self::write_with_key_list(plain, how, &mut out);
+        out
+    }
+
+    /// [`with_key_list`](Self::with_key_list), written into `out` (cleared first).
+    pub fn write_with_key_list(plain: &[u8], how: KeyList, out: &mut Vec<u8>) {
+        out.clear();
+        match how {
+            KeyList::Plain | KeyList::Remember => out.extend_from_slice(plain),
             KeyList::Cached { hash } => {
                 let count = u32::from_le_bytes(plain[16..20].try_into().expect("4 bytes")) as usize;
-                let mut out = Vec::with_capacity(plain.len() - count * 8);
                 out.extend_from_slice(&plain[..Self::BYTES]);
                 out.extend_from_slice(&plain[Self::BYTES + count * 8..]);
                 out[START_AT..START_AT + 8].copy_from_slice(&hash.to_le_bytes());
-                out
             }
-        };
+        }
         let flag = match how {
             KeyList::Plain => 0,
             KeyList::Remember => KEYS_REMEMBER,
@@ -419,7 +425,6 @@ impl PushHeader {
         };
         let flags = u32::from_le_bytes(out[FLAGS_AT..FLAGS_AT + 4].try_into().expect("4 bytes")) | flag;
         out[FLAGS_AT..FLAGS_AT + 4].copy_from_slice(&flags.to_le_bytes());
-        out
     }
 
     /// The plain payload `sent` stands for: a [`KeyList::Remember`] one without its flag, or a
