@@ -71,6 +71,11 @@ const SPARE_BODY_BYTES_MAX: usize = 16 << 20;
 const SPARE_PIECE_LISTS_MAX: usize = 4 * PUSH_WINDOW as usize;
 /// Longest pause between two polls for acknowledgements.
 const POLL_PAUSE_MAX: Duration = Duration::from_millis(2);
+/// Room a frame keeps, besides a push's keys and values or a pull reply's values and stamp,
+/// for the rest: the batch's and the message's fields, the push header, and the forwarding
+/// fields a head adds before it sends the push down its chain (whose clock
+/// [`Chain::stamp_clocks_max`] bounds too).
+const FRAME_ROOM_BYTES: usize = 256;
 
 /// Buffers kept for reuse (sent push frames' bodies, read replies' bodies), at most
 /// [`SPARE_BODIES_MAX`] of them holding at most [`SPARE_BODY_BYTES_MAX`] bytes of capacity
@@ -153,6 +158,11 @@ pub(crate) struct Chain {
     seeds: Vec<String>,
     shards: u16,
     ranges: u32,
+    /// The largest frame sent or received: the smaller of this client's limit and the
+    /// cluster's (its servers' hello says); a larger call is cut into several pushes or pulls.
+    frame_bytes_max: usize,
+    /// Most clocks a reply's stamp carries (a pull's reply has room for them beside its values).
+    stamp_clocks_max: usize,
     pusher: Pusher,
     links: HashMap<LinkKey, Linked>,
     /// Links made so far.
@@ -247,6 +257,8 @@ impl Chain {
             seeds,
             shards: info.shards,
             ranges,
+            frame_bytes_max: cfg.transport.frame_bytes_max.min(usize::try_from(info.frame_bytes_max).unwrap_or(usize::MAX)),
+            stamp_clocks_max: (info.workers_max.max(view.replication.workers)) as usize,
             pusher: Pusher::new(WorkerId(cfg.worker), ranges, config),
             links: HashMap::new(),
             links_made: 0,
@@ -426,10 +438,11 @@ impl Chain {
         Ok(())
     }
 
-    /// Counts one request of `sent` body bytes and its reply of `received`.
+    /// Counts one request frame of `sent` bytes on the wire and its reply frame of `received`
+    /// (compressed bodies count as sent).
     fn count(&mut self, sent: usize, received: usize) {
-        self.stats.bytes_sent += (HEADER_BYTES + sent) as u64;
-        self.stats.bytes_received += (HEADER_BYTES + received) as u64;
+        self.stats.bytes_sent += sent as u64;
+        self.stats.bytes_received += received as u64;
     }
 
     /// The link `key` names, made now if there is none (or its server has moved to another
@@ -480,7 +493,7 @@ impl Chain {
             Ok((before, after, link)) => {
                 self.stats.rdma_calls += after.rdma - before.rdma;
                 self.stats.tcp_calls += after.tcp - before.tcp;
-                let sent = call.body.len();
+                let sent = call.header.frame_len();
                 // Sent (copied out): the body serves the next frame.
                 if call.header.op() == Some(Op::WorkerPush) {
                     self.spare_bodies.keep(std::mem::take(&mut call.body));
@@ -510,7 +523,7 @@ impl Chain {
             link.lists = KeyLists::new(self.key_cache_keys);
             self.stats.keys_unknown += 1;
         }
-        self.count(started.sent, replied.as_ref().map_or(0, |r| r.1.len()));
+        self.count(started.sent, replied.as_ref().map_or(HEADER_BYTES, |r| r.0.frame_len()));
         match replied {
             Ok(reply) => Ok(reply),
             // A refusal is the server's answer; the link is fine.
@@ -699,8 +712,19 @@ impl Chain {
     /// failover, a resend) or it is more than [`PUSH_STAMPS_KEPT`] pushes old.
     pub fn push_stamp(&mut self, push: u64) -> Option<Stamp> {
         let at = self.stamps.iter().position(|s| s.push == push)?;
-        let entry = self.stamps.remove(at)?;
-        (entry.whole && entry.met).then_some(entry.stamp)
+        let first = self.stamps[at].first;
+        let mut stamp = Stamp::default();
+        let (mut found, mut whole) = (0, true);
+        self.stamps.retain(|s| {
+            let part = (first..=push).contains(&s.push);
+            if part {
+                whole &= s.whole && s.met;
+                stamp.meet(s.stamp.clocks().iter().copied(), found == 0);
+                found += 1;
+            }
+            !part
+        });
+        (whole && found == push - first + 1).then_some(stamp)
     }
 
     /// Waits for the replies to the pushes [`deliver_in_flight`](Self::deliver_in_flight) left
@@ -743,7 +767,7 @@ impl Chain {
     /// chain's way up. A server shard's frames follow one another in `frames` in the order
     /// they must be sent.
     fn queued_frames(&mut self, first: bool, frames: &mut Vec<Frame>) {
-        let body_max = self.dialer.cfg.frame_bytes_max.saturating_sub(HEADER_BYTES).max(1);
+        let body_max = self.frame_bytes_max.saturating_sub(HEADER_BYTES).max(1);
         // Only pushes sent for the first time go by their key list's hash: resends go plain.
         let caching = first && self.key_cache_keys > 0;
         let mut awaited = std::mem::take(&mut self.awaited);
@@ -812,7 +836,7 @@ impl Chain {
         while self.stamps.front().is_some_and(|s| s.push + PUSH_STAMPS_KEPT <= self.pushes) {
             self.stamps.pop_front();
         }
-        self.stamps.push_back(PushStamp { push: self.pushes, stamp: Stamp::default(), met: false, whole: true });
+        self.stamps.push_back(PushStamp { push: self.pushes, first: self.pushes, stamp: Stamp::default(), met: false, whole: true });
         for f in frames.drain(..) {
             let sent = Sent { to: f.at, pieces: f.pieces, first: true, push: self.pushes };
             let mut call = self.worker_push(f.at, f.body);
@@ -908,6 +932,27 @@ impl Chain {
         }
     }
 
+    /// Most keys of `dim` values one frame carries as `what`, so that every request and reply
+    /// of a call fits [`frame_bytes_max`](Self::frame_bytes_max): a call of more is cut into
+    /// several, each with its pieces by range (a piece never holds more keys than its call).
+    fn keys_per_frame(&self, dim: usize, what: Carries) -> usize {
+        let room = self.frame_bytes_max.saturating_sub(HEADER_BYTES + FRAME_ROOM_BYTES + 8 * self.stamp_clocks_max);
+        let per_key = match what {
+            Carries::Values | Carries::Reply => 4 * dim,
+            Carries::KeysAndValues => 8 + 4 * dim,
+            Carries::Keys => 8,
+        };
+        (room / per_key).max(1)
+    }
+
+    /// Makes the last push sent the end of a call cut into pushes `first` to it: its stamp,
+    /// when taken, is the meet of theirs.
+    fn join_stamps(&mut self, first: u64) {
+        if let Some(last) = self.stamps.back_mut() {
+            last.first = first;
+        }
+    }
+
     /// Pushes `grads` for the dense keys of `table` from `start`, one piece per replication
     /// range. Waits for room in the [`PUSH_WINDOW`] first; returns the push's number once it is
     /// sent.
@@ -917,6 +962,21 @@ impl Chain {
             let (keys, want) = (grads.len() / dim, grads.len() / dim * dim);
             return Err(ClientError::Length { what: "the gradient", table: table.spec.name.clone(), keys, dim, got: grads.len(), want });
         }
+        let per_push = self.keys_per_frame(dim, Carries::Values);
+        if grads.len() / dim <= per_push {
+            return self.push_range_in_frame(table, start, grads, clock);
+        }
+        let first = self.pushes + 1;
+        for (i, part) in grads.chunks(per_push * dim).enumerate() {
+            self.push_range_in_frame(table, start + (i * per_push) as u64, part, clock)?;
+        }
+        self.join_stamps(first);
+        Ok(self.pushes)
+    }
+
+    /// [`push_range`](Self::push_range) of a call whose pieces each fit one frame.
+    fn push_range_in_frame(&mut self, table: ChainTable<'_>, start: u64, grads: &[f32], clock: u64) -> Result<u64> {
+        let dim = table.spec.dim as usize;
         let mut pieces = std::mem::take(&mut self.spans);
         let mut ranges = std::mem::take(&mut self.range_list);
         let ready = self.pieces(table, start, (grads.len() / dim) as u64, &mut pieces).and_then(|()| {
@@ -961,6 +1021,25 @@ impl Chain {
     /// the table, with an empty piece to the ranges it has no keys in. Waits for room in the
     /// [`PUSH_WINDOW`] first; returns the push's number once it is sent.
     pub fn push_keys(&mut self, table: ChainTable<'_>, keys: &[u64], grads: &[f32], clock: u64, ranges_done: bool) -> Result<u64> {
+        let dim = table.spec.dim as usize;
+        let per_push = self.keys_per_frame(dim, Carries::KeysAndValues);
+        if keys.len() <= per_push {
+            return self.push_keys_in_frame(table, keys, grads, clock, ranges_done);
+        }
+        // Only the last part completes the worker's clock on the ranges (bounded delay): the
+        // parts before it are applied first, as a range applies a worker's pushes in order.
+        let first = self.pushes + 1;
+        let parts = keys.chunks(per_push).zip(grads.chunks(per_push * dim));
+        let last = keys.len().div_ceil(per_push) - 1;
+        for (i, (keys, grads)) in parts.enumerate() {
+            self.push_keys_in_frame(table, keys, grads, clock, ranges_done && i == last)?;
+        }
+        self.join_stamps(first);
+        Ok(self.pushes)
+    }
+
+    /// [`push_keys`](Self::push_keys) of a call whose pieces each fit one frame.
+    fn push_keys_in_frame(&mut self, table: ChainTable<'_>, keys: &[u64], grads: &[f32], clock: u64, ranges_done: bool) -> Result<u64> {
         let spec = table.spec;
         let dim = spec.dim as usize;
         let groups = self.group_keys(table, keys)?;
@@ -1104,6 +1183,21 @@ impl Chain {
             let (keys, want) = (out.len() / dim, out.len() / dim * dim);
             return Err(ClientError::Length { what: "the output", table: table.spec.name.clone(), keys, dim, got: out.len(), want });
         }
+        let per_pull = self.keys_per_frame(dim, Carries::Reply);
+        if out.len() / dim <= per_pull {
+            return self.pull_range_in_frame(table, start, out);
+        }
+        let mut stamp = Stamp::default();
+        for (i, part) in out.chunks_mut(per_pull * dim).enumerate() {
+            let got = self.pull_range_in_frame(table, start + (i * per_pull) as u64, part)?;
+            stamp.meet(got.clocks().iter().copied(), i == 0);
+        }
+        Ok(stamp)
+    }
+
+    /// [`pull_range`](Self::pull_range) of a call whose pieces' replies each fit one frame.
+    fn pull_range_in_frame(&mut self, table: ChainTable<'_>, start: u64, out: &mut [f32]) -> Result<Stamp> {
+        let dim = table.spec.dim as usize;
         let mut pieces = std::mem::take(&mut self.spans);
         if let Err(e) = self.pieces(table, start, (out.len() / dim) as u64, &mut pieces) {
             self.spans = pieces;
@@ -1176,6 +1270,21 @@ impl Chain {
     /// one request for the keys of all the ranges a server's shard is tail of, every tail at
     /// once.
     pub fn pull_keys(&mut self, table: ChainTable<'_>, keys: &[u64], out: &mut [f32]) -> Result<Stamp> {
+        let dim = table.spec.dim as usize;
+        let per_pull = self.keys_per_frame(dim, Carries::Reply).min(self.keys_per_frame(dim, Carries::Keys));
+        if keys.len() <= per_pull {
+            return self.pull_keys_in_frame(table, keys, out);
+        }
+        let mut stamp = Stamp::default();
+        for (i, (keys, out)) in keys.chunks(per_pull).zip(out.chunks_mut(per_pull * dim)).enumerate() {
+            let got = self.pull_keys_in_frame(table, keys, out)?;
+            stamp.meet(got.clocks().iter().copied(), i == 0);
+        }
+        Ok(stamp)
+    }
+
+    /// [`pull_keys`](Self::pull_keys) of a call whose requests and replies each fit one frame.
+    fn pull_keys_in_frame(&mut self, table: ChainTable<'_>, keys: &[u64], out: &mut [f32]) -> Result<Stamp> {
         let groups = self.group_keys(table, keys)?;
         let mut left = std::mem::take(&mut self.pulls_left);
         left.clear();
@@ -1540,11 +1649,26 @@ struct Sent {
 #[derive(Debug)]
 struct PushStamp {
     push: u64,
+    /// The first push of the call this one ends (itself, unless the call was cut into several).
+    first: u64,
     stamp: Stamp,
     /// Whether an answer has been met into `stamp` yet.
     met: bool,
     /// Whether every frame of the push came back with a stamp.
     whole: bool,
+}
+
+/// What a frame of a call carries per key ([`Chain::keys_per_frame`]).
+#[derive(Debug, Clone, Copy)]
+enum Carries {
+    /// A dense push's values.
+    Values,
+    /// A push's keys and their values.
+    KeysAndValues,
+    /// A pull's keys.
+    Keys,
+    /// A pull reply's values.
+    Reply,
 }
 
 /// A request sent whose reply is still to come.

@@ -286,3 +286,62 @@ fn key_lists_are_cached_on_a_replicated_cluster() {
     plain.pull(&emb, &long, &mut all).expect("pull").wait().expect("pulled");
     assert!(all.iter().all(|v| *v == 10.0), "six rounds and four pipelined pushes of each list: {:?}", &all[..4]);
 }
+
+/// Servers that take frames of at most 64 KiB (`--frame-bytes-max`): the client adopts their
+/// limit and cuts larger calls into pushes and pulls that fit (requests, replies, and the
+/// heads' forwards down their chains), with exact sums, and a ticket's stamp the meet of its
+/// parts'. Compression counts on the wire: zeros go in a fraction of their bytes.
+#[test]
+fn calls_over_the_servers_frame_limit_are_cut_to_fit_on_a_replicated_cluster() {
+    let cluster = Cluster::start_with(2, &["--frame-bytes-max", "65536"]);
+    let client = cluster.client(config(0));
+    let packed = cluster.client(ClientConfig { compress: true, ..config(1) });
+    let wide = client.create_table(&sum_table("wide", TableKind::Dense, 1000, 64)).expect("create");
+    let emb = client.create_table(&sum_table("emb", TableKind::Sparse, u64::MAX, 64)).expect("create");
+
+    // Zeros over the whole table (256 KB against 64 KiB frames) from worker 1 at clock 5,
+    // compressed on the wire, requests and replies.
+    let packed_wide = packed.table("wide").expect("table");
+    let zeros = vec![0f32; 1000 * 64];
+    let mut out = vec![f32::NAN; 1000 * 64];
+    packed.set_clock(5);
+    let (sent, received) = packed.bytes();
+    packed.push_range(&packed_wide, 0, &zeros).expect("cut into pushes that fit").wait().expect("acknowledged");
+    packed.pull_range(&packed_wide, 0, &mut out).expect("cut into pulls").wait().expect("pulled");
+    let (sent, received) = (packed.bytes().0 - sent, packed.bytes().1 - received);
+    assert_eq!(out, zeros);
+    assert!(sent * 10 < (zeros.len() * 4) as u64, "compressed zeros are under a tenth on the wire: {sent} bytes sent");
+    assert!(received * 10 < (zeros.len() * 4) as u64, "compressed replies are under a tenth: {received} bytes received");
+
+    // 900 keys of 64 values from worker 0 at clock 3: the stamp of every part holds worker
+    // 1's clock 5, and the call's is their meet (a part's missing would leave none).
+    let grads: Vec<f32> = (0..900 * 64).map(|i| (i % 7) as f32).collect();
+    client.set_clock(3);
+    let stamp = client.push_range(&wide, 50, &grads).expect("cut into pushes that fit").wait().expect("every part applied");
+    assert_eq!((stamp.get(0), stamp.get(1)), (3, 5), "the parts' stamps meet into the call's: {stamp:?}");
+    let mut out = vec![0f32; 900 * 64];
+    client.pull_range(&wide, 50, &mut out).unwrap().wait().expect("the pull is cut too");
+    assert_eq!(out, grads, "the cut push and pull round-trip exactly");
+    let keys: Vec<u64> = (50..950).rev().collect();
+    let mut by_key = vec![0f32; 900 * 64];
+    client.pull(&wide, &keys, &mut by_key).unwrap().wait().expect("a cut key-list pull");
+    for (i, k) in keys.iter().enumerate() {
+        let at = (*k - 50) as usize * 64;
+        assert_eq!(by_key[i * 64..(i + 1) * 64], grads[at..at + 64], "key {k}");
+    }
+
+    // Keyed pushes, twice, the second under bounded delay (its last part completes the
+    // worker's clock on every range).
+    let sparse: Vec<u64> = (0..900u64).map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    client.push(&emb, &sparse, &vec![1.0; 900 * 64]).expect("push").wait().expect("acknowledged");
+    // Worker 1 completes its clock 1 with one key; a pull at worker 0's clock 3 then needs
+    // clock 1 of both on every range it reads.
+    let bounded = client.table("emb").expect("table").with_consistency(Consistency::BoundedDelay(1));
+    let packed_bounded = packed.table("emb").expect("table").with_consistency(Consistency::BoundedDelay(1));
+    packed.set_clock(1);
+    packed.push(&packed_bounded, &[7], &[0.0; 64]).expect("push").wait().expect("acknowledged");
+    client.push(&bounded, &sparse, &vec![2.0; 900 * 64]).expect("push").wait().expect("acknowledged");
+    let mut got = vec![0f32; 900 * 64];
+    client.pull(&bounded, &sparse, &mut got).expect("pull").wait().expect("pulled");
+    assert!(got.iter().all(|v| *v == 3.0), "every part of both pushes applied once: {:?}", &got[..4]);
+}
