@@ -662,6 +662,15 @@ impl Chain {
                 }
                 self.refused.get_or_insert(ClientError::Server { server, status, message });
             }
+            Err(ClientError::Server { status: Status::NotDurable, server, message }) => {
+                // The head's log failed: what it applied it cannot make durable, and it takes
+                // no more. The pushes stay this client's, sent again until a head takes them
+                // (the server restarted with room, or another head); the wait reports it now.
+                let message = format!(
+                    "{message}. The push is not acknowledged: this client keeps it and sends it again until its range's head can log it (do not push it again)"
+                );
+                self.refused.get_or_insert(ClientError::Server { server, status: Status::NotDurable, message });
+            }
             Err(ClientError::Server { status: Status::KeysUnknown, .. }) => {
                 // The head did not hold a list a push named: nothing of the frame was applied,
                 // and the link's lists start over (see `finish`). Resent in full at once.
@@ -908,7 +917,8 @@ impl Chain {
             self.call_all(&mut calls, &mut replies);
             for replied in replies {
                 if let Err(e @ ClientError::Server { status, .. }) = &replied {
-                    if never_applies(*status) {
+                    // (A head whose log failed takes no pushes until it is restarted.)
+                    if never_applies(*status) || *status == Status::NotDurable {
                         return Err(ClientError::Server { server: String::new(), status: *status, message: e.to_string() });
                     }
                 }
@@ -1125,6 +1135,9 @@ impl Chain {
         let timeout = began + CALL_TIMEOUT;
         let mut pause = Duration::from_micros(50);
         while !self.confirmed_through(push) {
+            if let Some(e) = self.refused.take_if(|e| e.status() == Some(Status::NotDurable)) {
+                return Err(e);
+            }
             if Instant::now() > timeout {
                 return Err(ClientError::Unavailable { reason: format!("{} pushes unacknowledged after {CALL_TIMEOUT:?}", self.pusher.unacked()) });
             }

@@ -12,8 +12,9 @@ use crossbeam::channel::{Receiver, Sender};
 use tessera_layout::catalog::{Part, TableSpec};
 use tessera_transport::expose::Exposure;
 use tessera_transport::keycache::{key_list_hash, KeyLists};
+use tessera_transport::wire::Status;
 use tessera_transport::wire::{self, flags, Header, Op, HEADER_BYTES};
-use tessera_transport::{ConnId, Reply, Request, Service, ShardTransport};
+use tessera_transport::{ConnId, HeldFailure, Reply, Request, Service, ShardTransport};
 
 use tessera_layout::placement::{range_runs, span_runs};
 use tessera_replication::protocol::{ClusterConfig, Msg, NodeId};
@@ -700,10 +701,12 @@ impl Service for Shard {
         self.disk.as_ref().map_or(u64::MAX, ShardDisk::durable)
     }
 
-    fn log_failure(&self) -> Option<&str> {
-        if let Some(chain) = &self.chain {
-            return chain.failure();
+    fn held_failure(&self) -> Option<HeldFailure<'_>> {
+        let log = self.disk.as_ref().and_then(ShardDisk::failure).map(|reason| HeldFailure { status: Status::NotDurable, reason });
+        match &self.chain {
+            // A replica whose log failed never acknowledges again: that comes first.
+            Some(chain) => log.or_else(|| chain.failure().map(|reason| HeldFailure { status: Status::Unacknowledged, reason })),
+            None => log,
         }
-        self.disk.as_ref()?.failure()
     }
 }

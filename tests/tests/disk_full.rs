@@ -77,6 +77,88 @@ fn the_same_with_the_pwrite_fsync_fallback() {
     disk_full(true);
 }
 
+/// The same disk under a replica: a coordinator and one server (every range on a chain of one)
+/// whose log fills up. The push that could not be made durable fails at once with the full
+/// disk named, not after the client's minute of waiting for an acknowledgement; later pushes
+/// are refused and change nothing; pulls are served; a restart with room recovers every
+/// acknowledged push and takes pushes again.
+#[test]
+fn a_full_disk_under_a_replica_stops_acknowledgements_not_the_server() {
+    if !root() {
+        println!("skipped: mounting a tmpfs needs root (the test command runs as root)");
+        return;
+    }
+    let scratch = ScratchDir::new("disk-full-replica");
+    let fs = Tmpfs::mount(scratch.path(), "4m");
+    let coordinator = format!("127.0.0.1:{}", tessera_tests::free_port());
+    let _coordinator = ServerProc::coordinator_at(&coordinator, &["--servers", "1", "--replicas", "1", "--ranges", "2", "--workers", "2"]);
+    let addr = format!("127.0.0.1:{}", tessera_tests::free_port());
+    let dir = scratch.path().to_str().unwrap().to_string();
+    let args = [
+        "--node-id",
+        "1",
+        "--shards",
+        "1",
+        "--no-pin",
+        "--coordinator",
+        &coordinator,
+        "--durability",
+        "wal",
+        "--data-dir",
+        &dir,
+        "--checkpoint-interval-s",
+        "0",
+    ];
+    let mut srv = ServerProc::start_at(&addr, &args);
+    let client = Client::connect(&[srv.addr()], ClientConfig::worker(0)).unwrap();
+    assert!(client.chain_stats().is_some(), "the client did not see a replicated cluster");
+    client.create_table(&TableSpec::new("full", TableKind::Dense, 0, PUSH_KEYS, 1)).unwrap();
+    let table = client.table("full").unwrap();
+    let ones = vec![1f32; PUSH_KEYS as usize];
+
+    let mut acked = 0u64;
+    let (failure, took) = loop {
+        client.set_clock(acked + 1);
+        let began = std::time::Instant::now();
+        match client.push_range(&table, 0, &ones).and_then(|t| t.wait()) {
+            Ok(_) => acked += 1,
+            Err(e) => break (e, began.elapsed()),
+        }
+        assert!(acked < 1000, "a 4 MiB filesystem took {acked} pushes of 64 KiB");
+    };
+    let message = failure.to_string();
+    assert_eq!(failure.status(), Some(Status::NotDurable), "{failure}");
+    assert!(message.contains("not acknowledged") && message.contains("disk full"), "{message}");
+    assert!(took < Duration::from_secs(10), "the failure took {took:?} to report");
+    assert!(acked > 10, "the disk filled after {acked} pushes: the test proved little");
+    println!("after {acked} acknowledged pushes, in {took:?}: {message}");
+    assert!(srv.wait_for_log("the write-ahead log failed", Duration::from_secs(5)), "{}", srv.log());
+
+    // Pulls are served from memory; later pushes are refused and change nothing.
+    let applied = value(&client);
+    assert!(applied == acked as f32 || applied == (acked + 1) as f32, "acknowledged {acked}, the table holds {applied}");
+    for _ in 0..3 {
+        client.set_clock(acked + 2);
+        let refused = client.push_range(&table, 0, &ones).and_then(|t| t.wait()).unwrap_err();
+        assert_eq!(refused.status(), Some(Status::NotDurable), "{refused}");
+        assert!(refused.to_string().contains("disk full"), "{refused}");
+    }
+    assert_eq!(value(&client), applied, "a refused push changed the table");
+    assert!(srv.is_running());
+    drop(client);
+    srv.kill();
+
+    // With room again, a restart brings back every acknowledged push, and serves pushes.
+    fs.resize("64m");
+    let srv = ServerProc::start_at(&addr, &args);
+    let client = Client::connect(&[srv.addr()], ClientConfig::worker(0)).unwrap();
+    let recovered = value(&client) as u64;
+    assert!(recovered == acked || recovered == acked + 1, "acknowledged {acked}, recovered {recovered}");
+    client.set_clock(recovered + 1);
+    client.push_range(&client.table("full").unwrap(), 0, &ones).unwrap().wait().unwrap();
+    assert_eq!(value(&client), (recovered + 1) as f32);
+}
+
 fn disk_full(blocking: bool) {
     if !root() {
         println!("skipped: mounting a tmpfs needs root (the test command runs as root)");

@@ -823,7 +823,9 @@ fn push_replies_held_for_a_frozen_member_become_errors_and_nothing_is_lost() {
     let (replied, took) = ask_head(&push(1));
     servers[tail - 1].resume();
     match replied {
-        Err(tessera_transport::TransportError::Refused { reason, .. }) => {
+        Err(tessera_transport::TransportError::Refused { status, reason }) => {
+            // Not `NotDurable`: a worker takes that as final, and this push is to be resent.
+            assert_eq!(status, tessera_transport::Status::Unacknowledged, "{reason}");
             assert!(reason.contains("not acknowledged") && reason.contains("tail in time"), "{reason}")
         }
         other => panic!("a push whose tail is frozen was answered with {other:?}"),
@@ -873,7 +875,10 @@ fn push_replies_held_for_a_frozen_member_become_errors_and_nothing_is_lost() {
     assert!(took < Duration::from_secs(5), "the head's answer took {took:?}");
     let (replied, took) = hearing_from_tails(&mut at_tail, &awaits(4));
     match replied {
-        Err(tessera_transport::TransportError::Refused { reason, .. }) => assert!(reason.contains("tail in time"), "{reason}"),
+        Err(tessera_transport::TransportError::Refused { status, reason }) => {
+            assert_eq!(status, tessera_transport::Status::Unacknowledged, "{reason}");
+            assert!(reason.contains("tail in time"), "{reason}")
+        }
         other => panic!("a push awaited at a tail cut off by a frozen middle was answered with {other:?}"),
     }
     assert!(took < Duration::from_secs(5), "the held reply came back after {took:?}");

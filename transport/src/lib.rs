@@ -82,12 +82,23 @@ pub trait Service {
     /// Why replies held for positions past [`durable`](Self::durable) will not be honoured: the
     /// log failed, or (on a replicated server) the pushes they acknowledge did not reach their
     /// chains' tails in time. A transport then sends each reply still held for such a position
-    /// as a [`Status::NotDurable`](wire::Status::NotDurable) error carrying this reason, instead
-    /// of holding it for ever. A service may clear the failure once a poll has run since it
-    /// was raised, having moved `durable` past every position it failed.
-    fn log_failure(&self) -> Option<&str> {
+    /// as an error of the failure's status carrying its reason, instead of holding it for ever.
+    /// A service may clear the failure once a poll has run since it was raised, having moved
+    /// `durable` past every position it failed.
+    fn held_failure(&self) -> Option<HeldFailure<'_>> {
         None
     }
+}
+
+/// Why the replies a [`Service`] held will not be honoured ([`Service::held_failure`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HeldFailure<'a> {
+    /// What each such reply becomes: [`Status::NotDurable`](wire::Status::NotDurable) when the
+    /// log failed (the push is applied in memory, and never acknowledged),
+    /// [`Status::Unacknowledged`](wire::Status::Unacknowledged) when a chain did not carry the
+    /// push to its tail in time (its worker sends it again).
+    pub status: wire::Status,
+    pub reason: &'a str,
 }
 
 /// The server side of a transport, as one shard sees it.

@@ -210,12 +210,17 @@ impl<'a> Reply<'a> {
     }
 }
 
-/// Writes, from the start of `out`, a [`Status::NotDurable`] error in place of `reply` (a sealed
-/// reply's header), which was held for a log that then failed for `reason`. `out` may be where
-/// that reply was staged. The message is cut to fit; returns the frame's length.
-pub(crate) fn not_durable(reply: &Header, reason: &str, out: &mut [u8]) -> usize {
-    let message = format!("the push was applied in memory but is not acknowledged: {reason}");
-    error_frame(reply, Status::NotDurable, &message, out)
+/// Writes, from the start of `out`, the error `failure` makes of `reply` (a sealed reply's
+/// header), which was held for a log or a chain that then failed. `out` may be where that reply
+/// was staged. The message is cut to fit; returns the frame's length.
+pub(crate) fn held_error(reply: &Header, failure: crate::HeldFailure<'_>, out: &mut [u8]) -> usize {
+    match failure.status {
+        Status::NotDurable => {
+            let message = format!("the push was applied in memory but is not acknowledged: {}", failure.reason);
+            error_frame(reply, Status::NotDurable, &message, out)
+        }
+        status => error_frame(reply, status, failure.reason, out),
+    }
 }
 
 /// Writes a sealed error reply to `request` into `out`, its message cut to fit; returns its length.

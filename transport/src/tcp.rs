@@ -109,7 +109,7 @@ impl OutQueue {
     /// The log failed: every reply still held for a position past `durable` becomes an error
     /// saying why (the push it acknowledges is not on disk), and nothing is held any more.
     /// Nothing from the first held reply on was written, so the queue's tail is rebuilt.
-    fn fail_held(&mut self, durable: u64, reason: &str) {
+    fn fail_held(&mut self, durable: u64, failure: crate::HeldFailure<'_>) {
         let Some(&(first, _)) = self.held.iter().find(|(_, lsn)| *lsn > durable) else {
             self.held.clear();
             return;
@@ -123,7 +123,7 @@ impl OutQueue {
             let len = HEADER_BYTES + padded(header.body_len as usize);
             if doomed.contains(&at) {
                 let mut frame = [0u8; HEADER_BYTES + ERROR_MESSAGE_BYTES_MAX];
-                let n = crate::reply::not_durable(&header, reason, &mut frame);
+                let n = crate::reply::held_error(&header, failure, &mut frame);
                 let room = self.buf.append_unfilled(n);
                 self.buf.all_mut()[room].copy_from_slice(&frame[..n]);
             } else {
@@ -601,15 +601,15 @@ impl TcpEndpoint {
     /// failed, turns the ones it never will catch up with into errors and sends those.
     fn release_held(&mut self, service: &mut dyn Service) {
         let durable = service.durable();
-        let failed = service.log_failure().is_some();
+        let failed = service.held_failure().is_some();
         if durable == self.durable && !failed {
             return;
         }
         self.durable = durable;
         for idx in 0..self.conns.len() {
             let Some(conn) = self.conns[idx].as_mut().filter(|c| !c.out.held.is_empty()) else { continue };
-            if let Some(reason) = service.log_failure() {
-                conn.out.fail_held(durable, reason);
+            if let Some(failure) = service.held_failure() {
+                conn.out.fail_held(durable, failure);
             }
             self.drive(idx, service);
         }
@@ -1414,7 +1414,7 @@ mod tests {
         queue(&mut out, 3, None);
         queue(&mut out, 4, Some(6));
         let pull = frames(&out)[2].clone();
-        out.fail_held(4, "disk full writing wal-00000000.log");
+        out.fail_held(4, crate::HeldFailure { status: Status::NotDurable, reason: "disk full writing wal-00000000.log" });
         assert!(out.held.is_empty());
         let after = frames(&out);
         assert_eq!(after.len(), 4);

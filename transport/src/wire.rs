@@ -200,6 +200,10 @@ pub enum Status {
     AuthChallenge = 16,
     /// The peer did not prove it holds the cluster's secret; the connection is closed.
     Unauthenticated = 17,
+    /// A replicated push whose acknowledgement the head held and let go: its chain did not
+    /// carry it to the tail in time (a member may have failed). Nothing is lost; the worker
+    /// sends it again, and a push applied already is acknowledged, not applied twice.
+    Unacknowledged = 18,
 }
 
 impl Status {
@@ -208,7 +212,7 @@ impl Status {
         use Status::*;
         [Ok, Malformed, FrameTooLarge, UnknownTable, KeyOutOfRange, ValuesLength, NonFinite, WrongDim, NotOwned, Full]
             .into_iter()
-            .chain([BadRequest, Internal, ShuttingDown, Unsupported, NotDurable, KeysUnknown, AuthChallenge, Unauthenticated])
+            .chain([BadRequest, Internal, ShuttingDown, Unsupported, NotDurable, KeysUnknown, AuthChallenge, Unauthenticated, Unacknowledged])
             .find(|s| *s as u16 == code)
             .unwrap_or(Internal)
     }

@@ -348,6 +348,7 @@ impl ChainShard {
             r.flush();
             r.tick(now);
         });
+        let log_failed = disk.as_ref().is_some_and(|d| d.failure().is_some());
         // The transport's poll since the failure was raised has sent its replies as errors.
         if let Some(upto) = self.failing.take() {
             self.released_last = self.released_last.max(upto);
@@ -359,7 +360,9 @@ impl ChainShard {
                 self.held.pop_front();
                 continue;
             }
-            let late = held.held_at.elapsed().as_millis() as u64 >= PUSH_REPLY_HOLD_MS_MAX;
+            // A log that failed never makes the held pushes durable: their replies fail at once
+            // (with the log's reason, see `Shard::held_failure`).
+            let late = log_failed || held.held_at.elapsed().as_millis() as u64 >= PUSH_REPLY_HOLD_MS_MAX;
             let answers = |range: RangeId, seq: u32| match held.at_tail {
                 true => self.replica.acks_as_tail(range),
                 false => self.replica.awaits(range, held.worker, seq),
@@ -399,7 +402,9 @@ impl ChainShard {
     /// Why the replies held past [`released`](Self::released) are being sent as errors, while
     /// they are.
     pub fn failure(&self) -> Option<&str> {
-        self.failing.map(|_| "its chain did not carry it to the tail in time (a member may have failed); the worker resends it to the range's head")
+        self.failing.map(|_| {
+            "the push is not acknowledged: its chain did not carry it to the tail in time (a member may have failed); the worker resends it to the range's head"
+        })
     }
 
     /// A new configuration from the coordinator.
@@ -543,6 +548,14 @@ impl ChainShard {
         }
         if !scratch.awaited.is_empty() {
             decoded.retain(|m| !matches!(m, Msg::PushAck { .. }));
+        }
+        // A replica whose log failed would apply pushes it can never make durable, and never
+        // acknowledges the ones it applied and did not log: a worker's pushes are refused, not
+        // applied, as an unreplicated server's are, and its polls for acknowledgements are
+        // told why none will come. (The worker keeps its pushes, and sends them again once
+        // the server is restarted with room.)
+        if let Some(reason) = disk.as_ref().and_then(ShardDisk::failure) {
+            return Err(EngineError::LogFailed { reason: reason.to_string() });
         }
         for msg in &decoded {
             let Msg::Push { range, worker: w, payload, .. } = msg else {

@@ -294,8 +294,8 @@ impl Service for Intercept<'_> {
         self.inner.durable()
     }
 
-    fn log_failure(&self) -> Option<&str> {
-        self.inner.log_failure()
+    fn held_failure(&self) -> Option<crate::HeldFailure<'_>> {
+        self.inner.held_failure()
     }
 }
 
@@ -454,7 +454,7 @@ impl State {
     /// many.
     fn release_held(&mut self, service: &mut dyn Service) -> usize {
         let durable = service.durable();
-        let failure = service.log_failure();
+        let failure = service.held_failure();
         if durable == self.durable && failure.is_none() {
             return 0;
         }
@@ -625,18 +625,18 @@ impl Peer {
 
     /// Writes the replies held for the log that `durable` now covers. If the log failed
     /// (`failure`), the others are written too, each turned into an error saying why.
-    fn release(&mut self, index: usize, durable: u64, failure: Option<&str>) {
+    fn release(&mut self, index: usize, durable: u64, failure: Option<crate::HeldFailure<'_>>) {
         while let Some(&staged) = self.held.front() {
             let mut staged = staged;
             if staged.lsn > durable {
-                let Some(reason) = failure else { break };
+                let Some(failure) = failure else { break };
                 // The error is written to the slot's full area: its message may not fit the
                 // compact one.
                 let bytes = self.staging.as_mut_slice();
                 let header = Header::decode_unchecked(&bytes[staged.at..staged.at + HEADER_BYTES]);
                 let (at, _) = self.layout.area(staged.slot as usize, false);
                 let room = self.layout.frame_room(false);
-                staged.len = crate::reply::not_durable(&header, reason, &mut bytes[at..at + room]);
+                staged.len = crate::reply::held_error(&header, failure, &mut bytes[at..at + room]);
                 staged.at = at;
             }
             self.held.pop_front();
