@@ -430,9 +430,7 @@ impl Chain {
         let Some(end) = end else {
             return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key: start, start: spec.start, end: spec.end });
         };
-        if spec.kind != TableKind::Dense {
-            return Err(ClientError::Config { reason: format!("table {:?} is sparse: push and pull take its keys", spec.name) });
-        }
+        debug_assert!(spec.kind == TableKind::Dense, "a span of a sparse table goes by its keys (`sparse_span`)");
         out.clear();
         out.extend(span_runs(spec, self.ranges, start..end).map(|(r, run)| (r, run.start, run.end)));
         Ok(())
@@ -972,6 +970,11 @@ impl Chain {
             let (keys, want) = (grads.len() / dim, grads.len() / dim * dim);
             return Err(ClientError::Length { what: "the gradient", table: table.spec.name.clone(), keys, dim, got: grads.len(), want });
         }
+        if table.spec.kind == TableKind::Sparse {
+            // As an unreplicated server takes it: the keys of the span, one by one.
+            let keys = sparse_span(table, start, grads.len() / dim)?;
+            return self.push_keys(table, &keys, grads, clock, false);
+        }
         let per_push = self.keys_per_frame(dim, Carries::Values);
         if grads.len() / dim <= per_push {
             return self.push_range_in_frame(table, start, grads, clock);
@@ -1195,6 +1198,10 @@ impl Chain {
         if out.is_empty() || !out.len().is_multiple_of(dim) {
             let (keys, want) = (out.len() / dim, out.len() / dim * dim);
             return Err(ClientError::Length { what: "the output", table: table.spec.name.clone(), keys, dim, got: out.len(), want });
+        }
+        if table.spec.kind == TableKind::Sparse {
+            let keys = sparse_span(table, start, out.len() / dim)?;
+            return self.pull_keys(table, &keys, out);
         }
         let per_pull = self.keys_per_frame(dim, Carries::Reply);
         if out.len() / dim <= per_pull {
@@ -1750,6 +1757,17 @@ enum Keys {
 /// Whether a refusal with `status` is for good: the request can never succeed as sent (a
 /// refused push is taken back; a refused pull fails at once). Other refusals (a held
 /// acknowledgement that timed out, a server shutting down) are retried.
+/// The keys of a span of a sparse table, from `start`: a range call on a sparse table is a
+/// call on these keys (rare, and small, as on an unreplicated server).
+fn sparse_span(table: ChainTable<'_>, start: u64, count: usize) -> Result<Vec<u64>> {
+    let spec = table.spec;
+    let end = start.checked_add(count as u64).filter(|e| start >= spec.start && *e <= spec.end);
+    let Some(end) = end else {
+        return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key: start, start: spec.start, end: spec.end });
+    };
+    Ok((start..end).collect())
+}
+
 fn never_applies(status: Status) -> bool {
     use Status::*;
     matches!(status, Malformed | FrameTooLarge | UnknownTable | KeyOutOfRange | ValuesLength | NonFinite | WrongDim | Full | BadRequest | Unsupported)
