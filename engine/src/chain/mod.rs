@@ -143,6 +143,8 @@ pub struct ChainShard {
     answering: Option<NodeId>,
     answer_acks: Vec<Msg>,
     answer_body: Vec<u8>,
+    /// The messages of the `Replicate` request being served: a buffer kept.
+    peer_msgs: Vec<Msg>,
     /// Payloads of the pushes and updates this shard decodes, reused once applied and let go of.
     payloads: PayloadPool,
     /// What the replica produced in a step, being routed: a list kept.
@@ -209,6 +211,7 @@ impl ChainShard {
             answering: None,
             answer_acks: Vec::new(),
             answer_body: Vec::new(),
+            peer_msgs: Vec::new(),
             payloads: PayloadPool::default(),
             ready: Vec::new(),
             worker_scratch: WorkerScratch::default(),
@@ -457,7 +460,24 @@ impl ChainShard {
     /// fewer than sending them as requests of their own. Acknowledgements are cumulative, so
     /// one that overtakes another this way is harmless.
     pub fn serve_peer(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
-        let msgs = codec::decode_batch_with(body, &mut self.payloads).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
+        let mut msgs = std::mem::take(&mut self.peer_msgs);
+        let served = self.serve_peer_msgs(tables, disk, header, body, reply, &mut msgs);
+        msgs.clear();
+        self.peer_msgs = msgs;
+        served
+    }
+
+    /// [`serve_peer`](Self::serve_peer), decoding into `msgs`.
+    fn serve_peer_msgs(
+        &mut self,
+        tables: &mut Tables,
+        disk: &mut Option<ShardDisk>,
+        header: &Header,
+        body: &[u8],
+        reply: &mut Reply<'_>,
+        msgs: &mut Vec<Msg>,
+    ) -> Result<()> {
+        codec::decode_batch_into(body, &mut self.payloads, msgs).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
         if msgs.is_empty() {
             return Err(EngineError::BadRequest { reason: "a Replicate request with no message".into() });
         }
@@ -468,7 +488,7 @@ impl ChainShard {
         }
         let peer = NodeId(header.worker);
         self.answering = Some(peer);
-        self.with_replica(tables, disk, |r, now| msgs.into_iter().for_each(|msg| r.step(now, Addr::Node(peer), msg)));
+        self.with_replica(tables, disk, |r, now| msgs.drain(..).for_each(|msg| r.step(now, Addr::Node(peer), msg)));
         self.answering = None;
         self.answer_body.clear();
         codec::encode_batch(&self.answer_acks, &mut self.answer_body);
