@@ -67,6 +67,41 @@ fn value(client: &Client) -> f32 {
     values[0]
 }
 
+/// Pushes 1.0 to every key of table `full`, a clock a push, until a push fails; returns how
+/// many were acknowledged, the failure, and how long its call took to fail. The failure is
+/// `NotDurable` naming the full disk, after enough pushes to have proved something.
+fn push_until_full(client: &Client) -> (u64, ClientError, Duration) {
+    let table = client.table("full").unwrap();
+    let ones = vec![1f32; PUSH_KEYS as usize];
+    let mut acked = 0u64;
+    loop {
+        client.set_clock(acked + 1);
+        let began = std::time::Instant::now();
+        match client.push_range(&table, 0, &ones).and_then(|t| t.wait()) {
+            Ok(_) => acked += 1,
+            Err(failure) => {
+                let message = failure.to_string();
+                assert_eq!(failure.status(), Some(Status::NotDurable), "{failure}");
+                assert!(message.contains("not acknowledged") && message.contains("disk full"), "{message}");
+                assert!(acked > 10, "the disk filled after {acked} pushes: the test proved little");
+                return (acked, failure, began.elapsed());
+            }
+        }
+        assert!(acked < 1000, "a 4 MiB filesystem took {acked} pushes of 64 KiB");
+    }
+}
+
+/// After a restart with room again: every acknowledged push of the `acked` is there (and at
+/// most the one after, applied but not acknowledged), and a push is taken.
+fn check_recovered(addr: &str, acked: u64) {
+    let client = Client::connect(&[addr], ClientConfig::worker(0)).unwrap();
+    let recovered = value(&client) as u64;
+    assert!(recovered == acked || recovered == acked + 1, "acknowledged {acked}, recovered {recovered}");
+    client.set_clock(recovered + 1);
+    client.push_range(&client.table("full").unwrap(), 0, &vec![1f32; PUSH_KEYS as usize]).unwrap().wait().unwrap();
+    assert_eq!(value(&client), (recovered + 1) as f32);
+}
+
 #[test]
 fn a_full_disk_stops_acknowledgements_not_the_server() {
     disk_full(false);
@@ -115,23 +150,9 @@ fn a_full_disk_under_a_replica_stops_acknowledgements_not_the_server() {
     client.create_table(&TableSpec::new("full", TableKind::Dense, 0, PUSH_KEYS, 1)).unwrap();
     let table = client.table("full").unwrap();
     let ones = vec![1f32; PUSH_KEYS as usize];
-
-    let mut acked = 0u64;
-    let (failure, took) = loop {
-        client.set_clock(acked + 1);
-        let began = std::time::Instant::now();
-        match client.push_range(&table, 0, &ones).and_then(|t| t.wait()) {
-            Ok(_) => acked += 1,
-            Err(e) => break (e, began.elapsed()),
-        }
-        assert!(acked < 1000, "a 4 MiB filesystem took {acked} pushes of 64 KiB");
-    };
-    let message = failure.to_string();
-    assert_eq!(failure.status(), Some(Status::NotDurable), "{failure}");
-    assert!(message.contains("not acknowledged") && message.contains("disk full"), "{message}");
+    let (acked, failure, took) = push_until_full(&client);
     assert!(took < Duration::from_secs(10), "the failure took {took:?} to report");
-    assert!(acked > 10, "the disk filled after {acked} pushes: the test proved little");
-    println!("after {acked} acknowledged pushes, in {took:?}: {message}");
+    println!("after {acked} acknowledged pushes, in {took:?}: {failure}");
     assert!(srv.wait_for_log("the write-ahead log failed", Duration::from_secs(5)), "{}", srv.log());
 
     // Pulls are served from memory; later pushes are refused and change nothing.
@@ -151,12 +172,7 @@ fn a_full_disk_under_a_replica_stops_acknowledgements_not_the_server() {
     // With room again, a restart brings back every acknowledged push, and serves pushes.
     fs.resize("64m");
     let srv = ServerProc::start_at(&addr, &args);
-    let client = Client::connect(&[srv.addr()], ClientConfig::worker(0)).unwrap();
-    let recovered = value(&client) as u64;
-    assert!(recovered == acked || recovered == acked + 1, "acknowledged {acked}, recovered {recovered}");
-    client.set_clock(recovered + 1);
-    client.push_range(&client.table("full").unwrap(), 0, &ones).unwrap().wait().unwrap();
-    assert_eq!(value(&client), (recovered + 1) as f32);
+    check_recovered(srv.addr(), acked);
 }
 
 fn disk_full(blocking: bool) {
@@ -173,20 +189,8 @@ fn disk_full(blocking: bool) {
     let ones = vec![1f32; PUSH_KEYS as usize];
 
     // Push until the log no longer fits.
-    let mut acked = 0u64;
-    let failure = loop {
-        client.set_clock(acked + 1);
-        match client.push_range(&table, 0, &ones).and_then(|t| t.wait()) {
-            Ok(_) => acked += 1,
-            Err(e) => break e,
-        }
-        assert!(acked < 1000, "a 4 MiB filesystem took {acked} pushes of 64 KiB");
-    };
-    let message = failure.to_string();
-    assert_eq!(failure.status(), Some(Status::NotDurable), "{failure}");
-    assert!(message.contains("not acknowledged") && message.contains("disk full"), "{message}");
-    assert!(acked > 10, "the disk filled after {acked} pushes: the test proved little");
-    println!("after {acked} acknowledged pushes: {message}");
+    let (acked, failure, _) = push_until_full(&client);
+    println!("after {acked} acknowledged pushes: {failure}");
     assert!(srv.wait_for_log("the write-ahead log failed", Duration::from_secs(5)), "{}", srv.log());
 
     // The server serves pulls from memory: the acknowledged pushes, and the one that was applied
@@ -212,10 +216,5 @@ fn disk_full(blocking: bool) {
     fs.resize("64m");
     let srv = server(scratch.path(), blocking);
     assert!(srv.log().contains("recovered"), "{}", srv.log());
-    let client = Client::connect(&[srv.addr()], ClientConfig::worker(0)).unwrap();
-    let recovered = value(&client) as u64;
-    assert!(recovered == acked || recovered == acked + 1, "acknowledged {acked}, recovered {recovered}");
-    client.set_clock(recovered + 1);
-    client.push_range(&client.table("full").unwrap(), 0, &ones).unwrap().wait().unwrap();
-    assert_eq!(value(&client), (recovered + 1) as f32);
+    check_recovered(srv.addr(), acked);
 }
