@@ -610,13 +610,6 @@ const COORDINATOR_WAIT: Duration = Duration::from_secs(30);
 /// Asks the coordinator for the cluster (its replication settings, and its configuration once it
 /// is born), waiting for it to come up.
 fn fetch_cluster(join: &Join, cfg: &ServerConfig) -> Result<ClusterView> {
-    if cfg.engine.durability == Durability::Checkpoint {
-        return Err(EngineError::BadConfig {
-            field: "durability",
-            value: "checkpoint".into(),
-            reason: "a replicated server keeps its ranges on disk in its write-ahead log: use --durability wal (or none)".into(),
-        });
-    }
     let deadline = std::time::Instant::now() + COORDINATOR_WAIT;
     loop {
         let asked = join.coordinator.resolve().and_then(|addr| ask_cluster(&addr, &cfg.transport));
