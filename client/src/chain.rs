@@ -943,14 +943,10 @@ impl Chain {
     /// Most keys of `dim` values one frame carries as `what`, so that every request and reply
     /// of a call fits [`frame_bytes_max`](Self::frame_bytes_max): a call of more is cut into
     /// several, each with its pieces by range (a piece never holds more keys than its call).
+    /// Room for a clock per worker is kept in every frame: a forward's clock, a reply's stamp.
     fn keys_per_frame(&self, dim: usize, what: Carries) -> usize {
         let room = self.frame_bytes_max.saturating_sub(HEADER_BYTES + FRAME_ROOM_BYTES + 8 * self.stamp_clocks_max);
-        let per_key = match what {
-            Carries::Values | Carries::Reply => 4 * dim,
-            Carries::KeysAndValues => 8 + 4 * dim,
-            Carries::Keys => 8,
-        };
-        (room / per_key).max(1)
+        keys_fitting(room, 0, dim, what)
     }
 
     /// Makes the last push sent the end of a call cut into pushes `first` to it: its stamp,
@@ -1678,9 +1674,9 @@ struct PushStamp {
     whole: bool,
 }
 
-/// What a frame of a call carries per key ([`Chain::keys_per_frame`]).
+/// What a frame of a call carries per key ([`keys_fitting`]).
 #[derive(Debug, Clone, Copy)]
-enum Carries {
+pub(crate) enum Carries {
     /// A dense push's values.
     Values,
     /// A push's keys and their values.
@@ -1689,6 +1685,19 @@ enum Carries {
     Keys,
     /// A pull reply's values.
     Reply,
+}
+
+/// Most keys of `dim` values a frame body of `room` bytes carries as `what` (at least one: a
+/// larger one is the server's to refuse); a reply keeps room for a stamp of `stamp_clocks`
+/// clocks beside its values. A call of more keys is cut into frames of this many.
+pub(crate) fn keys_fitting(room: usize, stamp_clocks: usize, dim: usize, what: Carries) -> usize {
+    let n = match what {
+        Carries::Values => room / (4 * dim),
+        Carries::KeysAndValues => room / (8 + 4 * dim),
+        Carries::Keys => room / 8,
+        Carries::Reply => room.saturating_sub(8 * stamp_clocks) / (4 * dim),
+    };
+    n.max(1)
 }
 
 /// A request sent whose reply is still to come.
@@ -1754,9 +1763,6 @@ enum Keys {
     Listed,
 }
 
-/// Whether a refusal with `status` is for good: the request can never succeed as sent (a
-/// refused push is taken back; a refused pull fails at once). Other refusals (a held
-/// acknowledgement that timed out, a server shutting down) are retried.
 /// The keys of a span of a sparse table, from `start`: a range call on a sparse table is a
 /// call on these keys (rare, and small, as on an unreplicated server).
 fn sparse_span(table: ChainTable<'_>, start: u64, count: usize) -> Result<Vec<u64>> {
@@ -1768,6 +1774,9 @@ fn sparse_span(table: ChainTable<'_>, start: u64, count: usize) -> Result<Vec<u6
     Ok((start..end).collect())
 }
 
+/// Whether a refusal with `status` is for good: the request can never succeed as sent (a
+/// refused push is taken back; a refused pull fails at once). Other refusals (a held
+/// acknowledgement that timed out, a server shutting down) are retried.
 fn never_applies(status: Status) -> bool {
     use Status::*;
     matches!(status, Malformed | FrameTooLarge | UnknownTable | KeyOutOfRange | ValuesLength | NonFinite | WrongDim | Full | BadRequest | Unsupported)

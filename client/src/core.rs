@@ -11,7 +11,7 @@ use tessera_layout::TableKind;
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::{Chosen, Header, Link, Op, PushBuffer, Status, TransportError, CONTROL_SHARD};
 
-use crate::chain::{Chain, ChainTable, ViewFrom};
+use crate::chain::{keys_fitting, Carries, Chain, ChainTable, ViewFrom};
 use crate::error::{ClientError, Result};
 use crate::ticket::{server_error, Pushed, Resend, Stamp, Sub, Ticket};
 use crate::{Client, ClientConfig, Table};
@@ -533,19 +533,13 @@ impl Core {
     fn keys_per_frame(&self, owner: Owner, kind: Kind, dim: usize, with_keys: bool) -> usize {
         let server = self.standalone.as_ref().expect(STANDALONE);
         let room = server.shards[owner.shard as usize].link.send_bytes_max().saturating_sub(tessera_transport::wire::HEADER_BYTES);
-        let key_bytes = if with_keys { 8 } else { 0 };
-        let n = match kind {
-            Kind::Push => room / (key_bytes + 4 * dim),
-            Kind::Pull => {
-                let reply_room = room.saturating_sub(8 * server.workers_max as usize) / (4 * dim);
-                if with_keys {
-                    reply_room.min(room / 8)
-                } else {
-                    reply_room
-                }
-            }
-        };
-        n.max(1)
+        let stamp = server.workers_max as usize;
+        match (kind, with_keys) {
+            (Kind::Push, true) => keys_fitting(room, stamp, dim, Carries::KeysAndValues),
+            (Kind::Push, false) => keys_fitting(room, stamp, dim, Carries::Values),
+            (Kind::Pull, true) => keys_fitting(room, stamp, dim, Carries::Reply).min(keys_fitting(room, stamp, dim, Carries::Keys)),
+            (Kind::Pull, false) => keys_fitting(room, stamp, dim, Carries::Reply),
+        }
     }
 
     pub(crate) fn check_len(table: &Table, what: &'static str, keys: usize, got: usize) -> Result<()> {

@@ -12,8 +12,7 @@ use crossbeam::channel::{Receiver, Sender};
 use tessera_layout::catalog::{Part, TableSpec};
 use tessera_transport::expose::Exposure;
 use tessera_transport::keycache::{key_list_hash, KeyLists};
-use tessera_transport::wire::Status;
-use tessera_transport::wire::{self, flags, Header, Op, HEADER_BYTES};
+use tessera_transport::wire::{self, flags, Header, Op, Status, HEADER_BYTES};
 use tessera_transport::{ConnId, HeldFailure, Reply, Request, Service, ShardTransport};
 
 use tessera_layout::placement::{range_runs, span_runs};
