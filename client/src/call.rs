@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::core::Kind;
 use crate::error::{ClientError, Result};
 use crate::filter::Filter;
-use crate::ticket::{Pushed, Stamp, Ticket};
+use crate::ticket::{Chained, Pushed, Stamp, Ticket};
 use crate::{Client, PushBuffer, Table};
 
 /// How a call orders itself against other calls. See the [module](self) documentation.
@@ -96,11 +96,13 @@ pub struct Call<'c> {
     /// It follows pushes to a replicated cluster: it waits for the acknowledgement of the
     /// latest of them (and so of every one before it).
     after_chained: Option<u64>,
+    /// Pulls from a replicated cluster it follows: it waits for their replies.
+    after_pulls: Vec<u64>,
 }
 
 impl<'c> Call<'c> {
     pub(crate) fn new(client: &'c Client) -> Self {
-        Self { client, consistency: None, after: Vec::new(), after_chained: None }
+        Self { client, consistency: None, after: Vec::new(), after_chained: None, after_pulls: Vec::new() }
     }
 
     /// Runs this call under `model`, whatever the table handle or the client say.
@@ -113,7 +115,11 @@ impl<'c> Call<'c> {
     /// its result: waiting on it afterwards returns at once.
     pub fn after(mut self, ticket: &Ticket<'_>) -> Self {
         self.after.extend(ticket.subs.iter().map(|s| (s.shard, s.id)));
-        self.after_chained = self.after_chained.max(ticket.chained.map(|c| c.push));
+        match ticket.chained {
+            Some(Chained::Push(pushed)) => self.after_chained = self.after_chained.max(Some(pushed.push)),
+            Some(Chained::Pull(pull)) => self.after_pulls.push(pull),
+            None => {}
+        }
         self
     }
 
@@ -195,6 +201,9 @@ impl<'c> Call<'c> {
         for &(shard, id) in &self.after {
             core.settle(shard, id)?;
         }
+        for &pull in &self.after_pulls {
+            core.chain_pull_arrived(pull, Instant::now() + crate::chain::CALL_TIMEOUT);
+        }
         if self.model(table) == Consistency::Sequential {
             core.settle_all()?;
         } else if let Some(push) = self.after_chained {
@@ -252,14 +261,23 @@ impl<'c> Ticket<'c> {
         Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: Some(stamp), mismatched: false, chained: None }
     }
 
-    /// A pull already read into `out`, with its stamp (on a replicated cluster).
-    pub(crate) fn read(client: &'c Client, stamp: Stamp, out: &'c mut [f32]) -> Self {
-        Ticket { client, subs: Vec::new(), out: Some(out), order: Vec::new(), dim: 0, stamp: Some(stamp), mismatched: false, chained: None }
+    /// Pull number `pull` from a replicated cluster, into `out`, whose wait takes its replies.
+    pub(crate) fn pulling(client: &'c Client, pull: u64, out: &'c mut [f32]) -> Self {
+        Ticket { client, subs: Vec::new(), out: Some(out), order: Vec::new(), dim: 0, stamp: None, mismatched: false, chained: Some(Chained::Pull(pull)) }
     }
 
     /// Push number `push`, sent at `clock` to a replicated cluster, whose wait waits for its
     /// acknowledgement.
     pub(crate) fn pushed(client: &'c Client, push: u64, clock: u64) -> Self {
-        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: None, mismatched: false, chained: Some(Pushed { push, clock }) }
+        Ticket {
+            client,
+            subs: Vec::new(),
+            out: None,
+            order: Vec::new(),
+            dim: 0,
+            stamp: None,
+            mismatched: false,
+            chained: Some(Chained::Push(Pushed { push, clock })),
+        }
     }
 }

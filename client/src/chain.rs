@@ -11,6 +11,11 @@
 //! another on one connection, which keeps each range's pushes in the order the head must apply
 //! them. [`Chain::settle`] waits for acknowledgements. The retry logic is the replication
 //! crate's [`Pusher`], the same code the deterministic simulator runs.
+//!
+//! A pull is one request per tail server shard (per dense range piece), all in flight at once
+//! beside the pushes: [`Chain::start_pull_keys`] and [`Chain::start_pull_range`] return once
+//! they are sent, and [`Chain::finish_pull`] (its ticket's wait) takes their replies, oldest
+//! first on each of its links, and writes the values.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::Range;
@@ -18,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_layout::catalog::{Catalog, ServerInfo, TableKind, TableSpec};
-use tessera_layout::placement::{range_keys, range_runs, ranges_of, shard_of_range, span_runs};
+use tessera_layout::placement::{range_keys, range_runs, ranges_of, shard_of_range, span_runs, Route};
 use tessera_replication::codec::{self, KeyList, PayloadPool, PushHeader};
 use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
@@ -31,6 +36,10 @@ use tessera_transport::{ask, Caller, Chosen, Dialer, Header, Op, Status, Transpo
 use crate::error::{ClientError, Result};
 use crate::ticket::{copy_le_f32, Stamp};
 use crate::ClientConfig;
+
+/// Most requests in flight over all the links at once: a pull that would send more takes the
+/// oldest reply first (and keeps it for its ticket).
+const IN_FLIGHT_MAX: usize = 2 * PUSH_WINDOW as usize;
 
 /// How long a push waits for its acknowledgement before it is resent to whoever is head then.
 /// It is fixed. A timer that doubled after each resend, as TCP's does, left the emulated guest's
@@ -148,6 +157,13 @@ pub(crate) struct ChainTable<'t> {
     pub spec: &'t TableSpec,
 }
 
+impl<'t> ChainTable<'t> {
+    /// The table a client's handle routes by.
+    pub fn of(route: &'t Route) -> Self {
+        ChainTable { id: route.owner(0).table_id, spec: &route.spec }
+    }
+}
+
 /// A worker's links to a replicated cluster.
 #[derive(Debug)]
 pub(crate) struct Chain {
@@ -172,8 +188,15 @@ pub(crate) struct Chain {
     /// A head did not hold a key list a push named by its hash: what it refused is resent in
     /// full at once.
     keys_unknown: bool,
-    /// Push frames sent and not yet answered, oldest first.
-    in_flight: VecDeque<(Sent, Started)>,
+    /// Requests sent and not yet answered, oldest first over every link: push frames, and the
+    /// parts of pulls whose tickets have not taken their values.
+    in_flight: VecDeque<InFlight>,
+    /// Pulls with requests in flight or replies their tickets have not taken, by their number.
+    pulls: Vec<PendingPull>,
+    /// Pulls started so far (a pull's number is its place in this count, from 1).
+    pulls_started: u64,
+    /// Emptied pending pulls, their buffers kept for the next.
+    spare_pulls: Vec<PendingPull>,
     /// Pushes sent so far (a push's number is its place in this count, from 1).
     pushes: u64,
     /// The pushes not known to be acknowledged, oldest first: each one's number and its
@@ -265,6 +288,9 @@ impl Chain {
             key_cache_keys: cfg.key_cache_keys,
             keys_unknown: false,
             in_flight: VecDeque::new(),
+            pulls: Vec::new(),
+            pulls_started: 0,
+            spare_pulls: Vec::new(),
             pushes: 0,
             unconfirmed: VecDeque::new(),
             stamps: VecDeque::new(),
@@ -343,9 +369,10 @@ impl Chain {
         }
     }
 
-    /// Pushes started whose acknowledgements have not come yet.
+    /// Pushes started whose acknowledgements have not come yet, and pull requests whose
+    /// replies have not.
     pub fn unacked(&self) -> u64 {
-        self.pusher.unacked() as u64
+        self.pusher.unacked() as u64 + self.pulls.iter().map(|p| p.due as u64).sum::<u64>()
     }
 
     /// Pings the shard of the first range's tail over a pull link.
@@ -508,21 +535,30 @@ impl Chain {
     /// Waits for the reply to a started request; returns its header and body. A refusal is
     /// the server's [`ClientError::Server`] answer.
     fn finish(&mut self, started: Started) -> Result<Reply> {
+        self.finish_within(&started, None).expect("no timeout given")
+    }
+
+    /// [`finish`](Self::finish), waiting no longer than `timeout` when one is given: `None`
+    /// when the reply did not come by then (the request stays in flight).
+    fn finish_within(&mut self, started: &Started, timeout: Option<Duration>) -> Option<Result<Reply>> {
         let link = match self.links.get_mut(&started.to) {
             Some(link) if link.made == started.link => link,
             // The link failed while this request was in flight (another request on it saw the
             // failure): its reply is lost with it.
-            _ => return Err(ClientError::Unavailable { reason: format!("the link to {} broke before the reply came", self.addr_of(started.to.node)) }),
+            _ => return Some(Err(ClientError::Unavailable { reason: format!("the link to {} broke before the reply came", self.addr_of(started.to.node)) })),
         };
         let mut body = self.spare_replies.take();
-        let replied = link.caller.finish_into(None, &mut body).map(|header| (header, body));
+        let replied = link.caller.finish_into(timeout, &mut body).map(|header| (header, body));
+        if timeout.is_some() && matches!(replied, Err(TransportError::Timeout { .. })) {
+            return None;
+        }
         if matches!(replied, Err(TransportError::Refused { status: Status::KeysUnknown, .. })) {
             // The shard holds fewer lists than this side thought: start both over.
             link.lists = KeyLists::new(self.key_cache_keys);
             self.stats.keys_unknown += 1;
         }
         self.count(started.sent, replied.as_ref().map_or(HEADER_BYTES, |r| r.0.frame_len()));
-        match replied {
+        Some(match replied {
             Ok(reply) => Ok(reply),
             // A refusal is the server's answer; the link is fine.
             Err(TransportError::Refused { status, reason }) => Err(ClientError::Server { server: self.addr_of(started.to.node), status, message: reason }),
@@ -530,7 +566,7 @@ impl Chain {
                 self.links.remove(&started.to);
                 Err(e.into())
             }
-        }
+        })
     }
 
     /// Sends every request of `calls` and leaves their replies in `replies`, in order, counted
@@ -538,10 +574,10 @@ impl Chain {
     /// link at a time), so the servers serve them at once. A request's body stays in `calls`
     /// for the caller to reuse (a push frame's is kept for the next frames).
     fn call_all(&mut self, calls: &mut [Outgoing], replies: &mut Vec<Result<Reply>>) {
-        // The replies to the pushes in flight come first on the push links: they are taken
-        // once this exchange's requests are sent, so that a server shard reads a push and the
-        // pull after it at once and answers both together.
-        let after_pushes = calls.iter().any(|c| c.to.lane == Lane::Push);
+        // The replies to the requests in flight on these links (pushes, pipelined pulls) come
+        // first on them: they are taken once this exchange's requests are sent, so that a
+        // server shard reads a push and the pull after it at once and answers both together.
+        let after_in_flight = calls.iter().any(|c| self.links.get(&c.to).is_some_and(|l| l.caller.in_flight() > 0));
         replies.clear();
         replies.extend(calls.iter().map(|_| Err(ClientError::Unavailable { reason: String::new() })));
         let mut left = std::mem::take(&mut self.calls_left);
@@ -560,7 +596,7 @@ impl Chain {
             });
             for (i, started) in round.iter_mut() {
                 let i = *i;
-                if after_pushes && self.links.get(&calls[i].to).is_some_and(|l| !l.caller.can_start(&calls[i].body)) {
+                if self.links.get(&calls[i].to).is_some_and(|l| !l.caller.can_start(&calls[i].body)) {
                     self.collect_in_flight();
                 }
                 match self.start(&mut calls[i]) {
@@ -568,7 +604,7 @@ impl Chain {
                     Err(e) => replies[i] = Err(e),
                 }
             }
-            if after_pushes {
+            if after_in_flight {
                 self.collect_in_flight();
             }
             for (i, started) in round.drain(..) {
@@ -740,11 +776,39 @@ impl Chain {
         while self.collect_oldest() {}
     }
 
-    /// Waits for the reply to the oldest push frame in flight; false if there is none.
+    /// Waits for the reply to the oldest request in flight; false if there is none. A push
+    /// frame's acknowledgements are taken; a pull part's reply is kept for its ticket (or let go,
+    /// if the ticket was dropped).
     fn collect_oldest(&mut self) -> bool {
-        let Some((sent, started)) = self.in_flight.pop_front() else { return false };
-        let replied = self.finish(started);
-        self.take_acks(sent, replied);
+        self.collect_at(0, None)
+    }
+
+    /// Waits for the reply to the oldest request in flight on the link of pull `number`'s
+    /// oldest request (that one, or one sent before it on its link: pushes and other pulls
+    /// sent on other links are not waited for), until `deadline` at most; false, with the
+    /// request still in flight, when it did not come by then, or when the pull has none.
+    fn collect_for_pull(&mut self, number: u64, deadline: Option<Instant>) -> bool {
+        let Some(to) = self.in_flight.iter().find_map(|f| match f {
+            InFlight::Pull { pull, started, .. } if *pull == number => Some(started.to),
+            _ => None,
+        }) else {
+            return false;
+        };
+        let at = self.in_flight.iter().position(|f| f.started().to == to).expect("the pull's request is in flight");
+        self.collect_at(at, deadline)
+    }
+
+    /// Waits for the reply to the request in flight at `at` in [`in_flight`](Self::in_flight),
+    /// which must be the oldest on its link, until `deadline` at most: false, with the request
+    /// still in flight, when it did not come by then.
+    fn collect_at(&mut self, at: usize, deadline: Option<Instant>) -> bool {
+        let Some(started) = self.in_flight.get(at).map(InFlight::started) else { return false };
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let Some(replied) = self.finish_within(&started, timeout) else { return false };
+        match self.in_flight.remove(at).expect("looked at above") {
+            InFlight::Push(sent, _) => self.take_acks(sent, replied),
+            InFlight::Pull { pull, part, .. } => self.keep_pull_reply(pull, part, replied),
+        }
         true
     }
 
@@ -851,7 +915,7 @@ impl Chain {
                 self.collect_in_flight();
             }
             match self.start(&mut call) {
-                Ok(started) => self.in_flight.push_back((sent, started)),
+                Ok(started) => self.in_flight.push_back(InFlight::Push(sent, started)),
                 Err(e) => {
                     self.spare_bodies.keep(call.body);
                     self.take_acks(sent, Err(e));
@@ -1115,8 +1179,10 @@ impl Chain {
         Ok(groups)
     }
 
-    /// Waits until every push sent is acknowledged; see [`settle_through`](Self::settle_through).
+    /// Takes the replies to every pull in flight (keeping them for their tickets), then waits
+    /// until every push sent is acknowledged; see [`settle_through`](Self::settle_through).
     pub fn settle(&mut self, deadline: Option<Instant>) -> Result<bool> {
+        self.collect_in_flight();
         self.settle_through(u64::MAX, deadline)
     }
 
@@ -1187,9 +1253,12 @@ impl Chain {
         }
     }
 
-    /// Pulls the dense keys from `start` into `out`, each range from its chain's tail, every
-    /// tail at once.
-    pub fn pull_range(&mut self, table: ChainTable<'_>, start: u64, out: &mut [f32]) -> Result<Stamp> {
+    /// Starts a pull of the dense keys from `start` into `out`, each range from its chain's
+    /// tail, every tail at once, and returns its number for [`finish_pull`](Self::finish_pull).
+    /// Pieces the tails' memory serves one-sidedly are read into `out` now; the others'
+    /// requests are in flight, their values written when the pull is finished.
+    pub fn start_pull_range(&mut self, route: &Arc<Route>, start: u64, out: &mut [f32]) -> Result<u64> {
+        let table = ChainTable::of(route);
         let dim = table.spec.dim as usize;
         if out.is_empty() || !out.len().is_multiple_of(dim) {
             let (keys, want) = (out.len() / dim, out.len() / dim * dim);
@@ -1197,12 +1266,237 @@ impl Chain {
         }
         if table.spec.kind == TableKind::Sparse {
             let keys = sparse_span(table, start, out.len() / dim)?;
-            return self.pull_keys(table, &keys, out);
+            return self.start_pull_keys(route, &keys, out);
         }
+        self.refresh_if_old();
+        let number = self.new_pull(route, Again::Range(start));
         let per_pull = self.keys_per_frame(dim, Carries::Reply);
-        if out.len() / dim <= per_pull {
-            return self.pull_range_in_frame(table, start, out);
+        let mut pieces = std::mem::take(&mut self.spans);
+        let mut left = std::mem::take(&mut self.pulls_left);
+        let mut parts = std::mem::take(&mut self.pull_parts);
+        let mut started = Ok(());
+        for (i, chunk) in out.chunks_mut(per_pull * dim).enumerate() {
+            let first_key = start + (i * per_pull) as u64;
+            if let Err(e) = self.pieces(table, first_key, (chunk.len() / dim) as u64, &mut pieces) {
+                started = Err(e);
+                break;
+            }
+            left.clear();
+            for &(range, lo, hi) in &pieces {
+                let values = &mut chunk[(lo - first_key) as usize * dim..(hi - first_key) as usize * dim];
+                if self.read_one_sided(table, range, lo, values) {
+                    let read = std::mem::take(&mut self.read_stamp);
+                    self.pending(number).expect("just made").meet(&read);
+                    self.read_stamp = read;
+                } else {
+                    left.push((range, Keys::Range(lo, hi)));
+                }
+            }
+            let unplaced = self.place_parts(&left, Listed::NONE, |k| (k - start) as usize, 0, &mut parts);
+            self.send_pull_parts(table, number, unplaced, &mut parts);
         }
+        self.spans = pieces;
+        self.pulls_left = left;
+        self.pull_parts = parts;
+        if let Err(e) = started {
+            self.abandon_pull(number);
+            return Err(e);
+        }
+        Ok(number)
+    }
+
+    /// Starts a pull of the values of `keys` (`dim` per key, into an output of as many values
+    /// as [`finish_pull`](Self::finish_pull) is given), each range from its chain's tail: one
+    /// request for the keys of all the ranges a server's shard is tail of, every tail at once.
+    pub fn start_pull_keys(&mut self, route: &Arc<Route>, keys: &[u64], out: &mut [f32]) -> Result<u64> {
+        let table = ChainTable::of(route);
+        let dim = table.spec.dim as usize;
+        debug_assert_eq!(out.len(), keys.len() * dim);
+        self.refresh_if_old();
+        let per_pull = self.keys_per_frame(dim, Carries::Reply).min(self.keys_per_frame(dim, Carries::Keys));
+        let number = self.new_pull(route, Again::Keys);
+        self.pending(number).expect("just made").keys.extend_from_slice(keys);
+        let mut left = std::mem::take(&mut self.pulls_left);
+        let mut parts = std::mem::take(&mut self.pull_parts);
+        let mut started = Ok(());
+        for (i, chunk) in keys.chunks(per_pull).enumerate() {
+            // A key the table has not fails the call; what went out before it only reads.
+            let groups = match self.group_keys(table, chunk) {
+                Ok(groups) => groups,
+                Err(e) => {
+                    started = Err(e);
+                    break;
+                }
+            };
+            left.clear();
+            left.extend(groups.iter().map(|(range, _)| (range, Keys::Listed)));
+            let unplaced = self.place_parts(&left, Listed { keys: chunk, groups: &groups }, |_| 0, (i * per_pull) as u32, &mut parts);
+            self.groups = groups;
+            self.send_pull_parts(table, number, unplaced, &mut parts);
+        }
+        self.pulls_left = left;
+        self.pull_parts = parts;
+        if let Err(e) = started {
+            self.abandon_pull(number);
+            return Err(e);
+        }
+        Ok(number)
+    }
+
+    /// A new pending pull of `route`'s table, made again as `again` should a part fail; its
+    /// number.
+    fn new_pull(&mut self, route: &Arc<Route>, again: Again) -> u64 {
+        self.pulls_started += 1;
+        let mut pull = self.spare_pulls.pop().unwrap_or_default();
+        pull.number = self.pulls_started;
+        pull.route = Some(route.clone());
+        pull.again = again;
+        self.pulls.push(pull);
+        self.pulls_started
+    }
+
+    /// The pending pull numbered `number`, if its ticket still waits for it.
+    fn pending(&mut self, number: u64) -> Option<&mut PendingPull> {
+        self.pulls.iter_mut().find(|p| p.number == number)
+    }
+
+    /// Sends the requests of `parts` as pull `number`'s, leaving them in flight (`parts` is left
+    /// empty). A part that cannot be sent, or a range with no tail (`unplaced`), fails the
+    /// pull's first try: finishing it then makes the whole pull again, waiting.
+    fn send_pull_parts(&mut self, table: ChainTable<'_>, number: u64, unplaced: Option<u32>, parts: &mut Vec<PullPart>) {
+        if let Some(range) = unplaced {
+            let pull = self.pending(number).expect("started");
+            pull.failed.get_or_insert(ClientError::Unavailable { reason: format!("range {range} has no tail") });
+        }
+        for mut part in parts.drain(..) {
+            let mut call = self.part_request(table, &mut part);
+            if self.in_flight.len() >= IN_FLIGHT_MAX {
+                self.collect_oldest();
+            }
+            if self.links.get(&call.to).is_some_and(|l| !l.caller.can_start(&call.body)) {
+                self.collect_in_flight();
+            }
+            let started = self.start(&mut call);
+            if part.range.is_none() {
+                // The request's body (the listed keys) serves the part's next use.
+                part.keys = call.body;
+            }
+            match started {
+                Ok(started) => {
+                    self.pending(number).expect("started").due += 1;
+                    self.in_flight.push_back(InFlight::Pull { pull: number, part, started });
+                }
+                Err(e) => {
+                    self.pending(number).expect("started").failed.get_or_insert(e);
+                    self.spare_parts.push(part.cleared());
+                }
+            }
+        }
+    }
+
+    /// Keeps the reply to a part of pull `number` for its ticket; lets it go if the ticket was
+    /// dropped.
+    fn keep_pull_reply(&mut self, number: u64, part: PullPart, replied: Result<Reply>) {
+        let Some(at) = self.pulls.iter().position(|p| p.number == number) else {
+            self.recycle_part(part, replied);
+            return;
+        };
+        let pull = &mut self.pulls[at];
+        pull.due -= 1;
+        if !pull.dropped {
+            pull.replies.push((part, replied));
+            return;
+        }
+        let done = pull.due == 0;
+        self.recycle_part(part, replied);
+        if done {
+            let pull = self.pulls.swap_remove(at);
+            self.recycle_pull(pull);
+        }
+    }
+
+    /// Keeps a pull part's buffers, and its reply's, for the next pulls.
+    fn recycle_part(&mut self, part: PullPart, replied: Result<Reply>) {
+        if let Ok((_, body)) = replied {
+            self.spare_replies.keep(body);
+        }
+        self.spare_parts.push(part.cleared());
+    }
+
+    /// Keeps a finished or dropped pull's buffers for the next pulls.
+    fn recycle_pull(&mut self, mut pull: PendingPull) {
+        for (part, replied) in pull.replies.drain(..) {
+            self.recycle_part(part, replied);
+        }
+        self.spare_pulls.push(pull.cleared());
+    }
+
+    /// Whether pull `number`'s replies are all in (finishing it would not wait for a server),
+    /// taking the replies of the requests in flight before them until `deadline`.
+    pub fn pull_arrived(&mut self, number: u64, deadline: Instant) -> bool {
+        while self.pending(number).is_some_and(|p| p.due > 0) {
+            if !self.collect_for_pull(number, Some(deadline)) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Lets pull `number` go (its ticket was dropped): its replies are let go as they come,
+    /// and nothing is written anywhere.
+    pub fn abandon_pull(&mut self, number: u64) {
+        let Some(at) = self.pulls.iter().position(|p| p.number == number) else { return };
+        if self.pulls[at].due > 0 {
+            self.pulls[at].dropped = true;
+        } else {
+            let pull = self.pulls.swap_remove(at);
+            self.recycle_pull(pull);
+        }
+    }
+
+    /// Waits for pull `number`'s replies and writes their values into `out`, the output its
+    /// call was given; returns the stamp of everything it read. When a part failed (its tail
+    /// failed, or left its chain), the whole pull is made again and waited for, asking again
+    /// after fetching the configuration, until [`CALL_TIMEOUT`].
+    pub fn finish_pull(&mut self, number: u64, out: &mut [f32]) -> Result<Stamp> {
+        while self.pending(number).is_some_and(|p| p.due > 0) && self.collect_for_pull(number, None) {}
+        let Some(at) = self.pulls.iter().position(|p| p.number == number) else {
+            return Err(ClientError::Config { reason: format!("pull {number} is not this client's, or was finished already") });
+        };
+        let mut pull = self.pulls.swap_remove(at);
+        let route = pull.route.take().expect("set when started");
+        let table = ChainTable::of(&route);
+        let dim = table.spec.dim as usize;
+        let mut failure = pull.failed.take();
+        let (mut stamp, mut first) = (std::mem::take(&mut pull.stamp), !pull.met);
+        let mut replies = std::mem::take(&mut pull.replies);
+        for (part, replied) in replies.drain(..) {
+            if let Err(e) = self.place_reply(dim, &part, replied, out, &mut stamp, &mut first) {
+                failure.get_or_insert(e);
+            }
+            self.spare_parts.push(part.cleared());
+        }
+        pull.replies = replies;
+        let finished = match failure {
+            None => Ok(stamp),
+            Some(e) if matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) => Err(e),
+            Some(_) => {
+                self.stats.pull_retries += 1;
+                match pull.again {
+                    Again::Range(start) => self.pull_range_now(table, start, out),
+                    Again::Keys => self.pull_keys_now(table, &pull.keys, out),
+                }
+            }
+        };
+        self.spare_pulls.push(pull.cleared());
+        finished
+    }
+
+    /// Pulls the dense keys from `start` into `out` and waits for them: each range from its
+    /// chain's tail, every tail at once, asking again for what failed.
+    fn pull_range_now(&mut self, table: ChainTable<'_>, start: u64, out: &mut [f32]) -> Result<Stamp> {
+        let dim = table.spec.dim as usize;
+        let per_pull = self.keys_per_frame(dim, Carries::Reply);
         let mut stamp = Stamp::default();
         for (i, part) in out.chunks_mut(per_pull * dim).enumerate() {
             let got = self.pull_range_in_frame(table, start + (i * per_pull) as u64, part)?;
@@ -1211,7 +1505,8 @@ impl Chain {
         Ok(stamp)
     }
 
-    /// [`pull_range`](Self::pull_range) of a call whose pieces' replies each fit one frame.
+    /// [`pull_range_now`](Self::pull_range_now) of a call whose pieces' replies each fit one
+    /// frame.
     fn pull_range_in_frame(&mut self, table: ChainTable<'_>, start: u64, out: &mut [f32]) -> Result<Stamp> {
         let dim = table.spec.dim as usize;
         let mut pieces = std::mem::take(&mut self.spans);
@@ -1238,9 +1533,208 @@ impl Chain {
             self.pulls_left = left;
             return Ok(stamp);
         }
-        let rest = self.pull_ranges(table, left, Listed { keys: &[], groups: &RangeGroups::default() }, |k| (k - start) as usize, out)?;
+        let rest = self.pull_ranges(table, left, Listed::NONE, |k| (k - start) as usize, out)?;
         stamp.meet(rest.clocks().iter().copied(), first);
         Ok(stamp)
+    }
+
+    /// Pulls the values of `keys` into `out` (`dim` per key) and waits for them: each range
+    /// from its chain's tail, one request for the keys of all the ranges a server's shard is
+    /// tail of, every tail at once, asking again for what failed.
+    fn pull_keys_now(&mut self, table: ChainTable<'_>, keys: &[u64], out: &mut [f32]) -> Result<Stamp> {
+        let dim = table.spec.dim as usize;
+        let per_pull = self.keys_per_frame(dim, Carries::Reply).min(self.keys_per_frame(dim, Carries::Keys));
+        let mut stamp = Stamp::default();
+        for (i, (keys, out)) in keys.chunks(per_pull).zip(out.chunks_mut(per_pull * dim)).enumerate() {
+            let groups = self.group_keys(table, keys)?;
+            let mut left = std::mem::take(&mut self.pulls_left);
+            left.clear();
+            left.extend(groups.iter().map(|(range, _)| (range, Keys::Listed)));
+            let pulled = self.pull_ranges(table, left, Listed { keys, groups: &groups }, |_| 0, out);
+            self.groups = groups;
+            stamp.meet(pulled?.clocks().iter().copied(), i == 0);
+        }
+        Ok(stamp)
+    }
+
+    /// Pulls the keys of each range in `left` (in ascending order) from its tail into `out`,
+    /// asking again (after fetching the configuration) for the ranges whose tail failed, until
+    /// [`CALL_TIMEOUT`]. `row_of` places a dense key's values in `out`; listed keys are
+    /// `listed`'s, each range's in its group, and their rows are their places there.
+    fn pull_ranges(
+        &mut self,
+        table: ChainTable<'_>,
+        mut left: Vec<(u32, Keys)>,
+        listed: Listed<'_>,
+        row_of: impl Fn(u64) -> usize,
+        out: &mut [f32],
+    ) -> Result<Stamp> {
+        let dim = table.spec.dim as usize;
+        let mut stamp = Stamp::default();
+        let mut first = true;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        self.refresh_if_old();
+        let mut parts = std::mem::take(&mut self.pull_parts);
+        let mut calls = std::mem::take(&mut self.calls);
+        let mut replies = std::mem::take(&mut self.replies);
+        let pulled = loop {
+            let unplaced = self.place_parts(&left, listed, &row_of, 0, &mut parts);
+            calls.clear();
+            for part in &mut parts {
+                let call = self.part_request(table, part);
+                calls.push(call);
+            }
+            let mut failure = unplaced.map(|r| ClientError::Unavailable { reason: format!("range {r} has no tail") });
+            self.call_all(&mut calls, &mut replies);
+            for ((mut part, call), replied) in parts.drain(..).zip(calls.iter_mut()).zip(replies.drain(..)) {
+                if part.range.is_none() {
+                    // The request's body (the listed keys) serves the part's next use.
+                    part.keys = std::mem::take(&mut call.body);
+                }
+                match self.place_reply(dim, &part, replied, out, &mut stamp, &mut first) {
+                    Ok(()) => left.retain(|(r, _)| !part.ranges.contains(r)),
+                    Err(e) => failure = Some(e),
+                }
+                self.spare_parts.push(part.cleared());
+            }
+            let Some(e) = failure else { break Ok(stamp) };
+            if Instant::now() > deadline || matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) {
+                break Err(e);
+            }
+            self.stats.pull_retries += 1;
+            if !matches!(&e, ClientError::Server { status: Status::KeysUnknown, .. }) {
+                // (A shard that lost a key list is asked again at once, with the keys.)
+                std::thread::sleep(Duration::from_millis(20));
+                self.refresh();
+            }
+        };
+        calls.clear();
+        left.clear();
+        self.pull_parts = parts;
+        self.calls = calls;
+        self.replies = replies;
+        self.pulls_left = left;
+        pulled
+    }
+
+    /// Adds the keys of each range in `left` to the request to its tail's shard in `parts`: one
+    /// per dense range piece (its rows in the output from `row_of` its first key), one per tail
+    /// shard for listed keys (their rows `row_base` on from their places in `listed`). Returns
+    /// a range whose tail the configuration held does not name, if any: its keys are in no part.
+    fn place_parts(
+        &mut self,
+        left: &[(u32, Keys)],
+        listed: Listed<'_>,
+        row_of: impl Fn(u64) -> usize,
+        row_base: u32,
+        parts: &mut Vec<PullPart>,
+    ) -> Option<u32> {
+        let mut unplaced = None;
+        for (range, keys) in left {
+            let range = *range;
+            let Some(tail) = self.pusher.view.chain(RangeId(range)).and_then(|c| c.tail()) else {
+                unplaced = Some(range);
+                continue;
+            };
+            let shard = shard_of_range(range, self.ranges, self.shards);
+            let piece = match keys {
+                Keys::Range(..) => range,
+                Keys::Listed => u32::MAX,
+            };
+            let at = match parts.iter().position(|p: &PullPart| p.to == (tail, shard, piece)) {
+                Some(at) => at,
+                None => {
+                    // Listed keys take the kept part with the most room for them, a dense
+                    // piece the one with the least.
+                    let room = |p: &PullPart| p.keys.capacity();
+                    let kept = match keys {
+                        Keys::Listed => self.spare_parts.iter().enumerate().max_by_key(|(_, p)| room(p)),
+                        Keys::Range(..) => self.spare_parts.iter().enumerate().min_by_key(|(_, p)| room(p)),
+                    };
+                    let mut part = kept.map(|(at, _)| at).map(|at| self.spare_parts.swap_remove(at)).unwrap_or_default();
+                    part.to = (tail, shard, piece);
+                    parts.push(part);
+                    parts.len() - 1
+                }
+            };
+            let part = &mut parts[at];
+            part.ranges.push(range);
+            match keys {
+                Keys::Range(lo, hi) => {
+                    part.range = Some((*lo, *hi));
+                    part.first_row = row_of(*lo);
+                }
+                Keys::Listed => {
+                    let at = listed.groups.positions(range).unwrap_or(&[]);
+                    match listed.groups.run_of(range) {
+                        Some(run) => extend_le_u64(&mut part.keys, &listed.keys[run]),
+                        None => at.iter().for_each(|i| part.keys.extend_from_slice(&listed.keys[*i as usize].to_le_bytes())),
+                    }
+                    part.listed_rows.extend(at.iter().map(|row| row + row_base));
+                }
+            }
+        }
+        parts.retain_mut(|part| {
+            let known = self.pusher.view.member(part.to.0).is_some();
+            if !known {
+                unplaced = part.ranges.first().copied();
+                self.spare_parts.push(std::mem::take(part).cleared());
+            }
+            known
+        });
+        unplaced
+    }
+
+    /// The request that pulls `part` from its tail (a listed part's keys move into its body).
+    fn part_request(&self, table: ChainTable<'_>, part: &mut PullPart) -> Outgoing {
+        let (tail, shard, _) = part.to;
+        let mut header = Header::request(if part.range.is_some() { Op::PullRange } else { Op::Pull }, 0);
+        header.table = table.id;
+        header.dim = table.spec.dim;
+        header.worker = self.worker;
+        let body = match part.range {
+            Some((lo, hi)) => {
+                header.start = lo;
+                header.count = (hi - lo) as u32;
+                Vec::new()
+            }
+            None => {
+                header.count = part.rows() as u32;
+                std::mem::take(&mut part.keys)
+            }
+        };
+        let lane = self.pull_lane(&part.ranges);
+        Outgoing { to: LinkKey { node: tail, shard, lane }, header, body }
+    }
+
+    /// Puts the values of the reply to `part` where its rows say in `out`, and meets its stamp
+    /// into `stamp` (`first`: nothing met yet). The reply's body is kept for the next replies.
+    fn place_reply(&mut self, dim: usize, part: &PullPart, replied: Result<Reply>, out: &mut [f32], stamp: &mut Stamp, first: &mut bool) -> Result<()> {
+        let values = part.rows() * dim * 4;
+        let (header, body) = replied?;
+        if body.len() != values + header.count as usize * 8 {
+            let reason = format!("a pull reply of {} bytes for a {}-clock stamp and {values} bytes of values", body.len(), header.count);
+            return Err(ClientError::Protocol { server: self.addr_of(part.to.0), reason });
+        }
+        let clocks = body[..header.count as usize * 8].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        stamp.meet(clocks, *first);
+        *first = false;
+        let bytes = &body[body.len() - values..];
+        match part.range {
+            // A dense piece's rows follow one another: one block.
+            Some(_) => copy_le_f32(bytes, &mut out[part.first_row * dim..part.first_row * dim + values / 4]),
+            None => match RangeGroups::run(&part.listed_rows) {
+                // Rows that follow one another (sorted keys): one block.
+                Some(rows) => copy_le_f32(bytes, &mut out[rows.start * dim..rows.end * dim]),
+                None => {
+                    for (row, v) in part.listed_rows.iter().map(|r| *r as usize).zip(bytes.chunks_exact(dim * 4)) {
+                        copy_le_f32(v, &mut out[row * dim..(row + 1) * dim]);
+                    }
+                }
+            },
+        }
+        self.spare_replies.keep(body);
+        Ok(())
     }
 
     /// Reads dense keys `[lo, lo + values.len() / dim)` of `range` into `values` straight from
@@ -1280,188 +1774,6 @@ impl Chain {
     /// Block copies one-sided reads found torn and read again, over the links open now.
     pub fn torn_reads(&self) -> u64 {
         self.links.values().map(|l| l.caller.torn_reads()).sum()
-    }
-
-    /// Pulls the values of `keys` into `out` (`dim` per key), each range from its chain's tail:
-    /// one request for the keys of all the ranges a server's shard is tail of, every tail at
-    /// once.
-    pub fn pull_keys(&mut self, table: ChainTable<'_>, keys: &[u64], out: &mut [f32]) -> Result<Stamp> {
-        let dim = table.spec.dim as usize;
-        let per_pull = self.keys_per_frame(dim, Carries::Reply).min(self.keys_per_frame(dim, Carries::Keys));
-        if keys.len() <= per_pull {
-            return self.pull_keys_in_frame(table, keys, out);
-        }
-        let mut stamp = Stamp::default();
-        for (i, (keys, out)) in keys.chunks(per_pull).zip(out.chunks_mut(per_pull * dim)).enumerate() {
-            let got = self.pull_keys_in_frame(table, keys, out)?;
-            stamp.meet(got.clocks().iter().copied(), i == 0);
-        }
-        Ok(stamp)
-    }
-
-    /// [`pull_keys`](Self::pull_keys) of a call whose requests and replies each fit one frame.
-    fn pull_keys_in_frame(&mut self, table: ChainTable<'_>, keys: &[u64], out: &mut [f32]) -> Result<Stamp> {
-        let groups = self.group_keys(table, keys)?;
-        let mut left = std::mem::take(&mut self.pulls_left);
-        left.clear();
-        left.extend(groups.iter().map(|(range, _)| (range, Keys::Listed)));
-        let pulled = self.pull_ranges(table, left, Listed { keys, groups: &groups }, |_| 0, out);
-        self.groups = groups;
-        pulled
-    }
-
-    /// Pulls the keys of each range in `left` (in ascending order) from its tail into `out`,
-    /// asking again (after fetching the configuration) for the ranges whose tail failed, until
-    /// [`CALL_TIMEOUT`]. `row_of` places a dense key's values in `out`; listed keys are
-    /// `listed`'s, each range's in its group, and their rows are their places there.
-    fn pull_ranges(
-        &mut self,
-        table: ChainTable<'_>,
-        mut left: Vec<(u32, Keys)>,
-        listed: Listed<'_>,
-        row_of: impl Fn(u64) -> usize,
-        out: &mut [f32],
-    ) -> Result<Stamp> {
-        let dim = table.spec.dim as usize;
-        let mut stamp = Stamp::default();
-        let mut first = true;
-        let deadline = Instant::now() + CALL_TIMEOUT;
-        self.refresh_if_old();
-        let mut parts = std::mem::take(&mut self.pull_parts);
-        let mut calls = std::mem::take(&mut self.calls);
-        let mut replies = std::mem::take(&mut self.replies);
-        let pulled = loop {
-            // One request per dense range piece; one per tail shard for listed keys.
-            let mut unplaced = None;
-            for (range, keys) in &left {
-                let range = *range;
-                let Some(tail) = self.pusher.view.chain(RangeId(range)).and_then(|c| c.tail()) else {
-                    unplaced = Some(range);
-                    continue;
-                };
-                let shard = shard_of_range(range, self.ranges, self.shards);
-                let piece = match keys {
-                    Keys::Range(..) => range,
-                    Keys::Listed => u32::MAX,
-                };
-                let at = match parts.iter().position(|p: &PullPart| p.to == (tail, shard, piece)) {
-                    Some(at) => at,
-                    None => {
-                        // Listed keys take the kept part with the most room for them, a dense
-                        // piece the one with the least.
-                        let room = |p: &PullPart| p.keys.capacity();
-                        let kept = match keys {
-                            Keys::Listed => self.spare_parts.iter().enumerate().max_by_key(|(_, p)| room(p)),
-                            Keys::Range(..) => self.spare_parts.iter().enumerate().min_by_key(|(_, p)| room(p)),
-                        };
-                        let mut part = kept.map(|(at, _)| at).map(|at| self.spare_parts.swap_remove(at)).unwrap_or_default();
-                        part.to = (tail, shard, piece);
-                        parts.push(part);
-                        parts.len() - 1
-                    }
-                };
-                let part = &mut parts[at];
-                part.ranges.push(range);
-                match keys {
-                    Keys::Range(lo, hi) => {
-                        part.range = Some((*lo, *hi));
-                        part.first_row = row_of(*lo);
-                    }
-                    Keys::Listed => {
-                        let at = listed.groups.positions(range).unwrap_or(&[]);
-                        match listed.groups.run_of(range) {
-                            Some(run) => extend_le_u64(&mut part.keys, &listed.keys[run]),
-                            None => at.iter().for_each(|i| part.keys.extend_from_slice(&listed.keys[*i as usize].to_le_bytes())),
-                        }
-                        part.listed_rows.extend_from_slice(at);
-                    }
-                }
-            }
-            parts.retain_mut(|part| {
-                let known = self.pusher.view.member(part.to.0).is_some();
-                if !known {
-                    unplaced = part.ranges.first().copied();
-                    self.spare_parts.push(std::mem::take(part).cleared());
-                }
-                known
-            });
-            calls.clear();
-            for part in &mut parts {
-                let (tail, shard, _) = part.to;
-                let mut header = Header::request(if part.range.is_some() { Op::PullRange } else { Op::Pull }, 0);
-                header.table = table.id;
-                header.dim = table.spec.dim;
-                header.worker = self.worker;
-                let body = match part.range {
-                    Some((lo, hi)) => {
-                        header.start = lo;
-                        header.count = (hi - lo) as u32;
-                        Vec::new()
-                    }
-                    None => {
-                        header.count = part.rows() as u32;
-                        std::mem::take(&mut part.keys)
-                    }
-                };
-                let lane = self.pull_lane(&part.ranges);
-                calls.push(Outgoing { to: LinkKey { node: tail, shard, lane }, header, body });
-            }
-            let mut failure = unplaced.map(|r| ClientError::Unavailable { reason: format!("range {r} has no tail") });
-            self.call_all(&mut calls, &mut replies);
-            for ((mut part, call), replied) in parts.drain(..).zip(calls.iter_mut()).zip(replies.drain(..)) {
-                if part.range.is_none() {
-                    // The request's body (the listed keys) serves the part's next use.
-                    part.keys = std::mem::take(&mut call.body);
-                }
-                let values = part.rows() * dim * 4;
-                match replied {
-                    Ok((header, body)) if body.len() == values + header.count as usize * 8 => {
-                        let clocks = body[..header.count as usize * 8].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
-                        stamp.meet(clocks, first);
-                        first = false;
-                        let bytes = &body[body.len() - values..];
-                        match part.range {
-                            // A dense piece's rows follow one another: one block.
-                            Some(_) => copy_le_f32(bytes, &mut out[part.first_row * dim..part.first_row * dim + values / 4]),
-                            None => match RangeGroups::run(&part.listed_rows) {
-                                // Rows that follow one another (sorted keys): one block.
-                                Some(rows) => copy_le_f32(bytes, &mut out[rows.start * dim..rows.end * dim]),
-                                None => {
-                                    for (row, v) in part.listed_rows.iter().map(|r| *r as usize).zip(bytes.chunks_exact(dim * 4)) {
-                                        copy_le_f32(v, &mut out[row * dim..(row + 1) * dim]);
-                                    }
-                                }
-                            },
-                        }
-                        left.retain(|(r, _)| !part.ranges.contains(r));
-                        self.spare_replies.keep(body);
-                    }
-                    Ok((header, body)) => {
-                        let reason = format!("a pull reply of {} bytes for a {}-clock stamp and {values} bytes of values", body.len(), header.count);
-                        failure = Some(ClientError::Protocol { server: self.addr_of(part.to.0), reason });
-                    }
-                    Err(e) => failure = Some(e),
-                }
-                self.spare_parts.push(part.cleared());
-            }
-            let Some(e) = failure else { break Ok(stamp) };
-            if Instant::now() > deadline || matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) {
-                break Err(e);
-            }
-            self.stats.pull_retries += 1;
-            if !matches!(&e, ClientError::Server { status: Status::KeysUnknown, .. }) {
-                // (A shard that lost a key list is asked again at once, with the keys.)
-                std::thread::sleep(Duration::from_millis(20));
-                self.refresh();
-            }
-        };
-        calls.clear();
-        left.clear();
-        self.pull_parts = parts;
-        self.calls = calls;
-        self.replies = replies;
-        self.pulls_left = left;
-        pulled
     }
 
     /// The lane a pull of `ranges` (all on one server shard) takes: the push lane when each is
@@ -1534,6 +1846,11 @@ struct Listed<'k> {
     groups: &'k RangeGroups,
 }
 
+impl Listed<'static> {
+    /// No listed keys: a dense pull's.
+    const NONE: Listed<'static> = Listed { keys: &[], groups: &RangeGroups::EMPTY };
+}
+
 /// Positions of keys grouped by replication range, in ascending range order: a counting sort
 /// whose buffers a client keeps, so grouping a batch allocates nothing once warm.
 #[derive(Debug, Default)]
@@ -1549,6 +1866,8 @@ pub(crate) struct RangeGroups {
 }
 
 impl RangeGroups {
+    const EMPTY: RangeGroups = RangeGroups { starts: Vec::new(), of_key: Vec::new(), order: Vec::new(), in_order: false };
+
     /// Groups `keys` (each inside `spec`) by their range of `ranges`.
     fn group(&mut self, spec: &TableSpec, ranges: u32, keys: &[u64]) {
         self.in_order = keys.is_sorted();
@@ -1700,8 +2019,71 @@ pub(crate) fn keys_fitting(room: usize, stamp_clocks: usize, dim: usize, what: C
     n.max(1)
 }
 
-/// A request sent whose reply is still to come.
+/// A request in flight ([`Chain::in_flight`]).
 #[derive(Debug)]
+enum InFlight {
+    /// A `WorkerPush` frame, its acknowledgements taken from its reply.
+    Push(Sent, Started),
+    /// A part of pull number `pull`, its reply kept for the pull's ticket.
+    Pull { pull: u64, part: PullPart, started: Started },
+}
+
+impl InFlight {
+    fn started(&self) -> Started {
+        match self {
+            InFlight::Push(_, started) | InFlight::Pull { started, .. } => *started,
+        }
+    }
+}
+
+/// How a pull whose first try failed in part is made again: a dense pull from its first key,
+/// or a pull of its listed keys ([`PendingPull::keys`]).
+#[derive(Debug, Clone, Copy, Default)]
+enum Again {
+    #[default]
+    Keys,
+    Range(u64),
+}
+
+/// A pull started and not finished: its requests in flight, the replies come in, and what it
+/// takes to put their values in place and to make the pull again.
+#[derive(Debug, Default)]
+struct PendingPull {
+    number: u64,
+    route: Option<Arc<Route>>,
+    again: Again,
+    /// The listed keys of a pull of keys, to make it again.
+    keys: Vec<u64>,
+    /// Requests in flight.
+    due: usize,
+    /// The replies taken, each with its part.
+    replies: Vec<(PullPart, Result<Reply>)>,
+    /// Why a part could not be sent.
+    failed: Option<ClientError>,
+    /// The stamp of the values read one-sidedly when the pull started, and whether any were.
+    stamp: Stamp,
+    met: bool,
+    /// Its ticket was dropped: its replies are let go as they come.
+    dropped: bool,
+}
+
+impl PendingPull {
+    /// Meets the stamp of values read into this pull's.
+    fn meet(&mut self, clocks: &[u64]) {
+        self.stamp.meet(clocks.iter().copied(), !self.met);
+        self.met = true;
+    }
+
+    /// This pull emptied for its next use, its buffers kept.
+    fn cleared(mut self) -> Self {
+        debug_assert!(self.replies.is_empty() && self.due == 0);
+        self.keys.clear();
+        PendingPull { keys: self.keys, replies: self.replies, ..PendingPull::default() }
+    }
+}
+
+/// A request sent whose reply is still to come.
+#[derive(Debug, Clone, Copy)]
 struct Started {
     to: LinkKey,
     /// The number the link was made as: a link that broke and was made again has lost this

@@ -660,7 +660,7 @@ impl Core {
 
     /// [`send_keys`](Self::send_keys) and [`send_range`](Self::send_range) on a replicated
     /// cluster: a push is sent to the ranges' heads and its ticket waits for their
-    /// acknowledgements; a pull reads the tails at once.
+    /// acknowledgements; a pull's requests go to the tails, and its ticket takes the replies.
     fn chain_call<'a>(&mut self, client: &'a Client, table: &Table, named: Named<'_>, grads: Option<&[f32]>, out: Option<&'a mut [f32]>) -> Result<Ticket<'a>> {
         let (what, values) = match (grads, &out) {
             (Some(g), _) => ("the gradient", g.len()),
@@ -674,12 +674,12 @@ impl Core {
         self.check_finite(table, grads)?;
         let clock = self.clock;
         let (chain, _) = self.chain.as_mut().expect("replicated");
-        let t = ChainTable { id: table.route().owner(0).table_id, spec: table.spec() };
+        let t = ChainTable::of(table.route());
         match (grads, out, named) {
             (Some(g), _, Named::Keys { keys, ranges_done }) => chain.push_keys(t, keys, g, clock, ranges_done).map(|n| Ticket::pushed(client, n, clock)),
             (Some(g), _, Named::Range { start }) => chain.push_range(t, start, g, clock).map(|n| Ticket::pushed(client, n, clock)),
-            (None, Some(o), Named::Keys { keys, .. }) => Ok(Ticket::read(client, chain.pull_keys(t, keys, o)?, o)),
-            (None, Some(o), Named::Range { start }) => Ok(Ticket::read(client, chain.pull_range(t, start, o)?, o)),
+            (None, Some(o), Named::Keys { keys, .. }) => Ok(Ticket::pulling(client, chain.start_pull_keys(table.route(), keys, o)?, o)),
+            (None, Some(o), Named::Range { start }) => Ok(Ticket::pulling(client, chain.start_pull_range(table.route(), start, o)?, o)),
             (None, None, _) => unreachable!("a pull has an output"),
         }
     }
@@ -1040,6 +1040,27 @@ impl Core {
         match self.chain.as_mut() {
             Some((chain, _)) => chain.settle_through(push, deadline),
             None => Ok(true),
+        }
+    }
+
+    /// Whether pull number `pull` from the replicated cluster has all its replies in, taking
+    /// replies until `deadline`.
+    pub fn chain_pull_arrived(&mut self, pull: u64, deadline: Instant) -> bool {
+        self.chain.as_mut().is_none_or(|(chain, _)| chain.pull_arrived(pull, deadline))
+    }
+
+    /// Waits for pull number `pull` from the replicated cluster and writes its values into
+    /// `out` (see [`Chain::finish_pull`]).
+    pub fn chain_finish_pull(&mut self, pull: u64, out: &mut [f32]) -> Result<Stamp> {
+        let (chain, _) =
+            self.chain.as_mut().ok_or_else(|| ClientError::Config { reason: "a replicated cluster's pull ticket given to another client".into() })?;
+        chain.finish_pull(pull, out)
+    }
+
+    /// Lets pull number `pull` from the replicated cluster go: nothing is written.
+    pub fn chain_abandon_pull(&mut self, pull: u64) {
+        if let Some((chain, _)) = self.chain.as_mut() {
+            chain.abandon_pull(pull);
         }
     }
 

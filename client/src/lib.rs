@@ -138,7 +138,7 @@ impl Table {
         self
     }
 
-    pub(crate) fn route(&self) -> &Route {
+    pub(crate) fn route(&self) -> &Arc<Route> {
         &self.route
     }
 }

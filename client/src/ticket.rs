@@ -46,6 +46,14 @@ impl Stamp {
         Stamp { clocks }
     }
 
+    /// Drops trailing zeros, which say nothing (an absent worker has clock 0), so that stamps
+    /// from replies and from one-sided reads, which carry different lengths, compare equal.
+    pub(crate) fn drop_trailing_zeros(&mut self) {
+        while self.clocks.last() == Some(&0) {
+            self.clocks.pop();
+        }
+    }
+
     /// Keeps, for each worker, the lower of the two clocks (a worker absent from one side has 0).
     pub(crate) fn meet(&mut self, other: impl ExactSizeIterator<Item = u64>, first: bool) {
         if first {
@@ -100,9 +108,18 @@ pub struct Ticket<'a> {
     /// Set when a detached ticket was resumed with an output of the wrong length: waiting on it
     /// fails, and its requests are let go as a dropped ticket's are.
     pub(crate) mismatched: bool,
-    /// A push to a replicated cluster, by its number and clock: waiting on it waits for the
-    /// acknowledgements of this push and every one before it (the tails hold them).
-    pub(crate) chained: Option<Pushed>,
+    /// A call to a replicated cluster (see [`Chained`]).
+    pub(crate) chained: Option<Chained>,
+}
+
+/// A call to a replicated cluster, as its ticket waits on it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Chained {
+    /// A push: waiting on it waits for the acknowledgements of this push and every one before
+    /// it (the tails hold them).
+    Push(Pushed),
+    /// Pull number `0` of the client's: waiting on it takes its replies and writes its values.
+    Pull(u64),
 }
 
 /// A push sent to a replicated cluster, as its ticket waits on it: its number among the
@@ -125,7 +142,7 @@ pub struct Detached {
     stamp: Option<Stamp>,
     /// The length of the output the call was given (0 for pushes).
     out_len: usize,
-    chained: Option<Pushed>,
+    chained: Option<Chained>,
 }
 
 impl<'a> Ticket<'a> {
@@ -149,11 +166,13 @@ impl<'a> Ticket<'a> {
 
 /// Whether every reply `subs` wait for is in (see [`Core::arrived`](crate::core::Core)),
 /// receiving for up to `timeout` in all.
-fn arrived(client: &Client, subs: &[Sub], chained: Option<Pushed>, timeout: std::time::Duration) -> Result<bool> {
+fn arrived(client: &Client, subs: &[Sub], chained: Option<Chained>, timeout: std::time::Duration) -> Result<bool> {
     let deadline = std::time::Instant::now() + timeout;
     let mut core = client.lock();
-    if let Some(pushed) = chained {
-        return core.chain_settled(pushed.push, Some(deadline));
+    match chained {
+        Some(Chained::Push(pushed)) => return core.chain_settled(pushed.push, Some(deadline)),
+        Some(Chained::Pull(pull)) => return Ok(core.chain_pull_arrived(pull, deadline)),
+        None => {}
     }
     for sub in subs {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -187,16 +206,25 @@ impl Ticket<'_> {
     /// every push of this client before it); its stamp is the one its heads gave as they
     /// applied it (the meet over its pieces), or, when a head's answer was lost (a failover)
     /// or the ticket waits more than [`PUSH_STAMPS_KEPT`](crate::PUSH_STAMPS_KEPT) pushes
-    /// late, only this worker's clock. A pull there has read its values before its ticket is
-    /// returned.
+    /// late, only this worker's clock. A pull there writes its values when waited on, as on one
+    /// server; should a tail have failed, it is made again then, whole.
     pub fn wait(mut self) -> Result<Stamp> {
         if self.mismatched {
             return Err(ClientError::Config { reason: "a detached ticket was resumed with an output of another length".into() });
         }
-        if let Some(pushed) = self.chained.take() {
-            let mut core = self.client.lock();
-            core.chain_settled(pushed.push, None)?;
-            return Ok(core.chain_push_stamp(pushed));
+        match self.chained.take() {
+            Some(Chained::Push(pushed)) => {
+                let mut core = self.client.lock();
+                core.chain_settled(pushed.push, None)?;
+                return Ok(core.chain_push_stamp(pushed));
+            }
+            Some(Chained::Pull(pull)) => {
+                let out = self.out.as_deref_mut().expect("a pull has an output");
+                let mut stamp = self.client.lock().chain_finish_pull(pull, out)?;
+                stamp.drop_trailing_zeros();
+                return Ok(stamp);
+            }
+            None => {}
         }
         let subs = std::mem::take(&mut self.subs);
         let mut core = self.client.lock();
@@ -215,11 +243,7 @@ impl Ticket<'_> {
             }
         }
         core.recycle(std::mem::take(&mut self.order), subs);
-        // Trailing zeros say nothing (an absent worker has clock 0): drop them, so stamps from
-        // replies and from one-sided reads, which carry different lengths, compare equal.
-        while stamp.clocks.last() == Some(&0) {
-            stamp.clocks.pop();
-        }
+        stamp.drop_trailing_zeros();
         failure.map_or(Ok(stamp), Err)
     }
 }
@@ -267,6 +291,13 @@ fn absorb(
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
+        if let Some(Chained::Pull(pull)) = self.chained {
+            // Its replies are let go as they come: nothing is written into its output.
+            if let Ok(mut core) = self.client.core.lock() {
+                core.chain_abandon_pull(pull);
+            }
+            return;
+        }
         if self.subs.is_empty() {
             return;
         }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, client_with, dense, server, sparse, Rng};
+use common::{client, client_with, dense, server, sparse, Cluster, Rng};
 use tessera_client::{Client, ClientConfig, ClientError, Consistency, Table};
 
 /// A dense table over `[0, 2000)` split over the server's two shards: a full-range call is two
@@ -70,6 +70,37 @@ fn after_waits_for_the_named_ticket_and_nothing_else() {
     on_shard_1.wait().unwrap();
     dependent.wait().unwrap();
     assert_eq!(out, ones, "the pull went after the push to its shard, in order on that link");
+    assert_eq!(client.in_flight(), 0);
+}
+
+/// On a cluster of chains of one, pulls are in flight as on a standalone server: a sequential
+/// call and a call `after` a pull ticket go out only once the pull's replies are in.
+#[test]
+fn sequential_and_after_wait_for_pulls_in_flight_on_chains_of_one() {
+    let cluster = Cluster::start(2, 2, 1, 8);
+    let client = cluster.client(0);
+    let table = two_shard_table(&client);
+    let ones = vec![1.0f32; 2_000];
+    let seq = table.clone().with_consistency(Consistency::Sequential);
+
+    let mut before = vec![f32::NAN; 2_000];
+    let pulled = client.pull_range(&table, 0, &mut before).unwrap();
+    assert!(client.in_flight() > 0, "eventual: the pull is in flight");
+    let pushed = client.push_range(&seq, 0, &ones).unwrap();
+    assert!(pulled.ready(Duration::ZERO).unwrap(), "sequential: the pull's replies were in before the push left");
+    pushed.wait().unwrap();
+    pulled.wait().unwrap();
+    assert!(before.iter().all(|&v| v == 0.0), "the pull went before the push");
+
+    let mut first = vec![f32::NAN; 2_000];
+    let pulled = client.pull_range(&table, 0, &mut first).unwrap();
+    let mut second = vec![f32::NAN; 10];
+    let dependent = client.call().after(&pulled).pull_range(&table, 1_500, &mut second).unwrap();
+    assert!(pulled.ready(Duration::ZERO).unwrap(), "after: the named pull's replies were in first");
+    assert!(client.in_flight() > 0, "the dependent pull itself is in flight");
+    dependent.wait().unwrap();
+    pulled.wait().unwrap();
+    assert_eq!((first, second), (ones, vec![1.0; 10]));
     assert_eq!(client.in_flight(), 0);
 }
 

@@ -354,8 +354,20 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         plain.transport()
     );
     println!(
-        "{:>8}  {:>14} {:>14} {:>6}   {:>14} {:>14} {:>6}   {:>16} {:>16} {:>6}",
-        "size", "push p50 µs", "replicated", "ratio", "pull p50 µs", "replicated", "ratio", "in flight GB/s", "replicated", "ratio"
+        "{:>8}  {:>14} {:>14} {:>6}   {:>14} {:>14} {:>6}   {:>16} {:>16} {:>6}   {:>16} {:>16} {:>6}",
+        "size",
+        "push p50 µs",
+        "replicated",
+        "ratio",
+        "pull p50 µs",
+        "replicated",
+        "ratio",
+        "in flight GB/s",
+        "replicated",
+        "ratio",
+        "pulls GB/s",
+        "replicated",
+        "ratio"
     );
     let budget = Duration::from_secs_f64(args.seconds);
     let mut report = Report { transport: plain.transport().to_string(), results: Vec::new(), ratios: Vec::new(), perftest: Vec::new() };
@@ -408,7 +420,16 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
             let plain_bw = stream(&plain, &plain_table, &mut clock, "push pipelined")?;
             let chain_bw = stream(&chain, &chain_table, &mut clock, "replicated push pipelined")?;
             line += &format!("   {:>16.3} {:>16.3} {:>5.2}x", plain_bw.gb_per_s, chain_bw.gb_per_s, chain_bw.gb_per_s / plain_bw.gb_per_s);
-            report.results.extend([plain_bw, chain_bw]);
+            // Pulls kept in flight the same way, each into a buffer of its own.
+            let pulls = |client: &Client, table: &Table, op| -> Result<Row> {
+                let mut stream = PullStream::new(window, size / 4);
+                let (hist, iters, took) = measure(budget, args.iters_max, &mut || stream.step(client, table))?;
+                stream.settle(client)?;
+                Ok(Row::measured(size, op, &hist, iters, took, size))
+            };
+            let (plain_pulls, chain_pulls) = (pulls(&plain, &plain_table, "pull pipelined")?, pulls(&chain, &chain_table, "replicated pull pipelined")?);
+            line += &format!("   {:>16.3} {:>16.3} {:>5.2}x", plain_pulls.gb_per_s, chain_pulls.gb_per_s, chain_pulls.gb_per_s / plain_pulls.gb_per_s);
+            report.results.extend([plain_bw, chain_bw, plain_pulls, chain_pulls]);
         }
         println!("{line}");
     }
@@ -444,6 +465,42 @@ fn keep_in_flight<'a>(flight: &mut VecDeque<Ticket<'a>>, window: usize, send: im
     }
     flight.push_back(send()?);
     Ok(())
+}
+
+/// A stream of dense pulls from key 0, each of a buffer's length, kept as many in flight as
+/// there are buffers. Tickets are detached, so a buffer is lent only while its ticket is
+/// waited on.
+struct PullStream {
+    outs: Vec<Vec<f32>>,
+    flight: VecDeque<(usize, tessera_client::Detached)>,
+}
+
+impl PullStream {
+    fn new(window: usize, values: usize) -> Self {
+        PullStream { outs: vec![vec![0f32; values]; window], flight: VecDeque::with_capacity(window) }
+    }
+
+    /// Waits for the oldest pull once the window is full, then sends the next into its buffer.
+    fn step(&mut self, client: &Client, table: &Table) -> Result<()> {
+        let mut next = self.flight.len();
+        if self.flight.len() >= self.outs.len() {
+            if let Some((at, oldest)) = self.flight.pop_front() {
+                client.resume(oldest, Some(&mut self.outs[at])).wait()?;
+                next = at;
+            }
+        }
+        let ticket = client.pull_range(table, 0, &mut self.outs[next])?.detach();
+        self.flight.push_back((next, ticket));
+        Ok(())
+    }
+
+    /// Waits for the pulls left in flight.
+    fn settle(&mut self, client: &Client) -> Result<()> {
+        while let Some((at, ticket)) = self.flight.pop_front() {
+            client.resume(ticket, Some(&mut self.outs[at])).wait()?;
+        }
+        Ok(())
+    }
 }
 
 /// Waits for the pushes a stream left in flight.

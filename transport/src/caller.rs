@@ -173,7 +173,9 @@ impl Caller {
     }
 
     /// [`finish`](Self::finish), with the body copied into `body` (cleared first): a caller
-    /// that keeps its buffers allocates nothing per reply.
+    /// that keeps its buffers allocates nothing per reply. A reply that does not come within a
+    /// `timeout` given leaves its request in flight ([`TransportError::Timeout`]): finish it
+    /// later. (Without one, the link's I/O timeout is a failure, and the request is let go.)
     pub fn finish_into(&mut self, timeout: Option<Duration>, body: &mut Vec<u8>) -> Result<Header> {
         let Some(over) = self.waiting.pop_front() else {
             return Err(TransportError::Rdma { reason: "waiting for a reply with no request in flight".into() });
@@ -185,7 +187,11 @@ impl Caller {
             #[cfg(feature = "rdma")]
             (Path::Rdma(rdma), Over::Tcp) => rdma.tcp(),
         };
-        crate::take_reply_into(link, timeout, body)
+        let taken = crate::take_reply_into(link, timeout, body);
+        if timeout.is_some() && matches!(taken, Err(TransportError::Timeout { .. })) {
+            self.waiting.push_front(over);
+        }
+        taken
     }
 
     /// The largest body that goes over the fast path (RDMA's slot, less the header), when there

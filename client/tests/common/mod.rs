@@ -17,6 +17,44 @@ pub fn server(shards: u16) -> Server {
     Server::start(cfg, UpdaterRegistry::new()).expect("an in-process server starts on loopback")
 }
 
+/// An embedded coordinator and in-process servers on loopback, every range on a chain of
+/// `replicas`. The servers stop before the coordinator.
+pub struct Cluster {
+    pub servers: Vec<Server>,
+    pub coordinator: tessera_coordinator::CoordinatorHandle,
+}
+
+impl Cluster {
+    /// `servers` servers of `shards` unpinned shards each, the tables cut into `ranges` ranges.
+    pub fn start(servers: u32, shards: u16, replicas: u32, ranges: u32) -> Cluster {
+        let rcfg = tessera_replication::config::ReplicationConfig { replicas, ranges, workers: 4, ..Default::default() };
+        let transport = tessera_transport::TransportConfig::default();
+        let store = Box::new(tessera_coordinator::Embedded);
+        let coordinator =
+            tessera_coordinator::CoordinatorHandle::start("127.0.0.1:0", rcfg, servers, &transport, store).expect("an embedded coordinator starts");
+        let servers = (1..=servers)
+            .map(|node| {
+                let mut cfg = ServerConfig::single("127.0.0.1:0");
+                cfg.engine.shards = shards;
+                cfg.engine.pin_cores = false;
+                let at = tessera_engine::chain::Locator::At(coordinator.local_addr().to_string());
+                cfg.replication = Some(tessera_engine::server::Join { node, coordinator: at, advertise: None });
+                Server::start(cfg, UpdaterRegistry::new()).expect("an in-process server joins the cluster")
+            })
+            .collect();
+        Cluster { servers, coordinator }
+    }
+
+    /// A client of the cluster as worker `worker`, over TCP.
+    pub fn client(&self, worker: u32) -> Client {
+        let addrs: Vec<String> = self.servers.iter().map(|s| s.local_addr().to_string()).collect();
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let mut cfg = ClientConfig::worker(worker);
+        cfg.kind = tessera_transport::TransportKind::Tcp;
+        Client::connect(&refs, cfg).expect("the client connects to the cluster")
+    }
+}
+
 /// A client of `server` as worker `worker`.
 pub fn client(server: &Server, worker: u32) -> Client {
     client_with(server, ClientConfig::worker(worker))
