@@ -50,6 +50,8 @@ pub enum EngineError {
     DiskFull { path: String },
     #[error("the write-ahead log failed ({reason}), so pushes are refused and not applied; pulls are still served from memory. Free the disk and restart the server, which recovers every acknowledged push")]
     LogFailed { reason: String },
+    #[error("this server's write-ahead log failed ({reason}): the server is leaving its chains, and the push goes to its range's next head once the coordinator names one (within its failure timeout)")]
+    LeavingChains { reason: String },
     #[error("a log record of {bytes} bytes does not fit the {left} bytes left in this commit")]
     LogBufferFull { bytes: usize, left: usize },
     #[error("{what} is corrupt: {reason}")]
@@ -88,6 +90,7 @@ impl EngineError {
             EngineError::ReplyTooLarge { .. } => Status::FrameTooLarge,
             EngineError::ShuttingDown => Status::ShuttingDown,
             EngineError::LogFailed { .. } => Status::NotDurable,
+            EngineError::LeavingChains { .. } => Status::Unacknowledged,
             EngineError::ArenaMap { .. } | EngineError::Io(_) | EngineError::Coordinator(_) | EngineError::Disk { .. } | EngineError::DiskFull { .. } => {
                 Status::Internal
             }

@@ -703,8 +703,12 @@ impl Service for Shard {
     fn held_failure(&self) -> Option<HeldFailure<'_>> {
         let log = self.disk.as_ref().and_then(ShardDisk::failure).map(|reason| HeldFailure { status: Status::NotDurable, reason });
         match &self.chain {
-            // A replica whose log failed never acknowledges again: that comes first.
-            Some(chain) => log.or_else(|| chain.failure().map(|reason| HeldFailure { status: Status::Unacknowledged, reason })),
+            // A replica whose log failed never acknowledges again: that comes first. Where its
+            // ranges have other members, the worker sends the pushes again to their next heads.
+            Some(chain) => {
+                let log = log.map(|l| if chain.replaceable() { HeldFailure { status: Status::Unacknowledged, ..l } } else { l });
+                log.or_else(|| chain.failure().map(|reason| HeldFailure { status: Status::Unacknowledged, reason }))
+            }
             None => log,
         }
     }

@@ -218,3 +218,77 @@ fn disk_full(blocking: bool) {
     assert!(srv.log().contains("recovered"), "{}", srv.log());
     check_recovered(srv.addr(), acked);
 }
+
+/// A full disk under one member of chains of two: three servers, the third's data directory on
+/// the small filesystem. Once its log fails, it stops heartbeating; the coordinator takes it
+/// for failed and its chains go on with their other members, so every push is acknowledged
+/// (some after a failover's pause) and the sums are exact. Restarted with room, it recovers
+/// from its disk, joins the chains again, and nothing is lost.
+#[test]
+fn a_full_disk_under_one_member_takes_it_out_of_its_chains_and_pushes_go_on() {
+    if !root() {
+        println!("skipped: mounting a tmpfs needs root (the test command runs as root)");
+        return;
+    }
+    let scratch = ScratchDir::new("disk-full-member");
+    let dirs: Vec<String> = (1..=3).map(|n| scratch.path().join(format!("node-{n}")).to_str().unwrap().to_string()).collect();
+    dirs.iter().for_each(|d| std::fs::create_dir_all(d).unwrap());
+    let fs = Tmpfs::mount(Path::new(&dirs[2]), "4m");
+    let coordinator = format!("127.0.0.1:{}", tessera_tests::free_port());
+    let args = ["--servers", "3", "--replicas", "2", "--ranges", "4", "--workers", "2", "--failure-timeout-ms", "1000"];
+    let _coordinator = ServerProc::coordinator_at(&coordinator, &args);
+    let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", tessera_tests::free_port())).collect();
+    let server_args = |n: usize| -> Vec<String> {
+        let node = (n + 1).to_string();
+        let args = ["--node-id", &node, "--shards", "1", "--no-pin", "--coordinator", &coordinator, "--durability", "wal"];
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend(["--data-dir", &dirs[n], "--checkpoint-interval-s", "0"].map(String::from));
+        args
+    };
+    let start = |n: usize| ServerProc::start_at(&addrs[n], &server_args(n).iter().map(String::as_str).collect::<Vec<_>>());
+    let mut servers: Vec<ServerProc> = (0..3).map(start).collect();
+    let client = Client::connect(&[servers[0].addr()], ClientConfig::worker(0)).unwrap();
+    client.create_table(&TableSpec::new("full", TableKind::Dense, 0, PUSH_KEYS, 1)).unwrap();
+    let table = client.table("full").unwrap();
+    let ones = vec![1f32; PUSH_KEYS as usize];
+    let chains = || -> Vec<tessera_replication::protocol::Chain> {
+        let body = tessera_transport::ask(&coordinator, tessera_transport::Op::ClusterConfig, &[], &Default::default()).unwrap();
+        let view: tessera_replication::protocol::ClusterView = serde_json::from_slice(&body).unwrap();
+        view.config.map(|c| c.chains).unwrap_or_default()
+    };
+    let in_chains = |node: u32| chains().iter().any(|chain| chain.nodes.contains(&tessera_replication::protocol::NodeId(node)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !chains().iter().all(|c| c.nodes.len() == 2) {
+        assert!(std::time::Instant::now() < deadline, "the chains did not reach two members: {:?}", chains());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(in_chains(3));
+
+    // Every push is acknowledged, through the third server's full disk and its leaving.
+    let pushes = 200u64;
+    let mut slowest = Duration::ZERO;
+    for n in 1..=pushes {
+        client.set_clock(n);
+        let began = std::time::Instant::now();
+        client.push_range(&table, 0, &ones).and_then(|t| t.wait()).unwrap_or_else(|e| panic!("push {n}: {e}\n{}", servers[2].log()));
+        slowest = slowest.max(began.elapsed());
+    }
+    println!("{pushes} pushes acknowledged, the slowest in {slowest:?}");
+    assert!(servers[2].wait_for_log("this server stops heartbeating", Duration::from_secs(5)), "{}", servers[2].log());
+    assert!(!in_chains(3), "the server whose log failed is still in a chain");
+    assert!(servers[2].is_running(), "it keeps running (for an operator to look at), out of every chain");
+    assert_eq!(value(&client), pushes as f32);
+
+    // Restarted with room, it recovers from its disk and joins the chains again.
+    servers[2].kill();
+    fs.resize("64m");
+    servers[2] = start(2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !in_chains(3) {
+        assert!(std::time::Instant::now() < deadline, "the restarted server did not rejoin its chains\n{}", servers[2].log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    client.set_clock(pushes + 1);
+    client.push_range(&table, 0, &ones).unwrap().wait().unwrap();
+    assert_eq!(value(&client), (pushes + 1) as f32);
+}

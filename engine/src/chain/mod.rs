@@ -352,6 +352,16 @@ impl ChainShard {
             r.tick(now);
         });
         let log_failed = disk.as_ref().is_some_and(|d| d.failure().is_some());
+        if log_failed && self.outbox.fail_stop() {
+            // Failing stop: a member that can make nothing durable again is taken for failed
+            // by the coordinator once its heartbeats stop, and its chains go on without it.
+            tracing::error!(
+                node = self.me.node.0,
+                reason = disk.as_ref().and_then(ShardDisk::failure).unwrap_or_default(),
+                "the write-ahead log failed: this server stops heartbeating, so that the coordinator takes it for failed and its chains go on without it \
+                 (a range whose only member it is waits for it); free the disk and restart it, and it comes back as a new member"
+            );
+        }
         // The transport's poll since the failure was raised has sent its replies as errors.
         if let Some(upto) = self.failing.take() {
             self.released_last = self.released_last.max(upto);
@@ -572,10 +582,15 @@ impl ChainShard {
         // A replica whose log failed would apply pushes it can never make durable, and never
         // acknowledges the ones it applied and did not log: a worker's pushes are refused, not
         // applied, as an unreplicated server's are, and its polls for acknowledgements are
-        // told why none will come. (The worker keeps its pushes, and sends them again once
-        // the server is restarted with room.)
+        // told why none will come. The server leaves its chains (see `pump`): where each of
+        // this shard's ranges has another member, the worker sends its pushes again to the
+        // next head; where this shard is a range's only member, it keeps them until the server
+        // is restarted with room.
         if let Some(reason) = disk.as_ref().and_then(ShardDisk::failure) {
-            return Err(EngineError::LogFailed { reason: reason.to_string() });
+            return Err(match self.replaceable() {
+                true => EngineError::LeavingChains { reason: reason.to_string() },
+                false => EngineError::LogFailed { reason: reason.to_string() },
+            });
         }
         for msg in &decoded {
             let Msg::Push { range, worker: w, payload, .. } = msg else {
@@ -673,6 +688,14 @@ impl ChainShard {
     /// Whether this shard holds `range`'s data now, so it may serve pulls of it.
     pub fn holds(&self, range: u32) -> bool {
         self.replica.range_state(RangeId(range)).is_some_and(|s| s.installed)
+    }
+
+    /// Whether every range of this shard whose chain this server is in has another member:
+    /// the cluster can do without this server's shard (its log failed, say).
+    pub fn replaceable(&self) -> bool {
+        let Some(config) = self.replica.config() else { return false };
+        let mine = |(range, _): &(usize, &tessera_replication::protocol::Chain)| shard_of_range(*range as u32, self.rcfg.ranges, self.shards) == self.shard;
+        config.chains.iter().enumerate().filter(mine).filter(|(_, c)| c.nodes.contains(&self.me.node)).all(|(_, c)| c.nodes.len() > 1)
     }
 
     pub fn ranges(&self) -> u32 {

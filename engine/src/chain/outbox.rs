@@ -8,13 +8,14 @@
 //! the coordinator, and its reply may carry a newer configuration, which is handed to the shards.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 use tessera_layout::catalog::ServerInfo;
 use tessera_replication::codec;
-use tessera_replication::protocol::{ClusterConfig, Msg, NodeId, RangeId, RangeReport};
+use tessera_replication::protocol::{ClusterConfig, ClusterView, Msg, NodeId, RangeId, RangeReport};
 use tessera_transport::{Caller, Dialer, Header, Op, TransportError, CONTROL_SHARD};
 
 use super::Locator;
@@ -28,6 +29,8 @@ const PEER_BATCH_MAX: usize = 256;
 /// Longest a peer's thread stays parked with nothing queued before it looks again. Its shards
 /// unpark it whenever they queue a message, so this is only a bound.
 const PEER_PARK_MAX: Duration = Duration::from_millis(100);
+/// How often a server whose heartbeats stopped asks the coordinator for its configuration.
+const SILENT_CONFIG_GAP: Duration = Duration::from_millis(200);
 /// How long a destination that refused a connection is left alone.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
 /// Largest request a shard starts on a peer's link itself. The link has nothing in flight, so
@@ -85,6 +88,8 @@ pub struct Outbox {
     /// Where a shard encodes a request it starts itself.
     direct_body: Vec<u8>,
     on_replied: Replied,
+    /// Set for good once this server's log failed ([`fail_stop`](Self::fail_stop)).
+    silenced: Arc<AtomicBool>,
 }
 
 /// [`OnReplied`], shown by name.
@@ -116,11 +121,23 @@ impl Outbox {
         }
         let shared = latest.clone();
         let link_dialer = dialer.clone();
+        let silenced: Arc<AtomicBool> = Arc::default();
+        let quiet = silenced.clone();
         std::thread::Builder::new()
             .name("tessera-coord-out".into())
-            .spawn(move || heartbeats(me, &coordinator, &link_dialer, &rx, &shared, &*on_config))
+            .spawn(move || heartbeats(me, &coordinator, &link_dialer, &rx, &shared, &*on_config, &quiet))
             .expect("a thread for the coordinator's link");
-        Outbox { me, dialer, latest, coordinator: tx, peers: Arc::default(), local: HashMap::new(), direct_body: Vec::new(), on_replied: Replied(on_replied) }
+        Outbox {
+            me,
+            dialer,
+            latest,
+            coordinator: tx,
+            peers: Arc::default(),
+            local: HashMap::new(),
+            direct_body: Vec::new(),
+            on_replied: Replied(on_replied),
+            silenced,
+        }
     }
 
     /// The newest configuration heard of.
@@ -128,8 +145,19 @@ impl Outbox {
         self.latest.lock().expect("no panics under this lock").clone()
     }
 
+    /// Queues `msg` (a heartbeat) for the coordinator, unless this server has stopped them.
     pub fn to_coordinator(&self, msg: Msg) {
-        let _ = self.coordinator.try_send(msg);
+        if !self.silenced.load(Ordering::Acquire) {
+            let _ = self.coordinator.try_send(msg);
+        }
+    }
+
+    /// Stops this server's heartbeats for good, every shard's: its log failed, so it can make
+    /// nothing durable again, and the coordinator is to take it for failed and carry its chains
+    /// on without it (a range whose only member it is keeps it: the range waits for its
+    /// restart rather than lose its data). True for the call that stopped them.
+    pub fn fail_stop(&self) -> bool {
+        !self.silenced.swap(true, Ordering::AcqRel)
     }
 
     /// Sends `msg` to `node`'s shard `shard`: at once when the peer's thread is idle and its
@@ -289,11 +317,34 @@ impl Linked {
 /// How often a coordinator's refusal of this server's heartbeats is logged again.
 const REFUSAL_REPEAT: Duration = Duration::from_secs(10);
 
-fn heartbeats(me: NodeId, coordinator: &Locator, dialer: &Dialer, rx: &Receiver<Msg>, latest: &Latest, on_config: &dyn Fn(Arc<ClusterConfig>)) {
+fn heartbeats(
+    me: NodeId,
+    coordinator: &Locator,
+    dialer: &Dialer,
+    rx: &Receiver<Msg>,
+    latest: &Latest,
+    on_config: &dyn Fn(Arc<ClusterConfig>),
+    silenced: &AtomicBool,
+) {
     let mut linked = Linked::new();
     let mut addr: Option<String> = None;
     let mut refusal_said = None;
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match rx.recv_timeout(SILENT_CONFIG_GAP) {
+            Ok(first) => first,
+            Err(channel::RecvTimeoutError::Timeout) => {
+                if silenced.load(Ordering::Acquire) {
+                    // Heartbeats stopped (see `Outbox::fail_stop`): the configurations that
+                    // take this server out of its chains are asked for instead.
+                    let asked = coordinator.resolve().ok().and_then(|at| tessera_transport::ask(&at, Op::ClusterConfig, &[], &dialer.cfg).ok());
+                    if let Some(ClusterView { config: Some(config), .. }) = asked.and_then(|body| serde_json::from_slice(&body).ok()) {
+                        deliver(latest, on_config, Arc::new(config));
+                    }
+                }
+                continue;
+            }
+            Err(channel::RecvTimeoutError::Disconnected) => return,
+        };
         let msg = newest_heartbeat(first, rx);
         if addr.is_none() {
             match coordinator.resolve() {
