@@ -141,6 +141,10 @@ pub struct ChainStats {
     /// too large for a slot).
     pub rdma_calls: u64,
     pub tcp_calls: u64,
+    /// Pieces (one per range a push reaches) of acknowledged pushes that their range said it no
+    /// longer holds (its only server restarted without its disk, or its chain came back from
+    /// an older checkpoint): lost, and the pushes after them numbered on from what it holds.
+    pub push_pieces_lost: u64,
 }
 
 /// A cluster view (`Op::ClusterConfig`'s reply body) and the server that gave it.
@@ -188,6 +192,9 @@ pub(crate) struct Chain {
     /// A head did not hold a key list a push named by its hash: what it refused is resent in
     /// full at once.
     keys_unknown: bool,
+    /// A range lost acknowledged pushes and the ones waiting were numbered anew: they are
+    /// resent at once.
+    renumbered_resend: bool,
     /// Requests sent and not yet answered, oldest first over every link: push frames, and the
     /// parts of pulls whose tickets have not taken their values.
     in_flight: VecDeque<InFlight>,
@@ -287,6 +294,7 @@ impl Chain {
             links_made: 0,
             key_cache_keys: cfg.key_cache_keys,
             keys_unknown: false,
+            renumbered_resend: false,
             in_flight: VecDeque::new(),
             pulls: Vec::new(),
             pulls_started: 0,
@@ -687,7 +695,10 @@ impl Chain {
             self.met_stamp(sent.push, &[]);
         }
         match decoded {
-            Ok(Ok(())) => news.drain(..).for_each(|n| stale |= self.pusher.on_msg(now, n)),
+            Ok(Ok(())) => {
+                news.drain(..).for_each(|n| stale |= self.pusher.on_msg(now, n));
+                self.follow_renumbering();
+            }
             Ok(Err(e)) => tracing::warn!(node, error = %e, "a malformed acknowledgement"),
             Err(ClientError::Server { status, server, message }) if sent.first && never_applies(status) && !sent.pieces.is_empty() => {
                 for piece in &sent.pieces {
@@ -925,6 +936,36 @@ impl Chain {
         self.frames = frames;
     }
 
+    /// Maps the seqs this client keeps of pushes the pusher numbered anew (a range that lost
+    /// acknowledged pushes, see `Pusher::renumber_after`), and says what was lost.
+    fn follow_renumbering(&mut self) {
+        if self.pusher.renumbered.is_empty() {
+            return;
+        }
+        for (range, old_first, new_first) in std::mem::take(&mut self.pusher.renumbered) {
+            tracing::warn!(
+                range = range.0,
+                pieces_lost = self.pusher.lost,
+                "a range holds fewer of this worker's pushes than were acknowledged (its only server restarted without its disk, or its chain came back from an older checkpoint): \
+                 those are lost, and the pushes not yet acknowledged are numbered on from what it holds"
+            );
+            // Pieces below the first renumbered one were acknowledged (then lost): done with.
+            let remap = |pieces: &mut Vec<(RangeId, u32)>| {
+                pieces.retain(|(r, seq)| *r != range || *seq >= old_first);
+                pieces.iter_mut().filter(|(r, _)| *r == range).for_each(|(_, seq)| *seq = *seq - old_first + new_first);
+            };
+            self.unconfirmed.iter_mut().for_each(|(_, pieces)| remap(pieces));
+            self.in_flight.iter_mut().for_each(|f| {
+                if let InFlight::Push(sent, _) = f {
+                    remap(&mut sent.pieces);
+                }
+            });
+        }
+        self.stats.push_pieces_lost = self.pusher.lost;
+        // The renumbered pushes go again at once, not after the retry timer.
+        self.renumbered_resend = true;
+    }
+
     /// Drops the pushes acknowledged from the front of [`unconfirmed`](Self::unconfirmed).
     fn confirm(&mut self) {
         while let Some((_, pieces)) = self.unconfirmed.front() {
@@ -994,6 +1035,7 @@ impl Chain {
                     self.pusher.on_msg(now, msg);
                 }
             }
+            self.follow_renumbering();
             if left.iter().any(|r| !self.counted[*r as usize]) {
                 if Instant::now() > deadline {
                     return Err(ClientError::Unavailable { reason: format!("no head answered for ranges {left:?}") });
@@ -1209,7 +1251,7 @@ impl Chain {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);
             }
-            if std::mem::take(&mut self.keys_unknown) {
+            if std::mem::take(&mut self.keys_unknown) | std::mem::take(&mut self.renumbered_resend) {
                 self.resend_now();
             }
             let before = self.pusher.unacked();

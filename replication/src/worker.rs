@@ -27,6 +27,14 @@ pub struct Pusher {
     /// refused or times out, as a watch would deliver it.
     pub view: Arc<ClusterConfig>,
     pub out: Vec<(Addr, Msg)>,
+    /// Ranges whose pushes not yet acknowledged were numbered anew (see
+    /// [`renumber_after`](Self::renumber_after)): the range, the first such push's seq before,
+    /// and after. The caller maps the seqs it keeps (those below the first were acknowledged),
+    /// and takes these.
+    pub renumbered: Vec<(RangeId, u32, u32)>,
+    /// Acknowledged pushes that their ranges said they no longer hold, counted per range when
+    /// found.
+    pub lost: u64,
 }
 
 impl Pusher {
@@ -41,6 +49,8 @@ impl Pusher {
             head_applied: vec![(0, 0); n],
             view,
             out: Vec::new(),
+            renumbered: Vec::new(),
+            lost: 0,
         }
     }
 
@@ -88,6 +98,29 @@ impl Pusher {
         }
     }
 
+    /// Numbers the pushes to `range` not yet acknowledged on from `seq`, a chain member's count
+    /// of this worker's pushes it holds, when that is below what was acknowledged. Every
+    /// member of a chain holds every acknowledged push, so the range has lost some: its only
+    /// server restarted without its disk, or every member came back from a checkpoint older
+    /// than them. Its members would take the pushes that follow for pushes after a gap, and
+    /// drop them for ever; numbered on from what they hold, they are applied. The lost ones
+    /// are counted in [`lost`](Self::lost). The caller resends at once ([`resend`](Self::resend)
+    /// with no wait).
+    fn renumber_after(&mut self, range: RangeId, seq: u32) {
+        let r = range.0 as usize;
+        if seq >= self.acked[r] {
+            return;
+        }
+        self.lost += u64::from(self.acked[r] - seq);
+        // Acknowledgements are cumulative: every push after the last acknowledged one waits.
+        self.renumbered.push((range, self.acked[r] + 1, seq + 1));
+        self.acked[r] = seq;
+        for (i, (s, _)) in self.pending[r].iter_mut().enumerate() {
+            *s = seq + 1 + i as u32;
+        }
+        self.next_seq[r] = seq + self.pending[r].len() as u32;
+    }
+
     /// Takes back push `seq` to `range`, which a head refused outright (a push that can never
     /// be applied: an unknown table, no room...), so that the next push to the range reuses
     /// its number. Only the last push started can be taken back, and only when it was never
@@ -121,6 +154,7 @@ impl Pusher {
             Msg::NotHead { config_id, .. } => config_id > self.view.id || config_id == 0,
             Msg::SeqCount { range, seq } => {
                 self.start_after(range, seq);
+                self.renumber_after(range, seq);
                 if let Some(applied) = self.head_applied.get_mut(range.0 as usize) {
                     *applied = (self.view.id, seq);
                 }
@@ -208,5 +242,30 @@ mod tests {
         p.view = config(2, 2);
         p.resend(1220, 300);
         assert_eq!(resent(&mut p), vec![(NodeId(2), 2), (NodeId(2), 3)]);
+    }
+
+    /// A head that holds fewer of the worker's pushes than were acknowledged (its range lost
+    /// them) gets the pushes still waiting numbered on from what it holds; the caller is told
+    /// how the numbers moved, and later pushes follow on.
+    #[test]
+    fn a_range_that_lost_acknowledged_pushes_takes_the_rest_numbered_on_from_what_it_holds() {
+        let range = RangeId(0);
+        let mut p = Pusher::new(WorkerId(0), 1, config(1, 1));
+        for seq in 1..=5 {
+            p.push(0, range, Arc::new(vec![seq as u8]));
+        }
+        p.on_msg(10, Msg::PushAck { range, seq: 3 });
+        p.out.clear();
+        // The head holds 1 push of this worker's: 2 acknowledged ones are gone.
+        p.on_msg(20, Msg::SeqCount { range, seq: 1 });
+        assert_eq!((p.lost, std::mem::take(&mut p.renumbered)), (2, vec![(range, 4, 2)]));
+        p.resend(20, 0);
+        assert_eq!(resent(&mut p), vec![(NodeId(1), 2), (NodeId(1), 3)]);
+        assert_eq!(p.push(30, range, Arc::new(vec![6])), 4);
+        // Counts at or above what was acknowledged since change nothing.
+        p.on_msg(40, Msg::PushAck { range, seq: 2 });
+        p.on_msg(50, Msg::SeqCount { range, seq: 2 });
+        p.on_msg(60, Msg::SeqCount { range, seq: 4 });
+        assert_eq!((p.lost, p.renumbered.len(), p.in_flight(range)), (2, 0, 2));
     }
 }
