@@ -1338,13 +1338,7 @@ impl Chain {
             self.send_pull_parts(table, number, unplaced, &mut parts);
         }
         self.spans = pieces;
-        self.pulls_left = left;
-        self.pull_parts = parts;
-        if let Err(e) = started {
-            self.abandon_pull(number);
-            return Err(e);
-        }
-        Ok(number)
+        self.pull_started(number, started, left, parts)
     }
 
     /// Starts a pull of the values of `keys` (`dim` per key, into an output of as many values
@@ -1376,6 +1370,12 @@ impl Chain {
             self.groups = groups;
             self.send_pull_parts(table, number, unplaced, &mut parts);
         }
+        self.pull_started(number, started, left, parts)
+    }
+
+    /// Pull `number`'s number once its requests are sent (`started`), or why it failed (it is
+    /// then let go: what it sent only reads). Keeps the buffers the start used.
+    fn pull_started(&mut self, number: u64, started: Result<()>, left: Vec<(u32, Keys)>, parts: Vec<PullPart>) -> Result<u64> {
         self.pulls_left = left;
         self.pull_parts = parts;
         if let Err(e) = started {
