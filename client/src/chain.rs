@@ -1229,15 +1229,13 @@ impl Chain {
     }
 
     /// Waits until push number `push` and every push before it are acknowledged, or until
-    /// `deadline` (then returns false). Takes the replies to the frames in flight, oldest
+    /// `deadline` (then returns false, having waited no longer for any reply). Takes the replies to the frames in flight, oldest
     /// first; if those do not acknowledge it, polls the heads of ranges with pushes in flight
     /// and resends to the current heads what waited too long. Fails after [`CALL_TIMEOUT`] in
     /// all, or with the error of a push a head refused outright.
     pub fn settle_through(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
-        while !self.confirmed_through(push) && self.collect_oldest() {}
-        if !self.confirmed_through(push) {
-            self.collect_in_flight();
-        }
+        // (With a deadline, a reply that does not come by then stays in flight.)
+        while !self.confirmed_through(push) && self.collect_at(0, deadline) {}
         let began = Instant::now();
         let timeout = began + CALL_TIMEOUT;
         let mut pause = Duration::from_micros(50);

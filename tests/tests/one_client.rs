@@ -350,3 +350,43 @@ fn calls_over_the_servers_frame_limit_are_cut_to_fit_on_a_replicated_cluster() {
     client.pull(&bounded, &sparse, &mut got).expect("pull").wait().expect("pulled");
     assert!(got.iter().all(|v| *v == 3.0), "every part of both pushes applied once: {:?}", &got[..4]);
 }
+
+/// `Ticket::ready` with a timeout waits no longer than it, on a replicated cluster too: with
+/// every server frozen (SIGSTOP), a push's and a pull's `ready` say false in about their
+/// timeout, and once the servers go on, both tickets end as usual.
+#[test]
+fn ready_waits_no_longer_than_its_timeout_on_a_replicated_cluster() {
+    let cluster = Cluster::start(2);
+    let client = cluster.client(config(0));
+    let table = client.create_table(&sum_table("ready", TableKind::Dense, 1_000, 1)).unwrap();
+    client.push_range(&table, 0, &[1.0; 1_000]).unwrap().wait().unwrap();
+    // The links made first: making one to a frozen server waits for its hello.
+    assert_eq!(pull_all(&client, &table), vec![1.0; 1_000]);
+    cluster.servers.iter().for_each(ServerProc::freeze);
+    let pushed = client.push_range(&table, 0, &[1.0; 1_000]).unwrap();
+    let mut out = vec![0f32; 1_000];
+    let began = std::time::Instant::now();
+    let push_ready = pushed.ready(Duration::from_millis(50)).unwrap();
+    let push_looked = began.elapsed();
+    let pulled = client.pull_range(&table, 0, &mut out).unwrap();
+    let began = std::time::Instant::now();
+    let pull_ready = pulled.ready(Duration::from_millis(50)).unwrap();
+    let pull_looked = began.elapsed();
+    cluster.servers.iter().for_each(ServerProc::resume);
+    assert!(
+        !push_ready && !pull_ready,
+        "nothing can be ready while every server is frozen (push {push_ready} in {push_looked:?}, pull {pull_ready} in {pull_looked:?})"
+    );
+    assert!(push_looked < Duration::from_secs(2) && pull_looked < Duration::from_secs(2), "ready took {push_looked:?} and {pull_looked:?}");
+    assert!(pushed.ready(Duration::from_secs(30)).unwrap());
+    pushed.wait().unwrap();
+    pulled.wait().unwrap();
+    assert!(out.iter().all(|v| *v == 1.0 || *v == 2.0), "the pull saw the first push, and maybe the second");
+    assert_eq!(pull_all(&client, &table), vec![2.0; 1_000]);
+}
+
+fn pull_all(client: &Client, table: &tessera_client::Table) -> Vec<f32> {
+    let mut out = vec![0f32; table.spec().end as usize];
+    client.pull_range(table, 0, &mut out).unwrap().wait().unwrap();
+    out
+}
