@@ -134,6 +134,8 @@ pub struct ChainStats {
     /// Requests sent by a key list's hash that a server shard no longer held (it keeps fewer
     /// lists than the client's `key_cache_keys` assumes), sent again with their keys.
     pub keys_unknown: u64,
+    /// Key lists sent by their hash (key-list caching), pushes' and pulls'.
+    pub lists_by_hash: u64,
     /// Bytes of frames (headers and bodies) sent and received, replies included.
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -145,6 +147,9 @@ pub struct ChainStats {
     /// longer holds (its only server restarted without its disk, or its chain came back from
     /// an older checkpoint): lost, and the pushes after them numbered on from what it holds.
     pub push_pieces_lost: u64,
+    /// Times the pushes and pulls in flight were let go with a standalone server that stopped
+    /// answering, or that came back as another cluster.
+    pub given_up: u64,
 }
 
 /// A cluster view (`Op::ClusterConfig`'s reply body) and the server that gave it.
@@ -152,6 +157,35 @@ pub struct ChainStats {
 pub(crate) struct ViewFrom {
     pub addr: String,
     pub view: Vec<u8>,
+}
+
+/// `config` with the members that advertise an unspecified address (a server listening on
+/// `0.0.0.0` without `--advertise`) reached at the host of `from`, the server that gave it.
+fn reachable(mut config: ClusterConfig, from: &str) -> ClusterConfig {
+    let Some((host, _)) = from.rsplit_once(':') else { return config };
+    for member in &mut config.members {
+        if let Ok(at) = member.addr.parse::<std::net::SocketAddr>() {
+            if at.ip().is_unspecified() {
+                member.addr = format!("{host}:{}", at.port());
+            }
+        }
+    }
+    config
+}
+
+/// Runs of pushes let go ([`Chain::give_up`]) remembered, for their tickets.
+const LOST_RUNS_KEPT: usize = 16;
+
+/// How long a client's reconnection attempts take in all ([`ClientConfig::reconnect_attempts`],
+/// [`ClientConfig::reconnect_pause_ms`] doubling up to a second).
+fn reconnect_patience(cfg: &ClientConfig) -> Duration {
+    let mut pause = cfg.reconnect_pause_ms;
+    let mut total = 0;
+    for _ in 0..cfg.reconnect_attempts {
+        total += pause;
+        pause = (pause * 2).min(1_000);
+    }
+    Duration::from_millis(total)
 }
 
 /// A table as a push or pull names it: its id on every server, and its definition.
@@ -250,6 +284,29 @@ pub(crate) struct Chain {
     /// Per range: whether the pushes are numbered on from the head's count of this worker's
     /// pushes (see [`count_pushes`](Self::count_pushes)).
     counted: Vec<bool>,
+    /// The cluster's name (0 when its servers did not say).
+    cluster: u64,
+    /// The cluster is one standalone server: nothing takes its ranges over while it is down.
+    alone: bool,
+    /// The servers serve RDMA (as the first to answer said).
+    serves_rdma: bool,
+    /// How long pushes wait for a standalone server that does not answer before they are let
+    /// go ([`ClientConfig::reconnect_attempts`]).
+    alone_patience: Duration,
+    reconnect_attempts: u32,
+    /// Since when a standalone server has not answered pushes (cleared by its next answer).
+    down_since: Option<Instant>,
+    /// Why the last link dropped for a failure was dropped.
+    link_lost: String,
+    /// What the link said when the standalone server stopped answering.
+    down_because: String,
+    /// Pushes let go with their cluster ([`give_up`](Self::give_up)): the first and last
+    /// number of each run, newest last, and why.
+    lost: VecDeque<(u64, u64)>,
+    lost_reason: String,
+    /// Counts the times the servers turned out to be another cluster: table handles read
+    /// before are looked up again by name.
+    pub generation: u64,
     started: Instant,
     pub stats: ChainStats,
     /// When a push's head last could not be reached (the configuration is then fetched again
@@ -273,11 +330,22 @@ impl Chain {
         let (view, info, catalog) = loop {
             match Self::fetch(&seeds, &dialer.cfg, known.take()) {
                 Ok((view, Some(info), Some(catalog))) if view.config.is_some() => break (view, info, catalog),
+                // Nothing listens there, or it cannot prove it holds the cluster's secret: said
+                // at once, not waited out.
+                Err(e @ ClientError::Transport(TransportError::Connect { .. } | TransportError::AuthFailed { .. })) => return Err(e),
                 Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
                 Ok(_) => return Err(ClientError::Unavailable { reason: "the cluster has no configuration yet".into() }),
                 Err(e) => return Err(e),
             }
         };
+        let distinct: BTreeSet<&String> = seeds.iter().collect();
+        if info.alone && distinct.len() > 1 {
+            let reason = format!(
+                "{} are standalone servers, not a cluster: connect to one of them, or start the servers with a coordinator (`tessera coordinator --replicas 1` keeps one copy of every range) and connect to any of them",
+                seeds.join(", ")
+            );
+            return Err(ClientError::Config { reason });
+        }
         let config = Arc::new(view.config.expect("checked above"));
         let ranges = view.replication.ranges;
         let chain = Self {
@@ -323,6 +391,17 @@ impl Chain {
             refused: None,
             read_stamp: Vec::new(),
             counted: vec![false; ranges as usize],
+            cluster: info.cluster,
+            alone: info.alone,
+            serves_rdma: info.rdma,
+            alone_patience: reconnect_patience(cfg),
+            reconnect_attempts: cfg.reconnect_attempts,
+            down_since: None,
+            down_because: String::new(),
+            link_lost: String::new(),
+            lost: VecDeque::new(),
+            lost_reason: String::new(),
+            generation: 0,
             started: Instant::now(),
             stats: ChainStats::default(),
             unreachable_at: None,
@@ -344,7 +423,8 @@ impl Chain {
     /// Sends `op` with `body` to every member's control plane; each reply's body.
     pub fn ask_members(&mut self, op: Op, body: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
         self.refresh();
-        self.members().into_iter().map(|addr| ask(&addr, op, body, &self.dialer.cfg).map_err(|e| in_server(&addr, e)).map(|reply| (addr, reply))).collect()
+        let cfg = self.asking();
+        self.members().into_iter().map(|addr| ask(&addr, op, body, &cfg).map_err(|e| in_server(&addr, e)).map(|reply| (addr, reply))).collect()
     }
 
     /// Sends `op` with `body` to every server this client knows of: the configuration's
@@ -362,15 +442,27 @@ impl Chain {
                 all.push(seed.clone());
             }
         }
+        let cfg = self.asking();
         for addr in &all {
-            ask(addr, op, body, &self.dialer.cfg).map_err(|e| in_server(addr, e))?;
+            ask(addr, op, body, &cfg).map_err(|e| in_server(addr, e))?;
         }
         Ok(())
     }
 
-    /// The transport of the links made so far: `"rdma"` when every one is RDMA.
+    /// How control requests go: within the cluster's frame limit, so that one too large is
+    /// refused here, before anything is sent.
+    fn asking(&self) -> TransportConfig {
+        TransportConfig { frame_bytes_max: self.frame_bytes_max, ..self.dialer.cfg.clone() }
+    }
+
+    /// The transport of the links made so far: `"rdma"` when every one is RDMA. Before any,
+    /// the one they will take: RDMA when this client and the servers both have it.
     pub fn transport(&self) -> &'static str {
-        if !self.links.is_empty() && self.links.values().all(|l| l.caller.kind() == "rdma") {
+        let rdma = match self.links.is_empty() {
+            true => self.dialer.chosen.name() == "rdma" && self.serves_rdma,
+            false => self.links.values().all(|l| l.caller.kind() == "rdma"),
+        };
+        if rdma {
             "rdma"
         } else {
             "tcp"
@@ -409,7 +501,8 @@ impl Chain {
             match asked {
                 Ok((view, info, catalog)) => {
                     let bad = |e: serde_json::Error| ClientError::Protocol { server: addr.clone(), reason: e.to_string() };
-                    let view: ClusterView = serde_json::from_slice(&view).map_err(bad)?;
+                    let mut view: ClusterView = serde_json::from_slice(&view).map_err(bad)?;
+                    view.config = view.config.map(|c| reachable(c, addr));
                     return Ok((view, serde_json::from_slice(&info).ok(), serde_json::from_slice(&catalog).ok()));
                 }
                 Err(e) => last = Some(e),
@@ -429,7 +522,7 @@ impl Chain {
             let Ok(body) = ask(&addr, Op::ClusterConfig, &[], &self.dialer.cfg) else { continue };
             let Ok(ClusterView { config: Some(config), .. }) = serde_json::from_slice::<ClusterView>(&body) else { continue };
             if config.id > self.pusher.view.id {
-                self.pusher.view = Arc::new(config);
+                self.pusher.view = Arc::new(reachable(config, &addr));
             }
             return;
         }
@@ -438,7 +531,8 @@ impl Chain {
     /// Fetches the configuration again if it is older than [`CONFIG_AGE_MAX`]. Pushes not yet
     /// acknowledged when it changed are resent at once to the heads it names.
     fn refresh_if_old(&mut self) {
-        if self.refreshed_at.elapsed() < CONFIG_AGE_MAX {
+        // (A standalone server's configuration never changes.)
+        if self.alone || self.refreshed_at.elapsed() < CONFIG_AGE_MAX {
             return;
         }
         let known = self.pusher.view.id;
@@ -463,7 +557,9 @@ impl Chain {
         let spec = table.spec;
         let end = start.checked_add(count).filter(|e| start >= spec.start && *e <= spec.end && count > 0);
         let Some(end) = end else {
-            return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key: start, start: spec.start, end: spec.end });
+            // (The first key outside the table.)
+            let key = if start < spec.start { start } else { start.max(spec.end) };
+            return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key, start: spec.start, end: spec.end });
         };
         debug_assert!(spec.kind == TableKind::Dense, "a span of a sparse table goes by its keys (`sparse_span`)");
         out.clear();
@@ -489,6 +585,14 @@ impl Chain {
         }
         if !self.links.contains_key(&key) {
             let caller = self.dialer.caller(&member.addr, key.shard as u64, self.worker, ServerInfo::serves_rdma)?.compressing(self.compress);
+            let cluster = serde_json::from_slice::<ServerInfo>(caller.hello()).map_or(0, |info| info.cluster);
+            if cluster != 0 && self.cluster != 0 && cluster != self.cluster {
+                let addr = member.addr.clone();
+                let reason = format!("{addr} now serves cluster {cluster:016x}, not {:016x} (restarted without its data?)", self.cluster);
+                tracing::warn!(server = %addr, "{reason}: the pushes and pulls in flight are let go, and tables are looked up again by name");
+                self.replaced(cluster, &addr, reason.clone());
+                return Err(ClientError::OutcomeUnknown { server: addr, reason });
+            }
             self.links_made += 1;
             let linked = Linked { made: self.links_made, addr: member.addr.clone(), caller, lists: KeyLists::new(self.key_cache_keys) };
             self.links.insert(key, linked);
@@ -524,6 +628,9 @@ impl Chain {
         });
         match started {
             Ok((before, after, link)) => {
+                if call.header.flags & flags::KEYS_CACHED != 0 {
+                    self.stats.lists_by_hash += 1;
+                }
                 self.stats.rdma_calls += after.rdma - before.rdma;
                 self.stats.tcp_calls += after.tcp - before.tcp;
                 let sent = call.header.frame_len();
@@ -535,6 +642,7 @@ impl Chain {
             }
             Err(e) => {
                 self.links.remove(&call.to);
+                self.link_lost = e.to_string();
                 Err(e)
             }
         }
@@ -553,7 +661,10 @@ impl Chain {
             Some(link) if link.made == started.link => link,
             // The link failed while this request was in flight (another request on it saw the
             // failure): its reply is lost with it.
-            _ => return Some(Err(ClientError::Unavailable { reason: format!("the link to {} broke before the reply came", self.addr_of(started.to.node)) })),
+            _ => {
+                let reason = format!("the link to {} broke before the reply came ({})", self.addr_of(started.to.node), self.link_lost);
+                return Some(Err(ClientError::Unavailable { reason }));
+            }
         };
         let mut body = self.spare_replies.take();
         let replied = link.caller.finish_into(timeout, &mut body).map(|header| (header, body));
@@ -572,6 +683,7 @@ impl Chain {
             Err(TransportError::Refused { status, reason }) => Err(ClientError::Server { server: self.addr_of(started.to.node), status, message: reason }),
             Err(e) => {
                 self.links.remove(&started.to);
+                self.link_lost = e.to_string();
                 Err(e.into())
             }
         })
@@ -676,6 +788,9 @@ impl Chain {
         let mut stale = false;
         let stamped = sent.push > 0 && !sent.pieces.is_empty();
         let mut news = std::mem::take(&mut self.news);
+        if replied.is_ok() {
+            self.down_since = None;
+        }
         let decoded = replied.map(|(header, body)| {
             // A head's answer to pushes starts with the stamp of what it applied.
             let decoded = match body.split_at_checked(header.count as usize * 8) {
@@ -728,6 +843,10 @@ impl Chain {
             Err(e) => {
                 tracing::debug!(node, error = %e, "push link failed");
                 self.unreachable_at = Some(Instant::now());
+                if self.alone && self.down_since.is_none() {
+                    self.down_since = Some(Instant::now());
+                    self.down_because = e.to_string();
+                }
             }
         }
         news.clear();
@@ -862,7 +981,10 @@ impl Chain {
                 awaited.push((tail, shard, Msg::PushAck { range: *range, seq: *seq }));
             }
             let cached = match caching {
-                true => self.links.get_mut(&LinkKey { node, shard, lane: Lane::Push }).and_then(|l| with_cached_keys(&mut l.lists, &msg, &mut self.payloads)),
+                true => self
+                    .links
+                    .get_mut(&LinkKey { node, shard, lane: Lane::Push })
+                    .and_then(|l| with_cached_keys(&mut l.lists, &msg, &mut self.payloads, &mut self.stats)),
                 false => None,
             };
             let frame = &mut frames[at];
@@ -1000,7 +1122,7 @@ impl Chain {
         if ranges.iter().all(|r| self.counted[*r as usize]) {
             return Ok(());
         }
-        let deadline = Instant::now() + CALL_TIMEOUT;
+        let deadline = Instant::now() + self.patience();
         loop {
             let left: Vec<u32> = ranges.iter().copied().filter(|r| !self.counted[*r as usize]).collect();
             if left.is_empty() {
@@ -1019,10 +1141,12 @@ impl Chain {
             let mut replies = Vec::with_capacity(calls.len());
             self.call_all(&mut calls, &mut replies);
             for replied in replies {
-                if let Err(e @ ClientError::Server { status, .. }) = &replied {
-                    // (A head whose log failed takes no pushes until it is restarted.)
-                    if never_applies(*status) || *status == Status::NotDurable {
-                        return Err(ClientError::Server { server: String::new(), status: *status, message: e.to_string() });
+                // (A head whose log failed takes no pushes until it is restarted.)
+                let refused = |status: &Status| never_applies(*status) || *status == Status::NotDurable;
+                if let Err(e @ ClientError::Server { .. }) = replied {
+                    match e.status().is_some_and(|s| refused(&s)) {
+                        true => return Err(e),
+                        false => continue,
                     }
                 }
                 let Ok(Ok(msgs)) = replied.map(|(_, body)| codec::decode_batch(&body)) else { continue };
@@ -1037,6 +1161,10 @@ impl Chain {
             }
             self.follow_renumbering();
             if left.iter().any(|r| !self.counted[*r as usize]) {
+                if Instant::now() > deadline && self.alone {
+                    let reason = format!("the standalone server did not answer for {:?}", self.alone_patience);
+                    return Err(ClientError::Reconnect { server: self.seeds.join(", "), attempts: self.reconnect_attempts, reason });
+                }
                 if Instant::now() > deadline {
                     return Err(ClientError::Unavailable { reason: format!("no head answered for ranges {left:?}") });
                 }
@@ -1228,12 +1356,75 @@ impl Chain {
         self.settle_through(u64::MAX, deadline)
     }
 
+    /// How long a call waits for the cluster to answer: a standalone server, which nothing
+    /// replaces while it is down, for the client's reconnection attempts; a cluster, whose
+    /// coordinator names new chains, for [`CALL_TIMEOUT`].
+    fn patience(&self) -> Duration {
+        if self.alone {
+            self.alone_patience
+        } else {
+            CALL_TIMEOUT
+        }
+    }
+
+    /// Lets every push and pull in flight go, their outcome unknown: their tickets fail with
+    /// [`ClientError::OutcomeUnknown`] saying `reason`, and nothing of them is sent again.
+    /// Pushes are numbered afresh from each head's count. Only for a cluster whose ranges
+    /// were lost with its server: a standalone server that stopped answering, or servers that
+    /// turned out to be another cluster.
+    fn give_up(&mut self, reason: String) {
+        if let (Some((first, _)), true) = (self.unconfirmed.front(), self.pushes > 0) {
+            if self.lost.len() == LOST_RUNS_KEPT {
+                self.lost.pop_front();
+            }
+            self.lost.push_back((*first, self.pushes));
+        }
+        while let Some((_, pieces)) = self.unconfirmed.pop_front() {
+            self.keep_pieces(pieces);
+        }
+        self.pusher = Pusher::new(WorkerId(self.worker), self.ranges, self.pusher.view.clone());
+        self.counted.fill(false);
+        self.in_flight.clear();
+        self.links.clear();
+        for pull in &mut self.pulls {
+            pull.due = 0;
+            pull.failed = Some(ClientError::OutcomeUnknown { server: self.seeds.join(", "), reason: reason.clone() });
+        }
+        self.pulls.retain(|p| !p.dropped);
+        self.down_since = None;
+        self.stats.given_up += 1;
+        self.lost_reason = reason;
+    }
+
+    /// The servers now serve cluster `cluster` (the server at `addr` says): a standalone
+    /// server restarted without its data. What was in flight is let go ([`give_up`]), the
+    /// configuration is read again, and tables are to be looked up again by name.
+    fn replaced(&mut self, cluster: u64, addr: &str, reason: String) {
+        self.give_up(reason);
+        self.cluster = cluster;
+        self.generation += 1;
+        if let Ok(body) = ask(addr, Op::ClusterConfig, &[], &self.dialer.cfg) {
+            if let Ok(ClusterView { config: Some(config), .. }) = serde_json::from_slice::<ClusterView>(&body) {
+                self.pusher.view = Arc::new(reachable(config, addr));
+            }
+        }
+    }
+
     /// Waits until push number `push` and every push before it are acknowledged, or until
     /// `deadline` (then returns false, having waited no longer for any reply). Takes the replies to the frames in flight, oldest
     /// first; if those do not acknowledge it, polls the heads of ranges with pushes in flight
     /// and resends to the current heads what waited too long. Fails after [`CALL_TIMEOUT`] in
     /// all, or with the error of a push a head refused outright.
     pub fn settle_through(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
+        let settled = self.settle_pushes_through(push, deadline);
+        match self.lost.iter().any(|(first, last)| (*first..=*last).contains(&push)) {
+            true => Err(ClientError::OutcomeUnknown { server: self.seeds.join(", "), reason: self.lost_reason.clone() }),
+            false => settled,
+        }
+    }
+
+    /// [`settle_through`](Self::settle_through), before pushes let go are told apart.
+    fn settle_pushes_through(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
         // (With a deadline, a reply that does not come by then stays in flight.)
         while !self.confirmed_through(push) && self.collect_at(0, deadline) {}
         let began = Instant::now();
@@ -1242,6 +1433,16 @@ impl Chain {
         while !self.confirmed_through(push) {
             if let Some(e) = self.refused.take_if(|e| e.status() == Some(Status::NotDurable)) {
                 return Err(e);
+            }
+            if let Some(since) = self.down_since.filter(|since| since.elapsed() >= self.alone_patience) {
+                let server = self.seeds.join(", ");
+                let reason = format!(
+                    "{}; the standalone server did not answer for {:?} after that (ClientConfig::reconnect_attempts)",
+                    self.down_because,
+                    since.elapsed()
+                );
+                self.give_up(reason.clone());
+                return Err(ClientError::OutcomeUnknown { server, reason });
             }
             if Instant::now() > timeout {
                 return Err(ClientError::Unavailable { reason: format!("{} pushes unacknowledged after {CALL_TIMEOUT:?}", self.pusher.unacked()) });
@@ -1258,6 +1459,7 @@ impl Chain {
             self.exchange(&mut polls);
             let now = self.now_ms();
             let unreachable = self.unreachable_at.take().is_some();
+
             if (unreachable || began.elapsed() >= SLOW_ACK) && self.refreshed_at.elapsed() >= REFRESH_GAP {
                 // A head is down, or a member behind it: the coordinator names new chains within
                 // the failure timeout, and resending at once on them saves up to a retry timer.
@@ -1520,6 +1722,7 @@ impl Chain {
         let finished = match failure {
             None => Ok(stamp),
             Some(e) if matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) => Err(e),
+            Some(e @ ClientError::OutcomeUnknown { .. }) => Err(e),
             Some(_) => {
                 self.stats.pull_retries += 1;
                 match pull.again {
@@ -1612,7 +1815,10 @@ impl Chain {
         let dim = table.spec.dim as usize;
         let mut stamp = Stamp::default();
         let mut first = true;
-        let deadline = Instant::now() + CALL_TIMEOUT;
+        let began = Instant::now();
+        // A standalone server has no other member to read from: it answers within the
+        // reconnection attempts or the pull fails.
+        let deadline = began + self.patience();
         self.refresh_if_old();
         let mut parts = std::mem::take(&mut self.pull_parts);
         let mut calls = std::mem::take(&mut self.calls);
@@ -1638,8 +1844,17 @@ impl Chain {
                 self.spare_parts.push(part.cleared());
             }
             let Some(e) = failure else { break Ok(stamp) };
-            if Instant::now() > deadline || matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) {
+            if matches!(e, ClientError::OutcomeUnknown { .. }) || matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) {
                 break Err(e);
+            }
+            if Instant::now() > deadline {
+                break Err(match self.alone {
+                    true => ClientError::OutcomeUnknown {
+                        server: self.seeds.join(", "),
+                        reason: format!("the standalone server did not answer for {:?}: {e}", began.elapsed()),
+                    },
+                    false => e,
+                });
             }
             self.stats.pull_retries += 1;
             if !matches!(&e, ClientError::Server { status: Status::KeysUnknown, .. }) {
@@ -1806,6 +2021,7 @@ impl Chain {
             Err(e) => {
                 tracing::debug!(node = node.0, error = %e, "a one-sided read failed; the link is dropped and the piece pulled");
                 self.links.remove(&key);
+                self.link_lost = e.to_string();
                 false
             }
         }
@@ -2147,14 +2363,17 @@ struct Linked {
 /// `msg`, a push sent for the first time on a link whose shard remembers `lists`, with its
 /// keys sent by their list's hash, or to be remembered (its payload from `payloads`); `None` to
 /// send it as it is (not a listed push, or a list too long to cache).
-fn with_cached_keys(lists: &mut KeyLists<()>, msg: &Msg, payloads: &mut PayloadPool) -> Option<Msg> {
+fn with_cached_keys(lists: &mut KeyLists<()>, msg: &Msg, payloads: &mut PayloadPool, stats: &mut ChainStats) -> Option<Msg> {
     let Msg::Push { range, worker, seq, payload } = msg else { return None };
     let (h, keys, _) = PushHeader::parse(payload).ok()?;
     if !h.listed {
         return None;
     }
     let how = match lists.remember_le(keys)? {
-        Remembered::Held(hash) => KeyList::Cached { hash },
+        Remembered::Held(hash) => {
+            stats.lists_by_hash += 1;
+            KeyList::Cached { hash }
+        }
         Remembered::New => KeyList::Remember,
     };
     let sent = payloads.make_with(|out| PushHeader::write_with_key_list(payload, how, out));

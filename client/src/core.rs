@@ -128,18 +128,28 @@ fn dial(addr: &str, cfg: &ClientConfig, chosen: &Chosen) -> Result<ServerLinks> 
     Ok(ServerLinks { addr: addr.to_string(), control, shards, workers_max: info.workers_max, broken: None, lost: String::new() })
 }
 
-/// Whether `addrs` name a replicated cluster: the first server that answers says whether it
-/// has a cluster configuration, and if so, its answer is the first view the chain starts from.
-/// When none answers, the caller's connection attempt reports why.
-fn replicated(addrs: &[&str], cfg: &ClientConfig) -> Option<ViewFrom> {
+/// What the servers `addrs` say when asked for their cluster.
+enum Asked {
+    /// The first that answered: the first view the chain starts from.
+    View(ViewFrom),
+    /// A server that does not know the request: one from before every server ran the chain
+    /// protocol, reached by direct links.
+    Unknown,
+    /// None answered (down, or too busy to take a connection): the chain's connection tries
+    /// again, and reports why.
+    Unanswered,
+}
+
+/// Asks `addrs` for their cluster, the first that answers.
+fn ask_cluster(addrs: &[&str], cfg: &ClientConfig) -> Asked {
     for addr in addrs {
         match tessera_transport::ask(addr, Op::ClusterConfig, &[], &cfg.transport) {
-            Ok(view) => return Some(ViewFrom { addr: addr.to_string(), view }),
-            Err(TransportError::Refused { .. }) => return None,
+            Ok(view) => return Asked::View(ViewFrom { addr: addr.to_string(), view }),
+            Err(TransportError::Refused { status: Status::BadRequest, .. }) => return Asked::Unknown,
             Err(_) => continue,
         }
     }
-    None
+    Asked::Unanswered
 }
 
 /// The keys a call on a replicated cluster names: listed keys (with whether a push completes
@@ -205,9 +215,10 @@ pub(crate) struct Core {
 impl Core {
     pub fn connect(addrs: &[&str], cfg: ClientConfig) -> Result<Core> {
         let chosen = tessera_transport::select::choose(cfg.kind, &cfg.rdma)?;
-        let chain = match replicated(addrs, &cfg) {
-            Some(view) => Some(Chain::connect(addrs, &cfg, chosen.clone(), Some(view))?),
-            None => None,
+        let chain = match ask_cluster(addrs, &cfg) {
+            Asked::View(view) => Some(Chain::connect(addrs, &cfg, chosen.clone(), Some(view))?),
+            Asked::Unanswered => Some(Chain::connect(addrs, &cfg, chosen.clone(), None)?),
+            Asked::Unknown => None,
         };
         let standalone = match (&chain, addrs) {
             (Some(_), _) => None,
@@ -351,7 +362,7 @@ impl Core {
             }
             let (_, tables) = self.chain.as_ref().expect("replicated");
             let entry = tables.get(name).ok_or_else(|| tessera_layout::LayoutError::UnknownTable { name: name.into() })?;
-            return Ok(Table { route: Arc::new(Route::replicated(entry.spec.clone(), entry.id)), consistency: None, generation: 0 });
+            return Ok(Table { route: Arc::new(Route::replicated(entry.spec.clone(), entry.id)), consistency: None, generation: self.generation });
         }
         if self.map.table(name).is_err() {
             self.refresh()?;
@@ -672,6 +683,8 @@ impl Core {
         };
         Self::check_len(table, what, keys, values)?;
         self.check_finite(table, grads)?;
+        let fresh = self.chain_current(table)?;
+        let table: &Table = &fresh;
         let clock = self.clock;
         let (chain, _) = self.chain.as_mut().expect("replicated");
         let t = ChainTable::of(table.route());
@@ -682,6 +695,37 @@ impl Core {
             (None, Some(o), Named::Range { start }) => Ok(Ticket::pulling(client, chain.start_pull_range(table.route(), start, o)?, o)),
             (None, None, _) => unreachable!("a pull has an output"),
         }
+    }
+
+    /// `table` as the cluster numbers it now: a handle read before the servers turned out to be
+    /// another cluster (a standalone server restarted without its data) is routed as the
+    /// table of the same name in the catalog read since.
+    fn chain_current<'t>(&mut self, table: &'t Table) -> Result<Cow<'t, Table>> {
+        let generation = self.chain().expect("replicated").generation;
+        if generation != self.generation {
+            self.generation = generation;
+            self.remapped.clear();
+            self.refresh()?;
+        }
+        if table.generation == self.generation {
+            return Ok(Cow::Borrowed(table));
+        }
+        let name = &table.spec().name;
+        let route = match self.remapped.get(name) {
+            Some(route) => route.clone(),
+            None => {
+                let (_, tables) = self.chain.as_ref().expect("replicated");
+                let entry = tables.get(name).ok_or_else(|| tessera_layout::LayoutError::UnknownTable { name: name.clone() })?;
+                if entry.spec != *table.spec() {
+                    let reason = format!("table {name:?} has another definition since the servers restarted: look it up again");
+                    return Err(ClientError::Config { reason });
+                }
+                let route = Arc::new(Route::replicated(entry.spec.clone(), entry.id));
+                self.remapped.insert(name.clone(), route.clone());
+                route
+            }
+        };
+        Ok(Cow::Owned(Table { route, consistency: table.consistency, generation: self.generation }))
     }
 
     /// Passes a send's result through; on failure, forgets the sub-requests already sent, so that

@@ -25,7 +25,7 @@ pub enum ClientError {
     Config { reason: String },
     #[error("protocol error from {server}: {reason}")]
     Protocol { server: String, reason: String },
-    #[error("the connection to {server} broke with this call in flight ({reason}): a push may or may not have been applied, a pull's output is not complete; the call is not sent again, and the next call reconnects")]
+    #[error("{server} was lost with this call in flight ({reason}): a push may or may not have been applied, a pull's output is not complete; the call is not sent again, and the next call reconnects")]
     OutcomeUnknown { server: String, reason: String },
     #[error("cannot reconnect to {server} after {attempts} attempts ({reason}); the next call tries again (ClientConfig::reconnect_attempts)")]
     Reconnect { server: String, attempts: u32, reason: String },

@@ -1,17 +1,19 @@
 //! The Tessera client that workers link in.
 //!
-//! [`Client::connect`] reaches either a cluster (servers that joined a coordinator: every key range
-//! on a chain of one or more of them) or one standalone server. On a cluster it routes each
-//! range's pushes to the range's head and its pulls to a member fresh enough; on a standalone
-//! server it reads the catalog into a range map and opens one link per shard. Every call sends
+//! [`Client::connect`] reaches a cluster: servers that joined a coordinator, every key range on a
+//! chain of one or more of them, or one standalone server, whose every range is a chain of one
+//! (itself). It routes each range's pushes to the range's head and its pulls to a member fresh
+//! enough. Every call sends
 //! its frames and returns a [`Ticket`] at once; [`Ticket::wait`] blocks for the replies and
 //! returns the vector-clock [`Stamp`] of the keys it touched. Many tickets may be in flight: the
 //! results are the same whether the caller waits on each one or pipelines many.
 //!
-//! A client outlives its servers' restarts. When a connection breaks, every call in flight on it
-//! fails with [`ClientError::OutcomeUnknown`] (a push may or may not have been applied; it is
-//! never sent again), and the next call reconnects, reads the catalogs again and routes existing
-//! [`Table`] handles to the tables of the same name ([`ClientConfig::reconnect_attempts`]).
+//! A client outlives its servers' restarts. A push not yet acknowledged when its server went
+//! away is sent again, to the range's new head or to the restarted server, and applied once. When
+//! a standalone server stays away past [`ClientConfig::reconnect_attempts`], or comes back without
+//! its data, the calls in flight fail with [`ClientError::OutcomeUnknown`] (a push may or may not
+//! have been applied; it is never sent again), and existing [`Table`] handles are routed to the
+//! tables of the same name.
 //! [`Ticket::ready`] says whether a wait would block.
 //!
 //! ```no_run
@@ -82,9 +84,10 @@ pub struct ClientConfig {
     /// How long a bounded-delay pull waits for slow workers before it fails with
     /// [`ClientError::Stale`], naming the worker that held it back.
     pub stale_timeout: std::time::Duration,
-    /// Attempts to reconnect to a server whose connection broke (it restarted, say), made by
-    /// the next call; 0 never reconnects. Calls in flight when the connection broke fail with
-    /// [`ClientError::OutcomeUnknown`] and are never sent again.
+    /// Attempts to reconnect to a standalone server that stopped answering (it restarted, say),
+    /// pausing between them as `reconnect_pause_ms` says; 0 never waits for it. Past them, the
+    /// calls in flight fail with [`ClientError::OutcomeUnknown`] and are never sent again. (A
+    /// cluster's calls wait for the coordinator to name new chains instead.)
     pub reconnect_attempts: u32,
     /// The pause after the first failed attempt to reconnect; it doubles after each, up to a
     /// second.
@@ -282,7 +285,10 @@ impl Client {
     /// of those the server no longer held (they were sent again in full).
     pub fn key_lists_by_hash(&self) -> (u64, u64) {
         let core = self.lock();
-        (core.lists_by_hash, core.lists_missed)
+        match core.chain() {
+            Some(chain) => (chain.stats.lists_by_hash, chain.stats.keys_unknown),
+            None => (core.lists_by_hash, core.lists_missed),
+        }
     }
 
     /// Dense block copies that one-sided reads found torn (a push overlapped the copy) and read

@@ -5,8 +5,10 @@
 mod common;
 
 use common::{bits, client_with, sparse, Model, Rng};
-use tessera_client::{Client, ClientConfig, Table};
+use tessera_client::{Client, ClientConfig, Consistency, Table};
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
+use tessera_replication::codec::{self, KeyList, PushHeader};
+use tessera_replication::protocol::{Msg, RangeId, WorkerId};
 use tessera_transport::keycache::key_list_hash;
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::wire::flags;
@@ -40,7 +42,8 @@ fn rounds(client: &Client, table: &Table) -> (Vec<Vec<f32>>, u64) {
         drop(client.push(table, keys, &grads).unwrap());
         model.push(keys, &grads);
         let mut out = vec![0f32; keys.len() * dim];
-        client.pull(table, keys, &mut out).unwrap().wait().unwrap();
+        // Sequential: the pull goes out once the push before it is acknowledged.
+        client.call().consistency(Consistency::Sequential).pull(table, keys, &mut out).unwrap().wait().unwrap();
         assert_eq!(bits(&out), bits(&model.get(keys.iter().copied())), "round {round}");
         pulled.push(out);
     }
@@ -76,13 +79,15 @@ fn a_list_the_server_let_go_is_sent_again_transparently() {
     let table = client.create_table(&sparse("small", 1)).unwrap();
     rounds(&client, &table);
     let (by_hash, missed) = client.key_lists_by_hash();
-    assert!(by_hash == 34 && missed > 0 && missed < by_hash, "{by_hash} by hash, {missed} missed");
+    // (After a miss both ends start their lists over, so fewer go by hash than with no misses.)
+    assert!(by_hash > 0 && missed > 0 && missed < by_hash, "{by_hash} by hash, {missed} missed");
     // A server that caches nothing: every named list misses, results are still exact.
     let server = server_caching(0);
     let client = caching_client(&server, 0, 100_000);
     let table = client.create_table(&sparse("none", 3)).unwrap();
     rounds(&client, &table);
-    assert_eq!(client.key_lists_by_hash(), (34, 34), "every list named by hash was sent again");
+    let (by_hash, missed) = client.key_lists_by_hash();
+    assert!(by_hash > 0 && missed == by_hash, "every list named by hash was sent again: {by_hash} by hash, {missed} missed");
 }
 
 #[test]
@@ -91,15 +96,16 @@ fn a_client_naming_unknown_lists_gets_a_refusal_and_changes_nothing() {
     let client = caching_client(&server, 0, 0);
     let table = client.create_table(&sparse("t", 1)).unwrap();
     let addr = server.local_addr().to_string();
-    // A raw connection to shard 0 that names a list it never sent.
+    // A raw connection to shard 0 that pushes naming a list it never sent (a worker's push
+    // frame to range 0's head: one range per shard on a standalone server).
     let (mut raw, _) = TcpLink::connect(&addr, 0, 5, &TransportConfig::default()).unwrap();
-    let mut h = Header::request(Op::Push, 1);
-    h.table = 0;
-    h.dim = 1;
-    h.count = 2;
-    h.start = key_list_hash(&[1, 2]);
-    h.flags = flags::KEYS_CACHED;
-    raw.send(&mut h, &[bytemuck::cast_slice(&[5.0f32, 5.0])], false).unwrap();
+    let plain = PushHeader { table: 0, dim: 1, start: 0, count: 2, worker: 5, clock: 0, listed: true, range_done: false }.keyed_payload(&[1, 2], &[5.0, 5.0]);
+    let payload = PushHeader::with_key_list(&plain, KeyList::Cached { hash: key_list_hash(&[1, 2]) });
+    let mut body = Vec::new();
+    codec::encode_batch([&Msg::Push { range: RangeId(0), worker: WorkerId(5), seq: 1, payload: payload.into() }], &mut body);
+    let mut h = Header::request(Op::WorkerPush, 1);
+    h.worker = 5;
+    raw.send(&mut h, &[&body], false).unwrap();
     let reply = raw.recv(None).unwrap();
     assert_eq!(reply.header.status(), Status::KeysUnknown, "{}", String::from_utf8_lossy(reply.body));
 

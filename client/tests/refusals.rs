@@ -76,10 +76,10 @@ fn server_side_refusals_report_their_status_and_change_nothing() {
     assert_eq!(client.bytes(), before, "nothing was sent");
     assert_eq!(pull_range(&client, &table, 0, 300), vec![1.0; 300]);
 
-    // A worker id over the server's workers_max (64 by default) is refused by every shard.
+    // A worker id over the server's workers_max (16 by default) is refused by every shard.
     let stranger = client_with(&server, ClientConfig::worker(64));
     let t = stranger.table("nf").unwrap();
-    let err = stranger.push_range(&t, 0, &[1.0; 300]).unwrap().wait().unwrap_err();
+    let err = stranger.push_range(&t, 0, &[1.0; 300]).and_then(tessera_client::Ticket::wait).unwrap_err();
     assert_eq!(err.status(), Some(Status::BadRequest), "{err:?}");
     assert!(err.to_string().contains("workers"), "{err}");
     assert_eq!(pull_range(&client, &table, 0, 300), vec![1.0; 300]);

@@ -14,4 +14,4 @@ pub mod service;
 
 pub use error::{CoordinatorError, Result};
 pub use file_store::FileStore;
-pub use service::{ClusterStatus, ConfigStore, CoordinatorHandle, Embedded, Lead};
+pub use service::{new_cluster_name, ClusterStatus, ConfigStore, CoordinatorHandle, Embedded, Lead};

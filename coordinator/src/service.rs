@@ -301,7 +301,7 @@ impl CoordinatorService {
 }
 
 /// A new cluster's name: a random non-zero number.
-fn new_cluster_name() -> u64 {
+pub fn new_cluster_name() -> u64 {
     let mut bytes = [0u8; 8];
     getrandom::getrandom(&mut bytes).expect("the operating system's random number generator works");
     u64::from_le_bytes(bytes).max(1)

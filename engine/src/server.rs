@@ -49,8 +49,9 @@ pub struct ServerConfig {
     pub rdma: RdmaConfig,
     /// Tables created at start-up.
     pub tables: Vec<TableSpec>,
-    /// Join a cluster kept by a coordinator; `None` runs a standalone server, which holds every
-    /// table whole, split across its shards.
+    /// Join a cluster kept by a coordinator; `None` runs a standalone server: a cluster of its
+    /// own whose every range is on a chain of one, this server, under a fixed configuration
+    /// ([`alone_replication`]).
     pub replication: Option<Join>,
 }
 
@@ -103,12 +104,18 @@ impl Server {
         cfg.engine.validate()?;
         let io = |e: tessera_transport::TransportError| EngineError::Io(e.to_string());
         let view = match &cfg.replication {
-            Some(join) => Some(fetch_cluster(join, &cfg)?),
-            None => None,
+            Some(join) => fetch_cluster(join, &cfg)?,
+            None => ClusterView { replication: alone_replication(&cfg.engine), config: None },
         };
-        let rcfg = view.as_ref().map(|v| v.replication.clone());
-        let cluster_file =
-            cfg.engine.data_dir.as_ref().filter(|_| cfg.replication.is_some() && cfg.engine.durability != Durability::None).map(|d| d.join(CLUSTER_NAME_FILE));
+        let rcfg = view.replication.clone();
+        let cluster_file = cfg.engine.data_dir.as_ref().filter(|_| cfg.engine.durability != Durability::None).map(|d| d.join(CLUSTER_NAME_FILE));
+        let named = cluster_file.as_deref().map(read_cluster_name).transpose()?.flatten();
+        // The cluster served: a standalone server's is its data directory's, or drawn now.
+        let cluster = match (&cfg.replication, &view.config) {
+            (None, _) => named.unwrap_or_else(tessera_coordinator::new_cluster_name),
+            (Some(_), Some(config)) if config.cluster != 0 => config.cluster,
+            (Some(_), _) => named.unwrap_or(0),
+        };
         let chosen = select::choose(cfg.transport_kind, &cfg.rdma).map_err(io)?;
         let info = ServerInfo {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -116,6 +123,8 @@ impl Server {
             frame_bytes_max: cfg.transport.frame_bytes_max as u64,
             workers_max: cfg.engine.workers_max,
             rdma: chosen.name() == "rdma",
+            cluster,
+            alone: cfg.replication.is_none(),
         };
         let info_bytes: Arc<[u8]> = serde_json::to_vec(&info).expect("plain data serialises").into();
         let bound = select::bind_server(&cfg.listen, cfg.engine.shards, &cfg.transport, info_bytes, &chosen, &cfg.rdma);
@@ -131,39 +140,18 @@ impl Server {
             shards.push(ShardHandle { tx, waker: ep.waker() });
             inboxes.push(rx);
         }
-        let chain = match (&cfg.replication, &rcfg) {
-            (Some(join), Some(rcfg)) => {
-                let dialer =
-                    Dialer { cfg: cfg.transport.clone(), chosen: chosen.clone(), rdma: cfg.rdma.clone(), required: cfg.transport_kind == TransportKind::Rdma };
-                Some(start_chain(
-                    join,
-                    view.as_ref().and_then(|v| v.config.as_ref()),
-                    rcfg.clone(),
-                    addr,
-                    dialer,
-                    &shards,
-                    stop.clone(),
-                    cluster_file.as_deref(),
-                )?)
-            }
-            _ => None,
+        let dialer = Dialer { cfg: cfg.transport.clone(), chosen: chosen.clone(), rdma: cfg.rdma.clone(), required: cfg.transport_kind == TransportKind::Rdma };
+        let joined = match &cfg.replication {
+            Some(join) => Membership::Joined(join),
+            None => Membership::Alone { cluster },
         };
+        let (me, outbox) = start_chain(joined, view.config.as_ref(), rcfg.clone(), addr, dialer, &shards, stop.clone(), cluster_file.as_deref(), named)?;
         let shard_count = shard_eps.len() as u16;
         let catalog_behind = Arc::new(AtomicBool::new(false));
         for ((id, mut ep), rx) in shard_eps.into_iter().enumerate().zip(inboxes) {
-            let mut shard = Shard::new(id as u16, engine.clone(), rx);
-            if let Some((me, outbox)) = &chain {
-                let recovering = cfg.engine.durability != Durability::None && cfg.engine.data_dir.is_some();
-                shard = shard.with_chain(ChainShard::new(
-                    id as u16,
-                    shard_count,
-                    me,
-                    rcfg.clone().expect("replicated"),
-                    outbox.clone(),
-                    recovering,
-                    catalog_behind.clone(),
-                ));
-            }
+            let recovering = cfg.engine.durability != Durability::None && cfg.engine.data_dir.is_some();
+            let chain = ChainShard::new(id as u16, shard_count, &me, rcfg.clone(), outbox.clone(), recovering, catalog_behind.clone());
+            let shard = Shard::new(id as u16, engine.clone(), rx).with_chain(chain);
             let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[(cfg.engine.first_core + id) % cores.len()]);
             let spawned = std::thread::Builder::new().name(format!("tessera-shard-{id}")).spawn(move || {
                 if let Some(core) = core {
@@ -181,7 +169,7 @@ impl Server {
             shards: shards.clone(),
             catalog_file,
             recovery: Vec::new(),
-            chain: chain.map(|(_, outbox)| (rcfg.clone().expect("replicated"), outbox)),
+            chain: (rcfg.clone(), outbox),
         };
         let mut server = Server { addr, stop: stop.clone(), shards, control_waker: control_ep.waker(), threads, recovery: Vec::new() };
         crate::crash::point("startup.bound");
@@ -191,11 +179,11 @@ impl Server {
         for spec in cfg.tables {
             control.create_table(spec)?;
         }
-        if let (Some(join), Some(rcfg)) = (&cfg.replication, &rcfg) {
-            control.sync_catalog(join, rcfg, &cfg.transport)?;
+        if let Some(join) = &cfg.replication {
+            control.sync_catalog(join, &rcfg, &cfg.transport)?;
         }
         let flag = stop.clone();
-        let joined = cfg.replication.clone().zip(rcfg.clone());
+        let joined = cfg.replication.clone().map(|join| (join, rcfg.clone()));
         let transport = cfg.transport.clone();
         let thread = std::thread::Builder::new().name("tessera-control".into()).spawn(move || {
             let mut synced_at: Option<std::time::Instant> = None;
@@ -337,8 +325,9 @@ struct ControlPlane {
     catalog_file: Option<std::path::PathBuf>,
     /// What each shard recovered at start-up.
     recovery: Vec<RecoveryReport>,
-    /// In a replicated cluster: its settings, and the server's link to the coordinator.
-    chain: Option<(ReplicationConfig, Outbox)>,
+    /// The cluster's replication settings, and the server's outbox (its link to the
+    /// coordinator, if it has one, and to its peers).
+    chain: (ReplicationConfig, Outbox),
 }
 
 impl ControlPlane {
@@ -448,14 +437,12 @@ impl ControlPlane {
         spec.validate().map_err(|e| EngineError::BadTable { name: spec.name.clone(), reason: e.to_string() })?;
         let updater = self.registry.build(&spec.updater)?;
         let id = self.catalog.tables.len() as u32;
-        let parts = match &self.chain {
-            Some((rcfg, _)) => (0..self.info.shards)
-                .map(|shard| (shard, placement::replicated_part(&spec, rcfg.ranges, self.info.shards, shard)))
-                .filter(|(_, keys)| !keys.is_empty())
-                .map(|(shard, keys)| Part { start: keys.start, end: keys.end, shard })
-                .collect(),
-            None => placement::shard_parts(&spec, self.info.shards),
-        };
+        let ranges = self.chain.0.ranges;
+        let parts: Vec<Part> = (0..self.info.shards)
+            .map(|shard| (shard, placement::replicated_part(&spec, ranges, self.info.shards, shard)))
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|(shard, keys)| Part { start: keys.start, end: keys.end, shard })
+            .collect();
         let mut waiting = Vec::new();
         for part in &parts {
             let (done, rx) = channel::bounded(1);
@@ -511,9 +498,7 @@ impl ControlPlane {
                 reply.ok_bytes(&json(&entry));
             }
             Some(Op::ClusterConfig) => {
-                let Some((rcfg, outbox)) = &self.chain else {
-                    return Err(EngineError::BadRequest { reason: "this server is not part of a replicated cluster".into() });
-                };
+                let (rcfg, outbox) = &self.chain;
                 let view = ClusterView { replication: rcfg.clone(), config: outbox.latest().map(|c| (*c).clone()) };
                 reply.ok_bytes(&json(&view));
             }
@@ -639,16 +624,31 @@ pub fn ask_cluster(addr: &str, transport: &TransportConfig) -> Result<ClusterVie
     serde_json::from_slice(&body).map_err(|e| EngineError::Io(format!("a malformed cluster view: {e}")))
 }
 
+/// The replication settings of a standalone server: one copy of every range, one range per
+/// shard, and room for the workers its engine allows. (A cluster cuts its tables into many
+/// ranges so that servers can take them over a few at a time; a standalone server never hands
+/// a range over, and every range a push reaches costs a piece of its own on the wire.)
+pub fn alone_replication(engine: &EngineConfig) -> ReplicationConfig {
+    let workers = engine.workers_max.min(tessera_replication::config::WORKERS_MAX);
+    ReplicationConfig { replicas: 1, ranges: u32::from(engine.shards), workers, ..ReplicationConfig::default() }
+}
+
+/// Node id of a standalone server: the only member of its cluster.
+const ALONE_NODE: u32 = 1;
+
 /// Starts the server's replication traffic: who it is, and its outbox, which hands each newer
-/// configuration to every shard. Once a configuration shows the server drained (`tessera
-/// drain`: draining, and in no chain) or drained and gone, it stops (sets `stop`).
+/// configuration to every shard. Joined to a coordinator (`join`), once a configuration shows
+/// the server drained (`tessera drain`: draining, and in no chain) or drained and gone, it
+/// stops (sets `stop`). Without one, the server is its own cluster: a configuration that puts
+/// it alone on every range's chain, numbered by the time it starts so that a restarted
+/// server's is the newer, is handed to the shards at once and never changes.
 /// Peers are reached as `dialer` says: over RDMA when this server and the peer both serve it.
 /// `cluster_file` ([`CLUSTER_NAME_FILE`], with a data directory) names the cluster the data
 /// directory belongs to: a server of another cluster is refused, and one with none yet writes
 /// its cluster's name there once it hears it.
 #[allow(clippy::too_many_arguments)]
 fn start_chain(
-    join: &Join,
+    membership: Membership<'_>,
     config: Option<&tessera_replication::protocol::ClusterConfig>,
     rcfg: ReplicationConfig,
     addr: SocketAddr,
@@ -656,20 +656,25 @@ fn start_chain(
     shards: &[ShardHandle],
     stop: Arc<AtomicBool>,
     cluster_file: Option<&std::path::Path>,
+    named: Option<u64>,
 ) -> Result<(Identity, Outbox)> {
-    let named = cluster_file.map(read_cluster_name).transpose()?.flatten();
-    if let (Some(path), Some(config)) = (cluster_file, config) {
+    let join = match membership {
+        Membership::Joined(join) => Some(join),
+        Membership::Alone { .. } => None,
+    };
+    if let (Some(path), Some(config), Some(join)) = (cluster_file, config, join) {
         check_cluster_name(path, named, config, &join.coordinator)?;
     }
-    let incarnation = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    let advertised = join.advertise.clone().unwrap_or_else(|| addr.to_string());
-    let me = Identity { node: NodeId(join.node), incarnation, addr: advertised, cluster: named.unwrap_or(0) };
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let incarnation = (since_epoch.as_nanos() as u64).max(1);
+    let advertised = join.and_then(|j| j.advertise.clone()).unwrap_or_else(|| addr.to_string());
+    let node = NodeId(join.map_or(ALONE_NODE, |j| j.node));
+    let me = Identity { node, incarnation, addr: advertised, cluster: named.unwrap_or(0) };
     // Peers that stop answering cost a replication link no more than a failure-detection time.
     let mut dialer = dialer;
     dialer.cfg.io_timeout_ms = rcfg.failure_timeout_ms.max(100);
     dialer.cfg.hello_timeout_ms = rcfg.failure_timeout_ms.max(100);
     let handles = shards.to_vec();
-    let node = me.node;
     // The newest configuration seen, and whether the data directory names its cluster.
     let newest = std::sync::Mutex::new((0u64, named.is_some() || cluster_file.is_none()));
     let cluster_file = cluster_file.map(std::path::Path::to_path_buf);
@@ -710,9 +715,31 @@ fn start_chain(
             h.waker.wake();
         }
     });
-    tracing::info!(node = join.node, incarnation, addr = %me.addr, coordinator = %join.coordinator, "joining a replicated cluster");
-    Ok((me.clone(), Outbox::start(me.node, join.coordinator.clone(), dialer, on_config, on_replied)))
+    let (Membership::Alone { cluster }, None) = (membership, join) else {
+        let join = join.expect("joined");
+        tracing::info!(node = join.node, incarnation, addr = %me.addr, coordinator = %join.coordinator, "joining a replicated cluster");
+        return Ok((me.clone(), Outbox::start(me.node, join.coordinator.clone(), dialer, on_config, on_replied)));
+    };
+    {
+        let member = tessera_replication::protocol::Member { node, incarnation, addr: me.addr.clone(), draining: false };
+        let born = tessera_replication::coordinator::Coordinator::new(rcfg, cluster, vec![member], 0);
+        let fixed = tessera_replication::protocol::ClusterConfig { id: (since_epoch.as_millis() as u64).max(1), ..(**born.config()).clone() };
+        tracing::info!(cluster = format!("{cluster:016x}"), addr = %me.addr, "standalone: every range on a chain of one, this server");
+        let outbox = Outbox::alone(me.node, dialer, Arc::new(fixed.clone()), on_replied);
+        on_config(Arc::new(fixed));
+        Ok((me, outbox))
+    }
 }
+
+/// How a server takes part in a cluster.
+#[derive(Debug, Clone, Copy)]
+enum Membership<'j> {
+    /// Joined to a coordinator's cluster.
+    Joined(&'j Join),
+    /// A cluster of its own, named `cluster`, under a fixed configuration.
+    Alone { cluster: u64 },
+}
+
 /// The cores this process may run on.
 fn allowed_cores() -> Vec<usize> {
     match rustix::process::sched_getaffinity(None) {

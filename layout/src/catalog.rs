@@ -155,6 +155,13 @@ pub struct ServerInfo {
     /// The server's shards serve RDMA (besides TCP, which every server serves).
     #[serde(default)]
     pub rdma: bool,
+    /// The cluster the server serves (its configuration's name); 0 while it does not know yet.
+    #[serde(default)]
+    pub cluster: u64,
+    /// The server is a cluster of its own, with no coordinator: every range is on a chain of
+    /// one, this server, and nothing takes its ranges over while it is down.
+    #[serde(default)]
+    pub alone: bool,
 }
 
 impl ServerInfo {

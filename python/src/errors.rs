@@ -37,7 +37,8 @@ class ConnectionError(Error, builtins.ConnectionError):
     tries again)."""
 
 class OutcomeUnknownError(ConnectionError):
-    """The connection broke with this call in flight: a push may or may not have been applied, a
+    """The call's server was lost with this call in flight (a standalone server down past the
+    reconnection attempts, or back without its data): a push may or may not have been applied, a
     pull's output is not complete. The call is never sent again; the next call reconnects."""
 
 class TimeoutError(Error, builtins.TimeoutError):

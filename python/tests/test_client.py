@@ -198,6 +198,9 @@ def test_a_wait_with_a_timeout_keeps_the_ticket_in_flight():
     with Server() as s, tessera.Client([s.addr], transport="tcp") as client:
         t = client.create_table("slow", dim=2, updater="sum")
         keys = np.arange(2, dtype=np.uint64)
+        # A worker's first push to a range asks the range's head how many of its pushes it
+        # holds, in the call: that one goes before the pause.
+        t.push(keys, np.zeros((2, 2), dtype=np.float32)).wait()
         s.pause()
         try:
             ticket = t.push(keys, np.ones((2, 2), dtype=np.float32))
@@ -216,6 +219,7 @@ def test_closing_the_client_ends_a_wait_in_another_thread():
     with Server() as s:
         client = tessera.Client([s.addr], transport="tcp")
         t = client.create_table("close-wait", dim=2, updater="sum")
+        t.push(np.arange(2, dtype=np.uint64), np.zeros((2, 2), dtype=np.float32)).wait()  # (see above)
         s.pause()
         try:
             ticket = t.push(np.arange(2, dtype=np.uint64), np.ones((2, 2), dtype=np.float32))

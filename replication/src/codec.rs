@@ -431,23 +431,29 @@ impl PushHeader {
     /// [`KeyList::Cached`] one with `keys` (the list its hash names) put back. Checked as
     /// [`parse`](Self::parse) checks a plain payload.
     pub fn plain(sent: &[u8], keys: Option<&[u64]>) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(sent.len() + keys.map_or(0, |k| k.len() * 8));
+        Self::write_plain(sent, keys, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`plain`](Self::plain), written into `out` (cleared first).
+    pub fn write_plain(sent: &[u8], keys: Option<&[u64]>, out: &mut Vec<u8>) -> Result<()> {
         let how = Self::key_list(sent)?;
-        let mut out = match (how, keys) {
+        out.clear();
+        match (how, keys) {
             (KeyList::Cached { .. }, Some(keys)) => {
-                let mut out = Vec::with_capacity(sent.len() + keys.len() * 8);
                 out.extend_from_slice(&sent[..Self::BYTES]);
                 out.extend_from_slice(bytemuck::cast_slice(keys));
                 out.extend_from_slice(&sent[Self::BYTES..]);
                 out[START_AT..START_AT + 8].copy_from_slice(&0u64.to_le_bytes());
-                out
             }
             (KeyList::Cached { .. }, None) => return Err(bad("a cached key list's payload needs its keys back".into())),
-            _ => sent.to_vec(),
-        };
+            _ => out.extend_from_slice(sent),
+        }
         let flags = u32::from_le_bytes(out[FLAGS_AT..FLAGS_AT + 4].try_into().expect("4 bytes")) & !(KEYS_REMEMBER | KEYS_CACHED);
         out[FLAGS_AT..FLAGS_AT + 4].copy_from_slice(&flags.to_le_bytes());
-        Self::parse(&out)?;
-        Ok(out)
+        Self::parse(out)?;
+        Ok(())
     }
 }
 

@@ -584,6 +584,8 @@ pub struct Replica<S> {
     out: Vec<(Addr, Msg)>,
     now_ms: u64,
     heartbeat_due_ms: u64,
+    /// Whether a coordinator hears this replica's heartbeats (not a standalone server's).
+    heartbeats: bool,
     canary: Canary,
     /// Tails acknowledge workers' pushes themselves ([`Replica::ack_from_tail`]).
     tail_acks: bool,
@@ -618,6 +620,7 @@ impl<S: Store> Replica<S> {
             out: Vec::new(),
             now_ms: 0,
             heartbeat_due_ms: 0,
+            heartbeats: true,
             canary: Canary::None,
             tail_acks: false,
             stats: ReplicaStats::default(),
@@ -686,6 +689,12 @@ impl<S: Store> Replica<S> {
     /// update to carry it. Off by default: the worker must be able to hear from the tail.
     pub fn ack_from_tail(&mut self, on: bool) {
         self.tail_acks = on;
+    }
+
+    /// Whether [`tick`](Self::tick) sends the coordinator heartbeats (on by default). A server
+    /// with no coordinator, under a configuration that never changes, sends none.
+    pub fn send_heartbeats(&mut self, on: bool) {
+        self.heartbeats = on;
     }
 
     pub fn id(&self) -> NodeId {
@@ -842,7 +851,7 @@ impl<S: Store> Replica<S> {
     /// Advances time: heartbeats, and resends to successors that have not made progress.
     pub fn tick(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
-        if now_ms >= self.heartbeat_due_ms {
+        if self.heartbeats && now_ms >= self.heartbeat_due_ms {
             self.heartbeat_due_ms = now_ms + self.rcfg.heartbeat_interval_ms;
             let config_id = self.config.as_ref().map_or(0, |c| c.id);
             let (node, incarnation, addr, cluster) = (self.id, self.incarnation, self.addr.clone(), self.cluster);

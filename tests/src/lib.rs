@@ -410,25 +410,15 @@ pub mod counting;
 pub use counting::{allocations, Counting};
 
 /// Allocations counted while a warm [`tessera_client::Client`] connected to `addr` (as
-/// `config`'s worker) makes `rounds` rounds of calls on dense `dense` (at least 256 keys of dim
-/// 8) and sparse `sparse` (dim 4): a range push and pull, a key-list push and pull, each at a clock
-/// that advances every round, as a training worker's do (so every reply carries a stamp). The
-/// calling test installs [`Counting`] as its global allocator; this warms up first and then counts
-/// every allocation in the process, the server's included when it runs in the same process.
-pub fn client_round_allocations(addr: &str, config: tessera_client::ClientConfig, dense: &str, sparse: &str, rounds: u64) -> u64 {
-    with_client_rounds(addr, config, dense, sparse, |round| {
-        (1..=50).for_each(&mut *round);
-        let before = allocations();
-        (51..51 + rounds).for_each(round);
-        allocations() - before
-    })
-}
-
-/// As [`client_round_allocations`], for a client of a cluster, warmed up by `warm` rounds: the
-/// fewest allocations counted in any of `windows` windows of `rounds` rounds. A cluster does
-/// periodic work that allocates (its servers' heartbeats, its client's check of the
-/// configuration once a second), which lands in some windows but not in all of them, while an
-/// allocation per call lands in every one.
+/// `config`'s worker), warmed up by `warm` rounds, makes rounds of calls on dense "dense" (at
+/// least 256 keys of dim 8) and sparse "sparse" (dim 4): a range push and pull, a key-list push
+/// and pull, each at a clock that advances every round, as a training worker's do (so every
+/// reply carries a stamp). The calling test installs [`Counting`] as its global allocator; every
+/// allocation in the process is counted, the server's included when it runs in the same process.
+/// Returns the fewest counted in any of `windows` windows of `rounds` rounds: periodic work that
+/// allocates (a cluster's heartbeats, its client's check of the configuration once a second, a
+/// range's history of updates until it is full) lands in some windows but not in all of them,
+/// while an allocation per call lands in every one.
 pub fn cluster_round_allocations(addr: &str, config: tessera_client::ClientConfig, warm: u64, windows: u64, rounds: u64) -> u64 {
     with_client_rounds(addr, config, "dense", "sparse", |round| {
         (1..=warm).for_each(&mut *round);
@@ -444,7 +434,7 @@ pub fn cluster_round_allocations(addr: &str, config: tessera_client::ClientConfi
 }
 
 /// Connects a client to `addr` and hands `count` a round of its calls on `dense` and `sparse`
-/// (see [`client_round_allocations`]), to make at the clocks it gives.
+/// (see [`cluster_round_allocations`]), to make at the clocks it gives.
 fn with_client_rounds<T>(addr: &str, config: tessera_client::ClientConfig, dense: &str, sparse: &str, count: impl FnOnce(&mut dyn FnMut(u64)) -> T) -> T {
     use tessera_client::Client;
     let worker = config.worker as usize;

@@ -8,6 +8,8 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use tessera_replication::codec::{self, PushHeader};
+use tessera_replication::protocol::{Msg, RangeId, WorkerId};
 use tessera_transport::wire::{padded, Header, Op, Status, HEADER_BYTES, REPLY_BIT};
 use zerocopy::IntoBytes;
 
@@ -236,4 +238,44 @@ pub fn pull_range(table: u32, dim: u32, start: u64, count: u32) -> (Header, Vec<
     header.start = start;
     header.count = count;
     (header, Vec::new())
+}
+
+/// A worker's `WorkerPush` frame carrying one push of `keys` (listed) with `values` to table
+/// `table` in replication range `range`, claiming `dim`: what a client sends a range's head.
+/// The push is signed by worker 0 and numbered 1 (set `header.worker` to claim another).
+pub fn worker_push(range: u32, table: u32, dim: u32, keys: &[u64], values: &[f32]) -> (Header, Vec<u8>) {
+    worker_push_as(0, 1, range, table, dim, keys, values)
+}
+
+/// [`worker_push`] by worker `worker` (in the frame's header, the message and the payload), as
+/// its push number `seq` to the range: a head applies a worker's pushes to a range in their
+/// numbers' order, each once.
+pub fn worker_push_as(worker: u32, seq: u32, range: u32, table: u32, dim: u32, keys: &[u64], values: &[f32]) -> (Header, Vec<u8>) {
+    let h = PushHeader { table, dim, start: 0, count: keys.len() as u32, worker, clock: 0, listed: true, range_done: false };
+    let (mut header, body) = worker_push_frame(worker, seq, range, h.keyed_payload(keys, values));
+    header.worker = worker;
+    (header, body)
+}
+
+/// A worker's `WorkerPush` frame carrying one push of the dense keys `[start, start + count)`
+/// with `values`, as [`worker_push`].
+pub fn worker_push_range(range: u32, table: u32, dim: u32, start: u64, count: u32, values: &[f32]) -> (Header, Vec<u8>) {
+    worker_push_range_as(0, 1, range, table, dim, start, count, values)
+}
+
+/// [`worker_push_range`] by worker `worker`, as its push number `seq` to the range (see
+/// [`worker_push_as`]).
+#[allow(clippy::too_many_arguments)]
+pub fn worker_push_range_as(worker: u32, seq: u32, range: u32, table: u32, dim: u32, start: u64, count: u32, values: &[f32]) -> (Header, Vec<u8>) {
+    let h = PushHeader { table, dim, start, count, worker, clock: 0, listed: false, range_done: false };
+    let (mut header, body) = worker_push_frame(worker, seq, range, h.payload(values));
+    header.worker = worker;
+    (header, body)
+}
+
+fn worker_push_frame(worker: u32, seq: u32, range: u32, payload: Vec<u8>) -> (Header, Vec<u8>) {
+    let msg = Msg::Push { range: RangeId(range), worker: WorkerId(worker), seq, payload: payload.into() };
+    let mut body = Vec::new();
+    codec::encode_batch([&msg], &mut body);
+    (Header::request(Op::WorkerPush, 0), body)
 }

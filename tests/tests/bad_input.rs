@@ -364,9 +364,9 @@ fn unknown_table_is_refused_and_the_connection_stays_usable() {
     f.push_round();
     let dense = f.id("dense");
     let mut c = f.raw(0);
-    c.call(raw::push(99, DIM as u32, &[1], &[1.0; DIM])).expect_error(Status::UnknownTable, "99");
+    c.call(raw::worker_push(0, 99, DIM as u32, &[1], &[1.0; DIM])).expect_error(Status::UnknownTable, "99");
     c.call(raw::pull(4, DIM as u32, &[1])).expect_error(Status::UnknownTable, "4");
-    c.call(raw::push_range(u32::MAX, DIM as u32, 0, 1, &[1.0; DIM])).expect_error(Status::UnknownTable, "unknown table");
+    c.call(raw::worker_push_range(0, u32::MAX, DIM as u32, 0, 1, &[1.0; DIM])).expect_error(Status::UnknownTable, "unknown table");
     // A control request on a data connection is refused too, without closing.
     c.request(Header::request(Op::Catalog, 0), &[]).expect_error(Status::BadRequest, "control");
     let pulled = c.call(raw::pull(dense, DIM as u32, &[1, 2]));
@@ -395,17 +395,19 @@ fn keys_outside_the_range_are_refused_by_server_and_client() {
     let (dense, sparse) = (f.id("dense"), f.id("sparse"));
     let last = f.shard_of("dense", DENSE_KEYS - 1);
     let mut c = f.raw(last);
-    c.call(raw::push(dense, DIM as u32, &[DENSE_KEYS], &[1.0; DIM])).expect_error(Status::KeyOutOfRange, "1000");
+    let range = last as u32; // one range per shard on a standalone server
+    c.call(raw::worker_push(range, dense, DIM as u32, &[DENSE_KEYS], &[1.0; DIM])).expect_error(Status::KeyOutOfRange, "1000");
     // One good key and one bad: the whole push is refused, key 999 stays as it was (verify).
-    c.call(raw::push(dense, DIM as u32, &[DENSE_KEYS - 1, 5000], &[1.0; 2 * DIM])).expect_error(Status::KeyOutOfRange, "5000");
+    c.call(raw::worker_push(range, dense, DIM as u32, &[DENSE_KEYS - 1, 5000], &[1.0; 2 * DIM])).expect_error(Status::KeyOutOfRange, "5000");
     c.call(raw::pull(dense, DIM as u32, &[DENSE_KEYS])).expect_error(Status::KeyOutOfRange, "1000");
-    c.call(raw::push_range(dense, DIM as u32, DENSE_KEYS - 2, 5, &[1.0; 5 * DIM])).expect_error(Status::KeyOutOfRange, "range");
+    c.call(raw::worker_push_range(range, dense, DIM as u32, DENSE_KEYS - 2, 5, &[1.0; 5 * DIM])).expect_error(Status::KeyOutOfRange, "range");
     c.call(raw::pull_range(dense, DIM as u32, u64::MAX - 1, 4)).expect_error(Status::KeyOutOfRange, "range");
-    // In range, but another shard's: a different refusal.
-    c.call(raw::push(dense, DIM as u32, &[0], &[1.0; DIM])).expect_error(Status::NotOwned, "not owned");
+    // In the table, but another range's: a different refusal.
+    c.call(raw::worker_push(range, dense, DIM as u32, &[0], &[1.0; DIM])).expect_error(Status::BadRequest, "not in range");
     // The sparse table spans [0, u64::MAX): u64::MAX itself is outside.
     let mut s = f.raw(f.shard_of("sparse", u64::MAX - 1));
-    s.call(raw::push(sparse, DIM as u32, &[u64::MAX], &[1.0; DIM])).expect_error(Status::KeyOutOfRange, "outside");
+    s.call(raw::worker_push(f.shard_of("sparse", u64::MAX - 1) as u32, sparse, DIM as u32, &[u64::MAX], &[1.0; DIM]))
+        .expect_error(Status::KeyOutOfRange, "outside");
 
     // The client library refuses the same keys before sending anything.
     let client = &f.client;
@@ -431,17 +433,15 @@ fn values_of_the_wrong_length_are_refused_by_server_and_client() {
     f.push_round();
     let dense = f.id("dense");
     let mut c = f.raw(0);
-    c.call(raw::push(dense, DIM as u32, &[1, 2], &[1.0; 2 * DIM - 1])).expect_error(Status::ValuesLength, "values length 7");
-    c.call(raw::push_range(dense, DIM as u32, 1, 3, &[1.0; 2 * DIM])).expect_error(Status::ValuesLength, "values length 8");
-    c.call(raw::push(dense, DIM as u32, &[], &[])).expect_error(Status::ValuesLength, "keys (0)");
-    c.call(raw::push_range(dense, DIM as u32, 1, 0, &[])).expect_error(Status::ValuesLength, "keys (0)");
-    // Bodies that do not even split into keys and whole values.
-    let (header, mut body) = raw::push(dense, DIM as u32, &[1], &[1.0; DIM]);
+    c.call(raw::worker_push(0, dense, DIM as u32, &[1, 2], &[1.0; 2 * DIM - 1]))
+        .expect_error(Status::BadRequest, "44 bytes of keys and values for 2 keys of 4");
+    c.call(raw::worker_push_range(0, dense, DIM as u32, 1, 3, &[1.0; 2 * DIM])).expect_error(Status::BadRequest, "32 bytes of keys and values for 3 keys of 4");
+    c.call(raw::worker_push(0, dense, DIM as u32, &[], &[])).expect_error(Status::BadRequest, "no keys");
+    c.call(raw::worker_push_range(0, dense, DIM as u32, 1, 0, &[])).expect_error(Status::BadRequest, "no keys");
+    // A body that does not even split into messages.
+    let (header, mut body) = raw::worker_push(0, dense, DIM as u32, &[1], &[1.0; DIM]);
     body.pop();
-    c.request(header, &body).expect_error(Status::BadRequest, "values");
-    let (mut header, body) = raw::push(dense, DIM as u32, &[1], &[1.0; DIM]);
-    header.count = 5;
-    c.request(header, &body).expect_error(Status::BadRequest, "5 keys");
+    c.request(header, &body).expect_error(Status::BadRequest, "batch");
     let (mut header, body) = raw::pull(dense, DIM as u32, &[1, 2]);
     header.count = 3;
     c.request(header, &body).expect_error(Status::BadRequest, "count 3");
@@ -469,13 +469,13 @@ fn non_finite_gradients_are_rejected_or_skipped_per_table() {
     let mut c = f.raw(0);
     let mut g = vec![1.0f32; 2 * DIM];
     g[5] = f32::NAN;
-    c.call(raw::push(reject, DIM as u32, &[3, 4], &g)).expect_error(Status::NonFinite, "component 5 is not finite (NaN)");
+    c.call(raw::worker_push(0, reject, DIM as u32, &[3, 4], &g)).expect_error(Status::NonFinite, "component 5 is not finite (NaN)");
     g[5] = f32::INFINITY;
-    c.call(raw::push_range(reject, DIM as u32, 3, 2, &g)).expect_error(Status::NonFinite, "(inf)");
+    c.call(raw::worker_push_range(0, reject, DIM as u32, 3, 2, &g)).expect_error(Status::NonFinite, "(inf)");
     // The sparse table rejects by default; a refused push inserts no key.
     g[5] = 1.0;
     g[6] = f32::NEG_INFINITY;
-    c.call(raw::push(sparse, DIM as u32, &[7, 8], &g)).expect_error(Status::NonFinite, "component 6");
+    c.call(raw::worker_push(0, sparse, DIM as u32, &[7, 8], &g)).expect_error(Status::NonFinite, "component 6");
     f.model.sparse.insert(7, vec![0.0; DIM]);
     f.model.sparse.insert(8, vec![0.0; DIM]);
     f.verify();
@@ -608,8 +608,8 @@ fn wrong_dim_is_refused_and_the_connection_stays_usable() {
     c.call(raw::pull(dense, 2, &[1])).expect_error(Status::WrongDim, "dim 4");
     c.call(raw::pull(dense, 8, &[1])).expect_error(Status::WrongDim, "dim 8");
     c.call(raw::pull_range(dense, 1, 0, 4)).expect_error(Status::WrongDim, "dim 1");
-    c.call(raw::push(dense, 2, &[1, 2], &[1.0; 4])).expect_error(Status::WrongDim, "dim 2");
-    c.call(raw::push_range(dense, 0, 0, 1, &[])).expect_error(Status::WrongDim, "dim 0");
+    c.call(raw::worker_push(0, dense, 2, &[1, 2], &[1.0; 4])).expect_error(Status::WrongDim, "dim 2");
+    c.call(raw::worker_push_range(0, dense, 0, 0, 1, &[])).expect_error(Status::WrongDim, "dim 0");
     c.call(raw::pull(sparse, 1, &[3])).expect_error(Status::WrongDim, "dim 1");
     let pulled = c.call(raw::pull(dense, DIM as u32, &[1, 2]));
     assert_eq!(pulled.status(), Status::Ok, "{}", pulled.message());
@@ -623,7 +623,7 @@ fn workers_over_the_limit_are_refused_without_changing_anything() {
     f.push_round();
     let dense = f.id("dense");
     let mut c = RawConn::hello(f.addr(), 0, 1000).0;
-    let (mut header, body) = raw::push(dense, DIM as u32, &[1], &[5.0; DIM]);
+    let (mut header, body) = raw::worker_push(0, dense, DIM as u32, &[1], &[5.0; DIM]);
     header.worker = 1000;
     c.request(header, &body).expect_error(Status::BadRequest, "1000");
     f.verify_and_continue();
@@ -733,7 +733,7 @@ fn hostile(addr: &str, kind: usize, ids: (u32, u32), keep: &mut Vec<RawConn>) {
         }
         3 => {
             let mut c = RawConn::hello(addr, 1, RAW_WORKER).0;
-            c.call(raw::push(dense + 100, d, &[600], &[1e9; DIM])).expect_error(Status::UnknownTable, "unknown");
+            c.call(raw::worker_push(1, dense + 100, d, &[600], &[1e9; DIM])).expect_error(Status::UnknownTable, "unknown");
         }
         4 => {
             let mut c = RawConn::connect(addr);
@@ -755,13 +755,13 @@ fn hostile(addr: &str, kind: usize, ids: (u32, u32), keep: &mut Vec<RawConn>) {
         }
         7 => {
             let mut c = RawConn::hello(addr, 0, RAW_WORKER).0;
-            c.call(raw::push(dense, 1, &[1], &[1e9])).expect_error(Status::WrongDim, "dim");
+            c.call(raw::worker_push(0, dense, 1, &[1], &[1e9])).expect_error(Status::WrongDim, "dim");
         }
         8 => {
             let mut c = RawConn::hello(addr, 0, RAW_WORKER).0;
             let mut g = [1e9f32; DIM];
             g[3] = f32::NAN;
-            c.call(raw::push(reject, d, &[1], &g)).expect_error(Status::NonFinite, "finite");
+            c.call(raw::worker_push(0, reject, d, &[1], &g)).expect_error(Status::NonFinite, "finite");
         }
         _ => {
             // Asks for a lot and never reads the replies; kept open until the flood ends, or it

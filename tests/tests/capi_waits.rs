@@ -25,6 +25,10 @@ fn waits_time_out_poll_and_end_on_close_while_the_server_is_frozen() {
         assert_eq!(tessera_create_table(client, c"frozen".as_ptr(), TESSERA_DENSE, 0, 4, 1, std::ptr::null(), &mut table), TESSERA_OK);
     }
     let ones = [1f32; 4];
+    // A worker's first push to a range asks the range's head how many of its pushes it holds,
+    // in the call: that one goes before the freeze.
+    // SAFETY: four values; no ticket (the call waits).
+    assert_eq!(unsafe { tessera_push_range(client, table, 0, ones.as_ptr(), 4, std::ptr::null_mut()) }, TESSERA_OK);
     // Frozen once every thread has stopped: a thread the stop had not reached yet could answer.
     server.freeze();
     // SAFETY: four values, a writable ticket.

@@ -8,7 +8,9 @@
 //! The history every case starts from, with one worker pushing 1.0 to every key of a dense `sum`
 //! table, its clock counting its pushes: 20 pushes, checkpoint 1, 20 pushes, checkpoint 2,
 //! 20 pushes, then `kill -9`. So checkpoint 2 holds 40, `wal-00000001.log` pushes 21 to 40 and
-//! `wal-00000002.log` pushes 41 to 60, one commit (one page) per push.
+//! `wal-00000002.log` pushes 41 to 60, one commit (one page) per push. The log's first record
+//! is the table's range, whole, as it was made (a standalone server logs as a chain of one
+//! does), so push n is record n + 1.
 
 use std::path::Path;
 use std::time::Duration;
@@ -101,7 +103,7 @@ fn every_injected_corruption_is_caught_and_recovery_takes_the_right_path() {
     let ok = run_tool(&["checkpoint", "verify", pristine.path().to_str().unwrap()], TOOL_TIMEOUT);
     assert!(ok.status.success(), "verify fails an undamaged directory:\n{}{}", ok.stdout, ok.stderr);
     let inspect = run_tool(&["checkpoint", "inspect", pristine.path().to_str().unwrap()], TOOL_TIMEOUT);
-    assert!(inspect.status.success() && inspect.stdout.contains("exact at log record 40"), "{}{}", inspect.stdout, inspect.stderr);
+    assert!(inspect.status.success() && inspect.stdout.contains("exact at log record 41"), "{}{}", inspect.stdout, inspect.stderr);
     println!("{}", inspect.stdout);
     let all = 3 * PUSHES_PER_STEP;
 
@@ -143,7 +145,7 @@ fn every_injected_corruption_is_caught_and_recovery_takes_the_right_path() {
     let copy = ScratchDir::new("corrupt-case");
     copy_dir(pristine.path(), copy.path());
     flip(&wal(copy.path()), 9 * PAGE + 100);
-    verify_catches(copy.path(), "record 51 of a later commit follows");
+    verify_catches(copy.path(), "record 52 of a later commit follows");
     refused(copy.path(), "wal-00000002.log torn at byte 36864");
     let (n, log) = recovered_accepting_loss(copy.path());
     assert!(log.contains("recovering past lost data"), "the server did not say it lost data:\n{log}");
@@ -178,7 +180,7 @@ fn every_injected_corruption_is_caught_and_recovery_takes_the_right_path() {
                 std::fs::remove_file(d.join("shard-000").join("wal-00000001.log")).unwrap();
             },
             "checkpoint 2: CORRUPT",
-            "records 21 to 40 are missing",
+            "records 22 to 41 are missing",
         ),
         // A log removed between two others.
         (
@@ -187,8 +189,8 @@ fn every_injected_corruption_is_caught_and_recovery_takes_the_right_path() {
                 flip(&d.join("shard-000").join("MANIFEST-00000002"), 40);
                 truncate(&d.join("shard-000").join("wal-00000001.log"), 10 * PAGE);
             },
-            "records 31 to 40 are missing",
-            "records 31 to 40 are missing",
+            "records 32 to 41 are missing",
+            "records 32 to 41 are missing",
         ),
     ];
     for (what, damage, verify_says, server_says) in inconsistencies {

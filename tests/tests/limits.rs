@@ -7,7 +7,7 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use tessera_client::{Client, ClientConfig};
+use tessera_client::{Client, ClientConfig, Ticket};
 use tessera_layout::{TableKind, TableSpec};
 use tessera_tests::raw::{self, RawConn};
 use tessera_tests::{free_port, metric, scrape, ServerProc};
@@ -108,6 +108,6 @@ fn workers_over_the_table_limit_are_refused_with_the_flag_named() {
     ok.push_range(&table, 0, &[1.0; 8]).expect("push").wait().expect("worker 3 of 4 is served");
     let over = Client::connect(&[server.addr()], ClientConfig::worker(4)).expect("worker 4 connects");
     let table = over.table("few").expect("the table");
-    let err = over.push_range(&table, 0, &[1.0; 8]).expect("sent").wait().expect_err("worker 4 of 4 must be refused").to_string();
+    let err = over.push_range(&table, 0, &[1.0; 8]).and_then(Ticket::wait).expect_err("worker 4 of 4 must be refused").to_string();
     assert!(err.contains("--workers-max"), "{err}");
 }

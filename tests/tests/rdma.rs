@@ -236,6 +236,9 @@ fn a_worker_that_vanishes_mid_push_leaves_the_server_healthy() {
         let status = c.status().unwrap();
         status[0]["shards"].as_array().unwrap().iter().map(|s| s["connections"].as_u64().unwrap()).sum()
     };
+    // The steady worker's own links are made by its first calls.
+    steady.push_range(&table, 0, &vec![0.0; 1000 * 16]).unwrap().wait().unwrap();
+    steady.pull_range(&table, 0, &mut vec![0f32; 1000 * 16]).unwrap().wait().unwrap();
     let baseline = connections(&steady);
     for round in 0..5 {
         let doomed = client(&server, 1, TransportKind::Rdma, fast());
@@ -508,7 +511,9 @@ fn wal_mode_over_rdma_acknowledges_pushes_once_logged_and_a_restart_replays_them
     assert_eq!(bits(&before.0), bits(&after.0), "dense values after the restart");
     assert_eq!(bits(&before.1), bits(&after.1), "sparse values after the restart");
     let replayed: u64 = second.recovery().iter().map(|r| r.records_replayed).sum();
-    assert_eq!(replayed, 5 * 2 * 2 + 24, "every logged push replayed (workload pushes span both shards)");
+    // Every logged push (workload pushes span both shards), and each shard's range of the dense
+    // table as it was made, whole.
+    assert_eq!(replayed, 5 * 2 * 2 + 24 + 2, "every logged push replayed");
 }
 
 /// A [`Caller`](tessera_transport::Caller) (the link replicated servers and workers use) sends
@@ -517,7 +522,6 @@ fn wal_mode_over_rdma_acknowledges_pushes_once_logged_and_a_restart_replays_them
 /// as a TCP link's. A TCP-only server is refused when RDMA is required.
 #[test]
 fn a_caller_sends_small_frames_over_rdma_and_large_ones_over_its_tcp_connection() {
-    use tessera_transport::wire::{Header, Op};
     use tessera_transport::{Dialer, TransportConfig};
     if !tessera_tests::rdma_here("a_caller_sends_small_frames_over_rdma_and_large_ones_over_its_tcp_connection") {
         return;
@@ -537,36 +541,25 @@ fn a_caller_sends_small_frames_over_rdma_and_large_ones_over_its_tcp_connection(
     let mut want = vec![0f32; 8192];
     for round in 1..=10u64 {
         let count = if round % 2 == 1 { 1000 } else { 8000 };
-        let grads = vec![round as f32; count];
-        let body: Vec<u8> = grads.iter().flat_map(|g| g.to_le_bytes()).collect();
+        // Worker 1's push number `round` to the shard's one range, as to the range's head.
+        let (mut header, body) = tessera_tests::raw::worker_push_range_as(1, round as u32, 0, id, 1, 0, count as u32, &vec![round as f32; count]);
         assert_eq!(body.len() <= fast_max, count == 1000);
-        let mut header = Header::request(Op::PushRange, round);
-        header.table = id;
-        header.start = 0;
-        header.count = count as u32;
-        header.dim = 1;
-        header.worker = 1;
-        header.clock = round;
         caller.call(&mut header, &body, None).expect("the push is served");
         want[..count].iter_mut().for_each(|v| *v += round as f32);
     }
     // Pipelined: three small pushes in flight on the queue pair; a large one may not start
     // behind them (it would take the TCP path and could overtake them) until they are answered.
-    let small_body: Vec<u8> = vec![1f32; 1000].iter().flat_map(|g| g.to_le_bytes()).collect();
-    let large_body: Vec<u8> = vec![1f32; 8000].iter().flat_map(|g| g.to_le_bytes()).collect();
-    let push = |round: u64, count: usize| {
-        let mut header = Header::request(Op::PushRange, round);
-        (header.table, header.start, header.count, header.dim, header.worker, header.clock) = (id, 0, count as u32, 1, 1, round);
-        header
-    };
+    let push = |round: u64, count: usize| tessera_tests::raw::worker_push_range_as(1, round as u32, 0, id, 1, 0, count as u32, &vec![1f32; count]);
     for round in 11..=13u64 {
+        let (mut header, small_body) = push(round, 1000);
         assert!(caller.can_start(&small_body));
-        caller.start(&mut push(round, 1000), &small_body).expect("a pipelined push is sent");
+        caller.start(&mut header, &small_body).expect("a pipelined push is sent");
         want[..1000].iter_mut().for_each(|v| *v += 1.0);
     }
     assert_eq!(caller.in_flight(), 3);
+    let (mut header, large_body) = push(14, 8000);
     assert!(!caller.can_start(&large_body), "a large frame must wait for the queue pair's replies");
-    assert!(caller.start(&mut push(14, 8000), &large_body).is_err());
+    assert!(caller.start(&mut header, &large_body).is_err());
     for _ in 0..3 {
         caller.finish(None).expect("each pipelined push is answered, in order");
     }

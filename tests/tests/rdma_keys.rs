@@ -104,10 +104,11 @@ impl Fixture {
     }
 }
 
-/// Pushes `value` to each of `keys` over `link` as `worker`: the reply's status, or the link's error.
-fn push(link: &mut RdmaLink, id: u32, worker: u32, keys: &[u64], value: f32) -> Result<Status, TransportError> {
-    let (mut header, body) = raw::push(id, DIM as u32, keys, &vec![value; keys.len() * DIM]);
-    header.worker = worker;
+/// Pushes `value` to each of `keys` over `link` as `worker`'s push number `seq` to the shard's
+/// one range (a worker's push frame, as to a range's head): the reply's status, or the link's
+/// error.
+fn push(link: &mut RdmaLink, id: u32, worker: u32, seq: u32, keys: &[u64], value: f32) -> Result<Status, TransportError> {
+    let (mut header, body) = raw::worker_push_as(worker, seq, 0, id, DIM as u32, keys, &vec![value; keys.len() * DIM]);
     header.clock = 1;
     link.send(&mut header, &[&body], false)?;
     Ok(link.recv(Some(REPLY_WITHIN))?.header.status())
@@ -155,16 +156,16 @@ fn a_worker_writing_with_another_workers_rkey_gets_an_error_and_nothing_lands() 
     }
     let f = Fixture::start();
     let (mut a, mut b) = (f.link(1), f.link(2));
-    expect_served(push(&mut b, f.id, 2, &[1, 2], 1.0), "B's first push");
+    expect_served(push(&mut b, f.id, 2, 1, &[1, 2], 1.0), "B's first push");
     let (keys_a, keys_b) = (a.remote_slot_keys(), b.remote_slot_keys());
     assert!(keys_a.iter().all(|(_, rkey)| keys_b.iter().all(|(_, other)| rkey != other)), "A and B share an rkey");
 
     // A writes with B's keys: into B's ring, at the address B's next request goes to.
     a.override_remote_slot_keys(keys_b);
-    expect_refused(push(&mut a, f.id, 1, &[1, 2, 3], 100.0), "A with B's keys");
+    expect_refused(push(&mut a, f.id, 1, 1, &[1, 2, 3], 100.0), "A with B's keys");
 
     // B is untouched: its next push (into the very slot A aimed at) is served.
-    expect_served(push(&mut b, f.id, 2, &[1, 2], 1.0), "B after A's attempt");
+    expect_served(push(&mut b, f.id, 2, 2, &[1, 2], 1.0), "B after A's attempt");
     let want = expected(&[(1, 2.0), (2, 2.0)]);
     assert_eq!(f.values(), want, "only B's acknowledged pushes are in the table");
 }
@@ -178,7 +179,7 @@ fn a_worker_writing_with_a_released_rings_rkey_gets_an_error_and_nothing_changes
     let f = Fixture::start();
     let baseline = f.connections();
     let mut first = f.link(1);
-    expect_served(push(&mut first, f.id, 1, &[5], 1.0), "the first link's push");
+    expect_served(push(&mut first, f.id, 1, 1, &[5], 1.0), "the first link's push");
     let stale = first.remote_slot_keys();
     drop(first);
     // The shard releases the ring (and its protection domain) when the TCP connection closes.
@@ -194,7 +195,7 @@ fn a_worker_writing_with_a_released_rings_rkey_gets_an_error_and_nothing_changes
         second = f.link(2 + spares.len() as u32);
     }
     second.override_remote_slot_keys(stale);
-    expect_refused(push(&mut second, f.id, 2, &[5, 6], 100.0), "a link with a released ring's keys");
+    expect_refused(push(&mut second, f.id, 2, 1, &[5, 6], 100.0), "a link with a released ring's keys");
     assert_eq!(f.values(), expected(&[(5, 1.0)]), "the table holds the first link's push alone");
 }
 
@@ -214,14 +215,14 @@ fn a_worker_writing_with_a_made_up_rkey_gets_an_error_and_the_server_serves_on()
     // The right addresses, a made-up key.
     let keys = guesser.remote_slot_keys().into_iter().map(|(addr, _)| (addr, garbage)).collect();
     guesser.override_remote_slot_keys(keys);
-    expect_refused(push(&mut guesser, f.id, 3, &[9], 100.0), &format!("a link with rkey {garbage:#x}"));
+    expect_refused(push(&mut guesser, f.id, 3, 1, &[9], 100.0), &format!("a link with rkey {garbage:#x}"));
 
     // Other workers are served: a raw link, the client, and the guesser once it reconnects.
-    expect_served(push(&mut other, f.id, 4, &[9], 1.0), "another worker's link");
+    expect_served(push(&mut other, f.id, 4, 1, &[9], 1.0), "another worker's link");
     f.client.push(&f.table, &[9, 10], &[2.0; 2 * DIM]).unwrap().wait().unwrap();
     drop(guesser);
     let mut again = f.link(3);
-    expect_served(push(&mut again, f.id, 3, &[10], 4.0), "the guesser, reconnected with its own keys");
+    expect_served(push(&mut again, f.id, 3, 1, &[10], 4.0), "the guesser, reconnected with its own keys");
     assert_eq!(f.values(), expected(&[(9, 1.0), (9, 2.0), (10, 2.0), (10, 4.0)]), "only the served pushes");
 }
 
@@ -240,9 +241,11 @@ fn a_worker_reading_with_another_workers_or_a_released_rkey_or_at_a_request_ring
         return;
     }
     let f = Fixture::start();
-    let baseline = f.connections();
     f.client.push(&f.table, &[1], &[3.0; DIM]).unwrap().wait().unwrap();
     let want = expected(&[(1, 3.0)]);
+    // (The well-behaved worker's links are made by its first calls.)
+    assert_eq!(f.values(), want);
+    let baseline = f.connections();
 
     // B is granted the table: its reads work, with keys of its own.
     let mut b = f.link(2);
@@ -301,8 +304,8 @@ fn malformed_frames_over_rdma_get_error_replies_and_change_nothing() {
     }
     let f = Fixture::start();
     let mut link = f.link(5);
-    let (mut header, body) = raw::push(f.id, DIM as u32, &[7], &[50.0; DIM]);
-    (header.worker, header.clock, header.body_len, header.raw_len) = (5, 1, body.len() as u32, body.len() as u32);
+    let (mut header, body) = raw::worker_push_as(5, 1, 0, f.id, DIM as u32, &[7], &[50.0; DIM]);
+    (header.clock, header.body_len, header.raw_len) = (1, body.len() as u32, body.len() as u32);
     let good = ShortHeader::shorten(&header).expect("a small push shortens");
     let short = |edit: &dyn Fn(&mut ShortHeader)| {
         let mut s = good;
@@ -314,7 +317,7 @@ fn malformed_frames_over_rdma_get_error_replies_and_change_nothing() {
         ("a short frame claiming compression", frame(short(&|s| s.flags = 1).as_bytes(), &body), true, Status::Malformed),
         ("a short frame longer than its slot", frame(short(&|s| s.body_len = u16::MAX).as_bytes(), &body), true, Status::Malformed),
         ("a short frame of 0xff bytes", vec![0xff; 64], true, Status::Malformed),
-        ("a short push whose values are short", frame(short(&|s| s.count = 3).as_bytes(), &body), true, Status::ValuesLength),
+        ("a short push frame cut short", frame(short(&|s| s.body_len -= 8).as_bytes(), &body[..body.len() - 8]), true, Status::BadRequest),
         ("a short frame of 8 bytes", vec![0; 8], true, Status::Malformed),
         ("a long frame with a bad checksum", frame(header.as_bytes(), &body), false, Status::Malformed),
         ("a long frame of 0xff bytes", vec![0xff; 512], false, Status::Malformed),
@@ -328,14 +331,14 @@ fn malformed_frames_over_rdma_get_error_replies_and_change_nothing() {
     }
     // A well-formed push whose arrival tag never shows (zeros follow it where the tag goes):
     // the shard finds it by its receive completion instead, and serves it.
-    let (mut header, body) = raw::push(f.id, DIM as u32, &[8], &[4.0; DIM]);
-    (header.worker, header.clock, header.body_len, header.raw_len) = (5, 1, body.len() as u32, body.len() as u32);
+    let (mut header, body) = raw::worker_push_as(5, 1, 0, f.id, DIM as u32, &[8], &[4.0; DIM]);
+    (header.clock, header.body_len, header.raw_len) = (1, body.len() as u32, body.len() as u32);
     let untagged = [frame(ShortHeader::shorten(&header).expect("shortens").as_bytes(), &body), vec![0; 8]].concat();
     link.send_raw(&untagged, true).expect("posting an untagged push");
     let reply = link.recv(Some(REPLY_WITHIN)).expect("a reply to the untagged push");
     assert_eq!(reply.header.status(), Status::Ok, "{}", String::from_utf8_lossy(reply.body));
     // The link, the client and the table are as they were: only served pushes land.
-    expect_served(push(&mut link, f.id, 5, &[8], 1.0), "the same link, well-formed again");
+    expect_served(push(&mut link, f.id, 5, 2, &[8], 1.0), "the same link, well-formed again");
     f.client.push(&f.table, &[8], &[2.0; DIM]).unwrap().wait().unwrap();
     assert_eq!(f.values(), expected(&[(8, 4.0), (8, 1.0), (8, 2.0)]), "only the served pushes");
 }

@@ -13,7 +13,8 @@ use crate::metrics::MetricsArgs;
 /// Run a server until interrupted.
 ///
 /// Tables come from `--tables FILE` (TOML, one `[[table]]` each) and from clients that create
-/// them. Alone, a server holds every table whole, split across its shards:
+/// them. Alone (no --coordinator or --etcd), a server holds every table whole, one range per
+/// shard, each range a chain of one (itself), and needs no coordinator:
 ///
 ///   tessera server --listen 127.0.0.1:7070 --tables t.toml
 ///   tessera demo --connect 127.0.0.1:7070

@@ -49,9 +49,9 @@ impl Dialer {
             #[cfg(feature = "rdma")]
             Chosen::Rdma(dev) if served && shard != CONTROL_SHARD => {
                 let link = crate::rdma::RdmaLink::upgrade(tcp, &self.cfg, &self.rdma, dev.clone())?;
-                Ok(Caller { path: Path::Rdma(Box::new(link)), calls: Calls::default(), waiting: VecDeque::new(), compress: false })
+                Ok(Caller { path: Path::Rdma(Box::new(link)), calls: Calls::default(), waiting: VecDeque::new(), compress: false, hello: info })
             }
-            _ => Ok(Caller { path: Path::Tcp(Box::new(tcp)), calls: Calls::default(), waiting: VecDeque::new(), compress: false }),
+            _ => Ok(Caller { path: Path::Tcp(Box::new(tcp)), calls: Calls::default(), waiting: VecDeque::new(), compress: false, hello: info }),
         }
     }
 }
@@ -74,6 +74,8 @@ pub struct Caller {
     waiting: VecDeque<Over>,
     /// Snappy-compress request bodies (and ask for compressed replies) when that pays.
     compress: bool,
+    /// The server's hello reply (its self-description).
+    hello: Vec<u8>,
 }
 
 /// Which of a caller's paths a request went over.
@@ -94,6 +96,11 @@ enum Path {
 }
 
 impl Caller {
+    /// The server's hello reply: how it describes itself.
+    pub fn hello(&self) -> &[u8] {
+        &self.hello
+    }
+
     /// This caller, compressing its requests' bodies where that saves at least a tenth (as a
     /// `Link::send` with `compress` does) and asking for compressed replies.
     pub fn compressing(mut self, on: bool) -> Self {

@@ -50,9 +50,11 @@
 // A bug in Tessera: close the client.
 #define TESSERA_ERR_PANIC 8
 
-// The connection broke (the server died or restarted) with this call in flight: a push may or
-// may not have been applied, and a pull's output is not complete. The call is never sent
-// again; the client's next call reconnects by itself.
+// The call's server was lost with this call in flight (a standalone server that did not answer
+// through the reconnection attempts, or came back without its data): a push may or may not have
+// been applied, and a pull's output is not complete. The call is never sent again; the client's
+// next call reconnects by itself. (A push in flight when a server restarts with its data, or
+// when a cluster's member fails, is sent again and applied once instead.)
 #define TESSERA_ERR_UNKNOWN_OUTCOME 9
 
 // No answer in time: the ticket of `tessera_wait` or `tessera_wait_timeout` is still in flight

@@ -67,9 +67,11 @@ pub const TESSERA_ERR_SERVER: i32 = 6;
 pub const TESSERA_ERR_TRANSPORT: i32 = 7;
 /// A bug in Tessera: close the client.
 pub const TESSERA_ERR_PANIC: i32 = 8;
-/// The connection broke (the server died or restarted) with this call in flight: a push may or
-/// may not have been applied, and a pull's output is not complete. The call is never sent
-/// again; the client's next call reconnects by itself.
+/// The call's server was lost with this call in flight (a standalone server that did not answer
+/// through the reconnection attempts, or came back without its data): a push may or may not have
+/// been applied, and a pull's output is not complete. The call is never sent again; the client's
+/// next call reconnects by itself. (A push in flight when a server restarts with its data, or
+/// when a cluster's member fails, is sent again and applied once instead.)
 pub const TESSERA_ERR_UNKNOWN_OUTCOME: i32 = 9;
 /// No answer in time: the ticket of `tessera_wait` or `tessera_wait_timeout` is still in flight
 /// (wait on it again, poll it, or close the client). A call made with a NULL ticket that

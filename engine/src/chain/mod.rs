@@ -19,7 +19,7 @@ use std::time::Instant;
 use tessera_layout::placement::shard_of_range;
 use tessera_replication::codec::{self, KeyList, PayloadPool, PushHeader};
 use tessera_replication::config::PUSH_REPLY_HOLD_MS_MAX;
-use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, RangeId, WorkerId};
+use tessera_replication::protocol::{Addr, ClusterConfig, Msg, NodeId, Payload, RangeId, WorkerId};
 use tessera_replication::replica::Replica;
 use tessera_replication::ReplicationConfig;
 use tessera_transport::keycache::{key_list_hash_le, KeyLists};
@@ -188,7 +188,7 @@ impl ChainShard {
         recovering: bool,
         catalog_behind: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
-        let replica = Self::replica(shard, shards, me, &rcfg, ChainStore::new(rcfg.ranges));
+        let replica = Self::replica(shard, shards, me, &rcfg, &outbox, ChainStore::new(rcfg.ranges));
         Self {
             shard,
             shards,
@@ -218,13 +218,14 @@ impl ChainShard {
         }
     }
 
-    fn replica(shard: u16, shards: u16, me: &Identity, rcfg: &ReplicationConfig, store: ChainStore) -> Replica<ChainStore> {
+    fn replica(shard: u16, shards: u16, me: &Identity, rcfg: &ReplicationConfig, outbox: &Outbox, store: ChainStore) -> Replica<ChainStore> {
         let ranges = rcfg.ranges;
         let mut replica = Replica::new(me.node, me.incarnation, me.addr.clone(), rcfg.clone(), store)
             .of_cluster(me.cluster)
             .serving(|r| shard_of_range(r.0, ranges, shards) == shard);
         // Workers that hear from tails (`flags::TAIL_ACKS`) await their pushes there.
         replica.ack_from_tail(true);
+        replica.send_heartbeats(outbox.coordinated());
         replica
     }
 
@@ -233,7 +234,7 @@ impl ChainShard {
     pub fn recovered(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, replayed: Replayed) {
         let held: Vec<String> = replayed.ranges.iter().map(|(r, (v, _, _))| format!("{r}@{v}")).collect();
         tracing::info!(shard = self.shard, ranges = ?held, "the replica holds again what its log held (range@version)");
-        self.replica = Self::replica(self.shard, self.shards, &self.me, &self.rcfg, ChainStore::recovered(self.rcfg.ranges, replayed));
+        self.replica = Self::replica(self.shard, self.shards, &self.me, &self.rcfg, &self.outbox, ChainStore::recovered(self.rcfg.ranges, replayed));
         self.recovering = false;
         self.route();
         self.hold_placed(tables, disk);
@@ -548,7 +549,7 @@ impl ChainShard {
         if worker >= self.rcfg.workers {
             // The ranges' clocks count this many workers: a push of another would be dropped.
             let reason = format!(
-                "worker id {worker} is over this replicated cluster's {} workers (ids 0 to {}; the coordinator's --workers)",
+                "worker id {worker} is over this cluster's {} workers (ids 0 to {}; the coordinator's --workers, or a standalone server's --workers-max)",
                 self.rcfg.workers,
                 self.rcfg.workers - 1
             );
@@ -559,8 +560,8 @@ impl ChainShard {
         codec::decode_batch_into(body, &mut self.payloads, &mut decoded).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
         for msg in &mut decoded {
             if let Msg::Push { payload, .. } = msg {
-                if let Some(plain) = resolve_key_list(lists, payload)? {
-                    *payload = plain.into();
+                if let Some(plain) = resolve_key_list(lists, payload, &mut self.payloads)? {
+                    *payload = plain;
                 }
             }
         }
@@ -733,7 +734,7 @@ fn applied_stamp(tables: &Tables, applied: &[(u32, RangeId, Range<u64>)], stamp:
 
 /// The plain payload a push sent with key-list caching stands for (`None` when it is plain
 /// already), remembering or looking up its keys in `lists`.
-fn resolve_key_list(lists: &mut KeyLists<Vec<u64>>, payload: &[u8]) -> Result<Option<Vec<u8>>> {
+fn resolve_key_list(lists: &mut KeyLists<Vec<u64>>, payload: &[u8], payloads: &mut PayloadPool) -> Result<Option<Payload>> {
     let bad = |e: tessera_replication::ReplicationError| EngineError::BadRequest { reason: e.to_string() };
     match PushHeader::key_list(payload).map_err(bad)? {
         KeyList::Plain => Ok(None),
@@ -747,12 +748,19 @@ fn resolve_key_list(lists: &mut KeyLists<Vec<u64>>, payload: &[u8]) -> Result<Op
                 list.extend(keys.chunks_exact(8).map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes"))));
                 list
             });
-            Ok(Some(plain))
+            Ok(Some(plain.into()))
         }
         KeyList::Cached { hash } => {
             let count = u32::from_le_bytes(payload[16..20].try_into().expect("a header checked by key_list"));
             let keys = lists.touch(hash, count).ok_or(EngineError::KeysUnknown { hash, count })?;
-            PushHeader::plain(payload, Some(keys)).map(Some).map_err(bad)
+            // Into a kept payload: a list sent by its hash is the steady state of a caching
+            // worker, and allocates nothing.
+            let mut failed = None;
+            let plain = payloads.make_with(|out| failed = PushHeader::write_plain(payload, Some(keys), out).err());
+            match failed {
+                Some(e) => Err(bad(e)),
+                None => Ok(Some(plain)),
+            }
         }
     }
 }

@@ -90,6 +90,8 @@ pub struct Outbox {
     on_replied: Replied,
     /// Set for good once this server's log failed ([`fail_stop`](Self::fail_stop)).
     silenced: Arc<AtomicBool>,
+    /// A coordinator hears this server's heartbeats (not so for a standalone server's).
+    coordinated: bool,
 }
 
 /// [`OnReplied`], shown by name.
@@ -137,7 +139,32 @@ impl Outbox {
             direct_body: Vec::new(),
             on_replied: Replied(on_replied),
             silenced,
+            coordinated: true,
         }
+    }
+
+    /// The outbox of a server that is its own cluster, with no coordinator: `config` (which
+    /// puts it alone on every chain) is the only configuration, and heartbeats go nowhere.
+    pub fn alone(me: NodeId, dialer: Dialer, config: Arc<ClusterConfig>, on_replied: OnReplied) -> Outbox {
+        // Nothing takes heartbeats: `to_coordinator` finds the queue closed and drops them.
+        let (tx, _) = channel::bounded(1);
+        Outbox {
+            me,
+            dialer,
+            latest: Arc::new(Mutex::new(Some(config))),
+            coordinator: tx,
+            peers: Arc::default(),
+            local: HashMap::new(),
+            direct_body: Vec::new(),
+            on_replied: Replied(on_replied),
+            silenced: Arc::default(),
+            coordinated: false,
+        }
+    }
+
+    /// Whether a coordinator hears this server's heartbeats.
+    pub fn coordinated(&self) -> bool {
+        self.coordinated
     }
 
     /// The newest configuration heard of.
@@ -529,7 +556,7 @@ mod tests {
     #[test]
     fn a_peer_gets_each_shards_messages_in_order_whether_started_by_the_shard_or_queued() {
         const EACH: u64 = 2000; // two shards' worth stays below OUT_QUEUE_MAX
-        let info = ServerInfo { version: "test".into(), shards: 1, frame_bytes_max: 1 << 20, workers_max: 4, rdma: false };
+        let info = ServerInfo { version: "test".into(), shards: 1, frame_bytes_max: 1 << 20, workers_max: 4, rdma: false, cluster: 0, alone: false };
         let cfg = tessera_transport::TransportConfig::default();
         let (control, shards, addr) = tessera_transport::tcp::bind("127.0.0.1:0", 1, &cfg, serde_json::to_vec(&info).unwrap().into()).unwrap();
         let (mut control, mut shard) = (Some(control), shards.into_iter().next());

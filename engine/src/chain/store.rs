@@ -238,8 +238,13 @@ impl ChainStore {
         if !h.listed && part.spec.kind == TableKind::Sparse {
             return Err(bad(format!("a range push to sparse table {}", h.table)));
         }
+        let table_keys = part.spec.start..part.spec.end;
+        let outside = |key: u64| EngineError::KeyOutOfRange { table: h.table, key, range: table_keys.clone() };
         if h.listed {
             let listed = listed_keys(keys_bytes)?;
+            if let Some(k) = listed.iter().find(|k| !table_keys.contains(k)) {
+                return Err(outside(*k));
+            }
             if let Some(k) = listed.iter().find(|k| !keys.contains(k)) {
                 return Err(bad(format!("key {k} is not in range {range}, which holds [{}, {})", keys.start, keys.end)));
             }
@@ -248,6 +253,9 @@ impl ChainStore {
             }
         } else {
             let end = h.start.checked_add(h.count as u64).ok_or_else(|| bad("keys past 2^64".into()))?;
+            if h.start < table_keys.start || end > table_keys.end {
+                return Err(outside(if h.start < table_keys.start { h.start } else { end - 1 }));
+            }
             if h.start < keys.start || end > keys.end {
                 return Err(bad(format!("keys [{}, {end}) are not all in range {range}, which holds [{}, {})", h.start, keys.start, keys.end)));
             }
