@@ -22,10 +22,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::core::Kind;
+use crate::core::Named;
 use crate::error::{ClientError, Result};
 use crate::filter::Filter;
-use crate::ticket::{Chained, Pushed, Stamp, Ticket};
+use crate::ticket::{Called, Pushed, Stamp, Ticket};
 use crate::{Client, PushBuffer, Table};
 
 /// How a call orders itself against other calls. See the [module](self) documentation.
@@ -91,18 +91,16 @@ const STALE_PAUSE_MIN: Duration = Duration::from_micros(50);
 pub struct Call<'c> {
     client: &'c Client,
     consistency: Option<Consistency>,
-    /// (shard, request id) of every reply the call waits for before it is sent.
-    after: Vec<(u16, u64)>,
-    /// It follows pushes to a replicated cluster: it waits for the acknowledgement of the
-    /// latest of them (and so of every one before it).
-    after_chained: Option<u64>,
-    /// Pulls from a replicated cluster it follows: it waits for their replies.
+    /// It follows pushes: it waits for the acknowledgement of the latest of them (and so of
+    /// every one before it).
+    after_pushes: Option<u64>,
+    /// Pulls it follows: it waits for their replies.
     after_pulls: Vec<u64>,
 }
 
 impl<'c> Call<'c> {
     pub(crate) fn new(client: &'c Client) -> Self {
-        Self { client, consistency: None, after: Vec::new(), after_chained: None, after_pulls: Vec::new() }
+        Self { client, consistency: None, after_pushes: None, after_pulls: Vec::new() }
     }
 
     /// Runs this call under `model`, whatever the table handle or the client say.
@@ -111,14 +109,13 @@ impl<'c> Call<'c> {
         self
     }
 
-    /// Sends this call only once every shard `ticket` went to has answered it. The ticket keeps
-    /// its result: waiting on it afterwards returns at once.
+    /// Sends this call only once `ticket`'s call is answered (a push acknowledged, a pull's
+    /// replies in). The ticket keeps its result: waiting on it afterwards returns at once.
     pub fn after(mut self, ticket: &Ticket<'_>) -> Self {
-        self.after.extend(ticket.subs.iter().map(|s| (s.shard, s.id)));
-        match ticket.chained {
-            Some(Chained::Push(pushed)) => self.after_chained = self.after_chained.max(Some(pushed.push)),
-            Some(Chained::Pull(pull)) => self.after_pulls.push(pull),
-            None => {}
+        match ticket.call {
+            Called::Push(pushed) => self.after_pushes = self.after_pushes.max(Some(pushed.push)),
+            Called::Pull(pull) => self.after_pulls.push(pull),
+            Called::Answered(_) => {}
         }
         self
     }
@@ -126,8 +123,8 @@ impl<'c> Call<'c> {
     /// [`Client::push`] under this call's ordering.
     pub fn push(self, table: &Table, keys: &[u64], grads: &[f32]) -> Result<Ticket<'c>> {
         let client = self.client;
-        let part_done = self.completes_parts(table);
-        self.ready(table)?.send_keys(client, table, Kind::Push, keys, Some(grads), None, part_done)
+        let ranges_done = self.completes_ranges(table);
+        self.ready(table)?.call(client, table, Named::Keys { keys, ranges_done }, Some(grads), None)
     }
 
     /// [`Client::push_filtered`] under this call's ordering.
@@ -146,14 +143,13 @@ impl<'c> Call<'c> {
     /// [`Client::push_range`] under this call's ordering.
     pub fn push_range(self, table: &Table, start: u64, grads: &[f32]) -> Result<Ticket<'c>> {
         let client = self.client;
-        self.ready(table)?.send_range(client, table, Kind::Push, start, grads.len(), Some(grads), None, None)
+        self.ready(table)?.call(client, table, Named::Range { start }, Some(grads), None)
     }
 
     /// [`Client::push_range_from`] under this call's ordering.
     pub fn push_range_from(self, table: &Table, start: u64, grads: &PushBuffer) -> Result<Ticket<'c>> {
         let client = self.client;
-        let values = grads.as_slice();
-        self.ready(table)?.send_range(client, table, Kind::Push, start, values.len(), Some(values), None, Some(grads))
+        self.ready(table)?.call(client, table, Named::Range { start }, Some(grads.as_slice()), None)
     }
 
     /// [`Client::pull`] under this call's ordering. Under bounded delay it returns only once
@@ -163,7 +159,7 @@ impl<'c> Call<'c> {
         let model = self.model(table);
         let mut core = self.ready(table)?;
         let Some(need) = model.pull_needs(core.clock) else {
-            return core.send_keys(client, table, Kind::Pull, keys, None, Some(out), false);
+            return core.call(client, table, Named::Keys { keys, ranges_done: false }, None, Some(out));
         };
         drop(core);
         fresh_pull(client, table, need, out, Pulled::Keys(keys))
@@ -175,19 +171,18 @@ impl<'c> Call<'c> {
         let client = self.client;
         let model = self.model(table);
         let mut core = self.ready(table)?;
-        let len = out.len();
         let Some(need) = model.pull_needs(core.clock) else {
-            return core.send_range(client, table, Kind::Pull, start, len, None, Some(out), None);
+            return core.call(client, table, Named::Range { start }, None, Some(out));
         };
         drop(core);
         fresh_pull(client, table, need, out, Pulled::Range(start))
     }
 
-    /// Whether a key-list push completes the worker's clock on every part of the table: under
+    /// Whether a key-list push completes the worker's clock on every range of the table: under
     /// bounded delay on a sparse table, where a worker's keys change from push to push and a
-    /// pull waits on every worker's clock over the parts it reads (a dense range push stamps
+    /// pull waits on every worker's clock over the ranges it reads (a dense range push stamps
     /// the range it covers).
-    fn completes_parts(&self, table: &Table) -> bool {
+    fn completes_ranges(&self, table: &Table) -> bool {
         matches!(self.model(table), Consistency::BoundedDelay(_)) && table.spec().kind == tessera_layout::TableKind::Sparse
     }
 
@@ -198,16 +193,13 @@ impl<'c> Call<'c> {
     /// Locks the client once everything this call must follow has been answered.
     fn ready(&self, table: &Table) -> Result<std::sync::MutexGuard<'c, crate::core::Core>> {
         let mut core = self.client.lock();
-        for &(shard, id) in &self.after {
-            core.settle(shard, id)?;
-        }
         for &pull in &self.after_pulls {
-            core.chain_pull_arrived(pull, Instant::now() + crate::chain::CALL_TIMEOUT);
+            core.pull_arrived(pull, Instant::now() + crate::chain::CALL_TIMEOUT);
         }
         if self.model(table) == Consistency::Sequential {
             core.settle_all()?;
-        } else if let Some(push) = self.after_chained {
-            core.chain_settled(push, None)?;
+        } else if let Some(push) = self.after_pushes {
+            core.push_settled(push, None)?;
         }
         Ok(core)
     }
@@ -231,11 +223,11 @@ fn fresh_pull<'c>(client: &'c Client, table: &Table, need: u64, out: &'c mut [f3
     let started = Instant::now();
     let mut pause = STALE_PAUSE_MIN;
     loop {
-        let len = out.len();
-        let ticket = match what {
-            Pulled::Keys(keys) => client.lock().send_keys(client, table, Kind::Pull, keys, None, Some(&mut *out), false),
-            Pulled::Range(start) => client.lock().send_range(client, table, Kind::Pull, start, len, None, Some(&mut *out), None),
+        let named = match what {
+            Pulled::Keys(keys) => Named::Keys { keys, ranges_done: false },
+            Pulled::Range(start) => Named::Range { start },
         };
+        let ticket = client.lock().call(client, table, named, None, Some(&mut *out));
         let stamp = ticket?.wait()?;
         let behind = (0..workers as usize).map(|w| (w, stamp.get(w))).min_by_key(|&(_, c)| c).expect("workers > 0");
         if behind.1 >= need {
@@ -258,26 +250,16 @@ fn fresh_pull<'c>(client: &'c Client, table: &Table, need: u64, out: &'c mut [f3
 impl<'c> Ticket<'c> {
     /// A ticket whose call is already answered, with its stamp.
     pub(crate) fn answered(client: &'c Client, stamp: Stamp) -> Self {
-        Ticket { client, subs: Vec::new(), out: None, order: Vec::new(), dim: 0, stamp: Some(stamp), mismatched: false, chained: None }
+        Ticket { client, out: None, call: Called::Answered(stamp), mismatched: false }
     }
 
-    /// Pull number `pull` from a replicated cluster, into `out`, whose wait takes its replies.
+    /// Pull number `pull`, into `out`, whose wait takes its replies.
     pub(crate) fn pulling(client: &'c Client, pull: u64, out: &'c mut [f32]) -> Self {
-        Ticket { client, subs: Vec::new(), out: Some(out), order: Vec::new(), dim: 0, stamp: None, mismatched: false, chained: Some(Chained::Pull(pull)) }
+        Ticket { client, out: Some(out), call: Called::Pull(pull), mismatched: false }
     }
 
-    /// Push number `push`, sent at `clock` to a replicated cluster, whose wait waits for its
-    /// acknowledgement.
+    /// Push number `push`, sent at `clock`, whose wait waits for its acknowledgement.
     pub(crate) fn pushed(client: &'c Client, push: u64, clock: u64) -> Self {
-        Ticket {
-            client,
-            subs: Vec::new(),
-            out: None,
-            order: Vec::new(),
-            dim: 0,
-            stamp: None,
-            mismatched: false,
-            chained: Some(Chained::Push(Pushed { push, clock })),
-        }
+        Ticket { client, out: None, call: Called::Push(Pushed { push, clock }), mismatched: false }
     }
 }

@@ -198,7 +198,7 @@ pub(crate) struct ChainTable<'t> {
 impl<'t> ChainTable<'t> {
     /// The table a client's handle routes by.
     pub fn of(route: &'t Route) -> Self {
-        ChainTable { id: route.owner(0).table_id, spec: &route.spec }
+        ChainTable { id: route.id, spec: &route.spec }
     }
 }
 

@@ -268,27 +268,22 @@ impl Client {
         self.lock().bytes()
     }
 
-    /// On a replicated cluster, what failures have cost this client so far (refreshes of the
-    /// configuration, resends, retried pulls) and where its requests went; `None` on
-    /// unreplicated servers.
-    pub fn chain_stats(&self) -> Option<ChainStats> {
-        self.lock().chain().map(|c| c.stats)
+    /// What failures have cost this client so far (refreshes of the configuration, resends,
+    /// retried pulls) and where its requests went.
+    pub fn chain_stats(&self) -> ChainStats {
+        self.lock().chain().stats
     }
 
-    /// On a replicated cluster, the id (epoch) of the configuration this client routes by;
-    /// `None` on unreplicated servers.
-    pub fn config_id(&self) -> Option<u64> {
-        self.lock().chain().map(|c| c.view().id)
+    /// The id (epoch) of the cluster configuration this client routes by.
+    pub fn config_id(&self) -> u64 {
+        self.lock().chain().view().id
     }
 
     /// Key-list caching: requests sent with a key list's hash instead of its keys, and how many
     /// of those the server no longer held (they were sent again in full).
     pub fn key_lists_by_hash(&self) -> (u64, u64) {
-        let core = self.lock();
-        match core.chain() {
-            Some(chain) => (chain.stats.lists_by_hash, chain.stats.keys_unknown),
-            None => (core.lists_by_hash, core.lists_missed),
-        }
+        let stats = self.lock().chain().stats;
+        (stats.lists_by_hash, stats.keys_unknown)
     }
 
     /// Dense block copies that one-sided reads found torn (a push overlapped the copy) and read
@@ -297,11 +292,11 @@ impl Client {
         self.lock().torn_reads()
     }
 
-    /// Pings shard 0 of the standalone server (or the cluster) over the data path and waits for
+    /// Pings the tail of the cluster's first range over the data path and waits for
     /// the answer: the transport's round trip alone, with no table touched (`tessera bench`'s
     /// `ping` row).
     pub fn ping(&self) -> Result<()> {
-        self.lock().ping(0)
+        self.lock().ping()
     }
 
     /// The transport the links use: `"rdma"` when every link is RDMA, else `"tcp"`.

@@ -151,7 +151,7 @@ impl Server {
         for ((id, mut ep), rx) in shard_eps.into_iter().enumerate().zip(inboxes) {
             let recovering = cfg.engine.durability != Durability::None && cfg.engine.data_dir.is_some();
             let chain = ChainShard::new(id as u16, shard_count, &me, rcfg.clone(), outbox.clone(), recovering, catalog_behind.clone());
-            let shard = Shard::new(id as u16, engine.clone(), rx).with_chain(chain);
+            let shard = Shard::new(id as u16, engine.clone(), rx, chain);
             let core = (cfg.engine.pin_cores && !cores.is_empty()).then(|| cores[(cfg.engine.first_core + id) % cores.len()]);
             let spawned = std::thread::Builder::new().name(format!("tessera-shard-{id}")).spawn(move || {
                 if let Some(core) = core {

@@ -25,8 +25,7 @@ use crate::error::{EngineError, Result};
 use crate::metrics::ShardMetrics;
 use crate::persist::checkpoint::store::Written;
 use crate::persist::durable::{DiskStats, RecoveryReport, ReplicaReplayed, ShardDisk};
-use crate::persist::wal::{Record, Target};
-use crate::table::{PartStats, TablePart};
+use crate::table::PartStats;
 use crate::tables::Tables;
 use crate::updater::Updater;
 
@@ -104,8 +103,8 @@ pub struct Shard {
     /// for the next (they asked after the running one started).
     checkpoint_waiting: Vec<Sender<Result<Option<Written>>>>,
     checkpoint_asked: Vec<Sender<Result<Option<Written>>>>,
-    /// The shard's replica, when the server is part of a replicated cluster.
-    chain: Option<ChainShard>,
+    /// The shard's replica of its ranges (a standalone server is a chain of one).
+    chain: ChainShard,
     /// Per connection, the key lists its worker asked the shard to remember.
     key_lists: HashMap<ConnId, KeyLists<Vec<u64>>>,
     /// A stamp's worth of clocks, and a pull's runs of keys by range, reused by replicated
@@ -118,11 +117,11 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// A shard with no tables yet.
-    pub fn new(id: u16, cfg: Arc<EngineConfig>, control: Receiver<ShardControl>) -> Self {
+    /// A shard with no tables yet, replica of its ranges through `chain`.
+    pub fn new(id: u16, cfg: Arc<EngineConfig>, control: Receiver<ShardControl>, chain: ChainShard) -> Self {
         Self {
             id,
-            tables: Tables::new(id, cfg.clone(), None),
+            tables: Tables::new(id, cfg.clone(), chain.ranges()),
             cfg,
             control,
             connections: 0,
@@ -131,20 +130,13 @@ impl Shard {
             disk_error: None,
             checkpoint_waiting: Vec::new(),
             checkpoint_asked: Vec::new(),
-            chain: None,
+            chain,
             key_lists: HashMap::new(),
             stamp_scratch: Vec::new(),
             runs_scratch: Vec::new(),
             metrics: ShardMetrics::new(id),
             last_checkpoint: std::time::Instant::now(),
         }
-    }
-
-    /// Makes the shard a replica of its ranges in a replicated cluster.
-    pub fn with_chain(mut self, chain: ChainShard) -> Self {
-        self.tables = Tables::new(self.id, self.cfg.clone(), Some(chain.ranges()));
-        self.chain = Some(chain);
-        self
     }
 
     /// Serves until told to shut down. The shard's disk ring is made here, on its own thread,
@@ -172,17 +164,12 @@ impl Shard {
                 self.tables.free_retired();
             }
             // A checkpoint on the blocking disk backend moves on each turn of the loop.
-            let mut timeout = self.disk.as_ref().is_some_and(ShardDisk::busy).then_some(std::time::Duration::ZERO);
-            if self.chain.is_some() {
-                // The replica keeps time: heartbeats, resends, and batches closed each turn.
-                timeout = Some(timeout.unwrap_or(CHAIN_TURN));
-            }
+            // The replica keeps time: heartbeats, resends, and batches closed each turn.
+            let timeout = Some(if self.disk.as_ref().is_some_and(ShardDisk::busy) { std::time::Duration::ZERO } else { CHAIN_TURN });
             if let Err(e) = transport.poll(&mut self, timeout) {
                 tracing::error!(shard = self.id, error = %e, "poll failed");
             }
-            if let Some(chain) = self.chain.as_mut() {
-                chain.pump(&mut self.tables, &mut self.disk);
-            }
+            self.chain.pump(&mut self.tables, &mut self.disk);
             if self.tables.exposures_pending() {
                 // Parts made or freed while serving: the next poll's wake hands them over.
                 transport.waker().wake();
@@ -201,15 +188,14 @@ impl Shard {
         tracing::debug!(shard = self.id, "shard stopped");
     }
 
-    /// [`pump_disk`](Self::pump_disk); on a replicated shard, if log commits finished, the
-    /// updates they hold commit now ([`ChainShard::settle`]), so the replies waiting for them leave at the next poll's
+    /// [`pump_disk`](Self::pump_disk); if log commits finished, the updates they hold commit now ([`ChainShard::settle`]), so the replies waiting for them leave at the next poll's
     /// start, not after its timeout ([`CHAIN_TURN`]: a chain of one on `wal` took 2.7 ms a
     /// push, the unreplicated server 0.4 ms).
     fn pump_disk_and_chain(&mut self) {
         let durable = self.disk.as_ref().map(ShardDisk::durable);
         self.pump_disk();
-        if let Some(chain) = self.chain.as_mut().filter(|_| self.disk.as_ref().map(ShardDisk::durable) != durable) {
-            chain.settle(&mut self.tables, &mut self.disk);
+        if self.disk.as_ref().map(ShardDisk::durable) != durable {
+            self.chain.settle(&mut self.tables, &mut self.disk);
         }
     }
 
@@ -219,14 +205,8 @@ impl Shard {
         let Some(disk) = self.disk.as_mut() else { return };
         disk.pump();
         if !disk.checkpointing() && (disk.checkpoint_due() || !self.checkpoint_asked.is_empty()) {
-            // A replicated shard's checkpoint records its replica's ranges too, exact at its LSN.
-            let replica = match self.chain.as_mut() {
-                Some(chain) => match chain.checkpoint_ranges(&mut self.tables, &mut self.disk) {
-                    Some(held) => held,
-                    None => return,
-                },
-                None => Vec::new(),
-            };
+            // A checkpoint records the replica's ranges too, exact at its LSN.
+            let Some(replica) = self.chain.checkpoint_ranges(&mut self.tables, &mut self.disk) else { return };
             let Some(disk) = self.disk.as_mut() else { return };
             self.checkpoint_waiting.append(&mut self.checkpoint_asked);
             match disk.begin_checkpoint(&mut self.tables, replica) {
@@ -245,9 +225,7 @@ impl Shard {
         if self.disk.is_some() {
             self.metrics.checkpoint_age(self.last_checkpoint.elapsed().as_secs_f64());
         }
-        if let Some(chain) = &self.chain {
-            self.metrics.replication_lag(chain.lag_ticks());
-        }
+        self.metrics.replication_lag(self.chain.lag_ticks());
     }
 
     /// Reports a checkpoint's end, to the log and to whoever asked for it.
@@ -275,40 +253,28 @@ impl Shard {
     }
 
     /// Loads what the disk holds into the parts the catalog just made (see [`ShardControl::Recover`]).
-    fn recover(&mut self, expose: &mut dyn FnMut(Exposure)) -> Result<Option<RecoveryReport>> {
+    fn recover(&mut self) -> Result<Option<RecoveryReport>> {
         let _span = tracing::info_span!("recovery", shard = self.id).entered();
         if let Some(e) = self.disk_error.take() {
             return Err(e);
         }
         let Some(disk) = self.disk.as_mut() else { return Ok(None) };
-        let report = match self.chain.as_mut() {
-            Some(chain) => {
-                // A replicated shard's log holds its replica's records: replayed into the
-                // tables, and what they leave is what the replica holds again.
-                let ranges = chain.ranges();
-                let mut replayed = Replayed::default();
-                let mut replay = |tables: &mut Tables, found: ReplicaReplayed<'_>| store::replay(tables, ranges, &mut replayed, found);
-                let report = disk.recover(&mut self.tables, Some(&mut replay))?;
-                chain.recovered(&mut self.tables, &mut self.disk, replayed);
-                return Ok(Some(report));
-            }
-            None => disk.recover(&mut self.tables, None)?,
-        };
-        // Parts loaded from a checkpoint replaced the fresh ones: show workers the new memory.
-        self.tables.exposures().for_each(&mut *expose);
+        // The log holds the replica's records: replayed into the tables, and what they leave
+        // is what the replica holds again.
+        let ranges = self.chain.ranges();
+        let mut replayed = Replayed::default();
+        let mut replay = |tables: &mut Tables, found: ReplicaReplayed<'_>| store::replay(tables, ranges, &mut replayed, found);
+        let report = disk.recover(&mut self.tables, &mut replay)?;
+        self.chain.recovered(&mut self.tables, &mut self.disk, replayed);
         Ok(Some(report))
     }
 
-    fn part(&mut self, header: &Header) -> Result<&mut TablePart> {
-        part_of(&mut self.tables, header)
-    }
-
-    fn control(&mut self, msg: ShardControl, expose: &mut dyn FnMut(Exposure)) {
+    fn control(&mut self, msg: ShardControl) {
         match msg {
             ShardControl::AddTable { id, spec, part, updater, done } => {
                 self.metrics.add_table(id, &spec.name);
-                let chain = self.chain.as_ref();
-                let result = self.tables.add(id, spec, part.start..part.end, updater, |r| chain.is_some_and(|c| c.in_chain(r)));
+                let chain = &self.chain;
+                let result = self.tables.add(id, spec, part.start..part.end, updater, |r| chain.in_chain(r));
                 let _ = done.send(result);
             }
             ShardControl::DropTable { id } => {
@@ -323,7 +289,7 @@ impl Shard {
                 let _ = done.send(self.stats());
             }
             ShardControl::Recover { done } => {
-                let _ = done.send(self.recover(expose));
+                let _ = done.send(self.recover());
             }
             ShardControl::Checkpoint { done } => match &self.disk {
                 Some(_) => self.checkpoint_asked.push(done),
@@ -331,15 +297,8 @@ impl Shard {
                     let _ = done.send(Ok(None));
                 }
             },
-            ShardControl::Config(config) => match self.chain.as_mut() {
-                Some(chain) => chain.config(&mut self.tables, &mut self.disk, config),
-                None => tracing::warn!(shard = self.id, "a cluster configuration reached an unreplicated shard"),
-            },
-            ShardControl::Replied { peer, msgs } => {
-                if let Some(chain) = self.chain.as_mut() {
-                    chain.replied(&mut self.tables, &mut self.disk, peer, msgs);
-                }
-            }
+            ShardControl::Config(config) => self.chain.config(&mut self.tables, &mut self.disk, config),
+            ShardControl::Replied { peer, msgs } => self.chain.replied(&mut self.tables, &mut self.disk, peer, msgs),
             ShardControl::Shutdown => self.stop = true,
         }
     }
@@ -358,7 +317,7 @@ impl Shard {
         });
         let disk = self.disk.as_ref().map(|d| d.stats);
         let log_failure = self.disk.as_ref().and_then(|d| d.failure().map(str::to_string));
-        let replication = self.chain.as_ref().map(|c| c.replica_stats().clone());
+        let replication = Some(self.chain.replica_stats().clone());
         ShardStats { shard: self.id, connections: self.connections, bytes_mapped, bytes_locked, disk, log_failure, replication, tables: tables.collect() }
     }
 
@@ -374,45 +333,40 @@ impl Shard {
         if h.flags & (flags::PUSH_SEQS | flags::TAIL_ACKS) != 0 && h.op() != Some(Op::WorkerPush) {
             return Err(EngineError::BadRequest { reason: "only a WorkerPush asks for push counts or hears from tails".into() });
         }
-        if let Some(chain) = self.chain.as_mut() {
-            match h.op() {
-                Some(Op::Replicate) => return chain.serve_peer(&mut self.tables, &mut self.disk, &h, req.body, reply),
-                Some(Op::WorkerPush) => {
-                    let lists = self.key_lists.entry(req.conn).or_insert_with(|| KeyLists::new(self.cfg.key_cache_keys));
-                    return chain.serve_worker(&mut self.tables, &mut self.disk, lists, &h, req.body, reply);
-                }
-                Some(Op::Push | Op::PushRange) => {
-                    return Err(EngineError::BadRequest {
-                        reason: "this server is replicated: push through each range's head (a replicated client does)".into(),
-                    })
-                }
-                // Pulls are checked range by range where they are served (`pull_by_range`).
-                _ => {}
+        match h.op() {
+            Some(Op::Replicate) => return self.chain.serve_peer(&mut self.tables, &mut self.disk, &h, req.body, reply),
+            Some(Op::WorkerPush) => {
+                let lists = self.key_lists.entry(req.conn).or_insert_with(|| KeyLists::new(self.cfg.key_cache_keys));
+                return self.chain.serve_worker(&mut self.tables, &mut self.disk, lists, &h, req.body, reply);
             }
+            Some(Op::Push | Op::PushRange) => {
+                return Err(EngineError::BadRequest { reason: "pushes go through each range's head as WorkerPush (the client does)".into() })
+            }
+            _ => {}
         }
         let cache_flags = h.flags & (flags::KEYS_CACHED | flags::KEYS_REMEMBER);
-        if cache_flags != 0 && !matches!(h.op(), Some(Op::Push | Op::Pull)) {
-            return Err(EngineError::BadRequest { reason: "only Push and Pull carry key lists to cache".into() });
+        if cache_flags != 0 && h.op() != Some(Op::Pull) {
+            return Err(EngineError::BadRequest { reason: "only Pull carries key lists to cache".into() });
         }
-        if h.flags & flags::PART_DONE != 0 && (self.chain.is_some() || h.op() != Some(Op::Push)) {
-            return Err(EngineError::BadRequest { reason: "PART_DONE marks a sparse Push to an unreplicated server".into() });
+        if h.flags & flags::PART_DONE != 0 {
+            return Err(EngineError::BadRequest { reason: "PART_DONE is no longer sent: a WorkerPush says when it completes a range".into() });
         }
         match h.op() {
-            Some(op @ (Op::Push | Op::Pull)) if h.flags & flags::KEYS_CACHED != 0 => {
+            Some(Op::Pull) if h.flags & flags::KEYS_CACHED != 0 => {
                 let held = self.key_lists.get_mut(&req.conn).and_then(|l| l.touch(h.start, h.count));
                 let keys = held.map(std::mem::take).ok_or(EngineError::KeysUnknown { hash: h.start, count: h.count })?;
-                let served = self.serve_keys(op, &h, &keys, req.body, limit, reply);
+                let served = self.pull_by_range(&h, Pulled::Keys(&keys), limit, reply);
                 if let Some(slot) = self.key_lists.get_mut(&req.conn).and_then(|l| l.touch(h.start, h.count)) {
                     *slot = keys;
                 }
-                return served;
+                served
             }
-            Some(op @ (Op::Push | Op::Pull)) => {
-                if op == Op::Pull && req.body.len() as u64 != u64::from(h.count) * 8 {
+            Some(Op::Pull) => {
+                if req.body.len() as u64 != u64::from(h.count) * 8 {
                     let reason = format!("count {} but the body holds {} bytes of keys, not {}", h.count, req.body.len(), u64::from(h.count) * 8);
                     return Err(EngineError::BadRequest { reason });
                 }
-                let (keys, rest) = wire::keys_and_rest(req.body, h.count as usize).map_err(bad)?;
+                let (keys, _) = wire::keys_and_rest(req.body, h.count as usize).map_err(bad)?;
                 if h.flags & flags::KEYS_REMEMBER != 0 {
                     let lists = self.key_lists.entry(req.conn).or_insert_with(|| KeyLists::new(self.cfg.key_cache_keys));
                     // Once the cache is full, a new list reuses an evicted list's storage.
@@ -423,79 +377,15 @@ impl Shard {
                         list
                     });
                 }
-                return self.serve_keys(op, &h, keys, rest, limit, reply);
+                self.pull_by_range(&h, Pulled::Keys(keys), limit, reply)
             }
-            Some(Op::PushRange) => {
-                let grads = wire::cast_slice::<f32>(req.body, "values").map_err(bad)?;
-                let log = self.reserve_log(&h, Target::Range { start: h.start }, grads)?;
-                let part = part_of(&mut self.tables, &h)?;
-                let span = part.push_range(h.start, h.count as usize, grads, h.worker, h.clock)?;
-                reply.ok_stamp(part.stamp_len(), |stamp| part.stamp_into(span, stamp));
-                self.log(log, reply);
-            }
-            Some(Op::PullRange) if self.chain.is_some() => {
-                let count = h.count as usize;
-                return self.pull_by_range(&h, Pulled::Span { start: h.start, count }, limit, reply);
-            }
-            Some(Op::PullRange) => {
-                let part = self.part(&h)?;
-                let span = part.check_pull_range(h.start, h.count as usize)?;
-                let n = h.count as usize * h.dim as usize;
-                check_reply(part.stamp_len(), n, limit)?;
-                let (stamp, values) = reply.ok(part.stamp_len(), n);
-                part.pull_range(h.start, h.count as usize, values);
-                part.stamp_into(span, stamp);
-            }
-            Some(op @ (Op::Replicate | Op::WorkerPush)) => {
-                return Err(EngineError::BadRequest {
-                    reason: format!(
-                        "{op:?} is chain replication, and this server is not replicated (it was started without --coordinator or --etcd); push to it with Push or PushRange"
-                    ),
-                })
-            }
-            _ => {
-                return Err(EngineError::BadRequest {
-                    reason: format!("op {} is a control request; send it on a control connection", h.op),
-                })
-            }
+            Some(Op::PullRange) => self.pull_by_range(&h, Pulled::Span { start: h.start, count: h.count as usize }, limit, reply),
+            _ => Err(EngineError::BadRequest { reason: format!("op {} is a control request; send it on a control connection", h.op) }),
         }
-        Ok(())
     }
 }
 
 impl Shard {
-    /// A `Push` or `Pull` of `keys` (from the body, or remembered for the connection); `rest`
-    /// is the body after the keys: a push's values, nothing for a pull.
-    fn serve_keys(&mut self, op: Op, h: &Header, keys: &[u64], rest: &[u8], limit: usize, reply: &mut Reply<'_>) -> Result<()> {
-        let bad = |e: tessera_transport::TransportError| EngineError::BadRequest { reason: e.to_string() };
-        if op == Op::Push && h.flags & flags::PART_DONE != 0 {
-            return self.serve_part_done(h, keys, rest, reply);
-        }
-        if op == Op::Push {
-            let grads = wire::cast_slice::<f32>(rest, "values").map_err(bad)?;
-            let log = self.reserve_log(h, Target::Keys(keys), grads)?;
-            let part = part_of(&mut self.tables, h)?;
-            let span = part.push(keys, grads, h.worker, h.clock)?;
-            reply.ok_stamp(part.stamp_len(), |stamp| part.stamp_into(span, stamp));
-            self.log(log, reply);
-            return Ok(());
-        }
-        if !rest.is_empty() {
-            return Err(EngineError::BadRequest { reason: format!("count {} but {} more bytes after the keys", h.count, rest.len()) });
-        }
-        if self.chain.is_some() {
-            return self.pull_by_range(h, Pulled::Keys(keys), limit, reply);
-        }
-        let part = self.part(h)?;
-        let span = part.check_pull(keys)?;
-        let n = keys.len() * h.dim as usize;
-        check_reply(part.stamp_len(), n, limit)?;
-        let (stamp, values) = reply.ok(part.stamp_len(), n);
-        part.pull(keys, values);
-        part.stamp_into(span, stamp);
-        Ok(())
-    }
-
     /// A pull from a replicated shard, which holds one part per range: each run of keys of one
     /// range comes from that range's part, and the reply's stamp is the meet of the runs'
     /// stamps. Every run is checked before the reply is built: its keys are its range's, which
@@ -512,7 +402,7 @@ impl Shard {
     /// [`pull_by_range`](Self::pull_by_range), with `runs` to fill: per run, its range and
     /// where it ends (an index into the keys, or an offset into the span).
     fn pull_runs(&mut self, h: &Header, pulled: Pulled<'_>, limit: usize, reply: &mut Reply<'_>, runs: &mut Vec<(u32, usize)>) -> Result<()> {
-        let ranges = self.tables.ranges().expect("a replicated shard's tables are by range");
+        let ranges = self.tables.ranges();
         let table = self.tables.get(h.table).ok_or(EngineError::UnknownTable { table: h.table })?;
         let spec = &table.spec;
         if h.dim != spec.dim {
@@ -541,7 +431,7 @@ impl Shard {
                 count
             }
         };
-        let chain = self.chain.as_ref().expect("a replicated shard");
+        let chain = &self.chain;
         let mut stamp_len = 0;
         for &(range, _) in runs.iter() {
             // Only a range the replica holds now is served: a learner's part is not there yet.
@@ -579,67 +469,10 @@ impl Shard {
         }
         Ok(())
     }
-
-    /// A sparse push flagged `PART_DONE`: its keys (if any) are applied as any push's are, then
-    /// the worker's clock is raised over the whole part. (The log records the keys' push only:
-    /// after a crash the part's clocks are back to the keys' spans until the next such push.)
-    fn serve_part_done(&mut self, h: &Header, keys: &[u64], rest: &[u8], reply: &mut Reply<'_>) -> Result<()> {
-        let bad = |e: tessera_transport::TransportError| EngineError::BadRequest { reason: e.to_string() };
-        let grads = wire::cast_slice::<f32>(rest, "values").map_err(bad)?;
-        let part = part_of(&mut self.tables, h)?;
-        if part.spec.kind != tessera_layout::TableKind::Sparse {
-            return Err(EngineError::BadRequest { reason: "PART_DONE is for sparse tables; a dense range push stamps its range".into() });
-        }
-        let log = if keys.is_empty() {
-            if !grads.is_empty() {
-                return Err(EngineError::BadRequest { reason: format!("no keys but {} values", grads.len()) });
-            }
-            None
-        } else {
-            let log = self.reserve_log(h, Target::Keys(keys), grads)?;
-            part_of(&mut self.tables, h)?.push(keys, grads, h.worker, h.clock)?;
-            log
-        };
-        let part = part_of(&mut self.tables, h)?;
-        let owned = part.owned();
-        part.advance_clock(owned.clone(), h.worker, h.clock)?;
-        reply.ok_stamp(part.stamp_len(), |stamp| part.stamp_into(owned, stamp));
-        self.log(log, reply);
-        Ok(())
-    }
-
-    /// In `wal` mode, the push's log record, with room made for it before the push is applied
-    /// (a push that cannot be logged is refused, not applied); `None` otherwise.
-    fn reserve_log<'a>(&mut self, h: &Header, target: Target<'a>, values: &'a [f32]) -> Result<Option<Record<'a>>> {
-        let Some(disk) = self.disk.as_mut().filter(|d| d.logs()) else { return Ok(None) };
-        let record = Record { lsn: 0, table: h.table, worker: h.worker, clock: h.clock, dim: h.dim, target, values };
-        disk.reserve(record.encoded_len())?;
-        Ok(Some(record))
-    }
-
-    /// Appends an applied push's record and holds its reply until the record is durable.
-    fn log(&mut self, record: Option<Record<'_>>, reply: &mut Reply<'_>) {
-        if let (Some(record), Some(disk)) = (record, self.disk.as_mut()) {
-            reply.hold_until(disk.append(record));
-        }
-    }
 }
 
 fn not_held(range: u32) -> EngineError {
     EngineError::RangeNotHeld { range }
-}
-
-/// The part of the table a request names, checked against the request's dim.
-fn part_of<'a>(tables: &'a mut Tables, header: &Header) -> Result<&'a mut TablePart> {
-    let part = tables.whole(header.table);
-    // Built only on failure: an error built and not used still ran EngineError's drop glue on
-    // every request (about 30 instructions a push under callgrind), which clippy does not see.
-    #[allow(clippy::unnecessary_lazy_evaluations)]
-    let part = part.ok_or_else(|| EngineError::UnknownTable { table: header.table })?;
-    if header.dim != part.spec.dim {
-        return Err(EngineError::WrongDim { table: header.table, table_dim: part.spec.dim, request_dim: header.dim });
-    }
-    Ok(part)
 }
 
 /// What a replicated pull names: listed keys, or a span of keys.
@@ -670,7 +503,7 @@ impl Service for Shard {
         }
         let Some(started) = started else { return };
         let table = match header.op() {
-            Some(Op::WorkerPush) => self.chain.as_mut().and_then(|c| c.last_push_table.take()),
+            Some(Op::WorkerPush) => self.chain.last_push_table.take(),
             _ => Some(header.table),
         };
         if let (Some(op), Some(table)) = (header.op(), table.and_then(|t| self.metrics.table(t))) {
@@ -685,7 +518,7 @@ impl Service for Shard {
 
     fn wake(&mut self, expose: &mut dyn FnMut(Exposure)) {
         while let Ok(msg) = self.control.try_recv() {
-            self.control(msg, expose);
+            self.control(msg);
         }
         // Dense parts made or freed since (by control messages, or by a replicated shard's
         // chains as ranges come and go): workers read what the transport is told of.
@@ -693,23 +526,16 @@ impl Service for Shard {
     }
 
     fn durable(&self) -> u64 {
-        // A replicated shard keeps nothing on disk: its held replies wait for chains' tails.
-        if let Some(chain) = &self.chain {
-            return chain.released();
-        }
-        self.disk.as_ref().map_or(u64::MAX, ShardDisk::durable)
+        // Held replies wait for their chains' tails (which wait for their logs, in `wal` mode).
+        self.chain.released()
     }
 
     fn held_failure(&self) -> Option<HeldFailure<'_>> {
         let log = self.disk.as_ref().and_then(ShardDisk::failure).map(|reason| HeldFailure { status: Status::NotDurable, reason });
-        match &self.chain {
-            // A replica whose log failed never acknowledges again: that comes first. Where its
-            // ranges have other members, the worker sends the pushes again to their next heads.
-            Some(chain) => {
-                let log = log.map(|l| if chain.replaceable() { HeldFailure { status: Status::Unacknowledged, ..l } } else { l });
-                log.or_else(|| chain.failure().map(|reason| HeldFailure { status: Status::Unacknowledged, reason }))
-            }
-            None => log,
-        }
+        // A replica whose log failed never acknowledges again: that comes first. Where its
+        // ranges have other members, the worker sends the pushes again to their next heads.
+        let chain = &self.chain;
+        let log = log.map(|l| if chain.replaceable() { HeldFailure { status: Status::Unacknowledged, ..l } } else { l });
+        log.or_else(|| chain.failure().map(|reason| HeldFailure { status: Status::Unacknowledged, reason }))
     }
 }

@@ -33,10 +33,9 @@ use crate::updater::Updater;
 pub struct Table {
     pub spec: TableSpec,
     pub updater: Arc<dyn Updater>,
-    /// The keys the catalog places on the shard: an unreplicated shard's part, or the span of
-    /// the replication ranges this shard serves.
+    /// The keys the catalog places on the shard: the span of the replication ranges it serves.
     pub span: Range<u64>,
-    /// An unreplicated shard's part at index 0; a replicated shard's parts by range.
+    /// The shard's parts, by range (`None` where its server is not in the range's chain).
     parts: Vec<Option<TablePart>>,
 }
 
@@ -46,8 +45,8 @@ pub struct Tables {
     shard: u16,
     cfg: Arc<EngineConfig>,
     arena: Arena,
-    /// The cluster's replication ranges, on a replicated shard.
-    ranges: Option<u32>,
+    /// The cluster's replication ranges.
+    ranges: u32,
     tables: Vec<Option<Table>>,
     /// Parts freed while a checkpoint was being written.
     retired: Vec<TablePart>,
@@ -57,13 +56,13 @@ pub struct Tables {
 
 impl Default for Tables {
     fn default() -> Self {
-        Self::new(0, Arc::new(EngineConfig::default()), None)
+        Self::new(0, Arc::new(EngineConfig::default()), 1)
     }
 }
 
 impl Tables {
-    /// No tables yet; `ranges` is the cluster's replication ranges on a replicated shard.
-    pub fn new(shard: u16, cfg: Arc<EngineConfig>, ranges: Option<u32>) -> Self {
+    /// No tables yet; `ranges` is the cluster's replication ranges.
+    pub fn new(shard: u16, cfg: Arc<EngineConfig>, ranges: u32) -> Self {
         Self { shard, cfg, arena: Arena::default(), ranges, tables: Vec::new(), retired: Vec::new(), exposures: Vec::new() }
     }
 
@@ -92,8 +91,8 @@ impl Tables {
         }
     }
 
-    /// The cluster's replication ranges, on a replicated shard.
-    pub fn ranges(&self) -> Option<u32> {
+    /// The cluster's replication ranges.
+    pub fn ranges(&self) -> u32 {
         self.ranges
     }
 
@@ -107,21 +106,16 @@ impl Tables {
         self.tables.get(id as usize)?.as_ref()
     }
 
-    /// Adds table `id`, placed on `span` of this shard. An unreplicated shard makes its part
-    /// now; a replicated one makes the parts of the ranges `held` says its server is in.
+    /// Adds table `id`, placed on `span` of this shard, with the parts of the ranges `held`
+    /// says its server is in.
     pub fn add(&mut self, id: u32, spec: TableSpec, span: Range<u64>, updater: Arc<dyn Updater>, held: impl Fn(u32) -> bool) -> Result<()> {
-        let slots = self.ranges.map_or(1, |r| r as usize);
+        let ranges = self.ranges;
         let mut table = Table { spec, updater, span, parts: Vec::new() };
-        table.parts.resize_with(slots, || None);
+        table.parts.resize_with(ranges as usize, || None);
         let (shard, cfg, arena) = (self.shard, &self.cfg, &mut self.arena);
-        match self.ranges {
-            None => table.parts[0] = Some(make(arena, cfg, shard, id, &table, table.span.clone(), SparseRoom::ShardShare)?),
-            Some(ranges) => {
-                for r in (0..ranges).filter(|r| held(*r)) {
-                    if let Some(keys) = range_of_span(&table, ranges, r) {
-                        table.parts[r as usize] = Some(make(arena, cfg, shard, id, &table, keys, SparseRoom::RangeShare { ranges })?);
-                    }
-                }
+        for r in (0..ranges).filter(|r| held(*r)) {
+            if let Some(keys) = range_of_span(&table, ranges, r) {
+                table.parts[r as usize] = Some(make(arena, cfg, shard, id, &table, keys, SparseRoom::RangeShare { ranges })?);
             }
         }
         table.parts.iter().flatten().for_each(|p| Self::placed(&mut self.exposures, p));
@@ -139,14 +133,6 @@ impl Tables {
         Some(table)
     }
 
-    /// An unreplicated shard's part of table `id` (`None` on a replicated shard).
-    pub fn whole(&mut self, id: u32) -> Option<&mut TablePart> {
-        if self.ranges.is_some() {
-            return None;
-        }
-        self.tables.get_mut(id as usize)?.as_mut()?.parts.first_mut()?.as_mut()
-    }
-
     /// A replicated shard's part of table `id` for `range`.
     pub fn at(&self, id: u32, range: u32) -> Option<&TablePart> {
         self.get(id)?.parts.get(range as usize)?.as_ref()
@@ -160,7 +146,7 @@ impl Tables {
     /// Makes the parts of `range` this replicated shard lacks, at their initial values: its
     /// server is now in the range's chain. Every table's or none.
     pub fn hold(&mut self, range: u32) -> Result<()> {
-        let Some(ranges) = self.ranges else { return Ok(()) };
+        let ranges = self.ranges;
         let mut made = Vec::new();
         let (shard, cfg, arena) = (self.shard, &self.cfg, &mut self.arena);
         for (id, table) in self.tables.iter().enumerate() {
@@ -230,7 +216,7 @@ impl Tables {
         if table.spec != m.spec || self.slot_of(table, &owned).is_none() {
             return Err(mismatch(format!("it is {:?} over {owned:?}, the catalog places {:?} over {:?} here", m.spec, table.spec, table.span)));
         }
-        let room = self.ranges.map_or(SparseRoom::ShardShare, |ranges| SparseRoom::RangeShare { ranges });
+        let room = SparseRoom::RangeShare { ranges: self.ranges };
         let table = self.tables[m.table as usize].as_ref().expect("just found");
         make(&mut self.arena, &self.cfg, shard, m.table, table, owned, room)
     }
@@ -254,16 +240,12 @@ impl Tables {
 
     /// Where a part of `keys` goes in `table`: its slot, if the keys are a whole part here.
     fn slot_of(&self, table: &Table, keys: &Range<u64>) -> Option<usize> {
-        match self.ranges {
-            None => (*keys == table.span).then_some(0),
-            Some(ranges) => {
-                if keys.is_empty() || keys.start < table.span.start || keys.end > table.span.end {
-                    return None;
-                }
-                let r = tessera_layout::placement::range_of(&table.spec, ranges, keys.start);
-                (range_keys(&table.spec, ranges, r) == *keys).then_some(r as usize)
-            }
+        let ranges = self.ranges;
+        if keys.is_empty() || keys.start < table.span.start || keys.end > table.span.end {
+            return None;
         }
+        let r = tessera_layout::placement::range_of(&table.spec, ranges, keys.start);
+        (range_keys(&table.spec, ranges, r) == *keys).then_some(r as usize)
     }
 }
 
@@ -298,7 +280,7 @@ mod tests {
     use crate::updater::UpdaterRegistry;
     use tessera_layout::TableKind;
 
-    fn tables(ranges: Option<u32>) -> Tables {
+    fn tables(ranges: u32) -> Tables {
         Tables::new(0, Arc::new(EngineConfig { shards: 1, ..EngineConfig::default() }), ranges)
     }
 
@@ -310,7 +292,7 @@ mod tests {
     #[test]
     fn a_replicated_shard_holds_memory_for_its_ranges_only() {
         let dense = TableSpec::new("d", TableKind::Dense, 0, 1 << 16, 4);
-        let mut t = tables(Some(8));
+        let mut t = tables(8);
         add(&mut t, 0, &dense, |r| r < 2);
         let two = t.bytes().0;
         assert!(two > 0 && t.at(0, 1).is_some() && t.at(0, 2).is_none());
@@ -334,13 +316,12 @@ mod tests {
         add(&mut t, 1, &sparse, |r| r == 7);
         assert!(t.at(1, 7).is_some() && t.at(1, 6).is_none());
         assert_eq!(t.range_parts(7).count(), 2);
-        assert!(t.whole(0).is_none(), "a replicated shard has no whole part");
     }
 
     #[test]
     fn a_checkpoint_part_must_be_one_the_shard_places() {
         let dense = TableSpec::new("d", TableKind::Dense, 0, 1000, 1);
-        let mut t = tables(Some(4));
+        let mut t = tables(4);
         add(&mut t, 0, &dense, |_| false);
         let manifest =
             |owned: (u64, u64)| PartManifest { table: 0, spec: dense.clone(), owned, step: 0, chunk_slots: 1, clocks: Vec::new(), chunks: Vec::new() };
@@ -351,9 +332,5 @@ mod tests {
         for bad in [(0, 1000), (range.start, range.end + 1), (range.start + 1, range.end)] {
             assert!(t.part_for_checkpoint(&manifest(bad)).is_err(), "{bad:?} is no range's keys");
         }
-        let mut whole = tables(None);
-        add(&mut whole, 0, &dense, |_| true);
-        assert!(whole.part_for_checkpoint(&manifest((0, 1000))).is_ok());
-        assert!(whole.part_for_checkpoint(&manifest((range.start, range.end))).is_err(), "an unreplicated shard's part is its whole span");
     }
 }

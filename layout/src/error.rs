@@ -3,10 +3,6 @@
 /// Why a table definition, a set of catalogs, or a dense layout cannot be used.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum LayoutError {
-    #[error("table {table:?}: keys [{start}, {end}) have no shard")]
-    Gap { table: String, start: u64, end: u64 },
-    #[error("table {table:?}: shards claim overlapping parts at key {key}")]
-    Overlap { table: String, key: u64 },
     #[error("unknown table {name:?}")]
     UnknownTable { name: String },
     #[error("bad table {name:?}: {reason}")]

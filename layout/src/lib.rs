@@ -3,8 +3,7 @@
 //! - [`catalog`]: a table's definition ([`TableSpec`]) and what a server holds of each
 //!   ([`Catalog`], [`ServerInfo`]).
 //! - [`placement`]: the replication ranges a cluster cuts each table into and the shard each
-//!   range goes to; a standalone server's split of each table across its shards, and the
-//!   client's [`RangeMap`] read from its catalog.
+//!   range goes to.
 //! - [`dense`]: how a dense table part lies in memory, in versioned blocks a worker may read
 //!   one-sidedly ([`DenseLayout`]).
 
@@ -18,4 +17,3 @@ pub mod placement;
 pub use catalog::{Catalog, Init, NonFinite, Part, ServerInfo, TableEntry, TableKind, TableSpec};
 pub use dense::DenseLayout;
 pub use error::{LayoutError, Result};
-pub use placement::RangeMap;

@@ -1,37 +1,13 @@
 //! Key-range placement: which shard owns each key of a table.
 //!
 //! A cluster cuts each table into replication ranges, places each range on a chain of servers
-//! (the coordinator's ring), and gives each range to one shard of every server in its chain. A
-//! standalone server splits each table into equal contiguous parts, one per shard. Sparse tables
-//! hold hashed keys, which are spread evenly over the key space, so equal ranges carry equal
-//! load.
+//! (the coordinator's ring), and gives each range to one shard of every server in its chain (a
+//! standalone server is a chain of one). Sparse tables hold hashed keys, which are spread evenly
+//! over the key space, so equal ranges carry equal load.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 
-use crate::catalog::{Catalog, Part, TableSpec};
-use crate::error::{LayoutError, Result};
-
-/// Splits `range` into `n` contiguous, nearly equal, non-empty parts (fewer if it has fewer keys).
-pub fn split(range: Range<u64>, n: u64) -> Vec<Range<u64>> {
-    assert!(n > 0, "split into at least one part");
-    let len = (range.end - range.start) as u128;
-    let n = (n as u128).min(len.max(1));
-    (0..n)
-        .map(|i| {
-            let lo = range.start as u128 + len * i / n;
-            let hi = range.start as u128 + len * (i + 1) / n;
-            lo as u64..hi as u64
-        })
-        .filter(|r| !r.is_empty())
-        .collect()
-}
-
-/// The parts of `spec` a standalone server's shards own: the table split into `shards` parts.
-pub fn shard_parts(spec: &TableSpec, shards: u16) -> Vec<Part> {
-    assert!(shards > 0);
-    split(spec.start..spec.end, shards as u64).into_iter().enumerate().map(|(shard, r)| Part { start: r.start, end: r.end, shard: shard as u16 }).collect()
-}
+use crate::catalog::TableSpec;
 
 /// The keys of `spec` that replication range `range` (of `ranges`) holds: the table's key space
 /// cut into `ranges` nearly equal slices, in order. A table with fewer keys than ranges leaves
@@ -113,145 +89,19 @@ pub fn replicated_part(spec: &TableSpec, ranges: u32, shards: u16, shard: u16) -
     }
 }
 
-/// Who owns one part: its shard, and the table's id on the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
-    pub shard: u16,
-    pub table_id: u32,
-}
-
-/// One table's parts in key order.
+/// A table as a client addresses it: its definition, and its id on every server. Its keys'
+/// replication ranges, and their chains, say which servers hold them.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub spec: TableSpec,
-    starts: Vec<u64>,
-    ends: Vec<u64>,
-    owners: Vec<Owner>,
-}
-
-impl Route {
-    /// The part holding `key`, or `None` when the key is outside the table.
-    pub fn locate(&self, key: u64) -> Option<usize> {
-        if key < self.spec.start || key >= self.spec.end {
-            return None;
-        }
-        Some(self.starts.partition_point(|s| *s <= key) - 1)
-    }
-
-    /// Who owns part `i`.
-    pub fn owner(&self, i: usize) -> Owner {
-        self.owners[i]
-    }
-
-    /// The keys of part `i`.
-    pub fn range(&self, i: usize) -> Range<u64> {
-        self.starts[i]..self.ends[i]
-    }
-
-    /// The route of a replicated cluster's table `id`: one part, the whole table. Its chains,
-    /// not its parts, say where keys live (the client routes each replication range to its
-    /// chain's head or tail), so the owner is a placeholder.
-    pub fn replicated(spec: TableSpec, id: u32) -> Route {
-        let owner = Owner { shard: 0, table_id: id };
-        Route { starts: vec![spec.start], ends: vec![spec.end], owners: vec![owner], spec }
-    }
-
-    /// Number of parts.
-    pub fn parts(&self) -> usize {
-        self.starts.len()
-    }
-}
-
-/// Every table's route on a standalone server, from its catalog.
-#[derive(Debug, Clone, Default)]
-pub struct RangeMap {
-    tables: BTreeMap<String, Route>,
-}
-
-impl RangeMap {
-    /// Reads `catalog` and checks that each table's parts cover its range exactly once.
-    pub fn from_catalog(catalog: &Catalog) -> Result<Self> {
-        let mut tables = BTreeMap::new();
-        for entry in &catalog.tables {
-            let mut parts = entry.parts.clone();
-            parts.sort_by_key(|p| p.start);
-            let route = Route {
-                starts: parts.iter().map(|p| p.start).collect(),
-                ends: parts.iter().map(|p| p.end).collect(),
-                owners: parts.iter().map(|p| Owner { shard: p.shard, table_id: entry.id }).collect(),
-                spec: entry.spec.clone(),
-            };
-            check_cover(&route)?;
-            tables.insert(entry.spec.name.clone(), route);
-        }
-        Ok(Self { tables })
-    }
-
-    /// The route of table `name`.
-    pub fn table(&self, name: &str) -> Result<&Route> {
-        self.tables.get(name).ok_or_else(|| LayoutError::UnknownTable { name: name.into() })
-    }
-
-    /// All tables, by name.
-    pub fn tables(&self) -> impl Iterator<Item = &Route> {
-        self.tables.values()
-    }
-}
-
-fn check_cover(route: &Route) -> Result<()> {
-    let table = route.spec.name.clone();
-    let mut next = route.spec.start;
-    for i in 0..route.parts() {
-        let r = route.range(i);
-        if r.start > next {
-            return Err(LayoutError::Gap { table, start: next, end: r.start });
-        }
-        if r.start < next {
-            return Err(LayoutError::Overlap { table, key: r.start });
-        }
-        next = r.end;
-    }
-    if next != route.spec.end {
-        return Err(LayoutError::Gap { table, start: next, end: route.spec.end });
-    }
-    Ok(())
+    pub id: u32,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{TableEntry, TableKind};
+    use crate::catalog::TableKind;
     use proptest::prelude::*;
-
-    fn catalog(spec: &TableSpec, shards: u16) -> Catalog {
-        Catalog { tables: vec![TableEntry { id: 7, spec: spec.clone(), parts: shard_parts(spec, shards) }] }
-    }
-
-    #[test]
-    fn whole_key_space_splits_without_overflow() {
-        let parts = split(0..u64::MAX, 3);
-        assert_eq!(parts.first().unwrap().start, 0);
-        assert_eq!(parts.last().unwrap().end, u64::MAX);
-        assert_eq!(split(10..12, 5).len(), 2, "never more parts than keys");
-    }
-
-    #[test]
-    fn a_missing_or_doubled_part_is_refused() {
-        let spec = TableSpec::new("t", TableKind::Dense, 0, 1000, 1);
-        let whole = catalog(&spec, 4);
-        let map = RangeMap::from_catalog(&whole).unwrap();
-        let route = map.table("t").unwrap();
-        assert_eq!(route.parts(), 4);
-        assert_eq!(route.owner(route.locate(999).unwrap()), Owner { shard: 3, table_id: 7 });
-        assert_eq!(route.locate(1000), None);
-        let mut gap = whole.clone();
-        gap.tables[0].parts.remove(2);
-        assert!(matches!(RangeMap::from_catalog(&gap), Err(LayoutError::Gap { .. })));
-        let mut twice = whole.clone();
-        let first = twice.tables[0].parts[0];
-        twice.tables[0].parts.push(first);
-        assert!(matches!(RangeMap::from_catalog(&twice), Err(LayoutError::Overlap { .. })));
-    }
 
     proptest! {
         #[test]
@@ -309,16 +159,6 @@ mod tests {
             let r = range_of(&spec, ranges, key);
             prop_assert!(r < ranges);
             prop_assert!(range_keys(&spec, ranges, r).contains(&key), "key {} in range {} = {:?}", key, r, range_keys(&spec, ranges, r));
-        }
-
-        #[test]
-        fn every_key_has_exactly_one_owner(start in 0u64..1000, len in 1u64..100_000, shards in 1u16..9, key in any::<u64>()) {
-            let spec = TableSpec::new("t", TableKind::Dense, start, start + len, 1);
-            let map = RangeMap::from_catalog(&catalog(&spec, shards)).unwrap();
-            let route = map.table("t").unwrap();
-            let key = start + key % len;
-            let i = route.locate(key).unwrap();
-            prop_assert!(route.range(i).contains(&key));
         }
     }
 }

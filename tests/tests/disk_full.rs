@@ -146,7 +146,6 @@ fn a_full_disk_under_a_replica_stops_acknowledgements_not_the_server() {
     ];
     let mut srv = ServerProc::start_at(&addr, &args);
     let client = Client::connect(&[srv.addr()], ClientConfig::worker(0)).unwrap();
-    assert!(client.chain_stats().is_some(), "the client did not see a replicated cluster");
     client.create_table(&TableSpec::new("full", TableKind::Dense, 0, PUSH_KEYS, 1)).unwrap();
     let table = client.table("full").unwrap();
     let ones = vec![1f32; PUSH_KEYS as usize];

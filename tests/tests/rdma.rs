@@ -635,7 +635,10 @@ fn dense_pulls_of_a_replicated_cluster_read_the_tails_memory_and_survive_a_kill(
     let table = client.table("w").unwrap();
     let grads: Vec<f32> = (0..KEYS as usize * DIM).map(|i| (i % 7) as f32 + 1.0).collect();
     let mut out = vec![0f32; KEYS as usize * DIM];
-    let calls = |c: &Client| c.chain_stats().map(|s| (s.rdma_calls + s.tcp_calls, s.one_sided_reads)).unwrap();
+    let calls = |c: &Client| {
+        let s = c.chain_stats();
+        (s.rdma_calls + s.tcp_calls, s.one_sided_reads)
+    };
     let mut pushes = 0f32;
     let mut round = |client: &Client, out: &mut [f32]| {
         pushes += 1.0;
@@ -684,7 +687,10 @@ fn torn_reads_of_a_replicated_tail_are_caught_and_read_again() {
     };
     let (pusher, reader) = (connect(0), connect(1));
     let (table, read) = (pusher.table("torn").unwrap(), reader.table("torn").unwrap());
-    let counts = || reader.chain_stats().map(|s| (s.rdma_calls + s.tcp_calls, s.one_sided_reads)).unwrap();
+    let counts = || {
+        let s = reader.chain_stats();
+        (s.rdma_calls + s.tcp_calls, s.one_sided_reads)
+    };
     let (calls_before, reads_before) = counts();
     // Only the first range's keys: pushes small enough to come often in the emulated guest.
     let (pulls, pushes) = push_and_read_until_torn(&pusher, &table, &reader, &read, KEYS / 4, (64 << 10) / 4);

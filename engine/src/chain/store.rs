@@ -545,7 +545,7 @@ mod tests {
     fn store(spec: &TableSpec) -> ChainStore {
         let updater = UpdaterRegistry::new().build(&spec.updater).unwrap();
         let mut s = ChainStore::new(RANGES);
-        s.tables = Tables::new(0, Arc::new(EngineConfig::default()), Some(RANGES));
+        s.tables = Tables::new(0, Arc::new(EngineConfig::default()), RANGES);
         s.tables.add(0, spec.clone(), spec.start..spec.end, updater, |_| true).unwrap();
         s
     }
@@ -695,7 +695,7 @@ mod tests {
         // head and answers NotHead without applying it.
         let updater = UpdaterRegistry::new().build(&spec.updater).unwrap();
         let mut elsewhere = ChainStore::new(RANGES);
-        elsewhere.tables = Tables::new(0, Arc::new(EngineConfig::default()), Some(RANGES));
+        elsewhere.tables = Tables::new(0, Arc::new(EngineConfig::default()), RANGES);
         elsewhere.tables.add(0, spec.clone(), spec.start..spec.end, updater, |r| r != 3).unwrap();
         let other = h.keyed_payload(&[range_keys(&spec, RANGES, 3).start], &[1.0, 1.0]);
         assert!(elsewhere.tables.at(0, 3).is_none());

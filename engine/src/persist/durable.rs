@@ -489,9 +489,8 @@ impl ShardDisk {
     /// corrupt checkpoint the logs do not cover, a gap between logs, damage followed by later
     /// commits) is an [`EngineError::Unrecoverable`], unless the server was started to accept
     /// the loss; then what cannot be replayed is set aside under another name, never deleted.
-    /// A replicated shard's log holds its replica's records, which `replica` replays (an
-    /// unreplicated shard passes `None`: such a record in its log is an inconsistency).
-    pub fn recover(&mut self, tables: &mut Tables, mut replica: Option<&mut ReplicaReplay<'_>>) -> Result<RecoveryReport> {
+    /// The log holds the shard's replica's records, which `replica` replays.
+    pub fn recover(&mut self, tables: &mut Tables, replica: &mut ReplicaReplay<'_>) -> Result<RecoveryReport> {
         let mut report = RecoveryReport { shard: self.shard, ..RecoveryReport::default() };
         let (shard, accept_loss) = (self.shard, self.accept_loss);
         let mut skipped = |seq: u64, e: &EngineError| {
@@ -507,17 +506,8 @@ impl ShardDisk {
             }
             (seq, next_lsn) = (manifest.seq, manifest.lsn + 1);
             let what = || Manifest::file_name(manifest.seq);
-            match replica.as_mut() {
-                Some(replay) => replay(tables, ReplicaReplayed::Checkpoint(&manifest.replica))
-                    .map_err(|e| EngineError::Unrecoverable { what: what(), reason: format!("its replica's ranges do not fit this server ({e})") })?,
-                None if !manifest.replica.is_empty() => {
-                    return Err(EngineError::Unrecoverable {
-                        what: what(),
-                        reason: "a replicated server's checkpoint, in an unreplicated server's directory".into(),
-                    })
-                }
-                None => {}
-            }
+            replica(tables, ReplicaReplayed::Checkpoint(&manifest.replica))
+                .map_err(|e| EngineError::Unrecoverable { what: what(), reason: format!("its replica's ranges do not fit this server ({e})") })?;
             report.checkpoint = Some(manifest.seq);
             report.checkpoint_lsn = manifest.lsn;
             self.prev = Some(manifest);
@@ -527,7 +517,7 @@ impl ShardDisk {
             self.refuse_or_accept(&report.fallbacks[0], "it cannot be read, and without a log (--durability checkpoint) nothing else holds what it held")?;
         }
         crate::crash::point("recovery.checkpoint_loaded");
-        let (log_seq, offset) = self.replay_logs(tables, seq, &mut next_lsn, &mut report, &mut replica)?;
+        let (log_seq, offset) = self.replay_logs(tables, seq, &mut next_lsn, &mut report, replica)?;
         // A checkpoint that failed or was cut short by a crash left a log and a data file:
         // the next checkpoint's number is past every one of them.
         let seqs = [Manifest::seq_of as fn(&str) -> Option<u64>, wal_seq_of, data_seq_of];
@@ -554,7 +544,7 @@ impl ShardDisk {
         seq: u64,
         next_lsn: &mut u64,
         report: &mut RecoveryReport,
-        replica: &mut Option<&mut ReplicaReplay<'_>>,
+        replica: &mut ReplicaReplay<'_>,
     ) -> Result<(u64, u64)> {
         let mut logs: Vec<u64> = self.list(wal_seq_of).into_iter().filter(|s| *s >= seq).collect();
         logs.sort_unstable();
@@ -572,13 +562,10 @@ impl ShardDisk {
             let log = &bytemuck::cast_slice(&words)[..len];
             let mut reader = Reader::new(log, *next_lsn);
             for record in reader.by_ref() {
-                let applied = match (&record.target, replica.as_mut()) {
-                    (Target::Replica { .. }, Some(replay)) => replay(tables, ReplicaReplayed::Record(&record)),
-                    (Target::Replica { .. }, None) => {
-                        Err(EngineError::BadRequest { reason: "a replicated server's record, in an unreplicated server's log".into() })
-                    }
-                    (_, Some(_)) => Err(EngineError::BadRequest { reason: "an unreplicated server's push, in a replicated server's log".into() }),
-                    (_, None) => apply(tables, &record),
+                let applied = match record.target {
+                    Target::Replica { .. } => replica(tables, ReplicaReplayed::Record(&record)),
+                    // (Written by servers from before every server ran the chain protocol.)
+                    _ => Err(EngineError::BadRequest { reason: "a push logged outside the replica's records".into() }),
                 };
                 applied.map_err(|e| EngineError::Unrecoverable {
                     what: format!("{} record {}", path.display(), record.lsn),
@@ -670,16 +657,6 @@ pub enum ReplicaReplayed<'a> {
 
 /// Replays a replicated shard's checkpoint and records into its tables (see [`ShardDisk::recover`]).
 pub type ReplicaReplay<'a> = dyn FnMut(&mut Tables, ReplicaReplayed<'_>) -> Result<()> + 'a;
-
-/// Applies one logged push, as the shard did when it was first served.
-fn apply(tables: &mut Tables, r: &Record<'_>) -> Result<()> {
-    let part = tables.whole(r.table).ok_or(EngineError::UnknownTable { table: r.table })?;
-    match r.target {
-        Target::Keys(keys) => part.push(keys, r.values, r.worker, r.clock).map(drop),
-        Target::Range { start } => part.push_range(start, r.count(), r.values, r.worker, r.clock).map(drop),
-        Target::Replica { .. } => unreachable!("replica records are replayed by the replica"),
-    }
-}
 
 /// The log that follows checkpoint `seq`.
 pub fn wal_file_name(seq: u64) -> String {
