@@ -17,7 +17,9 @@
 //! they are sent, and [`Chain::finish_pull`] (its ticket's wait) takes their replies, oldest
 //! first on each of its links, and writes the values.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -218,7 +220,7 @@ pub(crate) struct Chain {
     /// Most clocks a reply's stamp carries (a pull's reply has room for them beside its values).
     stamp_clocks_max: usize,
     pusher: Pusher,
-    links: HashMap<LinkKey, Linked>,
+    links: FxHashMap<LinkKey, Linked>,
     /// Links made so far.
     links_made: u64,
     /// Keys of remembered lists each link's server shard keeps for it (0: no key-list caching).
@@ -358,7 +360,7 @@ impl Chain {
             frame_bytes_max: cfg.transport.frame_bytes_max.min(usize::try_from(info.frame_bytes_max).unwrap_or(usize::MAX)),
             stamp_clocks_max: (info.workers_max.max(view.replication.workers)) as usize,
             pusher: Pusher::new(WorkerId(cfg.worker), ranges, config),
-            links: HashMap::new(),
+            links: FxHashMap::default(),
             links_made: 0,
             key_cache_keys: cfg.key_cache_keys,
             keys_unknown: false,

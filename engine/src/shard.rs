@@ -5,10 +5,10 @@
 //! touch its tables, so the data path takes no locks; the control plane reaches it only through a
 //! bounded channel and the transport's waker.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crossbeam::channel::{Receiver, Sender};
+use rustc_hash::FxHashMap;
 use tessera_layout::catalog::{Part, TableSpec};
 use tessera_transport::expose::Exposure;
 use tessera_transport::keycache::{key_list_hash, KeyLists};
@@ -97,7 +97,7 @@ pub struct Shard {
     connections: usize,
     stop: bool,
     /// The shard's log and checkpoints (opened on the shard's thread), or why it could not open.
-    disk: Option<ShardDisk>,
+    disk: Option<Box<ShardDisk>>,
     disk_error: Option<EngineError>,
     /// Who asked for a checkpoint: those waiting for the one being written, and those waiting
     /// for the next (they asked after the running one started).
@@ -106,7 +106,7 @@ pub struct Shard {
     /// The shard's replica of its ranges (a standalone server is a chain of one).
     chain: ChainShard,
     /// Per connection, the key lists its worker asked the shard to remember.
-    key_lists: HashMap<ConnId, KeyLists<Vec<u64>>>,
+    key_lists: FxHashMap<ConnId, KeyLists<Vec<u64>>>,
     /// A stamp's worth of clocks, and a pull's runs of keys by range, reused by replicated
     /// pulls (see [`pull_by_range`]).
     stamp_scratch: Vec<u64>,
@@ -131,7 +131,7 @@ impl Shard {
             checkpoint_waiting: Vec::new(),
             checkpoint_asked: Vec::new(),
             chain,
-            key_lists: HashMap::new(),
+            key_lists: FxHashMap::default(),
             stamp_scratch: Vec::new(),
             runs_scratch: Vec::new(),
             metrics: ShardMetrics::new(id),
@@ -146,7 +146,7 @@ impl Shard {
             Ok(disk) => self.disk = disk,
             Err(e) => self.disk_error = Some(e),
         }
-        if let Some(fd) = self.disk.as_ref().and_then(ShardDisk::event_fd) {
+        if let Some(fd) = self.disk.as_deref().and_then(ShardDisk::event_fd) {
             if let Err(e) = transport.watch(fd) {
                 self.disk_error = Some(EngineError::Io(format!("cannot watch the disk ring: {e}")));
             }
@@ -160,12 +160,12 @@ impl Shard {
                 }
             }
             self.pump_disk_and_chain();
-            if !self.disk.as_ref().is_some_and(ShardDisk::checkpointing) {
+            if !self.disk.as_deref().is_some_and(ShardDisk::checkpointing) {
                 self.tables.free_retired();
             }
             // A checkpoint on the blocking disk backend moves on each turn of the loop.
             // The replica keeps time: heartbeats, resends, and batches closed each turn.
-            let timeout = Some(if self.disk.as_ref().is_some_and(ShardDisk::busy) { std::time::Duration::ZERO } else { CHAIN_TURN });
+            let timeout = Some(if self.disk.as_deref().is_some_and(ShardDisk::busy) { std::time::Duration::ZERO } else { CHAIN_TURN });
             if let Err(e) = transport.poll(&mut self, timeout) {
                 tracing::error!(shard = self.id, error = %e, "poll failed");
             }
@@ -192,9 +192,9 @@ impl Shard {
     /// start, not after its timeout ([`CHAIN_TURN`]: a chain of one on `wal` took 2.7 ms a
     /// push, the unreplicated server 0.4 ms).
     fn pump_disk_and_chain(&mut self) {
-        let durable = self.disk.as_ref().map(ShardDisk::durable);
+        let durable = self.disk.as_deref().map(ShardDisk::durable);
         self.pump_disk();
-        if self.disk.as_ref().map(ShardDisk::durable) != durable {
+        if self.disk.as_deref().map(ShardDisk::durable) != durable {
             self.chain.settle(&mut self.tables, &mut self.disk);
         }
     }
@@ -315,8 +315,8 @@ impl Shard {
             }
             PartReport { table: t.id, start: owned.start, end: owned.end, clock_segments: t.clocks().segment_count(), stamp, clocks_max, stats: t.stats() }
         });
-        let disk = self.disk.as_ref().map(|d| d.stats);
-        let log_failure = self.disk.as_ref().and_then(|d| d.failure().map(str::to_string));
+        let disk = self.disk.as_deref().map(|d| d.stats);
+        let log_failure = self.disk.as_deref().and_then(|d| d.failure().map(str::to_string));
         let replication = Some(self.chain.replica_stats().clone());
         ShardStats { shard: self.id, connections: self.connections, bytes_mapped, bytes_locked, disk, log_failure, replication, tables: tables.collect() }
     }
@@ -531,7 +531,7 @@ impl Service for Shard {
     }
 
     fn held_failure(&self) -> Option<HeldFailure<'_>> {
-        let log = self.disk.as_ref().and_then(ShardDisk::failure).map(|reason| HeldFailure { status: Status::NotDurable, reason });
+        let log = self.disk.as_deref().and_then(ShardDisk::failure).map(|reason| HeldFailure { status: Status::NotDurable, reason });
         // A replica whose log failed never acknowledges again: that comes first. Where its
         // ranges have other members, the worker sends the pushes again to their next heads.
         let chain = &self.chain;

@@ -86,9 +86,10 @@ pub struct BenchArgs {
     /// Servers of the --replicas cluster.
     #[arg(long, default_value_t = 3)]
     servers: u32,
-    /// Ranges the --replicas cluster cuts the key space into; each has its own chain.
-    #[arg(long, default_value_t = 16)]
-    ranges: u32,
+    /// Ranges the --replicas cluster cuts the key space into; each has its own chain (default:
+    /// two per shard of the cluster).
+    #[arg(long)]
+    ranges: Option<u32>,
     /// Measure durability on the disk holding DIR instead: WAL group commit (acknowledged
     /// pushes per second and fsyncs per push) against a pwrite+fdatasync loop, and checkpoint
     /// throughput against fio, both in DIR. Uses --seconds per worker count.
@@ -349,7 +350,7 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         args.servers,
         if args.servers == 1 { "" } else { "s" },
         replicas.min(args.servers),
-        args.ranges,
+        cluster.ranges(&args.engine),
         args.seconds,
         plain.transport()
     );

@@ -370,9 +370,17 @@ pub struct Cluster {
     pub servers: u32,
     /// Servers in each range's chain.
     pub replicas: u32,
-    pub ranges: u32,
+    /// Ranges the key space is cut into; `None`: [`RANGES_PER_SHARD`] per shard of the cluster.
+    pub ranges: Option<u32>,
     pub workers: u32,
 }
+
+/// Ranges per shard of a cluster started in this process, unless told otherwise. A push or pull
+/// of listed keys sends one piece to every range its keys fall in, and each piece costs its
+/// header and a step of its chain's replica: a sparse batch of the demo touches every range, so
+/// ranges beyond a few per shard cost time and buy no balance (three servers of one shard: 16
+/// ranges gave 0.72-0.84 of one server's examples/s, 6 gave 0.96).
+pub const RANGES_PER_SHARD: u32 = 2;
 
 impl Cluster {
     /// Starts the coordinator and the servers, each holding `spec`; the servers join as they
@@ -381,7 +389,8 @@ impl Cluster {
         if self.replicas == 0 {
             anyhow::bail!("--replicas must be at least 1");
         }
-        let rcfg = ReplicationConfig { replicas: self.replicas, ranges: self.ranges, workers: self.workers.max(1), ..ReplicationConfig::default() };
+        let shards = self.shards_per_server(engine);
+        let rcfg = ReplicationConfig { replicas: self.replicas, ranges: self.ranges(engine), workers: self.workers.max(1), ..ReplicationConfig::default() };
         rcfg.validate().map_err(|e| anyhow::anyhow!("bad replication options: {e}"))?;
         let transport = net.secret.transport();
         let coordinator =
@@ -389,10 +398,7 @@ impl Cluster {
         let mut servers = Vec::new();
         for node in 1..=self.servers {
             let mut cfg = engine.server_config("127.0.0.1:0", vec![spec.clone()], false, net);
-            if engine.shards.is_none() {
-                // The servers share this machine's cores.
-                cfg.engine.shards = (tessera_engine::config::available_cores() / self.servers as usize).clamp(1, u16::MAX as usize) as u16;
-            }
+            cfg.engine.shards = shards;
             cfg.engine.workers_max = cfg.engine.workers_max.max(self.workers);
             // Pinned (--pin), each server's shards take the cores after the last one's.
             cfg.engine.first_core = (node - 1) as usize * cfg.engine.shards as usize;
@@ -402,5 +408,15 @@ impl Cluster {
             servers.push(Server::start(cfg, UpdaterRegistry::new()).with_context(|| format!("starting replicated server {node}"))?);
         }
         Ok((coordinator, servers))
+    }
+
+    /// Shards of each server: `--shards`, or this machine's cores shared among the servers.
+    pub fn shards_per_server(&self, engine: &EngineArgs) -> u16 {
+        engine.shards.unwrap_or_else(|| (tessera_engine::config::available_cores() / self.servers.max(1) as usize).clamp(1, u16::MAX as usize) as u16)
+    }
+
+    /// The ranges the cluster is cut into: as given, or [`RANGES_PER_SHARD`] per shard.
+    pub fn ranges(&self, engine: &EngineArgs) -> u32 {
+        self.ranges.unwrap_or_else(|| self.servers.saturating_mul(u32::from(self.shards_per_server(engine))).saturating_mul(RANGES_PER_SHARD))
     }
 }

@@ -11,7 +11,9 @@
 pub mod outbox;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -125,7 +127,7 @@ pub struct ChainShard {
     held_last: u64,
     released_last: u64,
     /// Per (worker, range): the highest push seq acknowledged to the worker.
-    acked: HashMap<(u32, u32), u32>,
+    acked: FxHashMap<(u32, u32), u32>,
     /// Raised when a peer's update named a table this server lacks: the control plane then
     /// brings the catalog up to the cluster's.
     catalog_behind: Arc<std::sync::atomic::AtomicBool>,
@@ -204,7 +206,7 @@ impl ChainShard {
             held: Default::default(),
             held_last: 0,
             released_last: 0,
-            acked: HashMap::new(),
+            acked: FxHashMap::default(),
             catalog_behind,
             failing: None,
             logged: (0, 0, 0),
@@ -231,7 +233,7 @@ impl ChainShard {
 
     /// The ranges the shard's log held ([`store::replay`]): the replica holds them again, and
     /// from now on takes part in the cluster.
-    pub fn recovered(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, replayed: Replayed) {
+    pub fn recovered(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>, replayed: Replayed) {
         let held: Vec<String> = replayed.ranges.iter().map(|(r, (v, _, _))| format!("{r}@{v}")).collect();
         tracing::info!(shard = self.shard, ranges = ?held, "the replica holds again what its log held (range@version)");
         self.replica = Self::replica(self.shard, self.shards, &self.me, &self.rcfg, &self.outbox, ChainStore::recovered(self.rcfg.ranges, replayed));
@@ -246,7 +248,7 @@ impl ChainShard {
     /// For a checkpoint about to begin: closes the open batches (so the tables hold nothing the
     /// ranges' versions do not count), and returns the ranges held, each with its version and
     /// clock. `None` while the shard has not recovered yet: it takes no checkpoint then.
-    pub fn checkpoint_ranges(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>) -> Option<Vec<RangeHeld>> {
+    pub fn checkpoint_ranges(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>) -> Option<Vec<RangeHeld>> {
         if self.recovering {
             return None;
         }
@@ -270,7 +272,7 @@ impl ChainShard {
     }
 
     /// Runs `f` on the replica with the shard's tables and disk lent to its store.
-    fn with_replica(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, f: impl FnOnce(&mut Replica<ChainStore>, u64)) {
+    fn with_replica(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>, f: impl FnOnce(&mut Replica<ChainStore>, u64)) {
         let now = self.now_ms();
         std::mem::swap(tables, &mut self.replica.store_mut().tables);
         std::mem::swap(disk, &mut self.replica.store_mut().disk);
@@ -335,7 +337,7 @@ impl ChainShard {
     /// (sent at the next poll's start, see [`released`](Self::released)). Unlike
     /// [`pump`](Self::pump) it leaves the held replies' failure handling alone, which relies on
     /// a poll between two pumps.
-    pub fn settle(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>) {
+    pub fn settle(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>) {
         if self.recovering {
             return;
         }
@@ -344,7 +346,7 @@ impl ChainShard {
 
     /// Closes the open batches, and lets time pass: heartbeats, resends. The shard calls it on
     /// every turn of its loop.
-    pub fn pump(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>) {
+    pub fn pump(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>) {
         if self.recovering {
             return;
         }
@@ -352,13 +354,13 @@ impl ChainShard {
             r.flush();
             r.tick(now);
         });
-        let log_failed = disk.as_ref().is_some_and(|d| d.failure().is_some());
+        let log_failed = disk.as_deref().is_some_and(|d| d.failure().is_some());
         if log_failed && self.outbox.fail_stop() {
             // Failing stop: a member that can make nothing durable again is taken for failed
             // by the coordinator once its heartbeats stop, and its chains go on without it.
             tracing::error!(
                 node = self.me.node.0,
-                reason = disk.as_ref().and_then(ShardDisk::failure).unwrap_or_default(),
+                reason = disk.as_deref().and_then(ShardDisk::failure).unwrap_or_default(),
                 "the write-ahead log failed: this server stops heartbeating, so that the coordinator takes it for failed and its chains go on without it \
                  (a range whose only member it is waits for it); free the disk and restart it, and it comes back as a new member"
             );
@@ -422,7 +424,7 @@ impl ChainShard {
     }
 
     /// A new configuration from the coordinator.
-    pub fn config(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, config: Arc<ClusterConfig>) {
+    pub fn config(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>, config: Arc<ClusterConfig>) {
         if config.chains.len() != self.rcfg.ranges as usize {
             tracing::error!(ranges = config.chains.len(), ours = self.rcfg.ranges, "a configuration with another number of ranges; ignored");
             return;
@@ -440,8 +442,8 @@ impl ChainShard {
     /// Makes memory for the ranges whose chains this server joined (a learner's snapshot, or a
     /// new chain's first pushes, land in it) and those its disk held, and frees what it has of
     /// any other range of the shard's (a checkpoint's part of a range the log then dropped).
-    fn hold_placed(&mut self, tables: &mut Tables, disk: &Option<ShardDisk>) {
-        let checkpointing = disk.as_ref().is_some_and(ShardDisk::checkpointing);
+    fn hold_placed(&mut self, tables: &mut Tables, disk: &Option<Box<ShardDisk>>) {
+        let checkpointing = disk.as_deref().is_some_and(ShardDisk::checkpointing);
         for range in (0..self.rcfg.ranges).filter(|r| shard_of_range(*r, self.rcfg.ranges, self.shards) == self.shard) {
             if !self.in_chain(range) {
                 tables.release(range, checkpointing);
@@ -470,7 +472,7 @@ impl ChainShard {
     /// its shard ([`replied`](Self::replied)): one request and one thread hand-off per hop
     /// fewer than sending them as requests of their own. Acknowledgements are cumulative, so
     /// one that overtakes another this way is harmless.
-    pub fn serve_peer(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
+    pub fn serve_peer(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
         let mut msgs = std::mem::take(&mut self.peer_msgs);
         let served = self.serve_peer_msgs(tables, disk, header, body, reply, &mut msgs);
         msgs.clear();
@@ -482,7 +484,7 @@ impl ChainShard {
     fn serve_peer_msgs(
         &mut self,
         tables: &mut Tables,
-        disk: &mut Option<ShardDisk>,
+        disk: &mut Option<Box<ShardDisk>>,
         header: &Header,
         body: &[u8],
         reply: &mut Reply<'_>,
@@ -515,7 +517,7 @@ impl ChainShard {
     /// The acknowledgements a peer's reply to this shard's `Replicate` request carried (see
     /// [`serve_peer`](Self::serve_peer)), handed over by the outbox. Anything but
     /// acknowledgements is dropped: a peer of this build sends nothing else that way.
-    pub fn replied(&mut self, tables: &mut Tables, disk: &mut Option<ShardDisk>, peer: NodeId, msgs: Vec<Msg>) {
+    pub fn replied(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>, peer: NodeId, msgs: Vec<Msg>) {
         if self.recovering {
             return;
         }
@@ -538,7 +540,7 @@ impl ChainShard {
     pub fn serve_worker(
         &mut self,
         tables: &mut Tables,
-        disk: &mut Option<ShardDisk>,
+        disk: &mut Option<Box<ShardDisk>>,
         lists: &mut KeyLists<Vec<u64>>,
         header: &Header,
         body: &[u8],
@@ -587,7 +589,7 @@ impl ChainShard {
         // this shard's ranges has another member, the worker sends its pushes again to the
         // next head; where this shard is a range's only member, it keeps them until the server
         // is restarted with room.
-        if let Some(reason) = disk.as_ref().and_then(ShardDisk::failure) {
+        if let Some(reason) = disk.as_deref().and_then(ShardDisk::failure) {
             return Err(match self.replaceable() {
                 true => EngineError::LeavingChains { reason: reason.to_string() },
                 false => EngineError::LogFailed { reason: reason.to_string() },

@@ -78,7 +78,7 @@ pub struct ChainStore {
     /// The shard's tables, lent by the shard for each call into the replica.
     pub tables: Tables,
     /// The shard's disk, lent the same way; it logs when the server runs `--durability wal`.
-    pub disk: Option<ShardDisk>,
+    pub disk: Option<Box<ShardDisk>>,
     touched: Vec<Vec<Touch>>,
     /// Each push applied since the shard last cleared it, as (table, range, keys whose clocks it
     /// advanced): the stamp a head's answer to a worker carries
@@ -430,7 +430,7 @@ impl Store for ChainStore {
         let (h, keys, values) = PushHeader::parse(payload).expect("checked by check_push");
         let values: &[f32] = bytemuck::cast_slice(values);
         // What the pushes touched is exported at the seal only if something reads it.
-        let exported = forwarded || self.disk.as_ref().is_some_and(|d| d.logs());
+        let exported = forwarded || self.disk.as_deref().is_some_and(|d| d.logs());
         let part = self.tables.at_mut(h.table, range.0).expect("checked by check_push");
         let (mut applied, listed) = if h.listed {
             let keys = listed_keys(keys).expect("checked by check_push");
@@ -458,7 +458,7 @@ impl Store for ChainStore {
 
     fn seal(&mut self, range: RangeId, delta: &mut Vec<u8>, forwarded: bool) {
         let touched = std::mem::take(&mut self.touched[range.0 as usize]);
-        if !forwarded && !self.disk.as_ref().is_some_and(|d| d.logs()) {
+        if !forwarded && !self.disk.as_deref().is_some_and(|d| d.logs()) {
             // Nothing reads the update: exporting the state the pushes left would cost a chain
             // of one a second pass over every key they touched.
             return;
@@ -510,7 +510,7 @@ impl Store for ChainStore {
 
     fn drop_range(&mut self, range: RangeId) {
         // The memory goes: a range taken again is made afresh and arrives whole in a snapshot.
-        let checkpointing = self.disk.as_ref().is_some_and(ShardDisk::checkpointing);
+        let checkpointing = self.disk.as_deref().is_some_and(ShardDisk::checkpointing);
         self.tables.release(range.0, checkpointing);
         self.touched[range.0 as usize].clear();
         self.log(range, 0, replica_flags::DROPPED, &[], None, &[]);
@@ -521,7 +521,7 @@ impl Store for ChainStore {
     }
 
     fn durable_lsn(&self) -> u64 {
-        self.disk.as_ref().filter(|d| d.logs()).map_or(0, ShardDisk::durable)
+        self.disk.as_deref().filter(|d| d.logs()).map_or(0, ShardDisk::durable)
     }
 
     fn recovered(&self) -> Vec<Recovered> {

@@ -123,7 +123,7 @@ pub struct ShardDisk {
 impl ShardDisk {
     /// The disk of shard `shard`, or `None` when the engine keeps nothing on disk. Creates the
     /// shard's directory; the log opens in [`recover`](Self::recover).
-    pub fn open(shard: u16, cfg: &EngineConfig) -> Result<Option<ShardDisk>> {
+    pub fn open(shard: u16, cfg: &EngineConfig) -> Result<Option<Box<ShardDisk>>> {
         let Some(root) = cfg.data_dir.as_ref().filter(|_| cfg.durability != Durability::None) else {
             return Ok(None);
         };
@@ -135,7 +135,7 @@ impl ShardDisk {
         }
         let disk = Disk::open(&DiskConfig { ring_entries: RING_ENTRIES, files_max: FILES_MAX, buffer_bytes, force_blocking: cfg.disk_force_blocking })?;
         let interval = (cfg.checkpoint_interval_s > 0).then(|| Duration::from_secs(cfg.checkpoint_interval_s));
-        Ok(Some(ShardDisk {
+        Ok(Some(Box::new(ShardDisk {
             disk,
             dir,
             shard,
@@ -153,7 +153,7 @@ impl ShardDisk {
             stats: DiskStats::default(),
             fsync_seconds: crate::metrics::wal_fsync(shard),
             accept_loss: cfg.recovery_accept_loss,
-        }))
+        })))
     }
 
     /// The descriptor to sleep on for log commits (`None`: commits complete at submission).

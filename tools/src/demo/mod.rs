@@ -86,9 +86,11 @@ pub struct DemoArgs {
     /// the one server runs every range as a chain of one.
     #[arg(long, conflicts_with = "connect")]
     replicas: Option<u32>,
-    /// Ranges the key space is cut into, with --servers; each has its own chain.
-    #[arg(long, default_value_t = 16)]
-    ranges: u32,
+    /// Ranges the key space is cut into, with --servers; each has its own chain (default: two
+    /// per shard of the cluster: a batch sends a piece to every range its keys fall in, and each
+    /// piece costs its own header and replica step).
+    #[arg(long)]
+    ranges: Option<u32>,
     /// Compress values on the wire (Snappy) when that pays (a body that shrinks by less than a
     /// tenth goes as it is).
     #[arg(long)]
@@ -202,9 +204,10 @@ pub fn run(mut args: DemoArgs) -> Result<()> {
             let (coordinator, servers) = cluster.start(&args.engine, &args.net, &spec)?;
             let addrs = servers.iter().map(|s| s.local_addr().to_string()).collect();
             say(format!(
-                "replicated cluster in this process: {} server{}, every range on a chain of {}, coordinator (embedded) on {}; {} workers",
+                "replicated cluster in this process: {} server{}, {} ranges, every range on a chain of {}, coordinator (embedded) on {}; {} workers",
                 args.servers,
                 if args.servers == 1 { "" } else { "s" },
+                cluster.ranges(&args.engine),
                 replicas.min(args.servers),
                 coordinator.local_addr(),
                 args.workers
