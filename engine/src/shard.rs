@@ -29,7 +29,7 @@ use crate::table::PartStats;
 use crate::tables::Tables;
 use crate::updater::Updater;
 
-/// Longest a replicated shard's loop sleeps: the replica's clock ticks at least this often.
+/// Longest a shard's loop sleeps: the replica's clock ticks at least this often.
 const CHAIN_TURN: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Messages from the control plane to a shard.
@@ -65,9 +65,9 @@ pub struct ShardStats {
     pub disk: Option<DiskStats>,
     /// Why the shard's write-ahead log failed, if it did (pushes are refused since).
     pub log_failure: Option<String>,
-    /// Its replica's counters, on a replicated shard: pushes applied, seen again and dropped,
+    /// Its replica's counters: pushes applied, seen again and dropped,
     /// updates forwarded and resent, snapshots, stale and refused messages.
-    pub replication: Option<tessera_replication::replica::ReplicaStats>,
+    pub replication: tessera_replication::replica::ReplicaStats,
     pub tables: Vec<PartReport>,
 }
 
@@ -317,7 +317,7 @@ impl Shard {
         });
         let disk = self.disk.as_deref().map(|d| d.stats);
         let log_failure = self.disk.as_deref().and_then(|d| d.failure().map(str::to_string));
-        let replication = Some(self.chain.replica_stats().clone());
+        let replication = self.chain.replica_stats().clone();
         ShardStats { shard: self.id, connections: self.connections, bytes_mapped, bytes_locked, disk, log_failure, replication, tables: tables.collect() }
     }
 
@@ -386,7 +386,7 @@ impl Shard {
 }
 
 impl Shard {
-    /// A pull from a replicated shard, which holds one part per range: each run of keys of one
+    /// A pull from the shard, which holds one part per range: each run of keys of one
     /// range comes from that range's part, and the reply's stamp is the meet of the runs'
     /// stamps. Every run is checked before the reply is built: its keys are its range's, which
     /// are its part's, and the replica holds the range (or the pull is refused, `NotOwned`, and
@@ -520,7 +520,7 @@ impl Service for Shard {
         while let Ok(msg) = self.control.try_recv() {
             self.control(msg);
         }
-        // Dense parts made or freed since (by control messages, or by a replicated shard's
+        // Dense parts made or freed since (by control messages, or by the shard's
         // chains as ranges come and go): workers read what the transport is told of.
         self.tables.exposures().for_each(expose);
     }

@@ -1,8 +1,7 @@
 //! A shard's tables: per table, its definition and the parts of it the shard holds.
 //!
-//! An unreplicated shard holds one part of each table: the keys placement gives it, made with
-//! the table. A replicated shard holds one part per replication range whose chain its server is
-//! in (as a member or a learner): made when the server joins the chain, or when the table is
+//! A shard holds one part of each table per replication range whose chain its server is in (as
+//! a member or a learner; a standalone server is in all of its ranges' chains of one): made when the server joins the chain, or when the table is
 //! made while it is in it, and freed when it leaves. A server's memory for a table is then its
 //! share of the ranges, so servers that join a cluster add room, not copies.
 //!
@@ -133,7 +132,7 @@ impl Tables {
         Some(table)
     }
 
-    /// A replicated shard's part of table `id` for `range`.
+    /// The shard's part of table `id` for `range`.
     pub fn at(&self, id: u32, range: u32) -> Option<&TablePart> {
         self.get(id)?.parts.get(range as usize)?.as_ref()
     }
@@ -143,7 +142,7 @@ impl Tables {
         self.tables.get_mut(id as usize)?.as_mut()?.parts.get_mut(range as usize)?.as_mut()
     }
 
-    /// Makes the parts of `range` this replicated shard lacks, at their initial values: its
+    /// Makes the parts of `range` this shard lacks, at their initial values: its
     /// server is now in the range's chain. Every table's or none.
     pub fn hold(&mut self, range: u32) -> Result<()> {
         let ranges = self.ranges;
@@ -162,7 +161,7 @@ impl Tables {
         Ok(())
     }
 
-    /// Frees the parts of `range`: this replicated shard's server left its chain. While a
+    /// Frees the parts of `range`: this shard's server left its chain. While a
     /// checkpoint is being written (`checkpointing`), they are kept aside until it ends.
     pub fn release(&mut self, range: u32, checkpointing: bool) {
         for table in self.tables.iter_mut().flatten() {
@@ -180,7 +179,7 @@ impl Tables {
         self.retired.clear();
     }
 
-    /// A replicated shard's parts of `range`, by table.
+    /// The shard's parts of `range`, by table.
     pub fn range_parts(&self, range: u32) -> impl Iterator<Item = &TablePart> {
         self.tables.iter().flatten().filter_map(move |t| t.parts.get(range as usize)?.as_ref())
     }
@@ -201,8 +200,7 @@ impl Tables {
     }
 
     /// A fresh part for checkpoint entry `m`, for recovery to load into. Refuses one the
-    /// catalog does not place here, with the same definition and keys (a whole part, or one
-    /// range's keys on a replicated shard), since loading it would put data where none belongs.
+    /// catalog does not place here, with the same definition and keys (one range's keys), since loading it would put data where none belongs.
     pub fn part_for_checkpoint(&mut self, m: &PartManifest) -> Result<TablePart> {
         let mismatch = |reason: String| EngineError::Unrecoverable { what: format!("the checkpoint's table {} ({:?})", m.table, m.spec.name), reason };
         let shard = self.shard;

@@ -584,7 +584,7 @@ impl ChainShard {
         }
         // A replica whose log failed would apply pushes it can never make durable, and never
         // acknowledges the ones it applied and did not log: a worker's pushes are refused, not
-        // applied, as an unreplicated server's are, and its polls for acknowledgements are
+        // applied, and its polls for acknowledgements are
         // told why none will come. The server leaves its chains (see `pump`): where each of
         // this shard's ranges has another member, the worker sends its pushes again to the
         // next head; where this shard is a range's only member, it keeps them until the server
@@ -675,8 +675,7 @@ impl ChainShard {
         }
         scratch.body.clear();
         codec::encode_batch(msgs.iter(), &mut scratch.body);
-        // The stamp of what this frame's pushes touched, as an unreplicated shard's push reply
-        // carries: only when every push in it was applied here now (a push seen before, or not
+        // The stamp of what this frame's pushes touched: only when every push in it was applied here now (a push seen before, or not
         // this shard's to apply, leaves the worker to the stamp it can vouch for itself).
         scratch.stamp.clear();
         if !scratch.pushed.is_empty() && self.replica.store().applied.len() == scratch.pushed.len() {
