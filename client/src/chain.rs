@@ -328,14 +328,18 @@ impl Chain {
         let required = cfg.kind == tessera_transport::TransportKind::Rdma;
         let dialer = Dialer { cfg: cfg.transport.clone(), chosen, rdma: cfg.rdma.clone(), required };
         let seeds: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
-        let deadline = Instant::now() + CALL_TIMEOUT;
+        // A cluster being born is waited for up to the call timeout; servers that answer but
+        // refuse (at their connection limit) or do not answer in time, for the reconnection
+        // attempts' patience: then the caller hears why.
+        let started = Instant::now();
         let (view, info, catalog) = loop {
             match Self::fetch(&seeds, &dialer.cfg, known.take()) {
                 Ok((view, Some(info), Some(catalog))) if view.config.is_some() => break (view, info, catalog),
                 // Nothing listens there, or it cannot prove it holds the cluster's secret: said
                 // at once, not waited out.
                 Err(e @ ClientError::Transport(TransportError::Connect { .. } | TransportError::AuthFailed { .. })) => return Err(e),
-                Ok(_) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                Ok(_) if started.elapsed() < CALL_TIMEOUT => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) if started.elapsed() < reconnect_patience(cfg) => std::thread::sleep(Duration::from_millis(100)),
                 Ok(_) => return Err(ClientError::Unavailable { reason: "the cluster has no configuration yet".into() }),
                 Err(e) => return Err(e),
             }
@@ -2206,7 +2210,7 @@ fn extend_le_u64(out: &mut Vec<u8>, keys: &[u64]) {
     }
 }
 
-/// A request [`ChainClient::call_all`] sends.
+/// A request [`Chain::call_all`] sends.
 #[derive(Debug)]
 struct Outgoing {
     to: LinkKey,

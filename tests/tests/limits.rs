@@ -36,6 +36,14 @@ fn connections_over_the_limit_are_refused_with_the_flag_named_and_admitted_again
     assert!(server.log().contains("--connections-max"), "the refusal is not in the log:\n{}", server.log());
     assert_eq!(metric(&scrape(&metrics), "tessera_connections_refused_total", &[]), Some(1.0));
 
+    // A client that cannot get in says why after its reconnection attempts, not a minute later.
+    let mut cfg = ClientConfig::worker(0);
+    (cfg.reconnect_attempts, cfg.reconnect_pause_ms) = (3, 100);
+    let started = Instant::now();
+    let refused = Client::connect(&[server.addr()], cfg).expect_err("no room for a client");
+    assert!(refused.to_string().contains("--connections-max"), "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(5), "the refusal took {:?}", started.elapsed());
+
     // One leaves; a newcomer is admitted once the server has seen it go.
     drop(held);
     let deadline = Instant::now() + ACT_WITHIN;
