@@ -49,9 +49,9 @@ fn engine_config() -> EngineConfig {
 }
 
 thread_local! {
-    /// The shard's tables as its catalog makes them, made once.
+    /// The shard's tables as its catalog makes them (one range: each table whole), made once.
     static TABLES: RefCell<Tables> = RefCell::new({
-        let mut tables = Tables::new(0, Arc::new(engine_config()), None);
+        let mut tables = Tables::new(0, Arc::new(engine_config()), 1);
         for (id, spec, owned) in catalog() {
             let updater = UpdaterRegistry::new().build(&spec.updater).expect("the catalog's updaters");
             tables.add(id, spec, owned.0..owned.1, updater, |_| true).expect("the catalog's tables");
