@@ -767,6 +767,13 @@ impl<S: Store> Replica<S> {
         self.tail_acks && self.place(range).is_some_and(|p| p.is_tail() && !p.head && p.epoch == st.epoch)
     }
 
+    /// Whether this replica is both `range`'s head and its tail (a chain of one): a worker that
+    /// hears from tails awaits its pushes to the range here, in the pushes' own reply.
+    pub fn heads_alone(&self, range: RangeId) -> bool {
+        let Some(st) = self.ranges.get(range.0 as usize).and_then(Option::as_ref).filter(|s| s.installed) else { return false };
+        self.place(range).is_some_and(|p| p.head && p.is_tail() && p.epoch == st.epoch)
+    }
+
     /// The number of `worker`'s last push applied to `range`, when this replica is the range's
     /// head: a client that starts (or restarts) as that worker numbers its pushes from there.
     pub fn worker_seq(&self, range: RangeId, worker: WorkerId) -> Option<u32> {

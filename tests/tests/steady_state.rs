@@ -1,5 +1,6 @@
 //! The data path allocates nothing once warm: a counting allocator watches clients push and
-//! pull, dense and sparse, over every shard, against standalone servers and chains of one.
+//! pull, dense and sparse, over every shard, against standalone servers and chains of one. And
+//! it asks nothing twice: a push to a server that logs takes one request, answered once logged.
 
 use tessera_engine::{Server, ServerConfig, UpdaterRegistry};
 use tessera_layout::{TableKind, TableSpec};
@@ -89,4 +90,37 @@ fn a_chain_of_one_serves_pushes_and_pulls_without_allocating_once_warm() {
     let counted = tessera_tests::cluster_round_allocations(&addr, config, 600, 10, 50);
     assert_eq!(counted, 0, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 calls to a chain of one, once warm");
     drop(server);
+}
+
+/// A push to a standalone server that logs (`--durability wal`) takes one request: its reply
+/// waits for the log's commit and carries the acknowledgement, so the client never has to ask
+/// for it again (asking, with pauses between, took the latency of a logged push from one log
+/// commit to nearly two).
+#[test]
+fn a_push_to_a_logging_server_is_acknowledged_in_its_own_reply() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let data = tessera_tests::ScratchDir::new("one-request");
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
+    cfg.engine.durability = tessera_engine::config::Durability::Wal;
+    cfg.engine.data_dir = Some(data.path().to_path_buf());
+    cfg.engine.checkpoint_interval_s = 0;
+    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let mut config = tessera_client::ClientConfig::worker(0);
+    config.kind = tessera_transport::TransportKind::Tcp;
+    let client = tessera_client::Client::connect(&[&server.local_addr().to_string()], config).expect("connect");
+    let table = client.create_table(&TableSpec::new("logged", TableKind::Dense, 0, 1 << 10, 1)).expect("table");
+    const PUSHES: u64 = 40;
+    // Eight keys at the table's start: one range, one server shard.
+    client.push_range(&table, 0, &[1.0; 8]).unwrap().wait().unwrap();
+    let before = client.chain_stats();
+    for _ in 0..PUSHES {
+        client.push_range(&table, 0, &[1.0; 8]).unwrap().wait().unwrap();
+    }
+    let after = client.chain_stats();
+    let requests = (after.tcp_calls + after.rdma_calls) - (before.tcp_calls + before.rdma_calls);
+    assert_eq!(requests, PUSHES, "{PUSHES} acknowledged pushes to a logging server took {requests} requests");
+    let mut values = [0f32; 8];
+    client.pull_range(&table, 0, &mut values).unwrap().wait().unwrap();
+    assert_eq!(values, [(PUSHES + 1) as f32; 8]);
 }

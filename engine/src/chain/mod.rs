@@ -96,8 +96,8 @@ struct HeldReply {
     worker: WorkerId,
     /// The pushes (range, seq) whose acknowledgement it waits for.
     pushes: Vec<(RangeId, u32)>,
-    /// Whether this shard is their ranges' tail (the worker awaits them here, see
-    /// [`flags::TAIL_ACKS`]), not their head.
+    /// Whether the worker awaits them here as their ranges' tail (see [`flags::TAIL_ACKS`]; the
+    /// head of a chain of one is its tail), not only as their head.
     at_tail: bool,
     held_at: Instant,
 }
@@ -380,7 +380,7 @@ impl ChainShard {
             // (with the log's reason, see `Shard::held_failure`).
             let late = log_failed || held.held_at.elapsed().as_millis() as u64 >= PUSH_REPLY_HOLD_MS_MAX;
             let answers = |range: RangeId, seq: u32| match held.at_tail {
-                true => self.replica.acks_as_tail(range),
+                true => self.replica.acks_as_tail(range) || self.replica.awaits(range, held.worker, seq),
                 false => self.replica.awaits(range, held.worker, seq),
             };
             if late || held.pushes.iter().any(|(range, seq)| !answers(*range, *seq) && !self.acked_to(held.worker, *range, *seq)) {
@@ -620,18 +620,24 @@ impl ChainShard {
                 r.flush_unforwarded();
             });
         }
-        // Pushes a longer chain has yet to carry to its tail: the reply waits for them, so the
-        // worker hears of their acknowledgement as soon as there is one, without asking again
-        // and again. A worker that hears from tails awaits them at the tail instead: there the
-        // reply waits for the pushes it names to ranges this shard is the tail of (a push to a
-        // range it is not the tail of, the worker learns of from the head when it asks).
+        // Pushes not yet acknowledged (a longer chain has yet to carry them to its tail, or the
+        // log to make them durable): the reply waits for them, so the worker hears of their
+        // acknowledgement as soon as there is one, without asking again and again. A worker
+        // that hears from tails awaits them at the tail instead: there the reply waits for the
+        // pushes it names to ranges this shard is the tail of, and for the pushes it carries to
+        // chains of one (a push to a range it is not the tail of, the worker learns of from
+        // the head when it asks).
         // The reply claims their acknowledgements now and leaves once they are true; if one
         // cannot be, the reply becomes an error instead (see `pump`).
         let waits: Vec<(RangeId, u32)> = match tail_acks {
             false => scratch.pushed.iter().copied().filter(|(range, seq)| self.replica.awaits(*range, WorkerId(worker), *seq)).collect(),
             true => {
-                let waits = scratch.awaited.iter().copied();
-                waits.filter(|(range, seq)| !self.acked_to(WorkerId(worker), *range, *seq) && self.replica.acks_as_tail(*range)).collect()
+                let awaited = scratch.awaited.iter().copied();
+                let awaited = awaited.filter(|(range, seq)| !self.acked_to(WorkerId(worker), *range, *seq) && self.replica.acks_as_tail(*range));
+                // A push to a chain of one is awaited where it was sent: its head is its tail.
+                let alone = scratch.pushed.iter().copied();
+                let alone = alone.filter(|(range, seq)| self.replica.heads_alone(*range) && self.replica.awaits(*range, WorkerId(worker), *seq));
+                awaited.chain(alone).collect()
             }
         };
         let mut claimed: BTreeMap<u32, u32> = BTreeMap::new();
