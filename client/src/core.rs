@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tessera_layout::catalog::{Catalog, TableEntry, TableSpec};
 use tessera_layout::placement::Route;
-use tessera_transport::{Chosen, Op, PushBuffer, Status, TransportError};
+use tessera_transport::{Op, Status, TransportError};
 
 use crate::chain::{Chain, ChainTable, ViewFrom};
 use crate::error::{ClientError, Result};
@@ -43,8 +43,6 @@ fn ask_cluster(addrs: &[&str], cfg: &ClientConfig) -> Result<Option<ViewFrom>> {
 #[derive(Debug)]
 pub(crate) struct Core {
     cfg: ClientConfig,
-    /// The transport chosen at connect time (the RDMA device, if any), for push buffers.
-    chosen: Chosen,
     pub clock: u64,
     /// The chain's count of cluster changes when the tables were last read: a [`Table`] read
     /// under an older one is routed by name again.
@@ -61,8 +59,8 @@ impl Core {
     pub fn connect(addrs: &[&str], cfg: ClientConfig) -> Result<Core> {
         let chosen = tessera_transport::select::choose(cfg.kind, &cfg.rdma)?;
         let known = ask_cluster(addrs, &cfg)?;
-        let (chain, catalog) = Chain::connect(addrs, &cfg, chosen.clone(), known)?;
-        Ok(Core { cfg, chosen, clock: 0, generation: 0, remapped: HashMap::new(), chain, tables: by_name(catalog) })
+        let (chain, catalog) = Chain::connect(addrs, &cfg, chosen, known)?;
+        Ok(Core { cfg, clock: 0, generation: 0, remapped: HashMap::new(), chain, tables: by_name(catalog) })
     }
 
     /// The cluster's links.
@@ -213,11 +211,6 @@ impl Core {
     /// One ping (`Op::Ping`) to the cluster: the transport's round trip, with no table touched.
     pub fn ping(&mut self) -> Result<()> {
         self.chain.ping()
-    }
-
-    /// A buffer of `len` values a push can send from ([`PushBuffer`]).
-    pub fn push_buffer(&self, len: usize) -> Result<PushBuffer> {
-        Ok(PushBuffer::new(len, &self.chosen)?)
     }
 
     /// Block copies the links found torn and read again.

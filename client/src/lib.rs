@@ -40,14 +40,15 @@ mod chain;
 mod core;
 mod error;
 pub mod filter;
+mod push_buffer;
 mod ticket;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub use push_buffer::PushBuffer;
 use tessera_layout::catalog::TableEntry;
 use tessera_layout::placement::Route;
 use tessera_layout::TableSpec;
-pub use tessera_transport::PushBuffer;
 use tessera_transport::{RdmaConfig, TransportConfig, TransportKind};
 
 pub use crate::call::{Call, Consistency};
@@ -240,18 +241,15 @@ impl Client {
         self.call().push_range(table, start, grads)
     }
 
-    /// A buffer of `len` gradient values that [`Client::push_range_from`] sends without copying
-    /// over RDMA: registered once, here, with the client's device (plain memory over TCP). Make
-    /// one per dense range and compute each step's gradients into it. Fails, naming
-    /// RLIMIT_MEMLOCK, when locked memory runs out.
-    pub fn push_buffer(&self, len: usize) -> Result<PushBuffer> {
-        self.lock().push_buffer(len)
+    /// A buffer of `len` gradient values for [`Client::push_range_from`]: compute each step's
+    /// gradients into it and push it.
+    pub fn push_buffer(&self, len: usize) -> PushBuffer {
+        PushBuffer::new(len)
     }
 
-    /// As [`Client::push_range`] of `grads.as_slice()`, but over RDMA the device reads frames of
-    /// at least 4 KiB straight from `grads` instead of a copy. It returns once the device has
-    /// read them (their writes completed), so the buffer may be filled again at once, while the
-    /// ticket still waits for the shards' replies.
+    /// As [`Client::push_range`] of `grads.as_slice()`. The client copies the values (it keeps
+    /// the push until acknowledged, to send it again after a failover), so the buffer may be
+    /// filled again as soon as this returns, while the ticket still waits for the replies.
     pub fn push_range_from<'a>(&'a self, table: &Table, start: u64, grads: &PushBuffer) -> Result<Ticket<'a>> {
         self.call().push_range_from(table, start, grads)
     }

@@ -42,7 +42,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "8,64,512,4K,32K,256K,1M,4M")]
     sizes: Vec<String>,
     /// Operations to measure: ping (before the first size), push, pull, roundtrip (a push then a
-    /// pull), pipelined (pushes kept in flight, at 64 KiB and more, copied and zero-copy) and
+    /// pull), pipelined (pushes kept in flight, at 64 KiB and more) and
     /// echo (the raw-socket baseline; the echo ratio needs roundtrip and echo).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "ping,push,pull,roundtrip,pipelined,echo")]
     ops: Vec<BenchOp>,
@@ -293,19 +293,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 })
             })?;
             settle(&mut flight)?;
-            // The same from a registered buffer, which RDMA sends without copying it.
-            let mut registered = client.push_buffer(n)?;
-            if registered.is_registered() {
-                registered.as_mut_slice().fill(1.0);
-                let reg = &registered;
-                row("push pipelined zero-copy", size, &mut || {
-                    keep_in_flight(&mut flight, window, || {
-                        tick();
-                        client.push_range_from(&table, 0, reg)
-                    })
-                })?;
-                settle(&mut flight)?;
-            }
         }
         if wants(BenchOp::Echo) {
             let echo_p50 = row("raw echo", 2 * size, &mut || echo_once(&mut stream, &mut bytes))?;
@@ -576,7 +563,6 @@ const AGAINST_PERFTEST: &[(&str, &str, &str, Figure)] = &[
     ("push", "ib_write_lat", "push p50 / 2 vs ib_write_lat typical (one way)", Figure::HalfRoundTrip),
     ("pull", "ib_read_lat", "pull p50 vs ib_read_lat typical", Figure::Latency),
     ("push pipelined", "ib_write_bw", "pipelined push MiB/s vs ib_write_bw average", Figure::Bandwidth),
-    ("push pipelined zero-copy", "ib_write_bw", "zero-copy pipelined push MiB/s vs ib_write_bw average", Figure::Bandwidth),
     ("replicated push", "ib_write_lat", "replicated push p50 / 2 vs ib_write_lat typical (one way)", Figure::HalfRoundTrip),
     ("replicated pull", "ib_read_lat", "replicated pull p50 vs ib_read_lat typical", Figure::Latency),
     ("replicated push pipelined", "ib_write_bw", "replicated pipelined push MiB/s vs ib_write_bw average", Figure::Bandwidth),

@@ -34,7 +34,6 @@ pub mod expose;
 pub mod keycache;
 pub mod loglimit;
 pub mod metrics;
-pub mod pushbuf;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod reply;
@@ -47,7 +46,6 @@ use std::time::Duration;
 pub use caller::{Caller, Dialer};
 pub use config::{Arrival, RdmaConfig, TransportConfig};
 pub use error::{Result, TransportError};
-pub use pushbuf::PushBuffer;
 pub use select::{Chosen, TransportKind};
 pub use wire::{Header, Op, Status, CONTROL_SHARD};
 
@@ -131,27 +129,11 @@ pub trait Link: Send + std::fmt::Debug {
     fn limit_frames(&mut self, peer_frame_bytes_max: usize);
     /// `"tcp"` or `"rdma"`.
     fn kind(&self) -> &'static str;
-    /// What this link can do beyond frames, when the device reaches memory directly (RDMA):
-    /// pushes sent from registered buffers, and dense reads without the server's CPU.
-    fn one_sided(&mut self) -> Option<&mut dyn OneSided> {
-        None
-    }
-    fn one_sided_ref(&self) -> Option<&dyn OneSided> {
-        None
-    }
 }
 
 /// The capability of a link whose device reaches memory directly (RDMA): a link has it or not
-/// ([`Link::one_sided`]); TCP links do not.
+/// ([`Caller::one_sided`]); TCP links do not.
 pub trait OneSided {
-    /// As [`Link::send`] of the uncompressed body `body`, which lies inside `source`, with the
-    /// device reading a large body straight from the registered buffer instead of a copy: the
-    /// caller must then leave those bytes unchanged, and `source` alive, until
-    /// [`settle`](Self::settle) returns. A body too small or not registered is copied.
-    fn send_from(&mut self, header: &mut Header, body: &[u8], source: &PushBuffer) -> Result<()>;
-    /// Waits until the device has read every body [`send_from`](Self::send_from) left in its
-    /// buffer; then the caller may change or drop those buffers.
-    fn settle(&mut self) -> Result<()>;
     /// Reads `out.len() / dim` keys of dense table `table` from key `start` straight from the
     /// shard's memory (a one-sided RDMA READ), after every request sent before it was served.
     /// Writes the keys' stamp (a lower bound: the meet over the blocks read) into `stamp`.

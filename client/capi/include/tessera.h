@@ -344,12 +344,9 @@ int32_t tessera_push_range(TesseraClient client,
                            uintptr_t n_grads,
                            TesseraTicket *ticket);
 
-// Makes a buffer of `n` zeroed floats that `tessera_push_range_from` sends without copying
-// over RDMA: it is registered with the client's device once, here (plain memory over TCP).
-// `*buffer` is its handle and `*data` its values: compute gradients straight into them. `*data`
-// stays valid until `tessera_push_buffer_free` or `tessera_close`. Registered memory counts
-// against RLIMIT_MEMLOCK; when that runs out this fails with `TESSERA_ERR_TRANSPORT` and a
-// message naming the limit.
+// Makes a buffer of `n` zeroed floats for `tessera_push_range_from`. `*buffer` is its handle
+// and `*data` its values: compute gradients straight into them. `*data` stays valid until
+// `tessera_push_buffer_free` or `tessera_close`.
 //
 // # Safety
 // `buffer` and `data` must be writable.
@@ -359,10 +356,9 @@ int32_t tessera_push_buffer(TesseraClient client, uintptr_t n, TesseraBuffer *bu
 int32_t tessera_push_buffer_free(TesseraClient client, TesseraBuffer buffer);
 
 // Pushes all of `buffer`'s values for the dense range of keys from `start` (its length / dim
-// keys), as `tessera_push_range` does. Over RDMA the device reads frames of at least 4 KiB
-// straight from the buffer instead of a copy, and the call returns once it has: the buffer may
-// be written again as soon as this returns, before `*ticket` is waited on, but not while it
-// runs.
+// keys), as `tessera_push_range` does. The client copies the values (it keeps each push until
+// acknowledged, to send it again after a failover): the buffer may be written again as soon as
+// this returns, before `*ticket` is waited on, but not while it runs.
 //
 // # Safety
 // `ticket`, unless NULL, must be writable; no thread writes the buffer's values during the call.

@@ -154,7 +154,7 @@ struct Handle {
     tables: Mutex<Vec<Table>>,
     tickets: Mutex<HashMap<TesseraTicket, Pending>>,
     next_ticket: AtomicU64,
-    /// Registered gradient buffers, freed with `tessera_push_buffer_free` or with the client.
+    /// Gradient buffers, freed with `tessera_push_buffer_free` or with the client.
     buffers: Mutex<HashMap<TesseraBuffer, PushBuffer>>,
     next_buffer: AtomicU64,
     /// Push filters, freed with `tessera_filter_free` or with the client.
@@ -955,12 +955,9 @@ pub unsafe extern "C" fn tessera_push_range(
     })
 }
 
-/// Makes a buffer of `n` zeroed floats that `tessera_push_range_from` sends without copying
-/// over RDMA: it is registered with the client's device once, here (plain memory over TCP).
-/// `*buffer` is its handle and `*data` its values: compute gradients straight into them. `*data`
-/// stays valid until `tessera_push_buffer_free` or `tessera_close`. Registered memory counts
-/// against RLIMIT_MEMLOCK; when that runs out this fails with `TESSERA_ERR_TRANSPORT` and a
-/// message naming the limit.
+/// Makes a buffer of `n` zeroed floats for `tessera_push_range_from`. `*buffer` is its handle
+/// and `*data` its values: compute gradients straight into them. `*data` stays valid until
+/// `tessera_push_buffer_free` or `tessera_close`.
 ///
 /// # Safety
 /// `buffer` and `data` must be writable.
@@ -970,12 +967,12 @@ pub unsafe extern "C" fn tessera_push_buffer(client: TesseraClient, n: usize, bu
         let h = handle(client)?;
         check_out(buffer, "buffer")?;
         check_out(data, "data")?;
-        let mut made = h.client.push_buffer(n)?;
+        let mut made = h.client.push_buffer(n);
         let values = made.as_mut_slice().as_mut_ptr();
         let id = h.next_buffer.fetch_add(1, Ordering::Relaxed);
         lock(&h.buffers).insert(id, made);
         // SAFETY: the caller's contract above. The values stay where they are while the map
-        // holds the buffer: it owns a mapping (or a heap block) that moving it does not move.
+        // holds the buffer: it owns a heap block that moving it does not move.
         unsafe { put(buffer, id, "buffer").and_then(|()| put(data, values, "data")) }
     })
 }
@@ -994,10 +991,9 @@ pub extern "C" fn tessera_push_buffer_free(client: TesseraClient, buffer: Tesser
 }
 
 /// Pushes all of `buffer`'s values for the dense range of keys from `start` (its length / dim
-/// keys), as `tessera_push_range` does. Over RDMA the device reads frames of at least 4 KiB
-/// straight from the buffer instead of a copy, and the call returns once it has: the buffer may
-/// be written again as soon as this returns, before `*ticket` is waited on, but not while it
-/// runs.
+/// keys), as `tessera_push_range` does. The client copies the values (it keeps each push until
+/// acknowledged, to send it again after a failover): the buffer may be written again as soon as
+/// this returns, before `*ticket` is waited on, but not while it runs.
 ///
 /// # Safety
 /// `ticket`, unless NULL, must be writable; no thread writes the buffer's values during the call.

@@ -13,12 +13,12 @@ use crate::buf::{Deflater, Inflater};
 use crate::config::TransportConfig;
 use crate::error::{Result, TransportError};
 use crate::tcp::TcpLink;
-use crate::wire::{padded, Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
-use crate::{Frame, Link, OneSided, PushBuffer};
+use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
+use crate::{Frame, Link, OneSided};
 
 use super::arrival::{Arrivals, Tags};
 use super::verbs::{Access, Completion, Cq, Device, Opcode, Qp, Region, INLINE_BYTES_MAX};
-use super::{rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, GATHER_BYTES_MIN, SHORT_FRAME, TAG_BYTES};
+use super::{rdma, Endpoint, RdmaConfig, RemoteDense, SlotKey, SlotLayout, SHORT_FRAME, TAG_BYTES};
 use tessera_layout::dense::block_is_whole;
 
 /// A link to one shard over an RC queue pair. Field order is drop order: the queue pair goes
@@ -52,9 +52,6 @@ pub struct RdmaLink {
     arrivals: Arrivals,
     /// The tags this link writes after its requests (salted by the shard).
     tags_out: Tags,
-    /// Requests up to this one (exclusive) had their bodies read from the caller's buffers
-    /// ([`OneSided::send_from`]); `settle` waits until their writes completed.
-    borrowed: u64,
     /// Small (inline) request writes ask for a completion once in this many.
     signal_every: u64,
     /// Per slot: the request id of the request last sent from it (a short reply leaves it out).
@@ -149,7 +146,6 @@ impl RdmaLink {
             writes_done: 0,
             arrivals: Arrivals::new(slots as usize, mine.tag_salt, rcfg.arrival),
             tags_out: Tags::new(theirs.tag_salt),
-            borrowed: 0,
             signal_every: (slots as u64 / 2).max(1),
             ids: vec![0; slots as usize],
             parked: VecDeque::new(),
@@ -598,56 +594,9 @@ impl Link for RdmaLink {
     fn limit_frames(&mut self, peer_frame_bytes_max: usize) {
         self.send_bytes_max = self.send_bytes_max.min(peer_frame_bytes_max);
     }
-
-    fn one_sided(&mut self) -> Option<&mut dyn OneSided> {
-        Some(self)
-    }
-
-    fn one_sided_ref(&self) -> Option<&dyn OneSided> {
-        Some(self)
-    }
 }
 
 impl OneSided for RdmaLink {
-    fn send_from(&mut self, header: &mut Header, body: &[u8], source: &PushBuffer) -> Result<()> {
-        let frame_len = HEADER_BYTES + padded(body.len());
-        let found = source.region_on(&self._dev).and_then(|r| Some((r, r.offset_of(body)?)));
-        let Some((region, offset)) = found.filter(|_| body.len() >= GATHER_BYTES_MIN && frame_len <= self.send_bytes_max) else {
-            return self.send(header, &[body], false);
-        };
-        let slot = self.free_slot()?;
-        let parts = [body];
-        let _ = self.deflater.frame_body(header, &parts, false);
-        header.seal();
-        self.ids[slot] = header.request_id;
-        // The header, then the body from the caller's buffer, then zeros up to the frame's
-        // padded length and the arrival tag, all in one write into the shard's slot.
-        let (at, _) = self.layout.area(slot, false);
-        let seq = self.sent;
-        let tail = frame_len - HEADER_BYTES - body.len() + TAG_BYTES;
-        let staging = &mut self.out.as_mut_slice()[at..at + HEADER_BYTES + tail];
-        staging[..HEADER_BYTES].copy_from_slice(header.as_bytes());
-        staging[HEADER_BYTES..].fill(0);
-        staging[HEADER_BYTES + tail - TAG_BYTES..].copy_from_slice(&self.tags_out.tag(seq).to_le_bytes());
-        let key = self.remote[slot];
-        let gathered = [(&self.out, at, HEADER_BYTES), (region, offset, body.len()), (&self.out, at + HEADER_BYTES, tail)];
-        // Why this is sound: the staging spans are this link's, for slot `slot`, written above only
-        // after `free_slot` saw the slot's last write complete, and untouched until this one does
-        // (as in `post_staged`). The body lies in `source`'s registered region (found by
-        // `offset_of`, inside one chunk), which the caller keeps alive and unchanged until
-        // `settle` returns, and `settle` returns only once this write has completed.
-        // SAFETY: every span stays mapped and unchanged until this write's completion.
-        unsafe { self.qp.post_write_imm_gather(seq, &gathered, key.addr, key.rkey, slot as u32, true) }.map_err(rdma)?;
-        self.sent += 1;
-        self.borrowed = self.sent;
-        Ok(())
-    }
-
-    fn settle(&mut self) -> Result<()> {
-        let deadline = Instant::now() + self.io_timeout;
-        self.wait(deadline, "the device to read a pushed buffer", true, |l| l.writes_done >= l.borrowed)
-    }
-
     fn read_dense(&mut self, table: u32, start: u64, dim: u32, out: &mut [f32], stamp: &mut Vec<u64>) -> Result<bool> {
         let deadline = Instant::now() + self.io_timeout;
         let Some(part) = self.remote_dense(table, start)? else {

@@ -73,11 +73,6 @@ const POLLS_PER_CLOCK_READ: u32 = 64;
 pub const SHORT_FRAME: u32 = 1 << 31;
 const _: () = assert!(SLOTS_MAX < SHORT_FRAME, "slot indexes leave the flag bit free");
 
-/// Smallest body a link sends straight from the caller's registered [`PushBuffer`](crate::PushBuffer)
-/// (the device gathers it behind the header) rather than copying it into its staging: below
-/// this, a copy costs less than the extra gather entry and the wait for the device to read it.
-pub const GATHER_BYTES_MIN: usize = 4096;
-
 /// Bytes of a slot's compact area: the most a short (inline) frame and its arrival tag take.
 pub const SMALL_SLOT_BYTES: usize = verbs::INLINE_BYTES_MAX;
 

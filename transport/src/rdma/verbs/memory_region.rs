@@ -147,13 +147,6 @@ impl Region {
         self.mrs[self.chunk_of(offset, len)].lkey()
     }
 
-    /// Where `bytes` lies in this region, if it lies inside one registration chunk of it: the
-    /// offset a work request can name it by.
-    pub fn offset_of(&self, bytes: &[u8]) -> Option<usize> {
-        let offset = (bytes.as_ptr() as u64).checked_sub(self.addr())? as usize;
-        self.span_chunk(offset, bytes.len()).ok().map(|_| offset)
-    }
-
     fn chunk_of(&self, offset: usize, len: usize) -> usize {
         self.span_chunk(offset, len).unwrap_or_else(|broken| panic!("{broken}"))
     }

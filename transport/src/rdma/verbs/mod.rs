@@ -55,9 +55,6 @@ pub use queue_pair::{Qp, QpInfo};
 /// Largest write posted inline (copied into the work request): small request and reply frames.
 pub const INLINE_BYTES_MAX: usize = 256;
 
-/// Spans one work request gathers ([`Qp::post_write_imm_gather`]): a frame's header, its body
-/// in the caller's registered buffer, and the padding after it.
-pub const SEND_SGES_MAX: usize = 3;
 pub const PAGE_BYTES: usize = 4096;
 /// RDMA READs in flight per QP, as initiator and as responder, clamped to the device's limits.
 /// Zero would make every READ fail; 16 is what mlx5 allows and keeps a few large reads going.

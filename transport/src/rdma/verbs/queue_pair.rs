@@ -76,7 +76,7 @@ impl Qp {
             .create_qp_builder()
             .setup_max_send_wr(send_depth)
             .setup_max_recv_wr(recv_depth)
-            .setup_max_send_sge(SEND_SGES_MAX as u32)
+            .setup_max_send_sge(1)
             .setup_max_recv_sge(1)
             .setup_max_inline_data(INLINE_BYTES_MAX as u32)
             .setup_send_cq(GenericCompletionQueue::from(Arc::clone(&send_cq.cq)))
@@ -184,41 +184,6 @@ impl Qp {
         // and the provider's doorbell orders our earlier stores to it before the device reads.
         // SAFETY: the span is registered and, by the caller's contract, outlives the completion.
         unsafe { self.post_one(wr_id, op, signal_flags(signaled), sge, remote_addr, rkey, imm.to_be()) }
-    }
-
-    /// As [`Qp::post_write_imm`], writing the concatenation of `parts`, each `(region, offset,
-    /// len)` a span of a region in this queue pair's protection domain, at most
-    /// [`SEND_SGES_MAX`] of them: the device gathers them, so a frame whose body lies in another
-    /// region goes without being copied next to its header. Empty spans are left out. Panics if
-    /// there are more parts, a span crosses a chunk, or the total exceeds u32.
-    ///
-    /// # Safety
-    /// Every span must stay valid (its Region alive) and unmodified until this work request's
-    /// completion is polled (or, unsignaled, that of a later signaled request on this QP).
-    #[allow(clippy::too_many_arguments)] // each is one field of the work request
-    pub unsafe fn post_write_imm_gather(
-        &mut self,
-        wr_id: u64,
-        parts: &[(&Region, usize, usize)],
-        remote_addr: u64,
-        rkey: u32,
-        imm: u32,
-        signaled: bool,
-    ) -> Result<(), VerbsError> {
-        assert!(parts.len() <= SEND_SGES_MAX, "a work request gathers at most {SEND_SGES_MAX} spans");
-        let mut sges = [ibv_sge { addr: 0, length: 0, lkey: 0 }; SEND_SGES_MAX];
-        let mut n = 0;
-        for &(region, offset, len) in parts.iter().filter(|p| p.2 > 0) {
-            sges[n] = local_sge(region, offset, len);
-            n += 1;
-        }
-        u32::try_from(sges[..n].iter().map(|s| s.length as u64).sum::<u64>()).expect("a work request carries at most u32::MAX bytes");
-        let op = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
-        // Each SGE describes a span of a live region inside one registered chunk (local_sge); the
-        // caller keeps every span alive and unmodified until the completion, as this function's
-        // contract says, and the doorbell orders our earlier stores to them before the device reads.
-        // SAFETY: the spans are registered and, by the caller's contract, outlive the completion.
-        unsafe { self.post_sges(wr_id, op, signal_flags(signaled), &mut sges[..n], remote_addr, rkey, imm.to_be()) }
     }
 
     /// As [`Qp::post_write_imm`] for at most [`INLINE_BYTES_MAX`] bytes, which are copied into the
