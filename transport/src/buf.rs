@@ -144,17 +144,20 @@ impl FrameReader {
     /// Reads once from `src` into the buffer, making room first. The buffer grows only to hold
     /// the frame in progress, whose length the header announced.
     pub fn fill(&mut self, src: &mut impl Read) -> io::Result<Filled> {
-        // Compacting only ever moves the tail of one frame, once, so it stays cheap; it keeps the
-        // next frame at offset 0, aligned.
-        if self.pos > 0 {
+        // What the frame in progress and the next read want from its start: grow towards the
+        // announced frame as its bytes arrive, at most doubling per read, so a header that
+        // announces a huge body costs nothing until the body really comes.
+        let held = self.buf.len() - self.pos;
+        let frame = self.pending_frame_len().unwrap_or(0);
+        let wanted = frame.min(2 * held).max(held + self.read_room);
+        // The frame in progress moves to the front (offset 0, aligned) only when the buffer has
+        // no room for it where it is: a stream of large frames would otherwise move up to a
+        // read's worth of each next frame's bytes, every frame.
+        if self.pos > 0 && (held == 0 || self.pos + wanted > self.buf.capacity()) {
             self.pos = self.buf.compact(self.pos);
             debug_assert_eq!(self.pos, 0);
         }
-        // Grow towards the announced frame as its bytes arrive, at most doubling per read, so a
-        // header that announces a huge body costs nothing until the body really comes.
-        let len = self.buf.len();
-        let frame = self.pending_frame_len().unwrap_or(0);
-        self.buf.reserve_total(frame.min(2 * len).max(len + self.read_room));
+        self.buf.reserve_total(self.pos + wanted);
         let len = self.buf.len();
         let room = self.buf.capacity() - len;
         match src.read(&mut self.buf.all_mut()[len..]) {
@@ -385,6 +388,34 @@ mod tests {
                     next += 1;
                 }
             }
+        }
+    }
+
+    /// Large frames of uneven lengths, read in steps that leave the next frame's start behind
+    /// each one: the reader leaves it where it is while the buffer has room for the frame
+    /// there, and moves it to the front when not; every frame comes out whole either way.
+    #[test]
+    fn large_frames_survive_any_split_with_or_without_moving() {
+        let count = 40u64;
+        let mut stream = Vec::new();
+        for id in 0..count {
+            stream.extend(frame(id, &vec![id as u8; 1000 + (id as usize * 7919) % 70_000]));
+        }
+        for step in [4096, 50_000, 65_536, usize::MAX] {
+            let mut src = Trickle { data: &stream, step, blocked: false };
+            let mut reader = FrameReader::new(1 << 20, 256 << 10);
+            let mut next = 0u64;
+            while next < count {
+                assert_ne!(reader.fill(&mut src).unwrap(), Filled::Eof, "eof before all frames at step {step}");
+                while let Some((h, body)) = reader.next_frame().unwrap() {
+                    assert_eq!(h.request_id, next);
+                    let body = reader.body(body);
+                    assert_eq!(body.len(), 1000 + (next as usize * 7919) % 70_000);
+                    assert!(body.iter().all(|b| *b == next as u8), "frame {next} at step {step}");
+                    next += 1;
+                }
+            }
+            assert!(reader.capacity() <= 1 << 20, "the buffer stays bounded: {}", reader.capacity());
         }
     }
 

@@ -341,7 +341,7 @@ fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<R
             let held = listed.as_ref().map_or(keys.end - keys.start, |l| l.len() as u64);
             let state = take(part.exported_len(held))?;
             // Values and updater state are f32s, and a push never leaves one that is not finite.
-            if state.chunks_exact(4).any(|f| !f32::from_le_bytes(f.try_into().expect("4 bytes")).is_finite()) {
+            if !all_finite(state) {
                 return Err(corrupt(format!("a value of table {table} keys {keys:?} is not finite")));
             }
             left -= 32 + 16 * n + listed.as_ref().map_or(0, |l| 8 + 8 * l.len()) + state.len();
@@ -361,6 +361,15 @@ fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<R
             part.check_sparse_room(&keys).map_err(|e| corrupt(e.to_string()))?;
         }
         Ok(out)
+    }
+}
+
+/// Whether the f32s `state` holds are all finite: as whole words (vectorised) when they are
+/// aligned, as they are in a received update, else word by word.
+fn all_finite(state: &[u8]) -> bool {
+    match bytemuck::try_cast_slice::<u8, f32>(state) {
+        Ok(values) => tessera_layout::catalog::first_non_finite(values).is_none(),
+        Err(_) => state.chunks_exact(4).all(|f| f32::from_le_bytes(f.try_into().expect("4 bytes")).is_finite()),
     }
 }
 
@@ -662,6 +671,26 @@ mod tests {
         assert_eq!(replayed.ranges, BTreeMap::from([(other, (7, vec![1, 2, 3, 4], Some(9)))]));
         let past = [RangeHeld { range: RANGES, version: 7, clock: vec![0; 4], digest: None }];
         assert!(replay(&mut store(&spec).tables, RANGES, &mut replayed, ReplicaReplayed::Checkpoint(&past)).is_err());
+    }
+
+    #[test]
+    fn a_value_that_is_not_finite_is_found_aligned_or_not() {
+        let mut values = vec![1.5f32; 300];
+        let check = |values: &[f32]| {
+            let bytes: &[u8] = bytemuck::cast_slice(values);
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(bytes);
+            (all_finite(bytes), all_finite(&shifted[1..]))
+        };
+        assert_eq!(check(&values), (true, true));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            values[299] = bad;
+            assert_eq!(check(&values), (false, false), "{bad} last");
+            values[299] = 1.5;
+            values[70] = bad;
+            assert_eq!(check(&values), (false, false), "{bad} inside");
+            values[70] = 1.5;
+        }
     }
 
     #[test]
