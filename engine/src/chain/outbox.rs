@@ -495,10 +495,17 @@ fn to_peer(
         };
         for (shard, msg) in queued.drain(..) {
             let body = bodies.entry(shard).or_default();
+            let linked = links.entry(shard).or_insert_with(Linked::new);
+            let body_max = linked.body_max(dialer);
+            if !body.is_empty() && body.len() + codec::bulk_len(&msg) > body_max {
+                // A large update that would not fit beside what came before: that goes first,
+                // so that this one is encoded once, into the emptied body, not moved after.
+                replied(shard, linked.send_body(&addr, shard as u64, me, dialer, body));
+                body.clear();
+            }
             let at = body.len();
             codec::encode_batch(std::iter::once(&msg), body);
-            let linked = links.entry(shard).or_insert_with(Linked::new);
-            if body.len() > linked.body_max(dialer) && at > 0 {
+            if body.len() > body_max && at > 0 {
                 // Too much for one request: send what came before, and keep this one for the next.
                 let this = body.split_off(at);
                 replied(shard, linked.send_body(&addr, shard as u64, me, dialer, body));
@@ -545,14 +552,18 @@ mod tests {
             let msgs = codec::decode_batch(request.body).expect("a batch of messages");
             let mut got = self.0.lock().unwrap();
             got.per_request.push(msgs.len());
-            got.acks.extend(msgs.iter().filter_map(|m| if let Msg::Ack { range, version, .. } = m { Some((range.0, *version)) } else { None }));
+            got.acks.extend(msgs.iter().filter_map(|m| match m {
+                Msg::Ack { range, version, .. } | Msg::Forward { range, version, .. } => Some((range.0, *version)),
+                _ => None,
+            }));
             reply.ok_bytes(&[]);
         }
     }
 
     /// Two shards send one peer thousands of messages as fast as they can: some start on the
     /// peer's link themselves (it is idle), the rest queue behind the peer's thread while it
-    /// sends. Every message arrives, and each shard's in the order it sent them.
+    /// sends. Every message arrives, and each shard's in the order it sent them; among them,
+    /// updates of 400 KB, of which two fit a request and a third does not.
     #[test]
     fn a_peer_gets_each_shards_messages_in_order_whether_started_by_the_shard_or_queued() {
         const EACH: u64 = 2000; // two shards' worth stays below OUT_QUEUE_MAX
@@ -577,7 +588,13 @@ mod tests {
         let peer = tessera_replication::protocol::Member { node: NodeId(2), incarnation: 1, addr: addr.to_string(), draining: false };
         let config = ClusterConfig { id: 1, members: vec![peer], chains: Vec::new(), drained: Vec::new(), cluster: 1 };
         *outbox.latest.lock().unwrap() = Some(Arc::new(config));
-        let ack = |range: u32, version: u64| Msg::Ack { range: RangeId(range), epoch: Epoch(1), version };
+        let ack = |range: u32, version: u64| match version % 97 {
+            0..=2 => {
+                let delta = Arc::new(vec![version as u8; 400_000]);
+                Msg::Forward { range: RangeId(range), epoch: Epoch(1), version, digest: 0, clock: Arc::from(vec![0u32; 4]), delta, durable: 0 }
+            }
+            _ => Msg::Ack { range: RangeId(range), epoch: Epoch(1), version },
+        };
         let senders: Vec<_> = (0..2u32)
             .map(|range| {
                 let mut shard_outbox = outbox.clone();
