@@ -537,8 +537,8 @@ mod tests {
         Msg::Heartbeat { node: NodeId(1), incarnation: 7, addr: "a:1".into(), cluster: 3, config_id, ranges: reports.iter().map(report).collect() }
     }
 
-    /// What a peer got: the `Ack`s each request carried, in the order they arrived, and how
-    /// many messages each request carried.
+    /// What a peer got: the range and version of each `Ack` and `Forward`, in the order they
+    /// arrived, and how many messages each request carried.
     #[derive(Default)]
     struct Got {
         acks: Vec<(u32, u64)>,
@@ -560,44 +560,64 @@ mod tests {
         }
     }
 
+    /// A peer (node 2, one shard) that records what it is sent, and an outbox of node 1 that
+    /// knows it.
+    struct RecordingPeer {
+        seen: Arc<Mutex<Got>>,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        serving: [std::thread::JoinHandle<()>; 2],
+        outbox: Outbox,
+    }
+
+    impl RecordingPeer {
+        fn start() -> RecordingPeer {
+            let info = ServerInfo { version: "test".into(), shards: 1, frame_bytes_max: 1 << 20, workers_max: 4, rdma: false, cluster: 0, alone: false };
+            let cfg = tessera_transport::TransportConfig::default();
+            let (control, shards, addr) = tessera_transport::tcp::bind("127.0.0.1:0", 1, &cfg, serde_json::to_vec(&info).unwrap().into()).unwrap();
+            let (mut control, mut shard) = (Some(control), shards.into_iter().next());
+            let seen: Arc<Mutex<Got>> = Arc::default();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let serving = [(seen.clone(), stop.clone(), true), (Arc::default(), stop.clone(), false)].map(|(seen, stop, is_shard)| {
+                let mut endpoint: Box<dyn tessera_transport::ShardTransport> =
+                    if is_shard { Box::new(shard.take().unwrap()) } else { Box::new(control.take().unwrap()) };
+                std::thread::spawn(move || {
+                    let mut recorder = Recorder(seen);
+                    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                        endpoint.poll(&mut recorder, Some(Duration::from_millis(5))).unwrap();
+                    }
+                })
+            });
+            let dialer = Dialer { cfg: cfg.clone(), chosen: tessera_transport::select::Chosen::Tcp, rdma: Default::default(), required: false };
+            let outbox = Outbox::start(NodeId(1), Locator::At("127.0.0.1:1".into()), dialer, Arc::new(|_| {}), Arc::new(|_, _, _| {}));
+            let peer = tessera_replication::protocol::Member { node: NodeId(2), incarnation: 1, addr: addr.to_string(), draining: false };
+            let config = ClusterConfig { id: 1, members: vec![peer], chains: Vec::new(), drained: Vec::new(), cluster: 1 };
+            *outbox.latest.lock().unwrap() = Some(Arc::new(config));
+            RecordingPeer { seen, stop, serving, outbox }
+        }
+
+        /// Waits up to 30 s for `count` recorded messages, stops the peer and returns what it got.
+        fn stop_after(self, count: usize) -> Got {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.seen.lock().unwrap().acks.len() < count && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.stop.store(true, std::sync::atomic::Ordering::Release);
+            self.serving.into_iter().for_each(|t| t.join().unwrap());
+            std::mem::take(&mut *self.seen.lock().unwrap())
+        }
+    }
+
     /// Two shards send one peer thousands of messages as fast as they can: some start on the
     /// peer's link themselves (it is idle), the rest queue behind the peer's thread while it
-    /// sends. Every message arrives, and each shard's in the order it sent them; among them,
-    /// updates of 400 KB, of which two fit a request and a third does not.
+    /// sends. Every message arrives, and each shard's in the order it sent them.
     #[test]
     fn a_peer_gets_each_shards_messages_in_order_whether_started_by_the_shard_or_queued() {
         const EACH: u64 = 2000; // two shards' worth stays below OUT_QUEUE_MAX
-        let info = ServerInfo { version: "test".into(), shards: 1, frame_bytes_max: 1 << 20, workers_max: 4, rdma: false, cluster: 0, alone: false };
-        let cfg = tessera_transport::TransportConfig::default();
-        let (control, shards, addr) = tessera_transport::tcp::bind("127.0.0.1:0", 1, &cfg, serde_json::to_vec(&info).unwrap().into()).unwrap();
-        let (mut control, mut shard) = (Some(control), shards.into_iter().next());
-        let seen: Arc<Mutex<Got>> = Arc::default();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let serving = [(seen.clone(), stop.clone(), true), (Arc::default(), stop.clone(), false)].map(|(seen, stop, is_shard)| {
-            let mut endpoint: Box<dyn tessera_transport::ShardTransport> =
-                if is_shard { Box::new(shard.take().unwrap()) } else { Box::new(control.take().unwrap()) };
-            std::thread::spawn(move || {
-                let mut recorder = Recorder(seen);
-                while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                    endpoint.poll(&mut recorder, Some(Duration::from_millis(5))).unwrap();
-                }
-            })
-        });
-        let dialer = Dialer { cfg: cfg.clone(), chosen: tessera_transport::select::Chosen::Tcp, rdma: Default::default(), required: false };
-        let outbox = Outbox::start(NodeId(1), Locator::At("127.0.0.1:1".into()), dialer, Arc::new(|_| {}), Arc::new(|_, _, _| {}));
-        let peer = tessera_replication::protocol::Member { node: NodeId(2), incarnation: 1, addr: addr.to_string(), draining: false };
-        let config = ClusterConfig { id: 1, members: vec![peer], chains: Vec::new(), drained: Vec::new(), cluster: 1 };
-        *outbox.latest.lock().unwrap() = Some(Arc::new(config));
-        let ack = |range: u32, version: u64| match version % 97 {
-            0..=2 => {
-                let delta = Arc::new(vec![version as u8; 400_000]);
-                Msg::Forward { range: RangeId(range), epoch: Epoch(1), version, digest: 0, clock: Arc::from(vec![0u32; 4]), delta, durable: 0 }
-            }
-            _ => Msg::Ack { range: RangeId(range), epoch: Epoch(1), version },
-        };
+        let peer = RecordingPeer::start();
+        let ack = |range: u32, version: u64| Msg::Ack { range: RangeId(range), epoch: Epoch(1), version };
         let senders: Vec<_> = (0..2u32)
             .map(|range| {
-                let mut shard_outbox = outbox.clone();
+                let mut shard_outbox = peer.outbox.clone();
                 std::thread::spawn(move || {
                     for v in 1..=EACH {
                         shard_outbox.to_node(NodeId(2), 0, ack(range, v));
@@ -610,13 +630,7 @@ mod tests {
             })
             .collect();
         senders.into_iter().for_each(|s| s.join().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while seen.lock().unwrap().acks.len() < 2 * EACH as usize && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        stop.store(true, std::sync::atomic::Ordering::Release);
-        serving.into_iter().for_each(|t| t.join().unwrap());
-        let got = seen.lock().unwrap();
+        let got = peer.stop_after(2 * EACH as usize);
         for range in 0..2u32 {
             let versions: Vec<u64> = got.acks.iter().filter(|(r, _)| *r == range).map(|(_, v)| *v).collect();
             assert_eq!(versions, (1..=EACH).collect::<Vec<_>>(), "shard {range}'s messages, as the peer got them");
@@ -625,6 +639,30 @@ mod tests {
         // shard started itself among them).
         assert!(got.per_request.iter().any(|n| *n > 1), "no batch from the peer's thread");
         assert!(got.per_request.contains(&1), "no request with a single message");
+    }
+
+    /// Updates of 400 KB among small messages, queued faster than they go: two updates fit a
+    /// request, a third does not and goes in the next. Every message arrives, in order, and no
+    /// request is over the frame limit.
+    #[test]
+    fn large_updates_queued_together_go_in_order_within_the_frame_limit() {
+        const COUNT: u64 = 300;
+        let peer = RecordingPeer::start();
+        let mut outbox = peer.outbox.clone();
+        for version in 1..=COUNT {
+            let msg = match version % 10 {
+                0..=2 => {
+                    let delta = Arc::new(vec![version as u8; 400_000]);
+                    Msg::Forward { range: RangeId(0), epoch: Epoch(1), version, digest: 0, clock: Arc::from(vec![0u32; 4]), delta, durable: 0 }
+                }
+                _ => Msg::Ack { range: RangeId(0), epoch: Epoch(1), version },
+            };
+            outbox.to_node(NodeId(2), 0, msg);
+        }
+        let got = peer.stop_after(COUNT as usize);
+        let versions: Vec<u64> = got.acks.iter().map(|(_, v)| *v).collect();
+        // A request over the peer's frame limit would be refused, and its messages missing here.
+        assert_eq!(versions, (1..=COUNT).collect::<Vec<_>>(), "the messages, as the peer got them");
     }
 
     /// Two shards' heartbeats queued while the last one was out go as one, with each range's
