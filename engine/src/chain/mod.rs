@@ -124,6 +124,8 @@ pub struct ChainShard {
     /// Replies to pushes that wait for their tails, in the order they were held; and the
     /// position of the last one held, and of the last one let go.
     held: std::collections::VecDeque<HeldReply>,
+    /// The push lists of replies let go, kept for the next ones held.
+    held_spare: Vec<Vec<(RangeId, u32)>>,
     held_last: u64,
     released_last: u64,
     /// Per (worker, range): the highest push seq acknowledged to the worker.
@@ -170,6 +172,8 @@ struct WorkerScratch {
     /// The stamp of the pushes applied, and one part's, being met into it.
     stamp: Vec<u64>,
     part_stamp: Vec<u64>,
+    /// Per range, the highest push seq the reply claims acknowledged (sorted by range).
+    claimed: Vec<(RangeId, u32)>,
 }
 
 /// Most bytes of acknowledgements a `Replicate` reply carries back; more go as requests of
@@ -204,6 +208,7 @@ impl ChainShard {
             started: Instant::now(),
             last_push_table: None,
             held: Default::default(),
+            held_spare: Vec::new(),
             held_last: 0,
             released_last: 0,
             acked: FxHashMap::default(),
@@ -368,12 +373,15 @@ impl ChainShard {
         // The transport's poll since the failure was raised has sent its replies as errors.
         if let Some(upto) = self.failing.take() {
             self.released_last = self.released_last.max(upto);
-            self.held.retain(|h| h.position > upto);
+            while let Some(held) = self.held.pop_front_if(|h| h.position <= upto) {
+                self.held_spare.push(held.pushes);
+            }
         }
         while let Some(held) = self.held.front() {
             if self.all_acked(held) {
                 self.released_last = held.position;
-                self.held.pop_front();
+                let held = self.held.pop_front().expect("the front one");
+                self.held_spare.push(held.pushes);
                 continue;
             }
             // A log that failed never makes the held pushes durable: their replies fail at once
@@ -629,23 +637,27 @@ impl ChainShard {
         // the head when it asks).
         // The reply claims their acknowledgements now and leaves once they are true; if one
         // cannot be, the reply becomes an error instead (see `pump`).
-        let waits: Vec<(RangeId, u32)> = match tail_acks {
-            false => scratch.pushed.iter().copied().filter(|(range, seq)| self.replica.awaits(*range, WorkerId(worker), *seq)).collect(),
+        let mut waits = self.held_spare.pop().unwrap_or_default();
+        waits.clear();
+        match tail_acks {
+            false => waits.extend(scratch.pushed.iter().copied().filter(|(range, seq)| self.replica.awaits(*range, WorkerId(worker), *seq))),
             true => {
                 let awaited = scratch.awaited.iter().copied();
                 let awaited = awaited.filter(|(range, seq)| !self.acked_to(WorkerId(worker), *range, *seq) && self.replica.acks_as_tail(*range));
                 // A push to a chain of one is awaited where it was sent: its head is its tail.
                 let alone = scratch.pushed.iter().copied();
                 let alone = alone.filter(|(range, seq)| self.replica.heads_alone(*range) && self.replica.awaits(*range, WorkerId(worker), *seq));
-                awaited.chain(alone).collect()
+                waits.extend(awaited.chain(alone));
             }
-        };
-        let mut claimed: BTreeMap<u32, u32> = BTreeMap::new();
-        for (range, seq) in &waits {
-            let c = claimed.entry(range.0).or_default();
-            *c = (*c).max(*seq);
         }
-        if !waits.is_empty() {
+        let claimed = &mut scratch.claimed;
+        claimed.clear();
+        claimed.extend_from_slice(&waits);
+        claimed.sort_unstable_by_key(|&(range, seq)| (range.0, std::cmp::Reverse(seq)));
+        claimed.dedup_by_key(|(range, _)| *range);
+        if waits.is_empty() {
+            self.held_spare.push(waits);
+        } else {
             self.held_last += 1;
             reply.hold_until(self.held_last);
             self.held.push_back(HeldReply { position: self.held_last, worker: WorkerId(worker), pushes: waits, at_tail: tail_acks, held_at: Instant::now() });
@@ -657,7 +669,12 @@ impl ChainShard {
         for &((_, range), n) in &scratch.news {
             self.mailbox.remove(&(worker, range));
             let range = RangeId(range);
-            let acked = n.acked.max(claimed.remove(&range.0).unwrap_or(0));
+            // A claim the news carries is taken from the claims (its seq set to 0).
+            let claim = match claimed.binary_search_by_key(&range, |c| c.0) {
+                Ok(i) => std::mem::take(&mut claimed[i].1),
+                Err(_) => 0,
+            };
+            let acked = n.acked.max(claim);
             if acked > 0 {
                 msgs.push(Msg::PushAck { range, seq: acked });
             }
@@ -665,7 +682,7 @@ impl ChainShard {
                 msgs.push(Msg::NotHead { range, config_id });
             }
         }
-        msgs.extend(claimed.into_iter().map(|(range, seq)| Msg::PushAck { range: RangeId(range), seq }));
+        msgs.extend(claimed.iter().filter(|c| c.1 > 0).map(|&(range, seq)| Msg::PushAck { range, seq }));
         if header.flags & flags::PUSH_SEQS != 0 {
             // Per range this shard heads: the worker's pushes committed (acknowledged again, in
             // case an acknowledgement was lost), and those applied (not to be sent again).

@@ -53,13 +53,28 @@ struct Touch {
     keys: Range<u64>,
     worker: u32,
     clock: u64,
-    /// A sparse push's keys (empty for a dense push: it touched all of `keys`).
+    /// Where a sparse push's keys are in [`Batch::listed`] (empty for a dense push: it touched
+    /// all of `keys`).
+    listed: Range<usize>,
+    /// Its place among the batch's pushes.
+    order: u32,
+}
+
+/// The pushes the head applied in a range's open batch, kept for its seal. Their buffers are
+/// reused from batch to batch.
+#[derive(Debug, Clone, Default)]
+struct Batch {
+    touches: Vec<Touch>,
+    /// The keys the batch's sparse pushes listed, one push after another.
     listed: Vec<u64>,
 }
 
-/// Keys of one table the batch touched, the clock advances of the pushes that did, and the
-/// keys a sparse table's pushes listed.
-type Span = (u32, Range<u64>, Vec<(u32, u64)>, Vec<u64>);
+impl Batch {
+    fn clear(&mut self) {
+        self.touches.clear();
+        self.listed.clear();
+    }
+}
 
 /// One record of an update or snapshot, checked against the parts before anything is applied.
 struct Rec<'a> {
@@ -79,7 +94,10 @@ pub struct ChainStore {
     pub tables: Tables,
     /// The shard's disk, lent the same way; it logs when the server runs `--durability wal`.
     pub disk: Option<Box<ShardDisk>>,
-    touched: Vec<Vec<Touch>>,
+    touched: Vec<Batch>,
+    /// A seal's scratch: one record's clock advances and listed keys.
+    advances: Vec<(u32, u64)>,
+    span_listed: Vec<u64>,
     /// Each push applied since the shard last cleared it, as (table, range, keys whose clocks it
     /// advanced): the stamp a head's answer to a worker carries
     /// ([`ChainShard::serve_worker`](super::ChainShard::serve_worker)).
@@ -152,7 +170,9 @@ impl ChainStore {
         Self {
             tables: Tables::default(),
             disk: None,
-            touched: vec![Vec::new(); ranges as usize],
+            touched: vec![Batch::default(); ranges as usize],
+            advances: Vec::new(),
+            span_listed: Vec::new(),
             applied: Vec::new(),
             recovered: BTreeMap::new(),
             missing_table: false,
@@ -441,12 +461,17 @@ impl Store for ChainStore {
         // What the pushes touched is exported at the seal only if something reads it.
         let exported = forwarded || self.disk.as_deref().is_some_and(|d| d.logs());
         let part = self.tables.at_mut(h.table, range.0).expect("checked by check_push");
-        let (mut applied, listed) = if h.listed {
+        let batch = &mut self.touched[range.0 as usize];
+        let listed_at = batch.listed.len();
+        let mut applied = if h.listed {
             let keys = listed_keys(keys).expect("checked by check_push");
             let pushed = if keys.is_empty() { Ok(0..0) } else { part.push(keys, values, h.worker, h.clock) };
-            (pushed, if exported { keys.to_vec() } else { Vec::new() })
+            if exported && pushed.is_ok() {
+                batch.listed.extend_from_slice(keys);
+            }
+            pushed
         } else {
-            (part.push_range(h.start, h.count as usize, values, h.worker, h.clock), Vec::new())
+            part.push_range(h.start, h.count as usize, values, h.worker, h.clock)
         };
         if h.range_done && applied.is_ok() {
             // The worker's clock over the whole range, as an unreplicated shard's PART_DONE
@@ -459,35 +484,43 @@ impl Store for ChainStore {
         }
         match applied {
             Ok(_) if !exported => {}
-            Ok(keys) => self.touched[range.0 as usize].push(Touch { table: h.table, keys, worker: h.worker, clock: h.clock, listed }),
+            Ok(keys) => {
+                let (listed, order) = (listed_at..batch.listed.len(), batch.touches.len() as u32);
+                batch.touches.push(Touch { table: h.table, keys, worker: h.worker, clock: h.clock, listed, order });
+            }
             // Only the clock's segment limit can refuse a checked push; nothing was applied.
             Err(e) => tracing::error!(error = %e, %range, "a replicated push was not applied"),
         }
     }
 
     fn seal(&mut self, range: RangeId, delta: &mut Vec<u8>, forwarded: bool) {
-        let touched = std::mem::take(&mut self.touched[range.0 as usize]);
-        if !forwarded && !self.disk.as_deref().is_some_and(|d| d.logs()) {
+        let Self { tables, disk, touched, advances, span_listed, .. } = self;
+        let batch = &mut touched[range.0 as usize];
+        if !forwarded && !disk.as_deref().is_some_and(|d| d.logs()) {
             // Nothing reads the update: exporting the state the pushes left would cost a chain
             // of one a second pass over every key they touched.
+            batch.clear();
             return;
         }
-        let mut spans: Vec<Span> = Vec::new();
-        for t in touched {
-            match spans.iter_mut().find(|(table, keys, _, _)| *table == t.table && *keys == t.keys) {
-                Some((_, _, advances, listed)) => {
-                    advances.push((t.worker, t.clock));
-                    listed.extend_from_slice(&t.listed);
-                }
-                None => spans.push((t.table, t.keys, vec![(t.worker, t.clock)], t.listed)),
+        // One record per table and keys, with the clock advances of every push that touched
+        // them, in the order they were applied.
+        batch.touches.sort_unstable_by_key(|t| (t.table, t.keys.start, t.keys.end, t.order));
+        let mut rest = &batch.touches[..];
+        while let Some(first) = rest.first() {
+            let run = rest.iter().take_while(|t| t.table == first.table && t.keys == first.keys).count();
+            advances.clear();
+            span_listed.clear();
+            for t in &rest[..run] {
+                advances.push((t.worker, t.clock));
+                span_listed.extend_from_slice(&batch.listed[t.listed.clone()]);
             }
+            span_listed.sort_unstable();
+            span_listed.dedup();
+            let part = tables.at(first.table, range.0).expect("a part pushed to");
+            put_record(part, first.keys.clone(), advances, span_listed, delta);
+            rest = &rest[run..];
         }
-        for (table, keys, advances, mut listed) in spans {
-            listed.sort_unstable();
-            listed.dedup();
-            let part = self.tables.at(table, range.0).expect("a part pushed to");
-            put_record(part, keys, &advances, &listed, delta);
-        }
+        batch.clear();
     }
 
     fn apply_delta(&mut self, range: RangeId, delta: &[u8]) -> std::result::Result<(), String> {

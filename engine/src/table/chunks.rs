@@ -126,12 +126,14 @@ impl TablePart {
     /// Replication sends it down a chain. `None` for a dense part.
     pub fn export_listed(&self, keys: &[u64], out: &mut Vec<u8>) -> Option<()> {
         let Store::Sparse(sp) = &self.store else { return None };
-        let mut fresh = vec![0f32; sp.width];
+        // A key the part never held is exported as it starts (made only when one is asked for).
+        let mut fresh = Vec::new();
         for (i, &k) in keys.iter().enumerate() {
             sp.prefetch_ahead(keys, i);
             let rec = match sp.probe(k) {
                 Ok(slot) => &sp.records()[slot * sp.width..(slot + 1) * sp.width],
                 Err(_) => {
+                    fresh.resize(sp.width, 0f32);
                     super::init_record(&self.spec, self.updater.as_ref(), k, &mut fresh);
                     &fresh[..]
                 }
