@@ -39,10 +39,16 @@ struct HeartbeatJson {
 
 /// Appends `msg` to `out`.
 pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
+    encode_with(msg, out, true);
+}
+
+/// [`encode`], with the bulk bytes ([`bulk`]) themselves left out when `with_bulk` is false
+/// (their length is written): they end the message, so they can follow from where they lie.
+fn encode_with(msg: &Msg, out: &mut Vec<u8>, with_bulk: bool) {
     let mut w = Writer(out);
     match msg {
         Msg::Push { range, worker, seq, payload } => {
-            w.u8(PUSH).u32(range.0).u32(worker.0).u32(*seq).bytes(payload);
+            w.u8(PUSH).u32(range.0).u32(worker.0).u32(*seq).bulk(payload, with_bulk);
         }
         Msg::PushAck { range, seq } => {
             w.u8(PUSH_ACK).u32(range.0).u32(*seq);
@@ -54,7 +60,7 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
             w.u8(NOT_HEAD).u32(range.0).u64(*config_id);
         }
         Msg::Forward { range, epoch, version, digest, clock, delta, durable } => {
-            w.u8(FORWARD).u32(range.0).u64(epoch.0).u64(*version).u32(*digest).u64(*durable).clock(clock).bytes(delta);
+            w.u8(FORWARD).u32(range.0).u64(epoch.0).u64(*version).u32(*digest).u64(*durable).clock(clock).bulk(delta, with_bulk);
         }
         Msg::Durable { range, epoch, version } => {
             w.u8(DURABLE).u32(range.0).u64(epoch.0).u64(*version);
@@ -66,7 +72,7 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
             w.u8(NEED).u32(range.0).u64(epoch.0).u64(*version);
         }
         Msg::Snapshot { range, epoch, version, digest, clock, data } => {
-            w.u8(SNAPSHOT).u32(range.0).u64(epoch.0).u64(*version).u32(*digest).clock(clock).bytes(data);
+            w.u8(SNAPSHOT).u32(range.0).u64(epoch.0).u64(*version).u32(*digest).clock(clock).bulk(data, with_bulk);
         }
         Msg::Resume { range, epoch, version, digest } => {
             w.u8(RESUME).u32(range.0).u64(epoch.0).u64(*version).u32(*digest);
@@ -86,11 +92,17 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
 /// a lower bound of its encoded length that costs nothing to know, for choosing a path before
 /// encoding. Zero for the other messages.
 pub fn bulk_len(msg: &Msg) -> usize {
+    bulk(msg).len()
+}
+
+/// `msg`'s bulk bytes (a push's payload, a forward's delta, a snapshot's data), with which its
+/// encoding ends; empty for the other messages.
+pub fn bulk(msg: &Msg) -> &[u8] {
     match msg {
-        Msg::Push { payload, .. } => payload.len(),
-        Msg::Forward { delta, .. } => delta.len(),
-        Msg::Snapshot { data, .. } => data.len(),
-        _ => 0,
+        Msg::Push { payload, .. } => payload,
+        Msg::Forward { delta, .. } => delta,
+        Msg::Snapshot { data, .. } => data,
+        _ => &[],
     }
 }
 
@@ -164,8 +176,14 @@ impl Writer<'_> {
         self
     }
     fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.bulk(v, true)
+    }
+    /// `v`'s length, and `v` itself if `with`.
+    fn bulk(&mut self, v: &[u8], with: bool) -> &mut Self {
         self.u32(u32::try_from(v.len()).expect("a message part under 4 GiB"));
-        self.0.extend_from_slice(v);
+        if with {
+            self.0.extend_from_slice(v);
+        }
         self
     }
     fn clock(&mut self, clock: &[u32]) -> &mut Self {
@@ -252,6 +270,23 @@ mod tests {
         }
         let forward = &samples()[4];
         assert_eq!(bulk_len(forward), 10, "a forward's bulk is its delta");
+    }
+
+    /// A batch's head of a message, then its bulk, are the batch's encoding of it, after
+    /// whatever the batch held before.
+    #[test]
+    fn a_batch_head_and_its_bulk_are_the_batch() {
+        for msg in samples() {
+            let before = Msg::PushAck { range: RangeId(1), seq: 9 };
+            let mut whole = Vec::new();
+            encode_batch([&before, &msg], &mut whole);
+            let mut parts = Vec::new();
+            encode_batch([&before], &mut parts);
+            let tail = encode_batch_head(&msg, &mut parts);
+            assert_eq!(tail, bulk(&msg));
+            parts.extend_from_slice(tail);
+            assert_eq!(parts, whole, "{}", msg.kind());
+        }
     }
 
     #[test]
@@ -466,6 +501,19 @@ pub fn encode_batch<'a>(msgs: impl IntoIterator<Item = &'a Msg>, out: &mut Vec<u
         let len = (out.len() - at - 4) as u32;
         out[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
+}
+
+/// [`encode_batch`] of one more message, all but its bulk bytes, which it returns: `out`, then
+/// the bulk, are what `encode_batch` would have written. A large update is sent from where it
+/// lies, not copied into a request first.
+pub fn encode_batch_head<'m>(msg: &'m Msg, out: &mut Vec<u8>) -> &'m [u8] {
+    let bulk = bulk(msg);
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    encode_with(msg, out, false);
+    let len = u32::try_from(out.len() - at - 4 + bulk.len()).expect("a message under 4 GiB");
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    bulk
 }
 
 /// Reads what [`encode_batch`] wrote.

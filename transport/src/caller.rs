@@ -118,13 +118,23 @@ impl Caller {
         self.finish(timeout)
     }
 
-    /// The path a request of `body` takes.
+    /// [`call`](Self::call) with a body in `parts`, sent one after the other as one body: a
+    /// large part is sent from where it lies, not copied after the others first.
+    pub fn call_parts(&mut self, header: &mut Header, parts: &[&[u8]], timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
+        if !self.waiting.is_empty() {
+            return Err(TransportError::Rdma { reason: "a call while requests are in flight on the link".into() });
+        }
+        self.start_parts(header, parts)?;
+        self.finish(timeout)
+    }
+
+    /// The path a request of a body of `body_len` bytes takes.
     #[cfg_attr(not(feature = "rdma"), allow(unused_variables))]
-    fn path_for(&self, body: &[u8]) -> Over {
+    fn path_for(&self, body_len: usize) -> Over {
         match &self.path {
             Path::Tcp(_) => Over::Tcp,
             #[cfg(feature = "rdma")]
-            Path::Rdma(rdma) if frame_bytes(body) <= rdma.send_bytes_max() => Over::Fast,
+            Path::Rdma(rdma) if frame_bytes(body_len) <= rdma.send_bytes_max() => Over::Fast,
             #[cfg(feature = "rdma")]
             Path::Rdma(_) => Over::Tcp,
         }
@@ -133,7 +143,11 @@ impl Caller {
     /// Whether a request of `body` may be [`start`](Self::start)ed now: nothing is in flight,
     /// or what is took the path this one would (so this one cannot overtake it).
     pub fn can_start(&self, body: &[u8]) -> bool {
-        self.waiting.back().is_none_or(|&over| over == self.path_for(body))
+        self.can_start_len(body.len())
+    }
+
+    fn can_start_len(&self, body_len: usize) -> bool {
+        self.waiting.back().is_none_or(|&over| over == self.path_for(body_len))
     }
 
     /// Requests started whose replies have not been taken.
@@ -147,10 +161,16 @@ impl Caller {
     /// [`can_start`](Self::can_start) refuses is an error. Over RDMA a request beyond the
     /// link's slots waits for the oldest reply to land first.
     pub fn start(&mut self, header: &mut Header, body: &[u8]) -> Result<()> {
-        if !self.can_start(body) {
+        self.start_parts(header, &[body])
+    }
+
+    /// [`start`](Self::start) with a body in `parts` (see [`call_parts`](Self::call_parts)).
+    pub fn start_parts(&mut self, header: &mut Header, parts: &[&[u8]]) -> Result<()> {
+        let body_len = parts.iter().map(|p| p.len()).sum();
+        if !self.can_start_len(body_len) {
             return Err(TransportError::Rdma { reason: "a request on one path while requests are in flight on the other".into() });
         }
-        let over = self.path_for(body);
+        let over = self.path_for(body_len);
         let link: &mut dyn Link = match (&mut self.path, over) {
             (Path::Tcp(tcp), _) => &mut **tcp,
             #[cfg(feature = "rdma")]
@@ -161,7 +181,7 @@ impl Caller {
         if self.compress {
             header.flags |= crate::wire::flags::COMPRESS_REPLY;
         }
-        link.send(header, &[body], self.compress)?;
+        link.send(header, parts, self.compress)?;
         match over {
             Over::Tcp => self.calls.tcp += 1,
             Over::Fast => self.calls.rdma += 1,
@@ -250,6 +270,6 @@ impl Caller {
 
 /// A frame's length with a full header and `body` padded to 8 bytes.
 #[cfg(feature = "rdma")]
-fn frame_bytes(body: &[u8]) -> usize {
-    HEADER_BYTES + body.len().next_multiple_of(8)
+fn frame_bytes(body_len: usize) -> usize {
+    HEADER_BYTES + body_len.next_multiple_of(8)
 }

@@ -112,10 +112,14 @@ pub trait ShardTransport: Send + std::fmt::Debug {
     fn watch(&mut self, fd: std::os::fd::RawFd) -> Result<()>;
 }
 
+/// Most parts a frame's body may be sent from ([`Link::send`]).
+pub const SEND_PARTS_MAX: usize = 6;
+
 /// The client side of a transport: one ordered stream of frames to one server shard.
 /// Replies come back in the order requests were sent.
 pub trait Link: Send + std::fmt::Debug {
-    /// Sends one frame; fills in the lengths, flags and checksum of `header`. Compresses the body
+    /// Sends one frame, its body the `parts` (at most [`SEND_PARTS_MAX`]) one after the other;
+    /// fills in the lengths, flags and checksum of `header`. Compresses the body
     /// when `compress` is set and that saves at least a tenth. May read replies while it waits for
     /// the socket, so that a pipelining peer never deadlocks.
     fn send(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()>;

@@ -24,6 +24,7 @@ use crate::error::{Result, TransportError};
 use crate::loglimit::LogLimiter;
 use crate::reply::{Reply, ReplyArea, ERROR_MESSAGE_BYTES_MAX};
 use crate::wire::{padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
+use crate::SEND_PARTS_MAX;
 use crate::{ConnId, Frame, Link, Request, Service, ShardTransport, Waker};
 
 const LISTENER: Token = Token(0);
@@ -42,8 +43,6 @@ const HANDOFF_QUEUE_MAX: usize = 1024;
 /// Largest frame a connection may send before its hello: a hello has no body, so a peer that
 /// announces more is either confused or trying to make the server allocate for it.
 pub const HELLO_FRAME_BYTES_MAX: usize = 4 << 10;
-/// Most parts (besides header and padding) a frame may be sent from.
-const PARTS_MAX: usize = 6;
 const PAD: [u8; 8] = [0; 8];
 
 /// Who an endpoint serves.
@@ -1167,7 +1166,7 @@ impl Sock<'_> {
 
 impl Link for TcpLink {
     fn send(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()> {
-        assert!(parts.len() <= PARTS_MAX, "a frame is sent from at most {PARTS_MAX} parts");
+        assert!(parts.len() <= SEND_PARTS_MAX, "a frame is sent from at most {SEND_PARTS_MAX} parts");
         let raw_len: usize = parts.iter().map(|p| p.len()).sum();
         let limit = self.send_bytes_max;
         if HEADER_BYTES + padded(raw_len) > limit {
@@ -1179,7 +1178,7 @@ impl Link for TcpLink {
         let body = packed.parts();
         header.seal();
         let pad = padded(header.body_len as usize) - header.body_len as usize;
-        let mut slices: [IoSlice<'_>; PARTS_MAX + 2] = [IoSlice::new(&[]); PARTS_MAX + 2];
+        let mut slices: [IoSlice<'_>; SEND_PARTS_MAX + 2] = [IoSlice::new(&[]); SEND_PARTS_MAX + 2];
         slices[0] = IoSlice::new(header.as_bytes());
         for (slot, part) in slices[1..].iter_mut().zip(body) {
             *slot = IoSlice::new(part);
