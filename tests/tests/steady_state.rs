@@ -40,18 +40,24 @@ fn a_warm_client_and_a_standalone_server_allocate_nothing_per_call() {
 fn a_logging_server_serves_pushes_and_pulls_without_allocating_once_warm() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let data = tessera_tests::ScratchDir::new("steady-wal");
-    let mut cfg = ServerConfig::single("127.0.0.1:0");
-    (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
-    cfg.engine.durability = tessera_engine::config::Durability::Wal;
-    cfg.engine.data_dir = Some(data.path().to_path_buf());
-    cfg.engine.checkpoint_interval_s = 0;
-    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let server = logging_server(&data);
     let addr = server.local_addr().to_string();
     let mut config = tessera_client::ClientConfig::worker(3);
     config.kind = tessera_transport::TransportKind::Tcp;
     make_round_tables(&addr, &config);
     let counted = tessera_tests::cluster_round_allocations(&addr, config, 600, 10, 50);
     assert_eq!(counted, 0, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 calls to a logging server, once warm");
+}
+
+/// A standalone server of two shards in this process that logs (`--durability wal`) into
+/// `data`, without checkpoints.
+fn logging_server(data: &tessera_tests::ScratchDir) -> Server {
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
+    cfg.engine.durability = tessera_engine::config::Durability::Wal;
+    cfg.engine.data_dir = Some(data.path().to_path_buf());
+    cfg.engine.checkpoint_interval_s = 0;
+    Server::start(cfg, UpdaterRegistry::new()).unwrap()
 }
 
 /// A coordinator (a process) for one server that runs every range as a chain of one, with
@@ -121,12 +127,7 @@ fn a_chain_of_one_serves_pushes_and_pulls_without_allocating_once_warm() {
 fn a_push_to_a_logging_server_is_acknowledged_in_its_own_reply() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let data = tessera_tests::ScratchDir::new("one-request");
-    let mut cfg = ServerConfig::single("127.0.0.1:0");
-    (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
-    cfg.engine.durability = tessera_engine::config::Durability::Wal;
-    cfg.engine.data_dir = Some(data.path().to_path_buf());
-    cfg.engine.checkpoint_interval_s = 0;
-    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let server = logging_server(&data);
     let mut config = tessera_client::ClientConfig::worker(0);
     config.kind = tessera_transport::TransportKind::Tcp;
     let client = tessera_client::Client::connect(&[&server.local_addr().to_string()], config).expect("connect");
