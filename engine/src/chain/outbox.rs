@@ -660,12 +660,26 @@ mod tests {
 
     /// Two shards send one peer thousands of messages as fast as they can: some start on the
     /// peer's link themselves (it is idle), the rest queue behind the peer's thread while it
-    /// sends. Every message arrives, and each shard's in the order it sent them.
+    /// sends. Every message arrives, and each shard's in the order it sent them. Before that,
+    /// both ways are made to happen: a first message, sent before the link is up, goes alone
+    /// from the peer's thread; ten sent while the peer's links are held (as while the thread
+    /// sends) queue, and go as one batch.
     #[test]
     fn a_peer_gets_each_shards_messages_in_order_whether_started_by_the_shard_or_queued() {
         const EACH: u64 = 2000; // two shards' worth stays below OUT_QUEUE_MAX
+        const HELD: u64 = 10;
         let peer = RecordingPeer::start();
         let ack = |range: u32, version: u64| Msg::Ack { range: RangeId(range), epoch: Epoch(1), version };
+        let mut outbox = peer.outbox.clone();
+        outbox.to_node(NodeId(2), 0, ack(2, 1));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while peer.seen.lock().unwrap().acks.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let links = outbox.queue(NodeId(2)).links;
+        let held = links.lock().unwrap();
+        (2..2 + HELD).for_each(|v| outbox.to_node(NodeId(2), 0, ack(2, v)));
+        drop(held);
         let senders: Vec<_> = (0..2u32)
             .map(|range| {
                 let mut shard_outbox = peer.outbox.clone();
@@ -681,15 +695,16 @@ mod tests {
             })
             .collect();
         senders.into_iter().for_each(|s| s.join().unwrap());
-        let got = peer.stop_after(2 * EACH as usize);
-        for range in 0..2u32 {
+        let got = peer.stop_after(2 * EACH as usize + 1 + HELD as usize);
+        for range in 0..3u32 {
             let versions: Vec<u64> = got.acks.iter().filter(|(r, _)| *r == range).map(|(_, v)| *v).collect();
-            assert_eq!(versions, (1..=EACH).collect::<Vec<_>>(), "shard {range}'s messages, as the peer got them");
+            let sent = if range == 2 { 1 + HELD } else { EACH };
+            assert_eq!(versions, (1..=sent).collect::<Vec<_>>(), "shard {range}'s messages, as the peer got them");
         }
-        // Both ways were taken: batches from the peer's thread, and single messages (those a
-        // shard started itself among them).
-        assert!(got.per_request.iter().any(|n| *n > 1), "no batch from the peer's thread");
-        assert!(got.per_request.contains(&1), "no request with a single message");
+        assert_eq!(got.per_request.first(), Some(&1), "the first message went alone");
+        // (With any the shards queued before the thread took the queue.)
+        let second = got.per_request.get(1).copied().unwrap_or(0);
+        assert!(second >= HELD as usize, "the messages queued while the links were held went in batches of {second}");
     }
 
     /// Updates of 400 KB among small messages, queued faster than they go: two updates fit a
