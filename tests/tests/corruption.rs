@@ -153,6 +153,28 @@ fn every_injected_corruption_is_caught_and_recovery_takes_the_right_path() {
     let damaged = copy.path().join("shard-000").join("wal-00000002.log.damaged");
     assert_eq!(std::fs::metadata(&damaged).map(|m| m.len()).ok(), Some(PUSHES_PER_STEP * PAGE), "the damaged log is kept whole");
 
+    // A log whose first record is a raw push, as servers logged before every server ran the
+    // chain protocol (the record well formed, at the LSN the log's first record had): verify
+    // names it, and the server refuses the directory and says why, rather than replay what it
+    // cannot.
+    let copy = ScratchDir::new("corrupt-case");
+    copy_dir(pristine.path(), copy.path());
+    let mut log = std::fs::read(wal(copy.path())).unwrap();
+    let lsn = u64::from_le_bytes(log[8..16].try_into().unwrap());
+    log[..PAGE as usize].copy_from_slice(&raw_push_commit(lsn));
+    std::fs::write(wal(copy.path()), log).unwrap();
+    verify_catches(copy.path(), "wal-00000002.log holds 1 raw push record(s)");
+    let before = listing(copy.path());
+    let d = copy.path().to_str().unwrap();
+    match ServerProc::start_env(&["--shards", "1", "--no-pin", "--durability", "wal", "--data-dir", d, "--checkpoint-interval-s", "0"], &[]) {
+        Ok(srv) => panic!("the server started on a log of raw pushes:\n{}", srv.log()),
+        Err(log) => {
+            assert!(log.contains(&format!("record {lsn} is a raw push, as servers logged before")), "the refusal does not say why:\n{log}");
+            println!("refused as it should:\n{log}");
+        }
+    }
+    assert_eq!(listing(copy.path()), before, "the refused start changed the data directory");
+
     // Files that disagree with each other: the server refuses, names the disagreement, and
     // neither rewrites nor deletes anything; verify says the same.
     let catalog = |d: &Path| d.join("catalog.json");
@@ -232,6 +254,20 @@ fn every_injected_corruption_is_caught_and_recovery_takes_the_right_path() {
         }
         assert_eq!(listing(copy.path()), before, "{what}: the refused start changed the data directory");
     }
+}
+
+/// One page holding a commit of one raw push record (table 0, keys 0 to 8 from 1.0) at `lsn`,
+/// as the log writer lays it out.
+fn raw_push_commit(lsn: u64) -> Vec<u8> {
+    use tessera_engine::persist::wal::{Batch, Record, Target};
+    use zerocopy::IntoBytes;
+    let values = [1.0f32; 8];
+    let record = Record { lsn, table: 0, worker: 0, clock: 1, dim: 1, target: Target::Range { start: 0 }, values: &values };
+    let mut page = vec![0u64; PAGE as usize / 8];
+    let mut batch = Batch::default();
+    batch.append(page.as_mut_bytes(), &record).expect("a page holds one small record");
+    assert_eq!(batch.seal(page.as_mut_bytes()), PAGE as usize, "one commit, one page");
+    page.as_bytes().to_vec()
 }
 
 /// Every file under `dir` with its contents.

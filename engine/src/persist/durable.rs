@@ -562,15 +562,23 @@ impl ShardDisk {
             let log = &bytemuck::cast_slice(&words)[..len];
             let mut reader = Reader::new(log, *next_lsn);
             for record in reader.by_ref() {
-                let applied = match record.target {
-                    Target::Replica { .. } => replica(tables, ReplicaReplayed::Record(&record)),
-                    // (Written by servers from before every server ran the chain protocol.)
-                    _ => Err(EngineError::BadRequest { reason: "a push logged outside the replica's records".into() }),
-                };
-                applied.map_err(|e| EngineError::Unrecoverable {
-                    what: format!("{} record {}", path.display(), record.lsn),
-                    reason: format!("it does not apply to the tables the catalog and the checkpoint make ({e}), so they disagree with the log"),
-                })?;
+                let what = || format!("{} record {}", path.display(), record.lsn);
+                match record.target {
+                    Target::Replica { .. } => replica(tables, ReplicaReplayed::Record(&record)).map_err(|e| EngineError::Unrecoverable {
+                        what: what(),
+                        reason: format!("it does not apply to the tables the catalog and the checkpoint make ({e}), so they disagree with the log"),
+                    })?,
+                    Target::Keys(_) | Target::Range { .. } => {
+                        return Err(EngineError::BadConfig {
+                            field: "data_dir",
+                            value: self.dir.display().to_string(),
+                            reason: format!(
+                                "{} is a raw push, as servers logged before every server ran the chain protocol; this server replays only its chain replicas' records, so it cannot take over this data directory",
+                                what()
+                            ),
+                        })
+                    }
+                }
                 report.records_replayed += 1;
             }
             (*next_lsn, offset, log_seq) = (reader.next_lsn(), reader.resume_offset(), *s);

@@ -49,8 +49,9 @@ pub struct LogCheck {
     pub clean: bool,
     /// The LSN of the last good record.
     pub last_lsn: Option<u64>,
-    /// The tables the good records push to.
-    pub tables: Vec<u32>,
+    /// Good records that are raw pushes, as servers logged before every server ran the chain
+    /// protocol: no server replays them.
+    pub raw_pushes: u64,
     /// Where the records stop early, a good record of a later commit after the stop, as (byte
     /// offset, LSN): proof that the records between were acknowledged, so the stop is damage,
     /// not a commit the crash cut short.
@@ -109,6 +110,12 @@ fn check_log_chain(shard: &mut ShardDir) {
         if !log.clean && i + 1 < shard.logs.len() {
             problems.push(format!("{} stops early ({}) but later logs follow: the records after the stop were acknowledged", log.file, log.end));
         }
+        if log.raw_pushes > 0 {
+            problems.push(format!(
+                "{} holds {} raw push record(s), as servers logged before every server ran the chain protocol: no server replays them",
+                log.file, log.raw_pushes
+            ));
+        }
         if let Some((at, lsn)) = log.later_commit {
             problems.push(format!(
                 "{} stops early ({}) but record {lsn} of a later commit follows at byte {at}: the records between were acknowledged",
@@ -120,7 +127,7 @@ fn check_log_chain(shard: &mut ShardDir) {
     shard.problems.extend(problems);
 }
 
-/// Every table a checkpoint holds or a log pushes to is one the catalog names, as the same table.
+/// Every table a checkpoint holds is one the catalog names, as the same table.
 fn check_against_catalog(shard: &mut ShardDir, catalog: std::result::Result<&[tessera_layout::TableSpec], &String>) {
     let mut problems = Vec::new();
     let named = |table: u32| catalog.ok().and_then(|c| c.get(table as usize));
@@ -133,12 +140,6 @@ fn check_against_catalog(shard: &mut ShardDir, catalog: std::result::Result<&[te
                 }
                 None => problems.push(format!("checkpoint {} holds table {} ({:?}), which the catalog does not name", m.seq, t.table, t.spec.name)),
             }
-        }
-    }
-    for log in &shard.logs {
-        let unknown: Vec<u32> = log.tables.iter().copied().filter(|t| named(*t).is_none()).collect();
-        if !unknown.is_empty() {
-            problems.push(format!("{} pushes to table(s) {unknown:?}, which the catalog does not name", log.file));
         }
     }
     if let (Err(why), false) = (catalog, problems.is_empty()) {
@@ -244,13 +245,9 @@ fn check_log(path: &Path) -> Result<LogCheck> {
     // The first record names the LSN the log starts at.
     let first_lsn = RecordHeader::read_from_prefix(log).ok().map(|(h, _)| h).filter(|h| h.magic == WAL_MAGIC).map(|h| h.lsn);
     let mut reader = Reader::new(log, first_lsn.unwrap_or(1));
-    let mut tables = std::collections::BTreeSet::new();
-    let mut records = 0;
+    let (mut records, mut raw_pushes) = (0, 0);
     for record in reader.by_ref() {
-        // A replicated server's records name ranges, not tables.
-        if !matches!(record.target, Target::Replica { .. }) {
-            tables.insert(record.table);
-        }
+        raw_pushes += u64::from(!matches!(record.target, Target::Replica { .. }));
         records += 1;
     }
     let last_lsn = (records > 0).then(|| reader.next_lsn() - 1);
@@ -267,7 +264,7 @@ fn check_log(path: &Path) -> Result<LogCheck> {
         Stop::Torn { offset, reason } => (format!("record at byte {offset} is torn or corrupt: {reason}"), false),
         Stop::Gap { offset, expected, found } => (format!("record at byte {offset} has LSN {found} where {expected} was due"), false),
     };
-    Ok(LogCheck { file, bytes: len as u64, first_lsn, records, end, clean, last_lsn, tables: tables.into_iter().collect(), later_commit })
+    Ok(LogCheck { file, bytes: len as u64, first_lsn, records, end, clean, last_lsn, raw_pushes, later_commit })
 }
 
 /// A table part's clocks in short: the lowest and highest clock of each worker over its segments.

@@ -1,11 +1,11 @@
-//! The write-ahead log's format: what one shard appends for every applied push, and the reader
-//! that replays it after a crash.
+//! The write-ahead log's format: what one shard appends as its chain replicas change their
+//! ranges, and the reader that replays it after a crash.
 //!
-//! A record holds the **raw push** as the shard applied it (table, worker, clock, keys or range
-//! start, and the gradient), not the change it made. Replaying raw pushes through the same
-//! updaters in the same order redoes the same floating-point operations, so a recovered `sum`
-//! table is bit-identical to the one that crashed, and optimiser state (Adam's moments, FTRL's
-//! accumulators) is rebuilt exactly as well.
+//! Every server runs its ranges as chain replicas (a standalone server's are chains of one), and
+//! logs what a replica holds of a range ([`Target::Replica`]): each update it applies (the state
+//! the update's pushes left on the keys they touched, values and updater state, with the range's
+//! clock and version) and each snapshot it installs. Replay puts those states back in order, so a
+//! recovered range is bit-identical to the one that crashed, optimiser state included.
 //!
 //! ```text
 //! record = header (48 bytes) + body (body_len bytes, zero-padded to 8)
@@ -14,16 +14,18 @@
 //! 16 kind u8  17 commit_index [u8; 3] (the record's place in its commit, little-endian)
 //! 20 table u32  24 worker u32  28 dim u32
 //! 32 clock u64  40 count u32 (keys)  44 body_len u32
-//! body: Push      count keys (u64) then count x dim values (f32)
+//! body: Replica   count clock entries (u32), then the state's bytes (a multiple of 4)
+//!       Push      count keys (u64) then count x dim values (f32)
 //!       PushRange start key (u64) then count x dim values (f32)
-//!       Replica   count clock entries (u32), then the state's bytes (a multiple of 4)
 //! ```
 //!
-//! A replicated server logs not pushes but what its chain replica holds of a range
-//! ([`Target::Replica`]): `table` is the range, `clock` its version, `worker` the
+//! In a `Replica` record `table` is the range, `clock` its version, `worker` the
 //! [`replica_flags`], `dim` 1. An update's or snapshot's bytes are cut into pieces that each fit
 //! a log buffer; every piece but the last has [`replica_flags::MORE`], and replay applies the
-//! whole only at the last, so a torn sequence leaves the range as it was before it.
+//! whole only at the last, so a torn sequence leaves the range as it was before it. The `Push`
+//! and `PushRange` kinds (a raw push, [`Target::Keys`] and [`Target::Range`]) are what servers
+//! logged before every server ran the chain protocol: none writes them now, and recovery refuses
+//! a log that holds them with a clear error rather than replaying it.
 //!
 //! The log is written in **commits**: a commit's records are contiguous from a page boundary, and
 //! the rest of its last page is zeros, so no write ever touches a page an earlier commit made
@@ -96,7 +98,7 @@ pub struct RecordHeader {
     pub body_len: u32,
 }
 
-/// One push, as appended and as replayed.
+/// One record, as appended and as replayed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Record<'a> {
     pub lsn: u64,

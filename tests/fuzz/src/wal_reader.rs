@@ -81,37 +81,62 @@ fn same(a: &Record<'_>, b: &Record<'_>) -> bool {
     (a.lsn, a.table, a.worker, a.clock, a.dim, a.target) == (b.lsn, b.table, b.worker, b.clock, b.dim, b.target) && bits(a) == bits(b)
 }
 
-/// One record as the input describes it, owning its keys and values.
+/// One record as the input describes it, owning its keys, clock and values.
 struct Owned {
     lsn: u64,
     table: u32,
     worker: u32,
     clock: u64,
     dim: u32,
-    keys: Option<Vec<u64>>,
-    start: u64,
+    shape: Shape,
     values: Vec<f32>,
+}
+
+/// What a described record is: a chain replica's (what servers write), or a raw push of
+/// listed keys or of a range (what servers wrote before every server ran the chain protocol,
+/// which the reader still reads so that recovery can refuse it by name).
+enum Shape {
+    Replica { flags: u32, clock: Vec<u32> },
+    Keys(Vec<u64>),
+    Range(u64),
 }
 
 impl Owned {
     fn record(&self) -> Record<'_> {
-        let target = match &self.keys {
-            Some(keys) => Target::Keys(keys),
-            None => Target::Range { start: self.start },
+        let (target, table, worker, clock, dim) = match &self.shape {
+            // A replica record's header carries the range, flags and version (see the module
+            // doc of the log), and its dim is 1.
+            Shape::Replica { flags, clock } => {
+                (Target::Replica { range: self.table, version: self.clock, flags: *flags, clock }, self.table, *flags, self.clock, 1)
+            }
+            Shape::Keys(keys) => (Target::Keys(keys), self.table, self.worker, self.clock, self.dim),
+            Shape::Range(start) => (Target::Range { start: *start }, self.table, self.worker, self.clock, self.dim),
         };
-        Record { lsn: self.lsn, table: self.table, worker: self.worker, clock: self.clock, dim: self.dim, target, values: &self.values }
+        Record { lsn: self.lsn, table, worker, clock, dim, target, values: &self.values }
     }
 }
+
+/// Bit of a described record's shape byte that makes it a replica record.
+const REPLICA: u8 = 16;
+/// Bit of a described raw push's shape byte that makes it a push of a range, not of keys.
+const RANGE: u8 = 8;
 
 fn describe(input: &mut Input<'_>, lsn: u64) -> Owned {
     let shape = input.u8();
     let dim = 1 + u32::from(shape & 7);
     let count = usize::from(input.u8() % 17);
     let (table, worker, clock) = (u32::from(input.u8()), u32::from(input.u8()), input.u64());
-    let keys = (shape & 8 == 0).then(|| (0..count).map(|_| input.u64()).collect());
-    let start = if keys.is_none() { input.u64() } else { 0 };
+    let shape = if shape & REPLICA != 0 {
+        // `count` clock words, then `count * dim` words of state.
+        let flags = worker & tessera_engine::persist::wal::replica_flags::ALL;
+        Shape::Replica { flags, clock: (0..count).map(|_| input.u32()).collect() }
+    } else if shape & RANGE == 0 {
+        Shape::Keys((0..count).map(|_| input.u64()).collect())
+    } else {
+        Shape::Range(input.u64())
+    };
     let values = (0..count * dim as usize).map(|_| f32::from_bits(input.u32())).collect();
-    Owned { lsn, table, worker, clock, dim, keys, start, values }
+    Owned { lsn, table, worker, clock, dim, shape, values }
 }
 
 /// The commits the input describes, from its first LSN on.
@@ -200,16 +225,29 @@ fn damage(input: &mut Input<'_>, log: &mut [u8], records_end: usize) -> (bool, u
     (changed, len)
 }
 
-/// Describes `records` (dim, count, table, worker, clock, keys or start, values) as
-/// [`describe`] reads them.
-fn describe_out(out: &mut Output, dim: u8, keys: Option<&[u64]>, start: u64, clock: u64) {
+/// Describes a record (dim, count, table, worker, clock, then its keys, start or clock words,
+/// then its values) as [`describe`] reads it: a raw push of `keys`, or of three keys from
+/// `start` when `keys` is `None`; a replica record of range `table` with `flags` and three
+/// clock words when `replica` gives its flags.
+fn describe_out(out: &mut Output, dim: u8, keys: Option<&[u64]>, start: u64, clock: u64, replica: Option<u8>) {
     let count = keys.map_or(3, |k| k.len());
-    out.u8((dim - 1) | if keys.is_none() { 8 } else { 0 }).u8(count as u8).u8(2).u8(1).u64(clock);
-    match keys {
-        Some(keys) => keys.iter().for_each(|k| {
+    let shape = (dim - 1)
+        | if replica.is_some() {
+            REPLICA
+        } else if keys.is_none() {
+            RANGE
+        } else {
+            0
+        };
+    out.u8(shape).u8(count as u8).u8(2).u8(replica.unwrap_or(1)).u64(clock);
+    match (replica, keys) {
+        (Some(_), _) => (0..count).for_each(|i| {
+            out.u32(7 + i as u32);
+        }),
+        (None, Some(keys)) => keys.iter().for_each(|k| {
             out.u64(*k);
         }),
-        None => {
+        (None, None) => {
             out.u64(start);
         }
     }
@@ -223,11 +261,13 @@ fn describe_out(out: &mut Output, dim: u8, keys: Option<&[u64]>, start: u64, clo
 pub fn seeds() -> Vec<Seed> {
     let mut described = Output::default();
     described.u8(WRITTEN).u64(1).u8(1); // first LSN 1, two commits
+    described.u8(2); // three records
+    describe_out(&mut described, 2, Some(&[5, 1, 9]), 0, 1, None);
+    describe_out(&mut described, 1, None, 100, 1, None);
+    describe_out(&mut described, 1, None, 0, 4, Some(8)); // an update with its digest
     described.u8(1); // two records
-    describe_out(&mut described, 2, Some(&[5, 1, 9]), 0, 1);
-    describe_out(&mut described, 1, None, 100, 1);
-    described.u8(0); // one record
-    describe_out(&mut described, 4, Some(&[u64::MAX, 0]), 0, 2);
+    describe_out(&mut described, 4, Some(&[u64::MAX, 0]), 0, 2, None);
+    describe_out(&mut described, 3, None, 0, 5, Some(1)); // a snapshot, 3 x 3 words of state
     let clean = described.0.clone();
     let mut flipped = Output(clean.clone());
     flipped.u8(0).u32(4096 + 60).u8(3);
