@@ -474,8 +474,8 @@ impl Store for ChainStore {
             part.push_range(h.start, h.count as usize, values, h.worker, h.clock)
         };
         if h.range_done && applied.is_ok() {
-            // The worker's clock over the whole range, as an unreplicated shard's PART_DONE
-            // completes it over the whole part.
+            // The worker's clock over the whole range (bounded delay: the worker's push
+            // completes its clock on every range of the table).
             let whole = part.owned();
             applied = part.advance_clock(whole.clone(), h.worker, h.clock).map(|()| whole);
         }
