@@ -111,11 +111,7 @@ impl Caller {
     /// Sends one request and waits for its reply. A reply with an error status becomes
     /// [`TransportError::Refused`] carrying the server's message. Nothing may be in flight.
     pub fn call(&mut self, header: &mut Header, body: &[u8], timeout: Option<Duration>) -> Result<(Header, Vec<u8>)> {
-        if !self.waiting.is_empty() {
-            return Err(TransportError::Rdma { reason: "a call while requests are in flight on the link".into() });
-        }
-        self.start(header, body)?;
-        self.finish(timeout)
+        self.call_parts(header, &[body], timeout)
     }
 
     /// [`call`](Self::call) with a body in `parts`, sent one after the other as one body: a

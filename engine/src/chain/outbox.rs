@@ -477,7 +477,7 @@ fn to_peer(
     };
     let mut queued: Vec<(u16, Msg)> = Vec::with_capacity(PEER_BATCH_MAX);
     let mut requests: HashMap<u16, Request> = HashMap::new();
-    let mut one = Vec::new();
+    let mut aside = Vec::new();
     loop {
         let mut held = shared.lock().expect("no panics under this lock");
         let PeerLinks { links, started } = &mut *held;
@@ -505,22 +505,26 @@ fn to_peer(
             let request = requests.entry(shard).or_default();
             let linked = links.entry(shard).or_insert_with(Linked::new);
             let body_max = linked.body_max(dialer);
-            // The message as the request would carry it (a large one's bulk left out).
-            one.clear();
-            let uncopied = codec::bulk_len(&msg) > COPIED_BULK_MAX;
-            let bytes = match uncopied {
-                true => one.len() + codec::encode_batch_head(&msg, &mut one).len(),
+            // Encoded into the request (a large one's bulk left out, to be sent from where it
+            // lies); moved aside only when what came before must go first.
+            let at = request.body.len();
+            let bulk = match codec::bulk_len(&msg) > COPIED_BULK_MAX {
+                true => codec::encode_batch_head(&msg, &mut request.body).len(),
                 false => {
-                    codec::encode_batch(std::iter::once(&msg), &mut one);
-                    one.len()
+                    codec::encode_batch(std::iter::once(&msg), &mut request.body);
+                    0
                 }
             };
-            if !request.is_empty() && (request.bytes() + bytes > body_max || (uncopied && request.uncopied.len() == UNCOPIED_PER_REQUEST_MAX)) {
+            let full = bulk > 0 && request.uncopied.len() == UNCOPIED_PER_REQUEST_MAX;
+            if at > 0 && (request.bytes() + bulk > body_max || full) {
                 // Too much for one request: what came before goes first.
+                aside.clear();
+                aside.extend_from_slice(&request.body[at..]);
+                request.body.truncate(at);
                 replied(shard, request.send(linked, &addr, me, dialer, shard));
+                request.body.extend_from_slice(&aside);
             }
-            request.body.extend_from_slice(&one);
-            if uncopied {
+            if bulk > 0 {
                 request.uncopied.push((request.body.len(), msg));
             }
         }
