@@ -214,11 +214,9 @@ impl Coordinator {
         self.add_joined(&mut next, now_ms);
         let placeable = |n: &NodeId| self.alive(*n, now_ms) && !self.draining.contains(n) && !awaiting.contains(n);
         let placeable: Vec<NodeId> = next.members.iter().map(|m| m.node).filter(placeable).collect();
-        let ring = Ring::new(placeable, self.rcfg.vnodes);
-        for r in 0..next.chains.len() {
-            let range = RangeId(r as u32);
-            let desired = ring.chain(range, self.rcfg.replicas);
-            self.place(range, &mut next.chains[r], &desired);
+        let desired = Ring::new(placeable, self.rcfg.vnodes).chains(next.chains.len() as u32, self.rcfg.replicas);
+        for (r, desired) in desired.iter().enumerate() {
+            self.place(RangeId(r as u32), &mut next.chains[r], desired);
         }
         self.remove_departed(&mut next, now_ms);
         if self.changes.len() > before {
