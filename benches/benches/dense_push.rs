@@ -27,7 +27,7 @@ fn part(block_bytes: usize, keys: u64) -> TablePart {
     let cfg = EngineConfig { dense_block_bytes: block_bytes, ..EngineConfig::default() };
     let spec = TableSpec::new("bench", TableKind::Dense, 0, keys, 1);
     let updater = UpdaterRegistry::new().build("sum").expect("sum exists");
-    TablePart::new(0, 0, spec, 0..keys, updater, SparseRoom::ShardShare, &cfg, &mut Arena::default()).expect("the bench table maps")
+    TablePart::new(0, 0, spec, 0..keys, updater, SparseRoom::Whole, &cfg, &mut Arena::default()).expect("the bench table maps")
 }
 
 fn bench(criterion: &mut Criterion) {

@@ -80,7 +80,7 @@ fn all_keys() -> Vec<u64> {
 }
 
 fn part() -> TablePart {
-    let mut part = part_of(0..u64::MAX, SparseRoom::ShardShare);
+    let mut part = part_of(0..u64::MAX, SparseRoom::Whole);
     for (i, chunk) in all_keys().chunks(1 << 16).enumerate() {
         part.push(chunk, &vec![1e-3; chunk.len()], 0, i as u64 + 1).expect("fill");
     }

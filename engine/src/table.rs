@@ -102,18 +102,18 @@ struct SparseStore {
 /// How many keys a sparse part makes room for, of its table's capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SparseRoom {
-    /// The capacity over the server's shards: an unreplicated server's part.
-    ShardShare,
+    /// The table's whole capacity: a part that holds all of a table alone (tests, benchmarks).
+    Whole,
     /// The capacity over the cluster's replication ranges, with slack for hashed keys falling
-    /// unevenly into ranges: a replicated server's part of one range.
+    /// unevenly into ranges: a server's part of one range.
     RangeShare { ranges: u32 },
 }
 
 impl SparseRoom {
     /// Keys of a table of capacity `wanted` this part makes room for.
-    fn keys(self, wanted: u64, shards: u16) -> u64 {
+    fn keys(self, wanted: u64) -> u64 {
         match self {
-            SparseRoom::ShardShare => wanted.div_ceil(shards as u64).max(1),
+            SparseRoom::Whole => wanted.max(1),
             SparseRoom::RangeShare { ranges } => {
                 // A range's count of uniformly hashed keys has a standard deviation of about
                 // the square root of its share: four of them, and a little more for small ones.
@@ -619,7 +619,7 @@ impl Apply<'_> {
 impl SparseStore {
     fn new(spec: &TableSpec, room: SparseRoom, cfg: &EngineConfig, updater: &dyn Updater, arena: &mut Arena) -> Result<Self> {
         let wanted = if spec.capacity > 0 { spec.capacity } else { cfg.sparse_capacity_keys_default };
-        let per_part = room.keys(wanted, cfg.shards);
+        let per_part = room.keys(wanted);
         let too_big = || EngineError::BadTable { name: spec.name.clone(), reason: format!("capacity {wanted} is too large") };
         let slots = per_part.checked_mul(100).and_then(|n| (n / SPARSE_LOAD_PERCENT_MAX + 1).checked_next_power_of_two()).ok_or_else(too_big)?;
         let slots = usize::try_from(slots.max(SPARSE_SLOTS_MIN)).map_err(|_| too_big())?;

@@ -8,7 +8,7 @@ use crate::updater::UpdaterRegistry;
 fn part_with(spec: &TableSpec, owned: Range<u64>, cfg: &EngineConfig) -> TablePart {
     let updater = UpdaterRegistry::new().build(&spec.updater).expect("the test's updater spec is valid");
     let mut arena = Arena::default();
-    TablePart::new(7, 3, spec.clone(), owned, updater, SparseRoom::ShardShare, cfg, &mut arena).expect("the test's table maps")
+    TablePart::new(7, 3, spec.clone(), owned, updater, SparseRoom::Whole, cfg, &mut arena).expect("the test's table maps")
 }
 
 fn part(spec: &TableSpec, owned: Range<u64>) -> TablePart {

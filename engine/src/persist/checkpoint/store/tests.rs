@@ -60,7 +60,7 @@ fn cfg() -> EngineConfig {
 
 fn build(t: &PartManifest) -> Result<TablePart> {
     let updater = UpdaterRegistry::new().build(&t.spec.updater)?;
-    TablePart::new(t.table, 0, t.spec.clone(), t.owned.0..t.owned.1, updater, SparseRoom::ShardShare, &cfg(), &mut Arena::default())
+    TablePart::new(t.table, 0, t.spec.clone(), t.owned.0..t.owned.1, updater, SparseRoom::Whole, &cfg(), &mut Arena::default())
 }
 
 fn parts() -> (TablePart, TablePart) {
@@ -70,7 +70,7 @@ fn parts() -> (TablePart, TablePart) {
     sparse.capacity = 5000;
     let make = |id, spec: TableSpec, owned: std::ops::Range<u64>| {
         let updater: Arc<dyn crate::Updater> = UpdaterRegistry::new().build(&spec.updater).unwrap();
-        TablePart::new(id, 0, spec, owned, updater, SparseRoom::ShardShare, &cfg(), &mut Arena::default()).unwrap()
+        TablePart::new(id, 0, spec, owned, updater, SparseRoom::Whole, &cfg(), &mut Arena::default()).unwrap()
     };
     (make(0, dense, 0..200_000), make(1, sparse, 0..u64::MAX))
 }
