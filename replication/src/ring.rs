@@ -204,7 +204,7 @@ mod tests {
     }
 
     #[test]
-    fn a_join_moves_only_neighbouring_ranges() {
+    fn a_join_moves_little_and_mostly_to_the_newcomer() {
         let before = Ring::new(nodes(8), 64).chains(1024, 2);
         let after = Ring::new(nodes(9), 64).chains(1024, 2);
         let moved = fraction_moved(&before, &after);

@@ -23,9 +23,7 @@ fn a_warm_client_and_a_standalone_server_allocate_nothing_per_call() {
     (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
     let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
     let addr = server.local_addr().to_string();
-    let mut config = tessera_client::ClientConfig::worker(3);
-    config.kind = tessera_transport::TransportKind::Tcp;
-    make_round_tables(&addr, &config);
+    let mut config = make_round_tables(&addr);
     let counted = tessera_tests::cluster_round_allocations(&addr, config.clone(), 600, 10, 50);
     assert_eq!(counted, 0, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 calls to a standalone server, once warm");
     (config.worker, config.key_cache_keys) = (2, 1 << 16);
@@ -42,9 +40,7 @@ fn a_logging_server_serves_pushes_and_pulls_without_allocating_once_warm() {
     let data = tessera_tests::ScratchDir::new("steady-wal");
     let server = logging_server(&data);
     let addr = server.local_addr().to_string();
-    let mut config = tessera_client::ClientConfig::worker(3);
-    config.kind = tessera_transport::TransportKind::Tcp;
-    make_round_tables(&addr, &config);
+    let config = make_round_tables(&addr);
     let counted = tessera_tests::cluster_round_allocations(&addr, config, 600, 10, 50);
     assert_eq!(counted, 0, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 calls to a logging server, once warm");
 }
@@ -68,13 +64,17 @@ fn chain_of_one_coordinator() -> (tessera_tests::ServerProc, String) {
     (tessera_tests::ServerProc::coordinator_at(&addr, &args), addr)
 }
 
-/// Makes the two tables the client rounds use on the cluster `addr` belongs to.
-fn make_round_tables(addr: &str, config: &tessera_client::ClientConfig) {
+/// Makes the two tables the client rounds use on the cluster `addr` belongs to; returns the
+/// rounds' client configuration (worker 3, over TCP).
+fn make_round_tables(addr: &str) -> tessera_client::ClientConfig {
+    let mut config = tessera_client::ClientConfig::worker(3);
+    config.kind = tessera_transport::TransportKind::Tcp;
     let client = tessera_client::Client::connect(&[addr], config.clone()).expect("connect");
     let mut sparse = TableSpec::new("sparse", TableKind::Sparse, 0, u64::MAX, 4);
     sparse.capacity = 1 << 14;
     client.create_table(&TableSpec::new("dense", TableKind::Dense, 0, 1 << 16, 8)).expect("dense table");
     client.create_table(&sparse).expect("sparse table");
+    config
 }
 
 /// A warm client allocates nothing per call on a chain of one either: the same rounds against a
@@ -85,9 +85,7 @@ fn a_warm_client_allocates_nothing_per_call_on_a_chain_of_one() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let (_coordinator, coordinator) = chain_of_one_coordinator();
     let server = tessera_tests::ServerProc::start(&["--node-id", "1", "--shards", "2", "--no-pin", "--coordinator", &coordinator]);
-    let mut config = tessera_client::ClientConfig::worker(3);
-    config.kind = tessera_transport::TransportKind::Tcp;
-    make_round_tables(server.addr(), &config);
+    let mut config = make_round_tables(server.addr());
     let counted = tessera_tests::cluster_round_allocations(server.addr(), config.clone(), 50, 10, 50);
     assert_eq!(counted, 0, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 client calls on a chain of one, once warm");
     // With key-list caching, listed pushes and pulls go by their lists' hashes (another worker,
@@ -109,9 +107,7 @@ fn a_chain_of_one_serves_pushes_and_pulls_without_allocating_once_warm() {
     cfg.replication = Some(tessera_engine::server::Join { node: 1, coordinator: tessera_engine::chain::Locator::At(coordinator), advertise: None });
     let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
     let addr = server.local_addr().to_string();
-    let mut config = tessera_client::ClientConfig::worker(3);
-    config.kind = tessera_transport::TransportKind::Tcp;
-    make_round_tables(&addr, &config);
+    let config = make_round_tables(&addr);
     // Each round's two pushes are two updates of range 0: its history (1,024 updates) is full
     // after 512 rounds.
     let counted = tessera_tests::cluster_round_allocations(&addr, config, 600, 10, 50);
