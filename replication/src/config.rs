@@ -43,8 +43,9 @@ pub const WAITING_MAX: usize = 65_536;
 pub const PUSH_REPLY_HOLD_MS_MAX: u64 = 250;
 /// Drained servers a configuration remembers after they left (see `ClusterConfig::drained`).
 pub const DRAINED_KEPT_MAX: usize = 64;
-/// How long a tail waits for a new learner to ask to resume from what it holds
-/// ([`Msg::Resume`](crate::protocol::Msg::Resume)) before it sends a snapshot.
+/// How long a tail waits, at least, for a new learner to ask to resume from what it holds
+/// ([`Msg::Resume`](crate::protocol::Msg::Resume)) before it sends a snapshot; and at least two
+/// heartbeat intervals, the longest a learner can take to hear that it is one.
 pub const LEARNER_RESUME_WAIT_MS: u64 = 100;
 /// Updates every replica keeps of each range after applying them, newest first, at most this
 /// many and its share of [`HISTORY_BYTES_PER_REPLICA`]: a server restarted from its disk that
@@ -85,6 +86,12 @@ impl Default for ReplicationConfig {
 
 impl ReplicationConfig {
     /// Checks every knob against its bound.
+    /// How long a tail waits for a new learner to ask to resume before it sends a snapshot:
+    /// [`LEARNER_RESUME_WAIT_MS`], or two heartbeat intervals if longer.
+    pub fn learner_resume_wait_ms(&self) -> u64 {
+        LEARNER_RESUME_WAIT_MS.max(self.heartbeat_interval_ms.saturating_mul(2))
+    }
+
     pub fn validate(&self) -> Result<(), ReplicationError> {
         let bad = |what: &str| Err(ReplicationError::BadConfig { reason: what.to_string() });
         if self.replicas == 0 || self.replicas > REPLICAS_MAX {

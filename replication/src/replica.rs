@@ -34,8 +34,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::config::{
-    ReplicationConfig, BATCH_PUSHES_MAX, HISTORY_BYTES_PER_REPLICA, HISTORY_ENTRIES_MAX, LEARNER_RESUME_WAIT_MS, LOG_ENTRIES_MAX, RESEND_BATCH_MAX,
-    RESEND_WAIT_MS_MAX, SNAPSHOT_WAIT_MS_MAX, WAITING_MAX,
+    ReplicationConfig, BATCH_PUSHES_MAX, HISTORY_BYTES_PER_REPLICA, HISTORY_ENTRIES_MAX, LOG_ENTRIES_MAX, RESEND_BATCH_MAX, RESEND_WAIT_MS_MAX,
+    SNAPSHOT_WAIT_MS_MAX, WAITING_MAX,
 };
 use crate::protocol::{Addr, Chain, ClusterConfig, Epoch, Msg, NodeId, Payload, RangeId, RangeReport, WorkerId};
 
@@ -1605,8 +1605,11 @@ impl<S: Store> Replica<S> {
         }
         let st = self.ranges[range.0 as usize].as_mut().expect("entered above");
         // Resend at once to a new downstream replica; but a new learner may ask to resume
-        // from what it holds, and gets a while to ask before its snapshot goes.
-        st.progress_ms = if new_learner { (self.now_ms + LEARNER_RESUME_WAIT_MS).saturating_sub(self.rcfg.resend_interval_ms) } else { 0 };
+        // from what it holds, and gets a while to ask before its snapshot goes: long enough for
+        // it to hear of its place, which a restarted server whose configuration push was lost
+        // does only in the reply to its next heartbeat.
+        let resume_wait_ms = self.rcfg.learner_resume_wait_ms();
+        st.progress_ms = if new_learner { (self.now_ms + resume_wait_ms).saturating_sub(self.rcfg.resend_interval_ms) } else { 0 };
         st.round_trip = RoundTrip::default();
         if place.is_tail() {
             if let Some(up) = place.upstream {
@@ -2012,12 +2015,13 @@ mod tests {
             push_settled(&mut nodes[..2], &mut seq);
         }
         let rcfg = ReplicationConfig { ranges: 1, workers: 2, ..Default::default() };
+        let resume_wait_ms = rcfg.learner_resume_wait_ms();
         nodes[2] = Replica::new(NodeId(2), 2, String::new(), rcfg, disk);
         for n in &mut nodes {
             n.step(1, Addr::Coordinator, Msg::Config(config(3, Some(NodeId(2)))));
         }
         settle(&mut nodes);
-        nodes[1].tick(1 + LEARNER_RESUME_WAIT_MS);
+        nodes[1].tick(1 + resume_wait_ms);
         nodes.iter_mut().for_each(|n| n.store_mut().sync());
         settle(&mut nodes);
         nodes
