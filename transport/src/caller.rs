@@ -142,7 +142,8 @@ impl Caller {
         self.can_start_len(body.len())
     }
 
-    fn can_start_len(&self, body_len: usize) -> bool {
+    /// [`can_start`](Self::can_start) for a body of `body_len` bytes (sent in parts).
+    pub fn can_start_len(&self, body_len: usize) -> bool {
         self.waiting.back().is_none_or(|&over| over == self.path_for(body_len))
     }
 

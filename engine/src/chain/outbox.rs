@@ -44,6 +44,12 @@ const COPIED_BULK_MAX: usize = 32 << 10;
 /// Most messages sent from where they lie in one request: each adds its bulk and the body
 /// after it to the request's parts.
 const UNCOPIED_PER_REQUEST_MAX: usize = (tessera_transport::SEND_PARTS_MAX - 1) / 2;
+/// Most requests a peer's thread keeps in flight on one link: the next goes into the socket
+/// while the peer applies and forwards the last, instead of the link idling for a round trip
+/// between requests. A request of large updates carries only a few of them
+/// ([`UNCOPIED_PER_REQUEST_MAX`]), so with one in flight a chain of MiB pushes moved one or
+/// two at a time, stop and wait at every hop.
+const PEER_IN_FLIGHT_MAX: usize = 2;
 
 /// A peer's queue of (its shard, the message), its links, and its thread, unparked at each
 /// message.
@@ -288,7 +294,10 @@ impl Linked {
     fn send(&mut self, addr: &str, shard: u64, me: NodeId, dialer: &Dialer, msg: &Msg) -> Option<Vec<u8>> {
         let mut body = Vec::new();
         codec::encode(msg, &mut body);
-        self.send_parts(addr, shard, me, dialer, &[&body])
+        match self.start_parts(addr, shard, me, dialer, &[&body]) {
+            true => self.take_reply(),
+            false => None,
+        }
     }
 
     /// The largest batch to send at once: what fits the link's fast path (an RDMA slot) when it
@@ -298,30 +307,43 @@ impl Linked {
         fast.unwrap_or(dialer.cfg.frame_bytes_max).saturating_sub(256)
     }
 
-    /// Sends a body (one message, or a batch of them) in `parts` as a `Replicate` request from
-    /// `me`; see [`Linked::send`].
-    fn send_parts(&mut self, addr: &str, shard: u64, me: NodeId, dialer: &Dialer, parts: &[&[u8]]) -> Option<Vec<u8>> {
+    /// Starts a body in `parts` as a `Replicate` request from `me` without waiting for its
+    /// reply, which [`take_reply`](Self::take_reply) takes later, in the order started. False
+    /// when it could not go (dropped: the protocol resends); the link is then remade, and what
+    /// was in flight on it is lost too.
+    fn start_parts(&mut self, addr: &str, shard: u64, me: NodeId, dialer: &Dialer, parts: &[&[u8]]) -> bool {
         if self.addr != addr {
             self.addr = addr.to_string();
             self.link = None;
         }
         if self.link.is_none() {
             if Instant::now() < self.retry_at {
-                return None;
+                return false;
             }
             match dialer.caller(addr, shard, me.0, ServerInfo::serves_rdma) {
                 Ok(link) => self.link = Some(link),
                 Err(e) => {
                     tracing::debug!(addr, error = %e, "replication link down");
                     self.retry_at = Instant::now() + RECONNECT_BACKOFF;
-                    return None;
+                    return false;
                 }
             }
         }
         let mut header = Header::request(Op::Replicate, 0);
         header.worker = me.0;
-        let called = self.link.as_mut().expect("made above").call_parts(&mut header, parts, None);
-        self.replied(called.map(|(_, reply)| reply))
+        match self.link.as_mut().expect("made above").start_parts(&mut header, parts) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(addr = self.addr, error = %e, "replication message lost");
+                self.link = None;
+                false
+            }
+        }
+    }
+
+    /// Requests started on this link whose replies are not taken.
+    fn in_flight(&self) -> usize {
+        self.link.as_ref().map_or(0, Caller::in_flight)
     }
 
     /// The reply to the request a shard started on this link ([`start_now`]).
@@ -492,6 +514,11 @@ fn to_peer(
             }
         }
         if queued.is_empty() {
+            // Nothing new: take the oldest reply still out, then look at the queue again.
+            if let Some((shard, linked)) = links.iter_mut().find(|(_, l)| l.in_flight() > 0) {
+                replied(*shard, linked.take_reply());
+                continue;
+            }
             drop(held);
             std::thread::park_timeout(PEER_PARK_MAX);
             continue;
@@ -521,7 +548,7 @@ fn to_peer(
                 aside.clear();
                 aside.extend_from_slice(&request.body[at..]);
                 request.body.truncate(at);
-                replied(shard, request.send(linked, &addr, me, dialer, shard));
+                request.start(linked, &addr, me, dialer, shard, &replied);
                 request.body.extend_from_slice(&aside);
             }
             if bulk > 0 {
@@ -529,7 +556,7 @@ fn to_peer(
             }
         }
         for (shard, request) in requests.iter_mut().filter(|(_, r)| !r.is_empty()) {
-            replied(*shard, request.send(links.entry(*shard).or_insert_with(Linked::new), &addr, me, dialer, *shard));
+            request.start(links.entry(*shard).or_insert_with(Linked::new), &addr, me, dialer, *shard, &replied);
         }
     }
 }
@@ -554,9 +581,10 @@ impl Request {
         self.body.len() + self.uncopied.iter().map(|(_, m)| codec::bulk_len(m)).sum::<usize>()
     }
 
-    /// Sends the request on `linked` and empties it; the reply's body, as
-    /// [`Linked::send_parts`] gives it.
-    fn send(&mut self, linked: &mut Linked, addr: &str, me: NodeId, dialer: &Dialer, shard: u16) -> Option<Vec<u8>> {
+    /// Starts the request on `linked` and empties it. Replies taken first, to keep at most
+    /// [`PEER_IN_FLIGHT_MAX`] requests out (or to let this one take the link's other path),
+    /// are handed to `replied`.
+    fn start(&mut self, linked: &mut Linked, addr: &str, me: NodeId, dialer: &Dialer, shard: u16, replied: &dyn Fn(u16, Option<Vec<u8>>)) {
         let mut parts: [&[u8]; tessera_transport::SEND_PARTS_MAX] = [&[]; tessera_transport::SEND_PARTS_MAX];
         let (mut count, mut from) = (0, 0);
         for (cut, msg) in &self.uncopied {
@@ -564,10 +592,14 @@ impl Request {
             (count, from) = (count + 2, *cut);
         }
         parts[count] = &self.body[from..];
-        let reply = linked.send_parts(addr, shard as u64, me, dialer, &parts[..count + 1]);
+        let parts = &parts[..count + 1];
+        let bytes = parts.iter().map(|p| p.len()).sum();
+        while linked.in_flight() >= PEER_IN_FLIGHT_MAX || (linked.in_flight() > 0 && !linked.link.as_ref().is_some_and(|l| l.can_start_len(bytes))) {
+            replied(shard, linked.take_reply());
+        }
+        linked.start_parts(addr, shard as u64, me, dialer, parts);
         self.body.clear();
         self.uncopied.clear();
-        reply
     }
 }
 
