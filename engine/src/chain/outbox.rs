@@ -514,7 +514,8 @@ fn to_peer(
             }
         }
         if queued.is_empty() {
-            // Nothing new: take the oldest reply still out, then look at the queue again.
+            // Nothing new: wait for a reply still out (a link's oldest), then look at the queue
+            // again.
             if let Some((shard, linked)) = links.iter_mut().find(|(_, l)| l.in_flight() > 0) {
                 replied(*shard, linked.take_reply());
                 continue;
