@@ -85,13 +85,13 @@ impl Default for ReplicationConfig {
 }
 
 impl ReplicationConfig {
-    /// Checks every knob against its bound.
     /// How long a tail waits for a new learner to ask to resume before it sends a snapshot:
     /// [`LEARNER_RESUME_WAIT_MS`], or two heartbeat intervals if longer.
     pub fn learner_resume_wait_ms(&self) -> u64 {
         LEARNER_RESUME_WAIT_MS.max(self.heartbeat_interval_ms.saturating_mul(2))
     }
 
+    /// Checks every knob against its bound.
     pub fn validate(&self) -> Result<(), ReplicationError> {
         let bad = |what: &str| Err(ReplicationError::BadConfig { reason: what.to_string() });
         if self.replicas == 0 || self.replicas > REPLICAS_MAX {

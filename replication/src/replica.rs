@@ -1606,8 +1606,8 @@ impl<S: Store> Replica<S> {
         let st = self.ranges[range.0 as usize].as_mut().expect("entered above");
         // Resend at once to a new downstream replica; but a new learner may ask to resume
         // from what it holds, and gets a while to ask before its snapshot goes: long enough for
-        // it to hear of its place, which a restarted server whose configuration push was lost
-        // does only in the reply to its next heartbeat.
+        // it to hear of its place, which a server of an embedded coordinator does only in the
+        // reply to its next heartbeat, up to an interval after this replica heard of it.
         let resume_wait_ms = self.rcfg.learner_resume_wait_ms();
         st.progress_ms = if new_learner { (self.now_ms + resume_wait_ms).saturating_sub(self.rcfg.resend_interval_ms) } else { 0 };
         st.round_trip = RoundTrip::default();

@@ -346,6 +346,12 @@ impl Linked {
         self.link.as_ref().map_or(0, Caller::in_flight)
     }
 
+    /// Whether a request of `bytes` may start now, behind what is in flight (see
+    /// [`Caller::can_start_len`]); always so on a link still to be made.
+    fn can_start_len(&self, bytes: usize) -> bool {
+        self.link.as_ref().is_none_or(|l| l.can_start_len(bytes))
+    }
+
     /// The reply to the request a shard started on this link ([`start_now`]).
     fn take_reply(&mut self) -> Option<Vec<u8>> {
         let finished = self.link.as_mut()?.finish(None);
@@ -595,7 +601,7 @@ impl Request {
         parts[count] = &self.body[from..];
         let parts = &parts[..count + 1];
         let bytes = parts.iter().map(|p| p.len()).sum();
-        while linked.in_flight() >= PEER_IN_FLIGHT_MAX || (linked.in_flight() > 0 && !linked.link.as_ref().is_some_and(|l| l.can_start_len(bytes))) {
+        while linked.in_flight() >= PEER_IN_FLIGHT_MAX || !linked.can_start_len(bytes) {
             replied(shard, linked.take_reply());
         }
         linked.start_parts(addr, shard as u64, me, dialer, parts);
