@@ -822,9 +822,9 @@ impl Chain {
             }
             Ok(Err(e)) => tracing::warn!(node, error = %e, "a malformed acknowledgement"),
             Err(ClientError::Server { status, server, message }) if sent.first && never_applies(status) && !sent.pieces.is_empty() => {
-                for piece in &sent.pieces {
-                    self.pusher.withdraw(piece.0, piece.1);
-                    self.unconfirmed.iter_mut().for_each(|(_, pieces)| pieces.retain(|p| p != piece));
+                for &(range, seq) in &sent.pieces {
+                    let taken_back = self.pusher.withdraw(range, seq);
+                    self.withdrawn(range, seq, taken_back);
                 }
                 self.refused.get_or_insert(ClientError::Server { server, status, message });
             }
@@ -1092,6 +1092,26 @@ impl Chain {
         self.stats.push_pieces_lost = self.pusher.lost;
         // The renumbered pushes go again at once, not after the retry timer.
         self.renumbered_resend = true;
+    }
+
+    /// Forgets push `seq` to `range`, refused outright. When the pusher took it back
+    /// ([`Pusher::withdraw`]), maps the seqs this client keeps of the pushes after it, which the
+    /// pusher numbered one lower; those go again at once, as a head dropped any it had under
+    /// their old numbers.
+    fn withdrawn(&mut self, range: RangeId, seq: u32, taken_back: bool) {
+        let remap = |pieces: &mut Vec<(RangeId, u32)>| {
+            pieces.retain(|p| *p != (range, seq));
+            if taken_back {
+                pieces.iter_mut().filter(|(r, s)| *r == range && *s > seq).for_each(|(_, s)| *s -= 1);
+            }
+        };
+        self.unconfirmed.iter_mut().for_each(|(_, pieces)| remap(pieces));
+        self.in_flight.iter_mut().for_each(|f| {
+            if let InFlight::Push(sent, _) = f {
+                remap(&mut sent.pieces);
+            }
+        });
+        self.renumbered_resend |= taken_back && self.pusher.in_flight(range) > 0;
     }
 
     /// Drops the pushes acknowledged from the front of [`unconfirmed`](Self::unconfirmed).

@@ -121,17 +121,21 @@ impl Pusher {
         self.next_seq[r] = seq + self.pending[r].len() as u32;
     }
 
-    /// Takes back push `seq` to `range`, which a head refused outright (a push that can never
-    /// be applied: an unknown table, no room...), so that the next push to the range reuses
-    /// its number. Only the last push started can be taken back, and only when it was never
-    /// applied anywhere (the caller knows: it was refused on its first sending); returns
-    /// whether it was.
+    /// Takes back push `seq` to `range`, which a head refused outright on its first sending (a
+    /// push that can never be applied: an unknown table, no room...), so that the pushes after
+    /// it are not taken for pushes after a gap. A head applies a worker's pushes to a range in
+    /// order, so none after it was applied either: those still pending are numbered one lower,
+    /// and the next push to the range takes the number after them. The caller maps the seqs it
+    /// keeps of pushes after `seq` the same way, and resends them: a head dropped any it
+    /// already received under their old numbers. Returns whether the push was pending (a push
+    /// taken back already, or acknowledged, is not).
     pub fn withdraw(&mut self, range: RangeId, seq: u32) -> bool {
         let r = range.0 as usize;
-        if self.next_seq[r] != seq || self.pending[r].back().is_none_or(|(s, _)| *s != seq) {
+        let Some(at) = self.pending[r].iter().position(|(s, _)| *s == seq) else {
             return false;
-        }
-        self.pending[r].pop_back();
+        };
+        self.pending[r].remove(at);
+        self.pending[r].iter_mut().skip(at).for_each(|(s, _)| *s -= 1);
         self.next_seq[r] -= 1;
         true
     }
@@ -267,5 +271,36 @@ mod tests {
         p.on_msg(50, Msg::SeqCount { range, seq: 2 });
         p.on_msg(60, Msg::SeqCount { range, seq: 4 });
         assert_eq!((p.lost, p.renumbered.len(), p.in_flight(range)), (2, 0, 2));
+    }
+
+    /// A push refused outright is taken back wherever it stands among the pushes still
+    /// waiting: those after it take the numbers one lower, with the payloads they had, so that
+    /// the head sees no gap; the next push follows on.
+    #[test]
+    fn a_refused_push_before_others_is_taken_back_and_the_rest_close_the_gap() {
+        let range = RangeId(0);
+        let mut p = Pusher::new(WorkerId(0), 1, config(1, 1));
+        for seq in 1..=4 {
+            p.push(0, range, Arc::new(vec![seq as u8]));
+        }
+        p.on_msg(10, Msg::PushAck { range, seq: 1 });
+        p.out.clear();
+        // Push 2 was refused while 3 and 4 were on their way.
+        assert!(p.withdraw(range, 2));
+        assert!(!p.withdraw(range, 1), "acknowledged: not pending");
+        p.resend(20, 0);
+        let payloads: Vec<(u32, u8)> = std::mem::take(&mut p.out)
+            .into_iter()
+            .filter_map(|(_, m)| match m {
+                Msg::Push { seq, payload, .. } => Some((seq, payload[0])),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(payloads, vec![(2, 3), (3, 4)]);
+        assert_eq!(p.push(30, range, Arc::new(vec![5])), 4);
+        // The last one started, taken back, gives its number to the next.
+        assert!(p.withdraw(range, 4));
+        assert_eq!(p.push(40, range, Arc::new(vec![6])), 4);
+        assert_eq!(p.in_flight(range), 3);
     }
 }

@@ -225,6 +225,18 @@ fn bad_calls_on_a_replicated_cluster_get_clear_errors_and_change_nothing() {
     client.pull(&small, &[3], &mut v).unwrap().wait().unwrap();
     assert_eq!(v, [1.0]);
 
+    // Refused while later pushes to the same ranges are on their way: those are numbered
+    // anew behind the one taken back, not left after a gap, and each is applied once.
+    let refused = client.push(&small, &many, &vec![1.0; many.len()]).expect("sent");
+    let after: Vec<_> = (0..4).map(|_| client.push(&small, &[3], &[1.0]).expect("sent")).collect();
+    let err = refused.wait().expect_err("a push to a full table");
+    assert_eq!(err.status(), Some(Status::Full), "{err}");
+    for ticket in after {
+        ticket.wait().expect("a push sent after a refused one");
+    }
+    client.pull(&small, &[3], &mut v).unwrap().wait().unwrap();
+    assert_eq!(v, [5.0]);
+
     // A worker id over the cluster's --workers (2 here): refused, not dropped unanswered.
     let stranger = cluster.client(config(5));
     let err = stranger.push(&small, &[3], &[1.0]).and_then(|t| t.wait()).expect_err("a worker over --workers");
@@ -233,6 +245,25 @@ fn bad_calls_on_a_replicated_cluster_get_clear_errors_and_change_nothing() {
     // A table the servers do not have.
     let err = client.table("nope").expect_err("an unknown table");
     assert!(err.to_string().contains("nope"), "{err}");
+}
+
+/// The same on one standalone server (a chain of one): a push refused outright for its clock
+/// while pushes behind it are on their way fails alone, and those are applied once each.
+#[test]
+fn a_refused_push_does_not_hold_back_the_pushes_after_it_on_one_server() {
+    let server = ServerProc::start(&["--shards", "2", "--no-pin"]);
+    let client = Client::connect(&[server.addr()], config(0)).expect("connect");
+    let w = client.create_table(&sum_table("w", TableKind::Dense, 64, 1)).expect("create");
+    client.set_clock(u64::MAX);
+    let refused = client.push_range(&w, 0, &[1.0; 64]).expect("sent");
+    client.set_clock(1);
+    let after: Vec<_> = (0..3).map(|_| client.push_range(&w, 0, &[1.0; 64]).expect("sent")).collect();
+    let err = refused.wait().expect_err("a clock over the limit");
+    assert!(err.to_string().contains("clock"), "{err}");
+    for ticket in after {
+        ticket.wait().expect("a push sent after a refused one");
+    }
+    assert_eq!(pull_all(&client, &w), vec![3.0; 64]);
 }
 
 /// Key-list caching on a replicated cluster: a push sends its keys to each head once and then
