@@ -199,7 +199,7 @@ impl<'c> Call<'c> {
         if self.model(table) == Consistency::Sequential {
             core.settle_all()?;
         } else if let Some(push) = self.after_pushes {
-            core.push_settled(push, None)?;
+            core.push_answered(push)?;
         }
         Ok(core)
     }

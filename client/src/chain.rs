@@ -177,6 +177,16 @@ fn reachable(mut config: ClusterConfig, from: &str) -> ClusterConfig {
 
 /// Runs of pushes let go ([`Chain::give_up`]) remembered, for their tickets.
 const LOST_RUNS_KEPT: usize = 16;
+/// Pushes refused outright remembered, for their tickets (a ticket let go never asks).
+const REFUSALS_KEPT: usize = 4 * PUSH_WINDOW as usize;
+
+/// A push a head refused outright (it can never be applied), kept for its ticket's wait.
+#[derive(Debug)]
+struct Refusal {
+    /// The push's number ([`Chain::pushes`]).
+    push: u64,
+    error: ClientError,
+}
 
 /// How long a client's reconnection attempts take in all ([`ClientConfig::reconnect_attempts`],
 /// [`ClientConfig::reconnect_pause_ms`] doubling up to a second).
@@ -279,8 +289,10 @@ pub(crate) struct Chain {
     pulls_left: Vec<(u32, Keys)>,
     pull_parts: Vec<PullPart>,
     spare_parts: Vec<PullPart>,
-    /// A push a head refused outright, for the next settle to report.
-    refused: Option<ClientError>,
+    /// Pushes heads refused outright, oldest first, each for its own ticket.
+    refusals: VecDeque<Refusal>,
+    /// A head's log failed: its pushes are kept and sent again; the next settle reports why.
+    not_durable: Option<ClientError>,
     /// The stamp of the last one-sided read.
     read_stamp: Vec<u64>,
     /// Per range: whether the pushes are numbered on from the head's count of this worker's
@@ -394,7 +406,8 @@ impl Chain {
             pulls_left: Vec::new(),
             pull_parts: Vec::new(),
             spare_parts: Vec::new(),
-            refused: None,
+            refusals: VecDeque::new(),
+            not_durable: None,
             read_stamp: Vec::new(),
             counted: vec![false; ranges as usize],
             cluster: info.cluster,
@@ -787,7 +800,7 @@ impl Chain {
     /// Takes the acknowledgements in a `WorkerPush` reply. A failed link is noted: what it
     /// carried is resent later. A frame of new pushes that the head refused outright (it can
     /// never be applied: a full table, say) takes those pushes back, and the error is kept for
-    /// the next [`settle`](Self::settle).
+    /// the push's ticket ([`settle_through`](Self::settle_through)).
     fn take_acks(&mut self, sent: Sent, replied: Result<Reply>) {
         let now = self.now_ms();
         let node = sent.to.0 .0;
@@ -826,7 +839,14 @@ impl Chain {
                     let taken_back = self.pusher.withdraw(range, seq);
                     self.withdrawn(range, seq, taken_back);
                 }
-                self.refused.get_or_insert(ClientError::Server { server, status, message });
+                // A push sent to several shards may be refused by more than one: its first
+                // refusal is its ticket's.
+                if !self.refusals.iter().any(|r| r.push == sent.push) {
+                    if self.refusals.len() == REFUSALS_KEPT {
+                        self.refusals.pop_front();
+                    }
+                    self.refusals.push_back(Refusal { push: sent.push, error: ClientError::Server { server, status, message } });
+                }
             }
             Err(ClientError::Server { status: Status::NotDurable, server, message }) => {
                 // The head's log failed: what it applied it cannot make durable, and it takes
@@ -835,7 +855,7 @@ impl Chain {
                 let message = format!(
                     "{message}. The push is not acknowledged: this client keeps it and sends it again until its range's head can log it (do not push it again)"
                 );
-                self.refused.get_or_insert(ClientError::Server { server, status: Status::NotDurable, message });
+                self.not_durable.get_or_insert(ClientError::Server { server, status: Status::NotDurable, message });
             }
             Err(ClientError::Server { status: Status::KeysUnknown, .. }) => {
                 // The head did not hold a list a push named: nothing of the frame was applied,
@@ -1132,9 +1152,10 @@ impl Chain {
     }
 
     /// Makes room for one more push: waits until at most [`PUSH_WINDOW`] - 1 are in flight.
+    /// What became of the pushes waited for is their tickets' to hear, not this push's.
     fn make_room(&mut self) -> Result<()> {
         if self.pushes >= PUSH_WINDOW {
-            self.settle_through(self.pushes + 1 - PUSH_WINDOW, None)?;
+            self.settle_pushes_through(self.pushes + 1 - PUSH_WINDOW, None)?;
         }
         Ok(())
     }
@@ -1376,10 +1397,10 @@ impl Chain {
     }
 
     /// Takes the replies to every pull in flight (keeping them for their tickets), then waits
-    /// until every push sent is acknowledged; see [`settle_through`](Self::settle_through).
+    /// until every push sent is answered; see [`answered_through`](Self::answered_through).
     pub fn settle(&mut self, deadline: Option<Instant>) -> Result<bool> {
         self.collect_in_flight();
-        self.settle_through(u64::MAX, deadline)
+        self.answered_through(u64::MAX, deadline)
     }
 
     /// How long a call waits for the cluster to answer: a standalone server, which nothing
@@ -1440,8 +1461,19 @@ impl Chain {
     /// `deadline` (then returns false, having waited no longer for any reply). Takes the replies to the frames in flight, oldest
     /// first; if those do not acknowledge it, polls the heads of ranges with pushes in flight
     /// and resends to the current heads what waited too long. Fails after [`CALL_TIMEOUT`] in
-    /// all, or with the error of a push a head refused outright.
+    /// all, or, for push `push`'s ticket, with the error of a head that refused it outright.
     pub fn settle_through(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
+        let answered = self.answered_through(push, deadline)?;
+        match self.refusals.iter().position(|r| r.push == push) {
+            Some(at) if answered => Err(self.refusals.remove(at).expect("found").error),
+            _ => Ok(answered),
+        }
+    }
+
+    /// [`settle_through`](Self::settle_through) for a call that follows push `push` (a
+    /// dependency, the sequential model): a push refused outright was answered, and its
+    /// refusal stays its ticket's.
+    pub fn answered_through(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
         let settled = self.settle_pushes_through(push, deadline);
         match self.lost.iter().any(|(first, last)| (*first..=*last).contains(&push)) {
             true => Err(ClientError::OutcomeUnknown { server: self.seeds.join(", "), reason: self.lost_reason.clone() }),
@@ -1457,7 +1489,7 @@ impl Chain {
         let timeout = began + CALL_TIMEOUT;
         let mut pause = Duration::from_micros(50);
         while !self.confirmed_through(push) {
-            if let Some(e) = self.refused.take_if(|e| e.status() == Some(Status::NotDurable)) {
+            if let Some(e) = self.not_durable.take() {
                 return Err(e);
             }
             if let Some(since) = self.down_since.filter(|since| since.elapsed() >= self.alone_patience) {
@@ -1515,7 +1547,7 @@ impl Chain {
                 pause = (pause * 2).min(POLL_PAUSE_MAX);
             }
         }
-        match self.refused.take() {
+        match self.not_durable.take() {
             Some(e) => Err(e),
             None => Ok(true),
         }

@@ -224,9 +224,15 @@ impl Core {
     }
 
     /// Whether push number `push`, and every one before it, is acknowledged, waiting until
-    /// `deadline` (none: until it is, or fails).
+    /// `deadline` (none: until it is, or fails); for its ticket, which hears if it was refused.
     pub fn push_settled(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
         self.chain.settle_through(push, deadline)
+    }
+
+    /// Waits until push number `push`, and every one before it, is answered, for a call that
+    /// must follow it: a refused push's error is its ticket's, not this call's.
+    pub fn push_answered(&mut self, push: u64) -> Result<()> {
+        self.chain.answered_through(push, None).map(|_| ())
     }
 
     /// Whether pull number `pull` has all its replies in, taking replies until `deadline`.
