@@ -1464,10 +1464,23 @@ impl Chain {
     /// all, or, for push `push`'s ticket, with the error of a head that refused it outright.
     pub fn settle_through(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
         let answered = self.answered_through(push, deadline)?;
-        match self.refusals.iter().position(|r| r.push == push) {
-            Some(at) if answered => Err(self.refusals.remove(at).expect("found").error),
+        // A call cut into pushes (its ticket's number is its last push's) fails with its
+        // first part refused.
+        let call = self.call_first(push)..=push;
+        match self.refusals.iter().position(|r| call.contains(&r.push)) {
+            Some(at) if answered => {
+                let refused = self.refusals.remove(at).expect("found").error;
+                self.refusals.retain(|r| !call.contains(&r.push));
+                Err(refused)
+            }
             _ => Ok(answered),
         }
+    }
+
+    /// The first push of the call that push `push` ends: itself, unless the call was cut into
+    /// several ([`join_stamps`](Self::join_stamps)) and its stamp is still kept.
+    fn call_first(&self, push: u64) -> u64 {
+        self.stamps.iter().rev().find(|s| s.push == push).map_or(push, |s| s.first)
     }
 
     /// [`settle_through`](Self::settle_through) for a call that follows push `push` (a

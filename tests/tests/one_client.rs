@@ -273,6 +273,29 @@ fn a_refused_push_does_not_hold_back_the_pushes_after_it_on_one_server() {
     assert_eq!(pull_all(&client, &w), vec![4.0; 64]);
 }
 
+/// A call cut into several pushes to fit the server's frames fails when a head refuses one of
+/// its parts, even one before its last: its ticket is the call's.
+#[test]
+fn a_call_cut_into_pushes_fails_when_a_part_before_its_last_is_refused() {
+    let server = ServerProc::start(&["--shards", "1", "--no-pin", "--frame-bytes-max", "65536"]);
+    let client = Client::connect(&[server.addr()], config(0)).expect("connect");
+    let mut spec = sum_table("emb", TableKind::Sparse, u64::MAX, 64);
+    spec.capacity = 400;
+    let emb = client.create_table(&spec).expect("create");
+    // Room for 768 keys (capacity 400 at most 75% full in a table of a power of two).
+    let held: Vec<u64> = (0..600).collect();
+    client.push(&emb, &held, &vec![1.0; held.len() * 64]).expect("push").wait().expect("room for 600 keys");
+    // 300 new keys, then the 600 held ones: cut into pushes of about 250 keys, the first
+    // refused (848 keys) and the rest applied.
+    let keys: Vec<u64> = (600..900).chain(0..600).collect();
+    let err = client.push(&emb, &keys, &vec![1.0; keys.len() * 64]).expect("sent").wait().expect_err("a part refused");
+    assert_eq!(err.status(), Some(Status::Full), "{err}");
+    client.push(&emb, &[0], &[1.0; 64]).expect("push").wait().expect("a push after the refused call");
+    let mut v = vec![0f32; 3 * 64];
+    client.pull(&emb, &[600, 599, 0], &mut v).unwrap().wait().unwrap();
+    assert_eq!((v[0], v[64], v[128]), (0.0, 2.0, 3.0), "the refused part applied nothing, the last part once");
+}
+
 /// Key-list caching on a replicated cluster: a push sends its keys to each head once and then
 /// their list's hash, a pull likewise to each tail; the sums are those of full sends. Heads and
 /// tails that keep fewer lists than the worker assumes (`--key-cache-keys 60` here, against
