@@ -211,6 +211,18 @@ mod tests {
         Arc::new(ClusterConfig { id, members, chains: vec![chain], drained: Vec::new(), cluster: 7 })
     }
 
+    /// A pusher to one range that started `pushes` pushes (payload: the seq) and heard
+    /// `acked` of them acknowledged, with nothing left to send.
+    fn pushed(pushes: u32, acked: u32) -> Pusher {
+        let mut p = Pusher::new(WorkerId(0), 1, config(1, 1));
+        for seq in 1..=pushes {
+            p.push(0, RangeId(0), Arc::new(vec![seq as u8]));
+        }
+        p.on_msg(10, Msg::PushAck { range: RangeId(0), seq: acked });
+        p.out.clear();
+        p
+    }
+
     fn resent(p: &mut Pusher) -> Vec<(NodeId, u32)> {
         std::mem::take(&mut p.out)
             .into_iter()
@@ -254,12 +266,7 @@ mod tests {
     #[test]
     fn a_range_that_lost_acknowledged_pushes_takes_the_rest_numbered_on_from_what_it_holds() {
         let range = RangeId(0);
-        let mut p = Pusher::new(WorkerId(0), 1, config(1, 1));
-        for seq in 1..=5 {
-            p.push(0, range, Arc::new(vec![seq as u8]));
-        }
-        p.on_msg(10, Msg::PushAck { range, seq: 3 });
-        p.out.clear();
+        let mut p = pushed(5, 3);
         // The head holds 1 push of this worker's: 2 acknowledged ones are gone.
         p.on_msg(20, Msg::SeqCount { range, seq: 1 });
         assert_eq!((p.lost, std::mem::take(&mut p.renumbered)), (2, vec![(range, 4, 2)]));
@@ -279,12 +286,7 @@ mod tests {
     #[test]
     fn a_refused_push_before_others_is_taken_back_and_the_rest_close_the_gap() {
         let range = RangeId(0);
-        let mut p = Pusher::new(WorkerId(0), 1, config(1, 1));
-        for seq in 1..=4 {
-            p.push(0, range, Arc::new(vec![seq as u8]));
-        }
-        p.on_msg(10, Msg::PushAck { range, seq: 1 });
-        p.out.clear();
+        let mut p = pushed(4, 1);
         // Push 2 was refused while 3 and 4 were on their way.
         assert!(p.withdraw(range, 2));
         assert!(!p.withdraw(range, 1), "acknowledged: not pending");
