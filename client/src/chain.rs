@@ -830,23 +830,21 @@ impl Chain {
         }
         match decoded {
             Ok(Ok(())) => {
-                news.drain(..).for_each(|n| stale |= self.pusher.on_msg(now, n));
+                let mut refusals = Vec::new();
+                for n in news.drain(..) {
+                    match n {
+                        Msg::Refused { range, seq, status, reason } => refusals.push((range, seq, Status::from_u16(status), reason)),
+                        n => stale |= self.pusher.on_msg(now, n),
+                    }
+                }
                 self.follow_renumbering();
+                if !refusals.is_empty() {
+                    self.head_refused(&sent, refusals);
+                }
             }
             Ok(Err(e)) => tracing::warn!(node, error = %e, "a malformed acknowledgement"),
-            Err(ClientError::Server { status, server, message }) if sent.first && never_applies(status) && !sent.pieces.is_empty() => {
-                for &(range, seq) in &sent.pieces {
-                    let taken_back = self.pusher.withdraw(range, seq);
-                    self.withdrawn(range, seq, taken_back);
-                }
-                // A push sent to several shards may be refused by more than one: its first
-                // refusal is its ticket's.
-                if !self.refusals.iter().any(|r| r.push == sent.push) {
-                    if self.refusals.len() == REFUSALS_KEPT {
-                        self.refusals.pop_front();
-                    }
-                    self.refusals.push_back(Refusal { push: sent.push, error: ClientError::Server { server, status, message } });
-                }
+            Err(ClientError::Server { status, server, message }) if sent.first && status.never_applies() && !sent.pieces.is_empty() => {
+                self.refused(sent.push, &sent.pieces, ClientError::Server { server, status, message });
             }
             Err(ClientError::Server { status: Status::NotDurable, server, message }) => {
                 // The head's log failed: what it applied it cannot make durable, and it takes
@@ -880,6 +878,46 @@ impl Chain {
         self.keep_pieces(sent.pieces);
         if stale {
             self.refresh();
+        }
+    }
+
+    /// A head refused pushes by name (range, seq, why): they can never be applied, and nothing
+    /// of the frame `sent` that carried them was. A new push's frame is taken back whole (its
+    /// pieces are all new, so none was applied); from a resend, only the named pieces are (a
+    /// push's pieces to other ranges may have been applied before; a head names at most one
+    /// push per range, as the range's later ones wait behind it). Either way the rest goes
+    /// again at once.
+    fn head_refused(&mut self, sent: &Sent, refusals: Vec<(RangeId, u32, Status, String)>) {
+        let server = self.addr_of(sent.to.0);
+        let error = |status, message| ClientError::Server { server: server.clone(), status, message };
+        if sent.first {
+            let (_, _, status, message) = refusals.into_iter().next().expect("a refusal");
+            self.refused(sent.push, &sent.pieces, error(status, message));
+        } else {
+            for (range, seq, status, message) in refusals {
+                match self.unconfirmed.iter().find(|(_, pieces)| pieces.contains(&(range, seq))) {
+                    Some(&(push, _)) => self.refused(push, &[(range, seq)], error(status, message)),
+                    None => tracing::warn!(range = range.0, seq, message, "a head refused a push this client does not keep"),
+                }
+            }
+        }
+        self.renumbered_resend = true;
+    }
+
+    /// Push `push` refused outright with `error`: takes back its `pieces` (none applied), and
+    /// keeps the error for the push's ticket ([`settle_through`](Self::settle_through)).
+    fn refused(&mut self, push: u64, pieces: &[(RangeId, u32)], error: ClientError) {
+        for &(range, seq) in pieces {
+            let taken_back = self.pusher.withdraw(range, seq);
+            self.withdrawn(range, seq, taken_back);
+        }
+        // A push sent to several shards may be refused by more than one: its first refusal is
+        // its ticket's.
+        if !self.refusals.iter().any(|r| r.push == push) {
+            if self.refusals.len() == REFUSALS_KEPT {
+                self.refusals.pop_front();
+            }
+            self.refusals.push_back(Refusal { push, error });
         }
     }
 
@@ -1189,7 +1227,7 @@ impl Chain {
             self.call_all(&mut calls, &mut replies);
             for replied in replies {
                 // (A head whose log failed takes no pushes until it is restarted.)
-                let refused = |status: &Status| never_applies(*status) || *status == Status::NotDurable;
+                let refused = |status: &Status| status.never_applies() || *status == Status::NotDurable;
                 if let Err(e @ ClientError::Server { .. }) = replied {
                     match e.status().is_some_and(|s| refused(&s)) {
                         true => return Err(e),
@@ -1464,16 +1502,19 @@ impl Chain {
     /// all, or, for push `push`'s ticket, with the error of a head that refused it outright.
     pub fn settle_through(&mut self, push: u64, deadline: Option<Instant>) -> Result<bool> {
         let answered = self.answered_through(push, deadline)?;
+        if !answered || self.refusals.is_empty() {
+            return Ok(answered);
+        }
         // A call cut into pushes (its ticket's number is its last push's) fails with its
         // first part refused.
         let call = self.call_first(push)..=push;
         match self.refusals.iter().position(|r| call.contains(&r.push)) {
-            Some(at) if answered => {
+            Some(at) => {
                 let refused = self.refusals.remove(at).expect("found").error;
                 self.refusals.retain(|r| !call.contains(&r.push));
                 Err(refused)
             }
-            _ => Ok(answered),
+            None => Ok(answered),
         }
     }
 
@@ -1792,7 +1833,7 @@ impl Chain {
         pull.replies = replies;
         let finished = match failure {
             None => Ok(stamp),
-            Some(e) if matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) => Err(e),
+            Some(e) if matches!(&e, ClientError::Server { status, .. } if status.never_applies()) => Err(e),
             Some(e @ ClientError::OutcomeUnknown { .. }) => Err(e),
             Some(_) => {
                 self.stats.pull_retries += 1;
@@ -1915,7 +1956,7 @@ impl Chain {
                 self.spare_parts.push(part.cleared());
             }
             let Some(e) = failure else { break Ok(stamp) };
-            if matches!(e, ClientError::OutcomeUnknown { .. }) || matches!(&e, ClientError::Server { status, .. } if never_applies(*status)) {
+            if matches!(e, ClientError::OutcomeUnknown { .. }) || matches!(&e, ClientError::Server { status, .. } if status.never_applies()) {
                 break Err(e);
             }
             if Instant::now() > deadline {
@@ -2484,14 +2525,6 @@ fn sparse_span(table: ChainTable<'_>, start: u64, count: usize) -> Result<Vec<u6
         return Err(ClientError::KeyOutOfRange { table: spec.name.clone(), key: start, start: spec.start, end: spec.end });
     };
     Ok((start..end).collect())
-}
-
-/// Whether a refusal with `status` is for good: the request can never succeed as sent (a
-/// refused push is taken back; a refused pull fails at once). Other refusals (a held
-/// acknowledgement that timed out, a server shutting down) are retried.
-fn never_applies(status: Status) -> bool {
-    use Status::*;
-    matches!(status, Malformed | FrameTooLarge | UnknownTable | KeyOutOfRange | ValuesLength | NonFinite | WrongDim | Full | BadRequest | Unsupported)
 }
 
 /// A refusal by `addr` as the server's error; other failures as they are.

@@ -24,6 +24,7 @@ const CONFIG: u8 = 9;
 const SEQ_COUNT: u8 = 10;
 const RESUME: u8 = 11;
 const DURABLE: u8 = 12;
+const REFUSED: u8 = 13;
 
 /// A heartbeat's fields, as JSON carries them.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -58,6 +59,9 @@ fn encode_with(msg: &Msg, out: &mut Vec<u8>, with_bulk: bool) {
         }
         Msg::NotHead { range, config_id } => {
             w.u8(NOT_HEAD).u32(range.0).u64(*config_id);
+        }
+        Msg::Refused { range, seq, status, reason } => {
+            w.u8(REFUSED).u32(range.0).u32(*seq).u32(u32::from(*status)).bytes(reason.as_bytes());
         }
         Msg::Forward { range, epoch, version, digest, clock, delta, durable } => {
             w.u8(FORWARD).u32(range.0).u64(epoch.0).u64(*version).u32(*digest).u64(*durable).clock(clock).bulk(delta, with_bulk);
@@ -119,6 +123,12 @@ pub fn decode_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Msg> {
         PUSH_ACK => Msg::PushAck { range: RangeId(r.u32()?), seq: r.u32()? },
         SEQ_COUNT => Msg::SeqCount { range: RangeId(r.u32()?), seq: r.u32()? },
         NOT_HEAD => Msg::NotHead { range: RangeId(r.u32()?), config_id: r.u64()? },
+        REFUSED => {
+            let (range, seq, status) = (RangeId(r.u32()?), r.u32()?, r.u32()?);
+            let status = u16::try_from(status).map_err(|_| bad(format!("status {status} in a refusal")))?;
+            let reason = String::from_utf8_lossy(r.bytes()?).into_owned();
+            Msg::Refused { range, seq, status, reason }
+        }
         FORWARD => Msg::Forward {
             range: RangeId(r.u32()?),
             epoch: Epoch(r.u64()?),
@@ -249,6 +259,7 @@ mod tests {
             Msg::PushAck { range: RangeId(1), seq: 9 },
             Msg::SeqCount { range: RangeId(2), seq: 4 },
             Msg::NotHead { range: RangeId(1), config_id: 77 },
+            Msg::Refused { range: RangeId(3), seq: 12, status: 7, reason: "table 1 is full".into() },
             Msg::Forward { range: RangeId(5), epoch: Epoch(2), version: 8, digest: 0xDEAD_BEEF, clock: clock.clone(), delta: vec![9; 10].into(), durable: 6 },
             Msg::Durable { range: RangeId(5), epoch: Epoch(2), version: 7 },
             Msg::Ack { range: RangeId(5), epoch: Epoch(2), version: 8 },
@@ -268,7 +279,7 @@ mod tests {
             assert_eq!(decode(&bytes).unwrap(), msg);
             assert!(bulk_len(&msg) < bytes.len(), "{}: the bulk bytes bound the encoding from below", msg.kind());
         }
-        let forward = &samples()[4];
+        let forward = &samples().into_iter().find(|m| m.kind() == "forward").expect("a forward");
         assert_eq!(bulk_len(forward), 10, "a forward's bulk is its delta");
     }
 

@@ -181,6 +181,11 @@ pub enum Msg {
     SeqCount { range: RangeId, seq: u32 },
     /// Head (or not) to worker: this server is not the range's head in its configuration `config_id`.
     NotHead { range: RangeId, config_id: u64 },
+    /// Head to worker: the worker's `seq`-th push to `range` can never be applied (a full
+    /// table, a key outside the table, ...), and nothing of the batch that carried it was. The
+    /// worker takes it back, numbers its later pushes to the range one lower, and sends the
+    /// rest of the batch again. `status` is the transport's status code for `reason`.
+    Refused { range: RangeId, seq: u32, status: u16, reason: String },
     /// Down the chain (and from the tail to its learner): update `version` of the range, with
     /// the vector clock after it, and the range's history digest after it
     /// ([`digest_after`](crate::replica::digest_after)). `durable`: the lowest version the
@@ -219,6 +224,7 @@ impl Msg {
             Msg::PushAck { .. } => "push-ack",
             Msg::SeqCount { .. } => "seq-count",
             Msg::NotHead { .. } => "not-head",
+            Msg::Refused { .. } => "refused",
             Msg::Forward { .. } => "forward",
             Msg::Durable { .. } => "durable",
             Msg::Ack { .. } => "ack",

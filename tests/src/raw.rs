@@ -47,13 +47,31 @@ impl RawReply {
         rest.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
     }
 
-    /// Panics unless this is an error reply with `status` whose message contains `needle`.
+    /// Panics unless this is an error reply with `status` whose message contains `needle`; or,
+    /// answering a worker's pushes, a head's answer that refuses a push by name
+    /// ([`Msg::Refused`]) with `status` and such a message.
     #[track_caller]
     pub fn expect_error(&self, status: Status, needle: &str) {
-        assert_eq!(self.status(), status, "expected {status:?}, got {:?}: {:?}", self.status(), self.message());
         assert!(self.header.is_reply(), "the reply's op {:#x} lacks the reply bit", self.header.op);
-        let message = self.message();
+        let (got, message) = match self.refusal() {
+            Some(refused) => refused,
+            None => (self.status(), self.message()),
+        };
+        assert_eq!(got, status, "expected {status:?}, got {got:?}: {message:?}");
         assert!(message.to_lowercase().contains(&needle.to_lowercase()), "{status:?} message {message:?} does not mention {needle:?}");
+    }
+
+    /// The first push a head's answer to a worker refuses by name: its status and reason.
+    pub fn refusal(&self) -> Option<(Status, String)> {
+        let worker_push = self.header.op & !REPLY_BIT == Op::WorkerPush as u8;
+        if !worker_push || self.status() != Status::Ok {
+            return None;
+        }
+        let news = codec::decode_batch(&self.body[self.header.count as usize * 8..]).ok()?;
+        news.into_iter().find_map(|m| match m {
+            Msg::Refused { status, reason, .. } => Some((Status::from_u16(status), reason)),
+            _ => None,
+        })
     }
 }
 
@@ -240,11 +258,18 @@ pub fn pull_range(table: u32, dim: u32, start: u64, count: u32) -> (Header, Vec<
     (header, Vec::new())
 }
 
+/// The worker [`worker_push`] and [`worker_push_range`] sign as: the last of a server's
+/// default 16, which no test's client is. A head checks only the push it applies next, and
+/// takes one numbered as a push it applied for that push sent again: a raw push must not
+/// share a worker id with pushes applied before it.
+pub const RAW_PUSH_WORKER: u32 = 15;
+
 /// A worker's `WorkerPush` frame carrying one push of `keys` (listed) with `values` to table
 /// `table` in replication range `range`, claiming `dim`: what a client sends a range's head.
-/// The push is signed by worker 0 and numbered 1 (set `header.worker` to claim another).
+/// The push is signed by [`RAW_PUSH_WORKER`] and numbered 1 (set `header.worker` to claim
+/// another).
 pub fn worker_push(range: u32, table: u32, dim: u32, keys: &[u64], values: &[f32]) -> (Header, Vec<u8>) {
-    worker_push_as(0, 1, range, table, dim, keys, values)
+    worker_push_as(RAW_PUSH_WORKER, 1, range, table, dim, keys, values)
 }
 
 /// [`worker_push`] by worker `worker` (in the frame's header, the message and the payload), as
@@ -260,7 +285,7 @@ pub fn worker_push_as(worker: u32, seq: u32, range: u32, table: u32, dim: u32, k
 /// A worker's `WorkerPush` frame carrying one push of the dense keys `[start, start + count)`
 /// with `values`, as [`worker_push`].
 pub fn worker_push_range(range: u32, table: u32, dim: u32, start: u64, count: u32, values: &[f32]) -> (Header, Vec<u8>) {
-    worker_push_range_as(0, 1, range, table, dim, start, count, values)
+    worker_push_range_as(RAW_PUSH_WORKER, 1, range, table, dim, start, count, values)
 }
 
 /// [`worker_push_range`] by worker `worker`, as its push number `seq` to the range (see

@@ -495,6 +495,15 @@ fn forged(addr: &str, op: Op, from: u32, body: &[u8]) -> Option<String> {
     let mut header = tessera_transport::Header::request(op, 1);
     header.worker = from;
     match tessera_transport::call(&mut link, &mut header, body, Some(Duration::from_secs(10))) {
+        // A head names the pushes it refuses in its answer (after the stamp of what it applied).
+        Ok((h, body)) if op == Op::WorkerPush => {
+            let batch = &body[h.count as usize * 8..];
+            let news = tessera_replication::codec::decode_batch(batch).expect("a worker's answer is a batch");
+            news.into_iter().find_map(|m| match m {
+                tessera_replication::protocol::Msg::Refused { seq, reason, .. } => Some(format!("push {seq}: {reason}")),
+                _ => None,
+            })
+        }
         Ok(_) => None,
         Err(tessera_transport::TransportError::Refused { reason, .. }) => Some(reason),
         Err(e) => panic!("the server did not answer a forged {op:?}: {e}"),
@@ -645,8 +654,22 @@ fn forged_and_malformed_replication_frames_change_nothing() {
         // Beside a good push in one batch, the bad one has the whole batch refused.
         let mut batch = Vec::new();
         tessera_replication::codec::encode_batch([&good, &Msg::Push { range, worker: WorkerId(3), seq: 2, payload: msg_payload(&msg) }], &mut batch);
-        assert!(forged(head_at, Op::WorkerPush, sender, &batch).is_some(), "a batch holding a push with {what} is refused whole");
+        let refused = forged(head_at, Op::WorkerPush, sender, &batch);
+        assert!(refused.is_some(), "a batch holding a push with {what} is refused whole");
+        if sender == 3 && reason.starts_with("push 1:") {
+            assert!(refused.unwrap().starts_with("push 2:"), "the head names the push it refused");
+        }
+        // After a gap the head applies nothing and checks nothing: the push waits for the
+        // ones before it, and is checked when they have come.
+        let gapped = Msg::Push { range, worker: WorkerId(3), seq: 7, payload: msg_payload(&msg) };
+        if sender == 3 && reason.starts_with("push 1:") {
+            assert_eq!(forged(head_at, Op::WorkerPush, 3, &peer_msg(&gapped)), None, "a push with {what} after a gap is dropped, not refused");
+        }
     }
+    // A bad push under the number of one the head applied (the client pushed as worker 0) is
+    // taken for that push sent again: acknowledged, not checked, not applied.
+    let held = Msg::Push { range, worker: WorkerId(0), seq: 1, payload: PushHeader { table: 9, worker: 0, ..header }.payload(&[1.0]).into() };
+    assert_eq!(forged(head_at, Op::WorkerPush, 0, &peer_msg(&held)), None, "a push the head holds is acknowledged again");
     assert!(forged(head_at, Op::WorkerPush, 3, &[9, 0, 0, 0, 1]).is_some_and(|e| e.contains("no batch of messages")), "a body that is no batch");
 
     // Nothing changed on the middle, every server still runs, and the refusals were logged.
@@ -1078,6 +1101,71 @@ fn a_server_that_joins_later_makes_the_tables_made_at_run_time() {
     let refused = ServerProc::start_env(&["--node-id", "5", "--tables", other.to_str().unwrap(), "--no-pin", "--coordinator", &coordinator[0]], &[])
         .expect_err("a server with another cluster's tables");
     assert!(refused.contains("not this cluster's"), "{refused}");
+}
+
+/// A push whose first sending never reached a head that checked it (its head, stopped, was
+/// killed with the push unread), and whose table another worker filled meanwhile, is refused
+/// when it is sent again to the new head: the head names it, and it fails on its ticket with
+/// the head's error, long before the client's minute; nothing of it is applied, and the
+/// worker goes on.
+#[test]
+fn a_push_refused_only_when_sent_again_fails_on_its_own_ticket() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-refused-resend");
+    let tables = dir.write("tables.toml", "[[table]]\nname = \"tiny\"\nkind = \"sparse\"\ndim = 1\ncapacity = 16\nupdater = \"sum\"\n");
+    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
+    let timeout = failure_timeout_ms();
+    let args = ["--servers", "3", "--replicas", "3", "--ranges", "1", "--workers", "8", "--failure-timeout-ms", &timeout];
+    let _coord = ServerProc::coordinator_at(&coordinator[0], &args);
+    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut servers: Vec<ServerProc> = (0..SERVERS)
+        .map(|i| {
+            let node = (i + 1).to_string();
+            let mut args = vec!["--node-id", &node, "--tables", tables.to_str().unwrap(), "--shards", "1", "--no-pin", "--coordinator", &coordinator[0]];
+            let transport = transport_args();
+            args.extend(transport.iter().map(String::as_str));
+            ServerProc::start_at(&addrs[i], &args)
+        })
+        .collect();
+    wait_healed(&coordinator, None, Duration::from_secs(30));
+    let head = status(&coordinator).expect("a status")["config"]["chains"][0]["nodes"][0].as_u64().unwrap() as usize;
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let (a, b) = (Client::connect(&refs, worker_cfg(0)).expect("connect"), Client::connect(&refs, worker_cfg(2)).expect("connect"));
+    let (tiny_a, tiny_b) = (a.table("tiny").expect("table"), b.table("tiny").expect("table"));
+    a.push(&tiny_a, &[1], &[1.0]).and_then(|t| t.wait()).expect("a push through the chain");
+    b.push(&tiny_b, &[2], &[1.0]).and_then(|t| t.wait()).expect("a push through the chain");
+
+    servers[head - 1].freeze();
+    let on_its_way = a.push(&tiny_a, &[100, 101, 102], &[1.0; 3]).expect("sent");
+    std::thread::sleep(Duration::from_millis(100));
+    servers[head - 1].kill();
+    // Worker b fills the table through the new head: chunks of keys until one does not fit,
+    // then single keys until none does.
+    let mut next_key = 1000u64;
+    for chunk in [8u64, 1] {
+        loop {
+            let keys: Vec<u64> = (next_key..next_key + chunk).collect();
+            match b.push(&tiny_b, &keys, &vec![1.0; keys.len()]).and_then(|t| t.wait()) {
+                Ok(_) => next_key += chunk,
+                Err(e) if e.status() == Some(tessera_transport::Status::Full) => break,
+                Err(e) => panic!("worker b's push failed: {e}"),
+            }
+        }
+    }
+    let began = Instant::now();
+    let err = on_its_way.wait().expect_err("a push to a table filled while it was on its way");
+    assert_eq!(err.status(), Some(tessera_transport::Status::Full), "{err}");
+    assert!(began.elapsed() < Duration::from_secs(30), "the refusal took {:?}", began.elapsed());
+
+    // Worker a goes on, and each key holds exactly what was applied.
+    a.push(&tiny_a, &[1], &[1.0]).and_then(|t| t.wait()).expect("a push after the refused one");
+    let reader = Client::connect(&refs, worker_cfg(4)).expect("connect");
+    let tiny = reader.table("tiny").unwrap();
+    let mut held = vec![0f32; 2 + (next_key - 1000) as usize];
+    let keys: Vec<u64> = [1, 2].into_iter().chain(1000..next_key).collect();
+    reader.pull(&tiny, &keys, &mut held).and_then(|t| t.wait()).expect("pull");
+    assert_eq!(held[..2], [2.0, 1.0]);
+    assert!(held[2..].iter().all(|v| *v == 1.0), "{held:?}");
 }
 
 /// A data directory names the cluster its data belongs to. A server started on another

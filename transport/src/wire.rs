@@ -207,6 +207,14 @@ pub enum Status {
 }
 
 impl Status {
+    /// Whether a refusal with this status is for good: the request can never succeed as sent
+    /// (a refused push is taken back, never applied; a refused pull fails at once). Other
+    /// refusals (a held acknowledgement that timed out, a server shutting down) are retried.
+    pub fn never_applies(self) -> bool {
+        use Status::*;
+        matches!(self, Malformed | FrameTooLarge | UnknownTable | KeyOutOfRange | ValuesLength | NonFinite | WrongDim | Full | BadRequest | Unsupported)
+    }
+
     /// Decodes a status; unknown codes read as `Internal` so that newer servers stay intelligible.
     pub fn from_u16(code: u16) -> Status {
         use Status::*;

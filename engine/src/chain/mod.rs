@@ -174,6 +174,11 @@ struct WorkerScratch {
     part_stamp: Vec<u64>,
     /// Per range, the highest push seq the reply claims acknowledged (sorted by range).
     claimed: Vec<(RangeId, u32)>,
+    /// The pushes the shard refuses, as messages for the reply; and per range the request
+    /// pushes to, the seq of the worker's push the head applies next (none where it is not
+    /// the head).
+    refused: Vec<Msg>,
+    next_seqs: Vec<(RangeId, Option<u32>)>,
 }
 
 /// Most bytes of acknowledgements a `Replicate` reply carries back; more go as requests of
@@ -537,9 +542,9 @@ impl ChainShard {
     /// heads, each range's in order; or, with an empty body, a poll. A listed push's keys may
     /// come as a list to remember or as the hash of one remembered before (`lists`: this
     /// connection's); each push is made plain first (a hash not held refuses the batch with
-    /// `KeysUnknown`, and the worker sends it again with its keys). Every push is checked
-    /// before any enters the protocol (a batch with a bad one is refused whole, nothing of it
-    /// applied). The pushes are applied at once; a chain of one closes its batches at once too,
+    /// `KeysUnknown`, and the worker sends it again with its keys). Every push the head
+    /// applies is checked before any enters the protocol: one that can never apply is named
+    /// in the reply ([`Msg::Refused`]) and nothing of its batch is applied. The pushes are applied at once; a chain of one closes its batches at once too,
     /// and acknowledges them in this reply, while a longer chain's batches close at the end of
     /// the shard's turn ([`pump`](Self::pump)), taking every push the turn served as one
     /// update down the chain. The reply carries every acknowledgement and refusal waiting for
@@ -603,19 +608,56 @@ impl ChainShard {
                 false => EngineError::LogFailed { reason: reason.to_string() },
             });
         }
+        // Only a push the head applies now is checked against its table: the worker's next
+        // push to a range this shard heads, counting the batch's earlier ones. One it holds
+        // already is acknowledged again and one after a gap is dropped, whatever the table has
+        // become since it was first sent (other workers may have filled it meanwhile); a
+        // replica that is not the range's head answers `NotHead`. So a push refused here was
+        // never applied: it is named in the reply ([`Msg::Refused`]) and nothing of the batch
+        // is applied, and the worker takes it back and sends the rest again.
+        let (refused, next) = (&mut scratch.refused, &mut scratch.next_seqs);
+        refused.clear();
+        next.clear();
         for msg in &decoded {
-            let Msg::Push { range, worker: w, payload, .. } = msg else {
+            let Msg::Push { range, worker: w, seq, payload } = msg else {
                 return Err(bad(format!("a worker may only push (or, hearing from tails, await pushes), not send a {} message", msg.kind())));
             };
-            let h = ChainStore::check_push(tables, self.rcfg.ranges, *range, payload)?;
-            if tables.at(h.table, range.0).is_none() && self.replica.heads().any(|(r, _)| r == *range) {
-                // A head without memory for its range (making it failed): refused, not applied.
-                return Err(EngineError::RangeNotHeld { range: range.0 });
+            if w.0 != worker {
+                return Err(bad(format!("worker {worker} sent a push signed by worker {}", w.0)));
             }
-            if w.0 != worker || h.worker != worker {
-                return Err(bad(format!("worker {worker} sent a push signed by worker {} (payload {})", w.0, h.worker)));
+            if range.0 >= self.rcfg.ranges {
+                return Err(bad(format!("a push to range {} of this cluster's {}", range.0, self.rcfg.ranges)));
             }
-            self.last_push_table = Some(h.table);
+            let at = match next.iter().position(|(r, _)| r == range) {
+                Some(at) => at,
+                None => {
+                    next.push((*range, self.replica.worker_seq(*range, WorkerId(worker)).map(|applied| applied + 1)));
+                    next.len() - 1
+                }
+            };
+            let Some(expected) = next[at].1.as_mut().filter(|expected| **expected == *seq) else { continue };
+            *expected += 1;
+            match ChainStore::check_push(tables, self.rcfg.ranges, *range, payload) {
+                Ok(h) => {
+                    if tables.at(h.table, range.0).is_none() {
+                        // A head without memory for its range (making it failed): refused, not applied.
+                        return Err(EngineError::RangeNotHeld { range: range.0 });
+                    }
+                    if h.worker != worker {
+                        return Err(bad(format!("worker {worker} sent a push signed by worker {} in its payload", h.worker)));
+                    }
+                    self.last_push_table = Some(h.table);
+                }
+                Err(e) if e.status().never_applies() => {
+                    refused.push(Msg::Refused { range: *range, seq: *seq, status: e.status() as u16, reason: e.to_string() });
+                    // No push is numbered 0: the range's later pushes wait behind this one.
+                    next[at].1 = Some(0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !refused.is_empty() {
+            decoded.clear();
         }
         scratch.pushed.clear();
         scratch.pushed.extend(decoded.iter().filter_map(|m| if let Msg::Push { range, seq, .. } = m { Some((*range, *seq)) } else { None }));
@@ -683,6 +725,7 @@ impl ChainShard {
             }
         }
         msgs.extend(claimed.iter().filter(|c| c.1 > 0).map(|&(range, seq)| Msg::PushAck { range, seq }));
+        msgs.append(&mut scratch.refused);
         if header.flags & flags::PUSH_SEQS != 0 {
             // Per range this shard heads: the worker's pushes committed (acknowledged again, in
             // case an acknowledgement was lost), and those applied (not to be sent again).
