@@ -100,10 +100,10 @@ impl TablePart {
         let Store::Dense(_) = self.store else { return None };
         assert!(self.owned.start <= keys.start && keys.end <= self.owned.end && !keys.is_empty(), "keys {keys:?} of part {:?}", self.owned);
         let slots = keys.start - self.owned.start..keys.end - self.owned.start;
-        let at = out.len();
-        out.resize(at + slots.clone().count() * self.slot_bytes(), 0);
-        let mut w = Writer { out: &mut out[at..], at: 0 };
-        self.save_dense(slots, &mut w);
+        // Appended as read, not zeroed first: on a chain's head this runs over every key each
+        // update carries, and a fill beforehand would be one more pass over them.
+        out.reserve(slots.clone().count() * self.slot_bytes());
+        self.save_dense(slots, out);
         Some(())
     }
 
@@ -138,7 +138,7 @@ impl TablePart {
                     &fresh[..]
                 }
             };
-            rec.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            out.put(rec);
         }
         Some(())
     }
@@ -218,7 +218,7 @@ impl TablePart {
     }
 
     /// A dense part's values and state of slots (key offsets) `slots`.
-    fn save_dense(&self, slots: Range<u64>, w: &mut Writer<'_>) {
+    fn save_dense(&self, slots: Range<u64>, w: &mut impl Put) {
         let Store::Dense(d) = &self.store else { unreachable!("a dense part") };
         let dim = self.spec.dim as usize;
         for b in d.blocks_of(slots.clone()) {
@@ -418,17 +418,28 @@ pub(super) struct Snapshot {
     copied: u64,
 }
 
-/// Appends plain values to a byte buffer.
+/// Writes plain values into a byte slice, in order.
 struct Writer<'a> {
     out: &'a mut [u8],
     at: usize,
 }
 
-impl Writer<'_> {
+/// Where saved values go, in order: a [`Writer`]'s slice, or the end of a vector.
+trait Put {
+    fn put<T: bytemuck::Pod>(&mut self, values: &[T]);
+}
+
+impl Put for Writer<'_> {
     fn put<T: bytemuck::Pod>(&mut self, values: &[T]) {
         let bytes: &[u8] = bytemuck::cast_slice(values);
         self.out[self.at..self.at + bytes.len()].copy_from_slice(bytes);
         self.at += bytes.len();
+    }
+}
+
+impl Put for Vec<u8> {
+    fn put<T: bytemuck::Pod>(&mut self, values: &[T]) {
+        self.extend_from_slice(bytemuck::cast_slice(values));
     }
 }
 
