@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tessera_layout::catalog::{Catalog, ServerInfo, TableKind, TableSpec};
 use tessera_layout::placement::{range_keys, range_runs, ranges_of, shard_of_range, span_runs, Route};
 use tessera_replication::codec::{self, KeyList, PayloadPool, PushHeader};
-use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Msg, NodeId, RangeId, WorkerId};
+use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Member, Msg, NodeId, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
 use tessera_transport::keycache::{KeyLists, Remembered};
 use tessera_transport::tcp::TcpLink;
@@ -71,6 +71,9 @@ const CONFIG_AGE_MAX: Duration = Duration::from_secs(1);
 /// when one comes, instead of waiting out [`RETRY_MS`]. (A healthy chain acknowledges within
 /// milliseconds.)
 const SLOW_ACK: Duration = Duration::from_millis(100);
+/// How long a reply may be silent before a cluster's client looks whether its server is still
+/// in its chains ([`Chain::finish_within`]).
+const SILENT_SERVER_CHECK: Duration = Duration::from_millis(250);
 /// Push frame bodies kept for reuse ([`Chain::spare_bodies`]): one per head shard a push
 /// reaches, on a cluster of a few dozen servers.
 const SPARE_BODIES_MAX: usize = 64;
@@ -238,9 +241,10 @@ pub(crate) struct Chain {
     /// A head did not hold a key list a push named by its hash: what it refused is resent in
     /// full at once.
     keys_unknown: bool,
-    /// A range lost acknowledged pushes and the ones waiting were numbered anew: they are
-    /// resent at once.
-    renumbered_resend: bool,
+    /// Pushes to send again at once, not after the retry timer: a range lost acknowledged
+    /// pushes and the ones waiting were numbered anew, a head refused a push beside them, or
+    /// they were on their way to a server taken out of its chains.
+    resend_at_once: bool,
     /// Requests sent and not yet answered, oldest first over every link: push frames, and the
     /// parts of pulls whose tickets have not taken their values.
     in_flight: VecDeque<InFlight>,
@@ -380,7 +384,7 @@ impl Chain {
             links_made: 0,
             key_cache_keys: cfg.key_cache_keys,
             keys_unknown: false,
-            renumbered_resend: false,
+            resend_at_once: false,
             in_flight: VecDeque::new(),
             pulls: Vec::new(),
             pulls_started: 0,
@@ -533,10 +537,22 @@ impl Chain {
     /// Fetches the configuration again from any member (or the servers first given), keeping
     /// the newer one.
     fn refresh(&mut self) {
+        self.refresh_asking_last(None);
+    }
+
+    /// [`refresh`](Self::refresh), asking server `last` only if no other answers, and the
+    /// servers in no chain after those in one: a server that has stopped answering (and was
+    /// taken out of its chains for it) would hold the question up for the hello timeout.
+    fn refresh_asking_last(&mut self, last: Option<NodeId>) {
         self.stats.refreshes += 1;
         self.refreshed_at = Instant::now();
-        let mut addrs: Vec<String> = self.pusher.view.members.iter().map(|m| m.addr.clone()).collect();
-        addrs.extend(self.seeds.iter().cloned());
+        let view = &self.pusher.view;
+        let last = last.and_then(|node| view.member(node)).map(|m| m.addr.clone());
+        let mut members: Vec<&Member> = view.members.iter().collect();
+        members.sort_by_key(|m| !view.holds_any(m.node));
+        let addrs = members.into_iter().map(|m| &m.addr).chain(&self.seeds);
+        let mut addrs: Vec<String> = addrs.filter(|a| Some(*a) != last.as_ref()).cloned().collect();
+        addrs.extend(last);
         for addr in addrs {
             let Ok(body) = ask(&addr, Op::ClusterConfig, &[], &self.dialer.cfg) else { continue };
             let Ok(ClusterView { config: Some(config), .. }) = serde_json::from_slice::<ClusterView>(&body) else { continue };
@@ -675,7 +691,53 @@ impl Chain {
 
     /// [`finish`](Self::finish), waiting no longer than `timeout` when one is given: `None`
     /// when the reply did not come by then (the request stays in flight).
+    ///
+    /// On a cluster, a wait with no end of its own goes in slices of [`SILENT_SERVER_CHECK`].
+    /// A server that stops answering with its connection open (a hung process, a host cut
+    /// off) is taken out of its chains by the coordinator within its failure timeout: after a
+    /// silent slice the client fetches the configuration (from another server first), and when
+    /// the server is in no chain any more it lets the link go, failing what is in flight on it
+    /// (pushes are sent again at once to the new heads), instead of waiting out the transport's
+    /// I/O timeout. A server still in its chains is waited on for that timeout, as before.
     fn finish_within(&mut self, started: &Started, timeout: Option<Duration>) -> Option<Result<Reply>> {
+        if timeout.is_some() || self.alone {
+            return self.finish_within_once(started, timeout);
+        }
+        let began = Instant::now();
+        let io_timeout = Duration::from_millis(self.dialer.cfg.io_timeout_ms);
+        loop {
+            let slice = SILENT_SERVER_CHECK.min(io_timeout.saturating_sub(began.elapsed()));
+            if let Some(replied) = self.finish_within_once(started, Some(slice)) {
+                return Some(replied);
+            }
+            let node = started.to.node;
+            let silent = began.elapsed();
+            if silent >= io_timeout || self.left_chains(node) {
+                let why = match silent >= io_timeout {
+                    true => "no reply within the I/O timeout",
+                    false => "the coordinator took it out of its chains",
+                };
+                let reason = format!("{} answered nothing for {silent:?}: {why}", self.addr_of(node));
+                tracing::warn!(node = node.0, "{reason}; what was in flight to it goes elsewhere");
+                self.links.remove(&started.to);
+                self.link_lost = reason.clone();
+                self.resend_at_once = true;
+                return Some(Err(ClientError::Unavailable { reason }));
+            }
+        }
+    }
+
+    /// Whether `node`, silent, is in no range's chain in the configuration as fetched now
+    /// (asking the other servers first; at most every [`REFRESH_GAP`]).
+    fn left_chains(&mut self, node: NodeId) -> bool {
+        if self.refreshed_at.elapsed() >= REFRESH_GAP {
+            self.refresh_asking_last(Some(node));
+        }
+        !self.pusher.view.holds_any(node)
+    }
+
+    /// One wait of [`finish_within`](Self::finish_within).
+    fn finish_within_once(&mut self, started: &Started, timeout: Option<Duration>) -> Option<Result<Reply>> {
         let link = match self.links.get_mut(&started.to) {
             Some(link) if link.made == started.link => link,
             // The link failed while this request was in flight (another request on it saw the
@@ -901,7 +963,7 @@ impl Chain {
                 }
             }
         }
-        self.renumbered_resend = true;
+        self.resend_at_once = true;
     }
 
     /// Push `push` refused outright with `error`: takes back its `pieces` (none applied), and
@@ -1149,7 +1211,7 @@ impl Chain {
         }
         self.stats.push_pieces_lost = self.pusher.lost;
         // The renumbered pushes go again at once, not after the retry timer.
-        self.renumbered_resend = true;
+        self.resend_at_once = true;
     }
 
     /// Forgets push `seq` to `range`, refused outright. When the pusher took it back
@@ -1169,7 +1231,7 @@ impl Chain {
                 remap(&mut sent.pieces);
             }
         });
-        self.renumbered_resend |= taken_back && self.pusher.in_flight(range) > 0;
+        self.resend_at_once |= taken_back && self.pusher.in_flight(range) > 0;
     }
 
     /// Drops the pushes acknowledged from the front of [`unconfirmed`](Self::unconfirmed).
@@ -1562,7 +1624,7 @@ impl Chain {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);
             }
-            if std::mem::take(&mut self.keys_unknown) | std::mem::take(&mut self.renumbered_resend) {
+            if std::mem::take(&mut self.keys_unknown) | std::mem::take(&mut self.resend_at_once) {
                 self.resend_now();
             }
             let before = self.pusher.unacked();

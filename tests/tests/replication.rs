@@ -1103,6 +1103,24 @@ fn a_server_that_joins_later_makes_the_tables_made_at_run_time() {
     assert!(refused.contains("not this cluster's"), "{refused}");
 }
 
+/// Starts a server (one shard, this run's transport) at each of `addrs` with `tables`, under
+/// `coordinator`, and waits for the chains to form: the servers, and range 0's head (a node
+/// id, counted from 1 as the servers' `--node-id`).
+fn start_chain(addrs: &[String], tables: &str, coordinator: &[String]) -> (Vec<ServerProc>, usize) {
+    let servers = (0..addrs.len())
+        .map(|i| {
+            let node = (i + 1).to_string();
+            let mut args = vec!["--node-id", &node, "--tables", tables, "--shards", "1", "--no-pin", "--coordinator", &coordinator[0]];
+            let transport = transport_args();
+            args.extend(transport.iter().map(String::as_str));
+            ServerProc::start_at(&addrs[i], &args)
+        })
+        .collect();
+    wait_healed(coordinator, None, Duration::from_secs(30));
+    let head = status(coordinator).expect("a status")["config"]["chains"][0]["nodes"][0].as_u64().unwrap() as usize;
+    (servers, head)
+}
+
 /// A push whose first sending never reached a head that checked it (its head, stopped, was
 /// killed with the push unread), and whose table another worker filled meanwhile, is refused
 /// when it is sent again to the new head: the head names it, and it fails on its ticket with
@@ -1118,17 +1136,7 @@ fn a_push_refused_only_when_sent_again_fails_on_its_own_ticket() {
     let args = ["--servers", "3", "--replicas", "3", "--ranges", "1", "--workers", "8", "--failure-timeout-ms", &timeout];
     let _coord = ServerProc::coordinator_at(&coordinator[0], &args);
     let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let mut servers: Vec<ServerProc> = (0..SERVERS)
-        .map(|i| {
-            let node = (i + 1).to_string();
-            let mut args = vec!["--node-id", &node, "--tables", tables.to_str().unwrap(), "--shards", "1", "--no-pin", "--coordinator", &coordinator[0]];
-            let transport = transport_args();
-            args.extend(transport.iter().map(String::as_str));
-            ServerProc::start_at(&addrs[i], &args)
-        })
-        .collect();
-    wait_healed(&coordinator, None, Duration::from_secs(30));
-    let head = status(&coordinator).expect("a status")["config"]["chains"][0]["nodes"][0].as_u64().unwrap() as usize;
+    let (mut servers, head) = start_chain(&addrs, tables.to_str().unwrap(), &coordinator);
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let (a, b) = (Client::connect(&refs, worker_cfg(0)).expect("connect"), Client::connect(&refs, worker_cfg(2)).expect("connect"));
     let (tiny_a, tiny_b) = (a.table("tiny").expect("table"), b.table("tiny").expect("table"));
@@ -1166,6 +1174,48 @@ fn a_push_refused_only_when_sent_again_fails_on_its_own_ticket() {
     reader.pull(&tiny, &keys, &mut held).and_then(|t| t.wait()).expect("pull");
     assert_eq!(held[..2], [2.0, 1.0]);
     assert!(held[2..].iter().all(|v| *v == 1.0), "{held:?}");
+}
+
+/// A head that stops answering with its connections open (stopped with SIGSTOP, as a hung
+/// process or a cut-off host would be) is taken out of its chains by the coordinator within the
+/// failure timeout, and a worker waiting on it stops waiting then, not after the transport's
+/// 30 s I/O timeout: its push and its pull go to the new chain within seconds, and once the
+/// stopped server runs again it heals back in with every sum exact.
+#[test]
+fn a_worker_waiting_on_a_frozen_head_moves_on_when_the_head_is_replaced() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-frozen-head");
+    let tables = sum_table(&dir);
+    let (coordinator, _coord, addrs) = three_replica_coordinator(&failure_timeout_ms(), SERVERS);
+    let (servers, head) = start_chain(&addrs, &tables, &coordinator);
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let client = Client::connect(&refs, worker_cfg(0)).expect("connect");
+    let table = client.table("w").expect("table w");
+    let grads: Vec<f32> = (0..KEYS).map(|k| grad(0, k)).collect();
+    client.push_range(&table, 0, &grads).and_then(|t| t.wait()).expect("a push through the chain");
+
+    servers[head - 1].freeze();
+    let began = Instant::now();
+    client.push_range(&table, 0, &grads).and_then(|t| t.wait()).expect("a push while the head is frozen");
+    let pushed = began.elapsed();
+    let mut values = vec![0f32; KEYS as usize];
+    client.pull_range(&table, 0, &mut values).and_then(|t| t.wait()).expect("a pull while the head is frozen");
+    let took = began.elapsed();
+    eprintln!("with the head frozen: the push took {pushed:?}, the pull after it {:?}", took - pushed);
+    let timeout = Duration::from_millis(failure_timeout_ms().parse().unwrap());
+    assert!(took < timeout + Duration::from_secs(10), "the push took {pushed:?} and the pull {:?}", took - pushed);
+    for k in 0..KEYS {
+        assert_eq!(values[k as usize], 2.0 * grad(0, k), "key {k}");
+    }
+    servers[head - 1].resume();
+    wait_healed(&coordinator, None, heal_within());
+    client.push_range(&table, 0, &grads).and_then(|t| t.wait()).expect("a push after the head came back");
+    let reader = Client::connect(&refs, worker_cfg(7)).expect("connect");
+    let w = reader.table("w").unwrap();
+    reader.pull_range(&w, 0, &mut values).and_then(|t| t.wait()).expect("a pull after the head came back");
+    for k in 0..KEYS {
+        assert_eq!(values[k as usize], 3.0 * grad(0, k), "key {k}");
+    }
 }
 
 /// A data directory names the cluster its data belongs to. A server started on another
