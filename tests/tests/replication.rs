@@ -1180,7 +1180,8 @@ fn a_push_refused_only_when_sent_again_fails_on_its_own_ticket() {
 /// process or a cut-off host would be) is taken out of its chains by the coordinator within the
 /// failure timeout, and a worker waiting on it stops waiting then, not after the transport's
 /// 30 s I/O timeout: its push and its pull go to the new chain within seconds, and once the
-/// stopped server runs again it heals back in with every sum exact.
+/// stopped server runs again it heals back in with every sum exact. A tail frozen under a pull
+/// is passed over the same way.
 #[test]
 fn a_worker_waiting_on_a_frozen_head_moves_on_when_the_head_is_replaced() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -1216,6 +1217,21 @@ fn a_worker_waiting_on_a_frozen_head_moves_on_when_the_head_is_replaced() {
     for k in 0..KEYS {
         assert_eq!(values[k as usize], 3.0 * grad(0, k), "key {k}");
     }
+
+    // A tail frozen under a pull: the pull is made again on the new chains.
+    let chain = &status(&coordinator).expect("a status")["config"]["chains"][0]["nodes"];
+    let tail = chain.as_array().and_then(|n| n.last()).and_then(|n| n.as_u64()).expect("a tail") as usize;
+    servers[tail - 1].freeze();
+    let began = Instant::now();
+    values.fill(0.0);
+    reader.pull_range(&w, 0, &mut values).and_then(|t| t.wait()).expect("a pull while a tail is frozen");
+    let pulled = began.elapsed();
+    eprintln!("with a tail frozen: the pull took {pulled:?}");
+    assert!(pulled < timeout + Duration::from_secs(10), "the pull took {pulled:?}");
+    for k in 0..KEYS {
+        assert_eq!(values[k as usize], 3.0 * grad(0, k), "key {k}");
+    }
+    servers[tail - 1].resume();
 }
 
 /// A data directory names the cluster its data belongs to. A server started on another
