@@ -544,11 +544,11 @@ impl ChainShard {
     /// connection's); each push is made plain first (a hash not held refuses the batch with
     /// `KeysUnknown`, and the worker sends it again with its keys). Every push the head
     /// applies is checked before any enters the protocol: one that can never apply is named
-    /// in the reply ([`Msg::Refused`]) and nothing of its batch is applied. The pushes are applied at once; a chain of one closes its batches at once too,
-    /// and acknowledges them in this reply, while a longer chain's batches close at the end of
-    /// the shard's turn ([`pump`](Self::pump)), taking every push the turn served as one
-    /// update down the chain. The reply carries every acknowledgement and refusal waiting for
-    /// the worker.
+    /// in the reply ([`Msg::Refused`]) and nothing of its batch is applied. The pushes are
+    /// applied at once; a chain of one closes its batches at once too, and acknowledges them
+    /// in this reply, while a longer chain's batches close at the end of the shard's turn
+    /// ([`pump`](Self::pump)), taking every push the turn served as one update down the chain.
+    /// The reply carries every acknowledgement and refusal waiting for the worker.
     #[allow(clippy::too_many_arguments)]
     pub fn serve_worker(
         &mut self,
