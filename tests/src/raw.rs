@@ -54,22 +54,23 @@ impl RawReply {
     pub fn expect_error(&self, status: Status, needle: &str) {
         assert!(self.header.is_reply(), "the reply's op {:#x} lacks the reply bit", self.header.op);
         let (got, message) = match self.refusal() {
-            Some(refused) => refused,
+            Some((_, status, reason)) => (status, reason),
             None => (self.status(), self.message()),
         };
         assert_eq!(got, status, "expected {status:?}, got {got:?}: {message:?}");
         assert!(message.to_lowercase().contains(&needle.to_lowercase()), "{status:?} message {message:?} does not mention {needle:?}");
     }
 
-    /// The first push a head's answer to a worker refuses by name: its status and reason.
-    pub fn refusal(&self) -> Option<(Status, String)> {
+    /// The first push a head's answer to a worker refuses by name: its number, status and
+    /// reason.
+    pub fn refusal(&self) -> Option<(u32, Status, String)> {
         let worker_push = self.header.op & !REPLY_BIT == Op::WorkerPush as u8;
         if !worker_push || self.status() != Status::Ok {
             return None;
         }
         let news = codec::decode_batch(&self.body[self.header.count as usize * 8..]).ok()?;
         news.into_iter().find_map(|m| match m {
-            Msg::Refused { status, reason, .. } => Some((Status::from_u16(status), reason)),
+            Msg::Refused { seq, status, reason, .. } => Some((seq, Status::from_u16(status), reason)),
             _ => None,
         })
     }

@@ -495,16 +495,8 @@ fn forged(addr: &str, op: Op, from: u32, body: &[u8]) -> Option<String> {
     let mut header = tessera_transport::Header::request(op, 1);
     header.worker = from;
     match tessera_transport::call(&mut link, &mut header, body, Some(Duration::from_secs(10))) {
-        // A head names the pushes it refuses in its answer (after the stamp of what it applied).
-        Ok((h, body)) if op == Op::WorkerPush => {
-            let batch = &body[h.count as usize * 8..];
-            let news = tessera_replication::codec::decode_batch(batch).expect("a worker's answer is a batch");
-            news.into_iter().find_map(|m| match m {
-                tessera_replication::protocol::Msg::Refused { seq, reason, .. } => Some(format!("push {seq}: {reason}")),
-                _ => None,
-            })
-        }
-        Ok(_) => None,
+        // A head names the pushes it refuses in its answer.
+        Ok((header, body)) => tessera_tests::raw::RawReply { header, body }.refusal().map(|(seq, _, reason)| format!("push {seq}: {reason}")),
         Err(tessera_transport::TransportError::Refused { reason, .. }) => Some(reason),
         Err(e) => panic!("the server did not answer a forged {op:?}: {e}"),
     }
