@@ -880,7 +880,7 @@ impl Chain {
                         self.met_stamp(sent.push, stamp);
                     }
                     // Acknowledgements carry no payload: nothing to keep for them.
-                    codec::decode_batch_into(batch, &mut PayloadPool::unkept(), &mut news).map_err(|e| e.to_string())
+                    codec::decode_batch_into(batch, None, &mut PayloadPool::unkept(), &mut news).map_err(|e| e.to_string())
                 }
                 None => Err(format!("a stamp of {} clocks in a reply of {} bytes", header.count, body.len())),
             };

@@ -334,10 +334,10 @@ impl Shard {
             return Err(EngineError::BadRequest { reason: "only a WorkerPush asks for push counts or hears from tails".into() });
         }
         match h.op() {
-            Some(Op::Replicate) => return self.chain.serve_peer(&mut self.tables, &mut self.disk, &h, req.body, reply),
+            Some(Op::Replicate) => return self.chain.serve_peer(&mut self.tables, &mut self.disk, req, reply),
             Some(Op::WorkerPush) => {
                 let lists = self.key_lists.entry(req.conn).or_insert_with(|| KeyLists::new(self.cfg.key_cache_keys));
-                return self.chain.serve_worker(&mut self.tables, &mut self.disk, lists, &h, req.body, reply);
+                return self.chain.serve_worker(&mut self.tables, &mut self.disk, lists, req, reply);
             }
             Some(Op::Push | Op::PushRange) => {
                 return Err(EngineError::BadRequest { reason: "pushes go through each range's head as WorkerPush (the client does)".into() })

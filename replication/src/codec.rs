@@ -4,11 +4,16 @@
 //!
 //! Decoding checks every length against the bytes present and refuses trailing bytes, so a
 //! malformed or hostile frame is an error, never a panic or an allocation it asked for.
+//!
+//! Bulk bytes (a push's payload, a forward's delta, a snapshot's data) start at a multiple of
+//! [`BULK_ALIGN`] in the frame body: a byte after their length says how many zero bytes pad
+//! them there. A large bulk decoded from a frame its caller shares ([`decode_batch_into`]) is
+//! then a view of the frame, not a copy, and its values read in place as f32s and u64s.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::config::{REUSED_PAYLOADS_MAX, REUSED_PAYLOAD_BYTES_MAX, WORKERS_MAX};
+use crate::config::{REUSED_PAYLOADS_MAX, REUSED_PAYLOAD_BYTES_MAX, SHARED_BULK_BYTES_MIN, WORKERS_MAX};
 use crate::error::{ReplicationError, Result};
 use crate::protocol::{ClusterConfig, Epoch, Msg, NodeId, Payload, RangeId, RangeReport, WorkerId};
 
@@ -38,15 +43,21 @@ struct HeartbeatJson {
     ranges: Vec<RangeReport>,
 }
 
-/// Appends `msg` to `out`.
+/// Where bulk bytes start in a frame body: a multiple of this, so that they read in place as
+/// u64s and f32s.
+pub const BULK_ALIGN: usize = 8;
+
+/// Appends `msg` to `out`, taken to start a frame body.
 pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
-    encode_with(msg, out, true);
+    encode_with(msg, out, true, 0);
 }
 
 /// [`encode`], with the bulk bytes ([`bulk`]) themselves left out when `with_bulk` is false
 /// (their length is written): they end the message, so they can follow from where they lie.
-fn encode_with(msg: &Msg, out: &mut Vec<u8>, with_bulk: bool) {
-    let mut w = Writer(out);
+/// `elsewhere` counts the body's bytes ahead of `out`'s end that are not in `out` (bulk sent
+/// from where it lies), so that this message's bulk is aligned where it lands in the body.
+fn encode_with(msg: &Msg, out: &mut Vec<u8>, with_bulk: bool, elsewhere: usize) {
+    let mut w = Writer { out, elsewhere };
     match msg {
         Msg::Push { range, worker, seq, payload } => {
             w.u8(PUSH).u32(range.0).u32(worker.0).u32(*seq).bulk(payload, with_bulk);
@@ -112,14 +123,16 @@ pub fn bulk(msg: &Msg) -> &[u8] {
 
 /// Reads one message that fills `bytes` exactly.
 pub fn decode(bytes: &[u8]) -> Result<Msg> {
-    decode_with(bytes, &mut PayloadPool::unkept())
+    decode_with(bytes, None, &mut PayloadPool::unkept())
 }
 
-/// [`decode`], with large payloads from `payloads`.
-pub fn decode_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Msg> {
+/// [`decode`], with payloads viewed in `frame` when they lie in it ([`PayloadPool::take`]), or from
+/// `payloads`.
+fn decode_with(bytes: &[u8], frame: Option<&Payload>, payloads: &mut PayloadPool) -> Result<Msg> {
     let mut r = Reader { bytes, at: 0 };
+    let mut payload = |bulk: &[u8]| payloads.take(bulk, frame);
     let msg = match r.u8()? {
-        PUSH => Msg::Push { range: RangeId(r.u32()?), worker: WorkerId(r.u32()?), seq: r.u32()?, payload: payloads.make(r.bytes()?) },
+        PUSH => Msg::Push { range: RangeId(r.u32()?), worker: WorkerId(r.u32()?), seq: r.u32()?, payload: payload(r.bulk()?) },
         PUSH_ACK => Msg::PushAck { range: RangeId(r.u32()?), seq: r.u32()? },
         SEQ_COUNT => Msg::SeqCount { range: RangeId(r.u32()?), seq: r.u32()? },
         NOT_HEAD => Msg::NotHead { range: RangeId(r.u32()?), config_id: r.u64()? },
@@ -136,7 +149,7 @@ pub fn decode_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Msg> {
             digest: r.u32()?,
             durable: r.u64()?,
             clock: r.clock()?,
-            delta: payloads.make(r.bytes()?),
+            delta: payload(r.bulk()?),
         },
         DURABLE => Msg::Durable { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         ACK => Msg::Ack { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
@@ -147,7 +160,7 @@ pub fn decode_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Msg> {
             version: r.u64()?,
             digest: r.u32()?,
             clock: r.clock()?,
-            data: Arc::new(r.bytes()?.to_vec()),
+            data: r.bulk()?.to_vec().into(),
         },
         RESUME => Msg::Resume { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, digest: r.u32()? },
         HEARTBEAT => {
@@ -170,35 +183,46 @@ fn bad(reason: String) -> ReplicationError {
     ReplicationError::BadMessage { reason }
 }
 
-struct Writer<'a>(&'a mut Vec<u8>);
+struct Writer<'a> {
+    out: &'a mut Vec<u8>,
+    /// Bytes of the body ahead of `out`'s end that are not in `out` (see [`encode_with`]).
+    elsewhere: usize,
+}
 
 impl Writer<'_> {
     fn u8(&mut self, v: u8) -> &mut Self {
-        self.0.push(v);
+        self.out.push(v);
         self
     }
     fn u32(&mut self, v: u32) -> &mut Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.out.extend_from_slice(&v.to_le_bytes());
         self
     }
     fn u64(&mut self, v: u64) -> &mut Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.out.extend_from_slice(&v.to_le_bytes());
         self
     }
+    /// `v` after its length.
     fn bytes(&mut self, v: &[u8]) -> &mut Self {
-        self.bulk(v, true)
+        self.u32(u32::try_from(v.len()).expect("a message part under 4 GiB"));
+        self.out.extend_from_slice(v);
+        self
     }
-    /// `v`'s length, and `v` itself if `with`.
+    /// `v`'s length, the zero bytes that bring `v` to a multiple of [`BULK_ALIGN`] in the body
+    /// (their count first), and `v` itself if `with`.
     fn bulk(&mut self, v: &[u8], with: bool) -> &mut Self {
         self.u32(u32::try_from(v.len()).expect("a message part under 4 GiB"));
+        let pad = (self.elsewhere + self.out.len() + 1).wrapping_neg() % BULK_ALIGN;
+        self.u8(pad as u8);
+        self.out.extend_from_slice(&[0; BULK_ALIGN][..pad]);
         if with {
-            self.0.extend_from_slice(v);
+            self.out.extend_from_slice(v);
         }
         self
     }
     fn clock(&mut self, clock: &[u32]) -> &mut Self {
         self.u32(clock.len() as u32);
-        clock.iter().for_each(|c| self.0.extend_from_slice(&c.to_le_bytes()));
+        clock.iter().for_each(|c| self.out.extend_from_slice(&c.to_le_bytes()));
         self
     }
 }
@@ -227,6 +251,16 @@ impl<'a> Reader<'a> {
     }
     fn bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.u32()? as usize;
+        self.take(n)
+    }
+    /// What [`Writer::bulk`] wrote.
+    fn bulk(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        let pad = self.u8()? as usize;
+        if pad >= BULK_ALIGN {
+            return Err(bad(format!("{pad} bytes of padding before bulk bytes, at most {} allowed", BULK_ALIGN - 1)));
+        }
+        self.take(pad)?;
         self.take(n)
     }
     fn clock(&mut self) -> Result<Arc<[u32]>> {
@@ -293,11 +327,78 @@ mod tests {
             encode_batch([&before, &msg], &mut whole);
             let mut parts = Vec::new();
             encode_batch([&before], &mut parts);
-            let tail = encode_batch_head(&msg, &mut parts);
+            let tail = encode_batch_head(&msg, &mut parts, 0);
             assert_eq!(tail, bulk(&msg));
             parts.extend_from_slice(tail);
             assert_eq!(parts, whole, "{}", msg.kind());
         }
+    }
+
+    /// An aligned buffer, as a frame a transport shares.
+    struct Words(Vec<u64>);
+
+    impl AsRef<[u8]> for Words {
+        fn as_ref(&self) -> &[u8] {
+            bytemuck::cast_slice(&self.0)
+        }
+    }
+
+    /// However a body is put together (encoded whole, or heads with each large bulk sent from
+    /// where it lies), every bulk starts at a multiple of [`BULK_ALIGN`] in it; decoded from a
+    /// shared frame, a large bulk is a view of the frame and a small one a copy.
+    #[test]
+    fn bulk_lands_aligned_and_a_large_one_is_viewed_in_place() {
+        let push = |seq: u32, n: usize| Msg::Push { range: RangeId(1), worker: WorkerId(2), seq, payload: Payload::from(vec![seq as u8; n]) };
+        let msgs = [
+            push(1, SHARED_BULK_BYTES_MIN + 3),
+            Msg::PushAck { range: RangeId(1), seq: 9 },
+            push(2, 10),
+            push(3, SHARED_BULK_BYTES_MIN + 5),
+            push(4, SHARED_BULK_BYTES_MIN),
+        ];
+        let mut whole = Vec::new();
+        encode_batch(&msgs, &mut whole);
+        let (mut heads, mut cuts, mut elsewhere) = (Vec::new(), Vec::new(), 0);
+        for msg in &msgs {
+            if bulk_len(msg) >= SHARED_BULK_BYTES_MIN {
+                let bulk = encode_batch_head(msg, &mut heads, elsewhere);
+                cuts.push((heads.len(), bulk));
+                elsewhere += bulk.len();
+            } else {
+                encode_batch_after([msg], &mut heads, elsewhere);
+            }
+        }
+        let (mut sent, mut from) = (Vec::new(), 0);
+        for (cut, bulk) in cuts {
+            sent.extend_from_slice(&heads[from..cut]);
+            sent.extend_from_slice(bulk);
+            from = cut;
+        }
+        sent.extend_from_slice(&heads[from..]);
+        assert_eq!(sent, whole, "heads and bulks are the body encoded whole");
+        let mut words = vec![0u64; whole.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..whole.len()].copy_from_slice(&whole);
+        let frame = Payload::whole(Arc::new(Words(words)));
+        let frame = frame.view(&frame[..whole.len()]).expect("a part of it");
+        let mut decoded = Vec::new();
+        decode_batch_into(&frame, Some(&frame), &mut PayloadPool::default(), &mut decoded).unwrap();
+        assert_eq!(decoded, msgs);
+        let within = |p: &[u8]| frame.as_ptr_range().contains(&p.as_ptr());
+        for msg in &decoded {
+            let bulk = bulk(msg);
+            assert!((bulk.as_ptr() as usize).is_multiple_of(BULK_ALIGN) || bulk.is_empty(), "{msg:?} aligned");
+            assert_eq!(within(bulk), bulk.len() >= SHARED_BULK_BYTES_MIN, "only a large bulk is a view");
+        }
+        // A frame the bytes do not lie in is no source: every payload is a copy.
+        let elsewhere = Payload::from(whole.clone());
+        decode_batch_into(&frame, Some(&elsewhere), &mut PayloadPool::default(), &mut decoded).unwrap();
+        assert!(decoded.iter().all(|m| !elsewhere.as_ptr_range().contains(&bulk(m).as_ptr())));
+        // Padding past its limit is malformed.
+        let mut bad = Vec::new();
+        encode(&push(5, 8), &mut bad);
+        let pad_at = 1 + 12 + 4;
+        bad[pad_at] = BULK_ALIGN as u8;
+        assert!(decode(&bad).unwrap_err().to_string().contains("padding"));
     }
 
     #[test]
@@ -390,9 +491,9 @@ impl PushHeader {
     /// Appends this header to `out`: a payload's first [`Self::BYTES`] bytes, which its keys
     /// (if `listed`) and then its values follow.
     pub fn write_head(&self, out: &mut Vec<u8>) {
-        Writer(out).u32(self.table).u32(self.dim).u64(self.start).u32(self.count).u32(self.worker).u64(self.clock);
+        Writer { out, elsewhere: 0 }.u32(self.table).u32(self.dim).u64(self.start).u32(self.count).u32(self.worker).u64(self.clock);
         let flags = if self.listed { LISTED } else { 0 } | if self.range_done { RANGE_DONE } else { 0 };
-        Writer(out).u32(flags).u32(0);
+        Writer { out, elsewhere: 0 }.u32(flags).u32(0);
     }
 
     /// Splits a payload into its header, its keys' bytes and its values' bytes, checking
@@ -503,25 +604,32 @@ impl PushHeader {
     }
 }
 
-/// Appends `msgs` to `out`, each with its length first: a reply carrying several messages.
+/// Appends `msgs` to `out`, each with its length first: a request or reply carrying several
+/// messages. `out` is taken to start a frame body.
 pub fn encode_batch<'a>(msgs: impl IntoIterator<Item = &'a Msg>, out: &mut Vec<u8>) {
+    encode_batch_after(msgs, out, 0);
+}
+
+/// [`encode_batch`] into a body that also holds `elsewhere` bytes ahead of `out`'s end that are
+/// not in `out` (see [`encode_batch_head`]).
+pub fn encode_batch_after<'a>(msgs: impl IntoIterator<Item = &'a Msg>, out: &mut Vec<u8>, elsewhere: usize) {
     for msg in msgs {
         let at = out.len();
         out.extend_from_slice(&[0; 4]);
-        encode(msg, out);
+        encode_with(msg, out, true, elsewhere);
         let len = (out.len() - at - 4) as u32;
         out[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
 }
 
-/// [`encode_batch`] of one more message, all but its bulk bytes, which it returns: `out`, then
-/// the bulk, are what `encode_batch` would have written. A large update is sent from where it
-/// lies, not copied into a request first.
-pub fn encode_batch_head<'m>(msg: &'m Msg, out: &mut Vec<u8>) -> &'m [u8] {
+/// [`encode_batch_after`] of one more message, all but its bulk bytes, which it returns: `out`,
+/// then the bulk, are what it would have written. A large update is sent from where it lies, not
+/// copied into a request first.
+pub fn encode_batch_head<'m>(msg: &'m Msg, out: &mut Vec<u8>, elsewhere: usize) -> &'m [u8] {
     let bulk = bulk(msg);
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
-    encode_with(msg, out, false);
+    encode_with(msg, out, false, elsewhere);
     let len = u32::try_from(out.len() - at - 4 + bulk.len()).expect("a message under 4 GiB");
     out[at..at + 4].copy_from_slice(&len.to_le_bytes());
     bulk
@@ -529,23 +637,20 @@ pub fn encode_batch_head<'m>(msg: &'m Msg, out: &mut Vec<u8>) -> &'m [u8] {
 
 /// Reads what [`encode_batch`] wrote.
 pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Msg>> {
-    decode_batch_with(bytes, &mut PayloadPool::unkept())
-}
-
-/// [`decode_batch`], with large payloads from `payloads`.
-pub fn decode_batch_with(bytes: &[u8], payloads: &mut PayloadPool) -> Result<Vec<Msg>> {
     let mut msgs = Vec::new();
-    decode_batch_into(bytes, payloads, &mut msgs)?;
+    decode_batch_into(bytes, None, &mut PayloadPool::unkept(), &mut msgs)?;
     Ok(msgs)
 }
 
-/// [`decode_batch_with`] into `msgs` (cleared first), a vector its caller keeps. On an error
-/// `msgs` holds the messages before the bad one.
-pub fn decode_batch_into(bytes: &[u8], payloads: &mut PayloadPool, msgs: &mut Vec<Msg>) -> Result<()> {
+/// [`decode_batch`] into `msgs` (cleared first), a vector its caller keeps. A large payload is
+/// a view of `frame` when `bytes` lie in it (the caller shares the frame's buffer), else a copy
+/// from `payloads` ([`PayloadPool::take`]). On an error `msgs` holds the messages before the
+/// bad one.
+pub fn decode_batch_into(bytes: &[u8], frame: Option<&Payload>, payloads: &mut PayloadPool, msgs: &mut Vec<Msg>) -> Result<()> {
     msgs.clear();
     let mut r = Reader { bytes, at: 0 };
     while r.at < bytes.len() {
-        msgs.push(decode_with(r.bytes()?, payloads)?);
+        msgs.push(decode_with(r.bytes()?, frame, payloads)?);
     }
     Ok(())
 }
@@ -583,6 +688,17 @@ impl PayloadPool {
         self.make_with(|out| out.extend_from_slice(bytes))
     }
 
+    /// A payload holding `bulk`: a view of `frame`, with no copy, when `bulk` lies in it, is at
+    /// least [`SHARED_BULK_BYTES_MIN`] long (a small one would keep a whole frame's buffer from
+    /// reuse) and starts aligned to [`BULK_ALIGN`] (to be read in place); else [`make`](Self::make).
+    pub fn take(&mut self, bulk: &[u8], frame: Option<&Payload>) -> Payload {
+        let viewable = bulk.len() >= SHARED_BULK_BYTES_MIN && (bulk.as_ptr() as usize).is_multiple_of(BULK_ALIGN);
+        match frame.filter(|_| viewable).and_then(|frame| frame.view(bulk)) {
+            Some(view) => view,
+            None => self.make(bulk),
+        }
+    }
+
     /// A payload that `fill` writes (it is given it empty): a kept one that nothing else holds
     /// any more, if one of the [`REUSE_LOOKS`] oldest is; else a new one, kept too while the
     /// pool holds fewer than [`REUSED_PAYLOADS_MAX`] of at most [`REUSED_PAYLOAD_BYTES_MAX`]
@@ -591,11 +707,11 @@ impl PayloadPool {
         if !self.keeps {
             let mut made = Vec::new();
             fill(&mut made);
-            return Arc::new(made);
+            return made.into();
         }
         for _ in 0..self.kept.len().min(REUSE_LOOKS) {
             let mut kept = self.kept.pop_front().expect("counted");
-            if let Some(free) = Arc::get_mut(&mut kept) {
+            if let Some(free) = kept.vec_mut() {
                 let before = free.capacity();
                 free.clear();
                 fill(free);
@@ -612,13 +728,13 @@ impl PayloadPool {
         }
         let mut made = Vec::new();
         fill(&mut made);
-        let made = Arc::new(made);
+        let made = Payload::from(made);
         if self.kept.len() < REUSED_PAYLOADS_MAX && self.bytes + made.capacity() <= REUSED_PAYLOAD_BYTES_MAX {
             self.bytes += made.capacity();
             self.kept.push_back(made.clone());
         } else if self.bytes + made.capacity() > REUSED_PAYLOAD_BYTES_MAX {
             // Make room for the next ones by letting go of the payloads nothing else holds.
-            self.kept.retain(|k| Arc::strong_count(k) > 1);
+            self.kept.retain(Payload::is_shared);
             self.bytes = self.kept.iter().map(|k| k.capacity()).sum();
         }
         made
@@ -639,16 +755,19 @@ mod payload_tests {
         let mut pool = PayloadPool::default();
         let first = pool.make(&[7u8; 100]);
         let second = pool.make(&[7u8; 100]);
-        assert!(!Arc::ptr_eq(&first, &second), "a payload still held is not handed out again");
-        let at = Arc::as_ptr(&first);
+        assert_ne!(first.as_ptr(), second.as_ptr(), "a payload still held is not handed out again");
+        let at = first.as_ptr();
+        let copy = first.clone();
         drop(first);
+        assert_ne!(pool.make(&[9u8; 60]).as_ptr(), at, "nor one a clone of it still holds");
+        drop(copy);
         let again = pool.make(&[9u8; 60]);
-        assert_eq!(Arc::as_ptr(&again), at, "a payload nothing else holds is reused, at another length");
+        assert_eq!(again.as_ptr(), at, "a payload nothing else holds is reused, at another length");
         assert_eq!(&again[..], &[9u8; 60][..], "and refilled");
         let mut unkept = PayloadPool::unkept();
         let once = unkept.make(&[1, 2, 3]);
-        assert_eq!(Arc::strong_count(&once), 1, "a pool that keeps nothing keeps no payload");
-        assert!(unkept.kept.is_empty() && unkept.bytes == 0);
+        assert_eq!(&once[..], &[1, 2, 3]);
+        assert!(unkept.kept.is_empty() && unkept.bytes == 0, "a pool that keeps nothing keeps no payload");
         let big = vec![7u8; 1 << 20];
         let held: Vec<_> = (0..(REUSED_PAYLOAD_BYTES_MAX >> 20) * 2).map(|_| pool.make(&big)).collect();
         assert!(pool.bytes <= REUSED_PAYLOAD_BYTES_MAX);
@@ -656,7 +775,7 @@ mod payload_tests {
         drop((held, second, again));
         // A free payload refilled past the cap is handed out and no longer kept.
         let huge = pool.make(&vec![0u8; REUSED_PAYLOAD_BYTES_MAX]);
-        assert!(!pool.kept.iter().any(|k| Arc::ptr_eq(k, &huge)));
+        assert!(!pool.kept.iter().any(|k| k.as_ptr() == huge.as_ptr()));
         assert!(pool.bytes <= REUSED_PAYLOAD_BYTES_MAX);
         assert_eq!(pool.bytes, pool.kept.iter().map(|k| k.capacity()).sum::<usize>());
         drop(huge);

@@ -12,6 +12,10 @@ pub const REUSED_PAYLOADS_MAX: usize = 1024;
 /// Most bytes of capacity the payloads one [`PayloadPool`](crate::codec::PayloadPool) keeps for
 /// reuse may hold together.
 pub const REUSED_PAYLOAD_BYTES_MAX: usize = 16 << 20;
+/// Fewest bulk bytes a payload decoded from a shared frame is viewed in place rather than copied
+/// ([`PayloadPool::take`](crate::codec::PayloadPool::take)): a view keeps the frame's whole read
+/// buffer from reuse while it lives, which pays only for a large payload.
+pub const SHARED_BULK_BYTES_MIN: usize = 64 << 10;
 /// Most replicas in one chain.
 pub const REPLICAS_MAX: u32 = 7;
 /// Most ranges a cluster is divided into.

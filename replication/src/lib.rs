@@ -12,6 +12,7 @@ pub mod codec;
 pub mod config;
 pub mod coordinator;
 pub mod error;
+pub mod payload;
 pub mod protocol;
 pub mod replica;
 pub mod ring;

@@ -163,10 +163,7 @@ pub struct RangeReport {
     pub learner_synced: bool,
 }
 
-/// Bytes a message carries (a push's payload, an update's delta, a snapshot): shared by the
-/// messages and logs that hold them, and refilled in place for the next message once nothing
-/// holds them any more ([`PayloadPool`](crate::codec::PayloadPool)), at any length.
-pub type Payload = Arc<Vec<u8>>;
+pub use crate::payload::Payload;
 
 /// A message of the protocol.
 #[derive(Debug, Clone, PartialEq)]

@@ -144,7 +144,7 @@ struct Open {
 
 impl Open {
     fn delta_mut(&mut self) -> &mut Vec<u8> {
-        Arc::get_mut(&mut self.delta).expect("an open batch's delta is held by nothing else")
+        self.delta.vec_mut().expect("an open batch's delta is a vector held by nothing else")
     }
 }
 
@@ -165,10 +165,11 @@ struct Spares {
 }
 
 impl Spares {
-    /// Keeps `entry`'s buffers if nothing else holds them and there is room.
+    /// Keeps `entry`'s buffers if nothing else holds them and there is room. A delta this
+    /// replica received is a view of a frame, or a pool's: only one it built is kept.
     fn keep(&mut self, entry: Entry) {
         let Entry { mut delta, mut clock, .. } = entry;
-        if Arc::get_mut(&mut delta).is_some() && self.deltas.len() < SPARES_MAX {
+        if self.deltas.len() < SPARES_MAX && delta.vec_mut().is_some() {
             self.deltas.push(delta);
         }
         if Arc::get_mut(&mut clock).is_some() && self.clocks.len() < SPARES_MAX {
@@ -180,10 +181,10 @@ impl Spares {
     fn delta(&mut self) -> Payload {
         match self.deltas.pop() {
             Some(mut delta) => {
-                Arc::get_mut(&mut delta).expect("kept only when held by nothing else").clear();
+                delta.vec_mut().expect("kept only when a vector held by nothing else").clear();
                 delta
             }
-            None => Payload::default(),
+            None => Payload::from(Vec::new()),
         }
     }
 

@@ -216,7 +216,7 @@ mod tests {
     fn pushed(pushes: u32, acked: u32) -> Pusher {
         let mut p = Pusher::new(WorkerId(0), 1, config(1, 1));
         for seq in 1..=pushes {
-            p.push(0, RangeId(0), Arc::new(vec![seq as u8]));
+            p.push(0, RangeId(0), Payload::from(vec![seq as u8]));
         }
         p.on_msg(10, Msg::PushAck { range: RangeId(0), seq: acked });
         p.out.clear();
@@ -240,7 +240,7 @@ mod tests {
         let range = RangeId(0);
         let mut p = Pusher::new(WorkerId(0), 1, config(1, 1));
         for seq in 1..=3 {
-            assert_eq!(p.push(0, range, Arc::new(vec![seq as u8])), seq);
+            assert_eq!(p.push(0, range, Payload::from(vec![seq as u8])), seq);
         }
         p.out.clear();
         // Nothing heard from the head: every push due is resent, in order.
@@ -272,7 +272,7 @@ mod tests {
         assert_eq!((p.lost, std::mem::take(&mut p.renumbered)), (2, vec![(range, 4, 2)]));
         p.resend(20, 0);
         assert_eq!(resent(&mut p), vec![(NodeId(1), 2), (NodeId(1), 3)]);
-        assert_eq!(p.push(30, range, Arc::new(vec![6])), 4);
+        assert_eq!(p.push(30, range, Payload::from(vec![6])), 4);
         // Counts at or above what was acknowledged since change nothing.
         p.on_msg(40, Msg::PushAck { range, seq: 2 });
         p.on_msg(50, Msg::SeqCount { range, seq: 2 });
@@ -299,10 +299,10 @@ mod tests {
             })
             .collect();
         assert_eq!(payloads, vec![(2, 3), (3, 4)]);
-        assert_eq!(p.push(30, range, Arc::new(vec![5])), 4);
+        assert_eq!(p.push(30, range, Payload::from(vec![5])), 4);
         // The last one started, taken back, gives its number to the next.
         assert!(p.withdraw(range, 4));
-        assert_eq!(p.push(40, range, Arc::new(vec![6])), 4);
+        assert_eq!(p.push(40, range, Payload::from(vec![6])), 4);
         assert_eq!(p.in_flight(range), 3);
     }
 }

@@ -4,9 +4,12 @@
 //! place as keys (u64) and values (f32). They grow to the largest frame seen and are then reused:
 //! the steady state does not allocate.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::ops::Range;
+use std::sync::Arc;
 
+use crate::config::{LENT_BUFFERS_MAX, SHARED_BODY_BYTES_MIN};
 use crate::error::{Result, TransportError};
 use crate::wire::{flags, Header, FRAME_ALIGN, HEADER_BYTES};
 
@@ -89,6 +92,12 @@ impl AlignedBuf {
     }
 }
 
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 /// What a read from a socket produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Filled {
@@ -105,12 +114,19 @@ pub enum Filled {
     Eof,
 }
 
-/// Splits a byte stream into frames, in place.
+/// Splits a byte stream into frames, in place. A frame's body can be lent out
+/// ([`FrameReader::share`]) for as long as its borrower likes: the reader then reads on into
+/// another buffer, and takes the lent one back once nothing holds it.
 #[derive(Debug)]
 pub struct FrameReader {
-    buf: AlignedBuf,
+    /// Written only while nothing else holds it.
+    buf: Arc<AlignedBuf>,
     /// Start of the first unconsumed frame; always a multiple of 8.
     pos: usize,
+    /// Buffers lent out, oldest first, to read into again once returned.
+    lent: VecDeque<Arc<AlignedBuf>>,
+    /// Whether reads of a large frame stop at its end (see [`FrameReader::lending`]).
+    lends: bool,
     frame_bytes_max: usize,
     read_chunk_bytes: usize,
     /// Room each read is given past the buffered bytes: it starts at [`READ_ROOM_MIN_BYTES`]
@@ -128,10 +144,57 @@ impl FrameReader {
     /// beyond what it holds per call.
     pub fn new(frame_bytes_max: usize, read_chunk_bytes: usize) -> Self {
         let read_room = READ_ROOM_MIN_BYTES.min(read_chunk_bytes);
-        Self { buf: AlignedBuf::with_capacity(read_room), pos: 0, frame_bytes_max, read_chunk_bytes, read_room }
+        Self { buf: Arc::new(AlignedBuf::with_capacity(read_room)), pos: 0, lent: VecDeque::new(), lends: false, frame_bytes_max, read_chunk_bytes, read_room }
     }
 
-    /// Bytes this reader holds from the allocator.
+    /// [`FrameReader::new`] for a reader whose large frames' bodies are lent out: a read into a
+    /// frame of [`SHARED_BODY_BYTES_MIN`] or more stops at its end, so that lending the buffer
+    /// leaves none of the next frame's bytes to move into another.
+    pub fn lending(frame_bytes_max: usize, read_chunk_bytes: usize) -> Self {
+        Self { lends: true, ..Self::new(frame_bytes_max, read_chunk_bytes) }
+    }
+
+    /// The buffer, to write into: if a body of it is still lent out, the unconsumed bytes move
+    /// first to a returned buffer, or a new one.
+    fn own(&mut self) -> &mut AlignedBuf {
+        if Arc::get_mut(&mut self.buf).is_none() {
+            let mut fresh = self.returned().unwrap_or_else(|| Arc::new(AlignedBuf::with_capacity(self.buf.capacity())));
+            let held = &self.buf.bytes()[self.pos..];
+            let into = Arc::get_mut(&mut fresh).expect("a returned or new buffer is held by nothing else");
+            into.reserve_total(held.len());
+            into.all_mut()[..held.len()].copy_from_slice(held);
+            into.set_len(held.len());
+            let lent = std::mem::replace(&mut self.buf, fresh);
+            self.pos = 0;
+            if self.lent.len() == LENT_BUFFERS_MAX {
+                // Its borrowers free it; this reader no longer waits for it.
+                self.lent.pop_front();
+            }
+            self.lent.push_back(lent);
+        }
+        Arc::get_mut(&mut self.buf).expect("held by nothing else")
+    }
+
+    /// A lent buffer nothing holds any more, if the oldest few include one.
+    fn returned(&mut self) -> Option<Arc<AlignedBuf>> {
+        for _ in 0..self.lent.len().min(RETURN_LOOKS) {
+            let mut lent = self.lent.pop_front().expect("counted");
+            if let Some(buf) = Arc::get_mut(&mut lent) {
+                buf.set_len(0);
+                return Some(lent);
+            }
+            self.lent.push_back(lent);
+        }
+        None
+    }
+
+    /// The buffer the last frame's body lies in, for a holder to keep as long as it likes
+    /// (a clone of the `Arc`), with no copy: the reader leaves the buffer alone while it is held.
+    pub fn lend(&self) -> &Arc<AlignedBuf> {
+        &self.buf
+    }
+
+    /// Bytes of the buffer this reader reads into (those of lent buffers not counted).
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
     }
@@ -150,20 +213,38 @@ impl FrameReader {
         let held = self.buf.len() - self.pos;
         let frame = self.pending_frame_len().unwrap_or(0);
         let wanted = frame.min(2 * held).max(held + self.read_room);
+        let pos = self.pos;
         // The frame in progress moves to the front (offset 0, aligned) only when the buffer has
         // no room for it where it is: a stream of large frames would otherwise move up to a
         // read's worth of each next frame's bytes, every frame.
-        if self.pos > 0 && (held == 0 || self.pos + wanted > self.buf.capacity()) {
-            self.pos = self.buf.compact(self.pos);
+        if pos > 0 && (held == 0 || pos + wanted > self.buf.capacity()) {
+            // A lent buffer is left as it is: its unconsumed bytes move to the front of another.
+            self.own();
+            let pos = self.pos;
+            if pos > 0 {
+                self.pos = self.own().compact(pos);
+            }
             debug_assert_eq!(self.pos, 0);
         }
-        self.buf.reserve_total(self.pos + wanted);
-        let len = self.buf.len();
-        let room = self.buf.capacity() - len;
-        match src.read(&mut self.buf.all_mut()[len..]) {
+        let stop_at_frame = self.lends && frame >= SHARED_BODY_BYTES_MIN && held < frame;
+        let (unknown_frame, read_room) = (self.lends && frame == 0, self.read_room);
+        self.own();
+        let pos = self.pos;
+        let buf = self.own();
+        buf.reserve_total(pos + wanted);
+        let len = buf.len();
+        // A lending reader reads at most its room past a frame whose length it does not know
+        // yet, so that a large frame is found before its end is read.
+        let end = match (stop_at_frame, unknown_frame) {
+            (true, _) => (pos + frame).min(buf.capacity()),
+            (false, true) => (len + read_room).min(buf.capacity()),
+            (false, false) => buf.capacity(),
+        };
+        let room = end - len;
+        match src.read(&mut buf.all_mut()[len..end]) {
             Ok(0) => Ok(Filled::Eof),
             Ok(n) => {
-                self.buf.set_len(len + n);
+                buf.set_len(len + n);
                 if n < room {
                     return Ok(Filled::Drained(n));
                 }
@@ -219,6 +300,9 @@ impl FrameReader {
         &self.buf.bytes()[range]
     }
 }
+
+/// Lent buffers the reader looks at for a returned one before it makes a new one.
+const RETURN_LOOKS: usize = 8;
 
 /// Decompresses Snappy bodies into a reused, aligned scratch buffer.
 #[derive(Debug, Default)]
@@ -416,6 +500,51 @@ mod tests {
                 }
             }
             assert!(reader.capacity() <= 1 << 20, "the buffer stays bounded: {}", reader.capacity());
+        }
+    }
+
+    /// Bodies lent out stay as they were while the reader reads on, whatever the split of the
+    /// stream; a large frame's reads end with it, so lending moves no bytes of the next; and a
+    /// lent buffer is read into again once its bodies are dropped.
+    #[test]
+    fn lent_bodies_stay_whole_and_their_buffers_come_back() {
+        let sizes = |id: u64| if id.is_multiple_of(3) { SHARED_BODY_BYTES_MIN + (id as usize * 7919) % 400_000 } else { 100 + id as usize };
+        let count = 30u64;
+        let stream: Vec<u8> = (0..count).flat_map(|id| frame(id, &vec![id as u8; sizes(id)])).collect();
+        for step in [4096, 65_536, 300_000, usize::MAX] {
+            let mut src = Trickle { data: &stream, step, blocked: false };
+            let mut reader = FrameReader::lending(1 << 20, 256 << 10);
+            let (mut kept, mut next) = (Vec::new(), 0u64);
+            while next < count {
+                assert_ne!(reader.fill(&mut src).unwrap(), Filled::Eof, "eof before all frames at step {step}");
+                while let Some((h, body)) = reader.next_frame().unwrap() {
+                    assert_eq!(h.request_id, next);
+                    let len = reader.body(body.clone()).len();
+                    if len >= SHARED_BODY_BYTES_MIN {
+                        // A frame larger than a read began in an earlier read than its end:
+                        // the reads since stopped where it ends.
+                        if len > 256 << 10 {
+                            assert_eq!(reader.buffered(), 0, "a large frame's read ends with it");
+                        }
+                        let lent = reader.lend().clone();
+                        let at = body.start - HEADER_BYTES;
+                        kept.push((next, lent, body));
+                        assert!(at.is_multiple_of(8));
+                    }
+                    next += 1;
+                }
+                if kept.len() > 3 {
+                    // The oldest is done with: its buffer may be read into again.
+                    kept.remove(0);
+                }
+                for (id, lent, body) in &kept {
+                    let body = &lent.bytes()[body.clone()];
+                    assert_eq!(body.len(), sizes(*id));
+                    assert!(body.iter().all(|b| *b == *id as u8), "lent frame {id} changed at step {step}");
+                    assert!((body.as_ptr() as usize).is_multiple_of(8));
+                }
+            }
+            assert!(reader.lent.len() <= 5, "returned buffers are read into again: {} lent", reader.lent.len());
         }
     }
 

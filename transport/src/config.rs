@@ -14,6 +14,15 @@ const _: () = assert!(FRAME_BYTES_MAX_DEFAULT.is_multiple_of(8), "frames are pad
 const _: () = assert!(FRAME_BYTES_MAX_MIN > HEADER_BYTES * 4);
 /// Largest listen backlog: Linux keeps it in 16 bits.
 pub const LISTEN_BACKLOG_MAX: u32 = 65_535;
+/// Fewest body bytes a server's connection lends a request's frame buffer to its service
+/// ([`Request::shared`](crate::Request::shared)) rather than have it copy what it keeps; reads of
+/// a frame this large end where the frame does, so that lending it moves no later frame's bytes.
+pub const SHARED_BODY_BYTES_MIN: usize = 64 << 10;
+/// A body is lent only while its read buffer is at most this many times its size: a lent body
+/// keeps the whole buffer from reuse, so this bounds the memory a held body costs per byte.
+pub const LENT_BUFFER_PER_BODY_MAX: usize = 4;
+/// Most lent read buffers a connection watches for their return, to read into again.
+pub const LENT_BUFFERS_MAX: usize = 64;
 /// Most "closing connection" and refusal lines an endpoint logs in one second; the rest are
 /// counted, and the count is logged when lines resume, so a storm of bad peers cannot flood
 /// the log.

@@ -59,6 +59,12 @@ pub struct Request<'a> {
     pub conn: ConnId,
     pub header: Header,
     pub body: &'a [u8],
+    /// The buffer `body` lies in, for the service to keep (a clone) past the request instead
+    /// of copying what it keeps: given for a large body (of
+    /// [`SHARED_BODY_BYTES_MIN`](config::SHARED_BODY_BYTES_MIN) or more, filling enough of its
+    /// read buffer: [`LENT_BUFFER_PER_BODY_MAX`](config::LENT_BUFFER_PER_BODY_MAX)) that arrived
+    /// as it is over TCP. A clone kept keeps that buffer from the connection until it is dropped.
+    pub shared: Option<&'a std::sync::Arc<buf::AlignedBuf>>,
 }
 
 /// What a server runs on each request. It must answer every request through the [`Reply`]

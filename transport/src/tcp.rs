@@ -19,11 +19,11 @@ use zerocopy::IntoBytes;
 
 use crate::auth::{self, Nonce, Side, Transcript, CHALLENGE_BYTES, NONCE_BYTES, PROOF_BYTES};
 use crate::buf::{AlignedBuf, Deflater, Filled, FrameReader, Inflater};
-use crate::config::{TransportConfig, WARN_LINES_PER_S_MAX};
+use crate::config::{TransportConfig, LENT_BUFFER_PER_BODY_MAX, SHARED_BODY_BYTES_MIN, WARN_LINES_PER_S_MAX};
 use crate::error::{Result, TransportError};
 use crate::loglimit::LogLimiter;
 use crate::reply::{Reply, ReplyArea, ERROR_MESSAGE_BYTES_MAX};
-use crate::wire::{padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
+use crate::wire::{flags, padded, Header, Op, Status, CONTROL_SHARD, HEADER_BYTES};
 use crate::SEND_PARTS_MAX;
 use crate::{ConnId, Frame, Link, Request, Service, ShardTransport, Waker};
 
@@ -461,7 +461,7 @@ impl TcpEndpoint {
                 id: ConnId(self.next_id),
                 stream,
                 peer,
-                reader: FrameReader::new(HELLO_FRAME_BYTES_MAX, self.cfg.read_chunk_bytes),
+                reader: FrameReader::lending(HELLO_FRAME_BYTES_MAX, self.cfg.read_chunk_bytes),
                 inflater: Inflater::default(),
                 deflater: Deflater::default(),
                 out: OutQueue::default(),
@@ -886,10 +886,13 @@ impl Conn {
             }
             return Ok(None);
         }
+        let compressed = header.flags & flags::COMPRESSED != 0;
+        let lends = body.len() >= SHARED_BODY_BYTES_MIN && body.len() * LENT_BUFFER_PER_BODY_MAX >= self.reader.capacity();
+        let shared = (!compressed && lends).then(|| self.reader.lend());
         let raw = self.reader.body(body);
         let mut reply = Reply::new(&mut self.out, header, cfg.frame_bytes_max);
         match self.inflater.inflate(&header, raw) {
-            Ok(body) => service.serve(Request { conn: self.id, header, body }, &mut reply),
+            Ok(body) => service.serve(Request { conn: self.id, header, body, shared }, &mut reply),
             Err(e) => reply.error(Status::Malformed, &e.to_string()),
         }
         let (frame, hold) = reply.finish(&mut self.deflater, cfg.compress_bytes_min);

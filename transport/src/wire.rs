@@ -39,8 +39,8 @@ pub const FRAME_ALIGN: usize = 8;
 /// "TSRA" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TSRA");
 /// Bumped on any incompatible change of the header or a body layout. Version 2 added the short
-/// RDMA frames.
-pub const VERSION: u8 = 2;
+/// RDMA frames; version 3 aligns the bulk bytes of replication messages.
+pub const VERSION: u8 = 3;
 /// Set on `op` in every reply.
 pub const REPLY_BIT: u8 = 0x80;
 /// The `shard` a hello names to stay on the control plane.

@@ -26,7 +26,7 @@ use tessera_replication::replica::Replica;
 use tessera_replication::ReplicationConfig;
 use tessera_transport::keycache::{key_list_hash_le, KeyLists};
 use tessera_transport::wire::{flags, HEADER_BYTES};
-use tessera_transport::{Header, Reply};
+use tessera_transport::{Reply, Request};
 
 use crate::error::{EngineError, Result};
 use crate::persist::checkpoint::RangeHeld;
@@ -485,9 +485,9 @@ impl ChainShard {
     /// its shard ([`replied`](Self::replied)): one request and one thread hand-off per hop
     /// fewer than sending them as requests of their own. Acknowledgements are cumulative, so
     /// one that overtakes another this way is harmless.
-    pub fn serve_peer(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>, header: &Header, body: &[u8], reply: &mut Reply<'_>) -> Result<()> {
+    pub fn serve_peer(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>, request: &Request<'_>, reply: &mut Reply<'_>) -> Result<()> {
         let mut msgs = std::mem::take(&mut self.peer_msgs);
-        let served = self.serve_peer_msgs(tables, disk, header, body, reply, &mut msgs);
+        let served = self.serve_peer_msgs(tables, disk, request, reply, &mut msgs);
         msgs.clear();
         self.peer_msgs = msgs;
         served
@@ -498,12 +498,13 @@ impl ChainShard {
         &mut self,
         tables: &mut Tables,
         disk: &mut Option<Box<ShardDisk>>,
-        header: &Header,
-        body: &[u8],
+        request: &Request<'_>,
         reply: &mut Reply<'_>,
         msgs: &mut Vec<Msg>,
     ) -> Result<()> {
-        codec::decode_batch_into(body, &mut self.payloads, msgs).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
+        // A large update is kept as a view of the request's frame, not copied.
+        codec::decode_batch_into(request.body, lent_frame(request).as_ref(), &mut self.payloads, msgs)
+            .map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
         if msgs.is_empty() {
             return Err(EngineError::BadRequest { reason: "a Replicate request with no message".into() });
         }
@@ -512,7 +513,7 @@ impl ChainShard {
         if let Some(msg) = msgs.iter().find(|m| !from_peer(m)) {
             return Err(EngineError::BadRequest { reason: format!("a peer may not send a {} message", msg.kind()) });
         }
-        let peer = NodeId(header.worker);
+        let peer = NodeId(request.header.worker);
         self.answering = Some(peer);
         self.with_replica(tables, disk, |r, now| msgs.drain(..).for_each(|msg| r.step(now, Addr::Node(peer), msg)));
         self.answering = None;
@@ -555,10 +556,10 @@ impl ChainShard {
         tables: &mut Tables,
         disk: &mut Option<Box<ShardDisk>>,
         lists: &mut KeyLists<Vec<u64>>,
-        header: &Header,
-        body: &[u8],
+        request: &Request<'_>,
         reply: &mut Reply<'_>,
     ) -> Result<()> {
+        let (header, body) = (&request.header, request.body);
         let worker = header.worker;
         let bad = |reason: String| EngineError::BadRequest { reason };
         if worker >= self.rcfg.workers {
@@ -572,7 +573,8 @@ impl ChainShard {
         }
         let mut scratch = std::mem::take(&mut self.worker_scratch);
         let mut decoded = std::mem::take(&mut scratch.decoded);
-        codec::decode_batch_into(body, &mut self.payloads, &mut decoded).map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
+        codec::decode_batch_into(body, lent_frame(request).as_ref(), &mut self.payloads, &mut decoded)
+            .map_err(|e| bad(format!("a WorkerPush body that is no batch of messages: {e}")))?;
         for msg in &mut decoded {
             if let Msg::Push { payload, .. } = msg {
                 if let Some(plain) = resolve_key_list(lists, payload, &mut self.payloads)? {
@@ -797,6 +799,12 @@ fn applied_stamp(tables: &Tables, applied: &[(u32, RangeId, Range<u64>)], stamp:
     while stamp.last() == Some(&0) {
         stamp.pop();
     }
+}
+
+/// The read buffer a request's body lies in, when the transport lends it, as a payload the
+/// decoder takes views of.
+fn lent_frame(request: &Request<'_>) -> Option<Payload> {
+    request.shared.map(|buf| Payload::whole(buf.clone()))
 }
 
 /// The plain payload a push sent with key-list caching stands for (`None` when it is plain

@@ -504,8 +504,7 @@ fn to_peer(
         _ => {}
     };
     let mut queued: Vec<(u16, Msg)> = Vec::with_capacity(PEER_BATCH_MAX);
-    let mut requests: HashMap<u16, Request> = HashMap::new();
-    let mut aside = Vec::new();
+    let mut requests: HashMap<u16, PeerRequest> = HashMap::new();
     loop {
         let mut held = shared.lock().expect("no panics under this lock");
         let PeerLinks { links, started } = &mut *held;
@@ -540,23 +539,15 @@ fn to_peer(
             let linked = links.entry(shard).or_insert_with(Linked::new);
             let body_max = linked.body_max(dialer);
             // Encoded into the request (a large one's bulk left out, to be sent from where it
-            // lies); moved aside only when what came before must go first.
+            // lies); encoded again into the next request when what came before must go first.
             let at = request.body.len();
-            let bulk = match codec::bulk_len(&msg) > COPIED_BULK_MAX {
-                true => codec::encode_batch_head(&msg, &mut request.body).len(),
-                false => {
-                    codec::encode_batch(std::iter::once(&msg), &mut request.body);
-                    0
-                }
-            };
+            let bulk = request.encode(&msg);
             let full = bulk > 0 && request.uncopied.len() == UNCOPIED_PER_REQUEST_MAX;
             if at > 0 && (request.bytes() + bulk > body_max || full) {
                 // Too much for one request: what came before goes first.
-                aside.clear();
-                aside.extend_from_slice(&request.body[at..]);
                 request.body.truncate(at);
                 request.start(linked, &addr, me, dialer, shard, &replied);
-                request.body.extend_from_slice(&aside);
+                request.encode(&msg);
             }
             if bulk > 0 {
                 request.uncopied.push((request.body.len(), msg));
@@ -572,15 +563,29 @@ fn to_peer(
 /// ([`codec::encode_batch`]), each encoded into `body` but for the bulk of a large one, which
 /// is sent from the message, where it lies.
 #[derive(Default)]
-struct Request {
+struct PeerRequest {
     body: Vec<u8>,
     /// The large messages, each after the body's bytes up to its offset.
     uncopied: Vec<(usize, Msg)>,
 }
 
-impl Request {
+impl PeerRequest {
     fn is_empty(&self) -> bool {
         self.body.is_empty()
+    }
+
+    /// Encodes `msg` into the body, all of it or (a large one) all but its bulk, which is sent
+    /// from the message; returns the length of the bulk left out. Bulk lands aligned in the
+    /// request as sent (see [`codec::BULK_ALIGN`]), the uncopied bulks ahead of it counted.
+    fn encode(&mut self, msg: &Msg) -> usize {
+        let elsewhere = self.uncopied.iter().map(|(_, m)| codec::bulk_len(m)).sum();
+        match codec::bulk_len(msg) > COPIED_BULK_MAX {
+            true => codec::encode_batch_head(msg, &mut self.body, elsewhere).len(),
+            false => {
+                codec::encode_batch_after(std::iter::once(msg), &mut self.body, elsewhere);
+                0
+            }
+        }
     }
 
     /// The request's body bytes, bulk included.
@@ -630,20 +635,27 @@ mod tests {
 
     /// What a peer got: the range and version of each `Ack` and `Forward`, in the order they
     /// arrived, how many messages each request carried, and how many forwards' deltas were not
-    /// what the tests send (every byte the version's low byte).
+    /// what the tests send (every byte the version's low byte), or had to be copied out of the
+    /// request's frame (only a large, aligned one is a view of it).
     #[derive(Default)]
     struct Got {
         acks: Vec<(u32, u64)>,
         per_request: Vec<usize>,
         bad_deltas: usize,
+        copied_deltas: usize,
     }
 
     struct Recorder(Arc<Mutex<Got>>);
 
     impl tessera_transport::Service for Recorder {
         fn serve(&mut self, request: tessera_transport::Request<'_>, reply: &mut tessera_transport::Reply<'_>) {
-            let msgs = codec::decode_batch(request.body).expect("a batch of messages");
+            let mut msgs = Vec::new();
+            let frame = request.shared.map(|buf| tessera_replication::protocol::Payload::whole(buf.clone()));
+            let frame = frame.as_ref();
+            codec::decode_batch_into(request.body, frame, &mut codec::PayloadPool::default(), &mut msgs).expect("a batch of messages");
             let mut got = self.0.lock().unwrap();
+            let viewed = |delta: &[u8]| frame.is_some_and(|f| f.as_ptr_range().contains(&delta.as_ptr()));
+            got.copied_deltas += msgs.iter().filter(|m| matches!(m, Msg::Forward { delta, .. } if !viewed(delta))).count();
             got.per_request.push(msgs.len());
             got.bad_deltas += msgs.iter().filter(|m| matches!(m, Msg::Forward { version, delta, .. } if delta.iter().any(|b| *b != *version as u8))).count();
             got.acks.extend(msgs.iter().filter_map(|m| match m {
@@ -761,7 +773,7 @@ mod tests {
         for version in 1..=COUNT {
             let msg = match version % 10 {
                 0..=2 => {
-                    let delta = Arc::new(vec![version as u8; 400_000]);
+                    let delta = vec![version as u8; 400_000].into();
                     Msg::Forward { range: RangeId(0), epoch: Epoch(1), version, digest: 0, clock: Arc::from(vec![0u32; 4]), delta, durable: 0 }
                 }
                 _ => Msg::Ack { range: RangeId(0), epoch: Epoch(1), version },
@@ -773,6 +785,7 @@ mod tests {
         // A request over the peer's frame limit would be refused, and its messages missing here.
         assert_eq!(versions, (1..=COUNT).collect::<Vec<_>>(), "the messages, as the peer got them");
         assert_eq!(got.bad_deltas, 0, "updates whose deltas arrived changed");
+        assert_eq!(got.copied_deltas, 0, "large deltas the peer had to copy out of its read buffer (not aligned, or not lent)");
     }
 
     /// Two shards' heartbeats queued while the last one was out go as one, with each range's

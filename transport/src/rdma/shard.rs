@@ -601,7 +601,7 @@ impl Peer {
                 let raw = &frame[head_len..head_len + header.body_len as usize];
                 match self.inflater.inflate(&header, raw) {
                     Ok(_) if !header.op().is_some_and(|o| o.is_data()) => reply.error(Status::BadRequest, "only data requests travel over RDMA"),
-                    Ok(body) => service.serve(Request { conn: self.tcp, header, body }, &mut reply),
+                    Ok(body) => service.serve(Request { conn: self.tcp, header, body, shared: None }, &mut reply),
                     Err(e) => reply.error(Status::Malformed, &e.to_string()),
                 }
                 hold = reply.finish_unsealed(&mut self.deflater, compress_bytes_min).1;
