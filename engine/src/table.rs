@@ -297,6 +297,17 @@ impl TablePart {
         self.check_values(keys, values).map(|_| ())
     }
 
+    /// [`check_values`](Self::check_values) of values that [`check_push_values`](Self::check_push_values)
+    /// passed when `passed`: a table that rejects non-finite values then holds none, and they
+    /// are not scanned again.
+    fn recheck_values(&self, keys: usize, values: &[f32], passed: bool) -> Result<bool> {
+        if passed && self.spec.non_finite == NonFinite::Reject && keys.checked_mul(self.spec.dim as usize) == Some(values.len()) {
+            debug_assert_eq!(first_non_finite(values), None, "values said to have passed the check");
+            return Ok(false);
+        }
+        self.check_values(keys, values)
+    }
+
     fn check_values(&self, keys: usize, values: &[f32]) -> Result<bool> {
         let dim = self.spec.dim;
         if keys.checked_mul(dim as usize) != Some(values.len()) {
@@ -319,7 +330,13 @@ impl TablePart {
 
     /// Applies a sparse push from `worker` at `clock`.
     pub fn push(&mut self, keys: &[u64], grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
-        let has_bad = self.check_values(keys.len(), grads)?;
+        self.push_passed(keys, grads, worker, clock, false)
+    }
+
+    /// [`push`](Self::push) of values that [`check_push_values`](Self::check_push_values)
+    /// passed when `passed` (they are not scanned again).
+    pub fn push_passed(&mut self, keys: &[u64], grads: &[f32], worker: u32, clock: u64, passed: bool) -> Result<Range<u64>> {
+        let has_bad = self.recheck_values(keys.len(), grads, passed)?;
         if keys.is_empty() {
             return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
         }
@@ -372,12 +389,19 @@ impl TablePart {
 
     /// Applies a dense push to keys `start .. start + count` from `worker` at `clock`.
     pub fn push_range(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
-        let has_bad = self.check_values(count, grads)?;
+        self.push_range_passed(start, count, grads, worker, clock, false)
+    }
+
+    /// [`push_range`](Self::push_range) of values that
+    /// [`check_push_values`](Self::check_push_values) passed when `passed` (they are not scanned
+    /// again).
+    pub fn push_range_passed(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64, passed: bool) -> Result<Range<u64>> {
+        let has_bad = self.recheck_values(count, grads, passed)?;
         let range = self.check_range(start, count)?;
         if let Store::Sparse(_) = self.store {
             // Ranges of a sparse table are pushed key by key; they are rare and small.
             let keys: Vec<u64> = range.clone().collect();
-            return self.push(&keys, grads, worker, clock);
+            return self.push_passed(&keys, grads, worker, clock, passed);
         }
         self.clocks.advance(range.clone(), worker, clock)?;
         self.step += 1;

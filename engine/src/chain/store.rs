@@ -465,13 +465,15 @@ impl Store for ChainStore {
         let listed_at = batch.listed.len();
         let mut applied = if h.listed {
             let keys = listed_keys(keys).expect("checked by check_push");
-            let pushed = if keys.is_empty() { Ok(0..0) } else { part.push(keys, values, h.worker, h.clock) };
+            // `check_push` passed the values; a table that rejects non-finite ones is not
+            // scanned again.
+            let pushed = if keys.is_empty() { Ok(0..0) } else { part.push_passed(keys, values, h.worker, h.clock, true) };
             if exported && pushed.is_ok() {
                 batch.listed.extend_from_slice(keys);
             }
             pushed
         } else {
-            part.push_range(h.start, h.count as usize, values, h.worker, h.clock)
+            part.push_range_passed(h.start, h.count as usize, values, h.worker, h.clock, true)
         };
         if h.range_done && applied.is_ok() {
             // The worker's clock over the whole range (bounded delay: the worker's push
