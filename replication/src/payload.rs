@@ -1,18 +1,17 @@
 //! [`Payload`]: the bytes a message carries, shared without copying by the messages, logs and
 //! frames that hold them.
 
-use std::any::Any;
 use std::fmt;
 use std::ops::{Deref, Range};
 use std::sync::Arc;
 
 /// What a payload's bytes lie in: a vector of its own, or a buffer it shares with others (the
 /// frame a transport read it in). Anything that is bytes is an owner.
-pub trait Owner: Any + Send + Sync {
+pub trait Owner: Send + Sync + 'static {
     fn bytes(&self) -> &[u8];
 }
 
-impl<T: AsRef<[u8]> + Any + Send + Sync> Owner for T {
+impl<T: AsRef<[u8]> + Send + Sync + 'static> Owner for T {
     fn bytes(&self) -> &[u8] {
         self.as_ref()
     }
@@ -24,16 +23,29 @@ impl<T: AsRef<[u8]> + Any + Send + Sync> Owner for T {
 /// nothing else holds it ([`Payload::vec_mut`]).
 #[derive(Clone, Default)]
 pub struct Payload {
-    /// `None` for the empty payload.
-    owner: Option<Arc<dyn Owner>>,
+    owner: Storage,
+    /// Where the payload lies in its owner's bytes; `ALL` for all of them.
     range: Range<usize>,
 }
+
+/// A payload's owner. A vector, the common case (every payload a pool makes), is read with
+/// no call through a vtable: a push's payload is looked at many times on its way.
+#[derive(Clone, Default)]
+enum Storage {
+    /// The empty payload.
+    #[default]
+    Empty,
+    Vec(Arc<Vec<u8>>),
+    Other(Arc<dyn Owner>),
+}
+
+/// The range of a payload that is all of its owner's bytes, whatever their length.
+const ALL: Range<usize> = 0..usize::MAX;
 
 impl Payload {
     /// All of `owner`'s bytes.
     pub fn whole(owner: Arc<dyn Owner>) -> Self {
-        let range = 0..owner.bytes().len();
-        Self { owner: Some(owner), range }
+        Self { owner: Storage::Other(owner), range: ALL }
     }
 
     /// The part of this payload that `part` is, if `part` lies in it: a view, with no copy.
@@ -43,28 +55,34 @@ impl Payload {
         if part.is_empty() || at < start || at + part.len() > start + whole.len() {
             return None;
         }
-        let from = self.range.start + (at - start);
+        let from = (at - start) + if self.range == ALL { 0 } else { self.range.start };
         Some(Self { owner: self.owner.clone(), range: from..from + part.len() })
     }
 
     /// The vector this payload owns, to refill, when nothing else holds it; the payload is then
     /// all of it again once refilled.
     pub fn vec_mut(&mut self) -> Option<&mut Vec<u8>> {
-        let owner: &mut dyn Any = Arc::get_mut(self.owner.as_mut()?)?;
-        let vec = owner.downcast_mut::<Vec<u8>>()?;
-        self.range = 0..usize::MAX;
+        let Storage::Vec(vec) = &mut self.owner else { return None };
+        let vec = Arc::get_mut(vec)?;
+        self.range = ALL;
         Some(vec)
     }
 
     /// Whether a clone of this payload, or another view of its owner, is held elsewhere.
     pub fn is_shared(&self) -> bool {
-        self.owner.as_ref().is_some_and(|o| Arc::strong_count(o) > 1)
+        match &self.owner {
+            Storage::Empty => false,
+            Storage::Vec(vec) => Arc::strong_count(vec) > 1,
+            Storage::Other(owner) => Arc::strong_count(owner) > 1,
+        }
     }
 
     /// The capacity of the vector this payload owns (0 if it owns none).
     pub fn capacity(&self) -> usize {
-        let owner: Option<&dyn Any> = self.owner.as_deref().map(|o| o as &dyn Any);
-        owner.and_then(|o| o.downcast_ref::<Vec<u8>>()).map_or(0, Vec::capacity)
+        match &self.owner {
+            Storage::Vec(vec) => vec.capacity(),
+            Storage::Empty | Storage::Other(_) => 0,
+        }
     }
 }
 
@@ -72,18 +90,21 @@ impl Deref for Payload {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        match &self.owner {
-            // A refilled vector is all of its bytes, whatever its length now.
-            Some(owner) if self.range.end == usize::MAX => owner.bytes(),
-            Some(owner) => &owner.bytes()[self.range.clone()],
-            None => &[],
+        let bytes: &[u8] = match &self.owner {
+            Storage::Empty => return &[],
+            Storage::Vec(vec) => vec,
+            Storage::Other(owner) => owner.bytes(),
+        };
+        match self.range == ALL {
+            true => bytes,
+            false => &bytes[self.range.clone()],
         }
     }
 }
 
 impl From<Vec<u8>> for Payload {
     fn from(bytes: Vec<u8>) -> Self {
-        Self::whole(Arc::new(bytes))
+        Self { owner: Storage::Vec(Arc::new(bytes)), range: ALL }
     }
 }
 
