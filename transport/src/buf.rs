@@ -115,7 +115,7 @@ pub enum Filled {
 }
 
 /// Splits a byte stream into frames, in place. A frame's body can be lent out
-/// ([`FrameReader::share`]) for as long as its borrower likes: the reader then reads on into
+/// ([`FrameReader::lend`]) for as long as its borrower likes: the reader then reads on into
 /// another buffer, and takes the lent one back once nothing holds it.
 #[derive(Debug)]
 pub struct FrameReader {
