@@ -578,7 +578,7 @@ impl PeerRequest {
     /// from the message; returns the length of the bulk left out. Bulk lands aligned in the
     /// request as sent (see [`codec::BULK_ALIGN`]), the uncopied bulks ahead of it counted.
     fn encode(&mut self, msg: &Msg) -> usize {
-        let elsewhere = self.uncopied.iter().map(|(_, m)| codec::bulk_len(m)).sum();
+        let elsewhere = self.uncopied_bytes();
         match codec::bulk_len(msg) > COPIED_BULK_MAX {
             true => codec::encode_batch_head(msg, &mut self.body, elsewhere).len(),
             false => {
@@ -590,7 +590,12 @@ impl PeerRequest {
 
     /// The request's body bytes, bulk included.
     fn bytes(&self) -> usize {
-        self.body.len() + self.uncopied.iter().map(|(_, m)| codec::bulk_len(m)).sum::<usize>()
+        self.body.len() + self.uncopied_bytes()
+    }
+
+    /// The bulk bytes sent from the large messages, not from `body`.
+    fn uncopied_bytes(&self) -> usize {
+        self.uncopied.iter().map(|(_, m)| codec::bulk_len(m)).sum()
     }
 
     /// Starts the request on `linked` and empties it. Replies taken first, to keep at most
