@@ -84,7 +84,13 @@ impl ScratchDir {
 }
 
 impl Drop for ScratchDir {
+    /// Removes the directory, unless a test is failing and `TESSERA_TESTS_KEEP` is set: then it
+    /// stays (server logs, data directories) for a look, and its path is printed.
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("TESSERA_TESTS_KEEP").is_some() {
+            eprintln!("kept {}", self.path.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

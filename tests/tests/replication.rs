@@ -104,10 +104,10 @@ fn check_sums(addrs: &[&str], pushes: &[usize]) {
     let table = checker.table("w").unwrap();
     let mut values = vec![0f32; KEYS as usize];
     checker.pull_range(&table, 0, &mut values).and_then(|t| t.wait()).unwrap();
-    for k in 0..KEYS {
-        let want: f32 = (0..WORKERS).map(|w| pushes[w as usize] as f32 * grad(w, k)).sum();
-        assert_eq!(values[k as usize], want, "key {k}");
-    }
+    let want = |k: u64| -> f32 { (0..WORKERS).map(|w| pushes[w as usize] as f32 * grad(w, k)).sum() };
+    let wrong: Vec<String> = (0..KEYS).filter(|&k| values[k as usize] != want(k)).map(|k| format!("{k}: {} not {}", values[k as usize], want(k))).collect();
+    let shown = if wrong.len() <= 10 { wrong.join(", ") } else { format!("{}, ..., {}", wrong[..8].join(", "), wrong[wrong.len() - 2..].join(", ")) };
+    assert!(wrong.is_empty(), "{} of {KEYS} dense sums are wrong (pushes {pushes:?}): {shown}", wrong.len());
     let emb = checker.table("emb").unwrap();
     let mut want = std::collections::BTreeMap::<u64, [f32; 2]>::new();
     for w in 0..WORKERS {
