@@ -896,7 +896,7 @@ impl Chain {
                 for n in news.drain(..) {
                     match n {
                         Msg::Refused { range, seq, status, reason } => refusals.push((range, seq, Status::from_u16(status), reason)),
-                        n => stale |= self.pusher.on_msg(now, n),
+                        n => stale |= self.pusher.on_msg(now, sent.to.0, n),
                     }
                 }
                 self.follow_renumbering();
@@ -1287,7 +1287,8 @@ impl Chain {
             let now = self.now_ms();
             let mut replies = Vec::with_capacity(calls.len());
             self.call_all(&mut calls, &mut replies);
-            for replied in replies {
+            for (call, replied) in calls.iter().zip(replies) {
+                let from = call.to.node;
                 // (A head whose log failed takes no pushes until it is restarted.)
                 let refused = |status: &Status| status.never_applies() || *status == Status::NotDurable;
                 if let Err(e @ ClientError::Server { .. }) = replied {
@@ -1298,12 +1299,13 @@ impl Chain {
                 }
                 let Ok(Ok(msgs)) = replied.map(|(_, body)| codec::decode_batch(&body)) else { continue };
                 for msg in msgs {
+                    // A count is taken from the range's head only (`Pusher::on_msg`).
                     if let Msg::SeqCount { range, .. } = &msg {
-                        if let Some(c) = self.counted.get_mut(range.0 as usize) {
+                        if let Some(c) = self.counted.get_mut(range.0 as usize).filter(|_| self.pusher.head_of(*range) == Some(from)) {
                             *c = true;
                         }
                     }
-                    self.pusher.on_msg(now, msg);
+                    self.pusher.on_msg(now, from, msg);
                 }
             }
             self.follow_renumbering();

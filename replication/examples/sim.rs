@@ -73,6 +73,7 @@ fn main() -> ExitCode {
     let (mut failed, mut sim_ms, mut crashes, mut partitions, mut messages) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut power_losses = 0u64;
     let mut overlapping = 0u64;
+    let (mut joins, mut drains) = (0u64, 0u64);
     let (mut acked, mut ack_ms, mut tail_acked, mut quiet_acked, mut quiet_ack_ms) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for seed in from..from + count {
         match sim::run(&SimOptions { seed, canary, trace, tail_acks }) {
@@ -82,6 +83,7 @@ fn main() -> ExitCode {
                 power_losses += r.power_losses;
                 partitions += r.partitions;
                 overlapping += r.overlapping;
+                (joins, drains) = (joins + r.joins, drains + r.drains);
                 messages += r.messages;
                 (acked, ack_ms, tail_acked) = (acked + r.pushes_acked, ack_ms + r.ack_ms, tail_acked + r.tail_acks);
                 (quiet_acked, quiet_ack_ms) = (quiet_acked + r.quiet_acked, quiet_ack_ms + r.quiet_ack_ms);
@@ -96,7 +98,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "{count} seeds from {from}: {failed} failed; {:.1} s simulated, {crashes} crashes, {power_losses} whole-cluster power losses, {partitions} partitions ({overlapping} of them while another was undetected), {messages} messages, in {:.1} s",
+        "{count} seeds from {from}: {failed} failed; {:.1} s simulated, {crashes} crashes, {power_losses} whole-cluster power losses, {partitions} partitions ({overlapping} of them while another was undetected), {joins} servers joined, {drains} drained, {messages} messages, in {:.1} s",
         sim_ms as f64 / 1000.0,
         started.elapsed().as_secs_f64()
     );

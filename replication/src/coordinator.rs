@@ -379,16 +379,22 @@ impl Coordinator {
         if chain.nodes.is_empty() {
             return;
         }
+        // A chain changes only once its members have shown, since its last change, that they are
+        // alive and hold the range. A member that never heard of the range's first epoch holds
+        // nothing, and only that epoch lets a member start empty: were the chain to take a
+        // learner first, the member would hold nothing for ever (a server drained, or one
+        // joining, moments after the cluster started). And one could have failed without being
+        // noticed yet: the member removed below could then be the last copy.
+        let confirmed = |n: &NodeId| self.report(*n, range).is_some_and(|r| r.epoch == epoch && r.installed);
         if let Some(node) = desired.iter().copied().find(|d| !chain.nodes.contains(d)) {
+            if !chain.nodes.iter().all(confirmed) {
+                return;
+            }
             chain.learner = Some(node);
             chain.epoch = Epoch(epoch.0 + 1);
             self.changes.push(Change::LearnerAdded { range, node });
         } else if chain.nodes.len() > desired.len().max(1) {
             let node = *chain.nodes.iter().find(|n| !desired.contains(n)).expect("more members than desired ones");
-            // Only once every member that stays has shown, since the chain's last change, that
-            // it is alive and holds the range: one could have failed without being noticed yet,
-            // and the member removed could then be the last copy.
-            let confirmed = |n: &NodeId| self.report(*n, range).is_some_and(|r| r.epoch == epoch && r.installed);
             if !chain.nodes.iter().filter(|n| **n != node).all(confirmed) {
                 return;
             }
@@ -441,6 +447,29 @@ mod tests {
 
     fn heartbeat_of(node: u32, incarnation: u64, config_id: u64) -> Msg {
         Msg::Heartbeat { node: NodeId(node), incarnation, addr: format!("s{node}"), cluster: 0, config_id, ranges: Vec::new() }
+    }
+
+    /// A chain takes a learner only once its members have reported the range in the chain's
+    /// epoch: a member that never heard of the first epoch holds nothing, and would hold nothing
+    /// for ever once the chain moved on without it.
+    #[test]
+    fn a_chain_takes_a_learner_only_once_its_members_reported_the_range() {
+        let rcfg = ReplicationConfig { replicas: 1, ranges: 8, failure_timeout_ms: 500, ..ReplicationConfig::default() };
+        let mut c = Coordinator::new(rcfg, 1, vec![member(1)], 0);
+        // Node 2 joins before node 1 has reported anything (its first configuration was lost).
+        c.step(10, heartbeat(1, 0));
+        c.step(10, heartbeat(2, 0));
+        c.tick(10);
+        let changes = c.take_changes();
+        assert!(changes.contains(&Change::Joined { node: NodeId(2) }), "{changes:?}");
+        assert!(!changes.iter().any(|ch| matches!(ch, Change::LearnerAdded { .. })), "a learner before node 1 holds the ranges: {changes:?}");
+        // Node 1 holds every range in epoch 1: the ring's share moves to node 2.
+        let reports = (0..8).map(|r| report(r, 1, 0)).collect();
+        let id = c.config().id;
+        c.step(20, Msg::Heartbeat { node: NodeId(1), incarnation: 1, addr: "s1".into(), cluster: 0, config_id: id, ranges: reports });
+        c.tick(20);
+        let changes = c.take_changes();
+        assert!(changes.iter().any(|ch| matches!(ch, Change::LearnerAdded { node: NodeId(2), .. })), "{changes:?}");
     }
 
     /// A draining server taken for failed (its heartbeats late, as on a slow machine) leaves,

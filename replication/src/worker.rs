@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::protocol::{Addr, ClusterConfig, Msg, Payload, RangeId, WorkerId};
+use crate::protocol::{Addr, ClusterConfig, Msg, NodeId, Payload, RangeId, WorkerId};
 
 /// One worker's pushes, per range.
 #[derive(Debug)]
@@ -68,6 +68,11 @@ impl Pusher {
         self.pending.iter().map(VecDeque::len).sum()
     }
 
+    /// The head of `range` in the worker's view.
+    pub fn head_of(&self, range: RangeId) -> Option<NodeId> {
+        self.view.chain(range).and_then(|c| c.head())
+    }
+
     /// Starts the next push to `range`; returns its seq.
     pub fn push(&mut self, now_ms: u64, range: RangeId, payload: Payload) -> u32 {
         let r = range.0 as usize;
@@ -82,7 +87,7 @@ impl Pusher {
     }
 
     fn send(&mut self, range: RangeId, seq: u32, payload: Payload) {
-        if let Some(head) = self.view.chain(range).and_then(|c| c.head()) {
+        if let Some(head) = self.head_of(range) {
             self.out.push((Addr::Node(head), Msg::Push { range, worker: self.id, seq, payload }));
         }
     }
@@ -140,8 +145,17 @@ impl Pusher {
         true
     }
 
-    /// Takes a reply. Returns true when the worker should refresh its view of the configuration.
-    pub fn on_msg(&mut self, now_ms: u64, msg: Msg) -> bool {
+    /// Takes a message in a reply from server `from`. Returns true when the worker should
+    /// refresh its view of the configuration.
+    ///
+    /// An acknowledgement holds whoever sends it (every server acknowledges only what its chain
+    /// holds). A count of the pushes applied ([`Msg::SeqCount`]) is taken only from the range's
+    /// head in the worker's view: a server answers for every range it heads by its own
+    /// configuration, and one deposed without having heard so yet counts only what reached it.
+    /// Taken from it, a count below what was acknowledged since (by the new head, or the new
+    /// tail) would read as pushes the range lost, and the pushes still waiting would be
+    /// numbered anew onto numbers the range has applied: dropped as resends, though acknowledged.
+    pub fn on_msg(&mut self, now_ms: u64, from: NodeId, msg: Msg) -> bool {
         match msg {
             Msg::PushAck { range, seq } => {
                 let r = range.0 as usize;
@@ -156,6 +170,7 @@ impl Pusher {
                 false
             }
             Msg::NotHead { config_id, .. } => config_id > self.view.id || config_id == 0,
+            Msg::SeqCount { range, .. } if self.head_of(range) != Some(from) => false,
             Msg::SeqCount { range, seq } => {
                 self.start_after(range, seq);
                 self.renumber_after(range, seq);
@@ -203,7 +218,7 @@ impl Pusher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Chain, Epoch, Member, NodeId};
+    use crate::protocol::{Chain, Epoch, Member};
 
     fn config(id: u64, head: u32) -> Arc<ClusterConfig> {
         let members = (1..=3).map(|n| Member { node: NodeId(n), addr: format!("s{n}"), incarnation: 1, draining: false }).collect();
@@ -218,7 +233,7 @@ mod tests {
         for seq in 1..=pushes {
             p.push(0, RangeId(0), Payload::from(vec![seq as u8]));
         }
-        p.on_msg(10, Msg::PushAck { range: RangeId(0), seq: acked });
+        p.on_msg(10, NodeId(1), Msg::PushAck { range: RangeId(0), seq: acked });
         p.out.clear();
         p
     }
@@ -247,11 +262,11 @@ mod tests {
         p.resend(300, 300);
         assert_eq!(resent(&mut p), vec![(NodeId(1), 1), (NodeId(1), 2), (NodeId(1), 3)]);
         // The head applied two of them (they wait for the chain): only the third goes again.
-        assert!(!p.on_msg(310, Msg::SeqCount { range, seq: 2 }));
+        assert!(!p.on_msg(310, NodeId(1), Msg::SeqCount { range, seq: 2 }));
         p.resend(600, 300);
         assert_eq!(resent(&mut p), vec![(NodeId(1), 3)]);
         // Acknowledged ones leave the queue as before.
-        p.on_msg(620, Msg::PushAck { range, seq: 1 });
+        p.on_msg(620, NodeId(1), Msg::PushAck { range, seq: 1 });
         p.resend(920, 300);
         assert_eq!(resent(&mut p), vec![(NodeId(1), 3)]);
         // A new configuration (another head): what the old head said no longer counts.
@@ -268,16 +283,34 @@ mod tests {
         let range = RangeId(0);
         let mut p = pushed(5, 3);
         // The head holds 1 push of this worker's: 2 acknowledged ones are gone.
-        p.on_msg(20, Msg::SeqCount { range, seq: 1 });
+        p.on_msg(20, NodeId(1), Msg::SeqCount { range, seq: 1 });
         assert_eq!((p.lost, std::mem::take(&mut p.renumbered)), (2, vec![(range, 4, 2)]));
         p.resend(20, 0);
         assert_eq!(resent(&mut p), vec![(NodeId(1), 2), (NodeId(1), 3)]);
         assert_eq!(p.push(30, range, Payload::from(vec![6])), 4);
         // Counts at or above what was acknowledged since change nothing.
-        p.on_msg(40, Msg::PushAck { range, seq: 2 });
-        p.on_msg(50, Msg::SeqCount { range, seq: 2 });
-        p.on_msg(60, Msg::SeqCount { range, seq: 4 });
+        p.on_msg(40, NodeId(1), Msg::PushAck { range, seq: 2 });
+        p.on_msg(50, NodeId(1), Msg::SeqCount { range, seq: 2 });
+        p.on_msg(60, NodeId(1), Msg::SeqCount { range, seq: 4 });
         assert_eq!((p.lost, p.renumbered.len(), p.in_flight(range)), (2, 0, 2));
+    }
+
+    /// A server that answers for a range it no longer heads (deposed, and not told yet) counts
+    /// fewer pushes than the new head acknowledged: the count is not taken, nothing is numbered
+    /// anew, and the pushes still waiting keep their numbers. The same count from the head is
+    /// taken.
+    #[test]
+    fn a_count_from_a_server_that_is_not_the_head_is_not_taken() {
+        let range = RangeId(0);
+        let mut p = pushed(5, 3);
+        // Node 2 answers for the range with an old count; the worker's view has node 1 its head.
+        assert!(!p.on_msg(20, NodeId(2), Msg::SeqCount { range, seq: 1 }));
+        assert_eq!((p.lost, p.renumbered.len(), p.in_flight(range)), (0, 0, 2));
+        p.resend(20, 0);
+        assert_eq!(resent(&mut p), vec![(NodeId(1), 4), (NodeId(1), 5)]);
+        // From the head, the count says the range lost two acknowledged pushes.
+        p.on_msg(30, NodeId(1), Msg::SeqCount { range, seq: 1 });
+        assert_eq!(p.lost, 2);
     }
 
     /// A push refused outright is taken back wherever it stands among the pushes still

@@ -16,6 +16,7 @@ fn seeds_pass_every_checker() {
     let from = env_u64("SIM_SEED_FROM", 0);
     let mut failures = Vec::new();
     let (mut crashes, mut partitions, mut power_losses, mut snapshots, mut resumes) = (0, 0, 0, 0, 0);
+    let (mut joins, mut drains) = (0, 0);
     for seed in from..from + count {
         match sim::run(&SimOptions { seed, ..Default::default() }) {
             Ok(report) => {
@@ -24,14 +25,17 @@ fn seeds_pass_every_checker() {
                 power_losses += report.power_losses;
                 snapshots += report.snapshots;
                 resumes += report.resumes;
+                joins += report.joins;
+                drains += report.drains;
             }
             Err(failure) => failures.push(failure.to_string()),
         }
     }
     println!(
-        "{count} seeds from {from}: {} failed, {crashes} crashes, {power_losses} whole-cluster power losses, {partitions} partitions; {snapshots} snapshots sent, {resumes} learners resumed from what they held",
+        "{count} seeds from {from}: {} failed, {crashes} crashes, {power_losses} whole-cluster power losses, {partitions} partitions, {joins} servers joined, {drains} drained; {snapshots} snapshots sent, {resumes} learners resumed from what they held",
         failures.len()
     );
+    assert!(joins > count / 4 && drains > count / 10, "servers joined and were drained: {joins} joins, {drains} drains in {count} seeds");
     assert!(
         crashes > count && partitions > count / 4 && power_losses > count / 10,
         "the faults were injected: {crashes} crashes, {power_losses} power losses, {partitions} partitions"

@@ -127,6 +127,11 @@ impl Checker {
     /// the sum of the pushes its clock counts, which are all the pushes there were.
     pub fn finish(&self, nodes: &Nodes, coordinator: &Coordinator, workers: &[SimWorker]) -> Result<(), String> {
         self.lost(nodes, coordinator, workers)?;
+        // No range loses what it acknowledged here, so no worker may have taken pushes for lost
+        // and numbered the rest anew.
+        if let Some(w) = workers.iter().find(|w| w.lost > 0) {
+            return Err(format!("worker {} took {} acknowledged pushes for lost by their ranges, and numbered the rest anew", w.id, w.lost));
+        }
         let config = coordinator.config();
         for (r, chain) in config.chains.iter().enumerate() {
             let range = RangeId(r as u32);

@@ -14,6 +14,12 @@
 //! (which then resumes from the configuration it last published, as it would from etcd or its
 //! own file), and every server restarts from its disk: no acknowledged push may be lost.
 //!
+//! In a third of the seeds the cluster's servers change while the faults go on, as they do
+//! while a job trains: servers that were not members join (and the ring moves ranges to them),
+//! and members are drained (their ranges move away) and stop once the configuration says they
+//! are done. Seeds keep one, two or three replicas. A chain of one survives the loss of its
+//! member only from its disk: without disks, such seeds crash and cut off no server.
+//!
 //! The failures stay within what chain replication promises to survive: every range keeps a
 //! reachable, running chain member that holds its committed updates, and a crash or partition
 //! comes at least one failure-detection time (`failure_timeout_ms` plus a heartbeat) after the
@@ -86,6 +92,19 @@ pub struct Params {
     /// Servers keep their ranges on disk, synced every `sync_every_ms`; the whole cluster
     /// loses power about every `power_loss_every_ms` (`None`: servers have no disk).
     pub disks: Option<Disks>,
+    /// Servers join and are drained while the faults go on (`None`: the members stay).
+    pub churn: Option<Churn>,
+}
+
+/// The joins and drains of a seed whose cluster changes.
+#[derive(Debug, Clone, Copy)]
+pub struct Churn {
+    /// Servers that are not members at the start: each joins the cluster at a random time (at
+    /// the latest when the faults end).
+    pub joining: u32,
+    /// About how often a server joins, and a member is drained, while the faults go on.
+    pub join_every_ms: u64,
+    pub drain_every_ms: u64,
 }
 
 /// The disks of a seed whose servers have them.
@@ -99,7 +118,7 @@ impl Params {
     fn pick(rng: &mut Xoshiro256PlusPlus) -> Self {
         let nodes = rng.gen_range(3..=5);
         let rcfg = ReplicationConfig {
-            replicas: rng.gen_range(2..=3),
+            replicas: rng.gen_range(1..=3),
             ranges: rng.gen_range(2..=8),
             vnodes: 16,
             workers: rng.gen_range(2..=4),
@@ -123,6 +142,11 @@ impl Params {
             push_until_whole: rng.gen_bool(0.5),
             tail_acks: rng.gen_bool(0.5),
             disks: rng.gen_bool(0.5).then(|| Disks { sync_every_ms: rng.gen_range(1..=20), power_loss_every_ms: rng.gen_range(500..=2500) }),
+            churn: rng.gen_bool(1.0 / 3.0).then(|| Churn {
+                joining: rng.gen_range(1..=2),
+                join_every_ms: rng.gen_range(200..=1500),
+                drain_every_ms: rng.gen_range(200..=1500),
+            }),
         }
     }
 }
@@ -149,10 +173,22 @@ pub struct Report {
     /// Acknowledgements workers had from tails ([`Replica::ack_from_tail`]).
     pub tail_acks: u64,
     pub configs: u64,
+    /// Servers that joined the cluster, and servers drained that stopped.
+    pub joins: u64,
+    pub drains: u64,
     /// Snapshots sent, and learners resumed from what they held instead (every replica's,
     /// crashed ones' included).
     pub snapshots: u64,
     pub resumes: u64,
+}
+
+impl Report {
+    /// Adds what `replica` did to the counts (when it stops, and at the end).
+    fn count(&mut self, replica: &Replica<SimStore>) {
+        self.snapshots += replica.stats().snapshots_sent;
+        self.tail_acks += replica.stats().tail_acks;
+        self.resumes += replica.stats().resumes;
+    }
 }
 
 /// A checker's finding, with what it takes to replay it.
@@ -176,7 +212,12 @@ impl fmt::Display for Failure {
 struct Node {
     replica: Option<Replica<SimStore>>,
     incarnation: u64,
+    /// When a crashed node restarts; never, for one that has not joined yet or has left.
     restart_ms: u64,
+    /// Not started yet: a server that joins the cluster later ([`Churn`]).
+    joining: bool,
+    /// Drained, and stopped for good.
+    left: bool,
     /// While down: what it restarts from (its disk).
     store: SimStore,
 }
@@ -228,7 +269,18 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
     let members = (0..p.nodes).map(|n| Member { node: NodeId(n), incarnation: 1, addr: String::new(), draining: false });
     let coordinator = Coordinator::new(p.rcfg.clone(), 1, members.collect(), 0);
     let store = || if p.disks.is_some() { SimStore::with_disk() } else { SimStore::default() };
-    let nodes = (0..p.nodes).map(|n| Node { replica: Some(new_replica(&p, opts, n, 1, store())), incarnation: 1, restart_ms: 0, store: SimStore::default() });
+    let members = (0..p.nodes).map(|n| Node {
+        replica: Some(new_replica(&p, opts, n, 1, store())),
+        incarnation: 1,
+        restart_ms: 0,
+        joining: false,
+        left: false,
+        store: SimStore::default(),
+    });
+    // Servers that join later start with no disk (new machines), as the first ones did.
+    let joining =
+        (0..p.churn.map_or(0, |c| c.joining)).map(|_| Node { replica: None, incarnation: 0, restart_ms: u64::MAX, joining: true, left: false, store: store() });
+    let nodes = members.chain(joining);
     let view = coordinator.config().clone();
     let workers = (0..p.rcfg.workers).map(|w| SimWorker::new(WorkerId(w), p.rcfg.ranges, p.pushes_per_worker, view.clone()));
     let mut sim = Sim {
@@ -260,9 +312,7 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
     sim.run().map_err(|what| Failure { seed: opts.seed, at_ms: sim.now, what })?;
     sim.report.sim_ms = sim.now;
     for replica in sim.nodes.iter().filter_map(|n| n.replica.as_ref()) {
-        sim.report.snapshots += replica.stats().snapshots_sent;
-        sim.report.tail_acks += replica.stats().tail_acks;
-        sim.report.resumes += replica.stats().resumes;
+        sim.report.count(replica);
     }
     Ok(sim.report)
 }
@@ -353,13 +403,14 @@ impl Sim {
                     }
                 }
                 Addr::Worker(w) => {
+                    let Addr::Node(from) = from else { unreachable!("only servers send workers messages") };
                     let coordinator_view = self.coordinator.config().clone();
                     if let Msg::PushAck { range, seq } = &msg {
                         self.checker.acked(w, *range, *seq);
                         self.timed_ack(w, *range, *seq);
                     }
                     let worker = &mut self.workers[w.0 as usize];
-                    if worker.on_msg(self.now, msg) {
+                    if worker.on_msg(self.now, from, msg) {
                         worker.view = coordinator_view;
                     }
                 }
@@ -384,6 +435,7 @@ impl Sim {
                 out.extend(r.take_ready().into_iter().map(|(to, m)| (Addr::Node(r.id()), to, m)));
             }
         }
+        self.stop_drained();
         if self.coordinator_down.is_some_and(|until| now >= until) {
             self.coordinator_down = None;
             self.coordinator = Coordinator::resume(self.p.rcfg.clone(), (**self.coordinator.config()).clone(), now);
@@ -480,41 +532,59 @@ impl Sim {
         }
     }
 
-    /// What a client's polls tell it before it resends: each head (in the worker's view) that
-    /// is up acknowledges the worker's pushes to its ranges with pushes in flight that are
-    /// committed, and says how many it applied; the worker resends only the others. A reply
-    /// may be lost.
+    /// What a client's polls tell it before it resends: it polls each head (in the worker's
+    /// view) of a range it has pushes in flight to, and each answers, as a server's shard does,
+    /// for every range it heads by its own configuration (which may be older or newer than the
+    /// worker's): the worker's pushes committed there are acknowledged, and it says how many it
+    /// applied; the worker resends only the others. A reply may be lost.
     fn poll_heads(&mut self, w: usize) {
         let id = self.workers[w].id;
-        for r in 0..self.p.rcfg.ranges {
-            let range = RangeId(r);
-            if self.workers[w].in_flight(range) == 0 {
-                continue;
-            }
-            let Some(head) = self.workers[w].view.chain(range).and_then(|c| c.head()) else { continue };
+        let mut heads: Vec<NodeId> = (0..self.p.rcfg.ranges)
+            .map(RangeId)
+            .filter(|r| self.workers[w].in_flight(*r) > 0)
+            .filter_map(|r| self.workers[w].view.chain(r).and_then(|c| c.head()))
+            .collect();
+        heads.sort_unstable();
+        heads.dedup();
+        for head in heads {
             let Some(replica) = self.nodes[head.0 as usize].replica.as_ref() else { continue };
-            let (committed, applied) = (replica.worker_committed(range, id), replica.worker_seq(range, id));
+            let answers: Vec<_> = (0..self.p.rcfg.ranges).map(RangeId).map(|r| (r, replica.worker_committed(r, id), replica.worker_seq(r, id))).collect();
             if self.faults && self.rng.gen_bool(self.p.drop_p) {
                 continue;
             }
-            self.trace(|| format!("poll: head {head} committed {committed:?} and applied {applied:?} of {id:?}'s pushes to {range:?}"));
-            if let Some(seq) = committed.filter(|s| *s > 0) {
-                self.checker.acked(id, range, seq);
-                self.timed_ack(id, range, seq);
-                self.workers[w].on_msg(self.now, Msg::PushAck { range, seq });
-            }
-            if let Some(seq) = applied {
-                self.workers[w].on_msg(self.now, Msg::SeqCount { range, seq });
+            for (range, committed, applied) in answers {
+                if committed.is_none() && applied.is_none() {
+                    continue;
+                }
+                self.trace(|| format!("poll: head {head} committed {committed:?} and applied {applied:?} of {id:?}'s pushes to {range:?}"));
+                if let Some(seq) = committed.filter(|s| *s > 0) {
+                    self.checker.acked(id, range, seq);
+                    self.timed_ack(id, range, seq);
+                    self.workers[w].on_msg(self.now, head, Msg::PushAck { range, seq });
+                }
+                if let Some(seq) = applied {
+                    self.workers[w].on_msg(self.now, head, Msg::SeqCount { range, seq });
+                }
             }
         }
     }
 
-    /// Crashes, restarts and partitions, at random.
+    /// Crashes, restarts and partitions, joins and drains, at random.
     fn inject(&mut self) {
         let now = self.now;
         for n in 0..self.nodes.len() {
             if self.nodes[n].replica.is_none() && now >= self.nodes[n].restart_ms {
                 self.restart(n);
+            }
+        }
+        if let Some(churn) = self.p.churn {
+            if self.rng.gen_range(0..churn.join_every_ms) == 0 {
+                if let Some(n) = self.nodes.iter().position(|n| n.joining) {
+                    self.join(n);
+                }
+            }
+            if self.rng.gen_range(0..churn.drain_every_ms) == 0 {
+                self.drain_one();
             }
         }
         let detection_ms = self.p.rcfg.failure_timeout_ms + self.p.rcfg.heartbeat_interval_ms;
@@ -529,7 +599,12 @@ impl Sim {
                 return;
             }
         }
-        let may_fail = self.failed_ms.len() < (self.p.rcfg.replicas as usize).saturating_sub(1).max(1);
+        // A chain of one with no disk survives no crash or cut of its member: it has no copy to
+        // fail over to. The check below (`survives`) sees only the chains of the moment, and a
+        // chain of one that a join or drain grew to two for a while is shrunk back (to the
+        // member that may have just failed) before its failure is noticed: none at all then.
+        let fragile = self.p.rcfg.replicas == 1 && self.p.disks.is_none();
+        let may_fail = self.failed_ms.len() < (self.p.rcfg.replicas as usize).saturating_sub(1).max(1) && !fragile;
         if self.rng.gen_range(0..self.p.crash_every_ms) == 0 && may_fail {
             let n = self.rng.gen_range(0..self.nodes.len());
             let mut out = self.cut().to_vec();
@@ -577,9 +652,7 @@ impl Sim {
     /// synced on it, the next torn.
     fn crash(&mut self, n: usize) {
         let replica = self.nodes[n].replica.take().expect("crashing a running node");
-        self.report.snapshots += replica.stats().snapshots_sent;
-        self.report.tail_acks += replica.stats().tail_acks;
-        self.report.resumes += replica.stats().resumes;
+        self.report.count(&replica);
         let pending = replica.store().disk.as_ref().map_or(0, |d| d.pending());
         let landed = self.rng.gen_range(0..=pending);
         self.nodes[n].store = replica.store().crashed(landed);
@@ -611,6 +684,47 @@ impl Sim {
         self.trace(|| format!("RESTART node {n} (incarnation {})", self.nodes[n].incarnation));
     }
 
+    /// Node `n`, not a member, starts: its heartbeats make it one, and the ring gives it ranges.
+    fn join(&mut self, n: usize) {
+        self.nodes[n].joining = false;
+        self.restart(n);
+        self.report.joins += 1;
+        self.trace(|| format!("JOIN node {n}"));
+    }
+
+    /// Drains a running member, if the members not draining would still be more than enough
+    /// for every chain: its ranges move to the others, and it stops once it is done.
+    fn drain_one(&mut self) {
+        let config = self.coordinator.config().clone();
+        let staying: Vec<NodeId> = config.members.iter().filter(|m| !m.draining).map(|m| m.node).collect();
+        let running = |n: &NodeId| self.nodes[n.0 as usize].replica.is_some();
+        let candidates: Vec<NodeId> = staying.iter().copied().filter(running).collect();
+        if staying.len() <= (self.p.rcfg.replicas as usize).max(2) || candidates.is_empty() {
+            return;
+        }
+        let node = candidates[self.rng.gen_range(0..candidates.len())];
+        self.coordinator.drain(node);
+        self.trace(|| format!("DRAIN node {node}"));
+    }
+
+    /// Servers whose configuration says they were drained stop, for good (as `tessera server`
+    /// does).
+    fn stop_drained(&mut self) {
+        for n in 0..self.nodes.len() {
+            let incarnation = self.nodes[n].incarnation;
+            let Some(replica) = self.nodes[n].replica.as_ref() else { continue };
+            if !replica.config().is_some_and(|c| c.left(NodeId(n as u32), incarnation)) {
+                continue;
+            }
+            let replica = self.nodes[n].replica.take().expect("checked above");
+            self.report.count(&replica);
+            self.nodes[n].left = true;
+            self.nodes[n].restart_ms = u64::MAX;
+            self.report.drains += 1;
+            self.trace(|| format!("LEFT node {n}: drained, it stops"));
+        }
+    }
+
     /// The faults stop: partitions heal and crashed servers come back.
     fn heal(&mut self) {
         self.faults = false;
@@ -619,7 +733,9 @@ impl Sim {
             self.coordinator_down = Some(self.now);
         }
         for n in 0..self.nodes.len() {
-            if self.nodes[n].replica.is_none() {
+            if self.nodes[n].joining {
+                self.join(n);
+            } else if self.nodes[n].replica.is_none() && !self.nodes[n].left {
                 self.restart(n);
             }
         }
