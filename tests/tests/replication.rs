@@ -387,6 +387,7 @@ fn kill_test(with_etcd: bool, kills: usize) {
     // Exactly every acknowledged push, once, in both tables.
     let live = if drain_and_join { [0, 1, SERVERS] } else { [0, 1, 2] }.map(|i| addrs[i].as_str());
     let pushes: Vec<usize> = results.iter().map(|r| r.0.len()).collect();
+    check_none_lost(&results);
     check_sums(&live, &pushes);
 
     // The pause each kill caused: the longest any worker waited across it.
@@ -475,6 +476,13 @@ fn start_workers(addrs: &[String], stop: &Arc<AtomicBool>, progress: &Arc<Vec<At
             })
         })
         .collect()
+}
+
+/// No worker of [`start_workers`] took acknowledged pushes for lost by their ranges (and
+/// numbered the rest anew): nothing here loses what it acknowledged.
+fn check_none_lost(results: &[WorkerRun]) {
+    let lost: Vec<u64> = results.iter().map(|r| r.1.push_pieces_lost).collect();
+    assert!(lost.iter().all(|l| *l == 0), "workers took acknowledged push pieces for lost by their ranges: {lost:?} (per worker)");
 }
 
 /// Waits until every worker has finished an iteration since `progress` was `seen` (or panics
@@ -1528,6 +1536,7 @@ fn an_unreplicated_cluster_grows_and_shrinks_while_workers_push() {
     stop.store(true, Ordering::Release);
     let results: Vec<WorkerRun> = handles.into_iter().map(|h| h.join().expect("worker")).collect();
     let pushes: Vec<usize> = results.iter().map(|r| r.0.len()).collect();
+    check_none_lost(&results);
     check_sums(&[addrs[1].as_str(), addrs[2].as_str()], &pushes);
     let refreshes: u64 = results.iter().map(|r| r.1.refreshes).sum();
     eprintln!(
