@@ -277,7 +277,7 @@ fn run_inner(opts: &SimOptions) -> Result<Report, Failure> {
         left: false,
         store: SimStore::default(),
     });
-    // Servers that join later start with no disk (new machines), as the first ones did.
+    // Servers that join later start with an empty disk (new machines), as the first ones did.
     let joining =
         (0..p.churn.map_or(0, |c| c.joining)).map(|_| Node { replica: None, incarnation: 0, restart_ms: u64::MAX, joining: true, left: false, store: store() });
     let nodes = members.chain(joining);
