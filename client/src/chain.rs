@@ -193,6 +193,12 @@ struct Refusal {
 
 /// How long a client's reconnection attempts take in all ([`ClientConfig::reconnect_attempts`],
 /// [`ClientConfig::reconnect_pause_ms`] doubling up to a second).
+/// A client's incarnation: random, never 0 (which names none).
+fn new_incarnation() -> u64 {
+    let nonce = tessera_transport::auth::random_nonce();
+    u64::from_le_bytes(nonce[..8].try_into().expect("8 bytes")).max(1)
+}
+
 fn reconnect_patience(cfg: &ClientConfig) -> Duration {
     let mut pause = cfg.reconnect_pause_ms;
     let mut total = 0;
@@ -221,6 +227,9 @@ impl<'t> ChainTable<'t> {
 #[derive(Debug)]
 pub(crate) struct Chain {
     worker: u32,
+    /// This client's incarnation, random and never 0, sent with every `WorkerPush`: a shard
+    /// refuses the pushes of a client that another one with the same worker id succeeded.
+    incarnation: u64,
     /// Opens the links pushes and pulls go on: RDMA where both ends have it (`cfg.kind`).
     dialer: Dialer,
     compress: bool,
@@ -372,6 +381,7 @@ impl Chain {
         let ranges = view.replication.ranges;
         let chain = Self {
             worker: cfg.worker,
+            incarnation: new_incarnation(),
             dialer,
             compress: cfg.compress,
             seeds,
@@ -824,6 +834,7 @@ impl Chain {
     fn worker_push(&self, at: (NodeId, u16), body: Vec<u8>) -> Outgoing {
         let mut header = Header::request(Op::WorkerPush, 0);
         header.worker = self.worker;
+        header.start = self.incarnation;
         if !body.is_empty() {
             header.flags |= flags::TAIL_ACKS;
         }

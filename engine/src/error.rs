@@ -60,6 +60,8 @@ pub enum EngineError {
     Unrecoverable { what: String, reason: String },
     #[error("replication range {range} is not held here now; ask its chain's tail (refresh the cluster configuration)")]
     RangeNotHeld { range: u32 },
+    #[error("worker id {worker} is in use by another client: {why}. Every live client needs a worker id of its own (ClientConfig::worker)")]
+    WorkerIdInUse { worker: u32, why: &'static str },
     #[error("this connection holds no key list with hash {hash:#x} and {count} keys: send the keys again (key-list caching)")]
     KeysUnknown { hash: u64, count: u32 },
     /// The coordinator, or the etcd a server finds it through.
@@ -84,6 +86,7 @@ impl EngineError {
             EngineError::KeyNotOwned { .. } | EngineError::RangeNotHeld { .. } => Status::NotOwned,
             EngineError::WrongDim { .. } => Status::WrongDim,
             EngineError::KeysUnknown { .. } => Status::KeysUnknown,
+            EngineError::WorkerIdInUse { .. } => Status::WorkerIdInUse,
             EngineError::ValuesLength { .. } => Status::ValuesLength,
             EngineError::NonFinite { .. } => Status::NonFinite,
             EngineError::SparseTableFull { .. } | EngineError::ClockSegmentsFull { .. } => Status::Full,

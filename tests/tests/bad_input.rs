@@ -629,6 +629,68 @@ fn workers_over_the_limit_are_refused_without_changing_anything() {
     f.verify_and_continue();
 }
 
+/// Worker `RAW_WORKER`'s push numbered `seq` from client `incarnation`, as a `WorkerPush` to
+/// range 0's head (shard 0): `value` added to keys 0..4 of the dense table.
+fn push_as_client(f: &Fixture, c: &mut RawConn, incarnation: u64, seq: u32, value: f32) -> raw::RawReply {
+    let (mut header, body) = raw::worker_push_range_as(RAW_WORKER, seq, 0, f.id("dense"), DIM as u32, 0, 4, &[value; 4 * DIM]);
+    header.start = incarnation;
+    c.request(header, &body)
+}
+
+#[test]
+fn two_clients_with_one_worker_id_are_refused_by_name_and_nothing_acknowledged_is_lost() {
+    let mut f = Fixture::start();
+    f.push_round();
+    let mut c = f.raw(0);
+    let (first, second) = (0x1111, 0x2222);
+    let applied = |f: &mut Fixture, r: raw::RawReply, value: f32| {
+        assert_eq!(r.status(), Status::Ok, "{}", r.message());
+        assert_eq!(r.refusal(), None);
+        f.model.dense[..4 * DIM].iter_mut().for_each(|v| *v += value);
+    };
+    for seq in 1..=2 {
+        let r = push_as_client(&f, &mut c, first, seq, 1.0);
+        applied(&mut f, r, 1.0);
+    }
+    // A second client with the same worker id numbers a push as one the head applied from the
+    // first: taken for a resend, it would be acknowledged and never applied.
+    push_as_client(&f, &mut c, second, 2, 100.0).expect_error(Status::WorkerIdInUse, "numbered as one the range's head applied from another client");
+    // The newer client has the id: the first one's pushes are refused from now on, by name.
+    push_as_client(&f, &mut c, first, 3, 1000.0).expect_error(Status::WorkerIdInUse, "a client that started later pushes as this worker");
+    let r = push_as_client(&f, &mut c, second, 3, 10.0);
+    applied(&mut f, r, 10.0);
+    f.verify();
+    // A frame naming no client is not checked (a raw test client, an older build).
+    let r = push_as_client(&f, &mut c, 0, 4, 5.0);
+    applied(&mut f, r, 5.0);
+    f.verify_and_continue();
+}
+
+#[test]
+fn a_client_whose_worker_id_another_client_took_gets_the_reason_on_its_ticket() {
+    let mut f = Fixture::start();
+    f.push_round();
+    // Another client as worker 0, the fixture's client's id, pushing while it lives.
+    let other = Client::connect(&[f.addr()], ClientConfig::worker(0)).expect("the other client connects");
+    let dense = other.table("dense").expect("dense");
+    let grads = vec![2.0f32; 10 * DIM];
+    other.push_range(&dense, 0, &grads).expect("sent").wait().expect("the newest client of an id is taken");
+    add(&mut f.model.dense[..10 * DIM], &grads);
+    let err = f.client.push_range(&f.dense, 0, &grads).expect("sent").wait().expect_err("the superseded client is refused");
+    match &err {
+        ClientError::Server { status: Status::WorkerIdInUse, message, .. } => {
+            assert!(message.contains("worker id 0 is in use by another client"), "{message}");
+        }
+        e => panic!("expected WorkerIdInUse, got {e}"),
+    }
+    // Nothing of the refused push was applied, every acknowledged one is there, and the client
+    // that has the id goes on.
+    f.verify();
+    other.push_range(&dense, 0, &grads).expect("sent").wait().expect("pushes on");
+    add(&mut f.model.dense[..10 * DIM], &grads);
+    f.verify();
+}
+
 #[test]
 fn handshake_mistakes_are_refused() {
     let mut f = Fixture::start();

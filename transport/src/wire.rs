@@ -128,7 +128,10 @@ pub enum Op {
     Replicate = 30,
     /// A worker's pushes to ranges a replicated server's shard heads (the body is a batch of
     /// `Push` messages), or with an empty body a poll; the reply carries the worker's
-    /// acknowledgements.
+    /// acknowledgements. `worker` is the worker id, and `start` the sending client's
+    /// incarnation (random, fixed for the client's life; 0 for none): a shard refuses pushes
+    /// from a client that another one with the same worker id has succeeded
+    /// ([`Status::WorkerIdInUse`]).
     WorkerPush = 31,
     /// The cluster's replication settings and configuration, as JSON.
     ClusterConfig = 32,
@@ -204,6 +207,10 @@ pub enum Status {
     /// carry it to the tail in time (a member may have failed). Nothing is lost; the worker
     /// sends it again, and a push applied already is acknowledged, not applied twice.
     Unacknowledged = 18,
+    /// A push from a client whose worker id another client has taken since (two live clients
+    /// with one worker id, whose pushes would be numbered over each other): refused, never
+    /// applied. Every worker needs an id of its own.
+    WorkerIdInUse = 19,
 }
 
 impl Status {
@@ -212,7 +219,10 @@ impl Status {
     /// refusals (a held acknowledgement that timed out, a server shutting down) are retried.
     pub fn never_applies(self) -> bool {
         use Status::*;
-        matches!(self, Malformed | FrameTooLarge | UnknownTable | KeyOutOfRange | ValuesLength | NonFinite | WrongDim | Full | BadRequest | Unsupported)
+        matches!(
+            self,
+            Malformed | FrameTooLarge | UnknownTable | KeyOutOfRange | ValuesLength | NonFinite | WrongDim | Full | BadRequest | Unsupported | WorkerIdInUse
+        )
     }
 
     /// Decodes a status; unknown codes read as `Internal` so that newer servers stay intelligible.
@@ -220,7 +230,7 @@ impl Status {
         use Status::*;
         [Ok, Malformed, FrameTooLarge, UnknownTable, KeyOutOfRange, ValuesLength, NonFinite, WrongDim, NotOwned, Full]
             .into_iter()
-            .chain([BadRequest, Internal, ShuttingDown, Unsupported, NotDurable, KeysUnknown, AuthChallenge, Unauthenticated, Unacknowledged])
+            .chain([BadRequest, Internal, ShuttingDown, Unsupported, NotDurable, KeysUnknown, AuthChallenge, Unauthenticated, Unacknowledged, WorkerIdInUse])
             .find(|s| *s as u16 == code)
             .unwrap_or(Internal)
     }
@@ -577,7 +587,7 @@ mod tests {
 
     #[test]
     fn status_codes_round_trip() {
-        for code in 0..18 {
+        for code in 0..=19 {
             assert_eq!(Status::from_u16(code) as u16, code);
         }
         assert_eq!(Status::from_u16(999), Status::Internal);

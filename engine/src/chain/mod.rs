@@ -8,6 +8,7 @@
 //! replies carry the worker's acknowledgements (a worker polls with an empty `WorkerPush` while
 //! it waits). Messages out leave through the server's [`outbox::Outbox`].
 
+mod clients;
 pub mod outbox;
 pub mod store;
 
@@ -155,6 +156,8 @@ pub struct ChainShard {
     ready: Vec<(Addr, Msg)>,
     /// Buffers a worker's push request is served with, kept for the next one.
     worker_scratch: WorkerScratch,
+    /// The clients pushing as each worker id, as this shard has seen them.
+    clients: clients::WorkerClients,
 }
 
 /// What [`ChainShard::serve_worker`] fills per request, kept so that serving allocates nothing
@@ -179,6 +182,8 @@ struct WorkerScratch {
     /// the head).
     refused: Vec<Msg>,
     next_seqs: Vec<(RangeId, Option<u32>)>,
+    /// The pushes (range, seq) the head applies from the request.
+    applying: Vec<(RangeId, u32)>,
 }
 
 /// Most bytes of acknowledgements a `Replicate` reply carries back; more go as requests of
@@ -227,6 +232,7 @@ impl ChainShard {
             payloads: PayloadPool::default(),
             ready: Vec::new(),
             worker_scratch: WorkerScratch::default(),
+            clients: clients::WorkerClients::default(),
         }
     }
 
@@ -617,9 +623,19 @@ impl ChainShard {
         // replica that is not the range's head answers `NotHead`. So a push refused here was
         // never applied: it is named in the reply ([`Msg::Refused`]) and nothing of the batch
         // is applied, and the worker takes it back and sends the rest again.
-        let (refused, next) = (&mut scratch.refused, &mut scratch.next_seqs);
+        // Pushes from a client another one with the same worker id has succeeded, and pushes
+        // numbered as one this head applied from another such client, are refused by name too
+        // (see `clients`): taken for resends, they would be acknowledged and never applied.
+        let incarnation = header.start;
+        let current = self.clients.admit(worker, incarnation);
+        let (refused, next, applying) = (&mut scratch.refused, &mut scratch.next_seqs, &mut scratch.applying);
         refused.clear();
         next.clear();
+        applying.clear();
+        let in_use = |range: RangeId, seq: u32, why| {
+            let e = EngineError::WorkerIdInUse { worker, why };
+            Msg::Refused { range, seq, status: e.status() as u16, reason: e.to_string() }
+        };
         for msg in &decoded {
             let Msg::Push { range, worker: w, seq, payload } = msg else {
                 return Err(bad(format!("a worker may only push (or, hearing from tails, await pushes), not send a {} message", msg.kind())));
@@ -637,8 +653,20 @@ impl ChainShard {
                     next.len() - 1
                 }
             };
-            let Some(expected) = next[at].1.as_mut().filter(|expected| **expected == *seq) else { continue };
-            *expected += 1;
+            // Not the head (`None`), or the range's pushes wait behind a refused one (`Some(0)`).
+            let Some(expected) = next[at].1.filter(|expected| *expected > 0) else { continue };
+            let collides = *seq < expected && !self.clients.may_resend(worker, range.0, incarnation, *seq);
+            if !current || collides {
+                refused.push(in_use(*range, *seq, if current { clients::COLLIDED } else { clients::SUCCEEDED }));
+                next[at].1 = Some(0);
+                continue;
+            }
+            // Applied before (acknowledged again), or after a gap (dropped).
+            if *seq != expected {
+                continue;
+            }
+            next[at].1 = Some(expected + 1);
+            applying.push((*range, *seq));
             match ChainStore::check_push(tables, self.rcfg.ranges, *range, payload) {
                 Ok(h) => {
                     if tables.at(h.table, range.0).is_none() {
@@ -660,6 +688,10 @@ impl ChainShard {
         }
         if !refused.is_empty() {
             decoded.clear();
+            scratch.applying.clear();
+        }
+        for &(range, seq) in &scratch.applying {
+            self.clients.applied(worker, range.0, incarnation, seq);
         }
         scratch.pushed.clear();
         scratch.pushed.extend(decoded.iter().filter_map(|m| if let Msg::Push { range, seq, .. } = m { Some((*range, *seq)) } else { None }));
