@@ -1176,6 +1176,45 @@ fn a_push_refused_only_when_sent_again_fails_on_its_own_ticket() {
     assert!(held[2..].iter().all(|v| *v == 1.0), "{held:?}");
 }
 
+/// Two live clients with one worker id on a cluster of chains of three: the newer one's pushes
+/// go through every range's head, the older one's are refused by name from then on, and the
+/// sums hold exactly the acknowledged pushes, none of either client's acknowledged and dropped.
+#[test]
+fn two_clients_with_one_worker_id_on_a_cluster_are_told_and_lose_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = ScratchDir::new("replication-worker-id");
+    let tables = sum_table(&dir);
+    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
+    let timeout = failure_timeout_ms();
+    let args = ["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", &timeout];
+    let _coord = ServerProc::coordinator_at(&coordinator[0], &args);
+    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let (_servers, _) = start_chain(&addrs, &tables, &coordinator);
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let ones = vec![1f32; KEYS as usize];
+    let push = |client: &Client| {
+        let w = client.table("w").expect("table");
+        client.push_range(&w, 0, &ones).and_then(|t| t.wait())
+    };
+    let older = Client::connect(&refs, worker_cfg(0)).expect("connect");
+    for _ in 0..3 {
+        push(&older).expect("the only client of worker 0");
+    }
+    let newer = Client::connect(&refs, worker_cfg(0)).expect("connect");
+    for _ in 0..2 {
+        push(&newer).expect("the newer client of worker 0 is taken at every head");
+    }
+    let err = push(&older).expect_err("the older client's push is refused");
+    assert_eq!(err.status(), Some(tessera_transport::Status::WorkerIdInUse), "{err}");
+    assert!(err.to_string().contains("worker id 0 is in use by another client"), "{err}");
+    push(&newer).expect("the newer client goes on");
+    let reader = Client::connect(&refs, worker_cfg(4)).expect("connect");
+    let w = reader.table("w").expect("table");
+    let mut values = vec![0f32; KEYS as usize];
+    reader.pull_range(&w, 0, &mut values).and_then(|t| t.wait()).expect("pull");
+    assert!(values.iter().all(|v| *v == 6.0), "every key holds the six acknowledged pushes: {:?}", &values[..8]);
+}
+
 /// A head that stops answering with its connections open (stopped with SIGSTOP, as a hung
 /// process or a cut-off host would be) is taken out of its chains by the coordinator within the
 /// failure timeout, and a worker waiting on it stops waiting then, not after the transport's
