@@ -1184,11 +1184,7 @@ fn two_clients_with_one_worker_id_on_a_cluster_are_told_and_lose_nothing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = ScratchDir::new("replication-worker-id");
     let tables = sum_table(&dir);
-    let coordinator = vec![format!("127.0.0.1:{}", free_port())];
-    let timeout = failure_timeout_ms();
-    let args = ["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "8", "--failure-timeout-ms", &timeout];
-    let _coord = ServerProc::coordinator_at(&coordinator[0], &args);
-    let addrs: Vec<String> = (0..SERVERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let (coordinator, _coord, addrs) = three_replica_coordinator(&failure_timeout_ms(), SERVERS);
     let (_servers, _) = start_chain(&addrs, &tables, &coordinator);
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let ones = vec![1f32; KEYS as usize];
