@@ -191,14 +191,14 @@ struct Refusal {
     error: ClientError,
 }
 
-/// How long a client's reconnection attempts take in all ([`ClientConfig::reconnect_attempts`],
-/// [`ClientConfig::reconnect_pause_ms`] doubling up to a second).
 /// A client's incarnation: random, never 0 (which names none).
 fn new_incarnation() -> u64 {
     let nonce = tessera_transport::auth::random_nonce();
     u64::from_le_bytes(nonce[..8].try_into().expect("8 bytes")).max(1)
 }
 
+/// How long a client's reconnection attempts take in all ([`ClientConfig::reconnect_attempts`],
+/// [`ClientConfig::reconnect_pause_ms`] doubling up to a second).
 fn reconnect_patience(cfg: &ClientConfig) -> Duration {
     let mut pause = cfg.reconnect_pause_ms;
     let mut total = 0;
