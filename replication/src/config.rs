@@ -38,6 +38,13 @@ pub const RESEND_WAIT_MS_MAX: u64 = 1000;
 pub const SNAPSHOT_WAIT_MS_MAX: u64 = 8000;
 /// Most pushes the head folds into one forwarded update.
 pub const BATCH_PUSHES_MAX: usize = 256;
+/// Most updates of one range a head has forwarded and its successor not yet acknowledged
+/// before it stops closing batches at each turn: the pushes that come meanwhile wait in the
+/// open batch, and leave as one update when the successor acknowledges (or the batch holds
+/// [`BATCH_PUSHES_MAX`]). Idle, a push leaves at once; under load, the chain's cost per push
+/// falls as batches grow, since each hop sends, receives and writes one copy of the keys a
+/// batch touched, however many pushes it holds.
+pub const UPDATES_IN_FLIGHT_MAX: usize = 1;
 /// Most pushes a head holds for acknowledgement (applied, not yet held by the tail). Pushes past
 /// it are dropped unacknowledged, and their workers resend them.
 pub const WAITING_MAX: usize = 65_536;

@@ -268,7 +268,7 @@ impl ChainShard {
         if self.recovering {
             return None;
         }
-        self.with_replica(tables, disk, |r, _| r.flush());
+        self.with_replica(tables, disk, |r, _| r.flush_all());
         let held = (0..self.rcfg.ranges).filter_map(|r| {
             let st = self.replica.range_state(RangeId(r)).filter(|s| s.installed)?;
             Some(RangeHeld { range: r, version: st.version, clock: st.clock.to_vec(), digest: st.digest })
