@@ -1718,6 +1718,44 @@ mod tests {
     }
 
     #[test]
+    fn pushes_that_come_while_an_update_is_in_flight_leave_as_one_update() {
+        let mut nodes = cluster();
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+        nodes[0].flush();
+        let first = nodes[0].take_ready();
+        assert!(matches!(first.as_slice(), [(Addr::Node(NodeId(1)), Msg::Forward { version: 1, .. })]), "{first:?}");
+        // Update 1 is unacknowledged: the next pushes are applied and wait in the open batch.
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(2, 3));
+        nodes[0].flush();
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(3, 2));
+        nodes[0].flush();
+        assert!(nodes[0].take_ready().is_empty(), "nothing leaves while update 1 is in flight");
+        assert_eq!(value(&nodes[0]), 10);
+        // Update 1 goes down the chain; its acknowledgement lets pushes 2 and 3 leave as update 2.
+        nodes[1].step(1, Addr::Node(NodeId(0)), first[0].1.clone());
+        let acks = settle(&mut nodes);
+        assert_eq!(acks.len(), 3, "{acks:?}");
+        assert!(nodes.iter().all(|n| value(n) == 10 && n.range_state(RangeId(0)).unwrap().version == 2));
+        assert_eq!(nodes[0].stats().updates_forwarded, 2);
+    }
+
+    #[test]
+    fn flush_all_closes_a_batch_whatever_is_in_flight() {
+        let mut nodes = cluster();
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
+        nodes[0].flush();
+        nodes[0].take_ready();
+        nodes[0].step(1, Addr::Worker(WorkerId(1)), push(2, 3));
+        nodes[0].flush();
+        assert_eq!(nodes[0].range_state(RangeId(0)).unwrap().version, 1);
+        // A checkpoint must find every applied push counted in a version.
+        nodes[0].flush_all();
+        assert_eq!(nodes[0].range_state(RangeId(0)).unwrap().version, 2);
+        let second = nodes[0].take_ready();
+        assert!(matches!(second.as_slice(), [(Addr::Node(NodeId(1)), Msg::Forward { version: 2, .. })]), "{second:?}");
+    }
+
+    #[test]
     fn a_resent_push_is_acknowledged_again_and_not_applied_twice() {
         let mut nodes = cluster();
         nodes[0].step(1, Addr::Worker(WorkerId(1)), push(1, 5));
