@@ -9,7 +9,9 @@
 //! - The head applies a worker's `seq`-th push only if the range's clock shows `seq - 1` pushes
 //!   of that worker; a push it already applied is acknowledged again, never applied twice.
 //! - Pushes applied between two [`Replica::flush`] calls become one update (aggregate, then
-//!   replicate), numbered by the range's `version` and carrying the clock after it.
+//!   replicate), numbered by the range's `version` and carrying the clock after it. While the
+//!   range's last update is unacknowledged by the successor, a flush leaves the batch open, so a
+//!   busy chain carries fewer, larger updates ([`UPDATES_IN_FLIGHT_MAX`]).
 //! - Each replica applies updates in version order only, keeps those its successor has not
 //!   acknowledged, and resends them after `resend_interval_ms` without progress.
 //! - The tail acknowledges up the chain; the head acknowledges a push once the tail holds it.
@@ -881,7 +883,8 @@ impl<S: Store> Replica<S> {
     }
 
     /// Closes every head's batch, whatever is in flight: before a checkpoint, which must find
-    /// every applied push counted in its range's version.
+    /// every applied push counted in its range's version, and before a new configuration, under
+    /// which a batch applied in the old one must not leave.
     pub fn flush_all(&mut self) {
         self.close_batches(true);
     }
