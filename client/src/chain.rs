@@ -325,6 +325,12 @@ pub(crate) struct Chain {
     down_since: Option<Instant>,
     /// Why the last link dropped for a failure was dropped.
     link_lost: String,
+    /// Links with push frames deferred ([`Caller::start_deferred`]): they leave with the
+    /// link's next request, or before this client waits for any reply
+    /// ([`flush_deferred`](Self::flush_deferred)).
+    deferred_on: Vec<LinkKey>,
+    /// Pushes sent for the first time are deferred ([`ClientConfig::defer_pushes`]).
+    defer_pushes: bool,
     /// What the link said when the standalone server stopped answering.
     down_because: String,
     /// Pushes let go with their cluster ([`give_up`](Self::give_up)): the first and last
@@ -432,6 +438,8 @@ impl Chain {
             down_since: None,
             down_because: String::new(),
             link_lost: String::new(),
+            deferred_on: Vec::new(),
+            defer_pushes: cfg.defer_pushes,
             lost: VecDeque::new(),
             lost_reason: String::new(),
             generation: 0,
@@ -511,7 +519,7 @@ impl Chain {
     /// Pings the shard of the first range's tail over a pull link.
     pub fn ping(&mut self) -> Result<()> {
         let at = self.tail_of(0).ok_or_else(|| ClientError::Unavailable { reason: "range 0 has no tail".into() })?;
-        let call = Outgoing { to: LinkKey { node: at.0, shard: at.1, lane: Lane::Pull }, header: Header::request(Op::Ping, 0), body: Vec::new() };
+        let call = Outgoing { to: LinkKey { node: at.0, shard: at.1, lane: Lane::Pull }, header: Header::request(Op::Ping, 0), body: Vec::new(), defer: false };
         let mut replies = Vec::with_capacity(1);
         self.call_all(&mut [call], &mut replies);
         replies.pop().expect("one call").map(|_| ())
@@ -554,6 +562,7 @@ impl Chain {
     /// servers in no chain after those in one: a server that has stopped answering (and was
     /// taken out of its chains for it) would hold the question up for the hello timeout.
     fn refresh_asking_last(&mut self, last: Option<NodeId>) {
+        self.flush_deferred();
         self.stats.refreshes += 1;
         self.refreshed_at = Instant::now();
         let view = &self.pusher.view;
@@ -655,6 +664,7 @@ impl Chain {
     /// list's hash when the link's shard holds the list, else asks it to remember the list. A
     /// link that fails is dropped (the next call makes a new one).
     fn start(&mut self, call: &mut Outgoing) -> Result<Started> {
+        let defer = call.defer;
         let started = self.link(call.to).and_then(|link| {
             if call.header.op() == Some(Op::Pull) {
                 match link.lists.remember_le(&call.body) {
@@ -668,13 +678,19 @@ impl Chain {
                 }
             }
             let before = link.caller.calls();
-            link.caller.start(&mut call.header, &call.body)?;
+            match defer {
+                true => link.caller.start_deferred(&mut call.header, &call.body)?,
+                false => link.caller.start(&mut call.header, &call.body)?,
+            }
             Ok((before, link.caller.calls(), link.made))
         });
         match started {
             Ok((before, after, link)) => {
                 if call.header.flags & flags::KEYS_CACHED != 0 {
                     self.stats.lists_by_hash += 1;
+                }
+                if defer && !self.deferred_on.contains(&call.to) {
+                    self.deferred_on.push(call.to);
                 }
                 self.stats.rdma_calls += after.rdma - before.rdma;
                 self.stats.tcp_calls += after.tcp - before.tcp;
@@ -746,8 +762,29 @@ impl Chain {
         !self.pusher.view.holds_any(node)
     }
 
+    /// Writes the push frames deferred on every link. Whatever this client waits for, every
+    /// push it started is on its way first: a reply awaited from one server may depend on
+    /// a push to another (a bounded-delay pull on another worker's progress, say).
+    fn flush_deferred(&mut self) {
+        if self.deferred_on.is_empty() {
+            return;
+        }
+        // (The list goes back emptied: a warm client allocates nothing per call.)
+        let mut deferred_on = std::mem::take(&mut self.deferred_on);
+        for key in deferred_on.drain(..) {
+            let Some(link) = self.links.get_mut(&key) else { continue };
+            if let Err(e) = link.caller.flush_deferred() {
+                // As a failed start: what was in flight on the link fails at its finish.
+                self.links.remove(&key);
+                self.link_lost = e.to_string();
+            }
+        }
+        self.deferred_on = deferred_on;
+    }
+
     /// One wait of [`finish_within`](Self::finish_within).
     fn finish_within_once(&mut self, started: &Started, timeout: Option<Duration>) -> Option<Result<Reply>> {
+        self.flush_deferred();
         let link = match self.links.get_mut(&started.to) {
             Some(link) if link.made == started.link => link,
             // The link failed while this request was in flight (another request on it saw the
@@ -838,7 +875,7 @@ impl Chain {
         if !body.is_empty() {
             header.flags |= flags::TAIL_ACKS;
         }
-        Outgoing { to: LinkKey { node: at.0, shard: at.1, lane: Lane::Push }, header, body }
+        Outgoing { to: LinkKey { node: at.0, shard: at.1, lane: Lane::Push }, header, body, defer: false }
     }
 
     /// `WorkerPush` requests (batches of pushes, or polls with no pushes), each to its server
@@ -1180,7 +1217,13 @@ impl Chain {
         self.stamps.push_back(PushStamp { push: self.pushes, first: self.pushes, stamp: Stamp::default(), met: false, whole: true });
         for f in frames.drain(..) {
             let sent = Sent { to: f.at, pieces: f.pieces, first: true, push: self.pushes };
+            // Deferred only when its ranges are on chains of one: their pulls take the same
+            // link ([`pull_lane`](Self::pull_lane)), so the worker's next pull carries it.
+            // A head's pulls go to another server (the tail): nothing would carry it sooner.
+            let alone = |(r, _): &(RangeId, u32)| self.pusher.view.chain(*r).is_some_and(|c| c.nodes.len() == 1);
+            let defer = self.defer_pushes && !sent.pieces.is_empty() && sent.pieces.iter().all(alone);
             let mut call = self.worker_push(f.at, f.body);
+            call.defer = defer;
             if self.links.get(&call.to).is_some_and(|l| !l.caller.can_start(&call.body)) {
                 self.collect_in_flight();
             }
@@ -1328,6 +1371,7 @@ impl Chain {
                 if Instant::now() > deadline {
                     return Err(ClientError::Unavailable { reason: format!("no head answered for ranges {left:?}") });
                 }
+                self.flush_deferred();
                 std::thread::sleep(Duration::from_millis(20));
                 self.refresh();
             }
@@ -1672,6 +1716,7 @@ impl Chain {
             if self.pusher.unacked() < before {
                 pause = Duration::from_micros(50);
             } else {
+                self.flush_deferred();
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(POLL_PAUSE_MAX);
             }
@@ -2046,6 +2091,7 @@ impl Chain {
             self.stats.pull_retries += 1;
             if !matches!(&e, ClientError::Server { status: Status::KeysUnknown, .. }) {
                 // (A shard that lost a key list is asked again at once, with the keys.)
+                self.flush_deferred();
                 std::thread::sleep(Duration::from_millis(20));
                 self.refresh();
             }
@@ -2146,7 +2192,7 @@ impl Chain {
             }
         };
         let lane = self.pull_lane(&part.ranges);
-        Outgoing { to: LinkKey { node: tail, shard, lane }, header, body }
+        Outgoing { to: LinkKey { node: tail, shard, lane }, header, body, defer: false }
     }
 
     /// Puts the values of the reply to `part` where its rows say in `out`, and meets its stamp
@@ -2190,6 +2236,7 @@ impl Chain {
             return false;
         }
         let Some((node, shard)) = self.tail_of(range) else { return false };
+        self.flush_deferred();
         let key = LinkKey { node, shard, lane: Lane::Pull };
         let mut stamp = std::mem::take(&mut self.read_stamp);
         let read = match self.link(key) {
@@ -2244,6 +2291,13 @@ impl Chain {
         let tail = self.pusher.view.chain(RangeId(range))?.tail()?;
         self.pusher.view.member(tail)?;
         Some((tail, shard_of_range(range, self.ranges, self.shards)))
+    }
+}
+
+impl Drop for Chain {
+    /// Pushes deferred go now: a client let go without waiting still sends what it started.
+    fn drop(&mut self) {
+        self.flush_deferred();
     }
 }
 
@@ -2397,6 +2451,9 @@ struct Outgoing {
     to: LinkKey,
     header: Header,
     body: Vec<u8>,
+    /// Sent with the link's next request, or before the client next waits
+    /// ([`Caller::start_deferred`]): a push not waited for at once.
+    defer: bool,
 }
 
 /// A reply's header and body.

@@ -93,6 +93,16 @@ pub struct ClientConfig {
     /// The pause after the first failed attempt to reconnect; it doubles after each, up to a
     /// second.
     pub reconnect_pause_ms: u64,
+    /// Over TCP, a push to ranges on chains of one (an unreplicated server, or `--replicas 1`)
+    /// waits in the client for the next request on its connection (the worker's next pull
+    /// from that server, typically) or for the client's next wait, whichever comes first, and
+    /// leaves in the same write: one write and one wake-up of the server instead of two. The
+    /// push is then on its way when the worker next talks to the cluster, not when `push`
+    /// returns; a worker that pushes and then does a long stretch of other work without
+    /// calling the client, while others wait on its pushes (bounded delay), should wait on the
+    /// push's ticket or turn this off. On by default. Pushes to longer chains (whose pulls go
+    /// to another server), and every request over RDMA, are sent at once.
+    pub defer_pushes: bool,
 }
 
 impl ClientConfig {
@@ -110,6 +120,7 @@ impl ClientConfig {
             stale_timeout: std::time::Duration::from_secs(60),
             reconnect_attempts: 8,
             reconnect_pause_ms: 50,
+            defer_pushes: true,
         }
     }
 }

@@ -342,3 +342,45 @@ fn shared_by_threads(client: &Client) {
     });
     assert_eq!(pull_range(client, &table, 0, 3_000), vec![10.0; 3_000]);
 }
+
+/// What `observer` sees of `table`'s first key within `within`, pulling again until it is
+/// `want`.
+fn seen_within(observer: &Client, table: &Table, want: f32, within: Duration) -> f32 {
+    let began = std::time::Instant::now();
+    loop {
+        let seen = pull_range(observer, table, 0, 1)[0];
+        if seen == want || began.elapsed() >= within {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_deferred_push_leaves_with_the_workers_next_wait_or_drop_and_at_once_when_turned_off() {
+    let server = server(2);
+    let observer = client(&server, 1);
+    // Keys [0, 500) on shard 0, [500, 1000) on shard 1.
+    let table = observer.create_table(&dense("deferred", 0, 1_000, 1)).unwrap();
+    let (quiet, soon) = (Duration::from_millis(300), Duration::from_secs(10));
+
+    // Deferred (the default): the push waits in the worker's client, which does nothing more.
+    let worker = client(&server, 0);
+    let pushed = worker.push_range(&table, 0, &[1.0; 500]).unwrap();
+    assert_eq!(seen_within(&observer, &table, 1.0, quiet), 0.0, "a deferred push stays with its worker until it next waits");
+    // A wait for a pull from the other shard (another connection) sends it first.
+    assert_eq!(pull_range(&worker, &table, 500, 500), vec![0.0; 500]);
+    assert_eq!(seen_within(&observer, &table, 1.0, soon), 1.0, "the worker's wait sent its push");
+    pushed.wait().unwrap();
+
+    // A client dropped with a push deferred sends it as it goes.
+    drop(worker.push_range(&table, 0, &[1.0; 500]).unwrap());
+    drop(worker);
+    assert_eq!(seen_within(&observer, &table, 2.0, soon), 2.0, "the dropped client sent its push");
+
+    // Turned off, a push leaves when `push_range` returns.
+    let worker = common::client_with(&server, tessera_client::ClientConfig { defer_pushes: false, ..tessera_client::ClientConfig::worker(0) });
+    let _pushed = worker.push_range(&table, 0, &[1.0; 500]).unwrap();
+    assert_eq!(seen_within(&observer, &table, 3.0, soon), 3.0, "an undeferred push leaves at once");
+    assert_eq!(pull_range(&observer, &table, 0, 500), vec![3.0; 500]);
+}

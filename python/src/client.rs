@@ -90,6 +90,7 @@ fn config(
     key_cache_keys: usize,
     io_timeout_ms: u64,
     reconnect_attempts: u32,
+    defer_pushes: bool,
 ) -> PyResult<ClientConfig> {
     let kind = match transport {
         "auto" => TransportKind::Auto,
@@ -97,7 +98,7 @@ fn config(
         "rdma" => TransportKind::Rdma,
         other => return Err(errors::argument(py, format!("transport {other:?}: use \"auto\", \"tcp\" or \"rdma\""))),
     };
-    let mut cfg = ClientConfig { kind, workers, compress, key_cache_keys, reconnect_attempts, ..ClientConfig::worker(worker) };
+    let mut cfg = ClientConfig { kind, workers, compress, key_cache_keys, reconnect_attempts, defer_pushes, ..ClientConfig::worker(worker) };
     cfg.consistency = consistency.parse().map_err(|e: String| errors::argument(py, e))?;
     if io_timeout_ms == 0 {
         return Err(errors::argument(py, "io_timeout_ms is 0: every call would time out at once"));
@@ -118,7 +119,7 @@ fn config(
 #[pymethods]
 impl PyClient {
     #[new]
-    #[pyo3(signature = (servers, worker=0, workers=1, consistency="eventual", secret_file=None, transport="auto", *, compress=false, key_cache_keys=0, io_timeout_ms=30_000, reconnect_attempts=8))]
+    #[pyo3(signature = (servers, worker=0, workers=1, consistency="eventual", secret_file=None, transport="auto", *, compress=false, key_cache_keys=0, io_timeout_ms=30_000, reconnect_attempts=8, defer_pushes=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -132,12 +133,13 @@ impl PyClient {
         key_cache_keys: usize,
         io_timeout_ms: u64,
         reconnect_attempts: u32,
+        defer_pushes: bool,
     ) -> PyResult<Self> {
         let servers = server_list(py, servers)?;
         if workers == 0 || worker >= workers {
             return Err(errors::argument(py, format!("worker {worker} of {workers} workers: ids run from 0 to workers - 1")));
         }
-        let cfg = config(py, worker, workers, consistency, secret_file, transport, compress, key_cache_keys, io_timeout_ms, reconnect_attempts)?;
+        let cfg = config(py, worker, workers, consistency, secret_file, transport, compress, key_cache_keys, io_timeout_ms, reconnect_attempts, defer_pushes)?;
         let consistency = cfg.consistency;
         let addrs: Vec<&str> = servers.iter().map(String::as_str).collect();
         let client = py.detach(|| Client::connect(&addrs, cfg)).map_err(|e| {

@@ -103,6 +103,7 @@ class Client:
         key_cache_keys: int = 0,
         io_timeout_ms: int = 30000,
         reconnect_attempts: int = 8,
+        defer_pushes: bool = True,
     ) -> Client: ...
     def create_table(
         self,

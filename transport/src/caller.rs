@@ -163,22 +163,42 @@ impl Caller {
 
     /// [`start`](Self::start) with a body in `parts` (see [`call_parts`](Self::call_parts)).
     pub fn start_parts(&mut self, header: &mut Header, parts: &[&[u8]]) -> Result<()> {
+        self.start_over(header, parts, false)
+    }
+
+    /// [`start`](Self::start), except that over TCP a small request waits for the link's next
+    /// request or wait and leaves in the same write ([`TcpLink::defer`]); over RDMA it goes at
+    /// once. [`flush_deferred`](Self::flush_deferred) sends it now.
+    pub fn start_deferred(&mut self, header: &mut Header, body: &[u8]) -> Result<()> {
+        self.start_over(header, &[body], true)
+    }
+
+    /// Writes the requests [`start_deferred`](Self::start_deferred) left waiting, if any.
+    pub fn flush_deferred(&mut self) -> Result<()> {
+        match &mut self.path {
+            Path::Tcp(tcp) => tcp.flush_deferred(),
+            #[cfg(feature = "rdma")]
+            Path::Rdma(_) => Ok(()),
+        }
+    }
+
+    fn start_over(&mut self, header: &mut Header, parts: &[&[u8]], defer: bool) -> Result<()> {
         let body_len = parts.iter().map(|p| p.len()).sum();
         if !self.can_start_len(body_len) {
             return Err(TransportError::Rdma { reason: "a request on one path while requests are in flight on the other".into() });
         }
         let over = self.path_for(body_len);
-        let link: &mut dyn Link = match (&mut self.path, over) {
-            (Path::Tcp(tcp), _) => &mut **tcp,
-            #[cfg(feature = "rdma")]
-            (Path::Rdma(rdma), Over::Fast) => &mut **rdma,
-            #[cfg(feature = "rdma")]
-            (Path::Rdma(rdma), Over::Tcp) => rdma.tcp(),
-        };
         if self.compress {
             header.flags |= crate::wire::flags::COMPRESS_REPLY;
         }
-        link.send(header, parts, self.compress)?;
+        match (&mut self.path, over) {
+            (Path::Tcp(tcp), _) if defer => tcp.defer(header, parts, self.compress)?,
+            (Path::Tcp(tcp), _) => tcp.send(header, parts, self.compress)?,
+            #[cfg(feature = "rdma")]
+            (Path::Rdma(rdma), Over::Fast) => rdma.send(header, parts, self.compress)?,
+            #[cfg(feature = "rdma")]
+            (Path::Rdma(rdma), Over::Tcp) => rdma.tcp().send(header, parts, self.compress)?,
+        }
         match over {
             Over::Tcp => self.calls.tcp += 1,
             Over::Fast => self.calls.rdma += 1,

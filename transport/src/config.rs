@@ -14,6 +14,10 @@ const _: () = assert!(FRAME_BYTES_MAX_DEFAULT.is_multiple_of(8), "frames are pad
 const _: () = assert!(FRAME_BYTES_MAX_MIN > HEADER_BYTES * 4);
 /// Largest listen backlog: Linux keeps it in 16 bits.
 pub const LISTEN_BACKLOG_MAX: u32 = 65_535;
+/// Largest frame a TCP link defers ([`TcpLink::defer`](crate::tcp::TcpLink::defer)), and the
+/// most it holds deferred: a larger frame goes at once, since copying it costs more than the
+/// write it would save.
+pub const DEFERRED_BYTES_MAX: usize = 64 << 10;
 /// Fewest body bytes a server's connection lends a request's frame buffer to its service
 /// ([`Request::shared`](crate::Request::shared)) rather than have it copy what it keeps; reads of
 /// a frame this large end where the frame does, so that lending it moves no later frame's bytes.

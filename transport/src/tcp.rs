@@ -19,7 +19,7 @@ use zerocopy::IntoBytes;
 
 use crate::auth::{self, Nonce, Side, Transcript, CHALLENGE_BYTES, NONCE_BYTES, PROOF_BYTES};
 use crate::buf::{AlignedBuf, Deflater, Filled, FrameReader, Inflater};
-use crate::config::{TransportConfig, LENT_BUFFER_PER_BODY_MAX, SHARED_BODY_BYTES_MIN, WARN_LINES_PER_S_MAX};
+use crate::config::{TransportConfig, DEFERRED_BYTES_MAX, LENT_BUFFER_PER_BODY_MAX, SHARED_BODY_BYTES_MIN, WARN_LINES_PER_S_MAX};
 use crate::error::{Result, TransportError};
 use crate::loglimit::LogLimiter;
 use crate::reply::{Reply, ReplyArea, ERROR_MESSAGE_BYTES_MAX};
@@ -1002,6 +1002,9 @@ pub struct TcpLink {
     /// The last read found the socket empty: a byte that comes after raises an event a poll
     /// sees (edge-triggered), so the next receive waits for one before it reads.
     empty: bool,
+    /// Sealed frames [`defer`](Self::defer)red and not yet written: they go at the front of the
+    /// link's next write (a send's, or a receive's before it reads).
+    deferred: Vec<u8>,
 }
 
 impl TcpLink {
@@ -1044,6 +1047,7 @@ impl TcpLink {
             send_bytes_max: cfg.frame_bytes_max,
             io_timeout: Duration::from_millis(cfg.io_timeout_ms),
             empty: false,
+            deferred: Vec::new(),
         };
         let info = link.handshake(shard, worker, cfg.cluster_secret.as_ref(), timeout)?;
         Ok((link, info))
@@ -1090,6 +1094,49 @@ impl TcpLink {
             Status::Unauthenticated => Err(TransportError::AuthFailed { peer, reason: String::from_utf8_lossy(reply.body).into_owned() }),
             status => Err(TransportError::Refused { status, reason: String::from_utf8_lossy(reply.body).into_owned() }),
         }
+    }
+
+    /// Sends one frame as [`Link::send`] does, except that a small one (at most
+    /// [`DEFERRED_BYTES_MAX`] with what is deferred already) waits, sealed, for this link's next
+    /// send or receive, and leaves in the same write: a push followed by the pull after it costs
+    /// one write here and one wake-up of the server, not two. A frame deferred never waits
+    /// longer than that; [`flush_deferred`](Self::flush_deferred) sends it now.
+    pub fn defer(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()> {
+        let raw_len = self.check_size(parts)?;
+        if self.deferred.len() + HEADER_BYTES + padded(raw_len) > DEFERRED_BYTES_MAX {
+            return self.send(header, parts, compress);
+        }
+        let packed = self.deflater.frame_body(header, parts, compress);
+        header.seal();
+        let pad = padded(header.body_len as usize) - header.body_len as usize;
+        self.deferred.extend_from_slice(header.as_bytes());
+        packed.parts().iter().for_each(|part| self.deferred.extend_from_slice(part));
+        self.deferred.extend_from_slice(&PAD[..pad]);
+        Ok(())
+    }
+
+    /// Writes what was [`defer`](Self::defer)red, if anything.
+    pub fn flush_deferred(&mut self) -> Result<()> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let mut deferred = std::mem::take(&mut self.deferred);
+        let written = self.sock().write_all(&mut [IoSlice::new(&deferred)]);
+        // Written, or the link is broken and its frames lost with it; the room stays.
+        deferred.clear();
+        self.deferred = deferred;
+        written
+    }
+
+    /// The body length of a frame of `parts`, or why it cannot be sent.
+    fn check_size(&self, parts: &[&[u8]]) -> Result<usize> {
+        assert!(parts.len() <= SEND_PARTS_MAX, "a frame is sent from at most {SEND_PARTS_MAX} parts");
+        let raw_len: usize = parts.iter().map(|p| p.len()).sum();
+        let limit = self.send_bytes_max;
+        if HEADER_BYTES + padded(raw_len) > limit {
+            return Err(TransportError::FrameTooLarge { bytes: HEADER_BYTES + padded(raw_len), limit });
+        }
+        Ok(raw_len)
     }
 
     fn sock(&mut self) -> Sock<'_> {
@@ -1169,29 +1216,31 @@ impl Sock<'_> {
 
 impl Link for TcpLink {
     fn send(&mut self, header: &mut Header, parts: &[&[u8]], compress: bool) -> Result<()> {
-        assert!(parts.len() <= SEND_PARTS_MAX, "a frame is sent from at most {SEND_PARTS_MAX} parts");
-        let raw_len: usize = parts.iter().map(|p| p.len()).sum();
-        let limit = self.send_bytes_max;
-        if HEADER_BYTES + padded(raw_len) > limit {
-            return Err(TransportError::FrameTooLarge { bytes: HEADER_BYTES + padded(raw_len), limit });
-        }
+        self.check_size(parts)?;
         // Split the borrows: the compressed body lives in the deflater while the stream writes it.
-        let Self { deflater, stream, poll, events, reader, io_timeout, .. } = self;
+        let Self { deflater, stream, poll, events, reader, io_timeout, deferred, .. } = self;
         let packed = deflater.frame_body(header, parts, compress);
         let body = packed.parts();
         header.seal();
         let pad = padded(header.body_len as usize) - header.body_len as usize;
-        let mut slices: [IoSlice<'_>; SEND_PARTS_MAX + 2] = [IoSlice::new(&[]); SEND_PARTS_MAX + 2];
-        slices[0] = IoSlice::new(header.as_bytes());
-        for (slot, part) in slices[1..].iter_mut().zip(body) {
+        // What was deferred goes first, in the same write.
+        let mut slices: [IoSlice<'_>; SEND_PARTS_MAX + 3] = [IoSlice::new(&[]); SEND_PARTS_MAX + 3];
+        slices[0] = IoSlice::new(deferred);
+        slices[1] = IoSlice::new(header.as_bytes());
+        for (slot, part) in slices[2..].iter_mut().zip(body) {
             *slot = IoSlice::new(part);
         }
-        slices[body.len() + 1] = IoSlice::new(&PAD[..pad]);
+        slices[body.len() + 2] = IoSlice::new(&PAD[..pad]);
         let mut sock = Sock { stream, poll, events, reader, io_timeout: *io_timeout };
-        sock.write_all(&mut slices[..body.len() + 2])
+        let written = sock.write_all(&mut slices[..body.len() + 3]);
+        // Written, or the link is broken and its frames lost with it.
+        deferred.clear();
+        written
     }
 
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame<'_>> {
+        // A reply may be waited for only once every request is on its way.
+        self.flush_deferred()?;
         let deadline = Instant::now() + timeout.unwrap_or(self.io_timeout);
         let mut looked = false;
         loop {

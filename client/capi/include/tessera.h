@@ -120,6 +120,9 @@ typedef struct {
   // A file holding the cluster secret, or NULL for the file named by the environment
   // variable `TESSERA_CLUSTER_SECRET_FILE` (if set).
   const char *cluster_secret_file;
+  // 1 (the default): over TCP a push waits for the next request to its server, or the
+  // client's next wait, and leaves in the same write; 0 sends each push at once.
+  uint32_t defer_pushes;
 } TesseraOptions;
 
 // A connected client (0 is never one).

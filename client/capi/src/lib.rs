@@ -339,6 +339,9 @@ pub struct TesseraOptions {
     /// A file holding the cluster secret, or NULL for the file named by the environment
     /// variable `TESSERA_CLUSTER_SECRET_FILE` (if set).
     pub cluster_secret_file: *const c_char,
+    /// 1 (the default): over TCP a push waits for the next request to its server, or the
+    /// client's next wait, and leaves in the same write; 0 sends each push at once.
+    pub defer_pushes: u32,
 }
 
 impl Default for TesseraOptions {
@@ -357,6 +360,7 @@ impl Default for TesseraOptions {
             reconnect_attempts: client.reconnect_attempts,
             reconnect_pause_ms: client.reconnect_pause_ms as u32,
             cluster_secret_file: std::ptr::null(),
+            defer_pushes: u32::from(client.defer_pushes),
         }
     }
 }
@@ -419,7 +423,10 @@ unsafe fn client_config(o: &TesseraOptions) -> Outcome<ClientConfig> {
     if o.compress > 1 {
         return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("compress is {}: use 0 or 1", o.compress)));
     }
-    (cfg.workers, cfg.compress, cfg.key_cache_keys) = (o.workers, o.compress == 1, o.key_cache_keys as usize);
+    if o.defer_pushes > 1 {
+        return Err(Fail::new(TESSERA_ERR_ARGUMENT, format!("defer_pushes is {}: use 0 or 1", o.defer_pushes)));
+    }
+    (cfg.workers, cfg.compress, cfg.key_cache_keys, cfg.defer_pushes) = (o.workers, o.compress == 1, o.key_cache_keys as usize, o.defer_pushes == 1);
     if o.io_timeout_ms == 0 {
         return Err(Fail::new(TESSERA_ERR_ARGUMENT, "io_timeout_ms is 0: every call would time out at once"));
     }

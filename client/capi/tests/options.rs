@@ -63,6 +63,7 @@ fn a_client_connects_with_every_option_and_refuses_bad_ones() {
     for (what, change) in [
         ("consistency", (|o: &mut TesseraOptions| o.consistency = c"strict".as_ptr()) as fn(&mut TesseraOptions)),
         ("compress", |o| o.compress = 2),
+        ("defer_pushes", |o| o.defer_pushes = 2),
         ("transport", |o| o.transport = c"carrier pigeon".as_ptr()),
         ("a size from a newer header", |o| o.size += 8),
         ("io timeout", |o| o.io_timeout_ms = 0),
