@@ -1440,6 +1440,55 @@ mod tests {
         serving.join().expect("the server thread");
     }
 
+    /// Answers each request with its id, and notes the ids in the order served.
+    struct Record(Arc<Mutex<Vec<u64>>>);
+
+    impl Service for Record {
+        fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
+            self.0.lock().expect("the record").push(request.header.request_id);
+            reply.ok_bytes(&request.header.request_id.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn deferred_frames_leave_with_the_next_send_or_before_a_receive_and_large_ones_at_once() {
+        let cfg = TransportConfig::default();
+        let (mut control, mut shards, addr) = bind("127.0.0.1:0", 1, &cfg, Arc::from(&b"{}"[..])).expect("bind");
+        let (stop, served) = (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let serving = {
+            let (stop, served) = (stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let mut shard = shards.pop().expect("one shard");
+                while !stop.load(Ordering::Acquire) {
+                    control.poll(&mut AcceptAll, Some(Duration::from_millis(1))).expect("control poll");
+                    shard.poll(&mut Record(served.clone()), Some(Duration::from_millis(1))).expect("shard poll");
+                }
+            })
+        };
+        let served_now = || served.lock().expect("the record").clone();
+        let (mut link, _) = TcpLink::connect(&addr.to_string(), 0, 1, &cfg).expect("connect");
+        let id_of = |frame: Frame<'_>| u64::from_le_bytes(frame.body[..8].try_into().expect("an id"));
+        link.defer(&mut Header::request(Op::Ping, 1), &[&[1; 100]], false).expect("defer");
+        link.defer(&mut Header::request(Op::Ping, 2), &[&[2; 100]], false).expect("defer");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(served_now(), Vec::<u64>::new(), "deferred frames wait for the link's next write");
+        link.send(&mut Header::request(Op::Ping, 3), &[], false).expect("send");
+        let replies: Vec<u64> = (0..3).map(|_| id_of(link.recv(None).expect("a reply"))).collect();
+        assert_eq!(replies, [1, 2, 3], "answered in the order sent");
+        link.defer(&mut Header::request(Op::Ping, 4), &[], false).expect("defer");
+        assert_eq!(id_of(link.recv(None).expect("the deferred frame's reply")), 4, "a receive sends what was deferred first");
+        let large = vec![0u8; DEFERRED_BYTES_MAX];
+        link.defer(&mut Header::request(Op::Ping, 5), &[&large], false).expect("defer");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while served_now().len() < 5 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(served_now(), [1, 2, 3, 4, 5], "a frame over the deferred limit goes at once");
+        assert_eq!(id_of(link.recv(None).expect("its reply")), 5);
+        stop.store(true, Ordering::Release);
+        serving.join().expect("the server thread");
+    }
+
     #[test]
     fn the_census_caps_each_peer_and_forgets_a_peer_with_nothing_open() {
         let census = Arc::new(Census::default());
