@@ -782,6 +782,12 @@ impl Chain {
         self.deferred_on = deferred_on;
     }
 
+    /// Sleeps for `how_long`, the deferred pushes sent first.
+    fn pause(&mut self, how_long: Duration) {
+        self.flush_deferred();
+        std::thread::sleep(how_long);
+    }
+
     /// One wait of [`finish_within`](Self::finish_within).
     fn finish_within_once(&mut self, started: &Started, timeout: Option<Duration>) -> Option<Result<Reply>> {
         self.flush_deferred();
@@ -1371,8 +1377,7 @@ impl Chain {
                 if Instant::now() > deadline {
                     return Err(ClientError::Unavailable { reason: format!("no head answered for ranges {left:?}") });
                 }
-                self.flush_deferred();
-                std::thread::sleep(Duration::from_millis(20));
+                self.pause(Duration::from_millis(20));
                 self.refresh();
             }
         }
@@ -1716,8 +1721,7 @@ impl Chain {
             if self.pusher.unacked() < before {
                 pause = Duration::from_micros(50);
             } else {
-                self.flush_deferred();
-                std::thread::sleep(pause);
+                self.pause(pause);
                 pause = (pause * 2).min(POLL_PAUSE_MAX);
             }
         }
@@ -2091,8 +2095,7 @@ impl Chain {
             self.stats.pull_retries += 1;
             if !matches!(&e, ClientError::Server { status: Status::KeysUnknown, .. }) {
                 // (A shard that lost a key list is asked again at once, with the keys.)
-                self.flush_deferred();
-                std::thread::sleep(Duration::from_millis(20));
+                self.pause(Duration::from_millis(20));
                 self.refresh();
             }
         };
