@@ -57,6 +57,15 @@ pub struct TablePart {
     snapshot: Option<chunks::Snapshot>,
 }
 
+/// Whether a push's values passed [`TablePart::check_push_values`] before it is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ValuesChecked {
+    /// Not yet: the push checks them (length, and finiteness as the table's spec says).
+    Not,
+    /// They did: a table that rejects non-finite values is not scanned again.
+    Passed,
+}
+
 #[derive(Debug)]
 enum Store {
     Dense(DenseStore),
@@ -297,11 +306,11 @@ impl TablePart {
         self.check_values(keys, values).map(|_| ())
     }
 
-    /// [`check_values`](Self::check_values) of values that [`check_push_values`](Self::check_push_values)
-    /// passed when `passed`: a table that rejects non-finite values then holds none, and they
-    /// are not scanned again.
-    fn recheck_values(&self, keys: usize, values: &[f32], passed: bool) -> Result<bool> {
-        if passed && self.spec.non_finite == NonFinite::Reject && keys.checked_mul(self.spec.dim as usize) == Some(values.len()) {
+    /// [`check_values`](Self::check_values), unless the values passed
+    /// [`check_push_values`](Self::check_push_values) already: a table that rejects non-finite
+    /// values then holds none, and they are not scanned again.
+    fn recheck_values(&self, keys: usize, values: &[f32], checked: ValuesChecked) -> Result<bool> {
+        if checked == ValuesChecked::Passed && self.spec.non_finite == NonFinite::Reject && keys.checked_mul(self.spec.dim as usize) == Some(values.len()) {
             debug_assert_eq!(first_non_finite(values), None, "values said to have passed the check");
             return Ok(false);
         }
@@ -330,13 +339,17 @@ impl TablePart {
 
     /// Applies a sparse push from `worker` at `clock`.
     pub fn push(&mut self, keys: &[u64], grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
-        self.push_passed(keys, grads, worker, clock, false)
+        self.push_values(keys, grads, worker, clock, ValuesChecked::Not)
     }
 
-    /// [`push`](Self::push) of values that [`check_push_values`](Self::check_push_values)
-    /// passed when `passed` (they are not scanned again).
-    pub fn push_passed(&mut self, keys: &[u64], grads: &[f32], worker: u32, clock: u64, passed: bool) -> Result<Range<u64>> {
-        let has_bad = self.recheck_values(keys.len(), grads, passed)?;
+    /// [`push`](Self::push) of values that passed [`check_push_values`](Self::check_push_values)
+    /// (they are not scanned again).
+    pub fn push_passed(&mut self, keys: &[u64], grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
+        self.push_values(keys, grads, worker, clock, ValuesChecked::Passed)
+    }
+
+    fn push_values(&mut self, keys: &[u64], grads: &[f32], worker: u32, clock: u64, checked: ValuesChecked) -> Result<Range<u64>> {
+        let has_bad = self.recheck_values(keys.len(), grads, checked)?;
         if keys.is_empty() {
             return Err(EngineError::ValuesLength { keys: 0, dim: self.spec.dim, values: 0 });
         }
@@ -389,19 +402,22 @@ impl TablePart {
 
     /// Applies a dense push to keys `start .. start + count` from `worker` at `clock`.
     pub fn push_range(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
-        self.push_range_passed(start, count, grads, worker, clock, false)
+        self.push_range_values(start, count, grads, worker, clock, ValuesChecked::Not)
     }
 
-    /// [`push_range`](Self::push_range) of values that
-    /// [`check_push_values`](Self::check_push_values) passed when `passed` (they are not scanned
-    /// again).
-    pub fn push_range_passed(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64, passed: bool) -> Result<Range<u64>> {
-        let has_bad = self.recheck_values(count, grads, passed)?;
+    /// [`push_range`](Self::push_range) of values that passed
+    /// [`check_push_values`](Self::check_push_values) (they are not scanned again).
+    pub fn push_range_passed(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64) -> Result<Range<u64>> {
+        self.push_range_values(start, count, grads, worker, clock, ValuesChecked::Passed)
+    }
+
+    fn push_range_values(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64, checked: ValuesChecked) -> Result<Range<u64>> {
+        let has_bad = self.recheck_values(count, grads, checked)?;
         let range = self.check_range(start, count)?;
         if let Store::Sparse(_) = self.store {
             // Ranges of a sparse table are pushed key by key; they are rare and small.
             let keys: Vec<u64> = range.clone().collect();
-            return self.push_passed(&keys, grads, worker, clock, passed);
+            return self.push_values(&keys, grads, worker, clock, checked);
         }
         self.clocks.advance(range.clone(), worker, clock)?;
         self.step += 1;

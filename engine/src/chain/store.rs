@@ -467,13 +467,13 @@ impl Store for ChainStore {
             let keys = listed_keys(keys).expect("checked by check_push");
             // `check_push` passed the values; a table that rejects non-finite ones is not
             // scanned again.
-            let pushed = if keys.is_empty() { Ok(0..0) } else { part.push_passed(keys, values, h.worker, h.clock, true) };
+            let pushed = if keys.is_empty() { Ok(0..0) } else { part.push_passed(keys, values, h.worker, h.clock) };
             if exported && pushed.is_ok() {
                 batch.listed.extend_from_slice(keys);
             }
             pushed
         } else {
-            part.push_range_passed(h.start, h.count as usize, values, h.worker, h.clock, true)
+            part.push_range_passed(h.start, h.count as usize, values, h.worker, h.clock)
         };
         if h.range_done && applied.is_ok() {
             // The worker's clock over the whole range (bounded delay: the worker's push
