@@ -412,13 +412,14 @@ impl TablePart {
     }
 
     fn push_range_values(&mut self, start: u64, count: usize, grads: &[f32], worker: u32, clock: u64, checked: ValuesChecked) -> Result<Range<u64>> {
-        let has_bad = self.recheck_values(count, grads, checked)?;
-        let range = self.check_range(start, count)?;
         if let Store::Sparse(_) = self.store {
-            // Ranges of a sparse table are pushed key by key; they are rare and small.
-            let keys: Vec<u64> = range.clone().collect();
+            // Ranges of a sparse table are pushed key by key; they are rare and small. The
+            // values are checked there, once.
+            let keys: Vec<u64> = self.check_range(start, count)?.collect();
             return self.push_values(&keys, grads, worker, clock, checked);
         }
+        let has_bad = self.recheck_values(count, grads, checked)?;
+        let range = self.check_range(start, count)?;
         self.clocks.advance(range.clone(), worker, clock)?;
         self.step += 1;
         let dim = self.spec.dim as usize;
