@@ -259,8 +259,9 @@ fn a_server_killed_mid_pipeline_fails_the_client_quickly() {
 }
 
 /// `tessera bench --replicas` puts a replicated cluster's pushes and pulls beside perftest's
-/// figures as it does an unreplicated server's, and writes the rows of both; the SoftRoCE benchmark
-/// reads them (tests/softroce/rdma-bench.sh, ratios.py).
+/// figures as it does an unreplicated server's, and writes the rows of both and, over TCP, of
+/// the push's raw hops; the SoftRoCE benchmark reads them (tests/softroce/rdma-bench.sh,
+/// ratios.py).
 #[test]
 fn bench_of_a_replicated_cluster_compares_both_with_perftest() {
     let dir = ScratchDir::new("bench-perftest");
@@ -295,7 +296,9 @@ fn bench_of_a_replicated_cluster_compares_both_with_perftest() {
     assert!(out.stdout.contains("replicated push p50 / 2 vs ib_write_lat"), "{}", out.stdout);
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("the report")).expect("a JSON report");
     let ops: Vec<&str> = report["results"].as_array().expect("results").iter().map(|r| r["op"].as_str().expect("an op")).collect();
-    assert_eq!(ops, ["push", "replicated push", "pull", "replicated pull"]);
+    // Over TCP the push's raw hops are measured beside it, the same size in the same run.
+    assert_eq!(ops, ["push", "replicated push", "raw hops unreplicated", "raw hops replicated", "raw hops replicated answered", "pull", "replicated pull"]);
+    assert!(out.stdout.contains("through 3 hops over 2"), "{}", out.stdout);
     let compared: Vec<(&str, f64)> = report["perftest"]
         .as_array()
         .expect("perftest")

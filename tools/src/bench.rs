@@ -79,8 +79,12 @@ pub struct BenchArgs {
     /// server: --servers servers, every range on a chain of this many. Size by size, in the
     /// same run, prints each one's push p50 (a push acknowledged once every range's tail holds
     /// it), its dense pull p50 (each range read from its tail: one-sidedly over RDMA) and, at 64
-    /// KiB and more, its push bandwidth with pushes in flight, and the ratios. With --perftest,
-    /// both are put beside perftest's figures; --json-out writes the rows of both.
+    /// KiB and more, its push bandwidth with pushes in flight, and the ratios. Over TCP, beside
+    /// the push ratio, the same ratio of a push's raw hops: a ring of plain threads passing the
+    /// push's bytes over loopback TCP through R + 1 hops (worker, each chain member, back to the
+    /// worker) against 2 (worker, server, worker), and the same ring with each thread also
+    /// answering its sender, as a chain's servers do. With --perftest, both are put beside
+    /// perftest's figures; --json-out writes the rows of all.
     #[arg(long, value_name = "R", conflicts_with_all = ["connect", "disk"])]
     replicas: Option<u32>,
     /// Servers of the --replicas cluster.
@@ -342,11 +346,13 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         plain.transport()
     );
     println!(
-        "{:>8}  {:>14} {:>14} {:>6}   {:>14} {:>14} {:>6}   {:>16} {:>16} {:>6}   {:>16} {:>16} {:>6}",
+        "{:>8}  {:>14} {:>14} {:>6} {:>6} {:>9}   {:>14} {:>14} {:>6}   {:>16} {:>16} {:>6}   {:>16} {:>16} {:>6}",
         "size",
         "push p50 µs",
         "replicated",
         "ratio",
+        "hops",
+        "answered",
         "pull p50 µs",
         "replicated",
         "ratio",
@@ -359,6 +365,13 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
     );
     let budget = Duration::from_secs_f64(args.seconds);
     let mut report = Report { transport: plain.transport().to_string(), results: Vec::new(), ratios: Vec::new(), perftest: Vec::new() };
+    // The raw hops are a TCP baseline: over RDMA, perftest's figures are.
+    let hops = plain.transport() == "tcp";
+    let chained = replicas.min(args.servers).max(1) as usize;
+    let mut rings = match hops {
+        true => Some((HopRing::start(1, false)?, HopRing::start(chained, false)?, HopRing::start(chained, true)?)),
+        false => None,
+    };
     let mut clock = 0;
     for &size in sizes {
         let grads = vec![1.0f32; size / 4];
@@ -371,6 +384,17 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
             Ok(Row::measured(size, op, &hist, iters, took, size))
         };
         let (p, c) = (pushes(&plain, &plain_table, "push")?, pushes(&chain, &chain_table, "replicated push")?);
+        let mut raw_hops = format!(" {:>6} {:>9}", "-", "-");
+        let mut raw_rows = Vec::new();
+        if let Some((two, chain_hops, answered)) = &mut rings {
+            let lap = |ring: &mut HopRing, op| -> Result<Row> {
+                let (hist, iters, took) = measure(budget, args.iters_max, &mut || ring.lap(size))?;
+                Ok(Row::measured(size, op, &hist, iters, took, size))
+            };
+            let (r2, rc, ra) = (lap(two, "raw hops unreplicated")?, lap(chain_hops, "raw hops replicated")?, lap(answered, "raw hops replicated answered")?);
+            raw_hops = format!(" {:>5.2}x {:>8.2}x", rc.p50_us / r2.p50_us, ra.p50_us / r2.p50_us);
+            raw_rows.extend([r2, rc, ra]);
+        }
         // Pulls read each range's tail (one-sidedly over RDMA, on both).
         let mut out = vec![0f32; size / 4];
         let mut pulls = |client: &Client, table: &Table, op| -> Result<Row> {
@@ -379,7 +403,7 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         };
         let (pp, cp) = (pulls(&plain, &plain_table, "pull")?, pulls(&chain, &chain_table, "replicated pull")?);
         let mut line = format!(
-            "{:>8}  {:>14.1} {:>14.1} {:>5.2}x   {:>14.1} {:>14.1} {:>5.2}x",
+            "{:>8}  {:>14.1} {:>14.1} {:>5.2}x{raw_hops}   {:>14.1} {:>14.1} {:>5.2}x",
             human(size),
             p.p50_us,
             c.p50_us,
@@ -388,7 +412,9 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
             cp.p50_us,
             cp.p50_us / pp.p50_us
         );
-        report.results.extend([p, c, pp, cp]);
+        report.results.extend([p, c]);
+        report.results.append(&mut raw_rows);
+        report.results.extend([pp, cp]);
         if size >= 64 << 10 {
             // Both streams keep --window tickets; a replicated client sends a push once at
             // most PUSH_WINDOW - 1 of its own are unacknowledged.
@@ -426,6 +452,12 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
         args.window.max(1),
         tessera_client::PUSH_WINDOW
     );
+    if hops {
+        println!(
+            "(hops: p50 of a ring of plain threads passing the push's bytes over loopback TCP through {} hops over 2, this host's floor for the push ratio; answered: each thread also answering its sender)",
+            chained + 1
+        );
+    }
     // Resends cost bandwidth and say a timer fired early: a figure taken with them says so.
     let stats = chain.chain_stats();
     if stats.resends + stats.rerouted + stats.pull_retries > 0 {
@@ -664,11 +696,85 @@ impl EchoServer {
 }
 
 fn echo_serve_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    read_framed(s, buf)?;
+    s.write_all(&buf[8..])
+}
+
+/// A push's hops without the system: a ring of plain threads over loopback TCP. The bench
+/// writes a message (an 8-byte length and the payload, in one write) to the first thread; each
+/// thread reads it whole and writes it on to the next, and the last answers the bench with an
+/// empty message, as a tail acknowledges a push. With `answering`, each thread also writes an
+/// empty message back to a reader thread of its own once it has passed the message on, as a
+/// server answers whoever sent it the frame. So a ring of one thread is an unreplicated push's
+/// two hops, and one of R threads a chain of R's R + 1.
+struct HopRing {
+    first: TcpStream,
+    back: TcpStream,
+    framed: Vec<u8>,
+}
+
+impl HopRing {
+    fn start(threads: usize, answering: bool) -> Result<Self> {
+        let (first, mut inbound) = tcp_pair()?;
+        for i in 0..threads {
+            let (outbound, next_inbound) = tcp_pair()?;
+            let answer = match answering {
+                true => {
+                    let (answer, mut sink) = tcp_pair()?;
+                    let mut buf = Vec::new();
+                    std::thread::Builder::new().name(format!("bench-hop-sink-{i}")).spawn(move || while read_framed(&mut sink, &mut buf).is_ok() {})?;
+                    Some(answer)
+                }
+                false => None,
+            };
+            let last = i + 1 == threads;
+            let (mut from, mut to, mut answer) = (inbound, outbound, answer);
+            std::thread::Builder::new().name(format!("bench-hop-{i}")).spawn(move || {
+                let mut framed = Vec::new();
+                let empty = 0u64.to_le_bytes();
+                // Ends when the bench drops its end: each thread's read fails in turn.
+                while read_framed(&mut from, &mut framed).is_ok() {
+                    let passed = if last { to.write_all(&empty) } else { to.write_all(&framed) };
+                    let answered = answer.as_mut().map_or(Ok(()), |a| a.write_all(&empty));
+                    if passed.and(answered).is_err() {
+                        break;
+                    }
+                }
+            })?;
+            inbound = next_inbound;
+        }
+        Ok(Self { first, back: inbound, framed: Vec::new() })
+    }
+
+    /// One lap with a payload of `size` bytes.
+    fn lap(&mut self, size: usize) -> Result<()> {
+        self.framed.resize(8 + size, 7);
+        self.framed[..8].copy_from_slice(&(size as u64).to_le_bytes());
+        self.first.write_all(&self.framed)?;
+        let mut empty = [0u8; 8];
+        self.back.read_exact(&mut empty)?;
+        Ok(())
+    }
+}
+
+/// Two ends of a loopback TCP connection, without Nagle's delay.
+fn tcp_pair() -> Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding the hop ring's listener")?;
+    let near = TcpStream::connect(listener.local_addr()?)?;
+    let (far, _) = listener.accept()?;
+    near.set_nodelay(true)?;
+    far.set_nodelay(true)?;
+    Ok((near, far))
+}
+
+/// Reads one message (an 8-byte length and the payload) whole into `framed`, length included.
+fn read_framed(s: &mut TcpStream, framed: &mut Vec<u8>) -> std::io::Result<()> {
     let mut len = [0u8; 8];
     s.read_exact(&mut len)?;
-    buf.resize(u64::from_le_bytes(len) as usize, 0);
-    s.read_exact(buf)?;
-    s.write_all(buf)
+    framed.clear();
+    framed.extend_from_slice(&len);
+    framed.resize(8 + u64::from_le_bytes(len) as usize, 0);
+    s.read_exact(&mut framed[8..])
 }
 
 /// One echo: `framed` is the 8-byte length and the payload, sent in one write like a Tessera frame.
