@@ -318,6 +318,21 @@ fn bench_of_a_replicated_cluster_compares_both_with_perftest() {
     assert_eq!(compared.iter().map(|(_, f)| *f).collect::<Vec<_>>(), [10.0, 20.0, 10.0, 20.0]);
 }
 
+/// `tessera bench --replicas --ops` measures only what it names, the rest shown as "-".
+#[test]
+fn bench_of_a_replicated_cluster_measures_the_ops_named() {
+    let dir = ScratchDir::new("bench-ops");
+    let report = dir.path().join("report.json");
+    let args = ["bench", "--replicas", "2", "--servers", "2", "--ranges", "4", "--sizes", "4K", "--ops", "pull", "--seconds", "0.1", "--iters-max", "20"];
+    let out = run_tool(&[&args[..], &["--json-out", report.to_str().expect("a UTF-8 path")]].concat(), TOOL_TIMEOUT);
+    assert!(out.status.success(), "bench --replicas --ops pull failed:\n{}", out.stderr);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("the report")).expect("a JSON report");
+    let ops: Vec<&str> = report["results"].as_array().expect("results").iter().map(|r| r["op"].as_str().expect("an op")).collect();
+    assert_eq!(ops, ["pull", "replicated pull"]);
+    let row = out.stdout.lines().find(|l| l.trim_start().starts_with("4 KiB")).unwrap_or_else(|| panic!("no 4 KiB row:\n{}", out.stdout));
+    assert_eq!(row.split_whitespace().filter(|c| *c == "-").count(), 5, "push, its ratio and the raw hops left out: {row}");
+}
+
 #[test]
 fn bench_pushes_as_the_worker_its_flag_names() {
     let server = ServerProc::start(&["--shards", "1", "--workers-max", "2"]);

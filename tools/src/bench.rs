@@ -43,7 +43,8 @@ pub struct BenchArgs {
     sizes: Vec<String>,
     /// Operations to measure: ping (before the first size), push, pull, roundtrip (a push then a
     /// pull), pipelined (pushes kept in flight, at 64 KiB and more) and
-    /// echo (the raw-socket baseline; the echo ratio needs roundtrip and echo).
+    /// echo (the raw-socket baseline; the echo ratio needs roundtrip and echo). With --replicas:
+    /// push, pull and pipelined (pulls too are kept in flight when pull is also given).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "ping,push,pull,roundtrip,pipelined,echo")]
     ops: Vec<BenchOp>,
     /// Time spent measuring each size and operation.
@@ -365,8 +366,11 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
     );
     let budget = Duration::from_secs_f64(args.seconds);
     let mut report = Report { transport: plain.transport().to_string(), results: Vec::new(), ratios: Vec::new(), perftest: Vec::new() };
+    // --ops picks among push (with the raw hops beside it), pull and pipelined (pushes, and with
+    // pull also pulls, kept in flight); what is left out shows as "-".
+    let wants = |op| args.ops.contains(&op);
     // The raw hops are a TCP baseline: over RDMA, perftest's figures are.
-    let hops = plain.transport() == "tcp";
+    let hops = plain.transport() == "tcp" && wants(BenchOp::Push);
     let chained = replicas.min(args.servers).max(1) as usize;
     let mut rings = match hops {
         true => Some((HopRing::start(1, false)?, HopRing::start(chained, false)?, HopRing::start(chained, true)?)),
@@ -375,47 +379,49 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
     let mut clock = 0;
     for &size in sizes {
         let grads = vec![1.0f32; size / 4];
-        let mut pushes = |client: &Client, table: &Table, op| -> Result<Row> {
-            let (hist, iters, took) = measure(budget, args.iters_max, &mut || {
-                clock += 1;
-                client.set_clock(clock);
-                push(client, table, &grads)
-            })?;
-            Ok(Row::measured(size, op, &hist, iters, took, size))
-        };
-        let (p, c) = (pushes(&plain, &plain_table, "push")?, pushes(&chain, &chain_table, "replicated push")?);
-        let mut raw_hops = format!(" {:>6} {:>9}", "-", "-");
-        let mut raw_rows = Vec::new();
-        if let Some((two, chain_hops, answered)) = &mut rings {
-            let lap = |ring: &mut HopRing, op| -> Result<Row> {
-                let (hist, iters, took) = measure(budget, args.iters_max, &mut || ring.lap(size))?;
+        let mut line = format!("{:>8}", human(size));
+        if wants(BenchOp::Push) {
+            let mut pushes = |client: &Client, table: &Table, op| -> Result<Row> {
+                let (hist, iters, took) = measure(budget, args.iters_max, &mut || {
+                    clock += 1;
+                    client.set_clock(clock);
+                    push(client, table, &grads)
+                })?;
                 Ok(Row::measured(size, op, &hist, iters, took, size))
             };
-            let (r2, rc, ra) = (lap(two, "raw hops unreplicated")?, lap(chain_hops, "raw hops replicated")?, lap(answered, "raw hops replicated answered")?);
-            raw_hops = format!(" {:>5.2}x {:>8.2}x", rc.p50_us / r2.p50_us, ra.p50_us / r2.p50_us);
-            raw_rows.extend([r2, rc, ra]);
+            let (p, c) = (pushes(&plain, &plain_table, "push")?, pushes(&chain, &chain_table, "replicated push")?);
+            line += &format!("  {:>14.1} {:>14.1} {:>5.2}x", p.p50_us, c.p50_us, c.p50_us / p.p50_us);
+            report.results.extend([p, c]);
+            match &mut rings {
+                Some((two, chain_hops, answered)) => {
+                    let lap = |ring: &mut HopRing, op| -> Result<Row> {
+                        let (hist, iters, took) = measure(budget, args.iters_max, &mut || ring.lap(size))?;
+                        Ok(Row::measured(size, op, &hist, iters, took, size))
+                    };
+                    let (r2, rc, ra) =
+                        (lap(two, "raw hops unreplicated")?, lap(chain_hops, "raw hops replicated")?, lap(answered, "raw hops replicated answered")?);
+                    line += &format!(" {:>5.2}x {:>8.2}x", rc.p50_us / r2.p50_us, ra.p50_us / r2.p50_us);
+                    report.results.extend([r2, rc, ra]);
+                }
+                None => line += &format!(" {:>6} {:>9}", "-", "-"),
+            }
+        } else {
+            line += &format!("  {:>14} {:>14} {:>6} {:>6} {:>9}", "-", "-", "-", "-", "-");
         }
-        // Pulls read each range's tail (one-sidedly over RDMA, on both).
-        let mut out = vec![0f32; size / 4];
-        let mut pulls = |client: &Client, table: &Table, op| -> Result<Row> {
-            let (hist, iters, took) = measure(budget, args.iters_max, &mut || pull(client, table, &mut out))?;
-            Ok(Row::measured(size, op, &hist, iters, took, size))
-        };
-        let (pp, cp) = (pulls(&plain, &plain_table, "pull")?, pulls(&chain, &chain_table, "replicated pull")?);
-        let mut line = format!(
-            "{:>8}  {:>14.1} {:>14.1} {:>5.2}x{raw_hops}   {:>14.1} {:>14.1} {:>5.2}x",
-            human(size),
-            p.p50_us,
-            c.p50_us,
-            c.p50_us / p.p50_us,
-            pp.p50_us,
-            cp.p50_us,
-            cp.p50_us / pp.p50_us
-        );
-        report.results.extend([p, c]);
-        report.results.append(&mut raw_rows);
-        report.results.extend([pp, cp]);
-        if size >= 64 << 10 {
+        if wants(BenchOp::Pull) {
+            // Pulls read each range's tail (one-sidedly over RDMA, on both).
+            let mut out = vec![0f32; size / 4];
+            let mut pulls = |client: &Client, table: &Table, op| -> Result<Row> {
+                let (hist, iters, took) = measure(budget, args.iters_max, &mut || pull(client, table, &mut out))?;
+                Ok(Row::measured(size, op, &hist, iters, took, size))
+            };
+            let (pp, cp) = (pulls(&plain, &plain_table, "pull")?, pulls(&chain, &chain_table, "replicated pull")?);
+            line += &format!("   {:>14.1} {:>14.1} {:>5.2}x", pp.p50_us, cp.p50_us, cp.p50_us / pp.p50_us);
+            report.results.extend([pp, cp]);
+        } else {
+            line += &format!("   {:>14} {:>14} {:>6}", "-", "-", "-");
+        }
+        if size >= 64 << 10 && wants(BenchOp::Pipelined) {
             // Both streams keep --window tickets; a replicated client sends a push once at
             // most PUSH_WINDOW - 1 of its own are unacknowledged.
             let window = args.window.max(1);
@@ -434,16 +440,19 @@ fn replicated(args: &BenchArgs, replicas: u32, sizes: &[usize]) -> Result<()> {
             let plain_bw = stream(&plain, &plain_table, &mut clock, "push pipelined")?;
             let chain_bw = stream(&chain, &chain_table, &mut clock, "replicated push pipelined")?;
             line += &format!("   {:>16.3} {:>16.3} {:>5.2}x", plain_bw.gb_per_s, chain_bw.gb_per_s, chain_bw.gb_per_s / plain_bw.gb_per_s);
-            // Pulls kept in flight the same way, each into a buffer of its own.
-            let pulls = |client: &Client, table: &Table, op| -> Result<Row> {
-                let mut stream = PullStream::new(window, size / 4);
-                let (hist, iters, took) = measure(budget, args.iters_max, &mut || stream.step(client, table))?;
-                stream.settle(client)?;
-                Ok(Row::measured(size, op, &hist, iters, took, size))
-            };
-            let (plain_pulls, chain_pulls) = (pulls(&plain, &plain_table, "pull pipelined")?, pulls(&chain, &chain_table, "replicated pull pipelined")?);
-            line += &format!("   {:>16.3} {:>16.3} {:>5.2}x", plain_pulls.gb_per_s, chain_pulls.gb_per_s, chain_pulls.gb_per_s / plain_pulls.gb_per_s);
-            report.results.extend([plain_bw, chain_bw, plain_pulls, chain_pulls]);
+            report.results.extend([plain_bw, chain_bw]);
+            if wants(BenchOp::Pull) {
+                // Pulls kept in flight the same way, each into a buffer of its own.
+                let pulls = |client: &Client, table: &Table, op| -> Result<Row> {
+                    let mut stream = PullStream::new(window, size / 4);
+                    let (hist, iters, took) = measure(budget, args.iters_max, &mut || stream.step(client, table))?;
+                    stream.settle(client)?;
+                    Ok(Row::measured(size, op, &hist, iters, took, size))
+                };
+                let (plain_pulls, chain_pulls) = (pulls(&plain, &plain_table, "pull pipelined")?, pulls(&chain, &chain_table, "replicated pull pipelined")?);
+                line += &format!("   {:>16.3} {:>16.3} {:>5.2}x", plain_pulls.gb_per_s, chain_pulls.gb_per_s, chain_pulls.gb_per_s / plain_pulls.gb_per_s);
+                report.results.extend([plain_pulls, chain_pulls]);
+            }
         }
         println!("{line}");
     }
