@@ -236,9 +236,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut spec = TableSpec::new("tessera.bench", TableKind::Dense, 0, BENCH_KEYS, 1);
     spec.updater.clone_from(&args.updater);
     let table = client.create_table(&spec)?;
-    let echo = EchoServer::start()?;
-    let mut stream = TcpStream::connect(echo.addr).context("connecting to the echo baseline")?;
-    stream.set_nodelay(true)?;
+    let mut stream = start_echo()?;
     let transport = client.transport().to_string();
     let mut report = Report { transport, results: Vec::new(), ratios: Vec::new(), perftest: Vec::new() };
     let budget = Duration::from_secs_f64(args.seconds);
@@ -684,24 +682,15 @@ fn human(bytes: usize) -> String {
     }
 }
 
-/// The baseline: a thread that reads a length-prefixed message and writes it back.
-struct EchoServer {
-    addr: std::net::SocketAddr,
-}
-
-impl EchoServer {
-    fn start() -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
-        std::thread::Builder::new().name("bench-echo".into()).spawn(move || {
-            if let Ok((mut s, _)) = listener.accept() {
-                let _ = s.set_nodelay(true);
-                let mut buf = Vec::new();
-                while echo_serve_one(&mut s, &mut buf).is_ok() {}
-            }
-        })?;
-        Ok(Self { addr })
-    }
+/// The baseline: a thread on the far end of a loopback connection that reads each
+/// length-prefixed message and writes its payload back. Returns the near end.
+fn start_echo() -> Result<TcpStream> {
+    let (near, mut far) = tcp_pair().context("connecting to the echo baseline")?;
+    std::thread::Builder::new().name("bench-echo".into()).spawn(move || {
+        let mut buf = Vec::new();
+        while echo_serve_one(&mut far, &mut buf).is_ok() {}
+    })?;
+    Ok(near)
 }
 
 fn echo_serve_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
