@@ -166,9 +166,16 @@ impl Shard {
             // A checkpoint on the blocking disk backend moves on each turn of the loop.
             // The replica keeps time: heartbeats, resends, and batches closed each turn.
             let timeout = Some(if self.disk.as_deref().is_some_and(ShardDisk::busy) { std::time::Duration::ZERO } else { CHAIN_TURN });
+            for socket in self.chain.sockets_to_watch() {
+                if let Err(e) = transport.watch(socket) {
+                    // Its replies are then taken by the peer's thread, or at the next turn.
+                    tracing::debug!(shard = self.id, error = %e, "cannot watch a peer link's socket");
+                }
+            }
             if let Err(e) = transport.poll(&mut self, timeout) {
                 tracing::error!(shard = self.id, error = %e, "poll failed");
             }
+            self.chain.take_own_replies(&mut self.tables, &mut self.disk);
             self.chain.pump(&mut self.tables, &mut self.disk);
             if self.tables.exposures_pending() {
                 // Parts made or freed while serving: the next poll's wake hands them over.

@@ -238,6 +238,17 @@ impl Caller {
         taken
     }
 
+    /// The socket a TCP link's replies come on, for a caller that sleeps in a poll of its own
+    /// and then [`finish`](Self::finish)es with no wait; `None` over RDMA, whose replies land on
+    /// its queue pair.
+    pub fn tcp_socket(&self) -> Option<std::os::fd::RawFd> {
+        match &self.path {
+            Path::Tcp(tcp) => Some(tcp.fd()),
+            #[cfg(feature = "rdma")]
+            Path::Rdma(_) => None,
+        }
+    }
+
     /// The largest body that goes over the fast path (RDMA's slot, less the header), when there
     /// is one: a caller that batches keeps its batches this small.
     pub fn fast_body_max(&self) -> Option<usize> {

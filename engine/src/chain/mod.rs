@@ -150,6 +150,8 @@ pub struct ChainShard {
     answer_body: Vec<u8>,
     /// The messages of the `Replicate` request being served: a buffer kept.
     peer_msgs: Vec<Msg>,
+    /// The acknowledgements taken from peers' replies in a turn, by peer: a list kept.
+    own_replies: Vec<(NodeId, Vec<Msg>)>,
     /// Payloads of the pushes and updates this shard decodes, reused once applied and let go of.
     payloads: PayloadPool,
     /// What the replica produced in a step, being routed: a list kept.
@@ -229,6 +231,7 @@ impl ChainShard {
             answer_acks: Vec::new(),
             answer_body: Vec::new(),
             peer_msgs: Vec::new(),
+            own_replies: Vec::new(),
             payloads: PayloadPool::default(),
             ready: Vec::new(),
             worker_scratch: WorkerScratch::default(),
@@ -543,6 +546,23 @@ impl ChainShard {
         }
         let acks = msgs.into_iter().filter(|m| matches!(m, Msg::Ack { .. }));
         self.with_replica(tables, disk, |r, now| acks.for_each(|msg| r.step(now, Addr::Node(peer), msg)));
+    }
+
+    /// Takes the replies that came to the requests this shard started on peers' links itself
+    /// (see [`Outbox::take_own_replies`]): their acknowledgements go in as from the peer.
+    pub fn take_own_replies(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>) {
+        let mut got = std::mem::take(&mut self.own_replies);
+        self.outbox.take_own_replies(&mut |node, msgs| got.push((node, msgs)));
+        for (node, msgs) in got.drain(..) {
+            self.replied(tables, disk, node, msgs);
+        }
+        self.own_replies = got;
+    }
+
+    /// Sockets this shard's poll is to watch from now on: replies to its own requests come
+    /// there ([`Outbox::sockets_to_watch`]).
+    pub fn sockets_to_watch(&mut self) -> impl Iterator<Item = std::os::fd::RawFd> + '_ {
+        self.outbox.sockets_to_watch()
     }
 
     /// A `WorkerPush` request: a batch of pushes ([`codec::encode_batch`]) to ranges this shard

@@ -1,13 +1,23 @@
 //! Where a server's replicas' messages leave: one thread per peer server, and one for the
 //! coordinator, each waiting on its links, so that a dead or slow peer delays only what goes to
-//! it. A shard whose peer's thread is idle starts its request on the peer's link itself, and the
-//! thread takes the reply: a message on an idle chain leaves without waiting for a thread to wake.
+//! it. A shard whose peer's thread is idle starts its request on the peer's link itself: a
+//! message on an idle chain leaves without waiting for a thread to wake.
+//!
+//! Who takes the reply to a request a shard started: over TCP, the shard itself, when it can.
+//! The link's socket is in the shard's poll ([`Outbox::sockets_to_watch`]), and after each poll
+//! the shard takes what came without waiting ([`Outbox::take_own_replies`]), so a push's
+//! acknowledgement wakes one thread, not a peer's thread that then wakes the shard. Whoever
+//! holds a peer's links may take any reply on them, in order, so when the links are busy (the
+//! peer's thread sends, or waits for a reply of its own) the shard wakes the thread instead,
+//! which takes the reply and hands it over ([`OnReplied`]) like its own. An RDMA link's replies
+//! land on its queue pair, not a socket: there the thread takes them.
 //!
 //! Delivery is best effort, as the protocol expects: a message that cannot go now (the peer is
 //! down, its queue is full) is dropped, and the replica resends what matters. Heartbeats go to
 //! the coordinator, and its reply may carry a newer configuration, which is handed to the shards.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -105,6 +115,13 @@ pub struct Outbox {
     silenced: Arc<AtomicBool>,
     /// A coordinator hears this server's heartbeats (not so for a standalone server's).
     coordinated: bool,
+    /// The peers' links (node, its shard) on which this shard started requests whose replies it
+    /// takes itself ([`take_own_replies`](Self::take_own_replies)).
+    own: Vec<(NodeId, u16)>,
+    /// Which of each such link's sockets ([`Linked::made`]) this shard's poll watches.
+    watched: HashMap<(NodeId, u16), u64>,
+    /// Sockets made since, for the shard's poll to watch ([`sockets_to_watch`](Self::sockets_to_watch)).
+    to_watch: Vec<RawFd>,
 }
 
 /// [`OnReplied`], shown by name.
@@ -153,6 +170,9 @@ impl Outbox {
             on_replied: Replied(on_replied),
             silenced,
             coordinated: true,
+            own: Vec::new(),
+            watched: HashMap::new(),
+            to_watch: Vec::new(),
         }
     }
 
@@ -172,6 +192,9 @@ impl Outbox {
             on_replied: Replied(on_replied),
             silenced: Arc::default(),
             coordinated: false,
+            own: Vec::new(),
+            watched: HashMap::new(),
+            to_watch: Vec::new(),
         }
     }
 
@@ -210,15 +233,68 @@ impl Outbox {
                 self.local.entry(node).or_insert(peer)
             }
         };
-        if start_now(peer, shard, self.me, &msg, &mut self.direct_body) {
-            peer.thread.unpark();
-            return;
+        match start_now(peer, shard, self.me, &msg, &mut self.direct_body) {
+            Started::No => {}
+            Started::ThreadTakes => {
+                peer.thread.unpark();
+                return;
+            }
+            Started::ShardTakes { socket, made } => {
+                if !self.own.contains(&(node, shard)) {
+                    self.own.push((node, shard));
+                }
+                if self.watched.insert((node, shard), made) != Some(made) {
+                    self.to_watch.push(socket);
+                }
+                return;
+            }
         }
         match peer.tx.try_send((shard, msg)) {
             Ok(()) => peer.thread.unpark(),
             Err(TrySendError::Full(_)) => {}
             Err(TrySendError::Disconnected(_)) => {
                 self.local.remove(&node);
+            }
+        }
+    }
+
+    /// Sockets of peers' links this shard has started requests on since it last asked, new to
+    /// it: its poll is to watch them (readable), since the replies come there. A link remade is
+    /// a new socket, watched anew; a closed one leaves the poll by itself.
+    pub fn sockets_to_watch(&mut self) -> impl Iterator<Item = RawFd> + '_ {
+        self.to_watch.drain(..)
+    }
+
+    /// Takes, without waiting, the replies that came to requests this shard started on peers'
+    /// TCP links, and hands each peer's acknowledgements to `replied`. A peer whose links are
+    /// held has its thread woken to take them instead (see the module's notes).
+    pub fn take_own_replies(&mut self, replied: &mut dyn FnMut(NodeId, Vec<Msg>)) {
+        let mut i = 0;
+        while let Some(&(node, shard)) = self.own.get(i) {
+            let Some(peer) = self.local.get(&node) else {
+                self.own.swap_remove(i);
+                continue;
+            };
+            let Ok(mut held) = peer.links.try_lock() else {
+                peer.thread.unpark();
+                i += 1;
+                continue;
+            };
+            let Some(linked) = held.links.get_mut(&shard) else {
+                drop(held);
+                self.own.swap_remove(i);
+                continue;
+            };
+            while linked.in_flight() > 0 {
+                let Some(reply) = linked.take_reply_now() else { break };
+                hand_on(node, reply, &mut |msgs| replied(node, msgs));
+            }
+            let done = linked.in_flight() == 0;
+            drop(held);
+            if done {
+                self.own.swap_remove(i);
+            } else {
+                i += 1;
             }
         }
     }
@@ -240,38 +316,63 @@ impl Outbox {
     }
 }
 
+/// What [`start_now`] did with a message.
+enum Started {
+    /// Nothing: the message is to be queued for the peer's thread.
+    No,
+    /// Started (or lost with its link), the peer's thread to take the reply.
+    ThreadTakes,
+    /// Started on a TCP link, the shard to take the reply when `socket` turns readable;
+    /// `made` tells that link's sockets apart ([`Linked::made`]).
+    ShardTakes { socket: RawFd, made: u64 },
+}
+
 /// Starts `msg` as a request on `peer`'s link to its shard `shard` if nothing waits before it:
 /// the peer's queue is empty, no one else holds its links, and that link is up with nothing in
-/// flight. The peer's thread takes the reply. False when the message must be queued instead.
-fn start_now(peer: &PeerQueue, shard: u16, me: NodeId, msg: &Msg, body: &mut Vec<u8>) -> bool {
+/// flight. Says who is to take the reply, or that the message must be queued instead.
+fn start_now(peer: &PeerQueue, shard: u16, me: NodeId, msg: &Msg, body: &mut Vec<u8>) -> Started {
     if codec::bulk_len(msg) > DIRECT_BODY_MAX {
-        return false;
+        return Started::No;
     }
-    let Ok(mut held) = peer.links.try_lock() else { return false };
+    let Ok(mut held) = peer.links.try_lock() else { return Started::No };
     if !peer.tx.is_empty() {
-        return false;
+        return Started::No;
     }
     let PeerLinks { links, started } = &mut *held;
-    let Some(linked) = links.get_mut(&shard).filter(|l| l.link.as_ref().is_some_and(|c| c.in_flight() == 0)) else { return false };
+    let Some(linked) = links.get_mut(&shard).filter(|l| l.link.as_ref().is_some_and(|c| c.in_flight() == 0)) else { return Started::No };
     body.clear();
     codec::encode_batch(std::iter::once(msg), body);
     if body.len() > DIRECT_BODY_MAX || linked.link.as_ref().and_then(Caller::fast_body_max).is_some_and(|max| body.len() + 256 > max) {
-        return false;
+        return Started::No;
     }
     let mut header = Header::request(Op::Replicate, 0);
     header.worker = me.0;
-    match linked.link.as_mut().expect("checked above").start(&mut header, body) {
-        Ok(()) => {
-            started.push(shard);
-            true
-        }
+    let link = linked.link.as_mut().expect("checked above");
+    match link.start(&mut header, body) {
+        Ok(()) => match link.tcp_socket() {
+            Some(socket) => Started::ShardTakes { socket, made: linked.made },
+            None => {
+                started.push(shard);
+                Started::ThreadTakes
+            }
+        },
         Err(e) => {
             // Whether any of it left is unknown: the link is remade and the message dropped,
             // which the protocol resends.
             tracing::debug!(addr = linked.addr, error = %e, "replication message lost");
             linked.link = None;
-            true
+            Started::ThreadTakes
         }
+    }
+}
+
+/// Hands the messages a reply from `node` carried back to `on`; a malformed one is said and
+/// dropped (acknowledgements are resent).
+fn hand_on(node: NodeId, reply: Option<Vec<u8>>, on: &mut dyn FnMut(Vec<Msg>)) {
+    match reply.as_deref().map(codec::decode_batch) {
+        Some(Ok(msgs)) if !msgs.is_empty() => on(msgs),
+        Some(Err(e)) => tracing::warn!(peer = node.0, error = %e, "a peer's reply to replication is malformed; ignored"),
+        _ => {}
     }
 }
 
@@ -282,11 +383,14 @@ struct Linked {
     retry_at: Instant,
     /// Why the other end last refused a message (the link itself is fine).
     refused: Option<String>,
+    /// Links made so far: tells a remade link's socket from the last one's, whose descriptor
+    /// number it may have taken over.
+    made: u64,
 }
 
 impl Linked {
     fn new() -> Self {
-        Self { addr: String::new(), link: None, retry_at: Instant::now(), refused: None }
+        Self { addr: String::new(), link: None, retry_at: Instant::now(), refused: None, made: 0 }
     }
 
     /// Sends `msg` as a `Replicate` request from `me` and returns the reply's body; `None` when
@@ -321,7 +425,10 @@ impl Linked {
                 return false;
             }
             match dialer.caller(addr, shard, me.0, ServerInfo::serves_rdma) {
-                Ok(link) => self.link = Some(link),
+                Ok(link) => {
+                    self.link = Some(link);
+                    self.made += 1;
+                }
                 Err(e) => {
                     tracing::debug!(addr, error = %e, "replication link down");
                     self.retry_at = Instant::now() + RECONNECT_BACKOFF;
@@ -356,6 +463,16 @@ impl Linked {
     fn take_reply(&mut self) -> Option<Vec<u8>> {
         let finished = self.link.as_mut()?.finish(None);
         self.replied(finished.map(|(_, reply)| reply))
+    }
+
+    /// The reply to the oldest request in flight if it has come, without waiting: `None` when
+    /// it has not; `Some(None)` when it will not (refused, or the link lost: see
+    /// [`replied`](Self::replied)).
+    fn take_reply_now(&mut self) -> Option<Option<Vec<u8>>> {
+        match self.link.as_mut()?.finish(Some(Duration::ZERO)) {
+            Err(TransportError::Timeout { .. }) => None,
+            finished => Some(self.replied(finished.map(|(_, reply)| reply))),
+        }
     }
 
     /// The body of a reply, or `None` after noting why there is none: a refusal (the link is
@@ -498,11 +615,7 @@ fn to_peer(
     on_replied: &dyn Fn(u16, NodeId, Vec<Msg>),
 ) {
     // Hands on what a reply carried back.
-    let replied = |shard: u16, reply: Option<Vec<u8>>| match reply.as_deref().map(codec::decode_batch) {
-        Some(Ok(msgs)) if !msgs.is_empty() => on_replied(shard, node, msgs),
-        Some(Err(e)) => tracing::warn!(peer = node.0, error = %e, "a peer's reply to replication is malformed; ignored"),
-        _ => {}
-    };
+    let replied = |shard: u16, reply: Option<Vec<u8>>| hand_on(node, reply, &mut |msgs| on_replied(shard, node, msgs));
     let mut queued: Vec<(u16, Msg)> = Vec::with_capacity(PEER_BATCH_MAX);
     let mut requests: HashMap<u16, PeerRequest> = HashMap::new();
     loop {
@@ -667,12 +780,16 @@ mod tests {
                 Msg::Ack { range, version, .. } | Msg::Forward { range, version, .. } => Some((range.0, *version)),
                 _ => None,
             }));
-            reply.ok_bytes(&[]);
+            // The acknowledgements sent come back in the reply, as a replica's would.
+            let mut answer = Vec::new();
+            codec::encode_batch(msgs.iter().filter(|m| matches!(m, Msg::Ack { .. })), &mut answer);
+            reply.ok_bytes(&answer);
         }
     }
 
-    /// A peer (node 2, one shard) that records what it is sent, and an outbox of node 1 that
-    /// knows it.
+    /// A peer (node 2, one shard) that records what it is sent and answers each request with
+    /// the acknowledgements it carried, and an outbox of node 1 that knows it, whose peer's
+    /// thread hands the replies it takes to `on_replied`.
     struct RecordingPeer {
         seen: Arc<Mutex<Got>>,
         stop: Arc<std::sync::atomic::AtomicBool>,
@@ -681,7 +798,7 @@ mod tests {
     }
 
     impl RecordingPeer {
-        fn start() -> RecordingPeer {
+        fn start(on_replied: OnReplied) -> RecordingPeer {
             let info = ServerInfo { version: "test".into(), shards: 1, frame_bytes_max: 1 << 20, workers_max: 4, rdma: false, cluster: 0, alone: false };
             let cfg = tessera_transport::TransportConfig::default();
             let (control, shards, addr) = tessera_transport::tcp::bind("127.0.0.1:0", 1, &cfg, serde_json::to_vec(&info).unwrap().into()).unwrap();
@@ -699,7 +816,7 @@ mod tests {
                 })
             });
             let dialer = Dialer { cfg: cfg.clone(), chosen: tessera_transport::select::Chosen::Tcp, rdma: Default::default(), required: false };
-            let outbox = Outbox::start(NodeId(1), Locator::At("127.0.0.1:1".into()), dialer, Arc::new(|_| {}), Arc::new(|_, _, _| {}));
+            let outbox = Outbox::start(NodeId(1), Locator::At("127.0.0.1:1".into()), dialer, Arc::new(|_| {}), on_replied);
             let peer = tessera_replication::protocol::Member { node: NodeId(2), incarnation: 1, addr: addr.to_string(), draining: false };
             let config = ClusterConfig { id: 1, members: vec![peer], chains: Vec::new(), drained: Vec::new(), cluster: 1 };
             *outbox.latest.lock().unwrap() = Some(Arc::new(config));
@@ -728,7 +845,7 @@ mod tests {
     fn a_peer_gets_each_shards_messages_in_order_whether_started_by_the_shard_or_queued() {
         const EACH: u64 = 2000; // two shards' worth stays below OUT_QUEUE_MAX
         const HELD: u64 = 10;
-        let peer = RecordingPeer::start();
+        let peer = RecordingPeer::start(Arc::new(|_, _, _| {}));
         let ack = |range: u32, version: u64| Msg::Ack { range: RangeId(range), epoch: Epoch(1), version };
         let mut outbox = peer.outbox.clone();
         outbox.to_node(NodeId(2), 0, ack(2, 1));
@@ -767,13 +884,94 @@ mod tests {
         assert!(second >= HELD as usize, "the messages queued while the links were held went in batches of {second}");
     }
 
+    /// Who takes the reply to a request a shard started on a peer's TCP link: the shard
+    /// itself, from the socket it was told to watch, when the peer's links are free; the peer's
+    /// thread, which hands it over, while they are held (as while the thread sends). Each reply
+    /// is taken once. A link remade is a new socket, and the shard is told to watch it.
+    #[test]
+    fn a_shard_takes_its_own_replies_unless_the_peers_links_are_held() {
+        type Handed = Arc<Mutex<Vec<(u16, NodeId, Vec<Msg>)>>>;
+        let handed: Handed = Arc::default();
+        let by_thread = handed.clone();
+        let peer = RecordingPeer::start(Arc::new(move |shard, node, msgs| by_thread.lock().unwrap().push((shard, node, msgs))));
+        let ack = |version: u64| Msg::Ack { range: RangeId(0), epoch: Epoch(1), version };
+        let handed_count = || handed.lock().unwrap().len();
+        let wait_handed = |count: usize| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while handed_count() < count && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(handed_count(), count, "replies the peer's thread handed over");
+        };
+        let mut outbox = peer.outbox.clone();
+        // No link yet: the thread makes it, sends, and takes the reply.
+        outbox.to_node(NodeId(2), 0, ack(1));
+        wait_handed(1);
+        // The link is free: the shard starts its requests itself and takes their replies. (The
+        // thread, waking on its own now and then, may take one first: never both.)
+        let mut taken = Vec::new();
+        for version in 2..22 {
+            outbox.to_node(NodeId(2), 0, ack(version));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while taken.len() + handed_count() < version as usize && Instant::now() < deadline {
+                outbox.take_own_replies(&mut |node, msgs| taken.push((node, msgs)));
+            }
+        }
+        let watched: Vec<RawFd> = outbox.sockets_to_watch().collect();
+        assert_eq!(watched.len(), 1, "sockets to watch: the link's one");
+        assert!(taken.len() >= 10, "replies the shard took itself: {} of 20", taken.len());
+        let by_shard = taken.iter().map(|(node, msgs)| (*node, msgs.clone()));
+        let by_thread: Vec<(NodeId, Vec<Msg>)> = handed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(shard, node, msgs)| {
+                assert_eq!(*shard, 0, "the shard a reply was handed to");
+                (*node, msgs.clone())
+            })
+            .collect();
+        let mut versions: Vec<u64> = by_shard
+            .chain(by_thread)
+            .flat_map(|(node, msgs)| {
+                assert_eq!(node, NodeId(2));
+                msgs.into_iter().map(|m| match m {
+                    Msg::Ack { version, .. } => version,
+                    other => panic!("a reply carried a {}", other.kind()),
+                })
+            })
+            .collect();
+        versions.sort_unstable();
+        assert_eq!(versions, (1..22).collect::<Vec<_>>(), "each reply taken once");
+        // The links held: the shard cannot take its reply, and wakes the thread, which can once
+        // they are let go.
+        let (before, taken_before) = (handed_count(), taken.len());
+        outbox.to_node(NodeId(2), 0, ack(22));
+        let links = outbox.queue(NodeId(2)).links;
+        let held = links.lock().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        outbox.take_own_replies(&mut |node, msgs| taken.push((node, msgs)));
+        assert_eq!(taken.len(), taken_before, "the shard took a reply while the links were held");
+        drop(held);
+        wait_handed(before + 1);
+        outbox.take_own_replies(&mut |node, msgs| taken.push((node, msgs)));
+        assert_eq!(taken.len(), taken_before, "a reply the thread took was taken again");
+        assert!(outbox.own.is_empty(), "links the shard still takes replies on: {:?}", outbox.own);
+        // A lost link is remade by the thread; the shard's next request on it has a new socket.
+        links.lock().unwrap().links.get_mut(&0).unwrap().link = None;
+        outbox.to_node(NodeId(2), 0, ack(23));
+        wait_handed(before + 2);
+        outbox.to_node(NodeId(2), 0, ack(24));
+        assert_eq!(outbox.sockets_to_watch().count(), 1, "sockets to watch after the link was remade");
+        peer.stop_after(24);
+    }
+
     /// Updates of 400 KB among small messages, queued faster than they go: two updates fit a
     /// request (sent from where their deltas lie), a third does not and goes in the next. Every
     /// message arrives, in order and whole, and no request is over the frame limit.
     #[test]
     fn large_updates_queued_together_go_in_order_within_the_frame_limit() {
         const COUNT: u64 = 300;
-        let peer = RecordingPeer::start();
+        let peer = RecordingPeer::start(Arc::new(|_, _, _| {}));
         let mut outbox = peer.outbox.clone();
         for version in 1..=COUNT {
             let msg = match version % 10 {
