@@ -271,7 +271,7 @@ fn malformed_frames_get_an_error_then_the_connection_closes() {
     for (edit, needle) in [
         ((|h: &mut Header| h.version = 9) as fn(&mut Header), "version"),
         (|h: &mut Header| h.op = 77, "unknown op"),
-        (|h: &mut Header| h.flags = 0x80, "unknown flags"),
+        (|h: &mut Header| h.flags = 0x8000, "unknown flags"),
     ] {
         let mut c = f.raw(1);
         let (mut header, body) = raw::pull(dense, DIM as u32, &[600]);
@@ -290,6 +290,20 @@ fn malformed_frames_get_an_error_then_the_connection_closes() {
         c.send_frame(header, &body).unwrap();
         c.recv().expect("an error reply").expect_error(Status::BadRequest, "only a WorkerPush");
     }
+
+    // A request that wants no reply: any op but a peer's `Replicate` is refused, and answered;
+    // a `Replicate` whose messages do not decode is served (refused, the error logged, not
+    // sent). The connection carries on either way: the next pull's reply is the next frame.
+    let mut c = f.raw(1);
+    let (mut header, body) = raw::pull(dense, DIM as u32, &[600]);
+    header.flags |= flags::NO_REPLY;
+    c.send_frame(header, &body).unwrap();
+    c.recv().expect("an error reply").expect_error(Status::BadRequest, "only a Replicate request");
+    let mut header = Header::request(Op::Replicate, 0);
+    header.flags |= flags::NO_REPLY;
+    c.send_frame(header, b"not a batch of messages").unwrap();
+    let reply = c.call(raw::pull(dense, DIM as u32, &[600]));
+    assert_eq!(reply.status(), Status::Ok, "the pull after the one-way request: {}", reply.message());
 
     // A client that sends a reply frame.
     let mut c = f.raw(0);

@@ -166,6 +166,28 @@ impl Caller {
         self.start_over(header, parts, false)
     }
 
+    /// Sends one request that wants no reply ([`flags::NO_REPLY`](crate::wire::flags::NO_REPLY)):
+    /// the server serves it and answers nothing, not even an error. It may go behind requests in
+    /// flight, whose replies still come in order. Over TCP only (see
+    /// [`sends_one_way`](Self::sends_one_way)); only a `Replicate` request may go so.
+    pub fn start_one_way(&mut self, header: &mut Header, parts: &[&[u8]]) -> Result<()> {
+        match &mut self.path {
+            Path::Tcp(tcp) => {
+                header.flags |= crate::wire::flags::NO_REPLY;
+                tcp.send(header, parts, self.compress)?;
+            }
+            #[cfg(feature = "rdma")]
+            Path::Rdma(_) => return Err(TransportError::Rdma { reason: "a request that wants no reply over RDMA, where every request is answered".into() }),
+        }
+        self.calls.tcp += 1;
+        Ok(())
+    }
+
+    /// Whether [`start_one_way`](Self::start_one_way) may be used: a TCP link.
+    pub fn sends_one_way(&self) -> bool {
+        self.tcp_socket().is_some()
+    }
+
     /// [`start`](Self::start), except that over TCP a small request waits for the link's next
     /// request or wait and leaves in the same write ([`TcpLink::defer`]); over RDMA it goes at
     /// once. [`flush_deferred`](Self::flush_deferred) sends it now.

@@ -175,6 +175,9 @@ pub struct Conn {
     peer_closed: bool,
     /// Set up an RDMA queue pair: its traffic goes over verbs, so silence here is not idleness.
     rdma: bool,
+    /// Errors from requests that wanted no reply ([`flags::NO_REPLY`]), logged instead of
+    /// sent: a few lines a second, then a count.
+    unanswered_limit: LogLimiter,
     /// Counts this connection among the server's open ones until it drops.
     _open: OpenConn,
 }
@@ -474,6 +477,7 @@ impl TcpEndpoint {
                 frame_since: None,
                 peer_closed: false,
                 rdma: false,
+                unanswered_limit: LogLimiter::new(1),
                 _open: counted,
             };
             tracing::debug!(%peer, conn = conn.id.0, "accepted");
@@ -886,6 +890,14 @@ impl Conn {
             }
             return Ok(None);
         }
+        let no_reply = header.flags & flags::NO_REPLY != 0;
+        if no_reply && header.op() != Some(Op::Replicate) {
+            // Answered, since the sender may wait for it: only peers' acknowledgements go one way.
+            let mut reply = Reply::new(&mut self.out, header, cfg.frame_bytes_max);
+            reply.error(Status::BadRequest, "only a Replicate request may ask for no reply");
+            reply.finish(&mut self.deflater, usize::MAX);
+            return Ok(None);
+        }
         let compressed = header.flags & flags::COMPRESSED != 0;
         let lends = body.len() >= SHARED_BODY_BYTES_MIN && body.len() * LENT_BUFFER_PER_BODY_MAX >= self.reader.capacity();
         let shared = (!compressed && lends).then(|| self.reader.lend());
@@ -896,6 +908,10 @@ impl Conn {
             Err(e) => reply.error(Status::Malformed, &e.to_string()),
         }
         let (frame, hold) = reply.finish(&mut self.deflater, cfg.compress_bytes_min);
+        if no_reply {
+            self.unanswered(frame);
+            return Ok(None);
+        }
         if header.op() == Some(Op::RdmaConnect) {
             // The queue pair lives as long as this connection, which carries nothing from now on.
             self.rdma |= Header::decode_unchecked(&self.out.buf.bytes()[frame.start..frame.start + HEADER_BYTES]).status() == Status::Ok;
@@ -904,6 +920,22 @@ impl Conn {
             self.out.held.push_back((frame.start, lsn));
         }
         Ok(None)
+    }
+
+    /// Takes back the reply just queued at `frame` to a request that wanted none
+    /// ([`flags::NO_REPLY`]): nothing waits for it, so it is not sent (nor held for the log);
+    /// an error it carried is logged instead.
+    fn unanswered(&mut self, frame: std::ops::Range<usize>) {
+        let bytes = &self.out.buf.bytes()[frame.clone()];
+        let header = Header::decode_unchecked(&bytes[..HEADER_BYTES]);
+        if header.status() != Status::Ok {
+            if let Some(suppressed) = self.unanswered_limit.admit(Instant::now()) {
+                let body = &bytes[HEADER_BYTES..HEADER_BYTES + (header.body_len as usize).min(bytes.len() - HEADER_BYTES)];
+                let reason = String::from_utf8_lossy(body);
+                tracing::warn!(peer = %self.peer, conn = self.id.0, status = ?header.status(), %reason, suppressed, "a request that wanted no reply failed");
+            }
+        }
+        self.out.buf.set_len(frame.start);
     }
 
     /// The span of this connection's set-up (hello, authentication), on the server.
@@ -1345,6 +1377,7 @@ mod tests {
             frame_since: None,
             peer_closed: false,
             rdma: false,
+            unanswered_limit: LogLimiter::new(1),
             _open: census.admit(peer.ip(), cfg).ok().expect("under the limits"),
         };
         (conn, client)
@@ -1485,6 +1518,58 @@ mod tests {
         }
         assert_eq!(served_now(), [1, 2, 3, 4, 5], "a frame over the deferred limit goes at once");
         assert_eq!(id_of(link.recv(None).expect("its reply")), 5);
+        stop.store(true, Ordering::Release);
+        serving.join().expect("the server thread");
+    }
+
+    /// Notes the ids it serves, and fails the `Replicate` requests whose id is even.
+    struct FailEven(Arc<Mutex<Vec<u64>>>);
+
+    impl Service for FailEven {
+        fn serve(&mut self, request: Request<'_>, reply: &mut Reply<'_>) {
+            let id = request.header.request_id;
+            self.0.lock().expect("the record").push(id);
+            match request.header.op() == Some(Op::Replicate) && id.is_multiple_of(2) {
+                true => reply.error(Status::BadRequest, "an even id"),
+                false => reply.ok_bytes(&id.to_le_bytes()),
+            }
+        }
+    }
+
+    /// A `Replicate` request that wants no reply is served and answered with nothing, not even
+    /// when it fails (the server logs that), and the connection carries on; any other request
+    /// asking for no reply is refused, with a reply.
+    #[test]
+    fn a_request_that_wants_no_reply_is_served_and_gets_none() {
+        let cfg = TransportConfig::default();
+        let (mut control, mut shards, addr) = bind("127.0.0.1:0", 1, &cfg, Arc::from(&b"{}"[..])).expect("bind");
+        let (stop, served) = (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let serving = {
+            let (stop, served) = (stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let mut shard = shards.pop().expect("one shard");
+                while !stop.load(Ordering::Acquire) {
+                    control.poll(&mut AcceptAll, Some(Duration::from_millis(1))).expect("control poll");
+                    shard.poll(&mut FailEven(served.clone()), Some(Duration::from_millis(1))).expect("shard poll");
+                }
+            })
+        };
+        let (mut link, _) = TcpLink::connect(&addr.to_string(), 0, 1, &cfg).expect("connect");
+        let one_way = |op: Op, id: u64| {
+            let mut header = Header::request(op, id);
+            header.flags |= flags::NO_REPLY;
+            header
+        };
+        link.send(&mut one_way(Op::Replicate, 1), &[b"served"], false).expect("send");
+        link.send(&mut one_way(Op::Replicate, 2), &[b"fails"], false).expect("send");
+        link.send(&mut one_way(Op::Ping, 3), &[], false).expect("send");
+        link.send(&mut Header::request(Op::Replicate, 5), &[b"answered"], false).expect("send");
+        let refused = link.recv(None).expect("the refusal");
+        assert_eq!((refused.header.request_id, refused.header.status()), (3, Status::BadRequest), "a Ping may not ask for no reply");
+        let answered = link.recv(None).expect("the reply");
+        assert_eq!((answered.header.request_id, answered.header.status()), (5, Status::Ok));
+        assert!(matches!(link.recv(Some(Duration::from_millis(100))), Err(TransportError::Timeout { .. })), "nothing more comes");
+        assert_eq!(*served.lock().expect("the record"), [1, 2, 5], "served in order, the refused one not at all");
         stop.store(true, Ordering::Release);
         serving.join().expect("the server thread");
     }

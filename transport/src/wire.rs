@@ -72,8 +72,12 @@ pub mod flags {
     /// and the body may name, as `PushAck` messages, pushes to ranges the shard is the tail of:
     /// the reply waits until the tail holds them (one hop instead of the way back up the chain).
     pub const TAIL_ACKS: u16 = 64;
+    /// A `Replicate` request over TCP whose sender wants no reply: the server serves it and
+    /// sends nothing back, not even an error (which it logs instead). A peer's acknowledgements
+    /// go so, one message each way instead of two. Refused on any other op, and over RDMA.
+    pub const NO_REPLY: u16 = 128;
     /// Every flag this version understands.
-    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY | KEYS_REMEMBER | KEYS_CACHED | PART_DONE | PUSH_SEQS | TAIL_ACKS;
+    pub const KNOWN: u16 = COMPRESSED | COMPRESS_REPLY | KEYS_REMEMBER | KEYS_CACHED | PART_DONE | PUSH_SEQS | TAIL_ACKS | NO_REPLY;
 }
 
 /// The fixed-size frame header, read and written in place.
@@ -379,7 +383,8 @@ impl ShortHeader {
         if Op::from_u8(s.op).is_none() {
             return Err(malformed(format!("unknown op {}", s.op)));
         }
-        let known = flags::KNOWN & !flags::COMPRESSED;
+        // A short frame travels over RDMA, where every request is answered.
+        let known = flags::KNOWN & !(flags::COMPRESSED | flags::NO_REPLY);
         if u16::from(s.flags) & !known != 0 {
             return Err(malformed(format!("flags {:#x} in a short frame", s.flags)));
         }

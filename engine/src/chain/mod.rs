@@ -523,7 +523,9 @@ impl ChainShard {
             return Err(EngineError::BadRequest { reason: format!("a peer may not send a {} message", msg.kind()) });
         }
         let peer = NodeId(request.header.worker);
-        self.answering = Some(peer);
+        // What the peer is owed goes in the reply, unless it wants none (its acknowledgements
+        // come one way): then through the outbox, as to any peer.
+        self.answering = (request.header.flags & flags::NO_REPLY == 0).then_some(peer);
         self.with_replica(tables, disk, |r, now| msgs.drain(..).for_each(|msg| r.step(now, Addr::Node(peer), msg)));
         self.answering = None;
         self.answer_body.clear();

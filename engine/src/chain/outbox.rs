@@ -235,6 +235,7 @@ impl Outbox {
         };
         match start_now(peer, shard, self.me, &msg, &mut self.direct_body) {
             Started::No => {}
+            Started::OneWay => return,
             Started::ThreadTakes => {
                 peer.thread.unpark();
                 return;
@@ -320,6 +321,9 @@ impl Outbox {
 enum Started {
     /// Nothing: the message is to be queued for the peer's thread.
     No,
+    /// Sent wanting no reply (acknowledgements over TCP: [`one_way`]), or lost with its link:
+    /// there is nothing to take.
+    OneWay,
     /// Started (or lost with its link), the peer's thread to take the reply.
     ThreadTakes,
     /// Started on a TCP link, the shard to take the reply when `socket` turns readable;
@@ -327,9 +331,19 @@ enum Started {
     ShardTakes { socket: RawFd, made: u64 },
 }
 
+/// Whether a request of `msgs` goes wanting no reply
+/// ([`NO_REPLY`](tessera_transport::wire::flags::NO_REPLY)), on a link that
+/// can send so (TCP): acknowledgements only. Their receiver, the sender's predecessor in the
+/// chain, owes the sender nothing back, so the reply would come empty: one message less per
+/// acknowledgement, and no reply for anyone to wake for.
+fn one_way<'a>(mut msgs: impl Iterator<Item = &'a Msg>) -> bool {
+    msgs.all(|m| matches!(m, Msg::Ack { .. }))
+}
+
 /// Starts `msg` as a request on `peer`'s link to its shard `shard` if nothing waits before it:
 /// the peer's queue is empty, no one else holds its links, and that link is up with nothing in
-/// flight. Says who is to take the reply, or that the message must be queued instead.
+/// flight (an acknowledgement over TCP goes behind what is in flight, wanting no reply). Says
+/// who is to take the reply, or that the message must be queued instead.
 fn start_now(peer: &PeerQueue, shard: u16, me: NodeId, msg: &Msg, body: &mut Vec<u8>) -> Started {
     if codec::bulk_len(msg) > DIRECT_BODY_MAX {
         return Started::No;
@@ -339,16 +353,26 @@ fn start_now(peer: &PeerQueue, shard: u16, me: NodeId, msg: &Msg, body: &mut Vec
         return Started::No;
     }
     let PeerLinks { links, started } = &mut *held;
-    let Some(linked) = links.get_mut(&shard).filter(|l| l.link.as_ref().is_some_and(|c| c.in_flight() == 0)) else { return Started::No };
+    let Some(linked) = links.get_mut(&shard).filter(|l| l.link.is_some()) else { return Started::No };
+    if one_way(std::iter::once(msg)) && linked.link.as_ref().is_some_and(Caller::sends_one_way) {
+        body.clear();
+        codec::encode_batch(std::iter::once(msg), body);
+        if let Err(e) = linked.link.as_mut().expect("checked above").start_one_way(&mut replicate_header(me), &[body]) {
+            tracing::debug!(addr = linked.addr, error = %e, "replication message lost");
+            linked.link = None;
+        }
+        return Started::OneWay;
+    }
+    if linked.in_flight() > 0 {
+        return Started::No;
+    }
     body.clear();
     codec::encode_batch(std::iter::once(msg), body);
     if body.len() > DIRECT_BODY_MAX || linked.link.as_ref().and_then(Caller::fast_body_max).is_some_and(|max| body.len() + 256 > max) {
         return Started::No;
     }
-    let mut header = Header::request(Op::Replicate, 0);
-    header.worker = me.0;
     let link = linked.link.as_mut().expect("checked above");
-    match link.start(&mut header, body) {
+    match link.start(&mut replicate_header(me), body) {
         Ok(()) => match link.tcp_socket() {
             Some(socket) => Started::ShardTakes { socket, made: linked.made },
             None => {
@@ -364,6 +388,13 @@ fn start_now(peer: &PeerQueue, shard: u16, me: NodeId, msg: &Msg, body: &mut Vec
             Started::ThreadTakes
         }
     }
+}
+
+/// The header of a `Replicate` request from `me`.
+fn replicate_header(me: NodeId) -> Header {
+    let mut header = Header::request(Op::Replicate, 0);
+    header.worker = me.0;
+    header
 }
 
 /// Hands the messages a reply from `node` carried back to `on`; a malformed one is said and
@@ -398,7 +429,7 @@ impl Linked {
     fn send(&mut self, addr: &str, shard: u64, me: NodeId, dialer: &Dialer, msg: &Msg) -> Option<Vec<u8>> {
         let mut body = Vec::new();
         codec::encode(msg, &mut body);
-        match self.start_parts(addr, shard, me, dialer, &[&body]) {
+        match self.start_parts(addr, shard, me, dialer, &[&body], false) {
             true => self.take_reply(),
             false => None,
         }
@@ -412,10 +443,11 @@ impl Linked {
     }
 
     /// Starts a body in `parts` as a `Replicate` request from `me` without waiting for its
-    /// reply, which [`take_reply`](Self::take_reply) takes later, in the order started. False
+    /// reply, which [`take_reply`](Self::take_reply) takes later, in the order started; with
+    /// `one_way`, on a link that can ([`Caller::sends_one_way`]), wanting no reply at all. False
     /// when it could not go (dropped: the protocol resends); the link is then remade, and what
     /// was in flight on it is lost too.
-    fn start_parts(&mut self, addr: &str, shard: u64, me: NodeId, dialer: &Dialer, parts: &[&[u8]]) -> bool {
+    fn start_parts(&mut self, addr: &str, shard: u64, me: NodeId, dialer: &Dialer, parts: &[&[u8]], one_way: bool) -> bool {
         if self.addr != addr {
             self.addr = addr.to_string();
             self.link = None;
@@ -436,9 +468,12 @@ impl Linked {
                 }
             }
         }
-        let mut header = Header::request(Op::Replicate, 0);
-        header.worker = me.0;
-        match self.link.as_mut().expect("made above").start_parts(&mut header, parts) {
+        let link = self.link.as_mut().expect("made above");
+        let started = match one_way && link.sends_one_way() {
+            true => link.start_one_way(&mut replicate_header(me), parts),
+            false => link.start_parts(&mut replicate_header(me), parts),
+        };
+        match started {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(addr = self.addr, error = %e, "replication message lost");
@@ -675,11 +710,18 @@ fn to_peer(
 /// A request a peer's thread puts together for one of the peer's shards: a batch of messages
 /// ([`codec::encode_batch`]), each encoded into `body` but for the bulk of a large one, which
 /// is sent from the message, where it lies.
-#[derive(Default)]
 struct PeerRequest {
     body: Vec<u8>,
     /// The large messages, each after the body's bytes up to its offset.
     uncopied: Vec<(usize, Msg)>,
+    /// Every message encoded is one that goes wanting no reply ([`one_way`]).
+    one_way: bool,
+}
+
+impl Default for PeerRequest {
+    fn default() -> Self {
+        Self { body: Vec::new(), uncopied: Vec::new(), one_way: true }
+    }
 }
 
 impl PeerRequest {
@@ -691,6 +733,7 @@ impl PeerRequest {
     /// from the message; returns the length of the bulk left out. Bulk lands aligned in the
     /// request as sent (see [`codec::BULK_ALIGN`]), the uncopied bulks ahead of it counted.
     fn encode(&mut self, msg: &Msg) -> usize {
+        self.one_way &= one_way(std::iter::once(msg));
         let elsewhere = self.uncopied_bytes();
         match codec::bulk_len(msg) > COPIED_BULK_MAX {
             true => codec::encode_batch_head(msg, &mut self.body, elsewhere).len(),
@@ -724,12 +767,15 @@ impl PeerRequest {
         parts[count] = &self.body[from..];
         let parts = &parts[..count + 1];
         let bytes = parts.iter().map(|p| p.len()).sum();
-        while linked.in_flight() >= PEER_IN_FLIGHT_MAX || !linked.can_start_len(bytes) {
+        // A request that wants no reply goes behind what is in flight (TCP keeps the order).
+        let waits = !(self.one_way && linked.link.as_ref().is_some_and(Caller::sends_one_way));
+        while waits && (linked.in_flight() >= PEER_IN_FLIGHT_MAX || !linked.can_start_len(bytes)) {
             replied(shard, linked.take_reply());
         }
-        linked.start_parts(addr, shard as u64, me, dialer, parts);
+        linked.start_parts(addr, shard as u64, me, dialer, parts, self.one_way);
         self.body.clear();
         self.uncopied.clear();
+        self.one_way = true;
     }
 }
 
@@ -737,6 +783,13 @@ impl PeerRequest {
 mod tests {
     use super::*;
     use tessera_replication::protocol::Epoch;
+    use tessera_transport::wire::flags;
+
+    /// An update of range 0 to `version`, with a small delta.
+    fn forward(version: u64) -> Msg {
+        let delta = vec![version as u8; 8].into();
+        Msg::Forward { range: RangeId(0), epoch: Epoch(1), version, digest: 0, clock: Arc::from(vec![0u32; 4]), delta, durable: 0 }
+    }
 
     fn heartbeat(config_id: u64, reports: &[(u32, u64)]) -> Msg {
         let report = |&(range, version): &(u32, u64)| RangeReport {
@@ -752,13 +805,16 @@ mod tests {
     }
 
     /// What a peer got: the range and version of each `Ack` and `Forward`, in the order they
-    /// arrived, how many messages each request carried, and how many forwards' deltas were not
+    /// arrived, how many messages each request carried, which requests wanted no reply (by
+    /// whether they carried only acknowledgements), and how many forwards' deltas were not
     /// what the tests send (every byte the version's low byte), or had to be copied out of the
     /// request's frame (only a large, aligned one is a view of it).
     #[derive(Default)]
     struct Got {
         acks: Vec<(u32, u64)>,
         per_request: Vec<usize>,
+        /// Requests that wanted no reply, and the others: (acknowledgements only, wanted none).
+        one_way: Vec<(bool, bool)>,
         bad_deltas: usize,
         copied_deltas: usize,
     }
@@ -775,20 +831,28 @@ mod tests {
             let viewed = |delta: &[u8]| frame.is_some_and(|f| f.as_ptr_range().contains(&delta.as_ptr()));
             got.copied_deltas += msgs.iter().filter(|m| matches!(m, Msg::Forward { delta, .. } if !viewed(delta))).count();
             got.per_request.push(msgs.len());
+            got.one_way.push((one_way(msgs.iter()), request.header.flags & flags::NO_REPLY != 0));
             got.bad_deltas += msgs.iter().filter(|m| matches!(m, Msg::Forward { version, delta, .. } if delta.iter().any(|b| *b != *version as u8))).count();
             got.acks.extend(msgs.iter().filter_map(|m| match m {
                 Msg::Ack { range, version, .. } | Msg::Forward { range, version, .. } => Some((range.0, *version)),
                 _ => None,
             }));
-            // The acknowledgements sent come back in the reply, as a replica's would.
+            // Each update is acknowledged in the reply, as a tail would.
+            let acks: Vec<Msg> = msgs
+                .iter()
+                .filter_map(|m| match m {
+                    Msg::Forward { range, epoch, version, .. } => Some(Msg::Ack { range: *range, epoch: *epoch, version: *version }),
+                    _ => None,
+                })
+                .collect();
             let mut answer = Vec::new();
-            codec::encode_batch(msgs.iter().filter(|m| matches!(m, Msg::Ack { .. })), &mut answer);
+            codec::encode_batch(&acks, &mut answer);
             reply.ok_bytes(&answer);
         }
     }
 
     /// A peer (node 2, one shard) that records what it is sent and answers each request with
-    /// the acknowledgements it carried, and an outbox of node 1 that knows it, whose peer's
+    /// an acknowledgement of each update it carried, and an outbox of node 1 that knows it, whose peer's
     /// thread hands the replies it takes to `on_replied`.
     struct RecordingPeer {
         seen: Arc<Mutex<Got>>,
@@ -894,7 +958,6 @@ mod tests {
         let handed: Handed = Arc::default();
         let by_thread = handed.clone();
         let peer = RecordingPeer::start(Arc::new(move |shard, node, msgs| by_thread.lock().unwrap().push((shard, node, msgs))));
-        let ack = |version: u64| Msg::Ack { range: RangeId(0), epoch: Epoch(1), version };
         let handed_count = || handed.lock().unwrap().len();
         let wait_handed = |count: usize| {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -905,13 +968,13 @@ mod tests {
         };
         let mut outbox = peer.outbox.clone();
         // No link yet: the thread makes it, sends, and takes the reply.
-        outbox.to_node(NodeId(2), 0, ack(1));
+        outbox.to_node(NodeId(2), 0, forward(1));
         wait_handed(1);
         // The link is free: the shard starts its requests itself and takes their replies. (The
         // thread, waking on its own now and then, may take one first: never both.)
         let mut taken = Vec::new();
         for version in 2..22 {
-            outbox.to_node(NodeId(2), 0, ack(version));
+            outbox.to_node(NodeId(2), 0, forward(version));
             let deadline = Instant::now() + Duration::from_secs(30);
             while taken.len() + handed_count() < version as usize && Instant::now() < deadline {
                 outbox.take_own_replies(&mut |node, msgs| taken.push((node, msgs)));
@@ -945,7 +1008,7 @@ mod tests {
         // The links held: the shard cannot take its reply, and wakes the thread, which can once
         // they are let go.
         let (before, taken_before) = (handed_count(), taken.len());
-        outbox.to_node(NodeId(2), 0, ack(22));
+        outbox.to_node(NodeId(2), 0, forward(22));
         let links = outbox.queue(NodeId(2)).links;
         let held = links.lock().unwrap();
         std::thread::sleep(Duration::from_millis(20));
@@ -958,11 +1021,58 @@ mod tests {
         assert!(outbox.own.is_empty(), "links the shard still takes replies on: {:?}", outbox.own);
         // A lost link is remade by the thread; the shard's next request on it has a new socket.
         links.lock().unwrap().links.get_mut(&0).unwrap().link = None;
-        outbox.to_node(NodeId(2), 0, ack(23));
+        outbox.to_node(NodeId(2), 0, forward(23));
         wait_handed(before + 2);
-        outbox.to_node(NodeId(2), 0, ack(24));
+        outbox.to_node(NodeId(2), 0, forward(24));
         assert_eq!(outbox.sockets_to_watch().count(), 1, "sockets to watch after the link was remade");
         peer.stop_after(24);
+    }
+
+    /// Acknowledgements go wanting no reply, whether a shard starts them on the peer's link
+    /// (behind a request in flight, too) or the peer's thread batches them; updates still get
+    /// their replies, each taken once. Every message arrives, in order.
+    #[test]
+    fn acknowledgements_go_wanting_no_reply() {
+        let by_thread = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = by_thread.clone();
+        let peer = RecordingPeer::start(Arc::new(move |_, _, msgs| {
+            counted.fetch_add(msgs.len(), std::sync::atomic::Ordering::SeqCst);
+        }));
+        let ack = |version: u64| Msg::Ack { range: RangeId(0), epoch: Epoch(1), version };
+        let mut outbox = peer.outbox.clone();
+        let mut by_shard = 0;
+        // The thread makes the link with the first update; then the shard starts what it can.
+        outbox.to_node(NodeId(2), 0, forward(1));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while peer.seen.lock().unwrap().acks.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for version in 2..=20 {
+            outbox.to_node(NodeId(2), 0, if version % 5 == 0 { forward(version) } else { ack(version) });
+            outbox.take_own_replies(&mut |_, msgs| by_shard += msgs.len());
+        }
+        // Every update answered (none queued, for the acknowledgements to join); then, the
+        // links held, the acknowledgements queue, and the thread sends them as one request.
+        let updates = 5; // versions 1, 5, 10, 15, 20
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while by_shard + by_thread.load(std::sync::atomic::Ordering::SeqCst) < updates && Instant::now() < deadline {
+            outbox.take_own_replies(&mut |_, msgs| by_shard += msgs.len());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let links = outbox.queue(NodeId(2)).links;
+        let held = links.lock().unwrap();
+        (21..=30).for_each(|version| outbox.to_node(NodeId(2), 0, ack(version)));
+        drop(held);
+        let got = peer.stop_after(30);
+        let versions: Vec<u64> = got.acks.iter().map(|(_, v)| *v).collect();
+        assert_eq!(versions, (1..=30).collect::<Vec<_>>(), "the messages, as the peer got them");
+        for (acks_only, wanted_none) in &got.one_way {
+            assert_eq!(acks_only, wanted_none, "a request wants no reply exactly when it carries only acknowledgements: {:?}", got.one_way);
+        }
+        let one_way: Vec<usize> = got.per_request.iter().zip(&got.one_way).filter(|(_, (_, none))| *none).map(|(n, _)| *n).collect();
+        assert!(one_way.len() >= 2 && one_way.iter().any(|n| *n >= 10), "requests that wanted no reply, by messages: {one_way:?}");
+        let replied = by_shard + by_thread.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(replied, updates, "acknowledgements the replies carried: one per update");
     }
 
     /// Updates of 400 KB among small messages, queued faster than they go: two updates fit a

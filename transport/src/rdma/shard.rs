@@ -14,7 +14,7 @@ use crate::error::{Result, TransportError};
 use crate::expose::{DenseView, Exposure};
 use crate::reply::{Reply, ReplyArea};
 use crate::tcp::TcpEndpoint;
-use crate::wire::{Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
+use crate::wire::{flags, Header, Op, ShortHeader, Status, HEADER_BYTES, SHORT_HEADER_BYTES};
 use crate::{ConnId, Request, Service, ShardTransport, Waker};
 
 use super::arrival::{Arrivals, Tags};
@@ -601,6 +601,9 @@ impl Peer {
                 let raw = &frame[head_len..head_len + header.body_len as usize];
                 match self.inflater.inflate(&header, raw) {
                     Ok(_) if !header.op().is_some_and(|o| o.is_data()) => reply.error(Status::BadRequest, "only data requests travel over RDMA"),
+                    Ok(_) if header.flags & flags::NO_REPLY != 0 => {
+                        reply.error(Status::BadRequest, "every request over RDMA is answered: ask for no reply over TCP")
+                    }
                     Ok(body) => service.serve(Request { conn: self.tcp, header, body, shared: None }, &mut reply),
                     Err(e) => reply.error(Status::Malformed, &e.to_string()),
                 }
