@@ -877,7 +877,11 @@ impl<S: Store> Replica<S> {
     /// Closes the heads' batches that may leave now: the pushes applied since the last flush
     /// leave as one update per range, unless the range already has
     /// [`UPDATES_IN_FLIGHT_MAX`] updates its successor has not acknowledged (the batch then
-    /// grows until it does). The driver calls it after each burst of messages it delivered.
+    /// grows until it does). The driver calls it after each burst of messages it delivered (a
+    /// server: after each request of pushes, and once per turn), so a push to an idle chain
+    /// leaves at once, and under load the pushes that come while an update is in flight leave
+    /// together when it is acknowledged: one message per hop, and one apply on each successor,
+    /// for all of them.
     pub fn flush(&mut self) {
         self.close_batches(false);
     }
@@ -905,21 +909,6 @@ impl<S: Store> Replica<S> {
     fn forwards_in_flight_full(&self, range: RangeId) -> bool {
         self.ranges[range.0 as usize].as_ref().is_some_and(|st| st.open.is_some() && st.log.len() >= UPDATES_IN_FLIGHT_MAX)
             && self.place(range).is_some_and(|p| p.succ.is_some())
-    }
-
-    /// Closes the batches of the ranges whose updates go nowhere (a chain of one, with no
-    /// learner): their pushes can be acknowledged at once. A batch that is forwarded stays open
-    /// until the next [`flush`](Self::flush), so the pushes that reach the head in between
-    /// leave as one update: one message per hop, and one apply on each successor, for all of
-    /// them. The driver calls it after the pushes of one request, and `flush` once per turn.
-    pub fn flush_unforwarded(&mut self) {
-        for r in 0..self.ranges.len() {
-            let range = RangeId(r as u32);
-            if self.ranges[r].as_ref().is_some_and(|st| st.open.is_some()) && self.place(range).is_some_and(|p| p.downstream().is_none()) {
-                self.close_batch(range);
-            }
-        }
-        self.settle_durable();
     }
 
     /// Takes up what the store's disk now holds: commits (and acknowledges upstream) what

@@ -574,9 +574,9 @@ impl ChainShard {
     /// `KeysUnknown`, and the worker sends it again with its keys). Every push the head
     /// applies is checked before any enters the protocol: one that can never apply is named
     /// in the reply ([`Msg::Refused`]) and nothing of its batch is applied. The pushes are
-    /// applied at once; a chain of one closes its batches at once too, and acknowledges them
-    /// in this reply, while a longer chain's batches close at the end of the shard's turn
-    /// ([`pump`](Self::pump)), taking every push the turn served as one update down the chain.
+    /// applied at once, and their batches close at once too, unless an update of the range is
+    /// still in flight down the chain ([`Replica::flush`]): then they wait for its
+    /// acknowledgement and leave as one update. A chain of one acknowledges them in this reply.
     /// The reply carries every acknowledgement and refusal waiting for the worker.
     #[allow(clippy::too_many_arguments)]
     pub fn serve_worker(
@@ -721,9 +721,12 @@ impl ChainShard {
         self.replica.store_mut().applied.clear();
         if stepped {
             let from = Addr::Worker(WorkerId(worker));
+            // Batches close now unless an update of their range is still in flight (then the
+            // pushes wait in it for the acknowledgement): a push to an idle chain leaves for the
+            // successor before this reply leaves for the worker.
             self.with_replica(tables, disk, |r, now| {
                 decoded.drain(..).for_each(|msg| r.step(now, from, msg));
-                r.flush_unforwarded();
+                r.flush();
             });
         }
         // Pushes not yet acknowledged (a longer chain has yet to carry them to its tail, or the
