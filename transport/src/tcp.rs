@@ -1441,22 +1441,48 @@ mod tests {
         }
     }
 
+    /// A one-shard server on loopback whose endpoints a thread of its own polls with
+    /// `service`, until dropped.
+    struct Serving {
+        addr: SocketAddr,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Serving {
+        fn start(cfg: &TransportConfig, mut service: impl Service + Send + 'static) -> Serving {
+            let (mut control, mut shards, addr) = bind("127.0.0.1:0", 1, cfg, Arc::from(&b"{}"[..])).expect("bind");
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopped = stop.clone();
+            let thread = std::thread::spawn(move || {
+                let mut shard = shards.pop().expect("one shard");
+                while !stopped.load(Ordering::Acquire) {
+                    control.poll(&mut AcceptAll, Some(Duration::from_millis(1))).expect("control poll");
+                    shard.poll(&mut service, Some(Duration::from_millis(1))).expect("shard poll");
+                }
+            });
+            Serving { addr, stop, thread: Some(thread) }
+        }
+    }
+
+    impl Drop for Serving {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Release);
+            if let Some(thread) = self.thread.take() {
+                let served = thread.join();
+                // A failed test already panics; the server thread's panic is then only noise.
+                if !std::thread::panicking() {
+                    served.expect("the server thread");
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_link_that_found_its_socket_empty_waits_for_the_reply_and_a_look_with_no_time_left_still_reads() {
         let cfg = TransportConfig::default();
-        let (mut control, mut shards, addr) = bind("127.0.0.1:0", 1, &cfg, Arc::from(&b"{}"[..])).expect("bind");
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let serving = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut shard = shards.pop().expect("one shard");
-                while !stop.load(Ordering::Acquire) {
-                    control.poll(&mut AcceptAll, Some(Duration::from_millis(1))).expect("control poll");
-                    shard.poll(&mut Late(Duration::from_millis(2)), Some(Duration::from_millis(1))).expect("shard poll");
-                }
-            })
-        };
-        let (mut link, _) = TcpLink::connect(&addr.to_string(), 0, 1, &cfg).expect("connect");
+        let server = Serving::start(&cfg, Late(Duration::from_millis(2)));
+        let (mut link, _) = TcpLink::connect(&server.addr.to_string(), 0, 1, &cfg).expect("connect");
         let id_of = |frame: Frame<'_>| u64::from_le_bytes(frame.body[..8].try_into().expect("an id"));
         for id in 1..=20u64 {
             link.send(&mut Header::request(Op::Ping, id), &[], false).expect("send");
@@ -1469,8 +1495,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(id_of(link.recv(Some(Duration::ZERO)).expect("the reply that is there")), 21);
         assert!(matches!(link.recv(Some(Duration::ZERO)), Err(TransportError::Timeout { .. })), "nothing more is there");
-        stop.store(true, Ordering::Release);
-        serving.join().expect("the server thread");
+        drop(server);
     }
 
     /// Answers each request with its id, and notes the ids in the order served.
@@ -1486,20 +1511,10 @@ mod tests {
     #[test]
     fn deferred_frames_leave_with_the_next_send_or_before_a_receive_and_large_ones_at_once() {
         let cfg = TransportConfig::default();
-        let (mut control, mut shards, addr) = bind("127.0.0.1:0", 1, &cfg, Arc::from(&b"{}"[..])).expect("bind");
-        let (stop, served) = (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
-        let serving = {
-            let (stop, served) = (stop.clone(), served.clone());
-            std::thread::spawn(move || {
-                let mut shard = shards.pop().expect("one shard");
-                while !stop.load(Ordering::Acquire) {
-                    control.poll(&mut AcceptAll, Some(Duration::from_millis(1))).expect("control poll");
-                    shard.poll(&mut Record(served.clone()), Some(Duration::from_millis(1))).expect("shard poll");
-                }
-            })
-        };
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let server = Serving::start(&cfg, Record(served.clone()));
         let served_now = || served.lock().expect("the record").clone();
-        let (mut link, _) = TcpLink::connect(&addr.to_string(), 0, 1, &cfg).expect("connect");
+        let (mut link, _) = TcpLink::connect(&server.addr.to_string(), 0, 1, &cfg).expect("connect");
         let id_of = |frame: Frame<'_>| u64::from_le_bytes(frame.body[..8].try_into().expect("an id"));
         link.defer(&mut Header::request(Op::Ping, 1), &[&[1; 100]], false).expect("defer");
         link.defer(&mut Header::request(Op::Ping, 2), &[&[2; 100]], false).expect("defer");
@@ -1518,8 +1533,7 @@ mod tests {
         }
         assert_eq!(served_now(), [1, 2, 3, 4, 5], "a frame over the deferred limit goes at once");
         assert_eq!(id_of(link.recv(None).expect("its reply")), 5);
-        stop.store(true, Ordering::Release);
-        serving.join().expect("the server thread");
+        drop(server);
     }
 
     /// Notes the ids it serves, and fails the `Replicate` requests whose id is even.
@@ -1542,19 +1556,9 @@ mod tests {
     #[test]
     fn a_request_that_wants_no_reply_is_served_and_gets_none() {
         let cfg = TransportConfig::default();
-        let (mut control, mut shards, addr) = bind("127.0.0.1:0", 1, &cfg, Arc::from(&b"{}"[..])).expect("bind");
-        let (stop, served) = (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
-        let serving = {
-            let (stop, served) = (stop.clone(), served.clone());
-            std::thread::spawn(move || {
-                let mut shard = shards.pop().expect("one shard");
-                while !stop.load(Ordering::Acquire) {
-                    control.poll(&mut AcceptAll, Some(Duration::from_millis(1))).expect("control poll");
-                    shard.poll(&mut FailEven(served.clone()), Some(Duration::from_millis(1))).expect("shard poll");
-                }
-            })
-        };
-        let (mut link, _) = TcpLink::connect(&addr.to_string(), 0, 1, &cfg).expect("connect");
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let server = Serving::start(&cfg, FailEven(served.clone()));
+        let (mut link, _) = TcpLink::connect(&server.addr.to_string(), 0, 1, &cfg).expect("connect");
         let one_way = |op: Op, id: u64| {
             let mut header = Header::request(op, id);
             header.flags |= flags::NO_REPLY;
@@ -1570,8 +1574,7 @@ mod tests {
         assert_eq!((answered.header.request_id, answered.header.status()), (5, Status::Ok));
         assert!(matches!(link.recv(Some(Duration::from_millis(100))), Err(TransportError::Timeout { .. })), "nothing more comes");
         assert_eq!(*served.lock().expect("the record"), [1, 2, 5], "served in order, the refused one not at all");
-        stop.store(true, Ordering::Release);
-        serving.join().expect("the server thread");
+        drop(server);
     }
 
     #[test]
