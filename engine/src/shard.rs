@@ -151,6 +151,8 @@ impl Shard {
                 self.disk_error = Some(EngineError::Io(format!("cannot watch the disk ring: {e}")));
             }
         }
+        // A peer link's socket the poll could not watch: its replies are looked for every turn.
+        let mut unwatched = false;
         while !self.stop {
             self.connections = transport.connections();
             if crate::metrics::enabled() {
@@ -168,14 +170,19 @@ impl Shard {
             let timeout = Some(if self.disk.as_deref().is_some_and(ShardDisk::busy) { std::time::Duration::ZERO } else { CHAIN_TURN });
             for socket in self.chain.sockets_to_watch() {
                 if let Err(e) = transport.watch(socket) {
-                    // Its replies are then taken by the peer's thread, or at the next turn.
+                    // Its replies are then looked for at every turn.
                     tracing::debug!(shard = self.id, error = %e, "cannot watch a peer link's socket");
+                    unwatched = true;
                 }
             }
             if let Err(e) = transport.poll(&mut self, timeout) {
                 tracing::error!(shard = self.id, error = %e, "poll failed");
             }
-            self.chain.take_own_replies(&mut self.tables, &mut self.disk);
+            // Replies to this shard's own requests are read only when a watched socket turned
+            // readable: a look at every turn costs a read that finds nothing, most turns.
+            if transport.take_service_watched() || unwatched {
+                self.chain.take_own_replies(&mut self.tables, &mut self.disk);
+            }
             self.chain.pump(&mut self.tables, &mut self.disk);
             if self.tables.exposures_pending() {
                 // Parts made or freed while serving: the next poll's wake hands them over.

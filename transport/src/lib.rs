@@ -116,6 +116,10 @@ pub trait ShardTransport: Send + std::fmt::Debug {
     /// Makes [`poll`](Self::poll) return when `fd` turns readable, so that the service can sleep
     /// on its own I/O (a disk ring's eventfd) in the same wait as the network.
     fn watch(&mut self, fd: std::os::fd::RawFd) -> Result<()>;
+    /// Whether a descriptor given to [`watch`](Self::watch) turned readable in a poll since the
+    /// last call (descriptors are watched edge-triggered: once per arrival, and once when added
+    /// if already readable); true once, then false until the next.
+    fn take_service_watched(&mut self) -> bool;
 }
 
 /// Most parts a frame's body may be sent from ([`Link::send`]).

@@ -294,6 +294,9 @@ pub struct TcpEndpoint {
     last_sweep: Instant,
     /// The watched descriptor turned readable since [`TcpEndpoint::take_watched`] last looked.
     watched_fired: bool,
+    /// A descriptor given to [`ShardTransport::watch`] turned readable in a poll since the
+    /// service last asked ([`ShardTransport::take_service_watched`]).
+    service_watched_fired: bool,
     /// The service's durable log position when replies were last released.
     durable: u64,
     /// Connections open on the whole server (every endpoint of one `bind` shares it).
@@ -383,6 +386,7 @@ impl TcpEndpoint {
             next_id: 0,
             last_sweep: Instant::now(),
             watched_fired: false,
+            service_watched_fired: false,
             durable: u64::MAX,
             census,
             any_stalled: false,
@@ -659,8 +663,8 @@ impl ShardTransport for TcpEndpoint {
                 }
                 // The watcher checks its own source when told it fired.
                 WATCHED => self.watched_fired = true,
-                // The service looks at its own I/O after every poll.
-                SERVICE_WATCHED => {}
+                // The service looks at its own I/O when told one of its descriptors fired.
+                SERVICE_WATCHED => self.service_watched_fired = true,
                 Token(t) => {
                     if event.is_read_closed() || event.is_error() {
                         if let Some(conn) = self.conns.get_mut(t - FIRST_CONN).and_then(Option::as_mut) {
@@ -686,6 +690,10 @@ impl ShardTransport for TcpEndpoint {
 
     fn watch(&mut self, fd: std::os::fd::RawFd) -> Result<()> {
         Ok(self.poll.registry().register(&mut mio::unix::SourceFd(&fd), SERVICE_WATCHED, Interest::READABLE)?)
+    }
+
+    fn take_service_watched(&mut self) -> bool {
+        std::mem::take(&mut self.service_watched_fired)
     }
 
     fn waker(&self) -> Waker {

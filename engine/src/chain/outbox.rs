@@ -4,8 +4,9 @@
 //! message on an idle chain leaves without waiting for a thread to wake.
 //!
 //! Who takes the reply to a request a shard started: over TCP, the shard itself, when it can.
-//! The link's socket is in the shard's poll ([`Outbox::sockets_to_watch`]), and after each poll
-//! the shard takes what came without waiting ([`Outbox::take_own_replies`]), so a push's
+//! The link's socket is in the shard's poll ([`Outbox::sockets_to_watch`]), and after a poll in
+//! which such a socket turned readable the shard takes what came without waiting
+//! ([`Outbox::take_own_replies`]), so a push's
 //! acknowledgement wakes one thread, not a peer's thread that then wakes the shard. Whoever
 //! holds a peer's links may take any reply on them, in order, so when the links are busy (the
 //! peer's thread sends, or waits for a reply of its own) the shard wakes the thread instead,

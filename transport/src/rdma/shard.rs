@@ -256,6 +256,10 @@ impl ShardTransport for RdmaShard {
     fn watch(&mut self, fd: std::os::fd::RawFd) -> Result<()> {
         self.tcp.watch(fd)
     }
+
+    fn take_service_watched(&mut self) -> bool {
+        self.tcp.take_service_watched()
+    }
 }
 
 /// Sits between the TCP endpoint and the shard's service: takes RDMA set-up requests and
