@@ -708,10 +708,10 @@ fn start_chain(
         }
     });
     let handles = shards.to_vec();
-    let on_replied = Arc::new(move |shard: u16, peer: NodeId, msgs: Vec<tessera_replication::protocol::Msg>| {
+    let on_replied = Arc::new(move |shard: u16, peer: NodeId, msg: tessera_replication::protocol::Msg| {
         if let Some(h) = handles.get(shard as usize) {
-            // A shard too busy to take them has them resent: acknowledgements are cumulative.
-            let _ = h.tx.try_send(ShardControl::Replied { peer, msgs });
+            // A shard too busy to take it has it resent: acknowledgements are cumulative.
+            let _ = h.tx.try_send(ShardControl::Replied { peer, msg });
             h.waker.wake();
         }
     });

@@ -48,8 +48,8 @@ pub enum ShardControl {
     Checkpoint { done: Sender<Result<Option<Written>>> },
     /// A newer cluster configuration (replicated servers).
     Config(Arc<ClusterConfig>),
-    /// Acknowledgements a peer's reply to this shard's replication carried back.
-    Replied { peer: NodeId, msgs: Vec<Msg> },
+    /// An acknowledgement a peer's reply to this shard's replication carried back.
+    Replied { peer: NodeId, msg: Msg },
     /// Leave the loop.
     Shutdown,
 }
@@ -312,7 +312,7 @@ impl Shard {
                 }
             },
             ShardControl::Config(config) => self.chain.config(&mut self.tables, &mut self.disk, config),
-            ShardControl::Replied { peer, msgs } => self.chain.replied(&mut self.tables, &mut self.disk, peer, msgs),
+            ShardControl::Replied { peer, msg } => self.chain.replied(&mut self.tables, &mut self.disk, peer, msg),
             ShardControl::Shutdown => self.stop = true,
         }
     }

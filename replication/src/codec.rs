@@ -130,9 +130,8 @@ pub fn decode(bytes: &[u8]) -> Result<Msg> {
 /// `payloads`.
 fn decode_with(bytes: &[u8], frame: Option<&Payload>, payloads: &mut PayloadPool) -> Result<Msg> {
     let mut r = Reader { bytes, at: 0 };
-    let mut payload = |bulk: &[u8]| payloads.take(bulk, frame);
     let msg = match r.u8()? {
-        PUSH => Msg::Push { range: RangeId(r.u32()?), worker: WorkerId(r.u32()?), seq: r.u32()?, payload: payload(r.bulk()?) },
+        PUSH => Msg::Push { range: RangeId(r.u32()?), worker: WorkerId(r.u32()?), seq: r.u32()?, payload: payloads.take(r.bulk()?, frame) },
         PUSH_ACK => Msg::PushAck { range: RangeId(r.u32()?), seq: r.u32()? },
         SEQ_COUNT => Msg::SeqCount { range: RangeId(r.u32()?), seq: r.u32()? },
         NOT_HEAD => Msg::NotHead { range: RangeId(r.u32()?), config_id: r.u64()? },
@@ -148,8 +147,8 @@ fn decode_with(bytes: &[u8], frame: Option<&Payload>, payloads: &mut PayloadPool
             version: r.u64()?,
             digest: r.u32()?,
             durable: r.u64()?,
-            clock: r.clock()?,
-            delta: payload(r.bulk()?),
+            clock: payloads.clock(r.clock()?),
+            delta: payloads.take(r.bulk()?, frame),
         },
         DURABLE => Msg::Durable { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
         ACK => Msg::Ack { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()? },
@@ -159,7 +158,7 @@ fn decode_with(bytes: &[u8], frame: Option<&Payload>, payloads: &mut PayloadPool
             epoch: Epoch(r.u64()?),
             version: r.u64()?,
             digest: r.u32()?,
-            clock: r.clock()?,
+            clock: payloads.clock(r.clock()?),
             data: r.bulk()?.to_vec().into(),
         },
         RESUME => Msg::Resume { range: RangeId(r.u32()?), epoch: Epoch(r.u64()?), version: r.u64()?, digest: r.u32()? },
@@ -263,13 +262,13 @@ impl<'a> Reader<'a> {
         self.take(pad)?;
         self.take(n)
     }
-    fn clock(&mut self) -> Result<Arc<[u32]>> {
+    /// A clock's words, little-endian (see [`PayloadPool::clock`]).
+    fn clock(&mut self) -> Result<&'a [u8]> {
         let n = self.u32()?;
         if n > WORKERS_MAX {
             return Err(bad(format!("a clock of {n} workers, over the limit of {WORKERS_MAX}")));
         }
-        let raw = self.take(n as usize * 4)?;
-        Ok(raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+        self.take(n as usize * 4)
     }
 }
 
@@ -666,13 +665,15 @@ pub struct PayloadPool {
     kept: VecDeque<Payload>,
     /// The capacities of `kept`, summed.
     bytes: usize,
+    /// The clocks of the updates decoded, refilled the same way.
+    clocks: VecDeque<Arc<[u32]>>,
     /// Whether payloads are kept at all: a one-off decode keeps none.
     keeps: bool,
 }
 
 impl Default for PayloadPool {
     fn default() -> Self {
-        Self { kept: VecDeque::new(), bytes: 0, keeps: true }
+        Self { kept: VecDeque::new(), bytes: 0, clocks: VecDeque::new(), keeps: true }
     }
 }
 
@@ -680,7 +681,7 @@ impl PayloadPool {
     /// A pool that keeps nothing: every payload is a new allocation, for a decoder that has no
     /// pool of its own ([`decode`], [`decode_batch`]).
     pub const fn unkept() -> Self {
-        Self { kept: VecDeque::new(), bytes: 0, keeps: false }
+        Self { kept: VecDeque::new(), bytes: 0, clocks: VecDeque::new(), keeps: false }
     }
 
     /// A payload holding `bytes`; see [`make_with`](Self::make_with).
@@ -741,12 +742,61 @@ impl PayloadPool {
     }
 }
 
+impl PayloadPool {
+    /// A clock holding the little-endian words `raw`: a kept one of its length that nothing
+    /// else holds any more, if one of the [`REUSE_LOOKS`] oldest is (a replica keeps the clocks
+    /// of its last updates, as it keeps their payloads); else a new one, kept too while the
+    /// pool holds fewer than [`REUSED_PAYLOADS_MAX`].
+    pub fn clock(&mut self, raw: &[u8]) -> Arc<[u32]> {
+        let words = || raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")));
+        if !self.keeps {
+            return words().collect();
+        }
+        for _ in 0..self.clocks.len().min(REUSE_LOOKS) {
+            let mut kept = self.clocks.pop_front().expect("counted");
+            if kept.len() == raw.len() / 4 {
+                if let Some(free) = Arc::get_mut(&mut kept) {
+                    free.iter_mut().zip(words()).for_each(|(to, word)| *to = word);
+                    self.clocks.push_back(kept.clone());
+                    return kept;
+                }
+            }
+            self.clocks.push_back(kept);
+        }
+        let made: Arc<[u32]> = words().collect();
+        if self.clocks.len() < REUSED_PAYLOADS_MAX {
+            self.clocks.push_back(made.clone());
+        }
+        made
+    }
+}
+
 /// Kept payloads [`PayloadPool::make_with`] looks at for a free one before it makes one.
 const REUSE_LOOKS: usize = 8;
 
 #[cfg(test)]
 mod payload_tests {
     use super::*;
+
+    /// A clock is reused only once nothing else holds it, and only for a clock of its length.
+    #[test]
+    fn payload_pool_reuses_only_clocks_nothing_else_holds() {
+        let le = |words: &[u32]| words.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
+        let mut pool = PayloadPool::default();
+        let first = pool.clock(&le(&[1, 2, 3]));
+        let second = pool.clock(&le(&[4, 5, 6]));
+        assert_eq!((&*first, &*second), (&[1, 2, 3][..], &[4, 5, 6][..]));
+        assert_ne!(first.as_ptr(), second.as_ptr(), "a clock still held is not handed out again");
+        let at = first.as_ptr();
+        drop(first);
+        let longer = pool.clock(&le(&[7, 8, 9, 10]));
+        assert_ne!(longer.as_ptr(), at, "a clock of another length is not refilled");
+        let third = pool.clock(&le(&[7, 8, 9]));
+        assert_eq!((third.as_ptr(), &*third), (at, &[7, 8, 9][..]), "a free clock is refilled");
+        let mut unkept = PayloadPool::unkept();
+        assert_eq!(&*unkept.clock(&le(&[1])), &[1]);
+        assert!(unkept.clocks.is_empty(), "a pool that keeps nothing keeps no clock");
+    }
 
     /// A payload is reused, at any length, only once nothing else holds it; the pool keeps no
     /// more than its caps; a pool that keeps nothing keeps nothing.

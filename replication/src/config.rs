@@ -6,9 +6,11 @@ use crate::error::ReplicationError;
 
 /// Most workers a range's vector clock tracks: the clock is one u32 per worker.
 pub const WORKERS_MAX: u32 = 4096;
-/// Most payloads one [`PayloadPool`](crate::codec::PayloadPool) keeps for reuse: a client's
-/// pushes in flight (a piece per range each) and a shard's pushes and updates held in its logs.
-pub const REUSED_PAYLOADS_MAX: usize = 1024;
+/// Most payloads (and clocks) one [`PayloadPool`](crate::codec::PayloadPool) keeps for reuse:
+/// a client's pushes in flight (a piece per range each), and a shard's pushes and the updates
+/// its replicas' histories hold. Twice [`HISTORY_ENTRIES_MAX`], so a follower whose history is
+/// full (it forgets its oldest updates in groups) still finds a free one to refill.
+pub const REUSED_PAYLOADS_MAX: usize = 2 * HISTORY_ENTRIES_MAX;
 /// Most bytes of capacity the payloads one [`PayloadPool`](crate::codec::PayloadPool) keeps for
 /// reuse may hold together.
 pub const REUSED_PAYLOAD_BYTES_MAX: usize = 16 << 20;

@@ -115,6 +115,31 @@ fn a_chain_of_one_serves_pushes_and_pulls_without_allocating_once_warm() {
     drop(server);
 }
 
+/// A chain of three, its servers and the client in this process, allocates less than once per
+/// call once warm (a few dozen times in 200 calls): followers parse each update into kept buffers and decode its
+/// clock from a pool, and shards and peer threads take replies into kept buffers. Not yet none:
+/// where the last few come from is still to be found (see docs/log.md).
+#[test]
+fn a_chain_of_three_allocates_less_than_once_per_call_once_warm() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let addr = format!("127.0.0.1:{}", tessera_tests::free_port());
+    let args = ["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "4", "--heartbeat-interval-ms", "1000", "--failure-timeout-ms", "10000"];
+    let _coordinator = tessera_tests::ServerProc::coordinator_at(&addr, &args);
+    let servers: Vec<Server> = (1..=3)
+        .map(|node| {
+            let mut cfg = ServerConfig::single("127.0.0.1:0");
+            (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
+            cfg.replication = Some(tessera_engine::server::Join { node, coordinator: tessera_engine::chain::Locator::At(addr.clone()), advertise: None });
+            Server::start(cfg, UpdaterRegistry::new()).unwrap()
+        })
+        .collect();
+    let head = servers[0].local_addr().to_string();
+    let config = make_round_tables(&head);
+    let counted = tessera_tests::cluster_round_allocations(&head, config, 600, 10, 50);
+    assert!(counted < 200, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 calls to a chain of three, once warm");
+    drop(servers);
+}
+
 /// A push to a standalone server that logs (`--durability wal`) takes one request: its reply
 /// waits for the log's commit and carries the acknowledgement, so the client never has to ask
 /// for it again (asking, with pauses between, took the latency of a logged push from one log

@@ -150,8 +150,9 @@ pub struct ChainShard {
     answer_body: Vec<u8>,
     /// The messages of the `Replicate` request being served: a buffer kept.
     peer_msgs: Vec<Msg>,
-    /// The acknowledgements taken from peers' replies in a turn, by peer: a list kept.
-    own_replies: Vec<(NodeId, Vec<Msg>)>,
+    /// The acknowledgements taken from peers' replies in a turn, each with its peer: a list
+    /// kept.
+    own_acks: Vec<(NodeId, Msg)>,
     /// Payloads of the pushes and updates this shard decodes, reused once applied and let go of.
     payloads: PayloadPool,
     /// What the replica produced in a step, being routed: a list kept.
@@ -231,7 +232,7 @@ impl ChainShard {
             answer_acks: Vec::new(),
             answer_body: Vec::new(),
             peer_msgs: Vec::new(),
-            own_replies: Vec::new(),
+            own_acks: Vec::new(),
             payloads: PayloadPool::default(),
             ready: Vec::new(),
             worker_scratch: WorkerScratch::default(),
@@ -539,26 +540,27 @@ impl ChainShard {
         Ok(())
     }
 
-    /// The acknowledgements a peer's reply to this shard's `Replicate` request carried (see
-    /// [`serve_peer`](Self::serve_peer)), handed over by the outbox. Anything but
-    /// acknowledgements is dropped: a peer of this build sends nothing else that way.
-    pub fn replied(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>, peer: NodeId, msgs: Vec<Msg>) {
-        if self.recovering {
+    /// A message a peer's reply to this shard's `Replicate` request carried (see
+    /// [`serve_peer`](Self::serve_peer)), handed over by the outbox: an acknowledgement, taken
+    /// as from the peer. Anything else is dropped: a peer of this build sends nothing else
+    /// that way.
+    pub fn replied(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>, peer: NodeId, msg: Msg) {
+        if self.recovering || !matches!(msg, Msg::Ack { .. }) {
             return;
         }
-        let acks = msgs.into_iter().filter(|m| matches!(m, Msg::Ack { .. }));
-        self.with_replica(tables, disk, |r, now| acks.for_each(|msg| r.step(now, Addr::Node(peer), msg)));
+        self.with_replica(tables, disk, |r, now| r.step(now, Addr::Node(peer), msg));
     }
 
     /// Takes the replies that came to the requests this shard started on peers' links itself
     /// (see [`Outbox::take_own_replies`]): their acknowledgements go in as from the peer.
     pub fn take_own_replies(&mut self, tables: &mut Tables, disk: &mut Option<Box<ShardDisk>>) {
-        let mut got = std::mem::take(&mut self.own_replies);
-        self.outbox.take_own_replies(&mut |node, msgs| got.push((node, msgs)));
-        for (node, msgs) in got.drain(..) {
-            self.replied(tables, disk, node, msgs);
+        let mut acks = std::mem::take(&mut self.own_acks);
+        self.outbox.take_own_replies(&mut |node, msgs| acks.extend(msgs.drain(..).filter(|m| matches!(m, Msg::Ack { .. })).map(|m| (node, m))));
+        if !acks.is_empty() && !self.recovering {
+            self.with_replica(tables, disk, |r, now| acks.drain(..).for_each(|(peer, msg)| r.step(now, Addr::Node(peer), msg)));
         }
-        self.own_replies = got;
+        acks.clear();
+        self.own_acks = acks;
     }
 
     /// Sockets this shard's poll is to watch from now on: replies to its own requests come

@@ -91,9 +91,9 @@ struct PeerLinks {
 /// What a server does with each configuration it hears of: hand it to its shards.
 pub type OnConfig = Arc<dyn Fn(Arc<ClusterConfig>) + Send + Sync>;
 
-/// What a server does with the messages a peer's reply carried back (acknowledgements, see
-/// `ChainShard::serve_peer`): hand them to shard `u16` as from that peer.
-pub type OnReplied = Arc<dyn Fn(u16, NodeId, Vec<Msg>) + Send + Sync>;
+/// What a server does with each message a peer's reply carried back (acknowledgements, see
+/// `ChainShard::serve_peer`): hand it to shard `u16` as from that peer.
+pub type OnReplied = Arc<dyn Fn(u16, NodeId, Msg) + Send + Sync>;
 
 /// The newest configuration this server has heard of, shared by its outbox threads.
 pub type Latest = Arc<Mutex<Option<Arc<ClusterConfig>>>>;
@@ -111,6 +111,10 @@ pub struct Outbox {
     local: HashMap<NodeId, PeerQueue>,
     /// Where a shard encodes a request it starts itself.
     direct_body: Vec<u8>,
+    /// Where a shard copies a reply it takes itself, and the messages decoded from it: buffers
+    /// kept, so taking a reply allocates nothing.
+    reply_body: Vec<u8>,
+    reply_msgs: Vec<Msg>,
     on_replied: Replied,
     /// Set for good once this server's log failed ([`fail_stop`](Self::fail_stop)).
     silenced: Arc<AtomicBool>,
@@ -168,6 +172,8 @@ impl Outbox {
             peers: Arc::default(),
             local: HashMap::new(),
             direct_body: Vec::new(),
+            reply_body: Vec::new(),
+            reply_msgs: Vec::new(),
             on_replied: Replied(on_replied),
             silenced,
             coordinated: true,
@@ -190,6 +196,8 @@ impl Outbox {
             peers: Arc::default(),
             local: HashMap::new(),
             direct_body: Vec::new(),
+            reply_body: Vec::new(),
+            reply_msgs: Vec::new(),
             on_replied: Replied(on_replied),
             silenced: Arc::default(),
             coordinated: false,
@@ -268,13 +276,15 @@ impl Outbox {
     }
 
     /// Takes, without waiting, the replies that came to requests this shard started on peers'
-    /// TCP links, and hands each peer's acknowledgements to `replied`. A peer whose links are
-    /// held has its thread woken to take them instead (see the module's notes).
-    pub fn take_own_replies(&mut self, replied: &mut dyn FnMut(NodeId, Vec<Msg>)) {
+    /// TCP links, and hands each peer's acknowledgements to `replied` (in a buffer the outbox
+    /// keeps: take the messages out of it). A peer whose links are held has its thread woken to
+    /// take them instead (see the module's notes).
+    pub fn take_own_replies(&mut self, replied: &mut dyn FnMut(NodeId, &mut Vec<Msg>)) {
+        let Outbox { own, local, reply_body, reply_msgs, .. } = self;
         let mut i = 0;
-        while let Some(&(node, shard)) = self.own.get(i) {
-            let Some(peer) = self.local.get(&node) else {
-                self.own.swap_remove(i);
+        while let Some(&(node, shard)) = own.get(i) {
+            let Some(peer) = local.get(&node) else {
+                own.swap_remove(i);
                 continue;
             };
             let Ok(mut held) = peer.links.try_lock() else {
@@ -284,17 +294,23 @@ impl Outbox {
             };
             let Some(linked) = held.links.get_mut(&shard) else {
                 drop(held);
-                self.own.swap_remove(i);
+                own.swap_remove(i);
                 continue;
             };
             while linked.in_flight() > 0 {
-                let Some(reply) = linked.take_reply_now() else { break };
-                hand_on(node, reply, &mut |msgs| replied(node, msgs));
+                let Some(got) = linked.take_reply_now_into(reply_body) else { break };
+                if got {
+                    decode_acks(node, reply_body, reply_msgs);
+                    if !reply_msgs.is_empty() {
+                        replied(node, reply_msgs);
+                        reply_msgs.clear();
+                    }
+                }
             }
             let done = linked.in_flight() == 0;
             drop(held);
             if done {
-                self.own.swap_remove(i);
+                own.swap_remove(i);
             } else {
                 i += 1;
             }
@@ -398,13 +414,13 @@ fn replicate_header(me: NodeId) -> Header {
     header
 }
 
-/// Hands the messages a reply from `node` carried back to `on`; a malformed one is said and
-/// dropped (acknowledgements are resent).
-fn hand_on(node: NodeId, reply: Option<Vec<u8>>, on: &mut dyn FnMut(Vec<Msg>)) {
-    match reply.as_deref().map(codec::decode_batch) {
-        Some(Ok(msgs)) if !msgs.is_empty() => on(msgs),
-        Some(Err(e)) => tracing::warn!(peer = node.0, error = %e, "a peer's reply to replication is malformed; ignored"),
-        _ => {}
+/// Decodes the messages of a reply from `node` into `msgs` (cleared first); a malformed reply
+/// is said and leaves none (acknowledgements are resent).
+fn decode_acks(node: NodeId, reply: &[u8], msgs: &mut Vec<Msg>) {
+    msgs.clear();
+    if let Err(e) = codec::decode_batch_into(reply, None, &mut codec::PayloadPool::unkept(), msgs) {
+        msgs.clear();
+        tracing::warn!(peer = node.0, error = %e, "a peer's reply to replication is malformed; ignored");
     }
 }
 
@@ -430,10 +446,10 @@ impl Linked {
     fn send(&mut self, addr: &str, shard: u64, me: NodeId, dialer: &Dialer, msg: &Msg) -> Option<Vec<u8>> {
         let mut body = Vec::new();
         codec::encode(msg, &mut body);
-        match self.start_parts(addr, shard, me, dialer, &[&body], false) {
-            true => self.take_reply(),
-            false => None,
+        if !self.start_parts(addr, shard, me, dialer, &[&body], false) {
+            return None;
         }
+        self.take_reply_into(&mut body).then_some(body)
     }
 
     /// The largest batch to send at once: what fits the link's fast path (an RDMA slot) when it
@@ -495,25 +511,28 @@ impl Linked {
         self.link.as_ref().is_none_or(|l| l.can_start_len(bytes))
     }
 
-    /// The reply to the request a shard started on this link ([`start_now`]).
-    fn take_reply(&mut self) -> Option<Vec<u8>> {
-        let finished = self.link.as_mut()?.finish(None);
-        self.replied(finished.map(|(_, reply)| reply))
+    /// Waits for the reply to the oldest request in flight on this link, and copies it into
+    /// `body`: `false` when none comes (refused, or the link lost: see
+    /// [`replied`](Self::replied)).
+    fn take_reply_into(&mut self, body: &mut Vec<u8>) -> bool {
+        let Some(link) = self.link.as_mut() else { return false };
+        let finished = link.finish_into(None, body);
+        self.replied(finished).is_some()
     }
 
-    /// The reply to the oldest request in flight if it has come, without waiting: `None` when
-    /// it has not; `Some(None)` when it will not (refused, or the link lost: see
-    /// [`replied`](Self::replied)).
-    fn take_reply_now(&mut self) -> Option<Option<Vec<u8>>> {
-        match self.link.as_mut()?.finish(Some(Duration::ZERO)) {
+    /// The reply to the oldest request in flight if it has come, without waiting, copied into
+    /// `body`: `None` when it has not; `Some(true)` when it has; `Some(false)` when it will not
+    /// (refused, or the link lost: see [`replied`](Self::replied)).
+    fn take_reply_now_into(&mut self, body: &mut Vec<u8>) -> Option<bool> {
+        match self.link.as_mut()?.finish_into(Some(Duration::ZERO), body) {
             Err(TransportError::Timeout { .. }) => None,
-            finished => Some(self.replied(finished.map(|(_, reply)| reply))),
+            finished => Some(self.replied(finished.map(|_| ())).is_some()),
         }
     }
 
-    /// The body of a reply, or `None` after noting why there is none: a refusal (the link is
+    /// What a reply brought, or `None` after noting why there is none: a refusal (the link is
     /// fine), or a lost link, remade at the next send.
-    fn replied(&mut self, reply: tessera_transport::Result<Vec<u8>>) -> Option<Vec<u8>> {
+    fn replied<T>(&mut self, reply: tessera_transport::Result<T>) -> Option<T> {
         match reply {
             Ok(reply) => Some(reply),
             Err(TransportError::Refused { reason, .. }) => {
@@ -648,17 +667,18 @@ fn to_peer(
     rx: &Receiver<(u16, Msg)>,
     shared: &Mutex<PeerLinks>,
     latest: &Latest,
-    on_replied: &dyn Fn(u16, NodeId, Vec<Msg>),
+    on_replied: &dyn Fn(u16, NodeId, Msg),
 ) {
-    // Hands on what a reply carried back.
-    let replied = |shard: u16, reply: Option<Vec<u8>>| hand_on(node, reply, &mut |msgs| on_replied(shard, node, msgs));
+    let mut replies = PeerReplies { node, on_replied, body: Vec::new(), msgs: Vec::new() };
     let mut queued: Vec<(u16, Msg)> = Vec::with_capacity(PEER_BATCH_MAX);
     let mut requests: HashMap<u16, PeerRequest> = HashMap::new();
     loop {
         let mut held = shared.lock().expect("no panics under this lock");
         let PeerLinks { links, started } = &mut *held;
         for shard in started.drain(..) {
-            replied(shard, links.get_mut(&shard).and_then(Linked::take_reply));
+            if let Some(linked) = links.get_mut(&shard) {
+                replies.take(shard, linked);
+            }
         }
         while queued.len() < PEER_BATCH_MAX {
             match rx.try_recv() {
@@ -671,7 +691,7 @@ fn to_peer(
             // Nothing new: wait for a reply still out (a link's oldest), then look at the queue
             // again.
             if let Some((shard, linked)) = links.iter_mut().find(|(_, l)| l.in_flight() > 0) {
-                replied(*shard, linked.take_reply());
+                replies.take(*shard, linked);
                 continue;
             }
             drop(held);
@@ -695,7 +715,7 @@ fn to_peer(
             if at > 0 && (request.bytes() + bulk > body_max || full) {
                 // Too much for one request: what came before goes first.
                 request.body.truncate(at);
-                request.start(linked, &addr, me, dialer, shard, &replied);
+                request.start(linked, &addr, me, dialer, shard, &mut replies);
                 request.encode(&msg);
             }
             if bulk > 0 {
@@ -703,7 +723,27 @@ fn to_peer(
             }
         }
         for (shard, request) in requests.iter_mut().filter(|(_, r)| !r.is_empty()) {
-            request.start(links.entry(*shard).or_insert_with(Linked::new), &addr, me, dialer, *shard, &replied);
+            request.start(links.entry(*shard).or_insert_with(Linked::new), &addr, me, dialer, *shard, &mut replies);
+        }
+    }
+}
+
+/// How a peer's thread takes the replies to its requests: each into buffers it keeps, each
+/// message handed on by itself, so taking one allocates nothing.
+struct PeerReplies<'a> {
+    node: NodeId,
+    on_replied: &'a dyn Fn(u16, NodeId, Msg),
+    body: Vec<u8>,
+    msgs: Vec<Msg>,
+}
+
+impl PeerReplies<'_> {
+    /// Waits for the reply to the oldest request in flight on `linked`, the link to the peer's
+    /// shard `shard`, and hands on what it carried.
+    fn take(&mut self, shard: u16, linked: &mut Linked) {
+        if linked.take_reply_into(&mut self.body) {
+            decode_acks(self.node, &self.body, &mut self.msgs);
+            self.msgs.drain(..).for_each(|msg| (self.on_replied)(shard, self.node, msg));
         }
     }
 }
@@ -757,8 +797,8 @@ impl PeerRequest {
 
     /// Starts the request on `linked` and empties it. Replies taken first, to keep at most
     /// [`PEER_IN_FLIGHT_MAX`] requests out (or to let this one take the link's other path),
-    /// are handed to `replied`.
-    fn start(&mut self, linked: &mut Linked, addr: &str, me: NodeId, dialer: &Dialer, shard: u16, replied: &dyn Fn(u16, Option<Vec<u8>>)) {
+    /// are handed on by `replies`.
+    fn start(&mut self, linked: &mut Linked, addr: &str, me: NodeId, dialer: &Dialer, shard: u16, replies: &mut PeerReplies<'_>) {
         let mut parts: [&[u8]; tessera_transport::SEND_PARTS_MAX] = [&[]; tessera_transport::SEND_PARTS_MAX];
         let (mut count, mut from) = (0, 0);
         for (cut, msg) in &self.uncopied {
@@ -771,7 +811,7 @@ impl PeerRequest {
         // A request that wants no reply goes behind what is in flight (TCP keeps the order).
         let waits = !(self.one_way && linked.link.as_ref().is_some_and(Caller::sends_one_way));
         while waits && (linked.in_flight() >= PEER_IN_FLIGHT_MAX || !linked.can_start_len(bytes)) {
-            replied(shard, linked.take_reply());
+            replies.take(shard, linked);
         }
         linked.start_parts(addr, shard as u64, me, dialer, parts, self.one_way);
         self.body.clear();
@@ -958,7 +998,7 @@ mod tests {
         type Handed = Arc<Mutex<Vec<(u16, NodeId, Vec<Msg>)>>>;
         let handed: Handed = Arc::default();
         let by_thread = handed.clone();
-        let peer = RecordingPeer::start(Arc::new(move |shard, node, msgs| by_thread.lock().unwrap().push((shard, node, msgs))));
+        let peer = RecordingPeer::start(Arc::new(move |shard, node, msg| by_thread.lock().unwrap().push((shard, node, vec![msg]))));
         let handed_count = || handed.lock().unwrap().len();
         let wait_handed = |count: usize| {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -978,7 +1018,7 @@ mod tests {
             outbox.to_node(NodeId(2), 0, forward(version));
             let deadline = Instant::now() + Duration::from_secs(30);
             while taken.len() + handed_count() < version as usize && Instant::now() < deadline {
-                outbox.take_own_replies(&mut |node, msgs| taken.push((node, msgs)));
+                outbox.take_own_replies(&mut |node, msgs| taken.push((node, std::mem::take(msgs))));
             }
         }
         let watched: Vec<RawFd> = outbox.sockets_to_watch().collect();
@@ -1013,11 +1053,11 @@ mod tests {
         let links = outbox.queue(NodeId(2)).links;
         let held = links.lock().unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        outbox.take_own_replies(&mut |node, msgs| taken.push((node, msgs)));
+        outbox.take_own_replies(&mut |node, msgs| taken.push((node, std::mem::take(msgs))));
         assert_eq!(taken.len(), taken_before, "the shard took a reply while the links were held");
         drop(held);
         wait_handed(before + 1);
-        outbox.take_own_replies(&mut |node, msgs| taken.push((node, msgs)));
+        outbox.take_own_replies(&mut |node, msgs| taken.push((node, std::mem::take(msgs))));
         assert_eq!(taken.len(), taken_before, "a reply the thread took was taken again");
         assert!(outbox.own.is_empty(), "links the shard still takes replies on: {:?}", outbox.own);
         // A lost link is remade by the thread; the shard's next request on it has a new socket.
@@ -1036,16 +1076,18 @@ mod tests {
     fn acknowledgements_go_wanting_no_reply() {
         let by_thread = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = by_thread.clone();
-        let peer = RecordingPeer::start(Arc::new(move |_, _, msgs| {
-            counted.fetch_add(msgs.len(), std::sync::atomic::Ordering::SeqCst);
+        let peer = RecordingPeer::start(Arc::new(move |_, _, _| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }));
         let ack = |version: u64| Msg::Ack { range: RangeId(0), epoch: Epoch(1), version };
         let mut outbox = peer.outbox.clone();
         let mut by_shard = 0;
-        // The thread makes the link with the first update; then the shard starts what it can.
+        // The thread makes the link with the first update and takes its reply; once it has let
+        // go of the links, the shard starts what it can.
         outbox.to_node(NodeId(2), 0, forward(1));
+        let links = outbox.queue(NodeId(2)).links;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while peer.seen.lock().unwrap().acks.is_empty() && Instant::now() < deadline {
+        while (by_thread.load(std::sync::atomic::Ordering::SeqCst) == 0 || links.try_lock().is_err()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
         for version in 2..=20 {
@@ -1060,7 +1102,6 @@ mod tests {
             outbox.take_own_replies(&mut |_, msgs| by_shard += msgs.len());
             std::thread::sleep(Duration::from_millis(1));
         }
-        let links = outbox.queue(NodeId(2)).links;
         let held = links.lock().unwrap();
         (21..=30).for_each(|version| outbox.to_node(NodeId(2), 0, ack(version)));
         drop(held);

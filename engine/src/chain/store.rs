@@ -76,15 +76,29 @@ impl Batch {
     }
 }
 
-/// One record of an update or snapshot, checked against the parts before anything is applied.
-struct Rec<'a> {
+/// One record of an update or snapshot, checked against the parts before anything is applied:
+/// where its clock advances and listed keys lie in the [`UpdateScratch`] it was parsed into,
+/// and where its state lies in the update's bytes.
+#[derive(Debug)]
+struct Rec {
     table: u32,
     keys: Range<u64>,
     step: u64,
-    advances: Vec<(u32, u64)>,
+    advances: Range<usize>,
     /// A sparse table's keys, whose records `state` holds; `None` for a dense table.
-    listed: Option<Vec<u64>>,
-    state: &'a [u8],
+    listed: Option<Range<usize>>,
+    state: Range<usize>,
+}
+
+/// What parsing an update or snapshot needs, kept from one to the next: a follower applies
+/// the updates of its ranges without allocating once warm.
+#[derive(Debug, Default)]
+pub struct UpdateScratch {
+    records: Vec<Rec>,
+    advances: Vec<(u32, u64)>,
+    listed: Vec<u64>,
+    /// One table's new sparse keys, counted together.
+    room: Vec<u64>,
 }
 
 /// A shard's tables, as the shard's replica sees them.
@@ -109,6 +123,8 @@ pub struct ChainStore {
     pub missing_table: bool,
     /// A logged record's clock words, then its digest: kept from record to record.
     clock_words: Vec<u32>,
+    /// Where a peer's update is parsed before it is applied.
+    update_scratch: UpdateScratch,
 }
 
 /// A range a replicated shard's disk holds: its version, clock, and history digest (when the
@@ -155,7 +171,8 @@ pub fn replay(tables: &mut Tables, ranges: u32, replayed: &mut Replayed, found: 
         return Ok(());
     }
     let bytes = replayed.pieces.remove(&range).unwrap_or_default();
-    apply_to(tables, RangeId(range), &bytes, flags & replica_flags::WHOLE != 0).map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
+    apply_to(tables, RangeId(range), &bytes, flags & replica_flags::WHOLE != 0, &mut UpdateScratch::default())
+        .map_err(|e| EngineError::BadRequest { reason: e.to_string() })?;
     // A record's clock words end with the digest when it has one.
     let (clock, digest) = match (flags & replica_flags::DIGEST != 0, clock.split_last()) {
         (true, Some((digest, clock))) => (clock, Some(*digest)),
@@ -177,6 +194,7 @@ impl ChainStore {
             recovered: BTreeMap::new(),
             missing_table: false,
             clock_words: Vec::new(),
+            update_scratch: UpdateScratch::default(),
         }
     }
 
@@ -294,7 +312,7 @@ impl ChainStore {
 
     /// Applies an update, or a snapshot (`whole`), to the lent tables: see [`apply_to`].
     fn apply(&mut self, range: RangeId, bytes: &[u8], whole: bool) -> std::result::Result<(), String> {
-        apply_to(&mut self.tables, range, bytes, whole).map_err(|e| match e {
+        apply_to(&mut self.tables, range, bytes, whole, &mut self.update_scratch).map_err(|e| match e {
             EngineError::UnknownTable { table } => {
                 self.missing_table = true;
                 format!("an update of range {range} names table {table}, which this server lacks (it missed the table's creation)")
@@ -304,12 +322,12 @@ impl ChainStore {
     }
 }
 
-/// Parses `bytes` into records, checking each against the parts: all or nothing.
-fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<Rec<'a>>> {
+/// Parses `bytes` into records in `scratch`, checking each against the parts: all or nothing.
+fn records(tables: &Tables, range: RangeId, bytes: &[u8], scratch: &mut UpdateScratch) -> Result<()> {
     {
         let corrupt = |reason: String| EngineError::Corrupt { what: format!("a replicated update of range {range}"), reason };
         let mut rest = bytes;
-        let mut take = |n: usize| -> Result<&'a [u8]> {
+        let mut take = |n: usize| -> Result<&[u8]> {
             if rest.len() < n {
                 return Err(corrupt(format!("truncated: {n} bytes wanted, {} left", rest.len())));
             }
@@ -318,9 +336,13 @@ fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<R
             Ok(out)
         };
         let le = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-        let mut out = Vec::new();
+        let UpdateScratch { records: out, advances, listed: all_listed, room } = scratch;
+        out.clear();
+        advances.clear();
+        all_listed.clear();
         let mut left = bytes.len();
         while left > 0 {
+            let at = bytes.len() - left;
             let head = take(32)?;
             let table = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
             let n = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
@@ -334,7 +356,7 @@ fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<R
                 return Err(corrupt(format!("keys {keys:?} outside the range's keys {owned:?}")));
             }
             let workers_max = part.clocks().workers_max();
-            let mut advances = Vec::with_capacity(n.min(workers_max));
+            let first_advance = advances.len();
             for _ in 0..n {
                 let a = take(16)?;
                 let (worker, clock) = (u32::from_le_bytes(a[0..4].try_into().expect("4 bytes")), le(&a[8..16]));
@@ -348,39 +370,42 @@ fn records<'a>(tables: &Tables, range: RangeId, bytes: &'a [u8]) -> Result<Vec<R
                 TableKind::Sparse => {
                     let n = le(take(8)?);
                     let bytes = take(usize::try_from(n).ok().and_then(|n| n.checked_mul(8)).ok_or_else(|| corrupt(format!("{n} keys")))?)?;
-                    let listed: Vec<u64> = bytes.chunks_exact(8).map(le).collect();
+                    let first = all_listed.len();
+                    all_listed.extend(bytes.chunks_exact(8).map(le));
+                    let listed = &all_listed[first..];
                     if listed.windows(2).any(|w| w[0] >= w[1])
                         || listed.first().is_some_and(|k| *k < keys.start)
                         || listed.last().is_some_and(|k| *k >= keys.end)
                     {
                         return Err(corrupt(format!("keys of table {table} not increasing inside {keys:?}")));
                     }
-                    Some(listed)
+                    Some(first..all_listed.len())
                 }
             };
             let held = listed.as_ref().map_or(keys.end - keys.start, |l| l.len() as u64);
+            let state_at = at + 32 + 16 * n + listed.as_ref().map_or(0, |l| 8 + 8 * l.len());
             let state = take(part.exported_len(held))?;
             // Values and updater state are f32s, and a push never leaves one that is not finite.
             if !all_finite(state) {
                 return Err(corrupt(format!("a value of table {table} keys {keys:?} is not finite")));
             }
             left -= 32 + 16 * n + listed.as_ref().map_or(0, |l| 8 + 8 * l.len()) + state.len();
-            out.push(Rec { table, keys, step, advances, listed, state });
+            out.push(Rec { table, keys, step, advances: first_advance..advances.len(), listed, state: state_at..state_at + state.len() });
         }
-        // New sparse keys must all fit, counted together, before any is inserted.
-        let mut new_keys: Vec<(u32, Vec<u64>)> = Vec::new();
-        for rec in &out {
-            let Some(listed) = &rec.listed else { continue };
-            match new_keys.iter_mut().find(|(t, _)| *t == rec.table) {
-                Some((_, keys)) => keys.extend_from_slice(listed),
-                None => new_keys.push((rec.table, listed.clone())),
+        // New sparse keys must all fit, counted together (each table's once), before any is
+        // inserted.
+        for (at, rec) in out.iter().enumerate() {
+            if rec.listed.is_none() || out[..at].iter().any(|r| r.table == rec.table && r.listed.is_some()) {
+                continue;
             }
+            room.clear();
+            for r in out[at..].iter().filter(|r| r.table == rec.table) {
+                room.extend_from_slice(&all_listed[r.listed.clone().expect("a sparse table's records list keys")]);
+            }
+            let part = tables.at(rec.table, range.0).expect("checked above");
+            part.check_sparse_room(room).map_err(|e| corrupt(e.to_string()))?;
         }
-        for (table, keys) in new_keys {
-            let part = tables.at(table, range.0).expect("checked above");
-            part.check_sparse_room(&keys).map_err(|e| corrupt(e.to_string()))?;
-        }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -398,33 +423,32 @@ fn all_finite(state: &[u8]) -> bool {
 /// server of another build) is refused before anything of it is applied: half of it would
 /// make the replicas differ.
 /// The range's parts are made first if this shard lacks them: it is in the range's chain.
-fn apply_to(tables: &mut Tables, range: RangeId, bytes: &[u8], whole: bool) -> Result<()> {
-    {
-        tables.hold(range.0)?;
-        let records = records(tables, range, bytes)?;
-        if whole {
-            // A snapshot lists every key of the range a sparse table holds; forget the others.
-            for part in tables.range_parts_mut(range.0) {
-                part.reset_keys(part.owned());
-            }
+fn apply_to(tables: &mut Tables, range: RangeId, bytes: &[u8], whole: bool, scratch: &mut UpdateScratch) -> Result<()> {
+    tables.hold(range.0)?;
+    records(tables, range, bytes, scratch)?;
+    if whole {
+        // A snapshot lists every key of the range a sparse table holds; forget the others.
+        for part in tables.range_parts_mut(range.0) {
+            part.reset_keys(part.owned());
         }
-        for rec in records {
-            let part = tables.at_mut(rec.table, range.0).expect("checked by records()");
-            // A snapshot's step is the range's; an update resent after a newer one counts nothing.
-            part.set_step(if whole { rec.step } else { rec.step.max(part.step()) });
-            for (worker, clock) in rec.advances {
-                if let Err(e) = part.advance_clock(rec.keys.clone(), worker, clock) {
-                    tracing::error!(error = %e, table = rec.table, "a replicated clock advance failed; stamps may lag");
-                }
-            }
-            match rec.listed {
-                None => part.import_keys(rec.keys, rec.state),
-                Some(listed) => part.import_listed(&listed, rec.state),
-            }
-            .expect("checked by records()");
-        }
-        Ok(())
     }
+    for rec in &scratch.records {
+        let part = tables.at_mut(rec.table, range.0).expect("checked by records()");
+        // A snapshot's step is the range's; an update resent after a newer one counts nothing.
+        part.set_step(if whole { rec.step } else { rec.step.max(part.step()) });
+        for &(worker, clock) in &scratch.advances[rec.advances.clone()] {
+            if let Err(e) = part.advance_clock(rec.keys.clone(), worker, clock) {
+                tracing::error!(error = %e, table = rec.table, "a replicated clock advance failed; stamps may lag");
+            }
+        }
+        let state = &bytes[rec.state.clone()];
+        match &rec.listed {
+            None => part.import_keys(rec.keys.clone(), state),
+            Some(listed) => part.import_listed(&scratch.listed[listed.clone()], state),
+        }
+        .expect("checked by records()");
+    }
+    Ok(())
 }
 
 /// A listed-key push's keys, as u64s.
