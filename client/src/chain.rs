@@ -33,7 +33,7 @@ use tessera_transport::keycache::{KeyLists, Remembered};
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::wire::flags;
 use tessera_transport::wire::HEADER_BYTES;
-use tessera_transport::{ask, Caller, Chosen, Dialer, Header, Op, Status, TransportConfig, TransportError};
+use tessera_transport::{ask, Caller, Chosen, ControlLink, Dialer, Header, Op, Status, TransportConfig, TransportError};
 
 use crate::error::{ClientError, Result};
 use crate::ticket::{copy_le_f32, Stamp};
@@ -125,8 +125,12 @@ impl SpareBodies {
 /// ([`Client::chain_stats`](crate::Client::chain_stats)).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ChainStats {
-    /// Times the configuration was fetched again (a server refused, failed or timed out).
+    /// Times the configuration was fetched again: once a second while calls are made, and
+    /// whenever a server refused, failed or timed out.
     pub refreshes: u64,
+    /// Control-plane connections made for those fetches. The one that answered is kept and
+    /// asked again, so this grows only when its server goes away or closes it.
+    pub control_connections: u64,
     /// Rounds of resends after the retry timer ran out.
     pub resends: u64,
     /// Rounds of resends at once on a new configuration, fetched because a head could not be
@@ -346,6 +350,9 @@ pub(crate) struct Chain {
     /// every [`REFRESH_GAP`], not only after the retry timer).
     unreachable_at: Option<Instant>,
     refreshed_at: Instant,
+    /// The control-plane connection the configuration was last fetched on, kept for the next
+    /// fetch (once a second at most: [`CONFIG_AGE_MAX`]).
+    control: Option<ControlLink>,
 }
 
 impl Chain {
@@ -447,6 +454,7 @@ impl Chain {
             stats: ChainStats::default(),
             unreachable_at: None,
             refreshed_at: Instant::now(),
+            control: None,
         };
         Ok((chain, catalog))
     }
@@ -572,14 +580,45 @@ impl Chain {
         let addrs = members.into_iter().map(|m| &m.addr).chain(&self.seeds);
         let mut addrs: Vec<String> = addrs.filter(|a| Some(*a) != last.as_ref()).cloned().collect();
         addrs.extend(last);
+        // The server that answered last is asked first, on the connection kept to it.
+        if let Some(at) = self.control.as_ref().and_then(|c| addrs.iter().position(|a| a == c.addr())) {
+            if at + 1 < addrs.len() || addrs.len() == 1 {
+                let kept = addrs.remove(at);
+                addrs.insert(0, kept);
+            }
+        }
         for addr in addrs {
-            let Ok(body) = ask(&addr, Op::ClusterConfig, &[], &self.dialer.cfg) else { continue };
+            let Ok(body) = self.ask_control(&addr, Op::ClusterConfig) else { continue };
             let Ok(ClusterView { config: Some(config), .. }) = serde_json::from_slice::<ClusterView>(&body) else { continue };
             if config.id > self.pusher.view.id {
                 self.pusher.view = Arc::new(reachable(config, &addr));
             }
             return;
         }
+    }
+
+    /// `op` to the control plane of `addr`, on the connection kept to it. One is made, and kept
+    /// instead, when there is none, when it is to another server, or when it failed (its server
+    /// restarted, or closed it for idleness); none is kept to a standalone server. A live
+    /// server answers at once: the reply is waited for as long as a handshake, as it was on a
+    /// new connection.
+    fn ask_control(&mut self, addr: &str, op: Op) -> Result<Vec<u8>> {
+        let timeout = Some(Duration::from_millis(self.dialer.cfg.hello_timeout_ms));
+        if let Some(kept) = self.control.as_mut().filter(|c| c.addr() == addr) {
+            match kept.ask(op, &[], timeout) {
+                Ok(body) => return Ok(body),
+                Err(e) => tracing::debug!(server = addr, error = %e, "the kept control connection failed: connecting again"),
+            }
+        }
+        self.control = None;
+        self.stats.control_connections += 1;
+        let mut link = ControlLink::connect(addr, &self.dialer.cfg)?;
+        let body = link.ask(op, &[], timeout)?;
+        // (A standalone server's configuration never changes: it is seldom asked again.)
+        if !self.alone {
+            self.control = Some(link);
+        }
+        Ok(body)
     }
 
     /// Fetches the configuration again if it is older than [`CONFIG_AGE_MAX`]. Pushes not yet

@@ -122,10 +122,48 @@ fn a_chain_of_one_serves_pushes_and_pulls_without_allocating_once_warm() {
 #[test]
 fn a_chain_of_three_allocates_less_than_once_per_call_once_warm() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (_coordinator, servers) = chain_of_three();
+    let head = servers[0].local_addr().to_string();
+    let config = make_round_tables(&head);
+    let counted = tessera_tests::cluster_round_allocations(&head, config, 600, 10, 50);
+    assert!(counted < 200, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 calls to a chain of three, once warm");
+    drop(servers);
+}
+
+/// A cluster's client fetches the configuration once a second while it makes calls (a server
+/// that rejoined shows up no other way), and does so on one control connection it keeps, not
+/// on a new connection and handshake each time.
+#[test]
+fn a_cluster_client_fetches_its_configuration_on_one_kept_connection() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (_coordinator, servers) = chain_of_three();
+    let head = servers[0].local_addr().to_string();
+    let client = tessera_client::Client::connect(&[&head], make_round_tables(&head)).expect("connect");
+    let table = client.table("dense").expect("dense table");
+    let before = client.chain_stats();
+    let began = std::time::Instant::now();
+    while began.elapsed() < std::time::Duration::from_millis(3_500) {
+        client.push_range(&table, 0, &[1.0; 8]).unwrap().wait().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let after = client.chain_stats();
+    let fetches = after.refreshes - before.refreshes;
+    assert!(fetches >= 3, "{fetches} configuration fetches in 3.5 s of calls (one a second expected)");
+    assert!(
+        after.control_connections <= 1,
+        "{} control connections for {} fetches: the first should have been kept",
+        after.control_connections,
+        after.refreshes
+    );
+    drop(servers);
+}
+
+/// A coordinator process and three servers in this process, every range on a chain of three.
+fn chain_of_three() -> (tessera_tests::ServerProc, Vec<Server>) {
     let addr = format!("127.0.0.1:{}", tessera_tests::free_port());
     let args = ["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "4", "--heartbeat-interval-ms", "1000", "--failure-timeout-ms", "10000"];
-    let _coordinator = tessera_tests::ServerProc::coordinator_at(&addr, &args);
-    let servers: Vec<Server> = (1..=3)
+    let coordinator = tessera_tests::ServerProc::coordinator_at(&addr, &args);
+    let servers = (1..=3)
         .map(|node| {
             let mut cfg = ServerConfig::single("127.0.0.1:0");
             (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
@@ -133,11 +171,7 @@ fn a_chain_of_three_allocates_less_than_once_per_call_once_warm() {
             Server::start(cfg, UpdaterRegistry::new()).unwrap()
         })
         .collect();
-    let head = servers[0].local_addr().to_string();
-    let config = make_round_tables(&head);
-    let counted = tessera_tests::cluster_round_allocations(&head, config, 600, 10, 50);
-    assert!(counted < 200, "{counted} allocations in the quietest of 10 windows of 50 rounds of 4 calls to a chain of three, once warm");
-    drop(servers);
+    (coordinator, servers)
 }
 
 /// A push to a standalone server that logs (`--durability wal`) takes one request: its reply

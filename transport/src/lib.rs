@@ -182,9 +182,39 @@ pub use reply::Reply;
 
 /// One request to the control plane at `addr` on a fresh connection; returns the reply body.
 pub fn ask(addr: &str, op: Op, body: &[u8], cfg: &TransportConfig) -> Result<Vec<u8>> {
-    let (mut link, _) = tcp::TcpLink::connect(addr, CONTROL_SHARD, u32::MAX, cfg)?;
-    let mut header = Header::request(op, 1);
-    Ok(call(&mut link, &mut header, body, None)?.1)
+    ControlLink::connect(addr, cfg)?.ask(op, body, None)
+}
+
+/// A connection to one server's control plane, kept for requests made again and again (a
+/// cluster client's look at the configuration, once a second): [`ask`] without a connection
+/// and a handshake each time. A server closes it after its idle timeout, or goes away: the
+/// next request then fails, and the caller connects again.
+#[derive(Debug)]
+pub struct ControlLink {
+    addr: String,
+    link: tcp::TcpLink,
+    asked: u64,
+}
+
+impl ControlLink {
+    /// Connects to the control plane at `addr` (TCP, with the handshake `cfg` asks for).
+    pub fn connect(addr: &str, cfg: &TransportConfig) -> Result<Self> {
+        let (link, _) = tcp::TcpLink::connect(addr, CONTROL_SHARD, u32::MAX, cfg)?;
+        Ok(Self { addr: addr.to_string(), link, asked: 0 })
+    }
+
+    /// Sends `op` with `body` and waits for the reply, at most `timeout` (else the transport's
+    /// I/O timeout); returns the reply body. After an error the link is not to be used again.
+    pub fn ask(&mut self, op: Op, body: &[u8], timeout: Option<Duration>) -> Result<Vec<u8>> {
+        self.asked += 1;
+        let mut header = Header::request(op, self.asked);
+        Ok(call(&mut self.link, &mut header, body, timeout)?.1)
+    }
+
+    /// The address it was made to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
 }
 
 /// Sends one request on a link with nothing else in flight and waits for its reply; a reply

@@ -300,7 +300,7 @@ impl Outbox {
             while linked.in_flight() > 0 {
                 let Some(got) = linked.take_reply_now_into(reply_body) else { break };
                 if got {
-                    decode_acks(node, reply_body, reply_msgs);
+                    decode_peer_reply(node, reply_body, reply_msgs);
                     if !reply_msgs.is_empty() {
                         replied(node, reply_msgs);
                         reply_msgs.clear();
@@ -416,7 +416,7 @@ fn replicate_header(me: NodeId) -> Header {
 
 /// Decodes the messages of a reply from `node` into `msgs` (cleared first); a malformed reply
 /// is said and leaves none (acknowledgements are resent).
-fn decode_acks(node: NodeId, reply: &[u8], msgs: &mut Vec<Msg>) {
+fn decode_peer_reply(node: NodeId, reply: &[u8], msgs: &mut Vec<Msg>) {
     msgs.clear();
     if let Err(e) = codec::decode_batch_into(reply, None, &mut codec::PayloadPool::unkept(), msgs) {
         msgs.clear();
@@ -742,7 +742,7 @@ impl PeerReplies<'_> {
     /// shard `shard`, and hands on what it carried.
     fn take(&mut self, shard: u16, linked: &mut Linked) {
         if linked.take_reply_into(&mut self.body) {
-            decode_acks(self.node, &self.body, &mut self.msgs);
+            decode_peer_reply(self.node, &self.body, &mut self.msgs);
             self.msgs.drain(..).for_each(|msg| (self.on_replied)(shard, self.node, msg));
         }
     }
