@@ -27,13 +27,13 @@ use std::time::{Duration, Instant};
 use tessera_layout::catalog::{Catalog, ServerInfo, TableKind, TableSpec};
 use tessera_layout::placement::{range_keys, range_runs, ranges_of, shard_of_range, span_runs, Route};
 use tessera_replication::codec::{self, KeyList, PayloadPool, PushHeader};
-use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Member, Msg, NodeId, RangeId, WorkerId};
+use tessera_replication::protocol::{Addr, ClusterConfig, ClusterView, Member, Msg, NodeId, Payload, RangeId, WorkerId};
 use tessera_replication::worker::Pusher;
 use tessera_transport::keycache::{KeyLists, Remembered};
 use tessera_transport::tcp::TcpLink;
 use tessera_transport::wire::flags;
 use tessera_transport::wire::HEADER_BYTES;
-use tessera_transport::{ask, Caller, Chosen, ControlLink, Dialer, Header, Op, Status, TransportConfig, TransportError};
+use tessera_transport::{ask, Caller, Chosen, ControlLink, Dialer, Header, Op, Status, TransportConfig, TransportError, SEND_PARTS_MAX};
 
 use crate::error::{ClientError, Result};
 use crate::ticket::{copy_le_f32, Stamp};
@@ -57,6 +57,15 @@ pub const PUSH_WINDOW: u64 = 32;
 /// Pushes whose stamps (from their heads' answers) a client keeps for their tickets: a ticket
 /// waited on this many pushes late gets only its own worker's clock.
 pub const PUSH_STAMPS_KEPT: u64 = 4 * PUSH_WINDOW;
+/// Largest push payload copied into its request; a larger one is sent from where the client
+/// keeps it, as a part of the request of its own ([`Uncopied`]).
+const COPIED_PAYLOAD_MAX: usize = 32 << 10;
+/// Most payloads one request sends from where they lie: each adds itself and the body after
+/// it to the request's parts.
+const UNCOPIED_PER_FRAME_MAX: usize = (SEND_PARTS_MAX - 1) / 2;
+/// Most bytes a push's encoding in a batch adds to its payload: its length, kind, range,
+/// worker, seq, payload length, padding count and up to [`codec::BULK_ALIGN`] - 1 of padding.
+const PUSH_ENCODED_MAX: usize = 4 + 1 + 4 + 4 + 4 + 4 + 1 + codec::BULK_ALIGN - 1;
 /// How long a call keeps trying before it gives up.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// While a head is unreachable, or pushes wait longer than [`SLOW_ACK`], how often the
@@ -527,7 +536,13 @@ impl Chain {
     /// Pings the shard of the first range's tail over a pull link.
     pub fn ping(&mut self) -> Result<()> {
         let at = self.tail_of(0).ok_or_else(|| ClientError::Unavailable { reason: "range 0 has no tail".into() })?;
-        let call = Outgoing { to: LinkKey { node: at.0, shard: at.1, lane: Lane::Pull }, header: Header::request(Op::Ping, 0), body: Vec::new(), defer: false };
+        let call = Outgoing {
+            to: LinkKey { node: at.0, shard: at.1, lane: Lane::Pull },
+            header: Header::request(Op::Ping, 0),
+            body: Vec::new(),
+            uncopied: Uncopied::default(),
+            defer: false,
+        };
         let mut replies = Vec::with_capacity(1);
         self.call_all(&mut [call], &mut replies);
         replies.pop().expect("one call").map(|_| ())
@@ -717,9 +732,10 @@ impl Chain {
                 }
             }
             let before = link.caller.calls();
-            match defer {
+            let mut parts = [&[][..]; SEND_PARTS_MAX];
+            match defer && call.uncopied.len == 0 {
                 true => link.caller.start_deferred(&mut call.header, &call.body)?,
-                false => link.caller.start(&mut call.header, &call.body)?,
+                false => link.caller.start_parts(&mut call.header, call.uncopied.parts(&call.body, &mut parts))?,
             }
             Ok((before, link.caller.calls(), link.made))
         });
@@ -889,7 +905,7 @@ impl Chain {
             });
             for (i, started) in round.iter_mut() {
                 let i = *i;
-                if self.links.get(&calls[i].to).is_some_and(|l| !l.caller.can_start(&calls[i].body)) {
+                if self.links.get(&calls[i].to).is_some_and(|l| !l.caller.can_start_len(calls[i].len())) {
                     self.collect_in_flight();
                 }
                 match self.start(&mut calls[i]) {
@@ -913,14 +929,14 @@ impl Chain {
     /// A `WorkerPush` request to `at` (a batch of pushes, or a poll when `body` is empty). A
     /// batch hears from the tails ([`flags::TAIL_ACKS`]): its heads answer at once, and it names
     /// the pushes it awaits from the shard as their ranges' tail ([`queued_frames`](Self::queued_frames)).
-    fn worker_push(&self, at: (NodeId, u16), body: Vec<u8>) -> Outgoing {
+    fn worker_push(&self, at: (NodeId, u16), body: Vec<u8>, uncopied: Uncopied) -> Outgoing {
         let mut header = Header::request(Op::WorkerPush, 0);
         header.worker = self.worker;
         header.start = self.incarnation;
         if !body.is_empty() {
             header.flags |= flags::TAIL_ACKS;
         }
-        Outgoing { to: LinkKey { node: at.0, shard: at.1, lane: Lane::Push }, header, body, defer: false }
+        Outgoing { to: LinkKey { node: at.0, shard: at.1, lane: Lane::Push }, header, body, uncopied, defer: false }
     }
 
     /// `WorkerPush` requests (batches of pushes, or polls with no pushes), each to its server
@@ -934,8 +950,8 @@ impl Chain {
         calls.clear();
         sent.clear();
         for f in frames.drain(..) {
-            let poll = f.body.is_empty();
-            let mut call = self.worker_push(f.at, f.body);
+            let poll = f.len() == 0;
+            let mut call = self.worker_push(f.at, f.body, f.uncopied);
             if poll {
                 call.header.flags |= flags::PUSH_SEQS;
             }
@@ -1195,10 +1211,6 @@ impl Chain {
         for (to, msg) in out.drain(..) {
             let (Addr::Node(node), Msg::Push { range, seq, .. }) = (to, &msg) else { continue };
             let shard = shard_of_range(range.0, self.ranges, self.shards);
-            let Some(at) = self.frame_to(frames, node, shard, body_max, first) else { continue };
-            if let Some(tail) = self.pusher.view.chain(*range).and_then(|c| c.tail()).filter(|t| *t != node) {
-                awaited.push((tail, shard, Msg::PushAck { range: *range, seq: *seq }));
-            }
             let cached = match caching {
                 true => self
                     .links
@@ -1206,41 +1218,39 @@ impl Chain {
                     .and_then(|l| with_cached_keys(&mut l.lists, &msg, &mut self.payloads, &mut self.stats)),
                 false => None,
             };
-            let frame = &mut frames[at];
-            let before = frame.body.len();
-            codec::encode_batch([cached.as_ref().unwrap_or(&msg)], &mut frame.body);
-            if frame.body.len() > body_max && before > 0 {
-                // Past the frame limit: this message starts the next frame.
-                let mut next = Frame { at: frame.at, body: self.spare_bodies.take(), pieces: self.spare_pieces.pop().unwrap_or_default(), first };
-                next.body.extend_from_slice(&frame.body[before..]);
-                frame.body.truncate(before);
-                next.pieces.push((*range, *seq));
-                frames.push(next);
-            } else {
-                frame.pieces.push((*range, *seq));
+            let sending = cached.as_ref().unwrap_or(&msg);
+            let bulk = codec::bulk_len(sending);
+            let Some(at) = self.frame_to(frames, node, shard, body_max, first, bulk + PUSH_ENCODED_MAX, bulk > COPIED_PAYLOAD_MAX) else { continue };
+            if let Some(tail) = self.pusher.view.chain(*range).and_then(|c| c.tail()).filter(|t| *t != node) {
+                awaited.push((tail, shard, Msg::PushAck { range: *range, seq: *seq }));
             }
+            frames[at].encode(sending);
+            frames[at].pieces.push((*range, *seq));
         }
         // Nothing queued more pushes meanwhile: the emptied list (and its room) goes back.
         debug_assert!(self.pusher.out.is_empty());
         self.pusher.out = out;
         for (tail, shard, msg) in awaited.drain(..) {
-            if let Some(at) = self.frame_to(frames, tail, shard, body_max, first) {
-                codec::encode_batch([&msg], &mut frames[at].body);
+            if let Some(at) = self.frame_to(frames, tail, shard, body_max, first, PUSH_ENCODED_MAX, false) {
+                frames[at].encode(&msg);
             }
         }
         self.awaited = awaited;
     }
 
-    /// Where in `frames` the frame being filled for server `node`'s shard `shard` is: a new
-    /// one at the end when it has none or its last is full. `None` when the configuration
-    /// does not know `node`.
-    fn frame_to(&mut self, frames: &mut Vec<Frame>, node: NodeId, shard: u16, body_max: usize, first: bool) -> Option<usize> {
+    /// Where in `frames` the frame being filled for server `node`'s shard `shard` is, with
+    /// room for a message of at most `bytes` (and for one more payload sent from where it lies,
+    /// if `uncopied`): a new one at the end when it has none or its last has no room. An empty
+    /// frame takes any message. `None` when the configuration does not know `node`.
+    #[allow(clippy::too_many_arguments)]
+    fn frame_to(&mut self, frames: &mut Vec<Frame>, node: NodeId, shard: u16, body_max: usize, first: bool, bytes: usize, uncopied: bool) -> Option<usize> {
         self.pusher.view.member(node)?;
+        let room = |f: &Frame| f.len() == 0 || (f.len() + bytes <= body_max && !(uncopied && f.uncopied.is_full()));
         match frames.iter().rposition(|f| f.at == (node, shard)) {
-            Some(at) if frames[at].body.len() < body_max => Some(at),
+            Some(at) if room(&frames[at]) => Some(at),
             _ => {
                 let (body, pieces) = (self.spare_bodies.take(), self.spare_pieces.pop().unwrap_or_default());
-                frames.push(Frame { at: (node, shard), body, pieces, first });
+                frames.push(Frame { at: (node, shard), body, uncopied: Uncopied::default(), pieces, first });
                 Some(frames.len() - 1)
             }
         }
@@ -1267,9 +1277,9 @@ impl Chain {
             // A head's pulls go to another server (the tail): nothing would carry it sooner.
             let alone = |(r, _): &(RangeId, u32)| self.pusher.view.chain(*r).is_some_and(|c| c.nodes.len() == 1);
             let defer = self.defer_pushes && !sent.pieces.is_empty() && sent.pieces.iter().all(alone);
-            let mut call = self.worker_push(f.at, f.body);
+            let mut call = self.worker_push(f.at, f.body, f.uncopied);
             call.defer = defer;
-            if self.links.get(&call.to).is_some_and(|l| !l.caller.can_start(&call.body)) {
+            if self.links.get(&call.to).is_some_and(|l| !l.caller.can_start_len(call.len())) {
                 self.collect_in_flight();
             }
             match self.start(&mut call) {
@@ -1378,7 +1388,7 @@ impl Chain {
             let mut calls: Vec<Outgoing> = heads
                 .into_iter()
                 .map(|at| {
-                    let mut call = self.worker_push(at, Vec::new());
+                    let mut call = self.worker_push(at, Vec::new(), Uncopied::default());
                     call.header.flags |= flags::PUSH_SEQS;
                     call
                 })
@@ -1730,7 +1740,8 @@ impl Chain {
             }
             let before = self.pusher.unacked();
             let heads: BTreeSet<(NodeId, u16)> = (0..self.ranges).filter(|r| self.pusher.in_flight(RangeId(*r)) > 0).filter_map(|r| self.head_of(r)).collect();
-            let mut polls = heads.into_iter().map(|at| Frame { at, body: Vec::new(), pieces: Vec::new(), first: false }).collect();
+            let mut polls =
+                heads.into_iter().map(|at| Frame { at, body: Vec::new(), uncopied: Uncopied::default(), pieces: Vec::new(), first: false }).collect();
             self.exchange(&mut polls);
             let now = self.now_ms();
             let unreachable = self.unreachable_at.take().is_some();
@@ -1890,7 +1901,7 @@ impl Chain {
             if self.in_flight.len() >= IN_FLIGHT_MAX {
                 self.collect_oldest();
             }
-            if self.links.get(&call.to).is_some_and(|l| !l.caller.can_start(&call.body)) {
+            if self.links.get(&call.to).is_some_and(|l| !l.caller.can_start_len(call.len())) {
                 self.collect_in_flight();
             }
             let started = self.start(&mut call);
@@ -2234,7 +2245,7 @@ impl Chain {
             }
         };
         let lane = self.pull_lane(&part.ranges);
-        Outgoing { to: LinkKey { node: tail, shard, lane }, header, body, defer: false }
+        Outgoing { to: LinkKey { node: tail, shard, lane }, header, body, uncopied: Uncopied::default(), defer: false }
     }
 
     /// Puts the values of the reply to `part` where its rows say in `out`, and meets its stamp
@@ -2493,9 +2504,18 @@ struct Outgoing {
     to: LinkKey,
     header: Header,
     body: Vec<u8>,
+    /// Payloads sent from where they lie, between parts of `body`.
+    uncopied: Uncopied,
     /// Sent with the link's next request, or before the client next waits
     /// ([`Caller::start_deferred`]): a push not waited for at once.
     defer: bool,
+}
+
+impl Outgoing {
+    /// The request's body bytes as sent.
+    fn len(&self) -> usize {
+        self.body.len() + self.uncopied.bytes()
+    }
 }
 
 /// A reply's header and body.
@@ -2507,8 +2527,69 @@ type Reply = (Header, Vec<u8>);
 struct Frame {
     at: (NodeId, u16),
     body: Vec<u8>,
+    /// Large payloads of the frame's pushes, sent from where they lie, not copied into `body`.
+    uncopied: Uncopied,
     pieces: Vec<(RangeId, u32)>,
     first: bool,
+}
+
+impl Frame {
+    /// The frame's body bytes as sent: `body` and the payloads sent from where they lie.
+    fn len(&self) -> usize {
+        self.body.len() + self.uncopied.bytes()
+    }
+
+    /// Appends `msg` to the batch. A push's payload larger than [`COPIED_PAYLOAD_MAX`] is sent
+    /// from where it lies while the frame has room for one more such; the bytes sent are the
+    /// same either way, bulk aligned where it lands ([`codec::encode_batch_after`]).
+    fn encode(&mut self, msg: &Msg) {
+        let elsewhere = self.uncopied.bytes();
+        match msg {
+            Msg::Push { payload, .. } if payload.len() > COPIED_PAYLOAD_MAX && !self.uncopied.is_full() => {
+                codec::encode_batch_head(msg, &mut self.body, elsewhere);
+                self.uncopied.push(self.body.len(), payload.clone());
+            }
+            _ => codec::encode_batch_after([msg], &mut self.body, elsewhere),
+        }
+    }
+}
+
+/// Payloads larger than [`COPIED_PAYLOAD_MAX`] that a request sends from where they lie (the
+/// payload the client keeps for resends): each goes at its offset in the request's body, so
+/// the body holds everything else. Copying a 4 MiB payload into the body cost a push a tenth
+/// of its time.
+#[derive(Debug, Default)]
+struct Uncopied {
+    cuts: [(usize, Payload); UNCOPIED_PER_FRAME_MAX],
+    len: usize,
+}
+
+impl Uncopied {
+    fn is_full(&self) -> bool {
+        self.len == UNCOPIED_PER_FRAME_MAX
+    }
+
+    /// The payload bytes it holds.
+    fn bytes(&self) -> usize {
+        self.cuts[..self.len].iter().map(|(_, p)| p.len()).sum()
+    }
+
+    /// Adds `payload`, to go at offset `at` of the body.
+    fn push(&mut self, at: usize, payload: Payload) {
+        self.cuts[self.len] = (at, payload);
+        self.len += 1;
+    }
+
+    /// `body` with the payloads put in at their offsets, as parts to send one after the other.
+    fn parts<'a>(&'a self, body: &'a [u8], parts: &'a mut [&'a [u8]; SEND_PARTS_MAX]) -> &'a [&'a [u8]] {
+        let (mut count, mut from) = (0, 0);
+        for (cut, payload) in &self.cuts[..self.len] {
+            (parts[count], parts[count + 1]) = (&body[from..*cut], payload);
+            (count, from) = (count + 2, *cut);
+        }
+        parts[count] = &body[from..];
+        &parts[..count + 1]
+    }
 }
 
 /// What a sent `WorkerPush` frame carried, for its reply.
@@ -2713,6 +2794,35 @@ fn in_server(addr: &str, e: TransportError) -> ClientError {
 mod tests {
     use super::*;
     use tessera_layout::placement::range_of;
+
+    /// A frame whose large payloads are sent from where they lie sends the very bytes the
+    /// copied batch would be, bulk aligned: small and large pushes mixed, more large ones than
+    /// a frame sends uncopied (the rest are copied), and an acknowledgement awaited after them.
+    #[test]
+    fn a_frame_with_uncopied_payloads_sends_the_bytes_of_the_copied_batch() {
+        let push = |seq: u32, len: usize| Msg::Push {
+            range: RangeId(seq),
+            worker: WorkerId(1),
+            seq,
+            payload: Payload::from((0..len).map(|i| (i * 7 + len) as u8).collect::<Vec<u8>>()),
+        };
+        let big = COPIED_PAYLOAD_MAX + 3;
+        let mut msgs = vec![push(1, 5), push(2, big), push(3, 13), push(4, big + 1)];
+        msgs.extend((5..5 + UNCOPIED_PER_FRAME_MAX as u32).map(|seq| push(seq, big)));
+        msgs.push(Msg::PushAck { range: RangeId(9), seq: 9 });
+        let mut frame = Frame { at: (NodeId(1), 0), body: Vec::new(), uncopied: Uncopied::default(), pieces: Vec::new(), first: true };
+        for msg in &msgs {
+            frame.encode(msg);
+        }
+        assert!(frame.uncopied.is_full(), "{} payloads sent uncopied", frame.uncopied.len);
+        let mut parts = [&[][..]; SEND_PARTS_MAX];
+        let sent: Vec<u8> = frame.uncopied.parts(&frame.body, &mut parts).concat();
+        let mut copied = Vec::new();
+        codec::encode_batch(&msgs, &mut copied);
+        assert_eq!(sent.len(), frame.len());
+        assert!(sent == copied, "the parts sent differ from the copied batch");
+        assert_eq!(codec::decode_batch(&sent).expect("decodes"), msgs);
+    }
 
     /// Kept bodies stay within both the count and the byte cap, and a taken body is empty.
     #[test]
