@@ -102,10 +102,7 @@ fn a_warm_client_allocates_nothing_per_call_on_a_chain_of_one() {
 fn a_chain_of_one_serves_pushes_and_pulls_without_allocating_once_warm() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let (_coordinator, coordinator) = chain_of_one_coordinator();
-    let mut cfg = ServerConfig::single("127.0.0.1:0");
-    (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
-    cfg.replication = Some(tessera_engine::server::Join { node: 1, coordinator: tessera_engine::chain::Locator::At(coordinator), advertise: None });
-    let server = Server::start(cfg, UpdaterRegistry::new()).unwrap();
+    let server = member(1, &coordinator);
     let addr = server.local_addr().to_string();
     let config = make_round_tables(&addr);
     // Each round's two pushes are two updates of range 0: its history (1,024 updates) is full
@@ -163,15 +160,16 @@ fn chain_of_three() -> (tessera_tests::ServerProc, Vec<Server>) {
     let addr = format!("127.0.0.1:{}", tessera_tests::free_port());
     let args = ["--servers", "3", "--replicas", "3", "--ranges", "4", "--workers", "4", "--heartbeat-interval-ms", "1000", "--failure-timeout-ms", "10000"];
     let coordinator = tessera_tests::ServerProc::coordinator_at(&addr, &args);
-    let servers = (1..=3)
-        .map(|node| {
-            let mut cfg = ServerConfig::single("127.0.0.1:0");
-            (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
-            cfg.replication = Some(tessera_engine::server::Join { node, coordinator: tessera_engine::chain::Locator::At(addr.clone()), advertise: None });
-            Server::start(cfg, UpdaterRegistry::new()).unwrap()
-        })
-        .collect();
-    (coordinator, servers)
+    (coordinator, (1..=3).map(|node| member(node, &addr)).collect())
+}
+
+/// Server `node` of the cluster whose coordinator is at `coordinator`, in this process, with
+/// two shards.
+fn member(node: u32, coordinator: &str) -> Server {
+    let mut cfg = ServerConfig::single("127.0.0.1:0");
+    (cfg.engine.shards, cfg.engine.pin_cores) = (2, false);
+    cfg.replication = Some(tessera_engine::server::Join { node, coordinator: tessera_engine::chain::Locator::At(coordinator.to_string()), advertise: None });
+    Server::start(cfg, UpdaterRegistry::new()).unwrap()
 }
 
 /// A push to a standalone server that logs (`--durability wal`) takes one request: its reply
