@@ -63,9 +63,6 @@ const COPIED_PAYLOAD_MAX: usize = 32 << 10;
 /// Most payloads one request sends from where they lie: each adds itself and the body after
 /// it to the request's parts.
 const UNCOPIED_PER_FRAME_MAX: usize = (SEND_PARTS_MAX - 1) / 2;
-/// Most bytes a push's encoding in a batch adds to its payload: its length, kind, range,
-/// worker, seq, payload length, padding count and up to [`codec::BULK_ALIGN`] - 1 of padding.
-const PUSH_ENCODED_MAX: usize = 4 + 1 + 4 + 4 + 4 + 4 + 1 + codec::BULK_ALIGN - 1;
 /// How long a call keeps trying before it gives up.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// While a head is unreachable, or pushes wait longer than [`SLOW_ACK`], how often the
@@ -594,14 +591,12 @@ impl Chain {
         members.sort_by_key(|m| !view.holds_any(m.node));
         let addrs = members.into_iter().map(|m| &m.addr).chain(&self.seeds);
         let mut addrs: Vec<String> = addrs.filter(|a| Some(*a) != last.as_ref()).cloned().collect();
-        addrs.extend(last);
-        // The server that answered last is asked first, on the connection kept to it.
+        // The server that answered last is asked first, on the connection kept to it (unless
+        // it is the one to ask last).
         if let Some(at) = self.control.as_ref().and_then(|c| addrs.iter().position(|a| a == c.addr())) {
-            if at + 1 < addrs.len() || addrs.len() == 1 {
-                let kept = addrs.remove(at);
-                addrs.insert(0, kept);
-            }
+            addrs[..=at].rotate_right(1);
         }
+        addrs.extend(last);
         for addr in addrs {
             let Ok(body) = self.ask_control(&addr, Op::ClusterConfig) else { continue };
             let Ok(ClusterView { config: Some(config), .. }) = serde_json::from_slice::<ClusterView>(&body) else { continue };
@@ -626,8 +621,8 @@ impl Chain {
             }
         }
         self.control = None;
-        self.stats.control_connections += 1;
         let mut link = ControlLink::connect(addr, &self.dialer.cfg)?;
+        self.stats.control_connections += 1;
         let body = link.ask(op, &[], timeout)?;
         // (A standalone server's configuration never changes: it is seldom asked again.)
         if !self.alone {
@@ -1219,8 +1214,7 @@ impl Chain {
                 false => None,
             };
             let sending = cached.as_ref().unwrap_or(&msg);
-            let bulk = codec::bulk_len(sending);
-            let Some(at) = self.frame_to(frames, node, shard, body_max, first, bulk + PUSH_ENCODED_MAX, bulk > COPIED_PAYLOAD_MAX) else { continue };
+            let Some(at) = self.frame_to(frames, node, shard, body_max, first, sending) else { continue };
             if let Some(tail) = self.pusher.view.chain(*range).and_then(|c| c.tail()).filter(|t| *t != node) {
                 awaited.push((tail, shard, Msg::PushAck { range: *range, seq: *seq }));
             }
@@ -1231,7 +1225,7 @@ impl Chain {
         debug_assert!(self.pusher.out.is_empty());
         self.pusher.out = out;
         for (tail, shard, msg) in awaited.drain(..) {
-            if let Some(at) = self.frame_to(frames, tail, shard, body_max, first, PUSH_ENCODED_MAX, false) {
+            if let Some(at) = self.frame_to(frames, tail, shard, body_max, first, &msg) {
                 frames[at].encode(&msg);
             }
         }
@@ -1239,13 +1233,13 @@ impl Chain {
     }
 
     /// Where in `frames` the frame being filled for server `node`'s shard `shard` is, with
-    /// room for a message of at most `bytes` (and for one more payload sent from where it lies,
-    /// if `uncopied`): a new one at the end when it has none or its last has no room. An empty
-    /// frame takes any message. `None` when the configuration does not know `node`.
-    #[allow(clippy::too_many_arguments)]
-    fn frame_to(&mut self, frames: &mut Vec<Frame>, node: NodeId, shard: u16, body_max: usize, first: bool, bytes: usize, uncopied: bool) -> Option<usize> {
+    /// room for `msg` (a push or an acknowledgement awaited), its payload sent from where it
+    /// lies if it goes so: a new one at the end when it has none or its last has no room. An
+    /// empty frame takes any message. `None` when the configuration does not know `node`.
+    fn frame_to(&mut self, frames: &mut Vec<Frame>, node: NodeId, shard: u16, body_max: usize, first: bool, msg: &Msg) -> Option<usize> {
         self.pusher.view.member(node)?;
-        let room = |f: &Frame| f.len() == 0 || (f.len() + bytes <= body_max && !(uncopied && f.uncopied.is_full()));
+        let (bytes, in_place) = (codec::bulk_len(msg) + codec::PUSH_BATCHED_OVERHEAD_MAX, sent_in_place(msg));
+        let room = |f: &Frame| f.len() == 0 || (f.len() + bytes <= body_max && !(in_place && f.uncopied.is_full()));
         match frames.iter().rposition(|f| f.at == (node, shard)) {
             Some(at) if room(&frames[at]) => Some(at),
             _ => {
@@ -2545,13 +2539,19 @@ impl Frame {
     fn encode(&mut self, msg: &Msg) {
         let elsewhere = self.uncopied.bytes();
         match msg {
-            Msg::Push { payload, .. } if payload.len() > COPIED_PAYLOAD_MAX && !self.uncopied.is_full() => {
+            Msg::Push { payload, .. } if sent_in_place(msg) && !self.uncopied.is_full() => {
                 codec::encode_batch_head(msg, &mut self.body, elsewhere);
                 self.uncopied.push(self.body.len(), payload.clone());
             }
             _ => codec::encode_batch_after([msg], &mut self.body, elsewhere),
         }
     }
+}
+
+/// Whether `msg` is a push whose payload a request sends from where it lies
+/// ([`COPIED_PAYLOAD_MAX`]), not copied into its body.
+fn sent_in_place(msg: &Msg) -> bool {
+    matches!(msg, Msg::Push { payload, .. } if payload.len() > COPIED_PAYLOAD_MAX)
 }
 
 /// Payloads larger than [`COPIED_PAYLOAD_MAX`] that a request sends from where they lie (the

@@ -275,6 +275,23 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A push in a batch, at any offset and of any payload length, takes at most
+    /// [`PUSH_BATCHED_OVERHEAD_MAX`] bytes beyond its payload; an acknowledgement fits in it too.
+    #[test]
+    fn a_batched_push_takes_at_most_its_overhead_beyond_the_payload() {
+        for ahead in 0..2 * BULK_ALIGN {
+            for len in [0, 1, 7, 8, 13, 4096] {
+                let msg = Msg::Push { range: RangeId(1), worker: WorkerId(2), seq: 3, payload: Payload::from(vec![5u8; len]) };
+                let mut out = vec![0; ahead];
+                encode_batch_after([&msg], &mut out, 0);
+                assert!(out.len() - ahead <= len + PUSH_BATCHED_OVERHEAD_MAX, "{} bytes for a {len}-byte payload after {ahead}", out.len() - ahead);
+            }
+        }
+        let mut out = Vec::new();
+        encode_batch([&Msg::PushAck { range: RangeId(1), seq: 2 }], &mut out);
+        assert!(out.len() <= PUSH_BATCHED_OVERHEAD_MAX);
+    }
     use crate::protocol::{Chain, Member};
 
     fn samples() -> Vec<Msg> {
@@ -602,6 +619,11 @@ impl PushHeader {
         Ok(())
     }
 }
+
+/// Most bytes a `Push` (or a `PushAck`) takes in a batch beyond its payload: its length, kind,
+/// range, worker, seq, payload length, padding count and up to [`BULK_ALIGN`] - 1 bytes of
+/// padding. A batch's writer knows before encoding whether a push still fits its frame.
+pub const PUSH_BATCHED_OVERHEAD_MAX: usize = 4 + 1 + 4 + 4 + 4 + 4 + 1 + BULK_ALIGN - 1;
 
 /// Appends `msgs` to `out`, each with its length first: a request or reply carrying several
 /// messages. `out` is taken to start a frame body.
